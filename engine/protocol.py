@@ -1,0 +1,205 @@
+"""The HTTP/JSON protocol between the GeoVQA engine server and its clients (the QGIS plugin).
+
+This module is the single place the protocol is defined. It uses the standard library only, so
+the plugin's tests can load it by file path (the plugin itself never imports the engine) and both
+sides are tested against the same definitions. docs/protocol.md explains it for people.
+
+Transport
+---------
+* Base URL ``http://127.0.0.1:8765`` by default. Every endpoint except ``GET /health`` needs
+  ``Authorization: Bearer <token>``; the token lives in ``token_path()`` (mode 0600), created at
+  the server's first start. ``/health`` answers without a token but then omits nothing secret.
+* Requests and responses are JSON (``application/json``) except the streamed answer of
+  ``POST /ask``, which is NDJSON (``application/x-ndjson``): one JSON event per line.
+* Errors: HTTP 4xx/5xx with body ``{"error": {"code": <ERROR_CODES>, "message": str,
+  "hint": str | null}}``. Messages are written for a person.
+
+Endpoints
+---------
+``GET  /health``            -> HEALTH_FIELDS
+``POST /ask``               body ASK_FIELDS (JSON), or multipart with a ``request`` JSON part and
+                            a ``raster`` file part (uploaded GeoTIFF for a remote engine);
+                            -> NDJSON stream of EVENT_TYPES events, the last one ``result`` or
+                            ``error``.
+``POST /batch``             body BATCH_FIELDS -> ``{"job_id": str}``
+``GET  /jobs/{id}``         -> JOB_FIELDS
+``DELETE /jobs/{id}``       -> JOB_FIELDS (state becomes ``cancelled``)
+``GET  /jobs/{id}/results`` -> ``{"job_id", "results": [BATCH_RESULT_FIELDS, ...]}``
+``GET  /files/{name}``      -> bytes of a heatmap GeoTIFF / anchors GeoJSON the server wrote
+                            (for clients on another host; local clients use the paths).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PROTOCOL_VERSION = 1
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+TOKEN_HEADER = "Authorization"
+TOKEN_SCHEME = "Bearer"
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+
+# Limits enforced by the server and shown by the client.
+MAX_QUESTION_CHARS = 2000
+MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB uploaded raster
+MAX_BATCH_ITEMS = 10_000
+
+STRATEGIES = ("geollava", "background", "anchored", "pyramid", "budget", "none", "uniform", "random")
+DEFAULT_STRATEGY = "geollava"
+
+# ---------------------------------------------------------------------------------------------
+# GET /health
+HEALTH_FIELDS = {
+    "status": "str: 'ok' | 'loading' | 'error'",
+    "protocol": "int: PROTOCOL_VERSION",
+    "version": "str: engine version",
+    "model": "str: model name (e.g. 'GeoLLaVA-8K' or 'tiny-demo')",
+    "demo_model": "bool: true when running the tiny random demo model (no real weights)",
+    "weights_present": "bool: real checkpoint found on disk",
+    "weights_dir": "str | null",
+    "device": "str: 'cuda:0' | 'cpu'",
+    "gpu_name": "str | null",
+    "gpu_free_bytes": "int | null",
+    "quantization": "str: 'nf4' | 'bf16' | 'fp32'",
+    "four_bit": "bool",
+    "attention": "str: 'flash_attention_2' | 'sdpa' | 'eager'",
+    "queue_length": "int: jobs waiting for the GPU",
+    "strategies": "list[str]",
+    "message": "str | null: what the engine is doing or why it failed",
+}
+
+# ---------------------------------------------------------------------------------------------
+# POST /ask
+ASK_FIELDS = {
+    "raster_path": "str | null: local path readable by the engine (same host)",
+    "question": "str: 1..MAX_QUESTION_CHARS characters, not only whitespace",
+    "aoi": "AOI | null: area of interest, see AOI_FIELDS",
+    "bands": "list[int] | null: 1-based band indexes (default RGB / first three)",
+    "strategy": "str: one of STRATEGIES (default DEFAULT_STRATEGY)",
+    "budget": "int | null: hard cap on visual tokens entering the language model",
+    "tokens_per_tile": "int | null: geollava/anchored tokens kept a tile (default 24)",
+    "max_new_tokens": "int: default 256",
+    "seed": "int | null: for strategies with randomness",
+    "request_id": "str | null: client id, echoed in every event; a newer one supersedes",
+}
+AOI_FIELDS = {
+    "window": "[col_off, row_off, width, height] in source pixels, or",
+    "polygon_wkt": "str: polygon in the raster's CRS (WKT), or",
+    "geojson": "dict: GeoJSON Polygon/MultiPolygon geometry in the raster's CRS",
+}
+
+# Streamed events: every event is a JSON object with "type" and "request_id".
+EVENT_TYPES = {
+    "queued": {"position": "int: jobs ahead of this one (0 = next)"},
+    "status": {"stage": "str: STAGES", "progress": "float 0..1 | null", "message": "str"},
+    "token": {"text": "str: the next piece of the answer"},
+    "result": {
+        "answer": "str: the whole answer",
+        "tokens": "dict: visual_candidates, visual_kept, prompt, generated",
+        "timings": "dict: seconds for read, vision, select, prefill (time to first token), "
+        "generate, total",
+        "peak_memory_bytes": "int | null: peak GPU (or CPU RSS) memory",
+        "cache": "dict: features (bool hit), kv_prefix (bool hit)",
+        "heatmap_path": "str: GeoTIFF of token scores, source CRS/transform, nodata = pruned",
+        "heatmap_file": "str: name for GET /files/{name}",
+        "anchors_path": "str: GeoJSON FeatureCollection of kept-token footprints",
+        "anchors_file": "str: name for GET /files/{name}",
+        "anchors": "dict: the same GeoJSON FeatureCollection inline",
+        "crs_wkt": "str | null: CRS of heatmap and anchors (the raster's)",
+        "strategy": "str",
+        "budget": "int | null",
+    },
+    "error": {"code": "str: ERROR_CODES", "message": "str", "hint": "str | null"},
+}
+STAGES = ("queued", "read", "tile", "vision", "select", "prefill", "generate", "write", "done")
+
+# Anchor feature properties (GeoJSON Feature.properties) of each kept token.
+ANCHOR_PROPERTIES = {
+    "rank": "int: order in which the token enters the LM",
+    "score": "float: strategy score",
+    "role": "str: 'anchor' | 'kept' | 'merged'",
+    "tile": "int: tile index (row-major)",
+    "n_patches": "int: patches the token stands for",
+}
+
+# ---------------------------------------------------------------------------------------------
+# POST /batch, GET/DELETE /jobs/{id}
+BATCH_FIELDS = {
+    "items": "list[{'layer': str (display name), 'raster_path': str, 'aoi': AOI | null}]",
+    "questions": "list[str]",
+    "strategy": "str", "budget": "int | null", "tokens_per_tile": "int | null",
+    "max_new_tokens": "int",
+}
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+JOB_FIELDS = {
+    "job_id": "str", "state": "str: JOB_STATES", "position": "int | null: place in queue",
+    "done": "int: answers completed", "total": "int: layers x questions",
+    "errors": "int", "results_path": "str: JSONL file on the engine host",
+    "message": "str | null",
+}
+BATCH_RESULT_FIELDS = {
+    "index": "int", "layer": "str", "raster_path": "str", "question": "str",
+    "answer": "str | null", "error": "str | null", "heatmap_path": "str | null",
+    "anchors_path": "str | null", "tokens": "dict", "timings": "dict",
+}
+
+ERROR_CODES = {
+    "unauthorized": 401,
+    "bad_request": 400,
+    "unknown_strategy": 400,
+    "empty_question": 400,
+    "question_too_long": 400,
+    "bad_aoi": 400,
+    "aoi_outside_raster": 400,
+    "not_a_raster": 400,
+    "raster_unreadable": 422,
+    "upload_too_large": 413,
+    "not_found": 404,
+    "out_of_memory": 507,
+    "cancelled": 499,
+    "model_loading": 503,
+    "no_weights": 503,
+    "internal": 500,
+}
+
+
+def error_body(code: str, message: str, hint: str | None = None) -> dict:
+    """The JSON body of an error response (and the payload of an ``error`` event)."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}")
+    return {"error": {"code": code, "message": message, "hint": hint}}
+
+
+def validate_question(question: object) -> str:
+    """Return the stripped question or raise ValueError with a code-prefixed message."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("empty_question: Please type a question.")
+    question = question.strip()
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(
+            f"question_too_long: The question has {len(question)} characters; "
+            f"the limit is {MAX_QUESTION_CHARS}."
+        )
+    return question
+
+
+def config_dir() -> Path:
+    """The user's config dir for the engine (token, settings), per platform conventions."""
+    override = os.environ.get("GEOVQA_CONFIG_DIR")
+    if override:
+        return Path(override)
+    if sys.platform.startswith("win"):
+        base = Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "geovqa"
+
+
+def token_path() -> Path:
+    """Where the server keeps its bearer token (mode 0600)."""
+    return config_dir() / "token"
