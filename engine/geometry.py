@@ -99,7 +99,7 @@ class TokenGeometry:
     # ---------------------------------------------------------------------------- transforms
     @property
     def image_to_map(self) -> Affine:
-        return self.source_transform * self.image_to_source
+        return self.source_transform @ self.image_to_source
 
     @property
     def n_tiles(self) -> int:
@@ -141,7 +141,7 @@ class TokenGeometry:
         out = []
         for x0, y0, x1, y1 in self._flat_boxes(ids):
             corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
-            out.append(Polygon([t * c for c in corners]))
+            out.append(Polygon([t @ c for c in corners]))
         return out
 
     def footprint(self, ids, space: str = "map"):
@@ -179,7 +179,7 @@ class TokenGeometry:
     def token_grid(self) -> TokenGrid:
         """The canvas' patch grid: (width, height) in patches and patch-cell -> map transform."""
         gw, gh = self.layout.grid_size
-        transform = self.image_to_map * self.layout.canvas_to_image * Affine.scale(PATCH, PATCH)
+        transform = self.image_to_map @ self.layout.canvas_to_image @ Affine.scale(PATCH, PATCH)
         return TokenGrid(width=gw, height=gh, transform=transform, crs_wkt=self.crs_wkt, layout=self.layout)
 
     def patch_rc(self, ids) -> tuple[np.ndarray, np.ndarray]:

@@ -73,7 +73,7 @@ class RasterImage:
 
     @property
     def image_to_map(self) -> Affine:
-        return self.source_transform * self.image_to_source
+        return self.source_transform @ self.image_to_source
 
     @property
     def size(self) -> tuple[int, int]:
@@ -320,9 +320,9 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels: int | None = None) ->
         if np.issubdtype(data.dtype, np.floating):
             valid &= np.all(np.isfinite(data), axis=0)
 
-        image_to_source = Affine.translation(col_off, row_off) * Affine.scale(ww / ow, wh / oh)
+        image_to_source = Affine.translation(col_off, row_off) @ Affine.scale(ww / ow, wh / oh)
         if poly is not None:
-            to_coords = transform * image_to_source
+            to_coords = transform @ image_to_source
             inside = geometry_mask([poly], out_shape=(oh, ow), transform=to_coords, invert=True,
                                    all_touched=False)
             valid &= inside

@@ -117,12 +117,12 @@ class TileLayout:
     @property
     def image_to_canvas(self) -> Affine:
         sx, sy = self.scale
-        return Affine.translation(*self.offset) * Affine.scale(sx, sy)
+        return Affine.translation(*self.offset) @ Affine.scale(sx, sy)
 
     @property
     def canvas_to_image(self) -> Affine:
         sx, sy = self.scale
-        return Affine.scale(1.0 / sx, 1.0 / sy) * Affine.translation(-self.offset[0], -self.offset[1])
+        return Affine.scale(1.0 / sx, 1.0 / sy) @ Affine.translation(-self.offset[0], -self.offset[1])
 
     @property
     def grid_size(self) -> tuple[int, int]:
