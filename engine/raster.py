@@ -249,22 +249,37 @@ def _clip_window(c0, r0, c1, r1, src, what: str) -> tuple[int, int, int, int]:
 
 
 def _stretch(band: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    vals = band[valid]
-    if vals.size > _STATS_SAMPLE:
-        vals = vals[:: int(math.ceil(vals.size / _STATS_SAMPLE))]
+    """Stretch one band to uint8 from its 2..98 percentiles over valid pixels.
+
+    Statistics come from a regular subsample (every k-th row and column) when the band has more
+    than about 4 million pixels; the mapping is applied in row blocks to bound memory.
+    """
+    sample_b, sample_v = band, valid
+    if band.size > _STATS_SAMPLE:
+        k = int(math.ceil(math.sqrt(band.size / _STATS_SAMPLE)))
+        sample_b, sample_v = band[::k, ::k], valid[::k, ::k]
+    vals = sample_b[sample_v]
     if vals.size == 0:
         return np.zeros(band.shape, np.uint8), (0.0, 0.0)
     lo, hi = (float(v) for v in np.percentile(vals.astype(np.float64), PERCENTILES))
-    if not hi > lo:
-        out = np.clip(np.nan_to_num(band.astype(np.float64), nan=0.0), 0, 255)
-        return np.rint(out).astype(np.uint8), (lo, hi)
-    out = (band.astype(np.float64) - lo) * (255.0 / (hi - lo))
-    out = np.nan_to_num(out, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.rint(np.clip(out, 0, 255)).astype(np.uint8), (lo, hi)
+    out = np.empty(band.shape, np.uint8)
+    step = max(1, (1 << 22) // max(1, band.shape[1]))
+    for r in range(0, band.shape[0], step):
+        blk = band[r:r + step].astype(np.float64)
+        if hi > lo:
+            blk = (blk - lo) * (255.0 / (hi - lo))
+        # a constant band (hi == lo) keeps its value, clipped to 0..255: no division by zero
+        blk = np.nan_to_num(blk, nan=0.0, posinf=255.0, neginf=0.0)
+        out[r:r + step] = np.rint(np.clip(blk, 0, 255))
+    return out, (lo, hi)
 
 
-def read_raster(path, *, aoi=None, bands=None, max_pixels: int | None = None) -> RasterImage:
-    """Read `path` (any GDAL raster) into a `RasterImage`; see the module docstring for the rules."""
+def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
+    """Read `path` (any GDAL raster) into a `RasterImage`; see the module docstring for the rules.
+
+    `max_pixels`: None (full resolution), an int, or a callable ``(window_w, window_h) -> int``
+    evaluated once the AOI window is known (see `read_for_tiling`).
+    """
     from rasterio.enums import Resampling
     from rasterio.errors import RasterioError
     from rasterio.features import geometry_mask
@@ -300,7 +315,8 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels: int | None = None) ->
                 win = _clip_window(c, r, c + w, r + h, src, f"pixel window {[c, r, w, h]}")
 
         col_off, row_off, ww, wh = win
-        ow, oh = read_size_for((ww, wh), max_pixels)
+        budget = max_pixels(ww, wh) if callable(max_pixels) else max_pixels
+        ow, oh = read_size_for((ww, wh), budget)
         resampling = Resampling.nearest if (palette or (ow, oh) == (ww, wh)) else Resampling.average
         window = Window(col_off, row_off, ww, wh)
         uniq = sorted(set(chosen))
@@ -325,6 +341,11 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels: int | None = None) ->
             to_coords = transform @ image_to_source
             inside = geometry_mask([poly], out_shape=(oh, ow), transform=to_coords, invert=True,
                                    all_touched=False)
+            if not inside.any():
+                raise AOIError(
+                    "The area of interest polygon is smaller than one pixel of the image read; "
+                    "draw a larger area."
+                )
             valid &= inside
 
         pixels = np.zeros((oh, ow, 3), dtype=np.uint8)
@@ -363,6 +384,18 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels: int | None = None) ->
         )
     finally:
         src.close()
+
+
+def read_for_tiling(path, *, aoi=None, bands=None, pinpoints=None) -> RasterImage:
+    """`read_raster` with the pixel budget of the canvas tiling will choose for the AOI window.
+
+    A window smaller than its canvas is read at full resolution; a 27,000 px raster is read
+    decimated (through its overviews) to about the 8064 x 8064 canvas.
+    """
+    from .tiling import tiling_read_budget
+
+    return read_raster(path, aoi=aoi, bands=bands,
+                       max_pixels=lambda w, h: tiling_read_budget((w, h), pinpoints))
 
 
 def raster_info(path) -> dict:

@@ -11,6 +11,7 @@ from engine.raster import (
     BandError,
     RasterError,
     RasterOpenError,
+    read_for_tiling,
     read_raster,
     read_size_for,
 )
@@ -275,3 +276,26 @@ def test_decimated_read_comes_from_the_overview(tmp_path):
     assert read_raster(p).pixels.max() == 10
     im = read_raster(p, max_pixels=256 * 256)
     assert im.size == (256, 256) and np.all(im.pixels == 200)
+
+
+def test_read_for_tiling_budget(tmp_path):
+    from engine.tiling import plan_tiles, tiling_read_budget
+
+    arr = np.zeros((2000, 3000), np.uint8) + 5
+    p = write_geotiff(tmp_path / "t.tif", arr, overviews=[2, 4])
+    small = [0, 0, 900, 700]  # smaller than its canvas (1008 x 1008 area): full resolution
+    im = read_for_tiling(p, aoi=small)
+    assert im.size == (900, 700) and im.decimation == (1.0, 1.0)
+    budget = tiling_read_budget((3000, 2000), [(1008, 672), (672, 672)])
+    im2 = read_for_tiling(p, pinpoints=[(1008, 672), (672, 672)])
+    assert im2.size[0] * im2.size[1] <= budget == 1008 * 672
+    assert plan_tiles(im2.size, [(1008, 672), (672, 672)]).canvas_size == (1008, 672)
+
+
+def test_tiny_polygon_aoi(tmp_path):
+    from shapely.geometry import box
+
+    p = write_geotiff(tmp_path / "tiny.tif", _u8(20, 20))
+    x, y = DEFAULT_TRANSFORM @ (5.1, 5.1)
+    with pytest.raises(AOIError, match="smaller than one pixel"):
+        read_raster(p, aoi=box(x, y - 2, x + 2, y))
