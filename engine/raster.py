@@ -4,7 +4,11 @@ What `read_raster` does, in order:
 
 * **Open** the file; a missing, unreadable, corrupt or non-raster file raises `RasterOpenError`
   (a `RasterError`, itself a `ValueError`) with a sentence for a person, never a bare GDAL error.
-* **Window** (AOI): none = the whole raster; a pixel window ``[col_off, row_off, width, height]``
+  Every `RasterError` carries `.code`, the protocol error code (not_a_raster, raster_unreadable,
+  bad_aoi, aoi_outside_raster, bad_request).
+* **Window** (AOI; the protocol's dicts ``{"window": [...]}``, ``{"polygon_wkt": str}`` and
+  ``{"geojson": dict}`` are accepted as well as the bare forms below): none = the whole raster;
+  a pixel window ``[col_off, row_off, width, height]``
   (clipped to the raster; wholly outside -> `AOIError`); or a polygon (WKT string, shapely
   geometry, or GeoJSON geometry/Feature/FeatureCollection dict) in the raster's CRS, read over its
   bounding window with the pixels outside the polygon marked invalid. On a raster without
@@ -42,19 +46,41 @@ _STATS_SAMPLE = 4_000_000  # percentiles from at most about this many valid pixe
 
 
 class RasterError(ValueError):
-    """A raster could not be used; the message says why and what to do."""
+    """A raster could not be used; the message says why and what to do.
+
+    `code` is the protocol error code (engine/protocol.py ERROR_CODES) a server should answer with.
+    """
+
+    code = "raster_unreadable"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class RasterOpenError(RasterError):
     """The file is missing, unreadable, corrupt, truncated or not a raster."""
 
+    code = "not_a_raster"
+
 
 class BandError(RasterError):
     """The requested bands do not exist or cannot be shown as RGB."""
 
+    code = "bad_request"
+
 
 class AOIError(RasterError):
-    """The area of interest is malformed or does not overlap the raster."""
+    """The area of interest is malformed (code bad_aoi) or misses the raster (AOIOutsideError)."""
+
+    code = "bad_aoi"
+
+
+class AOIOutsideError(AOIError):
+    """The area of interest does not overlap the raster."""
+
+    code = "aoi_outside_raster"
 
 
 @dataclass
@@ -126,7 +152,10 @@ def _open(path: str):
         if os.path.isdir(p):
             raise RasterOpenError(f"'{p}' is a folder, not a raster file. Choose the raster file itself.")
         if not os.access(p, os.R_OK):
-            raise RasterOpenError(f"Raster file '{p}' cannot be read (permission denied).")
+            raise RasterOpenError(
+                f"Raster file '{p}' cannot be read (permission denied). Check its permissions.",
+                code="raster_unreadable",
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -206,6 +235,12 @@ def _aoi_geometry(aoi):
         except Exception as exc:
             raise AOIError(f"The area of interest is not valid WKT: {aoi[:80]!r}.") from exc
     if isinstance(aoi, dict):
+        if "polygon_wkt" in aoi:  # protocol AOI dicts (engine/protocol.py AOI_FIELDS)
+            return _aoi_geometry(str(aoi["polygon_wkt"]))
+        if "geojson" in aoi:
+            return _aoi_geometry(aoi["geojson"])
+        if "window" in aoi:
+            return None
         kind = aoi.get("type")
         try:
             if kind == "Feature":
@@ -219,6 +254,8 @@ def _aoi_geometry(aoi):
 
 
 def _pixel_window(aoi) -> tuple[float, float, float, float]:
+    if isinstance(aoi, dict):
+        aoi = aoi.get("window")
     try:
         vals = [float(v) for v in aoi]
     except (TypeError, ValueError) as exc:
@@ -238,7 +275,7 @@ def _clip_window(c0, r0, c1, r1, src, what: str) -> tuple[int, int, int, int]:
     ic0, ir0 = max(0, int(math.floor(c0))), max(0, int(math.floor(r0)))
     ic1, ir1 = min(W, int(math.ceil(c1))), min(H, int(math.ceil(r1)))
     if ic1 <= ic0 or ir1 <= ir0:
-        raise AOIError(
+        raise AOIOutsideError(
             f"The area of interest ({what}) lies wholly outside the raster '{src.name}' "
             f"({W} x {H} pixels). Draw or enter an area that overlaps the raster."
         )
@@ -329,7 +366,8 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
         except (RasterioError, OSError, ValueError) as exc:
             raise RasterOpenError(
                 f"Could not read pixels from '{p}': the file looks corrupt or truncated. "
-                f"Re-export it and try again. (GDAL: {exc})"
+                f"Re-export it and try again. (GDAL: {exc})",
+                code="raster_unreadable",
             ) from exc
 
         valid = np.all(masks > 0, axis=0)

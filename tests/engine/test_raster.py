@@ -299,3 +299,29 @@ def test_tiny_polygon_aoi(tmp_path):
     x, y = DEFAULT_TRANSFORM @ (5.1, 5.1)
     with pytest.raises(AOIError, match="smaller than one pixel"):
         read_raster(p, aoi=box(x, y - 2, x + 2, y))
+
+
+def test_protocol_aoi_dicts_and_error_codes(tmp_path):
+    from shapely.geometry import box, mapping
+
+    from engine.protocol import ERROR_CODES
+    from engine.raster import AOIOutsideError
+
+    p = write_geotiff(tmp_path / "pd.tif", _u8(40, 40))
+    assert read_raster(p, aoi={"window": [2, 3, 10, 11]}).window == (2, 3, 10, 11)
+    poly = box(*(DEFAULT_TRANSFORM @ (5, 30)), *(DEFAULT_TRANSFORM @ (25, 10)))
+    assert read_raster(p, aoi={"polygon_wkt": poly.wkt}).window == (5, 10, 20, 20)
+    assert read_raster(p, aoi={"geojson": mapping(poly)}).window == (5, 10, 20, 20)
+    with pytest.raises(AOIOutsideError) as e:
+        read_raster(p, aoi={"window": [100, 100, 5, 5]})
+    assert e.value.code == "aoi_outside_raster"
+    with pytest.raises(AOIError) as e:
+        read_raster(p, aoi={"window": [1, 2]})
+    assert e.value.code == "bad_aoi"
+    with pytest.raises(RasterOpenError) as e:
+        read_raster(write_bytes(tmp_path / "x.tif", b"nope" * 100))
+    assert e.value.code == "not_a_raster"
+    with pytest.raises(BandError) as e:
+        read_raster(p, bands=[9])
+    for code in ("aoi_outside_raster", "bad_aoi", "not_a_raster", "raster_unreadable", e.value.code):
+        assert code in ERROR_CODES
