@@ -25,7 +25,7 @@ import numpy as np
 from affine import Affine
 
 from .raster import RasterImage
-from .tiling import GRID, PATCH, PATCHES_PER_TILE, TileLayout
+from .tiling import PATCH, TileLayout
 
 MIN_VALID_FRACTION = 0.5
 

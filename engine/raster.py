@@ -340,6 +340,10 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
                     raise AOIError("The area of interest polygon is empty.")
                 if poly.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
                     raise AOIError(f"The area of interest must be a polygon, got a {poly.geom_type}.")
+                if not poly.is_valid:  # e.g. a self-intersecting ring drawn by hand
+                    import shapely
+
+                    poly = shapely.make_valid(poly)
                 from shapely import affinity
 
                 inv = ~transform

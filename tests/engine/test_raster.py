@@ -325,3 +325,14 @@ def test_protocol_aoi_dicts_and_error_codes(tmp_path):
         read_raster(p, bands=[9])
     for code in ("aoi_outside_raster", "bad_aoi", "not_a_raster", "raster_unreadable", e.value.code):
         assert code in ERROR_CODES
+
+
+def test_polygon_aoi_edge_cases(tmp_path):
+    p = write_geotiff(tmp_path / "e.tif", _u8(30, 30), crs=None)
+    bowtie = "POLYGON((0 0, 20 20, 20 0, 0 20, 0 0))"  # self-intersecting, made valid
+    im = read_raster(p, aoi=bowtie)
+    assert im.window == (0, 0, 20, 20) and 0.3 < im.valid.mean() < 0.7
+    with pytest.raises(AOIError, match="must be a polygon"):
+        read_raster(p, aoi="LINESTRING(0 0, 10 10)")
+    with pytest.raises(AOIError, match="GeoJSON"):
+        read_raster(p, aoi={"type": "Polygon", "coordinates": "bad"})
