@@ -7,8 +7,8 @@ and a 3-layer CLIP with the REAL tile geometry (336 px images, 14 px patches, 24
 the demo mode and the benchmarks run the whole engine on it without downloading anything.
 
 The weights are random, so the answers are gibberish; the tiny model is built so that greedy
-decoding never emits a special token (their lm_head rows are zero), i.e. it always produces text
-and stops at ``max_new_tokens``.
+decoding never emits a special token nor an unprintable byte (their lm_head rows are zero), i.e.
+it always produces readable text and stops at ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TINY_FORMAT_VERSION = 1  # bump when the tiny checkpoint's content changes (cache keys use it)
+TINY_FORMAT_VERSION = 2  # bump when the tiny checkpoint's content changes (cache keys use it)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TOKENIZER_BPE_VOCAB = 700  # byte alphabet (256) + merges; special tokens come after
@@ -210,8 +210,8 @@ def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = 0, **overrides: A
             # The random reghead bias is zero in the original init; give it some signal so the
             # affinity is not uniform, and keep special tokens out of greedy decoding.
             model.reghead.pw.bias.normal_(0.0, 0.5)
-            for name in SPECIAL_TOKENS:
-                model.lm_head.weight[tokenizer.convert_tokens_to_ids(name)].zero_()
+            for tid in _unwanted_output_ids(tokenizer):
+                model.lm_head.weight[tid].zero_()
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=dest.parent))
@@ -228,6 +228,19 @@ def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = 0, **overrides: A
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _unwanted_output_ids(tokenizer) -> list[int]:
+    """Special tokens and tokens that do not decode to printable text (lone bytes, control
+    characters): their lm_head rows are zeroed so the random model writes readable gibberish."""
+    out = []
+    for tid in range(len(tokenizer)):
+        text = tokenizer.decode([tid])
+        if tokenizer.convert_ids_to_tokens(tid) in SPECIAL_TOKENS or not text.strip() and "\n" not in text:
+            out.append(tid)
+        elif "\ufffd" in text or not all(ch.isprintable() or ch == "\n" for ch in text):
+            out.append(tid)
+    return out
 
 
 def _write_readme(path: Path, seed: int) -> None:
