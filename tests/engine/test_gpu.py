@@ -22,6 +22,7 @@ from engine.loader import load_model
 
 REPO = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu
 
 
 def full_size_config_kwargs() -> dict:
@@ -96,6 +97,7 @@ def _generate(loaded, n_visual: int, max_new_tokens: int = 8):
     return generate_text(model, tok, emb, max_new_tokens=max_new_tokens)
 
 
+@gpu
 @needs_cuda
 def test_tiny_nf4_load_and_generate(tiny_checkpoint):
     import bitsandbytes as bnb
@@ -122,6 +124,7 @@ def test_tiny_nf4_load_and_generate(tiny_checkpoint):
     assert feats.patches.shape == (2, 576, 32) and feats.patches.is_cuda
 
 
+@gpu
 @needs_cuda
 def test_full_size_nf4_load_peak_memory(tmp_path_factory, tiny_checkpoint):
     free, total = torch.cuda.mem_get_info()

@@ -139,6 +139,17 @@ def test_lora_adapter_is_applied(tmp_path, tiny_checkpoint, tiny_loaded):
         a = loaded.model(inputs_embeds=emb).logits
         b = tiny_loaded.model(inputs_embeds=emb).logits
     assert not torch.allclose(a, b)  # the adapter changes the output
+    # the pipeline's helpers work through the peft wrapper
+    import numpy as np
+
+    from engine.generate import generate_text
+    from engine.vision import encode_tiles
+
+    tiles = np.zeros((2, 336, 336, 3), dtype=np.uint8)
+    feats = encode_tiles(loaded.model, tiles)
+    vis = loaded.model.project(feats.patches[0, :8])
+    emb = loaded.model.build_inputs_embeds([1, 2], vis, [3])
+    assert generate_text(loaded.model, loaded.tokenizer, emb, max_new_tokens=3).n_new_tokens == 3
 
 
 def test_download_weights_offline_and_verified(tmp_path, tiny_checkpoint, monkeypatch):
