@@ -70,7 +70,8 @@ def encode_tiles(
     n = int(tiles_uint8.shape[0])
     if n < 2:
         raise ValueError("expected the overview tile plus at least one grid tile")
-    tower = model.model.vision_tower if hasattr(model, "model") else model.vision
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    tower = base.vision
     param = tower.vision_tower.vision_model.embeddings.patch_embedding.weight
     device, dtype = param.device, param.dtype
     cls_parts, patch_parts = [], []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,48 @@ def test_lora_adapter_is_applied(tmp_path, tiny_checkpoint, tiny_loaded):
         a = loaded.model(inputs_embeds=emb).logits
         b = tiny_loaded.model(inputs_embeds=emb).logits
     assert not torch.allclose(a, b)  # the adapter changes the output
+    # the pipeline's helpers work through the peft wrapper
+    import numpy as np
+
+    from engine.generate import generate_text
+    from engine.vision import encode_tiles
+
+    tiles = np.zeros((2, 336, 336, 3), dtype=np.uint8)
+    feats = encode_tiles(loaded.model, tiles)
+    vis = loaded.model.project(feats.patches[0, :8])
+    emb = loaded.model.build_inputs_embeds([1, 2], vis, [3])
+    assert generate_text(loaded.model, loaded.tokenizer, emb, max_new_tokens=3).n_new_tokens == 3
+
+
+def test_download_weights_offline_and_verified(tmp_path, tiny_checkpoint, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from engine.weights import ALLOW_PATTERNS, DownloadError, download_weights
+
+    def offline(**kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DownloadError, match="offline"):
+        download_weights(tmp_path / "w1")
+
+    seen = {}
+
+    def fake_download(**kwargs):  # stands in for the Hub: copies the tiny checkpoint
+        seen.update(kwargs)
+        shutil.copytree(tiny_checkpoint, kwargs["local_dir"], dirs_exist_ok=True)
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert download_weights(tmp_path / "w2") == tmp_path / "w2"
+    assert seen["repo_id"] == "initiacms/GeoLLaVA-8K" and seen["allow_patterns"] == ALLOW_PATTERNS
+    assert "*.safetensors" in ALLOW_PATTERNS and "tokenizer.json" in ALLOW_PATTERNS
+
+    def partial(**kwargs):  # config only: verification must fail
+        shutil.copy(tiny_checkpoint / "config.json", Path(kwargs["local_dir"]) / "config.json")
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", partial)
+    with pytest.raises(DownloadError, match="not usable"):
+        download_weights(tmp_path / "w3")

@@ -60,3 +60,14 @@ def test_encode_tiles_cancel(tiny_model):
 def test_needs_grid_tiles(tiny_model):
     with pytest.raises(ValueError, match="grid tile"):
         encode_tiles(tiny_model, _tiles(1))
+
+
+def test_encode_tiles_from_tiling(tiny_model):
+    from engine.tiling import make_tiles, plan_tiles
+
+    pixels = np.random.default_rng(1).integers(0, 256, size=(600, 800, 3), dtype=np.uint8)
+    layout = plan_tiles((800, 600))
+    tiles = make_tiles(pixels, layout)
+    feats = encode_tiles(tiny_model, tiles, batch_size=4)
+    assert feats.n_tiles == layout.n_tiles == 6  # 800 x 600 -> 3 x 2 tiles
+    assert torch.isfinite(feats.patches).all()
