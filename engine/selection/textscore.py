@@ -7,8 +7,9 @@ the cheapest faithful proxy: the attention logits of the LM's **first decoder la
 
 What we compute, precisely:
 
-1. the question is tokenised (the tokenizer comes from the strategy's `tokenizer` parameter or
-   `model.tokenizer`; a list of token ids is also accepted) and embedded with `embed_text`; we
+1. the question is tokenised (the tokenizer comes from the strategy's `tokenizer` parameter,
+   else `model.tokenizer`, else the tokenizer files in the local checkpoint directory the model
+   was loaded from, `model.name_or_path`; a list of token ids is also accepted) and embedded with `embed_text`; we
    use its last `last_n` (default 8) tokens - the end of the question, which in a causal LM
    carries the summary of the whole question;
 2. text and visual embeddings (visual = features through the projector) pass that layer's
@@ -27,6 +28,8 @@ visual embedding.
 from __future__ import annotations
 
 import math
+import os
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -44,6 +47,8 @@ def question_ids(model: Any, question, tokenizer: Any = None) -> torch.Tensor:
         return torch.as_tensor(question, dtype=torch.long)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
+        tok = _tokenizer_from_checkpoint(getattr(model, "name_or_path", None))
+    if tok is None:
         raise SelectionError(
             "This text-guided strategy needs the model's tokenizer to read the question; "
             "pass tokenizer=... to the strategy or set model.tokenizer."
@@ -52,6 +57,19 @@ def question_ids(model: Any, question, tokenizer: Any = None) -> torch.Tensor:
     if not ids:
         raise SelectionError("The question is empty after tokenisation.")
     return torch.as_tensor(ids, dtype=torch.long)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_from_checkpoint(path: str | None):
+    """The tokenizer saved next to a local checkpoint (the loader's `from_pretrained` dir)."""
+    if not path or not os.path.isdir(path):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception:  # no tokenizer files there: the caller explains what to pass
+        return None
 
 
 def _first_layer(model: Any):
