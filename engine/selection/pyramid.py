@@ -82,9 +82,16 @@ class PyramidStrategy:
             return tables[levels[li]][ci] + ti * n
 
         def vectors(toks):
-            if not toks:
-                return flat.new_zeros(0, d)
-            return torch.stack([flat[torch.from_numpy(mem(tk))].float().mean(0) for tk in toks]).to(flat.dtype)
+            """Mean raw feature of each token's cell: one gather per level (cells of a level
+            all have the same number of patches)."""
+            out = flat.new_zeros(len(toks), d)
+            for li in range(len(levels)):
+                pos = [i for i, tk in enumerate(toks) if tk[0] == li]
+                if not pos:
+                    continue
+                idx = torch.from_numpy(np.stack([mem(toks[i]) for i in pos])).to(flat.device)
+                out[torch.tensor(pos, device=flat.device)] = flat[idx].float().mean(1).to(flat.dtype)
+            return out
 
         def alive(tok):
             return bool(vflat[mem(tok)].any())
