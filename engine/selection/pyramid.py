@@ -34,7 +34,7 @@ from engine.selection import clusters as C
 from engine.selection.base import Selection, check_budget, register
 from engine.selection.baselines import pool_labels
 from engine.selection.common import cap_global, project, role_for, unreduced_tokens, valid_tensor
-from engine.selection.textscore import make_scorer
+from engine.selection.textscore import make_scorer, score_vectors
 
 DEFAULT_LEVELS = (1, 4, 12, 24)
 
@@ -107,7 +107,7 @@ class PyramidStrategy:
         frontier = [(0, ti, ci) for ti in range(t) for ci in range(levels[0] ** 2)]
         frontier = [tk for tk in frontier if alive(tk)]
         opened_from = set()  # tokens reached by opening
-        scores = score_fn(project(model, vectors(frontier)))
+        scores = score_vectors(score_fn, model, vectors(frontier))
         opened_levels = []
         for li in range(len(levels) - 1):
             if len(frontier) >= B:
@@ -138,7 +138,7 @@ class PyramidStrategy:
                 else:
                     nxt.append(tk)
             frontier = nxt
-            scores = score_fn(project(model, vectors(frontier)))
+            scores = score_vectors(score_fn, model, vectors(frontier))
         if not self.keep_coarse and opened_from:
             keep_idx = [i for i, tk in enumerate(frontier) if tk in opened_from]
             frontier = [frontier[i] for i in keep_idx]

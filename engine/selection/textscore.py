@@ -113,20 +113,29 @@ class TextScorer:
         k = attn.k_proj(self.layer.input_layernorm(x)).reshape(x.shape[0], self.n_kv, self.hd)
         return k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
 
+    def _logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        if self.layer is None:
+            t = torch.nn.functional.normalize(self.text.float().mean(0), dim=0)
+            v = torch.nn.functional.normalize(embeds.float().to(t.device), dim=-1)
+            return (v @ t)[None, None]
+        k = self.keys(embeds)
+        return torch.einsum("lhd,nhd->lhn", self.q.float(), k.float()) / math.sqrt(self.hd)
+
     def __call__(self, embeds: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
         """(N, H) projected visual tokens -> (N,) relevance on the CPU, summing to 1."""
         if embeds.shape[0] == 0:
             return torch.zeros(0)
         with torch.no_grad():
-            if self.layer is None:
-                t = torch.nn.functional.normalize(self.text.float().mean(0), dim=0)
-                v = torch.nn.functional.normalize(embeds.float().to(t.device), dim=-1)
-                return torch.softmax(v @ t, 0).cpu()
-            logits = []
-            for c in torch.split(embeds, chunk):
-                k = self.keys(c)
-                logits.append(torch.einsum("lhd,nhd->lhn", self.q.float(), k.float()))
-            logits = torch.cat(logits, -1) / math.sqrt(self.hd)
+            logits = torch.cat([self._logits(c) for c in torch.split(embeds, chunk)], -1)
+            return torch.softmax(logits, dim=-1).mean(dim=(0, 1)).cpu()
+
+    def score_features(self, vectors: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Like calling the scorer on ``model.project(vectors)``, projecting chunk by chunk so
+        the projected tokens of a whole 8K image never sit in memory at once."""
+        if vectors.shape[0] == 0:
+            return torch.zeros(0)
+        with torch.no_grad():
+            logits = torch.cat([self._logits(self.model.project(c)) for c in torch.split(vectors, chunk)], -1)
             return torch.softmax(logits, dim=-1).mean(dim=(0, 1)).cpu()
 
 
@@ -136,3 +145,13 @@ def make_scorer(model: Any, question, tokenizer: Any = None, scorer=None,
     if scorer is not None:
         return scorer
     return TextScorer(model, question, tokenizer, last_n)
+
+
+def score_vectors(score_fn, model: Any, vectors: torch.Tensor) -> torch.Tensor:
+    """Relevance of raw vision vectors: projected chunk-wise by a TextScorer, else projected
+    at once (no model: unchanged) and passed to the plain callable."""
+    if isinstance(score_fn, TextScorer):
+        return score_fn.score_features(vectors)
+    from engine.selection.common import project
+
+    return score_fn(project(model, vectors))

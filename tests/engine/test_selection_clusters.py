@@ -80,3 +80,38 @@ def test_uniform_area_collapses_and_distinct_patch_stays_alone():
     # vectorised across tiles: same result tile by tile
     l0, c0, _, _ = C.cluster(C.affinity_from_features(x[:1], g), g)
     assert torch.equal(l0[0], labels[0])
+
+
+def test_geollava_steps_on_a_hand_computed_3x3_tile():
+    """Clusters {0,1,3,4} (root 0), {2,5} (root 2), {6,7,8} (root 6); scores by hand."""
+    from engine.selection.geollava import pick_clusters
+
+    spec = {p: {4: 1.0} for p in range(9)}
+    spec[1] = {3: 1.0}  # -> 0
+    spec[3] = {1: 1.0}  # -> 0
+    spec[4] = {0: 1.0}  # -> 0
+    spec[5] = {1: 1.0}  # -> 2
+    spec[7] = {3: 1.0}  # -> 6
+    spec[8] = {3: 1.0}  # -> 7 -> 6
+    aff = aff_from(spec)
+    x = torch.tensor([[1.0, 0], [1, 0], [0, 2], [1, 0], [1, 0], [0, 4], [3, 3], [3, 3], [3, 3]])[None]
+    cls = torch.tensor([[1.0, 1.0]])
+    q = torch.nn.Linear(2, 2)
+    v = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        q.weight.copy_(torch.tensor([[1.0, 0], [0, 2]]))
+        q.bias.copy_(torch.tensor([0.5, 0]))
+        v.weight.copy_(torch.eye(2))
+        v.bias.copy_(torch.tensor([0.0, 1.0]))
+    # q = (1.5, 2); centres (1,0), (0,3), (3,3); v = (1,1), (0,4), (3,4)
+    # scores = (1.5*1 + 2*1, 2*4, 1.5*3 + 2*4) / sqrt(2) = (3.5, 8, 12.5) / sqrt(2)
+    pick = pick_clusters(cls, x, q, v, affinity=lambda _: aff, k=2)
+    assert [m.tolist() for m in pick.members] == [[2, 5], [6, 7, 8]]  # top 2, spatial order
+    torch.testing.assert_close(pick.scores, torch.tensor([8.0, 12.5]) / 2**0.5)
+    torch.testing.assert_close(pick.vectors, torch.tensor([[0.0, 3.0], [3.0, 3.0]]))
+    # k larger than the clusters: all three, spatial order; faithful: plus zero slots
+    pick = pick_clusters(cls, x, q, v, affinity=lambda _: aff, k=5, faithful_empty_slots=True)
+    assert [m.tolist() for m in pick.members] == [[0, 1, 3, 4], [2, 5], [6, 7, 8], [], []]
+    assert torch.equal(pick.vectors[3:], torch.zeros(2, 2))
+    # the zero vector's score: q . v_proj(0) / sqrt(2) = (1.5*0 + 2*1) / sqrt(2)
+    torch.testing.assert_close(pick.scores[3:], torch.full((2,), 2.0 / 2**0.5))

@@ -98,3 +98,19 @@ def test_text_score_is_a_distribution_over_tokens(scene, tiny_model, tiny_tokeni
     assert s.shape == (50,) and torch.isclose(s.sum(), torch.tensor(1.0), atol=1e-4)
     s2 = TextScorer(tiny_model, "Where is the boat?", tiny_tokenizer)(vis)
     assert torch.equal(s, s2)
+
+
+def test_tokenizer_found_next_to_the_checkpoint(scene, tiny_model, tiny_tokenizer):
+    """The pipeline passes no tokenizer: the scorer loads the one saved with the checkpoint."""
+    from engine.selection.textscore import TextScorer, question_ids
+
+    ids = question_ids(tiny_model, "Where is the boat?")
+    assert ids.tolist() == tiny_tokenizer("Where is the boat?", add_special_tokens=False)["input_ids"]
+    _, geometry, feats = scene
+    a = get_strategy("budget").select(feats, geometry, "Where is the boat?", 30, model=tiny_model)
+    b = get_strategy("budget", tokenizer=tiny_tokenizer).select(feats, geometry, "Where is the boat?",
+                                                                30, model=tiny_model)
+    assert [m.tolist() for m in a.members] == [m.tolist() for m in b.members]
+    vis = feats.patches[0, :40]
+    sc = TextScorer(tiny_model, "Where is the boat?")
+    torch.testing.assert_close(sc.score_features(vis), sc(tiny_model.project(vis)))
