@@ -267,6 +267,13 @@ def write_outputs(rows: list[dict], out_dir: Path, stem: str, device: str) -> No
         + ("GPU max allocated during select + prefill." if device != "cpu" else
            "process RSS during select + prefill (includes model and features)."),
         "",
+        "Reading the numbers: the weights are random, so the learned affinity head and the "
+        "CLS / question scores carry no meaning here; recall shows the mechanics of each path "
+        "(which patches its kept tokens stand for), not a trained model's judgement. Token counts, "
+        "select / prefill times and memory are the real costs of each path. The tiling never "
+        "exceeds 576 tiles, so a 16K scene is read decimated to the same ~8K canvas as an 8K one "
+        "(same token counts, smaller objects per patch).",
+        "",
         "| " + " | ".join(cols) + " |",
         "| " + " | ".join("---" for _ in cols) + " |",
     ]
