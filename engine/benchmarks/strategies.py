@@ -303,28 +303,41 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def num(v):
+        return float(v) if v not in ("", None) else None
+
     names = list(dict.fromkeys(r["strategy"] for r in rows))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("visual_tokens", "visual tokens into the LM"),
+              ("recall", "object recall (any kept token)"),
+              ("recall_sharp", "object recall (tokens of <= 4 patches)"),
+              ("ttft_s", "time to first token (s)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(19, 4.2))
     for name in names:
         rs = [r for r in rows if r["strategy"] == name]
-        x = [r["size"] for r in rs]
-        axes[0].plot(x, [r["visual_tokens"] for r in rs], "o-", label=name)
-        axes[1].plot(x, [r["recall"] for r in rs], "o-", label=name)
-        t = [(r["size"], r["ttft_s"]) for r in rs if r["ttft_s"] != ""]
-        if t:
-            axes[2].plot(*zip(*t), "o-", label=name)
-    for ax, title in zip(axes, ("visual tokens into the LM", "object-token recall",
-                                "time to first token (s)")):
+        for ax, (key, _title) in zip(axes, panels):
+            pts = [(num(r["size"]), num(r[key])) for r in rs if num(r[key]) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=name, alpha=0.85)
+    for ax, (key, title) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("scene side (px)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+        if key.startswith("recall"):
+            ax.set_ylim(-0.02, 1.02)
     axes[0].set_yscale("log")
-    axes[1].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def rewrite_from_csv(out_dir="docs/benchmarks", stem: str = "strategies") -> None:
+    """Re-render the Markdown table and the plot from an existing CSV (no re-run)."""
+    out_dir = Path(out_dir)
+    with open(out_dir / f"{stem}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    write_outputs(rows, out_dir, stem, rows[0]["device"] if rows else "cpu")
 
 
 def main(argv=None) -> int:
