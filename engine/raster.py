@@ -374,6 +374,8 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
                 code="raster_unreadable",
             ) from exc
 
+        if np.iscomplexobj(data):  # complex (e.g. SAR SLC): show the amplitude
+            data = np.abs(data)
         valid = np.all(masks > 0, axis=0)
         if np.issubdtype(data.dtype, np.floating):
             valid &= np.all(np.isfinite(data), axis=0)

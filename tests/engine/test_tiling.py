@@ -182,3 +182,16 @@ def test_read_budget():
 
     w, h = read_size_for((27000, 27000), tiling_read_budget((27000, 27000)))
     assert (w, h) == (8064, 8064) and plan_tiles((w, h)).n_tiles == 576
+
+
+def test_reading_at_the_budget_keeps_the_canvas():
+    from engine.raster import read_size_for
+
+    rng = np.random.default_rng(3)
+    pins = anyres_pinpoints()
+    for _ in range(40):
+        size = (int(rng.integers(100, 60000)), int(rng.integers(100, 60000)))
+        canvas = select_best_resolution(size, pins)
+        read = read_size_for(size, tiling_read_budget(size))
+        assert read[0] * read[1] <= canvas[0] * canvas[1]
+        assert select_best_resolution(read, pins) == canvas
