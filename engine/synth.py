@@ -3,8 +3,9 @@
 `make_scene` writes an RGB uint8 GeoTIFF (UTM zone 33N, 0.5 m pixels, tiled, compressed, with
 overviews) of large textured regions - water, forest, fields - laid out by smooth low-frequency
 noise, plus a few small bright objects (white "boats", red "roofs") at seeded random places.
-Everything is vectorised numpy generated block by block (512 rows at a time), so a 16K x 16K
-scene needs ~25 MB of working memory per block and a deterministic result per seed.
+Everything is vectorised numpy generated block by block (512 rows at a time) from three seeded
+periodic 1024 px textures, so a 16K x 16K scene needs ~50 MB of working memory per block and
+the result is deterministic per seed.
 
 Object size follows the patch size the checkpoint will see: the tiling fits at most 576 tiles
 (about 8064 px on a square side) so a 14 px patch covers ``14 * max(1, size / 8064)`` source
@@ -78,31 +79,36 @@ def place_objects(width: int, height: int, n: int, seed: int) -> list[tuple[str,
     return out
 
 
-def _block(y0: int, bh: int, width: int, height: int, class_lo: np.ndarray, seed: int) -> np.ndarray:
-    """RGB uint8 rows y0..y0+bh of the scene."""
+TEX = 1024  # side of the periodic texture tiles the scene is assembled from
+
+
+def _textures(seed: int) -> np.ndarray:
+    """(3, TEX, TEX, 3) uint8 periodic textures: water, forest, fields."""
+    rng = np.random.default_rng([seed, 3])
+    ys = np.arange(TEX)[:, None]
+    xs = np.arange(TEX)[None, :]
+    noise = rng.standard_normal((TEX, TEX), dtype=np.float32)
+    blotch = np.repeat(np.repeat(rng.standard_normal((TEX // 8, TEX // 8), dtype=np.float32), 8, 0), 8, 1)
+    ripple = np.sin(2 * np.pi * (xs * 3 + ys * 7) / TEX * 16).astype(np.float32)
+    water = WATER + (3 * ripple + 2 * noise)[..., None]
+    forest = FOREST + (10 * noise + 8 * blotch)[..., None]
+    parcel = ((xs // 256) * 7 + (ys // 256) * 13 + seed) % len(FIELD_COLOURS)
+    stripe = (((xs + ys) // 4) % 2 == 0).astype(np.float32) * 10
+    fields = FIELD_COLOURS[parcel] - stripe[..., None] + 3 * noise[..., None]
+    return np.clip(np.stack([water, forest, fields]), 0, 255).astype(np.uint8)
+
+
+def _block(y0: int, bh: int, width: int, height: int, class_lo: np.ndarray, tex: np.ndarray) -> np.ndarray:
+    """RGB uint8 rows y0..y0+bh of the scene: a smooth class field picks one of three
+    periodic textures per pixel (water < 0.38 <= forest < 0.62 <= fields)."""
     gh, gw = class_lo.shape
     wy = _interp_matrix(height, gh)[:, y0 : y0 + bh]  # (gh, bh)
     wx = _interp_matrix(width, gw)  # (gw, width)
     v = wy.T @ class_lo @ wx  # (bh, width) smooth field in [0, 1]
-    rng = np.random.default_rng([seed, y0])
-    noise = rng.standard_normal((bh, width), dtype=np.float32)
-    ys = np.arange(y0, y0 + bh)[:, None]
-    xs = np.arange(width)[None, :]
-    img = np.empty((bh, width, 3), np.float32)
-    water = v < 0.38
-    forest = (v >= 0.38) & (v < 0.62)
-    fields = v >= 0.62
-    ripple = np.sin((xs * 0.05 + ys * 0.11)).astype(np.float32)
-    for c in range(3):
-        img[..., c] = np.where(water, WATER[c] + 3 * ripple + 2 * noise, 0)
-    crown = noise * 14
-    for c in range(3):
-        img[..., c] += np.where(forest, FOREST[c] + crown, 0)
-    parcel = ((xs // 300) * 7 + (ys // 220) * 13 + seed) % len(FIELD_COLOURS)
-    stripe = (((xs + ys) // 6) % 2 == 0).astype(np.float32) * 10
-    for c in range(3):
-        img[..., c] += np.where(fields, FIELD_COLOURS[parcel, c] - stripe + 3 * noise, 0)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    cls = (v >= 0.38).astype(np.intp) + (v >= 0.62)
+    rows = (np.arange(y0, y0 + bh) % TEX)[:, None]
+    cols = (np.arange(width) % TEX)[None, :]
+    return tex[cls, rows, cols]
 
 
 def make_scene(path, size, objects: int | list | None = 6, seed: int = 0) -> Scene:
@@ -120,6 +126,7 @@ def make_scene(path, size, objects: int | list | None = 6, seed: int = 0) -> Sce
     transform = Affine(PIXEL_SIZE, 0.0, ORIGIN[0], 0.0, -PIXEL_SIZE, ORIGIN[1])
     rng = np.random.default_rng([seed, 1])
     class_lo = rng.random((6, 6)).astype(np.float32)
+    tex = _textures(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8",
@@ -129,7 +136,7 @@ def make_scene(path, size, objects: int | list | None = 6, seed: int = 0) -> Sce
     with rasterio.open(path, "w", **profile) as dst:
         for y0 in range(0, height, BLOCK):
             bh = min(BLOCK, height - y0)
-            block = _block(y0, bh, width, height, class_lo, seed)
+            block = _block(y0, bh, width, height, class_lo, tex)
             for kind, (x0, by0, x1, by1) in boxes:
                 a, b = max(by0, y0), min(by1, y0 + bh)
                 if a < b:
