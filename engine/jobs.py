@@ -386,7 +386,7 @@ class JobQueue:
                 if not finished and not self._stop:
                     job.state = "queued"
                     self._waiting.append(job)
-                self._update_positions()
+                # positions are updated when the next job is taken, a moment from now
                 self._cond.notify_all()
 
     @staticmethod
