@@ -35,7 +35,8 @@ class ServerProcess:
 
     def __init__(self, args: list[str] | None = None, *, python: str | None = None,
                  config_dir: str | Path | None = None, state_dir: str | Path | None = None,
-                 env: dict | None = None, port: int | None = None, module: str = "engine.server"):
+                 env: dict | None = None, port: int | None = None, module: str = "engine.server",
+                 subcommand: list[str] | None = None):
         self.args = list(args or [])
         self.python = python or sys.executable
         self._tmp = tempfile.TemporaryDirectory(prefix="geovqa-server-")
@@ -43,7 +44,8 @@ class ServerProcess:
         self.state_dir = Path(state_dir or Path(self._tmp.name) / "state")
         self.extra_env = dict(env or {})
         self.port = port or free_port()
-        self.module = module
+        self.module = module  # "engine" with subcommand ["serve"] runs the real CLI
+        self.subcommand = list(subcommand or [])
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(self._tmp.name) / f"server-{self.port}.log"
 
@@ -58,7 +60,7 @@ class ServerProcess:
         env["GEOVQA_CONFIG_DIR"] = str(self.config_dir)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
-        cmd = [self.python, "-m", self.module, "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "-m", self.module, *self.subcommand, "--host", "127.0.0.1", "--port", str(self.port),
                "--state-dir", str(self.state_dir), *self.args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log,
