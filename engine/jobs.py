@@ -37,14 +37,17 @@ OOM_HINT = "Retry with a smaller token budget (for example {budget}) or a smalle
 class JobError(Exception):
     """A failure with a protocol error code and a message for a person."""
 
-    def __init__(self, code: str, message: str, hint: str | None = None):
+    def __init__(self, code: str, message: str, hint: str | None = None, **extra: Any):
         super().__init__(message)
         self.code = code
         self.message = message
         self.hint = hint
+        self.extra = extra  # additional fields, e.g. retry_budget after an out-of-memory
 
     def body(self) -> dict:
-        return protocol.error_body(self.code, self.message, self.hint)
+        body = protocol.error_body(self.code, self.message, self.hint)
+        body["error"].update(self.extra)
+        return body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +80,7 @@ def error_for_exception(exc: BaseException, budget: int | None = None) -> JobErr
             "out_of_memory",
             "The GPU ran out of memory while answering this question. The server is still running.",
             OOM_HINT.format(budget=smaller),
+            retry_budget=smaller,
         )
     code = getattr(exc, "code", None)
     message = str(exc).strip() or type(exc).__name__
@@ -113,6 +117,19 @@ def free_gpu_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:  # pragma: no cover - best effort
         log.warning("could not empty the CUDA cache", exc_info=True)
+
+
+def json_default(value: Any) -> Any:
+    """Make engine values JSON-friendly: numpy scalars/arrays, paths, sets, anything else as str."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
 
 
 def new_job_id() -> str:
@@ -204,7 +221,7 @@ class BatchJob:
 
     def append_result(self, line: dict) -> None:
         with open(self.results_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(line, ensure_ascii=False, default=json_default) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.done_indexes.add(int(line["index"]))
@@ -422,7 +439,7 @@ class JobQueue:
             job.state = "done"
         except BaseException as exc:  # noqa: BLE001 - mapped to an error event
             err = error_for_exception(exc, budget)
-            if err.code == "out_of_memory":
+            if err.code in ("out_of_memory", "cancelled"):
                 free_gpu_memory()
             job.state = "cancelled" if err.code == "cancelled" else "failed"
             job.message = err.message

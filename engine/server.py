@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__, protocol
 from engine.auth import load_or_create_token, token_matches
-from engine.jobs import JOB_ID_RE, BatchJob, JobError, JobQueue
+from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default
 from engine.uploads import RasterInfo, check_raster_file, receive_upload
 
 log = logging.getLogger("engine.server")
@@ -419,7 +419,8 @@ def create_app(engine: Any, settings: Settings):
                     if event is None:
                         finished = True
                         break
-                    yield (json.dumps(decorate(event), ensure_ascii=False) + "\n").encode("utf-8")
+                    yield (json.dumps(decorate(event), ensure_ascii=False, default=json_default)
+                           + "\n").encode("utf-8")
             finally:
                 if not finished:  # the client went away: free the GPU
                     jobs.cancel(job.job_id)

@@ -116,6 +116,7 @@ def test_out_of_memory_is_reported_and_server_keeps_serving(server, inputs):
     assert err["type"] == "error" and err["code"] == "out_of_memory"
     assert "out of memory" in err["message"].lower()
     assert "budget" in err["hint"] and "512" in err["hint"]
+    assert err["retry_budget"] == 512
     status, events = server.ask(body(inputs["raster"]))
     assert events[-1]["type"] == "result"
 
