@@ -84,9 +84,11 @@ def error_for_exception(exc: BaseException, budget: int | None = None) -> JobErr
         )
     code = getattr(exc, "code", None)
     message = str(exc).strip() or type(exc).__name__
+    names = [cls.__name__ for cls in type(exc).__mro__]
+    if "Cancelled" in names:
+        return JobError("cancelled", "The question was cancelled.")
     if isinstance(code, str) and code in protocol.ERROR_CODES:
         return JobError(code, message, getattr(exc, "hint", None))
-    names = [cls.__name__ for cls in type(exc).__mro__]
     if "RasterError" in names:
         lowered = type(exc).__name__.lower()
         for needle, mapped in _RASTER_CODE_BY_NAME:
