@@ -1,12 +1,11 @@
 """End to end: `python -m engine serve` with the real Engine and the tiny random checkpoint on a
 real uvicorn (loopback): health, streamed answer with heatmap and anchors, feature-cache hit on
-the second question, cancellation by disconnect, bad input, batch resume after SIGKILL."""
+the second question, cancellation by disconnect, bad input. Batch resume: test_server_e2e_batch.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -131,29 +130,3 @@ def test_bad_input(server, inputs, change, code):
     status, err = server.ask(b)
     assert status == protocol.ERROR_CODES[code] and err["error"]["code"] == code
     assert err["error"]["message"]
-
-
-def test_batch_resume_after_kill(weights, inputs, tmp_path):
-    config, state = tmp_path / "config", tmp_path / "state"
-    first = start(weights, config_dir=config, state_dir=state)
-    spec = {"items": [{"layer": "scene", "raster_path": str(inputs["scene"])}],
-            "questions": [f"Question number {i}?" for i in range(5)], "max_new_tokens": 24}
-    try:
-        status, job = first.request("POST", "/batch", spec)
-        assert status == 200, job
-        results = Path(job["results_path"])
-        wait_until(lambda: len(results.read_text().splitlines()) >= 1)
-        first.kill(signal.SIGKILL)
-    finally:
-        first.cleanup()
-    before = results.read_text().splitlines()
-    assert 1 <= len(before) < 5
-    second = start(weights, config_dir=config, state_dir=state)
-    try:
-        wait_until(lambda: second.request("GET", f"/jobs/{job['job_id']}")[1]["state"] == "done")
-        after = results.read_text().splitlines()
-        assert after[: len(before)] == before
-        assert sorted(json.loads(x)["index"] for x in after) == list(range(5))
-        assert all(json.loads(x)["answer"] for x in after)
-    finally:
-        second.cleanup()
