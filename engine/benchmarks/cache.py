@@ -144,8 +144,9 @@ def _markdown(report: dict) -> str:
         "The first question reads the raster, tiles it and runs the vision tower; the second "
         "(a different question, same raster, window and bands) takes the vision features from "
         "the cache and, for question-independent strategies, the language model's KV cache of "
-        "the image prefix. On the tiny model the vision tower is small, so the speed-up here "
-        "understates the one on GeoLLaVA-8K, where CLIP over hundreds of tiles dominates.",
+        "the image prefix. These numbers are for the model named above; with the real "
+        "GeoLLaVA-8K checkpoint the ratio depends on how vision-tower time compares with "
+        "generation time and has to be measured there (`--weights`).",
         "",
     ]
     return "\n".join(lines)
