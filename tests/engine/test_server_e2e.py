@@ -130,3 +130,45 @@ def test_bad_input(server, inputs, change, code):
     status, err = server.ask(b)
     assert status == protocol.ERROR_CODES[code] and err["error"]["code"] == code
     assert err["error"]["message"]
+
+
+def test_uploaded_geotiff(server, inputs):
+    import httpx
+
+    files = {"raster": ("scene.tif", inputs["scene"].read_bytes(), "image/tiff")}
+    data = {"request": json.dumps({"question": "What is here?", "max_new_tokens": 4})}
+    with httpx.stream("POST", f"{server.url}/ask", files=files, data=data,
+                      headers=server.headers(), timeout=120) as r:
+        assert r.status_code == 200
+        events = [json.loads(line) for line in r.iter_lines() if line.strip()]
+    result = events[-1]
+    assert result["type"] == "result", result
+    r = httpx.get(f"{server.url}/files/{result['anchors_file']}", headers=server.headers())
+    assert r.status_code == 200 and r.json()["type"] == "FeatureCollection"
+    assert not list((server.state_dir / "uploads").glob("*"))
+
+
+def test_two_questions_queue_in_order(server, inputs):
+    import threading
+
+    out = {}
+    conn, resp = server.open_stream("/ask", body(inputs["raster"], question="Describe it.",
+                                                 max_new_tokens=300))
+    events = server.iter_events(resp)
+    first = []
+    for event in events:
+        first.append(event)
+        if event["type"] == "token":
+            break  # the first question holds the worker now
+
+    def run():
+        out["second"] = server.ask(body(inputs["raster"], question="Any roads?"))[1]
+
+    second = threading.Thread(target=run)
+    second.start()
+    first.extend(events)
+    conn.close()
+    second.join(60)
+    assert first[-1]["type"] == "result" and out["second"][-1]["type"] == "result"
+    assert [e["position"] for e in out["second"] if e["type"] == "queued"][0] == 1
+    assert out["second"][-1]["cache"]["features"] is True  # same raster, read once
