@@ -273,9 +273,29 @@ class JobQueue:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        self._lock_state_dir()
         self._resume_batches()
         self._thread = threading.Thread(target=self._worker, name="gpu-worker", daemon=True)
         self._thread.start()
+
+    def _lock_state_dir(self) -> None:
+        """Hold an exclusive lock on the state dir: two servers must not resume the same jobs."""
+        self._lock_file = open(self.state_dir / "server.lock", "a+")
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # Windows
+                import msvcrt
+
+                self._lock_file.seek(0)
+                msvcrt.locking(self._lock_file.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            self._lock_file.close()
+            raise SystemExit(
+                f"Another engine server is already using the state dir {self.state_dir}. Stop "
+                "it, or start this one with a different --state-dir.") from None
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -285,6 +305,9 @@ class JobQueue:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        lock_file = getattr(self, "_lock_file", None)
+        if lock_file is not None:
+            lock_file.close()
 
     # -- submission ----------------------------------------------------------------------------
     def submit_ask(self, request: Any, cleanup: Callable[[], None] | None = None) -> AskJob:

@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -306,6 +307,9 @@ def create_app(engine: Any, settings: Settings):
     @asynccontextmanager
     async def lifespan(app):
         jobs.start()
+        # uploads left behind by a crash (jobs.start() holds the state dir, so they are stale)
+        for stale in settings.upload_dir.glob("upload-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             yield
         finally:

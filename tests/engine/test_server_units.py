@@ -91,3 +91,18 @@ def test_job_error_body():
     body = JobError("not_a_raster", "x is not a raster").body()
     assert body == {"error": {"code": "not_a_raster", "message": "x is not a raster",
                               "hint": None}}
+
+
+def test_state_dir_is_exclusive(tmp_path):
+    from engine.jobs import JobQueue
+
+    first = JobQueue(object(), tmp_path, dict)
+    first.start()
+    try:
+        with pytest.raises(SystemExit, match="already using the state dir"):
+            JobQueue(object(), tmp_path, dict).start()
+    finally:
+        first.stop()
+    again = JobQueue(object(), tmp_path, dict)
+    again.start()
+    again.stop()
