@@ -492,8 +492,8 @@ class JobQueue:
         fields = {
             "raster_path": item["raster_path"], "aoi": item.get("aoi"), "question": question,
             "bands": item.get("bands"),
-            **{k: job.spec.get(k) for k in ("strategy", "budget", "tokens_per_tile",
-                                            "max_new_tokens", "seed") if job.spec.get(k) is not None},
+            **{k: job.spec[k] for k in ("strategy", "budget", "tokens_per_tile", "max_new_tokens",
+                                        "seed") if job.spec.get(k) is not None},
             "request_id": f"{job.job_id}:{index}",
         }
         line: dict[str, Any] = {

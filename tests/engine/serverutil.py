@@ -60,8 +60,8 @@ class ServerProcess:
         env["GEOVQA_CONFIG_DIR"] = str(self.config_dir)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
-        cmd = [self.python, "-m", self.module, *self.subcommand, "--host", "127.0.0.1", "--port", str(self.port),
-               "--state-dir", str(self.state_dir), *self.args]
+        cmd = [self.python, "-m", self.module, *self.subcommand, "--host", "127.0.0.1",
+               "--port", str(self.port), "--state-dir", str(self.state_dir), *self.args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)

@@ -1,6 +1,7 @@
 """End to end: `python -m engine serve` with the real Engine and the tiny random checkpoint on a
 real uvicorn (loopback): health, streamed answer with heatmap and anchors, feature-cache hit on
-the second question, cancellation by disconnect, bad input. Batch resume: test_server_e2e_batch.py."""
+the second question, cancellation by disconnect, bad input, uploads, queue order.
+Batch resume after SIGKILL: test_server_e2e_batch.py."""
 
 from __future__ import annotations
 
