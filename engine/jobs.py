@@ -76,9 +76,10 @@ def error_for_exception(exc: BaseException, budget: int | None = None) -> JobErr
         return exc
     if is_out_of_memory(exc):
         smaller = max(64, (budget or 2048) // 2)
+        what = getattr(exc, "what", None) or "answering this question"
         return JobError(
             "out_of_memory",
-            "The GPU ran out of memory while answering this question. The server is still running.",
+            f"The GPU ran out of memory while {what}. The server is still running.",
             OOM_HINT.format(budget=smaller),
             retry_budget=smaller,
         )

@@ -106,3 +106,18 @@ def test_state_dir_is_exclusive(tmp_path):
     again = JobQueue(object(), tmp_path, dict)
     again.start()
     again.stop()
+
+
+def test_real_engine_errors_map_to_codes():
+    torch = pytest.importorskip("torch")
+    from engine.errors import Cancelled, OutOfMemory
+
+    err = error_for_exception(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"), 300)
+    assert err.code == "out_of_memory" and err.extra["retry_budget"] == 150
+    err = error_for_exception(OutOfMemory("running the vision tower"), None)
+    assert err.code == "out_of_memory" and "vision tower" in err.message
+    assert error_for_exception(Cancelled()).code == "cancelled"
+    from engine.raster import AOIOutsideError, RasterOpenError
+
+    assert error_for_exception(AOIOutsideError("outside")).code == "aoi_outside_raster"
+    assert error_for_exception(RasterOpenError("nope")).code == "not_a_raster"
