@@ -339,6 +339,18 @@ def create_app(engine: Any, settings: Settings):
     async def on_validation_error(request: Request, exc: RequestValidationError):
         return error_response(JobError("bad_request", f"The request is malformed: {exc.errors()}"))
 
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+        return error_response(JobError("internal", f"The engine server failed: "
+                                       f"{type(exc).__name__}: {exc}"))
+
+    def content_length(request: Request) -> int:
+        try:
+            return max(0, int(request.headers.get("content-length") or 0))
+        except ValueError:
+            raise JobError("bad_request", "The Content-Length header is not a number.") from None
+
     def require_token(request: Request) -> None:
         if not token_matches(token, request.headers.get(protocol.TOKEN_HEADER)):
             raise JobError("unauthorized", "The engine token is missing or wrong.",
@@ -346,7 +358,7 @@ def create_app(engine: Any, settings: Settings):
                            f"{protocol.token_path()}.")
 
     async def read_json(request: Request) -> Any:
-        size = int(request.headers.get("content-length") or 0)
+        size = content_length(request)
         if size > MAX_JSON_BODY_BYTES:
             raise JobError("bad_request", "The request body is too large.")
         raw = bytearray()
@@ -388,7 +400,7 @@ def create_app(engine: Any, settings: Settings):
         ctype = request.headers.get("content-type", "")
         upload = None
         if ctype.startswith("multipart/"):
-            size = int(request.headers.get("content-length") or 0)
+            size = content_length(request)
             if size > settings.max_upload_bytes + MAX_JSON_BODY_BYTES:
                 raise JobError("upload_too_large", f"The upload ({size} bytes) is larger than the "
                                f"limit of {settings.max_upload_bytes} bytes.",
