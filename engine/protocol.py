@@ -67,6 +67,7 @@ HEALTH_FIELDS = {
     "four_bit": "bool",
     "attention": "str: 'flash_attention_2' | 'sdpa' | 'eager'",
     "queue_length": "int: jobs waiting for the GPU",
+    "max_upload_bytes": "int: largest raster POST /ask accepts as an upload (server setting)",
     "strategies": "list[str]",
     "message": "str | null: what the engine is doing or why it failed",
 }

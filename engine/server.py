@@ -392,6 +392,7 @@ def create_app(engine: Any, settings: Settings):
         info.setdefault("version", __version__)
         info.setdefault("strategies", list(known))
         info["queue_length"] = jobs.queue_length()
+        info["max_upload_bytes"] = settings.max_upload_bytes
         return info
 
     @app.post("/ask")

@@ -67,6 +67,7 @@ def test_health_fields(server):
     assert not missing
     assert body["protocol"] == protocol.PROTOCOL_VERSION
     assert body["queue_length"] == 0
+    assert body["max_upload_bytes"] == UPLOAD_LIMIT
     assert "token" not in json.dumps(body).lower()
 
 
