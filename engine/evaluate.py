@@ -463,11 +463,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     parser.add_argument("--weights", default=None, help="checkpoint folder (default: the engine's default)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder written by `finetune`")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantization", default="auto")
-    parser.add_argument("--strategy", default="geollava")
-    parser.add_argument("--budget", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "nf4", "bf16", "fp32"])
+    parser.add_argument("--no-demo", action="store_true", help="fail instead of using the tiny demo model")
+    parser.add_argument("--strategy", default="geollava", help="visual token strategy (as in `ask`)")
+    parser.add_argument("--budget", type=int, default=None, help="visual token budget")
+    parser.add_argument("--tokens-per-tile", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="64 = the XLRS-Bench-lite protocol")
     parser.add_argument("--title", default="", help="heading of the Markdown table")
 
 
@@ -480,12 +482,16 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
     """A predict function that runs the engine (greedy decoding inside Engine.ask)."""
     from engine.pipeline import AskRequest, Engine  # noqa: PLC0415 - heavy
 
-    engine = Engine(args.weights, device=args.device, quantization=args.quantization, adapter=args.adapter)
+    engine = Engine(args.weights, device=args.device, quantization=args.quantization, adapter=args.adapter,
+                    demo_ok=not getattr(args, "no_demo", False))
+    if engine.health().get("demo_model"):
+        print("NOTE: evaluating the tiny RANDOM demo model (no GeoLLaVA-8K weights found).", file=sys.stderr)
     root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
 
     def predict(item: EvalItem, prompt: str) -> str:
         req = AskRequest(raster_path=_resolve_image(item, root), question=prompt, strategy=args.strategy,
-                         budget=args.budget, max_new_tokens=args.max_new_tokens)
+                         budget=args.budget, tokens_per_tile=args.tokens_per_tile,
+                         max_new_tokens=args.max_new_tokens, seed=0)
         answer = None
         for ev in engine.ask(req):
             if ev.get("type") == "result":
@@ -497,8 +503,29 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
     return predict
 
 
+RUN_KEYS = ("annotations", "format", "weights", "adapter", "quantization", "strategy", "budget",
+            "tokens_per_tile", "max_new_tokens")
+
+
+def _check_run_settings(args: argparse.Namespace) -> None:
+    """A resumed run must use the settings its stored predictions were made with."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
+    cfg = out / "run_settings.json"
+    if cfg.is_file() and (out / "predictions.jsonl").is_file():
+        old = json.loads(cfg.read_text())
+        diff = {k: (old.get(k), cur[k]) for k in RUN_KEYS if old.get(k) != cur[k]}
+        if diff:
+            desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise EvalError(f"{out} holds predictions made with other settings ({desc}); use another --out "
+                            "or delete that folder to start over")
+    cfg.write_text(json.dumps(cur, indent=2) + "\n")
+
+
 def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] | None = None) -> int:
     items = load_items(args.annotations, args.format, parse_field_map(getattr(args, "field", None)))
+    _check_run_settings(args)
     if predict is None:
         predict = engine_predictor(args)
     res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,

@@ -181,3 +181,14 @@ def test_run_eval_cli_with_injected_predictor(tmp_path, capsys):
     res = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert res["total"] == 3 and res["correct"] == 2
     assert "micro" in capsys.readouterr().out
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = str(tmp_path / "o")
+    run_eval(parser.parse_args([str(ann), "--out", out, "--limit", "1"]), predict=_predictor(MME_REPLIES, []))
+    with pytest.raises(EvalError, match="strategy"):
+        run_eval(parser.parse_args([str(ann), "--out", out, "--strategy", "none"]),
+                 predict=_predictor(MME_REPLIES, []))
