@@ -1,9 +1,9 @@
 """Caches that make a second question on the same raster cheap.
 
-* `FeatureCache`: vision features of a raster read, keyed by (path, size, mtime, window, bands,
-  read size), kept on the CPU and bounded in bytes (least recently used goes first). A hit skips
+* `FeatureCache`: vision features of a raster read, keyed by (path, size, mtime, area of interest,
+  bands), kept on the CPU and bounded in bytes (least recently used goes first). A hit skips
   reading tiles and the whole vision tower.
-* `PrefixCache`: the language model's KV cache of the image prefix (system prompt + visual tokens)
+* `PrefixStore`: the language model's KV cache of the image prefix (system prompt + visual tokens)
   for question-independent strategies, keyed by the feature key plus the strategy and its
   parameters. A hit skips the prefill of every visual token. Holds few entries: KV caches are big.
 
@@ -12,19 +12,19 @@ Both are thread-safe; the server runs one GPU job at a time, but health checks r
 
 from __future__ import annotations
 
-import copy
+import json
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Hashable
 
 
-def raster_key(path: str, window: tuple, bands: tuple, read_size: tuple) -> tuple:
-    """Identity of a raster read: changes when the file changes (size or mtime)."""
+def raster_key(path: str, aoi, bands) -> tuple:
+    """Identity of a raster read: the file (changes when its size or mtime does), the area of
+    interest (window / polygon, as canonical JSON) and the bands."""
     st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, tuple(window), tuple(bands),
-            tuple(read_size))
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns,
+            json.dumps(aoi, sort_keys=True, default=str), tuple(bands or ()))
 
 
 def _nbytes(value: Any) -> int:
@@ -98,25 +98,9 @@ class FeatureCache(_LRU):
         super().__init__(max_bytes, max_items)
 
 
-@dataclass
-class PrefixEntry:
-    past_key_values: Any  # transformers Cache of the image prefix
-    prefix_len: int
-    n_visual: int
-
-
-class PrefixCache(_LRU):
-    """KV caches of image prefixes. `get` returns a copy: generation extends a cache in place."""
+class PrefixStore(_LRU):
+    """(selection, generate.PrefixCache) per raster + strategy. Generation crops a prefix cache
+    back to its length after each answer, so one entry serves every later question."""
 
     def __init__(self, max_bytes: int = 2 * 2**30, max_items: int = 2) -> None:
         super().__init__(max_bytes, max_items)
-
-    def get(self, key: Hashable) -> PrefixEntry | None:  # type: ignore[override]
-        entry = super().get(key)
-        if entry is None:
-            return None
-        return PrefixEntry(copy.deepcopy(entry.past_key_values), entry.prefix_len, entry.n_visual)
-
-    def put(self, key: Hashable, value: PrefixEntry) -> None:  # type: ignore[override]
-        super().put(key, PrefixEntry(copy.deepcopy(value.past_key_values), value.prefix_len,
-                                     value.n_visual))
