@@ -157,56 +157,22 @@ def _base(model):
 
 def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_tile: int = 24,
                       seed: int = 0) -> Callable[[Sample], Any]:
-    """A function sample -> visual embeddings (N, H) built with the inference path, without
-    gradients: `engine.pipeline.prepare_visual` when the pipeline provides it, else the same
-    chain assembled here (read_raster -> plan_tiles/make_tiles -> encode_tiles ->
-    TokenGeometry -> the strategy)."""
+    """A function sample -> visual embeddings (N, H) built by `engine.pipeline.prepare_visual`
+    (the very path `ask` uses: raster read, anyres tiling, CLIP, the strategy), without
+    gradients. The question given to text-guided strategies is the first user turn."""
     import torch  # noqa: PLC0415
 
+    from engine.pipeline import prepare_visual  # noqa: PLC0415
+
     base = _base(model)
-    try:
-        from engine.pipeline import prepare_visual  # noqa: PLC0415
-    except ImportError:
-        prepare_visual = None
 
     def fn(sample: Sample):
         with torch.no_grad():
-            if prepare_visual is not None:
-                sel, _geom, _t = prepare_visual(base, str(sample.image), strategy, budget, sample.first_question,
-                                                tokens_per_tile=tokens_per_tile, seed=seed)
-            else:
-                sel = visual_selection(base, sample.image, strategy, budget, sample.first_question,
-                                       tokens_per_tile=tokens_per_tile, seed=seed)
-        return sel.embeds.detach()
+            vis = prepare_visual(base, str(sample.image), sample.first_question, strategy=strategy,
+                                 budget=budget, tokens_per_tile=tokens_per_tile, seed=seed)
+        return vis.selection.embeds.detach()
 
     return fn
-
-
-def visual_selection(model, image_path, strategy: str, budget: int | None, question: str, *,
-                     tokens_per_tile: int = 24, seed: int = 0):
-    """The inference chain from an image file to the strategy's `Selection` (no gradients)."""
-    from engine.geometry import TokenGeometry  # noqa: PLC0415
-    from engine.raster import raster_info, read_raster  # noqa: PLC0415
-    from engine.selection import get_strategy  # noqa: PLC0415
-    from engine.tiling import make_tiles, plan_tiles, tiling_read_budget  # noqa: PLC0415
-    from engine.vision import encode_tiles  # noqa: PLC0415
-
-    pins = getattr(model.config, "image_grid_pinpoints", None) or None
-    pins = [tuple(p) for p in pins] if pins else None
-    info = raster_info(str(image_path))
-    size = (int(info["width"]), int(info["height"]))
-    image = read_raster(str(image_path), max_pixels=tiling_read_budget(tuple(size), pins))
-    layout = plan_tiles(image.size, pins)
-    tiles = make_tiles(image.pixels, layout)
-    feats = encode_tiles(model, tiles)
-    geom = TokenGeometry.build(image, layout)
-    params: dict[str, Any] = {}
-    if strategy in ("geollava", "anchored"):
-        params["tokens_per_tile"] = tokens_per_tile
-    if strategy == "random":
-        params["seed"] = seed
-    strat = get_strategy(strategy, **params)
-    return strat.select(feats, geom, question, budget, model=model)
 
 
 # ----------------------------------------------------------------------------------- training

@@ -192,3 +192,25 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(EvalError, match="strategy"):
         run_eval(parser.parse_args([str(ann), "--out", out, "--strategy", "none"]),
                  predict=_predictor(MME_REPLIES, []))
+
+
+def test_eval_through_the_engine_on_the_tiny_model(tmp_path, tiny_checkpoint):
+    """The real predictor: `Engine.ask` on the tiny random model (answers are meaningless, the
+    point is that every item gets a reply, is scored and stored)."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((300, 400, 3), 160, np.uint8)).save(tmp_path / "b.png")
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args([str(ann), "--out", str(tmp_path / "e"), "--weights", str(tiny_checkpoint),
+                              "--device", "cpu", "--quantization", "fp32", "--tokens-per-tile", "4",
+                              "--max-new-tokens", "4", "--limit", "2"])
+    assert run_eval(args) == 0
+    preds = [json.loads(x) for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == ["rs/color/0001", "rs/count/0002"]
+    assert all(isinstance(p["reply"], str) for p in preds)
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert res["total"] == 2 and res["correct"] == sum(p["correct"] for p in preds)

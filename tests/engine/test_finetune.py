@@ -11,10 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("engine.tiny", reason="needs the tiny checkpoint builder (model helper)")
-
-from engine.data import DataError, Sample, Turn, load_dataset  # noqa: E402
-from engine.finetune import (  # noqa: E402
+from engine.data import DataError, Sample, Turn, load_dataset
+from engine.finetune import (
     IGNORE,
     LM_TARGET_REGEX,
     add_finetune_arguments,
@@ -121,11 +119,9 @@ def test_overfit_resume_and_adapter_changes_ask(tmp_path, tiny_checkpoint):
 
 
 def _ask(weights, adapter, image):
-    """Greedy answer through the engine's `ask` path when the pipeline is there."""
-    try:
-        from engine.pipeline import AskRequest, Engine
-    except ImportError:
-        return _ask_parts(weights, adapter, image)
+    """Greedy answer through the engine's `ask` (the path `python -m engine ask --adapter` runs)."""
+    from engine.pipeline import AskRequest, Engine
+
     eng = Engine(weights, device="cpu", quantization="fp32", adapter=adapter)
     req = AskRequest(raster_path=str(image), question="Which colour covers most of the scene?",
                      strategy="geollava", tokens_per_tile=4, max_new_tokens=6)
@@ -135,21 +131,6 @@ def _ask(weights, adapter, image):
         if ev["type"] == "error":
             raise AssertionError(ev)
     raise AssertionError("no result event")
-
-
-def _ask_parts(weights, adapter, image):
-    from engine.finetune import visual_selection
-    from engine.generate import generate_text
-    from engine.loader import base_model, load_model
-    from engine.prompt import split_prompt
-
-    lm = load_model(weights, device="cpu", quantization="fp32", adapter=adapter)
-    q = "Which colour covers most of the scene?"
-    base = base_model(lm.model)
-    sel = visual_selection(base, image, "geollava", None, q, tokens_per_tile=4)
-    pieces = split_prompt(lm.tokenizer, q)
-    emb = base.build_inputs_embeds(pieces.before, sel.embeds, pieces.after)
-    return generate_text(lm.model, lm.tokenizer, emb, max_new_tokens=6).text
 
 
 def test_bad_samples_stop_or_skip_with_report(tmp_path, tiny_checkpoint):
