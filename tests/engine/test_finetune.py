@@ -160,3 +160,15 @@ def test_target_regex_lm_head_optional():
     assert not re.fullmatch(LM_TARGET_REGEX, "lm_head")
     with pytest.raises(ValueError, match="unknown"):
         lm_target_regex(["fc1"])
+
+
+def test_gpu_benchmark_step_runs_on_cpu_with_the_tiny_model(tiny_checkpoint):
+    """The code of engine/benchmarks/finetune_gpu.py (GPU run: full size, nf4) on the tiny model."""
+    from engine.benchmarks.finetune_gpu import main, qlora_step
+
+    rec = qlora_step(tiny_checkpoint, device="cpu", quantization="fp32", n_visual=[8, 32], lora_r=4)
+    assert [s["visual_tokens"] for s in rec["steps"]] == [8, 32]
+    assert all(np.isfinite(s["loss"]) and s["sequence_tokens"] > s["visual_tokens"] for s in rec["steps"])
+    assert rec["trainable_parameters"] > 0
+    if not torch.cuda.is_available():
+        assert main([]) == 0  # skips cleanly, records nothing
