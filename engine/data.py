@@ -20,6 +20,8 @@ the record's index (0-based position in the file), its id and a sentence saying 
 With ``on_bad="stop"`` the first bad sample raises `DataError` (its message names the index);
 with ``on_bad="skip"`` bad samples are left out of training and all of them are written to a
 report file (JSON Lines, one line per skipped sample). Nothing is dropped without a line there.
+Training adds two reasons found only while it runs (`engine.finetune`): ``too_long`` (text +
+visual tokens exceed ``--max-length``) and ``visual_failed`` (the raster read / strategy failed).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ IMAGE_TOKEN = "<image>"
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
 SYSTEM_ROLES = {"system"}
-BAD_REASONS = ("malformed", "no_image_token", "missing_image", "unreadable_image", "too_large")
+BAD_REASONS = ("malformed", "no_image_token", "missing_image", "unreadable_image", "too_large",
+               "too_long", "visual_failed")
 
 
 class DataError(ValueError):

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token, write_bad_report
+from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
@@ -195,6 +195,7 @@ class TrainConfig:
     max_length: int | None = None
     progress: bool = True
     keep_checkpoints: int | None = None
+    on_bad: str = "stop"  # what a sample whose image fails in the visual path does: stop | skip
 
 
 def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
@@ -274,7 +275,11 @@ def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, int]:
     f = ad / "adapter_model.safetensors"
     if not f.is_file():
         raise DataError(f"the checkpoint {ckpt} has no adapter_model.safetensors")
-    res = set_peft_model_state_dict(model, load_file(str(f)))
+    try:
+        res = set_peft_model_state_dict(model, load_file(str(f)))
+    except RuntimeError as exc:  # shape mismatch: other --lora-r / targets than the checkpoint
+        raise DataError(f"the checkpoint {ckpt} was made with other LoRA settings (rank or target "
+                        f"modules) than this run; resume with the same settings. ({exc})") from exc
     if getattr(res, "unexpected_keys", None):
         raise DataError(f"the checkpoint {ckpt} does not match this model/LoRA settings "
                         f"(unexpected keys such as {res.unexpected_keys[:2]})")
@@ -369,13 +374,30 @@ def train(
             w.writerows(rows)
 
     use_autocast = device.startswith("cuda")
-    too_long: list = []
+    reported: set[int] = set()  # samples skipped during training, each reported once
+
+    def skip(sample: Sample, reason: str, msg: str) -> None:
+        if sample.index in reported:
+            return
+        reported.add(sample.index)
+        print(f"sample {sample.index} (id {sample.id}) skipped: {msg} (listed in bad_samples.jsonl)",
+              file=sys.stderr)
+        if bad_report is not None:
+            _append_bad(bad_report, [(sample, reason, msg)])
 
     def forward_loss(sample: Sample):
         enc = encode_conversation(tokenizer, sample)
-        vis = visual_fn(sample)
+        try:
+            vis = visual_fn(sample)
+        except (ValueError, OSError) as exc:  # unreadable raster, strategy error: per sample
+            if cfg.on_bad == "stop":
+                raise DataError(f"sample {sample.index} (id {sample.id}): building its visual tokens "
+                                f"failed: {exc}. Fix it, or pass --on-bad-sample skip.") from exc
+            skip(sample, "visual_failed", f"building its visual tokens failed: {exc}")
+            return None, -1
         n_tok = len(enc.before) + len(enc.after) + (int(vis.shape[0]) if vis is not None else 0)
         if cfg.max_length and n_tok > cfg.max_length:
+            skip(sample, "too_long", f"{n_tok} tokens (text + visual), more than --max-length {cfg.max_length}")
             return None, n_tok
         embeds, labels, mask = build_training_inputs(model, enc, vis)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
@@ -404,27 +426,27 @@ def train(
     t_start = time.perf_counter()
     n = len(train_samples)
     skipped_long: set[int] = set()
+    order: list[int] = []
+    order_epoch = -1
     last_val = None
     while step < total:
         optimizer.zero_grad(set_to_none=True)
         acc_loss, acc_n, acc_tokens = 0.0, 0, 0
         t0 = time.perf_counter()
-        tries = 0
         while acc_n < cfg.grad_accum:
             epoch, pos = divmod(micro, n)
-            sample = train_samples[_epoch_order(n, epoch, cfg.seed)[pos]]
+            if order_epoch != epoch:
+                order, order_epoch = _epoch_order(n, epoch, cfg.seed), epoch
+            sample = train_samples[order[pos]]
             micro += 1
-            tries += 1
             if sample.index in skipped_long:
-                if tries > n * cfg.grad_accum:
-                    raise DataError("every training sample is longer than --max-length")
+                if len(skipped_long) >= n:
+                    raise DataError("no training sample is usable (all too long for --max-length or "
+                                    "failing in the visual path); see bad_samples.jsonl")
                 continue
             loss, n_tok = forward_loss(sample)
             if loss is None:
                 skipped_long.add(sample.index)
-                too_long.append(sample)
-                print(f"sample {sample.index} (id {sample.id}) has {n_tok} tokens, more than --max-length "
-                      f"{cfg.max_length}; skipped (listed in bad_samples.jsonl)", file=sys.stderr)
                 continue
             (loss / cfg.grad_accum).backward()
             acc_loss += float(loss.detach())
@@ -456,14 +478,12 @@ def train(
             _prune_checkpoints(out, cfg.keep_checkpoints)
     if bar is not None:
         bar.close()
-    if too_long and bad_report is not None:
-        _append_too_long(bad_report, too_long, cfg.max_length)
     adapter_dir = out / "adapter"
     model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
     plot_log(log_path, out / "loss.png")
     summary = {"steps": step, "trainable_parameters": n_trainable, "train_samples": len(train_samples),
                "val_samples": len(val_samples), "adapter": str(adapter_dir), "log": str(log_path),
-               "plot": str(out / "loss.png"), "skipped_too_long": len(too_long),
+               "plot": str(out / "loss.png"), "skipped_during_training": len(reported),
                "final_val_loss": last_val}
     (out / "finetune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -479,11 +499,11 @@ def _prune_checkpoints(out: Path, keep: int | None) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _append_too_long(path: Path, samples: list, max_length: int | None) -> None:
+def _append_bad(path: Path, entries: list[tuple[Sample, str, str]]) -> None:
+    """Add samples skipped during training to the bad-sample report (same line format)."""
     with Path(path).open("a", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps({"index": s.index, "id": s.id, "reason": "too_long",
-                                "message": f"more tokens than --max-length {max_length}"}) + "\n")
+        for s, reason, msg in entries:
+            f.write(json.dumps({"index": s.index, "id": s.id, "reason": reason, "message": msg}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -561,7 +581,8 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                       max_grad_norm=args.max_grad_norm, save_every=args.save_every, eval_every=args.eval_every,
                       seed=args.seed, resume=args.resume,
                       gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
-                      progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints)
+                      progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
+                      on_bad=args.on_bad_sample)
     (out / "finetune_args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                         for k, v in vars(args).items() if not callable(v)},
                                                        indent=2) + "\n")

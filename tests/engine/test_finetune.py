@@ -138,14 +138,16 @@ def test_bad_samples_stop_or_skip_with_report(tmp_path, tiny_checkpoint):
     rows = json.loads(data.read_text())
     rows[2]["image"] = ["missing.png"]
     rows[4]["conversations"] = [{"from": "gpt", "value": "x"}]
+    rows[5]["conversations"][0]["value"] = "<image>\n" + "which colour is it " * 80  # too long
     data.write_text(json.dumps(rows))
     out = tmp_path / "bad"
     with pytest.raises(DataError, match="sample 2"):
         run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "1", "--on-bad-sample", "stop"))
-    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "1", "--on-bad-sample", "skip",
-                              "--save-every", "0")) == 0
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "3", "--on-bad-sample", "skip",
+                              "--save-every", "0", "--val-fraction", "0", "--max-length", "200")) == 0
     report = [json.loads(x) for x in (out / "bad_samples.jsonl").read_text().splitlines()]
-    assert [(r["index"], r["reason"]) for r in report] == [(2, "missing_image"), (4, "malformed")]
+    assert [(r["index"], r["reason"]) for r in report] == [(2, "missing_image"), (4, "malformed"),
+                                                           (5, "too_long")]
     samples, _ = load_dataset(data, on_bad="skip")
     assert len(samples) == 4
 
