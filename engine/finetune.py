@@ -517,6 +517,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--quantization", default="auto", choices=["auto", "nf4", "bf16", "fp32"],
                         help="nf4 = QLoRA (CUDA only); bf16 = LoRA on bf16; auto = nf4 on CUDA, fp32 on CPU")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="fail instead of training the tiny random demo model when no weights are found")
     parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="reject images whose width x height exceeds this (reported per sample)")
@@ -563,7 +565,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
         print(f"  ... and {len(report.bad) - 20} more in {bad_report}", file=sys.stderr)
     train_s, val_s = split_train_val(samples, args.val_fraction, args.seed)
 
-    weights = args.weights or _default_weights()
+    weights = _resolve_weights(args.weights, demo_ok=not args.no_demo)
     loaded = load_model(weights, device=args.device, quantization=args.quantization)
     info = loaded.info
     device = str(info.get("device", "cpu"))
@@ -593,20 +595,9 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     return 0
 
 
-def _default_weights() -> Path:
-    """The engine's default checkpoint folder, else the tiny demo checkpoint (built if needed)."""
-    try:
-        from engine.pipeline import default_weights_dir  # noqa: PLC0415
+def _resolve_weights(weights, demo_ok: bool) -> Path:
+    """The engine's own choice (given dir, GEOVQA_WEIGHTS, weights/GeoLLaVA-8K, else the tiny demo)."""
+    from engine.pipeline import resolve_weights  # noqa: PLC0415
 
-        return Path(default_weights_dir())
-    except (ImportError, AttributeError):
-        pass
-    real = Path("weights/GeoLLaVA-8K")
-    if (real / "config.json").is_file():
-        return real
-    from engine.tiny import build_tiny_checkpoint  # noqa: PLC0415
-
-    dest = Path(".cache/tiny-demo")
-    if not (dest / "config.json").is_file():
-        build_tiny_checkpoint(dest)
-    return dest
+    path, _demo = resolve_weights(weights, demo_ok=demo_ok)
+    return path
