@@ -18,7 +18,8 @@ Visual tokens
     frozen, so it runs without gradients.
 Loss
     Labels are -100 everywhere except the assistant answers (each answer's tokens and its
-    closing ``<|im_end|>``), for every assistant turn of a multi-turn conversation.
+    closing ``<|im_end|>``), for every assistant turn of a multi-turn conversation. The output
+    head runs only on those positions (`answer_loss`), so long visual prefixes cost no logits.
 Loop
     batch 1 x ``--grad-accum``, AdamW, cosine schedule with ``--warmup-ratio``, gradient
     clipping, gradient checkpointing (non-reentrant), tqdm bar with loss and tokens/s.
@@ -145,6 +146,20 @@ def build_training_inputs(model, enc: EncodedConversation, visual):
     labels_t = torch.tensor(labels, dtype=torch.long, device=dev).unsqueeze(0)
     mask = torch.ones_like(labels_t)
     return embeds, labels_t, mask
+
+
+def answer_loss(model, inputs_embeds, labels, attention_mask=None):
+    """Mean cross-entropy over the labelled (answer) positions, the same value as the causal-LM
+    loss of `model(..., labels=labels)`, but the output head runs only on those positions: the
+    full (L x vocab) logits of a 14K-token sequence would take ~8 GB in float32."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    base = _base(model)
+    hidden = base.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = base.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep])
 
 
 def _base(model):
@@ -401,8 +416,8 @@ def train(
             return None, n_tok
         embeds, labels, mask = build_training_inputs(model, enc, vis)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            outp = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
-        return outp.loss, n_tok
+            loss = answer_loss(model, embeds, labels, mask)
+        return loss, n_tok
 
     def validate() -> float | None:
         if not val_samples:

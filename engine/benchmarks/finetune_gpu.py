@@ -68,7 +68,7 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
     import torch
 
     from engine.data import Sample, Turn
-    from engine.finetune import add_lora, build_training_inputs, encode_conversation
+    from engine.finetune import add_lora, answer_loss, build_training_inputs, encode_conversation
     from engine.loader import load_model
 
     cuda = device.startswith("cuda")
@@ -101,7 +101,7 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
         t1 = time.perf_counter()
         embeds, labels, mask = build_training_inputs(model, enc, visual)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+            loss = answer_loss(model, embeds, labels, mask)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

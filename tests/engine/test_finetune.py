@@ -174,3 +174,17 @@ def test_gpu_benchmark_step_runs_on_cpu_with_the_tiny_model(tiny_checkpoint):
     assert rec["trainable_parameters"] > 0
     if not torch.cuda.is_available():
         assert main([]) == 0  # skips cleanly, records nothing
+
+
+def test_answer_loss_equals_the_causal_lm_loss(tiny_model, tiny_tokenizer):
+    from engine.finetune import answer_loss, build_training_inputs
+
+    s = Sample(index=0, id="0", image=None, turns=[Turn("user", "<image>\nHow many?"), Turn("assistant", "Three")])
+    enc = encode_conversation(tiny_tokenizer, s)
+    visual = torch.randn(7, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    embeds, labels, mask = build_training_inputs(tiny_model, enc, visual)
+    assert int((labels != IGNORE).sum()) == enc.n_answer_tokens
+    with torch.no_grad():
+        ref = tiny_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        ours = answer_loss(tiny_model, embeds, labels, mask)
+    assert torch.allclose(ref, ours, atol=1e-5)
