@@ -188,3 +188,28 @@ def test_answer_loss_equals_the_causal_lm_loss(tiny_model, tiny_tokenizer):
         ref = tiny_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         ours = answer_loss(tiny_model, embeds, labels, mask)
     assert torch.allclose(ref, ours, atol=1e-5)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_checkpoint):
+    """Run 6 steps; then 'interrupt' a copy after its step-3 checkpoint and resume it: the losses
+    of steps 4-6 and the final adapter weights match the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    data = _write_data(tmp_path, n=8)
+    full = tmp_path / "full"
+    assert run_finetune(_args(data, full, tiny_checkpoint, "--max-steps", "6", "--save-every", "3",
+                              "--val-fraction", "0")) == 0
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoint-6")
+    shutil.rmtree(part / "adapter")
+    assert run_finetune(_args(data, part, tiny_checkpoint, "--max-steps", "6", "--save-every", "3",
+                              "--val-fraction", "0", "--resume")) == 0
+    a, b = _log(full), _log(part)
+    assert [r["step"] for r in b] == [str(i) for i in range(1, 7)]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
