@@ -471,6 +471,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-tile", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="64 = the XLRS-Bench-lite protocol")
     parser.add_argument("--title", default="", help="heading of the Markdown table")
+    parser.add_argument("--keep-heatmaps", action="store_true",
+                        help="keep each answer's token heatmap and anchors in OUT/heatmaps")
 
 
 def _resolve_image(item: EvalItem, root: Path) -> str:
@@ -482,8 +484,9 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
     """A predict function that runs the engine (greedy decoding inside Engine.ask)."""
     from engine.pipeline import AskRequest, Engine  # noqa: PLC0415 - heavy
 
+    keep = bool(getattr(args, "keep_heatmaps", False))
     engine = Engine(args.weights, device=args.device, quantization=args.quantization, adapter=args.adapter,
-                    demo_ok=not getattr(args, "no_demo", False))
+                    demo_ok=not getattr(args, "no_demo", False), output_dir=Path(args.out) / "heatmaps")
     if engine.health().get("demo_model"):
         print("NOTE: evaluating the tiny RANDOM demo model (no GeoLLaVA-8K weights found).", file=sys.stderr)
     root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
@@ -496,6 +499,10 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
         for ev in engine.ask(req):
             if ev.get("type") == "result":
                 answer = ev.get("answer", "")
+                if not keep:  # the engine writes a heatmap per answer; eval has no use for them
+                    for key in ("heatmap_path", "anchors_path"):
+                        if ev.get(key):
+                            Path(ev[key]).unlink(missing_ok=True)
             elif ev.get("type") == "error":
                 raise EvalError(f"item {item.id}: {ev.get('message')}")
         return answer or ""
