@@ -259,7 +259,10 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
 def build_prompt(item: EvalItem, instruction: str = MC_INSTRUCTION) -> str:
     """The question text that goes after `<image>\\n` in the user turn."""
     if not item.multiple_choice:
-        return item.question.strip() + "\nAnswer the question using a single word or phrase."
+        q = item.question.strip()
+        if "single word" in q.lower() or "short phrase" in q.lower():
+            return q  # the file already carries its answer instruction
+        return q + "\nAnswer the question using a single word or phrase."
     lines = [item.question.strip() + CHOICES_HEADER]
     lines += [f"({LETTERS[k]}) {opt}" for k, opt in enumerate(item.options)]
     lines.append(instruction)
@@ -318,8 +321,9 @@ def extract_letters(reply: str, options: list[str] | None = None) -> str:
             return "".join(sorted(set(got)))
     # 3. option text inside the reply
     if options:
-        low = _norm_text(text)
-        hits = sorted(((len(o), k) for k, o in enumerate(options) if _norm_text(o) and _norm_text(o) in low), reverse=True)
+        low = f" {_norm_text(text)} "
+        hits = sorted(((len(_norm_text(o)), k) for k, o in enumerate(options)
+                       if _norm_text(o) and f" {_norm_text(o)} " in low), reverse=True)
         if hits:
             return LETTERS[hits[0][1]]
     return ""

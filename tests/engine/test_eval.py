@@ -47,6 +47,13 @@ def test_extract_letters(reply, expected):
     assert extract_letters(reply, OPTS) == expected
 
 
+def test_option_text_fallback_matches_whole_words():
+    opts = ["1", "3", "13", "none of them"]
+    assert extract_letters("There are 13 ships.", opts) == "C"
+    assert extract_letters("I count 3.", opts) == "B"
+    assert extract_letters("none of them", opts) == "D"
+
+
 MME = [
     {"Question_id": "rs/color/0001", "Image": "a.png", "Text": "What colour is the roof?",
      "Answer choices": ["(A) red", "(B) blue", "(C) green", "(D) white", "(E) none"],
