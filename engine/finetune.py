@@ -330,6 +330,9 @@ def plot_log(csv_path: Path, png_path: Path) -> None:
     ax.plot(steps, loss, label="train loss", lw=1.2)
     if vloss:
         ax.plot(vsteps, vloss, "o-", label="validation loss", lw=1.2)
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
