@@ -214,18 +214,18 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
     if not p.is_file():
         raise EvalError(f"The annotation file {p} does not exist.")
     text = p.read_text(encoding="utf-8")
-    s = text.lstrip()
     records: list[Any]
     try:
-        if s.startswith("["):
-            records = json.loads(text)
-        elif s.startswith("{") and "\n{" not in s.strip():
-            obj = json.loads(text)
-            records = next((obj[k] for k in ("data", "questions", "annotations") if isinstance(obj.get(k), list)), [obj])
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise EvalError(f"The annotation file {p} is not valid JSON / JSON Lines: {exc}.") from exc
+        obj = json.loads(text)  # a JSON list, or an object holding one
+    except json.JSONDecodeError:
+        try:
+            obj = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
+        except json.JSONDecodeError as exc:
+            raise EvalError(f"The annotation file {p} is neither JSON nor JSON Lines: {exc}.") from exc
+    if isinstance(obj, dict):
+        records = next((obj[k] for k in ("data", "questions", "annotations") if isinstance(obj.get(k), list)), [obj])
+    else:
+        records = list(obj)
     if fmt not in FORMATS:
         raise EvalError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     items = []
@@ -256,7 +256,7 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
 
 # -------------------------------------------------------------------------------------- prompt
 
-def build_prompt(item: EvalItem, instruction: str = MC_INSTRUCTION) -> str:
+def build_prompt(item: EvalItem, instruction: str | None = None) -> str:
     """The question text that goes after `<image>\\n` in the user turn."""
     if not item.multiple_choice:
         q = item.question.strip()
@@ -265,7 +265,7 @@ def build_prompt(item: EvalItem, instruction: str = MC_INSTRUCTION) -> str:
         return q + "\nAnswer the question using a single word or phrase."
     lines = [item.question.strip() + CHOICES_HEADER]
     lines += [f"({LETTERS[k]}) {opt}" for k, opt in enumerate(item.options)]
-    lines.append(instruction)
+    lines.append(instruction or MC_INSTRUCTION)
     return "\n".join(lines)
 
 
@@ -408,6 +408,7 @@ def evaluate(
     limit: int | None = None,
     title: str = "",
     progress: bool = False,
+    instruction: str | None = None,
 ) -> dict[str, Any]:
     """Run `predict(item, prompt) -> reply` on each item not yet in predictions.jsonl, score,
     write results.json and results.md into out_dir, return the results dict."""
@@ -430,7 +431,7 @@ def evaluate(
                 pred, ok = score_item(item, rec.get("reply", ""))
                 rec.update(prediction=pred, correct=ok, category=item.category, answer=item.answer)
             else:
-                prompt = build_prompt(item)
+                prompt = build_prompt(item, instruction)
                 t0 = time.perf_counter()
                 reply = predict(item, prompt)
                 pred, ok = score_item(item, reply)
@@ -475,6 +476,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-tile", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="64 = the XLRS-Bench-lite protocol")
     parser.add_argument("--title", default="", help="heading of the Markdown table")
+    parser.add_argument("--instruction", default=None,
+                        help="last line of multiple-choice prompts (default: answer with the option letter(s))")
     parser.add_argument("--keep-heatmaps", action="store_true",
                         help="keep each answer's token heatmap and anchors in OUT/heatmaps")
 
@@ -515,7 +518,7 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
 
 
 RUN_KEYS = ("annotations", "format", "weights", "adapter", "quantization", "strategy", "budget",
-            "tokens_per_tile", "max_new_tokens")
+            "tokens_per_tile", "max_new_tokens", "instruction")
 
 
 def _check_run_settings(args: argparse.Namespace) -> None:
@@ -540,7 +543,7 @@ def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] |
     if predict is None:
         predict = engine_predictor(args)
     res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
-                   progress=True)
+                   progress=True, instruction=getattr(args, "instruction", None))
     print(markdown_table(res, res["title"]))
     print(f"Results in {Path(args.out) / 'results.json'} and results.md; predictions in predictions.jsonl.")
     return 0

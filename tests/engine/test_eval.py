@@ -222,3 +222,14 @@ def test_eval_through_the_engine_on_the_tiny_model(tmp_path, tiny_checkpoint):
     res = json.loads((tmp_path / "e" / "results.json").read_text())
     assert res["total"] == 2 and res["correct"] == sum(p["correct"] for p in preds)
     assert not list((tmp_path / "e").glob("heatmaps/*.tif"))  # not kept unless asked
+
+
+def test_pretty_printed_object_file_and_custom_instruction(tmp_path):
+    ann = tmp_path / "wrapped.json"
+    ann.write_text(json.dumps({"data": MME[:2]}, indent=2))
+    items = load_items(ann)
+    assert [it.id for it in items] == ["rs/color/0001", "rs/count/0002"]
+    assert build_prompt(items[0], "Reply with one letter.").endswith("\n(E) none\nReply with one letter.")
+    with pytest.raises(EvalError, match="neither JSON"):
+        (tmp_path / "bad.json").write_text("{not json")
+        load_items(tmp_path / "bad.json")
