@@ -34,15 +34,16 @@ FULL_SIZE_LM = dict(
 )
 
 
-def write_full_size_checkpoint(dest: Path, device: str) -> Path:
-    """Random bf16 weights with the released dimensions, saved in the released layout, with the
-    tiny checkpoint's tokenizer (token ids beyond it are simply never used)."""
+def write_full_size_checkpoint(dest: Path, device: str, **overrides) -> Path:
+    """Random bf16 weights with the released dimensions (`overrides` replace config fields; the
+    CPU test uses small ones), saved in the released layout, with the tiny checkpoint's
+    tokenizer (token ids beyond it are simply never used)."""
     import torch
 
     from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
     from engine.tiny import build_tokenizer
 
-    config = LlavaQwenConfig(**FULL_SIZE_LM)
+    config = LlavaQwenConfig(**{**FULL_SIZE_LM, **overrides})
     config.architectures = ["LlavaQwenForCausalLM"]
     with torch.device("meta"):
         model = LlavaQwenForCausalLM(config)
