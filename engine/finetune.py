@@ -574,8 +574,23 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bad_report = out / "bad_samples.jsonl"
-    samples, report = load_dataset(args.data, image_root=args.image_root, max_pixels=args.max_pixels,
-                                   on_bad=args.on_bad_sample, report_path=bad_report)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(desc="checking data", unit="sample", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        samples, report = load_dataset(args.data, image_root=args.image_root, max_pixels=args.max_pixels,
+                                       on_bad=args.on_bad_sample, report_path=bad_report, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     print(report.summary(), file=sys.stderr)
     for b in report.bad[:20]:
         print("  skipped " + b.describe(), file=sys.stderr)

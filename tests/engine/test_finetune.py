@@ -219,3 +219,15 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_checkpoint):
     wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(part / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cli_exposes_finetune_and_eval():
+    from engine.cli import build_parser
+
+    a = build_parser("finetune").parse_args(["finetune", "data.json", "--out", "o", "--resume",
+                                             "--on-bad-sample", "skip"])
+    assert a.func is run_finetune and a.resume and a.on_bad_sample == "skip"
+    from engine.evaluate import run_eval
+
+    e = build_parser("eval").parse_args(["eval", "ann.json", "--limit", "5", "--format", "mme"])
+    assert e.func is run_eval and e.limit == 5
