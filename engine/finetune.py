@@ -527,8 +527,6 @@ def _append_bad(path: Path, entries: list[tuple[Sample, str, str]]) -> None:
 # ---------------------------------------------------------------------------------------- CLI
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    from engine.data import BAD_REASONS  # noqa: F401,PLC0415
-
     parser.add_argument("data", help="training data: LLaVA conversation JSON list or JSONL")
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, log, adapter)")
     parser.add_argument("--weights", type=Path, default=None, help="checkpoint folder (default: the engine's default)")
