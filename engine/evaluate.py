@@ -7,10 +7,13 @@ record into an `EvalItem` (id, image, question, options, answer, category):
              ``Text``, ``Answer choices`` (list of "(A) ..." strings), ``Ground truth`` (letter),
              category = ``Category`` (the RS subset's subtasks: position / color / count ...),
              falling back to ``Subtask``.
-``xlrs``     XLRS-Bench(-lite) in the VLMEvalKit / lmms-eval MCQ layout: ``index``/``id``,
-             ``image``/``image_path``, ``question``, options either as columns ``A``..``H`` or as a
-             list (``options`` / ``choices`` / ``multi-choice options``), ``answer`` a letter or
-             several ("AC", "A,C"), category = ``category`` (or ``l2-category`` / ``task``).
+``xlrs``     XLRS-Bench(-lite) as lmms-eval reads it: ``index``, ``image`` (path, or list of one),
+             ``question``, ``multi-choice options`` (list of "(A) ..." strings; ``options`` /
+             ``choices`` lists or VLMEvalKit columns ``A``..``H`` also work), ``answer`` one or
+             several letters ("AC", "A C", "A,C"), ``category`` "Task/Subtask" (13 subtasks; the
+             macro average runs over them, and task totals are reported too), ``l2-category``.
+             Only the multi-label subtask (Overall Land use classification) is told that
+             several letters may be correct.
 ``lrsvqa``   LRS-VQA question JSONL: ``question_id``, ``image``, ``text``, ``ground_truth``,
              ``category``; open-ended (no options): scored by normalised exact match.
 ``generic``  any other file: ``--field key=source`` maps our keys (id, image, question, options,
@@ -20,7 +23,8 @@ record into an `EvalItem` (id, image, question, options, answer, category):
 
 Prompt (multiple choice, the XLRS-Bench-lite protocol GeoLLaVA-8K reports): the question, then
 " The choices are listed below:" and one "(A) text" line an option, then an instruction to answer
-with the option letter(s); greedy decoding, 64 new tokens.
+with the option letter(s) (our wording of each benchmark's; `--instruction` replaces it); greedy
+decoding, 64 new tokens. The instruction never depends on the answer.
 
 Answer extraction (multiple choice) tries, in order:
 1. "The answer is B", "Answer: B, D", "answer: (b)" -> the letters after the cue;
@@ -52,6 +56,14 @@ from typing import Any, Callable, Iterable
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
+# Per-format instructions (our wording of each benchmark's protocol). {letters} = "A, B, C, D".
+SINGLE_INSTRUCTION = ("Based on the image, pick the best answer to the multiple-choice question. "
+                      "Reply with only the letter of the correct option ({letters}).")
+MULTI_INSTRUCTION = ("Based on the image, pick every correct answer to the multiple-choice question; more "
+                     "than one option may be correct. Reply with only the letter(s) ({letters}), "
+                     "separated by spaces.")
+# XLRS-Bench asks for several letters only in this subtask (multi-label land-use classes).
+XLRS_MULTI_LABEL_CATEGORIES = ("Overall Land use classification",)
 CHOICES_HEADER = " The choices are listed below:"
 FORMATS = ("auto", "xlrs", "mme", "lrsvqa", "generic")
 
@@ -124,7 +136,7 @@ def normalize_letters(answer: Any) -> str:
 
 def _item_mme(rec: dict, i: int) -> EvalItem:
     opts = _options_from(rec.get("Answer choices"))
-    return EvalItem(
+    item = EvalItem(
         id=str(_first(rec, ["Question_id", "question_id", "index"], i)),
         image=str(rec.get("Image", "")),
         question=str(rec.get("Text", "")),
@@ -132,6 +144,8 @@ def _item_mme(rec: dict, i: int) -> EvalItem:
         answer=normalize_letters(rec.get("Ground truth", "")) if opts else str(rec.get("Ground truth", "")),
         category=str(_first(rec, ["Category", "Subtask", "Task"], "all")),
     )
+    item.extra["format"] = "mme"
+    return item
 
 
 def _item_lrsvqa(rec: dict, i: int) -> EvalItem:
@@ -184,6 +198,16 @@ def _item_generic(rec: dict, i: int, mapping: dict[str, str] | None = None) -> E
         answer=normalize_letters(ans) if opts else str(ans),
         category=str(get("category", "all")),
     )
+
+
+def _item_xlrs(rec: dict, i: int) -> EvalItem:
+    """XLRS-Bench(-lite): `index`, `question`, `multi-choice options` ("(A) ..." strings),
+    `answer` (letters), `category` "Task/Subtask" (the macro average runs over subtasks),
+    `l2-category`; the protocol asks for several letters in the multi-label subtask only."""
+    item = _item_generic(rec, i)
+    item.extra["format"] = "xlrs"
+    item.extra["multi_label"] = any(c in item.category for c in XLRS_MULTI_LABEL_CATEGORIES)
+    return item
 
 
 def detect_format(rec: dict) -> str:
@@ -239,7 +263,9 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
             item = _item_mme(rec, i)
         elif f == "lrsvqa":
             item = _item_lrsvqa(rec, i)
-        else:  # xlrs uses the generic names (question / A.. / options / answer / category)
+        elif f == "xlrs":
+            item = _item_xlrs(rec, i)
+        else:
             item = _item_generic(rec, i, field_map)
         if not item.question:
             raise EvalError(f"annotation {i} in {p} has no question (format {f}); map it with --field question=NAME")
@@ -265,7 +291,16 @@ def build_prompt(item: EvalItem, instruction: str | None = None) -> str:
         return q + "\nAnswer the question using a single word or phrase."
     lines = [item.question.strip() + CHOICES_HEADER]
     lines += [f"({LETTERS[k]}) {opt}" for k, opt in enumerate(item.options)]
-    lines.append(instruction or MC_INSTRUCTION)
+    if instruction is None:
+        letters = ", ".join(LETTERS[: len(item.options)])
+        fmt = item.extra.get("format")
+        if fmt == "xlrs":
+            instruction = (MULTI_INSTRUCTION if item.extra.get("multi_label") else SINGLE_INSTRUCTION).format(letters=letters)
+        elif fmt == "mme":
+            instruction = SINGLE_INSTRUCTION.format(letters=letters)
+        else:
+            instruction = MC_INSTRUCTION
+    lines.append(instruction)
     return "\n".join(lines)
 
 
@@ -362,13 +397,21 @@ def summarize(records: list[dict]) -> dict[str, Any]:
     per = {k: {"correct": v[0], "total": v[1], "accuracy": v[0] / v[1]} for k, v in sorted(cats.items())}
     total = sum(v[1] for v in cats.values())
     correct = sum(v[0] for v in cats.values())
-    return {
+    out = {
         "total": total,
         "correct": correct,
         "micro_accuracy": correct / total if total else None,
         "macro_accuracy": sum(p["accuracy"] for p in per.values()) / len(per) if per else None,
         "per_category": per,
     }
+    if per and all("/" in k for k in per):  # "Task/Subtask" categories (XLRS-Bench): task totals too
+        tasks: dict[str, list[int]] = {}
+        for k, v in per.items():
+            t = tasks.setdefault(k.split("/", 1)[0], [0, 0])
+            t[0] += v["correct"]
+            t[1] += v["total"]
+        out["per_task"] = {k: {"correct": a, "total": b, "accuracy": a / b} for k, (a, b) in sorted(tasks.items())}
+    return out
 
 
 def markdown_table(summary: dict[str, Any], title: str = "") -> str:
@@ -379,6 +422,8 @@ def markdown_table(summary: dict[str, Any], title: str = "") -> str:
     lines += ["| category | correct | total | accuracy (%) |", "| --- | ---: | ---: | ---: |"]
     for k, v in summary["per_category"].items():
         lines.append(f"| {k} | {v['correct']} | {v['total']} | {pct(v['accuracy'])} |")
+    for k, v in summary.get("per_task", {}).items():
+        lines.append(f"| *{k} (task)* | {v['correct']} | {v['total']} | {pct(v['accuracy'])} |")
     lines.append(f"| **micro (overall)** | {summary['correct']} | {summary['total']} | {pct(summary['micro_accuracy'])} |")
     lines.append(f"| **macro (mean of categories)** | | | {pct(summary['macro_accuracy'])} |")
     return "\n".join(lines) + "\n"

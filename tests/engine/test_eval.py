@@ -233,3 +233,28 @@ def test_pretty_printed_object_file_and_custom_instruction(tmp_path):
     with pytest.raises(EvalError, match="neither JSON"):
         (tmp_path / "bad.json").write_text("{not json")
         load_items(tmp_path / "bad.json")
+
+
+def test_xlrs_lmms_layout_prompt_and_task_totals(tmp_path):
+    rows = [
+        {"index": 10, "image": ["x.tif"], "question": "Which land-use classes appear?",
+         "multi-choice options": ["(A) farmland", "(B) forest", "(C) water", "(D) urban"],
+         "answer": "A C", "category": "Land use classification/Overall Land use classification",
+         "l2-category": "land use"},
+        {"index": 11, "image": ["x.tif"], "question": "How many planes?",
+         "multi-choice options": ["(A) 1", "(B) 2", "(C) 3", "(D) 4"], "answer": "B",
+         "category": "Counting/Overall counting", "l2-category": "count"},
+        {"index": 12, "image": ["x.tif"], "question": "How many ships in the port?",
+         "multi-choice options": ["(A) 5", "(B) 6", "(C) 7", "(D) 8"], "answer": "D",
+         "category": "Counting/Regional counting", "l2-category": "count"},
+    ]
+    ann = _write(tmp_path / "xlrs_lite.json", rows)
+    items = load_items(ann)
+    assert items[0].answer == "AC" and items[0].options[0] == "farmland" and items[0].image == "x.tif"
+    p_multi, p_single = build_prompt(items[0]), build_prompt(items[1])
+    assert "more than one option may be correct" in p_multi
+    assert "more than one" not in p_single and p_single.endswith("(A, B, C, D).")
+    res = evaluate(items, _predictor({"10": "A C", "11": "B", "12": "(C)"}, []), tmp_path / "o")
+    assert res["correct"] == 2
+    assert res["macro_accuracy"] == pytest.approx((1 + 1 + 0) / 3)
+    assert res["per_task"]["Counting"] == {"correct": 1, "total": 2, "accuracy": 0.5}
