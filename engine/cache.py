@@ -1,0 +1,106 @@
+"""Caches that make a second question on the same raster cheap.
+
+* `FeatureCache`: vision features of a raster read, keyed by (path, size, mtime, area of interest,
+  bands), kept on the CPU and bounded in bytes (least recently used goes first). A hit skips
+  reading tiles and the whole vision tower.
+* `PrefixStore`: the language model's KV cache of the image prefix (system prompt + visual tokens)
+  for question-independent strategies, keyed by the feature key plus the strategy and its
+  parameters. A hit skips the prefill of every visual token. Holds few entries: KV caches are big.
+
+Both are thread-safe; the server runs one GPU job at a time, but health checks read the sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Hashable
+
+
+def raster_key(path: str, aoi, bands) -> tuple:
+    """Identity of a raster read: the file (changes when its size or mtime does), the area of
+    interest (window / polygon, as canonical JSON) and the bands."""
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns,
+            json.dumps(aoi, sort_keys=True, default=str), tuple(bands or ()))
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes held by tensors/arrays inside `value` (dataclass, tuple, dict or tensor)."""
+    if hasattr(value, "element_size") and hasattr(value, "nelement"):
+        return int(value.element_size() * value.nelement())
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if hasattr(value, "layers") and isinstance(getattr(value, "layers"), list):  # transformers Cache
+        return sum(_nbytes(getattr(layer, "keys", None)) + _nbytes(getattr(layer, "values", None))
+                   for layer in value.layers)
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(_nbytes(getattr(value, f)) for f in value.__dataclass_fields__)
+    return 0
+
+
+class _LRU:
+    def __init__(self, max_bytes: int, max_items: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_items = max_items
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        size = _nbytes(value)
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._items.pop(key)[1]
+            if size > self.max_bytes or self.max_items <= 0:
+                return  # too big to keep: never evict everything for one entry
+            self._items[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes or len(self._items) > self.max_items:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+class FeatureCache(_LRU):
+    """Vision features per raster read (CPU tensors)."""
+
+    def __init__(self, max_bytes: int = 4 * 2**30, max_items: int = 16) -> None:
+        super().__init__(max_bytes, max_items)
+
+
+class PrefixStore(_LRU):
+    """(selection, generate.PrefixCache) per raster + strategy. Generation crops a prefix cache
+    back to its length after each answer, so one entry serves every later question."""
+
+    def __init__(self, max_bytes: int = 2 * 2**30, max_items: int = 2) -> None:
+        super().__init__(max_bytes, max_items)

@@ -1,0 +1,192 @@
+"""Command line of the engine: `python -m engine ask|serve|finetune|eval|tiny|weights|info`.
+
+Each subcommand's heavy imports happen only when it runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine import __version__
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, default=None,
+                   help="checkpoint directory (default: weights/GeoLLaVA-8K, else the tiny demo model)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quantization", default="auto", choices=["auto", "nf4", "bf16", "fp32"],
+                   help="auto = nf4 on CUDA, fp32 on CPU")
+    p.add_argument("--adapter", type=Path, default=None, help="LoRA adapter directory (from finetune)")
+    p.add_argument("--no-demo", action="store_true",
+                   help="fail instead of falling back to the tiny random demo model")
+
+
+def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
+    from engine.protocol import DEFAULT_STRATEGY, STRATEGIES
+
+    p.add_argument("raster", help="GeoTIFF / COG / VRT / any GDAL raster")
+    p.add_argument("question")
+    p.add_argument("--aoi", default=None,
+                   help="area of interest: 'col,row,width,height' in source pixels, a WKT polygon "
+                        "in the raster's CRS, or a path to a GeoJSON file")
+    p.add_argument("--bands", default=None, help="1-based bands, e.g. 4,3,2")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
+    p.add_argument("--budget", type=int, default=None, help="hard cap on visual tokens")
+    p.add_argument("--tokens-per-tile", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=None, help="where heatmaps are written")
+    p.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    _add_model_arguments(p)
+
+
+def parse_aoi(text: str | None):
+    """Turn the --aoi argument into the protocol's AOI dict."""
+    if not text:
+        return None
+    path = Path(text)
+    if path.suffix.lower() in (".geojson", ".json") and path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("type") == "FeatureCollection":
+            data = data["features"][0]["geometry"]
+        elif data.get("type") == "Feature":
+            data = data["geometry"]
+        return {"geojson": data}
+    parts = text.split(",")
+    if len(parts) == 4 and all(p.strip().lstrip("-").isdigit() for p in parts):
+        return {"window": [int(p) for p in parts]}
+    return {"polygon_wkt": text}
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from engine.pipeline import AskRequest, Engine
+
+    engine = Engine(args.weights, device=args.device, quantization=args.quantization,
+                    adapter=args.adapter, demo_ok=not args.no_demo, output_dir=args.output_dir)
+    health = engine.health()
+    if health.get("demo_model"):
+        print("NOTE: no GeoLLaVA-8K weights found; using the tiny RANDOM demo model "
+              "(answers are meaningless). Run `make weights` to download the real checkpoint.",
+              file=sys.stderr)
+    req = AskRequest(
+        raster_path=args.raster, question=args.question, aoi=parse_aoi(args.aoi),
+        bands=[int(b) for b in args.bands.split(",")] if args.bands else None,
+        strategy=args.strategy, budget=args.budget, tokens_per_tile=args.tokens_per_tile,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )
+    result = None
+    for event in engine.ask(req):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif event["type"] == "token":
+            print(event["text"], end="", flush=True)
+        elif event["type"] == "status":
+            print(f"[{event['stage']}] {event.get('message', '')}", file=sys.stderr, flush=True)
+        if event["type"] == "result":
+            result = event
+    if result is not None and not args.json:
+        print()
+        tok, tim = result["tokens"], result["timings"]
+        peak = result.get("peak_memory_bytes")
+        print(f"visual tokens: {tok['visual_kept']} kept of {tok['visual_candidates']} "
+              f"({result['strategy']}); prompt {tok['prompt']}, generated {tok['generated']}",
+              file=sys.stderr)
+        print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in tim.items()), file=sys.stderr)
+        if peak:
+            print(f"peak memory: {peak / 2**20:.1f} MiB", file=sys.stderr)
+        print(f"heatmap: {result['heatmap_path']}\nanchors: {result['anchors_path']}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from engine.pipeline import Engine
+
+    engine = Engine(args.weights, device=args.device, quantization=args.quantization,
+                    adapter=args.adapter, demo_ok=not args.no_demo)
+    print(json.dumps(engine.health(), indent=2))
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from engine.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(args.dest, seed=args.seed)
+    print(path)
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from engine.weights import download_weights
+
+    path = download_weights(args.dest, repo=args.repo, revision=args.revision)
+    print(f"GeoLLaVA-8K weights ready in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"geovqa-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ask", help="ask one question about a raster and stream the answer")
+    _add_ask_arguments(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("info", help="load the model and print what the engine runs on")
+    _add_model_arguments(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("tiny", help="write a tiny random checkpoint in the released layout")
+    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("weights", help="download the GeoLLaVA-8K checkpoint (needs internet)")
+    p.add_argument("--dest", type=Path, default=Path("weights/GeoLLaVA-8K"))
+    p.add_argument("--repo", default="initiacms/GeoLLaVA-8K")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=cmd_weights)
+
+    _add_optional(sub, "serve", "engine.server", "add_serve_arguments", "serve",
+                  "run the local HTTP engine the QGIS plugin talks to")
+    _add_optional(sub, "finetune", "engine.finetune", "add_finetune_arguments", "run_finetune",
+                  "QLoRA / LoRA fine-tuning on LLaVA-format conversation data")
+    _add_optional(sub, "eval", "engine.evaluate", "add_eval_arguments", "run_eval",
+                  "score the model on XLRS-Bench / LRS-VQA / MME-RealWorld-RS style files")
+    return parser
+
+
+def _add_optional(sub, name: str, module: str, add_args: str, run: str, help_text: str) -> None:
+    """Register a subcommand whose module provides `add_args(parser)` and `run(args)`."""
+    import importlib
+
+    p = sub.add_parser(name, help=help_text)
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - reported at run time
+        p.set_defaults(func=lambda _a, exc=exc: _missing(name, exc))
+        return
+    getattr(mod, add_args)(p)
+    p.set_defaults(func=getattr(mod, run))
+
+
+def _missing(name: str, exc: Exception) -> int:
+    print(f"`{name}` is not available: {exc}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Library errors carry messages written for a person; no traceback for them.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,139 @@
+"""Device, dtype, quantisation and attention-kernel choices for loading the model.
+
+Pure decisions (no model code): 'auto' means nf4 on CUDA when bitsandbytes imports, otherwise
+float32 on the CPU; attention 'auto' means flash-attention-2 when ``flash_attn`` imports and the
+model runs on CUDA, else PyTorch SDPA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+QUANTIZATIONS = ("auto", "nf4", "bf16", "fp32")
+ATTENTIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+
+
+class DeviceChoiceError(ValueError):
+    """The requested device / quantisation / attention cannot be used on this machine."""
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device: str  # 'cuda:0' | 'cpu'
+    quantization: str  # 'nf4' | 'bf16' | 'fp32'
+    attention: str  # 'flash_attention_2' | 'sdpa' | 'eager'
+    gpu_name: str | None
+
+    @property
+    def four_bit(self) -> bool:
+        return self.quantization == "nf4"
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.float32 if self.quantization == "fp32" else torch.bfloat16
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken CUDA install must not stop CPU use
+        return False
+
+
+def bitsandbytes_usable() -> bool:
+    """True when bitsandbytes imports (it needs CUDA for 4-bit layers)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def flash_attn_usable() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_device(device: str = "auto") -> str:
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda:0" if cuda_available() else "cpu"
+    if device == "cuda":
+        device = "cuda:0"
+    if device.startswith("cuda"):
+        if not cuda_available():
+            raise DeviceChoiceError(
+                f"device {device!r} was requested but PyTorch sees no CUDA GPU on this machine; "
+                "use device 'cpu' or 'auto'"
+            )
+        return device
+    if device == "cpu":
+        return "cpu"
+    raise DeviceChoiceError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+
+
+def plan_device(device: str = "auto", quantization: str = "auto", attn: str = "auto") -> DevicePlan:
+    """Decide device, weight format and attention kernel; raise DeviceChoiceError with a
+    sentence when the combination cannot work here."""
+    dev = resolve_device(device)
+    quant = (quantization or "auto").lower()
+    if quant not in QUANTIZATIONS:
+        raise DeviceChoiceError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS}")
+    on_cuda = dev.startswith("cuda")
+    if quant == "auto":
+        quant = "nf4" if on_cuda and bitsandbytes_usable() else ("bf16" if on_cuda else "fp32")
+    if quant == "nf4":
+        if not on_cuda:
+            raise DeviceChoiceError(
+                "4-bit nf4 needs a CUDA GPU (bitsandbytes); on the CPU use quantization 'fp32'"
+            )
+        if not bitsandbytes_usable():
+            raise DeviceChoiceError(
+                "4-bit nf4 needs the bitsandbytes package, which does not import here; "
+                "install it or use quantization 'bf16'"
+            )
+    a = (attn or "auto").lower()
+    if a not in ATTENTIONS:
+        raise DeviceChoiceError(f"unknown attention {attn!r}; use one of {ATTENTIONS}")
+    if a == "auto":
+        a = "flash_attention_2" if on_cuda and quant != "fp32" and flash_attn_usable() else "sdpa"
+    elif a == "flash_attention_2" and not (on_cuda and flash_attn_usable()):
+        raise DeviceChoiceError(
+            "flash_attention_2 needs a CUDA GPU and the flash_attn package; use attn 'sdpa'"
+        )
+    return DevicePlan(dev, quant, a, gpu_name(dev))
+
+
+def gpu_name(device: str) -> str | None:
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    except Exception:
+        return None
+
+
+def gpu_free_bytes(device: str = "cuda:0") -> int | None:
+    if not device.startswith("cuda") or not cuda_available():
+        return None
+    try:
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    except Exception:
+        return None

@@ -1,0 +1,41 @@
+"""Exceptions shared by the engine's model-side modules (vision encoding, generation, loading).
+
+Each message is a sentence for a person; the pipeline turns these into protocol error events.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(RuntimeError):
+    """Base class of the engine's own runtime errors."""
+
+
+class Cancelled(EngineError):
+    """The request was cancelled (its threading.Event was set) while work was in progress."""
+
+    def __init__(self, message: str = "the request was cancelled") -> None:
+        super().__init__(message)
+
+
+class OutOfMemory(EngineError):
+    """The device ran out of memory; wraps torch's OOM error with what was being done."""
+
+    def __init__(self, what: str, cause: BaseException | None = None) -> None:
+        hint = (
+            " Try a smaller token budget or area of interest, fewer tiles, or 4-bit (nf4) weights."
+        )
+        super().__init__(f"out of memory while {what}.{hint}")
+        self.what = what
+        self.__cause__ = cause
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for torch's CUDA/CPU out-of-memory errors."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except Exception:
+        pass
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()

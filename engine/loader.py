@@ -1,0 +1,235 @@
+"""Load a GeoLLaVA-8K checkpoint directory (released layout) with nf4 / bf16 / fp32 weights.
+
+The class is chosen from config.json's ``model_type`` / ``architectures`` (never from the
+directory name, which is what sends the original loader to the wrong class), ``rope_scaling`` is
+forced off, shards are checked against ``model.safetensors.index.json`` before loading, and every
+expected tensor (LM, vision tower, projector, ``reghead``) must be present. On CUDA the default is
+4-bit nf4 (bitsandbytes) with the vision tower, projector, reghead and lm_head kept unquantised;
+on the CPU it is float32. A peft LoRA adapter directory can be applied on top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.devices import DevicePlan, plan_device
+
+SKIP_QUANT_MODULES = ["vision_tower", "mm_projector", "reghead", "lm_head"]
+REAL_MODEL_NAME = "GeoLLaVA-8K"
+TINY_MODEL_NAME = "tiny-demo"
+
+
+class CheckpointError(ValueError):
+    """The directory is not a usable GeoLLaVA-8K checkpoint (message says why)."""
+
+
+class WeightsMissingError(CheckpointError):
+    """No checkpoint (or no weight files) where one was expected."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # LlavaQwenForCausalLM (or a peft wrapper of it when an adapter is given)
+    tokenizer: Any  # Qwen2TokenizerFast
+    config: Any  # LlavaQwenConfig
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vocab_limit(self) -> int:
+        """Logits beyond this index are not real tokens (embedding rows > tokenizer size)."""
+        return len(self.tokenizer)
+
+
+def _missing(path: Path, what: str) -> WeightsMissingError:
+    return WeightsMissingError(
+        f"no weights: {what} ({path}). Run `make weights` to download GeoLLaVA-8K, or use the "
+        "tiny demo model (`python -m engine tiny`)."
+    )
+
+
+def read_config_json(weights_dir: str | os.PathLike) -> dict[str, Any]:
+    """Validate the directory and return its config.json as a dict."""
+    path = Path(weights_dir)
+    if not path.exists():
+        raise _missing(path, "the weights directory does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        if not any(path.iterdir()):
+            raise _missing(path, "the weights directory is empty")
+        raise CheckpointError(f"{path} has no config.json, so it is not a model checkpoint")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path} does not hold a JSON object")
+    from engine.modeling import ARCHITECTURE, MODEL_TYPE
+
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != MODEL_TYPE and ARCHITECTURE not in archs:
+        raise CheckpointError(
+            f"{path} holds a {cfg.get('model_type')!r} model ({', '.join(archs) or 'no architecture'}); "
+            f"GeoVQA needs a GeoLLaVA-8K checkpoint (model_type {MODEL_TYPE!r})"
+        )
+    return cfg
+
+
+def weight_files(weights_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of the checkpoint; raises if the index names missing shards."""
+    path = Path(weights_dir)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"cannot read the shard index {index}: {exc}") from exc
+        shards = sorted(set(weight_map.values()))
+        absent = [s for s in shards if not (path / s).is_file()]
+        if absent:
+            raise WeightsMissingError(
+                f"the checkpoint in {path} is incomplete: {len(absent)} of {len(shards)} weight "
+                f"shards are missing ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}). "
+                "Run `make weights` again to finish the download."
+            )
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise _missing(path, "config.json is there but no model.safetensors or shard index")
+
+
+def checkpoint_present(weights_dir: str | os.PathLike | None) -> bool:
+    """True when ``weights_dir`` looks like a complete GeoLLaVA-8K checkpoint."""
+    if not weights_dir:
+        return False
+    try:
+        read_config_json(weights_dir)
+        weight_files(weights_dir)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _quant_config(plan: DevicePlan):
+    if not plan.four_bit:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=list(SKIP_QUANT_MODULES),
+    )
+
+
+def load_model(
+    weights_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    quantization: str = "auto",
+    attn: str = "auto",
+    adapter: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """Load the checkpoint in ``weights_dir``. See the module docstring for the choices."""
+    from transformers import AutoTokenizer
+
+    from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
+    from engine.tiny import is_tiny_checkpoint
+
+    path = Path(weights_dir)
+    read_config_json(path)
+    weight_files(path)
+    plan = plan_device(device, quantization, attn)
+
+    config = LlavaQwenConfig.from_pretrained(path)
+    config.rope_scaling = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception as exc:  # missing / broken tokenizer files
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {exc}") from exc
+
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "dtype": plan.dtype,
+        "attn_implementation": plan.attention,
+        "low_cpu_mem_usage": True,
+        "output_loading_info": True,
+        "use_safetensors": True,
+    }
+    qc = _quant_config(plan)
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+    if plan.device.startswith("cuda"):
+        kwargs["device_map"] = {"": plan.device}
+    try:
+        model, loading = LlavaQwenForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        from engine.errors import OutOfMemory, is_oom
+
+        if is_oom(exc):
+            raise OutOfMemory("loading the model weights", exc) from exc
+        raise CheckpointError(f"cannot load the weights in {path}: {exc}") from exc
+    missing = [k for k in loading.get("missing_keys", []) if "position_ids" not in k]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint in {path} lacks {len(missing)} expected tensors, e.g. "
+            f"{', '.join(missing[:4])}; it is not a complete GeoLLaVA-8K checkpoint"
+        )
+    if plan.device == "cpu":
+        model = model.to("cpu")
+    model.eval()
+    model.requires_grad_(False)
+
+    adapter_path = None
+    if adapter is not None:
+        model, adapter_path = _apply_adapter(model, adapter)
+
+    tiny = is_tiny_checkpoint(path)
+    info = {
+        "device": plan.device,
+        "gpu_name": plan.gpu_name,
+        "quantization": plan.quantization,
+        "four_bit": plan.four_bit,
+        "attention": plan.attention,
+        "dtype": str(plan.dtype).replace("torch.", ""),
+        "weights_dir": str(path.resolve()),
+        "is_tiny": tiny,
+        "demo": tiny,
+        "model_name": TINY_MODEL_NAME if tiny else REAL_MODEL_NAME,
+        "adapter": adapter_path,
+        "vocab_limit": len(tokenizer),
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, info=info)
+
+
+def _apply_adapter(model, adapter: str | os.PathLike):
+    """Wrap ``model`` with the peft LoRA adapter stored in ``adapter`` (inference mode)."""
+    apath = Path(adapter)
+    if not (apath / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"{apath} is not a LoRA adapter directory (no adapter_config.json); pass the folder "
+            "written by `python -m engine finetune`"
+        )
+    from peft import PeftModel
+
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(apath), is_trainable=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot apply the adapter in {apath}: {exc}") from exc
+    wrapped.eval()
+    return wrapped, str(apath.resolve())
+
+
+def base_model(model):
+    """The LlavaQwenForCausalLM under an optional peft wrapper."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model

@@ -1,0 +1,429 @@
+"""The engine's main path: one question about one raster, end to end, as a stream of events.
+
+    raster -> RasterImage -> TileLayout + tiles -> VisionFeatures -> Selection (strategy, budget)
+      -> inputs_embeds -> streamed answer + heatmap GeoTIFF + anchors GeoJSON
+
+`Engine.ask` yields the protocol's event dicts (`status`, `token`, `result`; see
+engine/protocol.py) and raises typed exceptions for bad input or faults (RasterError,
+SelectionError, RequestError, Cancelled, OutOfMemory), which the CLI prints and the server maps to
+error codes. It also exposes the reusable steps (`prepare_visual`, `build_inputs`) that
+fine-tuning and evaluation share with inference, so training sees the same tokens as `ask`.
+
+Caching (used by the server for repeated questions on the same raster):
+* vision features + geometry per (file identity, AOI, bands) -> a hit skips reading and the tower;
+* for question-independent strategies, the selection and the LM's KV cache of the image prefix
+  (system prompt + visual tokens) -> a hit skips selection and the prefill of every visual token.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from engine import __version__
+from engine.cache import FeatureCache, PrefixStore, raster_key
+from engine.protocol import DEFAULT_STRATEGY, MAX_QUESTION_CHARS, PROTOCOL_VERSION, STRATEGIES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "GeoLLaVA-8K"
+DEFAULT_TOKENS_PER_TILE = 24
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered as given; `code` is one of protocol.ERROR_CODES."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.hint = hint
+
+
+def cache_dir() -> Path:
+    """Where the engine keeps the demo model and its outputs (GEOVQA_CACHE_DIR overrides)."""
+    override = os.environ.get("GEOVQA_CACHE_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(base) / "geovqa"
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class AskRequest:
+    """One question about one raster (the JSON body of POST /ask, minus transport fields)."""
+
+    raster_path: str
+    question: str
+    aoi: dict | None = None
+    bands: list[int] | None = None
+    strategy: str = DEFAULT_STRATEGY
+    budget: int | None = None
+    tokens_per_tile: int | None = DEFAULT_TOKENS_PER_TILE
+    max_new_tokens: int = 256
+    seed: int | None = 0
+    request_id: str | None = None
+
+    def validated(self) -> "AskRequest":
+        """A copy with the question stripped; RequestError for anything a person must fix."""
+        q = self.question
+        if not isinstance(q, str) or not q.strip():
+            raise RequestError("empty_question", "Please type a question.")
+        q = q.strip()
+        if len(q) > MAX_QUESTION_CHARS:
+            raise RequestError(
+                "question_too_long",
+                f"The question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}.",
+                "Shorten the question.",
+            )
+        if self.strategy not in STRATEGIES:
+            raise RequestError(
+                "unknown_strategy",
+                f"Unknown token strategy {self.strategy!r}.",
+                f"Choose one of: {', '.join(STRATEGIES)}.",
+            )
+        for name in ("budget", "tokens_per_tile"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise RequestError("bad_request", f"{name} must be a positive whole number, not {v!r}.")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or not 1 <= self.max_new_tokens <= 4096:
+            raise RequestError("bad_request", "max_new_tokens must be between 1 and 4096.")
+        if not self.raster_path:
+            raise RequestError("bad_request", "No raster was given.")
+        if self.aoi is not None and not isinstance(self.aoi, dict):
+            raise RequestError("bad_aoi", "The area of interest must be an object "
+                                          "with 'window', 'polygon_wkt' or 'geojson'.")
+        return AskRequest(**{**asdict(self), "question": q})
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AskRequest":
+        """Build from a protocol ASK body; unknown fields are an error (typos get caught)."""
+        if not isinstance(data, dict):
+            raise RequestError("bad_request", "The request body must be a JSON object.")
+        known = set(cls.__dataclass_fields__)
+        extra = set(data) - known
+        if extra:
+            raise RequestError("bad_request", f"Unknown request fields: {', '.join(sorted(extra))}.")
+        if "question" not in data:
+            raise RequestError("empty_question", "Please type a question.")
+        return cls(**{"raster_path": data.get("raster_path") or "", **data}).validated()
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class VisualInput:
+    """Everything between the raster and the language model for one question."""
+
+    selection: Any  # engine.selection.Selection
+    geometry: Any  # engine.geometry.TokenGeometry
+    timings: dict[str, float] = field(default_factory=dict)
+    features_hit: bool = False
+
+
+def read_and_encode(model, raster_path: str, *, aoi=None, bands=None, cancel=None,
+                    progress: Callable[[int, int], None] | None = None, batch_size: int = 16):
+    """Raster -> (geometry, features, timings): read for tiling, tile, run the vision tower."""
+    from engine.geometry import TokenGeometry
+    from engine.raster import read_for_tiling
+    from engine.tiling import make_tiles, plan_tiles
+    from engine.vision import encode_tiles
+
+    t0 = time.perf_counter()
+    image = read_for_tiling(raster_path, aoi=aoi, bands=bands)
+    layout = plan_tiles(image.size)
+    geometry = TokenGeometry.build(image, layout)
+    tiles = make_tiles(image.pixels, layout)
+    t1 = time.perf_counter()
+    features = encode_tiles(model, tiles, batch_size=batch_size, progress=progress, cancel=cancel)
+    t2 = time.perf_counter()
+    return geometry, features, {"read": t1 - t0, "vision": t2 - t1}
+
+
+def make_strategy(name: str, *, tokens_per_tile: int | None = None, seed: int | None = None,
+                  **extra: Any):
+    """Instantiate a strategy, passing only the parameters its constructor takes."""
+    from engine.selection import get_strategy
+    from engine.selection.base import _REGISTRY, available
+
+    available()  # loads the built-in strategies
+    factory = _REGISTRY.get(name)
+    params = {"tokens_per_tile": tokens_per_tile, "seed": seed, **extra}
+    if factory is not None:
+        try:
+            accepted = inspect.signature(factory).parameters
+            if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+                params = {k: v for k, v in params.items() if k in accepted}
+        except (TypeError, ValueError):
+            pass
+    params = {k: v for k, v in params.items() if v is not None}
+    return get_strategy(name, **params)
+
+
+def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DEFAULT_STRATEGY,
+                   budget: int | None = None, tokens_per_tile: int | None = DEFAULT_TOKENS_PER_TILE,
+                   seed: int | None = 0, aoi=None, bands=None, cancel=None) -> VisualInput:
+    """Raster + question -> selected visual tokens (after the projector) and their geometry.
+
+    Fine-tuning and evaluation call this so they see exactly the tokens inference sees."""
+    geometry, features, timings = read_and_encode(model, raster_path, aoi=aoi, bands=bands,
+                                                  cancel=cancel)
+    t0 = time.perf_counter()
+    strat = make_strategy(strategy, tokens_per_tile=tokens_per_tile, seed=seed)
+    selection = strat.select(features, geometry, question, budget, model=model)
+    timings["select"] = time.perf_counter() - t0
+    return VisualInput(selection=selection, geometry=geometry, timings=timings)
+
+
+def build_inputs(model, tokenizer, question: str, selection, answer: str | None = None):
+    """Prompt + visual tokens (+ answer for training) -> (inputs_embeds, labels, n_prefix).
+
+    `labels` is None without an answer; with one, it is -100 everywhere except the answer's
+    tokens and the closing `<|im_end|>` (loss only on the assistant turn). `n_prefix` is the
+    length of the image prefix (system + user header + visual tokens)."""
+    import torch
+
+    from engine.prompt import STOP_TOKEN, split_prompt
+
+    pieces = split_prompt(tokenizer, question)
+    after = list(pieces.after)
+    answer_ids: list[int] = []
+    if answer is not None:
+        answer_ids = list(tokenizer(answer + STOP_TOKEN, add_special_tokens=False).input_ids)
+    embeds = model.build_inputs_embeds(pieces.before, selection.embeds, after + answer_ids)
+    n_prefix = len(pieces.before) + int(selection.embeds.shape[0])
+    labels = None
+    if answer is not None:
+        total = int(embeds.shape[1])
+        labels = torch.full((1, total), -100, dtype=torch.long, device=embeds.device)
+        labels[0, total - len(answer_ids):] = torch.tensor(answer_ids, device=embeds.device)
+    return embeds, labels, n_prefix
+
+
+# ---------------------------------------------------------------------------------------------
+class Engine:
+    """A loaded model plus caches; answers one question at a time (the server queues them)."""
+
+    def __init__(self, weights_dir: str | os.PathLike | None = None, *, device: str = "auto",
+                 quantization: str = "auto", adapter: str | os.PathLike | None = None,
+                 demo_ok: bool = True, output_dir: str | os.PathLike | None = None,
+                 feature_cache_bytes: int = 4 * 2**30, loaded=None) -> None:
+        from engine.loader import load_model
+
+        self.weights_dir, self.demo = resolve_weights(weights_dir, demo_ok=demo_ok)
+        self.loaded = loaded or load_model(self.weights_dir, device=device,
+                                           quantization=quantization, adapter=adapter)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.output_dir = Path(output_dir) if output_dir else cache_dir() / "outputs"
+        self.features = FeatureCache(max_bytes=feature_cache_bytes)
+        self.prefixes = PrefixStore()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ health
+    def health(self) -> dict:
+        from engine.devices import gpu_free_bytes
+        from engine.loader import checkpoint_present
+        from engine.selection import available
+
+        info = self.loaded.info
+        dev = info.get("device", "cpu")
+        return {
+            "status": "ok",
+            "protocol": PROTOCOL_VERSION,
+            "version": __version__,
+            "model": info.get("model_name", "GeoLLaVA-8K"),
+            "demo_model": bool(self.demo or info.get("demo")),
+            "weights_present": checkpoint_present(DEFAULT_WEIGHTS) or
+            (not self.demo and checkpoint_present(self.weights_dir)),
+            "weights_dir": str(self.weights_dir),
+            "device": dev,
+            "gpu_name": info.get("gpu_name"),
+            "gpu_free_bytes": gpu_free_bytes(dev) if str(dev).startswith("cuda") else None,
+            "quantization": info.get("quantization"),
+            "four_bit": bool(info.get("four_bit")),
+            "attention": info.get("attention"),
+            "adapter": info.get("adapter"),
+            "strategies": [s for s in STRATEGIES if s in available()],
+            "message": ("tiny random demo model: answers are meaningless; run `make weights`"
+                        if self.demo else None),
+        }
+
+    # ------------------------------------------------------------------------------ ask
+    def ask(self, req: AskRequest, cancel: threading.Event | None = None) -> Iterator[dict]:
+        """Answer `req`, yielding protocol events; the last one is `result`."""
+        req = req.validated()
+        with self._lock:
+            yield from self._ask(req, cancel)
+
+    def _ask(self, req: AskRequest, cancel: threading.Event | None) -> Iterator[dict]:
+        from engine.errors import Cancelled
+        from engine.generate import prefill_prefix, stream_generate
+        from engine.heatmap import write_heatmap
+
+        rid = req.request_id
+        ev = lambda type_, **kw: {"type": type_, "request_id": rid, **kw}  # noqa: E731
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        def check_cancel() -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the question was cancelled")
+
+        path = _check_raster_path(req.raster_path)
+        fkey = raster_key(path, req.aoi, req.bands)
+        cached = self.features.get(fkey)
+        yield ev("status", stage="read", progress=None, message="reading the raster")
+        if cached is not None:
+            geometry, features = cached
+            features = features.to(device=self.loaded.info.get("device", "cpu"))
+            timings.update(read=0.0, vision=0.0)
+        else:
+            geometry, features, t = yield from _with_progress(
+                lambda progress: read_and_encode(self.model, path, aoi=req.aoi, bands=req.bands,
+                                                 cancel=cancel, progress=progress),
+                lambda done, total: ev("status", stage="vision", progress=done / total,
+                                       message=f"vision tower: {done}/{total} tiles"),
+            )
+            timings.update(t)
+            self.features.put(fkey, (geometry, features.to(device="cpu")))
+        check_cancel()
+
+        strat = make_strategy(req.strategy, tokens_per_tile=req.tokens_per_tile, seed=req.seed)
+        reusable = not getattr(strat, "question_dependent", True)
+        pkey = (fkey, req.strategy, req.tokens_per_tile, req.seed, req.budget)
+        entry = self.prefixes.get(pkey) if reusable else None
+        yield ev("status", stage="select", progress=None,
+                 message=f"selecting visual tokens ({req.strategy})")
+        t0 = time.perf_counter()
+        if entry is not None:
+            selection, prefix = entry
+        else:
+            selection = strat.select(features, geometry, req.question, req.budget, model=self.model)
+            prefix = None
+        timings["select"] = time.perf_counter() - t0
+        check_cancel()
+
+        embeds, _, n_prefix = build_inputs(self.model, self.tokenizer, req.question, selection)
+        if reusable and prefix is None:
+            t0 = time.perf_counter()
+            prefix = prefill_prefix(self.model, embeds[:, :n_prefix])
+            timings["prefix_prefill"] = time.perf_counter() - t0
+            self.prefixes.put(pkey, (selection, prefix))
+        yield ev("status", stage="prefill", progress=None, message="reading the image tokens")
+        stream = stream_generate(self.model, self.tokenizer, embeds,
+                                 max_new_tokens=req.max_new_tokens, cancel=cancel, prefix=prefix,
+                                 vocab_limit=self.loaded.vocab_limit, seed=req.seed)
+        try:
+            for piece in stream:
+                yield ev("token", text=piece)
+        finally:
+            stream.close()
+        gen = stream.result
+        timings["prefill"] = gen.prefill_s + timings.pop("prefix_prefill", 0.0)
+        timings["generate"] = gen.generate_s
+
+        yield ev("status", stage="write", progress=None, message="writing the heatmap")
+        stem = _output_stem(req.question)
+        files = write_heatmap(selection, geometry, self.output_dir, stem)
+        timings["total"] = time.perf_counter() - t_start
+        yield ev(
+            "result",
+            answer=gen.text,
+            tokens={
+                "visual_candidates": int(selection.candidates),
+                "visual_kept": int(selection.n_tokens),
+                "prompt": int(gen.n_prompt_tokens),
+                "generated": int(gen.n_new_tokens),
+            },
+            timings={k: round(float(v), 4) for k, v in timings.items()},
+            peak_memory_bytes=gen.peak_memory_bytes,
+            cache={"features": cached is not None, "kv_prefix": entry is not None},
+            heatmap_path=str(files.tif_path),
+            heatmap_file=Path(files.tif_path).name,
+            anchors_path=str(files.geojson_path),
+            anchors_file=Path(files.geojson_path).name,
+            anchors=files.geojson,
+            crs_wkt=geometry.crs_wkt,
+            strategy=req.strategy,
+            budget=req.budget,
+            stopped=gen.stopped,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+def resolve_weights(weights_dir, *, demo_ok: bool = True) -> tuple[Path, bool]:
+    """Pick the checkpoint: the given dir, else GEOVQA_WEIGHTS / weights/GeoLLaVA-8K, else the
+    tiny random demo model (built on first use) when `demo_ok`. Returns (dir, is_demo)."""
+    from engine.loader import WeightsMissingError, checkpoint_present
+    from engine.tiny import build_tiny_checkpoint, is_tiny_checkpoint
+
+    if weights_dir is not None:
+        path = Path(weights_dir)
+        if checkpoint_present(path):
+            return path, is_tiny_checkpoint(path)
+        if path.resolve() != DEFAULT_WEIGHTS.resolve() or not demo_ok:
+            raise WeightsMissingError(
+                f"no weights: {path} holds no GeoLLaVA-8K checkpoint (config.json + safetensors). "
+                "Run `make weights` to download it, or leave --weights out to use the demo model."
+            )
+    env = os.environ.get("GEOVQA_WEIGHTS")
+    for candidate in ([Path(env)] if env else []) + [DEFAULT_WEIGHTS]:
+        if checkpoint_present(candidate):
+            return candidate, is_tiny_checkpoint(candidate)
+    if not demo_ok:
+        raise WeightsMissingError(
+            f"no weights: no GeoLLaVA-8K checkpoint in {DEFAULT_WEIGHTS}. "
+            "Run `make weights` (needs internet, about 16 GB)."
+        )
+    demo = cache_dir() / "tiny-geollava"
+    if not checkpoint_present(demo):
+        build_tiny_checkpoint(demo, seed=0)
+    return demo, True
+
+
+def _check_raster_path(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise RequestError("raster_unreadable", f"The raster {path} does not exist.",
+                           "Check the path; the engine reads files on its own host.")
+    if p.is_dir():
+        raise RequestError("not_a_raster", f"{path} is a folder, not a raster file.")
+    return str(p)
+
+
+def _output_stem(question: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", question.lower()).strip("-")[:40] or "question"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{uuid.uuid4().hex[:6]}"
+
+
+def _with_progress(work: Callable[[Callable[[int, int], None]], Any],
+                   to_event: Callable[[int, int], dict]):
+    """Run `work(progress)` in a thread, yielding `to_event(done, total)` for each progress call;
+    return its result (or raise its exception). Lets a long stage report progress mid-stream."""
+    q: queue.Queue = queue.Queue()
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = work(lambda done, total: q.put((done, total)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = exc
+        finally:
+            q.put(None)
+
+    th = threading.Thread(target=run, name="geovqa-stage", daemon=True)
+    th.start()
+    while (item := q.get()) is not None:
+        yield to_event(*item)
+    th.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]

@@ -1,0 +1,462 @@
+"""Read any GDAL raster (GeoTIFF, COG, VRT, ...) with rasterio into an 8-bit RGB `RasterImage`.
+
+What `read_raster` does, in order:
+
+* **Open** the file; a missing, unreadable, corrupt or non-raster file raises `RasterOpenError`
+  (a `RasterError`, itself a `ValueError`) with a sentence for a person, never a bare GDAL error.
+  Every `RasterError` carries `.code`, the protocol error code (not_a_raster, raster_unreadable,
+  bad_aoi, aoi_outside_raster, bad_request).
+* **Window** (AOI; the protocol's dicts ``{"window": [...]}``, ``{"polygon_wkt": str}`` and
+  ``{"geojson": dict}`` are accepted as well as the bare forms below): none = the whole raster;
+  a pixel window ``[col_off, row_off, width, height]``
+  (clipped to the raster; wholly outside -> `AOIError`); or a polygon (WKT string, shapely
+  geometry, or GeoJSON geometry/Feature/FeatureCollection dict) in the raster's CRS, read over its
+  bounding window with the pixels outside the polygon marked invalid. On a raster without
+  georeferencing the polygon's coordinates are taken as source *pixel* coordinates (col, row).
+* **Decimation**: when the window holds more than `max_pixels` pixels it is read at a reduced
+  size (`read_size_for`) with GDAL's resampled read (average; nearest for palette rasters), which
+  uses the file's overviews when present, so a 27,000 px raster is never loaded at full size.
+  `image_to_source` records the exact offset + scale.
+* **Bands**: default RGB by colour interpretation when red, green and blue are all tagged, else
+  the first three non-alpha bands; one band (or a grey + alpha pair) -> grey replicated to three
+  channels; two non-alpha bands -> the first as grey; a single paletted band -> its colour table.
+  An explicit ``bands=[...]`` (1-based, one or three entries) overrides that.
+* **Stretch**: uint8 data is kept as is; any other type (uint16, int, float) is stretched per band
+  from its 2nd..98th percentile (over valid pixels only) to 0..255. A constant band keeps its
+  value clipped to 0..255 (no division by zero).
+* **Validity**: nodata values, internal/external masks and an alpha band (all through GDAL's
+  per-band masks), NaN/inf in float data, and the outside of a polygon AOI give ``valid=False``;
+  those pixels are set to 0 in ``pixels``.
+* **No georeferencing**: ``crs_wkt=None`` and ``source_transform`` is the identity (map
+  coordinates are source pixel coordinates).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from affine import Affine
+
+PERCENTILES = (2.0, 98.0)
+_STATS_SAMPLE = 4_000_000  # percentiles from at most about this many valid pixels per band
+
+
+class RasterError(ValueError):
+    """A raster could not be used; the message says why and what to do.
+
+    `code` is the protocol error code (engine/protocol.py ERROR_CODES) a server should answer with.
+    """
+
+    code = "raster_unreadable"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class RasterOpenError(RasterError):
+    """The file is missing, unreadable, corrupt, truncated or not a raster."""
+
+    code = "not_a_raster"
+
+
+class BandError(RasterError):
+    """The requested bands do not exist or cannot be shown as RGB."""
+
+    code = "bad_request"
+
+
+class AOIError(RasterError):
+    """The area of interest is malformed (code bad_aoi) or misses the raster (AOIOutsideError)."""
+
+    code = "bad_aoi"
+
+
+class AOIOutsideError(AOIError):
+    """The area of interest does not overlap the raster."""
+
+    code = "aoi_outside_raster"
+
+
+@dataclass
+class RasterImage:
+    pixels: np.ndarray  # (H, W, 3) uint8 RGB after band choice and stretch
+    valid: np.ndarray  # (H, W) bool: False at nodata and outside an AOI polygon
+    image_to_source: Affine  # image pixel (col, row) -> source pixel (col, row)
+    source_transform: Affine  # source pixel -> map coordinates (identity when no georef)
+    crs_wkt: str | None
+    source_size: tuple[int, int]  # (width, height) of the whole source raster
+    window: tuple[int, int, int, int]  # (col_off, row_off, width, height) read, source px
+    bands: tuple[int, ...]  # 1-based source band per RGB channel, e.g. (1, 1, 1) for grey
+    path: str
+    georeferenced: bool = True  # False: source_transform is the identity (pixel coordinates)
+    stretch: tuple[tuple[float, float], ...] | None = None  # per channel (low, high) or None
+
+    @property
+    def image_to_map(self) -> Affine:
+        return self.source_transform @ self.image_to_source
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of `pixels`."""
+        return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+
+    @property
+    def decimation(self) -> tuple[float, float]:
+        """Source pixels per image pixel on each axis (1.0 = full resolution)."""
+        return float(self.image_to_source.a), float(self.image_to_source.e)
+
+    @property
+    def valid_fraction(self) -> float:
+        return float(self.valid.mean()) if self.valid.size else 0.0
+
+
+def read_size_for(window_wh, max_pixels: int | None) -> tuple[int, int]:
+    """Output (width, height) for reading a window of `window_wh` within `max_pixels` pixels.
+
+    The full size when it fits (or when `max_pixels` is None); else the largest aspect-preserving
+    integer size whose area does not exceed `max_pixels` (at least 1 x 1).
+    """
+    w, h = int(window_wh[0]), int(window_wh[1])
+    if max_pixels is None or w * h <= max_pixels:
+        return w, h
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}.")
+    f = math.sqrt(max_pixels / float(w * h))
+    ow, oh = max(1, int(w * f)), max(1, int(h * f))
+    while ow * oh > max_pixels and (ow > 1 or oh > 1):  # float rounding guard
+        if ow >= oh and ow > 1:
+            ow -= 1
+        else:
+            oh -= 1
+    return ow, oh
+
+
+# ----------------------------------------------------------------------------------------- open
+
+
+def _open(path: str):
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    p = os.fspath(path)
+    is_local = "://" not in p and not p.startswith("/vsi")
+    if is_local:
+        if not os.path.exists(p):
+            raise RasterOpenError(f"Raster file not found: '{p}'. Check the path and try again.")
+        if os.path.isdir(p):
+            raise RasterOpenError(f"'{p}' is a folder, not a raster file. Choose the raster file itself.")
+        if not os.access(p, os.R_OK):
+            raise RasterOpenError(
+                f"Raster file '{p}' cannot be read (permission denied). Check its permissions.",
+                code="raster_unreadable",
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return rasterio.open(p)
+    except (RasterioError, OSError, ValueError) as exc:
+        raise RasterOpenError(
+            f"Could not open '{p}' as a raster: it is not a format GDAL can read, or the file is "
+            f"corrupt or incomplete. Re-export it (e.g. as GeoTIFF) and try again. (GDAL: {exc})"
+        ) from exc
+
+
+def _is_georeferenced(src) -> bool:
+    return src.crs is not None or not src.transform.almost_equals(Affine.identity())
+
+
+# ---------------------------------------------------------------------------------------- bands
+
+
+def _choose_bands(src, bands) -> tuple[tuple[int, int, int], bool]:
+    """Return (bands per channel, use_palette)."""
+    from rasterio.enums import ColorInterp
+
+    n = src.count
+    if bands is not None:
+        if isinstance(bands, (int, np.integer)):
+            bands = [bands]
+        try:
+            req = [int(b) for b in bands]
+        except (TypeError, ValueError) as exc:
+            raise BandError(f"Bands must be 1-based band numbers, got {bands!r}.") from exc
+        bad = [b for b in req if b < 1 or b > n]
+        if bad:
+            raise BandError(
+                f"Band {bad[0]} does not exist in '{src.name}': it has {n} band(s), numbered 1 to {n}."
+            )
+        if len(req) == 1:
+            return (req[0],) * 3, False
+        if len(req) == 3:
+            return (req[0], req[1], req[2]), False
+        raise BandError(
+            f"Give one band (shown as grey) or three bands (red, green, blue); got {len(req)}: {req}."
+        )
+    if n < 1:
+        raise BandError(f"'{src.name}' has no bands to read.")
+    ci = list(src.colorinterp)
+    colour = [i + 1 for i, c in enumerate(ci) if c not in (ColorInterp.alpha,)]
+    if not colour:
+        colour = [1]
+    rgb = [ci.index(c) + 1 if c in ci else None for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)]
+    if all(rgb):
+        return (rgb[0], rgb[1], rgb[2]), False
+    if len(colour) >= 3:
+        return (colour[0], colour[1], colour[2]), False
+    first = colour[0]
+    palette = ci[first - 1] == ColorInterp.palette and src.dtypes[first - 1] == "uint8"
+    if palette:
+        try:
+            src.colormap(first)
+        except Exception:  # no colour table after all
+            palette = False
+    return (first, first, first), palette
+
+
+# ------------------------------------------------------------------------------------------ AOI
+
+
+def _aoi_geometry(aoi):
+    """shapely geometry from WKT, shapely or GeoJSON dict; None when `aoi` is a pixel window."""
+    import shapely
+    from shapely.geometry import shape
+
+    if hasattr(aoi, "geom_type"):
+        return aoi
+    if isinstance(aoi, str):
+        try:
+            return shapely.from_wkt(aoi)
+        except Exception as exc:
+            raise AOIError(f"The area of interest is not valid WKT: {aoi[:80]!r}.") from exc
+    if isinstance(aoi, dict):
+        if "polygon_wkt" in aoi:  # protocol AOI dicts (engine/protocol.py AOI_FIELDS)
+            return _aoi_geometry(str(aoi["polygon_wkt"]))
+        if "geojson" in aoi:
+            return _aoi_geometry(aoi["geojson"])
+        if "window" in aoi:
+            return None
+        kind = aoi.get("type")
+        try:
+            if kind == "Feature":
+                return shape(aoi["geometry"])
+            if kind == "FeatureCollection":
+                return shapely.union_all([shape(f["geometry"]) for f in aoi.get("features", [])])
+            return shape(aoi)
+        except Exception as exc:
+            raise AOIError(f"The area of interest is not a valid GeoJSON geometry ({exc}).") from exc
+    return None
+
+
+def _pixel_window(aoi) -> tuple[float, float, float, float]:
+    if isinstance(aoi, dict):
+        aoi = aoi.get("window")
+    try:
+        vals = [float(v) for v in aoi]
+    except (TypeError, ValueError) as exc:
+        raise AOIError(
+            "The area of interest must be a pixel window [col_off, row_off, width, height], a WKT "
+            f"string, a shapely geometry or a GeoJSON dict; got {aoi!r}."
+        ) from exc
+    if len(vals) != 4:
+        raise AOIError(f"A pixel window needs 4 numbers [col_off, row_off, width, height]; got {len(vals)}.")
+    if vals[2] <= 0 or vals[3] <= 0:
+        raise AOIError(f"A pixel window needs a positive width and height; got {vals[2]} x {vals[3]}.")
+    return vals[0], vals[1], vals[2], vals[3]
+
+
+def _clip_window(c0, r0, c1, r1, src, what: str) -> tuple[int, int, int, int]:
+    W, H = src.width, src.height
+    ic0, ir0 = max(0, int(math.floor(c0))), max(0, int(math.floor(r0)))
+    ic1, ir1 = min(W, int(math.ceil(c1))), min(H, int(math.ceil(r1)))
+    if ic1 <= ic0 or ir1 <= ir0:
+        raise AOIOutsideError(
+            f"The area of interest ({what}) lies wholly outside the raster '{src.name}' "
+            f"({W} x {H} pixels). Draw or enter an area that overlaps the raster."
+        )
+    return ic0, ir0, ic1 - ic0, ir1 - ir0
+
+
+# ----------------------------------------------------------------------------------------- read
+
+
+def _stretch(band: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """Stretch one band to uint8 from its 2..98 percentiles over valid pixels.
+
+    Statistics come from a regular subsample (every k-th row and column) when the band has more
+    than about 4 million pixels; the mapping is applied in row blocks to bound memory.
+    """
+    sample_b, sample_v = band, valid
+    if band.size > _STATS_SAMPLE:
+        k = int(math.ceil(math.sqrt(band.size / _STATS_SAMPLE)))
+        sample_b, sample_v = band[::k, ::k], valid[::k, ::k]
+    vals = sample_b[sample_v]
+    if vals.size == 0:
+        return np.zeros(band.shape, np.uint8), (0.0, 0.0)
+    lo, hi = (float(v) for v in np.percentile(vals.astype(np.float64), PERCENTILES))
+    out = np.empty(band.shape, np.uint8)
+    step = max(1, (1 << 22) // max(1, band.shape[1]))
+    for r in range(0, band.shape[0], step):
+        blk = band[r:r + step].astype(np.float64)
+        if hi > lo:
+            blk = (blk - lo) * (255.0 / (hi - lo))
+        # a constant band (hi == lo) keeps its value, clipped to 0..255: no division by zero
+        blk = np.nan_to_num(blk, nan=0.0, posinf=255.0, neginf=0.0)
+        out[r:r + step] = np.rint(np.clip(blk, 0, 255))
+    return out, (lo, hi)
+
+
+def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
+    """Read `path` (any GDAL raster) into a `RasterImage`; see the module docstring for the rules.
+
+    `max_pixels`: None (full resolution), an int, or a callable ``(window_w, window_h) -> int``
+    evaluated once the AOI window is known (see `read_for_tiling`).
+    """
+    from rasterio.enums import Resampling
+    from rasterio.errors import RasterioError
+    from rasterio.features import geometry_mask
+    from rasterio.windows import Window
+
+    p = os.fspath(path)
+    src = _open(p)
+    try:
+        georef = _is_georeferenced(src)
+        transform = src.transform if georef else Affine.identity()
+        crs_wkt = src.crs.to_wkt() if src.crs is not None else None
+        chosen, palette = _choose_bands(src, bands)
+
+        poly = None
+        if aoi is None:
+            win = (0, 0, src.width, src.height)
+        else:
+            poly = _aoi_geometry(aoi)
+            if poly is not None:
+                if poly.is_empty:
+                    raise AOIError("The area of interest polygon is empty.")
+                if poly.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
+                    raise AOIError(f"The area of interest must be a polygon, got a {poly.geom_type}.")
+                if not poly.is_valid:  # e.g. a self-intersecting ring drawn by hand
+                    import shapely
+
+                    poly = shapely.make_valid(poly)
+                from shapely import affinity
+
+                inv = ~transform
+                pix = affinity.affine_transform(poly, [inv.a, inv.b, inv.d, inv.e, inv.xoff, inv.yoff])
+                c0, r0, c1, r1 = pix.bounds
+                where = "polygon, in the raster's CRS" if georef else "polygon, in pixel coordinates"
+                win = _clip_window(c0, r0, c1, r1, src, where)
+            else:
+                c, r, w, h = _pixel_window(aoi)
+                win = _clip_window(c, r, c + w, r + h, src, f"pixel window {[c, r, w, h]}")
+
+        col_off, row_off, ww, wh = win
+        budget = max_pixels(ww, wh) if callable(max_pixels) else max_pixels
+        ow, oh = read_size_for((ww, wh), budget)
+        resampling = Resampling.nearest if (palette or (ow, oh) == (ww, wh)) else Resampling.average
+        window = Window(col_off, row_off, ww, wh)
+        uniq = sorted(set(chosen))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = src.read(uniq, window=window, out_shape=(len(uniq), oh, ow), resampling=resampling)
+                masks = src.read_masks(uniq, window=window, out_shape=(len(uniq), oh, ow),
+                                       resampling=Resampling.nearest)
+        except (RasterioError, OSError, ValueError) as exc:
+            raise RasterOpenError(
+                f"Could not read pixels from '{p}': the file looks corrupt or truncated. "
+                f"Re-export it and try again. (GDAL: {exc})",
+                code="raster_unreadable",
+            ) from exc
+
+        if np.iscomplexobj(data):  # complex (e.g. SAR SLC): show the amplitude
+            data = np.abs(data)
+        valid = np.all(masks > 0, axis=0)
+        if np.issubdtype(data.dtype, np.floating):
+            valid &= np.all(np.isfinite(data), axis=0)
+
+        image_to_source = Affine.translation(col_off, row_off) @ Affine.scale(ww / ow, wh / oh)
+        if poly is not None:
+            to_coords = transform @ image_to_source
+            inside = geometry_mask([poly], out_shape=(oh, ow), transform=to_coords, invert=True,
+                                   all_touched=False)
+            if not inside.any():
+                raise AOIError(
+                    "The area of interest polygon is smaller than one pixel of the image read; "
+                    "draw a larger area."
+                )
+            valid &= inside
+
+        pixels = np.zeros((oh, ow, 3), dtype=np.uint8)
+        stretch = None
+        if palette:
+            cmap = src.colormap(chosen[0])
+            lut = np.zeros((256, 3), np.uint8)
+            for k, rgba in cmap.items():
+                if 0 <= k < 256:
+                    lut[k] = rgba[:3]
+            pixels[:] = lut[data[0]]
+        elif data.dtype == np.uint8:
+            for ch, b in enumerate(chosen):
+                pixels[..., ch] = data[uniq.index(b)]
+        else:
+            per_band = {}
+            for i, b in enumerate(uniq):
+                per_band[b] = _stretch(data[i], valid)
+            for ch, b in enumerate(chosen):
+                pixels[..., ch] = per_band[b][0]
+            stretch = tuple(per_band[b][1] for b in chosen)
+        pixels[~valid] = 0
+
+        return RasterImage(
+            pixels=pixels,
+            valid=valid,
+            image_to_source=image_to_source,
+            source_transform=transform,
+            crs_wkt=crs_wkt,
+            source_size=(int(src.width), int(src.height)),
+            window=(int(col_off), int(row_off), int(ww), int(wh)),
+            bands=tuple(int(b) for b in chosen),
+            path=p,
+            georeferenced=georef,
+            stretch=stretch,
+        )
+    finally:
+        src.close()
+
+
+def read_for_tiling(path, *, aoi=None, bands=None, pinpoints=None) -> RasterImage:
+    """`read_raster` with the pixel budget of the canvas tiling will choose for the AOI window.
+
+    A window smaller than its canvas is read at full resolution; a 27,000 px raster is read
+    decimated (through its overviews) to about the 8064 x 8064 canvas.
+    """
+    from .tiling import tiling_read_budget
+
+    return read_raster(path, aoi=aoi, bands=bands,
+                       max_pixels=lambda w, h: tiling_read_budget((w, h), pinpoints))
+
+
+def raster_info(path) -> dict:
+    """Cheap metadata (no pixels): size, band count, dtypes, CRS, georeferencing, overviews."""
+    src = _open(os.fspath(path))
+    try:
+        return {
+            "path": os.fspath(path),
+            "width": int(src.width),
+            "height": int(src.height),
+            "count": int(src.count),
+            "dtypes": list(src.dtypes),
+            "crs_wkt": src.crs.to_wkt() if src.crs is not None else None,
+            "georeferenced": _is_georeferenced(src),
+            "transform": tuple(src.transform)[:6],
+            "overviews": src.overviews(1) if src.count else [],
+            "nodata": src.nodata,
+        }
+    finally:
+        src.close()

@@ -1,0 +1,199 @@
+"""The `budget` strategy: budget-aware token selection after UHR-BAT, never above the budget.
+
+The idea (UHR-BAT, in our words): decide how important every part of the image is for the
+question at several scales, split a fixed token budget over regions by that importance, and
+inside each region keep the most important tokens as they are while compressing the rest into a
+few merged tokens, so that context survives at low cost.
+
+1. **Multi-scale text-guided importance.** For each scale s in ``scales=(1, 2, 4)`` (patches per
+   cell side inside a tile), cells are average-pooled, projected and scored with the question
+   (`textscore.TextScorer`, softmax over all cells of that scale); each patch receives its cell's
+   share divided by the cell's valid patches. A patch's importance is the mean over scales.
+2. **Region budget.** Regions are tiles. Region r gets ``floor(B * w_r / sum w)`` tokens with
+   w_r its summed importance, the remainder going to the largest fractional parts; a region
+   never gets more tokens than it has valid patches (the excess is redistributed).
+3. **Preserve.** The top ``round(preserve_ratio * b_r)`` (default 0.5, at least 1) valid patches
+   of the region by importance are kept unchanged (role 'anchor').
+4. **Merge.** The region's other valid patches are grouped by a small deterministic k-means
+   (`kmeans`) into the remaining ``b_r - p_r`` clusters, on L2-normalised features concatenated
+   with ``spatial_weight`` (lambda, default 1.0) times the patch's (row, col) / 24 inside the
+   tile; ``kmeans_iters`` (default 10) Lloyd steps; initial centres drawn with a seeded
+   `torch.Generator`; empty clusters are dropped. Each cluster becomes the mean of its raw
+   features (role 'merged', or 'kept' for a single patch); its score is the mean importance.
+
+Default budget without one: 24 tokens a tile. LM order: tile by tile, then by each token's first
+patch in raster order. The total never exceeds the budget (at most b_r tokens per region).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.selection import clusters as C
+from engine.selection.base import Selection, check_budget, register
+from engine.selection.baselines import pool_labels
+from engine.selection.common import project, role_for, unreduced_tokens, valid_tensor
+from engine.selection.textscore import make_scorer
+
+DEFAULT_SCALES = (1, 2, 4)
+
+
+def allocate(weights: np.ndarray, capacity: np.ndarray, total: int) -> np.ndarray:
+    """Split `total` integer tokens proportionally to `weights`, never above `capacity`
+    (largest remainder; excess redistributed to regions with room)."""
+    weights = np.asarray(weights, dtype=np.float64).clip(min=0)
+    capacity = np.asarray(capacity, dtype=np.int64)
+    out = np.zeros_like(capacity)
+    left = min(int(total), int(capacity.sum()))
+    for _ in range(len(weights) + 1):
+        room = capacity - out
+        active = room > 0
+        if left <= 0 or not active.any():
+            break
+        w = np.where(active, weights, 0.0)
+        if w.sum() <= 0:
+            w = active.astype(np.float64)
+        share = left * w / w.sum()
+        base = np.minimum(np.floor(share).astype(np.int64), room)
+        rem = left - int(base.sum())
+        frac = np.where(room - base > 0, share - np.floor(share), -1.0)
+        order = np.argsort(-frac, kind="stable")
+        extra = np.zeros_like(base)
+        for i in order[:rem]:
+            if frac[i] >= 0:
+                extra[i] = 1
+        add = base + extra
+        out += add
+        left -= int(add.sum())
+    return out
+
+
+def kmeans(x: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, iters: int = 10,
+           seed: int = 0) -> torch.Tensor:
+    """Batched deterministic k-means. x (R, n, F) points, mask (R, n) real points, k (R,) clusters
+    per batch row (<= real points). Returns assignments (R, n) in 0..k_r-1 (-1 for masked)."""
+    r, n, f = x.shape
+    kmax = int(k.max()) if r else 0
+    if kmax == 0:
+        return torch.full((r, n), -1, dtype=torch.long)
+    gen = torch.Generator().manual_seed(int(seed))
+    prio = torch.rand(r, n, generator=gen).masked_fill(~mask, 2.0)
+    init = torch.sort(prio, dim=1, stable=True).indices[:, :kmax]  # random real points first
+    cent = x.gather(1, init[..., None].expand(r, kmax, f)).clone()
+    cmask = torch.arange(kmax)[None, :] < k[:, None]  # (R, kmax) centres in use
+    assign = torch.zeros(r, n, dtype=torch.long)
+    for _ in range(max(1, int(iters))):
+        d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ cent.transpose(1, 2) + (cent * cent).sum(-1)[:, None, :]
+        d2 = d2.masked_fill(~cmask[:, None, :], float("inf"))
+        new = d2.argmin(-1)
+        oh = torch.zeros(r, n, kmax).scatter_(2, new[..., None], 1.0) * mask[..., None]
+        cnt = oh.sum(1)
+        sums = oh.transpose(1, 2) @ x
+        cent = torch.where(cnt[..., None] > 0, sums / cnt.clamp(min=1)[..., None], cent)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign.masked_fill(~mask, -1)
+
+
+@register("budget")
+class BudgetStrategy:
+    name = "budget"
+    question_dependent = True
+
+    def __init__(self, scales=DEFAULT_SCALES, preserve_ratio: float = 0.5,
+                 spatial_weight: float = 1.0, kmeans_iters: int = 10, seed: int | None = 0,
+                 tokens_per_tile: int = 24, tokenizer=None, last_n: int = 8, scorer=None,
+                 **_ignored) -> None:
+        if not 0 <= float(preserve_ratio) <= 1:
+            raise ValueError("preserve_ratio must be between 0 and 1")
+        self.scales = tuple(int(s) for s in scales)
+        self.preserve_ratio = float(preserve_ratio)
+        self.spatial_weight = float(spatial_weight)
+        self.iters = int(kmeans_iters)
+        self.seed = 0 if seed is None else int(seed)
+        self.k, self.tokenizer, self.last_n, self.scorer = int(tokens_per_tile), tokenizer, last_n, scorer
+
+    def importance(self, patches, valid, score_fn, model) -> torch.Tensor:
+        t, n, d = patches.shape
+        grid = int(round(n**0.5))
+        imp = torch.zeros(t, n)
+        used = 0
+        for s in self.scales:
+            if grid % s:
+                continue
+            g = grid // s
+            lab = pool_labels(grid, g)[None].expand(t, n).contiguous()
+            means, _ = C.cluster_means(patches, lab.to(patches.device), g * g)
+            vfrac, _ = C.cluster_means(valid[..., None].float(), lab, g * g)
+            ok = vfrac[..., 0] > 0
+            ti, ci = torch.nonzero(ok, as_tuple=True)
+            sc = score_fn(project(model, means[ti.to(means.device), ci.to(means.device)])).float()
+            cell = torch.zeros(t, g * g)
+            cell[ti, ci] = sc / (vfrac[ti, ci, 0] * s * s)
+            imp += cell.gather(1, lab)
+            used += 1
+        return (imp / max(used, 1)) * valid
+
+    def select(self, features, geometry, question, budget, *, model) -> Selection:
+        budget = check_budget(budget)
+        patches = features.patches
+        t, n, d = patches.shape
+        grid = int(round(n**0.5))
+        B = t * self.k if budget is None else budget
+        valid = valid_tensor(geometry, patches)
+        score_fn = make_scorer(model, question, self.tokenizer, self.scorer, self.last_n)
+        with torch.no_grad():
+            imp = self.importance(patches, valid, score_fn, model)
+        cap = valid.sum(1).numpy()
+        alloc = allocate(imp.sum(1).double().numpy(), cap, B)
+        keep_n = np.where(alloc > 0, np.maximum(1, np.round(self.preserve_ratio * alloc)), 0).astype(np.int64)
+        keep_n = np.minimum(keep_n, alloc)
+        merge_n = alloc - keep_n
+
+        # preserve: top keep_n valid patches of each tile by importance (ties to lower index)
+        rank = imp.masked_fill(~valid, float("-inf"))
+        order = torch.sort(rank, dim=1, descending=True, stable=True).indices
+        pos = torch.empty_like(order)
+        pos.scatter_(1, order, torch.arange(n)[None].expand(t, n))
+        preserved = pos < torch.from_numpy(keep_n)[:, None]
+        rest = valid & ~preserved
+
+        # merge: k-means on normalised features + lambda * normalised coordinates
+        rows = torch.nonzero(torch.from_numpy(merge_n > 0), as_tuple=True)[0]
+        assign = torch.full((t, n), -1, dtype=torch.long)
+        if len(rows):
+            rc = torch.stack([torch.arange(n) // grid, torch.arange(n) % grid], 1).float() / grid
+            for c in torch.split(rows, 64):
+                feat = torch.nn.functional.normalize(patches[c.to(patches.device)].float(), dim=-1).cpu()
+                x = torch.cat([feat, self.spatial_weight * rc[None].expand(len(c), n, 2)], -1)
+                kk = torch.minimum(torch.from_numpy(merge_n)[c], rest[c].sum(1))
+                assign[c] = kmeans(x, rest[c], kk, self.iters, self.seed + int(c[0]))
+
+        tokens = []  # (tile, first patch, member ids, vector source, score, role)
+        flat = patches.reshape(t * n, d)
+        for ti in np.nonzero(alloc > 0)[0].tolist():
+            for p in torch.nonzero(preserved[ti], as_tuple=True)[0].tolist():
+                tokens.append((ti, p, np.array([ti * n + p], dtype=np.int64), float(imp[ti, p]), "anchor"))
+            a = assign[ti]
+            for c in torch.unique(a[a >= 0]).tolist():
+                ps = torch.nonzero(a == c, as_tuple=True)[0].numpy()
+                tokens.append((ti, int(ps[0]), (ps + ti * n).astype(np.int64),
+                               float(imp[ti, ps].mean()), role_for(len(ps), False)))
+        tokens.sort(key=lambda tk: (tk[0], tk[1]))
+        members = [tk[2] for tk in tokens]
+        vec = torch.stack([flat[torch.from_numpy(m).to(flat.device)].float().mean(0) for m in members]).to(flat.dtype) \
+            if members else flat.new_zeros(0, d)
+        return Selection(
+            embeds=project(model, vec),
+            members=members,
+            scores=np.array([tk[3] for tk in tokens], dtype=np.float32),
+            roles=[tk[4] for tk in tokens],
+            candidates=unreduced_tokens(t, n),
+            strategy=self.name,
+            info={"budget": budget, "preserved": int(keep_n.sum()), "merge_slots": int(merge_n.sum()),
+                  "regions_used": int((alloc > 0).sum()), "scales": list(self.scales),
+                  "preserve_ratio": self.preserve_ratio, "spatial_weight": self.spatial_weight,
+                  "tiles": t},
+        )

@@ -1,0 +1,107 @@
+"""Small helpers shared by the token strategies: geometry access, padding masks, projection in
+chunks, role rules and the global budget cap.
+
+Role rule (the same for every strategy, see `role_for`):
+
+* ``'anchor'`` - the token won a ranking by a query score (the CLIP CLS query in `geollava` /
+  `anchored`, the question in `pyramid` / `budget`, the CLS score in `background` when ranked
+  by score);
+* ``'merged'`` - an unranked average of two or more patches (background cluster means, UHR-BAT
+  merge centres, uniform pooling cells);
+* ``'kept'`` - an unranked single patch (random, uniform without pooling, background singletons)
+  or an empty slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+GRID = 24
+PATCHES = GRID * GRID
+
+
+def unreduced_tokens(n_tiles: int, n_patches: int = PATCHES) -> int:
+    """Tokens the unreduced path (`none`: every tile's patches pooled 2 x 2, as LongVA) gives;
+    the `candidates` figure of every Selection."""
+    side = int(round(n_patches**0.5))
+    return int(n_tiles) * ((side + 1) // 2) ** 2
+
+
+def role_for(n_members: int, ranked: bool) -> str:
+    """Role of a token from how it was chosen (see module docstring)."""
+    if ranked:
+        return "anchor"
+    return "merged" if n_members > 1 else "kept"
+
+
+def _attr(obj: Any, name: str) -> Any:
+    value = getattr(obj, name, None)
+    return value() if callable(value) else value
+
+
+def patch_valid(geometry: Any, n_tiles: int, n_patches: int = PATCHES) -> np.ndarray:
+    """(T, P) bool: False for pure padding patches. All True when the geometry is unknown."""
+    valid = None if geometry is None else _attr(geometry, "patch_valid")
+    if valid is None and geometry is not None:
+        layout = getattr(geometry, "layout", None)
+        valid = None if layout is None else _attr(layout, "patch_valid")
+    if valid is None:
+        return np.ones((n_tiles, n_patches), dtype=bool)
+    valid = np.asarray(valid, dtype=bool).reshape(n_tiles, n_patches)
+    return valid
+
+
+def tile_grid(geometry: Any, n_tiles: int) -> tuple[int, int]:
+    """(rows, cols) of the tile grid; a single row when the geometry is unknown."""
+    for obj in (geometry, getattr(geometry, "layout", None)):
+        if obj is None:
+            continue
+        rows, cols = getattr(obj, "rows", None), getattr(obj, "cols", None)
+        if rows is not None and cols is not None and int(rows) * int(cols) == n_tiles:
+            return int(rows), int(cols)
+    return 1, n_tiles
+
+
+def patch_rc(geometry: Any, n_tiles: int, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Global patch-grid (row, col) of every flat patch id t * grid**2 + p, shape (T * P,)."""
+    rows, cols = tile_grid(geometry, n_tiles)
+    ids = np.arange(n_tiles * grid * grid)
+    t, p = np.divmod(ids, grid * grid)
+    tr, tc = np.divmod(t, cols)
+    pr, pc = np.divmod(p, grid)
+    return tr * grid + pr, tc * grid + pc
+
+
+def project(model: Any, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Vision vectors (N, D) -> LM embeddings (N, H) through the model's projector, in chunks.
+    Without a model (pure-tensor tests) the vectors are returned unchanged."""
+    if model is None:
+        return x
+    if x.shape[0] == 0:
+        probe = model.project(x.new_zeros((1, x.shape[-1])))
+        return probe[:0]
+    with torch.no_grad():
+        return torch.cat([model.project(c) for c in torch.split(x, chunk)], 0)
+
+
+def cap_global(scores: torch.Tensor, budget: int | None) -> torch.Tensor:
+    """Indices of the `budget` best scores (ties to the lower index), returned in index order.
+    All indices when the budget is None or not binding."""
+    n = int(scores.shape[0])
+    if budget is None or budget >= n:
+        return torch.arange(n)
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:budget]
+    return torch.sort(order).values
+
+
+def members_from_ids(ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+    """One single-patch member array per flat patch id."""
+    return [np.array([int(i)], dtype=np.int64) for i in np.asarray(ids).reshape(-1)]
+
+
+def valid_tensor(geometry: Any, features_patches: torch.Tensor) -> torch.Tensor:
+    t, n = features_patches.shape[:2]
+    return torch.from_numpy(patch_valid(geometry, t, n).copy())

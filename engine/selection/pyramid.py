@@ -1,0 +1,156 @@
+"""The `pyramid` strategy: training-free, text-guided coarse-to-fine selection after LRS-VQA.
+
+The idea (LRS-VQA, in our words): look at the scene at low resolution first, let the question
+decide which regions matter, and only spend high-resolution tokens there. Our pyramid is built
+from the grid tiles' own CLIP features (no extra vision passes): level l averages each tile's
+24 x 24 patches into g_l x g_l non-overlapping cells, with ``levels=(1, 4, 12, 24)`` by default
+(one token a tile, 6 x 6, 2 x 2 patches, single patches); every level nests in the next.
+
+1. Start from the coarsest level: one token per tile (pure padding cells are skipped). If that
+   already exceeds the budget, keep the `budget` most relevant cells and stop.
+2. Score the current tokens (through the projector) with the question
+   (`textscore.TextScorer`: first-layer attention share of the question's last tokens, softmax
+   over the current set).
+3. Open the best-scoring tokens, most relevant first: an opened cell is replaced by its valid
+   children at the next level. Per level at most ``open_ratio`` (default 0.25) of the current
+   tokens are opened, and only while the total stays within the budget.
+4. Repeat 2-3 level by level down to single patches.
+
+Unopened coarse tokens stay in the LM input as context (``keep_coarse=True``; LRS-VQA keeps
+the low-resolution view too); ``keep_coarse=False`` drops them when at least one region was
+opened. Default budget without one: 24 tokens a tile (the geollava count). The scores reported
+are the last relevance each token received. Roles: tokens reached by opening (they won a text
+ranking) are 'anchor'; unopened multi-patch cells 'merged'. LM order: tile by tile, then by the
+first patch of each token in raster order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.selection import clusters as C
+from engine.selection.base import Selection, check_budget, register
+from engine.selection.baselines import pool_labels
+from engine.selection.common import cap_global, project, role_for, unreduced_tokens, valid_tensor
+from engine.selection.textscore import make_scorer
+
+DEFAULT_LEVELS = (1, 4, 12, 24)
+
+
+def cell_tables(grid: int, g: int):
+    """Patch ids of every g x g cell: list of int arrays."""
+    lab = pool_labels(grid, g).numpy()
+    order = np.argsort(lab, kind="stable")
+    bounds = np.searchsorted(lab[order], np.arange(g * g + 1))
+    return [order[bounds[c] : bounds[c + 1]] for c in range(g * g)]
+
+
+@register("pyramid")
+class PyramidStrategy:
+    name = "pyramid"
+    question_dependent = True
+
+    def __init__(self, levels=DEFAULT_LEVELS, open_ratio: float = 0.25, keep_coarse: bool = True,
+                 tokens_per_tile: int = 24, tokenizer=None, last_n: int = 8, scorer=None,
+                 **_ignored) -> None:
+        levels = tuple(int(v) for v in levels)
+        if any(b % a for a, b in zip(levels, levels[1:])) or levels != tuple(sorted(set(levels))):
+            raise ValueError("pyramid levels must increase and each divide the next")
+        if not 0 < float(open_ratio) <= 1:
+            raise ValueError("open_ratio must be in (0, 1]")
+        self.levels, self.open_ratio, self.keep_coarse = levels, float(open_ratio), bool(keep_coarse)
+        self.k, self.tokenizer, self.last_n, self.scorer = int(tokens_per_tile), tokenizer, last_n, scorer
+
+    def select(self, features, geometry, question, budget, *, model) -> Selection:
+        budget = check_budget(budget)
+        patches = features.patches
+        t, n, d = patches.shape
+        grid = int(round(n**0.5))
+        levels = tuple(v for v in self.levels if v <= grid) or (grid,)
+        B = t * self.k if budget is None else budget
+        valid = valid_tensor(geometry, patches)
+        flat = patches.reshape(t * n, d)
+        vflat = valid.reshape(-1).numpy()
+        tables = {g: cell_tables(grid, g) for g in levels}
+        score_fn = make_scorer(model, question, self.tokenizer, self.scorer, self.last_n)
+
+        # token = (level index, tile, cell); its patch ids are tables[g][cell] + tile * n
+        def mem(tok):
+            li, ti, ci = tok
+            return tables[levels[li]][ci] + ti * n
+
+        def vectors(toks):
+            if not toks:
+                return flat.new_zeros(0, d)
+            return torch.stack([flat[torch.from_numpy(mem(tk))].float().mean(0) for tk in toks]).to(flat.dtype)
+
+        def alive(tok):
+            return bool(vflat[mem(tok)].any())
+
+        def children(tok):
+            li, ti, ci = tok
+            g0, g1 = levels[li], levels[li + 1]
+            f = g1 // g0
+            r0, c0 = divmod(ci, g0)
+            out = [(li + 1, ti, (r0 * f + a) * g1 + c0 * f + b) for a in range(f) for b in range(f)]
+            return [c for c in out if alive(c)]
+
+        frontier = [(0, ti, ci) for ti in range(t) for ci in range(levels[0] ** 2)]
+        frontier = [tk for tk in frontier if alive(tk)]
+        opened_from = set()  # tokens reached by opening
+        scores = score_fn(project(model, vectors(frontier)))
+        opened_levels = []
+        for li in range(len(levels) - 1):
+            if len(frontier) >= B:
+                break
+            order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+            max_open = max(1, int(self.open_ratio * len(frontier)))
+            total, opened, new_children = len(frontier), set(), {}
+            for i in order:
+                if len(opened) >= max_open:
+                    break
+                tk = frontier[i]
+                if tk[0] != li:
+                    continue
+                ch = children(tk)
+                if not ch or total + len(ch) - 1 > B:
+                    continue
+                opened.add(i)
+                new_children[i] = ch
+                total += len(ch) - 1
+            if not opened:
+                break
+            opened_levels.append(len(opened))
+            nxt = []
+            for i, tk in enumerate(frontier):
+                if i in opened:
+                    nxt.extend(new_children[i])
+                    opened_from.update(new_children[i])
+                else:
+                    nxt.append(tk)
+            frontier = nxt
+            scores = score_fn(project(model, vectors(frontier)))
+        if not self.keep_coarse and opened_from:
+            keep_idx = [i for i, tk in enumerate(frontier) if tk in opened_from]
+            frontier = [frontier[i] for i in keep_idx]
+            scores = scores[keep_idx]
+        keep = cap_global(scores, B).tolist()
+        frontier = [frontier[i] for i in keep]
+        scores = scores[keep]
+        members = [mem(tk).astype(np.int64) for tk in frontier]
+        lm_order = sorted(range(len(frontier)), key=lambda i: (frontier[i][1], int(members[i].min())))
+        frontier = [frontier[i] for i in lm_order]
+        members = [members[i] for i in lm_order]
+        scores = scores[lm_order] if lm_order else scores
+        vec = vectors(frontier)
+        return Selection(
+            embeds=project(model, vec),
+            members=members,
+            scores=np.asarray(scores, dtype=np.float32).reshape(-1),
+            roles=[role_for(len(m), tk in opened_from) for tk, m in zip(frontier, members)],
+            candidates=unreduced_tokens(t, n),
+            strategy=self.name,
+            info={"levels": list(levels), "opened_per_level": opened_levels, "budget": budget,
+                  "open_ratio": self.open_ratio, "tiles": t},
+        )

@@ -1,0 +1,120 @@
+"""Question-to-visual-token relevance from the language model, for `pyramid` and `budget`.
+
+Both LRS-VQA (text-guided coarse-to-fine pruning) and UHR-BAT (budget-aware selection) rank
+visual tokens by how strongly the question's tokens attend to them inside the LM. Running the
+whole LM over tens of thousands of visual tokens is exactly the cost we want to avoid, so we take
+the cheapest faithful proxy: the attention logits of the LM's **first decoder layer**.
+
+What we compute, precisely:
+
+1. the question is tokenised (the tokenizer comes from the strategy's `tokenizer` parameter or
+   `model.tokenizer`; a list of token ids is also accepted) and embedded with `embed_text`; we
+   use its last `last_n` (default 8) tokens - the end of the question, which in a causal LM
+   carries the summary of the whole question;
+2. text and visual embeddings (visual = features through the projector) pass that layer's
+   `input_layernorm` (RMSNorm), then its `q_proj` (text) and `k_proj` (visual), reshaped into
+   heads (grouped KV heads repeated to match the query heads);
+3. logits q.k / sqrt(head_dim) (no rotary position: the relevance should not depend on where a
+   token would sit in the sequence), softmax over **all** candidate visual tokens per head and
+   text token, then the mean over heads and text tokens.
+
+The result is a distribution over the candidates (sums to 1): the share of the question's
+first-layer attention each visual token would receive. Without a decoder layer (a stub model)
+the fallback is the softmax of cosine similarity between the mean question embedding and each
+visual embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from engine.selection.base import SelectionError
+
+DEFAULT_LAST_N = 8
+
+
+def question_ids(model: Any, question, tokenizer: Any = None) -> torch.Tensor:
+    """Token ids of the question (a string, or already a sequence of ids)."""
+    if isinstance(question, torch.Tensor):
+        return question.reshape(-1).long()
+    if isinstance(question, (list, tuple)):
+        return torch.as_tensor(question, dtype=torch.long)
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is None:
+        raise SelectionError(
+            "This text-guided strategy needs the model's tokenizer to read the question; "
+            "pass tokenizer=... to the strategy or set model.tokenizer."
+        )
+    ids = tok(str(question), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise SelectionError("The question is empty after tokenisation.")
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def _first_layer(model: Any):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or len(layers) == 0:
+        return None
+    return layers[0]
+
+
+def relevance_from_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (L, H, hd) text queries, k (N, H, hd) visual keys -> (N,) mean softmax attention."""
+    hd = q.shape[-1]
+    logits = torch.einsum("lhd,nhd->lhn", q.float(), k.float()) / math.sqrt(hd)
+    return torch.softmax(logits, dim=-1).mean(dim=(0, 1))
+
+
+class TextScorer:
+    """Scores projected visual tokens against one question (see module docstring)."""
+
+    def __init__(self, model: Any, question, tokenizer: Any = None,
+                 last_n: int = DEFAULT_LAST_N) -> None:
+        self.model = model
+        ids = question_ids(model, question, tokenizer)[-int(last_n):]
+        with torch.no_grad():
+            self.text = model.embed_text(ids)
+        self.layer = _first_layer(model)
+        if self.layer is not None:
+            attn = self.layer.self_attn
+            cfg = getattr(model, "config", None)
+            self.n_heads = int(getattr(cfg, "num_attention_heads"))
+            self.n_kv = int(getattr(cfg, "num_key_value_heads", self.n_heads) or self.n_heads)
+            self.hd = int(getattr(attn, "head_dim", 0) or cfg.hidden_size // self.n_heads)
+            with torch.no_grad():
+                q = attn.q_proj(self.layer.input_layernorm(self.text))
+            self.q = q.reshape(q.shape[0], self.n_heads, self.hd)
+
+    def keys(self, embeds: torch.Tensor) -> torch.Tensor:
+        attn = self.layer.self_attn
+        x = embeds.to(device=self.text.device, dtype=self.text.dtype)
+        k = attn.k_proj(self.layer.input_layernorm(x)).reshape(x.shape[0], self.n_kv, self.hd)
+        return k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+
+    def __call__(self, embeds: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """(N, H) projected visual tokens -> (N,) relevance on the CPU, summing to 1."""
+        if embeds.shape[0] == 0:
+            return torch.zeros(0)
+        with torch.no_grad():
+            if self.layer is None:
+                t = torch.nn.functional.normalize(self.text.float().mean(0), dim=0)
+                v = torch.nn.functional.normalize(embeds.float().to(t.device), dim=-1)
+                return torch.softmax(v @ t, 0).cpu()
+            logits = []
+            for c in torch.split(embeds, chunk):
+                k = self.keys(c)
+                logits.append(torch.einsum("lhd,nhd->lhn", self.q.float(), k.float()))
+            logits = torch.cat(logits, -1) / math.sqrt(self.hd)
+            return torch.softmax(logits, dim=-1).mean(dim=(0, 1)).cpu()
+
+
+def make_scorer(model: Any, question, tokenizer: Any = None, scorer=None,
+                last_n: int = DEFAULT_LAST_N):
+    """The scorer to use: an explicit callable (tests) or a TextScorer on the model."""
+    if scorer is not None:
+        return scorer
+    return TextScorer(model, question, tokenizer, last_n)

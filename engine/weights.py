@@ -1,0 +1,85 @@
+"""Download the released GeoLLaVA-8K checkpoint (``make weights``) and verify it.
+
+Uses huggingface_hub's ``snapshot_download`` into a plain directory, fetching only what the
+engine needs (config, safetensors shards + index, tokenizer files). Interrupted downloads resume
+on the next call. After the download the directory is checked the same way the loader checks it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_REPO = "initiacms/GeoLLaVA-8K"
+ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "*.md",
+]
+
+
+class DownloadError(RuntimeError):
+    """The weights could not be downloaded (message says why and what to do)."""
+
+
+def download_weights(
+    dest: str | os.PathLike,
+    repo: str = DEFAULT_REPO,
+    revision: str | None = None,
+    *,
+    token: str | None = None,
+) -> Path:
+    """Download ``repo`` into ``dest`` (resumable) and return the verified directory."""
+    from engine.loader import CheckpointError, read_config_json, weight_files
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - it is a declared dependency
+        raise DownloadError("huggingface_hub is not installed; run `make setup`") from exc
+    try:
+        snapshot_download(
+            repo_id=repo,
+            revision=revision,
+            local_dir=str(dest),
+            allow_patterns=ALLOW_PATTERNS,
+            token=token,
+        )
+    except LocalEntryNotFoundError as exc:
+        raise DownloadError(
+            f"cannot reach the Hugging Face Hub to download {repo}: this machine seems to be "
+            f"offline. Copy the checkpoint into {dest} by other means, or retry when online."
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise DownloadError(f"the Hugging Face Hub refused the download of {repo}: {exc}") from exc
+    except OSError as exc:
+        raise DownloadError(f"downloading {repo} into {dest} failed: {exc}") from exc
+    try:
+        read_config_json(dest)
+        files = weight_files(dest)
+    except CheckpointError as exc:
+        raise DownloadError(f"the download finished but the checkpoint is not usable: {exc}") from exc
+    if not files:
+        raise DownloadError(f"no weight files were downloaded into {dest}")
+    return dest
+
+
+def main_weights(args) -> int:
+    """CLI entry: ``python -m engine weights --dest DIR [--repo R] [--revision REV]``."""
+    path = download_weights(
+        getattr(args, "dest", "weights/GeoLLaVA-8K"),
+        repo=getattr(args, "repo", None) or DEFAULT_REPO,
+        revision=getattr(args, "revision", None),
+    )
+    print(f"GeoLLaVA-8K weights ready in {path}")
+    return 0

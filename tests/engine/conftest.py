@@ -1,0 +1,55 @@
+"""Shared engine test fixtures: the tiny random GeoLLaVA-8K checkpoint (built once, cached under
+the repo's .cache/ keyed by a hash of its config) and the model loaded from it on CPU fp32."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_checkpoint_path(seed: int = 0) -> Path:
+    """Build (once) and return the cached tiny checkpoint directory."""
+    from engine.tiny import build_tiny_checkpoint, tiny_key
+
+    cache_root = Path(os.environ.get("GEOVQA_TEST_CACHE", REPO / ".cache"))
+    dest = cache_root / f"tiny-geollava-{tiny_key(seed)}"
+    if (dest / "config.json").is_file() and (dest / "model.safetensors.index.json").is_file():
+        return dest
+    try:
+        build_tiny_checkpoint(dest, seed=seed)
+    except OSError:
+        # another test process finished the same build first
+        if not (dest / "model.safetensors.index.json").is_file():
+            raise
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Path:
+    import torch
+
+    torch.set_num_threads(1)
+    return tiny_checkpoint_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_checkpoint):
+    """LoadedModel (model, tokenizer, config, info) on CPU float32."""
+    from engine.loader import load_model
+
+    return load_model(tiny_checkpoint, device="cpu", quantization="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_loaded):
+    """The tiny LlavaQwenForCausalLM on CPU float32 (eval mode, no grad)."""
+    return tiny_loaded.model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_loaded):
+    return tiny_loaded.tokenizer

@@ -1,0 +1,116 @@
+"""Small GeoTIFF writers for tests (real files through rasterio; import from any test module).
+
+    from rasters import write_geotiff          # or: from tests.engine.rasters import ...
+    write_geotiff(tmp_path / "a.tif", arr)     # (H, W) or (bands, H, W); UTM 33N, 10 m pixels
+
+`crs=None` with the default transform writes a raster with no georeferencing at all.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from affine import Affine
+
+DEFAULT_TRANSFORM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0)
+_DEFAULT = object()
+
+
+def write_geotiff(
+    path,
+    array,
+    crs="EPSG:32633",
+    transform=_DEFAULT,
+    nodata=None,
+    dtype=None,
+    *,
+    overviews=None,
+    compress="deflate",
+    tiled=None,
+    colorinterp=None,
+    photometric=None,
+    alpha=None,
+    colormap=None,
+    mask=None,
+):
+    """Write `array` ((H, W) or (bands, H, W)) as a GeoTIFF and return the path as a string.
+
+    transform: an Affine; by default DEFAULT_TRANSFORM when `crs` is given, none when crs is None.
+    overviews: e.g. [2, 4, 8] to build internal overviews (average resampling).
+    colorinterp: e.g. ['red', 'green', 'blue', 'alpha']; photometric: e.g. 'RGB' (creation option).
+    alpha: a band count > 3 with `alpha=True` marks the last band as alpha (ExtraSamples).
+    colormap: {value: (r, g, b, a)} for band 1 (uint8 only).
+    mask: (H, W) bool array, True = valid, written as an internal per-dataset mask.
+    """
+    import rasterio
+    import rasterio.errors
+    from rasterio.enums import ColorInterp, Resampling
+
+    arr = np.asarray(array)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if dtype is not None:
+        arr = arr.astype(dtype)
+    count, height, width = arr.shape
+    if transform is _DEFAULT:
+        transform = DEFAULT_TRANSFORM if crs is not None else None
+    profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=arr.dtype.name)
+    if crs is not None:
+        profile["crs"] = crs
+    if transform is not None:
+        profile["transform"] = transform
+    if nodata is not None:
+        profile["nodata"] = nodata
+    if compress:
+        profile["compress"] = compress
+    if tiled is None:
+        tiled = width >= 512 and height >= 512
+    if tiled:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    if photometric:
+        profile["photometric"] = photometric
+    if alpha:
+        profile["alpha"] = "YES"
+    path = os.fspath(path)
+    with warnings.catch_warnings(), rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(arr)
+            if colorinterp is not None:
+                dst.colorinterp = [getattr(ColorInterp, c) if isinstance(c, str) else c for c in colorinterp]
+            if colormap is not None:
+                dst.write_colormap(1, colormap)
+            if mask is not None:
+                dst.write_mask(np.where(np.asarray(mask), 255, 0).astype(np.uint8))
+            if overviews:
+                dst.build_overviews(list(overviews), Resampling.average)
+    return path
+
+
+def write_bytes(path, data: bytes):
+    """Write raw bytes (e.g. a fake or corrupt .tif) and return the path."""
+    path = os.fspath(path)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def write_truncated(path, source_path, keep_fraction=0.5):
+    """Copy the first part of a real raster file to `path` (a truncated, corrupt raster)."""
+    with open(os.fspath(source_path), "rb") as f:
+        data = f.read()
+    return write_bytes(path, data[: max(16, int(len(data) * keep_fraction))])
+
+
+def write_vrt(path, source_path, width, height, count=1, dtype="Byte"):
+    """A minimal VRT that mirrors `source_path` band by band (same size, no georeferencing)."""
+    bands = "".join(
+        f'<VRTRasterBand dataType="{dtype}" band="{b}"><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{os.fspath(source_path)}</SourceFilename>'
+        f"<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
+        for b in range(1, count + 1)
+    )
+    xml = f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">{bands}</VRTDataset>'
+    return write_bytes(path, xml.encode())

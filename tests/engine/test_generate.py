@@ -1,0 +1,133 @@
+"""Prompt pieces and streaming generation on the tiny model (CPU, fp32)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine.errors import Cancelled
+from engine.generate import (
+    IncrementalDecoder,
+    generate_text,
+    peak_memory_bytes,
+    prefill_prefix,
+    stream_generate,
+)
+from engine.prompt import chat_prompt, split_prompt, stop_token_ids
+
+QUESTION = "How many ships are in the harbour?"
+
+
+def test_chat_prompt_is_qwen_1_5():
+    assert chat_prompt(QUESTION) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nHow many ships are in the harbour?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_split_prompt_round_trips(tiny_tokenizer):
+    pieces = split_prompt(tiny_tokenizer, QUESTION)
+    head = tiny_tokenizer.decode(pieces.before)
+    tail = tiny_tokenizer.decode(pieces.after)
+    assert head + "<image>" + tail == pieces.text
+    im_start = tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert pieces.before[0] == im_start and pieces.before.count(im_end) == 1
+    assert tail.endswith("<|im_start|>assistant\n")
+    assert im_end in stop_token_ids(tiny_tokenizer)
+
+
+def _embeds(model, tok, n_visual=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vis = model.project(torch.randn(n_visual, model.config.mm_hidden_size, generator=g))
+    p = split_prompt(tok, QUESTION)
+    return model.build_inputs_embeds(p.before, vis, p.after), len(p.before) + n_visual
+
+
+def test_greedy_is_deterministic_and_streams(tiny_model, tiny_tokenizer):
+    emb, _ = _embeds(tiny_model, tiny_tokenizer)
+    stream = stream_generate(tiny_model, tiny_tokenizer, emb, max_new_tokens=12)
+    pieces = list(stream)
+    res = stream.result
+    assert res.n_new_tokens > 0 and res.text.strip()
+    assert "".join(pieces) == res.text
+    assert res.text == tiny_tokenizer.decode(res.token_ids, skip_special_tokens=True)
+    assert res.stopped in ("stop", "length")
+    assert res.prefill_s > 0 and res.generate_s >= 0
+    assert res.n_prompt_tokens == emb.shape[1]
+    again = generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=12)
+    assert again.text == res.text and again.token_ids == res.token_ids
+    assert max(res.token_ids) < len(tiny_tokenizer)  # logits restricted to the tokenizer
+
+
+def test_greedy_matches_full_recompute(tiny_model, tiny_tokenizer):
+    emb, _ = _embeds(tiny_model, tiny_tokenizer, seed=1)
+    res = generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=6)
+    x = emb
+    ids = []
+    with torch.no_grad():
+        for _ in range(len(res.token_ids)):
+            logits = tiny_model(inputs_embeds=x).logits[0, -1, : len(tiny_tokenizer)]
+            t = int(logits.argmax())
+            ids.append(t)
+            x = torch.cat([x, tiny_model.embed_text([t]).unsqueeze(0)], 1)
+    assert ids == res.token_ids
+
+
+def test_stops_at_im_end(tiny_model, tiny_tokenizer):
+    emb, _ = _embeds(tiny_model, tiny_tokenizer)
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=3).token_ids
+    # treat the second greedy token as a stop token: generation must end before it
+    res = generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=10, stop_ids={ids[1], im_end})
+    assert res.stopped == "stop" and res.token_ids == ids[: ids.index(ids[1])]
+
+
+def test_cancel_stops_generation(tiny_model, tiny_tokenizer):
+    emb, _ = _embeds(tiny_model, tiny_tokenizer)
+    cancel = threading.Event()
+    stream = stream_generate(tiny_model, tiny_tokenizer, emb, max_new_tokens=50, cancel=cancel)
+    got = []
+    with pytest.raises(Cancelled):
+        for piece in stream:
+            got.append(piece)
+            cancel.set()
+    assert stream.result.stopped == "cancelled"
+    assert stream.result.n_new_tokens < 50
+    cancel_before = threading.Event()
+    cancel_before.set()
+    with pytest.raises(Cancelled):
+        generate_text(tiny_model, tiny_tokenizer, emb, cancel=cancel_before)
+
+
+def test_prefix_cache_reuse(tiny_model, tiny_tokenizer):
+    emb, plen = _embeds(tiny_model, tiny_tokenizer)
+    ref = generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=8)
+    prefix = prefill_prefix(tiny_model, emb[:, :plen])
+    a = generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=8, prefix=prefix)
+    assert prefix.cache.get_seq_length() == plen  # cropped back for the next question
+    b = generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=8, prefix=prefix)
+    assert a.token_ids == ref.token_ids == b.token_ids
+
+
+def test_sampling_is_seeded(tiny_model, tiny_tokenizer):
+    emb, _ = _embeds(tiny_model, tiny_tokenizer)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+    assert generate_text(tiny_model, tiny_tokenizer, emb, **kw).token_ids == \
+        generate_text(tiny_model, tiny_tokenizer, emb, **kw).token_ids
+
+
+def test_incremental_decoder_holds_partial_characters(tiny_tokenizer):
+    text = "café ☃ harbour 港"
+    ids = tiny_tokenizer(text).input_ids  # byte-level: multi-byte chars span several tokens
+    dec = IncrementalDecoder(tiny_tokenizer)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_peak_memory():
+    assert peak_memory_bytes("cpu") > 0

@@ -1,0 +1,338 @@
+"""read_raster on real GeoTIFF/VRT files written into tmp_path."""
+
+import os
+
+import numpy as np
+import pytest
+from affine import Affine
+
+from engine.raster import (
+    AOIError,
+    BandError,
+    RasterError,
+    RasterOpenError,
+    read_for_tiling,
+    read_raster,
+    read_size_for,
+)
+
+try:
+    from tests.engine.rasters import DEFAULT_TRANSFORM, write_bytes, write_geotiff, write_truncated, write_vrt
+except ImportError:  # rootdir-relative import when tests/ is not a package
+    from rasters import DEFAULT_TRANSFORM, write_bytes, write_geotiff, write_truncated, write_vrt
+
+RNG = np.random.default_rng(42)
+
+
+def _u8(*shape):
+    return RNG.integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_rgb_uint8_kept_as_is(tmp_path):
+    arr = _u8(3, 40, 50)
+    p = write_geotiff(tmp_path / "rgb.tif", arr, photometric="RGB")
+    im = read_raster(p)
+    assert im.pixels.shape == (40, 50, 3) and im.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(im.pixels, arr.transpose(1, 2, 0))
+    assert im.valid.all() and im.bands == (1, 2, 3) and im.stretch is None
+    assert im.source_size == (50, 40) and im.window == (0, 0, 50, 40)
+    assert im.image_to_source == Affine.identity()
+    assert im.source_transform == DEFAULT_TRANSFORM and "UTM zone 33N" in im.crs_wkt
+    assert im.image_to_map == DEFAULT_TRANSFORM and im.path == p
+
+
+def test_single_band_grey_replicated(tmp_path):
+    arr = _u8(30, 20)
+    im = read_raster(write_geotiff(tmp_path / "g.tif", arr))
+    assert im.bands == (1, 1, 1)
+    for c in range(3):
+        np.testing.assert_array_equal(im.pixels[..., c], arr)
+
+
+def test_two_bands_first_is_grey(tmp_path):
+    arr = _u8(2, 10, 12)
+    im = read_raster(write_geotiff(tmp_path / "two.tif", arr))
+    assert im.bands == (1, 1, 1)
+    np.testing.assert_array_equal(im.pixels[..., 1], arr[0])
+
+
+def test_four_band_colorinterp_and_alpha(tmp_path):
+    arr = _u8(4, 20, 30)
+    arr[3] = 255
+    arr[3, :5, :] = 0  # transparent top rows
+    p = write_geotiff(tmp_path / "rgba.tif", arr, photometric="RGB", alpha=True)
+    im = read_raster(p)
+    assert im.bands == (1, 2, 3)
+    assert not im.valid[:5].any() and im.valid[5:].all()
+    assert not im.pixels[:5].any()
+    np.testing.assert_array_equal(im.pixels[5:], arr[:3, 5:].transpose(1, 2, 0))
+
+
+def test_band_order_from_colorinterp(tmp_path):
+    arr = _u8(4, 8, 8)
+    p = write_geotiff(tmp_path / "nirbgr.tif", arr, colorinterp=["undefined", "blue", "green", "red"])
+    im = read_raster(p)
+    assert im.bands == (4, 3, 2)
+    np.testing.assert_array_equal(im.pixels[..., 0], arr[3])
+
+
+def test_explicit_bands_and_errors(tmp_path):
+    arr = _u8(5, 8, 8)
+    p = write_geotiff(tmp_path / "five.tif", arr)
+    im = read_raster(p, bands=[5, 4, 3])
+    assert im.bands == (5, 4, 3)
+    np.testing.assert_array_equal(im.pixels[..., 0], arr[4])
+    assert read_raster(p, bands=[2]).bands == (2, 2, 2)
+    with pytest.raises(BandError, match="Band 7 does not exist.*5 band"):
+        read_raster(p, bands=[1, 2, 7])
+    with pytest.raises(BandError, match="Band 0"):
+        read_raster(p, bands=[0])
+    with pytest.raises(BandError, match="one band .* or three"):
+        read_raster(p, bands=[1, 2])
+    assert issubclass(BandError, RasterError) and issubclass(RasterError, ValueError)
+
+
+def test_uint16_stretch_2_98(tmp_path):
+    arr = RNG.integers(1000, 3000, (3, 60, 60)).astype(np.uint16)
+    arr[0, 0, 0] = 65000  # outlier must not dominate the stretch
+    im = read_raster(write_geotiff(tmp_path / "u16.tif", arr))
+    lo, hi = np.percentile(arr[0].astype(float), [2, 98])
+    assert im.stretch[0] == pytest.approx((lo, hi))
+    expected = np.rint(np.clip((arr[0].astype(float) - lo) * 255 / (hi - lo), 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(im.pixels[..., 0], expected)
+    assert im.pixels[0, 0, 0] == 255
+    assert im.pixels.min() == 0 and im.pixels.max() == 255
+
+
+def test_stretch_uses_valid_pixels_only(tmp_path):
+    arr = np.full((40, 40), 500, np.uint16)
+    arr[:, 20:] = np.arange(20, dtype=np.uint16)[None, :] * 10 + 100
+    arr[:, :20] = 9999  # nodata
+    im = read_raster(write_geotiff(tmp_path / "nd16.tif", arr, nodata=9999))
+    assert not im.valid[:, :20].any() and im.valid[:, 20:].all()
+    lo, hi = im.stretch[0]
+    assert 100 <= lo < hi <= 290  # 9999 never entered the statistics
+    assert not im.pixels[:, :20].any()
+
+
+def test_constant_band_no_division_by_zero(tmp_path):
+    arr = np.full((3, 10, 10), 1200, np.uint16)
+    with np.errstate(all="raise"):
+        im = read_raster(write_geotiff(tmp_path / "const.tif", arr))
+    assert im.pixels.dtype == np.uint8 and np.unique(im.pixels).size == 1
+    im2 = read_raster(write_geotiff(tmp_path / "constf.tif", np.full((10, 10), 0.25, np.float32)))
+    assert np.unique(im2.pixels).size == 1
+
+
+def test_float_nan_invalid(tmp_path):
+    arr = RNG.random((30, 30)).astype(np.float32)
+    arr[3:7, 4:9] = np.nan
+    im = read_raster(write_geotiff(tmp_path / "f.tif", arr))
+    assert not im.valid[3:7, 4:9].any()
+    assert im.valid.sum() == 30 * 30 - 20
+    assert not im.pixels[3:7, 4:9].any()
+    assert im.pixels[im.valid].max() == 255
+
+
+def test_uint8_nodata_and_internal_mask(tmp_path):
+    arr = _u8(20, 20)
+    arr[arr == 0] = 1
+    arr[2:4, :] = 0
+    im = read_raster(write_geotiff(tmp_path / "nd.tif", arr, nodata=0))
+    assert not im.valid[2:4].any() and im.valid[4:].all()
+    mask = np.ones((20, 20), bool)
+    mask[10:, 10:] = False
+    im2 = read_raster(write_geotiff(tmp_path / "mask.tif", _u8(3, 20, 20), mask=mask))
+    np.testing.assert_array_equal(im2.valid, mask)
+    assert not im2.pixels[10:, 10:].any()
+
+
+def test_palette_raster(tmp_path):
+    arr = np.zeros((10, 10), np.uint8)
+    arr[5:] = 1
+    p = write_geotiff(tmp_path / "pal.tif", arr, colormap={0: (0, 0, 255, 255), 1: (255, 0, 0, 255)})
+    im = read_raster(p)
+    assert tuple(im.pixels[0, 0]) == (0, 0, 255) and tuple(im.pixels[9, 9]) == (255, 0, 0)
+
+
+def test_no_crs_no_georeference(tmp_path):
+    arr = _u8(3, 16, 24)
+    im = read_raster(write_geotiff(tmp_path / "plain.tif", arr, crs=None))
+    assert im.crs_wkt is None and im.source_transform == Affine.identity()
+    assert not im.georeferenced
+    assert im.image_to_map == Affine.identity()
+
+
+def test_vrt(tmp_path):
+    arr = _u8(3, 12, 14)
+    src = write_geotiff(tmp_path / "base.tif", arr, crs=None)
+    im = read_raster(write_vrt(tmp_path / "m.vrt", src, 14, 12, count=3))
+    np.testing.assert_array_equal(im.pixels, arr.transpose(1, 2, 0))
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    junk = write_bytes(tmp_path / "junk.tif", os.urandom(4096))
+    with pytest.raises(RasterOpenError, match="junk.tif.*corrupt"):
+        read_raster(junk)
+    text = write_bytes(tmp_path / "notes.tif", b"just some text, not an image\n" * 20)
+    with pytest.raises(RasterOpenError):
+        read_raster(text)
+    with pytest.raises(RasterOpenError, match="not found"):
+        read_raster(tmp_path / "missing.tif")
+    with pytest.raises(RasterOpenError, match="folder"):
+        read_raster(tmp_path)
+    good = write_geotiff(tmp_path / "good.tif", _u8(3, 300, 300), compress=None)
+    trunc = write_truncated(tmp_path / "trunc.tif", good, keep_fraction=0.4)
+    with pytest.raises(RasterOpenError, match="trunc.tif"):
+        read_raster(trunc)
+
+
+def test_aoi_pixel_window(tmp_path):
+    arr = _u8(40, 50)
+    p = write_geotiff(tmp_path / "w.tif", arr)
+    im = read_raster(p, aoi=[10, 5, 20, 15])
+    assert im.window == (10, 5, 20, 15) and im.size == (20, 15)
+    np.testing.assert_array_equal(im.pixels[..., 0], arr[5:20, 10:30])
+    assert im.image_to_source @ (0, 0) == (10, 5)
+    x, y = im.image_to_map @ (0, 0)
+    assert (x, y) == DEFAULT_TRANSFORM @ (10, 5)
+    # partly outside -> clipped
+    im2 = read_raster(p, aoi=(40, 30, 100, 100))
+    assert im2.window == (40, 30, 10, 10)
+    with pytest.raises(AOIError, match="wholly outside"):
+        read_raster(p, aoi=[60, 0, 10, 10])
+    with pytest.raises(AOIError, match="4 numbers"):
+        read_raster(p, aoi=[1, 2, 3])
+
+
+def test_aoi_polygon_wkt_geojson_shapely(tmp_path):
+    from shapely.geometry import Polygon, mapping
+
+    arr = _u8(3, 100, 100)
+    p = write_geotiff(tmp_path / "poly.tif", arr)
+    t = DEFAULT_TRANSFORM
+    # a triangle over source pixels (20,10) (60,10) (20,50)
+    tri = Polygon([t @ (20, 10), t @ (60, 10), t @ (20, 50)])
+    for aoi in (tri, tri.wkt, mapping(tri), {"type": "Feature", "properties": {}, "geometry": mapping(tri)}):
+        im = read_raster(p, aoi=aoi)
+        assert im.window == (20, 10, 40, 40)
+        assert im.valid[1, 1] and not im.valid[38, 38]  # inside / outside the hypotenuse
+        assert 0.4 < im.valid.mean() < 0.6
+        assert not im.pixels[~im.valid].any()
+        np.testing.assert_array_equal(im.pixels[im.valid], arr[:, 10:50, 20:60].transpose(1, 2, 0)[im.valid])
+    far = Polygon([(0, 0), (10, 0), (10, 10)])
+    with pytest.raises(AOIError, match="wholly outside"):
+        read_raster(p, aoi=far)
+    with pytest.raises(AOIError, match="WKT"):
+        read_raster(p, aoi="POLYGON((broken")
+
+
+def test_aoi_polygon_in_pixel_coords_without_georef(tmp_path):
+    p = write_geotiff(tmp_path / "plainpoly.tif", _u8(60, 80), crs=None)
+    im = read_raster(p, aoi="POLYGON((10 20, 30 20, 30 40, 10 40, 10 20))")
+    assert im.window == (10, 20, 20, 20) and im.valid.all()
+
+
+def test_read_size_for():
+    assert read_size_for((100, 50), None) == (100, 50)
+    assert read_size_for((100, 50), 10_000) == (100, 50)
+    w, h = read_size_for((27000, 27000), 8064 * 8064)
+    assert (w, h) == (8064, 8064)
+    w, h = read_size_for((6000, 3000), 20_000)
+    assert w * h <= 20_000 and abs(w / h - 2) < 0.05
+    assert read_size_for((100000, 1), 10) == (10, 1)
+
+
+def test_decimated_read_uses_overviews(tmp_path):
+    # 6000 x 6000 uint8 with a coarse pattern; compressed, cheap to write
+    yy, xx = np.mgrid[0:6000, 0:6000]
+    arr = (((yy // 600) + (xx // 600)) % 2 * 200 + 20).astype(np.uint8)
+    p = write_geotiff(tmp_path / "big.tif", arr, overviews=[2, 4, 8, 16])
+    del yy, xx
+    im = read_raster(p, max_pixels=300 * 300)
+    assert im.size == (300, 300) and im.window == (0, 0, 6000, 6000)
+    assert im.image_to_source == Affine(20, 0, 0, 0, 20, 0)
+    assert im.decimation == (20.0, 20.0)
+    # the pattern is in the right place: image pixel centre -> source pixel -> value
+    for col, row in [(15, 15), (45, 15), (15, 45), (165, 255), (285, 15)]:  # square centres
+        sc, sr = im.image_to_source @ (col + 0.5, row + 0.5)
+        assert im.pixels[row, col, 0] == arr[int(sr), int(sc)]
+    # with an AOI window too
+    im2 = read_raster(p, aoi=[1200, 600, 2400, 1200], max_pixels=120 * 60)
+    assert im2.size == (120, 60)
+    assert im2.image_to_source == Affine(20, 0, 1200, 0, 20, 600)
+    sc, sr = im2.image_to_source @ (15.5, 15.5)
+    assert im2.pixels[15, 15, 0] == arr[int(sr), int(sc)]
+    assert im2.image_to_map == DEFAULT_TRANSFORM @ im2.image_to_source
+
+
+def test_decimated_read_comes_from_the_overview(tmp_path):
+    import rasterio
+
+    arr = np.full((1024, 1024), 200, np.uint8)
+    p = write_geotiff(tmp_path / "ov.tif", arr, overviews=[4])
+    with rasterio.open(p, "r+") as dst:  # change full resolution only; the overview keeps 200
+        dst.write(np.full((1, 1024, 1024), 10, np.uint8))
+    assert read_raster(p).pixels.max() == 10
+    im = read_raster(p, max_pixels=256 * 256)
+    assert im.size == (256, 256) and np.all(im.pixels == 200)
+
+
+def test_read_for_tiling_budget(tmp_path):
+    from engine.tiling import plan_tiles, tiling_read_budget
+
+    arr = np.zeros((2000, 3000), np.uint8) + 5
+    p = write_geotiff(tmp_path / "t.tif", arr, overviews=[2, 4])
+    small = [0, 0, 900, 700]  # smaller than its canvas (1008 x 1008 area): full resolution
+    im = read_for_tiling(p, aoi=small)
+    assert im.size == (900, 700) and im.decimation == (1.0, 1.0)
+    budget = tiling_read_budget((3000, 2000), [(1008, 672), (672, 672)])
+    im2 = read_for_tiling(p, pinpoints=[(1008, 672), (672, 672)])
+    assert im2.size[0] * im2.size[1] <= budget == 1008 * 672
+    assert plan_tiles(im2.size, [(1008, 672), (672, 672)]).canvas_size == (1008, 672)
+
+
+def test_tiny_polygon_aoi(tmp_path):
+    from shapely.geometry import box
+
+    p = write_geotiff(tmp_path / "tiny.tif", _u8(20, 20))
+    x, y = DEFAULT_TRANSFORM @ (5.1, 5.1)
+    with pytest.raises(AOIError, match="smaller than one pixel"):
+        read_raster(p, aoi=box(x, y - 2, x + 2, y))
+
+
+def test_protocol_aoi_dicts_and_error_codes(tmp_path):
+    from shapely.geometry import box, mapping
+
+    from engine.protocol import ERROR_CODES
+    from engine.raster import AOIOutsideError
+
+    p = write_geotiff(tmp_path / "pd.tif", _u8(40, 40))
+    assert read_raster(p, aoi={"window": [2, 3, 10, 11]}).window == (2, 3, 10, 11)
+    poly = box(*(DEFAULT_TRANSFORM @ (5, 30)), *(DEFAULT_TRANSFORM @ (25, 10)))
+    assert read_raster(p, aoi={"polygon_wkt": poly.wkt}).window == (5, 10, 20, 20)
+    assert read_raster(p, aoi={"geojson": mapping(poly)}).window == (5, 10, 20, 20)
+    with pytest.raises(AOIOutsideError) as e:
+        read_raster(p, aoi={"window": [100, 100, 5, 5]})
+    assert e.value.code == "aoi_outside_raster"
+    with pytest.raises(AOIError) as e:
+        read_raster(p, aoi={"window": [1, 2]})
+    assert e.value.code == "bad_aoi"
+    with pytest.raises(RasterOpenError) as e:
+        read_raster(write_bytes(tmp_path / "x.tif", b"nope" * 100))
+    assert e.value.code == "not_a_raster"
+    with pytest.raises(BandError) as e:
+        read_raster(p, bands=[9])
+    for code in ("aoi_outside_raster", "bad_aoi", "not_a_raster", "raster_unreadable", e.value.code):
+        assert code in ERROR_CODES
+
+
+def test_polygon_aoi_edge_cases(tmp_path):
+    p = write_geotiff(tmp_path / "e.tif", _u8(30, 30), crs=None)
+    bowtie = "POLYGON((0 0, 20 20, 20 0, 0 20, 0 0))"  # self-intersecting, made valid
+    im = read_raster(p, aoi=bowtie)
+    assert im.window == (0, 0, 20, 20) and 0.3 < im.valid.mean() < 0.7
+    with pytest.raises(AOIError, match="must be a polygon"):
+        read_raster(p, aoi="LINESTRING(0 0, 10 10)")
+    with pytest.raises(AOIError, match="GeoJSON"):
+        read_raster(p, aoi={"type": "Polygon", "coordinates": "bad"})
