@@ -127,6 +127,7 @@ class ChatDock(QgsDockWidget):
         v.addWidget(self.progress_label)
 
         opts = QgsCollapsibleGroupBox("Strategy and token budget")
+        self.options_box = opts
         of = QFormLayout(opts)
         self.strategy_combo = QComboBox()
         for name in STRATEGIES:

@@ -71,11 +71,26 @@ def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 500000
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(epsg)
     ds.SetProjection(srs.ExportToWkt())
-    yy, xx = np.mgrid[0:height, 0:width]
-    for b in range(bands):
-        ds.GetRasterBand(b + 1).WriteArray(((xx * (b + 1) * 7 + yy * 5) % 256).astype(np.uint8))
+    for b, band in enumerate(scene_pixels(width, height)[:bands]):
+        ds.GetRasterBand(b + 1).WriteArray(band)
     ds = None
     return str(path)
+
+
+def scene_pixels(width, height):
+    """A simple synthetic scene: fields, a river, a few bright buildings (3 x H x W uint8)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 90 + 40 * np.sin(xx / 9.0) * np.cos(yy / 11.0)
+    g = 120 + 30 * np.cos(xx / 13.0)
+    b = 70 + 10 * np.sin(yy / 7.0)
+    river = np.abs(yy - (0.45 * height + 0.15 * height * np.sin(xx / (0.18 * width + 1)))) < 0.05 * height + 1
+    r[river], g[river], b[river] = 40, 80, 160
+    for i in range(5):
+        cx, cy = int(width * (0.15 + 0.17 * i)), int(height * (0.2 + 0.13 * (i % 3)))
+        r[cy:cy + max(2, height // 15), cx:cx + max(2, width // 15)] = 235
+        g[cy:cy + max(2, height // 15), cx:cx + max(2, width // 15)] = 225
+        b[cy:cy + max(2, height // 15), cx:cx + max(2, width // 15)] = 210
+    return [np.clip(c, 0, 255).astype(np.uint8) for c in (r, g, b)]
 
 
 @pytest.fixture
