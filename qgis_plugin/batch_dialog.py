@@ -30,7 +30,7 @@ from .compat import is_raster_layer
 from .render import LayerRenderer, layer_file_path
 from .results_io import write_csv, write_json
 from .settings import Settings, make_client
-from .tasks import BatchTask, file_stem
+from .tasks import BatchTask, file_stem, rect_bounds
 
 USER_ROLE = Qt.ItemDataRole.UserRole
 CHECKED = Qt.CheckState.Checked
@@ -152,7 +152,7 @@ class BatchDialog(QDialog):
         layer = self._pending.pop(0)
         path = layer_file_path(layer)
         item = {"layer": layer.name(), "layer_id": layer.id(), "raster_path": path, "aoi": None,
-                "crs_wkt": layer.crs().toWkt()}
+                "crs_wkt": layer.crs().toWkt(), "clip_bounds": rect_bounds(layer.extent())}
         if path is not None:
             self._items.append(item)
             self._next_item()
@@ -169,6 +169,7 @@ class BatchDialog(QDialog):
                 self.message.setText(err)
             else:
                 item["raster_path"] = p
+                item["clip_bounds"] = rect_bounds(renderer.settings.visibleExtent())
                 self._items.append(item)
             if self.cancel_button.isEnabled():
                 self._next_item()

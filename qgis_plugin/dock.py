@@ -39,7 +39,7 @@ from .client import EngineError, build_ask_request, new_request_id
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .render import LayerRenderer, layer_file_path
 from .settings import STRATEGIES, STRATEGY_LABELS, Settings, make_client
-from .tasks import AskTask, HealthTask, file_stem
+from .tasks import AskTask, HealthTask, file_stem, rect_bounds
 
 HEALTH_INTERVAL_MS = 10000
 USER_ROLE = Qt.ItemDataRole.UserRole
@@ -323,7 +323,7 @@ class ChatDock(QgsDockWidget):
             path = layer_file_path(layer)
             if path is not None:
                 aoi = request_aoi(geom, crs, layer) if geom is not None else None
-                self._start_ask(turn, path, aoi, settings)
+                self._start_ask(turn, path, aoi, settings, rect_bounds(layer.extent()))
             else:
                 self._render_then_ask(turn, layer, geom, crs, settings)
         except (AoiError, EngineError, ValueError) as exc:
@@ -347,7 +347,7 @@ class ChatDock(QgsDockWidget):
                 aoi = {"polygon_wkt": clipped.asWkt(6)}
         out = settings.results_dir() / "renders" / f"{file_stem(turn['question'])}_render.tif"
         self.progress_label.setText(f"Rendering {layer.name()} …")
-        self.renderer = LayerRenderer(layer, ext, str(out), settings.render_max_px, self)
+        renderer = self.renderer = LayerRenderer(layer, ext, str(out), settings.render_max_px, self)
         rid = turn["request_id"]
 
         def rendered(path, error):
@@ -358,16 +358,17 @@ class ChatDock(QgsDockWidget):
                 self._fail(turn, error)
             else:
                 turn["rendered_path"] = path
-                self._start_ask(turn, path, aoi, settings)
+                self._start_ask(turn, path, aoi, settings, rect_bounds(renderer.settings.visibleExtent()))
 
         self.renderer.done.connect(rendered)
         self.renderer.start()
 
-    def _start_ask(self, turn, raster_path, aoi, settings):
+    def _start_ask(self, turn, raster_path, aoi, settings, clip_bounds=None):
         request = build_ask_request(turn["question"], raster_path, aoi=aoi, request_id=turn["request_id"], **self.options())
         turn["request"] = request
         client = make_client(settings)
-        self.task = AskTask(client, request, settings.results_dir(), f"GeoVQA: {turn['question'][:40]}")
+        self.task = AskTask(client, request, settings.results_dir(), f"GeoVQA: {turn['question'][:40]}",
+                            clip_bounds=clip_bounds)
         self.task.event.connect(self._on_event)
         self.progress_label.setText("Sending the question to the engine …")
         QgsApplication.taskManager().addTask(self.task)
@@ -428,7 +429,7 @@ class ChatDock(QgsDockWidget):
             try:
                 group, heat, anchors = result_layers.add_result_layers(
                     turn["question"], ev.get("local_heatmap_path"), ev.get("local_anchors_path"),
-                    source_layer=None if turn.get("rendered_path") else layer, crs_wkt=ev.get("crs_wkt"))
+                    source_layer=layer, crs_wkt=ev.get("crs_wkt"))
                 turn["group"] = group.name()
                 turn["heatmap_layer_id"] = heat.id() if heat else None
                 turn["anchors_layer_id"] = anchors.id() if anchors else None

@@ -93,8 +93,8 @@ def write_geotiff(rgba: np.ndarray, extent: QgsRectangle, crs_wkt: str, path: st
     return str(path)
 
 
-def render_sync(layer, extent: QgsRectangle, path: str, max_px: int = 2048) -> str:
-    """Render and write in the calling thread (used by Processing)."""
+def render_sync(layer, extent: QgsRectangle, path: str, max_px: int = 2048) -> tuple:
+    """Render and write in the calling thread (used by Processing): (path, visible extent)."""
     ms = map_settings(layer, extent, max_px)
     image = QImage(ms.outputSize(), FORMAT_ARGB32)
     image.fill(0)
@@ -102,7 +102,7 @@ def render_sync(layer, extent: QgsRectangle, path: str, max_px: int = 2048) -> s
     job = QgsMapRendererCustomPainterJob(ms, painter)
     job.renderSynchronously()
     painter.end()
-    return write_geotiff(image_to_rgba(image), ms.visibleExtent(), layer.crs().toWkt(), path)
+    return write_geotiff(image_to_rgba(image), ms.visibleExtent(), layer.crs().toWkt(), path), ms.visibleExtent()
 
 
 class _WriteTask(QgsTask):

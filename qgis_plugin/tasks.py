@@ -20,10 +20,12 @@ from .client import EngineClient, EngineError, build_ask_request
 CAN_CANCEL = getattr(getattr(QgsTask, "Flag", QgsTask), "CanCancel", None) or QgsTask.CanCancel
 
 
-def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: str) -> dict:
+def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None) -> dict:
     """Copy (or download) the heatmap GeoTIFF and anchors GeoJSON of a result into ``dest_dir``.
 
-    Returns ``{"heatmap": path|None, "anchors": path|None}``. Runs in a worker thread.
+    With ``clip_bounds`` (xmin, ymin, xmax, ymax in the raster's CRS) both are clipped to the
+    source raster (see :mod:`clip`). Returns ``{"heatmap": path|None, "anchors": path|None}``.
+    Runs in a worker thread.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     out = {"heatmap": None, "anchors": None}
@@ -42,7 +44,23 @@ def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: s
 
             dest.write_text(json.dumps(event["anchors"]), encoding="utf-8")
             out[key] = str(dest)
+    if clip_bounds is not None:
+        from .clip import clip_anchors, clip_heatmap
+
+        if out["heatmap"]:
+            raw = Path(out["heatmap"])
+            clipped = clip_heatmap(str(raw), clip_bounds, str(raw.with_name(raw.stem + "_clip.tif")))
+            if clipped != str(raw):
+                raw.unlink()
+                Path(clipped).rename(raw)
+        if out["anchors"]:
+            clip_anchors(out["anchors"], clip_bounds, out["anchors"])
     return out
+
+
+def rect_bounds(rect) -> tuple:
+    """QgsRectangle -> (xmin, ymin, xmax, ymax)."""
+    return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
 
 
 def file_stem(question: str) -> str:
@@ -83,8 +101,10 @@ class AskTask(QgsTask):
 
     event = pyqtSignal(object)
 
-    def __init__(self, client: EngineClient, request: dict, results_dir: Path, description: str = "GeoVQA: answer"):
+    def __init__(self, client: EngineClient, request: dict, results_dir: Path, description: str = "GeoVQA: answer",
+                 clip_bounds=None):
         super().__init__(description, CAN_CANCEL)
+        self.clip_bounds = clip_bounds
         self.client = client
         self.request = request
         self.request_id = request.get("request_id")
@@ -105,7 +125,8 @@ class AskTask(QgsTask):
                     self.setProgress(100.0 * float(ev["progress"]))
                 if ev.get("type") == "result":
                     ev = dict(ev)
-                    files = keep_result_files(ev, self.client, self.results_dir, file_stem(self.request["question"]))
+                    files = keep_result_files(ev, self.client, self.results_dir, file_stem(self.request["question"]),
+                                              self.clip_bounds)
                     ev["local_heatmap_path"] = files["heatmap"]
                     ev["local_anchors_path"] = files["anchors"]
                 if ev.get("type") in ("result", "error"):
@@ -185,7 +206,8 @@ class BatchTask(QgsTask):
                     row["answer"] = ev.get("answer", "")
                     row["tokens"] = ev.get("tokens") or {}
                     row["timings"] = ev.get("timings") or {}
-                    files = keep_result_files(ev, self.client, self.results_dir, file_stem(question))
+                    files = keep_result_files(ev, self.client, self.results_dir, file_stem(question),
+                                              item.get("clip_bounds"))
                     row["heatmap_path"], row["anchors_path"] = files["heatmap"], files["anchors"]
                     row["crs_wkt"] = ev.get("crs_wkt") or row["crs_wkt"]
                 elif ev.get("type") == "error":

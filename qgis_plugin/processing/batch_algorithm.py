@@ -69,7 +69,10 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         layers = self.parameterAsLayerList(parameters, self.LAYERS, context)
         if not layers:
             raise QgsProcessingException("Choose at least one raster layer.")
-        self.items = [{"layer": lyr.name(), "raster_path": raster_source(lyr, feedback)} for lyr in layers]
+        self.items = []
+        for lyr in layers:
+            path, bounds = raster_source(lyr, feedback)
+            self.items.append({"layer": lyr.name(), "raster_path": path, "bounds": bounds})
         self.client = engine_client()
         self.settings = Settings.load()
         return True
@@ -95,7 +98,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                        "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"]}
                 try:
                     res = ask_once(self.client, question, item["raster_path"], None, options, feedback,
-                                   self.settings.results_dir())
+                                   self.settings.results_dir(), item["bounds"])
                     row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
                                timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
                                anchors_path=res.get("local_anchors_path"))

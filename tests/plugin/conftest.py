@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINE_PY = ROOT / ".venv" / "bin" / "python"
+# The engine checkout to serve from (default: this repository; override to try another branch).
+ENGINE_ROOT = Path(os.environ.get("GEOVQA_ENGINE_ROOT", str(ROOT)))
+ENGINE_PY = ENGINE_ROOT / ".venv" / "bin" / "python"
 _PKG_PARENT = Path(tempfile.mkdtemp(prefix="geovqa-pkg-"))
 (_PKG_PARENT / "geovqa").symlink_to(ROOT / "qgis_plugin", target_is_directory=True)
 sys.path.insert(0, str(_PKG_PARENT))
@@ -118,7 +120,7 @@ def stub_engine(tmp_path):
 def _engine_importable() -> tuple[bool, str]:
     if not ENGINE_PY.exists():
         return False, f"{ENGINE_PY} does not exist"
-    r = subprocess.run([str(ENGINE_PY), "-c", "import engine.server, engine.tiny"], cwd=ROOT,
+    r = subprocess.run([str(ENGINE_PY), "-c", "import engine.server, engine.tiny"], cwd=ENGINE_ROOT,
                        capture_output=True, text=True, timeout=120)
     return r.returncode == 0, (r.stderr.strip().splitlines() or ["?"])[-1]
 
@@ -138,20 +140,20 @@ class RealEngine:
 def real_engine_process():
     ok, why = _engine_importable()
     if not ok:
-        pytest.skip(f"the engine in {ROOT}/.venv cannot be imported yet (import engine.server: {why})")
+        pytest.skip(f"the engine in {ENGINE_ROOT}/.venv cannot be imported yet (import engine.server: {why})")
     base = Path(tempfile.mkdtemp(prefix="geovqa-engine-"))
     tiny = base / "tiny"
-    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(base / "config"), PYTHONUNBUFFERED="1",
+    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(base / "config"), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("QT_QPA_PLATFORM", None)
-    r = subprocess.run([str(ENGINE_PY), "-m", "engine", "tiny", "--dest", str(tiny)], cwd=ROOT, env=env,
+    r = subprocess.run([str(ENGINE_PY), "-m", "engine", "tiny", "--dest", str(tiny)], cwd=ENGINE_ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"engine tiny failed:\n{r.stdout}\n{r.stderr}"
     port = free_port()
     log_path = base / "engine.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([str(ENGINE_PY), "-m", "engine", "serve", "--weights", str(tiny), "--port", str(port),
-                             "--state-dir", str(base / "state")], cwd=ROOT, env=env, stdout=log,
+                             "--state-dir", str(base / "state")], cwd=ENGINE_ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
