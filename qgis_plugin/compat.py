@@ -10,6 +10,7 @@ from __future__ import annotations
 from qgis.core import (
     Qgis,
     QgsColorRampShader,
+    QgsRasterBandStats,
     QgsMapLayerProxyModel,
     QgsProcessing,
     QgsProcessingParameterDefinition,
@@ -59,10 +60,23 @@ RAMP_INTERPOLATED = _first(
     lambda: Qgis.ShaderInterpolationMethod.Linear,
     lambda: QgsColorRampShader.Type.Interpolated,
 )
+STATS_MIN_MAX = _first(
+    lambda: Qgis.RasterBandStatistic.Min | Qgis.RasterBandStatistic.Max,
+    lambda: QgsRasterBandStats.Min | QgsRasterBandStats.Max,
+)
 MSG_INFO = Qgis.MessageLevel.Info
 MSG_WARNING = Qgis.MessageLevel.Warning
 MSG_CRITICAL = Qgis.MessageLevel.Critical
 MSG_SUCCESS = Qgis.MessageLevel.Success
+
+
+def qaction_class():
+    """QAction lives in QtGui under Qt6 and in QtWidgets under Qt5."""
+    try:
+        from qgis.PyQt.QtGui import QAction
+    except ImportError:
+        from qgis.PyQt.QtWidgets import QAction
+    return QAction
 
 
 def is_raster_layer(layer) -> bool:

@@ -14,7 +14,6 @@ from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsFillSymbol,
     QgsProject,
-    QgsRasterBandStats,
     QgsRasterLayer,
     QgsRasterShader,
     QgsSingleBandPseudoColorRenderer,
@@ -23,7 +22,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-from .compat import RAMP_INTERPOLATED
+from .compat import RAMP_INTERPOLATED, STATS_MIN_MAX
 
 HEATMAP_NAME = "kept-token heatmap"
 ANCHORS_NAME = "anchor tokens"
@@ -46,7 +45,7 @@ def group_name(question: str) -> str:
 def style_heatmap(layer: QgsRasterLayer) -> None:
     """Semi-transparent pseudocolor on band 1 (pruned tokens are nodata, so they stay clear)."""
     provider = layer.dataProvider()
-    stats = provider.bandStatistics(1, QgsRasterBandStats.Min | QgsRasterBandStats.Max)
+    stats = provider.bandStatistics(1, STATS_MIN_MAX)
     lo, hi = float(stats.minimumValue), float(stats.maximumValue)
     if not hi > lo:
         hi = lo + 1.0

@@ -9,15 +9,15 @@ from pathlib import Path
 from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction, QMenu
 
-from .compat import MSG_CRITICAL, MSG_INFO
+from .compat import MSG_CRITICAL, MSG_INFO, qaction_class
 from .engine_process import EngineProcess, EngineProcessError
 from .settings import Settings
 
 HERE = Path(__file__).resolve().parent
 ICON = str(HERE / "icons" / "geovqa.svg")
 MENU = "&GeoVQA"
+QAction = qaction_class()
 
 
 def plugin_version() -> str:

@@ -167,3 +167,33 @@ def test_processing_algorithm_run(plugin, raster_layer, engine, tmp_path, qgis_p
     assert heat.isValid()
     assert abs(heat.extent().xMinimum() - layer.extent().xMinimum()) <= layer.rasterUnitsPerPixelX()
     assert QgsVectorLayer(res["ANCHORS"], "anchors", "ogr").featureCount() >= 1
+
+
+def test_start_and_stop_local_engine_from_qgis(plugin, real_engine_process, tmp_path):
+    """The plugin's QProcess starts `<python> -m engine serve` (no shell), the dock sees it, stop ends it."""
+    from conftest import ENGINE_PY, ENGINE_ROOT, free_port
+
+    port = free_port()
+    s = set_settings(engine_url=f"http://127.0.0.1:{port}", python=str(ENGINE_PY), engine_dir=str(ENGINE_ROOT),
+                     weights_dir=str(real_engine_process.tiny_dir), token="",
+                     token_file=str(tmp_path / "config" / "token"),
+                     extra_args=f"--state-dir {tmp_path / 'state'}")
+    proc = plugin.engine
+    proc.start(s, extra_env={"GEOVQA_CONFIG_DIR": str(tmp_path / "config"), "OMP_NUM_THREADS": "1",
+                             "PYTHONDONTWRITEBYTECODE": "1"})
+    try:
+        assert proc.is_running()
+        assert proc.command[1:4] == ["-m", "engine", "serve"] and "--port" in proc.command
+        dock = plugin.dock
+
+        def ready():
+            if dock._health_task is None:
+                dock.refresh_health()
+            return getattr(dock, "status_level", None) in ("ok", "demo")
+
+        wait_until(ready, 180, "the engine started from QGIS")
+        assert "tiny" in dock.status_label.text().lower() or "DEMO" in dock.status_label.text()
+    finally:
+        proc.stop()
+    assert not proc.is_running()
+    assert len(proc.lines) > 0  # the engine log is kept for the diagnostics report
