@@ -126,7 +126,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
     parser.add_argument("--version", action="version", version=f"geovqa-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,19 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_weights)
 
     _add_optional(sub, "serve", "engine.server", "add_serve_arguments", "serve",
-                  "run the local HTTP engine the QGIS plugin talks to")
+                  "run the local HTTP engine the QGIS plugin talks to", selected)
     _add_optional(sub, "finetune", "engine.finetune", "add_finetune_arguments", "run_finetune",
-                  "QLoRA / LoRA fine-tuning on LLaVA-format conversation data")
+                  "QLoRA / LoRA fine-tuning on LLaVA-format conversation data", selected)
     _add_optional(sub, "eval", "engine.evaluate", "add_eval_arguments", "run_eval",
-                  "score the model on XLRS-Bench / LRS-VQA / MME-RealWorld-RS style files")
+                  "score the model on XLRS-Bench / LRS-VQA / MME-RealWorld-RS style files",
+                  selected)
     return parser
 
 
-def _add_optional(sub, name: str, module: str, add_args: str, run: str, help_text: str) -> None:
-    """Register a subcommand whose module provides `add_args(parser)` and `run(args)`."""
+def _add_optional(sub, name: str, module: str, add_args: str, run: str, help_text: str,
+                  selected: str | None = None) -> None:
+    """Register a subcommand whose module provides `add_args(parser)` and `run(args)`.
+
+    The module (and its heavy imports) is loaded only when that subcommand is the one chosen."""
     import importlib
 
-    p = sub.add_parser(name, help=help_text)
+    p = sub.add_parser(name, help=help_text, add_help=selected == name)
+    if selected != name:
+        p.set_defaults(func=lambda _a: 2)
+        return
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - reported at run time
@@ -179,7 +186,9 @@ def _missing(name: str, exc: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -39,3 +39,15 @@ def is_oom(exc: BaseException) -> bool:
     except Exception:
         pass
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+class ContextTooLong(EngineError, ValueError):
+    """The prompt (visual + text tokens) does not fit the model's context window."""
+
+    def __init__(self, n_tokens: int, limit: int) -> None:
+        super().__init__(
+            f"the prompt has {n_tokens} tokens (image + question) but the model reads at most "
+            f"{limit}; lower the token budget, pick a reducing strategy or a smaller area of interest"
+        )
+        self.n_tokens = n_tokens
+        self.limit = limit

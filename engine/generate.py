@@ -5,7 +5,8 @@
 afterwards ``stream.result`` holds the full text, token counts and timings. Decoding is greedy by
 default (sampling optional), stops at ``<|im_end|>`` / eos or ``max_new_tokens``, checks a
 ``threading.Event`` before every step (raising ``Cancelled``), and restricts logits to the
-tokenizer's size (the embedding matrix has extra rows).
+tokenizer's size (the embedding matrix has extra rows). A prompt longer than the model's context
+(``tokenizer_model_max_length``, 32768) raises ``ContextTooLong`` instead of being truncated.
 
 An image prefix can be prefilled once (``prefill_prefix``) and reused across questions: pass
 ``prefix=`` and the full ``inputs_embeds``; only the part after the prefix is run, and the cache
@@ -21,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from engine.errors import Cancelled, OutOfMemory, is_oom
+from engine.errors import Cancelled, ContextTooLong, OutOfMemory, is_oom
 from engine.prompt import stop_token_ids
 
 
@@ -145,7 +146,13 @@ def stream_generate(
         raise ValueError("max_new_tokens must be at least 1")
     if prefix is not None and not 0 < prefix.length < inputs_embeds.shape[1]:
         raise ValueError("the prefix must be shorter than the prompt")
-    result = GenerationResult(n_prompt_tokens=int(inputs_embeds.shape[1]))
+    n_prompt = int(inputs_embeds.shape[1])
+    limit = context_limit(model)
+    if limit is not None:
+        if n_prompt >= limit:
+            raise ContextTooLong(n_prompt, limit)
+        max_new_tokens = min(max_new_tokens, limit - n_prompt)
+    result = GenerationResult(n_prompt_tokens=n_prompt)
     gen = _run(
         model,
         tokenizer,
@@ -162,6 +169,17 @@ def stream_generate(
         stop_ids=stop_ids if stop_ids is not None else stop_token_ids(tokenizer),
     )
     return TextStream(gen, result)
+
+
+def context_limit(model) -> int | None:
+    """Longest sequence the model reads: ``tokenizer_model_max_length`` (32768 for the release,
+    the length the original code truncates to), else ``max_position_embeddings``."""
+    cfg = getattr(model, "config", None)
+    for name in ("tokenizer_model_max_length", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def generate_text(model, tokenizer, inputs_embeds: torch.Tensor, **kwargs) -> GenerationResult:

@@ -151,19 +151,66 @@ class TokenGeometry:
         mapped with the affine transform of `space`, so adjacent patches merge cleanly.
         """
         import shapely
-        from shapely import affinity
-        from shapely.geometry import box
 
         boxes = self._flat_boxes(ids)
+        boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
         if boxes.size == 0:
             from shapely.geometry import Polygon
 
             return Polygon()
-        geom = shapely.union_all([box(*b) for b in boxes if b[2] > b[0] and b[3] > b[1]])
+        geom = shapely.union_all(shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]))
+        return self._to_space(geom, space)
+
+    def footprints(self, groups, space: str = "map") -> list:
+        """`footprint` of many patch-id groups at once (one per kept token).
+
+        Groups that share no patch are traced together from a label grid of the canvas' patch
+        cells (rasterio.features.shapes), then clipped to the image: one pass whatever the number
+        of tokens. A group overlapping another falls back to `footprint`."""
+        import shapely
+        from rasterio import features
+
+        groups = [np.asarray(g, dtype=np.int64).reshape(-1) for g in groups]
+        n_patches = self.layout.n_patches
+        counts = np.zeros(n_patches, np.int32)
+        for g in groups:
+            counts[np.unique(g)] += 1
+        out: list = [None] * len(groups)
+        labels = np.zeros(n_patches, np.int32)
+        traced = []
+        for i, g in enumerate(groups):
+            if g.size and counts[g].max() == 1 and len(groups) < 2**31 - 1:
+                labels[g] = i + 1
+                traced.append(i)
+            else:
+                out[i] = self.footprint(g, space)
+        if traced:
+            grid = self.token_grid()
+            label_grid = grid.to_grid(labels, fill=0).astype(np.int32)
+            cell_to_image = self.layout.canvas_to_image @ Affine.scale(PATCH, PATCH)
+            pieces: dict[int, list] = {}
+            for geom, value in features.shapes(label_grid, mask=label_grid > 0,
+                                               transform=cell_to_image, connectivity=4):
+                pieces.setdefault(int(value) - 1, []).append(shapely.geometry.shape(geom))
+            w, h = self.layout.image_size
+            frame = shapely.box(0.0, 0.0, float(w), float(h))
+            merged = np.array([p[0] if len(p := pieces.get(i, [])) == 1 else shapely.union_all(p)
+                               for i in traced], dtype=object)
+            clipped = self._to_space(shapely.intersection(merged, frame), space)
+            for i, geom in zip(traced, clipped):
+                out[i] = geom
+        return out
+
+    def _to_space(self, geom, space: str):
+        """Map a geometry (or an array of them) from image space into `space`."""
+        import shapely
+
         t = self._space_transform(space)
         if t == Affine.identity():
             return geom
-        return affinity.affine_transform(geom, [t.a, t.b, t.d, t.e, t.xoff, t.yoff])
+        m = np.array([[t.a, t.d], [t.b, t.e]])
+        off = np.array([t.xoff, t.yoff])
+        return shapely.transform(geom, lambda xy: xy @ m + off)
 
     def patch_centers(self, space: str = "image") -> np.ndarray:
         """(T, 576, 2) centre (x, y) of every patch's (clipped) box in `space`."""

@@ -100,7 +100,7 @@ class LlavaQwenConfig(Qwen2Config):
             values = dict(self.vision_config)
         else:
             tower = str(self.mm_vision_tower or "")
-            if "clip-vit-large-patch14-336" not in tower:
+            if "clip-vit-large-patch14-336" not in tower.lower().replace("_", "-"):
                 raise ValueError(
                     f"the vision tower {tower!r} is not openai/clip-vit-large-patch14-336 and the "
                     "config has no 'vision_config' describing it; add one to config.json"

@@ -169,14 +169,16 @@ def make_strategy(name: str, *, tokens_per_tile: int | None = None, seed: int | 
 
 def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DEFAULT_STRATEGY,
                    budget: int | None = None, tokens_per_tile: int | None = DEFAULT_TOKENS_PER_TILE,
-                   seed: int | None = 0, aoi=None, bands=None, cancel=None) -> VisualInput:
+                   seed: int | None = 0, aoi=None, bands=None, cancel=None,
+                   tokenizer=None) -> VisualInput:
     """Raster + question -> selected visual tokens (after the projector) and their geometry.
 
     Fine-tuning and evaluation call this so they see exactly the tokens inference sees."""
     geometry, features, timings = read_and_encode(model, raster_path, aoi=aoi, bands=bands,
                                                   cancel=cancel)
     t0 = time.perf_counter()
-    strat = make_strategy(strategy, tokens_per_tile=tokens_per_tile, seed=seed)
+    strat = make_strategy(strategy, tokens_per_tile=tokens_per_tile, seed=seed,
+                          tokenizer=tokenizer)
     selection = strat.select(features, geometry, question, budget, model=model)
     timings["select"] = time.perf_counter() - t0
     return VisualInput(selection=selection, geometry=geometry, timings=timings)
@@ -296,7 +298,8 @@ class Engine:
             self.features.put(fkey, (geometry, features.to(device="cpu")))
         check_cancel()
 
-        strat = make_strategy(req.strategy, tokens_per_tile=req.tokens_per_tile, seed=req.seed)
+        strat = make_strategy(req.strategy, tokens_per_tile=req.tokens_per_tile, seed=req.seed,
+                              tokenizer=self.tokenizer)
         reusable = not getattr(strat, "question_dependent", True)
         pkey = (fkey, req.strategy, req.tokens_per_tile, req.seed, req.budget)
         entry = self.prefixes.get(pkey) if reusable else None
@@ -331,8 +334,9 @@ class Engine:
         timings["generate"] = gen.generate_s
 
         yield ev("status", stage="write", progress=None, message="writing the heatmap")
-        stem = _output_stem(req.question)
-        files = write_heatmap(selection, geometry, self.output_dir, stem)
+        t0 = time.perf_counter()
+        files = write_heatmap(selection, geometry, self.output_dir, _output_stem(req.question))
+        timings["write"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         yield ev(
             "result",

@@ -131,3 +131,15 @@ def test_incremental_decoder_holds_partial_characters(tiny_tokenizer):
 
 def test_peak_memory():
     assert peak_memory_bytes("cpu") > 0
+
+
+def test_context_limit(tiny_model, tiny_tokenizer, monkeypatch):
+    from engine.errors import ContextTooLong
+
+    emb, _ = _embeds(tiny_model, tiny_tokenizer)
+    n = emb.shape[1]
+    monkeypatch.setattr(tiny_model.config, "tokenizer_model_max_length", n)
+    with pytest.raises(ContextTooLong, match="token budget"):
+        stream_generate(tiny_model, tiny_tokenizer, emb)
+    monkeypatch.setattr(tiny_model.config, "tokenizer_model_max_length", n + 3)
+    assert generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=50).n_new_tokens <= 3

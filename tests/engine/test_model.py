@@ -152,3 +152,14 @@ def test_build_inputs_embeds(tiny_model):
     torch.testing.assert_close(emb[0, 3:13], vis)
     torch.testing.assert_close(emb[0, :3], tiny_model.model.embed_tokens.weight[[1, 2, 3]])
     assert tiny_model.build_inputs_embeds([1], None, [2]).shape[1] == 2
+
+
+def test_auto_classes_know_llava_qwen(tiny_checkpoint):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import engine.modeling  # noqa: F401  (registers llava_qwen)
+
+    cfg = AutoConfig.from_pretrained(tiny_checkpoint)
+    assert isinstance(cfg, LlavaQwenConfig)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    assert isinstance(model, LlavaQwenForCausalLM)

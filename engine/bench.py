@@ -1,0 +1,55 @@
+"""`make bench`: every benchmark of the project, figures written into docs/benchmarks/.
+
+* strategies — visual tokens into the LM, object-token recall, time to first token and peak
+  memory per strategy on synthetic 2K / 8K / 16K scenes (tiny model on CPU; full-size 4-bit on a
+  GPU when one is present);
+* cache — first vs. second question on the same raster through the real server path;
+* gpu — full-size load and a QLoRA step (only where CUDA is available).
+
+Benchmarks are not tests: they measure, they do not assert. Run one with `--only NAME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+BENCHMARKS = {
+    "strategies": "engine.benchmarks.strategies",
+    "cache": "engine.benchmarks.cache",
+    "gpu_qlora": "engine.benchmarks.finetune_gpu",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in args.only or list(BENCHMARKS):
+        print(f"== benchmark {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            module = importlib.import_module(BENCHMARKS[name])
+            module.run(args.out)
+        except Exception:  # keep going: one broken benchmark must not hide the others
+            traceback.print_exc()
+            failed.append(name)
+        print(f"== {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"figures in {args.out}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""End-to-end engine path with the tiny checkpoint: events, caches, equivalence, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from engine.errors import Cancelled
+from engine.pipeline import AskRequest, Engine, RequestError, build_inputs, prepare_visual
+from engine.raster import RasterOpenError
+from engine.selection import SelectionError
+
+try:
+    from tests.engine.rasters import write_geotiff
+except ImportError:  # pragma: no cover
+    from rasters import write_geotiff
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint, tmp_path_factory):
+    return Engine(tiny_checkpoint, output_dir=tmp_path_factory.mktemp("out"))
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 255, (3, 500, 700), dtype=np.uint8)
+    arr[:, 100:140, 300:360] = 250  # a bright object
+    path = tmp_path_factory.mktemp("rasters") / "scene.tif"
+    write_geotiff(path, arr, crs="EPSG:32633")
+    return path
+
+
+def _ask(engine, scene, question="How many buildings?", **kw):
+    kw.setdefault("max_new_tokens", 6)
+    return list(engine.ask(AskRequest(str(scene), question, **kw)))
+
+
+def test_ask_streams_status_tokens_then_result(engine, scene):
+    events = _ask(engine, scene)
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "result" and "status" in kinds and "token" in kinds
+    assert kinds.index("token") > kinds.index("status")
+    result = events[-1]
+    pieces = "".join(e["text"] for e in events if e["type"] == "token")
+    assert pieces == result["answer"] and result["answer"]
+    tok = result["tokens"]
+    # 700 x 500 -> 3 x 2 tiles of 336 px (see the reference note's 800 x 600 example)
+    assert tok["visual_candidates"] == 6 * 144
+    assert 0 < tok["visual_kept"] <= 6 * 24
+    assert tok["prompt"] > tok["visual_kept"] and tok["generated"] == 6
+    assert set(result["timings"]) >= {"read", "vision", "select", "prefill", "generate", "total"}
+    with rasterio.open(result["heatmap_path"]) as ds, rasterio.open(scene) as src:
+        assert ds.crs == src.crs
+        assert ds.width == 3 * 24 and ds.height == 2 * 24
+    anchors = json.loads(Path(result["anchors_path"]).read_text())
+    assert anchors == result["anchors"]
+    ranks = [f["properties"]["rank"] for f in anchors["features"]]
+    # tokens standing only for padding / nodata patches are not drawn
+    assert 0 < len(ranks) <= tok["visual_kept"] and len(set(ranks)) == len(ranks)
+    assert max(ranks) < tok["visual_kept"]
+
+
+def test_second_question_hits_feature_and_prefix_caches_and_answers_the_same(engine, scene):
+    engine.features.clear()
+    engine.prefixes.clear()
+    first = _ask(engine, scene, "Is there water?", strategy="geollava")[-1]
+    second = _ask(engine, scene, "Is there water?", strategy="geollava")[-1]
+    assert first["cache"] == {"features": False, "kv_prefix": False}
+    assert second["cache"] == {"features": True, "kv_prefix": True}
+    assert second["timings"]["vision"] == 0.0
+    # reusing the image prefix's KV cache must not change the answer
+    engine.prefixes.clear()
+    fresh = _ask(engine, scene, "Is there water?", strategy="geollava")[-1]
+    assert fresh["cache"] == {"features": True, "kv_prefix": False}
+    assert fresh["answer"] == second["answer"] == first["answer"]
+
+
+def test_question_dependent_strategy_does_not_reuse_prefix(engine, scene):
+    engine.prefixes.clear()
+    _ask(engine, scene, "Where is the harbour?", strategy="pyramid", budget=50)
+    again = _ask(engine, scene, "Where is the harbour?", strategy="pyramid", budget=50)[-1]
+    assert again["cache"]["features"] is True and again["cache"]["kv_prefix"] is False
+    assert again["tokens"]["visual_kept"] <= 50
+
+
+def test_none_tokens_equal_plain_clip_projector_and_pool(engine, scene):
+    """`none` = LongVA's path: CLIP layer -2 patches -> projector -> 2x2 average pool per tile."""
+    from engine.raster import read_for_tiling
+    from engine.tiling import make_tiles, plan_tiles
+    from engine.vision import preprocess
+
+    model = engine.model
+    vis = prepare_visual(model, str(scene), "q", strategy="none", budget=None)
+    image = read_for_tiling(str(scene))
+    tiles = make_tiles(image.pixels, plan_tiles(image.size))
+    clip = model.model.vision_tower.vision_tower
+    with torch.no_grad():
+        hs = clip(preprocess(tiles), output_hidden_states=True).hidden_states[-2][:, 1:]
+        proj = model.model.mm_projector(hs)  # (1 + T, 576, H)
+        grid = proj[1:].reshape(-1, 24, 24, proj.shape[-1]).permute(0, 3, 1, 2)
+        pooled = torch.nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+    expected = pooled.reshape(-1, proj.shape[-1])
+    assert vis.selection.embeds.shape == expected.shape
+    torch.testing.assert_close(vis.selection.embeds, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_forward_equals_plain_qwen2_forward(engine, scene):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model, tok = engine.model, engine.tokenizer
+    vis = prepare_visual(model, str(scene), "What is this?", strategy="none", budget=None)
+    embeds, _, _ = build_inputs(model, tok, "What is this?", vis.selection)
+    cfg = Qwen2Config(**{k: v for k, v in model.config.to_dict().items()
+                         if k in Qwen2Config().to_dict() and k not in ("model_type", "architectures")})
+    plain = Qwen2ForCausalLM(cfg).eval()
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(("model.vision_tower", "model.mm_projector", "reghead"))}
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing)
+    with torch.no_grad():
+        a = model(inputs_embeds=embeds).logits
+        b = plain(inputs_embeds=embeds).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_build_inputs_labels_only_the_answer(engine, scene):
+    model, tok = engine.model, engine.tokenizer
+    vis = prepare_visual(model, str(scene), "q", strategy="uniform", budget=20)
+    embeds, labels, n_prefix = build_inputs(model, tok, "Is it a port?", vis.selection, answer="Yes")
+    answer_ids = tok("Yes<|im_end|>", add_special_tokens=False).input_ids
+    assert labels.shape == embeds.shape[:2]
+    assert labels[0, -len(answer_ids):].tolist() == answer_ids
+    assert (labels[0, : -len(answer_ids)] == -100).all()
+    assert n_prefix > vis.selection.n_tokens
+
+
+@pytest.mark.parametrize("kw,code", [
+    ({"question": "   "}, "empty_question"),
+    ({"question": "x" * 5000}, "question_too_long"),
+    ({"strategy": "magic"}, "unknown_strategy"),
+    ({"budget": 0}, "bad_request"),
+    ({"max_new_tokens": 0}, "bad_request"),
+])
+def test_bad_requests_have_codes(engine, scene, kw, code):
+    args = {"question": "ok?", **kw}
+    with pytest.raises(RequestError) as err:
+        list(engine.ask(AskRequest(str(scene), **args)))
+    assert err.value.code == code and str(err.value)
+
+
+def test_missing_and_corrupt_rasters(engine, tmp_path):
+    with pytest.raises(RequestError, match="does not exist"):
+        list(engine.ask(AskRequest(str(tmp_path / "nope.tif"), "q?")))
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(RasterOpenError):
+        list(engine.ask(AskRequest(str(bad), "q?")))
+
+
+def test_none_refuses_a_budget_it_cannot_honour(engine, scene):
+    with pytest.raises(SelectionError):
+        _ask(engine, scene, strategy="none", budget=10)
+
+
+def test_cancel_stops_the_request(engine, scene):
+    cancel = threading.Event()
+    cancel.set()
+    engine.features.clear()
+    with pytest.raises(Cancelled):
+        list(engine.ask(AskRequest(str(scene), "q?"), cancel=cancel))
+
+
+def test_from_json_rejects_unknown_fields():
+    with pytest.raises(RequestError, match="Unknown request fields"):
+        AskRequest.from_json({"raster_path": "a.tif", "question": "q", "budgte": 3})
+    req = AskRequest.from_json({"raster_path": "a.tif", "question": "  q  ", "budget": 3})
+    assert req.question == "q" and req.budget == 3
+
+
+def test_cli_ask_prints_answer_and_token_counts(tiny_checkpoint, scene, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "ask", str(scene), "How many ships?",
+         "--weights", str(tiny_checkpoint), "--max-new-tokens", "5", "--budget", "64",
+         "--output-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "visual tokens:" in proc.stderr and "timings (s):" in proc.stderr
+    assert "tiny RANDOM demo model" in proc.stderr
+    assert list(tmp_path.glob("*_heatmap.tif"))
+
+
+def test_cli_reports_bad_input_without_traceback(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"not a tiff")
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "ask", str(bad), "q?", "--weights", str(tiny_checkpoint)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") or "\nerror:" in proc.stderr
+    assert "Traceback" not in proc.stderr
