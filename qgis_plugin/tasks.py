@@ -144,6 +144,13 @@ class AskTask(QgsTask):
                 "message": f"Could not save the result files: {exc}.", "hint": None,
             }
             self.event.emit(self.final)
+        except Exception as exc:  # noqa: BLE001 - a task must always end with a final event
+            self.final = {
+                "type": "error", "request_id": self.request_id, "code": "internal",
+                "message": f"Unexpected error in the GeoVQA plugin: {exc.__class__.__name__}: {exc}.",
+                "hint": "Please report it with the Diagnostics report.",
+            }
+            self.event.emit(self.final)
         return not self.isCanceled()
 
 
@@ -216,6 +223,8 @@ class BatchTask(QgsTask):
                 row["error"] = "cancelled" if stream.aborted else "no answer"
         except (EngineError, OSError) as exc:
             row["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad item must not stop the batch
+            row["error"] = f"Unexpected error: {exc.__class__.__name__}: {exc}"
         finally:
             with self._lock:
                 self._stream = None
