@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 import urllib.parse
@@ -28,6 +29,8 @@ FILES_ENDPOINT = "/files"
 FINAL_EVENTS = ("result", "error")
 KNOWN_EVENTS = ("queued", "status", "token", "result", "error")
 MAX_QUESTION_CHARS = 2000
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+UPLOAD_CHUNK = 1 << 20
 
 
 class EngineError(Exception):
@@ -175,13 +178,24 @@ class EngineClient:
         except ValueError as exc:
             raise EngineError("bad_response", f"The engine answered {path} with something that is not JSON.") from exc
 
+    @property
+    def is_local(self) -> bool:
+        """True when the engine runs on this computer and can read our files by path."""
+        return self.host in LOOPBACK_HOSTS
+
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict:
         return self.request_json("GET", HEALTH_ENDPOINT)
 
-    def ask(self, request: dict) -> "AskStream":
-        """Start ``POST /ask``; iterate ``.events()`` for the streamed events."""
-        return AskStream(self, request)
+    def ask(self, request: dict, upload: bool | None = None) -> "AskStream":
+        """Start ``POST /ask``; iterate ``.events()`` for the streamed events.
+
+        ``upload`` (default: when the engine is not on this computer) sends the raster file as a
+        multipart upload instead of its path.
+        """
+        if upload is None:
+            upload = not self.is_local
+        return AskStream(self, request, upload_path=request.get("raster_path") if upload else None)
 
     def submit_batch(self, body: dict) -> str:
         return self.request_json("POST", BATCH_ENDPOINT, body)["job_id"]
@@ -219,9 +233,10 @@ class EngineClient:
 class AskStream:
     """One streamed answer. ``events()`` yields event dicts; ``abort()`` cancels from any thread."""
 
-    def __init__(self, client: EngineClient, request: dict):
+    def __init__(self, client: EngineClient, request: dict, upload_path: str | None = None):
         self.client = client
         self.request = request
+        self.upload_path = upload_path
         self.request_id = request.get("request_id")
         self._conn = None
         self._lock = threading.Lock()
@@ -249,8 +264,13 @@ class AskStream:
             self._conn = conn
         try:
             try:
-                body = json.dumps(self.request).encode("utf-8")
-                conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
+                if self.upload_path:
+                    self._send_multipart(conn)
+                else:
+                    body = json.dumps(self.request).encode("utf-8")
+                    conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
+                if self._aborted:
+                    return
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 if self._aborted:
@@ -283,3 +303,29 @@ class AskStream:
                 )
         finally:
             conn.close()
+
+    def _send_multipart(self, conn) -> None:
+        """POST /ask as multipart: a ``request`` JSON part and the ``raster`` file, streamed."""
+        boundary = "geovqa-" + uuid.uuid4().hex
+        req = dict(self.request, raster_path=None)
+        name = os.path.basename(self.upload_path) or "raster.tif"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n"
+                f"Content-Type: application/json\r\n\r\n{json.dumps(req)}\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"raster\"; filename=\"{name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode("utf-8")
+        tail = f"\r\n--{boundary}--\r\n".encode("utf-8")
+        size = os.path.getsize(self.upload_path)
+        conn.putrequest("POST", self.client.prefix + ASK_ENDPOINT)
+        for k, v in self.client.headers(f"multipart/form-data; boundary={boundary}").items():
+            conn.putheader(k, v)
+        conn.putheader("Content-Length", str(len(head) + size + len(tail)))
+        conn.endheaders()
+        conn.send(head)
+        with open(self.upload_path, "rb") as fh:
+            while not self._aborted:
+                chunk = fh.read(UPLOAD_CHUNK)
+                if not chunk:
+                    break
+                conn.send(chunk)
+        if not self._aborted:
+            conn.send(tail)

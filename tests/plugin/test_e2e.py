@@ -197,3 +197,20 @@ def test_start_and_stop_local_engine_from_qgis(plugin, real_engine_process, tmp_
         proc.stop()
     assert not proc.is_running()
     assert len(proc.lines) > 0  # the engine log is kept for the diagnostics report
+
+
+def test_remote_style_upload_and_file_download(real_engine, tmp_path):
+    """What the plugin does for an engine on another computer: upload the raster, fetch results."""
+    from conftest import write_raster
+    from geovqa.client import EngineClient, build_ask_request
+    from osgeo import gdal
+
+    path = write_raster(tmp_path / "upload.tif", width=120, height=90)
+    client = EngineClient(real_engine.url, real_engine.token)
+    events = list(client.ask(build_ask_request("What is here?", path, max_new_tokens=4), upload=True).events())
+    result = events[-1]
+    assert result["type"] == "result", events[-1]
+    assert any(e["type"] == "token" for e in events)
+    dest = client.download_file(result["heatmap_file"], str(tmp_path / "heat.tif"))
+    ds = gdal.Open(dest)
+    assert ds is not None and ds.GetProjection()
