@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
 
 CRS_EPSG = 32633
 PIXEL_SIZE = 0.5
@@ -110,13 +111,13 @@ def make_scene(path, size, objects: int | list | None = 6, seed: int = 0) -> Sce
     import rasterio
     from rasterio.crs import CRS
     from rasterio.enums import Resampling
-    from rasterio.transform import from_origin
+    from rasterio.windows import Window
 
     width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if width < 16 or height < 16:
         raise ValueError("A synthetic scene needs at least 16 x 16 pixels.")
     boxes = place_objects(width, height, objects, seed) if isinstance(objects, int) else list(objects or [])
-    transform = from_origin(ORIGIN[0], ORIGIN[1], PIXEL_SIZE, PIXEL_SIZE)
+    transform = Affine(PIXEL_SIZE, 0.0, ORIGIN[0], 0.0, -PIXEL_SIZE, ORIGIN[1])
     rng = np.random.default_rng([seed, 1])
     class_lo = rng.random((6, 6)).astype(np.float32)
     path = Path(path)
@@ -133,16 +134,14 @@ def make_scene(path, size, objects: int | list | None = 6, seed: int = 0) -> Sce
                 a, b = max(by0, y0), min(by1, y0 + bh)
                 if a < b:
                     block[a - y0 : b - y0, max(x0, 0) : min(x1, width)] = OBJECT_COLOURS.get(kind, (255, 255, 255))
-            from rasterio.windows import Window
-
             dst.write(block.transpose(2, 0, 1), window=Window(0, y0, width, bh))
         factors = [f for f in (2, 4, 8, 16, 32) if max(width, height) // f >= 256]
         if factors:
             dst.build_overviews(factors, Resampling.average)
     objs = []
     for kind, (x0, y0, x1, y1) in boxes:
-        mx0, my1 = transform * (x0, y0)
-        mx1, my0 = transform * (x1, y1)
+        mx0, my1 = transform @ (x0, y0)
+        mx1, my0 = transform @ (x1, y1)
         objs.append(SceneObject(kind, (x0, y0, x1, y1), (mx0, my0, mx1, my1)))
     return Scene(path=path, size=(width, height), crs_epsg=CRS_EPSG, transform=transform, objects=objs)
 

@@ -34,7 +34,7 @@ from engine.selection import clusters as C
 from engine.selection.base import Selection, check_budget, register
 from engine.selection.baselines import pool_labels
 from engine.selection.common import project, role_for, unreduced_tokens, valid_tensor
-from engine.selection.textscore import make_scorer
+from engine.selection.textscore import make_scorer, score_vectors
 
 DEFAULT_SCALES = (1, 2, 4)
 
@@ -125,11 +125,14 @@ class BudgetStrategy:
                 continue
             g = grid // s
             lab = pool_labels(grid, g)[None].expand(t, n).contiguous()
-            means, _ = C.cluster_means(patches, lab.to(patches.device), g * g)
-            vfrac, _ = C.cluster_means(valid[..., None].float(), lab, g * g)
+            if s == 1:  # single patches: no pooling, no copy
+                means, vfrac = patches, valid[..., None].float()
+            else:
+                means, _ = C.cluster_means(patches, lab.to(patches.device), g * g)
+                vfrac, _ = C.cluster_means(valid[..., None].float(), lab, g * g)
             ok = vfrac[..., 0] > 0
             ti, ci = torch.nonzero(ok, as_tuple=True)
-            sc = score_fn(project(model, means[ti.to(means.device), ci.to(means.device)])).float()
+            sc = score_vectors(score_fn, model, means[ti.to(means.device), ci.to(means.device)]).float()
             cell = torch.zeros(t, g * g)
             cell[ti, ci] = sc / (vfrac[ti, ci, 0] * s * s)
             imp += cell.gather(1, lab)

@@ -6,9 +6,8 @@ Reproduces steps 3-5 of the released checkpoint (docs: /work/shared/reference/ge
   the offset order (-1,-1), (-1,0), (-1,1), (0,-1), (0,0), (0,1), (1,-1), (1,0), (1,1);
 * at the tile border an offset is clamped to the edge, so several offsets can name the same
   patch; their weights are added (as a dense N x N affinity row would add them);
-* every patch's parent is the neighbour with the largest summed weight, ties to the lowest
-  token index (the nine clamped targets are in non-decreasing index order, so the first maximum
-  in offset order is the lowest index);
+* every patch's parent is the neighbour with the largest summed weight, ties explicitly to
+  the lowest token index;
 * pointer jumping ``parent = parent[parent]`` for at most 12 rounds (stops early once stable);
   the final pointer is the patch's root, and patches with the same root form one cluster;
 * clusters are numbered in increasing root index (the spatial order used for the kept tokens)
@@ -54,10 +53,10 @@ def summed_affinity(aff: torch.Tensor, grid: int) -> torch.Tensor:
 def parents(aff: torch.Tensor, grid: int) -> torch.Tensor:
     """(T, N, 9) affinity -> (T, N) long parent token index (argmax, ties to lowest index)."""
     total = summed_affinity(aff, grid)
-    slot = torch.argmax(total, dim=-1)  # first maximum in offset order = lowest token index
-    idx = neighbour_index(grid).to(aff.device)
-    t, n = slot.shape
-    return idx[None].expand(t, n, 9).gather(2, slot[..., None]).squeeze(-1)
+    idx = neighbour_index(grid).to(aff.device)[None].expand_as(total)
+    best = total.max(dim=-1, keepdim=True).values
+    big = torch.iinfo(torch.long).max
+    return torch.where(total == best, idx, torch.full_like(idx, big)).min(dim=-1).values
 
 
 def pointer_jump(parent: torch.Tensor, max_rounds: int = MAX_JUMPS) -> tuple[torch.Tensor, int]:

@@ -11,9 +11,10 @@ from the grid tiles' own CLIP features (no extra vision passes): level l average
 2. Score the current tokens (through the projector) with the question
    (`textscore.TextScorer`: first-layer attention share of the question's last tokens, softmax
    over the current set).
-3. Open the best-scoring tokens, most relevant first: an opened cell is replaced by its valid
-   children at the next level. Per level at most ``open_ratio`` (default 0.25) of the current
-   tokens are opened, and only while the total stays within the budget.
+3. Open the high-scoring tokens, most relevant first: an opened cell is replaced by its valid
+   children at the next level. "High" means a relevance of at least ``open_threshold`` (default
+   1.0) times the mean relevance of the current tokens (the question attends to it more than to
+   an average token); tokens are opened only while the total stays within the budget.
 4. Repeat 2-3 level by level down to single patches.
 
 Unopened coarse tokens stay in the LM input as context (``keep_coarse=True``; LRS-VQA keeps
@@ -33,7 +34,7 @@ from engine.selection import clusters as C
 from engine.selection.base import Selection, check_budget, register
 from engine.selection.baselines import pool_labels
 from engine.selection.common import cap_global, project, role_for, unreduced_tokens, valid_tensor
-from engine.selection.textscore import make_scorer
+from engine.selection.textscore import make_scorer, score_vectors
 
 DEFAULT_LEVELS = (1, 4, 12, 24)
 
@@ -51,15 +52,15 @@ class PyramidStrategy:
     name = "pyramid"
     question_dependent = True
 
-    def __init__(self, levels=DEFAULT_LEVELS, open_ratio: float = 0.25, keep_coarse: bool = True,
+    def __init__(self, levels=DEFAULT_LEVELS, open_threshold: float = 1.0, keep_coarse: bool = True,
                  tokens_per_tile: int = 24, tokenizer=None, last_n: int = 8, scorer=None,
                  **_ignored) -> None:
         levels = tuple(int(v) for v in levels)
         if any(b % a for a, b in zip(levels, levels[1:])) or levels != tuple(sorted(set(levels))):
             raise ValueError("pyramid levels must increase and each divide the next")
-        if not 0 < float(open_ratio) <= 1:
-            raise ValueError("open_ratio must be in (0, 1]")
-        self.levels, self.open_ratio, self.keep_coarse = levels, float(open_ratio), bool(keep_coarse)
+        if float(open_threshold) < 0:
+            raise ValueError("open_threshold must not be negative")
+        self.levels, self.open_threshold, self.keep_coarse = levels, float(open_threshold), bool(keep_coarse)
         self.k, self.tokenizer, self.last_n, self.scorer = int(tokens_per_tile), tokenizer, last_n, scorer
 
     def select(self, features, geometry, question, budget, *, model) -> Selection:
@@ -81,9 +82,16 @@ class PyramidStrategy:
             return tables[levels[li]][ci] + ti * n
 
         def vectors(toks):
-            if not toks:
-                return flat.new_zeros(0, d)
-            return torch.stack([flat[torch.from_numpy(mem(tk))].float().mean(0) for tk in toks]).to(flat.dtype)
+            """Mean raw feature of each token's cell: one gather per level (cells of a level
+            all have the same number of patches)."""
+            out = flat.new_zeros(len(toks), d)
+            for li in range(len(levels)):
+                pos = [i for i, tk in enumerate(toks) if tk[0] == li]
+                if not pos:
+                    continue
+                idx = torch.from_numpy(np.stack([mem(toks[i]) for i in pos])).to(flat.device)
+                out[torch.tensor(pos, device=flat.device)] = flat[idx].float().mean(1).to(flat.dtype)
+            return out
 
         def alive(tok):
             return bool(vflat[mem(tok)].any())
@@ -99,16 +107,16 @@ class PyramidStrategy:
         frontier = [(0, ti, ci) for ti in range(t) for ci in range(levels[0] ** 2)]
         frontier = [tk for tk in frontier if alive(tk)]
         opened_from = set()  # tokens reached by opening
-        scores = score_fn(project(model, vectors(frontier)))
+        scores = score_vectors(score_fn, model, vectors(frontier))
         opened_levels = []
         for li in range(len(levels) - 1):
             if len(frontier) >= B:
                 break
             order = torch.sort(scores, descending=True, stable=True).indices.tolist()
-            max_open = max(1, int(self.open_ratio * len(frontier)))
+            cut = self.open_threshold * float(scores.sum()) / len(frontier) * (1 - 1e-6)
             total, opened, new_children = len(frontier), set(), {}
             for i in order:
-                if len(opened) >= max_open:
+                if float(scores[i]) < cut:
                     break
                 tk = frontier[i]
                 if tk[0] != li:
@@ -130,7 +138,7 @@ class PyramidStrategy:
                 else:
                     nxt.append(tk)
             frontier = nxt
-            scores = score_fn(project(model, vectors(frontier)))
+            scores = score_vectors(score_fn, model, vectors(frontier))
         if not self.keep_coarse and opened_from:
             keep_idx = [i for i, tk in enumerate(frontier) if tk in opened_from]
             frontier = [frontier[i] for i in keep_idx]
@@ -152,5 +160,5 @@ class PyramidStrategy:
             candidates=unreduced_tokens(t, n),
             strategy=self.name,
             info={"levels": list(levels), "opened_per_level": opened_levels, "budget": budget,
-                  "open_ratio": self.open_ratio, "tiles": t},
+                  "open_threshold": self.open_threshold, "tiles": t},
         )

@@ -7,8 +7,9 @@ the cheapest faithful proxy: the attention logits of the LM's **first decoder la
 
 What we compute, precisely:
 
-1. the question is tokenised (the tokenizer comes from the strategy's `tokenizer` parameter or
-   `model.tokenizer`; a list of token ids is also accepted) and embedded with `embed_text`; we
+1. the question is tokenised (the tokenizer comes from the strategy's `tokenizer` parameter,
+   else `model.tokenizer`, else the tokenizer files in the local checkpoint directory the model
+   was loaded from, `model.name_or_path`; a list of token ids is also accepted) and embedded with `embed_text`; we
    use its last `last_n` (default 8) tokens - the end of the question, which in a causal LM
    carries the summary of the whole question;
 2. text and visual embeddings (visual = features through the projector) pass that layer's
@@ -27,6 +28,8 @@ visual embedding.
 from __future__ import annotations
 
 import math
+import os
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -44,6 +47,8 @@ def question_ids(model: Any, question, tokenizer: Any = None) -> torch.Tensor:
         return torch.as_tensor(question, dtype=torch.long)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
+        tok = _tokenizer_from_checkpoint(getattr(model, "name_or_path", None))
+    if tok is None:
         raise SelectionError(
             "This text-guided strategy needs the model's tokenizer to read the question; "
             "pass tokenizer=... to the strategy or set model.tokenizer."
@@ -52,6 +57,19 @@ def question_ids(model: Any, question, tokenizer: Any = None) -> torch.Tensor:
     if not ids:
         raise SelectionError("The question is empty after tokenisation.")
     return torch.as_tensor(ids, dtype=torch.long)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_from_checkpoint(path: str | None):
+    """The tokenizer saved next to a local checkpoint (the loader's `from_pretrained` dir)."""
+    if not path or not os.path.isdir(path):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception:  # no tokenizer files there: the caller explains what to pass
+        return None
 
 
 def _first_layer(model: Any):
@@ -95,20 +113,29 @@ class TextScorer:
         k = attn.k_proj(self.layer.input_layernorm(x)).reshape(x.shape[0], self.n_kv, self.hd)
         return k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
 
+    def _logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        if self.layer is None:
+            t = torch.nn.functional.normalize(self.text.float().mean(0), dim=0)
+            v = torch.nn.functional.normalize(embeds.float().to(t.device), dim=-1)
+            return (v @ t)[None, None]
+        k = self.keys(embeds)
+        return torch.einsum("lhd,nhd->lhn", self.q.float(), k.float()) / math.sqrt(self.hd)
+
     def __call__(self, embeds: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
         """(N, H) projected visual tokens -> (N,) relevance on the CPU, summing to 1."""
         if embeds.shape[0] == 0:
             return torch.zeros(0)
         with torch.no_grad():
-            if self.layer is None:
-                t = torch.nn.functional.normalize(self.text.float().mean(0), dim=0)
-                v = torch.nn.functional.normalize(embeds.float().to(t.device), dim=-1)
-                return torch.softmax(v @ t, 0).cpu()
-            logits = []
-            for c in torch.split(embeds, chunk):
-                k = self.keys(c)
-                logits.append(torch.einsum("lhd,nhd->lhn", self.q.float(), k.float()))
-            logits = torch.cat(logits, -1) / math.sqrt(self.hd)
+            logits = torch.cat([self._logits(c) for c in torch.split(embeds, chunk)], -1)
+            return torch.softmax(logits, dim=-1).mean(dim=(0, 1)).cpu()
+
+    def score_features(self, vectors: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Like calling the scorer on ``model.project(vectors)``, projecting chunk by chunk so
+        the projected tokens of a whole 8K image never sit in memory at once."""
+        if vectors.shape[0] == 0:
+            return torch.zeros(0)
+        with torch.no_grad():
+            logits = torch.cat([self._logits(self.model.project(c)) for c in torch.split(vectors, chunk)], -1)
             return torch.softmax(logits, dim=-1).mean(dim=(0, 1)).cpu()
 
 
@@ -118,3 +145,13 @@ def make_scorer(model: Any, question, tokenizer: Any = None, scorer=None,
     if scorer is not None:
         return scorer
     return TextScorer(model, question, tokenizer, last_n)
+
+
+def score_vectors(score_fn, model: Any, vectors: torch.Tensor) -> torch.Tensor:
+    """Relevance of raw vision vectors: projected chunk-wise by a TextScorer, else projected
+    at once (no model: unchanged) and passed to the plain callable."""
+    if isinstance(score_fn, TextScorer):
+        return score_fn.score_features(vectors)
+    from engine.selection.common import project
+
+    return score_fn(project(model, vectors))

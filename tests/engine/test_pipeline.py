@@ -211,3 +211,31 @@ def test_cli_reports_bad_input_without_traceback(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") or "\nerror:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_huge_virtual_raster_is_read_decimated(tmp_path):
+    """A 27,000 x 27,000 raster (a VRT over a small file) never loads at full resolution."""
+    from engine.raster import read_for_tiling, read_raster
+    from engine.tiling import tiling_read_budget
+
+    small = tmp_path / "small.tif"
+    write_geotiff(small, np.full((3, 54, 54), 90, np.uint8), crs="EPSG:32633")
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{b}"><ColorInterp>{c}</ColorInterp><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{small}</SourceFilename><SourceBand>{b}</SourceBand>'
+        '<SrcRect xOff="0" yOff="0" xSize="54" ySize="54"/>'
+        '<DstRect xOff="0" yOff="0" xSize="27000" ySize="27000"/></SimpleSource></VRTRasterBand>'
+        for b, c in ((1, "Red"), (2, "Green"), (3, "Blue")))
+    vrt = tmp_path / "huge.vrt"
+    vrt.write_text('<VRTDataset rasterXSize="27000" rasterYSize="27000"><SRS>EPSG:32633</SRS>'
+                   '<GeoTransform>500000, 0.1, 0, 5000000, 0, -0.1</GeoTransform>'
+                   f"{bands}</VRTDataset>")
+    budget = tiling_read_budget((27000, 27000))
+    assert budget <= 576 * 336 * 336
+    img = read_raster(str(vrt), max_pixels=200_000)
+    assert img.size[0] * img.size[1] <= 200_000 and img.source_size == (27000, 27000)
+    # image pixel -> source pixel keeps the decimation, so footprints stay exact
+    assert img.image_to_source.a == pytest.approx(27000 / img.size[0])
+    assert (img.pixels == 90).all()
+    full = read_for_tiling(str(vrt), aoi={"window": [0, 0, 2700, 2700]})
+    assert full.size == (2700, 2700)  # a small window is read at full resolution

@@ -1,0 +1,106 @@
+"""Heatmap GeoTIFF and anchors GeoJSON: CRS, transform, nodata where pruned, exact footprints."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from shapely.geometry import shape
+
+from engine.geometry import TokenGeometry
+from engine.heatmap import write_heatmap
+from engine.protocol import ANCHOR_PROPERTIES
+from engine.raster import read_raster
+from engine.selection.base import Selection
+from engine.tiling import plan_tiles
+from rasters import write_geotiff
+
+
+def geometry_for(tmp_path, crs="EPSG:32633", size=(700, 500)):
+    w, h = size
+    arr = (np.arange(w * h).reshape(h, w) % 251).astype(np.uint8)
+    path = write_geotiff(tmp_path / "src.tif", np.stack([arr] * 3), crs=crs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = read_raster(path)
+    return TokenGeometry.build(image, plan_tiles(image.size)), path
+
+
+def make_selection(geometry):
+    """Four tokens: a 3-patch cluster, a single patch, a pure-padding patch, an empty slot."""
+    valid = geometry.patch_valid.reshape(-1)
+    good = np.nonzero(valid)[0]
+    pad = np.nonzero(geometry.patch_padding.reshape(-1))[0]
+    assert pad.size, "test raster must produce padding"
+    members = [good[:3], good[200:201], pad[:1], np.zeros(0, np.int64)]
+    return Selection(embeds=torch.zeros(4, 2), members=[m.astype(np.int64) for m in members],
+                     scores=np.array([0.5, 2.0, 9.0, 1.0], np.float32),
+                     roles=["merged", "anchor", "kept", "kept"], candidates=100, strategy="test")
+
+
+def test_geotiff_has_source_crs_grid_transform_and_nodata(tmp_path):
+    geometry, src = geometry_for(tmp_path)
+    sel = make_selection(geometry)
+    files = write_heatmap(sel, geometry, tmp_path / "out", "q1")
+    grid = geometry.token_grid()
+    with rasterio.open(files.tif_path) as ds, rasterio.open(src) as s:
+        assert ds.crs == s.crs
+        assert ds.transform.almost_equals(grid.transform)
+        assert (ds.width, ds.height) == (grid.width, grid.height)
+        assert ds.dtypes[0] == "float32" and np.isnan(ds.nodata)
+        data = ds.read(1)
+        # the grid covers the raster: its bounds contain the source bounds (padding around)
+        assert ds.bounds.left <= s.bounds.left + 1e-6 and ds.bounds.right >= s.bounds.right - 1e-6
+    ids = grid.ids_grid()
+    expected = np.full(data.shape, np.nan, np.float32)
+    for m, score in zip(sel.members[:2], sel.scores[:2]):
+        for i in m:
+            expected[ids == i] = score
+    np.testing.assert_array_equal(data, expected)  # padding token and the rest: nodata
+    assert np.isnan(data).sum() == data.size - 4
+    # a painted cell's centre lies inside its patch's map box
+    i = int(sel.members[1][0])
+    r, c = np.argwhere(ids == i)[0]
+    x, y = grid.transform @ (c + 0.5, r + 0.5)
+    x0, y0, x1, y1 = geometry.boxes_map([i])[0]
+    assert x0 <= x <= x1 and y0 <= y <= y1
+
+
+def test_geojson_footprints_are_member_unions(tmp_path):
+    geometry, _ = geometry_for(tmp_path)
+    sel = make_selection(geometry)
+    gj = write_heatmap(sel, geometry, tmp_path, "q2").geojson
+    assert gj["type"] == "FeatureCollection"
+    assert gj["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
+    assert "PROJCS" in gj["crs_wkt"] or "PROJCRS" in gj["crs_wkt"]
+    feats = gj["features"]
+    assert len(feats) == 2  # padding-only and empty tokens are not drawn
+    for f, k in zip(feats, (0, 1)):
+        assert set(f["properties"]) == set(ANCHOR_PROPERTIES)
+        assert f["properties"]["rank"] == k
+        assert f["properties"]["role"] == sel.roles[k]
+        assert f["properties"]["n_patches"] == len(sel.members[k])
+        assert f["properties"]["tile"] == int(sel.members[k][0] // 576)
+        ref = geometry.footprint(sel.members[k], "map")
+        assert shape(f["geometry"]).symmetric_difference(ref).area < 1e-6 * ref.area
+        # the footprint lies inside its tile's footprint
+        tile = f["properties"]["tile"]
+        tile_fp = geometry.footprint(np.arange(tile * 576, tile * 576 + 576), "map")
+        assert tile_fp.buffer(1e-6).contains(shape(f["geometry"]))
+
+
+def test_no_crs_raster_gives_pixel_coordinates(tmp_path):
+    geometry, _ = geometry_for(tmp_path, crs=None, size=(400, 300))
+    sel = make_selection(geometry)
+    files = write_heatmap(sel, geometry, tmp_path, "q3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(files.tif_path) as ds:
+            assert ds.crs is None
+            assert ds.transform.almost_equals(geometry.token_grid().transform)
+    assert "crs" not in files.geojson and "crs_wkt" not in files.geojson
+    minx, miny, maxx, maxy = shape(files.geojson["features"][0]["geometry"]).bounds
+    assert 0 <= minx < maxx <= 400 and 0 <= miny < maxy <= 300

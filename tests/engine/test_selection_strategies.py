@@ -1,0 +1,183 @@
+"""Every strategy on crafted feature maps (plain tensors, no model): budgets, tiles, roles,
+background pruning, object tokens, determinism, faithful empty slots."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from engine.selection import available, get_strategy
+from engine.selection import clusters as C
+from engine.selection.budget import allocate, kmeans
+
+T, N, D = 4, 576, 8
+OBJECTS = [(1, 100), (1, 101), (2, 300), (3, 555)]  # (tile, patch) of distinct "object" patches
+OBJ_DIR = torch.tensor([0, 0, 0, 0, 0, 0, 0, 4.0])
+STRATS = ["geollava", "background", "anchored", "pyramid", "budget", "uniform", "random"]
+
+
+def crafted():
+    torch.manual_seed(0)
+    x = torch.zeros(T, N, D)
+    x[:, :, 0] = 1.0  # water everywhere ...
+    x[:, 288:, 0] = 0.0
+    x[:, 288:, 1] = 1.0  # ... forest in the lower half of every tile
+    for t, p in OBJECTS:
+        x[t, p] = OBJ_DIR + 0.01 * p
+    cls = torch.zeros(T, D)
+    cls[:, 7] = 1.0  # the CLS query looks for the object direction
+    return SimpleNamespace(cls=cls, patches=x)
+
+
+def eye_linear():
+    lin = torch.nn.Linear(D, D)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(D))
+        lin.bias.zero_()
+    return lin
+
+
+def obj_scorer(e):
+    """Stand-in for the LM relevance: softmax of the object direction component."""
+    return torch.softmax(e.float()[:, 7] * 3, 0)
+
+
+def run(name, budget, **params):
+    feats = crafted()
+    kw = {}
+    if name in ("geollava", "background", "anchored"):
+        kw = dict(q_proj=eye_linear(), v_proj=eye_linear())
+    if name in ("geollava", "background"):
+        kw["affinity"] = lambda p: C.affinity_from_features(p, 24)
+    if name in ("pyramid", "budget"):
+        params.setdefault("scorer", obj_scorer)
+    return get_strategy(name, **params).select(feats, None, "where are the boats?", budget,
+                                               model=None, **kw)
+
+
+def obj_ids():
+    return {t * N + p for t, p in OBJECTS}
+
+
+def test_registry_lists_every_strategy():
+    assert set(STRATS) <= set(available())
+
+
+@pytest.mark.parametrize("name", STRATS)
+@pytest.mark.parametrize("budget", [1, 3, 7, 50, 300, None])
+def test_budget_never_exceeded_and_members_stay_in_one_tile(name, budget):
+    sel = run(name, budget)
+    limit = budget if budget is not None else T * 144
+    assert 0 < sel.n_tokens <= limit
+    assert sel.embeds.shape == (sel.n_tokens, D)
+    seen = np.concatenate(sel.members)
+    assert len(seen) == len(np.unique(seen))  # no patch stands in two tokens
+    for m in sel.members:
+        assert len(m) > 0
+        assert len(set((np.asarray(m) // N).tolist())) == 1  # footprint inside one tile
+    assert sel.candidates == T * 144
+    assert set(sel.roles) <= {"anchor", "kept", "merged"}
+
+
+@pytest.mark.parametrize("name", ["geollava", "background"])
+def test_background_collapses_and_objects_stay_single(name):
+    sel = run(name, None)
+    # two uniform regions a tile collapse to a handful of clusters, objects are kept alone
+    assert sel.n_tokens <= T * 16 + len(OBJECTS)
+    singles = {int(m[0]) for m in sel.members if len(m) == 1}
+    assert obj_ids() <= singles
+    big = max(len(m) for m in sel.members)
+    assert big >= 100
+    # every kept token's vector is the mean of its members' raw features
+    x = crafted().patches.reshape(-1, D)
+    for e, m in zip(sel.embeds, sel.members):
+        assert torch.allclose(e, x[torch.as_tensor(m)].mean(0), atol=1e-5)
+
+
+def test_geollava_tight_budget_keeps_object_clusters_first():
+    sel = run("geollava", len(OBJECTS))
+    assert {int(m[0]) for m in sel.members} == obj_ids()
+    assert sel.roles == ["anchor"] * len(OBJECTS)
+    # LM order = tile, then spatial order
+    firsts = [int(m.min()) for m in sel.members]
+    assert firsts == sorted(firsts)
+
+
+def test_geollava_faithful_empty_slots():
+    sel = run("geollava", None, faithful_empty_slots=True)
+    assert sel.n_tokens == T * 24
+    empty = [i for i, m in enumerate(sel.members) if len(m) == 0]
+    assert len(empty) == sel.info["empty_slots"] > 0
+    assert all(sel.roles[i] == "kept" for i in empty)
+    assert torch.count_nonzero(sel.embeds[empty]) == 0  # zero vectors (no model: unprojected)
+    # each tile: real tokens first, then its empty slots
+    sel2 = run("geollava", None, tokens_per_tile=3)
+    assert sel2.n_tokens == T * 3
+
+
+def test_anchored_picks_object_patches_per_tile():
+    sel = run("anchored", None, tokens_per_tile=2)
+    assert sel.n_tokens == T * 2
+    kept = {int(m[0]) for m in sel.members}
+    assert obj_ids() <= kept
+    assert sel.roles == ["anchor"] * sel.n_tokens
+
+
+@pytest.mark.parametrize("name", ["pyramid", "budget"])
+def test_text_guided_strategies_find_the_objects(name):
+    # pyramid needs room to open a whole tile down to patches (1 + 15 + 8 + 3 per object)
+    sel = run(name, 200 if name == "pyramid" else 40)
+    kept = {int(i) for m in sel.members if len(m) <= 4 for i in m}
+    assert obj_ids() <= kept
+
+
+def test_budget_regions_preserve_and_merge():
+    sel = run("budget", 40, preserve_ratio=0.5)
+    roles = set(sel.roles)
+    assert "anchor" in roles and ("merged" in roles or "kept" in roles)
+    assert sel.info["preserved"] + sel.info["merge_slots"] <= 40
+
+
+@pytest.mark.parametrize("name", STRATS)
+def test_deterministic_given_seed(name):
+    a, b = run(name, 30, seed=3), run(name, 30, seed=3)
+    assert [m.tolist() for m in a.members] == [m.tolist() for m in b.members]
+    assert torch.equal(a.embeds, b.embeds)
+    assert np.array_equal(a.scores, b.scores)
+
+
+def test_random_seed_changes_the_draw():
+    a, b = run("random", 30, seed=0), run("random", 30, seed=1)
+    assert [m.tolist() for m in a.members] != [m.tolist() for m in b.members]
+
+
+def test_padding_is_never_a_candidate_for_non_faithful_strategies():
+    feats = crafted()
+    geo = SimpleNamespace(patch_valid=np.ones((T, N), bool), layout=None)
+    geo.patch_valid[0] = False  # tile 0 is pure padding
+    for name in ["background", "anchored", "uniform", "random", "pyramid", "budget"]:
+        kw = {"scorer": obj_scorer} if name in ("pyramid", "budget") else {}
+        extra = {}
+        if name in ("background", "anchored"):
+            extra = dict(q_proj=eye_linear(), v_proj=eye_linear())
+        if name == "background":
+            extra["affinity"] = lambda p: C.affinity_from_features(p, 24)
+        sel = get_strategy(name, **kw).select(feats, geo, "q", 60, model=None, **extra)
+        assert all((np.asarray(m) >= N).any() for m in sel.members), name
+
+
+def test_allocate_respects_capacity_and_total():
+    out = allocate(np.array([5.0, 1.0, 0.0, 4.0]), np.array([3, 10, 10, 10]), 12)
+    assert out.sum() == 12 and out[0] == 3 and (out <= [3, 10, 10, 10]).all()
+    assert allocate(np.ones(3), np.array([1, 1, 1]), 10).tolist() == [1, 1, 1]
+
+
+def test_kmeans_is_deterministic_and_uses_k_clusters():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(1, 20, 3, generator=g), torch.randn(1, 20, 3, generator=g) + 10], 1)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    a = kmeans(x, mask, torch.tensor([2]), seed=5)
+    assert torch.equal(a, kmeans(x, mask, torch.tensor([2]), seed=5))
+    assert len(set(a[0, :20].tolist())) == 1 and len(set(a[0, 20:].tolist())) == 1
+    assert a[0, 0] != a[0, 39]

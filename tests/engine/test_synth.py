@@ -1,0 +1,66 @@
+"""Synthetic UHR scenes: georeferenced GeoTIFF with overviews, known object boxes, recall."""
+
+from __future__ import annotations
+
+import numpy as np
+import rasterio
+import torch
+
+from engine.selection.base import Selection
+from engine.synth import make_scene, object_patches, object_recall
+
+
+def test_scene_is_a_georeferenced_tiled_geotiff_with_objects(tmp_path):
+    sc = make_scene(tmp_path / "a.tif", (1200, 900), objects=5, seed=4)
+    assert len(sc.objects) == 5
+    with rasterio.open(sc.path) as ds:
+        assert ds.crs.to_epsg() == 32633 and ds.count == 3 and ds.dtypes[0] == "uint8"
+        assert (ds.width, ds.height) == (1200, 900)
+        assert ds.overviews(1)  # built for fast decimated reads
+        assert ds.compression is not None
+        img = ds.read()
+        for o in sc.objects:
+            x0, y0, x1, y1 = o.box_px
+            assert x1 - x0 >= 14 and y1 - y0 >= 4
+            patch = img[:, y0:y1, x0:x1].reshape(3, -1)
+            assert (patch.mean(1) > 0).all() and patch.max() >= 220  # bright object colour
+            # map box matches the pixel box through the transform
+            mx0, my1 = ds.transform @ (x0, y0)
+            assert np.allclose((mx0, my1), (o.box_map[0], o.box_map[3]))
+        # background has several textures (water, forest, fields)
+        assert len(np.unique(img[1, ::50, ::50])) > 20
+
+
+def test_same_seed_same_scene_other_seed_differs(tmp_path):
+    a = make_scene(tmp_path / "a.tif", 600, objects=3, seed=1)
+    b = make_scene(tmp_path / "b.tif", 600, objects=3, seed=1)
+    c = make_scene(tmp_path / "c.tif", 600, objects=3, seed=2)
+    with rasterio.open(a.path) as da, rasterio.open(b.path) as db, rasterio.open(c.path) as dc:
+        assert np.array_equal(da.read(), db.read())
+        assert not np.array_equal(da.read(), dc.read())
+    assert [o.box_px for o in a.objects] == [o.box_px for o in b.objects]
+
+
+def test_object_recall_definition(tmp_path):
+    from engine.geometry import TokenGeometry
+    from engine.raster import read_raster
+    from engine.tiling import plan_tiles
+
+    sc = make_scene(tmp_path / "r.tif", (700, 500), objects=3, seed=0)
+    image = read_raster(str(sc.path))
+    geo = TokenGeometry.build(image, plan_tiles(image.size))
+    obj = object_patches(geo, sc.objects)
+    assert obj.size >= 3
+
+    def sel(members):
+        n = len(members)
+        return Selection(embeds=torch.zeros(n, 2), members=members, scores=np.ones(n),
+                         roles=["kept"] * n, candidates=n)
+
+    everything = [np.arange(geo.n_tiles * 576)]
+    assert object_recall(sel(everything), geo, sc.objects) == 1.0
+    # the one giant token does not count when only small tokens count
+    assert object_recall(sel(everything), geo, sc.objects, max_token_patches=4) == 0.0
+    half = [np.array([i]) for i in obj[: obj.size // 2]]
+    assert object_recall(sel(half), geo, sc.objects) == (obj.size // 2) / obj.size
+    assert object_recall(sel([np.array([int(np.setdiff1d(np.arange(10), obj)[0])])]), geo, sc.objects) == 0.0
