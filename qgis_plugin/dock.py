@@ -41,7 +41,8 @@ from .render import LayerRenderer, layer_file_path
 from .settings import STRATEGIES, STRATEGY_LABELS, Settings, make_client
 from .tasks import AskTask, HealthTask, file_stem, rect_bounds
 
-HEALTH_INTERVAL_MS = 10000
+HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
+HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
 USER_ROLE = Qt.ItemDataRole.UserRole
 
 
@@ -483,6 +484,7 @@ class ChatDock(QgsDockWidget):
         color = engine_status.COLORS[level]
         self.status_label.setText(f"<span style='color:{color}'>●</span> {html.escape(text)}")
         self.status_level = level
+        self.timer.setInterval(HEALTH_INTERVAL_MS if level in ("ok", "demo") else HEALTH_INTERVAL_BUSY_MS)
         self.health_updated.emit(health, error)
 
     def diagnostics_text(self) -> str:

@@ -18,6 +18,9 @@ from qgis.PyQt.QtCore import pyqtSignal
 from .client import EngineClient, EngineError, build_ask_request
 
 CAN_CANCEL = getattr(getattr(QgsTask, "Flag", QgsTask), "CanCancel", None) or QgsTask.CanCancel
+# Hidden (QGIS 3.26+) keeps the periodic health check out of the task list in the status bar.
+_HIDDEN = getattr(getattr(QgsTask, "Flag", QgsTask), "Hidden", None)
+HEALTH_FLAGS = CAN_CANCEL | _HIDDEN if _HIDDEN is not None else CAN_CANCEL
 
 
 def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None) -> dict:
@@ -75,7 +78,7 @@ class HealthTask(QgsTask):
     done = pyqtSignal(object, str)
 
     def __init__(self, client: EngineClient):
-        super().__init__("GeoVQA: engine status", CAN_CANCEL)
+        super().__init__("GeoVQA: engine status", HEALTH_FLAGS)
         self.client = client
         self.health = None
         self.error = ""
