@@ -1,8 +1,8 @@
-"""Clip result files to the source raster's extent (worker-thread safe, GDAL/OGR only).
+"""Crop result files to the source raster's extent (worker-thread safe, GDAL/OGR only).
 
-The engine places the heatmap grid on the model's padded tile canvas; cells and anchor
-footprints that fall in that padding lie outside the raster. Clipping them here keeps the
-result layers exactly over the raster the question was about.
+The engine's heatmap grid covers the model's padded tile canvas (padding cells are nodata), so
+its extent can be larger than the raster's. Cropping makes the heatmap layer's extent match the
+raster (zoom to layer, legends, statistics); anchor footprints are cut to the same box.
 """
 
 from __future__ import annotations
