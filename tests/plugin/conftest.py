@@ -136,19 +136,41 @@ class RealEngine:
             return ""
 
 
+def _tiny_checkpoint(env) -> Path:
+    """The tiny random checkpoint, built once per engine version into <repo>/.cache/ (keyed by
+    a hash of engine/tiny.py and engine/modeling.py, so a changed layout is rebuilt)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("tiny.py", "modeling.py"):
+        f = ENGINE_ROOT / "engine" / name
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    cached = ROOT / ".cache" / f"tiny-geollava-test-{h.hexdigest()[:10]}"
+    if (cached / "config.json").is_file() and list(cached.glob("*.safetensors")):
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=cached.parent))
+    r = subprocess.run([str(ENGINE_PY), "-m", "engine", "tiny", "--dest", str(staging / "tiny")], cwd=ENGINE_ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"engine tiny failed:\n{r.stdout}\n{r.stderr}"
+    try:
+        (staging / "tiny").rename(cached)
+    except OSError:  # built by a concurrent run meanwhile
+        pass
+    shutil.rmtree(staging, ignore_errors=True)
+    return cached
+
+
 @pytest.fixture(scope="session")
 def real_engine_process():
     ok, why = _engine_importable()
     if not ok:
         pytest.skip(f"the engine in {ENGINE_ROOT}/.venv cannot be imported yet (import engine.server: {why})")
     base = Path(tempfile.mkdtemp(prefix="geovqa-engine-"))
-    tiny = base / "tiny"
     env = dict(os.environ, GEOVQA_CONFIG_DIR=str(base / "config"), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("QT_QPA_PLATFORM", None)
-    r = subprocess.run([str(ENGINE_PY), "-m", "engine", "tiny", "--dest", str(tiny)], cwd=ENGINE_ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"engine tiny failed:\n{r.stdout}\n{r.stderr}"
+    tiny = _tiny_checkpoint(env)
     port = free_port()
     log_path = base / "engine.log"
     log = open(log_path, "w")
