@@ -70,15 +70,17 @@ def anchors_geojson(selection, geometry) -> dict:
 
     valid = np.asarray(geometry.patch_valid, dtype=bool).reshape(-1)
     n_patch_tile = valid.size // max(int(geometry.n_tiles), 1)
-    feats = []
+    drawn = []  # (rank, members, valid members, score, role) of tokens with something to draw
     for rank, (members, score, role) in enumerate(
         zip(selection.members, np.asarray(selection.scores, dtype=np.float64), selection.roles)
     ):
         m = np.asarray(members, dtype=np.int64)
         mv = m[valid[m]] if m.size else m
-        if mv.size == 0:
-            continue
-        geom = geometry.footprint(mv, "map")
+        if mv.size:
+            drawn.append((rank, m, mv, score, role))
+    shapes = geometry.footprints([d[2] for d in drawn], "map")  # one pass for every token
+    feats = []
+    for (rank, m, _mv, score, role), geom in zip(drawn, shapes):
         feats.append({
             "type": "Feature",
             "geometry": mapping(geom),

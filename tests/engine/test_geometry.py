@@ -176,3 +176,22 @@ def test_build_checks_sizes(tmp_path):
     with pytest.raises(ValueError, match="planned"):
         TokenGeometry.build(im, plan_tiles((61, 50)))
     assert TILE == 336
+
+
+def test_batch_footprints_equal_single_footprints(tmp_path):
+    """`footprints` (traced from the patch grid) gives exactly `footprint` for every group,
+    including groups that cross tiles, edge patches clipped to the image, and overlapping groups
+    (which fall back to the per-group union)."""
+    arr = np.random.default_rng(0).integers(0, 255, (3, 500, 700), dtype=np.uint8)
+    _, _, g = _geom(tmp_path, arr)
+    n = g.layout.n_patches
+    rng = np.random.default_rng(1)
+    groups = [np.arange(0, 30), np.array([575, 576, 600]), np.array([n - 1]),
+              rng.choice(np.arange(1000, 2000), 50, replace=False)]
+    groups.append(np.array([5, 6, 1500]))  # overlaps groups 0 and maybe 3
+    groups.append(np.array([], dtype=np.int64))
+    batch = g.footprints(groups, "map")
+    for ids, shape in zip(groups, batch):
+        single = g.footprint(ids, "map")
+        assert shape.symmetric_difference(single).area <= 1e-6 * max(single.area, 1.0)
+    assert batch[0].geom_type == "Polygon" and batch[-1].is_empty
