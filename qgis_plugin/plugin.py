@@ -50,7 +50,7 @@ class GeoVQAPlugin:
         if self.iface is None:
             return
         from .dock import ChatDock
-        from .settings_page import GeoVQAOptionsFactory
+        from .settings_page import PAGE_OBJECT_NAME, GeoVQAOptionsFactory
 
         self.engine = EngineProcess()
         self.engine.state_changed.connect(self._engine_state)
@@ -71,7 +71,7 @@ class GeoVQAPlugin:
         self.start_action = self._add_action(QAction("Start local engine", self.iface.mainWindow()), self.start_engine)
         self.stop_action = self._add_action(QAction("Stop local engine", self.iface.mainWindow()), self.stop_engine)
         self._add_action(QAction("Settings…", self.iface.mainWindow()),
-                         lambda: self.iface.showOptionsDialog(self.iface.mainWindow(), currentPage="GeoVQA"))
+                         lambda: self.iface.showOptionsDialog(self.iface.mainWindow(), currentPage=PAGE_OBJECT_NAME))
 
     def _add_action(self, action, callback=None, toolbar=False, own=True):
         if callback is not None:

@@ -92,9 +92,13 @@ class SettingsForm(QWidget):
         s.save()
 
 
+PAGE_OBJECT_NAME = "mOptionsPageGeoVQA"
+
+
 class GeoVQAOptionsPage(QgsOptionsPageWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
+        self.setObjectName(PAGE_OBJECT_NAME)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         self.form = SettingsForm(self)
