@@ -357,9 +357,12 @@ class ChatDock(QgsDockWidget):
             self.renderer = None
             if error:
                 self._fail(turn, error)
-            else:
-                turn["rendered_path"] = path
+                return
+            turn["rendered_path"] = path
+            try:
                 self._start_ask(turn, path, aoi, settings, rect_bounds(renderer.settings.visibleExtent()))
+            except (EngineError, ValueError) as exc:
+                self._fail(turn, str(exc))
 
         self.renderer.done.connect(rendered)
         self.renderer.start()
@@ -420,7 +423,7 @@ class ChatDock(QgsDockWidget):
         timings = ev.get("timings") or {}
         turn["result"] = {k: v for k, v in ev.items() if k not in ("anchors",)}
         turn["meta"] = (f"{ev.get('strategy')}: {tokens.get('visual_kept', '?')}/{tokens.get('visual_candidates', '?')} "
-                        f"visual tokens kept, {timings.get('total', 0):.1f} s")
+                        f"visual tokens kept, {float(timings.get('total') or 0):.1f} s")
         self.task = None
         self.current_request_id = None
         self.stop_button.setEnabled(False)
