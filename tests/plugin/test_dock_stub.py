@@ -137,3 +137,15 @@ def test_non_file_layer_is_rendered_and_georeferenced(plugin, raster_layer, stub
     heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
     assert heat.crs() == src.crs()
     wait_for_tasks()
+
+
+def test_wrong_token_is_explained(plugin, raster_layer, stub_engine):
+    set_settings(token="not-the-token")
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("hello?")
+    wait_until(_finished(dock), 30)
+    err = dock.turns()[-1]["error"]
+    assert "Wrong token." in err and "token" in err.split("Wrong token.")[1]
+    wait_for_tasks()
