@@ -4,7 +4,6 @@ disconnect, DELETE), out-of-memory recovery, and batch results persisted as they
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -46,24 +45,36 @@ def wait_until(predicate, timeout=30.0, step=0.05):
     raise AssertionError("condition not reached in time")
 
 
+def open_ask(server, raster, **kw):
+    """Start a question; returns (connection, event iterator, events read so far)."""
+    conn, resp = server.open_stream("/ask", body(raster, **kw))
+    assert resp.status == 200
+    events = server.iter_events(resp)
+    return conn, events, [next(events)]
+
+
+def read_until_token(events, seen):
+    for event in events:
+        seen.append(event)
+        if event["type"] == "token":
+            return
+    raise AssertionError("no token event")
+
+
 def test_queue_order_and_positions(server, inputs):
-    results: dict[str, list[dict]] = {}
-
-    def run(name):
-        status, events = server.ask(body(inputs["raster"], request_id=name))
-        assert status == 200
-        results[name] = events
-
-    threads = []
-    for name in ("a", "b", "c"):
-        t = threading.Thread(target=run, args=(name,))
-        t.start()
-        threads.append(t)
-        time.sleep(0.25)  # submitted in this order
+    streams = {}
+    conn, events, seen = open_ask(server, inputs["raster"], request_id="a")
+    read_until_token(events, seen)  # "a" holds the worker
+    streams["a"] = (conn, events, seen)
+    for name in ("b", "c"):  # submitted in this order while "a" runs
+        streams[name] = open_ask(server, inputs["raster"], request_id=name)
     status, health = server.request("GET", "/health", token=False)
-    assert health["queue_length"] >= 1
-    for t in threads:
-        t.join(60)
+    assert health["queue_length"] == 2
+    results = {}
+    for name, (conn, events, seen) in streams.items():
+        seen.extend(events)
+        conn.close()
+        results[name] = seen
     positions = {n: [e["position"] for e in ev if e["type"] == "queued"]
                  for n, ev in results.items()}
     assert positions["a"] == [0]
@@ -76,29 +87,29 @@ def test_queue_order_and_positions(server, inputs):
 
 
 def test_client_disconnect_cancels_gpu_work(server, inputs):
-    before = set(server.state_dir.joinpath("outputs").glob("*-heatmap.tif"))
-    conn, resp = server.open_stream("/ask", body(inputs["raster"], max_new_tokens=40,
-                                                 request_id="gone"))
-    for event in server.iter_events(resp):
-        if event["type"] == "token":
-            break
+    outputs = server.state_dir / "outputs"
+    before = set(outputs.glob("*-heatmap.tif"))
+    conn, events, seen = open_ask(server, inputs["raster"], max_new_tokens=40, request_id="gone")
+    job_id = seen[0]["job_id"]
+    read_until_token(events, seen)
     conn.close()  # the analyst moved on
-    time.sleep(4 * WORD_DELAY + 0.3)
+    # the worker lets go long before the 40 words (3.2 s) would have been written
+    t0 = time.monotonic()
+    wait_until(lambda: server.request("GET", f"/jobs/{job_id}")[0] == 404, timeout=20)
     status, events = server.ask(body(inputs["raster"], request_id="next"))
     assert status == 200
-    assert events[0] == {"type": "queued", "position": 0, "job_id": events[0]["job_id"],
-                         "request_id": "next"}, "the disconnected job still held the worker"
-    after = set(server.state_dir.joinpath("outputs").glob("*-heatmap.tif"))
-    assert len(after - before) == 1  # only "next" finished and wrote a heatmap
+    assert events[0]["type"] == "queued" and events[0]["position"] == 0
+    assert events[-1]["type"] == "result"
+    after = set(outputs.glob("*-heatmap.tif"))
+    assert len(after - before) == 1, "the disconnected question never finished"
+    assert time.monotonic() - t0 < 40 * WORD_DELAY + 5
 
 
 def test_delete_cancels_a_waiting_question(server, inputs):
-    first = threading.Thread(target=server.ask, args=(body(inputs["raster"]),))
-    first.start()
-    time.sleep(0.2)
-    conn, resp = server.open_stream("/ask", body(inputs["raster"], request_id="victim"))
-    events = server.iter_events(resp)
-    queued = next(events)
+    conn1, events1, seen1 = open_ask(server, inputs["raster"])
+    read_until_token(events1, seen1)
+    conn, events, seen = open_ask(server, inputs["raster"], request_id="victim")
+    queued = seen[0]
     assert queued["type"] == "queued" and queued["position"] == 1
     status, info = server.request("DELETE", f"/jobs/{queued['job_id']}")
     assert status == 200 and info["state"] == "cancelled"
@@ -106,7 +117,9 @@ def test_delete_cancels_a_waiting_question(server, inputs):
     conn.close()
     assert rest[-1]["type"] == "error" and rest[-1]["code"] == "cancelled"
     assert not [e for e in rest if e["type"] == "token"]
-    first.join(30)
+    seen1.extend(events1)
+    conn1.close()
+    assert seen1[-1]["type"] == "result"
 
 
 def test_out_of_memory_is_reported_and_server_keeps_serving(server, inputs):

@@ -78,13 +78,15 @@ def test_truncated_results_line_is_dropped(tmp_path):
     assert [r["index"] for r in lines] == [0, 1]
 
 
-def test_binding_rules(tmp_path):
+def test_binding_rules(tmp_path, caplog):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     check_binding(Settings(host="127.0.0.1", state_dir=tmp_path))
     with pytest.raises(SystemExit, match="--allow-remote"):
         check_binding(Settings(host="0.0.0.0", state_dir=tmp_path))
-    check_binding(Settings(host="0.0.0.0", allow_remote=True, state_dir=tmp_path))
+    with caplog.at_level("WARNING", logger="engine.server"):
+        check_binding(Settings(host="0.0.0.0", allow_remote=True, state_dir=tmp_path))
+    assert "reachable from other computers" in caplog.text
 
 
 def test_job_error_body():
