@@ -120,6 +120,10 @@ def test_xlrs_multilabel_set_equality_and_columns(tmp_path):
     replies = {"1": "A and C", "2": "A", "3": "(B) harbor"}  # second: subset only -> wrong
     res = evaluate(items, _predictor(replies, []), tmp_path / "o")
     assert res["correct"] == 2 and res["per_category"]["object_classification"]["correct"] == 1
+    assert res["no_letter_found"] == 0
+    res = evaluate(items, _predictor({"1": "no idea", "2": "A", "3": "B"}, []), tmp_path / "o2")
+    assert res["no_letter_found"] == 1 and "1 multiple-choice replies named no option" in (
+        tmp_path / "o2" / "results.md").read_text()
 
 
 def test_lrsvqa_open_ended(tmp_path):
