@@ -592,6 +592,13 @@ def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] |
     items = load_items(args.annotations, args.format, parse_field_map(getattr(args, "field", None)))
     _check_run_settings(args)
     if predict is None:
+        root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
+        todo = items if args.limit is None else items[: args.limit]
+        missing = [it for it in todo if not Path(_resolve_image(it, root)).is_file()]
+        if missing:
+            shown = "; ".join(f"{it.id}: {_resolve_image(it, root)}" for it in missing[:5])
+            raise EvalError(f"{len(missing)} of {len(todo)} items have no image file ({shown}"
+                            f"{'; ...' if len(missing) > 5 else ''}). Check --image-root.")
         predict = engine_predictor(args)
     res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
                    progress=True, instruction=getattr(args, "instruction", None))

@@ -262,3 +262,11 @@ def test_xlrs_lmms_layout_prompt_and_task_totals(tmp_path):
     assert res["correct"] == 2
     assert res["macro_accuracy"] == pytest.approx((1 + 1 + 0) / 3)
     assert res["per_task"]["Counting"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+
+
+def test_missing_images_are_reported_before_the_model_loads(tmp_path):
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    with pytest.raises(EvalError, match=r"4 of 4 items have no image file \(rs/color/0001: "):
+        run_eval(parser.parse_args([str(ann), "--out", str(tmp_path / "o")]))
