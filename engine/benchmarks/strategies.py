@@ -41,7 +41,7 @@ STRATEGIES = ("none", "uniform", "random", "background", "anchored", "geollava",
 QUESTION = "How many boats are on the water?"
 FIELDS = ["device", "model", "size", "tiles", "strategy", "budget", "visual_tokens", "candidates",
           "recall", "recall_sharp", "read_s", "vision_s", "select_s", "prefill_s", "ttft_s",
-          "peak_mem_mb", "note"]
+          "peak_mem_mb", "mem_delta_mb", "note"]
 
 FULL_LM = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
@@ -72,7 +72,7 @@ class _RssSampler:
             time.sleep(self.interval)
 
     def __enter__(self):
-        self.peak = self._rss()
+        self.peak = self.start = self._rss()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
         return self
@@ -95,23 +95,29 @@ def tiny_model(device: str = "cpu"):
     return loaded.model, loaded.tokenizer
 
 
-def full_size_model(device: str = "cuda"):
-    """The full-size architecture with random weights, LM linears in 4-bit nf4 (CUDA only)."""
+def full_size_model(device: str = "cuda", lm: dict | None = None, vision: dict | None = None):
+    """The full-size architecture with random weights, LM linears in 4-bit nf4 (meant for
+    CUDA; `lm` / `vision` override the dimensions, e.g. for a quick check)."""
     import bitsandbytes as bnb
 
     from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
     from engine.tiny import build_tokenizer, tiny_config_dict
 
     tok = build_tokenizer()
-    cfg = tiny_config_dict(vision_config=dict(FULL_VISION), **FULL_LM)
+    cfg = tiny_config_dict(vision_config=dict(vision or FULL_VISION), **(lm or FULL_LM))
     cfg.pop("model_type"), cfg.pop("architectures")
     cfg["eos_token_id"] = tok.convert_tokens_to_ids("<|im_end|>")
     cfg["pad_token_id"] = tok.convert_tokens_to_ids("<|endoftext|>")
     config = LlavaQwenConfig(**cfg)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaQwenForCausalLM(config).to(torch.bfloat16).eval()
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: 15 GB, not 30 GB
+    try:
+        with torch.device(device):
+            model = LlavaQwenForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(old_dtype)
     layers = model.model.layers
     for layer in layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -126,7 +132,8 @@ def full_size_model(device: str = "cuda"):
                     setattr(parent, name, q.to(device))
                     del mod
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return model, tok
 
 
@@ -162,6 +169,7 @@ def _one(model, tok, name, feats, geometry, objects, budget, device, max_prefill
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated() if cuda else 0
     note = ""
     with _RssSampler() as rss, torch.no_grad():
         t0 = time.perf_counter()
@@ -180,19 +188,22 @@ def _one(model, tok, name, feats, geometry, objects, budget, device, max_prefill
         else:
             note = f"not prefilled: over the {max_prefill}-token context"
     peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
-    return sel, t1 - t0, prefill, peak, note, object_recall(sel, geometry, objects), \
+    delta = peak - (start if cuda else rss.start)
+    return sel, t1 - t0, prefill, (peak, delta), note, object_recall(sel, geometry, objects), \
         object_recall(sel, geometry, objects, max_token_patches=4)
 
 
 def run(out_dir="docs/benchmarks", sizes=SIZES, device="cpu", strategies=STRATEGIES,
         scene_dir=None, max_prefill_tokens=32768, n_objects=8, seed=0, batch_size=16,
-        stem="strategies", log=print) -> list[dict]:
+        stem=None, log=print) -> list[dict]:
     """Run the benchmark and write ``<stem>.md``, ``<stem>.csv`` and ``<stem>.png`` in
-    `out_dir`. ``device='cuda'`` uses the full-size 4-bit architecture; 'cpu' the tiny model."""
+    `out_dir` (stem: 'strategies' on the CPU, 'strategies_gpu' on CUDA). ``device='cuda'``
+    uses the full-size 4-bit architecture; 'cpu' the tiny model. Returns the table rows."""
     from engine.synth import make_scene
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or ("strategies" if torch.device(device).type == "cpu" else "strategies_gpu")
     scene_dir = Path(scene_dir or Path(os.environ.get("GEOVQA_TEST_CACHE", ".cache")) / "synth")
     cuda = torch.device(device).type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -217,7 +228,8 @@ def run(out_dir="docs/benchmarks", sizes=SIZES, device="cpu", strategies=STRATEG
                        read_s=round(read_s, 3), vision_s=round(vision_s, 3), select_s=round(sel_s, 3),
                        prefill_s=round(pre_s, 3) if pre_s == pre_s else "",
                        ttft_s=round(read_s + vision_s + sel_s + pre_s, 3) if pre_s == pre_s else "",
-                       peak_mem_mb=round(peak / 2**20, 1), note=note)
+                       peak_mem_mb=round(peak[0] / 2**20, 1),
+                       mem_delta_mb=round(peak[1] / 2**20, 1), note=note)
             rows.append(row)
             log(f"  {name:10s} tokens {sel.n_tokens:6d} recall {rec:.2f}/{rec4:.2f} "
                 f"select {sel_s:.2f}s prefill {row['prefill_s']}s peak {row['peak_mem_mb']} MB")
@@ -250,7 +262,7 @@ def write_outputs(rows: list[dict], out_dir: Path, stem: str, device: str) -> No
         w.writeheader()
         w.writerows(rows)
     cols = ["size", "tiles", "strategy", "budget", "visual_tokens", "recall", "recall_sharp",
-            "select_s", "prefill_s", "ttft_s", "peak_mem_mb", "note"]
+            "select_s", "prefill_s", "ttft_s", "peak_mem_mb", "mem_delta_mb", "note"]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"# Token strategies on synthetic UHR scenes ({rows[0]['model'] if rows else ''}, {device})",
@@ -263,7 +275,8 @@ def write_outputs(rows: list[dict], out_dir: Path, stem: str, device: str) -> No
         "Scenes: `engine.synth.make_scene` squares with 8 small objects; question: "
         f"\"{QUESTION}\". Budget = tiles x 24 for every strategy but `none`. recall = share of "
         "object patches covered by kept tokens; recall_sharp counts only tokens of <= 4 patches. "
-        "ttft_s = read + vision + select + prefill. Peak memory: "
+        "ttft_s = read + vision + select + prefill. mem_delta_mb = peak minus the memory in use "
+        "when the strategy started (what the strategy and its prefill add). Peak memory: "
         + ("GPU max allocated during select + prefill." if device != "cpu" else
            "process RSS during select + prefill (includes model and features)."),
         "",
@@ -290,28 +303,41 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def num(v):
+        return float(v) if v not in ("", None) else None
+
     names = list(dict.fromkeys(r["strategy"] for r in rows))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("visual_tokens", "visual tokens into the LM"),
+              ("recall", "object recall (any kept token)"),
+              ("recall_sharp", "object recall (tokens of <= 4 patches)"),
+              ("ttft_s", "time to first token (s)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(19, 4.2))
     for name in names:
         rs = [r for r in rows if r["strategy"] == name]
-        x = [r["size"] for r in rs]
-        axes[0].plot(x, [r["visual_tokens"] for r in rs], "o-", label=name)
-        axes[1].plot(x, [r["recall"] for r in rs], "o-", label=name)
-        t = [(r["size"], r["ttft_s"]) for r in rs if r["ttft_s"] != ""]
-        if t:
-            axes[2].plot(*zip(*t), "o-", label=name)
-    for ax, title in zip(axes, ("visual tokens into the LM", "object-token recall",
-                                "time to first token (s)")):
+        for ax, (key, _title) in zip(axes, panels):
+            pts = [(num(r["size"]), num(r[key])) for r in rs if num(r[key]) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=name, alpha=0.85)
+    for ax, (key, title) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("scene side (px)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+        if key.startswith("recall"):
+            ax.set_ylim(-0.02, 1.02)
     axes[0].set_yscale("log")
-    axes[1].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def rewrite_from_csv(out_dir="docs/benchmarks", stem: str = "strategies") -> None:
+    """Re-render the Markdown table and the plot from an existing CSV (no re-run)."""
+    out_dir = Path(out_dir)
+    with open(out_dir / f"{stem}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    write_outputs(rows, out_dir, stem, rows[0]["device"] if rows else "cpu")
 
 
 def main(argv=None) -> int:
@@ -324,9 +350,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--max-prefill-tokens", type=int, default=32768)
     a = ap.parse_args(argv)
-    stem = "strategies" if a.device == "cpu" else "strategies_gpu"
     run(a.out, sizes=a.sizes, device=a.device, strategies=a.strategies,
-        max_prefill_tokens=a.max_prefill_tokens, stem=stem)
+        max_prefill_tokens=a.max_prefill_tokens)
     return 0
 
 

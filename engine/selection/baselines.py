@@ -1,11 +1,12 @@
 """Query-free baselines: `uniform` (downsample every tile to fit the budget) and `random`.
 
-`uniform`: every tile's 24 x 24 patch grid is average-pooled to g x g non-overlapping cells
-(cell of patch (i, j) = (i * g // 24, j * g // 24)), with the largest g <= 24 such that
-tiles x g**2 <= budget; no budget means g = 12 (the 2 x 2 pooling of the unreduced path). When
+`uniform`: every tile's 24 x 24 patch grid is average-pooled to gr x gc non-overlapping cells
+(cell of patch (i, j) = (i * gr // 24, j * gc // 24)) with k = budget // tiles cells a tile,
+gr = floor(sqrt(k)) rows and gc = min(24, k // gr) columns (k = 24 gives 4 x 6); no budget means
+12 x 12 (the 2 x 2 pooling of the unreduced path). When
 the budget is below the number of tiles, each tile becomes one mean and `budget` evenly spaced
 tiles are kept. Cells made only of padding are dropped. Score 1 for every token; role 'merged'
-for pooled cells, 'kept' when g = 24 (single patches).
+for pooled cells, 'kept' for single patches.
 
 `random`: `budget` valid patches drawn uniformly without replacement with a seeded
 `torch.Generator` (default budget: 24 a tile, the geollava count), kept in spatial order; the
@@ -30,11 +31,13 @@ from engine.selection.common import (
 )
 
 
-def pool_labels(grid: int, g: int) -> torch.Tensor:
-    """(grid**2,) cell label of every patch for a g x g non-overlapping pooling."""
+def pool_labels(grid: int, g: int, gc: int | None = None) -> torch.Tensor:
+    """(grid**2,) cell label of every patch for a g x gc (default g x g) non-overlapping
+    pooling; labels are row-major over the cells."""
+    gc = g if gc is None else gc
     r = torch.arange(grid).repeat_interleave(grid) * g // grid
-    c = torch.arange(grid).repeat(grid) * g // grid
-    return r * g + c
+    c = torch.arange(grid).repeat(grid) * gc // grid
+    return r * gc + c
 
 
 @register("uniform")
@@ -52,19 +55,24 @@ class UniformStrategy:
         grid = int(round(n**0.5))
         valid = valid_tensor(geometry, patches)
         if budget is None:
-            g = (grid + 1) // 2
+            gr = gc = (grid + 1) // 2
+        elif budget >= t:
+            k = min(budget // t, grid * grid)
+            gr = min(grid, math.isqrt(k))
+            gc = min(grid, k // gr)
         else:
-            g = min(grid, int(math.isqrt(budget // t))) if budget >= t else 1
-        labels = pool_labels(grid, g)[None].expand(t, n).contiguous()
-        means, _ = C.cluster_means(patches, labels.to(patches.device), g * g)
-        vsum, _ = C.cluster_means(valid[..., None].float(), labels, g * g)
-        ok = vsum[..., 0] > 0  # (t, g*g)
+            gr = gc = 1
+        cells = gr * gc
+        labels = pool_labels(grid, gr, gc)[None].expand(t, n).contiguous()
+        means, _ = C.cluster_means(patches, labels.to(patches.device), cells)
+        vsum, _ = C.cluster_means(valid[..., None].float(), labels, cells)
+        ok = vsum[..., 0] > 0  # (t, cells)
         ti, ci = torch.nonzero(ok, as_tuple=True)
         if budget is not None and len(ti) > budget:
             pick = torch.from_numpy(np.unique(np.linspace(0, len(ti) - 1, budget).round().astype(np.int64)))
             ti, ci = ti[pick], ci[pick]
         lab_np = labels[0].numpy()
-        cell_members = [np.nonzero(lab_np == c)[0] for c in range(g * g)]
+        cell_members = [np.nonzero(lab_np == c)[0] for c in range(cells)]
         members = [cell_members[c] + tt * n for tt, c in zip(ti.tolist(), ci.tolist())]
         return Selection(
             embeds=project(model, means[ti.to(means.device), ci.to(means.device)]),
@@ -73,7 +81,7 @@ class UniformStrategy:
             roles=[role_for(len(m), False) for m in members],
             candidates=unreduced_tokens(t, n),
             strategy=self.name,
-            info={"pool": g, "budget": budget, "tiles": t},
+            info={"pool": [gr, gc], "budget": budget, "tiles": t},
         )
 
 

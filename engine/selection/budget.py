@@ -174,25 +174,37 @@ class BudgetStrategy:
                 kk = torch.minimum(torch.from_numpy(merge_n)[c], rest[c].sum(1))
                 assign[c] = kmeans(x, rest[c], kk, self.iters, self.seed + int(c[0]))
 
-        tokens = []  # (tile, first patch, member ids, vector source, score, role)
+        # assemble tokens: a preserved patch is its own token, a k-means cluster one token
+        label = torch.where(preserved, torch.arange(n)[None].expand(t, n), n + assign)
+        label = label.masked_fill(~(preserved | (assign >= 0)), -1).numpy()
+        tiles_np = np.repeat(np.arange(t), n).reshape(t, n)
+        ok = label >= 0
+        ids = (tiles_np * n + np.arange(n)[None])[ok]  # ascending flat patch ids
+        keys = tiles_np[ok].astype(np.int64) * (2 * n) + label[ok]
+        order = np.argsort(keys, kind="stable")
+        ukeys, start, inverse, counts = np.unique(keys[order], return_index=True,
+                                                  return_inverse=True, return_counts=True)
+        groups = np.split(ids[order], start[1:]) if len(ukeys) else []
+        first = ids[order][start] if len(ukeys) else np.zeros(0, np.int64)
+        lm = np.lexsort((first, ukeys // (2 * n)))  # tile, then first patch in raster order
+        members = [groups[i].astype(np.int64) for i in lm]
+        is_preserved = (ukeys % (2 * n)) < n
+        tok = torch.from_numpy(inverse.astype(np.int64))
+        src = torch.from_numpy(ids[order])
         flat = patches.reshape(t * n, d)
-        for ti in np.nonzero(alloc > 0)[0].tolist():
-            for p in torch.nonzero(preserved[ti], as_tuple=True)[0].tolist():
-                tokens.append((ti, p, np.array([ti * n + p], dtype=np.int64), float(imp[ti, p]), "anchor"))
-            a = assign[ti]
-            for c in torch.unique(a[a >= 0]).tolist():
-                ps = torch.nonzero(a == c, as_tuple=True)[0].numpy()
-                tokens.append((ti, int(ps[0]), (ps + ti * n).astype(np.int64),
-                               float(imp[ti, ps].mean()), role_for(len(ps), False)))
-        tokens.sort(key=lambda tk: (tk[0], tk[1]))
-        members = [tk[2] for tk in tokens]
-        vec = torch.stack([flat[torch.from_numpy(m).to(flat.device)].float().mean(0) for m in members]).to(flat.dtype) \
-            if members else flat.new_zeros(0, d)
+        m_all = len(ukeys)
+        sums = torch.zeros(m_all, d, dtype=torch.float32, device=flat.device)
+        sums.index_add_(0, tok.to(flat.device), flat[src.to(flat.device)].float())
+        cnt = torch.from_numpy(counts.astype(np.float32))
+        vec = (sums / cnt.to(flat.device)[:, None]).to(flat.dtype)[torch.from_numpy(lm).to(flat.device)]
+        isum = torch.zeros(m_all).index_add_(0, tok, imp.reshape(-1)[src].float())
+        scores = (isum / cnt)[torch.from_numpy(lm)].numpy().astype(np.float32)
+        roles = ["anchor" if is_preserved[i] else role_for(int(counts[i]), False) for i in lm]
         return Selection(
             embeds=project(model, vec),
             members=members,
-            scores=np.array([tk[3] for tk in tokens], dtype=np.float32),
-            roles=[tk[4] for tk in tokens],
+            scores=scores,
+            roles=roles,
             candidates=unreduced_tokens(t, n),
             strategy=self.name,
             info={"budget": budget, "preserved": int(keep_n.sum()), "merge_slots": int(merge_n.sum()),
