@@ -400,6 +400,8 @@ def summarize(records: list[dict]) -> dict[str, Any]:
     out = {
         "total": total,
         "correct": correct,
+        # multiple-choice replies in which no option letter could be found (counted wrong)
+        "no_letter_found": sum(1 for r in records if r.get("multiple_choice") and not r.get("prediction")),
         "micro_accuracy": correct / total if total else None,
         "macro_accuracy": sum(p["accuracy"] for p in per.values()) / len(per) if per else None,
         "per_category": per,
@@ -426,6 +428,8 @@ def markdown_table(summary: dict[str, Any], title: str = "") -> str:
         lines.append(f"| *{k} (task)* | {v['correct']} | {v['total']} | {pct(v['accuracy'])} |")
     lines.append(f"| **micro (overall)** | {summary['correct']} | {summary['total']} | {pct(summary['micro_accuracy'])} |")
     lines.append(f"| **macro (mean of categories)** | | | {pct(summary['macro_accuracy'])} |")
+    if summary.get("no_letter_found"):
+        lines += ["", f"{summary['no_letter_found']} multiple-choice replies named no option (counted wrong)."]
     return "\n".join(lines) + "\n"
 
 
@@ -474,7 +478,8 @@ def evaluate(
                 rec = done[item.id]
                 # rescore from the stored reply (extraction rules may have changed)
                 pred, ok = score_item(item, rec.get("reply", ""))
-                rec.update(prediction=pred, correct=ok, category=item.category, answer=item.answer)
+                rec.update(prediction=pred, correct=ok, category=item.category, answer=item.answer,
+                           multiple_choice=item.multiple_choice)
             else:
                 prompt = build_prompt(item, instruction)
                 t0 = time.perf_counter()
@@ -482,6 +487,7 @@ def evaluate(
                 pred, ok = score_item(item, reply)
                 rec = {"id": item.id, "category": item.category, "image": item.image, "reply": reply,
                        "prediction": pred, "answer": item.answer, "correct": ok,
+                       "multiple_choice": item.multiple_choice,
                        "seconds": round(time.perf_counter() - t0, 3)}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
@@ -586,6 +592,13 @@ def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] |
     items = load_items(args.annotations, args.format, parse_field_map(getattr(args, "field", None)))
     _check_run_settings(args)
     if predict is None:
+        root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
+        todo = items if args.limit is None else items[: args.limit]
+        missing = [it for it in todo if not Path(_resolve_image(it, root)).is_file()]
+        if missing:
+            shown = "; ".join(f"{it.id}: {_resolve_image(it, root)}" for it in missing[:5])
+            raise EvalError(f"{len(missing)} of {len(todo)} items have no image file ({shown}"
+                            f"{'; ...' if len(missing) > 5 else ''}). Check --image-root.")
         predict = engine_predictor(args)
     res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
                    progress=True, instruction=getattr(args, "instruction", None))

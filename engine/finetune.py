@@ -51,6 +51,7 @@ from engine.data import DataError, Sample, load_dataset, split_train_val, strip_
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
 IGNORE = -100
+TRAINING_TIME_REASONS = ("too_long", "visual_failed")
 SYSTEM_PROMPT = "You are a helpful assistant."
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "elapsed_s")
 
@@ -352,8 +353,10 @@ def train(
     *,
     device: str = "cpu",
     bad_report: Path | None = None,
+    reported_before: set[int] | None = None,
 ) -> dict[str, Any]:
-    """The training loop. `model` is already a peft model with trainable adapters."""
+    """The training loop. `model` is already a peft model with trainable adapters.
+    `reported_before`: sample indices an earlier (resumed) run already skipped and reported."""
     import torch  # noqa: PLC0415
     from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
 
@@ -392,7 +395,7 @@ def train(
             w.writerows(rows)
 
     use_autocast = device.startswith("cuda")
-    reported: set[int] = set()  # samples skipped during training, each reported once
+    reported: set[int] = set(reported_before or ())  # samples skipped during training, reported once
 
     def skip(sample: Sample, reason: str, msg: str) -> None:
         if sample.index in reported:
@@ -443,7 +446,7 @@ def train(
     model.train()
     t_start = time.perf_counter()
     n = len(train_samples)
-    skipped_long: set[int] = set()
+    skipped_long: set[int] = set(reported) & {s.index for s in train_samples}
     order: list[int] = []
     order_epoch = -1
     last_val = None
@@ -572,6 +575,16 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bad_report = out / "bad_samples.jsonl"
+    # training-time skips of an earlier run (too long, visual path failed) stay in the report
+    earlier: list[dict] = []
+    if args.resume and bad_report.is_file():
+        for line in bad_report.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("reason") in TRAINING_TIME_REASONS:
+                earlier.append(rec)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm  # noqa: PLC0415
@@ -589,6 +602,10 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if earlier:
+        with bad_report.open("a", encoding="utf-8") as f:
+            for rec in earlier:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     print(report.summary(), file=sys.stderr)
     for b in report.bad[:20]:
         print("  skipped " + b.describe(), file=sys.stderr)
@@ -619,7 +636,8 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     (out / "finetune_args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                         for k, v in vars(args).items() if not callable(v)},
                                                        indent=2) + "\n")
-    summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report)
+    summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
+                    reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
     print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "
           f"{summary['trainable_parameters']:,} trainable parameters). Log: {summary['log']}, plot: {summary['plot']}.",
           file=sys.stderr)

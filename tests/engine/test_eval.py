@@ -120,6 +120,10 @@ def test_xlrs_multilabel_set_equality_and_columns(tmp_path):
     replies = {"1": "A and C", "2": "A", "3": "(B) harbor"}  # second: subset only -> wrong
     res = evaluate(items, _predictor(replies, []), tmp_path / "o")
     assert res["correct"] == 2 and res["per_category"]["object_classification"]["correct"] == 1
+    assert res["no_letter_found"] == 0
+    res = evaluate(items, _predictor({"1": "no idea", "2": "A", "3": "B"}, []), tmp_path / "o2")
+    assert res["no_letter_found"] == 1 and "1 multiple-choice replies named no option" in (
+        tmp_path / "o2" / "results.md").read_text()
 
 
 def test_lrsvqa_open_ended(tmp_path):
@@ -258,3 +262,11 @@ def test_xlrs_lmms_layout_prompt_and_task_totals(tmp_path):
     assert res["correct"] == 2
     assert res["macro_accuracy"] == pytest.approx((1 + 1 + 0) / 3)
     assert res["per_task"]["Counting"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+
+
+def test_missing_images_are_reported_before_the_model_loads(tmp_path):
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    with pytest.raises(EvalError, match=r"4 of 4 items have no image file \(rs/color/0001: "):
+        run_eval(parser.parse_args([str(ann), "--out", str(tmp_path / "o")]))

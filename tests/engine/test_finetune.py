@@ -148,6 +148,15 @@ def test_bad_samples_stop_or_skip_with_report(tmp_path, tiny_checkpoint):
     report = [json.loads(x) for x in (out / "bad_samples.jsonl").read_text().splitlines()]
     assert [(r["index"], r["reason"]) for r in report] == [(2, "missing_image"), (4, "malformed"),
                                                            (5, "too_long")]
+    # a resumed run keeps the training-time entry (once) although it never meets sample 5 again
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--on-bad-sample", "skip",
+                              "--save-every", "1", "--val-fraction", "0", "--max-length", "200")) == 0
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "5", "--on-bad-sample", "skip",
+                              "--save-every", "1", "--val-fraction", "0", "--max-length", "200",
+                              "--resume")) == 0
+    report = [json.loads(x) for x in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert sorted((r["index"], r["reason"]) for r in report) == [(2, "missing_image"), (4, "malformed"),
+                                                                 (5, "too_long")]
     samples, _ = load_dataset(data, on_bad="skip")
     assert len(samples) == 4
 
