@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 
@@ -100,4 +103,9 @@ def test_results_folder_next_to_project(tmp_path, qgis_new_project):
     assert s.results_dir(project) == tmp_path / "mine"
     project.setFileName("")
     s.output_dir = ""
-    assert "tmp" not in str(s.results_dir(project)).split("/")[1:2]
+    # unsaved project: a folder inside the QGIS profile, not a temp dir
+    from qgis.core import QgsApplication
+
+    profile = Path(QgsApplication.qgisSettingsDirPath()).resolve()
+    assert s.results_dir(project).resolve().is_relative_to(profile)
+    assert s.results_dir(project).resolve() != Path(tempfile.gettempdir()).resolve()
