@@ -97,30 +97,11 @@ def is_loopback(host: str) -> bool:
 # Requests
 
 
-@dataclass
-class _FallbackAskRequest:
-    """Used only when the engine is not `engine.pipeline.Engine` (it mirrors its AskRequest)."""
-
-    raster_path: str
-    question: str
-    aoi: dict | None = None
-    bands: list[int] | None = None
-    strategy: str = protocol.DEFAULT_STRATEGY
-    budget: int | None = None
-    tokens_per_tile: int = 24
-    max_new_tokens: int = 256
-    seed: int | None = 0
-    request_id: str | None = None
-
-
 def request_factory(engine: Any):
     """A function turning validated fields into the engine's AskRequest."""
     cls = getattr(engine, "request_type", None)
     if cls is None:
-        mod = sys.modules.get("engine.pipeline")
-        cls = getattr(mod, "AskRequest", None) if mod is not None else None
-    if cls is None:
-        cls = _FallbackAskRequest
+        from engine.pipeline import AskRequest as cls  # light: heavy imports there are lazy
     names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
 
     def make(fields: dict) -> Any:
