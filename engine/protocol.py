@@ -67,6 +67,7 @@ HEALTH_FIELDS = {
     "four_bit": "bool",
     "attention": "str: 'flash_attention_2' | 'sdpa' | 'eager'",
     "queue_length": "int: jobs waiting for the GPU",
+    "max_upload_bytes": "int: largest raster POST /ask accepts as an upload (server setting)",
     "strategies": "list[str]",
     "message": "str | null: what the engine is doing or why it failed",
 }
@@ -93,7 +94,9 @@ AOI_FIELDS = {
 
 # Streamed events: every event is a JSON object with "type" and "request_id".
 EVENT_TYPES = {
-    "queued": {"position": "int: jobs ahead of this one (0 = next)"},
+    "queued": {"position": "int: jobs ahead of this one, the running one included (0 = starts "
+               "now); sent again each time it moves up",
+               "job_id": "str: id for GET/DELETE /jobs/{id} (also the X-Job-Id header)"},
     "status": {"stage": "str: STAGES", "progress": "float 0..1 | null", "message": "str"},
     "token": {"text": "str: the next piece of the answer"},
     "result": {
@@ -112,7 +115,8 @@ EVENT_TYPES = {
         "strategy": "str",
         "budget": "int | null",
     },
-    "error": {"code": "str: ERROR_CODES", "message": "str", "hint": "str | null"},
+    "error": {"code": "str: ERROR_CODES", "message": "str", "hint": "str | null",
+              "retry_budget": "int (out_of_memory only): a smaller budget to retry with"},
 }
 STAGES = ("queued", "read", "tile", "vision", "select", "prefill", "generate", "write", "done")
 
@@ -139,6 +143,7 @@ JOB_FIELDS = {
     "done": "int: answers completed", "total": "int: layers x questions",
     "errors": "int", "results_path": "str: JSONL file on the engine host",
     "message": "str | null",
+    "kind": "str: 'batch' | 'ask' (a running /ask question can be looked up and cancelled too)",
 }
 BATCH_RESULT_FIELDS = {
     "index": "int", "layer": "str", "raster_path": "str", "question": "str",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the engine, the plugin and the tests need on a fresh Debian 12 machine:
 #   .venv       engine (pyenv/system CPython 3.11, torch CPU wheel, transformers, rasterio, ...)
+#   QGIS 3 desktop from Debian (for `make run`)
 #   .venv-qgis  Debian's python3 + QGIS (system site packages, numpy 1.24 untouched) + pytest-qgis
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,12 +13,13 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need_apt=0
 /usr/bin/python3 -c "import qgis.core" >/dev/null 2>&1 || need_apt=1
 command -v Xvfb >/dev/null 2>&1 || need_apt=1
+command -v qgis >/dev/null 2>&1 || need_apt=1
 /usr/bin/python3 -c "import ensurepip" >/dev/null 2>&1 || need_apt=1
 if [ "$need_apt" = 1 ]; then
-  echo "== installing QGIS from Debian (python3-qgis qgis-providers) =="
+  echo "== installing QGIS from Debian (qgis python3-qgis qgis-providers) =="
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-    python3-qgis qgis-providers python3-venv xvfb
+    qgis python3-qgis qgis-providers python3-venv xvfb
 fi
 
 if [ ! -x .venv/bin/python ]; then

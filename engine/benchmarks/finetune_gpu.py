@@ -1,0 +1,174 @@
+"""QLoRA training step on the full-size GeoLLaVA-8K architecture (random weights): peak GPU memory.
+
+    python -m engine.benchmarks.finetune_gpu [--tokens 2592,13824] [--json docs/benchmarks/qlora_gpu.json]
+
+Without CUDA it prints a note and exits 0 (nothing is recorded). With CUDA it writes a random
+checkpoint with Qwen2-7B / CLIP ViT-L/14-336 dimensions in the released layout (bf16 safetensors,
+about 16 GB, in --workdir, deleted afterwards), loads it through the engine's loader in nf4, adds
+the same LoRA adapters `finetune` adds (`prepare_model_for_kbit_training`, gradient
+checkpointing), and runs forward + backward + AdamW step on one conversation for each visual
+token count (2,592 = a 4000 x 3000 image, 13,824 = 8K x 8K at 24 tokens a tile). The visual
+tokens are random CLIP-sized features through the projector (the frozen vision side adds no
+training memory). Peak memory, step time and trainable parameters go to the JSON file and to
+$OUT/qlora_gpu.json when $OUT is set.
+
+`qlora_step` is also run on the CPU by the tests with the tiny checkpoint so this code stays
+working between GPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+FULL_SIZE_LM = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+    rope_scaling=None,
+)
+
+
+def write_full_size_checkpoint(dest: Path, device: str, **overrides) -> Path:
+    """Random bf16 weights with the released dimensions (`overrides` replace config fields; the
+    CPU test uses small ones), saved in the released layout, with the tiny checkpoint's
+    tokenizer (token ids beyond it are simply never used)."""
+    import torch
+
+    from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
+    from engine.tiny import build_tokenizer
+
+    config = LlavaQwenConfig(**{**FULL_SIZE_LM, **overrides})
+    config.architectures = ["LlavaQwenForCausalLM"]
+    with torch.device("meta"):
+        model = LlavaQwenForCausalLM(config)
+    model = model.to(torch.bfloat16).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0) if "norm" in name else p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.config.dtype = "bfloat16"
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest, safe_serialization=True, max_shard_size="4GB")
+    del model
+    build_tokenizer().save_pretrained(dest)
+    return dest
+
+
+def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[int], lora_r: int = 16,
+               answer: str = "There are three ships in the harbour.") -> dict:
+    """Load, add LoRA as `finetune` does, run one optimizer step per visual-token count."""
+    import torch
+
+    from engine.data import Sample, Turn
+    from engine.finetune import add_lora, answer_loss, build_training_inputs, encode_conversation
+    from engine.loader import load_model
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loaded = load_model(weights_dir, device=device, quantization=quantization)
+    load_s = time.perf_counter() - t0
+    after_load = torch.cuda.memory_allocated() if cuda else None
+    model = add_lora(loaded.model, r=lora_r, alpha=2 * lora_r, dropout=0.05,
+                     four_bit=bool(loaded.info.get("four_bit")), gradient_checkpointing=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    base = model.get_base_model()
+    sample = Sample(index=0, id="bench", image=Path("none"), turns=[
+        Turn("user", "<image>\nHow many ships are in the harbour?"), Turn("assistant", answer)])
+    enc = encode_conversation(loaded.tokenizer, sample)
+    runs = []
+    model.train()
+    for n in n_visual:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+        g = torch.Generator().manual_seed(n)
+        with torch.no_grad():
+            feats = torch.randn(n, base.config.mm_hidden_size, generator=g)
+            visual = base.project(feats)
+        t1 = time.perf_counter()
+        embeds, labels, mask = build_training_inputs(model, enc, visual)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = answer_loss(model, embeds, labels, mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        runs.append({
+            "visual_tokens": n,
+            "sequence_tokens": int(embeds.shape[1]),
+            "loss": round(float(loss.detach()), 4),
+            "step_s": round(time.perf_counter() - t1, 3),
+            "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+        })
+    return {
+        "quantization": loaded.info.get("quantization"),
+        "attention": loaded.info.get("attention"),
+        "device": loaded.info.get("device"),
+        "load_s": round(load_s, 1),
+        "resident_after_load_bytes": after_load,
+        "trainable_parameters": int(sum(p.numel() for p in params)),
+        "lora_r": lora_r,
+        "gradient_checkpointing": True,
+        "steps": runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="2592,13824", help="visual token counts, comma-separated")
+    ap.add_argument("--json", type=Path, default=Path("docs/benchmarks/qlora_gpu.json"))
+    ap.add_argument("--workdir", type=Path, default=None, help="where the ~16 GB random checkpoint is written")
+    ap.add_argument("--lora-r", type=int, default=16)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("No CUDA GPU: the QLoRA full-size benchmark is skipped (nothing recorded).")
+        return 0
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    work = args.workdir or Path(os.environ.get("GEOVQA_BIG_TMP", "/tmp")) / "geollava-7b-random"
+    t0 = time.perf_counter()
+    write_full_size_checkpoint(work, "cuda")
+    write_s = time.perf_counter() - t0
+    torch.cuda.empty_cache()
+    try:
+        rec = qlora_step(work, device="cuda", quantization="nf4", n_visual=tokens, lora_r=args.lora_r)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    free, total = torch.cuda.mem_get_info()
+    record = {
+        "what": "one QLoRA training step (forward + backward + AdamW) on GeoLLaVA-8K's full-size "
+                "architecture with random weights, batch 1, bf16 autocast, gradient checkpointing",
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_total_bytes": int(total),
+        "write_checkpoint_s": round(write_s, 1),
+        "torch": torch.__version__,
+        **rec,
+    }
+    text = json.dumps(record, indent=2) + "\n"
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "qlora_gpu.json").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

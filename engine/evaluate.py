@@ -1,0 +1,607 @@
+"""Benchmark evaluation: XLRS-Bench(-lite), LRS-VQA, MME-RealWorld(-RS) and a generic layout.
+
+Annotation files are local JSON lists or JSON Lines. Each format is a small adapter that turns a
+record into an `EvalItem` (id, image, question, options, answer, category):
+
+``mme``      MME-RealWorld / MME-RealWorld-RS (the public JSON): ``Question_id``, ``Image``,
+             ``Text``, ``Answer choices`` (list of "(A) ..." strings), ``Ground truth`` (letter),
+             category = ``Category`` (the RS subset's subtasks: position / color / count ...),
+             falling back to ``Subtask``.
+``xlrs``     XLRS-Bench(-lite) as lmms-eval reads it: ``index``, ``image`` (path, or list of one),
+             ``question``, ``multi-choice options`` (list of "(A) ..." strings; ``options`` /
+             ``choices`` lists or VLMEvalKit columns ``A``..``H`` also work), ``answer`` one or
+             several letters ("AC", "A C", "A,C"), ``category`` "Task/Subtask" (13 subtasks; the
+             macro average runs over them, and task totals are reported too), ``l2-category``.
+             Only the multi-label subtask (Overall Land use classification) is told that
+             several letters may be correct.
+``lrsvqa``   LRS-VQA question JSONL: ``question_id``, ``image``, ``text``, ``ground_truth``,
+             ``category``; open-ended (no options): scored by normalised exact match.
+``generic``  any other file: ``--field key=source`` maps our keys (id, image, question, options,
+             answer, category) to the file's names; without a mapping the common names above
+             are tried in turn. Items with options are multiple choice, the rest open-ended.
+``auto``     (default) picks a format from the first record's keys.
+
+Prompt (multiple choice, the XLRS-Bench-lite protocol GeoLLaVA-8K reports): the question, then
+" The choices are listed below:" and one "(A) text" line an option, then an instruction to answer
+with the option letter(s) (our wording of each benchmark's; `--instruction` replaces it); greedy
+decoding, 64 new tokens. The instruction never depends on the answer.
+
+Answer extraction (multiple choice) tries, in order:
+1. "The answer is B", "Answer: B, D", "answer: (b)" -> the letters after the cue;
+2. letters written as "(B)", "B.", "B)", "B:" or standing alone ("B", "B and D", "A, C");
+   a lowercase letter counts only in the "(b)"/"b." forms or when it is the whole reply;
+   the English article "A" counts only if it stands alone or is followed by ".", ")" or ":";
+3. otherwise the option whose text appears in the reply (longest match first).
+The prediction is the set of letters; it is correct only if it equals the answer's set
+(multi-label items exist). Open-ended answers are compared after lowercasing and removing
+punctuation, articles and extra spaces; a yes/no or number answer also matches when it is the
+first word of the reply.
+
+Results: micro accuracy (all items), macro accuracy (mean of per-category accuracies),
+per-category counts, as JSON and a Markdown table. Predictions are appended to a JSONL file as
+they are made; a rerun skips item ids already there (resumable), `--limit N` stops after N items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+LETTERS = string.ascii_uppercase
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
+# Per-format instructions (our wording of each benchmark's protocol). {letters} = "A, B, C, D".
+SINGLE_INSTRUCTION = ("Based on the image, pick the best answer to the multiple-choice question. "
+                      "Reply with only the letter of the correct option ({letters}).")
+MULTI_INSTRUCTION = ("Based on the image, pick every correct answer to the multiple-choice question; more "
+                     "than one option may be correct. Reply with only the letter(s) ({letters}), "
+                     "separated by spaces.")
+# XLRS-Bench asks for several letters only in this subtask (multi-label land-use classes).
+XLRS_MULTI_LABEL_CATEGORIES = ("Overall Land use classification",)
+CHOICES_HEADER = " The choices are listed below:"
+FORMATS = ("auto", "xlrs", "mme", "lrsvqa", "generic")
+
+
+class EvalError(ValueError):
+    """The annotation file or an option cannot be used."""
+
+
+@dataclass
+class EvalItem:
+    id: str
+    image: str
+    question: str
+    options: list[str]  # option texts without their "(A)" prefix; empty = open-ended
+    answer: str  # letters ("B", "AC") for multiple choice, text otherwise
+    category: str = "all"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multiple_choice(self) -> bool:
+        return bool(self.options)
+
+
+# ------------------------------------------------------------------------------------- formats
+
+_OPTION_PREFIX = re.compile(r"^\s*\(?([A-Za-z])[\).:]\s*")
+
+
+def _strip_option_prefix(text: str, k: int) -> str:
+    m = _OPTION_PREFIX.match(text)
+    if m and m.group(1).upper() == LETTERS[k]:
+        return text[m.end():].strip()
+    return text.strip()
+
+
+def _options_from(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return []
+        if s.startswith("["):
+            try:
+                value = json.loads(s)
+            except json.JSONDecodeError:
+                value = [p for p in s.splitlines() if p.strip()]
+        else:
+            value = [p for p in s.splitlines() if p.strip()]
+    if isinstance(value, dict):
+        value = [value[k] for k in sorted(value)]
+    return [_strip_option_prefix(str(v), k) for k, v in enumerate(value)]
+
+
+def _first(rec: dict, names: Iterable[str], default: Any = None) -> Any:
+    for n in names:
+        if n in rec and rec[n] is not None and rec[n] != "":
+            return rec[n]
+    return default
+
+
+def normalize_letters(answer: Any) -> str:
+    """'A, C' / ['a','c'] / '(B)' -> sorted unique upper-case letters ('AC', 'B')."""
+    if isinstance(answer, (list, tuple)):
+        answer = ",".join(str(a) for a in answer)
+    s = str(answer).strip()
+    letters = re.findall(r"[A-Za-z]", re.sub(r"[\s,;/&()\.]|and", "", s))
+    return "".join(sorted(set(x.upper() for x in letters)))
+
+
+def _item_mme(rec: dict, i: int) -> EvalItem:
+    opts = _options_from(rec.get("Answer choices"))
+    item = EvalItem(
+        id=str(_first(rec, ["Question_id", "question_id", "index"], i)),
+        image=str(rec.get("Image", "")),
+        question=str(rec.get("Text", "")),
+        options=opts,
+        answer=normalize_letters(rec.get("Ground truth", "")) if opts else str(rec.get("Ground truth", "")),
+        category=str(_first(rec, ["Category", "Subtask", "Task"], "all")),
+    )
+    item.extra["format"] = "mme"
+    return item
+
+
+def _item_lrsvqa(rec: dict, i: int) -> EvalItem:
+    return EvalItem(
+        id=str(_first(rec, ["question_id", "id"], i)),
+        image=str(rec.get("image", "")),
+        question=str(_first(rec, ["text", "question"], "")),
+        options=[],
+        answer=str(_first(rec, ["ground_truth", "answer"], "")),
+        category=str(rec.get("category", "all")),
+    )
+
+
+GENERIC_NAMES = {
+    "id": ["id", "index", "question_id", "Question_id", "qid"],
+    "image": ["image", "image_path", "img", "Image", "image_file"],
+    "question": ["question", "text", "Text", "prompt", "query"],
+    "options": ["options", "choices", "multi-choice options", "Answer choices", "candidates"],
+    "answer": ["answer", "ground_truth", "Ground truth", "label", "gt"],
+    "category": ["category", "l2-category", "task", "subtask", "Category", "type"],
+}
+
+
+def _item_generic(rec: dict, i: int, mapping: dict[str, str] | None = None) -> EvalItem:
+    mapping = mapping or {}
+
+    def get(key: str, default: Any = None) -> Any:
+        if key in mapping:
+            return rec.get(mapping[key], default)
+        return _first(rec, GENERIC_NAMES[key], default)
+
+    opts = _options_from(get("options"))
+    if not opts and "options" not in mapping:  # VLMEvalKit layout: one column a letter
+        cols = []
+        for L in LETTERS:
+            v = rec.get(L)
+            if v is None or (isinstance(v, float) and v != v) or str(v).strip() == "":
+                break
+            cols.append(str(v).strip())
+        opts = cols
+    ans = get("answer", "")
+    image = get("image", "")
+    if isinstance(image, list):
+        image = image[0] if image else ""
+    return EvalItem(
+        id=str(get("id", i)),
+        image=str(image),
+        question=str(get("question", "")),
+        options=opts,
+        answer=normalize_letters(ans) if opts else str(ans),
+        category=str(get("category", "all")),
+    )
+
+
+def _item_xlrs(rec: dict, i: int) -> EvalItem:
+    """XLRS-Bench(-lite): `index`, `question`, `multi-choice options` ("(A) ..." strings),
+    `answer` (letters), `category` "Task/Subtask" (the macro average runs over subtasks),
+    `l2-category`; the protocol asks for several letters in the multi-label subtask only."""
+    item = _item_generic(rec, i)
+    item.extra["format"] = "xlrs"
+    item.extra["multi_label"] = any(c in item.category for c in XLRS_MULTI_LABEL_CATEGORIES)
+    return item
+
+
+def detect_format(rec: dict) -> str:
+    if "Answer choices" in rec or "Ground truth" in rec:
+        return "mme"
+    if "ground_truth" in rec and "text" in rec and "question_id" in rec:
+        return "lrsvqa"
+    if "question" in rec and ("A" in rec or "options" in rec or "multi-choice options" in rec or "choices" in rec):
+        return "xlrs"
+    return "generic"
+
+
+def parse_field_map(pairs: Iterable[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise EvalError(f"--field expects key=source, got {p!r}")
+        k, v = p.split("=", 1)
+        if k not in GENERIC_NAMES:
+            raise EvalError(f"--field key {k!r} is not one of {', '.join(GENERIC_NAMES)}")
+        out[k] = v
+    return out
+
+
+def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | None = None) -> list[EvalItem]:
+    """Read an annotation file (JSON list, {"data": [...]}, or JSONL) into EvalItems."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"The annotation file {p} does not exist.")
+    text = p.read_text(encoding="utf-8")
+    records: list[Any]
+    try:
+        obj = json.loads(text)  # a JSON list, or an object holding one
+    except json.JSONDecodeError:
+        try:
+            obj = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
+        except json.JSONDecodeError as exc:
+            raise EvalError(f"The annotation file {p} is neither JSON nor JSON Lines: {exc}.") from exc
+    if isinstance(obj, dict):
+        records = next((obj[k] for k in ("data", "questions", "annotations") if isinstance(obj.get(k), list)), [obj])
+    else:
+        records = list(obj)
+    if fmt not in FORMATS:
+        raise EvalError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    items = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise EvalError(f"annotation {i} in {p} is not a JSON object")
+        f = detect_format(rec) if fmt == "auto" else fmt
+        if field_map:
+            f = "generic"
+        if f == "mme":
+            item = _item_mme(rec, i)
+        elif f == "lrsvqa":
+            item = _item_lrsvqa(rec, i)
+        elif f == "xlrs":
+            item = _item_xlrs(rec, i)
+        else:
+            item = _item_generic(rec, i, field_map)
+        if not item.question:
+            raise EvalError(f"annotation {i} in {p} has no question (format {f}); map it with --field question=NAME")
+        if item.multiple_choice and not item.answer:
+            raise EvalError(f"annotation {i} in {p} has options but no answer letter")
+        items.append(item)
+    seen: set[str] = set()
+    for it in items:
+        if it.id in seen:
+            raise EvalError(f"annotation id {it.id!r} appears twice in {p}; ids must be unique for resumable runs")
+        seen.add(it.id)
+    return items
+
+
+# -------------------------------------------------------------------------------------- prompt
+
+def build_prompt(item: EvalItem, instruction: str | None = None) -> str:
+    """The question text that goes after `<image>\\n` in the user turn."""
+    if not item.multiple_choice:
+        q = item.question.strip()
+        if "single word" in q.lower() or "short phrase" in q.lower():
+            return q  # the file already carries its answer instruction
+        return q + "\nAnswer the question using a single word or phrase."
+    lines = [item.question.strip() + CHOICES_HEADER]
+    lines += [f"({LETTERS[k]}) {opt}" for k, opt in enumerate(item.options)]
+    if instruction is None:
+        letters = ", ".join(LETTERS[: len(item.options)])
+        fmt = item.extra.get("format")
+        if fmt == "xlrs":
+            instruction = (MULTI_INSTRUCTION if item.extra.get("multi_label") else SINGLE_INSTRUCTION).format(letters=letters)
+        elif fmt == "mme":
+            instruction = SINGLE_INSTRUCTION.format(letters=letters)
+        else:
+            instruction = MC_INSTRUCTION
+    lines.append(instruction)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- extraction
+
+_CUE = re.compile(r"(?:the\s+)?(?:correct\s+|best\s+|final\s+)?(?:answer|option|choice)s?\s*(?:is|are|:)?\s*[:\-]?\s*", re.I)
+
+
+def _letters_in(segment: str, n_options: int, whole_reply: bool) -> list[str]:
+    valid = set(LETTERS[:n_options]) if n_options else set(LETTERS)
+    found: list[str] = []
+    # (B) / (b)
+    for m in re.finditer(r"\(([A-Za-z])\)", segment):
+        found.append(m.group(1).upper())
+    # B. B) B: at word start (upper case; lower case only with . or ) )
+    for m in re.finditer(r"(?<![A-Za-z(])([A-Z])[\.\):](?![A-Za-z])", segment):
+        found.append(m.group(1))
+    for m in re.finditer(r"(?<![A-Za-z(])([a-z])[\.\)](?![A-Za-z])", segment):
+        if whole_reply and len(segment.strip()) <= 3:
+            found.append(m.group(1).upper())
+    # bare capital letters standing alone ("B", "B and D", "A, C"); "A" as an article is
+    # excluded when followed by a lowercase word
+    for m in re.finditer(r"(?<![A-Za-z(])([A-Z])(?![A-Za-z\.\):])", segment):
+        L = m.group(1)
+        rest = segment[m.end():]
+        if L in ("A", "I") and re.match(r"\s+[a-z]", rest) and not re.match(r"\s+(and|or)\b", rest):
+            continue  # the article "A" / pronoun "I" starting a sentence
+        found.append(L)
+    if whole_reply and not found and re.fullmatch(r"\s*([a-z])\s*", segment):
+        found.append(segment.strip().upper())
+    if whole_reply and not found and re.fullmatch(r"\s*[A-Z]{2,8}\s*", segment):
+        found.extend(segment.strip())  # "AC": several letters written together
+    return [x for x in found if x in valid]
+
+
+def extract_letters(reply: str, options: list[str] | None = None) -> str:
+    """Letters a reply chooses, as a sorted string ('' when none can be found)."""
+    n = len(options or [])
+    text = reply.strip()
+    if not text:
+        return ""
+    # 1. an explicit cue: take the segment after the last "answer is" up to the sentence end
+    cues = list(_CUE.finditer(text))
+    for m in reversed(cues):
+        seg = re.split(r"(?<=[a-z0-9])\.\s|\n", text[m.end():], maxsplit=1)[0]
+        got = _letters_in(seg, n, whole_reply=len(seg.strip()) <= 3)
+        if got:
+            return "".join(sorted(set(got)))
+    # 2. letter forms anywhere in the first line that has any
+    for line in text.splitlines():
+        got = _letters_in(line, n, whole_reply=(line.strip() == text))
+        if got:
+            return "".join(sorted(set(got)))
+    # 3. option text inside the reply
+    if options:
+        low = f" {_norm_text(text)} "
+        hits = sorted(((len(_norm_text(o)), k) for k, o in enumerate(options)
+                       if _norm_text(o) and f" {_norm_text(o)} " in low), reverse=True)
+        if hits:
+            return LETTERS[hits[0][1]]
+    return ""
+
+
+def _norm_text(s: str) -> str:
+    s = s.lower()
+    s = "".join(ch if ch not in string.punctuation else " " for ch in s)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:
+    """(extracted prediction, correct?)."""
+    if item.multiple_choice:
+        pred = extract_letters(reply, item.options)
+        return pred, bool(pred) and set(pred) == set(item.answer)
+    pred = _norm_text(reply)
+    gt = _norm_text(item.answer)
+    if pred == gt:
+        return pred, True
+    first = pred.split(" ")[0] if pred else ""
+    if gt in {"yes", "no"} or re.fullmatch(r"\d+(\.\d+)?", gt or "x"):
+        return pred, first == gt
+    return pred, False
+
+
+# --------------------------------------------------------------------------------------- report
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    cats: dict[str, list[int]] = {}
+    for r in records:
+        c = cats.setdefault(r["category"], [0, 0])
+        c[0] += int(bool(r["correct"]))
+        c[1] += 1
+    per = {k: {"correct": v[0], "total": v[1], "accuracy": v[0] / v[1]} for k, v in sorted(cats.items())}
+    total = sum(v[1] for v in cats.values())
+    correct = sum(v[0] for v in cats.values())
+    out = {
+        "total": total,
+        "correct": correct,
+        # multiple-choice replies in which no option letter could be found (counted wrong)
+        "no_letter_found": sum(1 for r in records if r.get("multiple_choice") and not r.get("prediction")),
+        "micro_accuracy": correct / total if total else None,
+        "macro_accuracy": sum(p["accuracy"] for p in per.values()) / len(per) if per else None,
+        "per_category": per,
+    }
+    if per and all("/" in k for k in per):  # "Task/Subtask" categories (XLRS-Bench): task totals too
+        tasks: dict[str, list[int]] = {}
+        for k, v in per.items():
+            t = tasks.setdefault(k.split("/", 1)[0], [0, 0])
+            t[0] += v["correct"]
+            t[1] += v["total"]
+        out["per_task"] = {k: {"correct": a, "total": b, "accuracy": a / b} for k, (a, b) in sorted(tasks.items())}
+    return out
+
+
+def markdown_table(summary: dict[str, Any], title: str = "") -> str:
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.2f}"
+
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| category | correct | total | accuracy (%) |", "| --- | ---: | ---: | ---: |"]
+    for k, v in summary["per_category"].items():
+        lines.append(f"| {k} | {v['correct']} | {v['total']} | {pct(v['accuracy'])} |")
+    for k, v in summary.get("per_task", {}).items():
+        lines.append(f"| *{k} (task)* | {v['correct']} | {v['total']} | {pct(v['accuracy'])} |")
+    lines.append(f"| **micro (overall)** | {summary['correct']} | {summary['total']} | {pct(summary['micro_accuracy'])} |")
+    lines.append(f"| **macro (mean of categories)** | | | {pct(summary['macro_accuracy'])} |")
+    if summary.get("no_letter_found"):
+        lines += ["", f"{summary['no_letter_found']} multiple-choice replies named no option (counted wrong)."]
+    return "\n".join(lines) + "\n"
+
+
+def _read_done(pred_path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if not pred_path.is_file():
+        return done
+    for line in pred_path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by an interruption: the item is redone
+        if isinstance(rec, dict) and "id" in rec:
+            done[str(rec["id"])] = rec
+    return done
+
+
+def evaluate(
+    items: list[EvalItem],
+    predict: Callable[[EvalItem, str], str],
+    out_dir: str | Path,
+    *,
+    limit: int | None = None,
+    title: str = "",
+    progress: bool = False,
+    instruction: str | None = None,
+) -> dict[str, Any]:
+    """Run `predict(item, prompt) -> reply` on each item not yet in predictions.jsonl, score,
+    write results.json and results.md into out_dir, return the results dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / "predictions.jsonl"
+    done = _read_done(pred_path)
+    todo = items if limit is None else items[:limit]
+    bar = None
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=len(todo), desc="eval", unit="item", file=sys.stderr)
+    records: list[dict] = []
+    with pred_path.open("a", encoding="utf-8") as f:
+        for item in todo:
+            if item.id in done:
+                rec = done[item.id]
+                # rescore from the stored reply (extraction rules may have changed)
+                pred, ok = score_item(item, rec.get("reply", ""))
+                rec.update(prediction=pred, correct=ok, category=item.category, answer=item.answer,
+                           multiple_choice=item.multiple_choice)
+            else:
+                prompt = build_prompt(item, instruction)
+                t0 = time.perf_counter()
+                reply = predict(item, prompt)
+                pred, ok = score_item(item, reply)
+                rec = {"id": item.id, "category": item.category, "image": item.image, "reply": reply,
+                       "prediction": pred, "answer": item.answer, "correct": ok,
+                       "multiple_choice": item.multiple_choice,
+                       "seconds": round(time.perf_counter() - t0, 3)}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+            records.append(rec)
+            if bar is not None:
+                bar.update(1)
+                n_ok = sum(bool(r["correct"]) for r in records)
+                bar.set_postfix(acc=f"{n_ok / len(records):.3f}")
+    if bar is not None:
+        bar.close()
+    summary = summarize(records)
+    results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")
+    return results
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("annotations", help="annotation file (JSON list or JSON Lines)")
+    parser.add_argument("--format", default="auto", choices=FORMATS, help="annotation layout (default: auto)")
+    parser.add_argument("--field", action="append", metavar="KEY=SOURCE",
+                        help="generic mapping, e.g. --field question=Text --field answer=gt "
+                        f"(keys: {', '.join(GENERIC_NAMES)})")
+    parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from "
+                        "(default: the annotation file's folder)")
+    parser.add_argument("--out", default="eval_out", help="output folder: predictions.jsonl, results.json, results.md")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    parser.add_argument("--weights", default=None, help="checkpoint folder (default: the engine's default)")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder written by `finetune`")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "nf4", "bf16", "fp32"])
+    parser.add_argument("--no-demo", action="store_true", help="fail instead of using the tiny demo model")
+    parser.add_argument("--strategy", default="geollava", help="visual token strategy (as in `ask`)")
+    parser.add_argument("--budget", type=int, default=None, help="visual token budget")
+    parser.add_argument("--tokens-per-tile", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="64 = the XLRS-Bench-lite protocol")
+    parser.add_argument("--title", default="", help="heading of the Markdown table")
+    parser.add_argument("--instruction", default=None,
+                        help="last line of multiple-choice prompts (default: answer with the option letter(s))")
+    parser.add_argument("--keep-heatmaps", action="store_true",
+                        help="keep each answer's token heatmap and anchors in OUT/heatmaps")
+
+
+def _resolve_image(item: EvalItem, root: Path) -> str:
+    p = Path(item.image)
+    return str(p if p.is_absolute() else root / p)
+
+
+def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]:
+    """A predict function that runs the engine (greedy decoding inside Engine.ask)."""
+    from engine.pipeline import AskRequest, Engine  # noqa: PLC0415 - heavy
+
+    keep = bool(getattr(args, "keep_heatmaps", False))
+    engine = Engine(args.weights, device=args.device, quantization=args.quantization, adapter=args.adapter,
+                    demo_ok=not getattr(args, "no_demo", False), output_dir=Path(args.out) / "heatmaps")
+    if engine.health().get("demo_model"):
+        print("NOTE: evaluating the tiny RANDOM demo model (no GeoLLaVA-8K weights found).", file=sys.stderr)
+    root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
+
+    def predict(item: EvalItem, prompt: str) -> str:
+        req = AskRequest(raster_path=_resolve_image(item, root), question=prompt, strategy=args.strategy,
+                         budget=args.budget, tokens_per_tile=args.tokens_per_tile,
+                         max_new_tokens=args.max_new_tokens, seed=0)
+        answer = None
+        for ev in engine.ask(req):
+            if ev.get("type") == "result":
+                answer = ev.get("answer", "")
+                if not keep:  # the engine writes a heatmap per answer; eval has no use for them
+                    for key in ("heatmap_path", "anchors_path"):
+                        if ev.get(key):
+                            Path(ev[key]).unlink(missing_ok=True)
+            elif ev.get("type") == "error":
+                raise EvalError(f"item {item.id}: {ev.get('message')}")
+        return answer or ""
+
+    return predict
+
+
+RUN_KEYS = ("annotations", "format", "weights", "adapter", "quantization", "strategy", "budget",
+            "tokens_per_tile", "max_new_tokens", "instruction")
+
+
+def _check_run_settings(args: argparse.Namespace) -> None:
+    """A resumed run must use the settings its stored predictions were made with."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
+    cfg = out / "run_settings.json"
+    if cfg.is_file() and (out / "predictions.jsonl").is_file():
+        old = json.loads(cfg.read_text())
+        diff = {k: (old.get(k), cur[k]) for k in RUN_KEYS if old.get(k) != cur[k]}
+        if diff:
+            desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise EvalError(f"{out} holds predictions made with other settings ({desc}); use another --out "
+                            "or delete that folder to start over")
+    cfg.write_text(json.dumps(cur, indent=2) + "\n")
+
+
+def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] | None = None) -> int:
+    items = load_items(args.annotations, args.format, parse_field_map(getattr(args, "field", None)))
+    _check_run_settings(args)
+    if predict is None:
+        root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
+        todo = items if args.limit is None else items[: args.limit]
+        missing = [it for it in todo if not Path(_resolve_image(it, root)).is_file()]
+        if missing:
+            shown = "; ".join(f"{it.id}: {_resolve_image(it, root)}" for it in missing[:5])
+            raise EvalError(f"{len(missing)} of {len(todo)} items have no image file ({shown}"
+                            f"{'; ...' if len(missing) > 5 else ''}). Check --image-root.")
+        predict = engine_predictor(args)
+    res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
+                   progress=True, instruction=getattr(args, "instruction", None))
+    print(markdown_table(res, res["title"]))
+    print(f"Results in {Path(args.out) / 'results.json'} and results.md; predictions in predictions.jsonl.")
+    return 0

@@ -1,0 +1,652 @@
+"""QLoRA / LoRA fine-tuning of GeoLLaVA-8K on LLaVA conversation data (`python -m engine finetune`).
+
+What is trained
+    peft LoRA adapters on the Qwen2 language model's linear layers only:
+    ``model.layers.N.self_attn.{q,k,v,o}_proj`` and ``model.layers.N.mlp.{gate,up,down}_proj``
+    (`LM_TARGET_REGEX`; the CLIP tower's own q/k/v projections, the projector, ``reghead`` and
+    ``lm_head`` stay frozen). ``--target-modules`` narrows the list (e.g. ``q_proj,v_proj``) or
+    adds ``lm_head`` (LoRA on the unquantised output head; the tiny random test model needs it
+    to overfit because its random output head is too small to move the logits far).
+Precision
+    ``--quantization nf4`` (default on CUDA) = QLoRA: the loader's 4-bit nf4 base, then
+    ``prepare_model_for_kbit_training``; ``bf16`` = LoRA on a bf16 base; on the CPU fp32.
+    On CUDA the forward runs under bf16 autocast. Adapters are kept in float32.
+Visual tokens
+    Every sample's image goes through the same path as inference (raster read, anyres tiling,
+    CLIP, the chosen ``--strategy`` / ``--budget``), so the model is trained on exactly the
+    tokens it will see, as GeoLLaVA-8K trained with its pruning active. The vision side is
+    frozen, so it runs without gradients.
+Loss
+    Labels are -100 everywhere except the assistant answers (each answer's tokens and its
+    closing ``<|im_end|>``), for every assistant turn of a multi-turn conversation. The output
+    head runs only on those positions (`answer_loss`), so long visual prefixes cost no logits.
+Loop
+    batch 1 x ``--grad-accum``, AdamW, cosine schedule with ``--warmup-ratio``, gradient
+    clipping, gradient checkpointing (non-reentrant), tqdm bar with loss and tokens/s.
+Outputs in ``--out``
+    ``checkpoint-<step>/`` every ``--save-every`` steps: ``adapter/`` (peft) and
+    ``trainer_state.pt`` (optimizer, scheduler, RNG, step; tensors and plain containers only,
+    read back with ``torch.load(weights_only=True)``); ``--resume`` continues from the latest.
+    ``train_log.csv`` (step, epoch, loss, lr, tokens_per_s, val_loss, elapsed_s), ``loss.png``,
+    ``bad_samples.jsonl`` (every skipped sample with its index and reason), ``adapter/`` (final;
+    load it with ``load_model(..., adapter=DIR)`` or ``ask/serve --adapter DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
+
+LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
+IGNORE = -100
+TRAINING_TIME_REASONS = ("too_long", "visual_failed")
+SYSTEM_PROMPT = "You are a helpful assistant."
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "elapsed_s")
+
+
+def lm_target_regex(targets: Sequence[str] = LM_TARGETS) -> str:
+    """A peft target_modules regex (full match on module names) for the LM's linear layers."""
+    bad = set(targets) - set(LM_TARGETS) - set(OPTIONAL_TARGETS)
+    if bad:
+        raise ValueError(f"unknown LoRA target modules {sorted(bad)}; choose from "
+                         f"{', '.join(LM_TARGETS + OPTIONAL_TARGETS)}")
+    attn = [t for t in targets if t in LM_TARGETS[:4]]
+    mlp = [t for t in targets if t in LM_TARGETS[4:]]
+    alts = []
+    if attn:
+        alts.append(r"self_attn\.(?:" + "|".join(attn) + ")")
+    if mlp:
+        alts.append(r"mlp\.(?:" + "|".join(mlp) + ")")
+    pattern = r"(?:.*\.)?model\.layers\.\d+\.(?:" + "|".join(alts) + ")" if alts else ""
+    if "lm_head" in targets:
+        pattern = (pattern + "|" if pattern else "") + r"(?:.*\.)?lm_head"
+    if not pattern:
+        raise ValueError("no LoRA target modules given")
+    return pattern
+
+
+LM_TARGET_REGEX = lm_target_regex()
+
+
+# ----------------------------------------------------------------------------- text encoding
+
+@dataclass
+class EncodedConversation:
+    before: list[int]  # token ids before the image (all prompt: label -100)
+    after: list[int]  # token ids after the image
+    after_labels: list[int]  # labels for `after` (-100 except assistant answers + <|im_end|>)
+
+    @property
+    def n_answer_tokens(self) -> int:
+        return sum(1 for x in self.after_labels if x != IGNORE)
+
+
+def encode_conversation(tokenizer, sample: Sample, system: str | None = None) -> EncodedConversation:
+    """ChatML (qwen_1_5) ids of a whole conversation, split at `<image>`, with answer labels.
+
+    Layout: system turn, then for each exchange ``<|im_start|>user\\n{q}<|im_end|>\\n
+    <|im_start|>assistant\\n{a}<|im_end|>\\n``; the first user turn is written with ``<image>\\n``
+    first (as inference's prompt does), and only ``{a}<|im_end|>`` carries labels."""
+    def enc(s: str) -> list[int]:
+        return list(tokenizer(s, add_special_tokens=False).input_ids) if s else []
+
+    sys_text = system if system is not None else (sample.system or SYSTEM_PROMPT)
+    before = enc(f"<|im_start|>system\n{sys_text}<|im_end|>\n<|im_start|>user\n")
+    after: list[int] = []
+    labels: list[int] = []
+    first = True
+    for turn in sample.turns:
+        if turn.role == "user":
+            q = turn.text
+            if first:
+                q = "\n" + strip_image_token(q)  # "<image>" goes between before and after
+                first = False
+                ids = enc(q + "<|im_end|>\n<|im_start|>assistant\n")
+            else:
+                ids = enc(f"<|im_start|>user\n{q.strip()}<|im_end|>\n<|im_start|>assistant\n")
+            after += ids
+            labels += [IGNORE] * len(ids)
+        else:
+            ans = enc(turn.text.strip() + "<|im_end|>")
+            after += ans
+            labels += ans
+            nl = enc("\n")
+            after += nl
+            labels += [IGNORE] * len(nl)
+    return EncodedConversation(before=before, after=after, after_labels=labels)
+
+
+def build_training_inputs(model, enc: EncodedConversation, visual):
+    """(inputs_embeds (1, L, H), labels (1, L), attention_mask (1, L)) for one conversation;
+    the visual embeddings (N, H) sit between the two text pieces with label -100."""
+    import torch  # noqa: PLC0415
+
+    base = _base(model)
+    emb = base.get_input_embeddings()
+    dev = emb.weight.device
+    parts = [emb(torch.tensor(enc.before, dtype=torch.long, device=dev))]
+    n_vis = 0
+    if visual is not None and visual.numel():
+        parts.append(visual.to(device=dev, dtype=emb.weight.dtype))
+        n_vis = int(visual.shape[0])
+    parts.append(emb(torch.tensor(enc.after, dtype=torch.long, device=dev)))
+    embeds = torch.cat(parts, 0).unsqueeze(0)
+    labels = [IGNORE] * (len(enc.before) + n_vis) + list(enc.after_labels)
+    labels_t = torch.tensor(labels, dtype=torch.long, device=dev).unsqueeze(0)
+    mask = torch.ones_like(labels_t)
+    return embeds, labels_t, mask
+
+
+def answer_loss(model, inputs_embeds, labels, attention_mask=None):
+    """Mean cross-entropy over the labelled (answer) positions, the same value as the causal-LM
+    loss of `model(..., labels=labels)`, but the output head runs only on those positions: the
+    full (L x vocab) logits of a 14K-token sequence would take ~8 GB in float32."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    base = _base(model)
+    hidden = base.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = base.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep])
+
+
+def _base(model):
+    """The LlavaQwenForCausalLM under an optional peft wrapper."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+# ------------------------------------------------------------------------------ visual tokens
+
+def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_tile: int = 24,
+                      seed: int = 0) -> Callable[[Sample], Any]:
+    """A function sample -> visual embeddings (N, H) built by `engine.pipeline.prepare_visual`
+    (the very path `ask` uses: raster read, anyres tiling, CLIP, the strategy), without
+    gradients. The question given to text-guided strategies is the first user turn."""
+    import torch  # noqa: PLC0415
+
+    from engine.pipeline import prepare_visual  # noqa: PLC0415
+
+    base = _base(model)
+
+    def fn(sample: Sample):
+        with torch.no_grad():
+            vis = prepare_visual(base, str(sample.image), sample.first_question, strategy=strategy,
+                                 budget=budget, tokens_per_tile=tokens_per_tile, seed=seed)
+        return vis.selection.embeds.detach()
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------- training
+
+@dataclass
+class TrainConfig:
+    out: Path
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_accum: int = 4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_grad_norm: float = 1.0
+    save_every: int = 100
+    eval_every: int = 100
+    seed: int = 0
+    resume: bool = False
+    gradient_checkpointing: bool = True
+    max_length: int | None = None
+    progress: bool = True
+    keep_checkpoints: int | None = None
+    on_bad: str = "stop"  # what a sample whose image fails in the visual path does: stop | skip
+
+
+def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
+             targets: Sequence[str] = LM_TARGETS, four_bit: bool = False, gradient_checkpointing: bool = True):
+    """Wrap the loaded model with trainable LoRA adapters on the LM linear layers."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: PLC0415
+
+    if four_bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lm_target_regex(targets),
+                     bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    best = None
+    for d in out.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and (d / "trainer_state.pt").is_file() and (d / "adapter").is_dir():
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), d)
+    return best[1] if best else None
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch  # noqa: PLC0415
+
+    st: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    import torch  # noqa: PLC0415
+
+    torch.set_rng_state(st["torch"])
+    random.setstate((3, tuple(st["python"]), None))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Path) -> Path:
+    import torch  # noqa: PLC0415
+
+    d = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    if tmp.exists():
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "step": step, "micro": micro, "format": 1},
+               tmp / "trainer_state.pt")
+    if d.exists():
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(d)
+    tmp.rename(d)
+    return d
+
+
+def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, int]:
+    """Restore adapter weights, optimizer, scheduler and RNG; return (step, micro)."""
+    import torch  # noqa: PLC0415
+    from peft import set_peft_model_state_dict  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    ad = ckpt / "adapter"
+    f = ad / "adapter_model.safetensors"
+    if not f.is_file():
+        raise DataError(f"the checkpoint {ckpt} has no adapter_model.safetensors")
+    try:
+        res = set_peft_model_state_dict(model, load_file(str(f)))
+    except RuntimeError as exc:  # shape mismatch: other --lora-r / targets than the checkpoint
+        raise DataError(f"the checkpoint {ckpt} was made with other LoRA settings (rank or target "
+                        f"modules) than this run; resume with the same settings. ({exc})") from exc
+    if getattr(res, "unexpected_keys", None):
+        raise DataError(f"the checkpoint {ckpt} does not match this model/LoRA settings "
+                        f"(unexpected keys such as {res.unexpected_keys[:2]})")
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"]), int(state["micro"])
+
+
+def _epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def plot_log(csv_path: Path, png_path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    steps, loss, vsteps, vloss = [], [], [], []
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("loss"):
+                steps.append(int(row["step"]))
+                loss.append(float(row["loss"]))
+            if row.get("val_loss"):
+                vsteps.append(int(row["step"]))
+                vloss.append(float(row["val_loss"]))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, loss, label="train loss", lw=1.2)
+    if vloss:
+        ax.plot(vsteps, vloss, "o-", label="validation loss", lw=1.2)
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+def train(
+    model,
+    tokenizer,
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    visual_fn: Callable[[Sample], Any],
+    cfg: TrainConfig,
+    *,
+    device: str = "cpu",
+    bad_report: Path | None = None,
+    reported_before: set[int] | None = None,
+) -> dict[str, Any]:
+    """The training loop. `model` is already a peft model with trainable adapters.
+    `reported_before`: sample indices an earlier (resumed) run already skipped and reported."""
+    import torch  # noqa: PLC0415
+    from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not train_samples:
+        raise DataError("no valid training samples are left; see the bad-sample report")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_samples) / cfg.grad_accum))
+    total = cfg.max_steps if cfg.max_steps else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * total)), total)
+
+    step, micro = 0, 0
+    log_path = out / "train_log.csv"
+    if cfg.resume:
+        ckpt = _latest_checkpoint(out)
+        if ckpt is None:
+            print(f"--resume: no checkpoint in {out}; starting from step 0", file=sys.stderr)
+        else:
+            step, micro = load_checkpoint(model, optimizer, scheduler, ckpt)
+            print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+    if step == 0 or not log_path.is_file():
+        with log_path.open("w", newline="") as f:
+            csv.writer(f).writerow(LOG_FIELDS)
+    else:  # drop log rows past the checkpoint (written after it, before an interruption)
+        with log_path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with log_path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    use_autocast = device.startswith("cuda")
+    reported: set[int] = set(reported_before or ())  # samples skipped during training, reported once
+
+    def skip(sample: Sample, reason: str, msg: str) -> None:
+        if sample.index in reported:
+            return
+        reported.add(sample.index)
+        print(f"sample {sample.index} (id {sample.id}) skipped: {msg} (listed in bad_samples.jsonl)",
+              file=sys.stderr)
+        if bad_report is not None:
+            _append_bad(bad_report, [(sample, reason, msg)])
+
+    def forward_loss(sample: Sample):
+        enc = encode_conversation(tokenizer, sample)
+        try:
+            vis = visual_fn(sample)
+        except (ValueError, OSError) as exc:  # unreadable raster, strategy error: per sample
+            if cfg.on_bad == "stop":
+                raise DataError(f"sample {sample.index} (id {sample.id}): building its visual tokens "
+                                f"failed: {exc}. Fix it, or pass --on-bad-sample skip.") from exc
+            skip(sample, "visual_failed", f"building its visual tokens failed: {exc}")
+            return None, -1
+        n_tok = len(enc.before) + len(enc.after) + (int(vis.shape[0]) if vis is not None else 0)
+        if cfg.max_length and n_tok > cfg.max_length:
+            skip(sample, "too_long", f"{n_tok} tokens (text + visual), more than --max-length {cfg.max_length}")
+            return None, n_tok
+        embeds, labels, mask = build_training_inputs(model, enc, vis)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            loss = answer_loss(model, embeds, labels, mask)
+        return loss, n_tok
+
+    def validate() -> float | None:
+        if not val_samples:
+            return None
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for s in val_samples:
+                loss, _ = forward_loss(s)
+                if loss is not None:
+                    losses.append(float(loss))
+        model.train()
+        return sum(losses) / len(losses) if losses else None
+
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=total, initial=step, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True)
+    model.train()
+    t_start = time.perf_counter()
+    n = len(train_samples)
+    skipped_long: set[int] = set(reported) & {s.index for s in train_samples}
+    order: list[int] = []
+    order_epoch = -1
+    last_val = None
+    while step < total:
+        optimizer.zero_grad(set_to_none=True)
+        acc_loss, acc_n, acc_tokens = 0.0, 0, 0
+        t0 = time.perf_counter()
+        while acc_n < cfg.grad_accum:
+            epoch, pos = divmod(micro, n)
+            if order_epoch != epoch:
+                order, order_epoch = _epoch_order(n, epoch, cfg.seed), epoch
+            sample = train_samples[order[pos]]
+            micro += 1
+            if sample.index in skipped_long:
+                if len(skipped_long) >= n:
+                    raise DataError("no training sample is usable (all too long for --max-length or "
+                                    "failing in the visual path); see bad_samples.jsonl")
+                continue
+            loss, n_tok = forward_loss(sample)
+            if loss is None:
+                skipped_long.add(sample.index)
+                continue
+            (loss / cfg.grad_accum).backward()
+            acc_loss += float(loss.detach())
+            acc_n += 1
+            acc_tokens += n_tok
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        loss_mean = acc_loss / acc_n
+        tps = acc_tokens / dt if dt > 0 else 0.0
+        val = None
+        if val_samples and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+            val = last_val = validate()
+        with log_path.open("a", newline="") as f:
+            csv.writer(f).writerow([step, f"{micro / n:.4f}", f"{loss_mean:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
+                                    f"{tps:.1f}", "" if val is None else f"{val:.6f}",
+                                    f"{time.perf_counter() - t_start:.2f}"])
+        if bar is not None:
+            post = {"loss": f"{loss_mean:.4f}", "tok/s": f"{tps:.0f}"}
+            if last_val is not None:
+                post["val"] = f"{last_val:.4f}"
+            bar.set_postfix(post)
+            bar.update(1)
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+            save_checkpoint(model, optimizer, scheduler, step, micro, out)
+            _prune_checkpoints(out, cfg.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+    adapter_dir = out / "adapter"
+    model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
+    plot_log(log_path, out / "loss.png")
+    summary = {"steps": step, "trainable_parameters": n_trainable, "train_samples": len(train_samples),
+               "val_samples": len(val_samples), "adapter": str(adapter_dir), "log": str(log_path),
+               "plot": str(out / "loss.png"), "skipped_during_training": len(reported),
+               "final_val_loss": last_val}
+    (out / "finetune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _prune_checkpoints(out: Path, keep: int | None) -> None:
+    if not keep:
+        return
+    import shutil  # noqa: PLC0415
+
+    ck = sorted((int(d.name.split("-")[1]), d) for d in out.glob("checkpoint-*") if d.name.split("-")[1].isdigit())
+    for _, d in ck[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _append_bad(path: Path, entries: list[tuple[Sample, str, str]]) -> None:
+    """Add samples skipped during training to the bad-sample report (same line format)."""
+    with Path(path).open("a", encoding="utf-8") as f:
+        for s, reason, msg in entries:
+            f.write(json.dumps({"index": s.index, "id": s.id, "reason": reason, "message": msg}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", help="training data: LLaVA conversation JSON list or JSONL")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, log, adapter)")
+    parser.add_argument("--weights", type=Path, default=None, help="checkpoint folder (default: the engine's default)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "nf4", "bf16", "fp32"],
+                        help="nf4 = QLoRA (CUDA only); bf16 = LoRA on bf16; auto = nf4 on CUDA, fp32 on CPU")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="fail instead of training the tiny random demo model when no weights are found")
+    parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="reject images whose width x height exceeds this (reported per sample)")
+    parser.add_argument("--on-bad-sample", choices=["skip", "stop"], default="stop",
+                        help="skip bad samples (each listed in OUT/bad_samples.jsonl) or stop at the first")
+    parser.add_argument("--strategy", default="geollava", help="token strategy used to build visual tokens")
+    parser.add_argument("--budget", type=int, default=None, help="visual token budget per sample")
+    parser.add_argument("--tokens-per-tile", type=int, default=24)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--target-modules", default=",".join(LM_TARGETS),
+                        help="LM linear layers that get adapters (comma-separated; add lm_head to adapt the output head)")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-ratio", type=float, default=0.03)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--max-length", type=int, default=32768, help="longest sequence (text + visual tokens)")
+    parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N optimizer steps")
+    parser.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
+    parser.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps")
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-*")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
+    from engine.loader import load_model  # noqa: PLC0415
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bad_report = out / "bad_samples.jsonl"
+    # training-time skips of an earlier run (too long, visual path failed) stay in the report
+    earlier: list[dict] = []
+    if args.resume and bad_report.is_file():
+        for line in bad_report.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("reason") in TRAINING_TIME_REASONS:
+                earlier.append(rec)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(desc="checking data", unit="sample", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        samples, report = load_dataset(args.data, image_root=args.image_root, max_pixels=args.max_pixels,
+                                       on_bad=args.on_bad_sample, report_path=bad_report, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if earlier:
+        with bad_report.open("a", encoding="utf-8") as f:
+            for rec in earlier:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    print(report.summary(), file=sys.stderr)
+    for b in report.bad[:20]:
+        print("  skipped " + b.describe(), file=sys.stderr)
+    if len(report.bad) > 20:
+        print(f"  ... and {len(report.bad) - 20} more in {bad_report}", file=sys.stderr)
+    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed)
+
+    weights = _resolve_weights(args.weights, demo_ok=not args.no_demo)
+    loaded = load_model(weights, device=args.device, quantization=args.quantization)
+    info = loaded.info
+    device = str(info.get("device", "cpu"))
+    if info.get("demo"):
+        print("NOTE: training the tiny RANDOM demo model (no GeoLLaVA-8K weights given).", file=sys.stderr)
+    targets = [t.strip() for t in str(args.target_modules).split(",") if t.strip()]
+    model = add_lora(loaded.model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                     targets=targets, four_bit=bool(info.get("four_bit")),
+                     gradient_checkpointing=not args.no_gradient_checkpointing)
+    factory = visual_fn_factory or default_visual_fn
+    visual_fn = factory(model, strategy=args.strategy, budget=args.budget, tokens_per_tile=args.tokens_per_tile,
+                        seed=args.seed)
+    cfg = TrainConfig(out=out, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                      grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
+                      max_grad_norm=args.max_grad_norm, save_every=args.save_every, eval_every=args.eval_every,
+                      seed=args.seed, resume=args.resume,
+                      gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
+                      progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
+                      on_bad=args.on_bad_sample)
+    (out / "finetune_args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                        for k, v in vars(args).items() if not callable(v)},
+                                                       indent=2) + "\n")
+    summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
+                    reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
+    print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "
+          f"{summary['trainable_parameters']:,} trainable parameters). Log: {summary['log']}, plot: {summary['plot']}.",
+          file=sys.stderr)
+    return 0
+
+
+def _resolve_weights(weights, demo_ok: bool) -> Path:
+    """The engine's own choice (given dir, GEOVQA_WEIGHTS, weights/GeoLLaVA-8K, else the tiny demo)."""
+    from engine.pipeline import resolve_weights  # noqa: PLC0415
+
+    path, _demo = resolve_weights(weights, demo_ok=demo_ok)
+    return path

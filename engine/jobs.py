@@ -1,0 +1,577 @@
+"""The single GPU worker: one job at a time through a queue, batch jobs persisted and resumed.
+
+Interactive questions (`AskJob`) and batch jobs (`BatchJob`) wait in one FIFO queue; a single
+worker thread runs them, so the GPU only ever holds one request. A batch job answers one item per
+turn and then goes to the back of the queue when others are waiting, so an analyst's question is
+never stuck behind a 10,000-item batch. Waiting jobs are told their position (the number of jobs
+ahead of them, the running one included).
+
+Batch jobs live in ``<state_dir>/jobs/<job_id>/``: ``spec.json`` (what to do), ``state.json``
+(queued / running / done / failed / cancelled) and ``results.jsonl`` (one line per finished
+answer, appended and fsynced as each completes). A server restarted on the same state dir
+resumes every unfinished job from the first item without a line in ``results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from engine import protocol
+
+log = logging.getLogger("engine.jobs")
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+OOM_HINT = "Retry with a smaller token budget (for example {budget}) or a smaller area of interest."
+
+
+class JobError(Exception):
+    """A failure with a protocol error code and a message for a person."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None, **extra: Any):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.extra = extra  # additional fields, e.g. retry_budget after an out-of-memory
+
+    def body(self) -> dict:
+        body = protocol.error_body(self.code, self.message, self.hint)
+        body["error"].update(self.extra)
+        return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Exceptions -> protocol error codes
+
+_RASTER_CODE_BY_NAME = (
+    ("outside", "aoi_outside_raster"),
+    ("aoi", "bad_aoi"),
+    ("window", "bad_aoi"),
+    ("notaraster", "not_a_raster"),
+    ("notraster", "not_a_raster"),
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch.cuda.OutOfMemoryError, engine.errors.OutOfMemory and friends."""
+    name = type(exc).__name__.lower().replace("_", "")
+    if "outofmemory" in name:
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def error_for_exception(exc: BaseException, budget: int | None = None) -> JobError:
+    """Map anything the engine raises to a JobError with a protocol code and a readable message."""
+    if isinstance(exc, JobError):
+        return exc
+    if is_out_of_memory(exc):
+        smaller = max(64, (budget or 2048) // 2)
+        what = getattr(exc, "what", None) or "answering this question"
+        return JobError(
+            "out_of_memory",
+            f"The GPU ran out of memory while {what}. The server is still running.",
+            OOM_HINT.format(budget=smaller),
+            retry_budget=smaller,
+        )
+    code = getattr(exc, "code", None)
+    message = str(exc).strip() or type(exc).__name__
+    names = [cls.__name__ for cls in type(exc).__mro__]
+    if "Cancelled" in names:
+        return JobError("cancelled", "The question was cancelled.")
+    if isinstance(code, str) and code in protocol.ERROR_CODES:
+        return JobError(code, message, getattr(exc, "hint", None))
+    if "RasterError" in names:
+        lowered = type(exc).__name__.lower()
+        for needle, mapped in _RASTER_CODE_BY_NAME:
+            if needle in lowered:
+                return JobError(mapped, message)
+        return JobError("raster_unreadable", message)
+    if "SelectionError" in names:
+        if "unknown" in message.lower():
+            return JobError("unknown_strategy", message)
+        return JobError("bad_request", message)
+    # "code: message" style ValueErrors (protocol.validate_question)
+    if isinstance(exc, ValueError):
+        head, sep, tail = message.partition(":")
+        if sep and head.strip() in protocol.ERROR_CODES:
+            return JobError(head.strip(), tail.strip())
+        return JobError("bad_request", message)
+    log.exception("internal error", exc_info=exc)
+    return JobError("internal", f"The engine failed unexpectedly: {type(exc).__name__}: {message}")
+
+
+def free_gpu_memory() -> None:
+    """Release cached CUDA blocks after an OOM (does nothing without torch or CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        log.warning("could not empty the CUDA cache", exc_info=True)
+
+
+def json_default(value: Any) -> Any:
+    """Make engine values JSON-friendly: numpy scalars/arrays, paths, sets, anything else as str."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+
+class AskJob:
+    """One interactive question; its events go to `events` (None marks the end)."""
+
+    kind = "ask"
+
+    def __init__(self, job_id: str, request: Any, cleanup: Callable[[], None] | None = None):
+        self.job_id = job_id
+        self.request = request
+        self.events: "queue.Queue[dict | None]" = queue.Queue()
+        self.cancel = threading.Event()
+        self.cleanup = cleanup
+        self.state = "queued"
+        self.position: int | None = None
+        self.message: str | None = None
+
+    def info(self) -> dict:
+        return {
+            "job_id": self.job_id, "state": self.state, "position": self.position,
+            "done": 1 if self.state == "done" else 0, "total": 1, "errors": 0,
+            "results_path": "", "message": self.message, "kind": self.kind,
+        }
+
+
+class BatchJob:
+    """Layers x questions, answered one item per queue turn, persisted in its own directory."""
+
+    kind = "batch"
+
+    def __init__(self, job_id: str, spec: dict, directory: Path):
+        self.job_id = job_id
+        self.spec = spec
+        self.dir = directory
+        self.cancel = threading.Event()
+        self.state = "queued"
+        self.position: int | None = None
+        self.message: str | None = None
+        self.done_indexes: set[int] = set()
+        self.errors = 0
+        self.lock = threading.Lock()
+
+    @property
+    def total(self) -> int:
+        return len(self.spec["items"]) * len(self.spec["questions"])
+
+    @property
+    def results_path(self) -> Path:
+        return self.dir / "results.jsonl"
+
+    def item(self, index: int) -> tuple[dict, str]:
+        n_q = len(self.spec["questions"])
+        return self.spec["items"][index // n_q], self.spec["questions"][index % n_q]
+
+    def next_index(self) -> int | None:
+        for i in range(self.total):
+            if i not in self.done_indexes:
+                return i
+        return None
+
+    def info(self) -> dict:
+        return {
+            "job_id": self.job_id, "state": self.state, "position": self.position,
+            "done": len(self.done_indexes), "total": self.total, "errors": self.errors,
+            "results_path": str(self.results_path), "message": self.message, "kind": self.kind,
+        }
+
+    def save_state(self) -> None:
+        _write_json_atomic(self.dir / "state.json", {
+            "state": self.state, "message": self.message, "updated": time.time(),
+        })
+
+    def append_result(self, line: dict) -> None:
+        with open(self.results_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, ensure_ascii=False, default=json_default) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.done_indexes.add(int(line["index"]))
+        if line.get("error"):
+            self.errors += 1
+
+    def load_results(self) -> list[dict]:
+        """Read results.jsonl; a half-written last line (killed mid-write) is cut off."""
+        results: list[dict] = []
+        if not self.results_path.exists():
+            return results
+        good_bytes = 0
+        with open(self.results_path, "rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    results.append(json.loads(raw))
+                except ValueError:
+                    break
+                good_bytes += len(raw)
+        if good_bytes != self.results_path.stat().st_size:
+            with open(self.results_path, "r+b") as fh:
+                fh.truncate(good_bytes)
+        return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The queue and its single worker
+
+
+class JobQueue:
+    """FIFO of GPU jobs served by one worker thread."""
+
+    def __init__(self, engine: Any, state_dir: Path, make_request: Callable[[dict], Any]):
+        self.engine = engine
+        self.state_dir = Path(state_dir)
+        self.jobs_dir = self.state_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.make_request = make_request
+        self._cond = threading.Condition()
+        self._waiting: list[AskJob | BatchJob] = []
+        self._running: AskJob | BatchJob | None = None
+        self._jobs: dict[str, AskJob | BatchJob] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._lock_state_dir()
+        self._resume_batches()
+        self._thread = threading.Thread(target=self._worker, name="gpu-worker", daemon=True)
+        self._thread.start()
+
+    def _lock_state_dir(self) -> None:
+        """Hold an exclusive lock on the state dir: two servers must not resume the same jobs."""
+        self._lock_file = open(self.state_dir / "server.lock", "a+")
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # Windows
+                import msvcrt
+
+                self._lock_file.seek(0)
+                msvcrt.locking(self._lock_file.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            self._lock_file.close()
+            raise SystemExit(
+                f"Another engine server is already using the state dir {self.state_dir}. Stop "
+                "it, or start this one with a different --state-dir.") from None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            if self._running is not None and self._running.kind == "ask":
+                self._running.cancel.set()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        lock_file = getattr(self, "_lock_file", None)
+        if lock_file is not None:
+            lock_file.close()
+
+    # -- submission ----------------------------------------------------------------------------
+    def submit_ask(self, request: Any, cleanup: Callable[[], None] | None = None) -> AskJob:
+        job = AskJob(new_job_id(), request, cleanup)
+        with self._cond:
+            self._jobs[job.job_id] = job
+            self._waiting.append(job)
+            self._update_positions()
+            self._cond.notify_all()
+        return job
+
+    def submit_batch(self, spec: dict) -> BatchJob:
+        job_id = new_job_id()
+        directory = self.jobs_dir / job_id
+        directory.mkdir(parents=True)
+        _write_json_atomic(directory / "spec.json", spec)
+        job = BatchJob(job_id, spec, directory)
+        job.results_path.touch()
+        job.save_state()
+        with self._cond:
+            self._jobs[job_id] = job
+            self._waiting.append(job)
+            self._update_positions()
+            self._cond.notify_all()
+        return job
+
+    # -- queries -------------------------------------------------------------------------------
+    def queue_length(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def get(self, job_id: str) -> AskJob | BatchJob | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def info(self, job_id: str) -> dict | None:
+        job = self.get(job_id)
+        return None if job is None else job.info()
+
+    def results(self, job_id: str) -> list[dict] | None:
+        job = self.get(job_id)
+        if not isinstance(job, BatchJob):
+            return None
+        with job.lock:
+            return job.load_results()
+
+    def cancel(self, job_id: str) -> dict | None:
+        """Cancel a waiting or running job; a finished job is left as it is."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            if job.state in ("done", "failed", "cancelled"):
+                return job.info()
+            job.cancel.set()
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._finish_cancelled(job)
+                self._update_positions()
+            # a running job notices the event between steps and stops itself
+            job.message = "Cancelled by the user."
+            return job.info()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _finish_cancelled(self, job: AskJob | BatchJob) -> None:
+        job.state = "cancelled"
+        job.position = None
+        job.message = "Cancelled by the user."
+        if isinstance(job, BatchJob):
+            job.save_state()
+        else:
+            job.events.put(self._event(job, {"type": "error", **protocol.error_body(
+                "cancelled", "The question was cancelled before it started.")["error"]}))
+            job.events.put(None)
+            self._run_cleanup(job)
+            self._jobs.pop(job.job_id, None)
+
+    def _update_positions(self) -> None:
+        """Called with the lock held: tell every waiting job how many jobs are ahead of it."""
+        ahead = 1 if self._running is not None else 0
+        for i, job in enumerate(self._waiting):
+            pos = i + ahead
+            if job.position != pos:
+                job.position = pos
+                if isinstance(job, AskJob):
+                    job.events.put(self._event(job, {"type": "queued", "position": pos,
+                                                     "job_id": job.job_id}))
+
+    @staticmethod
+    def _event(job: AskJob | BatchJob, event: dict) -> dict:
+        rid = getattr(getattr(job, "request", None), "request_id", None)
+        event = dict(event)
+        event.setdefault("request_id", rid)
+        return event
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                job = self._waiting.pop(0)
+                self._running = job
+                job.position = None
+                job.state = "running"
+                self._update_positions()
+            finished = True
+            try:
+                if isinstance(job, AskJob):
+                    self._run_ask(job)
+                else:
+                    finished = self._run_batch_step(job)
+            except Exception:  # never let the worker die
+                log.exception("job %s failed", job.job_id)
+            with self._cond:
+                self._running = None
+                if not finished and not self._stop:
+                    job.state = "queued"
+                    self._waiting.append(job)
+                # positions are updated when the next job is taken, a moment from now
+                self._cond.notify_all()
+
+    @staticmethod
+    def _run_cleanup(job: AskJob) -> None:
+        if job.cleanup is not None:
+            try:
+                job.cleanup()
+            except Exception:
+                log.warning("cleanup of job %s failed", job.job_id, exc_info=True)
+            job.cleanup = None
+
+    def _run_ask(self, job: AskJob) -> None:
+        budget = getattr(job.request, "budget", None)
+        got_result = False
+        try:
+            if job.cancel.is_set():
+                raise JobError("cancelled", "The question was cancelled.")
+            stream = self.engine.ask(job.request, job.cancel)
+            try:
+                for event in stream:
+                    event = self._event(job, event)
+                    if event.get("type") == "result":
+                        got_result = True
+                    job.events.put(event)
+                    if job.cancel.is_set() and not got_result:
+                        break
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+            if job.cancel.is_set() and not got_result:
+                raise JobError("cancelled", "The question was cancelled.")
+            job.state = "done"
+        except BaseException as exc:  # noqa: BLE001 - mapped to an error event
+            err = error_for_exception(exc, budget)
+            if err.code in ("out_of_memory", "cancelled"):
+                free_gpu_memory()
+            job.state = "cancelled" if err.code == "cancelled" else "failed"
+            job.message = err.message
+            job.events.put(self._event(job, {"type": "error", **err.body()["error"]}))
+        finally:
+            job.events.put(None)
+            self._run_cleanup(job)
+            with self._cond:
+                self._jobs.pop(job.job_id, None)
+
+    def _run_batch_step(self, job: BatchJob) -> bool:
+        """Answer one item; True when the job is over."""
+        index = job.next_index()
+        if job.cancel.is_set():
+            job.state = "cancelled"
+            job.save_state()
+            return True
+        if index is None:
+            job.state = "failed" if job.errors == job.total and job.total else "done"
+            job.message = f"{len(job.done_indexes)} answers, {job.errors} errors."
+            job.save_state()
+            return True
+        job.save_state()
+        item, question = job.item(index)
+        fields = {
+            "raster_path": item["raster_path"], "aoi": item.get("aoi"), "question": question,
+            "bands": item.get("bands"),
+            **{k: job.spec[k] for k in ("strategy", "budget", "tokens_per_tile", "max_new_tokens",
+                                        "seed") if job.spec.get(k) is not None},
+            "request_id": f"{job.job_id}:{index}",
+        }
+        line: dict[str, Any] = {
+            "index": index, "layer": item.get("layer") or Path(item["raster_path"]).stem,
+            "raster_path": item["raster_path"], "question": question, "answer": None,
+            "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {},
+            "timings": {},
+        }
+        result = None
+        try:
+            request = self.make_request(fields)
+            stream = self.engine.ask(request, job.cancel)
+            try:
+                for event in stream:
+                    if event.get("type") == "result":
+                        result = event
+                    if job.cancel.is_set():
+                        break
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # noqa: BLE001
+            err = error_for_exception(exc, fields.get("budget"))
+            if err.code == "out_of_memory":
+                free_gpu_memory()
+            if err.code != "cancelled" and not job.cancel.is_set():
+                line["error"] = f"{err.code}: {err.message}"
+                line["error_code"] = err.code
+        if job.cancel.is_set() and result is None:
+            job.state = "cancelled"
+            job.message = "Cancelled by the user."
+            job.save_state()
+            return True
+        if result is not None:
+            for key in ("answer", "heatmap_path", "anchors_path", "tokens", "timings", "cache",
+                        "strategy", "budget"):
+                if key in result:
+                    line[key] = result[key]
+        elif line["error"] is None:
+            line["error"] = "internal: the engine ended without an answer."
+        with job.lock:
+            job.append_result(line)
+        return False
+
+    def _resume_batches(self) -> None:
+        for directory in sorted(self.jobs_dir.iterdir()) if self.jobs_dir.exists() else []:
+            if not JOB_ID_RE.match(directory.name):
+                continue
+            try:
+                spec = json.loads((directory / "spec.json").read_text(encoding="utf-8"))
+                state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                log.warning("skipping unreadable job directory %s", directory)
+                continue
+            job = BatchJob(directory.name, spec, directory)
+            for line in job.load_results():
+                job.done_indexes.add(int(line["index"]))
+                if line.get("error"):
+                    job.errors += 1
+            job.state = state.get("state", "queued")
+            job.message = state.get("message")
+            self._jobs[job.job_id] = job
+            if job.state in ("queued", "running"):
+                job.state = "queued"
+                job.message = (f"Resumed after a restart at {len(job.done_indexes)} of "
+                               f"{job.total} answers.")
+                job.save_state()
+                self._waiting.append(job)
+                log.info("resuming batch job %s (%d/%d done)", job.job_id,
+                         len(job.done_indexes), job.total)
+        self._update_positions()
+
+
+def iter_batch_items(spec: dict) -> Iterable[tuple[int, dict, str]]:
+    """(index, item, question) for every answer a batch spec asks for, in order."""
+    n_q = len(spec["questions"])
+    for i, item in enumerate(spec["items"]):
+        for j, question in enumerate(spec["questions"]):
+            yield i * n_q + j, item, question

@@ -1,0 +1,566 @@
+"""The engine's HTTP server: a FastAPI app over one `Engine`, served by uvicorn on loopback.
+
+`create_app(engine, settings)` builds the app; `serve(args)` is what ``python -m engine serve``
+runs (`add_serve_arguments` declares its options). The protocol itself is defined in
+`engine/protocol.py` and explained in docs/protocol.md. All GPU work goes through the single
+worker of `engine.jobs.JobQueue`; this module only checks requests, streams events and serves
+the files the engine wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import ipaddress
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import sys
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import __version__, protocol
+from engine.auth import load_or_create_token, token_matches
+from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default
+from engine.uploads import RasterInfo, check_raster_file, receive_upload
+
+log = logging.getLogger("engine.server")
+
+MAX_JSON_BODY_BYTES = 4 * 1024 * 1024
+MAX_NEW_TOKENS_LIMIT = 4096
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and defaults
+
+
+def default_state_dir() -> Path:
+    """Where batch jobs are kept: the user's data dir (``GEOVQA_STATE_DIR`` overrides)."""
+    override = os.environ.get("GEOVQA_STATE_DIR")
+    if override:
+        return Path(override)
+    if sys.platform.startswith("win"):
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "geovqa" / "server"
+
+
+@dataclass
+class Settings:
+    """Everything the app needs besides the engine."""
+
+    host: str = protocol.DEFAULT_HOST
+    port: int = protocol.DEFAULT_PORT
+    allow_remote: bool = False
+    state_dir: Path = field(default_factory=default_state_dir)
+    output_dir: Path | None = None  # default: <state_dir>/outputs
+    upload_dir: Path | None = None  # default: <state_dir>/uploads
+    max_upload_bytes: int = protocol.MAX_UPLOAD_BYTES
+    token: str | None = None  # default: read or create protocol.token_path()
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+        if self.output_dir is None:
+            self.output_dir = self.state_dir / "outputs"
+        if self.upload_dir is None:
+            self.upload_dir = self.state_dir / "uploads"
+        self.output_dir = Path(self.output_dir)
+        self.upload_dir = Path(self.upload_dir)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def request_factory(engine: Any):
+    """A function turning validated fields into the engine's AskRequest."""
+    cls = getattr(engine, "request_type", None)
+    if cls is None:
+        from engine.pipeline import AskRequest as cls  # light: heavy imports there are lazy
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+
+    def make(fields: dict) -> Any:
+        kwargs = {k: v for k, v in fields.items() if v is not None}
+        if names is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in names}
+        return cls(**kwargs)
+
+    return make
+
+
+def _int_field(body: dict, name: str, *, low: int, high: int | None = None,
+               default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobError("bad_request", f"'{name}' must be a whole number, not {value!r}.")
+    if value < low or (high is not None and value > high):
+        limit = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise JobError("bad_request", f"'{name}' must be {limit}; it is {value}.")
+    return value
+
+
+def validate_strategy(value: Any, known: tuple[str, ...]) -> str:
+    strategy = protocol.DEFAULT_STRATEGY if value is None else value
+    if not isinstance(strategy, str) or strategy not in known:
+        raise JobError("unknown_strategy", f"Unknown strategy {strategy!r}. "
+                       f"Choose one of: {', '.join(known)}.")
+    return strategy
+
+
+def validate_question(value: Any) -> str:
+    try:
+        return protocol.validate_question(value)
+    except ValueError as exc:
+        code, _, message = str(exc).partition(": ")
+        raise JobError(code, message) from None
+
+
+def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
+    """Check an AOI against the raster; returns it unchanged when usable."""
+    if aoi is None:
+        return None
+    if not isinstance(aoi, dict) or not aoi:
+        raise JobError("bad_aoi", "The area of interest must be an object with 'window', "
+                       "'polygon_wkt' or 'geojson'.")
+    keys = [k for k in ("window", "polygon_wkt", "geojson") if aoi.get(k) is not None]
+    if len(keys) != 1:
+        raise JobError("bad_aoi", "Give exactly one of 'window', 'polygon_wkt' or 'geojson' "
+                       "for the area of interest.")
+    if keys[0] == "window":
+        win = aoi["window"]
+        if (not isinstance(win, (list, tuple)) or len(win) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in win)):
+            raise JobError("bad_aoi", "The window must be [col_off, row_off, width, height] in "
+                           "pixels.")
+        col, row, width, height = win
+        if width <= 0 or height <= 0:
+            raise JobError("bad_aoi", f"The window {list(win)} has no area; width and height "
+                           "must be positive.")
+        if col >= info.width or row >= info.height or col + width <= 0 or row + height <= 0:
+            raise JobError("aoi_outside_raster",
+                           f"The window {list(win)} lies outside the raster, which is "
+                           f"{info.width} x {info.height} pixels.",
+                           "Pick an area inside the layer's extent.")
+        return aoi
+    from shapely import wkt as shapely_wkt
+    from shapely.geometry import box, shape
+
+    try:
+        geom = (shapely_wkt.loads(aoi["polygon_wkt"]) if keys[0] == "polygon_wkt"
+                else shape(aoi["geojson"]))
+    except Exception as exc:  # noqa: BLE001 - shapely raises several kinds
+        raise JobError("bad_aoi", f"The area of interest is not a valid geometry: {exc}") from None
+    if geom.is_empty or geom.geom_type not in ("Polygon", "MultiPolygon"):
+        raise JobError("bad_aoi", "The area of interest must be a polygon.")
+    left, bottom, right, top = info.bounds
+    if not geom.intersects(box(min(left, right), min(bottom, top), max(left, right),
+                               max(bottom, top))):
+        raise JobError("aoi_outside_raster", "The area of interest does not overlap the raster.",
+                       "Draw the area inside the layer's extent (in the layer's CRS).")
+    return aoi
+
+
+def validate_bands(value: Any, info: RasterInfo) -> list[int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in value)):
+        raise JobError("bad_request", "'bands' must be a list of band numbers (1-based).")
+    bad = [b for b in value if b < 1 or b > info.count]
+    if bad:
+        raise JobError("bad_request", f"Band(s) {bad} do not exist; the raster has "
+                       f"{info.count} band(s).")
+    return value
+
+
+def validate_common(body: dict, known: tuple[str, ...]) -> dict:
+    """Fields shared by /ask and /batch (model settings)."""
+    return {
+        "strategy": validate_strategy(body.get("strategy"), known),
+        "budget": _int_field(body, "budget", low=1),
+        "tokens_per_tile": _int_field(body, "tokens_per_tile", low=1, high=576),
+        "max_new_tokens": _int_field(body, "max_new_tokens", low=1, high=MAX_NEW_TOKENS_LIMIT,
+                                     default=256),
+        "seed": _int_field(body, "seed", low=0, default=0),
+    }
+
+
+def validate_ask(body: Any, known: tuple[str, ...], raster_path: str | None = None) -> dict:
+    """Turn an ASK_FIELDS body into checked fields, or raise JobError (4xx)."""
+    if not isinstance(body, dict):
+        raise JobError("bad_request", "The request body must be a JSON object.")
+    question = validate_question(body.get("question"))
+    fields = validate_common(body, known)
+    path = raster_path if raster_path is not None else body.get("raster_path")
+    if not isinstance(path, str) or not path.strip():
+        raise JobError("bad_request", "Give 'raster_path' (a file on the engine's computer) or "
+                       "upload the raster as a GeoTIFF.")
+    info = check_raster_file(path)
+    request_id = body.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 200):
+        raise JobError("bad_request", "'request_id' must be a string of at most 200 characters.")
+    fields.update(
+        raster_path=info.path, question=question, aoi=validate_aoi(body.get("aoi"), info),
+        bands=validate_bands(body.get("bands"), info), request_id=request_id,
+    )
+    return fields
+
+
+def validate_batch(body: Any, known: tuple[str, ...]) -> dict:
+    """Turn a BATCH_FIELDS body into a checked job spec, or raise JobError (4xx)."""
+    if not isinstance(body, dict):
+        raise JobError("bad_request", "The request body must be a JSON object.")
+    items, questions = body.get("items"), body.get("questions")
+    if not isinstance(items, list) or not items:
+        raise JobError("bad_request", "'items' must be a non-empty list of layers.")
+    if not isinstance(questions, list) or not questions:
+        raise JobError("bad_request", "'questions' must be a non-empty list of questions.")
+    if len(items) * len(questions) > protocol.MAX_BATCH_ITEMS:
+        raise JobError("bad_request", f"A batch may hold at most {protocol.MAX_BATCH_ITEMS} "
+                       f"answers; this one asks for {len(items) * len(questions)}.")
+    spec = validate_common(body, known)
+    spec["questions"] = [validate_question(q) for q in questions]
+    checked = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise JobError("bad_request", f"Item {i + 1} must be an object with 'raster_path'.")
+        path = item.get("raster_path")
+        if not isinstance(path, str) or not path.strip():
+            raise JobError("bad_request", f"Item {i + 1} has no 'raster_path'.")
+        try:
+            info = check_raster_file(path)
+            aoi = validate_aoi(item.get("aoi"), info)
+            bands = validate_bands(item.get("bands"), info)
+        except JobError as exc:
+            raise JobError(exc.code, f"Layer {item.get('layer') or i + 1}: {exc.message}",
+                           exc.hint) from None
+        layer = item.get("layer") if isinstance(item.get("layer"), str) else Path(path).stem
+        checked.append({"layer": layer, "raster_path": info.path, "aoi": aoi, "bands": bands})
+    spec["items"] = checked
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(engine: Any, settings: Settings):
+    """The FastAPI app serving `engine` (no CORS: browsers on other origins are not welcome)."""
+    token = settings.token or load_or_create_token()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = settings.output_dir.resolve()
+    jobs = JobQueue(engine, settings.state_dir, request_factory(engine))
+    try:
+        engine_strategies = tuple(engine.health().get("strategies") or ())
+    except Exception:  # noqa: BLE001 - health is re-read on every /health
+        engine_strategies = ()
+    known = tuple(s for s in protocol.STRATEGIES if not engine_strategies
+                  or s in engine_strategies) or protocol.STRATEGIES
+
+    @asynccontextmanager
+    async def lifespan(app):
+        jobs.start()
+        # uploads left behind by a crash (jobs.start() holds the state dir, so they are stale)
+        for stale in settings.upload_dir.glob("upload-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(jobs.stop)
+
+    app = FastAPI(title="GeoVQA engine", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.jobs = jobs
+    app.state.engine = engine
+    app.state.settings = settings
+
+    def error_response(err: JobError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=protocol.ERROR_CODES[err.code])
+
+    @app.exception_handler(JobError)
+    async def on_job_error(request: Request, exc: JobError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(JobError("not_found", "There is no such endpoint."))
+        return JSONResponse(protocol.error_body("bad_request", str(exc.detail)),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        return error_response(JobError("bad_request", f"The request is malformed: {exc.errors()}"))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+        return error_response(JobError("internal", f"The engine server failed: "
+                                       f"{type(exc).__name__}: {exc}"))
+
+    def content_length(request: Request) -> int:
+        try:
+            return max(0, int(request.headers.get("content-length") or 0))
+        except ValueError:
+            raise JobError("bad_request", "The Content-Length header is not a number.") from None
+
+    def require_token(request: Request) -> None:
+        if not token_matches(token, request.headers.get(protocol.TOKEN_HEADER)):
+            raise JobError("unauthorized", "The engine token is missing or wrong.",
+                           f"Send 'Authorization: Bearer <token>' with the token from "
+                           f"{protocol.token_path()}.")
+
+    async def read_json(request: Request) -> Any:
+        size = content_length(request)
+        if size > MAX_JSON_BODY_BYTES:
+            raise JobError("bad_request", "The request body is too large.")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_JSON_BODY_BYTES:
+                raise JobError("bad_request", "The request body is too large.")
+        try:
+            return json.loads(bytes(raw).decode("utf-8"))
+        except ValueError as exc:
+            raise JobError("bad_request", f"The request body is not valid JSON: {exc}") from None
+
+    def decorate(event: dict) -> dict:
+        if event.get("type") == "result":
+            for key in ("heatmap", "anchors"):
+                path = event.get(f"{key}_path")
+                if path and not event.get(f"{key}_file"):
+                    p = Path(path).resolve()
+                    if p.parent == output_dir:
+                        event[f"{key}_file"] = p.name
+        return event
+
+    @app.get("/health")
+    async def health():
+        try:
+            info = dict(await asyncio.to_thread(engine.health))
+        except Exception as exc:  # noqa: BLE001
+            info = {"status": "error", "message": f"The engine cannot report its state: {exc}"}
+        info.setdefault("status", "ok")
+        info["protocol"] = protocol.PROTOCOL_VERSION
+        info.setdefault("version", __version__)
+        info.setdefault("strategies", list(known))
+        info["queue_length"] = jobs.queue_length()
+        info["max_upload_bytes"] = settings.max_upload_bytes
+        return info
+
+    @app.post("/ask")
+    async def ask(request: Request):
+        require_token(request)
+        ctype = request.headers.get("content-type", "")
+        upload = None
+        if ctype.startswith("multipart/"):
+            size = content_length(request)
+            if size > settings.max_upload_bytes + MAX_JSON_BODY_BYTES:
+                raise JobError("upload_too_large", f"The upload ({size} bytes) is larger than the "
+                               f"limit of {settings.max_upload_bytes} bytes.",
+                               "Clip the layer to the area of interest before uploading.")
+            upload = await receive_upload(ctype, request.stream(),
+                                          max_bytes=settings.max_upload_bytes,
+                                          temp_root=settings.upload_dir)
+            body = upload.request
+        else:
+            body = await read_json(request)
+        try:
+            fields = await asyncio.to_thread(
+                validate_ask, body, known, str(upload.raster_path) if upload else None)
+            ask_request = request_factory(engine)(fields)
+        except BaseException:
+            if upload is not None:
+                upload.cleanup()
+            raise
+        job = jobs.submit_ask(ask_request, cleanup=upload.cleanup if upload else None)
+
+        async def stream():
+            finished = False
+            try:
+                while True:
+                    try:
+                        event = job.events.get_nowait()
+                    except queue.Empty:
+                        if await request.is_disconnected():
+                            break
+                        await asyncio.sleep(0.02)
+                        continue
+                    if event is None:
+                        finished = True
+                        break
+                    yield (json.dumps(decorate(event), ensure_ascii=False, default=json_default)
+                           + "\n").encode("utf-8")
+            finally:
+                if not finished:  # the client went away: free the GPU
+                    jobs.cancel(job.job_id)
+
+        return StreamingResponse(stream(), media_type=protocol.NDJSON_MEDIA_TYPE,
+                                 headers={"Cache-Control": "no-store", "X-Job-Id": job.job_id})
+
+    @app.post("/batch")
+    async def batch(request: Request):
+        require_token(request)
+        body = await read_json(request)
+        spec = await asyncio.to_thread(validate_batch, body, known)
+        job = jobs.submit_batch(spec)
+        return {"job_id": job.job_id, **job.info()}
+
+    def find_job(job_id: str):
+        info = jobs.info(job_id) if JOB_ID_RE.match(job_id) else None
+        if info is None:
+            raise JobError("not_found", f"There is no job {job_id!r}.")
+        return info
+
+    @app.get("/jobs/{job_id}")
+    async def job_info(job_id: str, request: Request):
+        require_token(request)
+        return find_job(job_id)
+
+    @app.delete("/jobs/{job_id}")
+    async def job_cancel(job_id: str, request: Request):
+        require_token(request)
+        find_job(job_id)
+        return jobs.cancel(job_id)
+
+    @app.get("/jobs/{job_id}/results")
+    async def job_results(job_id: str, request: Request):
+        require_token(request)
+        find_job(job_id)
+        results = jobs.results(job_id)
+        if results is None:
+            raise JobError("not_found", f"Job {job_id!r} is not a batch job.")
+        return {"job_id": job_id, "results": results}
+
+    @app.get("/files/{name}")
+    async def files(name: str, request: Request):
+        require_token(request)
+        path = output_dir / name
+        if (not FILE_NAME_RE.match(name) or path.resolve().parent != output_dir
+                or not path.is_file()):
+            raise JobError("not_found", f"There is no output file {name!r}.")
+        media = ("image/tiff" if name.lower().endswith((".tif", ".tiff"))
+                 else "application/geo+json" if name.lower().endswith((".geojson", ".json"))
+                 else "application/octet-stream")
+        return FileResponse(path, media_type=media, filename=name)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m engine serve``."""
+    parser.add_argument("--weights", default=None, help="checkpoint dir (default: tiny demo model "
+                        "when no weights are found)")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    parser.add_argument("--quantization", default="auto", help="auto | nf4 | bf16 | fp32")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter dir (peft)")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="refuse to start with the tiny demo model when no weights exist")
+    parser.add_argument("--host", default=protocol.DEFAULT_HOST,
+                        help="address to bind (loopback by default)")
+    parser.add_argument("--port", type=int, default=protocol.DEFAULT_PORT)
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow binding to a non-loopback address (other computers can then "
+                        "reach the engine; they still need the token)")
+    parser.add_argument("--state-dir", default=None,
+                        help=f"batch jobs, outputs and uploads (default {default_state_dir()})")
+    parser.add_argument("--output-dir", default=None,
+                        help="heatmaps and anchors (default <state-dir>/outputs)")
+    parser.add_argument("--max-upload-bytes", type=int, default=protocol.MAX_UPLOAD_BYTES,
+                        help="largest uploaded raster accepted")
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
+    # For tests and embedding: build the engine with "module:callable"(args, settings).
+    parser.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    return Settings(
+        host=args.host, port=args.port, allow_remote=args.allow_remote, state_dir=state_dir,
+        output_dir=Path(args.output_dir) if args.output_dir else None,
+        max_upload_bytes=args.max_upload_bytes,
+    )
+
+
+def check_binding(settings: Settings) -> None:
+    """Refuse a non-loopback address without --allow-remote; warn when it is allowed."""
+    if is_loopback(settings.host):
+        return
+    if not settings.allow_remote:
+        raise SystemExit(
+            f"Refusing to listen on {settings.host}: other computers could reach the engine. "
+            "Use --allow-remote if that is what you want.")
+    log.warning("Listening on %s: the engine is reachable from other computers. Only clients "
+                "with the token (%s) are served; traffic is not encrypted.",
+                settings.host, protocol.token_path())
+
+
+def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
+    if args.engine_factory:
+        module_name, _, attr = args.engine_factory.partition(":")
+        factory = getattr(importlib.import_module(module_name), attr or "make_engine")
+        return factory(args, settings)
+    from engine.pipeline import Engine
+
+    return Engine(args.weights, device=args.device, quantization=args.quantization,
+                  adapter=args.adapter, demo_ok=not args.no_demo, output_dir=settings.output_dir)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Run the server until interrupted (``python -m engine serve``)."""
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    check_binding(settings)
+    settings.token = load_or_create_token()
+    engine = build_engine(args, settings)
+    app = create_app(engine, settings)
+    log.info("GeoVQA engine on http://%s:%d (token in %s, state in %s)", settings.host,
+             settings.port, protocol.token_path(), settings.state_dir)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                access_log=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.server", description=serve.__doc__)
+    add_serve_arguments(parser)
+    serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

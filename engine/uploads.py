@@ -1,0 +1,206 @@
+"""Raster inputs reaching the server: local paths checked read-only, uploads streamed to disk.
+
+A local path must be an existing regular file (a GDAL raster or a .vrt) that rasterio can open
+read-only. An uploaded GeoTIFF (multipart part ``raster``) is streamed to a temporary file while
+its size is counted, refused with ``upload_too_large`` as soon as it passes the limit, and then
+verified to be a GeoTIFF rasterio can read. The caller deletes the temporary directory when the
+job is over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+from engine.jobs import JobError
+
+MAX_JSON_PART_BYTES = 1024 * 1024
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+@dataclass
+class RasterInfo:
+    """What the server needs to know about a raster before queueing it."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    bounds: tuple[float, float, float, float]  # left, bottom, right, top in the raster's CRS
+    crs_wkt: str | None
+
+
+def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) -> RasterInfo:
+    """Open `path` read-only and describe it, or raise JobError with a readable reason."""
+    import rasterio  # the engine's dependency; imported late to keep module import cheap
+    from rasterio.errors import RasterioIOError
+
+    p = Path(path).expanduser()
+    shown = str(path)
+    if not p.is_absolute():
+        raise JobError("bad_request", f"The raster path {shown!r} must be an absolute path.")
+    if not p.exists():
+        raise JobError("raster_unreadable", f"There is no file at {shown}.",
+                       "Check the path; the engine reads files on its own host.")
+    if p.is_dir():
+        raise JobError("not_a_raster", f"{shown} is a folder, not a raster file.")
+    if not p.is_file():
+        raise JobError("not_a_raster", f"{shown} is not a regular file.")
+    if not os.access(p, os.R_OK):
+        raise JobError("raster_unreadable", f"The engine may not read {shown} (permission denied).")
+    if geotiff_only:
+        with open(p, "rb") as fh:
+            if fh.read(4) not in TIFF_MAGIC:
+                raise JobError("not_a_raster", "The uploaded file is not a GeoTIFF.",
+                               "Upload the layer as a GeoTIFF (.tif).")
+    looks_tiff = False
+    with open(p, "rb") as fh:
+        looks_tiff = fh.read(4) in TIFF_MAGIC
+    try:
+        kwargs = {"driver": "GTiff"} if geotiff_only else {}
+        with rasterio.open(p, "r", **kwargs) as ds:
+            if ds.count < 1 or ds.width < 1 or ds.height < 1:
+                raise JobError("not_a_raster", f"{shown} has no raster bands.")
+            b = ds.bounds
+            info = RasterInfo(str(p), ds.width, ds.height, ds.count,
+                              (b.left, b.bottom, b.right, b.top),
+                              ds.crs.to_wkt() if ds.crs else None)
+            # read one pixel: a header that opens but data that does not is unreadable
+            ds.read(1, window=((0, 1), (0, 1)))
+            return info
+    except JobError:
+        raise
+    except RasterioIOError as exc:
+        if looks_tiff or p.suffix.lower() == ".vrt":
+            raise JobError("raster_unreadable", f"{shown} looks like a raster but cannot be read: "
+                           f"{_short(exc)}") from exc
+        raise JobError("not_a_raster", f"{shown} is not a raster that GDAL can open.") from exc
+    except Exception as exc:  # noqa: BLE001 - GDAL raises many kinds
+        raise JobError("raster_unreadable", f"{shown} cannot be read: {_short(exc)}") from exc
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streamed multipart upload
+
+
+@dataclass
+class Upload:
+    request: dict
+    raster_path: Path
+    temp_dir: Path
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_bytes: int,
+                         temp_root: Path | None = None) -> Upload:
+    """Parse a multipart body with a JSON ``request`` part and a ``raster`` file part.
+
+    The raster is written to a fresh temporary directory; more than `max_bytes` raises
+    JobError('upload_too_large') at once and removes what was written.
+    """
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise JobError("bad_request", "Send a JSON body or multipart/form-data with a 'request' "
+                       "part and a 'raster' file part.")
+    if temp_root is not None:
+        temp_root.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix="upload-", dir=temp_root))
+    raster_path = temp_dir / "raster.tif"
+    state: dict = {"name": None, "header_field": b"", "header_value": b"", "headers": {},
+                   "raster_bytes": 0, "json": bytearray(), "seen_raster": False, "error": None}
+    raster_fh = open(raster_path, "wb")
+
+    def on_part_begin() -> None:
+        state["headers"] = {}
+        state["name"] = None
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["header_field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["header_value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["header_field"].lower()] = state["header_value"]
+        state["header_field"] = b""
+        state["header_value"] = b""
+
+    def on_headers_finished() -> None:
+        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        state["name"] = disp.get(b"name", b"").decode("utf-8", "replace")
+        if state["name"] == "raster":
+            state["seen_raster"] = True
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state["error"] is not None:
+            return
+        chunk = data[start:end]
+        if state["name"] == "raster":
+            state["raster_bytes"] += len(chunk)
+            if state["raster_bytes"] > max_bytes:
+                state["error"] = JobError(
+                    "upload_too_large",
+                    f"The uploaded raster is larger than the limit of {_mib(max_bytes)}.",
+                    "Clip the layer to the area of interest before uploading, or run the engine "
+                    "on the same computer so it can read the file directly.")
+                return
+            raster_fh.write(chunk)
+        elif state["name"] == "request":
+            state["json"] += chunk
+            if len(state["json"]) > MAX_JSON_PART_BYTES:
+                state["error"] = JobError("bad_request", "The 'request' part is too large.")
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data,
+        "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+    })
+    try:
+        try:
+            async for chunk in body:
+                parser.write(chunk)
+                if state["error"] is not None:
+                    raise state["error"]
+            parser.finalize()
+        except JobError:
+            raise
+        except Exception as exc:  # malformed multipart
+            raise JobError("bad_request", f"The upload is not valid multipart data: {_short(exc)}")
+        finally:
+            raster_fh.close()
+        if not state["seen_raster"] or state["raster_bytes"] == 0:
+            raise JobError("bad_request", "The upload has no 'raster' file part (or it is empty).")
+        try:
+            request = json.loads(bytes(state["json"]).decode("utf-8")) if state["json"] else None
+        except ValueError as exc:
+            raise JobError("bad_request", f"The 'request' part is not valid JSON: {exc}") from exc
+        if not isinstance(request, dict):
+            raise JobError("bad_request", "The upload needs a 'request' part with a JSON object.")
+        check_raster_file(raster_path, geotiff_only=True)
+        return Upload(request, raster_path, temp_dir)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+
+def _mib(n: int) -> str:
+    if n >= 1024**3:
+        return f"{n / 1024**3:.1f} GiB"
+    if n >= 1024**2:
+        return f"{n / 1024**2:.1f} MiB"
+    return f"{n / 1024:.0f} KiB"

@@ -1,0 +1,331 @@
+"""HTTP client for the GeoVQA engine protocol (``engine/protocol.py``), standard library only.
+
+Blocking calls made to run inside a ``QgsTask`` or a Processing algorithm (worker threads):
+no Qt objects are touched here. The answer of ``POST /ask`` is NDJSON; :meth:`AskStream.events`
+yields one event dict per line as soon as the line arrives, and :meth:`AskStream.abort` (safe
+to call from another thread) shuts the socket down so a blocked read returns at once.
+
+Why http.client rather than QNetworkReply: the same code serves the chat dock (in a QgsTask),
+the batch task and the Processing algorithms (already in a worker thread, no event loop), and a
+socket shutdown gives a prompt, reliable cancel.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+import urllib.parse
+import uuid
+
+PROTOCOL_VERSION = 1
+ASK_ENDPOINT = "/ask"
+HEALTH_ENDPOINT = "/health"
+BATCH_ENDPOINT = "/batch"
+JOBS_ENDPOINT = "/jobs"
+FILES_ENDPOINT = "/files"
+FINAL_EVENTS = ("result", "error")
+KNOWN_EVENTS = ("queued", "status", "token", "result", "error")
+MAX_QUESTION_CHARS = 2000
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+UPLOAD_CHUNK = 1 << 20
+
+
+class EngineError(Exception):
+    """A failure talking to the engine, with a message written for a person."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message + (f" {self.hint}" if self.hint else "")
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached (not started, wrong URL, or it crashed)."""
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def build_ask_request(
+    question: str,
+    raster_path: str | None,
+    *,
+    aoi: dict | None = None,
+    bands: list | None = None,
+    strategy: str = "geollava",
+    budget: int | None = None,
+    tokens_per_tile: int | None = None,
+    max_new_tokens: int = 256,
+    seed: int | None = None,
+    request_id: str | None = None,
+) -> dict:
+    """The JSON body of ``POST /ask`` (protocol ASK_FIELDS), validated on the client side."""
+    if not isinstance(question, str) or not question.strip():
+        raise EngineError("empty_question", "Please type a question.")
+    question = question.strip()
+    if len(question) > MAX_QUESTION_CHARS:
+        raise EngineError(
+            "question_too_long",
+            f"The question has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}.",
+        )
+    return {
+        "raster_path": raster_path,
+        "question": question,
+        "aoi": aoi,
+        "bands": list(bands) if bands else None,
+        "strategy": strategy,
+        "budget": int(budget) if budget else None,
+        "tokens_per_tile": int(tokens_per_tile) if tokens_per_tile else None,
+        "max_new_tokens": int(max_new_tokens),
+        "seed": seed,
+        "request_id": request_id or new_request_id(),
+    }
+
+
+def parse_event(line: bytes | str) -> dict | None:
+    """One NDJSON line -> event dict (None for a blank keep-alive line)."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise EngineError("bad_response", f"The engine sent a line that is not JSON: {line[:120]!r}") from exc
+    if not isinstance(event, dict) or "type" not in event:
+        raise EngineError("bad_response", f"The engine sent an event without a type: {line[:120]!r}")
+    return event
+
+
+def error_from_body(status: int, body: bytes) -> EngineError:
+    """Turn an HTTP error response (protocol error_body) into an EngineError."""
+    try:
+        err = json.loads(body.decode("utf-8", errors="replace")).get("error") or {}
+    except (ValueError, AttributeError):
+        err = {}
+    code = err.get("code") or ("unauthorized" if status == 401 else "internal")
+    message = err.get("message") or f"The engine answered HTTP {status}."
+    hint = err.get("hint")
+    if status == 401 and not hint:
+        hint = "Check the engine token in Settings > Options > GeoVQA."
+    if code == "model_loading":
+        return EngineUnavailable(code, message or "The engine is still loading the model.", hint, status)
+    return EngineError(code, message, hint, status)
+
+
+class EngineClient:
+    """Talks to one engine at ``base_url`` with a bearer ``token``."""
+
+    def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0):
+        parsed = urllib.parse.urlsplit(base_url.strip() or "http://127.0.0.1:8765")
+        if parsed.scheme not in ("http", "https"):
+            raise EngineError("bad_url", f"The engine URL must start with http:// or https:// (got {base_url!r}).")
+        self.base_url = base_url.rstrip("/")
+        self.scheme = parsed.scheme
+        self.host = parsed.hostname or "127.0.0.1"
+        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self.prefix = parsed.path.rstrip("/")
+        self.token = token or ""
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        return cls(self.host, self.port, timeout=timeout)
+
+    def headers(self, content_type: str | None = "application/json") -> dict:
+        h = {"Accept": "application/json, application/x-ndjson"}
+        if content_type:
+            h["Content-Type"] = content_type
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        return h
+
+    def _unavailable(self, exc: Exception) -> EngineUnavailable:
+        return EngineUnavailable(
+            "engine_down",
+            f"The GeoVQA engine is not reachable at {self.base_url} ({exc.__class__.__name__}: {exc}).",
+            "Start it from the GeoVQA menu (Start local engine) or run `make serve`, "
+            "and check the engine URL in Settings > Options > GeoVQA.",
+        )
+
+    def request_json(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
+        conn = self._connection(timeout or self.timeout)
+        try:
+            data = json.dumps(body).encode("utf-8") if body is not None else None
+            conn.request(method, self.prefix + path, body=data, headers=self.headers("application/json" if data else None))
+            resp = conn.getresponse()
+            payload = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            raise error_from_body(resp.status, payload)
+        try:
+            return json.loads(payload.decode("utf-8"))
+        except ValueError as exc:
+            raise EngineError("bad_response", f"The engine answered {path} with something that is not JSON.") from exc
+
+    @property
+    def is_local(self) -> bool:
+        """True when the engine runs on this computer and can read our files by path."""
+        return self.host in LOOPBACK_HOSTS
+
+    # -- endpoints --------------------------------------------------------------------------
+    def health(self) -> dict:
+        return self.request_json("GET", HEALTH_ENDPOINT)
+
+    def ask(self, request: dict, upload: bool | None = None) -> "AskStream":
+        """Start ``POST /ask``; iterate ``.events()`` for the streamed events.
+
+        ``upload`` (default: when the engine is not on this computer) sends the raster file as a
+        multipart upload instead of its path.
+        """
+        if upload is None:
+            upload = not self.is_local
+        return AskStream(self, request, upload_path=request.get("raster_path") if upload else None)
+
+    def submit_batch(self, body: dict) -> str:
+        return self.request_json("POST", BATCH_ENDPOINT, body)["job_id"]
+
+    def job(self, job_id: str) -> dict:
+        return self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}")
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self.request_json("DELETE", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}")
+
+    def job_results(self, job_id: str) -> list:
+        return self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}/results")["results"]
+
+    def download_file(self, name: str, dest: str) -> str:
+        """GET /files/{name} into ``dest`` (for an engine on another host)."""
+        conn = self._connection(self.stream_timeout)
+        try:
+            conn.request("GET", f"{self.prefix}{FILES_ENDPOINT}/{urllib.parse.quote(name)}", headers=self.headers(None))
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                raise error_from_body(resp.status, resp.read())
+            with open(dest, "wb") as fh:
+                while True:
+                    chunk = resp.read(1 << 16)
+                    if not chunk:
+                        break
+                    fh.write(chunk)
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            conn.close()
+        return dest
+
+
+class AskStream:
+    """One streamed answer. ``events()`` yields event dicts; ``abort()`` cancels from any thread."""
+
+    def __init__(self, client: EngineClient, request: dict, upload_path: str | None = None):
+        self.client = client
+        self.request = request
+        self.upload_path = upload_path
+        self.request_id = request.get("request_id")
+        self._conn = None
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            conn = self._conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def events(self):
+        conn = self.client._connection(self.client.stream_timeout)
+        with self._lock:
+            if self._aborted:
+                return
+            self._conn = conn
+        try:
+            try:
+                if self.upload_path:
+                    self._send_multipart(conn)
+                else:
+                    body = json.dumps(self.request).encode("utf-8")
+                    conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
+                if self._aborted:
+                    return
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                if self._aborted:
+                    return
+                raise self.client._unavailable(exc) from exc
+            if resp.status >= 400:
+                raise error_from_body(resp.status, resp.read())
+            final_seen = False
+            while not self._aborted:
+                try:
+                    line = resp.readline()
+                except (OSError, http.client.HTTPException, ValueError) as exc:
+                    if self._aborted:
+                        return
+                    raise EngineError("stream_broken", f"The answer stream broke off: {exc}.") from exc
+                if not line:
+                    break
+                event = parse_event(line)
+                if event is None:
+                    continue
+                yield event
+                if event.get("type") in FINAL_EVENTS:
+                    final_seen = True
+                    break
+            if not final_seen and not self._aborted:
+                raise EngineError(
+                    "stream_broken",
+                    "The engine closed the answer stream before sending a result.",
+                    "Look at the engine's log; it may have run out of memory.",
+                )
+        finally:
+            conn.close()
+
+    def _send_multipart(self, conn) -> None:
+        """POST /ask as multipart: a ``request`` JSON part and the ``raster`` file, streamed."""
+        boundary = "geovqa-" + uuid.uuid4().hex
+        req = dict(self.request, raster_path=None)
+        name = os.path.basename(self.upload_path) or "raster.tif"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n"
+                f"Content-Type: application/json\r\n\r\n{json.dumps(req)}\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"raster\"; filename=\"{name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode("utf-8")
+        tail = f"\r\n--{boundary}--\r\n".encode("utf-8")
+        size = os.path.getsize(self.upload_path)
+        conn.putrequest("POST", self.client.prefix + ASK_ENDPOINT)
+        for k, v in self.client.headers(f"multipart/form-data; boundary={boundary}").items():
+            conn.putheader(k, v)
+        conn.putheader("Content-Length", str(len(head) + size + len(tail)))
+        conn.endheaders()
+        conn.send(head)
+        with open(self.upload_path, "rb") as fh:
+            while not self._aborted:
+                chunk = fh.read(UPLOAD_CHUNK)
+                if not chunk:
+                    break
+                conn.send(chunk)
+        if not self._aborted:
+            conn.send(tail)

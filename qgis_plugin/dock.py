@@ -1,0 +1,514 @@
+"""The GeoVQA chat dock: pick a raster, an area of interest, ask, watch the answer stream in.
+
+All engine and file work runs in QgsTasks (:mod:`tasks`, :mod:`render`); this module only
+reacts to their signals in the main thread. Each layer keeps its own conversation. A newer
+question supersedes an unfinished one: the old task is cancelled and any late event carrying
+the old request_id is ignored.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+from qgis.core import QgsApplication, QgsGeometry, QgsProject
+from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
+from qgis.PyQt.QtWidgets import (
+    QApplication,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import layers as result_layers
+from . import status as engine_status
+from .aoi import AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, request_aoi, to_layer_crs
+from .client import EngineError, build_ask_request, new_request_id
+from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
+from .render import LayerRenderer, layer_file_path
+from .settings import STRATEGIES, STRATEGY_LABELS, Settings, make_client
+from .tasks import AskTask, HealthTask, file_stem, rect_bounds
+
+HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
+HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
+USER_ROLE = Qt.ItemDataRole.UserRole
+
+
+class ChatDock(QgsDockWidget):
+    """Dock widget; ``answer_finished(dict)`` fires after each completed turn (tests use it)."""
+
+    answer_finished = pyqtSignal(object)
+    health_updated = pyqtSignal(object, str)
+
+    def __init__(self, iface, engine_process=None, plugin_version="", parent=None):
+        super().__init__("GeoVQA", parent)
+        self.setObjectName("GeoVQADock")
+        self.iface = iface
+        self.canvas = iface.mapCanvas()
+        self.engine_process = engine_process
+        self.plugin_version = plugin_version
+        self.conversations = {}  # layer id -> list of turns
+        self.current_request_id = None
+        self.current_turn = None
+        self.task = None
+        self.renderer = None
+        self.health = None
+        self.health_error = ""
+        self.last_error = ""
+        self.aoi_geometry = None  # canvas CRS
+        self.aoi_crs = None
+        self.tool = None
+        self._health_task = None
+        self._build()
+        self._load_options()
+        self.timer = QTimer(self)
+        self.timer.setInterval(HEALTH_INTERVAL_MS)
+        self.timer.timeout.connect(self.refresh_health)
+        self.timer.start()
+        QTimer.singleShot(0, self.refresh_health)
+
+    # -- UI ---------------------------------------------------------------------------------
+    def _build(self):
+        w = QWidget()
+        v = QVBoxLayout(w)
+        self.status_label = QLabel("Engine: checking…")
+        self.status_label.setWordWrap(True)
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        v.addWidget(self.status_label)
+
+        form = QFormLayout()
+        self.layer_combo = QgsMapLayerComboBox()
+        self.layer_combo.setFilters(RASTER_LAYER_FILTER)
+        self.layer_combo.layerChanged.connect(self._layer_changed)
+        form.addRow("Layer", self.layer_combo)
+        aoi_row = QHBoxLayout()
+        self.aoi_combo = QComboBox()
+        for mode in AOI_MODES:
+            self.aoi_combo.addItem(AOI_LABELS[mode], mode)
+        self.aoi_combo.currentIndexChanged.connect(self._aoi_mode_changed)
+        self.draw_button = QPushButton("Draw")
+        self.draw_button.setToolTip("Draw the rectangle or polygon on the map (right click closes a polygon).")
+        self.draw_button.clicked.connect(self.activate_draw_tool)
+        self.draw_button.setEnabled(False)
+        aoi_row.addWidget(self.aoi_combo, 1)
+        aoi_row.addWidget(self.draw_button)
+        form.addRow("Area", aoi_row)
+        v.addLayout(form)
+
+        self.view = QTextBrowser()
+        self.view.setOpenExternalLinks(False)
+        v.addWidget(self.view, 1)
+
+        q_row = QHBoxLayout()
+        self.question_edit = QLineEdit()
+        self.question_edit.setPlaceholderText("Ask about the layer, e.g. How many ships are in the harbour?")
+        self.question_edit.returnPressed.connect(self.ask)
+        self.ask_button = QPushButton("Ask")
+        self.ask_button.clicked.connect(self.ask)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.stop_button.clicked.connect(self.stop)
+        q_row.addWidget(self.question_edit, 1)
+        q_row.addWidget(self.ask_button)
+        q_row.addWidget(self.stop_button)
+        v.addLayout(q_row)
+        self.progress_label = QLabel("")
+        v.addWidget(self.progress_label)
+
+        opts = QgsCollapsibleGroupBox("Strategy and token budget")
+        self.options_box = opts
+        of = QFormLayout(opts)
+        self.strategy_combo = QComboBox()
+        for name in STRATEGIES:
+            self.strategy_combo.addItem(STRATEGY_LABELS[name], name)
+        of.addRow("Strategy", self.strategy_combo)
+        self.budget_spin = QSpinBox()
+        self.budget_spin.setRange(0, 200000)
+        self.budget_spin.setSingleStep(256)
+        self.budget_spin.setSpecialValueText("engine default")
+        self.budget_spin.setToolTip("Hard cap on visual tokens entering the language model (0 = engine default).")
+        of.addRow("Token budget", self.budget_spin)
+        self.tpt_spin = QSpinBox()
+        self.tpt_spin.setRange(1, 576)
+        of.addRow("Tokens per tile", self.tpt_spin)
+        self.max_new_spin = QSpinBox()
+        self.max_new_spin.setRange(1, 4096)
+        of.addRow("Max answer tokens", self.max_new_spin)
+        self.heatmap_check = QCheckBox("Add heatmap and anchor layers after each answer")
+        self.heatmap_check.setChecked(True)
+        of.addRow(self.heatmap_check)
+        v.addWidget(opts)
+
+        b_row = QHBoxLayout()
+        self.copy_button = QPushButton("Copy")
+        self.copy_button.setToolTip("Copy this layer's conversation")
+        self.copy_button.clicked.connect(self.copy_conversation)
+        self.export_button = QPushButton("Export…")
+        self.export_button.clicked.connect(self._export_clicked)
+        self.clear_button = QPushButton("Clear")
+        self.clear_button.clicked.connect(self.clear_conversation)
+        self.diag_button = QPushButton("Diagnostics")
+        self.diag_button.setToolTip("Copy a diagnostics report (engine status, settings, log) to the clipboard")
+        self.diag_button.clicked.connect(self.copy_diagnostics)
+        for b in (self.copy_button, self.export_button, self.clear_button, self.diag_button):
+            b_row.addWidget(b)
+        v.addLayout(b_row)
+        self.setWidget(w)
+
+    def _load_options(self):
+        s = Settings.load()
+        self.strategy_combo.setCurrentIndex(max(0, self.strategy_combo.findData(s.strategy)))
+        self.budget_spin.setValue(s.budget)
+        self.tpt_spin.setValue(s.tokens_per_tile)
+        self.max_new_spin.setValue(s.max_new_tokens)
+
+    def options(self) -> dict:
+        return {
+            "strategy": self.strategy_combo.currentData(),
+            "budget": self.budget_spin.value() or None,
+            "tokens_per_tile": self.tpt_spin.value(),
+            "max_new_tokens": self.max_new_spin.value(),
+        }
+
+    # -- layer / conversation ----------------------------------------------------------------
+    def set_layer(self, layer):
+        self.layer_combo.setLayer(layer)
+
+    def follow_active_layer(self, layer):
+        from .compat import is_raster_layer
+
+        if layer is not None and is_raster_layer(layer):
+            self.layer_combo.setLayer(layer)
+
+    def _layer_changed(self, _layer):
+        self.render_conversation()
+
+    def turns(self, layer=None) -> list:
+        layer = layer or self.layer_combo.currentLayer()
+        return self.conversations.setdefault(layer.id(), []) if layer is not None else []
+
+    def render_conversation(self):
+        parts = []
+        for t in self.turns():
+            parts.append(f"<p><b>You:</b> {html.escape(t['question'])}"
+                         f"<br><small>{html.escape(t.get('aoi_label', ''))}</small></p>")
+            answer = html.escape(t.get("answer") or "").replace("\n", "<br>")
+            if t.get("error"):
+                parts.append(f"<p style='color:#b00020'><b>Error:</b> {html.escape(t['error'])}</p>")
+            else:
+                cursor = "" if t.get("done") else " <i>…</i>"
+                parts.append(f"<p><b>GeoVQA:</b> {answer}{cursor}</p>")
+            if t.get("meta"):
+                parts.append(f"<p><small>{html.escape(t['meta'])}</small></p>")
+        self.view.setHtml("".join(parts) or "<p><i>Pick a raster layer and ask a question.</i></p>")
+        sb = self.view.verticalScrollBar()
+        sb.setValue(sb.maximum())
+
+    def conversation_text(self, layer=None) -> str:
+        layer = layer or self.layer_combo.currentLayer()
+        lines = [f"# GeoVQA conversation about {layer.name() if layer else '-'}"]
+        for t in self.turns(layer):
+            lines.append(f"\nQ: {t['question']}  [{t.get('aoi_label', '')}]")
+            lines.append(f"A: {t.get('error') and 'ERROR ' + t['error'] or t.get('answer', '')}")
+            if t.get("meta"):
+                lines.append(f"   ({t['meta']})")
+        return "\n".join(lines)
+
+    def copy_conversation(self):
+        QApplication.clipboard().setText(self.conversation_text())
+
+    def export_conversation(self, path: str) -> str:
+        layer = self.layer_combo.currentLayer()
+        path = str(path)
+        if path.lower().endswith(".json"):
+            data = {"layer": layer.name() if layer else None, "source": layer.source() if layer else None,
+                    "turns": [{k: v for k, v in t.items() if k != "layer"} for t in self.turns(layer)]}
+            Path(path).write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+        else:
+            Path(path).write_text(self.conversation_text(layer) + "\n", encoding="utf-8")
+        return path
+
+    def _export_clicked(self):
+        path, _ = QFileDialog.getSaveFileName(self, "Export conversation", "", "Markdown (*.md);;JSON (*.json)")
+        if path:
+            self.export_conversation(path)
+
+    def clear_conversation(self):
+        layer = self.layer_combo.currentLayer()
+        if layer is not None:
+            self.conversations[layer.id()] = []
+        self.render_conversation()
+
+    # -- AOI ----------------------------------------------------------------------------------
+    def aoi_mode(self) -> str:
+        return self.aoi_combo.currentData()
+
+    def set_aoi_mode(self, mode: str):
+        self.aoi_combo.setCurrentIndex(self.aoi_combo.findData(mode))
+
+    def _aoi_mode_changed(self, _i):
+        mode = self.aoi_mode()
+        self.draw_button.setEnabled(mode in ("rectangle", "polygon"))
+        self._remove_tool()
+        if mode not in ("rectangle", "polygon"):
+            self.aoi_geometry = None
+
+    def activate_draw_tool(self):
+        self._remove_tool()
+        mode = self.aoi_mode()
+        self.tool = RectangleTool(self.canvas) if mode == "rectangle" else PolygonTool(self.canvas)
+        self.tool.drawn.connect(self.set_aoi_geometry)
+        self.canvas.setMapTool(self.tool)
+
+    def set_aoi_geometry(self, geometry, crs=None):
+        """Set the drawn AOI (in ``crs``, default the canvas CRS)."""
+        self.aoi_geometry = QgsGeometry(geometry)
+        self.aoi_crs = crs or self.canvas.mapSettings().destinationCrs()
+        self.progress_label.setText("Area of interest set.")
+
+    def _remove_tool(self):
+        if self.tool is not None:
+            if self.canvas.mapTool() is self.tool:
+                self.canvas.unsetMapTool(self.tool)
+            self.tool.remove()
+            self.tool.deleteLater()
+            self.tool = None
+
+    def _aoi_geometry_and_crs(self):
+        mode = self.aoi_mode()
+        crs = self.canvas.mapSettings().destinationCrs()
+        if mode == "layer":
+            return None, None
+        if mode == "extent":
+            return QgsGeometry.fromRect(self.canvas.extent()), crs
+        if self.aoi_geometry is None:
+            raise AoiError("Draw the area of interest on the map first (button Draw).")
+        return self.aoi_geometry, self.aoi_crs or crs
+
+    # -- asking -----------------------------------------------------------------------------
+    def ask(self, question: str | None = None):
+        question = (question if isinstance(question, str) else self.question_edit.text()).strip()
+        layer = self.layer_combo.currentLayer()
+        if layer is None:
+            self._notify("Pick a raster layer first.", MSG_WARNING)
+            return None
+        if not question:
+            self._notify("Please type a question.", MSG_WARNING)
+            return None
+        self.stop(silent=True)  # a newer question supersedes the stale one
+        settings = Settings.load()
+        request_id = new_request_id()
+        self.current_request_id = request_id
+        turn = {"question": question, "answer": "", "done": False, "layer_id": layer.id(),
+                "layer": layer.name(), "request_id": request_id, "aoi_label": AOI_LABELS[self.aoi_mode()],
+                "started": time.time()}
+        self.turns(layer).append(turn)
+        self.current_turn = turn
+        self.question_edit.clear()
+        self.render_conversation()
+        self.stop_button.setEnabled(True)
+        try:
+            geom, crs = self._aoi_geometry_and_crs()
+            path = layer_file_path(layer)
+            if path is not None:
+                aoi = request_aoi(geom, crs, layer) if geom is not None else None
+                self._start_ask(turn, path, aoi, settings, rect_bounds(layer.extent()))
+            else:
+                self._render_then_ask(turn, layer, geom, crs, settings)
+        except (AoiError, EngineError, ValueError) as exc:
+            self._fail(turn, str(exc))
+        return request_id
+
+    def _render_then_ask(self, turn, layer, geom, crs, settings):
+        ext = layer.extent()
+        if geom is None:
+            # Tiled services cover the world: send what the map shows instead.
+            if layer.providerType() in ("wms", "xyz", "arcgismapserver", "wcs") or ext.width() * ext.height() == 0:
+                geom, crs = QgsGeometry.fromRect(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
+        aoi = None
+        if geom is not None:
+            lg = to_layer_crs(geom, crs, layer)
+            clipped = lg.intersection(QgsGeometry.fromRect(ext)) if not ext.isEmpty() else lg
+            if clipped.isEmpty():
+                raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
+            ext = clipped.boundingBox()
+            if self.aoi_mode() == "polygon":
+                aoi = {"polygon_wkt": clipped.asWkt(6)}
+        out = settings.results_dir() / "renders" / f"{file_stem(turn['question'])}_render.tif"
+        self.progress_label.setText(f"Rendering {layer.name()} …")
+        renderer = self.renderer = LayerRenderer(layer, ext, str(out), settings.render_max_px, self)
+        rid = turn["request_id"]
+
+        def rendered(path, error):
+            if rid != self.current_request_id:
+                return
+            self.renderer = None
+            if error:
+                self._fail(turn, error)
+                return
+            turn["rendered_path"] = path
+            try:
+                self._start_ask(turn, path, aoi, settings, rect_bounds(renderer.settings.visibleExtent()))
+            except (EngineError, ValueError) as exc:
+                self._fail(turn, str(exc))
+
+        self.renderer.done.connect(rendered)
+        self.renderer.start()
+
+    def _start_ask(self, turn, raster_path, aoi, settings, clip_bounds=None):
+        request = build_ask_request(turn["question"], raster_path, aoi=aoi, request_id=turn["request_id"], **self.options())
+        turn["request"] = request
+        client = make_client(settings)
+        self.task = AskTask(client, request, settings.results_dir(), f"GeoVQA: {turn['question'][:40]}",
+                            clip_bounds=clip_bounds)
+        self.task.event.connect(self._on_event)
+        self.progress_label.setText("Sending the question to the engine …")
+        QgsApplication.taskManager().addTask(self.task)
+
+    def stop(self, silent=False):
+        if self.renderer is not None:
+            self.renderer.cancel()
+            self.renderer = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if self.current_turn is not None and not self.current_turn.get("done"):
+            self.current_turn["done"] = True
+            self.current_turn["meta"] = "stopped" if not silent else "superseded by a newer question"
+            self.render_conversation()
+        self.current_request_id = None
+        self.stop_button.setEnabled(False)
+        self.progress_label.setText("" if silent else "Stopped.")
+
+    def _on_event(self, ev: dict):
+        if ev.get("request_id") != self.current_request_id or self.current_turn is None:
+            return  # stale reply from a superseded question
+        turn = self.current_turn
+        kind = ev.get("type")
+        if kind == "queued":
+            self.progress_label.setText(f"Queued ({ev.get('position', 0)} ahead) …")
+        elif kind == "status":
+            p = ev.get("progress")
+            pct = f" {100 * p:.0f}%" if isinstance(p, (int, float)) else ""
+            self.progress_label.setText(f"{ev.get('stage', '')}{pct}: {ev.get('message', '')}")
+        elif kind == "token":
+            turn["answer"] += ev.get("text", "")
+            self.render_conversation()
+        elif kind == "result":
+            self._finish(turn, ev)
+        elif kind == "error":
+            msg = ev.get("message") or "The engine reported an error."
+            if ev.get("hint"):
+                msg += " " + ev["hint"]
+            self._fail(turn, msg)
+            if ev.get("code") in ("engine_down", "model_loading"):
+                self.refresh_health()
+
+    def _finish(self, turn, ev):
+        turn["answer"] = ev.get("answer", turn["answer"])
+        turn["done"] = True
+        tokens = ev.get("tokens") or {}
+        timings = ev.get("timings") or {}
+        turn["result"] = {k: v for k, v in ev.items() if k not in ("anchors",)}
+        turn["meta"] = (f"{ev.get('strategy')}: {tokens.get('visual_kept', '?')}/{tokens.get('visual_candidates', '?')} "
+                        f"visual tokens kept, {float(timings.get('total') or 0):.1f} s")
+        self.task = None
+        self.current_request_id = None
+        self.stop_button.setEnabled(False)
+        self.progress_label.setText("Done.")
+        layer = QgsProject.instance().mapLayer(turn["layer_id"])
+        if self.heatmap_check.isChecked() and (ev.get("local_heatmap_path") or ev.get("local_anchors_path")):
+            try:
+                group, heat, anchors = result_layers.add_result_layers(
+                    turn["question"], ev.get("local_heatmap_path"), ev.get("local_anchors_path"),
+                    source_layer=layer, crs_wkt=ev.get("crs_wkt"))
+                turn["group"] = group.name()
+                turn["heatmap_layer_id"] = heat.id() if heat else None
+                turn["anchors_layer_id"] = anchors.id() if anchors else None
+            except result_layers.ResultLayerError as exc:
+                self._notify(str(exc), MSG_WARNING)
+        self.render_conversation()
+        self.answer_finished.emit(turn)
+
+    def _fail(self, turn, message):
+        turn["error"] = message
+        turn["done"] = True
+        self.last_error = message
+        self.task = None
+        self.renderer = None
+        self.current_request_id = None
+        self.stop_button.setEnabled(False)
+        self.progress_label.setText("")
+        self.render_conversation()
+        self._notify(message, MSG_CRITICAL)
+        self.answer_finished.emit(turn)
+
+    def _notify(self, message, level):
+        try:
+            self.iface.messageBar().pushMessage("GeoVQA", message, level=level, duration=8)
+        except Exception:  # noqa: BLE001 - never let a message bar problem hide the error
+            pass
+        if level != MSG_WARNING:
+            return
+        self.progress_label.setText(message)
+
+    # -- engine status ------------------------------------------------------------------------
+    def refresh_health(self):
+        if self._health_task is not None:
+            return
+        settings = Settings.load()
+        try:
+            client = make_client(settings)
+        except EngineError as exc:
+            self._health_done(None, str(exc))
+            return
+        self._health_task = HealthTask(client)
+        self._health_task.done.connect(self._health_done)
+        QgsApplication.taskManager().addTask(self._health_task)
+
+    def _health_done(self, health, error):
+        self._health_task = None
+        self.health, self.health_error = health, error
+        level, text = engine_status.summary(health, error, Settings.load().engine_url)
+        if level == "down" and self.engine_process is not None and self.engine_process.is_running():
+            level, text = "loading", "The local engine is starting (loading the model) …"
+        color = engine_status.COLORS[level]
+        self.status_label.setText(f"<span style='color:{color}'>●</span> {html.escape(text)}")
+        self.status_level = level
+        self.timer.setInterval(HEALTH_INTERVAL_MS if level in ("ok", "demo") else HEALTH_INTERVAL_BUSY_MS)
+        self.health_updated.emit(health, error)
+
+    def diagnostics_text(self) -> str:
+        proc = self.engine_process
+        return engine_status.diagnostics(
+            self.plugin_version, Settings.load(), self.health, self.health_error,
+            engine_log=proc.log_text() if proc else "", last_error=self.last_error,
+            command=proc.command if proc else None)
+
+    def copy_diagnostics(self):
+        QApplication.clipboard().setText(self.diagnostics_text())
+        self.progress_label.setText("Diagnostics copied to the clipboard.")
+
+    # -- teardown -------------------------------------------------------------------------------
+    def shutdown(self):
+        self.timer.stop()
+        self.stop(silent=True)
+        if self._health_task is not None:
+            try:
+                self._health_task.done.disconnect(self._health_done)
+            except TypeError:
+                pass
+            self._health_task = None
+        self._remove_tool()

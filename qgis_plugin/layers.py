@@ -1,0 +1,129 @@
+"""Result layers: the kept-token heatmap and the anchor tokens, grouped per question.
+
+Main thread only (creates layers and touches the layer tree). Files are expected to be already
+saved in the results folder (see :func:`tasks.keep_result_files`), so the project can find them
+again after a restart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import (
+    QgsColorRampShader,
+    QgsCoordinateReferenceSystem,
+    QgsFillSymbol,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRasterShader,
+    QgsSingleBandPseudoColorRenderer,
+    QgsVectorLayer,
+    QgsStyle,
+)
+from qgis.PyQt.QtGui import QColor
+
+from .compat import RAMP_INTERPOLATED, STATS_MIN_MAX
+
+HEATMAP_NAME = "kept-token heatmap"
+ANCHORS_NAME = "anchor tokens"
+HEATMAP_OPACITY = 0.6
+GROUP_PREFIX = "GeoVQA: "
+MAX_GROUP_CHARS = 80
+
+
+class ResultLayerError(RuntimeError):
+    """A result file could not be loaded as a layer."""
+
+
+def group_name(question: str) -> str:
+    q = " ".join(question.split())
+    if len(q) > MAX_GROUP_CHARS:
+        q = q[: MAX_GROUP_CHARS - 1] + "…"
+    return GROUP_PREFIX + q
+
+
+def style_heatmap(layer: QgsRasterLayer) -> None:
+    """Semi-transparent pseudocolor on band 1 (pruned tokens are nodata, so they stay clear)."""
+    provider = layer.dataProvider()
+    stats = provider.bandStatistics(1, STATS_MIN_MAX)
+    lo, hi = float(stats.minimumValue), float(stats.maximumValue)
+    if not hi > lo:
+        hi = lo + 1.0
+    ramp = QgsStyle.defaultStyle().colorRamp("Magma") or QgsStyle.defaultStyle().colorRamp("Reds")
+    shader_fn = QgsColorRampShader(lo, hi, ramp, RAMP_INTERPOLATED)
+    try:
+        shader_fn.classifyColorRamp(5, 1, layer.extent(), provider)
+    except TypeError:
+        shader_fn.classifyColorRamp(5)
+    if not shader_fn.colorRampItemList():
+        shader_fn.setColorRampItemList([
+            QgsColorRampShader.ColorRampItem(lo, QColor(40, 11, 84), f"{lo:.3g}"),
+            QgsColorRampShader.ColorRampItem(hi, QColor(252, 253, 191), f"{hi:.3g}"),
+        ])
+    shader = QgsRasterShader()
+    shader.setRasterShaderFunction(shader_fn)
+    renderer = QgsSingleBandPseudoColorRenderer(provider, 1, shader)
+    renderer.setClassificationMin(lo)
+    renderer.setClassificationMax(hi)
+    layer.setRenderer(renderer)
+    layer.renderer().setOpacity(HEATMAP_OPACITY)
+    layer.triggerRepaint()
+
+
+def style_anchors(layer: QgsVectorLayer) -> None:
+    symbol = QgsFillSymbol.createSimple({
+        "color": "0,200,255,40", "outline_color": "0,160,255,255", "outline_width": "0.4",
+    })
+    layer.renderer().setSymbol(symbol)
+    layer.triggerRepaint()
+
+
+def _crs(crs_wkt: str | None, source_layer) -> QgsCoordinateReferenceSystem:
+    if source_layer is not None and source_layer.crs().isValid():
+        return source_layer.crs()
+    if crs_wkt:
+        crs = QgsCoordinateReferenceSystem.fromWkt(crs_wkt)
+        if crs.isValid():
+            return crs
+    return QgsCoordinateReferenceSystem()
+
+
+def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str | None,
+                      source_layer=None, crs_wkt: str | None = None, project: QgsProject | None = None):
+    """Add a group named after the question holding the heatmap and anchors layers.
+
+    The group goes right above the source layer's position at the top of the tree. Layers get
+    the source raster's CRS (GeoJSON files carry no CRS of their own for projected data).
+    Returns ``(group, heatmap_layer | None, anchors_layer | None)``.
+    """
+    project = project or QgsProject.instance()
+    crs = _crs(crs_wkt, source_layer)
+    heat = anchors = None
+    if heatmap_path:
+        heat = QgsRasterLayer(str(heatmap_path), HEATMAP_NAME, "gdal")
+        if not heat.isValid():
+            raise ResultLayerError(f"The heatmap {heatmap_path} could not be opened as a raster.")
+        if crs.isValid() and not heat.crs().isValid():
+            heat.setCrs(crs)
+        style_heatmap(heat)
+    if anchors_path:
+        anchors = QgsVectorLayer(str(anchors_path), ANCHORS_NAME, "ogr")
+        if not anchors.isValid():
+            raise ResultLayerError(f"The anchors {anchors_path} could not be opened as a vector layer.")
+        if crs.isValid():
+            anchors.setCrs(crs)
+        style_anchors(anchors)
+    root = project.layerTreeRoot()
+    group = root.insertGroup(0, group_name(question))
+    for lyr in (anchors, heat):
+        if lyr is not None:
+            project.addMapLayer(lyr, False)
+            group.addLayer(lyr)
+    if source_layer is not None:
+        group.setCustomProperty("geovqa/source_layer", source_layer.id())
+    group.setCustomProperty("geovqa/question", question)
+    return group, heat, anchors
+
+
+def results_folder_note(path: Path) -> str:
+    return f"Result files are saved in {path}."

@@ -1,0 +1,150 @@
+"""GeoVQAPlugin: wires the dock, batch dialog, options page, local engine and Processing
+provider into QGIS, and removes every one of them again in ``unload()``."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+from qgis.core import QgsApplication
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+
+from .compat import MSG_CRITICAL, MSG_INFO, qaction_class
+from .engine_process import EngineProcess, EngineProcessError
+from .settings import Settings
+
+HERE = Path(__file__).resolve().parent
+ICON = str(HERE / "icons" / "geovqa.svg")
+MENU = "&GeoVQA"
+QAction = qaction_class()
+
+
+def plugin_version() -> str:
+    cp = configparser.ConfigParser()
+    cp.read(HERE / "metadata.txt", encoding="utf-8")
+    return cp.get("general", "version", fallback="?")
+
+
+class GeoVQAPlugin:
+    def __init__(self, iface):
+        self.iface = iface
+        self.provider = None
+        self.dock = None
+        self.batch_dialog = None
+        self.options_factory = None
+        self.engine = None
+        self.actions = []
+        self.toolbar = None
+
+    # -- Processing (also called by qgis_process, where iface is None) ------------------------
+    def initProcessing(self):  # noqa: N802
+        from .processing.provider import GeoVQAProvider
+
+        if self.provider is None:
+            self.provider = GeoVQAProvider()
+            QgsApplication.processingRegistry().addProvider(self.provider)
+
+    def initGui(self):  # noqa: N802
+        self.initProcessing()
+        if self.iface is None:
+            return
+        from .dock import ChatDock
+        from .settings_page import PAGE_OBJECT_NAME, GeoVQAOptionsFactory
+
+        self.engine = EngineProcess()
+        self.engine.state_changed.connect(self._engine_state)
+        self.dock = ChatDock(self.iface, self.engine, plugin_version(), self.iface.mainWindow())
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
+        self.iface.currentLayerChanged.connect(self.dock.follow_active_layer)
+        self.dock.follow_active_layer(self.iface.activeLayer())
+
+        self.options_factory = GeoVQAOptionsFactory()
+        self.iface.registerOptionsWidgetFactory(self.options_factory)
+
+        icon = QIcon(ICON)
+        self.toggle_action = self.dock.toggleViewAction()
+        self.toggle_action.setIcon(icon)
+        self.toggle_action.setText("GeoVQA chat")
+        self._add_action(self.toggle_action, toolbar=True, own=False)
+        self._add_action(QAction(icon, "Batch questions…", self.iface.mainWindow()), self.open_batch)
+        self.start_action = self._add_action(QAction("Start local engine", self.iface.mainWindow()), self.start_engine)
+        self.stop_action = self._add_action(QAction("Stop local engine", self.iface.mainWindow()), self.stop_engine)
+        self._add_action(QAction("Settings…", self.iface.mainWindow()),
+                         lambda: self.iface.showOptionsDialog(self.iface.mainWindow(), currentPage=PAGE_OBJECT_NAME))
+
+    def _add_action(self, action, callback=None, toolbar=False, own=True):
+        if callback is not None:
+            action.triggered.connect(callback)
+        self.iface.addPluginToMenu(MENU, action)
+        if toolbar:
+            self.iface.addToolBarIcon(action)
+        self.actions.append((action, toolbar, own))
+        return action
+
+    def unload(self):
+        for action, toolbar, own in self.actions:
+            self.iface.removePluginMenu(MENU, action)
+            if toolbar:
+                self.iface.removeToolBarIcon(action)
+            if own:
+                action.deleteLater()
+        self.actions = []
+        if self.dock is not None:
+            try:
+                self.iface.currentLayerChanged.disconnect(self.dock.follow_active_layer)
+            except TypeError:
+                pass
+            self.dock.shutdown()
+            self.iface.removeDockWidget(self.dock)
+            self.dock.setParent(None)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.batch_dialog is not None:
+            self.batch_dialog.cancel()
+            self.batch_dialog.close()
+            self.batch_dialog.deleteLater()
+            self.batch_dialog = None
+        if self.options_factory is not None:
+            self.iface.unregisterOptionsWidgetFactory(self.options_factory)
+            self.options_factory = None
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+
+    # -- actions --------------------------------------------------------------------------------
+    def open_batch(self):
+        from .batch_dialog import BatchDialog
+
+        if self.batch_dialog is None:
+            self.batch_dialog = BatchDialog(self.iface)
+        else:
+            self.batch_dialog.refresh_layers()
+        self.batch_dialog.show()
+        self.batch_dialog.raise_()
+        return self.batch_dialog
+
+    def start_engine(self):
+        try:
+            self.engine.start(Settings.load())
+        except EngineProcessError as exc:
+            self.iface.messageBar().pushMessage("GeoVQA", str(exc), level=MSG_CRITICAL, duration=10)
+            return False
+        self.iface.messageBar().pushMessage("GeoVQA", "Starting the local engine; the model takes a while to load.",
+                                            level=MSG_INFO, duration=5)
+        return True
+
+    def stop_engine(self):
+        if self.engine is not None:
+            self.engine.stop()
+
+    def _engine_state(self, state):
+        if self.dock is not None:
+            self.dock.refresh_health()
+        if state == "failed":
+            self.iface.messageBar().pushMessage(
+                "GeoVQA", "The local engine stopped with an error; see Diagnostics in the GeoVQA dock.",
+                level=MSG_CRITICAL, duration=10)

@@ -1,0 +1,117 @@
+"""Processing algorithm "Batch questions": every question about every input raster, answers
+written to a CSV (and optionally JSON) table."""
+
+from __future__ import annotations
+
+from qgis.core import (
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterString,
+)
+
+from ..client import EngineError
+from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
+from ..results_io import write_csv, write_json
+from ..settings import DEFAULT_STRATEGY, Settings
+from .common import ask_once, engine_client, raster_source, strategy_options
+
+
+class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
+    LAYERS = "LAYERS"
+    QUESTIONS = "QUESTIONS"
+    STRATEGY = "STRATEGY"
+    BUDGET = "BUDGET"
+    OUTPUT = "OUTPUT"
+    OUTPUT_JSON = "OUTPUT_JSON"
+    ANSWERED = "ANSWERED"
+    ERRORS = "ERRORS"
+
+    def name(self):
+        return "batch_questions"
+
+    def displayName(self):  # noqa: N802
+        return "Batch questions"
+
+    def group(self):
+        return "Question answering"
+
+    def groupId(self):  # noqa: N802
+        return "qa"
+
+    def shortHelpString(self):  # noqa: N802
+        return ("Asks every question (one a line) about every input raster with the GeoVQA engine and "
+                "writes the answers, token counts, timings and heatmap/anchor paths to a CSV table "
+                "(and optionally JSON). Failed answers are rows with an error, not a failed run.")
+
+    def createInstance(self):  # noqa: N802
+        return BatchQuestionsAlgorithm()
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.addParameter(QgsProcessingParameterMultipleLayers(self.LAYERS, "Raster layers", PROCESSING_RASTER))
+        self.addParameter(QgsProcessingParameterString(self.QUESTIONS, "Questions (one a line)", multiLine=True))
+        strategies = strategy_options()
+        self.addParameter(QgsProcessingParameterEnum(self.STRATEGY, "Token strategy", options=strategies,
+                                                     defaultValue=strategies.index(DEFAULT_STRATEGY)))
+        self.addParameter(QgsProcessingParameterNumber(self.BUDGET, "Token budget (0: engine default)", NUMBER_INTEGER,
+                                                       defaultValue=0, minValue=0))
+        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT, "Answers (CSV)", "CSV (*.csv)"))
+        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_JSON, "Answers (JSON)", "JSON (*.json)",
+                                                                optional=True, createByDefault=False))
+        self.addOutput(QgsProcessingOutputNumber(self.ANSWERED, "Answers"))
+        self.addOutput(QgsProcessingOutputNumber(self.ERRORS, "Errors"))
+
+    def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 - main thread
+        layers = self.parameterAsLayerList(parameters, self.LAYERS, context)
+        if not layers:
+            raise QgsProcessingException("Choose at least one raster layer.")
+        self.items = []
+        for lyr in layers:
+            path, bounds = raster_source(lyr, feedback)
+            self.items.append({"layer": lyr.name(), "raster_path": path, "bounds": bounds})
+        self.client = engine_client()
+        self.settings = Settings.load()
+        return True
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        questions = [q.strip() for q in self.parameterAsString(parameters, self.QUESTIONS, context).splitlines() if q.strip()]
+        if not questions:
+            raise QgsProcessingException("Type at least one question.")
+        options = {
+            "strategy": strategy_options()[self.parameterAsEnum(parameters, self.STRATEGY, context)],
+            "budget": self.parameterAsInt(parameters, self.BUDGET, context) or None,
+            "tokens_per_tile": self.settings.tokens_per_tile,
+            "max_new_tokens": self.settings.max_new_tokens,
+        }
+        total = len(self.items) * len(questions)
+        rows = []
+        for item in self.items:
+            for question in questions:
+                if feedback.isCanceled():
+                    break
+                row = {"index": len(rows), "layer": item["layer"], "raster_path": item["raster_path"],
+                       "question": question, "answer": None, "error": None, "heatmap_path": None,
+                       "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"]}
+                try:
+                    res = ask_once(self.client, question, item["raster_path"], None, options, feedback,
+                                   self.settings.results_dir(), item["bounds"])
+                    row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
+                               timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
+                               anchors_path=res.get("local_anchors_path"))
+                except (EngineError, QgsProcessingException) as exc:
+                    row["error"] = str(exc)
+                    feedback.reportError(f"{item['layer']} / {question}: {exc}")
+                rows.append(row)
+                feedback.setProgress(100.0 * len(rows) / total)
+        csv_path = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        write_csv(rows, csv_path)
+        out = {self.OUTPUT: csv_path, self.ANSWERED: sum(1 for r in rows if r["answer"] is not None),
+               self.ERRORS: sum(1 for r in rows if r["error"])}
+        json_path = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context)
+        if json_path:
+            out[self.OUTPUT_JSON] = write_json(rows, json_path)
+        return out

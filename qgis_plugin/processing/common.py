@@ -1,0 +1,77 @@
+"""Helpers shared by the GeoVQA Processing algorithms: engine client, raster resolution
+(file layers as they are, other layers rendered to a GeoTIFF), streamed answer with feedback."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from qgis.core import QgsProcessingException
+
+from ..client import EngineError, build_ask_request
+from ..render import layer_file_path, render_sync
+from ..settings import STRATEGIES, Settings, make_client
+from ..tasks import file_stem, keep_result_files, rect_bounds
+
+
+def strategy_options():
+    return list(STRATEGIES)
+
+
+def engine_client():
+    try:
+        return make_client(Settings.load())
+    except EngineError as exc:
+        raise QgsProcessingException(str(exc)) from exc
+
+
+def raster_source(layer, feedback, extent=None) -> tuple:
+    """(file path the engine can read for ``layer``, its bounds); non-file layers are rendered."""
+    path = layer_file_path(layer)
+    if path is not None:
+        return path, rect_bounds(layer.extent())
+    settings = Settings.load()
+    ext = extent if extent is not None and not extent.isEmpty() else layer.extent()
+    out = settings.results_dir() / "renders" / f"{file_stem(layer.name())}_render.tif"
+    if feedback is not None:
+        feedback.pushInfo(f"Rendering the non-file layer '{layer.name()}' to {out}")
+    path, visible = render_sync(layer, ext, str(out), settings.render_max_px)
+    return path, rect_bounds(visible)
+
+
+def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None) -> dict:
+    """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path."""
+    request = build_ask_request(question, raster_path, aoi=aoi, **options)
+    stream = client.ask(request)
+    if feedback is not None:
+        feedback.canceled.connect(stream.abort)
+    result = None
+    try:
+        for ev in stream.events():
+            if feedback is not None and feedback.isCanceled():
+                stream.abort()
+                break
+            kind = ev.get("type")
+            if kind == "status" and feedback is not None:
+                if isinstance(ev.get("progress"), (int, float)):
+                    feedback.setProgressText(f"{ev.get('stage')}: {ev.get('message', '')}")
+            elif kind == "result":
+                files = keep_result_files(ev, client, results_dir, file_stem(question), clip_bounds)
+                result = dict(ev, local_heatmap_path=files["heatmap"], local_anchors_path=files["anchors"])
+            elif kind == "error":
+                raise EngineError(ev.get("code") or "internal", ev.get("message") or "The engine failed.", ev.get("hint"))
+    finally:
+        if feedback is not None:
+            try:
+                feedback.canceled.disconnect(stream.abort)
+            except TypeError:
+                pass
+    if result is None:
+        if feedback is not None and feedback.isCanceled():
+            raise QgsProcessingException("Cancelled.")
+        raise QgsProcessingException("The engine sent no result.")
+    return result
+
+
+def now() -> float:
+    return time.time()

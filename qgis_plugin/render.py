@@ -1,0 +1,157 @@
+"""Non-file raster layers (WMS, XYZ, WCS, virtual rasters...): render the requested extent to a
+georeferenced RGB GeoTIFF the engine can read.
+
+The chat dock renders asynchronously with ``QgsMapRendererParallelJob`` (main thread, never
+blocks) and writes the GeoTIFF in a ``QgsTask``; Processing algorithms (no event loop of their
+own) use :func:`render_sync`, which renders with ``QgsMapRendererCustomPainterJob``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from qgis.core import (
+    QgsApplication,
+    QgsMapRendererCustomPainterJob,
+    QgsMapRendererParallelJob,
+    QgsMapSettings,
+    QgsProviderRegistry,
+    QgsRectangle,
+    QgsTask,
+)
+from qgis.PyQt.QtCore import QObject, QSize, pyqtSignal
+from qgis.PyQt.QtGui import QColor, QImage, QPainter
+
+from .tasks import CAN_CANCEL
+
+FORMAT_RGBA = getattr(getattr(QImage, "Format", QImage), "Format_RGBA8888")
+FORMAT_ARGB32 = getattr(getattr(QImage, "Format", QImage), "Format_ARGB32_Premultiplied")
+LOCAL_FILE_PROVIDERS = ("gdal",)
+
+
+def layer_file_path(layer) -> str | None:
+    """The local file behind a GDAL raster layer, or None for anything the engine can't open."""
+    if layer is None or layer.providerType() not in LOCAL_FILE_PROVIDERS:
+        return None
+    try:
+        parts = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source())
+        path = parts.get("path") or layer.source()
+    except Exception:  # noqa: BLE001 - any decoding failure just means "not a plain file"
+        path = layer.source()
+    return path if path and os.path.isfile(path) else None
+
+
+def output_size(extent: QgsRectangle, max_px: int) -> QSize:
+    w, h = extent.width(), extent.height()
+    if w <= 0 or h <= 0:
+        raise ValueError("The extent to render is empty.")
+    scale = max_px / max(w, h)
+    return QSize(max(1, int(math.ceil(w * scale))), max(1, int(math.ceil(h * scale))))
+
+
+def map_settings(layer, extent: QgsRectangle, max_px: int) -> QgsMapSettings:
+    """Render ``layer`` alone in its own CRS over ``extent`` (layer CRS), longest side ``max_px``."""
+    ms = QgsMapSettings()
+    ms.setLayers([layer])
+    ms.setDestinationCrs(layer.crs())
+    ms.setOutputSize(output_size(extent, max_px))
+    ms.setExtent(extent)
+    ms.setBackgroundColor(QColor(0, 0, 0, 0))
+    return ms
+
+
+def image_to_rgba(image: QImage) -> np.ndarray:
+    img = image.convertToFormat(FORMAT_RGBA)
+    w, h = img.width(), img.height()
+    ptr = img.constBits()
+    ptr.setsize(img.bytesPerLine() * h)
+    arr = np.frombuffer(ptr, dtype=np.uint8).reshape(h, img.bytesPerLine())
+    return arr[:, : w * 4].reshape(h, w, 4).copy()
+
+
+def write_geotiff(rgba: np.ndarray, extent: QgsRectangle, crs_wkt: str, path: str) -> str:
+    """Write RGB bands (alpha 0 -> nodata 0) with a north-up geotransform. Worker-thread safe."""
+    from osgeo import gdal
+
+    h, w = rgba.shape[:2]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), w, h, 3, gdal.GDT_Byte, ["COMPRESS=DEFLATE"])
+    if ds is None:
+        raise OSError(f"GDAL could not create {path}.")
+    ds.SetGeoTransform((extent.xMinimum(), extent.width() / w, 0.0, extent.yMaximum(), 0.0, -extent.height() / h))
+    ds.SetProjection(crs_wkt)
+    alpha = rgba[:, :, 3]
+    for b in range(3):
+        band = rgba[:, :, b].copy()
+        band[alpha == 0] = 0
+        ds.GetRasterBand(b + 1).WriteArray(band)
+    ds.FlushCache()
+    ds = None
+    return str(path)
+
+
+def render_sync(layer, extent: QgsRectangle, path: str, max_px: int = 2048) -> tuple:
+    """Render and write in the calling thread (used by Processing): (path, visible extent)."""
+    ms = map_settings(layer, extent, max_px)
+    image = QImage(ms.outputSize(), FORMAT_ARGB32)
+    image.fill(0)
+    painter = QPainter(image)
+    job = QgsMapRendererCustomPainterJob(ms, painter)
+    job.renderSynchronously()
+    painter.end()
+    return write_geotiff(image_to_rgba(image), ms.visibleExtent(), layer.crs().toWkt(), path), ms.visibleExtent()
+
+
+class _WriteTask(QgsTask):
+    def __init__(self, rgba, extent, crs_wkt, path):
+        super().__init__("GeoVQA: write rendered raster", CAN_CANCEL)
+        self.args = (rgba, extent, crs_wkt, path)
+        self.error = ""
+
+    def run(self) -> bool:
+        try:
+            write_geotiff(*self.args)
+        except Exception as exc:  # noqa: BLE001 - reported to the user by the owner
+            self.error = f"Could not write the rendered raster: {exc}"
+            return False
+        return True
+
+
+class LayerRenderer(QObject):
+    """Asynchronous render of one layer's extent to a GeoTIFF; emits ``done(path, error)``."""
+
+    done = pyqtSignal(str, str)
+
+    def __init__(self, layer, extent: QgsRectangle, path: str, max_px: int = 2048, parent=None):
+        super().__init__(parent)
+        self.layer = layer
+        self.path = str(path)
+        self.settings = map_settings(layer, extent, max_px)
+        self.crs_wkt = layer.crs().toWkt()
+        self.job = None
+        self.task = None
+
+    def start(self) -> None:
+        self.job = QgsMapRendererParallelJob(self.settings)
+        self.job.finished.connect(self._rendered)
+        self.job.start()
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancelWithoutBlocking()
+        if self.task is not None:
+            self.task.cancel()
+
+    def _rendered(self) -> None:
+        rgba = image_to_rgba(self.job.renderedImage())
+        if rgba[:, :, 3].max() == 0:
+            self.done.emit("", f"The layer '{self.layer.name()}' rendered nothing over this extent "
+                               "(is the service reachable, and does it cover the area?).")
+            return
+        self.task = _WriteTask(rgba, self.settings.visibleExtent(), self.crs_wkt, self.path)
+        self.task.taskCompleted.connect(lambda: self.done.emit(self.path, ""))
+        self.task.taskTerminated.connect(lambda: self.done.emit("", self.task.error or "Rendering was cancelled."))
+        QgsApplication.taskManager().addTask(self.task)

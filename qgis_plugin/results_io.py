@@ -1,0 +1,36 @@
+"""CSV / JSON export of batch answers (shared by the batch dialog and Processing)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+CSV_COLUMNS = ("index", "layer", "raster_path", "question", "answer", "error", "strategy",
+               "visual_kept", "visual_candidates", "total_s", "heatmap_path", "anchors_path")
+
+
+def flat_row(row: dict) -> dict:
+    tokens = row.get("tokens") or {}
+    timings = row.get("timings") or {}
+    out = {k: row.get(k) for k in CSV_COLUMNS}
+    out["visual_kept"] = tokens.get("visual_kept")
+    out["visual_candidates"] = tokens.get("visual_candidates")
+    out["total_s"] = timings.get("total")
+    return {k: ("" if v is None else v) for k, v in out.items()}
+
+
+def write_csv(rows: list, path: str) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(flat_row(row))
+    return str(path)
+
+
+def write_json(rows: list, path: str) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"results": rows}, indent=2, default=str), encoding="utf-8")
+    return str(path)

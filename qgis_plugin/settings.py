@@ -1,0 +1,135 @@
+"""Plugin settings stored in QgsSettings (engine URL, token, local engine launch, outputs).
+
+Only plain values live here; :mod:`settings_page` shows them in QGIS's Options dialog.
+The token is read from the setting if one is typed in, else from the token file the engine
+writes at its first start (same location rules as ``engine/protocol.py``, duplicated here
+because the plugin never imports the engine).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from qgis.core import QgsProject, QgsSettings
+
+PREFIX = "geovqa/"
+DEFAULT_URL = "http://127.0.0.1:8765"
+DEFAULT_STRATEGY = "geollava"
+STRATEGIES = ("geollava", "background", "anchored", "pyramid", "budget", "none", "uniform", "random")
+STRATEGY_LABELS = {
+    "geollava": "GeoLLaVA-8K (background pruning + anchors, as trained)",
+    "background": "Background pruning only",
+    "anchored": "Anchored selection only",
+    "pyramid": "Pyramid (coarse to fine)",
+    "budget": "Budget-aware",
+    "none": "None (LongVA 2x2 pooling)",
+    "uniform": "Uniform grid",
+    "random": "Random",
+}
+RESULTS_FOLDER = "geovqa_results"
+
+
+@dataclass
+class Settings:
+    """Every user-facing option of the plugin with its default."""
+
+    engine_url: str = DEFAULT_URL
+    token: str = ""
+    token_file: str = ""
+    python: str = ""
+    engine_dir: str = ""
+    weights_dir: str = ""
+    extra_args: str = ""
+    output_dir: str = ""
+    strategy: str = DEFAULT_STRATEGY
+    budget: int = 0  # 0 = engine default (no cap)
+    tokens_per_tile: int = 24
+    max_new_tokens: int = 256
+    render_max_px: int = 2048
+    request_timeout_s: int = 900
+
+    @classmethod
+    def load(cls) -> "Settings":
+        s = QgsSettings()
+        out = cls()
+        for name, default in cls._fields().items():
+            value = s.value(PREFIX + name, default)
+            if isinstance(default, int):
+                try:
+                    value = int(value)
+                except (TypeError, ValueError):
+                    value = default
+            elif value is None:
+                value = default
+            setattr(out, name, value if isinstance(default, int) else str(value))
+        if out.strategy not in STRATEGIES:
+            out.strategy = DEFAULT_STRATEGY
+        return out
+
+    def save(self) -> None:
+        s = QgsSettings()
+        for name in self._fields():
+            s.setValue(PREFIX + name, getattr(self, name))
+
+    @classmethod
+    def _fields(cls) -> dict:
+        base = cls()
+        return {k: v for k, v in vars(base).items() if not k.startswith("_")}
+
+    # -- derived values ---------------------------------------------------------------------
+    def resolved_token(self) -> str:
+        """The bearer token: typed-in setting, else the token file, else ''."""
+        if self.token.strip():
+            return self.token.strip()
+        path = Path(self.token_file) if self.token_file.strip() else default_token_path()
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError:
+            return ""
+
+    def results_dir(self, project: QgsProject | None = None) -> Path:
+        """Where heatmaps, anchors and renders are saved so the project finds them again.
+
+        Order: the configured output folder; ``geovqa_results/`` next to the saved project file;
+        otherwise a folder in the QGIS profile (never only a temp dir).
+        """
+        if self.output_dir.strip():
+            return Path(self.output_dir).expanduser()
+        project = project or QgsProject.instance()
+        home = project.homePath() if project is not None else ""
+        if project is not None and project.fileName() and home:
+            return Path(home) / RESULTS_FOLDER
+        from qgis.core import QgsApplication
+
+        return Path(QgsApplication.qgisSettingsDirPath()) / "geovqa" / "results"
+
+
+def config_dir() -> Path:
+    """Engine config dir (same rules as engine.protocol.config_dir)."""
+    override = os.environ.get("GEOVQA_CONFIG_DIR")
+    if override:
+        return Path(override)
+    if sys.platform.startswith("win"):
+        base = Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "geovqa"
+
+
+def default_token_path() -> Path:
+    """Where the engine keeps its bearer token."""
+    return config_dir() / "token"
+
+
+def make_client(settings: "Settings | None" = None):
+    """An :class:`client.EngineClient` configured from the saved settings."""
+    from .client import EngineClient
+
+    settings = settings or Settings.load()
+    return EngineClient(settings.engine_url, settings.resolved_token(),
+                        stream_timeout=float(settings.request_timeout_s))

@@ -1,0 +1,120 @@
+"""The GeoVQA page in QGIS's Options dialog (engine URL, token, local engine, outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.gui import QgsFileWidget, QgsOptionsPageWidget, QgsOptionsWidgetFactory
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QComboBox, QFormLayout, QLabel, QLineEdit, QSpinBox, QVBoxLayout, QWidget
+
+from .settings import STRATEGIES, STRATEGY_LABELS, Settings, default_token_path
+
+ICON = str(Path(__file__).parent / "icons" / "geovqa.svg")
+GET_DIRECTORY = getattr(getattr(QgsFileWidget, "StorageMode", QgsFileWidget), "GetDirectory")
+PASSWORD = getattr(getattr(QLineEdit, "EchoMode", QLineEdit), "Password")
+
+
+class SettingsForm(QWidget):
+    """Form bound to :class:`Settings`; ``apply()`` saves."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        s = Settings.load()
+        form = QFormLayout(self)
+        self.url = QLineEdit(s.engine_url)
+        form.addRow("Engine URL", self.url)
+        self.token = QLineEdit(s.token)
+        self.token.setEchoMode(PASSWORD)
+        self.token.setPlaceholderText(f"empty: read from {default_token_path()}")
+        form.addRow("Engine token", self.token)
+        self.token_file = QgsFileWidget()
+        self.token_file.setFilePath(s.token_file)
+        form.addRow("Token file", self.token_file)
+        form.addRow(QLabel("<b>Local engine</b> (Start/Stop from the GeoVQA menu)"))
+        self.python = QgsFileWidget()
+        self.python.setFilePath(s.python)
+        form.addRow("Engine Python", self.python)
+        self.engine_dir = QgsFileWidget()
+        self.engine_dir.setStorageMode(GET_DIRECTORY)
+        self.engine_dir.setFilePath(s.engine_dir)
+        form.addRow("Engine folder", self.engine_dir)
+        self.weights = QgsFileWidget()
+        self.weights.setStorageMode(GET_DIRECTORY)
+        self.weights.setFilePath(s.weights_dir)
+        form.addRow("Weights folder", self.weights)
+        self.extra = QLineEdit(s.extra_args)
+        form.addRow("Extra engine arguments", self.extra)
+        form.addRow(QLabel("<b>Answers</b>"))
+        self.strategy = QComboBox()
+        for name in STRATEGIES:
+            self.strategy.addItem(STRATEGY_LABELS[name], name)
+        self.strategy.setCurrentIndex(max(0, self.strategy.findData(s.strategy)))
+        form.addRow("Default strategy", self.strategy)
+        self.budget = QSpinBox()
+        self.budget.setRange(0, 200000)
+        self.budget.setSpecialValueText("engine default")
+        self.budget.setValue(s.budget)
+        form.addRow("Default token budget", self.budget)
+        self.tpt = QSpinBox()
+        self.tpt.setRange(1, 576)
+        self.tpt.setValue(s.tokens_per_tile)
+        form.addRow("Tokens per tile", self.tpt)
+        self.max_new = QSpinBox()
+        self.max_new.setRange(1, 4096)
+        self.max_new.setValue(s.max_new_tokens)
+        form.addRow("Max answer tokens", self.max_new)
+        self.render_px = QSpinBox()
+        self.render_px.setRange(256, 16384)
+        self.render_px.setValue(s.render_max_px)
+        form.addRow("Render size for web/virtual layers (px)", self.render_px)
+        self.output = QgsFileWidget()
+        self.output.setStorageMode(GET_DIRECTORY)
+        self.output.setFilePath(s.output_dir)
+        form.addRow("Results folder", self.output)
+        form.addRow(QLabel("Empty results folder: 'geovqa_results' next to the project file, or the QGIS profile."))
+
+    def apply(self):
+        s = Settings.load()
+        s.engine_url = self.url.text().strip() or s.engine_url
+        s.token = self.token.text().strip()
+        s.token_file = self.token_file.filePath()
+        s.python = self.python.filePath()
+        s.engine_dir = self.engine_dir.filePath()
+        s.weights_dir = self.weights.filePath()
+        s.extra_args = self.extra.text()
+        s.strategy = self.strategy.currentData()
+        s.budget = self.budget.value()
+        s.tokens_per_tile = self.tpt.value()
+        s.max_new_tokens = self.max_new.value()
+        s.render_max_px = self.render_px.value()
+        s.output_dir = self.output.filePath()
+        s.save()
+
+
+PAGE_OBJECT_NAME = "mOptionsPageGeoVQA"
+
+
+class GeoVQAOptionsPage(QgsOptionsPageWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setObjectName(PAGE_OBJECT_NAME)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.form = SettingsForm(self)
+        lay.addWidget(self.form)
+
+    def apply(self):
+        self.form.apply()
+
+
+class GeoVQAOptionsFactory(QgsOptionsWidgetFactory):
+    def __init__(self):
+        super().__init__()
+        self.setTitle("GeoVQA")
+
+    def icon(self):
+        return QIcon(ICON)
+
+    def createWidget(self, parent):  # noqa: N802
+        return GeoVQAOptionsPage(parent)

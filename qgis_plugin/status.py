@@ -1,0 +1,60 @@
+"""Turn an engine health dict (protocol HEALTH_FIELDS) or a connection error into short,
+clear status lines for the dock, and build the diagnostics report users can copy."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+
+def summary(health: dict | None, error: str = "", url: str = "") -> tuple:
+    """(level, text): level is 'ok' | 'loading' | 'demo' | 'down' | 'error'."""
+    if health is None:
+        return "down", (error or f"The GeoVQA engine is not reachable at {url}.")
+    status = health.get("status")
+    model = health.get("model") or "?"
+    device = health.get("device") or "?"
+    gpu = health.get("gpu_name")
+    quant = health.get("quantization") or "?"
+    bits = "4-bit nf4" if health.get("four_bit") else quant
+    weights = "weights present" if health.get("weights_present") else "no real weights"
+    where = f"{device}" + (f" ({gpu})" if gpu else "")
+    line = f"{model} on {where}, {bits}, {weights}"
+    if status == "loading":
+        return "loading", f"Engine is still loading: {health.get('message') or line}. Questions wait until it is ready."
+    if status == "error":
+        return "error", f"Engine error: {health.get('message') or 'unknown'}"
+    if health.get("demo_model"):
+        return "demo", f"DEMO model (random weights, answers are meaningless): {line}"
+    return "ok", f"Ready: {line}"
+
+
+COLORS = {"ok": "#1b7f3b", "loading": "#b26a00", "demo": "#b26a00", "down": "#b00020", "error": "#b00020"}
+
+
+def diagnostics(plugin_version: str, settings, health: dict | None, health_error: str,
+                engine_log: str = "", last_error: str = "", command=None) -> str:
+    from qgis.core import Qgis
+    from qgis.PyQt.QtCore import QT_VERSION_STR
+
+    token = settings.resolved_token()
+    lines = [
+        "GeoVQA diagnostics",
+        f"plugin: {plugin_version}",
+        f"QGIS: {Qgis.QGIS_VERSION}  Qt: {QT_VERSION_STR}  Python: {sys.version.split()[0]}",
+        f"OS: {platform.platform()}",
+        f"engine URL: {settings.engine_url}",
+        f"token: {'set (' + str(len(token)) + ' chars)' if token else 'MISSING'}",
+        f"engine python: {settings.python or '-'}  engine folder: {settings.engine_dir or '-'}",
+        f"weights: {settings.weights_dir or '-'}",
+        f"strategy: {settings.strategy}  budget: {settings.budget or 'engine default'}  "
+        f"tokens/tile: {settings.tokens_per_tile}  max new tokens: {settings.max_new_tokens}",
+        f"results folder: {settings.results_dir()}",
+        f"local engine command: {' '.join(command) if command else '-'}",
+        "health: " + (json.dumps(health, indent=1, sort_keys=True) if health else f"unavailable ({health_error})"),
+        f"last error: {last_error or '-'}",
+    ]
+    if engine_log:
+        lines += ["engine log (last lines):", engine_log]
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""QgsTasks for every blocking job: engine health, one streamed answer, a batch of answers.
+
+Rules kept here: ``run()`` executes in a worker thread and touches no widget and no layer; it
+only talks to the engine through :mod:`client` and copies result files. Progress and events reach
+the main thread through Qt signals (queued, since the task object lives in the main thread).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from qgis.core import QgsTask
+from qgis.PyQt.QtCore import pyqtSignal
+
+from .client import EngineClient, EngineError, build_ask_request
+
+CAN_CANCEL = getattr(getattr(QgsTask, "Flag", QgsTask), "CanCancel", None) or QgsTask.CanCancel
+# Hidden (QGIS 3.26+) keeps the periodic health check out of the task list in the status bar.
+_HIDDEN = getattr(getattr(QgsTask, "Flag", QgsTask), "Hidden", None)
+HEALTH_FLAGS = CAN_CANCEL | _HIDDEN if _HIDDEN is not None else CAN_CANCEL
+
+
+def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None) -> dict:
+    """Copy (or download) the heatmap GeoTIFF and anchors GeoJSON of a result into ``dest_dir``.
+
+    With ``clip_bounds`` (xmin, ymin, xmax, ymax in the raster's CRS) both are clipped to the
+    source raster (see :mod:`clip`). Returns ``{"heatmap": path|None, "anchors": path|None}``.
+    Runs in a worker thread.
+    """
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = {"heatmap": None, "anchors": None}
+    for key, suffix in (("heatmap", ".tif"), ("anchors", ".geojson")):
+        src = event.get(f"{key}_path")
+        name = event.get(f"{key}_file")
+        dest = dest_dir / f"{stem}_{key}{suffix}"
+        if src and Path(src).is_file():
+            shutil.copyfile(src, dest)
+            out[key] = str(dest)
+        elif name:
+            client.download_file(name, str(dest))
+            out[key] = str(dest)
+        elif key == "anchors" and isinstance(event.get("anchors"), dict):
+            import json
+
+            dest.write_text(json.dumps(event["anchors"]), encoding="utf-8")
+            out[key] = str(dest)
+    if clip_bounds is not None:
+        from .clip import clip_anchors, clip_heatmap
+
+        if out["heatmap"]:
+            raw = Path(out["heatmap"])
+            clipped = clip_heatmap(str(raw), clip_bounds, str(raw.with_name(raw.stem + "_clip.tif")))
+            if clipped != str(raw):
+                raw.unlink()
+                Path(clipped).rename(raw)
+        if out["anchors"]:
+            clip_anchors(out["anchors"], clip_bounds, out["anchors"])
+    return out
+
+
+def rect_bounds(rect) -> tuple:
+    """QgsRectangle -> (xmin, ymin, xmax, ymax)."""
+    return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
+
+
+def file_stem(question: str) -> str:
+    """A short file-name-safe stem for one answer's files."""
+    words = "".join(c if c.isalnum() else "_" for c in question.lower())[:40].strip("_")
+    return f"{time.strftime('%Y%m%d_%H%M%S')}_{words or 'answer'}_{int(time.time() * 1000) % 1000:03d}"
+
+
+class HealthTask(QgsTask):
+    """GET /health once; emits ``done(dict | None, str)`` (health, error message)."""
+
+    done = pyqtSignal(object, str)
+
+    def __init__(self, client: EngineClient):
+        super().__init__("GeoVQA: engine status", HEALTH_FLAGS)
+        self.client = client
+        self.health = None
+        self.error = ""
+
+    def run(self) -> bool:
+        try:
+            self.health = self.client.health()
+        except EngineError as exc:
+            self.error = str(exc)
+        return True
+
+    def finished(self, result: bool) -> None:  # main thread
+        self.done.emit(self.health, self.error)
+
+
+class AskTask(QgsTask):
+    """Stream one answer. Emits ``event(dict)`` per protocol event (queued to the main thread).
+
+    When the result arrives, its heatmap/anchors are copied into ``results_dir`` and the result
+    event gets ``local_heatmap_path`` / ``local_anchors_path``. A failure becomes one synthetic
+    ``error`` event with the same request_id, so the receiver has a single code path.
+    """
+
+    event = pyqtSignal(object)
+
+    def __init__(self, client: EngineClient, request: dict, results_dir: Path, description: str = "GeoVQA: answer",
+                 clip_bounds=None):
+        super().__init__(description, CAN_CANCEL)
+        self.clip_bounds = clip_bounds
+        self.client = client
+        self.request = request
+        self.request_id = request.get("request_id")
+        self.results_dir = Path(results_dir)
+        self.stream = client.ask(request)
+        self.final = None
+
+    def cancel(self) -> None:
+        self.stream.abort()
+        super().cancel()
+
+    def run(self) -> bool:
+        try:
+            for ev in self.stream.events():
+                if self.isCanceled():
+                    break
+                if ev.get("type") == "status" and isinstance(ev.get("progress"), (int, float)):
+                    self.setProgress(100.0 * float(ev["progress"]))
+                if ev.get("type") == "result":
+                    ev = dict(ev)
+                    files = keep_result_files(ev, self.client, self.results_dir, file_stem(self.request["question"]),
+                                              self.clip_bounds)
+                    ev["local_heatmap_path"] = files["heatmap"]
+                    ev["local_anchors_path"] = files["anchors"]
+                if ev.get("type") in ("result", "error"):
+                    self.final = ev
+                self.event.emit(ev)
+        except EngineError as exc:
+            self.final = {
+                "type": "error", "request_id": self.request_id, "code": exc.code,
+                "message": exc.message, "hint": exc.hint,
+            }
+            self.event.emit(self.final)
+        except OSError as exc:
+            self.final = {
+                "type": "error", "request_id": self.request_id, "code": "io_error",
+                "message": f"Could not save the result files: {exc}.", "hint": None,
+            }
+            self.event.emit(self.final)
+        except Exception as exc:  # noqa: BLE001 - a task must always end with a final event
+            self.final = {
+                "type": "error", "request_id": self.request_id, "code": "internal",
+                "message": f"Unexpected error in the GeoVQA plugin: {exc.__class__.__name__}: {exc}.",
+                "hint": "Please report it with the Diagnostics report.",
+            }
+            self.event.emit(self.final)
+        return not self.isCanceled()
+
+
+class BatchTask(QgsTask):
+    """Ask every question about every item, one streamed answer at a time.
+
+    ``items``: list of dicts ``{"layer", "layer_id", "raster_path", "aoi", "crs_wkt"}``.
+    Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths).
+    """
+
+    row = pyqtSignal(object)
+
+    def __init__(self, client: EngineClient, items: list, questions: list, options: dict, results_dir: Path):
+        super().__init__("GeoVQA: batch questions", CAN_CANCEL)
+        self.client = client
+        self.items = list(items)
+        self.questions = [q.strip() for q in questions if q and q.strip()]
+        self.options = dict(options)
+        self.results_dir = Path(results_dir)
+        self.results = []
+        self._stream = None
+        self._lock = threading.Lock()
+
+    @property
+    def total(self) -> int:
+        return len(self.items) * len(self.questions)
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._stream is not None:
+                self._stream.abort()
+        super().cancel()
+
+    def run(self) -> bool:
+        index = 0
+        for item in self.items:
+            for question in self.questions:
+                if self.isCanceled():
+                    return False
+                self.results.append(self._one(index, item, question))
+                self.row.emit(self.results[-1])
+                index += 1
+                self.setProgress(100.0 * index / max(1, self.total))
+        return True
+
+    def _one(self, index: int, item: dict, question: str) -> dict:
+        row = {
+            "index": index, "layer": item["layer"], "layer_id": item.get("layer_id"),
+            "raster_path": item["raster_path"], "question": question, "answer": None,
+            "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
+            "crs_wkt": item.get("crs_wkt"),
+        }
+        try:
+            request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), **self.options)
+            stream = self.client.ask(request)
+            with self._lock:
+                self._stream = stream
+            for ev in stream.events():
+                if ev.get("type") == "result":
+                    row["answer"] = ev.get("answer", "")
+                    row["tokens"] = ev.get("tokens") or {}
+                    row["timings"] = ev.get("timings") or {}
+                    files = keep_result_files(ev, self.client, self.results_dir, file_stem(question),
+                                              item.get("clip_bounds"))
+                    row["heatmap_path"], row["anchors_path"] = files["heatmap"], files["anchors"]
+                    row["crs_wkt"] = ev.get("crs_wkt") or row["crs_wkt"]
+                elif ev.get("type") == "error":
+                    row["error"] = ev.get("message") or ev.get("code") or "unknown error"
+            if row["answer"] is None and row["error"] is None:
+                row["error"] = "cancelled" if stream.aborted else "no answer"
+        except (EngineError, OSError) as exc:
+            row["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad item must not stop the batch
+            row["error"] = f"Unexpected error: {exc.__class__.__name__}: {exc}"
+        finally:
+            with self._lock:
+                self._stream = None
+        return row

@@ -1,0 +1,92 @@
+"""LLaVA conversation data: per-sample validation with index-bearing reports, skip/stop, split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.data import DataError, load_dataset, split_train_val
+
+
+def _img(path, w=40, h=30):
+    Image.fromarray(np.full((h, w, 3), 120, np.uint8)).save(path)
+    return path
+
+
+def _row(i, image="ok.png", q="<image>\nHow many ships?", a="B"):
+    return {"id": i, "image": [image] if image is not None else None,
+            "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    _img(tmp_path / "ok.png")
+    _img(tmp_path / "big.png", 200, 100)
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    rows = [
+        _row(0),                                                          # good
+        _row(1, image="nope.png"),                                        # missing image
+        _row(2, image="broken.png"),                                      # unreadable
+        _row(3, image="big.png"),                                         # too large
+        _row(4, q="How many ships?"),                                     # no <image>
+        {"id": 5, "image": "ok.png", "conversations": [{"from": "gpt", "value": "x"}]},  # malformed
+        {"id": 6, "image": "ok.png", "conversations": [                  # multi-turn, good
+            {"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]},
+        {"id": 7, "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nQ"}]},  # no answer
+        "just a string",                                                  # not an object
+        _row(9, q="<image>\n<image>\nQ"),                                 # two image tokens
+    ]
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken json\n")
+    return p
+
+
+def test_skip_reports_every_bad_sample_with_index(data_file, tmp_path):
+    report_path = tmp_path / "skipped.jsonl"
+    samples, report = load_dataset(data_file, max_pixels=10_000, on_bad="skip", report_path=report_path)
+    assert [s.index for s in samples] == [0, 6]
+    assert samples[0].image_size == (40, 30) and samples[0].first_question == "How many ships?"
+    assert len(samples[1].turns) == 4
+    by_index = {b.index: b.reason for b in report.bad}
+    assert by_index == {1: "missing_image", 2: "unreadable_image", 3: "too_large", 4: "no_image_token",
+                        5: "malformed", 7: "malformed", 8: "malformed", 9: "no_image_token",
+                        10: "malformed"}
+    assert report.total == 11 and report.kept == 2
+    lines = [json.loads(x) for x in report_path.read_text().splitlines()]
+    assert [x["index"] for x in lines] == sorted(by_index)  # nothing silently dropped
+    assert "200 x 100" in next(x["message"] for x in lines if x["index"] == 3)
+    assert "skipped 9" in report.summary()
+
+
+def test_stop_names_the_index(data_file):
+    with pytest.raises(DataError, match=r"sample 1 \(id 1\).*not found"):
+        load_dataset(data_file, on_bad="stop")
+
+
+def test_json_list_and_image_root(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    _img(tmp_path / "imgs" / "a.png")
+    p = tmp_path / "d" / "train.json"
+    p.parent.mkdir()
+    p.write_text(json.dumps([_row(0, image="a.png")]))
+    samples, report = load_dataset(p, image_root=tmp_path / "imgs")
+    assert len(samples) == 1 and not report.bad
+    samples, report = load_dataset(p)  # without the root the image is missing
+    assert not samples and report.bad[0].reason == "missing_image"
+
+
+def test_split_is_seeded_and_disjoint(tmp_path):
+    _img(tmp_path / "ok.png")
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps([_row(i) for i in range(20)]))
+    samples, _ = load_dataset(p)
+    tr, va = split_train_val(samples, 0.2, seed=3)
+    tr2, va2 = split_train_val(samples, 0.2, seed=3)
+    assert len(va) == 4 and len(tr) == 16
+    assert [s.index for s in va] == [s.index for s in va2]
+    assert not {s.index for s in tr} & {s.index for s in va}
+    assert split_train_val(samples, 0.0)[1] == []

@@ -1,0 +1,272 @@
+"""Benchmark evaluation: formats, answer extraction, set scoring, report, --limit and resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from engine.evaluate import (
+    EvalError,
+    add_eval_arguments,
+    build_prompt,
+    evaluate,
+    extract_letters,
+    load_items,
+    run_eval,
+)
+
+OPTS = ["ship", "harbor", "plane", "car"]
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("(B)", "B"),
+        ("B.", "B"),
+        ("B", "B"),
+        ("b", "B"),
+        ("(b)", "B"),
+        ("The answer is B", "B"),
+        ("The answer is B.", "B"),
+        ("Answer: C", "C"),
+        ("The correct answer is (D) car.", "D"),
+        ("B and D", "BD"),
+        ("A, C", "AC"),
+        ("AC", "AC"),
+        ("The best answer is: A and C", "AC"),
+        ("A large harbor is visible.", "B"),  # article "A", option text fallback
+        ("There is a plane.", "C"),
+        ("I cannot tell.", ""),
+        ("E", ""),  # not an offered option
+        ("", ""),
+    ],
+)
+def test_extract_letters(reply, expected):
+    assert extract_letters(reply, OPTS) == expected
+
+
+def test_option_text_fallback_matches_whole_words():
+    opts = ["1", "3", "13", "none of them"]
+    assert extract_letters("There are 13 ships.", opts) == "C"
+    assert extract_letters("I count 3.", opts) == "B"
+    assert extract_letters("none of them", opts) == "D"
+
+
+MME = [
+    {"Question_id": "rs/color/0001", "Image": "a.png", "Text": "What colour is the roof?",
+     "Answer choices": ["(A) red", "(B) blue", "(C) green", "(D) white", "(E) none"],
+     "Ground truth": "B", "Category": "color", "Subtask": "Remote Sensing", "Task": "Perception"},
+    {"Question_id": "rs/count/0002", "Image": "a.png", "Text": "How many planes?",
+     "Answer choices": ["(A) 1", "(B) 2", "(C) 3", "(D) 4", "(E) none"],
+     "Ground truth": "C", "Category": "count", "Subtask": "Remote Sensing", "Task": "Perception"},
+    {"Question_id": "rs/count/0003", "Image": "b.png", "Text": "How many ships?",
+     "Answer choices": ["(A) 5", "(B) 6", "(C) 7", "(D) 8", "(E) none"],
+     "Ground truth": "A", "Category": "count", "Subtask": "Remote Sensing", "Task": "Perception"},
+    {"Question_id": "rs/position/0004", "Image": "b.png", "Text": "Where is the harbour?",
+     "Answer choices": ["(A) north", "(B) south", "(C) east", "(D) west", "(E) none"],
+     "Ground truth": "D", "Category": "position", "Subtask": "Remote Sensing", "Task": "Perception"},
+]
+# replies and whether each one is right, by hand
+MME_REPLIES = {"rs/color/0001": "The answer is B.", "rs/count/0002": "(C)",
+               "rs/count/0003": "B", "rs/position/0004": "west"}
+# color 1/1, count 1/2, position 1/1 -> micro 3/4, macro (1 + 0.5 + 1) / 3
+
+
+def _write(path, rows, jsonl=False):
+    if jsonl:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    return path
+
+
+def _predictor(replies, calls):
+    def predict(item, prompt):
+        calls.append(item.id)
+        return replies[item.id]
+    return predict
+
+
+def test_mme_file_scored_exactly(tmp_path):
+    ann = _write(tmp_path / "mme_rs.json", MME)
+    calls = []
+    res = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), tmp_path / "out", title="MME-RS")
+    assert res["total"] == 4 and res["correct"] == 3
+    assert res["micro_accuracy"] == pytest.approx(0.75)
+    assert res["macro_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert res["per_category"]["count"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["correct"] == 3
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| count | 1 | 2 | 50.00 |" in md and "micro" in md and "83.33" in md
+
+
+def test_xlrs_multilabel_set_equality_and_columns(tmp_path):
+    rows = [
+        {"index": 1, "image_path": "x.tif", "question": "Which objects are present?", "A": "ship",
+         "B": "harbor", "C": "plane", "D": "car", "answer": "AC", "category": "object_classification"},
+        {"index": 2, "image_path": "x.tif", "question": "Which objects are present?", "A": "ship",
+         "B": "harbor", "C": "plane", "D": "car", "answer": "A,C", "category": "object_classification"},
+        {"index": 3, "image_path": "x.tif", "question": "Which objects are present?",
+         "options": ["(A) ship", "(B) harbor", "(C) plane"], "answer": "B", "category": "counting"},
+    ]
+    ann = _write(tmp_path / "xlrs.jsonl", rows, jsonl=True)
+    items = load_items(ann)
+    assert [it.answer for it in items] == ["AC", "AC", "B"]
+    assert items[0].options == ["ship", "harbor", "plane", "car"]
+    assert items[2].options == ["ship", "harbor", "plane"]
+    replies = {"1": "A and C", "2": "A", "3": "(B) harbor"}  # second: subset only -> wrong
+    res = evaluate(items, _predictor(replies, []), tmp_path / "o")
+    assert res["correct"] == 2 and res["per_category"]["object_classification"]["correct"] == 1
+    assert res["no_letter_found"] == 0
+    res = evaluate(items, _predictor({"1": "no idea", "2": "A", "3": "B"}, []), tmp_path / "o2")
+    assert res["no_letter_found"] == 1 and "1 multiple-choice replies named no option" in (
+        tmp_path / "o2" / "results.md").read_text()
+
+
+def test_lrsvqa_open_ended(tmp_path):
+    rows = [
+        {"question_id": "q1", "image": "c.tif", "text": "Is there a bridge?", "ground_truth": "yes", "category": "existence"},
+        {"question_id": "q2", "image": "c.tif", "text": "What colour is the ship?", "ground_truth": "white", "category": "color"},
+        {"question_id": "q3", "image": "c.tif", "text": "How many tanks?", "ground_truth": "4", "category": "count"},
+    ]
+    ann = _write(tmp_path / "lrs.jsonl", rows, jsonl=True)
+    items = load_items(ann)
+    assert not any(it.multiple_choice for it in items)
+    replies = {"q1": "Yes, there is one.", "q2": "The white.", "q3": "5"}
+    res = evaluate(items, _predictor(replies, []), tmp_path / "o")
+    assert res["correct"] == 2 and res["per_category"]["count"]["correct"] == 0
+
+
+def test_prompt_layout():
+    items_prompt = build_prompt(load_items_from_rows([MME[0]])[0])
+    lines = items_prompt.splitlines()
+    assert lines[0] == "What colour is the roof? The choices are listed below:"
+    assert lines[1:6] == ["(A) red", "(B) blue", "(C) green", "(D) white", "(E) none"]
+    assert "letter" in lines[6]
+
+
+def load_items_from_rows(rows, tmp=None):
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp())
+    return load_items(_write(d / "a.json", rows))
+
+
+def test_limit_and_resume(tmp_path):
+    ann = _write(tmp_path / "mme.json", MME)
+    calls = []
+    out = tmp_path / "run"
+    r1 = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out, limit=2)
+    assert r1["total"] == 2 and calls == ["rs/color/0001", "rs/count/0002"]
+    # an interrupted write leaves a broken last line: that item is redone, not lost
+    with (out / "predictions.jsonl").open("a") as f:
+        f.write('{"id": "rs/count/00')
+    r2 = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out)
+    assert calls[2:] == ["rs/count/0003", "rs/position/0004"]  # the first two were not rerun
+    assert r2["total"] == 4 and r2["correct"] == 3
+
+
+def test_generic_mapping_and_errors(tmp_path):
+    rows = [{"qid": 7, "pic": "z.png", "ask": "Which?", "opts": ["x", "y"], "gt": "(b)", "kind": "k"}]
+    ann = _write(tmp_path / "g.json", rows)
+    with pytest.raises(EvalError, match="no question"):
+        load_items(ann)
+    items = load_items(ann, field_map={"id": "qid", "image": "pic", "question": "ask", "options": "opts",
+                                       "answer": "gt", "category": "kind"})
+    assert items[0].answer == "B" and items[0].image == "z.png" and items[0].id == "7"
+    dup = _write(tmp_path / "d.json", [MME[0], MME[0]])
+    with pytest.raises(EvalError, match="twice"):
+        load_items(dup)
+
+
+def test_run_eval_cli_with_injected_predictor(tmp_path, capsys):
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args([str(ann), "--out", str(tmp_path / "cli"), "--limit", "3"])
+    assert run_eval(args, predict=_predictor(MME_REPLIES, [])) == 0
+    res = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert res["total"] == 3 and res["correct"] == 2
+    assert "micro" in capsys.readouterr().out
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = str(tmp_path / "o")
+    run_eval(parser.parse_args([str(ann), "--out", out, "--limit", "1"]), predict=_predictor(MME_REPLIES, []))
+    with pytest.raises(EvalError, match="strategy"):
+        run_eval(parser.parse_args([str(ann), "--out", out, "--strategy", "none"]),
+                 predict=_predictor(MME_REPLIES, []))
+
+
+def test_eval_through_the_engine_on_the_tiny_model(tmp_path, tiny_checkpoint):
+    """The real predictor: `Engine.ask` on the tiny random model (answers are meaningless, the
+    point is that every item gets a reply, is scored and stored)."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((300, 400, 3), 160, np.uint8)).save(tmp_path / "b.png")
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args([str(ann), "--out", str(tmp_path / "e"), "--weights", str(tiny_checkpoint),
+                              "--device", "cpu", "--quantization", "fp32", "--tokens-per-tile", "4",
+                              "--max-new-tokens", "4", "--limit", "2"])
+    assert run_eval(args) == 0
+    preds = [json.loads(x) for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == ["rs/color/0001", "rs/count/0002"]
+    assert all(isinstance(p["reply"], str) for p in preds)
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert res["total"] == 2 and res["correct"] == sum(p["correct"] for p in preds)
+    assert not list((tmp_path / "e").glob("heatmaps/*.tif"))  # not kept unless asked
+
+
+def test_pretty_printed_object_file_and_custom_instruction(tmp_path):
+    ann = tmp_path / "wrapped.json"
+    ann.write_text(json.dumps({"data": MME[:2]}, indent=2))
+    items = load_items(ann)
+    assert [it.id for it in items] == ["rs/color/0001", "rs/count/0002"]
+    assert build_prompt(items[0], "Reply with one letter.").endswith("\n(E) none\nReply with one letter.")
+    with pytest.raises(EvalError, match="neither JSON"):
+        (tmp_path / "bad.json").write_text("{not json")
+        load_items(tmp_path / "bad.json")
+
+
+def test_xlrs_lmms_layout_prompt_and_task_totals(tmp_path):
+    rows = [
+        {"index": 10, "image": ["x.tif"], "question": "Which land-use classes appear?",
+         "multi-choice options": ["(A) farmland", "(B) forest", "(C) water", "(D) urban"],
+         "answer": "A C", "category": "Land use classification/Overall Land use classification",
+         "l2-category": "land use"},
+        {"index": 11, "image": ["x.tif"], "question": "How many planes?",
+         "multi-choice options": ["(A) 1", "(B) 2", "(C) 3", "(D) 4"], "answer": "B",
+         "category": "Counting/Overall counting", "l2-category": "count"},
+        {"index": 12, "image": ["x.tif"], "question": "How many ships in the port?",
+         "multi-choice options": ["(A) 5", "(B) 6", "(C) 7", "(D) 8"], "answer": "D",
+         "category": "Counting/Regional counting", "l2-category": "count"},
+    ]
+    ann = _write(tmp_path / "xlrs_lite.json", rows)
+    items = load_items(ann)
+    assert items[0].answer == "AC" and items[0].options[0] == "farmland" and items[0].image == "x.tif"
+    p_multi, p_single = build_prompt(items[0]), build_prompt(items[1])
+    assert "more than one option may be correct" in p_multi
+    assert "more than one" not in p_single and p_single.endswith("(A, B, C, D).")
+    res = evaluate(items, _predictor({"10": "A C", "11": "B", "12": "(C)"}, []), tmp_path / "o")
+    assert res["correct"] == 2
+    assert res["macro_accuracy"] == pytest.approx((1 + 1 + 0) / 3)
+    assert res["per_task"]["Counting"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+
+
+def test_missing_images_are_reported_before_the_model_loads(tmp_path):
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    with pytest.raises(EvalError, match=r"4 of 4 items have no image file \(rs/color/0001: "):
+        run_eval(parser.parse_args([str(ann), "--out", str(tmp_path / "o")]))

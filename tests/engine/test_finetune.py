@@ -1,0 +1,242 @@
+"""LoRA fine-tuning on the tiny checkpoint (CPU): labels, overfitting, resume, adapter in `ask`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.data import DataError, Sample, Turn, load_dataset
+from engine.finetune import (
+    IGNORE,
+    LM_TARGET_REGEX,
+    add_finetune_arguments,
+    encode_conversation,
+    run_finetune,
+)
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
+
+
+def _write_data(root, n=24, size=(420, 350)):
+    """n small PNG scenes, each a solid colour with a grey square; the answer is the colour."""
+    rows = []
+    rng = np.random.default_rng(0)
+    names = list(COLOURS)
+    for i in range(n):
+        name = names[i % 3]
+        w, h = size
+        px = np.empty((h, w, 3), np.uint8)
+        px[:] = COLOURS[name]
+        x, y = rng.integers(0, w - 60), rng.integers(0, h - 60)
+        px[y:y + 60, x:x + 60] = 128
+        Image.fromarray(px).save(root / f"scene{i}.png")
+        rows.append({"id": f"s{i}", "image": [f"scene{i}.png"], "conversations": [
+            {"from": "human", "value": "<image>\nWhich colour covers most of the scene?"},
+            {"from": "gpt", "value": name}]})
+    p = root / "train.json"
+    p.write_text(json.dumps(rows))
+    return p
+
+
+def _args(data, out, weights, *extra):
+    parser = argparse.ArgumentParser()
+    add_finetune_arguments(parser)
+    return parser.parse_args([
+        str(data), "--out", str(out), "--weights", str(weights), "--device", "cpu", "--quantization", "fp32",
+        "--strategy", "geollava", "--tokens-per-tile", "4", "--lora-r", "8", "--lora-alpha", "16",
+        "--lora-dropout", "0", "--lr", "1e-2",
+        "--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head", "--warmup-ratio", "0", "--grad-accum", "2",
+        "--val-fraction", "0.125", "--eval-every", "5", "--save-every", "5", "--no-progress", *extra])
+
+
+def _log(out):
+    with (out / "train_log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_target_regex_hits_only_the_language_model():
+    import re
+
+    assert re.fullmatch(LM_TARGET_REGEX, "model.layers.3.self_attn.q_proj")
+    assert re.fullmatch(LM_TARGET_REGEX, "base_model.model.model.layers.0.mlp.down_proj")
+    assert not re.fullmatch(LM_TARGET_REGEX, "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(LM_TARGET_REGEX, "model.mm_projector.0")
+
+
+def test_labels_cover_only_assistant_answers(tiny_tokenizer):
+    tok = tiny_tokenizer
+    s = Sample(index=0, id="0", image=None, turns=[
+        Turn("user", "<image>\nHow many ships?"), Turn("assistant", "Three"),
+        Turn("user", "And planes?"), Turn("assistant", "Two")])
+    enc = encode_conversation(tok, s)
+    labelled = [t for t, lab in zip(enc.after, enc.after_labels) if lab != IGNORE]
+    assert tok.decode(labelled) == "Three<|im_end|>Two<|im_end|>"
+    # the single-turn prompt part equals what inference builds
+    from engine.prompt import split_prompt
+
+    pieces = split_prompt(tok, "How many ships?")
+    assert enc.before == pieces.before
+    assert enc.after[: len(pieces.after)] == pieces.after
+
+
+def test_overfit_resume_and_adapter_changes_ask(tmp_path, tiny_checkpoint):
+    torch.manual_seed(0)
+    data = _write_data(tmp_path)
+    out = tmp_path / "run"
+    # first leg: 10 steps, checkpoints at 5 and 10
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "10")) == 0
+    assert (out / "checkpoint-5" / "trainer_state.pt").is_file() and (out / "checkpoint-10").is_dir()
+    state = torch.load(out / "checkpoint-10" / "trainer_state.pt", weights_only=True)  # no pickle
+    assert state["step"] == 10
+    rows = _log(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    # second leg: --resume continues the step count up to 30
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "30", "--resume")) == 0
+    rows = _log(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    assert (out / "checkpoint-30").is_dir() and (out / "loss.png").stat().st_size > 1000
+    losses = [float(r["loss"]) for r in rows]
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.5 * first, (first, last)
+    assert any(r["val_loss"] for r in rows)
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+    # the adapter changes the answers of `ask` (greedy, same inputs)
+    answers = {}
+    for adapter in (None, out / "adapter"):
+        answers[adapter is not None] = _ask(tiny_checkpoint, adapter, tmp_path / "scene0.png")
+    assert answers[True] != answers[False]
+    # the tuned model answers in the trained form: (a prefix of) one of the colour words
+    tuned = answers[True].strip()
+    assert tuned and any(c.startswith(tuned) or tuned.startswith(c) for c in COLOURS), answers
+
+
+def _ask(weights, adapter, image):
+    """Greedy answer through the engine's `ask` (the path `python -m engine ask --adapter` runs)."""
+    from engine.pipeline import AskRequest, Engine
+
+    eng = Engine(weights, device="cpu", quantization="fp32", adapter=adapter)
+    req = AskRequest(raster_path=str(image), question="Which colour covers most of the scene?",
+                     strategy="geollava", tokens_per_tile=4, max_new_tokens=6)
+    for ev in eng.ask(req):
+        if ev["type"] == "result":
+            return ev["answer"]
+        if ev["type"] == "error":
+            raise AssertionError(ev)
+    raise AssertionError("no result event")
+
+
+def test_bad_samples_stop_or_skip_with_report(tmp_path, tiny_checkpoint):
+    data = _write_data(tmp_path, n=6)
+    rows = json.loads(data.read_text())
+    rows[2]["image"] = ["missing.png"]
+    rows[4]["conversations"] = [{"from": "gpt", "value": "x"}]
+    rows[5]["conversations"][0]["value"] = "<image>\n" + "which colour is it " * 80  # too long
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "bad"
+    with pytest.raises(DataError, match="sample 2"):
+        run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "1", "--on-bad-sample", "stop"))
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "3", "--on-bad-sample", "skip",
+                              "--save-every", "0", "--val-fraction", "0", "--max-length", "200")) == 0
+    report = [json.loads(x) for x in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["reason"]) for r in report] == [(2, "missing_image"), (4, "malformed"),
+                                                           (5, "too_long")]
+    # a resumed run keeps the training-time entry (once) although it never meets sample 5 again
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--on-bad-sample", "skip",
+                              "--save-every", "1", "--val-fraction", "0", "--max-length", "200")) == 0
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "5", "--on-bad-sample", "skip",
+                              "--save-every", "1", "--val-fraction", "0", "--max-length", "200",
+                              "--resume")) == 0
+    report = [json.loads(x) for x in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert sorted((r["index"], r["reason"]) for r in report) == [(2, "missing_image"), (4, "malformed"),
+                                                                 (5, "too_long")]
+    samples, _ = load_dataset(data, on_bad="skip")
+    assert len(samples) == 4
+
+
+def test_target_regex_lm_head_optional():
+    import re
+
+    from engine.finetune import lm_target_regex
+
+    rx = lm_target_regex(["q_proj", "lm_head"])
+    assert re.fullmatch(rx, "lm_head") and re.fullmatch(rx, "model.layers.1.self_attn.q_proj")
+    assert not re.fullmatch(LM_TARGET_REGEX, "lm_head")
+    with pytest.raises(ValueError, match="unknown"):
+        lm_target_regex(["fc1"])
+
+
+def test_gpu_benchmark_step_runs_on_cpu_with_the_tiny_model(tmp_path, tiny_checkpoint):
+    """The code of engine/benchmarks/finetune_gpu.py (GPU run: full size, nf4) with small
+    dimensions on the CPU: checkpoint writer, engine loader, LoRA, one step per token count."""
+    from engine.benchmarks.finetune_gpu import main, qlora_step, write_full_size_checkpoint
+
+    tiny_cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    small = dict(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vision_config=tiny_cfg["vision_config"],
+                 mm_hidden_size=tiny_cfg["mm_hidden_size"])
+    ckpt = write_full_size_checkpoint(tmp_path / "ckpt", "cpu", **small)
+    rec = qlora_step(ckpt, device="cpu", quantization="fp32", n_visual=[8, 32], lora_r=4)
+    assert [s["visual_tokens"] for s in rec["steps"]] == [8, 32]
+    assert all(np.isfinite(s["loss"]) and s["sequence_tokens"] > s["visual_tokens"] for s in rec["steps"])
+    assert rec["trainable_parameters"] > 0
+    if not torch.cuda.is_available():
+        assert main([]) == 0  # skips cleanly, records nothing
+
+
+def test_answer_loss_equals_the_causal_lm_loss(tiny_model, tiny_tokenizer):
+    from engine.finetune import answer_loss, build_training_inputs
+
+    s = Sample(index=0, id="0", image=None, turns=[Turn("user", "<image>\nHow many?"), Turn("assistant", "Three")])
+    enc = encode_conversation(tiny_tokenizer, s)
+    visual = torch.randn(7, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    embeds, labels, mask = build_training_inputs(tiny_model, enc, visual)
+    assert int((labels != IGNORE).sum()) == enc.n_answer_tokens
+    with torch.no_grad():
+        ref = tiny_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        ours = answer_loss(tiny_model, embeds, labels, mask)
+    assert torch.allclose(ref, ours, atol=1e-5)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_checkpoint):
+    """Run 6 steps; then 'interrupt' a copy after its step-3 checkpoint and resume it: the losses
+    of steps 4-6 and the final adapter weights match the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    data = _write_data(tmp_path, n=8)
+    full = tmp_path / "full"
+    assert run_finetune(_args(data, full, tiny_checkpoint, "--max-steps", "6", "--save-every", "3",
+                              "--val-fraction", "0")) == 0
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoint-6")
+    shutil.rmtree(part / "adapter")
+    assert run_finetune(_args(data, part, tiny_checkpoint, "--max-steps", "6", "--save-every", "3",
+                              "--val-fraction", "0", "--resume")) == 0
+    a, b = _log(full), _log(part)
+    assert [r["step"] for r in b] == [str(i) for i in range(1, 7)]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cli_exposes_finetune_and_eval():
+    from engine.cli import build_parser
+
+    a = build_parser("finetune").parse_args(["finetune", "data.json", "--out", "o", "--resume",
+                                             "--on-bad-sample", "skip"])
+    assert a.func is run_finetune and a.resume and a.on_bad_sample == "skip"
+    from engine.evaluate import run_eval
+
+    e = build_parser("eval").parse_args(["eval", "ann.json", "--limit", "5", "--format", "mme"])
+    assert e.func is run_eval and e.limit == 5

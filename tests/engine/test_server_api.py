@@ -1,0 +1,201 @@
+"""Server API against a real uvicorn subprocess with the stand-in engine: auth, health,
+streaming, uploads, output files and every bad input the issue lists."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import urllib.request
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from server_rasters import make_inputs  # noqa: E402
+from serverutil import ServerProcess  # noqa: E402
+
+from engine import protocol  # noqa: E402
+
+UPLOAD_LIMIT = 100_000
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("rasters"))
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess(["--engine-factory", "server_stub:make_engine",
+                         "--max-upload-bytes", str(UPLOAD_LIMIT), "--log-level", "warning"],
+                        env={"PYTHONPATH": str(Path(__file__).parent),
+                             "GEOVQA_STUB_WORD_DELAY": "0.01"})
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+def ask_body(raster, **kw):
+    return {"raster_path": str(raster), "question": "What is here?", "max_new_tokens": 32, **kw}
+
+
+def test_token_file_is_private(server):
+    path = server.config_dir / "token"
+    assert path.exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(server.token) >= 32
+
+
+@pytest.mark.parametrize("token", [False, "wrong-token"])
+def test_refused_without_the_right_token(server, inputs, token):
+    status, body = server.ask(ask_body(inputs["raster"]), token=token)
+    assert status == 401
+    assert body["error"]["code"] == "unauthorized"
+    for method, path in [("GET", "/jobs/0123456789abcdef"), ("DELETE", "/jobs/0123456789abcdef"),
+                         ("POST", "/batch"), ("GET", "/files/x.tif")]:
+        status, body = server.request(method, path, {} if method == "POST" else None, token=token)
+        assert status == 401, path
+
+
+def test_health_fields(server):
+    status, body = server.request("GET", "/health", token=False)
+    assert status == 200
+    missing = set(protocol.HEALTH_FIELDS) - set(body)
+    assert not missing
+    assert body["protocol"] == protocol.PROTOCOL_VERSION
+    assert body["queue_length"] == 0
+    assert body["max_upload_bytes"] == UPLOAD_LIMIT
+    assert "token" not in json.dumps(body).lower()
+
+
+def test_no_cors(server):
+    req = urllib.request.Request(server.url + "/health", method="GET",
+                                 headers={"Origin": "http://evil.example"})
+    with urllib.request.urlopen(req) as resp:
+        assert resp.headers.get("access-control-allow-origin") is None
+
+
+def test_streamed_answer(server, inputs):
+    conn, resp = server.open_stream("/ask", ask_body(inputs["raster"], request_id="r1"))
+    assert resp.status == 200
+    assert resp.getheader("content-type").startswith(protocol.NDJSON_MEDIA_TYPE)
+    events = list(server.iter_events(resp))
+    conn.close()
+    types = [e["type"] for e in events]
+    assert types[0] == "queued" and types[-1] == "result"
+    assert "token" in types
+    assert all(e["request_id"] == "r1" for e in events)
+    result = events[-1]
+    streamed = "".join(e["text"] for e in events if e["type"] == "token")
+    assert streamed == result["answer"]
+    assert Path(result["heatmap_path"]).is_file()
+    assert Path(result["anchors_path"]).is_file()
+    assert result["heatmap_file"] == Path(result["heatmap_path"]).name
+    # the heatmap can also be fetched over HTTP (remote clients)
+    r = httpx.get(f"{server.url}/files/{result['heatmap_file']}", headers=server.headers())
+    assert r.status_code == 200
+    assert r.content[:4] in (b"II*\x00", b"MM\x00*")
+    assert r.content == Path(result["heatmap_path"]).read_bytes()
+
+
+def test_files_no_traversal(server):
+    for name in ["..%2Ftoken", "..", ".hidden", "nope.tif"]:
+        r = httpx.get(f"{server.url}/files/{name}", headers=server.headers())
+        assert r.status_code == 404, name
+
+
+def test_upload_geotiff(server, inputs):
+    files = {"raster": ("scene.tif", inputs["raster"].read_bytes(), "image/tiff")}
+    data = {"request": json.dumps({"question": "What is here?", "max_new_tokens": 8})}
+    with httpx.stream("POST", f"{server.url}/ask", files=files, data=data,
+                      headers=server.headers(), timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(line) for line in r.iter_lines() if line.strip()]
+    assert events[-1]["type"] == "result", events[-1]
+    uploads = server.state_dir / "uploads"
+    assert not list(uploads.glob("*")), "the uploaded raster is deleted after the job"
+
+
+def _err(status_body):
+    status, body = status_body
+    return status, body["error"]["code"], body["error"]["message"]
+
+
+@pytest.mark.parametrize("case, expected_status, expected_code, words", [
+    ("unknown_strategy", 400, "unknown_strategy", "strategy"),
+    ("empty_question", 400, "empty_question", "question"),
+    ("long_question", 400, "question_too_long", "limit"),
+    ("missing_file", 422, "raster_unreadable", "no file"),
+    ("broken_tiff", 422, "raster_unreadable", "cannot be read"),
+    ("text_file", 400, "not_a_raster", "not a raster"),
+    ("folder", 400, "not_a_raster", "folder"),
+    ("window_outside", 400, "aoi_outside_raster", "outside"),
+    ("window_empty", 400, "bad_aoi", "no area"),
+    ("polygon_outside", 400, "aoi_outside_raster", "overlap"),
+    ("bad_band", 400, "bad_request", "band"),
+    ("bad_budget", 400, "bad_request", "budget"),
+])
+def test_bad_input(server, inputs, case, expected_status, expected_code, words):
+    body = ask_body(inputs["raster"])
+    if case == "unknown_strategy":
+        body["strategy"] = "magic"
+    elif case == "empty_question":
+        body["question"] = "   "
+    elif case == "long_question":
+        body["question"] = "why " * 1000
+    elif case == "missing_file":
+        body["raster_path"] = str(inputs["folder"] / "missing.tif")
+    elif case == "broken_tiff":
+        body["raster_path"] = str(inputs["broken"])
+    elif case == "text_file":
+        body["raster_path"] = str(inputs["text"])
+    elif case == "folder":
+        body["raster_path"] = str(inputs["folder"])
+    elif case == "window_outside":
+        body["aoi"] = {"window": [1000, 1000, 10, 10]}
+    elif case == "window_empty":
+        body["aoi"] = {"window": [0, 0, 0, 10]}
+    elif case == "polygon_outside":
+        body["aoi"] = {"polygon_wkt": "POLYGON((0 0, 1 0, 1 1, 0 1, 0 0))"}
+    elif case == "bad_band":
+        body["bands"] = [1, 2, 7]
+    elif case == "bad_budget":
+        body["budget"] = -3
+    status, code, message = _err(server.ask(body))
+    assert (status, code) == (expected_status, expected_code), message
+    assert words in message.lower()
+    assert protocol.ERROR_CODES[code] == status
+
+
+def test_upload_too_large(server, inputs):
+    files = {"raster": ("big.tif", inputs["big"].read_bytes(), "image/tiff")}
+    assert inputs["big"].stat().st_size > UPLOAD_LIMIT
+    data = {"request": json.dumps({"question": "What is here?"})}
+    r = httpx.post(f"{server.url}/ask", files=files, data=data, headers=server.headers())
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "upload_too_large"
+    assert "limit" in r.json()["error"]["message"]
+
+
+def test_upload_not_a_raster(server, inputs):
+    files = {"raster": ("notes.tif", b"hello, not a tiff" * 10, "image/tiff")}
+    data = {"request": json.dumps({"question": "What is here?"})}
+    r = httpx.post(f"{server.url}/ask", files=files, data=data, headers=server.headers())
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "not_a_raster"
+    assert not list((server.state_dir / "uploads").glob("*"))
+
+
+def test_not_json(server):
+    r = httpx.post(f"{server.url}/ask", content=b"{nope", headers={
+        **server.headers(), "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "bad_request"
+
+
+def test_unknown_job(server):
+    status, body = server.request("GET", "/jobs/0123456789abcdef")
+    assert status == 404 and body["error"]["code"] == "not_found"

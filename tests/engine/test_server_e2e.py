@@ -1,0 +1,175 @@
+"""End to end: `python -m engine serve` with the real Engine and the tiny random checkpoint on a
+real uvicorn (loopback): health, streamed answer with heatmap and anchors, feature-cache hit on
+the second question, cancellation by disconnect, bad input, uploads, queue order.
+Batch resume after SIGKILL: test_server_e2e_batch.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from server_rasters import make_inputs, write_geotiff  # noqa: E402
+from serverutil import ServerProcess  # noqa: E402
+
+from engine import protocol  # noqa: E402
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("engine.pipeline") is None,
+                                reason="engine.pipeline (the Engine) is not merged yet")
+
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def weights(request):
+    try:
+        return request.getfixturevalue("tiny_checkpoint")
+    except pytest.FixtureLookupError:
+        pytest.skip("the tiny_checkpoint fixture (tests/engine/conftest.py) is not merged yet")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rasters")
+    made = make_inputs(d)
+    made["scene"] = write_geotiff(d / "e2e.tif", width=400, height=300, seed=5)
+    return made
+
+
+def start(weights, **kw) -> ServerProcess:
+    return ServerProcess(["--weights", str(weights), "--device", "cpu", "--log-level", "warning"],
+                         module="engine", subcommand=["serve"], env=ENV, **kw).start(timeout=240)
+
+
+@pytest.fixture(scope="module")
+def server(weights):
+    srv = start(weights)
+    yield srv
+    srv.cleanup()
+
+
+def body(raster, **kw):
+    return {"raster_path": str(raster), "question": "What is in this image?",
+            "max_new_tokens": 6, **kw}
+
+
+def wait_until(predicate, timeout=120.0, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not reached in time")
+
+
+def test_health(server):
+    status, health = server.request("GET", "/health", token=False)
+    assert status == 200
+    assert not set(protocol.HEALTH_FIELDS) - set(health)
+    assert health["device"] == "cpu" and health["four_bit"] is False
+    assert health["demo_model"] is True  # the tiny random checkpoint
+    assert health["queue_length"] == 0
+
+
+def test_auth_refused(server, inputs):
+    assert server.ask(body(inputs["scene"]), token=False)[0] == 401
+    assert server.ask(body(inputs["scene"]), token="nope")[0] == 401
+
+
+def test_stream_then_cache_hit(server, inputs):
+    import rasterio
+
+    status, events = server.ask(body(inputs["scene"], request_id="e1"))
+    assert status == 200, events
+    types = [e["type"] for e in events]
+    assert types[-1] == "result", events[-1]
+    assert "token" in types and types.index("token") < len(types) - 1
+    result = events[-1]
+    assert result["answer"] == "".join(e["text"] for e in events if e["type"] == "token")
+    assert Path(result["heatmap_path"]).is_file() and Path(result["anchors_path"]).is_file()
+    with rasterio.open(result["heatmap_path"]) as ds, rasterio.open(inputs["scene"]) as src:
+        assert ds.crs == src.crs
+    anchors = json.loads(Path(result["anchors_path"]).read_text())
+    assert anchors["type"] == "FeatureCollection" and anchors["features"]
+    assert result["cache"]["features"] is False
+    status, again = server.ask(body(inputs["scene"], question="Is there water?"))
+    assert again[-1]["type"] == "result", again[-1]
+    assert again[-1]["cache"]["features"] is True
+    assert isinstance(again[-1]["cache"]["kv_prefix"], bool)
+
+
+def test_disconnect_frees_the_worker(server, inputs):
+    conn, resp = server.open_stream("/ask", body(inputs["scene"], max_new_tokens=400))
+    job_id = resp.getheader("X-Job-Id")
+    for event in server.iter_events(resp):
+        if event["type"] == "token":
+            break
+    conn.close()
+    wait_until(lambda: server.request("GET", f"/jobs/{job_id}")[0] == 404, timeout=30)
+    status, events = server.ask(body(inputs["scene"]))
+    assert events[0]["type"] == "queued" and events[0]["position"] == 0
+
+
+@pytest.mark.parametrize("change, code", [
+    ({"strategy": "magic"}, "unknown_strategy"),
+    ({"question": ""}, "empty_question"),
+    ({"question": "x" * 2001}, "question_too_long"),
+    ({"aoi": {"window": [5000, 0, 10, 10]}}, "aoi_outside_raster"),
+    ({"raster_path": "TEXT"}, "not_a_raster"),
+    ({"raster_path": "BROKEN"}, "raster_unreadable"),
+])
+def test_bad_input(server, inputs, change, code):
+    b = body(inputs["scene"], **change)
+    b["raster_path"] = {"TEXT": str(inputs["text"]), "BROKEN": str(inputs["broken"])}.get(
+        b["raster_path"], b["raster_path"])
+    status, err = server.ask(b)
+    assert status == protocol.ERROR_CODES[code] and err["error"]["code"] == code
+    assert err["error"]["message"]
+
+
+def test_uploaded_geotiff(server, inputs):
+    import httpx
+
+    files = {"raster": ("scene.tif", inputs["scene"].read_bytes(), "image/tiff")}
+    data = {"request": json.dumps({"question": "What is here?", "max_new_tokens": 4})}
+    with httpx.stream("POST", f"{server.url}/ask", files=files, data=data,
+                      headers=server.headers(), timeout=120) as r:
+        assert r.status_code == 200
+        events = [json.loads(line) for line in r.iter_lines() if line.strip()]
+    result = events[-1]
+    assert result["type"] == "result", result
+    r = httpx.get(f"{server.url}/files/{result['anchors_file']}", headers=server.headers())
+    assert r.status_code == 200 and r.json()["type"] == "FeatureCollection"
+    assert not list((server.state_dir / "uploads").glob("*"))
+
+
+def test_two_questions_queue_in_order(server, inputs):
+    import threading
+
+    out = {}
+    conn, resp = server.open_stream("/ask", body(inputs["raster"], question="Describe it.",
+                                                 max_new_tokens=300))
+    events = server.iter_events(resp)
+    first = []
+    for event in events:
+        first.append(event)
+        if event["type"] == "token":
+            break  # the first question holds the worker now
+
+    def run():
+        out["second"] = server.ask(body(inputs["raster"], question="Any roads?"))[1]
+
+    second = threading.Thread(target=run)
+    second.start()
+    first.extend(events)
+    conn.close()
+    second.join(60)
+    assert first[-1]["type"] == "result" and out["second"][-1]["type"] == "result"
+    assert [e["position"] for e in out["second"] if e["type"] == "queued"][0] == 1
+    assert out["second"][-1]["cache"]["features"] is True  # same raster, read once

@@ -1,0 +1,125 @@
+"""Unit tests of the server's pieces without a server: token file, bearer check, exception
+mapping, JSONL recovery after a crash mid-write, binding rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from engine import auth, protocol
+from engine.jobs import BatchJob, JobError, error_for_exception
+from engine.server import Settings, check_binding, is_loopback
+
+
+def test_token_created_private_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
+    token = auth.load_or_create_token()
+    path = protocol.token_path()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert auth.load_or_create_token() == token
+    os.chmod(path, 0o644)
+    assert auth.load_or_create_token() == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_bearer_check():
+    assert auth.token_matches("abc", "Bearer abc")
+    assert auth.token_matches("abc", "bearer  abc ")
+    for header in [None, "", "abc", "Basic abc", "Bearer ", "Bearer abcd", "Bearer ab"]:
+        assert not auth.token_matches("abc", header)
+
+
+class OutOfMemoryError(RuntimeError):
+    pass
+
+
+class RasterError(ValueError):
+    pass
+
+
+class AoiOutsideRaster(RasterError):
+    pass
+
+
+class SelectionError(ValueError):
+    pass
+
+
+@pytest.mark.parametrize("exc, code", [
+    (OutOfMemoryError("CUDA out of memory"), "out_of_memory"),
+    (RuntimeError("CUDA error: out of memory"), "out_of_memory"),
+    (RasterError("cannot read"), "raster_unreadable"),
+    (AoiOutsideRaster("outside"), "aoi_outside_raster"),
+    (SelectionError("unknown strategy 'x'"), "unknown_strategy"),
+    (ValueError("empty_question: Please type a question."), "empty_question"),
+    (KeyError("boom"), "internal"),
+])
+def test_error_mapping(exc, code):
+    err = error_for_exception(exc, budget=800)
+    assert err.code == code
+    assert err.message
+    if code == "out_of_memory":
+        assert "400" in err.hint
+
+
+def test_truncated_results_line_is_dropped(tmp_path):
+    job = BatchJob("0123456789abcdef", {"items": [{"raster_path": "/x"}], "questions": ["a", "b"]},
+                   tmp_path)
+    job.append_result({"index": 0, "answer": "yes"})
+    with open(job.results_path, "a") as fh:
+        fh.write('{"index": 1, "ans')  # killed while writing
+    results = job.load_results()
+    assert [r["index"] for r in results] == [0]
+    job.append_result({"index": 1, "answer": "no"})
+    lines = [json.loads(x) for x in job.results_path.read_text().splitlines()]
+    assert [r["index"] for r in lines] == [0, 1]
+
+
+def test_binding_rules(tmp_path, caplog):
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    check_binding(Settings(host="127.0.0.1", state_dir=tmp_path))
+    with pytest.raises(SystemExit, match="--allow-remote"):
+        check_binding(Settings(host="0.0.0.0", state_dir=tmp_path))
+    with caplog.at_level("WARNING", logger="engine.server"):
+        check_binding(Settings(host="0.0.0.0", allow_remote=True, state_dir=tmp_path))
+    assert "reachable from other computers" in caplog.text
+
+
+def test_job_error_body():
+    body = JobError("not_a_raster", "x is not a raster").body()
+    assert body == {"error": {"code": "not_a_raster", "message": "x is not a raster",
+                              "hint": None}}
+
+
+def test_state_dir_is_exclusive(tmp_path):
+    from engine.jobs import JobQueue
+
+    first = JobQueue(object(), tmp_path, dict)
+    first.start()
+    try:
+        with pytest.raises(SystemExit, match="already using the state dir"):
+            JobQueue(object(), tmp_path, dict).start()
+    finally:
+        first.stop()
+    again = JobQueue(object(), tmp_path, dict)
+    again.start()
+    again.stop()
+
+
+def test_real_engine_errors_map_to_codes():
+    torch = pytest.importorskip("torch")
+    from engine.errors import Cancelled, OutOfMemory
+
+    err = error_for_exception(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"), 300)
+    assert err.code == "out_of_memory" and err.extra["retry_budget"] == 150
+    err = error_for_exception(OutOfMemory("running the vision tower"), None)
+    assert err.code == "out_of_memory" and "vision tower" in err.message
+    assert error_for_exception(Cancelled()).code == "cancelled"
+    from engine.raster import AOIOutsideError, RasterOpenError
+
+    assert error_for_exception(AOIOutsideError("outside")).code == "aoi_outside_raster"
+    assert error_for_exception(RasterOpenError("nope")).code == "not_a_raster"

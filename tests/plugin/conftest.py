@@ -1,0 +1,242 @@
+"""Fixtures for the plugin tests (pytest-qgis, real QGIS, offscreen).
+
+* The plugin is imported as ``geovqa`` exactly as QGIS would (a ``geovqa`` folder on sys.path
+  pointing at ``qgis_plugin/``).
+* ``real_engine``: the real engine (``<repo>/.venv/bin/python -m engine serve``) on a free
+  loopback port with the tiny random checkpoint (``-m engine tiny``), its own config dir and
+  state dir; skipped only when ``<repo>/.venv`` cannot ``import engine.server``.
+* ``stub_engine``: a protocol-following stand-in (tests/plugin/stub_engine.py) for cases the real
+  engine cannot produce on demand (slow streams for supersede, injected errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# The engine checkout to serve from (default: this repository; override to try another branch).
+ENGINE_ROOT = Path(os.environ.get("GEOVQA_ENGINE_ROOT", str(ROOT)))
+ENGINE_PY = ENGINE_ROOT / ".venv" / "bin" / "python"
+_PKG_PARENT = Path(tempfile.mkdtemp(prefix="geovqa-pkg-"))
+(_PKG_PARENT / "geovqa").symlink_to(ROOT / "qgis_plugin", target_is_directory=True)
+sys.path.insert(0, str(_PKG_PARENT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stub_engine import StubEngine  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_settings(**values):
+    from geovqa.settings import Settings
+
+    s = Settings.load()
+    for k, v in values.items():
+        setattr(s, k, v)
+    s.save()
+    return s
+
+
+@pytest.fixture(autouse=True)
+def clean_settings(qgis_app, tmp_path):
+    """Every test starts from default settings with a results folder of its own."""
+    from qgis.core import QgsSettings
+
+    QgsSettings().remove("geovqa")
+    set_settings(output_dir=str(tmp_path / "results"), engine_url=f"http://127.0.0.1:{free_port()}", token="x")
+    yield
+    QgsSettings().remove("geovqa")
+
+
+def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 5000000.0), pixel=10.0, bands=3):
+    """A small georeferenced GeoTIFF with a gradient pattern (GDAL from QGIS's Python)."""
+    from osgeo import gdal, osr
+
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, bands, gdal.GDT_Byte)
+    ds.SetGeoTransform((origin[0], pixel, 0.0, origin[1], 0.0, -pixel))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(epsg)
+    ds.SetProjection(srs.ExportToWkt())
+    for b, band in enumerate(scene_pixels(width, height)[:bands]):
+        ds.GetRasterBand(b + 1).WriteArray(band)
+    ds = None
+    return str(path)
+
+
+def scene_pixels(width, height):
+    """A simple synthetic scene: fields, a river, a few bright buildings (3 x H x W uint8)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 90 + 40 * np.sin(xx / 9.0) * np.cos(yy / 11.0)
+    g = 120 + 30 * np.cos(xx / 13.0)
+    b = 70 + 10 * np.sin(yy / 7.0)
+    river = np.abs(yy - (0.45 * height + 0.15 * height * np.sin(xx / (0.18 * width + 1)))) < 0.05 * height + 1
+    r[river], g[river], b[river] = 40, 80, 160
+    for i in range(5):
+        cx, cy = int(width * (0.15 + 0.17 * i)), int(height * (0.2 + 0.13 * (i % 3)))
+        r[cy:cy + max(2, height // 15), cx:cx + max(2, width // 15)] = 235
+        g[cy:cy + max(2, height // 15), cx:cx + max(2, width // 15)] = 225
+        b[cy:cy + max(2, height // 15), cx:cx + max(2, width // 15)] = 210
+    return [np.clip(c, 0, 255).astype(np.uint8) for c in (r, g, b)]
+
+
+@pytest.fixture
+def raster_layer(tmp_path, qgis_new_project):
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    def make(name="scene", **kw):
+        path = write_raster(tmp_path / f"{name}.tif", **kw)
+        layer = QgsRasterLayer(path, name, "gdal")
+        assert layer.isValid()
+        QgsProject.instance().addMapLayer(layer)
+        return layer
+
+    return make
+
+
+@pytest.fixture
+def stub_engine(tmp_path):
+    eng = StubEngine(tmp_path / "stub_out")
+    set_settings(engine_url=eng.url, token=eng.token)
+    yield eng
+    eng.close()
+
+
+def _engine_importable() -> tuple[bool, str]:
+    if not ENGINE_PY.exists():
+        return False, f"{ENGINE_PY} does not exist"
+    r = subprocess.run([str(ENGINE_PY), "-c", "import engine.server, engine.tiny"], cwd=ENGINE_ROOT,
+                       capture_output=True, text=True, timeout=120)
+    return r.returncode == 0, (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
+class RealEngine:
+    def __init__(self, url, token, proc, log_path, tiny_dir):
+        self.url, self.token, self.proc, self.log_path, self.tiny_dir = url, token, proc, log_path, tiny_dir
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+def _tiny_checkpoint(env) -> Path:
+    """The tiny random checkpoint, built once per engine version into <repo>/.cache/ (keyed by
+    a hash of engine/tiny.py and engine/modeling.py, so a changed layout is rebuilt)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("tiny.py", "modeling.py"):
+        f = ENGINE_ROOT / "engine" / name
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    cached = ROOT / ".cache" / f"tiny-geollava-test-{h.hexdigest()[:10]}"
+    if (cached / "config.json").is_file() and list(cached.glob("*.safetensors")):
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=cached.parent))
+    r = subprocess.run([str(ENGINE_PY), "-m", "engine", "tiny", "--dest", str(staging / "tiny")], cwd=ENGINE_ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"engine tiny failed:\n{r.stdout}\n{r.stderr}"
+    try:
+        (staging / "tiny").rename(cached)
+    except OSError:  # built by a concurrent run meanwhile
+        pass
+    shutil.rmtree(staging, ignore_errors=True)
+    return cached
+
+
+@pytest.fixture(scope="session")
+def real_engine_process():
+    ok, why = _engine_importable()
+    if not ok:
+        pytest.skip(f"the engine in {ENGINE_ROOT}/.venv cannot be imported yet (import engine.server: {why})")
+    base = Path(tempfile.mkdtemp(prefix="geovqa-engine-"))
+    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(base / "config"), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("QT_QPA_PLATFORM", None)
+    tiny = _tiny_checkpoint(env)
+    port = free_port()
+    log_path = base / "engine.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(ENGINE_PY), "-m", "engine", "serve", "--weights", str(tiny), "--port", str(port),
+                             "--state-dir", str(base / "state")], cwd=ENGINE_ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    health = None
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"engine serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                health = json.loads(resp.read())
+            if health.get("status") == "ok":
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.terminate()
+        raise AssertionError(f"engine not ready in time (last health {health}):\n{log_path.read_text()[-4000:]}")
+    token = (base / "config" / "token").read_text().strip()
+    eng = RealEngine(url, token, proc, log_path, tiny)
+    yield eng
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def real_engine(real_engine_process):
+    set_settings(engine_url=real_engine_process.url, token=real_engine_process.token, max_new_tokens=8)
+    return real_engine_process
+
+
+@pytest.fixture
+def plugin(qgis_iface):
+    import geovqa
+
+    p = geovqa.classFactory(qgis_iface)
+    p.initGui()
+    yield p
+    p.unload()
+
+
+def wait_until(predicate, timeout=60.0, message="condition"):
+    """Spin the Qt event loop until ``predicate()`` is true (no pytest-qt needed)."""
+    from qgis.core import QgsApplication
+    from qgis.PyQt.QtCore import QEventLoop
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        QgsApplication.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 50)
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}")
+
+
+def wait_for_tasks(timeout=60.0):
+    from qgis.core import QgsApplication
+
+    wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0, timeout, "background tasks")

@@ -1,0 +1,143 @@
+"""A small protocol-following stand-in for the engine server, for plugin tests that must not
+depend on torch (engine down/slow, supersede, error events). Standard library + GDAL only.
+
+It really reads the raster it is asked about (size, georeference) and writes a real heatmap
+GeoTIFF and anchors GeoJSON in the raster's CRS, so layer alignment is tested for real; the
+answer text is a plain description of the raster, not a model output. The end-to-end tests use
+the real engine (see conftest.real_engine).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+from osgeo import gdal
+
+
+class StubEngine:
+    def __init__(self, out_dir: Path, token: str = "stub-token", token_delay: float = 0.0):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.token = token
+        self.token_delay = token_delay
+        self.requests: list[dict] = []
+        self.status = "ok"
+        self.fail_with: dict | None = None
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _json(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                if self.path == "/health":
+                    self._json(200, stub.health())
+                else:
+                    self._json(404, {"error": {"code": "not_found", "message": "no such path", "hint": None}})
+
+            def do_POST(self):  # noqa: N802
+                if self.headers.get("Authorization") != f"Bearer {stub.token}":
+                    self._json(401, {"error": {"code": "unauthorized", "message": "Wrong token.", "hint": None}})
+                    return
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                stub.requests.append(body)
+                if self.path != "/ask":
+                    self._json(404, {"error": {"code": "not_found", "message": "no such path", "hint": None}})
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for ev in stub.events(body):
+                        line = (json.dumps(ev) + "\n").encode()
+                        self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def health(self) -> dict:
+        return {"status": self.status, "protocol": 1, "version": "stub", "model": "stub-engine",
+                "demo_model": True, "weights_present": False, "weights_dir": None, "device": "cpu",
+                "gpu_name": None, "gpu_free_bytes": None, "quantization": "fp32", "four_bit": False,
+                "attention": "eager", "queue_length": 0, "strategies": ["geollava"], "message": None}
+
+    def events(self, req: dict):
+        rid = req.get("request_id")
+        yield {"type": "queued", "request_id": rid, "position": 0}
+        if self.fail_with:
+            yield dict(self.fail_with, type="error", request_id=rid)
+            return
+        ds = gdal.Open(req["raster_path"])
+        if ds is None:
+            yield {"type": "error", "request_id": rid, "code": "raster_unreadable",
+                   "message": f"Cannot open {req['raster_path']}", "hint": None}
+            return
+        yield {"type": "status", "request_id": rid, "stage": "read", "progress": 0.2, "message": "reading"}
+        col, row, w, h = 0, 0, ds.RasterXSize, ds.RasterYSize
+        aoi = req.get("aoi") or {}
+        if "window" in aoi:
+            col, row, w, h = aoi["window"]
+        answer = f"The area is {w} x {h} pixels with {ds.RasterCount} bands."
+        for word in answer.split(" "):
+            time.sleep(self.token_delay)
+            yield {"type": "token", "request_id": rid, "text": word + " "}
+        heat, anchors = self._write_outputs(ds, rid, (col, row, w, h))
+        yield {"type": "result", "request_id": rid, "answer": answer,
+               "tokens": {"visual_candidates": 576, "visual_kept": 4, "prompt": 40, "generated": 10},
+               "timings": {"read": 0.0, "vision": 0.0, "select": 0.0, "prefill": 0.0, "generate": 0.0, "total": 0.1},
+               "peak_memory_bytes": None, "cache": {"features": False, "kv_prefix": False},
+               "heatmap_path": str(heat), "heatmap_file": heat.name, "anchors_path": str(anchors),
+               "anchors_file": anchors.name, "anchors": json.loads(anchors.read_text()),
+               "crs_wkt": ds.GetProjection(), "strategy": req.get("strategy"), "budget": req.get("budget")}
+
+    def _write_outputs(self, ds, rid, window):
+        gt = ds.GetGeoTransform()
+        heat = self.out_dir / f"{rid}_heatmap.tif"
+        out = gdal.GetDriverByName("GTiff").Create(str(heat), ds.RasterXSize, ds.RasterYSize, 1, gdal.GDT_Float32)
+        out.SetGeoTransform(gt)
+        out.SetProjection(ds.GetProjection())
+        band = out.GetRasterBand(1)
+        band.SetNoDataValue(-1.0)
+        arr = np.full((ds.RasterYSize, ds.RasterXSize), -1.0, dtype=np.float32)
+        col, row, w, h = window
+        yy, xx = np.mgrid[0:h, 0:w]
+        arr[row:row + h, col:col + w] = (xx + yy) / float(w + h)
+        band.WriteArray(arr)
+        out = None
+        feats = []
+        for i, (c0, r0) in enumerate([(col, row), (col + w // 2, row + h // 2)]):
+            c1, r1 = c0 + max(1, w // 4), r0 + max(1, h // 4)
+            ring = [[gt[0] + c * gt[1], gt[3] + r * gt[5]] for c, r in [(c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0)]]
+            feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                          "properties": {"rank": i, "score": 1.0 - i * 0.1, "role": "anchor", "tile": 0, "n_patches": 4}})
+        anchors = self.out_dir / f"{rid}_anchors.geojson"
+        anchors.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+        return heat, anchors

@@ -1,0 +1,69 @@
+"""Batch dialog and Processing algorithms against the protocol stand-in (cancel, errors)."""
+
+from __future__ import annotations
+
+import csv
+
+from conftest import wait_for_tasks, wait_until
+
+
+def test_batch_dialog_two_layers_csv_and_json(plugin, raster_layer, stub_engine, tmp_path):
+    import json
+
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=40)
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id(), b.id()})
+    dlg.questions_edit.setPlainText("How big?\n\nWhat bands?\n")
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    wait_until(lambda: done, 60, "the batch")
+    rows = done[0]
+    assert len(rows) == 4 and dlg.table.rowCount() == 4
+    assert all(r["error"] is None for r in rows)
+    csv_path = dlg.export(str(tmp_path / "answers.csv"))
+    with open(csv_path, newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["layer"], r["question"]) for r in table] == [("a", "How big?"), ("a", "What bands?"),
+                                                           ("b", "How big?"), ("b", "What bands?")]
+    assert table[2]["answer"] == "The area is 32 x 40 pixels with 3 bands."
+    assert json.loads(open(dlg.export(str(tmp_path / "answers.json"))).read())["results"][3]["layer"] == "b"
+    wait_for_tasks()
+
+
+def test_batch_cancel(plugin, raster_layer, stub_engine):
+    stub_engine.token_delay = 0.2
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id()})
+    dlg.questions_edit.setPlainText("q1\nq2\nq3")
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    wait_until(lambda: stub_engine.requests, 10)
+    dlg.cancel()
+    wait_until(lambda: done, 30, "the cancelled batch")
+    assert len(done[0]) < 3
+    assert "cancelled" in dlg.message.text()
+    wait_for_tasks()
+
+
+def test_processing_ask_and_batch(plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+    import processing
+    from qgis.core import QgsRasterLayer, QgsRectangle
+
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=40)
+    res = processing.run("geovqa:ask_raster", {
+        "INPUT": a, "QUESTION": "How big?", "AOI": "500100,500300,4999700,4999900 [EPSG:32633]",
+        "STRATEGY": 0, "BUDGET": 0, "HEATMAP": str(tmp_path / "h.tif"), "ANCHORS": str(tmp_path / "a.geojson")})
+    assert res["ANSWER"] == "The area is 20 x 20 pixels with 3 bands."
+    assert stub_engine.requests[-1]["aoi"] == {"window": [10, 10, 20, 20]}
+    heat = QgsRasterLayer(res["HEATMAP"], "h")
+    assert heat.isValid() and heat.crs() == a.crs() and heat.extent() == a.extent()
+    res = processing.run("geovqa:batch_questions", {
+        "LAYERS": [a, b], "QUESTIONS": "How big?\nWhat bands?", "STRATEGY": 0, "BUDGET": 0,
+        "OUTPUT": str(tmp_path / "batch.csv")})
+    with open(res["OUTPUT"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and res["ANSWERED"] == 4 and res["ERRORS"] == 0
+    assert all(r["answer"] for r in rows)

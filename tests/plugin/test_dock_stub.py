@@ -1,0 +1,151 @@
+"""Dock behaviour against the protocol stand-in: streaming, supersede, errors, engine down,
+non-file layers rendered to a GeoTIFF, conversation per layer and export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import set_settings, wait_for_tasks, wait_until
+
+
+def _finished(dock, n=1):
+    return lambda: sum(1 for t in dock.conversations.get(dock.layer_combo.currentLayer().id(), []) if t.get("done")) >= n
+
+
+def test_ask_streams_answer_and_adds_layers(plugin, raster_layer, stub_engine, tmp_path):
+    from geovqa.layers import group_name
+    from qgis.core import QgsProject
+
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.question_edit.setText("What is in this image?")
+    dock.ask()
+    wait_until(_finished(dock), 30, "the answer")
+    turn = dock.turns()[-1]
+    assert turn.get("error") is None, turn
+    assert turn["answer"] == "The area is 64 x 48 pixels with 3 bands."
+    assert "64 x 48" in dock.view.toPlainText()
+    assert stub_engine.requests[-1]["raster_path"] == layer.source()
+    group = QgsProject.instance().layerTreeRoot().findGroup(group_name("What is in this image?"))
+    assert group is not None
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    assert heat.crs() == layer.crs() and heat.extent() == layer.extent()
+    assert Path(heat.source()).parent == tmp_path / "results"  # saved with the results, not in a temp dir
+    out = dock.export_conversation(str(tmp_path / "conv.json"))
+    data = json.loads(Path(out).read_text())
+    assert data["turns"][0]["answer"] == turn["answer"]
+    md = Path(dock.export_conversation(str(tmp_path / "conv.md"))).read_text()
+    assert "Q: What is in this image?" in md and "A: The area is" in md
+    wait_for_tasks()
+
+
+def test_one_conversation_per_layer(plugin, raster_layer, stub_engine):
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=32)
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.ask("first?")
+    wait_until(_finished(dock), 30)
+    dock.set_layer(b)
+    assert dock.turns() == [] and "first?" not in dock.view.toPlainText()
+    dock.ask("second?")
+    wait_until(_finished(dock), 30)
+    assert [t["question"] for t in dock.turns(b)] == ["second?"]
+    assert [t["question"] for t in dock.turns(a)] == ["first?"]
+    dock.set_layer(a)
+    assert "first?" in dock.view.toPlainText()
+    wait_for_tasks()
+
+
+def test_newer_question_supersedes_stale_reply(plugin, raster_layer, stub_engine):
+    stub_engine.token_delay = 0.15
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    first = dock.ask("slow question")
+    wait_until(lambda: len(stub_engine.requests) == 1, 10)
+    stub_engine.token_delay = 0.0
+    second = dock.ask("fast question")
+    wait_until(lambda: dock.turns()[-1].get("done"), 30)
+    wait_for_tasks()
+    t1, t2 = dock.turns()
+    assert first != second
+    assert t1["meta"] == "superseded by a newer question" and not t1["answer"].endswith("bands. ")
+    assert t2["answer"].startswith("The area is") and t2.get("error") is None
+
+
+def test_engine_down_gives_a_message_not_a_crash(plugin, raster_layer, qgis_iface):
+    from qgis.core import Qgis
+
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    qgis_iface.messageBar().clear_messages()
+    dock.ask("anyone there?")
+    wait_until(_finished(dock), 30)
+    turn = dock.turns()[-1]
+    assert "not reachable" in turn["error"] and "make serve" in turn["error"]
+    assert any("not reachable" in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical))
+    dock.refresh_health()
+    wait_until(lambda: dock._health_task is None and getattr(dock, "status_level", None) == "down", 20)
+    assert "not reachable" in dock.status_label.text()
+    assert "health: unavailable" in dock.diagnostics_text()
+    wait_for_tasks()
+
+
+def test_engine_error_event_and_loading_status(plugin, raster_layer, stub_engine):
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory.", "hint": "Lower the budget."}
+    dock.ask("too big?")
+    wait_until(_finished(dock), 30)
+    assert dock.turns()[-1]["error"] == "The GPU ran out of memory. Lower the budget."
+    stub_engine.status = "loading"
+    dock.refresh_health()
+    wait_until(lambda: getattr(dock, "status_level", None) == "loading", 20)
+    assert "still loading" in dock.status_label.text()
+    wait_for_tasks()
+
+
+def test_non_file_layer_is_rendered_and_georeferenced(plugin, raster_layer, stub_engine, tmp_path):
+    """A virtual raster (raster calculator provider) has no file: the dock renders it."""
+    from osgeo import gdal
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    src = raster_layer("src")
+    uri = (f"?crs={src.crs().authid()}&extent={src.extent().toString().replace(' : ', ',').replace(' ', '')}"
+           f"&width={src.width()}&height={src.height()}&formula=%22src@1%22&src:uri={src.source()}&src:provider=gdal")
+    virt = QgsRasterLayer(uri, "virtual", "virtualraster")
+    assert virt.isValid(), virt.error().summary()
+    QgsProject.instance().addMapLayer(virt)
+    dock = plugin.dock
+    dock.set_layer(virt)
+    dock.ask("what is this?")
+    wait_until(_finished(dock), 60)
+    turn = dock.turns()[-1]
+    assert turn.get("error") is None, turn
+    rendered = turn["rendered_path"]
+    assert rendered.startswith(str(tmp_path / "results" / "renders"))
+    ds = gdal.Open(rendered)
+    gt = ds.GetGeoTransform()
+    e = src.extent()
+    assert abs(gt[0] - e.xMinimum()) < 1e-6 and abs(gt[3] - e.yMaximum()) < 1e-6
+    assert abs(gt[0] + gt[1] * ds.RasterXSize - e.xMaximum()) < 1e-3
+    assert ds.RasterCount == 3
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    assert heat.crs() == src.crs()
+    wait_for_tasks()
+
+
+def test_wrong_token_is_explained(plugin, raster_layer, stub_engine):
+    set_settings(token="not-the-token")
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("hello?")
+    wait_until(_finished(dock), 30)
+    err = dock.turns()[-1]["error"]
+    assert "Wrong token." in err and "token" in err.split("Wrong token.")[1]
+    wait_for_tasks()

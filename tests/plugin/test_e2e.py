@@ -1,0 +1,216 @@
+"""End to end in real QGIS: the plugin against an engine on loopback.
+
+``engine`` runs each test twice: against the real engine (``python -m engine serve`` with the
+tiny random checkpoint; skipped only while ``<repo>/.venv`` cannot import ``engine.server``)
+and against the protocol stand-in. The real-engine run of the first test saves the screenshot
+``docs/screenshots/dock_answer.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, set_settings, wait_for_tasks, wait_until
+
+SCREENSHOT = ROOT / "docs" / "screenshots" / "dock_answer.png"
+
+
+@pytest.fixture(params=["real", "stub"])
+def engine(request, tmp_path):
+    if request.param == "real":
+        eng = request.getfixturevalue("real_engine")
+        return "real", eng
+    eng = request.getfixturevalue("stub_engine")
+    set_settings(max_new_tokens=8)
+    return "stub", eng
+
+
+def _ask(dock, layer, question, timeout=180):
+    dock.set_layer(layer)
+    dock.max_new_spin.setValue(8)
+    n = len(dock.turns(layer))
+    dock.ask(question)
+    wait_until(lambda: len(dock.turns(layer)) > n and dock.turns(layer)[-1].get("done"), timeout, "the answer")
+    wait_for_tasks()
+    turn = dock.turns(layer)[-1]
+    assert turn.get("error") is None, turn.get("error")
+    return turn
+
+
+def _save_screenshot(dock, layers, path: Path):
+    """The dock (grabbed) beside a real map render of the result layers over the raster."""
+    from qgis.core import QgsMapRendererParallelJob, QgsMapSettings
+    from qgis.PyQt.QtCore import QSize
+    from qgis.PyQt.QtGui import QColor, QImage, QPainter
+
+    dock.resize(QSize(440, 640))
+    dock.widget().resize(QSize(440, 640))
+    dock_img = dock.grab().toImage()
+    ms = QgsMapSettings()
+    ms.setLayers(layers)
+    ms.setDestinationCrs(layers[-1].crs())
+    ms.setOutputSize(QSize(760, 640))
+    ms.setExtent(layers[-1].extent().buffered(layers[-1].extent().width() * 0.02))
+    ms.setBackgroundColor(QColor("white"))
+    job = QgsMapRendererParallelJob(ms)
+    job.start()
+    job.waitForFinished()
+    map_img = job.renderedImage()
+    out = QImage(dock_img.width() + map_img.width(), max(dock_img.height(), map_img.height()),
+                 QImage.Format.Format_ARGB32)
+    out.fill(QColor("white"))
+    p = QPainter(out)
+    p.drawImage(0, 0, dock_img)
+    p.drawImage(dock_img.width(), 0, map_img)
+    p.end()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert out.save(str(path))
+    return out
+
+
+def test_ask_answer_in_dock_with_aligned_layers(plugin, raster_layer, engine, qgis_iface, tmp_path):
+    from geovqa.layers import group_name
+    from qgis.core import QgsProject
+
+    kind, eng = engine
+    layer = raster_layer("harbour", width=200, height=150)
+    turn = _ask(plugin.dock, layer, "What is in this image?")
+    assert turn["answer"].strip(), "the engine streamed no answer text"
+    assert turn["answer"].strip()[:10] in plugin.dock.view.toPlainText()
+    result = turn["result"]
+    assert result["tokens"]["visual_kept"] >= 1
+    group = QgsProject.instance().layerTreeRoot().findGroup(group_name("What is in this image?"))
+    assert group is not None
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    anchors = QgsProject.instance().mapLayer(turn["anchors_layer_id"])
+    assert heat.isValid() and anchors.isValid()
+    assert heat.crs() == layer.crs() and anchors.crs() == layer.crs()
+    e, h = layer.extent(), heat.extent()
+    px = layer.rasterUnitsPerPixelX()
+    cell = max(heat.rasterUnitsPerPixelX(), heat.rasterUnitsPerPixelY())  # one heatmap cell (a patch)
+    for a, b in ((e.xMinimum(), h.xMinimum()), (e.xMaximum(), h.xMaximum()),
+                 (e.yMinimum(), h.yMinimum()), (e.yMaximum(), h.yMaximum())):
+        assert abs(a - b) <= cell, (e.toString(), h.toString())
+    assert anchors.featureCount() >= 1
+    assert e.buffered(px).contains(anchors.extent())
+    assert Path(heat.source()).parent == tmp_path / "results"
+    target = SCREENSHOT if kind == "real" else tmp_path / "dock_answer.png"
+    img = _save_screenshot(plugin.dock, [anchors, heat, layer], target)
+    assert img.width() > 800 and target.stat().st_size > 10000
+
+
+def test_aoi_drawn_in_another_crs(plugin, raster_layer, engine, qgis_iface):
+    from geovqa.aoi import to_layer_crs
+    from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry, QgsProject,
+                           QgsRectangle)
+
+    kind, eng = engine
+    layer = raster_layer("utm", width=200, height=150)  # EPSG:32633
+    wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(wgs84)
+    e = layer.extent()
+    inner = QgsRectangle(e.xMinimum() + 400, e.yMinimum() + 300, e.xMinimum() + 1400, e.yMinimum() + 1200)
+    geo = QgsCoordinateTransform(layer.crs(), wgs84, QgsProject.instance()).transformBoundingBox(inner)
+    dock = plugin.dock
+    dock.set_aoi_mode("rectangle")
+    dock.set_aoi_geometry(QgsGeometry.fromRect(geo))  # as if drawn on a lat/lon map
+    turn = _ask(dock, layer, "What is inside the rectangle?")
+    sent = turn["request"]["aoi"]
+    assert set(sent) == {"polygon_wkt"}
+    poly = QgsGeometry.fromWkt(sent["polygon_wkt"])
+    expected = to_layer_crs(QgsGeometry.fromRect(geo), wgs84, layer)
+    assert poly.boundingBox().toString(0) == expected.boundingBox().toString(0)
+    anchors = QgsProject.instance().mapLayer(turn["anchors_layer_id"])
+    assert anchors.crs() == layer.crs()
+    assert anchors.featureCount() >= 1
+    zone = QgsGeometry.fromRect(expected.boundingBox()).buffer(30 * layer.rasterUnitsPerPixelX(), 2)
+    for f in anchors.getFeatures():
+        assert f.geometry().intersects(zone), "an anchor token lies outside the area of interest"
+    dock.set_aoi_mode("layer")
+
+
+def test_batch_over_two_layers_to_csv(plugin, raster_layer, engine, tmp_path):
+    a, b = raster_layer("north", width=120, height=90), raster_layer("south", width=90, height=120)
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id(), b.id()})
+    dlg.questions_edit.setPlainText("Describe the scene.\nIs there water?")
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    wait_until(lambda: done, 300, "the batch")
+    wait_for_tasks()
+    path = dlg.export(str(tmp_path / "batch.csv"))
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4
+    assert {(r["layer"], r["question"]) for r in rows} == {(n, q) for n in ("north", "south")
+                                                           for q in ("Describe the scene.", "Is there water?")}
+    for r in rows:
+        assert r["error"] == "" and r["answer"].strip() != "", r
+        assert Path(r["heatmap_path"]).is_file() and Path(r["anchors_path"]).is_file()
+
+
+def test_processing_algorithm_run(plugin, raster_layer, engine, tmp_path, qgis_processing):
+    import processing
+    from qgis.core import QgsRasterLayer, QgsVectorLayer
+
+    layer = raster_layer("proc", width=120, height=90)
+    res = processing.run("geovqa:ask_raster", {
+        "INPUT": layer.source(), "QUESTION": "What is here?", "STRATEGY": 0, "BUDGET": 0, "MAX_NEW_TOKENS": 8,
+        "HEATMAP": str(tmp_path / "heat.tif"), "ANCHORS": str(tmp_path / "anchors.geojson")})
+    assert res["ANSWER"].strip()
+    heat = QgsRasterLayer(res["HEATMAP"], "heat")
+    assert heat.isValid()
+    assert abs(heat.extent().xMinimum() - layer.extent().xMinimum()) <= layer.rasterUnitsPerPixelX()
+    assert QgsVectorLayer(res["ANCHORS"], "anchors", "ogr").featureCount() >= 1
+
+
+def test_start_and_stop_local_engine_from_qgis(plugin, real_engine_process, tmp_path):
+    """The plugin's QProcess starts `<python> -m engine serve` (no shell), the dock sees it, stop ends it."""
+    from conftest import ENGINE_PY, ENGINE_ROOT, free_port
+
+    port = free_port()
+    s = set_settings(engine_url=f"http://127.0.0.1:{port}", python=str(ENGINE_PY), engine_dir=str(ENGINE_ROOT),
+                     weights_dir=str(real_engine_process.tiny_dir), token="",
+                     token_file=str(tmp_path / "config" / "token"),
+                     extra_args=f"--state-dir {tmp_path / 'state'}")
+    proc = plugin.engine
+    proc.start(s, extra_env={"GEOVQA_CONFIG_DIR": str(tmp_path / "config"), "OMP_NUM_THREADS": "1",
+                             "PYTHONDONTWRITEBYTECODE": "1"})
+    try:
+        assert proc.is_running()
+        assert proc.command[1:4] == ["-m", "engine", "serve"] and "--port" in proc.command
+        dock = plugin.dock
+
+        def ready():
+            if dock._health_task is None:
+                dock.refresh_health()
+            return getattr(dock, "status_level", None) in ("ok", "demo")
+
+        wait_until(ready, 180, "the engine started from QGIS")
+        assert "tiny" in dock.status_label.text().lower() or "DEMO" in dock.status_label.text()
+    finally:
+        proc.stop()
+    assert not proc.is_running()
+    assert len(proc.lines) > 0  # the engine log is kept for the diagnostics report
+
+
+def test_remote_style_upload_and_file_download(real_engine, tmp_path):
+    """What the plugin does for an engine on another computer: upload the raster, fetch results."""
+    from conftest import write_raster
+    from geovqa.client import EngineClient, build_ask_request
+    from osgeo import gdal
+
+    path = write_raster(tmp_path / "upload.tif", width=120, height=90)
+    client = EngineClient(real_engine.url, real_engine.token)
+    events = list(client.ask(build_ask_request("What is here?", path, max_new_tokens=4), upload=True).events())
+    result = events[-1]
+    assert result["type"] == "result", events[-1]
+    assert any(e["type"] == "token" for e in events)
+    dest = client.download_file(result["heatmap_file"], str(tmp_path / "heat.tif"))
+    ds = gdal.Open(dest)
+    assert ds is not None and ds.GetProjection()

@@ -1,0 +1,96 @@
+"""Plugin load/unload (twice), packaging into an installable zip, engine command line."""
+
+from __future__ import annotations
+
+import configparser
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_load_unload_twice(qgis_iface, qgis_new_project):
+    import geovqa
+    from qgis.core import QgsApplication
+
+    registry = QgsApplication.processingRegistry()
+    for _ in range(2):
+        p = geovqa.classFactory(qgis_iface)
+        p.initGui()
+        assert registry.providerById("geovqa") is not None
+        assert registry.algorithmById("geovqa:ask_raster") is not None
+        assert registry.algorithmById("geovqa:batch_questions") is not None
+        assert p.dock is not None and p.dock.widget() is not None
+        assert len(p.actions) == 5
+        p.unload()
+        assert registry.providerById("geovqa") is None
+        assert p.dock is None and p.actions == [] and p.options_factory is None and p.provider is None
+    qgis_iface.unregisterOptionsWidgetFactory.assert_called()
+
+
+def test_processing_only_without_iface():
+    """qgis_process calls classFactory(None).initProcessing()."""
+    import geovqa
+    from qgis.core import QgsApplication
+
+    p = geovqa.classFactory(None)
+    p.initGui()
+    assert QgsApplication.processingRegistry().providerById("geovqa") is not None
+    p.unload()
+    assert QgsApplication.processingRegistry().providerById("geovqa") is None
+
+
+def test_package_zip_is_installable(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_plugin.py"), "--out", str(tmp_path / "dist"),
+                        "--install", "--profile-dir", str(tmp_path / "profile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    zips = list((tmp_path / "dist").glob("geovqa-*.zip"))
+    assert len(zips) == 1
+    names = zipfile.ZipFile(zips[0]).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"geovqa"} and "geovqa".isidentifier()
+    assert "geovqa/metadata.txt" in names and "geovqa/__init__.py" in names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    cp = configparser.ConfigParser()
+    cp.read_string(zipfile.ZipFile(zips[0]).read("geovqa/metadata.txt").decode())
+    meta = cp["general"]
+    assert meta["name"] == "GeoVQA" and meta["qgisMinimumVersion"] == "3.22"
+    assert meta["qgisMaximumVersion"] == "4.99" and meta["supportsQt6"] == "True"
+    assert zips[0].name == f"geovqa-{meta['version']}.zip"
+    assert f"geovqa/{meta['icon']}" in names
+    installed = tmp_path / "profile" / "python" / "plugins" / "geovqa"
+    assert (installed / "metadata.txt").is_file() and (installed / "processing" / "provider.py").is_file()
+
+
+def test_plugin_never_imports_torch_or_engine():
+    src = ROOT / "qgis_plugin"
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        for bad in ("import torch", "from engine", "import engine", "import requests", "shell=True", "eval("):
+            assert bad not in text, f"{path.name} contains {bad!r}"
+
+
+def test_engine_command_has_no_shell(tmp_path):
+    import pytest
+    from geovqa.engine_process import EngineProcessError, engine_command
+    from geovqa.settings import Settings
+
+    s = Settings(engine_url="http://127.0.0.1:9911")
+    with pytest.raises(EngineProcessError, match="No Python"):
+        engine_command(s)
+    py = tmp_path / "repo" / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("")
+    s.engine_dir = str(tmp_path / "repo")
+    s.weights_dir = "/w/GeoLLaVA-8K"
+    s.extra_args = "--device cpu"
+    program, args, workdir = engine_command(s)
+    assert program == str(py) and workdir == str(tmp_path / "repo")
+    assert args == ["-m", "engine", "serve", "--host", "127.0.0.1", "--port", "9911", "--weights", "/w/GeoLLaVA-8K",
+                    "--device", "cpu"]
+    s.engine_url = "http://10.0.0.5:8765"
+    with pytest.raises(EngineProcessError, match="not on this computer"):
+        engine_command(s)

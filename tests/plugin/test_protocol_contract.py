@@ -1,0 +1,124 @@
+"""The plugin's client checked against engine/protocol.py, loaded by file path (stdlib only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    spec = importlib.util.spec_from_file_location("geovqa_protocol_under_test", ROOT / "engine" / "protocol.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ask_request_has_exactly_the_protocol_fields(protocol):
+    from geovqa.client import build_ask_request
+
+    req = build_ask_request("  How many ships?  ", "/data/x.tif", aoi={"window": [0, 0, 10, 10]}, budget=512)
+    assert set(req) == set(protocol.ASK_FIELDS)
+    assert req["question"] == protocol.validate_question("  How many ships?  ")
+    assert req["strategy"] == protocol.DEFAULT_STRATEGY
+    assert set(req["aoi"]) <= set(protocol.AOI_FIELDS)
+    json.dumps(req)
+
+
+def test_question_limits_match(protocol):
+    from geovqa.client import MAX_QUESTION_CHARS, EngineError, build_ask_request
+
+    assert MAX_QUESTION_CHARS == protocol.MAX_QUESTION_CHARS
+    for bad in ("", "   ", "x" * (protocol.MAX_QUESTION_CHARS + 1)):
+        with pytest.raises(EngineError) as err:
+            build_ask_request(bad, "/x.tif")
+        with pytest.raises(ValueError) as perr:
+            protocol.validate_question(bad)
+        assert str(perr.value).startswith(err.value.code + ":")
+
+
+def test_strategies_and_events_match(protocol):
+    from geovqa import client, settings
+
+    assert tuple(settings.STRATEGIES) == tuple(protocol.STRATEGIES)
+    assert settings.DEFAULT_STRATEGY == protocol.DEFAULT_STRATEGY
+    assert set(settings.STRATEGY_LABELS) == set(protocol.STRATEGIES)
+    assert set(client.KNOWN_EVENTS) == set(protocol.EVENT_TYPES)
+    assert set(client.FINAL_EVENTS) <= set(protocol.EVENT_TYPES)
+    assert client.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+    for endpoint in (client.ASK_ENDPOINT, client.HEALTH_ENDPOINT, client.BATCH_ENDPOINT,
+                     client.JOBS_ENDPOINT + "/{id}", client.FILES_ENDPOINT + "/{name}"):
+        assert endpoint in protocol.__doc__
+
+
+def test_result_fields_the_plugin_reads_exist(protocol):
+    result = protocol.EVENT_TYPES["result"]
+    for key in ("answer", "tokens", "timings", "heatmap_path", "heatmap_file", "anchors_path", "anchors_file",
+                "anchors", "crs_wkt", "strategy"):
+        assert key in result
+    assert {"stage", "progress", "message"} <= set(protocol.EVENT_TYPES["status"])
+    assert "text" in protocol.EVENT_TYPES["token"]
+    assert {"code", "message", "hint"} <= set(protocol.EVENT_TYPES["error"])
+
+
+def test_health_fields_the_status_line_reads_exist(protocol):
+    from geovqa import status
+
+    health = {k: None for k in protocol.HEALTH_FIELDS}
+    health.update(status="ok", model="GeoLLaVA-8K", device="cuda:0", gpu_name="H100", quantization="nf4",
+                  four_bit=True, weights_present=True, demo_model=False)
+    level, text = status.summary(health)
+    assert level == "ok" and "GeoLLaVA-8K" in text and "4-bit" in text and "H100" in text and "weights present" in text
+    level, text = status.summary(dict(health, demo_model=True, weights_present=False))
+    assert level == "demo" and "DEMO" in text
+    level, text = status.summary(dict(health, status="loading", message="loading shards 2/4"))
+    assert level == "loading" and "loading shards" in text
+
+
+def test_every_error_body_becomes_a_clear_engine_error(protocol):
+    from geovqa.client import EngineError, EngineUnavailable, error_from_body
+
+    for code, http_status in protocol.ERROR_CODES.items():
+        body = json.dumps(protocol.error_body(code, f"message for {code}", "a hint")).encode()
+        err = error_from_body(http_status, body)
+        assert isinstance(err, EngineError)
+        assert err.code == code and err.message == f"message for {code}" and err.hint == "a hint"
+        assert isinstance(err, EngineUnavailable) == (code == "model_loading")
+
+
+def test_ndjson_events_parse(protocol):
+    from geovqa.client import EngineError, parse_event
+
+    for kind in protocol.EVENT_TYPES:
+        ev = parse_event(json.dumps({"type": kind, "request_id": "r1"}).encode() + b"\n")
+        assert ev["type"] == kind
+    assert parse_event(b"\n") is None
+    with pytest.raises(EngineError):
+        parse_event(b"not json\n")
+
+
+def test_token_location_matches(protocol, monkeypatch, tmp_path):
+    from geovqa import settings
+
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path))
+    assert settings.default_token_path() == protocol.token_path()
+    (tmp_path / "token").write_text("secret\n")
+    s = settings.Settings()
+    assert s.resolved_token() == "secret"
+    monkeypatch.delenv("GEOVQA_CONFIG_DIR")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert settings.config_dir() == protocol.config_dir()
+
+
+def test_batch_rows_have_the_protocol_result_fields(protocol):
+    from geovqa.results_io import CSV_COLUMNS
+
+    for key in protocol.BATCH_RESULT_FIELDS:
+        if key in ("tokens", "timings"):
+            continue
+        assert key in CSV_COLUMNS
