@@ -172,7 +172,7 @@ def _base(model):
 # ------------------------------------------------------------------------------ visual tokens
 
 def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_tile: int = 24,
-                      seed: int = 0) -> Callable[[Sample], Any]:
+                      seed: int = 0, tokenizer=None) -> Callable[[Sample], Any]:
     """A function sample -> visual embeddings (N, H) built by `engine.pipeline.prepare_visual`
     (the very path `ask` uses: raster read, anyres tiling, CLIP, the strategy), without
     gradients. The question given to text-guided strategies is the first user turn."""
@@ -185,7 +185,8 @@ def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_ti
     def fn(sample: Sample):
         with torch.no_grad():
             vis = prepare_visual(base, str(sample.image), sample.first_question, strategy=strategy,
-                                 budget=budget, tokens_per_tile=tokens_per_tile, seed=seed)
+                                 budget=budget, tokens_per_tile=tokens_per_tile, seed=seed,
+                                 tokenizer=tokenizer)
         return vis.selection.embeds.detach()
 
     return fn
@@ -623,9 +624,10 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     model = add_lora(loaded.model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      targets=targets, four_bit=bool(info.get("four_bit")),
                      gradient_checkpointing=not args.no_gradient_checkpointing)
+    extra = {} if visual_fn_factory else {"tokenizer": loaded.tokenizer}
     factory = visual_fn_factory or default_visual_fn
     visual_fn = factory(model, strategy=args.strategy, budget=args.budget, tokens_per_tile=args.tokens_per_tile,
-                        seed=args.seed)
+                        seed=args.seed, **extra)
     cfg = TrainConfig(out=out, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                       grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
                       max_grad_norm=args.max_grad_norm, save_every=args.save_every, eval_every=args.eval_every,
