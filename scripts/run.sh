@@ -97,14 +97,24 @@ echo
 [ "${status:-}" = ok ] || die "The engine did not become ready in 10 minutes; see $RUN/engine.log."
 say "Engine ready: $URL  (token file: $GEOVQA_CONFIG_DIR/token)"
 
-QGIS_BIN=${QGIS_BIN:-$(command -v qgis || true)}
+if [ -z "${QGIS_BIN:-}" ]; then
+  QGIS_BIN=$(command -v qgis || true)
+  if [ -n "$QGIS_BIN" ] && [ "$(uname -s)" = Linux ] && [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
+    echo "No display (DISPLAY/WAYLAND_DISPLAY unset): QGIS cannot open a window here."
+    echo "Run 'make run' from a desktop session, or over 'ssh -X'."
+    NO_QGIS=1
+  fi
+fi
 if [ -n "${NO_QGIS:-}" ] || [ -z "$QGIS_BIN" ]; then
-  [ -z "$QGIS_BIN" ] && cat <<EOF2
-
-QGIS is not installed on this machine (no 'qgis' on PATH). To use the engine from QGIS:
-  * Debian/Ubuntu: sudo apt-get install qgis   (then run 'make run' again), or
-  * any QGIS 3.22+: 'make install-plugin', enable GeoVQA in Plugins > Manage and Install Plugins,
-    then in Settings > Options > GeoVQA set Engine URL = $URL and
+  if [ -z "$QGIS_BIN" ]; then
+    echo "QGIS is not installed on this machine (no 'qgis' on PATH); install it with"
+    echo "'sudo apt-get install qgis' (Debian/Ubuntu) and run 'make run' again, or use your own QGIS:"
+  else
+    echo "NO_QGIS is set: engine only. To use it from your own QGIS:"
+  fi
+  cat <<EOF2
+  * 'make install-plugin', enable GeoVQA in Plugins > Manage and Install Plugins,
+  * in Settings > Options > GeoVQA set Engine URL = $URL and
     Token file = $GEOVQA_CONFIG_DIR/token.
 The engine keeps running here; press Ctrl-C to stop it.
 EOF2
