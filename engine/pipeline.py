@@ -137,8 +137,10 @@ def read_and_encode(model, raster_path: str, *, aoi=None, bands=None, cancel=Non
     from engine.vision import encode_tiles
 
     t0 = time.perf_counter()
-    image = read_for_tiling(raster_path, aoi=aoi, bands=bands)
-    layout = plan_tiles(image.size)
+    # the checkpoint's own anyres canvases (config.json image_grid_pinpoints), in its order
+    pins = getattr(getattr(model, "config", None), "image_grid_pinpoints", None) or None
+    image = read_for_tiling(raster_path, aoi=aoi, bands=bands, pinpoints=pins)
+    layout = plan_tiles(image.size, pins)
     geometry = TokenGeometry.build(image, layout)
     tiles = make_tiles(image.pixels, layout)
     t1 = time.perf_counter()

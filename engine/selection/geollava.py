@@ -27,6 +27,10 @@ Choices we made where the checkpoint leaves room (documented, switchable):
   score across the whole image; the best `budget` survive (ties to the earlier token) and keep
   their LM order (tile by tile, spatial inside a tile).
 
+* **Precision.** Cluster sums and scores are computed in float32. The original runs them in the
+  model's bf16, where scores near the 24th place can round to ties and keep a different cluster;
+  see docs/verification.md for the measured agreement with the original code.
+
 Roles: every kept centre won the CLS ranking -> 'anchor'; empty slots -> 'kept'.
 `info` reports clusters per tile, pointer-jumping rounds and the padding counts.
 """

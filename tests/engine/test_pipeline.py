@@ -239,3 +239,17 @@ def test_huge_virtual_raster_is_read_decimated(tmp_path):
     assert (img.pixels == 90).all()
     full = read_for_tiling(str(vrt), aoi={"window": [0, 0, 2700, 2700]})
     assert full.size == (2700, 2700)  # a small window is read at full resolution
+
+
+def test_tiling_follows_the_checkpoints_pinpoints(tiny_checkpoint, scene, tmp_path):
+    """The canvases come from config.json's image_grid_pinpoints, not a hard-coded list."""
+    from engine.loader import load_model
+    from engine.pipeline import read_and_encode
+
+    loaded = load_model(tiny_checkpoint)
+    geometry, _, _ = read_and_encode(loaded.model, str(scene))
+    assert geometry.layout.n_tiles == 6  # the released list: 700 x 500 -> 3 x 2
+    loaded.model.config.image_grid_pinpoints = [[336, 336], [672, 672]]
+    geometry, features, _ = read_and_encode(loaded.model, str(scene))
+    assert (geometry.layout.cols, geometry.layout.rows) == (2, 2)
+    assert features.patches.shape[0] == 4
