@@ -3,12 +3,14 @@
 ``engine`` runs each test twice: against the real engine (``python -m engine serve`` with the
 tiny random checkpoint; skipped only while ``<repo>/.venv`` cannot import ``engine.server``)
 and against the protocol stand-in. The real-engine run of the first test saves the screenshot
-``docs/screenshots/dock_answer.png``.
+``docs/screenshots/dock_answer.png`` (with ``GEOVQA_UPDATE_SCREENSHOTS=1``, or when it is missing).
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,9 +99,14 @@ def test_ask_answer_in_dock_with_aligned_layers(plugin, raster_layer, engine, qg
     assert anchors.featureCount() >= 1
     assert e.buffered(px).contains(anchors.extent())
     assert Path(heat.source()).parent == tmp_path / "results"
-    target = SCREENSHOT if kind == "real" else tmp_path / "dock_answer.png"
+    target = tmp_path / "dock_answer.png"
     img = _save_screenshot(plugin.dock, [anchors, heat, layer], target)
     assert img.width() > 800 and target.stat().st_size > 10000
+    # The real-engine run refreshes docs/screenshots/dock_answer.png when asked (or when it is
+    # missing), so an ordinary test run leaves the checkout clean.
+    if kind == "real" and (os.environ.get("GEOVQA_UPDATE_SCREENSHOTS") == "1" or not SCREENSHOT.exists()):
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(target, SCREENSHOT)
 
 
 def test_aoi_drawn_in_another_crs(plugin, raster_layer, engine, qgis_iface):
