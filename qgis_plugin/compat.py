@@ -62,7 +62,7 @@ RAMP_INTERPOLATED = _first(
 )
 STATS_MIN_MAX = _first(
     lambda: Qgis.RasterBandStatistic.Min | Qgis.RasterBandStatistic.Max,
-    lambda: QgsRasterBandStats.Min | QgsRasterBandStats.Max,
+    lambda: QgsRasterBandStats.Stats.Min | QgsRasterBandStats.Stats.Max,
 )
 MSG_INFO = Qgis.MessageLevel.Info
 MSG_WARNING = Qgis.MessageLevel.Warning

@@ -27,8 +27,8 @@ from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
 from .tasks import CAN_CANCEL
 
-FORMAT_RGBA = getattr(getattr(QImage, "Format", QImage), "Format_RGBA8888")
-FORMAT_ARGB32 = getattr(getattr(QImage, "Format", QImage), "Format_ARGB32_Premultiplied")
+FORMAT_RGBA = QImage.Format.Format_RGBA8888
+FORMAT_ARGB32 = QImage.Format.Format_ARGB32_Premultiplied
 LOCAL_FILE_PROVIDERS = ("gdal",)
 
 

@@ -17,9 +17,9 @@ from qgis.PyQt.QtCore import pyqtSignal
 
 from .client import EngineClient, EngineError, build_ask_request
 
-CAN_CANCEL = getattr(getattr(QgsTask, "Flag", QgsTask), "CanCancel", None) or QgsTask.CanCancel
+CAN_CANCEL = QgsTask.Flag.CanCancel
 # Hidden (QGIS 3.26+) keeps the periodic health check out of the task list in the status bar.
-_HIDDEN = getattr(getattr(QgsTask, "Flag", QgsTask), "Hidden", None)
+_HIDDEN = getattr(QgsTask.Flag, "Hidden", None)
 HEALTH_FLAGS = CAN_CANCEL | _HIDDEN if _HIDDEN is not None else CAN_CANCEL
 
 
