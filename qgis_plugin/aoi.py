@@ -135,19 +135,19 @@ class RectangleTool(_DrawTool):
         self._start = None
 
     def canvasPressEvent(self, e):  # noqa: N802
-        self._start = self.toMapCoordinates(e.pos())
+        self._start = e.mapPoint()
         self.clear()
 
     def canvasMoveEvent(self, e):  # noqa: N802
         if self._start is None:
             return
-        end = self.toMapCoordinates(e.pos())
+        end = e.mapPoint()
         self.show_geometry(QgsGeometry.fromRect(QgsRectangle(self._start, end)))
 
     def canvasReleaseEvent(self, e):  # noqa: N802
         if self._start is None:
             return
-        end = self.toMapCoordinates(e.pos())
+        end = e.mapPoint()
         rect = QgsRectangle(self._start, end)
         self._start = None
         if rect.width() > 0 and rect.height() > 0:
@@ -173,7 +173,7 @@ class PolygonTool(_DrawTool):
                 self.band.addPoint(p)
 
     def canvasPressEvent(self, e):  # noqa: N802
-        point = self.toMapCoordinates(e.pos())
+        point = e.mapPoint()
         if e.button() == Qt.MouseButton.RightButton:
             self.finish()
         else:
@@ -182,7 +182,7 @@ class PolygonTool(_DrawTool):
 
     def canvasMoveEvent(self, e):  # noqa: N802
         if self.points:
-            self._update(QgsPointXY(self.toMapCoordinates(e.pos())))
+            self._update(QgsPointXY(e.mapPoint()))
 
     def canvasDoubleClickEvent(self, e):  # noqa: N802
         self.finish()
