@@ -20,6 +20,9 @@ No Qt6 build of QGIS exists in this environment, so the plugin's readiness for Q
 * ``qvariant``: ``QVariant()`` / ``QVariant.Int``-style types (gone in PyQt6; use ``NULL`` / compat).
 * ``removed-api``: ``desktop()``, ``setMargin()``, ``fontMetrics().width()``, ``activated[str]``,
   ``localPos()``, 4-argument ``addAction``, the 8-argument ``QDateTime`` constructor.
+* ``newer-api`` (the other direction: QGIS 3.22 must keep working): a Qt / QGIS attribute that
+  these 3.22 bindings lack (e.g. ``Qgis.LayerFilter``) used outside ``compat.py`` without a guard
+  (a ``lambda`` tried by compat's ``_first``, ``try/except AttributeError``, a ``hasattr`` test).
 
 The checker is tested on small code strings (planted violations and legitimate code) as well.
 """
@@ -126,6 +129,7 @@ def _attr_of_module(module, name):
 class _Checker(ast.NodeVisitor):
     def __init__(self, path: str, tree: ast.AST):
         self.path = path
+        self.is_compat = Path(path).name == "compat.py"
         self.found: list[Violation] = []
         self.parents: dict[ast.AST, ast.AST] = {}
         for parent in ast.walk(tree):
@@ -226,7 +230,8 @@ class _Checker(ast.NodeVisitor):
         elif module in REMOVED_MODULES:
             self.add(node, "removed-module", f"'{module}' does not exist with Qt6")
         elif module.split(".")[-1] == "resources_rc":
-            self.add(node, "removed-module", "compiled Qt resources are not supported with Qt6; load icons by file path")
+            self.add(node, "removed-module", "compiled Qt resources are not supported with Qt6; "
+                                             "load icons by file path")
 
     # -- attributes: enums, moved classes, renamed methods --------------------------------------------
     def visit_Attribute(self, node):
@@ -237,7 +242,31 @@ class _Checker(ast.NodeVisitor):
         owner = self.resolve(node.value)
         if owner is not _MISSING:
             self._check_member(node, owner, ast.unparse(node.value), node.attr)
+            if (_getattr(owner, node.attr) is _MISSING and isinstance(node.ctx, ast.Load)
+                    and not self.is_compat and not self._guarded(node)):
+                self.add(node, "newer-api", f"{ast.unparse(node)}: {node.attr} does not exist in QGIS "
+                                            f"{_qgis_version()}; put the version-dependent spelling in compat.py")
         self.generic_visit(node)
+
+    def _guarded(self, node) -> bool:
+        """Inside a lambda, a try that catches AttributeError, or an if/ternary testing hasattr()."""
+        child, parent = node, self.parents.get(node)
+        while parent is not None:
+            if isinstance(parent, ast.Lambda):
+                return True
+            if isinstance(parent, ast.Try) and child in parent.body:
+                for handler in parent.handlers:
+                    caught = handler.type
+                    names = [caught] if not isinstance(caught, ast.Tuple) else list(caught.elts)
+                    if caught is None or any(isinstance(n, ast.Name) and n.id in ("AttributeError", "Exception")
+                                             for n in names):
+                        return True
+            if isinstance(parent, (ast.If, ast.IfExp)) and child is not parent.test and any(
+                    isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hasattr"
+                    for n in ast.walk(parent.test)):
+                return True
+            child, parent = parent, self.parents.get(parent)
+        return False
 
     def visit_Call(self, node):
         literal = _getattr_literal(node)
@@ -267,7 +296,8 @@ class _Checker(ast.NodeVisitor):
         self.generic_visit(node)
 
     def visit_Subscript(self, node):
-        if (isinstance(node.value, ast.Attribute) and node.value.attr in ("activated", "currentIndexChanged", "highlighted")
+        overloaded = ("activated", "currentIndexChanged", "highlighted")
+        if (isinstance(node.value, ast.Attribute) and node.value.attr in overloaded
                 and isinstance(node.slice, ast.Name) and node.slice.id == "str"):
             self.add(node, "removed-api", f"the {node.value.attr}[str] overload is gone in Qt6; use "
                                           "textActivated / currentTextChanged / the int signal")
@@ -437,6 +467,9 @@ PLANTED = [
     ("menu.addAction(icon, 'x', receiver, slot)", "removed-api"),
     ("d = QDateTime(2020, 1, 2, 3, 4, 5, 6, 7)", "removed-api"),
     ("d = QDateTime(QDate(2020, 1, 2))", "removed-api"),
+    ("x = Qgis.LayerFilter.RasterLayer", "newer-api"),
+    ("try:\n    x = Qgis.LayerFilter.RasterLayer\nexcept ImportError:\n    x = None", "newer-api"),
+    ("x = QgsTask.Flag.Hidden", "newer-api"),
 ]
 
 
@@ -495,6 +528,12 @@ LEGIT = """
     u = getattr(getattr(QgsTask, "Flag", None), "CanCancel", None)
     v = Qgis.LayerFilter.RasterLayer if hasattr(Qgis, "LayerFilter") else None
     w = lambda: Qgis.ProcessingSourceType.Raster
+    try:
+        aa = Qgis.GeometryType.Polygon
+    except AttributeError:
+        aa = None
+    if hasattr(Qgis, "RasterBandStatistic"):
+        bb = Qgis.RasterBandStatistic.Min
     x = Qt.AlignmentFlag.AlignLeft.value if hasattr(Qt.AlignmentFlag.AlignLeft, "value") else 1
     y = NULL
     sig = pyqtSignal(object)
@@ -514,6 +553,12 @@ LEGIT = """
 
 def test_checker_accepts_scoped_and_portable_code():
     assert check_source(textwrap.dedent(LEGIT)) == []
+
+
+def test_newer_spellings_are_allowed_in_compat_only():
+    code = "from qgis.core import Qgis\nLAYERS = Qgis.LayerFilter.RasterLayer\n"
+    assert check_source(code, "qgis_plugin/compat.py") == []
+    assert [v.rule for v in check_source(code, "qgis_plugin/dock.py")] == ["newer-api"]
 
 
 def test_scoped_forms_suggested_by_the_checker_exist_here():
