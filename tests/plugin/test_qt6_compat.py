@@ -89,7 +89,7 @@ class Violation:
 def _module(name: str):
     try:
         return importlib.import_module(name)
-    except ImportError:
+    except Exception:  # noqa: BLE001 - missing or broken here: nothing to introspect
         return None
 
 
