@@ -26,6 +26,15 @@ BENCHMARKS = {
 }
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             module = importlib.import_module(BENCHMARKS[name])
-            if hasattr(module, "run"):
+            if name == "strategies" and _cuda():
+                module.run(args.out)  # the tiny model on the CPU, then full-size nf4 on the GPU
+                module.run(args.out, device="cuda")
+            elif hasattr(module, "run"):
                 module.run(args.out)
             else:  # command-line style benchmark (skips itself without CUDA)
                 module.main(["--json", str(args.out / f"{name}.json")])

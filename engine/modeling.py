@@ -56,6 +56,24 @@ CLIP_VIT_L_14_336: dict[str, Any] = {
     "projection_dim": 768,
 }
 
+# The language model of the released checkpoint (Qwen2-7B / LongVA-7B dimensions), used to build
+# the full-size architecture with random weights for GPU checks and benchmarks.
+QWEN2_7B_LM: dict[str, Any] = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 28,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "rope_scaling": None,
+}
+
 # Neighbour offsets (d_row, d_col) of the 9 affinity channels, in channel order.
 NEIGHBOUR_OFFSETS: tuple[tuple[int, int], ...] = tuple(
     (dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)

@@ -35,6 +35,10 @@ from engine.protocol import DEFAULT_STRATEGY, MAX_QUESTION_CHARS, PROTOCOL_VERSI
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "GeoLLaVA-8K"
 DEFAULT_TOKENS_PER_TILE = 24
+# Heatmaps / anchors the engine wrote are working files (the plugin copies what it keeps next to
+# the project): those older than this are removed when an engine starts.
+OUTPUT_RETENTION_DAYS = float(os.environ.get("GEOVQA_OUTPUT_RETENTION_DAYS", "14"))
+OUTPUT_PATTERNS = ("*_heatmap.tif", "*_anchors.geojson")
 
 
 class RequestError(ValueError):
@@ -227,6 +231,7 @@ class Engine:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.output_dir = Path(output_dir) if output_dir else cache_dir() / "outputs"
+        prune_outputs(self.output_dir, OUTPUT_RETENTION_DAYS)
         self.features = FeatureCache(max_bytes=feature_cache_bytes)
         self.prefixes = PrefixStore()
         self._lock = threading.Lock()
@@ -393,6 +398,24 @@ def resolve_weights(weights_dir, *, demo_ok: bool = True) -> tuple[Path, bool]:
     if not checkpoint_present(demo):
         build_tiny_checkpoint(demo, seed=0)
     return demo, True
+
+
+def prune_outputs(out_dir: Path, max_age_days: float) -> int:
+    """Remove the engine's own heatmap/anchor files older than `max_age_days` from `out_dir`
+    (nothing else is touched; 0 or less keeps everything). Returns how many were removed."""
+    if max_age_days <= 0 or not out_dir.is_dir():
+        return 0
+    cutoff = time.time() - max_age_days * 86400
+    removed = 0
+    for pattern in OUTPUT_PATTERNS:
+        for f in out_dir.glob(pattern):
+            try:
+                if f.is_file() and f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    removed += 1
+            except OSError:  # in use or already gone: leave it
+                pass
+    return removed
 
 
 def _check_raster_path(path: str) -> str:

@@ -26,12 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-FULL_SIZE_LM = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
-    rope_scaling=None,
-)
 
 
 def write_full_size_checkpoint(dest: Path, device: str, **overrides) -> Path:
@@ -40,10 +34,10 @@ def write_full_size_checkpoint(dest: Path, device: str, **overrides) -> Path:
     tokenizer (token ids beyond it are simply never used)."""
     import torch
 
-    from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
+    from engine.modeling import QWEN2_7B_LM, LlavaQwenConfig, LlavaQwenForCausalLM
     from engine.tiny import build_tokenizer
 
-    config = LlavaQwenConfig(**{**FULL_SIZE_LM, **overrides})
+    config = LlavaQwenConfig(**{**QWEN2_7B_LM, **overrides})
     config.architectures = ["LlavaQwenForCausalLM"]
     with torch.device("meta"):
         model = LlavaQwenForCausalLM(config)

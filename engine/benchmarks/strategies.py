@@ -33,7 +33,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SIZES = (2048, 8192, 16384)
@@ -43,11 +42,6 @@ FIELDS = ["device", "model", "size", "tiles", "strategy", "budget", "visual_toke
           "recall", "recall_sharp", "read_s", "vision_s", "select_s", "prefill_s", "ttft_s",
           "peak_mem_mb", "mem_delta_mb", "note"]
 
-FULL_LM = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-               max_window_layers=28)
-FULL_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                   num_attention_heads=16)
 
 
 class _RssSampler:
@@ -100,11 +94,13 @@ def full_size_model(device: str = "cuda", lm: dict | None = None, vision: dict |
     CUDA; `lm` / `vision` override the dimensions, e.g. for a quick check)."""
     import bitsandbytes as bnb
 
-    from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
+    from engine.modeling import (CLIP_VIT_L_14_336, QWEN2_7B_LM, LlavaQwenConfig,
+                                 LlavaQwenForCausalLM)
     from engine.tiny import build_tokenizer, tiny_config_dict
 
     tok = build_tokenizer()
-    cfg = tiny_config_dict(vision_config=dict(vision or FULL_VISION), **(lm or FULL_LM))
+    cfg = tiny_config_dict(vision_config=dict(vision or CLIP_VIT_L_14_336),
+                           **(lm or QWEN2_7B_LM))
     cfg.pop("model_type"), cfg.pop("architectures")
     cfg["eos_token_id"] = tok.convert_tokens_to_ids("<|im_end|>")
     cfg["pad_token_id"] = tok.convert_tokens_to_ids("<|endoftext|>")

@@ -172,3 +172,14 @@ class ServerProcess:
             return resp.status, list(self.iter_events(resp))
         finally:
             conn.close()
+
+
+def wait_until(predicate, timeout: float = 60.0, step: float = 0.05):
+    """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not reached in time")

@@ -27,20 +27,9 @@ gpu = pytest.mark.gpu
 
 def full_size_config_kwargs() -> dict:
     """Qwen2-7B / LongVA-7B dimensions (the released GeoLLaVA-8K LM)."""
-    return dict(
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-        rope_scaling=None,
-    )
+    from engine.modeling import QWEN2_7B_LM
+
+    return dict(QWEN2_7B_LM)
 
 
 def write_random_checkpoint(dest: Path, tokenizer_from: Path, device: str, **cfg_kwargs) -> Path:

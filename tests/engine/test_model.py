@@ -28,17 +28,9 @@ RELEASED_KEY_PATTERNS = [
 
 
 def released_7b_config() -> LlavaQwenConfig:
-    return LlavaQwenConfig(
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        tie_word_embeddings=False,
-    )
+    from engine.modeling import QWEN2_7B_LM
+
+    return LlavaQwenConfig(**QWEN2_7B_LM)
 
 
 def test_full_size_layout_on_meta():

@@ -253,3 +253,22 @@ def test_tiling_follows_the_checkpoints_pinpoints(tiny_checkpoint, scene, tmp_pa
     geometry, features, _ = read_and_encode(loaded.model, str(scene))
     assert (geometry.layout.cols, geometry.layout.rows) == (2, 2)
     assert features.patches.shape[0] == 4
+
+
+def test_prune_outputs_removes_only_old_engine_files(tmp_path):
+    import os
+    import time
+
+    from engine.pipeline import prune_outputs
+
+    old_tif, old_json = tmp_path / "a_heatmap.tif", tmp_path / "a_anchors.geojson"
+    new_tif, user = tmp_path / "b_heatmap.tif", tmp_path / "notes.txt"
+    for f in (old_tif, old_json, new_tif, user):
+        f.write_text("x")
+    past = time.time() - 20 * 86400
+    for f in (old_tif, old_json, user):
+        os.utime(f, (past, past))
+    assert prune_outputs(tmp_path, 0) == 0 and old_tif.exists()
+    assert prune_outputs(tmp_path, 14) == 2
+    assert not old_tif.exists() and not old_json.exists()
+    assert new_tif.exists() and user.exists()

@@ -4,7 +4,6 @@ streaming, uploads, output files and every bad input the issue lists."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 import sys
 import urllib.request

@@ -6,22 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from server_rasters import make_inputs  # noqa: E402
-from serverutil import ServerProcess  # noqa: E402
+from serverutil import ServerProcess, wait_until  # noqa: E402
 
 
-def wait_until(predicate, timeout=60.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not reached in time")
 
 
 def read_lines(path: Path) -> list[str]:

@@ -5,10 +5,10 @@ Batch resume after SIGKILL: test_server_e2e_batch.py."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from server_rasters import make_inputs, write_geotiff  # noqa: E402
 from serverutil import ServerProcess  # noqa: E402
+from serverutil import wait_until as _wait_until  # noqa: E402
+
+wait_until = functools.partial(_wait_until, timeout=120.0, step=0.1)
 
 from engine import protocol  # noqa: E402
 
@@ -58,14 +61,6 @@ def body(raster, **kw):
             "max_new_tokens": 6, **kw}
 
 
-def wait_until(predicate, timeout=120.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not reached in time")
 
 
 def test_health(server):

@@ -3,6 +3,7 @@ disconnect, DELETE), out-of-memory recovery, and batch results persisted as they
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from server_rasters import make_inputs  # noqa: E402
 from serverutil import ServerProcess  # noqa: E402
+from serverutil import wait_until as _wait_until  # noqa: E402
+
+wait_until = functools.partial(_wait_until, timeout=30.0)
 
 WORD_DELAY = 0.08
 
@@ -35,14 +39,6 @@ def body(raster, **kw):
     return {"raster_path": str(raster), "question": "What is here?", "max_new_tokens": 12, **kw}
 
 
-def wait_until(predicate, timeout=30.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not reached in time")
 
 
 def open_ask(server, raster, **kw):
