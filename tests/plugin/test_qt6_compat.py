@@ -22,7 +22,8 @@ No Qt6 build of QGIS exists in this environment, so the plugin's readiness for Q
   ``localPos()``, 4-argument ``addAction``, the 8-argument ``QDateTime`` constructor.
 * ``newer-api`` (the other direction: QGIS 3.22 must keep working): a Qt / QGIS attribute that
   these 3.22 bindings lack (e.g. ``Qgis.LayerFilter``) used outside ``compat.py`` without a guard
-  (a ``lambda`` tried by compat's ``_first``, ``try/except AttributeError``, a ``hasattr`` test).
+  (a ``lambda`` tried by compat's ``_first``, ``try/except AttributeError``, a ``hasattr`` or
+  ``Qgis.QGIS_VERSION_INT`` test).
 
 The checker is tested on small code strings (planted violations and legitimate code) as well.
 """
@@ -249,7 +250,8 @@ class _Checker(ast.NodeVisitor):
         self.generic_visit(node)
 
     def _guarded(self, node) -> bool:
-        """Inside a lambda, a try that catches AttributeError, or an if/ternary testing hasattr()."""
+        """Inside a lambda, a try that catches AttributeError, or an if/ternary testing hasattr() or
+        Qgis.QGIS_VERSION_INT."""
         child, parent = node, self.parents.get(node)
         while parent is not None:
             if isinstance(parent, ast.Lambda):
@@ -262,7 +264,8 @@ class _Checker(ast.NodeVisitor):
                                              for n in names):
                         return True
             if isinstance(parent, (ast.If, ast.IfExp)) and child is not parent.test and any(
-                    isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hasattr"
+                    (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hasattr")
+                    or (isinstance(n, ast.Attribute) and n.attr == "QGIS_VERSION_INT")
                     for n in ast.walk(parent.test)):
                 return True
             child, parent = parent, self.parents.get(parent)
@@ -534,6 +537,7 @@ LEGIT = """
         aa = None
     if hasattr(Qgis, "RasterBandStatistic"):
         bb = Qgis.RasterBandStatistic.Min
+    cc = Qgis.ProcessingSourceType.Raster if Qgis.QGIS_VERSION_INT >= 33600 else QgsProcessing.SourceType.TypeRaster
     x = Qt.AlignmentFlag.AlignLeft.value if hasattr(Qt.AlignmentFlag.AlignLeft, "value") else 1
     y = NULL
     sig = pyqtSignal(object)
