@@ -250,6 +250,36 @@ def _write_readme(path: Path, seed: int) -> None:
     )
 
 
+def write_random_checkpoint(dest: str | os.PathLike, device: str = "cpu", **overrides: Any) -> Path:
+    """Random bf16 weights of the released architecture (Qwen2-7B LM, CLIP ViT-L/14-336 tower)
+    unless `overrides` replace config fields (tests use small ones), built on the meta device,
+    materialised on `device` and saved in the released layout with the tiny tokenizer (token
+    ids beyond it are simply never used). For GPU load / QLoRA checks of the full size."""
+    import torch
+
+    from engine.modeling import QWEN2_7B_LM, LlavaQwenConfig, LlavaQwenForCausalLM
+
+    config = LlavaQwenConfig(**{**QWEN2_7B_LM, **overrides})
+    config.architectures = ["LlavaQwenForCausalLM"]
+    with torch.device("meta"):
+        model = LlavaQwenForCausalLM(config)
+    model = model.to(torch.bfloat16).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0) if "norm" in name else p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.config.dtype = "bfloat16"
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest, safe_serialization=True, max_shard_size="4GB")
+    del model
+    build_tokenizer().save_pretrained(dest)
+    return dest
+
+
 def is_tiny_checkpoint(path: str | os.PathLike) -> bool:
     """True when ``path`` holds a checkpoint written by build_tiny_checkpoint."""
     return (Path(path) / "TINY_MODEL.txt").is_file()

@@ -28,33 +28,9 @@ from pathlib import Path
 
 
 
-def write_full_size_checkpoint(dest: Path, device: str, **overrides) -> Path:
-    """Random bf16 weights with the released dimensions (`overrides` replace config fields; the
-    CPU test uses small ones), saved in the released layout, with the tiny checkpoint's
-    tokenizer (token ids beyond it are simply never used)."""
-    import torch
 
-    from engine.modeling import QWEN2_7B_LM, LlavaQwenConfig, LlavaQwenForCausalLM
-    from engine.tiny import build_tokenizer
 
-    config = LlavaQwenConfig(**{**QWEN2_7B_LM, **overrides})
-    config.architectures = ["LlavaQwenForCausalLM"]
-    with torch.device("meta"):
-        model = LlavaQwenForCausalLM(config)
-    model = model.to(torch.bfloat16).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0) if "norm" in name else p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    model.config.dtype = "bfloat16"
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest, safe_serialization=True, max_shard_size="4GB")
-    del model
-    build_tokenizer().save_pretrained(dest)
-    return dest
+from engine.tiny import write_random_checkpoint  # noqa: E402  (light: heavy imports are lazy)
 
 
 def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[int], lora_r: int = 16,
@@ -138,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     work = args.workdir or Path(os.environ.get("GEOVQA_BIG_TMP", "/tmp")) / "geollava-7b-random"
     t0 = time.perf_counter()
-    write_full_size_checkpoint(work, "cuda")
+    write_random_checkpoint(work, "cuda")
     write_s = time.perf_counter() - t0
     torch.cuda.empty_cache()
     try:

@@ -176,13 +176,14 @@ def test_target_regex_lm_head_optional():
 def test_gpu_benchmark_step_runs_on_cpu_with_the_tiny_model(tmp_path, tiny_checkpoint):
     """The code of engine/benchmarks/finetune_gpu.py (GPU run: full size, nf4) with small
     dimensions on the CPU: checkpoint writer, engine loader, LoRA, one step per token count."""
-    from engine.benchmarks.finetune_gpu import main, qlora_step, write_full_size_checkpoint
+    from engine.benchmarks.finetune_gpu import main, qlora_step
+    from engine.tiny import write_random_checkpoint
 
     tiny_cfg = json.loads((tiny_checkpoint / "config.json").read_text())
     small = dict(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vision_config=tiny_cfg["vision_config"],
                  mm_hidden_size=tiny_cfg["mm_hidden_size"])
-    ckpt = write_full_size_checkpoint(tmp_path / "ckpt", "cpu", **small)
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", "cpu", **small)
     rec = qlora_step(ckpt, device="cpu", quantization="fp32", n_visual=[8, 32], lora_r=4)
     assert [s["visual_tokens"] for s in rec["steps"]] == [8, 32]
     assert all(np.isfinite(s["loss"]) and s["sequence_tokens"] > s["visual_tokens"] for s in rec["steps"])

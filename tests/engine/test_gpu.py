@@ -22,6 +22,8 @@ from engine.loader import load_model
 
 REPO = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from engine.tiny import write_random_checkpoint  # noqa: E402
+
 gpu = pytest.mark.gpu
 
 
@@ -32,43 +34,13 @@ def full_size_config_kwargs() -> dict:
     return dict(QWEN2_7B_LM)
 
 
-def write_random_checkpoint(dest: Path, tokenizer_from: Path, device: str, **cfg_kwargs) -> Path:
-    """Build LlavaQwenForCausalLM on the meta device, materialise random bf16 weights on
-    ``device``, save in the released layout with the tokenizer of ``tokenizer_from``."""
-    from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
-
-    config = LlavaQwenConfig(**cfg_kwargs)
-    config.architectures = ["LlavaQwenForCausalLM"]
-    with torch.device("meta"):
-        model = LlavaQwenForCausalLM(config)
-    model = model.to(torch.bfloat16).to_empty(device=device)  # bf16 from the start
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and ("norm" in name or "layrnorm" in name):
-                p.fill_(1.0)
-            elif p.dim() == 1:
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    model.config.dtype = "bfloat16"
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest, safe_serialization=True, max_shard_size="4GB")
-    del model
-    for f in tokenizer_from.iterdir():
-        if f.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "added_tokens.json", "vocab.json", "merges.txt"):
-            shutil.copy(f, dest / f.name)
-    return dest
-
-
 def test_random_checkpoint_writer_round_trips_on_cpu(tmp_path, tiny_checkpoint):
     """Exercise the writer used by the full-size test with a small config on the CPU."""
     small = dict(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                  vision_config=json.loads((tiny_checkpoint / "config.json").read_text())["vision_config"],
                  mm_hidden_size=32)
-    dest = write_random_checkpoint(tmp_path / "ckpt", tiny_checkpoint, "cpu", **small)
+    dest = write_random_checkpoint(tmp_path / "ckpt", "cpu", **small)
     loaded = load_model(dest, device="cpu", quantization="fp32")
     assert loaded.model.reghead.dw.weight.shape == (32, 1, 3, 3)
     assert float(loaded.model.model.norm.weight.mean()) == 1.0
@@ -122,7 +94,7 @@ def test_full_size_nf4_load_peak_memory(tmp_path_factory, tiny_checkpoint):
     root = Path(os.environ.get("GEOVQA_BIG_TMP", tmp_path_factory.mktemp("full")))
     dest = root / "geollava-7b-random"
     t0 = time.perf_counter()
-    write_random_checkpoint(dest, tiny_checkpoint, "cuda", **full_size_config_kwargs())
+    write_random_checkpoint(dest, "cuda", **full_size_config_kwargs())
     t_write = time.perf_counter() - t0
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
