@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from engine import __version__
 from engine.cache import FeatureCache, PrefixStore, raster_key
-from engine.protocol import DEFAULT_STRATEGY, MAX_QUESTION_CHARS, PROTOCOL_VERSION, STRATEGIES
+from engine.protocol import DEFAULT_STRATEGY, PROTOCOL_VERSION, STRATEGIES, validate_question
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "GeoLLaVA-8K"
@@ -77,16 +77,12 @@ class AskRequest:
 
     def validated(self) -> "AskRequest":
         """A copy with the question stripped; RequestError for anything a person must fix."""
-        q = self.question
-        if not isinstance(q, str) or not q.strip():
-            raise RequestError("empty_question", "Please type a question.")
-        q = q.strip()
-        if len(q) > MAX_QUESTION_CHARS:
-            raise RequestError(
-                "question_too_long",
-                f"The question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}.",
-                "Shorten the question.",
-            )
+        try:
+            q = validate_question(self.question)  # the protocol's rule, shared with the server
+        except ValueError as exc:
+            code, _, message = str(exc).partition(": ")
+            hint = "Shorten the question." if code == "question_too_long" else None
+            raise RequestError(code, message, hint) from None
         if self.strategy not in STRATEGIES:
             raise RequestError(
                 "unknown_strategy",
