@@ -26,10 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-
-
-
-
 from engine.tiny import write_random_checkpoint  # noqa: E402  (light: heavy imports are lazy)
 
 

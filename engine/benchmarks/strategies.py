@@ -43,7 +43,6 @@ FIELDS = ["device", "model", "size", "tiles", "strategy", "budget", "visual_toke
           "peak_mem_mb", "mem_delta_mb", "note"]
 
 
-
 class _RssSampler:
     """Peak resident set size of this process while active (Linux /proc; ru_maxrss fallback)."""
 
@@ -231,7 +230,7 @@ def run(out_dir="docs/benchmarks", sizes=SIZES, device="cpu", strategies=STRATEG
                 f"select {sel_s:.2f}s prefill {row['prefill_s']}s peak {row['peak_mem_mb']} MB")
         del feats
         gc.collect()
-    write_outputs(rows, out_dir, stem, device)
+        write_outputs(rows, out_dir, stem, device)  # after every size: a cut-off run keeps its rows
     return rows
 
 

@@ -85,6 +85,38 @@ def test_tiny_nf4_load_and_generate(tiny_checkpoint):
     assert feats.patches.shape == (2, 576, 32) and feats.patches.is_cuda
 
 
+def test_cuda_semantics_recorder_on_cpu():
+    """The recorder the GPU run uses (docs/verification.md D1, D3) measures the CPU correctly."""
+    from engine.benchmarks.cuda_semantics import ROOTS, scatter_add_count, topk_empty_slots
+
+    assert scatter_add_count("cpu") == 576.0  # CPU bf16 scatter_add counts exactly
+    assert scatter_add_count("cpu", n=100) == 100.0
+    t = topk_empty_slots("cpu")
+    assert len(t["indices_sorted"]) == 24 and set(ROOTS) <= set(t["indices_sorted"])
+    assert len(t["empty_slot_indices"]) == 21 and not set(ROOTS) & set(t["empty_slot_indices"])
+
+
+@gpu
+@needs_cuda
+def test_geollava_selection_on_cuda_matches_cpu(tiny_checkpoint, tmp_path):
+    """The default strategy keeps the same tokens on the GPU as on the CPU (fp32, no TF32)."""
+    from engine.pipeline import prepare_visual
+    from engine.synth import make_scene
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    scene = make_scene(tmp_path / "scene.tif", (900, 700), objects=4, seed=3)
+    picks = {}
+    for dev in ("cpu", "cuda"):
+        loaded = load_model(tiny_checkpoint, device=dev, quantization="fp32")
+        picks[dev] = prepare_visual(loaded.model, str(scene.path), "How many boats?",
+                                    tokenizer=loaded.tokenizer).selection
+    cpu, cuda = picks["cpu"], picks["cuda"]
+    assert cuda.embeds.is_cuda and cpu.n_tokens == cuda.n_tokens > 0
+    assert [m.tolist() for m in cpu.members] == [m.tolist() for m in cuda.members]
+    torch.testing.assert_close(cuda.embeds.cpu(), cpu.embeds, rtol=1e-4, atol=1e-4)
+
+
 @gpu
 @needs_cuda
 def test_full_size_nf4_load_peak_memory(tmp_path_factory, tiny_checkpoint):
