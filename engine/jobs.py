@@ -382,8 +382,8 @@ class JobQueue:
         else:
             job.events.put(self._event(job, {"type": "error", **protocol.error_body(
                 "cancelled", "The question was cancelled before it started.")["error"]}))
-            job.events.put(None)
             self._run_cleanup(job)
+            job.events.put(None)
             self._jobs.pop(job.job_id, None)
 
     def _update_positions(self) -> None:
@@ -471,8 +471,8 @@ class JobQueue:
             job.message = err.message
             job.events.put(self._event(job, {"type": "error", **err.body()["error"]}))
         finally:
+            self._run_cleanup(job)  # before the end of the stream: the client sees it done
             job.events.put(None)
-            self._run_cleanup(job)
             with self._cond:
                 self._jobs.pop(job.job_id, None)
 
