@@ -36,6 +36,8 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
     p.add_argument("--budget", type=int, default=None, help="hard cap on visual tokens")
     p.add_argument("--tokens-per-tile", type=int, default=24)
+    p.add_argument("--faithful-empty-slots", action="store_true",
+                   help="geollava: 24 tokens every tile as the released checkpoint (zero tokens for missing clusters)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=None, help="where heatmaps are written")
@@ -76,6 +78,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         bands=[int(b) for b in args.bands.split(",")] if args.bands else None,
         strategy=args.strategy, budget=args.budget, tokens_per_tile=args.tokens_per_tile,
         max_new_tokens=args.max_new_tokens, seed=args.seed,
+        faithful_empty_slots=args.faithful_empty_slots,
     )
     result = None
     for event in engine.ask(req):

@@ -525,6 +525,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", default="geollava", help="visual token strategy (as in `ask`)")
     parser.add_argument("--budget", type=int, default=None, help="visual token budget")
     parser.add_argument("--tokens-per-tile", type=int, default=24)
+    parser.add_argument("--faithful-empty-slots", action="store_true", default=None,
+                        help="geollava: 24 tokens every tile as the released checkpoint (zero tokens for missing clusters)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="64 = the XLRS-Bench-lite protocol")
     parser.add_argument("--title", default="", help="heading of the Markdown table")
     parser.add_argument("--instruction", default=None,
@@ -552,7 +554,8 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
     def predict(item: EvalItem, prompt: str) -> str:
         req = AskRequest(raster_path=_resolve_image(item, root), question=prompt, strategy=args.strategy,
                          budget=args.budget, tokens_per_tile=args.tokens_per_tile,
-                         max_new_tokens=args.max_new_tokens, seed=0)
+                         max_new_tokens=args.max_new_tokens, seed=0,
+                         faithful_empty_slots=bool(getattr(args, "faithful_empty_slots", False)))
         answer = None
         for ev in engine.ask(req):
             if ev.get("type") == "result":
@@ -569,7 +572,7 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
 
 
 RUN_KEYS = ("annotations", "format", "weights", "adapter", "quantization", "strategy", "budget",
-            "tokens_per_tile", "max_new_tokens", "instruction")
+            "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots")
 
 
 def _check_run_settings(args: argparse.Namespace) -> None:

@@ -172,7 +172,8 @@ def _base(model):
 # ------------------------------------------------------------------------------ visual tokens
 
 def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_tile: int = 24,
-                      seed: int = 0, tokenizer=None) -> Callable[[Sample], Any]:
+                      seed: int = 0, tokenizer=None,
+                      faithful_empty_slots: bool = False) -> Callable[[Sample], Any]:
     """A function sample -> visual embeddings (N, H) built by `engine.pipeline.prepare_visual`
     (the very path `ask` uses: raster read, anyres tiling, CLIP, the strategy), without
     gradients. The question given to text-guided strategies is the first user turn."""
@@ -186,7 +187,7 @@ def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_ti
         with torch.no_grad():
             vis = prepare_visual(base, str(sample.image), sample.first_question, strategy=strategy,
                                  budget=budget, tokens_per_tile=tokens_per_tile, seed=seed,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
         return vis.selection.embeds.detach()
 
     return fn
@@ -547,6 +548,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", default="geollava", help="token strategy used to build visual tokens")
     parser.add_argument("--budget", type=int, default=None, help="visual token budget per sample")
     parser.add_argument("--tokens-per-tile", type=int, default=24)
+    parser.add_argument("--faithful-empty-slots", action="store_true",
+                        help="geollava: 24 tokens every tile as the released checkpoint (zero tokens for missing clusters)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
@@ -624,7 +627,8 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     model = add_lora(loaded.model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      targets=targets, four_bit=bool(info.get("four_bit")),
                      gradient_checkpointing=not args.no_gradient_checkpointing)
-    extra = {} if visual_fn_factory else {"tokenizer": loaded.tokenizer}
+    extra = {} if visual_fn_factory else {"tokenizer": loaded.tokenizer,
+                                          "faithful_empty_slots": args.faithful_empty_slots}
     factory = visual_fn_factory or default_visual_fn
     visual_fn = factory(model, strategy=args.strategy, budget=args.budget, tokens_per_tile=args.tokens_per_tile,
                         seed=args.seed, **extra)

@@ -494,7 +494,8 @@ class JobQueue:
             "raster_path": item["raster_path"], "aoi": item.get("aoi"), "question": question,
             "bands": item.get("bands"),
             **{k: job.spec[k] for k in ("strategy", "budget", "tokens_per_tile", "max_new_tokens",
-                                        "seed") if job.spec.get(k) is not None},
+                                        "seed", "faithful_empty_slots")
+               if job.spec.get(k) is not None},
             "request_id": f"{job.job_id}:{index}",
         }
         line: dict[str, Any] = {

@@ -74,6 +74,7 @@ class AskRequest:
     max_new_tokens: int = 256
     seed: int | None = 0
     request_id: str | None = None
+    faithful_empty_slots: bool = False
 
     def validated(self) -> "AskRequest":
         """A copy with the question stripped; RequestError for anything a person must fix."""
@@ -93,6 +94,9 @@ class AskRequest:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise RequestError("bad_request", f"{name} must be a positive whole number, not {v!r}.")
+        if not isinstance(self.faithful_empty_slots, bool):
+            raise RequestError("bad_request", "faithful_empty_slots must be true or false, "
+                                              f"not {self.faithful_empty_slots!r}.")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or not 1 <= self.max_new_tokens <= 4096:
             raise RequestError("bad_request", "max_new_tokens must be between 1 and 4096.")
@@ -172,7 +176,7 @@ def make_strategy(name: str, *, tokens_per_tile: int | None = None, seed: int | 
 def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DEFAULT_STRATEGY,
                    budget: int | None = None, tokens_per_tile: int | None = DEFAULT_TOKENS_PER_TILE,
                    seed: int | None = 0, aoi=None, bands=None, cancel=None,
-                   tokenizer=None) -> VisualInput:
+                   tokenizer=None, faithful_empty_slots: bool = False) -> VisualInput:
     """Raster + question -> selected visual tokens (after the projector) and their geometry.
 
     Fine-tuning and evaluation call this so they see exactly the tokens inference sees."""
@@ -180,7 +184,7 @@ def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DE
                                                   cancel=cancel)
     t0 = time.perf_counter()
     strat = make_strategy(strategy, tokens_per_tile=tokens_per_tile, seed=seed,
-                          tokenizer=tokenizer)
+                          tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
     selection = strat.select(features, geometry, question, budget, model=model)
     timings["select"] = time.perf_counter() - t0
     return VisualInput(selection=selection, geometry=geometry, timings=timings)
@@ -302,9 +306,11 @@ class Engine:
         check_cancel()
 
         strat = make_strategy(req.strategy, tokens_per_tile=req.tokens_per_tile, seed=req.seed,
-                              tokenizer=self.tokenizer)
+                              tokenizer=self.tokenizer,
+                              faithful_empty_slots=req.faithful_empty_slots)
         reusable = not getattr(strat, "question_dependent", True)
-        pkey = (fkey, req.strategy, req.tokens_per_tile, req.seed, req.budget)
+        pkey = (fkey, req.strategy, req.tokens_per_tile, req.seed, req.budget,
+                req.faithful_empty_slots)
         entry = self.prefixes.get(pkey) if reusable else None
         yield ev("status", stage="select", progress=None,
                  message=f"selecting visual tokens ({req.strategy})")

@@ -82,6 +82,8 @@ ASK_FIELDS = {
     "strategy": "str: one of STRATEGIES (default DEFAULT_STRATEGY)",
     "budget": "int | null: hard cap on visual tokens entering the language model",
     "tokens_per_tile": "int | null: geollava/anchored tokens kept a tile (default 24)",
+    "faithful_empty_slots": "bool: geollava sends tokens_per_tile tokens for every tile as the "
+    "released checkpoint does, zero vectors for missing clusters (default false: dropped)",
     "max_new_tokens": "int: default 256",
     "seed": "int | null: for strategies with randomness",
     "request_id": "str | null: client id, echoed in every event; a newer one supersedes",
@@ -135,7 +137,7 @@ BATCH_FIELDS = {
     "items": "list[{'layer': str (display name), 'raster_path': str, 'aoi': AOI | null}]",
     "questions": "list[str]",
     "strategy": "str", "budget": "int | null", "tokens_per_tile": "int | null",
-    "max_new_tokens": "int",
+    "max_new_tokens": "int", "faithful_empty_slots": "bool",
 }
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_FIELDS = {

@@ -126,6 +126,15 @@ def _int_field(body: dict, name: str, *, low: int, high: int | None = None,
     return value
 
 
+def _bool_field(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise JobError("bad_request", f"'{name}' must be true or false, not {value!r}.")
+    return value
+
+
 def validate_strategy(value: Any, known: tuple[str, ...]) -> str:
     strategy = protocol.DEFAULT_STRATEGY if value is None else value
     if not isinstance(strategy, str) or strategy not in known:
@@ -209,6 +218,7 @@ def validate_common(body: dict, known: tuple[str, ...]) -> dict:
         "max_new_tokens": _int_field(body, "max_new_tokens", low=1, high=MAX_NEW_TOKENS_LIMIT,
                                      default=256),
         "seed": _int_field(body, "seed", low=0, default=0),
+        "faithful_empty_slots": _bool_field(body, "faithful_empty_slots"),
     }
 
 

@@ -182,9 +182,8 @@ class BatchDialog(QDialog):
         if not self._items:
             self._done()
             return
-        opts = {"strategy": self.settings.strategy, "budget": self.settings.budget or None,
-                "tokens_per_tile": self.settings.tokens_per_tile, "max_new_tokens": self.settings.max_new_tokens}
-        self.task = BatchTask(make_client(self.settings), self._items, self._questions, opts, self.settings.results_dir())
+        self.task = BatchTask(make_client(self.settings), self._items, self._questions,
+                              self.settings.request_options(), self.settings.results_dir())
         self.task.row.connect(self._add_row)
         self.task.progressChanged.connect(lambda p: self.progress.setValue(int(p)))
         self.task.taskCompleted.connect(self._done)

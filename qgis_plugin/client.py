@@ -67,6 +67,7 @@ def build_ask_request(
     max_new_tokens: int = 256,
     seed: int | None = None,
     request_id: str | None = None,
+    faithful_empty_slots: bool = False,
 ) -> dict:
     """The JSON body of ``POST /ask`` (protocol ASK_FIELDS), validated on the client side."""
     if not isinstance(question, str) or not question.strip():
@@ -88,6 +89,7 @@ def build_ask_request(
         "max_new_tokens": int(max_new_tokens),
         "seed": seed,
         "request_id": request_id or new_request_id(),
+        "faithful_empty_slots": bool(faithful_empty_slots),
     }
 
 

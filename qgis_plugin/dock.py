@@ -175,12 +175,12 @@ class ChatDock(QgsDockWidget):
         self.max_new_spin.setValue(s.max_new_tokens)
 
     def options(self) -> dict:
-        return {
-            "strategy": self.strategy_combo.currentData(),
-            "budget": self.budget_spin.value() or None,
-            "tokens_per_tile": self.tpt_spin.value(),
-            "max_new_tokens": self.max_new_spin.value(),
-        }
+        return Settings.load().request_options(
+            strategy=self.strategy_combo.currentData(),
+            budget=self.budget_spin.value() or None,
+            tokens_per_tile=self.tpt_spin.value(),
+            max_new_tokens=self.max_new_spin.value(),
+        )
 
     # -- layer / conversation ----------------------------------------------------------------
     def set_layer(self, layer):

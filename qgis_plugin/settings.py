@@ -48,6 +48,7 @@ class Settings:
     budget: int = 0  # 0 = engine default (no cap)
     tokens_per_tile: int = 24
     max_new_tokens: int = 256
+    faithful_empty_slots: bool = False  # geollava: 24 tokens every tile, as the checkpoint
     render_max_px: int = 2048
     request_timeout_s: int = 900
 
@@ -57,14 +58,16 @@ class Settings:
         out = cls()
         for name, default in cls._fields().items():
             value = s.value(PREFIX + name, default)
-            if isinstance(default, int):
+            if isinstance(default, bool):  # before int: bool is an int; QSettings may give 'false'
+                value = value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1")
+            elif isinstance(default, int):
                 try:
                     value = int(value)
                 except (TypeError, ValueError):
                     value = default
-            elif value is None:
-                value = default
-            setattr(out, name, value if isinstance(default, int) else str(value))
+            else:
+                value = default if value is None else str(value)
+            setattr(out, name, value)
         if out.strategy not in STRATEGIES:
             out.strategy = DEFAULT_STRATEGY
         return out
@@ -80,6 +83,23 @@ class Settings:
         return {k: v for k, v in vars(base).items() if not k.startswith("_")}
 
     # -- derived values ---------------------------------------------------------------------
+    def request_options(self, **overrides) -> dict:
+        """The model options of an ask request (keyword arguments of
+        ``client.build_ask_request``), from these settings; ``overrides`` are what a dialog or
+        algorithm sets itself (e.g. the strategy chosen there)."""
+        options = {
+            "strategy": self.strategy,
+            "budget": self.budget or None,
+            "tokens_per_tile": self.tokens_per_tile,
+            "max_new_tokens": self.max_new_tokens,
+            "faithful_empty_slots": self.faithful_empty_slots,
+        }
+        unknown = set(overrides) - set(options)
+        if unknown:
+            raise TypeError(f"unknown request options: {', '.join(sorted(unknown))}")
+        options.update(overrides)
+        return options
+
     def resolved_token(self) -> str:
         """The bearer token: typed-in setting, else the token file, else ''."""
         if self.token.strip():

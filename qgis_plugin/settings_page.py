@@ -6,7 +6,8 @@ from pathlib import Path
 
 from qgis.gui import QgsFileWidget, QgsOptionsPageWidget, QgsOptionsWidgetFactory
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QComboBox, QFormLayout, QLabel, QLineEdit, QSpinBox, QVBoxLayout, QWidget
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QSpinBox,
+                                 QVBoxLayout, QWidget)
 
 from .settings import STRATEGIES, STRATEGY_LABELS, Settings, default_token_path
 
@@ -60,6 +61,13 @@ class SettingsForm(QWidget):
         self.tpt.setRange(1, 576)
         self.tpt.setValue(s.tokens_per_tile)
         form.addRow("Tokens per tile", self.tpt)
+        self.faithful = QCheckBox("Send every tile's full count, as the released checkpoint")
+        self.faithful.setToolTip(
+            "GeoLLaVA-8K strategy only. The released model always reads 'tokens per tile' tokens "
+            "a tile, zero tokens standing in for missing clusters in uniform tiles. Off (default): "
+            "those empty slots are left out; the kept image tokens are the same.")
+        self.faithful.setChecked(s.faithful_empty_slots)
+        form.addRow("Empty cluster slots", self.faithful)
         self.max_new = QSpinBox()
         self.max_new.setRange(1, 4096)
         self.max_new.setValue(s.max_new_tokens)
@@ -86,6 +94,7 @@ class SettingsForm(QWidget):
         s.strategy = self.strategy.currentData()
         s.budget = self.budget.value()
         s.tokens_per_tile = self.tpt.value()
+        s.faithful_empty_slots = self.faithful.isChecked()
         s.max_new_tokens = self.max_new.value()
         s.render_max_px = self.render_px.value()
         s.output_dir = self.output.filePath()

@@ -106,12 +106,11 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         question = self.parameterAsString(parameters, self.QUESTION, context)
         strategy = strategy_options()[self.parameterAsEnum(parameters, self.STRATEGY, context)]
-        options = {
-            "strategy": strategy,
-            "budget": self.parameterAsInt(parameters, self.BUDGET, context) or None,
-            "tokens_per_tile": self.settings.tokens_per_tile,
-            "max_new_tokens": self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context),
-        }
+        options = self.settings.request_options(
+            strategy=strategy,
+            budget=self.parameterAsInt(parameters, self.BUDGET, context) or None,
+            max_new_tokens=self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context),
+        )
         heat_dest = self.parameterAsFileOutput(parameters, self.HEATMAP, context)
         anchors_dest = self.parameterAsFileOutput(parameters, self.ANCHORS, context)
         try:

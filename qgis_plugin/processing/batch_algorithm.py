@@ -81,12 +81,10 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         questions = [q.strip() for q in self.parameterAsString(parameters, self.QUESTIONS, context).splitlines() if q.strip()]
         if not questions:
             raise QgsProcessingException("Type at least one question.")
-        options = {
-            "strategy": strategy_options()[self.parameterAsEnum(parameters, self.STRATEGY, context)],
-            "budget": self.parameterAsInt(parameters, self.BUDGET, context) or None,
-            "tokens_per_tile": self.settings.tokens_per_tile,
-            "max_new_tokens": self.settings.max_new_tokens,
-        }
+        options = self.settings.request_options(
+            strategy=strategy_options()[self.parameterAsEnum(parameters, self.STRATEGY, context)],
+            budget=self.parameterAsInt(parameters, self.BUDGET, context) or None,
+        )
         total = len(self.items) * len(questions)
         rows = []
         for item in self.items:

@@ -151,6 +151,8 @@ def test_build_inputs_labels_only_the_answer(engine, scene):
     ({"strategy": "magic"}, "unknown_strategy"),
     ({"budget": 0}, "bad_request"),
     ({"max_new_tokens": 0}, "bad_request"),
+    ({"faithful_empty_slots": "false"}, "bad_request"),
+    ({"faithful_empty_slots": 1}, "bad_request"),
 ])
 def test_bad_requests_have_codes(engine, scene, kw, code):
     args = {"question": "ok?", **kw}
@@ -166,6 +168,30 @@ def test_missing_and_corrupt_rasters(engine, tmp_path):
     bad.write_bytes(b"\x00garbage" * 100)
     with pytest.raises(RasterOpenError):
         list(engine.ask(AskRequest(str(bad), "q?")))
+
+
+def test_faithful_empty_slots_reach_geollava_with_a_prefix_cache_of_their_own(engine, scene):
+    engine.prefixes.clear()
+    default = _ask(engine, scene, "Is there water?")[-1]
+    faithful = _ask(engine, scene, "Is there water?", faithful_empty_slots=True)[-1]
+    again = _ask(engine, scene, "Is there water?")[-1]
+    # 3 x 2 tiles; the tiny model's tiles hold fewer than 24 clusters, so the two differ
+    assert faithful["tokens"]["visual_kept"] == 6 * 24
+    assert default["tokens"]["visual_kept"] < 6 * 24
+    assert faithful["cache"]["kv_prefix"] is False  # not served from the default's prefix
+    assert again["cache"]["kv_prefix"] is True
+    assert again["tokens"] == default["tokens"] and again["answer"] == default["answer"]
+    # the zero-slot tokens stand for no patch: nothing more is drawn
+    assert len(faithful["anchors"]["features"]) == len(default["anchors"]["features"])
+
+
+def test_cli_flag_for_faithful_empty_slots():
+    from engine.cli import build_parser
+
+    for cmd, extra in (("ask", ["x.tif", "q?"]), ("finetune", ["d.json", "--out", "o"]),
+                       ("eval", ["a.json"])):
+        assert build_parser(cmd).parse_args([cmd, *extra, "--faithful-empty-slots"]).faithful_empty_slots
+        assert not build_parser(cmd).parse_args([cmd, *extra]).faithful_empty_slots
 
 
 def test_none_refuses_a_budget_it_cannot_honour(engine, scene):

@@ -136,6 +136,7 @@ def _err(status_body):
     ("polygon_outside", 400, "aoi_outside_raster", "overlap"),
     ("bad_band", 400, "bad_request", "band"),
     ("bad_budget", 400, "bad_request", "budget"),
+    ("bad_faithful", 400, "bad_request", "faithful_empty_slots"),
 ])
 def test_bad_input(server, inputs, case, expected_status, expected_code, words):
     body = ask_body(inputs["raster"])
@@ -163,6 +164,8 @@ def test_bad_input(server, inputs, case, expected_status, expected_code, words):
         body["bands"] = [1, 2, 7]
     elif case == "bad_budget":
         body["budget"] = -3
+    elif case == "bad_faithful":
+        body["faithful_empty_slots"] = "yes"
     status, code, message = _err(server.ask(body))
     assert (status, code) == (expected_status, expected_code), message
     assert words in message.lower()

@@ -267,3 +267,13 @@ def test_qgis_process_runs_ask_raster(real_engine, tmp_path):
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["results"]["ANSWER"].strip()
     assert Path(out["results"]["HEATMAP"]).is_file() and Path(out["results"]["ANCHORS"]).is_file()
+
+
+def test_faithful_empty_slots_setting_reaches_the_real_engine(plugin, raster_layer, real_engine):
+    layer = raster_layer("uniform", width=200, height=150)
+    plain = _ask(plugin.dock, layer, "What is here?")["result"]["tokens"]
+    set_settings(faithful_empty_slots=True)
+    faithful = _ask(plugin.dock, layer, "What is here?")["result"]["tokens"]
+    tiles = faithful["visual_candidates"] // 144
+    assert faithful["visual_kept"] == tiles * 24  # every tile's full count, as the checkpoint
+    assert plain["visual_kept"] < faithful["visual_kept"]  # the tiny model leaves empty slots

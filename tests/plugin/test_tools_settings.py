@@ -90,9 +90,13 @@ def test_options_page_saves_settings(qgis_app, tmp_path):
     page.form.python.setFilePath("/opt/venv/bin/python")
     page.form.strategy.setCurrentIndex(page.form.strategy.findData("pyramid"))
     page.form.budget.setValue(4096)
+    assert not page.form.faithful.isChecked()
+    page.form.faithful.setChecked(True)
     page.apply()
     s = Settings.load()
     assert (s.engine_url, s.python, s.strategy, s.budget) == ("http://127.0.0.1:9999", "/opt/venv/bin/python", "pyramid", 4096)
+    assert s.faithful_empty_slots is True
+    assert factory.createWidget(None).form.faithful.isChecked()  # shown as saved
 
 
 def test_dock_follows_the_current_layer(plugin, raster_layer, qgis_iface):

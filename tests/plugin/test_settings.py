@@ -1,0 +1,53 @@
+"""Settings: values round-trip through QgsSettings, and the one place request options are built."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_bool_setting_round_trips_and_reads_strings(qgis_app):
+    from geovqa.settings import PREFIX, Settings
+    from qgis.core import QgsSettings
+
+    assert Settings.load().faithful_empty_slots is False
+    s = Settings.load()
+    s.faithful_empty_slots = True
+    s.save()
+    assert Settings.load().faithful_empty_slots is True
+    # settings files written by hand or by another Qt hold strings
+    for stored, expected in (("false", False), ("true", True), ("True", True), ("0", False),
+                             ("garbage", False)):
+        QgsSettings().setValue(PREFIX + "faithful_empty_slots", stored)
+        assert Settings.load().faithful_empty_slots is expected, stored
+    # ints still parse as ints, not as bools
+    QgsSettings().setValue(PREFIX + "tokens_per_tile", "12")
+    assert Settings.load().tokens_per_tile == 12
+
+
+def test_request_options_from_settings_with_overrides(qgis_app):
+    from geovqa.client import build_ask_request
+    from geovqa.settings import Settings
+
+    s = Settings.load()
+    s.strategy, s.budget, s.tokens_per_tile, s.max_new_tokens = "budget", 0, 8, 99
+    s.faithful_empty_slots = True
+    assert s.request_options() == {"strategy": "budget", "budget": None, "tokens_per_tile": 8,
+                                   "max_new_tokens": 99, "faithful_empty_slots": True}
+    opts = s.request_options(strategy="geollava", budget=512)
+    assert (opts["strategy"], opts["budget"], opts["tokens_per_tile"]) == ("geollava", 512, 8)
+    body = build_ask_request("How many ships?", "/data/x.tif", **opts)
+    assert body["faithful_empty_slots"] is True and body["budget"] == 512
+    with pytest.raises(TypeError, match="bugdet"):
+        s.request_options(bugdet=3)
+
+
+def test_dock_options_use_the_dock_widgets_and_the_saved_setting(plugin):
+    from conftest import set_settings
+
+    set_settings(faithful_empty_slots=True, tokens_per_tile=24)
+    dock = plugin.dock
+    dock.tpt_spin.setValue(6)
+    dock.budget_spin.setValue(300)
+    opts = dock.options()
+    assert opts["tokens_per_tile"] == 6 and opts["budget"] == 300
+    assert opts["faithful_empty_slots"] is True
