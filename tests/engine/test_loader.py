@@ -45,8 +45,18 @@ def test_info_and_auto_choice_on_cpu(tiny_checkpoint, tiny_loaded):
     if not torch.cuda.is_available():
         plan = plan_device("auto", "auto", "auto")
         assert (plan.device, plan.quantization, plan.attention) == ("cpu", "fp32", "sdpa")
-        with pytest.raises(ValueError, match="CUDA"):
-            plan_device("cpu", "nf4")
+
+
+def test_nf4_on_the_cpu_only_with_a_bitsandbytes_cpu_backend(monkeypatch):
+    import engine.devices as D
+
+    monkeypatch.setattr(D, "bitsandbytes_cpu_4bit_usable", lambda: False)
+    with pytest.raises(ValueError, match="CUDA GPU, or on the CPU"):
+        D.plan_device("cpu", "nf4")
+    monkeypatch.setattr(D, "bitsandbytes_cpu_4bit_usable", lambda: True)
+    plan = D.plan_device("cpu", "nf4")
+    assert (plan.device, plan.quantization, plan.four_bit) == ("cpu", "nf4", True)
+    assert D.plan_device("cpu", "auto").quantization == "fp32"  # never chosen by itself
 
 
 def test_tokenizer_is_qwen2_style(tiny_loaded):
