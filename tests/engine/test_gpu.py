@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_only_the_lm_is_nf4, generate_from_random_visual
 from engine.loader import load_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,36 +47,16 @@ def test_random_checkpoint_writer_round_trips_on_cpu(tmp_path, tiny_checkpoint):
     assert float(loaded.model.model.norm.weight.mean()) == 1.0
 
 
-def _generate(loaded, n_visual: int, max_new_tokens: int = 8):
-    from engine.generate import generate_text
-    from engine.prompt import split_prompt
-
-    model, tok = loaded.model, loaded.tokenizer
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(n_visual, model.config.mm_hidden_size, generator=g)
-    pieces = split_prompt(tok, "How many ships are in the harbour?")
-    emb = model.build_inputs_embeds(pieces.before, model.project(feats), pieces.after)
-    return generate_text(model, tok, emb, max_new_tokens=max_new_tokens)
-
-
 @gpu
 @needs_cuda
 def test_tiny_nf4_load_and_generate(tiny_checkpoint):
-    import bitsandbytes as bnb
-
     loaded = load_model(tiny_checkpoint, device="cuda", quantization="nf4")
     assert loaded.info["four_bit"] and loaded.info["quantization"] == "nf4"
     assert loaded.info["device"].startswith("cuda")
     model = loaded.model
-    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
-    # kept unquantised: vision tower, projector, reghead, lm_head
-    clip_q = model.model.vision_tower.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj
-    for mod in (clip_q, model.model.mm_projector[0], model.lm_head):
-        assert type(mod) is torch.nn.Linear and mod.weight.dtype == torch.bfloat16
-    assert model.reghead.dw.weight.dtype == torch.bfloat16
-    a = _generate(loaded, 144)
-    b = _generate(loaded, 144)
+    assert_only_the_lm_is_nf4(model)
+    a = generate_from_random_visual(loaded, 144)
+    b = generate_from_random_visual(loaded, 144)
     assert a.n_new_tokens > 0 and a.text == b.text
     assert a.peak_memory_bytes and a.peak_memory_bytes > 0
     tiles = torch.randint(0, 256, (3, 336, 336, 3), dtype=torch.uint8)
@@ -156,7 +137,7 @@ def test_full_size_nf4_load_peak_memory(tmp_path_factory, tiny_checkpoint):
     t_load = time.perf_counter() - t0
     peak_load = torch.cuda.max_memory_allocated()
     resident = torch.cuda.memory_allocated()
-    gen = _generate(loaded, n_visual=13824 // 4, max_new_tokens=16)
+    gen = generate_from_random_visual(loaded, n_visual=13824 // 4, max_new_tokens=16)
     record = {
         "gpu": torch.cuda.get_device_name(0),
         "gpu_total_bytes": int(total),

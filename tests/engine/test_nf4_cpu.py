@@ -5,8 +5,8 @@ lent GPU. Skipped where the installed bitsandbytes has no CPU backend."""
 from __future__ import annotations
 
 import pytest
-import torch
 
+from conftest import assert_only_the_lm_is_nf4, generate_from_random_visual
 from engine.devices import bitsandbytes_cpu_4bit_usable
 from engine.loader import load_model
 
@@ -20,30 +20,13 @@ def nf4(tiny_checkpoint):
 
 
 def test_nf4_quantises_only_the_language_model(nf4):
-    import bitsandbytes as bnb
-
     assert nf4.info["four_bit"] and nf4.info["quantization"] == "nf4" and nf4.info["device"] == "cpu"
-    model = nf4.model
-    for layer in model.model.layers:
-        for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
-            assert isinstance(mod, bnb.nn.Linear4bit)
-            assert mod.weight.quant_state.quant_type == "nf4"
-    clip_q = model.model.vision_tower.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj
-    for mod in (clip_q, model.model.mm_projector[0], model.lm_head):
-        assert type(mod) is torch.nn.Linear and mod.weight.dtype == torch.bfloat16
-    assert model.reghead.dw.weight.dtype == torch.bfloat16
+    assert_only_the_lm_is_nf4(nf4.model)
 
 
 def test_nf4_generation_is_deterministic(nf4):
-    from engine.generate import generate_text
-    from engine.prompt import split_prompt
-
-    model, tok = nf4.model, nf4.tokenizer
-    feats = torch.randn(144, model.config.mm_hidden_size, generator=torch.Generator().manual_seed(0))
-    pieces = split_prompt(tok, "How many ships are in the harbour?")
-    emb = model.build_inputs_embeds(pieces.before, model.project(feats.to(torch.bfloat16)), pieces.after)
-    a = generate_text(model, tok, emb, max_new_tokens=8)
-    b = generate_text(model, tok, emb, max_new_tokens=8)
+    a = generate_from_random_visual(nf4, 144)
+    b = generate_from_random_visual(nf4, 144)
     assert a.n_new_tokens > 0 and a.text == b.text
 
 
