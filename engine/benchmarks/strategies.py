@@ -28,12 +28,13 @@ import csv
 import gc
 import os
 import platform
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from engine.benchmarks.memory import RssSampler
 
 SIZES = (2048, 8192, 16384)
 STRATEGIES = ("none", "uniform", "random", "background", "anchored", "geollava", "pyramid", "budget")
@@ -41,39 +42,6 @@ QUESTION = "How many boats are on the water?"
 FIELDS = ["device", "model", "size", "tiles", "strategy", "budget", "visual_tokens", "candidates",
           "recall", "recall_sharp", "read_s", "vision_s", "select_s", "prefill_s", "ttft_s",
           "peak_mem_mb", "mem_delta_mb", "note"]
-
-
-class _RssSampler:
-    """Peak resident set size of this process while active (Linux /proc; ru_maxrss fallback)."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = self.start = self._rss()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
 
 
 def tiny_model(device: str = "cpu"):
@@ -166,7 +134,7 @@ def _one(model, tok, name, feats, geometry, objects, budget, device, max_prefill
         torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated() if cuda else 0
     note = ""
-    with _RssSampler() as rss, torch.no_grad():
+    with RssSampler() as rss, torch.no_grad():
         t0 = time.perf_counter()
         sel = strat.select(feats, geometry, QUESTION, budget, model=model)
         if cuda:

@@ -55,20 +55,6 @@ def tiny_tokenizer(tiny_loaded):
     return tiny_loaded.tokenizer
 
 
-def generate_from_random_visual(loaded, n_visual: int, max_new_tokens: int = 8):
-    """Greedy generation after `n_visual` random CLIP-sized features through the projector."""
-    import torch
-
-    from engine.generate import generate_text
-    from engine.prompt import split_prompt
-
-    model, tok = loaded.model, loaded.tokenizer
-    feats = torch.randn(n_visual, model.config.mm_hidden_size, generator=torch.Generator().manual_seed(0))
-    pieces = split_prompt(tok, "How many ships are in the harbour?")
-    emb = model.build_inputs_embeds(pieces.before, model.project(feats), pieces.after)
-    return generate_text(model, tok, emb, max_new_tokens=max_new_tokens)
-
-
 def assert_only_the_lm_is_nf4(model) -> None:
     """The released split: LM linears in nf4; vision tower, projector, reghead, lm_head bf16."""
     import bitsandbytes as bnb

@@ -11,28 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_only_the_lm_is_nf4, generate_from_random_visual
+from conftest import assert_only_the_lm_is_nf4
+from engine.benchmarks.full_size import generate_from_random_visual
+from engine.devices import bitsandbytes_cpu_4bit_usable
 from engine.loader import load_model
+from engine.tiny import write_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-from engine.tiny import write_random_checkpoint  # noqa: E402
-
 gpu = pytest.mark.gpu
-
-
-def full_size_config_kwargs() -> dict:
-    """Qwen2-7B / LongVA-7B dimensions (the released GeoLLaVA-8K LM)."""
-    from engine.modeling import QWEN2_7B_LM
-
-    return dict(QWEN2_7B_LM)
 
 
 def test_random_checkpoint_writer_round_trips_on_cpu(tmp_path, tiny_checkpoint):
@@ -64,6 +56,22 @@ def test_tiny_nf4_load_and_generate(tiny_checkpoint):
 
     feats = encode_tiles(model, tiles)
     assert feats.patches.shape == (2, 576, 32) and feats.patches.is_cuda
+
+
+@pytest.mark.skipif(not bitsandbytes_cpu_4bit_usable(), reason="bitsandbytes has no CPU 4-bit backend here")
+def test_full_size_measure_runs_on_the_cpu_with_a_small_config(tmp_path, tiny_checkpoint):
+    """The full-size benchmark's code (write, nf4 load, generate, record) with small dimensions."""
+    from engine.benchmarks.full_size import measure
+
+    vision = json.loads((tiny_checkpoint / "config.json").read_text())["vision_config"]
+    small = dict(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vision_config=vision, mm_hidden_size=32)
+    rec = measure("cpu", tmp_path / "ckpt", n_visual=40, max_new_tokens=3, overrides=small)
+    assert rec["quantization"] == "nf4" and rec["generate_new_tokens"] > 0
+    assert rec["generate_prompt_tokens"] > 40
+    assert rec["load_peak_bytes"] >= rec["resident_after_load_bytes"] * 0.5 > 0
+    assert 0 < rec["model_storage_bytes"] < 20 * 1024**2
+    assert not (tmp_path / "ckpt").exists()  # the checkpoint is removed afterwards
 
 
 def test_cuda_semantics_recorder_on_cpu():
@@ -121,47 +129,20 @@ def test_strategy_on_cuda_matches_cpu(name, cuda_and_cpu_selections):
 
 @gpu
 @needs_cuda
-def test_full_size_nf4_load_peak_memory(tmp_path_factory, tiny_checkpoint):
+def test_full_size_nf4_load_peak_memory(tmp_path_factory):
+    from engine.benchmarks.full_size import measure
+
     free, total = torch.cuda.mem_get_info()
     if total < 20 * 1024**3:
         pytest.skip("the full-size test needs a GPU with at least 20 GiB")
     root = Path(os.environ.get("GEOVQA_BIG_TMP", tmp_path_factory.mktemp("full")))
-    dest = root / "geollava-7b-random"
-    t0 = time.perf_counter()
-    write_random_checkpoint(dest, "cuda", **full_size_config_kwargs())
-    t_write = time.perf_counter() - t0
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    loaded = load_model(dest, device="cuda", quantization="nf4")
-    t_load = time.perf_counter() - t0
-    peak_load = torch.cuda.max_memory_allocated()
-    resident = torch.cuda.memory_allocated()
-    gen = generate_from_random_visual(loaded, n_visual=13824 // 4, max_new_tokens=16)
-    record = {
-        "gpu": torch.cuda.get_device_name(0),
-        "gpu_total_bytes": int(total),
-        "config": "GeoLLaVA-8K full size (Qwen2-7B + CLIP ViT-L/14-336), random weights",
-        "quantization": loaded.info["quantization"],
-        "attention": loaded.info["attention"],
-        "write_checkpoint_s": round(t_write, 1),
-        "load_s": round(t_load, 1),
-        "load_peak_bytes": int(peak_load),
-        "resident_after_load_bytes": int(resident),
-        "generate_prompt_tokens": gen.n_prompt_tokens,
-        "generate_new_tokens": gen.n_new_tokens,
-        "prefill_s": round(gen.prefill_s, 3),
-        "generate_s": round(gen.generate_s, 3),
-        "generate_peak_bytes": gen.peak_memory_bytes,
-        "torch": torch.__version__,
-    }
+    record = measure("cuda", root / "geollava-7b-random")
     text = json.dumps(record, indent=2) + "\n"
     out = REPO / "docs" / "benchmarks" / "gpu_load.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_load.json").write_text(text)
-    shutil.rmtree(dest, ignore_errors=True)
     # a 7B LM in nf4 plus the bf16 vision tower and lm_head fits well under 12 GiB
-    assert resident < 12 * 1024**3
-    assert gen.n_new_tokens > 0
+    assert record["resident_after_load_bytes"] < 12 * 1024**3
+    assert record["generate_new_tokens"] > 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_only_the_lm_is_nf4, generate_from_random_visual
+from conftest import assert_only_the_lm_is_nf4
+from engine.benchmarks.full_size import generate_from_random_visual
 from engine.devices import bitsandbytes_cpu_4bit_usable
 from engine.loader import load_model
 
