@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -60,9 +61,17 @@ def measure(device: str, workdir: Path, *, n_visual: int = 13824 // 4, max_new_t
     workdir = Path(workdir)
     try:
         t0 = time.perf_counter()
-        write_random_checkpoint(workdir, device if cuda else "cpu", **{**QWEN2_7B_LM, **(overrides or {})})
+        # written by a child process, so none of the 15 GB it builds stays in this one's figures
+        writer = multiprocessing.get_context("spawn").Process(
+            target=write_random_checkpoint, args=(workdir, device if cuda else "cpu"),
+            kwargs={**QWEN2_7B_LM, **(overrides or {})})
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            raise RuntimeError(f"writing the random checkpoint failed (exit code {writer.exitcode})")
         t_write = time.perf_counter() - t0
         gc.collect()
+        rss_before = RssSampler().current()
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -86,6 +95,7 @@ def measure(device: str, workdir: Path, *, n_visual: int = 13824 // 4, max_new_t
         "quantization": loaded.info["quantization"],
         "attention": loaded.info["attention"],
         "memory_counted": "GPU bytes allocated by torch" if cuda else "process resident set (RSS)",
+        "rss_before_load_bytes": int(rss_before),
         "write_checkpoint_s": round(t_write, 1),
         "load_s": round(t_load, 1),
         "load_peak_bytes": int(peak),

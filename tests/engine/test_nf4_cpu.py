@@ -55,3 +55,37 @@ def test_qlora_step_on_nf4_base_trains_only_the_adapters(tiny_checkpoint):
     assert [s["visual_tokens"] for s in rec["steps"]] == [64, 200]
     assert all(s["loss"] == s["loss"] and s["loss"] > 0 for s in rec["steps"])  # finite
     assert rec["steps"][1]["sequence_tokens"] - rec["steps"][0]["sequence_tokens"] == 136
+
+
+def _mapped_ranges(suffix: str) -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[-1].endswith(suffix):
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                ranges.append((lo, hi))
+    return ranges
+
+
+def test_cpu_nf4_weights_do_not_keep_the_checkpoint_mapped(tiny_checkpoint, tmp_path):
+    """Unquantised tensors are copied out of the memory-mapped shards (else every shard stays
+    mapped, the bf16 pages read for quantisation included). A bf16 checkpoint, as released:
+    its tensors load as zero-copy views of the mapping."""
+    import json
+
+    import torch
+
+    from engine.tiny import write_random_checkpoint
+
+    vision = json.loads((tiny_checkpoint / "config.json").read_text())["vision_config"]
+    ckpt = write_random_checkpoint(tmp_path / "bf16", "cpu", vocab_size=768, hidden_size=64,
+                                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vision_config=vision, mm_hidden_size=32)
+    loaded = load_model(ckpt, device="cpu", quantization="nf4")
+    ranges = _mapped_ranges(".safetensors")
+    for name, t in list(loaded.model.named_parameters()) + list(loaded.model.named_buffers()):
+        if t.dtype == torch.uint8:
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        assert not any(lo <= ptr < hi for lo, hi in ranges), f"{name} still points into a shard"
