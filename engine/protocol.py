@@ -138,6 +138,7 @@ BATCH_FIELDS = {
     "questions": "list[str]",
     "strategy": "str", "budget": "int | null", "tokens_per_tile": "int | null",
     "max_new_tokens": "int", "faithful_empty_slots": "bool",
+    "seed": "int: for strategies with randomness (default 0)",
 }
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_FIELDS = {
