@@ -573,11 +573,37 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+# what decides the base model and the visual tokens: a resumed run must keep them
+RESUME_KEYS = ("data", "weights", "quantization", "strategy", "budget", "tokens_per_tile",
+               "faithful_empty_slots")
+RESUME_DEFAULTS = {"faithful_empty_slots": False}  # runs from before the option existed
+
+
+def _run_args(args: argparse.Namespace) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
+
+
+def _check_resume_settings(args: argparse.Namespace, out: Path) -> None:
+    """--resume with another base model or token path would train on other inputs than the
+    checkpoint saw: refuse, naming the differences."""
+    saved = out / "finetune_args.json"
+    if not (args.resume and saved.is_file()):
+        return
+    old, cur = json.loads(saved.read_text(encoding="utf-8")), _run_args(args)
+    diff = {k: (old.get(k, RESUME_DEFAULTS.get(k)), cur.get(k)) for k in RESUME_KEYS
+            if old.get(k, RESUME_DEFAULTS.get(k)) != cur.get(k)}
+    if diff:
+        desc = ", ".join(f"--{k.replace('_', '-')}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise DataError(f"{out} holds a run made with other settings ({desc}); resume with the same "
+                        "settings, or train into another --out")
+
+
 def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     from engine.loader import load_model  # noqa: PLC0415
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_resume_settings(args, out)
     bad_report = out / "bad_samples.jsonl"
     # training-time skips of an earlier run (too long, visual path failed) stay in the report
     earlier: list[dict] = []
@@ -639,9 +665,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                       gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
                       progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
                       on_bad=args.on_bad_sample)
-    (out / "finetune_args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                        for k, v in vars(args).items() if not callable(v)},
-                                                       indent=2) + "\n")
+    (out / "finetune_args.json").write_text(json.dumps(_run_args(args), indent=2) + "\n")
     summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
                     reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
     print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "

@@ -241,3 +241,26 @@ def test_cli_exposes_finetune_and_eval():
 
     e = build_parser("eval").parse_args(["eval", "ann.json", "--limit", "5", "--format", "mme"])
     assert e.func is run_eval and e.limit == 5
+
+
+def test_resume_refuses_another_token_path_or_base(tmp_path, tiny_checkpoint):
+    """A resumed run keeps the base model and the visual-token settings of its checkpoint."""
+    from engine.data import DataError
+    from engine.finetune import _check_resume_settings, _run_args
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    out.mkdir()
+    first = _args(data, out, tiny_checkpoint)
+    saved = _run_args(first)
+    del saved["faithful_empty_slots"]  # written before the option existed: the default is assumed
+    (out / "finetune_args.json").write_text(json.dumps(saved))
+    _check_resume_settings(_args(data, out, tiny_checkpoint, "--resume"), out)  # same: fine
+    _check_resume_settings(_args(data, out, tiny_checkpoint, "--lr", "1e-3", "--resume"), out)
+    for extra, flag in ((["--tokens-per-tile", "6"], "--tokens-per-tile"),
+                        (["--faithful-empty-slots"], "--faithful-empty-slots"),
+                        (["--strategy", "uniform"], "--strategy")):
+        with pytest.raises(DataError, match=flag):
+            _check_resume_settings(_args(data, out, tiny_checkpoint, *extra, "--resume"), out)
+    # without --resume a new run may change anything (it starts over)
+    _check_resume_settings(_args(data, out, tiny_checkpoint, "--tokens-per-tile", "6"), out)
