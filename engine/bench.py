@@ -4,7 +4,10 @@
   memory per strategy on synthetic 2K / 8K / 16K scenes (tiny model on CPU; full-size 4-bit on a
   GPU when one is present);
 * cache — first vs. second question on the same raster through the real server path;
-* qlora_gpu — a QLoRA step on the full-size architecture (only where CUDA is available).
+* qlora_gpu — a QLoRA step on the full-size architecture (only where CUDA is available);
+* gpu_load — the full-size architecture loaded in nf4 and a generation (only with CUDA; on the
+  CPU run `python -m engine.benchmarks.full_size --device cpu` by hand: ~20 GB RAM, ~10 min);
+* cuda_semantics — CUDA arithmetic facts behind docs/verification.md D1 / D3 (only with CUDA).
 
 Benchmarks are not tests: they measure, they do not assert. Run one with `--only NAME`.
 """
@@ -23,7 +26,10 @@ BENCHMARKS = {
     "strategies": "engine.benchmarks.strategies",
     "cache": "engine.benchmarks.cache",
     "qlora_gpu": "engine.benchmarks.finetune_gpu",
+    "gpu_load": "engine.benchmarks.full_size",
+    "cuda_semantics": "engine.benchmarks.cuda_semantics",
 }
+GPU_ONLY = {"qlora_gpu", "gpu_load", "cuda_semantics"}
 
 
 def _cuda() -> bool:
@@ -46,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(BENCHMARKS):
         print(f"== benchmark {name}", flush=True)
         t0 = time.perf_counter()
+        if name in GPU_ONLY and not _cuda():
+            print(f"no CUDA GPU: {name} skipped (nothing recorded)", flush=True)
+            continue
         try:
             module = importlib.import_module(BENCHMARKS[name])
             if name == "strategies" and _cuda():

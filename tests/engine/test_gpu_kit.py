@@ -67,3 +67,15 @@ def test_gpu_checks_without_a_gpu_fail_clearly_and_record_nothing(tmp_path):
     assert "unknown part 'nonsense'" in log
     assert set((REPO / "docs" / "benchmarks").iterdir()) == before
     assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_make_bench_skips_the_gpu_only_benchmarks_without_a_gpu(tmp_path, capsys):
+    from engine import bench
+
+    assert bench.GPU_ONLY <= set(bench.BENCHMARKS)
+    assert bench.main(["--only", "gpu_load", "--only", "cuda_semantics", "--only", "qlora_gpu",
+                       "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name} skipped" in out for name in bench.GPU_ONLY)
+    assert not list(tmp_path.iterdir())
