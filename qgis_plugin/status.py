@@ -49,7 +49,8 @@ def diagnostics(plugin_version: str, settings, health: dict | None, health_error
         f"engine python: {settings.python or '-'}  engine folder: {settings.engine_dir or '-'}",
         f"weights: {settings.weights_dir or '-'}",
         f"strategy: {settings.strategy}  budget: {settings.budget or 'engine default'}  "
-        f"tokens/tile: {settings.tokens_per_tile}  max new tokens: {settings.max_new_tokens}",
+        f"tokens/tile: {settings.tokens_per_tile}  max new tokens: {settings.max_new_tokens}  "
+        f"empty cluster slots: {'sent' if settings.faithful_empty_slots else 'dropped'}",
         f"results folder: {settings.results_dir()}",
         f"local engine command: {' '.join(command) if command else '-'}",
         "health: " + (json.dumps(health, indent=1, sort_keys=True) if health else f"unavailable ({health_error})"),

@@ -51,3 +51,11 @@ def test_dock_options_use_the_dock_widgets_and_the_saved_setting(plugin):
     opts = dock.options()
     assert opts["tokens_per_tile"] == 6 and opts["budget"] == 300
     assert opts["faithful_empty_slots"] is True
+
+
+def test_diagnostics_report_the_empty_slot_setting(plugin):
+    from conftest import set_settings
+
+    assert "empty cluster slots: dropped" in plugin.dock.diagnostics_text()
+    set_settings(faithful_empty_slots=True)
+    assert "empty cluster slots: sent" in plugin.dock.diagnostics_text()
