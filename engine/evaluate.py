@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from engine.run_settings import changed_settings
+
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
 # Per-format instructions (our wording of each benchmark's protocol). {letters} = "A, B, C, D".
@@ -582,10 +584,8 @@ def _check_run_settings(args: argparse.Namespace) -> None:
     cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
     cfg = out / "run_settings.json"
     if cfg.is_file() and (out / "predictions.jsonl").is_file():
-        old = json.loads(cfg.read_text())
-        diff = {k: (old.get(k), cur[k]) for k in RUN_KEYS if old.get(k) != cur[k]}
-        if diff:
-            desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        desc = changed_settings(json.loads(cfg.read_text()), cur, RUN_KEYS)
+        if desc:
             raise EvalError(f"{out} holds predictions made with other settings ({desc}); use another --out "
                             "or delete that folder to start over")
     cfg.write_text(json.dumps(cur, indent=2) + "\n")

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
+from engine.run_settings import changed_settings
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
@@ -589,11 +590,10 @@ def _check_resume_settings(args: argparse.Namespace, out: Path) -> None:
     saved = out / "finetune_args.json"
     if not (args.resume and saved.is_file()):
         return
-    old, cur = json.loads(saved.read_text(encoding="utf-8")), _run_args(args)
-    diff = {k: (old.get(k, RESUME_DEFAULTS.get(k)), cur.get(k)) for k in RESUME_KEYS
-            if old.get(k, RESUME_DEFAULTS.get(k)) != cur.get(k)}
-    if diff:
-        desc = ", ".join(f"--{k.replace('_', '-')}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    desc = changed_settings(json.loads(saved.read_text(encoding="utf-8")), _run_args(args),
+                            RESUME_KEYS, defaults=RESUME_DEFAULTS,
+                            label=lambda k: "--" + k.replace("_", "-"))
+    if desc:
         raise DataError(f"{out} holds a run made with other settings ({desc}); resume with the same "
                         "settings, or train into another --out")
 
