@@ -48,15 +48,21 @@ def cuda_available() -> bool:
         return False
 
 
-def bitsandbytes_usable() -> bool:
-    """True when bitsandbytes imports (it needs CUDA for 4-bit layers)."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+def _imports(package: str) -> bool:
+    """True when `package` is installed and imports without error (a broken build counts as
+    missing)."""
+    if importlib.util.find_spec(package) is None:
         return False
     try:
-        import bitsandbytes  # noqa: F401
+        importlib.import_module(package)
     except Exception:
         return False
     return True
+
+
+def bitsandbytes_usable() -> bool:
+    """True when bitsandbytes imports (4-bit layers on CUDA; on the CPU see below)."""
+    return _imports("bitsandbytes")
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,13 +82,7 @@ def bitsandbytes_cpu_4bit_usable() -> bool:
 
 
 def flash_attn_usable() -> bool:
-    if importlib.util.find_spec("flash_attn") is None:
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _imports("flash_attn")
 
 
 def resolve_device(device: str = "auto") -> str:
