@@ -194,18 +194,27 @@ def validate_question(question: object) -> str:
     return question
 
 
+# kind -> (Windows variable, its fallback under the home folder, XDG variable, its fallback)
+_USER_DIRS = {
+    "config": ("APPDATA", ("AppData", "Roaming"), "XDG_CONFIG_HOME", (".config",)),
+    "data": ("LOCALAPPDATA", ("AppData", "Local"), "XDG_DATA_HOME", (".local", "share")),
+}
+
+
+def user_dir(kind: str) -> Path:
+    """The user's base folder of `kind` ('config' or 'data') by platform conventions."""
+    win_var, win_default, xdg_var, xdg_default = _USER_DIRS[kind]
+    if sys.platform.startswith("win"):
+        return Path(os.environ.get(win_var, Path.home().joinpath(*win_default)))
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support"
+    return Path(os.environ.get(xdg_var, Path.home().joinpath(*xdg_default)))
+
+
 def config_dir() -> Path:
     """The user's config dir for the engine (token, settings), per platform conventions."""
     override = os.environ.get("GEOVQA_CONFIG_DIR")
-    if override:
-        return Path(override)
-    if sys.platform.startswith("win"):
-        base = Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
-    return base / "geovqa"
+    return Path(override) if override else user_dir("config") / "geovqa"
 
 
 def token_path() -> Path:

@@ -20,7 +20,6 @@ import os
 import queue
 import re
 import shutil
-import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,15 +49,7 @@ FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 def default_state_dir() -> Path:
     """Where batch jobs are kept: the user's data dir (``GEOVQA_STATE_DIR`` overrides)."""
     override = os.environ.get("GEOVQA_STATE_DIR")
-    if override:
-        return Path(override)
-    if sys.platform.startswith("win"):
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return base / "geovqa" / "server"
+    return Path(override) if override else protocol.user_dir("data") / "geovqa" / "server"
 
 
 @dataclass
