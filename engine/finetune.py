@@ -8,8 +8,9 @@ What is trained
     adds ``lm_head`` (LoRA on the unquantised output head; the tiny random test model needs it
     to overfit because its random output head is too small to move the logits far).
 Precision
-    ``--quantization nf4`` (default on CUDA) = QLoRA: the loader's 4-bit nf4 base, then
-    ``prepare_model_for_kbit_training``; ``bf16`` = LoRA on a bf16 base; on the CPU fp32.
+    ``--quantization nf4`` (default on CUDA) = QLoRA: the loader's 4-bit nf4 base (vision tower,
+    projector, embeddings and output head in bf16, as `ask` runs it) with the language model's
+    norms in float32 (`upcast_lm_norms`); ``bf16`` = LoRA on a bf16 base; on the CPU fp32.
     On CUDA the forward runs under bf16 autocast. Adapters are kept in float32.
 Visual tokens
     Every sample's image goes through the same path as inference (raster read, anyres tiling,
@@ -160,7 +161,9 @@ def answer_loss(model, inputs_embeds, labels, attention_mask=None):
     hidden = base.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     keep = target != IGNORE
-    logits = base.lm_head(hidden[:, :-1][keep])
+    head = base.lm_head
+    h = hidden[:, :-1][keep]
+    logits = head(h.to(head.weight.dtype))  # float32 norms hand on float32 to a bf16 head
     return F.cross_entropy(logits.float(), target[keep])
 
 
@@ -217,16 +220,41 @@ class TrainConfig:
     on_bad: str = "stop"  # what a sample whose image fails in the visual path does: stop | skip
 
 
+def upcast_lm_norms(model) -> int:
+    """QLoRA preparation of a 4-bit base, after LLaVA's QLoRA recipe: the language model's
+    RMSNorm weights go to float32; every other unquantised tensor keeps the dtype it was loaded in.
+
+    peft's ``prepare_model_for_kbit_training`` instead casts *every* unquantised tensor to float32:
+    at full size that is the 1.1 B parameters of ``embed_tokens`` + ``lm_head``, the 0.3 B of the
+    CLIP tower and the projector, about 2.8 GB more than bf16 on the card. It also moved the
+    vision tower to float32, so training built its visual tokens (CLIP features, affinity
+    clusters, anchor scores) in another precision than `ask` does on the same nf4 model. All
+    those tensors are frozen, so their precision does not touch the optimizer. Returns the
+    number of parameters cast."""
+    import torch  # noqa: PLC0415
+
+    lm = _base(model).model
+    cast = 0
+    for name, mod in lm.named_modules():
+        if name.startswith(("vision_tower", "mm_projector", "reghead")):
+            continue
+        if type(mod).__name__.endswith("RMSNorm"):
+            for p in mod.parameters(recurse=False):
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.to(torch.float32)
+                    cast += p.numel()
+    return cast
+
+
 def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
              targets: Sequence[str] = LM_TARGETS, four_bit: bool = False, gradient_checkpointing: bool = True):
     """Wrap the loaded model with trainable LoRA adapters on the LM linear layers."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: PLC0415
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
+    model.requires_grad_(False)
     if four_bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
+        upcast_lm_norms(model)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lm_target_regex(targets),

@@ -5,7 +5,7 @@
 Without CUDA it prints a note and exits 0 (nothing is recorded). With CUDA it writes a random
 checkpoint with Qwen2-7B / CLIP ViT-L/14-336 dimensions in the released layout (bf16 safetensors,
 about 16 GB, in --workdir, deleted afterwards), loads it through the engine's loader in nf4, adds
-the same LoRA adapters `finetune` adds (`prepare_model_for_kbit_training`, gradient
+the same LoRA adapters `finetune` adds (LM norms in fp32, the rest as loaded; gradient
 checkpointing), and runs forward + backward + AdamW step on one conversation for each visual
 token count (2,592 = a 4000 x 3000 image, 13,824 = 8K x 8K at 24 tokens a tile). The visual
 tokens are random CLIP-sized features through the projector (the frozen vision side adds no
@@ -88,6 +88,8 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
         "load_s": round(load_s, 1),
         "resident_after_load_bytes": after_load,
         "trainable_parameters": int(sum(p.numel() for p in params)),
+        # every parameter's storage after the QLoRA preparation (4-bit weights count packed)
+        "parameter_bytes": int(sum(p.numel() * p.element_size() for p in model.parameters())),
         "lora_r": lora_r,
         "gradient_checkpointing": True,
         "steps": runs,
