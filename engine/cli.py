@@ -11,38 +11,22 @@ import sys
 from pathlib import Path
 
 from engine import __version__
-
-
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", type=Path, default=None,
-                   help="checkpoint directory (default: weights/GeoLLaVA-8K, else the tiny demo model)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--quantization", default="auto", choices=["auto", "nf4", "bf16", "fp32"],
-                   help="auto = nf4 on CUDA, fp32 on CPU")
-    p.add_argument("--adapter", type=Path, default=None, help="LoRA adapter directory (from finetune)")
-    p.add_argument("--no-demo", action="store_true",
-                   help="fail instead of falling back to the tiny random demo model")
+from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
 
 
 def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
-    from engine.protocol import DEFAULT_STRATEGY, STRATEGIES
-
     p.add_argument("raster", help="GeoTIFF / COG / VRT / any GDAL raster")
     p.add_argument("question")
     p.add_argument("--aoi", default=None,
                    help="area of interest: 'col,row,width,height' in source pixels, a WKT polygon "
                         "in the raster's CRS, or a path to a GeoJSON file")
     p.add_argument("--bands", default=None, help="1-based bands, e.g. 4,3,2")
-    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
-    p.add_argument("--budget", type=int, default=None, help="hard cap on visual tokens")
-    p.add_argument("--tokens-per-tile", type=int, default=24)
-    p.add_argument("--faithful-empty-slots", action="store_true",
-                   help="geollava: 24 tokens every tile as the released checkpoint (zero tokens for missing clusters)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    add_strategy_arguments(p)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=None, help="where heatmaps are written")
     p.add_argument("--json", action="store_true", help="print every event as a JSON line")
-    _add_model_arguments(p)
+    add_model_arguments(p)
 
 
 def parse_aoi(text: str | None):
@@ -139,7 +123,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("info", help="load the model and print what the engine runs on")
-    _add_model_arguments(p)
+    add_model_arguments(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tiny", help="write a tiny random checkpoint in the released layout")

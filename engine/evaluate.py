@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
 from engine.run_settings import changed_settings
 
 LETTERS = string.ascii_uppercase
@@ -518,18 +519,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from "
                         "(default: the annotation file's folder)")
     parser.add_argument("--out", default="eval_out", help="output folder: predictions.jsonl, results.json, results.md")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    parser.add_argument("--weights", default=None, help="checkpoint folder (default: the engine's default)")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder written by `finetune`")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--quantization", default="auto", choices=["auto", "nf4", "bf16", "fp32"])
-    parser.add_argument("--no-demo", action="store_true", help="fail instead of using the tiny demo model")
-    parser.add_argument("--strategy", default="geollava", help="visual token strategy (as in `ask`)")
-    parser.add_argument("--budget", type=int, default=None, help="visual token budget")
-    parser.add_argument("--tokens-per-tile", type=int, default=24)
-    parser.add_argument("--faithful-empty-slots", action="store_true", default=None,
-                        help="geollava: 24 tokens every tile as the released checkpoint (zero tokens for missing clusters)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="64 = the XLRS-Bench-lite protocol")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N items")
+    add_model_arguments(parser)
+    # None when not given, so that runs saved before the option existed stay comparable
+    add_strategy_arguments(parser, faithful_default=None, budget_help="visual token budget per item")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64,
+                        help="64 = the XLRS-Bench-lite protocol")
     parser.add_argument("--title", default="", help="heading of the Markdown table")
     parser.add_argument("--instruction", default=None,
                         help="last line of multiple-choice prompts (default: answer with the option letter(s))")

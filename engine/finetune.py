@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
 from engine.run_settings import changed_settings
 
@@ -563,23 +564,16 @@ def _append_bad(path: Path, entries: list[tuple[Sample, str, str]]) -> None:
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="training data: LLaVA conversation JSON list or JSONL")
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, log, adapter)")
-    parser.add_argument("--weights", type=Path, default=None, help="checkpoint folder (default: the engine's default)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--quantization", default="auto", choices=["auto", "nf4", "bf16", "fp32"],
-                        help="nf4 = QLoRA (CUDA only); bf16 = LoRA on bf16; auto = nf4 on CUDA, fp32 on CPU")
-    parser.add_argument("--no-demo", action="store_true",
-                        help="fail instead of training the tiny random demo model when no weights are found")
+    add_model_arguments(parser, adapter=False,
+                        quantization_help="nf4 = QLoRA; bf16 = LoRA on a bf16 base; "
+                                          "auto = nf4 on CUDA, fp32 on the CPU")
     parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from")
-    parser.add_argument("--max-pixels", type=int, default=None,
+    parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="reject images whose width x height exceeds this (reported per sample)")
     parser.add_argument("--on-bad-sample", choices=["skip", "stop"], default="stop",
                         help="skip bad samples (each listed in OUT/bad_samples.jsonl) or stop at the first")
-    parser.add_argument("--strategy", default="geollava", help="token strategy used to build visual tokens")
-    parser.add_argument("--budget", type=int, default=None, help="visual token budget per sample")
-    parser.add_argument("--tokens-per-tile", type=int, default=24)
-    parser.add_argument("--faithful-empty-slots", action="store_true",
-                        help="geollava: 24 tokens every tile as the released checkpoint (zero tokens for missing clusters)")
-    parser.add_argument("--lora-r", type=int, default=16)
+    add_strategy_arguments(parser, budget_help="visual token budget per sample")
+    parser.add_argument("--lora-r", type=positive_int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--target-modules", default=",".join(LM_TARGETS),
@@ -587,14 +581,16 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup-ratio", type=float, default=0.03)
-    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--grad-accum", type=positive_int, default=4)
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--max-length", type=int, default=32768, help="longest sequence (text + visual tokens)")
-    parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N optimizer steps")
-    parser.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
-    parser.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps")
+    parser.add_argument("--max-length", type=positive_int, default=32768, help="longest sequence (text + visual tokens)")
+    parser.add_argument("--save-every", type=count_or_never, default=100,
+                        help="checkpoint every N optimizer steps (0 = none; the final adapter is always written)")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=None, help="keep only the newest N checkpoints")
+    parser.add_argument("--eval-every", type=count_or_never, default=100,
+                        help="validation loss every N steps (0 = never)")
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-*")

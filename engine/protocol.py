@@ -49,6 +49,7 @@ MAX_BATCH_ITEMS = 10_000
 
 STRATEGIES = ("geollava", "background", "anchored", "pyramid", "budget", "none", "uniform", "random")
 DEFAULT_STRATEGY = "geollava"
+DEFAULT_TOKENS_PER_TILE = 24  # anchors a tile kept by geollava / anchored, as the released checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # GET /health

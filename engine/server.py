@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__, protocol
 from engine.auth import load_or_create_token, token_matches
+from engine.cli_args import add_model_arguments
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default
 from engine.uploads import RasterInfo, check_raster_file, receive_upload
 
@@ -482,13 +483,7 @@ def create_app(engine: Any, settings: Settings):
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m engine serve``."""
-    parser.add_argument("--weights", default=None, help="checkpoint dir (default: tiny demo model "
-                        "when no weights are found)")
-    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
-    parser.add_argument("--quantization", default="auto", help="auto | nf4 | bf16 | fp32")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter dir (peft)")
-    parser.add_argument("--no-demo", action="store_true",
-                        help="refuse to start with the tiny demo model when no weights exist")
+    add_model_arguments(parser)
     parser.add_argument("--host", default=protocol.DEFAULT_HOST,
                         help="address to bind (loopback by default)")
     parser.add_argument("--port", type=int, default=protocol.DEFAULT_PORT)

@@ -45,9 +45,8 @@ import torch
 from engine.selection import clusters as C
 from engine.selection.anchored import anchor_scores, top_k_spatial
 from engine.selection.base import Selection, check_budget, register
+from engine.protocol import DEFAULT_TOKENS_PER_TILE
 from engine.selection.common import cap_global, project, unreduced_tokens, valid_tensor
-
-DEFAULT_TOKENS_PER_TILE = 24
 
 
 @dataclass

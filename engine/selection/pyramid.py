@@ -30,7 +30,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.selection import clusters as C
 from engine.selection.base import Selection, check_budget, register
 from engine.selection.baselines import pool_labels
 from engine.selection.common import cap_global, project, role_for, unreduced_tokens, valid_tensor

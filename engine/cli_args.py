@@ -1,0 +1,67 @@
+"""Command-line options that several subcommands share: which model to load (`ask`, `info`,
+`serve`, `finetune`, `eval`) and which visual-token path to run (`ask`, `finetune`, `eval`).
+
+Declared once so the subcommands take the same names, choices and checks: a mistyped strategy or
+a budget of 0 is refused by argparse before any model is loaded, not after minutes of loading
+(or, in `finetune --on-bad-sample skip`, by skipping every sample)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.protocol import DEFAULT_STRATEGY, DEFAULT_TOKENS_PER_TILE, STRATEGIES
+
+QUANTIZATIONS = ("auto", "nf4", "bf16", "fp32")
+
+
+def _whole_number(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    return _whole_number(text, 1)
+
+
+def count_or_never(text: str) -> int:
+    """argparse type: a whole number of at least 0 (0 = never, for "every N steps" options)."""
+    return _whole_number(text, 0)
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True,
+                        quantization_help: str = "auto = nf4 on CUDA, fp32 on the CPU") -> None:
+    """--weights, --device, --quantization, --adapter (when `adapter`), --no-demo."""
+    p.add_argument("--weights", type=Path, default=None,
+                   help="checkpoint folder (default: $GEOVQA_WEIGHTS, then weights/GeoLLaVA-8K, "
+                        "else the tiny demo model)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS, help=quantization_help)
+    if adapter:
+        p.add_argument("--adapter", type=Path, default=None,
+                       help="LoRA adapter folder written by `finetune`")
+    p.add_argument("--no-demo", action="store_true",
+                   help="fail instead of falling back to the tiny random demo model when no "
+                        "weights are found")
+
+
+def add_strategy_arguments(p: argparse.ArgumentParser, *, faithful_default: bool | None = False,
+                           budget_help: str = "hard cap on visual tokens") -> None:
+    """--strategy, --budget, --tokens-per-tile, --faithful-empty-slots.
+
+    `faithful_default` None lets a caller tell "not given" from "off" (eval's saved run
+    settings)."""
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
+                   help=f"visual token strategy (default {DEFAULT_STRATEGY})")
+    p.add_argument("--budget", type=positive_int, default=None, help=budget_help)
+    p.add_argument("--tokens-per-tile", type=positive_int, default=DEFAULT_TOKENS_PER_TILE,
+                   help="geollava / anchored: tokens kept a tile")
+    p.add_argument("--faithful-empty-slots", action="store_true", default=faithful_default,
+                   help="geollava: tokens-per-tile tokens for every tile as the released checkpoint "
+                        "sends them (zero tokens for missing clusters)")

@@ -1,0 +1,97 @@
+"""The subcommands share their model and token-path options (engine/cli_args.py): the same names,
+choices and defaults everywhere, and bad values refused by argparse before anything loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.cli import build_parser
+from engine.protocol import DEFAULT_STRATEGY, DEFAULT_TOKENS_PER_TILE, STRATEGIES
+
+POSITIONAL = {"ask": ["scene.tif", "How many ships?"], "finetune": ["data.json", "--out", "o"],
+              "eval": ["ann.json"], "serve": [], "info": []}
+TOKEN_PATH = ("ask", "finetune", "eval")
+
+
+def parse(cmd: str, *extra: str):
+    return build_parser(cmd).parse_args([cmd, *POSITIONAL[cmd], *extra])
+
+
+@pytest.mark.parametrize("cmd", list(POSITIONAL))
+def test_model_options_are_the_same_everywhere(cmd):
+    a = parse(cmd, "--weights", "w", "--device", "cpu", "--quantization", "nf4", "--no-demo")
+    assert (a.weights, a.device, a.quantization, a.no_demo) == (Path("w"), "cpu", "nf4", True)
+    d = parse(cmd)
+    assert (d.weights, d.device, d.quantization, d.no_demo) == (None, "auto", "auto", False)
+    if cmd != "finetune":  # finetune writes an adapter, it does not start from one
+        assert parse(cmd, "--adapter", "ad").adapter == Path("ad")
+
+
+@pytest.mark.parametrize("cmd", list(POSITIONAL))
+def test_unknown_quantization_is_refused(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(cmd, "--quantization", "int8")
+    assert exc.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", TOKEN_PATH)
+def test_token_path_options_share_defaults_and_choices(cmd):
+    d = parse(cmd)
+    assert (d.strategy, d.budget, d.tokens_per_tile) == (DEFAULT_STRATEGY, None, DEFAULT_TOKENS_PER_TILE)
+    for name in STRATEGIES:
+        assert parse(cmd, "--strategy", name).strategy == name
+    a = parse(cmd, "--budget", "512", "--tokens-per-tile", "12", "--faithful-empty-slots")
+    assert (a.budget, a.tokens_per_tile, a.faithful_empty_slots) == (512, 12, True)
+
+
+def test_eval_tells_an_unset_faithful_option_from_off():
+    # eval's saved run settings hold null for runs that never gave it
+    assert parse("eval").faithful_empty_slots is None
+    assert parse("ask").faithful_empty_slots is False
+    assert parse("finetune").faithful_empty_slots is False
+
+
+@pytest.mark.parametrize("cmd", TOKEN_PATH)
+@pytest.mark.parametrize("extra, message", [
+    (["--strategy", "geolava"], "invalid choice: 'geolava'"),
+    (["--budget", "0"], "--budget: must be at least 1, not 0"),
+    (["--tokens-per-tile", "-3"], "--tokens-per-tile: must be at least 1, not -3"),
+    (["--budget", "many"], "--budget: 'many' is not a whole number"),
+])
+def test_bad_token_path_values_stop_before_anything_loads(cmd, extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(cmd, *extra)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--grad-accum", "--lora-r", "--max-steps", "--max-length",
+                                    "--keep-checkpoints", "--max-pixels"])
+def test_finetune_counts_must_be_positive(option, capsys):
+    with pytest.raises(SystemExit):
+        parse("finetune", option, "0")
+    assert f"{option}: must be at least 1" in capsys.readouterr().err
+    assert getattr(parse("finetune", option, "3"), option[2:].replace("-", "_")) == 3
+
+
+@pytest.mark.parametrize("option", ["--save-every", "--eval-every"])
+def test_finetune_every_n_steps_takes_zero_for_never(option, capsys):
+    assert getattr(parse("finetune", option, "0"), option[2:].replace("-", "_")) == 0
+    with pytest.raises(SystemExit):
+        parse("finetune", option, "-1")
+    assert f"{option}: must be at least 0, not -1" in capsys.readouterr().err
+
+
+def test_main_reports_a_mistyped_strategy_without_loading(monkeypatch, capsys):
+    """A typo in finetune's --strategy used to surface only after the model had loaded."""
+    import engine.loader
+    from engine.cli import main
+
+    def must_not_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine.loader, "load_model", must_not_load)
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "data.json", "--out", "o", "--strategy", "anchor"])
+    assert exc.value.code == 2 and "invalid choice: 'anchor'" in capsys.readouterr().err
