@@ -19,6 +19,7 @@ PREFIX = "geovqa/"
 DEFAULT_URL = "http://127.0.0.1:8765"
 DEFAULT_STRATEGY = "geollava"
 STRATEGIES = ("geollava", "background", "anchored", "pyramid", "budget", "none", "uniform", "random")
+DEFAULT_TOKENS_PER_TILE = 24  # the engine protocol's DEFAULT_TOKENS_PER_TILE (checked by the tests)
 STRATEGY_LABELS = {
     "geollava": "GeoLLaVA-8K (background pruning + anchors, as trained)",
     "background": "Background pruning only",
@@ -46,7 +47,7 @@ class Settings:
     output_dir: str = ""
     strategy: str = DEFAULT_STRATEGY
     budget: int = 0  # 0 = engine default (no cap)
-    tokens_per_tile: int = 24
+    tokens_per_tile: int = DEFAULT_TOKENS_PER_TILE
     max_new_tokens: int = 256
     faithful_empty_slots: bool = False  # geollava: 24 tokens every tile, as the checkpoint
     render_max_px: int = 2048

@@ -47,6 +47,8 @@ def test_strategies_and_events_match(protocol):
 
     assert tuple(settings.STRATEGIES) == tuple(protocol.STRATEGIES)
     assert settings.DEFAULT_STRATEGY == protocol.DEFAULT_STRATEGY
+    assert settings.Settings().tokens_per_tile == settings.DEFAULT_TOKENS_PER_TILE \
+        == protocol.DEFAULT_TOKENS_PER_TILE
     assert set(settings.STRATEGY_LABELS) == set(protocol.STRATEGIES)
     assert set(client.KNOWN_EVENTS) == set(protocol.EVENT_TYPES)
     assert set(client.FINAL_EVENTS) <= set(protocol.EVENT_TYPES)
