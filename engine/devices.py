@@ -136,6 +136,13 @@ def plan_device(device: str = "auto", quantization: str = "auto", attn: str = "a
     return DevicePlan(dev, quant, a, gpu_name(dev))
 
 
+def usable_quantizations(device: str) -> list[str]:
+    """The weight formats `plan_device` accepts on `device` ('cpu' or 'cuda:N'), smallest first."""
+    on_cuda = device.startswith("cuda")
+    nf4 = bitsandbytes_usable() and (on_cuda or bitsandbytes_cpu_4bit_usable())
+    return (["nf4"] if nf4 else []) + ["bf16", "fp32"]
+
+
 def gpu_name(device: str) -> str | None:
     if not device.startswith("cuda"):
         return None

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.devices import DevicePlan, plan_device
+from engine.devices import DevicePlan, plan_device, usable_quantizations
+from engine.memory_check import check_fits
 
 SKIP_QUANT_MODULES = ["vision_tower", "mm_projector", "reghead", "lm_head"]
 REAL_MODEL_NAME = "GeoLLaVA-8K"
@@ -147,8 +148,11 @@ def load_model(
 
     path = Path(weights_dir)
     read_config_json(path)
-    weight_files(path)
+    files = weight_files(path)
     plan = plan_device(device, quantization, attn)
+    check_fits(files, device=plan.device, quantization=plan.quantization,
+               alternatives=usable_quantizations(plan.device),
+               model_name=TINY_MODEL_NAME if is_tiny_checkpoint(path) else REAL_MODEL_NAME)
 
     config = LlavaQwenConfig.from_pretrained(path)
     config.rope_scaling = None

@@ -1,0 +1,141 @@
+"""Will the weights fit? Sizes a checkpoint for a device plan before it loads.
+
+The tensor shapes come from the safetensors headers (nothing is read but the headers), the bytes
+a parameter takes from the plan: 4 in fp32, 2 in bf16, and in nf4 about 0.52 for the language
+model's linear weights (4-bit codes plus double-quantised block scales) and 2 for everything
+kept unquantised. That sum plus working memory is compared with the memory free on the device
+(the GPU's free memory, or the RAM the OS says is available), so a model that cannot fit is
+refused at once, with the choices that would fit, instead of after minutes of loading that end
+in a CUDA out-of-memory error or, on the CPU, in the kernel's OOM killer ending the process
+without a word. ``GEOVQA_SKIP_MEMORY_CHECK=1`` loads anyway (a machine with swap, say).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from engine.errors import EngineError
+
+SKIP_ENV = "GEOVQA_SKIP_MEMORY_CHECK"
+# nf4 with double quantisation: 4 bits a weight, an 8-bit scale a block of 64, an fp32 scale a
+# block of 256 scales
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0}
+# the language model's linear weights: what bitsandbytes quantises (the loader skips the vision
+# tower, projector, reghead and lm_head)
+QUANTISED_KEY = re.compile(r"^model\.layers\.\d+\..+\.weight$")
+WORKING_FLOOR = 1 << 30  # activations, KV cache, CLIP batches: at least 1 GiB ...
+WORKING_SHARE = 0.10  # ... or a tenth of the weights
+
+
+class NotEnoughMemory(EngineError):
+    """The weights cannot fit in the memory free on the chosen device (message says what would)."""
+
+    def __init__(self, message: str, needed: int, available: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+
+
+@dataclass(frozen=True)
+class TensorCounts:
+    """Parameters of a checkpoint: those nf4 quantises and the rest."""
+
+    quantisable: int
+    other: int
+
+    def weight_bytes(self, quantization: str) -> int:
+        if quantization == "nf4":
+            return int(self.quantisable * NF4_BYTES_PER_PARAM + self.other * BYTES_PER_PARAM["bf16"])
+        per = BYTES_PER_PARAM[quantization]
+        return int((self.quantisable + self.other) * per)
+
+
+def count_shapes(named_shapes: Iterable[tuple[str, Iterable[int]]]) -> TensorCounts:
+    """Parameter counts of (checkpoint key, shape) pairs."""
+    quantisable = other = 0
+    for key, shape in named_shapes:
+        shape = [int(d) for d in shape]
+        n = 1
+        for d in shape:
+            n *= d
+        if len(shape) == 2 and QUANTISED_KEY.match(key):
+            quantisable += n
+        else:
+            other += n
+    return TensorCounts(quantisable, other)
+
+
+def count_parameters(files: Iterable[Path]) -> TensorCounts:
+    """Parameter counts from the safetensors headers of `files` (no tensor data is read)."""
+    from safetensors import safe_open
+
+    def shapes():
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_slice(key).get_shape()
+
+    return count_shapes(shapes())
+
+
+def needed_bytes(counts: TensorCounts, quantization: str) -> int:
+    """Weights plus working memory for one question."""
+    w = counts.weight_bytes(quantization)
+    return w + max(WORKING_FLOOR, int(WORKING_SHARE * w))
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory on `device` (None when it cannot be told)."""
+    if device.startswith("cuda"):
+        from engine.devices import gpu_free_bytes
+
+        return gpu_free_bytes(device)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil missing or unsupported: try /proc
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def check_fits(files: Iterable[Path], *, device: str, quantization: str, alternatives: Iterable[str],
+               model_name: str = "the model", available: int | None = None) -> int | None:
+    """Raise NotEnoughMemory when the checkpoint in `files`, loaded with `quantization` on
+    `device`, needs more than is free there; return the bytes needed (None when skipped).
+
+    `alternatives` are the other quantisations usable on this device; those that would fit are
+    named in the message."""
+    if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
+        return None
+    counts = count_parameters(files)
+    need = needed_bytes(counts, quantization)
+    free = available_bytes(device) if available is None else available
+    if free is None or need <= free:
+        return need
+    where = "on the GPU" if device.startswith("cuda") else "in RAM"
+    fits = [f"{q} ({_gb(needed_bytes(counts, q))})" for q in alternatives
+            if q != quantization and needed_bytes(counts, q) <= free]
+    choice = (f"Choose --quantization {' or '.join(fits)}" if fits
+              else "No weight format fits here; free memory or use a GPU with more memory")
+    raise NotEnoughMemory(
+        f"{model_name} in {quantization} needs about {_gb(need)} {where} (weights "
+        f"{_gb(counts.weight_bytes(quantization))} + working memory) but only {_gb(free)} is free "
+        f"on {device}. {choice}, or set {SKIP_ENV}=1 to load anyway.",
+        need, free)

@@ -1,0 +1,109 @@
+"""The memory check before a load (engine/memory_check.py): sizes read from the safetensors
+headers match what the loader builds, and a model that cannot fit is refused before any weight is
+read, naming the formats that would fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import memory_check
+from engine.devices import bitsandbytes_cpu_4bit_usable
+from engine.loader import load_model, weight_files
+from engine.memory_check import NotEnoughMemory, count_parameters, needed_bytes
+
+
+@pytest.fixture(scope="module")
+def counts(tiny_checkpoint):
+    return count_parameters(weight_files(tiny_checkpoint))
+
+
+def _stored_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("quantization", ["fp32", "bf16"])
+def test_header_sizes_match_the_loaded_model(tiny_checkpoint, counts, quantization):
+    loaded = load_model(tiny_checkpoint, device="cpu", quantization=quantization)
+    params = list(loaded.model.parameters())
+    assert counts.quantisable + counts.other == sum(p.numel() for p in params)
+    assert counts.weight_bytes(quantization) == _stored_bytes(loaded.model)
+
+
+@pytest.mark.skipif(not bitsandbytes_cpu_4bit_usable(), reason="bitsandbytes has no CPU 4-bit backend")
+def test_the_nf4_split_is_what_bitsandbytes_quantises(tiny_checkpoint, counts):
+    import math
+
+    loaded = load_model(tiny_checkpoint, device="cpu", quantization="nf4")
+    four_bit = [p for p in loaded.model.parameters() if type(p).__name__ == "Params4bit"]
+    assert sum(math.prod(p.quant_state.shape) for p in four_bit) == counts.quantisable > 0
+    rest = [p for p in loaded.model.parameters() if type(p).__name__ != "Params4bit"]
+    assert sum(p.numel() for p in rest) == counts.other
+    # packed codes + bf16 rest: the estimate adds only the block scales on top
+    packed = _stored_bytes(loaded.model)
+    assert packed < counts.weight_bytes("nf4") < packed + counts.quantisable / 32
+
+
+def test_full_size_estimates():
+    """Qwen2-7B + CLIP ViT-L/14-336 in the released layout: ~7.9 B parameters, ~6.2 GB in nf4."""
+    import torch
+
+    from engine.memory_check import count_shapes
+    from engine.modeling import QWEN2_7B_LM, LlavaQwenConfig, LlavaQwenForCausalLM
+
+    with torch.device("meta"):
+        model = LlavaQwenForCausalLM(LlavaQwenConfig(**QWEN2_7B_LM))
+    c = count_shapes((n, p.shape) for n, p in model.named_parameters())
+    assert 7.9e9 < c.quantisable + c.other < 8.0e9
+    assert 6.1e9 < c.weight_bytes("nf4") < 6.3e9
+    assert c.weight_bytes("fp32") == 2 * c.weight_bytes("bf16")
+
+
+def test_a_model_that_cannot_fit_is_refused_before_loading(tiny_checkpoint, counts, monkeypatch):
+    from engine.modeling import LlavaQwenForCausalLM
+
+    def must_not_load(*_a, **_k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(LlavaQwenForCausalLM, "from_pretrained", must_not_load)
+    # room for bf16 but not for fp32
+    free = (needed_bytes(counts, "bf16") + needed_bytes(counts, "fp32")) // 2
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: free)
+    with pytest.raises(NotEnoughMemory) as exc:
+        load_model(tiny_checkpoint, device="cpu", quantization="fp32")
+    msg = str(exc.value)
+    assert "in fp32 needs about" in msg and "in RAM" in msg and "--quantization" in msg
+    assert "bf16 (" in msg and "fp32 (" not in msg
+    assert exc.value.needed == needed_bytes(counts, "fp32") and exc.value.available == free
+    assert memory_check.SKIP_ENV in msg
+
+
+def test_nothing_fits_says_so(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: 1000)
+    with pytest.raises(NotEnoughMemory, match="No weight format fits here"):
+        load_model(tiny_checkpoint, device="cpu", quantization="fp32")
+
+
+def test_the_check_can_be_skipped(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: 1000)
+    monkeypatch.setenv(memory_check.SKIP_ENV, "1")
+    loaded = load_model(tiny_checkpoint, device="cpu", quantization="fp32")
+    assert loaded.info["quantization"] == "fp32"
+
+
+def test_unknown_free_memory_does_not_block(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: None)
+    assert load_model(tiny_checkpoint, device="cpu", quantization="fp32").info["device"] == "cpu"
+
+
+def test_available_ram_is_read():
+    free = memory_check.available_bytes("cpu")
+    assert free is not None and free > 1 << 26
+
+
+def test_cli_prints_the_refusal(tiny_checkpoint, monkeypatch, capsys):
+    from engine.cli import main
+
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: 1000)
+    assert main(["info", "--weights", str(tiny_checkpoint), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tiny-demo in fp32 needs about")
