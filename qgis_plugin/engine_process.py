@@ -105,6 +105,16 @@ class EngineProcess(QObject):
     def log_text(self) -> str:
         return "\n".join(self.lines)
 
+    def failure_reason(self) -> str:
+        """The engine's own last error sentence (its command line prints "error: ..." before it
+        exits: no weights, not enough memory, a bad option), else its last output line."""
+        lines = [ln.strip() for ln in self.lines if ln.strip() and not ln.startswith("[engine ")]
+        for line in reversed(lines):
+            head, sep, rest = line.partition("error:")
+            if sep and rest.strip() and not head.strip().startswith(("File ", "raise ")):
+                return rest.strip()
+        return lines[-1] if lines else ""
+
     def _read(self):
         if self.proc is None:
             return

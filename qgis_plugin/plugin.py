@@ -145,6 +145,11 @@ class GeoVQAPlugin:
         if self.dock is not None:
             self.dock.refresh_health()
         if state == "failed":
+            reason = self.engine.failure_reason() if self.engine is not None else ""
+            if len(reason) > 400:
+                reason = reason[:400] + " …"
+            text = (f"The local engine stopped: {reason}" if reason
+                    else "The local engine stopped with an error")
             self.iface.messageBar().pushMessage(
-                "GeoVQA", "The local engine stopped with an error; see Diagnostics in the GeoVQA dock.",
-                level=MSG_CRITICAL, duration=10)
+                "GeoVQA", text + " (its log is in Diagnostics in the GeoVQA dock).",
+                level=MSG_CRITICAL, duration=15)

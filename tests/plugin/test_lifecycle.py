@@ -94,3 +94,29 @@ def test_engine_command_has_no_shell(tmp_path):
     s.engine_url = "http://10.0.0.5:8765"
     with pytest.raises(EngineProcessError, match="not on this computer"):
         engine_command(s)
+
+
+def test_an_engine_that_fails_to_start_says_why(plugin, qgis_iface, tmp_path):
+    """The engine's own error sentence reaches the message bar, not only the diagnostics log."""
+    import pytest
+    from conftest import ENGINE_PY, ENGINE_ROOT, free_port, set_settings, wait_until
+    from qgis.core import Qgis
+
+    if not ENGINE_PY.exists():
+        pytest.skip(f"{ENGINE_PY} does not exist (run make setup)")
+    set_settings(python=str(ENGINE_PY), engine_dir=str(ENGINE_ROOT), extra_args="--no-demo",
+                 weights_dir=str(tmp_path / "no-weights-here"), engine_url=f"http://127.0.0.1:{free_port()}")
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.start_engine()
+
+    def critical():
+        return bar.get_messages(Qgis.MessageLevel.Critical)
+
+    wait_until(lambda: critical(), 120, "the engine's failure message")
+    assert not plugin.engine.is_running()
+    reason = plugin.engine.failure_reason()
+    assert reason.startswith("no weights:") and "no-weights-here" in reason
+    assert any(m.startswith("GeoVQA:The local engine stopped: no weights:") or
+               "The local engine stopped: no weights:" in m for m in critical()), critical()
+    assert "[engine exited with code 2]" in plugin.engine.log_text()
