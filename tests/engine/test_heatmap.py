@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pytest
 import rasterio
 import torch
 from shapely.geometry import shape

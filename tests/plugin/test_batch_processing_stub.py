@@ -50,7 +50,7 @@ def test_batch_cancel(plugin, raster_layer, stub_engine):
 
 def test_processing_ask_and_batch(plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
     import processing
-    from qgis.core import QgsRasterLayer, QgsRectangle
+    from qgis.core import QgsRasterLayer
 
     a, b = raster_layer("a"), raster_layer("b", width=32, height=40)
     res = processing.run("geovqa:ask_raster", {
