@@ -19,6 +19,7 @@ working between GPU runs.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
     """Load, add LoRA as `finetune` does, run one optimizer step per visual-token count."""
     import torch
 
+    from engine.benchmarks.memory import RssSampler
     from engine.data import Sample, Turn
     from engine.finetune import add_lora, answer_loss, build_training_inputs, encode_conversation
     from engine.loader import load_model
@@ -45,9 +47,11 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
     t0 = time.perf_counter()
     loaded = load_model(weights_dir, device=device, quantization=quantization)
     load_s = time.perf_counter() - t0
-    after_load = torch.cuda.memory_allocated() if cuda else None
+    gc.collect()
+    after_load = torch.cuda.memory_allocated() if cuda else RssSampler().current()
     model = add_lora(loaded.model, r=lora_r, alpha=2 * lora_r, dropout=0.05,
                      four_bit=bool(loaded.info.get("four_bit")), gradient_checkpointing=True)
+    after_prepare = torch.cuda.memory_allocated() if cuda else RssSampler().current()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     base = model.get_base_model()
@@ -66,27 +70,30 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
             feats = torch.randn(n, base.config.mm_hidden_size, generator=g)
             visual = base.project(feats)
         t1 = time.perf_counter()
-        embeds, labels, mask = build_training_inputs(model, enc, visual)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = answer_loss(model, embeds, labels, mask)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        with RssSampler(interval=0.05) as rss:
+            embeds, labels, mask = build_training_inputs(model, enc, visual)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss = answer_loss(model, embeds, labels, mask)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
         runs.append({
             "visual_tokens": n,
             "sequence_tokens": int(embeds.shape[1]),
             "loss": round(float(loss.detach()), 4),
             "step_s": round(time.perf_counter() - t1, 3),
-            "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+            "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else int(rss.peak),
         })
     return {
         "quantization": loaded.info.get("quantization"),
         "attention": loaded.info.get("attention"),
         "device": loaded.info.get("device"),
         "load_s": round(load_s, 1),
-        "resident_after_load_bytes": after_load,
+        "memory_counted": "GPU bytes allocated by torch" if cuda else "process resident set (RSS)",
+        "resident_after_load_bytes": int(after_load),
+        "resident_after_lora_bytes": int(after_prepare),
         "trainable_parameters": int(sum(p.numel() for p in params)),
         # every parameter's storage after the QLoRA preparation (4-bit weights count packed)
         "parameter_bytes": int(sum(p.numel() * p.element_size() for p in model.parameters())),

@@ -59,6 +59,8 @@ def test_qlora_step_on_nf4_base_trains_only_the_adapters(tiny_checkpoint):
     fp32 = qlora_step(tiny_checkpoint, device="cpu", quantization="fp32", n_visual=[64], lora_r=4)
     assert fp32["trainable_parameters"] == rec["trainable_parameters"]
     assert 0 < rec["parameter_bytes"] < 0.5 * fp32["parameter_bytes"]
+    assert rec["memory_counted"] == "process resident set (RSS)"
+    assert all(s["peak_bytes"] > 0.9 * rec["resident_after_load_bytes"] > 0 for s in rec["steps"])
 
 
 def test_qlora_preparation_keeps_frozen_tensors_as_loaded(tiny_checkpoint):
