@@ -91,9 +91,39 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from engine.pipeline import Engine
 
+    if args.memory:
+        return _print_memory(args)
+
     engine = Engine(args.weights, device=args.device, quantization=args.quantization,
                     adapter=args.adapter, demo_ok=not args.no_demo)
     print(json.dumps(engine.health(), indent=2))
+    return 0
+
+
+def _print_memory(args: argparse.Namespace) -> int:
+    """`info --memory`: each weight format's memory need against the free memory, no load."""
+    from engine.devices import resolve_device, usable_quantizations
+    from engine.loader import weight_files
+    from engine.memory_check import fit_report
+    from engine.pipeline import resolve_weights
+
+    path, demo = resolve_weights(args.weights, demo_ok=not args.no_demo)
+    device = resolve_device(args.device)
+    report = {"weights_dir": str(path), "demo_model": demo,
+              **fit_report(weight_files(path), device, usable_quantizations(device))}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    def size(n: int) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    free = report["free_bytes"]
+    print(f"{'demo model' if demo else 'checkpoint'} {path}: {report['parameters']:,} parameters")
+    print(f"free on {device}: " + (size(free) if free is not None else "unknown"))
+    for q, r in report["formats"].items():
+        verdict = {True: "fits", False: "does not fit", None: "unknown"}[r["fits"]]
+        print(f"  {q:5} weights {size(r['weights_bytes']):>8}, with working memory "
+              f"{size(r['needed_bytes']):>8}: {verdict}")
     return 0
 
 
@@ -124,6 +154,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="load the model and print what the engine runs on")
     add_model_arguments(p)
+    p.add_argument("--memory", action="store_true",
+                   help="do not load: print the memory each weight format needs here and what is free")
+    p.add_argument("--json", action="store_true", help="with --memory: print JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tiny", help="write a tiny random checkpoint in the released layout")

@@ -139,3 +139,17 @@ def check_fits(files: Iterable[Path], *, device: str, quantization: str, alterna
         f"{_gb(counts.weight_bytes(quantization))} + working memory) but only {_gb(free)} is free "
         f"on {device}. {choice}, or set {SKIP_ENV}=1 to load anyway.",
         need, free)
+
+
+def fit_report(files: Iterable[Path], device: str, formats: Iterable[str]) -> dict:
+    """What each weight format needs on `device` and what is free there (nothing is loaded)."""
+    counts = count_parameters(files)
+    free = available_bytes(device)
+    return {
+        "device": device,
+        "free_bytes": free,
+        "parameters": counts.quantisable + counts.other,
+        "formats": {q: {"weights_bytes": counts.weight_bytes(q), "needed_bytes": needed_bytes(counts, q),
+                        "fits": None if free is None else needed_bytes(counts, q) <= free}
+                    for q in formats},
+    }

@@ -107,3 +107,27 @@ def test_cli_prints_the_refusal(tiny_checkpoint, monkeypatch, capsys):
     assert main(["info", "--weights", str(tiny_checkpoint), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: tiny-demo in fp32 needs about")
+
+
+def test_info_memory_reports_every_format_without_loading(tiny_checkpoint, counts, monkeypatch, capsys):
+    import json
+
+    import engine.loader
+    from engine.cli import main
+
+    def must_not_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine.loader, "load_model", must_not_load)
+    free = (needed_bytes(counts, "bf16") + needed_bytes(counts, "fp32")) // 2
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: free)
+    assert main(["info", "--memory", "--json", "--weights", str(tiny_checkpoint), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"] == counts.quantisable + counts.other and report["free_bytes"] == free
+    assert report["formats"]["fp32"] == {"weights_bytes": counts.weight_bytes("fp32"),
+                                         "needed_bytes": needed_bytes(counts, "fp32"), "fits": False}
+    assert report["formats"]["bf16"]["fits"] is True
+    assert main(["info", "--memory", "--weights", str(tiny_checkpoint), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert f"{report['parameters']:,} parameters" in text
+    assert any(line.strip().startswith("fp32") and line.endswith("does not fit") for line in text.splitlines())
