@@ -53,7 +53,8 @@ def measure(device: str, workdir: Path, *, n_visual: int = 13824 // 4, max_new_t
     import torch
 
     from engine.benchmarks.memory import RssSampler
-    from engine.loader import load_model
+    from engine.loader import load_model, weight_files
+    from engine.memory_check import count_parameters
     from engine.modeling import QWEN2_7B_LM
     from engine.tiny import write_random_checkpoint
 
@@ -82,6 +83,7 @@ def measure(device: str, workdir: Path, *, n_visual: int = 13824 // 4, max_new_t
         gc.collect()
         peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
         resident = torch.cuda.memory_allocated() if cuda else RssSampler().current()
+        estimate = count_parameters(weight_files(workdir)).weight_bytes("nf4")
         with RssSampler(interval=0.05) as gen_rss:
             gen = generate_from_random_visual(loaded, n_visual, max_new_tokens)
     finally:
@@ -101,6 +103,8 @@ def measure(device: str, workdir: Path, *, n_visual: int = 13824 // 4, max_new_t
         "load_peak_bytes": int(peak),
         "resident_after_load_bytes": int(resident),
         "model_storage_bytes": storage_bytes(loaded.model),
+        # engine/memory_check.py's nf4 estimate from the safetensors headers (block scales included)
+        "estimated_weight_bytes": int(estimate),
         "generate_prompt_tokens": gen.n_prompt_tokens,
         "generate_new_tokens": gen.n_new_tokens,
         "prefill_s": round(gen.prefill_s, 3),

@@ -71,6 +71,8 @@ def test_full_size_measure_runs_on_the_cpu_with_a_small_config(tmp_path, tiny_ch
     assert rec["generate_prompt_tokens"] > 40
     assert rec["load_peak_bytes"] >= rec["resident_after_load_bytes"] * 0.5 > 0
     assert 0 < rec["model_storage_bytes"] < 20 * 1024**2
+    # the memory check's estimate (packed codes, block scales, bf16 rest; buffers not counted)
+    assert abs(rec["estimated_weight_bytes"] / rec["model_storage_bytes"] - 1) < 0.05
     assert not (tmp_path / "ckpt").exists()  # the checkpoint is removed afterwards
 
 
@@ -145,4 +147,6 @@ def test_full_size_nf4_load_peak_memory(tmp_path_factory):
         Path(os.environ["OUT"], "gpu_load.json").write_text(text)
     # a 7B LM in nf4 plus the bf16 vision tower and lm_head fits well under 12 GiB
     assert record["resident_after_load_bytes"] < 12 * 1024**3
+    # the memory check's estimate (engine/memory_check.py) is what torch holds after the load
+    assert abs(record["resident_after_load_bytes"] / record["estimated_weight_bytes"] - 1) < 0.1
     assert record["generate_new_tokens"] > 0
