@@ -4,10 +4,10 @@ The tensor shapes come from the safetensors headers (nothing is read but the hea
 a parameter takes from the plan: 4 in fp32, 2 in bf16, and in nf4 about 0.52 for the language
 model's linear weights (4-bit codes plus double-quantised block scales) and 2 for everything
 kept unquantised. That sum plus working memory is compared with the memory free on the device
-(the GPU's free memory, or the RAM the OS says is available), so a model that cannot fit is
-refused at once, with the choices that would fit, instead of after minutes of loading that end
-in a CUDA out-of-memory error or, on the CPU, in the kernel's OOM killer ending the process
-without a word. ``GEOVQA_SKIP_MEMORY_CHECK=1`` loads anyway (a machine with swap, say).
+(the GPU's free memory, or the RAM the OS says is available, capped by a container's cgroup
+limit), so a model that cannot fit is refused at once, with the choices that would fit, instead
+of after minutes of loading that end in a CUDA out-of-memory error or, on the CPU, in the
+kernel's OOM killer ending the process without a word. ``GEOVQA_SKIP_MEMORY_CHECK=1`` loads anyway (a machine with swap, say).
 """
 
 from __future__ import annotations
@@ -90,11 +90,21 @@ def needed_bytes(counts: TensorCounts, quantization: str) -> int:
 
 
 def available_bytes(device: str) -> int | None:
-    """Free memory on `device` (None when it cannot be told)."""
+    """Free memory on `device` (None when it cannot be told): the GPU's free memory, or the RAM
+    the OS says is available, capped by this process's cgroup limit (a container's memory limit
+    is what the OOM killer enforces, whatever the host has free)."""
     if device.startswith("cuda"):
         from engine.devices import gpu_free_bytes
 
         return gpu_free_bytes(device)
+    ram = _available_ram()
+    room = cgroup_room()
+    if ram is None or room is None:
+        return room if ram is None else ram
+    return min(ram, room)
+
+
+def _available_ram() -> int | None:
     try:
         import psutil
 
@@ -108,6 +118,57 @@ def available_bytes(device: str) -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _stat(path: Path, *names: str) -> int:
+    """The first of `names` found in a cgroup memory.stat file (0 when none is)."""
+    stats = {}
+    for line in (_read(path) or "").splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            stats[key] = int(value)
+    return next((stats[n] for n in names if n in stats), 0)
+
+
+def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                sys_cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Memory this process's cgroup may still take (limit - usage, reclaimable file cache not
+    counted as usage), for cgroup v2 and v1; None without a limit or on other systems."""
+    lines = (_read(proc_cgroup) or "").splitlines()
+    for line in lines:  # v2: "0::/path"
+        if line.startswith("0::"):
+            rel = line[3:].lstrip("/")
+            for d in ([sys_cgroup / rel] if rel else []) + [sys_cgroup]:
+                limit = _read(d / "memory.max")
+                usage = _read(d / "memory.current")
+                if limit is None or usage is None:
+                    continue
+                if not limit.isdigit() or not usage.isdigit():
+                    return None  # "max": no limit
+                used = int(usage) - _stat(d / "memory.stat", "inactive_file")
+                return max(0, int(limit) - used)
+    for line in lines:  # v1: "N:memory:/path" (also "N:cpu,memory:/path")
+        parts = line.split(":", 2)
+        if len(parts) == 3 and "memory" in parts[1].split(","):
+            rel = parts[2].lstrip("/")
+            base = sys_cgroup / "memory"
+            for d in ([base / rel] if rel else []) + [base]:
+                limit = _read(d / "memory.limit_in_bytes")
+                usage = _read(d / "memory.usage_in_bytes")
+                if limit is None or usage is None or not limit.isdigit() or not usage.isdigit():
+                    continue
+                if int(limit) >= 1 << 60:  # "unlimited" is a page-rounded 2**63
+                    return None
+                used = int(usage) - _stat(d / "memory.stat", "total_inactive_file", "inactive_file")
+                return max(0, int(limit) - used)
     return None
 
 

@@ -131,3 +131,55 @@ def test_info_memory_reports_every_format_without_loading(tiny_checkpoint, count
     text = capsys.readouterr().out
     assert f"{report['parameters']:,} parameters" in text
     assert any(line.strip().startswith("fp32") and line.endswith("does not fit") for line in text.splitlines())
+
+
+def _cgroup_tree(tmp_path, proc_line: str, files: dict[str, str]):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(proc_line + "\n")
+    root = tmp_path / "sys"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return proc, root
+
+
+def test_cgroup_v2_limit_counts_usage_less_reclaimable_cache(tmp_path):
+    from engine.memory_check import cgroup_room
+
+    proc, root = _cgroup_tree(tmp_path, "0::/docker/abc", {
+        "docker/abc/memory.max": str(16 << 30), "docker/abc/memory.current": str(6 << 30),
+        "docker/abc/memory.stat": f"anon {4 << 30}\ninactive_file {2 << 30}\n"})
+    assert cgroup_room(proc, root) == (16 << 30) - (4 << 30)
+    (root / "docker/abc/memory.max").write_text("max\n")
+    assert cgroup_room(proc, root) is None
+
+
+def test_cgroup_v1_limit_and_unlimited(tmp_path):
+    from engine.memory_check import cgroup_room
+
+    proc, root = _cgroup_tree(tmp_path, "12:blkio:/\n4:memory:/job/7\n0::/", {
+        "memory/job/7/memory.limit_in_bytes": str(8 << 30),
+        "memory/job/7/memory.usage_in_bytes": str(3 << 30),
+        "memory/job/7/memory.stat": f"inactive_file 5\ntotal_inactive_file {1 << 30}\n"})
+    assert cgroup_room(proc, root) == (8 << 30) - (2 << 30)
+    (root / "memory/job/7/memory.limit_in_bytes").write_text("9223372036854771712")
+    assert cgroup_room(proc, root) is None
+    # a container sees its own cgroup at the mount's root, not under the host's path
+    proc2, root2 = _cgroup_tree(tmp_path / "ns", "4:memory:/docker/xyz", {
+        "memory/memory.limit_in_bytes": str(4 << 30), "memory/memory.usage_in_bytes": str(1 << 30)})
+    assert cgroup_room(proc2, root2) == 3 << 30
+
+
+def test_no_cgroup_information_means_no_cap(tmp_path):
+    from engine.memory_check import cgroup_room
+
+    assert cgroup_room(tmp_path / "missing", tmp_path) is None
+
+
+def test_a_container_limit_caps_the_free_ram(monkeypatch):
+    monkeypatch.setattr(memory_check, "_available_ram", lambda: 64 << 30)
+    monkeypatch.setattr(memory_check, "cgroup_room", lambda: 10 << 30)
+    assert memory_check.available_bytes("cpu") == 10 << 30
+    monkeypatch.setattr(memory_check, "cgroup_room", lambda: None)
+    assert memory_check.available_bytes("cpu") == 64 << 30
