@@ -28,6 +28,9 @@ Outputs in ``--out``
     ``checkpoint-<step>/`` every ``--save-every`` steps: ``adapter/`` (peft) and
     ``trainer_state.pt`` (optimizer, scheduler, RNG, step; tensors and plain containers only,
     read back with ``torch.load(weights_only=True)``); ``--resume`` continues from the latest.
+    A run that stops early (Ctrl-C, a bad sample with ``--on-bad-sample stop``, a crash) first
+    saves its last finished step. A sample that runs out of memory is skipped and reported
+    (``out_of_memory``) or stops the run, as ``--on-bad-sample`` says.
     ``train_log.csv`` (step, epoch, loss, lr, tokens_per_s, val_loss, elapsed_s), ``loss.png``,
     ``bad_samples.jsonl`` (every skipped sample with its index and reason), ``adapter/`` (final;
     load it with ``load_model(..., adapter=DIR)`` or ``ask/serve --adapter DIR``).
@@ -49,12 +52,13 @@ from typing import Any, Callable, Sequence
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
+from engine.errors import is_oom
 from engine.run_settings import changed_settings
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
 IGNORE = -100
-TRAINING_TIME_REASONS = ("too_long", "visual_failed")
+TRAINING_TIME_REASONS = ("too_long", "visual_failed", "out_of_memory")
 SYSTEM_PROMPT = "You are a helpful assistant."
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "elapsed_s")
 
@@ -291,7 +295,25 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Path) -> Path:
+class _SampleOutOfMemory(Exception):
+    """A training sample ran out of (GPU) memory: in its visual path, forward or backward pass."""
+
+    def __init__(self, n_tokens: int | None, phase: str) -> None:
+        self.n_tokens = n_tokens
+        self.phase = phase
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        if self.phase == "visual":
+            return "ran out of memory while building its visual tokens"
+        return f"ran out of memory in the {self.phase} pass at {self.n_tokens} tokens (text + visual)"
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Path,
+                    rng: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint-<step> atomically (a temporary folder renamed). `rng` is the RNG state to
+    store (default: now), so that a checkpoint taken after an interruption can hold the state of
+    the end of its step."""
     import torch  # noqa: PLC0415
 
     d = out / f"checkpoint-{step}"
@@ -303,7 +325,8 @@ def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Pat
     tmp.mkdir(parents=True)
     model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), "step": step, "micro": micro, "format": 1},
+                "rng": rng if rng is not None else _rng_state(), "step": step, "micro": micro,
+                "format": 1},
                tmp / "trainer_state.pt")
     if d.exists():
         import shutil  # noqa: PLC0415
@@ -442,7 +465,12 @@ def train(
         enc = encode_conversation(tokenizer, sample)
         try:
             vis = visual_fn(sample)
-        except (ValueError, OSError) as exc:  # unreadable raster, strategy error: per sample
+        except Exception as exc:  # noqa: BLE001 - out of memory is re-raised tagged, others below
+            if is_oom(exc):
+                raise _SampleOutOfMemory(None, "visual") from exc
+            if not isinstance(exc, (ValueError, OSError)):
+                raise
+            # unreadable raster, strategy error: per sample
             if cfg.on_bad == "stop":
                 raise DataError(f"sample {sample.index} (id {sample.id}): building its visual tokens "
                                 f"failed: {exc}. Fix it, or pass --on-bad-sample skip.") from exc
@@ -452,10 +480,33 @@ def train(
         if cfg.max_length and n_tok > cfg.max_length:
             skip(sample, "too_long", f"{n_tok} tokens (text + visual), more than --max-length {cfg.max_length}")
             return None, n_tok
-        embeds, labels, mask = build_training_inputs(model, enc, vis)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            loss = answer_loss(model, embeds, labels, mask)
+        try:
+            embeds, labels, mask = build_training_inputs(model, enc, vis)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                loss = answer_loss(model, embeds, labels, mask)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+            if is_oom(exc):
+                raise _SampleOutOfMemory(n_tok, "forward") from exc
+            raise
         return loss, n_tok
+
+    def out_of_memory(sample: Sample, oom: _SampleOutOfMemory) -> None:
+        """Skip the sample (--on-bad-sample skip), or save the progress and stop."""
+        free_memory()
+        msg = f"{oom.describe()}; a lower --budget or --max-length avoids it"
+        if cfg.on_bad == "skip":
+            skip(sample, "out_of_memory", msg)
+            return
+        saved = save_progress()
+        where = f"; progress is saved in {saved.name}, continue with --resume" if saved else ""
+        raise DataError(f"sample {sample.index} (id {sample.id}) {msg}, or pass --on-bad-sample skip{where}.")
+
+    def free_memory() -> None:
+        import gc  # noqa: PLC0415
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def validate() -> float | None:
         if not val_samples:
@@ -464,7 +515,13 @@ def train(
         losses = []
         with torch.no_grad():
             for s in val_samples:
-                loss, _ = forward_loss(s)
+                try:
+                    loss, _ = forward_loss(s)
+                except _SampleOutOfMemory as oom:  # a validation sample too large: leave it out
+                    free_memory()
+                    skip(s, "out_of_memory", f"{oom.describe()} in validation; left out of the "
+                                             "validation loss")
+                    continue
                 if loss is not None:
                     losses.append(float(loss))
         model.train()
@@ -482,53 +539,93 @@ def train(
     order: list[int] = []
     order_epoch = -1
     last_val = None
-    while step < total:
-        optimizer.zero_grad(set_to_none=True)
-        acc_loss, acc_n, acc_tokens = 0.0, 0, 0
-        t0 = time.perf_counter()
-        while acc_n < cfg.grad_accum:
-            epoch, pos = divmod(micro, n)
-            if order_epoch != epoch:
-                order, order_epoch = _epoch_order(n, epoch, cfg.seed), epoch
-            sample = train_samples[order[pos]]
-            micro += 1
-            if sample.index in skipped_long:
-                if len(skipped_long) >= n:
-                    raise DataError("no training sample is usable (all too long for --max-length or "
-                                    "failing in the visual path); see bad_samples.jsonl")
-                continue
-            loss, n_tok = forward_loss(sample)
-            if loss is None:
-                skipped_long.add(sample.index)
-                continue
-            (loss / cfg.grad_accum).backward()
-            acc_loss += float(loss.detach())
-            acc_n += 1
-            acc_tokens += n_tok
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        dt = time.perf_counter() - t0
-        loss_mean = acc_loss / acc_n
-        tps = acc_tokens / dt if dt > 0 else 0.0
-        val = None
-        if val_samples and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-            val = last_val = validate()
-        with log_path.open("a", newline="") as f:
-            csv.writer(f).writerow([step, f"{micro / n:.4f}", f"{loss_mean:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
-                                    f"{tps:.1f}", "" if val is None else f"{val:.6f}",
-                                    f"{time.perf_counter() - t_start:.2f}"])
+    # the state at the end of the last finished optimizer step: what an interruption saves
+    done = {"step": step, "micro": micro, "rng": _rng_state(), "saved": step if cfg.resume else -1}
+
+    def save_progress() -> Path | None:
+        """checkpoint-<last finished step> unless it is already on disk (or nothing was done)."""
+        if done["step"] == done["saved"] or done["step"] == 0:
+            return None
+        d = save_checkpoint(model, optimizer, scheduler, done["step"], done["micro"], out, rng=done["rng"])
+        done["saved"] = done["step"]
+        return d
+
+    try:
+        while step < total:
+            optimizer.zero_grad(set_to_none=True)
+            acc_loss, acc_n, acc_tokens = 0.0, 0, 0
+            t0 = time.perf_counter()
+            while acc_n < cfg.grad_accum:
+                epoch, pos = divmod(micro, n)
+                if order_epoch != epoch:
+                    order, order_epoch = _epoch_order(n, epoch, cfg.seed), epoch
+                sample = train_samples[order[pos]]
+                micro += 1
+                if sample.index in skipped_long:
+                    if len(skipped_long) >= n:
+                        raise DataError("no training sample is usable (all too long for --max-length, "
+                                        "out of memory or failing in the visual path); see bad_samples.jsonl")
+                    continue
+                try:
+                    loss, n_tok = forward_loss(sample)
+                    if loss is None:
+                        skipped_long.add(sample.index)
+                        continue
+                    try:
+                        (loss / cfg.grad_accum).backward()
+                    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+                        if not is_oom(exc):
+                            raise
+                        # gradients may hold part of this sample: restart the step's accumulation
+                        del loss
+                        optimizer.zero_grad(set_to_none=True)
+                        acc_loss, acc_n, acc_tokens = 0.0, 0, 0
+                        raise _SampleOutOfMemory(n_tok, "backward") from exc
+                except _SampleOutOfMemory as oom:
+                    out_of_memory(sample, oom)
+                    skipped_long.add(sample.index)
+                    continue
+                acc_loss += float(loss.detach())
+                acc_n += 1
+                acc_tokens += n_tok
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            done.update(step=step, micro=micro, rng=_rng_state())
+            dt = time.perf_counter() - t0
+            loss_mean = acc_loss / acc_n
+            tps = acc_tokens / dt if dt > 0 else 0.0
+            val = None
+            if val_samples and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                val = last_val = validate()
+            with log_path.open("a", newline="") as f:
+                csv.writer(f).writerow([step, f"{micro / n:.4f}", f"{loss_mean:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
+                                        f"{tps:.1f}", "" if val is None else f"{val:.6f}",
+                                        f"{time.perf_counter() - t_start:.2f}"])
+            if bar is not None:
+                post = {"loss": f"{loss_mean:.4f}", "tok/s": f"{tps:.0f}"}
+                if last_val is not None:
+                    post["val"] = f"{last_val:.4f}"
+                bar.set_postfix(post)
+                bar.update(1)
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+                save_checkpoint(model, optimizer, scheduler, step, micro, out)
+                done["saved"] = step
+                _prune_checkpoints(out, cfg.keep_checkpoints)
+    except BaseException as exc:  # Ctrl-C, a bad sample with --on-bad-sample stop, a crash: keep the work
         if bar is not None:
-            post = {"loss": f"{loss_mean:.4f}", "tok/s": f"{tps:.0f}"}
-            if last_val is not None:
-                post["val"] = f"{last_val:.4f}"
-            bar.set_postfix(post)
-            bar.update(1)
-        if cfg.save_every and (step % cfg.save_every == 0 or step == total):
-            save_checkpoint(model, optimizer, scheduler, step, micro, out)
-            _prune_checkpoints(out, cfg.keep_checkpoints)
+            bar.close()
+        try:
+            saved = save_progress()
+        except Exception as save_exc:  # noqa: BLE001 - report, then raise the original error
+            saved = None
+            print(f"could not save the progress of step {done['step']}: {save_exc}", file=sys.stderr)
+        if saved is not None:
+            what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped"
+            print(f"{what} after step {done['step']}: saved {saved}; continue with --resume", file=sys.stderr)
+        raise
     if bar is not None:
         bar.close()
     adapter_dir = out / "adapter"
@@ -623,6 +720,8 @@ def _check_resume_settings(args: argparse.Namespace, out: Path) -> None:
 
 
 def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
+    """`python -m engine finetune`. `visual_fn_factory` (tests) replaces `default_visual_fn` and is
+    called with the same arguments."""
     from engine.loader import load_model  # noqa: PLC0415
 
     out = Path(args.out)
@@ -674,14 +773,15 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     if info.get("demo"):
         print("NOTE: training the tiny RANDOM demo model (no GeoLLaVA-8K weights given).", file=sys.stderr)
     targets = [t.strip() for t in str(args.target_modules).split(",") if t.strip()]
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(args.seed)  # the adapters' initial weights come from --seed, not from the process
     model = add_lora(loaded.model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      targets=targets, four_bit=bool(info.get("four_bit")),
                      gradient_checkpointing=not args.no_gradient_checkpointing)
-    extra = {} if visual_fn_factory else {"tokenizer": loaded.tokenizer,
-                                          "faithful_empty_slots": args.faithful_empty_slots}
     factory = visual_fn_factory or default_visual_fn
     visual_fn = factory(model, strategy=args.strategy, budget=args.budget, tokens_per_tile=args.tokens_per_tile,
-                        seed=args.seed, **extra)
+                        seed=args.seed, tokenizer=loaded.tokenizer, faithful_empty_slots=args.faithful_empty_slots)
     cfg = TrainConfig(out=out, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                       grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
                       max_grad_norm=args.max_grad_norm, save_every=args.save_every, eval_every=args.eval_every,
