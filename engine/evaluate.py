@@ -71,6 +71,9 @@ CHOICES_HEADER = " The choices are listed below:"
 FORMATS = ("auto", "xlrs", "mme", "lrsvqa", "generic")
 
 
+ON_ERROR = ("stop", "skip")
+
+
 class EvalError(ValueError):
     """The annotation file or an option cannot be used."""
 
@@ -404,7 +407,10 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         "total": total,
         "correct": correct,
         # multiple-choice replies in which no option letter could be found (counted wrong)
-        "no_letter_found": sum(1 for r in records if r.get("multiple_choice") and not r.get("prediction")),
+        "no_letter_found": sum(1 for r in records if r.get("multiple_choice") and not r.get("prediction")
+                               and "error" not in r),
+        # items whose prediction failed (--on-error skip; counted wrong)
+        "failed": sum(1 for r in records if "error" in r),
         "micro_accuracy": correct / total if total else None,
         "macro_accuracy": sum(p["accuracy"] for p in per.values()) / len(per) if per else None,
         "per_category": per,
@@ -433,6 +439,9 @@ def markdown_table(summary: dict[str, Any], title: str = "") -> str:
     lines.append(f"| **macro (mean of categories)** | | | {pct(summary['macro_accuracy'])} |")
     if summary.get("no_letter_found"):
         lines += ["", f"{summary['no_letter_found']} multiple-choice replies named no option (counted wrong)."]
+    if summary.get("failed"):
+        lines += ["", f"{summary['failed']} items failed (counted wrong; their errors are in "
+                      "predictions.jsonl, and a rerun into the same folder tries them again)."]
     return "\n".join(lines) + "\n"
 
 
@@ -461,9 +470,16 @@ def evaluate(
     title: str = "",
     progress: bool = False,
     instruction: str | None = None,
+    on_error: str = "stop",
 ) -> dict[str, Any]:
     """Run `predict(item, prompt) -> reply` on each item not yet in predictions.jsonl, score,
-    write results.json and results.md into out_dir, return the results dict."""
+    write results.json and results.md into out_dir, return the results dict.
+
+    An item whose prediction fails (out of memory, an unreadable image, a prompt too long for
+    the model) stops the run (`on_error` "stop"), or is recorded with its error and counted
+    wrong ("skip"); a later run into the same folder tries failed items again."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
@@ -477,7 +493,7 @@ def evaluate(
     records: list[dict] = []
     with pred_path.open("a", encoding="utf-8") as f:
         for item in todo:
-            if item.id in done:
+            if item.id in done and "error" not in done[item.id]:
                 rec = done[item.id]
                 # rescore from the stored reply (extraction rules may have changed)
                 pred, ok = score_item(item, rec.get("reply", ""))
@@ -486,12 +502,23 @@ def evaluate(
             else:
                 prompt = build_prompt(item, instruction)
                 t0 = time.perf_counter()
-                reply = predict(item, prompt)
-                pred, ok = score_item(item, reply)
+                try:
+                    reply, error = predict(item, prompt), None
+                except Exception as exc:  # noqa: BLE001 - recorded per item, or re-raised
+                    if on_error == "stop":
+                        if isinstance(exc, EvalError):
+                            raise EvalError(f"{exc} (--on-error skip records such items as failed "
+                                            "and goes on)") from exc
+                        raise
+                    reply, error = "", str(exc).strip() or type(exc).__name__
+                pred, ok = score_item(item, reply) if error is None else (None, False)
                 rec = {"id": item.id, "category": item.category, "image": item.image, "reply": reply,
                        "prediction": pred, "answer": item.answer, "correct": ok,
                        "multiple_choice": item.multiple_choice,
                        "seconds": round(time.perf_counter() - t0, 3)}
+                if error is not None:
+                    rec["error"] = error
+                    print(f"item {item.id} failed (counted wrong): {error}", file=sys.stderr)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
             records.append(rec)
@@ -525,6 +552,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_strategy_arguments(parser, faithful_default=None, budget_help="visual token budget per item")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64,
                         help="64 = the XLRS-Bench-lite protocol")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="stop",
+                        help="an item whose prediction fails (out of memory, unreadable image): stop, or "
+                        "record it as failed (counted wrong) and go on")
     parser.add_argument("--title", default="", help="heading of the Markdown table")
     parser.add_argument("--instruction", default=None,
                         help="last line of multiple-choice prompts (default: answer with the option letter(s))")
@@ -599,7 +629,8 @@ def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] |
                             f"{'; ...' if len(missing) > 5 else ''}). Check --image-root.")
         predict = engine_predictor(args)
     res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
-                   progress=True, instruction=getattr(args, "instruction", None))
+                   progress=True, instruction=getattr(args, "instruction", None),
+                   on_error=getattr(args, "on_error", "stop"))
     print(markdown_table(res, res["title"]))
     print(f"Results in {Path(args.out) / 'results.json'} and results.md; predictions in predictions.jsonl.")
     return 0

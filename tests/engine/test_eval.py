@@ -270,3 +270,42 @@ def test_missing_images_are_reported_before_the_model_loads(tmp_path):
     add_eval_arguments(parser)
     with pytest.raises(EvalError, match=r"4 of 4 items have no image file \(rs/color/0001: "):
         run_eval(parser.parse_args([str(ann), "--out", str(tmp_path / "o")]))
+
+
+def test_failed_items_stop_or_are_recorded_and_retried(tmp_path):
+    ann = _write(tmp_path / "mme.json", MME)
+    failing = "rs/count/0003"
+
+    def flaky(item, prompt):
+        if item.id == failing:
+            raise EvalError(f"item {item.id}: out of memory while encoding image tiles")
+        return MME_REPLIES[item.id]
+
+    with pytest.raises(EvalError, match="out of memory.*--on-error skip"):
+        evaluate(load_items(ann), flaky, tmp_path / "stop")
+    # the items before it are kept: a rerun does not redo them
+    assert [json.loads(x)["id"] for x in (tmp_path / "stop" / "predictions.jsonl").read_text().splitlines()] \
+        == ["rs/color/0001", "rs/count/0002"]
+
+    out = tmp_path / "skip"
+    res = evaluate(load_items(ann), flaky, out, on_error="skip")
+    assert res["failed"] == 1 and res["total"] == 4 and res["correct"] == 3  # 0003 was wrong anyway
+    assert res["no_letter_found"] == 0
+    rows = {json.loads(x)["id"]: json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()}
+    assert "out of memory" in rows[failing]["error"] and rows[failing]["correct"] is False
+    assert "1 items failed" in (out / "results.md").read_text()
+
+    calls = []
+    fixed = {**MME_REPLIES, failing: "A"}  # now answered, and right
+    res = evaluate(load_items(ann), _predictor(fixed, calls), out, on_error="skip")
+    assert calls == [failing]  # only the failed item is tried again
+    assert res["failed"] == 0 and res["correct"] == 4
+
+
+def test_on_error_option(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    assert parser.parse_args(["a.json"]).on_error == "stop"
+    assert parser.parse_args(["a.json", "--on-error", "skip"]).on_error == "skip"
+    with pytest.raises(ValueError, match="on_error"):
+        evaluate([], _predictor({}, []), tmp_path / "o", on_error="ignore")
