@@ -83,7 +83,7 @@ trap cleanup EXIT INT TERM
 
 printf 'waiting for the model to load'
 for _ in $(seq 1 600); do
-  kill -0 "$ENGINE_PID" 2>/dev/null || { tail -n 40 "$RUN/engine.log" >&2; die "The engine exited while starting (log above)."; }
+  kill -0 "$ENGINE_PID" 2>/dev/null || { tail -n 40 "$RUN/engine.log" >&2; die "The engine exited while starting (log above). Options for 'engine serve' go in ENGINE_ARGS, e.g. make run ENGINE_ARGS='--quantization nf4'."; }
   status=$("$PY" - "$URL" <<'PYEOF' 2>/dev/null || true
 import json, sys, urllib.request
 print(json.load(urllib.request.urlopen(sys.argv[1] + "/health", timeout=2)).get("status", ""))
