@@ -39,12 +39,15 @@ Outputs in ``--out``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,6 +296,25 @@ def _set_rng_state(st: dict[str, Any]) -> None:
     random.setstate((3, tuple(st["python"]), None))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Hold Ctrl-C (SIGINT) back until the block ends, then raise KeyboardInterrupt: the optimizer
+    update and the record of the finished step must not be split by an interruption. A no-op
+    outside the main thread or where Python does not own the SIGINT handler."""
+    if threading.current_thread() is not threading.main_thread() or \
+            not callable(signal.getsignal(signal.SIGINT)):
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class _SampleOutOfMemory(Exception):
@@ -588,12 +610,13 @@ def train(
                 acc_loss += float(loss.detach())
                 acc_n += 1
                 acc_tokens += n_tok
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            done.update(step=step, micro=micro, rng=_rng_state())
+            with _ctrl_c_deferred():  # an update and its bookkeeping happen together or not at all
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                done.update(step=step, micro=micro, rng=_rng_state())
             dt = time.perf_counter() - t0
             loss_mean = acc_loss / acc_n
             tps = acc_tokens / dt if dt > 0 else 0.0

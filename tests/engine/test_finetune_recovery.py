@@ -133,3 +133,25 @@ def test_out_of_memory_samples_are_skipped_and_reported(data, tiny_checkpoint, t
                         visual_fn_factory=_counting_factory({}, seen)) == 0
     assert {r["index"] for r in _report(out)} == set(report) and len(_report(out)) == 3
     assert not set(seen) & set(report)
+
+
+def test_ctrl_c_waits_for_the_end_of_an_optimizer_update():
+    """An interruption never lands between an optimizer update and the record of its step."""
+    import os
+    import signal
+    import time
+
+    from engine.finetune import _ctrl_c_deferred
+
+    before = signal.getsignal(signal.SIGINT)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            reached.append("end of block")
+    assert reached == ["end of block"]
+    assert signal.getsignal(signal.SIGINT) is before
+    with _ctrl_c_deferred():  # nothing caught: nothing raised
+        reached.append("quiet")
+    assert reached[-1] == "quiet"
