@@ -7,6 +7,7 @@ The engine's output is kept (last lines) for the diagnostics report.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import urllib.parse
@@ -108,12 +109,7 @@ class EngineProcess(QObject):
     def failure_reason(self) -> str:
         """The engine's own last error sentence (its command line prints "error: ..." before it
         exits: no weights, not enough memory, a bad option), else its last output line."""
-        lines = [ln.strip() for ln in self.lines if ln.strip() and not ln.startswith("[engine ")]
-        for line in reversed(lines):
-            head, sep, rest = line.partition("error:")
-            if sep and rest.strip() and not head.strip().startswith(("File ", "raise ")):
-                return rest.strip()
-        return lines[-1] if lines else ""
+        return error_sentence(ln for ln in self.lines if not ln.startswith("[engine "))
 
     def _read(self):
         if self.proc is None:
@@ -131,6 +127,99 @@ class EngineProcess(QObject):
         self.lines.append(f"[engine process error: {err}]")
         if self.proc is not None and self.proc.state() == NOT_RUNNING:
             self.state_changed.emit("failed")
+
+
+def error_sentence(lines) -> str:
+    """The last "error: ..." sentence of an engine command's output, else its last line."""
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    for line in reversed(lines):
+        head, sep, rest = line.partition("error:")
+        if sep and rest.strip() and not head.strip().startswith(("File ", "raise ")):
+            return rest.strip()
+    return lines[-1] if lines else ""
+
+
+MODEL_FLAGS = ("--weights", "--device", "--quantization")
+
+
+def memory_check_command(settings) -> tuple:
+    """(program, args, working_dir) of ``engine info --memory --json`` for the configured local
+    engine: the same Python, weights and model options (--device, --quantization, --no-demo)
+    its serve command would use; serve-only options are left out."""
+    program, serve_args, workdir = engine_command(settings)
+    args = ["-m", "engine", "info", "--memory", "--json"]
+    rest = serve_args[3:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in MODEL_FLAGS and i + 1 < len(rest):
+            args += [arg, rest[i + 1]]
+            i += 2
+            continue
+        if arg == "--no-demo" or arg.split("=", 1)[0] in MODEL_FLAGS and "=" in arg:
+            args.append(arg)
+        i += 1
+    return program, args, workdir
+
+
+def memory_summary(report: dict) -> str:
+    """One paragraph from the JSON of ``engine info --memory``."""
+    def size(n) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    free = report.get("free_bytes")
+    model = "the tiny demo model" if report.get("demo_model") else report.get("weights_dir", "?")
+    verdicts = {True: "fits", False: "does not fit", None: "unknown"}
+    parts = [f"{q} {size(r['needed_bytes'])}: {verdicts[r.get('fits')]}"
+             for q, r in report.get("formats", {}).items()]
+    return (f"{model}, {report.get('parameters', 0):,} parameters. Free on {report.get('device')}: "
+            f"{size(free) if free is not None else 'unknown'}. Needed: " + "; ".join(parts) + ".")
+
+
+class MemoryCheck(QObject):
+    """Runs ``engine info --memory`` for the configured local engine without blocking QGIS."""
+
+    done = pyqtSignal(object, str)  # (report dict or None, error sentence)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.proc = None
+
+    def start(self, settings) -> None:
+        try:
+            program, args, workdir = memory_check_command(settings)
+        except EngineProcessError as exc:
+            self.done.emit(None, str(exc))
+            return
+        if self.proc is not None:
+            self.proc.kill()
+        proc = QProcess(self)
+        proc.setWorkingDirectory(workdir)
+        proc.finished.connect(lambda code, _status=None, p=proc: self._finished(p, code))
+        proc.errorOccurred.connect(lambda err, p=proc: self._failed(p, err))
+        self.proc = proc
+        proc.start(program, args)
+
+    def _finished(self, proc, code) -> None:
+        if proc is not self.proc:
+            return
+        self.proc = None
+        out = bytes(proc.readAllStandardOutput()).decode("utf-8", errors="replace")
+        err = bytes(proc.readAllStandardError()).decode("utf-8", errors="replace")
+        if code == 0:
+            try:
+                report = json.loads(out)
+            except ValueError:
+                report = None
+            if isinstance(report, dict):
+                self.done.emit(report, "")
+                return
+        self.done.emit(None, error_sentence(err.splitlines()) or f"the engine exited with code {code}")
+
+    def _failed(self, proc, err) -> None:
+        if proc is self.proc and proc.state() == NOT_RUNNING:
+            self.proc = None
+            self.done.emit(None, f"the engine Python could not be started ({err})")
 
 
 def which(name: str) -> str | None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from qgis.gui import QgsFileWidget, QgsOptionsPageWidget, QgsOptionsWidgetFactory
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QSpinBox,
-                                 QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QPushButton,
+                                 QSpinBox, QVBoxLayout, QWidget)
 
 from .settings import STRATEGIES, STRATEGY_LABELS, Settings, default_token_path
 
@@ -46,6 +46,14 @@ class SettingsForm(QWidget):
         form.addRow("Weights folder", self.weights)
         self.extra = QLineEdit(s.extra_args)
         form.addRow("Extra engine arguments", self.extra)
+        self.memory_button = QPushButton("Check memory")
+        self.memory_button.setToolTip("Ask the engine (without loading the model) how much memory each "
+                                      "weight format needs on this computer and what is free.")
+        self.memory_button.clicked.connect(self.check_memory)
+        self.memory_label = QLabel("")
+        self.memory_label.setWordWrap(True)
+        form.addRow(self.memory_button, self.memory_label)
+        self._memory_check = None
         form.addRow(QLabel("<b>Answers</b>"))
         self.strategy = QComboBox()
         for name in STRATEGIES:
@@ -81,6 +89,28 @@ class SettingsForm(QWidget):
         self.output.setFilePath(s.output_dir)
         form.addRow("Results folder", self.output)
         form.addRow(QLabel("Empty results folder: 'geovqa_results' next to the project file, or the QGIS profile."))
+
+    def check_memory(self):
+        """Run `engine info --memory` with the local-engine fields as they stand in the form."""
+        from .engine_process import MemoryCheck
+
+        s = Settings.load()
+        s.python = self.python.filePath()
+        s.engine_dir = self.engine_dir.filePath()
+        s.weights_dir = self.weights.filePath()
+        s.extra_args = self.extra.text()
+        if self._memory_check is None:
+            self._memory_check = MemoryCheck(self)
+            self._memory_check.done.connect(self._memory_done)
+        self.memory_button.setEnabled(False)
+        self.memory_label.setText("Checking …")
+        self._memory_check.start(s)
+
+    def _memory_done(self, report, error):
+        from .engine_process import memory_summary
+
+        self.memory_button.setEnabled(True)
+        self.memory_label.setText(memory_summary(report) if report else f"Cannot tell: {error}")
 
     def apply(self):
         s = Settings.load()
