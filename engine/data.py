@@ -37,7 +37,7 @@ USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
 SYSTEM_ROLES = {"system"}
 BAD_REASONS = ("malformed", "no_image_token", "missing_image", "unreadable_image", "too_large",
-               "too_long", "visual_failed")
+               "too_long", "visual_failed", "out_of_memory")
 
 
 class DataError(ValueError):

@@ -229,10 +229,6 @@ class TokenGeometry:
         transform = self.image_to_map @ self.layout.canvas_to_image @ Affine.scale(PATCH, PATCH)
         return TokenGrid(width=gw, height=gh, transform=transform, crs_wkt=self.crs_wkt, layout=self.layout)
 
-    def patch_rc(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        """Flat patch ids -> (row, col) in the token grid."""
-        return self.layout.patch_grid_rc(ids)
-
 
 def _apply_affine_boxes(t: Affine, boxes: np.ndarray) -> np.ndarray:
     """Map axis-aligned boxes through `t`; returns the bounds (minx, miny, maxx, maxy)."""

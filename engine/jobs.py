@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from engine import protocol
 
@@ -568,11 +568,3 @@ class JobQueue:
                 log.info("resuming batch job %s (%d/%d done)", job.job_id,
                          len(job.done_indexes), job.total)
         self._update_positions()
-
-
-def iter_batch_items(spec: dict) -> Iterable[tuple[int, dict, str]]:
-    """(index, item, question) for every answer a batch spec asks for, in order."""
-    n_q = len(spec["questions"])
-    for i, item in enumerate(spec["items"]):
-        for j, question in enumerate(spec["questions"]):
-            yield i * n_q + j, item, question

@@ -129,7 +129,6 @@ class VisualInput:
     selection: Any  # engine.selection.Selection
     geometry: Any  # engine.geometry.TokenGeometry
     timings: dict[str, float] = field(default_factory=dict)
-    features_hit: bool = False
 
 
 def read_and_encode(model, raster_path: str, *, aoi=None, bands=None, cancel=None,

@@ -35,10 +35,6 @@ class PromptPieces:
     after: list[int]  # token ids after the image (question + assistant header)
     text: str  # the full prompt text (with the placeholder)
 
-    @property
-    def n_text_tokens(self) -> int:
-        return len(self.before) + len(self.after)
-
 
 def split_prompt(tokenizer, question: str, *, system: str = SYSTEM_PROMPT, image: bool = True) -> PromptPieces:
     """Tokenise the prompt around the single ``<image>`` placeholder (no BOS is added)."""

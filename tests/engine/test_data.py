@@ -90,3 +90,10 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     assert [s.index for s in va] == [s.index for s in va2]
     assert not {s.index for s in tr} & {s.index for s in va}
     assert split_train_val(samples, 0.0)[1] == []
+
+
+def test_training_time_reasons_are_listed_reasons():
+    from engine.data import BAD_REASONS
+    from engine.finetune import TRAINING_TIME_REASONS
+
+    assert set(TRAINING_TIME_REASONS) <= set(BAD_REASONS)
