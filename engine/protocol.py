@@ -23,7 +23,8 @@ Endpoints
                             ``error``.
 ``POST /batch``             body BATCH_FIELDS -> ``{"job_id": str}``
 ``GET  /jobs/{id}``         -> JOB_FIELDS
-``DELETE /jobs/{id}``       -> JOB_FIELDS (state becomes ``cancelled``)
+``DELETE /jobs/{id}``       -> JOB_FIELDS (state becomes ``cancelled``: at once for a waiting
+                            job, after its current answer for a running one)
 ``GET  /jobs/{id}/results`` -> ``{"job_id", "results": [BATCH_RESULT_FIELDS, ...]}``
 ``GET  /files/{name}``      -> bytes of a heatmap GeoTIFF / anchors GeoJSON the server wrote
                             (for clients on another host; local clients use the paths).

@@ -124,3 +124,36 @@ def test_batch_rows_have_the_protocol_result_fields(protocol):
         if key in ("tokens", "timings"):
             continue
         assert key in CSV_COLUMNS
+
+
+def test_batch_jobs_through_the_plugin_client(real_engine, tmp_path, protocol):
+    """POST /batch, GET/DELETE /jobs/{id} and /results from the plugin's side, on the real engine."""
+    import time
+
+    from conftest import wait_until, write_raster
+    from geovqa.client import EngineClient
+
+    raster = write_raster(tmp_path / "scene.tif", width=80, height=60)
+    client = EngineClient(real_engine.url, real_engine.token)
+    body = {"items": [{"layer": "scene", "raster_path": str(raster), "aoi": None}],
+            "questions": ["How many ships?", "Is there water?"], "strategy": "geollava",
+            "budget": None, "tokens_per_tile": 24, "max_new_tokens": 4, "faithful_empty_slots": False,
+            "seed": 0}
+    assert set(body) == set(protocol.BATCH_FIELDS)
+    job_id = client.submit_batch(body)
+    wait_until(lambda: client.job(job_id)["state"] in ("done", "failed"), 120, "the batch job")
+    job = client.job(job_id)
+    assert set(job) >= set(protocol.JOB_FIELDS) - {"kind"}
+    assert job["state"] == "done" and job["done"] == job["total"] == 2 and job["errors"] == 0
+    rows = client.job_results(job_id)
+    assert [r["question"] for r in sorted(rows, key=lambda r: r["index"])] == body["questions"]
+    assert all(set(protocol.BATCH_RESULT_FIELDS) <= set(r) and r["answer"] is not None for r in rows)
+
+    # a long job cancelled from the plugin's side stops early
+    many = {**body, "questions": [f"Question {i}?" for i in range(40)]}
+    job_id = client.submit_batch(many)
+    time.sleep(0.2)
+    assert client.cancel_job(job_id)["state"] in ("cancelled", "running", "done")
+    wait_until(lambda: client.job(job_id)["state"] in ("cancelled", "done"), 60, "the cancelled job")
+    job = client.job(job_id)
+    assert job["state"] == "cancelled" and job["done"] < job["total"] == 40
