@@ -440,23 +440,3 @@ def read_for_tiling(path, *, aoi=None, bands=None, pinpoints=None) -> RasterImag
 
     return read_raster(path, aoi=aoi, bands=bands,
                        max_pixels=lambda w, h: tiling_read_budget((w, h), pinpoints))
-
-
-def raster_info(path) -> dict:
-    """Cheap metadata (no pixels): size, band count, dtypes, CRS, georeferencing, overviews."""
-    src = _open(os.fspath(path))
-    try:
-        return {
-            "path": os.fspath(path),
-            "width": int(src.width),
-            "height": int(src.height),
-            "count": int(src.count),
-            "dtypes": list(src.dtypes),
-            "crs_wkt": src.crs.to_wkt() if src.crs is not None else None,
-            "georeferenced": _is_georeferenced(src),
-            "transform": tuple(src.transform)[:6],
-            "overviews": src.overviews(1) if src.count else [],
-            "nodata": src.nodata,
-        }
-    finally:
-        src.close()

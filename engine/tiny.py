@@ -283,10 +283,3 @@ def write_random_checkpoint(dest: str | os.PathLike, device: str = "cpu", **over
 def is_tiny_checkpoint(path: str | os.PathLike) -> bool:
     """True when ``path`` holds a checkpoint written by build_tiny_checkpoint."""
     return (Path(path) / "TINY_MODEL.txt").is_file()
-
-
-def main_tiny(args) -> int:
-    """CLI entry: ``python -m engine tiny --dest DIR [--seed N]``."""
-    dest = build_tiny_checkpoint(getattr(args, "dest", ".cache/tiny-geollava"), seed=getattr(args, "seed", 0))
-    print(f"tiny random GeoLLaVA-8K checkpoint written to {dest}")
-    return 0

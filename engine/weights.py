@@ -72,14 +72,3 @@ def download_weights(
     if not files:
         raise DownloadError(f"no weight files were downloaded into {dest}")
     return dest
-
-
-def main_weights(args) -> int:
-    """CLI entry: ``python -m engine weights --dest DIR [--repo R] [--revision REV]``."""
-    path = download_weights(
-        getattr(args, "dest", "weights/GeoLLaVA-8K"),
-        repo=getattr(args, "repo", None) or DEFAULT_REPO,
-        revision=getattr(args, "revision", None),
-    )
-    print(f"GeoLLaVA-8K weights ready in {path}")
-    return 0

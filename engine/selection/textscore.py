@@ -80,13 +80,6 @@ def _first_layer(model: Any):
     return layers[0]
 
 
-def relevance_from_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q (L, H, hd) text queries, k (N, H, hd) visual keys -> (N,) mean softmax attention."""
-    hd = q.shape[-1]
-    logits = torch.einsum("lhd,nhd->lhn", q.float(), k.float()) / math.sqrt(hd)
-    return torch.softmax(logits, dim=-1).mean(dim=(0, 1))
-
-
 class TextScorer:
     """Scores projected visual tokens against one question (see module docstring)."""
 
