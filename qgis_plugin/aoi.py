@@ -97,10 +97,6 @@ def request_aoi(geometry: QgsGeometry | None, src_crs, layer, project: QgsProjec
     return {"polygon_wkt": clipped.asWkt(6)}
 
 
-def extent_geometry(canvas) -> QgsGeometry:
-    return QgsGeometry.fromRect(canvas.extent())
-
-
 class _DrawTool(QgsMapTool):
     """Common rubber-band handling; emits ``drawn(QgsGeometry)`` in the canvas CRS."""
 

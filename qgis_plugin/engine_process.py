@@ -8,7 +8,6 @@ The engine's output is kept (last lines) for the diagnostics report.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import urllib.parse
 from collections import deque
@@ -220,11 +219,3 @@ class MemoryCheck(QObject):
         if proc is self.proc and proc.state() == NOT_RUNNING:
             self.proc = None
             self.done.emit(None, f"the engine Python could not be started ({err})")
-
-
-def which(name: str) -> str | None:
-    for d in os.environ.get("PATH", "").split(os.pathsep):
-        p = Path(d) / name
-        if p.is_file() and os.access(p, os.X_OK):
-            return str(p)
-    return None

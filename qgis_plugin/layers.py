@@ -7,7 +7,6 @@ again after a restart.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from qgis.core import (
     QgsColorRampShader,
@@ -123,7 +122,3 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
         group.setCustomProperty("geovqa/source_layer", source_layer.id())
     group.setCustomProperty("geovqa/question", question)
     return group, heat, anchors
-
-
-def results_folder_note(path: Path) -> str:
-    return f"Result files are saved in {path}."

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from qgis.core import QgsProcessingException
@@ -71,7 +70,3 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
             raise QgsProcessingException("Cancelled.")
         raise QgsProcessingException("The engine sent no result.")
     return result
-
-
-def now() -> float:
-    return time.time()
