@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.devices import DevicePlan, plan_device, usable_quantizations
-from engine.memory_check import check_fits
+from engine.memory_check import UnreadableWeights, check_fits
 
 SKIP_QUANT_MODULES = ["vision_tower", "mm_projector", "reghead", "lm_head"]
 REAL_MODEL_NAME = "GeoLLaVA-8K"
@@ -150,9 +150,13 @@ def load_model(
     read_config_json(path)
     files = weight_files(path)
     plan = plan_device(device, quantization, attn)
-    check_fits(files, device=plan.device, quantization=plan.quantization,
-               alternatives=usable_quantizations(plan.device),
-               model_name=TINY_MODEL_NAME if is_tiny_checkpoint(path) else REAL_MODEL_NAME)
+    try:
+        check_fits(files, device=plan.device, quantization=plan.quantization,
+                   alternatives=usable_quantizations(plan.device),
+                   model_name=TINY_MODEL_NAME if is_tiny_checkpoint(path) else REAL_MODEL_NAME)
+    except UnreadableWeights as exc:
+        raise CheckpointError(f"the checkpoint in {path} is damaged: {exc}. Run `make weights` again "
+                              "to repair the download.") from exc
 
     config = LlavaQwenConfig.from_pretrained(path)
     config.rope_scaling = None

@@ -32,6 +32,10 @@ WORKING_FLOOR = 1 << 30  # activations, KV cache, CLIP batches: at least 1 GiB .
 WORKING_SHARE = 0.10  # ... or a tenth of the weights
 
 
+class UnreadableWeights(ValueError):
+    """A weight file's safetensors header cannot be read (a damaged or cut-off download)."""
+
+
 class NotEnoughMemory(EngineError):
     """The weights cannot fit in the memory free on the chosen device (message says what would)."""
 
@@ -76,9 +80,12 @@ def count_parameters(files: Iterable[Path]) -> TensorCounts:
 
     def shapes():
         for f in files:
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    yield key, handle.get_slice(key).get_shape()
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    pairs = [(key, handle.get_slice(key).get_shape()) for key in handle.keys()]
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: the file is damaged
+                raise UnreadableWeights(f"{f} is not a readable safetensors file ({exc})") from exc
+            yield from pairs
 
     return count_shapes(shapes())
 

@@ -183,3 +183,19 @@ def test_a_container_limit_caps_the_free_ram(monkeypatch):
     assert memory_check.available_bytes("cpu") == 10 << 30
     monkeypatch.setattr(memory_check, "cgroup_room", lambda: None)
     assert memory_check.available_bytes("cpu") == 64 << 30
+
+
+def test_a_damaged_shard_is_a_clear_checkpoint_error(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from engine.cli import main
+    from engine.loader import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    shard = sorted(broken.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:50])  # a download cut off in the header
+    with pytest.raises(CheckpointError, match=f"is damaged: {shard} is not a readable safetensors file"):
+        load_model(broken, device="cpu", quantization="fp32")
+    assert main(["info", "--memory", "--weights", str(broken), "--device", "cpu"]) == 2
+    assert "is not a readable safetensors file" in capsys.readouterr().err
