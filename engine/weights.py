@@ -39,6 +39,7 @@ def download_weights(
 ) -> Path:
     """Download ``repo`` into ``dest`` (resumable) and return the verified directory."""
     from engine.loader import CheckpointError, read_config_json, weight_files
+    from engine.memory_check import UnreadableWeights, count_parameters
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,8 @@ def download_weights(
     try:
         read_config_json(dest)
         files = weight_files(dest)
-    except CheckpointError as exc:
+        count_parameters(files)  # every shard's header reads and its data is all there
+    except (CheckpointError, UnreadableWeights) as exc:
         raise DownloadError(f"the download finished but the checkpoint is not usable: {exc}") from exc
     if not files:
         raise DownloadError(f"no weight files were downloaded into {dest}")

@@ -194,3 +194,13 @@ def test_download_weights_offline_and_verified(tmp_path, tiny_checkpoint, monkey
     monkeypatch.setattr(huggingface_hub, "snapshot_download", partial)
     with pytest.raises(DownloadError, match="not usable"):
         download_weights(tmp_path / "w3")
+
+    def cut_off(**kwargs):  # every file there, one shard cut short
+        fake_download(**kwargs)
+        shard = sorted(Path(kwargs["local_dir"]).glob("*.safetensors"))[-1]
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cut_off)
+    with pytest.raises(DownloadError, match="not usable: .*not a readable safetensors file"):
+        download_weights(tmp_path / "w4")
