@@ -125,7 +125,16 @@ class ChatDock(QgsDockWidget):
         q_row.addWidget(self.stop_button)
         v.addLayout(q_row)
         self.progress_label = QLabel("")
-        v.addWidget(self.progress_label)
+        self.retry_button = QPushButton("")
+        self.retry_button.setToolTip("Ask the same question again with the smaller token budget the "
+                                     "engine suggests after running out of memory.")
+        self.retry_button.clicked.connect(self.retry_smaller)
+        self.retry_button.hide()
+        self._retry = None  # (question, budget) the engine suggested after running out of memory
+        status_row = QHBoxLayout()
+        status_row.addWidget(self.progress_label, 1)
+        status_row.addWidget(self.retry_button)
+        v.addLayout(status_row)
 
         opts = QgsCollapsibleGroupBox("Strategy and token budget")
         self.options_box = opts
@@ -308,6 +317,7 @@ class ChatDock(QgsDockWidget):
             self._notify("Please type a question.", MSG_WARNING)
             return None
         self.stop(silent=True)  # a newer question supersedes the stale one
+        self._offer_retry(None)
         settings = Settings.load()
         request_id = new_request_id()
         self.current_request_id = request_id
@@ -413,8 +423,28 @@ class ChatDock(QgsDockWidget):
             if ev.get("hint"):
                 msg += " " + ev["hint"]
             self._fail(turn, msg)
+            if ev.get("code") == "out_of_memory" and isinstance(ev.get("retry_budget"), int):
+                self._offer_retry((turn["question"], ev["retry_budget"]))
             if ev.get("code") in ("engine_down", "model_loading"):
                 self.refresh_health()
+
+    def _offer_retry(self, retry):
+        """Show (or hide, for None) the button that asks again with a smaller budget."""
+        self._retry = retry
+        if retry is None:
+            self.retry_button.hide()
+            return
+        self.retry_button.setText(f"Retry with budget {retry[1]}")
+        self.retry_button.show()
+
+    def retry_smaller(self):
+        """Ask the question that ran out of memory again, with the budget the engine suggested
+        (it stays in the budget box for the next questions)."""
+        if self._retry is None:
+            return None
+        question, budget = self._retry
+        self.budget_spin.setValue(budget)
+        return self.ask(question)
 
     def _finish(self, turn, ev):
         turn["answer"] = ev.get("answer", turn["answer"])

@@ -149,3 +149,32 @@ def test_wrong_token_is_explained(plugin, raster_layer, stub_engine):
     err = dock.turns()[-1]["error"]
     assert "Wrong token." in err and "token" in err.split("Wrong token.")[1]
     wait_for_tasks()
+
+
+def test_out_of_memory_offers_a_retry_with_the_suggested_budget(plugin, raster_layer, stub_engine):
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.budget_spin.setValue(0)
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory.",
+                             "hint": "Retry with a smaller token budget.", "retry_budget": 1024}
+    dock.ask("how many ships?")
+    wait_until(_finished(dock), 30)
+    assert not dock.retry_button.isHidden() and dock.retry_button.text() == "Retry with budget 1024"
+    assert stub_engine.requests[-1]["budget"] is None
+
+    stub_engine.fail_with = None
+    dock.retry_button.click()
+    wait_until(_finished(dock, 2), 30)
+    assert stub_engine.requests[-1]["budget"] == 1024
+    assert stub_engine.requests[-1]["question"] == "how many ships?"
+    assert dock.turns()[-1]["answer"] and not dock.turns()[-1].get("error")
+    assert dock.retry_button.isHidden() and dock.budget_spin.value() == 1024
+
+    # an error without a suggested budget offers nothing
+    stub_engine.fail_with = {"code": "raster_unreadable", "message": "Cannot read it.", "hint": None}
+    dock.ask("and now?")
+    wait_until(_finished(dock, 3), 30)
+    assert dock.retry_button.isHidden()
+    stub_engine.fail_with = None
+    wait_for_tasks()
