@@ -505,12 +505,12 @@ def evaluate(
                 try:
                     reply, error = predict(item, prompt), None
                 except Exception as exc:  # noqa: BLE001 - recorded per item, or re-raised
+                    error = str(exc).strip() or type(exc).__name__
                     if on_error == "stop":
-                        if isinstance(exc, EvalError):
-                            raise EvalError(f"{exc} (--on-error skip records such items as failed "
-                                            "and goes on)") from exc
-                        raise
-                    reply, error = "", str(exc).strip() or type(exc).__name__
+                        named = error if error.startswith(f"item {item.id}:") else f"item {item.id}: {error}"
+                        raise EvalError(f"{named} (--on-error skip records such items as failed and "
+                                        "goes on)") from exc
+                    reply = ""
                 pred, ok = score_item(item, reply) if error is None else (None, False)
                 rec = {"id": item.id, "category": item.category, "image": item.image, "reply": reply,
                        "prediction": pred, "answer": item.answer, "correct": ok,

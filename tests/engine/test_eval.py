@@ -283,6 +283,12 @@ def test_failed_items_stop_or_are_recorded_and_retried(tmp_path):
 
     with pytest.raises(EvalError, match="out of memory.*--on-error skip"):
         evaluate(load_items(ann), flaky, tmp_path / "stop")
+
+    def unreadable(item, prompt):  # the engine raises (not an error event): the item is named
+        raise ValueError("Could not open 'b.png' as a raster")
+
+    with pytest.raises(EvalError, match=r"^item rs/color/0001: Could not open 'b.png' as a raster \(--on"):
+        evaluate(load_items(ann), unreadable, tmp_path / "stop2")
     # the items before it are kept: a rerun does not redo them
     assert [json.loads(x)["id"] for x in (tmp_path / "stop" / "predictions.jsonl").read_text().splitlines()] \
         == ["rs/color/0001", "rs/count/0002"]
