@@ -102,7 +102,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _print_memory(args: argparse.Namespace) -> int:
     """`info --memory`: each weight format's memory need against the free memory, no load."""
-    from engine.devices import resolve_device, usable_quantizations
+    from engine.devices import plan_device, resolve_device, usable_quantizations
     from engine.loader import weight_files
     from engine.memory_check import fit_report
     from engine.pipeline import resolve_weights
@@ -110,6 +110,7 @@ def _print_memory(args: argparse.Namespace) -> int:
     path, demo = resolve_weights(args.weights, demo_ok=not args.no_demo)
     device = resolve_device(args.device)
     report = {"weights_dir": str(path), "demo_model": demo,
+              "auto_choice": plan_device(device, "auto").quantization,
               **fit_report(weight_files(path), device, usable_quantizations(device))}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -124,6 +125,7 @@ def _print_memory(args: argparse.Namespace) -> int:
         verdict = {True: "fits", False: "does not fit", None: "unknown"}[r["fits"]]
         print(f"  {q:5} weights {size(r['weights_bytes']):>8}, with working memory "
               f"{size(r['needed_bytes']):>8}: {verdict}")
+    print(f"--quantization auto (the default) loads {report['auto_choice']} here")
     return 0
 
 

@@ -171,8 +171,10 @@ def memory_summary(report: dict) -> str:
     verdicts = {True: "fits", False: "does not fit", None: "unknown"}
     parts = [f"{q} {size(r['needed_bytes'])}: {verdicts[r.get('fits')]}"
              for q, r in report.get("formats", {}).items()]
+    auto = report.get("auto_choice")
     return (f"{model}, {report.get('parameters', 0):,} parameters. Free on {report.get('device')}: "
-            f"{size(free) if free is not None else 'unknown'}. Needed: " + "; ".join(parts) + ".")
+            f"{size(free) if free is not None else 'unknown'}. Needed: " + "; ".join(parts) + "."
+            + (f" The default (auto) loads {auto}." if auto else ""))
 
 
 class MemoryCheck(QObject):

@@ -127,10 +127,12 @@ def test_info_memory_reports_every_format_without_loading(tiny_checkpoint, count
     assert report["formats"]["fp32"] == {"weights_bytes": counts.weight_bytes("fp32"),
                                          "needed_bytes": needed_bytes(counts, "fp32"), "fits": False}
     assert report["formats"]["bf16"]["fits"] is True
+    assert report["auto_choice"] == "fp32"  # the CPU's default
     assert main(["info", "--memory", "--weights", str(tiny_checkpoint), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert f"{report['parameters']:,} parameters" in text
     assert any(line.strip().startswith("fp32") and line.endswith("does not fit") for line in text.splitlines())
+    assert "--quantization auto (the default) loads fp32 here" in text
 
 
 def _cgroup_tree(tmp_path, proc_line: str, files: dict[str, str]):

@@ -54,6 +54,7 @@ def test_check_memory_button_asks_the_real_engine(qgis_app):
     text = form.memory_label.text()
     assert text.startswith("the tiny demo model, ") and "Free on cpu:" in text
     assert "fp32 1.1 GB: fits" in text  # the tiny weights plus the working-memory floor
+    assert text.endswith("The default (auto) loads fp32.")  # --device cpu
 
     # the form's fields count, not only saved settings: a folder without weights is named
     form.weights.setFilePath(str(ENGINE_ROOT / "no-such-weights"))
