@@ -7,7 +7,8 @@ kept unquantised. That sum plus working memory is compared with the memory free 
 (the GPU's free memory, or the RAM the OS says is available, capped by a container's cgroup
 limit), so a model that cannot fit is refused at once, with the choices that would fit, instead
 of after minutes of loading that end in a CUDA out-of-memory error or, on the CPU, in the
-kernel's OOM killer ending the process without a word. ``GEOVQA_SKIP_MEMORY_CHECK=1`` loads anyway (a machine with swap, say).
+kernel's OOM killer ending the process without a word. ``GEOVQA_SKIP_MEMORY_CHECK=1`` loads
+anyway (a machine with swap, say).
 """
 
 from __future__ import annotations
@@ -183,32 +184,6 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def check_fits(files: Iterable[Path], *, device: str, quantization: str, alternatives: Iterable[str],
-               model_name: str = "the model", available: int | None = None) -> int | None:
-    """Raise NotEnoughMemory when the checkpoint in `files`, loaded with `quantization` on
-    `device`, needs more than is free there; return the bytes needed (None when skipped).
-
-    `alternatives` are the other quantisations usable on this device; those that would fit are
-    named in the message."""
-    if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
-        return None
-    counts = count_parameters(files)
-    need = needed_bytes(counts, quantization)
-    free = available_bytes(device) if available is None else available
-    if free is None or need <= free:
-        return need
-    where = "on the GPU" if device.startswith("cuda") else "in RAM"
-    fits = [f"{q} ({_gb(needed_bytes(counts, q))})" for q in alternatives
-            if q != quantization and needed_bytes(counts, q) <= free]
-    choice = (f"Choose --quantization {' or '.join(fits)}" if fits
-              else "No weight format fits here; free memory or use a GPU with more memory")
-    raise NotEnoughMemory(
-        f"{model_name} in {quantization} needs about {_gb(need)} {where} (weights "
-        f"{_gb(counts.weight_bytes(quantization))} + working memory) but only {_gb(free)} is free "
-        f"on {device}. {choice}, or set {SKIP_ENV}=1 to load anyway.",
-        need, free)
-
-
 def fit_report(files: Iterable[Path], device: str, formats: Iterable[str]) -> dict:
     """What each weight format needs on `device` and what is free there (nothing is loaded)."""
     counts = count_parameters(files)
@@ -221,3 +196,29 @@ def fit_report(files: Iterable[Path], device: str, formats: Iterable[str]) -> di
                         "fits": None if free is None else needed_bytes(counts, q) <= free}
                     for q in formats},
     }
+
+
+def check_fits(files: Iterable[Path], *, device: str, quantization: str, alternatives: Iterable[str],
+               model_name: str = "the model") -> None:
+    """Raise NotEnoughMemory when the checkpoint in `files`, loaded with `quantization` on
+    `device`, needs more than is free there (a free memory that cannot be told passes).
+
+    `alternatives` are the other quantisations usable on this device; those that would fit are
+    named in the message."""
+    if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
+        return
+    report = fit_report(files, device, dict.fromkeys([quantization, *alternatives]))
+    mine = report["formats"][quantization]
+    if mine["fits"] is not False:
+        return
+    where = "on the GPU" if device.startswith("cuda") else "in RAM"
+    fits = [f"{q} ({_gb(r['needed_bytes'])})" for q, r in report["formats"].items()
+            if q != quantization and r["fits"]]
+    choice = (f"Choose --quantization {' or '.join(fits)}" if fits
+              else "No weight format fits here; free memory or use a GPU with more memory")
+    need, free = mine["needed_bytes"], report["free_bytes"]
+    raise NotEnoughMemory(
+        f"{model_name} in {quantization} needs about {_gb(need)} {where} (weights "
+        f"{_gb(mine['weights_bytes'])} + working memory) but only {_gb(free)} is free "
+        f"on {device}. {choice}, or set {SKIP_ENV}=1 to load anyway.",
+        need, free)
