@@ -1,9 +1,14 @@
-"""Exceptions shared by the engine's model-side modules (vision encoding, generation, loading).
+"""Exceptions shared by the engine's model-side modules (vision encoding, generation, loading),
+and the two helpers every caller of the model needs after an out-of-memory error (`is_oom`,
+`free_gpu_memory`).
 
 Each message is a sentence for a person; the pipeline turns these into protocol error events.
 """
 
 from __future__ import annotations
+
+import logging
+import sys
 
 
 class EngineError(RuntimeError):
@@ -39,6 +44,18 @@ def is_oom(exc: BaseException) -> bool:
     except Exception:
         pass
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_gpu_memory() -> None:
+    """Release cached CUDA blocks after an OOM (does nothing without torch or CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        logging.getLogger(__name__).warning("could not empty the CUDA cache", exc_info=True)
 
 
 class ContextTooLong(EngineError, ValueError):

@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
-from engine.errors import is_oom
+from engine.errors import free_gpu_memory, is_oom
 from engine.run_settings import changed_settings
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -526,9 +526,8 @@ def train(
     def free_memory() -> None:
         import gc  # noqa: PLC0415
 
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        gc.collect()  # the failed pass's tensors sit in reference cycles of its traceback
+        free_gpu_memory()
 
     def validate() -> float | None:
         if not val_samples:

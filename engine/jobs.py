@@ -20,13 +20,13 @@ import os
 import queue
 import re
 import secrets
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from engine import protocol
+from engine.errors import free_gpu_memory
 
 log = logging.getLogger("engine.jobs")
 
@@ -108,18 +108,6 @@ def error_for_exception(exc: BaseException, budget: int | None = None) -> JobErr
         return JobError("bad_request", message)
     log.exception("internal error", exc_info=exc)
     return JobError("internal", f"The engine failed unexpectedly: {type(exc).__name__}: {message}")
-
-
-def free_gpu_memory() -> None:
-    """Release cached CUDA blocks after an OOM (does nothing without torch or CUDA)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return
-    try:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # pragma: no cover - best effort
-        log.warning("could not empty the CUDA cache", exc_info=True)
 
 
 def json_default(value: Any) -> Any:
