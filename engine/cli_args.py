@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.devices import QUANTIZATIONS
 from engine.protocol import DEFAULT_STRATEGY, DEFAULT_TOKENS_PER_TILE, STRATEGIES
-
-QUANTIZATIONS = ("auto", "nf4", "bf16", "fp32")
 
 
 def _whole_number(text: str, least: int) -> int:

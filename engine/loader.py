@@ -150,10 +150,11 @@ def load_model(
     read_config_json(path)
     files = weight_files(path)
     plan = plan_device(device, quantization, attn)
+    tiny = is_tiny_checkpoint(path)
     try:
         check_fits(files, device=plan.device, quantization=plan.quantization,
                    alternatives=usable_quantizations(plan.device),
-                   model_name=TINY_MODEL_NAME if is_tiny_checkpoint(path) else REAL_MODEL_NAME)
+                   model_name=TINY_MODEL_NAME if tiny else REAL_MODEL_NAME)
     except UnreadableWeights as exc:
         raise CheckpointError(f"the checkpoint in {path} is damaged: {exc}. Run `make weights` again "
                               "to repair the download.") from exc
@@ -203,7 +204,6 @@ def load_model(
     if adapter is not None:
         model, adapter_path = _apply_adapter(model, adapter)
 
-    tiny = is_tiny_checkpoint(path)
     info = {
         "device": plan.device,
         "gpu_name": plan.gpu_name,
