@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aoi", default=None,
                    help="area of interest: 'col,row,width,height' in source pixels, a WKT polygon "
                         "in the raster's CRS, or a path to a GeoJSON file")
-    p.add_argument("--bands", default=None, help="1-based bands, e.g. 4,3,2")
+    p.add_argument("--bands", type=band_list, default=None, help="1-based bands, e.g. 4,3,2")
     add_strategy_arguments(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -47,9 +48,40 @@ def parse_aoi(text: str | None):
     return {"polygon_wkt": text}
 
 
+def band_list(text: str) -> list[int]:
+    """argparse type of --bands: comma-separated 1-based band numbers."""
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bands must be 1-based band numbers separated by commas, e.g. 4,3,2; got {text!r}"
+        ) from None
+
+
+def checked_ask_fields(args: argparse.Namespace) -> dict:
+    """The ask request as the server would check it, before any model is loaded.
+
+    A missing raster, a band it lacks, an area outside it or an empty question is refused here in
+    a second, not after minutes of loading weights. Raises JobError."""
+    from engine.protocol import STRATEGIES
+    from engine.request_checks import validate_ask
+
+    body = {"question": args.question, "aoi": parse_aoi(args.aoi), "bands": args.bands,
+            "strategy": args.strategy, "budget": args.budget,
+            "tokens_per_tile": args.tokens_per_tile, "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed, "faithful_empty_slots": args.faithful_empty_slots}
+    return validate_ask(body, STRATEGIES, raster_path=os.path.abspath(os.path.expanduser(args.raster)))
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
+    from engine.jobs import JobError
     from engine.pipeline import AskRequest, Engine
 
+    try:
+        fields = checked_ask_fields(args)
+    except JobError as exc:
+        print(f"error: {exc.message}" + (f" {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return 2
     engine = Engine(args.weights, device=args.device, quantization=args.quantization,
                     adapter=args.adapter, demo_ok=not args.no_demo, output_dir=args.output_dir)
     health = engine.health()
@@ -58,11 +90,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
               "(answers are meaningless). Run `make weights` to download the real checkpoint.",
               file=sys.stderr)
     req = AskRequest(
-        raster_path=args.raster, question=args.question, aoi=parse_aoi(args.aoi),
-        bands=[int(b) for b in args.bands.split(",")] if args.bands else None,
-        strategy=args.strategy, budget=args.budget, tokens_per_tile=args.tokens_per_tile,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
-        faithful_empty_slots=args.faithful_empty_slots,
+        raster_path=fields["raster_path"], question=fields["question"], aoi=fields["aoi"],
+        bands=fields["bands"], strategy=fields["strategy"], budget=fields["budget"],
+        tokens_per_tile=fields["tokens_per_tile"], max_new_tokens=fields["max_new_tokens"],
+        seed=fields["seed"], faithful_empty_slots=fields["faithful_empty_slots"],
     )
     result = None
     for event in engine.ask(req):

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
@@ -63,7 +64,10 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
         looks_tiff = fh.read(4) in TIFF_MAGIC
     try:
         kwargs = {"driver": "GTiff"} if geotiff_only else {}
-        with rasterio.open(p, "r", **kwargs) as ds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning: a plain image is welcome
+            ds = rasterio.open(p, "r", **kwargs)
+        with ds:
             if ds.count < 1 or ds.width < 1 or ds.height < 1:
                 raise JobError("not_a_raster", f"{shown} has no raster bands.")
             b = ds.bounds

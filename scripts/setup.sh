@@ -29,6 +29,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 echo "== installing engine requirements =="
 .venv/bin/python -m pip install -q -r requirements/engine.txt -r requirements/test.txt
+# the engine itself, editable: `.venv/bin/python -m engine` (and `.venv/bin/geovqa-engine`) work
+# from any folder, so relative raster paths are the user's own
+.venv/bin/python -m pip install -q --no-deps -e .
 
 if [ ! -x .venv-qgis/bin/python ]; then
   echo "== creating .venv-qgis (Debian python3 + QGIS) =="

@@ -10,7 +10,7 @@ import pytest
 
 from engine import protocol
 from engine.pipeline import AskRequest
-from engine.server import validate_common
+from engine.request_checks import validate_common
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
 

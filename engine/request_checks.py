@@ -1,0 +1,181 @@
+"""Checks of request bodies, shared by the HTTP server and `python -m engine ask`.
+
+Each `validate_*` turns a protocol body (engine/protocol.py ASK_FIELDS, BATCH_FIELDS) into
+checked fields or raises `JobError` with the protocol error code and a sentence for a person.
+Everything here runs before a question is queued or a model is loaded: it opens the raster
+read-only (`check_raster_file`) but reads no pixels beyond one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine import protocol
+from engine.jobs import JobError
+from engine.uploads import RasterInfo, check_raster_file
+
+MAX_NEW_TOKENS_LIMIT = 4096
+
+def _int_field(body: dict, name: str, *, low: int, high: int | None = None,
+               default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobError("bad_request", f"'{name}' must be a whole number, not {value!r}.")
+    if value < low or (high is not None and value > high):
+        limit = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise JobError("bad_request", f"'{name}' must be {limit}; it is {value}.")
+    return value
+
+
+def _bool_field(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise JobError("bad_request", f"'{name}' must be true or false, not {value!r}.")
+    return value
+
+
+def validate_strategy(value: Any, known: tuple[str, ...]) -> str:
+    strategy = protocol.DEFAULT_STRATEGY if value is None else value
+    if not isinstance(strategy, str) or strategy not in known:
+        raise JobError("unknown_strategy", f"Unknown strategy {strategy!r}. "
+                       f"Choose one of: {', '.join(known)}.")
+    return strategy
+
+
+def validate_question(value: Any) -> str:
+    try:
+        return protocol.validate_question(value)
+    except ValueError as exc:
+        code, _, message = str(exc).partition(": ")
+        raise JobError(code, message) from None
+
+
+def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
+    """Check an AOI against the raster; returns it unchanged when usable."""
+    if aoi is None:
+        return None
+    if not isinstance(aoi, dict) or not aoi:
+        raise JobError("bad_aoi", "The area of interest must be an object with 'window', "
+                       "'polygon_wkt' or 'geojson'.")
+    keys = [k for k in ("window", "polygon_wkt", "geojson") if aoi.get(k) is not None]
+    if len(keys) != 1:
+        raise JobError("bad_aoi", "Give exactly one of 'window', 'polygon_wkt' or 'geojson' "
+                       "for the area of interest.")
+    if keys[0] == "window":
+        win = aoi["window"]
+        if (not isinstance(win, (list, tuple)) or len(win) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in win)):
+            raise JobError("bad_aoi", "The window must be [col_off, row_off, width, height] in "
+                           "pixels.")
+        col, row, width, height = win
+        if width <= 0 or height <= 0:
+            raise JobError("bad_aoi", f"The window {list(win)} has no area; width and height "
+                           "must be positive.")
+        if col >= info.width or row >= info.height or col + width <= 0 or row + height <= 0:
+            raise JobError("aoi_outside_raster",
+                           f"The window {list(win)} lies outside the raster, which is "
+                           f"{info.width} x {info.height} pixels.",
+                           "Pick an area inside the layer's extent.")
+        return aoi
+    from shapely import wkt as shapely_wkt
+    from shapely.geometry import box, shape
+
+    try:
+        geom = (shapely_wkt.loads(aoi["polygon_wkt"]) if keys[0] == "polygon_wkt"
+                else shape(aoi["geojson"]))
+    except Exception as exc:  # noqa: BLE001 - shapely raises several kinds
+        raise JobError("bad_aoi", f"The area of interest is not a valid geometry: {exc}") from None
+    if geom.is_empty or geom.geom_type not in ("Polygon", "MultiPolygon"):
+        raise JobError("bad_aoi", "The area of interest must be a polygon.")
+    left, bottom, right, top = info.bounds
+    if not geom.intersects(box(min(left, right), min(bottom, top), max(left, right),
+                               max(bottom, top))):
+        raise JobError("aoi_outside_raster", "The area of interest does not overlap the raster.",
+                       "Draw the area inside the layer's extent (in the layer's CRS).")
+    return aoi
+
+
+def validate_bands(value: Any, info: RasterInfo) -> list[int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in value)):
+        raise JobError("bad_request", "'bands' must be a list of band numbers (1-based).")
+    bad = [b for b in value if b < 1 or b > info.count]
+    if bad:
+        raise JobError("bad_request", f"Band(s) {bad} do not exist; the raster has "
+                       f"{info.count} band(s).")
+    return value
+
+
+def validate_common(body: dict, known: tuple[str, ...]) -> dict:
+    """Fields shared by /ask and /batch (model settings)."""
+    return {
+        "strategy": validate_strategy(body.get("strategy"), known),
+        "budget": _int_field(body, "budget", low=1),
+        "tokens_per_tile": _int_field(body, "tokens_per_tile", low=1, high=576),
+        "max_new_tokens": _int_field(body, "max_new_tokens", low=1, high=MAX_NEW_TOKENS_LIMIT,
+                                     default=256),
+        "seed": _int_field(body, "seed", low=0, default=0),
+        "faithful_empty_slots": _bool_field(body, "faithful_empty_slots"),
+    }
+
+
+def validate_ask(body: Any, known: tuple[str, ...], raster_path: str | None = None) -> dict:
+    """Turn an ASK_FIELDS body into checked fields, or raise JobError (4xx)."""
+    if not isinstance(body, dict):
+        raise JobError("bad_request", "The request body must be a JSON object.")
+    question = validate_question(body.get("question"))
+    fields = validate_common(body, known)
+    path = raster_path if raster_path is not None else body.get("raster_path")
+    if not isinstance(path, str) or not path.strip():
+        raise JobError("bad_request", "Give 'raster_path' (a file on the engine's computer) or "
+                       "upload the raster as a GeoTIFF.")
+    info = check_raster_file(path)
+    request_id = body.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 200):
+        raise JobError("bad_request", "'request_id' must be a string of at most 200 characters.")
+    fields.update(
+        raster_path=info.path, question=question, aoi=validate_aoi(body.get("aoi"), info),
+        bands=validate_bands(body.get("bands"), info), request_id=request_id,
+    )
+    return fields
+
+
+def validate_batch(body: Any, known: tuple[str, ...]) -> dict:
+    """Turn a BATCH_FIELDS body into a checked job spec, or raise JobError (4xx)."""
+    if not isinstance(body, dict):
+        raise JobError("bad_request", "The request body must be a JSON object.")
+    items, questions = body.get("items"), body.get("questions")
+    if not isinstance(items, list) or not items:
+        raise JobError("bad_request", "'items' must be a non-empty list of layers.")
+    if not isinstance(questions, list) or not questions:
+        raise JobError("bad_request", "'questions' must be a non-empty list of questions.")
+    if len(items) * len(questions) > protocol.MAX_BATCH_ITEMS:
+        raise JobError("bad_request", f"A batch may hold at most {protocol.MAX_BATCH_ITEMS} "
+                       f"answers; this one asks for {len(items) * len(questions)}.")
+    spec = validate_common(body, known)
+    spec["questions"] = [validate_question(q) for q in questions]
+    checked = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise JobError("bad_request", f"Item {i + 1} must be an object with 'raster_path'.")
+        path = item.get("raster_path")
+        if not isinstance(path, str) or not path.strip():
+            raise JobError("bad_request", f"Item {i + 1} has no 'raster_path'.")
+        try:
+            info = check_raster_file(path)
+            aoi = validate_aoi(item.get("aoi"), info)
+            bands = validate_bands(item.get("bands"), info)
+        except JobError as exc:
+            raise JobError(exc.code, f"Layer {item.get('layer') or i + 1}: {exc.message}",
+                           exc.hint) from None
+        layer = item.get("layer") if isinstance(item.get("layer"), str) else Path(path).stem
+        checked.append({"layer": layer, "raster_path": info.path, "aoi": aoi, "bands": bands})
+    spec["items"] = checked
+    return spec
