@@ -166,6 +166,7 @@ ERROR_CODES = {
     "aoi_outside_raster": 400,
     "not_a_raster": 400,
     "raster_unreadable": 422,
+    "no_valid_pixels": 422,
     "upload_too_large": 413,
     "not_found": 404,
     "out_of_memory": 507,

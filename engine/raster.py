@@ -5,7 +5,7 @@ What `read_raster` does, in order:
 * **Open** the file; a missing, unreadable, corrupt or non-raster file raises `RasterOpenError`
   (a `RasterError`, itself a `ValueError`) with a sentence for a person, never a bare GDAL error.
   Every `RasterError` carries `.code`, the protocol error code (not_a_raster, raster_unreadable,
-  bad_aoi, aoi_outside_raster, bad_request).
+  bad_aoi, aoi_outside_raster, no_valid_pixels, bad_request).
 * **Window** (AOI; the protocol's dicts ``{"window": [...]}``, ``{"polygon_wkt": str}`` and
   ``{"geojson": dict}`` are accepted as well as the bare forms below): none = the whole raster;
   a pixel window ``[col_off, row_off, width, height]``
@@ -26,7 +26,8 @@ What `read_raster` does, in order:
   value clipped to 0..255 (no division by zero).
 * **Validity**: nodata values, internal/external masks and an alpha band (all through GDAL's
   per-band masks), NaN/inf in float data, and the outside of a polygon AOI give ``valid=False``;
-  those pixels are set to 0 in ``pixels``.
+  those pixels are set to 0 in ``pixels``. When no pixel at all is valid, `NoValidPixelsError`
+  (code no_valid_pixels): a black image is nothing to ask about.
 * **No georeferencing**: ``crs_wkt=None`` and ``source_transform`` is the identity (map
   coordinates are source pixel coordinates).
 """
@@ -81,6 +82,12 @@ class AOIOutsideError(AOIError):
     """The area of interest does not overlap the raster."""
 
     code = "aoi_outside_raster"
+
+
+class NoValidPixelsError(RasterError):
+    """Every pixel read is nodata, masked, non-finite or outside the AOI polygon."""
+
+    code = "no_valid_pixels"
 
 
 @dataclass
@@ -391,6 +398,12 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
                     "draw a larger area."
                 )
             valid &= inside
+        if not valid.any():
+            where = f"the area of interest in '{p}'" if aoi is not None else f"'{p}'"
+            raise NoValidPixelsError(
+                f"Every pixel of {where} is nodata (or masked): there is no image to ask about. "
+                "Choose an area with data, or check the layer's nodata value."
+            )
 
         pixels = np.zeros((oh, ow, 3), dtype=np.uint8)
         stretch = None

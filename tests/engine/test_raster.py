@@ -147,6 +147,34 @@ def test_uint8_nodata_and_internal_mask(tmp_path):
     assert not im2.pixels[10:, 10:].any()
 
 
+def test_no_valid_pixel_is_a_clear_error(tmp_path):
+    """All nodata (or NaN, or masked) used to become an all-black image the model was asked about."""
+    from engine.protocol import ERROR_CODES
+    from engine.raster import NoValidPixelsError
+
+    cases = {
+        "nodata.tif": dict(array=np.zeros((3, 20, 20), np.uint16), nodata=0),
+        "nan.tif": dict(array=np.full((20, 20), np.nan, np.float32)),
+        "masked.tif": dict(array=_u8(3, 20, 20), mask=np.zeros((20, 20), bool)),
+    }
+    for name, kw in cases.items():
+        p = write_geotiff(tmp_path / name, kw.pop("array"), **kw)
+        with pytest.raises(NoValidPixelsError) as e:
+            read_raster(p)
+        assert e.value.code == "no_valid_pixels" and e.value.code in ERROR_CODES
+        assert "is nodata" in str(e.value) and name in str(e.value)
+
+    # data only in the left half: an area of interest on the right half has nothing to show
+    arr = _u8(20, 20)
+    arr[arr == 0] = 1
+    arr[:, 10:] = 0
+    p = write_geotiff(tmp_path / "half.tif", arr, nodata=0)
+    assert read_raster(p).valid_fraction == 0.5
+    assert read_raster(p, aoi=[5, 0, 10, 20]).valid_fraction == 0.5
+    with pytest.raises(NoValidPixelsError, match="area of interest"):
+        read_raster(p, aoi=[10, 0, 10, 20])
+
+
 def test_palette_raster(tmp_path):
     arr = np.zeros((10, 10), np.uint8)
     arr[5:] = 1

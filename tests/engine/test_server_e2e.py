@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -126,6 +127,23 @@ def test_bad_input(server, inputs, change, code):
     status, err = server.ask(b)
     assert status == protocol.ERROR_CODES[code] and err["error"]["code"] == code
     assert err["error"]["message"]
+
+
+def test_an_all_nodata_raster_ends_the_stream_with_no_valid_pixels(server, inputs, tmp_path):
+    """Found when the pixels are read (the stream has begun): an error event, and the server
+    goes on answering."""
+    import rasterio
+
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(inputs["scene"]) as src:
+        profile = dict(src.profile, nodata=0)
+    with rasterio.open(empty, "w", **profile) as dst:
+        dst.write(np.zeros((profile["count"], profile["height"], profile["width"]), np.uint8))
+    status, events = server.ask(body(empty))
+    assert status == 200
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "no_valid_pixels"
+    assert "is nodata" in events[-1]["message"]
+    assert server.ask(body(inputs["scene"]))[1][-1]["type"] == "result"
 
 
 def test_uploaded_geotiff(server, inputs):
