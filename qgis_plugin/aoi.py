@@ -1,9 +1,11 @@
 """Areas of interest: map tools to draw a rectangle or polygon, and the conversion of an AOI
 drawn in the project CRS into the protocol's AOI in the layer's own CRS and pixels.
 
-Reprojection densifies the AOI's edges before transforming, so a rectangle drawn in one CRS
-becomes the right curved-edged polygon in the other; when the result is still an axis-aligned
-rectangle in the layer's CRS, it is sent as a pixel window (cheaper for the engine).
+The AOI is cut to the layer's extent in its own CRS first (so a world-wide view survives), then
+reprojected with its edges densified, so a rectangle drawn in one CRS becomes the right
+curved-edged polygon in the other; when the result is still an axis-aligned rectangle in the
+layer's CRS and the layer shows its file's own north-up grid, it is sent as a pixel window
+(cheaper for the engine), else as a polygon. A polygon that crosses itself is repaired.
 """
 
 from __future__ import annotations
@@ -74,27 +76,89 @@ def pixel_window(box: QgsRectangle, layer) -> list:
     return [c0, r0, c1 - c0, r1 - r0]
 
 
+def valid_geometry(geometry: QgsGeometry) -> QgsGeometry:
+    """``geometry`` repaired when it is not valid (a hand-drawn polygon crossing itself)."""
+    geom = QgsGeometry(geometry)
+    if not geom.isEmpty() and not geom.isGeosValid():
+        geom = geom.makeValid()
+    return geom
+
+
+def _extent_in(layer, crs, project: QgsProject | None):
+    """The layer's extent as a densified polygon in ``crs``, or None when it cannot be had."""
+    ext = QgsGeometry.fromRect(layer.extent()).densifyByCount(DENSIFY)
+    try:
+        xform = QgsCoordinateTransform(layer.crs(), crs, (project or QgsProject.instance()).transformContext())
+        if ext.transform(xform) != 0:
+            return None
+    except Exception:  # noqa: BLE001 - QgsCsException: the extent does not exist in that CRS
+        return None
+    return ext if ext.isGeosValid() and not ext.isEmpty() else None
+
+
+def clip_to_layer(geometry: QgsGeometry, src_crs, layer, project: QgsProject | None = None) -> QgsGeometry:
+    """``geometry`` (in ``src_crs``) cut to ``layer``'s extent, in the layer's CRS.
+
+    It is cut in ``src_crs`` first: a view of a whole continent or of the world (longitudes past
+    180 included) does not survive reprojection into a local CRS, but the part of it over the
+    layer does. Raises AoiError when nothing of the layer is left.
+    """
+    geom = valid_geometry(geometry)
+    dst_crs = layer.crs()
+    reprojects = (src_crs is not None and src_crs.isValid() and dst_crs.isValid() and src_crs != dst_crs)
+    if reprojects and not layer.extent().isEmpty():
+        ext_src = _extent_in(layer, src_crs, project)
+        if ext_src is not None:
+            geom = geom.intersection(ext_src)
+            if geom.isEmpty() or geom.area() <= 0:
+                raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
+    geom = valid_geometry(to_layer_crs(geom, src_crs, layer, project))
+    if layer.extent().isEmpty():
+        return geom
+    clipped = geom.intersection(QgsGeometry.fromRect(layer.extent()))
+    if clipped.isEmpty() or clipped.area() <= 0:
+        raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
+    return clipped
+
+
+def file_grid_is_layer_grid(layer) -> bool:
+    """True when the layer's width, height and extent are the pixels of its file.
+
+    QGIS shows a rotated or south-up raster through a warped, north-up view of it: a window cut
+    from that view's grid is not a window of the file the engine reads (a polygon is)."""
+    try:
+        from osgeo import gdal
+
+        ds = gdal.Open(layer.source())
+    except Exception:  # noqa: BLE001 - anything GDAL cannot open here is not ours to judge
+        return True
+    if ds is None:
+        return True
+    gt = ds.GetGeoTransform(can_return_null=True)
+    if gt is None:  # no georeferencing: QGIS and the engine both use the file's pixels
+        return True
+    return (gt[2] == 0 and gt[4] == 0 and gt[5] < 0
+            and (ds.RasterXSize, ds.RasterYSize) == (layer.width(), layer.height()))
+
+
 def request_aoi(geometry: QgsGeometry | None, src_crs, layer, project: QgsProject | None = None) -> dict | None:
     """The protocol AOI for ``geometry`` (in ``src_crs``) on ``layer``, or None for the whole layer.
 
-    Rectangles that stay rectangles in the layer's CRS become ``window``; anything else becomes
-    ``polygon_wkt`` in the layer's CRS, clipped to the layer extent.
+    Rectangles that stay rectangles in the layer's CRS become ``window`` (on a north-up file);
+    anything else becomes ``polygon_wkt`` in the layer's CRS, clipped to the layer extent.
     """
     if geometry is None or geometry.isEmpty():
         return None
-    geom = to_layer_crs(geometry, src_crs, layer, project)
-    ext_geom = QgsGeometry.fromRect(layer.extent())
-    if not geom.intersects(ext_geom):
-        raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
-    if _is_rectangle(geom):
+    geom = clip_to_layer(geometry, src_crs, layer, project)
+    ext = layer.extent()
+    if geom.area() >= (1 - 1e-6) * ext.width() * ext.height():  # all of it, give or take rounding
+        return None
+    if _is_rectangle(geom) and file_grid_is_layer_grid(layer):
         win = pixel_window(geom.boundingBox(), layer)
         if win == [0, 0, layer.width(), layer.height()]:
             return None
         return {"window": win}
-    clipped = geom.intersection(ext_geom)
-    if clipped.isEmpty() or clipped.area() <= 0:
-        raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
-    return {"polygon_wkt": clipped.asWkt(6)}
+    return {"polygon_wkt": geom.asWkt(6)}
 
 
 class _DrawTool(QgsMapTool):
@@ -187,7 +251,7 @@ class PolygonTool(_DrawTool):
         if len(self.points) >= 3:
             geom = QgsGeometry.fromPolygonXY([list(self.points)])
             self.points = []
-            if geom.isGeosValid() or not geom.isEmpty():
+            if not geom.isEmpty():  # a polygon crossing itself is repaired by request_aoi
                 self.show_geometry(geom)
                 self.drawn.emit(geom)
         else:

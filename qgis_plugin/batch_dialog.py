@@ -25,7 +25,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import layers as result_layers
-from .aoi import to_layer_crs
+from .aoi import AoiError, clip_to_layer
 from .compat import is_raster_layer
 from .render import LayerRenderer, layer_file_path
 from .results_io import write_csv, write_json
@@ -158,7 +158,12 @@ class BatchDialog(QDialog):
             self._next_item()
             return
         canvas = self.iface.mapCanvas()
-        geom = to_layer_crs(QgsGeometry.fromRect(canvas.extent()), canvas.mapSettings().destinationCrs(), layer)
+        try:  # web layers: what the map shows of them
+            geom = clip_to_layer(QgsGeometry.fromRect(canvas.extent()), canvas.mapSettings().destinationCrs(), layer)
+        except AoiError as exc:
+            self._items.append(dict(item, error=f"{exc} Pan the map over it to ask about it."))
+            self._next_item()
+            return
         out = self.settings.results_dir() / "renders" / f"{file_stem(layer.name())}_render.tif"
         self.message.setText(f"Rendering {layer.name()} …")
         renderer = LayerRenderer(layer, geom.boundingBox(), str(out), self.settings.render_max_px, self)
@@ -167,6 +172,7 @@ class BatchDialog(QDialog):
         def done(p, err):
             if err:
                 self.message.setText(err)
+                self._items.append(dict(item, error=err))  # a row per question says so
             else:
                 item["raster_path"] = p
                 item["clip_bounds"] = rect_bounds(renderer.settings.visibleExtent())

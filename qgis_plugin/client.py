@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import threading
+import unicodedata
 import urllib.parse
 import uuid
 
@@ -30,6 +31,8 @@ FINAL_EVENTS = ("result", "error")
 KNOWN_EVENTS = ("queued", "status", "token", "result", "error")
 MAX_QUESTION_CHARS = 2000
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_ENGINE_URL = "http://127.0.0.1:8765"
+DEFAULT_PORT = 8765  # engine/protocol.py DEFAULT_PORT
 UPLOAD_CHUNK = 1 << 20
 
 
@@ -125,19 +128,53 @@ def error_from_body(status: int, body: bytes) -> EngineError:
     return EngineError(code, message, hint, status)
 
 
+def engine_address(url: str) -> tuple:
+    """``(scheme, host, port, path_prefix)`` of an engine URL, or EngineError('bad_url').
+
+    A URL without a port means the engine's default port (8765) on this computer, and 443 / 80
+    elsewhere; *Start local engine* starts the engine on exactly this host and port.
+    """
+    text = (url or "").strip() or DEFAULT_ENGINE_URL
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https"):
+        raise EngineError("bad_url", f"The engine URL must start with http:// or https:// (got {url!r}).")
+    host = parsed.hostname
+    if not host:
+        raise EngineError("bad_url", f"The engine URL {url!r} names no host; e.g. {DEFAULT_ENGINE_URL}.")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise EngineError("bad_url", f"The engine URL {url!r} has an invalid port; ports are 1 to 65535, "
+                          f"e.g. {DEFAULT_ENGINE_URL}.") from None
+    if port is None:
+        port = DEFAULT_PORT if host in LOOPBACK_HOSTS else (443 if parsed.scheme == "https" else 80)
+    return parsed.scheme, host, port, parsed.path.rstrip("/")
+
+
+def clean_token(token: str) -> str:
+    """The token without the spaces and invisible characters a copy and paste brings along.
+
+    Raises EngineError('unauthorized') when what is left cannot be sent in an HTTP header
+    (engine tokens are plain ASCII)."""
+    kept = "".join(ch for ch in (token or "")
+                   if not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Zs", "Cc"))
+    if kept and not (kept.isascii() and kept.isprintable()):
+        raise EngineError("unauthorized", "The engine token holds characters that no engine token has.",
+                          "Copy it again from the engine's token file (~/.config/geovqa/token) "
+                          "into Settings > Options > GeoVQA.")
+    return kept
+
+
 class EngineClient:
     """Talks to one engine at ``base_url`` with a bearer ``token``."""
 
     def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0):
-        parsed = urllib.parse.urlsplit(base_url.strip() or "http://127.0.0.1:8765")
-        if parsed.scheme not in ("http", "https"):
-            raise EngineError("bad_url", f"The engine URL must start with http:// or https:// (got {base_url!r}).")
-        self.base_url = base_url.rstrip("/")
-        self.scheme = parsed.scheme
-        self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        self.prefix = parsed.path.rstrip("/")
-        self.token = token or ""
+        self.scheme, self.host, self.port, self.prefix = engine_address(base_url)
+        self.base_url = (base_url.strip() or DEFAULT_ENGINE_URL).rstrip("/")
+        try:
+            self.token, self.token_error = clean_token(token), None
+        except EngineError as exc:  # /health needs no token: report it when a call needs one
+            self.token, self.token_error = "", exc
         self.timeout = timeout
         self.stream_timeout = stream_timeout
 
@@ -146,11 +183,13 @@ class EngineClient:
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         return cls(self.host, self.port, timeout=timeout)
 
-    def headers(self, content_type: str | None = "application/json") -> dict:
+    def headers(self, content_type: str | None = "application/json", auth: bool = True) -> dict:
         h = {"Accept": "application/json, application/x-ndjson"}
         if content_type:
             h["Content-Type"] = content_type
-        if self.token:
+        if auth and self.token_error is not None:
+            raise self.token_error
+        if auth and self.token:
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
@@ -162,11 +201,13 @@ class EngineClient:
             "and check the engine URL in Settings > Options > GeoVQA.",
         )
 
-    def request_json(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
+    def request_json(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
+                     auth: bool = True):
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        headers = self.headers("application/json" if data else None, auth=auth)
         conn = self._connection(timeout or self.timeout)
         try:
-            data = json.dumps(body).encode("utf-8") if body is not None else None
-            conn.request(method, self.prefix + path, body=data, headers=self.headers("application/json" if data else None))
+            conn.request(method, self.prefix + path, body=data, headers=headers)
             resp = conn.getresponse()
             payload = resp.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -187,7 +228,7 @@ class EngineClient:
 
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict:
-        return self.request_json("GET", HEALTH_ENDPOINT)
+        return self.request_json("GET", HEALTH_ENDPOINT, auth=False)  # no token needed
 
     def ask(self, request: dict, upload: bool | None = None) -> "AskStream":
         """Start ``POST /ask``; iterate ``.events()`` for the streamed events.

@@ -34,11 +34,12 @@ from qgis.PyQt.QtWidgets import (
 
 from . import layers as result_layers
 from . import status as engine_status
-from .aoi import AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, request_aoi, to_layer_crs
+from .aoi import AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, request_aoi
 from .client import EngineError, build_ask_request, new_request_id
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .render import LayerRenderer, layer_file_path
 from .settings import STRATEGIES, STRATEGY_LABELS, Settings, make_client
+from .settings import notifier as settings_notifier
 from .tasks import AskTask, HealthTask, file_stem, rect_bounds
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
@@ -77,6 +78,7 @@ class ChatDock(QgsDockWidget):
         self.timer.setInterval(HEALTH_INTERVAL_MS)
         self.timer.timeout.connect(self.refresh_health)
         self.timer.start()
+        settings_notifier.saved.connect(self._settings_saved)
         QTimer.singleShot(0, self.refresh_health)
 
     # -- UI ---------------------------------------------------------------------------------
@@ -182,6 +184,11 @@ class ChatDock(QgsDockWidget):
         self.budget_spin.setValue(s.budget)
         self.tpt_spin.setValue(s.tokens_per_tile)
         self.max_new_spin.setValue(s.max_new_tokens)
+
+    def _settings_saved(self):
+        """The options page saved: new defaults for the model options, and maybe a new engine."""
+        self._load_options()
+        self.refresh_health()
 
     def options(self) -> dict:
         return Settings.load().request_options(
@@ -349,10 +356,7 @@ class ChatDock(QgsDockWidget):
                 geom, crs = QgsGeometry.fromRect(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
         aoi = None
         if geom is not None:
-            lg = to_layer_crs(geom, crs, layer)
-            clipped = lg.intersection(QgsGeometry.fromRect(ext)) if not ext.isEmpty() else lg
-            if clipped.isEmpty():
-                raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
+            clipped = clip_to_layer(geom, crs, layer)
             ext = clipped.boundingBox()
             if self.aoi_mode() == "polygon":
                 aoi = {"polygon_wkt": clipped.asWkt(6)}
@@ -534,6 +538,10 @@ class ChatDock(QgsDockWidget):
     # -- teardown -------------------------------------------------------------------------------
     def shutdown(self):
         self.timer.stop()
+        try:
+            settings_notifier.saved.disconnect(self._settings_saved)
+        except TypeError:
+            pass
         self.stop(silent=True)
         if self._health_task is not None:
             try:

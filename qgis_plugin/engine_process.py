@@ -1,19 +1,22 @@
 """Start and stop a local GeoVQA engine from QGIS with QProcess (no shell).
 
-The command is ``<python> -m engine serve --host 127.0.0.1 --port <port from the engine URL>
-[--weights <dir>] [extra args]``, run in the engine folder (the repository holding ``engine/``).
-The engine's output is kept (last lines) for the diagnostics report.
+The command is ``<python> -m engine serve --host 127.0.0.1 --port <port> [--weights <dir>]
+[extra args]``, run in the engine folder (the repository holding ``engine/``). Host and port are
+the ones the client will call (`client.engine_address`): 8765 when the URL names no port, and
+``--host ::1`` for an ``http://[::1]:...`` URL. The engine's output is kept (last lines) for the
+diagnostics report.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import urllib.parse
 from collections import deque
 from pathlib import Path
 
 from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, pyqtSignal
+
+from .client import LOOPBACK_HOSTS, EngineError, engine_address
 
 NOT_RUNNING = QProcess.ProcessState.NotRunning
 MERGED = QProcess.ProcessChannelMode.MergedChannels
@@ -39,13 +42,17 @@ def engine_command(settings) -> tuple:
         )
     if not Path(python).exists():
         raise EngineProcessError(f"The engine Python {python} does not exist.")
-    url = urllib.parse.urlsplit(settings.engine_url or "http://127.0.0.1:8765")
-    if url.hostname not in ("127.0.0.1", "localhost", "::1"):
+    try:
+        _, host, port, _ = engine_address(settings.engine_url)
+    except EngineError as exc:
+        raise EngineProcessError(str(exc)) from None
+    if host not in LOOPBACK_HOSTS:
         raise EngineProcessError(
             f"The engine URL {settings.engine_url} is not on this computer; a local engine can only "
             "be started for a 127.0.0.1 URL."
         )
-    args = ["-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(url.port or 8765)]
+    # the very host and port the client will call (engine_address): ::1 stays IPv6
+    args = ["-m", "engine", "serve", "--host", "::1" if host == "::1" else "127.0.0.1", "--port", str(port)]
     if settings.weights_dir.strip():
         args += ["--weights", settings.weights_dir.strip()]
     if settings.extra_args.strip():

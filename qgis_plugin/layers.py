@@ -102,7 +102,7 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
         heat = QgsRasterLayer(str(heatmap_path), HEATMAP_NAME, "gdal")
         if not heat.isValid():
             raise ResultLayerError(f"The heatmap {heatmap_path} could not be opened as a raster.")
-        if crs.isValid() and not heat.crs().isValid():
+        if crs.isValid():  # the source layer's CRS, also when the user overrode the file's own
             heat.setCrs(crs)
         style_heatmap(heat)
     if anchors_path:

@@ -1,5 +1,5 @@
-"""Non-file raster layers (WMS, XYZ, WCS, virtual rasters...): render the requested extent to a
-georeferenced RGB GeoTIFF the engine can read.
+"""Non-file raster layers (WMS, XYZ, WCS, virtual rasters, a GeoPackage table, a NetCDF
+subdataset...): render the requested extent to a georeferenced RGB GeoTIFF the engine can read.
 
 The chat dock renders asynchronously with ``QgsMapRendererParallelJob`` (main thread, never
 blocks) and writes the GeoTIFF in a ``QgsTask``; Processing algorithms (no event loop of their
@@ -33,14 +33,20 @@ LOCAL_FILE_PROVIDERS = ("gdal",)
 
 
 def layer_file_path(layer) -> str | None:
-    """The local file behind a GDAL raster layer, or None for anything the engine can't open."""
+    """The local file behind a GDAL raster layer, or None for anything the engine can't open.
+
+    A table of a GeoPackage holding several rasters, or a NetCDF/HDF subdataset, is not its
+    container file (the engine would read another raster or none): None, so it is rendered."""
     if layer is None or layer.providerType() not in LOCAL_FILE_PROVIDERS:
         return None
     try:
         parts = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source())
         path = parts.get("path") or layer.source()
+        sub = parts.get("layerName")
     except Exception:  # noqa: BLE001 - any decoding failure just means "not a plain file"
-        path = layer.source()
+        path, sub = layer.source(), None
+    if isinstance(sub, str) and sub:
+        return None
     return path if path and os.path.isfile(path) else None
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qgis.core import QgsProject, QgsSettings
+from qgis.PyQt.QtCore import QObject, pyqtSignal
 
 PREFIX = "geovqa/"
 DEFAULT_URL = "http://127.0.0.1:8765"
@@ -31,6 +32,15 @@ STRATEGY_LABELS = {
     "random": "Random",
 }
 RESULTS_FOLDER = "geovqa_results"
+
+
+class _SettingsNotifier(QObject):
+    """``saved`` is emitted after the options page saves, so an open dock takes the new values."""
+
+    saved = pyqtSignal()
+
+
+notifier = _SettingsNotifier()
 
 
 @dataclass

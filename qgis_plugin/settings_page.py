@@ -9,7 +9,7 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QPushButton,
                                  QSpinBox, QVBoxLayout, QWidget)
 
-from .settings import STRATEGIES, STRATEGY_LABELS, Settings, default_token_path
+from .settings import STRATEGIES, STRATEGY_LABELS, Settings, default_token_path, notifier
 
 ICON = str(Path(__file__).parent / "icons" / "geovqa.svg")
 GET_DIRECTORY = getattr(getattr(QgsFileWidget, "StorageMode", QgsFileWidget), "GetDirectory")
@@ -129,6 +129,7 @@ class SettingsForm(QWidget):
         s.render_max_px = self.render_px.value()
         s.output_dir = self.output.filePath()
         s.save()
+        notifier.saved.emit()
 
 
 PAGE_OBJECT_NAME = "mOptionsPageGeoVQA"

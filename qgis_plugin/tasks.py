@@ -160,7 +160,8 @@ class AskTask(QgsTask):
 class BatchTask(QgsTask):
     """Ask every question about every item, one streamed answer at a time.
 
-    ``items``: list of dicts ``{"layer", "layer_id", "raster_path", "aoi", "crs_wkt"}``.
+    ``items``: list of dicts ``{"layer", "layer_id", "raster_path", "aoi", "crs_wkt"}``; an item
+    with ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
     Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths).
     """
 
@@ -206,6 +207,9 @@ class BatchTask(QgsTask):
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
             "crs_wkt": item.get("crs_wkt"),
         }
+        if item.get("error"):  # the layer could not be prepared (not in view, render failed)
+            row["error"] = item["error"]
+            return row
         try:
             request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), **self.options)
             stream = self.client.ask(request)

@@ -7,6 +7,7 @@ import shutil
 
 from qgis.core import (
     QgsGeometry,
+    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingOutputString,
@@ -18,7 +19,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from ..aoi import AoiError, request_aoi, to_layer_crs
+from ..aoi import AoiError, clip_to_layer, request_aoi
 from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PARAM_ADVANCED
 from ..render import layer_file_path
@@ -71,8 +72,12 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
                                          defaultValue=256, minValue=1, maxValue=4096)
         p.setFlags(p.flags() | PARAM_ADVANCED)
         self.addParameter(p)
-        self.addParameter(QgsProcessingParameterFileDestination(self.HEATMAP, "Kept-token heatmap", "GeoTIFF (*.tif)"))
-        self.addParameter(QgsProcessingParameterFileDestination(self.ANCHORS, "Anchor tokens", "GeoJSON (*.geojson)"))
+        # optional, temporary files by default: `qgis_process run geovqa:ask_raster -- INPUT=.. QUESTION=..`
+        # works as documented (it refused to run without both)
+        for name, label, filt in ((self.HEATMAP, "Kept-token heatmap", "GeoTIFF (*.tif)"),
+                                  (self.ANCHORS, "Anchor tokens", "GeoJSON (*.geojson)")):
+            self.addParameter(QgsProcessingParameterFileDestination(
+                name, label, filt, defaultValue=QgsProcessing.TEMPORARY_OUTPUT, optional=True))
         self.addOutput(QgsProcessingOutputString(self.ANSWER, "Answer"))
 
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 - main thread
@@ -94,7 +99,7 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
                 self.raster_path, self.bounds = raster_source(layer, feedback)
                 self.aoi = request_aoi(geom, crs, layer) if geom is not None else None
             else:  # rendered over the AOI's box: the whole rendered image is the AOI
-                render_extent = to_layer_crs(geom, crs, layer).boundingBox() if geom is not None else None
+                render_extent = clip_to_layer(geom, crs, layer).boundingBox() if geom is not None else None
                 self.raster_path, self.bounds = raster_source(layer, feedback, render_extent)
                 self.aoi = None
         except AoiError as exc:
@@ -118,6 +123,9 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
                               self.settings.results_dir(), self.bounds)
         except EngineError as exc:
             raise QgsProcessingException(str(exc)) from exc
+        except OSError as exc:
+            raise QgsProcessingException(f"Could not save the result files in {self.settings.results_dir()}: "
+                                         f"{exc}. Choose another results folder in Settings > Options > GeoVQA.") from exc
         feedback.pushInfo(f"Answer: {result.get('answer', '')}")
         out = {self.ANSWER: result.get("answer", "")}
         if heat_dest and result.get("local_heatmap_path"):

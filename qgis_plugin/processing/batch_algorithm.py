@@ -4,6 +4,7 @@ written to a CSV (and optionally JSON) table."""
 from __future__ import annotations
 
 from qgis.core import (
+    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingOutputNumber,
@@ -12,6 +13,7 @@ from qgis.core import (
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
     QgsProcessingParameterString,
+    QgsProcessingUtils,
 )
 
 from ..client import EngineError
@@ -59,7 +61,10 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                                                      defaultValue=strategies.index(DEFAULT_STRATEGY)))
         self.addParameter(QgsProcessingParameterNumber(self.BUDGET, "Token budget (0: engine default)", NUMBER_INTEGER,
                                                        defaultValue=0, minValue=0))
-        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT, "Answers (CSV)", "CSV (*.csv)"))
+        # a temporary CSV by default, so `qgis_process run geovqa:batch_questions` needs no OUTPUT
+        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT, "Answers (CSV)", "CSV (*.csv)",
+                                                                defaultValue=QgsProcessing.TEMPORARY_OUTPUT,
+                                                                optional=True))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_JSON, "Answers (JSON)", "JSON (*.json)",
                                                                 optional=True, createByDefault=False))
         self.addOutput(QgsProcessingOutputNumber(self.ANSWERED, "Answers"))
@@ -103,9 +108,13 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                 except (EngineError, QgsProcessingException) as exc:
                     row["error"] = str(exc)
                     feedback.reportError(f"{item['layer']} / {question}: {exc}")
+                except OSError as exc:  # the results folder: this answer's files could not be kept
+                    row["error"] = f"Could not save the result files in {self.settings.results_dir()}: {exc}"
+                    feedback.reportError(f"{item['layer']} / {question}: {row['error']}")
                 rows.append(row)
                 feedback.setProgress(100.0 * len(rows) / total)
-        csv_path = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        csv_path = (self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+                    or QgsProcessingUtils.generateTempFilename("answers.csv"))  # the answers are always kept
         write_csv(rows, csv_path)
         out = {self.OUTPUT: csv_path, self.ANSWERED: sum(1 for r in rows if r["answer"] is not None),
                self.ERRORS: sum(1 for r in rows if r["error"])}

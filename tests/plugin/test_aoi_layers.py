@@ -91,6 +91,21 @@ def test_result_layers_are_grouped_styled_and_aligned(raster_layer, tmp_path):
     assert al.featureCount() == 1
 
 
+def test_result_layers_follow_a_crs_the_user_set_on_the_layer(raster_layer, tmp_path):
+    """A file tagged with a wrong CRS, corrected in QGIS: the heatmap kept the file's tag and
+    landed hundreds of kilometres from the image and its anchors."""
+    from geovqa.layers import add_result_layers
+    from qgis.core import QgsCoordinateReferenceSystem
+
+    layer = raster_layer()
+    heat, anchors = _write_results(tmp_path, layer)  # written with the file's own CRS
+    corrected = QgsCoordinateReferenceSystem("EPSG:32634")
+    assert layer.crs() != corrected
+    layer.setCrs(corrected)
+    _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert hl.crs() == corrected and al.crs() == corrected
+
+
 def test_results_folder_next_to_project(tmp_path, qgis_new_project):
     from geovqa.settings import RESULTS_FOLDER, Settings
     from qgis.core import QgsProject
@@ -109,3 +124,122 @@ def test_results_folder_next_to_project(tmp_path, qgis_new_project):
     profile = Path(QgsApplication.qgisSettingsDirPath()).resolve()
     assert s.results_dir(project).resolve().is_relative_to(profile)
     assert s.results_dir(project).resolve() != Path(tempfile.gettempdir()).resolve()
+
+
+# --- AOIs the map can produce that used to go wrong -------------------------------------------
+
+
+def _geotiff_with_transform(path, gt, width=100, height=80):
+    from osgeo import gdal, osr
+
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform(gt)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetProjection(srs.ExportToWkt())
+    ds = None
+    return str(path)
+
+
+@pytest.mark.parametrize("gt", [
+    (500000.0, 10.0, 0.0, 4999200.0, 0.0, 10.0),  # south-up
+    (500000.0, 9.4, 3.4, 5000000.0, 3.4, -9.4),  # rotated 20 degrees
+])
+def test_a_rectangle_on_a_rotated_or_south_up_raster_is_sent_as_a_polygon(tmp_path, qgis_new_project, gt):
+    """QGIS shows these through a warped north-up view; a window cut from that view's grid
+    landed on the wrong file pixels (mirrored rows on a south-up file)."""
+    from geovqa.aoi import file_grid_is_layer_grid, request_aoi
+    from qgis.core import QgsGeometry, QgsPointXY, QgsRasterLayer
+
+    layer = QgsRasterLayer(_geotiff_with_transform(tmp_path / "odd.tif", gt), "odd", "gdal")
+    assert layer.isValid() and not file_grid_is_layer_grid(layer)
+
+    def to_map(col, row):
+        return QgsPointXY(gt[0] + col * gt[1] + row * gt[2], gt[3] + col * gt[4] + row * gt[5])
+
+    # the map box around file pixels cols 10..30, rows 10..30
+    corners = [to_map(c, r) for c, r in ((10, 10), (30, 10), (30, 30), (10, 30))]
+    box = QgsGeometry.fromMultiPointXY(corners).boundingBox()
+    aoi = request_aoi(QgsGeometry.fromRect(box), layer.crs(), layer)
+    assert set(aoi) == {"polygon_wkt"}
+    sent = QgsGeometry.fromWkt(aoi["polygon_wkt"])
+    for corner in corners:
+        assert sent.buffer(1e-6, 2).contains(QgsGeometry.fromPointXY(corner))
+
+
+def test_a_north_up_file_keeps_its_pixel_window(raster_layer):
+    from geovqa.aoi import file_grid_is_layer_grid
+
+    assert file_grid_is_layer_grid(raster_layer())
+
+
+@pytest.mark.parametrize("crs, rect", [
+    ("EPSG:3857", (-1e7, 0, 1e7, 1e7)),
+    ("EPSG:3857", (-2e7, -1.2e7, 2e7, 1.2e7)),
+    ("EPSG:4326", (-180, -90, 180, 90)),
+    ("EPSG:4326", (-315, -90, 315, 90)),  # QGIS widens a world view past the date line
+    ("EPSG:4326", (-100, 0, 100, 80)),
+])
+def test_a_continent_or_world_view_over_a_small_layer_is_the_whole_layer(raster_layer, crs, rect):
+    """Reprojected whole into UTM, such a view became an invalid polygon: 'does not overlap'."""
+    from geovqa.aoi import request_aoi
+    from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsRectangle
+
+    layer = raster_layer()  # UTM 33N, near 15 E 45 N
+    view = QgsGeometry.fromRect(QgsRectangle(*rect))
+    assert request_aoi(view, QgsCoordinateReferenceSystem(crs), layer) is None
+
+
+def test_a_world_view_in_degrees_covers_a_web_mercator_layer_whole(qgis_new_project, tmp_path):
+    """An XYZ-like layer (the whole world in EPSG:3857) under a map showing the world in degrees:
+    only about +-45 degrees of longitude used to be rendered."""
+    from geovqa.aoi import clip_to_layer
+    from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsRasterLayer, QgsRectangle
+
+    half = 20037508.342789244
+    path = _geotiff_with_transform(tmp_path / "world.tif", (-half, 2 * half / 100, 0.0, half, 0.0, -2 * half / 100),
+                                   width=100, height=100)
+    from osgeo import gdal, osr
+
+    ds = gdal.Open(path, gdal.GA_Update)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(3857)
+    ds.SetProjection(srs.ExportToWkt())
+    ds = None
+    layer = QgsRasterLayer(path, "world", "gdal")
+    assert layer.isValid() and layer.crs().authid() == "EPSG:3857"
+    view = QgsGeometry.fromRect(QgsRectangle(-315, -90, 315, 90))
+    box = clip_to_layer(view, QgsCoordinateReferenceSystem("EPSG:4326"), layer).boundingBox()
+    assert box.xMinimum() <= -0.99 * half and box.xMaximum() >= 0.99 * half
+    assert box.height() > 1.5 * half
+
+
+def test_a_polygon_that_crosses_itself_is_repaired_not_refused(raster_layer):
+    from geovqa.aoi import request_aoi
+    from qgis.core import QgsGeometry, QgsPointXY
+
+    layer = raster_layer()  # 500000..500640 x 4999520..5000000
+    bowtie = QgsGeometry.fromPolygonXY([[QgsPointXY(500100, 4999900), QgsPointXY(500300, 4999700),
+                                         QgsPointXY(500300, 4999900), QgsPointXY(500100, 4999700)]])
+    assert not bowtie.isGeosValid()
+    aoi = request_aoi(bowtie, layer.crs(), layer)
+    sent = QgsGeometry.fromWkt(aoi["polygon_wkt"])
+    assert sent.isGeosValid() and sent.area() == pytest.approx(200 * 200 / 2, rel=1e-6)
+
+
+def test_a_table_of_a_geopackage_with_several_rasters_is_not_its_container_file(raster_layer, tmp_path):
+    """The container's path made the engine read another table (or 'no raster bands')."""
+    from geovqa.render import layer_file_path
+    from osgeo import gdal
+    from qgis.core import QgsRasterLayer
+
+    tif = raster_layer().source()
+    gpkg = str(tmp_path / "multi.gpkg")
+    gdal.Translate(gpkg, tif, format="GPKG", creationOptions=["RASTER_TABLE=first"])
+    gdal.Translate(gpkg, tif, format="GPKG", creationOptions=["RASTER_TABLE=second", "APPEND_SUBDATASET=YES"])
+    second = QgsRasterLayer(f"GPKG:{gpkg}:second", "second", "gdal")
+    assert second.isValid()
+    assert layer_file_path(second) is None  # rendered like a web layer
+    single = str(tmp_path / "single.gpkg")
+    gdal.Translate(single, tif, format="GPKG")
+    assert layer_file_path(QgsRasterLayer(single, "single", "gdal")) == single

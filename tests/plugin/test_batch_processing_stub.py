@@ -67,3 +67,34 @@ def test_processing_ask_and_batch(plugin, raster_layer, stub_engine, tmp_path, q
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and res["ANSWERED"] == 4 and res["ERRORS"] == 0
     assert all(r["answer"] for r in rows)
+
+
+def test_processing_outputs_default_to_temporary_files(plugin, raster_layer, stub_engine, qgis_processing):
+    """The documented `qgis_process run geovqa:ask_raster -- INPUT=.. QUESTION=..` failed: the
+    heatmap and anchors outputs were mandatory."""
+    import processing
+    from qgis.core import QgsRasterLayer
+
+    a = raster_layer("a")
+    res = processing.run("geovqa:ask_raster", {"INPUT": a, "QUESTION": "How big?"})
+    assert res["ANSWER"] == "The area is 64 x 48 pixels with 3 bands."
+    assert QgsRasterLayer(res["HEATMAP"], "h").isValid()
+    res = processing.run("geovqa:batch_questions", {"LAYERS": [a], "QUESTIONS": "How big?"})
+    with open(res["OUTPUT"], newline="") as fh:
+        assert [r["question"] for r in csv.DictReader(fh)] == ["How big?"]
+
+
+def test_processing_batch_with_an_unwritable_results_folder_keeps_every_row(
+        plugin, raster_layer, stub_engine, qgis_processing, tmp_path):
+    import processing
+    from conftest import set_settings
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))  # cannot be created under a file
+    res = processing.run("geovqa:batch_questions", {
+        "LAYERS": [raster_layer("a")], "QUESTIONS": "How big?\nWhat bands?", "OUTPUT": str(tmp_path / "b.csv")})
+    with open(res["OUTPUT"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and res["ERRORS"] == 2
+    assert all("Could not save the result files" in r["error"] for r in rows)

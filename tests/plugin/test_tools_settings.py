@@ -106,3 +106,17 @@ def test_dock_follows_the_current_layer(plugin, raster_layer, qgis_iface):
     assert plugin.dock.layer_combo.currentLayer() is b
     plugin.dock.follow_active_layer(a)
     assert plugin.dock.layer_combo.currentLayer() is a
+
+
+def test_an_open_dock_takes_the_options_page_defaults_when_saved(plugin):
+    """The dock read strategy, budget and answer length once, when built."""
+    from geovqa.settings_page import GeoVQAOptionsFactory
+
+    dock = plugin.dock
+    page = GeoVQAOptionsFactory().createWidget(None)
+    page.form.strategy.setCurrentIndex(page.form.strategy.findData("budget"))
+    page.form.budget.setValue(777)
+    page.form.max_new.setValue(8)
+    page.apply()
+    opts = dock.options()
+    assert (opts["strategy"], opts["budget"], opts["max_new_tokens"]) == ("budget", 777, 8)

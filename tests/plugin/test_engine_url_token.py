@@ -1,0 +1,100 @@
+"""The engine URL and token from the options page: one reading of the URL for the client and for
+*Start local engine*, readable errors for a bad port, and a pasted token cleaned of invisible
+characters (a bad one must not break the health check, which needs no token)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import set_settings, wait_until
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("", ("http", "127.0.0.1", 8765, "")),
+    ("http://127.0.0.1", ("http", "127.0.0.1", 8765, "")),
+    ("http://localhost/", ("http", "localhost", 8765, "")),
+    ("http://[::1]:9000", ("http", "::1", 9000, "")),
+    ("https://gpu.example.org/geovqa/", ("https", "gpu.example.org", 443, "/geovqa")),
+    ("http://gpu.example.org", ("http", "gpu.example.org", 80, "")),
+])
+def test_engine_address(url, expected):
+    from geovqa.client import engine_address
+
+    assert engine_address(url) == expected
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://127.0.0.1:87650", "invalid port"),
+    ("http://127.0.0.1:abc", "invalid port"),
+    ("ftp://127.0.0.1:8765", "must start with http"),
+    ("http://:8765", "names no host"),
+])
+def test_a_bad_engine_url_is_an_engine_error(url, message):
+    from geovqa.client import EngineClient, EngineError
+
+    with pytest.raises(EngineError, match=message) as exc:
+        EngineClient(url)
+    assert exc.value.code == "bad_url"
+
+
+@pytest.mark.parametrize("url, host, port", [
+    ("http://127.0.0.1", "127.0.0.1", "8765"),
+    ("http://localhost/", "127.0.0.1", "8765"),
+    ("http://[::1]:9000", "::1", "9000"),
+])
+def test_start_local_engine_listens_where_the_client_calls(tmp_path, url, host, port):
+    from geovqa.engine_process import engine_command
+    from geovqa.settings import Settings
+
+    py = tmp_path / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("")
+    _, args, _ = engine_command(Settings(engine_url=url, engine_dir=str(tmp_path)))
+    assert args[args.index("--host") + 1] == host and args[args.index("--port") + 1] == port
+
+
+def test_start_local_engine_with_a_bad_port_says_so(plugin, qgis_iface, tmp_path):
+    py = tmp_path / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("")
+    set_settings(engine_url="http://127.0.0.1:abc", engine_dir=str(tmp_path))
+    from qgis.core import Qgis
+
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.start_engine() is False  # used to raise ValueError out of the menu action
+    texts = bar.get_messages(Qgis.MessageLevel.Critical)
+    assert any("invalid port" in t for t in texts), texts
+
+
+def test_health_check_with_a_bad_port_shows_the_reason(plugin):
+    set_settings(engine_url="http://127.0.0.1:87650")
+    dock = plugin.dock
+    dock.refresh_health()  # used to raise out of the timer slot on every tick
+    assert dock.status_level == "down"
+    assert "invalid port" in dock.status_label.text()
+
+
+def test_pasted_invisible_characters_are_dropped_from_the_token(stub_engine):
+    from geovqa.client import build_ask_request, clean_token
+    from geovqa.settings import Settings, make_client
+
+    assert clean_token(" abc\u200bdef\ufeff\n") == "abcdef"
+    set_settings(token=stub_engine.token + "\u200b\n")
+    client = make_client(Settings.load())
+    events = list(client.ask(build_ask_request("What?", "/nowhere.tif")).events())
+    assert events[-1]["type"] in ("result", "error") and events[-1].get("code") != "unauthorized"
+
+
+def test_a_token_no_engine_could_have_is_refused_clearly(stub_engine, plugin):
+    from geovqa.client import EngineError, build_ask_request
+    from geovqa.settings import Settings, make_client
+
+    set_settings(token="abc\u2013def")  # an en dash from a word processor
+    client = make_client(Settings.load())
+    assert client.health()["status"] == "ok"  # /health needs no token: the engine is up
+    with pytest.raises(EngineError) as exc:
+        list(client.ask(build_ask_request("What?", "/nowhere.tif")).events())
+    assert exc.value.code == "unauthorized" and "token" in str(exc.value)
+    plugin.dock.refresh_health()
+    wait_until(lambda: plugin.dock._health_task is None, 10, "the health check")
+    assert plugin.dock.status_level != "down"
