@@ -127,6 +127,9 @@ def validate_bands(value: Any, info: RasterInfo) -> list[int] | None:
     if (not isinstance(value, list) or not value
             or not all(isinstance(b, int) and not isinstance(b, bool) for b in value)):
         raise JobError("bad_request", "'bands' must be a list of band numbers (1-based).")
+    if len(value) not in (1, 3):
+        raise JobError("bad_request", f"'bands' must name one band (shown as grey) or three "
+                       f"(red, green, blue); it names {len(value)}.")
     bad = [b for b in value if b < 1 or b > info.count]
     if bad:
         raise JobError("bad_request", f"Band(s) {bad} do not exist; the raster has "

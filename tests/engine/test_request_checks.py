@@ -75,3 +75,19 @@ def test_batch_items_get_the_same_aoi_check(raster):
             "questions": ["Any roads?"]}
     err = refused(lambda: validate_batch(body, protocol.STRATEGIES))
     assert err.code == "bad_aoi"
+
+
+@pytest.mark.parametrize("bands", [[1, 2], [1, 2, 3, 1]])
+def test_bands_are_one_or_three(raster, bands):
+    body = {"raster_path": str(raster), "question": "What is here?", "bands": bands}
+    err = refused(lambda: validate_ask(body, protocol.STRATEGIES))
+    assert err.code == "bad_request"
+    assert str(len(bands)) in err.message
+    batch = {"items": [{"raster_path": str(raster), "bands": bands}], "questions": ["Any?"]}
+    assert refused(lambda: validate_batch(batch, protocol.STRATEGIES)).code == "bad_request"
+
+
+@pytest.mark.parametrize("bands", [[2], [3, 2, 1]])
+def test_one_or_three_bands_pass(raster, bands):
+    body = {"raster_path": str(raster), "question": "What is here?", "bands": bands}
+    assert validate_ask(body, protocol.STRATEGIES)["bands"] == bands
