@@ -34,6 +34,7 @@ from engine import __version__, protocol
 from engine.auth import load_or_create_token, token_matches
 from engine.cli_args import add_model_arguments
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default
+from engine.json_body import parse_json
 from engine.request_checks import validate_ask, validate_batch
 from engine.uploads import receive_upload
 
@@ -185,10 +186,7 @@ def create_app(engine: Any, settings: Settings):
             raw += chunk
             if len(raw) > MAX_JSON_BODY_BYTES:
                 raise JobError("bad_request", "The request body is too large.")
-        try:
-            return json.loads(bytes(raw).decode("utf-8"))
-        except ValueError as exc:
-            raise JobError("bad_request", f"The request body is not valid JSON: {exc}") from None
+        return parse_json(bytes(raw))
 
     def decorate(event: dict) -> dict:
         if event.get("type") == "result":

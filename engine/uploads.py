@@ -9,7 +9,6 @@ job is over.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from engine.jobs import JobError
+from engine.json_body import parse_json
 
 MAX_JSON_PART_BYTES = 1024 * 1024
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -189,10 +189,7 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
             raster_fh.close()
         if not state["seen_raster"] or state["raster_bytes"] == 0:
             raise JobError("bad_request", "The upload has no 'raster' file part (or it is empty).")
-        try:
-            request = json.loads(bytes(state["json"]).decode("utf-8")) if state["json"] else None
-        except ValueError as exc:
-            raise JobError("bad_request", f"The 'request' part is not valid JSON: {exc}") from exc
+        request = parse_json(bytes(state["json"]), "The 'request' part") if state["json"] else None
         if not isinstance(request, dict):
             raise JobError("bad_request", "The upload needs a 'request' part with a JSON object.")
         check_raster_file(raster_path, geotiff_only=True)
