@@ -99,3 +99,12 @@ def test_non_finite_windows_are_refused_over_http(server, inputs, window):
              f'"aoi": {{"window": {window}}}}}], "questions": ["Any roads?"]}}').encode()
     assert_refused(post_raw(server, "/batch", batch), "bad_aoi", "finite")
     assert_no_jobs_left(server)
+
+
+def test_a_boundary_too_long_is_a_bad_request_leaving_nothing(server, inputs):
+    boundary = "b" * 300
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n\r\n"
+            f"{{\"question\": \"What?\"}}\r\n--{boundary}--\r\n").encode()
+    resp = post_raw(server, "/ask", body, f"multipart/form-data; boundary={boundary}")
+    assert_refused(resp, words="boundary")
+    assert_no_jobs_left(server)
