@@ -152,6 +152,11 @@ def create_app(engine: Any, settings: Settings):
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
             return error_response(JobError("not_found", "There is no such endpoint."))
+        if exc.status_code == 405:
+            response = error_response(JobError(
+                "method_not_allowed", f"{request.method} is not allowed on {request.url.path}."))
+            response.headers.update(exc.headers or {})  # Allow: the methods that are
+            return response
         return JSONResponse(protocol.error_body("bad_request", str(exc.detail)),
                             status_code=exc.status_code)
 

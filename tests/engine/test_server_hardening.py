@@ -108,3 +108,12 @@ def test_a_boundary_too_long_is_a_bad_request_leaving_nothing(server, inputs):
     resp = post_raw(server, "/ask", body, f"multipart/form-data; boundary={boundary}")
     assert_refused(resp, words="boundary")
     assert_no_jobs_left(server)
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/ask"), ("PUT", "/ask"), ("GET", "/batch"),
+                                          ("POST", "/jobs/0123456789abcdef")])
+def test_a_wrong_method_is_method_not_allowed(server, method, path):
+    resp = httpx.request(method, f"{server.url}{path}", headers=server.headers(), timeout=30)
+    assert_refused(resp, "method_not_allowed", method.lower())
+    assert resp.status_code == 405
+    assert resp.headers.get("allow")
