@@ -222,7 +222,7 @@ def create_app(engine: Any, settings: Settings):
         require_token(request)
         ctype = request.headers.get("content-type", "")
         upload = None
-        if ctype.startswith("multipart/"):
+        if ctype.strip().lower().startswith("multipart/"):  # media types ignore case
             size = content_length(request)
             if size > settings.max_upload_bytes + MAX_JSON_BODY_BYTES:
                 raise JobError("upload_too_large", f"The upload ({size} bytes) is larger than the "

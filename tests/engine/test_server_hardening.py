@@ -117,3 +117,18 @@ def test_a_wrong_method_is_method_not_allowed(server, method, path):
     assert_refused(resp, "method_not_allowed", method.lower())
     assert resp.status_code == 405
     assert resp.headers.get("allow")
+
+
+def test_media_types_ignore_case(server, inputs):
+    request = httpx.Request("POST", f"{server.url}/ask", headers=server.headers(),
+                            files={"raster": ("scene.tif", inputs["raster"].read_bytes(),
+                                              "image/tiff")},
+                            data={"request": json.dumps({"question": "What is here?",
+                                                         "max_new_tokens": 8})})
+    ctype = request.headers["content-type"].replace("multipart/form-data", "Multipart/Form-Data")
+    with httpx.stream("POST", request.url, content=request.read(), timeout=60,
+                      headers={**server.headers(), "Content-Type": ctype}) as resp:
+        assert resp.status_code == 200, resp.read()
+        events = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+    assert events[-1]["type"] == "result", events[-1]
+    assert_no_jobs_left(server)
