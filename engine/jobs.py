@@ -410,8 +410,10 @@ class JobQueue:
                     self._run_ask(job)
                 else:
                     finished = self._run_batch_step(job)
-            except Exception:  # never let the worker die
+            except Exception as exc:  # never let the worker die, nor leave the job "running"
                 log.exception("job %s failed", job.job_id)
+                self._fail(job, exc)
+                finished = True
             with self._cond:
                 self._running = None
                 if not finished and not self._stop:
@@ -419,6 +421,17 @@ class JobQueue:
                     self._waiting.append(job)
                 # positions are updated when the next job is taken, a moment from now
                 self._cond.notify_all()
+
+    @staticmethod
+    def _fail(job: AskJob | BatchJob, exc: Exception) -> None:
+        """End a job whose step raised outside its own error handling (a full disk, a bug)."""
+        job.state = "failed"
+        job.message = f"The job stopped on an unexpected error: {type(exc).__name__}: {exc}"
+        if isinstance(job, BatchJob):
+            try:
+                job.save_state()
+            except Exception:  # noqa: BLE001 - the same disk may refuse this too
+                log.exception("cannot save the failed state of job %s", job.job_id)
 
     @staticmethod
     def _run_cleanup(job: AskJob) -> None:
