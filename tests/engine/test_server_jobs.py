@@ -70,6 +70,30 @@ def test_a_step_failing_outside_its_try_fails_the_job(tmp_path, monkeypatch):
         jobs.stop()
 
 
+def test_a_cancel_of_a_running_batch_survives_a_crash(tmp_path):
+    state_dir = tmp_path / "state"
+    stuck = Engine(hold=True)
+    first = make_queue(stuck, state_dir)
+    second = None
+    try:
+        job = first.submit_batch(json.loads(json.dumps(SPEC)))
+        assert stuck.started.wait(10)
+        assert first.cancel(job.job_id)["state"] == "running"  # ends after the current answer
+        assert saved_state(first, job.job_id)["cancel_requested"] is True
+        first.stop(timeout=0.1)  # the "crash": the answer never ends, the state dir is free
+        fresh = Engine()
+        second = make_queue(fresh, state_dir)
+        info = second.info(job.job_id)
+        assert info["state"] == "cancelled", info
+        assert second.queue_length() == 0
+        assert saved_state(second, job.job_id)["state"] == "cancelled"
+        assert fresh.calls == 0
+    finally:
+        stuck.release.set()
+        if second is not None:
+            second.stop()
+
+
 @pytest.mark.parametrize("state", ["queued", "running"])
 def test_an_unfinished_batch_without_a_cancel_resumes(tmp_path, state):
     state_dir = tmp_path / "state"
