@@ -7,9 +7,10 @@ never stuck behind a 10,000-item batch. Waiting jobs are told their position (th
 ahead of them, the running one included).
 
 Batch jobs live in ``<state_dir>/jobs/<job_id>/``: ``spec.json`` (what to do), ``state.json``
-(queued / running / done / failed / cancelled) and ``results.jsonl`` (one line per finished
-answer, appended and fsynced as each completes). A server restarted on the same state dir
-resumes every unfinished job from the first item without a line in ``results.jsonl``.
+(queued / running / done / failed / cancelled, and whether a cancel was asked for) and
+``results.jsonl`` (one line per finished answer, appended and fsynced as each completes). A
+server restarted on the same state dir resumes every unfinished job from the first item without a
+line in ``results.jsonl``, and ends as cancelled one whose cancel came before the crash.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ class BatchJob:
         self.done_indexes: set[int] = set()
         self.errors = 0
         self.lock = threading.Lock()
+        self._state_lock = threading.Lock()  # the worker and a DELETE both write state.json
 
     @property
     def total(self) -> int:
@@ -206,9 +208,12 @@ class BatchJob:
         }
 
     def save_state(self) -> None:
-        _write_json_atomic(self.dir / "state.json", {
-            "state": self.state, "message": self.message, "updated": time.time(),
-        })
+        """Write state.json; a cancel asked for is kept there so it outlives a crash."""
+        with self._state_lock:
+            _write_json_atomic(self.dir / "state.json", {
+                "state": self.state, "message": self.message, "updated": time.time(),
+                "cancel_requested": self.cancel.is_set(),
+            })
 
     def append_result(self, line: dict) -> None:
         with open(self.results_path, "a", encoding="utf-8") as fh:
@@ -352,12 +357,14 @@ class JobQueue:
             if job.state in ("done", "failed", "cancelled"):
                 return job.info()
             job.cancel.set()
+            job.message = "Cancelled by the user."
             if job in self._waiting:
                 self._waiting.remove(job)
                 self._finish_cancelled(job)
                 self._update_positions()
+            elif isinstance(job, BatchJob):
+                job.save_state()  # a restart before the current answer ends still cancels it
             # a running job notices the event between steps and stops itself
-            job.message = "Cancelled by the user."
             return job.info()
 
     # -- internals -----------------------------------------------------------------------------
@@ -410,8 +417,10 @@ class JobQueue:
                     self._run_ask(job)
                 else:
                     finished = self._run_batch_step(job)
-            except Exception:  # never let the worker die
+            except Exception as exc:  # never let the worker die, nor leave the job "running"
                 log.exception("job %s failed", job.job_id)
+                self._fail(job, exc)
+                finished = True
             with self._cond:
                 self._running = None
                 if not finished and not self._stop:
@@ -419,6 +428,17 @@ class JobQueue:
                     self._waiting.append(job)
                 # positions are updated when the next job is taken, a moment from now
                 self._cond.notify_all()
+
+    @staticmethod
+    def _fail(job: AskJob | BatchJob, exc: Exception) -> None:
+        """End a job whose step raised outside its own error handling (a full disk, a bug)."""
+        job.state = "failed"
+        job.message = f"The job stopped on an unexpected error: {type(exc).__name__}: {exc}"
+        if isinstance(job, BatchJob):
+            try:
+                job.save_state()
+            except Exception:  # noqa: BLE001 - the same disk may refuse this too
+                log.exception("cannot save the failed state of job %s", job.job_id)
 
     @staticmethod
     def _run_cleanup(job: AskJob) -> None:
@@ -547,7 +567,11 @@ class JobQueue:
             job.state = state.get("state", "queued")
             job.message = state.get("message")
             self._jobs[job.job_id] = job
-            if job.state in ("queued", "running"):
+            if job.state in ("queued", "running") and state.get("cancel_requested"):
+                job.cancel.set()
+                self._finish_cancelled(job)
+                log.info("batch job %s was cancelled before a restart", job.job_id)
+            elif job.state in ("queued", "running"):
                 job.state = "queued"
                 job.message = (f"Resumed after a restart at {len(job.done_indexes)} of "
                                f"{job.total} answers.")

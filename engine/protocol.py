@@ -169,6 +169,7 @@ ERROR_CODES = {
     "no_valid_pixels": 422,
     "upload_too_large": 413,
     "not_found": 404,
+    "method_not_allowed": 405,
     "out_of_memory": 507,
     "cancelled": 499,
     "model_loading": 503,

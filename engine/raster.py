@@ -242,11 +242,12 @@ def _aoi_geometry(aoi):
         except Exception as exc:
             raise AOIError(f"The area of interest is not valid WKT: {aoi[:80]!r}.") from exc
     if isinstance(aoi, dict):
-        if "polygon_wkt" in aoi:  # protocol AOI dicts (engine/protocol.py AOI_FIELDS)
+        # protocol AOI dicts (engine/protocol.py AOI_FIELDS); a null entry counts as absent
+        if aoi.get("polygon_wkt") is not None:
             return _aoi_geometry(str(aoi["polygon_wkt"]))
-        if "geojson" in aoi:
+        if aoi.get("geojson") is not None:
             return _aoi_geometry(aoi["geojson"])
-        if "window" in aoi:
+        if aoi.get("window") is not None:
             return None
         kind = aoi.get("type")
         try:

@@ -8,6 +8,7 @@ read-only (`check_raster_file`) but reads no pixels beyond one.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,23 @@ def validate_question(value: Any) -> str:
         raise JobError(code, message) from None
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A JSON number that fits a float and is neither NaN nor infinite (bool is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float, such as 10**400
+        return False
+
+
+def _has_finite_coordinates(geom: Any) -> bool:
+    import numpy as np
+    import shapely
+
+    return bool(np.isfinite(shapely.get_coordinates(geom)).all())
+
+
 def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
     """Check an AOI against the raster; returns it unchanged when usable."""
     if aoi is None:
@@ -69,9 +87,9 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
     if keys[0] == "window":
         win = aoi["window"]
         if (not isinstance(win, (list, tuple)) or len(win) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in win)):
+                or not all(_is_finite_number(v) for v in win)):
             raise JobError("bad_aoi", "The window must be [col_off, row_off, width, height] in "
-                           "pixels.")
+                           "pixels, four finite numbers.")
         col, row, width, height = win
         if width <= 0 or height <= 0:
             raise JobError("bad_aoi", f"The window {list(win)} has no area; width and height "
@@ -92,6 +110,9 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
         raise JobError("bad_aoi", f"The area of interest is not a valid geometry: {exc}") from None
     if geom.is_empty or geom.geom_type not in ("Polygon", "MultiPolygon"):
         raise JobError("bad_aoi", "The area of interest must be a polygon.")
+    if not _has_finite_coordinates(geom):
+        raise JobError("bad_aoi", "The area of interest has coordinates that are not finite "
+                       "numbers (NaN or infinity).")
     left, bottom, right, top = info.bounds
     if not geom.intersects(box(min(left, right), min(bottom, top), max(left, right),
                                max(bottom, top))):
@@ -106,6 +127,9 @@ def validate_bands(value: Any, info: RasterInfo) -> list[int] | None:
     if (not isinstance(value, list) or not value
             or not all(isinstance(b, int) and not isinstance(b, bool) for b in value)):
         raise JobError("bad_request", "'bands' must be a list of band numbers (1-based).")
+    if len(value) not in (1, 3):
+        raise JobError("bad_request", f"'bands' must name one band (shown as grey) or three "
+                       f"(red, green, blue); it names {len(value)}.")
     bad = [b for b in value if b < 1 or b > info.count]
     if bad:
         raise JobError("bad_request", f"Band(s) {bad} do not exist; the raster has "

@@ -34,6 +34,7 @@ from engine import __version__, protocol
 from engine.auth import load_or_create_token, token_matches
 from engine.cli_args import add_model_arguments
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default
+from engine.json_body import parse_json
 from engine.request_checks import validate_ask, validate_batch
 from engine.uploads import receive_upload
 
@@ -151,6 +152,11 @@ def create_app(engine: Any, settings: Settings):
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
             return error_response(JobError("not_found", "There is no such endpoint."))
+        if exc.status_code == 405:
+            response = error_response(JobError(
+                "method_not_allowed", f"{request.method} is not allowed on {request.url.path}."))
+            response.headers.update(exc.headers or {})  # Allow: the methods that are
+            return response
         return JSONResponse(protocol.error_body("bad_request", str(exc.detail)),
                             status_code=exc.status_code)
 
@@ -185,10 +191,7 @@ def create_app(engine: Any, settings: Settings):
             raw += chunk
             if len(raw) > MAX_JSON_BODY_BYTES:
                 raise JobError("bad_request", "The request body is too large.")
-        try:
-            return json.loads(bytes(raw).decode("utf-8"))
-        except ValueError as exc:
-            raise JobError("bad_request", f"The request body is not valid JSON: {exc}") from None
+        return parse_json(bytes(raw))
 
     def decorate(event: dict) -> dict:
         if event.get("type") == "result":
@@ -219,7 +222,7 @@ def create_app(engine: Any, settings: Settings):
         require_token(request)
         ctype = request.headers.get("content-type", "")
         upload = None
-        if ctype.startswith("multipart/"):
+        if ctype.strip().lower().startswith("multipart/"):  # media types ignore case
             size = content_length(request)
             if size > settings.max_upload_bytes + MAX_JSON_BODY_BYTES:
                 raise JobError("upload_too_large", f"The upload ({size} bytes) is larger than the "

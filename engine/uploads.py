@@ -9,7 +9,6 @@ job is over.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from engine.jobs import JobError
+from engine.json_body import parse_json
 
 MAX_JSON_PART_BYTES = 1024 * 1024
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -121,13 +121,9 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
     if ctype != b"multipart/form-data" or not boundary:
         raise JobError("bad_request", "Send a JSON body or multipart/form-data with a 'request' "
                        "part and a 'raster' file part.")
-    if temp_root is not None:
-        temp_root.mkdir(parents=True, exist_ok=True)
-    temp_dir = Path(tempfile.mkdtemp(prefix="upload-", dir=temp_root))
-    raster_path = temp_dir / "raster.tif"
     state: dict = {"name": None, "header_field": b"", "header_value": b"", "headers": {},
-                   "raster_bytes": 0, "json": bytearray(), "seen_raster": False, "error": None}
-    raster_fh = open(raster_path, "wb")
+                   "raster_bytes": 0, "json": bytearray(), "seen_raster": False, "error": None,
+                   "raster_fh": None}
 
     def on_part_begin() -> None:
         state["headers"] = {}
@@ -163,18 +159,27 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
                     "Clip the layer to the area of interest before uploading, or run the engine "
                     "on the same computer so it can read the file directly.")
                 return
-            raster_fh.write(chunk)
+            state["raster_fh"].write(chunk)
         elif state["name"] == "request":
             state["json"] += chunk
             if len(state["json"]) > MAX_JSON_PART_BYTES:
                 state["error"] = JobError("bad_request", "The 'request' part is too large.")
 
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data,
-        "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-    })
+    try:  # before anything is written: a bad boundary leaves nothing behind
+        parser = MultipartParser(boundary, {
+            "on_part_begin": on_part_begin, "on_part_data": on_part_data,
+            "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        })
+    except Exception as exc:  # python_multipart.FormParserError (a ValueError), e.g. too long
+        raise JobError("bad_request", f"The multipart boundary is not usable: {_short(exc)}") \
+            from None
+    if temp_root is not None:
+        temp_root.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix="upload-", dir=temp_root))
+    raster_path = temp_dir / "raster.tif"
     try:
+        state["raster_fh"] = open(raster_path, "wb")
         try:
             async for chunk in body:
                 parser.write(chunk)
@@ -186,13 +191,10 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
         except Exception as exc:  # malformed multipart
             raise JobError("bad_request", f"The upload is not valid multipart data: {_short(exc)}")
         finally:
-            raster_fh.close()
+            state["raster_fh"].close()
         if not state["seen_raster"] or state["raster_bytes"] == 0:
             raise JobError("bad_request", "The upload has no 'raster' file part (or it is empty).")
-        try:
-            request = json.loads(bytes(state["json"]).decode("utf-8")) if state["json"] else None
-        except ValueError as exc:
-            raise JobError("bad_request", f"The 'request' part is not valid JSON: {exc}") from exc
+        request = parse_json(bytes(state["json"]), "The 'request' part") if state["json"] else None
         if not isinstance(request, dict):
             raise JobError("bad_request", "The upload needs a 'request' part with a JSON object.")
         check_raster_file(raster_path, geotiff_only=True)

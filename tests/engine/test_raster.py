@@ -364,3 +364,15 @@ def test_polygon_aoi_edge_cases(tmp_path):
         read_raster(p, aoi="LINESTRING(0 0, 10 10)")
     with pytest.raises(AOIError, match="GeoJSON"):
         read_raster(p, aoi={"type": "Polygon", "coordinates": "bad"})
+
+
+def test_protocol_aoi_dict_null_entries_are_absent(tmp_path):
+    """{"window": [...], "polygon_wkt": null} passes the server's checks: the reader agrees."""
+    from shapely.geometry import box, mapping
+
+    p = write_geotiff(tmp_path / "nulls.tif", _u8(40, 40))
+    aoi = {"window": [2, 3, 10, 11], "polygon_wkt": None, "geojson": None}
+    assert read_raster(p, aoi=aoi).window == (2, 3, 10, 11)
+    poly = box(*(DEFAULT_TRANSFORM @ (5, 30)), *(DEFAULT_TRANSFORM @ (25, 10)))
+    aoi = {"polygon_wkt": None, "geojson": mapping(poly), "window": None}
+    assert read_raster(p, aoi=aoi).window == (5, 10, 20, 20)

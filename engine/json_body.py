@@ -1,0 +1,46 @@
+"""Reading a JSON request body (a plain /ask or /batch body, or the ``request`` part of an
+upload) into Python values, or refusing it with ``bad_request`` and a sentence for a person.
+
+Besides invalid UTF-8 and invalid JSON this refuses two things `json.loads` lets through or
+fails on badly: nesting too deep for the parser (a RecursionError) and lone UTF-16 surrogates
+written as escapes (``"\\ud800"``), which no later step can encode as UTF-8.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engine.jobs import JobError
+
+
+def parse_json(raw: bytes, what: str = "The request body") -> Any:
+    """`raw` as JSON; `what` names it in the messages ("The 'request' part")."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise JobError("bad_request", f"{what} is nested too deeply.") from None
+    except ValueError as exc:
+        raise JobError("bad_request", f"{what} is not valid JSON: {exc}") from None
+    if not _text_is_encodable(value):
+        raise JobError("bad_request", f"{what} has text that contains invalid characters "
+                       "(a lone UTF-16 surrogate such as \\ud800).")
+    return value
+
+
+def _text_is_encodable(value: Any) -> bool:
+    """True when every string (keys too) in `value` can be written as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True

@@ -1,0 +1,93 @@
+"""engine/request_checks.py refuses, before anything is queued, the requests that used to pass
+its checks and then fail in the stream: numbers that are not finite, bands the reader cannot show."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from server_rasters import write_geotiff  # noqa: E402
+
+from engine import protocol  # noqa: E402
+from engine.jobs import JobError  # noqa: E402
+from engine.request_checks import validate_aoi, validate_ask, validate_batch  # noqa: E402
+from engine.uploads import check_raster_file  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def raster(tmp_path_factory):
+    return write_geotiff(tmp_path_factory.mktemp("checks") / "scene.tif")  # 64 x 48, 3 bands
+
+
+def refused(call) -> JobError:
+    with pytest.raises(JobError) as caught:
+        call()
+    return caught.value
+
+
+def square(x0: float, y0: float, x1: float, y1: float) -> list:
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+@pytest.mark.parametrize("window", [
+    [0, 0, float("inf"), 10],      # JSON 1e999 or Infinity
+    [0, 0, 10, float("-inf")],
+    [0, 0, 10 ** 400, 10],         # an int no float can hold
+    [0, 0, float("nan"), 10],
+    [float("nan"), 0, 10, 10],
+])
+def test_window_numbers_must_be_finite(raster, window):
+    info = check_raster_file(raster)
+    err = refused(lambda: validate_aoi({"window": window}, info))
+    assert err.code == "bad_aoi"
+    assert "finite" in err.message
+
+
+def test_a_huge_finite_window_is_clipped_not_refused(raster):
+    info = check_raster_file(raster)
+    aoi = {"window": [0, 0, 1e300, 1e300]}
+    assert validate_aoi(aoi, info) == aoi
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_polygon_coordinates_must_be_finite(raster, bad):
+    info = check_raster_file(raster)
+    x0, y0 = 500000 + 2, 4500000 - 40  # inside the raster
+    ring = square(x0, y0, x0 + 10, y0 + 10)
+    ring[2] = [bad, y0 + 10]
+    err = refused(lambda: validate_aoi({"geojson": {"type": "Polygon",
+                                                    "coordinates": [ring]}}, info))
+    assert err.code == "bad_aoi", err.message
+    assert "finite" in err.message
+
+
+def test_wkt_with_infinite_coordinates_is_a_bad_aoi(raster):
+    info = check_raster_file(raster)
+    wkt = "POLYGON((500002 4499960, inf 4499960, 500012 4499970, 500002 4499960))"
+    assert refused(lambda: validate_aoi({"polygon_wkt": wkt}, info)).code == "bad_aoi"
+
+
+def test_batch_items_get_the_same_aoi_check(raster):
+    body = {"items": [{"raster_path": str(raster), "aoi": {"window": [0, 0, float("nan"), 5]}}],
+            "questions": ["Any roads?"]}
+    err = refused(lambda: validate_batch(body, protocol.STRATEGIES))
+    assert err.code == "bad_aoi"
+
+
+@pytest.mark.parametrize("bands", [[1, 2], [1, 2, 3, 1]])
+def test_bands_are_one_or_three(raster, bands):
+    body = {"raster_path": str(raster), "question": "What is here?", "bands": bands}
+    err = refused(lambda: validate_ask(body, protocol.STRATEGIES))
+    assert err.code == "bad_request"
+    assert str(len(bands)) in err.message
+    batch = {"items": [{"raster_path": str(raster), "bands": bands}], "questions": ["Any?"]}
+    assert refused(lambda: validate_batch(batch, protocol.STRATEGIES)).code == "bad_request"
+
+
+@pytest.mark.parametrize("bands", [[2], [3, 2, 1]])
+def test_one_or_three_bands_pass(raster, bands):
+    body = {"raster_path": str(raster), "question": "What is here?", "bands": bands}
+    assert validate_ask(body, protocol.STRATEGIES)["bands"] == bands

@@ -1,0 +1,134 @@
+"""Hostile or odd request bodies against a real uvicorn with the stand-in engine: each is
+refused with a 4xx protocol error before anything is queued, never a 500 or a stuck job."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from server_rasters import make_inputs  # noqa: E402
+from serverutil import ServerProcess  # noqa: E402
+
+from engine import protocol  # noqa: E402
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+SURROGATE = '"\\ud800"'  # a lone surrogate as a JSON escape, as a client may send it
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("rasters"))
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess(["--engine-factory", "server_stub:make_engine", "--log-level", "warning"],
+                        env={"PYTHONPATH": str(Path(__file__).parent),
+                             "GEOVQA_STUB_WORD_DELAY": "0.01"})
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+def post_raw(server, path: str, content: bytes, ctype: str = "application/json") -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", content=content, timeout=60,
+                      headers={**server.headers(), "Content-Type": ctype})
+
+
+def post_upload(server, inputs, request_part: bytes) -> httpx.Response:
+    files = {"raster": ("scene.tif", inputs["raster"].read_bytes(), "image/tiff"),
+             "request": (None, request_part, "application/json")}
+    return httpx.post(f"{server.url}/ask", files=files, headers=server.headers(), timeout=60)
+
+
+def assert_refused(resp: httpx.Response, code: str = "bad_request", words: str = "") -> None:
+    assert resp.status_code == protocol.ERROR_CODES[code], resp.text
+    error = resp.json()["error"]
+    assert error["code"] == code
+    assert words in error["message"].lower()
+
+
+def assert_no_jobs_left(server) -> None:
+    assert server.request("GET", "/health")[1]["queue_length"] == 0
+    assert not list((server.state_dir / "jobs").glob("*"))
+    assert not list((server.state_dir / "uploads").glob("*"))
+
+
+def test_deeply_nested_json_is_a_bad_request(server, inputs):
+    assert_refused(post_raw(server, "/ask", DEEP), words="nested")
+    assert_refused(post_raw(server, "/batch", DEEP), words="nested")
+    assert_refused(post_upload(server, inputs, DEEP), words="nested")
+    assert_no_jobs_left(server)
+
+
+def ask_text(raster, **replace: str) -> bytes:
+    fields = {"raster_path": json.dumps(str(raster)), "question": '"What is here?"', **replace}
+    return ("{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}").encode()
+
+
+@pytest.mark.parametrize("field", ["question", "request_id", "raster_path"])
+def test_lone_surrogates_are_a_bad_request(server, inputs, field):
+    body = ask_text(inputs["raster"], **{field: SURROGATE})
+    assert_refused(post_raw(server, "/ask", body), words="invalid characters")
+    assert_refused(post_upload(server, inputs, ask_text(inputs["raster"], **{field: SURROGATE})),
+                   words="invalid characters")
+    assert_no_jobs_left(server)
+
+
+@pytest.mark.parametrize("where", ["question", "layer"])
+def test_lone_surrogates_in_a_batch_are_a_bad_request(server, inputs, where):
+    question = SURROGATE if where == "question" else '"Any roads?"'
+    layer = SURROGATE if where == "layer" else '"one"'
+    body = (f'{{"items": [{{"layer": {layer}, "raster_path": {json.dumps(str(inputs["raster"]))}}}],'
+            f' "questions": [{question}]}}').encode()
+    assert_refused(post_raw(server, "/batch", body), words="invalid characters")
+    assert_no_jobs_left(server)
+
+
+@pytest.mark.parametrize("window", ["[0, 0, 1e999, 10]", "[0, 0, Infinity, 10]",
+                                    "[0, 0, " + "1" + "0" * 400 + ", 10]", "[0, 0, NaN, 10]"])
+def test_non_finite_windows_are_refused_over_http(server, inputs, window):
+    body = ask_text(inputs["raster"], aoi=f'{{"window": {window}}}')
+    assert_refused(post_raw(server, "/ask", body), "bad_aoi", "finite")
+    batch = (f'{{"items": [{{"raster_path": {json.dumps(str(inputs["raster"]))}, '
+             f'"aoi": {{"window": {window}}}}}], "questions": ["Any roads?"]}}').encode()
+    assert_refused(post_raw(server, "/batch", batch), "bad_aoi", "finite")
+    assert_no_jobs_left(server)
+
+
+def test_a_boundary_too_long_is_a_bad_request_leaving_nothing(server, inputs):
+    boundary = "b" * 300
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n\r\n"
+            f"{{\"question\": \"What?\"}}\r\n--{boundary}--\r\n").encode()
+    resp = post_raw(server, "/ask", body, f"multipart/form-data; boundary={boundary}")
+    assert_refused(resp, words="boundary")
+    assert_no_jobs_left(server)
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/ask"), ("PUT", "/ask"), ("GET", "/batch"),
+                                          ("POST", "/jobs/0123456789abcdef")])
+def test_a_wrong_method_is_method_not_allowed(server, method, path):
+    resp = httpx.request(method, f"{server.url}{path}", headers=server.headers(), timeout=30)
+    assert_refused(resp, "method_not_allowed", method.lower())
+    assert resp.status_code == 405
+    assert resp.headers.get("allow")
+
+
+def test_media_types_ignore_case(server, inputs):
+    request = httpx.Request("POST", f"{server.url}/ask", headers=server.headers(),
+                            files={"raster": ("scene.tif", inputs["raster"].read_bytes(),
+                                              "image/tiff")},
+                            data={"request": json.dumps({"question": "What is here?",
+                                                         "max_new_tokens": 8})})
+    ctype = request.headers["content-type"].replace("multipart/form-data", "Multipart/Form-Data")
+    with httpx.stream("POST", request.url, content=request.read(), timeout=60,
+                      headers={**server.headers(), "Content-Type": ctype}) as resp:
+        assert resp.status_code == 200, resp.read()
+        events = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+    assert events[-1]["type"] == "result", events[-1]
+    assert_no_jobs_left(server)

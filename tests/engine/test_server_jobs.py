@@ -1,0 +1,109 @@
+"""engine.jobs.JobQueue in process with a stand-in engine: a batch step that raises outside its
+own error handling ends the job failed, and a cancel of a running batch survives a crash."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serverutil import wait_until  # noqa: E402
+
+from engine.jobs import BatchJob, JobQueue  # noqa: E402
+
+SPEC = {"items": [{"layer": "one", "raster_path": "/data/one.tif", "aoi": None, "bands": None}],
+        "questions": ["Any roads?", "Any water?"], "max_new_tokens": 8}
+
+
+class Engine:
+    """Answers every question with 'ok'; holds each answer until `release` is set."""
+
+    def __init__(self, hold: bool = False):
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.started = threading.Event()
+        self.calls = 0
+
+    def ask(self, request, cancel):
+        self.calls += 1
+        self.started.set()
+        self.release.wait(30)
+        yield {"type": "result", "answer": "ok", "request_id": request.get("request_id")}
+
+
+def make_queue(engine: Engine, state_dir: Path) -> JobQueue:
+    jobs = JobQueue(engine, state_dir, make_request=dict)
+    jobs.start()
+    return jobs
+
+
+def saved_state(jobs: JobQueue, job_id: str) -> dict:
+    return json.loads((jobs.jobs_dir / job_id / "state.json").read_text(encoding="utf-8"))
+
+
+def test_a_step_failing_outside_its_try_fails_the_job(tmp_path, monkeypatch):
+    def disk_full(self, line):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(BatchJob, "append_result", disk_full)
+    jobs = make_queue(Engine(), tmp_path / "state")
+    try:
+        job = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+        wait_until(lambda: jobs.info(job.job_id)["state"] not in ("queued", "running"),
+                   timeout=10)
+        info = jobs.info(job.job_id)
+        assert info["state"] == "failed"
+        assert "No space left on device" in info["message"]
+        assert saved_state(jobs, job.job_id)["state"] == "failed"
+        # the worker goes on with the next job
+        ask = jobs.submit_ask({"question": "What is here?", "request_id": "r1"})
+        events = [ask.events.get(timeout=10)]
+        while events[-1] is not None:
+            events.append(ask.events.get(timeout=10))
+        assert [e["type"] for e in events[:-1] if e["type"] != "queued"] == ["result"]
+    finally:
+        jobs.stop()
+
+
+def test_a_cancel_of_a_running_batch_survives_a_crash(tmp_path):
+    state_dir = tmp_path / "state"
+    stuck = Engine(hold=True)
+    first = make_queue(stuck, state_dir)
+    second = None
+    try:
+        job = first.submit_batch(json.loads(json.dumps(SPEC)))
+        assert stuck.started.wait(10)
+        assert first.cancel(job.job_id)["state"] == "running"  # ends after the current answer
+        assert saved_state(first, job.job_id)["cancel_requested"] is True
+        first.stop(timeout=0.1)  # the "crash": the answer never ends, the state dir is free
+        fresh = Engine()
+        second = make_queue(fresh, state_dir)
+        info = second.info(job.job_id)
+        assert info["state"] == "cancelled", info
+        assert second.queue_length() == 0
+        assert saved_state(second, job.job_id)["state"] == "cancelled"
+        assert fresh.calls == 0
+    finally:
+        stuck.release.set()
+        if second is not None:
+            second.stop()
+
+
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_an_unfinished_batch_without_a_cancel_resumes(tmp_path, state):
+    state_dir = tmp_path / "state"
+    directory = state_dir / "jobs" / "0123456789abcdef"
+    directory.mkdir(parents=True)
+    (directory / "spec.json").write_text(json.dumps(SPEC))
+    (directory / "state.json").write_text(json.dumps({"state": state, "message": None}))
+    jobs = make_queue(Engine(), state_dir)
+    try:
+        wait_until(lambda: jobs.info("0123456789abcdef")["state"] == "done", timeout=10)
+        assert jobs.info("0123456789abcdef")["done"] == 2
+    finally:
+        jobs.stop()
