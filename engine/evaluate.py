@@ -243,7 +243,7 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
     p = Path(path)
     if not p.is_file():
         raise EvalError(f"The annotation file {p} does not exist.")
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is dropped
     records: list[Any]
     try:
         obj = json.loads(text)  # a JSON list, or an object holding one

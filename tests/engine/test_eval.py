@@ -315,3 +315,10 @@ def test_on_error_option(tmp_path):
     assert parser.parse_args(["a.json", "--on-error", "skip"]).on_error == "skip"
     with pytest.raises(ValueError, match="on_error"):
         evaluate([], _predictor({}, []), tmp_path / "o", on_error="ignore")
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_utf8_byte_order_mark_is_ignored(tmp_path, jsonl):
+    ann = _write(tmp_path / ("mme.jsonl" if jsonl else "mme.json"), MME, jsonl=jsonl)
+    ann.write_bytes(b"\xef\xbb\xbf" + ann.read_bytes())
+    assert [it.id for it in load_items(ann)] == [r["Question_id"] for r in MME]
