@@ -27,8 +27,12 @@ with the option letter(s) (our wording of each benchmark's; `--instruction` repl
 decoding, 64 new tokens. The instruction never depends on the answer.
 
 Answer extraction (multiple choice) tries, in order:
-1. "The answer is B", "Answer: B, D", "answer: (b)" -> the letters after the cue;
-2. letters written as "(B)", "B.", "B)", "B:" or standing alone ("B", "B and D", "A, C");
+1. "The answer is B", "Answer: B, D", "answer: (b)", "The correct option is B" -> the letters
+   right after the first such cue, up to the end of its sentence or the next word, so later
+   words ("The answer is B. Option C is wrong", "B; the other choices (A, C, D) ...") do not
+   add or replace letters; a bare "Option C" is not a cue;
+2. letters in the first sentence that has any, written as "(B)", "B.", "B)", "B:" or standing
+   alone ("B", "B and D", "A, C");
    a lowercase letter counts only in the "(b)"/"b." forms or when it is the whole reply;
    the English article "A" counts only if it stands alone or is followed by ".", ")" or ":";
 3. otherwise the option whose text appears in the reply (longest match first).
@@ -312,7 +316,18 @@ def build_prompt(item: EvalItem, instruction: str | None = None) -> str:
 
 # ---------------------------------------------------------------------------------- extraction
 
-_CUE = re.compile(r"(?:the\s+)?(?:correct\s+|best\s+|final\s+)?(?:answer|option|choice)s?\s*(?:is|are|:)?\s*[:\-]?\s*", re.I)
+# A cue that announces the chosen letters: "answer" in any form ("The answer is", "Answer:"), or
+# "option"/"choice" when qualified ("the correct option") or followed by is/are/":" ("Options: A, C").
+# A bare "Option C ..." is no cue: it is how a reply goes on to discuss the other options.
+_CUE = re.compile(r"(?<![A-Za-z])(?:(?:the\s+)?(?:correct|best|final|right)\s+(?:answer|option|choice)s?"
+                  r"|answers?|(?:options?|choices?)(?=\s*(?:is|are|:)))(?![A-Za-z])"
+                  r"\s*(?:is|are|:)?\s*[:\-]?\s*", re.I)
+# where the letters after a cue end: a sentence end, a semicolon, a new line
+_CUE_END = re.compile(r"\.(?=\s|$)|[;!?\n]")
+# the first word (2+ letters) after the letters, other than "and" / "or"
+_WORD = re.compile(r"(?<![A-Za-z])(?!(?:and|or)(?![A-Za-z]))[A-Za-z]{2,}")
+# a sentence end inside a line
+_SENTENCE = re.compile(r"(?<=[.;!?])\s+")
 
 
 def _letters_in(segment: str, n_options: int, whole_reply: bool) -> list[str]:
@@ -348,18 +363,23 @@ def extract_letters(reply: str, options: list[str] | None = None) -> str:
     text = reply.strip()
     if not text:
         return ""
-    # 1. an explicit cue: take the segment after the last "answer is" up to the sentence end
-    cues = list(_CUE.finditer(text))
-    for m in reversed(cues):
-        seg = re.split(r"(?<=[a-z0-9])\.\s|\n", text[m.end():], maxsplit=1)[0]
+    # 1. an explicit cue: the letters right after the first "answer is" / "Answer:" that names
+    #    any, up to the end of that sentence or the first word that follows them, so that
+    #    "The answer is B. Option C is wrong ..." stays B
+    for m in _CUE.finditer(text):
+        seg = _CUE_END.split(text[m.end():], maxsplit=1)[0]
+        w = _WORD.search(seg)
+        if w:  # keep that word: it tells the article in "A large harbour" from the letter A
+            seg = seg[:w.end()]
         got = _letters_in(seg, n, whole_reply=len(seg.strip()) <= 3)
         if got:
             return "".join(sorted(set(got)))
-    # 2. letter forms anywhere in the first line that has any
+    # 2. letter forms in the first sentence that has any ("B. Option D would ..." -> B)
     for line in text.splitlines():
-        got = _letters_in(line, n, whole_reply=(line.strip() == text))
-        if got:
-            return "".join(sorted(set(got)))
+        for sentence in _SENTENCE.split(line):
+            got = _letters_in(sentence, n, whole_reply=(sentence.strip() == text))
+            if got:
+                return "".join(sorted(set(got)))
     # 3. option text inside the reply
     if options:
         low = f" {_norm_text(text)} "

@@ -40,6 +40,18 @@ OPTS = ["ship", "harbor", "plane", "car"]
         ("There is a plane.", "C"),
         ("I cannot tell.", ""),
         ("E", ""),  # not an offered option
+        # later words do not override or add to the letters the reply chose first
+        ("The answer is B. Option C is incorrect because it shows no ships.", "B"),
+        ("B. Option D would require a river.", "B"),
+        ("The answer is B. C is wrong.", "B"),
+        ("The correct answer is B; the other choices (A, C, D) do not match.", "B"),
+        ("Answer: B\n\nThe choices are listed below: (A) harbour", "B"),
+        ("The answer is B, because C shows no ships.", "B"),
+        ("**B**", "B"),
+        ("Option B: harbor", "B"),
+        ("Options: A, C", "AC"),
+        ("The correct option is D", "D"),
+        ("The answer is a large harbor.", "B"),  # article, then the option text
         ("", ""),
     ],
 )
