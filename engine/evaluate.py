@@ -21,6 +21,9 @@ record into an `EvalItem` (id, image, question, options, answer, category):
              are tried in turn. Items with options are multiple choice, the rest open-ended.
 ``auto``     (default) picks a format from the first record's keys.
 
+A multiple-choice answer is option letters, an option's text or "(B) text" (`choice_answer`);
+anything else (a letter outside the options, text no option has) is refused with the item named.
+
 Prompt (multiple choice, the XLRS-Bench-lite protocol GeoLLaVA-8K reports): the question, then
 " The choices are listed below:" and one "(A) text" line an option, then an instruction to answer
 with the option letter(s) (our wording of each benchmark's; `--instruction` replaces it); greedy
@@ -144,6 +147,43 @@ def normalize_letters(answer: Any) -> str:
     return "".join(sorted(set(x.upper() for x in letters)))
 
 
+_LETTER_LIST = re.compile(r"\s*\(?[A-Za-z]\)?\.?(?:\s*(?:[,;/&]|\s|\band\b)\s*\(?[A-Za-z]\)?\.?)*\s*")
+
+
+def choice_answer(answer: Any, options: list[str]) -> str:
+    """The letters an annotation's answer names, checked against the item's options: letters
+    ("B", "(b)", "A, C", "AC", ["A", "C"]), an option's text ("airport") or a letter with its
+    text ("(B) airport"). Raises EvalError when the answer is none of these (a letter outside the
+    options, text that is no option's), instead of scoring against letters it never meant."""
+    if isinstance(answer, (list, tuple)):
+        answer = ",".join(str(a) for a in answer)
+    s = str(answer if answer is not None else "").strip()
+    if not s:
+        return ""
+    allowed = LETTERS[: len(options)]
+    norm = [_norm_text(o) for o in options]
+    # an option's text, alone or after its own letter ("(B) airport", "B. airport")
+    if _norm_text(s) in norm and norm.count(_norm_text(s)) == 1:
+        return allowed[norm.index(_norm_text(s))]
+    m = _OPTION_PREFIX.match(s)
+    if m and s[m.end():].strip():
+        k = LETTERS.find(m.group(1).upper())
+        if 0 <= k < len(options) and _norm_text(s[m.end():]) == norm[k]:
+            return LETTERS[k]
+        raise EvalError(f"its answer {s!r} names option {m.group(1).upper()} with other text than that "
+                        f"option ({options[k]!r})" if 0 <= k < len(options) else
+                        f"its answer {s!r} names a letter outside the options ({', '.join(allowed)})")
+    # letters: one ("b", "(B)"), several separated ("A, C", "A and C") or written together ("AC")
+    if _LETTER_LIST.fullmatch(s) or re.fullmatch(r"[A-Z]{2,}", s):
+        letters = normalize_letters(s)
+        outside = sorted(set(letters) - set(allowed))
+        if outside:
+            raise EvalError(f"its answer {s!r} names {', '.join(outside)}, not among the options "
+                            f"({', '.join(allowed)})")
+        return letters
+    raise EvalError(f"its answer {s!r} is neither option letters ({', '.join(allowed)}) nor an option's text")
+
+
 def _item_mme(rec: dict, i: int) -> EvalItem:
     opts = _options_from(rec.get("Answer choices"))
     item = EvalItem(
@@ -151,7 +191,7 @@ def _item_mme(rec: dict, i: int) -> EvalItem:
         image=str(rec.get("Image", "")),
         question=str(rec.get("Text", "")),
         options=opts,
-        answer=normalize_letters(rec.get("Ground truth", "")) if opts else str(rec.get("Ground truth", "")),
+        answer=choice_answer(rec.get("Ground truth", ""), opts) if opts else str(rec.get("Ground truth", "")),
         category=str(_first(rec, ["Category", "Subtask", "Task"], "all")),
     )
     item.extra["format"] = "mme"
@@ -205,7 +245,7 @@ def _item_generic(rec: dict, i: int, mapping: dict[str, str] | None = None) -> E
         image=str(image),
         question=str(get("question", "")),
         options=opts,
-        answer=normalize_letters(ans) if opts else str(ans),
+        answer=choice_answer(ans, opts) if opts else str(ans),
         category=str(get("category", "all")),
     )
 
@@ -269,14 +309,20 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
         f = detect_format(rec) if fmt == "auto" else fmt
         if field_map:
             f = "generic"
-        if f == "mme":
-            item = _item_mme(rec, i)
-        elif f == "lrsvqa":
-            item = _item_lrsvqa(rec, i)
-        elif f == "xlrs":
-            item = _item_xlrs(rec, i)
-        else:
-            item = _item_generic(rec, i, field_map)
+        try:
+            if f == "mme":
+                item = _item_mme(rec, i)
+            elif f == "lrsvqa":
+                item = _item_lrsvqa(rec, i)
+            elif f == "xlrs":
+                item = _item_xlrs(rec, i)
+            else:
+                item = _item_generic(rec, i, field_map)
+        except EvalError as exc:  # an answer that names no option: say which item
+            ident = _first(rec, [field_map["id"]] if field_map and "id" in field_map else
+                           GENERIC_NAMES["id"], None)
+            named = f"annotation {i}" + (f" (id {ident})" if ident is not None else "")
+            raise EvalError(f"{named} in {p}: {exc}") from exc
         if not item.question:
             raise EvalError(f"annotation {i} in {p} has no question (format {f}); map it with --field question=NAME")
         if item.multiple_choice and not item.answer:

@@ -334,3 +334,22 @@ def test_a_utf8_byte_order_mark_is_ignored(tmp_path, jsonl):
     ann = _write(tmp_path / ("mme.jsonl" if jsonl else "mme.json"), MME, jsonl=jsonl)
     ann.write_bytes(b"\xef\xbb\xbf" + ann.read_bytes())
     assert [it.id for it in load_items(ann)] == [r["Question_id"] for r in MME]
+
+
+def test_an_answer_given_as_option_text_is_its_letter_and_a_foreign_answer_is_refused(tmp_path):
+    def row(answer, idx=1):
+        return {"index": idx, "image": "x.tif", "question": "Which facility?",
+                "multi-choice options": ["(A) harbour", "(B) airport", "(C) farm", "(D) quarry"],
+                "answer": answer, "category": "Task/Sub"}
+
+    for answer, letters in (("(B) airport", "B"), ("airport", "B"), ("Airport", "B"), ("b", "B"),
+                            ("A, C", "AC"), ("AC", "AC"), (["a", "c"], "AC")):
+        assert load_items(_write(tmp_path / "ok.json", [row(answer)]))[0].answer == letters, answer
+    mme = [{**MME[0], "Ground truth": "(B) blue"}]
+    assert load_items(_write(tmp_path / "mme.json", mme))[0].answer == "B"
+
+    for answer, why in (("E", "E, not among the options"), ("harbor", "neither option letters"),
+                        ("(C) airport", "other text than that option"),
+                        ("(E) pier", "outside the options")):
+        with pytest.raises(EvalError, match=rf"annotation 1 \(id 7\) in .*bad.json: its answer .*{why}"):
+            load_items(_write(tmp_path / "bad.json", [row("A"), row(answer, idx=7)]))
