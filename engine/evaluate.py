@@ -19,7 +19,10 @@ record into an `EvalItem` (id, image, question, options, answer, category):
 ``generic``  any other file: ``--field key=source`` maps our keys (id, image, question, options,
              answer, category) to the file's names; without a mapping the common names above
              are tried in turn. Items with options are multiple choice, the rest open-ended.
-``auto``     (default) picks a format from the first record's keys.
+``auto``     (default) picks a format from the first record's keys; with ``--field``, generic.
+
+With an explicit ``--format mme|xlrs|lrsvqa``, ``--field`` points that format's fields at other
+names and the format keeps its instruction (and xlrs its multi-label subtask).
 
 A multiple-choice answer is option letters, an option's text or "(B) text" (`choice_answer`);
 anything else (a letter outside the options, text no option has) is refused with the item named.
@@ -250,11 +253,11 @@ def _item_generic(rec: dict, i: int, mapping: dict[str, str] | None = None) -> E
     )
 
 
-def _item_xlrs(rec: dict, i: int) -> EvalItem:
+def _item_xlrs(rec: dict, i: int, mapping: dict[str, str] | None = None) -> EvalItem:
     """XLRS-Bench(-lite): `index`, `question`, `multi-choice options` ("(A) ..." strings),
     `answer` (letters), `category` "Task/Subtask" (the macro average runs over subtasks),
     `l2-category`; the protocol asks for several letters in the multi-label subtask only."""
-    item = _item_generic(rec, i)
+    item = _item_generic(rec, i, mapping)
     item.extra["format"] = "xlrs"
     item.extra["multi_label"] = any(c in item.category for c in XLRS_MULTI_LABEL_CATEGORIES)
     return item
@@ -268,6 +271,25 @@ def detect_format(rec: dict) -> str:
     if "question" in rec and ("A" in rec or "options" in rec or "multi-choice options" in rec or "choices" in rec):
         return "xlrs"
     return "generic"
+
+
+# the names the mme / lrsvqa adapters read for our keys: --field points them at other names
+FORMAT_NAMES = {
+    "mme": {"id": "Question_id", "image": "Image", "question": "Text", "options": "Answer choices",
+            "answer": "Ground truth", "category": "Category"},
+    "lrsvqa": {"id": "question_id", "image": "image", "question": "text", "answer": "ground_truth",
+               "category": "category"},
+}
+
+
+def _remapped(rec: dict, fmt: str, mapping: dict[str, str]) -> dict:
+    """`rec` with the fields --field names copied to the names format `fmt` reads."""
+    out = dict(rec)
+    for key, source in mapping.items():
+        if key not in FORMAT_NAMES[fmt]:
+            raise EvalError(f"--format {fmt} is open-ended: --field {key}= does not apply")
+        out[FORMAT_NAMES[fmt][key]] = rec.get(source)
+    return out
 
 
 def parse_field_map(pairs: Iterable[str] | None) -> dict[str, str]:
@@ -306,16 +328,16 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise EvalError(f"annotation {i} in {p} is not a JSON object")
-        f = detect_format(rec) if fmt == "auto" else fmt
-        if field_map:
-            f = "generic"
+        # --field maps fields on top of an explicit format (which keeps its instruction and, for
+        # xlrs, its multi-label subtask); with --format auto it means the generic layout
+        f = "generic" if fmt == "auto" and field_map else detect_format(rec) if fmt == "auto" else fmt
         try:
             if f == "mme":
-                item = _item_mme(rec, i)
+                item = _item_mme(_remapped(rec, f, field_map) if field_map else rec, i)
             elif f == "lrsvqa":
-                item = _item_lrsvqa(rec, i)
+                item = _item_lrsvqa(_remapped(rec, f, field_map) if field_map else rec, i)
             elif f == "xlrs":
-                item = _item_xlrs(rec, i)
+                item = _item_xlrs(rec, i, field_map)
             else:
                 item = _item_generic(rec, i, field_map)
         except EvalError as exc:  # an answer that names no option: say which item
@@ -607,8 +629,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("annotations", help="annotation file (JSON list or JSON Lines)")
     parser.add_argument("--format", default="auto", choices=FORMATS, help="annotation layout (default: auto)")
     parser.add_argument("--field", action="append", metavar="KEY=SOURCE",
-                        help="generic mapping, e.g. --field question=Text --field answer=gt "
-                        f"(keys: {', '.join(GENERIC_NAMES)})")
+                        help="read a field from another name, e.g. --field question=Text --field answer=gt "
+                        f"(keys: {', '.join(GENERIC_NAMES)}); on top of an explicit --format, else "
+                        "the generic layout")
     parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from "
                         "(default: the annotation file's folder)")
     parser.add_argument("--out", default="eval_out", help="output folder: predictions.jsonl, results.json, results.md")

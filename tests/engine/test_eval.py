@@ -353,3 +353,28 @@ def test_an_answer_given_as_option_text_is_its_letter_and_a_foreign_answer_is_re
                         ("(E) pier", "outside the options")):
         with pytest.raises(EvalError, match=rf"annotation 1 \(id 7\) in .*bad.json: its answer .*{why}"):
             load_items(_write(tmp_path / "bad.json", [row("A"), row(answer, idx=7)]))
+
+
+def test_field_mapping_keeps_an_explicit_format(tmp_path):
+    """--field on top of --format mme / xlrs renames fields only: the format's instruction and
+    xlrs's multi-label subtask stay (before, the mapping silently switched to generic)."""
+    mme = [{("Prompt" if k == "Text" else k): v for k, v in MME[0].items()}]
+    ann = _write(tmp_path / "mme.json", mme)
+    item = load_items(ann, "mme", {"question": "Prompt"})[0]
+    assert item.question == "What colour is the roof?" and item.answer == "B" and item.category == "color"
+    assert build_prompt(item).endswith("Reply with only the letter of the correct option (A, B, C, D, E).")
+
+    rows = [{"index": 10, "image": ["x.tif"], "question": "Which land-use classes appear?",
+             "multi-choice options": ["(A) farmland", "(B) forest", "(C) water", "(D) urban"],
+             "gt": "A C", "category": "Land use classification/Overall Land use classification"}]
+    item = load_items(_write(tmp_path / "x.json", rows), "xlrs", {"answer": "gt"})[0]
+    assert item.answer == "AC" and item.extra == {"format": "xlrs", "multi_label": True}
+    assert "more than one option may be correct" in build_prompt(item)
+
+    lrs = [{"question_id": "q1", "image": "c.tif", "ask": "Is there a bridge?", "ground_truth": "yes"}]
+    assert load_items(_write(tmp_path / "l.json", lrs), "lrsvqa", {"question": "ask"})[0].question == \
+        "Is there a bridge?"
+    with pytest.raises(EvalError, match="open-ended"):
+        load_items(_write(tmp_path / "l.json", lrs), "lrsvqa", {"options": "ask"})
+    # with --format auto a mapping still means the generic layout
+    assert load_items(ann, "auto", {"question": "Prompt"})[0].extra == {}
