@@ -44,8 +44,8 @@ Answer extraction (multiple choice) tries, in order:
 3. otherwise the option whose text appears in the reply (longest match first).
 The prediction is the set of letters; it is correct only if it equals the answer's set
 (multi-label items exist). Open-ended answers are compared after lowercasing and removing
-punctuation, articles and extra spaces; a yes/no or number answer also matches when it is the
-first word of the reply.
+punctuation, articles and extra spaces (a number keeps its decimal point and minus sign); a
+yes/no answer also matches the reply's first word, a number a first word of equal value.
 
 Results: micro accuracy (all items), macro accuracy (mean of per-category accuracies),
 per-category counts, as JSON and a Markdown table. Predictions are appended to a JSONL file as
@@ -458,9 +458,17 @@ def extract_letters(reply: str, options: list[str] | None = None) -> str:
     return ""
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
 def _norm_text(s: str) -> str:
+    """Lower case, punctuation and articles removed, spaces collapsed; a number keeps its decimal
+    point and its minus sign ("3.5", "-5"), which are not punctuation there."""
     s = s.lower()
+    s = re.sub(r"(?<=\d)\.(?=\d)", "\x00", s)  # decimal point
+    s = re.sub(r"(?<![\w.])-(?=\d)", "\x01", s)  # minus sign (not the hyphen of "covid-19")
     s = "".join(ch if ch not in string.punctuation else " " for ch in s)
+    s = s.replace("\x00", ".").replace("\x01", "-")
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
@@ -475,8 +483,10 @@ def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:
     if pred == gt:
         return pred, True
     first = pred.split(" ")[0] if pred else ""
-    if gt in {"yes", "no"} or re.fullmatch(r"\d+(\.\d+)?", gt or "x"):
+    if gt in {"yes", "no"}:
         return pred, first == gt
+    if _NUMBER.fullmatch(gt):  # "3.5" matches "3.5 meters" and "3.50", "-5" does not match "5"
+        return pred, bool(_NUMBER.fullmatch(first)) and float(first) == float(gt)
     return pred, False
 
 

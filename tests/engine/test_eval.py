@@ -378,3 +378,20 @@ def test_field_mapping_keeps_an_explicit_format(tmp_path):
         load_items(_write(tmp_path / "l.json", lrs), "lrsvqa", {"options": "ask"})
     # with --format auto a mapping still means the generic layout
     assert load_items(ann, "auto", {"question": "Prompt"})[0].extra == {}
+
+
+@pytest.mark.parametrize("gt, reply, correct", [
+    ("3.5", "3.5 meters", True),
+    ("3.5", "3.50", True),
+    ("3.5", "35", False),
+    ("3.5", "3", False),
+    ("-5", "5", False),
+    ("-5", "-5 degrees", True),
+    ("4", "4.", True),
+    ("yes", "Yes, there is one.", True),
+])
+def test_open_ended_numbers_keep_decimals_and_sign(gt, reply, correct):
+    from engine.evaluate import EvalItem, score_item
+
+    assert score_item(EvalItem(id="1", image="x.tif", question="How far?", options=[], answer=gt), reply)[1] \
+        is correct
