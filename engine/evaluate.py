@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
-from engine.run_settings import changed_settings
+from engine.run_settings import absolute_path, changed_settings
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
@@ -699,6 +699,7 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
 
 RUN_KEYS = ("annotations", "format", "weights", "adapter", "quantization", "strategy", "budget",
             "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots")
+RUN_PATH_KEYS = ("annotations", "weights", "adapter")  # compared as absolute paths
 
 
 def _check_run_settings(args: argparse.Namespace) -> None:
@@ -706,9 +707,10 @@ def _check_run_settings(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
+    cur.update({k: absolute_path(cur[k]) for k in RUN_PATH_KEYS})  # not as typed: from any folder
     cfg = out / "run_settings.json"
     if cfg.is_file() and (out / "predictions.jsonl").is_file():
-        desc = changed_settings(json.loads(cfg.read_text()), cur, RUN_KEYS)
+        desc = changed_settings(json.loads(cfg.read_text()), cur, RUN_KEYS, paths=RUN_PATH_KEYS)
         if desc:
             raise EvalError(f"{out} holds predictions made with other settings ({desc}); use another --out "
                             "or delete that folder to start over")

@@ -56,7 +56,7 @@ from typing import Any, Callable, Sequence
 from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
-from engine.run_settings import changed_settings
+from engine.run_settings import absolute_path, changed_settings
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
@@ -723,8 +723,13 @@ RESUME_KEYS = ("data", "weights", "quantization", "strategy", "budget", "tokens_
 RESUME_DEFAULTS = {"faithful_empty_slots": False}  # runs from before the option existed
 
 
+RESUME_PATH_KEYS = ("data", "weights", "image_root")  # recorded and compared as absolute paths
+
+
 def _run_args(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
+    run = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
+    run.update({k: absolute_path(run[k]) for k in RESUME_PATH_KEYS if k in run})
+    return run
 
 
 def _check_resume_settings(args: argparse.Namespace, out: Path) -> None:
@@ -734,7 +739,7 @@ def _check_resume_settings(args: argparse.Namespace, out: Path) -> None:
     if not (args.resume and saved.is_file()):
         return
     desc = changed_settings(json.loads(saved.read_text(encoding="utf-8")), _run_args(args),
-                            RESUME_KEYS, defaults=RESUME_DEFAULTS,
+                            RESUME_KEYS, defaults=RESUME_DEFAULTS, paths=RESUME_PATH_KEYS,
                             label=lambda k: "--" + k.replace("_", "-"))
     if desc:
         raise DataError(f"{out} holds a run made with other settings ({desc}); resume with the same "

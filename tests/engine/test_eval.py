@@ -395,3 +395,28 @@ def test_open_ended_numbers_keep_decimals_and_sign(gt, reply, correct):
 
     assert score_item(EvalItem(id="1", image="x.tif", question="How far?", options=[], answer=gt), reply)[1] \
         is correct
+
+
+def test_resume_compares_annotation_paths_as_files_not_text(tmp_path, monkeypatch):
+    """'./mme.json' and 'mme.json' are the same file; 'mme.json' in another folder is not."""
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    _write(tmp_path / "one" / "mme.json", MME)
+    _write(tmp_path / "two" / "mme.json", MME[:2])
+    out = str(tmp_path / "o")
+    monkeypatch.chdir(tmp_path / "one")
+    run_eval(parser.parse_args(["mme.json", "--out", out, "--limit", "1"]), predict=_predictor(MME_REPLIES, []))
+    run_eval(parser.parse_args(["./mme.json", "--out", out, "--limit", "2"]), predict=_predictor(MME_REPLIES, []))
+    monkeypatch.chdir(tmp_path / "two")
+    with pytest.raises(EvalError, match="annotations"):
+        run_eval(parser.parse_args(["mme.json", "--out", out]), predict=_predictor(MME_REPLIES, []))
+    # settings saved by an older version hold the path as typed: taken relative to the current folder
+    saved = json.loads((tmp_path / "o" / "run_settings.json").read_text())
+    assert saved["annotations"] == str(tmp_path / "one" / "mme.json")
+    saved["annotations"] = "mme.json"
+    (tmp_path / "o" / "run_settings.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path / "one")
+    run_eval(parser.parse_args([str(tmp_path / "one" / "mme.json"), "--out", out, "--limit", "2"]),
+             predict=_predictor(MME_REPLIES, []))

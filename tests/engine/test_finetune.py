@@ -264,3 +264,22 @@ def test_resume_refuses_another_token_path_or_base(tmp_path, tiny_checkpoint):
             _check_resume_settings(_args(data, out, tiny_checkpoint, *extra, "--resume"), out)
     # without --resume a new run may change anything (it starts over)
     _check_resume_settings(_args(data, out, tiny_checkpoint, "--tokens-per-tile", "6"), out)
+
+
+def test_resume_compares_paths_as_files_not_text(tmp_path, tiny_checkpoint, monkeypatch):
+    """'./train.json' and 'train.json' are one file; 'train.json' in another folder is another."""
+    from engine.finetune import _check_resume_settings, _run_args
+
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+        _write_data(tmp_path / d, n=4)
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    saved = _run_args(_args("train.json", out, tiny_checkpoint))
+    assert saved["data"] == str(tmp_path / "one" / "train.json")
+    (out / "finetune_args.json").write_text(json.dumps(saved))
+    _check_resume_settings(_args("./train.json", out, tiny_checkpoint, "--resume"), out)
+    monkeypatch.chdir(tmp_path / "two")
+    with pytest.raises(DataError, match="--data"):
+        _check_resume_settings(_args("train.json", out, tiny_checkpoint, "--resume"), out)
