@@ -717,9 +717,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-# what decides the base model and the visual tokens: a resumed run must keep them
+# what decides the base model, the visual tokens, the train/validation split and the data order
+# (--seed, --val-fraction) and the adapter's scale (--lora-alpha): a resumed run must keep them
 RESUME_KEYS = ("data", "weights", "quantization", "strategy", "budget", "tokens_per_tile",
-               "faithful_empty_slots")
+               "faithful_empty_slots", "seed", "val_fraction", "lora_alpha")
 RESUME_DEFAULTS = {"faithful_empty_slots": False}  # runs from before the option existed
 
 

@@ -259,7 +259,10 @@ def test_resume_refuses_another_token_path_or_base(tmp_path, tiny_checkpoint):
     _check_resume_settings(_args(data, out, tiny_checkpoint, "--lr", "1e-3", "--resume"), out)
     for extra, flag in ((["--tokens-per-tile", "6"], "--tokens-per-tile"),
                         (["--faithful-empty-slots"], "--faithful-empty-slots"),
-                        (["--strategy", "uniform"], "--strategy")):
+                        (["--strategy", "uniform"], "--strategy"),
+                        (["--seed", "1"], "--seed"),  # another split and data order
+                        (["--val-fraction", "0.25"], "--val-fraction"),
+                        (["--lora-alpha", "8"], "--lora-alpha")):
         with pytest.raises(DataError, match=flag):
             _check_resume_settings(_args(data, out, tiny_checkpoint, *extra, "--resume"), out)
     # without --resume a new run may change anything (it starts over)
