@@ -27,7 +27,8 @@ Loop
 Outputs in ``--out``
     ``checkpoint-<step>/`` every ``--save-every`` steps: ``adapter/`` (peft) and
     ``trainer_state.pt`` (optimizer, scheduler, RNG, step; tensors and plain containers only,
-    read back with ``torch.load(weights_only=True)``); ``--resume`` continues from the latest.
+    read back with ``torch.load(weights_only=True)``); ``--resume`` continues from the latest,
+    and a run without ``--resume`` into a folder that holds checkpoints is refused.
     A run that stops early (Ctrl-C, a bad sample with ``--on-bad-sample stop``, a crash) first
     saves its last finished step. A sample that runs out of memory is skipped and reported
     (``out_of_memory``) or stops the run, as ``--on-bad-sample`` says.
@@ -747,6 +748,20 @@ def _check_resume_settings(args: argparse.Namespace, out: Path) -> None:
                         "settings, or train into another --out")
 
 
+def _check_new_run(args: argparse.Namespace, out: Path) -> None:
+    """A run without --resume into a folder that holds another run's checkpoints would mix with
+    them: pruning keeps the higher-numbered old ones and deletes the new run's own, and a later
+    --resume would continue the other run. Refuse, before the data and the model are loaded."""
+    if args.resume:
+        return
+    found = sorted((d for d in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", d.name)),
+                   key=lambda d: int(d.name.split("-")[1]))
+    if found:
+        names = ", ".join(d.name for d in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise DataError(f"{out} already holds checkpoints of an earlier run ({names}); continue that run "
+                        "with --resume, or start a new one with another --out (or delete them)")
+
+
 def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     """`python -m engine finetune`. `visual_fn_factory` (tests) replaces `default_visual_fn` and is
     called with the same arguments."""
@@ -754,6 +769,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_new_run(args, out)
     _check_resume_settings(args, out)
     bad_report = out / "bad_samples.jsonl"
     # training-time skips of an earlier run (too long, visual path failed) stay in the report

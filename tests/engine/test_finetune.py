@@ -286,3 +286,25 @@ def test_resume_compares_paths_as_files_not_text(tmp_path, tiny_checkpoint, monk
     monkeypatch.chdir(tmp_path / "two")
     with pytest.raises(DataError, match="--data"):
         _check_resume_settings(_args("train.json", out, tiny_checkpoint, "--resume"), out)
+
+
+def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_checkpoint, monkeypatch):
+    """Without --resume, another run's checkpoints in --out are not mixed with (pruned against,
+    resumed from): the run stops before the data or the model are loaded."""
+    import engine.loader
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    (out / "checkpoint-40" / "adapter").mkdir(parents=True)
+    (out / "checkpoint-40" / "trainer_state.pt").write_bytes(b"another run")
+    (out / "finetune_args.json").write_text('{"seed": 7}')
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine.loader, "load_model", no_model)
+    with pytest.raises(DataError, match=r"checkpoint-40.*--resume.*another --out"):
+        run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2"))
+    assert (out / "checkpoint-40" / "trainer_state.pt").read_bytes() == b"another run"
+    assert json.loads((out / "finetune_args.json").read_text()) == {"seed": 7}
+    assert not (out / "bad_samples.jsonl").exists()
