@@ -453,6 +453,7 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * total)), total)
 
     step, micro = 0, 0
+    elapsed_before = 0.0  # training time of the run this one resumes, up to its checkpoint
     log_path = out / "train_log.csv"
     if cfg.resume:
         ckpt = _latest_checkpoint(out)
@@ -471,6 +472,8 @@ def train(
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             w.writeheader()
             w.writerows(rows)
+        with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
+            elapsed_before = float(rows[-1]["elapsed_s"])
 
     use_autocast = device.startswith("cuda")
     reported: set[int] = set(reported_before or ())  # samples skipped during training, reported once
@@ -555,7 +558,7 @@ def train(
 
         bar = tqdm(total=total, initial=step, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True)
     model.train()
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - elapsed_before
     n = len(train_samples)
     skipped_long: set[int] = set(reported) & {s.index for s in train_samples}
     order: list[int] = []
@@ -563,6 +566,17 @@ def train(
     last_val = None
     # the state at the end of the last finished optimizer step: what an interruption saves
     done = {"step": step, "micro": micro, "rng": _rng_state(), "saved": step if cfg.resume else -1}
+
+    # the log row of the last finished step until it is written: validation runs between the two,
+    # and an interruption there still writes it (val_loss empty), so log and checkpoint agree
+    pending: dict[str, Any] = {"row": None}
+
+    def write_row(val: float | None) -> None:
+        row, pending["row"] = pending["row"], None
+        if row is not None:
+            row[LOG_FIELDS.index("val_loss")] = "" if val is None else f"{val:.6f}"
+            with log_path.open("a", newline="") as f:
+                csv.writer(f).writerow(row)
 
     def save_progress() -> Path | None:
         """checkpoint-<last finished step> unless it is already on disk (or nothing was done)."""
@@ -617,16 +631,16 @@ def train(
                 scheduler.step()
                 step += 1
                 done.update(step=step, micro=micro, rng=_rng_state())
-            dt = time.perf_counter() - t0
-            loss_mean = acc_loss / acc_n
-            tps = acc_tokens / dt if dt > 0 else 0.0
+                dt = time.perf_counter() - t0
+                loss_mean = acc_loss / acc_n
+                tps = acc_tokens / dt if dt > 0 else 0.0
+                pending["row"] = [step, f"{micro / n:.4f}", f"{loss_mean:.6f}",
+                                  f"{scheduler.get_last_lr()[0]:.3e}", f"{tps:.1f}", "",
+                                  f"{time.perf_counter() - t_start:.2f}"]
             val = None
             if val_samples and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
                 val = last_val = validate()
-            with log_path.open("a", newline="") as f:
-                csv.writer(f).writerow([step, f"{micro / n:.4f}", f"{loss_mean:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
-                                        f"{tps:.1f}", "" if val is None else f"{val:.6f}",
-                                        f"{time.perf_counter() - t_start:.2f}"])
+            write_row(val)
             if bar is not None:
                 post = {"loss": f"{loss_mean:.4f}", "tok/s": f"{tps:.0f}"}
                 if last_val is not None:
@@ -640,6 +654,10 @@ def train(
     except BaseException as exc:  # Ctrl-C, a bad sample with --on-bad-sample stop, a crash: keep the work
         if bar is not None:
             bar.close()
+        try:
+            write_row(None)  # the finished step's row, if validation or the write was cut
+        except Exception as log_exc:  # noqa: BLE001 - report, then raise the original error
+            print(f"could not write the log row of step {done['step']}: {log_exc}", file=sys.stderr)
         try:
             saved = save_progress()
         except Exception as save_exc:  # noqa: BLE001 - report, then raise the original error
