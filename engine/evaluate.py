@@ -590,6 +590,11 @@ def evaluate(
         bar = tqdm(total=len(todo), desc="eval", unit="item", file=sys.stderr)
     records: list[dict] = []
     with pred_path.open("a", encoding="utf-8") as f:
+        if f.tell():  # a last line cut by an interruption: the next record starts on a line of its own
+            with pred_path.open("rb") as tail:
+                tail.seek(-1, 2)
+                if tail.read(1) != b"\n":
+                    f.write("\n")
         for item in todo:
             if item.id in done and "error" not in done[item.id]:
                 rec = done[item.id]

@@ -180,6 +180,9 @@ def test_limit_and_resume(tmp_path):
     r2 = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out)
     assert calls[2:] == ["rs/count/0003", "rs/position/0004"]  # the first two were not rerun
     assert r2["total"] == 4 and r2["correct"] == 3
+    # the redone item went on a line of its own, not onto the cut one: a third run asks nothing
+    r3 = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out)
+    assert len(calls) == 4 and r3["total"] == 4 and r3["correct"] == 3
 
 
 def test_generic_mapping_and_errors(tmp_path):
