@@ -227,6 +227,7 @@ class TrainConfig:
     progress: bool = True
     keep_checkpoints: int | None = None
     on_bad: str = "stop"  # what a sample whose image fails in the visual path does: stop | skip
+    run_args: dict | None = None  # written to finetune_args.json once a resume's checkpoint is restored
 
 
 def upcast_lm_norms(model) -> int:
@@ -462,6 +463,8 @@ def train(
         else:
             step, micro = load_checkpoint(model, optimizer, scheduler, ckpt)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+    if cfg.run_args is not None:  # not before: a resume refused above keeps the run's record
+        (out / "finetune_args.json").write_text(json.dumps(cfg.run_args, indent=2) + "\n")
     if step == 0 or not log_path.is_file():
         with log_path.open("w", newline="") as f:
             csv.writer(f).writerow(LOG_FIELDS)
@@ -850,8 +853,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                       seed=args.seed, resume=args.resume,
                       gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
                       progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
-                      on_bad=args.on_bad_sample)
-    (out / "finetune_args.json").write_text(json.dumps(_run_args(args), indent=2) + "\n")
+                      on_bad=args.on_bad_sample, run_args=_run_args(args))
     summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
                     reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
     print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "

@@ -308,3 +308,17 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_chec
     assert (out / "checkpoint-40" / "trainer_state.pt").read_bytes() == b"another run"
     assert json.loads((out / "finetune_args.json").read_text()) == {"seed": 7}
     assert not (out / "bad_samples.jsonl").exists()
+
+
+def test_a_resume_refused_at_the_adapter_keeps_the_run_record(tmp_path, tiny_checkpoint):
+    """A resume with another LoRA rank fails when the adapter is restored; finetune_args.json
+    still describes the run in the folder, so a later --resume compares against it."""
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "1", "--save-every", "1",
+                              "--val-fraction", "0")) == 0
+    with pytest.raises(DataError, match="other LoRA settings"):
+        run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--save-every", "1",
+                           "--val-fraction", "0", "--lora-r", "4", "--resume"))
+    saved = json.loads((out / "finetune_args.json").read_text())
+    assert saved["lora_r"] == 8 and saved["max_steps"] == 1
