@@ -116,7 +116,7 @@ def load_records(path: str | Path) -> list[Any]:
     if not p.is_file():
         raise DataError(f"The data file {p} does not exist.")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is dropped
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"The data file {p} cannot be read: {exc}.") from exc
     stripped = text.lstrip()

@@ -19,7 +19,13 @@ record into an `EvalItem` (id, image, question, options, answer, category):
 ``generic``  any other file: ``--field key=source`` maps our keys (id, image, question, options,
              answer, category) to the file's names; without a mapping the common names above
              are tried in turn. Items with options are multiple choice, the rest open-ended.
-``auto``     (default) picks a format from the first record's keys.
+``auto``     (default) picks a format from the first record's keys; with ``--field``, generic.
+
+With an explicit ``--format mme|xlrs|lrsvqa``, ``--field`` points that format's fields at other
+names and the format keeps its instruction (and xlrs its multi-label subtask).
+
+A multiple-choice answer is option letters, an option's text or "(B) text" (`choice_answer`);
+anything else (a letter outside the options, text no option has) is refused with the item named.
 
 Prompt (multiple choice, the XLRS-Bench-lite protocol GeoLLaVA-8K reports): the question, then
 " The choices are listed below:" and one "(A) text" line an option, then an instruction to answer
@@ -27,15 +33,19 @@ with the option letter(s) (our wording of each benchmark's; `--instruction` repl
 decoding, 64 new tokens. The instruction never depends on the answer.
 
 Answer extraction (multiple choice) tries, in order:
-1. "The answer is B", "Answer: B, D", "answer: (b)" -> the letters after the cue;
-2. letters written as "(B)", "B.", "B)", "B:" or standing alone ("B", "B and D", "A, C");
+1. "The answer is B", "Answer: B, D", "answer: (b)", "The correct option is B" -> the letters
+   right after the first such cue, up to the end of its sentence or the next word, so later
+   words ("The answer is B. Option C is wrong", "B; the other choices (A, C, D) ...") do not
+   add or replace letters; a bare "Option C" is not a cue;
+2. letters in the first sentence that has any, written as "(B)", "B.", "B)", "B:" or standing
+   alone ("B", "B and D", "A, C");
    a lowercase letter counts only in the "(b)"/"b." forms or when it is the whole reply;
    the English article "A" counts only if it stands alone or is followed by ".", ")" or ":";
 3. otherwise the option whose text appears in the reply (longest match first).
 The prediction is the set of letters; it is correct only if it equals the answer's set
 (multi-label items exist). Open-ended answers are compared after lowercasing and removing
-punctuation, articles and extra spaces; a yes/no or number answer also matches when it is the
-first word of the reply.
+punctuation, articles and extra spaces (a number keeps its decimal point and minus sign); a
+yes/no answer also matches the reply's first word, a number a first word of equal value.
 
 Results: micro accuracy (all items), macro accuracy (mean of per-category accuracies),
 per-category counts, as JSON and a Markdown table. Predictions are appended to a JSONL file as
@@ -55,7 +65,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
-from engine.run_settings import changed_settings
+from engine.run_settings import absolute_path, changed_settings
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
@@ -140,6 +150,43 @@ def normalize_letters(answer: Any) -> str:
     return "".join(sorted(set(x.upper() for x in letters)))
 
 
+_LETTER_LIST = re.compile(r"\s*\(?[A-Za-z]\)?\.?(?:\s*(?:[,;/&]|\s|\band\b)\s*\(?[A-Za-z]\)?\.?)*\s*")
+
+
+def choice_answer(answer: Any, options: list[str]) -> str:
+    """The letters an annotation's answer names, checked against the item's options: letters
+    ("B", "(b)", "A, C", "AC", ["A", "C"]), an option's text ("airport") or a letter with its
+    text ("(B) airport"). Raises EvalError when the answer is none of these (a letter outside the
+    options, text that is no option's), instead of scoring against letters it never meant."""
+    if isinstance(answer, (list, tuple)):
+        answer = ",".join(str(a) for a in answer)
+    s = str(answer if answer is not None else "").strip()
+    if not s:
+        return ""
+    allowed = LETTERS[: len(options)]
+    norm = [_norm_text(o) for o in options]
+    # an option's text, alone or after its own letter ("(B) airport", "B. airport")
+    if _norm_text(s) in norm and norm.count(_norm_text(s)) == 1:
+        return allowed[norm.index(_norm_text(s))]
+    m = _OPTION_PREFIX.match(s)
+    if m and s[m.end():].strip():
+        k = LETTERS.find(m.group(1).upper())
+        if 0 <= k < len(options) and _norm_text(s[m.end():]) == norm[k]:
+            return LETTERS[k]
+        raise EvalError(f"its answer {s!r} names option {m.group(1).upper()} with other text than that "
+                        f"option ({options[k]!r})" if 0 <= k < len(options) else
+                        f"its answer {s!r} names a letter outside the options ({', '.join(allowed)})")
+    # letters: one ("b", "(B)"), several separated ("A, C", "A and C") or written together ("AC")
+    if _LETTER_LIST.fullmatch(s) or re.fullmatch(r"[A-Z]{2,}", s):
+        letters = normalize_letters(s)
+        outside = sorted(set(letters) - set(allowed))
+        if outside:
+            raise EvalError(f"its answer {s!r} names {', '.join(outside)}, not among the options "
+                            f"({', '.join(allowed)})")
+        return letters
+    raise EvalError(f"its answer {s!r} is neither option letters ({', '.join(allowed)}) nor an option's text")
+
+
 def _item_mme(rec: dict, i: int) -> EvalItem:
     opts = _options_from(rec.get("Answer choices"))
     item = EvalItem(
@@ -147,7 +194,7 @@ def _item_mme(rec: dict, i: int) -> EvalItem:
         image=str(rec.get("Image", "")),
         question=str(rec.get("Text", "")),
         options=opts,
-        answer=normalize_letters(rec.get("Ground truth", "")) if opts else str(rec.get("Ground truth", "")),
+        answer=choice_answer(rec.get("Ground truth", ""), opts) if opts else str(rec.get("Ground truth", "")),
         category=str(_first(rec, ["Category", "Subtask", "Task"], "all")),
     )
     item.extra["format"] = "mme"
@@ -201,16 +248,16 @@ def _item_generic(rec: dict, i: int, mapping: dict[str, str] | None = None) -> E
         image=str(image),
         question=str(get("question", "")),
         options=opts,
-        answer=normalize_letters(ans) if opts else str(ans),
+        answer=choice_answer(ans, opts) if opts else str(ans),
         category=str(get("category", "all")),
     )
 
 
-def _item_xlrs(rec: dict, i: int) -> EvalItem:
+def _item_xlrs(rec: dict, i: int, mapping: dict[str, str] | None = None) -> EvalItem:
     """XLRS-Bench(-lite): `index`, `question`, `multi-choice options` ("(A) ..." strings),
     `answer` (letters), `category` "Task/Subtask" (the macro average runs over subtasks),
     `l2-category`; the protocol asks for several letters in the multi-label subtask only."""
-    item = _item_generic(rec, i)
+    item = _item_generic(rec, i, mapping)
     item.extra["format"] = "xlrs"
     item.extra["multi_label"] = any(c in item.category for c in XLRS_MULTI_LABEL_CATEGORIES)
     return item
@@ -224,6 +271,25 @@ def detect_format(rec: dict) -> str:
     if "question" in rec and ("A" in rec or "options" in rec or "multi-choice options" in rec or "choices" in rec):
         return "xlrs"
     return "generic"
+
+
+# the names the mme / lrsvqa adapters read for our keys: --field points them at other names
+FORMAT_NAMES = {
+    "mme": {"id": "Question_id", "image": "Image", "question": "Text", "options": "Answer choices",
+            "answer": "Ground truth", "category": "Category"},
+    "lrsvqa": {"id": "question_id", "image": "image", "question": "text", "answer": "ground_truth",
+               "category": "category"},
+}
+
+
+def _remapped(rec: dict, fmt: str, mapping: dict[str, str]) -> dict:
+    """`rec` with the fields --field names copied to the names format `fmt` reads."""
+    out = dict(rec)
+    for key, source in mapping.items():
+        if key not in FORMAT_NAMES[fmt]:
+            raise EvalError(f"--format {fmt} is open-ended: --field {key}= does not apply")
+        out[FORMAT_NAMES[fmt][key]] = rec.get(source)
+    return out
 
 
 def parse_field_map(pairs: Iterable[str] | None) -> dict[str, str]:
@@ -243,7 +309,7 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
     p = Path(path)
     if not p.is_file():
         raise EvalError(f"The annotation file {p} does not exist.")
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is dropped
     records: list[Any]
     try:
         obj = json.loads(text)  # a JSON list, or an object holding one
@@ -262,17 +328,23 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise EvalError(f"annotation {i} in {p} is not a JSON object")
-        f = detect_format(rec) if fmt == "auto" else fmt
-        if field_map:
-            f = "generic"
-        if f == "mme":
-            item = _item_mme(rec, i)
-        elif f == "lrsvqa":
-            item = _item_lrsvqa(rec, i)
-        elif f == "xlrs":
-            item = _item_xlrs(rec, i)
-        else:
-            item = _item_generic(rec, i, field_map)
+        # --field maps fields on top of an explicit format (which keeps its instruction and, for
+        # xlrs, its multi-label subtask); with --format auto it means the generic layout
+        f = "generic" if fmt == "auto" and field_map else detect_format(rec) if fmt == "auto" else fmt
+        try:
+            if f == "mme":
+                item = _item_mme(_remapped(rec, f, field_map) if field_map else rec, i)
+            elif f == "lrsvqa":
+                item = _item_lrsvqa(_remapped(rec, f, field_map) if field_map else rec, i)
+            elif f == "xlrs":
+                item = _item_xlrs(rec, i, field_map)
+            else:
+                item = _item_generic(rec, i, field_map)
+        except EvalError as exc:  # an answer that names no option: say which item
+            ident = _first(rec, [field_map["id"]] if field_map and "id" in field_map else
+                           GENERIC_NAMES["id"], None)
+            named = f"annotation {i}" + (f" (id {ident})" if ident is not None else "")
+            raise EvalError(f"{named} in {p}: {exc}") from exc
         if not item.question:
             raise EvalError(f"annotation {i} in {p} has no question (format {f}); map it with --field question=NAME")
         if item.multiple_choice and not item.answer:
@@ -312,7 +384,18 @@ def build_prompt(item: EvalItem, instruction: str | None = None) -> str:
 
 # ---------------------------------------------------------------------------------- extraction
 
-_CUE = re.compile(r"(?:the\s+)?(?:correct\s+|best\s+|final\s+)?(?:answer|option|choice)s?\s*(?:is|are|:)?\s*[:\-]?\s*", re.I)
+# A cue that announces the chosen letters: "answer" in any form ("The answer is", "Answer:"), or
+# "option"/"choice" when qualified ("the correct option") or followed by is/are/":" ("Options: A, C").
+# A bare "Option C ..." is no cue: it is how a reply goes on to discuss the other options.
+_CUE = re.compile(r"(?<![A-Za-z])(?:(?:the\s+)?(?:correct|best|final|right)\s+(?:answer|option|choice)s?"
+                  r"|answers?|(?:options?|choices?)(?=\s*(?:is|are|:)))(?![A-Za-z])"
+                  r"\s*(?:is|are|:)?\s*[:\-]?\s*", re.I)
+# where the letters after a cue end: a sentence end, a semicolon, a new line
+_CUE_END = re.compile(r"\.(?=\s|$)|[;!?\n]")
+# the first word (2+ letters) after the letters, other than "and" / "or"
+_WORD = re.compile(r"(?<![A-Za-z])(?!(?:and|or)(?![A-Za-z]))[A-Za-z]{2,}")
+# a sentence end inside a line
+_SENTENCE = re.compile(r"(?<=[.;!?])\s+")
 
 
 def _letters_in(segment: str, n_options: int, whole_reply: bool) -> list[str]:
@@ -348,18 +431,23 @@ def extract_letters(reply: str, options: list[str] | None = None) -> str:
     text = reply.strip()
     if not text:
         return ""
-    # 1. an explicit cue: take the segment after the last "answer is" up to the sentence end
-    cues = list(_CUE.finditer(text))
-    for m in reversed(cues):
-        seg = re.split(r"(?<=[a-z0-9])\.\s|\n", text[m.end():], maxsplit=1)[0]
+    # 1. an explicit cue: the letters right after the first "answer is" / "Answer:" that names
+    #    any, up to the end of that sentence or the first word that follows them, so that
+    #    "The answer is B. Option C is wrong ..." stays B
+    for m in _CUE.finditer(text):
+        seg = _CUE_END.split(text[m.end():], maxsplit=1)[0]
+        w = _WORD.search(seg)
+        if w:  # keep that word: it tells the article in "A large harbour" from the letter A
+            seg = seg[:w.end()]
         got = _letters_in(seg, n, whole_reply=len(seg.strip()) <= 3)
         if got:
             return "".join(sorted(set(got)))
-    # 2. letter forms anywhere in the first line that has any
+    # 2. letter forms in the first sentence that has any ("B. Option D would ..." -> B)
     for line in text.splitlines():
-        got = _letters_in(line, n, whole_reply=(line.strip() == text))
-        if got:
-            return "".join(sorted(set(got)))
+        for sentence in _SENTENCE.split(line):
+            got = _letters_in(sentence, n, whole_reply=(sentence.strip() == text))
+            if got:
+                return "".join(sorted(set(got)))
     # 3. option text inside the reply
     if options:
         low = f" {_norm_text(text)} "
@@ -370,9 +458,17 @@ def extract_letters(reply: str, options: list[str] | None = None) -> str:
     return ""
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
 def _norm_text(s: str) -> str:
+    """Lower case, punctuation and articles removed, spaces collapsed; a number keeps its decimal
+    point and its minus sign ("3.5", "-5"), which are not punctuation there."""
     s = s.lower()
+    s = re.sub(r"(?<=\d)\.(?=\d)", "\x00", s)  # decimal point
+    s = re.sub(r"(?<![\w.])-(?=\d)", "\x01", s)  # minus sign (not the hyphen of "covid-19")
     s = "".join(ch if ch not in string.punctuation else " " for ch in s)
+    s = s.replace("\x00", ".").replace("\x01", "-")
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
@@ -387,8 +483,10 @@ def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:
     if pred == gt:
         return pred, True
     first = pred.split(" ")[0] if pred else ""
-    if gt in {"yes", "no"} or re.fullmatch(r"\d+(\.\d+)?", gt or "x"):
+    if gt in {"yes", "no"}:
         return pred, first == gt
+    if _NUMBER.fullmatch(gt):  # "3.5" matches "3.5 meters" and "3.50", "-5" does not match "5"
+        return pred, bool(_NUMBER.fullmatch(first)) and float(first) == float(gt)
     return pred, False
 
 
@@ -492,6 +590,11 @@ def evaluate(
         bar = tqdm(total=len(todo), desc="eval", unit="item", file=sys.stderr)
     records: list[dict] = []
     with pred_path.open("a", encoding="utf-8") as f:
+        if f.tell():  # a last line cut by an interruption: the next record starts on a line of its own
+            with pred_path.open("rb") as tail:
+                tail.seek(-1, 2)
+                if tail.read(1) != b"\n":
+                    f.write("\n")
         for item in todo:
             if item.id in done and "error" not in done[item.id]:
                 rec = done[item.id]
@@ -541,8 +644,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("annotations", help="annotation file (JSON list or JSON Lines)")
     parser.add_argument("--format", default="auto", choices=FORMATS, help="annotation layout (default: auto)")
     parser.add_argument("--field", action="append", metavar="KEY=SOURCE",
-                        help="generic mapping, e.g. --field question=Text --field answer=gt "
-                        f"(keys: {', '.join(GENERIC_NAMES)})")
+                        help="read a field from another name, e.g. --field question=Text --field answer=gt "
+                        f"(keys: {', '.join(GENERIC_NAMES)}); on top of an explicit --format, else "
+                        "the generic layout")
     parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from "
                         "(default: the annotation file's folder)")
     parser.add_argument("--out", default="eval_out", help="output folder: predictions.jsonl, results.json, results.md")
@@ -600,6 +704,7 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
 
 RUN_KEYS = ("annotations", "format", "weights", "adapter", "quantization", "strategy", "budget",
             "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots")
+RUN_PATH_KEYS = ("annotations", "weights", "adapter")  # compared as absolute paths
 
 
 def _check_run_settings(args: argparse.Namespace) -> None:
@@ -607,9 +712,10 @@ def _check_run_settings(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
+    cur.update({k: absolute_path(cur[k]) for k in RUN_PATH_KEYS})  # not as typed: from any folder
     cfg = out / "run_settings.json"
     if cfg.is_file() and (out / "predictions.jsonl").is_file():
-        desc = changed_settings(json.loads(cfg.read_text()), cur, RUN_KEYS)
+        desc = changed_settings(json.loads(cfg.read_text()), cur, RUN_KEYS, paths=RUN_PATH_KEYS)
         if desc:
             raise EvalError(f"{out} holds predictions made with other settings ({desc}); use another --out "
                             "or delete that folder to start over")

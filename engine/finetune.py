@@ -27,7 +27,8 @@ Loop
 Outputs in ``--out``
     ``checkpoint-<step>/`` every ``--save-every`` steps: ``adapter/`` (peft) and
     ``trainer_state.pt`` (optimizer, scheduler, RNG, step; tensors and plain containers only,
-    read back with ``torch.load(weights_only=True)``); ``--resume`` continues from the latest.
+    read back with ``torch.load(weights_only=True)``); ``--resume`` continues from the latest,
+    and a run without ``--resume`` into a folder that holds checkpoints is refused.
     A run that stops early (Ctrl-C, a bad sample with ``--on-bad-sample stop``, a crash) first
     saves its last finished step. A sample that runs out of memory is skipped and reported
     (``out_of_memory``) or stops the run, as ``--on-bad-sample`` says.
@@ -56,7 +57,7 @@ from typing import Any, Callable, Sequence
 from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
-from engine.run_settings import changed_settings
+from engine.run_settings import absolute_path, changed_settings
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
@@ -226,6 +227,7 @@ class TrainConfig:
     progress: bool = True
     keep_checkpoints: int | None = None
     on_bad: str = "stop"  # what a sample whose image fails in the visual path does: stop | skip
+    run_args: dict | None = None  # written to finetune_args.json once a resume's checkpoint is restored
 
 
 def upcast_lm_norms(model) -> int:
@@ -452,6 +454,7 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * total)), total)
 
     step, micro = 0, 0
+    elapsed_before = 0.0  # training time of the run this one resumes, up to its checkpoint
     log_path = out / "train_log.csv"
     if cfg.resume:
         ckpt = _latest_checkpoint(out)
@@ -460,6 +463,8 @@ def train(
         else:
             step, micro = load_checkpoint(model, optimizer, scheduler, ckpt)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+    if cfg.run_args is not None:  # not before: a resume refused above keeps the run's record
+        (out / "finetune_args.json").write_text(json.dumps(cfg.run_args, indent=2) + "\n")
     if step == 0 or not log_path.is_file():
         with log_path.open("w", newline="") as f:
             csv.writer(f).writerow(LOG_FIELDS)
@@ -470,6 +475,8 @@ def train(
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             w.writeheader()
             w.writerows(rows)
+        with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
+            elapsed_before = float(rows[-1]["elapsed_s"])
 
     use_autocast = device.startswith("cuda")
     reported: set[int] = set(reported_before or ())  # samples skipped during training, reported once
@@ -554,7 +561,7 @@ def train(
 
         bar = tqdm(total=total, initial=step, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True)
     model.train()
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - elapsed_before
     n = len(train_samples)
     skipped_long: set[int] = set(reported) & {s.index for s in train_samples}
     order: list[int] = []
@@ -562,6 +569,17 @@ def train(
     last_val = None
     # the state at the end of the last finished optimizer step: what an interruption saves
     done = {"step": step, "micro": micro, "rng": _rng_state(), "saved": step if cfg.resume else -1}
+
+    # the log row of the last finished step until it is written: validation runs between the two,
+    # and an interruption there still writes it (val_loss empty), so log and checkpoint agree
+    pending: dict[str, Any] = {"row": None}
+
+    def write_row(val: float | None) -> None:
+        row, pending["row"] = pending["row"], None
+        if row is not None:
+            row[LOG_FIELDS.index("val_loss")] = "" if val is None else f"{val:.6f}"
+            with log_path.open("a", newline="") as f:
+                csv.writer(f).writerow(row)
 
     def save_progress() -> Path | None:
         """checkpoint-<last finished step> unless it is already on disk (or nothing was done)."""
@@ -616,16 +634,16 @@ def train(
                 scheduler.step()
                 step += 1
                 done.update(step=step, micro=micro, rng=_rng_state())
-            dt = time.perf_counter() - t0
-            loss_mean = acc_loss / acc_n
-            tps = acc_tokens / dt if dt > 0 else 0.0
+                dt = time.perf_counter() - t0
+                loss_mean = acc_loss / acc_n
+                tps = acc_tokens / dt if dt > 0 else 0.0
+                pending["row"] = [step, f"{micro / n:.4f}", f"{loss_mean:.6f}",
+                                  f"{scheduler.get_last_lr()[0]:.3e}", f"{tps:.1f}", "",
+                                  f"{time.perf_counter() - t_start:.2f}"]
             val = None
             if val_samples and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
                 val = last_val = validate()
-            with log_path.open("a", newline="") as f:
-                csv.writer(f).writerow([step, f"{micro / n:.4f}", f"{loss_mean:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
-                                        f"{tps:.1f}", "" if val is None else f"{val:.6f}",
-                                        f"{time.perf_counter() - t_start:.2f}"])
+            write_row(val)
             if bar is not None:
                 post = {"loss": f"{loss_mean:.4f}", "tok/s": f"{tps:.0f}"}
                 if last_val is not None:
@@ -639,6 +657,10 @@ def train(
     except BaseException as exc:  # Ctrl-C, a bad sample with --on-bad-sample stop, a crash: keep the work
         if bar is not None:
             bar.close()
+        try:
+            write_row(None)  # the finished step's row, if validation or the write was cut
+        except Exception as log_exc:  # noqa: BLE001 - report, then raise the original error
+            print(f"could not write the log row of step {done['step']}: {log_exc}", file=sys.stderr)
         try:
             saved = save_progress()
         except Exception as save_exc:  # noqa: BLE001 - report, then raise the original error
@@ -717,14 +739,20 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-# what decides the base model and the visual tokens: a resumed run must keep them
+# what decides the base model, the visual tokens, the train/validation split and the data order
+# (--seed, --val-fraction) and the adapter's scale (--lora-alpha): a resumed run must keep them
 RESUME_KEYS = ("data", "weights", "quantization", "strategy", "budget", "tokens_per_tile",
-               "faithful_empty_slots")
+               "faithful_empty_slots", "seed", "val_fraction", "lora_alpha")
 RESUME_DEFAULTS = {"faithful_empty_slots": False}  # runs from before the option existed
 
 
+RESUME_PATH_KEYS = ("data", "weights", "image_root")  # recorded and compared as absolute paths
+
+
 def _run_args(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
+    run = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
+    run.update({k: absolute_path(run[k]) for k in RESUME_PATH_KEYS if k in run})
+    return run
 
 
 def _check_resume_settings(args: argparse.Namespace, out: Path) -> None:
@@ -734,11 +762,25 @@ def _check_resume_settings(args: argparse.Namespace, out: Path) -> None:
     if not (args.resume and saved.is_file()):
         return
     desc = changed_settings(json.loads(saved.read_text(encoding="utf-8")), _run_args(args),
-                            RESUME_KEYS, defaults=RESUME_DEFAULTS,
+                            RESUME_KEYS, defaults=RESUME_DEFAULTS, paths=RESUME_PATH_KEYS,
                             label=lambda k: "--" + k.replace("_", "-"))
     if desc:
         raise DataError(f"{out} holds a run made with other settings ({desc}); resume with the same "
                         "settings, or train into another --out")
+
+
+def _check_new_run(args: argparse.Namespace, out: Path) -> None:
+    """A run without --resume into a folder that holds another run's checkpoints would mix with
+    them: pruning keeps the higher-numbered old ones and deletes the new run's own, and a later
+    --resume would continue the other run. Refuse, before the data and the model are loaded."""
+    if args.resume:
+        return
+    found = sorted((d for d in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", d.name)),
+                   key=lambda d: int(d.name.split("-")[1]))
+    if found:
+        names = ", ".join(d.name for d in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise DataError(f"{out} already holds checkpoints of an earlier run ({names}); continue that run "
+                        "with --resume, or start a new one with another --out (or delete them)")
 
 
 def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
@@ -748,6 +790,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_new_run(args, out)
     _check_resume_settings(args, out)
     bad_report = out / "bad_samples.jsonl"
     # training-time skips of an earlier run (too long, visual path failed) stay in the report
@@ -810,8 +853,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                       seed=args.seed, resume=args.resume,
                       gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
                       progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
-                      on_bad=args.on_bad_sample)
-    (out / "finetune_args.json").write_text(json.dumps(_run_args(args), indent=2) + "\n")
+                      on_bad=args.on_bad_sample, run_args=_run_args(args))
     summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
                     reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
     print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "

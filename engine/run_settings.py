@@ -3,19 +3,33 @@ the settings saved with the earlier run against the current ones, and name what 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Iterable
+
+
+def absolute_path(value: Any) -> str | None:
+    """A path setting as an absolute path (resolved against the current folder), None kept: a
+    run's settings record where its files are, whatever folder it was started from."""
+    if value is None or value == "":
+        return None
+    return str(Path(str(value)).expanduser().resolve())
 
 
 def changed_settings(saved: dict, current: dict, keys: Iterable[str], *,
                      defaults: dict[str, Any] | None = None,
-                     label: Callable[[str], str] = str) -> str:
+                     label: Callable[[str], str] = str,
+                     paths: Iterable[str] = ()) -> str:
     """'' when `current` equals `saved` on every key, else 'key: old -> new, ...' (keys shown
     through `label`). A key missing from `saved` (written by an older version) counts as its
-    value in `defaults`, else None."""
+    value in `defaults`, else None. Keys in `paths` are compared as absolute paths (a relative
+    value saved by an older version is taken relative to the current folder)."""
     defaults = defaults or {}
+    paths = set(paths)
     diff = []
     for k in keys:
-        old = saved.get(k, defaults.get(k))
-        if old != current.get(k):
-            diff.append(f"{label(k)}: {old!r} -> {current.get(k)!r}")
+        old, new = saved.get(k, defaults.get(k)), current.get(k)
+        if k in paths:
+            old, new = absolute_path(old), absolute_path(new)
+        if old != new:
+            diff.append(f"{label(k)}: {old!r} -> {new!r}")
     return ", ".join(diff)

@@ -97,3 +97,15 @@ def test_training_time_reasons_are_listed_reasons():
     from engine.finetune import TRAINING_TIME_REASONS
 
     assert set(TRAINING_TIME_REASONS) <= set(BAD_REASONS)
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_utf8_byte_order_mark_is_ignored(tmp_path, jsonl):
+    """Editors on Windows start UTF-8 files with a BOM; the file still reads (list and JSONL)."""
+    _img(tmp_path / "ok.png")
+    rows = [_row(0), _row(1)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) if jsonl else json.dumps(rows)
+    p = tmp_path / ("train.jsonl" if jsonl else "train.json")
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    samples, report = load_dataset(p, on_bad="stop")
+    assert [s.index for s in samples] == [0, 1] and not report.bad

@@ -40,6 +40,18 @@ OPTS = ["ship", "harbor", "plane", "car"]
         ("There is a plane.", "C"),
         ("I cannot tell.", ""),
         ("E", ""),  # not an offered option
+        # later words do not override or add to the letters the reply chose first
+        ("The answer is B. Option C is incorrect because it shows no ships.", "B"),
+        ("B. Option D would require a river.", "B"),
+        ("The answer is B. C is wrong.", "B"),
+        ("The correct answer is B; the other choices (A, C, D) do not match.", "B"),
+        ("Answer: B\n\nThe choices are listed below: (A) harbour", "B"),
+        ("The answer is B, because C shows no ships.", "B"),
+        ("**B**", "B"),
+        ("Option B: harbor", "B"),
+        ("Options: A, C", "AC"),
+        ("The correct option is D", "D"),
+        ("The answer is a large harbor.", "B"),  # article, then the option text
         ("", ""),
     ],
 )
@@ -168,6 +180,9 @@ def test_limit_and_resume(tmp_path):
     r2 = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out)
     assert calls[2:] == ["rs/count/0003", "rs/position/0004"]  # the first two were not rerun
     assert r2["total"] == 4 and r2["correct"] == 3
+    # the redone item went on a line of its own, not onto the cut one: a third run asks nothing
+    r3 = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out)
+    assert len(calls) == 4 and r3["total"] == 4 and r3["correct"] == 3
 
 
 def test_generic_mapping_and_errors(tmp_path):
@@ -315,3 +330,96 @@ def test_on_error_option(tmp_path):
     assert parser.parse_args(["a.json", "--on-error", "skip"]).on_error == "skip"
     with pytest.raises(ValueError, match="on_error"):
         evaluate([], _predictor({}, []), tmp_path / "o", on_error="ignore")
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_utf8_byte_order_mark_is_ignored(tmp_path, jsonl):
+    ann = _write(tmp_path / ("mme.jsonl" if jsonl else "mme.json"), MME, jsonl=jsonl)
+    ann.write_bytes(b"\xef\xbb\xbf" + ann.read_bytes())
+    assert [it.id for it in load_items(ann)] == [r["Question_id"] for r in MME]
+
+
+def test_an_answer_given_as_option_text_is_its_letter_and_a_foreign_answer_is_refused(tmp_path):
+    def row(answer, idx=1):
+        return {"index": idx, "image": "x.tif", "question": "Which facility?",
+                "multi-choice options": ["(A) harbour", "(B) airport", "(C) farm", "(D) quarry"],
+                "answer": answer, "category": "Task/Sub"}
+
+    for answer, letters in (("(B) airport", "B"), ("airport", "B"), ("Airport", "B"), ("b", "B"),
+                            ("A, C", "AC"), ("AC", "AC"), (["a", "c"], "AC")):
+        assert load_items(_write(tmp_path / "ok.json", [row(answer)]))[0].answer == letters, answer
+    mme = [{**MME[0], "Ground truth": "(B) blue"}]
+    assert load_items(_write(tmp_path / "mme.json", mme))[0].answer == "B"
+
+    for answer, why in (("E", "E, not among the options"), ("harbor", "neither option letters"),
+                        ("(C) airport", "other text than that option"),
+                        ("(E) pier", "outside the options")):
+        with pytest.raises(EvalError, match=rf"annotation 1 \(id 7\) in .*bad.json: its answer .*{why}"):
+            load_items(_write(tmp_path / "bad.json", [row("A"), row(answer, idx=7)]))
+
+
+def test_field_mapping_keeps_an_explicit_format(tmp_path):
+    """--field on top of --format mme / xlrs renames fields only: the format's instruction and
+    xlrs's multi-label subtask stay (before, the mapping silently switched to generic)."""
+    mme = [{("Prompt" if k == "Text" else k): v for k, v in MME[0].items()}]
+    ann = _write(tmp_path / "mme.json", mme)
+    item = load_items(ann, "mme", {"question": "Prompt"})[0]
+    assert item.question == "What colour is the roof?" and item.answer == "B" and item.category == "color"
+    assert build_prompt(item).endswith("Reply with only the letter of the correct option (A, B, C, D, E).")
+
+    rows = [{"index": 10, "image": ["x.tif"], "question": "Which land-use classes appear?",
+             "multi-choice options": ["(A) farmland", "(B) forest", "(C) water", "(D) urban"],
+             "gt": "A C", "category": "Land use classification/Overall Land use classification"}]
+    item = load_items(_write(tmp_path / "x.json", rows), "xlrs", {"answer": "gt"})[0]
+    assert item.answer == "AC" and item.extra == {"format": "xlrs", "multi_label": True}
+    assert "more than one option may be correct" in build_prompt(item)
+
+    lrs = [{"question_id": "q1", "image": "c.tif", "ask": "Is there a bridge?", "ground_truth": "yes"}]
+    assert load_items(_write(tmp_path / "l.json", lrs), "lrsvqa", {"question": "ask"})[0].question == \
+        "Is there a bridge?"
+    with pytest.raises(EvalError, match="open-ended"):
+        load_items(_write(tmp_path / "l.json", lrs), "lrsvqa", {"options": "ask"})
+    # with --format auto a mapping still means the generic layout
+    assert load_items(ann, "auto", {"question": "Prompt"})[0].extra == {}
+
+
+@pytest.mark.parametrize("gt, reply, correct", [
+    ("3.5", "3.5 meters", True),
+    ("3.5", "3.50", True),
+    ("3.5", "35", False),
+    ("3.5", "3", False),
+    ("-5", "5", False),
+    ("-5", "-5 degrees", True),
+    ("4", "4.", True),
+    ("yes", "Yes, there is one.", True),
+])
+def test_open_ended_numbers_keep_decimals_and_sign(gt, reply, correct):
+    from engine.evaluate import EvalItem, score_item
+
+    assert score_item(EvalItem(id="1", image="x.tif", question="How far?", options=[], answer=gt), reply)[1] \
+        is correct
+
+
+def test_resume_compares_annotation_paths_as_files_not_text(tmp_path, monkeypatch):
+    """'./mme.json' and 'mme.json' are the same file; 'mme.json' in another folder is not."""
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    _write(tmp_path / "one" / "mme.json", MME)
+    _write(tmp_path / "two" / "mme.json", MME[:2])
+    out = str(tmp_path / "o")
+    monkeypatch.chdir(tmp_path / "one")
+    run_eval(parser.parse_args(["mme.json", "--out", out, "--limit", "1"]), predict=_predictor(MME_REPLIES, []))
+    run_eval(parser.parse_args(["./mme.json", "--out", out, "--limit", "2"]), predict=_predictor(MME_REPLIES, []))
+    monkeypatch.chdir(tmp_path / "two")
+    with pytest.raises(EvalError, match="annotations"):
+        run_eval(parser.parse_args(["mme.json", "--out", out]), predict=_predictor(MME_REPLIES, []))
+    # settings saved by an older version hold the path as typed: taken relative to the current folder
+    saved = json.loads((tmp_path / "o" / "run_settings.json").read_text())
+    assert saved["annotations"] == str(tmp_path / "one" / "mme.json")
+    saved["annotations"] = "mme.json"
+    (tmp_path / "o" / "run_settings.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path / "one")
+    run_eval(parser.parse_args([str(tmp_path / "one" / "mme.json"), "--out", out, "--limit", "2"]),
+             predict=_predictor(MME_REPLIES, []))

@@ -259,8 +259,66 @@ def test_resume_refuses_another_token_path_or_base(tmp_path, tiny_checkpoint):
     _check_resume_settings(_args(data, out, tiny_checkpoint, "--lr", "1e-3", "--resume"), out)
     for extra, flag in ((["--tokens-per-tile", "6"], "--tokens-per-tile"),
                         (["--faithful-empty-slots"], "--faithful-empty-slots"),
-                        (["--strategy", "uniform"], "--strategy")):
+                        (["--strategy", "uniform"], "--strategy"),
+                        (["--seed", "1"], "--seed"),  # another split and data order
+                        (["--val-fraction", "0.25"], "--val-fraction"),
+                        (["--lora-alpha", "8"], "--lora-alpha")):
         with pytest.raises(DataError, match=flag):
             _check_resume_settings(_args(data, out, tiny_checkpoint, *extra, "--resume"), out)
     # without --resume a new run may change anything (it starts over)
     _check_resume_settings(_args(data, out, tiny_checkpoint, "--tokens-per-tile", "6"), out)
+
+
+def test_resume_compares_paths_as_files_not_text(tmp_path, tiny_checkpoint, monkeypatch):
+    """'./train.json' and 'train.json' are one file; 'train.json' in another folder is another."""
+    from engine.finetune import _check_resume_settings, _run_args
+
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+        _write_data(tmp_path / d, n=4)
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    saved = _run_args(_args("train.json", out, tiny_checkpoint))
+    assert saved["data"] == str(tmp_path / "one" / "train.json")
+    (out / "finetune_args.json").write_text(json.dumps(saved))
+    _check_resume_settings(_args("./train.json", out, tiny_checkpoint, "--resume"), out)
+    monkeypatch.chdir(tmp_path / "two")
+    with pytest.raises(DataError, match="--data"):
+        _check_resume_settings(_args("train.json", out, tiny_checkpoint, "--resume"), out)
+
+
+def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_checkpoint, monkeypatch):
+    """Without --resume, another run's checkpoints in --out are not mixed with (pruned against,
+    resumed from): the run stops before the data or the model are loaded."""
+    import engine.loader
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    (out / "checkpoint-40" / "adapter").mkdir(parents=True)
+    (out / "checkpoint-40" / "trainer_state.pt").write_bytes(b"another run")
+    (out / "finetune_args.json").write_text('{"seed": 7}')
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine.loader, "load_model", no_model)
+    with pytest.raises(DataError, match=r"checkpoint-40.*--resume.*another --out"):
+        run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2"))
+    assert (out / "checkpoint-40" / "trainer_state.pt").read_bytes() == b"another run"
+    assert json.loads((out / "finetune_args.json").read_text()) == {"seed": 7}
+    assert not (out / "bad_samples.jsonl").exists()
+
+
+def test_a_resume_refused_at_the_adapter_keeps_the_run_record(tmp_path, tiny_checkpoint):
+    """A resume with another LoRA rank fails when the adapter is restored; finetune_args.json
+    still describes the run in the folder, so a later --resume compares against it."""
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "1", "--save-every", "1",
+                              "--val-fraction", "0")) == 0
+    with pytest.raises(DataError, match="other LoRA settings"):
+        run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--save-every", "1",
+                           "--val-fraction", "0", "--lora-r", "4", "--resume"))
+    saved = json.loads((out / "finetune_args.json").read_text())
+    assert saved["lora_r"] == 8 and saved["max_steps"] == 1

@@ -155,3 +155,27 @@ def test_ctrl_c_waits_for_the_end_of_an_optimizer_update():
     with _ctrl_c_deferred():  # nothing caught: nothing raised
         reached.append("quiet")
     assert reached[-1] == "quiet"
+
+
+def test_ctrl_c_during_validation_keeps_the_step_in_the_log(data, tiny_checkpoint, tmp_path, capsys):
+    """The step whose validation is interrupted is saved as a checkpoint and has its log row
+    (val_loss empty), so after --resume the log holds every step once; elapsed_s goes on from
+    the resumed step instead of starting at 0 again."""
+    out = tmp_path / "val"
+    calls: list[int] = []
+    args = _args(data, out, tiny_checkpoint, "--max-steps", "6", "--save-every", "0", "--eval-every", "5")
+    # 7 training samples, 1 for validation, 2 a step: calls 1-10 are steps 1-5, call 11 validates
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(args, visual_fn_factory=_counting_factory({11: KeyboardInterrupt()}, calls))
+    assert "interrupted after step 5: saved" in capsys.readouterr().err
+    assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-5"]
+    rows = _log(out)
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5"] and rows[-1]["val_loss"] == ""
+
+    before = float(rows[-1]["elapsed_s"])
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "6", "--save-every", "0",
+                              "--eval-every", "5", "--resume")) == 0
+    rows = _log(out)
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert rows[-1]["val_loss"] != ""  # the last step validates
+    assert float(rows[-1]["elapsed_s"]) >= before
