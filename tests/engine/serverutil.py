@@ -174,6 +174,14 @@ class ServerProcess:
             conn.close()
 
 
+def stub_server(word_delay: float, *extra_args: str, **kwargs) -> ServerProcess:
+    """A (not yet started) server over the protocol stand-in engine of server_stub.py."""
+    return ServerProcess(["--engine-factory", "server_stub:make_engine", "--log-level", "warning",
+                          *extra_args],
+                         env={"PYTHONPATH": str(Path(__file__).parent),
+                              "GEOVQA_STUB_WORD_DELAY": str(word_delay)}, **kwargs)
+
+
 def wait_until(predicate, timeout: float = 60.0, step: float = 0.05):
     """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` s."""
     deadline = time.monotonic() + timeout

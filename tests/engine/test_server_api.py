@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from server_rasters import make_inputs  # noqa: E402
-from serverutil import ServerProcess  # noqa: E402
+from serverutil import stub_server  # noqa: E402
 
 from engine import protocol  # noqa: E402
 
@@ -28,10 +28,7 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(["--engine-factory", "server_stub:make_engine",
-                         "--max-upload-bytes", str(UPLOAD_LIMIT), "--log-level", "warning"],
-                        env={"PYTHONPATH": str(Path(__file__).parent),
-                             "GEOVQA_STUB_WORD_DELAY": "0.01"})
+    srv = stub_server(0.01, "--max-upload-bytes", str(UPLOAD_LIMIT))
     srv.start()
     yield srv
     srv.cleanup()

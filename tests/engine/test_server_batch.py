@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from server_rasters import make_inputs  # noqa: E402
-from serverutil import ServerProcess, wait_until  # noqa: E402
+from serverutil import stub_server, wait_until  # noqa: E402
 
 
 
@@ -21,10 +21,8 @@ def read_lines(path: Path) -> list[str]:
 
 def test_batch_resumes_after_kill(tmp_path):
     inputs = make_inputs(tmp_path / "rasters")
-    args = ["--engine-factory", "server_stub:make_engine", "--log-level", "warning"]
-    env = {"PYTHONPATH": str(Path(__file__).parent), "GEOVQA_STUB_WORD_DELAY": "0.05"}
     config, state = tmp_path / "config", tmp_path / "state"
-    first = ServerProcess(args, env=env, config_dir=config, state_dir=state).start()
+    first = stub_server(0.05, config_dir=config, state_dir=state).start()
     spec = {"items": [{"layer": "one", "raster_path": str(inputs["raster"])},
                       {"layer": "two", "raster_path": str(inputs["raster2"])}],
             "questions": ["Any roads?", "Any water?", "Any buildings?"], "max_new_tokens": 12}
@@ -41,8 +39,7 @@ def test_batch_resumes_after_kill(tmp_path):
     assert 2 <= len(before) < 6, "killed mid-job"
     assert [json.loads(line)["index"] for line in before] == list(range(len(before)))
 
-    second = ServerProcess(args, env=env, config_dir=config, state_dir=state,
-                           port=None).start()
+    second = stub_server(0.05, config_dir=config, state_dir=state).start()
     try:
         assert second.token == first.token  # the token survives restarts
         wait_until(lambda: second.request("GET", f"/jobs/{job['job_id']}")[1]["state"] == "done")

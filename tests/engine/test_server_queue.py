@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from server_rasters import make_inputs  # noqa: E402
-from serverutil import ServerProcess  # noqa: E402
+from serverutil import stub_server  # noqa: E402
 from serverutil import wait_until as _wait_until  # noqa: E402
 
 wait_until = functools.partial(_wait_until, timeout=30.0)
@@ -27,9 +27,7 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(["--engine-factory", "server_stub:make_engine", "--log-level", "warning"],
-                        env={"PYTHONPATH": str(Path(__file__).parent),
-                             "GEOVQA_STUB_WORD_DELAY": str(WORD_DELAY)})
+    srv = stub_server(WORD_DELAY)
     srv.start()
     yield srv
     srv.cleanup()
