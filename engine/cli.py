@@ -75,7 +75,8 @@ def checked_ask_fields(args: argparse.Namespace) -> dict:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from engine.jobs import JobError
-    from engine.pipeline import AskRequest, Engine
+    from engine.pipeline import Engine
+    from engine.request_checks import request_factory
 
     try:
         fields = checked_ask_fields(args)
@@ -89,12 +90,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print("NOTE: no GeoLLaVA-8K weights found; using the tiny RANDOM demo model "
               "(answers are meaningless). Run `make weights` to download the real checkpoint.",
               file=sys.stderr)
-    req = AskRequest(
-        raster_path=fields["raster_path"], question=fields["question"], aoi=fields["aoi"],
-        bands=fields["bands"], strategy=fields["strategy"], budget=fields["budget"],
-        tokens_per_tile=fields["tokens_per_tile"], max_new_tokens=fields["max_new_tokens"],
-        seed=fields["seed"], faithful_empty_slots=fields["faithful_empty_slots"],
-    )
+    req = request_factory(engine)(fields)
     result = None
     for event in engine.ask(req):
         if args.json:

@@ -166,8 +166,9 @@ def choice_answer(answer: Any, options: list[str]) -> str:
     allowed = LETTERS[: len(options)]
     norm = [_norm_text(o) for o in options]
     # an option's text, alone or after its own letter ("(B) airport", "B. airport")
-    if _norm_text(s) in norm and norm.count(_norm_text(s)) == 1:
-        return allowed[norm.index(_norm_text(s))]
+    text = _norm_text(s)
+    if norm.count(text) == 1:
+        return allowed[norm.index(text)]
     m = _OPTION_PREFIX.match(s)
     if m and s[m.end():].strip():
         k = LETTERS.find(m.group(1).upper())

@@ -272,14 +272,17 @@ def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
     return get_peft_model(model, cfg)
 
 
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` folders in `out`, in step order."""
+    found = [(int(m.group(1)), d) for d in out.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", d.name))]
+    return [d for _, d in sorted(found)]
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
-    best = None
-    for d in out.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and (d / "trainer_state.pt").is_file() and (d / "adapter").is_dir():
-            if best is None or int(m.group(1)) > best[0]:
-                best = (int(m.group(1)), d)
-    return best[1] if best else None
+    complete = [d for d in _checkpoint_dirs(out)
+                if (d / "trainer_state.pt").is_file() and (d / "adapter").is_dir()]
+    return complete[-1] if complete else None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -688,8 +691,7 @@ def _prune_checkpoints(out: Path, keep: int | None) -> None:
         return
     import shutil  # noqa: PLC0415
 
-    ck = sorted((int(d.name.split("-")[1]), d) for d in out.glob("checkpoint-*") if d.name.split("-")[1].isdigit())
-    for _, d in ck[:-keep]:
+    for d in _checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -775,8 +777,7 @@ def _check_new_run(args: argparse.Namespace, out: Path) -> None:
     --resume would continue the other run. Refuse, before the data and the model are loaded."""
     if args.resume:
         return
-    found = sorted((d for d in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", d.name)),
-                   key=lambda d: int(d.name.split("-")[1]))
+    found = _checkpoint_dirs(out)
     if found:
         names = ", ".join(d.name for d in found[:3]) + (", ..." if len(found) > 3 else "")
         raise DataError(f"{out} already holds checkpoints of an earlier run ({names}); continue that run "

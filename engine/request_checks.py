@@ -1,13 +1,15 @@
 """Checks of request bodies, shared by the HTTP server and `python -m engine ask`.
 
 Each `validate_*` turns a protocol body (engine/protocol.py ASK_FIELDS, BATCH_FIELDS) into
-checked fields or raises `JobError` with the protocol error code and a sentence for a person.
+checked fields or raises `JobError` with the protocol error code and a sentence for a person;
+`request_factory` turns checked /ask fields into the engine's AskRequest.
 Everything here runs before a question is queued or a model is loaded: it opens the raster
 read-only (`check_raster_file`) but reads no pixels beyond one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -203,3 +205,19 @@ def validate_batch(body: Any, known: tuple[str, ...]) -> dict:
         checked.append({"layer": layer, "raster_path": info.path, "aoi": aoi, "bands": bands})
     spec["items"] = checked
     return spec
+
+
+def request_factory(engine: Any):
+    """A function turning validated fields into the engine's AskRequest."""
+    cls = getattr(engine, "request_type", None)
+    if cls is None:
+        from engine.pipeline import AskRequest as cls  # light: heavy imports there are lazy
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+
+    def make(fields: dict) -> Any:
+        kwargs = {k: v for k, v in fields.items() if v is not None}
+        if names is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in names}
+        return cls(**kwargs)
+
+    return make

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import importlib
 import ipaddress
 import json
@@ -35,7 +34,7 @@ from engine.auth import load_or_create_token, token_matches
 from engine.cli_args import add_model_arguments
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default
 from engine.json_body import parse_json
-from engine.request_checks import validate_ask, validate_batch
+from engine.request_checks import request_factory, validate_ask, validate_batch
 from engine.uploads import receive_upload
 
 log = logging.getLogger("engine.server")
@@ -84,26 +83,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests
-
-
-def request_factory(engine: Any):
-    """A function turning validated fields into the engine's AskRequest."""
-    cls = getattr(engine, "request_type", None)
-    if cls is None:
-        from engine.pipeline import AskRequest as cls  # light: heavy imports there are lazy
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
-
-    def make(fields: dict) -> Any:
-        kwargs = {k: v for k, v in fields.items() if v is not None}
-        if names is not None:
-            kwargs = {k: v for k, v in kwargs.items() if k in names}
-        return cls(**kwargs)
-
-    return make
 
 
 # ---------------------------------------------------------------------------------------------

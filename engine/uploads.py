@@ -122,8 +122,7 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
         raise JobError("bad_request", "Send a JSON body or multipart/form-data with a 'request' "
                        "part and a 'raster' file part.")
     state: dict = {"name": None, "header_field": b"", "header_value": b"", "headers": {},
-                   "raster_bytes": 0, "json": bytearray(), "seen_raster": False, "error": None,
-                   "raster_fh": None}
+                   "raster_bytes": 0, "json": bytearray(), "seen_raster": False, "error": None}
 
     def on_part_begin() -> None:
         state["headers"] = {}
@@ -159,7 +158,7 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
                     "Clip the layer to the area of interest before uploading, or run the engine "
                     "on the same computer so it can read the file directly.")
                 return
-            state["raster_fh"].write(chunk)
+            raster_fh.write(chunk)  # opened below, before the parser sees any data
         elif state["name"] == "request":
             state["json"] += chunk
             if len(state["json"]) > MAX_JSON_PART_BYTES:
@@ -179,7 +178,7 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
     temp_dir = Path(tempfile.mkdtemp(prefix="upload-", dir=temp_root))
     raster_path = temp_dir / "raster.tif"
     try:
-        state["raster_fh"] = open(raster_path, "wb")
+        raster_fh = open(raster_path, "wb")
         try:
             async for chunk in body:
                 parser.write(chunk)
@@ -191,7 +190,7 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
         except Exception as exc:  # malformed multipart
             raise JobError("bad_request", f"The upload is not valid multipart data: {_short(exc)}")
         finally:
-            state["raster_fh"].close()
+            raster_fh.close()
         if not state["seen_raster"] or state["raster_bytes"] == 0:
             raise JobError("bad_request", "The upload has no 'raster' file part (or it is empty).")
         request = parse_json(bytes(state["json"]), "The 'request' part") if state["json"] else None

@@ -7,7 +7,6 @@ again after a restart.
 
 from __future__ import annotations
 
-
 from qgis.core import (
     QgsColorRampShader,
     QgsCoordinateReferenceSystem,

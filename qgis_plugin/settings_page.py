@@ -94,11 +94,7 @@ class SettingsForm(QWidget):
         """Run `engine info --memory` with the local-engine fields as they stand in the form."""
         from .engine_process import MemoryCheck
 
-        s = Settings.load()
-        s.python = self.python.filePath()
-        s.engine_dir = self.engine_dir.filePath()
-        s.weights_dir = self.weights.filePath()
-        s.extra_args = self.extra.text()
+        s = self._with_local_engine_fields(Settings.load())
         if self._memory_check is None:
             self._memory_check = MemoryCheck(self)
             self._memory_check.done.connect(self._memory_done)
@@ -112,15 +108,20 @@ class SettingsForm(QWidget):
         self.memory_button.setEnabled(True)
         self.memory_label.setText(memory_summary(report) if report else f"Cannot tell: {error}")
 
+    def _with_local_engine_fields(self, s: Settings) -> Settings:
+        """`s` with the form's local-engine fields (Python, folder, weights, extra arguments)."""
+        s.python = self.python.filePath()
+        s.engine_dir = self.engine_dir.filePath()
+        s.weights_dir = self.weights.filePath()
+        s.extra_args = self.extra.text()
+        return s
+
     def apply(self):
         s = Settings.load()
         s.engine_url = self.url.text().strip() or s.engine_url
         s.token = self.token.text().strip()
         s.token_file = self.token_file.filePath()
-        s.python = self.python.filePath()
-        s.engine_dir = self.engine_dir.filePath()
-        s.weights_dir = self.weights.filePath()
-        s.extra_args = self.extra.text()
+        self._with_local_engine_fields(s)
         s.strategy = self.strategy.currentData()
         s.budget = self.budget.value()
         s.tokens_per_tile = self.tpt.value()
