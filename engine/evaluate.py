@@ -703,9 +703,9 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
     return predict
 
 
-RUN_KEYS = ("annotations", "format", "weights", "adapter", "quantization", "strategy", "budget",
-            "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots")
-RUN_PATH_KEYS = ("annotations", "weights", "adapter")  # compared as absolute paths
+RUN_KEYS = ("annotations", "format", "field", "image_root", "weights", "adapter", "quantization", "strategy",
+            "budget", "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots")
+RUN_PATH_KEYS = ("annotations", "image_root", "weights", "adapter")  # compared as absolute paths
 
 
 def _check_run_settings(args: argparse.Namespace) -> None:
@@ -713,10 +713,17 @@ def _check_run_settings(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
+    # --field as its mapping (the order of the flags does not matter); the folder images are
+    # read from, given or not (the annotation file's own folder by default)
+    fields = parse_field_map(getattr(args, "field", None))
+    cur["field"] = ",".join(f"{k}={v}" for k, v in sorted(fields.items())) or None
+    cur["image_root"] = cur["image_root"] or str(Path(str(args.annotations)).parent)
     cur.update({k: absolute_path(cur[k]) for k in RUN_PATH_KEYS})  # not as typed: from any folder
     cfg = out / "run_settings.json"
     if cfg.is_file() and (out / "predictions.jsonl").is_file():
-        desc = changed_settings(json.loads(cfg.read_text()), cur, RUN_KEYS, paths=RUN_PATH_KEYS)
+        # settings files of older versions lack these two: assumed unchanged
+        desc = changed_settings(json.loads(cfg.read_text()), cur, RUN_KEYS, paths=RUN_PATH_KEYS,
+                                defaults={k: cur[k] for k in ("field", "image_root")})
         if desc:
             raise EvalError(f"{out} holds predictions made with other settings ({desc}); use another --out "
                             "or delete that folder to start over")

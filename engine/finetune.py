@@ -741,19 +741,30 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-# what decides the base model, the visual tokens, the train/validation split and the data order
-# (--seed, --val-fraction) and the adapter's scale (--lora-alpha): a resumed run must keep them
-RESUME_KEYS = ("data", "weights", "quantization", "strategy", "budget", "tokens_per_tile",
-               "faithful_empty_slots", "seed", "val_fraction", "lora_alpha")
+# what decides the base model, the visual tokens, the samples (--image-root, --max-pixels), the
+# train/validation split and the data order (--seed, --val-fraction, and --grad-accum, which maps
+# optimizer steps to samples) and the adapter's shape and scale (--lora-r, --target-modules,
+# --lora-alpha): a resumed run must keep them. The learning rate, its schedule, --lora-dropout,
+# --max-length and the length of the run (--epochs, --max-steps) may change on --resume.
+RESUME_KEYS = ("data", "image_root", "max_pixels", "weights", "quantization", "strategy", "budget",
+               "tokens_per_tile", "faithful_empty_slots", "seed", "val_fraction", "grad_accum",
+               "lora_r", "target_modules", "lora_alpha")
 RESUME_DEFAULTS = {"faithful_empty_slots": False}  # runs from before the option existed
 
 
 RESUME_PATH_KEYS = ("data", "weights", "image_root")  # recorded and compared as absolute paths
 
 
+def _target_list(text) -> list[str]:
+    """--target-modules as a list of layer names."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
 def _run_args(args: argparse.Namespace) -> dict:
     run = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
     run.update({k: absolute_path(run[k]) for k in RESUME_PATH_KEYS if k in run})
+    if isinstance(run.get("target_modules"), str):  # "q_proj, v_proj" and "q_proj,v_proj" are one choice
+        run["target_modules"] = ",".join(_target_list(run["target_modules"]))
     return run
 
 
@@ -838,7 +849,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     device = str(info.get("device", "cpu"))
     if info.get("demo"):
         print("NOTE: training the tiny RANDOM demo model (no GeoLLaVA-8K weights given).", file=sys.stderr)
-    targets = [t.strip() for t in str(args.target_modules).split(",") if t.strip()]
+    targets = _target_list(args.target_modules)
     import torch  # noqa: PLC0415
 
     torch.manual_seed(args.seed)  # the adapters' initial weights come from --seed, not from the process

@@ -218,6 +218,39 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(EvalError, match="strategy"):
         run_eval(parser.parse_args([str(ann), "--out", out, "--strategy", "none"]),
                  predict=_predictor(MME_REPLIES, []))
+    # other images, or other fields read as the question or answer, give other predictions
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(EvalError, match="image_root"):
+        run_eval(parser.parse_args([str(ann), "--out", out, "--image-root", str(tmp_path / "imgs")]),
+                 predict=_predictor(MME_REPLIES, []))
+    with pytest.raises(EvalError, match="field: None -> 'category=Subtask'"):
+        run_eval(parser.parse_args([str(ann), "--out", out, "--format", "mme", "--field", "category=Subtask"]),
+                 predict=_predictor(MME_REPLIES, []))
+    # the annotation file's folder named explicitly is the default folder
+    run_eval(parser.parse_args([str(ann), "--out", out, "--image-root", str(tmp_path)]),
+             predict=_predictor(MME_REPLIES, []))
+
+
+def test_rerun_compares_field_maps_not_flag_order(tmp_path):
+    """--field flags given in another order map the same fields; a settings file written before
+    --field and --image-root were recorded is read as having the current ones."""
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = tmp_path / "o"
+    flags = ["--format", "mme", "--field", "category=Subtask", "--field", "question=Text"]
+    run_eval(parser.parse_args([str(ann), "--out", str(out), "--limit", "1", *flags]),
+             predict=_predictor(MME_REPLIES, []))
+    assert json.loads((out / "run_settings.json").read_text())["field"] == "category=Subtask,question=Text"
+    swapped = flags[:2] + flags[4:] + flags[2:4]
+    run_eval(parser.parse_args([str(ann), "--out", str(out), "--limit", "2", *swapped]),
+             predict=_predictor(MME_REPLIES, []))
+    with pytest.raises(EvalError, match="field"):
+        run_eval(parser.parse_args([str(ann), "--out", str(out), *flags[:4]]), predict=_predictor(MME_REPLIES, []))
+    old = json.loads((out / "run_settings.json").read_text())
+    del old["field"], old["image_root"]
+    (out / "run_settings.json").write_text(json.dumps(old))
+    run_eval(parser.parse_args([str(ann), "--out", str(out), *flags[:4]]), predict=_predictor(MME_REPLIES, []))
 
 
 def test_eval_through_the_engine_on_the_tiny_model(tmp_path, tiny_checkpoint):

@@ -257,12 +257,21 @@ def test_resume_refuses_another_token_path_or_base(tmp_path, tiny_checkpoint):
     (out / "finetune_args.json").write_text(json.dumps(saved))
     _check_resume_settings(_args(data, out, tiny_checkpoint, "--resume"), out)  # same: fine
     _check_resume_settings(_args(data, out, tiny_checkpoint, "--lr", "1e-3", "--resume"), out)
+    # the schedule, the dropout and the run's length may change; the target list as typed may differ
+    _check_resume_settings(_args(data, out, tiny_checkpoint, "--lora-dropout", "0.2", "--max-steps", "9",
+                                 "--target-modules", " " + saved["target_modules"].replace(",", ", "),
+                                 "--resume"), out)
     for extra, flag in ((["--tokens-per-tile", "6"], "--tokens-per-tile"),
                         (["--faithful-empty-slots"], "--faithful-empty-slots"),
                         (["--strategy", "uniform"], "--strategy"),
                         (["--seed", "1"], "--seed"),  # another split and data order
                         (["--val-fraction", "0.25"], "--val-fraction"),
-                        (["--lora-alpha", "8"], "--lora-alpha")):
+                        (["--lora-alpha", "8"], "--lora-alpha"),
+                        (["--lora-r", "4"], "--lora-r"),  # another adapter shape
+                        (["--target-modules", "q_proj"], "--target-modules"),
+                        (["--grad-accum", "3"], "--grad-accum"),  # other samples behind each step
+                        (["--image-root", str(tmp_path / "elsewhere")], "--image-root"),
+                        (["--max-pixels", "100"], "--max-pixels")):
         with pytest.raises(DataError, match=flag):
             _check_resume_settings(_args(data, out, tiny_checkpoint, *extra, "--resume"), out)
     # without --resume a new run may change anything (it starts over)
@@ -311,14 +320,20 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_chec
 
 
 def test_a_resume_refused_at_the_adapter_keeps_the_run_record(tmp_path, tiny_checkpoint):
-    """A resume with another LoRA rank fails when the adapter is restored; finetune_args.json
-    still describes the run in the folder, so a later --resume compares against it."""
+    """A resume with another LoRA rank is refused from finetune_args.json before anything loads,
+    and the record still describes the run in the folder. Without that record (lost, or copied
+    checkpoints) the adapter's restore refuses it, and no record of the refused run is written."""
     data = _write_data(tmp_path, n=4)
     out = tmp_path / "run"
     assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "1", "--save-every", "1",
                               "--val-fraction", "0")) == 0
-    with pytest.raises(DataError, match="other LoRA settings"):
-        run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--save-every", "1",
-                           "--val-fraction", "0", "--lora-r", "4", "--resume"))
+    other_rank = _args(data, out, tiny_checkpoint, "--max-steps", "2", "--save-every", "1",
+                       "--val-fraction", "0", "--lora-r", "4", "--resume")
+    with pytest.raises(DataError, match="--lora-r: 8 -> 4"):
+        run_finetune(other_rank)
     saved = json.loads((out / "finetune_args.json").read_text())
     assert saved["lora_r"] == 8 and saved["max_steps"] == 1
+    (out / "finetune_args.json").unlink()
+    with pytest.raises(DataError, match="other LoRA settings"):
+        run_finetune(other_rank)
+    assert not (out / "finetune_args.json").exists()
