@@ -88,14 +88,29 @@ def test_lone_surrogates_in_a_batch_are_a_bad_request(server, inputs, where):
     assert_no_jobs_left(server)
 
 
-@pytest.mark.parametrize("window", ["[0, 0, 1e999, 10]", "[0, 0, Infinity, 10]",
-                                    "[0, 0, " + "1" + "0" * 400 + ", 10]", "[0, 0, NaN, 10]"])
-def test_non_finite_windows_are_refused_over_http(server, inputs, window):
+@pytest.mark.parametrize(("window", "code", "words"), [
+    ("[0, 0, 1e999, 10]", "bad_request", "too large"),  # JSON has no infinite numbers
+    ("[0, 0, Infinity, 10]", "bad_request", "not a json number"),
+    ("[0, 0, NaN, 10]", "bad_request", "not a json number"),
+    ("[0, 0, " + "1" + "0" * 400 + ", 10]", "bad_aoi", "finite"),  # valid JSON, no float holds it
+])
+def test_non_finite_windows_are_refused_over_http(server, inputs, window, code, words):
     body = ask_text(inputs["raster"], aoi=f'{{"window": {window}}}')
-    assert_refused(post_raw(server, "/ask", body), "bad_aoi", "finite")
+    assert_refused(post_raw(server, "/ask", body), code, words)
     batch = (f'{{"items": [{{"raster_path": {json.dumps(str(inputs["raster"]))}, '
              f'"aoi": {{"window": {window}}}}}], "questions": ["Any roads?"]}}').encode()
-    assert_refused(post_raw(server, "/batch", batch), "bad_aoi", "finite")
+    assert_refused(post_raw(server, "/batch", batch), code, words)
+    assert_no_jobs_left(server)
+
+
+@pytest.mark.parametrize(("field", "value"), [("budget", "NaN"), ("max_new_tokens", "Infinity"),
+                                              ("tokens_per_tile", "-Infinity"), ("budget", "1e400")])
+def test_non_finite_numbers_anywhere_are_a_bad_request(server, inputs, field, value):
+    """NaN and Infinity are not JSON, whichever field holds them; before, some fields let them
+    through to the engine."""
+    body = ask_text(inputs["raster"], **{field: value})
+    assert_refused(post_raw(server, "/ask", body), words="json")
+    assert_refused(post_upload(server, inputs, body), words="json")
     assert_no_jobs_left(server)
 
 
