@@ -136,8 +136,10 @@ def create_app(engine: Any, settings: Settings):
                 "method_not_allowed", f"{request.method} is not allowed on {request.url.path}."))
             response.headers.update(exc.headers or {})  # Allow: the methods that are
             return response
-        return JSONResponse(protocol.error_body("bad_request", str(exc.detail)),
-                            status_code=exc.status_code)
+        # anything else the framework refuses (a malformed multipart body: 400) keeps the
+        # protocol's pairing of codes and statuses
+        code = "internal" if exc.status_code >= 500 else "bad_request"
+        return error_response(JobError(code, str(exc.detail)))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):

@@ -123,3 +123,30 @@ def test_real_engine_errors_map_to_codes():
 
     assert error_for_exception(AOIOutsideError("outside")).code == "aoi_outside_raster"
     assert error_for_exception(RasterOpenError("nope")).code == "not_a_raster"
+
+
+@pytest.mark.parametrize(("status", "code"), [(400, "bad_request"), (413, "bad_request"), (418, "bad_request"),
+                                              (503, "internal")])
+def test_framework_http_errors_keep_the_protocol_pairing(tmp_path, status, code):
+    """An HTTP error the framework raises (not one of ours) gets a protocol code and that code's
+    own status, so a client that reads the code reads the status it expects."""
+    import warnings
+
+    from starlette.exceptions import HTTPException
+
+    from engine.server import create_app
+
+    app = create_app(engine=None, settings=Settings(state_dir=tmp_path, token="t"))
+
+    @app.get("/raise")
+    def _raise():
+        raise HTTPException(status_code=status, detail="refused by the framework")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+        resp = TestClient(app).get("/raise")
+    assert resp.status_code == protocol.ERROR_CODES[code]
+    assert resp.json()["error"]["code"] == code
+    assert "refused by the framework" in resp.json()["error"]["message"]
