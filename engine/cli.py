@@ -20,7 +20,8 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question")
     p.add_argument("--aoi", default=None,
                    help="area of interest: 'col,row,width,height' in source pixels, a WKT polygon "
-                        "in the raster's CRS, or a path to a GeoJSON file")
+                        "in the raster's CRS, or a .geojson/.json file in the raster's CRS (a "
+                        "geometry, a Feature, or a FeatureCollection: all its features)")
     p.add_argument("--bands", type=band_list, default=None, help="1-based bands, e.g. 4,3,2")
     add_strategy_arguments(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
@@ -31,21 +32,68 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_aoi(text: str | None):
-    """Turn the --aoi argument into the protocol's AOI dict."""
+    """Turn the --aoi argument into the protocol's AOI dict; JobError("bad_aoi") for what is none
+    of a window, a WKT polygon or a readable GeoJSON file."""
+    from engine.jobs import JobError
+
     if not text:
         return None
-    path = Path(text)
-    if path.suffix.lower() in (".geojson", ".json") and path.is_file():
-        data = json.loads(path.read_text())
-        if data.get("type") == "FeatureCollection":
-            data = data["features"][0]["geometry"]
-        elif data.get("type") == "Feature":
-            data = data["geometry"]
-        return {"geojson": data}
+    path = Path(text).expanduser()
+    if path.suffix.lower() in (".geojson", ".json"):
+        return {"geojson": _geojson_file_geometry(path)}
     parts = text.split(",")
-    if len(parts) == 4 and all(p.strip().lstrip("-").isdigit() for p in parts):
-        return {"window": [int(p) for p in parts]}
+    if len(parts) == 4:
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            nums = None
+        if nums is not None:  # whole numbers stay ints; a decimal window is read as given
+            return {"window": [int(v) if v.is_integer() else v for v in nums]}
+    if "(" not in text:  # no WKT geometry has no parenthesis: a mistyped path or window
+        raise JobError("bad_aoi", f"--aoi {text!r} is none of 'col,row,width,height' (pixels), a WKT "
+                       "polygon or a .geojson/.json file.")
     return {"polygon_wkt": text}
+
+
+def _geojson_file_geometry(path: Path) -> dict:
+    """The polygon of a GeoJSON file (a geometry, a Feature, or a FeatureCollection whose features'
+    polygons are joined into one area), as a GeoJSON geometry dict."""
+    from engine.jobs import JobError
+
+    if not path.is_file():
+        raise JobError("bad_aoi", f"The area-of-interest file {path} does not exist.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise JobError("bad_aoi", f"The area-of-interest file {path} is not readable GeoJSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise JobError("bad_aoi", f"The area-of-interest file {path} holds no GeoJSON object.")
+    if data.get("type") == "Feature":
+        data = data.get("geometry")
+    elif data.get("type") == "FeatureCollection":
+        features = data.get("features")
+        geoms = [f.get("geometry") for f in features if isinstance(f, dict) and f.get("geometry")] \
+            if isinstance(features, list) else []
+        if not geoms:
+            raise JobError("bad_aoi", f"The area-of-interest file {path} has no feature with a geometry.")
+        data = _joined(geoms, path) if len(geoms) > 1 else geoms[0]
+    if not isinstance(data, dict):
+        raise JobError("bad_aoi", f"The area-of-interest file {path} holds no geometry.")
+    return data
+
+
+def _joined(geoms: list, path: Path) -> dict:
+    """Several GeoJSON geometries as one (their union)."""
+    import shapely
+    from shapely.geometry import mapping, shape
+
+    from engine.jobs import JobError
+
+    try:
+        return mapping(shapely.union_all([shape(g) for g in geoms]))
+    except Exception as exc:  # noqa: BLE001 - shapely raises several kinds
+        raise JobError("bad_aoi", f"The area-of-interest file {path} has a feature that is not a valid "
+                       f"geometry: {exc}") from None
 
 
 def band_list(text: str) -> list[int]:
@@ -73,6 +121,21 @@ def checked_ask_fields(args: argparse.Namespace) -> dict:
     return validate_ask(body, STRATEGIES, raster_path=os.path.abspath(os.path.expanduser(args.raster)))
 
 
+def _check_output_dir(folder: Path | None) -> None:
+    """--output-dir exists (or is made) and can be written, before the model loads, not after the
+    answer. Raises JobError."""
+    from engine.jobs import JobError
+
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError("bad_request", f"--output-dir {folder} cannot be made: {exc.strerror or exc}.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise JobError("bad_request", f"--output-dir {folder} cannot be written to.")
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from engine.jobs import JobError
     from engine.pipeline import Engine
@@ -80,6 +143,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     try:
         fields = checked_ask_fields(args)
+        _check_output_dir(args.output_dir)
     except JobError as exc:
         print(f"error: {exc.message}" + (f" {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return 2
@@ -244,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Library errors carry messages written for a person; no traceback for them.
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Library and file-system errors carry messages written for a person; no traceback for them.
         print(f"error: {exc}", file=sys.stderr)
         return 2

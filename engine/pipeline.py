@@ -38,7 +38,9 @@ DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "GeoLLaVA-8K"
 # Heatmaps / anchors the engine wrote are working files (the plugin copies what it keeps next to
 # the project): those older than this are removed when an engine starts.
 OUTPUT_RETENTION_DAYS = float(os.environ.get("GEOVQA_OUTPUT_RETENTION_DAYS", "14"))
-OUTPUT_PATTERNS = ("*_heatmap.tif", "*_anchors.geojson")
+# the names `_output_stem` + write_heatmap give the engine's files; pruning touches only these, so a
+# user's own "survey_heatmap.tif" in a folder given as --output-dir is never deleted
+ENGINE_OUTPUT_NAME = re.compile(r"^\d{8}-\d{6}-[a-z0-9-]{1,40}-[0-9a-f]{6}_(heatmap\.tif|anchors\.geojson)$")
 
 
 class RequestError(ValueError):
@@ -402,20 +404,22 @@ def resolve_weights(weights_dir, *, demo_ok: bool = True) -> tuple[Path, bool]:
 
 
 def prune_outputs(out_dir: Path, max_age_days: float) -> int:
-    """Remove the engine's own heatmap/anchor files older than `max_age_days` from `out_dir`
-    (nothing else is touched; 0 or less keeps everything). Returns how many were removed."""
+    """Remove the engine's own heatmap/anchor files (named as the engine names them) older than
+    `max_age_days` from `out_dir` (nothing else is touched; 0 or less keeps everything). Returns
+    how many were removed."""
     if max_age_days <= 0 or not out_dir.is_dir():
         return 0
     cutoff = time.time() - max_age_days * 86400
     removed = 0
-    for pattern in OUTPUT_PATTERNS:
-        for f in out_dir.glob(pattern):
-            try:
-                if f.is_file() and f.stat().st_mtime < cutoff:
-                    f.unlink()
-                    removed += 1
-            except OSError:  # in use or already gone: leave it
-                pass
+    for f in out_dir.iterdir():
+        if not ENGINE_OUTPUT_NAME.match(f.name):
+            continue
+        try:
+            if f.is_file() and f.stat().st_mtime < cutoff:
+                f.unlink()
+                removed += 1
+        except OSError:  # in use or already gone: leave it
+            pass
     return removed
 
 

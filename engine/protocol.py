@@ -87,7 +87,7 @@ ASK_FIELDS = {
     "faithful_empty_slots": "bool: geollava sends tokens_per_tile tokens for every tile as the "
     "released checkpoint does, zero vectors for missing clusters (default false: dropped)",
     "max_new_tokens": "int: default 256",
-    "seed": "int | null: for strategies with randomness",
+    "seed": "int | null: for strategies with randomness (0 to 2**63 - 1)",
     "request_id": "str | null: client id, echoed in every event; a newer one supersedes",
 }
 AOI_FIELDS = {
@@ -190,6 +190,11 @@ def validate_question(question: object) -> str:
     if not isinstance(question, str) or not question.strip():
         raise ValueError("empty_question: Please type a question.")
     question = question.strip()
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a byte that is not UTF-8, as sys.argv keeps it
+        raise ValueError("bad_request: The question has characters that are not valid text "
+                         "(bytes that are not UTF-8); type it in a UTF-8 terminal or editor.") from None
     if len(question) > MAX_QUESTION_CHARS:
         raise ValueError(
             f"question_too_long: The question has {len(question)} characters; "

@@ -20,6 +20,9 @@ from engine.uploads import RasterInfo, check_raster_file
 
 MAX_NEW_TOKENS_LIMIT = 4096
 
+MAX_SEED = 2**63 - 1  # the random generators (torch, numpy) take a 64-bit seed
+
+
 def _int_field(body: dict, name: str, *, low: int, high: int | None = None,
                default: Any = None) -> Any:
     value = body.get(name, default)
@@ -147,7 +150,7 @@ def validate_common(body: dict, known: tuple[str, ...]) -> dict:
         "tokens_per_tile": _int_field(body, "tokens_per_tile", low=1, high=576),
         "max_new_tokens": _int_field(body, "max_new_tokens", low=1, high=MAX_NEW_TOKENS_LIMIT,
                                      default=256),
-        "seed": _int_field(body, "seed", low=0, default=0),
+        "seed": _int_field(body, "seed", low=0, high=MAX_SEED, default=0),
         "faithful_empty_slots": _bool_field(body, "faithful_empty_slots"),
     }
 

@@ -87,3 +87,77 @@ def test_a_good_request_reaches_the_engine_checked(tmp_path, rgb, recorder, monk
     assert req.question == "How many ships?"
     assert (req.bands, req.aoi, req.budget, req.max_new_tokens) == (
         [3, 2, 1], {"window": [10, 10, 20, 20]}, 64, 7)
+
+
+def _square(x0, y0, size):
+    return {"type": "Polygon", "coordinates": [[[x0, y0], [x0 + size, y0], [x0 + size, y0 - size],
+                                                [x0, y0 - size], [x0, y0]]]}
+
+
+def test_a_geojson_file_aoi_keeps_every_feature(tmp_path, rgb, recorder):
+    """A FeatureCollection of two areas asks about both (it used to keep the first one only)."""
+    import json
+
+    from shapely.geometry import shape
+
+    fc = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": _square(500000, 5000000, 100)},
+        {"type": "Feature", "properties": {}, "geometry": None},  # allowed by GeoJSON: skipped
+        {"type": "Feature", "properties": {}, "geometry": _square(500600, 4999500, 100)}]}
+    (tmp_path / "two.geojson").write_text(json.dumps(fc))
+    assert main(["ask", rgb, "q?", "--aoi", str(tmp_path / "two.geojson")]) == 0
+    (req,) = recorder.asked
+    area = shape(req.aoi["geojson"])
+    assert area.geom_type == "MultiPolygon" and area.area == pytest.approx(2 * 100 * 100)
+    assert area.bounds == (500000, 4999400, 500700, 5000000)
+
+
+def test_a_decimal_window_is_a_window(rgb, recorder):
+    assert main(["ask", rgb, "q?", "--aoi", "0,0,10.5,10"]) == 0
+    assert recorder.asked[0].aoi == {"window": [0, 0, 10.5, 10]}
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("[]", "holds no GeoJSON object"),
+    ('{"type": "FeatureCollection", "features": []}', "has no feature with a geometry"),
+    ('{"type": "Feature", "geometry": null}', "holds no geometry"),
+    ("{not json", "is not readable GeoJSON"),
+    (None, "does not exist"),
+])
+def test_a_bad_geojson_file_aoi_is_a_clear_error(tmp_path, rgb, recorder, capsys, content, expected):
+    path = tmp_path / "area.geojson"
+    if content is not None:
+        path.write_text(content)
+    assert main(["ask", rgb, "q?", "--aoi", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and expected in err and "Traceback" not in err
+    assert recorder.made == []
+
+
+def test_an_aoi_that_is_no_kind_of_area_is_named(rgb, recorder, capsys):
+    """A mistyped file name is not parsed as WKT ("Unknown type: 'DATA/TYPO.SHP'")."""
+    assert main(["ask", rgb, "q?", "--aoi", "data/area.shp"]) == 2
+    err = capsys.readouterr().err
+    assert "'data/area.shp' is none of" in err and recorder.made == []
+
+
+def test_an_output_dir_that_cannot_be_made_is_refused_before_loading(tmp_path, rgb, recorder, capsys):
+    """It used to fail with a traceback after the whole answer had been generated."""
+    assert main(["ask", rgb, "q?", "--output-dir", rgb]) == 2  # a file, not a folder
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output-dir") and "cannot be made" in err and recorder.made == []
+    assert main(["ask", rgb, "q?", "--output-dir", str(tmp_path / "new" / "dir")]) == 0
+    assert (tmp_path / "new" / "dir").is_dir()
+
+
+def test_a_question_with_bytes_that_are_not_utf8_is_refused_before_loading(rgb, recorder, capsys):
+    """"café" typed in a Latin-1 terminal reaches sys.argv as 'caf\\udce9' (surrogateescape)."""
+    assert main(["ask", rgb, "caf\udce9?"]) == 2
+    err = capsys.readouterr().err
+    assert "not valid text" in err and recorder.made == []
+
+
+def test_a_seed_beyond_64_bits_is_refused_before_loading(rgb, recorder, capsys):
+    assert main(["ask", rgb, "q?", "--strategy", "random", "--seed", str(2**64)]) == 2
+    assert "'seed' must be between 0 and" in capsys.readouterr().err and recorder.made == []
+    assert main(["ask", rgb, "q?", "--strategy", "random", "--seed", str(2**63 - 1)]) == 0

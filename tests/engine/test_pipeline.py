@@ -287,14 +287,19 @@ def test_prune_outputs_removes_only_old_engine_files(tmp_path):
 
     from engine.pipeline import prune_outputs
 
-    old_tif, old_json = tmp_path / "a_heatmap.tif", tmp_path / "a_anchors.geojson"
-    new_tif, user = tmp_path / "b_heatmap.tif", tmp_path / "notes.txt"
-    for f in (old_tif, old_json, new_tif, user):
+    from engine.pipeline import _output_stem
+
+    stem = _output_stem("How many ships?")
+    old_tif, old_json = tmp_path / f"{stem}_heatmap.tif", tmp_path / f"{stem}_anchors.geojson"
+    new_tif, user = tmp_path / f"{_output_stem('Roads?')}_heatmap.tif", tmp_path / "notes.txt"
+    # the user's own files in a folder given as --output-dir, named like heatmaps but not by us
+    users_tif, users_json = tmp_path / "survey2024_heatmap.tif", tmp_path / "roads_anchors.geojson"
+    for f in (old_tif, old_json, new_tif, user, users_tif, users_json):
         f.write_text("x")
     past = time.time() - 20 * 86400
-    for f in (old_tif, old_json, user):
+    for f in (old_tif, old_json, user, users_tif, users_json):
         os.utime(f, (past, past))
     assert prune_outputs(tmp_path, 0) == 0 and old_tif.exists()
     assert prune_outputs(tmp_path, 14) == 2
     assert not old_tif.exists() and not old_json.exists()
-    assert new_tif.exists() and user.exists()
+    assert new_tif.exists() and user.exists() and users_tif.exists() and users_json.exists()
