@@ -253,7 +253,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tiny", help="write a tiny random checkpoint in the released layout")
-    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--dest", type=Path, required=True,
+                   help="a new or empty folder (an earlier tiny checkpoint there is replaced; other files are refused)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny)
 

@@ -181,14 +181,15 @@ def build_tokenizer():
 
 
 def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
-    """Write a random tiny GeoLLaVA-8K checkpoint into ``dest`` (created; replaced if it
-    exists) and return its path. ``overrides`` replace config fields (``vision_config`` is
+    """Write a random tiny GeoLLaVA-8K checkpoint into ``dest`` (created; replaced if it is an
+    earlier tiny checkpoint, refused if it holds anything else) and return its path. ``overrides`` replace config fields (``vision_config`` is
     merged into the tiny CLIP config)."""
     import torch
 
     from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
 
     dest = Path(dest)
+    _check_replaceable(dest)
     tokenizer = build_tokenizer()
     n_tok = len(tokenizer)
     cfg_dict = tiny_config_dict(**overrides)
@@ -228,6 +229,19 @@ def build_tiny_checkpoint(dest: str | os.PathLike, seed: int = 0, **overrides: A
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _check_replaceable(dest: Path) -> None:
+    """`dest` may be replaced: absent, an empty folder, or a tiny checkpoint this module wrote
+    (TINY_MODEL.txt). Anything else (a real checkpoint, the current folder, a user's files) is
+    refused with ValueError, never deleted."""
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if not dest.is_dir() or dest.is_symlink():
+        raise ValueError(f"{dest} exists and is not a folder; choose another --dest")
+    if any(dest.iterdir()) and not (dest / "TINY_MODEL.txt").is_file():
+        raise ValueError(f"{dest} holds files that are not a tiny checkpoint; nothing was changed. "
+                         "Choose an empty or new folder as --dest.")
 
 
 def _unwanted_output_ids(tokenizer) -> list[int]:

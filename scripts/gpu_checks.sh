@@ -22,6 +22,8 @@ BENCH=docs/benchmarks
 WHEELS=${WHEELS:-.whl}
 mkdir -p "$OUT" "$BENCH"
 export PY OUT BENCH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# the parent folder of the full-size random checkpoint (GEOVQA_BIG_TMP/geollava-7b-random): the
+# script removes that checkpoint at the end, never anything else in the folder
 export GEOVQA_BIG_TMP=${GEOVQA_BIG_TMP:-/tmp/geovqa-big}
 mkdir -p "$GEOVQA_BIG_TMP"
 LOG="$OUT/gpu_checks.log"
@@ -98,5 +100,6 @@ for part in "$@"; do
     echo "== $part: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
     [ $rc -eq 0 ] || failed=$((failed + 1))
 done
-rm -rf "$GEOVQA_BIG_TMP"
+rm -rf "$GEOVQA_BIG_TMP/geollava-7b-random"
+rmdir "$GEOVQA_BIG_TMP" 2>/dev/null || true  # only when nothing else is in it
 exit $failed

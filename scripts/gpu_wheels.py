@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -78,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda", default="130,132",
                     help="bitsandbytes CUDA builds to keep (the image's torch is cu130)")
     args = ap.parse_args(argv)
-    if args.dest.exists():
-        shutil.rmtree(args.dest)
-    args.dest.mkdir(parents=True)
+    args.dest.mkdir(parents=True, exist_ok=True)
+    for old in args.dest.glob("*.whl"):  # an earlier run's wheels; nothing else in the folder is touched
+        old.unlink()
     for name in PACKAGES:
         spec = pinned(name)
         print(f"downloading {spec}", flush=True)

@@ -48,6 +48,28 @@ def test_pinned_versions_come_from_this_interpreter():
     assert "bitsandbytes" in gw.PACKAGES and "rasterio" in gw.PACKAGES
 
 
+def test_gpu_wheels_replaces_only_wheels_in_its_folder(tmp_path, monkeypatch, capsys):
+    """--dest used to be deleted whole; an earlier run's wheels are replaced, other files stay."""
+    gw = _load_gpu_wheels()
+    dest = tmp_path / "wheels"
+    dest.mkdir()
+    (dest / "old-0.1-py3-none-any.whl").write_bytes(b"stale")
+    (dest / "notes.txt").write_text("mine")
+    fetched = []
+
+    def fake_download(spec, where, python_version):
+        fetched.append(spec)
+        with zipfile.ZipFile(where / f"{spec.split('==')[0]}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr("METADATA", spec)
+
+    monkeypatch.setattr(gw, "download", fake_download)
+    gw.main(["--dest", str(dest)])
+    assert len(fetched) == len(gw.PACKAGES)
+    assert (dest / "notes.txt").read_text() == "mine"
+    assert not (dest / "old-0.1-py3-none-any.whl").exists()
+    assert len(list(dest.glob("*.whl"))) == len(gw.PACKAGES)
+
+
 def _checks(*parts, tmp_path):
     env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out"),
            "WHEELS": str(tmp_path / "no-wheels"), "GEOVQA_BIG_TMP": str(tmp_path / "big")}
@@ -58,6 +80,9 @@ def _checks(*parts, tmp_path):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU behaviour")
 def test_gpu_checks_without_a_gpu_fail_clearly_and_record_nothing(tmp_path):
     before = set((REPO / "docs" / "benchmarks").iterdir())
+    # GEOVQA_BIG_TMP is the parent of the random checkpoint: only that checkpoint is removed
+    (tmp_path / "big" / "geollava-7b-random").mkdir(parents=True)
+    (tmp_path / "big" / "keep.txt").write_text("someone else's")
     r = _checks("env", "semantics", "nonsense", tmp_path=tmp_path)
     # env fails (no CUDA), semantics measures the CPU and records nothing, nonsense is refused
     assert r.returncode == 2, r.stdout + r.stderr
@@ -66,7 +91,8 @@ def test_gpu_checks_without_a_gpu_fail_clearly_and_record_nothing(tmp_path):
     assert "== semantics: exit 0" in log and "only the CPU side was measured" in log
     assert "unknown part 'nonsense'" in log
     assert set((REPO / "docs" / "benchmarks").iterdir()) == before
-    assert not (tmp_path / "big").exists()
+    assert not (tmp_path / "big" / "geollava-7b-random").exists()
+    assert (tmp_path / "big" / "keep.txt").read_text() == "someone else's"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU behaviour")

@@ -204,3 +204,28 @@ def test_download_weights_offline_and_verified(tmp_path, tiny_checkpoint, monkey
     monkeypatch.setattr(huggingface_hub, "snapshot_download", cut_off)
     with pytest.raises(DownloadError, match="not usable: .*not a readable safetensors file"):
         download_weights(tmp_path / "w4")
+
+
+def test_tiny_never_deletes_what_it_did_not_write(tmp_path, tiny_checkpoint):
+    """`engine tiny --dest DIR` used to rmtree DIR whatever it held (`--dest .` emptied the current
+    folder). It replaces only an earlier tiny checkpoint or an empty folder."""
+    import shutil
+
+    from engine.tiny import build_tiny_checkpoint
+
+    user = tmp_path / "mine"
+    (user / "sub").mkdir(parents=True)
+    (user / "sub" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a tiny checkpoint; nothing was changed"):
+        build_tiny_checkpoint(user)
+    assert (user / "sub" / "keep.txt").read_text() == "x"
+    a_file = tmp_path / "file.bin"
+    a_file.write_text("data")
+    with pytest.raises(ValueError, match="not a folder"):
+        build_tiny_checkpoint(a_file)
+    assert a_file.read_text() == "data"
+    earlier = tmp_path / "tiny"
+    shutil.copytree(tiny_checkpoint, earlier)
+    (earlier / "stale.txt").write_text("from the earlier build")
+    assert build_tiny_checkpoint(earlier, seed=3) == earlier
+    assert not (earlier / "stale.txt").exists() and "seed 3" in (earlier / "TINY_MODEL.txt").read_text()
