@@ -18,6 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "qgis_plugin"
+# qgis_plugin/metadata.txt is a link to this file (one metadata for the repo and the plugin); the
+# zip gets the file itself, so packaging works on checkouts without links (Windows' default)
+METADATA = ROOT / "metadata.txt"
 PACKAGE = "geovqa"
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 SKIP_SUFFIXES = {".pyc", ".pyo", ".orig", ".rej", ".swp"}
@@ -25,7 +28,7 @@ SKIP_SUFFIXES = {".pyc", ".pyo", ".orig", ".rej", ".swp"}
 
 def version() -> str:
     cp = configparser.ConfigParser()
-    cp.read(SRC / "metadata.txt", encoding="utf-8")
+    cp.read(METADATA, encoding="utf-8")
     return cp.get("general", "version")
 
 
@@ -34,6 +37,8 @@ def plugin_files() -> list[Path]:
     for path in sorted(SRC.rglob("*")):
         rel = path.relative_to(SRC)
         if any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts):
+            continue
+        if rel.as_posix() == "metadata.txt":  # the link (or, without links, its target's name)
             continue
         if path.is_file() and path.suffix not in SKIP_SUFFIXES:
             out.append(path)
@@ -44,6 +49,7 @@ def build_zip(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / f"{PACKAGE}-{version()}.zip"
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(METADATA, f"{PACKAGE}/metadata.txt")
         for path in plugin_files():
             zf.write(path, f"{PACKAGE}/{path.relative_to(SRC).as_posix()}")
     return dest

@@ -53,6 +53,9 @@ def test_package_zip_is_installable(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"geovqa"} and "geovqa".isidentifier()
     assert "geovqa/metadata.txt" in names and "geovqa/__init__.py" in names
+    # plugins.qgis.org refuses a package without a LICENSE (GPLv2-or-later compatible)
+    assert "GNU GENERAL PUBLIC LICENSE" in zipfile.ZipFile(zips[0]).read("geovqa/LICENSE").decode()
+    assert names.count("geovqa/metadata.txt") == 1
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     cp = configparser.ConfigParser()
     cp.read_string(zipfile.ZipFile(zips[0]).read("geovqa/metadata.txt").decode())
@@ -63,6 +66,29 @@ def test_package_zip_is_installable(tmp_path):
     assert f"geovqa/{meta['icon']}" in names
     installed = tmp_path / "profile" / "python" / "plugins" / "geovqa"
     assert (installed / "metadata.txt").is_file() and (installed / "processing" / "provider.py").is_file()
+
+
+def test_package_zip_without_links_in_the_checkout(tmp_path):
+    """A checkout made without symlinks (git's default on Windows) holds qgis_plugin/metadata.txt
+    as a text file naming its target; the zip still gets the real metadata."""
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "qgis_plugin", copy / "qgis_plugin", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "qgis_plugin" / "metadata.txt").unlink()
+    (copy / "qgis_plugin" / "metadata.txt").write_text("../metadata.txt")
+    shutil.copy(ROOT / "metadata.txt", copy / "metadata.txt")
+    (copy / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "package_plugin.py", copy / "scripts")
+    r = subprocess.run([sys.executable, str(copy / "scripts" / "package_plugin.py"), "--out", str(tmp_path / "dist")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (zip_path,) = (tmp_path / "dist").glob("geovqa-*.zip")
+    meta = zipfile.ZipFile(zip_path).read("geovqa/metadata.txt").decode()
+    assert meta == (ROOT / "metadata.txt").read_text()
 
 
 def test_plugin_never_imports_torch_or_engine():
