@@ -57,7 +57,9 @@ def engine_command(settings) -> tuple:
         args += ["--weights", settings.weights_dir.strip()]
     if settings.extra_args.strip():
         args += shlex.split(settings.extra_args)
-    workdir = str(engine_dir) if engine_dir is not None else str(Path(python).resolve().parent.parent.parent)
+    # <repo>/.venv/bin/python -> <repo>; not resolve(): a venv's python is a link to the base
+    # interpreter, whose folder is not the engine's
+    workdir = str(engine_dir) if engine_dir is not None else str(Path(python).expanduser().absolute().parent.parent.parent)
     return python, args, workdir
 
 

@@ -122,6 +122,25 @@ def test_engine_command_has_no_shell(tmp_path):
         engine_command(s)
 
 
+def test_the_engine_folder_comes_from_a_venv_python_not_its_link_target(tmp_path):
+    """Only 'Engine Python' set: <repo>/.venv/bin/python is a link to the base interpreter; the
+    engine starts in <repo> (where relative weights folders are), not beside the base Python."""
+    import os
+
+    from geovqa.engine_process import engine_command
+    from geovqa.settings import Settings
+
+    base = tmp_path / "pyenv" / "versions" / "3.11" / "bin" / "python3.11"
+    base.parent.mkdir(parents=True)
+    base.write_text("")
+    py = tmp_path / "repo" / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    os.symlink(base, py)
+    s = Settings(engine_url="http://127.0.0.1:9911", python=str(py))
+    program, _, workdir = engine_command(s)
+    assert program == str(py) and workdir == str(tmp_path / "repo")
+
+
 def test_an_engine_that_fails_to_start_says_why(plugin, qgis_iface, tmp_path):
     """The engine's own error sentence reaches the message bar, not only the diagnostics log."""
     import pytest
