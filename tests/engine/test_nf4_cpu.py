@@ -157,3 +157,16 @@ def test_cpu_nf4_weights_do_not_keep_the_checkpoint_mapped(tiny_checkpoint, tmp_
             continue
         ptr = t.untyped_storage().data_ptr()
         assert not any(lo <= ptr < hi for lo, hi in ranges), f"{name} still points into a shard"
+
+
+def test_the_engine_does_not_print_bitsandbytes_optional_kernel_warning():
+    """Every command used to start with 'Failed to load CPU gemm_4bit_forward from
+    kernels-community' (an optional hub download); the engine quiets that one logger."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import engine, bitsandbytes, logging; "
+                        "print(logging.getLogger('bitsandbytes.backends.cpu.ops').level)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "gemm_4bit_forward" not in r.stderr and r.stdout.strip() == "40"  # logging.ERROR
