@@ -22,8 +22,9 @@ What `read_raster` does, in order:
   channels; two non-alpha bands -> the first as grey; a single paletted band -> its colour table.
   An explicit ``bands=[...]`` (1-based, one or three entries) overrides that.
 * **Stretch**: uint8 data is kept as is; any other type (uint16, int, float) is stretched per band
-  from its 2nd..98th percentile (over valid pixels only) to 0..255. A constant band keeps its
-  value clipped to 0..255 (no division by zero).
+  from its 2nd..98th percentile (bands of different types, e.g. a VRT stacking Byte and Float32
+  files, are read as their common type and stretched alike) over valid pixels only to 0..255.
+  A constant band keeps its value clipped to 0..255 (no division by zero).
 * **Validity**: nodata values, internal/external masks and an alpha band (all through GDAL's
   per-band masks), NaN/inf in float data, and the outside of a polygon AOI give ``valid=False``;
   those pixels are set to 0 in ``pixels``. When no pixel at all is valid, `NoValidPixelsError`
@@ -319,6 +320,31 @@ def _stretch(band: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, tuple[flo
     return out, (lo, hi)
 
 
+def _numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype of a rasterio band type name; GDAL's CInt16 ('complex_int16') has no numpy
+    twin and is read as complex64, as rasterio itself does."""
+    return np.dtype(np.complex64) if name == "complex_int16" else np.dtype(name)
+
+
+def _read_bands(src, band_numbers, window, shape, resampling) -> np.ndarray:
+    """Bands `band_numbers` (1-based) of `window`, read at `shape` (rows, cols), as one array.
+
+    rasterio reads several bands in one call only when they share a type; bands of different
+    types ("more than one 'dtype' found", e.g. a VRT stacking Byte, UInt16 and Float32 files)
+    are read one by one into their common type, which loses nothing; the per-band stretch then
+    copes with it like with any non-uint8 raster.
+    """
+    types = {src.dtypes[b - 1] for b in band_numbers}
+    if len(types) == 1:
+        return src.read(band_numbers, window=window, out_shape=(len(band_numbers), *shape),
+                        resampling=resampling)
+    common = np.result_type(*(_numpy_dtype(t) for t in types))
+    data = np.empty((len(band_numbers), *shape), dtype=common)
+    for i, b in enumerate(band_numbers):
+        data[i] = src.read(b, window=window, out_shape=shape, resampling=resampling)
+    return data
+
+
 def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
     """Read `path` (any GDAL raster) into a `RasterImage`; see the module docstring for the rules.
 
@@ -372,13 +398,20 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                data = src.read(uniq, window=window, out_shape=(len(uniq), oh, ow), resampling=resampling)
+                data = _read_bands(src, uniq, window, (oh, ow), resampling)
                 masks = src.read_masks(uniq, window=window, out_shape=(len(uniq), oh, ow),
                                        resampling=Resampling.nearest)
-        except (RasterioError, OSError, ValueError) as exc:
+        except (RasterioError, OSError) as exc:  # GDAL failed on the file's bytes
             raise RasterOpenError(
                 f"Could not read pixels from '{p}': the file looks corrupt or truncated. "
                 f"Re-export it and try again. (GDAL: {exc})",
+                code="raster_unreadable",
+            ) from exc
+        except ValueError as exc:  # rasterio refused the read itself: nothing says the file is bad
+            raise RasterOpenError(
+                f"Could not read pixels from '{p}' as {len(uniq)} band(s) of types "
+                f"{', '.join(src.dtypes[b - 1] for b in uniq)}: {exc}. Choose other bands, or "
+                "convert the raster (e.g. gdal_translate -ot Float32) and try again.",
                 code="raster_unreadable",
             ) from exc
 

@@ -17,9 +17,11 @@ from engine.raster import (
 )
 
 try:
-    from tests.engine.rasters import DEFAULT_TRANSFORM, write_bytes, write_geotiff, write_truncated, write_vrt
+    from tests.engine.rasters import (DEFAULT_TRANSFORM, write_bytes, write_geotiff, write_stacked_vrt,
+                                      write_truncated, write_vrt)
 except ImportError:  # rootdir-relative import when tests/ is not a package
-    from rasters import DEFAULT_TRANSFORM, write_bytes, write_geotiff, write_truncated, write_vrt
+    from rasters import (DEFAULT_TRANSFORM, write_bytes, write_geotiff, write_stacked_vrt, write_truncated,
+                         write_vrt)
 
 RNG = np.random.default_rng(42)
 
@@ -196,6 +198,38 @@ def test_vrt(tmp_path):
     src = write_geotiff(tmp_path / "base.tif", arr, crs=None)
     im = read_raster(write_vrt(tmp_path / "m.vrt", src, 14, 12, count=3))
     np.testing.assert_array_equal(im.pixels, arr.transpose(1, 2, 0))
+
+
+def test_bands_of_different_types_are_read_and_stretched(tmp_path):
+    """A VRT stacking Byte, UInt16 and Float32 files used to fail in rasterio ("more than one
+    'dtype' found") and was reported as a corrupt file."""
+    grey = _u8(30, 40)
+    sources = [write_geotiff(tmp_path / "b1.tif", grey),
+               write_geotiff(tmp_path / "b2.tif", grey.astype(np.uint16) * 100),
+               write_geotiff(tmp_path / "b3.tif", grey.astype(np.float32) / 3)]
+    vrt = write_stacked_vrt(tmp_path / "mixed.vrt", sources)
+    for max_pixels in (None, 300):  # full resolution and a decimated (resampled) read
+        im = read_raster(vrt, max_pixels=max_pixels)
+        assert im.bands == (1, 2, 3) and im.valid.all() and len(im.stretch) == 3
+        # the same picture in three types: stretched alike, the channels agree (a resampled
+        # Byte band is rounded to whole numbers, the others are not: a little slack)
+        np.testing.assert_allclose(im.pixels[..., 1], im.pixels[..., 0], atol=3)
+        np.testing.assert_allclose(im.pixels[..., 2], im.pixels[..., 0], atol=3)
+    assert read_raster(vrt, bands=[3, 1, 2]).stretch[0] == pytest.approx(
+        (np.percentile(grey / 3, 2), np.percentile(grey / 3, 98)), rel=1e-4)
+
+
+def test_a_read_rasterio_refuses_is_not_called_corrupt(tmp_path, monkeypatch):
+    import engine.raster as raster
+
+    def refuse(*args, **kwargs):
+        raise ValueError("an argument rasterio does not accept")
+
+    monkeypatch.setattr(raster, "_read_bands", refuse)
+    with pytest.raises(RasterOpenError) as err:
+        read_raster(write_geotiff(tmp_path / "fine.tif", _u8(3, 8, 8)))
+    assert "does not accept" in str(err.value) and "corrupt" not in str(err.value)
+    assert err.value.code == "raster_unreadable"
 
 
 def test_corrupt_and_missing_files(tmp_path):
