@@ -135,3 +135,29 @@ def write_stacked_vrt(path, sources):
             f"<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>")
     xml = f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">{"".join(bands)}</VRTDataset>'
     return write_bytes(path, xml.encode())
+
+
+def write_gcp_geotiff(path, array, gcps, crs="EPSG:32633", rpcs=None):
+    """A GeoTIFF with no geotransform, placed on the map by ground control points `gcps`
+    ((col, row, x, y) tuples, in `crs`) or, with `gcps=()`, by RPCs alone (a rasterio RPC)."""
+    import rasterio
+    import rasterio.errors
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS
+
+    arr = np.asarray(array)
+    if arr.ndim == 2:
+        arr = arr[None]
+    count, height, width = arr.shape
+    path = os.fspath(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=count,
+                           dtype=arr.dtype.name) as dst:
+            if gcps:
+                points = [GroundControlPoint(row=r, col=c, x=x, y=y) for c, r, x, y in gcps]
+                dst.gcps = (points, CRS.from_user_input(crs))
+            if rpcs is not None:
+                dst.rpcs = rpcs
+            dst.write(arr)
+    return path
