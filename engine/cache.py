@@ -1,8 +1,9 @@
 """Caches that make a second question on the same raster cheap.
 
-* `FeatureCache`: vision features of a raster read, keyed by (path, size, mtime, area of interest,
-  bands), kept on the CPU and bounded in bytes (least recently used goes first). A hit skips
-  reading tiles and the whole vision tower.
+* `FeatureCache`: vision features of a raster read, keyed by (path, size and mtime of every file
+  behind it: a VRT's sources, overviews, masks; area of interest, bands), kept on the CPU and
+  bounded in bytes (least recently used goes first). A hit skips reading tiles and the whole
+  vision tower.
 * `PrefixStore`: the language model's KV cache of the image prefix (system prompt + visual tokens)
   for question-independent strategies, keyed by the feature key plus the strategy and its
   parameters. A hit skips the prefill of every visual token. Holds few entries: KV caches are big.
@@ -20,11 +21,61 @@ from typing import Any, Hashable
 
 
 def raster_key(path: str, aoi, bands) -> tuple:
-    """Identity of a raster read: the file (changes when its size or mtime does), the area of
-    interest (window / polygon, as canonical JSON) and the bands."""
-    st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns,
-            json.dumps(aoi, sort_keys=True, default=str), tuple(bands or ()))
+    """Identity of a raster read: every file behind it (see `raster_files`; the key changes when
+    the size or mtime of any of them does), the area of interest (window / polygon, as canonical
+    JSON) and the bands."""
+    stamps = tuple(_file_stamp(f) for f in raster_files(path))
+    return (os.path.realpath(path), stamps, json.dumps(aoi, sort_keys=True, default=str),
+            tuple(bands or ()))
+
+
+def raster_files(path: str) -> list[str]:
+    """`path` and every file GDAL reads with it: a VRT's sources (those of a VRT inside it too)
+    and sidecars such as .ovr overviews, .msk masks and .aux.xml metadata.
+
+    A VRT is only XML naming other files: keyed on itself alone, the cache served the features
+    of the old pixels after a source file was replaced. Opening the dataset to ask GDAL is cheap
+    next to the read a cache hit saves; it reads no pixels.
+    """
+    found = [path]
+    seen = {os.path.realpath(path)}
+    pending = [path]
+    while pending:
+        for name in _gdal_file_list(pending.pop()):
+            real = os.path.realpath(name)
+            if real in seen:
+                continue
+            seen.add(real)
+            found.append(name)
+            if name.lower().endswith(".vrt"):  # GDAL lists a nested VRT, not its sources
+                pending.append(name)
+    return found
+
+
+def _gdal_file_list(path: str) -> list[str]:
+    """The files GDAL reports for the dataset at `path`; none when it cannot be opened (the read
+    that follows says why)."""
+    import warnings
+
+    import rasterio
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning and the like
+            with rasterio.open(path) as src:
+                return list(src.files)
+    except Exception:  # noqa: BLE001 - any failure here only means "no more files known"
+        return []
+
+
+def _file_stamp(name: str) -> tuple:
+    """(real path, size, mtime in ns) of a file; None for the numbers when it cannot be stat-ed
+    (e.g. a /vsicurl/ source)."""
+    try:
+        st = os.stat(name)
+    except OSError:
+        return (name, None, None)
+    return (os.path.realpath(name), st.st_size, st.st_mtime_ns)
 
 
 def _nbytes(value: Any) -> int:

@@ -22,12 +22,16 @@ What `read_raster` does, in order:
   channels; two non-alpha bands -> the first as grey; a single paletted band -> its colour table.
   An explicit ``bands=[...]`` (1-based, one or three entries) overrides that.
 * **Stretch**: uint8 data is kept as is; any other type (uint16, int, float) is stretched per band
-  from its 2nd..98th percentile (over valid pixels only) to 0..255. A constant band keeps its
-  value clipped to 0..255 (no division by zero).
+  from its 2nd..98th percentile (bands of different types, e.g. a VRT stacking Byte and Float32
+  files, are read as their common type and stretched alike) over valid pixels only to 0..255.
+  A constant band keeps its value clipped to 0..255 (no division by zero).
 * **Validity**: nodata values, internal/external masks and an alpha band (all through GDAL's
   per-band masks), NaN/inf in float data, and the outside of a polygon AOI give ``valid=False``;
   those pixels are set to 0 in ``pixels``. When no pixel at all is valid, `NoValidPixelsError`
   (code no_valid_pixels): a black image is nothing to ask about.
+* **Georeferencing** (`georeferencing`): the geotransform and CRS; for a file placed only by
+  ground control points, the affine transform fitted to them (with their CRS) when it misses no
+  GCP by more than half a pixel, else `NeedsWarpError` (warp it first), as for RPCs alone.
 * **No georeferencing**: ``crs_wkt=None`` and ``source_transform`` is the identity (map
   coordinates are source pixel coordinates).
 """
@@ -174,8 +178,82 @@ def _open(path: str):
         ) from exc
 
 
-def _is_georeferenced(src) -> bool:
-    return src.crs is not None or not src.transform.almost_equals(Affine.identity())
+# ------------------------------------------------------------------------------- georeferencing
+
+GCP_TOLERANCE_PX = 0.5  # an affine fit to the GCPs is used when it misses none by more than this
+
+
+class NeedsWarpError(RasterError):
+    """The raster is placed on the map by ground control points or RPCs that no affine transform
+    honours: only a warp puts its pixels where GIS software shows them."""
+
+    code = "raster_unreadable"
+
+
+def georeferencing(src) -> tuple[Affine, str | None, bool]:
+    """(source pixel -> map transform, CRS as WKT, georeferenced) of an open rasterio dataset.
+
+    A geotransform or a CRS is used as it is. A file placed on the map only by ground control
+    points (no geotransform) gets the affine transform fitted to them, with their CRS, when the
+    fit misses no GCP by more than `GCP_TOLERANCE_PX`: GIS software such as QGIS warps such a
+    file to show it, and that warp is then the same affine map, so the engine's heatmap and
+    anchors land on what the user sees. GCPs that need a real warp, or RPCs alone, raise
+    `NeedsWarpError`: reading the file as a plain grid would put every answer in the wrong
+    place. Nothing at all: the identity (map coordinates are source pixel coordinates).
+    """
+    if not src.transform.almost_equals(Affine.identity()):
+        return src.transform, (src.crs.to_wkt() if src.crs is not None else None), True
+    gcps, gcp_crs = src.gcps
+    if gcps:
+        crs = gcp_crs if gcp_crs is not None else src.crs
+        return _affine_from_gcps(gcps, src.name), (crs.to_wkt() if crs is not None else None), True
+    if src.rpcs is not None:
+        raise NeedsWarpError(
+            f"'{src.name}' is placed on the map by RPCs (a sensor model), not by a geotransform, so "
+            "its pixels are not a map grid. Warp it first, e.g. gdalwarp -rpc -r bilinear "
+            f"'{src.name}' warped.tif (add -to RPC_DEM=<dem.tif> in hilly terrain), and ask about "
+            "the warped file."
+        )
+    if src.crs is not None:  # a CRS without a transform: coordinates are pixels, as before
+        return Affine.identity(), src.crs.to_wkt(), True
+    return Affine.identity(), None, False
+
+
+def _affine_from_gcps(gcps, name: str) -> Affine:
+    """The affine transform fitted to `gcps`, or NeedsWarpError when it misses one of them by
+    more than `GCP_TOLERANCE_PX` (or fewer than three GCPs cannot fix one)."""
+    from affine import TransformNotInvertibleError
+    from rasterio.transform import from_gcps
+
+    if len(gcps) < 3:
+        raise NeedsWarpError(
+            f"'{name}' is georeferenced by {len(gcps)} ground control point(s); at least three "
+            "are needed to place it on the map. Add GCPs (e.g. in QGIS's Georeferencer) and "
+            "save it georeferenced."
+        )
+    transform = from_gcps(gcps)  # GDAL's least-squares fit; garbage when the GCPs are degenerate
+    try:
+        inverse = ~transform
+        misses = [math.hypot(*(np.subtract(inverse @ (g.x, g.y), (g.col, g.row)))) for g in gcps]
+    except TransformNotInvertibleError:
+        misses = [math.inf]
+    worst = max(misses) if all(math.isfinite(m) for m in misses) else math.inf
+    if not worst <= GCP_TOLERANCE_PX:
+        detail = (f"the best one misses a GCP by {worst:.1f} pixels" if math.isfinite(worst)
+                  else "they lie on one line")
+        raise NeedsWarpError(
+            f"'{name}' is georeferenced by ground control points that need a warp: no affine "
+            f"transform fits them ({detail}). Warp it first, e.g. "
+            f"gdalwarp -r bilinear '{name}' warped.tif, and ask about the warped file."
+        )
+    return transform
+
+
+def footprint_bounds(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
+    """(min x, min y, max x, max y) of the raster's four corners in map coordinates; right for
+    rotated and south-up rasters too."""
+    xs, ys = zip(*(transform @ (c, r) for c in (0, width) for r in (0, height)))
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 # ---------------------------------------------------------------------------------------- bands
@@ -319,6 +397,31 @@ def _stretch(band: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, tuple[flo
     return out, (lo, hi)
 
 
+def _numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype of a rasterio band type name; GDAL's CInt16 ('complex_int16') has no numpy
+    twin and is read as complex64, as rasterio itself does."""
+    return np.dtype(np.complex64) if name == "complex_int16" else np.dtype(name)
+
+
+def _read_bands(src, band_numbers, window, shape, resampling) -> np.ndarray:
+    """Bands `band_numbers` (1-based) of `window`, read at `shape` (rows, cols), as one array.
+
+    rasterio reads several bands in one call only when they share a type; bands of different
+    types ("more than one 'dtype' found", e.g. a VRT stacking Byte, UInt16 and Float32 files)
+    are read one by one into their common type, which loses nothing; the per-band stretch then
+    copes with it like with any non-uint8 raster.
+    """
+    types = {src.dtypes[b - 1] for b in band_numbers}
+    if len(types) == 1:
+        return src.read(band_numbers, window=window, out_shape=(len(band_numbers), *shape),
+                        resampling=resampling)
+    common = np.result_type(*(_numpy_dtype(t) for t in types))
+    data = np.empty((len(band_numbers), *shape), dtype=common)
+    for i, b in enumerate(band_numbers):
+        data[i] = src.read(b, window=window, out_shape=shape, resampling=resampling)
+    return data
+
+
 def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
     """Read `path` (any GDAL raster) into a `RasterImage`; see the module docstring for the rules.
 
@@ -333,9 +436,7 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
     p = os.fspath(path)
     src = _open(p)
     try:
-        georef = _is_georeferenced(src)
-        transform = src.transform if georef else Affine.identity()
-        crs_wkt = src.crs.to_wkt() if src.crs is not None else None
+        transform, crs_wkt, georef = georeferencing(src)
         chosen, palette = _choose_bands(src, bands)
 
         poly = None
@@ -372,13 +473,20 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                data = src.read(uniq, window=window, out_shape=(len(uniq), oh, ow), resampling=resampling)
+                data = _read_bands(src, uniq, window, (oh, ow), resampling)
                 masks = src.read_masks(uniq, window=window, out_shape=(len(uniq), oh, ow),
                                        resampling=Resampling.nearest)
-        except (RasterioError, OSError, ValueError) as exc:
+        except (RasterioError, OSError) as exc:  # GDAL failed on the file's bytes
             raise RasterOpenError(
                 f"Could not read pixels from '{p}': the file looks corrupt or truncated. "
                 f"Re-export it and try again. (GDAL: {exc})",
+                code="raster_unreadable",
+            ) from exc
+        except ValueError as exc:  # rasterio refused the read itself: nothing says the file is bad
+            raise RasterOpenError(
+                f"Could not read pixels from '{p}' as {len(uniq)} band(s) of types "
+                f"{', '.join(src.dtypes[b - 1] for b in uniq)}: {exc}. Choose other bands, or "
+                "convert the raster (e.g. gdal_translate -ot Float32) and try again.",
                 code="raster_unreadable",
             ) from exc
 

@@ -1,7 +1,9 @@
 """Raster inputs reaching the server: local paths checked read-only, uploads streamed to disk.
 
 A local path must be an existing regular file (a GDAL raster or a .vrt) that rasterio can open
-read-only. An uploaded GeoTIFF (multipart part ``raster``) is streamed to a temporary file while
+read-only, and whose georeferencing the engine can honour (a raster placed by ground control
+points that need a warp, or by RPCs alone, is refused: see engine.raster.georeferencing). An
+uploaded GeoTIFF (multipart part ``raster``) is streamed to a temporary file while
 its size is counted, refused with ``upload_too_large`` as soon as it passes the limit, and then
 verified to be a GeoTIFF rasterio can read. The caller deletes the temporary directory when the
 job is over.
@@ -32,7 +34,7 @@ class RasterInfo:
     width: int
     height: int
     count: int
-    bounds: tuple[float, float, float, float]  # left, bottom, right, top in the raster's CRS
+    bounds: tuple[float, float, float, float]  # min x, min y, max x, max y in the raster's CRS
     crs_wkt: str | None
 
 
@@ -40,6 +42,8 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
     """Open `path` read-only and describe it, or raise JobError with a readable reason."""
     import rasterio  # the engine's dependency; imported late to keep module import cheap
     from rasterio.errors import RasterioIOError
+
+    from engine.raster import footprint_bounds
 
     p = Path(path).expanduser()
     shown = str(path)
@@ -70,10 +74,9 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
         with ds:
             if ds.count < 1 or ds.width < 1 or ds.height < 1:
                 raise JobError("not_a_raster", f"{shown} has no raster bands.")
-            b = ds.bounds
+            transform, crs_wkt = _placement(ds)
             info = RasterInfo(str(p), ds.width, ds.height, ds.count,
-                              (b.left, b.bottom, b.right, b.top),
-                              ds.crs.to_wkt() if ds.crs else None)
+                              footprint_bounds(transform, ds.width, ds.height), crs_wkt)
             # read one pixel: a header that opens but data that does not is unreadable
             ds.read(1, window=((0, 1), (0, 1)))
             return info
@@ -86,6 +89,19 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
         raise JobError("not_a_raster", f"{shown} is not a raster that GDAL can open.") from exc
     except Exception as exc:  # noqa: BLE001 - GDAL raises many kinds
         raise JobError("raster_unreadable", f"{shown} cannot be read: {_short(exc)}") from exc
+
+
+def _placement(ds) -> tuple:
+    """(transform, CRS WKT) the engine will read `ds` with (GCPs fitted, see
+    engine.raster.georeferencing), or JobError when the raster needs a warp first: refused here,
+    before a question is queued or a model loaded."""
+    from engine.raster import RasterError, georeferencing
+
+    try:
+        transform, crs_wkt, _ = georeferencing(ds)
+    except RasterError as exc:
+        raise JobError(exc.code, str(exc)) from None  # the message says what to do
+    return transform, crs_wkt
 
 
 def _short(exc: BaseException) -> str:

@@ -124,8 +124,9 @@ def clip_to_layer(geometry: QgsGeometry, src_crs, layer, project: QgsProject | N
 def file_grid_is_layer_grid(layer) -> bool:
     """True when the layer's width, height and extent are the pixels of its file.
 
-    QGIS shows a rotated or south-up raster through a warped, north-up view of it: a window cut
-    from that view's grid is not a window of the file the engine reads (a polygon is)."""
+    QGIS shows a rotated or south-up raster, or one placed by ground control points, through a
+    warped, north-up view of it: a window cut from that view's grid is not a window of the file
+    the engine reads (a polygon is)."""
     try:
         from osgeo import gdal
 
@@ -135,8 +136,12 @@ def file_grid_is_layer_grid(layer) -> bool:
     if ds is None:
         return True
     gt = ds.GetGeoTransform(can_return_null=True)
-    if gt is None:  # no georeferencing: QGIS and the engine both use the file's pixels
-        return True
+    if gt is None:
+        # No geotransform. Placed by ground control points (or RPCs), the file is shown through
+        # a warped view with a grid of its own (the engine fits the GCPs; a polygon in the
+        # layer's CRS reaches the right pixels). No georeferencing at all: QGIS and the engine
+        # both use the file's pixels.
+        return ds.GetGCPCount() == 0 and not ds.GetMetadata("RPC")
     return (gt[2] == 0 and gt[4] == 0 and gt[5] < 0
             and (ds.RasterXSize, ds.RasterYSize) == (layer.width(), layer.height()))
 

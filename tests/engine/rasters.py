@@ -114,3 +114,50 @@ def write_vrt(path, source_path, width, height, count=1, dtype="Byte"):
     )
     xml = f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">{bands}</VRTDataset>'
     return write_bytes(path, xml.encode())
+
+
+_GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
+               "int32": "Int32", "float32": "Float32", "float64": "Float64"}
+
+
+def write_stacked_vrt(path, sources):
+    """A VRT stacking single-band rasters as its bands 1, 2, ... (like gdalbuildvrt -separate);
+    each band keeps its source's type, so the bands may differ in type. Sources share one size."""
+    import rasterio
+
+    bands = []
+    for b, source in enumerate(sources, start=1):
+        with rasterio.open(os.fspath(source)) as src:
+            width, height, dtype = src.width, src.height, src.dtypes[0]
+        bands.append(
+            f'<VRTRasterBand dataType="{_GDAL_TYPES[dtype]}" band="{b}"><SimpleSource>'
+            f'<SourceFilename relativeToVRT="0">{os.fspath(source)}</SourceFilename>'
+            f"<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>")
+    xml = f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">{"".join(bands)}</VRTDataset>'
+    return write_bytes(path, xml.encode())
+
+
+def write_gcp_geotiff(path, array, gcps, crs="EPSG:32633", rpcs=None):
+    """A GeoTIFF with no geotransform, placed on the map by ground control points `gcps`
+    ((col, row, x, y) tuples, in `crs`) or, with `gcps=()`, by RPCs alone (a rasterio RPC)."""
+    import rasterio
+    import rasterio.errors
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS
+
+    arr = np.asarray(array)
+    if arr.ndim == 2:
+        arr = arr[None]
+    count, height, width = arr.shape
+    path = os.fspath(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=count,
+                           dtype=arr.dtype.name) as dst:
+            if gcps:
+                points = [GroundControlPoint(row=r, col=c, x=x, y=y) for c, r, x, y in gcps]
+                dst.gcps = (points, CRS.from_user_input(crs))
+            if rpcs is not None:
+                dst.rpcs = rpcs
+            dst.write(arr)
+    return path

@@ -9,6 +9,7 @@ from affine import Affine
 from engine.raster import (
     AOIError,
     BandError,
+    NeedsWarpError,
     RasterError,
     RasterOpenError,
     read_for_tiling,
@@ -17,9 +18,11 @@ from engine.raster import (
 )
 
 try:
-    from tests.engine.rasters import DEFAULT_TRANSFORM, write_bytes, write_geotiff, write_truncated, write_vrt
+    from tests.engine.rasters import (DEFAULT_TRANSFORM, write_bytes, write_gcp_geotiff, write_geotiff,
+                                      write_stacked_vrt, write_truncated, write_vrt)
 except ImportError:  # rootdir-relative import when tests/ is not a package
-    from rasters import DEFAULT_TRANSFORM, write_bytes, write_geotiff, write_truncated, write_vrt
+    from rasters import (DEFAULT_TRANSFORM, write_bytes, write_gcp_geotiff, write_geotiff, write_stacked_vrt,
+                         write_truncated, write_vrt)
 
 RNG = np.random.default_rng(42)
 
@@ -191,11 +194,103 @@ def test_no_crs_no_georeference(tmp_path):
     assert im.image_to_map == Affine.identity()
 
 
+def _gcps(*pixels, transform=DEFAULT_TRANSFORM):
+    """(col, row, x, y) ground control points at `pixels`, placed by `transform`."""
+    return [(c, r, *(transform @ (c, r))) for c, r in pixels]
+
+
+GCP_PIXELS = ((0, 0), (60, 0), (0, 40), (60, 40), (30, 20))
+
+
+def test_a_raster_placed_by_gcps_gets_their_affine_fit_and_crs(tmp_path):
+    """It used to be read as a plain picture (no CRS, pixel coordinates): a polygon in the GCPs'
+    CRS was 'outside', and heatmap and anchors came out in pixels where QGIS shows the layer at
+    the GCPs."""
+    from shapely.geometry import box
+
+    arr = _u8(3, 40, 60)
+    gcps = _gcps(*GCP_PIXELS)
+    gcps[-1] = (30, 20, gcps[-1][2] + 2.0, gcps[-1][3])  # 0.2 px off, as a hand-placed GCP is
+    p = write_gcp_geotiff(tmp_path / "gcps.tif", arr, gcps)
+    im = read_raster(p)
+    assert im.georeferenced and "UTM zone 33N" in im.crs_wkt
+    assert im.source_transform.almost_equals(DEFAULT_TRANSFORM, precision=0.5)
+    t = im.source_transform
+    area = box(*(t @ (20, 30)), *(t @ (50, 10)))  # source pixels cols 20..50, rows 10..30
+    im = read_raster(p, aoi=area.wkt)
+    assert im.window == (20, 10, 30, 20) and im.valid.all()
+    np.testing.assert_array_equal(im.pixels, arr[:, 10:30, 20:50].transpose(1, 2, 0))
+    assert im.image_to_map @ (0, 0) == pytest.approx(t @ (20, 10))
+
+
+def test_a_rotated_gcp_fit_is_used_as_it_is(tmp_path):
+    rotated = Affine.translation(500000, 5000000) @ Affine.rotation(30) @ Affine.scale(10, -10)
+    p = write_gcp_geotiff(tmp_path / "rot.tif", _u8(40, 60), _gcps(*GCP_PIXELS, transform=rotated))
+    assert read_raster(p).source_transform.almost_equals(rotated, precision=1e-6)
+
+
+@pytest.mark.parametrize("case, gcps, message", [
+    ("bent", _gcps(*GCP_PIXELS[:4]) + [(30, 20, 500300.0 + 80, 4999800.0)], "need a warp.*misses a GCP by [0-9.]+ pixels"),
+    ("two", _gcps((0, 0), (60, 40)), "at least three"),
+    ("on one line", _gcps((0, 0), (30, 20), (60, 40)), "need a warp.*one line"),
+])
+def test_gcps_no_affine_honours_are_refused(tmp_path, case, gcps, message):
+    p = write_gcp_geotiff(tmp_path / "bad.tif", _u8(40, 60), gcps)
+    with pytest.raises(NeedsWarpError, match=message) as err:
+        read_raster(p)
+    assert err.value.code == "raster_unreadable"
+
+
+def test_a_raster_placed_by_rpcs_alone_is_refused(tmp_path):
+    from rasterio.rpc import RPC
+
+    coeffs = [1.0] + [0.0] * 19
+    rpcs = RPC(height_off=0, height_scale=100, lat_off=45, lat_scale=0.01, line_den_coeff=coeffs,
+               line_num_coeff=[0.0, 0.0, -1.0] + [0.0] * 17, line_off=20, line_scale=20,
+               long_off=15, long_scale=0.01, samp_den_coeff=coeffs,
+               samp_num_coeff=[0.0, 1.0] + [0.0] * 18, samp_off=30, samp_scale=30)
+    p = write_gcp_geotiff(tmp_path / "rpc.tif", _u8(40, 60), (), rpcs=rpcs)
+    with pytest.raises(NeedsWarpError, match="RPC.*gdalwarp -rpc"):
+        read_raster(p)
+
+
 def test_vrt(tmp_path):
     arr = _u8(3, 12, 14)
     src = write_geotiff(tmp_path / "base.tif", arr, crs=None)
     im = read_raster(write_vrt(tmp_path / "m.vrt", src, 14, 12, count=3))
     np.testing.assert_array_equal(im.pixels, arr.transpose(1, 2, 0))
+
+
+def test_bands_of_different_types_are_read_and_stretched(tmp_path):
+    """A VRT stacking Byte, UInt16 and Float32 files used to fail in rasterio ("more than one
+    'dtype' found") and was reported as a corrupt file."""
+    grey = _u8(30, 40)
+    sources = [write_geotiff(tmp_path / "b1.tif", grey),
+               write_geotiff(tmp_path / "b2.tif", grey.astype(np.uint16) * 100),
+               write_geotiff(tmp_path / "b3.tif", grey.astype(np.float32) / 3)]
+    vrt = write_stacked_vrt(tmp_path / "mixed.vrt", sources)
+    for max_pixels in (None, 300):  # full resolution and a decimated (resampled) read
+        im = read_raster(vrt, max_pixels=max_pixels)
+        assert im.bands == (1, 2, 3) and im.valid.all() and len(im.stretch) == 3
+        # the same picture in three types: stretched alike, the channels agree (a resampled
+        # Byte band is rounded to whole numbers, the others are not: a little slack)
+        np.testing.assert_allclose(im.pixels[..., 1], im.pixels[..., 0], atol=3)
+        np.testing.assert_allclose(im.pixels[..., 2], im.pixels[..., 0], atol=3)
+    assert read_raster(vrt, bands=[3, 1, 2]).stretch[0] == pytest.approx(
+        (np.percentile(grey / 3, 2), np.percentile(grey / 3, 98)), rel=1e-4)
+
+
+def test_a_read_rasterio_refuses_is_not_called_corrupt(tmp_path, monkeypatch):
+    import engine.raster as raster
+
+    def refuse(*args, **kwargs):
+        raise ValueError("an argument rasterio does not accept")
+
+    monkeypatch.setattr(raster, "_read_bands", refuse)
+    with pytest.raises(RasterOpenError) as err:
+        read_raster(write_geotiff(tmp_path / "fine.tif", _u8(3, 8, 8)))
+    assert "does not accept" in str(err.value) and "corrupt" not in str(err.value)
+    assert err.value.code == "raster_unreadable"
 
 
 def test_corrupt_and_missing_files(tmp_path):

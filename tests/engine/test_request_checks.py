@@ -91,3 +91,38 @@ def test_bands_are_one_or_three(raster, bands):
 def test_one_or_three_bands_pass(raster, bands):
     body = {"raster_path": str(raster), "question": "What is here?", "bands": bands}
     assert validate_ask(body, protocol.STRATEGIES)["bands"] == bands
+
+
+# --- rasters placed by ground control points ---------------------------------------------------
+
+def _gcp_raster(path, bent: bool = False) -> str:
+    """64 x 48 px placed by GCPs on 10 m pixels from (500000, 5000000), UTM 33N; `bent` moves the
+    middle GCP 8 pixels east: no affine transform fits, the file needs a warp."""
+    import numpy as np
+    from rasters import write_gcp_geotiff
+
+    gcps = [(c, r, 500000.0 + 10 * c, 5000000.0 - 10 * r)
+            for c, r in ((0, 0), (64, 0), (0, 48), (64, 48), (32, 24))]
+    if bent:
+        gcps[-1] = (32, 24, gcps[-1][2] + 80, gcps[-1][3])
+    return write_gcp_geotiff(path, np.full((3, 48, 64), 100, np.uint8), gcps)
+
+
+def test_a_gcp_raster_is_described_in_its_gcps_crs(tmp_path):
+    """Its bounds were pixels and its CRS none: a polygon drawn in the layer's CRS was refused
+    as outside the raster."""
+    info = check_raster_file(_gcp_raster(tmp_path / "gcps.tif"))
+    assert info.bounds == pytest.approx((500000, 4999520, 500640, 5000000))
+    assert "UTM zone 33N" in info.crs_wkt
+    body = {"raster_path": info.path, "question": "What is here?",
+            "aoi": {"geojson": {"type": "Polygon", "coordinates": [square(500100, 4999700, 500300, 4999900)]}}}
+    assert validate_ask(body, protocol.STRATEGIES)["aoi"] == body["aoi"]
+
+
+def test_a_gcp_raster_needing_a_warp_is_refused_before_anything_is_queued(tmp_path):
+    path = _gcp_raster(tmp_path / "bent.tif", bent=True)
+    err = refused(lambda: validate_ask({"raster_path": path, "question": "Any roads?"},
+                                       protocol.STRATEGIES))
+    assert err.code == "raster_unreadable" and "gdalwarp" in err.message
+    batch = {"items": [{"raster_path": path}], "questions": ["Any roads?"]}
+    assert refused(lambda: validate_batch(batch, protocol.STRATEGIES)).code == "raster_unreadable"

@@ -167,6 +167,33 @@ def test_a_rectangle_on_a_rotated_or_south_up_raster_is_sent_as_a_polygon(tmp_pa
         assert sent.buffer(1e-6, 2).contains(QgsGeometry.fromPointXY(corner))
 
 
+def test_a_rectangle_on_a_raster_placed_by_gcps_is_sent_as_a_polygon(tmp_path, qgis_new_project):
+    """QGIS shows a file placed by GCPs through a warped VRT of another size (200 x 100 px became
+    158 x 158): a window cut from that grid landed on the wrong file pixels. The engine fits the
+    GCPs, so a polygon in the layer's CRS is what reaches the right pixels."""
+    from geovqa.aoi import file_grid_is_layer_grid, request_aoi
+    from osgeo import gdal, osr
+    from qgis.core import QgsGeometry, QgsRasterLayer, QgsRectangle
+
+    path = str(tmp_path / "gcps.tif")
+    ds = gdal.GetDriverByName("GTiff").Create(path, 200, 100, 3, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    # columns run south, rows run east (a transposed grid), 5 m x 10 m pixels
+    gcps = [gdal.GCP(500000 + 10 * row, 5000000 - 5 * col, 0, col, row)
+            for col, row in ((0, 0), (200, 0), (0, 100), (200, 100))]
+    ds.SetGCPs(gcps, srs.ExportToWkt())
+    ds = None
+
+    layer = QgsRasterLayer(path, "gcps", "gdal")
+    assert layer.isValid() and layer.crs().authid() == "EPSG:32633"
+    assert not file_grid_is_layer_grid(layer)
+    box = QgsRectangle(500100, 4999600, 500300, 4999800)
+    aoi = request_aoi(QgsGeometry.fromRect(box), layer.crs(), layer)
+    assert set(aoi) == {"polygon_wkt"}
+    assert QgsGeometry.fromWkt(aoi["polygon_wkt"]).boundingBox() == box
+
+
 def test_a_north_up_file_keeps_its_pixel_window(raster_layer):
     from geovqa.aoi import file_grid_is_layer_grid
 
