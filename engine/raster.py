@@ -474,8 +474,11 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 data = _read_bands(src, uniq, window, (oh, ow), resampling)
+                # the mask is reduced as the data is: GDAL's average skips nodata pixels, so an
+                # output pixel with any valid source pixel has a value (nearest on the mask would
+                # drop it whenever the sampled pixel is nodata: striped nodata lost whole areas)
                 masks = src.read_masks(uniq, window=window, out_shape=(len(uniq), oh, ow),
-                                       resampling=Resampling.nearest)
+                                       resampling=resampling)
         except (RasterioError, OSError) as exc:  # GDAL failed on the file's bytes
             raise RasterOpenError(
                 f"Could not read pixels from '{p}': the file looks corrupt or truncated. "

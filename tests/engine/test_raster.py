@@ -150,6 +150,23 @@ def test_uint8_nodata_and_internal_mask(tmp_path):
     assert not im2.pixels[10:, 10:].any()
 
 
+def test_striped_nodata_survives_a_reduced_read(tmp_path):
+    """Every other column nodata (e.g. Landsat-7 SLC-off gaps), read 4x smaller: each output
+    pixel has valid source pixels and gets their average. The mask used to be sampled (nearest),
+    which hit a nodata column each time and lost the whole striped half."""
+    arr = np.full((400, 400), 1000, np.uint16)
+    arr[:, ::2] = 65535  # nodata
+    arr[:, 200:] = 3000  # no gaps on the right half
+    im = read_raster(write_geotiff(tmp_path / "stripes.tif", arr, nodata=65535), max_pixels=100 * 100)
+    assert im.size == (100, 100) and im.valid.all()
+    assert im.stretch[0] == (1000.0, 3000.0)  # the left half's value, not nodata's
+    assert (im.pixels[:, :50] < im.pixels[:, 50:]).all()
+    gaps = arr.copy()
+    gaps[:, :100] = 65535  # a wholly nodata quarter stays nodata
+    im = read_raster(write_geotiff(tmp_path / "gaps.tif", gaps, nodata=65535), max_pixels=100 * 100)
+    assert not im.valid[:, :25].any() and im.valid[:, 25:].all()
+
+
 def test_no_valid_pixel_is_a_clear_error(tmp_path):
     """All nodata (or NaN, or masked) used to become an all-black image the model was asked about."""
     from engine.protocol import ERROR_CODES
