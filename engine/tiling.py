@@ -181,8 +181,12 @@ class TileLayout:
         return self.patch_image_fraction() > 0
 
 
-def plan_tiles(image_size, pinpoints=None) -> TileLayout:
-    """Choose the canvas for an image of `image_size` (w, h) and place it as the checkpoint does."""
+def plan_tiles(image_size, pinpoints=None, *, choose_from=None) -> TileLayout:
+    """Choose the canvas for an image of `image_size` (w, h) and place it as the checkpoint does.
+
+    `choose_from`: the (w, h) the canvas is chosen for, when the image is a reduced read of a
+    larger source window (the pipeline passes the window): the checkpoint would choose for the
+    whole image, and the reduced size's rounding can tip the choice to a smaller canvas."""
     w, h = int(image_size[0]), int(image_size[1])
     if w <= 0 or h <= 0:
         raise ValueError(f"Image size must be positive, got {w} x {h}.")
@@ -190,7 +194,7 @@ def plan_tiles(image_size, pinpoints=None) -> TileLayout:
     for pw, ph in pins:
         if pw % TILE or ph % TILE:
             raise ValueError(f"Pinpoint {pw} x {ph} is not a multiple of the {TILE} px tile.")
-    cw, ch = select_best_resolution((w, h), pins)
+    cw, ch = select_best_resolution(choose_from if choose_from is not None else (w, h), pins)
     nw, nh = scaled_size((w, h), (cw, ch))
     return TileLayout(
         image_size=(w, h),

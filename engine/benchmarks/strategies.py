@@ -108,7 +108,7 @@ def _prepare(model, path: str, batch_size: int):
 
     t0 = time.perf_counter()
     image = read_for_tiling(path)
-    layout = plan_tiles(image.size)
+    layout = plan_tiles(image.size, choose_from=image.window[2:])
     geometry = TokenGeometry.build(image, layout)
     tiles = make_tiles(image.pixels, layout)
     t1 = time.perf_counter()

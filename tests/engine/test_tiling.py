@@ -195,3 +195,19 @@ def test_reading_at_the_budget_keeps_the_canvas():
         read = read_size_for(size, tiling_read_budget(size))
         assert read[0] * read[1] <= canvas[0] * canvas[1]
         assert select_best_resolution(read, pins) == canvas
+
+
+def test_a_reduced_read_keeps_the_canvas_of_its_window():
+    """33335 x 4167 px is read reduced to 22808 x 2851; planned on that reduced size, the rounding
+    picked a 512-tile canvas instead of the window's 576 (about 1 size in 3000). The pipeline
+    plans on the window it read."""
+    from engine.raster import read_size_for
+
+    window = (33335, 4167)
+    canvas = select_best_resolution(window, anyres_pinpoints())
+    read = read_size_for(window, tiling_read_budget(window))
+    assert read == (22808, 2851) and canvas == (21504, 3024)
+    assert plan_tiles(read).canvas_size != canvas  # the rounding trap this guards against
+    layout = plan_tiles(read, choose_from=window)
+    assert layout.canvas_size == canvas and layout.n_tiles == 576
+    assert layout.image_size == read and layout.scaled_size[0] == canvas[0]
