@@ -105,13 +105,37 @@ def weight_files(weights_dir: str | os.PathLike) -> list[Path]:
     raise _missing(path, "config.json is there but no model.safetensors or shard index")
 
 
+def checkpoint_started(weights_dir: str | os.PathLike | None) -> bool:
+    """True when ``weights_dir`` holds something of a checkpoint, complete or not.
+
+    False for a folder that is missing or holds only hidden entries: `make weights` keeps an
+    interrupted download's temp files in ``.cache/huggingface``, and an empty folder may be all a
+    failed first download left. Any other content was meant to be a checkpoint, so a broken one
+    must be reported (``check_checkpoint``), not mistaken for "no weights"."""
+    if not weights_dir:
+        return False
+    path = Path(weights_dir)
+    if not path.is_dir():
+        return path.exists()  # a file where the folder should be: reported by read_config_json
+    try:
+        return any(not entry.name.startswith(".") for entry in path.iterdir())
+    except OSError:
+        return True  # unreadable: let read_config_json say why
+
+
+def check_checkpoint(weights_dir: str | os.PathLike) -> None:
+    """Raise the CheckpointError that says what is wrong with ``weights_dir``, if anything
+    (config.json, model type, shard index, missing shards); reads no weights."""
+    read_config_json(weights_dir)
+    weight_files(weights_dir)
+
+
 def checkpoint_present(weights_dir: str | os.PathLike | None) -> bool:
     """True when ``weights_dir`` looks like a complete GeoLLaVA-8K checkpoint."""
     if not weights_dir:
         return False
     try:
-        read_config_json(weights_dir)
-        weight_files(weights_dir)
+        check_checkpoint(weights_dir)
     except CheckpointError:
         return False
     return True
