@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine import __version__
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
+from engine.weights import DEFAULT_REPO, DEFAULT_WEIGHTS
 
 
 def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
@@ -258,8 +259,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("weights", help="download the GeoLLaVA-8K checkpoint (needs internet)")
-    p.add_argument("--dest", type=Path, default=Path("weights/GeoLLaVA-8K"))
-    p.add_argument("--repo", default="initiacms/GeoLLaVA-8K")
+    p.add_argument("--dest", type=Path, default=DEFAULT_WEIGHTS,
+                   help=f"checkpoint folder (default: {DEFAULT_WEIGHTS}, where the engine looks)")
+    p.add_argument("--repo", default=DEFAULT_REPO)
     p.add_argument("--revision", default=None)
     p.set_defaults(func=cmd_weights)
 

@@ -32,9 +32,8 @@ from engine import __version__
 from engine.cache import FeatureCache, PrefixStore, raster_key
 from engine.protocol import (DEFAULT_STRATEGY, DEFAULT_TOKENS_PER_TILE, PROTOCOL_VERSION, STRATEGIES,
                              validate_question)
+from engine.weights import DEFAULT_WEIGHTS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "GeoLLaVA-8K"
 # Heatmaps / anchors the engine wrote are working files (the plugin copies what it keeps next to
 # the project): those older than this are removed when an engine starts.
 OUTPUT_RETENTION_DAYS = float(os.environ.get("GEOVQA_OUTPUT_RETENTION_DAYS", "14"))
