@@ -137,6 +137,19 @@ def _check_output_dir(folder: Path | None) -> None:
         raise JobError("bad_request", f"--output-dir {folder} cannot be written to.")
 
 
+def _check_adapter(folder: Path | None) -> None:
+    """--adapter is a LoRA adapter folder, before the base model loads. Raises JobError."""
+    from engine.jobs import JobError
+    from engine.loader import CheckpointError, check_adapter
+
+    if folder is None:
+        return
+    try:
+        check_adapter(folder)
+    except CheckpointError as exc:
+        raise JobError("bad_request", f"--adapter: {exc}.") from None
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from engine.jobs import JobError
     from engine.pipeline import Engine
@@ -145,6 +158,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     try:
         fields = checked_ask_fields(args)
         _check_output_dir(args.output_dir)
+        _check_adapter(args.adapter)
     except JobError as exc:
         print(f"error: {exc.message}" + (f" {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return 2

@@ -170,6 +170,8 @@ def load_model(
     from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
     from engine.tiny import is_tiny_checkpoint
 
+    if adapter is not None:  # a mistyped --adapter is refused now, not after minutes of loading the base
+        check_adapter(adapter)
     path = Path(weights_dir)
     read_config_json(path)
     files = weight_files(path)
@@ -259,14 +261,24 @@ def _detach_from_checkpoint_files(model) -> None:
                 t.data = t.data.clone()
 
 
+def check_adapter(adapter: str | os.PathLike) -> Path:
+    """The LoRA adapter folder ``adapter``, or a CheckpointError saying why it is none: it must
+    exist, be a folder and hold adapter_config.json. Reads no weights, so callers run it before
+    the base model loads."""
+    apath = Path(adapter).expanduser()
+    advice = "pass the adapter folder written by `python -m engine finetune` (OUT/adapter)"
+    if not apath.exists():
+        raise CheckpointError(f"the adapter folder {apath} does not exist; {advice}")
+    if not apath.is_dir():
+        raise CheckpointError(f"{apath} is a file, not a LoRA adapter folder; {advice}")
+    if not (apath / "adapter_config.json").is_file():
+        raise CheckpointError(f"{apath} is not a LoRA adapter folder (no adapter_config.json); {advice}")
+    return apath
+
+
 def _apply_adapter(model, adapter: str | os.PathLike):
     """Wrap ``model`` with the peft LoRA adapter stored in ``adapter`` (inference mode)."""
-    apath = Path(adapter)
-    if not (apath / "adapter_config.json").is_file():
-        raise CheckpointError(
-            f"{apath} is not a LoRA adapter directory (no adapter_config.json); pass the folder "
-            "written by `python -m engine finetune`"
-        )
+    apath = check_adapter(adapter)
     from peft import PeftModel
 
     try:
