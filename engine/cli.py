@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine import __version__
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
+from engine.weights import DEFAULT_REPO, DEFAULT_WEIGHTS
 
 
 def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,6 +137,19 @@ def _check_output_dir(folder: Path | None) -> None:
         raise JobError("bad_request", f"--output-dir {folder} cannot be written to.")
 
 
+def _check_adapter(folder: Path | None) -> None:
+    """--adapter is a LoRA adapter folder, before the base model loads. Raises JobError."""
+    from engine.jobs import JobError
+    from engine.loader import CheckpointError, check_adapter
+
+    if folder is None:
+        return
+    try:
+        check_adapter(folder)
+    except CheckpointError as exc:
+        raise JobError("bad_request", f"--adapter: {exc}.") from None
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from engine.jobs import JobError
     from engine.pipeline import Engine
@@ -144,6 +158,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     try:
         fields = checked_ask_fields(args)
         _check_output_dir(args.output_dir)
+        _check_adapter(args.adapter)
     except JobError as exc:
         print(f"error: {exc.message}" + (f" {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return 2
@@ -259,8 +274,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("weights", help="download the GeoLLaVA-8K checkpoint (needs internet)")
-    p.add_argument("--dest", type=Path, default=Path("weights/GeoLLaVA-8K"))
-    p.add_argument("--repo", default="initiacms/GeoLLaVA-8K")
+    p.add_argument("--dest", type=Path, default=DEFAULT_WEIGHTS,
+                   help=f"checkpoint folder (default: {DEFAULT_WEIGHTS}, where the engine looks)")
+    p.add_argument("--repo", default=DEFAULT_REPO)
     p.add_argument("--revision", default=None)
     p.set_defaults(func=cmd_weights)
 

@@ -39,7 +39,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True,
     """--weights, --device, --quantization, --adapter (when `adapter`), --no-demo."""
     p.add_argument("--weights", type=Path, default=None,
                    help="checkpoint folder (default: $GEOVQA_WEIGHTS, then weights/GeoLLaVA-8K, "
-                        "else the tiny demo model)")
+                        "else, when that folder is missing or empty, the tiny demo model)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS, help=quantization_help)
     if adapter:

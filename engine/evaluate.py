@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
-from engine.run_settings import absolute_path, changed_settings
+from engine.run_settings import absolute_path, changed_settings, model_choice, with_model_choice
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
@@ -672,13 +672,15 @@ def _resolve_image(item: EvalItem, root: Path) -> str:
     return str(p if p.is_absolute() else root / p)
 
 
-def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]:
-    """A predict function that runs the engine (greedy decoding inside Engine.ask)."""
+def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None) -> Callable[[EvalItem, str], str]:
+    """A predict function that runs the engine (greedy decoding inside Engine.ask) on `weights`, the
+    checkpoint folder resolved for the run's settings (else --weights as given)."""
     from engine.pipeline import AskRequest, Engine  # noqa: PLC0415 - heavy
 
     keep = bool(getattr(args, "keep_heatmaps", False))
-    engine = Engine(args.weights, device=args.device, quantization=args.quantization, adapter=args.adapter,
-                    demo_ok=not getattr(args, "no_demo", False), output_dir=Path(args.out) / "heatmaps")
+    engine = Engine(weights or args.weights, device=args.device, quantization=args.quantization,
+                    adapter=args.adapter, demo_ok=not getattr(args, "no_demo", False),
+                    output_dir=Path(args.out) / "heatmaps")
     if engine.health().get("demo_model"):
         print("NOTE: evaluating the tiny RANDOM demo model (no GeoLLaVA-8K weights found).", file=sys.stderr)
     root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
@@ -703,16 +705,21 @@ def engine_predictor(args: argparse.Namespace) -> Callable[[EvalItem, str], str]
     return predict
 
 
-RUN_KEYS = ("annotations", "format", "field", "image_root", "weights", "adapter", "quantization", "strategy",
-            "budget", "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots")
+# "weights" is the checkpoint folder the engine resolved (GEOVQA_WEIGHTS, the default folder or the
+# demo model when --weights is left out) and "demo_model" whether it is the tiny random one
+RUN_KEYS = ("annotations", "format", "field", "image_root", "weights", "demo_model", "adapter", "quantization",
+            "strategy", "budget", "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots")
 RUN_PATH_KEYS = ("annotations", "image_root", "weights", "adapter")  # compared as absolute paths
 
 
-def _check_run_settings(args: argparse.Namespace) -> None:
-    """A resumed run must use the settings its stored predictions were made with."""
+def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> None:
+    """A resumed run must use the settings its stored predictions were made with. `model` is the
+    resolved checkpoint (run_settings.model_choice); without it (an injected predictor) --weights
+    is recorded as typed."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
+    cur.update(model or {})
     # --field as its mapping (the order of the flags does not matter); the folder images are
     # read from, given or not (the annotation file's own folder by default)
     fields = parse_field_map(getattr(args, "field", None))
@@ -721,8 +728,10 @@ def _check_run_settings(args: argparse.Namespace) -> None:
     cur.update({k: absolute_path(cur[k]) for k in RUN_PATH_KEYS})  # not as typed: from any folder
     cfg = out / "run_settings.json"
     if cfg.is_file() and (out / "predictions.jsonl").is_file():
-        # settings files of older versions lack these two: assumed unchanged
-        desc = changed_settings(json.loads(cfg.read_text()), cur, RUN_KEYS, paths=RUN_PATH_KEYS,
+        # settings files of older versions lack field, image_root and the resolved model: assumed
+        # unchanged (a --weights they recorded as typed is still compared)
+        saved = with_model_choice(json.loads(cfg.read_text()), cur)
+        desc = changed_settings(saved, cur, RUN_KEYS, paths=RUN_PATH_KEYS,
                                 defaults={k: cur[k] for k in ("field", "image_root")})
         if desc:
             raise EvalError(f"{out} holds predictions made with other settings ({desc}); use another --out "
@@ -730,18 +739,28 @@ def _check_run_settings(args: argparse.Namespace) -> None:
     cfg.write_text(json.dumps(cur, indent=2) + "\n")
 
 
+def _check_images(args: argparse.Namespace, items: list[EvalItem]) -> None:
+    """Every item to be asked has its image file, before the model loads."""
+    root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
+    todo = items if args.limit is None else items[: args.limit]
+    missing = [it for it in todo if not Path(_resolve_image(it, root)).is_file()]
+    if missing:
+        shown = "; ".join(f"{it.id}: {_resolve_image(it, root)}" for it in missing[:5])
+        raise EvalError(f"{len(missing)} of {len(todo)} items have no image file ({shown}"
+                        f"{'; ...' if len(missing) > 5 else ''}). Check --image-root.")
+
+
 def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] | None = None) -> int:
     items = load_items(args.annotations, args.format, parse_field_map(getattr(args, "field", None)))
-    _check_run_settings(args)
     if predict is None:
-        root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
-        todo = items if args.limit is None else items[: args.limit]
-        missing = [it for it in todo if not Path(_resolve_image(it, root)).is_file()]
-        if missing:
-            shown = "; ".join(f"{it.id}: {_resolve_image(it, root)}" for it in missing[:5])
-            raise EvalError(f"{len(missing)} of {len(todo)} items have no image file ({shown}"
-                            f"{'; ...' if len(missing) > 5 else ''}). Check --image-root.")
-        predict = engine_predictor(args)
+        _check_images(args, items)
+        # resolved before the settings check, so that a rerun on another model (GEOVQA_WEIGHTS, the
+        # default folder, the demo) is refused before anything loads; then loaded exactly that
+        model = model_choice(args.weights, demo_ok=not getattr(args, "no_demo", False))
+        _check_run_settings(args, model)
+        predict = engine_predictor(args, model["weights"])
+    else:
+        _check_run_settings(args)
     res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
                    progress=True, instruction=getattr(args, "instruction", None),
                    on_error=getattr(args, "on_error", "stop"))

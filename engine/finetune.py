@@ -57,7 +57,7 @@ from typing import Any, Callable, Sequence
 from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
-from engine.run_settings import absolute_path, changed_settings
+from engine.run_settings import absolute_path, changed_settings, model_choice, with_model_choice
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
@@ -744,9 +744,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 # what decides the base model, the visual tokens, the samples (--image-root, --max-pixels), the
 # train/validation split and the data order (--seed, --val-fraction, and --grad-accum, which maps
 # optimizer steps to samples) and the adapter's shape and scale (--lora-r, --target-modules,
-# --lora-alpha): a resumed run must keep them. The learning rate, its schedule, --lora-dropout,
+# --lora-alpha): a resumed run must keep them. "weights" is the checkpoint folder the engine resolved
+# (GEOVQA_WEIGHTS, the default folder or the demo when --weights is left out), "demo_model" whether
+# it is the tiny random one. The learning rate, its schedule, --lora-dropout,
 # --max-length and the length of the run (--epochs, --max-steps) may change on --resume.
-RESUME_KEYS = ("data", "image_root", "max_pixels", "weights", "quantization", "strategy", "budget",
+RESUME_KEYS = ("data", "image_root", "max_pixels", "weights", "demo_model", "quantization", "strategy", "budget",
                "tokens_per_tile", "faithful_empty_slots", "seed", "val_fraction", "grad_accum",
                "lora_r", "target_modules", "lora_alpha")
 RESUME_DEFAULTS = {"faithful_empty_slots": False}  # runs from before the option existed
@@ -760,26 +762,36 @@ def _target_list(text) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
-def _run_args(args: argparse.Namespace) -> dict:
+def _run_args(args: argparse.Namespace, model: dict | None = None) -> dict:
+    """The run's settings as finetune_args.json records them. `model` is the resolved checkpoint
+    (run_settings.model_choice), resolved from the arguments when not given."""
     run = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
+    run.update(model or model_choice(args.weights, demo_ok=not args.no_demo))
     run.update({k: absolute_path(run[k]) for k in RESUME_PATH_KEYS if k in run})
     if isinstance(run.get("target_modules"), str):  # "q_proj, v_proj" and "q_proj,v_proj" are one choice
         run["target_modules"] = ",".join(_target_list(run["target_modules"]))
     return run
 
 
-def _check_resume_settings(args: argparse.Namespace, out: Path) -> None:
+def _check_resume_settings(args: argparse.Namespace, out: Path, model: dict | None = None) -> None:
     """--resume with another base model or token path would train on other inputs than the
-    checkpoint saw: refuse, naming the differences."""
+    checkpoint saw: refuse, naming the differences. `model` as in `_run_args`."""
     saved = out / "finetune_args.json"
     if not (args.resume and saved.is_file()):
         return
-    desc = changed_settings(json.loads(saved.read_text(encoding="utf-8")), _run_args(args),
-                            RESUME_KEYS, defaults=RESUME_DEFAULTS, paths=RESUME_PATH_KEYS,
-                            label=lambda k: "--" + k.replace("_", "-"))
+    current = _run_args(args, model)
+    # a record of an older version holds --weights as typed and no demo_model
+    recorded = with_model_choice(json.loads(saved.read_text(encoding="utf-8")), current)
+    desc = changed_settings(recorded, current, RESUME_KEYS, defaults=RESUME_DEFAULTS, paths=RESUME_PATH_KEYS,
+                            label=_flag_name)
     if desc:
         raise DataError(f"{out} holds a run made with other settings ({desc}); resume with the same "
                         "settings, or train into another --out")
+
+
+def _flag_name(key: str) -> str:
+    """How a recorded setting is named to the user: its flag."""
+    return "demo model" if key == "demo_model" else "--" + key.replace("_", "-")
 
 
 def _check_new_run(args: argparse.Namespace, out: Path) -> None:
@@ -803,7 +815,10 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_new_run(args, out)
-    _check_resume_settings(args, out)
+    # the checkpoint, resolved once before anything loads: compared with a resumed run's record,
+    # recorded for the next resume and loaded (GEOVQA_WEIGHTS may point elsewhere by then)
+    checkpoint = model_choice(args.weights, demo_ok=not args.no_demo)
+    _check_resume_settings(args, out, checkpoint)
     bad_report = out / "bad_samples.jsonl"
     # training-time skips of an earlier run (too long, visual path failed) stay in the report
     earlier: list[dict] = []
@@ -843,8 +858,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
         print(f"  ... and {len(report.bad) - 20} more in {bad_report}", file=sys.stderr)
     train_s, val_s = split_train_val(samples, args.val_fraction, args.seed)
 
-    weights = _resolve_weights(args.weights, demo_ok=not args.no_demo)
-    loaded = load_model(weights, device=args.device, quantization=args.quantization)
+    loaded = load_model(checkpoint["weights"], device=args.device, quantization=args.quantization)
     info = loaded.info
     device = str(info.get("device", "cpu"))
     if info.get("demo"):
@@ -865,18 +879,10 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                       seed=args.seed, resume=args.resume,
                       gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
                       progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
-                      on_bad=args.on_bad_sample, run_args=_run_args(args))
+                      on_bad=args.on_bad_sample, run_args=_run_args(args, checkpoint))
     summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
                     reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
     print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "
           f"{summary['trainable_parameters']:,} trainable parameters). Log: {summary['log']}, plot: {summary['plot']}.",
           file=sys.stderr)
     return 0
-
-
-def _resolve_weights(weights, demo_ok: bool) -> Path:
-    """The engine's own choice (given dir, GEOVQA_WEIGHTS, weights/GeoLLaVA-8K, else the tiny demo)."""
-    from engine.pipeline import resolve_weights  # noqa: PLC0415
-
-    path, _demo = resolve_weights(weights, demo_ok=demo_ok)
-    return path

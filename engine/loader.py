@@ -105,13 +105,37 @@ def weight_files(weights_dir: str | os.PathLike) -> list[Path]:
     raise _missing(path, "config.json is there but no model.safetensors or shard index")
 
 
+def checkpoint_started(weights_dir: str | os.PathLike | None) -> bool:
+    """True when ``weights_dir`` holds something of a checkpoint, complete or not.
+
+    False for a folder that is missing or holds only hidden entries: `make weights` keeps an
+    interrupted download's temp files in ``.cache/huggingface``, and an empty folder may be all a
+    failed first download left. Any other content was meant to be a checkpoint, so a broken one
+    must be reported (``check_checkpoint``), not mistaken for "no weights"."""
+    if not weights_dir:
+        return False
+    path = Path(weights_dir)
+    if not path.is_dir():
+        return path.exists()  # a file where the folder should be: reported by read_config_json
+    try:
+        return any(not entry.name.startswith(".") for entry in path.iterdir())
+    except OSError:
+        return True  # unreadable: let read_config_json say why
+
+
+def check_checkpoint(weights_dir: str | os.PathLike) -> None:
+    """Raise the CheckpointError that says what is wrong with ``weights_dir``, if anything
+    (config.json, model type, shard index, missing shards); reads no weights."""
+    read_config_json(weights_dir)
+    weight_files(weights_dir)
+
+
 def checkpoint_present(weights_dir: str | os.PathLike | None) -> bool:
     """True when ``weights_dir`` looks like a complete GeoLLaVA-8K checkpoint."""
     if not weights_dir:
         return False
     try:
-        read_config_json(weights_dir)
-        weight_files(weights_dir)
+        check_checkpoint(weights_dir)
     except CheckpointError:
         return False
     return True
@@ -146,6 +170,8 @@ def load_model(
     from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
     from engine.tiny import is_tiny_checkpoint
 
+    if adapter is not None:  # a mistyped --adapter is refused now, not after minutes of loading the base
+        check_adapter(adapter)
     path = Path(weights_dir)
     read_config_json(path)
     files = weight_files(path)
@@ -235,14 +261,24 @@ def _detach_from_checkpoint_files(model) -> None:
                 t.data = t.data.clone()
 
 
+def check_adapter(adapter: str | os.PathLike) -> Path:
+    """The LoRA adapter folder ``adapter``, or a CheckpointError saying why it is none: it must
+    exist, be a folder and hold adapter_config.json. Reads no weights, so callers run it before
+    the base model loads."""
+    apath = Path(adapter).expanduser()
+    advice = "pass the adapter folder written by `python -m engine finetune` (OUT/adapter)"
+    if not apath.exists():
+        raise CheckpointError(f"the adapter folder {apath} does not exist; {advice}")
+    if not apath.is_dir():
+        raise CheckpointError(f"{apath} is a file, not a LoRA adapter folder; {advice}")
+    if not (apath / "adapter_config.json").is_file():
+        raise CheckpointError(f"{apath} is not a LoRA adapter folder (no adapter_config.json); {advice}")
+    return apath
+
+
 def _apply_adapter(model, adapter: str | os.PathLike):
     """Wrap ``model`` with the peft LoRA adapter stored in ``adapter`` (inference mode)."""
-    apath = Path(adapter)
-    if not (apath / "adapter_config.json").is_file():
-        raise CheckpointError(
-            f"{apath} is not a LoRA adapter directory (no adapter_config.json); pass the folder "
-            "written by `python -m engine finetune`"
-        )
+    apath = check_adapter(adapter)
     from peft import PeftModel
 
     try:

@@ -32,9 +32,8 @@ from engine import __version__
 from engine.cache import FeatureCache, PrefixStore, raster_key
 from engine.protocol import (DEFAULT_STRATEGY, DEFAULT_TOKENS_PER_TILE, PROTOCOL_VERSION, STRATEGIES,
                              validate_question)
+from engine.weights import DEFAULT_WEIGHTS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "GeoLLaVA-8K"
 # Heatmaps / anchors the engine wrote are working files (the plugin copies what it keeps next to
 # the project): those older than this are removed when an engine starts.
 OUTPUT_RETENTION_DAYS = float(os.environ.get("GEOVQA_OUTPUT_RETENTION_DAYS", "14"))
@@ -374,33 +373,75 @@ class Engine:
 
 # ---------------------------------------------------------------------------------------------
 def resolve_weights(weights_dir, *, demo_ok: bool = True) -> tuple[Path, bool]:
-    """Pick the checkpoint: the given dir, else GEOVQA_WEIGHTS / weights/GeoLLaVA-8K, else the
-    tiny random demo model (built on first use) when `demo_ok`. Returns (dir, is_demo)."""
-    from engine.loader import WeightsMissingError, checkpoint_present
-    from engine.tiny import build_tiny_checkpoint, is_tiny_checkpoint
+    """Pick the checkpoint: the given dir, else GEOVQA_WEIGHTS, else weights/GeoLLaVA-8K, else the
+    tiny random demo model (built on first use) when `demo_ok`. Returns (dir, is_demo).
+
+    Only the default folder falls back to the demo, and only when it is missing or holds nothing
+    of a checkpoint (`checkpoint_started`). A folder the user named (--weights, GEOVQA_WEIGHTS)
+    must hold a checkpoint, and a damaged one anywhere is refused with what is wrong with it:
+    answers from the random demo model in place of the real one would be worse than an error."""
+    from engine.loader import WeightsMissingError, checkpoint_present, checkpoint_started
+    from engine.tiny import build_tiny_checkpoint
 
     if weights_dir is not None:
-        path = Path(weights_dir)
-        if checkpoint_present(path):
-            return path, is_tiny_checkpoint(path)
-        if path.resolve() != DEFAULT_WEIGHTS.resolve() or not demo_ok:
-            raise WeightsMissingError(
-                f"no weights: {path} holds no GeoLLaVA-8K checkpoint (config.json + safetensors). "
-                "Run `make weights` to download it, or leave --weights out to use the demo model."
-            )
+        if not _is_default_weights(weights_dir):
+            return _chosen_checkpoint(Path(weights_dir), "--weights")
+        # `make serve` names the default folder: without a checkpoint there, as if not given
+        if checkpoint_started(DEFAULT_WEIGHTS):
+            return _checked_checkpoint(DEFAULT_WEIGHTS, REPAIR_HINT)
     env = os.environ.get("GEOVQA_WEIGHTS")
-    for candidate in ([Path(env)] if env else []) + [DEFAULT_WEIGHTS]:
-        if checkpoint_present(candidate):
-            return candidate, is_tiny_checkpoint(candidate)
+    if env:
+        return _chosen_checkpoint(Path(env), "GEOVQA_WEIGHTS")
+    if checkpoint_started(DEFAULT_WEIGHTS):
+        return _checked_checkpoint(DEFAULT_WEIGHTS, REPAIR_HINT)
     if not demo_ok:
         raise WeightsMissingError(
             f"no weights: no GeoLLaVA-8K checkpoint in {DEFAULT_WEIGHTS}. "
             "Run `make weights` (needs internet, about 16 GB)."
         )
     demo = cache_dir() / "tiny-geollava"
-    if not checkpoint_present(demo):
+    if not checkpoint_present(demo):  # the engine's own cache: a broken one is simply rebuilt
         build_tiny_checkpoint(demo, seed=0)
     return demo, True
+
+
+REPAIR_HINT = "Run `make weights` again to repair the download."
+
+
+def _is_default_weights(path) -> bool:
+    return Path(path).expanduser().resolve() == DEFAULT_WEIGHTS.resolve()
+
+
+def _chosen_checkpoint(path: Path, source: str) -> tuple[Path, bool]:
+    """A checkpoint folder the user named (`source`): it must hold one; never the demo instead."""
+    from engine.loader import WeightsMissingError, checkpoint_started
+
+    path = path.expanduser()
+    if not checkpoint_started(path):
+        state = "does not exist" if not path.exists() else "holds no GeoLLaVA-8K checkpoint (config.json + safetensors)"
+        instead = ("leave --weights out to use weights/GeoLLaVA-8K or the demo model" if source == "--weights"
+                   else "unset GEOVQA_WEIGHTS to use weights/GeoLLaVA-8K or the demo model")
+        raise WeightsMissingError(
+            f"no weights: {path} (given by {source}) {state}. Check the path, run `make weights` "
+            f"to download the checkpoint, or {instead}."
+        )
+    return _checked_checkpoint(path, f"Point {source} at a complete GeoLLaVA-8K checkpoint, or run "
+                                     "`make weights` to download one.")
+
+
+def _checked_checkpoint(path: Path, hint: str) -> tuple[Path, bool]:
+    """(path, is_demo) when `path` is a usable checkpoint, else its loader error plus `hint`."""
+    from engine.loader import CheckpointError, check_checkpoint
+    from engine.tiny import is_tiny_checkpoint
+
+    try:
+        check_checkpoint(path)
+    except CheckpointError as exc:
+        message = str(exc)
+        if "make weights" not in message:  # the loader's own advice, where it gives one, stands
+            message = f"{message.rstrip('. ')}. {hint}"
+        raise type(exc)(message) from exc
+    return path, is_tiny_checkpoint(path)
 
 
 def prune_outputs(out_dir: Path, max_age_days: float) -> int:

@@ -33,3 +33,28 @@ def changed_settings(saved: dict, current: dict, keys: Iterable[str], *,
         if old != new:
             diff.append(f"{label(k)}: {old!r} -> {new!r}")
     return ", ".join(diff)
+
+
+def model_choice(weights: Any, *, demo_ok: bool) -> dict[str, Any]:
+    """The checkpoint a run loads, as the engine resolves it (--weights, GEOVQA_WEIGHTS, the default
+    folder, the demo model) and before anything loads: {"weights": absolute folder, "demo_model":
+    bool}. Recorded instead of --weights as typed, which is None for every run that leaves it out
+    whatever model GEOVQA_WEIGHTS or the default folder gave it."""
+    from engine.pipeline import resolve_weights  # noqa: PLC0415 - the pipeline's imports are heavy
+
+    folder, demo = resolve_weights(weights, demo_ok=demo_ok)
+    return {"weights": absolute_path(folder), "demo_model": bool(demo)}
+
+
+def with_model_choice(saved: dict, current: dict) -> dict:
+    """`saved` as if it recorded the resolved model like `current` does (`model_choice`).
+
+    Settings of older versions hold --weights as typed and no demo_model: a folder typed there is
+    still compared; a --weights left out (None) cannot be resolved after the fact and counts as
+    unchanged, like every setting an older version did not record."""
+    if "demo_model" in saved:
+        return saved
+    upgraded = {**saved, "demo_model": current.get("demo_model")}
+    if saved.get("weights") is None:
+        upgraded["weights"] = current.get("weights")
+    return upgraded

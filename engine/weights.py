@@ -11,6 +11,10 @@ import os
 from pathlib import Path
 
 DEFAULT_REPO = "initiacms/GeoLLaVA-8K"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# where `make weights` puts the checkpoint and the engine looks for it: one absolute path for both,
+# so a download started from another folder lands where ask / serve / eval read it
+DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "GeoLLaVA-8K"
 ALLOW_PATTERNS = [
     "config.json",
     "generation_config.json",

@@ -95,3 +95,16 @@ def test_main_reports_a_mistyped_strategy_without_loading(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["finetune", "data.json", "--out", "o", "--strategy", "anchor"])
     assert exc.value.code == 2 and "invalid choice: 'anchor'" in capsys.readouterr().err
+
+
+def test_weights_download_lands_where_the_engine_looks_from_any_folder(tmp_path, monkeypatch, capsys):
+    import engine.weights as W
+    from engine.cli import main
+    from engine.pipeline import DEFAULT_WEIGHTS
+
+    seen = {}
+    monkeypatch.setattr(W, "download_weights", lambda dest, **kw: seen.setdefault("dest", dest))
+    monkeypatch.chdir(tmp_path)  # not the repository: a relative default would land in here
+    assert main(["weights"]) == 0
+    assert Path(seen["dest"]).is_absolute() and Path(seen["dest"]) == DEFAULT_WEIGHTS
+    assert DEFAULT_WEIGHTS == Path(__file__).resolve().parents[2] / "weights" / "GeoLLaVA-8K"

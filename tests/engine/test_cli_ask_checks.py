@@ -62,6 +62,15 @@ def test_a_bad_request_is_refused_before_any_model_loads(tmp_path, rgb, recorder
     assert recorder.made == []  # no Engine, so no weights were even looked for
 
 
+@pytest.mark.parametrize("make, expected", [(lambda d: d / "not_a_dir", "does not exist"),
+                                            (lambda d: d, "no adapter_config.json")])
+def test_a_bad_adapter_is_refused_before_any_model_loads(tmp_path, rgb, recorder, capsys, make, expected):
+    rc = main(["ask", rgb, "How many ships?", "--adapter", str(make(tmp_path))])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --adapter: ") and expected in err
+    assert recorder.made == []  # no Engine: nothing loaded
+
+
 def test_missing_raster_is_named_before_missing_weights(tmp_path, capsys):
     """The real Engine, no stand-in: of two mistakes, the one found without loading comes first."""
     rc = main(["ask", str(tmp_path / "missing.tif"), "q?", "--weights", str(tmp_path / "none"),

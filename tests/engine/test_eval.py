@@ -456,3 +456,49 @@ def test_resume_compares_annotation_paths_as_files_not_text(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "one")
     run_eval(parser.parse_args([str(tmp_path / "one" / "mme.json"), "--out", out, "--limit", "2"]),
              predict=_predictor(MME_REPLIES, []))
+
+
+def test_a_rerun_on_another_model_is_refused_before_it_loads(tmp_path, monkeypatch, tiny_checkpoint):
+    """--weights left out both times: the model GEOVQA_WEIGHTS, the default folder or the demo gave
+    each run is what is compared, not the None typed."""
+    import shutil
+
+    import engine.evaluate as E
+    import engine.pipeline as P
+
+    monkeypatch.setattr(P, "DEFAULT_WEIGHTS", tmp_path / "no-weights")  # no default checkpoint
+    monkeypatch.delenv("GEOVQA_WEIGHTS", raising=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny-geollava").symlink_to(tiny_checkpoint, target_is_directory=True)  # the demo, built
+    monkeypatch.setenv("GEOVQA_CACHE_DIR", str(cache))
+    real = tmp_path / "real"  # a checkpoint that is not the tiny demo one
+    shutil.copytree(tiny_checkpoint, real)
+    (real / "TINY_MODEL.txt").unlink()
+    loads = []
+    monkeypatch.setattr(E, "engine_predictor",
+                        lambda args, weights=None: loads.append(weights) or _predictor(MME_REPLIES, []))
+    for image in ("a.png", "b.png"):
+        (tmp_path / image).write_bytes(b"png")
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = tmp_path / "o"
+    run = lambda *extra: run_eval(parser.parse_args([str(ann), "--out", str(out), *extra]))  # noqa: E731
+
+    run("--limit", "1")  # the demo model
+    saved = json.loads((out / "run_settings.json").read_text())
+    assert saved["demo_model"] is True and saved["weights"] == str(tiny_checkpoint.resolve())
+    assert loads == [str(tiny_checkpoint.resolve())]  # the engine loads the folder recorded
+    monkeypatch.setenv("GEOVQA_WEIGHTS", str(real))
+    with pytest.raises(EvalError, match=r"weights: .* -> '.*real', demo_model: True -> False"):
+        run("--limit", "2")
+    assert len(loads) == 1  # refused before loading
+    run("--limit", "2", "--weights", str(cache / "tiny-geollava"))  # the same demo folder, named
+    # a settings file of an older version (--weights as typed: None, no demo_model): unchanged
+    saved = json.loads((out / "run_settings.json").read_text())
+    del saved["demo_model"]
+    saved["weights"] = None
+    (out / "run_settings.json").write_text(json.dumps(saved))
+    run("--limit", "3")
+    assert json.loads((out / "run_settings.json").read_text())["weights"] == str(real.resolve())

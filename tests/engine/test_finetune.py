@@ -337,3 +337,45 @@ def test_a_resume_refused_at_the_adapter_keeps_the_run_record(tmp_path, tiny_che
     with pytest.raises(DataError, match="other LoRA settings"):
         run_finetune(other_rank)
     assert not (out / "finetune_args.json").exists()
+
+
+def test_resume_compares_the_resolved_base_model_not_the_flag_as_typed(tmp_path, tiny_checkpoint, monkeypatch):
+    """--weights left out both times: the checkpoint GEOVQA_WEIGHTS, the default folder or the demo
+    gave each run is compared (and refused before anything loads), not the None typed."""
+    import shutil
+
+    import engine.loader
+    import engine.pipeline as P
+    from engine.finetune import _check_resume_settings, _run_args
+
+    monkeypatch.setattr(P, "DEFAULT_WEIGHTS", tmp_path / "no-weights")  # no default checkpoint
+    monkeypatch.delenv("GEOVQA_WEIGHTS", raising=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny-geollava").symlink_to(tiny_checkpoint, target_is_directory=True)  # the demo, built
+    monkeypatch.setenv("GEOVQA_CACHE_DIR", str(cache))
+    real = tmp_path / "real"  # a checkpoint that is not the tiny demo one
+    shutil.copytree(tiny_checkpoint, real)
+    (real / "TINY_MODEL.txt").unlink()
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def without_weights(*extra):
+        args = _args(data, out, "unused", *extra)
+        args.weights = None
+        return args
+
+    saved = _run_args(without_weights())  # the demo model
+    assert saved["weights"] == str(tiny_checkpoint.resolve()) and saved["demo_model"] is True
+    (out / "finetune_args.json").write_text(json.dumps(saved))
+    _check_resume_settings(without_weights("--resume"), out)  # the same model: fine
+    monkeypatch.setenv("GEOVQA_WEIGHTS", str(real))
+    monkeypatch.setattr(engine.loader, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(DataError, match=r"--weights: .* -> '.*real', demo model: True -> False"):
+        run_finetune(without_weights("--resume"))
+    # a record of an older version (--weights as typed: None, no demo_model) counts as unchanged
+    del saved["demo_model"]
+    saved["weights"] = None
+    (out / "finetune_args.json").write_text(json.dumps(saved))
+    _check_resume_settings(without_weights("--resume"), out)

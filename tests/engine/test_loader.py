@@ -135,6 +135,22 @@ def test_bad_adapter_dir(tmp_path, tiny_checkpoint):
         load_model(tiny_checkpoint, device="cpu", adapter=tmp_path)
 
 
+@pytest.mark.parametrize("kind, message", [("missing", "does not exist"), ("file", "is a file"),
+                                           ("folder", "no adapter_config.json")])
+def test_a_bad_adapter_is_refused_before_the_base_model_loads(tmp_path, tiny_checkpoint, monkeypatch,
+                                                             kind, message):
+    import engine.loader as L
+
+    adapter = tmp_path / "not_an_adapter"
+    if kind == "file":
+        adapter.write_text("x")
+    elif kind == "folder":
+        adapter.mkdir()
+    monkeypatch.setattr(L, "read_config_json", lambda *a: pytest.fail("the checkpoint was read first"))
+    with pytest.raises(CheckpointError, match=f"{message}.*python -m engine finetune"):
+        load_model(tiny_checkpoint, device="cpu", adapter=adapter)
+
+
 def test_lora_adapter_is_applied(tmp_path, tiny_checkpoint, tiny_loaded):
     from peft import LoraConfig, get_peft_model
 
