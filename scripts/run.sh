@@ -3,7 +3,8 @@
 # that already knows the engine URL and token.
 #
 #   * Real weights are used when weights/GeoLLaVA-8K holds a checkpoint (config.json + *.safetensors;
-#     get them with `make weights`). Otherwise the tiny RANDOM demo model is built into
+#     get them with `make weights`; a damaged one stops with the engine's reason). When the folder
+#     is missing or empty, the tiny RANDOM demo model is built into
 #     .cache/tiny-geollava and used: its answers are meaningless, it only shows the workflow.
 #   * The engine listens on 127.0.0.1:$PORT (default 8765, or the next free port), keeps its token
 #     and state in .cache/run/, and its log in .cache/run/engine.log. It is stopped when this script
@@ -31,7 +32,11 @@ PY_ABS=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
 "$PY" -c "import engine.server" 2>/dev/null || die "The engine in $PY cannot start a server (import engine.server failed). Run 'make setup'."
 
 has_weights() { [ -f "$1/config.json" ] && ls "$1"/*.safetensors >/dev/null 2>&1; }
-if has_weights "$WEIGHTS"; then
+# the engine's rule (engine/loader.py checkpoint_started): a folder holding anything but hidden
+# entries (an interrupted download's .cache) is meant as a checkpoint; a damaged one is reported
+# by the engine with what is wrong, never replaced by the demo model
+weights_started() { [ -e "$1" ] && { [ ! -d "$1" ] || [ -n "$(ls -A "$1" 2>/dev/null | grep -v '^\.' || true)" ]; }; }
+if weights_started "$WEIGHTS"; then
   MODEL_DIR=$WEIGHTS
   say "Using the GeoLLaVA-8K checkpoint in $WEIGHTS"
 else

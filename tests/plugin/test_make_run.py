@@ -61,3 +61,20 @@ def test_make_run_starts_engine_and_qgis_with_the_plugin(tmp_path):
     text = out.read_text()
     assert "loaded=True" in text and "provider=True" in text, text + log
     assert "level=demo" in text or "level=ok" in text, text + log
+
+
+def test_make_run_reports_a_damaged_checkpoint_instead_of_the_demo(tmp_path):
+    """A weights folder holding part of a checkpoint (a cut-off copy) stops `make run` with the
+    engine's reason; it used to start the demo model with a banner saying the folder was empty."""
+    engine_py = ROOT / ".venv" / "bin" / "python"
+    if subprocess.run([str(engine_py), "-c", "import engine.server"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("the engine in .venv cannot serve yet")
+    weights = tmp_path / "GeoLLaVA-8K"
+    weights.mkdir()
+    (weights / "config.json").write_text('{"model_type": "llava_qwen"')  # cut off mid-file
+    env = dict(os.environ, WEIGHTS=str(weights), NO_QGIS="1", PORT=str(free_port()), PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "run.sh")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "TINY RANDOM DEMO MODEL" not in r.stdout
+    assert "config.json" in r.stderr and "The engine exited while starting" in r.stderr, r.stdout + r.stderr
