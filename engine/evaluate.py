@@ -55,6 +55,7 @@ they are made; a rerun skips item ids already there (resumable), `--limit N` sto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import string
@@ -650,7 +651,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         "the generic layout")
     parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from "
                         "(default: the annotation file's folder)")
-    parser.add_argument("--out", default="eval_out", help="output folder: predictions.jsonl, results.json, results.md")
+    parser.add_argument("--out", default="eval_out",
+                        help="output folder: predictions.jsonl, results.json, results.md (default: eval_out)")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N items")
     add_model_arguments(parser)
     # None when not given, so that runs saved before the option existed stay comparable
@@ -761,9 +763,13 @@ def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] |
         predict = engine_predictor(args, model["weights"])
     else:
         _check_run_settings(args)
-    res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
-                   progress=True, instruction=getattr(args, "instruction", None),
-                   on_error=getattr(args, "on_error", "stop"))
+    try:
+        res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
+                       progress=True, instruction=getattr(args, "instruction", None),
+                       on_error=getattr(args, "on_error", "stop"))
+    finally:
+        with contextlib.suppress(OSError):  # the engine's folder for heatmaps, when none were kept
+            (Path(args.out) / "heatmaps").rmdir()
     print(markdown_table(res, res["title"]))
     print(f"Results in {Path(args.out) / 'results.json'} and results.md; predictions in predictions.jsonl.")
     return 0
