@@ -150,3 +150,34 @@ def test_framework_http_errors_keep_the_protocol_pairing(tmp_path, status, code)
     assert resp.status_code == protocol.ERROR_CODES[code]
     assert resp.json()["error"]["code"] == code
     assert "refused by the framework" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"])
+def test_an_empty_token_file_gets_a_new_private_token(tmp_path, monkeypatch, content):
+    """An existing but empty token file used to recurse until RecursionError."""
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
+    path = protocol.token_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    os.chmod(path, 0o644)
+    token = auth.load_or_create_token()
+    assert len(token) >= 32
+    assert path.read_text().strip() == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert auth.load_or_create_token() == token
+    assert [p.name for p in path.parent.iterdir()] == ["token"]  # no temporary file left
+
+
+def test_a_token_created_meanwhile_by_another_server_is_used(tmp_path, monkeypatch):
+    """The missing-file path must not overwrite a token another process just wrote."""
+    path = tmp_path / "token"
+    real_write = auth._write_new_token
+
+    def racing_write(p, *, replace):
+        if not replace:
+            p.write_text("theirs\n")  # the other server got there first
+        return real_write(p, replace=replace)
+
+    monkeypatch.setattr(auth, "_write_new_token", racing_write)
+    assert auth.load_or_create_token(path) == "theirs"
+    assert path.read_text() == "theirs\n"
