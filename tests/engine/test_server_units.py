@@ -82,7 +82,7 @@ def test_binding_rules(tmp_path, caplog):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     check_binding(Settings(host="127.0.0.1", state_dir=tmp_path))
-    with pytest.raises(SystemExit, match="--allow-remote"):
+    with pytest.raises(SystemExit, match="^error: .*--allow-remote"):
         check_binding(Settings(host="0.0.0.0", state_dir=tmp_path))
     with caplog.at_level("WARNING", logger="engine.server"):
         check_binding(Settings(host="0.0.0.0", allow_remote=True, state_dir=tmp_path))
@@ -101,13 +101,26 @@ def test_state_dir_is_exclusive(tmp_path):
     first = JobQueue(object(), tmp_path, dict)
     first.start()
     try:
-        with pytest.raises(SystemExit, match="already using the state dir"):
+        with pytest.raises(SystemExit, match="in use by another engine server"):
             JobQueue(object(), tmp_path, dict).start()
     finally:
         first.stop()
     again = JobQueue(object(), tmp_path, dict)
     again.start()
     again.stop()
+
+
+def test_a_queue_given_the_state_lock_starts_on_it_and_frees_it(tmp_path):
+    """serve takes the lock before loading the model; the job worker must start on that lock
+    (not ask for it a second time) and free it when it stops."""
+    from engine.jobs import JobQueue, lock_state_dir
+
+    jobs = JobQueue(object(), tmp_path, dict, state_lock=lock_state_dir(tmp_path))
+    with pytest.raises(SystemExit, match="in use by another engine server"):
+        lock_state_dir(tmp_path)
+    jobs.start()
+    jobs.stop()
+    lock_state_dir(tmp_path).close()
 
 
 def test_real_engine_errors_map_to_codes():
