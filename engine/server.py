@@ -69,13 +69,15 @@ class Settings:
     token: str | None = None  # default: read or create protocol.token_path()
 
     def __post_init__(self) -> None:
-        self.state_dir = Path(self.state_dir)
+        # Absolute: the paths in responses (heatmap_path, results_path) are read by clients
+        # that run in another working directory.
+        self.state_dir = Path(self.state_dir).resolve()
         if self.output_dir is None:
             self.output_dir = self.state_dir / "outputs"
         if self.upload_dir is None:
             self.upload_dir = self.state_dir / "uploads"
-        self.output_dir = Path(self.output_dir)
-        self.upload_dir = Path(self.upload_dir)
+        self.output_dir = Path(self.output_dir).resolve()
+        self.upload_dir = Path(self.upload_dir).resolve()
 
 
 def is_loopback(host: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,32 @@ def test_a_token_created_meanwhile_by_another_server_is_used(tmp_path, monkeypat
     monkeypatch.setattr(auth, "_write_new_token", racing_write)
     assert auth.load_or_create_token(path) == "theirs"
     assert path.read_text() == "theirs\n"
+
+
+def test_relative_folders_become_absolute(tmp_path, monkeypatch):
+    """Paths in responses (heatmap_path, results_path) must not depend on the server's working
+    directory: --state-dir relstate used to give heatmap_path 'relstate/outputs/...'."""
+    import argparse
+
+    from engine.server import add_serve_arguments, settings_from_args
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--state-dir", "relstate"]))
+    assert settings.state_dir == tmp_path / "relstate"
+    assert settings.output_dir == tmp_path / "relstate" / "outputs"
+    assert settings.upload_dir == tmp_path / "relstate" / "uploads"
+    settings = settings_from_args(parser.parse_args(["--state-dir", "s", "--output-dir", "out"]))
+    assert (settings.state_dir, settings.output_dir) == (tmp_path / "s", tmp_path / "out")
+
+
+def test_a_batch_in_a_relative_state_dir_reports_an_absolute_results_path(tmp_path, monkeypatch):
+    from engine.jobs import JobQueue
+
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(state_dir="relstate", token="t")
+    jobs = JobQueue(object(), settings.state_dir, dict)
+    job = jobs.submit_batch({"items": [{"raster_path": "/x.tif"}], "questions": ["q"]})
+    results_path = Path(job.info()["results_path"])
+    assert results_path.is_absolute() and results_path.is_file()
