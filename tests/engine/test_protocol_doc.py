@@ -53,3 +53,24 @@ def test_codes_the_engine_never_sends_are_documented_as_reserved():
     assert "reserved, not sent by this version" in row
     assert "'loading' is reserved" in protocol.HEALTH_FIELDS["status"]
     assert "`loading` is reserved" in DOC
+
+
+def test_the_budget_refusal_of_none_is_documented_with_its_code():
+    """`none` refuses a budget below its token count only in the stream (the tile count needs
+    the model's tiling); README said every strategy honours --budget, the docs that all input
+    is checked before queueing. Both must say so, with the code the client really gets."""
+    torch = pytest.importorskip("torch")
+    from engine.jobs import error_for_exception
+    from engine.selection.base import SelectionError
+    from engine.selection.none import NoneStrategy
+
+    features = type("Features", (), {"patches": torch.zeros(2, 576, 4)})()
+    with pytest.raises(SelectionError) as refused:
+        NoneStrategy().select(features, None, "q", 7, model=None)
+    code = error_for_exception(refused.value, budget=7).code
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for name, text in [("README.md", readme), ("docs/protocol.md", DOC)]:
+        paragraph = next((p for p in text.split("\n\n") if "`none`" in p and "budget" in p
+                          and f"`{code}`" in p), None)
+        assert paragraph, f"{name} does not say that `none` refuses a small budget with {code}"
+        assert "stream" in paragraph
