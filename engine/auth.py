@@ -1,8 +1,9 @@
 """Bearer-token authentication for the engine server.
 
 At the first start a random token is written to ``protocol.token_path()`` (the user's config
-dir) with mode 0600; later starts reuse it. Clients send it as ``Authorization: Bearer <token>``
-and the server compares it in constant time.
+dir) with mode 0600; later starts reuse it, and an empty token file gets a new token in place.
+Clients send it as ``Authorization: Bearer <token>`` and the server compares it in constant
+time.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hmac
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 from engine import protocol
@@ -19,29 +21,74 @@ TOKEN_BYTES = 32
 
 
 def load_or_create_token(path: Path | None = None) -> str:
-    """Return the server token, creating it (mode 0600, parent dir 0700) when missing."""
+    """Return the server token, creating it (mode 0600, parent dir 0700) when missing.
+
+    A token file that exists but holds nothing (``: > token``, a disk that filled up) gets a
+    new token written in its place, so the server never starts without one.
+    """
     path = Path(path) if path is not None else protocol.token_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        token = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        token = ""
+    token = _read_token(path)
+    if token is None:
+        try:
+            return _write_new_token(path, replace=False)
+        except FileExistsError:  # another process created it meanwhile: use theirs
+            token = _read_token(path) or ""
     if token:
         # Tighten the mode if someone loosened it; the token is a secret.
         if os.name == "posix" and stat.S_IMODE(path.stat().st_mode) & 0o077:
             os.chmod(path, 0o600)
         return token
-    token = secrets.token_urlsafe(TOKEN_BYTES)
-    # O_EXCL: if another process created it meanwhile, read theirs instead of overwriting.
+    written = _write_new_token(path, replace=True)
+    # Read it back: if two servers mend the same empty file at once, the last write wins and
+    # both should serve the token that is in the file.
+    return _read_token(path) or written
+
+
+def _read_token(path: Path) -> str | None:
+    """The token in `path` (stripped; '' when empty), or None when there is no such file."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return load_or_create_token(path)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(token + "\n")
-    if os.name == "posix":
-        os.chmod(path, 0o600)
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+
+
+def _write_new_token(path: Path, *, replace: bool) -> str:
+    """Write a fresh token to `path` atomically and return it.
+
+    The token goes to a private (0600) temporary file in the same folder first, so `path`
+    never holds a half-written token. ``replace=False`` links it into place and raises
+    FileExistsError if `path` appeared meanwhile; ``replace=True`` overwrites `path`.
+    """
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    fd, tmp_name = tempfile.mkstemp(prefix=".token-", dir=path.parent)  # mode 0600
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(token + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.name == "posix":
+            os.chmod(tmp, 0o600)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path, token)
+    finally:
+        tmp.unlink(missing_ok=True)
     return token
+
+
+def _link_new(tmp: Path, path: Path, token: str) -> None:
+    """Put the finished `tmp` at `path`, raising FileExistsError when `path` exists."""
+    try:
+        os.link(tmp, path)  # unlike a rename, refuses to overwrite
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network shares): create it exclusively
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(token + "\n")
 
 
 def bearer_from_header(value: str | None) -> str | None:

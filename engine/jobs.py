@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from engine import protocol
 from engine.errors import free_gpu_memory
@@ -245,6 +245,33 @@ class BatchJob:
         return results
 
 
+def lock_state_dir(state_dir: Path) -> IO:
+    """Hold an exclusive lock on `state_dir` (made if missing) for as long as the returned file
+    stays open: two servers must not resume the same batch jobs.
+
+    Raises SystemExit with an ``error: ...`` sentence (what the plugin shows) when another
+    server holds it."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock_file = open(state_dir / "server.lock", "a+")
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows
+            import msvcrt
+
+            lock_file.seek(0)
+            msvcrt.locking(lock_file.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        lock_file.close()
+        raise SystemExit(
+            f"error: state folder {state_dir} is in use by another engine server. Stop it, or "
+            "start this one with a different --state-dir.") from None
+    return lock_file
+
+
 # ---------------------------------------------------------------------------------------------
 # The queue and its single worker
 
@@ -252,7 +279,10 @@ class BatchJob:
 class JobQueue:
     """FIFO of GPU jobs served by one worker thread."""
 
-    def __init__(self, engine: Any, state_dir: Path, make_request: Callable[[dict], Any]):
+    def __init__(self, engine: Any, state_dir: Path, make_request: Callable[[dict], Any],
+                 state_lock: IO | None = None):
+        """`state_lock`: the lock of `lock_state_dir(state_dir)` when the caller took it already
+        (``serve`` does, before loading the model); else `start` takes it."""
         self.engine = engine
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
@@ -264,32 +294,16 @@ class JobQueue:
         self._jobs: dict[str, AskJob | BatchJob] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._lock_file = state_lock
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        self._lock_state_dir()
+        # Resuming batch jobs is only safe for the one server that holds the state dir.
+        if self._lock_file is None:
+            self._lock_file = lock_state_dir(self.state_dir)
         self._resume_batches()
         self._thread = threading.Thread(target=self._worker, name="gpu-worker", daemon=True)
         self._thread.start()
-
-    def _lock_state_dir(self) -> None:
-        """Hold an exclusive lock on the state dir: two servers must not resume the same jobs."""
-        self._lock_file = open(self.state_dir / "server.lock", "a+")
-        try:
-            try:
-                import fcntl
-
-                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except ImportError:  # Windows
-                import msvcrt
-
-                self._lock_file.seek(0)
-                msvcrt.locking(self._lock_file.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            self._lock_file.close()
-            raise SystemExit(
-                f"Another engine server is already using the state dir {self.state_dir}. Stop "
-                "it, or start this one with a different --state-dir.") from None
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -299,9 +313,9 @@ class JobQueue:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        lock_file = getattr(self, "_lock_file", None)
-        if lock_file is not None:
-            lock_file.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     # -- submission ----------------------------------------------------------------------------
     def submit_ask(self, request: Any, cleanup: Callable[[], None] | None = None) -> AskJob:

@@ -18,6 +18,7 @@ Caching (used by the server for repeated questions on the same raster):
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import queue
 import re
@@ -35,8 +36,9 @@ from engine.protocol import (DEFAULT_STRATEGY, DEFAULT_TOKENS_PER_TILE, PROTOCOL
 from engine.weights import DEFAULT_WEIGHTS
 
 # Heatmaps / anchors the engine wrote are working files (the plugin copies what it keeps next to
-# the project): those older than this are removed when an engine starts.
-OUTPUT_RETENTION_DAYS = float(os.environ.get("GEOVQA_OUTPUT_RETENTION_DAYS", "14"))
+# the project): those older than GEOVQA_OUTPUT_RETENTION_DAYS are removed when an engine starts.
+RETENTION_VARIABLE = "GEOVQA_OUTPUT_RETENTION_DAYS"
+DEFAULT_OUTPUT_RETENTION_DAYS = 14.0
 # the names `_output_stem` + write_heatmap give the engine's files; pruning touches only these, so a
 # user's own "survey_heatmap.tif" in a folder given as --output-dir is never deleted
 ENGINE_OUTPUT_NAME = re.compile(r"^\d{8}-\d{6}-[a-z0-9-]{1,40}-[0-9a-f]{6}_(heatmap\.tif|anchors\.geojson)$")
@@ -225,13 +227,14 @@ class Engine:
                  feature_cache_bytes: int = 4 * 2**30, loaded=None) -> None:
         from engine.loader import load_model
 
+        retention_days = output_retention_days()  # a bad setting stops us before the model loads
         self.weights_dir, self.demo = resolve_weights(weights_dir, demo_ok=demo_ok)
         self.loaded = loaded or load_model(self.weights_dir, device=device,
                                            quantization=quantization, adapter=adapter)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.output_dir = Path(output_dir) if output_dir else cache_dir() / "outputs"
-        prune_outputs(self.output_dir, OUTPUT_RETENTION_DAYS)
+        prune_outputs(self.output_dir, retention_days)
         self.features = FeatureCache(max_bytes=feature_cache_bytes)
         self.prefixes = PrefixStore()
         self._lock = threading.Lock()
@@ -442,6 +445,24 @@ def _checked_checkpoint(path: Path, hint: str) -> tuple[Path, bool]:
             message = f"{message.rstrip('. ')}. {hint}"
         raise type(exc)(message) from exc
     return path, is_tiny_checkpoint(path)
+
+
+def output_retention_days() -> float:
+    """GEOVQA_OUTPUT_RETENTION_DAYS as a number of days (default 14; 0 keeps everything).
+
+    Read when an engine starts, not at import, so a bad value stops only what prunes outputs
+    (not ``--help`` or ``tiny``), and with a message that names the variable."""
+    text = os.environ.get(RETENTION_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_OUTPUT_RETENTION_DAYS
+    try:
+        days = float(text)
+    except ValueError:
+        days = math.nan
+    if not math.isfinite(days):
+        raise ValueError(f"{RETENTION_VARIABLE} must be a number of days (for example 14, or 0 to "
+                         f"keep every output file), not {text!r}.")
+    return days
 
 
 def prune_outputs(out_dir: Path, max_age_days: float) -> int:

@@ -55,7 +55,8 @@ DEFAULT_TOKENS_PER_TILE = 24  # anchors a tile kept by geollava / anchored, as t
 # ---------------------------------------------------------------------------------------------
 # GET /health
 HEALTH_FIELDS = {
-    "status": "str: 'ok' | 'loading' | 'error'",
+    "status": "str: 'ok' | 'error' ('loading' is reserved: this version loads the model "
+    "before it listens, so it never answers while loading)",
     "protocol": "int: PROTOCOL_VERSION",
     "version": "str: engine version",
     "model": "str: model name (e.g. 'GeoLLaVA-8K' or 'tiny-demo')",
@@ -176,6 +177,10 @@ ERROR_CODES = {
     "no_weights": 503,
     "internal": 500,
 }
+# Codes clients understand but this engine version never sends: `serve` loads the model (or
+# fails with "error: no weights ...") before it listens, so a client cannot reach an engine
+# that is still loading or has no weights; it sees a refused connection instead.
+RESERVED_ERROR_CODES = ("model_loading", "no_weights")
 
 
 def error_body(code: str, message: str, hint: str | None = None) -> dict:

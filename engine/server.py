@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
 import ipaddress
 import json
@@ -19,10 +20,11 @@ import os
 import queue
 import re
 import shutil
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine import __version__, protocol
 from engine.auth import load_or_create_token, token_matches
 from engine.cli_args import add_model_arguments
-from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default
+from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default, lock_state_dir
 from engine.json_body import parse_json
 from engine.request_checks import request_factory, validate_ask, validate_batch
 from engine.uploads import receive_upload
@@ -67,13 +69,15 @@ class Settings:
     token: str | None = None  # default: read or create protocol.token_path()
 
     def __post_init__(self) -> None:
-        self.state_dir = Path(self.state_dir)
+        # Absolute: the paths in responses (heatmap_path, results_path) are read by clients
+        # that run in another working directory.
+        self.state_dir = Path(self.state_dir).resolve()
         if self.output_dir is None:
             self.output_dir = self.state_dir / "outputs"
         if self.upload_dir is None:
             self.upload_dir = self.state_dir / "uploads"
-        self.output_dir = Path(self.output_dir)
-        self.upload_dir = Path(self.upload_dir)
+        self.output_dir = Path(self.output_dir).resolve()
+        self.upload_dir = Path(self.upload_dir).resolve()
 
 
 def is_loopback(host: str) -> bool:
@@ -89,13 +93,16 @@ def is_loopback(host: str) -> bool:
 # The app
 
 
-def create_app(engine: Any, settings: Settings):
-    """The FastAPI app serving `engine` (no CORS: browsers on other origins are not welcome)."""
+def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
+    """The FastAPI app serving `engine` (no CORS: browsers on other origins are not welcome).
+
+    `state_lock`: the state dir's lock (`engine.jobs.lock_state_dir`) when the caller holds it
+    already; else the app takes it at startup, before the job worker resumes anything."""
     token = settings.token or load_or_create_token()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     output_dir = settings.output_dir.resolve()
-    jobs = JobQueue(engine, settings.state_dir, request_factory(engine))
+    jobs = JobQueue(engine, settings.state_dir, request_factory(engine), state_lock=state_lock)
     try:
         engine_strategies = tuple(engine.health().get("strategies") or ())
     except Exception:  # noqa: BLE001 - health is re-read on every /health
@@ -301,12 +308,24 @@ def create_app(engine: Any, settings: Settings):
 # Command line
 
 
+def port_number(text: str) -> int:
+    """argparse type of --port: refused before anything loads rather than when binding."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1 to 65535)")
+    return port
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m engine serve``."""
     add_model_arguments(parser)
     parser.add_argument("--host", default=protocol.DEFAULT_HOST,
                         help="address to bind (loopback by default)")
-    parser.add_argument("--port", type=int, default=protocol.DEFAULT_PORT)
+    parser.add_argument("--port", type=port_number, default=protocol.DEFAULT_PORT,
+                        help=f"TCP port to listen on, 1-65535 (default {protocol.DEFAULT_PORT})")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow binding to a non-loopback address (other computers can then "
                         "reach the engine; they still need the token)")
@@ -337,8 +356,8 @@ def check_binding(settings: Settings) -> None:
         return
     if not settings.allow_remote:
         raise SystemExit(
-            f"Refusing to listen on {settings.host}: other computers could reach the engine. "
-            "Use --allow-remote if that is what you want.")
+            f"error: refusing to listen on {settings.host}: other computers could reach the "
+            "engine. Use --allow-remote if that is what you want.")
     log.warning("Listening on %s: the engine is reachable from other computers. Only clients "
                 "with the token (%s) are served; traffic is not encrypted.",
                 settings.host, protocol.token_path())
@@ -355,6 +374,39 @@ def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
                   adapter=args.adapter, demo_ok=not args.no_demo, output_dir=settings.output_dir)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, not listening yet (uvicorn listens once the model is loaded,
+    so clients are refused, not left hanging, while it loads).
+
+    Binding before the model loads finds a port in use in a second instead of minutes later;
+    failures raise SystemExit with one ``error: ...`` sentence, which the plugin shows."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if os.name == "posix":  # restart at once despite old connections in TIME_WAIT; on Windows
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # it would share the port
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"error: {bind_failure(host, port, exc)}") from None
+    return sock
+
+
+def bind_failure(host: str, port: int, exc: OSError) -> str:
+    """A sentence for a person on why host:port cannot be bound."""
+    if isinstance(exc, socket.gaierror):  # a host name that does not resolve
+        return f"{host} is not a known address, so the engine cannot listen on it."
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is in use (another engine?). Stop the program using it, "
+                "or start the engine with another --port.")
+    if exc.errno == errno.EACCES:
+        return (f"port {port} on {host} may not be used by this user (on Linux and macOS ports "
+                "below 1024 need administrator rights); start the engine with another --port.")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this computer, so the engine cannot listen on it."
+    return f"cannot listen on {host} port {port}: {exc.strerror or exc}"
+
+
 def serve(args: argparse.Namespace) -> None:
     """Run the server until interrupted (``python -m engine serve``)."""
     import uvicorn
@@ -364,12 +416,17 @@ def serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     check_binding(settings)
     settings.token = load_or_create_token()
+    # Everything that can refuse the start is checked before the model loads (minutes with
+    # real weights): the state dir's lock, then the port.
+    state_lock = lock_state_dir(settings.state_dir)
+    sock = bind_socket(settings.host, settings.port)
     engine = build_engine(args, settings)
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, state_lock=state_lock)
     log.info("GeoVQA engine on http://%s:%d (token in %s, state in %s)", settings.host,
              settings.port, protocol.token_path(), settings.state_dir)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=args.log_level, access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ diagnostics report.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections import deque
 from pathlib import Path
@@ -137,9 +138,21 @@ class EngineProcess(QObject):
             self.state_changed.emit("failed")
 
 
+# The engine's own refusals: "error: ..." at the start of a line, or argparse's
+# "python -m engine serve: error: ..." (a program name, then the sentence).
+ENGINE_ERROR_RE = re.compile(r"^(?:[\w .-]+: )?error:\s*(\S.*)$")
+
+
 def error_sentence(lines) -> str:
-    """The last "error: ..." sentence of an engine command's output, else its last line."""
+    """The last "error: ..." sentence of an engine command's output, else its last line.
+
+    A line that starts with "error:" is the engine's own sentence (a port in use, a state folder
+    held by another server, no weights) and wins over log lines that only mention "error:"."""
     lines = [ln.strip() for ln in lines if ln.strip()]
+    for line in reversed(lines):
+        match = ENGINE_ERROR_RE.match(line)
+        if match:
+            return match.group(1).strip()
     for line in reversed(lines):
         head, sep, rest = line.partition("error:")
         if sep and rest.strip() and not head.strip().startswith(("File ", "raise ")):

@@ -128,3 +128,12 @@ class StubEngine:
 
 def make_engine(args, settings) -> StubEngine:
     return StubEngine(settings.output_dir)
+
+
+def make_engine_noting_the_load(args, settings) -> StubEngine:
+    """`make_engine` that first leaves a file named by GEOVQA_STUB_LOADED: proof the (minutes
+    long, with real weights) model load was reached."""
+    marker = os.environ.get("GEOVQA_STUB_LOADED")
+    if marker:
+        Path(marker).write_text("loaded\n")
+    return make_engine(args, settings)

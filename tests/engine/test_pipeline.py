@@ -281,6 +281,42 @@ def test_tiling_follows_the_checkpoints_pinpoints(tiny_checkpoint, scene, tmp_pa
     assert features.patches.shape[0] == 4
 
 
+@pytest.mark.parametrize("value, days", [(None, 14.0), ("", 14.0), ("0", 0.0), ("7.5", 7.5),
+                                         (" 30 ", 30.0)])
+def test_output_retention_days_reads_the_variable(monkeypatch, value, days):
+    from engine.pipeline import output_retention_days
+
+    if value is None:
+        monkeypatch.delenv("GEOVQA_OUTPUT_RETENTION_DAYS", raising=False)
+    else:
+        monkeypatch.setenv("GEOVQA_OUTPUT_RETENTION_DAYS", value)
+    assert output_retention_days() == days
+
+
+@pytest.mark.parametrize("value", ["2w", "nan", "inf", "14 days"])
+def test_a_bad_retention_setting_names_the_variable_before_the_model_loads(monkeypatch, value):
+    """'2w' used to fail every command at import with "could not convert string to float"."""
+    import engine.loader
+
+    loads = []
+    monkeypatch.setattr(engine.loader, "load_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setenv("GEOVQA_OUTPUT_RETENTION_DAYS", value)
+    named = rf"GEOVQA_OUTPUT_RETENTION_DAYS must be a number of days.*{value!r}"
+    with pytest.raises(ValueError, match=named):
+        Engine(None, demo_ok=True)
+    assert loads == []
+
+
+def test_a_bad_retention_setting_does_not_break_importing_the_engine(tmp_path):
+    """Commands that never prune outputs (info --memory, finetune, --help) import the pipeline."""
+    import os
+
+    env = dict(os.environ, GEOVQA_OUTPUT_RETENTION_DAYS="2w", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", "import engine.pipeline"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_prune_outputs_removes_only_old_engine_files(tmp_path):
     import os
     import time

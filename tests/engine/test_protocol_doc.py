@@ -34,3 +34,43 @@ def test_shared_model_settings_are_ask_and_batch_fields():
 def test_doc_names_every_field(name, fields):
     missing = [k for k in fields if not re.search(rf'"{k}"|`{k}`', DOC)]
     assert not missing, f"docs/protocol.md does not mention {name} {missing}"
+
+
+def engine_sources() -> str:
+    """The engine's code, protocol.py (where every code is declared) left out."""
+    root = Path(__file__).resolve().parents[2] / "engine"
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(root.rglob("*.py"))
+                     if p.name != "protocol.py")
+
+
+def test_codes_the_engine_never_sends_are_documented_as_reserved():
+    """The docs listed model_loading / no_weights as what a not-ready engine answers, but serve
+    loads the model before it listens: such codes must be marked reserved, not promised."""
+    source = engine_sources()
+    sent = {code for code in protocol.ERROR_CODES if re.search(rf'\b{code}\b', source)}
+    assert set(protocol.ERROR_CODES) - sent == set(protocol.RESERVED_ERROR_CODES)
+    row = next(line for line in DOC.splitlines() if line.startswith("| `model_loading`"))
+    assert "reserved, not sent by this version" in row
+    assert "'loading' is reserved" in protocol.HEALTH_FIELDS["status"]
+    assert "`loading` is reserved" in DOC
+
+
+def test_the_budget_refusal_of_none_is_documented_with_its_code():
+    """`none` refuses a budget below its token count only in the stream (the tile count needs
+    the model's tiling); README said every strategy honours --budget, the docs that all input
+    is checked before queueing. Both must say so, with the code the client really gets."""
+    torch = pytest.importorskip("torch")
+    from engine.jobs import error_for_exception
+    from engine.selection.base import SelectionError
+    from engine.selection.none import NoneStrategy
+
+    features = type("Features", (), {"patches": torch.zeros(2, 576, 4)})()
+    with pytest.raises(SelectionError) as refused:
+        NoneStrategy().select(features, None, "q", 7, model=None)
+    code = error_for_exception(refused.value, budget=7).code
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for name, text in [("README.md", readme), ("docs/protocol.md", DOC)]:
+        paragraph = next((p for p in text.split("\n\n") if "`none`" in p and "budget" in p
+                          and f"`{code}`" in p), None)
+        assert paragraph, f"{name} does not say that `none` refuses a small budget with {code}"
+        assert "stream" in paragraph

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_binding_rules(tmp_path, caplog):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     check_binding(Settings(host="127.0.0.1", state_dir=tmp_path))
-    with pytest.raises(SystemExit, match="--allow-remote"):
+    with pytest.raises(SystemExit, match="^error: .*--allow-remote"):
         check_binding(Settings(host="0.0.0.0", state_dir=tmp_path))
     with caplog.at_level("WARNING", logger="engine.server"):
         check_binding(Settings(host="0.0.0.0", allow_remote=True, state_dir=tmp_path))
@@ -101,13 +102,26 @@ def test_state_dir_is_exclusive(tmp_path):
     first = JobQueue(object(), tmp_path, dict)
     first.start()
     try:
-        with pytest.raises(SystemExit, match="already using the state dir"):
+        with pytest.raises(SystemExit, match="in use by another engine server"):
             JobQueue(object(), tmp_path, dict).start()
     finally:
         first.stop()
     again = JobQueue(object(), tmp_path, dict)
     again.start()
     again.stop()
+
+
+def test_a_queue_given_the_state_lock_starts_on_it_and_frees_it(tmp_path):
+    """serve takes the lock before loading the model; the job worker must start on that lock
+    (not ask for it a second time) and free it when it stops."""
+    from engine.jobs import JobQueue, lock_state_dir
+
+    jobs = JobQueue(object(), tmp_path, dict, state_lock=lock_state_dir(tmp_path))
+    with pytest.raises(SystemExit, match="in use by another engine server"):
+        lock_state_dir(tmp_path)
+    jobs.start()
+    jobs.stop()
+    lock_state_dir(tmp_path).close()
 
 
 def test_real_engine_errors_map_to_codes():
@@ -150,3 +164,63 @@ def test_framework_http_errors_keep_the_protocol_pairing(tmp_path, status, code)
     assert resp.status_code == protocol.ERROR_CODES[code]
     assert resp.json()["error"]["code"] == code
     assert "refused by the framework" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"])
+def test_an_empty_token_file_gets_a_new_private_token(tmp_path, monkeypatch, content):
+    """An existing but empty token file used to recurse until RecursionError."""
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
+    path = protocol.token_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    os.chmod(path, 0o644)
+    token = auth.load_or_create_token()
+    assert len(token) >= 32
+    assert path.read_text().strip() == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert auth.load_or_create_token() == token
+    assert [p.name for p in path.parent.iterdir()] == ["token"]  # no temporary file left
+
+
+def test_a_token_created_meanwhile_by_another_server_is_used(tmp_path, monkeypatch):
+    """The missing-file path must not overwrite a token another process just wrote."""
+    path = tmp_path / "token"
+    real_write = auth._write_new_token
+
+    def racing_write(p, *, replace):
+        if not replace:
+            p.write_text("theirs\n")  # the other server got there first
+        return real_write(p, replace=replace)
+
+    monkeypatch.setattr(auth, "_write_new_token", racing_write)
+    assert auth.load_or_create_token(path) == "theirs"
+    assert path.read_text() == "theirs\n"
+
+
+def test_relative_folders_become_absolute(tmp_path, monkeypatch):
+    """Paths in responses (heatmap_path, results_path) must not depend on the server's working
+    directory: --state-dir relstate used to give heatmap_path 'relstate/outputs/...'."""
+    import argparse
+
+    from engine.server import add_serve_arguments, settings_from_args
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--state-dir", "relstate"]))
+    assert settings.state_dir == tmp_path / "relstate"
+    assert settings.output_dir == tmp_path / "relstate" / "outputs"
+    assert settings.upload_dir == tmp_path / "relstate" / "uploads"
+    settings = settings_from_args(parser.parse_args(["--state-dir", "s", "--output-dir", "out"]))
+    assert (settings.state_dir, settings.output_dir) == (tmp_path / "s", tmp_path / "out")
+
+
+def test_a_batch_in_a_relative_state_dir_reports_an_absolute_results_path(tmp_path, monkeypatch):
+    from engine.jobs import JobQueue
+
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(state_dir="relstate", token="t")
+    jobs = JobQueue(object(), settings.state_dir, dict)
+    job = jobs.submit_batch({"items": [{"raster_path": "/x.tif"}], "questions": ["q"]})
+    results_path = Path(job.info()["results_path"])
+    assert results_path.is_absolute() and results_path.is_file()

@@ -165,3 +165,26 @@ def test_an_engine_that_fails_to_start_says_why(plugin, qgis_iface, tmp_path):
     assert any(m.startswith("GeoVQA:The local engine stopped: no weights:") or
                "The local engine stopped: no weights:" in m for m in critical()), critical()
     assert "[engine exited with code 2]" in plugin.engine.log_text()
+
+
+def test_the_engines_own_error_line_is_the_reason_it_stopped():
+    """`serve` ends a refused start with one "error: ..." line (a port in use, a state folder
+    another server holds, a bad --port); that sentence is the reason shown, not the last log
+    line, even when a later log line mentions an error in passing."""
+    from geovqa.engine_process import error_sentence
+
+    port_in_use = ("port 8765 on 127.0.0.1 is in use (another engine?). Stop the program using "
+                   "it, or start the engine with another --port.")
+    lines = ["2025-05-01 10:00:00,001 INFO engine.server: starting",
+             f"error: {port_in_use}",
+             "2025-05-01 10:00:00,002 WARNING py.warnings: resource_tracker: error: 1 leaked "
+             "semaphore"]
+    assert error_sentence(lines) == port_in_use
+    argparse_lines = ["usage: python -m engine serve [-h] [--port PORT]",
+                      "python -m engine serve: error: argument --port: 70000 is not a port "
+                      "number (1 to 65535)"]
+    assert error_sentence(argparse_lines) == ("argument --port: 70000 is not a port number "
+                                              "(1 to 65535)")
+    assert error_sentence(["INFO:     Waiting for application shutdown.",
+                           "INFO:     Application shutdown complete."]) == \
+        "INFO:     Application shutdown complete."

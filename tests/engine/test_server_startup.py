@@ -1,0 +1,102 @@
+"""`serve` refuses what would stop it (a port in use, a state dir another server holds, a port
+out of range) before it loads the model, with one ``error: ...`` line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serverutil import REPO_ROOT, free_port, stub_server  # noqa: E402
+
+
+def run_serve(tmp_path: Path, port: int, state_dir: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m engine serve` over the stand-in engine; (its result, the "model loaded" marker)."""
+    marker = tmp_path / f"loaded-{port}-{state_dir.name}"
+    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"),
+               GEOVQA_STUB_LOADED=str(marker),
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
+    cmd = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--state-dir", str(state_dir), "--log-level", "warning",
+           "--engine-factory", "server_stub:make_engine_noting_the_load"]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return done, marker
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    return (done.stdout + done.stderr).strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    srv = stub_server(0.01, state_dir=tmp_path_factory.mktemp("held") / "state")
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(running, tmp_path):
+    done, marker = run_serve(tmp_path, running.port, tmp_path / "other-state")
+    assert done.returncode != 0
+    assert last_line(done) == (f"error: port {running.port} on 127.0.0.1 is in use (another "
+                               "engine?). Stop the program using it, or start the engine with "
+                               "another --port.")
+    assert "Traceback" not in done.stderr
+    assert not marker.exists()
+
+
+def test_a_held_state_dir_is_refused_before_the_model_loads(running, tmp_path):
+    done, marker = run_serve(tmp_path, free_port(), running.state_dir)
+    assert done.returncode != 0
+    assert last_line(done).startswith(
+        f"error: state folder {running.state_dir} is in use by another engine server.")
+    assert "Traceback" not in done.stderr
+    assert not marker.exists()
+    assert running.request("GET", "/health", token=False)[0] == 200  # the first one goes on
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "-1", "http"])
+def test_a_port_out_of_range_is_an_argument_error(tmp_path, port):
+    done, marker = run_serve(tmp_path, port, tmp_path / "state")
+    assert done.returncode == 2
+    assert "error: argument --port:" in last_line(done)
+    assert not marker.exists()
+
+
+def test_the_engine_is_refused_not_hung_while_the_model_loads(tmp_path, monkeypatch):
+    """While the model loads, the state dir is locked and the port bound (nobody else can take
+    either) but not listened on: a client is refused at once instead of hanging."""
+    from engine import server
+    from engine.jobs import lock_state_dir
+
+    seen = {}
+
+    def build_engine(args, settings):
+        with socket.socket() as probe:
+            seen["connect"] = probe.connect_ex(("127.0.0.1", settings.port))
+        with socket.socket() as other:
+            try:
+                other.bind(("127.0.0.1", settings.port))
+                seen["bind"] = "bound"
+            except OSError:
+                seen["bind"] = "refused"
+        with pytest.raises(SystemExit, match="in use by another engine server"):
+            lock_state_dir(settings.state_dir)
+        raise SystemExit("error: stop here")
+
+    monkeypatch.setattr(server, "build_engine", build_engine)
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "config"))
+    parser = argparse.ArgumentParser()
+    server.add_serve_arguments(parser)
+    args = parser.parse_args(["--port", str(free_port()), "--state-dir", str(tmp_path / "state"),
+                              "--log-level", "warning"])
+    with pytest.raises(SystemExit, match="stop here"):
+        server.serve(args)
+    assert seen == {"connect": errno.ECONNREFUSED, "bind": "refused"}
