@@ -118,7 +118,12 @@ def test_info_and_serve_refuse_a_damaged_default_checkpoint(places, tiny_checkpo
     for var in ("GEOVQA_CONFIG_DIR", "GEOVQA_STATE_DIR"):  # serve's token and job folders
         monkeypatch.setenv(var, str(places["tmp"] / var))
     _lose_a_shard(_copy(tiny_checkpoint, places["default"]))
-    for argv in (["info"], ["info", "--memory"], ["serve", "--port", "0"]):
+    import socket
+
+    with socket.socket() as s:  # a port that is free now (serve takes 1 to 65535)
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    for argv in (["info"], ["info", "--memory"], ["serve", "--port", port]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "incomplete: 1 of 4 weight shards are missing" in err and "make weights" in err, argv
