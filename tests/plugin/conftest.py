@@ -64,15 +64,20 @@ def clean_settings(qgis_app, tmp_path):
     QgsSettings().remove("geovqa")
 
 
-def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 5000000.0), pixel=10.0, bands=3):
-    """A small georeferenced GeoTIFF with a gradient pattern (GDAL from QGIS's Python)."""
+def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 5000000.0), pixel=10.0, bands=3,
+                 georeferenced=True):
+    """A small georeferenced GeoTIFF with a gradient pattern (GDAL from QGIS's Python).
+
+    ``georeferenced=False``: no geotransform, no GCPs, no CRS (a plain image; QGIS shows it
+    at x 0..width, y -height..0)."""
     from osgeo import gdal, osr
 
     ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, bands, gdal.GDT_Byte)
-    ds.SetGeoTransform((origin[0], pixel, 0.0, origin[1], 0.0, -pixel))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(epsg)
-    ds.SetProjection(srs.ExportToWkt())
+    if georeferenced:
+        ds.SetGeoTransform((origin[0], pixel, 0.0, origin[1], 0.0, -pixel))
+        srs = osr.SpatialReference()
+        srs.ImportFromEPSG(epsg)
+        ds.SetProjection(srs.ExportToWkt())
     for b, band in enumerate(scene_pixels(width, height)[:bands]):
         ds.GetRasterBand(b + 1).WriteArray(band)
     ds = None

@@ -270,3 +270,57 @@ def test_a_table_of_a_geopackage_with_several_rasters_is_not_its_container_file(
     single = str(tmp_path / "single.gpkg")
     gdal.Translate(single, tif, format="GPKG")
     assert layer_file_path(QgsRasterLayer(single, "single", "gdal")) == single
+
+
+# --- rasters with no georeferencing at all ----------------------------------------------------
+# The protocol's coordinates for them are source pixels (col, row), rows running down; QGIS shows
+# them at x = col, y = -row. Polygon AOIs and result files used to land mirrored.
+
+
+def _unreferenced_layer(tmp_path, width=400, height=300):
+    from conftest import write_raster
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    path = write_raster(tmp_path / "plain.tif", width, height, georeferenced=False)
+    layer = QgsRasterLayer(path, "plain", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def test_a_file_with_no_georeferencing_is_told_apart(raster_layer, tmp_path):
+    from geovqa.aoi import file_grid_is_layer_grid, is_unreferenced_file
+    from osgeo import gdal, osr
+    from qgis.core import QgsRasterLayer, QgsRectangle
+
+    plain = _unreferenced_layer(tmp_path)
+    assert plain.extent() == QgsRectangle(0, -300, 400, 0)  # how QGIS shows it: row r at y = -r
+    assert is_unreferenced_file(plain) and file_grid_is_layer_grid(plain)
+    assert not is_unreferenced_file(raster_layer())
+    path = str(tmp_path / "gcps.tif")  # placed by GCPs: georeferenced, though with no geotransform
+    ds = gdal.GetDriverByName("GTiff").Create(path, 40, 30, 1, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetGCPs([gdal.GCP(500000 + 10 * c, 5000000 - 10 * r, 0, c, r) for c, r in ((0, 0), (40, 0), (0, 30))],
+               srs.ExportToWkt())
+    ds = None
+    assert not is_unreferenced_file(QgsRasterLayer(path, "gcps", "gdal"))
+
+
+def test_a_polygon_on_an_unreferenced_raster_is_sent_in_source_pixels(tmp_path):
+    from geovqa.aoi import request_aoi
+    from qgis.core import QgsGeometry, QgsRectangle
+
+    layer = _unreferenced_layer(tmp_path)
+    crs = layer.crs()
+    # a triangle in the top-left corner, drawn where QGIS shows it (y up)
+    aoi = request_aoi(QgsGeometry.fromWkt("POLYGON((0 0, 200 0, 0 -150, 0 0))"), crs, layer)
+    assert QgsGeometry.fromWkt(aoi["polygon_wkt"]).isGeosEqual(QgsGeometry.fromWkt("POLYGON((0 0, 200 0, 0 150, 0 0))"))
+    # one reaching past the layer is cut to it first, then sent in pixels
+    aoi = request_aoi(QgsGeometry.fromWkt("POLYGON((300 50, 500 -250, 300 -400, 300 50))"), crs, layer)
+    sent = QgsGeometry.fromWkt(aoi["polygon_wkt"]).boundingBox()
+    assert (sent.xMinimum(), sent.xMaximum()) == (300, 400) and 0 <= sent.yMinimum() < sent.yMaximum() <= 300
+    # rectangles stay pixel windows; all of it is the whole layer
+    assert request_aoi(QgsGeometry.fromRect(QgsRectangle(200, -300, 400, -150)), crs, layer) == {
+        "window": [200, 150, 200, 150]}
+    assert request_aoi(QgsGeometry.fromRect(QgsRectangle(-50, -350, 450, 50)), crs, layer) is None
