@@ -100,6 +100,21 @@ def scene_pixels(width, height):
     return [np.clip(c, 0, 255).astype(np.uint8) for c in (r, g, b)]
 
 
+def valid_cells_extent(path):
+    """The box (QgsRectangle) of a heatmap's cells that hold a score (pruned tokens are nodata)."""
+    from osgeo import gdal
+    from qgis.core import QgsRectangle
+
+    ds = gdal.Open(str(path))
+    a = ds.GetRasterBand(1).ReadAsArray()
+    nodata = ds.GetRasterBand(1).GetNoDataValue()
+    rows, cols = np.nonzero(~np.isnan(a) if nodata is None or np.isnan(nodata) else a != nodata)
+    gt = ds.GetGeoTransform()
+    xs = (gt[0] + cols.min() * gt[1], gt[0] + (cols.max() + 1) * gt[1])
+    ys = (gt[3] + rows.min() * gt[5], gt[3] + (rows.max() + 1) * gt[5])
+    return QgsRectangle(min(xs), min(ys), max(xs), max(ys))
+
+
 @pytest.fixture
 def raster_layer(tmp_path, qgis_new_project):
     from qgis.core import QgsProject, QgsRasterLayer

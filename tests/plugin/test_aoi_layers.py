@@ -324,3 +324,72 @@ def test_a_polygon_on_an_unreferenced_raster_is_sent_in_source_pixels(tmp_path):
     assert request_aoi(QgsGeometry.fromRect(QgsRectangle(200, -300, 400, -150)), crs, layer) == {
         "window": [200, 150, 200, 150]}
     assert request_aoi(QgsGeometry.fromRect(QgsRectangle(-50, -350, 450, 50)), crs, layer) is None
+
+
+def _engine_results_in_pixels(folder):
+    """What the engine writes for the window 0,0,200,150 of a 400 x 300 raster with no
+    georeferencing (as a real run did): a 24 x 48 grid of 8.33 px cells from row -125 down (the
+    model's padded canvas around the window), tokens only over rows 0..150; anchors in (col, row)."""
+    import numpy as np
+    from osgeo import gdal
+
+    folder.mkdir(parents=True, exist_ok=True)
+    heat = folder / "q_heatmap.tif"
+    cell = 200 / 24
+    ds = gdal.GetDriverByName("GTiff").Create(str(heat), 24, 48, 1, gdal.GDT_Float32)
+    ds.SetGeoTransform((0.0, cell, 0.0, -125.0, 0.0, cell))
+    band = ds.GetRasterBand(1)
+    band.SetNoDataValue(float("nan"))
+    scores = np.full((48, 24), np.nan, dtype="float32")
+    scores[15:33] = 0.5
+    band.WriteArray(scores)
+    ds = None
+    ring = [[0.0, 66.7], [200.0, 66.7], [200.0, 0.0], [0.0, 0.0], [0.0, 66.7]]
+    anchors = folder / "q_anchors.geojson"
+    anchors.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"rank": 0, "score": 0.9, "role": "anchor", "tile": 0, "n_patches": 551}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 75], [8.3, 75], [8.3, 150],
+                                                                              [0, 150], [0, 75]]]},
+         "properties": {"rank": 1, "score": 0.1, "role": "anchor", "tile": 0, "n_patches": 1}}]}))
+    return heat, anchors
+
+
+def test_results_of_an_unreferenced_raster_land_on_it(tmp_path):
+    """The engine's heatmap (rows down from -125) showed at y -125..275 beside a layer at
+    -300..0, and the anchors of the top-left quarter at y 0..150, above the layer."""
+    from conftest import valid_cells_extent
+    from geovqa.layers import add_result_layers
+    from geovqa.tasks import keep_result_files, rect_bounds
+    from osgeo import gdal
+    from qgis.core import QgsRectangle
+
+    layer = _unreferenced_layer(tmp_path)
+    heat, anchors = _engine_results_in_pixels(tmp_path / "engine")
+    originals = (gdal.Open(str(heat)).GetGeoTransform(), anchors.read_text())
+    kept = keep_result_files({"heatmap_path": str(heat), "anchors_path": str(anchors)}, None, tmp_path / "results",
+                             "q", rect_bounds(layer.extent()), unreferenced=True)
+    assert (gdal.Open(str(heat)).GetGeoTransform(), anchors.read_text()) == originals  # the engine's are kept
+    _, hl, al = add_result_layers("Where?", kept["heatmap"], kept["anchors"], source_layer=layer)
+    near = 1e-6
+    assert layer.extent().buffered(near).contains(hl.extent())
+    assert layer.extent().buffered(near).contains(al.extent())
+    top_left = QgsRectangle(0, -150, 200, 0)
+    assert top_left.buffered(near).contains(valid_cells_extent(kept["heatmap"]))
+    assert valid_cells_extent(kept["heatmap"]).width() == pytest.approx(200)
+    assert valid_cells_extent(kept["heatmap"]).height() == pytest.approx(150)
+    assert al.featureCount() == 2 and top_left.buffered(near).contains(al.extent())
+    assert al.extent().yMinimum() == pytest.approx(-150)
+
+
+def test_geojson_geometries_are_mirrored_whole():
+    from geovqa.unreferenced import flip_geometry, flipped_geotransform
+
+    assert flipped_geotransform((0, 2, 0, -10, 0, 2)) == (0, 2, 0, 10, 0, -2)
+    assert flip_geometry({"type": "Point", "coordinates": [1, 2]}) == {"type": "Point", "coordinates": [1, -2]}
+    square = [[0, 0], [0, 1], [1, 1], [1, 0], [0, 0]]  # clockwise
+    flipped = flip_geometry({"type": "MultiPolygon", "coordinates": [[square]]})["coordinates"][0][0]
+    assert flipped == [[0, 0], [1, 0], [1, -1], [0, -1], [0, 0]]  # mirrored, winding kept
+    coll = flip_geometry({"type": "GeometryCollection", "geometries": [
+        {"type": "LineString", "coordinates": [[0, 1], [2, 3]]}]})
+    assert coll["geometries"][0]["coordinates"] == [[0, -1], [2, -3]]
