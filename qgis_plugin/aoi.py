@@ -24,6 +24,7 @@ from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QTransform
 
 from .compat import POLYGON_GEOMETRY
+from .georef import georeferencing, open_with_gdal
 
 AOI_MODES = ("layer", "extent", "rectangle", "polygon")
 AOI_LABELS = {
@@ -121,39 +122,16 @@ def clip_to_layer(geometry: QgsGeometry, src_crs, layer, project: QgsProject | N
     return clipped
 
 
-def _open_with_gdal(source: str | None):
-    """``source`` opened read-only with GDAL, or None when GDAL cannot open it here."""
-    if not source:
-        return None
-    try:
-        from osgeo import gdal
-
-        return gdal.Open(source)
-    except Exception:  # noqa: BLE001 - anything GDAL cannot open here is not ours to judge
-        return None
-
-
-def _georeferencing(ds) -> str:
-    """How GDAL places the dataset ``ds``: "geotransform", "gcps", "rpcs" or "none"."""
-    if ds.GetGeoTransform(can_return_null=True) is not None:
-        return "geotransform"
-    if ds.GetGCPCount() > 0:
-        return "gcps"
-    if ds.GetMetadata("RPC"):
-        return "rpcs"
-    return "none"
-
-
 def file_grid_is_layer_grid(layer) -> bool:
     """True when the layer's width, height and extent are the pixels of its file.
 
     QGIS shows a rotated or south-up raster, or one placed by ground control points, through a
     warped, north-up view of it: a window cut from that view's grid is not a window of the file
     the engine reads (a polygon is)."""
-    ds = _open_with_gdal(layer.source())
+    ds = open_with_gdal(layer.source())
     if ds is None:
         return True
-    kind = _georeferencing(ds)
+    kind = georeferencing(ds)
     if kind != "geotransform":
         # Placed by ground control points (or RPCs), the file is shown through a warped view
         # with a grid of its own (the engine fits the GCPs; a polygon in the layer's CRS reaches
@@ -175,8 +153,8 @@ def is_unreferenced_file(layer) -> bool:
     plugin renders first is never one: the render is a GeoTIFF in the layer's own coordinates."""
     from .render import layer_file_path  # here: render imports tasks, which needs no AOI
 
-    ds = _open_with_gdal(layer_file_path(layer))
-    return ds is not None and _georeferencing(ds) == "none"
+    ds = open_with_gdal(layer_file_path(layer))
+    return ds is not None and georeferencing(ds) == "none"
 
 
 def layer_to_pixel_coords(geometry: QgsGeometry) -> QgsGeometry:

@@ -393,3 +393,34 @@ def test_geojson_geometries_are_mirrored_whole():
     coll = flip_geometry({"type": "GeometryCollection", "geometries": [
         {"type": "LineString", "coordinates": [[0, 1], [2, 3]]}]})
     assert coll["geometries"][0]["coordinates"] == [[0, -1], [2, -3]]
+
+
+# --- files the engine refuses ("warp it first") but QGIS shows warped --------------------------
+
+
+def test_a_file_the_engine_refuses_to_read_unwarped_is_rendered(tmp_path):
+    """GCPs no affine transform fits, or RPCs alone: the engine answers 'warp it first'
+    (raster_unreadable), while QGIS shows the layer warped. Sending the file failed every question."""
+    from conftest import write_gcp_raster
+    from geovqa.render import layer_file_path
+    from osgeo import gdal
+    from qgis.core import QgsRasterLayer
+
+    def path_of(path):
+        layer = QgsRasterLayer(path, "l", "gdal")
+        assert layer.isValid()
+        return layer_file_path(layer)
+
+    fits = write_gcp_raster(tmp_path / "fits.tif", displaced_px=0.2)  # the engine fits these GCPs
+    assert path_of(fits) == fits
+    assert path_of(write_gcp_raster(tmp_path / "warp.tif", displaced_px=20)) is None
+    rpc = str(tmp_path / "rpc.tif")
+    ds = gdal.GetDriverByName("GTiff").Create(rpc, 50, 50, 1, gdal.GDT_Byte)
+    ds.SetMetadata({"LINE_OFF": "25", "SAMP_OFF": "25", "LAT_OFF": "45", "LONG_OFF": "15", "HEIGHT_OFF": "0",
+                    "LINE_SCALE": "25", "SAMP_SCALE": "25", "LAT_SCALE": "0.01", "LONG_SCALE": "0.01",
+                    "HEIGHT_SCALE": "1", "LINE_NUM_COEFF": " ".join(["0", "0", "-1"] + ["0"] * 17),
+                    "LINE_DEN_COEFF": " ".join(["1"] + ["0"] * 19),
+                    "SAMP_NUM_COEFF": " ".join(["0", "1"] + ["0"] * 18),
+                    "SAMP_DEN_COEFF": " ".join(["1"] + ["0"] * 19)}, "RPC")
+    ds = None
+    assert path_of(rpc) is None
