@@ -424,3 +424,16 @@ def test_a_file_the_engine_refuses_to_read_unwarped_is_rendered(tmp_path):
                     "SAMP_DEN_COEFF": " ".join(["1"] + ["0"] * 19)}, "RPC")
     ds = None
     assert path_of(rpc) is None
+
+
+def test_the_heatmap_of_a_south_up_raster_is_kept_uncropped(tmp_path):
+    """The engine's heatmap follows its raster's grid; cropping a south-up one raised in
+    gdal.Translate (negative source window) and the answer failed with 'Could not save the
+    result files'."""
+    from geovqa.tasks import keep_result_files
+    from osgeo import gdal
+
+    heat = _geotiff_with_transform(tmp_path / "heat.tif", (500000.0, 80.0, 0.0, 4997250.0, 0.0, 80.0), 25, 50)
+    kept = keep_result_files({"heatmap_path": heat}, None, tmp_path / "results", "q",
+                             (500000.0, 4998500.0, 502000.0, 5000000.0))
+    assert gdal.Open(kept["heatmap"]).GetGeoTransform() == (500000.0, 80.0, 0.0, 4997250.0, 0.0, 80.0)
