@@ -21,9 +21,10 @@ from qgis.core import (
 )
 from qgis.gui import QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
-from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtGui import QColor, QTransform
 
 from .compat import POLYGON_GEOMETRY
+from .georef import georeferencing, open_with_gdal
 
 AOI_MODES = ("layer", "extent", "rectangle", "polygon")
 AOI_LABELS = {
@@ -127,30 +128,49 @@ def file_grid_is_layer_grid(layer) -> bool:
     QGIS shows a rotated or south-up raster, or one placed by ground control points, through a
     warped, north-up view of it: a window cut from that view's grid is not a window of the file
     the engine reads (a polygon is)."""
-    try:
-        from osgeo import gdal
-
-        ds = gdal.Open(layer.source())
-    except Exception:  # noqa: BLE001 - anything GDAL cannot open here is not ours to judge
-        return True
+    ds = open_with_gdal(layer.source())
     if ds is None:
         return True
-    gt = ds.GetGeoTransform(can_return_null=True)
-    if gt is None:
-        # No geotransform. Placed by ground control points (or RPCs), the file is shown through
-        # a warped view with a grid of its own (the engine fits the GCPs; a polygon in the
-        # layer's CRS reaches the right pixels). No georeferencing at all: QGIS and the engine
-        # both use the file's pixels.
-        return ds.GetGCPCount() == 0 and not ds.GetMetadata("RPC")
+    kind = georeferencing(ds)
+    if kind != "geotransform":
+        # Placed by ground control points (or RPCs), the file is shown through a warped view
+        # with a grid of its own (the engine fits the GCPs; a polygon in the layer's CRS reaches
+        # the right pixels). No georeferencing at all: QGIS and the engine both use the file's
+        # pixels (QGIS only shows row r at y = -r, which the window's row offsets account for).
+        return kind == "none"
+    gt = ds.GetGeoTransform()
     return (gt[2] == 0 and gt[4] == 0 and gt[5] < 0
             and (ds.RasterXSize, ds.RasterYSize) == (layer.width(), layer.height()))
+
+
+def is_unreferenced_file(layer) -> bool:
+    """True when the engine reads ``layer``'s own file and that file has no georeferencing at
+    all (no geotransform, no GCPs, no RPCs).
+
+    The protocol's coordinates for such a raster are source pixels (col, row), rows running
+    down, while QGIS shows it at x = col, y = -row: AOI polygons and result files must be
+    mirrored between the two (:func:`layer_to_pixel_coords`, :mod:`unreferenced`). A layer the
+    plugin renders first is never one: the render is a GeoTIFF in the layer's own coordinates."""
+    from .render import layer_file_path  # here: render imports tasks, which needs no AOI
+
+    ds = open_with_gdal(layer_file_path(layer))
+    return ds is not None and georeferencing(ds) == "none"
+
+
+def layer_to_pixel_coords(geometry: QgsGeometry) -> QgsGeometry:
+    """``geometry`` from an unreferenced layer's coordinates (x = col, y = -row) to the
+    engine's source pixel coordinates (col, row): y -> -y."""
+    geom = QgsGeometry(geometry)
+    geom.transform(QTransform.fromScale(1.0, -1.0))
+    return geom
 
 
 def request_aoi(geometry: QgsGeometry | None, src_crs, layer, project: QgsProject | None = None) -> dict | None:
     """The protocol AOI for ``geometry`` (in ``src_crs``) on ``layer``, or None for the whole layer.
 
     Rectangles that stay rectangles in the layer's CRS become ``window`` (on a north-up file);
-    anything else becomes ``polygon_wkt`` in the layer's CRS, clipped to the layer extent.
+    anything else becomes ``polygon_wkt`` in the layer's CRS, clipped to the layer extent (on a
+    file with no georeferencing, in its source pixels: see :func:`is_unreferenced_file`).
     """
     if geometry is None or geometry.isEmpty():
         return None
@@ -163,6 +183,8 @@ def request_aoi(geometry: QgsGeometry | None, src_crs, layer, project: QgsProjec
         if win == [0, 0, layer.width(), layer.height()]:
             return None
         return {"window": win}
+    if is_unreferenced_file(layer):
+        geom = layer_to_pixel_coords(geom)
     return {"polygon_wkt": geom.asWkt(6)}
 
 

@@ -25,7 +25,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import layers as result_layers
-from .aoi import AoiError, clip_to_layer
+from .aoi import AoiError, clip_to_layer, is_unreferenced_file
 from .compat import is_raster_layer
 from .render import LayerRenderer, layer_file_path
 from .results_io import write_csv, write_json
@@ -152,7 +152,8 @@ class BatchDialog(QDialog):
         layer = self._pending.pop(0)
         path = layer_file_path(layer)
         item = {"layer": layer.name(), "layer_id": layer.id(), "raster_path": path, "aoi": None,
-                "crs_wkt": layer.crs().toWkt(), "clip_bounds": rect_bounds(layer.extent())}
+                "crs_wkt": layer.crs().toWkt(), "clip_bounds": rect_bounds(layer.extent()),
+                "unreferenced": is_unreferenced_file(layer)}
         if path is not None:
             self._items.append(item)
             self._next_item()

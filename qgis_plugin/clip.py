@@ -23,8 +23,10 @@ def clip_heatmap(path: str, bounds: tuple, dest: str) -> str:
         raise OSError(f"GDAL cannot open the heatmap {path}.")
     gt = ds.GetGeoTransform()
     w, h = ds.RasterXSize, ds.RasterYSize
-    if gt[2] != 0 or gt[4] != 0:
-        return str(path)  # rotated grids are left as they are
+    if gt[2] != 0 or gt[4] != 0 or gt[5] > 0:
+        # Rotated and south-up grids (the engine's heatmap follows its raster's grid) are left as
+        # they are: gdal.Translate's projWin cannot cut them (a south-up one failed the answer).
+        return str(path)
     xs = sorted((gt[0], gt[0] + gt[1] * w))
     ys = sorted((gt[3], gt[3] + gt[5] * h))
     xmin, ymin, xmax, ymax = bounds

@@ -34,7 +34,8 @@ from qgis.PyQt.QtWidgets import (
 
 from . import layers as result_layers
 from . import status as engine_status
-from .aoi import AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, request_aoi
+from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, is_unreferenced_file,
+                  request_aoi)
 from .client import EngineError, build_ask_request, new_request_id
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .render import LayerRenderer, layer_file_path
@@ -341,7 +342,7 @@ class ChatDock(QgsDockWidget):
             path = layer_file_path(layer)
             if path is not None:
                 aoi = request_aoi(geom, crs, layer) if geom is not None else None
-                self._start_ask(turn, path, aoi, settings, rect_bounds(layer.extent()))
+                self._start_ask(turn, path, aoi, settings, rect_bounds(layer.extent()), is_unreferenced_file(layer))
             else:
                 self._render_then_ask(turn, layer, geom, crs, settings)
         except (AoiError, EngineError, ValueError) as exc:
@@ -381,12 +382,12 @@ class ChatDock(QgsDockWidget):
         self.renderer.done.connect(rendered)
         self.renderer.start()
 
-    def _start_ask(self, turn, raster_path, aoi, settings, clip_bounds=None):
+    def _start_ask(self, turn, raster_path, aoi, settings, clip_bounds=None, unreferenced=False):
         request = build_ask_request(turn["question"], raster_path, aoi=aoi, request_id=turn["request_id"], **self.options())
         turn["request"] = request
         client = make_client(settings)
         self.task = AskTask(client, request, settings.results_dir(), f"GeoVQA: {turn['question'][:40]}",
-                            clip_bounds=clip_bounds)
+                            clip_bounds=clip_bounds, unreferenced=unreferenced)
         self.task.event.connect(self._on_event)
         self.progress_label.setText("Sending the question to the engine …")
         QgsApplication.taskManager().addTask(self.task)

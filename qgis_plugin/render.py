@@ -25,6 +25,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QObject, QSize, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
+from .georef import needs_warp, open_with_gdal
 from .tasks import CAN_CANCEL
 
 FORMAT_RGBA = QImage.Format.Format_RGBA8888
@@ -36,7 +37,9 @@ def layer_file_path(layer) -> str | None:
     """The local file behind a GDAL raster layer, or None for anything the engine can't open.
 
     A table of a GeoPackage holding several rasters, or a NetCDF/HDF subdataset, is not its
-    container file (the engine would read another raster or none): None, so it is rendered."""
+    container file (the engine would read another raster or none): None, so it is rendered.
+    So is a file placed by RPCs, or by GCPs that need a real warp: the engine refuses those
+    ("warp it first"), while a render is QGIS's own warped view of them."""
     if layer is None or layer.providerType() not in LOCAL_FILE_PROVIDERS:
         return None
     try:
@@ -47,7 +50,10 @@ def layer_file_path(layer) -> str | None:
         path, sub = layer.source(), None
     if isinstance(sub, str) and sub:
         return None
-    return path if path and os.path.isfile(path) else None
+    if not path or not os.path.isfile(path):
+        return None
+    ds = open_with_gdal(path)
+    return None if ds is not None and needs_warp(ds) else path
 
 
 def output_size(extent: QgsRectangle, max_px: int) -> QSize:

@@ -23,12 +23,15 @@ _HIDDEN = getattr(QgsTask.Flag, "Hidden", None)
 HEALTH_FLAGS = CAN_CANCEL | _HIDDEN if _HIDDEN is not None else CAN_CANCEL
 
 
-def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None) -> dict:
+def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None,
+                      unreferenced: bool = False) -> dict:
     """Copy (or download) the heatmap GeoTIFF and anchors GeoJSON of a result into ``dest_dir``.
 
-    With ``clip_bounds`` (xmin, ymin, xmax, ymax in the raster's CRS) both are clipped to the
-    source raster (see :mod:`clip`). Returns ``{"heatmap": path|None, "anchors": path|None}``.
-    Runs in a worker thread.
+    ``unreferenced``: the raster has no georeferencing (:func:`aoi.is_unreferenced_file`), so
+    the engine's files are in source pixels; the copies are moved to where QGIS shows the
+    raster (see :mod:`unreferenced`). With ``clip_bounds`` (xmin, ymin, xmax, ymax in the
+    layer's coordinates) both are then clipped to the source raster (see :mod:`clip`).
+    Returns ``{"heatmap": path|None, "anchors": path|None}``. Runs in a worker thread.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     out = {"heatmap": None, "anchors": None}
@@ -47,6 +50,13 @@ def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: s
 
             dest.write_text(json.dumps(event["anchors"]), encoding="utf-8")
             out[key] = str(dest)
+    if unreferenced:  # before clipping: clip_bounds are in the layer's coordinates
+        from .unreferenced import flip_anchors, flip_heatmap
+
+        if out["heatmap"]:
+            flip_heatmap(out["heatmap"])
+        if out["anchors"]:
+            flip_anchors(out["anchors"])
     if clip_bounds is not None:
         from .clip import clip_anchors, clip_heatmap
 
@@ -105,9 +115,10 @@ class AskTask(QgsTask):
     event = pyqtSignal(object)
 
     def __init__(self, client: EngineClient, request: dict, results_dir: Path, description: str = "GeoVQA: answer",
-                 clip_bounds=None):
+                 clip_bounds=None, unreferenced: bool = False):
         super().__init__(description, CAN_CANCEL)
         self.clip_bounds = clip_bounds
+        self.unreferenced = unreferenced
         self.client = client
         self.request = request
         self.request_id = request.get("request_id")
@@ -129,7 +140,7 @@ class AskTask(QgsTask):
                 if ev.get("type") == "result":
                     ev = dict(ev)
                     files = keep_result_files(ev, self.client, self.results_dir, file_stem(self.request["question"]),
-                                              self.clip_bounds)
+                                              self.clip_bounds, self.unreferenced)
                     ev["local_heatmap_path"] = files["heatmap"]
                     ev["local_anchors_path"] = files["anchors"]
                 if ev.get("type") in ("result", "error"):
@@ -160,7 +171,8 @@ class AskTask(QgsTask):
 class BatchTask(QgsTask):
     """Ask every question about every item, one streamed answer at a time.
 
-    ``items``: list of dicts ``{"layer", "layer_id", "raster_path", "aoi", "crs_wkt"}``; an item
+    ``items``: list of dicts ``{"layer", "layer_id", "raster_path", "aoi", "crs_wkt", "clip_bounds",
+    "unreferenced"}`` (the last two as for :func:`keep_result_files`); an item
     with ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
     Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths).
     """
@@ -221,7 +233,7 @@ class BatchTask(QgsTask):
                     row["tokens"] = ev.get("tokens") or {}
                     row["timings"] = ev.get("timings") or {}
                     files = keep_result_files(ev, self.client, self.results_dir, file_stem(question),
-                                              item.get("clip_bounds"))
+                                              item.get("clip_bounds"), bool(item.get("unreferenced")))
                     row["heatmap_path"], row["anchors_path"] = files["heatmap"], files["anchors"]
                     row["crs_wkt"] = ev.get("crs_wkt") or row["crs_wkt"]
                 elif ev.get("type") == "error":

@@ -96,11 +96,11 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
                 geom = QgsGeometry.fromRect(ext)
         try:
             if layer_file_path(layer) is not None:
-                self.raster_path, self.bounds = raster_source(layer, feedback)
+                self.raster_path, self.bounds, self.unreferenced = raster_source(layer, feedback)
                 self.aoi = request_aoi(geom, crs, layer) if geom is not None else None
             else:  # rendered over the AOI's box: the whole rendered image is the AOI
                 render_extent = clip_to_layer(geom, crs, layer).boundingBox() if geom is not None else None
-                self.raster_path, self.bounds = raster_source(layer, feedback, render_extent)
+                self.raster_path, self.bounds, self.unreferenced = raster_source(layer, feedback, render_extent)
                 self.aoi = None
         except AoiError as exc:
             raise QgsProcessingException(str(exc)) from exc
@@ -120,7 +120,7 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         anchors_dest = self.parameterAsFileOutput(parameters, self.ANCHORS, context)
         try:
             result = ask_once(self.client, question, self.raster_path, self.aoi, options, feedback,
-                              self.settings.results_dir(), self.bounds)
+                              self.settings.results_dir(), self.bounds, self.unreferenced)
         except EngineError as exc:
             raise QgsProcessingException(str(exc)) from exc
         except OSError as exc:

@@ -76,8 +76,9 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException("Choose at least one raster layer.")
         self.items = []
         for lyr in layers:
-            path, bounds = raster_source(lyr, feedback)
-            self.items.append({"layer": lyr.name(), "raster_path": path, "bounds": bounds})
+            path, bounds, unreferenced = raster_source(lyr, feedback)
+            self.items.append({"layer": lyr.name(), "raster_path": path, "bounds": bounds,
+                               "unreferenced": unreferenced})
         self.client = engine_client()
         self.settings = Settings.load()
         return True
@@ -101,7 +102,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                        "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"]}
                 try:
                     res = ask_once(self.client, question, item["raster_path"], None, options, feedback,
-                                   self.settings.results_dir(), item["bounds"])
+                                   self.settings.results_dir(), item["bounds"], item["unreferenced"])
                     row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
                                timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
                                anchors_path=res.get("local_anchors_path"))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qgis.core import QgsProcessingException
 
+from ..aoi import is_unreferenced_file
 from ..client import EngineError, build_ask_request
 from ..render import layer_file_path, render_sync
 from ..settings import STRATEGIES, Settings, make_client
@@ -25,21 +26,24 @@ def engine_client():
 
 
 def raster_source(layer, feedback, extent=None) -> tuple:
-    """(file path the engine can read for ``layer``, its bounds); non-file layers are rendered."""
+    """(file path the engine can read for ``layer``, its bounds, whether that file has no
+    georeferencing at all); non-file layers are rendered (to a georeferenced GeoTIFF)."""
     path = layer_file_path(layer)
     if path is not None:
-        return path, rect_bounds(layer.extent())
+        return path, rect_bounds(layer.extent()), is_unreferenced_file(layer)
     settings = Settings.load()
     ext = extent if extent is not None and not extent.isEmpty() else layer.extent()
     out = settings.results_dir() / "renders" / f"{file_stem(layer.name())}_render.tif"
     if feedback is not None:
         feedback.pushInfo(f"Rendering the non-file layer '{layer.name()}' to {out}")
     path, visible = render_sync(layer, ext, str(out), settings.render_max_px)
-    return path, rect_bounds(visible)
+    return path, rect_bounds(visible), False
 
 
-def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None) -> dict:
-    """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path."""
+def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
+             unreferenced: bool = False) -> dict:
+    """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
+    (``clip_bounds`` and ``unreferenced`` as for :func:`tasks.keep_result_files`)."""
     request = build_ask_request(question, raster_path, aoi=aoi, **options)
     stream = client.ask(request)
     if feedback is not None:
@@ -55,7 +59,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
                 if isinstance(ev.get("progress"), (int, float)):
                     feedback.setProgressText(f"{ev.get('stage')}: {ev.get('message', '')}")
             elif kind == "result":
-                files = keep_result_files(ev, client, results_dir, file_stem(question), clip_bounds)
+                files = keep_result_files(ev, client, results_dir, file_stem(question), clip_bounds, unreferenced)
                 result = dict(ev, local_heatmap_path=files["heatmap"], local_anchors_path=files["anchors"])
             elif kind == "error":
                 raise EngineError(ev.get("code") or "internal", ev.get("message") or "The engine failed.", ev.get("hint"))

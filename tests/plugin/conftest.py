@@ -64,20 +64,40 @@ def clean_settings(qgis_app, tmp_path):
     QgsSettings().remove("geovqa")
 
 
-def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 5000000.0), pixel=10.0, bands=3):
-    """A small georeferenced GeoTIFF with a gradient pattern (GDAL from QGIS's Python)."""
+def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 5000000.0), pixel=10.0, bands=3,
+                 georeferenced=True):
+    """A small georeferenced GeoTIFF with a gradient pattern (GDAL from QGIS's Python).
+
+    ``georeferenced=False``: no geotransform, no GCPs, no CRS (a plain image; QGIS shows it
+    at x 0..width, y -height..0)."""
     from osgeo import gdal, osr
 
     ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, bands, gdal.GDT_Byte)
-    ds.SetGeoTransform((origin[0], pixel, 0.0, origin[1], 0.0, -pixel))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(epsg)
-    ds.SetProjection(srs.ExportToWkt())
+    if georeferenced:
+        ds.SetGeoTransform((origin[0], pixel, 0.0, origin[1], 0.0, -pixel))
+        srs = osr.SpatialReference()
+        srs.ImportFromEPSG(epsg)
+        ds.SetProjection(srs.ExportToWkt())
     for b, band in enumerate(scene_pixels(width, height)[:bands]):
         ds.GetRasterBand(b + 1).WriteArray(band)
     ds = None
     return str(path)
 
+
+def write_gcp_raster(path, displaced_px=0.0):
+    """A 200 x 100 px file placed by four GCPs (10 m pixels, EPSG:32633); the last one moved by
+    ``displaced_px`` pixels off the affine grid the others make."""
+    from osgeo import gdal, osr
+
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 200, 100, 3, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    gcps = [gdal.GCP(500000 + 10 * col, 5000000 - 10 * row, 0, col, row)
+            for col, row in ((0, 0), (200, 0), (0, 100))]
+    gcps.append(gdal.GCP(500000 + 10 * (200 + displaced_px), 5000000 - 10 * 100, 0, 200, 100))
+    ds.SetGCPs(gcps, srs.ExportToWkt())
+    ds = None
+    return str(path)
 
 def scene_pixels(width, height):
     """A simple synthetic scene: fields, a river, a few bright buildings (3 x H x W uint8)."""
@@ -93,6 +113,21 @@ def scene_pixels(width, height):
         g[cy:cy + max(2, height // 15), cx:cx + max(2, width // 15)] = 225
         b[cy:cy + max(2, height // 15), cx:cx + max(2, width // 15)] = 210
     return [np.clip(c, 0, 255).astype(np.uint8) for c in (r, g, b)]
+
+
+def valid_cells_extent(path):
+    """The box (QgsRectangle) of a heatmap's cells that hold a score (pruned tokens are nodata)."""
+    from osgeo import gdal
+    from qgis.core import QgsRectangle
+
+    ds = gdal.Open(str(path))
+    a = ds.GetRasterBand(1).ReadAsArray()
+    nodata = ds.GetRasterBand(1).GetNoDataValue()
+    rows, cols = np.nonzero(~np.isnan(a) if nodata is None or np.isnan(nodata) else a != nodata)
+    gt = ds.GetGeoTransform()
+    xs = (gt[0] + cols.min() * gt[1], gt[0] + (cols.max() + 1) * gt[1])
+    ys = (gt[3] + rows.min() * gt[5], gt[3] + (rows.max() + 1) * gt[5])
+    return QgsRectangle(min(xs), min(ys), max(xs), max(ys))
 
 
 @pytest.fixture

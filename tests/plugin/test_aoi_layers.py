@@ -270,3 +270,170 @@ def test_a_table_of_a_geopackage_with_several_rasters_is_not_its_container_file(
     single = str(tmp_path / "single.gpkg")
     gdal.Translate(single, tif, format="GPKG")
     assert layer_file_path(QgsRasterLayer(single, "single", "gdal")) == single
+
+
+# --- rasters with no georeferencing at all ----------------------------------------------------
+# The protocol's coordinates for them are source pixels (col, row), rows running down; QGIS shows
+# them at x = col, y = -row. Polygon AOIs and result files used to land mirrored.
+
+
+def _unreferenced_layer(tmp_path, width=400, height=300):
+    from conftest import write_raster
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    path = write_raster(tmp_path / "plain.tif", width, height, georeferenced=False)
+    layer = QgsRasterLayer(path, "plain", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def test_a_file_with_no_georeferencing_is_told_apart(raster_layer, tmp_path):
+    from geovqa.aoi import file_grid_is_layer_grid, is_unreferenced_file
+    from osgeo import gdal, osr
+    from qgis.core import QgsRasterLayer, QgsRectangle
+
+    plain = _unreferenced_layer(tmp_path)
+    assert plain.extent() == QgsRectangle(0, -300, 400, 0)  # how QGIS shows it: row r at y = -r
+    assert is_unreferenced_file(plain) and file_grid_is_layer_grid(plain)
+    assert not is_unreferenced_file(raster_layer())
+    path = str(tmp_path / "gcps.tif")  # placed by GCPs: georeferenced, though with no geotransform
+    ds = gdal.GetDriverByName("GTiff").Create(path, 40, 30, 1, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetGCPs([gdal.GCP(500000 + 10 * c, 5000000 - 10 * r, 0, c, r) for c, r in ((0, 0), (40, 0), (0, 30))],
+               srs.ExportToWkt())
+    ds = None
+    assert not is_unreferenced_file(QgsRasterLayer(path, "gcps", "gdal"))
+
+
+def test_a_polygon_on_an_unreferenced_raster_is_sent_in_source_pixels(tmp_path):
+    from geovqa.aoi import request_aoi
+    from qgis.core import QgsGeometry, QgsRectangle
+
+    layer = _unreferenced_layer(tmp_path)
+    crs = layer.crs()
+    # a triangle in the top-left corner, drawn where QGIS shows it (y up)
+    aoi = request_aoi(QgsGeometry.fromWkt("POLYGON((0 0, 200 0, 0 -150, 0 0))"), crs, layer)
+    assert QgsGeometry.fromWkt(aoi["polygon_wkt"]).isGeosEqual(QgsGeometry.fromWkt("POLYGON((0 0, 200 0, 0 150, 0 0))"))
+    # one reaching past the layer is cut to it first, then sent in pixels
+    aoi = request_aoi(QgsGeometry.fromWkt("POLYGON((300 50, 500 -250, 300 -400, 300 50))"), crs, layer)
+    sent = QgsGeometry.fromWkt(aoi["polygon_wkt"]).boundingBox()
+    assert (sent.xMinimum(), sent.xMaximum()) == (300, 400) and 0 <= sent.yMinimum() < sent.yMaximum() <= 300
+    # rectangles stay pixel windows; all of it is the whole layer
+    assert request_aoi(QgsGeometry.fromRect(QgsRectangle(200, -300, 400, -150)), crs, layer) == {
+        "window": [200, 150, 200, 150]}
+    assert request_aoi(QgsGeometry.fromRect(QgsRectangle(-50, -350, 450, 50)), crs, layer) is None
+
+
+def _engine_results_in_pixels(folder):
+    """What the engine writes for the window 0,0,200,150 of a 400 x 300 raster with no
+    georeferencing (as a real run did): a 24 x 48 grid of 8.33 px cells from row -125 down (the
+    model's padded canvas around the window), tokens only over rows 0..150; anchors in (col, row)."""
+    import numpy as np
+    from osgeo import gdal
+
+    folder.mkdir(parents=True, exist_ok=True)
+    heat = folder / "q_heatmap.tif"
+    cell = 200 / 24
+    ds = gdal.GetDriverByName("GTiff").Create(str(heat), 24, 48, 1, gdal.GDT_Float32)
+    ds.SetGeoTransform((0.0, cell, 0.0, -125.0, 0.0, cell))
+    band = ds.GetRasterBand(1)
+    band.SetNoDataValue(float("nan"))
+    scores = np.full((48, 24), np.nan, dtype="float32")
+    scores[15:33] = 0.5
+    band.WriteArray(scores)
+    ds = None
+    ring = [[0.0, 66.7], [200.0, 66.7], [200.0, 0.0], [0.0, 0.0], [0.0, 66.7]]
+    anchors = folder / "q_anchors.geojson"
+    anchors.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"rank": 0, "score": 0.9, "role": "anchor", "tile": 0, "n_patches": 551}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 75], [8.3, 75], [8.3, 150],
+                                                                              [0, 150], [0, 75]]]},
+         "properties": {"rank": 1, "score": 0.1, "role": "anchor", "tile": 0, "n_patches": 1}}]}))
+    return heat, anchors
+
+
+def test_results_of_an_unreferenced_raster_land_on_it(tmp_path):
+    """The engine's heatmap (rows down from -125) showed at y -125..275 beside a layer at
+    -300..0, and the anchors of the top-left quarter at y 0..150, above the layer."""
+    from conftest import valid_cells_extent
+    from geovqa.layers import add_result_layers
+    from geovqa.tasks import keep_result_files, rect_bounds
+    from osgeo import gdal
+    from qgis.core import QgsRectangle
+
+    layer = _unreferenced_layer(tmp_path)
+    heat, anchors = _engine_results_in_pixels(tmp_path / "engine")
+    originals = (gdal.Open(str(heat)).GetGeoTransform(), anchors.read_text())
+    kept = keep_result_files({"heatmap_path": str(heat), "anchors_path": str(anchors)}, None, tmp_path / "results",
+                             "q", rect_bounds(layer.extent()), unreferenced=True)
+    assert (gdal.Open(str(heat)).GetGeoTransform(), anchors.read_text()) == originals  # the engine's are kept
+    _, hl, al = add_result_layers("Where?", kept["heatmap"], kept["anchors"], source_layer=layer)
+    near = 1e-6
+    assert layer.extent().buffered(near).contains(hl.extent())
+    assert layer.extent().buffered(near).contains(al.extent())
+    top_left = QgsRectangle(0, -150, 200, 0)
+    assert top_left.buffered(near).contains(valid_cells_extent(kept["heatmap"]))
+    assert valid_cells_extent(kept["heatmap"]).width() == pytest.approx(200)
+    assert valid_cells_extent(kept["heatmap"]).height() == pytest.approx(150)
+    assert al.featureCount() == 2 and top_left.buffered(near).contains(al.extent())
+    assert al.extent().yMinimum() == pytest.approx(-150)
+
+
+def test_geojson_geometries_are_mirrored_whole():
+    from geovqa.unreferenced import flip_geometry, flipped_geotransform
+
+    assert flipped_geotransform((0, 2, 0, -10, 0, 2)) == (0, 2, 0, 10, 0, -2)
+    assert flip_geometry({"type": "Point", "coordinates": [1, 2]}) == {"type": "Point", "coordinates": [1, -2]}
+    square = [[0, 0], [0, 1], [1, 1], [1, 0], [0, 0]]  # clockwise
+    flipped = flip_geometry({"type": "MultiPolygon", "coordinates": [[square]]})["coordinates"][0][0]
+    assert flipped == [[0, 0], [1, 0], [1, -1], [0, -1], [0, 0]]  # mirrored, winding kept
+    coll = flip_geometry({"type": "GeometryCollection", "geometries": [
+        {"type": "LineString", "coordinates": [[0, 1], [2, 3]]}]})
+    assert coll["geometries"][0]["coordinates"] == [[0, -1], [2, -3]]
+
+
+# --- files the engine refuses ("warp it first") but QGIS shows warped --------------------------
+
+
+def test_a_file_the_engine_refuses_to_read_unwarped_is_rendered(tmp_path):
+    """GCPs no affine transform fits, or RPCs alone: the engine answers 'warp it first'
+    (raster_unreadable), while QGIS shows the layer warped. Sending the file failed every question."""
+    from conftest import write_gcp_raster
+    from geovqa.render import layer_file_path
+    from osgeo import gdal
+    from qgis.core import QgsRasterLayer
+
+    def path_of(path):
+        layer = QgsRasterLayer(path, "l", "gdal")
+        assert layer.isValid()
+        return layer_file_path(layer)
+
+    fits = write_gcp_raster(tmp_path / "fits.tif", displaced_px=0.2)  # the engine fits these GCPs
+    assert path_of(fits) == fits
+    assert path_of(write_gcp_raster(tmp_path / "warp.tif", displaced_px=20)) is None
+    rpc = str(tmp_path / "rpc.tif")
+    ds = gdal.GetDriverByName("GTiff").Create(rpc, 50, 50, 1, gdal.GDT_Byte)
+    ds.SetMetadata({"LINE_OFF": "25", "SAMP_OFF": "25", "LAT_OFF": "45", "LONG_OFF": "15", "HEIGHT_OFF": "0",
+                    "LINE_SCALE": "25", "SAMP_SCALE": "25", "LAT_SCALE": "0.01", "LONG_SCALE": "0.01",
+                    "HEIGHT_SCALE": "1", "LINE_NUM_COEFF": " ".join(["0", "0", "-1"] + ["0"] * 17),
+                    "LINE_DEN_COEFF": " ".join(["1"] + ["0"] * 19),
+                    "SAMP_NUM_COEFF": " ".join(["0", "1"] + ["0"] * 18),
+                    "SAMP_DEN_COEFF": " ".join(["1"] + ["0"] * 19)}, "RPC")
+    ds = None
+    assert path_of(rpc) is None
+
+
+def test_the_heatmap_of_a_south_up_raster_is_kept_uncropped(tmp_path):
+    """The engine's heatmap follows its raster's grid; cropping a south-up one raised in
+    gdal.Translate (negative source window) and the answer failed with 'Could not save the
+    result files'."""
+    from geovqa.tasks import keep_result_files
+    from osgeo import gdal
+
+    heat = _geotiff_with_transform(tmp_path / "heat.tif", (500000.0, 80.0, 0.0, 4997250.0, 0.0, 80.0), 25, 50)
+    kept = keep_result_files({"heatmap_path": heat}, None, tmp_path / "results", "q",
+                             (500000.0, 4998500.0, 502000.0, 5000000.0))
+    assert gdal.Open(kept["heatmap"]).GetGeoTransform() == (500000.0, 80.0, 0.0, 4997250.0, 0.0, 80.0)

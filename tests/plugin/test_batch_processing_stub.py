@@ -98,3 +98,57 @@ def test_processing_batch_with_an_unwritable_results_folder_keeps_every_row(
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and res["ERRORS"] == 2
     assert all("Could not save the result files" in r["error"] for r in rows)
+
+
+def _unreferenced_layer(tmp_path, name):
+    from conftest import write_raster
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    layer = QgsRasterLayer(write_raster(tmp_path / f"{name}.tif", 400, 300, georeferenced=False), name, "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def test_batch_and_processing_place_the_results_of_a_raster_with_no_georeferencing(
+        plugin, stub_engine, tmp_path, qgis_new_project, qgis_processing):
+    """Its result files are in source pixels, rows down; QGIS shows the raster at y = -row. The
+    heatmap and anchors landed above the layer (and the heatmap failed to be cropped)."""
+    import processing
+    from geovqa.layers import ANCHORS_NAME, HEATMAP_NAME
+    from qgis.core import QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer
+
+    layer = _unreferenced_layer(tmp_path, "plain")
+    ext = layer.extent().buffered(1e-6)
+    top_left = QgsRectangle(0, -150, 200, 0).buffered(1e-6)
+
+    res = processing.run("geovqa:ask_raster", {
+        "INPUT": layer, "QUESTION": "How big?", "AOI": "0,200,-150,0", "HEATMAP": str(tmp_path / "h.tif"),
+        "ANCHORS": str(tmp_path / "a.geojson")})
+    assert stub_engine.requests[-1]["aoi"] == {"window": [0, 0, 200, 150]}
+    assert ext.contains(QgsRasterLayer(res["HEATMAP"], "h").extent())
+    anchors = QgsVectorLayer(res["ANCHORS"], "a", "ogr")
+    assert anchors.featureCount() == 2 and top_left.contains(anchors.extent())
+
+    res = processing.run("geovqa:batch_questions", {"LAYERS": [layer], "QUESTIONS": "How big?"})
+    with open(res["OUTPUT"], newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["error"] == ""
+    assert ext.contains(QgsRasterLayer(row["heatmap_path"], "h").extent())
+    assert ext.contains(QgsVectorLayer(row["anchors_path"], "a", "ogr").extent())
+
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({layer.id()})
+    dlg.questions_edit.setPlainText("How big?")
+    dlg.layers_check.setChecked(True)
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    wait_until(lambda: done, 60, "the batch")
+    wait_for_tasks()
+    assert done[0][0]["error"] is None
+    added = {lyr.name(): lyr for lyr in QgsProject.instance().mapLayers().values() if lyr is not layer}
+    assert added[HEATMAP_NAME].extent() == layer.extent()
+    anchors = added[ANCHORS_NAME]
+    assert anchors.featureCount() == 2 and ext.contains(anchors.extent())
+    assert anchors.extent().yMaximum() == 0  # the anchor at the top-left corner (row 0) is at the top

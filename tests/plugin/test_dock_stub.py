@@ -139,6 +139,28 @@ def test_non_file_layer_is_rendered_and_georeferenced(plugin, raster_layer, stub
     wait_for_tasks()
 
 
+def test_a_file_placed_by_gcps_that_need_a_warp_is_rendered(plugin, stub_engine, tmp_path, qgis_new_project):
+    """The engine refuses such a file ('warp it first'); QGIS shows it warped, so the dock sends
+    a render of that view instead of failing every question."""
+    from conftest import write_gcp_raster
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    layer = QgsRasterLayer(write_gcp_raster(tmp_path / "gcps.tif", displaced_px=20), "gcps", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("what is this?")
+    wait_until(_finished(dock), 60)
+    turn = dock.turns()[-1]
+    assert turn.get("error") is None, turn
+    assert stub_engine.requests[-1]["raster_path"] == turn["rendered_path"] != layer.source()
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    assert heat.crs() == layer.crs()
+    assert layer.extent().buffered(layer.rasterUnitsPerPixelX()).contains(heat.extent())
+    wait_for_tasks()
+
+
 def test_wrong_token_is_explained(plugin, raster_layer, stub_engine):
     set_settings(token="not-the-token")
     layer = raster_layer()

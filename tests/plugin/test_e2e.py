@@ -140,6 +140,45 @@ def test_aoi_drawn_in_another_crs(plugin, raster_layer, engine, qgis_iface):
     dock.set_aoi_mode("layer")
 
 
+def test_a_raster_with_no_georeferencing_gets_its_aoi_and_results_in_place(plugin, engine, tmp_path,
+                                                                           qgis_new_project):
+    """No geotransform, no GCPs, no CRS: the protocol speaks the file's pixels (rows down) while
+    QGIS shows row r at y = -r. A polygon drawn on the layer reached the engine mirrored, and the
+    heatmap and anchors of the top-left quarter landed above the layer and beside it."""
+    from conftest import valid_cells_extent, write_raster
+    from qgis.core import QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle
+
+    kind, eng = engine
+    layer = QgsRasterLayer(write_raster(tmp_path / "plain.tif", 400, 300, georeferenced=False), "plain", "gdal")
+    assert layer.isValid() and layer.extent() == QgsRectangle(0, -300, 400, 0)
+    QgsProject.instance().addMapLayer(layer)
+    dock = plugin.dock
+    top_left = QgsRectangle(0, -150, 200, 0)
+    dock.set_aoi_mode("rectangle")
+    dock.set_aoi_geometry(QgsGeometry.fromRect(top_left), layer.crs())
+    turn = _ask(dock, layer, "What is in the top-left corner?")
+    assert turn["request"]["aoi"] == {"window": [0, 0, 200, 150]}
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    anchors = QgsProject.instance().mapLayer(turn["anchors_layer_id"])
+    near = 1e-6
+    assert layer.extent().buffered(near).contains(heat.extent()), heat.extent().toString()
+    assert layer.extent().buffered(near).contains(anchors.extent()), anchors.extent().toString()
+    assert top_left.buffered(near).contains(valid_cells_extent(heat.source()))
+    assert anchors.featureCount() >= 1 and top_left.buffered(near).contains(anchors.extent())
+
+    dock.set_aoi_mode("polygon")  # a triangle over the top-left corner, drawn where QGIS shows it
+    dock.set_aoi_geometry(QgsGeometry.fromWkt("POLYGON((0 0, 200 0, 0 -150, 0 0))"), layer.crs())
+    turn = _ask(dock, layer, "What is in the corner triangle?")
+    sent = QgsGeometry.fromWkt(turn["request"]["aoi"]["polygon_wkt"])
+    assert sent.isGeosEqual(QgsGeometry.fromWkt("POLYGON((0 0, 200 0, 0 150, 0 0))"))  # source pixels
+    if kind == "real":  # the stub answers about the whole raster for a polygon
+        anchors = QgsProject.instance().mapLayer(turn["anchors_layer_id"])
+        assert anchors.featureCount() >= 1 and top_left.buffered(near).contains(anchors.extent())
+        assert top_left.buffered(near).contains(valid_cells_extent(QgsProject.instance().mapLayer(
+            turn["heatmap_layer_id"]).source()))
+    dock.set_aoi_mode("layer")
+
+
 def test_batch_over_two_layers_to_csv(plugin, raster_layer, engine, tmp_path):
     a, b = raster_layer("north", width=120, height=90), raster_layer("south", width=90, height=120)
     dlg = plugin.open_batch()

@@ -1,0 +1,83 @@
+"""Result files of a raster with no georeferencing at all, moved to where QGIS shows it.
+
+The protocol's coordinates for such a raster are its source pixels (col, row), rows running
+down, so the engine's heatmap GeoTIFF and anchors GeoJSON are in those. QGIS shows the raster
+at x = col, y = -row (y up), so the files would land mirrored below the layer. These functions
+rewrite the plugin's own copies (never the engine's files) in QGIS's coordinates: y -> -y.
+Worker-thread safe (GDAL and JSON only); see :func:`aoi.is_unreferenced_file` for which layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def flipped_geotransform(gt) -> tuple:
+    """The geotransform giving y = -(row coordinate) of ``gt`` at every pixel."""
+    a, b, c, d, e, f = gt
+    return (a, b, c, -d, -e, -f)
+
+
+def flip_heatmap(path: str) -> str:
+    """Rewrite the GeoTIFF ``path``'s geotransform in place (the pixels stay as they are)."""
+    from osgeo import gdal
+
+    ds = gdal.Open(str(path), gdal.GA_Update)
+    if ds is None:
+        raise OSError(f"GDAL cannot open the heatmap {path}.")
+    gt = ds.GetGeoTransform(can_return_null=True)
+    if gt is not None:
+        ds.SetGeoTransform(flipped_geotransform(gt))
+    ds = None  # closing writes the new transform
+    return str(path)
+
+
+def _flip_positions(coords):
+    """Nested GeoJSON coordinate lists with the second value of every position negated."""
+    if coords and isinstance(coords[0], (int, float)):
+        return [coords[0], -coords[1], *coords[2:]]
+    return [_flip_positions(c) for c in coords]
+
+
+def _flip_rings(rings: list) -> list:
+    # Mirroring reverses a ring's winding; reversing the ring keeps outer rings counterclockwise
+    # and holes clockwise, as RFC 7946 asks.
+    return [list(reversed(_flip_positions(ring))) for ring in rings]
+
+
+def flip_geometry(geom: dict | None) -> dict | None:
+    """A GeoJSON geometry mirrored y -> -y (every type, collections included)."""
+    if not geom:
+        return geom
+    kind = geom.get("type")
+    if kind == "GeometryCollection":
+        return dict(geom, geometries=[flip_geometry(g) for g in geom.get("geometries", [])])
+    coords = geom.get("coordinates")
+    if coords is None:
+        return geom
+    if kind == "Polygon":
+        return dict(geom, coordinates=_flip_rings(coords))
+    if kind == "MultiPolygon":
+        return dict(geom, coordinates=[_flip_rings(p) for p in coords])
+    return dict(geom, coordinates=_flip_positions(coords))
+
+
+def _flip_bbox(bbox):
+    if not bbox or len(bbox) != 4:
+        return bbox  # a 3D bbox is not something the engine writes; left as it is
+    xmin, ymin, xmax, ymax = bbox
+    return [xmin, -ymax, xmax, -ymin]
+
+
+def flip_anchors(path: str) -> str:
+    """Rewrite the GeoJSON FeatureCollection ``path`` in place, every coordinate y -> -y."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    for feat in data.get("features", []):
+        feat["geometry"] = flip_geometry(feat.get("geometry"))
+        if "bbox" in feat:
+            feat["bbox"] = _flip_bbox(feat["bbox"])
+    if "bbox" in data:
+        data["bbox"] = _flip_bbox(data["bbox"])
+    Path(path).write_text(json.dumps(data), encoding="utf-8")
+    return str(path)
