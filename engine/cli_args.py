@@ -59,8 +59,9 @@ def add_strategy_arguments(p: argparse.ArgumentParser, *, faithful_default: bool
     p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
                    help=f"visual token strategy (default {DEFAULT_STRATEGY})")
     p.add_argument("--budget", type=positive_int, default=None, help=budget_help)
-    p.add_argument("--tokens-per-tile", type=positive_int, default=DEFAULT_TOKENS_PER_TILE,
-                   help="geollava / anchored: tokens kept a tile")
+    p.add_argument("--tokens-per-tile", type=positive_int, default=None,
+                   help="geollava / anchored: tokens kept a tile (default: the checkpoint's own, "
+                        f"MAX_TOKENS of its mm_patch_merge_type: {DEFAULT_TOKENS_PER_TILE} for GeoLLaVA-8K)")
     p.add_argument("--faithful-empty-slots", action="store_true", default=faithful_default,
                    help="geollava: tokens-per-tile tokens for every tile as the released checkpoint "
-                        "sends them (zero tokens for missing clusters)")
+                        "sends them (zero tokens for missing clusters, placed after each tile's real tokens)")

@@ -66,7 +66,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
-from engine.run_settings import absolute_path, changed_settings, model_choice, with_model_choice
+from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
+                                 with_model_choice)
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
@@ -759,6 +760,7 @@ def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] |
         # resolved before the settings check, so that a rerun on another model (GEOVQA_WEIGHTS, the
         # default folder, the demo) is refused before anything loads; then loaded exactly that
         model = model_choice(args.weights, demo_ok=not getattr(args, "no_demo", False))
+        resolve_tokens_per_tile(args, model)
         _check_run_settings(args, model)
         predict = engine_predictor(args, model["weights"])
     else:

@@ -57,7 +57,8 @@ from typing import Any, Callable, Sequence
 from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
-from engine.run_settings import absolute_path, changed_settings, model_choice, with_model_choice
+from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
+                                 with_model_choice)
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
@@ -184,7 +185,7 @@ def _base(model):
 
 # ------------------------------------------------------------------------------ visual tokens
 
-def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_tile: int = 24,
+def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_tile: int | None = None,
                       seed: int = 0, tokenizer=None,
                       faithful_empty_slots: bool = False) -> Callable[[Sample], Any]:
     """A function sample -> visual embeddings (N, H) built by `engine.pipeline.prepare_visual`
@@ -818,6 +819,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     # the checkpoint, resolved once before anything loads: compared with a resumed run's record,
     # recorded for the next resume and loaded (GEOVQA_WEIGHTS may point elsewhere by then)
     checkpoint = model_choice(args.weights, demo_ok=not args.no_demo)
+    resolve_tokens_per_tile(args, checkpoint)
     _check_resume_settings(args, out, checkpoint)
     bad_report = out / "bad_samples.jsonl"
     # training-time skips of an earlier run (too long, visual path failed) stay in the report

@@ -131,13 +131,9 @@ class LlavaQwenConfig(Qwen2Config):
     @property
     def max_visual_tokens_per_tile(self) -> int:
         """MAX_TOKENS of ``unires_maxN`` (24 for the released checkpoint)."""
-        merge = str(self.mm_patch_merge_type or "")
-        if "max" in merge:
-            try:
-                return int(merge.split("max")[-1])
-            except ValueError:
-                pass
-        return 24
+        from engine.protocol import tokens_per_tile_of
+
+        return tokens_per_tile_of(self.mm_patch_merge_type)
 
 
 class LlavaVisionTower(nn.Module):

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 from engine import __version__
 from engine.cache import FeatureCache, PrefixStore, raster_key
-from engine.protocol import (DEFAULT_STRATEGY, DEFAULT_TOKENS_PER_TILE, PROTOCOL_VERSION, STRATEGIES,
+from engine.protocol import (DEFAULT_STRATEGY, PROTOCOL_VERSION, STRATEGIES, tokens_per_tile_of,
                              validate_question)
 from engine.weights import DEFAULT_WEIGHTS
 
@@ -73,7 +73,7 @@ class AskRequest:
     bands: list[int] | None = None
     strategy: str = DEFAULT_STRATEGY
     budget: int | None = None
-    tokens_per_tile: int | None = DEFAULT_TOKENS_PER_TILE
+    tokens_per_tile: int | None = None  # None: the checkpoint's own (MAX_TOKENS of its config)
     max_new_tokens: int = 256
     seed: int | None = 0
     request_id: str | None = None
@@ -155,6 +155,12 @@ def read_and_encode(model, raster_path: str, *, aoi=None, bands=None, cancel=Non
     return geometry, features, {"read": t1 - t0, "vision": t2 - t1}
 
 
+def model_tokens_per_tile(model) -> int:
+    """The tokens a tile the loaded checkpoint was trained with (MAX_TOKENS of its
+    ``mm_patch_merge_type``: 24 for GeoLLaVA-8K): what --tokens-per-tile means when not given."""
+    return tokens_per_tile_of(getattr(getattr(model, "config", None), "mm_patch_merge_type", None))
+
+
 def make_strategy(name: str, *, tokens_per_tile: int | None = None, seed: int | None = None,
                   **extra: Any):
     """Instantiate a strategy, passing only the parameters its constructor takes."""
@@ -176,7 +182,7 @@ def make_strategy(name: str, *, tokens_per_tile: int | None = None, seed: int | 
 
 
 def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DEFAULT_STRATEGY,
-                   budget: int | None = None, tokens_per_tile: int | None = DEFAULT_TOKENS_PER_TILE,
+                   budget: int | None = None, tokens_per_tile: int | None = None,
                    seed: int | None = 0, aoi=None, bands=None, cancel=None,
                    tokenizer=None, faithful_empty_slots: bool = False) -> VisualInput:
     """Raster + question -> selected visual tokens (after the projector) and their geometry.
@@ -185,7 +191,7 @@ def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DE
     geometry, features, timings = read_and_encode(model, raster_path, aoi=aoi, bands=bands,
                                                   cancel=cancel)
     t0 = time.perf_counter()
-    strat = make_strategy(strategy, tokens_per_tile=tokens_per_tile, seed=seed,
+    strat = make_strategy(strategy, tokens_per_tile=tokens_per_tile or model_tokens_per_tile(model), seed=seed,
                           tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
     selection = strat.select(features, geometry, question, budget, model=model)
     timings["select"] = time.perf_counter() - t0
@@ -308,11 +314,12 @@ class Engine:
             self.features.put(fkey, (geometry, features.to(device="cpu")))
         check_cancel()
 
-        strat = make_strategy(req.strategy, tokens_per_tile=req.tokens_per_tile, seed=req.seed,
+        tokens_per_tile = req.tokens_per_tile or model_tokens_per_tile(self.model)
+        strat = make_strategy(req.strategy, tokens_per_tile=tokens_per_tile, seed=req.seed,
                               tokenizer=self.tokenizer,
                               faithful_empty_slots=req.faithful_empty_slots)
         reusable = not getattr(strat, "question_dependent", True)
-        pkey = (fkey, req.strategy, req.tokens_per_tile, req.seed, req.budget,
+        pkey = (fkey, req.strategy, tokens_per_tile, req.seed, req.budget,
                 req.faithful_empty_slots)
         entry = self.prefixes.get(pkey) if reusable else None
         yield ev("status", stage="select", progress=None,

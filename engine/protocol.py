@@ -52,6 +52,17 @@ STRATEGIES = ("geollava", "background", "anchored", "pyramid", "budget", "none",
 DEFAULT_STRATEGY = "geollava"
 DEFAULT_TOKENS_PER_TILE = 24  # anchors a tile kept by geollava / anchored, as the released checkpoint
 
+
+def tokens_per_tile_of(merge_type: object) -> int:
+    """MAX_TOKENS of a checkpoint's ``mm_patch_merge_type`` (``unires_max24`` -> 24): the tokens a
+    tile it was trained with; DEFAULT_TOKENS_PER_TILE when the name carries no number."""
+    text = str(merge_type or "")
+    if "max" in text:
+        digits = text.rsplit("max", 1)[-1]
+        if digits.isdigit() and int(digits) > 0:
+            return int(digits)
+    return DEFAULT_TOKENS_PER_TILE
+
 # ---------------------------------------------------------------------------------------------
 # GET /health
 HEALTH_FIELDS = {
@@ -84,7 +95,7 @@ ASK_FIELDS = {
     "bands": "list[int] | null: 1-based band indexes (default RGB / first three)",
     "strategy": "str: one of STRATEGIES (default DEFAULT_STRATEGY)",
     "budget": "int | null: hard cap on visual tokens entering the language model",
-    "tokens_per_tile": "int | null: geollava/anchored tokens kept a tile (default 24)",
+    "tokens_per_tile": "int | null: geollava/anchored tokens kept a tile (default: the checkpoint's own, MAX_TOKENS of its mm_patch_merge_type, 24 for GeoLLaVA-8K)",
     "faithful_empty_slots": "bool: geollava sends tokens_per_tile tokens for every tile as the "
     "released checkpoint does, zero vectors for missing clusters (default false: dropped)",
     "max_new_tokens": "int: default 256",

@@ -46,6 +46,23 @@ def model_choice(weights: Any, *, demo_ok: bool) -> dict[str, Any]:
     return {"weights": absolute_path(folder), "demo_model": bool(demo)}
 
 
+def resolve_tokens_per_tile(args: Any, choice: dict[str, Any]) -> None:
+    """--tokens-per-tile left out means the checkpoint's own (MAX_TOKENS of its config.json's
+    mm_patch_merge_type, 24 for GeoLLaVA-8K): set it on `args` from the resolved checkpoint
+    `choice` (`model_choice`), so the run records and compares the number it uses."""
+    import json  # noqa: PLC0415
+
+    from engine.protocol import tokens_per_tile_of  # noqa: PLC0415
+
+    if getattr(args, "tokens_per_tile", None) is not None:
+        return
+    try:
+        config = json.loads((Path(choice["weights"]) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError):
+        config = {}  # model_choice has checked the folder; a config it cannot read fails at load
+    args.tokens_per_tile = tokens_per_tile_of(config.get("mm_patch_merge_type") if isinstance(config, dict) else None)
+
+
 def with_model_choice(saved: dict, current: dict) -> dict:
     """`saved` as if it recorded the resolved model like `current` does (`model_choice`).
 

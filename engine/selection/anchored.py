@@ -8,8 +8,8 @@ product divided by sqrt(D). The kept vectors themselves stay the raw (unprojecte
 The `anchored` strategy applies this scoring to the raw patches of every tile, without the
 background clustering: it keeps the top `tokens_per_tile` (default 24) valid patches of each tile
 (ties to the lower patch index), in spatial order (token index), then the globally best-scoring
-ones when `budget` is smaller than tiles x tokens_per_tile. Pure padding patches are never
-candidates (``drop_padding=True``). Every kept token is an 'anchor' (it won the CLS ranking).
+ones when `budget` is smaller than tiles x tokens_per_tile. Invalid patches (padding, at least half
+nodata, outside the AOI) are never candidates (``drop_padding=True``). Every kept token is an 'anchor' (it won the CLS ranking).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Runs the checkpoint's learned affinity head and the same clustering as `geollava
 (`clusters.py`: argmax parents, border clamping, ties to the lowest index, <= 12 pointer-jumping
 rounds) and emits **every** cluster mean of every tile (no anchored top-k): connected similar
 patches (water, forest) collapse into a few means while small distinct objects stay as their own
-small clusters. Pure padding clusters are dropped (``drop_padding=True``).
+small clusters. Clusters without a valid patch (padding, nodata, outside the AOI) are dropped
+(``drop_padding=True``).
 
 Under a budget smaller than the number of clusters we keep the best clusters by `rank`:
 

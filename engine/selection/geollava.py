@@ -18,11 +18,13 @@ Choices we made where the checkpoint leaves room (documented, switchable):
   go through the projector and are appended after the tile's real tokens, with role 'kept', no
   member patches (so no footprint) and the score a zero vector gets; they rank last under a
   global budget. The default (False) drops them: the LM sees fewer, all meaningful tokens.
-* **Padding.** Padding patches (black canvas, no image) take part in the clustering as in the
-  original, so the real clusters are unchanged. A kept cluster made only of padding still enters
-  the LM by default (as trained); ``drop_padding=True`` removes such clusters. Either way the
-  heatmap and GeoJSON never draw padding patches (`heatmap.py` paints valid members only and
-  skips tokens without any); `info['padding_tokens']` counts them.
+* **Padding (and other invalid patches).** Padding patches (black canvas, no image) take part in
+  the clustering as in the original, so the real clusters are unchanged. "Invalid" below means
+  `geometry.patch_valid` is False: padding, and also patches at least half nodata or outside a
+  polygon AOI. A kept cluster made only of invalid patches still enters the LM by default (as
+  trained); ``drop_padding=True`` removes such clusters. Either way the heatmap and GeoJSON never
+  draw invalid patches (`heatmap.py` paints valid members only and skips tokens without any);
+  `info['padding_tokens']` counts the kept clusters without a valid patch.
 * **Global budget.** With `budget` < tiles x tokens_per_tile the per-tile winners compete by
   score across the whole image; the best `budget` survive (ties to the earlier token) and keep
   their LM order (tile by tile, spatial inside a tile).
@@ -114,7 +116,8 @@ def pick_clusters(cls, patches, q_proj, v_proj, *, affinity, k=DEFAULT_TOKENS_PE
             mem.extend(_members(labels, s, n, list(zip((ti + s).tolist(), lab.tolist()))))
             cpt.append(counts.cpu())
             if faithful_empty_slots:
-                n_empty = (k - ok.sum(1)).clamp(min=0)
+                # the released code caps MAX_TOKENS at the tile's N patches: never more slots than that
+                n_empty = (min(k, n) - ok.sum(1)).clamp(min=0)
                 if int(n_empty.sum()) > 0:
                     zero = anchor_scores(cls[s : s + t], x.new_zeros(t, 1, d), q_proj, v_proj)
                     et = torch.repeat_interleave(torch.arange(t), n_empty)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import build_parser
-from engine.protocol import DEFAULT_STRATEGY, DEFAULT_TOKENS_PER_TILE, STRATEGIES
+from engine.protocol import DEFAULT_STRATEGY, STRATEGIES
 
 POSITIONAL = {"ask": ["scene.tif", "How many ships?"], "finetune": ["data.json", "--out", "o"],
               "eval": ["ann.json"], "serve": [], "info": []}
@@ -39,7 +39,8 @@ def test_unknown_quantization_is_refused(cmd, capsys):
 @pytest.mark.parametrize("cmd", TOKEN_PATH)
 def test_token_path_options_share_defaults_and_choices(cmd):
     d = parse(cmd)
-    assert (d.strategy, d.budget, d.tokens_per_tile) == (DEFAULT_STRATEGY, None, DEFAULT_TOKENS_PER_TILE)
+    # tokens a tile: None = the checkpoint's own (resolved from its config, see test_pipeline)
+    assert (d.strategy, d.budget, d.tokens_per_tile) == (DEFAULT_STRATEGY, None, None)
     for name in STRATEGIES:
         assert parse(cmd, "--strategy", name).strategy == name
     a = parse(cmd, "--budget", "512", "--tokens-per-tile", "12", "--faithful-empty-slots")

@@ -339,3 +339,31 @@ def test_prune_outputs_removes_only_old_engine_files(tmp_path):
     assert prune_outputs(tmp_path, 14) == 2
     assert not old_tif.exists() and not old_json.exists()
     assert new_tif.exists() and user.exists() and users_tif.exists() and users_json.exists()
+
+
+def test_tokens_a_tile_default_to_the_checkpoints_own(tiny_checkpoint, scene, tmp_path):
+    """--tokens-per-tile left out means MAX_TOKENS of the checkpoint's mm_patch_merge_type (24 for
+    the released unires_max24), not a fixed 24: a unires_max5 checkpoint gets 5 a tile."""
+    import argparse
+    import shutil
+
+    from engine.protocol import tokens_per_tile_of
+    from engine.run_settings import resolve_tokens_per_tile
+
+    assert [tokens_per_tile_of(m) for m in ("unires_max24", "unires_max32", "unires", None, "max0")] == [
+        24, 32, 24, 24, 24]
+    ckpt = tmp_path / "max5"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["mm_patch_merge_type"] = "unires_max5"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    eng = Engine(ckpt, output_dir=tmp_path / "out")
+    own = _ask(eng, scene, faithful_empty_slots=True, max_new_tokens=1)[-1]
+    given = _ask(eng, scene, faithful_empty_slots=True, max_new_tokens=1, tokens_per_tile=7)[-1]
+    assert own["tokens"]["visual_kept"] == 6 * 5 and given["tokens"]["visual_kept"] == 6 * 7
+    # finetune / eval record the number they use, resolved from the checkpoint before loading
+    args = argparse.Namespace(tokens_per_tile=None)
+    resolve_tokens_per_tile(args, {"weights": str(ckpt)})
+    assert args.tokens_per_tile == 5
+    resolve_tokens_per_tile(args, {"weights": str(tiny_checkpoint)})
+    assert args.tokens_per_tile == 5  # given (here: resolved before) stays

@@ -115,3 +115,6 @@ def test_geollava_steps_on_a_hand_computed_3x3_tile():
     assert torch.equal(pick.vectors[3:], torch.zeros(2, 2))
     # the zero vector's score: q . v_proj(0) / sqrt(2) = (1.5*0 + 2*1) / sqrt(2)
     torch.testing.assert_close(pick.scores[3:], torch.full((2,), 2.0 / 2**0.5))
+    # k above the tile's 9 patches: slots stop at 9 a tile (the released code caps MAX_TOKENS at N)
+    pick = pick_clusters(cls, x, q, v, affinity=lambda _: aff, k=20, faithful_empty_slots=True)
+    assert len(pick.members) == 9 and sum(len(m) == 0 for m in pick.members) == 6
