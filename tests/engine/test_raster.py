@@ -488,3 +488,26 @@ def test_protocol_aoi_dict_null_entries_are_absent(tmp_path):
     poly = box(*(DEFAULT_TRANSFORM @ (5, 30)), *(DEFAULT_TRANSFORM @ (25, 10)))
     aoi = {"polygon_wkt": None, "geojson": mapping(poly), "window": None}
     assert read_raster(p, aoi=aoi).window == (5, 10, 20, 20)
+
+
+def test_reads_bound_gdals_block_cache(tmp_path, monkeypatch):
+    """GDAL's default cache (5% of RAM) added over a gigabyte to a reduced read of a 27,000 px
+    raster; reads run with READ_CACHE_BYTES, unless the user set GDAL_CACHEMAX."""
+    import rasterio.env
+
+    import engine.raster as raster
+
+    seen = []
+    real = raster._read_bands
+
+    def spy(*args, **kwargs):
+        seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX") if rasterio.env.hasenv() else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(raster, "_read_bands", spy)
+    path = write_geotiff(tmp_path / "a.tif", _u8(3, 40, 40))
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    read_raster(path)
+    monkeypatch.setenv("GDAL_CACHEMAX", "512")
+    read_raster(path)
+    assert seen[0] == raster.READ_CACHE_BYTES and seen[1] != raster.READ_CACHE_BYTES
