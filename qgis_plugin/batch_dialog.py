@@ -217,7 +217,10 @@ class BatchDialog(QDialog):
                   str(kept), f"{secs:.1f}" if isinstance(secs, (int, float)) else "")
         for c, val in enumerate(values):
             self.table.setItem(r, c, QTableWidgetItem(val))
-        if self.layers_check.isChecked() and row.get("answer") is not None:
+        if row.get("answer") is not None and row.get("error"):
+            self.message.setText(row["error"])  # an answer whose heatmap/anchors could not be saved
+        has_files = row.get("heatmap_path") or row.get("anchors_path")
+        if self.layers_check.isChecked() and row.get("answer") is not None and has_files:
             layer = QgsProject.instance().mapLayer(row.get("layer_id") or "")
             try:
                 result_layers.add_result_layers(row["question"], row.get("heatmap_path"), row.get("anchors_path"),

@@ -474,6 +474,9 @@ class ChatDock(QgsDockWidget):
                 turn["anchors_layer_id"] = anchors.id() if anchors else None
             except result_layers.ResultLayerError as exc:
                 self._notify(str(exc), MSG_WARNING)
+        if ev.get("files_warning"):  # the answer is complete; only its layers are missing
+            turn["files_warning"] = ev["files_warning"]
+            self._notify(ev["files_warning"], MSG_WARNING)
         self.render_conversation()
         self.answer_finished.emit(turn)
 

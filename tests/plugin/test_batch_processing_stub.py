@@ -96,8 +96,45 @@ def test_processing_batch_with_an_unwritable_results_folder_keeps_every_row(
         "LAYERS": [raster_layer("a")], "QUESTIONS": "How big?\nWhat bands?", "OUTPUT": str(tmp_path / "b.csv")})
     with open(res["OUTPUT"], newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 and res["ERRORS"] == 2
-    assert all("Could not save the result files" in r["error"] for r in rows)
+    assert len(rows) == 2 and res["ERRORS"] == 2 and res["ANSWERED"] == 2
+    assert all("could not be saved" in r["error"] for r in rows)  # the error column says what is missing
+    assert [r["answer"] for r in rows] == ["The area is 64 x 48 pixels with 3 bands."] * 2  # the answers are kept
+    assert all(r["visual_kept"] == "4" and r["heatmap_path"] == "" for r in rows)
+
+
+def test_processing_ask_with_an_unwritable_results_folder_keeps_the_answer(
+        plugin, raster_layer, stub_engine, qgis_processing, tmp_path):
+    import processing
+    from conftest import set_settings
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    res = processing.run("geovqa:ask_raster", {"INPUT": raster_layer("a"), "QUESTION": "How big?"})
+    assert res["ANSWER"] == "The area is 64 x 48 pixels with 3 bands."
+
+
+def test_batch_dialog_with_an_unwritable_results_folder_keeps_the_answers(plugin, raster_layer, stub_engine, tmp_path):
+    from conftest import set_settings
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id()})
+    dlg.layers_check.setChecked(True)
+    dlg.questions_edit.setPlainText("How big?")
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    wait_until(lambda: done, 60, "the batch")
+    (row,) = done[0]
+    assert row["answer"] == "The area is 64 x 48 pixels with 3 bands." and "could not be saved" in row["error"]
+    assert dlg.table.item(0, 2).text() == row["answer"]
+    from qgis.core import QgsProject
+    assert QgsProject.instance().layerTreeRoot().findGroups() == []  # no empty result group
+    wait_for_tasks()
 
 
 def _unreferenced_layer(tmp_path, name):

@@ -200,3 +200,28 @@ def test_out_of_memory_offers_a_retry_with_the_suggested_budget(plugin, raster_l
     assert dock.retry_button.isHidden()
     stub_engine.fail_with = None
     wait_for_tasks()
+
+
+def test_an_unwritable_results_folder_keeps_the_answer(plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
+    """A read-only project folder or a full disk costs the heatmap and anchor layers, not the answer."""
+    from qgis.core import Qgis
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a results folder cannot be created under a file (root ignores chmod)
+    set_settings(output_dir=str(blocker / "results"))
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    qgis_iface.messageBar().clear_messages()
+    dock.ask("What is in this image?")
+    wait_until(_finished(dock), 30, "the answer")
+    wait_for_tasks()
+    turn = dock.turns()[-1]
+    assert turn.get("error") is None, turn
+    assert turn["answer"] == "The area is 64 x 48 pixels with 3 bands."
+    assert turn["result"]["tokens"]["visual_kept"] == 4 and "visual tokens kept" in turn["meta"]
+    assert "64 x 48" in dock.view.toPlainText()
+    assert "A: The area is 64 x 48" in dock.conversation_text()
+    assert "heatmap_layer_id" not in turn  # nothing half-made was added
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("could not be saved" in m and str(blocker) in m for m in warnings), warnings
