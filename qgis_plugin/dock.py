@@ -223,6 +223,8 @@ class ChatDock(QgsDockWidget):
                          f"<br><small>{html.escape(t.get('aoi_label', ''))}</small></p>")
             answer = html.escape(t.get("answer") or "").replace("\n", "<br>")
             if t.get("error"):
+                if answer:  # tokens streamed before the error: keep them, marked as cut short
+                    parts.append(f"<p><b>GeoVQA (incomplete):</b> {answer}</p>")
                 parts.append(f"<p style='color:#b00020'><b>Error:</b> {html.escape(t['error'])}</p>")
             else:
                 cursor = "" if t.get("done") else " <i>…</i>"
@@ -238,10 +240,19 @@ class ChatDock(QgsDockWidget):
         lines = [f"# GeoVQA conversation about {layer.name() if layer else '-'}"]
         for t in self.turns(layer):
             lines.append(f"\nQ: {t['question']}  [{t.get('aoi_label', '')}]")
-            lines.append(f"A: {t.get('error') and 'ERROR ' + t['error'] or t.get('answer', '')}")
+            lines.extend(self._answer_lines(t))
             if t.get("meta"):
                 lines.append(f"   ({t['meta']})")
         return "\n".join(lines)
+
+    @staticmethod
+    def _answer_lines(turn) -> list:
+        """The answer of one turn for Copy / Markdown; a partial answer stays, marked incomplete."""
+        if not turn.get("error"):
+            return [f"A: {turn.get('answer', '')}"]
+        if turn.get("answer"):
+            return [f"A (incomplete): {turn['answer']}", f"   ERROR {turn['error']}"]
+        return [f"A: ERROR {turn['error']}"]
 
     def copy_conversation(self):
         QApplication.clipboard().setText(self.conversation_text())

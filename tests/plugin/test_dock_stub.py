@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import set_settings, wait_for_tasks, wait_until
 
 
@@ -225,3 +227,45 @@ def test_an_unwritable_results_folder_keeps_the_answer(plugin, raster_layer, stu
     assert "heatmap_layer_id" not in turn  # nothing half-made was added
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
     assert any("could not be saved" in m and str(blocker) in m for m in warnings), warnings
+
+
+def _tokens_then(tail):
+    """Stub events: a few tokens of an answer, then ``tail(rid)`` (an error event, or a crash)."""
+    def events(req):
+        rid = req["request_id"]
+        yield {"type": "queued", "request_id": rid, "position": 0}
+        for word in ("There ", "are ", "twelve ", "ships "):
+            yield {"type": "token", "request_id": rid, "text": word}
+        yield from tail(rid)
+    return events
+
+
+def _oom(rid):
+    yield {"type": "error", "request_id": rid, "code": "out_of_memory", "message": "The GPU ran out of memory.",
+           "hint": None}
+
+
+def _engine_dies(rid):
+    raise SystemExit("engine killed")  # the handler dies: the connection closes without the last chunk
+    yield
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the stub's handler dies
+def test_a_partial_answer_stays_when_an_error_follows(plugin, raster_layer, stub_engine, tmp_path):
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    for n, tail in enumerate((_oom, _engine_dies), 1):
+        stub_engine.events = _tokens_then(tail)
+        dock.ask("how many ships?")
+        wait_until(_finished(dock, n), 30)
+        turn = dock.turns()[-1]
+        assert turn["answer"] == "There are twelve ships " and turn["error"]
+        view = dock.view.toPlainText()
+        assert "GeoVQA (incomplete): There are twelve ships" in view and "Error:" in view
+        assert view.index("twelve") < view.rindex("Error:")
+        md = Path(dock.export_conversation(str(tmp_path / "conv.md"))).read_text()
+        assert md.count("A (incomplete): There are twelve ships") == n
+        assert f"ERROR {turn['error']}" in md
+    assert "ERROR The GPU ran out of memory." in dock.conversation_text()
+    wait_for_tasks()
