@@ -45,6 +45,10 @@ from .tasks import AskTask, HealthTask, file_stem, rect_bounds
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
+# Streamed tokens are redrawn at most this often: each redraw lays out the whole conversation,
+# so one redraw per token made a long answer quadratic and froze QGIS.
+RENDER_INTERVAL_MS = 100
+SCROLL_BOTTOM_SLACK_PX = 4  # "at the bottom" tolerates a few pixels of rounding
 USER_ROLE = Qt.ItemDataRole.UserRole
 
 
@@ -73,6 +77,10 @@ class ChatDock(QgsDockWidget):
         self.aoi_crs = None
         self.tool = None
         self._health_task = None
+        self._render_timer = QTimer(self)  # before _build: choosing a layer renders
+        self._render_timer.setSingleShot(True)
+        self._render_timer.setInterval(RENDER_INTERVAL_MS)
+        self._render_timer.timeout.connect(self.render_conversation)
         self._build()
         self._load_options()
         self.timer = QTimer(self)
@@ -216,7 +224,14 @@ class ChatDock(QgsDockWidget):
         layer = layer or self.layer_combo.currentLayer()
         return self.conversations.setdefault(layer.id(), []) if layer is not None else []
 
+    def schedule_render(self):
+        """Redraw soon, once for all the tokens that arrive meanwhile (see RENDER_INTERVAL_MS)."""
+        if not self._render_timer.isActive():
+            self._render_timer.start()
+
     def render_conversation(self):
+        """Redraw the conversation now (also flushes a scheduled redraw)."""
+        self._render_timer.stop()
         parts = []
         for t in self.turns():
             parts.append(f"<p><b>You:</b> {html.escape(t['question'])}"
@@ -231,9 +246,13 @@ class ChatDock(QgsDockWidget):
                 parts.append(f"<p><b>GeoVQA:</b> {answer}{cursor}</p>")
             if t.get("meta"):
                 parts.append(f"<p><small>{html.escape(t['meta'])}</small></p>")
-        self.view.setHtml("".join(parts) or "<p><i>Pick a raster layer and ask a question.</i></p>")
         sb = self.view.verticalScrollBar()
-        sb.setValue(sb.maximum())
+        # follow the answer only when the reader is at the end; someone reading an earlier
+        # answer keeps their place
+        at_bottom = sb.value() >= sb.maximum() - SCROLL_BOTTOM_SLACK_PX
+        position = sb.value()
+        self.view.setHtml("".join(parts) or "<p><i>Pick a raster layer and ask a question.</i></p>")
+        sb.setValue(sb.maximum() if at_bottom else position)
 
     def conversation_text(self, layer=None) -> str:
         layer = layer or self.layer_combo.currentLayer()
@@ -431,7 +450,7 @@ class ChatDock(QgsDockWidget):
             self.progress_label.setText(f"{ev.get('stage', '')}{pct}: {ev.get('message', '')}")
         elif kind == "token":
             turn["answer"] += ev.get("text", "")
-            self.render_conversation()
+            self.schedule_render()
         elif kind == "result":
             self._finish(turn, ev)
         elif kind == "error":
@@ -553,6 +572,7 @@ class ChatDock(QgsDockWidget):
     # -- teardown -------------------------------------------------------------------------------
     def shutdown(self):
         self.timer.stop()
+        self._render_timer.stop()
         try:
             settings_notifier.saved.disconnect(self._settings_saved)
         except TypeError:

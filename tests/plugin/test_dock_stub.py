@@ -269,3 +269,58 @@ def test_a_partial_answer_stays_when_an_error_follows(plugin, raster_layer, stub
         assert f"ERROR {turn['error']}" in md
     assert "ERROR The GPU ran out of memory." in dock.conversation_text()
     wait_for_tasks()
+
+
+def test_a_long_streamed_answer_is_redrawn_in_batches_not_per_token(plugin, raster_layer, stub_engine):
+    """Every token used to re-lay out the whole conversation (quadratic: QGIS froze on long answers)."""
+    import time
+
+    n = 3000
+    words = [f"w{i} " for i in range(n)]
+
+    def events(req):
+        rid = req["request_id"]
+        yield {"type": "queued", "request_id": rid, "position": 0}
+        for w in words:
+            yield {"type": "token", "request_id": rid, "text": w}
+        yield {"type": "result", "request_id": rid, "answer": "".join(words), "tokens": {}, "timings": {}}
+
+    stub_engine.events = events
+    dock = plugin.dock
+    dock.set_layer(raster_layer())
+    redraws = []
+    set_html = dock.view.setHtml
+    dock.view.setHtml = lambda text: (redraws.append(1), set_html(text))
+    started = time.monotonic()
+    dock.ask("a long one?")
+    wait_until(_finished(dock), 120)
+    elapsed = time.monotonic() - started
+    assert dock.turns()[-1]["answer"] == "".join(words)
+    assert "w2999" in dock.view.toPlainText()
+    # at most one redraw per RENDER_INTERVAL_MS, plus the question and the final answer
+    assert len(redraws) <= 3 + elapsed / 0.1, (len(redraws), elapsed)
+    wait_for_tasks()
+
+
+def test_streaming_scrolls_only_a_reader_who_is_at_the_end(plugin, raster_layer, stub_engine):
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.setFloating(True)
+    dock.resize(400, 500)
+    dock.show()
+    dock.conversations[layer.id()] = [{"question": f"q{i}", "answer": "building " * 300, "done": True}
+                                      for i in range(5)]
+    sb = dock.view.verticalScrollBar()
+    for reader_at_end in (False, True):
+        turn = {"question": "now", "answer": "", "done": False, "request_id": "r"}
+        dock.turns().append(turn)
+        dock.current_request_id, dock.current_turn = "r", turn
+        dock.render_conversation()
+        assert sb.maximum() > 0
+        sb.setValue(sb.maximum() if reader_at_end else 0)
+        for _ in range(50):
+            dock._on_event({"type": "token", "request_id": "r", "text": "more words\n"})
+        dock.render_conversation()  # what the timer does
+        assert sb.value() == (sb.maximum() if reader_at_end else 0)
+    dock.current_request_id = dock.current_turn = None
