@@ -141,7 +141,7 @@ class ChatDock(QgsDockWidget):
                                      "engine suggests after running out of memory.")
         self.retry_button.clicked.connect(self.retry_smaller)
         self.retry_button.hide()
-        self._retry = None  # (question, budget) the engine suggested after running out of memory
+        self._retry = None  # what to ask again after running out of memory: see _offer_retry
         status_row = QHBoxLayout()
         status_row.addWidget(self.progress_label, 1)
         status_row.addWidget(self.retry_button)
@@ -218,6 +218,7 @@ class ChatDock(QgsDockWidget):
             self.layer_combo.setLayer(layer)
 
     def _layer_changed(self, _layer):
+        self._update_retry_button()
         self.render_conversation()
 
     def turns(self, layer=None) -> list:
@@ -281,7 +282,8 @@ class ChatDock(QgsDockWidget):
         path = str(path)
         if path.lower().endswith(".json"):
             data = {"layer": layer.name() if layer else None, "source": layer.source() if layer else None,
-                    "turns": [{k: v for k, v in t.items() if k != "layer"} for t in self.turns(layer)]}
+                    "turns": [{k: v for k, v in t.items() if k != "layer" and not k.startswith("_")}
+                              for t in self.turns(layer)]}
             Path(path).write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         else:
             Path(path).write_text(self.conversation_text(layer) + "\n", encoding="utf-8")
@@ -344,10 +346,17 @@ class ChatDock(QgsDockWidget):
             raise AoiError("Draw the area of interest on the map first (button Draw).")
         return self.aoi_geometry, self.aoi_crs or crs
 
+    def _current_area(self) -> dict:
+        """The area the next question is about, frozen now (the map may move before a retry)."""
+        geom, crs = self._aoi_geometry_and_crs()
+        return {"mode": self.aoi_mode(), "geometry": QgsGeometry(geom) if geom is not None else None, "crs": crs}
+
     # -- asking -----------------------------------------------------------------------------
-    def ask(self, question: str | None = None):
+    def ask(self, question: str | None = None, layer=None, area: dict | None = None):
+        """Ask about ``layer`` (default: the chosen one) inside ``area`` (a :meth:`_current_area`;
+        default: the area chosen now). Returns the request id, or None when nothing was asked."""
         question = (question if isinstance(question, str) else self.question_edit.text()).strip()
-        layer = self.layer_combo.currentLayer()
+        layer = layer or self.layer_combo.currentLayer()
         if layer is None:
             self._notify("Pick a raster layer first.", MSG_WARNING)
             return None
@@ -360,7 +369,8 @@ class ChatDock(QgsDockWidget):
         request_id = new_request_id()
         self.current_request_id = request_id
         turn = {"question": question, "answer": "", "done": False, "layer_id": layer.id(),
-                "layer": layer.name(), "request_id": request_id, "aoi_label": AOI_LABELS[self.aoi_mode()],
+                "layer": layer.name(), "request_id": request_id,
+                "aoi_label": AOI_LABELS[area["mode"] if area else self.aoi_mode()],
                 "started": time.time()}
         self.turns(layer).append(turn)
         self.current_turn = turn
@@ -368,18 +378,20 @@ class ChatDock(QgsDockWidget):
         self.render_conversation()
         self.stop_button.setEnabled(True)
         try:
-            geom, crs = self._aoi_geometry_and_crs()
+            area = area or self._current_area()
+            turn["_area"] = area  # for a retry (keys starting with _ stay out of the JSON export)
+            geom, crs = area["geometry"], area["crs"]
             path = layer_file_path(layer)
             if path is not None:
                 aoi = request_aoi(geom, crs, layer) if geom is not None else None
                 self._start_ask(turn, path, aoi, settings, rect_bounds(layer.extent()), is_unreferenced_file(layer))
             else:
-                self._render_then_ask(turn, layer, geom, crs, settings)
+                self._render_then_ask(turn, layer, geom, crs, settings, area["mode"])
         except (AoiError, EngineError, ValueError) as exc:
             self._fail(turn, str(exc))
         return request_id
 
-    def _render_then_ask(self, turn, layer, geom, crs, settings):
+    def _render_then_ask(self, turn, layer, geom, crs, settings, mode):
         ext = layer.extent()
         if geom is None:
             # Tiled services cover the world: send what the map shows instead.
@@ -389,7 +401,7 @@ class ChatDock(QgsDockWidget):
         if geom is not None:
             clipped = clip_to_layer(geom, crs, layer)
             ext = clipped.boundingBox()
-            if self.aoi_mode() == "polygon":
+            if mode == "polygon":
                 aoi = {"polygon_wkt": clipped.asWkt(6)}
         out = settings.results_dir() / "renders" / f"{file_stem(turn['question'])}_render.tif"
         self.progress_label.setText(f"Rendering {layer.name()} …")
@@ -459,27 +471,40 @@ class ChatDock(QgsDockWidget):
                 msg += " " + ev["hint"]
             self._fail(turn, msg)
             if ev.get("code") == "out_of_memory" and isinstance(ev.get("retry_budget"), int):
-                self._offer_retry((turn["question"], ev["retry_budget"]))
+                self._offer_retry({"question": turn["question"], "budget": ev["retry_budget"],
+                                   "layer_id": turn["layer_id"], "area": turn.get("_area")})
             if ev.get("code") in ("engine_down", "model_loading"):
                 self.refresh_health()
 
     def _offer_retry(self, retry):
-        """Show (or hide, for None) the button that asks again with a smaller budget."""
+        """Offer (or withdraw, for None) to ask again with a smaller budget.
+
+        ``retry``: ``{"question", "budget", "layer_id", "area"}`` of the question that ran out
+        of memory; the retry asks about that layer and area, whatever is chosen meanwhile."""
         self._retry = retry
-        if retry is None:
-            self.retry_button.hide()
-            return
-        self.retry_button.setText(f"Retry with budget {retry[1]}")
-        self.retry_button.show()
+        if retry is not None:
+            self.retry_button.setText(f"Retry with budget {retry['budget']}")
+        self._update_retry_button()
+
+    def _update_retry_button(self):
+        """The button only shows beside the conversation of the layer that ran out of memory."""
+        layer = self.layer_combo.currentLayer()
+        shown = self._retry is not None and layer is not None and layer.id() == self._retry["layer_id"]
+        self.retry_button.setVisible(shown)
 
     def retry_smaller(self):
-        """Ask the question that ran out of memory again, with the budget the engine suggested
-        (it stays in the budget box for the next questions)."""
+        """Ask the question that ran out of memory again, about the same layer and area, with
+        the budget the engine suggested (it stays in the budget box for the next questions)."""
         if self._retry is None:
             return None
-        question, budget = self._retry
-        self.budget_spin.setValue(budget)
-        return self.ask(question)
+        retry = self._retry
+        layer = QgsProject.instance().mapLayer(retry["layer_id"])
+        if layer is None:
+            self._offer_retry(None)
+            self._notify("The layer that ran out of memory is no longer in the project.", MSG_WARNING)
+            return None
+        self.budget_spin.setValue(retry["budget"])
+        return self.ask(retry["question"], layer=layer, area=retry["area"])
 
     def _finish(self, turn, ev):
         turn["answer"] = ev.get("answer", turn["answer"])

@@ -324,3 +324,35 @@ def test_streaming_scrolls_only_a_reader_who_is_at_the_end(plugin, raster_layer,
         dock.render_conversation()  # what the timer does
         assert sb.value() == (sb.maximum() if reader_at_end else 0)
     dock.current_request_id = dock.current_turn = None
+
+
+def test_retry_asks_about_the_layer_and_area_that_ran_out_of_memory(plugin, raster_layer, stub_engine, qgis_iface):
+    from qgis.core import QgsRectangle
+
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=32)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(a.crs())
+    canvas.setExtent(QgsRectangle(500100, 4999700, 500300, 4999900))
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.set_aoi_mode("extent")
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "OOM.", "hint": None, "retry_budget": 1024}
+    dock.ask("how many ships?")
+    wait_until(_finished(dock), 30)
+    stub_engine.fail_with = None
+    first = stub_engine.requests[-1]
+    assert first["aoi"] is not None and not dock.retry_button.isHidden()
+
+    dock.set_layer(b)  # the button belongs to layer a's conversation
+    assert dock.retry_button.isHidden()
+    dock.set_layer(a)
+    assert not dock.retry_button.isHidden()
+
+    canvas.setExtent(a.extent())  # the map moved meanwhile
+    dock.set_layer(b)
+    dock.retry_smaller()
+    wait_until(lambda: dock.turns(a)[-1].get("done") and len(dock.turns(a)) == 2, 30)
+    retry = stub_engine.requests[-1]
+    assert retry["raster_path"] == a.source() and retry["aoi"] == first["aoi"] and retry["budget"] == 1024
+    assert dock.turns(b) == [] and dock.turns(a)[-1]["answer"].startswith("The area is")
+    wait_for_tasks()
