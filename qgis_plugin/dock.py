@@ -88,6 +88,11 @@ class ChatDock(QgsDockWidget):
         self.timer.timeout.connect(self.refresh_health)
         self.timer.start()
         settings_notifier.saved.connect(self._settings_saved)
+        self._project_signals = ((QgsProject.instance().cleared, self._project_closed),
+                                 (QgsProject.instance().readProject, self._project_closed),
+                                 (QgsProject.instance().layerWillBeRemoved, self._layer_will_be_removed))
+        for signal, slot in self._project_signals:
+            signal.connect(slot)
         QTimer.singleShot(0, self.refresh_health)
 
     # -- UI ---------------------------------------------------------------------------------
@@ -434,7 +439,9 @@ class ChatDock(QgsDockWidget):
         self.progress_label.setText("Sending the question to the engine …")
         QgsApplication.taskManager().addTask(self.task)
 
-    def stop(self, silent=False):
+    def stop(self, silent=False, reason=None):
+        """Stop the running question; ``reason`` (e.g. "stopped: the project was closed") is
+        shown with it, ``silent`` (a newer question supersedes it) keeps the status line empty."""
         if self.renderer is not None:
             self.renderer.cancel()
             self.renderer = None
@@ -443,11 +450,47 @@ class ChatDock(QgsDockWidget):
             self.task = None
         if self.current_turn is not None and not self.current_turn.get("done"):
             self.current_turn["done"] = True
-            self.current_turn["meta"] = "stopped" if not silent else "superseded by a newer question"
+            self.current_turn["meta"] = reason or ("stopped" if not silent else "superseded by a newer question")
             self.render_conversation()
         self.current_request_id = None
         self.stop_button.setEnabled(False)
-        self.progress_label.setText("" if silent else "Stopped.")
+        self.progress_label.setText("" if silent else (reason or "stopped").capitalize() + ".")
+
+    def is_asking(self) -> bool:
+        return self.current_request_id is not None
+
+    def _project_closed(self, *_):
+        """File > New / Open (or clear()): the question's layer and its result group would land
+        in the next project, so the question stops here."""
+        self._offer_retry(None)  # its layer is gone too
+        if self.is_asking():
+            self.stop(reason="stopped: the project was closed")
+
+    def _layer_will_be_removed(self, layer_id):
+        """A layer still being rendered for the question cannot be rendered any further."""
+        turn = self.current_turn
+        if self.renderer is not None and turn is not None and turn.get("layer_id") == layer_id and self.is_asking():
+            self.stop(reason="stopped: the layer was removed")
+
+    def _rehome_if_layer_removed(self, turn) -> bool:
+        """The layer asked about was removed while the answer streamed: its conversation can no
+        longer be shown, so the turn moves to the conversation on screen, with a note, and the
+        user is told. Returns True when the layer is gone (then no result layers are added)."""
+        if QgsProject.instance().mapLayer(turn["layer_id"]) is not None:
+            return False
+        old = self.conversations.get(turn["layer_id"], [])
+        if turn in old:
+            old.remove(turn)
+        turn["aoi_label"] = f"{turn.get('aoi_label', '')} (asked about the layer '{turn['layer']}', removed since)"
+        current = self.layer_combo.currentLayer()
+        if current is not None:
+            self.turns(current).append(turn)
+            where = f"It is shown in the conversation of '{current.name()}', without result layers."
+        else:
+            self.conversations.setdefault(turn["layer_id"], []).append(turn)
+            where = f"Answer: {turn.get('answer') or turn.get('error') or '-'}"
+        self._notify(f"The layer '{turn['layer']}' was removed before GeoVQA answered. {where}", MSG_WARNING)
+        return True
 
     def _on_event(self, ev: dict):
         if ev.get("request_id") != self.current_request_id or self.current_turn is None:
@@ -519,7 +562,9 @@ class ChatDock(QgsDockWidget):
         self.stop_button.setEnabled(False)
         self.progress_label.setText("Done.")
         layer = QgsProject.instance().mapLayer(turn["layer_id"])
-        if self.heatmap_check.isChecked() and (ev.get("local_heatmap_path") or ev.get("local_anchors_path")):
+        if self._rehome_if_layer_removed(turn):
+            pass  # result layers without their raster would only confuse
+        elif self.heatmap_check.isChecked() and (ev.get("local_heatmap_path") or ev.get("local_anchors_path")):
             try:
                 group, heat, anchors = result_layers.add_result_layers(
                     turn["question"], ev.get("local_heatmap_path"), ev.get("local_anchors_path"),
@@ -538,6 +583,7 @@ class ChatDock(QgsDockWidget):
     def _fail(self, turn, message):
         turn["error"] = message
         turn["done"] = True
+        self._rehome_if_layer_removed(turn)
         self.last_error = message
         self.task = None
         self.renderer = None
@@ -602,6 +648,11 @@ class ChatDock(QgsDockWidget):
             settings_notifier.saved.disconnect(self._settings_saved)
         except TypeError:
             pass
+        for signal, slot in self._project_signals:
+            try:
+                signal.disconnect(slot)
+            except TypeError:
+                pass
         self.stop(silent=True)
         if self._health_task is not None:
             try:

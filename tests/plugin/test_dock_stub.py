@@ -356,3 +356,54 @@ def test_retry_asks_about_the_layer_and_area_that_ran_out_of_memory(plugin, rast
     assert retry["raster_path"] == a.source() and retry["aoi"] == first["aoi"] and retry["budget"] == 1024
     assert dock.turns(b) == [] and dock.turns(a)[-1]["answer"].startswith("The area is")
     wait_for_tasks()
+
+
+def _groups():
+    from qgis.core import QgsProject
+
+    return [g.name() for g in QgsProject.instance().layerTreeRoot().findGroups()]
+
+
+def test_closing_the_project_stops_the_question(plugin, raster_layer, stub_engine, tmp_path):
+    """File > New (clear) or File > Open (read) mid-question: nothing may land in the next project."""
+    from qgis.core import QgsProject
+
+    stub_engine.token_delay = 0.1
+    dock = plugin.dock
+    saved = tmp_path / "other.qgs"
+    for close in (QgsProject.instance().clear, lambda: QgsProject.instance().read(str(saved))):
+        layer = raster_layer()
+        QgsProject.instance().write(str(saved))
+        dock.set_layer(layer)
+        dock.ask("about the old project")
+        turn = dock.current_turn
+        wait_until(lambda: len(stub_engine.requests) and turn["answer"], 10)
+        close()
+        assert turn["done"] and turn["meta"] == "stopped: the project was closed"
+        assert not dock.stop_button.isEnabled() and "project was closed" in dock.progress_label.text()
+        wait_for_tasks()
+        assert _groups() == [] and "bands." not in turn["answer"]
+        stub_engine.requests.clear()
+
+
+def test_an_answer_about_a_removed_layer_is_kept_without_result_layers(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
+    from qgis.core import Qgis, QgsProject
+
+    stub_engine.token_delay = 0.05
+    layer, other = raster_layer(), raster_layer("other")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    qgis_iface.messageBar().clear_messages()
+    dock.ask("about a layer that goes away")
+    turn = dock.current_turn
+    wait_until(lambda: stub_engine.requests, 10)
+    QgsProject.instance().removeMapLayer(layer.id())
+    dock.set_layer(other)
+    wait_until(lambda: turn.get("done"), 30)
+    wait_for_tasks()
+    assert _groups() == [] and turn["answer"].startswith("The area is") and not turn.get("error")
+    assert turn in dock.turns(other)  # reachable: shown, copied and exported with the layer on screen
+    assert "removed since" in dock.view.toPlainText() and "The area is" in dock.view.toPlainText()
+    assert "removed since" in dock.conversation_text()
+    assert any("was removed" in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning))

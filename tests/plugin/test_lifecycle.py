@@ -13,10 +13,17 @@ def test_load_unload_twice(qgis_iface, qgis_new_project):
     import geovqa
     from qgis.core import QgsApplication
 
+    from qgis.core import QgsProject
+
     registry = QgsApplication.processingRegistry()
+    project = QgsProject.instance()
+    project_signals = (project.cleared, project.readProject, project.layerWillBeRemoved)
+    listeners = [project.receivers(sig) for sig in project_signals]
     for _ in range(2):
         p = geovqa.classFactory(qgis_iface)
         p.initGui()
+        now = [project.receivers(sig) for sig in project_signals]
+        assert all(n > before for n, before in zip(now, listeners))  # the dock follows the project
         assert registry.providerById("geovqa") is not None
         assert registry.algorithmById("geovqa:ask_raster") is not None
         assert registry.algorithmById("geovqa:batch_questions") is not None
@@ -25,6 +32,7 @@ def test_load_unload_twice(qgis_iface, qgis_new_project):
         p.unload()
         assert registry.providerById("geovqa") is None
         assert p.dock is None and p.actions == [] and p.options_factory is None and p.provider is None
+        assert [project.receivers(sig) for sig in project_signals] == listeners  # and lets go of it
     qgis_iface.unregisterOptionsWidgetFactory.assert_called()
 
 
