@@ -300,8 +300,13 @@ class ChatDock(QgsDockWidget):
             self.export_conversation(path)
 
     def clear_conversation(self):
+        """Forget the conversation on screen; a question of it still running stops too (its
+        answer would have nowhere to go, and its result layers would appear out of nowhere)."""
         layer = self.layer_combo.currentLayer()
         if layer is not None:
+            turn = self.current_turn
+            if self.is_asking() and turn is not None and turn.get("layer_id") == layer.id():
+                self.stop(reason="stopped: the conversation was cleared")
             self.conversations[layer.id()] = []
         self.render_conversation()
 

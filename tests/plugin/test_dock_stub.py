@@ -407,3 +407,22 @@ def test_an_answer_about_a_removed_layer_is_kept_without_result_layers(
     assert "removed since" in dock.view.toPlainText() and "The area is" in dock.view.toPlainText()
     assert "removed since" in dock.conversation_text()
     assert any("was removed" in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning))
+
+
+def test_clear_stops_the_running_question(plugin, raster_layer, stub_engine):
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("slow question")
+    wait_until(lambda: stub_engine.requests, 10)
+    dock.clear_conversation()
+    assert dock.turns() == [] and dock.current_request_id is None and not dock.stop_button.isEnabled()
+    assert "cleared" in dock.progress_label.text()
+    wait_for_tasks()
+    assert dock.turns() == [] and _groups() == []
+    stub_engine.token_delay = 0.0
+    dock.ask("next question")  # the dock is ready for the next one
+    wait_until(_finished(dock), 30)
+    assert [t["question"] for t in dock.turns()] == ["next question"] and dock.turns()[0]["answer"]
+    wait_for_tasks()
