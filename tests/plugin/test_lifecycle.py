@@ -196,3 +196,38 @@ def test_the_engines_own_error_line_is_the_reason_it_stopped():
     assert error_sentence(["INFO:     Waiting for application shutdown.",
                            "INFO:     Application shutdown complete."]) == \
         "INFO:     Application shutdown complete."
+
+
+def test_unload_during_a_batch_raises_nothing(plugin, raster_layer, stub_engine):
+    """Plugin Manager reload mid-batch: the task's progress reached a deleted QProgressBar."""
+    import sys
+    import time
+    import traceback
+
+    from conftest import wait_for_tasks, wait_until
+    from qgis.core import QgsApplication
+    from qgis.PyQt.QtCore import QEventLoop, QTimer
+
+    errors = []
+    old_hook = sys.excepthook
+    sys.excepthook = lambda *exc: errors.append("".join(traceback.format_exception(*exc)))
+    try:
+        stub_engine.token_delay = 0.1
+        a, b = raster_layer("a"), raster_layer("b")
+        dlg = plugin.open_batch()
+        dlg.set_checked_layers({a.id(), b.id()})
+        dlg.questions_edit.setPlainText("q1\nq2")
+        dlg.run()
+        wait_until(lambda: stub_engine.requests, 10)
+        plugin.unload()
+        loop = QEventLoop()  # back in an event loop, as in QGIS: the dialog is deleted now
+        QTimer.singleShot(500, loop.quit)
+        loop.exec()
+        wait_for_tasks(60)
+        for _ in range(10):
+            QgsApplication.processEvents()
+            time.sleep(0.05)
+    finally:
+        sys.excepthook = old_hook
+    assert errors == []
+    assert len(stub_engine.requests) <= 2  # the batch stopped, it did not ask all four
