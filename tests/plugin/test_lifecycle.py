@@ -231,3 +231,39 @@ def test_unload_during_a_batch_raises_nothing(plugin, raster_layer, stub_engine)
         sys.excepthook = old_hook
     assert errors == []
     assert len(stub_engine.requests) <= 2  # the batch stopped, it did not ask all four
+
+
+def test_unload_while_a_render_is_written_raises_nothing(plugin, raster_layer, stub_engine):
+    """The write task of a web/virtual layer's render called back into the deleted renderer."""
+    import sys
+    import time
+    import traceback
+
+    from conftest import set_settings, wait_for_tasks, wait_until
+    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
+    from qgis.PyQt.QtCore import QCoreApplication, QEvent
+
+    errors = []
+    old_hook = sys.excepthook
+    sys.excepthook = lambda *exc: errors.append("".join(traceback.format_exception(*exc)))
+    try:
+        set_settings(render_max_px=6000)  # a write that takes a moment
+        src = raster_layer("src")
+        uri = (f"?crs={src.crs().authid()}&extent={src.extent().toString().replace(' : ', ',').replace(' ', '')}"
+               f"&width={src.width()}&height={src.height()}&formula=%22src@1%22&src:uri={src.source()}"
+               "&src:provider=gdal")
+        virt = QgsRasterLayer(uri, "virtual", "virtualraster")
+        QgsProject.instance().addMapLayer(virt)
+        plugin.dock.set_layer(virt)
+        plugin.dock.ask("what is this?")
+        renderer = plugin.dock.renderer
+        wait_until(lambda: renderer.task is not None, 60, "the write task")
+        plugin.unload()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        wait_for_tasks(60)
+        for _ in range(10):
+            QgsApplication.processEvents()
+            time.sleep(0.05)
+    finally:
+        sys.excepthook = old_hook
+    assert errors == [] and stub_engine.requests == []
