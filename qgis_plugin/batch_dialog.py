@@ -50,6 +50,10 @@ class BatchDialog(QDialog):
         self.task = None
         self.rows = []
         self._renderers = []
+        # Each Run gets a number; a render that finishes after its run was cancelled (or the
+        # dialog shut down) belongs to an older number and is ignored.
+        self._run_id = 0
+        self._cancelled = False
         self._build()
         self.refresh_layers()
 
@@ -135,6 +139,12 @@ class BatchDialog(QDialog):
         if not layers or not questions:
             self.message.setText("Tick at least one raster layer and type at least one question.")
             return
+        if self.task is not None:  # still running (Run is disabled then; a script may call run())
+            self.message.setText("A batch is still running: cancel it first.")
+            return
+        self._stop_renderers()
+        self._run_id += 1
+        self._cancelled = False
         self.rows = []
         self.table.setRowCount(0)
         self.progress.setValue(0)
@@ -169,8 +179,11 @@ class BatchDialog(QDialog):
         self.message.setText(f"Rendering {layer.name()} …")
         renderer = LayerRenderer(layer, geom.boundingBox(), str(out), self.settings.render_max_px, self)
         self._renderers.append(renderer)
+        run_id = self._run_id
 
         def done(p, err):
+            if run_id != self._run_id:  # the run this render was for was cancelled
+                return
             if err:
                 self.message.setText(err)
                 self._items.append(dict(item, error=err))  # a row per question says so
@@ -178,8 +191,7 @@ class BatchDialog(QDialog):
                 item["raster_path"] = p
                 item["clip_bounds"] = rect_bounds(renderer.settings.visibleExtent())
                 self._items.append(item)
-            if self.cancel_button.isEnabled():
-                self._next_item()
+            self._next_item()
 
         renderer.done.connect(done)
         renderer.start()
@@ -189,23 +201,58 @@ class BatchDialog(QDialog):
         if not self._items:
             self._done()
             return
+        self._drop_task()  # never leave an older task running unwatched
         self.task = BatchTask(make_client(self.settings), self._items, self._questions,
                               self.settings.request_options(), self.settings.results_dir())
-        self.task.row.connect(self._add_row)
-        self.task.progressChanged.connect(lambda p: self.progress.setValue(int(p)))
-        self.task.taskCompleted.connect(self._done)
-        self.task.taskTerminated.connect(self._done)
+        for signal, slot in self._task_connections(self.task):
+            signal.connect(slot)
         self.message.setText(f"Asking {self.task.total} questions …")
         QgsApplication.taskManager().addTask(self.task)
 
+    def _task_connections(self, task):
+        # bound methods, not lambdas: a lambda outlives the dialog's widgets (plugin reload)
+        return ((task.row, self._add_row), (task.progressChanged, self._task_progress),
+                (task.taskCompleted, self._done), (task.taskTerminated, self._done))
+
+    def _task_progress(self, percent):
+        self.progress.setValue(int(percent))
+
+    def _drop_task(self):
+        """Cancel the task and stop listening to it (nothing of it reaches the dialog again)."""
+        task, self.task = self.task, None
+        if task is None:
+            return
+        for signal, slot in self._task_connections(task):
+            try:
+                signal.disconnect(slot)
+            except TypeError:
+                pass
+        task.cancel()
+
+    def _stop_renderers(self):
+        for renderer in self._renderers:
+            try:
+                renderer.done.disconnect()
+            except TypeError:
+                pass
+            renderer.cancel()
+        self._renderers = []
+
     def cancel(self):
         self.cancel_button.setEnabled(False)
-        for r in self._renderers:
-            r.cancel()
+        self._cancelled = True
+        self._run_id += 1  # late renders of this run are ignored
+        self._stop_renderers()
         if self.task is not None:
-            self.task.cancel()
+            self.task.cancel()  # its rows so far stay; taskTerminated ends the run
         else:
             self._done()
+
+    def shutdown(self):
+        """Plugin unload: stop everything and let go of the task before the widgets go away."""
+        self._run_id += 1
+        self._stop_renderers()
+        self._drop_task()
 
     def _add_row(self, row: dict):
         self.rows.append(row)
@@ -217,7 +264,10 @@ class BatchDialog(QDialog):
                   str(kept), f"{secs:.1f}" if isinstance(secs, (int, float)) else "")
         for c, val in enumerate(values):
             self.table.setItem(r, c, QTableWidgetItem(val))
-        if self.layers_check.isChecked() and row.get("answer") is not None:
+        if row.get("answer") is not None and row.get("error"):
+            self.message.setText(row["error"])  # an answer whose heatmap/anchors could not be saved
+        has_files = row.get("heatmap_path") or row.get("anchors_path")
+        if self.layers_check.isChecked() and row.get("answer") is not None and has_files:
             layer = QgsProject.instance().mapLayer(row.get("layer_id") or "")
             try:
                 result_layers.add_result_layers(row["question"], row.get("heatmap_path"), row.get("anchors_path"),
@@ -227,7 +277,7 @@ class BatchDialog(QDialog):
 
     def _done(self, *_):
         errors = sum(1 for r in self.rows if r.get("error"))
-        cancelled = self.task is not None and self.task.isCanceled()
+        cancelled = self._cancelled or (self.task is not None and self.task.isCanceled())
         self.message.setText(f"{len(self.rows)} answers, {errors} errors" + (" (cancelled)" if cancelled else "") + ".")
         self.task = None
         self.run_button.setEnabled(True)

@@ -45,6 +45,10 @@ from .tasks import AskTask, HealthTask, file_stem, rect_bounds
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
+# Streamed tokens are redrawn at most this often: each redraw lays out the whole conversation,
+# so one redraw per token made a long answer quadratic and froze QGIS.
+RENDER_INTERVAL_MS = 100
+SCROLL_BOTTOM_SLACK_PX = 4  # "at the bottom" tolerates a few pixels of rounding
 USER_ROLE = Qt.ItemDataRole.UserRole
 
 
@@ -73,6 +77,10 @@ class ChatDock(QgsDockWidget):
         self.aoi_crs = None
         self.tool = None
         self._health_task = None
+        self._render_timer = QTimer(self)  # before _build: choosing a layer renders
+        self._render_timer.setSingleShot(True)
+        self._render_timer.setInterval(RENDER_INTERVAL_MS)
+        self._render_timer.timeout.connect(self.render_conversation)
         self._build()
         self._load_options()
         self.timer = QTimer(self)
@@ -80,6 +88,11 @@ class ChatDock(QgsDockWidget):
         self.timer.timeout.connect(self.refresh_health)
         self.timer.start()
         settings_notifier.saved.connect(self._settings_saved)
+        self._project_signals = ((QgsProject.instance().cleared, self._project_closed),
+                                 (QgsProject.instance().readProject, self._project_closed),
+                                 (QgsProject.instance().layerWillBeRemoved, self._layer_will_be_removed))
+        for signal, slot in self._project_signals:
+            signal.connect(slot)
         QTimer.singleShot(0, self.refresh_health)
 
     # -- UI ---------------------------------------------------------------------------------
@@ -133,7 +146,7 @@ class ChatDock(QgsDockWidget):
                                      "engine suggests after running out of memory.")
         self.retry_button.clicked.connect(self.retry_smaller)
         self.retry_button.hide()
-        self._retry = None  # (question, budget) the engine suggested after running out of memory
+        self._retry = None  # what to ask again after running out of memory: see _offer_retry
         status_row = QHBoxLayout()
         status_row.addWidget(self.progress_label, 1)
         status_row.addWidget(self.retry_button)
@@ -210,38 +223,61 @@ class ChatDock(QgsDockWidget):
             self.layer_combo.setLayer(layer)
 
     def _layer_changed(self, _layer):
+        self._update_retry_button()
         self.render_conversation()
 
     def turns(self, layer=None) -> list:
         layer = layer or self.layer_combo.currentLayer()
         return self.conversations.setdefault(layer.id(), []) if layer is not None else []
 
+    def schedule_render(self):
+        """Redraw soon, once for all the tokens that arrive meanwhile (see RENDER_INTERVAL_MS)."""
+        if not self._render_timer.isActive():
+            self._render_timer.start()
+
     def render_conversation(self):
+        """Redraw the conversation now (also flushes a scheduled redraw)."""
+        self._render_timer.stop()
         parts = []
         for t in self.turns():
             parts.append(f"<p><b>You:</b> {html.escape(t['question'])}"
                          f"<br><small>{html.escape(t.get('aoi_label', ''))}</small></p>")
             answer = html.escape(t.get("answer") or "").replace("\n", "<br>")
             if t.get("error"):
+                if answer:  # tokens streamed before the error: keep them, marked as cut short
+                    parts.append(f"<p><b>GeoVQA (incomplete):</b> {answer}</p>")
                 parts.append(f"<p style='color:#b00020'><b>Error:</b> {html.escape(t['error'])}</p>")
             else:
                 cursor = "" if t.get("done") else " <i>…</i>"
                 parts.append(f"<p><b>GeoVQA:</b> {answer}{cursor}</p>")
             if t.get("meta"):
                 parts.append(f"<p><small>{html.escape(t['meta'])}</small></p>")
-        self.view.setHtml("".join(parts) or "<p><i>Pick a raster layer and ask a question.</i></p>")
         sb = self.view.verticalScrollBar()
-        sb.setValue(sb.maximum())
+        # follow the answer only when the reader is at the end; someone reading an earlier
+        # answer keeps their place
+        at_bottom = sb.value() >= sb.maximum() - SCROLL_BOTTOM_SLACK_PX
+        position = sb.value()
+        self.view.setHtml("".join(parts) or "<p><i>Pick a raster layer and ask a question.</i></p>")
+        sb.setValue(sb.maximum() if at_bottom else position)
 
     def conversation_text(self, layer=None) -> str:
         layer = layer or self.layer_combo.currentLayer()
         lines = [f"# GeoVQA conversation about {layer.name() if layer else '-'}"]
         for t in self.turns(layer):
             lines.append(f"\nQ: {t['question']}  [{t.get('aoi_label', '')}]")
-            lines.append(f"A: {t.get('error') and 'ERROR ' + t['error'] or t.get('answer', '')}")
+            lines.extend(self._answer_lines(t))
             if t.get("meta"):
                 lines.append(f"   ({t['meta']})")
         return "\n".join(lines)
+
+    @staticmethod
+    def _answer_lines(turn) -> list:
+        """The answer of one turn for Copy / Markdown; a partial answer stays, marked incomplete."""
+        if not turn.get("error"):
+            return [f"A: {turn.get('answer', '')}"]
+        if turn.get("answer"):
+            return [f"A (incomplete): {turn['answer']}", f"   ERROR {turn['error']}"]
+        return [f"A: ERROR {turn['error']}"]
 
     def copy_conversation(self):
         QApplication.clipboard().setText(self.conversation_text())
@@ -251,7 +287,8 @@ class ChatDock(QgsDockWidget):
         path = str(path)
         if path.lower().endswith(".json"):
             data = {"layer": layer.name() if layer else None, "source": layer.source() if layer else None,
-                    "turns": [{k: v for k, v in t.items() if k != "layer"} for t in self.turns(layer)]}
+                    "turns": [{k: v for k, v in t.items() if k != "layer" and not k.startswith("_")}
+                              for t in self.turns(layer)]}
             Path(path).write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         else:
             Path(path).write_text(self.conversation_text(layer) + "\n", encoding="utf-8")
@@ -263,8 +300,13 @@ class ChatDock(QgsDockWidget):
             self.export_conversation(path)
 
     def clear_conversation(self):
+        """Forget the conversation on screen; a question of it still running stops too (its
+        answer would have nowhere to go, and its result layers would appear out of nowhere)."""
         layer = self.layer_combo.currentLayer()
         if layer is not None:
+            turn = self.current_turn
+            if self.is_asking() and turn is not None and turn.get("layer_id") == layer.id():
+                self.stop(reason="stopped: the conversation was cleared")
             self.conversations[layer.id()] = []
         self.render_conversation()
 
@@ -314,10 +356,17 @@ class ChatDock(QgsDockWidget):
             raise AoiError("Draw the area of interest on the map first (button Draw).")
         return self.aoi_geometry, self.aoi_crs or crs
 
+    def _current_area(self) -> dict:
+        """The area the next question is about, frozen now (the map may move before a retry)."""
+        geom, crs = self._aoi_geometry_and_crs()
+        return {"mode": self.aoi_mode(), "geometry": QgsGeometry(geom) if geom is not None else None, "crs": crs}
+
     # -- asking -----------------------------------------------------------------------------
-    def ask(self, question: str | None = None):
+    def ask(self, question: str | None = None, layer=None, area: dict | None = None):
+        """Ask about ``layer`` (default: the chosen one) inside ``area`` (a :meth:`_current_area`;
+        default: the area chosen now). Returns the request id, or None when nothing was asked."""
         question = (question if isinstance(question, str) else self.question_edit.text()).strip()
-        layer = self.layer_combo.currentLayer()
+        layer = layer or self.layer_combo.currentLayer()
         if layer is None:
             self._notify("Pick a raster layer first.", MSG_WARNING)
             return None
@@ -330,7 +379,8 @@ class ChatDock(QgsDockWidget):
         request_id = new_request_id()
         self.current_request_id = request_id
         turn = {"question": question, "answer": "", "done": False, "layer_id": layer.id(),
-                "layer": layer.name(), "request_id": request_id, "aoi_label": AOI_LABELS[self.aoi_mode()],
+                "layer": layer.name(), "request_id": request_id,
+                "aoi_label": AOI_LABELS[area["mode"] if area else self.aoi_mode()],
                 "started": time.time()}
         self.turns(layer).append(turn)
         self.current_turn = turn
@@ -338,18 +388,20 @@ class ChatDock(QgsDockWidget):
         self.render_conversation()
         self.stop_button.setEnabled(True)
         try:
-            geom, crs = self._aoi_geometry_and_crs()
+            area = area or self._current_area()
+            turn["_area"] = area  # for a retry (keys starting with _ stay out of the JSON export)
+            geom, crs = area["geometry"], area["crs"]
             path = layer_file_path(layer)
             if path is not None:
                 aoi = request_aoi(geom, crs, layer) if geom is not None else None
                 self._start_ask(turn, path, aoi, settings, rect_bounds(layer.extent()), is_unreferenced_file(layer))
             else:
-                self._render_then_ask(turn, layer, geom, crs, settings)
+                self._render_then_ask(turn, layer, geom, crs, settings, area["mode"])
         except (AoiError, EngineError, ValueError) as exc:
             self._fail(turn, str(exc))
         return request_id
 
-    def _render_then_ask(self, turn, layer, geom, crs, settings):
+    def _render_then_ask(self, turn, layer, geom, crs, settings, mode):
         ext = layer.extent()
         if geom is None:
             # Tiled services cover the world: send what the map shows instead.
@@ -359,7 +411,7 @@ class ChatDock(QgsDockWidget):
         if geom is not None:
             clipped = clip_to_layer(geom, crs, layer)
             ext = clipped.boundingBox()
-            if self.aoi_mode() == "polygon":
+            if mode == "polygon":
                 aoi = {"polygon_wkt": clipped.asWkt(6)}
         out = settings.results_dir() / "renders" / f"{file_stem(turn['question'])}_render.tif"
         self.progress_label.setText(f"Rendering {layer.name()} …")
@@ -392,7 +444,9 @@ class ChatDock(QgsDockWidget):
         self.progress_label.setText("Sending the question to the engine …")
         QgsApplication.taskManager().addTask(self.task)
 
-    def stop(self, silent=False):
+    def stop(self, silent=False, reason=None):
+        """Stop the running question; ``reason`` (e.g. "stopped: the project was closed") is
+        shown with it, ``silent`` (a newer question supersedes it) keeps the status line empty."""
         if self.renderer is not None:
             self.renderer.cancel()
             self.renderer = None
@@ -401,11 +455,47 @@ class ChatDock(QgsDockWidget):
             self.task = None
         if self.current_turn is not None and not self.current_turn.get("done"):
             self.current_turn["done"] = True
-            self.current_turn["meta"] = "stopped" if not silent else "superseded by a newer question"
+            self.current_turn["meta"] = reason or ("stopped" if not silent else "superseded by a newer question")
             self.render_conversation()
         self.current_request_id = None
         self.stop_button.setEnabled(False)
-        self.progress_label.setText("" if silent else "Stopped.")
+        self.progress_label.setText("" if silent else (reason or "stopped").capitalize() + ".")
+
+    def is_asking(self) -> bool:
+        return self.current_request_id is not None
+
+    def _project_closed(self, *_):
+        """File > New / Open (or clear()): the question's layer and its result group would land
+        in the next project, so the question stops here."""
+        self._offer_retry(None)  # its layer is gone too
+        if self.is_asking():
+            self.stop(reason="stopped: the project was closed")
+
+    def _layer_will_be_removed(self, layer_id):
+        """A layer still being rendered for the question cannot be rendered any further."""
+        turn = self.current_turn
+        if self.renderer is not None and turn is not None and turn.get("layer_id") == layer_id and self.is_asking():
+            self.stop(reason="stopped: the layer was removed")
+
+    def _rehome_if_layer_removed(self, turn) -> bool:
+        """The layer asked about was removed while the answer streamed: its conversation can no
+        longer be shown, so the turn moves to the conversation on screen, with a note, and the
+        user is told. Returns True when the layer is gone (then no result layers are added)."""
+        if QgsProject.instance().mapLayer(turn["layer_id"]) is not None:
+            return False
+        old = self.conversations.get(turn["layer_id"], [])
+        if turn in old:
+            old.remove(turn)
+        turn["aoi_label"] = f"{turn.get('aoi_label', '')} (asked about the layer '{turn['layer']}', removed since)"
+        current = self.layer_combo.currentLayer()
+        if current is not None:
+            self.turns(current).append(turn)
+            where = f"It is shown in the conversation of '{current.name()}', without result layers."
+        else:
+            self.conversations.setdefault(turn["layer_id"], []).append(turn)
+            where = f"Answer: {turn.get('answer') or turn.get('error') or '-'}"
+        self._notify(f"The layer '{turn['layer']}' was removed before GeoVQA answered. {where}", MSG_WARNING)
+        return True
 
     def _on_event(self, ev: dict):
         if ev.get("request_id") != self.current_request_id or self.current_turn is None:
@@ -420,7 +510,7 @@ class ChatDock(QgsDockWidget):
             self.progress_label.setText(f"{ev.get('stage', '')}{pct}: {ev.get('message', '')}")
         elif kind == "token":
             turn["answer"] += ev.get("text", "")
-            self.render_conversation()
+            self.schedule_render()
         elif kind == "result":
             self._finish(turn, ev)
         elif kind == "error":
@@ -429,27 +519,40 @@ class ChatDock(QgsDockWidget):
                 msg += " " + ev["hint"]
             self._fail(turn, msg)
             if ev.get("code") == "out_of_memory" and isinstance(ev.get("retry_budget"), int):
-                self._offer_retry((turn["question"], ev["retry_budget"]))
+                self._offer_retry({"question": turn["question"], "budget": ev["retry_budget"],
+                                   "layer_id": turn["layer_id"], "area": turn.get("_area")})
             if ev.get("code") in ("engine_down", "model_loading"):
                 self.refresh_health()
 
     def _offer_retry(self, retry):
-        """Show (or hide, for None) the button that asks again with a smaller budget."""
+        """Offer (or withdraw, for None) to ask again with a smaller budget.
+
+        ``retry``: ``{"question", "budget", "layer_id", "area"}`` of the question that ran out
+        of memory; the retry asks about that layer and area, whatever is chosen meanwhile."""
         self._retry = retry
-        if retry is None:
-            self.retry_button.hide()
-            return
-        self.retry_button.setText(f"Retry with budget {retry[1]}")
-        self.retry_button.show()
+        if retry is not None:
+            self.retry_button.setText(f"Retry with budget {retry['budget']}")
+        self._update_retry_button()
+
+    def _update_retry_button(self):
+        """The button only shows beside the conversation of the layer that ran out of memory."""
+        layer = self.layer_combo.currentLayer()
+        shown = self._retry is not None and layer is not None and layer.id() == self._retry["layer_id"]
+        self.retry_button.setVisible(shown)
 
     def retry_smaller(self):
-        """Ask the question that ran out of memory again, with the budget the engine suggested
-        (it stays in the budget box for the next questions)."""
+        """Ask the question that ran out of memory again, about the same layer and area, with
+        the budget the engine suggested (it stays in the budget box for the next questions)."""
         if self._retry is None:
             return None
-        question, budget = self._retry
-        self.budget_spin.setValue(budget)
-        return self.ask(question)
+        retry = self._retry
+        layer = QgsProject.instance().mapLayer(retry["layer_id"])
+        if layer is None:
+            self._offer_retry(None)
+            self._notify("The layer that ran out of memory is no longer in the project.", MSG_WARNING)
+            return None
+        self.budget_spin.setValue(retry["budget"])
+        return self.ask(retry["question"], layer=layer, area=retry["area"])
 
     def _finish(self, turn, ev):
         turn["answer"] = ev.get("answer", turn["answer"])
@@ -464,7 +567,9 @@ class ChatDock(QgsDockWidget):
         self.stop_button.setEnabled(False)
         self.progress_label.setText("Done.")
         layer = QgsProject.instance().mapLayer(turn["layer_id"])
-        if self.heatmap_check.isChecked() and (ev.get("local_heatmap_path") or ev.get("local_anchors_path")):
+        if self._rehome_if_layer_removed(turn):
+            pass  # result layers without their raster would only confuse
+        elif self.heatmap_check.isChecked() and (ev.get("local_heatmap_path") or ev.get("local_anchors_path")):
             try:
                 group, heat, anchors = result_layers.add_result_layers(
                     turn["question"], ev.get("local_heatmap_path"), ev.get("local_anchors_path"),
@@ -474,12 +579,16 @@ class ChatDock(QgsDockWidget):
                 turn["anchors_layer_id"] = anchors.id() if anchors else None
             except result_layers.ResultLayerError as exc:
                 self._notify(str(exc), MSG_WARNING)
+        if ev.get("files_warning"):  # the answer is complete; only its layers are missing
+            turn["files_warning"] = ev["files_warning"]
+            self._notify(ev["files_warning"], MSG_WARNING)
         self.render_conversation()
         self.answer_finished.emit(turn)
 
     def _fail(self, turn, message):
         turn["error"] = message
         turn["done"] = True
+        self._rehome_if_layer_removed(turn)
         self.last_error = message
         self.task = None
         self.renderer = None
@@ -539,10 +648,16 @@ class ChatDock(QgsDockWidget):
     # -- teardown -------------------------------------------------------------------------------
     def shutdown(self):
         self.timer.stop()
+        self._render_timer.stop()
         try:
             settings_notifier.saved.disconnect(self._settings_saved)
         except TypeError:
             pass
+        for signal, slot in self._project_signals:
+            try:
+                signal.disconnect(slot)
+            except TypeError:
+                pass
         self.stop(silent=True)
         if self._health_task is not None:
             try:

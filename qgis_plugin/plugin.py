@@ -101,7 +101,7 @@ class GeoVQAPlugin:
             self.dock.deleteLater()
             self.dock = None
         if self.batch_dialog is not None:
-            self.batch_dialog.cancel()
+            self.batch_dialog.shutdown()
             self.batch_dialog.close()
             self.batch_dialog.deleteLater()
             self.batch_dialog = None

@@ -152,9 +152,20 @@ class LayerRenderer(QObject):
         self.job.start()
 
     def cancel(self) -> None:
+        """Stop; nothing is emitted afterwards (the owner may be unloading: the renderer, its
+        child, is deleted with it before the write task ends)."""
         if self.job is not None:
+            try:
+                self.job.finished.disconnect(self._rendered)
+            except TypeError:
+                pass
             self.job.cancelWithoutBlocking()
         if self.task is not None:
+            for signal, slot in ((self.task.taskCompleted, self._written), (self.task.taskTerminated, self._not_written)):
+                try:
+                    signal.disconnect(slot)
+                except TypeError:
+                    pass
             self.task.cancel()
 
     def _rendered(self) -> None:
@@ -164,6 +175,13 @@ class LayerRenderer(QObject):
                                "(is the service reachable, and does it cover the area?).")
             return
         self.task = _WriteTask(rgba, self.settings.visibleExtent(), self.crs_wkt, self.path)
-        self.task.taskCompleted.connect(lambda: self.done.emit(self.path, ""))
-        self.task.taskTerminated.connect(lambda: self.done.emit("", self.task.error or "Rendering was cancelled."))
+        # bound methods (not lambdas), so cancel() can disconnect them
+        self.task.taskCompleted.connect(self._written)
+        self.task.taskTerminated.connect(self._not_written)
         QgsApplication.taskManager().addTask(self.task)
+
+    def _written(self) -> None:
+        self.done.emit(self.path, "")
+
+    def _not_written(self) -> None:
+        self.done.emit("", self.task.error or "Rendering was cancelled.")

@@ -71,6 +71,23 @@ def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: s
     return out
 
 
+def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None,
+                              unreferenced: bool = False) -> tuple:
+    """:func:`keep_result_files`, but a failure to keep the files is a warning, not an error.
+
+    The answer itself (text, token counts, timings) is complete at this point: a results
+    folder that cannot be written (read-only project folder, full disk) or a failed download
+    must only cost the heatmap and anchor layers. Returns ``(files, warning)``; ``warning`` is
+    "" when both were kept. Runs in a worker thread.
+    """
+    try:
+        return keep_result_files(event, client, dest_dir, stem, clip_bounds, unreferenced), ""
+    except (OSError, EngineError, RuntimeError) as exc:  # RuntimeError: GDAL with exceptions on
+        return {"heatmap": None, "anchors": None}, (
+            f"The answer is kept, but its heatmap and anchor layers could not be saved in {dest_dir}: {exc}. "
+            "Choose another results folder in Settings > Options > GeoVQA.")
+
+
 def rect_bounds(rect) -> tuple:
     """QgsRectangle -> (xmin, ymin, xmax, ymax)."""
     return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
@@ -108,7 +125,8 @@ class AskTask(QgsTask):
     """Stream one answer. Emits ``event(dict)`` per protocol event (queued to the main thread).
 
     When the result arrives, its heatmap/anchors are copied into ``results_dir`` and the result
-    event gets ``local_heatmap_path`` / ``local_anchors_path``. A failure becomes one synthetic
+    event gets ``local_heatmap_path`` / ``local_anchors_path`` (None, with the reason in
+    ``files_warning``, when they could not be kept: the answer still arrives). A failure becomes one synthetic
     ``error`` event with the same request_id, so the receiver has a single code path.
     """
 
@@ -139,10 +157,12 @@ class AskTask(QgsTask):
                     self.setProgress(100.0 * float(ev["progress"]))
                 if ev.get("type") == "result":
                     ev = dict(ev)
-                    files = keep_result_files(ev, self.client, self.results_dir, file_stem(self.request["question"]),
-                                              self.clip_bounds, self.unreferenced)
+                    files, warning = keep_result_files_or_warn(
+                        ev, self.client, self.results_dir, file_stem(self.request["question"]),
+                        self.clip_bounds, self.unreferenced)
                     ev["local_heatmap_path"] = files["heatmap"]
                     ev["local_anchors_path"] = files["anchors"]
+                    ev["files_warning"] = warning
                 if ev.get("type") in ("result", "error"):
                     self.final = ev
                 self.event.emit(ev)
@@ -232,9 +252,10 @@ class BatchTask(QgsTask):
                     row["answer"] = ev.get("answer", "")
                     row["tokens"] = ev.get("tokens") or {}
                     row["timings"] = ev.get("timings") or {}
-                    files = keep_result_files(ev, self.client, self.results_dir, file_stem(question),
-                                              item.get("clip_bounds"), bool(item.get("unreferenced")))
+                    files, warning = keep_result_files_or_warn(ev, self.client, self.results_dir, file_stem(question),
+                                                               item.get("clip_bounds"), bool(item.get("unreferenced")))
                     row["heatmap_path"], row["anchors_path"] = files["heatmap"], files["anchors"]
+                    row["error"] = warning or None  # the answer stays; the error column says what is missing
                     row["crs_wkt"] = ev.get("crs_wkt") or row["crs_wkt"]
                 elif ev.get("type") == "error":
                     row["error"] = ev.get("message") or ev.get("code") or "unknown error"

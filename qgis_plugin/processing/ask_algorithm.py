@@ -127,6 +127,7 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(f"Could not save the result files in {self.settings.results_dir()}: "
                                          f"{exc}. Choose another results folder in Settings > Options > GeoVQA.") from exc
         feedback.pushInfo(f"Answer: {result.get('answer', '')}")
+        # the heatmap/anchors could not be kept (ask_once reported why): the answer is still the output
         out = {self.ANSWER: result.get("answer", "")}
         if heat_dest and result.get("local_heatmap_path"):
             shutil.copyfile(result["local_heatmap_path"], heat_dest)

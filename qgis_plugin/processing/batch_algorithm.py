@@ -105,7 +105,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                                    self.settings.results_dir(), item["bounds"], item["unreferenced"])
                     row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
                                timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
-                               anchors_path=res.get("local_anchors_path"))
+                               anchors_path=res.get("local_anchors_path"),
+                               error=res.get("files_warning") or None)  # answer kept, files missing
                 except (EngineError, QgsProcessingException) as exc:
                     row["error"] = str(exc)
                     feedback.reportError(f"{item['layer']} / {question}: {exc}")

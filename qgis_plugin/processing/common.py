@@ -11,7 +11,7 @@ from ..aoi import is_unreferenced_file
 from ..client import EngineError, build_ask_request
 from ..render import layer_file_path, render_sync
 from ..settings import STRATEGIES, Settings, make_client
-from ..tasks import file_stem, keep_result_files, rect_bounds
+from ..tasks import file_stem, keep_result_files_or_warn, rect_bounds
 
 
 def strategy_options():
@@ -43,7 +43,9 @@ def raster_source(layer, feedback, extent=None) -> tuple:
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
              unreferenced: bool = False) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
-    (``clip_bounds`` and ``unreferenced`` as for :func:`tasks.keep_result_files`)."""
+    (``clip_bounds`` and ``unreferenced`` as for :func:`tasks.keep_result_files`). When the
+    files could not be kept both are None and ``files_warning`` says why (also reported to
+    ``feedback``): the answer is not lost for them."""
     request = build_ask_request(question, raster_path, aoi=aoi, **options)
     stream = client.ask(request)
     if feedback is not None:
@@ -59,8 +61,12 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
                 if isinstance(ev.get("progress"), (int, float)):
                     feedback.setProgressText(f"{ev.get('stage')}: {ev.get('message', '')}")
             elif kind == "result":
-                files = keep_result_files(ev, client, results_dir, file_stem(question), clip_bounds, unreferenced)
-                result = dict(ev, local_heatmap_path=files["heatmap"], local_anchors_path=files["anchors"])
+                files, warning = keep_result_files_or_warn(ev, client, results_dir, file_stem(question), clip_bounds,
+                                                           unreferenced)
+                if warning and feedback is not None:
+                    feedback.reportError(warning)
+                result = dict(ev, local_heatmap_path=files["heatmap"], local_anchors_path=files["anchors"],
+                              files_warning=warning)
             elif kind == "error":
                 raise EngineError(ev.get("code") or "internal", ev.get("message") or "The engine failed.", ev.get("hint"))
     finally:

@@ -96,8 +96,45 @@ def test_processing_batch_with_an_unwritable_results_folder_keeps_every_row(
         "LAYERS": [raster_layer("a")], "QUESTIONS": "How big?\nWhat bands?", "OUTPUT": str(tmp_path / "b.csv")})
     with open(res["OUTPUT"], newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 and res["ERRORS"] == 2
-    assert all("Could not save the result files" in r["error"] for r in rows)
+    assert len(rows) == 2 and res["ERRORS"] == 2 and res["ANSWERED"] == 2
+    assert all("could not be saved" in r["error"] for r in rows)  # the error column says what is missing
+    assert [r["answer"] for r in rows] == ["The area is 64 x 48 pixels with 3 bands."] * 2  # the answers are kept
+    assert all(r["visual_kept"] == "4" and r["heatmap_path"] == "" for r in rows)
+
+
+def test_processing_ask_with_an_unwritable_results_folder_keeps_the_answer(
+        plugin, raster_layer, stub_engine, qgis_processing, tmp_path):
+    import processing
+    from conftest import set_settings
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    res = processing.run("geovqa:ask_raster", {"INPUT": raster_layer("a"), "QUESTION": "How big?"})
+    assert res["ANSWER"] == "The area is 64 x 48 pixels with 3 bands."
+
+
+def test_batch_dialog_with_an_unwritable_results_folder_keeps_the_answers(plugin, raster_layer, stub_engine, tmp_path):
+    from conftest import set_settings
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id()})
+    dlg.layers_check.setChecked(True)
+    dlg.questions_edit.setPlainText("How big?")
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    wait_until(lambda: done, 60, "the batch")
+    (row,) = done[0]
+    assert row["answer"] == "The area is 64 x 48 pixels with 3 bands." and "could not be saved" in row["error"]
+    assert dlg.table.item(0, 2).text() == row["answer"]
+    from qgis.core import QgsProject
+    assert QgsProject.instance().layerTreeRoot().findGroups() == []  # no empty result group
+    wait_for_tasks()
 
 
 def _unreferenced_layer(tmp_path, name):
@@ -152,3 +189,61 @@ def test_batch_and_processing_place_the_results_of_a_raster_with_no_georeferenci
     anchors = added[ANCHORS_NAME]
     assert anchors.featureCount() == 2 and ext.contains(anchors.extent())
     assert anchors.extent().yMaximum() == 0  # the anchor at the top-left corner (row 0) is at the top
+
+
+def _virtual(src, name):
+    """A layer with no file behind it (raster calculator provider): the batch renders it first."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    uri = (f"?crs={src.crs().authid()}&extent={src.extent().toString().replace(' : ', ',').replace(' ', '')}"
+           f"&width={src.width()}&height={src.height()}&formula=%22{src.name()}@1%22"
+           f"&{src.name()}:uri={src.source()}&{src.name()}:provider=gdal")
+    layer = QgsRasterLayer(uri, name, "virtualraster")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def test_cancel_while_rendering_then_run_again_gives_one_batch(plugin, raster_layer, stub_engine, qgis_iface):
+    """A render of the cancelled run used to go on into the new run: duplicate rows, two BatchTasks."""
+    import time
+
+    from qgis.core import QgsApplication
+
+    src = raster_layer("src")
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(src.crs())
+    canvas.setExtent(src.extent())
+    v1, v2 = _virtual(src, "v1"), _virtual(src, "v2")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({v1.id(), v2.id()})
+    dlg.questions_edit.setPlainText("q1")
+    finished = []
+    dlg.batch_finished.connect(lambda rows: finished.append(list(rows)))
+    dlg.run()
+    dlg.cancel()  # while v1 is being rendered
+    assert finished == [[]] and "cancelled" in dlg.message.text()
+    dlg.run()  # and again at once
+    wait_until(lambda: len(finished) == 2, 60, "the second run")
+    wait_for_tasks()
+    for _ in range(10):  # anything late of the first run would arrive now
+        QgsApplication.processEvents()
+        time.sleep(0.05)
+    assert len(finished) == 2 and [r["layer"] for r in finished[1]] == ["v1", "v2"]
+    assert [r["layer"] for r in dlg.rows] == ["v1", "v2"] and dlg.table.rowCount() == 2
+    assert len(stub_engine.requests) == 2 and all(r["error"] is None for r in dlg.rows)
+
+
+def test_run_never_orphans_a_running_batch(plugin, raster_layer, stub_engine):
+    stub_engine.token_delay = 0.1
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id()})
+    dlg.questions_edit.setPlainText("q1\nq2")
+    dlg.run()
+    task = dlg.task
+    wait_until(lambda: stub_engine.requests, 10)
+    dlg.run()  # a script calling run() again: the running batch is not replaced
+    assert dlg.task is task and "still running" in dlg.message.text()
+    dlg.cancel()
+    wait_for_tasks()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import set_settings, wait_for_tasks, wait_until
 
 
@@ -199,4 +201,228 @@ def test_out_of_memory_offers_a_retry_with_the_suggested_budget(plugin, raster_l
     wait_until(_finished(dock, 3), 30)
     assert dock.retry_button.isHidden()
     stub_engine.fail_with = None
+    wait_for_tasks()
+
+
+def test_an_unwritable_results_folder_keeps_the_answer(plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
+    """A read-only project folder or a full disk costs the heatmap and anchor layers, not the answer."""
+    from qgis.core import Qgis
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a results folder cannot be created under a file (root ignores chmod)
+    set_settings(output_dir=str(blocker / "results"))
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    qgis_iface.messageBar().clear_messages()
+    dock.ask("What is in this image?")
+    wait_until(_finished(dock), 30, "the answer")
+    wait_for_tasks()
+    turn = dock.turns()[-1]
+    assert turn.get("error") is None, turn
+    assert turn["answer"] == "The area is 64 x 48 pixels with 3 bands."
+    assert turn["result"]["tokens"]["visual_kept"] == 4 and "visual tokens kept" in turn["meta"]
+    assert "64 x 48" in dock.view.toPlainText()
+    assert "A: The area is 64 x 48" in dock.conversation_text()
+    assert "heatmap_layer_id" not in turn  # nothing half-made was added
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("could not be saved" in m and str(blocker) in m for m in warnings), warnings
+
+
+def _tokens_then(tail):
+    """Stub events: a few tokens of an answer, then ``tail(rid)`` (an error event, or a crash)."""
+    def events(req):
+        rid = req["request_id"]
+        yield {"type": "queued", "request_id": rid, "position": 0}
+        for word in ("There ", "are ", "twelve ", "ships "):
+            yield {"type": "token", "request_id": rid, "text": word}
+        yield from tail(rid)
+    return events
+
+
+def _oom(rid):
+    yield {"type": "error", "request_id": rid, "code": "out_of_memory", "message": "The GPU ran out of memory.",
+           "hint": None}
+
+
+def _engine_dies(rid):
+    raise SystemExit("engine killed")  # the handler dies: the connection closes without the last chunk
+    yield
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the stub's handler dies
+def test_a_partial_answer_stays_when_an_error_follows(plugin, raster_layer, stub_engine, tmp_path):
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    for n, tail in enumerate((_oom, _engine_dies), 1):
+        stub_engine.events = _tokens_then(tail)
+        dock.ask("how many ships?")
+        wait_until(_finished(dock, n), 30)
+        turn = dock.turns()[-1]
+        assert turn["answer"] == "There are twelve ships " and turn["error"]
+        view = dock.view.toPlainText()
+        assert "GeoVQA (incomplete): There are twelve ships" in view and "Error:" in view
+        assert view.index("twelve") < view.rindex("Error:")
+        md = Path(dock.export_conversation(str(tmp_path / "conv.md"))).read_text()
+        assert md.count("A (incomplete): There are twelve ships") == n
+        assert f"ERROR {turn['error']}" in md
+    assert "ERROR The GPU ran out of memory." in dock.conversation_text()
+    wait_for_tasks()
+
+
+def test_a_long_streamed_answer_is_redrawn_in_batches_not_per_token(plugin, raster_layer, stub_engine):
+    """Every token used to re-lay out the whole conversation (quadratic: QGIS froze on long answers)."""
+    import time
+
+    n = 3000
+    words = [f"w{i} " for i in range(n)]
+
+    def events(req):
+        rid = req["request_id"]
+        yield {"type": "queued", "request_id": rid, "position": 0}
+        for w in words:
+            yield {"type": "token", "request_id": rid, "text": w}
+        yield {"type": "result", "request_id": rid, "answer": "".join(words), "tokens": {}, "timings": {}}
+
+    stub_engine.events = events
+    dock = plugin.dock
+    dock.set_layer(raster_layer())
+    redraws = []
+    set_html = dock.view.setHtml
+    dock.view.setHtml = lambda text: (redraws.append(1), set_html(text))
+    started = time.monotonic()
+    dock.ask("a long one?")
+    wait_until(_finished(dock), 120)
+    elapsed = time.monotonic() - started
+    assert dock.turns()[-1]["answer"] == "".join(words)
+    assert "w2999" in dock.view.toPlainText()
+    # at most one redraw per RENDER_INTERVAL_MS, plus the question and the final answer
+    assert len(redraws) <= 3 + elapsed / 0.1, (len(redraws), elapsed)
+    wait_for_tasks()
+
+
+def test_streaming_scrolls_only_a_reader_who_is_at_the_end(plugin, raster_layer, stub_engine):
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.setFloating(True)
+    dock.resize(400, 500)
+    dock.show()
+    dock.conversations[layer.id()] = [{"question": f"q{i}", "answer": "building " * 300, "done": True}
+                                      for i in range(5)]
+    sb = dock.view.verticalScrollBar()
+    for reader_at_end in (False, True):
+        turn = {"question": "now", "answer": "", "done": False, "request_id": "r"}
+        dock.turns().append(turn)
+        dock.current_request_id, dock.current_turn = "r", turn
+        dock.render_conversation()
+        assert sb.maximum() > 0
+        sb.setValue(sb.maximum() if reader_at_end else 0)
+        for _ in range(50):
+            dock._on_event({"type": "token", "request_id": "r", "text": "more words\n"})
+        dock.render_conversation()  # what the timer does
+        assert sb.value() == (sb.maximum() if reader_at_end else 0)
+    dock.current_request_id = dock.current_turn = None
+
+
+def test_retry_asks_about_the_layer_and_area_that_ran_out_of_memory(plugin, raster_layer, stub_engine, qgis_iface):
+    from qgis.core import QgsRectangle
+
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=32)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(a.crs())
+    canvas.setExtent(QgsRectangle(500100, 4999700, 500300, 4999900))
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.set_aoi_mode("extent")
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "OOM.", "hint": None, "retry_budget": 1024}
+    dock.ask("how many ships?")
+    wait_until(_finished(dock), 30)
+    stub_engine.fail_with = None
+    first = stub_engine.requests[-1]
+    assert first["aoi"] is not None and not dock.retry_button.isHidden()
+
+    dock.set_layer(b)  # the button belongs to layer a's conversation
+    assert dock.retry_button.isHidden()
+    dock.set_layer(a)
+    assert not dock.retry_button.isHidden()
+
+    canvas.setExtent(a.extent())  # the map moved meanwhile
+    dock.set_layer(b)
+    dock.retry_smaller()
+    wait_until(lambda: dock.turns(a)[-1].get("done") and len(dock.turns(a)) == 2, 30)
+    retry = stub_engine.requests[-1]
+    assert retry["raster_path"] == a.source() and retry["aoi"] == first["aoi"] and retry["budget"] == 1024
+    assert dock.turns(b) == [] and dock.turns(a)[-1]["answer"].startswith("The area is")
+    wait_for_tasks()
+
+
+def _groups():
+    from qgis.core import QgsProject
+
+    return [g.name() for g in QgsProject.instance().layerTreeRoot().findGroups()]
+
+
+def test_closing_the_project_stops_the_question(plugin, raster_layer, stub_engine, tmp_path):
+    """File > New (clear) or File > Open (read) mid-question: nothing may land in the next project."""
+    from qgis.core import QgsProject
+
+    stub_engine.token_delay = 0.1
+    dock = plugin.dock
+    saved = tmp_path / "other.qgs"
+    for close in (QgsProject.instance().clear, lambda: QgsProject.instance().read(str(saved))):
+        layer = raster_layer()
+        QgsProject.instance().write(str(saved))
+        dock.set_layer(layer)
+        dock.ask("about the old project")
+        turn = dock.current_turn
+        wait_until(lambda: len(stub_engine.requests) and turn["answer"], 10)
+        close()
+        assert turn["done"] and turn["meta"] == "stopped: the project was closed"
+        assert not dock.stop_button.isEnabled() and "project was closed" in dock.progress_label.text()
+        wait_for_tasks()
+        assert _groups() == [] and "bands." not in turn["answer"]
+        stub_engine.requests.clear()
+
+
+def test_an_answer_about_a_removed_layer_is_kept_without_result_layers(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
+    from qgis.core import Qgis, QgsProject
+
+    stub_engine.token_delay = 0.05
+    layer, other = raster_layer(), raster_layer("other")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    qgis_iface.messageBar().clear_messages()
+    dock.ask("about a layer that goes away")
+    turn = dock.current_turn
+    wait_until(lambda: stub_engine.requests, 10)
+    QgsProject.instance().removeMapLayer(layer.id())
+    dock.set_layer(other)
+    wait_until(lambda: turn.get("done"), 30)
+    wait_for_tasks()
+    assert _groups() == [] and turn["answer"].startswith("The area is") and not turn.get("error")
+    assert turn in dock.turns(other)  # reachable: shown, copied and exported with the layer on screen
+    assert "removed since" in dock.view.toPlainText() and "The area is" in dock.view.toPlainText()
+    assert "removed since" in dock.conversation_text()
+    assert any("was removed" in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning))
+
+
+def test_clear_stops_the_running_question(plugin, raster_layer, stub_engine):
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("slow question")
+    wait_until(lambda: stub_engine.requests, 10)
+    dock.clear_conversation()
+    assert dock.turns() == [] and dock.current_request_id is None and not dock.stop_button.isEnabled()
+    assert "cleared" in dock.progress_label.text()
+    wait_for_tasks()
+    assert dock.turns() == [] and _groups() == []
+    stub_engine.token_delay = 0.0
+    dock.ask("next question")  # the dock is ready for the next one
+    wait_until(_finished(dock), 30)
+    assert [t["question"] for t in dock.turns()] == ["next question"] and dock.turns()[0]["answer"]
     wait_for_tasks()

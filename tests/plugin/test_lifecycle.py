@@ -13,10 +13,17 @@ def test_load_unload_twice(qgis_iface, qgis_new_project):
     import geovqa
     from qgis.core import QgsApplication
 
+    from qgis.core import QgsProject
+
     registry = QgsApplication.processingRegistry()
+    project = QgsProject.instance()
+    project_signals = (project.cleared, project.readProject, project.layerWillBeRemoved)
+    listeners = [project.receivers(sig) for sig in project_signals]
     for _ in range(2):
         p = geovqa.classFactory(qgis_iface)
         p.initGui()
+        now = [project.receivers(sig) for sig in project_signals]
+        assert all(n > before for n, before in zip(now, listeners))  # the dock follows the project
         assert registry.providerById("geovqa") is not None
         assert registry.algorithmById("geovqa:ask_raster") is not None
         assert registry.algorithmById("geovqa:batch_questions") is not None
@@ -25,6 +32,7 @@ def test_load_unload_twice(qgis_iface, qgis_new_project):
         p.unload()
         assert registry.providerById("geovqa") is None
         assert p.dock is None and p.actions == [] and p.options_factory is None and p.provider is None
+        assert [project.receivers(sig) for sig in project_signals] == listeners  # and lets go of it
     qgis_iface.unregisterOptionsWidgetFactory.assert_called()
 
 
@@ -188,3 +196,74 @@ def test_the_engines_own_error_line_is_the_reason_it_stopped():
     assert error_sentence(["INFO:     Waiting for application shutdown.",
                            "INFO:     Application shutdown complete."]) == \
         "INFO:     Application shutdown complete."
+
+
+def test_unload_during_a_batch_raises_nothing(plugin, raster_layer, stub_engine):
+    """Plugin Manager reload mid-batch: the task's progress reached a deleted QProgressBar."""
+    import sys
+    import time
+    import traceback
+
+    from conftest import wait_for_tasks, wait_until
+    from qgis.core import QgsApplication
+    from qgis.PyQt.QtCore import QEventLoop, QTimer
+
+    errors = []
+    old_hook = sys.excepthook
+    sys.excepthook = lambda *exc: errors.append("".join(traceback.format_exception(*exc)))
+    try:
+        stub_engine.token_delay = 0.1
+        a, b = raster_layer("a"), raster_layer("b")
+        dlg = plugin.open_batch()
+        dlg.set_checked_layers({a.id(), b.id()})
+        dlg.questions_edit.setPlainText("q1\nq2")
+        dlg.run()
+        wait_until(lambda: stub_engine.requests, 10)
+        plugin.unload()
+        loop = QEventLoop()  # back in an event loop, as in QGIS: the dialog is deleted now
+        QTimer.singleShot(500, loop.quit)
+        loop.exec()
+        wait_for_tasks(60)
+        for _ in range(10):
+            QgsApplication.processEvents()
+            time.sleep(0.05)
+    finally:
+        sys.excepthook = old_hook
+    assert errors == []
+    assert len(stub_engine.requests) <= 2  # the batch stopped, it did not ask all four
+
+
+def test_unload_while_a_render_is_written_raises_nothing(plugin, raster_layer, stub_engine):
+    """The write task of a web/virtual layer's render called back into the deleted renderer."""
+    import sys
+    import time
+    import traceback
+
+    from conftest import set_settings, wait_for_tasks, wait_until
+    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
+    from qgis.PyQt.QtCore import QCoreApplication, QEvent
+
+    errors = []
+    old_hook = sys.excepthook
+    sys.excepthook = lambda *exc: errors.append("".join(traceback.format_exception(*exc)))
+    try:
+        set_settings(render_max_px=6000)  # a write that takes a moment
+        src = raster_layer("src")
+        uri = (f"?crs={src.crs().authid()}&extent={src.extent().toString().replace(' : ', ',').replace(' ', '')}"
+               f"&width={src.width()}&height={src.height()}&formula=%22src@1%22&src:uri={src.source()}"
+               "&src:provider=gdal")
+        virt = QgsRasterLayer(uri, "virtual", "virtualraster")
+        QgsProject.instance().addMapLayer(virt)
+        plugin.dock.set_layer(virt)
+        plugin.dock.ask("what is this?")
+        renderer = plugin.dock.renderer
+        wait_until(lambda: renderer.task is not None, 60, "the write task")
+        plugin.unload()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        wait_for_tasks(60)
+        for _ in range(10):
+            QgsApplication.processEvents()
+            time.sleep(0.05)
+    finally:
+        sys.excepthook = old_hook
+    assert errors == [] and stub_engine.requests == []
