@@ -39,7 +39,7 @@ from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, c
 from .client import EngineError, build_ask_request, new_request_id
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .render import LayerRenderer, layer_file_path
-from .settings import STRATEGIES, STRATEGY_LABELS, Settings, make_client
+from .settings import STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client
 from .settings import notifier as settings_notifier
 from .tasks import AskTask, HealthTask, file_stem, rect_bounds
 
@@ -166,7 +166,8 @@ class ChatDock(QgsDockWidget):
         self.budget_spin.setToolTip("Hard cap on visual tokens entering the language model (0 = engine default).")
         of.addRow("Token budget", self.budget_spin)
         self.tpt_spin = QSpinBox()
-        self.tpt_spin.setRange(1, 576)
+        self.tpt_spin.setRange(0, 576)
+        self.tpt_spin.setSpecialValueText(TOKENS_PER_TILE_AUTO_TEXT)
         of.addRow("Tokens per tile", self.tpt_spin)
         self.max_new_spin = QSpinBox()
         self.max_new_spin.setRange(1, 4096)

@@ -21,6 +21,8 @@ DEFAULT_URL = "http://127.0.0.1:8765"
 DEFAULT_STRATEGY = "geollava"
 STRATEGIES = ("geollava", "background", "anchored", "pyramid", "budget", "none", "uniform", "random")
 DEFAULT_TOKENS_PER_TILE = 24  # the engine protocol's DEFAULT_TOKENS_PER_TILE (checked by the tests)
+# what a tokens-per-tile box shows at 0: the engine uses the checkpoint's own MAX_TOKENS
+TOKENS_PER_TILE_AUTO_TEXT = f"checkpoint's own ({DEFAULT_TOKENS_PER_TILE} for GeoLLaVA-8K)"
 STRATEGY_LABELS = {
     "geollava": "GeoLLaVA-8K (background pruning + anchors, as trained)",
     "background": "Background pruning only",
@@ -57,7 +59,7 @@ class Settings:
     output_dir: str = ""
     strategy: str = DEFAULT_STRATEGY
     budget: int = 0  # 0 = engine default (no cap)
-    tokens_per_tile: int = DEFAULT_TOKENS_PER_TILE
+    tokens_per_tile: int = 0  # 0: the checkpoint's own (the engine reads it from its config; 24 for GeoLLaVA-8K)
     max_new_tokens: int = 256
     faithful_empty_slots: bool = False  # geollava: 24 tokens every tile, as the checkpoint
     render_max_px: int = 2048
@@ -101,7 +103,7 @@ class Settings:
         options = {
             "strategy": self.strategy,
             "budget": self.budget or None,
-            "tokens_per_tile": self.tokens_per_tile,
+            "tokens_per_tile": self.tokens_per_tile or None,
             "max_new_tokens": self.max_new_tokens,
             "faithful_empty_slots": self.faithful_empty_slots,
         }

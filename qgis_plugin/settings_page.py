@@ -9,7 +9,7 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QPushButton,
                                  QSpinBox, QVBoxLayout, QWidget)
 
-from .settings import STRATEGIES, STRATEGY_LABELS, Settings, default_token_path, notifier
+from .settings import STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, default_token_path, notifier
 
 ICON = str(Path(__file__).parent / "icons" / "geovqa.svg")
 GET_DIRECTORY = getattr(getattr(QgsFileWidget, "StorageMode", QgsFileWidget), "GetDirectory")
@@ -66,7 +66,8 @@ class SettingsForm(QWidget):
         self.budget.setValue(s.budget)
         form.addRow("Default token budget", self.budget)
         self.tpt = QSpinBox()
-        self.tpt.setRange(1, 576)
+        self.tpt.setRange(0, 576)
+        self.tpt.setSpecialValueText(TOKENS_PER_TILE_AUTO_TEXT)
         self.tpt.setValue(s.tokens_per_tile)
         form.addRow("Tokens per tile", self.tpt)
         self.faithful = QCheckBox("Send every tile's full count, as the released checkpoint")

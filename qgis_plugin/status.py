@@ -30,6 +30,8 @@ def summary(health: dict | None, error: str = "", url: str = "") -> tuple:
     return "ok", f"Ready: {line}"
 
 
+TPT_AUTO = "the checkpoint's own"  # tokens a tile when none is set (0)
+
 COLORS = {"ok": "#1b7f3b", "loading": "#b26a00", "demo": "#b26a00", "down": "#b00020", "error": "#b00020"}
 
 
@@ -49,7 +51,7 @@ def diagnostics(plugin_version: str, settings, health: dict | None, health_error
         f"engine python: {settings.python or '-'}  engine folder: {settings.engine_dir or '-'}",
         f"weights: {settings.weights_dir or '-'}",
         f"strategy: {settings.strategy}  budget: {settings.budget or 'engine default'}  "
-        f"tokens/tile: {settings.tokens_per_tile}  max new tokens: {settings.max_new_tokens}  "
+        f"tokens/tile: {settings.tokens_per_tile or TPT_AUTO}  max new tokens: {settings.max_new_tokens}  "
         f"empty cluster slots: {'sent' if settings.faithful_empty_slots else 'dropped'}",
         f"results folder: {settings.results_dir()}",
         f"local engine command: {' '.join(command) if command else '-'}",

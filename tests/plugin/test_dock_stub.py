@@ -93,6 +93,9 @@ def test_engine_down_gives_a_message_not_a_crash(plugin, raster_layer, qgis_ifac
     wait_until(lambda: dock._health_task is None and getattr(dock, "status_level", None) == "down", 20)
     assert "not reachable" in dock.status_label.text()
     assert "health: unavailable" in dock.diagnostics_text()
+    # no tokens-a-tile set: the checkpoint's own, shown so and sent as null
+    assert "tokens/tile: the checkpoint's own" in dock.diagnostics_text()
+    assert dock.tpt_spin.value() == 0 and dock.tpt_spin.text().startswith("checkpoint's own")
     wait_for_tasks()
 
 

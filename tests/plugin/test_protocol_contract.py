@@ -47,8 +47,10 @@ def test_strategies_and_events_match(protocol):
 
     assert tuple(settings.STRATEGIES) == tuple(protocol.STRATEGIES)
     assert settings.DEFAULT_STRATEGY == protocol.DEFAULT_STRATEGY
-    assert settings.Settings().tokens_per_tile == settings.DEFAULT_TOKENS_PER_TILE \
-        == protocol.DEFAULT_TOKENS_PER_TILE
+    # 0 = the checkpoint's own: sent as null, which the engine reads from the checkpoint's config
+    assert settings.Settings().tokens_per_tile == 0
+    assert settings.Settings().request_options()["tokens_per_tile"] is None
+    assert settings.DEFAULT_TOKENS_PER_TILE == protocol.DEFAULT_TOKENS_PER_TILE  # shown in the boxes
     assert set(settings.STRATEGY_LABELS) == set(protocol.STRATEGIES)
     assert set(client.KNOWN_EVENTS) == set(protocol.EVENT_TYPES)
     assert set(client.FINAL_EVENTS) <= set(protocol.EVENT_TYPES)
