@@ -683,7 +683,8 @@ def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None
     keep = bool(getattr(args, "keep_heatmaps", False))
     engine = Engine(weights or args.weights, device=args.device, quantization=args.quantization,
                     adapter=args.adapter, demo_ok=not getattr(args, "no_demo", False),
-                    output_dir=Path(args.out) / "heatmaps")
+                    output_dir=Path(args.out) / "heatmaps",
+                    prune_old_outputs=False)  # heatmaps kept with --keep-heatmaps are the run's results
     if engine.health().get("demo_model"):
         print("NOTE: evaluating the tiny RANDOM demo model (no GeoLLaVA-8K weights found).", file=sys.stderr)
     root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent

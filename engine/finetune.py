@@ -783,6 +783,8 @@ def _check_resume_settings(args: argparse.Namespace, out: Path, model: dict | No
     current = _run_args(args, model)
     # a record of an older version holds --weights as typed and no demo_model
     recorded = with_model_choice(json.loads(saved.read_text(encoding="utf-8")), current)
+    if isinstance(recorded.get("target_modules"), str):  # older records hold it as typed
+        recorded["target_modules"] = ",".join(_target_list(recorded["target_modules"]))
     desc = changed_settings(recorded, current, RESUME_KEYS, defaults=RESUME_DEFAULTS, paths=RESUME_PATH_KEYS,
                             label=_flag_name)
     if desc:

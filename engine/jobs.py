@@ -253,7 +253,18 @@ def lock_state_dir(state_dir: Path) -> IO:
     server holds it."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    lock_file = open(state_dir / "server.lock", "a+")
+    lock = exclusive_lock(state_dir / "server.lock")
+    if lock is None:
+        raise SystemExit(
+            f"error: state folder {state_dir} is in use by another engine server. Stop it, or "
+            "start this one with a different --state-dir.")
+    return lock
+
+
+def exclusive_lock(path: Path) -> IO | None:
+    """An exclusive lock on the file `path` (made if missing), held while the returned file stays
+    open and released when the process ends however it ends; None when another process holds it."""
+    lock_file = open(path, "a+")
     try:
         try:
             import fcntl
@@ -266,9 +277,7 @@ def lock_state_dir(state_dir: Path) -> IO:
             msvcrt.locking(lock_file.fileno(), msvcrt.LK_NBLCK, 1)
     except OSError:
         lock_file.close()
-        raise SystemExit(
-            f"error: state folder {state_dir} is in use by another engine server. Stop it, or "
-            "start this one with a different --state-dir.") from None
+        return None
     return lock_file
 
 

@@ -230,7 +230,9 @@ class Engine:
     def __init__(self, weights_dir: str | os.PathLike | None = None, *, device: str = "auto",
                  quantization: str = "auto", adapter: str | os.PathLike | None = None,
                  demo_ok: bool = True, output_dir: str | os.PathLike | None = None,
-                 feature_cache_bytes: int = 4 * 2**30, loaded=None) -> None:
+                 feature_cache_bytes: int = 4 * 2**30, loaded=None, prune_old_outputs: bool = True) -> None:
+        """`prune_old_outputs`: remove the engine's own files older than GEOVQA_OUTPUT_RETENTION_DAYS
+        from `output_dir` (working files); False for a folder of files to keep (eval's heatmaps)."""
         from engine.loader import load_model
 
         retention_days = output_retention_days()  # a bad setting stops us before the model loads
@@ -240,7 +242,8 @@ class Engine:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.output_dir = Path(output_dir) if output_dir else cache_dir() / "outputs"
-        prune_outputs(self.output_dir, retention_days)
+        if prune_old_outputs:
+            prune_outputs(self.output_dir, retention_days)
         self.features = FeatureCache(max_bytes=feature_cache_bytes)
         self.prefixes = PrefixStore()
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import importlib
 import ipaddress
@@ -417,16 +418,37 @@ def serve(args: argparse.Namespace) -> None:
     check_binding(settings)
     settings.token = load_or_create_token()
     # Everything that can refuse the start is checked before the model loads (minutes with
-    # real weights): the state dir's lock, then the port.
-    state_lock = lock_state_dir(settings.state_dir)
-    sock = bind_socket(settings.host, settings.port)
-    engine = build_engine(args, settings)
-    app = create_app(engine, settings, state_lock=state_lock)
-    log.info("GeoVQA engine on http://%s:%d (token in %s, state in %s)", settings.host,
-             settings.port, protocol.token_path(), settings.state_dir)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=args.log_level, access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    # real weights): the state dir's lock, then the port (its lock, then the socket).
+    with contextlib.ExitStack() as held:  # all released on a failure, and when the server ends
+        state_lock = held.enter_context(lock_state_dir(settings.state_dir))
+        held.enter_context(lock_port(settings.host, settings.port))
+        sock = held.enter_context(bind_socket(settings.host, settings.port))
+        engine = build_engine(args, settings)
+        app = create_app(engine, settings, state_lock=state_lock)
+        log.info("GeoVQA engine on http://%s:%d (token in %s, state in %s)", settings.host,
+                 settings.port, protocol.token_path(), settings.state_dir)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                                log_level=args.log_level, access_log=False)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C after uvicorn's own graceful shutdown: a normal end
+            pass
+        except OSError as exc:  # listen() failed after all
+            raise SystemExit(f"error: {bind_failure(settings.host, settings.port, exc)}") from None
+
+
+def lock_port(host: str, port: int):
+    """A lock on `port` in the user's config folder, held while this engine runs. Two engines
+    that start together would both bind the port (SO_REUSEADDR, not listening while the model
+    loads) and the second would fail only after its load; the lock refuses it at once."""
+    from engine.jobs import exclusive_lock
+
+    folder = protocol.token_path().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = exclusive_lock(folder / f"port-{port}.lock")
+    if lock is None:
+        raise SystemExit(f"error: {bind_failure(host, port, OSError(errno.EADDRINUSE, 'in use'))}")
+    return lock
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -502,3 +502,31 @@ def test_a_rerun_on_another_model_is_refused_before_it_loads(tmp_path, monkeypat
     (out / "run_settings.json").write_text(json.dumps(saved))
     run("--limit", "3")
     assert json.loads((out / "run_settings.json").read_text())["weights"] == str(real.resolve())
+
+
+def test_kept_heatmaps_are_not_pruned_by_a_later_rerun(tmp_path, tiny_checkpoint):
+    """--keep-heatmaps keeps them as the run's results: a rerun weeks later (the engine prunes its
+    working files after GEOVQA_OUTPUT_RETENTION_DAYS) must not delete them."""
+    import os
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from engine.pipeline import _output_stem
+
+    Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    ann = _write(tmp_path / "mme.json", MME[:1])
+    old = tmp_path / "e" / "heatmaps" / f"{_output_stem('What colour is the roof?')}_heatmap.tif"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"kept a month ago")
+    past = time.time() - 30 * 86400
+    os.utime(old, (past, past))
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args([str(ann), "--out", str(tmp_path / "e"), "--weights", str(tiny_checkpoint),
+                              "--device", "cpu", "--quantization", "fp32", "--tokens-per-tile", "4",
+                              "--max-new-tokens", "2", "--keep-heatmaps"])
+    assert run_eval(args) == 0
+    assert old.read_bytes() == b"kept a month ago"
+    assert len(list(old.parent.glob("*_heatmap.tif"))) == 2  # and this run's own

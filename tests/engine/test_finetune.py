@@ -258,6 +258,10 @@ def test_resume_refuses_another_token_path_or_base(tmp_path, tiny_checkpoint):
     _check_resume_settings(_args(data, out, tiny_checkpoint, "--resume"), out)  # same: fine
     _check_resume_settings(_args(data, out, tiny_checkpoint, "--lr", "1e-3", "--resume"), out)
     # the schedule, the dropout and the run's length may change; the target list as typed may differ
+    # a record of an older version holds --target-modules as typed, spaces and all
+    (out / "finetune_args.json").write_text(json.dumps({**saved, "target_modules": saved["target_modules"].replace(",", ", ")}))
+    _check_resume_settings(_args(data, out, tiny_checkpoint, "--resume"), out)
+    (out / "finetune_args.json").write_text(json.dumps(saved))
     _check_resume_settings(_args(data, out, tiny_checkpoint, "--lora-dropout", "0.2", "--max-steps", "9",
                                  "--target-modules", " " + saved["target_modules"].replace(",", ", "),
                                  "--resume"), out)

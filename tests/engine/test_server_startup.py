@@ -89,6 +89,11 @@ def test_the_engine_is_refused_not_hung_while_the_model_loads(tmp_path, monkeypa
                 seen["bind"] = "refused"
         with pytest.raises(SystemExit, match="in use by another engine server"):
             lock_state_dir(settings.state_dir)
+        # a second engine started now, on another state dir: its bind would succeed (neither
+        # listens yet), the port's lock refuses it before its own load
+        seen["second"], seen["second_loaded"] = (
+            (lambda done, marker: (last_line(done), marker.exists()))(
+                *run_serve(tmp_path, settings.port, tmp_path / "second-state")))
         raise SystemExit("error: stop here")
 
     monkeypatch.setattr(server, "build_engine", build_engine)
@@ -99,4 +104,32 @@ def test_the_engine_is_refused_not_hung_while_the_model_loads(tmp_path, monkeypa
                               "--log-level", "warning"])
     with pytest.raises(SystemExit, match="stop here"):
         server.serve(args)
-    assert seen == {"connect": errno.ECONNREFUSED, "bind": "refused"}
+    port = args.port
+    assert seen == {"connect": errno.ECONNREFUSED, "bind": "refused", "second_loaded": False,
+                    "second": f"error: port {port} on 127.0.0.1 is in use (another engine?). Stop the "
+                              "program using it, or start the engine with another --port."}
+    # a failed start releases what it held: the state dir and the port can be taken again
+    lock_state_dir(tmp_path / "state").close()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
+
+
+def test_ctrl_c_ends_serve_normally(tmp_path, monkeypatch):
+    """uvicorn re-raises the SIGINT it handled after its graceful shutdown; `serve` ends as
+    `make serve` expects (exit 0), not as 'interrupted' with 130."""
+    import uvicorn
+
+    from engine import server
+
+    def interrupted(self, sockets=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "build_engine", lambda args, settings: None)
+    monkeypatch.setattr(server, "create_app", lambda engine, settings, state_lock=None: None)
+    monkeypatch.setattr(uvicorn.Server, "run", interrupted)
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "config"))
+    parser = argparse.ArgumentParser()
+    server.add_serve_arguments(parser)
+    args = parser.parse_args(["--port", str(free_port()), "--state-dir", str(tmp_path / "state"),
+                              "--log-level", "warning"])
+    assert server.serve(args) is None
