@@ -68,3 +68,23 @@ def assert_only_the_lm_is_nf4(model) -> None:
     for mod in (clip_q, model.model.mm_projector[0], model.lm_head):
         assert type(mod) is torch.nn.Linear and mod.weight.dtype == torch.bfloat16
     assert model.reghead.dw.weight.dtype == torch.bfloat16
+
+
+def demo_and_real(tmp_path: Path, monkeypatch, tiny_checkpoint: Path) -> Path:
+    """No default checkpoint and no GEOVQA_WEIGHTS, the demo model already built (the tiny one),
+    and another checkpoint that is not the demo: returns the latter's folder. For tests of runs
+    that must tell which model they used."""
+    import shutil
+
+    import engine.pipeline as P
+
+    monkeypatch.setattr(P, "DEFAULT_WEIGHTS", tmp_path / "no-weights")
+    monkeypatch.delenv("GEOVQA_WEIGHTS", raising=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny-geollava").symlink_to(tiny_checkpoint, target_is_directory=True)
+    monkeypatch.setenv("GEOVQA_CACHE_DIR", str(cache))
+    real = tmp_path / "real"
+    shutil.copytree(tiny_checkpoint, real)
+    (real / "TINY_MODEL.txt").unlink()
+    return real

@@ -461,20 +461,11 @@ def test_resume_compares_annotation_paths_as_files_not_text(tmp_path, monkeypatc
 def test_a_rerun_on_another_model_is_refused_before_it_loads(tmp_path, monkeypatch, tiny_checkpoint):
     """--weights left out both times: the model GEOVQA_WEIGHTS, the default folder or the demo gave
     each run is what is compared, not the None typed."""
-    import shutil
+    from conftest import demo_and_real
 
     import engine.evaluate as E
-    import engine.pipeline as P
 
-    monkeypatch.setattr(P, "DEFAULT_WEIGHTS", tmp_path / "no-weights")  # no default checkpoint
-    monkeypatch.delenv("GEOVQA_WEIGHTS", raising=False)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "tiny-geollava").symlink_to(tiny_checkpoint, target_is_directory=True)  # the demo, built
-    monkeypatch.setenv("GEOVQA_CACHE_DIR", str(cache))
-    real = tmp_path / "real"  # a checkpoint that is not the tiny demo one
-    shutil.copytree(tiny_checkpoint, real)
-    (real / "TINY_MODEL.txt").unlink()
+    real = demo_and_real(tmp_path, monkeypatch, tiny_checkpoint)
     loads = []
     monkeypatch.setattr(E, "engine_predictor",
                         lambda args, weights=None: loads.append(weights) or _predictor(MME_REPLIES, []))
@@ -494,7 +485,7 @@ def test_a_rerun_on_another_model_is_refused_before_it_loads(tmp_path, monkeypat
     with pytest.raises(EvalError, match=r"weights: .* -> '.*real', demo_model: True -> False"):
         run("--limit", "2")
     assert len(loads) == 1  # refused before loading
-    run("--limit", "2", "--weights", str(cache / "tiny-geollava"))  # the same demo folder, named
+    run("--limit", "2", "--weights", str(tmp_path / "cache" / "tiny-geollava"))  # the same demo folder, named
     # a settings file of an older version (--weights as typed: None, no demo_model): unchanged
     saved = json.loads((out / "run_settings.json").read_text())
     del saved["demo_model"]

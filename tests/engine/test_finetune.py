@@ -346,21 +346,12 @@ def test_a_resume_refused_at_the_adapter_keeps_the_run_record(tmp_path, tiny_che
 def test_resume_compares_the_resolved_base_model_not_the_flag_as_typed(tmp_path, tiny_checkpoint, monkeypatch):
     """--weights left out both times: the checkpoint GEOVQA_WEIGHTS, the default folder or the demo
     gave each run is compared (and refused before anything loads), not the None typed."""
-    import shutil
-
     import engine.loader
-    import engine.pipeline as P
     from engine.finetune import _check_resume_settings, _run_args
 
-    monkeypatch.setattr(P, "DEFAULT_WEIGHTS", tmp_path / "no-weights")  # no default checkpoint
-    monkeypatch.delenv("GEOVQA_WEIGHTS", raising=False)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "tiny-geollava").symlink_to(tiny_checkpoint, target_is_directory=True)  # the demo, built
-    monkeypatch.setenv("GEOVQA_CACHE_DIR", str(cache))
-    real = tmp_path / "real"  # a checkpoint that is not the tiny demo one
-    shutil.copytree(tiny_checkpoint, real)
-    (real / "TINY_MODEL.txt").unlink()
+    from conftest import demo_and_real
+
+    real = demo_and_real(tmp_path, monkeypatch, tiny_checkpoint)
     data = _write_data(tmp_path, n=4)
     out = tmp_path / "run"
     out.mkdir()
