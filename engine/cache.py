@@ -29,6 +29,12 @@ def raster_key(path: str, aoi, bands) -> tuple:
             tuple(bands or ()))
 
 
+def content_key(identity: str, aoi, bands) -> tuple:
+    """Identity of a read of an uploaded raster: its content hash instead of its (temporary) path,
+    plus the area of interest and bands as in `raster_key`."""
+    return ("content", identity, json.dumps(aoi, sort_keys=True, default=str), tuple(bands or ()))
+
+
 def raster_files(path: str) -> list[str]:
     """`path` and every file GDAL reads with it: a VRT's sources (those of a VRT inside it too)
     and sidecars such as .ovr overviews, .msk masks and .aux.xml metadata.

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine import __version__
-from engine.cache import FeatureCache, PrefixStore, raster_key
+from engine.cache import FeatureCache, PrefixStore, content_key, raster_key
 from engine.protocol import (DEFAULT_STRATEGY, PROTOCOL_VERSION, STRATEGIES, tokens_per_tile_of,
                              validate_question)
 from engine.weights import DEFAULT_WEIGHTS
@@ -78,6 +78,10 @@ class AskRequest:
     seed: int | None = 0
     request_id: str | None = None
     faithful_empty_slots: bool = False
+    # the raster's content hash when it was uploaded (set by the server, not a protocol field): an
+    # upload lands in a new temporary file each time, so its path and mtime never repeat and the
+    # caches would never serve a second question about it
+    raster_identity: str | None = None
 
     def validated(self) -> "AskRequest":
         """A copy with the question stripped; RequestError for anything a person must fix."""
@@ -115,7 +119,7 @@ class AskRequest:
         """Build from a protocol ASK body; unknown fields are an error (typos get caught)."""
         if not isinstance(data, dict):
             raise RequestError("bad_request", "The request body must be a JSON object.")
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - {"raster_identity"}  # the server's, never a client's
         extra = set(data) - known
         if extra:
             raise RequestError("bad_request", f"Unknown request fields: {', '.join(sorted(extra))}.")
@@ -299,7 +303,8 @@ class Engine:
                 raise Cancelled("the question was cancelled")
 
         path = _check_raster_path(req.raster_path)
-        fkey = raster_key(path, req.aoi, req.bands)
+        fkey = (content_key(req.raster_identity, req.aoi, req.bands) if req.raster_identity
+                else raster_key(path, req.aoi, req.bands))
         cached = self.features.get(fkey)
         yield ev("status", stage="read", progress=None, message="reading the raster")
         if cached is not None:

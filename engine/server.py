@@ -227,6 +227,8 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
             fields = await asyncio.to_thread(
                 validate_ask, body, known, str(upload.raster_path) if upload else None)
             ask_request = request_factory(engine)(fields)
+            if upload is not None and hasattr(ask_request, "raster_identity"):
+                ask_request.raster_identity = f"sha256:{upload.sha256}"
         except BaseException:
             if upload is not None:
                 upload.cleanup()

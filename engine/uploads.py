@@ -11,6 +11,7 @@ job is over.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -118,6 +119,7 @@ class Upload:
     request: dict
     raster_path: Path
     temp_dir: Path
+    sha256: str = ""  # of the raster's bytes: the same raster uploaded again is the same raster
 
     def cleanup(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -137,6 +139,7 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
     if ctype != b"multipart/form-data" or not boundary:
         raise JobError("bad_request", "Send a JSON body or multipart/form-data with a 'request' "
                        "part and a 'raster' file part.")
+    digest = hashlib.sha256()
     state: dict = {"name": None, "header_field": b"", "header_value": b"", "headers": {},
                    "raster_bytes": 0, "json": bytearray(), "seen_raster": False, "error": None}
 
@@ -174,7 +177,15 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
                     "Clip the layer to the area of interest before uploading, or run the engine "
                     "on the same computer so it can read the file directly.")
                 return
-            raster_fh.write(chunk)  # opened below, before the parser sees any data
+            try:
+                raster_fh.write(chunk)  # opened below, before the parser sees any data
+            except OSError as exc:  # the engine's disk, not the client's data
+                state["error"] = JobError(
+                    "internal", f"The engine could not store the upload: {exc.strerror or exc}.",
+                    "Free space on the engine's disk (its --state-dir), or start it with a "
+                    "--state-dir on a larger disk.")
+                return
+            digest.update(chunk)
         elif state["name"] == "request":
             state["json"] += chunk
             if len(state["json"]) > MAX_JSON_PART_BYTES:
@@ -213,7 +224,7 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
         if not isinstance(request, dict):
             raise JobError("bad_request", "The upload needs a 'request' part with a JSON object.")
         check_raster_file(raster_path, geotiff_only=True)
-        return Upload(request, raster_path, temp_dir)
+        return Upload(request, raster_path, temp_dir, digest.hexdigest())
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise

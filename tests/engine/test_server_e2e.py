@@ -146,20 +146,40 @@ def test_an_all_nodata_raster_ends_the_stream_with_no_valid_pixels(server, input
     assert server.ask(body(inputs["scene"]))[1][-1]["type"] == "result"
 
 
-def test_uploaded_geotiff(server, inputs):
+def upload_ask(server, raster: bytes, question: str) -> dict:
     import httpx
 
-    files = {"raster": ("scene.tif", inputs["scene"].read_bytes(), "image/tiff")}
-    data = {"request": json.dumps({"question": "What is here?", "max_new_tokens": 4})}
+    files = {"raster": ("scene.tif", raster, "image/tiff")}
+    data = {"request": json.dumps({"question": question, "max_new_tokens": 4})}
     with httpx.stream("POST", f"{server.url}/ask", files=files, data=data,
                       headers=server.headers(), timeout=120) as r:
         assert r.status_code == 200
         events = [json.loads(line) for line in r.iter_lines() if line.strip()]
-    result = events[-1]
-    assert result["type"] == "result", result
+    assert events[-1]["type"] == "result", events[-1]
+    return events[-1]
+
+
+def test_uploaded_geotiff(server, inputs):
+    import httpx
+
+    result = upload_ask(server, inputs["scene"].read_bytes(), "What is here?")
     r = httpx.get(f"{server.url}/files/{result['anchors_file']}", headers=server.headers())
     assert r.status_code == 200 and r.json()["type"] == "FeatureCollection"
     assert not list((server.state_dir / "uploads").glob("*"))
+
+
+def test_the_same_upload_again_hits_the_caches(server, inputs, tmp_path):
+    """An upload is stored in a new temporary file each time; its content, not its path, keys the
+    caches, so a second question about the same raster skips the vision tower as a local one does.
+    Other bytes are another raster."""
+    from server_rasters import write_geotiff
+
+    raster = write_geotiff(tmp_path / "up.tif", width=200, height=150, seed=11).read_bytes()
+    first = upload_ask(server, raster, "How many ships?")
+    again = upload_ask(server, raster, "Is there water?")
+    assert first["cache"]["features"] is False and again["cache"]["features"] is True
+    other = write_geotiff(tmp_path / "other.tif", width=200, height=150, seed=12).read_bytes()
+    assert upload_ask(server, other, "Is there water?")["cache"]["features"] is False
 
 
 def test_two_questions_queue_in_order(server, inputs):

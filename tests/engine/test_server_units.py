@@ -224,3 +224,37 @@ def test_a_batch_in_a_relative_state_dir_reports_an_absolute_results_path(tmp_pa
     job = jobs.submit_batch({"items": [{"raster_path": "/x.tif"}], "questions": ["q"]})
     results_path = Path(job.info()["results_path"])
     assert results_path.is_absolute() and results_path.is_file()
+
+
+def test_a_full_disk_during_an_upload_blames_the_engine_not_the_data(tmp_path, monkeypatch):
+    """'No space left on device' while storing an upload used to come back as 'not valid
+    multipart data' (bad_request); it is the engine's problem (internal, with a hint), and nothing
+    is left behind."""
+    import asyncio
+    import errno as errno_mod
+
+    import engine.uploads as uploads
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(errno_mod.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(uploads, "open", lambda *a, **k: FullDisk(), raising=False)
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n\r\n"
+            '{"question": "q?"}\r\n'
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"raster\"; filename=\"a.tif\"\r\n"
+            "Content-Type: image/tiff\r\n\r\n").encode() + b"II*\x00" + b"x" * 1000 + f"\r\n--{boundary}--\r\n".encode()
+
+    async def chunks():
+        yield body
+
+    with pytest.raises(JobError) as exc:
+        asyncio.run(uploads.receive_upload(f"multipart/form-data; boundary={boundary}", chunks(),
+                                           max_bytes=10**6, temp_root=tmp_path))
+    assert exc.value.code == "internal" and "No space left on device" in exc.value.message
+    assert "--state-dir" in exc.value.hint
+    assert not list(tmp_path.iterdir())
