@@ -300,6 +300,17 @@ class AskStream:
         return self._aborted
 
     def events(self):
+        """Yield the answer's events; an uploaded raster that is not a self-contained GeoTIFF is
+        converted first (here, so every caller converts in its worker thread; see :mod:`upload`)."""
+        if not self.upload_path:
+            yield from self._events(None)
+            return
+        from .upload import upload_file
+
+        with upload_file(self.upload_path) as sent:
+            yield from self._events(sent)
+
+    def _events(self, sent_path: str | None):
         conn = self.client._connection(self.client.stream_timeout)
         with self._lock:
             if self._aborted:
@@ -307,8 +318,8 @@ class AskStream:
             self._conn = conn
         try:
             try:
-                if self.upload_path:
-                    self._send_multipart(conn)
+                if sent_path:
+                    self._send_multipart(conn, sent_path)
                 else:
                     body = json.dumps(self.request).encode("utf-8")
                     conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
@@ -347,24 +358,24 @@ class AskStream:
         finally:
             conn.close()
 
-    def _send_multipart(self, conn) -> None:
-        """POST /ask as multipart: a ``request`` JSON part and the ``raster`` file, streamed."""
+    def _send_multipart(self, conn, path: str) -> None:
+        """POST /ask as multipart: a ``request`` JSON part and the ``raster`` file at ``path``, streamed."""
         boundary = "geovqa-" + uuid.uuid4().hex
         req = dict(self.request, raster_path=None)
-        name = os.path.basename(self.upload_path) or "raster.tif"
+        name = os.path.basename(path) or "raster.tif"
         head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n"
                 f"Content-Type: application/json\r\n\r\n{json.dumps(req)}\r\n"
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"raster\"; filename=\"{name}\"\r\n"
                 f"Content-Type: application/octet-stream\r\n\r\n").encode("utf-8")
         tail = f"\r\n--{boundary}--\r\n".encode("utf-8")
-        size = os.path.getsize(self.upload_path)
+        size = os.path.getsize(path)
         conn.putrequest("POST", self.client.prefix + ASK_ENDPOINT)
         for k, v in self.client.headers(f"multipart/form-data; boundary={boundary}").items():
             conn.putheader(k, v)
         conn.putheader("Content-Length", str(len(head) + size + len(tail)))
         conn.endheaders()
         conn.send(head)
-        with open(self.upload_path, "rb") as fh:
+        with open(path, "rb") as fh:
             while not self._aborted:
                 chunk = fh.read(UPLOAD_CHUNK)
                 if not chunk:

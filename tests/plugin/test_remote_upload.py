@@ -1,0 +1,174 @@
+"""The remote-engine path: what the plugin uploads, and the answers it gets back.
+
+A small capture server stands in for a remote engine where the test needs to see the exact
+bytes sent (it keeps the multipart parts and answers with an error); the real engine is used
+where the answer matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from conftest import write_raster
+
+
+class CaptureEngine:
+    """Keeps every POST /ask body's parts; answers 400 'captured' (or a /health)."""
+
+    def __init__(self, health: dict | None = None):
+        self.parts: list[dict] = []
+        self.health = dict({"status": "ok", "protocol": 1}, **(health or {}))
+        cap = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _json(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                self._json(200, cap.health)
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                head = f"Content-Type: {self.headers.get('Content-Type')}\r\n\r\n".encode()
+                msg = BytesParser(policy=HTTP).parsebytes(head + body)
+                cap.parts.append({p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
+                                  for p in msg.iter_parts()})
+                self._json(400, {"error": {"code": "captured", "message": "captured", "hint": None}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def capture():
+    cap = CaptureEngine()
+    yield cap
+    cap.close()
+
+
+def send(url, path, tmp_path, upload=True, **client_kw):
+    """Ask about ``path`` with an upload; returns the EngineError the capture server answers."""
+    from geovqa.client import EngineClient, EngineError, build_ask_request
+
+    client = EngineClient(url, "t", **client_kw)
+    with pytest.raises(EngineError) as err:
+        list(client.ask(build_ask_request("What is here?", str(path)), upload=upload).events())
+    return err.value
+
+
+def uploaded(cap, tmp_path):
+    """The raster bytes of the last upload, saved as a file GDAL opens."""
+    from osgeo import gdal
+
+    assert cap.parts, "nothing was uploaded"
+    data = cap.parts[-1]["raster"]
+    dest = tmp_path / "received.tif"
+    dest.write_bytes(data)
+    ds = gdal.Open(str(dest))
+    assert ds is not None
+    return ds
+
+
+def write_world_file_tiff(tmp_path):
+    """A TIFF placed only by a .tfw world file (no GeoTIFF tags), as scanners and old tools write."""
+    from osgeo import gdal
+
+    path = tmp_path / "scan.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 40, 30, 1, gdal.GDT_Byte, ["PROFILE=BASELINE"])
+    ds.GetRasterBand(1).WriteArray(np.arange(40 * 30, dtype=np.uint8).reshape(30, 40))
+    ds = None
+    (tmp_path / "scan.tfw").write_text("2.0\n0.0\n0.0\n-2.0\n600001.0\n5100001.0\n")
+    return path
+
+
+def test_plain_geotiff_is_uploaded_as_it_is(capture, tmp_path):
+    path = write_raster(tmp_path / "plain.tif")
+    send(capture.url, path, tmp_path)
+    assert capture.parts[-1]["raster"] == open(path, "rb").read()
+
+
+def test_world_file_placement_goes_inside_the_upload(capture, tmp_path):
+    path = write_world_file_tiff(tmp_path)
+    send(capture.url, path, tmp_path)
+    ds = uploaded(capture, tmp_path)
+    # the world file gives the centre of the top-left pixel; the geotransform its corner
+    assert ds.GetGeoTransform() == pytest.approx((600000.0, 2.0, 0.0, 5100002.0, 0.0, -2.0))
+    assert ds.GetRasterBand(1).ReadAsArray().tolist() == np.arange(1200, dtype=np.uint8).reshape(30, 40).tolist()
+
+
+def test_aux_xml_nodata_and_msk_mask_go_inside_the_upload(capture, tmp_path):
+    from osgeo import gdal
+
+    path = write_raster(tmp_path / "side.tif", bands=1)
+    ds = gdal.Open(path)  # read-only: GDAL puts nodata in .aux.xml and the mask in .msk
+    ds.GetRasterBand(1).SetNoDataValue(7)
+    ds.CreateMaskBand(gdal.GMF_PER_DATASET)
+    m = ds.GetRasterBand(1).GetMaskBand()
+    m.WriteArray(np.where(np.arange(48)[:, None] < 10, 0, 255).repeat(64, axis=1).astype(np.uint8))
+    ds = None
+    assert os.path.exists(path + ".aux.xml") and os.path.exists(path + ".msk")
+    send(capture.url, path, tmp_path)
+    got = uploaded(capture, tmp_path)
+    assert got.GetRasterBand(1).GetNoDataValue() == 7
+    assert got.GetFileList() == [str(tmp_path / "received.tif")]  # nothing beside it
+    assert got.GetRasterBand(1).GetMaskBand().ReadAsArray()[:10].max() == 0
+
+
+def test_vrt_and_png_are_uploaded_as_geotiff_and_the_copy_is_removed(capture, tmp_path, monkeypatch):
+    import tempfile
+
+    from osgeo import gdal
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    src = write_raster(tmp_path / "src.tif")
+    vrt = str(tmp_path / "src.vrt")
+    gdal.BuildVRT(vrt, [src])
+    png = str(tmp_path / "pic.png")
+    gdal.Translate(png, src, format="PNG")
+    for path in (vrt, png):
+        send(capture.url, path, tmp_path)
+        got = uploaded(capture, tmp_path)
+        assert capture.parts[-1]["raster"][:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+        assert (got.RasterXSize, got.RasterYSize) == (64, 48)  # the same pixel grid: windows stay valid
+        assert json.loads(capture.parts[-1]["request"])["raster_path"] is None
+    assert os.listdir(tmp_path / "tmp") == []  # the temporary GeoTIFFs are gone
+
+
+def test_remote_engine_answers_about_a_vrt(real_engine, tmp_path):
+    """The real engine refuses non-GeoTIFF uploads; the converted VRT is answered and placed."""
+    from geovqa.client import EngineClient, build_ask_request
+    from osgeo import gdal
+
+    src = write_raster(tmp_path / "src.tif", width=120, height=90)
+    vrt = str(tmp_path / "src.vrt")
+    gdal.BuildVRT(vrt, [src])
+    client = EngineClient(real_engine.url, real_engine.token)
+    events = list(client.ask(build_ask_request("What is here?", vrt, max_new_tokens=4), upload=True).events())
+    assert events[-1]["type"] == "result", events[-1]
+    heat = client.download_file(events[-1]["heatmap_file"], str(tmp_path / "heat.tif"))
+    assert gdal.Open(heat).GetGeoTransform()[0] == pytest.approx(500000.0)
