@@ -34,6 +34,10 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_ENGINE_URL = "http://127.0.0.1:8765"
 DEFAULT_PORT = 8765  # engine/protocol.py DEFAULT_PORT
 UPLOAD_CHUNK = 1 << 20
+# How a raster reaches the engine: "auto" uploads it when the engine's host is not this computer
+# (by address); "upload" always (an SSH tunnel on 127.0.0.1 to an engine elsewhere, which cannot
+# see our files); "path" never (an engine on another address that shares our file system).
+SEND_RASTERS = ("auto", "upload", "path")
 
 
 class EngineError(Exception):
@@ -168,8 +172,10 @@ def clean_token(token: str) -> str:
 class EngineClient:
     """Talks to one engine at ``base_url`` with a bearer ``token``."""
 
-    def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0):
+    def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0,
+                 send_rasters: str = "auto"):
         self.scheme, self.host, self.port, self.prefix = engine_address(base_url)
+        self.send_rasters = send_rasters if send_rasters in SEND_RASTERS else "auto"
         self.base_url = (base_url.strip() or DEFAULT_ENGINE_URL).rstrip("/")
         try:
             self.token, self.token_error = clean_token(token), None
@@ -226,6 +232,13 @@ class EngineClient:
         """True when the engine runs on this computer and can read our files by path."""
         return self.host in LOOPBACK_HOSTS
 
+    @property
+    def uploads(self) -> bool:
+        """True when rasters are sent as uploads rather than paths (see SEND_RASTERS)."""
+        if self.send_rasters == "auto":
+            return not self.is_local
+        return self.send_rasters == "upload"
+
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict:
         return self.request_json("GET", HEALTH_ENDPOINT, auth=False)  # no token needed
@@ -233,11 +246,11 @@ class EngineClient:
     def ask(self, request: dict, upload: bool | None = None) -> "AskStream":
         """Start ``POST /ask``; iterate ``.events()`` for the streamed events.
 
-        ``upload`` (default: when the engine is not on this computer) sends the raster file as a
-        multipart upload instead of its path.
+        ``upload`` (default: :attr:`uploads`, from the *Send rasters* setting) sends the raster
+        file as a multipart upload instead of its path.
         """
         if upload is None:
-            upload = not self.is_local
+            upload = self.uploads
         return AskStream(self, request, upload_path=request.get("raster_path") if upload else None)
 
     def submit_batch(self, body: dict) -> str:

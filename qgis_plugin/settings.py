@@ -34,6 +34,11 @@ STRATEGY_LABELS = {
     "random": "Random",
 }
 RESULTS_FOLDER = "geovqa_results"
+SEND_RASTERS_LABELS = {  # client.SEND_RASTERS
+    "auto": "auto (upload when the engine is not on this computer, by its address)",
+    "upload": "always upload (e.g. an SSH tunnel on 127.0.0.1 to a remote engine)",
+    "path": "never upload (send file paths; the engine sees the same files)",
+}
 
 
 class _SettingsNotifier(QObject):
@@ -64,6 +69,7 @@ class Settings:
     faithful_empty_slots: bool = False  # geollava: 24 tokens every tile, as the checkpoint
     render_max_px: int = 2048
     request_timeout_s: int = 900
+    send_rasters: str = "auto"  # client.SEND_RASTERS
 
     @classmethod
     def load(cls) -> "Settings":
@@ -83,6 +89,8 @@ class Settings:
             setattr(out, name, value)
         if out.strategy not in STRATEGIES:
             out.strategy = DEFAULT_STRATEGY
+        if out.send_rasters not in SEND_RASTERS_LABELS:
+            out.send_rasters = "auto"
         return out
 
     def save(self) -> None:
@@ -165,4 +173,4 @@ def make_client(settings: "Settings | None" = None):
 
     settings = settings or Settings.load()
     return EngineClient(settings.engine_url, settings.resolved_token(),
-                        stream_timeout=float(settings.request_timeout_s))
+                        stream_timeout=float(settings.request_timeout_s), send_rasters=settings.send_rasters)

@@ -172,3 +172,42 @@ def test_remote_engine_answers_about_a_vrt(real_engine, tmp_path):
     assert events[-1]["type"] == "result", events[-1]
     heat = client.download_file(events[-1]["heatmap_file"], str(tmp_path / "heat.tif"))
     assert gdal.Open(heat).GetGeoTransform()[0] == pytest.approx(500000.0)
+
+
+def test_always_upload_reaches_an_engine_behind_a_tunnel_on_loopback(capture, tmp_path):
+    """An SSH tunnel on 127.0.0.1 to a remote engine: by address the path would be sent, which
+    the engine cannot see; 'always upload' sends the file."""
+    from conftest import set_settings
+    from geovqa.client import EngineError, build_ask_request
+    from geovqa.settings import make_client
+
+    path = write_raster(tmp_path / "tunnelled.tif")
+    set_settings(engine_url=capture.url, send_rasters="upload")
+    with pytest.raises(EngineError):
+        list(make_client().ask(build_ask_request("What?", path)).events())
+    assert capture.parts[-1]["raster"] == open(path, "rb").read()
+
+
+@pytest.mark.parametrize("mode, url, uploads", [
+    ("auto", "http://127.0.0.1:8765", False), ("auto", "http://192.0.2.7:8765", True),
+    ("upload", "http://127.0.0.1:8765", True), ("path", "http://192.0.2.7:8765", False),
+    ("nonsense", "http://192.0.2.7:8765", True),  # an unknown stored value is 'auto'
+])
+def test_send_rasters_setting_decides_upload(mode, url, uploads):
+    from conftest import set_settings
+    from geovqa.settings import make_client
+
+    set_settings(engine_url=url, send_rasters=mode)
+    assert make_client().uploads is uploads
+
+
+def test_send_rasters_on_the_options_page(qgis_app):
+    from geovqa.settings import Settings
+    from geovqa.settings_page import SettingsForm
+
+    form = SettingsForm()
+    assert form.send_rasters.currentData() == "auto"  # the default: today's rule
+    form.send_rasters.setCurrentIndex(form.send_rasters.findData("path"))
+    form.apply()
+    assert Settings.load().send_rasters == "path"
+    assert SettingsForm().send_rasters.currentData() == "path"
