@@ -195,6 +195,12 @@ class EngineClient:
             h["Content-Type"] = content_type
         if auth and self.token_error is not None:
             raise self.token_error
+        if auth and not self.token and not self.is_local:
+            # settings.resolved_token never reads this computer's engine token for another host
+            raise EngineError("unauthorized", f"The engine at {self.base_url} is on another computer and "
+                              "needs its own token.",
+                              "Type the remote engine's token (from its token file, ~/.config/geovqa/token on "
+                              "that computer) in Settings > Options > GeoVQA > Engine token.")
         if auth and self.token:
             h["Authorization"] = f"Bearer {self.token}"
         return h

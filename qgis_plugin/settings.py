@@ -122,10 +122,19 @@ class Settings:
         return options
 
     def resolved_token(self) -> str:
-        """The bearer token: typed-in setting, else the token file, else ''."""
+        """The bearer token: typed-in setting, else the chosen token file, else (for an engine on
+        this computer only) the local engine's token file, else ''.
+
+        The local engine's token is never sent to another host: it would hand that host the key
+        to the engine on this computer. The client then asks for the remote engine's token."""
         if self.token.strip():
             return self.token.strip()
-        path = Path(self.token_file) if self.token_file.strip() else default_token_path()
+        if self.token_file.strip():
+            path = Path(self.token_file)
+        elif is_loopback_url(self.engine_url):
+            path = default_token_path()
+        else:
+            return ""
         try:
             return path.read_text(encoding="utf-8").strip()
         except OSError:
@@ -160,6 +169,16 @@ def config_dir() -> Path:
     else:
         base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
     return base / "geovqa"
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` names this computer (an unparsable URL is not: no token goes there)."""
+    from .client import EngineClient, EngineError
+
+    try:
+        return EngineClient(url).is_local
+    except EngineError:
+        return False
 
 
 def default_token_path() -> Path:

@@ -27,7 +27,7 @@ class SettingsForm(QWidget):
         form.addRow("Engine URL", self.url)
         self.token = QLineEdit(s.token)
         self.token.setEchoMode(PASSWORD)
-        self.token.setPlaceholderText(f"empty: read from {default_token_path()}")
+        self.token.setPlaceholderText(f"empty: read from {default_token_path()} (engine on this computer only)")
         form.addRow("Engine token", self.token)
         self.token_file = QgsFileWidget()
         self.token_file.setFilePath(s.token_file)
