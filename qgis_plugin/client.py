@@ -155,6 +155,15 @@ def engine_address(url: str) -> tuple:
     return parsed.scheme, host, port, parsed.path.rstrip("/")
 
 
+def size_text(n: int) -> str:
+    """A byte count for a person: bytes below 1 MiB, else MiB / GiB with one decimal."""
+    if n < 1 << 20:
+        return f"{n} bytes"
+    if n < 1 << 30:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.1f} GiB"
+
+
 def clean_token(token: str) -> str:
     """The token without the spaces and invisible characters a copy and paste brings along.
 
@@ -300,6 +309,9 @@ class AskStream:
         self.request = request
         self.upload_path = upload_path
         self.request_id = request.get("request_id")
+        # called as on_upload_progress(bytes_sent, bytes_total) while a raster is uploaded
+        # (from the worker thread; QgsTask.setProgress and Processing feedback accept that)
+        self.on_upload_progress = None
         self._conn = None
         self._lock = threading.Lock()
         self._aborted = False
@@ -327,7 +339,26 @@ class AskStream:
         from .upload import upload_file
 
         with upload_file(self.upload_path) as sent:
+            self._check_upload_size(os.path.getsize(sent))
             yield from self._events(sent)
+
+    def _check_upload_size(self, size: int) -> None:
+        """Refuse a file over the engine's ``max_upload_bytes`` before sending it.
+
+        The engine refuses it anyway, but only once the limit has been sent, and a refusal
+        while we are still sending may look like a reset connection (docs/protocol.md asks
+        clients to check first). No limit known (older engine, /health failed): just send."""
+        try:
+            limit = self.client.health().get("max_upload_bytes")
+        except EngineError:
+            return
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < size:
+            raise EngineError(
+                "upload_too_large",
+                f"The raster to upload is {size_text(size)}; the engine at {self.client.base_url} accepts "
+                f"uploads up to {size_text(limit)}.",
+                "Ask about a smaller area of interest (or a clipped copy of the layer), or start that engine "
+                "with a larger --max-upload-bytes.")
 
     def _events(self, sent_path: str | None):
         conn = self.client._connection(self.client.stream_timeout)
@@ -394,11 +425,15 @@ class AskStream:
         conn.putheader("Content-Length", str(len(head) + size + len(tail)))
         conn.endheaders()
         conn.send(head)
+        sent = 0
         with open(path, "rb") as fh:
             while not self._aborted:
                 chunk = fh.read(UPLOAD_CHUNK)
                 if not chunk:
                     break
                 conn.send(chunk)
+                sent += len(chunk)
+                if self.on_upload_progress is not None:
+                    self.on_upload_progress(sent, size)
         if not self._aborted:
             conn.send(tail)

@@ -142,7 +142,12 @@ class AskTask(QgsTask):
         self.request_id = request.get("request_id")
         self.results_dir = Path(results_dir)
         self.stream = client.ask(request)
+        self.stream.on_upload_progress = self._upload_progress
         self.final = None
+
+    def _upload_progress(self, sent: int, total: int) -> None:
+        """The upload to a remote engine is the task's progress until the engine reports its own."""
+        self.setProgress(100.0 * sent / max(1, total))
 
     def cancel(self) -> None:
         self.stream.abort()

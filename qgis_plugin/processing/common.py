@@ -50,6 +50,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     stream = client.ask(request)
     if feedback is not None:
         feedback.canceled.connect(stream.abort)
+        stream.on_upload_progress = lambda sent, total: feedback.setProgress(100.0 * sent / max(1, total))
     result = None
     try:
         for ev in stream.events():

@@ -211,3 +211,39 @@ def test_send_rasters_on_the_options_page(qgis_app):
     form.apply()
     assert Settings.load().send_rasters == "path"
     assert SettingsForm().send_rasters.currentData() == "path"
+
+
+def test_an_upload_over_the_engines_limit_is_refused_before_sending(tmp_path):
+    from geovqa.client import EngineClient, EngineError, build_ask_request
+
+    path = write_raster(tmp_path / "big.tif")
+    size = os.path.getsize(path)
+    cap = CaptureEngine(health={"max_upload_bytes": 1000})
+    try:
+        with pytest.raises(EngineError) as err:
+            list(EngineClient(cap.url, "t").ask(build_ask_request("What?", path), upload=True).events())
+    finally:
+        cap.close()
+    assert err.value.code == "upload_too_large"
+    assert f"{size} bytes" in err.value.message and "1000 bytes" in err.value.message
+    assert cap.parts == []  # nothing was sent
+
+
+def test_upload_progress_is_reported(tmp_path, monkeypatch):
+    from geovqa import client as client_mod
+    from geovqa.client import EngineClient, EngineError, build_ask_request
+
+    monkeypatch.setattr(client_mod, "UPLOAD_CHUNK", 1024)
+    path = write_raster(tmp_path / "scene.tif")
+    size = os.path.getsize(path)
+    cap = CaptureEngine(health={"max_upload_bytes": 10 * size})  # under the limit: sent
+    seen = []
+    try:
+        stream = EngineClient(cap.url, "t").ask(build_ask_request("What?", path), upload=True)
+        stream.on_upload_progress = lambda sent, total: seen.append((sent, total))
+        with pytest.raises(EngineError):
+            list(stream.events())
+    finally:
+        cap.close()
+    assert len(seen) == -(-size // 1024) and seen[-1] == (size, size)
+    assert [s for s, _ in seen] == sorted(s for s, _ in seen)
