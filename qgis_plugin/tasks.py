@@ -142,7 +142,6 @@ class AskTask(QgsTask):
         self.request_id = request.get("request_id")
         self.results_dir = Path(results_dir)
         self.stream = client.ask(request)
-        self.stream.on_upload_progress = self._upload_progress
         self.final = None
 
     def _upload_progress(self, sent: int, total: int) -> None:
@@ -154,6 +153,17 @@ class AskTask(QgsTask):
         super().cancel()
 
     def run(self) -> bool:
+        # Set here and cleared at the end, not in __init__: a stream holding the task's bound
+        # method for the task's whole life (a reference cycle) made PyQt abort the dock tests
+        # with "native Qt signal is not callable" (Qt reached our `event` signal, which shadows
+        # QObject.event, on a wrapper kept alive by the cycle).
+        self.stream.on_upload_progress = self._upload_progress
+        try:
+            return self._run()
+        finally:
+            self.stream.on_upload_progress = None
+
+    def _run(self) -> bool:
         try:
             for ev in self.stream.events():
                 if self.isCanceled():
