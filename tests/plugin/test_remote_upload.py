@@ -247,3 +247,43 @@ def test_upload_progress_is_reported(tmp_path, monkeypatch):
         cap.close()
     assert len(seen) == -(-size // 1024) and seen[-1] == (size, size)
     assert [s for s, _ in seen] == sorted(s for s, _ in seen)
+
+
+class PrunedAnchorsClient:
+    """Downloads the heatmap; the anchors file is gone from the engine (pruned, or restarted)."""
+
+    def __init__(self, heatmap_src):
+        self.heatmap_src = heatmap_src
+
+    def download_file(self, name, dest):
+        from geovqa.client import EngineError
+
+        if name.endswith(".tif"):
+            with open(self.heatmap_src, "rb") as src, open(dest, "wb") as out:
+                out.write(src.read())
+            return dest
+        raise EngineError("not_found", f"There is no result file {name}.", status=404)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_one_failed_download_costs_only_that_layer(tmp_path, inline):
+    from geovqa.tasks import keep_result_files_or_warn
+
+    heat_src = write_raster(tmp_path / "heat_src.tif", bands=1)
+    anchors = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"rank": 0},
+               "geometry": {"type": "Polygon", "coordinates": [[[500000, 5000000], [500100, 5000000],
+                                                                 [500100, 4999900], [500000, 5000000]]]}}]}
+    event = {"type": "result", "heatmap_file": "x_heatmap.tif", "anchors_file": "x_anchors.geojson"}
+    if inline:
+        event["anchors"] = anchors
+    dest = tmp_path / "results"
+    files, warning = keep_result_files_or_warn(event, PrunedAnchorsClient(heat_src), dest, "q")
+    assert files["heatmap"] and open(files["heatmap"], "rb").read() == open(heat_src, "rb").read()
+    if inline:  # the anchors of the event itself stand in for the lost file
+        assert json.loads(open(files["anchors"]).read()) == anchors and warning == ""
+    else:
+        assert files["anchors"] is None
+        assert "anchor layer could not be downloaded" in warning and "no result file" in warning
+        assert "heatmap" not in warning and "results folder" not in warning
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        os.path.basename(p) for p in files.values() if p)  # nothing orphaned or half-written
