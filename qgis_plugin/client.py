@@ -34,6 +34,10 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_ENGINE_URL = "http://127.0.0.1:8765"
 DEFAULT_PORT = 8765  # engine/protocol.py DEFAULT_PORT
 UPLOAD_CHUNK = 1 << 20
+# How a raster reaches the engine: "auto" uploads it when the engine's host is not this computer
+# (by address); "upload" always (an SSH tunnel on 127.0.0.1 to an engine elsewhere, which cannot
+# see our files); "path" never (an engine on another address that shares our file system).
+SEND_RASTERS = ("auto", "upload", "path")
 
 
 class EngineError(Exception):
@@ -151,6 +155,15 @@ def engine_address(url: str) -> tuple:
     return parsed.scheme, host, port, parsed.path.rstrip("/")
 
 
+def size_text(n: int) -> str:
+    """A byte count for a person: bytes below 1 MiB, else MiB / GiB with one decimal."""
+    if n < 1 << 20:
+        return f"{n} bytes"
+    if n < 1 << 30:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.1f} GiB"
+
+
 def clean_token(token: str) -> str:
     """The token without the spaces and invisible characters a copy and paste brings along.
 
@@ -168,8 +181,10 @@ def clean_token(token: str) -> str:
 class EngineClient:
     """Talks to one engine at ``base_url`` with a bearer ``token``."""
 
-    def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0):
+    def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0,
+                 send_rasters: str = "auto"):
         self.scheme, self.host, self.port, self.prefix = engine_address(base_url)
+        self.send_rasters = send_rasters if send_rasters in SEND_RASTERS else "auto"
         self.base_url = (base_url.strip() or DEFAULT_ENGINE_URL).rstrip("/")
         try:
             self.token, self.token_error = clean_token(token), None
@@ -189,6 +204,12 @@ class EngineClient:
             h["Content-Type"] = content_type
         if auth and self.token_error is not None:
             raise self.token_error
+        if auth and not self.token and not self.is_local:
+            # settings.resolved_token never reads this computer's engine token for another host
+            raise EngineError("unauthorized", f"The engine at {self.base_url} is on another computer and "
+                              "needs its own token.",
+                              "Type the remote engine's token (from its token file, ~/.config/geovqa/token on "
+                              "that computer) in Settings > Options > GeoVQA > Engine token.")
         if auth and self.token:
             h["Authorization"] = f"Bearer {self.token}"
         return h
@@ -226,6 +247,13 @@ class EngineClient:
         """True when the engine runs on this computer and can read our files by path."""
         return self.host in LOOPBACK_HOSTS
 
+    @property
+    def uploads(self) -> bool:
+        """True when rasters are sent as uploads rather than paths (see SEND_RASTERS)."""
+        if self.send_rasters == "auto":
+            return not self.is_local
+        return self.send_rasters == "upload"
+
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict:
         return self.request_json("GET", HEALTH_ENDPOINT, auth=False)  # no token needed
@@ -233,11 +261,11 @@ class EngineClient:
     def ask(self, request: dict, upload: bool | None = None) -> "AskStream":
         """Start ``POST /ask``; iterate ``.events()`` for the streamed events.
 
-        ``upload`` (default: when the engine is not on this computer) sends the raster file as a
-        multipart upload instead of its path.
+        ``upload`` (default: :attr:`uploads`, from the *Send rasters* setting) sends the raster
+        file as a multipart upload instead of its path.
         """
         if upload is None:
-            upload = not self.is_local
+            upload = self.uploads
         return AskStream(self, request, upload_path=request.get("raster_path") if upload else None)
 
     def submit_batch(self, body: dict) -> str:
@@ -281,6 +309,9 @@ class AskStream:
         self.request = request
         self.upload_path = upload_path
         self.request_id = request.get("request_id")
+        # called as on_upload_progress(bytes_sent, bytes_total) while a raster is uploaded
+        # (from the worker thread; QgsTask.setProgress and Processing feedback accept that)
+        self.on_upload_progress = None
         self._conn = None
         self._lock = threading.Lock()
         self._aborted = False
@@ -300,6 +331,36 @@ class AskStream:
         return self._aborted
 
     def events(self):
+        """Yield the answer's events; an uploaded raster that is not a self-contained GeoTIFF is
+        converted first (here, so every caller converts in its worker thread; see :mod:`upload`)."""
+        if not self.upload_path:
+            yield from self._events(None)
+            return
+        from .upload import upload_file
+
+        with upload_file(self.upload_path) as sent:
+            self._check_upload_size(os.path.getsize(sent))
+            yield from self._events(sent)
+
+    def _check_upload_size(self, size: int) -> None:
+        """Refuse a file over the engine's ``max_upload_bytes`` before sending it.
+
+        The engine refuses it anyway, but only once the limit has been sent, and a refusal
+        while we are still sending may look like a reset connection (docs/protocol.md asks
+        clients to check first). No limit known (older engine, /health failed): just send."""
+        try:
+            limit = self.client.health().get("max_upload_bytes")
+        except EngineError:
+            return
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < size:
+            raise EngineError(
+                "upload_too_large",
+                f"The raster to upload is {size_text(size)}; the engine at {self.client.base_url} accepts "
+                f"uploads up to {size_text(limit)}.",
+                "Ask about a smaller area of interest (or a clipped copy of the layer), or start that engine "
+                "with a larger --max-upload-bytes.")
+
+    def _events(self, sent_path: str | None):
         conn = self.client._connection(self.client.stream_timeout)
         with self._lock:
             if self._aborted:
@@ -307,8 +368,8 @@ class AskStream:
             self._conn = conn
         try:
             try:
-                if self.upload_path:
-                    self._send_multipart(conn)
+                if sent_path:
+                    self._send_multipart(conn, sent_path)
                 else:
                     body = json.dumps(self.request).encode("utf-8")
                     conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
@@ -347,28 +408,32 @@ class AskStream:
         finally:
             conn.close()
 
-    def _send_multipart(self, conn) -> None:
-        """POST /ask as multipart: a ``request`` JSON part and the ``raster`` file, streamed."""
+    def _send_multipart(self, conn, path: str) -> None:
+        """POST /ask as multipart: a ``request`` JSON part and the ``raster`` file at ``path``, streamed."""
         boundary = "geovqa-" + uuid.uuid4().hex
         req = dict(self.request, raster_path=None)
-        name = os.path.basename(self.upload_path) or "raster.tif"
+        name = os.path.basename(path) or "raster.tif"
         head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n"
                 f"Content-Type: application/json\r\n\r\n{json.dumps(req)}\r\n"
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"raster\"; filename=\"{name}\"\r\n"
                 f"Content-Type: application/octet-stream\r\n\r\n").encode("utf-8")
         tail = f"\r\n--{boundary}--\r\n".encode("utf-8")
-        size = os.path.getsize(self.upload_path)
+        size = os.path.getsize(path)
         conn.putrequest("POST", self.client.prefix + ASK_ENDPOINT)
         for k, v in self.client.headers(f"multipart/form-data; boundary={boundary}").items():
             conn.putheader(k, v)
         conn.putheader("Content-Length", str(len(head) + size + len(tail)))
         conn.endheaders()
         conn.send(head)
-        with open(self.upload_path, "rb") as fh:
+        sent = 0
+        with open(path, "rb") as fh:
             while not self._aborted:
                 chunk = fh.read(UPLOAD_CHUNK)
                 if not chunk:
                     break
                 conn.send(chunk)
+                sent += len(chunk)
+                if self.on_upload_progress is not None:
+                    self.on_upload_progress(sent, size)
         if not self._aborted:
             conn.send(tail)

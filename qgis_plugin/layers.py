@@ -68,6 +68,12 @@ def style_heatmap(layer: QgsRasterLayer) -> None:
     layer.triggerRepaint()
 
 
+def has_no_features(layer: QgsVectorLayer) -> bool:
+    """True for an anchors file with no feature (no anchor was kept, or clipping to the layer
+    left none): OGR then knows no geometry type, so the layer has no renderer to style."""
+    return layer.featureCount() == 0 or layer.renderer() is None
+
+
 def style_anchors(layer: QgsVectorLayer) -> None:
     symbol = QgsFillSymbol.createSimple({
         "color": "0,200,255,40", "outline_color": "0,160,255,255", "outline_width": "0.4",
@@ -108,9 +114,12 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
         anchors = QgsVectorLayer(str(anchors_path), ANCHORS_NAME, "ogr")
         if not anchors.isValid():
             raise ResultLayerError(f"The anchors {anchors_path} could not be opened as a vector layer.")
-        if crs.isValid():
-            anchors.setCrs(crs)
-        style_anchors(anchors)
+        if has_no_features(anchors):
+            anchors = None  # nothing to show; the heatmap still is
+        else:
+            if crs.isValid():
+                anchors.setCrs(crs)
+            style_anchors(anchors)
     root = project.layerTreeRoot()
     group = root.insertGroup(0, group_name(question))
     for lyr in (anchors, heat):

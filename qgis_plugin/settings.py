@@ -34,6 +34,11 @@ STRATEGY_LABELS = {
     "random": "Random",
 }
 RESULTS_FOLDER = "geovqa_results"
+SEND_RASTERS_LABELS = {  # client.SEND_RASTERS
+    "auto": "auto (upload when the engine is not on this computer, by its address)",
+    "upload": "always upload (e.g. an SSH tunnel on 127.0.0.1 to a remote engine)",
+    "path": "never upload (send file paths; the engine sees the same files)",
+}
 
 
 class _SettingsNotifier(QObject):
@@ -64,6 +69,7 @@ class Settings:
     faithful_empty_slots: bool = False  # geollava: 24 tokens every tile, as the checkpoint
     render_max_px: int = 2048
     request_timeout_s: int = 900
+    send_rasters: str = "auto"  # client.SEND_RASTERS
 
     @classmethod
     def load(cls) -> "Settings":
@@ -83,6 +89,8 @@ class Settings:
             setattr(out, name, value)
         if out.strategy not in STRATEGIES:
             out.strategy = DEFAULT_STRATEGY
+        if out.send_rasters not in SEND_RASTERS_LABELS:
+            out.send_rasters = "auto"
         return out
 
     def save(self) -> None:
@@ -114,10 +122,19 @@ class Settings:
         return options
 
     def resolved_token(self) -> str:
-        """The bearer token: typed-in setting, else the token file, else ''."""
+        """The bearer token: typed-in setting, else the chosen token file, else (for an engine on
+        this computer only) the local engine's token file, else ''.
+
+        The local engine's token is never sent to another host: it would hand that host the key
+        to the engine on this computer. The client then asks for the remote engine's token."""
         if self.token.strip():
             return self.token.strip()
-        path = Path(self.token_file) if self.token_file.strip() else default_token_path()
+        if self.token_file.strip():
+            path = Path(self.token_file)
+        elif is_loopback_url(self.engine_url):
+            path = default_token_path()
+        else:
+            return ""
         try:
             return path.read_text(encoding="utf-8").strip()
         except OSError:
@@ -154,6 +171,16 @@ def config_dir() -> Path:
     return base / "geovqa"
 
 
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` names this computer (an unparsable URL is not: no token goes there)."""
+    from .client import EngineClient, EngineError
+
+    try:
+        return EngineClient(url).is_local
+    except EngineError:
+        return False
+
+
 def default_token_path() -> Path:
     """Where the engine keeps its bearer token."""
     return config_dir() / "token"
@@ -165,4 +192,4 @@ def make_client(settings: "Settings | None" = None):
 
     settings = settings or Settings.load()
     return EngineClient(settings.engine_url, settings.resolved_token(),
-                        stream_timeout=float(settings.request_timeout_s))
+                        stream_timeout=float(settings.request_timeout_s), send_rasters=settings.send_rasters)

@@ -9,7 +9,7 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QPushButton,
                                  QSpinBox, QVBoxLayout, QWidget)
 
-from .settings import STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, default_token_path, notifier
+from .settings import SEND_RASTERS_LABELS, STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, default_token_path, notifier
 
 ICON = str(Path(__file__).parent / "icons" / "geovqa.svg")
 GET_DIRECTORY = getattr(getattr(QgsFileWidget, "StorageMode", QgsFileWidget), "GetDirectory")
@@ -27,11 +27,16 @@ class SettingsForm(QWidget):
         form.addRow("Engine URL", self.url)
         self.token = QLineEdit(s.token)
         self.token.setEchoMode(PASSWORD)
-        self.token.setPlaceholderText(f"empty: read from {default_token_path()}")
+        self.token.setPlaceholderText(f"empty: read from {default_token_path()} (engine on this computer only)")
         form.addRow("Engine token", self.token)
         self.token_file = QgsFileWidget()
         self.token_file.setFilePath(s.token_file)
         form.addRow("Token file", self.token_file)
+        self.send_rasters = QComboBox()
+        for value, label in SEND_RASTERS_LABELS.items():
+            self.send_rasters.addItem(label, value)
+        self.send_rasters.setCurrentIndex(max(0, self.send_rasters.findData(s.send_rasters)))
+        form.addRow("Send rasters", self.send_rasters)
         form.addRow(QLabel("<b>Local engine</b> (Start/Stop from the GeoVQA menu)"))
         self.python = QgsFileWidget()
         self.python.setFilePath(s.python)
@@ -122,6 +127,7 @@ class SettingsForm(QWidget):
         s.engine_url = self.url.text().strip() or s.engine_url
         s.token = self.token.text().strip()
         s.token_file = self.token_file.filePath()
+        s.send_rasters = self.send_rasters.currentData()
         self._with_local_engine_fields(s)
         s.strategy = self.strategy.currentData()
         s.budget = self.budget.value()

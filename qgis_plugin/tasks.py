@@ -23,33 +23,43 @@ _HIDDEN = getattr(QgsTask.Flag, "Hidden", None)
 HEALTH_FLAGS = CAN_CANCEL | _HIDDEN if _HIDDEN is not None else CAN_CANCEL
 
 
-def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None,
-                      unreferenced: bool = False) -> dict:
-    """Copy (or download) the heatmap GeoTIFF and anchors GeoJSON of a result into ``dest_dir``.
+RESULT_FILES = (("heatmap", ".tif", "heatmap layer"), ("anchors", ".geojson", "anchor layer"))
 
-    ``unreferenced``: the raster has no georeferencing (:func:`aoi.is_unreferenced_file`), so
-    the engine's files are in source pixels; the copies are moved to where QGIS shows the
-    raster (see :mod:`unreferenced`). With ``clip_bounds`` (xmin, ymin, xmax, ymax in the
-    layer's coordinates) both are then clipped to the source raster (see :mod:`clip`).
-    Returns ``{"heatmap": path|None, "anchors": path|None}``. Runs in a worker thread.
-    """
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    out = {"heatmap": None, "anchors": None}
-    for key, suffix in (("heatmap", ".tif"), ("anchors", ".geojson")):
-        src = event.get(f"{key}_path")
-        name = event.get(f"{key}_file")
-        dest = dest_dir / f"{stem}_{key}{suffix}"
-        if src and Path(src).is_file():
-            shutil.copyfile(src, dest)
-            out[key] = str(dest)
-        elif name:
+
+def fetch_result_file(event: dict, client: EngineClient, key: str, dest: Path) -> str | None:
+    """Copy (engine on this computer) or download one result file of ``event`` to ``dest``.
+
+    The anchors are also inline in the result event: they are written from there when the
+    event names no file, or when its download fails (the engine pruned it, or restarted).
+    Returns ``str(dest)``, or None when the event has no such file. Raises OSError /
+    EngineError when it cannot be had. Runs in a worker thread."""
+    src, name = event.get(f"{key}_path"), event.get(f"{key}_file")
+    inline = event.get("anchors") if key == "anchors" and isinstance(event.get("anchors"), dict) else None
+    if src and Path(src).is_file():
+        shutil.copyfile(src, dest)
+    elif name:
+        try:
             client.download_file(name, str(dest))
-            out[key] = str(dest)
-        elif key == "anchors" and isinstance(event.get("anchors"), dict):
-            import json
+        except EngineError:
+            if inline is None:
+                raise
+            _write_json(dest, inline)
+    elif inline is not None:
+        _write_json(dest, inline)
+    else:
+        return None
+    return str(dest)
 
-            dest.write_text(json.dumps(event["anchors"]), encoding="utf-8")
-            out[key] = str(dest)
+
+def _write_json(dest: Path, obj) -> None:
+    import json
+
+    dest.write_text(json.dumps(obj), encoding="utf-8")
+
+
+def place_result_files(out: dict, clip_bounds=None, unreferenced: bool = False) -> None:
+    """Move the kept files of ``out`` where QGIS shows the raster and clip them to it, in place
+    (``clip_bounds`` and ``unreferenced`` as for :func:`keep_result_files`)."""
     if unreferenced:  # before clipping: clip_bounds are in the layer's coordinates
         from .unreferenced import flip_anchors, flip_heatmap
 
@@ -68,24 +78,76 @@ def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: s
                 Path(clipped).rename(raw)
         if out["anchors"]:
             clip_anchors(out["anchors"], clip_bounds, out["anchors"])
+
+
+def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None,
+                      unreferenced: bool = False) -> dict:
+    """Copy (or download) the heatmap GeoTIFF and anchors GeoJSON of a result into ``dest_dir``.
+
+    ``unreferenced``: the raster has no georeferencing (:func:`aoi.is_unreferenced_file`), so
+    the engine's files are in source pixels; the copies are moved to where QGIS shows the
+    raster (see :mod:`unreferenced`). With ``clip_bounds`` (xmin, ymin, xmax, ymax in the
+    layer's coordinates) both are then clipped to the source raster (see :mod:`clip`).
+    Returns ``{"heatmap": path|None, "anchors": path|None}``. Runs in a worker thread.
+    """
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = {key: fetch_result_file(event, client, key, dest_dir / f"{stem}_{key}{suffix}")
+           for key, suffix, _ in RESULT_FILES}
+    place_result_files(out, clip_bounds, unreferenced)
     return out
+
+
+def _lost_text(what: str, exc: Exception, dest_dir: Path) -> str:
+    """Why one result layer is missing, and what to do: a download failure is the engine's side,
+    anything else (OSError, GDAL) the results folder's."""
+    if isinstance(exc, EngineError):
+        return f"its {what} could not be downloaded from the engine: {exc}"
+    return (f"its {what} could not be saved in {dest_dir}: {exc}. "
+            "Choose another results folder in Settings > Options > GeoVQA")
 
 
 def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None,
                               unreferenced: bool = False) -> tuple:
-    """:func:`keep_result_files`, but a failure to keep the files is a warning, not an error.
+    """:func:`keep_result_files`, but a failure to keep a file is a warning, not an error.
 
     The answer itself (text, token counts, timings) is complete at this point: a results
     folder that cannot be written (read-only project folder, full disk) or a failed download
-    must only cost the heatmap and anchor layers. Returns ``(files, warning)``; ``warning`` is
-    "" when both were kept. Runs in a worker thread.
+    must only cost the layer concerned; each file is kept or lost on its own (a failed anchors
+    download falls back to the anchors inline in the event). Returns ``(files, warning)``;
+    ``warning`` is "" when both were kept. Runs in a worker thread.
     """
+    errors = (OSError, EngineError, RuntimeError)  # RuntimeError: GDAL with exceptions on
+    out, lost = {"heatmap": None, "anchors": None}, []
     try:
-        return keep_result_files(event, client, dest_dir, stem, clip_bounds, unreferenced), ""
-    except (OSError, EngineError, RuntimeError) as exc:  # RuntimeError: GDAL with exceptions on
-        return {"heatmap": None, "anchors": None}, (
-            f"The answer is kept, but its heatmap and anchor layers could not be saved in {dest_dir}: {exc}. "
-            "Choose another results folder in Settings > Options > GeoVQA.")
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except errors as exc:
+        return out, _warning([_lost_text("heatmap and anchor layers", exc, dest_dir)])
+    for key, suffix, what in RESULT_FILES:
+        dest = dest_dir / f"{stem}_{key}{suffix}"
+        try:
+            out[key] = fetch_result_file(event, client, key, dest)
+        except errors as exc:
+            _remove(dest)  # no half-written file left behind
+            lost.append(_lost_text(what, exc, dest_dir))
+    try:
+        place_result_files(out, clip_bounds, unreferenced)
+    except errors as exc:  # files that cannot be placed would be shown in the wrong place
+        for path in out.values():
+            _remove(path)
+        return {"heatmap": None, "anchors": None}, _warning([_lost_text("heatmap and anchor layers", exc, dest_dir)])
+    return out, _warning(lost)
+
+
+def _warning(lost: list) -> str:
+    return f"The answer is kept, but {'; '.join(lost)}." if lost else ""
+
+
+def _remove(path) -> None:
+    if path:
+        try:
+            Path(path).unlink()
+        except OSError:
+            pass
 
 
 def rect_bounds(rect) -> tuple:
@@ -144,11 +206,26 @@ class AskTask(QgsTask):
         self.stream = client.ask(request)
         self.final = None
 
+    def _upload_progress(self, sent: int, total: int) -> None:
+        """The upload to a remote engine is the task's progress until the engine reports its own."""
+        self.setProgress(100.0 * sent / max(1, total))
+
     def cancel(self) -> None:
         self.stream.abort()
         super().cancel()
 
     def run(self) -> bool:
+        # Set here and cleared at the end, not in __init__: a stream holding the task's bound
+        # method for the task's whole life (a reference cycle) made PyQt abort the dock tests
+        # with "native Qt signal is not callable" (Qt reached our `event` signal, which shadows
+        # QObject.event, on a wrapper kept alive by the cycle).
+        self.stream.on_upload_progress = self._upload_progress
+        try:
+            return self._run()
+        finally:
+            self.stream.on_upload_progress = None
+
+    def _run(self) -> bool:
         try:
             for ev in self.stream.events():
                 if self.isCanceled():

@@ -43,13 +43,14 @@ def raster_source(layer, feedback, extent=None) -> tuple:
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
              unreferenced: bool = False) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
-    (``clip_bounds`` and ``unreferenced`` as for :func:`tasks.keep_result_files`). When the
-    files could not be kept both are None and ``files_warning`` says why (also reported to
+    (``clip_bounds`` and ``unreferenced`` as for :func:`tasks.keep_result_files`). A file that
+    could not be kept is None and ``files_warning`` says why (also reported to
     ``feedback``): the answer is not lost for them."""
     request = build_ask_request(question, raster_path, aoi=aoi, **options)
     stream = client.ask(request)
     if feedback is not None:
         feedback.canceled.connect(stream.abort)
+        stream.on_upload_progress = lambda sent, total: feedback.setProgress(100.0 * sent / max(1, total))
     result = None
     try:
         for ev in stream.events():

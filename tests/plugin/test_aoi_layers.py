@@ -91,6 +91,21 @@ def test_result_layers_are_grouped_styled_and_aligned(raster_layer, tmp_path):
     assert al.featureCount() == 1
 
 
+def test_an_anchors_file_with_no_feature_keeps_the_heatmap(raster_layer, tmp_path):
+    """Clipping can leave no anchor (all outside the layer): OGR then gives the layer no
+    geometry type and no renderer, and styling it raised AttributeError in the dock's slot."""
+    from geovqa.clip import clip_anchors
+    from geovqa.layers import HEATMAP_NAME, add_result_layers
+
+    layer = raster_layer()
+    heat, anchors = _write_results(tmp_path, layer)
+    clip_anchors(str(anchors), (0.0, 0.0, 10.0, 10.0), str(anchors))  # far from every anchor
+    assert json.loads(anchors.read_text())["features"] == []
+    group, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert al is None and hl is not None
+    assert [c.layer().name() for c in group.findLayers()] == [HEATMAP_NAME]
+
+
 def test_result_layers_follow_a_crs_the_user_set_on_the_layer(raster_layer, tmp_path):
     """A file tagged with a wrong CRS, corrected in QGIS: the heatmap kept the file's tag and
     landed hundreds of kilometres from the image and its anchors."""

@@ -98,3 +98,25 @@ def test_a_token_no_engine_could_have_is_refused_clearly(stub_engine, plugin):
     plugin.dock.refresh_health()
     wait_until(lambda: plugin.dock._health_task is None, 10, "the health check")
     assert plugin.dock.status_level != "down"
+
+
+def test_the_local_engine_token_is_never_sent_to_another_host(qgis_app, tmp_path, monkeypatch):
+    """Empty token field + remote URL: the token file of the engine on this computer was sent."""
+    from conftest import set_settings
+    from geovqa.client import EngineError
+    from geovqa.settings import Settings, make_client
+
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "token").write_text("LOCAL-ENGINE-SECRET\n")
+    set_settings(engine_url="http://192.0.2.2:8765", token="")
+    assert Settings.load().resolved_token() == ""
+    with pytest.raises(EngineError) as err:
+        make_client().job("abc")  # refused before any connection is made
+    assert err.value.code == "unauthorized" and "another computer" in err.value.message
+    assert "Engine token" in err.value.hint
+    set_settings(engine_url="http://127.0.0.1:8765")  # the local engine keeps reading its file
+    assert Settings.load().resolved_token() == "LOCAL-ENGINE-SECRET"
+    (tmp_path / "remote_token").write_text("REMOTE\n")  # a token file chosen by the user is used
+    set_settings(engine_url="http://192.0.2.2:8765", token_file=str(tmp_path / "remote_token"))
+    assert Settings.load().resolved_token() == "REMOTE"
