@@ -63,6 +63,11 @@ def cache_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# AskRequest fields the server sets itself, never read from a client's JSON: a client that could
+# name an upload's content hash could be served another raster's cached features
+SERVER_ONLY_FIELDS = ("raster_identity",)
+
+
 @dataclass
 class AskRequest:
     """One question about one raster (the JSON body of POST /ask, minus transport fields)."""
@@ -119,7 +124,7 @@ class AskRequest:
         """Build from a protocol ASK body; unknown fields are an error (typos get caught)."""
         if not isinstance(data, dict):
             raise RequestError("bad_request", "The request body must be a JSON object.")
-        known = set(cls.__dataclass_fields__) - {"raster_identity"}  # the server's, never a client's
+        known = set(cls.__dataclass_fields__) - set(SERVER_ONLY_FIELDS)
         extra = set(data) - known
         if extra:
             raise RequestError("bad_request", f"Unknown request fields: {', '.join(sorted(extra))}.")

@@ -16,7 +16,11 @@ DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(e
 
 
 def test_ask_request_takes_exactly_the_protocol_fields():
-    assert set(AskRequest.__dataclass_fields__) == set(protocol.ASK_FIELDS)
+    from engine.pipeline import SERVER_ONLY_FIELDS, RequestError
+
+    assert set(AskRequest.__dataclass_fields__) - set(SERVER_ONLY_FIELDS) == set(protocol.ASK_FIELDS)
+    with pytest.raises(RequestError, match="Unknown request fields: raster_identity"):
+        AskRequest.from_json({"raster_path": "a.tif", "question": "q?", "raster_identity": "sha256:0"})
 
 
 def test_shared_model_settings_are_ask_and_batch_fields():
