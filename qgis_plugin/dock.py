@@ -441,7 +441,7 @@ class ChatDock(QgsDockWidget):
         client = make_client(settings)
         self.task = AskTask(client, request, settings.results_dir(), f"GeoVQA: {turn['question'][:40]}",
                             clip_bounds=clip_bounds, unreferenced=unreferenced)
-        self.task.event.connect(self._on_event)
+        self.task.engine_event.connect(self._on_event)
         self.progress_label.setText("Sending the question to the engine …")
         QgsApplication.taskManager().addTask(self.task)
 

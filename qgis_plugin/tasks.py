@@ -192,7 +192,8 @@ class AskTask(QgsTask):
     ``error`` event with the same request_id, so the receiver has a single code path.
     """
 
-    event = pyqtSignal(object)
+    # not `event`: that name would hide QObject.event(), which Qt itself calls on the task
+    engine_event = pyqtSignal(object)
 
     def __init__(self, client: EngineClient, request: dict, results_dir: Path, description: str = "GeoVQA: answer",
                  clip_bounds=None, unreferenced: bool = False):
@@ -215,10 +216,9 @@ class AskTask(QgsTask):
         super().cancel()
 
     def run(self) -> bool:
-        # Set here and cleared at the end, not in __init__: a stream holding the task's bound
-        # method for the task's whole life (a reference cycle) made PyQt abort the dock tests
-        # with "native Qt signal is not callable" (Qt reached our `event` signal, which shadows
-        # QObject.event, on a wrapper kept alive by the cycle).
+        # Set here and cleared at the end, not in __init__: the stream holds no reference to the
+        # task (a cycle) longer than the run. (A cycle once let Qt reach a signal that was named
+        # `event` and hid QObject.event: "native Qt signal is not callable".)
         self.stream.on_upload_progress = self._upload_progress
         try:
             return self._run()
@@ -242,26 +242,26 @@ class AskTask(QgsTask):
                     ev["files_warning"] = warning
                 if ev.get("type") in ("result", "error"):
                     self.final = ev
-                self.event.emit(ev)
+                self.engine_event.emit(ev)
         except EngineError as exc:
             self.final = {
                 "type": "error", "request_id": self.request_id, "code": exc.code,
                 "message": exc.message, "hint": exc.hint,
             }
-            self.event.emit(self.final)
+            self.engine_event.emit(self.final)
         except OSError as exc:
             self.final = {
                 "type": "error", "request_id": self.request_id, "code": "io_error",
                 "message": f"Could not save the result files: {exc}.", "hint": None,
             }
-            self.event.emit(self.final)
+            self.engine_event.emit(self.final)
         except Exception as exc:  # noqa: BLE001 - a task must always end with a final event
             self.final = {
                 "type": "error", "request_id": self.request_id, "code": "internal",
                 "message": f"Unexpected error in the GeoVQA plugin: {exc.__class__.__name__}: {exc}.",
                 "hint": "Please report it with the Diagnostics report.",
             }
-            self.event.emit(self.final)
+            self.engine_event.emit(self.final)
         return not self.isCanceled()
 
 
