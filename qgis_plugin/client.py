@@ -20,6 +20,7 @@ import threading
 import unicodedata
 import urllib.parse
 import uuid
+from pathlib import Path
 
 PROTOCOL_VERSION = 1
 ASK_ENDPOINT = "/ask"
@@ -288,17 +289,42 @@ class EngineClient:
             resp = conn.getresponse()
             if resp.status >= 400:
                 raise error_from_body(resp.status, resp.read())
-            with open(dest, "wb") as fh:
-                while True:
-                    chunk = resp.read(1 << 16)
-                    if not chunk:
-                        break
-                    fh.write(chunk)
+            fh = _open_local(dest)  # a local folder that cannot be written is not the engine's fault
+            try:
+                with fh:
+                    while True:
+                        chunk = resp.read(1 << 16)  # an OSError here is the connection's...
+                        if not chunk:
+                            break
+                        _write_local(fh, chunk, dest)  # ...and one here the disk's (LocalFileError)
+            except BaseException:
+                Path(dest).unlink(missing_ok=True)  # no half-written file left behind
+                raise
+        except LocalFileError as exc:
+            raise OSError(exc.errno, f"{exc.strerror or exc} ({dest})") from None
         except (OSError, http.client.HTTPException) as exc:
             raise self._unavailable(exc) from exc
         finally:
             conn.close()
         return dest
+
+
+class LocalFileError(OSError):
+    """Writing a downloaded file on this computer failed (its folder, its disk)."""
+
+
+def _open_local(dest: str):
+    try:
+        return open(dest, "wb")
+    except OSError as exc:
+        raise LocalFileError(exc.errno, exc.strerror) from None
+
+
+def _write_local(fh, chunk: bytes, dest: str) -> None:
+    try:
+        fh.write(chunk)
+    except OSError as exc:
+        raise LocalFileError(exc.errno, exc.strerror) from None
 
 
 class AskStream:

@@ -287,3 +287,20 @@ def test_one_failed_download_costs_only_that_layer(tmp_path, inline):
         assert "heatmap" not in warning and "results folder" not in warning
     assert sorted(p.name for p in dest.iterdir()) == sorted(
         os.path.basename(p) for p in files.values() if p)  # nothing orphaned or half-written
+
+
+def test_a_download_into_a_folder_that_cannot_be_written_blames_the_folder(capture, tmp_path):
+    """A local write failure (missing folder, full disk) used to be reported as 'engine not
+    reachable'; it is an OSError naming the file (the results folder's fault), and no partial file
+    is left."""
+    from geovqa.client import EngineClient, EngineError
+
+    client = EngineClient(capture.url, "t")
+    good = tmp_path / "heatmap.tif"
+    assert client.download_file("x_heatmap.tif", str(good)) == str(good)
+    assert json.loads(good.read_text())["status"] == "ok"  # what the stand-in serves
+    bad = tmp_path / "missing-folder" / "heatmap.tif"
+    with pytest.raises(OSError) as exc:
+        client.download_file("x_heatmap.tif", str(bad))
+    assert not isinstance(exc.value, EngineError) and str(bad) in str(exc.value)
+    assert not bad.exists()
