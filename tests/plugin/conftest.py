@@ -275,3 +275,24 @@ def wait_for_tasks(timeout=60.0):
     from qgis.core import QgsApplication
 
     wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0, timeout, "background tasks")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ending the test process. After every test has run and the summary is printed, the final
+# garbage collection of Debian's QGIS 3.22 / PyQt5 bindings (after QgsApplication.exitQgis)
+# sometimes aborts with "double free or corruption" (about 1 run in 6 here), turning a passing
+# run into exit code 134. QGIS itself never goes through this teardown, so the process ends
+# here with the tests' own exit status instead of running it.
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._geovqa_exitstatus = int(exitstatus)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config):
+    status = getattr(config, "_geovqa_exitstatus", None)
+    if status is None or os.environ.get("GEOVQA_FULL_TEARDOWN"):  # set it to see the teardown
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
