@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
+from .georef import open_with_gdal
+
 # Tiled + deflate: a translated VRT or PNG is not bigger than needed on the wire; BIGTIFF only
 # where the output would need it.
 CREATION_OPTIONS = ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
@@ -32,9 +34,7 @@ def needs_translation(path: str) -> bool:
 
     A file GDAL cannot open is sent as it is: the engine then answers with its own clear error
     (not_a_raster / raster_unreadable) rather than the plugin guessing."""
-    from osgeo import gdal
-
-    ds = gdal.OpenEx(path, gdal.OF_RASTER)
+    ds = open_with_gdal(path)
     if ds is None:
         return False
     files = ds.GetFileList() or [path]

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -296,3 +297,32 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def virtual_raster_layer(src, name: str = "virtual"):
+    """A layer with no file behind it (raster calculator provider) computed from `src`, added to
+    the project: the plugin renders such a layer before asking about it."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    uri = (f"?crs={src.crs().authid()}&extent={src.extent().toString().replace(' : ', ',').replace(' ', '')}"
+           f"&width={src.width()}&height={src.height()}&formula=%22{src.name()}@1%22"
+           f"&{src.name()}:uri={src.source()}&{src.name()}:provider=gdal")
+    layer = QgsRasterLayer(uri, name, "virtualraster")
+    assert layer.isValid(), layer.error().summary()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+@contextlib.contextmanager
+def python_errors():
+    """The Python errors raised in Qt slots and callbacks (sys.excepthook) while the block runs, as
+    formatted tracebacks: QGIS shows each in an error dialog."""
+    import traceback
+
+    errors: list[str] = []
+    old_hook = sys.excepthook
+    sys.excepthook = lambda *exc: errors.append("".join(traceback.format_exception(*exc)))
+    try:
+        yield errors
+    finally:
+        sys.excepthook = old_hook

@@ -191,30 +191,19 @@ def test_batch_and_processing_place_the_results_of_a_raster_with_no_georeferenci
     assert anchors.extent().yMaximum() == 0  # the anchor at the top-left corner (row 0) is at the top
 
 
-def _virtual(src, name):
-    """A layer with no file behind it (raster calculator provider): the batch renders it first."""
-    from qgis.core import QgsProject, QgsRasterLayer
-
-    uri = (f"?crs={src.crs().authid()}&extent={src.extent().toString().replace(' : ', ',').replace(' ', '')}"
-           f"&width={src.width()}&height={src.height()}&formula=%22{src.name()}@1%22"
-           f"&{src.name()}:uri={src.source()}&{src.name()}:provider=gdal")
-    layer = QgsRasterLayer(uri, name, "virtualraster")
-    assert layer.isValid()
-    QgsProject.instance().addMapLayer(layer)
-    return layer
-
-
 def test_cancel_while_rendering_then_run_again_gives_one_batch(plugin, raster_layer, stub_engine, qgis_iface):
     """A render of the cancelled run used to go on into the new run: duplicate rows, two BatchTasks."""
     import time
 
     from qgis.core import QgsApplication
 
+    from conftest import virtual_raster_layer
+
     src = raster_layer("src")
     canvas = qgis_iface.mapCanvas()
     canvas.setDestinationCrs(src.crs())
     canvas.setExtent(src.extent())
-    v1, v2 = _virtual(src, "v1"), _virtual(src, "v2")
+    v1, v2 = virtual_raster_layer(src, "v1"), virtual_raster_layer(src, "v2")
     dlg = plugin.open_batch()
     dlg.set_checked_layers({v1.id(), v2.id()})
     dlg.questions_edit.setPlainText("q1")

@@ -117,14 +117,12 @@ def test_engine_error_event_and_loading_status(plugin, raster_layer, stub_engine
 def test_non_file_layer_is_rendered_and_georeferenced(plugin, raster_layer, stub_engine, tmp_path):
     """A virtual raster (raster calculator provider) has no file: the dock renders it."""
     from osgeo import gdal
-    from qgis.core import QgsProject, QgsRasterLayer
+    from qgis.core import QgsProject
+
+    from conftest import virtual_raster_layer
 
     src = raster_layer("src")
-    uri = (f"?crs={src.crs().authid()}&extent={src.extent().toString().replace(' : ', ',').replace(' ', '')}"
-           f"&width={src.width()}&height={src.height()}&formula=%22src@1%22&src:uri={src.source()}&src:provider=gdal")
-    virt = QgsRasterLayer(uri, "virtual", "virtualraster")
-    assert virt.isValid(), virt.error().summary()
-    QgsProject.instance().addMapLayer(virt)
+    virt = virtual_raster_layer(src)
     dock = plugin.dock
     dock.set_layer(virt)
     dock.ask("what is this?")

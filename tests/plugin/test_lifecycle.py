@@ -200,18 +200,13 @@ def test_the_engines_own_error_line_is_the_reason_it_stopped():
 
 def test_unload_during_a_batch_raises_nothing(plugin, raster_layer, stub_engine):
     """Plugin Manager reload mid-batch: the task's progress reached a deleted QProgressBar."""
-    import sys
     import time
-    import traceback
 
-    from conftest import wait_for_tasks, wait_until
+    from conftest import python_errors, wait_for_tasks, wait_until
     from qgis.core import QgsApplication
     from qgis.PyQt.QtCore import QEventLoop, QTimer
 
-    errors = []
-    old_hook = sys.excepthook
-    sys.excepthook = lambda *exc: errors.append("".join(traceback.format_exception(*exc)))
-    try:
+    with python_errors() as errors:
         stub_engine.token_delay = 0.1
         a, b = raster_layer("a"), raster_layer("b")
         dlg = plugin.open_batch()
@@ -227,33 +222,21 @@ def test_unload_during_a_batch_raises_nothing(plugin, raster_layer, stub_engine)
         for _ in range(10):
             QgsApplication.processEvents()
             time.sleep(0.05)
-    finally:
-        sys.excepthook = old_hook
     assert errors == []
     assert len(stub_engine.requests) <= 2  # the batch stopped, it did not ask all four
 
 
 def test_unload_while_a_render_is_written_raises_nothing(plugin, raster_layer, stub_engine):
     """The write task of a web/virtual layer's render called back into the deleted renderer."""
-    import sys
     import time
-    import traceback
 
-    from conftest import set_settings, wait_for_tasks, wait_until
-    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
+    from conftest import python_errors, set_settings, virtual_raster_layer, wait_for_tasks, wait_until
+    from qgis.core import QgsApplication
     from qgis.PyQt.QtCore import QCoreApplication, QEvent
 
-    errors = []
-    old_hook = sys.excepthook
-    sys.excepthook = lambda *exc: errors.append("".join(traceback.format_exception(*exc)))
-    try:
+    with python_errors() as errors:
         set_settings(render_max_px=6000)  # a write that takes a moment
-        src = raster_layer("src")
-        uri = (f"?crs={src.crs().authid()}&extent={src.extent().toString().replace(' : ', ',').replace(' ', '')}"
-               f"&width={src.width()}&height={src.height()}&formula=%22src@1%22&src:uri={src.source()}"
-               "&src:provider=gdal")
-        virt = QgsRasterLayer(uri, "virtual", "virtualraster")
-        QgsProject.instance().addMapLayer(virt)
+        virt = virtual_raster_layer(raster_layer("src"))
         plugin.dock.set_layer(virt)
         plugin.dock.ask("what is this?")
         renderer = plugin.dock.renderer
@@ -264,6 +247,4 @@ def test_unload_while_a_render_is_written_raises_nothing(plugin, raster_layer, s
         for _ in range(10):
             QgsApplication.processEvents()
             time.sleep(0.05)
-    finally:
-        sys.excepthook = old_hook
     assert errors == [] and stub_engine.requests == []

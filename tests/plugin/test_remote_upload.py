@@ -12,12 +12,13 @@ import os
 import threading
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 from conftest import write_raster
+from stub_engine import JsonHandler
 
 
 class CaptureEngine:
@@ -28,20 +29,7 @@ class CaptureEngine:
         self.health = dict({"status": "ok", "protocol": 1}, **(health or {}))
         cap = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _json(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def do_GET(self):  # noqa: N802
                 self._json(200, cap.health)
 
