@@ -675,6 +675,11 @@ def _resolve_image(item: EvalItem, root: Path) -> str:
     return str(p if p.is_absolute() else root / p)
 
 
+def image_root(args: argparse.Namespace) -> Path:
+    """The folder relative image paths are taken from: --image-root, else the annotation file's."""
+    return Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
+
+
 def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None) -> Callable[[EvalItem, str], str]:
     """A predict function that runs the engine (greedy decoding inside Engine.ask) on `weights`, the
     checkpoint folder resolved for the run's settings (else --weights as given)."""
@@ -687,7 +692,7 @@ def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None
                     prune_old_outputs=False)  # heatmaps kept with --keep-heatmaps are the run's results
     if engine.health().get("demo_model"):
         print("NOTE: evaluating the tiny RANDOM demo model (no GeoLLaVA-8K weights found).", file=sys.stderr)
-    root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
+    root = image_root(args)
 
     def predict(item: EvalItem, prompt: str) -> str:
         req = AskRequest(raster_path=_resolve_image(item, root), question=prompt, strategy=args.strategy,
@@ -728,7 +733,7 @@ def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> 
     # read from, given or not (the annotation file's own folder by default)
     fields = parse_field_map(getattr(args, "field", None))
     cur["field"] = ",".join(f"{k}={v}" for k, v in sorted(fields.items())) or None
-    cur["image_root"] = cur["image_root"] or str(Path(str(args.annotations)).parent)
+    cur["image_root"] = str(image_root(args))
     cur.update({k: absolute_path(cur[k]) for k in RUN_PATH_KEYS})  # not as typed: from any folder
     cfg = out / "run_settings.json"
     if cfg.is_file() and (out / "predictions.jsonl").is_file():
@@ -745,7 +750,7 @@ def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> 
 
 def _check_images(args: argparse.Namespace, items: list[EvalItem]) -> None:
     """Every item to be asked has its image file, before the model loads."""
-    root = Path(args.image_root) if args.image_root else Path(args.annotations).resolve().parent
+    root = image_root(args)
     todo = items if args.limit is None else items[: args.limit]
     missing = [it for it in todo if not Path(_resolve_image(it, root)).is_file()]
     if missing:

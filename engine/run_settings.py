@@ -50,17 +50,14 @@ def resolve_tokens_per_tile(args: Any, choice: dict[str, Any]) -> None:
     """--tokens-per-tile left out means the checkpoint's own (MAX_TOKENS of its config.json's
     mm_patch_merge_type, 24 for GeoLLaVA-8K): set it on `args` from the resolved checkpoint
     `choice` (`model_choice`), so the run records and compares the number it uses."""
-    import json  # noqa: PLC0415
-
+    from engine.loader import read_config_json  # noqa: PLC0415
     from engine.protocol import tokens_per_tile_of  # noqa: PLC0415
 
     if getattr(args, "tokens_per_tile", None) is not None:
         return
-    try:
-        config = json.loads((Path(choice["weights"]) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError, KeyError):
-        config = {}  # model_choice has checked the folder; a config it cannot read fails at load
-    args.tokens_per_tile = tokens_per_tile_of(config.get("mm_patch_merge_type") if isinstance(config, dict) else None)
+    # model_choice has checked this folder's config.json already (resolve_weights)
+    config = read_config_json(choice["weights"])
+    args.tokens_per_tile = tokens_per_tile_of(config.get("mm_patch_merge_type"))
 
 
 def with_model_choice(saved: dict, current: dict) -> dict:
