@@ -147,10 +147,8 @@ def stream_generate(
     if prefix is not None and not 0 < prefix.length < inputs_embeds.shape[1]:
         raise ValueError("the prefix must be shorter than the prompt")
     n_prompt = int(inputs_embeds.shape[1])
-    limit = context_limit(model)
+    limit = check_context(model, n_prompt)
     if limit is not None:
-        if n_prompt >= limit:
-            raise ContextTooLong(n_prompt, limit)
         max_new_tokens = min(max_new_tokens, limit - n_prompt)
     result = GenerationResult(n_prompt_tokens=n_prompt)
     gen = _run(
@@ -180,6 +178,15 @@ def context_limit(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_context(model, n_prompt: int) -> int | None:
+    """Raise ContextTooLong when a prompt of `n_prompt` positions leaves the model no room to
+    answer; return the model's context limit (None when it has none)."""
+    limit = context_limit(model)
+    if limit is not None and n_prompt >= limit:
+        raise ContextTooLong(n_prompt, limit)
+    return limit
 
 
 def generate_text(model, tokenizer, inputs_embeds: torch.Tensor, **kwargs) -> GenerationResult:

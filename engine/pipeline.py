@@ -144,8 +144,12 @@ class VisualInput:
 
 
 def read_and_encode(model, raster_path: str, *, aoi=None, bands=None, cancel=None,
-                    progress: Callable[[int, int], None] | None = None, batch_size: int = 16):
-    """Raster -> (geometry, features, timings): read for tiling, tile, run the vision tower."""
+                    progress: Callable[[int, int], None] | None = None, batch_size: int = 16,
+                    check_plan: Callable[[Any], None] | None = None):
+    """Raster -> (geometry, features, timings): read for tiling, tile, run the vision tower.
+
+    `check_plan(layout)` runs on the tiling plan before the tower (see `refuse_from_plan`): what it
+    raises ends the request without the tower's minutes on a large raster."""
     from engine.geometry import TokenGeometry
     from engine.raster import read_for_tiling
     from engine.tiling import make_tiles, plan_tiles
@@ -156,12 +160,33 @@ def read_and_encode(model, raster_path: str, *, aoi=None, bands=None, cancel=Non
     pins = getattr(getattr(model, "config", None), "image_grid_pinpoints", None) or None
     image = read_for_tiling(raster_path, aoi=aoi, bands=bands, pinpoints=pins)
     layout = plan_tiles(image.size, pins, choose_from=image.window[2:])  # the canvas of the full-res window
+    if check_plan is not None:
+        check_plan(layout)
     geometry = TokenGeometry.build(image, layout)
     tiles = make_tiles(image.pixels, layout)
     t1 = time.perf_counter()
     features = encode_tiles(model, tiles, batch_size=batch_size, progress=progress, cancel=cancel)
     t2 = time.perf_counter()
     return geometry, features, {"read": t1 - t0, "vision": t2 - t1}
+
+
+def refuse_from_plan(strategy, n_tiles: int, budget: int | None, *, model=None, tokenizer=None,
+                     question: str = "") -> None:
+    """Refuse, from the tiling plan alone, a request whose visual tokens are already known not to
+    fit, with the error the later stages would raise after the vision tower (minutes for a large
+    raster on a GPU) and the prefill: the strategy's own SelectionError (`none` with a budget
+    below its tiles x 144 tokens), and, given `model` and `tokenizer`, ContextTooLong for a
+    prompt (image + question) longer than the model reads. Only strategies whose count follows
+    from the number of tiles (``planned_tokens``) are checked; the others are left to `select`."""
+    from engine.generate import check_context
+    from engine.prompt import split_prompt
+
+    planned = getattr(strategy, "planned_tokens", None)
+    n_visual = planned(n_tiles, budget) if planned is not None else None
+    if n_visual is None or model is None or tokenizer is None:
+        return
+    pieces = split_prompt(tokenizer, question)
+    check_context(model, len(pieces.before) + int(n_visual) + len(pieces.after))
 
 
 def model_tokens_per_tile(model) -> int:
@@ -196,12 +221,15 @@ def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DE
                    tokenizer=None, faithful_empty_slots: bool = False) -> VisualInput:
     """Raster + question -> selected visual tokens (after the projector) and their geometry.
 
-    Fine-tuning and evaluation call this so they see exactly the tokens inference sees."""
-    geometry, features, timings = read_and_encode(model, raster_path, aoi=aoi, bands=bands,
-                                                  cancel=cancel)
-    t0 = time.perf_counter()
+    Fine-tuning and evaluation call this so they see exactly the tokens inference sees. A budget
+    the strategy cannot fit is refused before the vision tower (the length of a training sample
+    is the caller's to judge)."""
     strat = make_strategy(strategy, tokens_per_tile=tokens_per_tile or model_tokens_per_tile(model), seed=seed,
                           tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
+    geometry, features, timings = read_and_encode(
+        model, raster_path, aoi=aoi, bands=bands, cancel=cancel,
+        check_plan=lambda layout: refuse_from_plan(strat, layout.n_tiles, budget))
+    t0 = time.perf_counter()
     selection = strat.select(features, geometry, question, budget, model=model)
     timings["select"] = time.perf_counter() - t0
     return VisualInput(selection=selection, geometry=geometry, timings=timings)
@@ -295,7 +323,7 @@ class Engine:
 
     def _ask(self, req: AskRequest, cancel: threading.Event | None) -> Iterator[dict]:
         from engine.errors import Cancelled
-        from engine.generate import prefill_prefix, stream_generate
+        from engine.generate import check_context, prefill_prefix, stream_generate
         from engine.heatmap import write_heatmap
 
         rid = req.request_id
@@ -308,6 +336,10 @@ class Engine:
                 raise Cancelled("the question was cancelled")
 
         path = _check_raster_path(req.raster_path)
+        tokens_per_tile = req.tokens_per_tile or model_tokens_per_tile(self.model)
+        strat = make_strategy(req.strategy, tokens_per_tile=tokens_per_tile, seed=req.seed,
+                              tokenizer=self.tokenizer,
+                              faithful_empty_slots=req.faithful_empty_slots)
         fkey = (content_key(req.raster_identity, req.aoi, req.bands) if req.raster_identity
                 else raster_key(path, req.aoi, req.bands))
         cached = self.features.get(fkey)
@@ -317,9 +349,14 @@ class Engine:
             features = features.to(device=self.loaded.info.get("device", "cpu"))
             timings.update(read=0.0, vision=0.0)
         else:
+            def check_plan(layout) -> None:
+                refuse_from_plan(strat, layout.n_tiles, req.budget, model=self.model,
+                                 tokenizer=self.tokenizer, question=req.question)
+
             geometry, features, t = yield from _with_progress(
                 lambda progress: read_and_encode(self.model, path, aoi=req.aoi, bands=req.bands,
-                                                 cancel=cancel, progress=progress),
+                                                 cancel=cancel, progress=progress,
+                                                 check_plan=check_plan),
                 lambda done, total: ev("status", stage="vision", progress=done / total,
                                        message=f"vision tower: {done}/{total} tiles"),
             )
@@ -327,10 +364,6 @@ class Engine:
             self.features.put(fkey, (geometry, features.to(device="cpu")))
         check_cancel()
 
-        tokens_per_tile = req.tokens_per_tile or model_tokens_per_tile(self.model)
-        strat = make_strategy(req.strategy, tokens_per_tile=tokens_per_tile, seed=req.seed,
-                              tokenizer=self.tokenizer,
-                              faithful_empty_slots=req.faithful_empty_slots)
         reusable = not getattr(strat, "question_dependent", True)
         pkey = (fkey, req.strategy, tokens_per_tile, req.seed, req.budget,
                 req.faithful_empty_slots)
@@ -347,6 +380,7 @@ class Engine:
         check_cancel()
 
         embeds, _, n_prefix = build_inputs(self.model, self.tokenizer, req.question, selection)
+        check_context(self.model, int(embeds.shape[1]))  # before the prefix prefill, not after it
         if reusable and prefix is None:
             t0 = time.perf_counter()
             prefix = prefill_prefix(self.model, embeds[:, :n_prefix])

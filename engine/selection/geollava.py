@@ -48,7 +48,7 @@ from engine.selection import clusters as C
 from engine.selection.anchored import anchor_scores, top_k_spatial
 from engine.selection.base import Selection, check_budget, register
 from engine.protocol import DEFAULT_TOKENS_PER_TILE
-from engine.selection.common import cap_global, project, unreduced_tokens, valid_tensor
+from engine.selection.common import PATCHES, cap_global, project, unreduced_tokens, valid_tensor
 
 
 @dataclass
@@ -163,6 +163,16 @@ class GeoLLaVAStrategy:
         self.drop_padding = bool(drop_padding)
         self.chunk = int(chunk)
         self.max_rounds = int(max_rounds)
+
+    def planned_tokens(self, n_tiles: int, budget: int | None, n_patches: int = PATCHES) -> int | None:
+        """With `faithful_empty_slots` every tile sends min(tokens_per_tile, its patches) tokens
+        (empty slots filled with zeros), so the count is known before the vision tower: that
+        count, capped at `budget`. Without it a tile sends as many as it has clusters: None."""
+        budget = check_budget(budget)
+        if not self.faithful_empty_slots:
+            return None
+        total = int(n_tiles) * min(self.k, int(n_patches))
+        return total if budget is None else min(total, budget)
 
     def select(self, features, geometry, question, budget, *, model, affinity=None,
                q_proj=None, v_proj=None) -> Selection:

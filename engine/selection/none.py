@@ -8,6 +8,8 @@ order and tokens row-major order inside a tile. We project and pool a chunk of t
 
 Padding-only pooled tokens are kept, as the original does (faithful); the heatmap layer already
 knows which patches are padding. A budget below T * 144 is refused: this strategy never reduces.
+The count depends on the number of tiles alone, so `planned_tokens` gives it (and the refusal)
+from the tiling plan, before the vision tower runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.selection.base import Selection, SelectionError, check_budget, register
+from engine.selection.common import PATCHES
 
 POOL = 2
 
@@ -29,21 +32,18 @@ class NoneStrategy:
     def __init__(self, chunk_tiles: int = 16) -> None:
         self.chunk_tiles = max(int(chunk_tiles), 1)
 
+    def planned_tokens(self, n_tiles: int, budget: int | None, n_patches: int = PATCHES) -> int:
+        """The tokens `select` will send for `n_tiles` tiles (known before the vision tower);
+        raises the SelectionError `select` would raise for a budget it cannot fit."""
+        return _checked_total(n_tiles, n_patches, check_budget(budget))[0]
+
     def select(self, features, geometry, question, budget, *, model) -> Selection:
         budget = check_budget(budget)
         patches = features.patches
         t, n, _d = patches.shape
-        g = int(round(n**0.5))
-        if g * g != n or g % POOL:
-            raise SelectionError(f"{n} patches a tile do not form an even square grid")
+        total, g = _checked_total(t, n, budget)
         h = g // POOL
         per_tile = h * h
-        total = t * per_tile
-        if budget is not None and budget < total:
-            raise SelectionError(
-                f"strategy 'none' keeps all {total} tokens ({t} tiles x {per_tile}) and cannot fit "
-                f"a budget of {budget}; use 'uniform' or 'geollava' to reduce the tokens"
-            )
         out = []
         for s in range(0, t, self.chunk_tiles):
             x = model.project(patches[s : s + self.chunk_tiles])  # (c, n, H)
@@ -61,6 +61,21 @@ class NoneStrategy:
             strategy=self.name,
             info={"tokens_per_tile": per_tile, "pool": POOL},
         )
+
+
+def _checked_total(n_tiles: int, n_patches: int, budget: int | None) -> tuple[int, int]:
+    """(tokens for `n_tiles` tiles, patch grid side); SelectionError when they exceed `budget`."""
+    g = int(round(n_patches**0.5))
+    if g * g != n_patches or g % POOL:
+        raise SelectionError(f"{n_patches} patches a tile do not form an even square grid")
+    per_tile = (g // POOL) ** 2
+    total = int(n_tiles) * per_tile
+    if budget is not None and budget < total:
+        raise SelectionError(
+            f"strategy 'none' keeps all {total} tokens ({n_tiles} tiles x {per_tile}) and cannot fit "
+            f"a budget of {budget}; use 'uniform' or 'geollava' to reduce the tokens"
+        )
+    return total, g
 
 
 def pooled_members(n_tiles: int, grid: int, pool: int = POOL) -> list[np.ndarray]:

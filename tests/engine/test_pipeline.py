@@ -13,7 +13,8 @@ import pytest
 import rasterio
 import torch
 
-from engine.errors import Cancelled
+from engine.errors import Cancelled, ContextTooLong
+from engine.jobs import error_for_exception
 from engine.pipeline import AskRequest, Engine, RequestError, build_inputs, prepare_visual
 from engine.raster import RasterOpenError
 from engine.selection import SelectionError
@@ -197,6 +198,74 @@ def test_cli_flag_for_faithful_empty_slots():
 def test_none_refuses_a_budget_it_cannot_honour(engine, scene):
     with pytest.raises(SelectionError):
         _ask(engine, scene, strategy="none", budget=10)
+
+
+def _no_vision_tower(monkeypatch):
+    import engine.vision as vision
+
+    def tower_ran(*args, **kwargs):
+        raise AssertionError("the vision tower ran")
+
+    monkeypatch.setattr(vision, "encode_tiles", tower_ran)
+
+
+def test_none_refuses_a_budget_before_the_vision_tower(engine, scene, monkeypatch):
+    engine.features.clear()
+    _no_vision_tower(monkeypatch)
+    with pytest.raises(SelectionError) as err:
+        _ask(engine, scene, strategy="none", budget=10)
+    # the message select() gives: 700 x 500 -> 3 x 2 tiles of 144 tokens
+    assert str(err.value).startswith("strategy 'none' keeps all 864 tokens (6 tiles x 144) and "
+                                     "cannot fit a budget of 10")
+    assert error_for_exception(err.value).code == "bad_request"
+
+
+def _prompt_length(engine, question, n_visual):
+    from engine.prompt import split_prompt
+
+    pieces = split_prompt(engine.tokenizer, question)
+    return len(pieces.before) + n_visual + len(pieces.after)
+
+
+@pytest.mark.parametrize("kw, n_visual", [({"strategy": "none"}, 6 * 144),
+                                          ({"faithful_empty_slots": True}, 6 * 24),
+                                          ({"faithful_empty_slots": True, "budget": 100}, 100)])
+def test_a_prompt_longer_than_the_context_is_refused_before_the_vision_tower(
+        engine, scene, monkeypatch, kw, n_visual):
+    engine.features.clear()
+    n_prompt = _prompt_length(engine, "How many buildings?", n_visual)
+    monkeypatch.setattr(engine.model.config, "tokenizer_model_max_length", n_prompt)
+    _no_vision_tower(monkeypatch)
+    with pytest.raises(ContextTooLong) as err:
+        _ask(engine, scene, **kw)
+    assert (err.value.n_tokens, err.value.limit) == (n_prompt, n_prompt)
+    assert error_for_exception(err.value).code == "bad_request"
+
+
+def test_a_prompt_that_fits_is_planned_exactly(engine, scene, monkeypatch):
+    """The plan's count is the count sent: one position to spare is enough to answer."""
+    engine.features.clear()
+    n_prompt = _prompt_length(engine, "How many buildings?", 6 * 24)
+    monkeypatch.setattr(engine.model.config, "tokenizer_model_max_length", n_prompt + 1)
+    result = _ask(engine, scene, faithful_empty_slots=True)[-1]
+    assert result["tokens"]["visual_kept"] == 6 * 24 and result["tokens"]["prompt"] == n_prompt
+    assert result["tokens"]["generated"] == 1
+
+
+def test_cached_features_too_long_for_the_context_skip_the_prefix_prefill(engine, scene, monkeypatch):
+    import engine.generate as generate
+
+    _ask(engine, scene)  # the features are cached now
+    n_prompt = _prompt_length(engine, "How many buildings?", 6 * 144)
+    monkeypatch.setattr(engine.model.config, "tokenizer_model_max_length", n_prompt - 1)
+
+    def prefill(*args, **kwargs):
+        raise AssertionError("the prefix was prefilled")
+
+    monkeypatch.setattr(generate, "prefill_prefix", prefill)
+    engine.prefixes.clear()
+    with pytest.raises(ContextTooLong):
+        _ask(engine, scene, strategy="none")
 
 
 def test_cancel_stops_the_request(engine, scene):

@@ -51,3 +51,25 @@ def test_none_refuses_a_budget_it_cannot_meet(tiny_model):
     assert strat.select(feats, None, "q", 288, model=tiny_model).n_tokens == 288
     with pytest.raises(SelectionError, match="uniform"):
         strat.select(feats, None, "q", 287, model=tiny_model)
+
+
+def test_none_plans_its_tokens_from_the_tiles_alone(tiny_model):
+    strat = get_strategy("none")
+    for tiles in (1, 2, 5):
+        sel = strat.select(_features(tiles), None, "q", None, model=tiny_model)
+        assert strat.planned_tokens(tiles, None) == sel.n_tokens == tiles * 144
+    assert strat.planned_tokens(2, 288) == 288
+    with pytest.raises(SelectionError) as planned:
+        strat.planned_tokens(2, 287)
+    with pytest.raises(SelectionError) as selected:
+        strat.select(_features(2), None, "q", 287, model=tiny_model)
+    assert str(planned.value) == str(selected.value)
+
+
+@pytest.mark.parametrize("budget", [None, 30, 1000])
+def test_geollava_plans_its_tokens_only_with_faithful_empty_slots(tiny_model, budget):
+    feats = _features(3, d=tiny_model.config.mm_hidden_size)
+    faithful = get_strategy("geollava", tokens_per_tile=24, faithful_empty_slots=True)
+    sel = faithful.select(feats, None, "q", budget, model=tiny_model)
+    assert faithful.planned_tokens(3, budget) == sel.n_tokens == min(3 * 24, budget or 10**9)
+    assert get_strategy("geollava", tokens_per_tile=24).planned_tokens(3, budget) is None
