@@ -158,7 +158,7 @@ def read_and_encode(model, raster_path: str, *, aoi=None, bands=None, cancel=Non
     t0 = time.perf_counter()
     # the checkpoint's own anyres canvases (config.json image_grid_pinpoints), in its order
     pins = getattr(getattr(model, "config", None), "image_grid_pinpoints", None) or None
-    image = read_for_tiling(raster_path, aoi=aoi, bands=bands, pinpoints=pins)
+    image = read_for_tiling(raster_path, aoi=aoi, bands=bands, pinpoints=pins, cancel=cancel)
     layout = plan_tiles(image.size, pins, choose_from=image.window[2:])  # the canvas of the full-res window
     if check_plan is not None:
         check_plan(layout)

@@ -17,6 +17,12 @@ What `read_raster` does, in order:
   size (`read_size_for`) with GDAL's resampled read (average; nearest for palette rasters), which
   uses the file's overviews when present, so a 27,000 px raster is never loaded at full size.
   `image_to_source` records the exact offset + scale.
+* **Cancellation**: `cancel` (the question's threading.Event) is checked before the pixels are
+  read and between row strips: a read that goes through more than `STRIP_SOURCE_PIXELS` source
+  pixels at full resolution (a large window, or a decimated one without overviews) is done in
+  strips of output rows, so a cancelled question stops within one strip (`Cancelled`). Smaller
+  reads, and reads served by overviews, stay one GDAL call. (GDAL's average of a strip can differ
+  from the whole read's by one grey level at a few pixels of the strip borders.)
 * **Bands**: default RGB by colour interpretation when red, green and blue are all tagged, else
   the first three non-alpha bands; one band (or a grey + alpha pair) -> grey replicated to three
   channels; two non-alpha bands -> the first as grey; a single paletted band -> its colour table.
@@ -48,6 +54,10 @@ from affine import Affine
 
 PERCENTILES = (2.0, 98.0)
 _STATS_SAMPLE = 4_000_000  # percentiles from at most about this many valid pixels per band
+# a read through more source pixels than this (at full resolution) goes in row strips of about
+# STRIP_PIXELS source pixels each, with a cancel check between them
+STRIP_SOURCE_PIXELS = 1 << 24
+STRIP_PIXELS = 1 << 22
 
 
 class RasterError(ValueError):
@@ -439,11 +449,71 @@ def _read_bands(src, band_numbers, window, shape, resampling) -> np.ndarray:
     return data
 
 
-def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        from engine.errors import Cancelled
+
+        raise Cancelled("the question was cancelled while the raster was being read")
+
+
+def _row_strips(src, band_numbers, window_wh, shape) -> list[tuple[int, int]]:
+    """Output row ranges [a, b) to read `window_wh` (source px) at `shape` (rows, cols) in.
+
+    One range (a single GDAL call) unless the read goes through more than STRIP_SOURCE_PIXELS
+    source pixels: a full-resolution read, or a decimated one of bands without overviews (with
+    overviews GDAL reads the smaller overview, and strips would shift its resampling)."""
+    ww, wh = window_wh
+    oh, ow = shape
+    decimated = (ow, oh) != (ww, wh)
+    if ww * wh <= STRIP_SOURCE_PIXELS or oh < 2:
+        return [(0, oh)]
+    if decimated and any(src.overviews(b) for b in band_numbers):
+        return [(0, oh)]
+    block_rows = src.block_shapes[band_numbers[0] - 1][0] if src.block_shapes else 1
+    source_rows = max(int(block_rows), STRIP_PIXELS // max(ww, 1), 1)
+    step = max(1, source_rows * oh // wh)
+    return [(a, min(a + step, oh)) for a in range(0, oh, step)]
+
+
+def _read_window(src, band_numbers, window, shape, resampling, cancel=None):
+    """(data, masks) of `band_numbers` over `window` read at `shape` (rows, cols); in row strips
+    with a cancel check between them when the read is large (`_row_strips`)."""
+    from rasterio.windows import Window
+
+    oh, ow = shape
+    n = len(band_numbers)
+    strips = _row_strips(src, band_numbers, (int(window.width), int(window.height)), shape)
+    if len(strips) == 1:
+        data = _read_bands(src, band_numbers, window, shape, resampling)
+        # the mask is reduced as the data is: GDAL's average skips nodata pixels, so an output
+        # pixel with any valid source pixel has a value (nearest on the mask would drop it
+        # whenever the sampled pixel is nodata: striped nodata lost whole areas)
+        masks = src.read_masks(band_numbers, window=window, out_shape=(n, oh, ow),
+                               resampling=resampling)
+        return data, masks
+    rows_per_out = window.height / oh  # source rows per output row
+    data = masks = None
+    for a, b in strips:
+        _check_cancel(cancel)
+        top = window.row_off + a * rows_per_out
+        height = (b - a) * rows_per_out if b < oh else window.row_off + window.height - top
+        strip = Window(window.col_off, top, window.width, height)
+        d = _read_bands(src, band_numbers, strip, (b - a, ow), resampling)
+        m = src.read_masks(band_numbers, window=strip, out_shape=(n, b - a, ow), resampling=resampling)
+        if data is None:
+            data = np.empty((n, oh, ow), dtype=d.dtype)
+            masks = np.empty((n, oh, ow), dtype=m.dtype)
+        data[:, a:b] = d
+        masks[:, a:b] = m
+    return data, masks
+
+
+def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> RasterImage:
     """Read `path` (any GDAL raster) into a `RasterImage`; see the module docstring for the rules.
 
     `max_pixels`: None (full resolution), an int, or a callable ``(window_w, window_h) -> int``
-    evaluated once the AOI window is known (see `read_for_tiling`).
+    evaluated once the AOI window is known (see `read_for_tiling`). `cancel`: a threading.Event;
+    once set, the read stops with `engine.errors.Cancelled` (checked between row strips).
     """
     from rasterio.enums import Resampling
     from rasterio.errors import RasterioError
@@ -487,15 +557,11 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
         resampling = Resampling.nearest if (palette or (ow, oh) == (ww, wh)) else Resampling.average
         window = Window(col_off, row_off, ww, wh)
         uniq = sorted(set(chosen))
+        _check_cancel(cancel)
         try:
             with warnings.catch_warnings(), _read_cache():
                 warnings.simplefilter("ignore")
-                data = _read_bands(src, uniq, window, (oh, ow), resampling)
-                # the mask is reduced as the data is: GDAL's average skips nodata pixels, so an
-                # output pixel with any valid source pixel has a value (nearest on the mask would
-                # drop it whenever the sampled pixel is nodata: striped nodata lost whole areas)
-                masks = src.read_masks(uniq, window=window, out_shape=(len(uniq), oh, ow),
-                                       resampling=resampling)
+                data, masks = _read_window(src, uniq, window, (oh, ow), resampling, cancel)
         except (RasterioError, OSError) as exc:  # GDAL failed on the file's bytes
             raise RasterOpenError(
                 f"Could not read pixels from '{p}': the file looks corrupt or truncated. "
@@ -572,7 +638,7 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None) -> RasterImage:
         src.close()
 
 
-def read_for_tiling(path, *, aoi=None, bands=None, pinpoints=None) -> RasterImage:
+def read_for_tiling(path, *, aoi=None, bands=None, pinpoints=None, cancel=None) -> RasterImage:
     """`read_raster` with the pixel budget of the canvas tiling will choose for the AOI window.
 
     A window smaller than its canvas is read at full resolution; a 27,000 px raster is read
@@ -580,5 +646,5 @@ def read_for_tiling(path, *, aoi=None, bands=None, pinpoints=None) -> RasterImag
     """
     from .tiling import tiling_read_budget
 
-    return read_raster(path, aoi=aoi, bands=bands,
+    return read_raster(path, aoi=aoi, bands=bands, cancel=cancel,
                        max_pixels=lambda w, h: tiling_read_budget((w, h), pinpoints))

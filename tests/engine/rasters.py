@@ -116,6 +116,24 @@ def write_vrt(path, source_path, width, height, count=1, dtype="Byte"):
     return write_bytes(path, xml.encode())
 
 
+def write_huge_vrt(path, source_path, size=27000):
+    """A `size` x `size` RGB VRT stretching the 3-band uint8 `source_path` over it (no overviews):
+    a huge raster on disk in a few bytes, read at any size without holding it whole."""
+    import rasterio
+
+    with rasterio.open(os.fspath(source_path)) as src:
+        w, h = src.width, src.height
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{b}"><ColorInterp>{c}</ColorInterp><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{os.fspath(source_path)}</SourceFilename>'
+        f'<SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+        f'<DstRect xOff="0" yOff="0" xSize="{size}" ySize="{size}"/></SimpleSource></VRTRasterBand>'
+        for b, c in ((1, "Red"), (2, "Green"), (3, "Blue")))
+    xml = (f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}"><SRS>EPSG:32633</SRS>'
+           f"<GeoTransform>500000, 0.1, 0, 5000000, 0, -0.1</GeoTransform>{bands}</VRTDataset>")
+    return write_bytes(path, xml.encode())
+
+
 _GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
                "int32": "Int32", "float32": "Float32", "float64": "Float64"}
 

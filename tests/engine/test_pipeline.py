@@ -276,6 +276,35 @@ def test_cancel_stops_the_request(engine, scene):
         list(engine.ask(AskRequest(str(scene), "q?"), cancel=cancel))
 
 
+def test_cancel_during_the_raster_read_stops_the_request(engine, tmp_path, monkeypatch):
+    """A cancel while a huge raster is read stops the read between strips, as the server's
+    cancel of a running question does (code 'cancelled'); the vision tower never runs."""
+    import engine.raster as raster
+
+    try:
+        from tests.engine.rasters import write_huge_vrt
+    except ImportError:  # pragma: no cover
+        from rasters import write_huge_vrt
+
+    small = write_geotiff(tmp_path / "small.tif", np.full((3, 54, 54), 90, np.uint8))
+    vrt = write_huge_vrt(tmp_path / "huge.vrt", small)
+    cancel = threading.Event()
+    reads = []
+    real = raster._read_bands
+
+    def read_then_cancel(*args, **kwargs):
+        reads.append(args[2])
+        cancel.set()  # the user presses Cancel while the first strip is read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(raster, "_read_bands", read_then_cancel)
+    _no_vision_tower(monkeypatch)
+    with pytest.raises(Cancelled) as err:
+        list(engine.ask(AskRequest(str(vrt), "q?"), cancel=cancel))
+    assert len(reads) == 1
+    assert error_for_exception(err.value).code == "cancelled"
+
+
 def test_from_json_rejects_unknown_fields():
     with pytest.raises(RequestError, match="Unknown request fields"):
         AskRequest.from_json({"raster_path": "a.tif", "question": "q", "budgte": 3})

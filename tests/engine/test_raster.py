@@ -19,10 +19,10 @@ from engine.raster import (
 
 try:
     from tests.engine.rasters import (DEFAULT_TRANSFORM, write_bytes, write_gcp_geotiff, write_geotiff,
-                                      write_stacked_vrt, write_truncated, write_vrt)
+                                      write_huge_vrt, write_stacked_vrt, write_truncated, write_vrt)
 except ImportError:  # rootdir-relative import when tests/ is not a package
-    from rasters import (DEFAULT_TRANSFORM, write_bytes, write_gcp_geotiff, write_geotiff, write_stacked_vrt,
-                         write_truncated, write_vrt)
+    from rasters import (DEFAULT_TRANSFORM, write_bytes, write_gcp_geotiff, write_geotiff, write_huge_vrt,
+                         write_stacked_vrt, write_truncated, write_vrt)
 
 RNG = np.random.default_rng(42)
 
@@ -511,3 +511,86 @@ def test_reads_bound_gdals_block_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GDAL_CACHEMAX", "512")
     read_raster(path)
     assert seen[0] == raster.READ_CACHE_BYTES and seen[1] != raster.READ_CACHE_BYTES
+
+
+# ------------------------------------------------------------------------------ cancellation
+
+
+def _count_reads(monkeypatch, after_first=None):
+    """Count the GDAL pixel reads of engine.raster; `after_first()` runs after the first one."""
+    import engine.raster as raster
+
+    calls = []
+    real = raster._read_bands
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])  # the window
+        out = real(*args, **kwargs)
+        if after_first is not None and len(calls) == 1:
+            after_first()
+        return out
+
+    monkeypatch.setattr(raster, "_read_bands", counted)
+    return calls
+
+
+def test_a_cancel_set_before_the_read_reads_no_pixel(tmp_path, monkeypatch):
+    import threading
+
+    from engine.errors import Cancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    calls = _count_reads(monkeypatch)
+    with pytest.raises(Cancelled):
+        read_raster(write_geotiff(tmp_path / "small.tif", _u8(3, 40, 50)), cancel=cancel)
+    assert calls == []
+
+
+def test_a_cancel_during_a_huge_read_stops_it_between_strips(tmp_path, monkeypatch):
+    """A 27,000 px raster without overviews, decimated: GDAL goes through every source row, so
+    the read is cut in row strips and a cancel stops it after the strip under way."""
+    import threading
+
+    from engine.errors import Cancelled
+
+    small = write_geotiff(tmp_path / "small.tif", _u8(3, 54, 54))
+    vrt = write_huge_vrt(tmp_path / "huge.vrt", small)
+    whole = read_for_tiling(vrt)  # uncancelled: the same read, in strips, gives the image
+    assert whole.size == (8064, 8064) and whole.valid.all()
+    cancel = threading.Event()
+    calls = _count_reads(monkeypatch, after_first=cancel.set)
+    with pytest.raises(Cancelled, match="cancelled while the raster was being read"):
+        read_for_tiling(vrt, cancel=cancel)
+    assert len(calls) == 1 and calls[0].height < 1000  # one strip of the 27,000 rows, then stop
+
+
+def test_a_small_read_is_one_gdal_call(tmp_path, monkeypatch):
+    calls = _count_reads(monkeypatch)
+    read_raster(write_geotiff(tmp_path / "small.tif", _u8(3, 300, 400)), max_pixels=100 * 100)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("max_pixels", [None, 150 * 110])
+def test_a_read_in_strips_gives_the_image_of_one_read(tmp_path, monkeypatch, max_pixels):
+    """Strips (forced here on a small raster) read the same pixels and mask: exactly at full
+    resolution; decimated, GDAL's average may round a few border pixels the other way."""
+    import engine.raster as raster
+
+    arr = RNG.integers(0, 4000, (3, 330, 310)).astype(np.uint16)
+    arr[:, ::3, :] = 9999  # nodata rows, reduced by the mask's average too
+    arr[:, 200:260, 40:90] = 9999
+    p = write_geotiff(tmp_path / "u16.tif", arr, nodata=9999)
+    one = read_raster(p, max_pixels=max_pixels)
+    monkeypatch.setattr(raster, "STRIP_SOURCE_PIXELS", 1000)
+    monkeypatch.setattr(raster, "STRIP_PIXELS", 5000)
+    calls = _count_reads(monkeypatch)
+    strips = read_raster(p, max_pixels=max_pixels)
+    assert len(calls) > 5
+    assert strips.size == one.size and strips.image_to_source == one.image_to_source
+    np.testing.assert_array_equal(strips.valid, one.valid)
+    diff = np.abs(strips.pixels.astype(int) - one.pixels.astype(int))
+    if max_pixels is None:
+        assert not diff.any()
+    else:
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size
