@@ -2,6 +2,8 @@
 
 At the first start a random token is written to ``protocol.token_path()`` (the user's config
 dir) with mode 0600; later starts reuse it, and an empty token file gets a new token in place.
+A token file that is not ASCII text (an editor's byte-order mark, another file saved over it) is
+refused with `TokenFileError`, naming the file and what to do; it is never overwritten.
 Clients send it as ``Authorization: Bearer <token>`` and the server compares it in constant
 time.
 """
@@ -18,6 +20,10 @@ from pathlib import Path
 from engine import protocol
 
 TOKEN_BYTES = 32
+
+
+class TokenFileError(ValueError):
+    """The token file exists but holds no usable token; the message says how to mend it."""
 
 
 def load_or_create_token(path: Path | None = None) -> str:
@@ -46,11 +52,23 @@ def load_or_create_token(path: Path | None = None) -> str:
 
 
 def _read_token(path: Path) -> str | None:
-    """The token in `path` (stripped; '' when empty), or None when there is no such file."""
+    """The token in `path` (stripped; '' when empty), or None when there is no such file;
+    TokenFileError when the file is not ASCII text."""
     try:
-        return path.read_text(encoding="ascii").strip()
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
+    try:
+        return data.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        why = (" (it starts with a byte-order mark: an editor saved it as 'UTF-8 with BOM')"
+               if data.startswith(b"\xef\xbb\xbf") else f" (the first at byte {exc.start})")
+        raise TokenFileError(
+            f"The engine's token file {path} holds bytes that are not ASCII text{why}, so it holds "
+            "no token the engine can use. Delete the file to have a new token made at the next "
+            "start (clients on this computer read it from there; give it again to clients "
+            "elsewhere), or write an ASCII token into it."
+        ) from None
 
 
 def _write_new_token(path: Path, *, replace: bool) -> str:

@@ -33,7 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__, protocol
-from engine.auth import load_or_create_token, token_matches
+from engine.auth import TokenFileError, load_or_create_token, token_matches
 from engine.cli_args import add_model_arguments
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default, lock_state_dir
 from engine.json_body import parse_json
@@ -418,7 +418,10 @@ def serve(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
     check_binding(settings)
-    settings.token = load_or_create_token()
+    try:
+        settings.token = load_or_create_token()
+    except TokenFileError as exc:  # one line saying what to do, as for the other start refusals
+        raise SystemExit(f"error: {exc}") from None
     # Everything that can refuse the start is checked before the model loads (minutes with
     # real weights): the state dir's lock, then the port (its lock, then the socket).
     with contextlib.ExitStack() as held:  # all released on a failure, and when the server ends

@@ -62,6 +62,19 @@ def test_a_held_state_dir_is_refused_before_the_model_loads(running, tmp_path):
     assert running.request("GET", "/health", token=False)[0] == 200  # the first one goes on
 
 
+def test_a_token_file_that_is_not_ascii_is_refused_with_one_line(tmp_path):
+    token = tmp_path / "config" / "token"
+    token.parent.mkdir()
+    token.write_bytes(b"\xef\xbb\xbfmy-token\n")
+    done, marker = run_serve(tmp_path, free_port(), tmp_path / "state")
+    assert done.returncode != 0
+    assert last_line(done).startswith(f"error: The engine's token file {token} holds bytes that "
+                                      "are not ASCII text (it starts with a byte-order mark")
+    assert "Traceback" not in done.stderr
+    assert not marker.exists()
+    assert token.read_bytes() == b"\xef\xbb\xbfmy-token\n"
+
+
 @pytest.mark.parametrize("port", ["70000", "0", "-1", "http"])
 def test_a_port_out_of_range_is_an_argument_error(tmp_path, port):
     done, marker = run_serve(tmp_path, port, tmp_path / "state")

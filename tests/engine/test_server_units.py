@@ -182,6 +182,24 @@ def test_an_empty_token_file_gets_a_new_private_token(tmp_path, monkeypatch, con
     assert [p.name for p in path.parent.iterdir()] == ["token"]  # no temporary file left
 
 
+@pytest.mark.parametrize("content, why", [
+    (b"abc\xc3\xa9def\n", "(the first at byte 3)"),
+    (b"\xef\xbb\xbfabcdef\n", "(it starts with a byte-order mark: an editor saved it as 'UTF-8 with BOM')"),
+    (b"\x89PNG\r\n\x1a\n", "(the first at byte 0)"),
+])
+def test_a_token_file_that_is_not_ascii_is_a_clear_error(tmp_path, content, why):
+    """It used to end the start with a bare UnicodeDecodeError naming no file."""
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    with pytest.raises(auth.TokenFileError) as err:
+        auth.load_or_create_token(path)
+    message = str(err.value)
+    assert message.startswith(f"The engine's token file {path} holds bytes that are not ASCII text {why}")
+    assert "Delete the file" in message and "write an ASCII token" in message
+    assert path.read_bytes() == content  # the user's file is left as it is
+    assert error_for_exception(err.value).code == "bad_request"
+
+
 def test_a_token_created_meanwhile_by_another_server_is_used(tmp_path, monkeypatch):
     """The missing-file path must not overwrite a token another process just wrote."""
     path = tmp_path / "token"
