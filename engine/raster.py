@@ -33,8 +33,13 @@ What `read_raster` does, in order:
   A constant band keeps its value clipped to 0..255 (no division by zero).
 * **Validity**: nodata values, internal/external masks and an alpha band (all through GDAL's
   per-band masks), NaN/inf in float data, and the outside of a polygon AOI give ``valid=False``;
-  those pixels are set to 0 in ``pixels``. When no pixel at all is valid, `NoValidPixelsError`
-  (code no_valid_pixels): a black image is nothing to ask about.
+  those pixels are set to 0 in ``pixels``. In a reduced read, GDAL's average skips nodata but
+  spreads NaN: one NaN source pixel made its whole output pixel NaN, so a float band with NaN
+  gaps and no nodata tag (nor mask) lost most of the image where its NaN are scattered or
+  striped. Such a band is read again with NaN as its nodata (`_read_nan_as_nodata`, only when the
+  reduced read holds NaN), so NaN counts as missing as a tagged nodata does: an output pixel is
+  valid when any of its source pixels is, with their mean. When no pixel at all is valid,
+  `NoValidPixelsError` (code no_valid_pixels): a black image is nothing to ask about.
 * **Georeferencing** (`georeferencing`): the geotransform and CRS; for a file placed only by
   ground control points, the affine transform fitted to them (with their CRS) when it misses no
   GCP by more than half a pixel, else `NeedsWarpError` (warp it first), as for RPCs alone.
@@ -475,9 +480,10 @@ def _row_strips(src, band_numbers, window_wh, shape) -> list[tuple[int, int]]:
     return [(a, min(a + step, oh)) for a in range(0, oh, step)]
 
 
-def _read_window(src, band_numbers, window, shape, resampling, cancel=None):
+def _read_window(src, band_numbers, window, shape, resampling, cancel=None, with_masks=True):
     """(data, masks) of `band_numbers` over `window` read at `shape` (rows, cols); in row strips
-    with a cancel check between them when the read is large (`_row_strips`)."""
+    with a cancel check between them when the read is large (`_row_strips`). `with_masks=False`
+    reads the data only (masks None)."""
     from rasterio.windows import Window
 
     oh, ow = shape
@@ -488,8 +494,8 @@ def _read_window(src, band_numbers, window, shape, resampling, cancel=None):
         # the mask is reduced as the data is: GDAL's average skips nodata pixels, so an output
         # pixel with any valid source pixel has a value (nearest on the mask would drop it
         # whenever the sampled pixel is nodata: striped nodata lost whole areas)
-        masks = src.read_masks(band_numbers, window=window, out_shape=(n, oh, ow),
-                               resampling=resampling)
+        masks = (src.read_masks(band_numbers, window=window, out_shape=(n, oh, ow),
+                                resampling=resampling) if with_masks else None)
         return data, masks
     rows_per_out = window.height / oh  # source rows per output row
     data = masks = None
@@ -499,13 +505,74 @@ def _read_window(src, band_numbers, window, shape, resampling, cancel=None):
         height = (b - a) * rows_per_out if b < oh else window.row_off + window.height - top
         strip = Window(window.col_off, top, window.width, height)
         d = _read_bands(src, band_numbers, strip, (b - a, ow), resampling)
-        m = src.read_masks(band_numbers, window=strip, out_shape=(n, b - a, ow), resampling=resampling)
         if data is None:
             data = np.empty((n, oh, ow), dtype=d.dtype)
-            masks = np.empty((n, oh, ow), dtype=m.dtype)
         data[:, a:b] = d
-        masks[:, a:b] = m
+        if with_masks:
+            m = src.read_masks(band_numbers, window=strip, out_shape=(n, b - a, ow),
+                               resampling=resampling)
+            if masks is None:
+                masks = np.empty((n, oh, ow), dtype=m.dtype)
+            masks[:, a:b] = m
     return data, masks
+
+
+_GDAL_FLOAT_TYPES = {"float32": "Float32", "float64": "Float64"}
+
+
+def _nan_unmarked(src, band: int) -> bool:
+    """True for a float band with no nodata tag, mask or alpha: NaN is its only way to be
+    missing, and GDAL does not know it."""
+    from rasterio.enums import MaskFlags
+
+    return (src.dtypes[band - 1] in _GDAL_FLOAT_TYPES
+            and list(src.mask_flag_enums[band - 1]) == [MaskFlags.all_valid])
+
+
+def _read_nan_as_nodata(src, path: str, band_numbers, window, shape, resampling, cancel=None):
+    """Bands `band_numbers` read at `shape` through a VRT that gives them NaN as nodata, so
+    GDAL's average skips NaN instead of spreading it. The file's overviews are bypassed: built
+    without a nodata, their averages spread the NaN already."""
+    from xml.sax.saxutils import escape
+
+    from rasterio.io import MemoryFile
+
+    name = os.path.abspath(path) if "://" not in path and not path.startswith("/vsi") else path
+    bands = "".join(
+        f'<VRTRasterBand dataType="{_GDAL_FLOAT_TYPES[src.dtypes[b - 1]]}" band="{i}">'
+        "<NoDataValue>nan</NoDataValue><SimpleSource>"
+        f'<SourceFilename relativeToVRT="0">{escape(name)}</SourceFilename>'
+        '<OpenOptions><OOI key="OVERVIEW_LEVEL">NONE</OOI></OpenOptions>'
+        f"<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
+        for i, b in enumerate(band_numbers, start=1))
+    xml = f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}">{bands}</VRTDataset>'
+    with MemoryFile(xml.encode("utf-8"), ext=".vrt") as mem, mem.open() as vrt:
+        data, _ = _read_window(vrt, list(range(1, len(band_numbers) + 1)), window, shape,
+                               resampling, cancel, with_masks=False)
+    return data
+
+
+def _mend_spread_nan(src, path, band_numbers, data, window, shape, resampling, cancel) -> None:
+    """In place: the bands of a reduced read that hold NaN without any nodata tag or mask, read
+    again with NaN skipped as missing (see the module docstring). A read without NaN costs
+    nothing more; a re-read GDAL refuses leaves the first read as it was (logged)."""
+    from rasterio.errors import RasterioError
+
+    rows = [i for i, b in enumerate(band_numbers) if _nan_unmarked(src, b) and np.isnan(data[i]).any()]
+    if not rows:
+        return
+    try:
+        again = _read_nan_as_nodata(src, path, [band_numbers[i] for i in rows], window, shape,
+                                    resampling, cancel)
+    except (RasterioError, OSError, ValueError) as exc:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "could not read %s again with NaN as nodata (%s); NaN gaps stay wider in this "
+            "reduced read", path, exc)
+        return
+    for k, i in enumerate(rows):
+        data[i] = again[k]
 
 
 def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> RasterImage:
@@ -562,6 +629,8 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> 
             with warnings.catch_warnings(), _read_cache():
                 warnings.simplefilter("ignore")
                 data, masks = _read_window(src, uniq, window, (oh, ow), resampling, cancel)
+                if resampling != Resampling.nearest:
+                    _mend_spread_nan(src, p, uniq, data, window, (oh, ow), resampling, cancel)
         except (RasterioError, OSError) as exc:  # GDAL failed on the file's bytes
             raise RasterOpenError(
                 f"Could not read pixels from '{p}': the file looks corrupt or truncated. "

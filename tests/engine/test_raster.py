@@ -594,3 +594,44 @@ def test_a_read_in_strips_gives_the_image_of_one_read(tmp_path, monkeypatch, max
         assert not diff.any()
     else:
         assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size
+
+
+# ------------------------------------------------------------------ NaN without a nodata tag
+
+
+def _nan_scene():
+    """float32, no nodata tag: NaN every other row on the left half (scan gaps), a NaN block of
+    80 x 80 px on the right half, values 100..200 elsewhere (the left half brighter)."""
+    arr = RNG.uniform(100, 150, (2, 400, 400)).astype(np.float32)
+    arr[:, :, :200] += 50
+    arr[:, ::2, :200] = np.nan
+    arr[:, 240:320, 280:360] = np.nan
+    return arr
+
+
+@pytest.mark.parametrize("overviews", [None, [2, 4]])
+def test_nan_gaps_without_nodata_are_missing_in_a_reduced_read_as_in_a_full_one(tmp_path, overviews):
+    """GDAL's average skips nodata but spreads NaN: each reduced pixel with one NaN source pixel
+    became NaN, so the striped half was lost (the file's NaN-spread overviews too). NaN now
+    counts as missing as a nodata tag does: the same image as the file tagged nodata=NaN."""
+    arr = _nan_scene()
+    untagged = read_raster(write_geotiff(tmp_path / "nan.tif", arr, overviews=overviews),
+                           max_pixels=100 * 100)
+    tagged = read_raster(write_geotiff(tmp_path / "tagged.tif", arr, nodata=float("nan")),
+                         max_pixels=100 * 100)
+    assert untagged.size == (100, 100)
+    np.testing.assert_array_equal(untagged.valid, tagged.valid)
+    np.testing.assert_array_equal(untagged.pixels, tagged.pixels)
+    assert untagged.valid[:, :50].all()  # every reduced pixel of the striped half has data
+    assert not untagged.valid[60:80, 70:90].any() and not untagged.pixels[60:80, 70:90].any()
+    assert untagged.valid.sum() == 100 * 100 - 20 * 20
+    assert untagged.pixels[:, :50].mean() > untagged.pixels[:, 50:][untagged.valid[:, 50:]].mean()
+    full = read_raster(tmp_path / "nan.tif")  # full resolution: NaN pixels missing, as before
+    np.testing.assert_array_equal(full.valid, ~np.isnan(arr).any(axis=0))
+
+
+def test_a_float_raster_without_nan_is_read_once(tmp_path, monkeypatch):
+    calls = _count_reads(monkeypatch)
+    arr = RNG.uniform(0, 1, (1, 300, 300)).astype(np.float32)
+    read_raster(write_geotiff(tmp_path / "f.tif", arr), max_pixels=100 * 100)
+    assert len(calls) == 1
