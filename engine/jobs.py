@@ -303,6 +303,8 @@ class JobQueue:
         self._jobs: dict[str, AskJob | BatchJob] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._worker_alive = False  # from start() until the worker thread has left its loop
+        self._release_when_worker_ends = False
         self._lock_file = state_lock
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -312,9 +314,16 @@ class JobQueue:
             self._lock_file = lock_state_dir(self.state_dir)
         self._resume_batches()
         self._thread = threading.Thread(target=self._worker, name="gpu-worker", daemon=True)
+        self._worker_alive = True
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop taking jobs, cancel a running question and wait up to `timeout` s for the worker;
+        then release the state dir's lock. True when the worker has ended.
+
+        A worker still busy after `timeout` (a step that does not return) may still write to the
+        state dir, so the lock stays held until that step ends (the worker releases it then) or
+        the process exits; another server cannot take the state dir meanwhile."""
         with self._cond:
             self._stop = True
             if self._running is not None and self._running.kind == "ask":
@@ -322,6 +331,26 @@ class JobQueue:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if not self.release_state_lock():
+            running = self._running
+            log.warning(
+                "the job worker is still busy %.0f s after the stop (job %s); the state folder %s "
+                "stays locked until that job's current step ends or this process exits",
+                timeout, running.job_id if running is not None else "?", self.state_dir)
+            return False
+        return True
+
+    def release_state_lock(self) -> bool:
+        """Release the state dir's lock now if the worker is not running, else when it ends.
+        True when released (or not held)."""
+        with self._cond:
+            if self._worker_alive:
+                self._release_when_worker_ends = True
+                return False
+            self._close_lock()
+            return True
+
+    def _close_lock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -423,6 +452,17 @@ class JobQueue:
         return event
 
     def _worker(self) -> None:
+        try:
+            self._work()
+        finally:
+            with self._cond:
+                self._worker_alive = False
+                if self._release_when_worker_ends:
+                    self._close_lock()
+                    log.info("the job worker has ended; the state folder %s is free",
+                             self.state_dir)
+
+    def _work(self) -> None:
         while True:
             with self._cond:
                 while not self._waiting and not self._stop:

@@ -425,7 +425,19 @@ def serve(args: argparse.Namespace) -> None:
     # Everything that can refuse the start is checked before the model loads (minutes with
     # real weights): the state dir's lock, then the port (its lock, then the socket).
     with contextlib.ExitStack() as held:  # all released on a failure, and when the server ends
-        state_lock = held.enter_context(lock_state_dir(settings.state_dir))
+        state_lock = lock_state_dir(settings.state_dir)
+        app = None
+
+        @held.callback
+        def release_state_dir() -> None:
+            # once the app exists, its job queue lets the lock go, and only when its worker has
+            # ended: a step still running keeps the state dir until this process exits
+            jobs = getattr(getattr(app, "state", None), "jobs", None)
+            if jobs is not None:
+                jobs.release_state_lock()
+            else:
+                state_lock.close()
+
         held.enter_context(lock_port(settings.host, settings.port))
         sock = held.enter_context(bind_socket(settings.host, settings.port))
         engine = build_engine(args, settings)

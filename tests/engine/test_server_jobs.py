@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from serverutil import wait_until  # noqa: E402
 
-from engine.jobs import BatchJob, JobQueue  # noqa: E402
+from engine.jobs import BatchJob, JobQueue, lock_state_dir  # noqa: E402
 
 SPEC = {"items": [{"layer": "one", "raster_path": "/data/one.tif", "aoi": None, "bands": None}],
         "questions": ["Any roads?", "Any water?"], "max_new_tokens": 8}
@@ -73,14 +73,18 @@ def test_a_step_failing_outside_its_try_fails_the_job(tmp_path, monkeypatch):
 def test_a_cancel_of_a_running_batch_survives_a_crash(tmp_path):
     state_dir = tmp_path / "state"
     stuck = Engine(hold=True)
-    first = make_queue(stuck, state_dir)
+    lock = lock_state_dir(state_dir)
+    first = JobQueue(stuck, state_dir, make_request=dict, state_lock=lock)
+    first.start()
     second = None
     try:
         job = first.submit_batch(json.loads(json.dumps(SPEC)))
         assert stuck.started.wait(10)
         assert first.cancel(job.job_id)["state"] == "running"  # ends after the current answer
         assert saved_state(first, job.job_id)["cancel_requested"] is True
-        first.stop(timeout=0.1)  # the "crash": the answer never ends, the state dir is free
+        # the "crash": the answer never ends, and the dead process's lock goes with it
+        assert first.stop(timeout=0.1) is False
+        lock.close()
         fresh = Engine()
         second = make_queue(fresh, state_dir)
         info = second.info(job.job_id)
@@ -107,3 +111,31 @@ def test_an_unfinished_batch_without_a_cancel_resumes(tmp_path, state):
         assert jobs.info("0123456789abcdef")["done"] == 2
     finally:
         jobs.stop()
+
+
+def test_a_worker_still_busy_after_stop_keeps_the_state_dir_until_it_ends(tmp_path, caplog):
+    """stop() used to release the lock after its join timed out, while the worker could still
+    write the state dir: a second server could then take it and resume the same jobs."""
+    state_dir = tmp_path / "state"
+    stuck = Engine(hold=True)  # ignores the cancel stop() sets: a step that does not return
+    jobs = make_queue(stuck, state_dir)
+    try:
+        jobs.submit_batch(json.loads(json.dumps(SPEC)))
+        assert stuck.started.wait(10)
+        with caplog.at_level("WARNING", logger="engine.jobs"):
+            assert jobs.stop(timeout=0.1) is False
+        assert f"the state folder {state_dir} stays locked" in caplog.text
+        with pytest.raises(SystemExit, match="is in use by another engine server"):
+            lock_state_dir(state_dir)
+    finally:
+        stuck.release.set()
+    # the step ends, the worker with it, and only then is the state dir free
+    wait_until(lambda: not jobs._thread.is_alive(), timeout=10)
+    lock_state_dir(state_dir).close()
+
+
+def test_stop_releases_the_state_dir_when_the_worker_ends_in_time(tmp_path):
+    state_dir = tmp_path / "state"
+    jobs = make_queue(Engine(), state_dir)
+    assert jobs.stop() is True
+    lock_state_dir(state_dir).close()

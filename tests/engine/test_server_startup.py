@@ -146,3 +146,40 @@ def test_ctrl_c_ends_serve_normally(tmp_path, monkeypatch):
     args = parser.parse_args(["--port", str(free_port()), "--state-dir", str(tmp_path / "state"),
                               "--log-level", "warning"])
     assert server.serve(args) is None
+
+
+def test_serve_leaves_the_state_dir_to_a_job_queue_still_busy(tmp_path, monkeypatch):
+    """When serve ends while the job worker is still in a step, the queue keeps the state dir's
+    lock (it lets it go when the worker ends, or the process exit does): serve must not close it."""
+    import types
+
+    import uvicorn
+
+    from engine import server
+    from engine.jobs import lock_state_dir
+
+    kept = {}
+
+    class BusyJobs:
+        def release_state_lock(self):
+            return False  # the worker is still running: the lock stays held
+
+    def create_app(engine, settings, state_lock=None):
+        kept["lock"] = state_lock
+        return types.SimpleNamespace(state=types.SimpleNamespace(jobs=BusyJobs()))
+
+    monkeypatch.setattr(server, "build_engine", lambda args, settings: None)
+    monkeypatch.setattr(server, "create_app", create_app)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "config"))
+    parser = argparse.ArgumentParser()
+    server.add_serve_arguments(parser)
+    args = parser.parse_args(["--port", str(free_port()), "--state-dir", str(tmp_path / "state"),
+                              "--log-level", "warning"])
+    try:
+        assert server.serve(args) is None
+        with pytest.raises(SystemExit, match="is in use by another engine server"):
+            lock_state_dir(tmp_path / "state")
+    finally:
+        kept["lock"].close()
+    lock_state_dir(tmp_path / "state").close()
