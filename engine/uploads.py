@@ -59,14 +59,11 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
         raise JobError("not_a_raster", f"{shown} is not a regular file.")
     if not os.access(p, os.R_OK):
         raise JobError("raster_unreadable", f"The engine may not read {shown} (permission denied).")
-    if geotiff_only:
-        with open(p, "rb") as fh:
-            if fh.read(4) not in TIFF_MAGIC:
-                raise JobError("not_a_raster", "The uploaded file is not a GeoTIFF.",
-                               "Upload the layer as a GeoTIFF (.tif).")
-    looks_tiff = False
     with open(p, "rb") as fh:
         looks_tiff = fh.read(4) in TIFF_MAGIC
+    if geotiff_only and not looks_tiff:
+        raise JobError("not_a_raster", "The uploaded file is not a GeoTIFF.",
+                       "Upload the layer as a GeoTIFF (.tif).")
     try:
         kwargs = {"driver": "GTiff"} if geotiff_only else {}
         with warnings.catch_warnings():

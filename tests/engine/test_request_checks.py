@@ -126,3 +126,30 @@ def test_a_gcp_raster_needing_a_warp_is_refused_before_anything_is_queued(tmp_pa
     assert err.code == "raster_unreadable" and "gdalwarp" in err.message
     batch = {"items": [{"raster_path": path}], "questions": ["Any roads?"]}
     assert refused(lambda: validate_batch(batch, protocol.STRATEGIES)).code == "raster_unreadable"
+
+
+@pytest.mark.parametrize("geotiff_only", [False, True])
+def test_check_raster_file_reads_the_header_once(raster, geotiff_only, monkeypatch):
+    import builtins
+
+    import engine.uploads as uploads
+
+    opened = []
+
+    def counted_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(uploads, "open", counted_open, raising=False)
+    assert check_raster_file(raster, geotiff_only=geotiff_only).count == 3
+    assert opened == [str(raster)]
+
+
+def test_an_upload_that_is_not_a_tiff_is_refused_before_gdal(tmp_path):
+    png = tmp_path / "layer.tif"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    err = refused(lambda: check_raster_file(png, geotiff_only=True))
+    assert (err.code, err.message) == ("not_a_raster", "The uploaded file is not a GeoTIFF.")
+    assert err.hint == "Upload the layer as a GeoTIFF (.tif)."
+    info = check_raster_file(write_geotiff(tmp_path / "ok.tif"), geotiff_only=True)
+    assert (info.width, info.height) == (64, 48)
