@@ -57,9 +57,28 @@ def _write_json(dest: Path, obj) -> None:
     dest.write_text(json.dumps(obj), encoding="utf-8")
 
 
-def place_result_files(out: dict, clip_bounds=None, unreferenced: bool = False) -> None:
+def result_offset(event: dict) -> tuple:
+    """(dx, dy) from the engine's result coordinates to the raster's source pixels: the offset
+    of the uploaded cut of a raster with no georeferencing (``upload_pixel_offset``, see
+    :class:`client.AskStream`), else (0, 0)."""
+    offset = event.get("upload_pixel_offset")
+    if isinstance(offset, (list, tuple)) and len(offset) == 2:
+        return float(offset[0]), float(offset[1])
+    return 0.0, 0.0
+
+
+def place_result_files(out: dict, clip_bounds=None, unreferenced: bool = False, pixel_offset=(0, 0)) -> None:
     """Move the kept files of ``out`` where QGIS shows the raster and clip them to it, in place
-    (``clip_bounds`` and ``unreferenced`` as for :func:`keep_result_files`)."""
+    (``clip_bounds`` and ``unreferenced`` as for :func:`keep_result_files`; ``pixel_offset``
+    as :func:`result_offset` gives it, applied first)."""
+    dx, dy = pixel_offset
+    if dx or dy:  # results about an uploaded cut, in its pixels: back to the raster's
+        from .unreferenced import shift_anchors, shift_heatmap
+
+        if out["heatmap"]:
+            shift_heatmap(out["heatmap"], dx, dy)
+        if out["anchors"]:
+            shift_anchors(out["anchors"], dx, dy)
     if unreferenced:  # before clipping: clip_bounds are in the layer's coordinates
         from .unreferenced import flip_anchors, flip_heatmap
 
@@ -85,15 +104,16 @@ def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: s
     """Copy (or download) the heatmap GeoTIFF and anchors GeoJSON of a result into ``dest_dir``.
 
     ``unreferenced``: the raster has no georeferencing (:func:`aoi.is_unreferenced_file`), so
-    the engine's files are in source pixels; the copies are moved to where QGIS shows the
-    raster (see :mod:`unreferenced`). With ``clip_bounds`` (xmin, ymin, xmax, ymax in the
+    the engine's files are in source pixels (of the uploaded cut, when only the AOI's window
+    was uploaded: the copies are first moved by the event's ``upload_pixel_offset``); the copies
+    are moved to where QGIS shows the raster (see :mod:`unreferenced`). With ``clip_bounds`` (xmin, ymin, xmax, ymax in the
     layer's coordinates) both are then clipped to the source raster (see :mod:`clip`).
     Returns ``{"heatmap": path|None, "anchors": path|None}``. Runs in a worker thread.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     out = {key: fetch_result_file(event, client, key, dest_dir / f"{stem}_{key}{suffix}")
            for key, suffix, _ in RESULT_FILES}
-    place_result_files(out, clip_bounds, unreferenced)
+    place_result_files(out, clip_bounds, unreferenced, result_offset(event))
     return out
 
 
@@ -130,7 +150,7 @@ def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path,
             _remove(dest)  # no half-written file left behind
             lost.append(_lost_text(what, exc, dest_dir))
     try:
-        place_result_files(out, clip_bounds, unreferenced)
+        place_result_files(out, clip_bounds, unreferenced, result_offset(event))
     except errors as exc:  # files that cannot be placed would be shown in the wrong place
         for path in out.values():
             _remove(path)
