@@ -561,3 +561,108 @@ def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_eng
     assert sizes[-1] == (100, 100)
     assert_placed(turn, geo, area)
     dock.set_aoi_mode("layer")
+
+
+# --- the batch: each layer converted and cut once for all its questions -------------------------
+
+
+def run_batch(items, questions, progress=None):
+    """A BatchTask over ``items`` x ``questions`` with the configured engine, run to its end."""
+    from conftest import wait_until
+    from geovqa.settings import Settings, make_client
+    from geovqa.tasks import BatchTask
+    from qgis.core import QgsApplication
+
+    settings = Settings.load()
+    task = BatchTask(make_client(settings), items, questions, settings.request_options(), settings.results_dir())
+    ended = []
+    task.taskCompleted.connect(lambda: ended.append(True))
+    task.taskTerminated.connect(lambda: ended.append(False))
+    if progress is not None:
+        task.progressChanged.connect(progress.append)
+    QgsApplication.taskManager().addTask(task)
+    return task, ended
+
+
+def batch_item(path, aoi=None):
+    from osgeo import gdal
+
+    ds = gdal.Open(str(path))
+    gt, w, h = ds.GetGeoTransform(), ds.RasterXSize, ds.RasterYSize
+    return {"layer": os.path.basename(str(path)), "layer_id": None, "raster_path": str(path), "aoi": aoi,
+            "crs_wkt": ds.GetProjection(), "clip_bounds": (gt[0], gt[3] + h * gt[5], gt[0] + w * gt[1], gt[3]),
+            "unreferenced": False}
+
+
+def test_a_batch_converts_and_cuts_each_layer_once_and_deletes_the_copies(stub_engine, tmp_path, monkeypatch,
+                                                                       own_tempdir):
+    from conftest import set_settings, valid_cells_extent, wait_for_tasks, wait_until
+    from geovqa import upload
+    from osgeo import gdal
+    from qgis.core import QgsRectangle
+
+    set_settings(send_rasters="upload")
+    written = []
+    translate = upload.translate_to_geotiff
+    monkeypatch.setattr(upload, "translate_to_geotiff", lambda *a, **kw: written.append(a[0]) or translate(*a, **kw))
+    src = write_raster(tmp_path / "src.tif", width=300, height=200)
+    vrt = str(tmp_path / "src.vrt")
+    gdal.BuildVRT(vrt, [src])
+    items = [batch_item(vrt), batch_item(src, {"window": [100, 50, 40, 30]})]
+    task, ended = run_batch(items, ["How big?", "What bands?", "Anything else?"])
+    wait_until(lambda: ended, 60, "the batch")
+    wait_for_tasks()
+    assert ended == [True] and all(r["error"] is None for r in task.results), task.results
+    assert written == [vrt, src]  # once per layer, not once per question
+    sent = stub_engine.uploads
+    assert len(sent) == 6 and len({u["sha256"] for u in sent[:3]}) == 1 and len({u["sha256"] for u in sent[3:]}) == 1
+    assert [u["request"]["aoi"] for u in sent] == [None] * 3 + [{"window": [0, 0, 40, 30]}] * 3
+    assert [r["answer"] for r in task.results[3:]] == ["The area is 40 x 30 pixels with 3 bands."] * 3
+    area = QgsRectangle(501000, 4999200, 501400, 4999500)  # the window on the map
+    assert all(area.buffered(1e-6).contains(valid_cells_extent(r["heatmap_path"])) for r in task.results[3:])
+    assert os.listdir(own_tempdir) == []
+
+
+def test_a_batch_reports_its_uploads_progress(stub_engine, tmp_path, monkeypatch):
+    from conftest import set_settings, wait_for_tasks, wait_until
+    from geovqa import client as client_mod
+
+    set_settings(send_rasters="upload")
+    monkeypatch.setattr(client_mod, "UPLOAD_CHUNK", 1024)
+    path = write_raster(tmp_path / "scene.tif", width=120, height=90)
+    seen = []
+    task, ended = run_batch([batch_item(path)], ["How big?", "What bands?"], seen)
+    wait_until(lambda: ended, 60, "the batch")
+    wait_for_tasks()
+    assert ended == [True]
+    # two answers, 50 % each; the first half of each is its upload, sent 1 KiB at a time
+    uploading = [p for p in seen if 0 < p < 25 or 50 < p < 75]
+    assert len(uploading) >= 10, seen
+    assert seen == sorted(seen) and seen[-1] == 100
+
+
+def test_a_cancelled_batch_deletes_its_copies(stub_engine, tmp_path, own_tempdir):
+    from conftest import set_settings, wait_for_tasks, wait_until
+
+    set_settings(send_rasters="upload")
+    stub_engine.token_delay = 0.2
+    path = write_raster(tmp_path / "scene.tif", width=300, height=200)
+    task, ended = run_batch([batch_item(path, {"window": [10, 10, 50, 50]})], ["q1", "q2", "q3"])
+    wait_until(lambda: stub_engine.uploads, 30, "the first upload")
+    assert len(os.listdir(own_tempdir)) == 1  # the cut, kept for the next questions
+    task.cancel()
+    wait_until(lambda: ended, 30, "the cancelled batch")
+    wait_for_tasks()
+    assert len(task.results) < 3
+    assert os.listdir(own_tempdir) == []
+
+
+def test_a_conversion_cancelled_meanwhile_stops_and_leaves_nothing(tmp_path, own_tempdir):
+    from geovqa.client import EngineError
+    from geovqa.upload import prepare_upload
+
+    path = write_raster(tmp_path / "scene.tif", width=300, height=200)
+    with pytest.raises(EngineError) as err:
+        prepare_upload(path, {"window": [10, 10, 200, 100]}, cancelled=lambda: True)
+    assert err.value.code == "cancelled"
+    assert os.listdir(own_tempdir) == []
