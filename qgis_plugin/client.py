@@ -259,12 +259,16 @@ class EngineClient:
     def health(self) -> dict:
         return self.request_json("GET", HEALTH_ENDPOINT, auth=False)  # no token needed
 
-    def ask(self, request: dict, upload: bool | None = None) -> "AskStream":
+    def ask(self, request: dict, upload: bool | None = None, prepared=None) -> "AskStream":
         """Start ``POST /ask``; iterate ``.events()`` for the streamed events.
 
         ``upload`` (default: :attr:`uploads`, from the *Send rasters* setting) sends the raster
-        file as a multipart upload instead of its path.
+        file as a multipart upload instead of its path, cut to the request's AOI (see
+        :mod:`upload`). ``prepared``: an :class:`upload.Upload` already made for the request's
+        raster and AOI (a batch asks several questions about one), sent as it is and not deleted.
         """
+        if prepared is not None:
+            return AskStream(self, request, prepared=prepared)
         if upload is None:
             upload = self.uploads
         return AskStream(self, request, upload_path=request.get("raster_path") if upload else None)
@@ -328,12 +332,19 @@ def _write_local(fh, chunk: bytes, dest: str) -> None:
 
 
 class AskStream:
-    """One streamed answer. ``events()`` yields event dicts; ``abort()`` cancels from any thread."""
+    """One streamed answer. ``events()`` yields event dicts; ``abort()`` cancels from any thread.
 
-    def __init__(self, client: EngineClient, request: dict, upload_path: str | None = None):
+    When the upload was a cut of a raster with no georeferencing, the engine's result is in the
+    cut's pixels: the result event then carries ``upload_pixel_offset`` ``[dx, dy]`` (added by
+    the plugin, not the engine), which :func:`tasks.place_result_files` adds to the copies of its
+    files. The event's inline ``anchors`` stay as the engine sent them.
+    """
+
+    def __init__(self, client: EngineClient, request: dict, upload_path: str | None = None, prepared=None):
         self.client = client
         self.request = request
         self.upload_path = upload_path
+        self.prepared = prepared  # an upload.Upload made by the caller (kept after the answer)
         self.request_id = request.get("request_id")
         # called as on_upload_progress(bytes_sent, bytes_total) while a raster is uploaded
         # (from the worker thread; QgsTask.setProgress and Processing feedback accept that)
@@ -357,16 +368,30 @@ class AskStream:
         return self._aborted
 
     def events(self):
-        """Yield the answer's events; an uploaded raster that is not a self-contained GeoTIFF is
-        converted first (here, so every caller converts in its worker thread; see :mod:`upload`)."""
+        """Yield the answer's events; an uploaded raster is converted and cut to the AOI first
+        (here, so every caller does it in its worker thread; see :mod:`upload`)."""
+        if self.prepared is not None:
+            yield from self._upload_events(self.prepared)
+            return
         if not self.upload_path:
             yield from self._events(None)
             return
         from .upload import upload_file
 
-        with upload_file(self.upload_path) as sent:
-            self._check_upload_size(os.path.getsize(sent))
-            yield from self._events(sent)
+        try:
+            with upload_file(self.upload_path, self.request.get("aoi"), cancelled=lambda: self._aborted) as sent:
+                yield from self._upload_events(sent)
+        except EngineError:
+            if not self._aborted:
+                raise
+
+    def _upload_events(self, sent):
+        self._check_upload_size(os.path.getsize(sent.path))
+        offset = [sent.pixel_offset[0], sent.pixel_offset[1]]
+        for event in self._events(sent):
+            if event.get("type") == "result" and offset != [0, 0]:
+                event = dict(event, upload_pixel_offset=offset)
+            yield event
 
     def _check_upload_size(self, size: int) -> None:
         """Refuse a file over the engine's ``max_upload_bytes`` before sending it.
@@ -386,7 +411,7 @@ class AskStream:
                 "Ask about a smaller area of interest (or a clipped copy of the layer), or start that engine "
                 "with a larger --max-upload-bytes.")
 
-    def _events(self, sent_path: str | None):
+    def _events(self, sent):
         conn = self.client._connection(self.client.stream_timeout)
         with self._lock:
             if self._aborted:
@@ -394,8 +419,8 @@ class AskStream:
             self._conn = conn
         try:
             try:
-                if sent_path:
-                    self._send_multipart(conn, sent_path)
+                if sent is not None:
+                    self._send_multipart(conn, sent.path, sent.aoi)
                 else:
                     body = json.dumps(self.request).encode("utf-8")
                     conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
@@ -434,10 +459,11 @@ class AskStream:
         finally:
             conn.close()
 
-    def _send_multipart(self, conn, path: str) -> None:
-        """POST /ask as multipart: a ``request`` JSON part and the ``raster`` file at ``path``, streamed."""
+    def _send_multipart(self, conn, path: str, aoi) -> None:
+        """POST /ask as multipart: a ``request`` JSON part (with ``aoi``, the AOI for the file)
+        and the ``raster`` file at ``path``, streamed."""
         boundary = "geovqa-" + uuid.uuid4().hex
-        req = dict(self.request, raster_path=None)
+        req = dict(self.request, raster_path=None, aoi=aoi)
         name = os.path.basename(path) or "raster.tif"
         head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n"
                 f"Content-Type: application/json\r\n\r\n{json.dumps(req)}\r\n"

@@ -77,6 +77,7 @@ class ChatDock(QgsDockWidget):
         self.aoi_crs = None
         self.tool = None
         self._health_task = None
+        self._health_again = False  # asked while a check ran (the local engine started or stopped meanwhile)
         self._render_timer = QTimer(self)  # before _build: choosing a layer renders
         self._render_timer.setSingleShot(True)
         self._render_timer.setInterval(RENDER_INTERVAL_MS)
@@ -612,6 +613,7 @@ class ChatDock(QgsDockWidget):
     # -- engine status ------------------------------------------------------------------------
     def refresh_health(self):
         if self._health_task is not None:
+            self._health_again = True  # its answer may be from before the change: check again
             return
         settings = Settings.load()
         try:
@@ -627,13 +629,18 @@ class ChatDock(QgsDockWidget):
         self._health_task = None
         self.health, self.health_error = health, error
         level, text = engine_status.summary(health, error, Settings.load().engine_url)
-        if level == "down" and self.engine_process is not None and self.engine_process.is_running():
+        if self.engine_process is not None and self.engine_process.is_stopping():
+            level, text = "loading", "The local engine is stopping …"
+        elif level == "down" and self.engine_process is not None and self.engine_process.is_running():
             level, text = "loading", "The local engine is starting (loading the model) …"
         color = engine_status.COLORS[level]
         self.status_label.setText(f"<span style='color:{color}'>●</span> {html.escape(text)}")
         self.status_level = level
         self.timer.setInterval(HEALTH_INTERVAL_MS if level in ("ok", "demo") else HEALTH_INTERVAL_BUSY_MS)
         self.health_updated.emit(health, error)
+        if self._health_again:
+            self._health_again = False
+            self.refresh_health()
 
     def diagnostics_text(self) -> str:
         proc = self.engine_process

@@ -5,6 +5,11 @@ The command is ``<python> -m engine serve --host 127.0.0.1 --port <port> [--weig
 the ones the client will call (`client.engine_address`): 8765 when the URL names no port, and
 ``--host ::1`` for an ``http://[::1]:...`` URL. The engine's output is kept (last lines) for the
 diagnostics report.
+
+Stopping never blocks the user interface: :meth:`EngineProcess.stop` asks the engine to end
+(SIGTERM) and returns; a timer kills it when it still runs after a grace period (state
+"stopping" meanwhile). Only :meth:`EngineProcess.shutdown` (plugin unload, QGIS quitting) waits,
+briefly and boundedly, so that the engine never outlives QGIS.
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ import shlex
 from collections import deque
 from pathlib import Path
 
-from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, pyqtSignal
+from qgis.PyQt.QtCore import QCoreApplication, QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
 from .client import LOOPBACK_HOSTS, EngineError, engine_address
 
 NOT_RUNNING = QProcess.ProcessState.NotRunning
 MERGED = QProcess.ProcessChannelMode.MergedChannels
+# How long a stopped engine may take to end by itself (finish its answer, close its files)
+# before it is killed; and at plugin unload / QGIS exit, the most QGIS waits for it (twice:
+# after the request to end, then after the kill).
+STOP_GRACE_MS = 5000
+SHUTDOWN_WAIT_MS = 1500
 
 
 class EngineProcessError(RuntimeError):
@@ -67,7 +77,7 @@ def engine_command(settings) -> tuple:
 class EngineProcess(QObject):
     """Owns at most one engine process started from QGIS."""
 
-    state_changed = pyqtSignal(str)  # 'starting' | 'running' | 'stopped' | 'failed'
+    state_changed = pyqtSignal(str)  # 'starting' | 'running' | 'stopping' | 'stopped' | 'failed'
     output = pyqtSignal(str)
 
     def __init__(self, parent=None):
@@ -75,11 +85,24 @@ class EngineProcess(QObject):
         self.proc = None
         self.lines = deque(maxlen=200)
         self.command = None
+        self._stopping = None  # the process asked to end, until it has
+        self._kill_timer = QTimer(self)
+        self._kill_timer.setSingleShot(True)
+        self._kill_timer.timeout.connect(self._kill_if_running)
+        app = QCoreApplication.instance()
+        if app is not None:  # QGIS quitting without unloading the plugin first
+            app.aboutToQuit.connect(self.shutdown)
 
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.state() != NOT_RUNNING
 
+    def is_stopping(self) -> bool:
+        """True from :meth:`stop` until the engine has ended."""
+        return self._stopping is not None and self.is_running()
+
     def start(self, settings, extra_env: dict | None = None) -> None:
+        if self.is_stopping():
+            raise EngineProcessError("The local engine is still stopping; start it again in a few seconds.")
         if self.is_running():
             return
         program, args, workdir = engine_command(settings)
@@ -100,17 +123,47 @@ class EngineProcess(QObject):
         self.state_changed.emit("starting")
         proc.start(program, args)
 
-    def stop(self, wait_ms: int = 5000) -> None:
+    def stop(self, grace_ms: int | None = None) -> None:
+        """Ask the engine to end and return at once (state "stopping"); it is killed when it still
+        runs after ``grace_ms`` (default STOP_GRACE_MS). "stopped" follows when it has ended."""
         proc = self.proc
         if proc is None:
             return
-        if proc.state() != NOT_RUNNING:
-            proc.terminate()
-            if not proc.waitForFinished(wait_ms):
-                proc.kill()
-                proc.waitForFinished(2000)
-        self.proc = None
-        self.state_changed.emit("stopped")
+        if proc.state() == NOT_RUNNING:
+            self.proc = None
+            self.state_changed.emit("stopped")
+            return
+        if self._stopping is proc:  # asked already: the timer is running
+            return
+        self._stopping = proc
+        self.state_changed.emit("stopping")
+        proc.terminate()
+        self._kill_timer.start(max(0, int(STOP_GRACE_MS if grace_ms is None else grace_ms)))
+
+    def _kill_if_running(self) -> None:
+        proc = self._stopping
+        if proc is not None and proc.state() != NOT_RUNNING:
+            self.lines.append("[engine did not end when asked; killed]")
+            proc.kill()  # finished follows through the event loop
+
+    def shutdown(self, wait_ms: int = SHUTDOWN_WAIT_MS) -> None:
+        """Plugin unload / QGIS quitting: end the engine for sure, waiting at most about twice
+        ``wait_ms`` (the only place that blocks)."""
+        app = QCoreApplication.instance()
+        if app is not None:
+            try:
+                app.aboutToQuit.disconnect(self.shutdown)
+            except (TypeError, RuntimeError):
+                pass
+        self._kill_timer.stop()
+        proc = self.proc
+        if proc is None or proc.state() == NOT_RUNNING:
+            return
+        self._stopping = proc  # an exit by signal is no failure to report
+        proc.terminate()
+        if not proc.waitForFinished(wait_ms):
+            proc.kill()
+            proc.waitForFinished(wait_ms)
 
     def log_text(self) -> str:
         return "\n".join(self.lines)
@@ -130,7 +183,10 @@ class EngineProcess(QObject):
 
     def _finished(self, code, _status=None):
         self.lines.append(f"[engine exited with code {code}]")
-        self.state_changed.emit("stopped" if code == 0 else "failed")
+        asked = self._stopping is not None
+        self._stopping = None
+        self._kill_timer.stop()
+        self.state_changed.emit("stopped" if code == 0 or asked else "failed")
 
     def _error(self, err):
         self.lines.append(f"[engine process error: {err}]")

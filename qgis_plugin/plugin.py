@@ -109,7 +109,7 @@ class GeoVQAPlugin:
             self.iface.unregisterOptionsWidgetFactory(self.options_factory)
             self.options_factory = None
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.shutdown()  # a short, bounded wait: the engine must not outlive QGIS
             self.engine = None
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)

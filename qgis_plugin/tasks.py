@@ -57,9 +57,28 @@ def _write_json(dest: Path, obj) -> None:
     dest.write_text(json.dumps(obj), encoding="utf-8")
 
 
-def place_result_files(out: dict, clip_bounds=None, unreferenced: bool = False) -> None:
+def result_offset(event: dict) -> tuple:
+    """(dx, dy) from the engine's result coordinates to the raster's source pixels: the offset
+    of the uploaded cut of a raster with no georeferencing (``upload_pixel_offset``, see
+    :class:`client.AskStream`), else (0, 0)."""
+    offset = event.get("upload_pixel_offset")
+    if isinstance(offset, (list, tuple)) and len(offset) == 2:
+        return float(offset[0]), float(offset[1])
+    return 0.0, 0.0
+
+
+def place_result_files(out: dict, clip_bounds=None, unreferenced: bool = False, pixel_offset=(0, 0)) -> None:
     """Move the kept files of ``out`` where QGIS shows the raster and clip them to it, in place
-    (``clip_bounds`` and ``unreferenced`` as for :func:`keep_result_files`)."""
+    (``clip_bounds`` and ``unreferenced`` as for :func:`keep_result_files`; ``pixel_offset``
+    as :func:`result_offset` gives it, applied first)."""
+    dx, dy = pixel_offset
+    if dx or dy:  # results about an uploaded cut, in its pixels: back to the raster's
+        from .unreferenced import shift_anchors, shift_heatmap
+
+        if out["heatmap"]:
+            shift_heatmap(out["heatmap"], dx, dy)
+        if out["anchors"]:
+            shift_anchors(out["anchors"], dx, dy)
     if unreferenced:  # before clipping: clip_bounds are in the layer's coordinates
         from .unreferenced import flip_anchors, flip_heatmap
 
@@ -85,15 +104,16 @@ def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: s
     """Copy (or download) the heatmap GeoTIFF and anchors GeoJSON of a result into ``dest_dir``.
 
     ``unreferenced``: the raster has no georeferencing (:func:`aoi.is_unreferenced_file`), so
-    the engine's files are in source pixels; the copies are moved to where QGIS shows the
-    raster (see :mod:`unreferenced`). With ``clip_bounds`` (xmin, ymin, xmax, ymax in the
+    the engine's files are in source pixels (of the uploaded cut, when only the AOI's window
+    was uploaded: the copies are first moved by the event's ``upload_pixel_offset``); the copies
+    are moved to where QGIS shows the raster (see :mod:`unreferenced`). With ``clip_bounds`` (xmin, ymin, xmax, ymax in the
     layer's coordinates) both are then clipped to the source raster (see :mod:`clip`).
     Returns ``{"heatmap": path|None, "anchors": path|None}``. Runs in a worker thread.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     out = {key: fetch_result_file(event, client, key, dest_dir / f"{stem}_{key}{suffix}")
            for key, suffix, _ in RESULT_FILES}
-    place_result_files(out, clip_bounds, unreferenced)
+    place_result_files(out, clip_bounds, unreferenced, result_offset(event))
     return out
 
 
@@ -130,7 +150,7 @@ def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path,
             _remove(dest)  # no half-written file left behind
             lost.append(_lost_text(what, exc, dest_dir))
     try:
-        place_result_files(out, clip_bounds, unreferenced)
+        place_result_files(out, clip_bounds, unreferenced, result_offset(event))
     except errors as exc:  # files that cannot be placed would be shown in the wrong place
         for path in out.values():
             _remove(path)
@@ -272,9 +292,16 @@ class BatchTask(QgsTask):
     "unreferenced"}`` (the last two as for :func:`keep_result_files`); an item
     with ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
     Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths).
+
+    For an engine on another computer each item's raster is converted and cut to its AOI once
+    (:func:`upload.prepare_upload`) and that file is sent with every question about it; it is
+    deleted when the item's questions are done, also when the batch is cancelled or fails. The
+    progress counts the answers done plus the current one: its upload (the first half of its share
+    when a raster is uploaded), then the engine's own progress.
     """
 
     row = pyqtSignal(object)
+    UPLOAD_SHARE = 0.5  # of one answer's progress, while its raster is uploaded
 
     def __init__(self, client: EngineClient, items: list, questions: list, options: dict, results_dir: Path):
         super().__init__("GeoVQA: batch questions", CAN_CANCEL)
@@ -286,6 +313,7 @@ class BatchTask(QgsTask):
         self.results = []
         self._stream = None
         self._lock = threading.Lock()
+        self._answer_progress = 0.0  # of the current answer, 0..1 (never goes back)
 
     @property
     def total(self) -> int:
@@ -300,31 +328,65 @@ class BatchTask(QgsTask):
     def run(self) -> bool:
         index = 0
         for item in self.items:
-            for question in self.questions:
-                if self.isCanceled():
-                    return False
-                self.results.append(self._one(index, item, question))
-                self.row.emit(self.results[-1])
-                index += 1
-                self.setProgress(100.0 * index / max(1, self.total))
+            if self.isCanceled():
+                return False
+            upload, error = self._prepare(item)
+            try:
+                for question in self.questions:
+                    if self.isCanceled():
+                        return False
+                    self.results.append(self._one(index, item, question, upload, error))
+                    self.row.emit(self.results[-1])
+                    index += 1
+                    self._answer_progress = 0.0
+                    self.setProgress(100.0 * index / max(1, self.total))
+            finally:
+                if upload is not None:
+                    upload.cleanup()
         return True
 
-    def _one(self, index: int, item: dict, question: str) -> dict:
+    def _prepare(self, item: dict) -> tuple:
+        """``(upload.Upload | None, error)`` for ``item``: its raster converted and cut once for all
+        its questions when rasters are uploaded; the error (a sentence) when that failed."""
+        if item.get("error") or not item.get("raster_path") or not self.client.uploads:
+            return None, None
+        from .upload import prepare_upload
+
+        try:
+            return prepare_upload(item["raster_path"], item.get("aoi"), cancelled=self.isCanceled), None
+        except EngineError as exc:
+            return None, str(exc)
+        except (OSError, RuntimeError) as exc:  # the temporary folder; RuntimeError: GDAL with exceptions on
+            return None, f"The raster could not be prepared for the upload to the engine: {exc}"
+
+    def _report(self, index: int, fraction: float) -> None:
+        """Progress: ``index`` answers done, the current one ``fraction`` (0..1) done."""
+        self._answer_progress = max(self._answer_progress, min(1.0, max(0.0, fraction)))
+        self.setProgress(100.0 * (index + self._answer_progress) / max(1, self.total))
+
+    def _one(self, index: int, item: dict, question: str, upload=None, prepare_error: str | None = None) -> dict:
         row = {
             "index": index, "layer": item["layer"], "layer_id": item.get("layer_id"),
             "raster_path": item["raster_path"], "question": question, "answer": None,
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
             "crs_wkt": item.get("crs_wkt"),
         }
-        if item.get("error"):  # the layer could not be prepared (not in view, render failed)
-            row["error"] = item["error"]
+        if item.get("error") or prepare_error:  # the layer could not be prepared (not in view, render failed)
+            row["error"] = item.get("error") or prepare_error
             return row
+        share = self.UPLOAD_SHARE if upload is not None else 0.0
+        stream = None
         try:
             request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), **self.options)
-            stream = self.client.ask(request)
+            stream = self.client.ask(request, prepared=upload) if upload is not None else self.client.ask(request)
+            stream.on_upload_progress = lambda sent, total: self._report(index, share * sent / max(1, total))
             with self._lock:
                 self._stream = stream
+            if self.isCanceled():  # cancelled before the stream could be aborted
+                stream.abort()
             for ev in stream.events():
+                if ev.get("type") == "status" and isinstance(ev.get("progress"), (int, float)):
+                    self._report(index, share + (1.0 - share) * float(ev["progress"]))
                 if ev.get("type") == "result":
                     row["answer"] = ev.get("answer", "")
                     row["tokens"] = ev.get("tokens") or {}
@@ -345,4 +407,6 @@ class BatchTask(QgsTask):
         finally:
             with self._lock:
                 self._stream = None
+            if stream is not None:
+                stream.on_upload_progress = None  # no reference from the stream to the task left
         return row

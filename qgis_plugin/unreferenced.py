@@ -4,6 +4,8 @@ The protocol's coordinates for such a raster are its source pixels (col, row), r
 down, so the engine's heatmap GeoTIFF and anchors GeoJSON are in those. QGIS shows the raster
 at x = col, y = -row (y up), so the files would land mirrored below the layer. These functions
 rewrite the plugin's own copies (never the engine's files) in QGIS's coordinates: y -> -y.
+When only a cut of the raster was uploaded (:mod:`upload`), the files are in the cut's pixels
+and are first moved by the cut's offset (:func:`shift_heatmap`, :func:`shift_anchors`).
 Worker-thread safe (GDAL and JSON only); see :func:`aoi.is_unreferenced_file` for which layers.
 """
 
@@ -19,8 +21,15 @@ def flipped_geotransform(gt) -> tuple:
     return (a, b, c, -d, -e, -f)
 
 
-def flip_heatmap(path: str) -> str:
-    """Rewrite the GeoTIFF ``path``'s geotransform in place (the pixels stay as they are)."""
+def shifted_geotransform(gt, dx: float, dy: float) -> tuple:
+    """The geotransform giving (x + dx, y + dy) of ``gt`` at every pixel."""
+    a, b, c, d, e, f = gt
+    return (a + dx, b, c, d + dy, e, f)
+
+
+def _rewrite_geotransform(path: str, change) -> str:
+    """Rewrite the GeoTIFF ``path``'s geotransform in place with ``change(gt)`` (the pixels stay
+    as they are)."""
     from osgeo import gdal
 
     ds = gdal.Open(str(path), gdal.GA_Update)
@@ -28,16 +37,31 @@ def flip_heatmap(path: str) -> str:
         raise OSError(f"GDAL cannot open the heatmap {path}.")
     gt = ds.GetGeoTransform(can_return_null=True)
     if gt is not None:
-        ds.SetGeoTransform(flipped_geotransform(gt))
+        ds.SetGeoTransform(change(gt))
     ds = None  # closing writes the new transform
     return str(path)
 
 
+def flip_heatmap(path: str) -> str:
+    """Rewrite the GeoTIFF ``path``'s geotransform in place, y -> -y."""
+    return _rewrite_geotransform(path, flipped_geotransform)
+
+
+def shift_heatmap(path: str, dx: float, dy: float) -> str:
+    """Rewrite the GeoTIFF ``path``'s geotransform in place, moved by (dx, dy)."""
+    return _rewrite_geotransform(path, lambda gt: shifted_geotransform(gt, dx, dy))
+
+
+def _map_positions(coords, change):
+    """Nested GeoJSON coordinate lists with ``change(x, y)`` applied to every position."""
+    if coords and isinstance(coords[0], (int, float)):
+        return [*change(coords[0], coords[1]), *coords[2:]]
+    return [_map_positions(c, change) for c in coords]
+
+
 def _flip_positions(coords):
     """Nested GeoJSON coordinate lists with the second value of every position negated."""
-    if coords and isinstance(coords[0], (int, float)):
-        return [coords[0], -coords[1], *coords[2:]]
-    return [_flip_positions(c) for c in coords]
+    return _map_positions(coords, lambda x, y: (x, -y))
 
 
 def _flip_rings(rings: list) -> list:
@@ -70,14 +94,43 @@ def _flip_bbox(bbox):
     return [xmin, -ymax, xmax, -ymin]
 
 
-def flip_anchors(path: str) -> str:
-    """Rewrite the GeoJSON FeatureCollection ``path`` in place, every coordinate y -> -y."""
+def shift_geometry(geom: dict | None, dx: float, dy: float) -> dict | None:
+    """A GeoJSON geometry moved by (dx, dy) (every type, collections included)."""
+    if not geom:
+        return geom
+    if geom.get("type") == "GeometryCollection":
+        return dict(geom, geometries=[shift_geometry(g, dx, dy) for g in geom.get("geometries", [])])
+    if geom.get("coordinates") is None:
+        return geom
+    return dict(geom, coordinates=_map_positions(geom["coordinates"], lambda x, y: (x + dx, y + dy)))
+
+
+def _shift_bbox(bbox, dx: float, dy: float):
+    if not bbox or len(bbox) != 4:
+        return bbox
+    xmin, ymin, xmax, ymax = bbox
+    return [xmin + dx, ymin + dy, xmax + dx, ymax + dy]
+
+
+def _rewrite_anchors(path: str, geometry, bbox) -> str:
+    """Rewrite the GeoJSON FeatureCollection ``path`` in place: every geometry through
+    ``geometry(geom)``, every bbox through ``bbox(bbox)``."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     for feat in data.get("features", []):
-        feat["geometry"] = flip_geometry(feat.get("geometry"))
+        feat["geometry"] = geometry(feat.get("geometry"))
         if "bbox" in feat:
-            feat["bbox"] = _flip_bbox(feat["bbox"])
+            feat["bbox"] = bbox(feat["bbox"])
     if "bbox" in data:
-        data["bbox"] = _flip_bbox(data["bbox"])
+        data["bbox"] = bbox(data["bbox"])
     Path(path).write_text(json.dumps(data), encoding="utf-8")
     return str(path)
+
+
+def flip_anchors(path: str) -> str:
+    """Rewrite the GeoJSON FeatureCollection ``path`` in place, every coordinate y -> -y."""
+    return _rewrite_anchors(path, flip_geometry, _flip_bbox)
+
+
+def shift_anchors(path: str, dx: float, dy: float) -> str:
+    """Rewrite the GeoJSON FeatureCollection ``path`` in place, every coordinate moved by (dx, dy)."""
+    return _rewrite_anchors(path, lambda g: shift_geometry(g, dx, dy), lambda b: _shift_bbox(b, dx, dy))

@@ -1,32 +1,72 @@
-"""What is uploaded to an engine on another computer: one self-contained GeoTIFF.
+"""What is uploaded to an engine on another computer: one self-contained GeoTIFF, cut to the area
+of interest.
 
 The engine accepts only GeoTIFF uploads (engine/uploads.py), and an upload is a single file:
 a GeoTIFF placed by a world file (.tfw), or whose nodata lives in an .aux.xml or whose mask is
 an .msk, would lose those on the way. So any file that is not a GeoTIFF, or that GDAL reads
-together with other files, is first written to a temporary GeoTIFF with ``gdal.Translate``
-(the whole file, same pixel grid, so a pixel window in the request stays valid), and that copy
-is uploaded and deleted afterwards.
+together with other files, is first written to a temporary GeoTIFF with ``gdal.Translate``, and
+that copy is uploaded and deleted afterwards.
 
-Runs in worker threads (AskStream.events, inside a QgsTask or a Processing algorithm): a
-translation of a large file must never block the user interface.
+When the question is about a part of the raster (a pixel window or a polygon), only the AOI's
+bounding window is written and sent (a 1000 x 1000 px window of a 300 MB 27K raster is a few MB):
+every band, the nodata value, the mask and the georeferencing go with it, at full resolution
+(the engine decides the resolution it reads). The request's AOI is rewritten for the cut: a pixel
+window becomes relative to the cut; a polygon in the raster's CRS stays as it is (the cut is
+placed where its pixels were); on a raster with no georeferencing, whose polygons are in source
+pixels, the polygon is moved by the cut's offset, and so are the engine's results, which are then
+in the cut's pixels (:attr:`Upload.pixel_offset`; :func:`tasks.place_result_files` moves them
+back). The whole raster asked about is never cut; a cut that comes out no smaller than a
+self-contained GeoTIFF (a small AOI of a JPEG-compressed file can) is not sent either. The same
+AOI gives the same bytes (no time stamps, no threads), so the engine's feature cache, keyed on
+the upload's content hash, hits again for a second question.
+
+Runs in worker threads (AskStream.events, BatchTask, a Processing algorithm): writing a large
+file must never block the user interface.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from .georef import open_with_gdal
+from .georef import georeferencing, needs_warp, open_with_gdal
 
 # Tiled + deflate: a translated VRT or PNG is not bigger than needed on the wire; BIGTIFF only
 # where the output would need it.
 CREATION_OPTIONS = ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
+AOI_KEYS = ("window", "polygon_wkt", "geojson")  # engine/protocol.py AOI_FIELDS
+
+
+@dataclass
+class Upload:
+    """The file sent for one raster and area of interest, and how it relates to the raster."""
+
+    path: str  # the file to send: the raster itself, or a temporary GeoTIFF
+    aoi: dict | None  # the request's area of interest, for that file
+    window: tuple | None = None  # (col_off, row_off, width, height) of the raster it holds; None: all
+    pixel_offset: tuple = (0, 0)  # added to the engine's result coordinates (a cut without georeferencing)
+    temp_dir: str | None = None
+
+    def cleanup(self) -> None:
+        """Delete the temporary GeoTIFF (nothing when the raster itself is sent)."""
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
 
 
 def _same_file(a: str, b: str) -> bool:
     return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def _needs_translation(ds, path: str) -> bool:
+    files = ds.GetFileList() or [path]
+    others = [f for f in files if not _same_file(f, path)]
+    return ds.GetDriver().ShortName != "GTiff" or bool(others)
 
 
 def needs_translation(path: str) -> bool:
@@ -35,23 +75,157 @@ def needs_translation(path: str) -> bool:
     A file GDAL cannot open is sent as it is: the engine then answers with its own clear error
     (not_a_raster / raster_unreadable) rather than the plugin guessing."""
     ds = open_with_gdal(path)
-    if ds is None:
-        return False
-    files = ds.GetFileList() or [path]
-    others = [f for f in files if not _same_file(f, path)]
-    return ds.GetDriver().ShortName != "GTiff" or bool(others)
+    return ds is not None and _needs_translation(ds, path)
 
 
-def translate_to_geotiff(path: str, dest: str) -> str:
-    """Write ``path`` as one GeoTIFF at ``dest`` with its placement, nodata and mask inside."""
+# --- the area of interest in the raster's pixels ------------------------------------------------
+
+
+def _geojson_positions(coords):
+    """Every position of nested GeoJSON coordinate lists."""
+    if coords and isinstance(coords[0], (int, float)):
+        yield coords
+        return
+    for c in coords:
+        yield from _geojson_positions(c)
+
+
+def _moved_positions(coords, dx: float, dy: float):
+    if coords and isinstance(coords[0], (int, float)):
+        return [coords[0] + dx, coords[1] + dy, *coords[2:]]
+    return [_moved_positions(c, dx, dy) for c in coords]
+
+
+def _ogr_leaves(geom):
+    """The parts of an OGR geometry that hold points (rings, for polygons)."""
+    n = geom.GetGeometryCount()
+    if n == 0:
+        yield geom
+        return
+    for i in range(n):
+        yield from _ogr_leaves(geom.GetGeometryRef(i))
+
+
+def _polygon(aoi: dict):
+    """The AOI's polygon as an OGR geometry, or None when it is not one the engine takes (the
+    engine then says what is wrong with it, about the whole raster)."""
+    from osgeo import ogr
+
+    try:
+        if isinstance(aoi.get("polygon_wkt"), str):
+            geom = ogr.CreateGeometryFromWkt(aoi["polygon_wkt"])
+        elif isinstance(aoi.get("geojson"), dict):
+            geom = ogr.CreateGeometryFromJson(json.dumps(aoi["geojson"], allow_nan=False))
+        else:
+            return None
+    except (RuntimeError, ValueError, TypeError):  # RuntimeError: GDAL with exceptions on
+        return None
+    if geom is None or geom.IsEmpty():
+        return None
+    if ogr.GT_Flatten(geom.GetGeometryType()) not in (ogr.wkbPolygon, ogr.wkbMultiPolygon):
+        return None
+    return geom
+
+
+def _to_pixels(ds):
+    """The geotransform from the coordinates of an AOI polygon to ``ds``'s pixels (col, row), as
+    the engine places the raster (engine/raster.py georeferencing), or None when the engine reads
+    it through a warp it refuses (then nothing is cut)."""
     from osgeo import gdal
 
+    kind = georeferencing(ds)
+    if kind == "none":  # polygons are in source pixels
+        return (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    if needs_warp(ds):
+        return None
+    gt = ds.GetGeoTransform() if kind == "geotransform" else gdal.GCPsToGeoTransform(ds.GetGCPs())
+    inv = gdal.InvGeoTransform(gt) if gt else None
+    return tuple(inv) if inv else None
+
+
+def aoi_window(ds, aoi: dict | None) -> tuple | None:
+    """``(col_off, row_off, width, height)``: the pixels of ``ds`` the engine reads for ``aoi``
+    (the bounding window, clipped to the raster, as engine/raster.py reads it); None when the
+    whole raster is asked about, or when the AOI is not one to cut for (malformed, outside the
+    raster: the engine answers about it)."""
+    if not isinstance(aoi, dict) or len([k for k in AOI_KEYS if aoi.get(k) is not None]) != 1:
+        return None  # no AOI (the whole raster), or one the engine refuses
+    width, height = ds.RasterXSize, ds.RasterYSize
+    if aoi.get("window") is not None:
+        try:
+            c, r, w, h = (float(v) for v in aoi["window"])
+        except (TypeError, ValueError):
+            return None
+        c0, r0, c1, r1 = c, r, c + w, r + h
+        if not (w > 0 and h > 0):
+            return None
+    else:
+        geom = _polygon(aoi)
+        inv = _to_pixels(ds) if geom is not None else None
+        if inv is None:
+            return None
+        points = [p for leaf in _ogr_leaves(geom) for p in (leaf.GetPoints() or [])]
+        cols = [inv[0] + inv[1] * p[0] + inv[2] * p[1] for p in points]
+        rows = [inv[3] + inv[4] * p[0] + inv[5] * p[1] for p in points]
+        if not cols or not all(math.isfinite(v) for v in cols + rows):
+            return None
+        c0, r0, c1, r1 = min(cols), min(rows), max(cols), max(rows)
+    if not all(math.isfinite(v) for v in (c0, r0, c1, r1)):
+        return None
+    ic0, ir0 = max(0, math.floor(c0)), max(0, math.floor(r0))
+    ic1, ir1 = min(width, math.ceil(c1)), min(height, math.ceil(r1))
+    if ic1 <= ic0 or ir1 <= ir0:
+        return None  # outside the raster: the engine says so
+    if (ic0, ir0, ic1, ir1) == (0, 0, width, height):
+        return None
+    return ic0, ir0, ic1 - ic0, ir1 - ir0
+
+
+def aoi_for_cut(aoi: dict, window: tuple, pixel_space: bool) -> dict:
+    """``aoi`` for the cut of ``window``: a pixel window relative to the cut; a polygon as it is
+    (the cut is georeferenced where the raster is), or, when ``pixel_space`` (no georeferencing:
+    polygons are in source pixels), moved by the cut's offset."""
+    col_off, row_off = window[0], window[1]
+    if aoi.get("window") is not None:
+        c, r, w, h = aoi["window"]
+        return dict(aoi, window=[c - col_off, r - row_off, w, h])
+    if not pixel_space:
+        return dict(aoi)
+    if aoi.get("polygon_wkt") is not None:
+        geom = _polygon(aoi)
+        for leaf in _ogr_leaves(geom):
+            for i, p in enumerate(leaf.GetPoints() or []):
+                if len(p) > 2:
+                    leaf.SetPoint(i, p[0] - col_off, p[1] - row_off, p[2])
+                else:
+                    leaf.SetPoint_2D(i, p[0] - col_off, p[1] - row_off)
+        return dict(aoi, polygon_wkt=geom.ExportToIsoWkt())
+    geo = aoi["geojson"]
+    return dict(aoi, geojson=dict(geo, coordinates=_moved_positions(geo["coordinates"], -col_off, -row_off)))
+
+
+# --- writing the file ----------------------------------------------------------------------------
+
+
+def translate_to_geotiff(path: str, dest: str, window: tuple | None = None, cancelled=None) -> str:
+    """Write ``path`` (only ``window``, ``(col_off, row_off, width, height)``, when given) as one
+    GeoTIFF at ``dest`` with its placement, nodata and mask inside, at full resolution.
+
+    ``cancelled()`` is asked now and then; when it is true GDAL stops and OSError is raised."""
+    from osgeo import gdal
+
+    def progress(_fraction, _message, _data):
+        return 0 if cancelled is not None and cancelled() else 1
+
+    options = {"format": "GTiff", "creationOptions": CREATION_OPTIONS, "callback": progress}
+    if window is not None:
+        options["srcWin"] = list(window)
     # A mask must go inside the TIFF (GDAL < 3.9 writes an .msk beside it by default, which
     # would not be uploaded). Thread-local: other GDAL users in QGIS are not affected.
     previous = gdal.GetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", None)
     gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", "YES")
     try:
-        out = gdal.Translate(dest, path, format="GTiff", creationOptions=CREATION_OPTIONS)
+        out = gdal.Translate(dest, path, **options)
         if out is None:
             raise OSError(f"GDAL could not write {path} as a GeoTIFF for the upload: {gdal.GetLastErrorMsg()}")
         out = None  # flush and close
@@ -60,23 +234,61 @@ def translate_to_geotiff(path: str, dest: str) -> str:
     return dest
 
 
-@contextmanager
-def upload_file(path: str):
-    """The file to upload for ``path``: itself, or a temporary GeoTIFF deleted on exit."""
-    if not needs_translation(path):
-        yield path
-        return
+def _cancelled_error():
+    from .client import EngineError
+
+    return EngineError("cancelled", "The question was cancelled while its raster was prepared for the upload.")
+
+
+def prepare_upload(path: str, aoi: dict | None = None, cancelled=None) -> Upload:
+    """The :class:`Upload` for a question about ``aoi`` of the raster ``path``: the raster itself
+    or a temporary GeoTIFF (converted, cut to the AOI); call its ``cleanup()`` when done.
+
+    Raises EngineError('raster_unreadable') when a file that must be converted cannot be, and
+    EngineError('cancelled') when ``cancelled()`` became true meanwhile."""
+    from .client import EngineError
+
+    ds = open_with_gdal(path)
+    if ds is None:
+        return Upload(path, aoi)  # the engine says what is wrong with it
+    translate = _needs_translation(ds, path)
+    window = aoi_window(ds, aoi)
+    pixel_space = georeferencing(ds) == "none"
+    ds = None
+    if window is None and not translate:
+        return Upload(path, aoi)
     temp_dir = tempfile.mkdtemp(prefix="geovqa-upload-")
     try:
         stem = os.path.splitext(os.path.basename(path))[0] or "raster"
+        dest = os.path.join(temp_dir, stem + ".tif")
         try:
-            copy = translate_to_geotiff(path, os.path.join(temp_dir, stem + ".tif"))
+            translate_to_geotiff(path, dest, window, cancelled)
         except (OSError, RuntimeError) as exc:  # RuntimeError: GDAL with exceptions on
-            from .client import EngineError
-
+            if cancelled is not None and cancelled():
+                raise _cancelled_error() from None
+            if not translate:  # the cut failed (a full temporary folder): the file itself still goes
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                return Upload(path, aoi)
             raise EngineError("raster_unreadable", f"{os.path.basename(path)} could not be converted to a "
                               f"GeoTIFF for the upload to the engine: {exc}",
                               "Export the layer as a GeoTIFF (Export > Save As...) and ask about that.") from exc
-        yield copy
-    finally:
+        if not translate and os.path.getsize(dest) >= os.path.getsize(path):
+            shutil.rmtree(temp_dir, ignore_errors=True)  # a compressed file whose cut is no smaller
+            return Upload(path, aoi)
+        if window is None:
+            return Upload(dest, aoi, temp_dir=temp_dir)
+        return Upload(dest, aoi_for_cut(aoi, window, pixel_space), window=window,
+                      pixel_offset=(window[0], window[1]) if pixel_space else (0, 0), temp_dir=temp_dir)
+    except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def upload_file(path: str, aoi: dict | None = None, cancelled=None):
+    """:func:`prepare_upload` as a context: the :class:`Upload`, its temporary file deleted on exit."""
+    upload = prepare_upload(path, aoi, cancelled)
+    try:
+        yield upload
+    finally:
+        upload.cleanup()

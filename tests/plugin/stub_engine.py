@@ -3,15 +3,20 @@ depend on torch (engine down/slow, supersede, error events). Standard library + 
 
 It really reads the raster it is asked about (size, georeference) and writes a real heatmap
 GeoTIFF and anchors GeoJSON in the raster's CRS, so layer alignment is tested for real; the
-answer text is a plain description of the raster, not a model output. The end-to-end tests use
-the real engine (see conftest.real_engine).
+answer text is a plain description of the raster, not a model output. It takes uploads
+(multipart ``request`` + ``raster``, as an engine on another computer does): each is kept in
+``uploads`` (its request, bytes' SHA-256 and size, the saved file) and answered about. The
+end-to-end tests use the real engine (see conftest.real_engine).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
+from email.parser import BytesParser
+from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -43,6 +48,7 @@ class StubEngine:
         self.token = token
         self.token_delay = token_delay
         self.requests: list[dict] = []
+        self.uploads: list[dict] = []
         self.status = "ok"
         self.fail_with: dict | None = None
         stub = self
@@ -58,7 +64,9 @@ class StubEngine:
                 if self.headers.get("Authorization") != f"Bearer {stub.token}":
                     self._json(401, {"error": {"code": "unauthorized", "message": "Wrong token.", "hint": None}})
                     return
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                ctype = self.headers.get("Content-Type", "")
+                body = stub.receive_upload(ctype, data) if ctype.startswith("multipart/") else json.loads(data)
                 stub.requests.append(body)
                 if self.path != "/ask":
                     self._json(404, {"error": {"code": "not_found", "message": "no such path", "hint": None}})
@@ -86,6 +94,20 @@ class StubEngine:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+    def receive_upload(self, content_type: str, data: bytes) -> dict:
+        """The request of a multipart upload, with ``raster_path`` the saved raster part."""
+        msg = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + data)
+        parts = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
+                 for p in msg.iter_parts()}
+        request = json.loads(parts["request"])
+        folder = self.out_dir / "uploads"
+        folder.mkdir(exist_ok=True)
+        saved = folder / f"{len(self.uploads)}.tif"
+        saved.write_bytes(parts["raster"])
+        self.uploads.append({"request": dict(request), "sha256": hashlib.sha256(parts["raster"]).hexdigest(),
+                             "size": len(parts["raster"]), "path": str(saved)})
+        return dict(request, raster_path=str(saved))
 
     def health(self) -> dict:
         return {"status": self.status, "protocol": 1, "version": "stub", "model": "stub-engine",

@@ -6,6 +6,8 @@ import configparser
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -248,3 +250,105 @@ def test_unload_while_a_render_is_written_raises_nothing(plugin, raster_layer, s
             QgsApplication.processEvents()
             time.sleep(0.05)
     assert errors == [] and stub_engine.requests == []
+
+
+# --- stopping the local engine without freezing QGIS ------------------------------------------
+# stop() used to wait for the engine in the main thread (QProcess.waitForFinished, up to 7 s):
+# QGIS froze whenever the user stopped an engine that was slow to end.
+
+STUBBORN_ENGINE = '''
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # an engine busy in native code, deaf to SIGTERM
+print("ready", flush=True)
+time.sleep(120)
+'''
+
+
+def _stubborn_engine(tmp_path):
+    """Settings whose local engine is a python that ignores SIGTERM (``-m engine serve`` runs the
+    ``engine`` package of its folder), and a started EngineProcess for them."""
+    import sys
+
+    from conftest import free_port, set_settings, wait_until
+    from geovqa.engine_process import EngineProcess
+
+    folder = tmp_path / "stubborn"
+    (folder / "engine").mkdir(parents=True)
+    (folder / "engine" / "__init__.py").write_text("")
+    (folder / "engine" / "__main__.py").write_text(STUBBORN_ENGINE)
+    settings = set_settings(python=sys.executable, engine_dir=str(folder), weights_dir="", extra_args="",
+                            engine_url=f"http://127.0.0.1:{free_port()}")
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings)
+    wait_until(lambda: "ready" in proc.lines, 30, "the stand-in engine")
+    return proc, states
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie is gone as far as anyone cares
+        return fh.read().split(") ")[-1].split()[0] != "Z"
+
+
+def test_stop_returns_at_once_and_kills_an_engine_deaf_to_sigterm(tmp_path, monkeypatch):
+    import time
+
+    from conftest import wait_until
+    from geovqa import engine_process
+    from geovqa.engine_process import EngineProcessError
+    from geovqa.settings import Settings
+
+    monkeypatch.setattr(engine_process, "STOP_GRACE_MS", 1500, raising=False)
+    proc, states = _stubborn_engine(tmp_path)
+    pid = proc.proc.processId()
+    try:
+        began = time.monotonic()
+        proc.stop()
+        assert time.monotonic() - began < 0.5  # the user interface goes on at once
+        assert proc.is_stopping() and proc.is_running() and _alive(pid)
+        assert states[-1] == "stopping"
+        with pytest.raises(EngineProcessError, match="still stopping"):
+            proc.start(Settings.load())
+        wait_until(lambda: not proc.is_running(), 15, "the engine killed after the grace period")
+        assert time.monotonic() - began >= 1.4
+        assert not _alive(pid) and not proc.is_stopping()
+        assert states[-1] == "stopped"  # asked to stop: not reported as a failure
+        assert "killed" in proc.log_text()
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
+def test_shutdown_ends_a_deaf_engine_within_its_bounded_wait(tmp_path):
+    import time
+
+    proc, states = _stubborn_engine(tmp_path)
+    pid = proc.proc.processId()
+    began = time.monotonic()
+    proc.shutdown(wait_ms=500)
+    assert time.monotonic() - began < 3
+    assert not proc.is_running() and not _alive(pid)
+    assert "failed" not in states
+
+
+def test_stopping_shows_in_the_docks_status_line(plugin, tmp_path):
+    from conftest import wait_until
+
+    proc, _ = _stubborn_engine(tmp_path)
+    plugin.engine.shutdown()  # the plugin's own, idle; the stand-in takes its place
+    plugin.engine = plugin.dock.engine_process = proc
+    proc.state_changed.connect(plugin._engine_state)
+    try:
+        plugin.stop_engine()
+        wait_until(lambda: "stopping" in plugin.dock.status_label.text(), 10, "the stopping status line")
+        wait_until(lambda: not proc.is_running(), 15, "the engine killed")
+        wait_until(lambda: "stopping" not in plugin.dock.status_label.text(), 15, "the status line after")
+        assert plugin.dock.status_level == "down"
+    finally:
+        proc.shutdown(wait_ms=200)

@@ -292,3 +292,377 @@ def test_a_download_into_a_folder_that_cannot_be_written_blames_the_folder(captu
         client.download_file("x_heatmap.tif", str(bad))
     assert not isinstance(exc.value, EngineError) and str(bad) in str(exc.value)
     assert not bad.exists()
+
+
+# --- only the area of interest is uploaded ------------------------------------------------------
+# The whole file went up for every question, e.g. 300 MB of a 27K raster for a 1000 x 1000 px window.
+
+
+def send_about(url, path, aoi, **request_kw):
+    """Ask about ``aoi`` of ``path`` with an upload to the capture server (which refuses it)."""
+    from geovqa.client import EngineClient, EngineError, build_ask_request
+
+    with pytest.raises(EngineError):
+        list(EngineClient(url, "t").ask(build_ask_request("What is here?", str(path), aoi=aoi, **request_kw),
+                                        upload=True).events())
+
+
+def sent_request(cap) -> dict:
+    return json.loads(cap.parts[-1]["request"])
+
+
+def pixels(ds, window=None):
+    """Every band of ``ds`` (only ``window``, col_off, row_off, width, height), as one array."""
+    return np.stack([ds.GetRasterBand(b + 1).ReadAsArray(*(window or ())) for b in range(ds.RasterCount)])
+
+
+@pytest.fixture
+def own_tempdir(tmp_path, monkeypatch):
+    """The temporary folder the uploads are written to, to see that nothing is left in it."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_a_window_is_cut_and_sent_with_its_georeferencing(capture, tmp_path, own_tempdir):
+    from osgeo import gdal
+
+    path = write_raster(tmp_path / "scene.tif", width=300, height=200)
+    send_about(capture.url, path, {"window": [100, 50, 40, 30]}, bands=[3, 2, 1])
+    got, src = uploaded(capture, tmp_path), gdal.Open(path)
+    assert (got.RasterXSize, got.RasterYSize, got.RasterCount) == (40, 30, 3)
+    assert got.GetGeoTransform() == pytest.approx((500000.0 + 100 * 10, 10.0, 0.0, 5000000.0 - 50 * 10, 0.0, -10.0))
+    assert got.GetProjection() == src.GetProjection()
+    assert (pixels(got) == pixels(src, (100, 50, 40, 30))).all()  # full resolution, every band
+    assert sent_request(capture)["aoi"] == {"window": [0, 0, 40, 30]}  # relative to the cut
+    assert sent_request(capture)["bands"] == [3, 2, 1]
+    assert len(capture.parts[-1]["raster"]) < os.path.getsize(path)
+    assert os.listdir(own_tempdir) == []  # the cut is deleted after the answer
+
+
+def test_a_polygon_in_the_rasters_crs_is_cut_to_its_bounding_window_and_kept(capture, tmp_path):
+    from osgeo import gdal
+
+    path = write_raster(tmp_path / "scene.tif", width=300, height=200)
+    # cols 10.5 .. 30.2, rows 5.5 .. 20.7 of 10 m pixels from (500000, 5000000)
+    wkt = "POLYGON ((500105 4999945,500302 4999945,500105 4999793,500105 4999945))"
+    send_about(capture.url, path, {"polygon_wkt": wkt})
+    got = uploaded(capture, tmp_path)
+    assert (got.RasterXSize, got.RasterYSize) == (21, 16)  # cols 10..30, rows 5..20
+    assert got.GetGeoTransform() == pytest.approx((500100.0, 10.0, 0.0, 4999950.0, 0.0, -10.0))
+    assert sent_request(capture)["aoi"] == {"polygon_wkt": wkt}  # still where it was on the map
+    assert (pixels(got) == pixels(gdal.Open(path), (10, 5, 21, 16))).all()
+    # a GeoJSON polygon alike
+    geo = {"type": "Polygon", "coordinates": [[[500105, 4999945], [500302, 4999945], [500105, 4999793],
+                                               [500105, 4999945]]]}
+    send_about(capture.url, path, {"geojson": geo})
+    assert (uploaded(capture, tmp_path).RasterXSize, uploaded(capture, tmp_path).RasterYSize) == (21, 16)
+    assert sent_request(capture)["aoi"] == {"geojson": geo}
+
+
+def test_a_raster_placed_by_gcps_is_cut_with_its_gcps(capture, tmp_path):
+    from conftest import write_gcp_raster
+    from osgeo import gdal
+
+    path = write_gcp_raster(tmp_path / "gcps.tif")  # 200 x 100 px, 10 m pixels, GCPs only
+    wkt = "POLYGON ((500500 4999800,500900 4999800,500900 4999500,500500 4999500,500500 4999800))"
+    send_about(capture.url, path, {"polygon_wkt": wkt})
+    got = uploaded(capture, tmp_path)
+    assert (got.RasterXSize, got.RasterYSize) == (40, 30)  # cols 50..90, rows 20..50
+    fitted = gdal.GCPsToGeoTransform(got.GetGCPs())  # what the engine places the cut with
+    assert fitted == pytest.approx((500500.0, 10.0, 0.0, 4999800.0, 0.0, -10.0))
+    assert sent_request(capture)["aoi"] == {"polygon_wkt": wkt}
+
+
+def test_a_polygon_in_pixels_moves_with_the_cut_of_a_raster_with_no_georeferencing(capture, tmp_path):
+    from osgeo import gdal, ogr
+
+    path = write_raster(tmp_path / "plain.tif", width=400, height=300, georeferenced=False)
+    send_about(capture.url, path, {"polygon_wkt": "POLYGON ((250.5 160,390 160,250.5 290,250.5 160))"})
+    got = uploaded(capture, tmp_path)
+    assert (got.RasterXSize, got.RasterYSize) == (140, 130)  # cols 250..389, rows 160..289
+    assert got.GetGeoTransform(can_return_null=True) is None and got.GetGCPCount() == 0  # still pixels
+    sent = ogr.CreateGeometryFromWkt(sent_request(capture)["aoi"]["polygon_wkt"])
+    assert sent.Equals(ogr.CreateGeometryFromWkt("POLYGON ((0.5 0,140 0,0.5 130,0.5 0))"))
+    assert (pixels(got) == pixels(gdal.Open(path), (250, 160, 140, 130))).all()
+
+
+@pytest.mark.parametrize("aoi", [None, {"window": [0, 0, 64, 48]}, {"window": [-10, -10, 100, 100]},
+                                 {"polygon_wkt": "POLYGON ((499000 5001000,501000 5001000,501000 4990000,"
+                                                 "499000 4990000,499000 5001000))"}])
+def test_the_whole_raster_asked_about_is_sent_as_it_is(capture, tmp_path, aoi):
+    path = write_raster(tmp_path / "plain.tif")  # 64 x 48
+    send_about(capture.url, path, aoi)
+    assert capture.parts[-1]["raster"] == open(path, "rb").read()
+    assert sent_request(capture)["aoi"] == aoi
+
+
+def test_the_same_area_gives_the_same_bytes(capture, tmp_path):
+    """The engine keys its feature cache on the upload's SHA-256: a second question about the same
+    area must send the same bytes to hit it."""
+    path = write_raster(tmp_path / "scene.tif", width=300, height=200)
+    for _ in range(2):
+        send_about(capture.url, path, {"window": [100, 50, 40, 30]})
+    assert capture.parts[-1]["raster"] == capture.parts[-2]["raster"]
+    send_about(capture.url, path, {"window": [100, 50, 41, 30]})
+    assert capture.parts[-1]["raster"] != capture.parts[-2]["raster"]
+
+
+def test_a_cut_keeps_the_nodata_the_mask_and_the_bands(capture, tmp_path):
+    from osgeo import gdal
+
+    path = write_raster(tmp_path / "rgba.tif", width=120, height=90, bands=3)
+    ds = gdal.Open(path)  # read-only: GDAL puts nodata in .aux.xml and the mask in .msk
+    for b in (1, 2, 3):
+        ds.GetRasterBand(b).SetNoDataValue(7)
+    ds.CreateMaskBand(gdal.GMF_PER_DATASET)
+    mask = np.where(np.arange(90)[:, None] < 40, 0, 255).repeat(120, axis=1).astype(np.uint8)
+    ds.GetRasterBand(1).GetMaskBand().WriteArray(mask)
+    ds = None
+    send_about(capture.url, path, {"window": [20, 30, 50, 20]})
+    got = uploaded(capture, tmp_path)
+    assert (got.RasterXSize, got.RasterYSize, got.RasterCount) == (50, 20, 3)
+    assert got.GetFileList() == [str(tmp_path / "received.tif")]  # nodata and mask inside it
+    assert all(got.GetRasterBand(b).GetNoDataValue() == 7 for b in (1, 2, 3))
+    src = gdal.Open(path)  # kept in a name: GDAL 3.6 crashes on a band whose dataset is gone
+    assert [got.GetRasterBand(b).GetColorInterpretation() for b in (1, 2, 3)] == [
+        src.GetRasterBand(b).GetColorInterpretation() for b in (1, 2, 3)]
+    assert (got.GetRasterBand(1).GetMaskBand().ReadAsArray() == mask[30:50, 20:70]).all()
+
+
+def test_a_vrt_is_converted_and_cut_in_one_go(capture, tmp_path, own_tempdir):
+    from osgeo import gdal
+
+    src = write_raster(tmp_path / "src.tif", width=300, height=200)
+    vrt = str(tmp_path / "src.vrt")
+    gdal.BuildVRT(vrt, [src])
+    send_about(capture.url, vrt, {"window": [100, 50, 40, 30]})
+    got = uploaded(capture, tmp_path)
+    assert capture.parts[-1]["raster"][:4] in (b"II*\x00", b"MM\x00*")
+    assert (got.RasterXSize, got.RasterYSize) == (40, 30)
+    assert got.GetGeoTransform()[0] == pytest.approx(501000.0)
+    assert sent_request(capture)["aoi"] == {"window": [0, 0, 40, 30]}
+    assert os.listdir(own_tempdir) == []
+
+
+def test_a_cut_no_smaller_than_the_file_is_not_sent(capture, tmp_path, monkeypatch, own_tempdir):
+    """A well-compressed GeoTIFF whose cut would be bigger (here: cuts written uncompressed) goes
+    as it is, with the AOI as asked."""
+    from geovqa import upload
+    from osgeo import gdal
+
+    monkeypatch.setattr(upload, "CREATION_OPTIONS", ["COMPRESS=NONE"])
+    path = str(tmp_path / "flat.tif")
+    gdal.Translate(path, write_raster(tmp_path / "src.tif", width=300, height=200), creationOptions=["COMPRESS=DEFLATE"])
+    send_about(capture.url, path, {"window": [1, 1, 298, 198]})
+    assert capture.parts[-1]["raster"] == open(path, "rb").read()
+    assert sent_request(capture)["aoi"] == {"window": [1, 1, 298, 198]}
+    assert os.listdir(own_tempdir) == []
+
+
+@pytest.fixture(params=["real", "stub"])
+def remote_engine(request, monkeypatch):
+    """The real engine (tiny model) or the stand-in, sent uploads as if on another computer; the
+    size of every file prepared for an upload is kept in ``sizes``."""
+    from conftest import set_settings
+    from geovqa import upload
+
+    eng = request.getfixturevalue("real_engine" if request.param == "real" else "stub_engine")
+    set_settings(send_rasters="upload", max_new_tokens=4)
+    sizes = []
+    prepare = upload.prepare_upload
+
+    def recording(path, aoi=None, cancelled=None):
+        from osgeo import gdal
+
+        made = prepare(path, aoi, cancelled)
+        ds = gdal.Open(made.path)
+        sizes.append((ds.RasterXSize, ds.RasterYSize))
+        return made
+
+    monkeypatch.setattr(upload, "prepare_upload", recording)
+    return request.param, eng, sizes
+
+
+def ask_in_dock(dock, layer, question, mode, geometry):
+    from conftest import wait_for_tasks, wait_until
+
+    dock.set_layer(layer)
+    dock.set_aoi_mode(mode)
+    dock.set_aoi_geometry(geometry, layer.crs())
+    n = len(dock.turns(layer))
+    dock.ask(question)
+    wait_until(lambda: len(dock.turns(layer)) > n and dock.turns(layer)[-1].get("done"), 180, "the answer")
+    wait_for_tasks()
+    turn = dock.turns(layer)[-1]
+    assert turn.get("error") is None, turn.get("error")
+    return turn
+
+
+def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_engine, tmp_path, qgis_new_project):
+    """Only the AOI's window is uploaded; the heatmap and anchors the engine makes of it land on
+    that area of the layer, where those of the engine reading the whole file land: in map
+    coordinates for a georeferenced raster, moved back by the cut's offset for one with no
+    georeferencing (whose results are in the cut's pixels)."""
+    from conftest import valid_cells_extent
+    from geovqa.client import EngineClient, new_request_id
+    from geovqa.tasks import keep_result_files, rect_bounds
+    from qgis.core import QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer
+
+    kind, eng, sizes = remote_engine
+    dock, near = plugin.dock, 1e-6
+
+    def layer_of(name, **kw):
+        layer = QgsRasterLayer(write_raster(tmp_path / f"{name}.tif", 400, 300, **kw), name, "gdal")
+        assert layer.isValid()
+        QgsProject.instance().addMapLayer(layer)
+        return layer
+
+    def extents(heatmap, anchors):
+        vector = QgsVectorLayer(anchors, "anchors", "ogr")
+        assert vector.featureCount() >= 1
+        return valid_cells_extent(heatmap), vector.extent()
+
+    def assert_placed(turn, layer, area):
+        got = extents(QgsProject.instance().mapLayer(turn["heatmap_layer_id"]).source(),
+                      QgsProject.instance().mapLayer(turn["anchors_layer_id"]).source())
+        # the same question with the engine reading the whole file by its path
+        client = EngineClient(eng.url, eng.token, send_rasters="path")
+        event = list(client.ask(dict(turn["request"], request_id=new_request_id())).events())[-1]
+        assert event["type"] == "result", event
+        ref = keep_result_files(event, client, tmp_path / "reference", new_request_id(), rect_bounds(layer.extent()),
+                                unreferenced=layer.name() == "plain")
+        for box, ref_box in zip(got, extents(ref["heatmap"], ref["anchors"])):
+            assert box.toString(6) == ref_box.toString(6)
+        assert area.buffered(near).contains(got[1]), got[1].toString()  # the anchors on the area
+
+    plain = layer_of("plain", georeferenced=False)  # QGIS shows it at x = col, y = -row
+    bottom_right = QgsRectangle(200, -300, 400, -150)
+    turn = ask_in_dock(dock, plain, "What is in the bottom-right corner?", "rectangle",
+                       QgsGeometry.fromRect(bottom_right))
+    assert turn["request"]["aoi"] == {"window": [200, 150, 200, 150]}
+    assert sizes[-1] == (200, 150)  # the window was uploaded, not the 400 x 300 raster
+    assert_placed(turn, plain, bottom_right)
+    assert bottom_right.buffered(near).contains(
+        valid_cells_extent(QgsProject.instance().mapLayer(turn["heatmap_layer_id"]).source()))
+    if kind == "real":  # the stand-in answers about the whole window for a polygon
+        triangle = QgsGeometry.fromWkt("POLYGON((250 -160, 390 -160, 390 -290, 250 -160))")
+        turn = ask_in_dock(dock, plain, "What is in the triangle?", "polygon", triangle)
+        assert sizes[-1] == (140, 130)
+        assert_placed(turn, plain, triangle.boundingBox())
+
+    geo = layer_of("geo")  # 10 m pixels from (500000, 5000000)
+    area = QgsRectangle(501000, 4998000, 502000, 4999000)
+    turn = ask_in_dock(dock, geo, "What is in this square?", "rectangle", QgsGeometry.fromRect(area))
+    assert turn["request"]["aoi"] == {"window": [100, 100, 100, 100]}
+    assert sizes[-1] == (100, 100)
+    assert_placed(turn, geo, area)
+    dock.set_aoi_mode("layer")
+
+
+# --- the batch: each layer converted and cut once for all its questions -------------------------
+
+
+def run_batch(items, questions, progress=None):
+    """A BatchTask over ``items`` x ``questions`` with the configured engine, run to its end."""
+    from conftest import wait_until
+    from geovqa.settings import Settings, make_client
+    from geovqa.tasks import BatchTask
+    from qgis.core import QgsApplication
+
+    settings = Settings.load()
+    task = BatchTask(make_client(settings), items, questions, settings.request_options(), settings.results_dir())
+    ended = []
+    task.taskCompleted.connect(lambda: ended.append(True))
+    task.taskTerminated.connect(lambda: ended.append(False))
+    if progress is not None:
+        task.progressChanged.connect(progress.append)
+    QgsApplication.taskManager().addTask(task)
+    return task, ended
+
+
+def batch_item(path, aoi=None):
+    from osgeo import gdal
+
+    ds = gdal.Open(str(path))
+    gt, w, h = ds.GetGeoTransform(), ds.RasterXSize, ds.RasterYSize
+    return {"layer": os.path.basename(str(path)), "layer_id": None, "raster_path": str(path), "aoi": aoi,
+            "crs_wkt": ds.GetProjection(), "clip_bounds": (gt[0], gt[3] + h * gt[5], gt[0] + w * gt[1], gt[3]),
+            "unreferenced": False}
+
+
+def test_a_batch_converts_and_cuts_each_layer_once_and_deletes_the_copies(stub_engine, tmp_path, monkeypatch,
+                                                                       own_tempdir):
+    from conftest import set_settings, valid_cells_extent, wait_for_tasks, wait_until
+    from geovqa import upload
+    from osgeo import gdal
+    from qgis.core import QgsRectangle
+
+    set_settings(send_rasters="upload")
+    written = []
+    translate = upload.translate_to_geotiff
+    monkeypatch.setattr(upload, "translate_to_geotiff", lambda *a, **kw: written.append(a[0]) or translate(*a, **kw))
+    src = write_raster(tmp_path / "src.tif", width=300, height=200)
+    vrt = str(tmp_path / "src.vrt")
+    gdal.BuildVRT(vrt, [src])
+    items = [batch_item(vrt), batch_item(src, {"window": [100, 50, 40, 30]})]
+    task, ended = run_batch(items, ["How big?", "What bands?", "Anything else?"])
+    wait_until(lambda: ended, 60, "the batch")
+    wait_for_tasks()
+    assert ended == [True] and all(r["error"] is None for r in task.results), task.results
+    assert written == [vrt, src]  # once per layer, not once per question
+    sent = stub_engine.uploads
+    assert len(sent) == 6 and len({u["sha256"] for u in sent[:3]}) == 1 and len({u["sha256"] for u in sent[3:]}) == 1
+    assert [u["request"]["aoi"] for u in sent] == [None] * 3 + [{"window": [0, 0, 40, 30]}] * 3
+    assert [r["answer"] for r in task.results[3:]] == ["The area is 40 x 30 pixels with 3 bands."] * 3
+    area = QgsRectangle(501000, 4999200, 501400, 4999500)  # the window on the map
+    assert all(area.buffered(1e-6).contains(valid_cells_extent(r["heatmap_path"])) for r in task.results[3:])
+    assert os.listdir(own_tempdir) == []
+
+
+def test_a_batch_reports_its_uploads_progress(stub_engine, tmp_path, monkeypatch):
+    from conftest import set_settings, wait_for_tasks, wait_until
+    from geovqa import client as client_mod
+
+    set_settings(send_rasters="upload")
+    monkeypatch.setattr(client_mod, "UPLOAD_CHUNK", 1024)
+    path = write_raster(tmp_path / "scene.tif", width=120, height=90)
+    seen = []
+    task, ended = run_batch([batch_item(path)], ["How big?", "What bands?"], seen)
+    wait_until(lambda: ended, 60, "the batch")
+    wait_for_tasks()
+    assert ended == [True]
+    # two answers, 50 % each; the first half of each is its upload, sent 1 KiB at a time
+    uploading = [p for p in seen if 0 < p < 25 or 50 < p < 75]
+    assert len(uploading) >= 10, seen
+    assert seen == sorted(seen) and seen[-1] == 100
+
+
+def test_a_cancelled_batch_deletes_its_copies(stub_engine, tmp_path, own_tempdir):
+    from conftest import set_settings, wait_for_tasks, wait_until
+
+    set_settings(send_rasters="upload")
+    stub_engine.token_delay = 0.2
+    path = write_raster(tmp_path / "scene.tif", width=300, height=200)
+    task, ended = run_batch([batch_item(path, {"window": [10, 10, 50, 50]})], ["q1", "q2", "q3"])
+    wait_until(lambda: stub_engine.uploads, 30, "the first upload")
+    assert len(os.listdir(own_tempdir)) == 1  # the cut, kept for the next questions
+    task.cancel()
+    wait_until(lambda: ended, 30, "the cancelled batch")
+    wait_for_tasks()
+    assert len(task.results) < 3
+    assert os.listdir(own_tempdir) == []
+
+
+def test_a_conversion_cancelled_meanwhile_stops_and_leaves_nothing(tmp_path, own_tempdir):
+    from geovqa.client import EngineError
+    from geovqa.upload import prepare_upload
+
+    path = write_raster(tmp_path / "scene.tif", width=300, height=200)
+    with pytest.raises(EngineError) as err:
+        prepare_upload(path, {"window": [10, 10, 200, 100]}, cancelled=lambda: True)
+    assert err.value.code == "cancelled"
+    assert os.listdir(own_tempdir) == []
