@@ -1,0 +1,192 @@
+"""Nothing lost: the chat is saved with the project and comes back with it; a batch writes every
+answer to an autosave file as it arrives; the Processing batch appends its CSV row by row."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from conftest import python_errors, wait_for_tasks, wait_until
+
+
+def _entry():
+    from qgis.core import QgsProject
+
+    text, found = QgsProject.instance().readEntry("geovqa", "conversations", "")
+    return json.loads(text) if found else None
+
+
+def _answered(dock, layer, n=1):
+    return lambda: sum(1 for t in dock.conversations.get(layer.id(), []) if t.get("done")) >= n
+
+
+def _log_messages():
+    """Messages of the QGIS log (tag, text), as they arrive."""
+    from qgis.core import QgsApplication
+
+    got = []
+    QgsApplication.messageLog().messageReceived.connect(lambda text, tag, level: got.append((tag, text)))
+    return got
+
+
+# -- chat dock ----------------------------------------------------------------------------------
+def test_the_conversation_is_saved_with_the_project_and_comes_back(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=32)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(a.crs())
+    canvas.setExtent(a.extent())
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.set_aoi_mode("extent")  # its retry area holds a QgsGeometry: never written
+    dock.ask("first?")
+    wait_until(_answered(dock, a), 30)
+    assert "_area" in dock.turns(a)[0] and not dock.turns(a)[0].get("error")
+    dock.set_aoi_mode("layer")
+    dock.set_layer(b)
+    dock.ask("second?")
+    wait_until(_answered(dock, b), 30)
+    wait_for_tasks()
+    assert project.isDirty()  # QGIS asks to save
+    saved = _entry()["conversations"]
+    assert [t["question"] for t in saved[a.id()]] == ["first?"] and "_area" not in saved[a.id()][0]
+    path = str(tmp_path / "p.qgs")
+    assert project.write(path) and not project.isDirty()
+    a_id, b_id = a.id(), b.id()
+
+    project.clear()  # File > New: the conversations belonged to the project closed
+    assert dock.conversations == {} and "first?" not in dock.view.toPlainText()
+    assert project.read(path)
+    a2, b2 = project.mapLayer(a_id), project.mapLayer(b_id)
+    assert a2 is not None and b2 is not None and not project.isDirty()  # reading marks nothing modified
+    assert [(t["question"], t["answer"]) for t in dock.turns(a2)] == [("first?", "The area is 64 x 48 pixels with 3 bands.")]
+    assert [t["question"] for t in dock.turns(b2)] == ["second?"]
+    assert dock.turns(a2)[0]["result"]["tokens"]["visual_kept"] == 4
+    dock.set_layer(a2)
+    assert "first?" in dock.view.toPlainText() and "64 x 48" in dock.view.toPlainText()
+
+    plugin.unload()  # a plugin loaded while the project is open (reload, first start) finds it too
+    import geovqa
+
+    again = geovqa.classFactory(plugin.iface)
+    again.initGui()
+    try:
+        assert [t["question"] for t in again.dock.turns(a2)] == ["first?"]
+    finally:
+        again.unload()
+
+
+def test_a_question_running_when_the_project_is_saved_is_stored_interrupted(
+        plugin, raster_layer, stub_engine, tmp_path):
+    from geovqa.history import INTERRUPTED
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    stub_engine.token_delay = 0.15
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    layer_id = layer.id()
+    dock.ask("slow question")
+    turn = dock.current_turn
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    path = str(tmp_path / "p.qgs")
+    assert project.write(path)
+    (stored,) = _entry()["conversations"][layer_id]
+    assert stored["interrupted"] and stored["done"] and stored["meta"] == INTERRUPTED
+    assert stored["answer"] and turn["answer"].startswith(stored["answer"])  # its words so far
+    wait_until(lambda: turn.get("done"), 30)
+    wait_for_tasks()
+    assert not turn.get("interrupted") and turn["answer"].endswith("bands.")
+    assert project.isDirty()  # the answer arrived after the save: QGIS asks to save again
+
+    assert project.read(path)  # what a crash right after that save would leave
+    (restored,) = dock.turns(project.mapLayer(layer_id))
+    assert restored["interrupted"] and restored["meta"] == INTERRUPTED and not restored["answer"].endswith("bands.")
+    dock.set_layer(project.mapLayer(layer_id))
+    assert "interrupted" in dock.view.toPlainText() and "…" not in dock.view.toPlainText()
+
+
+def test_answers_about_a_removed_layer_stay_under_their_own_item(plugin, raster_layer, stub_engine, tmp_path):
+    from geovqa.dock import REMOVED_LAYERS_ITEM
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    gone, kept = raster_layer("gone"), raster_layer("kept")
+    kept_id = kept.id()
+    dock = plugin.dock
+    for layer in (gone, kept):
+        dock.set_layer(layer)
+        dock.ask(f"about {layer.name()}?")
+        wait_until(_answered(dock, layer), 30)
+    wait_for_tasks()
+    assert list(dock.layer_combo.additionalItems()) == []
+    gone_id = gone.id()
+    project.removeMapLayer(gone_id)
+    assert list(dock.layer_combo.additionalItems()) == [REMOVED_LAYERS_ITEM]
+    path = str(tmp_path / "p.qgs")
+    assert project.write(path) and project.read(path)  # the project no longer has the layer
+    assert project.mapLayer(gone_id) is None and gone_id in dock.conversations
+    assert list(dock.layer_combo.additionalItems()) == [REMOVED_LAYERS_ITEM]
+
+    dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(REMOVED_LAYERS_ITEM))
+    assert dock.showing_removed_layers()
+    view = dock.view.toPlainText()
+    assert "about gone?" in view and "about the layer 'gone', removed from the project" in view
+    assert "about kept?" not in view
+    assert "about gone?" in dock.conversation_text() and "removed layers" in dock.conversation_text()
+    assert dock.ask("a new question?") is None  # no layer to ask about
+    dock.clear_conversation()
+    assert gone_id not in dock.conversations and list(dock.layer_combo.additionalItems()) == []
+    assert [t["question"] for t in dock.turns(project.mapLayer(kept_id))] == ["about kept?"]
+    assert list(_entry()["conversations"]) == [kept_id]
+
+
+def test_unreadable_saved_conversations_are_ignored_with_a_log_message_and_kept(
+        plugin, raster_layer, stub_engine, tmp_path):
+    import geovqa
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    layer_id = raster_layer().id()
+    path = str(tmp_path / "p.qgs")
+    log = _log_messages()
+    with python_errors() as errors:
+        project.writeEntry("geovqa", "conversations", '{"version": 1, "conversations": {"x": [')
+        assert project.write(path) and project.read(path)
+        assert not any(plugin.dock.conversations.values())
+        plugin.unload()
+        again = geovqa.classFactory(plugin.iface)
+        again.initGui()  # the plugin loads with the project open
+        try:
+            dock = again.dock
+            assert not any(dock.conversations.values())
+            assert any(tag == "GeoVQA" and "could not be read" in text for tag, text in log), log
+            layer = project.mapLayer(layer_id)
+            dock.set_layer(layer)
+            dock.ask("still working?")
+            wait_until(_answered(dock, layer), 30)
+            wait_for_tasks()
+        finally:
+            again.unload()
+    assert errors == []
+    assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["still working?"]
+    assert project.readEntry("geovqa", "conversations_unreadable", "")[0].startswith('{"version": 1')
+
+    # turns without a question are left out; odd values are shown as text
+    project.writeEntry("geovqa", "conversations", json.dumps({"version": 1, "conversations": {
+        layer_id: [{"question": 3}, "nonsense", {"question": "kept?", "answer": 42, "done": False}],
+        "other": "not a list"}}))
+    assert project.write(path) and project.read(path)
+    again = geovqa.classFactory(plugin.iface)
+    again.initGui()
+    try:
+        (turn,) = again.dock.turns(project.mapLayer(layer_id))
+        assert turn["answer"] == "42" and turn["interrupted"] and turn["done"]
+        assert any("3 GeoVQA conversation turns" in text for _, text in log), log
+    finally:
+        again.unload()
