@@ -1,9 +1,14 @@
-"""CSV / JSON export of batch answers (shared by the batch dialog and Processing)."""
+"""CSV / JSON export of batch answers (shared by the batch dialog and Processing).
+
+Answers are also written as they arrive, so a crash keeps the finished ones: the batch dialog
+appends each to a JSON Lines autosave file (:func:`append_json_line`).
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 CSV_COLUMNS = ("index", "layer", "raster_path", "question", "answer", "error", "strategy",
@@ -28,6 +33,17 @@ def write_csv(rows: list, path: str) -> str:
         for row in rows:
             writer.writerow(flat_row(row))
     return str(path)
+
+
+def append_json_line(path, row: dict) -> None:
+    """Append ``row`` to the JSON Lines file ``path`` (one object a line, the fields of the JSON
+    export's rows), on the disk before it returns. Raises OSError when it cannot be written."""
+    line = json.dumps(row, default=str) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_json(rows: list, path: str) -> str:

@@ -16,6 +16,7 @@ from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from .client import EngineClient, EngineError, build_ask_request
+from .results_io import append_json_line
 
 CAN_CANCEL = QgsTask.Flag.CanCancel
 # Hidden (QGIS 3.26+) keeps the periodic health check out of the task list in the status bar.
@@ -271,12 +272,14 @@ class BatchTask(QgsTask):
     ``items``: list of dicts ``{"layer", "layer_id", "raster_path", "aoi", "crs_wkt", "clip_bounds",
     "unreferenced"}`` (the last two as for :func:`keep_result_files`); an item
     with ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
-    Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths).
+    Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths), after
+    appending it to ``autosave_path`` (JSON Lines; a failure is ``autosave_error``, the batch goes on).
     """
 
     row = pyqtSignal(object)
 
-    def __init__(self, client: EngineClient, items: list, questions: list, options: dict, results_dir: Path):
+    def __init__(self, client: EngineClient, items: list, questions: list, options: dict, results_dir: Path,
+                 autosave_path: Path | None = None):
         super().__init__("GeoVQA: batch questions", CAN_CANCEL)
         self.client = client
         self.items = list(items)
@@ -284,6 +287,9 @@ class BatchTask(QgsTask):
         self.options = dict(options)
         self.results_dir = Path(results_dir)
         self.results = []
+        self.autosave_path = Path(autosave_path) if autosave_path else None
+        self.autosave_error = ""
+        self._dropped = {}  # layer id -> why its items are no longer asked (drop_layer)
         self._stream = None
         self._lock = threading.Lock()
 
@@ -297,6 +303,21 @@ class BatchTask(QgsTask):
                 self._stream.abort()
         super().cancel()
 
+    def drop_layer(self, layer_id: str, reason: str) -> None:
+        """The layer was removed from the project (main thread): each of its items not asked yet
+        becomes a row with ``reason`` as its error; an answer already streaming is kept."""
+        with self._lock:
+            self._dropped[layer_id] = reason
+
+    def _autosave(self, row: dict) -> None:
+        if self.autosave_path is None or self.autosave_error:
+            return
+        try:
+            append_json_line(self.autosave_path, row)
+        except (OSError, ValueError) as exc:  # the answers are still in the table: say so once, go on
+            self.autosave_error = (f"The answers could not be saved as they arrive to {self.autosave_path}: {exc}. "
+                                   "Export them before closing the dialog.")
+
     def run(self) -> bool:
         index = 0
         for item in self.items:
@@ -304,6 +325,7 @@ class BatchTask(QgsTask):
                 if self.isCanceled():
                     return False
                 self.results.append(self._one(index, item, question))
+                self._autosave(self.results[-1])
                 self.row.emit(self.results[-1])
                 index += 1
                 self.setProgress(100.0 * index / max(1, self.total))
@@ -316,8 +338,10 @@ class BatchTask(QgsTask):
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
             "crs_wkt": item.get("crs_wkt"),
         }
-        if item.get("error"):  # the layer could not be prepared (not in view, render failed)
-            row["error"] = item["error"]
+        with self._lock:
+            dropped = self._dropped.get(item.get("layer_id"))
+        if item.get("error") or dropped:  # the layer could not be prepared (not in view, render failed), or is gone
+            row["error"] = item.get("error") or dropped
             return row
         try:
             request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), **self.options)

@@ -190,3 +190,121 @@ def test_unreadable_saved_conversations_are_ignored_with_a_log_message_and_kept(
         assert any("3 GeoVQA conversation turns" in text for _, text in log), log
     finally:
         again.unload()
+
+
+# -- batch dialog -------------------------------------------------------------------------------
+def _run_batch(plugin, layers, questions, with_layers=False):
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({lyr.id() for lyr in layers})
+    dlg.questions_edit.setPlainText("\n".join(questions))
+    dlg.layers_check.setChecked(with_layers)
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    return dlg, done
+
+
+def test_each_batch_answer_is_saved_as_it_arrives(plugin, raster_layer, stub_engine, tmp_path):
+    stub_engine.token_delay = 0.1  # about a second an answer
+    a = raster_layer("a")
+    dlg, done = _run_batch(plugin, [a], ["q1", "q2"])
+    wait_until(lambda: dlg.rows, 30, "the first answer")
+    path = Path(dlg.autosave_path)
+    assert path.parent == tmp_path / "results" and path.suffix == ".jsonl"  # with the batch's heatmaps
+    assert str(path) in dlg.autosave_label.text()
+    (first,) = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert not done and first["question"] == "q1" and first["answer"] == "The area is 64 x 48 pixels with 3 bands."
+    wait_until(lambda: done, 30, "the batch")
+    wait_for_tasks()
+    saved = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert saved == json.loads(json.dumps(done[0], default=str))  # every row, as Export JSON has them
+    assert [r["question"] for r in saved] == ["q1", "q2"] and saved[1]["heatmap_path"]
+
+
+def test_a_batch_says_when_its_answers_cannot_be_autosaved(plugin, raster_layer, stub_engine, tmp_path):
+    from conftest import set_settings
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    dlg, done = _run_batch(plugin, [raster_layer("a")], ["q1", "q2"])
+    wait_until(lambda: done, 60, "the batch")
+    wait_for_tasks()
+    assert [r["answer"] for r in done[0]] == ["The area is 64 x 48 pixels with 3 bands."] * 2  # the batch went on
+    assert "could not be saved as they arrive" in dlg.autosave_label.text()
+    assert "Export them" in dlg.autosave_label.text()
+
+
+def _groups():
+    from qgis.core import QgsProject
+
+    return [g.name() for g in QgsProject.instance().layerTreeRoot().findGroups()]
+
+
+def test_a_layer_removed_mid_batch_gives_error_rows_and_the_batch_goes_on(plugin, raster_layer, stub_engine):
+    from qgis.core import QgsProject
+
+    stub_engine.token_delay = 0.05
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=40)
+    dlg, done = _run_batch(plugin, [a, b], ["q1", "q2"], with_layers=True)
+    with python_errors() as errors:
+        wait_until(lambda: dlg.rows, 30, "the first answer")
+        QgsProject.instance().removeMapLayer(b.id())
+        wait_until(lambda: done, 30, "the batch")
+        wait_for_tasks()
+    assert errors == []
+    rows = done[0]
+    assert [(r["layer"], r["question"]) for r in rows] == [("a", "q1"), ("a", "q2"), ("b", "q1"), ("b", "q2")]
+    assert all(r["answer"] and r["error"] is None for r in rows[:2])
+    assert all(r["answer"] is None and "'b' was removed from the project" in r["error"] for r in rows[2:])
+    assert len(stub_engine.requests) == 2 and len(_groups()) == 2  # result layers of a's answers only
+    assert [dlg.layer_list.item(i).text() for i in range(dlg.layer_list.count())] == ["a"]
+    assert dlg.run_button.isEnabled()
+
+
+def test_layers_removed_while_the_batch_prepares_them_give_error_rows(plugin, raster_layer, stub_engine, qgis_iface):
+    """A web/virtual layer is rendered before the batch asks: removing one that waits for its
+    turn stopped the batch for good (its deleted layer was read), one being rendered went on."""
+    from qgis.core import QgsProject
+
+    from conftest import virtual_raster_layer
+
+    src = raster_layer("src")
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(src.crs())
+    canvas.setExtent(src.extent())
+    for removed in ("v1", "v2"):  # the one being rendered, then one waiting for its turn
+        layers = {name: virtual_raster_layer(src, name) for name in ("v1", "v2", "v3")}
+        ids = {name: layer.id() for name, layer in layers.items()}
+        with python_errors() as errors:
+            dlg, done = _run_batch(plugin, list(layers.values()), ["q1"])
+            assert dlg._rendering is not None and dlg._rendering[0] == ids["v1"]
+            QgsProject.instance().removeMapLayer(ids[removed])
+            wait_until(lambda: done, 30, "the batch")
+            wait_for_tasks()
+        assert errors == []
+        rows = {r["layer"]: r for r in done[0]}
+        assert list(rows) == ["v1", "v2", "v3"]
+        assert rows[removed]["answer"] is None and "was removed from the project" in rows[removed]["error"]
+        assert all(r["answer"] and r["error"] is None for name, r in rows.items() if name != removed)
+        QgsProject.instance().removeMapLayers([lid for lid in ids.values() if QgsProject.instance().mapLayer(lid)])
+        stub_engine.requests.clear()
+
+
+def test_closing_the_project_mid_batch_ends_it_without_adding_layers_to_the_next(plugin, raster_layer, stub_engine):
+    from qgis.core import QgsProject
+
+    stub_engine.token_delay = 0.05
+    a, b = raster_layer("a"), raster_layer("b")
+    dlg, done = _run_batch(plugin, [a, b], ["q1", "q2", "q3"], with_layers=True)
+    with python_errors() as errors:
+        wait_until(lambda: dlg.rows, 30, "the first answer")
+        QgsProject.instance().clear()
+        groups_after_clear = _groups()
+        wait_until(lambda: done, 30, "the batch")
+        wait_for_tasks()
+    assert errors == [] and groups_after_clear == [] and _groups() == []
+    rows = done[0]
+    assert len(rows) == 6 and len(stub_engine.requests) <= 2  # the first answer, maybe the one streaming
+    assert all("was removed from the project" in r["error"] for r in rows[2:])
+
