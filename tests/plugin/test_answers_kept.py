@@ -308,3 +308,48 @@ def test_closing_the_project_mid_batch_ends_it_without_adding_layers_to_the_next
     assert len(rows) == 6 and len(stub_engine.requests) <= 2  # the first answer, maybe the one streaming
     assert all("was removed from the project" in r["error"] for r in rows[2:])
 
+
+# -- Processing ---------------------------------------------------------------------------------
+def test_the_processing_batch_writes_each_csv_row_as_its_answer_arrives(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+    import processing
+    from geovqa.results_io import write_csv
+    from qgis.core import QgsProcessingFeedback
+
+    out = tmp_path / "answers.csv"
+    seen = []  # the answers in the CSV each time the progress moves (after each answer)
+
+    def rows_in_file(_progress):
+        if not out.exists():
+            seen.append(None)
+            return
+        with open(out, newline="", encoding="utf-8") as fh:
+            seen.append([r["answer"] for r in csv.DictReader(fh)])
+
+    feedback = QgsProcessingFeedback()
+    feedback.progressChanged.connect(rows_in_file)
+    res = processing.run("geovqa:batch_questions", {
+        "LAYERS": [raster_layer("a"), raster_layer("b", width=32, height=40)], "QUESTIONS": "q1\nq2",
+        "OUTPUT": str(out), "OUTPUT_JSON": str(tmp_path / "answers.json")}, feedback=feedback)
+    a_answer, b_answer = "The area is 64 x 48 pixels with 3 bands.", "The area is 32 x 40 pixels with 3 bands."
+    assert seen == [[a_answer], [a_answer] * 2, [a_answer] * 2 + [b_answer], [a_answer] * 2 + [b_answer] * 2]
+    # the same file as when it was written at the end
+    rows = json.loads((tmp_path / "answers.json").read_text(encoding="utf-8"))["results"]
+    reference = write_csv(rows, str(tmp_path / "reference.csv"))
+    assert out.read_bytes() == Path(reference).read_bytes() and res["ANSWERED"] == 4
+
+
+def test_a_cancelled_processing_batch_keeps_the_answers_it_finished(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    out = tmp_path / "answers.csv"
+    feedback = QgsProcessingFeedback()
+    feedback.progressChanged.connect(lambda _p: feedback.cancel())  # after the first answer
+    processing.run("geovqa:batch_questions", {
+        "LAYERS": [raster_layer("a")], "QUESTIONS": "q1\nq2\nq3", "OUTPUT": str(out)}, feedback=feedback)
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["question"], r["answer"]) for r in rows] == [("q1", "The area is 64 x 48 pixels with 3 bands.")]
+    assert len(stub_engine.requests) == 1
