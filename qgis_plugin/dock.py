@@ -329,7 +329,8 @@ class ChatDock(QgsDockWidget):
                 parts.append(f"<p style='color:#b00020'><b>Error:</b> {html.escape(t['error'])}</p>")
             else:
                 cursor = "" if t.get("done") else " <i>…</i>"
-                parts.append(f"<p><b>GeoVQA:</b> {answer}{cursor}</p>")
+                who = "GeoVQA (incomplete)" if t.get("interrupted") else "GeoVQA"
+                parts.append(f"<p><b>{who}:</b> {answer}{cursor}</p>")
             if t.get("meta"):
                 parts.append(f"<p><small>{html.escape(t['meta'])}</small></p>")
         sb = self.view.verticalScrollBar()
@@ -356,7 +357,7 @@ class ChatDock(QgsDockWidget):
     def _answer_lines(turn) -> list:
         """The answer of one turn for Copy / Markdown; a partial answer stays, marked incomplete."""
         if not turn.get("error"):
-            return [f"A: {turn.get('answer', '')}"]
+            return [f"A{' (incomplete)' if turn.get('interrupted') else ''}: {turn.get('answer', '')}"]
         if turn.get("answer"):
             return [f"A (incomplete): {turn['answer']}", f"   ERROR {turn['error']}"]
         return [f"A: ERROR {turn['error']}"]

@@ -108,7 +108,9 @@ def test_a_question_running_when_the_project_is_saved_is_stored_interrupted(
     (restored,) = dock.turns(project.mapLayer(layer_id))
     assert restored["interrupted"] and restored["meta"] == INTERRUPTED and not restored["answer"].endswith("bands.")
     dock.set_layer(project.mapLayer(layer_id))
-    assert "interrupted" in dock.view.toPlainText() and "…" not in dock.view.toPlainText()
+    view = dock.view.toPlainText()
+    assert f"GeoVQA (incomplete): {restored['answer'].strip()}" in view and "interrupted" in view and "…" not in view
+    assert f"A (incomplete): {restored['answer']}" in dock.conversation_text()
 
 
 def test_answers_about_a_removed_layer_stay_under_their_own_item(plugin, raster_layer, stub_engine, tmp_path):
