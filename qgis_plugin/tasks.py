@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from qgis.core import QgsTask
-from qgis.PyQt.QtCore import pyqtSignal
+from qgis.PyQt.QtCore import Qt, pyqtSignal
 
 from .client import EngineClient, EngineError, build_ask_request
 from .results_io import append_json_line
@@ -272,8 +272,7 @@ class BatchTask(QgsTask):
     ``items``: list of dicts ``{"layer", "layer_id", "raster_path", "aoi", "crs_wkt", "clip_bounds",
     "unreferenced"}`` (the last two as for :func:`keep_result_files`); an item
     with ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
-    Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths), after
-    appending it to ``autosave_path`` (JSON Lines; a failure is ``autosave_error``, the batch goes on).
+    Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths).
     """
 
     row = pyqtSignal(object)
@@ -282,14 +281,15 @@ class BatchTask(QgsTask):
                  autosave_path: Path | None = None):
         super().__init__("GeoVQA: batch questions", CAN_CANCEL)
         self.client = client
-        self.items = list(items)
+        self.items = [dict(item) for item in items]  # its own: drop_layer marks them
         self.questions = [q.strip() for q in questions if q and q.strip()]
         self.options = dict(options)
         self.results_dir = Path(results_dir)
         self.results = []
         self.autosave_path = Path(autosave_path) if autosave_path else None
         self.autosave_error = ""
-        self._dropped = {}  # layer id -> why its items are no longer asked (drop_layer)
+        # direct: in the worker thread, before the row reaches the dialog (queued)
+        self.row.connect(self._autosave, Qt.ConnectionType.DirectConnection)
         self._stream = None
         self._lock = threading.Lock()
 
@@ -304,17 +304,21 @@ class BatchTask(QgsTask):
         super().cancel()
 
     def drop_layer(self, layer_id: str, reason: str) -> None:
-        """The layer was removed from the project (main thread): each of its items not asked yet
-        becomes a row with ``reason`` as its error; an answer already streaming is kept."""
-        with self._lock:
-            self._dropped[layer_id] = reason
+        """The layer was removed from the project (main thread): each of its questions not asked
+        yet becomes a row with ``reason`` as its error; an answer already streaming is kept."""
+        for item in self.items:
+            if item.get("layer_id") == layer_id and not item.get("error"):
+                item["error"] = reason
 
     def _autosave(self, row: dict) -> None:
+        """Each row, as it is emitted, is appended to ``autosave_path`` (JSON Lines, on the disk at
+        once), so closing QGIS or a crash mid-batch keeps it. A failure is said once in
+        ``autosave_error`` and the batch goes on (the rows are still in the dialog)."""
         if self.autosave_path is None or self.autosave_error:
             return
         try:
             append_json_line(self.autosave_path, row)
-        except (OSError, ValueError) as exc:  # the answers are still in the table: say so once, go on
+        except (OSError, ValueError) as exc:
             self.autosave_error = (f"The answers could not be saved as they arrive to {self.autosave_path}: {exc}. "
                                    "Export them before closing the dialog.")
 
@@ -325,7 +329,6 @@ class BatchTask(QgsTask):
                 if self.isCanceled():
                     return False
                 self.results.append(self._one(index, item, question))
-                self._autosave(self.results[-1])
                 self.row.emit(self.results[-1])
                 index += 1
                 self.setProgress(100.0 * index / max(1, self.total))
@@ -338,10 +341,8 @@ class BatchTask(QgsTask):
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
             "crs_wkt": item.get("crs_wkt"),
         }
-        with self._lock:
-            dropped = self._dropped.get(item.get("layer_id"))
-        if item.get("error") or dropped:  # the layer could not be prepared (not in view, render failed), or is gone
-            row["error"] = item.get("error") or dropped
+        if item.get("error"):  # the layer could not be prepared (not in view, render failed)
+            row["error"] = item["error"]
             return row
         try:
             request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), **self.options)
