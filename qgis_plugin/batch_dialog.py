@@ -1,11 +1,18 @@
 """Batch dialog: several questions over the selected raster layers, with progress, cancel,
 a results table and CSV/JSON export. The answers run in one :class:`tasks.BatchTask`;
-non-file layers are first rendered (current map extent) with :class:`render.LayerRenderer`."""
+non-file layers are first rendered (current map extent) with :class:`render.LayerRenderer`.
+
+Every answer is also appended, as it arrives, to an autosave file (JSON Lines) in the results
+folder, named in the dialog, so a crash or closing QGIS mid-batch loses none. A layer removed
+from the project mid-batch gives an error row for each of its questions not asked yet; the
+batch goes on with the others."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from qgis.core import QgsApplication, QgsGeometry, QgsProject
-from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -54,8 +61,12 @@ class BatchDialog(QDialog):
         # dialog shut down) belongs to an older number and is ignored.
         self._run_id = 0
         self._cancelled = False
+        self._items, self._pending = [], []  # of the run: items prepared, layers still to prepare
+        self._rendering = None  # (layer id, item, renderer) of the layer being rendered
+        self.autosave_path = None
         self._build()
         self.refresh_layers()
+        QgsProject.instance().layerWillBeRemoved.connect(self._layer_will_be_removed)
 
     def _build(self):
         v = QVBoxLayout(self)
@@ -82,6 +93,10 @@ class BatchDialog(QDialog):
         self.message = QLabel("")
         self.message.setWordWrap(True)
         v.addWidget(self.message)
+        self.autosave_label = QLabel("")
+        self.autosave_label.setWordWrap(True)
+        self.autosave_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        v.addWidget(self.autosave_label)
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
@@ -160,6 +175,10 @@ class BatchDialog(QDialog):
             self._start_task()
             return
         layer = self._pending.pop(0)
+        if isinstance(layer, dict):  # removed from the project before its turn: an error item
+            self._items.append(layer)
+            self._next_item()
+            return
         path = layer_file_path(layer)
         item = {"layer": layer.name(), "layer_id": layer.id(), "raster_path": path, "aoi": None,
                 "crs_wkt": layer.crs().toWkt(), "clip_bounds": rect_bounds(layer.extent()),
@@ -179,11 +198,13 @@ class BatchDialog(QDialog):
         self.message.setText(f"Rendering {layer.name()} …")
         renderer = LayerRenderer(layer, geom.boundingBox(), str(out), self.settings.render_max_px, self)
         self._renderers.append(renderer)
+        self._rendering = (layer.id(), item, renderer)
         run_id = self._run_id
 
         def done(p, err):
             if run_id != self._run_id:  # the run this render was for was cancelled
                 return
+            self._rendering = None
             if err:
                 self.message.setText(err)
                 self._items.append(dict(item, error=err))  # a row per question says so
@@ -202,11 +223,14 @@ class BatchDialog(QDialog):
             self._done()
             return
         self._drop_task()  # never leave an older task running unwatched
+        results_dir = self.settings.results_dir()
+        self.autosave_path = results_dir / f"{file_stem('batch answers')}.jsonl"
         self.task = BatchTask(make_client(self.settings), self._items, self._questions,
-                              self.settings.request_options(), self.settings.results_dir())
+                              self.settings.request_options(), results_dir, autosave_path=self.autosave_path)
         for signal, slot in self._task_connections(self.task):
             signal.connect(slot)
         self.message.setText(f"Asking {self.task.total} questions …")
+        self.autosave_label.setText(f"Each answer is saved as it arrives to {self.autosave_path}")
         QgsApplication.taskManager().addTask(self.task)
 
     def _task_connections(self, task):
@@ -230,6 +254,7 @@ class BatchDialog(QDialog):
         task.cancel()
 
     def _stop_renderers(self):
+        self._rendering = None
         for renderer in self._renderers:
             try:
                 renderer.done.disconnect()
@@ -250,9 +275,43 @@ class BatchDialog(QDialog):
 
     def shutdown(self):
         """Plugin unload: stop everything and let go of the task before the widgets go away."""
+        try:
+            QgsProject.instance().layerWillBeRemoved.disconnect(self._layer_will_be_removed)
+        except TypeError:
+            pass
         self._run_id += 1
         self._stop_renderers()
         self._drop_task()
+
+    def _layer_will_be_removed(self, layer_id):
+        """A layer leaves the project (removed, or the project closed): it leaves the list, and
+        in a running batch each of its questions not asked yet becomes an error row."""
+        for i in reversed(range(self.layer_list.count())):
+            if self.layer_list.item(i).data(USER_ROLE) == layer_id:
+                self.layer_list.takeItem(i)
+        layer = QgsProject.instance().mapLayer(layer_id)
+        name = layer.name() if layer is not None else layer_id
+        reason = f"The layer '{name}' was removed from the project before GeoVQA asked about it."
+        if self.task is not None:
+            self.task.drop_layer(layer_id, reason)
+            return
+        for item in self._items:  # prepared, not asked yet: the task starts when all are
+            if item.get("layer_id") == layer_id and not item.get("error"):
+                item["error"] = reason
+        error_item = {"layer": name, "layer_id": layer_id, "raster_path": None, "aoi": None, "error": reason}
+        self._pending = [error_item if not isinstance(p, dict) and p.id() == layer_id else p for p in self._pending]
+        if self._rendering is not None and self._rendering[0] == layer_id:
+            _, item, renderer = self._rendering
+            self._rendering = None
+            renderer.cancel()  # nothing more of it arrives
+            self._renderers.remove(renderer)
+            self._items.append(dict(item, error=reason))
+            # after the removal, not inside it: the next layer may be on its way out too (project closed)
+            QTimer.singleShot(0, partial(self._resume, self._run_id))
+
+    def _resume(self, run_id):
+        if run_id == self._run_id:  # not cancelled (nor unloaded) meanwhile
+            self._next_item()
 
     def _add_row(self, row: dict):
         self.rows.append(row)
@@ -266,9 +325,15 @@ class BatchDialog(QDialog):
             self.table.setItem(r, c, QTableWidgetItem(val))
         if row.get("answer") is not None and row.get("error"):
             self.message.setText(row["error"])  # an answer whose heatmap/anchors could not be saved
+        if self.task is not None and self.task.autosave_error:
+            self.autosave_label.setText(self.task.autosave_error)
         has_files = row.get("heatmap_path") or row.get("anchors_path")
         if self.layers_check.isChecked() and row.get("answer") is not None and has_files:
             layer = QgsProject.instance().mapLayer(row.get("layer_id") or "")
+            if layer is None:  # result layers without their raster would only confuse
+                self.message.setText(f"The layer '{row['layer']}' was removed from the project: its answer "
+                                     "is kept without result layers.")
+                return
             try:
                 result_layers.add_result_layers(row["question"], row.get("heatmap_path"), row.get("anchors_path"),
                                                 source_layer=layer, crs_wkt=row.get("crs_wkt"))

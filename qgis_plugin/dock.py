@@ -4,6 +4,10 @@ All engine and file work runs in QgsTasks (:mod:`tasks`, :mod:`render`); this mo
 reacts to their signals in the main thread. Each layer keeps its own conversation. A newer
 question supersedes an unfinished one: the old task is cancelled and any late event carrying
 the old request_id is ignored.
+
+The conversations are saved with the project (:mod:`history`) and come back when it is opened
+again; those about layers no longer in the project are shown under "Answers about removed
+layers" at the end of the layer list.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, c
                   request_aoi)
 from .client import EngineError, build_ask_request, new_request_id
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
+from .history import ProjectHistory
 from .render import LayerRenderer, layer_file_path
 from .settings import STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client
 from .settings import notifier as settings_notifier
@@ -50,6 +55,8 @@ HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the lin
 RENDER_INTERVAL_MS = 100
 SCROLL_BOTTOM_SLACK_PX = 4  # "at the bottom" tolerates a few pixels of rounding
 USER_ROLE = Qt.ItemDataRole.UserRole
+# the layer list's last item when the project holds answers about layers it no longer has
+REMOVED_LAYERS_ITEM = "Answers about removed layers"
 
 
 class ChatDock(QgsDockWidget):
@@ -65,7 +72,9 @@ class ChatDock(QgsDockWidget):
         self.canvas = iface.mapCanvas()
         self.engine_process = engine_process
         self.plugin_version = plugin_version
-        self.conversations = {}  # layer id -> list of turns
+        self.history = ProjectHistory()
+        self.conversations = self.history.read()  # layer id -> list of turns, saved with the project
+        self._history_changed = False  # since the project was opened: rewrite the entry when it is saved
         self.current_request_id = None
         self.current_turn = None
         self.task = None
@@ -89,11 +98,16 @@ class ChatDock(QgsDockWidget):
         self.timer.timeout.connect(self.refresh_health)
         self.timer.start()
         settings_notifier.saved.connect(self._settings_saved)
-        self._project_signals = ((QgsProject.instance().cleared, self._project_closed),
-                                 (QgsProject.instance().readProject, self._project_closed),
-                                 (QgsProject.instance().layerWillBeRemoved, self._layer_will_be_removed))
+        project = QgsProject.instance()
+        self._project_signals = ((project.cleared, self._project_cleared),
+                                 (project.readProject, self._project_read),
+                                 (project.writeProject, self._project_saving),
+                                 (project.layerWillBeRemoved, self._layer_will_be_removed),
+                                 (project.layersRemoved, self._update_removed_item))
         for signal, slot in self._project_signals:
             signal.connect(slot)
+        self._update_removed_item()
+        self.render_conversation()  # the conversation saved in a project already open
         QTimer.singleShot(0, self.refresh_health)
 
     # -- UI ---------------------------------------------------------------------------------
@@ -109,6 +123,8 @@ class ChatDock(QgsDockWidget):
         self.layer_combo = QgsMapLayerComboBox()
         self.layer_combo.setFilters(RASTER_LAYER_FILTER)
         self.layer_combo.layerChanged.connect(self._layer_changed)
+        # choosing the removed layers' item changes no layer: layerChanged says nothing then
+        self.layer_combo.currentIndexChanged.connect(self._combo_index_changed)
         form.addRow("Layer", self.layer_combo)
         aoi_row = QHBoxLayout()
         self.aoi_combo = QComboBox()
@@ -228,9 +244,71 @@ class ChatDock(QgsDockWidget):
         self._update_retry_button()
         self.render_conversation()
 
+    def _combo_index_changed(self, _index):
+        if self.layer_combo.currentLayer() is None:
+            self._layer_changed(None)
+
     def turns(self, layer=None) -> list:
+        """The conversation of ``layer`` (default: the chosen one); with the removed layers' item
+        chosen, a new list of the turns about layers no longer in the project."""
         layer = layer or self.layer_combo.currentLayer()
-        return self.conversations.setdefault(layer.id(), []) if layer is not None else []
+        if layer is not None:
+            return self.conversations.setdefault(layer.id(), [])
+        return self.removed_layer_turns() if self.showing_removed_layers() else []
+
+    # -- conversations of removed layers, and saving with the project --------------------------
+    def _removed_layer_ids(self) -> list:
+        project = QgsProject.instance()
+        return [lid for lid, turns in self.conversations.items() if turns and project.mapLayer(lid) is None]
+
+    def removed_layer_turns(self) -> list:
+        return [t for lid in self._removed_layer_ids() for t in self.conversations[lid]]
+
+    def showing_removed_layers(self) -> bool:
+        combo = self.layer_combo
+        return combo.currentLayer() is None and combo.currentText() == REMOVED_LAYERS_ITEM
+
+    def _update_removed_item(self, *_):
+        """Offer the removed layers' item exactly while there are answers about removed layers."""
+        wanted = [REMOVED_LAYERS_ITEM] if self._removed_layer_ids() else []
+        if list(self.layer_combo.additionalItems()) != wanted:
+            self.layer_combo.setAdditionalItems(wanted)
+
+    def _turn_label(self, turn, removed: bool) -> str:
+        label = turn.get("aoi_label", "")
+        if removed:
+            label = f"{label} · about the layer '{turn.get('layer') or '?'}', removed from the project"
+        return label
+
+    def _conversations_changed(self):
+        """A question, an answer or a Clear: store the conversations in the project, which QGIS
+        then marks modified (it asks to save it)."""
+        self._history_changed = True
+        self.history.write(self.conversations)
+
+    def _project_saving(self, _doc):
+        """The project is being written: its entry gets the answers streamed since (a question
+        still running is stored interrupted, with its answer so far)."""
+        if self._history_changed:
+            self.history.write(self.conversations)
+
+    def _project_read(self, _doc):
+        """A project was opened: its conversations come back to their layers."""
+        self._project_closed()
+        self.conversations = self.history.read()
+        self._history_changed = False
+        self._update_removed_item()
+        self.render_conversation()
+
+    def _project_cleared(self):
+        """File > New / Open, or closing QGIS: the conversations belonged to that project (saved
+        with it, if the user chose to save it)."""
+        self._project_closed()
+        self.conversations = {}
+        self.history.unreadable = None
+        self._history_changed = False
+        self._update_removed_item()
+        self.render_conversation()
 
     def schedule_render(self):
         """Redraw soon, once for all the tokens that arrive meanwhile (see RENDER_INTERVAL_MS)."""
@@ -241,9 +319,10 @@ class ChatDock(QgsDockWidget):
         """Redraw the conversation now (also flushes a scheduled redraw)."""
         self._render_timer.stop()
         parts = []
+        removed = self.showing_removed_layers()
         for t in self.turns():
             parts.append(f"<p><b>You:</b> {html.escape(t['question'])}"
-                         f"<br><small>{html.escape(t.get('aoi_label', ''))}</small></p>")
+                         f"<br><small>{html.escape(self._turn_label(t, removed))}</small></p>")
             answer = html.escape(t.get("answer") or "").replace("\n", "<br>")
             if t.get("error"):
                 if answer:  # tokens streamed before the error: keep them, marked as cut short
@@ -251,7 +330,8 @@ class ChatDock(QgsDockWidget):
                 parts.append(f"<p style='color:#b00020'><b>Error:</b> {html.escape(t['error'])}</p>")
             else:
                 cursor = "" if t.get("done") else " <i>…</i>"
-                parts.append(f"<p><b>GeoVQA:</b> {answer}{cursor}</p>")
+                who = "GeoVQA (incomplete)" if t.get("interrupted") else "GeoVQA"
+                parts.append(f"<p><b>{who}:</b> {answer}{cursor}</p>")
             if t.get("meta"):
                 parts.append(f"<p><small>{html.escape(t['meta'])}</small></p>")
         sb = self.view.verticalScrollBar()
@@ -264,9 +344,11 @@ class ChatDock(QgsDockWidget):
 
     def conversation_text(self, layer=None) -> str:
         layer = layer or self.layer_combo.currentLayer()
-        lines = [f"# GeoVQA conversation about {layer.name() if layer else '-'}"]
+        removed = layer is None and self.showing_removed_layers()
+        about = layer.name() if layer else ("removed layers" if removed else "-")
+        lines = [f"# GeoVQA conversation about {about}"]
         for t in self.turns(layer):
-            lines.append(f"\nQ: {t['question']}  [{t.get('aoi_label', '')}]")
+            lines.append(f"\nQ: {t['question']}  [{self._turn_label(t, removed)}]")
             lines.extend(self._answer_lines(t))
             if t.get("meta"):
                 lines.append(f"   ({t['meta']})")
@@ -276,7 +358,7 @@ class ChatDock(QgsDockWidget):
     def _answer_lines(turn) -> list:
         """The answer of one turn for Copy / Markdown; a partial answer stays, marked incomplete."""
         if not turn.get("error"):
-            return [f"A: {turn.get('answer', '')}"]
+            return [f"A{' (incomplete)' if turn.get('interrupted') else ''}: {turn.get('answer', '')}"]
         if turn.get("answer"):
             return [f"A (incomplete): {turn['answer']}", f"   ERROR {turn['error']}"]
         return [f"A: ERROR {turn['error']}"]
@@ -289,7 +371,7 @@ class ChatDock(QgsDockWidget):
         path = str(path)
         if path.lower().endswith(".json"):
             data = {"layer": layer.name() if layer else None, "source": layer.source() if layer else None,
-                    "turns": [{k: v for k, v in t.items() if k != "layer" and not k.startswith("_")}
+                    "turns": [{k: v for k, v in t.items() if (k != "layer" or layer is None) and not k.startswith("_")}
                               for t in self.turns(layer)]}
             Path(path).write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         else:
@@ -310,6 +392,12 @@ class ChatDock(QgsDockWidget):
             if self.is_asking() and turn is not None and turn.get("layer_id") == layer.id():
                 self.stop(reason="stopped: the conversation was cleared")
             self.conversations[layer.id()] = []
+            self._conversations_changed()
+        elif self.showing_removed_layers():
+            for lid in self._removed_layer_ids():
+                del self.conversations[lid]
+            self._conversations_changed()
+            self._update_removed_item()
         self.render_conversation()
 
     # -- AOI ----------------------------------------------------------------------------------
@@ -386,6 +474,7 @@ class ChatDock(QgsDockWidget):
                 "started": time.time()}
         self.turns(layer).append(turn)
         self.current_turn = turn
+        self._conversations_changed()
         self.question_edit.clear()
         self.render_conversation()
         self.stop_button.setEnabled(True)
@@ -446,9 +535,10 @@ class ChatDock(QgsDockWidget):
         self.progress_label.setText("Sending the question to the engine …")
         QgsApplication.taskManager().addTask(self.task)
 
-    def stop(self, silent=False, reason=None):
+    def stop(self, silent=False, reason=None, save=True):
         """Stop the running question; ``reason`` (e.g. "stopped: the project was closed") is
-        shown with it, ``silent`` (a newer question supersedes it) keeps the status line empty."""
+        shown with it, ``silent`` (a newer question supersedes it) keeps the status line empty.
+        ``save=False``: the project it belonged to is gone, nothing is stored in the next one."""
         if self.renderer is not None:
             self.renderer.cancel()
             self.renderer = None
@@ -458,6 +548,8 @@ class ChatDock(QgsDockWidget):
         if self.current_turn is not None and not self.current_turn.get("done"):
             self.current_turn["done"] = True
             self.current_turn["meta"] = reason or ("stopped" if not silent else "superseded by a newer question")
+            if save:
+                self._conversations_changed()
             self.render_conversation()
         self.current_request_id = None
         self.stop_button.setEnabled(False)
@@ -471,7 +563,7 @@ class ChatDock(QgsDockWidget):
         in the next project, so the question stops here."""
         self._offer_retry(None)  # its layer is gone too
         if self.is_asking():
-            self.stop(reason="stopped: the project was closed")
+            self.stop(reason="stopped: the project was closed", save=False)
 
     def _layer_will_be_removed(self, layer_id):
         """A layer still being rendered for the question cannot be rendered any further."""
@@ -584,6 +676,8 @@ class ChatDock(QgsDockWidget):
         if ev.get("files_warning"):  # the answer is complete; only its layers are missing
             turn["files_warning"] = ev["files_warning"]
             self._notify(ev["files_warning"], MSG_WARNING)
+        self._conversations_changed()
+        self._update_removed_item()
         self.render_conversation()
         self.answer_finished.emit(turn)
 
@@ -597,6 +691,8 @@ class ChatDock(QgsDockWidget):
         self.current_request_id = None
         self.stop_button.setEnabled(False)
         self.progress_label.setText("")
+        self._conversations_changed()
+        self._update_removed_item()
         self.render_conversation()
         self._notify(message, MSG_CRITICAL)
         self.answer_finished.emit(turn)

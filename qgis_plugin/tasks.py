@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 from qgis.core import QgsTask
-from qgis.PyQt.QtCore import pyqtSignal
+from qgis.PyQt.QtCore import Qt, pyqtSignal
 
 from .client import EngineClient, EngineError, build_ask_request
+from .results_io import append_json_line
 
 CAN_CANCEL = QgsTask.Flag.CanCancel
 # Hidden (QGIS 3.26+) keeps the periodic health check out of the task list in the status bar.
@@ -303,14 +304,19 @@ class BatchTask(QgsTask):
     row = pyqtSignal(object)
     UPLOAD_SHARE = 0.5  # of one answer's progress, while its raster is uploaded
 
-    def __init__(self, client: EngineClient, items: list, questions: list, options: dict, results_dir: Path):
+    def __init__(self, client: EngineClient, items: list, questions: list, options: dict, results_dir: Path,
+                 autosave_path: Path | None = None):
         super().__init__("GeoVQA: batch questions", CAN_CANCEL)
         self.client = client
-        self.items = list(items)
+        self.items = [dict(item) for item in items]  # its own: drop_layer marks them
         self.questions = [q.strip() for q in questions if q and q.strip()]
         self.options = dict(options)
         self.results_dir = Path(results_dir)
         self.results = []
+        self.autosave_path = Path(autosave_path) if autosave_path else None
+        self.autosave_error = ""
+        # direct: in the worker thread, before the row reaches the dialog (queued)
+        self.row.connect(self._autosave, Qt.ConnectionType.DirectConnection)
         self._stream = None
         self._lock = threading.Lock()
         self._answer_progress = 0.0  # of the current answer, 0..1 (never goes back)
@@ -324,6 +330,25 @@ class BatchTask(QgsTask):
             if self._stream is not None:
                 self._stream.abort()
         super().cancel()
+
+    def drop_layer(self, layer_id: str, reason: str) -> None:
+        """The layer was removed from the project (main thread): each of its questions not asked
+        yet becomes a row with ``reason`` as its error; an answer already streaming is kept."""
+        for item in self.items:
+            if item.get("layer_id") == layer_id and not item.get("error"):
+                item["error"] = reason
+
+    def _autosave(self, row: dict) -> None:
+        """Each row, as it is emitted, is appended to ``autosave_path`` (JSON Lines, on the disk at
+        once), so closing QGIS or a crash mid-batch keeps it. A failure is said once in
+        ``autosave_error`` and the batch goes on (the rows are still in the dialog)."""
+        if self.autosave_path is None or self.autosave_error:
+            return
+        try:
+            append_json_line(self.autosave_path, row)
+        except (OSError, ValueError) as exc:
+            self.autosave_error = (f"The answers could not be saved as they arrive to {self.autosave_path}: {exc}. "
+                                   "Export them before closing the dialog.")
 
     def run(self) -> bool:
         index = 0

@@ -1,5 +1,6 @@
 """Processing algorithm "Batch questions": every question about every input raster, answers
-written to a CSV (and optionally JSON) table."""
+written to a CSV (and optionally JSON) table. The CSV gets each row as its answer arrives, so
+a cancel or a crash keeps the finished ones; the JSON is written at the end."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from qgis.core import (
 
 from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
-from ..results_io import write_csv, write_json
+from ..results_io import CsvRows, write_json
 from ..settings import DEFAULT_STRATEGY, Settings
 from .common import ask_once, engine_client, raster_source, strategy_options
 
@@ -48,7 +49,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
     def shortHelpString(self):  # noqa: N802
         return ("Asks every question (one a line) about every input raster with the GeoVQA engine and "
                 "writes the answers, token counts, timings and heatmap/anchor paths to a CSV table "
-                "(and optionally JSON). Failed answers are rows with an error, not a failed run.")
+                "(and optionally JSON). Failed answers are rows with an error, not a failed run. The CSV "
+                "gets each row as its answer arrives, so a cancelled run keeps the answers it finished.")
 
     def createInstance(self):  # noqa: N802
         return BatchQuestionsAlgorithm()
@@ -92,35 +94,49 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             budget=self.parameterAsInt(parameters, self.BUDGET, context) or None,
         )
         total = len(self.items) * len(questions)
-        rows = []
-        for item in self.items:
-            for question in questions:
-                if feedback.isCanceled():
-                    break
-                row = {"index": len(rows), "layer": item["layer"], "raster_path": item["raster_path"],
-                       "question": question, "answer": None, "error": None, "heatmap_path": None,
-                       "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"]}
-                try:
-                    res = ask_once(self.client, question, item["raster_path"], None, options, feedback,
-                                   self.settings.results_dir(), item["bounds"], item["unreferenced"])
-                    row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
-                               timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
-                               anchors_path=res.get("local_anchors_path"),
-                               error=res.get("files_warning") or None)  # answer kept, files missing
-                except (EngineError, QgsProcessingException) as exc:
-                    row["error"] = str(exc)
-                    feedback.reportError(f"{item['layer']} / {question}: {exc}")
-                except OSError as exc:  # the results folder: this answer's files could not be kept
-                    row["error"] = f"Could not save the result files in {self.settings.results_dir()}: {exc}"
-                    feedback.reportError(f"{item['layer']} / {question}: {row['error']}")
-                rows.append(row)
-                feedback.setProgress(100.0 * len(rows) / total)
         csv_path = (self.parameterAsFileOutput(parameters, self.OUTPUT, context)
                     or QgsProcessingUtils.generateTempFilename("answers.csv"))  # the answers are always kept
-        write_csv(rows, csv_path)
+        try:
+            table = CsvRows(csv_path)  # before the first question, not after the last one
+        except OSError as exc:
+            raise QgsProcessingException(f"Could not write the answers table {csv_path}: {exc}") from exc
+        rows = []
+        with table:
+            for item in self.items:
+                for question in questions:
+                    if feedback.isCanceled():
+                        break
+                    rows.append(self._ask(item, question, options, feedback, len(rows)))
+                    try:
+                        table.write(rows[-1])
+                    except OSError as exc:
+                        raise QgsProcessingException(
+                            f"Could not write the answers table {csv_path}: {exc}. It holds the answers "
+                            "before this one.") from exc
+                    feedback.setProgress(100.0 * len(rows) / total)
         out = {self.OUTPUT: csv_path, self.ANSWERED: sum(1 for r in rows if r["answer"] is not None),
                self.ERRORS: sum(1 for r in rows if r["error"])}
         json_path = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context)
         if json_path:
             out[self.OUTPUT_JSON] = write_json(rows, json_path)
         return out
+
+    def _ask(self, item, question, options, feedback, index) -> dict:
+        """One row of the table: the answer, or the error that replaced it."""
+        row = {"index": index, "layer": item["layer"], "raster_path": item["raster_path"],
+               "question": question, "answer": None, "error": None, "heatmap_path": None,
+               "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"]}
+        try:
+            res = ask_once(self.client, question, item["raster_path"], None, options, feedback,
+                           self.settings.results_dir(), item["bounds"], item["unreferenced"])
+            row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
+                       timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
+                       anchors_path=res.get("local_anchors_path"),
+                       error=res.get("files_warning") or None)  # answer kept, files missing
+        except (EngineError, QgsProcessingException) as exc:
+            row["error"] = str(exc)
+            feedback.reportError(f"{item['layer']} / {question}: {exc}")
+        except OSError as exc:  # the results folder: this answer's files could not be kept
+            row["error"] = f"Could not save the result files in {self.settings.results_dir()}: {exc}"
+            feedback.reportError(f"{item['layer']} / {question}: {row['error']}")
+        return row

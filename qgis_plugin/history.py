@@ -1,0 +1,136 @@
+"""The chat dock's conversations, saved with the QGIS project and read back with it.
+
+QGIS keeps a plugin's per-project state in project entries (``QgsProject.writeEntry``, here
+scope ``geovqa``): they are written into the .qgs/.qgz with the rest of the project, and the
+project is marked modified when one changes, so QGIS asks to save it. The entry holds one JSON
+text, ``{"version": 1, "conversations": {layer id: [turn, ...]}}``; layer ids are stable in a
+saved project, so each conversation comes back to its layer.
+
+Only the plain JSON-safe fields of a turn are kept (never a ``_`` field such as the QgsGeometry
+of a retry); a turn still being answered is stored as interrupted. An entry that cannot be read
+(edited by hand, cut short) is ignored with a message in the QGIS log, never an error; it is
+kept under ``conversations_unreadable`` when the conversations are next saved, so nothing of it
+is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from qgis.core import QgsMessageLog, QgsProject
+
+from .compat import MSG_WARNING
+
+SCOPE = "geovqa"
+KEY = "conversations"
+UNREADABLE_KEY = "conversations_unreadable"
+VERSION = 1
+LOG_TAG = "GeoVQA"
+INTERRUPTED = "interrupted: the answer was not complete when the project was saved"
+TEXT_FIELDS = ("answer", "error", "meta", "aoi_label", "layer", "layer_id")
+_MAX_DEPTH = 32
+
+
+def json_safe(value, depth: int = 0) -> bool:
+    """True for plain JSON values (str, finite numbers, bools, None, lists and str-keyed dicts of them)."""
+    if depth > _MAX_DEPTH:
+        return False
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(json_safe(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and json_safe(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def plain_turn(turn: dict) -> dict:
+    """The fields of ``turn`` worth keeping; one not finished is marked interrupted."""
+    out = {k: v for k, v in turn.items() if isinstance(k, str) and not k.startswith("_") and json_safe(v)}
+    if not out.get("done"):
+        out.update(done=True, interrupted=True, meta=INTERRUPTED)
+    return out
+
+
+def dumps(conversations: dict) -> str:
+    """The entry's text for ``conversations`` (layer id -> turns); empty conversations are left out."""
+    kept = {lid: [plain_turn(t) for t in turns] for lid, turns in conversations.items() if turns}
+    return json.dumps({"version": VERSION, "conversations": kept})  # ASCII: any text is safe in XML
+
+
+def loads(text: str) -> tuple:
+    """``(conversations, skipped)`` read from an entry's text; ``skipped`` counts the turns that
+    were not readable. Raises ValueError, saying why, when the text as a whole is not."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"it is not JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("conversations"), dict):
+        raise ValueError("it holds no 'conversations' object")
+    conversations, skipped = {}, 0
+    for layer_id, turns in data["conversations"].items():
+        if not isinstance(turns, list):
+            skipped += 1
+            continue
+        good = [t for t in (_turn(layer_id, t) for t in turns) if t is not None]
+        skipped += len(turns) - len(good)
+        if good:
+            conversations[layer_id] = good
+    return conversations, skipped
+
+
+def _turn(layer_id: str, turn) -> dict | None:
+    """A stored turn made safe to show, or None when it has no question."""
+    if not isinstance(turn, dict) or not isinstance(turn.get("question"), str):
+        return None
+    out = dict(turn)
+    for key in TEXT_FIELDS:
+        if out.get(key) is not None and not isinstance(out[key], str):
+            out[key] = str(out[key])
+    out.setdefault("layer_id", layer_id)
+    if not out.get("done"):  # a turn can never be running in a project just opened
+        out.update(done=True, interrupted=True, meta=out.get("meta") or INTERRUPTED)
+    return out
+
+
+def log(message: str) -> None:
+    QgsMessageLog.logMessage(message, LOG_TAG, MSG_WARNING)
+
+
+class ProjectHistory:
+    """Reads and writes the conversations entry of a project (default: the current one)."""
+
+    def __init__(self):
+        self.unreadable = None  # an entry that could not be read, kept aside at the next write
+
+    def read(self, project: QgsProject | None = None) -> dict:
+        """The conversations saved in the project ({} when none, or when they cannot be read)."""
+        project = project or QgsProject.instance()
+        self.unreadable = None
+        text, found = project.readEntry(SCOPE, KEY, "")
+        if not found or not text:
+            return {}
+        try:
+            conversations, skipped = loads(text)
+        except ValueError as exc:
+            self.unreadable = text
+            log(f"The GeoVQA conversations saved in this project could not be read: {exc}. They are "
+                f"ignored (and kept in the project entry '{SCOPE}/{UNREADABLE_KEY}' when it is saved again).")
+            return {}
+        if skipped:
+            log(f"{skipped} GeoVQA conversation turns saved in this project could not be read and were left out.")
+        return conversations
+
+    def write(self, conversations: dict, project: QgsProject | None = None) -> None:
+        """Store ``conversations`` in the project (which QGIS then marks modified if they changed)."""
+        project = project or QgsProject.instance()
+        if self.unreadable is not None:
+            project.writeEntry(SCOPE, UNREADABLE_KEY, self.unreadable)
+            self.unreadable = None
+        if any(conversations.values()):
+            project.writeEntry(SCOPE, KEY, dumps(conversations))
+        elif project.readEntry(SCOPE, KEY, "")[1]:
+            project.removeEntry(SCOPE, KEY)

@@ -1,0 +1,357 @@
+"""Nothing lost: the chat is saved with the project and comes back with it; a batch writes every
+answer to an autosave file as it arrives; the Processing batch appends its CSV row by row."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from conftest import python_errors, wait_for_tasks, wait_until
+
+
+def _entry():
+    from qgis.core import QgsProject
+
+    text, found = QgsProject.instance().readEntry("geovqa", "conversations", "")
+    return json.loads(text) if found else None
+
+
+def _answered(dock, layer, n=1):
+    return lambda: sum(1 for t in dock.conversations.get(layer.id(), []) if t.get("done")) >= n
+
+
+def _log_messages():
+    """Messages of the QGIS log (tag, text), as they arrive."""
+    from qgis.core import QgsApplication
+
+    got = []
+    QgsApplication.messageLog().messageReceived.connect(lambda text, tag, level: got.append((tag, text)))
+    return got
+
+
+# -- chat dock ----------------------------------------------------------------------------------
+def test_the_conversation_is_saved_with_the_project_and_comes_back(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=32)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(a.crs())
+    canvas.setExtent(a.extent())
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.set_aoi_mode("extent")  # its retry area holds a QgsGeometry: never written
+    dock.ask("first?")
+    wait_until(_answered(dock, a), 30)
+    assert "_area" in dock.turns(a)[0] and not dock.turns(a)[0].get("error")
+    dock.set_aoi_mode("layer")
+    dock.set_layer(b)
+    dock.ask("second?")
+    wait_until(_answered(dock, b), 30)
+    wait_for_tasks()
+    assert project.isDirty()  # QGIS asks to save
+    saved = _entry()["conversations"]
+    assert [t["question"] for t in saved[a.id()]] == ["first?"] and "_area" not in saved[a.id()][0]
+    path = str(tmp_path / "p.qgs")
+    assert project.write(path) and not project.isDirty()
+    a_id, b_id = a.id(), b.id()
+
+    project.clear()  # File > New: the conversations belonged to the project closed
+    assert dock.conversations == {} and "first?" not in dock.view.toPlainText()
+    assert project.read(path)
+    a2, b2 = project.mapLayer(a_id), project.mapLayer(b_id)
+    assert a2 is not None and b2 is not None and not project.isDirty()  # reading marks nothing modified
+    assert [(t["question"], t["answer"]) for t in dock.turns(a2)] == [("first?", "The area is 64 x 48 pixels with 3 bands.")]
+    assert [t["question"] for t in dock.turns(b2)] == ["second?"]
+    assert dock.turns(a2)[0]["result"]["tokens"]["visual_kept"] == 4
+    dock.set_layer(a2)
+    assert "first?" in dock.view.toPlainText() and "64 x 48" in dock.view.toPlainText()
+
+    plugin.unload()  # a plugin loaded while the project is open (reload, first start) finds it too
+    import geovqa
+
+    again = geovqa.classFactory(plugin.iface)
+    again.initGui()
+    try:
+        assert [t["question"] for t in again.dock.turns(a2)] == ["first?"]
+    finally:
+        again.unload()
+
+
+def test_a_question_running_when_the_project_is_saved_is_stored_interrupted(
+        plugin, raster_layer, stub_engine, tmp_path):
+    from geovqa.history import INTERRUPTED
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    stub_engine.token_delay = 0.15
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    layer_id = layer.id()
+    dock.ask("slow question")
+    turn = dock.current_turn
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    path = str(tmp_path / "p.qgs")
+    assert project.write(path)
+    (stored,) = _entry()["conversations"][layer_id]
+    assert stored["interrupted"] and stored["done"] and stored["meta"] == INTERRUPTED
+    assert stored["answer"] and turn["answer"].startswith(stored["answer"])  # its words so far
+    wait_until(lambda: turn.get("done"), 30)
+    wait_for_tasks()
+    assert not turn.get("interrupted") and turn["answer"].endswith("bands.")
+    assert project.isDirty()  # the answer arrived after the save: QGIS asks to save again
+
+    assert project.read(path)  # what a crash right after that save would leave
+    (restored,) = dock.turns(project.mapLayer(layer_id))
+    assert restored["interrupted"] and restored["meta"] == INTERRUPTED and not restored["answer"].endswith("bands.")
+    dock.set_layer(project.mapLayer(layer_id))
+    view = dock.view.toPlainText()
+    assert f"GeoVQA (incomplete): {restored['answer'].strip()}" in view and "interrupted" in view and "…" not in view
+    assert f"A (incomplete): {restored['answer']}" in dock.conversation_text()
+
+
+def test_answers_about_a_removed_layer_stay_under_their_own_item(plugin, raster_layer, stub_engine, tmp_path):
+    from geovqa.dock import REMOVED_LAYERS_ITEM
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    gone, kept = raster_layer("gone"), raster_layer("kept")
+    kept_id = kept.id()
+    dock = plugin.dock
+    for layer in (gone, kept):
+        dock.set_layer(layer)
+        dock.ask(f"about {layer.name()}?")
+        wait_until(_answered(dock, layer), 30)
+    wait_for_tasks()
+    assert list(dock.layer_combo.additionalItems()) == []
+    gone_id = gone.id()
+    project.removeMapLayer(gone_id)
+    assert list(dock.layer_combo.additionalItems()) == [REMOVED_LAYERS_ITEM]
+    path = str(tmp_path / "p.qgs")
+    assert project.write(path) and project.read(path)  # the project no longer has the layer
+    assert project.mapLayer(gone_id) is None and gone_id in dock.conversations
+    assert list(dock.layer_combo.additionalItems()) == [REMOVED_LAYERS_ITEM]
+
+    dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(REMOVED_LAYERS_ITEM))
+    assert dock.showing_removed_layers()
+    view = dock.view.toPlainText()
+    assert "about gone?" in view and "about the layer 'gone', removed from the project" in view
+    assert "about kept?" not in view
+    assert "about gone?" in dock.conversation_text() and "removed layers" in dock.conversation_text()
+    assert dock.ask("a new question?") is None  # no layer to ask about
+    dock.clear_conversation()
+    assert gone_id not in dock.conversations and list(dock.layer_combo.additionalItems()) == []
+    assert [t["question"] for t in dock.turns(project.mapLayer(kept_id))] == ["about kept?"]
+    assert list(_entry()["conversations"]) == [kept_id]
+
+
+def test_unreadable_saved_conversations_are_ignored_with_a_log_message_and_kept(
+        plugin, raster_layer, stub_engine, tmp_path):
+    import geovqa
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    layer_id = raster_layer().id()
+    path = str(tmp_path / "p.qgs")
+    log = _log_messages()
+    with python_errors() as errors:
+        project.writeEntry("geovqa", "conversations", '{"version": 1, "conversations": {"x": [')
+        assert project.write(path) and project.read(path)
+        assert not any(plugin.dock.conversations.values())
+        plugin.unload()
+        again = geovqa.classFactory(plugin.iface)
+        again.initGui()  # the plugin loads with the project open
+        try:
+            dock = again.dock
+            assert not any(dock.conversations.values())
+            assert any(tag == "GeoVQA" and "could not be read" in text for tag, text in log), log
+            layer = project.mapLayer(layer_id)
+            dock.set_layer(layer)
+            dock.ask("still working?")
+            wait_until(_answered(dock, layer), 30)
+            wait_for_tasks()
+        finally:
+            again.unload()
+    assert errors == []
+    assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["still working?"]
+    assert project.readEntry("geovqa", "conversations_unreadable", "")[0].startswith('{"version": 1')
+
+    # turns without a question are left out; odd values are shown as text
+    project.writeEntry("geovqa", "conversations", json.dumps({"version": 1, "conversations": {
+        layer_id: [{"question": 3}, "nonsense", {"question": "kept?", "answer": 42, "done": False}],
+        "other": "not a list"}}))
+    assert project.write(path) and project.read(path)
+    again = geovqa.classFactory(plugin.iface)
+    again.initGui()
+    try:
+        (turn,) = again.dock.turns(project.mapLayer(layer_id))
+        assert turn["answer"] == "42" and turn["interrupted"] and turn["done"]
+        assert any("3 GeoVQA conversation turns" in text for _, text in log), log
+    finally:
+        again.unload()
+
+
+# -- batch dialog -------------------------------------------------------------------------------
+def _run_batch(plugin, layers, questions, with_layers=False):
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({lyr.id() for lyr in layers})
+    dlg.questions_edit.setPlainText("\n".join(questions))
+    dlg.layers_check.setChecked(with_layers)
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    return dlg, done
+
+
+def test_each_batch_answer_is_saved_as_it_arrives(plugin, raster_layer, stub_engine, tmp_path):
+    stub_engine.token_delay = 0.1  # about a second an answer
+    a = raster_layer("a")
+    dlg, done = _run_batch(plugin, [a], ["q1", "q2"])
+    wait_until(lambda: dlg.rows, 30, "the first answer")
+    path = Path(dlg.autosave_path)
+    assert path.parent == tmp_path / "results" and path.suffix == ".jsonl"  # with the batch's heatmaps
+    assert str(path) in dlg.autosave_label.text()
+    (first,) = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert not done and first["question"] == "q1" and first["answer"] == "The area is 64 x 48 pixels with 3 bands."
+    wait_until(lambda: done, 30, "the batch")
+    wait_for_tasks()
+    saved = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert saved == json.loads(json.dumps(done[0], default=str))  # every row, as Export JSON has them
+    assert [r["question"] for r in saved] == ["q1", "q2"] and saved[1]["heatmap_path"]
+
+
+def test_a_batch_says_when_its_answers_cannot_be_autosaved(plugin, raster_layer, stub_engine, tmp_path):
+    from conftest import set_settings
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    dlg, done = _run_batch(plugin, [raster_layer("a")], ["q1", "q2"])
+    wait_until(lambda: done, 60, "the batch")
+    wait_for_tasks()
+    assert [r["answer"] for r in done[0]] == ["The area is 64 x 48 pixels with 3 bands."] * 2  # the batch went on
+    assert "could not be saved as they arrive" in dlg.autosave_label.text()
+    assert "Export them" in dlg.autosave_label.text()
+
+
+def _groups():
+    from qgis.core import QgsProject
+
+    return [g.name() for g in QgsProject.instance().layerTreeRoot().findGroups()]
+
+
+def test_a_layer_removed_mid_batch_gives_error_rows_and_the_batch_goes_on(plugin, raster_layer, stub_engine):
+    from qgis.core import QgsProject
+
+    stub_engine.token_delay = 0.05
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=40)
+    dlg, done = _run_batch(plugin, [a, b], ["q1", "q2"], with_layers=True)
+    with python_errors() as errors:
+        wait_until(lambda: dlg.rows, 30, "the first answer")
+        QgsProject.instance().removeMapLayer(b.id())
+        wait_until(lambda: done, 30, "the batch")
+        wait_for_tasks()
+    assert errors == []
+    rows = done[0]
+    assert [(r["layer"], r["question"]) for r in rows] == [("a", "q1"), ("a", "q2"), ("b", "q1"), ("b", "q2")]
+    assert all(r["answer"] and r["error"] is None for r in rows[:2])
+    assert all(r["answer"] is None and "'b' was removed from the project" in r["error"] for r in rows[2:])
+    assert len(stub_engine.requests) == 2 and len(_groups()) == 2  # result layers of a's answers only
+    assert [dlg.layer_list.item(i).text() for i in range(dlg.layer_list.count())] == ["a"]
+    assert dlg.run_button.isEnabled()
+
+
+def test_layers_removed_while_the_batch_prepares_them_give_error_rows(plugin, raster_layer, stub_engine, qgis_iface):
+    """A web/virtual layer is rendered before the batch asks: removing one that waits for its
+    turn stopped the batch for good (its deleted layer was read), one being rendered went on."""
+    from qgis.core import QgsProject
+
+    from conftest import virtual_raster_layer
+
+    src = raster_layer("src")
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(src.crs())
+    canvas.setExtent(src.extent())
+    for removed in ("v1", "v2"):  # the one being rendered, then one waiting for its turn
+        layers = {name: virtual_raster_layer(src, name) for name in ("v1", "v2", "v3")}
+        ids = {name: layer.id() for name, layer in layers.items()}
+        with python_errors() as errors:
+            dlg, done = _run_batch(plugin, list(layers.values()), ["q1"])
+            assert dlg._rendering is not None and dlg._rendering[0] == ids["v1"]
+            QgsProject.instance().removeMapLayer(ids[removed])
+            wait_until(lambda: done, 30, "the batch")
+            wait_for_tasks()
+        assert errors == []
+        rows = {r["layer"]: r for r in done[0]}
+        assert list(rows) == ["v1", "v2", "v3"]
+        assert rows[removed]["answer"] is None and "was removed from the project" in rows[removed]["error"]
+        assert all(r["answer"] and r["error"] is None for name, r in rows.items() if name != removed)
+        QgsProject.instance().removeMapLayers([lid for lid in ids.values() if QgsProject.instance().mapLayer(lid)])
+        stub_engine.requests.clear()
+
+
+def test_closing_the_project_mid_batch_ends_it_without_adding_layers_to_the_next(plugin, raster_layer, stub_engine):
+    from qgis.core import QgsProject
+
+    stub_engine.token_delay = 0.05
+    a, b = raster_layer("a"), raster_layer("b")
+    dlg, done = _run_batch(plugin, [a, b], ["q1", "q2", "q3"], with_layers=True)
+    with python_errors() as errors:
+        wait_until(lambda: dlg.rows, 30, "the first answer")
+        QgsProject.instance().clear()
+        groups_after_clear = _groups()
+        wait_until(lambda: done, 30, "the batch")
+        wait_for_tasks()
+    assert errors == [] and groups_after_clear == [] and _groups() == []
+    rows = done[0]
+    assert len(rows) == 6 and len(stub_engine.requests) <= 2  # the first answer, maybe the one streaming
+    assert all("was removed from the project" in r["error"] for r in rows[2:])
+
+
+# -- Processing ---------------------------------------------------------------------------------
+def test_the_processing_batch_writes_each_csv_row_as_its_answer_arrives(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+    import processing
+    from geovqa.results_io import write_csv
+    from qgis.core import QgsProcessingFeedback
+
+    out = tmp_path / "answers.csv"
+    seen = []  # the answers in the CSV each time the progress moves (after each answer)
+
+    def rows_in_file(_progress):
+        if not out.exists():
+            seen.append(None)
+            return
+        with open(out, newline="", encoding="utf-8") as fh:
+            seen.append([r["answer"] for r in csv.DictReader(fh)])
+
+    feedback = QgsProcessingFeedback()
+    feedback.progressChanged.connect(rows_in_file)
+    res = processing.run("geovqa:batch_questions", {
+        "LAYERS": [raster_layer("a"), raster_layer("b", width=32, height=40)], "QUESTIONS": "q1\nq2",
+        "OUTPUT": str(out), "OUTPUT_JSON": str(tmp_path / "answers.json")}, feedback=feedback)
+    a_answer, b_answer = "The area is 64 x 48 pixels with 3 bands.", "The area is 32 x 40 pixels with 3 bands."
+    assert seen == [[a_answer], [a_answer] * 2, [a_answer] * 2 + [b_answer], [a_answer] * 2 + [b_answer] * 2]
+    # the same file as when it was written at the end
+    rows = json.loads((tmp_path / "answers.json").read_text(encoding="utf-8"))["results"]
+    reference = write_csv(rows, str(tmp_path / "reference.csv"))
+    assert out.read_bytes() == Path(reference).read_bytes() and res["ANSWERED"] == 4
+
+
+def test_a_cancelled_processing_batch_keeps_the_answers_it_finished(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    out = tmp_path / "answers.csv"
+    feedback = QgsProcessingFeedback()
+    feedback.progressChanged.connect(lambda _p: feedback.cancel())  # after the first answer
+    processing.run("geovqa:batch_questions", {
+        "LAYERS": [raster_layer("a")], "QUESTIONS": "q1\nq2\nq3", "OUTPUT": str(out)}, feedback=feedback)
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["question"], r["answer"]) for r in rows] == [("q1", "The area is 64 x 48 pixels with 3 bands.")]
+    assert len(stub_engine.requests) == 1
