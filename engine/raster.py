@@ -35,10 +35,12 @@ What `read_raster` does, in order:
   per-band masks), NaN/inf in float data, and the outside of a polygon AOI give ``valid=False``;
   those pixels are set to 0 in ``pixels``. In a reduced read, GDAL's average skips nodata but
   spreads NaN: one NaN source pixel made its whole output pixel NaN, so a float band with NaN
-  gaps and no nodata tag (nor mask) lost most of the image where its NaN are scattered or
-  striped. Such a band is read again with NaN as its nodata (`_read_nan_as_nodata`, only when the
-  reduced read holds NaN), so NaN counts as missing as a tagged nodata does: an output pixel is
-  valid when any of its source pixels is, with their mean. When no pixel at all is valid,
+  gaps lost most of the image where its NaN are scattered or striped, whether it had no nodata
+  tag, another nodata value (e.g. -9999) or a mask. Such a band is read again through a VRT with
+  NaN as its nodata that also turns the pixels its nodata tag or mask hides into NaN
+  (`_read_nan_as_nodata`, only when the reduced read holds NaN where the mask has data), so NaN
+  counts as missing together with the tagged nodata or mask: an output pixel is valid when any of
+  its source pixels is, with their mean. When no pixel at all is valid,
   `NoValidPixelsError` (code no_valid_pixels): a black image is nothing to ask about.
 * **Georeferencing** (`georeferencing`): the geotransform and CRS; for a file placed only by
   ground control points, the affine transform fitted to them (with their CRS) when it misses no
@@ -520,45 +522,56 @@ def _read_window(src, band_numbers, window, shape, resampling, cancel=None, with
 _GDAL_FLOAT_TYPES = {"float32": "Float32", "float64": "Float64"}
 
 
-def _nan_unmarked(src, band: int) -> bool:
-    """True for a float band with no nodata tag, mask or alpha: NaN is its only way to be
-    missing, and GDAL does not know it."""
-    from rasterio.enums import MaskFlags
-
-    return (src.dtypes[band - 1] in _GDAL_FLOAT_TYPES
-            and list(src.mask_flag_enums[band - 1]) == [MaskFlags.all_valid])
+def _nan_spread(src, band: int, data: np.ndarray, mask: np.ndarray | None) -> bool:
+    """True when a reduced read of float band `band` holds NaN where its mask says there is data:
+    GDAL spread NaN there. (A band tagged nodata=NaN is NaN only where the mask is 0 too.)"""
+    if src.dtypes[band - 1] not in _GDAL_FLOAT_TYPES:
+        return False
+    nan = np.isnan(data)
+    return bool((nan & (mask > 0)).any() if mask is not None else nan.any())
 
 
 def _read_nan_as_nodata(src, path: str, band_numbers, window, shape, resampling, cancel=None):
     """Bands `band_numbers` read at `shape` through a VRT that gives them NaN as nodata, so
-    GDAL's average skips NaN instead of spreading it. The file's overviews are bypassed: built
-    without a nodata, their averages spread the NaN already."""
+    GDAL's average skips NaN instead of spreading it. A band with a nodata tag or mask is read
+    through its mask (UseMaskBand): what the mask hides becomes NaN too, so both stay missing.
+    The file's overviews are bypassed: built without NaN as nodata, their averages spread the
+    NaN already."""
     from xml.sax.saxutils import escape
 
+    from rasterio.enums import MaskFlags
     from rasterio.io import MemoryFile
 
     name = os.path.abspath(path) if "://" not in path and not path.startswith("/vsi") else path
-    bands = "".join(
-        f'<VRTRasterBand dataType="{_GDAL_FLOAT_TYPES[src.dtypes[b - 1]]}" band="{i}">'
-        "<NoDataValue>nan</NoDataValue><SimpleSource>"
-        f'<SourceFilename relativeToVRT="0">{escape(name)}</SourceFilename>'
-        '<OpenOptions><OOI key="OVERVIEW_LEVEL">NONE</OOI></OpenOptions>'
-        f"<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
-        for i, b in enumerate(band_numbers, start=1))
-    xml = f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}">{bands}</VRTDataset>'
+    sources = []
+    for i, b in enumerate(band_numbers, start=1):
+        masked = list(src.mask_flag_enums[b - 1]) != [MaskFlags.all_valid]
+        kind = "ComplexSource" if masked else "SimpleSource"
+        sources.append(
+            f'<VRTRasterBand dataType="{_GDAL_FLOAT_TYPES[src.dtypes[b - 1]]}" band="{i}">'
+            f"<NoDataValue>nan</NoDataValue><{kind}>"
+            f'<SourceFilename relativeToVRT="0">{escape(name)}</SourceFilename>'
+            '<OpenOptions><OOI key="OVERVIEW_LEVEL">NONE</OOI></OpenOptions>'
+            f"<SourceBand>{b}</SourceBand>"
+            + ("<UseMaskBand>true</UseMaskBand>" if masked else "")
+            + f"</{kind}></VRTRasterBand>")
+    xml = (f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}">'
+           f'{"".join(sources)}</VRTDataset>')
     with MemoryFile(xml.encode("utf-8"), ext=".vrt") as mem, mem.open() as vrt:
         data, _ = _read_window(vrt, list(range(1, len(band_numbers) + 1)), window, shape,
                                resampling, cancel, with_masks=False)
     return data
 
 
-def _mend_spread_nan(src, path, band_numbers, data, window, shape, resampling, cancel) -> None:
-    """In place: the bands of a reduced read that hold NaN without any nodata tag or mask, read
-    again with NaN skipped as missing (see the module docstring). A read without NaN costs
-    nothing more; a re-read GDAL refuses leaves the first read as it was (logged)."""
+def _mend_spread_nan(src, path, band_numbers, data, masks, window, shape, resampling,
+                     cancel) -> None:
+    """In place: the float bands of a reduced read that hold NaN GDAL spread (`_nan_spread`),
+    read again with NaN skipped as missing (see the module docstring). A read without such NaN
+    costs nothing more; a re-read GDAL refuses leaves the first read as it was (logged)."""
     from rasterio.errors import RasterioError
 
-    rows = [i for i, b in enumerate(band_numbers) if _nan_unmarked(src, b) and np.isnan(data[i]).any()]
+    rows = [i for i, b in enumerate(band_numbers)
+            if _nan_spread(src, b, data[i], None if masks is None else masks[i])]
     if not rows:
         return
     try:
@@ -630,7 +643,8 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> 
                 warnings.simplefilter("ignore")
                 data, masks = _read_window(src, uniq, window, (oh, ow), resampling, cancel)
                 if resampling != Resampling.nearest:
-                    _mend_spread_nan(src, p, uniq, data, window, (oh, ow), resampling, cancel)
+                    _mend_spread_nan(src, p, uniq, data, masks, window, (oh, ow), resampling,
+                                     cancel)
         except (RasterioError, OSError) as exc:  # GDAL failed on the file's bytes
             raise RasterOpenError(
                 f"Could not read pixels from '{p}': the file looks corrupt or truncated. "

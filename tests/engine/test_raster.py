@@ -635,3 +635,55 @@ def test_a_float_raster_without_nan_is_read_once(tmp_path, monkeypatch):
     arr = RNG.uniform(0, 1, (1, 300, 300)).astype(np.float32)
     read_raster(write_geotiff(tmp_path / "f.tif", arr), max_pixels=100 * 100)
     assert len(calls) == 1
+
+
+# ------------------------------------------------------- NaN besides a nodata tag or a mask
+
+
+@pytest.mark.parametrize("overviews", [None, [2, 4]])
+@pytest.mark.parametrize("missing", ["nodata", "mask"])
+def test_nan_gaps_beside_a_nodata_tag_or_a_mask_are_missing_in_a_reduced_read(tmp_path, overviews,
+                                                                              missing):
+    """A float band tagged nodata=-9999 (or with a per-dataset mask) that also holds NaN: GDAL's
+    average skipped the -9999 (masked) pixels but spread the NaN, so the striped half was lost.
+    NaN now counts as missing together with the tag or mask: the same image as the file with
+    every missing pixel NaN and tagged nodata=NaN."""
+    arr = _nan_scene()
+    hidden = np.zeros(arr.shape[1:], bool)
+    hidden[:40, 300:] = True  # a block the tag or the mask hides (10 x 25 reduced pixels)
+    reference = arr.copy()
+    reference[:, hidden] = np.nan
+    if missing == "nodata":
+        tagged = arr.copy()
+        tagged[:, hidden] = -9999
+        path = write_geotiff(tmp_path / "nd.tif", tagged, nodata=-9999, overviews=overviews)
+    else:
+        path = write_geotiff(tmp_path / "mask.tif", arr, mask=~hidden, overviews=overviews)
+    im = read_raster(path, max_pixels=100 * 100)
+    ref = read_raster(write_geotiff(tmp_path / "ref.tif", reference, nodata=float("nan")),
+                      max_pixels=100 * 100)
+    assert im.size == (100, 100)
+    np.testing.assert_array_equal(im.valid, ref.valid)
+    np.testing.assert_array_equal(im.pixels, ref.pixels)
+    assert im.valid[:, :50].all()  # every reduced pixel of the striped half has data
+    assert not im.valid[:10, 75:].any() and not im.valid[60:80, 70:90].any()
+    assert im.valid.sum() == 100 * 100 - 20 * 20 - 10 * 25
+
+
+def test_a_tagged_or_masked_float_raster_without_spread_nan_is_read_once(tmp_path, monkeypatch):
+    """NaN where the mask is 0 anyway (a band tagged nodata=NaN, a block wholly hidden) is no
+    reason to read the band again."""
+    calls = _count_reads(monkeypatch)
+    arr = RNG.uniform(0, 1, (1, 300, 300)).astype(np.float32)
+    gaps = arr.copy()
+    gaps[:, ::2] = np.nan
+    gaps[:, 100:200, 100:200] = np.nan
+    hidden = np.ones((300, 300), bool)
+    hidden[:60, :60] = False
+    files = [write_geotiff(tmp_path / "nan.tif", gaps, nodata=float("nan"), overviews=[2]),
+             write_geotiff(tmp_path / "nd.tif", np.where(hidden, arr, -9999), nodata=-9999),
+             write_geotiff(tmp_path / "mask.tif", arr, mask=hidden, overviews=[2])]
+    for path in files:
+        calls.clear()
+        read_raster(path, max_pixels=100 * 100)
+        assert len(calls) == 1, path
