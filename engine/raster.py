@@ -27,9 +27,11 @@ What `read_raster` does, in order:
   the first three non-alpha bands; one band (or a grey + alpha pair) -> grey replicated to three
   channels; two non-alpha bands -> the first as grey; a single paletted band -> its colour table.
   An explicit ``bands=[...]`` (1-based, one or three entries) overrides that.
-* **Stretch**: uint8 data is kept as is; any other type (uint16, int, float) is stretched per band
-  from its 2nd..98th percentile (bands of different types, e.g. a VRT stacking Byte and Float32
-  files, are read as their common type and stretched alike) over valid pixels only to 0..255.
+* **Stretch**: decided per band by the band's own type: a Byte (uint8) band is kept as is; any
+  other type (uint16, int, float) is stretched per band from its 2nd..98th percentile over valid
+  pixels only to 0..255. Bands of different types (e.g. a VRT stacking Byte and UInt16 files, or
+  such bands chosen with ``bands``) are read as their common type, and a Byte band among them
+  still keeps its 0..255 values, as it does read alone (its `stretch` entry is (0, 255)).
   A constant band keeps its value clipped to 0..255 (no division by zero).
 * **Validity**: nodata values, internal/external masks and an alpha band (all through GDAL's
   per-band masks), NaN/inf in float data, and the outside of a polygon AOI give ``valid=False``;
@@ -442,8 +444,8 @@ def _read_bands(src, band_numbers, window, shape, resampling) -> np.ndarray:
 
     rasterio reads several bands in one call only when they share a type; bands of different
     types ("more than one 'dtype' found", e.g. a VRT stacking Byte, UInt16 and Float32 files)
-    are read one by one into their common type, which loses nothing; the per-band stretch then
-    copes with it like with any non-uint8 raster.
+    are read one by one into their common type, which loses nothing; the stretch then treats
+    each band by its own type (a Byte band is kept as it is).
     """
     types = {src.dtypes[b - 1] for b in band_numbers}
     if len(types) == 1:
@@ -698,7 +700,10 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> 
         else:
             per_band = {}
             for i, b in enumerate(uniq):
-                per_band[b] = _stretch(data[i], valid)
+                if src.dtypes[b - 1] == "uint8":  # a Byte band among wider ones: as it is
+                    per_band[b] = (np.clip(data[i], 0, 255).astype(np.uint8), (0.0, 255.0))
+                else:
+                    per_band[b] = _stretch(data[i], valid)
             for ch, b in enumerate(chosen):
                 pixels[..., ch] = per_band[b][0]
             stretch = tuple(per_band[b][1] for b in chosen)

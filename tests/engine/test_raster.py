@@ -289,12 +289,36 @@ def test_bands_of_different_types_are_read_and_stretched(tmp_path):
     for max_pixels in (None, 300):  # full resolution and a decimated (resampled) read
         im = read_raster(vrt, max_pixels=max_pixels)
         assert im.bands == (1, 2, 3) and im.valid.all() and len(im.stretch) == 3
-        # the same picture in three types: stretched alike, the channels agree (a resampled
-        # Byte band is rounded to whole numbers, the others are not: a little slack)
-        np.testing.assert_allclose(im.pixels[..., 1], im.pixels[..., 0], atol=3)
-        np.testing.assert_allclose(im.pixels[..., 2], im.pixels[..., 0], atol=3)
+        # the same picture in UInt16 and Float32: stretched alike, the channels agree; the Byte
+        # band is kept as it is, as when read alone
+        np.testing.assert_allclose(im.pixels[..., 2], im.pixels[..., 1], atol=1)
+        np.testing.assert_array_equal(im.pixels[..., 0],
+                                      read_raster(vrt, bands=[1], max_pixels=max_pixels).pixels[..., 0])
+        assert im.stretch[0] == (0.0, 255.0)
     assert read_raster(vrt, bands=[3, 1, 2]).stretch[0] == pytest.approx(
         (np.percentile(grey / 3, 2), np.percentile(grey / 3, 98)), rel=1e-4)
+
+
+@pytest.mark.parametrize("max_pixels", [None, 20 * 25])
+def test_a_byte_band_among_wider_bands_keeps_its_values(tmp_path, max_pixels):
+    """A Byte band read with UInt16 bands (here a uint16 RGB stacked with a Byte band, shown as
+    blue with `bands`) was stretched by its percentiles like them: its 60..120 became 0..255.
+    The stretch is decided per band by its own type: the Byte band keeps its values."""
+    rgb = RNG.integers(1000, 3000, (3, 40, 50)).astype(np.uint16)
+    byte = RNG.integers(60, 121, (40, 50)).astype(np.uint8)
+    sources = [write_geotiff(tmp_path / f"c{i}.tif", rgb[i]) for i in range(3)]
+    vrt = write_stacked_vrt(tmp_path / "rgb_byte.vrt", [*sources, write_geotiff(tmp_path / "b.tif", byte)])
+    im = read_raster(vrt, bands=[1, 2, 4], max_pixels=max_pixels)
+    alone = read_raster(vrt, bands=[4], max_pixels=max_pixels)
+    np.testing.assert_array_equal(im.pixels[..., 2], alone.pixels[..., 0])
+    assert 60 <= im.pixels[..., 2].min() and im.pixels[..., 2].max() <= 120
+    if max_pixels is None:
+        np.testing.assert_array_equal(im.pixels[..., 2], byte)
+    assert im.stretch[2] == (0.0, 255.0)
+    # the UInt16 bands are stretched as in the uint16 RGB alone
+    assert im.pixels[..., 0].min() == 0 and im.pixels[..., 0].max() == 255
+    np.testing.assert_array_equal(im.pixels[..., :2],
+                                  read_raster(vrt, max_pixels=max_pixels).pixels[..., :2])
 
 
 def test_a_read_rasterio_refuses_is_not_called_corrupt(tmp_path, monkeypatch):
