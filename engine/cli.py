@@ -22,7 +22,8 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aoi", default=None,
                    help="area of interest: 'col,row,width,height' in source pixels, a WKT polygon "
                         "in the raster's CRS, or a .geojson/.json file in the raster's CRS (a "
-                        "geometry, a Feature, or a FeatureCollection: all its features)")
+                        "Polygon/MultiPolygon geometry, a Feature, or a FeatureCollection: the union "
+                        "of its polygons)")
     p.add_argument("--bands", type=band_list, default=None, help="1-based bands, e.g. 4,3,2")
     add_strategy_arguments(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
@@ -41,7 +42,7 @@ def parse_aoi(text: str | None):
         return None
     path = Path(text).expanduser()
     if path.suffix.lower() in (".geojson", ".json"):
-        return {"geojson": _geojson_file_geometry(path)}
+        return {"geojson": _geojson_file(path)}
     parts = text.split(",")
     if len(parts) == 4:
         try:
@@ -56,9 +57,10 @@ def parse_aoi(text: str | None):
     return {"polygon_wkt": text}
 
 
-def _geojson_file_geometry(path: Path) -> dict:
-    """The polygon of a GeoJSON file (a geometry, a Feature, or a FeatureCollection whose features'
-    polygons are joined into one area), as a GeoJSON geometry dict."""
+def _geojson_file(path: Path) -> dict:
+    """The GeoJSON object of an area-of-interest file, as it is: a geometry, a Feature or a
+    FeatureCollection is sent as the protocol's ``geojson`` and checked there, by the reader's
+    own `engine.raster.geojson_area` (a FeatureCollection's polygons are joined into one area)."""
     from engine.jobs import JobError
 
     if not path.is_file():
@@ -69,32 +71,7 @@ def _geojson_file_geometry(path: Path) -> dict:
         raise JobError("bad_aoi", f"The area-of-interest file {path} is not readable GeoJSON: {exc}") from None
     if not isinstance(data, dict):
         raise JobError("bad_aoi", f"The area-of-interest file {path} holds no GeoJSON object.")
-    if data.get("type") == "Feature":
-        data = data.get("geometry")
-    elif data.get("type") == "FeatureCollection":
-        features = data.get("features")
-        geoms = [f.get("geometry") for f in features if isinstance(f, dict) and f.get("geometry")] \
-            if isinstance(features, list) else []
-        if not geoms:
-            raise JobError("bad_aoi", f"The area-of-interest file {path} has no feature with a geometry.")
-        data = _joined(geoms, path) if len(geoms) > 1 else geoms[0]
-    if not isinstance(data, dict):
-        raise JobError("bad_aoi", f"The area-of-interest file {path} holds no geometry.")
     return data
-
-
-def _joined(geoms: list, path: Path) -> dict:
-    """Several GeoJSON geometries as one (their union)."""
-    import shapely
-    from shapely.geometry import mapping, shape
-
-    from engine.jobs import JobError
-
-    try:
-        return mapping(shapely.union_all([shape(g) for g in geoms]))
-    except Exception as exc:  # noqa: BLE001 - shapely raises several kinds
-        raise JobError("bad_aoi", f"The area-of-interest file {path} has a feature that is not a valid "
-                       f"geometry: {exc}") from None
 
 
 def band_list(text: str) -> list[int]:
@@ -112,14 +89,23 @@ def checked_ask_fields(args: argparse.Namespace) -> dict:
 
     A missing raster, a band it lacks, an area outside it or an empty question is refused here in
     a second, not after minutes of loading weights. Raises JobError."""
+    from engine.jobs import JobError
     from engine.protocol import STRATEGIES
     from engine.request_checks import validate_ask
 
-    body = {"question": args.question, "aoi": parse_aoi(args.aoi), "bands": args.bands,
+    aoi = parse_aoi(args.aoi)
+    body = {"question": args.question, "aoi": aoi, "bands": args.bands,
             "strategy": args.strategy, "budget": args.budget,
             "tokens_per_tile": args.tokens_per_tile, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "faithful_empty_slots": args.faithful_empty_slots}
-    return validate_ask(body, STRATEGIES, raster_path=os.path.abspath(os.path.expanduser(args.raster)))
+    try:
+        return validate_ask(body, STRATEGIES,
+                            raster_path=os.path.abspath(os.path.expanduser(args.raster)))
+    except JobError as exc:
+        if aoi is None or "geojson" not in aoi or exc.code not in ("bad_aoi", "aoi_outside_raster"):
+            raise
+        path = Path(args.aoi).expanduser()  # name the file the area came from
+        raise JobError(exc.code, f"The area-of-interest file {path}: {exc.message}", exc.hint) from None
 
 
 def _check_output_dir(folder: Path | None) -> None:

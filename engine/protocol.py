@@ -105,7 +105,9 @@ ASK_FIELDS = {
 AOI_FIELDS = {
     "window": "[col_off, row_off, width, height] in source pixels, or",
     "polygon_wkt": "str: polygon in the raster's CRS (WKT), or",
-    "geojson": "dict: GeoJSON Polygon/MultiPolygon geometry in the raster's CRS",
+    "geojson": "dict: GeoJSON in the raster's CRS: a Polygon/MultiPolygon geometry, a Feature "
+    "holding one, or a FeatureCollection (the union of its features' polygons; features without "
+    "a geometry are skipped; a point, line or collection without a polygon is bad_aoi)",
 }
 
 # Streamed events: every event is a JSON object with "type" and "request_id".

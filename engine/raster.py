@@ -10,7 +10,8 @@ What `read_raster` does, in order:
   ``{"geojson": dict}`` are accepted as well as the bare forms below): none = the whole raster;
   a pixel window ``[col_off, row_off, width, height]``
   (clipped to the raster; wholly outside -> `AOIError`); or a polygon (WKT string, shapely
-  geometry, or GeoJSON geometry/Feature/FeatureCollection dict) in the raster's CRS, read over its
+  geometry, or GeoJSON Polygon/MultiPolygon geometry, Feature or FeatureCollection dict, read by
+  `geojson_area`, which the server's request checks share) in the raster's CRS, read over its
   bounding window with the pixels outside the polygon marked invalid. On a raster without
   georeferencing the polygon's coordinates are taken as source *pixel* coordinates (col, row).
 * **Decimation**: when the window holds more than `max_pixels` pixels it is read at a reduced
@@ -329,7 +330,6 @@ def _choose_bands(src, bands) -> tuple[tuple[int, int, int], bool]:
 def _aoi_geometry(aoi):
     """shapely geometry from WKT, shapely or GeoJSON dict; None when `aoi` is a pixel window."""
     import shapely
-    from shapely.geometry import shape
 
     if hasattr(aoi, "geom_type"):
         return aoi
@@ -343,19 +343,86 @@ def _aoi_geometry(aoi):
         if aoi.get("polygon_wkt") is not None:
             return _aoi_geometry(str(aoi["polygon_wkt"]))
         if aoi.get("geojson") is not None:
-            return _aoi_geometry(aoi["geojson"])
+            return geojson_area(aoi["geojson"])
         if aoi.get("window") is not None:
             return None
-        kind = aoi.get("type")
-        try:
-            if kind == "Feature":
-                return shape(aoi["geometry"])
-            if kind == "FeatureCollection":
-                return shapely.union_all([shape(f["geometry"]) for f in aoi.get("features", [])])
-            return shape(aoi)
-        except Exception as exc:
-            raise AOIError(f"The area of interest is not a valid GeoJSON geometry ({exc}).") from exc
+        return geojson_area(aoi)
     return None
+
+
+POLYGON_TYPES = ("Polygon", "MultiPolygon")
+
+
+def check_polygon(geom, what: str = "The area of interest") -> None:
+    """AOIError (bad_aoi) unless `geom` is a non-empty Polygon or MultiPolygon whose coordinates
+    are all finite numbers; `what` names it in the message."""
+    import shapely
+
+    if geom.geom_type not in POLYGON_TYPES:
+        raise AOIError(f"{what} must be a polygon (Polygon or MultiPolygon), not a "
+                       f"{geom.geom_type}.")
+    if geom.is_empty:
+        raise AOIError(f"{what} is an empty polygon; draw an area.")
+    if not np.isfinite(shapely.get_coordinates(geom)).all():
+        raise AOIError(f"{what} has coordinates that are not finite numbers (NaN or infinity).")
+
+
+def geojson_area(obj):
+    """The area a GeoJSON object covers, as a shapely geometry: the one reader of the protocol's
+    ``geojson`` AOI, used by the request checks (engine/request_checks.py) and by `read_raster`.
+
+    A Polygon or MultiPolygon geometry; a Feature holding one; or a FeatureCollection, the union
+    of its features' polygons (a feature without a geometry, which GeoJSON allows, is skipped).
+    Anything else raises AOIError (bad_aoi) saying what is wrong: not an object, a point, a line
+    or a geometry collection, a collection with no polygon, a coordinate that is not a finite
+    number.
+    """
+    import shapely
+
+    if not isinstance(obj, dict):
+        raise AOIError("The area of interest's GeoJSON must be an object: a Polygon or "
+                       "MultiPolygon geometry, a Feature or a FeatureCollection.")
+    kind = obj.get("type")
+    if kind == "Feature":
+        if obj.get("geometry") is None:
+            raise AOIError("The area of interest's GeoJSON Feature has no geometry.")
+        return _geojson_polygon(obj["geometry"], "The area of interest's Feature")
+    if kind != "FeatureCollection":
+        return _geojson_polygon(obj, "The area of interest")
+    features = obj.get("features")
+    if not isinstance(features, list):
+        raise AOIError("The area of interest's FeatureCollection has no 'features' list.")
+    parts = []
+    for i, feature in enumerate(features, start=1):
+        what = f"Feature {i} of the area of interest's FeatureCollection"
+        if not isinstance(feature, dict):
+            raise AOIError(f"{what} is not a GeoJSON object.")
+        if feature.get("geometry") is not None:
+            parts.append(_geojson_polygon(feature["geometry"], what))
+    if not parts:
+        raise AOIError("The area of interest's FeatureCollection has no feature with a polygon; "
+                       "it needs at least one.")
+    if len(parts) == 1:
+        return parts[0]
+    try:  # a self-intersecting ring is made valid first, as read_raster does with one polygon
+        return shapely.union_all([p if p.is_valid else shapely.make_valid(p) for p in parts])
+    except Exception as exc:  # noqa: BLE001 - GEOS raises several kinds
+        raise AOIError(f"The polygons of the area of interest's FeatureCollection could not be "
+                       f"joined into one area ({exc}).") from exc
+
+
+def _geojson_polygon(obj, what: str):
+    """A GeoJSON Polygon/MultiPolygon geometry as shapely, checked by `check_polygon`."""
+    from shapely.geometry import shape
+
+    if not isinstance(obj, dict):
+        raise AOIError(f"{what} is not a GeoJSON geometry object.")
+    try:
+        geom = shape(obj)
+    except Exception as exc:  # noqa: BLE001 - shapely raises several kinds
+        raise AOIError(f"{what} is not a valid GeoJSON geometry ({exc}).") from exc
+    check_polygon(geom, what)
+    return geom
 
 
 def _pixel_window(aoi) -> tuple[float, float, float, float]:

@@ -71,15 +71,12 @@ def _is_finite_number(value: Any) -> bool:
         return False
 
 
-def _has_finite_coordinates(geom: Any) -> bool:
-    import numpy as np
-    import shapely
-
-    return bool(np.isfinite(shapely.get_coordinates(geom)).all())
-
-
 def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
-    """Check an AOI against the raster; returns it unchanged when usable."""
+    """Check an AOI against the raster; returns it unchanged when usable.
+
+    A ``geojson`` AOI (a Polygon/MultiPolygon geometry, a Feature or a FeatureCollection) is
+    read by the raster reader's own `engine.raster.geojson_area`, so what passes here is what
+    the reader reads."""
     if aoi is None:
         return None
     if not isinstance(aoi, dict) or not aoi:
@@ -106,18 +103,22 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
                            "Pick an area inside the layer's extent.")
         return aoi
     from shapely import wkt as shapely_wkt
-    from shapely.geometry import box, shape
+    from shapely.geometry import box
+
+    from engine.raster import AOIError, check_polygon, geojson_area
 
     try:
-        geom = (shapely_wkt.loads(aoi["polygon_wkt"]) if keys[0] == "polygon_wkt"
-                else shape(aoi["geojson"]))
-    except Exception as exc:  # noqa: BLE001 - shapely raises several kinds
-        raise JobError("bad_aoi", f"The area of interest is not a valid geometry: {exc}") from None
-    if geom.is_empty or geom.geom_type not in ("Polygon", "MultiPolygon"):
-        raise JobError("bad_aoi", "The area of interest must be a polygon.")
-    if not _has_finite_coordinates(geom):
-        raise JobError("bad_aoi", "The area of interest has coordinates that are not finite "
-                       "numbers (NaN or infinity).")
+        if keys[0] == "geojson":  # a geometry, a Feature or a FeatureCollection: as the reader
+            geom = geojson_area(aoi["geojson"])
+        else:
+            try:
+                geom = shapely_wkt.loads(aoi["polygon_wkt"])
+            except Exception as exc:  # noqa: BLE001 - shapely raises several kinds
+                raise JobError("bad_aoi", "The area of interest is not a valid geometry: "
+                               f"{exc}") from None
+            check_polygon(geom)
+    except AOIError as exc:
+        raise JobError("bad_aoi", str(exc)) from None
     left, bottom, right, top = info.bounds
     if not geom.intersects(box(min(left, right), min(bottom, top), max(left, right),
                                max(bottom, top))):

@@ -104,21 +104,39 @@ def _square(x0, y0, size):
 
 
 def test_a_geojson_file_aoi_keeps_every_feature(tmp_path, rgb, recorder):
-    """A FeatureCollection of two areas asks about both (it used to keep the first one only)."""
+    """A FeatureCollection of two areas asks about both (it used to keep the first one only).
+    The CLI sends the file's object as it is: the request checks and the reader join its
+    polygons (engine/raster.py geojson_area), as for a client of the server."""
     import json
 
-    from shapely.geometry import shape
+    from engine.raster import geojson_area, read_raster
 
     fc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {}, "geometry": _square(500000, 5000000, 100)},
+        {"type": "Feature", "properties": {"name": "a"}, "geometry": _square(500000, 5000000, 100)},
         {"type": "Feature", "properties": {}, "geometry": None},  # allowed by GeoJSON: skipped
         {"type": "Feature", "properties": {}, "geometry": _square(500600, 4999500, 100)}]}
     (tmp_path / "two.geojson").write_text(json.dumps(fc))
     assert main(["ask", rgb, "q?", "--aoi", str(tmp_path / "two.geojson")]) == 0
     (req,) = recorder.asked
-    area = shape(req.aoi["geojson"])
+    assert req.aoi == {"geojson": fc}  # passed through, not joined by the CLI
+    area = geojson_area(req.aoi["geojson"])
     assert area.geom_type == "MultiPolygon" and area.area == pytest.approx(2 * 100 * 100)
     assert area.bounds == (500000, 4999400, 500700, 5000000)
+    im = read_raster(rgb, aoi=req.aoi)  # what the engine reads: both squares, nothing between
+    assert im.window == (0, 0, 70, 60)
+    assert im.valid[:10, :10].all() and im.valid[50:, 60:].all() and not im.valid[20:40, 20:40].any()
+
+
+@pytest.mark.parametrize("geojson", [
+    lambda: {"type": "Feature", "properties": {}, "geometry": _square(500000, 5000000, 100)},
+    lambda: _square(500000, 5000000, 100),
+])
+def test_a_geojson_file_feature_or_geometry_is_sent_as_it_is(tmp_path, rgb, recorder, geojson):
+    import json
+
+    (tmp_path / "one.json").write_text(json.dumps(geojson()))
+    assert main(["ask", rgb, "q?", "--aoi", str(tmp_path / "one.json")]) == 0
+    assert recorder.asked[0].aoi == {"geojson": geojson()}
 
 
 def test_a_decimal_window_is_a_window(rgb, recorder):
@@ -128,8 +146,15 @@ def test_a_decimal_window_is_a_window(rgb, recorder):
 
 @pytest.mark.parametrize(("content", "expected"), [
     ("[]", "holds no GeoJSON object"),
-    ('{"type": "FeatureCollection", "features": []}', "has no feature with a geometry"),
-    ('{"type": "Feature", "geometry": null}', "holds no geometry"),
+    ('{"type": "FeatureCollection", "features": []}', "has no feature with a polygon"),
+    ('{"type": "Feature", "geometry": null}', "Feature has no geometry"),
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": '
+     '{"type": "Point", "coordinates": [500010, 4999990]}}]}',
+     "Feature 1 of the area of interest's FeatureCollection must be a polygon"),
+    ('{"type": "LineString", "coordinates": [[500010, 4999990], [500100, 4999900]]}',
+     "must be a polygon (Polygon or MultiPolygon), not a LineString"),
+    ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+     '[[[0, 0], [10, 0], [10, 10], [0, 0]]]}}', "does not overlap the raster"),
     ("{not json", "is not readable GeoJSON"),
     (None, "does not exist"),
 ])
@@ -140,6 +165,7 @@ def test_a_bad_geojson_file_aoi_is_a_clear_error(tmp_path, rgb, recorder, capsys
     assert main(["ask", rgb, "q?", "--aoi", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and expected in err and "Traceback" not in err
+    assert f"area-of-interest file {path}" in err  # the file is named
     assert recorder.made == []
 
 

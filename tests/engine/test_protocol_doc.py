@@ -78,3 +78,13 @@ def test_the_budget_refusal_of_none_is_documented_with_its_code():
                           and f"`{code}`" in p), None)
         assert paragraph, f"{name} does not say that `none` refuses a small budget with {code}"
         assert "stream" in paragraph
+
+
+def test_the_geojson_aoi_kinds_the_checks_take_are_documented():
+    """The checks take a geometry, a Feature or a FeatureCollection (engine/raster.py
+    geojson_area); protocol.py and the docs said a Polygon/MultiPolygon geometry only."""
+    paragraph = next(p for p in DOC.split("\n\n") if '{"geojson": {' in p)
+    for kind in ("Polygon", "MultiPolygon", "Feature", "FeatureCollection"):
+        assert kind in protocol.AOI_FIELDS["geojson"], kind
+        assert kind in paragraph, kind
+    assert "union" in protocol.AOI_FIELDS["geojson"] and "joined" in paragraph

@@ -153,3 +153,55 @@ def test_an_upload_that_is_not_a_tiff_is_refused_before_gdal(tmp_path):
     assert err.hint == "Upload the layer as a GeoTIFF (.tif)."
     info = check_raster_file(write_geotiff(tmp_path / "ok.tif"), geotiff_only=True)
     assert (info.width, info.height) == (64, 48)
+
+
+# --- a GeoJSON area: the reader's own geojson_area checks it -----------------------------------
+
+def _feature(geometry) -> dict:
+    return {"type": "Feature", "properties": {}, "geometry": geometry}
+
+
+def _polygon(x0: float, y0: float, size: float = 10) -> dict:
+    return {"type": "Polygon", "coordinates": [square(x0, y0 - size, x0 + size, y0)]}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_feature_collection_s_coordinates_must_be_finite(raster, bad):
+    info = check_raster_file(raster)
+    broken = _polygon(500020, 4499990)
+    broken["coordinates"][0][1] = [bad, 4499990]
+    fc = {"type": "FeatureCollection", "features": [_feature(_polygon(500002, 4499998)),
+                                                    _feature(broken)]}
+    err = refused(lambda: validate_aoi({"geojson": fc}, info))
+    assert err.code == "bad_aoi" and "Feature 2" in err.message and "finite" in err.message
+
+
+def test_what_the_checks_pass_the_reader_reads_and_what_they_refuse_it_refuses(raster):
+    """One reader (engine/raster.py geojson_area) for the checks and the read: a FeatureCollection
+    passed the reader but not the checks."""
+    from engine.raster import AOIError, read_raster
+
+    info = check_raster_file(raster)
+    bowtie = {"type": "Polygon", "coordinates": [[[500002, 4499998], [500020, 4499980],
+                                                  [500020, 4499998], [500002, 4499980],
+                                                  [500002, 4499998]]]}
+    good = [_polygon(500002, 4499998), _feature(_polygon(500002, 4499998)),
+            {"type": "FeatureCollection", "features": [_feature(bowtie),
+                                                       _feature(_polygon(500040, 4499970))]},
+            {"type": "MultiPolygon", "coordinates": [_polygon(500002, 4499998)["coordinates"]]}]
+    bad = [{"type": "GeometryCollection", "geometries": [_polygon(500002, 4499998)]},
+           {"type": "FeatureCollection", "features": [_feature({"type": "LineString", "coordinates": [
+               [500002, 4499998], [500020, 4499980]]})]},
+           {"type": "FeatureCollection", "features": [None]},
+           {"type": "Polygon", "coordinates": []},
+           [_polygon(500002, 4499998)]]
+    for geojson in good:
+        aoi = {"geojson": geojson}
+        assert validate_aoi(aoi, info) == aoi  # unchanged: the reader reads the same object
+        assert read_raster(raster, aoi=aoi).valid.any()
+    for geojson in bad:
+        err = refused(lambda: validate_aoi({"geojson": geojson}, info))
+        assert err.code == "bad_aoi", geojson
+        with pytest.raises(AOIError) as read_err:
+            read_raster(raster, aoi={"geojson": geojson})
+        assert str(read_err.value) == err.message

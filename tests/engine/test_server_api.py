@@ -198,3 +198,62 @@ def test_not_json(server):
 def test_unknown_job(server):
     status, body = server.request("GET", "/jobs/0123456789abcdef")
     assert status == 404 and body["error"]["code"] == "not_found"
+
+
+# --- a GeoJSON area of interest: a geometry, a Feature or a FeatureCollection -------------------
+
+def _square(x0: float, y0: float, size: float) -> dict:
+    """A GeoJSON square with its top-left corner at (x0, y0) (the scene: 64 x 48 px of 1 m from
+    (500000, 4500000), UTM 33N)."""
+    ring = [[x0, y0], [x0 + size, y0], [x0 + size, y0 - size], [x0, y0 - size], [x0, y0]]
+    return {"type": "Polygon", "coordinates": [ring]}
+
+
+def _feature(geometry) -> dict:
+    return {"type": "Feature", "properties": {"name": "area"}, "geometry": geometry}
+
+
+@pytest.mark.parametrize("geojson", [
+    _square(500002, 4499998, 10),
+    _feature(_square(500002, 4499998, 10)),
+    {"type": "FeatureCollection", "features": [_feature(_square(500002, 4499998, 10)),
+                                               _feature(None),
+                                               _feature(_square(500040, 4499970, 8))]},
+])
+def test_a_geojson_aoi_may_be_a_geometry_a_feature_or_a_feature_collection(server, inputs, geojson):
+    """A FeatureCollection (what a GIS exports) was refused ("Unknown geometry type:
+    'featurecollection'") though the raster reader reads it; the checks now use that reader."""
+    status, events = server.ask(ask_body(inputs["raster"], aoi={"geojson": geojson}))
+    assert status == 200, events
+    assert events[-1]["type"] == "result", events[-1]
+    batch = {"items": [{"layer": "scene", "raster_path": str(inputs["raster"]),
+                        "aoi": {"geojson": geojson}}], "questions": ["Any roads?"]}
+    status, job = server.request("POST", "/batch", batch)
+    assert status == 200 and job["job_id"], job
+    server.request("DELETE", f"/jobs/{job['job_id']}")  # leave the queue as it was
+
+
+@pytest.mark.parametrize("geojson, code, words", [
+    ({"type": "FeatureCollection", "features": []}, "bad_aoi", "no feature with a polygon"),
+    ({"type": "FeatureCollection", "features": [_feature(None)]}, "bad_aoi",
+     "no feature with a polygon"),
+    ({"type": "FeatureCollection", "features": [
+        _feature(_square(500002, 4499998, 10)),
+        _feature({"type": "Point", "coordinates": [500010, 4499990]})]}, "bad_aoi",
+     "feature 2 of the area of interest's featurecollection must be a polygon"),
+    (_feature({"type": "LineString", "coordinates": [[500002, 4499998], [500010, 4499990]]}),
+     "bad_aoi", "must be a polygon (polygon or multipolygon), not a linestring"),
+    ({"type": "Point", "coordinates": [500010, 4499990]}, "bad_aoi", "not a point"),
+    (_feature(None), "bad_aoi", "feature has no geometry"),
+    ({"type": "FeatureCollection", "features": "all of them"}, "bad_aoi", "'features' list"),
+    ({"type": "FeatureCollection", "features": [_feature(_square(0, 10, 5))]},
+     "aoi_outside_raster", "does not overlap"),
+])
+def test_a_geojson_aoi_that_is_no_polygon_is_a_clear_400(server, inputs, geojson, code, words):
+    status, code_got, message = _err(server.ask(ask_body(inputs["raster"], aoi={"geojson": geojson})))
+    assert (status, code_got) == (400, code), message
+    assert words in message.lower()
+    batch = {"items": [{"layer": "Harbour", "raster_path": str(inputs["raster"]),
+                        "aoi": {"geojson": geojson}}], "questions": ["Any roads?"]}
+    status, code_got, message = _err(server.request("POST", "/batch", batch))
+    assert (status, code_got) == (400, code) and message.startswith("Layer Harbour: "), message
