@@ -4,7 +4,8 @@ Each `validate_*` turns a protocol body (engine/protocol.py ASK_FIELDS, BATCH_FI
 checked fields or raises `JobError` with the protocol error code and a sentence for a person;
 `request_factory` turns checked /ask fields into the engine's AskRequest.
 Everything here runs before a question is queued or a model is loaded: it opens the raster
-read-only (`check_raster_file`) but reads no pixels beyond one.
+read-only (`check_raster_file`; once per raster in a batch, however many items name it) but
+reads no pixels beyond one.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ def validate_batch(body: Any, known: tuple[str, ...]) -> dict:
     spec = validate_common(body, known)
     spec["questions"] = [validate_question(q) for q in questions]
     checked = []
+    infos: dict[str, RasterInfo] = {}  # each raster is opened once, however many items name it
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise JobError("bad_request", f"Item {i + 1} must be an object with 'raster_path'.")
@@ -199,7 +201,9 @@ def validate_batch(body: Any, known: tuple[str, ...]) -> dict:
         if not isinstance(path, str) or not path.strip():
             raise JobError("bad_request", f"Item {i + 1} has no 'raster_path'.")
         try:
-            info = check_raster_file(path)
+            info = infos.get(path)
+            if info is None:
+                info = infos[path] = check_raster_file(path)
             aoi = validate_aoi(item.get("aoi"), info)
             bands = validate_bands(item.get("bands"), info)
         except JobError as exc:
