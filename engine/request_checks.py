@@ -197,9 +197,12 @@ def validate_batch(body: Any, known: tuple[str, ...]) -> dict:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise JobError("bad_request", f"Item {i + 1} must be an object with 'raster_path'.")
+        layer = item.get("layer")
+        layer = layer if isinstance(layer, str) and layer.strip() else None
+        named = f"Layer {layer}" if layer else f"Item {i + 1}"  # how its errors name it
         path = item.get("raster_path")
         if not isinstance(path, str) or not path.strip():
-            raise JobError("bad_request", f"Item {i + 1} has no 'raster_path'.")
+            raise JobError("bad_request", f"{named} has no 'raster_path'.")
         try:
             info = infos.get(path)
             if info is None:
@@ -207,9 +210,8 @@ def validate_batch(body: Any, known: tuple[str, ...]) -> dict:
             aoi = validate_aoi(item.get("aoi"), info)
             bands = validate_bands(item.get("bands"), info)
         except JobError as exc:
-            raise JobError(exc.code, f"Layer {item.get('layer') or i + 1}: {exc.message}",
-                           exc.hint) from None
-        layer = item.get("layer") if isinstance(item.get("layer"), str) else Path(path).stem
+            raise JobError(exc.code, f"{named}: {exc.message}", exc.hint) from None
+        layer = layer or Path(path).stem
         checked.append({"layer": layer, "raster_path": info.path, "aoi": aoi, "bands": bands})
     spec["items"] = checked
     return spec

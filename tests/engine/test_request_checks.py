@@ -220,7 +220,8 @@ def test_a_batch_opens_each_raster_once_however_many_items_name_it(raster, tmp_p
     monkeypatch.setattr(checks, "check_raster_file", lambda path, **kw: opened.append(path) or real(path, **kw))
     cells = [{"layer": f"cell {i}", "raster_path": str(raster), "aoi": {"window": [i * 8, 0, 8, 8]}}
              for i in range(8)]
-    body = {"items": [*cells, {"raster_path": str(other)}, {"layer": "again", "raster_path": str(raster)}],
+    body = {"items": [*cells, {"layer": " ", "raster_path": str(other)},  # a blank name: the file's
+                      {"layer": "again", "raster_path": str(raster)}],
             "questions": ["Any roads?", "Any water?"]}
     spec = validate_batch(body, protocol.STRATEGIES)
     assert sorted(opened) == sorted([str(raster), str(other)])
@@ -230,3 +231,18 @@ def test_a_batch_opens_each_raster_once_however_many_items_name_it(raster, tmp_p
     body["items"].append({"layer": "Harbour", "raster_path": str(raster), "aoi": {"window": [64, 0, 8, 8]}})
     err = refused(lambda: validate_batch(body, protocol.STRATEGIES))
     assert err.code == "aoi_outside_raster" and err.message.startswith("Layer Harbour: ")
+
+
+@pytest.mark.parametrize("item, message", [
+    ({"layer": "Harbour 2024", "raster_path": None}, "Layer Harbour 2024 has no 'raster_path'."),
+    ({"layer": "Harbour 2024", "raster_path": "/no/such/h24.tif"}, "Layer Harbour 2024: There is no file"),
+    ({"raster_path": None}, "Item 2 has no 'raster_path'."),
+    ({"layer": ["not", "a", "name"], "raster_path": "/no/such/h24.tif"}, "Item 2: There is no file"),
+    ({"layer": "  ", "bands": [9], "raster_path": "RASTER"}, "Item 2: Band(s) [9] do not exist"),
+])
+def test_a_batch_item_s_error_names_its_layer(raster, item, message):
+    """A named item without a raster path was called "Item 2"; an item without a name was called
+    "Layer 2", and a layer "name" that is no string was shown as it was."""
+    item = {k: (str(raster) if v == "RASTER" else v) for k, v in item.items()}
+    body = {"items": [{"layer": "first", "raster_path": str(raster)}, item], "questions": ["Any?"]}
+    assert refused(lambda: validate_batch(body, protocol.STRATEGIES)).message.startswith(message)
