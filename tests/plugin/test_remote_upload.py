@@ -666,3 +666,77 @@ def test_a_conversion_cancelled_meanwhile_stops_and_leaves_nothing(tmp_path, own
         prepare_upload(path, {"window": [10, 10, 200, 100]}, cancelled=lambda: True)
     assert err.value.code == "cancelled"
     assert os.listdir(own_tempdir) == []
+
+
+# --- the Processing batch: the same, through the batch dialog's helper --------------------------
+
+
+def _processing_batch(layers, questions, tmp_path, feedback=None):
+    import processing
+
+    return processing.run("geovqa:batch_questions", {"LAYERS": layers, "QUESTIONS": "\n".join(questions),
+                                                     "OUTPUT": str(tmp_path / "answers.csv")}, feedback=feedback)
+
+
+def _vrt_and_tif_layers(tmp_path):
+    from osgeo import gdal
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    src = write_raster(tmp_path / "src.tif", width=300, height=200)
+    vrt = str(tmp_path / "src.vrt")
+    gdal.BuildVRT(vrt, [src])
+    layers = [QgsRasterLayer(vrt, "vrt", "gdal"), QgsRasterLayer(src, "tif", "gdal")]
+    QgsProject.instance().addMapLayers(layers)
+    return vrt, layers
+
+
+def test_the_processing_batch_converts_each_layer_once_and_deletes_the_copies(
+        plugin, stub_engine, tmp_path, monkeypatch, own_tempdir, qgis_processing, qgis_new_project):
+    """It prepared the upload again for every question (a VRT was converted once a question)."""
+    from conftest import set_settings
+    from geovqa import upload
+
+    set_settings(send_rasters="upload")
+    written = []
+    translate = upload.translate_to_geotiff
+    monkeypatch.setattr(upload, "translate_to_geotiff", lambda *a, **kw: written.append(a[0]) or translate(*a, **kw))
+    vrt, layers = _vrt_and_tif_layers(tmp_path)
+    res = _processing_batch(layers, ["How big?", "What bands?", "Anything else?"], tmp_path)
+    assert res["ANSWERED"] == 6 and res["ERRORS"] == 0
+    assert written == [vrt]  # once for the VRT's three questions; the GeoTIFF is sent as it is
+    sent = stub_engine.uploads
+    assert len(sent) == 6 and len({u["sha256"] for u in sent[:3]}) == 1
+    assert os.listdir(own_tempdir) == []
+
+
+def test_a_cancelled_or_failed_processing_batch_deletes_its_copies(
+        plugin, stub_engine, tmp_path, monkeypatch, own_tempdir, qgis_processing, qgis_new_project):
+    from conftest import set_settings
+    from geovqa import results_io
+    from qgis.core import QgsProcessingException, QgsProcessingFeedback
+
+    set_settings(send_rasters="upload")
+    _, layers = _vrt_and_tif_layers(tmp_path)
+    write = results_io.CsvRows.write
+    copies, feedback = [], QgsProcessingFeedback()
+
+    def cancel_after_the_first_answer(self, row):
+        write(self, row)
+        copies.append(os.listdir(own_tempdir))
+        feedback.cancel()
+
+    monkeypatch.setattr(results_io.CsvRows, "write", cancel_after_the_first_answer)
+    res = _processing_batch(layers, ["q1", "q2", "q3"], tmp_path, feedback)
+    assert res["ANSWERED"] == 1 and len(stub_engine.uploads) == 1
+    assert len(copies[0]) == 1 and os.listdir(own_tempdir) == []  # kept for the next question, then deleted
+
+    def failing_write(self, row):  # the answers table fails at the second answer
+        copies.append(row)
+        if len(copies) == 3:
+            raise OSError(28, "No space left on device")
+        return write(self, row)
+
+    monkeypatch.setattr(results_io.CsvRows, "write", failing_write)
+    with pytest.raises(QgsProcessingException, match="No space left"):
+        _processing_batch(layers, ["q1", "q2", "q3"], tmp_path)
+    assert len(stub_engine.uploads) == 3 and os.listdir(own_tempdir) == []
