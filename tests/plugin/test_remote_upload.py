@@ -740,3 +740,56 @@ def test_a_cancelled_or_failed_processing_batch_deletes_its_copies(
     with pytest.raises(QgsProcessingException, match="No space left"):
         _processing_batch(layers, ["q1", "q2", "q3"], tmp_path)
     assert len(stub_engine.uploads) == 3 and os.listdir(own_tempdir) == []
+
+
+# --- the upload's size check: once per batch, still before every single question ----------------
+
+
+def test_a_batch_asks_the_engines_upload_limit_once(stub_engine, tmp_path):
+    """GET /health was called before every upload: once per question of a batch."""
+    from conftest import set_settings, wait_for_tasks, wait_until
+
+    set_settings(send_rasters="upload")
+    a = write_raster(tmp_path / "a.tif", width=100, height=80)
+    b = write_raster(tmp_path / "b.tif", width=60, height=50)
+    task, ended = run_batch([batch_item(a), batch_item(b, {"window": [10, 10, 20, 20]})], ["q1", "q2", "q3"])
+    wait_until(lambda: ended, 60, "the batch")
+    wait_for_tasks()
+    assert ended == [True] and all(r["error"] is None for r in task.results), task.results
+    assert len(stub_engine.uploads) == 6 and stub_engine.health_calls == 1
+
+    stub_engine.max_upload_bytes = 1000  # every file is over it: refused before sending, each question
+    task, ended = run_batch([batch_item(a), batch_item(b)], ["q1", "q2"])
+    wait_until(lambda: ended, 60, "the batch")
+    wait_for_tasks()
+    assert [("upload_too_large" if "accepts uploads up to 1000 bytes" in r["error"] else r["error"])
+            for r in task.results] == ["upload_too_large"] * 4
+    assert len(stub_engine.uploads) == 6 and stub_engine.health_calls == 2
+
+
+def test_the_processing_batch_asks_the_engines_upload_limit_once(
+        plugin, stub_engine, tmp_path, qgis_processing, qgis_new_project):
+    from conftest import set_settings, wait_for_tasks
+
+    set_settings(send_rasters="upload")
+    _, layers = _vrt_and_tif_layers(tmp_path)
+    wait_for_tasks()  # the dock's own health check
+    before = stub_engine.health_calls
+    res = _processing_batch(layers, ["q1", "q2", "q3"], tmp_path)
+    assert res["ANSWERED"] == 6 and stub_engine.health_calls - before == 1
+
+
+def test_every_single_question_still_checks_the_upload_limit(stub_engine, tmp_path):
+    from conftest import set_settings
+    from geovqa.client import EngineError, build_ask_request
+    from geovqa.settings import make_client
+
+    set_settings(send_rasters="upload")
+    path = write_raster(tmp_path / "a.tif")
+    events = list(make_client().ask(build_ask_request("q1", path)).events())
+    assert events[-1]["type"] == "result" and stub_engine.health_calls == 1
+    stub_engine.max_upload_bytes = 1000  # the engine restarted with a smaller limit
+    with pytest.raises(EngineError) as err:
+        list(make_client().ask(build_ask_request("q2", path)).events())
+    assert err.value.code == "upload_too_large" and stub_engine.health_calls == 2
+    assert len(stub_engine.uploads) == 1
