@@ -42,7 +42,7 @@ from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, c
                   request_aoi)
 from .client import EngineError, build_ask_request, new_request_id
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
-from .history import ProjectHistory
+from .history import ProjectHistory, kept_result
 from .render import LayerRenderer, layer_file_path
 from .settings import STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client
 from .settings import notifier as settings_notifier
@@ -650,7 +650,7 @@ class ChatDock(QgsDockWidget):
         turn["done"] = True
         tokens = ev.get("tokens") or {}
         timings = ev.get("timings") or {}
-        turn["result"] = {k: v for k, v in ev.items() if k not in ("anchors",)}
+        turn["result"] = kept_result(ev)  # not the anchors, the CRS WKT nor the answer again
         turn["meta"] = (f"{ev.get('strategy')}: {tokens.get('visual_kept', '?')}/{tokens.get('visual_candidates', '?')} "
                         f"visual tokens kept, {float(timings.get('total') or 0):.1f} s")
         self.task = None
