@@ -193,6 +193,7 @@ class EngineClient:
             self.token, self.token_error = "", exc
         self.timeout = timeout
         self.stream_timeout = stream_timeout
+        self._upload_limit = None  # (max_upload_bytes or None,) once /health answered: see upload_limit
 
     # -- plumbing ---------------------------------------------------------------------------
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
@@ -258,6 +259,23 @@ class EngineClient:
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict:
         return self.request_json("GET", HEALTH_ENDPOINT, auth=False)  # no token needed
+
+    def upload_limit(self) -> int | None:
+        """The engine's ``max_upload_bytes`` (``/health``), or None when no limit is known (an
+        older engine; ``/health`` failed, in which case the next call asks again).
+
+        Asked once per client: :func:`settings.make_client` makes one client per question in the
+        dock and one per batch (batch dialog, Processing), so a batch asks once, not once a
+        question, and every single question still asks at the moment it is sent."""
+        if self._upload_limit is None:
+            try:
+                health = self.health()
+            except EngineError:
+                return None
+            limit = health.get("max_upload_bytes") if isinstance(health, dict) else None
+            valid = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+            self._upload_limit = (limit if valid else None,)
+        return self._upload_limit[0]
 
     def ask(self, request: dict, upload: bool | None = None, prepared=None) -> "AskStream":
         """Start ``POST /ask``; iterate ``.events()`` for the streamed events.
@@ -398,12 +416,10 @@ class AskStream:
 
         The engine refuses it anyway, but only once the limit has been sent, and a refusal
         while we are still sending may look like a reset connection (docs/protocol.md asks
-        clients to check first). No limit known (older engine, /health failed): just send."""
-        try:
-            limit = self.client.health().get("max_upload_bytes")
-        except EngineError:
-            return
-        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < size:
+        clients to check first). No limit known (older engine, /health failed): just send.
+        The limit is asked once per client (:meth:`EngineClient.upload_limit`): once per batch."""
+        limit = self.client.upload_limit()
+        if limit is not None and limit < size:
             raise EngineError(
                 "upload_too_large",
                 f"The raster to upload is {size_text(size)}; the engine at {self.client.base_url} accepts "

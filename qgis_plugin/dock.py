@@ -42,7 +42,7 @@ from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, c
                   request_aoi)
 from .client import EngineError, build_ask_request, new_request_id
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
-from .history import ProjectHistory
+from .history import ProjectHistory, kept_result
 from .render import LayerRenderer, layer_file_path
 from .settings import STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client
 from .settings import notifier as settings_notifier
@@ -394,7 +394,11 @@ class ChatDock(QgsDockWidget):
             self.conversations[layer.id()] = []
             self._conversations_changed()
         elif self.showing_removed_layers():
-            for lid in self._removed_layer_ids():
+            removed = self._removed_layer_ids()
+            turn = self.current_turn  # an answer still streaming about a layer removed meanwhile
+            if self.is_asking() and turn is not None and turn.get("layer_id") in removed:
+                self.stop(reason="stopped: the conversation was cleared")
+            for lid in removed:
                 del self.conversations[lid]
             self._conversations_changed()
             self._update_removed_item()
@@ -571,24 +575,17 @@ class ChatDock(QgsDockWidget):
         if self.renderer is not None and turn is not None and turn.get("layer_id") == layer_id and self.is_asking():
             self.stop(reason="stopped: the layer was removed")
 
-    def _rehome_if_layer_removed(self, turn) -> bool:
-        """The layer asked about was removed while the answer streamed: its conversation can no
-        longer be shown, so the turn moves to the conversation on screen, with a note, and the
-        user is told. Returns True when the layer is gone (then no result layers are added)."""
+    def _layer_removed_meanwhile(self, turn) -> bool:
+        """The layer asked about was removed while the answer streamed: the turn stays in that
+        layer's conversation, which is now listed under "Answers about removed layers" (each turn
+        labelled with its layer's name; copied, exported and saved with the project from there),
+        and the user is told where it went. Returns True when the layer is gone (then no result
+        layers are added)."""
         if QgsProject.instance().mapLayer(turn["layer_id"]) is not None:
             return False
-        old = self.conversations.get(turn["layer_id"], [])
-        if turn in old:
-            old.remove(turn)
-        turn["aoi_label"] = f"{turn.get('aoi_label', '')} (asked about the layer '{turn['layer']}', removed since)"
-        current = self.layer_combo.currentLayer()
-        if current is not None:
-            self.turns(current).append(turn)
-            where = f"It is shown in the conversation of '{current.name()}', without result layers."
-        else:
-            self.conversations.setdefault(turn["layer_id"], []).append(turn)
-            where = f"Answer: {turn.get('answer') or turn.get('error') or '-'}"
-        self._notify(f"The layer '{turn['layer']}' was removed before GeoVQA answered. {where}", MSG_WARNING)
+        self._update_removed_item()
+        self._notify(f"The layer '{turn['layer']}' was removed before GeoVQA answered. The answer is kept, "
+                     f"without result layers, under '{REMOVED_LAYERS_ITEM}' in the layer list.", MSG_WARNING)
         return True
 
     def _on_event(self, ev: dict):
@@ -653,7 +650,7 @@ class ChatDock(QgsDockWidget):
         turn["done"] = True
         tokens = ev.get("tokens") or {}
         timings = ev.get("timings") or {}
-        turn["result"] = {k: v for k, v in ev.items() if k not in ("anchors",)}
+        turn["result"] = kept_result(ev)  # not the anchors, the CRS WKT nor the answer again
         turn["meta"] = (f"{ev.get('strategy')}: {tokens.get('visual_kept', '?')}/{tokens.get('visual_candidates', '?')} "
                         f"visual tokens kept, {float(timings.get('total') or 0):.1f} s")
         self.task = None
@@ -661,7 +658,7 @@ class ChatDock(QgsDockWidget):
         self.stop_button.setEnabled(False)
         self.progress_label.setText("Done.")
         layer = QgsProject.instance().mapLayer(turn["layer_id"])
-        if self._rehome_if_layer_removed(turn):
+        if self._layer_removed_meanwhile(turn):
             pass  # result layers without their raster would only confuse
         elif self.heatmap_check.isChecked() and (ev.get("local_heatmap_path") or ev.get("local_anchors_path")):
             try:
@@ -684,7 +681,7 @@ class ChatDock(QgsDockWidget):
     def _fail(self, turn, message):
         turn["error"] = message
         turn["done"] = True
-        self._rehome_if_layer_removed(turn)
+        self._layer_removed_meanwhile(turn)
         self.last_error = message
         self.task = None
         self.renderer = None

@@ -7,7 +7,12 @@ text, ``{"version": 1, "conversations": {layer id: [turn, ...]}}``; layer ids ar
 saved project, so each conversation comes back to its layer.
 
 Only the plain JSON-safe fields of a turn are kept (never a ``_`` field such as the QgsGeometry
-of a retry); a turn still being answered is stored as interrupted. An entry that cannot be read
+of a retry); a turn still being answered is stored as interrupted. Of the engine's result event a
+turn keeps what the conversation shows and exports (token counts, timings, strategy, cache hits,
+the result files' paths), not what would only make every turn bigger (:data:`RESULT_NOT_KEPT`):
+the anchors GeoJSON inline, the raster's CRS as WKT (the same in every turn about a layer; the
+heatmap GeoTIFF and the anchors GeoJSON carry it) and a second copy of the answer. The request
+sent is kept as it is: its area of interest is the only record of where the question was about. An entry that cannot be read
 (edited by hand, cut short) is ignored with a message in the QGIS log, never an error; it is
 kept under ``conversations_unreadable`` when the conversations are next saved, so nothing of it
 is lost.
@@ -29,6 +34,9 @@ VERSION = 1
 LOG_TAG = "GeoVQA"
 INTERRUPTED = "interrupted: the answer was not complete when the project was saved"
 TEXT_FIELDS = ("answer", "error", "meta", "aoi_label", "layer", "layer_id")
+# result event fields a turn does not keep: the anchors inline (their file is kept), the raster's
+# CRS WKT (the result files carry it), the answer (the turn's own "answer")
+RESULT_NOT_KEPT = ("anchors", "crs_wkt", "answer")
 _MAX_DEPTH = 32
 
 
@@ -47,9 +55,16 @@ def json_safe(value, depth: int = 0) -> bool:
     return False
 
 
+def kept_result(result: dict) -> dict:
+    """What a turn keeps of the engine's result event (all but :data:`RESULT_NOT_KEPT`)."""
+    return {k: v for k, v in result.items() if k not in RESULT_NOT_KEPT}
+
+
 def plain_turn(turn: dict) -> dict:
     """The fields of ``turn`` worth keeping; one not finished is marked interrupted."""
     out = {k: v for k, v in turn.items() if isinstance(k, str) and not k.startswith("_") and json_safe(v)}
+    if isinstance(out.get("result"), dict):
+        out["result"] = kept_result(out["result"])
     if not out.get("done"):
         out.update(done=True, interrupted=True, meta=INTERRUPTED)
     return out
@@ -91,6 +106,8 @@ def _turn(layer_id: str, turn) -> dict | None:
         if out.get(key) is not None and not isinstance(out[key], str):
             out[key] = str(out[key])
     out.setdefault("layer_id", layer_id)
+    if isinstance(out.get("result"), dict):  # saved by an earlier version, with all of the event
+        out["result"] = kept_result(out["result"])
     if not out.get("done"):  # a turn can never be running in a project just opened
         out.update(done=True, interrupted=True, meta=out.get("meta") or INTERRUPTED)
     return out

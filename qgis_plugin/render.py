@@ -153,20 +153,26 @@ class LayerRenderer(QObject):
 
     def cancel(self) -> None:
         """Stop; nothing is emitted afterwards (the owner may be unloading: the renderer, its
-        child, is deleted with it before the write task ends)."""
+        child, is deleted with it before the write task ends). Safe to call at any time, also
+        after the render ended and the task manager deleted its write task."""
         if self.job is not None:
             try:
                 self.job.finished.disconnect(self._rendered)
             except TypeError:
                 pass
             self.job.cancelWithoutBlocking()
-        if self.task is not None:
-            for signal, slot in ((self.task.taskCompleted, self._written), (self.task.taskTerminated, self._not_written)):
+        task, self.task = self.task, None
+        if task is None:
+            return
+        try:
+            for signal, slot in ((task.taskCompleted, self._written), (task.taskTerminated, self._not_written)):
                 try:
                     signal.disconnect(slot)
                 except TypeError:
                     pass
-            self.task.cancel()
+            task.cancel()
+        except RuntimeError:  # "wrapped C/C++ object has been deleted": it ended, nothing to stop
+            pass
 
     def _rendered(self) -> None:
         rgba = image_to_rgba(self.job.renderedImage())

@@ -126,19 +126,26 @@ class Settings:
         this computer only) the local engine's token file, else ''.
 
         The local engine's token is never sent to another host: it would hand that host the key
-        to the engine on this computer. The client then asks for the remote engine's token."""
+        to the engine on this computer. The client then asks for the remote engine's token.
+        A token file that is not text (saved as UTF-16 "Unicode", another file saved over it)
+        raises ``client.EngineError('unauthorized')`` naming the file and how to mend it."""
         if self.token.strip():
             return self.token.strip()
-        if self.token_file.strip():
+        chosen = bool(self.token_file.strip())
+        if chosen:
             path = Path(self.token_file)
         elif is_loopback_url(self.engine_url):
             path = default_token_path()
         else:
             return ""
         try:
-            return path.read_text(encoding="utf-8").strip()
+            data = path.read_bytes()
         except OSError:
             return ""
+        try:
+            return data.decode("utf-8").strip()  # a UTF-8 byte-order mark is dropped by client.clean_token
+        except UnicodeDecodeError as exc:
+            raise token_file_error(path, data, exc.start, chosen) from None
 
     def results_dir(self, project: QgsProject | None = None) -> Path:
         """Where heatmaps, anchors and renders are saved so the project finds them again.
@@ -181,6 +188,26 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
+def token_file_error(path: Path, data: bytes, start: int, chosen: bool):
+    """The ``client.EngineError`` for a token file at ``path`` holding ``data``, which is not
+    UTF-8 text from byte ``start`` on (engine/auth.py says the same of its own token file)."""
+    from .client import EngineError
+
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        why = " (it starts with a UTF-16 byte-order mark: an editor saved it as 'Unicode' / UTF-16)"
+    else:
+        why = f" (the first at byte {start})"
+    if chosen:
+        hint = ("Write the engine's token into it as ASCII text (not UTF-16, not 'UTF-8 with BOM'), or type "
+                "the token in Settings > Options > GeoVQA > Engine token.")
+    else:  # the local engine's own file, which it refuses too
+        hint = ("Delete the file and start the engine again to have a new token made, or write an ASCII "
+                "token into it (not UTF-16, not 'UTF-8 with BOM'); or type the token in Settings > Options > "
+                "GeoVQA > Engine token.")
+    return EngineError("unauthorized", f"The engine token file {path} holds bytes that are not text{why}, "
+                       "so no token can be read from it.", hint)
+
+
 def default_token_path() -> Path:
     """Where the engine keeps its bearer token."""
     return config_dir() / "token"
@@ -190,6 +217,15 @@ def make_client(settings: "Settings | None" = None):
     """An :class:`client.EngineClient` configured from the saved settings."""
     from .client import EngineClient
 
+    from .client import EngineError
+
     settings = settings or Settings.load()
-    return EngineClient(settings.engine_url, settings.resolved_token(),
-                        stream_timeout=float(settings.request_timeout_s), send_rasters=settings.send_rasters)
+    try:
+        token, token_error = settings.resolved_token(), None
+    except EngineError as exc:  # an unreadable token file: /health needs no token, the rest says why
+        token, token_error = "", exc
+    client = EngineClient(settings.engine_url, token, stream_timeout=float(settings.request_timeout_s),
+                          send_rasters=settings.send_rasters)
+    if token_error is not None:
+        client.token_error = token_error
+    return client

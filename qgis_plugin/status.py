@@ -40,14 +40,20 @@ def diagnostics(plugin_version: str, settings, health: dict | None, health_error
     from qgis.core import Qgis
     from qgis.PyQt.QtCore import QT_VERSION_STR
 
-    token = settings.resolved_token()
+    from .client import EngineError
+
+    try:
+        token = settings.resolved_token()
+        token_line = f"set ({len(token)} chars)" if token else "MISSING"
+    except EngineError as exc:  # a token file that is not text
+        token_line = f"unreadable: {exc}"
     lines = [
         "GeoVQA diagnostics",
         f"plugin: {plugin_version}",
         f"QGIS: {Qgis.QGIS_VERSION}  Qt: {QT_VERSION_STR}  Python: {sys.version.split()[0]}",
         f"OS: {platform.platform()}",
         f"engine URL: {settings.engine_url}",
-        f"token: {'set (' + str(len(token)) + ' chars)' if token else 'MISSING'}",
+        f"token: {token_line}",
         f"engine python: {settings.python or '-'}  engine folder: {settings.engine_dir or '-'}",
         f"weights: {settings.weights_dir or '-'}",
         f"strategy: {settings.strategy}  budget: {settings.budget or 'engine default'}  "

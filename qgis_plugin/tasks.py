@@ -171,6 +171,29 @@ def _remove(path) -> None:
             pass
 
 
+def prepare_item_upload(client: EngineClient, raster_path: str | None, aoi: dict | None = None,
+                        cancelled=None) -> tuple:
+    """``(upload.Upload | None, error)``: the file sent with every question about one raster and
+    area of interest in a batch (the batch dialog's :class:`BatchTask`, the Processing batch).
+
+    For an engine that gets uploads (:attr:`client.EngineClient.uploads`) the raster is converted
+    and cut to ``aoi`` once (:func:`upload.prepare_upload`); the caller passes the Upload to
+    ``client.ask(request, prepared=...)`` for each question and calls its ``cleanup()`` when they
+    are done (also on cancel or failure). None when rasters are sent by path (or there is no
+    raster); ``error`` is a sentence when it could not be prepared, else None. ``cancelled()``
+    stops a conversion under way. Runs in a worker thread."""
+    if not raster_path or not client.uploads:
+        return None, None
+    from .upload import prepare_upload
+
+    try:
+        return prepare_upload(raster_path, aoi, cancelled=cancelled), None
+    except EngineError as exc:
+        return None, str(exc)
+    except (OSError, RuntimeError) as exc:  # the temporary folder; RuntimeError: GDAL with exceptions on
+        return None, f"The raster could not be prepared for the upload to the engine: {exc}"
+
+
 def rect_bounds(rect) -> tuple:
     """QgsRectangle -> (xmin, ymin, xmax, ymax)."""
     return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
@@ -295,7 +318,7 @@ class BatchTask(QgsTask):
     Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths).
 
     For an engine on another computer each item's raster is converted and cut to its AOI once
-    (:func:`upload.prepare_upload`) and that file is sent with every question about it; it is
+    (:func:`prepare_item_upload`) and that file is sent with every question about it; it is
     deleted when the item's questions are done, also when the batch is cancelled or fails. The
     progress counts the answers done plus the current one: its upload (the first half of its share
     when a raster is uploaded), then the engine's own progress.
@@ -373,16 +396,9 @@ class BatchTask(QgsTask):
     def _prepare(self, item: dict) -> tuple:
         """``(upload.Upload | None, error)`` for ``item``: its raster converted and cut once for all
         its questions when rasters are uploaded; the error (a sentence) when that failed."""
-        if item.get("error") or not item.get("raster_path") or not self.client.uploads:
+        if item.get("error"):
             return None, None
-        from .upload import prepare_upload
-
-        try:
-            return prepare_upload(item["raster_path"], item.get("aoi"), cancelled=self.isCanceled), None
-        except EngineError as exc:
-            return None, str(exc)
-        except (OSError, RuntimeError) as exc:  # the temporary folder; RuntimeError: GDAL with exceptions on
-            return None, f"The raster could not be prepared for the upload to the engine: {exc}"
+        return prepare_item_upload(self.client, item.get("raster_path"), item.get("aoi"), self.isCanceled)
 
     def _report(self, index: int, fraction: float) -> None:
         """Progress: ``index`` answers done, the current one ``fraction`` (0..1) done."""

@@ -1,6 +1,8 @@
 """Processing algorithm "Batch questions": every question about every input raster, answers
 written to a CSV (and optionally JSON) table. The CSV gets each row as its answer arrives, so
-a cancel or a crash keeps the finished ones; the JSON is written at the end."""
+a cancel or a crash keeps the finished ones; the JSON is written at the end. For an engine on
+another computer each raster is converted for the upload once for all its questions, as the
+batch dialog's :class:`tasks.BatchTask` does (:func:`tasks.prepare_item_upload`)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
 from ..results_io import CsvRows, write_json
 from ..settings import DEFAULT_STRATEGY, Settings
+from ..tasks import prepare_item_upload
 from .common import ask_once, engine_client, raster_source, strategy_options
 
 
@@ -103,17 +106,25 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         rows = []
         with table:
             for item in self.items:
-                for question in questions:
-                    if feedback.isCanceled():
-                        break
-                    rows.append(self._ask(item, question, options, feedback, len(rows)))
-                    try:
-                        table.write(rows[-1])
-                    except OSError as exc:
-                        raise QgsProcessingException(
-                            f"Could not write the answers table {csv_path}: {exc}. It holds the answers "
-                            "before this one.") from exc
-                    feedback.setProgress(100.0 * len(rows) / total)
+                if feedback.isCanceled():
+                    break
+                # an engine on another computer: the raster is converted once for all its questions
+                upload, error = prepare_item_upload(self.client, item["raster_path"], None, feedback.isCanceled)
+                try:
+                    for question in questions:
+                        if feedback.isCanceled():
+                            break
+                        rows.append(self._ask(item, question, options, feedback, len(rows), upload, error))
+                        try:
+                            table.write(rows[-1])
+                        except OSError as exc:
+                            raise QgsProcessingException(
+                                f"Could not write the answers table {csv_path}: {exc}. It holds the answers "
+                                "before this one.") from exc
+                        feedback.setProgress(100.0 * len(rows) / total)
+                finally:
+                    if upload is not None:
+                        upload.cleanup()  # its temporary copy, also on cancel or failure
         out = {self.OUTPUT: csv_path, self.ANSWERED: sum(1 for r in rows if r["answer"] is not None),
                self.ERRORS: sum(1 for r in rows if r["error"])}
         json_path = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context)
@@ -121,14 +132,19 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             out[self.OUTPUT_JSON] = write_json(rows, json_path)
         return out
 
-    def _ask(self, item, question, options, feedback, index) -> dict:
-        """One row of the table: the answer, or the error that replaced it."""
+    def _ask(self, item, question, options, feedback, index, upload=None, prepare_error=None) -> dict:
+        """One row of the table: the answer, or the error that replaced it (``upload``,
+        ``prepare_error``: :func:`tasks.prepare_item_upload` for the item)."""
         row = {"index": index, "layer": item["layer"], "raster_path": item["raster_path"],
                "question": question, "answer": None, "error": None, "heatmap_path": None,
                "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"]}
+        if prepare_error:
+            row["error"] = prepare_error
+            feedback.reportError(f"{item['layer']} / {question}: {prepare_error}")
+            return row
         try:
             res = ask_once(self.client, question, item["raster_path"], None, options, feedback,
-                           self.settings.results_dir(), item["bounds"], item["unreferenced"])
+                           self.settings.results_dir(), item["bounds"], item["unreferenced"], prepared=upload)
             row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
                        timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
                        anchors_path=res.get("local_anchors_path"),

@@ -41,13 +41,14 @@ def raster_source(layer, feedback, extent=None) -> tuple:
 
 
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
-             unreferenced: bool = False) -> dict:
+             unreferenced: bool = False, prepared=None) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
     (``clip_bounds`` and ``unreferenced`` as for :func:`tasks.keep_result_files`). A file that
     could not be kept is None and ``files_warning`` says why (also reported to
-    ``feedback``): the answer is not lost for them."""
+    ``feedback``): the answer is not lost for them. ``prepared``: the upload made once for
+    several questions about this raster (:func:`tasks.prepare_item_upload`), sent as it is."""
     request = build_ask_request(question, raster_path, aoi=aoi, **options)
-    stream = client.ask(request)
+    stream = client.ask(request, prepared=prepared)
     if feedback is not None:
         feedback.canceled.connect(stream.abort)
         stream.on_upload_progress = lambda sent, total: feedback.setProgress(100.0 * sent / max(1, total))

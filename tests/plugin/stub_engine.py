@@ -50,12 +50,15 @@ class StubEngine:
         self.requests: list[dict] = []
         self.uploads: list[dict] = []
         self.status = "ok"
+        self.max_upload_bytes = 1 << 30
+        self.health_calls = 0
         self.fail_with: dict | None = None
         stub = self
 
         class Handler(JsonHandler):
             def do_GET(self):  # noqa: N802
                 if self.path == "/health":
+                    stub.health_calls += 1
                     self._json(200, stub.health())
                 else:
                     self._json(404, {"error": {"code": "not_found", "message": "no such path", "hint": None}})
@@ -113,7 +116,8 @@ class StubEngine:
         return {"status": self.status, "protocol": 1, "version": "stub", "model": "stub-engine",
                 "demo_model": True, "weights_present": False, "weights_dir": None, "device": "cpu",
                 "gpu_name": None, "gpu_free_bytes": None, "quantization": "fp32", "four_bit": False,
-                "attention": "eager", "queue_length": 0, "strategies": ["geollava"], "message": None}
+                "attention": "eager", "queue_length": 0, "strategies": ["geollava"], "message": None,
+                "max_upload_bytes": self.max_upload_bytes}
 
     def events(self, req: dict):
         rid = req.get("request_id")

@@ -148,6 +148,61 @@ def test_answers_about_a_removed_layer_stay_under_their_own_item(plugin, raster_
     assert list(_entry()["conversations"]) == [kept_id]
 
 
+def test_a_saved_turn_keeps_what_is_shown_and_exported_without_the_crs_wkt_or_a_second_answer(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
+    """Every turn stored the raster's CRS WKT and its answer twice (in the turn and in its result)."""
+    from osgeo import gdal
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    layer = raster_layer()
+    layer_id = layer.id()
+    wkt = gdal.Open(layer.source()).GetProjection()
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(layer.crs())
+    canvas.setExtent(layer.extent().buffered(-100))  # a part of it: the request has an area
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.set_aoi_mode("extent")
+    for n, question in enumerate(("first?", "second?"), 1):
+        dock.ask(question)
+        wait_until(_answered(dock, layer, n), 30)
+    dock.set_aoi_mode("layer")
+    wait_for_tasks()
+    live = [dict(t) for t in dock.turns(layer)]
+    answer = live[0]["answer"]
+    text = QgsProject.instance().readEntry("geovqa", "conversations", "")[0]
+    assert wkt and wkt not in text and "crs_wkt" not in text and '"anchors"' not in text
+    assert text.count(json.dumps(answer)) == 2  # once a turn
+    for turn in live:
+        assert {"anchors", "crs_wkt", "answer"}.isdisjoint(turn["result"])
+        assert turn["request"]["aoi"] and turn["result"]["tokens"]["visual_kept"] == 4
+        assert turn["result"]["timings"]["total"] == 0.1 and turn["result"]["local_heatmap_path"]
+
+    path = str(tmp_path / "p.qgs")
+    assert project.write(path) and project.read(path)
+    dock.set_layer(project.mapLayer(layer_id))
+    exported = json.loads(Path(dock.export_conversation(tmp_path / "c.json")).read_text(encoding="utf-8"))
+    assert [{k: t[k] for k in ("question", "answer", "request", "result", "meta", "aoi_label")}
+            for t in exported["turns"]] == [{k: t[k] for k in ("question", "answer", "request", "result", "meta",
+                                                               "aoi_label")} for t in live]
+    markdown = Path(dock.export_conversation(tmp_path / "c.md")).read_text(encoding="utf-8")
+    assert markdown.count(f"A: {answer}") == 2 and "visual tokens kept" in markdown
+
+    # an entry saved with the whole result event: read without those fields, saved so next time
+    full = dict({k: v for k, v in live[0].items() if not k.startswith("_")}, result=dict(live[0]["result"], crs_wkt=wkt, answer=answer,
+                                     anchors={"type": "FeatureCollection", "features": []}))
+    project.writeEntry("geovqa", "conversations", json.dumps({"version": 1, "conversations": {layer_id: [full]}}))
+    assert project.write(path) and project.read(path)
+    (turn,) = dock.turns(project.mapLayer(layer_id))
+    assert turn["result"] == live[0]["result"] and turn["answer"] == answer
+    dock.set_layer(project.mapLayer(layer_id))
+    assert dock.ask("third?"), dock.progress_label.text()
+    wait_until(_answered(dock, project.mapLayer(layer_id), 2), 30)
+    wait_for_tasks()
+    assert wkt not in QgsProject.instance().readEntry("geovqa", "conversations", "")[0]
+
+
 def test_unreadable_saved_conversations_are_ignored_with_a_log_message_and_kept(
         plugin, raster_layer, stub_engine, tmp_path):
     import geovqa

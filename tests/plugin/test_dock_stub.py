@@ -389,25 +389,79 @@ def test_closing_the_project_stops_the_question(plugin, raster_layer, stub_engin
 
 def test_an_answer_about_a_removed_layer_is_kept_without_result_layers(
         plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
+    """It goes under "Answers about removed layers" with the other turns of its layer, labelled with
+    the layer's name, where it was moved into whatever conversation was on screen."""
+    import json
+
+    from geovqa.dock import REMOVED_LAYERS_ITEM
     from qgis.core import Qgis, QgsProject
 
+    project = QgsProject.instance()
     stub_engine.token_delay = 0.05
     layer, other = raster_layer(), raster_layer("other")
+    layer_id = layer.id()
     dock = plugin.dock
     dock.set_layer(layer)
+    dock.ask("an earlier question")
+    wait_until(_finished(dock), 30)
     qgis_iface.messageBar().clear_messages()
     dock.ask("about a layer that goes away")
     turn = dock.current_turn
-    wait_until(lambda: stub_engine.requests, 10)
-    QgsProject.instance().removeMapLayer(layer.id())
+    wait_until(lambda: stub_engine.requests and turn["answer"], 10)
+    project.removeMapLayer(layer_id)
     dock.set_layer(other)
     wait_until(lambda: turn.get("done"), 30)
     wait_for_tasks()
-    assert _groups() == [] and turn["answer"].startswith("The area is") and not turn.get("error")
-    assert turn in dock.turns(other)  # reachable: shown, copied and exported with the layer on screen
-    assert "removed since" in dock.view.toPlainText() and "The area is" in dock.view.toPlainText()
-    assert "removed since" in dock.conversation_text()
-    assert any("was removed" in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning))
+    groups = [g for g in _groups() if "goes away" in g]
+    assert groups == [] and turn["answer"].startswith("The area is") and not turn.get("error")
+    assert dock.turns(other) == [] and "goes away" not in dock.view.toPlainText()  # not in another's chat
+    assert dock.conversations[layer_id][-1] is turn and "removed since" not in turn["aoi_label"]
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("was removed" in m and REMOVED_LAYERS_ITEM in m for m in warnings), warnings
+
+    assert list(dock.layer_combo.additionalItems()) == [REMOVED_LAYERS_ITEM]
+    dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(REMOVED_LAYERS_ITEM))
+    view = dock.view.toPlainText()
+    assert view.count("about the layer 'scene', removed from the project") == 2  # with its earlier turn
+    assert "about a layer that goes away" in view and turn["answer"].strip() in view
+    copied = dock.conversation_text()
+    assert f"Q: about a layer that goes away  [Whole layer · about the layer 'scene'" in copied
+    assert f"A: {turn['answer']}" in copied
+    dock.export_conversation(tmp_path / "removed.md")
+    assert f"A: {turn['answer']}" in (tmp_path / "removed.md").read_text(encoding="utf-8")
+    exported = json.loads(dock.export_conversation(tmp_path / "removed.json") and
+                          (tmp_path / "removed.json").read_text(encoding="utf-8"))
+    assert [(t["question"], t["layer"]) for t in exported["turns"]] == [
+        ("an earlier question", "scene"), ("about a layer that goes away", "scene")]
+    assert exported["turns"][1]["answer"] == turn["answer"]
+
+    path = str(tmp_path / "p.qgs")
+    assert project.write(path) and project.read(path)  # saved with the project, back under the item
+    dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(REMOVED_LAYERS_ITEM))
+    assert [(t["question"], t["answer"]) for t in dock.turns()][-1] == ("about a layer that goes away",
+                                                                       turn["answer"])
+
+
+def test_clearing_the_removed_layers_answers_stops_a_question_about_one(plugin, raster_layer, stub_engine):
+    """The running answer about a removed layer is listed there; Clear forgot it but let it run on."""
+    from geovqa.dock import REMOVED_LAYERS_ITEM
+    from qgis.core import QgsProject
+
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    layer_id = layer.id()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("slow question")
+    turn = dock.current_turn
+    wait_until(lambda: stub_engine.requests and turn["answer"], 10)
+    QgsProject.instance().removeMapLayer(layer_id)
+    dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(REMOVED_LAYERS_ITEM))
+    assert "slow question" in dock.view.toPlainText()  # streaming, under the item
+    dock.clear_conversation()
+    assert not dock.is_asking() and turn["done"] and "cleared" in dock.progress_label.text()
+    wait_for_tasks()
+    assert layer_id not in dock.conversations and list(dock.layer_combo.additionalItems()) == []
 
 
 def test_clear_stops_the_running_question(plugin, raster_layer, stub_engine):

@@ -120,3 +120,65 @@ def test_the_local_engine_token_is_never_sent_to_another_host(qgis_app, tmp_path
     (tmp_path / "remote_token").write_text("REMOTE\n")  # a token file chosen by the user is used
     set_settings(engine_url="http://192.0.2.2:8765", token_file=str(tmp_path / "remote_token"))
     assert Settings.load().resolved_token() == "REMOTE"
+
+
+@pytest.mark.parametrize("content, why", [
+    ("token-from-notepad\n".encode("utf-16"), "UTF-16 byte-order mark"),  # Notepad's "Unicode"
+    (b"\x80\x81 not a token", "the first at byte 0"),
+], ids=["utf16", "binary"])
+def test_a_token_file_that_is_not_text_is_refused_clearly(stub_engine, plugin, tmp_path, qgis_iface,
+                                                          content, why):
+    """A token file holding bytes that are not UTF-8 raised UnicodeDecodeError out of the health
+    timer (every tick), the batch dialog and Processing."""
+    from conftest import python_errors
+    from geovqa.client import EngineError, build_ask_request
+    from geovqa.settings import Settings, make_client
+
+    bad = tmp_path / "engine token"
+    bad.write_bytes(content)
+    set_settings(token="", token_file=str(bad))
+    with pytest.raises(EngineError) as exc:
+        Settings.load().resolved_token()
+    text = str(exc.value)
+    assert exc.value.code == "unauthorized" and str(bad) in text and why in text
+    assert "ASCII" in text and "Engine token" in text
+    client = make_client(Settings.load())  # the health check needs no token: still made
+    assert client.health()["status"] == "ok"
+    with pytest.raises(EngineError) as asked:
+        list(client.ask(build_ask_request("What?", "/nowhere.tif")).events())
+    assert str(asked.value) == text and stub_engine.requests == []  # nothing sent without a token
+    dock = plugin.dock
+    with python_errors() as errors:
+        dock.refresh_health()
+        wait_until(lambda: dock._health_task is None, 10, "the health check")
+        assert dock.status_level != "down"  # the engine is up; only the token is wrong
+        assert "token: unreadable" in dock.diagnostics_text() and str(bad) in dock.diagnostics_text()
+        layer_path = tmp_path / "scene.tif"
+        from conftest import write_raster
+        from qgis.core import QgsProject, QgsRasterLayer
+
+        layer = QgsRasterLayer(write_raster(layer_path), "scene", "gdal")
+        QgsProject.instance().addMapLayer(layer)
+        dock.set_layer(layer)
+        dock.ask("What?")
+        wait_until(lambda: dock.turns(layer) and dock.turns(layer)[-1].get("done"), 10, "the answer")
+        assert str(bad) in dock.turns(layer)[-1]["error"]
+    assert errors == []
+
+
+def test_the_local_engine_token_file_not_text_says_to_delete_it(qgis_app, tmp_path, monkeypatch):
+    from geovqa.client import EngineError
+    from geovqa.settings import Settings
+
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "token").write_bytes(b"\xef\xbb\xbfabc\xff")  # a BOM, then a byte no UTF-8 has
+    set_settings(engine_url="http://127.0.0.1:8765", token="")
+    with pytest.raises(EngineError) as exc:
+        Settings.load().resolved_token()
+    assert str(tmp_path / "cfg" / "token") in str(exc.value) and "the first at byte 6" in str(exc.value)
+    assert "Delete the file and start the engine again" in exc.value.hint
+    (tmp_path / "cfg" / "token").write_bytes(b"\xef\xbb\xbfabc\n")  # UTF-8 with BOM: still read
+    from geovqa.settings import make_client
+
+    assert make_client(Settings.load()).token == "abc"

@@ -252,6 +252,59 @@ def test_unload_while_a_render_is_written_raises_nothing(plugin, raster_layer, s
     assert errors == [] and stub_engine.requests == []
 
 
+def _deferred_deletes():
+    """Run the deleteLater()s posted so far (the task manager deletes a task once it ended)."""
+    from qgis.PyQt.QtCore import QCoreApplication, QEvent
+
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+
+
+def test_cancelling_a_render_whose_write_task_ended_raises_nothing(raster_layer, tmp_path):
+    """The task manager deletes the write task once it ended: cancel() then raised RuntimeError
+    (wrapped C/C++ object has been deleted), e.g. the batch dialog's Cancel or unload, which
+    cancel every renderer of the run, the finished ones too."""
+    from conftest import python_errors, virtual_raster_layer, wait_for_tasks, wait_until
+    from geovqa.render import LayerRenderer
+
+    virt = virtual_raster_layer(raster_layer("src"))
+    done = []
+    with python_errors() as errors:
+        renderer = LayerRenderer(virt, virt.extent(), str(tmp_path / "render.tif"), 256)
+        renderer.done.connect(lambda path, error: done.append((path, error)))
+        renderer.start()
+        wait_until(lambda: done, 60, "the render")
+        wait_for_tasks()
+        _deferred_deletes()  # the write task is deleted
+        renderer.cancel()
+        renderer.cancel()  # twice is harmless too
+    assert errors == [] and done == [(str(tmp_path / "render.tif"), "")]
+
+
+def test_cancelling_a_batch_after_one_of_its_renders_ended_raises_nothing(plugin, raster_layer, stub_engine,
+                                                                            qgis_iface):
+    """The batch dialog keeps every renderer of the run and cancels them all on Cancel."""
+    from conftest import python_errors, virtual_raster_layer, wait_for_tasks, wait_until
+
+    src = raster_layer("src")
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(src.crs())
+    canvas.setExtent(src.extent())
+    v1, v2 = virtual_raster_layer(src, "v1"), virtual_raster_layer(src, "v2")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({v1.id(), v2.id()})
+    dlg.questions_edit.setPlainText("q1")
+    finished = []
+    dlg.batch_finished.connect(lambda rows: finished.append(list(rows)))
+    with python_errors() as errors:
+        dlg.run()
+        wait_until(lambda: dlg._rendering is not None and dlg._rendering[0] == v2.id(), 60, "v1 rendered")
+        _deferred_deletes()  # v1's write task is gone
+        dlg.cancel()
+        wait_for_tasks()
+    assert errors == [] and finished == [[]] and "cancelled" in dlg.message.text()
+    assert stub_engine.requests == []
+
+
 # --- stopping the local engine without freezing QGIS ------------------------------------------
 # stop() used to wait for the engine in the main thread (QProcess.waitForFinished, up to 7 s):
 # QGIS froze whenever the user stopped an engine that was slow to end.

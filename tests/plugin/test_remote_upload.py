@@ -666,3 +666,130 @@ def test_a_conversion_cancelled_meanwhile_stops_and_leaves_nothing(tmp_path, own
         prepare_upload(path, {"window": [10, 10, 200, 100]}, cancelled=lambda: True)
     assert err.value.code == "cancelled"
     assert os.listdir(own_tempdir) == []
+
+
+# --- the Processing batch: the same, through the batch dialog's helper --------------------------
+
+
+def _processing_batch(layers, questions, tmp_path, feedback=None):
+    import processing
+
+    return processing.run("geovqa:batch_questions", {"LAYERS": layers, "QUESTIONS": "\n".join(questions),
+                                                     "OUTPUT": str(tmp_path / "answers.csv")}, feedback=feedback)
+
+
+def _vrt_and_tif_layers(tmp_path):
+    from osgeo import gdal
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    src = write_raster(tmp_path / "src.tif", width=300, height=200)
+    vrt = str(tmp_path / "src.vrt")
+    gdal.BuildVRT(vrt, [src])
+    layers = [QgsRasterLayer(vrt, "vrt", "gdal"), QgsRasterLayer(src, "tif", "gdal")]
+    QgsProject.instance().addMapLayers(layers)
+    return vrt, layers
+
+
+def test_the_processing_batch_converts_each_layer_once_and_deletes_the_copies(
+        plugin, stub_engine, tmp_path, monkeypatch, own_tempdir, qgis_processing, qgis_new_project):
+    """It prepared the upload again for every question (a VRT was converted once a question)."""
+    from conftest import set_settings
+    from geovqa import upload
+
+    set_settings(send_rasters="upload")
+    written = []
+    translate = upload.translate_to_geotiff
+    monkeypatch.setattr(upload, "translate_to_geotiff", lambda *a, **kw: written.append(a[0]) or translate(*a, **kw))
+    vrt, layers = _vrt_and_tif_layers(tmp_path)
+    res = _processing_batch(layers, ["How big?", "What bands?", "Anything else?"], tmp_path)
+    assert res["ANSWERED"] == 6 and res["ERRORS"] == 0
+    assert written == [vrt]  # once for the VRT's three questions; the GeoTIFF is sent as it is
+    sent = stub_engine.uploads
+    assert len(sent) == 6 and len({u["sha256"] for u in sent[:3]}) == 1
+    assert os.listdir(own_tempdir) == []
+
+
+def test_a_cancelled_or_failed_processing_batch_deletes_its_copies(
+        plugin, stub_engine, tmp_path, monkeypatch, own_tempdir, qgis_processing, qgis_new_project):
+    from conftest import set_settings
+    from geovqa import results_io
+    from qgis.core import QgsProcessingException, QgsProcessingFeedback
+
+    set_settings(send_rasters="upload")
+    _, layers = _vrt_and_tif_layers(tmp_path)
+    write = results_io.CsvRows.write
+    copies, feedback = [], QgsProcessingFeedback()
+
+    def cancel_after_the_first_answer(self, row):
+        write(self, row)
+        copies.append(os.listdir(own_tempdir))
+        feedback.cancel()
+
+    monkeypatch.setattr(results_io.CsvRows, "write", cancel_after_the_first_answer)
+    res = _processing_batch(layers, ["q1", "q2", "q3"], tmp_path, feedback)
+    assert res["ANSWERED"] == 1 and len(stub_engine.uploads) == 1
+    assert len(copies[0]) == 1 and os.listdir(own_tempdir) == []  # kept for the next question, then deleted
+
+    def failing_write(self, row):  # the answers table fails at the second answer
+        copies.append(row)
+        if len(copies) == 3:
+            raise OSError(28, "No space left on device")
+        return write(self, row)
+
+    monkeypatch.setattr(results_io.CsvRows, "write", failing_write)
+    with pytest.raises(QgsProcessingException, match="No space left"):
+        _processing_batch(layers, ["q1", "q2", "q3"], tmp_path)
+    assert len(stub_engine.uploads) == 3 and os.listdir(own_tempdir) == []
+
+
+# --- the upload's size check: once per batch, still before every single question ----------------
+
+
+def test_a_batch_asks_the_engines_upload_limit_once(stub_engine, tmp_path):
+    """GET /health was called before every upload: once per question of a batch."""
+    from conftest import set_settings, wait_for_tasks, wait_until
+
+    set_settings(send_rasters="upload")
+    a = write_raster(tmp_path / "a.tif", width=100, height=80)
+    b = write_raster(tmp_path / "b.tif", width=60, height=50)
+    task, ended = run_batch([batch_item(a), batch_item(b, {"window": [10, 10, 20, 20]})], ["q1", "q2", "q3"])
+    wait_until(lambda: ended, 60, "the batch")
+    wait_for_tasks()
+    assert ended == [True] and all(r["error"] is None for r in task.results), task.results
+    assert len(stub_engine.uploads) == 6 and stub_engine.health_calls == 1
+
+    stub_engine.max_upload_bytes = 1000  # every file is over it: refused before sending, each question
+    task, ended = run_batch([batch_item(a), batch_item(b)], ["q1", "q2"])
+    wait_until(lambda: ended, 60, "the batch")
+    wait_for_tasks()
+    assert [("upload_too_large" if "accepts uploads up to 1000 bytes" in r["error"] else r["error"])
+            for r in task.results] == ["upload_too_large"] * 4
+    assert len(stub_engine.uploads) == 6 and stub_engine.health_calls == 2
+
+
+def test_the_processing_batch_asks_the_engines_upload_limit_once(
+        plugin, stub_engine, tmp_path, qgis_processing, qgis_new_project):
+    from conftest import set_settings, wait_for_tasks
+
+    set_settings(send_rasters="upload")
+    _, layers = _vrt_and_tif_layers(tmp_path)
+    wait_for_tasks()  # the dock's own health check
+    before = stub_engine.health_calls
+    res = _processing_batch(layers, ["q1", "q2", "q3"], tmp_path)
+    assert res["ANSWERED"] == 6 and stub_engine.health_calls - before == 1
+
+
+def test_every_single_question_still_checks_the_upload_limit(stub_engine, tmp_path):
+    from conftest import set_settings
+    from geovqa.client import EngineError, build_ask_request
+    from geovqa.settings import make_client
+
+    set_settings(send_rasters="upload")
+    path = write_raster(tmp_path / "a.tif")
+    events = list(make_client().ask(build_ask_request("q1", path)).events())
+    assert events[-1]["type"] == "result" and stub_engine.health_calls == 1
+    stub_engine.max_upload_bytes = 1000  # the engine restarted with a smaller limit
+    with pytest.raises(EngineError) as err:
+        list(make_client().ask(build_ask_request("q2", path)).events())
+    assert err.value.code == "upload_too_large" and stub_engine.health_calls == 2
+    assert len(stub_engine.uploads) == 1
