@@ -38,6 +38,7 @@ from engine.cli_args import add_model_arguments
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default, lock_state_dir
 from engine.json_body import parse_json
 from engine.request_checks import request_factory, validate_ask, validate_batch
+from engine.tls import TLSFileError, check_pair
 from engine.uploads import receive_upload
 
 log = logging.getLogger("engine.server")
@@ -68,6 +69,8 @@ class Settings:
     upload_dir: Path | None = None  # default: <state_dir>/uploads
     max_upload_bytes: int = protocol.MAX_UPLOAD_BYTES
     token: str | None = None  # default: read or create protocol.token_path()
+    tls_cert: Path | None = None  # PEM certificate and its key: serve over https (engine/tls.py)
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         # Absolute: the paths in responses (heatmap_path, results_path) are read by clients
@@ -332,6 +335,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow binding to a non-loopback address (other computers can then "
                         "reach the engine; they still need the token)")
+    parser.add_argument("--tls-cert", default=None, metavar="FILE",
+                        help="PEM certificate: serve over https (with --tls-key); encrypts the token "
+                        "and rasters on the way, for --allow-remote")
+    parser.add_argument("--tls-key", default=None, metavar="FILE",
+                        help="the PEM private key of --tls-cert (unencrypted, readable by you only)")
     parser.add_argument("--state-dir", default=None,
                         help=f"batch jobs, outputs and uploads (default {default_state_dir()})")
     parser.add_argument("--output-dir", default=None,
@@ -350,6 +358,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         host=args.host, port=args.port, allow_remote=args.allow_remote, state_dir=state_dir,
         output_dir=Path(args.output_dir) if args.output_dir else None,
         max_upload_bytes=args.max_upload_bytes,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
     )
 
 
@@ -361,9 +371,33 @@ def check_binding(settings: Settings) -> None:
         raise SystemExit(
             f"error: refusing to listen on {settings.host}: other computers could reach the "
             "engine. Use --allow-remote if that is what you want.")
+    if settings.tls_cert is not None:
+        log.warning("Listening on %s: the engine is reachable from other computers. Only clients "
+                    "with the token (%s) are served; traffic is encrypted (TLS).",
+                    settings.host, protocol.token_path())
+        return
     log.warning("Listening on %s: the engine is reachable from other computers. Only clients "
-                "with the token (%s) are served; traffic is not encrypted.",
-                settings.host, protocol.token_path())
+                "with the token (%s) are served, but traffic is NOT encrypted: the token and the "
+                "uploaded rasters travel over the network in plain text. Start the engine with "
+                "--tls-cert FILE --tls-key FILE (https), or keep it on 127.0.0.1 and reach it "
+                "through an SSH tunnel (on the other computer: ssh -L %d:127.0.0.1:%d <this computer>).",
+                settings.host, protocol.token_path(), settings.port, settings.port)
+
+
+def check_tls(settings: Settings) -> None:
+    """Refuse a --tls-cert without --tls-key (or the reverse), and a pair that uvicorn could not
+    load (engine/tls.py), with one ``error: ...`` line before anything loads."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        return
+    if settings.tls_cert is None or settings.tls_key is None:
+        given, missing = (("--tls-cert", "--tls-key") if settings.tls_key is None
+                          else ("--tls-key", "--tls-cert"))
+        raise SystemExit(f"error: {given} needs {missing} too: https takes the certificate "
+                         "(--tls-cert) and its private key (--tls-key), both PEM files.")
+    try:
+        check_pair(settings.tls_cert, settings.tls_key)
+    except TLSFileError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
@@ -417,6 +451,7 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
+    check_tls(settings)
     check_binding(settings)
     try:
         settings.token = load_or_create_token()
@@ -442,10 +477,14 @@ def serve(args: argparse.Namespace) -> None:
         sock = held.enter_context(bind_socket(settings.host, settings.port))
         engine = build_engine(args, settings)
         app = create_app(engine, settings, state_lock=state_lock)
-        log.info("GeoVQA engine on http://%s:%d (token in %s, state in %s)", settings.host,
+        scheme = "https" if settings.tls_cert is not None else "http"
+        log.info("GeoVQA engine on %s://%s:%d (token in %s, state in %s)", scheme, settings.host,
                  settings.port, protocol.token_path(), settings.state_dir)
+        # uvicorn wraps the pre-bound socket in TLS itself (create_server(sock=..., ssl=...))
+        tls = ({"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+               if settings.tls_cert is not None else {})
         config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                                log_level=args.log_level, access_log=False)
+                                log_level=args.log_level, access_log=False, **tls)
         try:
             uvicorn.Server(config).run(sockets=[sock])
         except KeyboardInterrupt:  # Ctrl-C after uvicorn's own graceful shutdown: a normal end

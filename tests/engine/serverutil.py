@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,8 +37,9 @@ class ServerProcess:
     def __init__(self, args: list[str] | None = None, *, python: str | None = None,
                  config_dir: str | Path | None = None, state_dir: str | Path | None = None,
                  env: dict | None = None, port: int | None = None, module: str = "engine.server",
-                 subcommand: list[str] | None = None):
+                 subcommand: list[str] | None = None, ca_file: str | Path | None = None):
         self.args = list(args or [])
+        self.ca_file = ca_file  # the server's certificate: talk https, trusting it (--tls-cert)
         self.python = python or sys.executable
         self._tmp = tempfile.TemporaryDirectory(prefix="geovqa-server-")
         self.config_dir = Path(config_dir or Path(self._tmp.name) / "config")
@@ -52,7 +54,10 @@ class ServerProcess:
     # -- lifecycle -----------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca_file else 'http'}://127.0.0.1:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
 
     def start(self, timeout: float = 120.0) -> "ServerProcess":
         env = dict(os.environ)
@@ -136,7 +141,7 @@ class ServerProcess:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ssl_context()) as resp:
                 raw = resp.read()
                 status = resp.status
         except urllib.error.HTTPError as err:
@@ -151,7 +156,9 @@ class ServerProcess:
                     timeout: float = 60) -> tuple[http.client.HTTPConnection,
                                                   http.client.HTTPResponse]:
         """POST `body` and return the open connection and response (for NDJSON streams)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = (http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                            context=self.ssl_context()) if self.ca_file
+                else http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout))
         headers = {"Content-Type": "application/json", **self.headers(token)}
         conn.request("POST", path, body=json.dumps(body), headers=headers)
         return conn, conn.getresponse()
