@@ -8,6 +8,10 @@ to call from another thread) shuts the socket down so a blocked read returns at 
 Why http.client rather than QNetworkReply: the same code serves the chat dock (in a QgsTask),
 the batch task and the Processing algorithms (already in a worker thread, no event loop), and a
 socket shutdown gives a prompt, reliable cancel.
+
+An ``https://`` engine is reached with certificate checks on (:mod:`tls`: the system's trust
+store, or the *CA certificate* setting's PEM file for a self-signed engine); a connection that
+fails for a TLS reason gets an error saying which and what to do.
 """
 
 from __future__ import annotations
@@ -183,8 +187,10 @@ class EngineClient:
     """Talks to one engine at ``base_url`` with a bearer ``token``."""
 
     def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0,
-                 send_rasters: str = "auto"):
+                 send_rasters: str = "auto", ca_file: str = ""):
         self.scheme, self.host, self.port, self.prefix = engine_address(base_url)
+        self.ca_file = ca_file or ""  # PEM file trusted for an https engine ('': the system's store)
+        self._ssl_context = None  # made at the first https connection (tls.context)
         self.send_rasters = send_rasters if send_rasters in SEND_RASTERS else "auto"
         self.base_url = (base_url.strip() or DEFAULT_ENGINE_URL).rstrip("/")
         try:
@@ -197,8 +203,18 @@ class EngineClient:
 
     # -- plumbing ---------------------------------------------------------------------------
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=timeout)
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context())
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def ssl_context(self):
+        """The TLS context of https connections (:func:`tls.context`); EngineError('tls_ca_file')
+        when the CA certificate setting names a file that cannot be used."""
+        if self._ssl_context is None:
+            from .tls import context
+
+            self._ssl_context = context(self.ca_file)
+        return self._ssl_context
 
     def headers(self, content_type: str | None = "application/json", auth: bool = True) -> dict:
         h = {"Accept": "application/json, application/x-ndjson"}
@@ -216,7 +232,15 @@ class EngineClient:
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
-    def _unavailable(self, exc: Exception) -> EngineUnavailable:
+    def _unavailable(self, exc: Exception) -> EngineError:
+        """The error for a connection that failed with `exc`: what TLS says went wrong when that is
+        the reason (certificate not trusted, another host's, http/https mismatch: :func:`tls.explain`),
+        else EngineUnavailable ('not reachable')."""
+        from .tls import explain
+
+        explained = explain(self, exc)
+        if explained is not None:
+            return explained
         return EngineUnavailable(
             "engine_down",
             f"The GeoVQA engine is not reachable at {self.base_url} ({exc.__class__.__name__}: {exc}).",

@@ -70,6 +70,7 @@ class Settings:
     render_max_px: int = 2048
     request_timeout_s: int = 900
     send_rasters: str = "auto"  # client.SEND_RASTERS
+    ca_cert: str = ""  # PEM file trusted for an https:// engine (its self-signed cert); '': system store
 
     @classmethod
     def load(cls) -> "Settings":
@@ -225,7 +226,7 @@ def make_client(settings: "Settings | None" = None):
     except EngineError as exc:  # an unreadable token file: /health needs no token, the rest says why
         token, token_error = "", exc
     client = EngineClient(settings.engine_url, token, stream_timeout=float(settings.request_timeout_s),
-                          send_rasters=settings.send_rasters)
+                          send_rasters=settings.send_rasters, ca_file=settings.ca_cert)
     if token_error is not None:
         client.token_error = token_error
     return client

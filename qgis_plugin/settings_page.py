@@ -1,4 +1,5 @@
-"""The GeoVQA page in QGIS's Options dialog (engine URL, token, local engine, outputs)."""
+"""The GeoVQA page in QGIS's Options dialog (engine URL, token, CA certificate, local engine,
+outputs)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLin
                                  QSpinBox, QVBoxLayout, QWidget)
 
 from .settings import SEND_RASTERS_LABELS, STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, default_token_path, notifier
+from .tls import CA_CERT_LABEL
 
 ICON = str(Path(__file__).parent / "icons" / "geovqa.svg")
 GET_DIRECTORY = getattr(getattr(QgsFileWidget, "StorageMode", QgsFileWidget), "GetDirectory")
 PASSWORD = getattr(getattr(QLineEdit, "EchoMode", QLineEdit), "Password")
+CA_CERT_FILTER = "PEM certificates (*.pem *.crt *.cer);;All files (*)"
 
 
 class SettingsForm(QWidget):
@@ -32,6 +35,13 @@ class SettingsForm(QWidget):
         self.token_file = QgsFileWidget()
         self.token_file.setFilePath(s.token_file)
         form.addRow("Token file", self.token_file)
+        self.ca_cert = QgsFileWidget()
+        self.ca_cert.setFilter(CA_CERT_FILTER)
+        self.ca_cert.setFilePath(s.ca_cert)
+        self.ca_cert.setToolTip("For an https:// engine with a self-signed certificate: a copy of the file it "
+                                "was started with as --tls-cert (never its key). Empty: the system's "
+                                "trusted certificate authorities.")
+        form.addRow(CA_CERT_LABEL, self.ca_cert)
         self.send_rasters = QComboBox()
         for value, label in SEND_RASTERS_LABELS.items():
             self.send_rasters.addItem(label, value)
@@ -127,6 +137,7 @@ class SettingsForm(QWidget):
         s.engine_url = self.url.text().strip() or s.engine_url
         s.token = self.token.text().strip()
         s.token_file = self.token_file.filePath()
+        s.ca_cert = self.ca_cert.filePath().strip()
         s.send_rasters = self.send_rasters.currentData()
         self._with_local_engine_fields(s)
         s.strategy = self.strategy.currentData()

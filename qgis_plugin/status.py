@@ -54,6 +54,7 @@ def diagnostics(plugin_version: str, settings, health: dict | None, health_error
         f"OS: {platform.platform()}",
         f"engine URL: {settings.engine_url}",
         f"token: {token_line}",
+        f"CA certificate: {settings.ca_cert or 'system trust store'}",
         f"engine python: {settings.python or '-'}  engine folder: {settings.engine_dir or '-'}",
         f"weights: {settings.weights_dir or '-'}",
         f"strategy: {settings.strategy}  budget: {settings.budget or 'engine default'}  "

@@ -6,13 +6,15 @@ GeoTIFF and anchors GeoJSON in the raster's CRS, so layer alignment is tested fo
 answer text is a plain description of the raster, not a model output. It takes uploads
 (multipart ``request`` + ``raster``, as an engine on another computer does): each is kept in
 ``uploads`` (its request, bytes' SHA-256 and size, the saved file) and answered about. The
-end-to-end tests use the real engine (see conftest.real_engine).
+end-to-end tests use the real engine (see conftest.real_engine). ``tls=(cert, key)`` serves it
+over https, as ``serve --tls-cert --tls-key`` does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import threading
 import time
 from email.parser import BytesParser
@@ -42,7 +44,7 @@ class JsonHandler(BaseHTTPRequestHandler):
 
 
 class StubEngine:
-    def __init__(self, out_dir: Path, token: str = "stub-token", token_delay: float = 0.0):
+    def __init__(self, out_dir: Path, token: str = "stub-token", token_delay: float = 0.0, tls=None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.token = token
@@ -89,8 +91,12 @@ class StubEngine:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:  # the handshake happens in accept(); a failed one drops that client
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls is not None else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
