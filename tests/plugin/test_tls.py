@@ -248,3 +248,20 @@ def test_the_real_engine_served_over_https(tmp_path, certs):
         assert exc.value.code == "tls_needs_https"
     finally:
         srv.cleanup()
+
+
+def test_an_expired_certificate_says_to_make_a_new_one(qgis_app):
+    """(The verify code OpenSSL gives an expired certificate; one cannot be made with every openssl.)"""
+    import ssl
+
+    from geovqa.client import EngineClient
+    from geovqa.tls import certificate_error
+
+    exc = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    exc.verify_code, exc.verify_message = 10, "certificate has expired"
+    err = certificate_error(EngineClient("https://gpu.example.org:8765", ca_file="/c.pem"), exc)
+    assert err.code == "tls_untrusted"
+    assert err.message == ("The engine at https://gpu.example.org:8765 presents a certificate this computer "
+                           "does not trust (certificate has expired).")
+    assert err.hint.startswith("Make a new certificate on the engine's computer and start the engine with it")
+    assert "check the clocks of both computers" in err.hint
