@@ -104,6 +104,8 @@ class ChatDock(QgsDockWidget):
                                  (project.writeProject, self._project_saving),
                                  (project.layerWillBeRemoved, self._layer_will_be_removed),
                                  (project.layersRemoved, self._update_removed_item))
+        if hasattr(project, "aboutToBeCleared"):  # newer QGIS (not 3.22): stop before the layers go, save nothing
+            self._project_signals += ((project.aboutToBeCleared, self._project_closed),)
         for signal, slot in self._project_signals:
             signal.connect(slot)
         self._update_removed_item()
@@ -302,8 +304,14 @@ class ChatDock(QgsDockWidget):
 
     def _project_cleared(self):
         """File > New / Open, or closing QGIS: the conversations belonged to that project (saved
-        with it, if the user chose to save it)."""
+        with it, if the user chose to save it).
+
+        QGIS 3.22's clear() empties the project's entries first, then removes its layers, and
+        says cleared last: a question whose layer was being rendered stopped on the way and
+        wrote the chat into the emptied project, so those entries are removed here (the new
+        project is left as clean as QGIS made it)."""
         self._project_closed()
+        self.history.remove_written_while_cleared()
         self.conversations = {}
         self.history.unreadable = None
         self._history_changed = False

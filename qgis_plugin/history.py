@@ -141,6 +141,20 @@ class ProjectHistory:
             log(f"{skipped} GeoVQA conversation turns saved in this project could not be read and were left out.")
         return conversations
 
+    def remove_written_while_cleared(self, project: QgsProject | None = None) -> None:
+        """Remove every ``geovqa`` entry from a project that QGIS has just cleared, leaving its
+        modified flag as it was. ``QgsProject.clear()`` (File > New, and the start of File > Open)
+        empties the entries before it removes the layers; whatever the plugin wrote meanwhile
+        (a question stopped because its layer went) belongs to the project that was closed."""
+        project = project or QgsProject.instance()
+        keys = list(project.entryList(SCOPE, "")) + list(project.subkeyList(SCOPE, ""))
+        if not keys:
+            return
+        dirty = project.isDirty()
+        for key in keys:
+            project.removeEntry(SCOPE, key)
+        project.setDirty(dirty)
+
     def write(self, conversations: dict, project: QgsProject | None = None) -> None:
         """Store ``conversations`` in the project (which QGIS then marks modified if they changed)."""
         project = project or QgsProject.instance()

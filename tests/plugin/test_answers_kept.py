@@ -80,6 +80,62 @@ def test_the_conversation_is_saved_with_the_project_and_comes_back(
         again.unload()
 
 
+def _ask_about_a_file_then_render_a_virtual_layer(dock, raster_layer):
+    """One answered question about a file layer, then one about a virtual raster layer left
+    rendering (the plugin renders such a layer before asking)."""
+    from conftest import virtual_raster_layer
+
+    src = raster_layer("a")
+    dock.set_layer(src)
+    dock.ask("first?")
+    wait_until(_answered(dock, src), 30)
+    wait_for_tasks()
+    virtual = virtual_raster_layer(src)
+    dock.set_layer(virtual)
+    assert dock.ask("rendering?")
+    assert dock.renderer is not None and dock.is_asking()
+
+
+def test_file_new_while_a_question_renders_leaves_the_old_chat_out_of_the_new_project(
+        plugin, raster_layer, stub_engine):
+    """QGIS 3.22's clear() empties the project's entries, then removes its layers (the layer being
+    rendered stopped the question, which wrote the chat into the emptied project), then says
+    cleared: the new project held every conversation of the old one, and was not marked modified."""
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    dock = plugin.dock
+    _ask_about_a_file_then_render_a_virtual_layer(dock, raster_layer)
+    with python_errors() as errors:
+        project.clear()  # File > New
+    assert errors == []
+    assert project.readEntry("geovqa", "conversations", "") == ("", False)
+    assert project.entryList("geovqa", "") == [] and not project.isDirty()
+    assert dock.conversations == {} and not dock.is_asking()
+    assert "first?" not in dock.view.toPlainText()
+    wait_for_tasks()
+    assert project.readEntry("geovqa", "conversations", "") == ("", False) and not project.isDirty()
+
+
+def test_opening_a_project_while_a_question_renders_leaves_the_old_chat_out_of_it(
+        plugin, raster_layer, stub_engine, tmp_path):
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    other = str(tmp_path / "other.qgs")
+    assert project.write(other)  # a project with no conversations
+    dock = plugin.dock
+    _ask_about_a_file_then_render_a_virtual_layer(dock, raster_layer)
+    with python_errors() as errors:
+        assert project.read(other)  # File > Open
+    assert errors == []
+    assert project.readEntry("geovqa", "conversations", "") == ("", False)
+    assert project.entryList("geovqa", "") == [] and not project.isDirty()
+    assert not any(dock.conversations.values()) and not dock.is_asking()
+    wait_for_tasks()
+    assert project.readEntry("geovqa", "conversations", "") == ("", False) and not project.isDirty()
+
+
 def test_a_question_running_when_the_project_is_saved_is_stored_interrupted(
         plugin, raster_layer, stub_engine, tmp_path):
     from geovqa.history import INTERRUPTED
