@@ -313,7 +313,7 @@ class ChatDock(QgsDockWidget):
         self._project_closed()
         self.history.remove_written_while_cleared()
         self.conversations = {}
-        self.history.unreadable = None
+        self.history.unreadable = []
         self._history_changed = False
         self._update_removed_item()
         self.render_conversation()

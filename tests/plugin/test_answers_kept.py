@@ -288,7 +288,7 @@ def test_unreadable_saved_conversations_are_ignored_with_a_log_message_and_kept(
             again.unload()
     assert errors == []
     assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["still working?"]
-    assert project.readEntry("geovqa", "conversations_unreadable", "")[0].startswith('{"version": 1')
+    assert _unreadable_items() == [{"entry": '{"version": 1, "conversations": {"x": ['}]
 
     # turns without a question are left out; odd values are shown as text
     project.writeEntry("geovqa", "conversations", json.dumps({"version": 1, "conversations": {
@@ -303,6 +303,75 @@ def test_unreadable_saved_conversations_are_ignored_with_a_log_message_and_kept(
         assert any("3 GeoVQA conversation turns" in text for _, text in log), log
     finally:
         again.unload()
+
+
+def _unreadable_items():
+    from qgis.core import QgsProject
+
+    text, found = QgsProject.instance().readEntry("geovqa", "conversations_unreadable", "")
+    assert found, "nothing was kept aside"
+    data = json.loads(text)
+    assert data["version"] == 1
+    return data["unreadable"]
+
+
+def test_saved_turns_that_cannot_be_read_are_kept_aside_and_never_overwritten(
+        plugin, raster_layer, stub_engine, tmp_path):
+    """A single unreadable turn (a question that is no text, a layer's value that is no list) was
+    counted and logged, then dropped by the next save; a second unreadable entry replaced the first."""
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    layer_id = raster_layer().id()
+    path = str(tmp_path / "p.qgs")
+    dock = plugin.dock
+    bad_turn = {"question": 3, "answer": "an answer worth keeping"}
+    project.writeEntry("geovqa", "conversations", json.dumps({"version": 1, "conversations": {
+        layer_id: [bad_turn, {"question": "kept?", "answer": "yes", "done": True}],
+        "other": {"question": "not a list"}}}))
+    assert project.write(path) and project.read(path)
+    layer = project.mapLayer(layer_id)
+    assert [t["question"] for t in dock.turns(layer)] == ["kept?"]
+    dock.set_layer(layer)
+    dock.ask("new?")  # rewrites the entry without the turns it could not read
+    wait_until(_answered(dock, layer, 2), 30)
+    wait_for_tasks()
+    assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["kept?", "new?"]
+    first = [{"layer_id": layer_id, "turn": bad_turn}, {"layer_id": "other", "turns": {"question": "not a list"}}]
+    assert _unreadable_items() == first
+    assert project.write(path) and project.read(path)  # read back: kept aside once, not again
+    dock.set_layer(project.mapLayer(layer_id))
+    dock.ask("again?")
+    wait_until(_answered(dock, project.mapLayer(layer_id), 3), 30)
+    wait_for_tasks()
+    assert _unreadable_items() == first
+
+    assert project.write(path) and project.read(path)  # (saving writes the dock's conversations)
+    project.writeEntry("geovqa", "conversations", '{"version": 1, "conversations": {"x": [')  # cut short
+    assert project.write(path) and project.read(path)
+    assert not any(dock.conversations.values())
+    dock.set_layer(project.mapLayer(layer_id))
+    dock.ask("after the cut?")
+    wait_until(_answered(dock, project.mapLayer(layer_id)), 30)
+    wait_for_tasks()
+    assert _unreadable_items() == first + [{"entry": '{"version": 1, "conversations": {"x": ['}]
+    assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["after the cut?"]
+
+
+def test_an_unreadable_entry_kept_aside_as_plain_text_stays_when_more_is_kept(qgis_new_project):
+    """A ``conversations_unreadable`` that is not the list (as first written) is kept as an item."""
+    from geovqa.history import ProjectHistory
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    project.writeEntry("geovqa", "conversations_unreadable", "not JSON at all")
+    project.writeEntry("geovqa", "conversations", "{also not JSON")
+    history = ProjectHistory()
+    assert history.read() == {}
+    history.write({"a": [{"question": "q?", "answer": "a", "done": True}]})
+    assert _unreadable_items() == [{"entry": "not JSON at all"}, {"entry": "{also not JSON"}]
+    history.write({"a": []})  # nothing more to keep aside: left as it is
+    assert _unreadable_items() == [{"entry": "not JSON at all"}, {"entry": "{also not JSON"}]
 
 
 # -- batch dialog -------------------------------------------------------------------------------
