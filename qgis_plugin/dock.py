@@ -87,6 +87,7 @@ class ChatDock(QgsDockWidget):
         self.tool = None
         self._health_task = None
         self._health_again = False  # asked while a check ran (the local engine started or stopped meanwhile)
+        self._shut_down = False  # shutdown() began: nothing new is started
         self._render_timer = QTimer(self)  # before _build: choosing a layer renders
         self._render_timer.setSingleShot(True)
         self._render_timer.setInterval(RENDER_INTERVAL_MS)
@@ -713,6 +714,8 @@ class ChatDock(QgsDockWidget):
 
     # -- engine status ------------------------------------------------------------------------
     def refresh_health(self):
+        if self._shut_down or (self.engine_process is not None and self.engine_process.shutting_down):
+            return  # the dock is going away, or QGIS is quitting: no new task
         if self._health_task is not None:
             self._health_again = True  # its answer may be from before the change: check again
             return
@@ -756,6 +759,7 @@ class ChatDock(QgsDockWidget):
 
     # -- teardown -------------------------------------------------------------------------------
     def shutdown(self):
+        self._shut_down = True
         self.timer.stop()
         self._render_timer.stop()
         try:
