@@ -796,6 +796,27 @@ def test_the_processing_batch_converts_each_layer_once_and_deletes_the_copies(
     assert os.listdir(own_tempdir) == []
 
 
+def test_the_processing_batch_gives_each_upload_only_part_of_its_answers_share(
+        plugin, stub_engine, tmp_path, monkeypatch, qgis_processing, qgis_new_project):
+    """Each upload set the run's progress to 0..100 % of that upload: it jumped to 100 % and back."""
+    from conftest import set_settings
+    from geovqa import client as client_mod
+    from qgis.core import QgsProcessingFeedback, QgsProject, QgsRasterLayer
+
+    set_settings(send_rasters="upload")
+    monkeypatch.setattr(client_mod, "UPLOAD_CHUNK", 1024)
+    layer = QgsRasterLayer(write_raster(tmp_path / "scene.tif", width=120, height=90), "scene", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    feedback, seen = QgsProcessingFeedback(), []
+    feedback.progressChanged.connect(seen.append)
+    res = _processing_batch([layer], ["How big?", "What bands?"], tmp_path, feedback)
+    assert res["ANSWERED"] == 2 and len(stub_engine.uploads) == 2
+    # two answers, 50 % each; the first half of each is its upload, sent 1 KiB at a time
+    uploading = [p for p in seen if 0 < p < 25 or 50 < p < 75]
+    assert len(uploading) >= 10, seen
+    assert seen == sorted(seen) and seen[-1] == 100
+
+
 def test_a_cancelled_or_failed_processing_batch_deletes_its_copies(
         plugin, stub_engine, tmp_path, monkeypatch, own_tempdir, qgis_processing, qgis_new_project):
     from conftest import set_settings
