@@ -87,6 +87,7 @@ class ChatDock(QgsDockWidget):
         self.tool = None
         self._health_task = None
         self._health_again = False  # asked while a check ran (the local engine started or stopped meanwhile)
+        self._shut_down = False  # shutdown() began: nothing new is started
         self._render_timer = QTimer(self)  # before _build: choosing a layer renders
         self._render_timer.setSingleShot(True)
         self._render_timer.setInterval(RENDER_INTERVAL_MS)
@@ -104,6 +105,8 @@ class ChatDock(QgsDockWidget):
                                  (project.writeProject, self._project_saving),
                                  (project.layerWillBeRemoved, self._layer_will_be_removed),
                                  (project.layersRemoved, self._update_removed_item))
+        if hasattr(project, "aboutToBeCleared"):  # newer QGIS (not 3.22): stop before the layers go, save nothing
+            self._project_signals += ((project.aboutToBeCleared, self._project_closed),)
         for signal, slot in self._project_signals:
             signal.connect(slot)
         self._update_removed_item()
@@ -302,10 +305,16 @@ class ChatDock(QgsDockWidget):
 
     def _project_cleared(self):
         """File > New / Open, or closing QGIS: the conversations belonged to that project (saved
-        with it, if the user chose to save it)."""
+        with it, if the user chose to save it).
+
+        QGIS 3.22's clear() empties the project's entries first, then removes its layers, and
+        says cleared last: a question whose layer was being rendered stopped on the way and
+        wrote the chat into the emptied project, so those entries are removed here (the new
+        project is left as clean as QGIS made it)."""
         self._project_closed()
+        self.history.remove_written_while_cleared()
         self.conversations = {}
-        self.history.unreadable = None
+        self.history.unreadable = []
         self._history_changed = False
         self._update_removed_item()
         self.render_conversation()
@@ -705,6 +714,8 @@ class ChatDock(QgsDockWidget):
 
     # -- engine status ------------------------------------------------------------------------
     def refresh_health(self):
+        if self._shut_down or (self.engine_process is not None and self.engine_process.shutting_down):
+            return  # the dock is going away, or QGIS is quitting: no new task
         if self._health_task is not None:
             self._health_again = True  # its answer may be from before the change: check again
             return
@@ -748,6 +759,7 @@ class ChatDock(QgsDockWidget):
 
     # -- teardown -------------------------------------------------------------------------------
     def shutdown(self):
+        self._shut_down = True
         self.timer.stop()
         self._render_timer.stop()
         try:

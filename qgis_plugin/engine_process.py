@@ -86,6 +86,7 @@ class EngineProcess(QObject):
         self.lines = deque(maxlen=200)
         self.command = None
         self._stopping = None  # the process asked to end, until it has
+        self.shutting_down = False  # shutdown() began: QGIS quits or the plugin unloads
         self._kill_timer = QTimer(self)
         self._kill_timer.setSingleShot(True)
         self._kill_timer.timeout.connect(self._kill_if_running)
@@ -148,7 +149,9 @@ class EngineProcess(QObject):
 
     def shutdown(self, wait_ms: int = SHUTDOWN_WAIT_MS) -> None:
         """Plugin unload / QGIS quitting: end the engine for sure, waiting at most about twice
-        ``wait_ms`` (the only place that blocks)."""
+        ``wait_ms`` (the only place that blocks). The states it still reports are the last:
+        nothing should react to them by starting new work (:attr:`shutting_down`)."""
+        self.shutting_down = True
         app = QCoreApplication.instance()
         if app is not None:
             try:
@@ -189,8 +192,13 @@ class EngineProcess(QObject):
         self.state_changed.emit("stopped" if code == 0 or asked else "failed")
 
     def _error(self, err):
+        """A failure to start (no ``finished`` follows), or a crash (``finished`` follows)."""
         self.lines.append(f"[engine process error: {err}]")
         if self.proc is not None and self.proc.state() == NOT_RUNNING:
+            # asked to stop while it failed to start: that process has ended, so nothing is
+            # stopping any more (else the next engine would show as stopping, its crash as a stop)
+            self._stopping = None
+            self._kill_timer.stop()
             self.state_changed.emit("failed")
 
 

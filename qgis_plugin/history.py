@@ -13,9 +13,12 @@ the result files' paths), not what would only make every turn bigger (:data:`RES
 the anchors GeoJSON inline, the raster's CRS as WKT (the same in every turn about a layer; the
 heatmap GeoTIFF and the anchors GeoJSON carry it) and a second copy of the answer. The request
 sent is kept as it is: its area of interest is the only record of where the question was about. An entry that cannot be read
-(edited by hand, cut short) is ignored with a message in the QGIS log, never an error; it is
-kept under ``conversations_unreadable`` when the conversations are next saved, so nothing of it
-is lost.
+(edited by hand, cut short), or a single turn of it (a question that is no text, a layer's value
+that is no list), is left out with a message in the QGIS log, never an error; when the
+conversations are next saved it is kept aside, as it was, in the entry ``conversations_unreadable``
+(``{"version": 1, "unreadable": [item, ...]}``, each item ``{"entry": text}``, ``{"layer_id": id,
+"turn": turn}`` or ``{"layer_id": id, "turns": value}``), appended to what is already there, so
+nothing of it is lost.
 """
 
 from __future__ import annotations
@@ -77,24 +80,47 @@ def dumps(conversations: dict) -> str:
 
 
 def loads(text: str) -> tuple:
-    """``(conversations, skipped)`` read from an entry's text; ``skipped`` counts the turns that
-    were not readable. Raises ValueError, saying why, when the text as a whole is not."""
+    """``(conversations, skipped)`` read from an entry's text; ``skipped`` lists what was not
+    readable, as it was, to keep aside (``{"layer_id", "turn"}`` for one turn, ``{"layer_id",
+    "turns"}`` for a layer's value that is no list). Raises ValueError, saying why, when the text as
+    a whole is not readable."""
     try:
         data = json.loads(text)
     except ValueError as exc:
         raise ValueError(f"it is not JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), dict):
         raise ValueError("it holds no 'conversations' object")
-    conversations, skipped = {}, 0
+    conversations, skipped = {}, []
     for layer_id, turns in data["conversations"].items():
         if not isinstance(turns, list):
-            skipped += 1
+            skipped.append({"layer_id": layer_id, "turns": turns})
             continue
-        good = [t for t in (_turn(layer_id, t) for t in turns) if t is not None]
-        skipped += len(turns) - len(good)
+        good = []
+        for raw in turns:
+            turn = _turn(layer_id, raw)
+            if turn is None:
+                skipped.append({"layer_id": layer_id, "turn": raw})
+            else:
+                good.append(turn)
         if good:
             conversations[layer_id] = good
     return conversations, skipped
+
+
+def kept_aside(text: str, found: bool, items: list) -> str:
+    """The ``conversations_unreadable`` entry's text with ``items`` appended to what it holds
+    (``text``; one that is not that list, as an earlier version wrote it, becomes its first item)."""
+    earlier = []
+    if found and text:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and data.get("version") == VERSION and isinstance(data.get("unreadable"), list):
+            earlier = data["unreadable"]
+        else:
+            earlier = [{"entry": text}]
+    return json.dumps({"version": VERSION, "unreadable": earlier + list(items)})
 
 
 def _turn(layer_id: str, turn) -> dict | None:
@@ -121,32 +147,50 @@ class ProjectHistory:
     """Reads and writes the conversations entry of a project (default: the current one)."""
 
     def __init__(self):
-        self.unreadable = None  # an entry that could not be read, kept aside at the next write
+        self.unreadable = []  # what the last read could not read, kept aside at the next write
 
     def read(self, project: QgsProject | None = None) -> dict:
         """The conversations saved in the project ({} when none, or when they cannot be read)."""
         project = project or QgsProject.instance()
-        self.unreadable = None
+        self.unreadable = []
         text, found = project.readEntry(SCOPE, KEY, "")
         if not found or not text:
             return {}
         try:
             conversations, skipped = loads(text)
         except ValueError as exc:
-            self.unreadable = text
+            self.unreadable = [{"entry": text}]
             log(f"The GeoVQA conversations saved in this project could not be read: {exc}. They are "
                 f"ignored (and kept in the project entry '{SCOPE}/{UNREADABLE_KEY}' when it is saved again).")
             return {}
         if skipped:
-            log(f"{skipped} GeoVQA conversation turns saved in this project could not be read and were left out.")
+            self.unreadable = skipped
+            log(f"{len(skipped)} GeoVQA conversation turns saved in this project could not be read and were left "
+                f"out (they are kept in the project entry '{SCOPE}/{UNREADABLE_KEY}' when it is saved again).")
         return conversations
 
-    def write(self, conversations: dict, project: QgsProject | None = None) -> None:
-        """Store ``conversations`` in the project (which QGIS then marks modified if they changed)."""
+    def remove_written_while_cleared(self, project: QgsProject | None = None) -> None:
+        """Remove every ``geovqa`` entry from a project that QGIS has just cleared, leaving its
+        modified flag as it was. ``QgsProject.clear()`` (File > New, and the start of File > Open)
+        empties the entries before it removes the layers; whatever the plugin wrote meanwhile
+        (a question stopped because its layer went) belongs to the project that was closed."""
         project = project or QgsProject.instance()
-        if self.unreadable is not None:
-            project.writeEntry(SCOPE, UNREADABLE_KEY, self.unreadable)
-            self.unreadable = None
+        keys = list(project.entryList(SCOPE, "")) + list(project.subkeyList(SCOPE, ""))
+        if not keys:
+            return
+        dirty = project.isDirty()
+        for key in keys:
+            project.removeEntry(SCOPE, key)
+        project.setDirty(dirty)
+
+    def write(self, conversations: dict, project: QgsProject | None = None) -> None:
+        """Store ``conversations`` in the project (which QGIS then marks modified if they changed);
+        what the last read could not read is added to the entry kept aside first."""
+        project = project or QgsProject.instance()
+        if self.unreadable:
+            text, found = project.readEntry(SCOPE, UNREADABLE_KEY, "")
+            project.writeEntry(SCOPE, UNREADABLE_KEY, kept_aside(text, found, self.unreadable))
+            self.unreadable = []
         if any(conversations.values()):
             project.writeEntry(SCOPE, KEY, dumps(conversations))
         elif project.readEntry(SCOPE, KEY, "")[1]:

@@ -142,6 +142,8 @@ class GeoVQAPlugin:
             self.engine.stop()
 
     def _engine_state(self, state):
+        if self.engine is None or self.engine.shutting_down:
+            return  # QGIS is quitting (or the plugin unloading): no status check, no message
         if self.dock is not None:
             self.dock.refresh_health()
         if state == "failed":

@@ -128,8 +128,10 @@ class Settings:
 
         The local engine's token is never sent to another host: it would hand that host the key
         to the engine on this computer. The client then asks for the remote engine's token.
-        A token file that is not text (saved as UTF-16 "Unicode", another file saved over it)
-        raises ``client.EngineError('unauthorized')`` naming the file and how to mend it."""
+        A token file that is not text (saved as UTF-16 "Unicode", another file saved over it), or
+        that cannot be read (no permission, a folder), raises ``client.EngineError('unauthorized')``
+        naming the file, why, and how to mend it; only a file that does not exist (yet: the local
+        engine makes its own when it first starts) means no token."""
         if self.token.strip():
             return self.token.strip()
         chosen = bool(self.token_file.strip())
@@ -141,8 +143,10 @@ class Settings:
             return ""
         try:
             data = path.read_bytes()
-        except OSError:
+        except FileNotFoundError:
             return ""
+        except OSError as exc:
+            raise token_file_unreadable_error(path, exc, chosen) from None
         try:
             return data.decode("utf-8").strip()  # a UTF-8 byte-order mark is dropped by client.clean_token
         except UnicodeDecodeError as exc:
@@ -207,6 +211,28 @@ def token_file_error(path: Path, data: bytes, start: int, chosen: bool):
                 "GeoVQA > Engine token.")
     return EngineError("unauthorized", f"The engine token file {path} holds bytes that are not text{why}, "
                        "so no token can be read from it.", hint)
+
+
+def token_file_unreadable_error(path: Path, exc: OSError, chosen: bool):
+    """The ``client.EngineError`` for a token file at ``path`` that reading failed on with ``exc``
+    (no permission, a folder, a disk error)."""
+    from .client import EngineError
+
+    why = exc.strerror or exc.__class__.__name__
+    if isinstance(exc, PermissionError):
+        mend = "Give your user permission to read it"
+    elif isinstance(exc, IsADirectoryError):
+        mend = "Choose the token file itself, not a folder" if chosen else "Remove that folder"
+    else:
+        mend = "Check the file"
+    if chosen:
+        hint = f"{mend}, or type the token in Settings > Options > GeoVQA > Engine token."
+    else:  # the local engine's own file, which it makes again when it is gone
+        gone = " and start" if isinstance(exc, IsADirectoryError) else ", or delete it and start"
+        hint = (f"{mend}{gone} the engine again to have a new token made; or type the token in "
+                "Settings > Options > GeoVQA > Engine token.")
+    return EngineError("unauthorized", f"The engine token file {path} cannot be read ({why}), so no token can be "
+                       "read from it.", hint)
 
 
 def default_token_path() -> Path:

@@ -194,6 +194,47 @@ def prepare_item_upload(client: EngineClient, raster_path: str | None, aoi: dict
         return None, f"The raster could not be prepared for the upload to the engine: {exc}"
 
 
+class BatchProgress:
+    """The progress (0..100) of a batch of ``total`` answers, for the batch dialog's
+    :class:`BatchTask` and the Processing batch alike: the answers done plus the current one, whose
+    raster upload (when it is uploaded) takes the first :attr:`UPLOAD_SHARE` of its share, then
+    the engine's own progress the rest. Within an answer it never goes back.
+
+    ``set_progress``: where the percentage goes (``QgsTask.setProgress``,
+    ``QgsProcessingFeedback.setProgress``)."""
+
+    UPLOAD_SHARE = 0.5  # of one answer's progress, while its raster is uploaded
+
+    def __init__(self, total: int, set_progress):
+        self.total = max(1, int(total))
+        self.set_progress = set_progress
+        self.index = 0  # answers done
+        self.fraction = 0.0  # of the current answer, 0..1
+        self.upload_share = 0.0
+
+    def start(self, index: int, uploading: bool) -> None:
+        """The answer after ``index`` done ones begins; ``uploading``: its raster is uploaded."""
+        self.index, self.fraction = index, 0.0
+        self.upload_share = self.UPLOAD_SHARE if uploading else 0.0
+
+    def uploaded(self, sent: int, total: int) -> None:
+        """``sent`` of the upload's ``total`` bytes are sent (``client.AskStream.on_upload_progress``)."""
+        self._report(self.upload_share * sent / max(1, total))
+
+    def engine(self, progress: float) -> None:
+        """The engine's own progress (0..1) of the current answer (a ``status`` event)."""
+        self._report(self.upload_share + (1.0 - self.upload_share) * float(progress))
+
+    def done(self, answers: int) -> None:
+        """``answers`` answers are done."""
+        self.index, self.fraction = answers, 0.0
+        self.set_progress(100.0 * answers / self.total)
+
+    def _report(self, fraction: float) -> None:
+        self.fraction = max(self.fraction, min(1.0, max(0.0, fraction)))
+        self.set_progress(100.0 * (self.index + self.fraction) / self.total)
+
+
 def rect_bounds(rect) -> tuple:
     """QgsRectangle -> (xmin, ymin, xmax, ymax)."""
     return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
@@ -321,11 +362,10 @@ class BatchTask(QgsTask):
     (:func:`prepare_item_upload`) and that file is sent with every question about it; it is
     deleted when the item's questions are done, also when the batch is cancelled or fails. The
     progress counts the answers done plus the current one: its upload (the first half of its share
-    when a raster is uploaded), then the engine's own progress.
+    when a raster is uploaded), then the engine's own progress (:class:`BatchProgress`).
     """
 
     row = pyqtSignal(object)
-    UPLOAD_SHARE = 0.5  # of one answer's progress, while its raster is uploaded
 
     def __init__(self, client: EngineClient, items: list, questions: list, options: dict, results_dir: Path,
                  autosave_path: Path | None = None):
@@ -342,7 +382,7 @@ class BatchTask(QgsTask):
         self.row.connect(self._autosave, Qt.ConnectionType.DirectConnection)
         self._stream = None
         self._lock = threading.Lock()
-        self._answer_progress = 0.0  # of the current answer, 0..1 (never goes back)
+        self._progress = BatchProgress(self.total, self.setProgress)
 
     @property
     def total(self) -> int:
@@ -386,8 +426,7 @@ class BatchTask(QgsTask):
                     self.results.append(self._one(index, item, question, upload, error))
                     self.row.emit(self.results[-1])
                     index += 1
-                    self._answer_progress = 0.0
-                    self.setProgress(100.0 * index / max(1, self.total))
+                    self._progress.done(index)
             finally:
                 if upload is not None:
                     upload.cleanup()
@@ -400,11 +439,6 @@ class BatchTask(QgsTask):
             return None, None
         return prepare_item_upload(self.client, item.get("raster_path"), item.get("aoi"), self.isCanceled)
 
-    def _report(self, index: int, fraction: float) -> None:
-        """Progress: ``index`` answers done, the current one ``fraction`` (0..1) done."""
-        self._answer_progress = max(self._answer_progress, min(1.0, max(0.0, fraction)))
-        self.setProgress(100.0 * (index + self._answer_progress) / max(1, self.total))
-
     def _one(self, index: int, item: dict, question: str, upload=None, prepare_error: str | None = None) -> dict:
         row = {
             "index": index, "layer": item["layer"], "layer_id": item.get("layer_id"),
@@ -415,19 +449,19 @@ class BatchTask(QgsTask):
         if item.get("error") or prepare_error:  # the layer could not be prepared (not in view, render failed)
             row["error"] = item.get("error") or prepare_error
             return row
-        share = self.UPLOAD_SHARE if upload is not None else 0.0
+        self._progress.start(index, upload is not None)
         stream = None
         try:
             request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), **self.options)
             stream = self.client.ask(request, prepared=upload) if upload is not None else self.client.ask(request)
-            stream.on_upload_progress = lambda sent, total: self._report(index, share * sent / max(1, total))
+            stream.on_upload_progress = self._progress.uploaded
             with self._lock:
                 self._stream = stream
             if self.isCanceled():  # cancelled before the stream could be aborted
                 stream.abort()
             for ev in stream.events():
                 if ev.get("type") == "status" and isinstance(ev.get("progress"), (int, float)):
-                    self._report(index, share + (1.0 - share) * float(ev["progress"]))
+                    self._progress.engine(ev["progress"])
                 if ev.get("type") == "result":
                     row["answer"] = ev.get("answer", "")
                     row["tokens"] = ev.get("tokens") or {}

@@ -15,9 +15,14 @@ window becomes relative to the cut; a polygon in the raster's CRS stays as it is
 placed where its pixels were); on a raster with no georeferencing, whose polygons are in source
 pixels, the polygon is moved by the cut's offset, and so are the engine's results, which are then
 in the cut's pixels (:attr:`Upload.pixel_offset`; :func:`tasks.place_result_files` moves them
-back). The whole raster asked about is never cut; a cut that comes out no smaller than a
-self-contained GeoTIFF (a small AOI of a JPEG-compressed file can) is not sent either. The same
-AOI gives the same bytes (no time stamps, no threads), so the engine's feature cache, keyed on
+back). The whole raster asked about is never cut. A self-contained GeoTIFF is sent as it is,
+without writing anything, when its cut is not worth it: the window holds more than
+:data:`CUT_MAX_SHARE` of its pixels, or the file is compressed with loss (JPEG, WebP) and the
+window's pixels, uncompressed, are no fewer bytes than the file (the lossless cut could be larger);
+a cut that still comes out no smaller than the file is not sent either. The cut is written only
+when the temporary folder has room for it (:func:`check_free_space`); otherwise such a GeoTIFF
+goes as it is, and a file that must be converted is refused with a sentence naming the folder
+and both sizes. The same AOI gives the same bytes (no time stamps, no threads), so the engine's feature cache, keyed on
 the upload's content hash, hits again for a second question.
 
 Runs in worker threads (AskStream.events, BatchTask, a Processing algorithm): writing a large
@@ -40,6 +45,14 @@ from .georef import georeferencing, needs_warp, open_with_gdal
 # where the output would need it.
 CREATION_OPTIONS = ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
 AOI_KEYS = ("window", "polygon_wkt", "geojson")  # engine/protocol.py AOI_FIELDS
+# A GeoTIFF that needs no conversion is cut only when the window holds at most this share of its
+# pixels: a bigger cut saves little of the upload and costs a full-resolution write.
+CUT_MAX_SHARE = 0.6
+# GeoTIFF compressions that keep every pixel: a DEFLATE cut of such a file takes about its share
+# of the file. Any other (JPEG, WEBP, JXL, LERC) may make the lossless cut larger than the file.
+LOSSLESS_COMPRESSIONS = ("NONE", "DEFLATE", "LZW", "PACKBITS", "ZSTD", "LZMA")
+# room left in the temporary folder beyond the file written (other programs need some too)
+FREE_SPACE_RESERVE = 32 * 1024 * 1024
 
 
 @dataclass
@@ -204,6 +217,58 @@ def aoi_for_cut(aoi: dict, window: tuple, pixel_space: bool) -> dict:
     return dict(aoi, geojson=dict(geo, coordinates=_moved_positions(geo["coordinates"], -col_off, -row_off)))
 
 
+# --- whether to write the file ------------------------------------------------------------------
+
+
+def raw_bytes(ds, window: tuple | None = None) -> int:
+    """The bytes of ``window`` of ``ds`` (all of it when None), every band, uncompressed: about
+    the most its DEFLATE copy can take."""
+    from osgeo import gdal
+
+    width, height = (window[2], window[3]) if window is not None else (ds.RasterXSize, ds.RasterYSize)
+    per_pixel = sum(max(1, gdal.GetDataTypeSize(ds.GetRasterBand(b).DataType) // 8)
+                    for b in range(1, ds.RasterCount + 1))
+    return width * height * per_pixel
+
+
+def cut_worth_it(ds, path: str, window: tuple) -> bool:
+    """Whether to write the cut of ``window`` from ``ds``, the self-contained GeoTIFF ``path``,
+    rather than send the file as it is (decided before anything is written)."""
+    share = window[2] * window[3] / float(ds.RasterXSize * ds.RasterYSize)
+    if share > CUT_MAX_SHARE:
+        return False
+    compression = (ds.GetMetadataItem("COMPRESSION", "IMAGE_STRUCTURE") or "NONE").upper()
+    if compression in LOSSLESS_COMPRESSIONS:
+        return True  # the cut takes about its share of the file
+    return raw_bytes(ds, window) < os.path.getsize(path)
+
+
+def free_bytes(folder: str) -> int | None:
+    """The bytes free in ``folder``'s file system (None when it cannot be told)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_free_space(folder: str, needed: int) -> tuple:
+    """``(fits, free)``: whether ``needed`` bytes, and :data:`FREE_SPACE_RESERVE` beyond them,
+    fit in ``folder`` (True when its free space cannot be told)."""
+    free = free_bytes(folder)
+    return free is None or free >= needed + FREE_SPACE_RESERVE, free
+
+
+def file_size_text(n: int) -> str:
+    """``n`` bytes for a person: 4 kB, 5.0 MB, 312 MB, 2.1 GB."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    if n >= 1e7:
+        return f"{n / 1e6:.0f} MB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{max(1, round(n / 1e3))} kB"
+
+
 # --- writing the file ----------------------------------------------------------------------------
 
 
@@ -244,7 +309,8 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None) -> Upload
     """The :class:`Upload` for a question about ``aoi`` of the raster ``path``: the raster itself
     or a temporary GeoTIFF (converted, cut to the AOI); call its ``cleanup()`` when done.
 
-    Raises EngineError('raster_unreadable') when a file that must be converted cannot be, and
+    Raises EngineError('raster_unreadable') when a file that must be converted cannot be,
+    EngineError('no_space') when the temporary folder has no room for the conversion, and
     EngineError('cancelled') when ``cancelled()`` became true meanwhile."""
     from .client import EngineError
 
@@ -254,9 +320,25 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None) -> Upload
     translate = _needs_translation(ds, path)
     window = aoi_window(ds, aoi)
     pixel_space = georeferencing(ds) == "none"
-    ds = None
     if window is None and not translate:
         return Upload(path, aoi)
+    if not translate and not cut_worth_it(ds, path, window):
+        return Upload(path, aoi)
+    needed = raw_bytes(ds, window)
+    ds = None
+    if not translate:
+        needed = min(needed, os.path.getsize(path))  # a cut as large as the file is not sent
+    folder = tempfile.gettempdir()
+    fits, free = check_free_space(folder, needed)
+    if not fits:
+        if not translate:
+            return Upload(path, aoi)  # the file itself needs no room
+        raise EngineError("no_space", f"{os.path.basename(path)} must be converted to a GeoTIFF for the upload to the "
+                          f"engine, which takes up to {file_size_text(needed)} in the temporary folder {folder}; it has "
+                          f"only {file_size_text(free)} free (GeoVQA leaves at least "
+                          f"{file_size_text(FREE_SPACE_RESERVE)} free there).",
+                          "Free some space there, ask about a smaller area, or export the layer as a GeoTIFF "
+                          "(Export > Save As...) where there is room and ask about that.")
     temp_dir = tempfile.mkdtemp(prefix="geovqa-upload-")
     try:
         stem = os.path.splitext(os.path.basename(path))[0] or "raster"

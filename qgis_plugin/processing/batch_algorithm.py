@@ -23,7 +23,7 @@ from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
 from ..results_io import CsvRows, write_json
 from ..settings import DEFAULT_STRATEGY, Settings
-from ..tasks import prepare_item_upload
+from ..tasks import BatchProgress, prepare_item_upload
 from .common import ask_once, engine_client, raster_source, strategy_options
 
 
@@ -104,6 +104,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         except OSError as exc:
             raise QgsProcessingException(f"Could not write the answers table {csv_path}: {exc}") from exc
         rows = []
+        progress = BatchProgress(total, feedback.setProgress)  # as the batch dialog's BatchTask counts it
         with table:
             for item in self.items:
                 if feedback.isCanceled():
@@ -114,14 +115,15 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                     for question in questions:
                         if feedback.isCanceled():
                             break
-                        rows.append(self._ask(item, question, options, feedback, len(rows), upload, error))
+                        progress.start(len(rows), upload is not None and not error)
+                        rows.append(self._ask(item, question, options, feedback, len(rows), upload, error, progress))
                         try:
                             table.write(rows[-1])
                         except OSError as exc:
                             raise QgsProcessingException(
                                 f"Could not write the answers table {csv_path}: {exc}. It holds the answers "
                                 "before this one.") from exc
-                        feedback.setProgress(100.0 * len(rows) / total)
+                        progress.done(len(rows))
                 finally:
                     if upload is not None:
                         upload.cleanup()  # its temporary copy, also on cancel or failure
@@ -132,9 +134,10 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             out[self.OUTPUT_JSON] = write_json(rows, json_path)
         return out
 
-    def _ask(self, item, question, options, feedback, index, upload=None, prepare_error=None) -> dict:
+    def _ask(self, item, question, options, feedback, index, upload=None, prepare_error=None, progress=None) -> dict:
         """One row of the table: the answer, or the error that replaced it (``upload``,
-        ``prepare_error``: :func:`tasks.prepare_item_upload` for the item)."""
+        ``prepare_error``: :func:`tasks.prepare_item_upload` for the item; ``progress``: the
+        batch's :class:`tasks.BatchProgress`)."""
         row = {"index": index, "layer": item["layer"], "raster_path": item["raster_path"],
                "question": question, "answer": None, "error": None, "heatmap_path": None,
                "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"]}
@@ -144,7 +147,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             return row
         try:
             res = ask_once(self.client, question, item["raster_path"], None, options, feedback,
-                           self.settings.results_dir(), item["bounds"], item["unreferenced"], prepared=upload)
+                           self.settings.results_dir(), item["bounds"], item["unreferenced"], prepared=upload,
+                           progress=progress)
             row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
                        timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
                        anchors_path=res.get("local_anchors_path"),

@@ -41,17 +41,23 @@ def raster_source(layer, feedback, extent=None) -> tuple:
 
 
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
-             unreferenced: bool = False, prepared=None) -> dict:
+             unreferenced: bool = False, prepared=None, progress=None) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
     (``clip_bounds`` and ``unreferenced`` as for :func:`tasks.keep_result_files`). A file that
     could not be kept is None and ``files_warning`` says why (also reported to
     ``feedback``): the answer is not lost for them. ``prepared``: the upload made once for
-    several questions about this raster (:func:`tasks.prepare_item_upload`), sent as it is."""
+    several questions about this raster (:func:`tasks.prepare_item_upload`), sent as it is.
+    ``progress``: the :class:`tasks.BatchProgress` of a batch this answer is one of (its upload
+    then takes the first part of this answer's share); without it the upload is the
+    ``feedback``'s progress."""
     request = build_ask_request(question, raster_path, aoi=aoi, **options)
     stream = client.ask(request, prepared=prepared)
+    if progress is not None:
+        stream.on_upload_progress = progress.uploaded
+    elif feedback is not None:
+        stream.on_upload_progress = lambda sent, total: feedback.setProgress(100.0 * sent / max(1, total))
     if feedback is not None:
         feedback.canceled.connect(stream.abort)
-        stream.on_upload_progress = lambda sent, total: feedback.setProgress(100.0 * sent / max(1, total))
     result = None
     try:
         for ev in stream.events():
@@ -72,6 +78,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
             elif kind == "error":
                 raise EngineError(ev.get("code") or "internal", ev.get("message") or "The engine failed.", ev.get("hint"))
     finally:
+        stream.on_upload_progress = None
         if feedback is not None:
             try:
                 feedback.canceled.disconnect(stream.abort)

@@ -80,6 +80,62 @@ def test_the_conversation_is_saved_with_the_project_and_comes_back(
         again.unload()
 
 
+def _ask_about_a_file_then_render_a_virtual_layer(dock, raster_layer):
+    """One answered question about a file layer, then one about a virtual raster layer left
+    rendering (the plugin renders such a layer before asking)."""
+    from conftest import virtual_raster_layer
+
+    src = raster_layer("a")
+    dock.set_layer(src)
+    dock.ask("first?")
+    wait_until(_answered(dock, src), 30)
+    wait_for_tasks()
+    virtual = virtual_raster_layer(src)
+    dock.set_layer(virtual)
+    assert dock.ask("rendering?")
+    assert dock.renderer is not None and dock.is_asking()
+
+
+def test_file_new_while_a_question_renders_leaves_the_old_chat_out_of_the_new_project(
+        plugin, raster_layer, stub_engine):
+    """QGIS 3.22's clear() empties the project's entries, then removes its layers (the layer being
+    rendered stopped the question, which wrote the chat into the emptied project), then says
+    cleared: the new project held every conversation of the old one, and was not marked modified."""
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    dock = plugin.dock
+    _ask_about_a_file_then_render_a_virtual_layer(dock, raster_layer)
+    with python_errors() as errors:
+        project.clear()  # File > New
+    assert errors == []
+    assert project.readEntry("geovqa", "conversations", "") == ("", False)
+    assert project.entryList("geovqa", "") == [] and not project.isDirty()
+    assert dock.conversations == {} and not dock.is_asking()
+    assert "first?" not in dock.view.toPlainText()
+    wait_for_tasks()
+    assert project.readEntry("geovqa", "conversations", "") == ("", False) and not project.isDirty()
+
+
+def test_opening_a_project_while_a_question_renders_leaves_the_old_chat_out_of_it(
+        plugin, raster_layer, stub_engine, tmp_path):
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    other = str(tmp_path / "other.qgs")
+    assert project.write(other)  # a project with no conversations
+    dock = plugin.dock
+    _ask_about_a_file_then_render_a_virtual_layer(dock, raster_layer)
+    with python_errors() as errors:
+        assert project.read(other)  # File > Open
+    assert errors == []
+    assert project.readEntry("geovqa", "conversations", "") == ("", False)
+    assert project.entryList("geovqa", "") == [] and not project.isDirty()
+    assert not any(dock.conversations.values()) and not dock.is_asking()
+    wait_for_tasks()
+    assert project.readEntry("geovqa", "conversations", "") == ("", False) and not project.isDirty()
+
+
 def test_a_question_running_when_the_project_is_saved_is_stored_interrupted(
         plugin, raster_layer, stub_engine, tmp_path):
     from geovqa.history import INTERRUPTED
@@ -232,7 +288,7 @@ def test_unreadable_saved_conversations_are_ignored_with_a_log_message_and_kept(
             again.unload()
     assert errors == []
     assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["still working?"]
-    assert project.readEntry("geovqa", "conversations_unreadable", "")[0].startswith('{"version": 1')
+    assert _unreadable_items() == [{"entry": '{"version": 1, "conversations": {"x": ['}]
 
     # turns without a question are left out; odd values are shown as text
     project.writeEntry("geovqa", "conversations", json.dumps({"version": 1, "conversations": {
@@ -247,6 +303,75 @@ def test_unreadable_saved_conversations_are_ignored_with_a_log_message_and_kept(
         assert any("3 GeoVQA conversation turns" in text for _, text in log), log
     finally:
         again.unload()
+
+
+def _unreadable_items():
+    from qgis.core import QgsProject
+
+    text, found = QgsProject.instance().readEntry("geovqa", "conversations_unreadable", "")
+    assert found, "nothing was kept aside"
+    data = json.loads(text)
+    assert data["version"] == 1
+    return data["unreadable"]
+
+
+def test_saved_turns_that_cannot_be_read_are_kept_aside_and_never_overwritten(
+        plugin, raster_layer, stub_engine, tmp_path):
+    """A single unreadable turn (a question that is no text, a layer's value that is no list) was
+    counted and logged, then dropped by the next save; a second unreadable entry replaced the first."""
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    layer_id = raster_layer().id()
+    path = str(tmp_path / "p.qgs")
+    dock = plugin.dock
+    bad_turn = {"question": 3, "answer": "an answer worth keeping"}
+    project.writeEntry("geovqa", "conversations", json.dumps({"version": 1, "conversations": {
+        layer_id: [bad_turn, {"question": "kept?", "answer": "yes", "done": True}],
+        "other": {"question": "not a list"}}}))
+    assert project.write(path) and project.read(path)
+    layer = project.mapLayer(layer_id)
+    assert [t["question"] for t in dock.turns(layer)] == ["kept?"]
+    dock.set_layer(layer)
+    dock.ask("new?")  # rewrites the entry without the turns it could not read
+    wait_until(_answered(dock, layer, 2), 30)
+    wait_for_tasks()
+    assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["kept?", "new?"]
+    first = [{"layer_id": layer_id, "turn": bad_turn}, {"layer_id": "other", "turns": {"question": "not a list"}}]
+    assert _unreadable_items() == first
+    assert project.write(path) and project.read(path)  # read back: kept aside once, not again
+    dock.set_layer(project.mapLayer(layer_id))
+    dock.ask("again?")
+    wait_until(_answered(dock, project.mapLayer(layer_id), 3), 30)
+    wait_for_tasks()
+    assert _unreadable_items() == first
+
+    assert project.write(path) and project.read(path)  # (saving writes the dock's conversations)
+    project.writeEntry("geovqa", "conversations", '{"version": 1, "conversations": {"x": [')  # cut short
+    assert project.write(path) and project.read(path)
+    assert not any(dock.conversations.values())
+    dock.set_layer(project.mapLayer(layer_id))
+    dock.ask("after the cut?")
+    wait_until(_answered(dock, project.mapLayer(layer_id)), 30)
+    wait_for_tasks()
+    assert _unreadable_items() == first + [{"entry": '{"version": 1, "conversations": {"x": ['}]
+    assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["after the cut?"]
+
+
+def test_an_unreadable_entry_kept_aside_as_plain_text_stays_when_more_is_kept(qgis_new_project):
+    """A ``conversations_unreadable`` that is not the list (as first written) is kept as an item."""
+    from geovqa.history import ProjectHistory
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    project.writeEntry("geovqa", "conversations_unreadable", "not JSON at all")
+    project.writeEntry("geovqa", "conversations", "{also not JSON")
+    history = ProjectHistory()
+    assert history.read() == {}
+    history.write({"a": [{"question": "q?", "answer": "a", "done": True}]})
+    assert _unreadable_items() == [{"entry": "not JSON at all"}, {"entry": "{also not JSON"}]
+    history.write({"a": []})  # nothing more to keep aside: left as it is
+    assert _unreadable_items() == [{"entry": "not JSON at all"}, {"entry": "{also not JSON"}]
 
 
 # -- batch dialog -------------------------------------------------------------------------------

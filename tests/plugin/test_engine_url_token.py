@@ -166,6 +166,67 @@ def test_a_token_file_that_is_not_text_is_refused_clearly(stub_engine, plugin, t
     assert errors == []
 
 
+def _unreadable(path, kind, monkeypatch):
+    """Make ``path`` a token file that cannot be read: a folder, or a file without read permission
+    (for root, which reads it anyway, reading it is refused as the file system refuses a user)."""
+    import os
+    from pathlib import Path
+
+    if kind == "a folder":
+        path.mkdir(parents=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("secret\n")
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        read_bytes = Path.read_bytes
+
+        def refused(self):
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return read_bytes(self)
+
+        monkeypatch.setattr(Path, "read_bytes", refused)
+
+
+@pytest.mark.parametrize("kind", ["no permission", "a folder"])
+def test_a_token_file_that_cannot_be_read_is_named_with_the_reason(stub_engine, tmp_path, monkeypatch, kind):
+    """A token file the user may not read counted as "no token": the engine then refused every
+    question with a generic "check the engine token"."""
+    from geovqa.client import EngineError, build_ask_request
+    from geovqa.settings import Settings, make_client
+
+    path = tmp_path / "engine token"
+    _unreadable(path, kind, monkeypatch)
+    set_settings(token="", token_file=str(path))
+    with pytest.raises(EngineError) as exc:
+        Settings.load().resolved_token()
+    text = str(exc.value)
+    assert exc.value.code == "unauthorized" and str(path) in text and "cannot be read" in text
+    assert ("Permission denied" if kind == "no permission" else "Is a directory") in text, text
+    assert "Engine token" in exc.value.hint
+    client = make_client(Settings.load())
+    assert client.health()["status"] == "ok"  # the status line still shows the engine
+    with pytest.raises(EngineError) as asked:
+        list(client.ask(build_ask_request("What?", "/nowhere.tif")).events())
+    assert str(asked.value) == text and stub_engine.requests == []
+
+
+@pytest.mark.parametrize("kind", ["no permission", "a folder"])
+def test_the_local_engine_token_file_that_cannot_be_read_is_named(qgis_app, tmp_path, monkeypatch, kind):
+    from geovqa.client import EngineError
+    from geovqa.settings import Settings
+
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
+    set_settings(engine_url="http://127.0.0.1:8765", token="")
+    assert Settings.load().resolved_token() == ""  # no file yet (the engine makes it): no token, no error
+    _unreadable(tmp_path / "cfg" / "token", kind, monkeypatch)
+    with pytest.raises(EngineError) as exc:
+        Settings.load().resolved_token()
+    assert str(tmp_path / "cfg" / "token") in str(exc.value) and "cannot be read" in str(exc.value)
+    assert "start the engine again" in exc.value.hint
+
+
 def test_the_local_engine_token_file_not_text_says_to_delete_it(qgis_app, tmp_path, monkeypatch):
     from geovqa.client import EngineError
     from geovqa.settings import Settings

@@ -317,20 +317,27 @@ time.sleep(120)
 '''
 
 
-def _stubborn_engine(tmp_path):
+def _stubborn_settings(tmp_path):
     """Settings whose local engine is a python that ignores SIGTERM (``-m engine serve`` runs the
-    ``engine`` package of its folder), and a started EngineProcess for them."""
+    ``engine`` package of its folder)."""
     import sys
 
-    from conftest import free_port, set_settings, wait_until
-    from geovqa.engine_process import EngineProcess
+    from conftest import free_port, set_settings
 
     folder = tmp_path / "stubborn"
     (folder / "engine").mkdir(parents=True)
     (folder / "engine" / "__init__.py").write_text("")
     (folder / "engine" / "__main__.py").write_text(STUBBORN_ENGINE)
-    settings = set_settings(python=sys.executable, engine_dir=str(folder), weights_dir="", extra_args="",
-                            engine_url=f"http://127.0.0.1:{free_port()}")
+    return set_settings(python=sys.executable, engine_dir=str(folder), weights_dir="", extra_args="",
+                        engine_url=f"http://127.0.0.1:{free_port()}")
+
+
+def _stubborn_engine(tmp_path):
+    """:func:`_stubborn_settings`, and a started EngineProcess for them."""
+    from conftest import wait_until
+    from geovqa.engine_process import EngineProcess
+
+    settings = _stubborn_settings(tmp_path)
     proc = EngineProcess()
     states = []
     proc.state_changed.connect(states.append)
@@ -405,3 +412,61 @@ def test_stopping_shows_in_the_docks_status_line(plugin, tmp_path):
         assert plugin.dock.status_level == "down"
     finally:
         proc.shutdown(wait_ms=200)
+
+
+def test_an_engine_stopped_while_it_failed_to_start_leaves_no_stopping_state_behind(tmp_path):
+    """stop() during a start that then fails (errorOccurred(FailedToStart), no finished) left the
+    process marked as stopping: the next engine showed as "stopping" and its crash was reported
+    as "stopped"."""
+    import os
+    import signal
+    import time
+
+    from conftest import free_port, set_settings, wait_until
+    from geovqa.engine_process import EngineProcess
+
+    python = tmp_path / "python"  # exists, but cannot be run
+    python.write_text("#!/bin/sh\n")
+    os.chmod(python, 0o644)
+    settings = set_settings(python=str(python), engine_dir=str(tmp_path), weights_dir="", extra_args="",
+                            engine_url=f"http://127.0.0.1:{free_port()}")
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings)
+    time.sleep(0.3)  # the exec fails meanwhile; QProcess learns it from the event loop
+    proc.stop()
+    wait_until(lambda: states[-1] == "failed", 10, "the failure to start")
+    assert states == ["starting", "stopping", "failed"] and not proc.is_running()
+    assert not proc.is_stopping()
+
+    states.clear()
+    proc.start(_stubborn_settings(tmp_path))  # the next engine, which runs
+    try:
+        wait_until(lambda: "running" in states and proc.lines and proc.lines[-1] == "ready", 30, "the next engine")
+        assert not proc.is_stopping()
+        os.kill(proc.proc.processId(), signal.SIGKILL)  # it crashes: a failure, not a stop
+        wait_until(lambda: states[-1] in ("failed", "stopped"), 15, "the crash")
+        assert states[-1] == "failed", states
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
+def test_quitting_qgis_starts_no_engine_status_check(plugin, tmp_path):
+    """aboutToQuit -> EngineProcess.shutdown() ends the engine, whose "stopped" made the dock queue
+    a HealthTask while QGIS was quitting."""
+    from conftest import wait_for_tasks
+    from qgis.core import QgsApplication
+
+    proc, states = _stubborn_engine(tmp_path)
+    plugin.engine.shutdown()
+    plugin.engine = plugin.dock.engine_process = proc
+    proc.state_changed.connect(plugin._engine_state)
+    wait_for_tasks()
+    assert plugin.dock._health_task is None
+    proc.shutdown(wait_ms=200)  # what QGIS quitting calls (aboutToQuit)
+    assert not proc.is_running() and states[-1] == "stopped"
+    assert plugin.dock._health_task is None
+    assert not [t for t in QgsApplication.taskManager().activeTasks() if t.description() == "GeoVQA: engine status"]
+    plugin.dock.refresh_health()  # nothing else starts one either, once the engine's shutdown began
+    assert plugin.dock._health_task is None

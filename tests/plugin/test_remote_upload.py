@@ -463,6 +463,93 @@ def test_a_cut_no_smaller_than_the_file_is_not_sent(capture, tmp_path, monkeypat
     assert os.listdir(own_tempdir) == []
 
 
+def _written_cuts(monkeypatch):
+    """Every file :func:`upload.translate_to_geotiff` writes (the calls, recorded)."""
+    from geovqa import upload
+
+    calls = []
+    write = upload.translate_to_geotiff
+
+    def recording(path, dest, window=None, cancelled=None):
+        calls.append(window)
+        return write(path, dest, window, cancelled)
+
+    monkeypatch.setattr(upload, "translate_to_geotiff", recording)
+    return calls
+
+
+def write_jpeg_geotiff(tmp_path):
+    """A 300 x 200 px RGB GeoTIFF, JPEG-compressed (quality 75), of a fine texture like imagery's:
+    its DEFLATE cuts take about 85 % of their pixels' bytes, the file about 32 % of its own."""
+    from osgeo import gdal
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "texture.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(src), 300, 200, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0))
+    for b in range(3):
+        noise = rng.integers(0, 256, (202, 302)).astype(float)
+        ds.GetRasterBand(b + 1).WriteArray((sum(noise[i:i + 200, j:j + 300] for i in range(3) for j in range(3)) / 9)
+                                           .astype(np.uint8))
+    ds = None
+    path = str(tmp_path / "jpeg.tif")
+    gdal.Translate(path, str(src), creationOptions=["COMPRESS=JPEG", "JPEG_QUALITY=75", "TILED=YES"])
+    return path
+
+
+def test_a_cut_not_worth_it_is_decided_before_anything_is_written(capture, tmp_path, monkeypatch, own_tempdir):
+    """The "no smaller than the file" check came after the whole cut was written: a large area of a
+    27K GeoTIFF spent minutes and gigabytes in the temporary folder before the file went anyway."""
+    from geovqa import upload
+    from osgeo import gdal
+
+    written = _written_cuts(monkeypatch)
+    path = str(tmp_path / "deflate.tif")
+    gdal.Translate(path, write_raster(tmp_path / "src.tif", width=300, height=200), creationOptions=["COMPRESS=DEFLATE"])
+    send_about(capture.url, path, {"window": [0, 0, 300, 140]})  # 70 % of the pixels
+    assert capture.parts[-1]["raster"] == open(path, "rb").read() and written == []
+    assert sent_request(capture)["aoi"] == {"window": [0, 0, 300, 140]}
+    send_about(capture.url, path, {"window": [0, 0, 300, 100]})  # half of them: cut
+    assert (uploaded(capture, tmp_path).RasterXSize, uploaded(capture, tmp_path).RasterYSize) == (300, 100)
+    assert written == [(0, 0, 300, 100)]
+
+    # JPEG: the lossless cut of 40 % of the pixels would be larger than the whole file
+    jpeg = write_jpeg_geotiff(tmp_path)
+    send_about(capture.url, jpeg, {"window": [0, 0, 200, 120]})
+    assert capture.parts[-1]["raster"] == open(jpeg, "rb").read() and len(written) == 1
+    assert os.path.getsize(upload.translate_to_geotiff(jpeg, str(tmp_path / "cut.tif"), (0, 0, 200, 120))) >= \
+        os.path.getsize(jpeg)  # (what was not written: it would have gone to waste)
+    send_about(capture.url, jpeg, {"window": [0, 0, 150, 100]})  # a quarter: the cut is smaller
+    assert (uploaded(capture, tmp_path).RasterXSize, uploaded(capture, tmp_path).RasterYSize) == (150, 100)
+    assert len(capture.parts[-1]["raster"]) < os.path.getsize(jpeg)
+    assert os.listdir(own_tempdir) == []
+
+
+def test_a_cut_or_conversion_with_no_room_in_the_temporary_folder(capture, tmp_path, monkeypatch, own_tempdir):
+    from geovqa import upload
+    from geovqa.client import EngineError
+    from osgeo import gdal
+
+    written = _written_cuts(monkeypatch)
+    monkeypatch.setattr(upload, "free_bytes", lambda folder: 5_000_000 if folder == str(own_tempdir) else None,
+                        raising=False)
+    path = write_raster(tmp_path / "scene.tif", width=300, height=200)
+    send_about(capture.url, path, {"window": [100, 50, 40, 30]})
+    assert capture.parts[-1]["raster"] == open(path, "rb").read() and written == []  # the file itself needs no room
+    assert sent_request(capture)["aoi"] == {"window": [100, 50, 40, 30]}
+
+    vrt = str(tmp_path / "scene.vrt")
+    gdal.BuildVRT(vrt, [path])
+    with pytest.raises(EngineError) as err:
+        upload.prepare_upload(vrt, {"window": [100, 50, 40, 30]})
+    assert err.value.code == "no_space" and written == []
+    assert str(own_tempdir) in err.value.message and "scene.vrt" in err.value.message
+    assert "takes up to 4 kB" in err.value.message and "only 5.0 MB free" in err.value.message, err.value.message
+    assert os.listdir(own_tempdir) == []
+    monkeypatch.setattr(upload, "free_bytes", lambda folder: None)  # cannot be told: tried
+    assert upload.prepare_upload(vrt, {"window": [100, 50, 40, 30]}).window == (100, 50, 40, 30)
+
+
 @pytest.fixture(params=["real", "stub"])
 def remote_engine(request, monkeypatch):
     """The real engine (tiny model) or the stand-in, sent uploads as if on another computer; the
@@ -707,6 +794,27 @@ def test_the_processing_batch_converts_each_layer_once_and_deletes_the_copies(
     sent = stub_engine.uploads
     assert len(sent) == 6 and len({u["sha256"] for u in sent[:3]}) == 1
     assert os.listdir(own_tempdir) == []
+
+
+def test_the_processing_batch_gives_each_upload_only_part_of_its_answers_share(
+        plugin, stub_engine, tmp_path, monkeypatch, qgis_processing, qgis_new_project):
+    """Each upload set the run's progress to 0..100 % of that upload: it jumped to 100 % and back."""
+    from conftest import set_settings
+    from geovqa import client as client_mod
+    from qgis.core import QgsProcessingFeedback, QgsProject, QgsRasterLayer
+
+    set_settings(send_rasters="upload")
+    monkeypatch.setattr(client_mod, "UPLOAD_CHUNK", 1024)
+    layer = QgsRasterLayer(write_raster(tmp_path / "scene.tif", width=120, height=90), "scene", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    feedback, seen = QgsProcessingFeedback(), []
+    feedback.progressChanged.connect(seen.append)
+    res = _processing_batch([layer], ["How big?", "What bands?"], tmp_path, feedback)
+    assert res["ANSWERED"] == 2 and len(stub_engine.uploads) == 2
+    # two answers, 50 % each; the first half of each is its upload, sent 1 KiB at a time
+    uploading = [p for p in seen if 0 < p < 25 or 50 < p < 75]
+    assert len(uploading) >= 10, seen
+    assert seen == sorted(seen) and seen[-1] == 100
 
 
 def test_a_cancelled_or_failed_processing_batch_deletes_its_copies(
