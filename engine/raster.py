@@ -456,7 +456,7 @@ def _clip_window(c0, r0, c1, r1, src, what: str) -> tuple[int, int, int, int]:
     ic1, ir1 = min(W, int(math.ceil(c1))), min(H, int(math.ceil(r1)))
     if ic1 <= ic0 or ir1 <= ir0:
         raise AOIOutsideError(
-            f"The area of interest ({what}) lies wholly outside the raster '{src.name}' "
+            f"The area of interest ({what}) lies wholly outside '{src.name}' "
             f"({W} x {H} pixels). Draw or enter an area that overlaps the raster."
         )
     return ic0, ir0, ic1 - ic0, ir1 - ir0
