@@ -4,6 +4,8 @@
   memory per strategy on synthetic 2K / 8K / 16K scenes (tiny model on CPU; full-size 4-bit on a
   GPU when one is present);
 * cache — first vs. second question on the same raster through the real server path;
+* nan_read — what NaN in a float raster costs a reduced read (engine/raster.py mends the NaN
+  GDAL's average spreads);
 * qlora_gpu — a QLoRA step on the full-size architecture (only where CUDA is available);
 * gpu_load — the full-size architecture loaded in nf4 and a generation (only with CUDA; on the
   CPU run `python -m engine.benchmarks.full_size --device cpu` by hand: ~20 GB RAM, ~10 min);
@@ -25,6 +27,7 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 BENCHMARKS = {
     "strategies": "engine.benchmarks.strategies",
     "cache": "engine.benchmarks.cache",
+    "nan_read": "engine.benchmarks.nan_read",
     "qlora_gpu": "engine.benchmarks.finetune_gpu",
     "gpu_load": "engine.benchmarks.full_size",
     "cuda_semantics": "engine.benchmarks.cuda_semantics",

@@ -146,12 +146,16 @@ class AskJob:
 
     kind = "ask"
 
-    def __init__(self, job_id: str, request: Any, cleanup: Callable[[], None] | None = None):
+    def __init__(self, job_id: str, request: Any, cleanup: Callable[[], None] | None = None,
+                 public_error: Callable[[JobError], JobError] | None = None):
         self.job_id = job_id
         self.request = request
         self.events: "queue.Queue[dict | None]" = queue.Queue()
         self.cancel = threading.Event()
         self.cleanup = cleanup
+        # how the job's error is told to the client (an upload's names "the uploaded raster",
+        # not the engine's temporary file: engine/uploads.py Upload.public)
+        self.public_error = public_error
         self.state = "queued"
         self.position: int | None = None
         self.message: str | None = None
@@ -356,8 +360,9 @@ class JobQueue:
             self._lock_file = None
 
     # -- submission ----------------------------------------------------------------------------
-    def submit_ask(self, request: Any, cleanup: Callable[[], None] | None = None) -> AskJob:
-        job = AskJob(new_job_id(), request, cleanup)
+    def submit_ask(self, request: Any, cleanup: Callable[[], None] | None = None,
+                   public_error: Callable[[JobError], JobError] | None = None) -> AskJob:
+        job = AskJob(new_job_id(), request, cleanup, public_error)
         with self._cond:
             self._jobs[job.job_id] = job
             self._waiting.append(job)
@@ -536,6 +541,8 @@ class JobQueue:
             job.state = "done"
         except BaseException as exc:  # noqa: BLE001 - mapped to an error event
             err = error_for_exception(exc, budget)
+            if job.public_error is not None:
+                err = job.public_error(err)
             if err.code in ("out_of_memory", "cancelled"):
                 free_gpu_memory()
             job.state = "cancelled" if err.code == "cancelled" else "failed"

@@ -177,16 +177,30 @@ def refuse_from_plan(strategy, n_tiles: int, budget: int | None, *, model=None, 
     raster on a GPU) and the prefill: the strategy's own SelectionError (`none` with a budget
     below its tiles x 144 tokens), and, given `model` and `tokenizer`, ContextTooLong for a
     prompt (image + question) longer than the model reads. Only strategies whose count follows
-    from the number of tiles (``planned_tokens``) are checked; the others are left to `select`."""
+    from the number of tiles (``planned_tokens``) are checked; the others are left to `select`.
+    The patches a tile are `model`'s own (`model_patches_per_tile`), as `select` will see them;
+    without a model, the released 576."""
     from engine.generate import check_context
     from engine.prompt import split_prompt
 
     planned = getattr(strategy, "planned_tokens", None)
-    n_visual = planned(n_tiles, budget) if planned is not None else None
+    n_visual = (planned(n_tiles, budget, model_patches_per_tile(model)) if planned is not None
+                else None)
     if n_visual is None or model is None or tokenizer is None:
         return
     pieces = split_prompt(tokenizer, question)
     check_context(model, len(pieces.before) + int(n_visual) + len(pieces.after))
+
+
+def model_patches_per_tile(model) -> int:
+    """Patches a tile the model's vision tower gives: ``patch_grid ** 2`` (its image size over its
+    patch size, squared: 576 for the released 336 px CLIP with 14 px patches); 576 when there is
+    no model or it does not say."""
+    from engine.selection.common import PATCHES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    grid = getattr(base, "patch_grid", None)
+    return int(grid) ** 2 if isinstance(grid, int) and grid > 0 else PATCHES
 
 
 def model_tokens_per_tile(model) -> int:
@@ -228,7 +242,7 @@ def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DE
                           tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
     geometry, features, timings = read_and_encode(
         model, raster_path, aoi=aoi, bands=bands, cancel=cancel,
-        check_plan=lambda layout: refuse_from_plan(strat, layout.n_tiles, budget))
+        check_plan=lambda layout: refuse_from_plan(strat, layout.n_tiles, budget, model=model))
     t0 = time.perf_counter()
     selection = strat.select(features, geometry, question, budget, model=model)
     timings["select"] = time.perf_counter() - t0

@@ -16,8 +16,12 @@ What `read_raster` does, in order:
   georeferencing the polygon's coordinates are taken as source *pixel* coordinates (col, row).
 * **Decimation**: when the window holds more than `max_pixels` pixels it is read at a reduced
   size (`read_size_for`) with GDAL's resampled read (average; nearest for palette rasters), which
-  uses the file's overviews when present, so a 27,000 px raster is never loaded at full size.
-  `image_to_source` records the exact offset + scale.
+  uses the file's overviews when present, so a 27,000 px raster is not loaded at full size.
+  `image_to_source` records the exact offset + scale. Full resolution is still read where the
+  file has no overviews (GDAL averages every source pixel, in strips: see Cancellation), and
+  over the output pixels of a float band that hold NaN GDAL's average spread (see Validity):
+  only those, so a NaN collar around a scene costs about the collar, while NaN scan-line gaps
+  over the whole image cost a full-resolution read of the window.
 * **Cancellation**: `cancel` (the question's threading.Event) is checked before the pixels are
   read and between row strips: a read that goes through more than `STRIP_SOURCE_PIXELS` source
   pixels at full resolution (a large window, or a decimated one without overviews) is done in
@@ -39,11 +43,14 @@ What `read_raster` does, in order:
   those pixels are set to 0 in ``pixels``. In a reduced read, GDAL's average skips nodata but
   spreads NaN: one NaN source pixel made its whole output pixel NaN, so a float band with NaN
   gaps lost most of the image where its NaN are scattered or striped, whether it had no nodata
-  tag, another nodata value (e.g. -9999) or a mask. Such a band is read again through a VRT with
-  NaN as its nodata that also turns the pixels its nodata tag or mask hides into NaN
-  (`_read_nan_as_nodata`, only when the reduced read holds NaN where the mask has data), so NaN
-  counts as missing together with the tagged nodata or mask: an output pixel is valid when any of
-  its source pixels is, with their mean. When no pixel at all is valid,
+  tag, another nodata value (e.g. -9999) or a mask. The output pixels that hold such NaN (NaN
+  where the mask has data) are read again, and only they, through a VRT with NaN as its nodata
+  that also turns the pixels its nodata tag or mask hides into NaN (`_mend_spread_nan`: row
+  blocks of about `MEND_SOURCE_ROWS` source rows, in runs of the columns holding them, each over
+  its own source window, at full resolution, since the file's overviews spread the NaN already),
+  so NaN counts as missing together with the tagged nodata or mask: an output pixel is valid when
+  any of its source pixels is, with their mean. The other output pixels keep the first read's
+  values (through the overviews, when the file has them). When no pixel at all is valid,
   `NoValidPixelsError` (code no_valid_pixels): a black image is nothing to ask about.
 * **Georeferencing** (`georeferencing`): the geotransform and CRS; for a file placed only by
   ground control points, the affine transform fitted to them (with their CRS) when it misses no
@@ -54,6 +61,7 @@ What `read_raster` does, in order:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -448,7 +456,7 @@ def _clip_window(c0, r0, c1, r1, src, what: str) -> tuple[int, int, int, int]:
     ic1, ir1 = min(W, int(math.ceil(c1))), min(H, int(math.ceil(r1)))
     if ic1 <= ic0 or ir1 <= ir0:
         raise AOIOutsideError(
-            f"The area of interest ({what}) lies wholly outside the raster '{src.name}' "
+            f"The area of interest ({what}) lies wholly outside '{src.name}' "
             f"({W} x {H} pixels). Draw or enter an area that overlaps the raster."
         )
     return ic0, ir0, ic1 - ic0, ir1 - ir0
@@ -465,8 +473,6 @@ READ_CACHE_BYTES = 256 * 2**20
 
 def _read_cache():
     """A rasterio.Env bounding GDAL's block cache for one read (none when GDAL_CACHEMAX is set)."""
-    import contextlib
-
     import rasterio
 
     if os.environ.get("GDAL_CACHEMAX"):
@@ -551,10 +557,9 @@ def _row_strips(src, band_numbers, window_wh, shape) -> list[tuple[int, int]]:
     return [(a, min(a + step, oh)) for a in range(0, oh, step)]
 
 
-def _read_window(src, band_numbers, window, shape, resampling, cancel=None, with_masks=True):
+def _read_window(src, band_numbers, window, shape, resampling, cancel=None):
     """(data, masks) of `band_numbers` over `window` read at `shape` (rows, cols); in row strips
-    with a cancel check between them when the read is large (`_row_strips`). `with_masks=False`
-    reads the data only (masks None)."""
+    with a cancel check between them when the read is large (`_row_strips`)."""
     from rasterio.windows import Window
 
     oh, ow = shape
@@ -565,8 +570,8 @@ def _read_window(src, band_numbers, window, shape, resampling, cancel=None, with
         # the mask is reduced as the data is: GDAL's average skips nodata pixels, so an output
         # pixel with any valid source pixel has a value (nearest on the mask would drop it
         # whenever the sampled pixel is nodata: striped nodata lost whole areas)
-        masks = (src.read_masks(band_numbers, window=window, out_shape=(n, oh, ow),
-                                resampling=resampling) if with_masks else None)
+        masks = src.read_masks(band_numbers, window=window, out_shape=(n, oh, ow),
+                               resampling=resampling)
         return data, masks
     rows_per_out = window.height / oh  # source rows per output row
     data = masks = None
@@ -579,33 +584,60 @@ def _read_window(src, band_numbers, window, shape, resampling, cancel=None, with
         if data is None:
             data = np.empty((n, oh, ow), dtype=d.dtype)
         data[:, a:b] = d
-        if with_masks:
-            m = src.read_masks(band_numbers, window=strip, out_shape=(n, b - a, ow),
-                               resampling=resampling)
-            if masks is None:
-                masks = np.empty((n, oh, ow), dtype=m.dtype)
-            masks[:, a:b] = m
+        m = src.read_masks(band_numbers, window=strip, out_shape=(n, b - a, ow),
+                           resampling=resampling)
+        if masks is None:
+            masks = np.empty((n, oh, ow), dtype=m.dtype)
+        masks[:, a:b] = m
     return data, masks
 
 
 _GDAL_FLOAT_TYPES = {"float32": "Float32", "float64": "Float64"}
+# spread NaN are read again in blocks of output rows going through about this many source rows,
+# each block as runs of output columns that hold them (runs closer than MEND_GAP columns are one)
+MEND_SOURCE_ROWS = 256
+MEND_GAP = 16
 
 
-def _nan_spread(src, band: int, data: np.ndarray, mask: np.ndarray | None) -> bool:
-    """True when a reduced read of float band `band` holds NaN where its mask says there is data:
-    GDAL spread NaN there. (A band tagged nodata=NaN is NaN only where the mask is 0 too.)"""
+def _nan_spread(src, band: int, data: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """Where a reduced read of float band `band` holds NaN while its mask says there is data
+    (GDAL spread NaN there), as an (H, W) bool array; None when nowhere. (A band tagged
+    nodata=NaN is NaN only where the mask is 0 too.)"""
     if src.dtypes[band - 1] not in _GDAL_FLOAT_TYPES:
-        return False
-    nan = np.isnan(data)
-    return bool((nan & (mask > 0)).any() if mask is not None else nan.any())
+        return None
+    spread = np.isnan(data)
+    if mask is not None:
+        spread &= mask > 0
+    return spread if spread.any() else None
 
 
-def _read_nan_as_nodata(src, path: str, band_numbers, window, shape, resampling, cancel=None):
-    """Bands `band_numbers` read at `shape` through a VRT that gives them NaN as nodata, so
-    GDAL's average skips NaN instead of spreading it. A band with a nodata tag or mask is read
-    through its mask (UseMaskBand): what the mask hides becomes NaN too, so both stay missing.
-    The file's overviews are bypassed: built without NaN as nodata, their averages spread the
-    NaN already."""
+def _spread_runs(spread: np.ndarray, block_rows: int, gap: int = MEND_GAP):
+    """Output rectangles (a, b, c, d) = rows [a, b) x columns [c, d) that together cover every
+    True of `spread`: per block of `block_rows` rows, the runs of columns holding one (trimmed to
+    the rows that do); runs less than `gap` columns apart are joined. A NaN collar gives two short
+    runs a block (its left and right edges), so little more than the collar is read again."""
+    oh = spread.shape[0]
+    runs = []
+    for top in range(0, oh, max(1, block_rows)):
+        block = spread[top:top + max(1, block_rows)]
+        cols = np.flatnonzero(block.any(axis=0))
+        if not cols.size:
+            continue
+        cut = np.flatnonzero(np.diff(cols) > gap)
+        for c, d in zip(np.r_[cols[0], cols[cut + 1]], np.r_[cols[cut], cols[-1]] + 1):
+            rows = np.flatnonzero(block[:, c:d].any(axis=1))
+            runs.append((top + int(rows[0]), top + int(rows[-1]) + 1, int(c), int(d)))
+    return runs
+
+
+@contextlib.contextmanager
+def _nan_nodata_vrt(src, path: str, band_numbers):
+    """An in-memory VRT (the open dataset) of bands `band_numbers` (1-based; numbered 1, 2, ...
+    in it) that gives them NaN as nodata, so GDAL's average skips NaN instead of spreading it.
+    A band with a nodata tag or mask is read through its mask (UseMaskBand): what the mask hides
+    becomes NaN too, so both stay missing. The file's overviews are bypassed: built without NaN
+    as nodata, their averages spread the NaN already (an overview pixel is NaN when one of its
+    source pixels is)."""
     from xml.sax.saxutils import escape
 
     from rasterio.enums import MaskFlags
@@ -627,34 +659,48 @@ def _read_nan_as_nodata(src, path: str, band_numbers, window, shape, resampling,
     xml = (f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}">'
            f'{"".join(sources)}</VRTDataset>')
     with MemoryFile(xml.encode("utf-8"), ext=".vrt") as mem, mem.open() as vrt:
-        data, _ = _read_window(vrt, list(range(1, len(band_numbers) + 1)), window, shape,
-                               resampling, cancel, with_masks=False)
-    return data
+        yield vrt
 
 
 def _mend_spread_nan(src, path, band_numbers, data, masks, window, shape, resampling,
                      cancel) -> None:
-    """In place: the float bands of a reduced read that hold NaN GDAL spread (`_nan_spread`),
-    read again with NaN skipped as missing (see the module docstring). A read without such NaN
-    costs nothing more; a re-read GDAL refuses leaves the first read as it was (logged)."""
+    """In place: the pixels of a reduced read's float bands that hold NaN GDAL spread
+    (`_nan_spread`), read again with NaN skipped as missing (see the module docstring). Only
+    those pixels are read again, at full resolution: the output rectangles of `_spread_runs`,
+    each read through the VRT over its own source window (with a cancel check between them),
+    so a NaN collar costs about the collar, not the whole window; everywhere else the first
+    read stands. A read without such NaN costs nothing more; a re-read GDAL refuses leaves the
+    pixels not mended yet as they were (logged)."""
     from rasterio.errors import RasterioError
+    from rasterio.windows import Window
 
-    rows = [i for i, b in enumerate(band_numbers)
-            if _nan_spread(src, b, data[i], None if masks is None else masks[i])]
+    spread = {i: _nan_spread(src, b, data[i], None if masks is None else masks[i])
+              for i, b in enumerate(band_numbers)}
+    rows = [i for i in spread if spread[i] is not None]
     if not rows:
         return
+    oh, ow = shape
+    sx, sy = window.width / ow, window.height / oh  # source pixels per output pixel
+    runs = _spread_runs(np.logical_or.reduce([spread[i] for i in rows]),
+                        max(1, int(round(MEND_SOURCE_ROWS / sy))))
     try:
-        again = _read_nan_as_nodata(src, path, [band_numbers[i] for i in rows], window, shape,
-                                    resampling, cancel)
+        with _nan_nodata_vrt(src, path, [band_numbers[i] for i in rows]) as vrt:
+            for a, b, c, d in runs:
+                _check_cancel(cancel)
+                top, left = window.row_off + a * sy, window.col_off + c * sx
+                height = (b - a) * sy if b < oh else window.row_off + window.height - top
+                width = (d - c) * sx if d < ow else window.col_off + window.width - left
+                again = _read_bands(vrt, list(range(1, len(rows) + 1)),
+                                    Window(left, top, width, height), (b - a, d - c), resampling)
+                for k, i in enumerate(rows):
+                    here = spread[i][a:b, c:d]
+                    data[i, a:b, c:d][here] = again[k][here]
     except (RasterioError, OSError, ValueError) as exc:
         import logging
 
         logging.getLogger(__name__).warning(
             "could not read %s again with NaN as nodata (%s); NaN gaps stay wider in this "
             "reduced read", path, exc)
-        return
-    for k, i in enumerate(rows):
-        data[i] = again[k]
 
 
 def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> RasterImage:

@@ -232,11 +232,14 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
             ask_request = request_factory(engine)(fields)
             if upload is not None and hasattr(ask_request, "raster_identity"):
                 ask_request.raster_identity = f"sha256:{upload.sha256}"
-        except BaseException:
+        except BaseException as exc:
             if upload is not None:
                 upload.cleanup()
+                if isinstance(exc, JobError):  # naming "the uploaded raster", not its temp file
+                    raise upload.public(exc) from None
             raise
-        job = jobs.submit_ask(ask_request, cleanup=upload.cleanup if upload else None)
+        job = jobs.submit_ask(ask_request, cleanup=upload.cleanup if upload else None,
+                              public_error=upload.public if upload else None)
 
         async def stream():
             finished = False

@@ -210,8 +210,9 @@ def tiling_read_budget(window_wh, pinpoints=None) -> int:
     """Pixel budget for reading a source window: the area of the pinpoint tiling would choose.
 
     The pipeline passes this as `read_raster(..., max_pixels=...)`, so a 27,000 px raster is read
-    decimated to about 8064 x 8064 (the largest canvas, 576 tiles) and never at full resolution,
-    while a raster smaller than its canvas is read at full resolution.
+    decimated to about 8064 x 8064 (the largest canvas, 576 tiles), through its overviews when it
+    has them (engine/raster.py says when parts are still read at full resolution), while a raster
+    smaller than its canvas is read at full resolution.
     """
     pins = anyres_pinpoints() if pinpoints is None else pinpoints
     cw, ch = select_best_resolution(window_wh, pins)

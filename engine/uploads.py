@@ -7,12 +7,20 @@ uploaded GeoTIFF (multipart part ``raster``) is streamed to a temporary file whi
 its size is counted, refused with ``upload_too_large`` as soon as it passes the limit, and then
 verified to be a GeoTIFF rasterio can read. The caller deletes the temporary directory when the
 job is over.
+
+What the engine says about an upload names it "the uploaded raster" (`name_upload`,
+`Upload.public`), never the temporary file: that path means nothing to the client and tells it
+how the engine's disk is laid out. This holds for the checks here, the request checks and the
+errors of the question itself (the server gives the job `Upload.public`). Coordinates in those
+messages (a pixel window, the raster's size) are the uploaded file's: for a client that uploads a
+cut of its raster (the QGIS plugin), they are relative to the cut.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -24,6 +32,7 @@ from engine.jobs import JobError
 from engine.json_body import parse_json
 
 MAX_JSON_PART_BYTES = 1024 * 1024
+UPLOAD_NAME = "the uploaded raster"  # what messages about an upload call it
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
@@ -102,6 +111,31 @@ def _placement(ds) -> tuple:
     return transform, crs_wkt
 
 
+def name_upload(text: str | None, raster_path: str | os.PathLike,
+                temp_dir: str | os.PathLike | None = None) -> str | None:
+    """`text` (a message or hint about the upload stored at `raster_path`) with that path, quoted
+    or not, replaced by "the uploaded raster", capitalised where it begins a sentence; a gdalwarp
+    command naming it gets the placeholder ``<raster.tif>``; anything else in `temp_dir` is "the
+    upload's folder". GDAL's own texts quoted in a message are covered too."""
+    if not text:
+        return text
+    path = os.fspath(raster_path)
+    out = re.sub(re.escape(f"'{path}'") + r"(?= warped\.tif)", "<raster.tif>", text)
+    for form in (f"'{path}'", f'"{path}"', path):
+        out = out.replace(form, UPLOAD_NAME)
+    if temp_dir is not None:
+        out = out.replace(os.fspath(temp_dir), "the upload's folder")
+    return re.sub(r"(^|[.!?]\s+)" + UPLOAD_NAME,
+                  lambda m: m.group(1) + UPLOAD_NAME[0].upper() + UPLOAD_NAME[1:], out)
+
+
+def _named_upload(err: JobError, raster_path, temp_dir=None) -> JobError:
+    """`err` with its message and hint naming the upload (`name_upload`); code and extra fields
+    kept."""
+    return JobError(err.code, name_upload(err.message, raster_path, temp_dir),
+                    name_upload(err.hint, raster_path, temp_dir), **err.extra)
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:300]
@@ -120,6 +154,11 @@ class Upload:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def public(self, err: JobError) -> JobError:
+        """`err` as the client is told it: naming "the uploaded raster", not the temporary file
+        (`name_upload`)."""
+        return _named_upload(err, self.raster_path, self.temp_dir)
 
 
 async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_bytes: int,
@@ -220,7 +259,10 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
         request = parse_json(bytes(state["json"]), "The 'request' part") if state["json"] else None
         if not isinstance(request, dict):
             raise JobError("bad_request", "The upload needs a 'request' part with a JSON object.")
-        check_raster_file(raster_path, geotiff_only=True)
+        try:
+            check_raster_file(raster_path, geotiff_only=True)
+        except JobError as exc:
+            raise _named_upload(exc, raster_path, temp_dir) from None
         return Upload(request, raster_path, temp_dir, digest.hexdigest())
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)

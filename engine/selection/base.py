@@ -56,10 +56,11 @@ class Strategy(Protocol):
     prefix (and its KV cache) can be reused across questions on the same raster.
 
     A strategy whose token count follows from the number of tiles alone may also offer
-    ``planned_tokens(n_tiles, budget) -> int | None``: that count (None when the features decide
-    it), raising the SelectionError `select` would raise. The pipeline calls it on the tiling plan,
-    so a request that cannot fit the budget or the model's context is refused before the vision
-    tower runs (`none`, `geollava` with faithful empty slots)."""
+    ``planned_tokens(n_tiles, budget, n_patches) -> int | None``: that count (None when the
+    features decide it) for tiles of `n_patches` patches (the model's grid squared, 576 for the
+    released tower), raising the SelectionError `select` would raise. The pipeline calls it on
+    the tiling plan, so a request that cannot fit the budget or the model's context is refused
+    before the vision tower runs (`none`, `geollava` with faithful empty slots)."""
 
     name: str
     question_dependent: bool

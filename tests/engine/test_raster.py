@@ -711,3 +711,73 @@ def test_a_tagged_or_masked_float_raster_without_spread_nan_is_read_once(tmp_pat
         calls.clear()
         read_raster(path, max_pixels=100 * 100)
         assert len(calls) == 1, path
+
+
+# --------------------------------------------------- what mending spread NaN reads again
+
+
+def _corner_scene():
+    """float32, 3 bands, no nodata tag, 600 x 600: band 1 NaN in the top-left corner triangle
+    (a collar), band 2 NaN in a strip at the bottom with gaps every other row, band 3 none."""
+    arr = RNG.uniform(100, 200, (3, 600, 600)).astype(np.float32)
+    rows, cols = np.mgrid[0:600, 0:600]
+    arr[0][rows + cols < 200] = np.nan
+    arr[1, 540::2, 100:300] = np.nan
+    return arr
+
+
+def test_spread_nan_is_read_again_only_where_it_is(tmp_path, monkeypatch):
+    """The re-read with NaN as nodata went over the whole window at full resolution, whatever
+    part held spread NaN: a NaN collar made every whole-raster question read the raster at full
+    size. Only the output pixels holding spread NaN are read again now, each band's own, and the
+    image is the same as that of the file tagged nodata=NaN."""
+    arr = _corner_scene()
+    path = write_geotiff(tmp_path / "corner.tif", arr)
+    ref = read_raster(write_geotiff(tmp_path / "tagged.tif", arr, nodata=float("nan")),
+                      max_pixels=150 * 150)
+    calls = _count_reads(monkeypatch)
+    im = read_raster(path, max_pixels=150 * 150)
+    np.testing.assert_array_equal(im.valid, ref.valid)
+    np.testing.assert_array_equal(im.pixels, ref.pixels)
+    assert im.valid[140:, 25:75].all()  # the gaps' reduced pixels all have data
+    assert not im.valid[:40, :40][np.add.outer(np.arange(40), np.arange(40)) < 45].any()
+    first, again = calls[0], calls[1:]
+    assert (first.width, first.height) == (600, 600) and again
+    assert sum(w.width * w.height for w in again) < 0.15 * 600 * 600  # about the corner and strip
+
+
+@pytest.mark.parametrize("overviews", [None, [2, 4]])
+def test_a_nan_corner_leaves_the_read_of_the_rest_as_it_was(tmp_path, overviews):
+    """Away from its NaN, a raster reads as it does without them: through its overviews when it
+    has them (the whole band was read again at full resolution, so a NaN corner changed every
+    pixel of an image read through overviews). Plateaus of 0 and 1000 fix the stretch to 0..1000
+    in both images."""
+    clean = RNG.uniform(100, 900, (600, 600)).astype(np.float32)
+    clean[250:420, 250:420] = 0
+    clean[430:600, 430:600] = 1000
+    corner = clean.copy()
+    corner[np.add.outer(np.arange(600), np.arange(600)) < 200] = np.nan
+    a = read_raster(write_geotiff(tmp_path / "clean.tif", clean, overviews=overviews),
+                    max_pixels=130 * 130)
+    b = read_raster(write_geotiff(tmp_path / "corner.tif", corner, overviews=overviews),
+                    max_pixels=130 * 130)
+    assert a.stretch == b.stretch == ((0.0, 1000.0),) * 3
+    away = np.add.outer(np.arange(a.size[1]), np.arange(a.size[0])) > 50  # the corner is < 44
+    np.testing.assert_array_equal(b.pixels[away], a.pixels[away])
+    assert b.valid[away].all() and not b.valid[:30, :30][np.add.outer(np.arange(30),
+                                                                     np.arange(30)) < 40].any()
+
+
+def test_a_cancel_stops_the_read_again_of_spread_nan(tmp_path, monkeypatch):
+    """The re-read of a reduced read's spread NaN checks the question's cancel between its
+    blocks (a small window was read again in one call, whatever the cancel said)."""
+    import threading
+
+    from engine.errors import Cancelled
+
+    path = write_geotiff(tmp_path / "corner.tif", _corner_scene())
+    cancel = threading.Event()
+    calls = _count_reads(monkeypatch, after_first=cancel.set)
+    with pytest.raises(Cancelled):
+        read_raster(path, max_pixels=150 * 150, cancel=cancel)
+    assert len(calls) == 1
