@@ -56,10 +56,7 @@ def check_pair(cert: str | os.PathLike, key: str | os.PathLike) -> None:
         context.load_cert_chain(os.fspath(cert), os.fspath(key), password=password)
     except ssl.SSLError as exc:
         if asked:
-            raise TLSFileError(
-                f"--tls-key {key} is protected by a passphrase, which the engine cannot ask for. "
-                f"Write a copy without it, readable by you only (openssl pkey -in {key} -out "
-                "engine-key.pem; chmod 600 engine-key.pem), and give that to --tls-key.") from None
+            raise _passphrase_error(key) from None
         if exc.reason in NOT_A_PAIR:
             raise TLSFileError(
                 f"--tls-key {key} is not the private key of the certificate in --tls-cert {cert} "
@@ -70,7 +67,16 @@ def check_pair(cert: str | os.PathLike, key: str | os.PathLike) -> None:
     except OSError as exc:  # read just now; gone or changed since
         raise TLSFileError(f"--tls-cert {cert} or --tls-key {key} cannot be read: "
                            f"{exc.strerror or exc}.") from None
+    if asked:  # an empty passphrase opened it here, but uvicorn would ask on the terminal
+        raise _passphrase_error(key)
     _warn_if_others_can_read(key)
+
+
+def _passphrase_error(key: str | os.PathLike) -> TLSFileError:
+    return TLSFileError(
+        f"--tls-key {key} is protected by a passphrase, which the engine cannot ask for. "
+        f"Write a copy without it, readable by you only (openssl pkey -in {key} -out "
+        "engine-key.pem; chmod 600 engine-key.pem), and give that to --tls-key.")
 
 
 def _read(path: str | os.PathLike, option: str, what: str) -> bytes:

@@ -131,6 +131,12 @@ def test_check_pair_says_what_is_wrong(certs, tmp_path, caplog):
     if locked is not None:
         cases.append(((cert, locked), f"--tls-key {locked} is protected by a passphrase, which "
                                       "the engine cannot ask for"))
+    # an empty passphrase opens the key in the check, but uvicorn would still ask on the terminal
+    empty = encrypted_copy(key, tmp_path / "empty-pass-key.pem", passphrase="")
+    if empty is not None:
+        assert b"ENCRYPTED" in empty.read_bytes()
+        cases.append(((cert, empty), f"--tls-key {empty} is protected by a passphrase, which "
+                                     "the engine cannot ask for"))
     for (c, k), expected in cases:
         with pytest.raises(TLSFileError) as exc:
             check_pair(c, k)

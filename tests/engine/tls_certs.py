@@ -65,11 +65,11 @@ def make_pair(dest: Path, name: str = "engine", hosts=HOSTS) -> tuple[Path, Path
     return cert, key
 
 
-def encrypted_copy(key: Path, dest: Path) -> Path | None:
-    """`key` protected by the passphrase 'secret' (needs `openssl`; None without it)."""
+def encrypted_copy(key: Path, dest: Path, passphrase: str = "secret") -> Path | None:
+    """`key` protected by `passphrase` (may be empty; needs `openssl`; None without it)."""
     openssl = shutil.which("openssl")
     if not openssl:
         return None
-    subprocess.run([openssl, "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret",
+    subprocess.run([openssl, "pkey", "-in", str(key), "-aes256", "-passout", f"pass:{passphrase}",
                     "-out", str(dest)], check=True, capture_output=True, timeout=60)
     return dest
