@@ -26,6 +26,7 @@ from .client import LOOPBACK_HOSTS, EngineError, engine_address
 
 NOT_RUNNING = QProcess.ProcessState.NotRunning
 MERGED = QProcess.ProcessChannelMode.MergedChannels
+FAILED_TO_START = QProcess.ProcessError.FailedToStart
 # How long a stopped engine may take to end by itself (finish its answer, close its files)
 # before it is killed; and at plugin unload / QGIS exit, the most QGIS waits for it (twice:
 # after the request to end, then after the kill).
@@ -192,9 +193,11 @@ class EngineProcess(QObject):
         self.state_changed.emit("stopped" if code == 0 or asked else "failed")
 
     def _error(self, err):
-        """A failure to start (no ``finished`` follows), or a crash (``finished`` follows)."""
+        """A failure to start (no ``finished`` follows), or a crash (``finished`` follows, and
+        reports it: Qt6 emits this after the process has ended, so a stop ended by a signal would
+        otherwise read as a failure)."""
         self.lines.append(f"[engine process error: {err}]")
-        if self.proc is not None and self.proc.state() == NOT_RUNNING:
+        if err == FAILED_TO_START and self.proc is not None and self.proc.state() == NOT_RUNNING:
             # asked to stop while it failed to start: that process has ended, so nothing is
             # stopping any more (else the next engine would show as stopping, its crash as a stop)
             self._stopping = None

@@ -452,6 +452,32 @@ def test_an_engine_stopped_while_it_failed_to_start_leaves_no_stopping_state_beh
         proc.shutdown(wait_ms=200)
 
 
+def test_a_stop_ended_by_a_signal_is_no_failure_in_qt6s_signal_order():
+    """Qt6 ends the process (state NotRunning) before it emits errorOccurred(Crashed), then
+    finished: a stop that needed a signal was reported "failed" twice (Qt5 emits the error while
+    the process still runs). Replayed here in Qt6's order on a process that has ended."""
+    from geovqa.engine_process import NOT_RUNNING, EngineProcess
+    from qgis.PyQt.QtCore import QProcess
+
+    class Ended:  # a QProcess after Qt6's cleanup()
+        def state(self):
+            return NOT_RUNNING
+
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.proc = proc._stopping = Ended()  # stop() was asked for
+    proc._error(QProcess.ProcessError.Crashed)
+    proc._finished(15)  # SIGTERM
+    assert states == ["stopped"]
+
+    states.clear()  # the same order for a crash nobody asked for is one failure
+    proc.proc = Ended()
+    proc._error(QProcess.ProcessError.Crashed)
+    proc._finished(9)
+    assert states == ["failed"]
+
+
 def test_quitting_qgis_starts_no_engine_status_check(plugin, tmp_path):
     """aboutToQuit -> EngineProcess.shutdown() ends the engine, whose "stopped" made the dock queue
     a HealthTask while QGIS was quitting."""
