@@ -374,6 +374,52 @@ def test_an_unreadable_entry_kept_aside_as_plain_text_stays_when_more_is_kept(qg
     assert _unreadable_items() == [{"entry": "not JSON at all"}, {"entry": "{also not JSON"}]
 
 
+DEEP = '{"version": 1, "conversations": {"x": ' + "[" * 5000 + "]" * 5000 + "}}"
+
+
+def test_a_saved_entry_nested_too_deeply_is_ignored_with_a_log_message_and_kept(
+        plugin, raster_layer, stub_engine, tmp_path):
+    """json.loads raises RecursionError, not ValueError, on JSON nested deeper than Python's
+    recursion limit: opening such a project raised from the dock instead of logging and keeping
+    the entry aside as for any other unreadable entry."""
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    layer_id = raster_layer().id()
+    path = str(tmp_path / "p.qgs")
+    log = _log_messages()
+    with python_errors() as errors:
+        project.writeEntry("geovqa", "conversations", DEEP)
+        assert project.write(path) and project.read(path)
+        dock = plugin.dock
+        assert not any(dock.conversations.values())
+        assert any(tag == "GeoVQA" and "could not be read: it is nested too deeply" in text
+                   for tag, text in log), log
+        layer = project.mapLayer(layer_id)
+        dock.set_layer(layer)
+        dock.ask("still working?")
+        wait_until(_answered(dock, layer), 30)
+        wait_for_tasks()
+    assert errors == []
+    assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["still working?"]
+    assert _unreadable_items() == [{"entry": DEEP}]
+
+
+def test_a_kept_aside_entry_nested_too_deeply_stays_when_more_is_kept(qgis_new_project):
+    """Keeping more aside reads the ``conversations_unreadable`` entry first: one nested too
+    deeply to parse raised RecursionError there (the save failed); it is kept as an item."""
+    from geovqa.history import ProjectHistory
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    project.writeEntry("geovqa", "conversations_unreadable", DEEP)
+    project.writeEntry("geovqa", "conversations", "{also not JSON")
+    history = ProjectHistory()
+    assert history.read() == {}
+    history.write({"a": [{"question": "q?", "answer": "a", "done": True}]})
+    assert _unreadable_items() == [{"entry": DEEP}, {"entry": "{also not JSON"}]
+
+
 # -- batch dialog -------------------------------------------------------------------------------
 def _run_batch(plugin, layers, questions, with_layers=False):
     dlg = plugin.open_batch()
