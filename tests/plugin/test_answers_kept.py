@@ -539,28 +539,31 @@ def test_closing_the_project_mid_batch_ends_it_without_adding_layers_to_the_next
 
 # -- Processing ---------------------------------------------------------------------------------
 def test_the_processing_batch_writes_each_csv_row_as_its_answer_arrives(
-        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing, monkeypatch):
     import processing
+    from geovqa import results_io
+    from geovqa.processing import batch_algorithm
     from geovqa.results_io import write_csv
-    from qgis.core import QgsProcessingFeedback
 
     out = tmp_path / "answers.csv"
-    seen = []  # the answers in the CSV each time the progress moves (after each answer)
+    asked, written = [], []  # the answers in the file as each question is asked / each row written
 
-    def rows_in_file(_progress):
-        if not out.exists():
-            seen.append(None)
-            return
+    def rows_in_file():
         with open(out, newline="", encoding="utf-8") as fh:
-            seen.append([r["answer"] for r in csv.DictReader(fh)])
+            return [r["answer"] for r in csv.DictReader(fh)]
 
-    feedback = QgsProcessingFeedback()
-    feedback.progressChanged.connect(rows_in_file)
+    ask_once, write = batch_algorithm.ask_once, results_io.CsvRows.write
+    monkeypatch.setattr(batch_algorithm, "ask_once",
+                        lambda *a, **kw: asked.append(rows_in_file()) or ask_once(*a, **kw))
+    monkeypatch.setattr(results_io.CsvRows, "write",
+                        lambda self, row: write(self, row) or written.append(rows_in_file()))
     res = processing.run("geovqa:batch_questions", {
         "LAYERS": [raster_layer("a"), raster_layer("b", width=32, height=40)], "QUESTIONS": "q1\nq2",
-        "OUTPUT": str(out), "OUTPUT_JSON": str(tmp_path / "answers.json")}, feedback=feedback)
+        "OUTPUT": str(out), "OUTPUT_JSON": str(tmp_path / "answers.json")})
     a_answer, b_answer = "The area is 64 x 48 pixels with 3 bands.", "The area is 32 x 40 pixels with 3 bands."
-    assert seen == [[a_answer], [a_answer] * 2, [a_answer] * 2 + [b_answer], [a_answer] * 2 + [b_answer] * 2]
+    in_order = [[a_answer], [a_answer] * 2, [a_answer] * 2 + [b_answer], [a_answer] * 2 + [b_answer] * 2]
+    assert asked == [[]] + in_order[:3]  # the header first; each answer is in the file before the next question
+    assert written == in_order  # each row is in the file (flushed) as soon as it is written
     # the same file as when it was written at the end
     rows = json.loads((tmp_path / "answers.json").read_text(encoding="utf-8"))["results"]
     reference = write_csv(rows, str(tmp_path / "reference.csv"))
@@ -568,13 +571,16 @@ def test_the_processing_batch_writes_each_csv_row_as_its_answer_arrives(
 
 
 def test_a_cancelled_processing_batch_keeps_the_answers_it_finished(
-        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing, monkeypatch):
     import processing
+    from geovqa import results_io
     from qgis.core import QgsProcessingFeedback
 
     out = tmp_path / "answers.csv"
     feedback = QgsProcessingFeedback()
-    feedback.progressChanged.connect(lambda _p: feedback.cancel())  # after the first answer
+    write = results_io.CsvRows.write
+    monkeypatch.setattr(results_io.CsvRows, "write",  # cancelled as the first answer's row is written
+                        lambda self, row: write(self, row) or feedback.cancel())
     processing.run("geovqa:batch_questions", {
         "LAYERS": [raster_layer("a")], "QUESTIONS": "q1\nq2\nq3", "OUTPUT": str(out)}, feedback=feedback)
     with open(out, newline="", encoding="utf-8") as fh:
