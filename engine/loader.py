@@ -3,7 +3,9 @@
 The class is chosen from config.json's ``model_type`` / ``architectures`` (never from the
 directory name, which is what sends the original loader to the wrong class), ``rope_scaling`` is
 forced off, shards are checked against ``model.safetensors.index.json`` before loading, and every
-expected tensor (LM, vision tower, projector, ``reghead``) must be present. On CUDA the default is
+expected tensor (LM, vision tower, projector, ``reghead``) must be present; a vision tower of
+another tile geometry than CLIP ViT-L/14-336's (336 px, 14 px patches, 24 x 24 a tile, which
+tiling and every strategy assume) is refused before any weight is read. On CUDA the default is
 4-bit nf4 (bitsandbytes) with the vision tower, projector, reghead and lm_head kept unquantised;
 on the CPU it is float32. A peft LoRA adapter directory can be applied on top.
 """
@@ -70,7 +72,8 @@ def read_config_json(weights_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {cfg_path}: {exc}") from exc
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path} does not hold a JSON object")
-    from engine.modeling import ARCHITECTURE, MODEL_TYPE
+    from engine.modeling import (ARCHITECTURE, DEFAULT_VISION_TOWER, MODEL_TYPE,
+                                 clip_vision_config_of, unsupported_tile_geometry)
 
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != MODEL_TYPE and ARCHITECTURE not in archs:
@@ -78,6 +81,14 @@ def read_config_json(weights_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path} holds a {cfg.get('model_type')!r} model ({', '.join(archs) or 'no architecture'}); "
             f"GeoVQA needs a GeoLLaVA-8K checkpoint (model_type {MODEL_TYPE!r})"
         )
+    try:
+        clip = clip_vision_config_of(cfg.get("vision_config"),
+                                     cfg.get("mm_vision_tower", DEFAULT_VISION_TOWER))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{cfg_path} does not describe a usable vision tower: {exc}") from exc
+    problem = unsupported_tile_geometry(clip)
+    if problem:
+        raise CheckpointError(f"the checkpoint in {path} cannot be used: {problem}")
     return cfg
 
 

@@ -80,6 +80,44 @@ NEIGHBOUR_OFFSETS: tuple[tuple[int, int], ...] = tuple(
 )
 
 
+def clip_vision_config_of(vision_config: dict | None,
+                          mm_vision_tower: str | None = DEFAULT_VISION_TOWER) -> CLIPVisionConfig:
+    """The CLIPVisionConfig a checkpoint's config describes: its ``vision_config`` if present,
+    else the built-in ViT-L/14-336 config when ``mm_vision_tower`` names that model (ValueError
+    otherwise). Works on config.json's raw values, so the loader can check it before loading."""
+    if vision_config:
+        values = dict(vision_config)
+    else:
+        tower = str(mm_vision_tower or "")
+        if "clip-vit-large-patch14-336" not in tower.lower().replace("_", "-"):
+            raise ValueError(
+                f"the vision tower {tower!r} is not openai/clip-vit-large-patch14-336 and the "
+                "config has no 'vision_config' describing it; add one to config.json"
+            )
+        values = dict(CLIP_VIT_L_14_336)
+    for key in ("model_type", "transformers_version", "architectures"):
+        values.pop(key, None)
+    return CLIPVisionConfig(**values)
+
+
+def unsupported_tile_geometry(clip_config: CLIPVisionConfig) -> str | None:
+    """Why the engine cannot run a vision tower of this geometry, or None when it can.
+
+    Tiling, token geometry, heatmaps and every selection strategy but ``none`` are built for
+    CLIP ViT-L/14-336 tiles (engine/tiling.py: TILE 336 px, PATCH 14 px, a GRID of 24 x 24
+    patches); a tower of another image or patch size would load, then fail inside a strategy."""
+    from engine.tiling import GRID, PATCH, TILE
+
+    size, patch = clip_config.image_size, clip_config.patch_size
+    if (size, patch) == (TILE, PATCH):
+        return None
+    whole = isinstance(size, int) and isinstance(patch, int) and patch > 0 and size % patch == 0
+    grid = f"a {size // patch} x {size // patch} patch grid" if whole else "no whole patch grid"
+    return (f"its vision tower has image_size {size} and patch_size {patch} ({grid} a tile), but "
+            f"the engine supports only image_size {TILE} and patch_size {PATCH} (a {GRID} x {GRID} "
+            "patch grid a tile, the CLIP ViT-L/14-336 tower of GeoLLaVA-8K)")
+
+
 class LlavaQwenConfig(Qwen2Config):
     """Qwen2 config plus the LLaVA multimodal fields the released checkpoint carries."""
 
@@ -114,19 +152,7 @@ class LlavaQwenConfig(Qwen2Config):
     def clip_vision_config(self) -> CLIPVisionConfig:
         """The vision tower's CLIPVisionConfig: ``vision_config`` if present, else the built-in
         ViT-L/14-336 config when ``mm_vision_tower`` names that model."""
-        if self.vision_config:
-            values = dict(self.vision_config)
-        else:
-            tower = str(self.mm_vision_tower or "")
-            if "clip-vit-large-patch14-336" not in tower.lower().replace("_", "-"):
-                raise ValueError(
-                    f"the vision tower {tower!r} is not openai/clip-vit-large-patch14-336 and the "
-                    "config has no 'vision_config' describing it; add one to config.json"
-                )
-            values = dict(CLIP_VIT_L_14_336)
-        for key in ("model_type", "transformers_version", "architectures"):
-            values.pop(key, None)
-        return CLIPVisionConfig(**values)
+        return clip_vision_config_of(self.vision_config, self.mm_vision_tower)
 
     @property
     def max_visual_tokens_per_tile(self) -> int:

@@ -13,7 +13,7 @@ the result files' paths), not what would only make every turn bigger (:data:`RES
 the anchors GeoJSON inline, the raster's CRS as WKT (the same in every turn about a layer; the
 heatmap GeoTIFF and the anchors GeoJSON carry it) and a second copy of the answer. The request
 sent is kept as it is: its area of interest is the only record of where the question was about. An entry that cannot be read
-(edited by hand, cut short), or a single turn of it (a question that is no text, a layer's value
+(edited by hand, cut short, nested too deeply), or a single turn of it (a question that is no text, a layer's value
 that is no list), is left out with a message in the QGIS log, never an error; when the
 conversations are next saved it is kept aside, as it was, in the entry ``conversations_unreadable``
 (``{"version": 1, "unreadable": [item, ...]}``, each item ``{"entry": text}``, ``{"layer_id": id,
@@ -88,6 +88,8 @@ def loads(text: str) -> tuple:
         data = json.loads(text)
     except ValueError as exc:
         raise ValueError(f"it is not JSON ({exc})") from exc
+    except RecursionError as exc:  # JSON nested deeper than Python's recursion limit
+        raise ValueError("it is nested too deeply to be read as JSON") from exc
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), dict):
         raise ValueError("it holds no 'conversations' object")
     conversations, skipped = {}, []
@@ -114,7 +116,7 @@ def kept_aside(text: str, found: bool, items: list) -> str:
     if found and text:
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to read
             data = None
         if isinstance(data, dict) and data.get("version") == VERSION and isinstance(data.get("unreadable"), list):
             earlier = data["unreadable"]

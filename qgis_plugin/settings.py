@@ -128,10 +128,11 @@ class Settings:
 
         The local engine's token is never sent to another host: it would hand that host the key
         to the engine on this computer. The client then asks for the remote engine's token.
-        A token file that is not text (saved as UTF-16 "Unicode", another file saved over it), or
-        that cannot be read (no permission, a folder), raises ``client.EngineError('unauthorized')``
-        naming the file, why, and how to mend it; only a file that does not exist (yet: the local
-        engine makes its own when it first starts) means no token."""
+        A token file that is not text (saved as UTF-16 "Unicode", another file saved over it), that
+        cannot be read (no permission, a folder), or that was chosen and does not exist, raises
+        ``client.EngineError('unauthorized')`` naming the file, why, and how to mend it; only the
+        local engine's own token file not existing (yet: the engine makes it when it first
+        starts), chosen or not, means no token."""
         if self.token.strip():
             return self.token.strip()
         chosen = bool(self.token_file.strip())
@@ -144,6 +145,8 @@ class Settings:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
+            if chosen and not _same_file(path, default_token_path()):
+                raise token_file_missing_error(path) from None
             return ""
         except OSError as exc:
             raise token_file_unreadable_error(path, exc, chosen) from None
@@ -211,6 +214,25 @@ def token_file_error(path: Path, data: bytes, start: int, chosen: bool):
                 "GeoVQA > Engine token.")
     return EngineError("unauthorized", f"The engine token file {path} holds bytes that are not text{why}, "
                        "so no token can be read from it.", hint)
+
+
+def token_file_missing_error(path: Path):
+    """The ``client.EngineError`` for a token file chosen in the settings that does not exist."""
+    from .client import EngineError
+
+    return EngineError("unauthorized", f"The engine token file {path} chosen in the GeoVQA settings does not "
+                       "exist, so no token can be read from it.",
+                       "Choose the token file again (the engine writes it as 'token' in its configuration "
+                       "folder on its computer, ~/.config/geovqa/token on Linux), or type the token in "
+                       "Settings > Options > GeoVQA > Engine token.")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name the same path (neither needs to exist)."""
+    try:
+        return a.expanduser().resolve() == b.expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def token_file_unreadable_error(path: Path, exc: OSError, chosen: bool):

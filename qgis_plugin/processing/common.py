@@ -48,8 +48,8 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     ``feedback``): the answer is not lost for them. ``prepared``: the upload made once for
     several questions about this raster (:func:`tasks.prepare_item_upload`), sent as it is.
     ``progress``: the :class:`tasks.BatchProgress` of a batch this answer is one of (its upload
-    then takes the first part of this answer's share); without it the upload is the
-    ``feedback``'s progress."""
+    then takes the first part of this answer's share, the engine's own progress the rest);
+    without it the upload is the ``feedback``'s progress."""
     request = build_ask_request(question, raster_path, aoi=aoi, **options)
     stream = client.ask(request, prepared=prepared)
     if progress is not None:
@@ -65,9 +65,11 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
                 stream.abort()
                 break
             kind = ev.get("type")
-            if kind == "status" and feedback is not None:
-                if isinstance(ev.get("progress"), (int, float)):
+            if kind == "status" and isinstance(ev.get("progress"), (int, float)):
+                if feedback is not None:
                     feedback.setProgressText(f"{ev.get('stage')}: {ev.get('message', '')}")
+                if progress is not None:  # the bar too, as the batch dialog's BatchTask shows it
+                    progress.engine(ev["progress"])
             elif kind == "result":
                 files, warning = keep_result_files_or_warn(ev, client, results_dir, file_stem(question), clip_bounds,
                                                            unreferenced)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -94,6 +95,82 @@ def test_wrong_model_type(tmp_path, tiny_checkpoint):
     (dest / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="llava_qwen"):
         load_model(dest, device="cpu")
+
+
+SUPPORTED = ("the engine supports only image_size 336 and patch_size 14 (a 24 x 24 patch grid a "
+             "tile, the CLIP ViT-L/14-336 tower of GeoLLaVA-8K)")
+
+
+def test_a_tower_of_another_patch_grid_is_refused_at_load(tmp_path):
+    """Such a checkpoint used to load, answer with `none`, and fail inside every other strategy
+    ("cannot reshape array of size 3456 into shape (6,256)"): tiling and token geometry fix 24 x 24
+    patches of 14 px a 336 px tile. It is refused at load, before any weight is read."""
+    import engine.modeling as M
+    from engine.pipeline import Engine
+    from engine.tiny import build_tiny_checkpoint
+
+    dest = build_tiny_checkpoint(tmp_path / "grid16", seed=0, vision_config={"patch_size": 21})
+    said = ("cannot be used: its vision tower has image_size 336 and patch_size 21 (a 16 x 16 "
+            f"patch grid a tile), but {SUPPORTED}")
+    with pytest.raises(CheckpointError) as err:
+        load_model(dest, device="cpu", quantization="fp32")
+    assert str(err.value) == f"the checkpoint in {dest} {said}"
+    assert not checkpoint_present(dest)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M.LlavaQwenForCausalLM, "from_pretrained",
+                   classmethod(lambda *a, **k: pytest.fail("the weights were read")))
+        with pytest.raises(CheckpointError, match=re.escape(said)):
+            Engine(dest, output_dir=tmp_path / "out")
+
+
+def _config_copy(tmp_path, tiny_checkpoint, **changes):
+    dest = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(changes)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+@pytest.mark.parametrize("vision, said", [
+    ({"patch_size": 16}, "image_size 336 and patch_size 16 (a 21 x 21 patch grid a tile)"),
+    ({"image_size": 448}, "image_size 448 and patch_size 14 (a 32 x 32 patch grid a tile)"),
+    ({"image_size": 672, "patch_size": 28}, "image_size 672 and patch_size 28 (a 24 x 24 patch grid"),
+    ({"patch_size": 20}, "image_size 336 and patch_size 20 (no whole patch grid a tile)"),
+])
+def test_every_other_tile_geometry_is_refused(tmp_path, tiny_checkpoint, vision, said):
+    from engine.loader import check_checkpoint
+
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    dest = _config_copy(tmp_path, tiny_checkpoint, vision_config={**cfg["vision_config"], **vision})
+    with pytest.raises(CheckpointError, match=re.escape(said) + ".*" + re.escape(SUPPORTED)):
+        check_checkpoint(dest)
+
+
+def test_a_tower_the_config_does_not_describe_is_refused_before_loading(tmp_path, tiny_checkpoint):
+    dest = _config_copy(tmp_path, tiny_checkpoint, vision_config=None,
+                        mm_vision_tower="google/siglip-so400m-patch14-384")
+    with pytest.raises(CheckpointError, match="does not describe a usable vision tower: the vision "
+                                              "tower 'google/siglip-so400m-patch14-384' is not"):
+        load_model(dest, device="cpu")
+
+
+def test_the_released_tower_is_accepted_described_or_by_name(tmp_path, tiny_checkpoint):
+    """The tiny model (its own 336 / 14 vision_config) loads (every other test); a config with
+    ViT-L/14-336's full vision_config, and the full-size config the GPU kit writes
+    (write_random_checkpoint: no vision_config, the tower named by mm_vision_tower), pass."""
+    from engine.loader import read_config_json
+    from engine.modeling import CLIP_VIT_L_14_336, QWEN2_7B_LM, LlavaQwenConfig
+
+    read_config_json(tiny_checkpoint)
+    described = _config_copy(tmp_path, tiny_checkpoint, vision_config=dict(CLIP_VIT_L_14_336))
+    read_config_json(described)
+    full = tmp_path / "full"
+    config = LlavaQwenConfig(**QWEN2_7B_LM)
+    config.architectures = ["LlavaQwenForCausalLM"]
+    config.save_pretrained(full)
+    assert json.loads((full / "config.json").read_text()).get("vision_config") is None
+    assert read_config_json(full)["hidden_size"] == 3584
 
 
 def test_class_comes_from_config_not_name(tmp_path, tiny_checkpoint):

@@ -242,22 +242,11 @@ def test_a_prompt_longer_than_the_context_is_refused_before_the_vision_tower(
     assert error_for_exception(err.value).code == "bad_request"
 
 
-@pytest.fixture(scope="module")
-def engine_grid16(tmp_path_factory):
-    """An engine on a tiny checkpoint whose tower has 21 px patches: 336 / 21 = 16 patches a tile
-    side, 256 a tile, 64 tokens a tile for `none` (the released tower: 24, 576, 144)."""
-    from engine.tiny import build_tiny_checkpoint
-
-    ckpt = build_tiny_checkpoint(tmp_path_factory.mktemp("grid16") / "ckpt", seed=0,
-                                 vision_config={"patch_size": 21})
-    eng = Engine(ckpt, output_dir=tmp_path_factory.mktemp("out16"))
-    assert eng.model.patch_grid == 16
-    return eng
-
-
 def test_the_plan_counts_the_models_own_patches_a_tile():
     """refuse_from_plan counted 576 patches a tile whatever the model's grid: a tower of another
-    patch size had budgets refused that `select` meets (or let through ones it refuses)."""
+    patch size had budgets refused that `select` meets (or let through ones it refuses). The
+    loader now refuses such checkpoints (test_loader: a tower of another patch grid is refused
+    at load); the function still counts the model's own grid."""
     from types import SimpleNamespace
 
     from engine.pipeline import model_patches_per_tile, refuse_from_plan
@@ -272,20 +261,6 @@ def test_the_plan_counts_the_models_own_patches_a_tile():
     with pytest.raises(SelectionError, match=r"keeps all 1176 tokens \(6 tiles x 196\)"):
         refuse_from_plan(none, 6, 6 * 144, model=grid28)
     refuse_from_plan(none, 6, 6 * 144)  # no model: the released 576 patches a tile
-
-
-def test_a_tower_of_another_patch_grid_is_planned_by_its_own_grid(engine_grid16, scene,
-                                                                   monkeypatch):
-    """With 16 x 16 patches a tile, `none` sends 64 tokens a tile: a budget of 6 x 64 and a
-    context of exactly that prompt are enough (both were refused from a 6 x 144 plan)."""
-    eng = engine_grid16
-    n_prompt = _prompt_length(eng, "How many buildings?", 6 * 64)
-    monkeypatch.setattr(eng.model.config, "tokenizer_model_max_length", n_prompt + 1)
-    result = _ask(eng, scene, strategy="none", budget=6 * 64, max_new_tokens=1)[-1]
-    assert result["tokens"]["visual_kept"] == 6 * 64 and result["tokens"]["prompt"] == n_prompt
-    eng.features.clear()
-    visual = prepare_visual(eng.model, str(scene), "q", strategy="none", budget=6 * 64)
-    assert visual.selection.n_tokens == 6 * 64
 
 
 def test_a_prompt_that_fits_is_planned_exactly(engine, scene, monkeypatch):

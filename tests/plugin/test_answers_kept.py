@@ -374,6 +374,52 @@ def test_an_unreadable_entry_kept_aside_as_plain_text_stays_when_more_is_kept(qg
     assert _unreadable_items() == [{"entry": "not JSON at all"}, {"entry": "{also not JSON"}]
 
 
+DEEP = '{"version": 1, "conversations": {"x": ' + "[" * 5000 + "]" * 5000 + "}}"
+
+
+def test_a_saved_entry_nested_too_deeply_is_ignored_with_a_log_message_and_kept(
+        plugin, raster_layer, stub_engine, tmp_path):
+    """json.loads raises RecursionError, not ValueError, on JSON nested deeper than Python's
+    recursion limit: opening such a project raised from the dock instead of logging and keeping
+    the entry aside as for any other unreadable entry."""
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    layer_id = raster_layer().id()
+    path = str(tmp_path / "p.qgs")
+    log = _log_messages()
+    with python_errors() as errors:
+        project.writeEntry("geovqa", "conversations", DEEP)
+        assert project.write(path) and project.read(path)
+        dock = plugin.dock
+        assert not any(dock.conversations.values())
+        assert any(tag == "GeoVQA" and "could not be read: it is nested too deeply" in text
+                   for tag, text in log), log
+        layer = project.mapLayer(layer_id)
+        dock.set_layer(layer)
+        dock.ask("still working?")
+        wait_until(_answered(dock, layer), 30)
+        wait_for_tasks()
+    assert errors == []
+    assert [t["question"] for t in _entry()["conversations"][layer_id]] == ["still working?"]
+    assert _unreadable_items() == [{"entry": DEEP}]
+
+
+def test_a_kept_aside_entry_nested_too_deeply_stays_when_more_is_kept(qgis_new_project):
+    """Keeping more aside reads the ``conversations_unreadable`` entry first: one nested too
+    deeply to parse raised RecursionError there (the save failed); it is kept as an item."""
+    from geovqa.history import ProjectHistory
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    project.writeEntry("geovqa", "conversations_unreadable", DEEP)
+    project.writeEntry("geovqa", "conversations", "{also not JSON")
+    history = ProjectHistory()
+    assert history.read() == {}
+    history.write({"a": [{"question": "q?", "answer": "a", "done": True}]})
+    assert _unreadable_items() == [{"entry": DEEP}, {"entry": "{also not JSON"}]
+
+
 # -- batch dialog -------------------------------------------------------------------------------
 def _run_batch(plugin, layers, questions, with_layers=False):
     dlg = plugin.open_batch()
@@ -493,28 +539,31 @@ def test_closing_the_project_mid_batch_ends_it_without_adding_layers_to_the_next
 
 # -- Processing ---------------------------------------------------------------------------------
 def test_the_processing_batch_writes_each_csv_row_as_its_answer_arrives(
-        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing, monkeypatch):
     import processing
+    from geovqa import results_io
+    from geovqa.processing import batch_algorithm
     from geovqa.results_io import write_csv
-    from qgis.core import QgsProcessingFeedback
 
     out = tmp_path / "answers.csv"
-    seen = []  # the answers in the CSV each time the progress moves (after each answer)
+    asked, written = [], []  # the answers in the file as each question is asked / each row written
 
-    def rows_in_file(_progress):
-        if not out.exists():
-            seen.append(None)
-            return
+    def rows_in_file():
         with open(out, newline="", encoding="utf-8") as fh:
-            seen.append([r["answer"] for r in csv.DictReader(fh)])
+            return [r["answer"] for r in csv.DictReader(fh)]
 
-    feedback = QgsProcessingFeedback()
-    feedback.progressChanged.connect(rows_in_file)
+    ask_once, write = batch_algorithm.ask_once, results_io.CsvRows.write
+    monkeypatch.setattr(batch_algorithm, "ask_once",
+                        lambda *a, **kw: asked.append(rows_in_file()) or ask_once(*a, **kw))
+    monkeypatch.setattr(results_io.CsvRows, "write",
+                        lambda self, row: write(self, row) or written.append(rows_in_file()))
     res = processing.run("geovqa:batch_questions", {
         "LAYERS": [raster_layer("a"), raster_layer("b", width=32, height=40)], "QUESTIONS": "q1\nq2",
-        "OUTPUT": str(out), "OUTPUT_JSON": str(tmp_path / "answers.json")}, feedback=feedback)
+        "OUTPUT": str(out), "OUTPUT_JSON": str(tmp_path / "answers.json")})
     a_answer, b_answer = "The area is 64 x 48 pixels with 3 bands.", "The area is 32 x 40 pixels with 3 bands."
-    assert seen == [[a_answer], [a_answer] * 2, [a_answer] * 2 + [b_answer], [a_answer] * 2 + [b_answer] * 2]
+    in_order = [[a_answer], [a_answer] * 2, [a_answer] * 2 + [b_answer], [a_answer] * 2 + [b_answer] * 2]
+    assert asked == [[]] + in_order[:3]  # the header first; each answer is in the file before the next question
+    assert written == in_order  # each row is in the file (flushed) as soon as it is written
     # the same file as when it was written at the end
     rows = json.loads((tmp_path / "answers.json").read_text(encoding="utf-8"))["results"]
     reference = write_csv(rows, str(tmp_path / "reference.csv"))
@@ -522,13 +571,16 @@ def test_the_processing_batch_writes_each_csv_row_as_its_answer_arrives(
 
 
 def test_a_cancelled_processing_batch_keeps_the_answers_it_finished(
-        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing, monkeypatch):
     import processing
+    from geovqa import results_io
     from qgis.core import QgsProcessingFeedback
 
     out = tmp_path / "answers.csv"
     feedback = QgsProcessingFeedback()
-    feedback.progressChanged.connect(lambda _p: feedback.cancel())  # after the first answer
+    write = results_io.CsvRows.write
+    monkeypatch.setattr(results_io.CsvRows, "write",  # cancelled as the first answer's row is written
+                        lambda self, row: write(self, row) or feedback.cancel())
     processing.run("geovqa:batch_questions", {
         "LAYERS": [raster_layer("a")], "QUESTIONS": "q1\nq2\nq3", "OUTPUT": str(out)}, feedback=feedback)
     with open(out, newline="", encoding="utf-8") as fh:

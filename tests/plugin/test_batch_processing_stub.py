@@ -69,6 +69,24 @@ def test_processing_ask_and_batch(plugin, raster_layer, stub_engine, tmp_path, q
     assert all(r["answer"] for r in rows)
 
 
+def test_the_processing_batch_progress_follows_the_engine_within_an_answer(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+    """The bar moved only when an answer was done (the engine's progress went to the text alone),
+    unlike the batch dialog's BatchTask: within an answer it now follows the engine too."""
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    feedback, seen = QgsProcessingFeedback(), []
+    feedback.progressChanged.connect(seen.append)
+    res = processing.run("geovqa:batch_questions", {
+        "LAYERS": [raster_layer("a")], "QUESTIONS": "q1\nq2", "OUTPUT": str(tmp_path / "answers.csv")},
+        feedback=feedback)
+    assert res["ANSWERED"] == 2
+    # two answers, 50 % each; the stand-in engine reports 20 % ("read") within each
+    assert 10 in seen and 60 in seen, seen
+    assert seen == sorted(seen) and seen[-1] == 100
+
+
 def test_processing_outputs_default_to_temporary_files(plugin, raster_layer, stub_engine, qgis_processing):
     """The documented `qgis_process run geovqa:ask_raster -- INPUT=.. QUESTION=..` failed: the
     heatmap and anchors outputs were mandatory."""

@@ -212,6 +212,33 @@ def test_a_token_file_that_cannot_be_read_is_named_with_the_reason(stub_engine, 
     assert str(asked.value) == text and stub_engine.requests == []
 
 
+def test_a_chosen_token_file_that_does_not_exist_is_named(stub_engine, tmp_path, monkeypatch):
+    """A token file chosen in the settings that is not there (moved, mistyped, on a drive not
+    mounted) counted as "no token": the engine then refused every question with a generic "check
+    the engine token". The local engine's own file, missing until its first start, still means
+    no token, also when it is the file chosen."""
+    from geovqa.client import EngineError, build_ask_request
+    from geovqa.settings import Settings, make_client
+
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
+    path = tmp_path / "gone" / "engine token"
+    set_settings(engine_url=stub_engine.url, token="", token_file=str(path))
+    with pytest.raises(EngineError) as exc:
+        Settings.load().resolved_token()
+    text = str(exc.value)
+    assert exc.value.code == "unauthorized" and str(path) in text and "does not exist" in text, text
+    assert "Engine token" in exc.value.hint
+    client = make_client(Settings.load())
+    assert client.health()["status"] == "ok"  # the status line still shows the engine
+    with pytest.raises(EngineError) as asked:
+        list(client.ask(build_ask_request("What?", "/nowhere.tif")).events())
+    assert str(asked.value) == text and stub_engine.requests == []
+    set_settings(token_file=str(tmp_path / "cfg" / "token"))  # the local engine's own, not made yet
+    assert Settings.load().resolved_token() == ""
+    set_settings(token_file="")
+    assert Settings.load().resolved_token() == ""
+
+
 @pytest.mark.parametrize("kind", ["no permission", "a folder"])
 def test_the_local_engine_token_file_that_cannot_be_read_is_named(qgis_app, tmp_path, monkeypatch, kind):
     from geovqa.client import EngineError
