@@ -222,9 +222,13 @@ class EngineClient:
             h["Content-Type"] = content_type
         if auth and self.token_error is not None:
             raise self.token_error
-        if auth and not self.token and not self.is_local:
-            # settings.resolved_token never reads this computer's engine token for another host
-            raise EngineError("unauthorized", f"The engine at {self.base_url} is on another computer and "
+        if auth and not self.token and (not self.is_local or self.send_rasters == "upload"):
+            # settings.resolved_token never reads this computer's engine token for another host,
+            # nor for "always upload" (an SSH tunnel on 127.0.0.1 to another computer's engine)
+            where = ("is on another computer" if not self.is_local else
+                     "gets uploads (Send rasters: always upload, as through an SSH tunnel to another "
+                     "computer)")
+            raise EngineError("unauthorized", f"The engine at {self.base_url} {where} and "
                               "needs its own token.",
                               "Type the remote engine's token (from its token file, ~/.config/geovqa/token on "
                               "that computer) in Settings > Options > GeoVQA > Engine token.")

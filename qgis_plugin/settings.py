@@ -128,6 +128,8 @@ class Settings:
 
         The local engine's token is never sent to another host: it would hand that host the key
         to the engine on this computer. The client then asks for the remote engine's token.
+        "Send rasters: always upload" on a 127.0.0.1 URL is the SSH-tunnel set-up, whose engine
+        is on another computer: it gets no local token either.
         A token file that is not text (saved as UTF-16 "Unicode", another file saved over it), that
         cannot be read (no permission, a folder), or that was chosen and does not exist, raises
         ``client.EngineError('unauthorized')`` naming the file, why, and how to mend it; only the
@@ -138,7 +140,7 @@ class Settings:
         chosen = bool(self.token_file.strip())
         if chosen:
             path = Path(self.token_file)
-        elif is_loopback_url(self.engine_url):
+        elif is_loopback_url(self.engine_url) and self.send_rasters != "upload":
             path = default_token_path()
         else:
             return ""

@@ -122,6 +122,28 @@ def test_the_local_engine_token_is_never_sent_to_another_host(qgis_app, tmp_path
     assert Settings.load().resolved_token() == "REMOTE"
 
 
+def test_the_local_engine_token_is_not_sent_through_an_ssh_tunnel(qgis_app, tmp_path, monkeypatch):
+    """A 127.0.0.1 URL with "Send rasters: always upload" is the documented SSH-tunnel set-up: the
+    engine behind it is on another computer, and it got this computer's engine token."""
+    from conftest import set_settings
+    from geovqa.client import EngineError
+    from geovqa.settings import Settings, make_client
+
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "token").write_text("LOCAL-ENGINE-SECRET\n")
+    set_settings(engine_url="http://127.0.0.1:8765", token="", token_file="", send_rasters="upload")
+    assert Settings.load().resolved_token() == ""
+    with pytest.raises(EngineError) as err:
+        make_client().job("abc")  # refused before any connection is made
+    assert err.value.code == "unauthorized" and "SSH tunnel" in err.value.message
+    assert "Engine token" in err.value.hint
+    set_settings(token="REMOTE-TYPED")  # the remote engine's token, typed in, is what goes
+    assert Settings.load().resolved_token() == "REMOTE-TYPED"
+    set_settings(token="", send_rasters="auto")  # the local engine keeps reading its file
+    assert Settings.load().resolved_token() == "LOCAL-ENGINE-SECRET"
+
+
 @pytest.mark.parametrize("content, why", [
     ("token-from-notepad\n".encode("utf-16"), "UTF-16 byte-order mark"),  # Notepad's "Unicode"
     (b"\x80\x81 not a token", "the first at byte 0"),
