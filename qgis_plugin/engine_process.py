@@ -23,6 +23,7 @@ from pathlib import Path
 from qgis.PyQt.QtCore import QCoreApplication, QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
 from .client import LOOPBACK_HOSTS, EngineError, engine_address
+from .paths import user_path
 
 NOT_RUNNING = QProcess.ProcessState.NotRunning
 MERGED = QProcess.ProcessChannelMode.MergedChannels
@@ -40,8 +41,8 @@ class EngineProcessError(RuntimeError):
 
 def engine_command(settings) -> tuple:
     """(program, args, working_dir) for the configured local engine."""
-    engine_dir = Path(settings.engine_dir).expanduser() if settings.engine_dir.strip() else None
-    python = settings.python.strip()
+    engine_dir = Path(user_path(settings.engine_dir)) if settings.engine_dir.strip() else None
+    python = user_path(settings.python)
     if not python and engine_dir is not None:
         for cand in (engine_dir / ".venv" / "bin" / "python", engine_dir / ".venv" / "Scripts" / "python.exe"):
             if cand.exists():
@@ -66,12 +67,12 @@ def engine_command(settings) -> tuple:
     # the very host and port the client will call (engine_address): ::1 stays IPv6
     args = ["-m", "engine", "serve", "--host", "::1" if host == "::1" else "127.0.0.1", "--port", str(port)]
     if settings.weights_dir.strip():
-        args += ["--weights", settings.weights_dir.strip()]
+        args += ["--weights", user_path(settings.weights_dir)]
     if settings.extra_args.strip():
         args += shlex.split(settings.extra_args)
     # <repo>/.venv/bin/python -> <repo>; not resolve(): a venv's python is a link to the base
     # interpreter, whose folder is not the engine's
-    workdir = str(engine_dir) if engine_dir is not None else str(Path(python).expanduser().absolute().parent.parent.parent)
+    workdir = str(engine_dir) if engine_dir is not None else str(Path(python).absolute().parent.parent.parent)
     return python, args, workdir
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from qgis.core import QgsProject, QgsSettings
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
+from .paths import user_path
+
 PREFIX = "geovqa/"
 DEFAULT_URL = "http://127.0.0.1:8765"
 DEFAULT_STRATEGY = "geollava"
@@ -139,7 +141,7 @@ class Settings:
             return self.token.strip()
         chosen = bool(self.token_file.strip())
         if chosen:
-            path = Path(self.token_file)
+            path = Path(user_path(self.token_file))
         elif is_loopback_url(self.engine_url) and self.send_rasters != "upload":
             path = default_token_path()
         else:
@@ -164,7 +166,7 @@ class Settings:
         otherwise a folder in the QGIS profile (never only a temp dir).
         """
         if self.output_dir.strip():
-            return Path(self.output_dir).expanduser()
+            return Path(user_path(self.output_dir))
         project = project or QgsProject.instance()
         home = project.homePath() if project is not None else ""
         if project is not None and project.fileName() and home:
@@ -276,7 +278,7 @@ def make_client(settings: "Settings | None" = None):
     except EngineError as exc:  # an unreadable token file: /health needs no token, the rest says why
         token, token_error = "", exc
     client = EngineClient(settings.engine_url, token, stream_timeout=float(settings.request_timeout_s),
-                          send_rasters=settings.send_rasters, ca_file=settings.ca_cert)
+                          send_rasters=settings.send_rasters, ca_file=user_path(settings.ca_cert))
     if token_error is not None:
         client.token_error = token_error
     return client

@@ -15,9 +15,10 @@ without the token).
 from __future__ import annotations
 
 import http.client
-import os
 import socket
 import ssl
+
+from .paths import user_path
 
 CA_CERT_LABEL = "CA certificate (PEM) for a self-signed engine"  # its row in the options page
 CA_SETTING = f"Settings > Options > GeoVQA > {CA_CERT_LABEL}"
@@ -32,11 +33,11 @@ def context(ca_file: str = "") -> ssl.SSLContext:
     """The client's TLS context: the system trust store, or only the PEM file `ca_file`.
 
     Raises ``EngineError('tls_ca_file')`` when that file cannot be used."""
-    path = (ca_file or "").strip()
+    path = user_path(ca_file)
     if not path:
         return ssl.create_default_context()
     try:
-        return ssl.create_default_context(cafile=os.path.expanduser(path))
+        return ssl.create_default_context(cafile=path)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise ca_file_error(path, exc) from None
 

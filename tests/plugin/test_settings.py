@@ -59,3 +59,39 @@ def test_diagnostics_report_the_empty_slot_setting(plugin):
     assert "empty cluster slots: dropped" in plugin.dock.diagnostics_text()
     set_settings(faithful_empty_slots=True)
     assert "empty cluster slots: sent" in plugin.dock.diagnostics_text()
+
+
+def test_paths_typed_with_a_tilde_are_expanded_wherever_they_are_used(qgis_app, tmp_path, monkeypatch):
+    """'~/token' typed in the settings is the token file in the home folder, not a file named
+    '~' (reported as "does not exist"); the same for every path setting."""
+    from geovqa.engine_process import engine_command
+    from geovqa.settings import Settings, make_client
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "token").write_text("s3cret\n")
+    py = tmp_path / "repo" / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("")
+    s = Settings(engine_url="http://10.0.0.5:8765", token_file=" ~/token ", ca_cert="~/engine.pem",
+                 python="~/repo/.venv/bin/python", weights_dir="~/weights", output_dir="~/results")
+    assert s.resolved_token() == "s3cret"
+    assert make_client(s).ca_file == str(tmp_path / "engine.pem")
+    assert s.results_dir() == tmp_path / "results"
+    s.engine_url = "http://127.0.0.1:9911"
+    program, args, workdir = engine_command(s)
+    assert program == str(py) and workdir == str(tmp_path / "repo")
+    assert args[args.index("--weights") + 1] == str(tmp_path / "weights")
+    s.python, s.engine_dir = "", "~/repo"
+    program, _, workdir = engine_command(s)
+    assert program == str(py) and workdir == str(tmp_path / "repo")
+
+
+def test_a_ca_file_typed_with_a_tilde_is_read_from_the_home_folder(tmp_path, monkeypatch):
+    import pytest
+    from geovqa.client import EngineError
+    from geovqa.tls import context
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(EngineError, match="does not exist"):
+        context("~/missing.pem")
+    assert context("  ") is not None

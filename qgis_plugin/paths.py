@@ -1,0 +1,17 @@
+"""The one rule for paths typed in the plugin's settings (standard library only).
+
+A path setting may be typed with ``~`` for the home folder (``~/geovqa/token``); every place
+that uses one (token file, CA certificate, engine Python, engine and weights folders, output
+folder) goes through :func:`user_path`, so ``~`` means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def user_path(text: str) -> str:
+    """``text`` without surrounding blanks and with a leading ``~`` / ``~user`` expanded to that
+    home folder; '' stays '' (the setting is not set)."""
+    text = (text or "").strip()
+    return os.path.expanduser(text) if text else ""
