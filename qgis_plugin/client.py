@@ -17,6 +17,7 @@ fails for a TLS reason gets an error saying which and what to do.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import socket
@@ -183,12 +184,43 @@ def clean_token(token: str) -> str:
     return kept
 
 
+def is_own_host(host: str, own_addresses=()) -> bool:
+    """True when ``host`` (an engine URL's host) is this computer: a loopback name or address, or
+    an IP address among ``own_addresses`` (this computer's interface addresses, e.g. its LAN
+    address 192.168.1.20 for an engine serving on 0.0.0.0).
+
+    Host names other than ``localhost`` are never looked up: a lookup may take seconds (this is
+    decided when the client is made, on the user-interface thread), and the connection looks the
+    name up again, so a name that answered with our address may reach another computer, which
+    must never get this computer's engine token. Such a URL counts as another computer."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name
+        return False
+    if address.is_loopback:  # 127.0.0.2, 127.1.2.3: this computer too
+        return True
+    if address.is_unspecified or address.is_multicast:
+        return False
+    own = set()
+    for text in own_addresses or ():
+        try:
+            own.add(ipaddress.ip_address(str(text)))
+        except ValueError:
+            continue
+    return address in own
+
+
 class EngineClient:
     """Talks to one engine at ``base_url`` with a bearer ``token``."""
 
     def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0,
-                 send_rasters: str = "auto", ca_file: str = ""):
+                 send_rasters: str = "auto", ca_file: str = "", own_addresses=()):
         self.scheme, self.host, self.port, self.prefix = engine_address(base_url)
+        # this computer's interface addresses (settings.this_computer_addresses): an engine URL
+        # naming one of them is on this computer too; decided once, here (see is_local)
+        self.is_local = is_own_host(self.host, own_addresses)
         self.ca_file = ca_file or ""  # PEM file trusted for an https engine ('': the system's store)
         self._ssl_context = None  # made at the first https connection (tls.context)
         self.send_rasters = send_rasters if send_rasters in SEND_RASTERS else "auto"
@@ -271,11 +303,6 @@ class EngineClient:
             return json.loads(payload.decode("utf-8"))
         except ValueError as exc:
             raise EngineError("bad_response", f"The engine answered {path} with something that is not JSON.") from exc
-
-    @property
-    def is_local(self) -> bool:
-        """True when the engine runs on this computer and can read our files by path."""
-        return self.host in LOOPBACK_HOSTS
 
     @property
     def uploads(self) -> bool:

@@ -191,13 +191,23 @@ def config_dir() -> Path:
 
 
 def is_loopback_url(url: str) -> bool:
-    """True when ``url`` names this computer (an unparsable URL is not: no token goes there)."""
-    from .client import EngineClient, EngineError
+    """True when ``url`` names this computer: a loopback host, or one of this computer's own
+    addresses (:func:`this_computer_addresses`); an unparsable URL is not: no token goes there."""
+    from .client import EngineError, engine_address, is_own_host
 
     try:
-        return EngineClient(url).is_local
+        host = engine_address(url)[1]
     except EngineError:
         return False
+    return is_own_host(host, this_computer_addresses())
+
+
+def this_computer_addresses() -> tuple:
+    """The IP addresses of this computer's network interfaces, as text (QNetworkInterface: read
+    from the system, no name lookup, so cheap enough for the user-interface thread)."""
+    from qgis.PyQt.QtNetwork import QNetworkInterface
+
+    return tuple(a.toString() for a in QNetworkInterface.allAddresses())
 
 
 def token_file_error(path: Path, data: bytes, start: int, chosen: bool):
@@ -278,7 +288,8 @@ def make_client(settings: "Settings | None" = None):
     except EngineError as exc:  # an unreadable token file: /health needs no token, the rest says why
         token, token_error = "", exc
     client = EngineClient(settings.engine_url, token, stream_timeout=float(settings.request_timeout_s),
-                          send_rasters=settings.send_rasters, ca_file=user_path(settings.ca_cert))
+                          send_rasters=settings.send_rasters, ca_file=user_path(settings.ca_cert),
+                          own_addresses=this_computer_addresses())
     if token_error is not None:
         client.token_error = token_error
     return client

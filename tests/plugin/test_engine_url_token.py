@@ -109,7 +109,7 @@ def test_the_local_engine_token_is_never_sent_to_another_host(qgis_app, tmp_path
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "token").write_text("LOCAL-ENGINE-SECRET\n")
-    set_settings(engine_url="http://192.0.2.2:8765", token="")
+    set_settings(engine_url="http://198.51.100.7:8765", token="")
     assert Settings.load().resolved_token() == ""
     with pytest.raises(EngineError) as err:
         make_client().job("abc")  # refused before any connection is made
@@ -118,7 +118,7 @@ def test_the_local_engine_token_is_never_sent_to_another_host(qgis_app, tmp_path
     set_settings(engine_url="http://127.0.0.1:8765")  # the local engine keeps reading its file
     assert Settings.load().resolved_token() == "LOCAL-ENGINE-SECRET"
     (tmp_path / "remote_token").write_text("REMOTE\n")  # a token file chosen by the user is used
-    set_settings(engine_url="http://192.0.2.2:8765", token_file=str(tmp_path / "remote_token"))
+    set_settings(engine_url="http://198.51.100.7:8765", token_file=str(tmp_path / "remote_token"))
     assert Settings.load().resolved_token() == "REMOTE"
 
 
@@ -292,3 +292,49 @@ def test_the_local_engine_token_file_not_text_says_to_delete_it(qgis_app, tmp_pa
     from geovqa.settings import make_client
 
     assert make_client(Settings.load()).token == "abc"
+
+
+def test_an_engine_url_naming_this_computers_own_address_is_local(qgis_app, tmp_path, monkeypatch):
+    """http://192.168.1.20:8765 where that is this computer's LAN address (an engine serving on
+    0.0.0.0) was taken for another computer: rasters were uploaded and the local engine's token
+    file was not read. Only this computer's interface addresses count; host names are never
+    looked up (slow on the user-interface thread, and the connection looks them up again)."""
+    import geovqa.settings as settings_mod
+    from conftest import set_settings
+    from geovqa.client import EngineClient, is_own_host
+    from geovqa.settings import Settings, make_client, this_computer_addresses
+
+    monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "token").write_text("LOCAL-ENGINE-SECRET\n")
+    assert "127.0.0.1" in this_computer_addresses()  # QNetworkInterface, read from the system
+    monkeypatch.setattr(settings_mod, "this_computer_addresses",
+                        lambda: ("127.0.0.1", "::1", "192.168.1.20", "fe80::1%eth0"))
+    set_settings(engine_url="http://192.168.1.20:8765", token="", token_file="", send_rasters="auto")
+    assert Settings.load().resolved_token() == "LOCAL-ENGINE-SECRET"
+    client = make_client()
+    assert client.is_local and not client.uploads and client.token == "LOCAL-ENGINE-SECRET"
+    set_settings(engine_url="http://192.168.1.20:8765", send_rasters="upload")  # a tunnel: no local token
+    assert Settings.load().resolved_token() == ""
+    for url in ("http://192.168.1.21:8765", "http://my-hostname:8765", "http://0.0.0.0:8765",
+                "http://224.0.0.1:8765", "http://[::ffff:192.168.1.20]:8765"):
+        set_settings(engine_url=url, send_rasters="auto")
+        assert Settings.load().resolved_token() == "", url
+        assert not make_client().is_local and make_client().uploads, url
+    # the client alone (no addresses given) knows only loopback; the answer is kept per client
+    assert not EngineClient("http://192.168.1.20:8765").is_local
+    assert EngineClient("http://127.0.0.2:8765").is_local and EngineClient("http://localhost").is_local
+    assert is_own_host("fe80::1%eth0", ("fe80::1%eth0",)) and not is_own_host("fe80::1%eth1", ("fe80::1%eth0",))
+
+
+def test_this_computers_real_address_is_local(qgis_app):
+    """The same with the addresses QNetworkInterface reports here (skipped without a non-loopback one)."""
+    import ipaddress
+
+    from geovqa.settings import is_loopback_url, this_computer_addresses
+
+    own = [a for a in this_computer_addresses() if ipaddress.ip_address(a).version == 4
+           and not ipaddress.ip_address(a).is_loopback]
+    if not own:
+        pytest.skip("this computer has no non-loopback IPv4 address")
+    assert is_loopback_url(f"http://{own[0]}:8765")

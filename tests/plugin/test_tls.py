@@ -208,7 +208,7 @@ def test_the_local_token_is_still_never_sent_to_a_remote_https_engine(qgis_app, 
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "token").write_text("LOCAL-ENGINE-SECRET\n")
-    set_settings(engine_url="https://192.0.2.2:8765", token="", ca_cert=str(certs["engine"][0]))
+    set_settings(engine_url="https://198.51.100.7:8765", token="", ca_cert=str(certs["engine"][0]))
     assert Settings.load().resolved_token() == ""
     with pytest.raises(EngineError) as err:
         make_client().job("abc")  # refused before any connection is made
