@@ -11,7 +11,7 @@ from ..aoi import is_unreferenced_file
 from ..client import EngineError, build_ask_request
 from ..render import layer_file_path, render_sync
 from ..settings import STRATEGIES, Settings, make_client
-from ..tasks import file_stem, keep_result_files_or_warn, rect_bounds
+from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, rect_bounds
 
 
 def strategy_options():
@@ -49,13 +49,14 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     several questions about this raster (:func:`tasks.prepare_item_upload`), sent as it is.
     ``progress``: the :class:`tasks.BatchProgress` of a batch this answer is one of (its upload
     then takes the first part of this answer's share, the engine's own progress the rest);
-    without it the upload is the ``feedback``'s progress."""
+    without it the ``feedback``'s bar is this one answer's, split the same way (a batch of one)."""
     request = build_ask_request(question, raster_path, aoi=aoi, **options)
     stream = client.ask(request, prepared=prepared)
+    if progress is None and feedback is not None:
+        progress = BatchProgress(1, feedback.setProgress)
+        progress.start(0, stream.upload_path is not None or stream.prepared is not None)
     if progress is not None:
         stream.on_upload_progress = progress.uploaded
-    elif feedback is not None:
-        stream.on_upload_progress = lambda sent, total: feedback.setProgress(100.0 * sent / max(1, total))
     if feedback is not None:
         feedback.canceled.connect(stream.abort)
     result = None

@@ -87,6 +87,25 @@ def test_the_processing_batch_progress_follows_the_engine_within_an_answer(
     assert seen == sorted(seen) and seen[-1] == 100
 
 
+def test_the_processing_ask_progress_bar_follows_the_engine(plugin, raster_layer, stub_engine, qgis_processing):
+    """"Ask a raster" showed the engine's progress as text only: the bar stayed still until the
+    end. It now follows it as the batch does (tasks.BatchProgress, a batch of one), the upload
+    taking the first half when the raster is uploaded."""
+    import processing
+    from conftest import set_settings
+    from qgis.core import QgsProcessingFeedback
+
+    layer = raster_layer("a")
+    for mode, expected in (("path", [20]), ("upload", [50, 60])):
+        set_settings(send_rasters=mode)
+        feedback, seen = QgsProcessingFeedback(), []
+        feedback.progressChanged.connect(seen.append)
+        res = processing.run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": "How big?"}, feedback=feedback)
+        assert res["ANSWER"], mode
+        # the stand-in engine reports 20 % ("read")
+        assert all(p in seen for p in expected) and seen == sorted(seen), (mode, seen)
+
+
 def test_processing_outputs_default_to_temporary_files(plugin, raster_layer, stub_engine, qgis_processing):
     """The documented `qgis_process run geovqa:ask_raster -- INPUT=.. QUESTION=..` failed: the
     heatmap and anchors outputs were mandatory."""
