@@ -106,6 +106,20 @@ def build_ask_request(
     }
 
 
+def engine_json(text: str, message: str):
+    """``text`` from the engine read as JSON, or ``EngineError('bad_response')`` with ``message``,
+    whose ``{why}`` says what is wrong: not JSON, or JSON nested deeper than Python can read (which
+    ``json.loads`` raises as RecursionError, not ValueError: a broken or hostile remote engine).
+    Every place the client reads the engine's JSON goes through here."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        why, cause = "JSON nested too deeply to be read", exc
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        why, cause = "not JSON", exc
+    raise EngineError("bad_response", message.replace("{why}", why)) from cause
+
+
 def parse_event(line: bytes | str) -> dict | None:
     """One NDJSON line -> event dict (None for a blank keep-alive line)."""
     if isinstance(line, bytes):
@@ -113,10 +127,7 @@ def parse_event(line: bytes | str) -> dict | None:
     line = line.strip()
     if not line:
         return None
-    try:
-        event = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise EngineError("bad_response", f"The engine sent a line that is not JSON: {line[:120]!r}") from exc
+    event = engine_json(line, "The engine sent a line that is {why}: " + repr(line[:120]))
     if not isinstance(event, dict) or "type" not in event:
         raise EngineError("bad_response", f"The engine sent an event without a type: {line[:120]!r}")
     return event
@@ -124,9 +135,11 @@ def parse_event(line: bytes | str) -> dict | None:
 
 def error_from_body(status: int, body: bytes) -> EngineError:
     """Turn an HTTP error response (protocol error_body) into an EngineError."""
-    try:
-        err = json.loads(body.decode("utf-8", errors="replace")).get("error") or {}
-    except (ValueError, AttributeError):
+    try:  # a body that cannot be read says no more than its status
+        err = engine_json(body.decode("utf-8", errors="replace"), "{why}").get("error") or {}
+    except (EngineError, AttributeError):
+        err = {}
+    if not isinstance(err, dict):
         err = {}
     code = err.get("code") or ("unauthorized" if status == 401 else "internal")
     message = err.get("message") or f"The engine answered HTTP {status}."
@@ -300,9 +313,10 @@ class EngineClient:
         if resp.status >= 400:
             raise error_from_body(resp.status, payload)
         try:
-            return json.loads(payload.decode("utf-8"))
-        except ValueError as exc:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise EngineError("bad_response", f"The engine answered {path} with something that is not JSON.") from exc
+        return engine_json(text, f"The engine answered {path} with something that is {{why}}.")
 
     @property
     def uploads(self) -> bool:

@@ -159,3 +159,55 @@ def test_batch_jobs_through_the_plugin_client(real_engine, tmp_path, protocol):
     wait_until(lambda: client.job(job_id)["state"] in ("cancelled", "done"), 60, "the cancelled job")
     job = client.job(job_id)
     assert job["state"] == "cancelled" and job["done"] < job["total"] == 40
+
+
+def test_absurdly_nested_json_from_the_engine_is_a_bad_response(tmp_path):
+    """json.loads raises RecursionError (not ValueError) on JSON nested deeper than Python's
+    recursion limit: a broken or hostile remote engine's /health, /jobs, error body or answer
+    line escaped the client as a RecursionError instead of a sentence."""
+    import sys
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from geovqa.client import EngineClient, EngineError, build_ask_request, error_from_body, parse_event
+    from stub_engine import JsonHandler
+
+    nested = "[" * (sys.getrecursionlimit() * 20) + "]" * (sys.getrecursionlimit() * 20)
+    with pytest.raises(EngineError, match="nested too deeply") as err:
+        parse_event(nested.encode() + b"\n")
+    assert err.value.code == "bad_response"
+    err = error_from_body(500, ('{"error": ' + nested + "}").encode())  # says what its status says
+    assert isinstance(err, EngineError) and "HTTP 500" in err.message
+    err = error_from_body(500, b'{"error": "a string, not an object"}')
+    assert isinstance(err, EngineError) and "HTTP 500" in err.message
+
+    class Handler(JsonHandler):
+        def _nested(self, content_type):
+            data = nested.encode() + (b"\n" if content_type.endswith("ndjson") else b"")
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            self._nested("application/json")
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._nested("application/x-ndjson")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = EngineClient(f"http://127.0.0.1:{server.server_port}", "tok")
+        for call in (client.health, lambda: client.job("abc")):
+            with pytest.raises(EngineError, match="nested too deeply") as err:
+                call()
+            assert err.value.code == "bad_response"
+        with pytest.raises(EngineError, match="nested too deeply") as err:
+            list(client.ask(build_ask_request("What?", str(tmp_path / "x.tif")), upload=False).events())
+        assert err.value.code == "bad_response"
+    finally:
+        server.shutdown()
+        server.server_close()
