@@ -5,30 +5,40 @@ non-file layers are first rendered (current map extent) with :class:`render.Laye
 Every answer is also appended, as it arrives, to an autosave file (JSON Lines) in the results
 folder, named in the dialog, so a crash or closing QGIS mid-batch loses none. A layer removed
 from the project mid-batch gives an error row for each of its questions not asked yet; the
-batch goes on with the others."""
+batch goes on with the others.
+
+Inputs and results share a vertical splitter (the table gets most of the height); a cell's tooltip
+is its full text and a double-click shows the whole row. While a batch runs, the inputs and Export
+are disabled (the answers so far are in the autosave file; Export once the batch ends or is
+cancelled), and the message counts the questions asked."""
 
 from __future__ import annotations
 
 from functools import partial
 
 from qgis.core import QgsApplication, QgsGeometry, QgsProject
-from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
+from qgis.PyQt.QtCore import Qt, QTimer, QUrl, pyqtSignal
+from qgis.PyQt.QtGui import QDesktopServices
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QDialog,
+    QDialogButtonBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QListWidget,
     QListWidgetItem,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QSplitter,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
+    QWidget,
 )
 
 from . import layers as result_layers
@@ -43,6 +53,9 @@ USER_ROLE = Qt.ItemDataRole.UserRole
 CHECKED = Qt.CheckState.Checked
 UNCHECKED = Qt.CheckState.Unchecked
 TABLE_COLUMNS = ("Layer", "Question", "Answer", "Kept tokens", "Seconds")
+ANSWER_COLUMN = TABLE_COLUMNS.index("Answer")
+EXPORT_RUNNING_TIP = ("Export is available when the batch ends (or is cancelled); meanwhile every answer "
+                      "so far is already in the autosave file named above.")
 
 
 class BatchDialog(QDialog):
@@ -64,13 +77,21 @@ class BatchDialog(QDialog):
         self._items, self._pending = [], []  # of the run: items prepared, layers still to prepare
         self._rendering = None  # (layer id, item, renderer) of the layer being rendered
         self.autosave_path = None
+        self._total = 0  # questions of the run (layers x questions)
+        self.row_viewer = None  # the dialog a double-click on a row opens
+        self._row_viewer_text = None
         self._build()
         self.refresh_layers()
         QgsProject.instance().layerWillBeRemoved.connect(self._layer_will_be_removed)
 
     def _build(self):
         v = QVBoxLayout(self)
-        form = QFormLayout()
+        # inputs above, run controls and results below, in a splitter: the table gets the height
+        self.splitter = QSplitter(Qt.Orientation.Vertical)
+        self.splitter.setChildrenCollapsible(False)
+        inputs = QWidget()
+        form = QFormLayout(inputs)
+        form.setContentsMargins(0, 0, 0, 0)
         self.layer_list = QListWidget()
         form.addRow("Raster layers", self.layer_list)
         self.questions_edit = QPlainTextEdit()
@@ -78,7 +99,10 @@ class BatchDialog(QDialog):
         form.addRow("Questions", self.questions_edit)
         self.layers_check = QCheckBox("Add heatmap and anchor layers for every answer")
         form.addRow(self.layers_check)
-        v.addLayout(form)
+        self.splitter.addWidget(inputs)
+        results = QWidget()
+        rv = QVBoxLayout(results)
+        rv.setContentsMargins(0, 0, 0, 0)
         row = QHBoxLayout()
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)
@@ -89,18 +113,38 @@ class BatchDialog(QDialog):
         row.addWidget(self.run_button)
         row.addWidget(self.cancel_button)
         row.addWidget(self.progress, 1)
-        v.addLayout(row)
+        rv.addLayout(row)
         self.message = QLabel("")
         self.message.setWordWrap(True)
-        v.addWidget(self.message)
+        rv.addWidget(self.message)
+        autosave_row = QHBoxLayout()
         self.autosave_label = QLabel("")
         self.autosave_label.setWordWrap(True)
         self.autosave_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        v.addWidget(self.autosave_label)
+        autosave_row.addWidget(self.autosave_label, 1)
+        self.open_folder_button = QPushButton("Open folder")
+        self.open_folder_button.setToolTip("Open the folder of the autosave file")
+        self.open_folder_button.clicked.connect(self.open_autosave_folder)
+        self.open_folder_button.setVisible(False)
+        autosave_row.addWidget(self.open_folder_button)
+        rv.addLayout(autosave_row)
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        v.addWidget(self.table, 1)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setWordWrap(False)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(ANSWER_COLUMN, QHeaderView.ResizeMode.Stretch)
+        self.table.setColumnWidth(0, 140)
+        self.table.setColumnWidth(1, 180)
+        self.table.setToolTip("Double-click a row to read all of it")
+        self.table.cellDoubleClicked.connect(lambda r, _c: self.show_row(r))
+        rv.addWidget(self.table, 1)
+        self.splitter.addWidget(results)
+        self.splitter.setStretchFactor(0, 0)
+        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setSizes([190, 330])
+        v.addWidget(self.splitter, 1)
         row2 = QHBoxLayout()
         self.csv_button = QPushButton("Export CSV…")
         self.csv_button.clicked.connect(lambda: self._export("csv"))
@@ -115,7 +159,54 @@ class BatchDialog(QDialog):
         v.addLayout(row2)
         self.resize(760, 560)
 
+    def _set_running(self, running: bool):
+        """Inputs and Export are off while a batch runs (they would change nothing of it)."""
+        for w in (self.layer_list, self.questions_edit, self.layers_check, self.csv_button, self.json_button):
+            w.setEnabled(not running)
+        for w in (self.csv_button, self.json_button):
+            w.setToolTip(EXPORT_RUNNING_TIP if running else "")
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+
+    def row_text(self, r: int) -> str:
+        """Row ``r`` of the table in full: every column's name and text."""
+        parts = []
+        for c, name in enumerate(TABLE_COLUMNS):
+            item = self.table.item(r, c)
+            parts.append(f"{name}: {item.text() if item is not None else ''}")
+        return "\n\n".join(parts)
+
+    def show_row(self, r: int):
+        """A read-only window with row ``r`` in full (answer or error), not modal."""
+        if not 0 <= r < self.table.rowCount():
+            return None
+        if self.row_viewer is None:
+            self.row_viewer = QDialog(self)
+            self.row_viewer.setWindowTitle("GeoVQA batch answer")
+            lay = QVBoxLayout(self.row_viewer)
+            self._row_viewer_text = QPlainTextEdit()
+            self._row_viewer_text.setReadOnly(True)
+            lay.addWidget(self._row_viewer_text)
+            buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+            buttons.rejected.connect(self.row_viewer.close)
+            lay.addWidget(buttons)
+            self.row_viewer.resize(560, 400)
+        self._row_viewer_text.setPlainText(self.row_text(r))
+        self.row_viewer.show()
+        self.row_viewer.raise_()
+        return self.row_viewer
+
+    def open_autosave_folder(self):
+        if self.autosave_path is not None:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.autosave_path.parent)))
+
     def refresh_layers(self):
+        """List the project's raster layers. A layer listed before keeps its tick (by layer id); a
+        new one is ticked when it is selected in the layer tree."""
+        kept = {}
+        for i in range(self.layer_list.count()):
+            item = self.layer_list.item(i)
+            kept[item.data(USER_ROLE)] = item.checkState()
         self.layer_list.clear()
         try:
             selected = {lyr.id() for lyr in self.iface.layerTreeView().selectedLayers()}
@@ -127,7 +218,8 @@ class BatchDialog(QDialog):
             item = QListWidgetItem(layer.name())
             item.setData(USER_ROLE, layer.id())
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-            item.setCheckState(CHECKED if layer.id() in selected else UNCHECKED)
+            state = kept.get(layer.id(), CHECKED if layer.id() in selected else UNCHECKED)
+            item.setCheckState(state)
             self.layer_list.addItem(item)
 
     def set_checked_layers(self, layer_ids):
@@ -163,8 +255,11 @@ class BatchDialog(QDialog):
         self.rows = []
         self.table.setRowCount(0)
         self.progress.setValue(0)
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self._total = len(layers) * len(questions)
+        self.autosave_path = None
+        self.autosave_label.setText("")
+        self.open_folder_button.setVisible(False)
+        self._set_running(True)
         self.settings = Settings.load()
         self._items, self._pending = [], list(layers)
         self._questions = questions
@@ -224,12 +319,19 @@ class BatchDialog(QDialog):
             return
         self._drop_task()  # never leave an older task running unwatched
         results_dir = self.settings.results_dir()
+        try:
+            client = make_client(self.settings)
+        except Exception as exc:  # noqa: BLE001 - e.g. a bad engine URL: say so, end the run
+            self._done()
+            self.message.setText(f"The batch could not start: {exc}")
+            return
         self.autosave_path = results_dir / f"{file_stem('batch answers')}.jsonl"
-        self.task = BatchTask(make_client(self.settings), self._items, self._questions,
+        self.task = BatchTask(client, self._items, self._questions,
                               self.settings.request_options(), results_dir, autosave_path=self.autosave_path)
         for signal, slot in self._task_connections(self.task):
             signal.connect(slot)
-        self.message.setText(f"Asking {self.task.total} questions …")
+        self._total = self.task.total
+        self.message.setText(f"Asked 0 of {self._total} …")
         self.autosave_label.setText(f"Each answer is saved as it arrives to {self.autosave_path}")
         QgsApplication.taskManager().addTask(self.task)
 
@@ -322,31 +424,55 @@ class BatchDialog(QDialog):
         values = (row["layer"], row["question"], row["answer"] if row.get("answer") is not None else f"ERROR: {row.get('error')}",
                   str(kept), f"{secs:.1f}" if isinstance(secs, (int, float)) else "")
         for c, val in enumerate(values):
-            self.table.setItem(r, c, QTableWidgetItem(val))
+            cell = QTableWidgetItem(val)
+            cell.setToolTip(val)  # the whole text, which the column may cut
+            self.table.setItem(r, c, cell)
+        self.message.setText(f"Asked {len(self.rows)} of {self._total} …")
         if row.get("answer") is not None and row.get("error"):
-            self.message.setText(row["error"])  # an answer whose heatmap/anchors could not be saved
+            self._note(row["error"])  # an answer whose heatmap/anchors could not be saved
         if self.task is not None and self.task.autosave_error:
             self.autosave_label.setText(self.task.autosave_error)
         has_files = row.get("heatmap_path") or row.get("anchors_path")
         if self.layers_check.isChecked() and row.get("answer") is not None and has_files:
             layer = QgsProject.instance().mapLayer(row.get("layer_id") or "")
             if layer is None:  # result layers without their raster would only confuse
-                self.message.setText(f"The layer '{row['layer']}' was removed from the project: its answer "
-                                     "is kept without result layers.")
+                self._note(f"The layer '{row['layer']}' was removed from the project: its answer "
+                           "is kept without result layers.")
                 return
             try:
                 result_layers.add_result_layers(row["question"], row.get("heatmap_path"), row.get("anchors_path"),
                                                 source_layer=layer, crs_wkt=row.get("crs_wkt"))
             except result_layers.ResultLayerError as exc:
-                self.message.setText(str(exc))
+                self._note(str(exc))
+
+    def _note(self, text: str):
+        """A remark about the latest row, after the count of questions asked."""
+        self.message.setText(f"{self.message.text()} {text}")
+
+    def summary(self) -> str:
+        """'6 questions: 4 answered, 2 failed' (+ how many were not asked when cancelled). An answer
+        whose heatmap or anchors could not be saved counts as answered."""
+        answered = sum(1 for r in self.rows if r.get("answer") is not None)
+        failed = len(self.rows) - answered
+        total = max(self._total, len(self.rows))
+        text = f"{total} question{'s' if total != 1 else ''}: {answered} answered, {failed} failed"
+        not_asked = total - len(self.rows)
+        if not_asked > 0:
+            text += f", {not_asked} not asked"
+        return text
 
     def _done(self, *_):
-        errors = sum(1 for r in self.rows if r.get("error"))
-        cancelled = self._cancelled or (self.task is not None and self.task.isCanceled())
-        self.message.setText(f"{len(self.rows)} answers, {errors} errors" + (" (cancelled)" if cancelled else "") + ".")
+        task = self.task
+        cancelled = self._cancelled or (task is not None and task.isCanceled())
+        self.message.setText(self.summary() + (" (cancelled)" if cancelled else "") + ".")
+        autosave_error = task.autosave_error if task is not None else ""
         self.task = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        self._set_running(False)
+        if autosave_error:
+            self.autosave_label.setText(autosave_error)
+        elif self.autosave_path is not None and self.autosave_path.exists():
+            self.autosave_label.setText(f"Answers saved to {self.autosave_path}")
+            self.open_folder_button.setVisible(True)
         self.batch_finished.emit(list(self.rows))
 
     def export(self, path: str) -> str:

@@ -1,0 +1,170 @@
+"""Batch dialog usability (from a walkthrough): the results table gets the room, cells show their
+full text, inputs are frozen while a batch runs, the end-of-run wording counts questions, the
+autosave file can be opened, and reopening the dialog keeps the user's ticks."""
+
+from __future__ import annotations
+
+from conftest import set_settings, wait_for_tasks, wait_until
+
+
+def _settle():
+    from qgis.core import QgsApplication
+
+    for _ in range(5):
+        QgsApplication.processEvents()
+
+
+def _run(dlg, layers, questions, done):
+    dlg.set_checked_layers({lyr.id() for lyr in layers})
+    dlg.questions_edit.setPlainText("\n".join(questions))
+    n = len(done)
+    dlg.run()
+    wait_until(lambda: len(done) > n, 60, "the batch")
+    wait_for_tasks()
+
+
+def test_the_results_table_gets_most_of_the_height_and_shows_full_texts(plugin, raster_layer, stub_engine):
+    from qgis.PyQt.QtWidgets import QHeaderView
+
+    a = raster_layer("ortho_south_with_a_rather_long_layer_name_2023")
+    dlg = plugin.open_batch()
+    dlg.resize(760, 560)
+    dlg.show()
+    _settle()
+    row_h = dlg.table.verticalHeader().defaultSectionSize()
+    # at the default size the table showed about 1.5 rows; now at least 5 fit
+    assert dlg.table.viewport().height() >= 5 * row_h
+    header = dlg.table.horizontalHeader()
+    assert header.sectionResizeMode(2) == QHeaderView.ResizeMode.Stretch
+    done = []
+    dlg.batch_finished.connect(done.append)
+    _run(dlg, [a], ["How big?"], done)
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory.",
+                             "hint": "Lower the token budget."}
+    dlg.questions_edit.setPlainText("How big?\nAgain?")
+    dlg.run()
+    wait_until(lambda: len(done) == 2, 60, "the failing batch")
+    wait_for_tasks()
+    assert dlg.table.rowCount() == 2
+    for c in range(dlg.table.columnCount()):
+        cell = dlg.table.item(0, c)
+        assert cell.toolTip() == cell.text()
+    assert dlg.table.item(0, 0).toolTip() == "ortho_south_with_a_rather_long_layer_name_2023"
+    error_text = dlg.table.item(1, 2).text()
+    assert error_text.startswith("ERROR:") and "ran out of memory" in error_text
+    dlg.table.cellDoubleClicked.emit(1, 0)
+    viewer = dlg.row_viewer
+    assert viewer is not None and viewer.isVisible()
+    shown = dlg._row_viewer_text.toPlainText()
+    assert dlg._row_viewer_text.isReadOnly()
+    assert error_text in shown and "ortho_south_with_a_rather_long_layer_name_2023" in shown and "Again?" in shown
+    viewer.close()
+    dlg.close()
+
+
+def test_inputs_and_export_are_frozen_while_running_and_the_message_counts(plugin, raster_layer, stub_engine):
+    a, b = raster_layer("a"), raster_layer("b")
+    dlg = plugin.open_batch()
+    done = []
+    dlg.batch_finished.connect(done.append)
+    inputs = (dlg.layer_list, dlg.questions_edit, dlg.layers_check, dlg.csv_button, dlg.json_button)
+    stub_engine.token_delay = 0.1
+    dlg.set_checked_layers({a.id(), b.id()})
+    dlg.questions_edit.setPlainText("q1\nq2\nq3")
+    dlg.run()
+    assert not any(w.isEnabled() for w in inputs) and not dlg.run_button.isEnabled()
+    assert dlg.cancel_button.isEnabled()
+    assert "autosave" in dlg.csv_button.toolTip()
+    wait_until(lambda: len(dlg.rows) >= 2, 30, "two answers")
+    assert dlg.message.text().startswith(f"Asked {len(dlg.rows)} of 6")
+    assert not any(w.isEnabled() for w in inputs)
+    stub_engine.token_delay = 0
+    wait_until(lambda: done, 60, "the batch")
+    wait_for_tasks()
+    assert all(w.isEnabled() for w in inputs) and dlg.run_button.isEnabled() and not dlg.cancel_button.isEnabled()
+    assert dlg.csv_button.toolTip() == ""
+    # cancelled: enabled again
+    stub_engine.token_delay = 0.2
+    dlg.run()
+    wait_until(lambda: stub_engine.requests, 10)
+    dlg.cancel()
+    wait_until(lambda: len(done) == 2, 30, "the cancelled batch")
+    wait_for_tasks()
+    assert all(w.isEnabled() for w in inputs) and dlg.run_button.isEnabled()
+    assert "not asked" in dlg.message.text() and "(cancelled)" in dlg.message.text()
+
+
+def test_a_batch_that_cannot_start_gives_the_inputs_back(plugin, raster_layer, stub_engine):
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    set_settings(engine_url="ftp://example.org")
+    dlg.set_checked_layers({a.id()})
+    dlg.questions_edit.setPlainText("q1")
+    dlg.run()  # used to raise out of run() and leave Run disabled for good
+    assert "could not start" in dlg.message.text() and "http://" in dlg.message.text()
+    assert dlg.run_button.isEnabled() and dlg.layer_list.isEnabled() and dlg.questions_edit.isEnabled()
+    assert dlg.task is None
+
+
+def test_the_end_of_run_counts_questions_and_the_autosave_folder_opens(plugin, raster_layer, stub_engine, monkeypatch):
+    from geovqa import batch_dialog
+
+    a, b = raster_layer("a"), raster_layer("b")
+    dlg = plugin.open_batch()
+    dlg.show()
+    done = []
+    dlg.batch_finished.connect(done.append)
+    assert not dlg.open_folder_button.isVisible()
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory."}
+    _run(dlg, [a, b], ["q1", "q2", "q3"], done)
+    assert dlg.message.text() == "6 questions: 0 answered, 6 failed."
+    stub_engine.fail_with = None
+    _run(dlg, [a], ["q1", "q2"], done)
+    assert dlg.message.text() == "2 questions: 2 answered, 0 failed."
+    assert dlg.autosave_path.exists()
+    assert dlg.autosave_label.text() == f"Answers saved to {dlg.autosave_path}"
+    assert dlg.open_folder_button.isVisible()
+    opened = []
+
+    class FakeDesktop:
+        @staticmethod
+        def openUrl(url):  # noqa: N802
+            opened.append(url)
+            return True
+
+    monkeypatch.setattr(batch_dialog, "QDesktopServices", FakeDesktop)
+    dlg.open_folder_button.click()
+    assert [u.toLocalFile() for u in opened] == [str(dlg.autosave_path.parent)]
+    # a new run hides it until its own file is written
+    stub_engine.token_delay = 0.1
+    dlg.run()
+    assert not dlg.open_folder_button.isVisible()
+    dlg.cancel()
+    wait_until(lambda: len(done) == 3, 30)
+    wait_for_tasks()
+    dlg.close()
+
+
+def test_reopening_the_dialog_keeps_the_ticks(plugin, raster_layer, qgis_iface, monkeypatch):
+    from qgis.PyQt.QtCore import Qt
+
+    a, b = raster_layer("a"), raster_layer("b")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id()})
+
+    class View:
+        def __init__(self, layers):
+            self.layers = layers
+
+        def selectedLayers(self):  # noqa: N802
+            return self.layers
+
+    c, d = raster_layer("c"), raster_layer("d")
+    monkeypatch.setattr(qgis_iface, "layerTreeView", lambda: View([b, d]), raising=False)
+    assert plugin.open_batch() is dlg  # plugin.py refreshes the list
+    states = {dlg.layer_list.item(i).text(): dlg.layer_list.item(i).checkState()
+              for i in range(dlg.layer_list.count())}
+    # a: ticked by the user; b: unticked by the user, though selected; c, d new: the tree's selection
+    assert states == {"a": Qt.CheckState.Checked, "b": Qt.CheckState.Unchecked,
+                      "c": Qt.CheckState.Unchecked, "d": Qt.CheckState.Checked}
+    assert [lyr.name() for lyr in dlg.checked_layers()] == ["a", "d"]
