@@ -36,10 +36,16 @@ STRATEGY_LABELS = {
     "random": "Random",
 }
 RESULTS_FOLDER = "geovqa_results"
-SEND_RASTERS_LABELS = {  # client.SEND_RASTERS
-    "auto": "auto (upload when the engine is not on this computer, by its address)",
-    "upload": "always upload (e.g. an SSH tunnel on 127.0.0.1 to a remote engine)",
-    "path": "never upload (send file paths; the engine sees the same files)",
+SEND_RASTERS_LABELS = {  # client.SEND_RASTERS; short: the options page's width follows them
+    "auto": "auto (by engine address)",
+    "upload": "always upload",
+    "path": "never upload (file paths)",
+}
+SEND_RASTERS_TIPS = {  # the details, as each entry's tooltip
+    "auto": "Upload the raster when the engine is not on this computer (decided by its address); "
+            "send the file path when it is.",
+    "upload": "Always upload the raster, e.g. for an SSH tunnel on 127.0.0.1 to a remote engine.",
+    "path": "Never upload: send file paths; the engine must see the same files.",
 }
 
 

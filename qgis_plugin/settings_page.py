@@ -1,22 +1,50 @@
 """The GeoVQA page in QGIS's Options dialog (engine URL, token, CA certificate, local engine,
-outputs)."""
+outputs).
+
+Kept narrow (short labels and combo texts, the details in tooltips). The engine URL is checked as
+it is typed and when saved: a URL the client cannot use (client.engine_address) is not saved, and
+the page and QGIS's message bar say why. The CA certificate applies to https:// URLs only and is
+greyed out otherwise."""
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 from qgis.gui import QgsFileWidget, QgsOptionsPageWidget, QgsOptionsWidgetFactory
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QPushButton,
                                  QSpinBox, QVBoxLayout, QWidget)
 
-from .settings import SEND_RASTERS_LABELS, STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, default_token_path, notifier
+from .client import DEFAULT_ENGINE_URL, EngineError, engine_address
+from .settings import (SEND_RASTERS_LABELS, SEND_RASTERS_TIPS, STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT,
+                       Settings, default_token_path, notifier)
 from .tls import CA_CERT_LABEL
 
 ICON = str(Path(__file__).parent / "icons" / "geovqa.svg")
 GET_DIRECTORY = getattr(getattr(QgsFileWidget, "StorageMode", QgsFileWidget), "GetDirectory")
 PASSWORD = getattr(getattr(QLineEdit, "EchoMode", QLineEdit), "Password")
 CA_CERT_FILTER = "PEM certificates (*.pem *.crt *.cer);;All files (*)"
+TOOLTIP_ROLE = Qt.ItemDataRole.ToolTipRole
+RESULTS_NOTE = "Empty results folder: 'geovqa_results' next to the project file, or the QGIS profile."
+
+
+def url_problem(text: str) -> str:
+    """Why the engine URL ``text`` cannot be used ('' when it can; empty keeps the saved one)."""
+    if not text.strip():
+        return ""
+    try:
+        engine_address(text)
+    except EngineError as exc:
+        return str(exc)
+    return ""
+
+
+def _narrow_combo(combo: QComboBox, chars: int = 18):
+    """The combo's width no longer follows its longest entry (the entries' tooltips say it all)."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
 
 
 class SettingsForm(QWidget):
@@ -26,34 +54,56 @@ class SettingsForm(QWidget):
         super().__init__(parent)
         s = Settings.load()
         form = QFormLayout(self)
+        self._saved_url = s.engine_url
+        self.url_problem = ""  # why the URL was not saved by the last apply()
         self.url = QLineEdit(s.engine_url)
+        self.url.setPlaceholderText(f"empty: keep {s.engine_url or DEFAULT_ENGINE_URL}")
         form.addRow("Engine URL", self.url)
+        self.url_error = QLabel("")
+        self.url_error.setWordWrap(True)
+        self.url_error.setStyleSheet("color: #b00020")
+        self.url_error.setVisible(False)
+        form.addRow(self.url_error)
         self.token = QLineEdit(s.token)
         self.token.setEchoMode(PASSWORD)
         self.token.setPlaceholderText(f"empty: read from {default_token_path()} (engine on this computer only)")
         form.addRow("Engine token", self.token)
         self.token_file = QgsFileWidget()
         self.token_file.setFilePath(s.token_file)
+        self.token_file.setToolTip("A file holding the engine token. A token typed in 'Engine token' wins "
+                                   "over this file; with both empty, the engine's own token file on this "
+                                   "computer is read.")
         form.addRow("Token file", self.token_file)
         self.ca_cert = QgsFileWidget()
         self.ca_cert.setFilter(CA_CERT_FILTER)
         self.ca_cert.setFilePath(s.ca_cert)
         self.ca_cert.setToolTip("For an https:// engine with a self-signed certificate: a copy of the file it "
                                 "was started with as --tls-cert (never its key). Empty: the system's "
-                                "trusted certificate authorities.")
+                                "trusted certificate authorities. Used for https:// engine URLs only.")
         form.addRow(CA_CERT_LABEL, self.ca_cert)
+        form.labelForField(self.ca_cert).setToolTip(self.ca_cert.toolTip())
         self.send_rasters = QComboBox()
         for value, label in SEND_RASTERS_LABELS.items():
             self.send_rasters.addItem(label, value)
+            self.send_rasters.setItemData(self.send_rasters.count() - 1, SEND_RASTERS_TIPS[value], TOOLTIP_ROLE)
         self.send_rasters.setCurrentIndex(max(0, self.send_rasters.findData(s.send_rasters)))
+        self.send_rasters.currentIndexChanged.connect(self._send_rasters_tip)
+        self._send_rasters_tip()
         form.addRow("Send rasters", self.send_rasters)
         form.addRow(QLabel("<b>Local engine</b> (Start/Stop from the GeoVQA menu)"))
         self.python = QgsFileWidget()
         self.python.setFilePath(s.python)
+        # as engine_process.engine_command resolves them
+        self.python.lineEdit().setPlaceholderText("empty: <engine folder>/.venv/bin/python")
+        self.python.setToolTip("The python of the venv with torch, e.g. <repo>/.venv/bin/python. Empty: the "
+                               "engine folder's .venv (bin/python, or Scripts/python.exe on Windows).")
         form.addRow("Engine Python", self.python)
         self.engine_dir = QgsFileWidget()
         self.engine_dir.setStorageMode(GET_DIRECTORY)
         self.engine_dir.setFilePath(s.engine_dir)
+        self.engine_dir.lineEdit().setPlaceholderText("empty: the folder above the Python's .venv")
+        self.engine_dir.setToolTip("The folder the engine runs in. Empty: the folder holding the engine "
+                                   "Python's venv (<repo> for <repo>/.venv/bin/python).")
         form.addRow("Engine folder", self.engine_dir)
         self.weights = QgsFileWidget()
         self.weights.setStorageMode(GET_DIRECTORY)
@@ -73,6 +123,8 @@ class SettingsForm(QWidget):
         self.strategy = QComboBox()
         for name in STRATEGIES:
             self.strategy.addItem(STRATEGY_LABELS[name], name)
+            self.strategy.setItemData(self.strategy.count() - 1, STRATEGY_LABELS[name], TOOLTIP_ROLE)
+        _narrow_combo(self.strategy)
         self.strategy.setCurrentIndex(max(0, self.strategy.findData(s.strategy)))
         form.addRow("Default strategy", self.strategy)
         self.budget = QSpinBox()
@@ -85,7 +137,7 @@ class SettingsForm(QWidget):
         self.tpt.setSpecialValueText(TOKENS_PER_TILE_AUTO_TEXT)
         self.tpt.setValue(s.tokens_per_tile)
         form.addRow("Tokens per tile", self.tpt)
-        self.faithful = QCheckBox("Send every tile's full count, as the released checkpoint")
+        self.faithful = QCheckBox("Full count a tile, as released")
         self.faithful.setToolTip(
             "GeoLLaVA-8K strategy only. The released model always reads 'tokens per tile' tokens "
             "a tile, zero tokens standing in for missing clusters in uniform tiles. Off (default): "
@@ -99,12 +151,39 @@ class SettingsForm(QWidget):
         self.render_px = QSpinBox()
         self.render_px.setRange(256, 16384)
         self.render_px.setValue(s.render_max_px)
-        form.addRow("Render size for web/virtual layers (px)", self.render_px)
+        self.render_px.setToolTip("Longest side, in pixels, of the image rendered from a web or virtual "
+                                  "layer (what the map shows of it) before it is asked about.")
+        form.addRow("Render size (px)", self.render_px)
+        form.labelForField(self.render_px).setToolTip(self.render_px.toolTip())
         self.output = QgsFileWidget()
         self.output.setStorageMode(GET_DIRECTORY)
         self.output.setFilePath(s.output_dir)
         form.addRow("Results folder", self.output)
-        form.addRow(QLabel("Empty results folder: 'geovqa_results' next to the project file, or the QGIS profile."))
+        self.results_note = QLabel("")
+        self.results_note.setWordWrap(True)
+        self.results_note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        form.addRow(self.results_note)
+        self.output.fileChanged.connect(self._update_results_note)
+        self._update_results_note()
+        self.url.textChanged.connect(self._url_changed)
+        self._url_changed()
+
+    def _send_rasters_tip(self, *_):
+        self.send_rasters.setToolTip(SEND_RASTERS_TIPS.get(self.send_rasters.currentData(), ""))
+
+    def _update_results_note(self, *_):
+        """The folder in use now (with the field as it stands), besides the rule for an empty field."""
+        s = Settings.load()
+        s.output_dir = self.output.filePath()
+        self.results_note.setText(f"{RESULTS_NOTE} In use now: {s.results_dir()}")
+
+    def _url_changed(self, *_):
+        text = self.url.text().strip()
+        problem = url_problem(text)
+        self.url_error.setText(problem)
+        self.url_error.setVisible(bool(problem))
+        scheme = urllib.parse.urlsplit(text or self._saved_url or DEFAULT_ENGINE_URL).scheme.lower()
+        self.ca_cert.setEnabled(scheme == "https")
 
     def check_memory(self):
         """Run `engine info --memory` with the local-engine fields as they stand in the form."""
@@ -133,8 +212,17 @@ class SettingsForm(QWidget):
         return s
 
     def apply(self):
+        """Save the form. An engine URL the client cannot use is not saved (the one saved before
+        stays): the page and QGIS's message bar say why."""
         s = Settings.load()
-        s.engine_url = self.url.text().strip() or s.engine_url
+        url = self.url.text().strip()
+        self.url_problem = url_problem(url)
+        if self.url_problem:
+            self.url_error.setText(self.url_problem)
+            self.url_error.setVisible(True)
+            self._warn(f"The engine URL was not saved (still {s.engine_url}): {self.url_problem}")
+        else:
+            s.engine_url = url or s.engine_url
         s.token = self.token.text().strip()
         s.token_file = self.token_file.filePath()
         s.ca_cert = self.ca_cert.filePath().strip()
@@ -148,7 +236,20 @@ class SettingsForm(QWidget):
         s.render_max_px = self.render_px.value()
         s.output_dir = self.output.filePath()
         s.save()
+        self._saved_url = s.engine_url
         notifier.saved.emit()
+
+    @staticmethod
+    def _warn(text: str):
+        try:
+            from qgis.utils import iface
+        except ImportError:  # noqa: BLE001 - not inside QGIS
+            iface = None
+        if iface is not None:
+            try:
+                iface.messageBar().pushWarning("GeoVQA", text)
+            except Exception:  # noqa: BLE001 - a test double without a message bar
+                pass
 
 
 PAGE_OBJECT_NAME = "mOptionsPageGeoVQA"

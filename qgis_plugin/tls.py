@@ -20,7 +20,7 @@ import ssl
 
 from .paths import user_path
 
-CA_CERT_LABEL = "CA certificate (PEM) for a self-signed engine"  # its row in the options page
+CA_CERT_LABEL = "CA certificate (PEM)"  # its row in the options page (a self-signed https engine)
 CA_SETTING = f"Settings > Options > GeoVQA > {CA_CERT_LABEL}"
 MAKE_CERT = "docs/protocol.md, 'Starting the engine'"
 PROBE_TIMEOUT = 5.0

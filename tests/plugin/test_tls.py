@@ -18,7 +18,7 @@ from conftest import ENGINE_PY, StubEngine, python_errors, set_settings, wait_un
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from tls_certs import make_pair  # noqa: E402
 
-LABEL = "CA certificate (PEM) for a self-signed engine"
+LABEL = "CA certificate (PEM)"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,89 @@
+"""Options page usability (from a walkthrough): narrow enough for a laptop, placeholders that say
+what an empty field means, the results folder in use now, a bad engine URL refused when saved,
+and the CA certificate only for https:// URLs."""
+
+from __future__ import annotations
+
+from conftest import set_settings
+
+
+def _page():
+    from geovqa.settings_page import GeoVQAOptionsPage
+
+    return GeoVQAOptionsPage()
+
+
+def test_the_page_is_narrow_and_the_details_are_in_tooltips(qgis_app):
+    from geovqa.settings import SEND_RASTERS_LABELS
+    from qgis.PyQt.QtCore import Qt
+
+    page = _page()
+    assert page.minimumSizeHint().width() < 640  # was 1019: long combo entries and the CA label
+    form = page.form
+    combo = form.send_rasters
+    assert combo.count() == len(SEND_RASTERS_LABELS)
+    for i in range(combo.count()):
+        assert len(combo.itemText(i)) <= 30
+        tip = combo.itemData(i, Qt.ItemDataRole.ToolTipRole)
+        assert tip and len(tip) > len(combo.itemText(i))
+    assert "SSH tunnel" in combo.itemData(combo.findData("upload"), Qt.ItemDataRole.ToolTipRole)
+    assert combo.toolTip() == combo.itemData(combo.currentIndex(), Qt.ItemDataRole.ToolTipRole)
+    ca_label = form.layout().labelForField(form.ca_cert)
+    assert len(ca_label.text()) <= 25 and "self-signed" in ca_label.toolTip()
+
+
+def test_empty_fields_say_what_happens(qgis_app, tmp_path):
+    from geovqa.settings import Settings
+
+    page = _page()
+    form = page.form
+    assert ".venv" in form.python.lineEdit().placeholderText()
+    assert form.python.lineEdit().placeholderText().startswith("empty:")
+    assert form.engine_dir.lineEdit().placeholderText().startswith("empty:")
+    assert "wins" in form.token_file.toolTip() and "Engine token" in form.token_file.toolTip()
+    # the results folder in use now, following the field
+    assert str(Settings.load().results_dir()) in form.results_note.text()
+    form.output.setFilePath(str(tmp_path / "elsewhere"))
+    assert f"In use now: {tmp_path / 'elsewhere'}" in form.results_note.text()
+    form.output.setFilePath("")
+    set_settings(output_dir="")
+    assert f"In use now: {Settings.load().results_dir()}" in form.results_note.text()
+
+
+def test_a_bad_engine_url_is_not_saved_and_the_page_says_why(qgis_app):
+    from geovqa.settings import Settings
+
+    set_settings(engine_url="http://127.0.0.1:8765")
+    page = _page()
+    form = page.form
+    assert not form.url_error.isVisibleTo(form)
+    form.url.setText("http://127.0.0.1:99999")
+    assert form.url_error.isVisibleTo(form) and "invalid port" in form.url_error.text()  # as typed
+    form.budget.setValue(1234)
+    page.apply()
+    s = Settings.load()
+    assert s.engine_url == "http://127.0.0.1:8765"  # kept, not the bad one
+    assert s.budget == 1234  # the rest is saved
+    assert "invalid port" in form.url_problem and form.url_error.isVisibleTo(form)
+    form.url.setText("ftp://example.org")
+    assert "http://" in form.url_error.text()
+    form.url.setText("http://127.0.0.1:9000")
+    assert not form.url_error.isVisibleTo(form)
+    page.apply()
+    assert Settings.load().engine_url == "http://127.0.0.1:9000" and form.url_problem == ""
+
+
+def test_the_ca_certificate_is_for_https_only(qgis_app):
+    set_settings(engine_url="http://127.0.0.1:8765")
+    page = _page()
+    form = page.form
+    assert not form.ca_cert.isEnabled()
+    form.url.setText("https://gpu.example.org:8443")
+    assert form.ca_cert.isEnabled()
+    form.url.setText("HTTPS://gpu.example.org")
+    assert form.ca_cert.isEnabled()
+    form.url.setText("http://gpu.example.org")
+    assert not form.ca_cert.isEnabled()
+    set_settings(engine_url="https://gpu.example.org")
+    page = _page()
+    assert page.form.ca_cert.isEnabled()
