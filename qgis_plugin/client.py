@@ -293,8 +293,8 @@ class EngineClient:
         return EngineUnavailable(
             "engine_down",
             f"The GeoVQA engine is not reachable at {self.base_url} ({exc.__class__.__name__}: {exc}).",
-            "Start it from the GeoVQA menu (Start local engine) or run `make serve`, "
-            "and check the engine URL in Settings > Options > GeoVQA.",
+            "Start it with Plugins > GeoVQA > Start local engine (or start the engine on the GPU "
+            "machine it runs on), and check the engine URL in Settings > Options > GeoVQA.",
         )
 
     def request_json(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,

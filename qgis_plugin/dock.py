@@ -40,11 +40,12 @@ from . import layers as result_layers
 from . import status as engine_status
 from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, is_unreferenced_file,
                   request_aoi)
-from .client import EngineError, build_ask_request, new_request_id
+from .client import EngineError, build_ask_request, engine_address, new_request_id
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
 from .render import LayerRenderer, layer_file_path
-from .settings import STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client
+from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
+                       TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
 from .tasks import AskTask, HealthTask, file_stem, rect_bounds
 
@@ -57,6 +58,61 @@ SCROLL_BOTTOM_SLACK_PX = 4  # "at the bottom" tolerates a few pixels of rounding
 USER_ROLE = Qt.ItemDataRole.UserRole
 # the layer list's last item when the project holds answers about layers it no longer has
 REMOVED_LAYERS_ITEM = "Answers about removed layers"
+READ_ONLY_PLACEHOLDER = "These answers are read-only: pick a layer to ask about it."
+QUESTION_PLACEHOLDER = "Ask about the layer, e.g. How many ships are in the harbour?"
+ANSWERING = "Answering…"
+# the engine's status stages (protocol.STAGES), in words
+STAGE_WORDS = {
+    "queued": "Waiting for the engine",
+    "read": "Reading the raster",
+    "tile": "Cutting the raster into tiles",
+    "vision": "Encoding tiles",
+    "select": "Choosing tokens",
+    "prefill": "Reading the image tokens",
+    "generate": ANSWERING,
+    "write": "Writing the result files",
+    "done": "Finishing",
+}
+
+
+class ChatView(QTextBrowser):
+    """The conversation. A reader at its end stays at the end whenever the scroll range grows
+    (the chat got shorter for a Retry button or a longer status line below it, the text was
+    laid out further), so the last line is not cut off; one who scrolled up keeps their place."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._at_end = True
+        self._holding = False  # while the text is replaced: its scroll moves are no reader's
+        sb = self.verticalScrollBar()
+        sb.valueChanged.connect(self._scrolled)
+        sb.rangeChanged.connect(self._range_changed)
+
+    def at_end(self) -> bool:
+        sb = self.verticalScrollBar()
+        return sb.value() >= sb.maximum() - SCROLL_BOTTOM_SLACK_PX
+
+    def _scrolled(self, _value):
+        if not self._holding:
+            self._at_end = self.at_end()
+
+    def _range_changed(self, _minimum, maximum):
+        if self._at_end and not self._holding:
+            self.verticalScrollBar().setValue(maximum)
+
+    def set_conversation(self, text: str, follow_end: bool = False):
+        """Show ``text`` (HTML); at its end when ``follow_end`` or when the reader was at the end,
+        else where the reader was."""
+        sb = self.verticalScrollBar()
+        at_end = follow_end or self.at_end()
+        position = sb.value()
+        self._holding = True
+        try:
+            self.setHtml(text)
+        finally:
+            self._holding = False
+        self._at_end = at_end
+        sb.setValue(sb.maximum() if at_end else position)
 
 
 class ChatDock(QgsDockWidget):
@@ -88,6 +144,8 @@ class ChatDock(QgsDockWidget):
         self._health_task = None
         self._health_again = False  # asked while a check ran (the local engine started or stopped meanwhile)
         self._shut_down = False  # shutdown() began: nothing new is started
+        self._shown_layer_id = None  # the layer whose conversation is shown
+        self._excepted_ids = set()  # GeoVQA's result layers left out of the layer list
         self._render_timer = QTimer(self)  # before _build: choosing a layer renders
         self._render_timer.setSingleShot(True)
         self._render_timer.setInterval(RENDER_INTERVAL_MS)
@@ -104,12 +162,16 @@ class ChatDock(QgsDockWidget):
                                  (project.readProject, self._project_read),
                                  (project.writeProject, self._project_saving),
                                  (project.layerWillBeRemoved, self._layer_will_be_removed),
-                                 (project.layersRemoved, self._update_removed_item))
+                                 (project.layersRemoved, self._update_removed_item),
+                                 (project.layersAdded, self._update_excepted_layers),
+                                 (project.layersRemoved, self._update_excepted_layers))
         if hasattr(project, "aboutToBeCleared"):  # newer QGIS (not 3.22): stop before the layers go, save nothing
             self._project_signals += ((project.aboutToBeCleared, self._project_closed),)
         for signal, slot in self._project_signals:
             signal.connect(slot)
+        self._update_excepted_layers()
         self._update_removed_item()
+        self._update_inputs()
         self.render_conversation()  # the conversation saved in a project already open
         QTimer.singleShot(0, self.refresh_health)
 
@@ -125,6 +187,7 @@ class ChatDock(QgsDockWidget):
         form = QFormLayout()
         self.layer_combo = QgsMapLayerComboBox()
         self.layer_combo.setFilters(RASTER_LAYER_FILTER)
+        self.layer_combo.setToolTip("The raster layer to ask about (GeoVQA's own heatmaps are not listed).")
         self.layer_combo.layerChanged.connect(self._layer_changed)
         # choosing the removed layers' item changes no layer: layerChanged says nothing then
         self.layer_combo.currentIndexChanged.connect(self._combo_index_changed)
@@ -143,14 +206,15 @@ class ChatDock(QgsDockWidget):
         form.addRow("Area", aoi_row)
         v.addLayout(form)
 
-        self.view = QTextBrowser()
+        self.view = ChatView()
         self.view.setOpenExternalLinks(False)
         v.addWidget(self.view, 1)
 
         q_row = QHBoxLayout()
         self.question_edit = QLineEdit()
-        self.question_edit.setPlaceholderText("Ask about the layer, e.g. How many ships are in the harbour?")
+        self.question_edit.setPlaceholderText(QUESTION_PLACEHOLDER)
         self.question_edit.returnPressed.connect(self.ask)
+        self.question_edit.textChanged.connect(self._update_inputs)
         self.ask_button = QPushButton("Ask")
         self.ask_button.clicked.connect(self.ask)
         self.stop_button = QPushButton("Stop")
@@ -161,6 +225,7 @@ class ChatDock(QgsDockWidget):
         q_row.addWidget(self.stop_button)
         v.addLayout(q_row)
         self.progress_label = QLabel("")
+        self.progress_label.setWordWrap(True)  # a long message wraps instead of widening the dock
         self.retry_button = QPushButton("")
         self.retry_button.setToolTip("Ask the same question again with the smaller token budget the "
                                      "engine suggests after running out of memory.")
@@ -176,8 +241,13 @@ class ChatDock(QgsDockWidget):
         self.options_box = opts
         of = QFormLayout(opts)
         self.strategy_combo = QComboBox()
-        for name in STRATEGIES:
-            self.strategy_combo.addItem(STRATEGY_LABELS[name], name)
+        # short names keep the dock narrow; the long ones are in the tooltips
+        self.strategy_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.strategy_combo.setMinimumContentsLength(12)
+        for i, name in enumerate(STRATEGIES):
+            self.strategy_combo.addItem(STRATEGY_SHORT_LABELS[name], name)
+            self.strategy_combo.setItemData(i, STRATEGY_LABELS[name], Qt.ItemDataRole.ToolTipRole)
+        self.strategy_combo.currentIndexChanged.connect(self._strategy_tooltip)
         of.addRow("Strategy", self.strategy_combo)
         self.budget_spin = QSpinBox()
         self.budget_spin.setRange(0, 200000)
@@ -187,14 +257,18 @@ class ChatDock(QgsDockWidget):
         of.addRow("Token budget", self.budget_spin)
         self.tpt_spin = QSpinBox()
         self.tpt_spin.setRange(0, 576)
-        self.tpt_spin.setSpecialValueText(TOKENS_PER_TILE_AUTO_TEXT)
+        self.tpt_spin.setSpecialValueText(TOKENS_PER_TILE_AUTO_SHORT)
+        self.tpt_spin.setToolTip(f"Visual tokens kept per tile; {TOKENS_PER_TILE_AUTO_SHORT} (0) = the "
+                                 f"{TOKENS_PER_TILE_AUTO_TEXT}.")
         of.addRow("Tokens per tile", self.tpt_spin)
         self.max_new_spin = QSpinBox()
         self.max_new_spin.setRange(1, 4096)
         of.addRow("Max answer tokens", self.max_new_spin)
-        self.heatmap_check = QCheckBox("Add heatmap and anchor layers after each answer")
+        self.heatmap_check = QCheckBox("Add result layers")
+        self.heatmap_check.setToolTip("Add the kept-token heatmap and the anchor tokens as layers after each answer.")
         self.heatmap_check.setChecked(True)
         of.addRow(self.heatmap_check)
+        opts.setCollapsed(True)  # the defaults come from Settings > Options > GeoVQA
         v.addWidget(opts)
 
         b_row = QHBoxLayout()
@@ -213,12 +287,16 @@ class ChatDock(QgsDockWidget):
         v.addLayout(b_row)
         self.setWidget(w)
 
+    def _strategy_tooltip(self, _index=None):
+        self.strategy_combo.setToolTip(STRATEGY_LABELS.get(self.strategy_combo.currentData(), ""))
+
     def _load_options(self):
         s = Settings.load()
         self.strategy_combo.setCurrentIndex(max(0, self.strategy_combo.findData(s.strategy)))
         self.budget_spin.setValue(s.budget)
         self.tpt_spin.setValue(s.tokens_per_tile)
         self.max_new_spin.setValue(s.max_new_tokens)
+        self._strategy_tooltip()
 
     def _settings_saved(self):
         """The options page saved: new defaults for the model options, and maybe a new engine."""
@@ -243,13 +321,41 @@ class ChatDock(QgsDockWidget):
         if layer is not None and is_raster_layer(layer):
             self.layer_combo.setLayer(layer)
 
-    def _layer_changed(self, _layer):
+    def _layer_changed(self, layer):
+        left, self._shown_layer_id = self._shown_layer_id, layer.id() if layer is not None else None
+        if (not self.is_asking() and left is not None and left != self._shown_layer_id
+                and QgsProject.instance().mapLayer(left) is not None):
+            # the user chose another layer: "Answered…" and the like were about the one left
+            # (a line saying why a question stopped, when its layer or project went, stays)
+            self.progress_label.setText("")
         self._update_retry_button()
+        self._update_inputs()
         self.render_conversation()
 
     def _combo_index_changed(self, _index):
         if self.layer_combo.currentLayer() is None:
             self._layer_changed(None)
+
+    def _update_inputs(self, *_):
+        """Area, Draw, the question box and Ask: read-only under the removed layers' item; Ask
+        needs a layer and a question that is not blank."""
+        removed = self.showing_removed_layers()
+        for w in (self.aoi_combo, self.question_edit):
+            w.setEnabled(not removed)
+        self.draw_button.setEnabled(not removed and self.aoi_mode() in ("rectangle", "polygon"))
+        self.question_edit.setPlaceholderText(READ_ONLY_PLACEHOLDER if removed else QUESTION_PLACEHOLDER)
+        self.ask_button.setEnabled(not removed and self.layer_combo.currentLayer() is not None
+                                   and bool(self.question_edit.text().strip()))
+
+    def _update_excepted_layers(self, *_):
+        """GeoVQA's own result layers (also those of a saved project) are not layers to ask about."""
+        project = QgsProject.instance()
+        excepted = [lyr for lyr in project.mapLayers().values() if result_layers.is_result_layer(lyr, project)]
+        ids = {lyr.id() for lyr in excepted}
+        # (the combo's own list may hold layers deleted meanwhile: never read back)
+        if ids != self._excepted_ids:
+            self._excepted_ids = ids
+            self.layer_combo.setExceptedLayerList(excepted)
 
     def turns(self, layer=None) -> list:
         """The conversation of ``layer`` (default: the chosen one); with the removed layers' item
@@ -276,6 +382,7 @@ class ChatDock(QgsDockWidget):
         wanted = [REMOVED_LAYERS_ITEM] if self._removed_layer_ids() else []
         if list(self.layer_combo.additionalItems()) != wanted:
             self.layer_combo.setAdditionalItems(wanted)
+        self._update_inputs()
 
     def _turn_label(self, turn, removed: bool) -> str:
         label = turn.get("aoi_label", "")
@@ -300,6 +407,7 @@ class ChatDock(QgsDockWidget):
         self._project_closed()
         self.conversations = self.history.read()
         self._history_changed = False
+        self._update_excepted_layers()
         self._update_removed_item()
         self.render_conversation()
 
@@ -324,8 +432,10 @@ class ChatDock(QgsDockWidget):
         if not self._render_timer.isActive():
             self._render_timer.start()
 
-    def render_conversation(self):
-        """Redraw the conversation now (also flushes a scheduled redraw)."""
+    def render_conversation(self, follow_end: bool = False):
+        """Redraw the conversation now (also flushes a scheduled redraw). ``follow_end``: show
+        its end whatever was read before (the user just asked); else a reader at the end stays
+        at the end and one reading an earlier answer keeps their place."""
         self._render_timer.stop()
         parts = []
         removed = self.showing_removed_layers()
@@ -343,13 +453,10 @@ class ChatDock(QgsDockWidget):
                 parts.append(f"<p><b>{who}:</b> {answer}{cursor}</p>")
             if t.get("meta"):
                 parts.append(f"<p><small>{html.escape(t['meta'])}</small></p>")
-        sb = self.view.verticalScrollBar()
-        # follow the answer only when the reader is at the end; someone reading an earlier
-        # answer keeps their place
-        at_bottom = sb.value() >= sb.maximum() - SCROLL_BOTTOM_SLACK_PX
-        position = sb.value()
-        self.view.setHtml("".join(parts) or "<p><i>Pick a raster layer and ask a question.</i></p>")
-        sb.setValue(sb.maximum() if at_bottom else position)
+        # follow the answer only when the reader is at the end (or just asked); someone reading
+        # an earlier answer keeps their place while tokens stream
+        self.view.set_conversation("".join(parts) or "<p><i>Pick a raster layer and ask a question.</i></p>",
+                                   follow_end)
 
     def conversation_text(self, layer=None) -> str:
         layer = layer or self.layer_combo.currentLayer()
@@ -422,7 +529,7 @@ class ChatDock(QgsDockWidget):
 
     def _aoi_mode_changed(self, _i):
         mode = self.aoi_mode()
-        self.draw_button.setEnabled(mode in ("rectangle", "polygon"))
+        self._update_inputs()
         self._remove_tool()
         if mode not in ("rectangle", "polygon"):
             self.aoi_geometry = None
@@ -471,10 +578,20 @@ class ChatDock(QgsDockWidget):
         question = (question if isinstance(question, str) else self.question_edit.text()).strip()
         layer = layer or self.layer_combo.currentLayer()
         if layer is None:
-            self._notify("Pick a raster layer first.", MSG_WARNING)
+            self._notify(READ_ONLY_PLACEHOLDER if self.showing_removed_layers() else "Pick a raster layer first.",
+                         MSG_WARNING)
             return None
         if not question:
             self._notify("Please type a question.", MSG_WARNING)
+            return None
+        # A mistake in the input (no area drawn, an area off the layer) is only said: it is no
+        # turn of the conversation, and the question stays in its box to be asked again.
+        try:
+            area = area or self._current_area()
+            if area["geometry"] is not None and not area["geometry"].isEmpty():
+                clip_to_layer(area["geometry"], area["crs"], layer)  # raises when it is off the layer
+        except AoiError as exc:
+            self._notify(str(exc), MSG_WARNING)
             return None
         self.stop(silent=True)  # a newer question supersedes the stale one
         self._offer_retry(None)
@@ -489,10 +606,9 @@ class ChatDock(QgsDockWidget):
         self.current_turn = turn
         self._conversations_changed()
         self.question_edit.clear()
-        self.render_conversation()
+        self.render_conversation(follow_end=True)  # the question just asked is in view
         self.stop_button.setEnabled(True)
         try:
-            area = area or self._current_area()
             turn["_area"] = area  # for a retry (keys starting with _ stay out of the JSON export)
             geom, crs = area["geometry"], area["crs"]
             path = layer_file_path(layer)
@@ -605,11 +721,11 @@ class ChatDock(QgsDockWidget):
         if kind == "queued":
             self.progress_label.setText(f"Queued ({ev.get('position', 0)} ahead) …")
         elif kind == "status":
-            p = ev.get("progress")
-            pct = f" {100 * p:.0f}%" if isinstance(p, (int, float)) else ""
-            self.progress_label.setText(f"{ev.get('stage', '')}{pct}: {ev.get('message', '')}")
+            self.progress_label.setText(self.stage_text(ev))
         elif kind == "token":
             turn["answer"] += ev.get("text", "")
+            if self.progress_label.text() != ANSWERING:
+                self.progress_label.setText(ANSWERING)
             self.schedule_render()
         elif kind == "result":
             self._finish(turn, ev)
@@ -617,12 +733,24 @@ class ChatDock(QgsDockWidget):
             msg = ev.get("message") or "The engine reported an error."
             if ev.get("hint"):
                 msg += " " + ev["hint"]
-            self._fail(turn, msg)
             if ev.get("code") == "out_of_memory" and isinstance(ev.get("retry_budget"), int):
+                # before the error is drawn: the button takes its room first, the chat then
+                # shows its end in what is left
                 self._offer_retry({"question": turn["question"], "budget": ev["retry_budget"],
                                    "layer_id": turn["layer_id"], "area": turn.get("_area")})
+            self._fail(turn, msg)
             if ev.get("code") in ("engine_down", "model_loading"):
                 self.refresh_health()
+
+    @staticmethod
+    def stage_text(ev: dict) -> str:
+        """A status event in words: "Reading the raster", "Encoding tiles 40 %"…"""
+        stage = ev.get("stage") or ""
+        words = STAGE_WORDS.get(stage) or (ev.get("message") or stage or "Working").capitalize()
+        p = ev.get("progress")
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1:
+            return f"{words} {100 * p:.0f} %"
+        return words if words.endswith("…") else words + " …"
 
     def _offer_retry(self, retry):
         """Offer (or withdraw, for None) to ask again with a smaller budget.
@@ -660,12 +788,13 @@ class ChatDock(QgsDockWidget):
         tokens = ev.get("tokens") or {}
         timings = ev.get("timings") or {}
         turn["result"] = kept_result(ev)  # not the anchors, the CRS WKT nor the answer again
-        turn["meta"] = (f"{ev.get('strategy')}: {tokens.get('visual_kept', '?')}/{tokens.get('visual_candidates', '?')} "
+        strategy = ev.get("strategy")
+        turn["meta"] = (f"{STRATEGY_SHORT_LABELS.get(strategy, strategy)}: {tokens.get('visual_kept', '?')}/{tokens.get('visual_candidates', '?')} "
                         f"visual tokens kept, {float(timings.get('total') or 0):.1f} s")
         self.task = None
         self.current_request_id = None
         self.stop_button.setEnabled(False)
-        self.progress_label.setText("Done.")
+        self.progress_label.setText("Answered.")
         layer = QgsProject.instance().mapLayer(turn["layer_id"])
         if self._layer_removed_meanwhile(turn):
             pass  # result layers without their raster would only confuse
@@ -679,6 +808,7 @@ class ChatDock(QgsDockWidget):
                 turn["anchors_layer_id"] = anchors.id() if anchors else None
             except result_layers.ResultLayerError as exc:
                 self._notify(str(exc), MSG_WARNING)
+        self._say_where_results_went(turn, ev)
         if ev.get("files_warning"):  # the answer is complete; only its layers are missing
             turn["files_warning"] = ev["files_warning"]
             self._notify(ev["files_warning"], MSG_WARNING)
@@ -686,6 +816,18 @@ class ChatDock(QgsDockWidget):
         self._update_removed_item()
         self.render_conversation()
         self.answer_finished.emit(turn)
+
+    def _say_where_results_went(self, turn, ev):
+        """The status line after an answer: where its layers (the group) and files went."""
+        if turn.get("files_warning") or self.progress_label.text() != "Answered.":
+            return  # a warning said what went wrong instead
+        files = [ev.get(k) for k in ("local_heatmap_path", "local_anchors_path") if ev.get(k)]
+        where = []
+        if turn.get("group"):
+            where.append(f"layers in the group '{turn['group']}'")
+        if files:
+            where.append(f"files in {Path(files[0]).parent}")
+        self.progress_label.setText("Answered" + (": " + ", ".join(where) if where else "") + ".")
 
     def _fail(self, turn, message):
         turn["error"] = message
@@ -729,7 +871,16 @@ class ChatDock(QgsDockWidget):
         self._health_task.done.connect(self._health_done)
         QgsApplication.taskManager().addTask(self._health_task)
 
+    @staticmethod
+    def _engine_host_port() -> str:
+        try:
+            _scheme, host, port, _prefix = engine_address(Settings.load().engine_url)
+        except (EngineError, ValueError):
+            return Settings.load().engine_url
+        return f"{host}:{port}"
+
     def _health_done(self, health, error):
+        code = getattr(self._health_task, "error_code", None)
         self._health_task = None
         self.health, self.health_error = health, error
         level, text = engine_status.summary(health, error, Settings.load().engine_url)
@@ -737,8 +888,14 @@ class ChatDock(QgsDockWidget):
             level, text = "loading", "The local engine is stopping …"
         elif level == "down" and self.engine_process is not None and self.engine_process.is_running():
             level, text = "loading", "The local engine is starting (loading the model) …"
+        tooltip = error or ""
+        if level == "down" and code == "engine_down":
+            # one short line; what the connection said and what to do are in the tooltip and
+            # in Diagnostics
+            text = f"Engine not reachable at {self._engine_host_port()}"
         color = engine_status.COLORS[level]
         self.status_label.setText(f"<span style='color:{color}'>●</span> {html.escape(text)}")
+        self.status_label.setToolTip(tooltip)
         self.status_level = level
         self.timer.setInterval(HEALTH_INTERVAL_MS if level in ("ok", "demo") else HEALTH_INTERVAL_BUSY_MS)
         self.health_updated.emit(health, error)

@@ -1,5 +1,8 @@
 """Result layers: the kept-token heatmap and the anchor tokens, grouped per question.
 
+Each is marked with the custom property RESULT_LAYER_PROPERTY; the chat dock leaves them out
+of its layer list.
+
 Main thread only (creates layers and touches the layer tree). Files are expected to be already
 saved in the results folder (see :func:`tasks.keep_result_files`), so the project can find them
 again after a restart.
@@ -22,8 +25,13 @@ from qgis.PyQt.QtGui import QColor
 
 from .compat import RAMP_INTERPOLATED, STATS_MIN_MAX
 
-HEATMAP_NAME = "kept-token heatmap"
+HEATMAP_PREFIX = "heatmap"  # each heatmap is named "heatmap: <layer> — <question>" (heatmap_name)
+LEGACY_HEATMAP_NAME = "kept-token heatmap"  # what every heatmap was called before: projects saved then
 ANCHORS_NAME = "anchor tokens"
+# custom layer property marking GeoVQA's own result layers (saved with the project): the chat dock
+# does not offer them as layers to ask about
+RESULT_LAYER_PROPERTY = "geovqa/result_layer"
+MAX_HEATMAP_QUESTION_CHARS = 40
 HEATMAP_OPACITY = 0.6
 GROUP_PREFIX = "GeoVQA: "
 MAX_GROUP_CHARS = 80
@@ -38,6 +46,32 @@ def group_name(question: str) -> str:
     if len(q) > MAX_GROUP_CHARS:
         q = q[: MAX_GROUP_CHARS - 1] + "…"
     return GROUP_PREFIX + q
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def heatmap_name(question: str, source_layer=None) -> str:
+    """The heatmap layer's name: its raster and its question (shortened), so the heatmaps of
+    several questions can be told apart in the layer tree and layer lists."""
+    about = f": {source_layer.name()}" if source_layer is not None else ""
+    return f"{HEATMAP_PREFIX}{about} — {_short(question, MAX_HEATMAP_QUESTION_CHARS)}"
+
+
+def is_result_layer(layer, project: QgsProject | None = None) -> bool:
+    """True for a heatmap or anchors layer GeoVQA added (marked with RESULT_LAYER_PROPERTY; a
+    heatmap of a project saved before the mark: its old name, inside a GeoVQA result group)."""
+    if layer is None:
+        return False
+    if layer.customProperty(RESULT_LAYER_PROPERTY):
+        return True
+    if layer.name() != LEGACY_HEATMAP_NAME:
+        return False
+    node = (project or QgsProject.instance()).layerTreeRoot().findLayer(layer.id())
+    parent = node.parent() if node is not None else None
+    return parent is not None and bool(parent.customProperty("geovqa/question"))
 
 
 def style_heatmap(layer: QgsRasterLayer) -> None:
@@ -104,7 +138,7 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
     crs = _crs(crs_wkt, source_layer)
     heat = anchors = None
     if heatmap_path:
-        heat = QgsRasterLayer(str(heatmap_path), HEATMAP_NAME, "gdal")
+        heat = QgsRasterLayer(str(heatmap_path), heatmap_name(question, source_layer), "gdal")
         if not heat.isValid():
             raise ResultLayerError(f"The heatmap {heatmap_path} could not be opened as a raster.")
         if crs.isValid():  # the source layer's CRS, also when the user overrode the file's own
@@ -124,6 +158,7 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
     group = root.insertGroup(0, group_name(question))
     for lyr in (anchors, heat):
         if lyr is not None:
+            lyr.setCustomProperty(RESULT_LAYER_PROPERTY, "heatmap" if lyr is heat else "anchors")
             project.addMapLayer(lyr, False)
             group.addLayer(lyr)
     if source_layer is not None:

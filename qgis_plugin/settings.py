@@ -35,6 +35,19 @@ STRATEGY_LABELS = {
     "uniform": "Uniform grid",
     "random": "Random",
 }
+# short names for narrow places (the chat dock's Strategy list, the line under each answer);
+# STRATEGY_LABELS says more, in their tooltips
+STRATEGY_SHORT_LABELS = {
+    "geollava": "GeoLLaVA-8K",
+    "background": "Background pruning",
+    "anchored": "Anchored selection",
+    "pyramid": "Pyramid",
+    "budget": "Budget-aware",
+    "none": "None (2x2 pooling)",
+    "uniform": "Uniform grid",
+    "random": "Random",
+}
+TOKENS_PER_TILE_AUTO_SHORT = "auto"  # the same as TOKENS_PER_TILE_AUTO_TEXT, for the narrow dock
 RESULTS_FOLDER = "geovqa_results"
 SEND_RASTERS_LABELS = {  # client.SEND_RASTERS; short: the options page's width follows them
     "auto": "auto (by engine address)",

@@ -256,12 +256,14 @@ class HealthTask(QgsTask):
         self.client = client
         self.health = None
         self.error = ""
+        self.error_code = None  # EngineError.code of the failure ('engine_down': nothing answered)
 
     def run(self) -> bool:
         try:
             self.health = self.client.health()
         except EngineError as exc:
             self.error = str(exc)
+            self.error_code = exc.code
         return True
 
     def finished(self, result: bool) -> None:  # main thread

@@ -74,7 +74,8 @@ def _write_results(tmp_path, layer):
 
 
 def test_result_layers_are_grouped_styled_and_aligned(raster_layer, tmp_path):
-    from geovqa.layers import ANCHORS_NAME, HEATMAP_NAME, HEATMAP_OPACITY, add_result_layers, group_name
+    from geovqa.layers import (ANCHORS_NAME, HEATMAP_OPACITY, RESULT_LAYER_PROPERTY, add_result_layers, group_name,
+                               heatmap_name, is_result_layer)
     from qgis.core import QgsProject, QgsSingleBandPseudoColorRenderer
 
     layer = raster_layer()
@@ -82,7 +83,11 @@ def test_result_layers_are_grouped_styled_and_aligned(raster_layer, tmp_path):
     group, hl, al = add_result_layers("Where are the ships?", str(heat), str(anchors), source_layer=layer)
     assert group.name() == group_name("Where are the ships?") and "Where are the ships?" in group.name()
     assert QgsProject.instance().layerTreeRoot().findGroup(group.name()) is group
-    assert [c.layer().name() for c in group.findLayers()] == [ANCHORS_NAME, HEATMAP_NAME]
+    # the heatmap says which layer and question it is about
+    assert hl.name() == f"heatmap: {layer.name()} — Where are the ships?" == heatmap_name("Where are the ships?", layer)
+    assert [c.layer().name() for c in group.findLayers()] == [ANCHORS_NAME, hl.name()]
+    assert hl.customProperty(RESULT_LAYER_PROPERTY) == "heatmap" and al.customProperty(RESULT_LAYER_PROPERTY) == "anchors"
+    assert is_result_layer(hl) and is_result_layer(al) and not is_result_layer(layer)
     assert hl.crs() == layer.crs() and al.crs() == layer.crs()
     assert hl.extent() == layer.extent()
     assert layer.extent().contains(al.extent())
@@ -95,7 +100,7 @@ def test_an_anchors_file_with_no_feature_keeps_the_heatmap(raster_layer, tmp_pat
     """Clipping can leave no anchor (all outside the layer): OGR then gives the layer no
     geometry type and no renderer, and styling it raised AttributeError in the dock's slot."""
     from geovqa.clip import clip_anchors
-    from geovqa.layers import HEATMAP_NAME, add_result_layers
+    from geovqa.layers import add_result_layers, heatmap_name
 
     layer = raster_layer()
     heat, anchors = _write_results(tmp_path, layer)
@@ -103,7 +108,7 @@ def test_an_anchors_file_with_no_feature_keeps_the_heatmap(raster_layer, tmp_pat
     assert json.loads(anchors.read_text())["features"] == []
     group, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
     assert al is None and hl is not None
-    assert [c.layer().name() for c in group.findLayers()] == [HEATMAP_NAME]
+    assert [c.layer().name() for c in group.findLayers()] == [heatmap_name("Where?", layer)]
 
 
 def test_result_layers_follow_a_crs_the_user_set_on_the_layer(raster_layer, tmp_path):

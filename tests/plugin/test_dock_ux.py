@@ -1,0 +1,295 @@
+"""The chat dock as a user meets it (from a walkthrough): which layers it offers, what an input
+mistake does, where the chat scrolls, what the status lines say, and how narrow it can be."""
+
+from __future__ import annotations
+
+from conftest import set_settings, wait_for_tasks, wait_until
+
+LONG_ANSWER = ("The image shows agricultural fields separated by hedgerows, a meandering river crossing "
+               "from west to east, and five bright buildings along the northern bank. ") * 12
+
+
+def _done(dock, layer, n=1):
+    return lambda: sum(1 for t in dock.conversations.get(layer.id(), []) if t.get("done")) >= n
+
+
+def _show(dock, w=380, h=640):
+    from qgis.core import QgsApplication
+
+    dock.setFloating(True)
+    dock.resize(w, h)
+    dock.show()
+    for _ in range(5):
+        QgsApplication.processEvents()
+
+
+def _settle():
+    from qgis.core import QgsApplication
+
+    for _ in range(10):
+        QgsApplication.processEvents()
+
+
+def _combo_layers(dock):
+    combo = dock.layer_combo
+    return [combo.layer(i) for i in range(combo.count()) if combo.layer(i) is not None]
+
+
+def _long_answers(stub_engine, answer=LONG_ANSWER):
+    def events(req):
+        rid = req["request_id"]
+        yield {"type": "token", "request_id": rid, "text": answer}
+        yield {"type": "result", "request_id": rid, "answer": answer, "strategy": "geollava",
+               "tokens": {"visual_kept": 400, "visual_candidates": 12000}, "timings": {"total": 1.0}}
+
+    stub_engine.events = events
+
+
+def test_result_layers_are_not_layers_to_ask_about(plugin, raster_layer, stub_engine, tmp_path):
+    """Every heatmap was a raster named "kept-token heatmap" in the Layer list; when the asked
+    layer was removed the dock jumped to one, and the next question was about it."""
+    from qgis.core import QgsProject
+
+    layer, other = raster_layer("ortho_2021"), raster_layer("dem")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("How many ships are in the harbour of the old town?")
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    turn = dock.turns(layer)[-1]
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    assert heat is not None and heat.name() == "heatmap: ortho_2021 — How many ships are in the harbour of th…"
+    assert heat not in _combo_layers(dock) and {layer, other} <= set(_combo_layers(dock))
+
+    QgsProject.instance().removeMapLayer(layer.id())
+    assert dock.layer_combo.currentLayer() is not heat
+    assert heat not in _combo_layers(dock)
+
+    # saved and opened again: the heatmap is still marked as GeoVQA's, and still left out
+    path = tmp_path / "p.qgs"
+    assert QgsProject.instance().write(str(path))
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(path))
+    _settle()
+    names = [lyr.name() for lyr in _combo_layers(dock)]
+    assert names == ["dem"], names
+    assert any(lyr.name().startswith("heatmap: ortho_2021") for lyr in QgsProject.instance().mapLayers().values())
+
+
+def test_a_heatmap_of_a_project_saved_before_the_mark_is_left_out_too(plugin, raster_layer, stub_engine):
+    from geovqa.layers import LEGACY_HEATMAP_NAME, RESULT_LAYER_PROPERTY
+    from qgis.core import QgsProject
+
+    layer = raster_layer("scene")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("Where?")
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    heat = QgsProject.instance().mapLayer(dock.turns(layer)[-1]["heatmap_layer_id"])
+    heat.removeCustomProperty(RESULT_LAYER_PROPERTY)
+    heat.setName(LEGACY_HEATMAP_NAME)
+    dock._update_excepted_layers()
+    assert heat not in _combo_layers(dock)
+    plain = raster_layer(LEGACY_HEATMAP_NAME)  # a user's own layer of that name, outside a GeoVQA group
+    assert plain in _combo_layers(dock)
+
+
+def test_an_input_mistake_is_said_not_stored_and_the_question_stays(plugin, raster_layer, stub_engine):
+    from qgis.core import QgsProject
+
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    QgsProject.instance().setDirty(False)
+    dock.set_aoi_mode("rectangle")  # nothing drawn
+    dock.question_edit.setText("what is here?")
+    assert dock.ask() is None
+    assert dock.turns(layer) == [] and not QgsProject.instance().isDirty()
+    assert dock.question_edit.text() == "what is here?"
+    assert "Draw the area of interest" in dock.progress_label.text()
+    assert not stub_engine.requests and not dock.stop_button.isEnabled()
+
+
+def test_ask_is_enabled_only_with_a_question(plugin, raster_layer):
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.question_edit.setText("")
+    assert not dock.ask_button.isEnabled()
+    dock.question_edit.setText("   ")
+    assert not dock.ask_button.isEnabled()
+    dock.question_edit.setText("How many fields?")
+    assert dock.ask_button.isEnabled()
+
+
+def test_the_question_just_asked_is_scrolled_into_view(plugin, raster_layer, stub_engine):
+    layer = raster_layer()
+    dock = plugin.dock
+    _show(dock)
+    dock.set_layer(layer)
+    _long_answers(stub_engine)
+    for i in range(3):
+        dock.ask(f"Describe the scene, part {i}")
+        wait_until(_done(dock, layer, i + 1), 30, "the answer")
+    wait_for_tasks()
+    _settle()
+    sb = dock.view.verticalScrollBar()
+    assert sb.maximum() > 0
+    sb.setValue(0)  # reading the first answer
+    stub_engine.token_delay = 0.2
+    dock.ask("And the river?")
+    assert sb.value() == sb.maximum() > 0
+    assert "And the river?" in dock.view.toPlainText()
+    # while the answer streams, someone scrolling back to read keeps their place
+    sb.setValue(0)
+    dock.render_conversation()
+    assert sb.value() == 0
+    dock.stop()
+    wait_for_tasks()
+
+
+def test_progress_line_wraps_and_is_cleared_on_another_layer(plugin, raster_layer, stub_engine):
+    """A long message widened the dock to 1385 px; "Done." stayed beside another conversation."""
+    from geovqa.compat import MSG_WARNING
+
+    layer, other = raster_layer("a"), raster_layer("b")
+    dock = plugin.dock
+    _show(dock)
+    dock.set_layer(layer)
+    dock._notify("The layer 'a very long layer name indeed' was removed before GeoVQA answered. The answer is "
+                 "kept, without result layers, under 'Answers about removed layers' in the layer list.", MSG_WARNING)
+    _settle()
+    assert dock.progress_label.wordWrap()
+    assert dock.widget().minimumSizeHint().width() < 420
+    dock.ask("Where?")
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    assert dock.progress_label.text().startswith("Answered")
+    dock.set_layer(other)
+    assert dock.progress_label.text() == ""
+
+
+def test_answers_about_removed_layers_are_read_only(plugin, raster_layer, stub_engine):
+    from geovqa.dock import READ_ONLY_PLACEHOLDER, REMOVED_LAYERS_ITEM
+    from qgis.core import QgsProject
+
+    layer, other = raster_layer("gone"), raster_layer("stays")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("about a layer that goes away")
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    QgsProject.instance().removeMapLayer(layer.id())
+    dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(REMOVED_LAYERS_ITEM))
+    assert dock.showing_removed_layers()
+    dock.question_edit.setText("follow-up?")
+    for w in (dock.aoi_combo, dock.draw_button, dock.question_edit, dock.ask_button):
+        assert not w.isEnabled(), w
+    assert dock.question_edit.placeholderText() == READ_ONLY_PLACEHOLDER
+    assert dock.ask() is None and "read-only" in dock.progress_label.text()
+    dock.set_layer(other)
+    assert dock.question_edit.isEnabled() and dock.aoi_combo.isEnabled() and dock.ask_button.isEnabled()
+    assert "Ask about the layer" in dock.question_edit.placeholderText()
+
+
+def test_the_dock_can_be_narrow(plugin, raster_layer):
+    """The Strategy list's long labels and the tokens-per-tile text held the dock at ~730 px."""
+    from geovqa.settings import STRATEGY_LABELS
+
+    dock = plugin.dock
+    dock.set_layer(raster_layer())
+    _show(dock, 300, 640)
+    assert dock.options_box.isCollapsed()
+    assert dock.minimumSizeHint().width() < 420, dock.minimumSizeHint()
+    dock.options_box.setCollapsed(False)
+    _settle()
+    assert dock.minimumSizeHint().width() < 420, dock.minimumSizeHint()
+    combo = dock.strategy_combo
+    i = combo.findData("geollava")
+    assert combo.itemText(i) == "GeoLLaVA-8K"
+    assert combo.itemData(i, 3) == STRATEGY_LABELS["geollava"]  # 3: ToolTipRole
+    assert len(dock.tpt_spin.specialValueText()) <= 8
+
+
+def test_the_line_under_an_answer_names_the_strategy_as_the_user_knows_it(plugin, raster_layer, stub_engine):
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    _long_answers(stub_engine, "Fields.")
+    dock.ask("Where?")
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    meta = dock.turns(layer)[-1]["meta"]
+    assert meta.startswith("GeoLLaVA-8K: 400/12000 visual tokens kept"), meta
+
+
+def test_the_retry_button_does_not_hide_the_end_of_the_chat(plugin, raster_layer, stub_engine):
+    layer = raster_layer()
+    dock = plugin.dock
+    _show(dock)
+    dock.set_layer(layer)
+    _long_answers(stub_engine)
+    for i in range(2):
+        dock.ask(f"Describe part {i}")
+        wait_until(_done(dock, layer, i + 1), 30, "the answer")
+    wait_for_tasks()
+    del stub_engine.events  # the stand-in's own events again
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory.",
+                             "hint": "Lower the token budget.", "retry_budget": 1024}
+    dock.ask("Count the ships")
+    sb = dock.view.verticalScrollBar()
+    wait_until(_done(dock, layer, 3), 30)
+    wait_for_tasks()
+    _settle()
+    assert dock.retry_button.isVisible()
+    sb = dock.view.verticalScrollBar()
+    assert sb.maximum() > 0 and sb.value() == sb.maximum()
+
+
+def test_progress_says_stages_in_words_and_where_the_results_went(plugin, raster_layer, stub_engine, tmp_path):
+    from geovqa.dock import ChatDock
+
+    assert ChatDock.stage_text({"stage": "read", "progress": 0.2, "message": "reading"}) == "Reading the raster 20 %"
+    assert ChatDock.stage_text({"stage": "vision", "progress": 0.4}) == "Encoding tiles 40 %"
+    assert ChatDock.stage_text({"stage": "select", "progress": None}) == "Choosing tokens …"
+    assert ChatDock.stage_text({"stage": "generate"}) == "Answering…"
+
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    stub_engine.token_delay = 0.2
+    dock.ask("What is in this image?")
+    turn = dock.current_turn
+    wait_until(lambda: turn["answer"], 30, "the first tokens")
+    assert dock.progress_label.text() == "Answering…"
+    stub_engine.token_delay = 0.0
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    text = dock.progress_label.text()
+    assert turn["group"] in text and str(tmp_path / "results") in text, text
+
+
+def test_engine_down_is_one_short_status_line(plugin, raster_layer, qgis_iface):
+    from geovqa.client import engine_address
+    from geovqa.settings import Settings
+
+    dock = plugin.dock
+    dock.set_layer(raster_layer())
+    dock.refresh_health()
+    wait_until(lambda: dock._health_task is None and getattr(dock, "status_level", None) == "down", 20)
+    _, host, port, _ = engine_address(Settings.load().engine_url)
+    text = dock.status_label.text()
+    assert text.endswith(f"Engine not reachable at {host}:{port}"), text
+    tip = dock.status_label.toolTip()
+    assert "Errno" in tip and "Start local engine" in tip and "make serve" not in tip
+    assert "Errno" in dock.diagnostics_text()
+    wait_for_tasks()
+
+
+def test_an_unusable_engine_url_still_says_what_is_wrong(plugin, raster_layer):
+    set_settings(engine_url="ftp://nowhere")
+    dock = plugin.dock
+    dock.refresh_health()
+    wait_until(lambda: getattr(dock, "status_level", None) == "down", 20)
+    assert "http://" in dock.status_label.text()
