@@ -48,13 +48,15 @@ def _save_screenshot(dock, layers, path: Path):
     from qgis.PyQt.QtCore import QSize
     from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
-    dock.resize(QSize(440, 640))
-    dock.widget().resize(QSize(440, 640))
+    # tall enough for the chat beside the options (the offscreen dock is never shown, so its
+    # options box draws expanded)
+    dock.resize(QSize(440, 800))
+    dock.widget().resize(QSize(440, 800))
     dock_img = dock.grab().toImage()
     ms = QgsMapSettings()
     ms.setLayers(layers)
     ms.setDestinationCrs(layers[-1].crs())
-    ms.setOutputSize(QSize(760, 640))
+    ms.setOutputSize(QSize(760, 800))
     ms.setExtent(layers[-1].extent().buffered(layers[-1].extent().width() * 0.02))
     ms.setBackgroundColor(QColor("white"))
     job = QgsMapRendererParallelJob(ms)
