@@ -27,7 +27,8 @@ from .compat import RAMP_INTERPOLATED, STATS_MIN_MAX
 
 HEATMAP_PREFIX = "heatmap"  # each heatmap is named "heatmap: <layer> — <question>" (heatmap_name)
 LEGACY_HEATMAP_NAME = "kept-token heatmap"  # what every heatmap was called before: projects saved then
-ANCHORS_NAME = "anchor tokens"
+ANCHORS_PREFIX = "anchors"  # each anchors layer: "anchors: <layer> — <question>" (anchors_name)
+LEGACY_ANCHORS_NAME = "anchor tokens"  # what every anchors layer was called before
 # custom layer property marking GeoVQA's own result layers (saved with the project): the chat dock
 # does not offer them as layers to ask about
 RESULT_LAYER_PROPERTY = "geovqa/result_layer"
@@ -53,11 +54,24 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def result_layer_name(prefix: str, question: str, source_layer=None) -> str:
+    """"<prefix>: <layer> — <question, shortened>": a result layer's raster and question, so the
+    results of several questions can be told apart in the layer tree and layer lists.
+    ``source_layer``: the raster asked about (a layer, or its name), if known."""
+    if source_layer is not None and not isinstance(source_layer, str):
+        source_layer = source_layer.name()
+    about = f": {source_layer}" if source_layer else ""
+    return f"{prefix}{about} — {_short(question, MAX_HEATMAP_QUESTION_CHARS)}"
+
+
 def heatmap_name(question: str, source_layer=None) -> str:
-    """The heatmap layer's name: its raster and its question (shortened), so the heatmaps of
-    several questions can be told apart in the layer tree and layer lists."""
-    about = f": {source_layer.name()}" if source_layer is not None else ""
-    return f"{HEATMAP_PREFIX}{about} — {_short(question, MAX_HEATMAP_QUESTION_CHARS)}"
+    """The heatmap layer's name (:func:`result_layer_name`)."""
+    return result_layer_name(HEATMAP_PREFIX, question, source_layer)
+
+
+def anchors_name(question: str, source_layer=None) -> str:
+    """The anchors layer's name, as the heatmap's (:func:`result_layer_name`)."""
+    return result_layer_name(ANCHORS_PREFIX, question, source_layer)
 
 
 def is_result_layer(layer, project: QgsProject | None = None) -> bool:
@@ -145,7 +159,7 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
             heat.setCrs(crs)
         style_heatmap(heat)
     if anchors_path:
-        anchors = QgsVectorLayer(str(anchors_path), ANCHORS_NAME, "ogr")
+        anchors = QgsVectorLayer(str(anchors_path), anchors_name(question, source_layer), "ogr")
         if not anchors.isValid():
             raise ResultLayerError(f"The anchors {anchors_path} could not be opened as a vector layer.")
         if has_no_features(anchors):

@@ -74,7 +74,7 @@ def _write_results(tmp_path, layer):
 
 
 def test_result_layers_are_grouped_styled_and_aligned(raster_layer, tmp_path):
-    from geovqa.layers import (ANCHORS_NAME, HEATMAP_OPACITY, RESULT_LAYER_PROPERTY, add_result_layers, group_name,
+    from geovqa.layers import (HEATMAP_OPACITY, RESULT_LAYER_PROPERTY, add_result_layers, anchors_name, group_name,
                                heatmap_name, is_result_layer)
     from qgis.core import QgsProject, QgsSingleBandPseudoColorRenderer
 
@@ -85,7 +85,9 @@ def test_result_layers_are_grouped_styled_and_aligned(raster_layer, tmp_path):
     assert QgsProject.instance().layerTreeRoot().findGroup(group.name()) is group
     # the heatmap says which layer and question it is about
     assert hl.name() == f"heatmap: {layer.name()} — Where are the ships?" == heatmap_name("Where are the ships?", layer)
-    assert [c.layer().name() for c in group.findLayers()] == [ANCHORS_NAME, hl.name()]
+    # and so do the anchors, named the same way (they were all "anchor tokens")
+    assert al.name() == f"anchors: {layer.name()} — Where are the ships?" == anchors_name("Where are the ships?", layer)
+    assert [c.layer().name() for c in group.findLayers()] == [al.name(), hl.name()]
     assert hl.customProperty(RESULT_LAYER_PROPERTY) == "heatmap" and al.customProperty(RESULT_LAYER_PROPERTY) == "anchors"
     assert is_result_layer(hl) and is_result_layer(al) and not is_result_layer(layer)
     assert hl.crs() == layer.crs() and al.crs() == layer.crs()

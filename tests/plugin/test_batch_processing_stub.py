@@ -189,7 +189,7 @@ def test_batch_and_processing_place_the_results_of_a_raster_with_no_georeferenci
     """Its result files are in source pixels, rows down; QGIS shows the raster at y = -row. The
     heatmap and anchors landed above the layer (and the heatmap failed to be cropped)."""
     import processing
-    from geovqa.layers import ANCHORS_NAME, heatmap_name
+    from geovqa.layers import anchors_name, heatmap_name
     from qgis.core import QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer
 
     layer = _unreferenced_layer(tmp_path, "plain")
@@ -223,7 +223,7 @@ def test_batch_and_processing_place_the_results_of_a_raster_with_no_georeferenci
     assert done[0][0]["error"] is None
     added = {lyr.name(): lyr for lyr in QgsProject.instance().mapLayers().values() if lyr is not layer}
     assert added[heatmap_name("How big?", layer)].extent() == layer.extent()
-    anchors = added[ANCHORS_NAME]
+    anchors = added[anchors_name("How big?", layer)]
     assert anchors.featureCount() == 2 and ext.contains(anchors.extent())
     assert anchors.extent().yMaximum() == 0  # the anchor at the top-left corner (row 0) is at the top
 
