@@ -163,7 +163,7 @@ class ChatDock(QgsDockWidget):
                                  (project.writeProject, self._project_saving),
                                  (project.layerWillBeRemoved, self._layer_will_be_removed),
                                  (project.layersRemoved, self._update_removed_item),
-                                 (project.layersAdded, self._update_excepted_layers),
+                                 (project.layersAdded, self._layers_added),
                                  (project.layersRemoved, self._update_excepted_layers))
         if hasattr(project, "aboutToBeCleared"):  # newer QGIS (not 3.22): stop before the layers go, save nothing
             self._project_signals += ((project.aboutToBeCleared, self._project_closed),)
@@ -346,6 +346,19 @@ class ChatDock(QgsDockWidget):
         self.question_edit.setPlaceholderText(READ_ONLY_PLACEHOLDER if removed else QUESTION_PLACEHOLDER)
         self.ask_button.setEnabled(not removed and self.layer_combo.currentLayer() is not None
                                    and bool(self.question_edit.text().strip()))
+
+    def _layers_added(self, layers):
+        """A layer may be marked as a result layer only once it is in the project (the layers
+        "Ask a raster" loads are marked by Processing's post-processor after it added them): the
+        mark, when it comes, takes it out of the layer list too."""
+        for lyr in layers or ():
+            if hasattr(lyr, "customPropertyChanged"):  # QGIS 3.18 and later
+                lyr.customPropertyChanged.connect(self._layer_property_changed)
+        self._update_excepted_layers()
+
+    def _layer_property_changed(self, key):
+        if key == result_layers.RESULT_LAYER_PROPERTY and not self._shut_down:
+            self._update_excepted_layers()
 
     def _update_excepted_layers(self, *_):
         """GeoVQA's own result layers (also those of a saved project) are not layers to ask about."""

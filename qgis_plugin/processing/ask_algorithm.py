@@ -22,9 +22,10 @@ from qgis.core import (
 from ..aoi import AoiError, clip_to_layer, request_aoi
 from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PARAM_ADVANCED
+from ..layers import anchors_name, heatmap_name
 from ..render import layer_file_path
 from ..settings import DEFAULT_STRATEGY, Settings
-from .common import ask_once, engine_client, raster_source, strategy_options
+from .common import ask_once, engine_client, load_result_layer, raster_source, strategy_options, wants_loading
 
 
 class AskRasterAlgorithm(QgsProcessingAlgorithm):
@@ -135,4 +136,20 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         if anchors_dest and result.get("local_anchors_path"):
             shutil.copyfile(result["local_anchors_path"], anchors_dest)
             out[self.ANCHORS] = anchors_dest
+        # loaded by postProcessAlgorithm (main thread), marked as GeoVQA's result layers
+        self.to_load = []
+        for key, name in ((self.HEATMAP, heatmap_name), (self.ANCHORS, anchors_name)):
+            if out.get(key):
+                value = parameters.get(key)
+                project = value.destinationProject if wants_loading(value) else None
+                self.to_load.append((key, out[key], name(question, self.layer_name), project))
         return out
+
+    def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - main thread
+        """The heatmap and anchors loaded into the project (the toolbox's "Open output file after
+        running algorithm", or QGIS loading the files itself) are marked as GeoVQA's result layers,
+        so the chat dock does not offer them as rasters to ask about, and named as the dock names
+        them ("heatmap: <layer> — <question…>")."""
+        for key, path, name, project in getattr(self, "to_load", ()):
+            load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name, key, project)
+        return {}

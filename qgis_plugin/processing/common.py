@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
-from qgis.core import QgsProcessingException
+from qgis.core import (
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputLayerDefinition,
+    QgsProcessingUtils,
+)
 
+from .. import layers as result_layers
 from ..aoi import is_unreferenced_file
 from ..client import EngineError, build_ask_request
 from ..render import layer_file_path, render_sync
@@ -92,3 +100,55 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
             raise QgsProcessingException("Cancelled.")
         raise QgsProcessingException("The engine sent no result.")
     return result
+
+
+class ResultLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
+    """Runs on a result layer (heatmap or anchors) Processing loaded into the project: marks it
+    as GeoVQA's own (the chat dock leaves it out of its layer list), names and styles it as the
+    dock does."""
+
+    def __init__(self, kind: str, name: str):
+        super().__init__()
+        self.kind, self.name = kind, name
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802
+        if layer is None:
+            return
+        layer.setCustomProperty(result_layers.RESULT_LAYER_PROPERTY, self.kind)
+        layer.setName(self.name)
+        try:
+            if self.kind == "heatmap":
+                result_layers.style_heatmap(layer)
+            elif not result_layers.has_no_features(layer):
+                result_layers.style_anchors(layer)
+        except Exception as exc:  # noqa: BLE001 - the mark is what matters; the style is a nicety
+            if feedback is not None:
+                feedback.reportError(f"Could not style the {self.kind} layer: {exc}")
+
+
+# Processing keeps only a pointer to a layer's post-processor: they are kept alive here until
+# the layers are loaded (a few runs' worth)
+_POST_PROCESSORS = deque(maxlen=32)
+
+
+def wants_loading(value) -> bool:
+    """True when an output's parameter value asks for it to be loaded into a project (the
+    toolbox's "Open output file after running algorithm")."""
+    return isinstance(value, QgsProcessingOutputLayerDefinition) and value.destinationProject is not None
+
+
+def load_result_layer(context, path: str, kind: str, name: str, output_name: str, project=None) -> None:
+    """Have Processing load ``path`` as a result layer when the algorithm completes, marked with
+    RESULT_LAYER_PROPERTY (:class:`ResultLayerPostProcessor`). A file QGIS already loads itself
+    gets the post-processor; otherwise it is added to the layers to load, into ``project``.
+    Main thread (postProcessAlgorithm)."""
+    if not context.willLoadLayerOnCompletion(path):
+        if project is None:
+            return
+        hint = QgsProcessingUtils.LayerHint.Raster if kind == "heatmap" else QgsProcessingUtils.LayerHint.Vector
+        context.addLayerToLoadOnCompletion(path, QgsProcessingContext.LayerDetails(name, project, output_name, hint))
+    details = context.layerToLoadOnCompletionDetails(path)
+    details.name = name
+    post = ResultLayerPostProcessor(kind, name)
+    _POST_PROCESSORS.append(post)
+    details.setPostProcessor(post)
