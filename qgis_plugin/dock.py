@@ -631,7 +631,7 @@ class ChatDock(QgsDockWidget):
             else:
                 self._render_then_ask(turn, layer, geom, crs, settings, area["mode"])
         except (AoiError, EngineError, ValueError) as exc:
-            self._fail(turn, str(exc))
+            self._fail(turn, str(exc), getattr(exc, "message", None))
         return request_id
 
     def _render_then_ask(self, turn, layer, geom, crs, settings, mode):
@@ -662,7 +662,7 @@ class ChatDock(QgsDockWidget):
             try:
                 self._start_ask(turn, path, aoi, settings, rect_bounds(renderer.settings.visibleExtent()))
             except (EngineError, ValueError) as exc:
-                self._fail(turn, str(exc))
+                self._fail(turn, str(exc), getattr(exc, "message", None))
 
         self.renderer.done.connect(rendered)
         self.renderer.start()
@@ -743,7 +743,7 @@ class ChatDock(QgsDockWidget):
         elif kind == "result":
             self._finish(turn, ev)
         elif kind == "error":
-            msg = ev.get("message") or "The engine reported an error."
+            short = msg = ev.get("message") or "The engine reported an error."
             if ev.get("hint"):
                 msg += " " + ev["hint"]
             if ev.get("code") == "out_of_memory" and isinstance(ev.get("retry_budget"), int):
@@ -751,7 +751,7 @@ class ChatDock(QgsDockWidget):
                 # shows its end in what is left
                 self._offer_retry({"question": turn["question"], "budget": ev["retry_budget"],
                                    "layer_id": turn["layer_id"], "area": turn.get("_area")})
-            self._fail(turn, msg)
+            self._fail(turn, msg, short)
             if ev.get("code") in ("engine_down", "model_loading"):
                 self.refresh_health()
 
@@ -842,7 +842,10 @@ class ChatDock(QgsDockWidget):
             where.append(f"files in {Path(files[0]).parent}")
         self.progress_label.setText("Answered" + (": " + ", ".join(where) if where else "") + ".")
 
-    def _fail(self, turn, message):
+    def _fail(self, turn, message, short=None):
+        """``message``: the whole error, with its hint, kept in the chat turn (the record);
+        ``short``: the error without the hint, for the message bar (one line; the hint is read
+        in the chat). Every failed question is reported so."""
         turn["error"] = message
         turn["done"] = True
         self._layer_removed_meanwhile(turn)
@@ -855,7 +858,7 @@ class ChatDock(QgsDockWidget):
         self._conversations_changed()
         self._update_removed_item()
         self.render_conversation()
-        self._notify(message, MSG_CRITICAL)
+        self._notify(" ".join((short or message).split()), MSG_CRITICAL)
         self.answer_finished.emit(turn)
 
     def _notify(self, message, level):

@@ -88,7 +88,9 @@ def test_engine_down_gives_a_message_not_a_crash(plugin, raster_layer, qgis_ifac
     wait_until(_finished(dock), 30)
     turn = dock.turns()[-1]
     assert "not reachable" in turn["error"] and "Start local engine" in turn["error"] and "make serve" not in turn["error"]
-    assert any("not reachable" in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical))
+    # the chat turn keeps the hint; the message bar says the error once, in one line, without it
+    (bar,) = [m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical) if "not reachable" in m]
+    assert "Start local engine" not in bar and "\n" not in bar
     dock.refresh_health()
     wait_until(lambda: dock._health_task is None and getattr(dock, "status_level", None) == "down", 20)
     assert "not reachable" in dock.status_label.text()
@@ -99,7 +101,9 @@ def test_engine_down_gives_a_message_not_a_crash(plugin, raster_layer, qgis_ifac
     wait_for_tasks()
 
 
-def test_engine_error_event_and_loading_status(plugin, raster_layer, stub_engine):
+def test_engine_error_event_and_loading_status(plugin, raster_layer, stub_engine, qgis_iface):
+    from qgis.core import Qgis
+
     layer = raster_layer()
     dock = plugin.dock
     dock.set_layer(layer)
@@ -107,6 +111,9 @@ def test_engine_error_event_and_loading_status(plugin, raster_layer, stub_engine
     dock.ask("too big?")
     wait_until(_finished(dock), 30)
     assert dock.turns()[-1]["error"] == "The GPU ran out of memory. Lower the budget."
+    # every error is reported so: the hint in the chat, not again in the message bar
+    assert "The GPU ran out of memory." in " ".join(qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical))
+    assert not any("Lower the budget" in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical))
     stub_engine.status = "loading"
     dock.refresh_health()
     wait_until(lambda: getattr(dock, "status_level", None) == "loading", 20)
