@@ -201,8 +201,9 @@ class BatchDialog(QDialog):
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.autosave_path.parent)))
 
     def refresh_layers(self):
-        """List the project's raster layers. A layer listed before keeps its tick (by layer id); a
-        new one is ticked when it is selected in the layer tree."""
+        """List the project's raster layers, GeoVQA's own result layers left out (as in the dock).
+        A layer listed before keeps its tick (by layer id); a new one is ticked when it is
+        selected in the layer tree."""
         kept = {}
         for i in range(self.layer_list.count()):
             item = self.layer_list.item(i)
@@ -213,7 +214,7 @@ class BatchDialog(QDialog):
         except Exception:  # noqa: BLE001 - no layer tree view (tests, other hosts)
             selected = set()
         for layer in QgsProject.instance().mapLayers().values():
-            if not is_raster_layer(layer):
+            if not is_raster_layer(layer) or result_layers.is_result_layer(layer):
                 continue
             item = QListWidgetItem(layer.name())
             item.setData(USER_ROLE, layer.id())

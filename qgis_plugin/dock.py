@@ -318,7 +318,9 @@ class ChatDock(QgsDockWidget):
     def follow_active_layer(self, layer):
         from .compat import is_raster_layer
 
-        if layer is not None and is_raster_layer(layer):
+        # a result layer (a heatmap clicked to change its opacity) is no layer to ask about: the
+        # combo would find no row for it and drop the layer being talked about
+        if layer is not None and is_raster_layer(layer) and not result_layers.is_result_layer(layer):
             self.layer_combo.setLayer(layer)
 
     def _layer_changed(self, layer):
@@ -759,7 +761,8 @@ class ChatDock(QgsDockWidget):
     def stage_text(ev: dict) -> str:
         """A status event in words: "Reading the raster", "Encoding tiles 40 %"…"""
         stage = ev.get("stage") or ""
-        words = STAGE_WORDS.get(stage) or (ev.get("message") or stage or "Working").capitalize()
+        text = ev.get("message") or stage or "Working"
+        words = STAGE_WORDS.get(stage) or text[:1].upper() + text[1:]  # keeps "GeoLLaVA-8K", paths
         p = ev.get("progress")
         if isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1:
             return f"{words} {100 * p:.0f} %"

@@ -74,13 +74,21 @@ def anchors_name(question: str, source_layer=None) -> str:
     return result_layer_name(ANCHORS_PREFIX, question, source_layer)
 
 
+def mark_result_layer(layer, kind: str) -> None:
+    """Mark `layer` as GeoVQA's `kind` ('heatmap' or 'anchors') result layer. The mark names the
+    layer's own id: QGIS copies custom properties with a layer's style (Copy/Paste Style, .qml),
+    and a mark pasted onto the user's own raster names another id, so it does not count."""
+    layer.setCustomProperty(RESULT_LAYER_PROPERTY, f"{kind}:{layer.id()}")
+
+
 def is_result_layer(layer, project: QgsProject | None = None) -> bool:
-    """True for a heatmap or anchors layer GeoVQA added (marked with RESULT_LAYER_PROPERTY; a
+    """True for a heatmap or anchors layer GeoVQA added (marked by :func:`mark_result_layer`; a
     heatmap of a project saved before the mark: its old name, inside a GeoVQA result group)."""
     if layer is None:
         return False
-    if layer.customProperty(RESULT_LAYER_PROPERTY):
-        return True
+    mark = layer.customProperty(RESULT_LAYER_PROPERTY)
+    if mark:
+        return str(mark).endswith(f":{layer.id()}")
     if layer.name() != LEGACY_HEATMAP_NAME:
         return False
     node = (project or QgsProject.instance()).layerTreeRoot().findLayer(layer.id())
@@ -172,7 +180,7 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
     group = root.insertGroup(0, group_name(question))
     for lyr in (anchors, heat):
         if lyr is not None:
-            lyr.setCustomProperty(RESULT_LAYER_PROPERTY, "heatmap" if lyr is heat else "anchors")
+            mark_result_layer(lyr, "heatmap" if lyr is heat else "anchors")
             project.addMapLayer(lyr, False)
             group.addLayer(lyr)
     if source_layer is not None:

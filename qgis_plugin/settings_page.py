@@ -213,20 +213,24 @@ class SettingsForm(QWidget):
 
     def apply(self):
         """Save the form. An engine URL the client cannot use is not saved (the one saved before
-        stays): the page and QGIS's message bar say why."""
+        stays), nor are the connection fields typed with it (token, token file, CA certificate,
+        Send rasters: a token for engine B never goes to engine A): the page and QGIS's message
+        bar say why."""
         s = Settings.load()
         url = self.url.text().strip()
         self.url_problem = url_problem(url)
         if self.url_problem:
             self.url_error.setText(self.url_problem)
             self.url_error.setVisible(True)
-            self._warn(f"The engine URL was not saved (still {s.engine_url}): {self.url_problem}")
-        else:
+            self._warn(f"The engine URL and its connection settings (token, token file, CA "
+                       f"certificate, Send rasters) were not saved (still those of {s.engine_url}): "
+                       f"{self.url_problem}")
+        else:  # the token typed with a URL is for that URL's engine: never saved for another
             s.engine_url = url or s.engine_url
-        s.token = self.token.text().strip()
-        s.token_file = self.token_file.filePath()
-        s.ca_cert = self.ca_cert.filePath().strip()
-        s.send_rasters = self.send_rasters.currentData()
+            s.token = self.token.text().strip()
+            s.token_file = self.token_file.filePath()
+            s.ca_cert = self.ca_cert.filePath().strip()
+            s.send_rasters = self.send_rasters.currentData()
         self._with_local_engine_fields(s)
         s.strategy = self.strategy.currentData()
         s.budget = self.budget.value()

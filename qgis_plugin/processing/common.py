@@ -114,7 +114,7 @@ class ResultLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802
         if layer is None:
             return
-        layer.setCustomProperty(result_layers.RESULT_LAYER_PROPERTY, self.kind)
+        result_layers.mark_result_layer(layer, self.kind)
         layer.setName(self.name)
         try:
             if self.kind == "heatmap":

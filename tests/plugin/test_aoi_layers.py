@@ -88,7 +88,8 @@ def test_result_layers_are_grouped_styled_and_aligned(raster_layer, tmp_path):
     # and so do the anchors, named the same way (they were all "anchor tokens")
     assert al.name() == f"anchors: {layer.name()} — Where are the ships?" == anchors_name("Where are the ships?", layer)
     assert [c.layer().name() for c in group.findLayers()] == [al.name(), hl.name()]
-    assert hl.customProperty(RESULT_LAYER_PROPERTY) == "heatmap" and al.customProperty(RESULT_LAYER_PROPERTY) == "anchors"
+    assert hl.customProperty(RESULT_LAYER_PROPERTY) == f"heatmap:{hl.id()}"
+    assert al.customProperty(RESULT_LAYER_PROPERTY) == f"anchors:{al.id()}"
     assert is_result_layer(hl) and is_result_layer(al) and not is_result_layer(layer)
     assert hl.crs() == layer.crs() and al.crs() == layer.crs()
     assert hl.extent() == layer.extent()

@@ -296,7 +296,7 @@ def test_processing_result_layers_loaded_into_the_project_are_marked(
     assert res["ANSWER"] == "The area is 64 x 48 pixels with 3 bands."
     (heat,) = [lyr for lyr in project.mapLayers().values() if lyr is not layer]
     assert heat.source() == res["HEATMAP"]
-    assert heat.customProperty(RESULT_LAYER_PROPERTY) == "heatmap" and heat.name() == heatmap_name("How big?", layer)
+    assert heat.customProperty(RESULT_LAYER_PROPERTY) == f"heatmap:{heat.id()}" and heat.name() == heatmap_name("How big?", layer)
     # marked after Processing added it: the dock's list leaves it out all the same
     listed = [dock.layer_combo.layer(i) for i in range(dock.layer_combo.count())]
     assert layer in listed and heat not in listed
@@ -306,7 +306,7 @@ def test_processing_result_layers_loaded_into_the_project_are_marked(
         "ANCHORS": QgsProcessingOutputLayerDefinition(str(tmp_path / "a.geojson"), project)})
     (anchors,) = [lyr for lyr in project.mapLayers().values() if lyr not in (layer, heat)]
     assert anchors.source() == res["ANCHORS"]
-    assert anchors.customProperty(RESULT_LAYER_PROPERTY) == "anchors"
+    assert anchors.customProperty(RESULT_LAYER_PROPERTY) == f"anchors:{anchors.id()}"
     assert anchors.name() == anchors_name("How big?", layer)
 
     # a QGIS that loads the file itself: the layer it loads is marked the same way

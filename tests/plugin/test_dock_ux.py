@@ -293,3 +293,70 @@ def test_an_unusable_engine_url_still_says_what_is_wrong(plugin, raster_layer):
     dock.refresh_health()
     wait_until(lambda: getattr(dock, "status_level", None) == "down", 20)
     assert "http://" in dock.status_label.text()
+
+
+# --- found by a review of the UX changes ------------------------------------------------------
+
+
+def _review_done(dock, layer, n=1):
+    return lambda: sum(1 for t in dock.conversations.get(layer.id(), []) if t.get("done")) >= n
+
+
+def _review_combo_layers(dock):
+    combo = dock.layer_combo
+    return [combo.layer(i) for i in range(combo.count()) if combo.layer(i) is not None]
+
+
+def _review_answer(plugin, raster_layer, name="ortho"):
+    from qgis.core import QgsProject
+    layer = raster_layer(name)
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("How many ships?")
+    wait_until(_review_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    heat = QgsProject.instance().mapLayer(dock.turns(layer)[-1]["heatmap_layer_id"])
+    assert heat is not None
+    return dock, layer, heat
+
+
+def test_clicking_a_heatmap_in_the_layers_panel_keeps_the_dock_layer(plugin, raster_layer, stub_engine):
+    """plugin.py connects iface.currentLayerChanged -> dock.follow_active_layer: a heatmap (raster)
+    made current in the Layers panel is excepted from the combo, so setLayer() finds no row."""
+    dock, layer, heat = _review_answer(plugin, raster_layer)
+    assert dock.layer_combo.currentLayer() is layer
+    dock.question_edit.setText("next question")
+    dock.follow_active_layer(heat)  # the user clicks the heatmap to look at it
+    assert dock.layer_combo.currentLayer() is layer, dock.layer_combo.currentLayer()
+    assert dock.ask_button.isEnabled()
+
+
+def test_pasting_the_heatmap_style_onto_own_raster_keeps_it_askable(plugin, raster_layer, stub_engine):
+    """Copy Style / Paste Style (or a saved .qml) carries custom properties."""
+    from qgis.core import QgsMapLayer, QgsReadWriteContext
+    from qgis.PyQt.QtXml import QDomDocument
+    dock, layer, heat = _review_answer(plugin, raster_layer)
+    dem = raster_layer("dem")
+    doc = QDomDocument()
+    heat.exportNamedStyle(doc, QgsReadWriteContext(), QgsMapLayer.StyleCategory.AllStyleCategories)
+    ok, err = dem.importNamedStyle(doc, QgsMapLayer.StyleCategory.AllStyleCategories)
+    assert ok, err
+    dock._update_excepted_layers()  # what any later layersAdded/layersRemoved/project read does
+    assert dem in _review_combo_layers(dock), dem.customProperty("geovqa/result_layer")
+    assert heat not in _review_combo_layers(dock)  # the heatmap itself stays out
+
+
+def test_the_batch_dialog_leaves_result_layers_out_as_the_dock_does(plugin, raster_layer, stub_engine, qgis_iface):
+    from geovqa.batch_dialog import USER_ROLE, BatchDialog
+
+    dock, layer, heat = _review_answer(plugin, raster_layer)
+    dlg = BatchDialog(qgis_iface)
+    ids = [dlg.layer_list.item(i).data(USER_ROLE) for i in range(dlg.layer_list.count())]
+    assert layer.id() in ids and heat.id() not in ids
+    dlg.shutdown()
+
+
+def test_stage_text_keeps_the_case_of_the_engines_message():
+    from geovqa.dock import ChatDock
+    assert ChatDock.stage_text({"stage": "warmup", "message": "Loading GeoLLaVA-8K weights"}).startswith(
+        "Loading GeoLLaVA-8K")

@@ -87,3 +87,22 @@ def test_the_ca_certificate_is_for_https_only(qgis_app):
     set_settings(engine_url="https://gpu.example.org")
     page = _page()
     assert page.form.ca_cert.isEnabled()
+
+
+# found by a review of the UX changes
+
+
+def test_a_refused_url_does_not_save_the_token_typed_for_it(qgis_app):
+    from geovqa.settings import Settings
+    from geovqa.settings_page import GeoVQAOptionsPage
+
+    set_settings(engine_url="https://engine-a.example.org:8765", token="token-of-a")
+    page = GeoVQAOptionsPage()
+    form = page.form
+    form.url.setText("https://engine-b.example.org:99999")  # typo in the new engine's port
+    form.token.setText("token-of-b")
+    form.apply()
+    s = Settings.load()
+    assert s.engine_url == "https://engine-a.example.org:8765"
+    # engine B's token was saved, and sent to engine A
+    assert s.token == "token-of-a", s.token
