@@ -169,7 +169,9 @@ class ChatDock(QgsDockWidget):
             self._project_signals += ((project.aboutToBeCleared, self._project_closed),)
         for signal, slot in self._project_signals:
             signal.connect(slot)
-        self._update_excepted_layers()
+        # layers already in the project (the plugin enabled with a project open) are watched for
+        # a result-layer mark too, as added ones are
+        self._layers_added(list(project.mapLayers().values()))
         self._update_removed_item()
         self._update_inputs()
         self.render_conversation()  # the conversation saved in a project already open

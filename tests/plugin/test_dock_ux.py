@@ -360,3 +360,21 @@ def test_stage_text_keeps_the_case_of_the_engines_message():
     from geovqa.dock import ChatDock
     assert ChatDock.stage_text({"stage": "warmup", "message": "Loading GeoLLaVA-8K weights"}).startswith(
         "Loading GeoLLaVA-8K")
+
+
+def test_a_layer_already_in_the_project_is_watched_for_the_result_mark(qgis_iface, raster_layer):
+    """The plugin enabled with a project open: a layer there before the dock was made and marked
+    later (as Processing's post-processor does) left the layer list only at the next add/remove."""
+    import geovqa
+    from geovqa.layers import mark_result_layer
+
+    layer = raster_layer("before_the_dock")
+    p = geovqa.classFactory(qgis_iface)
+    p.initGui()
+    try:
+        combo = p.dock.layer_combo
+        assert layer in [combo.layer(i) for i in range(combo.count())]
+        mark_result_layer(layer, "heatmap")
+        assert layer not in [combo.layer(i) for i in range(combo.count())]
+    finally:
+        p.unload()
