@@ -592,7 +592,8 @@ class ChatDock(QgsDockWidget):
     def ask(self, question: str | None = None, layer=None, area: dict | None = None):
         """Ask about ``layer`` (default: the chosen one) inside ``area`` (a :meth:`_current_area`;
         default: the area chosen now). Returns the request id, or None when nothing was asked."""
-        question = (question if isinstance(question, str) else self.question_edit.text()).strip()
+        from_box = not isinstance(question, str)  # else a retry or a caller's: the box may hold a draft
+        question = (self.question_edit.text() if from_box else question).strip()
         layer = layer or self.layer_combo.currentLayer()
         if layer is None:
             self._notify(READ_ONLY_PLACEHOLDER if self.showing_removed_layers() else "Pick a raster layer first.",
@@ -622,7 +623,8 @@ class ChatDock(QgsDockWidget):
         self.turns(layer).append(turn)
         self.current_turn = turn
         self._conversations_changed()
-        self.question_edit.clear()
+        if from_box:  # a draft typed meanwhile stays when a retry asks again
+            self.question_edit.clear()
         self.render_conversation(follow_end=True)  # the question just asked is in view
         self.stop_button.setEnabled(True)
         try:

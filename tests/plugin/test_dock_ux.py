@@ -378,3 +378,21 @@ def test_a_layer_already_in_the_project_is_watched_for_the_result_mark(qgis_ifac
         assert layer not in [combo.layer(i) for i in range(combo.count())]
     finally:
         p.unload()
+
+
+def test_a_question_asked_by_code_or_retry_keeps_the_draft_in_the_box(plugin, raster_layer, stub_engine):
+    """ask(question=...) (a retry, the API) cleared whatever the user was typing."""
+    layer = raster_layer("draft")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.question_edit.setText("half-typed next question")
+    assert dock.ask("Asked by code?") is not None
+    assert dock.question_edit.text() == "half-typed next question"
+    wait_until(lambda: any(t.get("done") for t in dock.turns(layer)), 30, "the answer")
+    wait_for_tasks()
+    assert dock.turns(layer)[-1]["question"] == "Asked by code?"
+    assert dock.ask() is not None  # the box's own question: asked, and the box emptied
+    assert dock.question_edit.text() == ""
+    assert dock.turns(layer)[-1]["question"] == "half-typed next question"
+    wait_until(lambda: dock.turns(layer)[-1].get("done"), 30, "the second answer")
+    wait_for_tasks()
