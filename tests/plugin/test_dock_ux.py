@@ -35,6 +35,20 @@ def _combo_layers(dock):
     return [combo.layer(i) for i in range(combo.count()) if combo.layer(i) is not None]
 
 
+def _chat_of_long_answers(plugin, raster_layer, stub_engine, questions):
+    """A shown dock on a new layer whose chat holds a long answer to each of `questions`."""
+    layer = raster_layer()
+    dock = plugin.dock
+    _show(dock)
+    dock.set_layer(layer)
+    _long_answers(stub_engine)
+    for i, question in enumerate(questions):
+        dock.ask(question)
+        wait_until(_done(dock, layer, i + 1), 30, "the answer")
+    wait_for_tasks()
+    return dock, layer
+
+
 def _long_answers(stub_engine, answer=LONG_ANSWER):
     def events(req):
         rid = req["request_id"]
@@ -124,15 +138,8 @@ def test_ask_is_enabled_only_with_a_question(plugin, raster_layer):
 
 
 def test_the_question_just_asked_is_scrolled_into_view(plugin, raster_layer, stub_engine):
-    layer = raster_layer()
-    dock = plugin.dock
-    _show(dock)
-    dock.set_layer(layer)
-    _long_answers(stub_engine)
-    for i in range(3):
-        dock.ask(f"Describe the scene, part {i}")
-        wait_until(_done(dock, layer, i + 1), 30, "the answer")
-    wait_for_tasks()
+    dock, layer = _chat_of_long_answers(plugin, raster_layer, stub_engine,
+                                        [f"Describe the scene, part {i}" for i in range(3)])
     _settle()
     sb = dock.view.verticalScrollBar()
     assert sb.maximum() > 0
@@ -225,15 +232,8 @@ def test_the_line_under_an_answer_names_the_strategy_as_the_user_knows_it(plugin
 
 
 def test_the_retry_button_does_not_hide_the_end_of_the_chat(plugin, raster_layer, stub_engine):
-    layer = raster_layer()
-    dock = plugin.dock
-    _show(dock)
-    dock.set_layer(layer)
-    _long_answers(stub_engine)
-    for i in range(2):
-        dock.ask(f"Describe part {i}")
-        wait_until(_done(dock, layer, i + 1), 30, "the answer")
-    wait_for_tasks()
+    dock, layer = _chat_of_long_answers(plugin, raster_layer, stub_engine,
+                                        [f"Describe part {i}" for i in range(2)])
     del stub_engine.events  # the stand-in's own events again
     stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory.",
                              "hint": "Lower the token budget.", "retry_budget": 1024}
@@ -298,22 +298,14 @@ def test_an_unusable_engine_url_still_says_what_is_wrong(plugin, raster_layer):
 # --- found by a review of the UX changes ------------------------------------------------------
 
 
-def _review_done(dock, layer, n=1):
-    return lambda: sum(1 for t in dock.conversations.get(layer.id(), []) if t.get("done")) >= n
-
-
-def _review_combo_layers(dock):
-    combo = dock.layer_combo
-    return [combo.layer(i) for i in range(combo.count()) if combo.layer(i) is not None]
-
-
-def _review_answer(plugin, raster_layer, name="ortho"):
+def _answer_with_heatmap(plugin, raster_layer, name="ortho"):
     from qgis.core import QgsProject
+
     layer = raster_layer(name)
     dock = plugin.dock
     dock.set_layer(layer)
     dock.ask("How many ships?")
-    wait_until(_review_done(dock, layer), 30, "the answer")
+    wait_until(_done(dock, layer), 30, "the answer")
     wait_for_tasks()
     heat = QgsProject.instance().mapLayer(dock.turns(layer)[-1]["heatmap_layer_id"])
     assert heat is not None
@@ -323,7 +315,7 @@ def _review_answer(plugin, raster_layer, name="ortho"):
 def test_clicking_a_heatmap_in_the_layers_panel_keeps_the_dock_layer(plugin, raster_layer, stub_engine):
     """plugin.py connects iface.currentLayerChanged -> dock.follow_active_layer: a heatmap (raster)
     made current in the Layers panel is excepted from the combo, so setLayer() finds no row."""
-    dock, layer, heat = _review_answer(plugin, raster_layer)
+    dock, layer, heat = _answer_with_heatmap(plugin, raster_layer)
     assert dock.layer_combo.currentLayer() is layer
     dock.question_edit.setText("next question")
     dock.follow_active_layer(heat)  # the user clicks the heatmap to look at it
@@ -335,21 +327,21 @@ def test_pasting_the_heatmap_style_onto_own_raster_keeps_it_askable(plugin, rast
     """Copy Style / Paste Style (or a saved .qml) carries custom properties."""
     from qgis.core import QgsMapLayer, QgsReadWriteContext
     from qgis.PyQt.QtXml import QDomDocument
-    dock, layer, heat = _review_answer(plugin, raster_layer)
+    dock, layer, heat = _answer_with_heatmap(plugin, raster_layer)
     dem = raster_layer("dem")
     doc = QDomDocument()
     heat.exportNamedStyle(doc, QgsReadWriteContext(), QgsMapLayer.StyleCategory.AllStyleCategories)
     ok, err = dem.importNamedStyle(doc, QgsMapLayer.StyleCategory.AllStyleCategories)
     assert ok, err
     dock._update_excepted_layers()  # what any later layersAdded/layersRemoved/project read does
-    assert dem in _review_combo_layers(dock), dem.customProperty("geovqa/result_layer")
-    assert heat not in _review_combo_layers(dock)  # the heatmap itself stays out
+    assert dem in _combo_layers(dock), dem.customProperty("geovqa/result_layer")
+    assert heat not in _combo_layers(dock)  # the heatmap itself stays out
 
 
 def test_the_batch_dialog_leaves_result_layers_out_as_the_dock_does(plugin, raster_layer, stub_engine, qgis_iface):
     from geovqa.batch_dialog import USER_ROLE, BatchDialog
 
-    dock, layer, heat = _review_answer(plugin, raster_layer)
+    dock, layer, heat = _answer_with_heatmap(plugin, raster_layer)
     dlg = BatchDialog(qgis_iface)
     ids = [dlg.layer_list.item(i).data(USER_ROLE) for i in range(dlg.layer_list.count())]
     assert layer.id() in ids and heat.id() not in ids
