@@ -313,6 +313,22 @@ def virtual_raster_layer(src, name: str = "virtual"):
     return layer
 
 
+def batch_of_two_rendered_layers(plugin, raster_layer, qgis_iface):
+    """The batch dialog set to ask "q1" about two virtual raster layers v1, v2 (each rendered before
+    it is asked about), not run yet; `finished` collects the rows of each finished run."""
+    src = raster_layer("src")
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(src.crs())
+    canvas.setExtent(src.extent())
+    v1, v2 = virtual_raster_layer(src, "v1"), virtual_raster_layer(src, "v2")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({v1.id(), v2.id()})
+    dlg.questions_edit.setPlainText("q1")
+    finished = []
+    dlg.batch_finished.connect(lambda rows: finished.append(list(rows)))
+    return dlg, v1, v2, finished
+
+
 @contextlib.contextmanager
 def python_errors():
     """The Python errors raised in Qt slots and callbacks (sys.excepthook) while the block runs, as

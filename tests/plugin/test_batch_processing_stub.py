@@ -234,18 +234,9 @@ def test_cancel_while_rendering_then_run_again_gives_one_batch(plugin, raster_la
 
     from qgis.core import QgsApplication
 
-    from conftest import virtual_raster_layer
+    from conftest import batch_of_two_rendered_layers
 
-    src = raster_layer("src")
-    canvas = qgis_iface.mapCanvas()
-    canvas.setDestinationCrs(src.crs())
-    canvas.setExtent(src.extent())
-    v1, v2 = virtual_raster_layer(src, "v1"), virtual_raster_layer(src, "v2")
-    dlg = plugin.open_batch()
-    dlg.set_checked_layers({v1.id(), v2.id()})
-    dlg.questions_edit.setPlainText("q1")
-    finished = []
-    dlg.batch_finished.connect(lambda rows: finished.append(list(rows)))
+    dlg, _, _, finished = batch_of_two_rendered_layers(plugin, raster_layer, qgis_iface)
     dlg.run()
     dlg.cancel()  # while v1 is being rendered
     assert finished == [[]] and "cancelled" in dlg.message.text()

@@ -283,18 +283,9 @@ def test_cancelling_a_render_whose_write_task_ended_raises_nothing(raster_layer,
 def test_cancelling_a_batch_after_one_of_its_renders_ended_raises_nothing(plugin, raster_layer, stub_engine,
                                                                             qgis_iface):
     """The batch dialog keeps every renderer of the run and cancels them all on Cancel."""
-    from conftest import python_errors, virtual_raster_layer, wait_for_tasks, wait_until
+    from conftest import batch_of_two_rendered_layers, python_errors, wait_for_tasks, wait_until
 
-    src = raster_layer("src")
-    canvas = qgis_iface.mapCanvas()
-    canvas.setDestinationCrs(src.crs())
-    canvas.setExtent(src.extent())
-    v1, v2 = virtual_raster_layer(src, "v1"), virtual_raster_layer(src, "v2")
-    dlg = plugin.open_batch()
-    dlg.set_checked_layers({v1.id(), v2.id()})
-    dlg.questions_edit.setPlainText("q1")
-    finished = []
-    dlg.batch_finished.connect(lambda rows: finished.append(list(rows)))
+    dlg, _, v2, finished = batch_of_two_rendered_layers(plugin, raster_layer, qgis_iface)
     with python_errors() as errors:
         dlg.run()
         wait_until(lambda: dlg._rendering is not None and dlg._rendering[0] == v2.id(), 60, "v1 rendered")
