@@ -153,8 +153,8 @@ def test_a_token_file_that_is_not_text_is_refused_clearly(stub_engine, plugin, t
     """A token file holding bytes that are not UTF-8 raised UnicodeDecodeError out of the health
     timer (every tick), the batch dialog and Processing."""
     from conftest import python_errors
-    from geovqa.client import EngineError, build_ask_request
-    from geovqa.settings import Settings, make_client
+    from geovqa.client import EngineError
+    from geovqa.settings import Settings
 
     bad = tmp_path / "engine token"
     bad.write_bytes(content)
@@ -164,11 +164,7 @@ def test_a_token_file_that_is_not_text_is_refused_clearly(stub_engine, plugin, t
     text = str(exc.value)
     assert exc.value.code == "unauthorized" and str(bad) in text and why in text
     assert "ASCII" in text and "Engine token" in text
-    client = make_client(Settings.load())  # the health check needs no token: still made
-    assert client.health()["status"] == "ok"
-    with pytest.raises(EngineError) as asked:
-        list(client.ask(build_ask_request("What?", "/nowhere.tif")).events())
-    assert str(asked.value) == text and stub_engine.requests == []  # nothing sent without a token
+    _only_asking_fails_with(text, stub_engine)
     dock = plugin.dock
     with python_errors() as errors:
         dock.refresh_health()
@@ -186,6 +182,19 @@ def test_a_token_file_that_is_not_text_is_refused_clearly(stub_engine, plugin, t
         wait_until(lambda: dock.turns(layer) and dock.turns(layer)[-1].get("done"), 10, "the answer")
         assert str(bad) in dock.turns(layer)[-1]["error"]
     assert errors == []
+
+
+def _only_asking_fails_with(text, stub_engine):
+    """With a token error `text`, the client is still made and the health check (no token) still
+    sees the engine; asking fails with that same error, and nothing reaches the engine."""
+    from geovqa.client import EngineError, build_ask_request
+    from geovqa.settings import Settings, make_client
+
+    client = make_client(Settings.load())
+    assert client.health()["status"] == "ok"  # the status line still shows the engine
+    with pytest.raises(EngineError) as asked:
+        list(client.ask(build_ask_request("What?", "/nowhere.tif")).events())
+    assert str(asked.value) == text and stub_engine.requests == []  # nothing sent without a token
 
 
 def _unreadable(path, kind, monkeypatch):
@@ -215,8 +224,8 @@ def _unreadable(path, kind, monkeypatch):
 def test_a_token_file_that_cannot_be_read_is_named_with_the_reason(stub_engine, tmp_path, monkeypatch, kind):
     """A token file the user may not read counted as "no token": the engine then refused every
     question with a generic "check the engine token"."""
-    from geovqa.client import EngineError, build_ask_request
-    from geovqa.settings import Settings, make_client
+    from geovqa.client import EngineError
+    from geovqa.settings import Settings
 
     path = tmp_path / "engine token"
     _unreadable(path, kind, monkeypatch)
@@ -227,11 +236,7 @@ def test_a_token_file_that_cannot_be_read_is_named_with_the_reason(stub_engine, 
     assert exc.value.code == "unauthorized" and str(path) in text and "cannot be read" in text
     assert ("Permission denied" if kind == "no permission" else "Is a directory") in text, text
     assert "Engine token" in exc.value.hint
-    client = make_client(Settings.load())
-    assert client.health()["status"] == "ok"  # the status line still shows the engine
-    with pytest.raises(EngineError) as asked:
-        list(client.ask(build_ask_request("What?", "/nowhere.tif")).events())
-    assert str(asked.value) == text and stub_engine.requests == []
+    _only_asking_fails_with(text, stub_engine)
 
 
 def test_a_chosen_token_file_that_does_not_exist_is_named(stub_engine, tmp_path, monkeypatch):
@@ -239,8 +244,8 @@ def test_a_chosen_token_file_that_does_not_exist_is_named(stub_engine, tmp_path,
     mounted) counted as "no token": the engine then refused every question with a generic "check
     the engine token". The local engine's own file, missing until its first start, still means
     no token, also when it is the file chosen."""
-    from geovqa.client import EngineError, build_ask_request
-    from geovqa.settings import Settings, make_client
+    from geovqa.client import EngineError
+    from geovqa.settings import Settings
 
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
     path = tmp_path / "gone" / "engine token"
@@ -250,11 +255,7 @@ def test_a_chosen_token_file_that_does_not_exist_is_named(stub_engine, tmp_path,
     text = str(exc.value)
     assert exc.value.code == "unauthorized" and str(path) in text and "does not exist" in text, text
     assert "Engine token" in exc.value.hint
-    client = make_client(Settings.load())
-    assert client.health()["status"] == "ok"  # the status line still shows the engine
-    with pytest.raises(EngineError) as asked:
-        list(client.ask(build_ask_request("What?", "/nowhere.tif")).events())
-    assert str(asked.value) == text and stub_engine.requests == []
+    _only_asking_fails_with(text, stub_engine)
     set_settings(token_file=str(tmp_path / "cfg" / "token"))  # the local engine's own, not made yet
     assert Settings.load().resolved_token() == ""
     set_settings(token_file="")
