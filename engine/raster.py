@@ -557,11 +557,28 @@ def _row_strips(src, band_numbers, window_wh, shape) -> list[tuple[int, int]]:
     return [(a, min(a + step, oh)) for a in range(0, oh, step)]
 
 
+def _source_window(window, shape, a: int, b: int, c: int, d: int):
+    """The source window read into output rows [a, b) x columns [c, d) of a read of `window` at
+    `shape` (rows, cols); a rectangle at the last row or column ends exactly where `window` does,
+    and one spanning all rows or columns takes `window`'s own offset and size there."""
+    from rasterio.windows import Window
+
+    def span(off, size, n, lo, hi):  # source offset and size of output cells [lo, hi) of n
+        step = size / n
+        start = off + lo * step
+        if hi < n:
+            return start, (hi - lo) * step
+        return start, (size if lo == 0 else off + size - start)
+
+    oh, ow = shape
+    top, height = span(window.row_off, window.height, oh, a, b)
+    left, width = span(window.col_off, window.width, ow, c, d)
+    return Window(left, top, width, height)
+
+
 def _read_window(src, band_numbers, window, shape, resampling, cancel=None):
     """(data, masks) of `band_numbers` over `window` read at `shape` (rows, cols); in row strips
     with a cancel check between them when the read is large (`_row_strips`)."""
-    from rasterio.windows import Window
-
     oh, ow = shape
     n = len(band_numbers)
     strips = _row_strips(src, band_numbers, (int(window.width), int(window.height)), shape)
@@ -573,13 +590,10 @@ def _read_window(src, band_numbers, window, shape, resampling, cancel=None):
         masks = src.read_masks(band_numbers, window=window, out_shape=(n, oh, ow),
                                resampling=resampling)
         return data, masks
-    rows_per_out = window.height / oh  # source rows per output row
     data = masks = None
     for a, b in strips:
         _check_cancel(cancel)
-        top = window.row_off + a * rows_per_out
-        height = (b - a) * rows_per_out if b < oh else window.row_off + window.height - top
-        strip = Window(window.col_off, top, window.width, height)
+        strip = _source_window(window, shape, a, b, 0, ow)
         d = _read_bands(src, band_numbers, strip, (b - a, ow), resampling)
         if data is None:
             data = np.empty((n, oh, ow), dtype=d.dtype)
@@ -672,26 +686,22 @@ def _mend_spread_nan(src, path, band_numbers, data, masks, window, shape, resamp
     read stands. A read without such NaN costs nothing more; a re-read GDAL refuses leaves the
     pixels not mended yet as they were (logged)."""
     from rasterio.errors import RasterioError
-    from rasterio.windows import Window
 
     spread = {i: _nan_spread(src, b, data[i], None if masks is None else masks[i])
               for i, b in enumerate(band_numbers)}
     rows = [i for i in spread if spread[i] is not None]
     if not rows:
         return
-    oh, ow = shape
-    sx, sy = window.width / ow, window.height / oh  # source pixels per output pixel
+    sy = window.height / shape[0]  # source rows per output row
     runs = _spread_runs(np.logical_or.reduce([spread[i] for i in rows]),
                         max(1, int(round(MEND_SOURCE_ROWS / sy))))
     try:
         with _nan_nodata_vrt(src, path, [band_numbers[i] for i in rows]) as vrt:
             for a, b, c, d in runs:
                 _check_cancel(cancel)
-                top, left = window.row_off + a * sy, window.col_off + c * sx
-                height = (b - a) * sy if b < oh else window.row_off + window.height - top
-                width = (d - c) * sx if d < ow else window.col_off + window.width - left
                 again = _read_bands(vrt, list(range(1, len(rows) + 1)),
-                                    Window(left, top, width, height), (b - a, d - c), resampling)
+                                    _source_window(window, shape, a, b, c, d), (b - a, d - c),
+                                    resampling)
                 for k, i in enumerate(rows):
                     here = spread[i][a:b, c:d]
                     data[i, a:b, c:d][here] = again[k][here]
