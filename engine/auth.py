@@ -2,8 +2,10 @@
 
 At the first start a random token is written to ``protocol.token_path()`` (the user's config
 dir) with mode 0600; later starts reuse it, and an empty token file gets a new token in place.
-A token file that is not ASCII text (an editor's byte-order mark, another file saved over it) is
-refused with `TokenFileError`, naming the file and what to do; it is never overwritten.
+A token file that is not ASCII text (UTF-16 from an editor, another file saved over it) is
+refused with `TokenFileError`, naming the file and what to do; it is never overwritten. A UTF-8
+byte-order mark in front of an ASCII token (Windows editors' "UTF-8 with BOM") is dropped, as the
+plugin drops it, so both read the same token from the same file.
 Clients send it as ``Authorization: Bearer <token>`` and the server compares it in constant
 time.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from engine import protocol
 
 TOKEN_BYTES = 32
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class TokenFileError(ValueError):
@@ -52,17 +55,19 @@ def load_or_create_token(path: Path | None = None) -> str:
 
 
 def _read_token(path: Path) -> str | None:
-    """The token in `path` (stripped; '' when empty), or None when there is no such file;
-    TokenFileError when the file is not ASCII text."""
+    """The token in `path` (stripped; '' when empty; a leading UTF-8 byte-order mark dropped), or
+    None when there is no such file; TokenFileError when the file is not ASCII text."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
+    body = data.removeprefix(UTF8_BOM)
     try:
-        return data.decode("ascii").strip()
+        return body.decode("ascii").strip()
     except UnicodeDecodeError as exc:
-        why = (" (it starts with a byte-order mark: an editor saved it as 'UTF-8 with BOM')"
-               if data.startswith(b"\xef\xbb\xbf") else f" (the first at byte {exc.start})")
+        why = (" (it starts with a UTF-16 byte-order mark: an editor saved it as 'Unicode' / UTF-16)"
+               if data.startswith((b"\xff\xfe", b"\xfe\xff"))
+               else f" (the first at byte {exc.start + len(data) - len(body)})")
         raise TokenFileError(
             f"The engine's token file {path} holds bytes that are not ASCII text{why}, so it holds "
             "no token the engine can use. Delete the file to have a new token made at the next "

@@ -239,11 +239,11 @@ def token_file_error(path: Path, data: bytes, start: int, chosen: bool):
     else:
         why = f" (the first at byte {start})"
     if chosen:
-        hint = ("Write the engine's token into it as ASCII text (not UTF-16, not 'UTF-8 with BOM'), or type "
+        hint = ("Write the engine's token into it as ASCII text (not UTF-16), or type "
                 "the token in Settings > Options > GeoVQA > Engine token.")
     else:  # the local engine's own file, which it refuses too
         hint = ("Delete the file and start the engine again to have a new token made, or write an ASCII "
-                "token into it (not UTF-16, not 'UTF-8 with BOM'); or type the token in Settings > Options > "
+                "token into it (not UTF-16); or type the token in Settings > Options > "
                 "GeoVQA > Engine token.")
     return EngineError("unauthorized", f"The engine token file {path} holds bytes that are not text{why}, "
                        "so no token can be read from it.", hint)

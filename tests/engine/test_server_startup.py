@@ -65,14 +65,14 @@ def test_a_held_state_dir_is_refused_before_the_model_loads(running, tmp_path):
 def test_a_token_file_that_is_not_ascii_is_refused_with_one_line(tmp_path):
     token = tmp_path / "config" / "token"
     token.parent.mkdir()
-    token.write_bytes(b"\xef\xbb\xbfmy-token\n")
+    token.write_bytes("my-token\n".encode("utf-16"))
     done, marker = run_serve(tmp_path, free_port(), tmp_path / "state")
     assert done.returncode != 0
     assert last_line(done).startswith(f"error: The engine's token file {token} holds bytes that "
-                                      "are not ASCII text (it starts with a byte-order mark")
+                                      "are not ASCII text (it starts with a UTF-16 byte-order mark")
     assert "Traceback" not in done.stderr
     assert not marker.exists()
-    assert token.read_bytes() == b"\xef\xbb\xbfmy-token\n"
+    assert token.read_bytes() == "my-token\n".encode("utf-16")
 
 
 @pytest.mark.parametrize("port", ["70000", "0", "-1", "http"])

@@ -184,7 +184,8 @@ def test_an_empty_token_file_gets_a_new_private_token(tmp_path, monkeypatch, con
 
 @pytest.mark.parametrize("content, why", [
     (b"abc\xc3\xa9def\n", "(the first at byte 3)"),
-    (b"\xef\xbb\xbfabcdef\n", "(it starts with a byte-order mark: an editor saved it as 'UTF-8 with BOM')"),
+    (b"\xff\xfea\x00b\x00", "(it starts with a UTF-16 byte-order mark: an editor saved it as 'Unicode' / UTF-16)"),
+    (b"\xef\xbb\xbfab\xc3\xa9", "(the first at byte 5)"),  # counted in the file, byte-order mark included
     (b"\x89PNG\r\n\x1a\n", "(the first at byte 0)"),
 ])
 def test_a_token_file_that_is_not_ascii_is_a_clear_error(tmp_path, content, why):
@@ -198,6 +199,15 @@ def test_a_token_file_that_is_not_ascii_is_a_clear_error(tmp_path, content, why)
     assert "Delete the file" in message and "write an ASCII token" in message
     assert path.read_bytes() == content  # the user's file is left as it is
     assert error_for_exception(err.value).code == "bad_request"
+
+
+def test_a_utf8_byte_order_mark_before_the_token_is_dropped(tmp_path):
+    """Windows editors save "UTF-8 with BOM"; the plugin reads such a file as the token after the
+    mark, and the engine must serve that same token (it used to refuse to start)."""
+    path = tmp_path / "token"
+    path.write_bytes(b"\xef\xbb\xbfmy-token\r\n")
+    assert auth.load_or_create_token(path) == "my-token"
+    assert path.read_bytes() == b"\xef\xbb\xbfmy-token\r\n"  # the user's file is left as it is
 
 
 def test_a_token_created_meanwhile_by_another_server_is_used(tmp_path, monkeypatch):
