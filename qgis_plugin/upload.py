@@ -124,20 +124,47 @@ def _polygon(aoi: dict):
     engine then says what is wrong with it, about the whole raster)."""
     from osgeo import ogr
 
+    polygon_types = (ogr.wkbPolygon, ogr.wkbMultiPolygon)
     try:
         if isinstance(aoi.get("polygon_wkt"), str):
             geom = ogr.CreateGeometryFromWkt(aoi["polygon_wkt"])
         elif isinstance(aoi.get("geojson"), dict):
-            geom = ogr.CreateGeometryFromJson(json.dumps(aoi["geojson"], allow_nan=False))
+            parts = _geojson_geometries(aoi["geojson"])
+            if not parts:
+                return None
+            geom = ogr.Geometry(ogr.wkbMultiPolygon)
+            for part in parts:
+                one = ogr.CreateGeometryFromJson(json.dumps(part, allow_nan=False))
+                if one is None or one.IsEmpty() or ogr.GT_Flatten(one.GetGeometryType()) not in polygon_types:
+                    return None
+                for poly in ([one] if ogr.GT_Flatten(one.GetGeometryType()) == ogr.wkbPolygon
+                             else [one.GetGeometryRef(i) for i in range(one.GetGeometryCount())]):
+                    geom.AddGeometry(poly)
         else:
             return None
     except (RuntimeError, ValueError, TypeError):  # RuntimeError: GDAL with exceptions on
         return None
     if geom is None or geom.IsEmpty():
         return None
-    if ogr.GT_Flatten(geom.GetGeometryType()) not in (ogr.wkbPolygon, ogr.wkbMultiPolygon):
+    if ogr.GT_Flatten(geom.GetGeometryType()) not in polygon_types:
         return None
     return geom
+
+
+def _geojson_geometries(obj: dict) -> list:
+    """The geometries of a ``geojson`` AOI, as the engine reads it (engine/raster.py
+    geojson_area): a geometry; a Feature's geometry; a FeatureCollection's features' geometries
+    (features without one skipped). Empty when it is none of these (the engine says why)."""
+    kind = obj.get("type")
+    if kind == "Feature":
+        geometries = [obj.get("geometry")]
+    elif kind == "FeatureCollection":
+        features = obj.get("features")
+        geometries = ([f.get("geometry") for f in features if isinstance(f, dict)]
+                      if isinstance(features, list) and all(isinstance(f, dict) for f in features) else [])
+    else:
+        geometries = [obj]
+    return [g for g in geometries if isinstance(g, dict)]
 
 
 def _to_pixels(ds):
@@ -213,8 +240,18 @@ def aoi_for_cut(aoi: dict, window: tuple, pixel_space: bool) -> dict:
                 else:
                     leaf.SetPoint_2D(i, p[0] - col_off, p[1] - row_off)
         return dict(aoi, polygon_wkt=geom.ExportToIsoWkt())
-    geo = aoi["geojson"]
-    return dict(aoi, geojson=dict(geo, coordinates=_moved_positions(geo["coordinates"], -col_off, -row_off)))
+    return dict(aoi, geojson=_moved_geojson(aoi["geojson"], -col_off, -row_off))
+
+
+def _moved_geojson(obj: dict, dx: float, dy: float) -> dict:
+    """A copy of a ``geojson`` AOI (geometry, Feature or FeatureCollection) moved by (dx, dy)."""
+    kind = obj.get("type")
+    if kind == "Feature":
+        geometry = obj.get("geometry")
+        return dict(obj, geometry=_moved_geojson(geometry, dx, dy) if isinstance(geometry, dict) else geometry)
+    if kind == "FeatureCollection":
+        return dict(obj, features=[_moved_geojson(f, dx, dy) for f in obj["features"]])
+    return dict(obj, coordinates=_moved_positions(obj["coordinates"], dx, dy))
 
 
 # --- whether to write the file ------------------------------------------------------------------

@@ -390,6 +390,45 @@ def test_a_polygon_in_pixels_moves_with_the_cut_of_a_raster_with_no_georeferenci
     assert (pixels(got) == pixels(gdal.Open(path), (250, 160, 140, 130))).all()
 
 
+def _ring(c0, r0, c1, r1):
+    return [[[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]]
+
+
+def test_a_geojson_feature_or_collection_is_cut_as_the_engine_reads_it(capture, tmp_path):
+    """The engine takes a Feature or a FeatureCollection (the union of its polygons) as well as a
+    geometry; the upload used to be cut only for a bare geometry and sent whole for the others."""
+    from osgeo import gdal
+
+    path = write_raster(tmp_path / "scene.tif", width=300, height=200)
+    left = {"type": "Polygon", "coordinates": _ring(500100, 4999950, 500200, 4999900)}  # cols 10..20, rows 5..10
+    right = {"type": "Polygon", "coordinates": _ring(500400, 4999800, 500500, 4999700)}  # cols 40..50, rows 20..30
+    feature = {"type": "Feature", "properties": {"name": "field"}, "geometry": left}
+    collection = {"type": "FeatureCollection", "features": [
+        feature, {"type": "Feature", "properties": {}, "geometry": None},
+        {"type": "Feature", "properties": {}, "geometry": right}]}
+    for aoi, window in (({"geojson": feature}, (10, 5, 10, 5)), ({"geojson": collection}, (10, 5, 40, 25))):
+        send_about(capture.url, path, aoi)
+        got = uploaded(capture, tmp_path)
+        assert (got.RasterXSize, got.RasterYSize) == window[2:]
+        assert (pixels(got) == pixels(gdal.Open(path), window)).all()
+        assert sent_request(capture)["aoi"] == aoi  # georeferenced: still where it was on the map
+
+
+def test_a_geojson_collection_in_pixels_moves_with_the_cut(capture, tmp_path):
+    path = write_raster(tmp_path / "plain.tif", width=400, height=300, georeferenced=False)
+    collection = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": _ring(250, 160, 300, 200)}},
+        {"type": "Feature", "properties": {}, "geometry": {"type": "MultiPolygon",
+                                                           "coordinates": [_ring(350, 250, 390, 290)]}}]}
+    send_about(capture.url, path, {"geojson": collection})
+    got = uploaded(capture, tmp_path)
+    assert (got.RasterXSize, got.RasterYSize) == (140, 130)  # cols 250..389, rows 160..289
+    moved = sent_request(capture)["aoi"]["geojson"]
+    assert moved["features"][0]["geometry"]["coordinates"] == _ring(0, 0, 50, 40)
+    assert moved["features"][1]["geometry"]["coordinates"] == [_ring(100, 90, 140, 130)]
+    assert moved["features"][0]["properties"] == {} and moved["type"] == "FeatureCollection"
+
+
 @pytest.mark.parametrize("aoi", [None, {"window": [0, 0, 64, 48]}, {"window": [-10, -10, 100, 100]},
                                  {"polygon_wkt": "POLYGON ((499000 5001000,501000 5001000,501000 4990000,"
                                                  "499000 4990000,499000 5001000))"}])
