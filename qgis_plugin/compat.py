@@ -44,6 +44,10 @@ PROCESSING_RASTER = _first(
     lambda: Qgis.ProcessingSourceType.Raster,
     lambda: QgsProcessing.SourceType.TypeRaster,
 )
+PROCESSING_VECTOR_POLYGON = _first(
+    lambda: Qgis.ProcessingSourceType.VectorPolygon,
+    lambda: QgsProcessing.SourceType.TypeVectorPolygon,
+)
 NUMBER_INTEGER = _first(
     lambda: Qgis.ProcessingNumberParameterType.Integer,
     lambda: QgsProcessingParameterNumber.Type.Integer,

@@ -1,31 +1,64 @@
 """Processing algorithm "Ask a raster": one question about one raster layer (optional extent),
-outputs the answer text, the kept-token heatmap GeoTIFF and the anchors GeoJSON."""
+outputs the answer text, the kept-token heatmap (a raster layer output: GeoTIFF) and the anchor
+tokens (a vector layer output: GeoJSON, or a GeoPackage converted by GDAL). As layer outputs
+they get the toolbox's "Open output file after running algorithm" box: ticked, QGIS loads them
+into the project when the run ends, and :meth:`AskRasterAlgorithm.postProcessAlgorithm` names,
+marks and styles them as the chat dock's result layers."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 from qgis.core import (
     QgsGeometry,
     QgsProcessing,
     QgsProcessingAlgorithm,
+    QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingOutputString,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
-    QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
 )
 
 from ..aoi import AoiError, clip_to_layer, request_aoi
 from ..client import EngineError
-from ..compat import NUMBER_INTEGER, PARAM_ADVANCED
+from ..compat import NUMBER_INTEGER, PARAM_ADVANCED, PROCESSING_VECTOR_POLYGON
 from ..layers import anchors_name, heatmap_name
 from ..render import layer_file_path
 from ..settings import DEFAULT_STRATEGY, Settings
-from .common import ask_once, engine_client, load_result_layer, raster_source, strategy_options, wants_loading
+from .common import ask_once, engine_client, forget_result_layer, load_result_layer, raster_source, strategy_options
+
+# the files the outputs can be written to (the provider's lists; the first is the default): the
+# engine's GeoTIFF and GeoJSON are copied, a GeoPackage is converted from the GeoJSON by GDAL
+RASTER_EXTENSIONS = ("tif",)
+VECTOR_EXTENSIONS = ("geojson", "gpkg")
+
+
+def write_anchors(src: str, dest: str) -> None:
+    """The anchors GeoJSON ``src`` written to ``dest``: copied, or converted to a GeoPackage
+    (``.gpkg``, one layer named after the file; a file already there is replaced, as QGIS
+    replaces its own outputs). Raises OSError when it cannot be written."""
+    if Path(dest).suffix.lower() != ".gpkg":
+        shutil.copyfile(src, dest)
+        return
+    from osgeo import gdal
+
+    if os.path.exists(dest):
+        os.remove(dest)
+    try:
+        ds = gdal.VectorTranslate(dest, src, format="GPKG", layerName=Path(dest).stem)
+    except RuntimeError as exc:  # gdal.UseExceptions() is on
+        raise OSError(str(exc)) from exc
+    if ds is None:
+        raise OSError(gdal.GetLastErrorMsg() or "GDAL could not write the GeoPackage")
+    ds = None  # closed: written
 
 
 class AskRasterAlgorithm(QgsProcessingAlgorithm):
@@ -54,7 +87,9 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
     def shortHelpString(self):  # noqa: N802
         return ("Asks the GeoVQA engine one question about a raster layer (optionally only inside an "
                 "extent) and returns the answer, the kept-token heatmap (GeoTIFF, the raster's CRS) and "
-                "the anchor tokens (GeoJSON). Web and virtual layers are rendered to a GeoTIFF first. "
+                "the anchor tokens (GeoJSON, or a GeoPackage for a .gpkg file). With \"Open output file after "
+                "running algorithm\" both are loaded into the project, as the GeoVQA dock adds them. "
+                "Web and virtual layers are rendered to a GeoTIFF first. "
                 "The engine URL and token come from Settings > Options > GeoVQA.")
 
     def createInstance(self):  # noqa: N802
@@ -74,14 +109,44 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         p.setFlags(p.flags() | PARAM_ADVANCED)
         self.addParameter(p)
         # optional, temporary files by default: `qgis_process run geovqa:ask_raster -- INPUT=.. QUESTION=..`
-        # works as documented (it refused to run without both)
-        for name, label, filt in ((self.HEATMAP, "Kept-token heatmap", "GeoTIFF (*.tif)"),
-                                  (self.ANCHORS, "Anchor tokens", "GeoJSON (*.geojson)")):
-            self.addParameter(QgsProcessingParameterFileDestination(
-                name, label, filt, defaultValue=QgsProcessing.TEMPORARY_OUTPUT, optional=True))
+        # works as documented (it refused to run without both). Layer outputs, not file outputs: the
+        # toolbox gives them "Open output file after running algorithm" (ticked), file outputs not
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.HEATMAP, "Kept-token heatmap", defaultValue=QgsProcessing.TEMPORARY_OUTPUT, optional=True))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.ANCHORS, "Anchor tokens", PROCESSING_VECTOR_POLYGON, defaultValue=QgsProcessing.TEMPORARY_OUTPUT,
+            optional=True))
         self.addOutput(QgsProcessingOutputString(self.ANSWER, "Answer"))
 
+    def output_refusal(self, parameters):
+        """Why an output cannot be written where ``parameters`` say (None when both can): a file
+        type the provider does not write (QGIS's ``isSupportedOutputValue``, from its lists) or a
+        GeoPackage table (``ogr:dbname=...``) instead of a file."""
+        for name in (self.HEATMAP, self.ANCHORS):
+            value = parameters.get(name)
+            if value is None:
+                continue
+            param = self.parameterDefinition(name)
+            # a context of its own: with a destination project set, asking for the path registers
+            # it to be loaded into the project, and a temporary output gets a new name each time
+            scratch = QgsProcessingContext()
+            ok, error = param.isSupportedOutputValue(value, scratch)
+            if ok and self.parameterAsOutputLayer({name: value}, name, scratch).startswith("ogr:"):
+                ok, error = False, "a GeoPackage table cannot be written, only a file"
+            if not ok:
+                kinds = RASTER_EXTENSIONS if name == self.HEATMAP else VECTOR_EXTENSIONS
+                return f"{param.description()}: {error}. Save it as {' or '.join('.' + k for k in kinds)}."
+        return None
+
+    def checkParameterValues(self, parameters, context):  # noqa: N802
+        ok, message = super().checkParameterValues(parameters, context)
+        refusal = self.output_refusal(parameters) if ok else None
+        return (False, refusal) if refusal else (ok, message)
+
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 - main thread
+        refusal = self.output_refusal(parameters)  # qgis_process and models may not check the values first
+        if refusal:
+            raise QgsProcessingException(refusal)
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None:
             raise QgsProcessingException("The input raster layer could not be loaded.")
@@ -117,8 +182,9 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
             budget=self.parameterAsInt(parameters, self.BUDGET, context) or None,
             max_new_tokens=self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context),
         )
-        heat_dest = self.parameterAsFileOutput(parameters, self.HEATMAP, context)
-        anchors_dest = self.parameterAsFileOutput(parameters, self.ANCHORS, context)
+        # with a destination project (the toolbox's "Open output file after running algorithm"),
+        # QGIS registers each path here to be loaded into it when the run ends
+        dests = {key: self.parameterAsOutputLayer(parameters, key, context) for key in (self.HEATMAP, self.ANCHORS)}
         try:
             result = ask_once(self.client, question, self.raster_path, self.aoi, options, feedback,
                               self.settings.results_dir(), self.bounds, self.unreferenced)
@@ -128,28 +194,38 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(f"Could not save the result files in {self.settings.results_dir()}: "
                                          f"{exc}. Choose another results folder in Settings > Options > GeoVQA.") from exc
         feedback.pushInfo(f"Answer: {result.get('answer', '')}")
-        # the heatmap/anchors could not be kept (ask_once reported why): the answer is still the output
+        # a heatmap/anchors file that could not be kept (ask_once reported why) is left out: the
+        # answer is still the output
         out = {self.ANSWER: result.get("answer", "")}
-        if heat_dest and result.get("local_heatmap_path"):
-            shutil.copyfile(result["local_heatmap_path"], heat_dest)
-            out[self.HEATMAP] = heat_dest
-        if anchors_dest and result.get("local_anchors_path"):
-            shutil.copyfile(result["local_anchors_path"], anchors_dest)
-            out[self.ANCHORS] = anchors_dest
-        # loaded by postProcessAlgorithm (main thread), marked as GeoVQA's result layers
-        self.to_load = []
-        for key, name in ((self.HEATMAP, heatmap_name), (self.ANCHORS, anchors_name)):
-            if out.get(key):
-                value = parameters.get(key)
-                project = value.destinationProject if wants_loading(value) else None
-                self.to_load.append((key, out[key], name(question, self.layer_name), project))
+        # for postProcessAlgorithm (main thread): (output, path, layer name; None: not written)
+        self.result_files = []
+        for key, local, write, name in (
+                (self.HEATMAP, result.get("local_heatmap_path"), shutil.copyfile, heatmap_name),
+                (self.ANCHORS, result.get("local_anchors_path"), write_anchors, anchors_name)):
+            dest = dests[key]
+            if not dest:
+                continue
+            if local:
+                try:
+                    write(local, dest)
+                except OSError as exc:
+                    raise QgsProcessingException(f"Could not write {dest}: {exc}") from exc
+                out[key] = dest
+            self.result_files.append((key, dest, name(question, self.layer_name) if local else None))
         return out
 
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - main thread
-        """The heatmap and anchors loaded into the project (the toolbox's "Open output file after
-        running algorithm", or QGIS loading the files itself) are marked as GeoVQA's result layers,
-        so the chat dock does not offer them as rasters to ask about, and named as the dock names
-        them ("heatmap: <layer> — <question…>")."""
-        for key, path, name, project in getattr(self, "to_load", ()):
-            load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name, key, project)
+        """The heatmap and anchors QGIS loads into the project when the run ends (the toolbox's
+        "Open output file after running algorithm", ``processing.runAndLoadResults``) are marked
+        as GeoVQA's result layers, so the chat dock does not offer them as rasters to ask about,
+        named as the dock names them ("heatmap: <layer> — <question…>") and styled as its own.
+        A file that could not be kept (ask_once reported why) is not loaded: the answer is still
+        the output, and QGIS does not report a layer it could not load."""
+        files = getattr(self, "result_files", ())
+        for _key, path, name in files:  # first: forgetting copies the layers' details
+            if name is None:
+                forget_result_layer(context, path)
+        for key, path, name in files:
+            if name is not None:
+                load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name)
         return {}

@@ -1,18 +1,13 @@
 """Helpers shared by the GeoVQA Processing algorithms: engine client, raster resolution
-(file layers as they are, other layers rendered to a GeoTIFF), streamed answer with feedback."""
+(file layers as they are, other layers rendered to a GeoTIFF), streamed answer with feedback,
+and the naming and marking of the result layers QGIS loads after a run."""
 
 from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
 
-from qgis.core import (
-    QgsProcessingContext,
-    QgsProcessingException,
-    QgsProcessingLayerPostProcessorInterface,
-    QgsProcessingOutputLayerDefinition,
-    QgsProcessingUtils,
-)
+from qgis.core import QgsProcessingException, QgsProcessingLayerPostProcessorInterface
 
 from .. import layers as result_layers
 from ..aoi import is_unreferenced_file
@@ -131,24 +126,24 @@ class ResultLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
 _POST_PROCESSORS = deque(maxlen=32)
 
 
-def wants_loading(value) -> bool:
-    """True when an output's parameter value asks for it to be loaded into a project (the
-    toolbox's "Open output file after running algorithm")."""
-    return isinstance(value, QgsProcessingOutputLayerDefinition) and value.destinationProject is not None
-
-
-def load_result_layer(context, path: str, kind: str, name: str, output_name: str, project=None) -> None:
-    """Have Processing load ``path`` as a result layer when the algorithm completes, marked with
-    RESULT_LAYER_PROPERTY (:class:`ResultLayerPostProcessor`). A file QGIS already loads itself
-    gets the post-processor; otherwise it is added to the layers to load, into ``project``.
-    Main thread (postProcessAlgorithm)."""
+def load_result_layer(context, path: str, kind: str, name: str) -> None:
+    """Name and mark (:class:`ResultLayerPostProcessor`, RESULT_LAYER_PROPERTY) the layer QGIS
+    loads from ``path`` when the algorithm completes: QGIS's ``parameterAsOutputLayer`` put it
+    on the context's layers to load when the output's value has a destination project (the
+    toolbox's "Open output file after running algorithm"). A file QGIS does not load is left
+    alone. Main thread (postProcessAlgorithm)."""
     if not context.willLoadLayerOnCompletion(path):
-        if project is None:
-            return
-        hint = QgsProcessingUtils.LayerHint.Raster if kind == "heatmap" else QgsProcessingUtils.LayerHint.Vector
-        context.addLayerToLoadOnCompletion(path, QgsProcessingContext.LayerDetails(name, project, output_name, hint))
+        return
     details = context.layerToLoadOnCompletionDetails(path)
     details.name = name
     post = ResultLayerPostProcessor(kind, name)
     _POST_PROCESSORS.append(post)
     details.setPostProcessor(post)
+
+
+def forget_result_layer(context, path: str) -> None:
+    """Take ``path`` off the layers QGIS loads when the algorithm completes: an output file that
+    was not written (QGIS would report it as a layer it could not load). Main thread."""
+    layers = context.layersToLoadOnCompletion()
+    if layers.pop(path, None) is not None:
+        context.setLayersToLoadOnCompletion(layers)

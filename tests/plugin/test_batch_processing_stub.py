@@ -268,39 +268,37 @@ def test_run_never_orphans_a_running_batch(plugin, raster_layer, stub_engine):
 
 def test_processing_result_layers_loaded_into_the_project_are_marked(
         plugin, raster_layer, stub_engine, tmp_path, qgis_processing, qgis_new_project):
-    """"Ask a raster" run from the toolbox with "Open output file after running algorithm": the
-    heatmap and anchors it loads are GeoVQA's result layers (marked, named as the dock names
-    them), so the dock does not offer the heatmap as a raster to ask about."""
+    """"Ask a raster" run with its outputs to be loaded into the project: the heatmap and anchors
+    QGIS loads are GeoVQA's result layers (marked, named as the dock names them), so the dock
+    does not offer the heatmap as a raster to ask about. (The toolbox dialog itself:
+    test_processing_outputs.)"""
     import processing
     from geovqa.layers import RESULT_LAYER_PROPERTY, anchors_name, heatmap_name
-    from qgis.core import QgsProcessing, QgsProcessingOutputLayerDefinition, QgsProject
+    from qgis.core import QgsProcessing, QgsProcessingOutputLayerDefinition, QgsProject, QgsRasterLayer
 
     layer = raster_layer("a")
     project = QgsProject.instance()
     dock = plugin.dock
     # what the toolbox's dialog sends for an output whose "Open output file…" box is ticked; the
-    # results are then loaded as the toolbox loads them (handleAlgorithmResults)
+    # results are then loaded as the toolbox loads them (handleAlgorithmResults). A plain path is
+    # loaded too: runAndLoadResults gives every layer output the project (HEATMAP and ANCHORS
+    # were file outputs, which it left alone)
     res = processing.runAndLoadResults("geovqa:ask_raster", {
         "INPUT": layer, "QUESTION": "How big?",
         "HEATMAP": QgsProcessingOutputLayerDefinition(QgsProcessing.TEMPORARY_OUTPUT, project),
-        "ANCHORS": str(tmp_path / "a0.geojson")})  # not loaded
+        "ANCHORS": str(tmp_path / "a.geojson")})
     assert res["ANSWER"] == "The area is 64 x 48 pixels with 3 bands."
-    (heat,) = [lyr for lyr in project.mapLayers().values() if lyr is not layer]
-    assert heat.source() == res["HEATMAP"]
+    (heat,) = [lyr for lyr in project.mapLayers().values() if isinstance(lyr, QgsRasterLayer) and lyr is not layer]
+    (anchors,) = [lyr for lyr in project.mapLayers().values() if lyr not in (layer, heat)]
+    assert heat.source() == res["HEATMAP"] and anchors.source() == res["ANCHORS"] == str(tmp_path / "a.geojson")
     assert heat.customProperty(RESULT_LAYER_PROPERTY) == f"heatmap:{heat.id()}" and heat.name() == heatmap_name("How big?", layer)
+    assert anchors.customProperty(RESULT_LAYER_PROPERTY) == f"anchors:{anchors.id()}"
+    assert anchors.name() == anchors_name("How big?", layer)
     # marked after Processing added it: the dock's list leaves it out all the same
     listed = [dock.layer_combo.layer(i) for i in range(dock.layer_combo.count())]
     assert layer in listed and heat not in listed
 
-    res = processing.runAndLoadResults("geovqa:ask_raster", {
-        "INPUT": layer, "QUESTION": "How big?", "HEATMAP": str(tmp_path / "h0.tif"),
-        "ANCHORS": QgsProcessingOutputLayerDefinition(str(tmp_path / "a.geojson"), project)})
-    (anchors,) = [lyr for lyr in project.mapLayers().values() if lyr not in (layer, heat)]
-    assert anchors.source() == res["ANCHORS"]
-    assert anchors.customProperty(RESULT_LAYER_PROPERTY) == f"anchors:{anchors.id()}"
-    assert anchors.name() == anchors_name("How big?", layer)
-
-    # a QGIS that loads the file itself: the layer it loads is marked the same way
+    # the layer QGIS loads from a file is named and gets the post-processor that marks it
     heat_path = str(tmp_path / "h.tif")
     from geovqa.processing.common import load_result_layer
     from qgis.core import QgsProcessingContext, QgsProcessingUtils
@@ -309,10 +307,10 @@ def test_processing_result_layers_loaded_into_the_project_are_marked(
     context.setProject(project)
     context.addLayerToLoadOnCompletion(heat_path, QgsProcessingContext.LayerDetails(
         "Kept-token heatmap", project, "HEATMAP", QgsProcessingUtils.LayerHint.Raster))
-    load_result_layer(context, heat_path, "heatmap", "heatmap: a — q", "HEATMAP")
+    load_result_layer(context, heat_path, "heatmap", "heatmap: a — q")
     details = context.layerToLoadOnCompletionDetails(heat_path)
     assert details.name == "heatmap: a — q" and details.postProcessor() is not None
-    # no project asked for and QGIS not loading it: nothing is loaded
-    load_result_layer(context, str(tmp_path / "none.tif"), "heatmap", "n", "HEATMAP")
+    # a file QGIS does not load (no project asked for): nothing is loaded
+    load_result_layer(context, str(tmp_path / "none.tif"), "heatmap", "n")
     assert not context.willLoadLayerOnCompletion(str(tmp_path / "none.tif"))
     wait_for_tasks()

@@ -1,0 +1,230 @@
+""""Ask a raster" run from QGIS 3.22's real toolbox dialog (processing.gui.AlgorithmDialog).
+
+Its HEATMAP and ANCHORS outputs were file destinations: the toolbox gives those no "Open output
+file after running algorithm" box (OPEN_AFTER_RUNNING False), so it never set a destination
+project and the heatmap and anchors were never loaded. They are now a raster and a vector layer
+output: ticked by default, QGIS loads them after the run, once each, named, marked and styled as
+the chat dock's result layers; unticked, nothing is loaded. The provider says which files it
+writes (.tif; .geojson, or .gpkg converted by GDAL): any other is refused."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import wait_for_tasks, wait_until
+
+QUESTION = "How big?"
+ANSWER = "The area is 64 x 48 pixels with 3 bands."
+
+
+@pytest.fixture(autouse=True)
+def browser_model(qgis_iface, monkeypatch):
+    """The toolbox's parameters panel asks iface for its browser model (pytest-qgis's iface
+    has none)."""
+    from qgis.gui import QgsBrowserGuiModel
+
+    model = QgsBrowserGuiModel()
+    monkeypatch.setattr(qgis_iface, "browserModel", lambda: model, raising=False)
+    yield model
+
+
+def _dialog(alg_id="geovqa:ask_raster"):
+    from processing.gui.AlgorithmDialog import AlgorithmDialog
+    from qgis.core import QgsApplication
+
+    return AlgorithmDialog(QgsApplication.processingRegistry().algorithmById(alg_id).create())
+
+
+def _open_after_running_boxes(dlg, name):
+    """The "Open output file after running algorithm" check boxes of output ``name``'s widget."""
+    from qgis.PyQt.QtWidgets import QCheckBox
+
+    widget = dlg.mainWidget().wrappers[name].wrappedWidget()
+    return [box for box in widget.findChildren(QCheckBox) if "Open output file" in box.text()]
+
+
+def _dialog_parameters(layer, open_after_running=True, **values):
+    """The parameters the real dialog sends for "Ask a raster" about ``layer`` (INPUT and QUESTION
+    filled in, ``values`` for other parameters), with the outputs' boxes as they are by default
+    or unticked."""
+    dlg = _dialog()
+    panel = dlg.mainWidget()
+    panel.setParameters(dict({"INPUT": layer.id(), "QUESTION": QUESTION}, **values))
+    if not open_after_running:
+        for name in ("HEATMAP", "ANCHORS"):
+            for box in _open_after_running_boxes(dlg, name):
+                box.setChecked(False)
+    return dlg, panel.createProcessingParameters()
+
+
+def _run_then_load(dlg, parameters):
+    """Runs the dialog's algorithm with ``parameters`` as the dialog does (a
+    QgsProcessingAlgRunnerTask, the algorithm's own thread) and then loads its results as the
+    dialog then does (handleAlgorithmResults); returns (results, handleAlgorithmResults's ok,
+    errors reported)."""
+    from processing.gui.Postprocessing import handleAlgorithmResults
+    from processing.tools import dataobjects
+    from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingFeedback
+
+    errors = []
+
+    class Feedback(QgsProcessingFeedback):
+        def reportError(self, error, fatalError=False):  # noqa: N802, N803
+            errors.append(error)
+            super().reportError(error, fatalError)
+
+    feedback = Feedback()
+    context = dataobjects.createContext(feedback)
+    alg = dlg.algorithm()
+    done = []
+    task = QgsProcessingAlgRunnerTask(alg, parameters, context, feedback)
+    task.executed.connect(lambda ok, results: done.append((ok, results)))
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: done, 60, "the algorithm run")
+    ok, results = done[0]
+    assert ok, errors
+    loaded = handleAlgorithmResults(alg, context, feedback, False, results)
+    wait_for_tasks()
+    return results, loaded, errors
+
+
+def _new_layers(project, *old):
+    return [lyr for lyr in project.mapLayers().values() if lyr not in old]
+
+
+def test_the_toolbox_dialog_loads_the_heatmap_and_anchors_named_and_marked(
+        plugin, raster_layer, stub_engine, qgis_processing, qgis_new_project):
+    from geovqa.layers import HEATMAP_OPACITY, RESULT_LAYER_PROPERTY, anchors_name, heatmap_name
+    from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
+
+    layer = raster_layer("a")
+    project = QgsProject.instance()
+    dlg, parameters = _dialog_parameters(layer)
+    for name in ("HEATMAP", "ANCHORS"):  # as the toolbox shows them: the box is there, ticked
+        assert dlg.mainWidget().wrappers[name].customProperties().get("OPEN_AFTER_RUNNING") is True, name
+        assert [box.isChecked() for box in _open_after_running_boxes(dlg, name)] == [True], name
+        assert parameters[name].destinationProject is project, name
+
+    results, loaded, errors = _run_then_load(dlg, parameters)
+    assert results["ANSWER"] == ANSWER and loaded and not errors
+    new = _new_layers(project, layer)
+    heats = [lyr for lyr in new if isinstance(lyr, QgsRasterLayer)]
+    anchors = [lyr for lyr in new if isinstance(lyr, QgsVectorLayer)]
+    assert len(new) == 2 and len(heats) == 1 and len(anchors) == 1, [lyr.name() for lyr in new]  # each once
+    (heat,), (anch,) = heats, anchors
+    assert heat.source() == results["HEATMAP"] and results["HEATMAP"].endswith(".tif")
+    assert anch.source() == results["ANCHORS"] and results["ANCHORS"].endswith(".geojson")
+    assert heat.name() == heatmap_name(QUESTION, layer) and anch.name() == anchors_name(QUESTION, layer)
+    assert heat.customProperty(RESULT_LAYER_PROPERTY) == f"heatmap:{heat.id()}"
+    assert anch.customProperty(RESULT_LAYER_PROPERTY) == f"anchors:{anch.id()}"
+    # styled as the dock styles them, not with Processing's default style
+    assert heat.renderer().type() == "singlebandpseudocolor" and heat.renderer().opacity() == HEATMAP_OPACITY
+    assert anch.featureCount() == 2 and anch.renderer().symbol().color().alpha() == 40
+    # the dock does not offer them as rasters to ask about
+    listed = [plugin.dock.layer_combo.layer(i) for i in range(plugin.dock.layer_combo.count())]
+    assert layer in listed and heat not in listed
+
+
+def test_the_toolbox_dialog_with_the_boxes_unticked_loads_nothing(
+        plugin, raster_layer, stub_engine, qgis_processing, qgis_new_project, tmp_path):
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    layer = raster_layer("a")
+    project = QgsProject.instance()
+    dlg, parameters = _dialog_parameters(layer, open_after_running=False, HEATMAP=str(tmp_path / "h.tif"))
+    for name in ("HEATMAP", "ANCHORS"):
+        assert not dlg.mainWidget().wrappers[name].customProperties().get("OPEN_AFTER_RUNNING"), name
+    results, loaded, errors = _run_then_load(dlg, parameters)
+    assert results["ANSWER"] == ANSWER and loaded and not errors
+    assert _new_layers(project, layer) == []
+    assert results["HEATMAP"] == str(tmp_path / "h.tif") and QgsRasterLayer(results["HEATMAP"], "h").isValid()
+
+
+def test_anchors_saved_to_a_geopackage(plugin, raster_layer, stub_engine, qgis_processing, qgis_new_project, tmp_path):
+    """A .gpkg anchors output is a GeoPackage GDAL converted from the engine's GeoJSON (the same
+    features), loaded from it when the box is ticked; running again replaces it."""
+    import processing
+    from geovqa.layers import RESULT_LAYER_PROPERTY
+    from osgeo import ogr
+    from qgis.core import QgsProject, QgsVectorLayer
+
+    layer = raster_layer("a")
+    gpkg = str(tmp_path / "anchors.gpkg")
+    geojson = str(tmp_path / "anchors.geojson")
+    res = processing.run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": QUESTION, "ANCHORS": geojson})
+    ds = ogr.Open(res["ANCHORS"])  # kept while its layer is read
+    expected = [(f.GetField("rank"), f.GetGeometryRef().ExportToWkt()) for f in ds.GetLayer(0)]
+    ds = None
+    assert len(expected) == 2
+
+    for _ in range(2):
+        dlg, parameters = _dialog_parameters(layer, ANCHORS=gpkg)
+        results, loaded, errors = _run_then_load(dlg, parameters)
+        assert results["ANCHORS"] == gpkg and loaded and not errors
+        ds = ogr.Open(gpkg)
+        assert ds.GetDriver().GetName() == "GPKG" and ds.GetLayerCount() == 1
+        got = [(f.GetField("rank"), f.GetGeometryRef().ExportToWkt()) for f in ds.GetLayer(0)]
+        assert got == expected  # the same features, not appended to the ones there before
+        ds = None
+    anchors = [lyr for lyr in _new_layers(QgsProject.instance(), layer) if isinstance(lyr, QgsVectorLayer)]
+    # (QGIS loads the second run's file as the project's layer of that file, already there)
+    assert anchors and all(a.isValid() and a.featureCount() == 2 and a.customProperty(RESULT_LAYER_PROPERTY)
+                           for a in anchors)
+
+
+def test_a_file_type_the_provider_does_not_write_is_refused(plugin, raster_layer, stub_engine, qgis_processing,
+                                                            tmp_path):
+    import processing
+    from processing.gui.AlgorithmDialogBase import AlgorithmDialogBase
+    from qgis.core import QgsApplication, QgsProcessingContext, QgsProcessingException
+
+    layer = raster_layer("a")
+    alg = QgsApplication.processingRegistry().algorithmById("geovqa:ask_raster")
+    context = QgsProcessingContext()
+    heat, anchors = alg.parameterDefinition("HEATMAP"), alg.parameterDefinition("ANCHORS")
+    assert heat.isSupportedOutputValue(str(tmp_path / "h.png"), context) == (
+        False, "“.png” files are not supported as outputs for this algorithm")
+    assert not anchors.isSupportedOutputValue(str(tmp_path / "a.shp"), context)[0]
+    assert not anchors.isSupportedOutputValue("memory:", context)[0]  # only files are written
+    assert heat.isSupportedOutputValue(str(tmp_path / "h.tif"), context)[0]
+    assert all(anchors.isSupportedOutputValue(str(tmp_path / f"a.{ext}"), context)[0] for ext in ("geojson", "gpkg"))
+
+    # the toolbox dialog refuses it before running
+    dlg = _dialog()
+    dlg.mainWidget().setParameters({"INPUT": layer.id(), "QUESTION": QUESTION, "HEATMAP": str(tmp_path / "h.png")})
+    with pytest.raises(AlgorithmDialogBase.InvalidOutputExtension):
+        dlg.mainWidget().createProcessingParameters()
+    # and so does the algorithm (processing.run, qgis_process, models), before asking the engine
+    for outputs, said in (({"HEATMAP": str(tmp_path / "h.png")}, "“.png” files are not supported"),
+                          ({"ANCHORS": str(tmp_path / "a.shp")}, "“.shp” files are not supported"),
+                          ({"ANCHORS": f"ogr:dbname='{tmp_path / 'a.gpkg'}' table=\"a\" (geom)"}, "only a file")):
+        with pytest.raises(QgsProcessingException, match=said):
+            processing.run("geovqa:ask_raster", dict({"INPUT": layer, "QUESTION": QUESTION}, **outputs))
+    assert stub_engine.requests == []
+    assert not (tmp_path / "h.png").exists() and not (tmp_path / "a.shp").exists()
+
+    # the batch algorithm's CSV/JSON outputs are not concerned by the provider's layer formats
+    dlg = _dialog("geovqa:batch_questions")
+    dlg.mainWidget().setParameters({"LAYERS": [layer.id()], "QUESTIONS": QUESTION,
+                                    "OUTPUT": str(tmp_path / "b.csv"), "OUTPUT_JSON": str(tmp_path / "b.json")})
+    parameters = dlg.mainWidget().createProcessingParameters()
+    assert parameters["OUTPUT"] == str(tmp_path / "b.csv") and parameters["OUTPUT_JSON"] == str(tmp_path / "b.json")
+    results, loaded, errors = _run_then_load(dlg, parameters)
+    assert results["ANSWERED"] == 1 and loaded and not errors and (tmp_path / "b.json").is_file()
+
+
+def test_a_heatmap_that_could_not_be_kept_is_not_loaded_and_the_run_is_not_failed(
+        plugin, raster_layer, stub_engine, qgis_processing, qgis_new_project, tmp_path):
+    """The results folder cannot be written: the answer is still the output; the outputs QGIS was
+    to load are not loaded and not reported as layers it could not load."""
+    from conftest import set_settings
+    from qgis.core import QgsProject
+
+    layer = raster_layer("a")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    dlg, parameters = _dialog_parameters(layer)
+    results, loaded, errors = _run_then_load(dlg, parameters)
+    assert results["ANSWER"] == ANSWER and "HEATMAP" not in results and "ANCHORS" not in results
+    assert loaded and not any("not correctly generated" in e for e in errors), errors
+    assert _new_layers(QgsProject.instance(), layer) == []
