@@ -47,7 +47,8 @@ from .render import LayerRenderer, layer_file_path
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
-from .tasks import AskTask, HealthTask, file_stem, rect_bounds
+from .tasks import ANSWERING, AskTask, HealthTask, file_stem, rect_bounds
+from .tasks import stage_text as _stage_text
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
@@ -60,19 +61,6 @@ USER_ROLE = Qt.ItemDataRole.UserRole
 REMOVED_LAYERS_ITEM = "Answers about removed layers"
 READ_ONLY_PLACEHOLDER = "These answers are read-only: pick a layer to ask about it."
 QUESTION_PLACEHOLDER = "Ask about the layer, e.g. How many ships are in the harbour?"
-ANSWERING = "Answering…"
-# the engine's status stages (protocol.STAGES), in words
-STAGE_WORDS = {
-    "queued": "Waiting for the engine",
-    "read": "Reading the raster",
-    "tile": "Cutting the raster into tiles",
-    "vision": "Encoding tiles",
-    "select": "Choosing tokens",
-    "prefill": "Reading the image tokens",
-    "generate": ANSWERING,
-    "write": "Writing the result files",
-    "done": "Finishing",
-}
 
 
 class ChatView(QTextBrowser):
@@ -763,14 +751,9 @@ class ChatDock(QgsDockWidget):
 
     @staticmethod
     def stage_text(ev: dict) -> str:
-        """A status event in words: "Reading the raster", "Encoding tiles 40 %"…"""
-        stage = ev.get("stage") or ""
-        text = ev.get("message") or stage or "Working"
-        words = STAGE_WORDS.get(stage) or text[:1].upper() + text[1:]  # keeps "GeoLLaVA-8K", paths
-        p = ev.get("progress")
-        if isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1:
-            return f"{words} {100 * p:.0f} %"
-        return words if words.endswith("…") else words + " …"
+        """A status event in words: "Reading the raster", "Encoding tiles 40 %"…
+        (:func:`tasks.stage_text`, shared with Processing)."""
+        return _stage_text(ev)
 
     def _offer_retry(self, retry):
         """Offer (or withdraw, for None) to ask again with a smaller budget.

@@ -194,11 +194,98 @@ def prepare_item_upload(client: EngineClient, raster_path: str | None, aoi: dict
         return None, f"The raster could not be prepared for the upload to the engine: {exc}"
 
 
+ANSWERING = "Answering…"
+# the engine's status stages (protocol.STAGES), in words (the chat dock's line, Processing's text)
+STAGE_WORDS = {
+    "queued": "Waiting for the engine",
+    "read": "Reading the raster",
+    "tile": "Cutting the raster into tiles",
+    "vision": "Encoding tiles",
+    "select": "Choosing tokens",
+    "prefill": "Reading the image tokens",
+    "generate": ANSWERING,
+    "write": "Writing the result files",
+    "done": "Finishing",
+}
+
+
+def stage_text(ev: dict) -> str:
+    """A status event in words: "Reading the raster", "Encoding tiles 40 %"…"""
+    stage = ev.get("stage") or ""
+    text = ev.get("message") or stage or "Working"
+    words = STAGE_WORDS.get(stage) or text[:1].upper() + text[1:]  # keeps "GeoLLaVA-8K", paths
+    p = ev.get("progress")
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1:
+        return f"{words} {100 * p:.0f} %"
+    return words if words.endswith("…") else words + " …"
+
+
+def event_text(ev: dict) -> str | None:
+    """What the engine does, in words, after the stream event ``ev`` (None: no change):
+    "Queued (2 ahead) …", "Encoding tiles 40 %", "Answering…" (the first answer token)."""
+    kind = ev.get("type")
+    if kind == "queued":
+        return f"Queued ({ev.get('position', 0)} ahead) …"
+    if kind == "status":
+        return stage_text(ev)
+    if kind == "token":
+        return ANSWERING
+    return None
+
+
+class AnswerProgress:
+    """How far the engine is with one answer (0..1), from its stream's events: each stage takes
+    its part (:attr:`STAGES`): reading, the vision tower (its own progress, tile batch by tile
+    batch), the token choice, the prefill, then the generation, which moves on with each
+    streamed answer token against ``max_new_tokens`` (an answer that ends early jumps ahead),
+    and writing the result files. 1.0 only with the result. It never goes back."""
+
+    # (first, last) of each stage's part; a stage with a progress of its own moves in between
+    STAGES = {
+        "queued": (0.0, 0.0),
+        "read": (0.0, 0.04),
+        "tile": (0.04, 0.05),
+        "vision": (0.05, 0.60),
+        "select": (0.60, 0.65),
+        "prefill": (0.65, 0.72),
+        "generate": (0.72, 0.97),
+        "write": (0.97, 0.99),
+        "done": (0.99, 0.99),
+    }
+
+    def __init__(self, max_new_tokens: int | None = None):
+        self.max_new_tokens = max(1, int(max_new_tokens or 256))
+        self.fraction = 0.0
+        self.tokens = 0
+
+    def event(self, ev: dict) -> float:
+        """The fraction after the stream event ``ev``."""
+        kind = ev.get("type")
+        if kind == "status":
+            first, last = self.STAGES.get(ev.get("stage"), (self.fraction, self.fraction))
+            p = ev.get("progress")
+            if isinstance(p, (int, float)) and not isinstance(p, bool):
+                first += (last - first) * min(1.0, max(0.0, float(p)))
+            self._to(first)
+        elif kind == "token":
+            self.tokens += 1
+            first, last = self.STAGES["generate"]
+            self._to(first + (last - first) * min(1.0, self.tokens / self.max_new_tokens))
+        elif kind == "result":
+            self._to(1.0)
+        return self.fraction
+
+    def _to(self, fraction: float) -> None:
+        self.fraction = max(self.fraction, min(1.0, fraction))
+
+
 class BatchProgress:
     """The progress (0..100) of a batch of ``total`` answers, for the batch dialog's
-    :class:`BatchTask` and the Processing batch alike: the answers done plus the current one, whose
+    :class:`BatchTask`, the Processing batch and single answers (a batch of one: the chat
+    dock's :class:`AskTask`, "Ask a raster") alike: the answers done plus the current one, whose
     raster upload (when it is uploaded) takes the first :attr:`UPLOAD_SHARE` of its share, then
-    the engine's own progress the rest. Within an answer it never goes back.
+    the engine's work the rest, split between its stages as :class:`AnswerProgress` does (the
+    answer's share is full only with its result). Within an answer it never goes back.
 
     ``set_progress``: where the percentage goes (``QgsTask.setProgress``,
     ``QgsProcessingFeedback.setProgress``)."""
@@ -211,19 +298,36 @@ class BatchProgress:
         self.index = 0  # answers done
         self.fraction = 0.0  # of the current answer, 0..1
         self.upload_share = 0.0
+        self.answer = AnswerProgress()
+        self.text = None  # the words of the current answer's last event (event())
 
     def start(self, index: int, uploading: bool) -> None:
         """The answer after ``index`` done ones begins; ``uploading``: its raster is uploaded."""
         self.index, self.fraction = index, 0.0
         self.upload_share = self.UPLOAD_SHARE if uploading else 0.0
+        self.answer, self.text = AnswerProgress(), None
 
     def uploaded(self, sent: int, total: int) -> None:
         """``sent`` of the upload's ``total`` bytes are sent (``client.AskStream.on_upload_progress``)."""
         self._report(self.upload_share * sent / max(1, total))
 
     def engine(self, progress: float) -> None:
-        """The engine's own progress (0..1) of the current answer (a ``status`` event)."""
+        """The engine's part of the current answer is ``progress`` (0..1) done."""
         self._report(self.upload_share + (1.0 - self.upload_share) * float(progress))
+
+    def event(self, ev: dict, max_new_tokens: int | None = None) -> str | None:
+        """The current answer's stream event ``ev`` (``max_new_tokens``: the request's, which
+        the generation's part counts the answer tokens against). Returns what the engine does
+        now in words (:func:`event_text`) when that changed, else None: a caller that shows it
+        (a log line each time, in Processing) says it once, not once per answer token."""
+        if max_new_tokens:
+            self.answer.max_new_tokens = max(1, int(max_new_tokens))
+        self.engine(self.answer.event(ev))
+        text = event_text(ev)
+        if text is None or text == self.text:
+            return None
+        self.text = text
+        return text
 
     def done(self, answers: int) -> None:
         """``answers`` answers are done."""
@@ -294,31 +398,30 @@ class AskTask(QgsTask):
         self.stream = client.ask(request)
         self.final = None
 
-    def _upload_progress(self, sent: int, total: int) -> None:
-        """The upload to a remote engine is the task's progress until the engine reports its own."""
-        self.setProgress(100.0 * sent / max(1, total))
-
     def cancel(self) -> None:
         self.stream.abort()
         super().cancel()
 
     def run(self) -> bool:
+        # a batch of one: the upload to a remote engine (when the raster is uploaded) takes the
+        # first half, then the engine's stages; 100 % only with the result
+        progress = BatchProgress(1, self.setProgress)
+        progress.start(0, self.stream.upload_path is not None or self.stream.prepared is not None)
         # Set here and cleared at the end, not in __init__: the stream holds no reference to the
         # task (a cycle) longer than the run. (A cycle once let Qt reach a signal that was named
         # `event` and hid QObject.event: "native Qt signal is not callable".)
-        self.stream.on_upload_progress = self._upload_progress
+        self.stream.on_upload_progress = progress.uploaded
         try:
-            return self._run()
+            return self._run(progress)
         finally:
             self.stream.on_upload_progress = None
 
-    def _run(self) -> bool:
+    def _run(self, progress: BatchProgress) -> bool:
         try:
             for ev in self.stream.events():
                 if self.isCanceled():
                     break
-                if ev.get("type") == "status" and isinstance(ev.get("progress"), (int, float)):
-                    self.setProgress(100.0 * float(ev["progress"]))
+                progress.event(ev, self.request.get("max_new_tokens"))
                 if ev.get("type") == "result":
                     ev = dict(ev)
                     files, warning = keep_result_files_or_warn(
@@ -364,7 +467,8 @@ class BatchTask(QgsTask):
     (:func:`prepare_item_upload`) and that file is sent with every question about it; it is
     deleted when the item's questions are done, also when the batch is cancelled or fails. The
     progress counts the answers done plus the current one: its upload (the first half of its share
-    when a raster is uploaded), then the engine's own progress (:class:`BatchProgress`).
+    when a raster is uploaded), then the engine's stages, the generation counted in answer tokens
+    (:class:`BatchProgress`).
     """
 
     row = pyqtSignal(object)
@@ -462,8 +566,7 @@ class BatchTask(QgsTask):
             if self.isCanceled():  # cancelled before the stream could be aborted
                 stream.abort()
             for ev in stream.events():
-                if ev.get("type") == "status" and isinstance(ev.get("progress"), (int, float)):
-                    self._progress.engine(ev["progress"])
+                self._progress.event(ev, self.options.get("max_new_tokens"))
                 if ev.get("type") == "result":
                     row["answer"] = ev.get("answer", "")
                     row["tokens"] = ev.get("tokens") or {}

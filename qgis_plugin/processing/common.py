@@ -51,8 +51,9 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     ``feedback``): the answer is not lost for them. ``prepared``: the upload made once for
     several questions about this raster (:func:`tasks.prepare_item_upload`), sent as it is.
     ``progress``: the :class:`tasks.BatchProgress` of a batch this answer is one of (its upload
-    then takes the first part of this answer's share, the engine's own progress the rest);
-    without it the ``feedback``'s bar is this one answer's, split the same way (a batch of one)."""
+    then takes the first part of this answer's share, the engine's stages the rest, the
+    generation counted in answer tokens: :meth:`tasks.BatchProgress.event`); without it the
+    ``feedback``'s bar is this one answer's, split the same way (a batch of one)."""
     request = build_ask_request(question, raster_path, aoi=aoi, **options)
     stream = client.ask(request, prepared=prepared)
     if progress is None and feedback is not None:
@@ -69,12 +70,12 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
                 stream.abort()
                 break
             kind = ev.get("type")
-            if kind == "status" and isinstance(ev.get("progress"), (int, float)):
-                if feedback is not None:
-                    feedback.setProgressText(f"{ev.get('stage')}: {ev.get('message', '')}")
-                if progress is not None:  # the bar too, as the batch dialog's BatchTask shows it
-                    progress.engine(ev["progress"])
-            elif kind == "result":
+            if progress is not None:  # the bar moves through every stage up to the result, as in
+                # the batch dialog; the text says which stage runs, once each ("Answering…")
+                text = progress.event(ev, request.get("max_new_tokens"))
+                if text and feedback is not None:
+                    feedback.setProgressText(text)
+            if kind == "result":
                 files, warning = keep_result_files_or_warn(ev, client, results_dir, file_stem(question), clip_bounds,
                                                            unreferenced)
                 if warning and feedback is not None:

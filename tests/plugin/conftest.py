@@ -329,6 +329,35 @@ def batch_of_two_rendered_layers(plugin, raster_layer, qgis_iface):
     return dlg, v1, v2, finished
 
 
+def recording_feedback():
+    """A QgsProcessingFeedback that keeps, in order, what the algorithm reported: ("progress",
+    percent), ("text", progress text), ("info", pushInfo line), ("error", reportError line)."""
+    from qgis.core import QgsProcessingFeedback
+
+    class Recording(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.log = []
+            self.progressChanged.connect(lambda p: self.log.append(("progress", p)))
+
+        def setProgressText(self, text):  # noqa: N802
+            self.log.append(("text", text))
+            super().setProgressText(text)
+
+        def pushInfo(self, info):  # noqa: N802
+            self.log.append(("info", info))
+            super().pushInfo(info)
+
+        def reportError(self, error, fatalError=False):  # noqa: N802, N803
+            self.log.append(("error", error))
+            super().reportError(error, fatalError)
+
+        def of(self, kind):
+            return [v for k, v in self.log if k == kind]
+
+    return Recording()
+
+
 @contextlib.contextmanager
 def python_errors():
     """The Python errors raised in Qt slots and callbacks (sys.excepthook) while the block runs, as

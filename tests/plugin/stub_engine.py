@@ -55,6 +55,9 @@ class StubEngine:
         self.max_upload_bytes = 1 << 30
         self.health_calls = 0
         self.fail_with: dict | None = None
+        # True: the real engine's status events (engine/pipeline.py: read, the vision tower tile
+        # batch by tile batch, select, prefill, the answer tokens, write); else one "read" at 20 %
+        self.engine_stages = False
         stub = self
 
         class Handler(JsonHandler):
@@ -136,7 +139,18 @@ class StubEngine:
             yield {"type": "error", "request_id": rid, "code": "raster_unreadable",
                    "message": f"Cannot open {req['raster_path']}", "hint": None}
             return
-        yield {"type": "status", "request_id": rid, "stage": "read", "progress": 0.2, "message": "reading"}
+        if self.engine_stages:
+            yield {"type": "status", "request_id": rid, "stage": "read", "progress": None,
+                   "message": "reading the raster"}
+            for done in (1, 2):
+                yield {"type": "status", "request_id": rid, "stage": "vision", "progress": done / 2,
+                       "message": f"vision tower: {done}/2 tiles"}
+            yield {"type": "status", "request_id": rid, "stage": "select", "progress": None,
+                   "message": f"selecting visual tokens ({req.get('strategy')})"}
+            yield {"type": "status", "request_id": rid, "stage": "prefill", "progress": None,
+                   "message": "reading the image tokens"}
+        else:
+            yield {"type": "status", "request_id": rid, "stage": "read", "progress": 0.2, "message": "reading"}
         col, row, w, h = 0, 0, ds.RasterXSize, ds.RasterYSize
         aoi = req.get("aoi") or {}
         if "window" in aoi:
@@ -145,6 +159,9 @@ class StubEngine:
         for word in answer.split(" "):
             time.sleep(self.token_delay)
             yield {"type": "token", "request_id": rid, "text": word + " "}
+        if self.engine_stages:
+            yield {"type": "status", "request_id": rid, "stage": "write", "progress": None,
+                   "message": "writing the heatmap"}
         heat, anchors = self._write_outputs(ds, rid, (col, row, w, h))
         yield {"type": "result", "request_id": rid, "answer": answer,
                "tokens": {"visual_candidates": 576, "visual_kept": 4, "prompt": 40, "generated": 10},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from conftest import wait_for_tasks, wait_until
+from conftest import recording_feedback, wait_for_tasks, wait_until
 
 
 def test_batch_dialog_two_layers_csv_and_json(plugin, raster_layer, stub_engine, tmp_path):
@@ -69,22 +69,99 @@ def test_processing_ask_and_batch(plugin, raster_layer, stub_engine, tmp_path, q
     assert all(r["answer"] for r in rows)
 
 
-def test_the_processing_batch_progress_follows_the_engine_within_an_answer(
-        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
-    """The bar moved only when an answer was done (the engine's progress went to the text alone),
-    unlike the batch dialog's BatchTask: within an answer it now follows the engine too."""
-    import processing
-    from qgis.core import QgsProcessingFeedback
+# the progress text of one answer of the stand-in engine with engine_stages
+ENGINE_STAGE_TEXTS = ["Queued (0 ahead) …", "Reading the raster …", "Encoding tiles 50 %", "Encoding tiles …",
+                      "Choosing tokens …", "Reading the image tokens …", "Answering…",
+                      "Writing the result files …"]
 
-    feedback, seen = QgsProcessingFeedback(), []
-    feedback.progressChanged.connect(seen.append)
+
+def test_the_processing_ask_progress_is_full_only_with_the_answer(
+        plugin, raster_layer, stub_engine, qgis_processing):
+    """Only the engine's "vision" status events moved the bar: it was at 100 % once the vision
+    tower was done and stayed there while the answer was generated (minutes on a real model).
+    Each stage now has its share (vision up to 60 %), the generation moves with the answer
+    tokens against MAX_NEW_TOKENS, 100 % comes with the result; the text says each stage once."""
+    import processing
+
+    stub_engine.engine_stages = True
+    fb = recording_feedback()
+    res = processing.run("geovqa:ask_raster", {"INPUT": raster_layer("a"), "QUESTION": "How big?",
+                                               "MAX_NEW_TOKENS": 20}, feedback=fb)
+    assert res["ANSWER"] == "The area is 64 x 48 pixels with 3 bands."  # 10 tokens of at most 20
+    assert fb.of("text") == ENGINE_STAGE_TEXTS  # once each: "Answering…" is not said per token
+    progress = fb.of("progress")
+    assert progress == sorted(progress) and progress[-1] == 100 and progress.count(100) == 1, progress
+
+    def bar_when(text):  # the bar as the stage named `text` begins
+        i = fb.log.index(("text", text))
+        return ([v for k, v in fb.log[:i] if k == "progress"] or [0])[-1]
+
+    assert bar_when("Encoding tiles …") <= 60  # the vision tower is done: not 100 %
+    # each event moves the bar first, then says its stage: the answer tokens' values lie between
+    # the prefill's words and the progress of the "write" status event
+    prefill = fb.log.index(("text", "Reading the image tokens …"))
+    writing = fb.log.index(("text", ENGINE_STAGE_TEXTS[-1]))
+    generating = [v for k, v in fb.log[prefill + 1:writing - 1] if k == "progress"]
+    assert len(set(generating)) == 10, generating  # each answer token moves the bar
+    assert 65 <= generating[0] and generating[-1] < 90  # 10 of 20 tokens: about half the generation's share
+    assert bar_when(ENGINE_STAGE_TEXTS[-1]) < 100
+
+
+def test_the_processing_batch_progress_fills_each_answers_share_only_with_its_result(
+        plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
+    """In a batch each answer's share filled up the same way (full once the vision tower was done)."""
+    import processing
+    from conftest import set_settings
+
+    set_settings(max_new_tokens=20)  # the batch asks with the settings' answer length
+    stub_engine.engine_stages = True
+    fb = recording_feedback()
     res = processing.run("geovqa:batch_questions", {
-        "LAYERS": [raster_layer("a")], "QUESTIONS": "q1\nq2", "OUTPUT": str(tmp_path / "answers.csv")},
-        feedback=feedback)
+        "LAYERS": [raster_layer("a")], "QUESTIONS": "q1\nq2", "OUTPUT": str(tmp_path / "answers.csv")}, feedback=fb)
     assert res["ANSWERED"] == 2
-    # two answers, 50 % each; the stand-in engine reports 20 % ("read") within each
-    assert 10 in seen and 60 in seen, seen
-    assert seen == sorted(seen) and seen[-1] == 100
+    progress = fb.of("progress")
+    assert progress == sorted(progress) and progress[-1] == 100, progress
+    assert fb.of("text") == ENGINE_STAGE_TEXTS * 2  # each answer's stages, once each
+    # two answers, 50 % each: the first one's share is full only when it is done
+    second = [i for i, e in enumerate(fb.log) if e == ("text", ENGINE_STAGE_TEXTS[0])][1]
+    first_answer = [v for k, v in fb.log[:second] if k == "progress"]
+    assert first_answer[-1] == 50 and max(first_answer[:-1]) < 50, first_answer
+    assert len([v for v in first_answer if 36 <= v < 48.5]) >= 10, first_answer  # its generation, token by token
+
+
+def test_the_batch_dialogs_progress_fills_each_answers_share_only_with_its_result(
+        plugin, raster_layer, stub_engine, tmp_path):
+    """The batch dialog's BatchTask: each answer's share was full once the vision tower was done."""
+    import time
+
+    from conftest import set_settings
+
+    set_settings(max_new_tokens=20)
+    stub_engine.engine_stages = True
+    events = stub_engine.events
+
+    def slow_start(req):  # time to connect to the task just started
+        time.sleep(0.5)
+        yield from events(req)
+
+    stub_engine.events = slow_start
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id()})
+    dlg.questions_edit.setPlainText("q1\nq2")
+    done, log = [], []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    dlg.task.progressChanged.connect(lambda p: log.append(("progress", p)))
+    dlg.task.row.connect(lambda row: log.append(("row", row["question"])))
+    wait_until(lambda: done, 60, "the batch")
+    wait_for_tasks()
+    progress = [v for k, v in log if k == "progress"]
+    assert progress == sorted(progress) and progress[-1] == 100 and dlg.progress.value() == 100, log
+    first = [v for k, v in log[:log.index(("row", "q1"))] if k == "progress"]
+    # two answers, 50 % each: the first one's share is full only with its result
+    assert first[-1] == 50 and max(first[:-1]) < 50, first
+    assert len([v for v in first if 36 <= v < 48.5]) >= 10, first  # its generation, token by token
 
 
 def test_the_processing_ask_progress_bar_follows_the_engine(plugin, raster_layer, stub_engine, qgis_processing):
@@ -96,14 +173,18 @@ def test_the_processing_ask_progress_bar_follows_the_engine(plugin, raster_layer
     from qgis.core import QgsProcessingFeedback
 
     layer = raster_layer("a")
-    for mode, expected in (("path", [20]), ("upload", [50, 60])):
+    for mode in ("path", "upload"):
         set_settings(send_rasters=mode)
         feedback, seen = QgsProcessingFeedback(), []
         feedback.progressChanged.connect(seen.append)
-        res = processing.run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": "How big?"}, feedback=feedback)
+        res = processing.run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": "How big?", "MAX_NEW_TOKENS": 20},
+                             feedback=feedback)
         assert res["ANSWER"], mode
-        # the stand-in engine reports 20 % ("read")
-        assert all(p in seen for p in expected) and seen == sorted(seen), (mode, seen)
+        assert seen == sorted(seen) and seen[-1] == 100, (mode, seen)
+        engine = [p for p in seen if 0 < p < 100]
+        if mode == "upload":  # the upload fills the first half, then the engine's stages the second
+            assert 50 in seen and engine[-1] > 50, seen
+        assert len(set(engine)) >= 10, (mode, seen)  # reading, then the answer tokens
 
 
 def test_processing_outputs_default_to_temporary_files(plugin, raster_layer, stub_engine, qgis_processing):

@@ -488,3 +488,49 @@ def test_clear_stops_the_running_question(plugin, raster_layer, stub_engine):
     wait_until(_finished(dock), 30)
     assert [t["question"] for t in dock.turns()] == ["next question"] and dock.turns()[0]["answer"]
     wait_for_tasks()
+
+
+def _slow_start(stub_engine, seconds=0.5):
+    """The stand-in's stream begins after ``seconds``: time to connect to a task just started."""
+    import time
+
+    events = stub_engine.events
+
+    def slow(req):
+        time.sleep(seconds)
+        yield from events(req)
+
+    stub_engine.events = slow
+
+
+def test_the_answer_task_is_at_100_percent_only_with_the_answer(plugin, raster_layer, stub_engine):
+    """The chat's AskTask (its bar in QGIS's task list) followed only the "vision" status events:
+    at 100 % once the vision tower was done, while the answer was still generated. It now goes
+    through the engine's stages, the generation moving with the answer tokens, 100 % only with
+    the result; the line under the question is unchanged."""
+    from conftest import set_settings
+
+    set_settings(max_new_tokens=20)
+    stub_engine.engine_stages = True
+    _slow_start(stub_engine)
+    dock = plugin.dock
+    dock.set_layer(raster_layer())
+    dock.question_edit.setText("How big?")
+    dock.ask()
+    log, labels = [], []
+    dock.task.progressChanged.connect(lambda p: log.append(("progress", p)))
+    dock.task.engine_event.connect(lambda ev: log.append((ev["type"], ev.get("stage"))))
+    dock.task.engine_event.connect(lambda ev: labels.append(dock.progress_label.text()))
+    wait_until(_finished(dock), 30, "the answer")
+    wait_for_tasks()
+    progress = [v for k, v in log if k == "progress"]
+    assert progress == sorted(progress) and progress[-1] == 100 and progress.count(100) == 1, log
+    tokens = [i for i, (k, _) in enumerate(log) if k == "token"]
+    assert len(tokens) == 10
+    before = lambda i: [v for k, v in log[:i] if k == "progress"][-1]  # noqa: E731
+    assert before(log.index(("status", "select"))) <= 60  # the vision tower is done
+    at_tokens = [before(i + 1) for i in tokens]  # each token has moved the bar (set before the event goes out)
+    assert len(set(at_tokens)) == 10 and 70 < at_tokens[0] and at_tokens[-1] < 90, log
+    assert before(log.index(("status", "write")) + 1) < 100 and log[-1] == ("result", None)
+    # the line under the question says each stage, as before
+    assert "Encoding tiles 50 %" in labels and "Answering…" in labels and "Choosing tokens …" in labels

@@ -217,6 +217,31 @@ def test_processing_algorithm_run(plugin, raster_layer, engine, tmp_path, qgis_p
     assert QgsVectorLayer(res["ANCHORS"], "anchors", "ogr").featureCount() >= 1
 
 
+def test_processing_progress_follows_the_real_engines_stages(plugin, raster_layer, real_engine, qgis_processing):
+    """Against the real engine's event stream: the bar was at 100 % once the vision tower was done
+    (0.4 s here, the answer at 3 s; minutes of generation on a real model). Each stage now takes
+    its share and the answer tokens move the bar; 100 % only with the result."""
+    import processing
+    from conftest import recording_feedback
+
+    fb = recording_feedback()
+    res = processing.run("geovqa:ask_raster", {"INPUT": raster_layer("stages", width=120, height=90),
+                                               "QUESTION": "What is here?", "MAX_NEW_TOKENS": 8}, feedback=fb)
+    assert res["ANSWER"].strip()
+    texts = fb.of("text")
+    for stage in ("Reading the raster …", "Choosing tokens …", "Reading the image tokens …", "Answering…"):
+        assert stage in texts, texts
+    assert any(t.startswith("Encoding tiles") for t in texts), texts
+    progress = fb.of("progress")
+    assert progress == sorted(progress) and progress[-1] == 100 and progress.count(100) == 1, fb.log
+
+    def bar_when(text):
+        i = fb.log.index(("text", text))
+        return ([v for k, v in fb.log[:i] if k == "progress"] or [0])[-1]
+
+    assert bar_when("Choosing tokens …") <= 60 and bar_when("Answering…") < 80, fb.log
+
+
 def test_start_and_stop_local_engine_from_qgis(plugin, real_engine_process, tmp_path):
     """The plugin's QProcess starts `<python> -m engine serve` (no shell), the dock sees it, stop ends it."""
     from conftest import ENGINE_PY, ENGINE_ROOT, free_port
