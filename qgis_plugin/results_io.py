@@ -3,6 +3,7 @@
 Answers are also written as they arrive, so a cancel or a crash keeps the finished ones: the
 batch dialog appends each to a JSON Lines autosave file (:func:`append_json_line`), the
 Processing batch writes its CSV row by row (:class:`CsvRows`, same file as :func:`write_csv`).
+JSON and JSON Lines are UTF-8 text, non-ASCII characters as they are (not ``\\u00e9`` escapes).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 CSV_COLUMNS = ("index", "layer", "raster_path", "question", "answer", "error", "strategy",
@@ -59,12 +61,19 @@ def write_csv(rows: list, path: str) -> str:
     return str(path)
 
 
+_LINE_BREAKS = "\u0085\u2028\u2029"  # str.splitlines() ends a line at them; JSON may hold them raw
+
+
 def append_json_line(path, row: dict) -> None:
     """Append ``row`` to the JSON Lines file ``path`` (one object a line, the fields of the JSON
     export's rows), on the disk before it returns. Raises OSError when it cannot be written."""
-    line = json.dumps(row, default=str) + "\n"
+    # UTF-8 text; the Unicode line breaks JSON leaves as they are stay escaped, so a reader
+    # splitting lines as Python's str.splitlines() does still gets one object a line
+    text = json.dumps(row, default=str, ensure_ascii=False)
+    line = "".join(f"\\u{ord(c):04x}" if c in _LINE_BREAKS else c for c in text) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
+    # a lone surrogate (no UTF-8 for it) is written as its JSON escape, \udXXX, still valid JSON
+    with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
@@ -72,5 +81,33 @@ def append_json_line(path, row: dict) -> None:
 
 def write_json(rows: list, path: str) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"results": rows}, indent=2, default=str), encoding="utf-8")
+    Path(path).write_text(json.dumps({"results": rows}, indent=2, default=str, ensure_ascii=False),
+                          encoding="utf-8", errors="backslashreplace")
     return str(path)
+
+
+def new_answers_files(folder, extensions=(".csv",), stem: str = "answers") -> list:
+    """Paths for a new set of answer files in ``folder`` (created when missing), one for each of
+    ``extensions``, sharing one name: ``<stem>_<date>_<time>.<ext>``, ``_2``, ``_3``… added
+    when any of them exists already. Each file is created empty here (exclusively), so no other
+    run takes the same name and no file already there is ever overwritten. Raises OSError when
+    the folder cannot be written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = f"{stem}_{time.strftime('%Y%m%d_%H%M%S')}"
+    for n in range(1, 10_000):
+        name = base if n == 1 else f"{base}_{n}"
+        paths = [folder / f"{name}{ext}" for ext in extensions]
+        if any(p.exists() for p in paths):
+            continue
+        made = []
+        try:
+            for p in paths:
+                with open(p, "x", encoding="utf-8"):
+                    made.append(p)
+        except FileExistsError:  # taken by another run meanwhile: the next name
+            for p in made:
+                p.unlink()
+            continue
+        return [str(p) for p in paths]
+    raise OSError(f"no free file name for the answers in {folder}")

@@ -6,6 +6,9 @@ batch dialog's :class:`tasks.BatchTask` does (:func:`tasks.prepare_item_upload`)
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from qgis.core import (
     QgsProcessing,
     QgsProcessingAlgorithm,
@@ -52,8 +55,12 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
     def shortHelpString(self):  # noqa: N802
         return ("Asks every question (one a line) about every input raster with the GeoVQA engine and "
                 "writes the answers, token counts, timings and heatmap/anchor paths to a CSV table "
-                "(and optionally JSON). Failed answers are rows with an error, not a failed run. The CSV "
-                "gets each row as its answer arrives, so a cancelled run keeps the answers it finished.")
+                "(and optionally JSON, UTF-8). Failed answers are rows with an error, not a failed run. The CSV "
+                "gets each row as its answer arrives, so a cancelled run keeps the answers it finished; the log "
+                "says where the files are before the first question, and again when the run is cancelled or "
+                "fails. Answers left as temporary files are written to new files "
+                "(answers_<date>_<time>.csv / .json) in the GeoVQA results folder (Settings > Options > "
+                "GeoVQA), which last after the run, also with qgis_process; their paths are the outputs.")
 
     def createInstance(self):  # noqa: N802
         return BatchQuestionsAlgorithm()
@@ -66,12 +73,21 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                                                      defaultValue=strategies.index(DEFAULT_STRATEGY)))
         self.addParameter(QgsProcessingParameterNumber(self.BUDGET, "Token budget (0: engine default)", NUMBER_INTEGER,
                                                        defaultValue=0, minValue=0))
-        # a temporary CSV by default, so `qgis_process run geovqa:batch_questions` needs no OUTPUT
-        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT, "Answers (CSV)", "CSV (*.csv)",
-                                                                defaultValue=QgsProcessing.TEMPORARY_OUTPUT,
-                                                                optional=True))
-        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_JSON, "Answers (JSON)", "JSON (*.json)",
-                                                                optional=True, createByDefault=False))
+        # a temporary CSV by default, so `qgis_process run geovqa:batch_questions` needs no OUTPUT;
+        # temporary answers go to a new file in the results folder (qgis_process deletes its
+        # temporary folder when it exits), see _answer_files
+        where = ("Left as a temporary file, the answers are written to a new file, answers_<date>_<time>{}, in the "
+                 "GeoVQA results folder (Settings > Options > GeoVQA), which is kept after the run, also after "
+                 "qgis_process exits.")
+        p = QgsProcessingParameterFileDestination(self.OUTPUT, "Answers (CSV; temporary: in the results folder)",
+                                                  "CSV (*.csv)", defaultValue=QgsProcessing.TEMPORARY_OUTPUT,
+                                                  optional=True)
+        p.setHelp(where.format(".csv") + " The rows are written as the answers arrive.")
+        self.addParameter(p)
+        p = QgsProcessingParameterFileDestination(self.OUTPUT_JSON, "Answers (JSON; temporary: in the results folder)",
+                                                  "JSON (*.json)", optional=True, createByDefault=False)
+        p.setHelp(where.format(".json") + " Written when the run ends (UTF-8).")
+        self.addParameter(p)
         self.addOutput(QgsProcessingOutputNumber(self.ANSWERED, "Answers"))
         self.addOutput(QgsProcessingOutputNumber(self.ERRORS, "Errors"))
 
@@ -97,15 +113,18 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             budget=self.parameterAsInt(parameters, self.BUDGET, context) or None,
         )
         total = len(self.items) * len(questions)
-        csv_path = (self.parameterAsFileOutput(parameters, self.OUTPUT, context)
-                    or QgsProcessingUtils.generateTempFilename("answers.csv"))  # the answers are always kept
+        csv_path, json_path = self._answer_files(parameters, context, feedback)
         try:
             table = CsvRows(csv_path)  # before the first question, not after the last one
         except OSError as exc:
             raise QgsProcessingException(f"Could not write the answers table {csv_path}: {exc}") from exc
+        # said before the first question: a cancelled or failed run (which the toolbox reports as
+        # "Execution failed", without its outputs) keeps the answers it finished there
+        feedback.pushInfo(f"The answers are written to {csv_path} as they arrive"
+                          + (f", and to {json_path} at the end." if json_path else "."))
         rows = []
         progress = BatchProgress(total, feedback.setProgress)  # as the batch dialog's BatchTask counts it
-        with table:
+        with table, self._said_on_failure(feedback, rows, csv_path, json_path):
             for item in self.items:
                 if feedback.isCanceled():
                     break
@@ -129,10 +148,65 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                         upload.cleanup()  # its temporary copy, also on cancel or failure
         out = {self.OUTPUT: csv_path, self.ANSWERED: sum(1 for r in rows if r["answer"] is not None),
                self.ERRORS: sum(1 for r in rows if r["error"])}
-        json_path = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context)
         if json_path:
-            out[self.OUTPUT_JSON] = write_json(rows, json_path)
+            try:
+                out[self.OUTPUT_JSON] = write_json(rows, json_path)
+            except (OSError, ValueError) as exc:
+                raise QgsProcessingException(f"Could not write the answers {json_path}: {exc}. They are all in "
+                                             f"{csv_path}.") from exc
+        if feedback.isCanceled():
+            feedback.pushInfo(f"Cancelled after {self._count(len(rows))} of {total}: the answers so far are in "
+                              + " and ".join(p for p in (csv_path, json_path) if p) + ".")
         return out
+
+    @contextlib.contextmanager
+    def _said_on_failure(self, feedback, rows, csv_path, json_path):
+        """A run that fails (the toolbox then shows no outputs) says where the answers so far are;
+        the JSON, written at the end otherwise, gets them too."""
+        try:
+            yield
+        except BaseException:
+            kept = [csv_path]
+            if json_path:
+                try:
+                    kept.append(write_json(rows, json_path))
+                except (OSError, ValueError):
+                    pass
+            feedback.pushInfo(f"The run failed after {self._count(len(rows))}: the answers so far are in "
+                              + " and ".join(kept) + ".")
+            raise
+
+    @staticmethod
+    def _count(n: int) -> str:
+        return f"{n} answer{'' if n == 1 else 's'}"
+
+    def _answer_files(self, parameters, context, feedback) -> tuple:
+        """(CSV path, JSON path or None) of the answers. A temporary output (the default
+        TEMPORARY_OUTPUT, or no value) would be in QGIS's temporary folder, which qgis_process
+        deletes when it exits: those answers go to new files in the results folder instead
+        (``answers_<date>_<time>.csv`` / ``.json``, never one already there), and those paths are
+        the outputs. When the results folder cannot be written, the temporary files are kept and
+        the log says that they do not last."""
+        from ..results_io import new_answers_files
+
+        csv_path = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        json_path = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context) or None
+        # TEMPORARY_OUTPUT is a new file in QgsProcessingUtils.tempFolder(), however it is given
+        # (a string, the toolbox's output definition, a model's child output)
+        temp = os.path.realpath(QgsProcessingUtils.tempFolder())
+        temporary = [ext for ext, path in ((".csv", csv_path), (".json", json_path))
+                     if path is not None and (not path or os.path.realpath(path).startswith(temp + os.sep))]
+        if not temporary:
+            return csv_path, json_path
+        folder = self.settings.results_dir()
+        try:
+            lasting = dict(zip(temporary, new_answers_files(folder, temporary)))
+        except OSError as exc:
+            feedback.reportError(f"The answers cannot be saved in the results folder {folder}: {exc}. They go "
+                                 "to temporary files, deleted when QGIS (or qgis_process) exits: choose the "
+                                 "output files, or another results folder in Settings > Options > GeoVQA.")
+            return (csv_path or QgsProcessingUtils.generateTempFilename("answers.csv")), json_path
+        return lasting.get(".csv", csv_path), lasting.get(".json", json_path)
 
     def _ask(self, item, question, options, feedback, index, upload=None, prepare_error=None, progress=None) -> dict:
         """One row of the table: the answer, or the error that replaced it (``upload``,
