@@ -39,6 +39,16 @@ from .common import (
     with_strategy_names,
 )
 
+# the help's second part: the area of interest (as "Ask a raster"'s) and the strategy
+AREA_AND_STRATEGY_HELP = (
+    "Area of interest: empty asks about each whole layer; else it applies to every layer, cut to each (a layer "
+    "it does not touch gets an error in its rows, the others are asked); an extent with no area (zero width or "
+    "height) is refused. Web and virtual layers are rendered to a GeoTIFF first, over the area of interest "
+    "(never finer than a layer's own pixels, at most the render size of the GeoVQA options). A web service "
+    "covering the whole world (XYZ or WMTS tiles) needs an area of interest (its rows get an error without "
+    "one); one of a region, or a virtual raster, is rendered whole without one.\n\n"
+    "Token strategy: its name (e.g. STRATEGY=pyramid in qgis_process) or its number in the list.")
+
 
 class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
     LAYERS = "LAYERS"
@@ -67,18 +77,14 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         return "qa"
 
     def shortHelpString(self):  # noqa: N802
+        return f"{self.answers_help()}\n\n{AREA_AND_STRATEGY_HELP}"
+
+    def answers_help(self):
+        """The help's first part: what is asked and where the answers go."""
         return ("Asks every question (one a line) about every input raster with the GeoVQA engine and "
                 "writes the answers, token counts, timings and heatmap/anchor paths to a CSV table "
                 "(and optionally JSON). Failed answers are rows with an error, not a failed run. The CSV "
-                "gets each row as its answer arrives, so a cancelled run keeps the answers it finished.\n\n"
-                "Area of interest: empty asks about each whole layer; else it applies to every layer, cut to "
-                "each (a layer it does not touch gets an error in its rows, the others are asked); an extent with "
-                "no area (zero width or height) is refused. Web and virtual layers are rendered to a GeoTIFF "
-                "first, over the area of interest (never finer than a layer's own pixels, at most the render size "
-                "of the GeoVQA options). A web service covering the whole world (XYZ or WMTS tiles) needs an area "
-                "of interest (its rows get an error without one); one of a region, or a virtual raster, is "
-                "rendered whole without one.\n\n"
-                "Token strategy: its name (e.g. STRATEGY=pyramid in qgis_process) or its number in the list.")
+                "gets each row as its answer arrives, so a cancelled run keeps the answers it finished.")
 
     def createInstance(self):  # noqa: N802
         return BatchQuestionsAlgorithm()
