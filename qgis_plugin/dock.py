@@ -43,7 +43,7 @@ from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, c
 from .client import EngineError, build_ask_request, engine_address, new_request_id
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
-from .render import LayerRenderer, layer_file_path
+from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
@@ -632,7 +632,7 @@ class ChatDock(QgsDockWidget):
         ext = layer.extent()
         if geom is None:
             # Tiled services cover the world: send what the map shows instead.
-            if layer.providerType() in ("wms", "xyz", "arcgismapserver", "wcs") or ext.width() * ext.height() == 0:
+            if layer.providerType() in WEB_PROVIDERS or ext.width() * ext.height() == 0:
                 geom, crs = QgsGeometry.fromRect(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
         aoi = None
         if geom is not None:

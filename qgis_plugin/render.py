@@ -1,6 +1,12 @@
 """Non-file raster layers (WMS, XYZ, WCS, virtual rasters, a GeoPackage table, a NetCDF
 subdataset...): render the requested extent to a georeferenced RGB GeoTIFF the engine can read.
 
+The render's longest side is at most ``render_max_px`` (the options' *Render size*); a layer with
+pixels of its own (a GeoPackage table, a subdataset, a virtual raster: :func:`native_pixel_size`)
+is never rendered finer than those pixels, so a small raster is not scaled up into made-up detail
+and more tiles. Web services (:data:`WEB_PROVIDERS`) have no pixels of their own: they get
+``render_max_px``.
+
 The chat dock renders asynchronously with ``QgsMapRendererParallelJob`` (main thread, never
 blocks) and writes the GeoTIFF in a ``QgsTask``; Processing algorithms (no event loop of their
 own) use :func:`render_sync`, which renders with ``QgsMapRendererCustomPainterJob``.
@@ -15,9 +21,12 @@ from pathlib import Path
 import numpy as np
 from qgis.core import (
     QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
     QgsMapRendererCustomPainterJob,
     QgsMapRendererParallelJob,
     QgsMapSettings,
+    QgsProject,
     QgsProviderRegistry,
     QgsRectangle,
     QgsTask,
@@ -31,6 +40,11 @@ from .tasks import CAN_CANCEL
 FORMAT_RGBA = QImage.Format.Format_RGBA8888
 FORMAT_ARGB32 = QImage.Format.Format_ARGB32_Premultiplied
 LOCAL_FILE_PROVIDERS = ("gdal",)
+# web map services (XYZ and WMTS tiles go through "wms"): no pixel grid of their own, often the
+# whole world; the chat dock asks about the map view of them when no area is chosen
+WEB_PROVIDERS = ("wms", "xyz", "arcgismapserver", "wcs")
+# a web layer whose extent spans this share of the world's longitudes is "the whole world"
+WORLD_SHARE = 0.75
 
 
 def layer_file_path(layer) -> str | None:
@@ -52,24 +66,72 @@ def layer_file_path(layer) -> str | None:
         return None
     if not path or not os.path.isfile(path):
         return None
+    # absolute: a layer loaded from a relative path (`qgis_process run ... INPUT=r.tif`) is read
+    # by the engine, in another folder, which refuses relative paths
+    path = os.path.abspath(path)
     ds = open_with_gdal(path)
     return None if ds is not None and needs_warp(ds) else path
 
 
-def output_size(extent: QgsRectangle, max_px: int) -> QSize:
+def is_web_layer(layer) -> bool:
+    """A web map service layer (WMS, WMTS, XYZ tiles, ArcGIS MapServer, WCS)."""
+    return layer is not None and layer.providerType() in WEB_PROVIDERS
+
+
+def covers_the_world(layer) -> bool:
+    """True for a web map service (XYZ or WMTS tiles, a world-wide WMS) whose extent spans most
+    of the world (:data:`WORLD_SHARE` of -180..180 degrees, e.g. the whole Web-Mercator square):
+    rendered whole, it would be a picture of the planet at kilometres a pixel. A service of a
+    region, and any layer that is no web service (a VRT, a GeoPackage table), is not."""
+    if not is_web_layer(layer):
+        return False
+    ext, crs = layer.extent(), layer.crs()
+    if ext.isEmpty() or not crs.isValid():
+        return False
+    try:
+        if not crs.isGeographic():
+            wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+            ext = QgsCoordinateTransform(crs, wgs84, QgsProject.instance().transformContext()).transformBoundingBox(ext)
+    except Exception:  # noqa: BLE001 - QgsCsException: an extent past the CRS's own bounds
+        return False
+    return min(ext.width(), 360.0) >= WORLD_SHARE * 360.0
+
+
+def native_pixel_size(layer) -> float | None:
+    """The size of ``layer``'s own pixels in its CRS units (the smaller of x and y), or None
+    when it has none: a web service (:data:`WEB_PROVIDERS`), or a provider that reports no
+    width and height."""
+    if layer is None or is_web_layer(layer):
+        return None
+    try:
+        cols, rows, ext = layer.width(), layer.height(), layer.extent()
+    except Exception:  # noqa: BLE001 - not a raster layer
+        return None
+    if cols <= 0 or rows <= 0 or ext.width() <= 0 or ext.height() <= 0:
+        return None
+    return min(ext.width() / cols, ext.height() / rows)
+
+
+def output_size(extent: QgsRectangle, max_px: int, pixel_size: float | None = None) -> QSize:
+    """The render's size in pixels for ``extent``: longest side ``max_px``, but pixels no
+    smaller than ``pixel_size`` (the layer's own, in the extent's units; None: no such limit)."""
     w, h = extent.width(), extent.height()
     if w <= 0 or h <= 0:
         raise ValueError("The extent to render is empty.")
     scale = max_px / max(w, h)
-    return QSize(max(1, int(math.ceil(w * scale))), max(1, int(math.ceil(h * scale))))
+    if pixel_size is not None and pixel_size > 0:
+        scale = min(scale, 1.0 / pixel_size)
+    # a hair under: 640 m of 10 m pixels is 64 pixels, not 65 from a rounding error
+    return QSize(max(1, int(math.ceil(w * scale - 1e-6))), max(1, int(math.ceil(h * scale - 1e-6))))
 
 
 def map_settings(layer, extent: QgsRectangle, max_px: int) -> QgsMapSettings:
-    """Render ``layer`` alone in its own CRS over ``extent`` (layer CRS), longest side ``max_px``."""
+    """Render ``layer`` alone in its own CRS over ``extent`` (layer CRS), longest side ``max_px``
+    and never finer than the layer's own pixels (:func:`native_pixel_size`)."""
     ms = QgsMapSettings()
     ms.setLayers([layer])
     ms.setDestinationCrs(layer.crs())
-    ms.setOutputSize(output_size(extent, max_px))
+    ms.setOutputSize(output_size(extent, max_px, native_pixel_size(layer)))
     ms.setExtent(extent)
     ms.setBackgroundColor(QColor(0, 0, 0, 0))
     return ms

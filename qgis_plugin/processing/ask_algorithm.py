@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 from qgis.core import (
-    QgsGeometry,
     QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
@@ -27,13 +26,22 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
-from ..aoi import AoiError, clip_to_layer, request_aoi
 from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PARAM_ADVANCED, PROCESSING_VECTOR_POLYGON
 from ..layers import anchors_name, heatmap_name
-from ..render import layer_file_path
 from ..settings import DEFAULT_STRATEGY, Settings
-from .common import ask_once, engine_client, forget_result_layer, load_result_layer, raster_source, strategy_options
+from .common import (
+    aoi_refusal,
+    area_of_interest,
+    ask_once,
+    engine_client,
+    forget_result_layer,
+    load_result_layer,
+    question_source,
+    strategy_options,
+    strategy_parameter_value,
+    with_strategy_names,
+)
 
 # the files the outputs can be written to (the provider's lists; the first is the default): the
 # engine's GeoTIFF and GeoJSON are copied, a GeoPackage is converted from the GeoJSON by GDAL
@@ -78,6 +86,9 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
     def displayName(self):  # noqa: N802
         return "Ask a raster"
 
+    def shortDescription(self):  # noqa: N802
+        return "Asks the GeoVQA engine one question about a raster layer: the answer, its heatmap and anchors."
+
     def group(self):
         return "Question answering"
 
@@ -86,10 +97,17 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
 
     def shortHelpString(self):  # noqa: N802
         return ("Asks the GeoVQA engine one question about a raster layer (optionally only inside an "
-                "extent) and returns the answer, the kept-token heatmap (GeoTIFF, the raster's CRS) and "
+                "area of interest) and returns the answer, the kept-token heatmap (GeoTIFF, the raster's CRS) and "
                 "the anchor tokens (GeoJSON, or a GeoPackage for a .gpkg file). With \"Open output file after "
-                "running algorithm\" both are loaded into the project, as the GeoVQA dock adds them. "
-                "Web and virtual layers are rendered to a GeoTIFF first. "
+                "running algorithm\" both are loaded into the project, as the GeoVQA dock adds them; copies that "
+                "stay are kept in the GeoVQA results folder (the log names them), also when the outputs are "
+                "temporary files.\n\n"
+                "Area of interest: empty asks about the whole layer; an extent with no area (zero width or height) "
+                "is refused. Web and virtual layers are rendered to a GeoTIFF first, over the area of interest "
+                "(never finer than a layer's own pixels, at most the render size of the GeoVQA options). A web "
+                "service covering the whole world (XYZ or WMTS tiles) needs an area of interest, e.g. the map "
+                "canvas extent; one of a region, or a virtual raster, is rendered whole without one.\n\n"
+                "Token strategy: its name (e.g. STRATEGY=pyramid in qgis_process) or its number in the list.\n\n"
                 "The engine URL and token come from Settings > Options > GeoVQA.")
 
     def createInstance(self):  # noqa: N802
@@ -100,8 +118,12 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.QUESTION, "Question"))
         self.addParameter(QgsProcessingParameterExtent(self.AOI, "Area of interest (empty: whole layer)", optional=True))
         strategies = strategy_options()
-        self.addParameter(QgsProcessingParameterEnum(self.STRATEGY, "Token strategy", options=strategies,
-                                                     defaultValue=strategies.index(DEFAULT_STRATEGY)))
+        # the strategies' names are the values (qgis_process STRATEGY=pyramid; models store the name,
+        # which no reordering of the list changes); a number is still taken (with_strategy_names)
+        strategy = QgsProcessingParameterEnum(self.STRATEGY, "Token strategy", options=strategies,
+                                              defaultValue=DEFAULT_STRATEGY)
+        strategy.setUsesStaticStrings(True)
+        self.addParameter(strategy)
         self.addParameter(QgsProcessingParameterNumber(self.BUDGET, "Token budget (0: engine default)", NUMBER_INTEGER,
                                                        defaultValue=0, minValue=0))
         p = QgsProcessingParameterNumber(self.MAX_NEW_TOKENS, "Max answer tokens", NUMBER_INTEGER,
@@ -139,8 +161,9 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         return None
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
-        ok, message = super().checkParameterValues(parameters, context)
-        refusal = self.output_refusal(parameters) if ok else None
+        # a strategy given by its number in the list (models and scripts saved before it took names)
+        ok, message = super().checkParameterValues(with_strategy_names(parameters, self.STRATEGY), context)
+        refusal = (self.output_refusal(parameters) or aoi_refusal(self, parameters, self.AOI, context)) if ok else None
         return (False, refusal) if refusal else (ok, message)
 
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 - main thread
@@ -151,34 +174,20 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         if layer is None:
             raise QgsProcessingException("The input raster layer could not be loaded.")
         self.layer_name = layer.name()
-        geom = None
-        crs = None
-        if parameters.get(self.AOI):
-            ext = self.parameterAsExtent(parameters, self.AOI, context)
-            crs = self.parameterAsExtentCrs(parameters, self.AOI, context)
-            if not crs.isValid():
-                crs = layer.crs()
-            if not ext.isEmpty():
-                geom = QgsGeometry.fromRect(ext)
-        try:
-            if layer_file_path(layer) is not None:
-                self.raster_path, self.bounds, self.unreferenced = raster_source(layer, feedback)
-                self.aoi = request_aoi(geom, crs, layer) if geom is not None else None
-            else:  # rendered over the AOI's box: the whole rendered image is the AOI
-                render_extent = clip_to_layer(geom, crs, layer).boundingBox() if geom is not None else None
-                self.raster_path, self.bounds, self.unreferenced = raster_source(layer, feedback, render_extent)
-                self.aoi = None
-        except AoiError as exc:
-            raise QgsProcessingException(str(exc)) from exc
+        self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
+        geom, crs = area_of_interest(self, parameters, self.AOI, context)  # (None, None): the whole layer
+        # a file: the AOI cut to it, in the request; any other layer: rendered over the AOI
+        source = question_source(layer, geom, crs, feedback)
+        self.raster_path, self.bounds = source["raster_path"], source["bounds"]
+        self.unreferenced, self.aoi = source["unreferenced"], source["aoi"]
         self.client = engine_client()
         self.settings = Settings.load()
         return True
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         question = self.parameterAsString(parameters, self.QUESTION, context)
-        strategy = strategy_options()[self.parameterAsEnum(parameters, self.STRATEGY, context)]
         options = self.settings.request_options(
-            strategy=strategy,
+            strategy=self.strategy,
             budget=self.parameterAsInt(parameters, self.BUDGET, context) or None,
             max_new_tokens=self.parameterAsInt(parameters, self.MAX_NEW_TOKENS, context),
         )
@@ -194,6 +203,11 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(f"Could not save the result files in {self.settings.results_dir()}: "
                                          f"{exc}. Choose another results folder in Settings > Options > GeoVQA.") from exc
         feedback.pushInfo(f"Answer: {result.get('answer', '')}")
+        kept = [f"{what} {path}" for what, path in (("heatmap", result.get("local_heatmap_path")),
+                                                    ("anchors", result.get("local_anchors_path"))) if path]
+        if kept:  # the outputs may be temporary files, which qgis_process deletes when it ends
+            feedback.pushInfo(f"Lasting copies kept in the GeoVQA results folder {self.settings.results_dir()}: "
+                              + ", ".join(kept))
         # a heatmap/anchors file that could not be kept (ask_once reported why) is left out: the
         # answer is still the output
         out = {self.ANSWER: result.get("answer", "")}

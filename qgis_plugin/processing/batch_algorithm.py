@@ -2,7 +2,10 @@
 written to a CSV (and optionally JSON) table. The CSV gets each row as its answer arrives, so
 a cancel or a crash keeps the finished ones; the JSON is written at the end. For an engine on
 another computer each raster is converted for the upload once for all its questions, as the
-batch dialog's :class:`tasks.BatchTask` does (:func:`tasks.prepare_item_upload`)."""
+batch dialog's :class:`tasks.BatchTask` does (:func:`tasks.prepare_item_upload`). The optional
+area of interest applies to every layer as "Ask a raster" applies its own
+(:func:`common.question_source`); a layer it does not touch, or a world-wide web service with
+no area of interest, gives that layer's rows an error and the batch goes on."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
@@ -27,12 +31,32 @@ from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
 from ..results_io import CsvRows, write_json
 from ..settings import DEFAULT_STRATEGY, Settings
 from ..tasks import BatchProgress, prepare_item_upload
-from .common import ask_once, engine_client, raster_source, strategy_options
+from .common import (
+    aoi_refusal,
+    area_of_interest,
+    ask_once,
+    engine_client,
+    question_source,
+    strategy_options,
+    strategy_parameter_value,
+    with_strategy_names,
+)
+
+# the help's second part: the area of interest (as "Ask a raster"'s) and the strategy
+AREA_AND_STRATEGY_HELP = (
+    "Area of interest: empty asks about each whole layer; else it applies to every layer, cut to each (a layer "
+    "it does not touch gets an error in its rows, the others are asked); an extent with no area (zero width or "
+    "height) is refused. Web and virtual layers are rendered to a GeoTIFF first, over the area of interest "
+    "(never finer than a layer's own pixels, at most the render size of the GeoVQA options). A web service "
+    "covering the whole world (XYZ or WMTS tiles) needs an area of interest (its rows get an error without "
+    "one); one of a region, or a virtual raster, is rendered whole without one.\n\n"
+    "Token strategy: its name (e.g. STRATEGY=pyramid in qgis_process) or its number in the list.")
 
 
 class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
     LAYERS = "LAYERS"
     QUESTIONS = "QUESTIONS"
+    AOI = "AOI"
     STRATEGY = "STRATEGY"
     BUDGET = "BUDGET"
     OUTPUT = "OUTPUT"
@@ -46,6 +70,9 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
     def displayName(self):  # noqa: N802
         return "Batch questions"
 
+    def shortDescription(self):  # noqa: N802
+        return "Asks every question about every input raster with the GeoVQA engine: a table of the answers."
+
     def group(self):
         return "Question answering"
 
@@ -53,6 +80,10 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         return "qa"
 
     def shortHelpString(self):  # noqa: N802
+        return f"{self.answers_help()}\n\n{AREA_AND_STRATEGY_HELP}"
+
+    def answers_help(self):
+        """The help's first part: what is asked and where the answers go."""
         return ("Asks every question (one a line) about every input raster with the GeoVQA engine and "
                 "writes the answers, token counts, timings and heatmap/anchor paths to a CSV table "
                 "(and optionally JSON, UTF-8). Failed answers are rows with an error, not a failed run. The CSV "
@@ -68,9 +99,13 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterMultipleLayers(self.LAYERS, "Raster layers", PROCESSING_RASTER))
         self.addParameter(QgsProcessingParameterString(self.QUESTIONS, "Questions (one a line)", multiLine=True))
-        strategies = strategy_options()
-        self.addParameter(QgsProcessingParameterEnum(self.STRATEGY, "Token strategy", options=strategies,
-                                                     defaultValue=strategies.index(DEFAULT_STRATEGY)))
+        self.addParameter(QgsProcessingParameterExtent(self.AOI, "Area of interest (empty: each whole layer)",
+                                                       optional=True))
+        # the strategies' names are the values, as "Ask a raster"'s (a number is still taken)
+        strategy = QgsProcessingParameterEnum(self.STRATEGY, "Token strategy", options=strategy_options(),
+                                              defaultValue=DEFAULT_STRATEGY)
+        strategy.setUsesStaticStrings(True)
+        self.addParameter(strategy)
         self.addParameter(QgsProcessingParameterNumber(self.BUDGET, "Token budget (0: engine default)", NUMBER_INTEGER,
                                                        defaultValue=0, minValue=0))
         # a temporary CSV by default, so `qgis_process run geovqa:batch_questions` needs no OUTPUT;
@@ -91,15 +126,27 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         self.addOutput(QgsProcessingOutputNumber(self.ANSWERED, "Answers"))
         self.addOutput(QgsProcessingOutputNumber(self.ERRORS, "Errors"))
 
+    def checkParameterValues(self, parameters, context):  # noqa: N802
+        # a strategy given by its number in the list (models and scripts saved before it took names)
+        ok, message = super().checkParameterValues(with_strategy_names(parameters, self.STRATEGY), context)
+        refusal = aoi_refusal(self, parameters, self.AOI, context) if ok else None
+        return (False, refusal) if refusal else (ok, message)
+
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 - main thread
         layers = self.parameterAsLayerList(parameters, self.LAYERS, context)
         if not layers:
             raise QgsProcessingException("Choose at least one raster layer.")
+        self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
+        geom, crs = area_of_interest(self, parameters, self.AOI, context)  # (None, None): each whole layer
         self.items = []
         for lyr in layers:
-            path, bounds, unreferenced = raster_source(lyr, feedback)
-            self.items.append({"layer": lyr.name(), "raster_path": path, "bounds": bounds,
-                               "unreferenced": unreferenced})
+            item = {"layer": lyr.name(), "raster_path": None, "bounds": None, "unreferenced": False, "aoi": None,
+                    "error": None}
+            try:  # as "Ask a raster" does: a file with the AOI cut to it, any other layer rendered over it
+                item.update(question_source(lyr, geom, crs, feedback))
+            except QgsProcessingException as exc:  # this layer's rows say why; the others are asked
+                item["error"] = str(exc)
+            self.items.append(item)
         self.client = engine_client()
         self.settings = Settings.load()
         return True
@@ -109,7 +156,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         if not questions:
             raise QgsProcessingException("Type at least one question.")
         options = self.settings.request_options(
-            strategy=strategy_options()[self.parameterAsEnum(parameters, self.STRATEGY, context)],
+            strategy=self.strategy,
             budget=self.parameterAsInt(parameters, self.BUDGET, context) or None,
         )
         total = len(self.items) * len(questions)
@@ -129,7 +176,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                 if feedback.isCanceled():
                     break
                 # an engine on another computer: the raster is converted once for all its questions
-                upload, error = prepare_item_upload(self.client, item["raster_path"], None, feedback.isCanceled)
+                upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"], feedback.isCanceled)
                 try:
                     for question in questions:
                         if feedback.isCanceled():
@@ -215,12 +262,13 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         row = {"index": index, "layer": item["layer"], "raster_path": item["raster_path"],
                "question": question, "answer": None, "error": None, "heatmap_path": None,
                "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"]}
+        prepare_error = item["error"] or prepare_error  # the layer could not be prepared (area, render)
         if prepare_error:
             row["error"] = prepare_error
             feedback.reportError(f"{item['layer']} / {question}: {prepare_error}")
             return row
         try:
-            res = ask_once(self.client, question, item["raster_path"], None, options, feedback,
+            res = ask_once(self.client, question, item["raster_path"], item["aoi"], options, feedback,
                            self.settings.results_dir(), item["bounds"], item["unreferenced"], prepared=upload,
                            progress=progress)
             row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},

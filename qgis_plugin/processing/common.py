@@ -1,19 +1,20 @@
-"""Helpers shared by the GeoVQA Processing algorithms: engine client, raster resolution
-(file layers as they are, other layers rendered to a GeoTIFF), streamed answer with feedback,
-and the naming and marking of the result layers QGIS loads after a run."""
+"""Helpers shared by the GeoVQA Processing algorithms: engine client, the strategy parameter,
+the area of interest and what is asked about each layer within it (file layers as they are,
+other layers rendered to a GeoTIFF), streamed answer with feedback, and the naming and marking
+of the result layers QGIS loads after a run."""
 
 from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
 
-from qgis.core import QgsProcessingException, QgsProcessingLayerPostProcessorInterface
+from qgis.core import QgsGeometry, QgsProcessingException, QgsProcessingLayerPostProcessorInterface
 
 from .. import layers as result_layers
-from ..aoi import is_unreferenced_file
+from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..client import EngineError, build_ask_request
-from ..render import layer_file_path, render_sync
-from ..settings import STRATEGIES, Settings, make_client
+from ..render import covers_the_world, layer_file_path, render_sync
+from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
 from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, rect_bounds
 
 
@@ -21,11 +22,109 @@ def strategy_options():
     return list(STRATEGIES)
 
 
+def strategy_index(value) -> int | None:
+    """The strategy number ``value`` stands for (an int, or a string of digits such as
+    ``STRATEGY=3`` from qgis_process), None when it is none: what the STRATEGY parameter held
+    before it took the strategies' names (models and scripts saved then store the number)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit() and value not in STRATEGIES:
+        value = int(value.strip())
+    if isinstance(value, int) and 0 <= value < len(STRATEGIES):
+        return value
+    return None
+
+
+def with_strategy_names(parameters, name: str):
+    """``parameters`` with the strategy parameter ``name`` given by number (see
+    :func:`strategy_index`) turned into that strategy's name, which the parameter (static
+    strings) takes; ``parameters`` itself when it needs no change."""
+    index = strategy_index(parameters.get(name)) if name in parameters else None
+    if index is None:
+        return parameters
+    return dict(parameters, **{name: STRATEGIES[index]})
+
+
+def strategy_parameter_value(alg, parameters, name: str, context) -> str:
+    """The strategy named by the algorithm's STRATEGY parameter (its name, e.g. ``pyramid``, or
+    the number it had in the list before the parameter took names)."""
+    index = strategy_index(parameters.get(name))
+    if index is not None:
+        return STRATEGIES[index]
+    return alg.parameterAsEnumString(parameters, name, context) or DEFAULT_STRATEGY
+
+
 def engine_client():
     try:
         return make_client(Settings.load())
     except EngineError as exc:
         raise QgsProcessingException(str(exc)) from exc
+
+
+def _empty_parameter(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def aoi_refusal(alg, parameters, name: str, context) -> str | None:
+    """Why the extent parameter ``name`` (the AOI of both algorithms) cannot be used, or None:
+    an extent with no area (zero width or height, e.g. two equal corners), which used to be
+    taken silently as the whole layer. An empty parameter is fine: each whole layer."""
+    if _empty_parameter(parameters.get(name)):
+        return None
+    ext = alg.parameterAsExtent(parameters, name, context)
+    if ext.isNull() or ext.width() <= 0 or ext.height() <= 0:
+        return (f"The area of interest ({ext.toString(6)}) has no area: its width or height is 0. Give an extent "
+                "with an area, or leave the parameter empty to ask about the whole layer.")
+    return None
+
+
+def area_of_interest(alg, parameters, name: str, context) -> tuple:
+    """``(geometry, crs)`` of the extent parameter ``name`` (the AOI of both algorithms), or
+    ``(None, None)`` when it is empty: each whole layer. ``crs`` is None when the extent names
+    none (then it is in each layer's own CRS). Raises QgsProcessingException for an extent with
+    no area (:func:`aoi_refusal`; also said by the algorithms' checkParameterValues, before a
+    run, but qgis_process and models may not check first)."""
+    if _empty_parameter(parameters.get(name)):
+        return None, None
+    refusal = aoi_refusal(alg, parameters, name, context)
+    if refusal:
+        raise QgsProcessingException(refusal)
+    ext = alg.parameterAsExtent(parameters, name, context)
+    crs = alg.parameterAsExtentCrs(parameters, name, context)
+    return QgsGeometry.fromRect(ext), (crs if crs.isValid() else None)
+
+
+def question_source(layer, geometry, crs, feedback) -> dict:
+    """What the engine is asked about for ``layer`` within the area ``geometry`` (in ``crs``;
+    None: the whole layer), as both algorithms ask it: ``raster_path``, ``bounds`` (for the
+    result files), ``unreferenced``, and the request's ``aoi``.
+
+    A file layer is sent as it is, with the area as the request's AOI, cut to the layer. Any
+    other layer is rendered (:func:`raster_source`) over the area's part of it, which is then the
+    whole image (no request AOI), or whole when there is no area; a web service covering the
+    whole world (XYZ or WMTS tiles: :func:`render.covers_the_world`) is refused then, as a
+    render of the planet tells nothing. Raises QgsProcessingException with a sentence: an area
+    that does not touch the layer, that refusal, a render that could not be written."""
+    try:
+        if layer_file_path(layer) is not None:
+            path, bounds, unreferenced = raster_source(layer, feedback)
+            aoi = request_aoi(geometry, crs, layer) if geometry is not None else None
+            return {"raster_path": path, "bounds": bounds, "unreferenced": unreferenced, "aoi": aoi}
+        if geometry is None:
+            if covers_the_world(layer):
+                raise QgsProcessingException(
+                    f"The layer '{layer.name()}' is a web map service covering the whole world: give an area of "
+                    "interest (e.g. the map canvas extent) to say which part of it to ask about.")
+            extent = None
+        else:  # rendered over the area's box: the whole rendered image is the AOI
+            extent = clip_to_layer(geometry, crs, layer).boundingBox()
+    except AoiError as exc:
+        raise QgsProcessingException(str(exc)) from exc
+    try:
+        path, bounds, unreferenced = raster_source(layer, feedback, extent)
+    except (OSError, ValueError) as exc:  # an empty extent, a file GDAL could not write
+        raise QgsProcessingException(f"Could not render the layer '{layer.name()}': {exc}") from exc
+    return {"raster_path": path, "bounds": bounds, "unreferenced": unreferenced, "aoi": None}
 
 
 def raster_source(layer, feedback, extent=None) -> tuple:

@@ -299,13 +299,15 @@ def pytest_unconfigure(config):
     os._exit(status)
 
 
-def virtual_raster_layer(src, name: str = "virtual"):
+def virtual_raster_layer(src, name: str = "virtual", size=None):
     """A layer with no file behind it (raster calculator provider) computed from `src`, added to
-    the project: the plugin renders such a layer before asking about it."""
+    the project: the plugin renders such a layer before asking about it. ``size``: its own
+    (width, height) in pixels over `src`'s extent (default `src`'s): a render is never finer."""
     from qgis.core import QgsProject, QgsRasterLayer
 
+    width, height = size or (src.width(), src.height())
     uri = (f"?crs={src.crs().authid()}&extent={src.extent().toString().replace(' : ', ',').replace(' ', '')}"
-           f"&width={src.width()}&height={src.height()}&formula=%22{src.name()}@1%22"
+           f"&width={width}&height={height}&formula=%22{src.name()}@1%22"
            f"&{src.name()}:uri={src.source()}&{src.name()}:provider=gdal")
     layer = QgsRasterLayer(uri, name, "virtualraster")
     assert layer.isValid(), layer.error().summary()

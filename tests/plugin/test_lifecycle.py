@@ -237,8 +237,8 @@ def test_unload_while_a_render_is_written_raises_nothing(plugin, raster_layer, s
     from qgis.PyQt.QtCore import QCoreApplication, QEvent
 
     with python_errors() as errors:
-        set_settings(render_max_px=6000)  # a write that takes a moment
-        virt = virtual_raster_layer(raster_layer("src"))
+        set_settings(render_max_px=6000)  # a write that takes a moment (never finer than the layer's pixels)
+        virt = virtual_raster_layer(raster_layer("src"), size=(6000, 4500))
         plugin.dock.set_layer(virt)
         plugin.dock.ask("what is this?")
         renderer = plugin.dock.renderer
