@@ -315,6 +315,35 @@ def virtual_raster_layer(src, name: str = "virtual", size=None):
     return layer
 
 
+def qgis_process_with_plugin(tmp_path, engine, results) -> tuple:
+    """``(qgis_process, environment)``: the packaged plugin installed in a fresh QGIS profile under
+    ``tmp_path``, enabled and set to ask ``engine`` (url, token), its results in ``results``.
+    Skips when qgis_process is not installed. Debian's /usr/bin/qgis_process wrapper passes
+    --noversioncheck (from /etc/default/qgis), which qgis_process refuses: the real binary is
+    called when it is there."""
+    import configparser
+
+    qp = next((c for c in ("/usr/bin/qgis_process.bin", shutil.which("qgis_process")) if c and Path(c).exists()),
+              None)
+    if qp is None:
+        pytest.skip("qgis_process is not installed (Debian package qgis)")
+    cfg = tmp_path / "qgiscfg"
+    profile = cfg / "profiles" / "default"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_plugin.py"), "--out", str(tmp_path / "dist"),
+                        "--install", "--profile-dir", str(profile)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ini = profile / "QGIS" / "QGIS3.ini"
+    ini.parent.mkdir(parents=True, exist_ok=True)
+    cp = configparser.RawConfigParser()
+    cp.optionxform = str
+    cp["PythonPlugins"] = {"geovqa": "true"}
+    cp["geovqa"] = {"engine_url": engine.url, "token": engine.token, "output_dir": str(results)}
+    with open(ini, "w") as fh:
+        cp.write(fh, space_around_delimiters=False)
+    env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(cfg), QT_QPA_PLATFORM="offscreen", PYTHONDONTWRITEBYTECODE="1")
+    return qp, env
+
+
 def batch_of_two_rendered_layers(plugin, raster_layer, qgis_iface):
     """The batch dialog set to ask "q1" about two virtual raster layers v1, v2 (each rendered before
     it is asked about), not run yet; `finished` collects the rows of each finished run."""

@@ -432,7 +432,7 @@ def test_an_answer_about_a_removed_layer_is_kept_without_result_layers(
     assert view.count("about the layer 'scene', removed from the project") == 2  # with its earlier turn
     assert "about a layer that goes away" in view and turn["answer"].strip() in view
     copied = dock.conversation_text()
-    assert f"Q: about a layer that goes away  [Whole layer · about the layer 'scene'" in copied
+    assert "Q: about a layer that goes away  [Whole layer · about the layer 'scene'" in copied
     assert f"A: {turn['answer']}" in copied
     dock.export_conversation(tmp_path / "removed.md")
     assert f"A: {turn['answer']}" in (tmp_path / "removed.md").read_text(encoding="utf-8")

@@ -289,43 +289,15 @@ def test_remote_style_upload_and_file_download(real_engine, tmp_path):
     assert ds is not None and ds.GetProjection()
 
 
-def _qgis_process():
-    """qgis_process; Debian's wrapper adds --noversioncheck from /etc/default/qgis, which
-    qgis_process rejects, so the real binary is preferred when it is there."""
-    import shutil
-
-    for cand in ("/usr/bin/qgis_process.bin", shutil.which("qgis_process")):
-        if cand and Path(cand).exists():
-            return cand
-    pytest.skip("qgis_process is not installed (Debian package qgis)")
-
-
 def test_qgis_process_runs_ask_raster(real_engine, tmp_path):
     """The packaged plugin in a fresh profile, run by qgis_process against the real engine."""
-    import configparser
     import json
-    import os
     import subprocess
-    import sys
 
-    from conftest import write_raster
+    from conftest import qgis_process_with_plugin, write_raster
 
-    qp = _qgis_process()
-    cfg = tmp_path / "qgiscfg"
-    profile = cfg / "profiles" / "default"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_plugin.py"), "--out", str(tmp_path / "dist"),
-                        "--install", "--profile-dir", str(profile)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    ini = profile / "QGIS" / "QGIS3.ini"
-    ini.parent.mkdir(parents=True, exist_ok=True)
-    cp = configparser.RawConfigParser()
-    cp.optionxform = str
-    cp["PythonPlugins"] = {"geovqa": "true"}
-    cp["geovqa"] = {"engine_url": real_engine.url, "token": real_engine.token, "output_dir": str(tmp_path / "results")}
-    with open(ini, "w") as fh:
-        cp.write(fh, space_around_delimiters=False)
+    qp, env = qgis_process_with_plugin(tmp_path, real_engine, tmp_path / "results")
     raster = write_raster(tmp_path / "qp.tif", width=120, height=90)
-    env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(cfg), QT_QPA_PLATFORM="offscreen", PYTHONDONTWRITEBYTECODE="1")
     r = subprocess.run([qp, "--json", "run", "geovqa:ask_raster", "--", f"INPUT={raster}", "QUESTION=What is here?",
                         "MAX_NEW_TOKENS=4", f"HEATMAP={tmp_path / 'heat.tif'}", f"ANCHORS={tmp_path / 'anchors.geojson'}"],
                        capture_output=True, text=True, timeout=300, env=env)

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import ROOT, free_port, write_raster
+from conftest import ROOT, free_port, qgis_process_with_plugin, write_raster
 
 SCRIPT = textwrap.dedent('''
     import csv, sys
@@ -52,47 +52,18 @@ def test_loaded_like_qgis_process(tmp_path):
     assert "HEADLESS_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def _qgis_process():
-    """Debian's /usr/bin/qgis_process wrapper passes --noversioncheck (from /etc/default/qgis),
-    which qgis_process rejects: the real binary is called when it is there."""
-    import shutil
-
-    import pytest
-
-    for cand in ("/usr/bin/qgis_process.bin", shutil.which("qgis_process")):
-        if cand and Path(cand).exists():
-            return cand
-    pytest.skip("qgis_process is not installed (Debian package qgis)")
-
-
 def test_qgis_process_batch_keeps_its_temporary_answers(stub_engine, tmp_path):
     """`qgis_process --json run geovqa:batch_questions -- LAYERS=r.tif QUESTIONS=q1` printed an
     OUTPUT in QGIS's temporary folder (/tmp/processing_*), which qgis_process deletes when it
     exits: every answer was lost. The answers (and a JSON asked for as a temporary output) are now
     new files in the results folder, still there after qgis_process has ended."""
-    import configparser
     import csv
     import json
-    import os
 
-    qp = _qgis_process()
-    cfg = tmp_path / "qgiscfg"
-    profile = cfg / "profiles" / "default"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_plugin.py"), "--out", str(tmp_path / "dist"),
-                        "--install", "--profile-dir", str(profile)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    ini = profile / "QGIS" / "QGIS3.ini"
-    ini.parent.mkdir(parents=True, exist_ok=True)
-    cp = configparser.RawConfigParser()
-    cp.optionxform = str
     results = tmp_path / "qp-results"
-    cp["PythonPlugins"] = {"geovqa": "true"}
-    cp["geovqa"] = {"engine_url": stub_engine.url, "token": stub_engine.token, "output_dir": str(results)}
-    with open(ini, "w") as fh:
-        cp.write(fh, space_around_delimiters=False)
+    qp, env = qgis_process_with_plugin(tmp_path, stub_engine, results)
     raster = write_raster(tmp_path / "r.tif")
-    env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(cfg), QT_QPA_PLATFORM="offscreen", PYTHONDONTWRITEBYTECODE="1",
-               TMPDIR=str(tmp_path / "tmp"))  # QGIS's temporary folder goes under it: seen deleted below
+    env["TMPDIR"] = str(tmp_path / "tmp")  # QGIS's temporary folder goes under it: seen deleted below
     (tmp_path / "tmp").mkdir()
     r = subprocess.run([qp, "--json", "run", "geovqa:batch_questions", "--", f"LAYERS={raster}",
                         "QUESTIONS=q1", "OUTPUT_JSON=TEMPORARY_OUTPUT"],

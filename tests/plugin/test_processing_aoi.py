@@ -15,16 +15,11 @@ through QGIS 3.22's dialogs and qgis_process:
 
 from __future__ import annotations
 
-import configparser
 import csv
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, set_settings, virtual_raster_layer, wait_until, write_raster
+from conftest import qgis_process_with_plugin, set_settings, virtual_raster_layer, wait_until, write_raster
 from test_processing_outputs import _dialog, browser_model  # noqa: F401 - browser_model: the toolbox needs it
 from test_xyz_layer import _tiles
 
@@ -115,37 +110,15 @@ def test_a_layer_loaded_from_a_relative_path_is_sent_by_its_absolute_path(tmp_pa
     assert source == "r.tif" and path == str(tmp_path / "r.tif")
 
 
-def _qgis_process():
-    """qgis_process.bin (Debian's qgis_process wrapper passes an option qgis_process refuses)."""
-    for cand in ("/usr/bin/qgis_process.bin", shutil.which("qgis_process")):
-        if cand and Path(cand).exists():
-            return cand
-    pytest.skip("qgis_process is not installed (Debian package qgis)")
-
-
 def test_qgis_process_from_the_rasters_folder(stub_engine, tmp_path):
     """`qgis_process run ... INPUT=r.tif` from the raster's folder (the engine got 'r.tif'), with
     STRATEGY given by name (it was refused) and by number; the log names the lasting copies of
     the heatmap and anchors (qgis_process deletes its temporary outputs when it ends)."""
-    qp = _qgis_process()
-    cfg = tmp_path / "qgiscfg"
-    profile = cfg / "profiles" / "default"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_plugin.py"), "--out", str(tmp_path / "dist"),
-                        "--install", "--profile-dir", str(profile)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    ini = profile / "QGIS" / "QGIS3.ini"
-    ini.parent.mkdir(parents=True, exist_ok=True)
-    cp = configparser.RawConfigParser()
-    cp.optionxform = str
     results = tmp_path / "results"
-    cp["PythonPlugins"] = {"geovqa": "true"}
-    cp["geovqa"] = {"engine_url": stub_engine.url, "token": stub_engine.token, "output_dir": str(results)}
-    with open(ini, "w") as fh:
-        cp.write(fh, space_around_delimiters=False)
+    qp, env = qgis_process_with_plugin(tmp_path, stub_engine, results)
     folder = tmp_path / "data"
     folder.mkdir()
     raster = write_raster(folder / "r.tif")
-    env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(cfg), QT_QPA_PLATFORM="offscreen", PYTHONDONTWRITEBYTECODE="1")
 
     def run(*args):
         r = subprocess.run([qp, "run", *args], cwd=folder, capture_output=True, text=True, timeout=300, env=env)

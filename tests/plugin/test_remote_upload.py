@@ -694,7 +694,6 @@ def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_eng
 
 def run_batch(items, questions, progress=None):
     """A BatchTask over ``items`` x ``questions`` with the configured engine, run to its end."""
-    from conftest import wait_until
     from geovqa.settings import Settings, make_client
     from geovqa.tasks import BatchTask
     from qgis.core import QgsApplication
