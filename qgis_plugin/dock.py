@@ -494,7 +494,7 @@ class ChatDock(QgsDockWidget):
             data = {"layer": layer.name() if layer else None, "source": layer.source() if layer else None,
                     "turns": [{k: v for k, v in t.items() if (k != "layer" or layer is None) and not k.startswith("_")}
                               for t in self.turns(layer)]}
-            Path(path).write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+            Path(path).write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
         else:
             Path(path).write_text(self.conversation_text(layer) + "\n", encoding="utf-8")
         return path

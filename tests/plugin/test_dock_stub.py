@@ -43,6 +43,19 @@ def test_ask_streams_answer_and_adds_layers(plugin, raster_layer, stub_engine, t
     wait_for_tasks()
 
 
+def test_an_exported_conversation_keeps_its_text_readable(plugin, raster_layer, stub_engine, tmp_path):
+    """The JSON export holds the questions as they were typed (UTF-8), not as \\u00e9 escapes,
+    as the batch answers files do."""
+    dock = plugin.dock
+    dock.set_layer(raster_layer("rivière"))
+    dock.ask("Où coule la rivière ?")
+    wait_until(_finished(dock), 30, "the answer")
+    text = Path(dock.export_conversation(tmp_path / "conv.json")).read_text(encoding="utf-8")
+    assert '"question": "Où coule la rivière ?"' in text and "\\u00" not in text
+    assert json.loads(text)["layer"] == "rivière"
+    wait_for_tasks()
+
+
 def test_one_conversation_per_layer(plugin, raster_layer, stub_engine):
     a, b = raster_layer("a"), raster_layer("b", width=32, height=32)
     dock = plugin.dock
