@@ -45,6 +45,7 @@ LOCAL_FILE_PROVIDERS = ("gdal",)
 WEB_PROVIDERS = ("wms", "xyz", "arcgismapserver", "wcs")
 # a web layer whose extent spans this share of the world's longitudes is "the whole world"
 WORLD_SHARE = 0.75
+WEB_MERCATOR_MAX_LAT = 85.0511  # the latitude where the Web-Mercator square ends
 
 
 def layer_file_path(layer) -> str | None:
@@ -80,9 +81,11 @@ def is_web_layer(layer) -> bool:
 
 def covers_the_world(layer) -> bool:
     """True for a web map service (XYZ or WMTS tiles, a world-wide WMS) whose extent spans most
-    of the world (:data:`WORLD_SHARE` of -180..180 degrees, e.g. the whole Web-Mercator square):
-    rendered whole, it would be a picture of the planet at kilometres a pixel. A service of a
-    region, and any layer that is no web service (a VRT, a GeoPackage table), is not."""
+    of the world (:data:`WORLD_SHARE` of -180..180 degrees of longitude and of the Web-Mercator
+    square's -85..85 of latitude): rendered whole, it would be a picture of the planet at
+    kilometres a pixel. A service of a region, a polar service (its box in degrees spans every
+    longitude but few latitudes), and any layer that is no web service (a VRT, a GeoPackage
+    table), is not."""
     if not is_web_layer(layer):
         return False
     ext, crs = layer.extent(), layer.crs()
@@ -94,13 +97,15 @@ def covers_the_world(layer) -> bool:
             ext = QgsCoordinateTransform(crs, wgs84, QgsProject.instance().transformContext()).transformBoundingBox(ext)
     except Exception:  # noqa: BLE001 - QgsCsException: an extent past the CRS's own bounds
         return False
-    return min(ext.width(), 360.0) >= WORLD_SHARE * 360.0
+    return (min(ext.width(), 360.0) >= WORLD_SHARE * 360.0
+            and min(ext.height(), 2 * WEB_MERCATOR_MAX_LAT) >= WORLD_SHARE * 2 * WEB_MERCATOR_MAX_LAT)
 
 
 def native_pixel_size(layer) -> float | None:
-    """The size of ``layer``'s own pixels in its CRS units (the smaller of x and y), or None
-    when it has none: a web service (:data:`WEB_PROVIDERS`), or a provider that reports no
-    width and height."""
+    """The size of ``layer``'s own pixels in its CRS units, or None when it has none: a web
+    service (:data:`WEB_PROVIDERS`), or a provider that reports no width and height. Renders
+    have square pixels: for non-square ones this is the finer side, so none of the layer's
+    detail is lost (the coarser side is resampled to it)."""
     if layer is None or is_web_layer(layer):
         return None
     try:

@@ -47,7 +47,8 @@ AREA_AND_STRATEGY_HELP = (
     "Area of interest: empty asks about each whole layer; else it applies to every layer, cut to each (a layer "
     "it does not touch gets an error in its rows, the others are asked); an extent with no area (zero width or "
     "height) is refused. Web and virtual layers are rendered to a GeoTIFF first, over the area of interest "
-    "(never finer than a layer's own pixels, at most the render size of the GeoVQA options). A web service "
+    "(never finer than a layer's own pixels, or the finer side of non-square ones; at most the render "
+    "size of the GeoVQA options). A web service "
     "covering the whole world (XYZ or WMTS tiles) needs an area of interest (its rows get an error without "
     "one); one of a region, or a virtual raster, is rendered whole without one.\n\n"
     "Token strategy: its name (e.g. STRATEGY=pyramid in qgis_process) or its number in the list.")

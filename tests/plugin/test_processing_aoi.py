@@ -207,6 +207,10 @@ class _FakeLayer:
     ("wms", (-170, -60, 160, 80), "EPSG:4326", True),  # most of it
     ("wms", (5, 45, 17, 55), "EPSG:4326", False),  # a WMS of a region
     ("wms", (2500000, 1400000, 6500000, 5500000), "EPSG:3035", False),  # of Europe
+    # polar services: their boxes in degrees span every longitude, but only the cap's latitudes
+    ("wms", (-1000000, -1000000, 1000000, 1000000), "EPSG:3031", False),  # around the South Pole
+    ("wms", (-4194304, -4194304, 4194304, 4194304), "EPSG:3031", False),  # all of Antarctica
+    ("wms", (-4194304, -4194304, 4194304, 4194304), "EPSG:3413", False),  # the Arctic
     ("arcgismapserver", (-20037508.34, -20037508.34, 20037508.34, 20037508.34), "EPSG:3857", True),
     ("virtualraster", (-180, -90, 180, 90), "EPSG:4326", False),  # no web service: its own pixels
     ("gdal", (-180, -90, 180, 90), "EPSG:4326", False),
@@ -215,6 +219,18 @@ def test_which_layers_cover_the_whole_world(provider, extent, crs, world):
     from geovqa.render import covers_the_world
 
     assert covers_the_world(_FakeLayer(provider, extent, crs)) is world
+
+
+def test_non_square_pixels_are_rendered_at_their_finer_side(raster_layer):
+    """Renders have square pixels: 40 m x 10 m pixels are rendered at 10 m (nothing of the finer
+    side lost), and so are 10 m x 30 m ones."""
+    from geovqa.render import map_settings
+
+    src = raster_layer("src")  # 640 x 480 m
+    for size, expected in (((16, 48), (64, 48)), ((64, 16), (64, 48))):
+        virt = virtual_raster_layer(src, f"v{size}", size=size)
+        out = map_settings(virt, virt.extent(), 2048).outputSize()
+        assert (out.width(), out.height()) == expected
 
 
 def test_batch_asks_every_layer_within_the_area_of_interest(plugin, raster_layer, stub_engine, qgis_processing,
