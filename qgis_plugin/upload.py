@@ -246,12 +246,16 @@ def aoi_for_cut(aoi: dict, window: tuple, pixel_space: bool) -> dict:
 def _moved_geojson(obj: dict, dx: float, dy: float) -> dict:
     """A copy of a ``geojson`` AOI (geometry, Feature or FeatureCollection) moved by (dx, dy)."""
     kind = obj.get("type")
+    if kind == "FeatureCollection":  # its features read as Features, "type" or not (as the engine reads them)
+        return dict(obj, features=[_moved_feature(f, dx, dy) for f in obj["features"]])
     if kind == "Feature":
-        geometry = obj.get("geometry")
-        return dict(obj, geometry=_moved_geojson(geometry, dx, dy) if isinstance(geometry, dict) else geometry)
-    if kind == "FeatureCollection":
-        return dict(obj, features=[_moved_geojson(f, dx, dy) for f in obj["features"]])
+        return _moved_feature(obj, dx, dy)
     return dict(obj, coordinates=_moved_positions(obj["coordinates"], dx, dy))
+
+
+def _moved_feature(feature: dict, dx: float, dy: float) -> dict:
+    geometry = feature.get("geometry")
+    return dict(feature, geometry=_moved_geojson(geometry, dx, dy) if isinstance(geometry, dict) else geometry)
 
 
 # --- whether to write the file ------------------------------------------------------------------
