@@ -105,9 +105,11 @@ def new_answers_files(folder, extensions=(".csv",), stem: str = "answers") -> li
             for p in paths:
                 with open(p, "x", encoding="utf-8"):
                     made.append(p)
-        except FileExistsError:  # taken by another run meanwhile: the next name
+        except OSError as exc:  # taken by another run meanwhile: the next name; else no empty file left
             for p in made:
-                p.unlink()
-            continue
+                p.unlink(missing_ok=True)
+            if isinstance(exc, FileExistsError):
+                continue
+            raise
         return [str(p) for p in paths]
     raise OSError(f"no free file name for the answers in {folder}")

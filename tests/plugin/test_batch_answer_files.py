@@ -80,6 +80,25 @@ def test_an_answers_file_already_there_is_never_overwritten(
     assert not (results / "answers_20250101_120000_2.csv").exists()
 
 
+
+def test_no_empty_answers_file_is_left_when_the_next_cannot_be_made(tmp_path, monkeypatch, qgis_app):
+    """The .csv is made, then the .json fails (not because it exists): the .csv goes too."""
+    import builtins
+
+    from geovqa import results_io
+
+    real_open = builtins.open
+
+    def refusing_json(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".json") and "x" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_json)
+    with pytest.raises(PermissionError):
+        results_io.new_answers_files(tmp_path, (".csv", ".json"))
+    assert list(tmp_path.iterdir()) == []
+
 def test_temporary_answers_with_an_unwritable_results_folder_say_they_do_not_last(
         plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
     import processing
