@@ -45,7 +45,7 @@ from .common import (
 
 # the files the outputs can be written to (the provider's lists; the first is the default): the
 # engine's GeoTIFF and GeoJSON are copied, a GeoPackage is converted from the GeoJSON by GDAL
-RASTER_EXTENSIONS = ("tif",)
+RASTER_EXTENSIONS = ("tif", "tiff")
 VECTOR_EXTENSIONS = ("geojson", "gpkg")
 
 

@@ -1,6 +1,6 @@
 """The GeoVQA Processing provider: registers the ask and batch algorithms and says which files
 their layer outputs can be written to. "Ask a raster" copies the engine's heatmap GeoTIFF and
-anchors GeoJSON (or converts the anchors to a GeoPackage), so its raster output is a .tif and
+anchors GeoJSON (or converts the anchors to a GeoPackage), so its raster output is a .tif (or .tiff) and
 its vector output a .geojson or .gpkg file: QGIS refuses any other extension from these lists
 (``isSupportedOutputValue``), and a non-file destination (memory layer, database table) as
 ``supportsNonFileBasedOutput`` is False.

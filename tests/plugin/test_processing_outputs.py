@@ -185,7 +185,7 @@ def test_a_file_type_the_provider_does_not_write_is_refused(plugin, raster_layer
         False, "“.png” files are not supported as outputs for this algorithm")
     assert not anchors.isSupportedOutputValue(str(tmp_path / "a.shp"), context)[0]
     assert not anchors.isSupportedOutputValue("memory:", context)[0]  # only files are written
-    assert heat.isSupportedOutputValue(str(tmp_path / "h.tif"), context)[0]
+    assert all(heat.isSupportedOutputValue(str(tmp_path / f"h.{ext}"), context)[0] for ext in ("tif", "tiff", "TIF"))
     assert all(anchors.isSupportedOutputValue(str(tmp_path / f"a.{ext}"), context)[0] for ext in ("geojson", "gpkg"))
 
     # the toolbox dialog refuses it before running
