@@ -152,9 +152,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
                     adapter=args.adapter, demo_ok=not args.no_demo, output_dir=args.output_dir)
     health = engine.health()
     if health.get("demo_model"):
-        print("NOTE: no GeoLLaVA-8K weights found; using the tiny RANDOM demo model "
-              "(answers are meaningless). Run `make weights` to download the real checkpoint.",
-              file=sys.stderr)
+        from engine.weights import demo_model_note
+
+        print(demo_model_note(args.weights), file=sys.stderr)
     req = request_factory(engine)(fields)
     result = None
     for event in engine.ask(req):

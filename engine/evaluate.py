@@ -691,7 +691,9 @@ def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None
                     output_dir=Path(args.out) / "heatmaps",
                     prune_old_outputs=False)  # heatmaps kept with --keep-heatmaps are the run's results
     if engine.health().get("demo_model"):
-        print("NOTE: evaluating the tiny RANDOM demo model (no GeoLLaVA-8K weights found).", file=sys.stderr)
+        from engine.weights import demo_model_note
+
+        print(demo_model_note(args.weights, "evaluating"), file=sys.stderr)
     root = image_root(args)
 
     def predict(item: EvalItem, prompt: str) -> str:

@@ -866,7 +866,9 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     info = loaded.info
     device = str(info.get("device", "cpu"))
     if info.get("demo"):
-        print("NOTE: training the tiny RANDOM demo model (no GeoLLaVA-8K weights given).", file=sys.stderr)
+        from engine.weights import demo_model_note
+
+        print(demo_model_note(args.weights, "training"), file=sys.stderr)
     targets = _target_list(args.target_modules)
     import torch  # noqa: PLC0415
 

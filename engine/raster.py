@@ -202,8 +202,17 @@ def _open(path: str):
     except (RasterioError, OSError, ValueError) as exc:
         raise RasterOpenError(
             f"Could not open '{p}' as a raster: it is not a format GDAL can read, or the file is "
-            f"corrupt or incomplete. Re-export it (e.g. as GeoTIFF) and try again. (GDAL: {exc})"
+            f"corrupt or incomplete. Re-export it (e.g. as GeoTIFF) and try again. (GDAL: {_gdal_detail(exc)})"
         ) from exc
+
+
+def _gdal_detail(exc: BaseException) -> str:
+    """What GDAL said about a failure: rasterio often raises "Read failed. See previous exception
+    for details." with GDAL's own message as the cause, which the user never sees otherwise."""
+    cause = exc.__cause__
+    if "previous exception" in str(exc) and cause is not None and str(cause):
+        return str(cause)
+    return str(exc)
 
 
 # ------------------------------------------------------------------------------- georeferencing
@@ -773,7 +782,7 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> 
         except (RasterioError, OSError) as exc:  # GDAL failed on the file's bytes
             raise RasterOpenError(
                 f"Could not read pixels from '{p}': the file looks corrupt or truncated. "
-                f"Re-export it and try again. (GDAL: {exc})",
+                f"Re-export it and try again. (GDAL: {_gdal_detail(exc)})",
                 code="raster_unreadable",
             ) from exc
         except ValueError as exc:  # rasterio refused the read itself: nothing says the file is bad

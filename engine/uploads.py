@@ -93,7 +93,9 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
         if looks_tiff or p.suffix.lower() == ".vrt":
             raise JobError("raster_unreadable", f"{shown} looks like a raster but cannot be read: "
                            f"{_short(exc)}") from exc
-        raise JobError("not_a_raster", f"{shown} is not a raster that GDAL can open.") from exc
+        raise JobError("not_a_raster", f"{shown} is not a raster that GDAL can open.",
+                       "Check that the layer's file is a raster image (it may have been replaced or "
+                       "damaged since it was loaded), or export it as GeoTIFF and ask again.") from exc
     except Exception as exc:  # noqa: BLE001 - GDAL raises many kinds
         raise JobError("raster_unreadable", f"{shown} cannot be read: {_short(exc)}") from exc
 

@@ -34,6 +34,16 @@ class DownloadError(RuntimeError):
     """The weights could not be downloaded (message says why and what to do)."""
 
 
+def demo_model_note(given, doing: str = "using") -> str:
+    """The line that says the tiny RANDOM demo model answers (``doing``: "using", "evaluating",
+    "training"): the checkpoint ``given`` (--weights) is that demo model, or, with none given,
+    no GeoLLaVA-8K weights were found."""
+    if given:
+        return (f"NOTE: {given} is the tiny RANDOM demo model, not GeoLLaVA-8K; {doing} it (answers are "
+                "meaningless). Run `make weights` to download the real checkpoint.")
+    return (f"NOTE: no GeoLLaVA-8K weights found; {doing} the tiny RANDOM demo model (answers are "
+            "meaningless). Run `make weights` to download the real checkpoint.")
+
 def download_weights(
     dest: str | os.PathLike,
     repo: str = DEFAULT_REPO,

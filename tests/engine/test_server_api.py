@@ -163,10 +163,13 @@ def test_bad_input(server, inputs, case, expected_status, expected_code, words):
         body["budget"] = -3
     elif case == "bad_faithful":
         body["faithful_empty_slots"] = "yes"
-    status, code, message = _err(server.ask(body))
+    status, answer = server.ask(body)
+    code, message = answer["error"]["code"], answer["error"]["message"]
     assert (status, code) == (expected_status, expected_code), message
     assert words in message.lower()
     assert protocol.ERROR_CODES[code] == status
+    if case == "text_file":  # says what to do, not only what is wrong
+        assert "export it as GeoTIFF" in (answer["error"]["hint"] or "")
 
 
 def test_upload_too_large(server, inputs):
