@@ -76,7 +76,9 @@ def _save_screenshot(dock, layers, path: Path):
 
 
 def test_ask_answer_in_dock_with_aligned_layers(plugin, raster_layer, engine, qgis_iface, tmp_path):
+    from conftest import cell_coverage_problems
     from geovqa.layers import group_name
+    from geovqa.tasks import rect_bounds
     from qgis.core import QgsProject
 
     kind, eng = engine
@@ -92,12 +94,10 @@ def test_ask_answer_in_dock_with_aligned_layers(plugin, raster_layer, engine, qg
     anchors = QgsProject.instance().mapLayer(turn["anchors_layer_id"])
     assert heat.isValid() and anchors.isValid()
     assert heat.crs() == layer.crs() and anchors.crs() == layer.crs()
-    e, h = layer.extent(), heat.extent()
+    e = layer.extent()
     px = layer.rasterUnitsPerPixelX()
-    cell = max(heat.rasterUnitsPerPixelX(), heat.rasterUnitsPerPixelY())  # one heatmap cell (a patch)
-    for a, b in ((e.xMinimum(), h.xMinimum()), (e.xMaximum(), h.xMaximum()),
-                 (e.yMinimum(), h.yMinimum()), (e.yMaximum(), h.yMaximum())):
-        assert abs(a - b) <= cell, (e.toString(), h.toString())
+    # every heatmap cell over the raster is kept, on all four sides, and none wholly outside it
+    assert cell_coverage_problems(heat.source(), rect_bounds(e)) == [], heat.extent().toString()
     assert anchors.featureCount() >= 1
     assert e.buffered(px).contains(anchors.extent())
     assert Path(heat.source()).parent == tmp_path / "results"
@@ -109,6 +109,26 @@ def test_ask_answer_in_dock_with_aligned_layers(plugin, raster_layer, engine, qg
     if kind == "real" and (os.environ.get("GEOVQA_UPDATE_SCREENSHOTS") == "1" or not SCREENSHOT.exists()):
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(target, SCREENSHOT)
+
+
+@pytest.mark.parametrize("grid", ["utm", "4326", "unreferenced"])
+def test_the_docks_heatmap_covers_the_whole_raster(plugin, engine, tmp_path, qgis_new_project, grid):
+    """On a 300 x 200 px raster the engine's heatmap reached the raster's bottom edge, the dock's
+    copy stopped one row of cells short of it (the bottom 6 % without heatmap), while keeping a
+    row mostly above the raster at the top: with UTM, degrees and no georeferencing alike."""
+    from conftest import cell_coverage_problems, write_raster
+    from geovqa.tasks import rect_bounds
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    kind, eng = engine
+    kw = {"utm": {}, "4326": {"epsg": 4326, "origin": (10.0, 50.0), "pixel": 0.001},
+          "unreferenced": {"georeferenced": False}}[grid]
+    layer = QgsRasterLayer(write_raster(tmp_path / f"{grid}.tif", 300, 200, **kw), grid, "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    turn = _ask(plugin.dock, layer, "What is here?")
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    assert cell_coverage_problems(heat.source(), rect_bounds(layer.extent())) == [], heat.extent().toString()
 
 
 def test_aoi_drawn_in_another_crs(plugin, raster_layer, engine, qgis_iface):
