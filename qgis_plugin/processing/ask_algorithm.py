@@ -47,12 +47,16 @@ from .common import (
 # engine's GeoTIFF and GeoJSON are copied, a GeoPackage is converted from the GeoJSON by GDAL
 RASTER_EXTENSIONS = ("tif", "tiff")
 VECTOR_EXTENSIONS = ("geojson", "gpkg")
+UNDEFINED_CARTESIAN = 'LOCAL_CS["Undefined Cartesian SRS"]'  # GDAL writes it as GeoPackage srs_id -1
 
 
-def write_anchors(src: str, dest: str) -> None:
+def write_anchors(src: str, dest: str, crs_wkt: str | None = None) -> None:
     """The anchors GeoJSON ``src`` written to ``dest``: copied, or converted to a GeoPackage
     (``.gpkg``, one layer named after the file; a file already there is replaced, as QGIS
-    replaces its own outputs). Raises OSError when it cannot be written."""
+    replaces its own outputs). ``crs_wkt``: the CRS of the raster asked about, the GeoPackage's
+    ("" for a raster without CRS: the GeoPackage's undefined Cartesian SRS, where OGR would
+    read the GeoJSON as EPSG:4326; None: as GDAL reads the GeoJSON). Raises OSError when it
+    cannot be written."""
     if Path(dest).suffix.lower() != ".gpkg":
         shutil.copyfile(src, dest)
         return
@@ -61,7 +65,10 @@ def write_anchors(src: str, dest: str) -> None:
     if os.path.exists(dest):
         os.remove(dest)
     try:
-        ds = gdal.VectorTranslate(dest, src, format="GPKG", layerName=Path(dest).stem)
+        # -a_srs (assigned, not reprojected); no CRS: GeoPackage's "undefined Cartesian" (srs_id -1),
+        # not GDAL's default for none, "undefined geographic" (0)
+        srs = {} if crs_wkt is None else {"dstSRS": crs_wkt or UNDEFINED_CARTESIAN, "reproject": False}
+        ds = gdal.VectorTranslate(dest, src, format="GPKG", layerName=Path(dest).stem, **srs)
     except RuntimeError as exc:  # gdal.UseExceptions() is on
         raise OSError(str(exc)) from exc
     if ds is None:
@@ -175,6 +182,8 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         if layer is None:
             raise QgsProcessingException("The input raster layer could not be loaded.")
         self.layer_name = layer.name()
+        # the result layers loaded at the end get it, also none (a GeoJSON would read as EPSG:4326)
+        self.layer_crs_wkt = layer.crs().toWkt() if layer.crs().isValid() else ""
         self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
         geom, crs = area_of_interest(self, parameters, self.AOI, context)  # (None, None): the whole layer
         # a file: the AOI cut to it, in the request; any other layer: rendered over the AOI
@@ -216,7 +225,8 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         self.result_files = []
         for key, local, write, name in (
                 (self.HEATMAP, result.get("local_heatmap_path"), shutil.copyfile, heatmap_name),
-                (self.ANCHORS, result.get("local_anchors_path"), write_anchors, anchors_name)):
+                (self.ANCHORS, result.get("local_anchors_path"),
+                 lambda src, dest: write_anchors(src, dest, self.layer_crs_wkt), anchors_name)):
             dest = dests[key]
             if not dest:
                 continue
@@ -242,5 +252,6 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
                 forget_result_layer(context, path)
         for key, path, name in files:
             if name is not None:
-                load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name)
+                load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name,
+                                  getattr(self, "layer_crs_wkt", None))
         return {}

@@ -200,17 +200,20 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
 class ResultLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
     """Runs on a result layer (heatmap or anchors) Processing loaded into the project: marks it
     as GeoVQA's own (the chat dock leaves it out of its layer list), names and styles it as the
-    dock does."""
+    dock does, and gives it the CRS of the raster asked about (``crs_wkt``; "" when that raster
+    has none, as the dock does: OGR reads a GeoJSON without CRS as EPSG:4326; None: as loaded)."""
 
-    def __init__(self, kind: str, name: str):
+    def __init__(self, kind: str, name: str, crs_wkt: str | None = None):
         super().__init__()
-        self.kind, self.name = kind, name
+        self.kind, self.name, self.crs_wkt = kind, name, crs_wkt
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802
         if layer is None:
             return
         result_layers.mark_result_layer(layer, self.kind)
         layer.setName(self.name)
+        if self.crs_wkt is not None:
+            result_layers.set_result_crs(layer, result_layers.crs_from_wkt(self.crs_wkt))
         try:
             if self.kind == "heatmap":
                 result_layers.style_heatmap(layer)
@@ -226,17 +229,18 @@ class ResultLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
 _POST_PROCESSORS = deque(maxlen=32)
 
 
-def load_result_layer(context, path: str, kind: str, name: str) -> None:
+def load_result_layer(context, path: str, kind: str, name: str, crs_wkt: str | None = None) -> None:
     """Name and mark (:class:`ResultLayerPostProcessor`, RESULT_LAYER_PROPERTY) the layer QGIS
     loads from ``path`` when the algorithm completes: QGIS's ``parameterAsOutputLayer`` put it
     on the context's layers to load when the output's value has a destination project (the
-    toolbox's "Open output file after running algorithm"). A file QGIS does not load is left
-    alone. Main thread (postProcessAlgorithm)."""
+    toolbox's "Open output file after running algorithm"); ``crs_wkt``: the CRS of the raster
+    asked about ("" for none), which the layer gets. A file QGIS does not load is left alone.
+    Main thread (postProcessAlgorithm)."""
     if not context.willLoadLayerOnCompletion(path):
         return
     details = context.layerToLoadOnCompletionDetails(path)
     details.name = name
-    post = ResultLayerPostProcessor(kind, name)
+    post = ResultLayerPostProcessor(kind, name, crs_wkt)
     _POST_PROCESSORS.append(post)
     details.setPostProcessor(post)
 

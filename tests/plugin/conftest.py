@@ -158,6 +158,16 @@ def cell_coverage_problems(path, bounds) -> list:
     return problems
 
 
+def extent_on_map(layer, map_crs):
+    """Where ``layer`` lies on a map in ``map_crs`` (its extent as the map canvas places it:
+    transformed from the layer's CRS; as it is when either CRS is empty)."""
+    from qgis.core import QgsMapSettings
+
+    ms = QgsMapSettings()
+    ms.setDestinationCrs(map_crs)
+    return ms.layerExtentToOutputExtent(layer, layer.extent())
+
+
 @pytest.fixture
 def raster_layer(tmp_path, qgis_new_project):
     from qgis.core import QgsProject, QgsRasterLayer

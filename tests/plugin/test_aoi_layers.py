@@ -130,6 +130,33 @@ def test_result_layers_follow_a_crs_the_user_set_on_the_layer(raster_layer, tmp_
     assert hl.crs() == corrected and al.crs() == corrected
 
 
+@pytest.mark.parametrize("georeferenced", [False, True])
+def test_the_anchors_of_a_raster_without_crs_lie_over_it(tmp_path, qgis_new_project, georeferenced):
+    """The anchors layer kept OGR's EPSG:4326 (a GeoJSON without "crs" member) while the raster
+    and the heatmap had no CRS: with the project in EPSG:32633 they spread over the whole map."""
+    from conftest import extent_on_map, write_raster
+    from geovqa.layers import add_result_layers
+    from osgeo import gdal
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+
+    utm = QgsCoordinateReferenceSystem("EPSG:32633")
+    QgsProject.instance().setCrs(utm)
+    path = write_raster(tmp_path / "no_crs.tif", 200, 150, georeferenced=False)
+    if georeferenced:  # placed by a geotransform, but with no CRS
+        ds = gdal.Open(path, gdal.GA_Update)
+        ds.SetGeoTransform((1000.0, 10.0, 0.0, 2000.0, 0.0, -10.0))
+        ds = None
+    layer = QgsRasterLayer(path, "no crs", "gdal")
+    assert layer.isValid() and not layer.crs().isValid()
+    QgsProject.instance().addMapLayer(layer)
+    heat, anchors = _write_results(tmp_path, layer)
+    _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer, crs_wkt="")
+    assert not al.crs().isValid() and not hl.crs().isValid()
+    on_map = extent_on_map(layer, utm)
+    assert on_map.contains(extent_on_map(al, utm)), extent_on_map(al, utm).toString()
+    assert on_map.contains(extent_on_map(hl, utm))
+
+
 def test_results_folder_next_to_project(tmp_path, qgis_new_project):
     from geovqa.settings import RESULTS_FOLDER, Settings
     from qgis.core import QgsProject

@@ -131,6 +131,27 @@ def test_the_docks_heatmap_covers_the_whole_raster(plugin, engine, tmp_path, qgi
     assert cell_coverage_problems(heat.source(), rect_bounds(layer.extent())) == [], heat.extent().toString()
 
 
+def test_the_docks_anchors_of_a_raster_without_crs_lie_over_it(plugin, engine, tmp_path, qgis_new_project):
+    """The anchors layer kept OGR's EPSG:4326 while the raster and heatmap had no CRS: with the
+    project in EPSG:32633 the anchors spread over the whole map."""
+    from conftest import extent_on_map, write_raster
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+
+    utm = QgsCoordinateReferenceSystem("EPSG:32633")
+    QgsProject.instance().setCrs(utm)
+    layer = QgsRasterLayer(write_raster(tmp_path / "no_crs.tif", 300, 200, georeferenced=False), "no crs", "gdal")
+    assert layer.isValid() and not layer.crs().isValid()
+    QgsProject.instance().addMapLayer(layer)
+    turn = _ask(plugin.dock, layer, "What is here?")
+    anchors = QgsProject.instance().mapLayer(turn["anchors_layer_id"])
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    assert not anchors.crs().isValid() and not heat.crs().isValid()
+    on_map = extent_on_map(layer, utm)
+    assert on_map.contains(extent_on_map(anchors, utm)), extent_on_map(anchors, utm).toString()
+    cell = max(heat.rasterUnitsPerPixelX(), heat.rasterUnitsPerPixelY())  # edge cells are kept whole
+    assert on_map.buffered(cell).contains(extent_on_map(heat, utm)), extent_on_map(heat, utm).toString()
+
+
 def test_aoi_drawn_in_another_crs(plugin, raster_layer, engine, qgis_iface):
     from geovqa.aoi import to_layer_crs
     from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry, QgsProject,
