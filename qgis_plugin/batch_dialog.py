@@ -43,6 +43,7 @@ from qgis.PyQt.QtWidgets import (
 
 from . import layers as result_layers
 from .aoi import AoiError, clip_to_layer, is_unreferenced_file
+from .client import questions_too_long
 from .compat import is_raster_layer
 from .render import LayerRenderer, layer_file_path
 from .results_io import write_csv, write_json
@@ -246,6 +247,10 @@ class BatchDialog(QDialog):
         layers, questions = self.checked_layers(), self.questions()
         if not layers or not questions:
             self.message.setText("Tick at least one raster layer and type at least one question.")
+            return
+        too_long = questions_too_long(questions)  # said before anything runs; the questions stay
+        if too_long:
+            self.message.setText(too_long)
             return
         if self.task is not None:  # still running (Run is disabled then; a script may call run())
             self.message.setText("A batch is still running: cancel it first.")

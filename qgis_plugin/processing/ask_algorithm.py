@@ -26,7 +26,7 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
-from ..client import EngineError
+from ..client import EngineError, question_too_long
 from ..compat import NUMBER_INTEGER, PARAM_ADVANCED, PROCESSING_VECTOR_POLYGON
 from ..layers import anchors_name, heatmap_name
 from ..settings import DEFAULT_STRATEGY, Settings
@@ -171,11 +171,14 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
     def checkParameterValues(self, parameters, context):  # noqa: N802
         # a strategy given by its number in the list (models and scripts saved before it took names)
         ok, message = super().checkParameterValues(with_strategy_names(parameters, self.STRATEGY), context)
-        refusal = (self.output_refusal(parameters) or aoi_refusal(self, parameters, self.AOI, context)) if ok else None
+        refusal = (self.output_refusal(parameters) or aoi_refusal(self, parameters, self.AOI, context)
+                   or question_too_long(self.parameterAsString(parameters, self.QUESTION, context))) if ok else None
         return (False, refusal) if refusal else (ok, message)
 
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 - main thread
-        refusal = self.output_refusal(parameters)  # qgis_process and models may not check the values first
+        # qgis_process and models may not check the values first
+        refusal = (self.output_refusal(parameters)
+                   or question_too_long(self.parameterAsString(parameters, self.QUESTION, context)))
         if refusal:
             raise QgsProcessingException(refusal)
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
