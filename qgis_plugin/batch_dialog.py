@@ -344,7 +344,11 @@ class BatchDialog(QDialog):
     def _task_connections(self, task):
         # bound methods, not lambdas: a lambda outlives the dialog's widgets (plugin reload)
         return ((task.row, self._add_row), (task.progressChanged, self._task_progress),
-                (task.taskCompleted, self._done), (task.taskTerminated, self._done))
+                (task.stage, self._task_stage), (task.taskCompleted, self._done), (task.taskTerminated, self._done))
+
+    def _task_stage(self, text):
+        """What the batch does between answers (a raster prepared for the upload); "": done."""
+        self.message.setText(text or f"Asked {len(self.rows)} of {self._total} …")
 
     def _task_progress(self, percent):
         self.progress.setValue(int(percent))

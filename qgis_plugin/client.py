@@ -454,6 +454,9 @@ class AskStream:
         # called as on_upload_progress(bytes_sent, bytes_total) while a raster is uploaded
         # (from the worker thread; QgsTask.setProgress and Processing feedback accept that)
         self.on_upload_progress = None
+        # called as on_prepare_progress(fraction) while the raster is converted or cut for the
+        # upload (0..1; from the worker thread), before it is sent
+        self.on_prepare_progress = None
         self._conn = None
         self._lock = threading.Lock()
         self._aborted = False
@@ -484,11 +487,17 @@ class AskStream:
         from .upload import upload_file
 
         try:
-            with upload_file(self.upload_path, self.request.get("aoi"), cancelled=lambda: self._aborted) as sent:
+            # the engine's upload limit bounds the conversion (asked only when a file is written)
+            with upload_file(self.upload_path, self.request.get("aoi"), cancelled=lambda: self._aborted,
+                             progress=self._prepare_progress, max_bytes=self.client.upload_limit) as sent:
                 yield from self._upload_events(sent)
         except EngineError:
             if not self._aborted:
                 raise
+
+    def _prepare_progress(self, fraction: float) -> None:
+        if self.on_prepare_progress is not None:
+            self.on_prepare_progress(fraction)
 
     def _upload_events(self, sent):
         self._check_upload_size(os.path.getsize(sent.path))

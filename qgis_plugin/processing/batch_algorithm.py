@@ -37,6 +37,7 @@ from .common import (
     ask_once,
     engine_client,
     question_source,
+    say_preparing,
     strategy_options,
     strategy_parameter_value,
     with_strategy_names,
@@ -185,7 +186,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                 if feedback.isCanceled():
                     break
                 # an engine on another computer: the raster is converted once for all its questions
-                upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"], feedback.isCanceled)
+                upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"], feedback.isCanceled,
+                                                    say_preparing(feedback, item["layer"]))
                 try:
                     for question in questions:
                         if feedback.isCanceled():

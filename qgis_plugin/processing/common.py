@@ -15,7 +15,8 @@ from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..client import EngineError, build_ask_request
 from ..render import covers_the_world, layer_file_path, render_sync
 from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
-from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, rect_bounds
+from ..tasks import (PLUGIN_STAGE_WORDS, PREPARE_STAGE, BatchProgress, file_stem, keep_result_files_or_warn,
+                     rect_bounds)
 
 
 def strategy_options():
@@ -142,6 +143,21 @@ def raster_source(layer, feedback, extent=None) -> tuple:
     return path, rect_bounds(visible), False
 
 
+def say_preparing(feedback, layer_name: str | None = None):
+    """A ``progress(fraction)`` for a raster's conversion for the upload (:mod:`upload`) that says
+    once, as the other stages are said, that it runs: "Preparing the raster for upload …"."""
+    said = []
+
+    def progress(_fraction):
+        if not said and feedback is not None:
+            said.append(True)
+            of = f" of '{layer_name}'" if layer_name else ""
+            feedback.setProgressText(PLUGIN_STAGE_WORDS[PREPARE_STAGE].replace("the raster", f"the raster{of}", 1)
+                                     + " …")
+
+    return progress
+
+
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
              unreferenced: bool = False, prepared=None, progress=None) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
@@ -160,6 +176,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
         progress.start(0, stream.upload_path is not None or stream.prepared is not None)
     if progress is not None:
         stream.on_upload_progress = progress.uploaded
+    stream.on_prepare_progress = say_preparing(feedback)
     if feedback is not None:
         feedback.canceled.connect(stream.abort)
     result = None
@@ -185,6 +202,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
                 raise EngineError(ev.get("code") or "internal", ev.get("message") or "The engine failed.", ev.get("hint"))
     finally:
         stream.on_upload_progress = None
+        stream.on_prepare_progress = None
         if feedback is not None:
             try:
                 feedback.canceled.disconnect(stream.abort)
