@@ -165,12 +165,59 @@ def layer_to_pixel_coords(geometry: QgsGeometry) -> QgsGeometry:
     return geom
 
 
+PIXEL_CHECK_MAX_CENTRES = 4096  # an area over more pixel centres than this is not checked one by one
+
+
+def holds_a_pixel(geometry: QgsGeometry, layer) -> bool:
+    """Whether ``geometry`` (in ``layer``'s coordinates, e.g. from :func:`clip_to_layer`) holds
+    the centre of at least one of the layer's pixels, which is what the engine reads of an area
+    (engine/raster.py: a polygon with none is "smaller than one pixel"). A rectangle holding none
+    was sent as a 1 x 1 px window: one pixel stretched to a tile. True when the layer has no
+    pixel grid to tell, or when the area's box spans more than :data:`PIXEL_CHECK_MAX_CENTRES`
+    centres (a large area; the engine still says so of a sliver)."""
+    ext = layer.extent()
+    cols, rows = layer.width(), layer.height()
+    if cols <= 0 or rows <= 0 or ext.isEmpty() or geometry is None or geometry.isEmpty():
+        return True
+    resx, resy = ext.width() / cols, ext.height() / rows
+    box = geometry.boundingBox()
+    eps = 1e-9
+    # the columns and rows whose centres (col + 0.5, row + 0.5) lie within the box
+    c0 = max(0, math.ceil((box.xMinimum() - ext.xMinimum()) / resx - 0.5 - eps))
+    c1 = min(cols - 1, math.floor((box.xMaximum() - ext.xMinimum()) / resx - 0.5 + eps))
+    r0 = max(0, math.ceil((ext.yMaximum() - box.yMaximum()) / resy - 0.5 - eps))
+    r1 = min(rows - 1, math.floor((ext.yMaximum() - box.yMinimum()) / resy - 0.5 + eps))
+    if c1 < c0 or r1 < r0:
+        return False
+    if (c1 - c0 + 1) * (r1 - r0 + 1) > PIXEL_CHECK_MAX_CENTRES:
+        return True
+    centres = [QgsPointXY(ext.xMinimum() + (c + 0.5) * resx, ext.yMaximum() - (r + 0.5) * resy)
+               for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+    return QgsGeometry.fromMultiPointXY(centres).intersects(geometry)
+
+
+def check_holds_a_pixel(geometry: QgsGeometry, layer) -> None:
+    """Raise AoiError when ``geometry`` (in the layer's coordinates) is smaller than one pixel of
+    the file ``layer`` (:func:`holds_a_pixel`), before anything is asked. Only where the layer's
+    pixels are its file's (:func:`file_grid_is_layer_grid`): a rendered layer is rendered at a
+    size of its own, and a warped view's grid is not the file's."""
+    from .render import layer_file_path  # here: render imports tasks, which needs no AOI
+
+    if layer_file_path(layer) is None or not file_grid_is_layer_grid(layer):
+        return
+    if not holds_a_pixel(geometry, layer):
+        raise AoiError(f"The area of interest is smaller than one pixel of the layer '{layer.name()}' (it holds "
+                       "no pixel's centre): choose a larger area.")
+
+
 def request_aoi(geometry: QgsGeometry | None, src_crs, layer, project: QgsProject | None = None) -> dict | None:
     """The protocol AOI for ``geometry`` (in ``src_crs``) on ``layer``, or None for the whole layer.
 
     Rectangles that stay rectangles in the layer's CRS become ``window`` (on a north-up file);
     anything else becomes ``polygon_wkt`` in the layer's CRS, clipped to the layer extent (on a
-    file with no georeferencing, in its source pixels: see :func:`is_unreferenced_file`).
+    file with no georeferencing, in its source pixels: see :func:`is_unreferenced_file`). Raises
+    AoiError for an area off the layer, or one smaller than one of its pixels
+    (:func:`check_holds_a_pixel`).
     """
     if geometry is None or geometry.isEmpty():
         return None
@@ -178,6 +225,7 @@ def request_aoi(geometry: QgsGeometry | None, src_crs, layer, project: QgsProjec
     ext = layer.extent()
     if geom.area() >= (1 - 1e-6) * ext.width() * ext.height():  # all of it, give or take rounding
         return None
+    check_holds_a_pixel(geom, layer)  # a rectangle as a polygon: not one pixel stretched to a tile
     if _is_rectangle(geom) and file_grid_is_layer_grid(layer):
         win = pixel_window(geom.boundingBox(), layer)
         if win == [0, 0, layer.width(), layer.height()]:

@@ -43,6 +43,7 @@ from qgis.PyQt.QtWidgets import (
 
 from . import layers as result_layers
 from .aoi import AoiError, clip_to_layer, is_unreferenced_file
+from .client import questions_too_long
 from .compat import is_raster_layer
 from .render import LayerRenderer, layer_file_path
 from .results_io import write_csv, write_json
@@ -247,6 +248,10 @@ class BatchDialog(QDialog):
         if not layers or not questions:
             self.message.setText("Tick at least one raster layer and type at least one question.")
             return
+        too_long = questions_too_long(questions)  # said before anything runs; the questions stay
+        if too_long:
+            self.message.setText(too_long)
+            return
         if self.task is not None:  # still running (Run is disabled then; a script may call run())
             self.message.setText("A batch is still running: cancel it first.")
             return
@@ -339,7 +344,11 @@ class BatchDialog(QDialog):
     def _task_connections(self, task):
         # bound methods, not lambdas: a lambda outlives the dialog's widgets (plugin reload)
         return ((task.row, self._add_row), (task.progressChanged, self._task_progress),
-                (task.taskCompleted, self._done), (task.taskTerminated, self._done))
+                (task.stage, self._task_stage), (task.taskCompleted, self._done), (task.taskTerminated, self._done))
+
+    def _task_stage(self, text):
+        """What the batch does between answers (a raster prepared for the upload); "": done."""
+        self.message.setText(text or f"Asked {len(self.rows)} of {self._total} …")
 
     def _task_progress(self, percent):
         self.progress.setValue(int(percent))

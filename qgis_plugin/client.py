@@ -68,6 +68,26 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def question_too_long(question: str) -> str | None:
+    """Why ``question`` (stripped, as it is sent) is longer than the engine takes
+    (MAX_QUESTION_CHARS, engine/protocol.py), with what to do; None when it is not."""
+    n = len(question.strip()) if isinstance(question, str) else 0
+    if n <= MAX_QUESTION_CHARS:
+        return None
+    return (f"The question has {n} characters; the engine takes at most {MAX_QUESTION_CHARS}: "
+            "shorten it.")
+
+
+def questions_too_long(questions: list) -> str | None:
+    """:func:`question_too_long` of the first of ``questions`` (a batch's, one a line) that is
+    longer than the engine takes, naming it by its number; None when none is."""
+    for number, question in enumerate(questions, 1):
+        too_long = question_too_long(question)
+        if too_long:
+            return too_long.replace("The question has", f"Question {number} has", 1) if len(questions) > 1 else too_long
+    return None
+
+
 def build_ask_request(
     question: str,
     raster_path: str | None,
@@ -86,11 +106,9 @@ def build_ask_request(
     if not isinstance(question, str) or not question.strip():
         raise EngineError("empty_question", "Please type a question.")
     question = question.strip()
-    if len(question) > MAX_QUESTION_CHARS:
-        raise EngineError(
-            "question_too_long",
-            f"The question has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}.",
-        )
+    too_long = question_too_long(question)
+    if too_long:
+        raise EngineError("question_too_long", too_long)
     return {
         "raster_path": raster_path,
         "question": question,
@@ -436,6 +454,9 @@ class AskStream:
         # called as on_upload_progress(bytes_sent, bytes_total) while a raster is uploaded
         # (from the worker thread; QgsTask.setProgress and Processing feedback accept that)
         self.on_upload_progress = None
+        # called as on_prepare_progress(fraction) while the raster is converted or cut for the
+        # upload (0..1; from the worker thread), before it is sent
+        self.on_prepare_progress = None
         self._conn = None
         self._lock = threading.Lock()
         self._aborted = False
@@ -466,11 +487,17 @@ class AskStream:
         from .upload import upload_file
 
         try:
-            with upload_file(self.upload_path, self.request.get("aoi"), cancelled=lambda: self._aborted) as sent:
+            # the engine's upload limit bounds the conversion (asked only when a file is written)
+            with upload_file(self.upload_path, self.request.get("aoi"), cancelled=lambda: self._aborted,
+                             progress=self._prepare_progress, max_bytes=self.client.upload_limit) as sent:
                 yield from self._upload_events(sent)
         except EngineError:
             if not self._aborted:
                 raise
+
+    def _prepare_progress(self, fraction: float) -> None:
+        if self.on_prepare_progress is not None:
+            self.on_prepare_progress(fraction)
 
     def _upload_events(self, sent):
         self._check_upload_size(os.path.getsize(sent.path))

@@ -8,13 +8,38 @@ raster (zoom to layer, legends, statistics); anchor footprints are cut to the sa
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+
+def heatmap_window(gt, width: int, height: int, bounds: tuple) -> tuple | None:
+    """``(col_off, row_off, cols, rows)``: the cells of a north-up heatmap grid (geotransform
+    ``gt``, ``width`` x ``height`` cells) that overlap ``bounds`` = (xmin, ymin, xmax, ymax):
+    the first cell is the one the bounds start in (floor), the last the one they end in (ceil),
+    clipped to the grid, so every cell over the raster is kept, on every side, and no cell lying
+    wholly outside it. A bound on a cell edge (within a millionth of a cell) keeps no cell
+    beyond it. None when no cell overlaps the bounds."""
+    xmin, ymin, xmax, ymax = bounds
+    eps = 1e-6
+    c0 = math.floor((xmin - gt[0]) / gt[1] + eps)
+    c1 = math.ceil((xmax - gt[0]) / gt[1] - eps)
+    r0 = math.floor((ymax - gt[3]) / gt[5] + eps)  # gt[5] < 0: rows run down from the top (ymax)
+    r1 = math.ceil((ymin - gt[3]) / gt[5] - eps)
+    c0, r0 = max(0, c0), max(0, r0)
+    c1, r1 = min(width, c1), min(height, r1)
+    if c1 <= c0 or r1 <= r0:
+        return None
+    return c0, r0, c1 - c0, r1 - r0
 
 
 def clip_heatmap(path: str, bounds: tuple, dest: str) -> str:
     """Crop the GeoTIFF ``path`` to ``bounds`` = (xmin, ymin, xmax, ymax) in its CRS into ``dest``.
 
-    Returns ``dest``, or ``path`` unchanged when the heatmap already lies inside the bounds.
+    Keeps every heatmap cell that overlaps the bounds, whole (:func:`heatmap_window`; the window
+    is computed here, in cells: ``gdal.Translate``'s ``projWin`` rounds its corners to the
+    nearest cell, which dropped the raster's last row of cells while keeping a row mostly
+    outside it at the top). Returns ``dest``, or ``path`` unchanged when no cell lies wholly
+    outside the bounds (or none overlaps them).
     """
     from osgeo import gdal
 
@@ -23,17 +48,14 @@ def clip_heatmap(path: str, bounds: tuple, dest: str) -> str:
         raise OSError(f"GDAL cannot open the heatmap {path}.")
     gt = ds.GetGeoTransform()
     w, h = ds.RasterXSize, ds.RasterYSize
-    if gt[2] != 0 or gt[4] != 0 or gt[5] > 0:
+    if gt[2] != 0 or gt[4] != 0 or gt[5] >= 0 or gt[1] <= 0:
         # Rotated and south-up grids (the engine's heatmap follows its raster's grid) are left as
-        # they are: gdal.Translate's projWin cannot cut them (a south-up one failed the answer).
+        # they are: a window of cells is no box in their CRS.
         return str(path)
-    xs = sorted((gt[0], gt[0] + gt[1] * w))
-    ys = sorted((gt[3], gt[3] + gt[5] * h))
-    xmin, ymin, xmax, ymax = bounds
-    eps = 1e-6 * max(abs(gt[1]), abs(gt[5]))
-    if xs[0] >= xmin - eps and xs[1] <= xmax + eps and ys[0] >= ymin - eps and ys[1] <= ymax + eps:
+    window = heatmap_window(gt, w, h, bounds)
+    if window is None or window == (0, 0, w, h):
         return str(path)
-    out = gdal.Translate(str(dest), ds, projWin=[xmin, ymax, xmax, ymin], creationOptions=["COMPRESS=DEFLATE"])
+    out = gdal.Translate(str(dest), ds, srcWin=list(window), creationOptions=["COMPRESS=DEFLATE"])
     if out is None:
         raise OSError(f"GDAL could not crop the heatmap {path}.")
     out = None

@@ -38,9 +38,9 @@ from qgis.PyQt.QtWidgets import (
 
 from . import layers as result_layers
 from . import status as engine_status
-from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, is_unreferenced_file,
-                  request_aoi)
-from .client import EngineError, build_ask_request, engine_address, new_request_id
+from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, check_holds_a_pixel, clip_to_layer,
+                  is_unreferenced_file, request_aoi)
+from .client import EngineError, build_ask_request, engine_address, new_request_id, question_too_long
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path
@@ -205,6 +205,8 @@ class ChatDock(QgsDockWidget):
         self.question_edit.setPlaceholderText(QUESTION_PLACEHOLDER)
         self.question_edit.returnPressed.connect(self.ask)
         self.question_edit.textChanged.connect(self._update_inputs)
+        self.question_edit.textChanged.connect(self._say_question_length)
+        self._length_note = ""  # what _say_question_length put under the question, if it still shows
         self.ask_button = QPushButton("Ask")
         self.ask_button.clicked.connect(self.ask)
         self.stop_button = QPushButton("Stop")
@@ -336,8 +338,21 @@ class ChatDock(QgsDockWidget):
             w.setEnabled(not removed)
         self.draw_button.setEnabled(not removed and self.aoi_mode() in ("rectangle", "polygon"))
         self.question_edit.setPlaceholderText(READ_ONLY_PLACEHOLDER if removed else QUESTION_PLACEHOLDER)
+        text = self.question_edit.text()
         self.ask_button.setEnabled(not removed and self.layer_combo.currentLayer() is not None
-                                   and bool(self.question_edit.text().strip()))
+                                   and bool(text.strip()) and not question_too_long(text))
+
+    def _say_question_length(self, text):
+        """A question longer than the engine takes is said as it is typed, under the question
+        (and in the box's tooltip); Ask stays disabled until it is short enough. The text is
+        kept as typed, to be shortened."""
+        too_long = question_too_long(text) or ""
+        self.question_edit.setToolTip(too_long)
+        if too_long:
+            self.progress_label.setText(too_long)
+        elif self._length_note and self.progress_label.text() == self._length_note:
+            self.progress_label.setText("")  # short enough again: the note goes
+        self._length_note = too_long
 
     def _layers_added(self, layers):
         """A layer may be marked as a result layer only once it is in the project (the layers
@@ -590,12 +605,18 @@ class ChatDock(QgsDockWidget):
         if not question:
             self._notify("Please type a question.", MSG_WARNING)
             return None
-        # A mistake in the input (no area drawn, an area off the layer) is only said: it is no
-        # turn of the conversation, and the question stays in its box to be asked again.
+        # A mistake in the input (a question longer than the engine takes, no area drawn, an area
+        # off the layer or smaller than one of its pixels) is only said: it is no turn of the
+        # conversation, and the question stays in its box to be asked again.
+        too_long = question_too_long(question)
+        if too_long:
+            self._notify(too_long, MSG_WARNING)
+            return None
         try:
             area = area or self._current_area()
             if area["geometry"] is not None and not area["geometry"].isEmpty():
-                clip_to_layer(area["geometry"], area["crs"], layer)  # raises when it is off the layer
+                clipped = clip_to_layer(area["geometry"], area["crs"], layer)  # raises when it is off the layer
+                check_holds_a_pixel(clipped, layer)  # a rectangle too: not one pixel stretched to a tile
         except AoiError as exc:
             self._notify(str(exc), MSG_WARNING)
             return None

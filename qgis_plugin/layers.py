@@ -138,14 +138,31 @@ def style_anchors(layer: QgsVectorLayer) -> None:
     layer.triggerRepaint()
 
 
-def _crs(crs_wkt: str | None, source_layer) -> QgsCoordinateReferenceSystem:
+def _crs(crs_wkt: str | None, source_layer) -> QgsCoordinateReferenceSystem | None:
+    """The CRS of the result layers: the source layer's (also when the user overrode the file's
+    own), else the result's ``crs_wkt``; an invalid (empty) CRS when the source raster has none;
+    None when nothing is known of it (no source layer, no WKT)."""
     if source_layer is not None and source_layer.crs().isValid():
         return source_layer.crs()
     if crs_wkt:
         crs = QgsCoordinateReferenceSystem.fromWkt(crs_wkt)
         if crs.isValid():
             return crs
-    return QgsCoordinateReferenceSystem()
+    return QgsCoordinateReferenceSystem() if source_layer is not None or crs_wkt is not None else None
+
+
+def crs_from_wkt(crs_wkt: str) -> QgsCoordinateReferenceSystem:
+    """The CRS of ``crs_wkt``; an invalid (empty) one for "" (a raster without CRS)."""
+    return QgsCoordinateReferenceSystem.fromWkt(crs_wkt) if crs_wkt else QgsCoordinateReferenceSystem()
+
+
+def set_result_crs(layer, crs: QgsCoordinateReferenceSystem | None) -> None:
+    """Give a result layer the CRS of its raster (:func:`_crs`), also an empty one: a raster with
+    no CRS gets results with none, so they lie over it. (OGR reads a GeoJSON without a ``crs``
+    member, as the engine writes the anchors of such a raster, as EPSG:4326: on a map in a
+    projected CRS those anchors spread over the whole map.) ``crs`` None: left as loaded."""
+    if crs is not None:
+        layer.setCrs(crs)
 
 
 def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str | None,
@@ -153,7 +170,7 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
     """Add a group named after the question holding the heatmap and anchors layers.
 
     The group goes right above the source layer's position at the top of the tree. Layers get
-    the source raster's CRS (GeoJSON files carry no CRS of their own for projected data).
+    the source raster's CRS, or none when it has none (:func:`set_result_crs`).
     Returns ``(group, heatmap_layer | None, anchors_layer | None)``.
     """
     project = project or QgsProject.instance()
@@ -163,8 +180,7 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
         heat = QgsRasterLayer(str(heatmap_path), heatmap_name(question, source_layer), "gdal")
         if not heat.isValid():
             raise ResultLayerError(f"The heatmap {heatmap_path} could not be opened as a raster.")
-        if crs.isValid():  # the source layer's CRS, also when the user overrode the file's own
-            heat.setCrs(crs)
+        set_result_crs(heat, crs)  # the source layer's CRS, also when the user overrode the file's own
         style_heatmap(heat)
     if anchors_path:
         anchors = QgsVectorLayer(str(anchors_path), anchors_name(question, source_layer), "ogr")
@@ -173,8 +189,7 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
         if has_no_features(anchors):
             anchors = None  # nothing to show; the heatmap still is
         else:
-            if crs.isValid():
-                anchors.setCrs(crs)
+            set_result_crs(anchors, crs)  # also none: OGR would read a GeoJSON without CRS as EPSG:4326
             style_anchors(anchors)
     root = project.layerTreeRoot()
     group = root.insertGroup(0, group_name(question))

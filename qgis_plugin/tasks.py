@@ -172,7 +172,7 @@ def _remove(path) -> None:
 
 
 def prepare_item_upload(client: EngineClient, raster_path: str | None, aoi: dict | None = None,
-                        cancelled=None) -> tuple:
+                        cancelled=None, progress=None) -> tuple:
     """``(upload.Upload | None, error)``: the file sent with every question about one raster and
     area of interest in a batch (the batch dialog's :class:`BatchTask`, the Processing batch).
 
@@ -180,14 +180,17 @@ def prepare_item_upload(client: EngineClient, raster_path: str | None, aoi: dict
     and cut to ``aoi`` once (:func:`upload.prepare_upload`); the caller passes the Upload to
     ``client.ask(request, prepared=...)`` for each question and calls its ``cleanup()`` when they
     are done (also on cancel or failure). None when rasters are sent by path (or there is no
-    raster); ``error`` is a sentence when it could not be prepared, else None. ``cancelled()``
-    stops a conversion under way. Runs in a worker thread."""
+    raster); ``error`` is a sentence when it could not be prepared (also when it would be larger
+    than the engine's upload limit: the conversion is stopped then), else None. ``cancelled()``
+    stops a conversion under way; ``progress(fraction)`` is told how far it is. Runs in a
+    worker thread."""
     if not raster_path or not client.uploads:
         return None, None
     from .upload import prepare_upload
 
     try:
-        return prepare_upload(raster_path, aoi, cancelled=cancelled), None
+        return prepare_upload(raster_path, aoi, cancelled=cancelled, progress=progress,
+                              max_bytes=client.upload_limit), None
     except EngineError as exc:
         return None, str(exc)
     except (OSError, RuntimeError) as exc:  # the temporary folder; RuntimeError: GDAL with exceptions on
@@ -209,11 +212,21 @@ STAGE_WORDS = {
 }
 
 
+# the plugin's own stages before the engine's, for a raster uploaded to an engine on another
+# computer (status events the plugin makes: :class:`UploadStages`)
+PREPARE_STAGE, UPLOAD_STAGE = "prepare", "upload"
+PLUGIN_STAGE_WORDS = {
+    PREPARE_STAGE: "Preparing the raster for upload",  # converted or cut to a GeoTIFF (upload.py)
+    UPLOAD_STAGE: "Sending the raster to the engine",
+}
+
+
 def stage_text(ev: dict) -> str:
     """A status event in words: "Reading the raster", "Encoding tiles 40 %"…"""
     stage = ev.get("stage") or ""
     text = ev.get("message") or stage or "Working"
-    words = STAGE_WORDS.get(stage) or text[:1].upper() + text[1:]  # keeps "GeoLLaVA-8K", paths
+    words = (STAGE_WORDS.get(stage) or PLUGIN_STAGE_WORDS.get(stage)
+             or text[:1].upper() + text[1:])  # keeps "GeoLLaVA-8K", paths
     p = ev.get("progress")
     if isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1:
         return f"{words} {100 * p:.0f} %"
@@ -231,6 +244,31 @@ def event_text(ev: dict) -> str | None:
     if kind == "token":
         return ANSWERING
     return None
+
+
+class UploadStages:
+    """The preparation (conversion, cut) and the upload of a raster as status events of the
+    plugin's own stages (:data:`PLUGIN_STAGE_WORDS`: "Preparing the raster for upload 12 %",
+    "Sending the raster to the engine 40 %"), given to ``emit`` only when their words change (once
+    a whole percent), so a conversion of minutes is seen to move. Worker thread."""
+
+    def __init__(self, emit, request_id=None):
+        self.emit, self.request_id = emit, request_id
+        self.text = None
+
+    def prepared(self, fraction: float) -> None:
+        self._say(PREPARE_STAGE, fraction)
+
+    def uploaded(self, sent: int, total: int) -> None:
+        self._say(UPLOAD_STAGE, sent / max(1, total))
+
+    def _say(self, stage: str, fraction: float) -> None:
+        ev = {"type": "status", "request_id": self.request_id, "stage": stage, "progress": fraction,
+              "message": None}
+        text = stage_text(ev)
+        if text != self.text:
+            self.text = text
+            self.emit(ev)
 
 
 class AnswerProgress:
@@ -407,14 +445,23 @@ class AskTask(QgsTask):
         # first half, then the engine's stages; 100 % only with the result
         progress = BatchProgress(1, self.setProgress)
         progress.start(0, self.stream.upload_path is not None or self.stream.prepared is not None)
+        # the line under the question says that the raster is converted / sent, and how far
+        stages = UploadStages(self.engine_event.emit, self.request_id)
+
+        def uploaded(sent, total):
+            progress.uploaded(sent, total)
+            stages.uploaded(sent, total)
+
         # Set here and cleared at the end, not in __init__: the stream holds no reference to the
         # task (a cycle) longer than the run. (A cycle once let Qt reach a signal that was named
         # `event` and hid QObject.event: "native Qt signal is not callable".)
-        self.stream.on_upload_progress = progress.uploaded
+        self.stream.on_upload_progress = uploaded
+        self.stream.on_prepare_progress = stages.prepared
         try:
             return self._run(progress)
         finally:
             self.stream.on_upload_progress = None
+            self.stream.on_prepare_progress = None
 
     def _run(self, progress: BatchProgress) -> bool:
         try:
@@ -472,6 +519,9 @@ class BatchTask(QgsTask):
     """
 
     row = pyqtSignal(object)
+    # what the batch does between answers, in words ("Preparing the raster of 'a' for upload 12 %");
+    # "" when that is over (the dialog then counts the questions asked again)
+    stage = pyqtSignal(str)
 
     def __init__(self, client: EngineClient, items: list, questions: list, options: dict, results_dir: Path,
                  autosave_path: Path | None = None):
@@ -543,7 +593,20 @@ class BatchTask(QgsTask):
         its questions when rasters are uploaded; the error (a sentence) when that failed."""
         if item.get("error"):
             return None, None
-        return prepare_item_upload(self.client, item.get("raster_path"), item.get("aoi"), self.isCanceled)
+        said = []
+
+        def progress(fraction):  # said once a whole percent
+            text = f"Preparing the raster of '{item['layer']}' for upload {100 * fraction:.0f} %"
+            if not said or said[-1] != text:
+                said.append(text)
+                self.stage.emit(text)
+
+        try:
+            return prepare_item_upload(self.client, item.get("raster_path"), item.get("aoi"), self.isCanceled,
+                                       progress)
+        finally:
+            if said:
+                self.stage.emit("")
 
     def _one(self, index: int, item: dict, question: str, upload=None, prepare_error: str | None = None) -> dict:
         row = {

@@ -22,7 +22,9 @@ window's pixels, uncompressed, are no fewer bytes than the file (the lossless cu
 a cut that still comes out no smaller than the file is not sent either. The cut is written only
 when the temporary folder has room for it (:func:`check_free_space`); otherwise such a GeoTIFF
 goes as it is, and a file that must be converted is refused with a sentence naming the folder
-and both sizes. The same AOI gives the same bytes (no time stamps, no threads), so the engine's feature cache, keyed on
+and both sizes. The engine's upload limit bounds the writing: a file that cannot come under it
+is refused before it is written (:data:`DEFLATE_MAX_RATIO`), and one that grows past it is stopped
+and deleted (:func:`translate_to_geotiff`). The same AOI gives the same bytes (no time stamps, no threads), so the engine's feature cache, keyed on
 the upload's content hash, hits again for a second question.
 
 Runs in worker threads (AskStream.events, BatchTask, a Processing algorithm): writing a large
@@ -53,6 +55,12 @@ CUT_MAX_SHARE = 0.6
 LOSSLESS_COMPRESSIONS = ("NONE", "DEFLATE", "LZW", "PACKBITS", "ZSTD", "LZMA")
 # room left in the temporary folder beyond the file written (other programs need some too)
 FREE_SPACE_RESERVE = 32 * 1024 * 1024
+# DEFLATE cannot make data smaller than about 1/1032 of it (a 258-byte match, its longest, takes
+# at least 2 bits: 258 * 8 / 2 = 1032), and a TIFF only adds to it: a conversion whose pixels,
+# uncompressed, take more than this many times the engine's upload limit cannot come under it,
+# and is refused before anything is written. Any other is written, and stopped as soon as the
+# file exceeds the limit (translate_to_geotiff).
+DEFLATE_MAX_RATIO = 1032
 
 
 @dataclass
@@ -313,17 +321,39 @@ def file_size_text(n: int) -> str:
 # --- writing the file ----------------------------------------------------------------------------
 
 
-def translate_to_geotiff(path: str, dest: str, window: tuple | None = None, cancelled=None) -> str:
+class TooLargeToSend(Exception):
+    """The file written for the upload grew past the engine's upload limit (it was stopped)."""
+
+
+def translate_to_geotiff(path: str, dest: str, window: tuple | None = None, cancelled=None, progress=None,
+                         max_bytes: int | None = None) -> str:
     """Write ``path`` (only ``window``, ``(col_off, row_off, width, height)``, when given) as one
     GeoTIFF at ``dest`` with its placement, nodata and mask inside, at full resolution.
 
-    ``cancelled()`` is asked now and then; when it is true GDAL stops and OSError is raised."""
+    ``cancelled()`` is asked now and then; when it is true GDAL stops and OSError is raised.
+    ``progress(fraction)`` is told how far GDAL is (0..1). ``max_bytes``: GDAL stops as soon as
+    the file written so far is larger, and TooLargeToSend is raised (the partial file is left to
+    the caller to delete)."""
     from osgeo import gdal
 
-    def progress(_fraction, _message, _data):
-        return 0 if cancelled is not None and cancelled() else 1
+    too_large = []
 
-    options = {"format": "GTiff", "creationOptions": CREATION_OPTIONS, "callback": progress}
+    def callback(fraction, _message, _data):
+        if cancelled is not None and cancelled():
+            return 0
+        if max_bytes is not None:
+            try:
+                written = os.path.getsize(dest)
+            except OSError:  # not created yet
+                written = 0
+            if written > max_bytes:
+                too_large.append(written)
+                return 0
+        if progress is not None:
+            progress(min(1.0, max(0.0, float(fraction))))
+        return 1
+
+    options = {"format": "GTiff", "creationOptions": CREATION_OPTIONS, "callback": callback}
     if window is not None:
         options["srcWin"] = list(window)
     # A mask must go inside the TIFF (GDAL < 3.9 writes an .msk beside it by default, which
@@ -331,13 +361,46 @@ def translate_to_geotiff(path: str, dest: str, window: tuple | None = None, canc
     previous = gdal.GetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", None)
     gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", "YES")
     try:
-        out = gdal.Translate(dest, path, **options)
+        try:
+            out = gdal.Translate(dest, path, **options)
+        except RuntimeError:  # GDAL with exceptions on: stopped by the callback, or failed
+            if too_large:
+                raise TooLargeToSend(too_large[-1]) from None
+            raise
+        if too_large:
+            out = None
+            raise TooLargeToSend(too_large[-1])
         if out is None:
             raise OSError(f"GDAL could not write {path} as a GeoTIFF for the upload: {gdal.GetLastErrorMsg()}")
         out = None  # flush and close
+        if max_bytes is not None and os.path.getsize(dest) > max_bytes:  # the last blocks, flushed on close
+            raise TooLargeToSend(os.path.getsize(dest))
     finally:
         gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", previous)
     return dest
+
+
+def too_large_error(path: str, window: tuple | None, limit: int, written: int | None = None, raw: int | None = None):
+    """EngineError('upload_too_large') for a raster (or its area, ``window``) whose GeoTIFF for
+    the upload is, or would be, larger than the engine's upload limit ``limit``: what happened
+    (``written``: bytes written when it was stopped; ``raw``: the pixels' bytes, refused before
+    writing) and what to do."""
+    from .client import EngineError
+
+    name = os.path.basename(path)
+    what = f"The area of interest of {name}" if window is not None else name
+    if written is not None:
+        how = (f"its GeoTIFF for the upload grew past that before it was finished (stopped at "
+               f"{file_size_text(written)}, and deleted)")
+    else:
+        how = (f"its pixels take {file_size_text(raw)} uncompressed, more than any compression could bring under "
+               "that, so nothing was written")
+    return EngineError(
+        "upload_too_large",
+        f"{what} is too large to send to the engine, which accepts uploads up to {file_size_text(limit)}: {how}.",
+        "Choose a smaller area of interest (a drawn rectangle or polygon), or let the engine read the file itself: "
+        "put it in a folder the engine's computer shares and set Send rasters to never upload (Settings > "
+        "Options > GeoVQA), or start that engine with a larger --max-upload-bytes.")
 
 
 def _cancelled_error():
@@ -346,12 +409,19 @@ def _cancelled_error():
     return EngineError("cancelled", "The question was cancelled while its raster was prepared for the upload.")
 
 
-def prepare_upload(path: str, aoi: dict | None = None, cancelled=None) -> Upload:
+def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=None, max_bytes=None) -> Upload:
     """The :class:`Upload` for a question about ``aoi`` of the raster ``path``: the raster itself
     or a temporary GeoTIFF (converted, cut to the AOI); call its ``cleanup()`` when done.
 
+    ``progress(fraction)`` is told how far the conversion is (only called when a file is
+    written). ``max_bytes``: the engine's upload limit (an int, or a callable giving it or None,
+    asked only when a file is to be written): a conversion that cannot come under it is refused
+    before anything is written (:data:`DEFLATE_MAX_RATIO`), and one that grows past it is
+    stopped and deleted.
+
     Raises EngineError('raster_unreadable') when a file that must be converted cannot be,
-    EngineError('no_space') when the temporary folder has no room for the conversion, and
+    EngineError('no_space') when the temporary folder has no room for the conversion,
+    EngineError('upload_too_large') when the file to send would be larger than ``max_bytes``, and
     EngineError('cancelled') when ``cancelled()`` became true meanwhile."""
     from .client import EngineError
 
@@ -367,6 +437,9 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None) -> Upload
         return Upload(path, aoi)
     needed = raw_bytes(ds, window)
     ds = None
+    limit = max_bytes() if callable(max_bytes) else max_bytes
+    if limit is not None and needed > limit * DEFLATE_MAX_RATIO:
+        raise too_large_error(path, window, limit, raw=needed)
     if not translate:
         needed = min(needed, os.path.getsize(path))  # a cut as large as the file is not sent
     folder = tempfile.gettempdir()
@@ -385,7 +458,9 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None) -> Upload
         stem = os.path.splitext(os.path.basename(path))[0] or "raster"
         dest = os.path.join(temp_dir, stem + ".tif")
         try:
-            translate_to_geotiff(path, dest, window, cancelled)
+            translate_to_geotiff(path, dest, window, cancelled, progress, limit)
+        except TooLargeToSend as exc:  # the raster, or the cut of it, cannot be sent (the file, larger, neither)
+            raise too_large_error(path, window, limit, written=exc.args[0]) from None
         except (OSError, RuntimeError) as exc:  # RuntimeError: GDAL with exceptions on
             if cancelled is not None and cancelled():
                 raise _cancelled_error() from None
@@ -408,9 +483,9 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None) -> Upload
 
 
 @contextmanager
-def upload_file(path: str, aoi: dict | None = None, cancelled=None):
+def upload_file(path: str, aoi: dict | None = None, cancelled=None, progress=None, max_bytes=None):
     """:func:`prepare_upload` as a context: the :class:`Upload`, its temporary file deleted on exit."""
-    upload = prepare_upload(path, aoi, cancelled)
+    upload = prepare_upload(path, aoi, cancelled, progress, max_bytes)
     try:
         yield upload
     finally:

@@ -26,7 +26,7 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
-from ..client import EngineError
+from ..client import EngineError, question_too_long
 from ..compat import NUMBER_INTEGER, PARAM_ADVANCED, PROCESSING_VECTOR_POLYGON
 from ..layers import anchors_name, heatmap_name
 from ..settings import DEFAULT_STRATEGY, Settings
@@ -47,12 +47,16 @@ from .common import (
 # engine's GeoTIFF and GeoJSON are copied, a GeoPackage is converted from the GeoJSON by GDAL
 RASTER_EXTENSIONS = ("tif", "tiff")
 VECTOR_EXTENSIONS = ("geojson", "gpkg")
+UNDEFINED_CARTESIAN = 'LOCAL_CS["Undefined Cartesian SRS"]'  # GDAL writes it as GeoPackage srs_id -1
 
 
-def write_anchors(src: str, dest: str) -> None:
+def write_anchors(src: str, dest: str, crs_wkt: str | None = None) -> None:
     """The anchors GeoJSON ``src`` written to ``dest``: copied, or converted to a GeoPackage
     (``.gpkg``, one layer named after the file; a file already there is replaced, as QGIS
-    replaces its own outputs). Raises OSError when it cannot be written."""
+    replaces its own outputs). ``crs_wkt``: the CRS of the raster asked about, the GeoPackage's
+    ("" for a raster without CRS: the GeoPackage's undefined Cartesian SRS, where OGR would
+    read the GeoJSON as EPSG:4326; None: as GDAL reads the GeoJSON). Raises OSError when it
+    cannot be written."""
     if Path(dest).suffix.lower() != ".gpkg":
         shutil.copyfile(src, dest)
         return
@@ -61,7 +65,10 @@ def write_anchors(src: str, dest: str) -> None:
     if os.path.exists(dest):
         os.remove(dest)
     try:
-        ds = gdal.VectorTranslate(dest, src, format="GPKG", layerName=Path(dest).stem)
+        # -a_srs (assigned, not reprojected); no CRS: GeoPackage's "undefined Cartesian" (srs_id -1),
+        # not GDAL's default for none, "undefined geographic" (0)
+        srs = {} if crs_wkt is None else {"dstSRS": crs_wkt or UNDEFINED_CARTESIAN, "reproject": False}
+        ds = gdal.VectorTranslate(dest, src, format="GPKG", layerName=Path(dest).stem, **srs)
     except RuntimeError as exc:  # gdal.UseExceptions() is on
         raise OSError(str(exc)) from exc
     if ds is None:
@@ -164,17 +171,22 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
     def checkParameterValues(self, parameters, context):  # noqa: N802
         # a strategy given by its number in the list (models and scripts saved before it took names)
         ok, message = super().checkParameterValues(with_strategy_names(parameters, self.STRATEGY), context)
-        refusal = (self.output_refusal(parameters) or aoi_refusal(self, parameters, self.AOI, context)) if ok else None
+        refusal = (self.output_refusal(parameters) or aoi_refusal(self, parameters, self.AOI, context)
+                   or question_too_long(self.parameterAsString(parameters, self.QUESTION, context))) if ok else None
         return (False, refusal) if refusal else (ok, message)
 
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 - main thread
-        refusal = self.output_refusal(parameters)  # qgis_process and models may not check the values first
+        # qgis_process and models may not check the values first
+        refusal = (self.output_refusal(parameters)
+                   or question_too_long(self.parameterAsString(parameters, self.QUESTION, context)))
         if refusal:
             raise QgsProcessingException(refusal)
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None:
             raise QgsProcessingException("The input raster layer could not be loaded.")
         self.layer_name = layer.name()
+        # the result layers loaded at the end get it, also none (a GeoJSON would read as EPSG:4326)
+        self.layer_crs_wkt = layer.crs().toWkt() if layer.crs().isValid() else ""
         self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
         geom, crs = area_of_interest(self, parameters, self.AOI, context)  # (None, None): the whole layer
         # a file: the AOI cut to it, in the request; any other layer: rendered over the AOI
@@ -216,7 +228,8 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         self.result_files = []
         for key, local, write, name in (
                 (self.HEATMAP, result.get("local_heatmap_path"), shutil.copyfile, heatmap_name),
-                (self.ANCHORS, result.get("local_anchors_path"), write_anchors, anchors_name)):
+                (self.ANCHORS, result.get("local_anchors_path"),
+                 lambda src, dest: write_anchors(src, dest, self.layer_crs_wkt), anchors_name)):
             dest = dests[key]
             if not dest:
                 continue
@@ -242,5 +255,6 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
                 forget_result_layer(context, path)
         for key, path, name in files:
             if name is not None:
-                load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name)
+                load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name,
+                                  getattr(self, "layer_crs_wkt", None))
         return {}

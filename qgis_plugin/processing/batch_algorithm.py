@@ -26,7 +26,7 @@ from qgis.core import (
     QgsProcessingUtils,
 )
 
-from ..client import EngineError
+from ..client import EngineError, questions_too_long
 from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
 from ..results_io import CsvRows, write_json
 from ..settings import DEFAULT_STRATEGY, Settings
@@ -37,6 +37,7 @@ from .common import (
     ask_once,
     engine_client,
     question_source,
+    say_preparing,
     strategy_options,
     strategy_parameter_value,
     with_strategy_names,
@@ -130,13 +131,21 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
     def checkParameterValues(self, parameters, context):  # noqa: N802
         # a strategy given by its number in the list (models and scripts saved before it took names)
         ok, message = super().checkParameterValues(with_strategy_names(parameters, self.STRATEGY), context)
-        refusal = aoi_refusal(self, parameters, self.AOI, context) if ok else None
+        refusal = (aoi_refusal(self, parameters, self.AOI, context)
+                   or questions_too_long(self._questions(parameters, context))) if ok else None
         return (False, refusal) if refusal else (ok, message)
+
+    def _questions(self, parameters, context) -> list:
+        """The questions, one a line, blank lines left out."""
+        return [q.strip() for q in self.parameterAsString(parameters, self.QUESTIONS, context).splitlines() if q.strip()]
 
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 - main thread
         layers = self.parameterAsLayerList(parameters, self.LAYERS, context)
         if not layers:
             raise QgsProcessingException("Choose at least one raster layer.")
+        too_long = questions_too_long(self._questions(parameters, context))  # qgis_process may not check first
+        if too_long:
+            raise QgsProcessingException(too_long)
         self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
         geom, crs = area_of_interest(self, parameters, self.AOI, context)  # (None, None): each whole layer
         self.items = []
@@ -153,7 +162,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         return True
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        questions = [q.strip() for q in self.parameterAsString(parameters, self.QUESTIONS, context).splitlines() if q.strip()]
+        questions = self._questions(parameters, context)
         if not questions:
             raise QgsProcessingException("Type at least one question.")
         options = self.settings.request_options(
@@ -177,7 +186,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                 if feedback.isCanceled():
                     break
                 # an engine on another computer: the raster is converted once for all its questions
-                upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"], feedback.isCanceled)
+                upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"], feedback.isCanceled,
+                                                    say_preparing(feedback, item["layer"]))
                 try:
                     for question in questions:
                         if feedback.isCanceled():

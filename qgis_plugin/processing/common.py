@@ -15,7 +15,8 @@ from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..client import EngineError, build_ask_request
 from ..render import covers_the_world, layer_file_path, render_sync
 from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
-from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, rect_bounds
+from ..tasks import (PLUGIN_STAGE_WORDS, PREPARE_STAGE, BatchProgress, file_stem, keep_result_files_or_warn,
+                     rect_bounds)
 
 
 def strategy_options():
@@ -142,6 +143,21 @@ def raster_source(layer, feedback, extent=None) -> tuple:
     return path, rect_bounds(visible), False
 
 
+def say_preparing(feedback, layer_name: str | None = None):
+    """A ``progress(fraction)`` for a raster's conversion for the upload (:mod:`upload`) that says
+    once, as the other stages are said, that it runs: "Preparing the raster for upload …"."""
+    said = []
+
+    def progress(_fraction):
+        if not said and feedback is not None:
+            said.append(True)
+            of = f" of '{layer_name}'" if layer_name else ""
+            feedback.setProgressText(PLUGIN_STAGE_WORDS[PREPARE_STAGE].replace("the raster", f"the raster{of}", 1)
+                                     + " …")
+
+    return progress
+
+
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
              unreferenced: bool = False, prepared=None, progress=None) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
@@ -160,6 +176,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
         progress.start(0, stream.upload_path is not None or stream.prepared is not None)
     if progress is not None:
         stream.on_upload_progress = progress.uploaded
+    stream.on_prepare_progress = say_preparing(feedback)
     if feedback is not None:
         feedback.canceled.connect(stream.abort)
     result = None
@@ -185,6 +202,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
                 raise EngineError(ev.get("code") or "internal", ev.get("message") or "The engine failed.", ev.get("hint"))
     finally:
         stream.on_upload_progress = None
+        stream.on_prepare_progress = None
         if feedback is not None:
             try:
                 feedback.canceled.disconnect(stream.abort)
@@ -200,17 +218,20 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
 class ResultLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
     """Runs on a result layer (heatmap or anchors) Processing loaded into the project: marks it
     as GeoVQA's own (the chat dock leaves it out of its layer list), names and styles it as the
-    dock does."""
+    dock does, and gives it the CRS of the raster asked about (``crs_wkt``; "" when that raster
+    has none, as the dock does: OGR reads a GeoJSON without CRS as EPSG:4326; None: as loaded)."""
 
-    def __init__(self, kind: str, name: str):
+    def __init__(self, kind: str, name: str, crs_wkt: str | None = None):
         super().__init__()
-        self.kind, self.name = kind, name
+        self.kind, self.name, self.crs_wkt = kind, name, crs_wkt
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802
         if layer is None:
             return
         result_layers.mark_result_layer(layer, self.kind)
         layer.setName(self.name)
+        if self.crs_wkt is not None:
+            result_layers.set_result_crs(layer, result_layers.crs_from_wkt(self.crs_wkt))
         try:
             if self.kind == "heatmap":
                 result_layers.style_heatmap(layer)
@@ -226,17 +247,18 @@ class ResultLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
 _POST_PROCESSORS = deque(maxlen=32)
 
 
-def load_result_layer(context, path: str, kind: str, name: str) -> None:
+def load_result_layer(context, path: str, kind: str, name: str, crs_wkt: str | None = None) -> None:
     """Name and mark (:class:`ResultLayerPostProcessor`, RESULT_LAYER_PROPERTY) the layer QGIS
     loads from ``path`` when the algorithm completes: QGIS's ``parameterAsOutputLayer`` put it
     on the context's layers to load when the output's value has a destination project (the
-    toolbox's "Open output file after running algorithm"). A file QGIS does not load is left
-    alone. Main thread (postProcessAlgorithm)."""
+    toolbox's "Open output file after running algorithm"); ``crs_wkt``: the CRS of the raster
+    asked about ("" for none), which the layer gets. A file QGIS does not load is left alone.
+    Main thread (postProcessAlgorithm)."""
     if not context.willLoadLayerOnCompletion(path):
         return
     details = context.layerToLoadOnCompletionDetails(path)
     details.name = name
-    post = ResultLayerPostProcessor(kind, name)
+    post = ResultLayerPostProcessor(kind, name, crs_wkt)
     _POST_PROCESSORS.append(post)
     details.setPostProcessor(post)
 

@@ -131,6 +131,43 @@ def valid_cells_extent(path):
     return QgsRectangle(min(xs), min(ys), max(xs), max(ys))
 
 
+def cell_coverage_problems(path, bounds) -> list:
+    """What is wrong with how a (north-up) heatmap's grid covers ``bounds`` = (xmin, ymin, xmax,
+    ymax): a side of the bounds no kept cell reaches (part of the raster without heatmap), or a
+    row or column of cells lying wholly outside them. Empty when every cell over the bounds is
+    kept and none beyond them."""
+    from osgeo import gdal
+
+    ds = gdal.Open(str(path))
+    gt = ds.GetGeoTransform()
+    cx, cy = gt[1], -gt[5]
+    hx0, hy1 = gt[0], gt[3]
+    hx1, hy0 = hx0 + cx * ds.RasterXSize, hy1 - cy * ds.RasterYSize
+    xmin, ymin, xmax, ymax = bounds
+    tol = 1e-6 * max(cx, cy)
+    problems = []
+    for side, uncovered, outside in (
+            ("left", hx0 > xmin + tol, hx0 <= xmin - cx + tol),
+            ("right", hx1 < xmax - tol, hx1 >= xmax + cx - tol),
+            ("bottom", hy0 > ymin + tol, hy0 <= ymin - cy + tol),
+            ("top", hy1 < ymax - tol, hy1 >= ymax + cy - tol)):
+        if uncovered:
+            problems.append(f"the {side} of the raster has no heatmap cells")
+        if outside:
+            problems.append(f"a {side} line of cells lies wholly outside the raster")
+    return problems
+
+
+def extent_on_map(layer, map_crs):
+    """Where ``layer`` lies on a map in ``map_crs`` (its extent as the map canvas places it:
+    transformed from the layer's CRS; as it is when either CRS is empty)."""
+    from qgis.core import QgsMapSettings
+
+    ms = QgsMapSettings()
+    ms.setDestinationCrs(map_crs)
+    return ms.layerExtentToOutputExtent(layer, layer.extent())
+
+
 @pytest.fixture
 def raster_layer(tmp_path, qgis_new_project):
     from qgis.core import QgsProject, QgsRasterLayer

@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -127,6 +128,33 @@ def test_result_layers_follow_a_crs_the_user_set_on_the_layer(raster_layer, tmp_
     layer.setCrs(corrected)
     _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
     assert hl.crs() == corrected and al.crs() == corrected
+
+
+@pytest.mark.parametrize("georeferenced", [False, True])
+def test_the_anchors_of_a_raster_without_crs_lie_over_it(tmp_path, qgis_new_project, georeferenced):
+    """The anchors layer kept OGR's EPSG:4326 (a GeoJSON without "crs" member) while the raster
+    and the heatmap had no CRS: with the project in EPSG:32633 they spread over the whole map."""
+    from conftest import extent_on_map, write_raster
+    from geovqa.layers import add_result_layers
+    from osgeo import gdal
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+
+    utm = QgsCoordinateReferenceSystem("EPSG:32633")
+    QgsProject.instance().setCrs(utm)
+    path = write_raster(tmp_path / "no_crs.tif", 200, 150, georeferenced=False)
+    if georeferenced:  # placed by a geotransform, but with no CRS
+        ds = gdal.Open(path, gdal.GA_Update)
+        ds.SetGeoTransform((1000.0, 10.0, 0.0, 2000.0, 0.0, -10.0))
+        ds = None
+    layer = QgsRasterLayer(path, "no crs", "gdal")
+    assert layer.isValid() and not layer.crs().isValid()
+    QgsProject.instance().addMapLayer(layer)
+    heat, anchors = _write_results(tmp_path, layer)
+    _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer, crs_wkt="")
+    assert not al.crs().isValid() and not hl.crs().isValid()
+    on_map = extent_on_map(layer, utm)
+    assert on_map.contains(extent_on_map(al, utm)), extent_on_map(al, utm).toString()
+    assert on_map.contains(extent_on_map(hl, utm))
 
 
 def test_results_folder_next_to_project(tmp_path, qgis_new_project):
@@ -460,3 +488,64 @@ def test_the_heatmap_of_a_south_up_raster_is_kept_uncropped(tmp_path):
     kept = keep_result_files({"heatmap_path": heat}, None, tmp_path / "results", "q",
                              (500000.0, 4998500.0, 502000.0, 5000000.0))
     assert gdal.Open(kept["heatmap"]).GetGeoTransform() == (500000.0, 80.0, 0.0, 4997250.0, 0.0, 80.0)
+
+
+# --- the heatmap clipped to the raster keeps every cell over it, on every side -------------------
+
+
+def _heatmap_grid(path, gt, width, height, epsg=32633):
+    from osgeo import gdal, osr
+
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, 1, gdal.GDT_Float32)
+    ds.SetGeoTransform(gt)
+    if epsg:
+        srs = osr.SpatialReference()
+        srs.ImportFromEPSG(epsg)
+        ds.SetProjection(srs.ExportToWkt())
+    ds.GetRasterBand(1).WriteArray(np.arange(width * height, dtype=np.float32).reshape(height, width))
+    ds = None
+    return str(path)
+
+
+# the real tiny engine's heatmaps of 300 x 200 px rasters (24 x 48 cells over the padded canvas)
+# and those rasters' bounds, as the review found them
+ENGINE_GRIDS = {
+    "utm": ((500000.0, 124.99999999999997, 0.0, 5001982.222222222, 0.0, -124.44444444444446),
+            (500000.0, 4998000.0, 503000.0, 5000000.0), 17),
+    "4326": ((10.0, 0.012499999999999999, 0.0, 50.099111111111114, 0.0, -0.006222222222222222),
+             (10.0, 49.9, 10.3, 50.0), 17),
+    # no georeferencing: the engine's grid in pixels (rows down), mirrored by the plugin first
+    "unreferenced": ((0.0, 12.5, 0.0, 198.2222222222222, 0.0, -12.444444444444443),
+                     (0.0, -200.0, 300.0, 0.0), 17),
+    "edges on cells": ((100.0, 10.0, 0.0, 500.0, 0.0, -10.0), (120.0, 300.0, 200.0, 450.0), 15),
+    "inside": ((100.0, 10.0, 0.0, 500.0, 0.0, -10.0), (90.0, 100.0, 400.0, 600.0), 40),
+}
+
+
+@pytest.mark.parametrize("name", list(ENGINE_GRIDS))
+def test_the_clipped_heatmap_covers_the_raster_on_every_side(tmp_path, name):
+    """gdal.Translate(projWin=...) rounded the window's corners to the nearest cell: the last
+    row of cells over the raster (its bottom 6 %) was dropped while a row mostly outside it was
+    kept at the top."""
+    from geovqa.clip import clip_heatmap
+    from osgeo import gdal
+
+    from conftest import cell_coverage_problems
+
+    gt, bounds, rows = ENGINE_GRIDS[name]
+    src = _heatmap_grid(tmp_path / "engine.tif", gt, 24 if name != "inside" else 30, 48 if name != "inside" else 40)
+    assert cell_coverage_problems(src, bounds) or name == "inside"  # the engine's grid is larger
+    out = clip_heatmap(src, bounds, str(tmp_path / "clipped.tif"))
+    assert cell_coverage_problems(out, bounds) == [] or name == "inside"
+    ds = gdal.Open(out)
+    assert ds.RasterYSize == rows
+    if name == "inside":  # the grid lies inside the bounds: nothing to cut
+        assert out == src
+        return
+    # the cells are the engine's, not resampled
+    g = ds.GetGeoTransform()
+    col, row = round((g[0] - gt[0]) / gt[1]), round((g[3] - gt[3]) / gt[5])
+    engine_ds = gdal.Open(src)  # kept: a band outliving its dataset crashes GDAL's Python
+    engine = engine_ds.GetRasterBand(1).ReadAsArray()
+    assert ds.GetRasterBand(1).ReadAsArray().tolist() == \
+        engine[row:row + ds.RasterYSize, col:col + ds.RasterXSize].tolist()

@@ -168,3 +168,23 @@ def test_reopening_the_dialog_keeps_the_ticks(plugin, raster_layer, qgis_iface, 
     assert states == {"a": Qt.CheckState.Checked, "b": Qt.CheckState.Unchecked,
                       "c": Qt.CheckState.Unchecked, "d": Qt.CheckState.Checked}
     assert [lyr.name() for lyr in dlg.checked_layers()] == ["a", "d"]
+
+
+def test_a_question_longer_than_the_engine_takes_is_refused_before_the_batch_runs(plugin, raster_layer,
+                                                                                   stub_engine):
+    """Each row of such a question was an error the engine gave after its turn (every other
+    question still asked): it is said before anything runs, and the questions stay."""
+    from geovqa.client import MAX_QUESTION_CHARS
+
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id()})
+    questions = "How big?\n" + "x" * (MAX_QUESTION_CHARS + 1) + "\nWhere?"
+    dlg.questions_edit.setPlainText(questions)
+    dlg.run()
+    said = dlg.message.text()
+    assert f"Question 2 has {MAX_QUESTION_CHARS + 1} characters" in said and f"at most {MAX_QUESTION_CHARS}" in said
+    assert dlg.task is None and dlg.run_button.isEnabled() and dlg.questions_edit.isEnabled()
+    assert dlg.questions_edit.toPlainText() == questions and dlg.table.rowCount() == 0
+    wait_for_tasks()
+    assert stub_engine.requests == []

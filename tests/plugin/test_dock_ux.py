@@ -3,6 +3,7 @@ mistake does, where the chat scrolls, what the status lines say, and how narrow 
 
 from __future__ import annotations
 
+import pytest
 from conftest import set_settings, wait_for_tasks, wait_until
 
 LONG_ANSWER = ("The image shows agricultural fields separated by hedgerows, a meandering river crossing "
@@ -388,3 +389,65 @@ def test_a_question_asked_by_code_or_retry_keeps_the_draft_in_the_box(plugin, ra
     assert dock.turns(layer)[-1]["question"] == "half-typed next question"
     wait_until(lambda: dock.turns(layer)[-1].get("done"), 30, "the second answer")
     wait_for_tasks()
+
+
+def test_a_question_longer_than_the_engine_takes_is_said_as_typed_and_not_stored(plugin, raster_layer,
+                                                                                 stub_engine):
+    """The box took any length and Ask stayed enabled; the turn was recorded, refused, saved with
+    the project as a red error, and the question box emptied."""
+    from geovqa.client import MAX_QUESTION_CHARS
+    from qgis.core import QgsProject
+
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    QgsProject.instance().setDirty(False)
+    long_question = "How many ships are in the harbour? " + "x" * MAX_QUESTION_CHARS
+    dock.question_edit.setText(long_question)
+    # said as it is typed: Ask is off, and the line under the question says why and what to do
+    assert not dock.ask_button.isEnabled()
+    said = dock.progress_label.text()
+    assert f"{len(long_question)} characters" in said and f"at most {MAX_QUESTION_CHARS}" in said
+    assert "shorten" in said and dock.question_edit.toolTip() == said
+    assert dock.ask() is None  # Enter in the box
+    assert dock.turns(layer) == [] and not QgsProject.instance().isDirty()
+    assert dock.question_edit.text() == long_question  # kept, to be shortened
+    assert not stub_engine.requests and not dock.stop_button.isEnabled()
+    dock.question_edit.setText(long_question[:MAX_QUESTION_CHARS])  # short enough: the note goes
+    assert dock.ask_button.isEnabled() and dock.progress_label.text() == "" and dock.question_edit.toolTip() == ""
+    dock.question_edit.setText(" " + "y" * MAX_QUESTION_CHARS + " ")  # as sent: stripped
+    assert dock.ask_button.isEnabled()
+
+
+@pytest.mark.parametrize("mode", ["rectangle", "polygon"])
+def test_an_area_smaller_than_one_pixel_is_said_not_stored(plugin, raster_layer, stub_engine, mode):
+    """A polygon holding no pixel's centre was refused by the engine after its turn was recorded
+    ("smaller than one pixel … draw a larger area"); the same area drawn as a rectangle was sent
+    as a 1 x 1 px window and answered about one pixel stretched to a tile, without a word."""
+    from qgis.core import QgsGeometry, QgsProject, QgsRectangle
+
+    layer = raster_layer()  # 64 x 48 px of 10 m from 500000/5000000: pixel centres at ...5 m
+    dock = plugin.dock
+    dock.set_layer(layer)
+    QgsProject.instance().setDirty(False)
+    dock.set_aoi_mode(mode)
+    tiny = (QgsGeometry.fromRect(QgsRectangle(500100, 4999900, 500100.5, 4999900.5)) if mode == "rectangle" else
+            QgsGeometry.fromWkt("POLYGON((500100 4999900.5, 500100.5 4999900, 500100 4999900, 500100 4999900.5))"))
+    dock.set_aoi_geometry(tiny, layer.crs())
+    dock.question_edit.setText("what is here?")
+    assert dock.ask() is None
+    assert dock.turns(layer) == [] and not QgsProject.instance().isDirty()
+    assert dock.question_edit.text() == "what is here?"
+    assert "smaller than one pixel" in dock.progress_label.text() and "larger area" in dock.progress_label.text()
+    assert not stub_engine.requests and not dock.stop_button.isEnabled()
+    # a small area holding a pixel's centre is still asked about
+    small = QgsRectangle(500104, 4999894, 500106, 4999896)
+    dock.set_aoi_geometry(QgsGeometry.fromRect(small) if mode == "rectangle" else
+                          QgsGeometry.fromWkt("POLYGON((500104 4999894, 500106 4999894, 500105 4999896, "
+                                              "500104 4999894))"), layer.crs())
+    assert dock.ask() is not None
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    assert dock.turns(layer)[-1].get("error") is None
+    if mode == "rectangle":
+        assert stub_engine.requests[-1]["aoi"] == {"window": [10, 10, 1, 1]}

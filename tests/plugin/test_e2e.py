@@ -76,7 +76,9 @@ def _save_screenshot(dock, layers, path: Path):
 
 
 def test_ask_answer_in_dock_with_aligned_layers(plugin, raster_layer, engine, qgis_iface, tmp_path):
+    from conftest import cell_coverage_problems
     from geovqa.layers import group_name
+    from geovqa.tasks import rect_bounds
     from qgis.core import QgsProject
 
     kind, eng = engine
@@ -92,12 +94,10 @@ def test_ask_answer_in_dock_with_aligned_layers(plugin, raster_layer, engine, qg
     anchors = QgsProject.instance().mapLayer(turn["anchors_layer_id"])
     assert heat.isValid() and anchors.isValid()
     assert heat.crs() == layer.crs() and anchors.crs() == layer.crs()
-    e, h = layer.extent(), heat.extent()
+    e = layer.extent()
     px = layer.rasterUnitsPerPixelX()
-    cell = max(heat.rasterUnitsPerPixelX(), heat.rasterUnitsPerPixelY())  # one heatmap cell (a patch)
-    for a, b in ((e.xMinimum(), h.xMinimum()), (e.xMaximum(), h.xMaximum()),
-                 (e.yMinimum(), h.yMinimum()), (e.yMaximum(), h.yMaximum())):
-        assert abs(a - b) <= cell, (e.toString(), h.toString())
+    # every heatmap cell over the raster is kept, on all four sides, and none wholly outside it
+    assert cell_coverage_problems(heat.source(), rect_bounds(e)) == [], heat.extent().toString()
     assert anchors.featureCount() >= 1
     assert e.buffered(px).contains(anchors.extent())
     assert Path(heat.source()).parent == tmp_path / "results"
@@ -109,6 +109,47 @@ def test_ask_answer_in_dock_with_aligned_layers(plugin, raster_layer, engine, qg
     if kind == "real" and (os.environ.get("GEOVQA_UPDATE_SCREENSHOTS") == "1" or not SCREENSHOT.exists()):
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(target, SCREENSHOT)
+
+
+@pytest.mark.parametrize("grid", ["utm", "4326", "unreferenced"])
+def test_the_docks_heatmap_covers_the_whole_raster(plugin, engine, tmp_path, qgis_new_project, grid):
+    """On a 300 x 200 px raster the engine's heatmap reached the raster's bottom edge, the dock's
+    copy stopped one row of cells short of it (the bottom 6 % without heatmap), while keeping a
+    row mostly above the raster at the top: with UTM, degrees and no georeferencing alike."""
+    from conftest import cell_coverage_problems, write_raster
+    from geovqa.tasks import rect_bounds
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    kind, eng = engine
+    kw = {"utm": {}, "4326": {"epsg": 4326, "origin": (10.0, 50.0), "pixel": 0.001},
+          "unreferenced": {"georeferenced": False}}[grid]
+    layer = QgsRasterLayer(write_raster(tmp_path / f"{grid}.tif", 300, 200, **kw), grid, "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    turn = _ask(plugin.dock, layer, "What is here?")
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    assert cell_coverage_problems(heat.source(), rect_bounds(layer.extent())) == [], heat.extent().toString()
+
+
+def test_the_docks_anchors_of_a_raster_without_crs_lie_over_it(plugin, engine, tmp_path, qgis_new_project):
+    """The anchors layer kept OGR's EPSG:4326 while the raster and heatmap had no CRS: with the
+    project in EPSG:32633 the anchors spread over the whole map."""
+    from conftest import extent_on_map, write_raster
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+
+    utm = QgsCoordinateReferenceSystem("EPSG:32633")
+    QgsProject.instance().setCrs(utm)
+    layer = QgsRasterLayer(write_raster(tmp_path / "no_crs.tif", 300, 200, georeferenced=False), "no crs", "gdal")
+    assert layer.isValid() and not layer.crs().isValid()
+    QgsProject.instance().addMapLayer(layer)
+    turn = _ask(plugin.dock, layer, "What is here?")
+    anchors = QgsProject.instance().mapLayer(turn["anchors_layer_id"])
+    heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
+    assert not anchors.crs().isValid() and not heat.crs().isValid()
+    on_map = extent_on_map(layer, utm)
+    assert on_map.contains(extent_on_map(anchors, utm)), extent_on_map(anchors, utm).toString()
+    cell = max(heat.rasterUnitsPerPixelX(), heat.rasterUnitsPerPixelY())  # edge cells are kept whole
+    assert on_map.buffered(cell).contains(extent_on_map(heat, utm)), extent_on_map(heat, utm).toString()
 
 
 def test_aoi_drawn_in_another_crs(plugin, raster_layer, engine, qgis_iface):

@@ -357,6 +357,38 @@ def test_an_area_of_interest_with_no_area_is_refused(plugin, raster_layer, stub_
         assert stub_engine.requests[-1]["aoi"] is None
 
 
+def test_a_question_longer_than_the_engine_takes_is_refused_before_the_run(plugin, raster_layer, stub_engine,
+                                                                          qgis_processing, tmp_path):
+    from geovqa.client import MAX_QUESTION_CHARS
+    from processing.tools import dataobjects
+    from qgis.core import QgsApplication
+
+    a = raster_layer("a")
+    long_question = "x" * (MAX_QUESTION_CHARS + 1)
+    for alg, parameters, expected in (
+            ("geovqa:ask_raster", {"INPUT": a, "QUESTION": long_question}, "The question has"),
+            ("geovqa:batch_questions", {"LAYERS": [a], "QUESTIONS": f"How big?\n{long_question}",
+                                        "OUTPUT": str(tmp_path / "answers.csv")}, "Question 2 has")):
+        # what the toolbox dialog checks before it runs anything
+        ok, message = QgsApplication.processingRegistry().createAlgorithmById(alg).checkParameterValues(
+            parameters, dataobjects.createContext())
+        assert not ok and f"{expected} {MAX_QUESTION_CHARS + 1} characters" in message, (alg, message)
+        for check in (True, False):  # refused before the run (dialog, processing.run), and by the run itself
+            said = _errors_of_a_failed_run(alg, parameters, check)
+            assert f"{expected} {MAX_QUESTION_CHARS + 1} characters" in said, (alg, said)
+            assert f"at most {MAX_QUESTION_CHARS}" in said, (alg, said)
+    assert stub_engine.requests == []  # not even the batch's first question
+    assert not (tmp_path / "answers.csv").exists()
+
+
+def test_an_area_of_interest_smaller_than_one_pixel_is_refused(plugin, raster_layer, stub_engine, qgis_processing):
+    a = raster_layer("a")  # 10 m pixels from 500000/5000000: centres at ...5 m
+    said = _errors_of_a_failed_run("geovqa:ask_raster", {"INPUT": a, "QUESTION": "How big?",
+                                                         "AOI": "500100,500100.5,4999900,4999900.5 [EPSG:32633]"})
+    assert "smaller than one pixel of the layer 'a'" in said, said
+    assert stub_engine.requests == []
+
+
 # --- 5. the strategy by name ------------------------------------------------------------------
 
 

@@ -228,3 +228,36 @@ def test_a_heatmap_that_could_not_be_kept_is_not_loaded_and_the_run_is_not_faile
     assert results["ANSWER"] == ANSWER and "HEATMAP" not in results and "ANCHORS" not in results
     assert loaded and not any("not correctly generated" in e for e in errors), errors
     assert _new_layers(QgsProject.instance(), layer) == []
+
+
+@pytest.mark.parametrize("anchors_file", ["anchors.geojson", "anchors.gpkg"])
+def test_the_loaded_anchors_of_a_raster_without_crs_lie_over_it(
+        plugin, stub_engine, qgis_processing, qgis_new_project, tmp_path, anchors_file):
+    """As in the dock: OGR reads a GeoJSON without "crs" member as EPSG:4326 (and GDAL wrote the
+    GeoPackage so), while the raster and its heatmap have no CRS; with the project in
+    EPSG:32633 the anchors Processing loaded spread over the whole map."""
+    from conftest import extent_on_map, write_raster
+    from osgeo import ogr
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
+
+    utm = QgsCoordinateReferenceSystem("EPSG:32633")
+    project = QgsProject.instance()
+    project.setCrs(utm)
+    layer = QgsRasterLayer(write_raster(tmp_path / "plain.tif", 200, 150, georeferenced=False), "plain", "gdal")
+    assert layer.isValid() and not layer.crs().isValid()
+    project.addMapLayer(layer)
+    dlg, parameters = _dialog_parameters(layer, ANCHORS=str(tmp_path / anchors_file))
+    results, loaded, errors = _run_then_load(dlg, parameters)
+    assert loaded and not errors
+    new = _new_layers(project, layer)
+    (anch,) = [lyr for lyr in new if isinstance(lyr, QgsVectorLayer)]
+    (heat,) = [lyr for lyr in new if isinstance(lyr, QgsRasterLayer)]
+    assert not anch.crs().isValid() and not heat.crs().isValid()
+    assert anch.featureCount() == 2
+    on_map = extent_on_map(layer, utm)
+    assert on_map.contains(extent_on_map(anch, utm)), extent_on_map(anch, utm).toString()
+    if anchors_file.endswith(".gpkg"):  # the file itself says "no CRS" as GeoPackage can: undefined Cartesian
+        ds = ogr.Open(results["ANCHORS"])
+        srs = ds.GetLayer(0).GetSpatialRef()
+        assert srs is None or not srs.IsGeographic(), srs.ExportToWkt()
+        ds = None

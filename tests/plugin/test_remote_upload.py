@@ -509,9 +509,9 @@ def _written_cuts(monkeypatch):
     calls = []
     write = upload.translate_to_geotiff
 
-    def recording(path, dest, window=None, cancelled=None):
+    def recording(path, dest, window=None, cancelled=None, *args, **kw):
         calls.append(window)
-        return write(path, dest, window, cancelled)
+        return write(path, dest, window, cancelled, *args, **kw)
 
     monkeypatch.setattr(upload, "translate_to_geotiff", recording)
     return calls
@@ -601,10 +601,10 @@ def remote_engine(request, monkeypatch):
     sizes = []
     prepare = upload.prepare_upload
 
-    def recording(path, aoi=None, cancelled=None):
+    def recording(path, aoi=None, cancelled=None, *args, **kw):
         from osgeo import gdal
 
-        made = prepare(path, aoi, cancelled)
+        made = prepare(path, aoi, cancelled, *args, **kw)
         ds = gdal.Open(made.path)
         sizes.append((ds.RasterXSize, ds.RasterYSize))
         return made
@@ -939,3 +939,157 @@ def test_every_single_question_still_checks_the_upload_limit(stub_engine, tmp_pa
         list(make_client().ask(build_ask_request("q2", path)).events())
     assert err.value.code == "upload_too_large" and stub_engine.health_calls == 2
     assert len(stub_engine.uploads) == 1
+
+
+# --- a raster too large for the engine's upload limit: said while it is converted, stopped early -----
+
+
+@pytest.fixture
+def small_gdal_cache():
+    """GDAL keeps written blocks in its cache (5 % of the memory) before they reach the file: with
+    a small one, the file grows as it is written, as it does for a raster larger than the cache."""
+    from osgeo import gdal
+
+    before = gdal.GetCacheMax()
+    gdal.SetCacheMax(16 * 1024 * 1024)
+    yield
+    gdal.SetCacheMax(before)
+
+
+def write_huge_vrt(tmp_path, size=20000):
+    """A ``size`` x ``size`` px VRT (3 bands: 1.2 GB of pixels at 20000) over a 100 x 100 px
+    GeoTIFF of noise: converted, it takes about 8 MB."""
+    from osgeo import gdal
+
+    src = str(tmp_path / "small_src.tif")
+    ds = gdal.GetDriverByName("GTiff").Create(src, 100, 100, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0))
+    from osgeo import osr
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetProjection(srs.ExportToWkt())
+    rng = np.random.default_rng(0)
+    for b in range(3):
+        ds.GetRasterBand(b + 1).WriteArray(rng.integers(0, 255, (100, 100), dtype=np.uint8))
+    ds = None
+    vrt = str(tmp_path / "huge.vrt")
+    gdal.Translate(vrt, src, format="VRT", width=size, height=size)
+    return vrt
+
+
+LIMIT = 2_000_000  # 1.2 GB of pixels could be deflated below it (1/1032): written until it passes it
+
+
+def test_a_conversion_that_grows_past_the_upload_limit_is_stopped_and_deleted(tmp_path, own_tempdir,
+                                                                               small_gdal_cache):
+    """The whole raster was converted (a 100000 x 100000 px VRT: about 30 GB) before its size was
+    checked against the engine's limit."""
+    from geovqa.client import EngineError
+    from geovqa.upload import prepare_upload
+
+    vrt = write_huge_vrt(tmp_path)
+    seen = []
+    with pytest.raises(EngineError) as err:
+        prepare_upload(vrt, None, progress=seen.append, max_bytes=LIMIT)
+    assert err.value.code == "upload_too_large"
+    assert "huge.vrt is too large to send to the engine" in err.value.message and "2.0 MB" in err.value.message
+    assert "smaller area of interest" in err.value.hint and "never upload" in err.value.hint
+    assert seen and seen == sorted(seen) and seen[-1] < 0.6, seen[-5:]  # stopped early, not at the end
+    assert os.listdir(own_tempdir) == []
+    with pytest.raises(EngineError) as err:  # the area of it: said so
+        prepare_upload(vrt, {"window": [0, 0, 15000, 15000]}, max_bytes=LIMIT)
+    assert "The area of interest of huge.vrt is too large" in err.value.message
+    assert os.listdir(own_tempdir) == []
+
+
+def test_a_conversion_no_compression_could_bring_under_the_limit_is_refused_before_writing(
+        tmp_path, own_tempdir, monkeypatch):
+    from geovqa import upload
+    from geovqa.client import EngineError
+
+    written = _written_cuts(monkeypatch)
+    vrt = write_huge_vrt(tmp_path)
+    asked = []
+    with pytest.raises(EngineError) as err:  # 1.2 GB of pixels: not under 1 MB even at 1032:1
+        upload.prepare_upload(vrt, None, max_bytes=lambda: asked.append(True) or 1_000_000)
+    assert err.value.code == "upload_too_large" and "nothing was written" in err.value.message
+    assert written == [] and asked == [True] and os.listdir(own_tempdir) == []
+    plain = write_raster(tmp_path / "plain.tif")  # sent as it is: the limit is not asked here
+    assert upload.prepare_upload(plain, None, max_bytes=lambda: asked.append(True) or 10).path == plain
+    assert asked == [True]
+
+
+def test_the_dock_says_it_prepares_the_raster_and_that_it_is_too_large(plugin, stub_engine, tmp_path, own_tempdir,
+                                                                      small_gdal_cache, qgis_new_project,
+                                                                      monkeypatch):
+    """After 100 s the dock still said "Sending the question to the engine …" while a 30 GB
+    GeoTIFF was being written, which the engine's limit would then refuse."""
+    from conftest import set_settings, wait_for_tasks, wait_until
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    set_settings(send_rasters="upload")
+    stub_engine.max_upload_bytes = LIMIT
+    layer = QgsRasterLayer(write_huge_vrt(tmp_path), "huge", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    dock = plugin.dock
+    said = []
+    set_text = dock.progress_label.setText
+    monkeypatch.setattr(dock.progress_label, "setText", lambda text: said.append(text) or set_text(text))
+    dock.set_layer(layer)
+    dock.question_edit.setText("What is here?")
+    dock.ask()
+    wait_until(lambda: dock.turns(layer) and dock.turns(layer)[-1].get("done"), 60, "the refusal")
+    wait_for_tasks()
+    preparing = [t for t in said if t.startswith("Preparing the raster for upload")]
+    assert len(preparing) >= 3 and any(t.endswith(" %") for t in preparing), said
+    turn = dock.turns(layer)[-1]
+    assert "huge.vrt is too large to send to the engine" in turn["error"] and "smaller area" in turn["error"]
+    assert stub_engine.uploads == [] and os.listdir(own_tempdir) == []
+
+
+def test_the_batch_dialog_says_it_prepares_the_raster_and_that_it_is_too_large(
+        plugin, stub_engine, tmp_path, own_tempdir, small_gdal_cache, qgis_new_project, monkeypatch):
+    from conftest import set_settings, wait_for_tasks, wait_until
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    set_settings(send_rasters="upload")
+    stub_engine.max_upload_bytes = LIMIT
+    layer = QgsRasterLayer(write_huge_vrt(tmp_path), "huge", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    dlg = plugin.open_batch()
+    said = []
+    set_text = dlg.message.setText
+    monkeypatch.setattr(dlg.message, "setText", lambda text: said.append(text) or set_text(text))
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.set_checked_layers({layer.id()})
+    dlg.questions_edit.setPlainText("q1\nq2")
+    dlg.run()
+    wait_until(lambda: done, 60, "the batch")
+    wait_for_tasks()
+    preparing = [t for t in said if t.startswith("Preparing the raster of 'huge' for upload")]
+    assert len(preparing) >= 3 and any(t.endswith(" %") for t in preparing), said
+    assert [("too large" in (r["error"] or "")) for r in done[0]] == [True, True]
+    assert stub_engine.uploads == [] and os.listdir(own_tempdir) == []
+
+
+def test_processing_says_it_prepares_the_raster_once(plugin, stub_engine, tmp_path, qgis_processing, own_tempdir):
+    import processing
+    from conftest import recording_feedback, set_settings
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    set_settings(send_rasters="upload")
+    src = write_raster(tmp_path / "src.tif", width=120, height=90)
+    vrt = str(tmp_path / "src.vrt")
+    from osgeo import gdal
+
+    gdal.BuildVRT(vrt, [src])
+    layer = QgsRasterLayer(vrt, "v", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    feedback = recording_feedback()
+    res = processing.run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": "How big?"}, feedback=feedback)
+    assert res["ANSWER"] == "The area is 120 x 90 pixels with 3 bands."
+    assert feedback.of("text").count("Preparing the raster for upload …") == 1, feedback.of("text")
+    assert os.listdir(own_tempdir) == []
