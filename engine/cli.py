@@ -24,7 +24,10 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
                         "in the raster's CRS, or a .geojson/.json file in the raster's CRS (a "
                         "Polygon/MultiPolygon geometry, a Feature, or a FeatureCollection: the union "
                         "of its polygons)")
-    p.add_argument("--bands", type=band_list, default=None, help="1-based bands, e.g. 4,3,2")
+    p.add_argument("--bands", type=band_list, default=None,
+                   help="1-based bands the model sees: three as red, green, blue (e.g. 4,3,2) "
+                        "or one as grey (default: the bands tagged red/green/blue, else the first "
+                        "three; one band as grey; a paletted band through its colour table)")
     add_strategy_arguments(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -82,6 +85,20 @@ def band_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"bands must be 1-based band numbers separated by commas, e.g. 4,3,2; got {text!r}"
         ) from None
+
+
+def bands_text(bands, palette: bool = False) -> str:
+    """Which bands of the raster the model saw, in words, from a ``result`` event's ``bands``
+    and ``palette``: "bands 4, 3, 2 (red, green, blue)", "band 1 as grey", "band 1 through its
+    colour table"; "" when the event does not say (an older engine)."""
+    if not bands:
+        return ""
+    bands = [int(b) for b in bands]
+    if palette:
+        return f"band {bands[0]} through its colour table"
+    if len(set(bands)) == 1:
+        return f"band {bands[0]} as grey"
+    return f"bands {', '.join(str(b) for b in bands)} (red, green, blue)"
 
 
 def checked_ask_fields(args: argparse.Namespace) -> dict:
@@ -173,6 +190,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(f"visual tokens: {tok['visual_kept']} kept of {tok['visual_candidates']} "
               f"({result['strategy']}); prompt {tok['prompt']}, generated {tok['generated']}",
               file=sys.stderr)
+        seen = bands_text(result.get("bands"), bool(result.get("palette")))
+        if seen:
+            print(f"the model saw {seen} (choose others with --bands)", file=sys.stderr)
         print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in tim.items()), file=sys.stderr)
         if peak:
             print(f"peak memory: {peak / 2**20:.1f} MiB", file=sys.stderr)

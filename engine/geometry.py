@@ -73,6 +73,10 @@ class TokenGeometry:
     patch_valid: np.ndarray  # (T, 576) bool: not padding and >= half of its pixels valid
     patch_padding: np.ndarray  # (T, 576) bool: pure padding (no image at all)
     patch_valid_fraction: np.ndarray  # (T, 576) float: fraction of covered pixels that are valid
+    # the source band of each RGB channel the model saw (RasterImage.bands; () when not known)
+    # and whether that one band's colour table gave the colours (RasterImage.palette)
+    bands: tuple[int, ...] = ()
+    palette: bool = False
 
     @classmethod
     def build(cls, image: RasterImage, layout: TileLayout) -> "TokenGeometry":
@@ -94,6 +98,8 @@ class TokenGeometry:
             patch_valid=valid,
             patch_padding=padding,
             patch_valid_fraction=frac,
+            bands=tuple(int(b) for b in getattr(image, "bands", ()) or ()),
+            palette=bool(getattr(image, "palette", False)),
         )
 
     # ---------------------------------------------------------------------------- transforms

@@ -580,7 +580,7 @@ class JobQueue:
             "index": index, "layer": item.get("layer") or Path(item["raster_path"]).stem,
             "raster_path": item["raster_path"], "question": question, "answer": None,
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {},
-            "timings": {},
+            "timings": {}, "bands": None, "palette": None,
         }
         result = None
         try:
@@ -610,7 +610,7 @@ class JobQueue:
             return True
         if result is not None:
             for key in ("answer", "heatmap_path", "anchors_path", "tokens", "timings", "cache",
-                        "strategy", "budget"):
+                        "strategy", "budget", "bands", "palette"):
                 if key in result:
                     line[key] = result[key]
         elif line["error"] is None:

@@ -436,6 +436,8 @@ class Engine:
             anchors_file=Path(files.geojson_path).name,
             anchors=files.geojson,
             crs_wkt=geometry.crs_wkt,
+            bands=list(geometry.bands) or None,
+            palette=bool(geometry.palette),
             strategy=req.strategy,
             budget=req.budget,
             stopped=gen.stopped,

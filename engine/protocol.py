@@ -92,7 +92,10 @@ ASK_FIELDS = {
     "raster_path": "str | null: local path readable by the engine (same host)",
     "question": "str: 1..MAX_QUESTION_CHARS characters, not only whitespace",
     "aoi": "AOI | null: area of interest, see AOI_FIELDS",
-    "bands": "list[int] | null: 1-based band indexes (default RGB / first three)",
+    "bands": "list[int] | null: 1-based band numbers, one (shown as grey) or three (red, green, "
+    "blue), e.g. [4, 3, 2]; null: the engine's default (the bands tagged red, green and blue, "
+    "else the first three non-alpha bands; one band, or two, as grey: the first; a single "
+    "paletted band through its colour table). The result says which it used",
     "strategy": "str: one of STRATEGIES (default DEFAULT_STRATEGY)",
     "budget": "int | null: hard cap on visual tokens entering the language model",
     "tokens_per_tile": "int | null: geollava/anchored tokens kept a tile (default: the checkpoint's own, MAX_TOKENS of its mm_patch_merge_type, 24 for GeoLLaVA-8K)",
@@ -130,6 +133,11 @@ EVENT_TYPES = {
         "anchors_file": "str: name for GET /files/{name}",
         "anchors": "dict: the same GeoJSON FeatureCollection inline",
         "crs_wkt": "str | null: CRS of heatmap and anchors (the raster's)",
+        "bands": "list[int]: the 1-based source band the model saw as red, green and blue, "
+        "e.g. [4, 3, 2]; one band shown as grey is [b, b, b] (the request's bands, else the "
+        "engine's default choice)",
+        "palette": "bool: true when the colour table of that one band gave the colours "
+        "(bands is then [b, b, b]); false otherwise",
         "strategy": "str",
         "budget": "int | null",
     },
@@ -150,7 +158,8 @@ ANCHOR_PROPERTIES = {
 # ---------------------------------------------------------------------------------------------
 # POST /batch, GET/DELETE /jobs/{id}
 BATCH_FIELDS = {
-    "items": "list[{'layer': str (display name), 'raster_path': str, 'aoi': AOI | null}]",
+    "items": "list[{'layer': str (display name), 'raster_path': str, 'aoi': AOI | null, "
+    "'bands': list[int] | null (as ASK_FIELDS)}]",
     "questions": "list[str]",
     "strategy": "str", "budget": "int | null", "tokens_per_tile": "int | null",
     "max_new_tokens": "int", "faithful_empty_slots": "bool",
@@ -168,6 +177,8 @@ BATCH_RESULT_FIELDS = {
     "index": "int", "layer": "str", "raster_path": "str", "question": "str",
     "answer": "str | null", "error": "str | null", "heatmap_path": "str | null",
     "anchors_path": "str | null", "tokens": "dict", "timings": "dict",
+    "bands": "list[int] | null: as the result event's (null when the item failed)",
+    "palette": "bool | null: as the result event's (null when the item failed)",
 }
 
 ERROR_CODES = {

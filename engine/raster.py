@@ -31,7 +31,10 @@ What `read_raster` does, in order:
 * **Bands**: default RGB by colour interpretation when red, green and blue are all tagged, else
   the first three non-alpha bands; one band (or a grey + alpha pair) -> grey replicated to three
   channels; two non-alpha bands -> the first as grey; a single paletted band -> its colour table.
-  An explicit ``bands=[...]`` (1-based, one or three entries) overrides that.
+  An explicit ``bands=[...]`` (1-based, one or three entries) overrides that (one band is shown
+  as grey, also a paletted one). `RasterImage.bands` records the source band of each RGB channel
+  the model sees (``(4, 3, 2)``; ``(1, 1, 1)`` for grey) and `RasterImage.palette` whether the
+  colour table of that one band was used instead; the engine's ``result`` event reports both.
 * **Stretch**: decided per band by the band's own type: a Byte (uint8) band is kept as is; any
   other type (uint16, int, float) is stretched per band from its 2nd..98th percentile over valid
   pixels only to 0..255. Bands of different types (e.g. a VRT stacking Byte and UInt16 files, or
@@ -135,6 +138,7 @@ class RasterImage:
     path: str
     georeferenced: bool = True  # False: source_transform is the identity (pixel coordinates)
     stretch: tuple[tuple[float, float], ...] | None = None  # per channel (low, high) or None
+    palette: bool = False  # True: bands[0]'s colour table gave the RGB (bands is (b, b, b))
 
     @property
     def image_to_map(self) -> Affine:
@@ -853,6 +857,7 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> 
             path=p,
             georeferenced=georef,
             stretch=stretch,
+            palette=bool(palette),
         )
     finally:
         src.close()

@@ -43,6 +43,7 @@ from qgis.PyQt.QtWidgets import (
 
 from . import layers as result_layers
 from .aoi import AoiError, clip_to_layer, is_unreferenced_file
+from .bands import bands_cell, layer_bands
 from .client import questions_too_long
 from .compat import is_raster_layer
 from .render import LayerRenderer, layer_file_path
@@ -53,7 +54,7 @@ from .tasks import BatchTask, file_stem, rect_bounds
 USER_ROLE = Qt.ItemDataRole.UserRole
 CHECKED = Qt.CheckState.Checked
 UNCHECKED = Qt.CheckState.Unchecked
-TABLE_COLUMNS = ("Layer", "Question", "Answer", "Kept tokens", "Seconds")
+TABLE_COLUMNS = ("Layer", "Question", "Answer", "Kept tokens", "Seconds", "Bands")
 ANSWER_COLUMN = TABLE_COLUMNS.index("Answer")
 EXPORT_RUNNING_TIP = ("Export is available when the batch ends (or is cancelled); meanwhile every answer "
                       "so far is already in the autosave file named above.")
@@ -281,9 +282,11 @@ class BatchDialog(QDialog):
             self._next_item()
             return
         path = layer_file_path(layer)
+        # a file: the bands the layer shows (its renderer); a render is RGB already, so none
         item = {"layer": layer.name(), "layer_id": layer.id(), "raster_path": path, "aoi": None,
                 "crs_wkt": layer.crs().toWkt(), "clip_bounds": rect_bounds(layer.extent()),
-                "unreferenced": is_unreferenced_file(layer)}
+                "unreferenced": is_unreferenced_file(layer),
+                "bands": layer_bands(layer) if path is not None else None}
         if path is not None:
             self._items.append(item)
             self._next_item()
@@ -432,7 +435,8 @@ class BatchDialog(QDialog):
         kept = (row.get("tokens") or {}).get("visual_kept", "")
         secs = (row.get("timings") or {}).get("total", "")
         values = (row["layer"], row["question"], row["answer"] if row.get("answer") is not None else f"ERROR: {row.get('error')}",
-                  str(kept), f"{secs:.1f}" if isinstance(secs, (int, float)) else "")
+                  str(kept), f"{secs:.1f}" if isinstance(secs, (int, float)) else "",
+                  bands_cell(row.get("bands"), row.get("palette")))
         for c, val in enumerate(values):
             cell = QTableWidgetItem(val)
             cell.setToolTip(val)  # the whole text, which the column may cut

@@ -40,6 +40,7 @@ from . import layers as result_layers
 from . import status as engine_status
 from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, check_holds_a_pixel, clip_to_layer,
                   is_unreferenced_file, request_aoi)
+from .bands import bands_text, layer_bands
 from .client import EngineError, build_ask_request, engine_address, new_request_id, question_too_long
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
@@ -642,7 +643,9 @@ class ChatDock(QgsDockWidget):
             path = layer_file_path(layer)
             if path is not None:
                 aoi = request_aoi(geom, crs, layer) if geom is not None else None
-                self._start_ask(turn, path, aoi, settings, rect_bounds(layer.extent()), is_unreferenced_file(layer))
+                # the bands the layer shows (its renderer now); a render below is RGB already
+                self._start_ask(turn, path, aoi, settings, rect_bounds(layer.extent()), is_unreferenced_file(layer),
+                                bands=layer_bands(layer))
             else:
                 self._render_then_ask(turn, layer, geom, crs, settings, area["mode"])
         except (AoiError, EngineError, ValueError) as exc:
@@ -682,8 +685,9 @@ class ChatDock(QgsDockWidget):
         self.renderer.done.connect(rendered)
         self.renderer.start()
 
-    def _start_ask(self, turn, raster_path, aoi, settings, clip_bounds=None, unreferenced=False):
-        request = build_ask_request(turn["question"], raster_path, aoi=aoi, request_id=turn["request_id"], **self.options())
+    def _start_ask(self, turn, raster_path, aoi, settings, clip_bounds=None, unreferenced=False, bands=None):
+        request = build_ask_request(turn["question"], raster_path, aoi=aoi, bands=bands, request_id=turn["request_id"],
+                                    **self.options())
         turn["request"] = request
         client = make_client(settings)
         self.task = AskTask(client, request, settings.results_dir(), f"GeoVQA: {turn['question'][:40]}",
@@ -815,6 +819,10 @@ class ChatDock(QgsDockWidget):
         strategy = ev.get("strategy")
         turn["meta"] = (f"{STRATEGY_SHORT_LABELS.get(strategy, strategy)}: {tokens.get('visual_kept', '?')}/{tokens.get('visual_candidates', '?')} "
                         f"visual tokens kept, {float(timings.get('total') or 0):.1f} s")
+        # which bands the model saw (the result's bands; an older engine does not say)
+        seen = bands_text(ev.get("bands"), ev.get("palette"), rendered=bool(turn.get("rendered_path")))
+        if seen:
+            turn["meta"] += f", {seen}"
         self.task = None
         self.current_request_id = None
         self.stop_button.setEnabled(False)

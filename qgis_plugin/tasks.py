@@ -506,9 +506,11 @@ class BatchTask(QgsTask):
     """Ask every question about every item, one streamed answer at a time.
 
     ``items``: list of dicts ``{"layer", "layer_id", "raster_path", "aoi", "crs_wkt", "clip_bounds",
-    "unreferenced"}`` (the last two as for :func:`keep_result_files`); an item
+    "unreferenced", "bands"}`` (``clip_bounds`` and ``unreferenced`` as for :func:`keep_result_files`;
+    ``bands`` the request's, :func:`bands.layer_bands`, None to let the engine choose); an item
     with ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
-    Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS plus local paths).
+    Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS, ``bands`` and
+    ``palette`` those the model saw, plus local paths).
 
     For an engine on another computer each item's raster is converted and cut to its AOI once
     (:func:`prepare_item_upload`) and that file is sent with every question about it; it is
@@ -613,7 +615,7 @@ class BatchTask(QgsTask):
             "index": index, "layer": item["layer"], "layer_id": item.get("layer_id"),
             "raster_path": item["raster_path"], "question": question, "answer": None,
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
-            "crs_wkt": item.get("crs_wkt"),
+            "bands": None, "palette": None, "crs_wkt": item.get("crs_wkt"),
         }
         if item.get("error") or prepare_error:  # the layer could not be prepared (not in view, render failed)
             row["error"] = item.get("error") or prepare_error
@@ -621,7 +623,8 @@ class BatchTask(QgsTask):
         self._progress.start(index, upload is not None)
         stream = None
         try:
-            request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), **self.options)
+            request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), bands=item.get("bands"),
+                                        **self.options)
             stream = self.client.ask(request, prepared=upload) if upload is not None else self.client.ask(request)
             stream.on_upload_progress = self._progress.uploaded
             with self._lock:
@@ -634,6 +637,7 @@ class BatchTask(QgsTask):
                     row["answer"] = ev.get("answer", "")
                     row["tokens"] = ev.get("tokens") or {}
                     row["timings"] = ev.get("timings") or {}
+                    row["bands"], row["palette"] = ev.get("bands"), ev.get("palette")  # what the model saw
                     files, warning = keep_result_files_or_warn(ev, self.client, self.results_dir, file_stem(question),
                                                                item.get("clip_bounds"), bool(item.get("unreferenced")))
                     row["heatmap_path"], row["anchors_path"] = files["heatmap"], files["anchors"]

@@ -26,6 +26,7 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
+from ..bands import bands_text
 from ..client import EngineError, question_too_long
 from ..compat import NUMBER_INTEGER, PARAM_ADVANCED, PROCESSING_VECTOR_POLYGON
 from ..layers import anchors_name, heatmap_name
@@ -193,6 +194,7 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         source = question_source(layer, geom, crs, feedback)
         self.raster_path, self.bounds = source["raster_path"], source["bounds"]
         self.unreferenced, self.aoi = source["unreferenced"], source["aoi"]
+        self.bands, self.rendered = source["bands"], source["rendered"]
         self.client = engine_client()
         self.settings = Settings.load()
         return True
@@ -209,13 +211,18 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         dests = {key: self.parameterAsOutputLayer(parameters, key, context) for key in (self.HEATMAP, self.ANCHORS)}
         try:
             result = ask_once(self.client, question, self.raster_path, self.aoi, options, feedback,
-                              self.settings.results_dir(), self.bounds, self.unreferenced)
+                              self.settings.results_dir(), self.bounds, self.unreferenced, bands=self.bands)
         except EngineError as exc:
             raise QgsProcessingException(str(exc)) from exc
         except OSError as exc:
             raise QgsProcessingException(f"Could not save the result files in {self.settings.results_dir()}: "
                                          f"{exc}. Choose another results folder in Settings > Options > GeoVQA.") from exc
         feedback.pushInfo(f"Answer: {result.get('answer', '')}")
+        seen = bands_text(result.get("bands"), result.get("palette"))
+        if self.rendered:
+            feedback.pushInfo("The model saw the layer as QGIS draws it (rendered in RGB).")
+        elif seen:  # an engine older than the result's "bands" does not say
+            feedback.pushInfo(f"The model saw {seen} (layer '{self.layer_name}').")
         kept = [f"{what} {path}" for what, path in (("heatmap", result.get("local_heatmap_path")),
                                                     ("anchors", result.get("local_anchors_path"))) if path]
         if kept:  # the outputs may be temporary files, which qgis_process deletes when it ends

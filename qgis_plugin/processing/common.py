@@ -12,6 +12,7 @@ from qgis.core import QgsGeometry, QgsProcessingException, QgsProcessingLayerPos
 
 from .. import layers as result_layers
 from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
+from ..bands import layer_bands
 from ..client import EngineError, build_ask_request
 from ..render import covers_the_world, layer_file_path, render_sync
 from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
@@ -98,9 +99,11 @@ def area_of_interest(alg, parameters, name: str, context) -> tuple:
 def question_source(layer, geometry, crs, feedback) -> dict:
     """What the engine is asked about for ``layer`` within the area ``geometry`` (in ``crs``;
     None: the whole layer), as both algorithms ask it: ``raster_path``, ``bounds`` (for the
-    result files), ``unreferenced``, and the request's ``aoi``.
+    result files), ``unreferenced``, the request's ``aoi`` and ``bands``, and ``rendered``.
 
-    A file layer is sent as it is, with the area as the request's AOI, cut to the layer. Any
+    A file layer is sent as it is, with the area as the request's AOI, cut to the layer, and the
+    bands its renderer shows (:func:`bands.layer_bands`: the layer as loaded; qgis_process loads
+    it with QGIS's default renderer, RGB-tagged bands or the first three). Any
     other layer is rendered (:func:`raster_source`) over the area's part of it, which is then the
     whole image (no request AOI), or whole when there is no area; a web service covering the
     whole world (XYZ or WMTS tiles: :func:`render.covers_the_world`) is refused then, as a
@@ -110,7 +113,8 @@ def question_source(layer, geometry, crs, feedback) -> dict:
         if layer_file_path(layer) is not None:
             path, bounds, unreferenced = raster_source(layer, feedback)
             aoi = request_aoi(geometry, crs, layer) if geometry is not None else None
-            return {"raster_path": path, "bounds": bounds, "unreferenced": unreferenced, "aoi": aoi}
+            return {"raster_path": path, "bounds": bounds, "unreferenced": unreferenced, "aoi": aoi,
+                    "bands": layer_bands(layer), "rendered": False}
         if geometry is None:
             if covers_the_world(layer):
                 raise QgsProcessingException(
@@ -125,7 +129,8 @@ def question_source(layer, geometry, crs, feedback) -> dict:
         path, bounds, unreferenced = raster_source(layer, feedback, extent)
     except (OSError, ValueError) as exc:  # an empty extent, a file GDAL could not write
         raise QgsProcessingException(f"Could not render the layer '{layer.name()}': {exc}") from exc
-    return {"raster_path": path, "bounds": bounds, "unreferenced": unreferenced, "aoi": None}
+    return {"raster_path": path, "bounds": bounds, "unreferenced": unreferenced, "aoi": None,
+            "bands": None, "rendered": True}  # a render is the layer as QGIS draws it, in RGB
 
 
 def raster_source(layer, feedback, extent=None) -> tuple:
@@ -159,7 +164,7 @@ def say_preparing(feedback, layer_name: str | None = None):
 
 
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
-             unreferenced: bool = False, prepared=None, progress=None) -> dict:
+             unreferenced: bool = False, prepared=None, progress=None, bands=None) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
     (``clip_bounds`` and ``unreferenced`` as for :func:`tasks.keep_result_files`). A file that
     could not be kept is None and ``files_warning`` says why (also reported to
@@ -168,8 +173,9 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     ``progress``: the :class:`tasks.BatchProgress` of a batch this answer is one of (its upload
     then takes the first part of this answer's share, the engine's stages the rest, the
     generation counted in answer tokens: :meth:`tasks.BatchProgress.event`); without it the
-    ``feedback``'s bar is this one answer's, split the same way (a batch of one)."""
-    request = build_ask_request(question, raster_path, aoi=aoi, **options)
+    ``feedback``'s bar is this one answer's, split the same way (a batch of one). ``bands``: the
+    request's (:func:`question_source`); the result's ``bands``/``palette`` say what the model saw."""
+    request = build_ask_request(question, raster_path, aoi=aoi, bands=bands, **options)
     stream = client.ask(request, prepared=prepared)
     if progress is None and feedback is not None:
         progress = BatchProgress(1, feedback.setProgress)

@@ -34,6 +34,7 @@ def test_shared_model_settings_are_ask_and_batch_fields():
     ("ASK_FIELDS", protocol.ASK_FIELDS),
     ("BATCH_FIELDS", protocol.BATCH_FIELDS),
     ("result event", protocol.EVENT_TYPES["result"]),
+    ("batch result", protocol.BATCH_RESULT_FIELDS),
 ])
 def test_doc_names_every_field(name, fields):
     missing = [k for k in fields if not re.search(rf'"{k}"|`{k}`', DOC)]

@@ -100,6 +100,28 @@ def test_stream_then_cache_hit(server, inputs):
     assert isinstance(again[-1]["cache"]["kv_prefix"], bool)
 
 
+def test_the_result_says_which_bands_the_model_saw(server, tmp_path):
+    """The result event (POST /ask) and a batch's results (GET /jobs/{id}/results) carry the
+    source band of each channel the model saw, whether asked for or chosen by the engine."""
+    five = write_geotiff(tmp_path / "five.tif", width=120, height=90, count=5, seed=9)
+    status, events = server.ask(body(five, bands=[4, 3, 2]))
+    assert status == 200 and events[-1]["type"] == "result", events[-1]
+    assert events[-1]["bands"] == [4, 3, 2] and events[-1]["palette"] is False
+    events = server.ask(body(five))[1]
+    assert events[-1]["bands"] == [1, 2, 3]  # no colour tags: the first three
+    events = server.ask(body(five, bands=[5]))[1]
+    assert events[-1]["bands"] == [5, 5, 5] and events[-1]["cache"]["features"] is False
+    status, job = server.request("POST", "/batch", {
+        "items": [{"layer": "five", "raster_path": str(five), "bands": [4, 3, 2]},
+                  {"layer": "five again", "raster_path": str(five)}],
+        "questions": ["What is here?"], "max_new_tokens": 2})
+    assert status == 200, job
+    wait_until(lambda: server.request("GET", f"/jobs/{job['job_id']}")[1]["state"] in ("done", "failed"))
+    rows = sorted(server.request("GET", f"/jobs/{job['job_id']}/results")[1]["results"],
+                  key=lambda r: r["index"])
+    assert [(r["bands"], r["palette"]) for r in rows] == [([4, 3, 2], False), ([1, 2, 3], False)]
+
+
 def test_disconnect_frees_the_worker(server, inputs):
     conn, resp = server.open_stream("/ask", body(inputs["scene"], max_new_tokens=400))
     job_id = resp.getheader("X-Job-Id")

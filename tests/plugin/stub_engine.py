@@ -169,7 +169,27 @@ class StubEngine:
                "peak_memory_bytes": None, "cache": {"features": False, "kv_prefix": False},
                "heatmap_path": str(heat), "heatmap_file": heat.name, "anchors_path": str(anchors),
                "anchors_file": anchors.name, "anchors": json.loads(anchors.read_text()),
-               "crs_wkt": ds.GetProjection(), "strategy": req.get("strategy"), "budget": req.get("budget")}
+               "crs_wkt": ds.GetProjection(), **self.bands_seen(ds, req.get("bands")),
+               "strategy": req.get("strategy"), "budget": req.get("budget")}
+
+    @staticmethod
+    def bands_seen(ds, bands) -> dict:
+        """The result's ``bands`` and ``palette``, chosen as the engine does (engine/raster.py
+        _choose_bands): the request's bands (one as grey), else the bands tagged red, green and
+        blue, else the first three non-alpha ones; one band as grey, or a paletted one's colours."""
+        if bands:
+            return {"bands": list(bands) * 3 if len(bands) == 1 else list(bands), "palette": False}
+        interp = [ds.GetRasterBand(i + 1).GetColorInterpretation() for i in range(ds.RasterCount)]
+        rgb = [interp.index(c) + 1 if c in interp else None
+               for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
+        if all(rgb):
+            return {"bands": rgb, "palette": False}
+        colour = [i + 1 for i, c in enumerate(interp) if c != gdal.GCI_AlphaBand] or [1]
+        if len(colour) >= 3:
+            return {"bands": colour[:3], "palette": False}
+        first = ds.GetRasterBand(colour[0])
+        palette = interp[colour[0] - 1] == gdal.GCI_PaletteIndex and first.GetColorTable() is not None
+        return {"bands": [colour[0]] * 3, "palette": bool(palette)}
 
     def _write_outputs(self, ds, rid, window):
         gt = ds.GetGeoTransform()

@@ -63,7 +63,7 @@ def test_strategies_and_events_match(protocol):
 def test_result_fields_the_plugin_reads_exist(protocol):
     result = protocol.EVENT_TYPES["result"]
     for key in ("answer", "tokens", "timings", "heatmap_path", "heatmap_file", "anchors_path", "anchors_file",
-                "anchors", "crs_wkt", "strategy"):
+                "anchors", "crs_wkt", "strategy", "bands", "palette"):
         assert key in result
     assert {"stage", "progress", "message"} <= set(protocol.EVENT_TYPES["status"])
     assert "text" in protocol.EVENT_TYPES["token"]
@@ -120,12 +120,33 @@ def test_token_location_matches(protocol, monkeypatch, tmp_path):
 
 
 def test_batch_rows_have_the_protocol_result_fields(protocol):
-    from geovqa.results_io import CSV_COLUMNS
+    from geovqa.results_io import CSV_COLUMNS, flat_row
 
     for key in protocol.BATCH_RESULT_FIELDS:
-        if key in ("tokens", "timings"):
+        if key in ("tokens", "timings", "palette"):  # flattened into other columns
             continue
         assert key in CSV_COLUMNS
+    # the result's bands and palette flag share the "bands" column
+    assert flat_row({"bands": [4, 3, 2], "palette": False})["bands"] == "4,3,2"
+    assert flat_row({"bands": [1, 1, 1], "palette": True})["bands"] == "1 (colour table)"
+    assert flat_row({})["bands"] == ""
+
+
+def test_the_bands_sent_and_the_bands_reported_match_the_protocol(protocol):
+    """The request's ``bands`` (one band as grey, or three as red, green, blue) is what
+    bands.layer_bands gives; the result's ``bands`` is one band a channel, and ``palette`` a flag."""
+    from geovqa.bands import bands_cell, bands_text
+    from geovqa.client import build_ask_request
+
+    assert "one (shown as grey) or three" in protocol.ASK_FIELDS["bands"]
+    assert build_ask_request("q?", "/x.tif", bands=[4, 3, 2])["bands"] == [4, 3, 2]
+    assert build_ask_request("q?", "/x.tif", bands=[2])["bands"] == [2]
+    assert build_ask_request("q?", "/x.tif")["bands"] is None  # the engine's own choice
+    assert "'bands'" in protocol.BATCH_FIELDS["items"]
+    result = protocol.EVENT_TYPES["result"]
+    assert result["bands"].startswith("list[int]") and result["palette"].startswith("bool")
+    assert "[b, b, b]" in result["bands"]  # one band shown as grey: the same band in each channel
+    assert bands_text([2, 2, 2]) == "band 2 as grey" and bands_cell([1, 1, 1], True) == "1 (colour table)"
 
 
 def test_batch_jobs_through_the_plugin_client(real_engine, tmp_path, protocol):
@@ -150,6 +171,7 @@ def test_batch_jobs_through_the_plugin_client(real_engine, tmp_path, protocol):
     rows = client.job_results(job_id)
     assert [r["question"] for r in sorted(rows, key=lambda r: r["index"])] == body["questions"]
     assert all(set(protocol.BATCH_RESULT_FIELDS) <= set(r) and r["answer"] is not None for r in rows)
+    assert all(r["bands"] == [1, 2, 3] and r["palette"] is False for r in rows)  # the engine's own choice
 
     # a long job cancelled from the plugin's side stops early
     many = {**body, "questions": [f"Question {i}?" for i in range(40)]}
