@@ -383,12 +383,15 @@ def qgis_process_with_plugin(tmp_path, engine, results) -> tuple:
 
 def batch_of_two_rendered_layers(plugin, raster_layer, qgis_iface):
     """The batch dialog set to ask "q1" about two virtual raster layers v1, v2 (each rendered before
-    it is asked about), not run yet; `finished` collects the rows of each finished run."""
+    it is asked about), not run yet; `finished` collects the rows of each finished run. Each has
+    pixels enough for a full-size render (2048 x 1536 px): a render of 64 x 48 px (its source's
+    size; a render is never finer than the layer's pixels) can start and end between two looks
+    of a test waiting to see it running."""
     src = raster_layer("src")
     canvas = qgis_iface.mapCanvas()
     canvas.setDestinationCrs(src.crs())
     canvas.setExtent(src.extent())
-    v1, v2 = virtual_raster_layer(src, "v1"), virtual_raster_layer(src, "v2")
+    v1, v2 = (virtual_raster_layer(src, name, size=(2048, 1536)) for name in ("v1", "v2"))
     dlg = plugin.open_batch()
     dlg.set_checked_layers({v1.id(), v2.id()})
     dlg.questions_edit.setPlainText("q1")
