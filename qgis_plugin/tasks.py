@@ -615,7 +615,7 @@ class BatchTask(QgsTask):
             "index": index, "layer": item["layer"], "layer_id": item.get("layer_id"),
             "raster_path": item["raster_path"], "question": question, "answer": None,
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
-            "bands": None, "palette": None, "crs_wkt": item.get("crs_wkt"),
+            "bands": None, "palette": None, "crs_wkt": item.get("crs_wkt"), "strategy": self.options.get("strategy"),
         }
         if item.get("error") or prepare_error:  # the layer could not be prepared (not in view, render failed)
             row["error"] = item.get("error") or prepare_error
@@ -638,6 +638,7 @@ class BatchTask(QgsTask):
                     row["tokens"] = ev.get("tokens") or {}
                     row["timings"] = ev.get("timings") or {}
                     row["bands"], row["palette"] = ev.get("bands"), ev.get("palette")  # what the model saw
+                    row["strategy"] = ev.get("strategy") or row["strategy"]  # the one the engine used
                     files, warning = keep_result_files_or_warn(ev, self.client, self.results_dir, file_stem(question),
                                                                item.get("clip_bounds"), bool(item.get("unreferenced")))
                     row["heatmap_path"], row["anchors_path"] = files["heatmap"], files["anchors"]

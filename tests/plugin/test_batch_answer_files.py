@@ -209,6 +209,9 @@ def test_the_batch_dialogs_autosave_and_json_export_are_utf8_text(plugin, raster
     raw = Path(dlg.export(str(tmp_path / "answers.json"))).read_bytes()
     assert QUESTION.encode("utf-8") in raw and b"\\u" not in raw
     assert json.loads(raw.decode("utf-8"))["results"][0]["question"] == QUESTION
+    # the CSV export names the strategy that answered, as the Processing batch's does (it was empty)
+    (csv_row,) = _rows(dlg.export(str(tmp_path / "answers.csv")))
+    assert csv_row["strategy"] == stub_engine.requests[-1]["strategy"] and csv_row["strategy"]
     # one object a line, also for an answer holding the line breaks JSON leaves unescaped
     path = tmp_path / "breaks.jsonl"
     append_json_line(path, {"answer": "a\u2028b\u0085c"})
