@@ -27,7 +27,8 @@ def layer_bands(layer) -> list | None:
     ``[band]`` of *Singleband gray* or *Singleband pseudocolor* (the engine shows one band as
     grey). None, so the engine chooses, for anything else: a *Paletted/Unique values* renderer
     (the engine uses the file's colour table), a channel set to *not set*, other renderers
-    (hillshade, contours, ...), no renderer, or a band the layer does not have."""
+    (hillshade, contours, ...), no renderer, a band the layer does not have, and a *Multiband
+    color* style at odds with the file's colour tags (:func:`_default_style_against_the_tags`)."""
     renderer = layer.renderer() if layer is not None else None
     if renderer is None:
         return None
@@ -47,7 +48,26 @@ def layer_bands(layer) -> list | None:
     count = layer.bandCount()
     if not all(1 <= b <= count for b in bands):  # -1: a channel "not set"
         return None
+    if kind == MULTIBAND and _default_style_against_the_tags(layer, renderer, bands):
+        return None
     return bands
+
+
+def _default_style_against_the_tags(layer, renderer, bands) -> bool:
+    """True when a *Multiband color* style shows what the file's colour tags say is no colour
+    image: one of its bands is the alpha band (its own alpha band, or a band tagged alpha), or
+    it is QGIS's default choice 1, 2, 3 while the file tags other bands red, green and blue (QGIS
+    3.22's default style ignores the tags: a BGR file would be seen with red and blue swapped, an
+    alpha-first file with its alpha as red). The engine's own choice follows the tags."""
+    try:
+        alpha = renderer.alphaBand()
+        names = [layer.dataProvider().colorInterpretationName(b) for b in range(1, layer.bandCount() + 1)]
+    except (AttributeError, TypeError, ValueError):
+        return False
+    if any(b == alpha or names[b - 1] == "Alpha" for b in bands):
+        return True
+    tagged = [names.index(c) + 1 if c in names else None for c in ("Red", "Green", "Blue")]
+    return bands == [1, 2, 3] and all(tagged) and tagged != [1, 2, 3]
 
 
 def bands_text(bands, palette=False, rendered: bool = False) -> str:

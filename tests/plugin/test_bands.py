@@ -113,6 +113,34 @@ def test_layer_bands_follow_the_renderer(layers, tmp_path):
     assert layer_bands(pseudo) is None
 
 
+
+def _tagged(path, tags):
+    """``path`` with its bands' colour interpretations set to ``tags`` (GDAL names)."""
+    from osgeo import gdal
+
+    ds = gdal.Open(str(path), gdal.GA_Update)
+    for b, tag in enumerate(tags, start=1):
+        ds.GetRasterBand(b).SetColorInterpretation(getattr(gdal, f"GCI_{tag}Band"))
+    ds = None
+    return str(path)
+
+
+def test_a_default_style_at_odds_with_the_colour_tags_lets_the_engine_choose(tmp_path, qgis_new_project):
+    """QGIS 3.22's default style is bands 1, 2, 3 whatever the file's colour tags say: sending it
+    showed a BGR file with red and blue swapped, and an alpha-first file's alpha band as red,
+    where the engine's own choice (by the tags) is true colour."""
+    from geovqa.bands import layer_bands
+
+    bgr = add_layer(_tagged(write_bands(tmp_path / "bgr.tif", count=3), ("Blue", "Green", "Red")), "bgr")
+    argb = add_layer(_tagged(write_bands(tmp_path / "argb.tif", count=4), ("Alpha", "Red", "Green", "Blue")), "argb")
+    rgb = add_layer(_tagged(write_bands(tmp_path / "rgb.tif", count=3), ("Red", "Green", "Blue")), "rgb")
+    assert [layer_bands(layer) for layer in (bgr, argb, rgb)] == [None, None, [1, 2, 3]]
+    # a style the user chose is sent, tags or not; one showing the alpha band is not
+    assert layer_bands(styled(bgr, 3, 2, 1)) == [3, 2, 1]
+    assert layer_bands(styled(bgr, 1, 1, 1)) == [1, 1, 1]
+    assert layer_bands(styled(argb, 2, 3, 4)) == [2, 3, 4]
+    assert layer_bands(styled(argb, 1, 3, 4)) is None
+
 def test_bands_in_words():
     from geovqa.bands import bands_cell, bands_text
 
