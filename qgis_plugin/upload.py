@@ -417,7 +417,9 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
     written). ``max_bytes``: the engine's upload limit (an int, or a callable giving it or None,
     asked only when a file is to be written): a conversion that cannot come under it is refused
     before anything is written (:data:`DEFLATE_MAX_RATIO`), and one that grows past it is
-    stopped and deleted.
+    stopped and deleted. The cut of a GeoTIFF that itself fits the limit is never refused: when
+    it could not come under the limit, or grows past the file's own size while written (stopped
+    there), the file is sent as it is.
 
     Raises EngineError('raster_unreadable') when a file that must be converted cannot be,
     EngineError('no_space') when the temporary folder has no room for the conversion,
@@ -438,10 +440,18 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
     needed = raw_bytes(ds, window)
     ds = None
     limit = max_bytes() if callable(max_bytes) else max_bytes
+    # a GeoTIFF that is only cut goes as it is when its cut cannot be sent, if the file itself can:
+    # its cut (DEFLATE, no predictor) may outgrow a ZSTD/LZMA/predictor file that fits the limit
+    file_size = None if translate else os.path.getsize(path)
+    file_fits = not translate and (limit is None or file_size <= limit)
     if limit is not None and needed > limit * DEFLATE_MAX_RATIO:
+        if file_fits:
+            return Upload(path, aoi)
         raise too_large_error(path, window, limit, raw=needed)
+    # writing stops once the file passes the limit, or, for a cut of a file that fits, the file's size
+    stop_at = file_size if file_fits else limit
     if not translate:
-        needed = min(needed, os.path.getsize(path))  # a cut as large as the file is not sent
+        needed = min(needed, file_size)  # a cut as large as the file is not sent
     folder = tempfile.gettempdir()
     fits, free = check_free_space(folder, needed)
     if not fits:
@@ -458,8 +468,11 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
         stem = os.path.splitext(os.path.basename(path))[0] or "raster"
         dest = os.path.join(temp_dir, stem + ".tif")
         try:
-            translate_to_geotiff(path, dest, window, cancelled, progress, limit)
-        except TooLargeToSend as exc:  # the raster, or the cut of it, cannot be sent (the file, larger, neither)
+            translate_to_geotiff(path, dest, window, cancelled, progress, stop_at)
+        except TooLargeToSend as exc:  # the cut grew past what it is for
+            if file_fits:  # no smaller than the file, which fits: the file goes
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                return Upload(path, aoi)
             raise too_large_error(path, window, limit, written=exc.args[0]) from None
         except (OSError, RuntimeError) as exc:  # RuntimeError: GDAL with exceptions on
             if cancelled is not None and cancelled():

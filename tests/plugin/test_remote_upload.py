@@ -487,6 +487,51 @@ def test_a_vrt_is_converted_and_cut_in_one_go(capture, tmp_path, own_tempdir):
     assert os.listdir(own_tempdir) == []
 
 
+
+def _utm_geotiff(path, width, height, dtype, options, array=None):
+    from osgeo import gdal, osr
+
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, 1, dtype, options)
+    ds.SetGeoTransform((500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetProjection(srs.ExportToWkt())
+    if array is not None:
+        ds.GetRasterBand(1).WriteArray(array)
+    ds = None
+    return str(path)
+
+
+def test_a_file_within_the_limit_goes_when_its_cut_would_not(tmp_path, own_tempdir):
+    """A GeoTIFF that fits the engine's upload limit is sent as it is when its cut (DEFLATE, no
+    predictor) outgrows it, or when the cut could not come under the limit at all; both were
+    refused ("too large"), naming a smaller area as the way out."""
+    from geovqa import upload
+    from osgeo import gdal
+
+    y, x = np.mgrid[0:1024, 0:1024]
+    smooth = _utm_geotiff(tmp_path / "smooth.tif", 1024, 1024, gdal.GDT_UInt16,
+                          ["COMPRESS=ZSTD", "PREDICTOR=2", "TILED=YES", "ZSTD_LEVEL=19"], (x * 7 + y * 3).astype(np.uint16))
+    size = os.path.getsize(smooth)
+    aoi = {"window": [0, 0, 780, 780]}  # 58 % of the pixels: worth a cut, which comes out larger
+    up = upload.prepare_upload(smooth, aoi, max_bytes=size + 1000)
+    assert (up.path, up.aoi, up.temp_dir) == (smooth, aoi, None)
+    # a sparse GeoTIFF: a few hundred kB, 1.2 G pixels; its 20000 x 20000 px cut could not fit
+    sparse = _utm_geotiff(tmp_path / "sparse.tif", 35000, 35000, gdal.GDT_Byte,
+                          ["COMPRESS=DEFLATE", "TILED=YES", "SPARSE_OK=TRUE"])
+    size = os.path.getsize(sparse)
+    assert 20000 * 20000 > (size + 1000) * upload.DEFLATE_MAX_RATIO
+    aoi = {"window": [0, 0, 20000, 20000]}
+    up = upload.prepare_upload(sparse, aoi, max_bytes=size + 1000)
+    assert (up.path, up.aoi, up.temp_dir) == (sparse, aoi, None)
+    assert os.listdir(own_tempdir) == []
+    # a file over the limit itself is still refused
+    from geovqa.client import EngineError
+
+    with pytest.raises(EngineError) as err:
+        upload.prepare_upload(sparse, aoi, max_bytes=size // 2)
+    assert err.value.code == "upload_too_large"
+
 def test_a_cut_no_smaller_than_the_file_is_not_sent(capture, tmp_path, monkeypatch, own_tempdir):
     """A well-compressed GeoTIFF whose cut would be bigger (here: cuts written uncompressed) goes
     as it is, with the AOI as asked."""
