@@ -133,9 +133,9 @@ EVENT_TYPES = {
         "anchors_file": "str: name for GET /files/{name}",
         "anchors": "dict: the same GeoJSON FeatureCollection inline",
         "crs_wkt": "str | null: CRS of heatmap and anchors (the raster's)",
-        "bands": "list[int]: the 1-based source band the model saw as red, green and blue, "
-        "e.g. [4, 3, 2]; one band shown as grey is [b, b, b] (the request's bands, else the "
-        "engine's default choice)",
+        "bands": "list[int] | null: the 1-based source band the model saw as red, green and "
+        "blue, e.g. [4, 3, 2]; one band shown as grey is [b, b, b] (the request's bands, else the "
+        "engine's default choice); null when not known",
         "palette": "bool: true when the colour table of that one band gave the colours "
         "(bands is then [b, b, b]); false otherwise",
         "strategy": "str",
