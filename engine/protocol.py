@@ -21,7 +21,7 @@ Endpoints
                             a ``raster`` file part (uploaded GeoTIFF for a remote engine);
                             -> NDJSON stream of EVENT_TYPES events, the last one ``result`` or
                             ``error``.
-``POST /batch``             body BATCH_FIELDS -> ``{"job_id": str}``
+``POST /batch``             body BATCH_FIELDS -> JOB_FIELDS (``job_id`` and the job's state)
 ``GET  /jobs/{id}``         -> JOB_FIELDS
 ``DELETE /jobs/{id}``       -> JOB_FIELDS (state becomes ``cancelled``: at once for a waiting
                             job, after its current answer for a running one)
@@ -95,7 +95,7 @@ ASK_FIELDS = {
     "bands": "list[int] | null: 1-based band numbers, one (shown as grey) or three (red, green, "
     "blue), e.g. [4, 3, 2]; null: the engine's default (the bands tagged red, green and blue, "
     "else the first three non-alpha bands; one band, or two, as grey: the first; a single "
-    "paletted band through its colour table). The result says which it used",
+    "paletted 8-bit band through its colour table). The result says which it used",
     "strategy": "str: one of STRATEGIES (default DEFAULT_STRATEGY)",
     "budget": "int | null: hard cap on visual tokens entering the language model",
     "tokens_per_tile": "int | null: geollava/anchored tokens kept a tile (default: the checkpoint's own, MAX_TOKENS of its mm_patch_merge_type, 24 for GeoLLaVA-8K)",

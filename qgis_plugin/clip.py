@@ -1,8 +1,10 @@
 """Crop result files to the source raster's extent (worker-thread safe, GDAL/OGR only).
 
 The engine's heatmap grid covers the model's padded tile canvas (padding cells are nodata), so
-its extent can be larger than the raster's. Cropping makes the heatmap layer's extent match the
-raster (zoom to layer, legends, statistics); anchor footprints are cut to the same box.
+its extent can be larger than the raster's. Cropping keeps every heatmap cell that overlaps the
+raster, whole, and none lying wholly outside it, so the layer's extent is the raster's rounded out
+to whole cells (zoom to layer, legends, statistics); anchor footprints are cut to the raster's own
+bounds. A heatmap on a rotated or south-up grid is left as it is.
 """
 
 from __future__ import annotations

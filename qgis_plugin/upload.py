@@ -24,7 +24,8 @@ when the temporary folder has room for it (:func:`check_free_space`); otherwise 
 goes as it is, and a file that must be converted is refused with a sentence naming the folder
 and both sizes. The engine's upload limit bounds the writing: a file that cannot come under it
 is refused before it is written (:data:`DEFLATE_MAX_RATIO`), and one that grows past it is stopped
-and deleted (:func:`translate_to_geotiff`). The same AOI gives the same bytes (no time stamps, no threads), so the engine's feature cache, keyed on
+and deleted (:func:`translate_to_geotiff`); but the cut of a GeoTIFF that itself fits the limit
+is never refused: the file goes as it is. The same AOI gives the same bytes (no time stamps, no threads), so the engine's feature cache, keyed on
 the upload's content hash, hits again for a second question.
 
 Runs in worker threads (AskStream.events, BatchTask, a Processing algorithm): writing a large

@@ -87,7 +87,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
     def answers_help(self):
         """The help's first part: what is asked and where the answers go."""
         return ("Asks every question (one a line) about every input raster with the GeoVQA engine and "
-                "writes the answers, token counts, timings and heatmap/anchor paths to a CSV table "
+                "writes the answers, the strategy, the bands the model saw, token counts, timings and "
+                "heatmap/anchor paths to a CSV table "
                 "(and optionally JSON, UTF-8). Failed answers are rows with an error, not a failed run. The CSV "
                 "gets each row as its answer arrives, so a cancelled run keeps the answers it finished; the log "
                 "says where the files are before the first question, and again when the run is cancelled or "

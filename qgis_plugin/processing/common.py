@@ -103,7 +103,7 @@ def question_source(layer, geometry, crs, feedback) -> dict:
 
     A file layer is sent as it is, with the area as the request's AOI, cut to the layer, and the
     bands its renderer shows (:func:`bands.layer_bands`: the layer as loaded; qgis_process loads
-    it with QGIS's default renderer, RGB-tagged bands or the first three). Any
+    it with QGIS's default renderer, whose 1, 2, 3 is sent only when the colour tags agree). Any
     other layer is rendered (:func:`raster_source`) over the area's part of it, which is then the
     whole image (no request AOI), or whole when there is no area; a web service covering the
     whole world (XYZ or WMTS tiles: :func:`render.covers_the_world`) is refused then, as a
