@@ -349,7 +349,10 @@ class EngineClient:
 
     def upload_limit(self) -> int | None:
         """The engine's ``max_upload_bytes`` (``/health``), or None when no limit is known (an
-        older engine; ``/health`` failed, in which case the next call asks again).
+        older engine; ``/health`` failed, in which case the next call asks again). An engine that
+        cannot be reached raises its EngineUnavailable here: a raster is only converted or cut for
+        an upload after this is asked, and that work (minutes for a large one) is for nothing
+        when nothing can be sent.
 
         Asked once per client: :func:`settings.make_client` makes one client per question in the
         dock and one per batch (batch dialog, Processing), so a batch asks once, not once a
@@ -357,6 +360,10 @@ class EngineClient:
         if self._upload_limit is None:
             try:
                 health = self.health()
+            except EngineUnavailable as exc:
+                if exc.code != "model_loading":
+                    raise
+                return None
             except EngineError:
                 return None
             limit = health.get("max_upload_bytes") if isinstance(health, dict) else None

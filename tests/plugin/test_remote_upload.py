@@ -1048,6 +1048,23 @@ def test_a_conversion_that_grows_past_the_upload_limit_is_stopped_and_deleted(tm
     assert os.listdir(own_tempdir) == []
 
 
+
+def test_nothing_is_converted_for_an_engine_that_cannot_be_reached(tmp_path, own_tempdir):
+    """The whole raster was converted (minutes for a large one) before the upload found that the
+    remote engine was not there; the engine's state comes first now."""
+    from conftest import free_port
+    from geovqa.client import EngineClient, EngineUnavailable, build_ask_request
+    from geovqa.tasks import prepare_item_upload
+
+    vrt = write_huge_vrt(tmp_path)
+    client = EngineClient(f"http://127.0.0.1:{free_port()}", "t", send_rasters="upload")
+    seen = []
+    upload, error = prepare_item_upload(client, vrt, None, progress=seen.append)
+    assert upload is None and "not reachable" in error and seen == []
+    with pytest.raises(EngineUnavailable):
+        list(client.ask(build_ask_request("What?", vrt), upload=True).events())
+    assert os.listdir(own_tempdir) == []
+
 def test_a_conversion_no_compression_could_bring_under_the_limit_is_refused_before_writing(
         tmp_path, own_tempdir, monkeypatch):
     from geovqa import upload
