@@ -198,12 +198,11 @@ def holds_a_pixel(geometry: QgsGeometry, layer) -> bool:
 
 def check_holds_a_pixel(geometry: QgsGeometry, layer) -> None:
     """Raise AoiError when ``geometry`` (in the layer's coordinates) is smaller than one pixel of
-    the file ``layer`` (:func:`holds_a_pixel`), before anything is asked. Only where the layer's
-    pixels are its file's (:func:`file_grid_is_layer_grid`): a rendered layer is rendered at a
-    size of its own, and a warped view's grid is not the file's."""
-    from .render import layer_file_path  # here: render imports tasks, which needs no AOI
-
-    if layer_file_path(layer) is None or not file_grid_is_layer_grid(layer):
+    the file ``layer`` (:func:`holds_a_pixel`), before anything is asked. ``layer`` is sent as its
+    file (:func:`request_aoi`'s callers ask :func:`render.layer_file_path` first; a rendered layer
+    is rendered at a size of its own); only where the layer's pixels are its file's
+    (:func:`file_grid_is_layer_grid`: a warped view's grid is not the file's)."""
+    if not file_grid_is_layer_grid(layer):
         return
     if not holds_a_pixel(geometry, layer):
         raise AoiError(f"The area of interest is smaller than one pixel of the layer '{layer.name()}' (it holds "
@@ -211,7 +210,8 @@ def check_holds_a_pixel(geometry: QgsGeometry, layer) -> None:
 
 
 def request_aoi(geometry: QgsGeometry | None, src_crs, layer, project: QgsProject | None = None) -> dict | None:
-    """The protocol AOI for ``geometry`` (in ``src_crs``) on ``layer``, or None for the whole layer.
+    """The protocol AOI for ``geometry`` (in ``src_crs``) on ``layer``, a layer sent as its file
+    (:func:`render.layer_file_path`), or None for the whole layer.
 
     Rectangles that stay rectangles in the layer's CRS become ``window`` (on a north-up file);
     anything else becomes ``polygon_wkt`` in the layer's CRS, clipped to the layer extent (on a

@@ -38,8 +38,8 @@ from qgis.PyQt.QtWidgets import (
 
 from . import layers as result_layers
 from . import status as engine_status
-from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, check_holds_a_pixel, clip_to_layer,
-                  is_unreferenced_file, request_aoi)
+from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, is_unreferenced_file,
+                  request_aoi)
 from .bands import bands_text, layer_bands
 from .client import EngineError, build_ask_request, engine_address, new_request_id, question_too_long
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
@@ -48,8 +48,7 @@ from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
-from .tasks import ANSWERING, AskTask, HealthTask, file_stem, rect_bounds
-from .tasks import stage_text as _stage_text
+from .tasks import ANSWERING, AskTask, HealthTask, file_stem, rect_bounds, stage_text
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
@@ -615,9 +614,12 @@ class ChatDock(QgsDockWidget):
             return None
         try:
             area = area or self._current_area()
-            if area["geometry"] is not None and not area["geometry"].isEmpty():
-                clipped = clip_to_layer(area["geometry"], area["crs"], layer)  # raises when it is off the layer
-                check_holds_a_pixel(clipped, layer)  # a rectangle too: not one pixel stretched to a tile
+            geom, crs = area["geometry"], area["crs"]
+            path = layer_file_path(layer)
+            if path is not None:  # the request's AOI, made here: it raises for an area off the layer or
+                aoi = request_aoi(geom, crs, layer)  # smaller than one of its pixels (a rectangle too)
+            elif geom is not None and not geom.isEmpty():
+                clip_to_layer(geom, crs, layer)  # raises when it is off the layer (rendered over it below)
         except AoiError as exc:
             self._notify(str(exc), MSG_WARNING)
             return None
@@ -639,10 +641,7 @@ class ChatDock(QgsDockWidget):
         self.stop_button.setEnabled(True)
         try:
             turn["_area"] = area  # for a retry (keys starting with _ stay out of the JSON export)
-            geom, crs = area["geometry"], area["crs"]
-            path = layer_file_path(layer)
             if path is not None:
-                aoi = request_aoi(geom, crs, layer) if geom is not None else None
                 # the bands the layer shows (its renderer now); a render below is RGB already
                 self._start_ask(turn, path, aoi, settings, rect_bounds(layer.extent()), is_unreferenced_file(layer),
                                 bands=layer_bands(layer))
@@ -753,7 +752,7 @@ class ChatDock(QgsDockWidget):
         if kind == "queued":
             self.progress_label.setText(f"Queued ({ev.get('position', 0)} ahead) …")
         elif kind == "status":
-            self.progress_label.setText(self.stage_text(ev))
+            self.progress_label.setText(stage_text(ev))
         elif kind == "token":
             turn["answer"] += ev.get("text", "")
             if self.progress_label.text() != ANSWERING:
@@ -773,12 +772,6 @@ class ChatDock(QgsDockWidget):
             self._fail(turn, msg, short)
             if ev.get("code") in ("engine_down", "model_loading"):
                 self.refresh_health()
-
-    @staticmethod
-    def stage_text(ev: dict) -> str:
-        """A status event in words: "Reading the raster", "Encoding tiles 40 %"…
-        (:func:`tasks.stage_text`, shared with Processing)."""
-        return _stage_text(ev)
 
     def _offer_retry(self, retry):
         """Offer (or withdraw, for None) to ask again with a smaller budget.

@@ -249,12 +249,12 @@ def test_the_retry_button_does_not_hide_the_end_of_the_chat(plugin, raster_layer
 
 
 def test_progress_says_stages_in_words_and_where_the_results_went(plugin, raster_layer, stub_engine, tmp_path):
-    from geovqa.dock import ChatDock
+    from geovqa.tasks import stage_text
 
-    assert ChatDock.stage_text({"stage": "read", "progress": 0.2, "message": "reading"}) == "Reading the raster 20 %"
-    assert ChatDock.stage_text({"stage": "vision", "progress": 0.4}) == "Encoding tiles 40 %"
-    assert ChatDock.stage_text({"stage": "select", "progress": None}) == "Choosing tokens …"
-    assert ChatDock.stage_text({"stage": "generate"}) == "Answering…"
+    assert stage_text({"stage": "read", "progress": 0.2, "message": "reading"}) == "Reading the raster 20 %"
+    assert stage_text({"stage": "vision", "progress": 0.4}) == "Encoding tiles 40 %"
+    assert stage_text({"stage": "select", "progress": None}) == "Choosing tokens …"
+    assert stage_text({"stage": "generate"}) == "Answering…"
 
     layer = raster_layer()
     dock = plugin.dock
@@ -350,8 +350,8 @@ def test_the_batch_dialog_leaves_result_layers_out_as_the_dock_does(plugin, rast
 
 
 def test_stage_text_keeps_the_case_of_the_engines_message():
-    from geovqa.dock import ChatDock
-    assert ChatDock.stage_text({"stage": "warmup", "message": "Loading GeoLLaVA-8K weights"}).startswith(
+    from geovqa.tasks import stage_text
+    assert stage_text({"stage": "warmup", "message": "Loading GeoLLaVA-8K weights"}).startswith(
         "Loading GeoLLaVA-8K")
 
 
