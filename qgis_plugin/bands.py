@@ -70,6 +70,18 @@ def _default_style_against_the_tags(layer, renderer, bands) -> bool:
     return bands == [1, 2, 3] and all(tagged) and tagged != [1, 2, 3]
 
 
+def _seen(bands, palette) -> tuple | None:
+    """``(bands as ints, how)`` of what a ``result`` event says the model saw, ``how`` one of
+    "palette", "grey", "rgb"; None when it does not say (a failed answer, an older engine)."""
+    if not isinstance(bands, (list, tuple)) or not bands:
+        return None
+    try:
+        bands = [int(b) for b in bands]
+    except (TypeError, ValueError):
+        return None
+    return bands, ("palette" if palette else "grey" if len(set(bands)) == 1 else "rgb")
+
+
 def bands_text(bands, palette=False, rendered: bool = False) -> str:
     """The bands a ``result`` event says the model saw, in words for the line under an answer
     and the Processing log: "bands 4, 3, 2", "band 1 as grey", "band 1 through its colour table";
@@ -77,15 +89,13 @@ def bands_text(bands, palette=False, rendered: bool = False) -> str:
     event does not say (an engine older than the field)."""
     if rendered:
         return "rendered view"
-    if not isinstance(bands, (list, tuple)) or not bands:
+    seen = _seen(bands, palette)
+    if seen is None:
         return ""
-    try:
-        bands = [int(b) for b in bands]
-    except (TypeError, ValueError):
-        return ""
-    if palette:
+    bands, how = seen
+    if how == "palette":
         return f"band {bands[0]} through its colour table"
-    if len(set(bands)) == 1:
+    if how == "grey":
         return f"band {bands[0]} as grey"
     return "bands " + ", ".join(str(b) for b in bands)
 
@@ -93,14 +103,12 @@ def bands_text(bands, palette=False, rendered: bool = False) -> str:
 def bands_cell(bands, palette=False) -> str:
     """The same for a table cell or a CSV column: "4,3,2", "1 (grey)", "1 (colour table)"; ""
     when not known (a failed answer, an older engine)."""
-    if not isinstance(bands, (list, tuple)) or not bands:
+    seen = _seen(bands, palette)
+    if seen is None:
         return ""
-    try:
-        bands = [int(b) for b in bands]
-    except (TypeError, ValueError):
-        return ""
-    if palette:
+    bands, how = seen
+    if how == "palette":
         return f"{bands[0]} (colour table)"
-    if len(set(bands)) == 1:
+    if how == "grey":
         return f"{bands[0]} (grey)"
     return ",".join(str(b) for b in bands)
