@@ -221,6 +221,13 @@ PLUGIN_STAGE_WORDS = {
 }
 
 
+def preparing_words(layer_name: str | None = None) -> str:
+    """"Preparing the raster for upload", or, naming the layer, "Preparing the raster of 'a' for
+    upload" (a batch prepares one raster after another)."""
+    words = PLUGIN_STAGE_WORDS[PREPARE_STAGE]
+    return words.replace("the raster", f"the raster of '{layer_name}'", 1) if layer_name else words
+
+
 def stage_text(ev: dict) -> str:
     """A status event in words: "Reading the raster", "Encoding tiles 40 %"…"""
     stage = ev.get("stage") or ""
@@ -598,7 +605,7 @@ class BatchTask(QgsTask):
         said = []
 
         def progress(fraction):  # said once a whole percent
-            text = f"Preparing the raster of '{item['layer']}' for upload {100 * fraction:.0f} %"
+            text = f"{preparing_words(item['layer'])} {100 * fraction:.0f} %"
             if not said or said[-1] != text:
                 said.append(text)
                 self.stage.emit(text)

@@ -169,7 +169,7 @@ def _geojson_geometries(obj: dict) -> list:
         geometries = [obj.get("geometry")]
     elif kind == "FeatureCollection":
         features = obj.get("features")
-        geometries = ([f.get("geometry") for f in features if isinstance(f, dict)]
+        geometries = ([f.get("geometry") for f in features]
                       if isinstance(features, list) and all(isinstance(f, dict) for f in features) else [])
     else:
         geometries = [obj]

@@ -17,7 +17,6 @@ from qgis.core import (
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingOutputString,
-    QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
@@ -30,7 +29,7 @@ from ..bands import bands_text
 from ..client import EngineError, question_too_long
 from ..compat import NUMBER_INTEGER, PARAM_ADVANCED, PROCESSING_VECTOR_POLYGON
 from ..layers import anchors_name, heatmap_name
-from ..settings import DEFAULT_STRATEGY, Settings
+from ..settings import Settings
 from .common import (
     aoi_refusal,
     area_of_interest,
@@ -39,7 +38,7 @@ from .common import (
     forget_result_layer,
     load_result_layer,
     question_source,
-    strategy_options,
+    strategy_parameter,
     strategy_parameter_value,
     with_strategy_names,
 )
@@ -126,13 +125,7 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
         self.addParameter(QgsProcessingParameterString(self.QUESTION, "Question"))
         self.addParameter(QgsProcessingParameterExtent(self.AOI, "Area of interest (empty: whole layer)", optional=True))
-        strategies = strategy_options()
-        # the strategies' names are the values (qgis_process STRATEGY=pyramid; models store the name,
-        # which no reordering of the list changes); a number is still taken (with_strategy_names)
-        strategy = QgsProcessingParameterEnum(self.STRATEGY, "Token strategy", options=strategies,
-                                              defaultValue=DEFAULT_STRATEGY)
-        strategy.setUsesStaticStrings(True)
-        self.addParameter(strategy)
+        self.addParameter(strategy_parameter(self.STRATEGY))
         self.addParameter(QgsProcessingParameterNumber(self.BUDGET, "Token budget (0: engine default)", NUMBER_INTEGER,
                                                        defaultValue=0, minValue=0))
         p = QgsProcessingParameterNumber(self.MAX_NEW_TOKENS, "Max answer tokens", NUMBER_INTEGER,

@@ -17,7 +17,6 @@ from qgis.core import (
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingOutputNumber,
-    QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterMultipleLayers,
@@ -29,7 +28,7 @@ from qgis.core import (
 from ..client import EngineError, questions_too_long
 from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
 from ..results_io import CsvRows, write_json
-from ..settings import DEFAULT_STRATEGY, Settings
+from ..settings import Settings
 from ..tasks import BatchProgress, prepare_item_upload
 from .common import (
     aoi_refusal,
@@ -38,7 +37,7 @@ from .common import (
     engine_client,
     question_source,
     say_preparing,
-    strategy_options,
+    strategy_parameter,
     strategy_parameter_value,
     with_strategy_names,
 )
@@ -104,11 +103,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.QUESTIONS, "Questions (one a line)", multiLine=True))
         self.addParameter(QgsProcessingParameterExtent(self.AOI, "Area of interest (empty: each whole layer)",
                                                        optional=True))
-        # the strategies' names are the values, as "Ask a raster"'s (a number is still taken)
-        strategy = QgsProcessingParameterEnum(self.STRATEGY, "Token strategy", options=strategy_options(),
-                                              defaultValue=DEFAULT_STRATEGY)
-        strategy.setUsesStaticStrings(True)
-        self.addParameter(strategy)
+        self.addParameter(strategy_parameter(self.STRATEGY))
         self.addParameter(QgsProcessingParameterNumber(self.BUDGET, "Token budget (0: engine default)", NUMBER_INTEGER,
                                                        defaultValue=0, minValue=0))
         # a temporary CSV by default, so `qgis_process run geovqa:batch_questions` needs no OUTPUT;

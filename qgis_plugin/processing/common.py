@@ -8,7 +8,12 @@ from __future__ import annotations
 from collections import deque
 from pathlib import Path
 
-from qgis.core import QgsGeometry, QgsProcessingException, QgsProcessingLayerPostProcessorInterface
+from qgis.core import (
+    QgsGeometry,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingParameterEnum,
+)
 
 from .. import layers as result_layers
 from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
@@ -16,12 +21,21 @@ from ..bands import layer_bands
 from ..client import EngineError, build_ask_request
 from ..render import covers_the_world, layer_file_path, render_sync
 from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
-from ..tasks import (PLUGIN_STAGE_WORDS, PREPARE_STAGE, BatchProgress, file_stem, keep_result_files_or_warn,
-                     rect_bounds)
+from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, preparing_words, rect_bounds
 
 
 def strategy_options():
     return list(STRATEGIES)
+
+
+def strategy_parameter(name: str) -> QgsProcessingParameterEnum:
+    """The "Token strategy" parameter of both algorithms: the strategies' names are its values
+    (qgis_process STRATEGY=pyramid; models store the name, which no reordering of the list
+    changes); a number is still taken (:func:`with_strategy_names`)."""
+    param = QgsProcessingParameterEnum(name, "Token strategy", options=strategy_options(),
+                                       defaultValue=DEFAULT_STRATEGY)
+    param.setUsesStaticStrings(True)
+    return param
 
 
 def strategy_index(value) -> int | None:
@@ -156,9 +170,7 @@ def say_preparing(feedback, layer_name: str | None = None):
     def progress(_fraction):
         if not said and feedback is not None:
             said.append(True)
-            of = f" of '{layer_name}'" if layer_name else ""
-            feedback.setProgressText(PLUGIN_STAGE_WORDS[PREPARE_STAGE].replace("the raster", f"the raster{of}", 1)
-                                     + " …")
+            feedback.setProgressText(preparing_words(layer_name) + " …")
 
     return progress
 
