@@ -381,6 +381,20 @@ def qgis_process_with_plugin(tmp_path, engine, results) -> tuple:
     return qp, env
 
 
+def run_batch_dialog(plugin, layers, questions: str, timeout=60.0, dlg=None) -> tuple:
+    """The batch dialog (``dlg``, already set up by the test, or a new one) asked ``questions``
+    (one a line) about ``layers``, run to its end: ``(dialog, rows of the run)``."""
+    dlg = dlg or plugin.open_batch()
+    dlg.set_checked_layers({layer.id() for layer in layers})
+    dlg.questions_edit.setPlainText(questions)
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.run()
+    wait_until(lambda: done, timeout, "the batch")
+    wait_for_tasks()
+    return dlg, done[0]
+
+
 def batch_of_two_rendered_layers(plugin, raster_layer, qgis_iface):
     """The batch dialog set to ask "q1" about two virtual raster layers v1, v2 (each rendered before
     it is asked about), not run yet; `finished` collects the rows of each finished run. Each has

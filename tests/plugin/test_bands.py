@@ -16,7 +16,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import recording_feedback, set_settings, virtual_raster_layer, wait_for_tasks, wait_until
+from conftest import (recording_feedback, run_batch_dialog, set_settings, virtual_raster_layer, wait_for_tasks,
+                      wait_until)
 
 
 def write_bands(path, count=8, width=64, height=48, dtype=None):
@@ -227,15 +228,8 @@ def test_the_batch_dialog_sends_each_layers_bands_and_keeps_what_the_model_saw(
     canvas = plugin.iface.mapCanvas()  # a virtual layer is asked about as the map shows it
     canvas.setDestinationCrs(layers["virtual"].crs())
     canvas.setExtent(layers["virtual"].extent())
-    dlg = plugin.open_batch()
-    dlg.set_checked_layers({layers[n].id() for n in order})
-    dlg.questions_edit.setPlainText("What is here?")
-    done = []
-    dlg.batch_finished.connect(done.append)
-    dlg.run()
-    wait_until(lambda: done, 60, "the batch")
-    wait_for_tasks()
-    rows = {r["layer"]: r for r in done[0]}
+    dlg, done_rows = run_batch_dialog(plugin, [layers[n] for n in order], "What is here?")
+    rows = {r["layer"]: r for r in done_rows}
     assert all(r["error"] is None for r in rows.values()), rows
     by_path = [(req["raster_path"], req["bands"]) for req in stub_engine.requests]
     assert (layers["true_colour"].source(), [4, 3, 2]) in by_path

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import recording_feedback, wait_for_tasks, wait_until
+from conftest import recording_feedback, run_batch_dialog
 
 ANSWER = "The area is 64 x 48 pixels with 3 bands."
 
@@ -194,14 +194,7 @@ def test_the_batch_dialogs_autosave_and_json_export_are_utf8_text(plugin, raster
     from geovqa.results_io import append_json_line
 
     layer = raster_layer("été")
-    dlg = plugin.open_batch()
-    dlg.set_checked_layers({layer.id()})
-    dlg.questions_edit.setPlainText(QUESTION)
-    done = []
-    dlg.batch_finished.connect(done.append)
-    dlg.run()
-    wait_until(lambda: done, 60, "the batch")
-    wait_for_tasks()
+    dlg, _ = run_batch_dialog(plugin, [layer], QUESTION)
     raw = Path(dlg.autosave_path).read_bytes()
     assert QUESTION.encode("utf-8") in raw and b"\\u" not in raw and raw.count(b"\n") == 1
     (row,) = [json.loads(line) for line in raw.decode("utf-8").splitlines()]

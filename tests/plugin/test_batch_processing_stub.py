@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from conftest import recording_feedback, wait_for_tasks, wait_until
+from conftest import recording_feedback, run_batch_dialog, wait_for_tasks, wait_until
 
 
 def test_batch_dialog_two_layers_csv_and_json(plugin, raster_layer, stub_engine, tmp_path):
@@ -293,15 +293,9 @@ def test_batch_and_processing_place_the_results_of_a_raster_with_no_georeferenci
     assert ext.contains(QgsVectorLayer(row["anchors_path"], "a", "ogr").extent())
 
     dlg = plugin.open_batch()
-    dlg.set_checked_layers({layer.id()})
-    dlg.questions_edit.setPlainText("How big?")
     dlg.layers_check.setChecked(True)
-    done = []
-    dlg.batch_finished.connect(done.append)
-    dlg.run()
-    wait_until(lambda: done, 60, "the batch")
-    wait_for_tasks()
-    assert done[0][0]["error"] is None
+    _, rows = run_batch_dialog(plugin, [layer], "How big?", dlg=dlg)
+    assert rows[0]["error"] is None
     added = {lyr.name(): lyr for lyr in QgsProject.instance().mapLayers().values() if lyr is not layer}
     assert added[heatmap_name("How big?", layer)].extent() == layer.extent()
     anchors = added[anchors_name("How big?", layer)]

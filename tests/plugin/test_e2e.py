@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, set_settings, wait_for_tasks, wait_until
+from conftest import ROOT, run_batch_dialog, set_settings, wait_for_tasks, wait_until
 
 SCREENSHOT = ROOT / "docs" / "screenshots" / "dock_answer.png"
 
@@ -224,14 +224,7 @@ def test_a_raster_with_no_georeferencing_gets_its_aoi_and_results_in_place(plugi
 
 def test_batch_over_two_layers_to_csv(plugin, raster_layer, engine, tmp_path):
     a, b = raster_layer("north", width=120, height=90), raster_layer("south", width=90, height=120)
-    dlg = plugin.open_batch()
-    dlg.set_checked_layers({a.id(), b.id()})
-    dlg.questions_edit.setPlainText("Describe the scene.\nIs there water?")
-    done = []
-    dlg.batch_finished.connect(done.append)
-    dlg.run()
-    wait_until(lambda: done, 300, "the batch")
-    wait_for_tasks()
+    dlg, _ = run_batch_dialog(plugin, [a, b], "Describe the scene.\nIs there water?", timeout=300)
     path = dlg.export(str(tmp_path / "batch.csv"))
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -1113,7 +1113,7 @@ def test_the_dock_says_it_prepares_the_raster_and_that_it_is_too_large(plugin, s
 
 def test_the_batch_dialog_says_it_prepares_the_raster_and_that_it_is_too_large(
         plugin, stub_engine, tmp_path, own_tempdir, small_gdal_cache, qgis_new_project, monkeypatch):
-    from conftest import set_settings, wait_for_tasks, wait_until
+    from conftest import run_batch_dialog, set_settings
     from qgis.core import QgsProject, QgsRasterLayer
 
     set_settings(send_rasters="upload")
@@ -1124,16 +1124,10 @@ def test_the_batch_dialog_says_it_prepares_the_raster_and_that_it_is_too_large(
     said = []
     set_text = dlg.message.setText
     monkeypatch.setattr(dlg.message, "setText", lambda text: said.append(text) or set_text(text))
-    done = []
-    dlg.batch_finished.connect(done.append)
-    dlg.set_checked_layers({layer.id()})
-    dlg.questions_edit.setPlainText("q1\nq2")
-    dlg.run()
-    wait_until(lambda: done, 60, "the batch")
-    wait_for_tasks()
+    _, rows = run_batch_dialog(plugin, [layer], "q1\nq2", dlg=dlg)
     preparing = [t for t in said if t.startswith("Preparing the raster of 'huge' for upload")]
     assert len(preparing) >= 3 and any(t.endswith(" %") for t in preparing), said
-    assert [("too large" in (r["error"] or "")) for r in done[0]] == [True, True]
+    assert [("too large" in (r["error"] or "")) for r in rows] == [True, True]
     assert stub_engine.uploads == [] and os.listdir(own_tempdir) == []
 
 
