@@ -172,8 +172,18 @@ def write_geotiff(rgba: np.ndarray, extent: QgsRectangle, crs_wkt: str, path: st
     return str(path)
 
 
+class NothingRendered(ValueError):
+    """A render without a single drawn pixel: a web service that did not answer (QGIS draws
+    nothing then, without an error) or one that does not cover the extent."""
+
+    def __init__(self, layer_name: str):
+        super().__init__(f"The layer '{layer_name}' rendered nothing over this extent "
+                         "(is the service reachable, and does it cover the area?).")
+
+
 def render_sync(layer, extent: QgsRectangle, path: str, max_px: int = 2048) -> tuple:
-    """Render and write in the calling thread (used by Processing): (path, visible extent)."""
+    """Render and write in the calling thread (used by Processing): (path, visible extent).
+    Raises :class:`NothingRendered` (nothing written) when no pixel was drawn."""
     ms = map_settings(layer, extent, max_px)
     image = QImage(ms.outputSize(), FORMAT_ARGB32)
     image.fill(0)
@@ -181,7 +191,10 @@ def render_sync(layer, extent: QgsRectangle, path: str, max_px: int = 2048) -> t
     job = QgsMapRendererCustomPainterJob(ms, painter)
     job.renderSynchronously()
     painter.end()
-    return write_geotiff(image_to_rgba(image), ms.visibleExtent(), layer.crs().toWkt(), path), ms.visibleExtent()
+    rgba = image_to_rgba(image)
+    if rgba[:, :, 3].max() == 0:
+        raise NothingRendered(layer.name())
+    return write_geotiff(rgba, ms.visibleExtent(), layer.crs().toWkt(), path), ms.visibleExtent()
 
 
 class _WriteTask(QgsTask):
@@ -244,8 +257,7 @@ class LayerRenderer(QObject):
     def _rendered(self) -> None:
         rgba = image_to_rgba(self.job.renderedImage())
         if rgba[:, :, 3].max() == 0:
-            self.done.emit("", f"The layer '{self.layer.name()}' rendered nothing over this extent "
-                               "(is the service reachable, and does it cover the area?).")
+            self.done.emit("", str(NothingRendered(self.layer.name())))
             return
         self.task = _WriteTask(rgba, self.settings.visibleExtent(), self.crs_wkt, self.path)
         # bound methods (not lambdas), so cancel() can disconnect them

@@ -19,7 +19,7 @@ from .. import layers as result_layers
 from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..bands import layer_bands
 from ..client import EngineError, build_ask_request
-from ..render import covers_the_world, layer_file_path, render_sync
+from ..render import NothingRendered, covers_the_world, layer_file_path, render_sync
 from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
 from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, preparing_words, rect_bounds
 
@@ -141,6 +141,8 @@ def question_source(layer, geometry, crs, feedback) -> dict:
         raise QgsProcessingException(str(exc)) from exc
     try:
         path, bounds, unreferenced = raster_source(layer, feedback, extent)
+    except NothingRendered as exc:  # says the layer's name itself
+        raise QgsProcessingException(str(exc)) from exc
     except (OSError, ValueError) as exc:  # an empty extent, a file GDAL could not write
         raise QgsProcessingException(f"Could not render the layer '{layer.name()}': {exc}") from exc
     return {"raster_path": path, "bounds": bounds, "unreferenced": unreferenced, "aoi": None,

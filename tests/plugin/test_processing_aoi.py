@@ -10,7 +10,9 @@ through QGIS 3.22's dialogs and qgis_process:
 * STRATEGY took only numbers (``STRATEGY=pyramid`` was refused);
 * both algorithms had no short description;
 * under qgis_process the heatmap and anchors outputs are temporary files: nothing said where
-  the lasting copies are.
+  the lasting copies are;
+* a web layer that drew nothing (a service that did not answer) was sent as an empty image,
+  where the dock says it rendered nothing.
 """
 
 from __future__ import annotations
@@ -287,6 +289,48 @@ def test_batch_gives_a_world_wide_web_layer_with_no_area_of_interest_error_rows(
                                                     "OUTPUT": str(tmp_path / "aoi.csv")})
     assert res["ANSWERED"] == 1 and res["ERRORS"] == 0, _rows(res)
     assert _size(stub_engine.requests[-1]["raster_path"]) == (256, 180)
+
+
+def _unreachable_xyz_layer(tmp_path, name="gone tiles"):
+    """An XYZ layer whose tiles are not there (a service that does not answer): QGIS draws
+    nothing and says no error."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    url = (tmp_path / "no-tiles").as_uri() + "/{z}/{x}/{y}.png"
+    layer = QgsRasterLayer(f"type=xyz&url={url}&zmin=0&zmax=1", name, "wms")
+    assert layer.isValid(), layer.error().summary()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+WORLD_PART = "-5000000,5000000,-3000000,4000000 [EPSG:3857]"
+
+
+def test_ask_refuses_a_web_layer_that_rendered_nothing(plugin, stub_engine, qgis_processing, qgis_new_project,
+                                                       tmp_path):
+    set_settings(render_max_px=256)
+    layer = _unreachable_xyz_layer(tmp_path)
+    said = _errors_of_a_failed_run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": "What is here?",
+                                                         "AOI": WORLD_PART})
+    # as the dock says it, not an empty image sent to the model
+    assert "The layer 'gone tiles' rendered nothing over this extent (is the service reachable" in said
+    assert stub_engine.requests == []
+
+
+def test_batch_gives_a_web_layer_that_rendered_nothing_error_rows(plugin, raster_layer, stub_engine,
+                                                                 qgis_processing, qgis_new_project, tmp_path):
+    import processing
+
+    set_settings(render_max_px=256)
+    a, gone = raster_layer("a"), _unreachable_xyz_layer(tmp_path)
+    res = processing.run("geovqa:batch_questions", {"LAYERS": [gone, a], "QUESTIONS": "How big?",
+                                                    "AOI": "500100,500300,4999700,4999900 [EPSG:32633]",
+                                                    "OUTPUT": str(tmp_path / "gone.csv")})
+    rows = _rows(res)
+    assert res["ANSWERED"] == 1 and res["ERRORS"] == 1, rows
+    (gone_row,) = [r for r in rows if r["layer"] == "gone tiles"]
+    assert "rendered nothing over this extent" in gone_row["error"] and not gone_row["answer"]
+    assert [r["raster_path"] for r in stub_engine.requests] == [a.source()]
 
 
 # --- 3. small non-file rasters are not scaled up ----------------------------------------------
