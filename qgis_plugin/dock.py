@@ -206,7 +206,6 @@ class ChatDock(QgsDockWidget):
         self.question_edit.returnPressed.connect(self.ask)
         self.question_edit.textChanged.connect(self._update_inputs)
         self.question_edit.textChanged.connect(self._say_question_length)
-        self._length_note = ""  # what _say_question_length put under the question, if it still shows
         self.ask_button = QPushButton("Ask")
         self.ask_button.clicked.connect(self.ask)
         self.stop_button = QPushButton("Stop")
@@ -216,6 +215,11 @@ class ChatDock(QgsDockWidget):
         q_row.addWidget(self.ask_button)
         q_row.addWidget(self.stop_button)
         v.addLayout(q_row)
+        # its own line, not the progress line: typing while an answer runs keeps both in view
+        self.length_label = QLabel("")
+        self.length_label.setWordWrap(True)
+        self.length_label.hide()
+        v.addWidget(self.length_label)
         self.progress_label = QLabel("")
         self.progress_label.setWordWrap(True)  # a long message wraps instead of widening the dock
         self.retry_button = QPushButton("")
@@ -343,16 +347,13 @@ class ChatDock(QgsDockWidget):
                                    and bool(text.strip()) and not question_too_long(text))
 
     def _say_question_length(self, text):
-        """A question longer than the engine takes is said as it is typed, under the question
-        (and in the box's tooltip); Ask stays disabled until it is short enough. The text is
-        kept as typed, to be shortened."""
+        """A question longer than the engine takes is said as it is typed, on a line of its own
+        under the question (and in the box's tooltip), which goes once it is short enough; Ask
+        stays disabled until then. The text is kept as typed, to be shortened."""
         too_long = question_too_long(text) or ""
         self.question_edit.setToolTip(too_long)
-        if too_long:
-            self.progress_label.setText(too_long)
-        elif self._length_note and self.progress_label.text() == self._length_note:
-            self.progress_label.setText("")  # short enough again: the note goes
-        self._length_note = too_long
+        self.length_label.setText(too_long)
+        self.length_label.setVisible(bool(too_long))
 
     def _layers_added(self, layers):
         """A layer may be marked as a result layer only once it is in the project (the layers

@@ -406,7 +406,8 @@ def test_a_question_longer_than_the_engine_takes_is_said_as_typed_and_not_stored
     dock.question_edit.setText(long_question)
     # said as it is typed: Ask is off, and the line under the question says why and what to do
     assert not dock.ask_button.isEnabled()
-    said = dock.progress_label.text()
+    said = dock.length_label.text()
+    assert not dock.length_label.isHidden()
     assert f"{len(long_question)} characters" in said and f"at most {MAX_QUESTION_CHARS}" in said
     assert "shorten" in said and dock.question_edit.toolTip() == said
     assert dock.ask() is None  # Enter in the box
@@ -414,9 +415,36 @@ def test_a_question_longer_than_the_engine_takes_is_said_as_typed_and_not_stored
     assert dock.question_edit.text() == long_question  # kept, to be shortened
     assert not stub_engine.requests and not dock.stop_button.isEnabled()
     dock.question_edit.setText(long_question[:MAX_QUESTION_CHARS])  # short enough: the note goes
-    assert dock.ask_button.isEnabled() and dock.progress_label.text() == "" and dock.question_edit.toolTip() == ""
+    assert dock.ask_button.isEnabled() and dock.question_edit.toolTip() == ""
+    assert dock.length_label.text() == "" and dock.length_label.isHidden()
     dock.question_edit.setText(" " + "y" * MAX_QUESTION_CHARS + " ")  # as sent: stripped
     assert dock.ask_button.isEnabled()
+
+
+def test_typing_a_too_long_question_while_an_answer_runs_keeps_its_progress(plugin, raster_layer, stub_engine):
+    """The length note took the progress line: "Answering …" was replaced by it until the next
+    engine event, which then replaced the note while the question was still too long."""
+    from geovqa.client import MAX_QUESTION_CHARS
+    from geovqa.tasks import ANSWERING
+
+    layer = raster_layer()
+    dock = plugin.dock
+    _show(dock)
+    dock.set_layer(layer)
+    stub_engine.token_delay = 0.2
+    dock.ask("Describe the scene.")
+    wait_until(lambda: dock.progress_label.text() == ANSWERING, 30, "the answer streaming")
+    dock.question_edit.setText("y" * (MAX_QUESTION_CHARS + 1))
+    assert dock.progress_label.text() == ANSWERING
+    note = dock.length_label.text()
+    assert f"{MAX_QUESTION_CHARS + 1} characters" in note and dock.length_label.isVisible()
+    answer_so_far = len(dock.turns(layer)[-1]["answer"])
+    wait_until(lambda: len(dock.turns(layer)[-1]["answer"]) > answer_so_far, 30, "more of the answer")
+    assert dock.length_label.text() == note and dock.length_label.isVisible()  # the events leave it
+    dock.question_edit.setText("Where?")
+    assert dock.length_label.isHidden() and dock.progress_label.text() == ANSWERING
+    dock.stop()
+    wait_for_tasks()
 
 
 @pytest.mark.parametrize("mode", ["rectangle", "polygon"])
