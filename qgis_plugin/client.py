@@ -182,8 +182,13 @@ def engine_address(url: str) -> tuple:
     host = parsed.hostname
     if not host:
         raise EngineError("bad_url", f"The engine URL {url!r} names no host; e.g. {DEFAULT_ENGINE_URL}.")
+    if any(ch.isspace() for ch in parsed.netloc):  # "127.0.0.1 :8765": no host has a space
+        raise EngineError("bad_url", f"The engine URL {url!r} has a space in its host or port; "
+                          f"e.g. {DEFAULT_ENGINE_URL}.")
     try:
         port = parsed.port
+        if port == 0:  # urllib takes it; nothing listens there
+            raise ValueError(port)
     except ValueError:
         raise EngineError("bad_url", f"The engine URL {url!r} has an invalid port; ports are 1 to 65535, "
                           f"e.g. {DEFAULT_ENGINE_URL}.") from None

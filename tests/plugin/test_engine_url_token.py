@@ -27,6 +27,9 @@ def test_engine_address(url, expected):
     ("http://127.0.0.1:abc", "invalid port"),
     ("ftp://127.0.0.1:8765", "must start with http"),
     ("http://:8765", "names no host"),
+    ("http://127.0.0.1:0", "invalid port"),  # urllib takes port 0 (a review found it saved)
+    ("http://127.0.0.1 :8765", "space in its host"),
+    ("http://gpu example.org/", "space in its host"),
 ])
 def test_a_bad_engine_url_is_an_engine_error(url, message):
     from geovqa.client import EngineClient, EngineError
