@@ -286,17 +286,30 @@ class ChatDock(QgsDockWidget):
     def _strategy_tooltip(self, _index=None):
         self.strategy_combo.setToolTip(STRATEGY_LABELS.get(self.strategy_combo.currentData(), ""))
 
-    def _load_options(self):
+    @staticmethod
+    def _option_defaults() -> dict:
         s = Settings.load()
-        self.strategy_combo.setCurrentIndex(max(0, self.strategy_combo.findData(s.strategy)))
-        self.budget_spin.setValue(s.budget)
-        self.tpt_spin.setValue(s.tokens_per_tile)
-        self.max_new_spin.setValue(s.max_new_tokens)
+        return {"strategy": s.strategy, "budget": s.budget, "tokens_per_tile": s.tokens_per_tile,
+                "max_new_tokens": s.max_new_tokens}
+
+    def _load_options(self, only_changed: bool = False):
+        """The options page's defaults into the dock's options. ``only_changed``: those whose
+        default the page changed since they were last taken; the others keep what was chosen
+        here (a strategy picked for this conversation, a budget from *Retry with budget*)."""
+        defaults, before = self._option_defaults(), getattr(self, "_defaults_taken", {})
+        new = {k: v for k, v in defaults.items() if not only_changed or before.get(k) != v}
+        self._defaults_taken = defaults
+        if "strategy" in new:
+            self.strategy_combo.setCurrentIndex(max(0, self.strategy_combo.findData(new["strategy"])))
+        for key, spin in (("budget", self.budget_spin), ("tokens_per_tile", self.tpt_spin),
+                          ("max_new_tokens", self.max_new_spin)):
+            if key in new:
+                spin.setValue(new[key])
         self._strategy_tooltip()
 
     def _settings_saved(self):
-        """The options page saved: new defaults for the model options, and maybe a new engine."""
-        self._load_options()
+        """The options page saved: the defaults it changed, and maybe a new engine."""
+        self._load_options(only_changed=True)
         self.refresh_health()
 
     def options(self) -> dict:

@@ -195,6 +195,24 @@ class Settings:
         return Path(QgsApplication.qgisSettingsDirPath()) / "geovqa" / "results"
 
 
+def folder_problem(folder: Path) -> str:
+    """Why results cannot be written in ``folder`` ('' when they can, as far as can be told
+    without writing): it is a file, or neither it nor the nearest existing folder above it,
+    where it would be made, may be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder."
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{folder} cannot be made: {probe} is a file."
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return (f"{folder} cannot be written (no permission)." if probe == folder
+                else f"{folder} cannot be made: {probe} cannot be written (no permission).")
+    return ""
+
+
 def config_dir() -> Path:
     """Engine config dir (same rules as engine.protocol.config_dir)."""
     override = os.environ.get("GEOVQA_CONFIG_DIR")

@@ -19,7 +19,7 @@ from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLin
 
 from .client import DEFAULT_ENGINE_URL, EngineError, engine_address
 from .settings import (SEND_RASTERS_LABELS, SEND_RASTERS_TIPS, STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT,
-                       Settings, default_token_path, notifier)
+                       Settings, default_token_path, folder_problem, notifier)
 from .tls import CA_CERT_LABEL
 
 ICON = str(Path(__file__).parent / "icons" / "geovqa.svg")
@@ -175,7 +175,10 @@ class SettingsForm(QWidget):
         """The folder in use now (with the field as it stands), besides the rule for an empty field."""
         s = Settings.load()
         s.output_dir = self.output.filePath()
-        self.results_note.setText(f"{RESULTS_NOTE} In use now: {s.results_dir()}")
+        folder = s.results_dir()
+        problem = folder_problem(folder)  # said now, not first at the next answer
+        self.results_note.setText(f"{RESULTS_NOTE} In use now: {folder}"
+                                  + (f"\n{problem} Choose another folder." if problem else ""))
 
     def _url_changed(self, *_):
         text = self.url.text().strip()

@@ -50,6 +50,32 @@ def test_empty_fields_say_what_happens(qgis_app, tmp_path):
     assert f"In use now: {Settings.load().results_dir()}" in form.results_note.text()
 
 
+def test_the_page_says_when_the_results_folder_cannot_be_written(qgis_app, tmp_path):
+    """A file, or a folder under one, was taken without a word ("In use now: .../afile"): the
+    answers then came without their layers."""
+    import os
+
+    page = _page()
+    form = page.form
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for path, said in ((afile, f"{afile} is a file, not a folder."),
+                       (afile / "sub", f"{afile / 'sub'} cannot be made: {afile} is a file.")):
+        form.output.setFilePath(str(path))
+        assert said in form.results_note.text() and "Choose another folder" in form.results_note.text()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # not as root, who may write anywhere
+            form.output.setFilePath(str(locked / "new"))
+            assert f"cannot be made: {locked} cannot be written (no permission)" in form.results_note.text()
+    finally:
+        locked.chmod(0o700)
+    form.output.setFilePath(str(tmp_path / "new" / "deeper"))  # made when needed: fine
+    assert "Choose another folder" not in form.results_note.text()
+
+
 def test_a_bad_engine_url_is_not_saved_and_the_page_says_why(qgis_app):
     from geovqa.settings import Settings
 
@@ -106,3 +132,26 @@ def test_a_refused_url_does_not_save_the_token_typed_for_it(qgis_app):
     assert s.engine_url == "https://engine-a.example.org:8765"
     # engine B's token was saved, and sent to engine A
     assert s.token == "token-of-a", s.token
+
+
+def test_saving_the_page_keeps_the_docks_own_choices_and_takes_the_changed_defaults(plugin, tmp_path):
+    """Saving the page (only the results folder changed) put the dock back to geollava and the
+    engine's budget: a strategy chosen for the conversation, or the budget *Retry with budget*
+    set, was lost."""
+    dock = plugin.dock
+    dock.strategy_combo.setCurrentIndex(dock.strategy_combo.findData("pyramid"))
+    dock.budget_spin.setValue(777)
+    page = _page()
+    page.form.output.setFilePath(str(tmp_path / "other results"))
+    page.apply()
+    assert dock.strategy_combo.currentData() == "pyramid" and dock.budget_spin.value() == 777
+    # a default the page changes is taken, the others stay
+    page = _page()
+    page.form.max_new.setValue(99)
+    page.apply()
+    assert dock.max_new_spin.value() == 99
+    assert dock.strategy_combo.currentData() == "pyramid" and dock.budget_spin.value() == 777
+    page = _page()
+    page.form.strategy.setCurrentIndex(page.form.strategy.findData("budget"))
+    page.apply()
+    assert dock.strategy_combo.currentData() == "budget" and dock.budget_spin.value() == 777
