@@ -46,7 +46,7 @@ from .aoi import AoiError, clip_to_layer, is_unreferenced_file
 from .bands import bands_cell, layer_bands
 from .client import questions_too_long
 from .compat import is_raster_layer
-from .render import LayerRenderer, layer_file_path
+from .render import LayerRenderer, layer_file_path, render_file
 from .results_io import write_csv, write_json
 from .settings import Settings, make_client
 from .tasks import BatchTask, file_stem, rect_bounds
@@ -298,7 +298,7 @@ class BatchDialog(QDialog):
             self._items.append(dict(item, error=f"{exc} Pan the map over it to ask about it."))
             self._next_item()
             return
-        out = self.settings.results_dir() / "renders" / f"{file_stem(layer.name())}_render.tif"
+        out = render_file(self.settings.results_dir(), layer.name())
         self.message.setText(f"Rendering {layer.name()} …")
         renderer = LayerRenderer(layer, geom.boundingBox(), str(out), self.settings.render_max_px, self)
         self._renderers.append(renderer)

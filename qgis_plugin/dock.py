@@ -44,11 +44,11 @@ from .bands import bands_text, layer_bands
 from .client import EngineError, build_ask_request, engine_address, new_request_id, question_too_long
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
-from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path
+from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
-from .tasks import ANSWERING, AskTask, HealthTask, file_stem, rect_bounds, stage_text
+from .tasks import ANSWERING, AskTask, HealthTask, rect_bounds, stage_text
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
@@ -677,7 +677,7 @@ class ChatDock(QgsDockWidget):
             ext = clipped.boundingBox()
             if mode == "polygon":
                 aoi = {"polygon_wkt": clipped.asWkt(6)}
-        out = settings.results_dir() / "renders" / f"{file_stem(turn['question'])}_render.tif"
+        out = render_file(settings.results_dir(), turn["question"])
         self.progress_label.setText(f"Rendering {layer.name()} …")
         renderer = self.renderer = LayerRenderer(layer, ext, str(out), settings.render_max_px, self)
         rid = turn["request_id"]

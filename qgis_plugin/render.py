@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from qgis.PyQt.QtCore import QObject, QSize, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
 from .georef import needs_warp, open_with_gdal
-from .tasks import CAN_CANCEL
+from .tasks import CAN_CANCEL, file_stem
 
 FORMAT_RGBA = QImage.Format.Format_RGBA8888
 FORMAT_ARGB32 = QImage.Format.Format_ARGB32_Premultiplied
@@ -170,6 +171,21 @@ def write_geotiff(rgba: np.ndarray, extent: QgsRectangle, crs_wkt: str, path: st
     ds.FlushCache()
     ds = None
     return str(path)
+
+
+def render_file(results_dir, name: str) -> Path:
+    """Where a render for ``name`` (a question, a layer) is written: the results folder's
+    ``renders``, or a temporary folder when that cannot be made or written (a render is only
+    what the engine is sent: the answer is not lost for it; its layers then say the folder)."""
+    folder = Path(results_dir) / "renders"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        usable = os.access(folder, os.W_OK | os.X_OK)
+    except OSError:
+        usable = False
+    if not usable:
+        folder = Path(tempfile.gettempdir()) / "geovqa_renders"
+    return folder / f"{file_stem(name)}_render.tif"
 
 
 class NothingRendered(ValueError):

@@ -19,7 +19,7 @@ from .. import layers as result_layers
 from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..bands import layer_bands
 from ..client import EngineError, build_ask_request
-from ..render import NothingRendered, covers_the_world, layer_file_path, render_sync
+from ..render import NothingRendered, covers_the_world, layer_file_path, render_file, render_sync
 from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
 from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, preparing_words, rect_bounds
 
@@ -157,7 +157,7 @@ def raster_source(layer, feedback, extent=None) -> tuple:
         return path, rect_bounds(layer.extent()), is_unreferenced_file(layer)
     settings = Settings.load()
     ext = extent if extent is not None and not extent.isEmpty() else layer.extent()
-    out = settings.results_dir() / "renders" / f"{file_stem(layer.name())}_render.tif"
+    out = render_file(settings.results_dir(), layer.name())
     if feedback is not None:
         feedback.pushInfo(f"Rendering the non-file layer '{layer.name()}' to {out}")
     path, visible = render_sync(layer, ext, str(out), settings.render_max_px)

@@ -255,6 +255,36 @@ def test_batch_dialog_with_an_unwritable_results_folder_keeps_the_answers(plugin
     wait_for_tasks()
 
 
+def test_an_unwritable_results_folder_keeps_the_answers_about_rendered_layers(
+        plugin, raster_layer, stub_engine, qgis_processing, qgis_iface, tmp_path):
+    """A virtual (or web) layer's render went to the results folder too: its rows failed with
+    "Could not write the rendered raster" (batch dialog) or "Could not render" (Processing),
+    with no answer, where a file layer was answered."""
+    import processing
+    from conftest import set_settings, virtual_raster_layer
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    src = raster_layer("src")
+    virt = virtual_raster_layer(src)
+    canvas = qgis_iface.mapCanvas()  # the batch dialog renders what the map shows of it
+    canvas.setDestinationCrs(src.crs())
+    canvas.setExtent(src.extent())
+    answer = "The area is 64 x 48 pixels with 3 bands."
+    res = processing.run("geovqa:ask_raster", {"INPUT": virt, "QUESTION": "How big?"})
+    assert res["ANSWER"] == answer
+    res = processing.run("geovqa:batch_questions", {"LAYERS": [virt], "QUESTIONS": "How big?",
+                                                    "OUTPUT": str(tmp_path / "b.csv")})
+    with open(res["OUTPUT"], newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["answer"] == answer and "could not be saved" in row["error"], row
+    _dlg, (row,) = run_batch_dialog(plugin, [virt], "How big?")
+    assert row["answer"] == answer and "could not be saved" in row["error"], row
+    assert not any(r["raster_path"].startswith(str(blocker)) for r in stub_engine.requests)
+    wait_for_tasks()
+
+
 def _unreferenced_layer(tmp_path, name):
     from conftest import write_raster
     from qgis.core import QgsProject, QgsRasterLayer

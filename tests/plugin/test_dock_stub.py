@@ -547,3 +547,29 @@ def test_the_answer_task_is_at_100_percent_only_with_the_answer(plugin, raster_l
     assert before(log.index(("status", "write")) + 1) < 100 and log[-1] == ("result", None)
     # the line under the question says each stage, as before
     assert "Encoding tiles 50 %" in labels and "Answering…" in labels and "Choosing tokens …" in labels
+
+
+def test_an_unwritable_results_folder_keeps_the_answer_about_a_rendered_layer(plugin, raster_layer, stub_engine,
+                                                                              tmp_path, qgis_iface):
+    """A web or virtual layer got no answer at all, only "Could not write the rendered raster:
+    [Errno 20] Not a directory": its render went to the results folder too."""
+    from conftest import virtual_raster_layer
+    from qgis.core import Qgis
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    virt = virtual_raster_layer(raster_layer("src"))
+    dock = plugin.dock
+    dock.set_layer(virt)
+    qgis_iface.messageBar().clear_messages()
+    dock.ask("What is in this image?")
+    wait_until(_finished(dock), 60, "the answer")
+    wait_for_tasks()
+    turn = dock.turns()[-1]
+    assert turn.get("error") is None, turn
+    assert turn["answer"] == "The area is 64 x 48 pixels with 3 bands."
+    assert stub_engine.requests[-1]["raster_path"] == turn["rendered_path"]
+    assert not turn["rendered_path"].startswith(str(blocker))
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("could not be saved" in m and str(blocker) in m for m in warnings), warnings
