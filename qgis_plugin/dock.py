@@ -44,6 +44,7 @@ from .bands import bands_text, layer_bands
 from .client import EngineError, build_ask_request, engine_address, new_request_id, question_too_long
 from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
+from .paths import export_path
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
@@ -59,6 +60,7 @@ SCROLL_BOTTOM_SLACK_PX = 4  # "at the bottom" tolerates a few pixels of rounding
 USER_ROLE = Qt.ItemDataRole.UserRole
 # the layer list's last item when the project holds answers about layers it no longer has
 REMOVED_LAYERS_ITEM = "Answers about removed layers"
+EXPORT_FILTERS = "Markdown (*.md);;JSON (*.json)"
 READ_ONLY_PLACEHOLDER = "These answers are read-only: pick a layer to ask about it."
 QUESTION_PLACEHOLDER = "Ask about the layer, e.g. How many ships are in the harbour?"
 
@@ -529,9 +531,16 @@ class ChatDock(QgsDockWidget):
         return path
 
     def _export_clicked(self):
-        path, _ = QFileDialog.getSaveFileName(self, "Export conversation", "", "Markdown (*.md);;JSON (*.json)")
-        if path:
+        path, chosen = QFileDialog.getSaveFileName(self, "Export conversation", "", EXPORT_FILTERS)
+        if not path:
+            return
+        path = export_path(path, ("md", "json"), "json" if chosen.startswith("JSON") else "md")
+        try:
             self.export_conversation(path)
+        except OSError as exc:  # a folder that cannot be written, a full disk: said, not a Python error
+            self._notify(f"Could not export the conversation to {path}: {exc.strerror or exc}", MSG_WARNING)
+            return
+        self.progress_label.setText(f"Conversation exported to {path}.")
 
     def clear_conversation(self):
         """Forget the conversation on screen; a question of it still running stops too (its

@@ -15,3 +15,11 @@ def user_path(text: str) -> str:
     home folder; '' stays '' (the setting is not set)."""
     text = (text or "").strip()
     return os.path.expanduser(text) if text else ""
+
+
+def export_path(path: str, kinds: tuple, chosen: str) -> str:
+    """The file an export writes for ``path`` as typed in a save dialog: with the ``chosen``
+    kind's ending added when it ends with none of ``kinds`` ("md", "json", "csv"): Qt's dialog
+    adds none on Linux or macOS, and the ending decides the format written."""
+    ending = os.path.splitext(path)[1].lower().lstrip(".")
+    return path if ending in kinds else f"{path}.{chosen}"

@@ -479,3 +479,52 @@ def test_an_area_smaller_than_one_pixel_is_said_not_stored(plugin, raster_layer,
     assert dock.turns(layer)[-1].get("error") is None
     if mode == "rectangle":
         assert stub_engine.requests[-1]["aoi"] == {"window": [10, 10, 1, 1]}
+
+
+@pytest.mark.parametrize("typed, chosen, written", [
+    ("talk", "JSON (*.json)", "talk.json"),  # Qt's dialog adds no ending on Linux or macOS
+    ("talk", "Markdown (*.md)", "talk.md"),
+    ("talk.md", "JSON (*.json)", "talk.md"),  # an ending typed is the user's choice
+    ("talk.v2", "JSON (*.json)", "talk.v2.json"),
+])
+def test_export_writes_the_format_chosen_in_the_dialog(plugin, raster_layer, stub_engine, tmp_path, monkeypatch,
+                                                       typed, chosen, written):
+    """JSON chosen with a name typed without ".json" was written as Markdown, to "talk"."""
+    import json
+
+    from qgis.PyQt.QtWidgets import QFileDialog
+
+    dock = plugin.dock
+    layer = raster_layer()
+    dock.set_layer(layer)
+    dock.ask("How big?")
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / typed), chosen))
+    dock._export_clicked()
+    out = tmp_path / written
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("talk")) == [written]
+    text = out.read_text(encoding="utf-8")
+    if written.endswith(".json"):
+        assert json.loads(text)["turns"][0]["question"] == "How big?"
+    else:
+        assert text.startswith("# GeoVQA conversation about scene") and "\nQ: How big?" in text
+    assert str(out) in dock.progress_label.text()
+
+
+def test_an_export_that_cannot_be_written_is_said(plugin, raster_layer, stub_engine, tmp_path, monkeypatch,
+                                                 qgis_iface):
+    """It raised out of the button (QGIS's Python error dialog), the dock said nothing."""
+    from qgis.core import Qgis
+    from qgis.PyQt.QtWidgets import QFileDialog
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    dock = plugin.dock
+    dock.set_layer(raster_layer())
+    qgis_iface.messageBar().clear_messages()
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(blocker / "talk.md"), "Markdown (*.md)"))
+    dock._export_clicked()
+    said = dock.progress_label.text()
+    assert said.startswith(f"Could not export the conversation to {blocker / 'talk.md'}") and "Not a directory" in said
+    assert f"GeoVQA:{said}" in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
