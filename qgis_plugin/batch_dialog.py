@@ -286,7 +286,7 @@ class BatchDialog(QDialog):
         item = {"layer": layer.name(), "layer_id": layer.id(), "raster_path": path, "aoi": None,
                 "crs_wkt": layer.crs().toWkt(), "clip_bounds": rect_bounds(layer.extent()),
                 "unreferenced": is_unreferenced_file(layer),
-                "bands": layer_bands(layer) if path is not None else None}
+                "bands": layer_bands(layer) if path is not None else None, "rendered": False}
         if path is not None:
             self._items.append(item)
             self._next_item()
@@ -313,7 +313,7 @@ class BatchDialog(QDialog):
                 self.message.setText(err)
                 self._items.append(dict(item, error=err))  # a row per question says so
             else:
-                item["raster_path"] = p
+                item["raster_path"], item["rendered"] = p, True
                 item["clip_bounds"] = rect_bounds(renderer.settings.visibleExtent())
                 self._items.append(item)
             self._next_item()
@@ -436,7 +436,7 @@ class BatchDialog(QDialog):
         secs = (row.get("timings") or {}).get("total", "")
         values = (row["layer"], row["question"], row["answer"] if row.get("answer") is not None else f"ERROR: {row.get('error')}",
                   str(kept), f"{secs:.1f}" if isinstance(secs, (int, float)) else "",
-                  bands_cell(row.get("bands"), row.get("palette")))
+                  bands_cell(row.get("bands"), row.get("palette"), row.get("rendered")))
         for c, val in enumerate(values):
             cell = QTableWidgetItem(val)
             cell.setToolTip(val)  # the whole text, which the column may cut

@@ -147,7 +147,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         self.items = []
         for lyr in layers:
             item = {"layer": lyr.name(), "raster_path": None, "bounds": None, "unreferenced": False, "aoi": None,
-                    "bands": None, "error": None}
+                    "bands": None, "rendered": False, "error": None}
             try:  # as "Ask a raster" does: a file with the AOI cut to it, any other layer rendered over it
                 item.update(question_source(lyr, geom, crs, feedback))
             except QgsProcessingException as exc:  # this layer's rows say why; the others are asked
@@ -269,7 +269,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         row = {"index": index, "layer": item["layer"], "raster_path": item["raster_path"],
                "question": question, "answer": None, "error": None, "heatmap_path": None,
                "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"],
-               "bands": None, "palette": None}
+               "bands": None, "palette": None, "rendered": False}
         prepare_error = item["error"] or prepare_error  # the layer could not be prepared (area, render)
         if prepare_error:
             row["error"] = prepare_error
@@ -281,6 +281,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                            progress=progress, bands=item["bands"])
             row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
                        bands=res.get("bands"), palette=res.get("palette"),  # what the model saw
+                       rendered=item["rendered"],  # those bands are the render's
                        timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
                        anchors_path=res.get("local_anchors_path"),
                        error=res.get("files_warning") or None)  # answer kept, files missing
