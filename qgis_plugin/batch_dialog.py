@@ -249,7 +249,8 @@ class BatchDialog(QDialog):
         if not layers or not questions:
             self.message.setText("Tick at least one raster layer and type at least one question.")
             return
-        too_long = questions_too_long(questions)  # said before anything runs; the questions stay
+        # said before anything runs, naming the line it is on; the questions stay
+        too_long = questions_too_long(self.questions_edit.toPlainText())
         if too_long:
             self.message.setText(too_long)
             return

@@ -128,7 +128,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         # a strategy given by its number in the list (models and scripts saved before it took names)
         ok, message = super().checkParameterValues(with_strategy_names(parameters, self.STRATEGY), context)
         refusal = (aoi_refusal(self, parameters, self.AOI, context)
-                   or questions_too_long(self._questions(parameters, context))) if ok else None
+                   or questions_too_long(self.parameterAsString(parameters, self.QUESTIONS, context))) if ok else None
         return (False, refusal) if refusal else (ok, message)
 
     def _questions(self, parameters, context) -> list:
@@ -139,7 +139,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         layers = self.parameterAsLayerList(parameters, self.LAYERS, context)
         if not layers:
             raise QgsProcessingException("Choose at least one raster layer.")
-        too_long = questions_too_long(self._questions(parameters, context))  # qgis_process may not check first
+        # qgis_process may not check first
+        too_long = questions_too_long(self.parameterAsString(parameters, self.QUESTIONS, context))
         if too_long:
             raise QgsProcessingException(too_long)
         self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
