@@ -100,9 +100,12 @@ def bands_text(bands, palette=False, rendered: bool = False) -> str:
     return "bands " + ", ".join(str(b) for b in bands)
 
 
-def bands_cell(bands, palette=False) -> str:
-    """The same for a table cell or a CSV column: "4,3,2", "1 (grey)", "1 (colour table)"; ""
-    when not known (a failed answer, an older engine)."""
+def bands_cell(bands, palette=False, rendered: bool = False) -> str:
+    """The same for a table cell or a CSV column: "4,3,2", "1 (grey)", "1 (colour table)",
+    "rendered view" (``rendered``: its bands are the render's, not the layer's); "" when not
+    known (a failed answer, an older engine)."""
+    if rendered:
+        return "rendered view"
     seen = _seen(bands, palette)
     if seen is None:
         return ""

@@ -249,7 +249,8 @@ class BatchDialog(QDialog):
         if not layers or not questions:
             self.message.setText("Tick at least one raster layer and type at least one question.")
             return
-        too_long = questions_too_long(questions)  # said before anything runs; the questions stay
+        # said before anything runs, naming the line it is on; the questions stay
+        too_long = questions_too_long(self.questions_edit.toPlainText())
         if too_long:
             self.message.setText(too_long)
             return
@@ -286,7 +287,7 @@ class BatchDialog(QDialog):
         item = {"layer": layer.name(), "layer_id": layer.id(), "raster_path": path, "aoi": None,
                 "crs_wkt": layer.crs().toWkt(), "clip_bounds": rect_bounds(layer.extent()),
                 "unreferenced": is_unreferenced_file(layer),
-                "bands": layer_bands(layer) if path is not None else None}
+                "bands": layer_bands(layer) if path is not None else None, "rendered": False}
         if path is not None:
             self._items.append(item)
             self._next_item()
@@ -313,7 +314,7 @@ class BatchDialog(QDialog):
                 self.message.setText(err)
                 self._items.append(dict(item, error=err))  # a row per question says so
             else:
-                item["raster_path"] = p
+                item["raster_path"], item["rendered"] = p, True
                 item["clip_bounds"] = rect_bounds(renderer.settings.visibleExtent())
                 self._items.append(item)
             self._next_item()
@@ -436,7 +437,7 @@ class BatchDialog(QDialog):
         secs = (row.get("timings") or {}).get("total", "")
         values = (row["layer"], row["question"], row["answer"] if row.get("answer") is not None else f"ERROR: {row.get('error')}",
                   str(kept), f"{secs:.1f}" if isinstance(secs, (int, float)) else "",
-                  bands_cell(row.get("bands"), row.get("palette")))
+                  bands_cell(row.get("bands"), row.get("palette"), row.get("rendered")))
         for c, val in enumerate(values):
             cell = QTableWidgetItem(val)
             cell.setToolTip(val)  # the whole text, which the column may cut

@@ -78,13 +78,18 @@ def question_too_long(question: str) -> str | None:
             "shorten it.")
 
 
-def questions_too_long(questions: list) -> str | None:
-    """:func:`question_too_long` of the first of ``questions`` (a batch's, one a line) that is
-    longer than the engine takes, naming it by its number; None when none is."""
-    for number, question in enumerate(questions, 1):
+def questions_too_long(text: str) -> str | None:
+    """:func:`question_too_long` of the first of a batch's questions (``text``: one a line, blank
+    lines skipped) that is longer than the engine takes, naming it by its number and, when blank
+    lines come before it, by the line it is on ("Question 3 (line 5) has ..."); None when none is."""
+    questions = [(line, q) for line, q in enumerate(text.splitlines(), 1) if q.strip()]
+    for number, (line, question) in enumerate(questions, 1):
         too_long = question_too_long(question)
+        if too_long and len(questions) > 1:
+            where = f"Question {number}" if line == number else f"Question {number} (line {line})"
+            return too_long.replace("The question has", f"{where} has", 1)
         if too_long:
-            return too_long.replace("The question has", f"Question {number} has", 1) if len(questions) > 1 else too_long
+            return too_long
     return None
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from .bands import bands_cell
 
 # "bands": which bands of raster_path the model saw (:func:`bands.bands_cell`: "4,3,2", "1 (grey)",
-# "1 (colour table)"; the JSON rows keep the result's "bands" list and "palette" flag)
+# "1 (colour table)", "rendered view"; the JSON rows keep the result's "bands" list, "palette" flag
+# and the row's "rendered" flag)
 CSV_COLUMNS = ("index", "layer", "raster_path", "question", "answer", "error", "strategy",
                "visual_kept", "visual_candidates", "total_s", "heatmap_path", "anchors_path", "bands")
 
@@ -29,7 +30,7 @@ def flat_row(row: dict) -> dict:
     out["visual_kept"] = tokens.get("visual_kept")
     out["visual_candidates"] = tokens.get("visual_candidates")
     out["total_s"] = timings.get("total")
-    out["bands"] = bands_cell(row.get("bands"), row.get("palette"))
+    out["bands"] = bands_cell(row.get("bands"), row.get("palette"), row.get("rendered"))
     return {k: ("" if v is None else v) for k, v in out.items()}
 
 

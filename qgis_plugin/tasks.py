@@ -513,11 +513,12 @@ class BatchTask(QgsTask):
     """Ask every question about every item, one streamed answer at a time.
 
     ``items``: list of dicts ``{"layer", "layer_id", "raster_path", "aoi", "crs_wkt", "clip_bounds",
-    "unreferenced", "bands"}`` (``clip_bounds`` and ``unreferenced`` as for :func:`keep_result_files`;
-    ``bands`` the request's, :func:`bands.layer_bands`, None to let the engine choose); an item
-    with ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
+    "unreferenced", "bands", "rendered"}`` (``clip_bounds`` and ``unreferenced`` as for
+    :func:`keep_result_files`; ``bands`` the request's, :func:`bands.layer_bands`, None to let the
+    engine choose; ``rendered``: ``raster_path`` is a render of the layer); an item with
+    ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
     Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS, ``bands`` and
-    ``palette`` those the model saw, plus local paths).
+    ``palette`` those the model saw, ``rendered`` when it saw a render, plus local paths).
 
     For an engine on another computer each item's raster is converted and cut to its AOI once
     (:func:`prepare_item_upload`) and that file is sent with every question about it; it is
@@ -622,7 +623,8 @@ class BatchTask(QgsTask):
             "index": index, "layer": item["layer"], "layer_id": item.get("layer_id"),
             "raster_path": item["raster_path"], "question": question, "answer": None,
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
-            "bands": None, "palette": None, "crs_wkt": item.get("crs_wkt"), "strategy": self.options.get("strategy"),
+            "bands": None, "palette": None, "rendered": False, "crs_wkt": item.get("crs_wkt"),
+            "strategy": self.options.get("strategy"),
         }
         if item.get("error") or prepare_error:  # the layer could not be prepared (not in view, render failed)
             row["error"] = item.get("error") or prepare_error
@@ -645,6 +647,7 @@ class BatchTask(QgsTask):
                     row["tokens"] = ev.get("tokens") or {}
                     row["timings"] = ev.get("timings") or {}
                     row["bands"], row["palette"] = ev.get("bands"), ev.get("palette")  # what the model saw
+                    row["rendered"] = bool(item.get("rendered"))  # those bands are the render's
                     row["strategy"] = ev.get("strategy") or row["strategy"]  # the one the engine used
                     files, warning = keep_result_files_or_warn(ev, self.client, self.results_dir, file_stem(question),
                                                                item.get("clip_bounds"), bool(item.get("unreferenced")))

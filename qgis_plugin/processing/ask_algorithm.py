@@ -76,6 +76,14 @@ def write_anchors(src: str, dest: str, crs_wkt: str | None = None) -> None:
     ds = None  # closed: written
 
 
+def output_skipped(parameters, name) -> bool:
+    """Whether output ``name`` is given with no value: skipped (the toolbox's "Skip Output",
+    ``HEATMAP=`` in qgis_process, None in processing.run). One left out is not: it is the
+    parameter's default, a temporary file."""
+    # None, "" or qgis_process's NULL (a null QVariant): each is falsy, as the dialog tests it
+    return name in parameters and not parameters[name]
+
+
 class AskRasterAlgorithm(QgsProcessingAlgorithm):
     INPUT = "INPUT"
     QUESTION = "QUESTION"
@@ -108,7 +116,9 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
                 "the anchor tokens (GeoJSON, or a GeoPackage for a .gpkg file). With \"Open output file after "
                 "running algorithm\" both are loaded into the project, as the GeoVQA dock adds them; copies that "
                 "stay are kept in the GeoVQA results folder (the log names them), also when the outputs are "
-                "temporary files.\n\n"
+                "temporary files or skipped.\n\n"
+                "Either output can be skipped (\"Skip Output\"; HEATMAP= in qgis_process): it is then neither "
+                "written nor loaded. Left out of a qgis_process or processing.run call, it is a temporary file.\n\n"
                 "Area of interest: empty asks about the whole layer; an extent with no area (zero width or height) "
                 "is refused. Web and virtual layers are rendered to a GeoTIFF first, over the area of interest "
                 "(never finer than a layer's own pixels, or the finer side of non-square ones; at most the "
@@ -148,7 +158,7 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         GeoPackage table (``ogr:dbname=...``) instead of a file."""
         for name in (self.HEATMAP, self.ANCHORS):
             value = parameters.get(name)
-            if value is None:
+            if not value:  # left out (the temporary default) or skipped
                 continue
             param = self.parameterDefinition(name)
             # a context of its own: with a destination project set, asking for the path registers
@@ -161,6 +171,21 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
                 kinds = RASTER_EXTENSIONS if name == self.HEATMAP else VECTOR_EXTENSIONS
                 return f"{param.description()}: {error}. Save it as {' or '.join('.' + k for k in kinds)}."
         return None
+
+    def preprocessParameters(self, parameters):  # noqa: N802
+        """The parameters the toolbox dialog made (only its dialogs call this): an output the user
+        skipped is left out there (QGIS 3.22), and is given as None here, skipped rather than
+        the temporary file a left-out output is."""
+        parameters = dict(super().preprocessParameters(parameters))
+        for name in (self.HEATMAP, self.ANCHORS):
+            parameters.setdefault(name, None)
+        return parameters
+
+    def output_path(self, parameters, name, context) -> str:
+        """Where output ``name`` is to be written ("" when it is skipped)."""
+        if output_skipped(parameters, name):
+            return ""
+        return self.parameterAsOutputLayer(parameters, name, context)
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
         # a strategy given by its number in the list (models and scripts saved before it took names)
@@ -201,7 +226,7 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         )
         # with a destination project (the toolbox's "Open output file after running algorithm"),
         # QGIS registers each path here to be loaded into it when the run ends
-        dests = {key: self.parameterAsOutputLayer(parameters, key, context) for key in (self.HEATMAP, self.ANCHORS)}
+        dests = {key: self.output_path(parameters, key, context) for key in (self.HEATMAP, self.ANCHORS)}
         try:
             result = ask_once(self.client, question, self.raster_path, self.aoi, options, feedback,
                               self.settings.results_dir(), self.bounds, self.unreferenced, bands=self.bands)

@@ -128,7 +128,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         # a strategy given by its number in the list (models and scripts saved before it took names)
         ok, message = super().checkParameterValues(with_strategy_names(parameters, self.STRATEGY), context)
         refusal = (aoi_refusal(self, parameters, self.AOI, context)
-                   or questions_too_long(self._questions(parameters, context))) if ok else None
+                   or questions_too_long(self.parameterAsString(parameters, self.QUESTIONS, context))) if ok else None
         return (False, refusal) if refusal else (ok, message)
 
     def _questions(self, parameters, context) -> list:
@@ -139,7 +139,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         layers = self.parameterAsLayerList(parameters, self.LAYERS, context)
         if not layers:
             raise QgsProcessingException("Choose at least one raster layer.")
-        too_long = questions_too_long(self._questions(parameters, context))  # qgis_process may not check first
+        # qgis_process may not check first
+        too_long = questions_too_long(self.parameterAsString(parameters, self.QUESTIONS, context))
         if too_long:
             raise QgsProcessingException(too_long)
         self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
@@ -147,7 +148,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         self.items = []
         for lyr in layers:
             item = {"layer": lyr.name(), "raster_path": None, "bounds": None, "unreferenced": False, "aoi": None,
-                    "bands": None, "error": None}
+                    "bands": None, "rendered": False, "error": None}
             try:  # as "Ask a raster" does: a file with the AOI cut to it, any other layer rendered over it
                 item.update(question_source(lyr, geom, crs, feedback))
             except QgsProcessingException as exc:  # this layer's rows say why; the others are asked
@@ -269,7 +270,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         row = {"index": index, "layer": item["layer"], "raster_path": item["raster_path"],
                "question": question, "answer": None, "error": None, "heatmap_path": None,
                "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"],
-               "bands": None, "palette": None}
+               "bands": None, "palette": None, "rendered": False}
         prepare_error = item["error"] or prepare_error  # the layer could not be prepared (area, render)
         if prepare_error:
             row["error"] = prepare_error
@@ -281,6 +282,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                            progress=progress, bands=item["bands"])
             row.update(answer=res.get("answer", ""), tokens=res.get("tokens") or {},
                        bands=res.get("bands"), palette=res.get("palette"),  # what the model saw
+                       rendered=item["rendered"],  # those bands are the render's
                        timings=res.get("timings") or {}, heatmap_path=res.get("local_heatmap_path"),
                        anchors_path=res.get("local_anchors_path"),
                        error=res.get("files_warning") or None)  # answer kept, files missing

@@ -152,6 +152,7 @@ def test_bands_in_words():
     assert bands_text(None) == bands_text([]) == ""  # an engine older than the field
     assert (bands_cell([4, 3, 2]), bands_cell([2, 2, 2]), bands_cell([1, 1, 1], True), bands_cell(None)) == (
         "4,3,2", "2 (grey)", "1 (colour table)", "")
+    assert bands_cell([1, 2, 3], rendered=True) == "rendered view"  # the render's bands, not the layer's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +243,17 @@ def test_the_batch_dialog_sends_each_layers_bands_and_keeps_what_the_model_saw(
     column = TABLE_COLUMNS.index("Bands")
     shown = {dlg.table.item(r, 0).text(): dlg.table.item(r, column).text() for r in range(dlg.table.rowCount())}
     assert shown["true_colour"] == "4,3,2" and shown["grey"] == "2 (grey)" and shown["paletted"] == "1 (colour table)"
+    assert shown["virtual"] == "rendered view"  # as the dock says it, not the render file's "1,2,3"
     with open(dlg.export(str(tmp_path / "answers.csv")), newline="", encoding="utf-8") as fh:
         table = {r["layer"]: r["bands"] for r in csv.DictReader(fh)}
-    assert table["true_colour"] == "4,3,2" and table["grey"] == "2 (grey)"
+    assert table == {"true_colour": "4,3,2", "grey": "2 (grey)", "paletted": "1 (colour table)",
+                     "virtual": "rendered view"}
     exported = json.loads(open(dlg.export(str(tmp_path / "answers.json")), encoding="utf-8").read())["results"]
     assert {r["layer"]: r["bands"] for r in exported}["true_colour"] == [4, 3, 2]
+    assert {r["layer"]: r["rendered"] for r in exported} == {n: n == "virtual" for n in order}
     autosaved = [json.loads(line) for line in open(dlg.autosave_path, encoding="utf-8")]
     assert {r["layer"]: r["bands"] for r in autosaved}["true_colour"] == [4, 3, 2]
+    assert {r["layer"]: r["rendered"] for r in autosaved} == {n: n == "virtual" for n in order}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,10 +287,10 @@ def test_processing_batch_sends_each_layers_bands_and_writes_what_the_model_saw(
     assert res["ANSWERED"] == 4 and res["ERRORS"] == 0
     assert [r["bands"] for r in stub_engine.requests] == [[4, 3, 2], [2], None, None]
     with open(res["OUTPUT"], newline="", encoding="utf-8") as fh:
-        assert [r["bands"] for r in csv.DictReader(fh)] == ["4,3,2", "2 (grey)", "1 (colour table)", "1,2,3"]
+        assert [r["bands"] for r in csv.DictReader(fh)] == ["4,3,2", "2 (grey)", "1 (colour table)", "rendered view"]
     rows = json.loads(open(res["OUTPUT_JSON"], encoding="utf-8").read())["results"]
-    assert [(r["bands"], r["palette"]) for r in rows] == [
-        ([4, 3, 2], False), ([2, 2, 2], False), ([1, 1, 1], True), ([1, 2, 3], False)]
+    assert [(r["bands"], r["palette"], r["rendered"]) for r in rows] == [
+        ([4, 3, 2], False, False), ([2, 2, 2], False, False), ([1, 1, 1], True, False), ([1, 2, 3], False, True)]
 
 
 # ---------------------------------------------------------------------------------------------

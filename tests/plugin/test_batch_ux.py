@@ -188,3 +188,21 @@ def test_a_question_longer_than_the_engine_takes_is_refused_before_the_batch_run
     assert dlg.questions_edit.toPlainText() == questions and dlg.table.rowCount() == 0
     wait_for_tasks()
     assert stub_engine.requests == []
+
+
+def test_a_question_too_long_after_blank_lines_is_named_by_its_line(plugin, raster_layer, stub_engine):
+    """Blank lines are skipped, so "Question 2" of the batch was on the fourth line of the box; a
+    batch of one question still says "The question", as the dock does."""
+    from geovqa.client import MAX_QUESTION_CHARS
+
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id()})
+    long = "x" * (MAX_QUESTION_CHARS + 1)
+    for questions, named in ((f"How big?\n\n\n{long}\nWhere?", "Question 2 (line 4) has"),
+                             (f"\n\n{long}\n", "The question has")):
+        dlg.questions_edit.setPlainText(questions)
+        dlg.run()
+        assert dlg.message.text().startswith(f"{named} {MAX_QUESTION_CHARS + 1} characters"), dlg.message.text()
+        assert dlg.task is None
+    assert stub_engine.requests == []

@@ -425,6 +425,25 @@ def test_a_question_longer_than_the_engine_takes_is_refused_before_the_run(plugi
     assert not (tmp_path / "answers.csv").exists()
 
 
+def test_a_batch_question_too_long_after_blank_lines_is_named_by_its_line(plugin, raster_layer, stub_engine,
+                                                                          qgis_processing, tmp_path):
+    """The QUESTIONS text skips blank lines: "Question 2" of the batch is on its fourth line."""
+    from geovqa.client import MAX_QUESTION_CHARS
+    from processing.tools import dataobjects
+    from qgis.core import QgsApplication
+
+    parameters = {"LAYERS": [raster_layer("a")], "QUESTIONS": f"How big?\n\n  \n{'x' * (MAX_QUESTION_CHARS + 1)}",
+                  "OUTPUT": str(tmp_path / "answers.csv")}
+    named = f"Question 2 (line 4) has {MAX_QUESTION_CHARS + 1} characters"
+    ok, message = QgsApplication.processingRegistry().createAlgorithmById(
+        "geovqa:batch_questions").checkParameterValues(parameters, dataobjects.createContext())
+    assert not ok and named in message, message
+    for check in (True, False):
+        said = _errors_of_a_failed_run("geovqa:batch_questions", parameters, check)
+        assert named in said, said
+    assert stub_engine.requests == []
+
+
 def test_an_area_of_interest_smaller_than_one_pixel_is_refused(plugin, raster_layer, stub_engine, qgis_processing):
     a = raster_layer("a")  # 10 m pixels from 500000/5000000: centres at ...5 m
     said = _errors_of_a_failed_run("geovqa:ask_raster", {"INPUT": a, "QUESTION": "How big?",

@@ -9,6 +9,8 @@ writes (.tif; .geojson, or .gpkg converted by GDAL): any other is refused."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import wait_for_tasks, wait_until
 
@@ -261,3 +263,87 @@ def test_the_loaded_anchors_of_a_raster_without_crs_lie_over_it(
         srs = ds.GetLayer(0).GetSpatialRef()
         assert srs is None or not srs.IsGeographic(), srs.ExportToWkt()
         ds = None
+
+
+def _skip_output(dlg, name):
+    """Picks "Skip Output" in the menu of output ``name``'s "…" button, as a user does."""
+    from qgis.PyQt.QtCore import QTimer
+    from qgis.PyQt.QtWidgets import QApplication, QToolButton
+
+    picked = []
+
+    def pick():
+        menu = QApplication.activePopupWidget()
+        (skip,) = [a for a in menu.actions() if a.text() == "Skip Output"]
+        menu.close()
+        skip.trigger()
+        picked.append(skip)
+
+    QTimer.singleShot(100, pick)
+    dlg.mainWidget().wrappers[name].wrappedWidget().findChild(QToolButton).click()  # the menu runs until picked
+    assert picked and dlg.mainWidget().wrappers[name].parameterValue() is None
+
+
+def _processing_temp_files():
+    from pathlib import Path
+
+    from qgis.core import QgsProcessingUtils
+
+    return {p for p in Path(QgsProcessingUtils.tempFolder()).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("skipped", ["HEATMAP", "ANCHORS"])
+def test_an_output_skipped_in_the_toolbox_dialog_is_neither_written_nor_loaded(
+        plugin, raster_layer, stub_engine, qgis_processing, qgis_new_project, tmp_path, skipped):
+    """"Skip Output" left the output out of the dialog's parameters (QGIS 3.22), where it fell
+    back to its default, a temporary file, which was written and loaded. The other output is
+    still written and loaded; the lasting copies in the results folder are kept as before."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    layer = raster_layer("a")
+    dlg, _ = _dialog_parameters(layer)
+    _skip_output(dlg, skipped)
+    parameters = dlg.mainWidget().createProcessingParameters()
+    before = _processing_temp_files()
+    results, loaded, errors = _run_then_load(dlg, parameters)
+    assert results["ANSWER"] == ANSWER and loaded and not errors
+    kept = "ANCHORS" if skipped == "HEATMAP" else "HEATMAP"
+    assert skipped not in results and kept in results
+    assert [p.name for p in _processing_temp_files() - before] == [Path(results[kept]).name]
+    (new,) = _new_layers(QgsProject.instance(), layer)
+    assert new.source() == results[kept] and isinstance(new, QgsRasterLayer) == (kept == "HEATMAP")
+    assert len(list((tmp_path / "results").glob("*_heatmap.tif"))) == 1
+    assert len(list((tmp_path / "results").glob("*_anchors.geojson"))) == 1
+
+
+def test_outputs_given_empty_are_skipped_and_left_out_are_temporary_files(
+        plugin, raster_layer, stub_engine, qgis_processing, qgis_new_project):
+    import processing
+
+    layer = raster_layer("a")
+    before = _processing_temp_files()
+    res = processing.run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": QUESTION, "HEATMAP": None, "ANCHORS": ""})
+    assert res["ANSWER"] == ANSWER and "HEATMAP" not in res and "ANCHORS" not in res
+    assert _processing_temp_files() == before
+    res = processing.run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": QUESTION})
+    assert {Path(res["HEATMAP"]).name, Path(res["ANCHORS"]).name} == {"HEATMAP.tif", "ANCHORS.geojson"}
+    assert Path(res["HEATMAP"]).is_file() and Path(res["ANCHORS"]).is_file()
+
+
+def test_qgis_process_skips_an_output_given_empty(stub_engine, tmp_path):
+    """`qgis_process run geovqa:ask_raster -- ... HEATMAP=` (a null value) skips the heatmap; the
+    anchors, left out, are a temporary file as before."""
+    import json
+    import subprocess
+
+    from conftest import qgis_process_with_plugin, write_raster
+
+    qp, env = qgis_process_with_plugin(tmp_path, stub_engine, tmp_path / "results")
+    raster = write_raster(tmp_path / "r.tif")
+    r = subprocess.run([qp, "--json", "run", "geovqa:ask_raster", "--", f"INPUT={raster}", f"QUESTION={QUESTION}",
+                        "HEATMAP="], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads(r.stdout[r.stdout.index("{"):])["results"]
+    assert results["ANSWER"] == ANSWER and "HEATMAP" not in results
+    assert results["ANCHORS"].endswith("ANCHORS.geojson")
+    assert len(list((tmp_path / "results").glob("*_heatmap.tif"))) == 1  # the lasting copy is still kept
