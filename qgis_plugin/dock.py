@@ -42,9 +42,10 @@ from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, c
                   request_aoi)
 from .bands import bands_text, layer_bands
 from .client import EngineError, build_ask_request, engine_address, new_request_id, question_too_long
-from .compat import MSG_CRITICAL, MSG_WARNING, RASTER_LAYER_FILTER
+from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
 from .paths import export_path
+from .project_results import gather_result_files
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
@@ -151,6 +152,7 @@ class ChatDock(QgsDockWidget):
         self._project_signals = ((project.cleared, self._project_cleared),
                                  (project.readProject, self._project_read),
                                  (project.writeProject, self._project_saving),
+                                 (project.fileNameChanged, self._project_file_named),
                                  (project.layerWillBeRemoved, self._layer_will_be_removed),
                                  (project.layersRemoved, self._update_removed_item),
                                  (project.layersAdded, self._layers_added),
@@ -431,6 +433,31 @@ class ChatDock(QgsDockWidget):
         then marks modified (it asks to save it)."""
         self._history_changed = True
         self.history.write(self.conversations)
+
+    def _project_file_named(self):
+        """QGIS gave the project a (new) file name, to save it there (Save, Save As): the result
+        files outside its results folder (asked before its first save, or of the project it was
+        saved from) are copied into it, so the project keeps its layers wherever it goes
+        (:mod:`project_results`)."""
+        project = QgsProject.instance()
+        settings = Settings.load()
+        if not project.fileName() or settings.output_dir.strip():
+            return  # a results folder the user chose is where they want the results
+        folder = settings.results_dir(project)
+        moved, problems = gather_result_files(project, folder)
+        for turns in self.conversations.values():  # their record of the files follows the copies
+            for turn in turns:
+                result = turn.get("result") or {}
+                for key in ("local_heatmap_path", "local_anchors_path"):
+                    if result.get(key) in moved:
+                        result[key] = moved[result[key]]
+        if moved:
+            self._conversations_changed()
+            self._notify(f"The files of the project's result layers were copied into {folder}, "
+                         "to stay with the project.", MSG_INFO)
+        if problems:
+            self._notify(f"Some result files could not be copied into {folder} (their layers keep the old "
+                         f"files, outside the project's folder): {'; '.join(problems)}", MSG_WARNING)
 
     def _project_saving(self, _doc):
         """The project is being written: its entry gets the answers streamed since (a question

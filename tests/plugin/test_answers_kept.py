@@ -587,3 +587,85 @@ def test_a_cancelled_processing_batch_keeps_the_answers_it_finished(
         rows = list(csv.DictReader(fh))
     assert [(r["question"], r["answer"]) for r in rows] == [("q1", "The area is 64 x 48 pixels with 3 bands.")]
     assert len(stub_engine.requests) == 1
+
+
+def _result_layers(dock, layer):
+    from qgis.core import QgsProject
+
+    turn = dock.turns(layer)[-1]
+    project = QgsProject.instance()
+    return project.mapLayer(turn["heatmap_layer_id"]), project.mapLayer(turn["anchors_layer_id"])
+
+
+def test_result_files_asked_before_the_first_save_go_with_the_project(plugin, raster_layer, stub_engine, tmp_path,
+                                                                      qgis_iface, request):
+    """Answers asked before the project was first saved kept their files in the QGIS profile:
+    the project stored paths leading out of its folder, and a project moved or shared with its
+    folder came back with its heatmap and anchors layers broken."""
+    import shutil
+
+    from conftest import set_settings
+    from qgis.core import Qgis, QgsProject
+
+    set_settings(output_dir="")  # the rule: next to the project file, else the QGIS profile
+    project = QgsProject.instance()
+    scene_dir = tmp_path / "proj"
+    scene_dir.mkdir()
+    a = raster_layer("a")
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.ask("first?")
+    wait_until(_answered(dock, a), 30)
+    wait_for_tasks()
+    heat, anchors = _result_layers(dock, a)
+    before = (heat.source(), anchors.source())
+    for old in before:  # files of the test profile, not of this test's folder (GDAL's .aux.xml too)
+        old = Path(old.split("|")[0])
+        request.addfinalizer(lambda old=old: [p.unlink() for p in old.parent.glob(old.name + "*")])
+    assert not heat.source().startswith(str(scene_dir))  # in the profile: no project folder yet
+    renderer, opacity = heat.renderer().type(), heat.renderer().opacity()
+    qgis_iface.messageBar().clear_messages()
+
+    project.setFileName(str(scene_dir / "p.qgz"))  # what QGIS's Save does first, then write()
+    assert project.write()
+    results = scene_dir / "geovqa_results"
+    for layer, old in zip((heat, anchors), before):
+        assert layer.isValid() and layer.source().startswith(str(results)), layer.source()
+        assert Path(old.split("|")[0]).is_file()  # the originals stay
+    assert (heat.renderer().type(), heat.renderer().opacity()) == (renderer, opacity)  # its style kept
+    result = dock.turns(a)[-1]["result"]
+    assert result["local_heatmap_path"] == heat.source()
+    assert any(str(results) in m for m in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info))
+    heat_id, anchors_id, a_id = heat.id(), anchors.id(), a.id()
+
+    # the project folder moved elsewhere (the raster with it): everything comes back
+    project.clear()
+    moved = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(scene_dir, moved / "proj")
+    shutil.copy(tmp_path / "a.tif", moved / "a.tif")  # the raster, beside the project folder as before
+    shutil.rmtree(scene_dir)
+    assert project.read(str(moved / "proj" / "p.qgz"))
+    for lid in (heat_id, anchors_id):
+        layer = project.mapLayer(lid)
+        assert layer is not None and layer.isValid(), lid
+        assert layer.source().startswith(str(moved / "proj" / "geovqa_results")), layer.source()
+    assert project.mapLayer(heat_id).renderer().type() == renderer
+    assert [t["question"] for t in dock.turns(project.mapLayer(a_id))] == ["first?"]
+
+
+def test_result_files_stay_in_a_results_folder_the_user_chose(plugin, raster_layer, stub_engine, tmp_path):
+    from qgis.core import QgsProject
+
+    a = raster_layer("a")  # the tests' own results folder is set in the options
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.ask("first?")
+    wait_until(_answered(dock, a), 30)
+    wait_for_tasks()
+    heat, _anchors = _result_layers(dock, a)
+    source = heat.source()
+    assert source.startswith(str(tmp_path / "results"))
+    (tmp_path / "proj").mkdir()
+    QgsProject.instance().setFileName(str(tmp_path / "proj" / "p.qgz"))
+    assert QgsProject.instance().write()
+    assert heat.source() == source and not (tmp_path / "proj" / "geovqa_results").exists()

@@ -1,0 +1,93 @@
+"""Keep a project's result files with it when it is saved under a new file name.
+
+Answers asked before a project's first save keep their heatmap and anchors files in the QGIS
+profile's results folder (there is no project folder yet); after a *Save As* they are in the old
+project's ``geovqa_results``. QGIS stores those paths relative to the project file, so a project
+moved or shared with its folder lost its result layers. When QGIS gives the project a (new) file
+name, before it writes it, :func:`gather_result_files` copies the files of the project's result
+layers that lie outside the new results folder into it and points the layers at the copies,
+keeping their style. The originals stay where they were (nothing is removed).
+
+Only where the results folder is the project's own (the options' *Results folder* empty): a
+folder the user chose is where they want the results.
+
+Main thread only (changes layers).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from qgis.core import QgsDataProvider, QgsMapLayerStyle
+
+from .layers import is_result_layer
+
+
+def _file_of(layer) -> tuple:
+    """(file path, the rest of the source after it: "|layername=..." of an OGR source)."""
+    source = layer.source()
+    path, bar, rest = source.partition("|")
+    return path, bar + rest
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``folder/<stem>_2<suffix>``... when a different file has that name."""
+    dest = folder / name
+    stem, suffix = name.split(".", 1) if "." in name else (name, "")
+    n = 2
+    while dest.exists():
+        dest = folder / (f"{stem}_{n}.{suffix}" if suffix else f"{stem}_{n}")
+        n += 1
+    return dest
+
+
+def _copy_with_sidecars(src: Path, folder: Path) -> Path:
+    """Copy ``src`` and the files GDAL keeps beside it (``<name>.aux.xml``, ``<name>.ovr``)."""
+    dest = _free_name(folder, src.name)
+    shutil.copy2(src, dest)
+    for side in src.parent.glob(src.name + ".*"):
+        if side.is_file():
+            shutil.copy2(side, dest.parent / (dest.name + side.name[len(src.name):]))
+    return dest
+
+
+def _point_at(layer, source: str) -> None:
+    """``layer`` reads ``source`` from now on, with the style it had."""
+    style = QgsMapLayerStyle()
+    style.readFromLayer(layer)
+    layer.setDataSource(source, layer.name(), layer.providerType(), QgsDataProvider.ProviderOptions())
+    style.writeToLayer(layer)
+
+
+def gather_result_files(project, folder) -> tuple:
+    """Copy the files of ``project``'s result layers that lie outside ``folder`` into it and
+    point the layers at the copies. Returns ``({old path: new path}, [problems])``: a file
+    that no longer exists is left as it is (its layer was already missing it); one that could
+    not be copied is said in ``problems`` and its layer keeps the old file."""
+    folder = Path(folder)
+    moved, problems = {}, []
+    for layer in project.mapLayers().values():
+        if not is_result_layer(layer, project):
+            continue
+        path, rest = _file_of(layer)
+        src = Path(path)
+        if not path or not src.is_file() or _inside(src, folder):
+            continue
+        try:
+            if str(src) not in moved:
+                folder.mkdir(parents=True, exist_ok=True)
+                moved[str(src)] = str(_copy_with_sidecars(src, folder))
+        except OSError as exc:
+            problems.append(f"{src}: {exc.strerror or exc}")
+            continue
+        _point_at(layer, moved[str(src)] + rest)
+    return moved, problems
