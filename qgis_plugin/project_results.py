@@ -9,7 +9,10 @@ layers that lie outside the new results folder into it and points the layers at 
 keeping their style. The originals stay where they were (nothing is removed).
 
 Only where the results folder is the project's own (the options' *Results folder* empty): a
-folder the user chose is where they want the results.
+folder the user chose is where they want the results. Only GeoVQA's own files move: those in
+the profile's results folder, in a project's ``geovqa_results``, or in Processing's temporary
+folder (an output left temporary, gone when QGIS exits); a heatmap Processing wrote where the user said
+stays there.
 
 Main thread only (changes layers).
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 from qgis.core import QgsDataProvider, QgsMapLayerStyle
 
 from .layers import is_result_layer
+from .settings import RESULTS_FOLDER, profile_results_dir
 
 
 def _file_of(layer) -> tuple:
@@ -37,6 +41,14 @@ def _inside(path: Path, folder: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _ours(path: Path, profile_results: Path) -> bool:
+    """A file GeoVQA put where it is (see the module's docstring), not one the user placed."""
+    from qgis.core import QgsProcessingUtils
+
+    return (_inside(path, profile_results) or RESULTS_FOLDER in path.parent.parts
+            or _inside(path, Path(QgsProcessingUtils.tempFolder())))
 
 
 def _free_name(folder: Path, name: str) -> Path:
@@ -74,13 +86,14 @@ def gather_result_files(project, folder) -> tuple:
     that no longer exists is left as it is (its layer was already missing it); one that could
     not be copied is said in ``problems`` and its layer keeps the old file."""
     folder = Path(folder)
+    profile_results = profile_results_dir()
     moved, problems = {}, []
     for layer in project.mapLayers().values():
         if not is_result_layer(layer, project):
             continue
         path, rest = _file_of(layer)
         src = Path(path)
-        if not path or not src.is_file() or _inside(src, folder):
+        if not path or not src.is_file() or _inside(src, folder) or not _ours(src, profile_results):
             continue
         try:
             if str(src) not in moved:

@@ -190,9 +190,14 @@ class Settings:
         home = project.homePath() if project is not None else ""
         if project is not None and project.fileName() and home:
             return Path(home) / RESULTS_FOLDER
-        from qgis.core import QgsApplication
+        return profile_results_dir()
 
-        return Path(QgsApplication.qgisSettingsDirPath()) / "geovqa" / "results"
+
+def profile_results_dir() -> Path:
+    """The results folder of a project not saved yet (with no folder set in the options)."""
+    from qgis.core import QgsApplication
+
+    return Path(QgsApplication.qgisSettingsDirPath()) / "geovqa" / "results"
 
 
 def folder_problem(folder: Path) -> str:

@@ -347,3 +347,31 @@ def test_qgis_process_skips_an_output_given_empty(stub_engine, tmp_path):
     assert results["ANSWER"] == ANSWER and "HEATMAP" not in results
     assert results["ANCHORS"].endswith("ANCHORS.geojson")
     assert len(list((tmp_path / "results").glob("*_heatmap.tif"))) == 1  # the lasting copy is still kept
+
+
+def test_saving_the_project_keeps_a_temporary_output_and_leaves_one_the_user_placed(
+        plugin, raster_layer, stub_engine, qgis_processing, qgis_new_project, tmp_path):
+    """A heatmap left temporary is deleted when QGIS exits: saved with the project, it is copied
+    into the project's geovqa_results (project_results); anchors written where the user said
+    stay there."""
+    import processing
+    from conftest import set_settings
+    from geovqa.layers import is_result_layer
+    from qgis.core import QgsProcessing, QgsProject, QgsRasterLayer
+
+    set_settings(output_dir="")
+    layer = raster_layer("a")
+    mine = tmp_path / "mine.geojson"
+    res = processing.runAndLoadResults("geovqa:ask_raster", {
+        "INPUT": layer, "QUESTION": QUESTION, "HEATMAP": QgsProcessing.TEMPORARY_OUTPUT, "ANCHORS": str(mine)})
+    project = QgsProject.instance()
+    loaded = [lyr for lyr in project.mapLayers().values() if is_result_layer(lyr)]
+    (heat,) = [lyr for lyr in loaded if isinstance(lyr, QgsRasterLayer)]
+    (anchors,) = [lyr for lyr in loaded if lyr is not heat]
+    assert heat.source() == res["HEATMAP"] and not heat.source().startswith(str(tmp_path))
+    (tmp_path / "proj").mkdir()
+    project.setFileName(str(tmp_path / "proj" / "p.qgz"))
+    assert project.write()
+    assert heat.isValid() and heat.source().startswith(str(tmp_path / "proj" / "geovqa_results")), heat.source()
+    assert anchors.source().split("|")[0] == str(mine)
+    wait_for_tasks()
