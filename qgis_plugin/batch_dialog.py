@@ -46,6 +46,7 @@ from .aoi import AoiError, clip_to_layer, is_unreferenced_file
 from .bands import bands_cell, layer_bands
 from .client import questions_too_long
 from .compat import is_raster_layer
+from .paths import export_path
 from .render import LayerRenderer, layer_file_path, render_file
 from .results_io import write_csv, write_json
 from .settings import Settings, make_client
@@ -56,6 +57,7 @@ CHECKED = Qt.CheckState.Checked
 UNCHECKED = Qt.CheckState.Unchecked
 TABLE_COLUMNS = ("Layer", "Question", "Answer", "Kept tokens", "Seconds", "Bands")
 ANSWER_COLUMN = TABLE_COLUMNS.index("Answer")
+EXPORT_KINDS = ("csv", "json")  # the ending of the file decides the format written (export)
 EXPORT_RUNNING_TIP = ("Export is available when the batch ends (or is cancelled); meanwhile every answer "
                       "so far is already in the autosave file named above.")
 
@@ -491,10 +493,14 @@ class BatchDialog(QDialog):
         self.batch_finished.emit(list(self.rows))
 
     def export(self, path: str) -> str:
+        """Write the rows to ``path``: JSON for a name ending in .json, else CSV."""
         return write_json(self.rows, path) if str(path).lower().endswith(".json") else write_csv(self.rows, path)
 
     def _export(self, kind):
+        """Export CSV… / JSON…: Qt's save dialog adds no ending on Linux or macOS, so a name typed
+        without one gets the chosen kind's (else JSON chosen was written as CSV); an ending of the
+        other kind typed on purpose stays the user's choice."""
         filt = "CSV (*.csv)" if kind == "csv" else "JSON (*.json)"
         path, _ = QFileDialog.getSaveFileName(self, "Export answers", f"geovqa_batch.{kind}", filt)
         if path:
-            self.export(path)
+            self.export(export_path(path, EXPORT_KINDS, kind))

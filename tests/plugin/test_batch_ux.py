@@ -1,10 +1,12 @@
 """Batch dialog usability (from a walkthrough): the results table gets the room, cells show their
 full text, inputs are frozen while a batch runs, the end-of-run wording counts questions, the
-autosave file can be opened, and reopening the dialog keeps the user's ticks."""
+autosave file can be opened, reopening the dialog keeps the user's ticks, and Export writes the
+format chosen."""
 
 from __future__ import annotations
 
-from conftest import set_settings, wait_for_tasks, wait_until
+import pytest
+from conftest import run_batch_dialog, set_settings, wait_for_tasks, wait_until
 
 
 def _settle():
@@ -206,3 +208,31 @@ def test_a_question_too_long_after_blank_lines_is_named_by_its_line(plugin, rast
         assert dlg.message.text().startswith(f"{named} {MAX_QUESTION_CHARS + 1} characters"), dlg.message.text()
         assert dlg.task is None
     assert stub_engine.requests == []
+
+
+@pytest.mark.parametrize("kind, typed, written", [
+    ("json", "answers", "answers.json"),  # Qt's dialog adds no ending on Linux or macOS
+    ("csv", "answers", "answers.csv"),
+    ("csv", "answers.json", "answers.json"),  # an ending typed is the user's choice
+    ("json", "answers.csv", "answers.csv"),
+    ("json", "answers.v2", "answers.v2.json"),
+])
+def test_export_writes_the_format_chosen_in_the_dialog(plugin, raster_layer, stub_engine, tmp_path, monkeypatch,
+                                                       kind, typed, written):
+    """Export JSON… with a name typed without ".json" wrote a CSV, to "answers"."""
+    import json
+
+    from qgis.PyQt.QtWidgets import QFileDialog
+
+    dlg, _ = run_batch_dialog(plugin, [raster_layer("a")], "How big?")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    chosen = "CSV (*.csv)" if kind == "csv" else "JSON (*.json)"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(folder / typed), chosen))
+    dlg._export(kind)
+    assert [p.name for p in folder.iterdir()] == [written]
+    text = (folder / written).read_text(encoding="utf-8")
+    if written.endswith(".json"):
+        assert json.loads(text)["results"][0]["question"] == "How big?"
+    else:
+        assert text.startswith("index,layer,raster_path,question,answer") and "How big?" in text
