@@ -45,7 +45,7 @@ from . import layers as result_layers
 from .aoi import AoiError, clip_to_layer, is_unreferenced_file
 from .bands import bands_cell, layer_bands
 from .client import questions_too_long
-from .compat import is_raster_layer
+from .compat import MSG_WARNING, is_raster_layer
 from .paths import export_path
 from .render import LayerRenderer, layer_file_path, render_file
 from .results_io import write_csv, write_json
@@ -60,6 +60,14 @@ ANSWER_COLUMN = TABLE_COLUMNS.index("Answer")
 EXPORT_KINDS = ("csv", "json")  # the ending of the file decides the format written (export)
 EXPORT_RUNNING_TIP = ("Export is available when the batch ends (or is cancelled); meanwhile every answer "
                       "so far is already in the autosave file named above.")
+
+
+def export_failure(exc: Exception, path: str) -> str:
+    """Why an export failed, in words: the system's reason, with the path it is about when that is
+    not the export's file (a file where its folder should be: "File exists (…/a-file)")."""
+    why = getattr(exc, "strerror", None) or str(exc)
+    where = getattr(exc, "filename", None)
+    return f"{why} ({where})" if where and str(where) != str(path) else why
 
 
 class BatchDialog(QDialog):
@@ -83,6 +91,7 @@ class BatchDialog(QDialog):
         self.autosave_path = None
         self._total = 0  # questions of the run (layers x questions)
         self.row_viewer = None  # the dialog a double-click on a row opens
+        self._end_text = ""  # what the message said when the last run ended (an export adds to it)
         self._row_viewer_text = None
         self._build()
         self.refresh_layers()
@@ -481,7 +490,8 @@ class BatchDialog(QDialog):
     def _done(self, *_):
         task = self.task
         cancelled = self._cancelled or (task is not None and task.isCanceled())
-        self.message.setText(self.summary() + (" (cancelled)" if cancelled else "") + ".")
+        self._end_text = self.summary() + (" (cancelled)" if cancelled else "") + "."
+        self.message.setText(self._end_text)
         autosave_error = task.autosave_error if task is not None else ""
         self.task = None
         self._set_running(False)
@@ -502,5 +512,23 @@ class BatchDialog(QDialog):
         other kind typed on purpose stays the user's choice."""
         filt = "CSV (*.csv)" if kind == "csv" else "JSON (*.json)"
         path, _ = QFileDialog.getSaveFileName(self, "Export answers", f"geovqa_batch.{kind}", filt)
-        if path:
-            self.export(export_path(path, EXPORT_KINDS, kind))
+        if not path:
+            return
+        path = export_path(path, EXPORT_KINDS, kind)
+        try:
+            self.export(path)
+        except (OSError, ValueError) as exc:  # a folder that cannot be written, a full disk: said, not raised
+            self._export_said(f"Could not export the answers to {path}: {export_failure(exc, path)}", MSG_WARNING)
+            return
+        self._export_said(f"Answers exported to {path}.")
+
+    def _export_said(self, text: str, level=None):
+        """What an export did, after the end of run's counts on the message line; a failure also
+        on QGIS's message bar (the dialog may be behind the main window)."""
+        self.message.setText(f"{self._end_text} {text}".strip())
+        if level is None:
+            return
+        try:
+            self.iface.messageBar().pushMessage("GeoVQA", text, level=level, duration=8)
+        except Exception:  # noqa: BLE001 - never let a message bar problem hide the failure
+            pass

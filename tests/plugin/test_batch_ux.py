@@ -236,3 +236,29 @@ def test_export_writes_the_format_chosen_in_the_dialog(plugin, raster_layer, stu
         assert json.loads(text)["results"][0]["question"] == "How big?"
     else:
         assert text.startswith("index,layer,raster_path,question,answer") and "How big?" in text
+
+
+def test_an_export_that_cannot_be_written_is_said_and_one_written_says_where(
+        plugin, raster_layer, stub_engine, tmp_path, monkeypatch, qgis_iface):
+    """It raised out of the button (NotADirectoryError: QGIS's Python error dialog), and the
+    dialog said nothing, neither then nor when the export was written."""
+    from conftest import python_errors
+    from qgis.core import Qgis
+    from qgis.PyQt.QtWidgets import QFileDialog
+
+    dlg, _ = run_batch_dialog(plugin, [raster_layer("a")], "How big?")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    qgis_iface.messageBar().clear_messages()
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(blocker / "answers"), "JSON (*.json)"))
+    with python_errors() as errors:
+        dlg.json_button.click()
+    assert errors == []
+    said = f"Could not export the answers to {blocker / 'answers.json'}: File exists ({blocker})"
+    assert dlg.message.text() == f"1 question: 1 answered, 0 failed. {said}"  # the run's counts stay
+    assert f"GeoVQA:{said}" in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    out = tmp_path / "answers.csv"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), "CSV (*.csv)"))
+    dlg.csv_button.click()
+    assert out.is_file()
+    assert dlg.message.text() == f"1 question: 1 answered, 0 failed. Answers exported to {out}."
