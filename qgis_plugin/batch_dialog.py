@@ -8,7 +8,8 @@ from the project mid-batch gives an error row for each of its questions not aske
 batch goes on with the others.
 
 Inputs and results share a vertical splitter (the table gets most of the height); a cell's tooltip
-is its full text and a double-click shows the whole row. While a batch runs, the inputs and Export
+is its full text and a double-click shows the whole row. An answer whose heatmap or anchors could
+not be saved has a warning icon, the reason in its tooltip and row, and is counted at the end. While a batch runs, the inputs and Export
 are disabled (the answers so far are in the autosave file; Export once the batch ends or is
 cancelled), and the message counts the questions asked."""
 
@@ -48,7 +49,7 @@ from .client import questions_too_long
 from .compat import MSG_WARNING, is_raster_layer
 from .paths import export_path
 from .render import LayerRenderer, layer_file_path, render_file
-from .results_io import write_csv, write_json
+from .results_io import files_note, write_csv, write_json
 from .settings import Settings, make_client
 from .tasks import BatchTask, file_stem, rect_bounds
 
@@ -57,6 +58,7 @@ CHECKED = Qt.CheckState.Checked
 UNCHECKED = Qt.CheckState.Unchecked
 TABLE_COLUMNS = ("Layer", "Question", "Answer", "Kept tokens", "Seconds", "Bands")
 ANSWER_COLUMN = TABLE_COLUMNS.index("Answer")
+WARNING_ICON = "/mIconWarning.svg"  # QGIS's own: the answer cell of an answer without its result layers
 EXPORT_KINDS = ("csv", "json")  # the ending of the file decides the format written (export)
 EXPORT_RUNNING_TIP = ("Export is available when the batch ends (or is cancelled); meanwhile every answer "
                       "so far is already in the autosave file named above.")
@@ -182,11 +184,15 @@ class BatchDialog(QDialog):
         self.cancel_button.setEnabled(running)
 
     def row_text(self, r: int) -> str:
-        """Row ``r`` of the table in full: every column's name and text."""
+        """Row ``r`` of the table in full: every column's name and text, and why an answer has no
+        result layers (which only the exports' error column held)."""
         parts = []
         for c, name in enumerate(TABLE_COLUMNS):
             item = self.table.item(r, c)
             parts.append(f"{name}: {item.text() if item is not None else ''}")
+        note = files_note(self.rows[r]) if r < len(self.rows) else ""
+        if note:
+            parts.append(f"Result layers: {note}")
         return "\n\n".join(parts)
 
     def show_row(self, r: int):
@@ -453,6 +459,7 @@ class BatchDialog(QDialog):
             cell = QTableWidgetItem(val)
             cell.setToolTip(val)  # the whole text, which the column may cut
             self.table.setItem(r, c, cell)
+        self._mark_files_note(self.table.item(r, ANSWER_COLUMN), files_note(row))
         self.message.setText(f"Asked {len(self.rows)} of {self._total} …")
         if row.get("answer") is not None and row.get("error"):
             self._note(row["error"])  # an answer whose heatmap/anchors could not be saved
@@ -471,17 +478,31 @@ class BatchDialog(QDialog):
             except result_layers.ResultLayerError as exc:
                 self._note(str(exc))
 
+    @staticmethod
+    def _mark_files_note(cell, note: str):
+        """An answer whose heatmap/anchors could not be saved: a warning icon on its cell and the
+        reason under the answer in its tooltip (the answer itself, as exported, stays as it is).
+        Else the reason was on the message line only until the next row came."""
+        if note:
+            cell.setIcon(QgsApplication.getThemeIcon(WARNING_ICON))
+            cell.setToolTip(f"{cell.text()}\n\n⚠ {note}")
+
     def _note(self, text: str):
         """A remark about the latest row, after the count of questions asked."""
         self.message.setText(f"{self.message.text()} {text}")
 
     def summary(self) -> str:
         """'6 questions: 4 answered, 2 failed' (+ how many were not asked when cancelled). An answer
-        whose heatmap or anchors could not be saved counts as answered."""
+        whose heatmap or anchors could not be saved counts as answered, and is counted apart:
+        '4 answered (1 with result layers missing)'."""
         answered = sum(1 for r in self.rows if r.get("answer") is not None)
         failed = len(self.rows) - answered
         total = max(self._total, len(self.rows))
-        text = f"{total} question{'s' if total != 1 else ''}: {answered} answered, {failed} failed"
+        text = f"{total} question{'s' if total != 1 else ''}: {answered} answered"
+        missing = sum(1 for r in self.rows if files_note(r))
+        if missing:
+            text += f" ({missing} with result layers missing)"
+        text += f", {failed} failed"
         not_asked = total - len(self.rows)
         if not_asked > 0:
             text += f", {not_asked} not asked"

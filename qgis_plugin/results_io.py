@@ -23,6 +23,12 @@ CSV_COLUMNS = ("index", "layer", "raster_path", "question", "answer", "error", "
                "visual_kept", "visual_candidates", "total_s", "heatmap_path", "anchors_path", "bands")
 
 
+def files_note(row: dict) -> str:
+    """Why an answered row lacks its heatmap or anchors (its ``error``, "The answer is kept, but
+    …"); "" for a row without that note, and for a row with no answer (its error is the failure)."""
+    return (row.get("error") or "") if row.get("answer") is not None else ""
+
+
 def flat_row(row: dict) -> dict:
     tokens = row.get("tokens") or {}
     timings = row.get("timings") or {}

@@ -262,3 +262,33 @@ def test_an_export_that_cannot_be_written_is_said_and_one_written_says_where(
     dlg.csv_button.click()
     assert out.is_file()
     assert dlg.message.text() == f"1 question: 1 answered, 0 failed. Answers exported to {out}."
+
+
+def test_an_answer_without_its_result_layers_says_so_in_its_row_and_the_counts(
+        plugin, raster_layer, stub_engine, tmp_path):
+    """Why the heatmap and anchors were missing was on the message line only until the next row
+    arrived: the table, its tooltips and the row viewer showed a plain answer, and the end said
+    "2 answered, 0 failed" as for a batch that kept everything."""
+    import json
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    set_settings(output_dir=str(blocker / "results"))
+    a, b = raster_layer("a"), raster_layer("b", width=32, height=40)
+    dlg, rows = run_batch_dialog(plugin, [a, b], "How big?")
+    answer = "The area is 64 x 48 pixels with 3 bands."
+    note = rows[0]["error"]
+    assert rows[0]["answer"] == answer and note.startswith("The answer is kept, but its heatmap and anchor layers")
+    cell = dlg.table.item(0, 2)
+    assert cell.text() == answer and not cell.icon().isNull()  # the answer as it is, marked
+    assert cell.toolTip() == f"{answer}\n\n⚠ {note}"
+    assert f"Answer: {answer}\n\nKept tokens" in dlg.row_text(0) and dlg.row_text(0).endswith(f"Result layers: {note}")
+    assert dlg.message.text() == "2 questions: 2 answered (2 with result layers missing), 0 failed."
+    exported = json.loads(open(dlg.export(str(tmp_path / "answers.json")), encoding="utf-8").read())["results"]
+    assert [(r["answer"], r["error"]) for r in exported] == [(r["answer"], r["error"]) for r in rows]
+    # a row with its layers: no mark, no note
+    set_settings(output_dir=str(tmp_path / "results"))
+    dlg, rows = run_batch_dialog(plugin, [a], "How big?", dlg=dlg)
+    cell = dlg.table.item(0, 2)
+    assert cell.icon().isNull() and cell.toolTip() == answer and "Result layers" not in dlg.row_text(0)
+    assert dlg.message.text() == "1 question: 1 answered, 0 failed."
