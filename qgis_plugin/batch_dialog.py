@@ -49,7 +49,7 @@ from .client import questions_too_long
 from .compat import MSG_WARNING, is_raster_layer
 from .paths import export_path
 from .render import LayerRenderer, layer_file_path, render_file
-from .results_io import files_note, write_csv, write_json
+from .results_io import files_note, is_cancelled, is_failure, write_csv, write_json
 from .settings import Settings, make_client
 from .tasks import BatchTask, file_stem, rect_bounds
 
@@ -70,6 +70,14 @@ def export_failure(exc: Exception, path: str) -> str:
     why = getattr(exc, "strerror", None) or str(exc)
     where = getattr(exc, "filename", None)
     return f"{why} ({where})" if where and str(where) != str(path) else why
+
+
+def answer_cell(row: dict) -> str:
+    """The Answer column's text: the answer, "Cancelled" for a question Cancel stopped, else the
+    error that replaced the answer."""
+    if row.get("answer") is not None:
+        return row["answer"]
+    return "Cancelled" if is_cancelled(row) else f"ERROR: {row.get('error')}"
 
 
 class BatchDialog(QDialog):
@@ -452,8 +460,7 @@ class BatchDialog(QDialog):
         self.table.insertRow(r)
         kept = (row.get("tokens") or {}).get("visual_kept", "")
         secs = (row.get("timings") or {}).get("total", "")
-        values = (row["layer"], row["question"], row["answer"] if row.get("answer") is not None else f"ERROR: {row.get('error')}",
-                  str(kept), f"{secs:.1f}" if isinstance(secs, (int, float)) else "",
+        values = (row["layer"], row["question"], answer_cell(row), str(kept), f"{secs:.1f}" if isinstance(secs, (int, float)) else "",
                   bands_cell(row.get("bands"), row.get("palette"), row.get("rendered")))
         for c, val in enumerate(values):
             cell = QTableWidgetItem(val)
@@ -492,20 +499,21 @@ class BatchDialog(QDialog):
         self.message.setText(f"{self.message.text()} {text}")
 
     def summary(self) -> str:
-        """'6 questions: 4 answered, 2 failed' (+ how many were not asked when cancelled). An answer
+        """'6 questions: 4 answered, 2 failed' (+ how many were not answered when cancelled: the
+        question Cancel stopped mid-answer with those not asked, not as a failure). An answer
         whose heatmap or anchors could not be saved counts as answered, and is counted apart:
         '4 answered (1 with result layers missing)'."""
         answered = sum(1 for r in self.rows if r.get("answer") is not None)
-        failed = len(self.rows) - answered
+        failed = sum(1 for r in self.rows if is_failure(r))
         total = max(self._total, len(self.rows))
         text = f"{total} question{'s' if total != 1 else ''}: {answered} answered"
         missing = sum(1 for r in self.rows if files_note(r))
         if missing:
             text += f" ({missing} with result layers missing)"
         text += f", {failed} failed"
-        not_asked = total - len(self.rows)
-        if not_asked > 0:
-            text += f", {not_asked} not asked"
+        not_answered = total - answered - failed
+        if not_answered > 0:
+            text += f", {not_answered} not answered"
         return text
 
     def _done(self, *_):

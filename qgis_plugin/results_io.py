@@ -23,6 +23,21 @@ CSV_COLUMNS = ("index", "layer", "raster_path", "question", "answer", "error", "
                "visual_kept", "visual_candidates", "total_s", "heatmap_path", "anchors_path", "bands")
 
 
+# the error of a question that Cancel stopped while it was being answered: not answered, but no
+# failure either (the batch dialog and Processing count it with the questions not asked)
+CANCELLED = "cancelled"
+
+
+def is_cancelled(row: dict) -> bool:
+    """True for a row of a question stopped by Cancel before its answer came."""
+    return row.get("answer") is None and row.get("error") == CANCELLED
+
+
+def is_failure(row: dict) -> bool:
+    """True for a row with no answer that was not cancelled: the engine or the layer failed."""
+    return row.get("answer") is None and not is_cancelled(row)
+
+
 def files_note(row: dict) -> str:
     """Why an answered row lacks its heatmap or anchors (its ``error``, "The answer is kept, but
     …"); "" for a row without that note, and for a row with no answer (its error is the failure)."""

@@ -16,7 +16,7 @@ from qgis.core import QgsTask
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 
 from .client import EngineClient, EngineError, build_ask_request
-from .results_io import append_json_line
+from .results_io import CANCELLED, append_json_line
 
 CAN_CANCEL = QgsTask.Flag.CanCancel
 # Hidden (QGIS 3.26+) keeps the periodic health check out of the task list in the status bar.
@@ -657,7 +657,7 @@ class BatchTask(QgsTask):
                 elif ev.get("type") == "error":
                     row["error"] = ev.get("message") or ev.get("code") or "unknown error"
             if row["answer"] is None and row["error"] is None:
-                row["error"] = "cancelled" if stream.aborted else "no answer"
+                row["error"] = CANCELLED if stream.aborted else "no answer"
         except (EngineError, OSError) as exc:
             row["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad item must not stop the batch

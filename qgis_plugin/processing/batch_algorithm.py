@@ -27,7 +27,7 @@ from qgis.core import (
 
 from ..client import EngineError, questions_too_long
 from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
-from ..results_io import CsvRows, write_json
+from ..results_io import CANCELLED, CsvRows, is_cancelled, write_json
 from ..settings import Settings
 from ..tasks import BatchProgress, prepare_item_upload
 from .common import (
@@ -88,7 +88,9 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         return ("Asks every question (one a line) about every input raster with the GeoVQA engine and "
                 "writes the answers, the strategy, the bands the model saw, token counts, timings and "
                 "heatmap/anchor paths to a CSV table "
-                "(and optionally JSON, UTF-8). Failed answers are rows with an error, not a failed run. The CSV "
+                "(and optionally JSON, UTF-8). Failed answers are rows with an error, not a failed run (a question "
+                "stopped by Cancel before its answer came is a row with the error \"cancelled\", counted as "
+                "neither an answer nor an error). The CSV "
                 "gets each row as its answer arrives, so a cancelled run keeps the answers it finished; the log "
                 "says where the files are before the first question, and again when the run is cancelled or "
                 "fails. Answers left as temporary files are written to new files "
@@ -202,7 +204,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                     if upload is not None:
                         upload.cleanup()  # its temporary copy, also on cancel or failure
         out = {self.OUTPUT: csv_path, self.ANSWERED: sum(1 for r in rows if r["answer"] is not None),
-               self.ERRORS: sum(1 for r in rows if r["error"])}
+               self.ERRORS: sum(1 for r in rows if r["error"] and not is_cancelled(r))}  # a cancel is no error
         if json_path:
             try:
                 out[self.OUTPUT_JSON] = write_json(rows, json_path)
@@ -210,7 +212,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                 raise QgsProcessingException(f"Could not write the answers {json_path}: {exc}. They are all in "
                                              f"{csv_path}.") from exc
         if feedback.isCanceled():
-            feedback.pushInfo(f"Cancelled after {self._count(len(rows))} of {total}: the answers so far are in "
+            finished = sum(1 for r in rows if not is_cancelled(r))
+            feedback.pushInfo(f"Cancelled after {self._count(finished)} of {total}: the answers so far are in "
                               + " and ".join(p for p in (csv_path, json_path) if p) + ".")
         return out
 
@@ -287,6 +290,10 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                        anchors_path=res.get("local_anchors_path"),
                        error=res.get("files_warning") or None)  # answer kept, files missing
         except (EngineError, QgsProcessingException) as exc:
+            if feedback.isCanceled():  # stopped by Cancel while it was answered: said, no error
+                row["error"] = CANCELLED
+                feedback.pushInfo(f"{item['layer']} / {question}: cancelled before its answer came.")
+                return row
             row["error"] = str(exc)
             feedback.reportError(f"{item['layer']} / {question}: {exc}")
         except OSError as exc:  # the results folder: this answer's files could not be kept

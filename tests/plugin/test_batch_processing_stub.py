@@ -419,3 +419,30 @@ def test_processing_result_layers_loaded_into_the_project_are_marked(
     load_result_layer(context, str(tmp_path / "none.tif"), "heatmap", "n")
     assert not context.willLoadLayerOnCompletion(str(tmp_path / "none.tif"))
     wait_for_tasks()
+
+
+def test_a_processing_question_cancelled_mid_answer_is_no_error(plugin, raster_layer, stub_engine, tmp_path,
+                                                                qgis_processing):
+    """The question streaming when the run was cancelled was reported as an error ("a / q2:
+    Cancelled.") and counted in ERRORS, as the batch dialog counted it as failed."""
+    import processing
+
+    feedback = recording_feedback()
+    events = stub_engine.events
+
+    def cancelling(req):  # the run is cancelled once the second answer streams
+        for ev in events(req):
+            yield ev
+            if ev["type"] == "token" and len(stub_engine.requests) == 2:
+                feedback.cancel()
+                stub_engine.token_delay = 0.2
+
+    stub_engine.events = cancelling
+    res = processing.run("geovqa:batch_questions", {
+        "LAYERS": [raster_layer("a")], "QUESTIONS": "q1\nq2\nq3", "OUTPUT": str(tmp_path / "b.csv")}, feedback=feedback)
+    with open(res["OUTPUT"], newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["question"], bool(r["answer"]), r["error"]) for r in rows] == [("q1", True, ""), ("q2", False, "cancelled")]
+    assert res["ANSWERED"] == 1 and res["ERRORS"] == 0
+    assert feedback.of("error") == []
+    assert any(line.startswith("Cancelled after 1 answer of 3") for line in feedback.of("info"))

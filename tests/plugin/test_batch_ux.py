@@ -93,7 +93,7 @@ def test_inputs_and_export_are_frozen_while_running_and_the_message_counts(plugi
     wait_until(lambda: len(done) == 2, 30, "the cancelled batch")
     wait_for_tasks()
     assert all(w.isEnabled() for w in inputs) and dlg.run_button.isEnabled()
-    assert "not asked" in dlg.message.text() and "(cancelled)" in dlg.message.text()
+    assert "not answered" in dlg.message.text() and "(cancelled)" in dlg.message.text()
 
 
 def test_a_batch_that_cannot_start_gives_the_inputs_back(plugin, raster_layer, stub_engine):
@@ -292,3 +292,36 @@ def test_an_answer_without_its_result_layers_says_so_in_its_row_and_the_counts(
     cell = dlg.table.item(0, 2)
     assert cell.icon().isNull() and cell.toolTip() == answer and "Result layers" not in dlg.row_text(0)
     assert dlg.message.text() == "1 question: 1 answered, 0 failed."
+
+
+def test_a_question_cancelled_mid_answer_is_counted_with_the_cancelled_ones_not_as_failed(
+        plugin, raster_layer, stub_engine, tmp_path):
+    """The question streaming when Cancel was pressed read "ERROR: cancelled" and the end said
+    "3 questions: 1 answered, 1 failed, 1 not asked (cancelled)"."""
+    import csv
+    import json
+
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.set_checked_layers({a.id()})
+    dlg.questions_edit.setPlainText("q1\nq2\nq3")
+    stub_engine.token_delay = 0.02
+    dlg.run()
+    wait_until(lambda: dlg.rows, 30, "the first answer")
+    stub_engine.token_delay = 0.5  # the second answer streams slowly
+    wait_until(lambda: len(stub_engine.requests) == 2, 30, "the second question")
+    dlg.cancel()
+    wait_until(lambda: done, 30, "the cancelled batch")
+    wait_for_tasks()
+    rows = done[0]
+    assert [(r["question"], r["answer"] is not None, r["error"]) for r in rows] == [("q1", True, None),
+                                                                                  ("q2", False, "cancelled")]
+    assert dlg.table.item(1, 2).text() == "Cancelled"
+    assert dlg.row_text(1).startswith("Layer: a\n\nQuestion: q2\n\nAnswer: Cancelled")
+    assert dlg.message.text() == "3 questions: 1 answered, 0 failed, 2 not answered (cancelled)."
+    saved = [json.loads(line) for line in dlg.autosave_path.read_text(encoding="utf-8").splitlines()]
+    assert saved[1]["question"] == "q2" and saved[1]["error"] == "cancelled"
+    with open(dlg.export(str(tmp_path / "answers.csv")), newline="", encoding="utf-8") as fh:
+        assert [(r["question"], r["error"]) for r in csv.DictReader(fh)] == [("q1", ""), ("q2", "cancelled")]
