@@ -103,9 +103,17 @@ class BatchDialog(QDialog):
         self.row_viewer = None  # the dialog a double-click on a row opens
         self._end_text = ""  # what the message said when the last run ended (an export adds to it)
         self._row_viewer_text = None
+        self._watched = {}  # layer id -> (layer, [(signal, slot)]): a rename or result mark refreshes the list
         self._build()
+        project = QgsProject.instance()
+        # the list follows the project while the dialog is open: layers added (also by a project
+        # read), renamed, marked as GeoVQA results, removed (also by a project closed)
+        self._project_signals = ((project.layerWillBeRemoved, self._layer_will_be_removed),
+                                 (project.layersAdded, self._layers_added))
+        for signal, slot in self._project_signals:
+            signal.connect(slot)
+        self._watch(project.mapLayers().values())
         self.refresh_layers()
-        QgsProject.instance().layerWillBeRemoved.connect(self._layer_will_be_removed)
 
     def _build(self):
         v = QVBoxLayout(self)
@@ -227,19 +235,22 @@ class BatchDialog(QDialog):
         if self.autosave_path is not None:
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.autosave_path.parent)))
 
-    def refresh_layers(self):
+    def refresh_layers(self, tick_selected: bool = True):
         """List the project's raster layers, GeoVQA's own result layers left out (as in the dock).
         A layer listed before keeps its tick (by layer id); a new one is ticked when it is
-        selected in the layer tree."""
+        selected in the layer tree (``tick_selected``: the dialog opened) and left unticked when
+        it came while the dialog was open."""
         kept = {}
         for i in range(self.layer_list.count()):
             item = self.layer_list.item(i)
             kept[item.data(USER_ROLE)] = item.checkState()
         self.layer_list.clear()
-        try:
-            selected = {lyr.id() for lyr in self.iface.layerTreeView().selectedLayers()}
-        except Exception:  # noqa: BLE001 - no layer tree view (tests, other hosts)
-            selected = set()
+        selected = set()
+        if tick_selected:
+            try:
+                selected = {lyr.id() for lyr in self.iface.layerTreeView().selectedLayers()}
+            except Exception:  # noqa: BLE001 - no layer tree view (tests, other hosts)
+                pass
         for layer in QgsProject.instance().mapLayers().values():
             if not is_raster_layer(layer) or result_layers.is_result_layer(layer):
                 continue
@@ -249,6 +260,42 @@ class BatchDialog(QDialog):
             state = kept.get(layer.id(), CHECKED if layer.id() in selected else UNCHECKED)
             item.setCheckState(state)
             self.layer_list.addItem(item)
+
+    def _layers_added(self, layers):
+        self._watch(layers)
+        self._layer_changed()
+
+    def _watch(self, layers):
+        for layer in layers or ():
+            if layer.id() in self._watched:
+                continue
+            signals = [(layer.nameChanged, self._layer_changed)]
+            if hasattr(layer, "customPropertyChanged"):  # QGIS 3.18 and later: the result-layer mark
+                signals.append((layer.customPropertyChanged, self._layer_property_changed))
+            for signal, slot in signals:
+                signal.connect(slot)
+            self._watched[layer.id()] = (layer, signals)
+
+    def _layer_changed(self, *_):
+        """Shown, the list follows at once (a layer come meanwhile is left unticked); hidden, it
+        is listed anew when the dialog opens again, a new layer ticked when selected then."""
+        if self.isVisible():
+            self.refresh_layers(tick_selected=False)
+
+    def _layer_property_changed(self, key):
+        if key == result_layers.RESULT_LAYER_PROPERTY:
+            self._layer_changed()
+
+    def _unwatch(self, layer_id=None):
+        """Let go of one layer's signals (it leaves the project) or, without an id, of all."""
+        ids = [layer_id] if layer_id is not None else list(self._watched)
+        for lid in ids:
+            _layer, signals = self._watched.pop(lid, (None, ()))
+            for signal, slot in signals:
+                try:
+                    signal.disconnect(slot)
+                except (TypeError, RuntimeError):  # already gone with its layer
+                    pass
 
     def set_checked_layers(self, layer_ids):
         for i in range(self.layer_list.count()):
@@ -416,10 +463,12 @@ class BatchDialog(QDialog):
 
     def shutdown(self):
         """Plugin unload: stop everything and let go of the task before the widgets go away."""
-        try:
-            QgsProject.instance().layerWillBeRemoved.disconnect(self._layer_will_be_removed)
-        except TypeError:
-            pass
+        for signal, slot in self._project_signals:
+            try:
+                signal.disconnect(slot)
+            except TypeError:
+                pass
+        self._unwatch()
         self._run_id += 1
         self._stop_renderers()
         self._drop_task()
@@ -427,6 +476,7 @@ class BatchDialog(QDialog):
     def _layer_will_be_removed(self, layer_id):
         """A layer leaves the project (removed, or the project closed): it leaves the list, and
         in a running batch each of its questions not asked yet becomes an error row."""
+        self._unwatch(layer_id)
         for i in reversed(range(self.layer_list.count())):
             if self.layer_list.item(i).data(USER_ROLE) == layer_id:
                 self.layer_list.takeItem(i)

@@ -161,6 +161,7 @@ def test_reopening_the_dialog_keeps_the_ticks(plugin, raster_layer, qgis_iface, 
         def selectedLayers(self):  # noqa: N802
             return self.layers
 
+    dlg.close()  # layers come while it is closed: new at the next opening
     c, d = raster_layer("c"), raster_layer("d")
     monkeypatch.setattr(qgis_iface, "layerTreeView", lambda: View([b, d]), raising=False)
     assert plugin.open_batch() is dlg  # plugin.py refreshes the list
@@ -325,3 +326,52 @@ def test_a_question_cancelled_mid_answer_is_counted_with_the_cancelled_ones_not_
     assert saved[1]["question"] == "q2" and saved[1]["error"] == "cancelled"
     with open(dlg.export(str(tmp_path / "answers.csv")), newline="", encoding="utf-8") as fh:
         assert [(r["question"], r["error"]) for r in csv.DictReader(fh)] == [("q1", ""), ("q2", "cancelled")]
+
+
+def test_the_layer_list_follows_the_project_while_the_dialog_is_open(plugin, raster_layer, tmp_path):
+    """Layers added, renamed, marked as GeoVQA results, removed, and a project read while the
+    dialog is open show in its list at once; the user's ticks are kept; the plugin's unload lets
+    go of the layers' signals."""
+    from qgis.core import QgsProject
+    from qgis.PyQt.QtCore import Qt
+
+    import geovqa.layers as result_layers
+
+    def names(dlg):
+        return [dlg.layer_list.item(i).text() for i in range(dlg.layer_list.count())]
+
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    dlg.set_checked_layers({a.id()})
+    assert names(dlg) == ["a"]
+
+    b = raster_layer("b")  # added while open: listed, not ticked
+    assert sorted(names(dlg)) == ["a", "b"]
+    assert [lyr.name() for lyr in dlg.checked_layers()] == ["a"]
+
+    a.setName("a renamed")
+    assert sorted(names(dlg)) == ["a renamed", "b"]
+    assert [lyr.name() for lyr in dlg.checked_layers()] == ["a renamed"]  # the tick follows the layer
+
+    heat = raster_layer("heat")  # a result layer: listed until its mark comes, then out
+    result_layers.mark_result_layer(heat, "heatmap")
+    assert sorted(names(dlg)) == ["a renamed", "b"]
+
+    QgsProject.instance().removeMapLayer(b.id())
+    assert names(dlg) == ["a renamed"]
+
+    path = str(tmp_path / "p.qgz")
+    assert QgsProject.instance().write(path)
+    QgsProject.instance().clear()
+    assert names(dlg) == []
+    assert QgsProject.instance().read(path)
+    assert sorted(names(dlg)) == ["a renamed"]  # the heatmap stays out, its mark was saved
+    item = dlg.layer_list.item(0)
+    assert item.checkState() == Qt.CheckState.Unchecked
+
+    # shut down (plugin unload) the dialog no longer listens: a layer renamed or added touches nothing
+    layer = QgsProject.instance().mapLayer(item.data(Qt.ItemDataRole.UserRole))
+    dlg.shutdown()
+    layer.setName("after shutdown")
+    raster_layer("c")
+    assert names(dlg) == ["a renamed"]
