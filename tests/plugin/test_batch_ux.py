@@ -162,7 +162,8 @@ def test_reopening_the_dialog_keeps_the_ticks(plugin, raster_layer, qgis_iface, 
             return self.layers
 
     dlg.close()  # layers come while it is closed: new at the next opening
-    c, d = raster_layer("c"), raster_layer("d")
+    raster_layer("c")
+    d = raster_layer("d")
     monkeypatch.setattr(qgis_iface, "layerTreeView", lambda: View([b, d]), raising=False)
     assert plugin.open_batch() is dlg  # plugin.py refreshes the list
     states = {dlg.layer_list.item(i).text(): dlg.layer_list.item(i).checkState()
