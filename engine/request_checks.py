@@ -121,8 +121,10 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
     except AOIError as exc:
         raise JobError("bad_aoi", str(exc)) from None
     left, bottom, right, top = info.bounds
-    if not geom.intersects(box(min(left, right), min(bottom, top), max(left, right),
-                               max(bottom, top))):
+    # an area that only touches the raster's edge or corner holds no pixel: the reader refuses it
+    # (after the question was queued and the model loaded), so it is refused here too
+    extent = box(min(left, right), min(bottom, top), max(left, right), max(bottom, top))
+    if not geom.intersects(extent) or geom.intersection(extent).area <= 0:
         raise JobError("aoi_outside_raster", "The area of interest does not overlap the raster.",
                        "Draw the area inside the layer's extent (in the layer's CRS).")
     return aoi

@@ -22,6 +22,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -53,23 +54,34 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
     import rasterio  # the engine's dependency; imported late to keep module import cheap
     from rasterio.errors import RasterioIOError
 
-    from engine.raster import footprint_bounds
+    from engine.raster import _gdal_detail, footprint_bounds
 
     p = Path(path).expanduser()
     shown = str(path)
     if not p.is_absolute():
         raise JobError("bad_request", f"The raster path {shown!r} must be an absolute path.")
-    if not p.exists():
+    try:
+        # (stat raises, rather than says False, for a folder the engine may not enter or a name
+        # longer than the file system takes)
+        st = p.stat()
+    except FileNotFoundError:
         raise JobError("raster_unreadable", f"There is no file at {shown}.",
-                       "Check the path; the engine reads files on its own host.")
-    if p.is_dir():
+                       "Check the path; the engine reads files on its own host.") from None
+    except OSError as exc:
+        raise JobError("raster_unreadable", f"The engine cannot reach {shown}: "
+                       f"{exc.strerror or _short(exc)}.",
+                       "Check the path and that the engine's user may read its folders.") from None
+    if stat.S_ISDIR(st.st_mode):
         raise JobError("not_a_raster", f"{shown} is a folder, not a raster file.")
-    if not p.is_file():
+    if not stat.S_ISREG(st.st_mode):
         raise JobError("not_a_raster", f"{shown} is not a regular file.")
     if not os.access(p, os.R_OK):
         raise JobError("raster_unreadable", f"The engine may not read {shown} (permission denied).")
-    with open(p, "rb") as fh:
-        looks_tiff = fh.read(4) in TIFF_MAGIC
+    try:
+        with open(p, "rb") as fh:
+            looks_tiff = fh.read(4) in TIFF_MAGIC
+    except OSError as exc:
+        raise JobError("raster_unreadable", f"{shown} cannot be read: {exc.strerror or _short(exc)}.") from None
     if geotiff_only and not looks_tiff:
         raise JobError("not_a_raster", "The uploaded file is not a GeoTIFF.",
                        "Upload the layer as a GeoTIFF (.tif).")
@@ -92,12 +104,12 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
     except RasterioIOError as exc:
         if looks_tiff or p.suffix.lower() == ".vrt":
             raise JobError("raster_unreadable", f"{shown} looks like a raster but cannot be read: "
-                           f"{_short(exc)}") from exc
+                           f"{_short(_gdal_detail(exc))}") from exc
         raise JobError("not_a_raster", f"{shown} is not a raster that GDAL can open.",
                        "Check that the layer's file is a raster image (it may have been replaced or "
                        "damaged since it was loaded), or export it as GeoTIFF and ask again.") from exc
     except Exception as exc:  # noqa: BLE001 - GDAL raises many kinds
-        raise JobError("raster_unreadable", f"{shown} cannot be read: {_short(exc)}") from exc
+        raise JobError("raster_unreadable", f"{shown} cannot be read: {_short(_gdal_detail(exc))}") from exc
 
 
 def _placement(ds) -> tuple:
@@ -138,7 +150,10 @@ def _named_upload(err: JobError, raster_path, temp_dir=None) -> JobError:
                     name_upload(err.hint, raster_path, temp_dir), **err.extra)
 
 
-def _short(exc: BaseException) -> str:
+def _short(exc: BaseException | str) -> str:
+    """The first line of an error (or of a message), at most 300 characters."""
+    if isinstance(exc, str):
+        return exc.strip().splitlines()[0][:300] if exc.strip() else "unknown error"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:300]
 

@@ -246,3 +246,45 @@ def test_a_batch_item_s_error_names_its_layer(raster, item, message):
     item = {k: (str(raster) if v == "RASTER" else v) for k, v in item.items()}
     body = {"items": [{"layer": "first", "raster_path": str(raster)}, item], "questions": ["Any?"]}
     assert refused(lambda: validate_batch(body, protocol.STRATEGIES)).message.startswith(message)
+
+
+def test_an_area_touching_only_the_rasters_edge_is_refused_before_anything_is_queued(raster):
+    """Shapely's intersects() is true for a square sharing just a corner or an edge; the reader
+    refuses it (no pixel in it) after the question was queued, so the checks refuse it first.
+    An area overlapping the last pixels and reaching past the edge is read, so it passes."""
+    from engine.raster import AOIError, read_raster
+
+    info = check_raster_file(raster)
+    left, bottom, right, top = info.bounds
+    corner = {"geojson": {"type": "Polygon", "coordinates": [square(left - 10, top, left, top + 10)]}}
+    edge = {"geojson": {"type": "Polygon", "coordinates": [square(right, bottom, right + 5, top)]}}
+    for aoi in (corner, edge):
+        with pytest.raises(AOIError) as read:
+            read_raster(raster, aoi=aoi)
+        assert read.value.code == "aoi_outside_raster"
+        assert refused(lambda: validate_aoi(aoi, info)).code == "aoi_outside_raster"
+    pixel = (right - left) / info.width
+    sliver = {"geojson": {"type": "Polygon",
+                          "coordinates": [square(right - 1.5 * pixel, bottom, right + 5, top)]}}
+    assert validate_aoi(sliver, info) == sliver
+    assert read_raster(raster, aoi=sliver).window[2] == 2  # the last two columns
+
+
+def test_a_path_the_engine_cannot_stat_is_unreadable_not_a_server_failure(tmp_path):
+    """A name longer than the file system takes (and a folder the engine may not enter) raised
+    OSError from Path.exists(), which the server answered with 500."""
+    err = refused(lambda: check_raster_file("/" + "a" * 300 + ".tif"))
+    assert err.code == "raster_unreadable"
+    assert "File name too long" in err.message
+
+
+def test_an_unreadable_raster_says_what_gdal_said(tmp_path):
+    """rasterio wraps GDAL's reason as "Read failed. See previous exception for details."."""
+    from rasters import write_truncated
+
+    full = write_geotiff(tmp_path / "full.tif", width=512, height=512)
+    bad = write_truncated(tmp_path / "trunc.tif", full, 0.01)
+    err = refused(lambda: check_raster_file(str(bad)))
+    assert err.code == "raster_unreadable"
+    assert "previous exception" not in err.message
+    assert "looks like a raster but cannot be read: " in err.message
