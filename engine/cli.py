@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from engine import __version__
-from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
+from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int, writable_folder_problem
 from engine.weights import DEFAULT_REPO, DEFAULT_WEIGHTS
 
 
@@ -132,12 +132,9 @@ def _check_output_dir(folder: Path | None) -> None:
 
     if folder is None:
         return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise JobError("bad_request", f"--output-dir {folder} cannot be made: {exc.strerror or exc}.") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise JobError("bad_request", f"--output-dir {folder} cannot be written to.")
+    problem = writable_folder_problem(folder, "--output-dir")
+    if problem:
+        raise JobError("bad_request", problem)
 
 
 def _check_adapter(folder: Path | None) -> None:

@@ -8,6 +8,7 @@ a budget of 0 is refused by argparse before any model is loaded, not after minut
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from engine.devices import QUANTIZATIONS
@@ -32,6 +33,18 @@ def positive_int(text: str) -> int:
 def count_or_never(text: str) -> int:
     """argparse type: a whole number of at least 0 (0 = never, for "every N steps" options)."""
     return _whole_number(text, 0)
+
+
+def writable_folder_problem(folder: Path, option: str) -> str | None:
+    """Why ``folder`` (made when missing) cannot take the files of ``option``, or None: checked
+    before a model loads, not when its first file is written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{option} {folder} cannot be made: {exc.strerror or exc}."
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{option} {folder} cannot be written to."
+    return None
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True,

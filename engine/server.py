@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__, protocol
 from engine.auth import TokenFileError, load_or_create_token, token_matches
-from engine.cli_args import add_model_arguments
+from engine.cli_args import add_model_arguments, positive_int, writable_folder_problem
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default, lock_state_dir
 from engine.json_body import parse_json
 from engine.request_checks import request_factory, validate_ask, validate_batch
@@ -347,8 +347,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"batch jobs, outputs and uploads (default {default_state_dir()})")
     parser.add_argument("--output-dir", default=None,
                         help="heatmaps and anchors (default <state-dir>/outputs)")
-    parser.add_argument("--max-upload-bytes", type=int, default=protocol.MAX_UPLOAD_BYTES,
-                        help="largest uploaded raster accepted")
+    parser.add_argument("--max-upload-bytes", type=positive_int, default=protocol.MAX_UPLOAD_BYTES,
+                        help="largest uploaded raster accepted, in bytes (at least 1)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     # For tests and embedding: build the engine with "module:callable"(args, settings).
@@ -476,6 +476,11 @@ def serve(args: argparse.Namespace) -> None:
             else:
                 state_lock.close()
 
+        for folder, option in ((settings.output_dir, "--output-dir"),
+                               (settings.upload_dir, "uploads folder (<state-dir>/uploads)")):
+            problem = writable_folder_problem(folder, option)
+            if problem:
+                raise SystemExit(f"error: {problem}")
         held.enter_context(lock_port(settings.host, settings.port))
         sock = held.enter_context(bind_socket(settings.host, settings.port))
         engine = build_engine(args, settings)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serverutil import REPO_ROOT, free_port, stub_server  # noqa: E402
 
 
-def run_serve(tmp_path: Path, port: int, state_dir: Path) -> tuple[subprocess.CompletedProcess, Path]:
+def run_serve(tmp_path: Path, port, state_dir: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     """`python -m engine serve` over the stand-in engine; (its result, the "model loaded" marker)."""
     marker = tmp_path / f"loaded-{port}-{state_dir.name}"
     env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"),
@@ -25,7 +25,7 @@ def run_serve(tmp_path: Path, port: int, state_dir: Path) -> tuple[subprocess.Co
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
     cmd = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--state-dir", str(state_dir), "--log-level", "warning",
-           "--engine-factory", "server_stub:make_engine_noting_the_load"]
+           "--engine-factory", "server_stub:make_engine_noting_the_load", *extra]
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     return done, marker
 
@@ -73,6 +73,24 @@ def test_a_token_file_that_is_not_ascii_is_refused_with_one_line(tmp_path):
     assert "Traceback" not in done.stderr
     assert not marker.exists()
     assert token.read_bytes() == "my-token\n".encode("utf-16")
+
+
+def test_an_output_dir_that_cannot_be_made_is_refused_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    done, marker = run_serve(tmp_path, free_port(), tmp_path / "state", "--output-dir", str(blocker / "out"))
+    assert done.returncode != 0
+    assert last_line(done).startswith(f"error: --output-dir {blocker / 'out'} cannot be made: ")
+    assert "Traceback" not in done.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("limit", ["-5", "0", "many"])
+def test_an_upload_limit_below_one_byte_is_an_argument_error(tmp_path, limit):
+    done, marker = run_serve(tmp_path, free_port(), tmp_path / "state", "--max-upload-bytes", limit)
+    assert done.returncode == 2
+    assert "error: argument --max-upload-bytes:" in last_line(done)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("port", ["70000", "0", "-1", "http"])
