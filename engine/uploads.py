@@ -194,7 +194,8 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
                        "part and a 'raster' file part.")
     digest = hashlib.sha256()
     state: dict = {"name": None, "header_field": b"", "header_value": b"", "headers": {},
-                   "raster_bytes": 0, "json": bytearray(), "seen_raster": False, "error": None}
+                   "raster_bytes": 0, "json": bytearray(), "seen_raster": False, "error": None,
+                   "parts": set()}
 
     def on_part_begin() -> None:
         state["headers"] = {}
@@ -214,6 +215,13 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
     def on_headers_finished() -> None:
         _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
         state["name"] = disp.get(b"name", b"").decode("utf-8", "replace")
+        if state["name"] in ("raster", "request"):
+            # a second part of the same name would be appended to the first (two rasters
+            # joined into one file, two JSON objects into one text)
+            if state["name"] in state["parts"] and state["error"] is None:
+                state["error"] = JobError("bad_request", f"The upload has more than one "
+                                          f"'{state['name']}' part; send one raster a request.")
+            state["parts"].add(state["name"])
         if state["name"] == "raster":
             state["seen_raster"] = True
 

@@ -286,3 +286,29 @@ def test_a_full_disk_during_an_upload_blames_the_engine_not_the_data(tmp_path, m
     assert exc.value.code == "internal" and "No space left on device" in exc.value.message
     assert "--state-dir" in exc.value.hint
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("twice", ["raster", "request"])
+def test_an_upload_with_two_parts_of_one_name_is_refused_not_joined(tmp_path, twice):
+    """Two 'raster' parts were written one after the other into one file (two 'request' parts
+    into one text): the upload is refused, and nothing is left behind."""
+    import asyncio
+
+    import engine.uploads as uploads
+
+    boundary = "b0undary"
+    parts = {"request": ("", '{"question": "q?"}'),
+             "raster": ('; filename="a.tif"\r\nContent-Type: image/tiff', "II*\x00" + "x" * 100)}
+    order = ["request", "raster", twice]
+    body = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{parts[name][0]}"
+                   f"\r\n\r\n{parts[name][1]}\r\n" for name in order) + f"--{boundary}--\r\n"
+
+    async def chunks():
+        yield body.encode()
+
+    with pytest.raises(JobError) as exc:
+        asyncio.run(uploads.receive_upload(f"multipart/form-data; boundary={boundary}", chunks(),
+                                           max_bytes=10**6, temp_root=tmp_path))
+    assert exc.value.code == "bad_request"
+    assert f"more than one '{twice}' part" in exc.value.message
+    assert not list(tmp_path.iterdir())
