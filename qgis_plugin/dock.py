@@ -742,6 +742,9 @@ class ChatDock(QgsDockWidget):
         self.task = AskTask(client, request, settings.results_dir(), f"GeoVQA: {turn['question'][:40]}",
                             clip_bounds=clip_bounds, unreferenced=unreferenced)
         self.task.engine_event.connect(self._on_event)
+        # cancelled elsewhere (the x on its bar in QGIS's task list): the turn ends as stopped
+        rid = turn["request_id"]
+        self.task.taskTerminated.connect(lambda: self._task_terminated(rid))
         self.progress_label.setText("Sending the question to the engine …")
         QgsApplication.taskManager().addTask(self.task)
 
@@ -752,9 +755,12 @@ class ChatDock(QgsDockWidget):
         if self.renderer is not None:
             self.renderer.cancel()
             self.renderer = None
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
+        task, self.task = self.task, None
+        if task is not None:
+            try:
+                task.cancel()
+            except RuntimeError:  # "wrapped C/C++ object has been deleted": it ended, nothing to stop
+                pass
         if self.current_turn is not None and not self.current_turn.get("done"):
             self.current_turn["done"] = True
             self.current_turn["meta"] = reason or ("stopped" if not silent else "superseded by a newer question")
@@ -764,6 +770,16 @@ class ChatDock(QgsDockWidget):
         self.current_request_id = None
         self.stop_button.setEnabled(False)
         self.progress_label.setText("" if silent else (reason or "stopped").capitalize() + ".")
+
+    def _task_terminated(self, request_id):
+        """The question's task ended without an answer or an error: it was cancelled outside
+        the dock (the x on its bar in QGIS's task list). The turn ends as *Stop* ends it. A
+        question the dock stopped or superseded itself is no longer the current one: nothing
+        more is said of it."""
+        if request_id != self.current_request_id or self._shut_down:
+            return
+        self.task = None  # the task manager deletes it
+        self.stop()
 
     def is_asking(self) -> bool:
         return self.current_request_id is not None

@@ -503,6 +503,62 @@ def test_clear_stops_the_running_question(plugin, raster_layer, stub_engine):
     wait_for_tasks()
 
 
+def test_cancelling_the_question_in_the_task_list_ends_it_as_stop_does(plugin, raster_layer, stub_engine):
+    """The x on the question's bar in QGIS's task list (QgsTask.cancel): the dock used to stay at
+    "Answering…" with Stop enabled, holding the task QGIS then deleted, and the next Ask, Stop,
+    Clear or unload raised "wrapped C/C++ object of type AskTask has been deleted"."""
+    from qgis.PyQt import sip
+
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("slow question")
+    turn, task = dock.current_turn, dock.task
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    task.cancel()  # what the task list's cancel does
+    wait_until(lambda: turn.get("done"), 10, "the turn to end")
+    assert turn["meta"] == "stopped" and turn["answer"] and not turn.get("error")
+    assert dock.task is None and not dock.is_asking() and not dock.stop_button.isEnabled()
+    assert dock.progress_label.text() == "Stopped."
+    wait_for_tasks()
+    answer = turn["answer"]
+    assert turn["answer"] == answer and turn["meta"] == "stopped"  # nothing of it came later
+    # the dock goes on: Stop, Clear and the next question raise nothing
+    dock.stop()
+    stub_engine.token_delay = 0.0
+    dock.ask("next question")
+    wait_until(_finished(dock, 2), 30)
+    assert dock.turns()[-1]["answer"] and not dock.turns()[-1].get("error")
+    dock.clear_conversation()
+    wait_for_tasks()
+    # a task QGIS deleted meanwhile is let go of, not cancelled
+    assert sip.isdeleted(task)
+    dock.task = task
+    dock.stop()
+    assert dock.task is None
+
+
+def test_stop_in_the_dock_says_stopped_once(plugin, raster_layer, stub_engine, qgis_iface):
+    """Stop cancels the task too: its end (taskTerminated) adds nothing to what Stop said."""
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("slow question")
+    turn = dock.current_turn
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    qgis_iface.messageBar().clear_messages()
+    dock.stop()
+    assert turn["done"] and turn["meta"] == "stopped" and dock.progress_label.text() == "Stopped."
+    finished = []
+    dock.answer_finished.connect(finished.append)
+    wait_for_tasks()
+    assert turn["meta"] == "stopped" and dock.progress_label.text() == "Stopped." and finished == []
+    assert [t["meta"] for t in dock.turns()] == ["stopped"]
+    assert not any(qgis_iface.messageBar().messages.values())
+
+
 def _slow_start(stub_engine, seconds=0.5):
     """The stand-in's stream begins after ``seconds``: time to connect to a task just started."""
     import time
