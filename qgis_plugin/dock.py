@@ -64,6 +64,7 @@ REMOVED_LAYERS_ITEM = "Answers about removed layers"
 EXPORT_FILTERS = "Markdown (*.md);;JSON (*.json)"
 READ_ONLY_PLACEHOLDER = "These answers are read-only: pick a layer to ask about it."
 QUESTION_PLACEHOLDER = "Ask about the layer, e.g. How many ships are in the harbour?"
+AOI_SET = "Area of interest set."
 
 
 class ChatView(QTextBrowser):
@@ -598,24 +599,35 @@ class ChatDock(QgsDockWidget):
         self.aoi_combo.setCurrentIndex(self.aoi_combo.findData(mode))
 
     def _aoi_mode_changed(self, _i):
-        mode = self.aoi_mode()
+        """Another kind of area: a rectangle or polygon drawn before is taken off the map and
+        forgotten (a polygon is drawn anew for *Drawn polygon*, never the old rectangle)."""
         self._update_inputs()
         self._remove_tool()
-        if mode not in ("rectangle", "polygon"):
-            self.aoi_geometry = None
+        self._drop_aoi_geometry()
 
     def activate_draw_tool(self):
+        """*Draw*: the area drawn before is taken off the map and forgotten; until the new one
+        is drawn, asking says to draw it first."""
         self._remove_tool()
+        self._drop_aoi_geometry()
         mode = self.aoi_mode()
         self.tool = RectangleTool(self.canvas) if mode == "rectangle" else PolygonTool(self.canvas)
         self.tool.drawn.connect(self.set_aoi_geometry)
+        self.tool.started.connect(self._drop_aoi_geometry)  # a new shape replaces the one shown
         self.canvas.setMapTool(self.tool)
+
+    def _drop_aoi_geometry(self):
+        """The drawn area is no longer on the map: nothing drawn is asked about."""
+        self.aoi_geometry = None
+        self.aoi_crs = None
+        if self.progress_label.text() == AOI_SET:
+            self.progress_label.setText("")
 
     def set_aoi_geometry(self, geometry, crs=None):
         """Set the drawn AOI (in ``crs``, default the canvas CRS)."""
         self.aoi_geometry = QgsGeometry(geometry)
         self.aoi_crs = crs or self.canvas.mapSettings().destinationCrs()
-        self.progress_label.setText("Area of interest set.")
+        self.progress_label.setText(AOI_SET)
 
     def _remove_tool(self):
         if self.tool is not None:
