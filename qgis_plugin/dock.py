@@ -54,6 +54,9 @@ from .tasks import ANSWERING, AskTask, HealthTask, rect_bounds, stage_text
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
+# a question failing so may mean the engine went away (died mid-answer, restarted, loading):
+# the status line is checked at once, not at the next interval
+HEALTH_AFTER_ERRORS = ("engine_down", "model_loading", "stream_broken", "io_error")
 # Streamed tokens are redrawn at most this often: each redraw lays out the whole conversation,
 # so one redraw per token made a long answer quadratic and froze QGIS.
 RENDER_INTERVAL_MS = 100
@@ -848,7 +851,7 @@ class ChatDock(QgsDockWidget):
                 self._offer_retry({"question": turn["question"], "budget": ev["retry_budget"],
                                    "layer_id": turn["layer_id"], "area": turn.get("_area")})
             self._fail(turn, msg, short)
-            if ev.get("code") in ("engine_down", "model_loading"):
+            if ev.get("code") in HEALTH_AFTER_ERRORS:
                 self.refresh_health()
 
     def _offer_retry(self, retry):

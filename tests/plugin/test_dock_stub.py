@@ -292,6 +292,40 @@ def test_a_partial_answer_stays_when_an_error_follows(plugin, raster_layer, stub
     wait_for_tasks()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the stub's handler dies
+@pytest.mark.parametrize("code", ["stream_broken", "io_error"])
+def test_the_status_line_is_checked_at_once_when_the_engine_fails_mid_answer(plugin, raster_layer, stub_engine,
+                                                                             monkeypatch, code):
+    """An engine that died mid-answer (restarted since, loading its model) was still shown ready
+    on the top line until the next check, 30 s later."""
+    import geovqa.tasks
+
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    wait_until(lambda: getattr(dock, "status_level", None) == "demo", 10, "the engine shown ready")
+
+    def dies(rid):
+        stub_engine.status = "loading"  # it is restarted meanwhile
+        if code == "stream_broken":
+            yield from _engine_dies(rid)
+        else:
+            yield {"type": "result", "request_id": rid, "answer": "There are twelve ships", "tokens": {},
+                   "timings": {}}
+
+    def unreachable(*_args, **_kw):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(geovqa.tasks, "keep_result_files_or_warn", unreachable)
+    stub_engine.events = _tokens_then(dies)
+    dock.ask("how many ships?")
+    wait_until(_finished(dock), 30)
+    assert dock.current_turn["error"] and dock.timer.interval() == 30000  # the next check due in 30 s
+    wait_until(lambda: dock.status_level == "loading", 5, "the status line to follow the engine")
+    assert "still loading" in dock.status_label.text()
+    wait_for_tasks()
+
+
 def test_a_long_streamed_answer_is_redrawn_in_batches_not_per_token(plugin, raster_layer, stub_engine):
     """Every token used to re-lay out the whole conversation (quadratic: QGIS froze on long answers)."""
     import time
