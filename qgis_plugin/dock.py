@@ -581,6 +581,7 @@ class ChatDock(QgsDockWidget):
             turn = self.current_turn
             if self.is_asking() and turn is not None and turn.get("layer_id") == layer.id():
                 self.stop(reason="stopped: the conversation was cleared")
+            self._withdraw_retry_about([layer.id()])
             self.conversations[layer.id()] = []
             self._conversations_changed()
         elif self.showing_removed_layers():
@@ -588,6 +589,7 @@ class ChatDock(QgsDockWidget):
             turn = self.current_turn  # an answer still streaming about a layer removed meanwhile
             if self.is_asking() and turn is not None and turn.get("layer_id") in removed:
                 self.stop(reason="stopped: the conversation was cleared")
+            self._withdraw_retry_about(removed)
             for lid in removed:
                 del self.conversations[lid]
             self._conversations_changed()
@@ -863,6 +865,12 @@ class ChatDock(QgsDockWidget):
         if retry is not None:
             self.retry_button.setText(f"Retry with budget {retry['budget']}")
         self._update_retry_button()
+
+    def _withdraw_retry_about(self, layer_ids):
+        """The conversations of ``layer_ids`` were cleared: a retry of their question is no
+        longer offered (it would ask a question no longer in the chat)."""
+        if self._retry is not None and self._retry["layer_id"] in layer_ids:
+            self._offer_retry(None)
 
     def _update_retry_button(self):
         """The button only shows beside the conversation of the layer that ran out of memory."""

@@ -225,6 +225,53 @@ def test_out_of_memory_offers_a_retry_with_the_suggested_budget(plugin, raster_l
     wait_for_tasks()
 
 
+def test_clear_withdraws_the_retry_of_the_cleared_question(plugin, raster_layer, stub_engine):
+    """*Retry with budget N* stayed after Clear and asked the cleared question again."""
+    layer, other = raster_layer("a"), raster_layer("b")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory.", "hint": None,
+                             "retry_budget": 512}
+    dock.ask("how many ships?")
+    wait_until(_finished(dock), 30)
+    wait_for_tasks()
+    stub_engine.fail_with = None
+    dock.set_layer(other)
+    dock.clear_conversation()  # another layer's conversation: the offer stays with its own
+    dock.set_layer(layer)
+    assert not dock.retry_button.isHidden() and dock.retry_button.text() == "Retry with budget 512"
+    dock.clear_conversation()
+    assert dock.retry_button.isHidden() and dock.turns() == []
+    asked = len(stub_engine.requests)
+    assert dock.retry_smaller() is None and len(stub_engine.requests) == asked and dock.turns() == []
+    dock.set_layer(other)
+    dock.set_layer(layer)
+    assert dock.retry_button.isHidden()
+
+
+def test_clearing_the_removed_layers_answers_withdraws_the_retry_of_one(plugin, raster_layer, stub_engine):
+    from geovqa.dock import REMOVED_LAYERS_ITEM
+    from qgis.core import QgsProject
+
+    layer, other = raster_layer("a"), raster_layer("b")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory.", "hint": None,
+                             "retry_budget": 512}
+    dock.ask("how many ships?")
+    wait_until(_finished(dock), 30)
+    wait_for_tasks()
+    stub_engine.fail_with = None
+    QgsProject.instance().removeMapLayer(layer.id())
+    dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(REMOVED_LAYERS_ITEM))
+    assert dock.showing_removed_layers()
+    dock.clear_conversation()
+    assert dock.retry_smaller() is None  # nothing to retry: not even a word about the layer gone
+    assert "no longer in the project" not in dock.progress_label.text()
+    dock.set_layer(other)
+    assert dock.retry_button.isHidden()
+
+
 def test_an_unwritable_results_folder_keeps_the_answer(plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
     """A read-only project folder or a full disk costs the heatmap and anchor layers, not the answer."""
     from qgis.core import Qgis
