@@ -1045,7 +1045,7 @@ class ChatDock(QgsDockWidget):
                 signal.disconnect(slot)
             except TypeError:
                 pass
-        self.stop(silent=True)
+        self.stop(reason="stopped: the plugin was unloaded")  # so stored with the project
         if self._health_task is not None:
             try:
                 self._health_task.done.disconnect(self._health_done)
