@@ -68,6 +68,7 @@ EXPORT_FILTERS = "Markdown (*.md);;JSON (*.json)"
 READ_ONLY_PLACEHOLDER = "These answers are read-only: pick a layer to ask about it."
 QUESTION_PLACEHOLDER = "Ask about the layer, e.g. How many ships are in the harbour?"
 AOI_SET = "Area of interest set."
+STILL_ANSWERING = "still being answered"  # a turn copied or exported while its answer streams
 
 
 class ChatView(QTextBrowser):
@@ -535,13 +536,23 @@ class ChatDock(QgsDockWidget):
             lines.extend(self._answer_lines(t))
             if t.get("meta"):
                 lines.append(f"   ({t['meta']})")
+            elif not t.get("done"):
+                lines.append(f"   ({STILL_ANSWERING})")
         return "\n".join(lines)
 
     @staticmethod
-    def _answer_lines(turn) -> list:
-        """The answer of one turn for Copy / Markdown; a partial answer stays, marked incomplete."""
+    def _incomplete(turn) -> bool:
+        """Its answer is not the whole answer: still streaming, interrupted (saved while it
+        streamed), or cut short by an error after some of it came."""
+        return (not turn.get("done") or bool(turn.get("interrupted"))
+                or bool(turn.get("error") and turn.get("answer")))
+
+    @classmethod
+    def _answer_lines(cls, turn) -> list:
+        """The answer of one turn for Copy / Markdown; a partial answer stays, marked incomplete
+        (also one still streaming)."""
         if not turn.get("error"):
-            return [f"A{' (incomplete)' if turn.get('interrupted') else ''}: {turn.get('answer', '')}"]
+            return [f"A{' (incomplete)' if cls._incomplete(turn) else ''}: {turn.get('answer', '')}"]
         if turn.get("answer"):
             return [f"A (incomplete): {turn['answer']}", f"   ERROR {turn['error']}"]
         return [f"A: ERROR {turn['error']}"]
@@ -554,12 +565,20 @@ class ChatDock(QgsDockWidget):
         path = str(path)
         if path.lower().endswith(".json"):
             data = {"layer": layer.name() if layer else None, "source": layer.source() if layer else None,
-                    "turns": [{k: v for k, v in t.items() if (k != "layer" or layer is None) and not k.startswith("_")}
-                              for t in self.turns(layer)]}
+                    "turns": [self._exported_turn(t, layer is None) for t in self.turns(layer)]}
             Path(path).write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
         else:
             Path(path).write_text(self.conversation_text(layer) + "\n", encoding="utf-8")
         return path
+
+    @classmethod
+    def _exported_turn(cls, turn, with_layer: bool) -> dict:
+        """One turn for the JSON export: its plain fields (its layer's name only where turns of
+        several layers are exported), ``"incomplete": true`` when its answer is not whole."""
+        out = {k: v for k, v in turn.items() if (k != "layer" or with_layer) and not k.startswith("_")}
+        if cls._incomplete(turn):
+            out["incomplete"] = True
+        return out
 
     def _export_clicked(self):
         path, chosen = QFileDialog.getSaveFileName(self, "Export conversation", "", EXPORT_FILTERS)

@@ -56,6 +56,35 @@ def test_an_exported_conversation_keeps_its_text_readable(plugin, raster_layer, 
     wait_for_tasks()
 
 
+def test_copy_and_export_while_the_answer_streams_mark_it_incomplete(plugin, raster_layer, stub_engine, tmp_path):
+    """Copy or Export during the answer gave its first words as if they were the answer ("A: The ")."""
+    from qgis.PyQt.QtWidgets import QApplication
+
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("What is in this image?")
+    turn = dock.current_turn
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    dock.copy_conversation()
+    copied = QApplication.clipboard().text()
+    md = Path(dock.export_conversation(str(tmp_path / "conv.md"))).read_text(encoding="utf-8")
+    data = json.loads(Path(dock.export_conversation(str(tmp_path / "conv.json"))).read_text(encoding="utf-8"))
+    assert not turn["done"]
+    for text in (copied, md):
+        assert "\nA (incomplete): The" in text and "(still being answered)" in text, text
+    assert data["turns"][0]["incomplete"] is True and data["turns"][0]["done"] is False
+
+    wait_until(lambda: turn["done"], 30, "the answer")
+    dock.copy_conversation()
+    copied = QApplication.clipboard().text()
+    data = json.loads(Path(dock.export_conversation(str(tmp_path / "conv.json"))).read_text(encoding="utf-8"))
+    assert f"\nA: {turn['answer']}" in copied and "incomplete" not in copied and "still being" not in copied
+    assert "incomplete" not in data["turns"][0]
+    wait_for_tasks()
+
+
 def test_one_conversation_per_layer(plugin, raster_layer, stub_engine):
     a, b = raster_layer("a"), raster_layer("b", width=32, height=32)
     dock = plugin.dock
