@@ -237,9 +237,12 @@ def request_aoi(geometry: QgsGeometry | None, src_crs, layer, project: QgsProjec
 
 
 class _DrawTool(QgsMapTool):
-    """Common rubber-band handling; emits ``drawn(QgsGeometry)`` in the canvas CRS."""
+    """Common rubber-band handling; emits ``drawn(QgsGeometry)`` in the canvas CRS, and
+    ``started()`` when a new shape is begun: the outline shown before is gone from the map, so
+    the area it showed is no longer the one drawn (its owner drops it)."""
 
     drawn = pyqtSignal(object)
+    started = pyqtSignal()
 
     def __init__(self, canvas):
         super().__init__(canvas)
@@ -272,6 +275,7 @@ class RectangleTool(_DrawTool):
     def canvasPressEvent(self, e):  # noqa: N802
         self._start = e.mapPoint()
         self.clear()
+        self.started.emit()
 
     def canvasMoveEvent(self, e):  # noqa: N802
         if self._start is None:
@@ -289,6 +293,8 @@ class RectangleTool(_DrawTool):
             geom = QgsGeometry.fromRect(rect)
             self.show_geometry(geom)
             self.drawn.emit(geom)
+        else:  # a click without a drag: no rectangle (the one before went at the press)
+            self.clear()
 
 
 class PolygonTool(_DrawTool):
@@ -312,8 +318,11 @@ class PolygonTool(_DrawTool):
         if e.button() == Qt.MouseButton.RightButton:
             self.finish()
         else:
+            first = not self.points
             self.points.append(QgsPointXY(point))
-            self._update()
+            self._update()  # the first vertex replaces the polygon shown before
+            if first:
+                self.started.emit()
 
     def canvasMoveEvent(self, e):  # noqa: N802
         if self.points:
@@ -323,6 +332,10 @@ class PolygonTool(_DrawTool):
         self.finish()
 
     def finish(self):
+        """Close the polygon being drawn; with fewer than 3 vertices it is dropped (the polygon
+        before it went at its first vertex); with none, the polygon shown stays."""
+        if not self.points:
+            return
         if len(self.points) >= 3:
             geom = QgsGeometry.fromPolygonXY([list(self.points)])
             self.points = []

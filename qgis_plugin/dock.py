@@ -54,6 +54,9 @@ from .tasks import ANSWERING, AskTask, HealthTask, rect_bounds, stage_text
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
+# a question failing so may mean the engine went away (died mid-answer, restarted, loading):
+# the status line is checked at once, not at the next interval
+HEALTH_AFTER_ERRORS = ("engine_down", "model_loading", "stream_broken", "io_error")
 # Streamed tokens are redrawn at most this often: each redraw lays out the whole conversation,
 # so one redraw per token made a long answer quadratic and froze QGIS.
 RENDER_INTERVAL_MS = 100
@@ -64,6 +67,8 @@ REMOVED_LAYERS_ITEM = "Answers about removed layers"
 EXPORT_FILTERS = "Markdown (*.md);;JSON (*.json)"
 READ_ONLY_PLACEHOLDER = "These answers are read-only: pick a layer to ask about it."
 QUESTION_PLACEHOLDER = "Ask about the layer, e.g. How many ships are in the harbour?"
+AOI_SET = "Area of interest set."
+STILL_ANSWERING = "still being answered"  # a turn copied or exported while its answer streams
 
 
 class ChatView(QTextBrowser):
@@ -531,13 +536,23 @@ class ChatDock(QgsDockWidget):
             lines.extend(self._answer_lines(t))
             if t.get("meta"):
                 lines.append(f"   ({t['meta']})")
+            elif not t.get("done"):
+                lines.append(f"   ({STILL_ANSWERING})")
         return "\n".join(lines)
 
     @staticmethod
-    def _answer_lines(turn) -> list:
-        """The answer of one turn for Copy / Markdown; a partial answer stays, marked incomplete."""
+    def _incomplete(turn) -> bool:
+        """Its answer is not the whole answer: still streaming, interrupted (saved while it
+        streamed), or cut short by an error after some of it came."""
+        return (not turn.get("done") or bool(turn.get("interrupted"))
+                or bool(turn.get("error") and turn.get("answer")))
+
+    @classmethod
+    def _answer_lines(cls, turn) -> list:
+        """The answer of one turn for Copy / Markdown; a partial answer stays, marked incomplete
+        (also one still streaming)."""
         if not turn.get("error"):
-            return [f"A{' (incomplete)' if turn.get('interrupted') else ''}: {turn.get('answer', '')}"]
+            return [f"A{' (incomplete)' if cls._incomplete(turn) else ''}: {turn.get('answer', '')}"]
         if turn.get("answer"):
             return [f"A (incomplete): {turn['answer']}", f"   ERROR {turn['error']}"]
         return [f"A: ERROR {turn['error']}"]
@@ -550,12 +565,20 @@ class ChatDock(QgsDockWidget):
         path = str(path)
         if path.lower().endswith(".json"):
             data = {"layer": layer.name() if layer else None, "source": layer.source() if layer else None,
-                    "turns": [{k: v for k, v in t.items() if (k != "layer" or layer is None) and not k.startswith("_")}
-                              for t in self.turns(layer)]}
+                    "turns": [self._exported_turn(t, layer is None) for t in self.turns(layer)]}
             Path(path).write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
         else:
             Path(path).write_text(self.conversation_text(layer) + "\n", encoding="utf-8")
         return path
+
+    @classmethod
+    def _exported_turn(cls, turn, with_layer: bool) -> dict:
+        """One turn for the JSON export: its plain fields (its layer's name only where turns of
+        several layers are exported), ``"incomplete": true`` when its answer is not whole."""
+        out = {k: v for k, v in turn.items() if (k != "layer" or with_layer) and not k.startswith("_")}
+        if cls._incomplete(turn):
+            out["incomplete"] = True
+        return out
 
     def _export_clicked(self):
         path, chosen = QFileDialog.getSaveFileName(self, "Export conversation", "", EXPORT_FILTERS)
@@ -577,6 +600,7 @@ class ChatDock(QgsDockWidget):
             turn = self.current_turn
             if self.is_asking() and turn is not None and turn.get("layer_id") == layer.id():
                 self.stop(reason="stopped: the conversation was cleared")
+            self._withdraw_retry_about([layer.id()])
             self.conversations[layer.id()] = []
             self._conversations_changed()
         elif self.showing_removed_layers():
@@ -584,6 +608,7 @@ class ChatDock(QgsDockWidget):
             turn = self.current_turn  # an answer still streaming about a layer removed meanwhile
             if self.is_asking() and turn is not None and turn.get("layer_id") in removed:
                 self.stop(reason="stopped: the conversation was cleared")
+            self._withdraw_retry_about(removed)
             for lid in removed:
                 del self.conversations[lid]
             self._conversations_changed()
@@ -598,24 +623,35 @@ class ChatDock(QgsDockWidget):
         self.aoi_combo.setCurrentIndex(self.aoi_combo.findData(mode))
 
     def _aoi_mode_changed(self, _i):
-        mode = self.aoi_mode()
+        """Another kind of area: a rectangle or polygon drawn before is taken off the map and
+        forgotten (a polygon is drawn anew for *Drawn polygon*, never the old rectangle)."""
         self._update_inputs()
         self._remove_tool()
-        if mode not in ("rectangle", "polygon"):
-            self.aoi_geometry = None
+        self._drop_aoi_geometry()
 
     def activate_draw_tool(self):
+        """*Draw*: the area drawn before is taken off the map and forgotten; until the new one
+        is drawn, asking says to draw it first."""
         self._remove_tool()
+        self._drop_aoi_geometry()
         mode = self.aoi_mode()
         self.tool = RectangleTool(self.canvas) if mode == "rectangle" else PolygonTool(self.canvas)
         self.tool.drawn.connect(self.set_aoi_geometry)
+        self.tool.started.connect(self._drop_aoi_geometry)  # a new shape replaces the one shown
         self.canvas.setMapTool(self.tool)
+
+    def _drop_aoi_geometry(self):
+        """The drawn area is no longer on the map: nothing drawn is asked about."""
+        self.aoi_geometry = None
+        self.aoi_crs = None
+        if self.progress_label.text() == AOI_SET:
+            self.progress_label.setText("")
 
     def set_aoi_geometry(self, geometry, crs=None):
         """Set the drawn AOI (in ``crs``, default the canvas CRS)."""
         self.aoi_geometry = QgsGeometry(geometry)
         self.aoi_crs = crs or self.canvas.mapSettings().destinationCrs()
-        self.progress_label.setText("Area of interest set.")
+        self.progress_label.setText(AOI_SET)
 
     def _remove_tool(self):
         if self.tool is not None:
@@ -742,6 +778,9 @@ class ChatDock(QgsDockWidget):
         self.task = AskTask(client, request, settings.results_dir(), f"GeoVQA: {turn['question'][:40]}",
                             clip_bounds=clip_bounds, unreferenced=unreferenced)
         self.task.engine_event.connect(self._on_event)
+        # cancelled elsewhere (the x on its bar in QGIS's task list): the turn ends as stopped
+        rid = turn["request_id"]
+        self.task.taskTerminated.connect(lambda: self._task_terminated(rid))
         self.progress_label.setText("Sending the question to the engine …")
         QgsApplication.taskManager().addTask(self.task)
 
@@ -752,9 +791,12 @@ class ChatDock(QgsDockWidget):
         if self.renderer is not None:
             self.renderer.cancel()
             self.renderer = None
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
+        task, self.task = self.task, None
+        if task is not None:
+            try:
+                task.cancel()
+            except RuntimeError:  # "wrapped C/C++ object has been deleted": it ended, nothing to stop
+                pass
         if self.current_turn is not None and not self.current_turn.get("done"):
             self.current_turn["done"] = True
             self.current_turn["meta"] = reason or ("stopped" if not silent else "superseded by a newer question")
@@ -764,6 +806,16 @@ class ChatDock(QgsDockWidget):
         self.current_request_id = None
         self.stop_button.setEnabled(False)
         self.progress_label.setText("" if silent else (reason or "stopped").capitalize() + ".")
+
+    def _task_terminated(self, request_id):
+        """The question's task ended without an answer or an error: it was cancelled outside
+        the dock (the x on its bar in QGIS's task list). The turn ends as *Stop* ends it. A
+        question the dock stopped or superseded itself is no longer the current one: nothing
+        more is said of it."""
+        if request_id != self.current_request_id or self._shut_down:
+            return
+        self.task = None  # the task manager deletes it
+        self.stop()
 
     def is_asking(self) -> bool:
         return self.current_request_id is not None
@@ -820,7 +872,7 @@ class ChatDock(QgsDockWidget):
                 self._offer_retry({"question": turn["question"], "budget": ev["retry_budget"],
                                    "layer_id": turn["layer_id"], "area": turn.get("_area")})
             self._fail(turn, msg, short)
-            if ev.get("code") in ("engine_down", "model_loading"):
+            if ev.get("code") in HEALTH_AFTER_ERRORS:
                 self.refresh_health()
 
     def _offer_retry(self, retry):
@@ -832,6 +884,12 @@ class ChatDock(QgsDockWidget):
         if retry is not None:
             self.retry_button.setText(f"Retry with budget {retry['budget']}")
         self._update_retry_button()
+
+    def _withdraw_retry_about(self, layer_ids):
+        """The conversations of ``layer_ids`` were cleared: a retry of their question is no
+        longer offered (it would ask a question no longer in the chat)."""
+        if self._retry is not None and self._retry["layer_id"] in layer_ids:
+            self._offer_retry(None)
 
     def _update_retry_button(self):
         """The button only shows beside the conversation of the layer that ran out of memory."""
@@ -1006,7 +1064,7 @@ class ChatDock(QgsDockWidget):
                 signal.disconnect(slot)
             except TypeError:
                 pass
-        self.stop(silent=True)
+        self.stop(reason="stopped: the plugin was unloaded")  # so stored with the project
         if self._health_task is not None:
             try:
                 self._health_task.done.disconnect(self._health_done)

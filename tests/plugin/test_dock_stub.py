@@ -56,6 +56,35 @@ def test_an_exported_conversation_keeps_its_text_readable(plugin, raster_layer, 
     wait_for_tasks()
 
 
+def test_copy_and_export_while_the_answer_streams_mark_it_incomplete(plugin, raster_layer, stub_engine, tmp_path):
+    """Copy or Export during the answer gave its first words as if they were the answer ("A: The ")."""
+    from qgis.PyQt.QtWidgets import QApplication
+
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("What is in this image?")
+    turn = dock.current_turn
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    dock.copy_conversation()
+    copied = QApplication.clipboard().text()
+    md = Path(dock.export_conversation(str(tmp_path / "conv.md"))).read_text(encoding="utf-8")
+    data = json.loads(Path(dock.export_conversation(str(tmp_path / "conv.json"))).read_text(encoding="utf-8"))
+    assert not turn["done"]
+    for text in (copied, md):
+        assert "\nA (incomplete): The" in text and "(still being answered)" in text, text
+    assert data["turns"][0]["incomplete"] is True and data["turns"][0]["done"] is False
+
+    wait_until(lambda: turn["done"], 30, "the answer")
+    dock.copy_conversation()
+    copied = QApplication.clipboard().text()
+    data = json.loads(Path(dock.export_conversation(str(tmp_path / "conv.json"))).read_text(encoding="utf-8"))
+    assert f"\nA: {turn['answer']}" in copied and "incomplete" not in copied and "still being" not in copied
+    assert "incomplete" not in data["turns"][0]
+    wait_for_tasks()
+
+
 def test_one_conversation_per_layer(plugin, raster_layer, stub_engine):
     a, b = raster_layer("a"), raster_layer("b", width=32, height=32)
     dock = plugin.dock
@@ -225,6 +254,53 @@ def test_out_of_memory_offers_a_retry_with_the_suggested_budget(plugin, raster_l
     wait_for_tasks()
 
 
+def test_clear_withdraws_the_retry_of_the_cleared_question(plugin, raster_layer, stub_engine):
+    """*Retry with budget N* stayed after Clear and asked the cleared question again."""
+    layer, other = raster_layer("a"), raster_layer("b")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory.", "hint": None,
+                             "retry_budget": 512}
+    dock.ask("how many ships?")
+    wait_until(_finished(dock), 30)
+    wait_for_tasks()
+    stub_engine.fail_with = None
+    dock.set_layer(other)
+    dock.clear_conversation()  # another layer's conversation: the offer stays with its own
+    dock.set_layer(layer)
+    assert not dock.retry_button.isHidden() and dock.retry_button.text() == "Retry with budget 512"
+    dock.clear_conversation()
+    assert dock.retry_button.isHidden() and dock.turns() == []
+    asked = len(stub_engine.requests)
+    assert dock.retry_smaller() is None and len(stub_engine.requests) == asked and dock.turns() == []
+    dock.set_layer(other)
+    dock.set_layer(layer)
+    assert dock.retry_button.isHidden()
+
+
+def test_clearing_the_removed_layers_answers_withdraws_the_retry_of_one(plugin, raster_layer, stub_engine):
+    from geovqa.dock import REMOVED_LAYERS_ITEM
+    from qgis.core import QgsProject
+
+    layer, other = raster_layer("a"), raster_layer("b")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "The GPU ran out of memory.", "hint": None,
+                             "retry_budget": 512}
+    dock.ask("how many ships?")
+    wait_until(_finished(dock), 30)
+    wait_for_tasks()
+    stub_engine.fail_with = None
+    QgsProject.instance().removeMapLayer(layer.id())
+    dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(REMOVED_LAYERS_ITEM))
+    assert dock.showing_removed_layers()
+    dock.clear_conversation()
+    assert dock.retry_smaller() is None  # nothing to retry: not even a word about the layer gone
+    assert "no longer in the project" not in dock.progress_label.text()
+    dock.set_layer(other)
+    assert dock.retry_button.isHidden()
+
+
 def test_an_unwritable_results_folder_keeps_the_answer(plugin, raster_layer, stub_engine, tmp_path, qgis_iface):
     """A read-only project folder or a full disk costs the heatmap and anchor layers, not the answer."""
     from qgis.core import Qgis
@@ -289,6 +365,40 @@ def test_a_partial_answer_stays_when_an_error_follows(plugin, raster_layer, stub
         assert md.count("A (incomplete): There are twelve ships") == n
         assert f"ERROR {turn['error']}" in md
     assert "ERROR The GPU ran out of memory." in dock.conversation_text()
+    wait_for_tasks()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the stub's handler dies
+@pytest.mark.parametrize("code", ["stream_broken", "io_error"])
+def test_the_status_line_is_checked_at_once_when_the_engine_fails_mid_answer(plugin, raster_layer, stub_engine,
+                                                                             monkeypatch, code):
+    """An engine that died mid-answer (restarted since, loading its model) was still shown ready
+    on the top line until the next check, 30 s later."""
+    import geovqa.tasks
+
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    wait_until(lambda: getattr(dock, "status_level", None) == "demo", 10, "the engine shown ready")
+
+    def dies(rid):
+        stub_engine.status = "loading"  # it is restarted meanwhile
+        if code == "stream_broken":
+            yield from _engine_dies(rid)
+        else:
+            yield {"type": "result", "request_id": rid, "answer": "There are twelve ships", "tokens": {},
+                   "timings": {}}
+
+    def unreachable(*_args, **_kw):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(geovqa.tasks, "keep_result_files_or_warn", unreachable)
+    stub_engine.events = _tokens_then(dies)
+    dock.ask("how many ships?")
+    wait_until(_finished(dock), 30)
+    assert dock.current_turn["error"] and dock.timer.interval() == 30000  # the next check due in 30 s
+    wait_until(lambda: dock.status_level == "loading", 5, "the status line to follow the engine")
+    assert "still loading" in dock.status_label.text()
     wait_for_tasks()
 
 
@@ -501,6 +611,62 @@ def test_clear_stops_the_running_question(plugin, raster_layer, stub_engine):
     wait_until(_finished(dock), 30)
     assert [t["question"] for t in dock.turns()] == ["next question"] and dock.turns()[0]["answer"]
     wait_for_tasks()
+
+
+def test_cancelling_the_question_in_the_task_list_ends_it_as_stop_does(plugin, raster_layer, stub_engine):
+    """The x on the question's bar in QGIS's task list (QgsTask.cancel): the dock used to stay at
+    "Answering…" with Stop enabled, holding the task QGIS then deleted, and the next Ask, Stop,
+    Clear or unload raised "wrapped C/C++ object of type AskTask has been deleted"."""
+    from qgis.PyQt import sip
+
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("slow question")
+    turn, task = dock.current_turn, dock.task
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    task.cancel()  # what the task list's cancel does
+    wait_until(lambda: turn.get("done"), 10, "the turn to end")
+    assert turn["meta"] == "stopped" and turn["answer"] and not turn.get("error")
+    assert dock.task is None and not dock.is_asking() and not dock.stop_button.isEnabled()
+    assert dock.progress_label.text() == "Stopped."
+    wait_for_tasks()
+    answer = turn["answer"]
+    assert turn["answer"] == answer and turn["meta"] == "stopped"  # nothing of it came later
+    # the dock goes on: Stop, Clear and the next question raise nothing
+    dock.stop()
+    stub_engine.token_delay = 0.0
+    dock.ask("next question")
+    wait_until(_finished(dock, 2), 30)
+    assert dock.turns()[-1]["answer"] and not dock.turns()[-1].get("error")
+    dock.clear_conversation()
+    wait_for_tasks()
+    # a task QGIS deleted meanwhile is let go of, not cancelled
+    assert sip.isdeleted(task)
+    dock.task = task
+    dock.stop()
+    assert dock.task is None
+
+
+def test_stop_in_the_dock_says_stopped_once(plugin, raster_layer, stub_engine, qgis_iface):
+    """Stop cancels the task too: its end (taskTerminated) adds nothing to what Stop said."""
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("slow question")
+    turn = dock.current_turn
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    qgis_iface.messageBar().clear_messages()
+    dock.stop()
+    assert turn["done"] and turn["meta"] == "stopped" and dock.progress_label.text() == "Stopped."
+    finished = []
+    dock.answer_finished.connect(finished.append)
+    wait_for_tasks()
+    assert turn["meta"] == "stopped" and dock.progress_label.text() == "Stopped." and finished == []
+    assert [t["meta"] for t in dock.turns()] == ["stopped"]
+    assert not any(qgis_iface.messageBar().messages.values())
 
 
 def _slow_start(stub_engine, seconds=0.5):

@@ -228,6 +228,32 @@ def test_unload_during_a_batch_raises_nothing(plugin, raster_layer, stub_engine)
     assert len(stub_engine.requests) <= 2  # the batch stopped, it did not ask all four
 
 
+def test_unloading_mid_answer_stores_the_question_as_stopped_by_the_unload(plugin, raster_layer, stub_engine,
+                                                                          qgis_iface):
+    """Plugin Manager (disable, reload) while an answer streams: the project kept the question as
+    "superseded by a newer question", which no question was."""
+    import geovqa
+    from conftest import wait_for_tasks, wait_until
+
+    stub_engine.token_delay = 0.1
+    layer = raster_layer()
+    plugin.dock.set_layer(layer)
+    plugin.dock.ask("slow question")
+    turn = plugin.dock.current_turn
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    plugin.unload()
+    wait_for_tasks()
+    again = geovqa.classFactory(qgis_iface)  # loaded again: the conversation comes back from the project
+    again.initGui()
+    try:
+        (stored,) = again.dock.turns(layer)
+        assert stored["question"] == "slow question" and stored["answer"] and stored["answer"] in turn["answer"]
+        assert stored["meta"] == "stopped: the plugin was unloaded"
+        assert "stopped: the plugin was unloaded" in again.dock.conversation_text(layer)
+    finally:
+        again.unload()
+
+
 def test_unload_while_a_render_is_written_raises_nothing(plugin, raster_layer, stub_engine):
     """The write task of a web/virtual layer's render called back into the deleted renderer."""
     import time

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import wait_for_tasks
+
 
 def _event(canvas, kind, x, y, button):
     from qgis.gui import QgsMapMouseEvent
@@ -120,3 +122,101 @@ def test_an_open_dock_takes_the_options_page_defaults_when_saved(plugin):
     page.apply()
     opts = dock.options()
     assert (opts["strategy"], opts["budget"], opts["max_new_tokens"]) == ("budget", 777, 8)
+
+
+def _drag(tool, canvas, layer, start, end):
+    (x0, y0), (x1, y1) = _px(canvas, layer, *start), _px(canvas, layer, *end)
+    tool.canvasPressEvent(_event(canvas, "press", x0, y0, "left"))
+    tool.canvasMoveEvent(_event(canvas, "move", x1, y1, "left"))
+    tool.canvasReleaseEvent(_event(canvas, "release", x1, y1, "left"))
+
+
+def _asks_to_draw_first(dock, stub_engine):
+    asked = len(stub_engine.requests)
+    assert dock.ask("what is here?") is None
+    assert "Draw the area of interest on the map first" in dock.progress_label.text()
+    assert dock.turns() == [] and len(stub_engine.requests) == asked
+    return True
+
+
+def test_another_drawn_area_mode_forgets_the_area_drawn_before(plugin, raster_layer, stub_engine, qgis_iface):
+    """Switching *Drawn rectangle* to *Drawn polygon* took the rectangle off the map but still asked
+    about it, labelled *Drawn polygon*."""
+    layer = raster_layer(width=200, height=150)
+    canvas = _canvas_on(qgis_iface, layer)
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.set_aoi_mode("rectangle")
+    dock.activate_draw_tool()
+    _drag(dock.tool, canvas, layer, (0.2, 0.2), (0.5, 0.6))
+    assert dock.aoi_geometry is not None and dock.progress_label.text() == "Area of interest set."
+    dock.set_aoi_mode("polygon")
+    assert dock.tool is None and dock.aoi_geometry is None and dock.progress_label.text() == ""
+    assert _asks_to_draw_first(dock, stub_engine)
+    dock.set_aoi_mode("rectangle")  # and back: the rectangle is not on the map any more either
+    assert _asks_to_draw_first(dock, stub_engine)
+
+
+def test_a_new_rectangle_replaces_the_one_shown_when_it_is_begun(plugin, raster_layer, stub_engine, qgis_iface):
+    """Draw again, or a new press on the map, took the old rectangle off the map but it was
+    still asked about: what is asked about is what the map shows."""
+    from geovqa.aoi import request_aoi
+
+    layer = raster_layer(width=200, height=150)
+    canvas = _canvas_on(qgis_iface, layer)
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.set_aoi_mode("rectangle")
+    dock.activate_draw_tool()
+    _drag(dock.tool, canvas, layer, (0.1, 0.1), (0.4, 0.4))
+    assert dock.aoi_geometry is not None
+    dock.activate_draw_tool()  # Draw again: the old rectangle goes off the map
+    assert dock.tool.band.numberOfVertices() == 0 and dock.aoi_geometry is None
+    assert _asks_to_draw_first(dock, stub_engine)
+
+    tool = dock.tool
+    _drag(tool, canvas, layer, (0.1, 0.1), (0.4, 0.4))
+    first = request_aoi(dock.aoi_geometry, dock.aoi_crs, layer)
+    x, y = _px(canvas, layer, 0.5, 0.5)
+    tool.canvasPressEvent(_event(canvas, "press", x, y, "left"))  # a new rectangle begun
+    assert tool.band.numberOfVertices() == 0 and dock.aoi_geometry is None
+    assert _asks_to_draw_first(dock, stub_engine)
+    tool.canvasReleaseEvent(_event(canvas, "release", x, y, "left"))  # a click, no drag: no rectangle
+    assert tool.band.numberOfVertices() == 0 and dock.aoi_geometry is None
+    _drag(tool, canvas, layer, (0.5, 0.5), (0.9, 0.9))
+    second = request_aoi(dock.aoi_geometry, dock.aoi_crs, layer)
+    assert second != first
+    dock.ask("what is here?")
+    wait_for_tasks()
+    assert stub_engine.requests[-1]["aoi"] == second
+    dock.set_aoi_mode("layer")
+
+
+def test_a_new_polygon_replaces_the_one_shown_at_its_first_vertex(plugin, raster_layer, stub_engine, qgis_iface):
+    layer = raster_layer(width=200, height=150)
+    canvas = _canvas_on(qgis_iface, layer)
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.set_aoi_mode("polygon")
+    dock.activate_draw_tool()
+    tool = dock.tool
+
+    def click(fx, fy, button="left"):
+        x, y = _px(canvas, layer, fx, fy)
+        tool.canvasPressEvent(_event(canvas, "press", x, y, button))
+
+    for fx, fy in ((0.1, 0.1), (0.9, 0.2), (0.5, 0.9)):
+        click(fx, fy)
+    click(0.5, 0.5, "right")
+    drawn = dock.aoi_geometry
+    assert drawn is not None and tool.band.numberOfVertices() > 0
+    click(0.5, 0.5, "right")  # a right click with no new vertex: the polygon shown stays
+    assert dock.aoi_geometry is drawn and tool.band.numberOfVertices() > 0
+    click(0.2, 0.2)  # the first vertex of a new polygon: the old one is off the map
+    assert dock.aoi_geometry is None
+    assert _asks_to_draw_first(dock, stub_engine)
+    click(0.6, 0.2)
+    click(0.5, 0.5, "right")  # closed with two vertices: no polygon at all
+    assert dock.aoi_geometry is None and tool.band.numberOfVertices() == 0
+    assert _asks_to_draw_first(dock, stub_engine)
+    dock.set_aoi_mode("layer")
