@@ -316,11 +316,18 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
     records: list[Any]
     try:
         obj = json.loads(text)  # a JSON list, or an object holding one
-    except json.JSONDecodeError:
-        try:
-            obj = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"The annotation file {p} is neither JSON nor JSON Lines: {exc}.") from exc
+    except json.JSONDecodeError as whole:
+        obj = []  # JSON Lines
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                # each line is parsed alone, so json's own "line 1" is the file's line n; where not
+                # even the first record parses, the file was more likely meant as one JSON text
+                where = (f"line {n} column {exc.colno}: {exc.msg}" if obj else str(whole))
+                raise EvalError(f"The annotation file {p} is neither JSON nor JSON Lines ({where}).") from exc
     if isinstance(obj, dict):
         records = next((obj[k] for k in ("data", "questions", "annotations") if isinstance(obj.get(k), list)), [obj])
     else:

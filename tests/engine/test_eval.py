@@ -287,6 +287,18 @@ def test_pretty_printed_object_file_and_custom_instruction(tmp_path):
         load_items(tmp_path / "bad.json")
 
 
+def test_a_broken_json_lines_record_is_named_by_its_line_in_the_file(tmp_path):
+    ann = tmp_path / "a.jsonl"
+    ann.write_text(json.dumps(MME[0]) + "\n\n" + json.dumps(MME[1]) + "\n" + "{broken\n")
+    with pytest.raises(EvalError, match=r"neither JSON nor JSON Lines \(line 4 column 2: "):
+        load_items(ann)
+    # a pretty-printed JSON file with a mistake: the whole text's position, not its first line
+    ann = tmp_path / "b.json"
+    ann.write_text(json.dumps(MME[:2], indent=2).replace('"Image"', "Image", 1))
+    with pytest.raises(EvalError, match=r"neither JSON nor JSON Lines \(.*line 4 column 5"):
+        load_items(ann)
+
+
 def test_xlrs_lmms_layout_prompt_and_task_totals(tmp_path):
     rows = [
         {"index": 10, "image": ["x.tif"], "question": "Which land-use classes appear?",
