@@ -143,6 +143,12 @@ def _first(rec: dict, names: Iterable[str], default: Any = None) -> Any:
     return default
 
 
+def _text(value: Any) -> str:
+    """An open-ended answer as text: a missing one (None, absent) is "" (refused by load_items),
+    not the text "None"."""
+    return "" if value is None else str(value).strip()
+
+
 def normalize_letters(answer: Any) -> str:
     """'A, C' / ['a','c'] / '(B)' -> sorted unique upper-case letters ('AC', 'B')."""
     if isinstance(answer, (list, tuple)):
@@ -197,7 +203,7 @@ def _item_mme(rec: dict, i: int) -> EvalItem:
         image=str(rec.get("Image", "")),
         question=str(rec.get("Text", "")),
         options=opts,
-        answer=choice_answer(rec.get("Ground truth", ""), opts) if opts else str(rec.get("Ground truth", "")),
+        answer=choice_answer(rec.get("Ground truth", ""), opts) if opts else _text(rec.get("Ground truth")),
         category=str(_first(rec, ["Category", "Subtask", "Task"], "all")),
     )
     item.extra["format"] = "mme"
@@ -210,7 +216,7 @@ def _item_lrsvqa(rec: dict, i: int) -> EvalItem:
         image=str(rec.get("image", "")),
         question=str(_first(rec, ["text", "question"], "")),
         options=[],
-        answer=str(_first(rec, ["ground_truth", "answer"], "")),
+        answer=_text(_first(rec, ["ground_truth", "answer"], "")),
         category=str(rec.get("category", "all")),
     )
 
@@ -251,7 +257,7 @@ def _item_generic(rec: dict, i: int, mapping: dict[str, str] | None = None) -> E
         image=str(image),
         question=str(get("question", "")),
         options=opts,
-        answer=choice_answer(ans, opts) if opts else str(ans),
+        answer=choice_answer(ans, opts) if opts else _text(ans),
         category=str(get("category", "all")),
     )
 
@@ -307,6 +313,12 @@ def parse_field_map(pairs: Iterable[str] | None) -> dict[str, str]:
     return out
 
 
+def _named(rec: dict, i: int, field_map: dict[str, str] | None) -> str:
+    """An annotation as error messages name it: its position, and its id when it has one."""
+    ident = _first(rec, [field_map["id"]] if field_map and "id" in field_map else GENERIC_NAMES["id"], None)
+    return f"annotation {i}" + (f" (id {ident})" if ident is not None else "")
+
+
 def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | None = None) -> list[EvalItem]:
     """Read an annotation file (JSON list, {"data": [...]}, or JSONL) into EvalItems."""
     p = Path(path)
@@ -351,14 +363,15 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
             else:
                 item = _item_generic(rec, i, field_map)
         except EvalError as exc:  # an answer that names no option: say which item
-            ident = _first(rec, [field_map["id"]] if field_map and "id" in field_map else
-                           GENERIC_NAMES["id"], None)
-            named = f"annotation {i}" + (f" (id {ident})" if ident is not None else "")
-            raise EvalError(f"{named} in {p}: {exc}") from exc
+            raise EvalError(f"{_named(rec, i, field_map)} in {p}: {exc}") from exc
         if not item.question:
             raise EvalError(f"annotation {i} in {p} has no question (format {f}); map it with --field question=NAME")
-        if item.multiple_choice and not item.answer:
-            raise EvalError(f"annotation {i} in {p} has options but no answer letter")
+        # scored against an empty answer, an empty reply (a failed generation) would count as correct
+        if not item.answer or (not item.multiple_choice and not _norm_text(item.answer)):
+            what = ("options but no answer letter" if item.multiple_choice else
+                    f"an answer with no words to compare ({item.answer!r})" if item.answer else "no answer")
+            raise EvalError(f"{_named(rec, i, field_map)} in {p} has {what} (format {f}); if the file "
+                            "holds it under another name, map it with --field answer=NAME")
         items.append(item)
     seen: set[str] = set()
     for it in items:

@@ -152,6 +152,27 @@ def test_lrsvqa_open_ended(tmp_path):
     assert res["correct"] == 2 and res["per_category"]["count"]["correct"] == 0
 
 
+def test_an_open_ended_item_without_an_answer_is_refused_not_scored_against_nothing(tmp_path):
+    """An answer under a name the reader does not know (or none at all) loaded as "", and an
+    empty reply then scored correct."""
+    rows = [{"question_id": i, "image": "c.tif", "text": "How many ships?", "gt_answer": "3",
+             "category": "count"} for i in range(3)]
+    ann = _write(tmp_path / "lrs.jsonl", rows, jsonl=True)
+    with pytest.raises(EvalError, match=r"annotation 0 \(id 0\) in .*lrs.jsonl has no answer .*--field answer=NAME"):
+        load_items(ann)
+    items = load_items(ann, field_map={"answer": "gt_answer"})  # the hint's way out
+    assert [it.answer for it in items] == ["3", "3", "3"]
+    assert evaluate(items, lambda item, prompt: "", tmp_path / "o")["correct"] == 0
+    for answer in (None, "", "  ", "?"):  # also with the format's own field empty or wordless
+        rows = [{"question_id": "q9", "image": "c.tif", "text": "Is there a bridge?", "ground_truth": answer,
+                 "category": "existence"}]
+        with pytest.raises(EvalError, match=r"annotation 0 \(id q9\) .* has (no answer|an answer with no words)"):
+            load_items(_write(tmp_path / "one.json", rows))
+    mapped_null = [{"qid": 1, "image": "c.tif", "question": "Is there a bridge?", "gt": None}]
+    with pytest.raises(EvalError, match="has no answer"):  # not the text "None"
+        load_items(_write(tmp_path / "g.json", mapped_null), field_map={"id": "qid", "answer": "gt"})
+
+
 def test_prompt_layout():
     items_prompt = build_prompt(load_items_from_rows([MME[0]])[0])
     lines = items_prompt.splitlines()
