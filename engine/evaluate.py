@@ -758,7 +758,10 @@ def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> 
     cur["image_root"] = str(image_root(args))
     cur.update({k: absolute_path(cur[k]) for k in RUN_PATH_KEYS})  # not as typed: from any folder
     cfg = out / "run_settings.json"
-    if cfg.is_file() and (out / "predictions.jsonl").is_file():
+    # only answers made with the recorded settings are kept by a rerun: an empty predictions.jsonl
+    # (the first item failed) or one of failed items only (tried again) binds the folder to nothing
+    made = any("error" not in rec for rec in _read_done(out / "predictions.jsonl").values())
+    if cfg.is_file() and made:
         # settings files of older versions lack field, image_root and the resolved model: assumed
         # unchanged (a --weights they recorded as typed is still compared)
         saved = with_model_choice(json.loads(cfg.read_text()), cur)

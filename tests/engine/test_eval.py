@@ -252,6 +252,31 @@ def test_resume_refuses_other_settings(tmp_path):
              predict=_predictor(MME_REPLIES, []))
 
 
+def test_a_rerun_after_nothing_was_answered_may_change_the_settings(tmp_path):
+    """The first item ran out of memory: predictions.jsonl is empty, so a retry with the smaller
+    budget the message suggests is no resume of other settings."""
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = tmp_path / "o"
+
+    def oom(item, prompt):
+        raise EvalError(f"item {item.id}: The GPU ran out of memory; retry with --budget 512")
+
+    with pytest.raises(EvalError, match="ran out of memory"):
+        run_eval(parser.parse_args([str(ann), "--out", str(out), "--budget", "4096"]), predict=oom)
+    assert (out / "predictions.jsonl").read_text() == ""
+    assert run_eval(parser.parse_args([str(ann), "--out", str(out), "--budget", "1024", "--on-error", "skip"]),
+                    predict=oom) == 0  # every item failed: recorded, but nothing answered
+    assert run_eval(parser.parse_args([str(ann), "--out", str(out), "--budget", "512"]),
+                    predict=_predictor(MME_REPLIES, [])) == 0
+    assert json.loads((out / "run_settings.json").read_text())["budget"] == "512"
+    # now answers exist: another budget is refused
+    with pytest.raises(EvalError, match="holds predictions made with other settings.*budget"):
+        run_eval(parser.parse_args([str(ann), "--out", str(out), "--budget", "4096"]),
+                 predict=_predictor(MME_REPLIES, []))
+
+
 def test_rerun_compares_field_maps_not_flag_order(tmp_path):
     """--field flags given in another order map the same fields; a settings file written before
     --field and --image-root were recorded is read as having the current ones."""
