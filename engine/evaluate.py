@@ -49,7 +49,9 @@ yes/no answer also matches the reply's first word, a number a first word of equa
 
 Results: micro accuracy (all items), macro accuracy (mean of per-category accuracies),
 per-category counts, as JSON and a Markdown table. Predictions are appended to a JSONL file as
-they are made; a rerun skips item ids already there (resumable), `--limit N` stops after N items.
+they are made; a rerun skips item ids already there (resumable) and asks failed items again,
+whose new lines replace their error lines when the run ends (one line an item); `--limit N`
+stops after N items.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import string
 import sys
@@ -612,6 +615,40 @@ def evaluate(
 
         bar = tqdm(total=len(todo), desc="eval", unit="item", file=sys.stderr)
     records: list[dict] = []
+    try:
+        _predict_all(todo, done, predict, pred_path, records, bar, instruction, on_error)
+    finally:
+        if bar is not None:
+            bar.close()
+        _one_line_per_item(pred_path)
+    summary = summarize(records)
+    results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")
+    return results
+
+
+def _one_line_per_item(pred_path: Path) -> None:
+    """Rewrite predictions.jsonl with one line an item (the last one written for it) when it holds
+    more: a failed item asked again appends its new line after the error line, and a line cut by
+    an interruption stays behind. Records are appended as they are made, so an interrupted run
+    loses nothing; this rewrite goes through a temporary file replaced in one step."""
+    if not pred_path.is_file():
+        return
+    lines = [x for x in pred_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    done = _read_done(pred_path)
+    if len(lines) == len(done):
+        return
+    tmp = pred_path.with_name(pred_path.name + ".tmp")
+    with contextlib.suppress(OSError):  # the appended file reads the same, only longer
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+        os.replace(tmp, pred_path)
+
+
+def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[[EvalItem, str], str],
+                 pred_path: Path, records: list[dict], bar, instruction: str | None, on_error: str) -> None:
+    """`evaluate`'s loop: ask each item of `todo` not answered in `done`, append its record to
+    predictions.jsonl as it is made, and collect every item's record in `records`."""
     with pred_path.open("a", encoding="utf-8") as f:
         if f.tell():  # a last line cut by an interruption: the next record starts on a line of its own
             with pred_path.open("rb") as tail:
@@ -652,13 +689,6 @@ def evaluate(
                 bar.update(1)
                 n_ok = sum(bool(r["correct"]) for r in records)
                 bar.set_postfix(acc=f"{n_ok / len(records):.3f}")
-    if bar is not None:
-        bar.close()
-    summary = summarize(records)
-    results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")
-    return results
 
 
 # -------------------------------------------------------------------------------------- CLI

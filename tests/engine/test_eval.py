@@ -414,6 +414,46 @@ def test_failed_items_stop_or_are_recorded_and_retried(tmp_path):
     assert res["failed"] == 0 and res["correct"] == 4
 
 
+def test_a_failed_item_asked_again_leaves_one_line_per_item(tmp_path):
+    """The retried item's answer replaced its error line (it was appended after it), also when
+    the rerun is interrupted after it; nothing answered is lost."""
+    ann = _write(tmp_path / "mme.json", MME)
+    failing = "rs/count/0003"
+
+    def flaky(item, prompt):
+        if item.id == failing:
+            raise EvalError("out of memory")
+        return MME_REPLIES[item.id]
+
+    def lines(out):
+        return [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+
+    out = tmp_path / "skip"
+    evaluate(load_items(ann), flaky, out, on_error="skip")
+    assert [r["id"] for r in lines(out)] == [r["Question_id"] for r in MME] and "error" in lines(out)[2]
+    res = evaluate(load_items(ann), _predictor(MME_REPLIES, []), out, on_error="skip")
+    assert [r["id"] for r in lines(out)] == [r["Question_id"] for r in MME]
+    assert "error" not in lines(out)[2] and lines(out)[2]["reply"] == "B" and res["failed"] == 0
+
+    out = tmp_path / "cut"
+    evaluate(load_items(ann), flaky, out, limit=3, on_error="skip")
+    calls = []
+
+    def then_ctrl_c(item, prompt):
+        if item.id == "rs/position/0004":
+            raise KeyboardInterrupt
+        return _predictor(MME_REPLIES, calls)(item, prompt)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(load_items(ann), then_ctrl_c, out, on_error="skip")
+    assert calls == [failing]
+    assert [(r["id"], "error" in r) for r in lines(out)] == [(r["Question_id"], False) for r in MME[:3]]
+    assert not list(out.glob("*.tmp"))
+    res = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out, on_error="skip")
+    assert calls == [failing, "rs/position/0004"] and res["total"] == 4 and res["correct"] == 3
+    assert len(lines(out)) == 4
+
+
 def test_on_error_option(tmp_path):
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
