@@ -613,7 +613,10 @@ def evaluate(
     if progress:
         from tqdm import tqdm  # noqa: PLC0415
 
-        bar = tqdm(total=len(todo), desc="eval", unit="item", file=sys.stderr)
+        # items answered by an earlier run count as done from the start, not as progress of this
+        # one: updated for them, the bar's rate (and so its ETA) counted them as asked in no time
+        n_done = sum(1 for it in todo if it.id in done and "error" not in done[it.id])
+        bar = tqdm(total=len(todo), initial=n_done, desc="eval", unit="item", file=sys.stderr)
     records: list[dict] = []
     try:
         _predict_all(todo, done, predict, pred_path, records, bar, instruction, on_error)
@@ -684,9 +687,10 @@ def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[
                     print(f"item {item.id} failed (counted wrong): {error}", file=sys.stderr)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
+                if bar is not None:
+                    bar.update(1)
             records.append(rec)
             if bar is not None:
-                bar.update(1)
                 n_ok = sum(bool(r["correct"]) for r in records)
                 bar.set_postfix(acc=f"{n_ok / len(records):.3f}")
 

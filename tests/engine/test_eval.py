@@ -454,6 +454,41 @@ def test_a_failed_item_asked_again_leaves_one_line_per_item(tmp_path):
     assert len(lines(out)) == 4
 
 
+def test_resumed_progress_bar_counts_only_the_items_asked(tmp_path, monkeypatch):
+    """Items answered by an earlier run start the bar (initial), so its rate and ETA are those
+    of the items this run asks; before, 200 skipped items made the rate ~100x too high."""
+    import tqdm
+
+    from engine.evaluate import EvalItem
+
+    bars = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+            self.updates = []
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    items = [EvalItem(str(i), "a.png", "Is there a ship?", [], "yes") for i in range(205)]
+    out = tmp_path / "o"
+    evaluate(items[:200], lambda it, p: "yes", out)
+    seen = []
+
+    def predict(item, prompt):
+        seen.append((bars[-1].n, bars[-1].format_dict["initial"]))
+        return "yes"
+
+    res = evaluate(items, predict, out, progress=True)
+    bar = bars[-1]
+    assert res["total"] == 205 and bar.total == 205 and bar.n == 205
+    assert seen[0] == (200, 200) and bar.updates == [1] * 5
+
+
 def test_on_error_option(tmp_path):
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
