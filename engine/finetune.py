@@ -815,6 +815,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     called with the same arguments."""
     from engine.loader import load_model  # noqa: PLC0415
 
+    lm_target_regex(_target_list(args.target_modules))  # a mistyped name, before anything loads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_new_run(args, out)

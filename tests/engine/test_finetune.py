@@ -173,6 +173,20 @@ def test_target_regex_lm_head_optional():
         lm_target_regex(["fc1"])
 
 
+def test_a_mistyped_target_module_is_refused_before_the_data_or_the_model_loads(tmp_path, tiny_checkpoint,
+                                                                                 monkeypatch):
+    import engine.finetune as ft
+    import engine.loader
+
+    data = _write_data(tmp_path, n=4)
+    monkeypatch.setattr(engine.loader, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ft, "load_dataset", lambda *a, **k: pytest.fail("the data was checked"))
+    for typed in ("q_prj,v_proj", " , "):
+        with pytest.raises(ValueError, match="unknown LoRA target modules \\['q_prj'\\]|no LoRA target"):
+            run_finetune(_args(data, tmp_path / "run", tiny_checkpoint, "--target-modules", typed))
+    assert not (tmp_path / "run").exists()
+
+
 def test_gpu_benchmark_step_runs_on_cpu_with_the_tiny_model(tmp_path, tiny_checkpoint):
     """The code of engine/benchmarks/finetune_gpu.py (GPU run: full size, nf4) with small
     dimensions on the CPU: checkpoint writer, engine loader, LoRA, one step per token count."""
