@@ -511,7 +511,11 @@ def train(
             return None, -1
         n_tok = len(enc.before) + len(enc.after) + (int(vis.shape[0]) if vis is not None else 0)
         if cfg.max_length and n_tok > cfg.max_length:
-            skip(sample, "too_long", f"{n_tok} tokens (text + visual), more than --max-length {cfg.max_length}")
+            msg = f"{n_tok} tokens (text + visual), more than --max-length {cfg.max_length}"
+            if cfg.on_bad == "stop":
+                raise DataError(f"sample {sample.index} (id {sample.id}) has {msg}. Shorten it, raise "
+                                "--max-length or lower --budget, or pass --on-bad-sample skip.")
+            skip(sample, "too_long", msg)
             return None, n_tok
         try:
             embeds, labels, mask = build_training_inputs(model, enc, vis)

@@ -161,6 +161,22 @@ def test_bad_samples_stop_or_skip_with_report(tmp_path, tiny_checkpoint):
     assert len(samples) == 4
 
 
+def test_a_too_long_sample_stops_the_run_under_on_bad_sample_stop(tmp_path, tiny_checkpoint):
+    """Found while training, a sample longer than --max-length stops the run (the default) like
+    one whose visual path fails; it was skipped and listed whatever --on-bad-sample said."""
+    data = _write_data(tmp_path, n=4)
+    rows = json.loads(data.read_text())
+    rows[1]["conversations"][0]["value"] = "<image>\n" + "which colour is it " * 80
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"sample 1 \(id s1\) has \d+ tokens .*more than --max-length 200.*"
+                                        "--on-bad-sample skip"):
+        run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--save-every", "0",
+                           "--val-fraction", "0", "--max-length", "200"))
+    assert not (out / "adapter").exists()
+    assert (out / "bad_samples.jsonl").read_text() == ""  # nothing skipped
+
+
 def test_target_regex_lm_head_optional():
     import re
 
