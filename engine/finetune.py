@@ -28,7 +28,8 @@ Outputs in ``--out``
     ``checkpoint-<step>/`` every ``--save-every`` steps: ``adapter/`` (peft) and
     ``trainer_state.pt`` (optimizer, scheduler, RNG, step; tensors and plain containers only,
     read back with ``torch.load(weights_only=True)``); ``--resume`` continues from the latest,
-    and a run without ``--resume`` into a folder that holds checkpoints is refused.
+    and a run without ``--resume`` into a folder that holds checkpoints, or a finished run's
+    ``adapter/``, log or summary, is refused.
     A run that stops early (Ctrl-C, a bad sample with ``--on-bad-sample stop``, a crash) first
     saves its last finished step. A sample that runs out of memory is skipped and reported
     (``out_of_memory``) or stops the run, as ``--on-bad-sample`` says.
@@ -804,7 +805,8 @@ def _flag_name(key: str) -> str:
 def _check_new_run(args: argparse.Namespace, out: Path) -> None:
     """A run without --resume into a folder that holds another run's checkpoints would mix with
     them: pruning keeps the higher-numbered old ones and deletes the new run's own, and a later
-    --resume would continue the other run. Refuse, before the data and the model are loaded."""
+    --resume would continue the other run; into one that holds a finished run's adapter, log or
+    summary it would overwrite them. Refuse, before the data and the model are loaded."""
     if args.resume:
         return
     found = _checkpoint_dirs(out)
@@ -812,6 +814,24 @@ def _check_new_run(args: argparse.Namespace, out: Path) -> None:
         names = ", ".join(d.name for d in found[:3]) + (", ..." if len(found) > 3 else "")
         raise DataError(f"{out} already holds checkpoints of an earlier run ({names}); continue that run "
                         "with --resume, or start a new one with another --out (or delete them)")
+    # a finished run (also one saved without checkpoints, --save-every 0): the new run would
+    # overwrite its adapter, log and summary without asking
+    finished = [name for name in ("adapter", "finetune_summary.json") if (out / name).exists()]
+    if _logged_steps(out / "train_log.csv"):
+        finished.append("train_log.csv")
+    if finished:
+        raise DataError(f"{out} already holds the results of an earlier run ({', '.join(finished)}), which a new "
+                        "run would overwrite; train into another --out, or remove them to start over")
+
+
+def _logged_steps(log: Path) -> int:
+    """How many step rows a train_log.csv holds (0 when there is none: a run stopped before its
+    first step leaves the header only)."""
+    try:
+        with log.open(newline="") as f:
+            return sum(1 for _ in csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return 0
 
 
 def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:

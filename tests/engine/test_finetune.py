@@ -149,6 +149,8 @@ def test_bad_samples_stop_or_skip_with_report(tmp_path, tiny_checkpoint):
     assert [(r["index"], r["reason"]) for r in report] == [(2, "missing_image"), (4, "malformed"),
                                                            (5, "too_long")]
     # a resumed run keeps the training-time entry (once) although it never meets sample 5 again
+    # (a new run goes into a folder of its own: this one holds the finished run above)
+    out = tmp_path / "resumed"
     assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--on-bad-sample", "skip",
                               "--save-every", "1", "--val-fraction", "0", "--max-length", "200")) == 0
     assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "5", "--on-bad-sample", "skip",
@@ -351,6 +353,38 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_chec
     assert (out / "checkpoint-40" / "trainer_state.pt").read_bytes() == b"another run"
     assert json.loads((out / "finetune_args.json").read_text()) == {"seed": 7}
     assert not (out / "bad_samples.jsonl").exists()
+
+
+def test_a_new_run_into_a_folder_with_a_finished_run_is_refused(tmp_path, tiny_checkpoint, monkeypatch):
+    """A finished run saved without checkpoints (--save-every 0) keeps its adapter, log and
+    summary: a new run without --resume into its --out is refused before anything loads, where
+    it overwrote them. A run that stopped before its first step (a header-only log) is no result."""
+    import engine.loader
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--save-every", "0",
+                              "--val-fraction", "0")) == 0
+    kept = {p: (out / p).read_bytes() for p in ("adapter/adapter_model.safetensors", "train_log.csv",
+                                                "finetune_summary.json", "finetune_args.json")}
+
+    def no_model(*a, **k):
+        raise RuntimeError("the model was loaded")
+
+    monkeypatch.setattr(engine.loader, "load_model", no_model)
+    again = _args(data, out, tiny_checkpoint, "--max-steps", "1", "--save-every", "0", "--val-fraction", "0",
+                  "--lr", "5e-2")
+    with pytest.raises(DataError, match=r"results of an earlier run \(adapter, finetune_summary.json, "
+                                        r"train_log.csv\).*another --out, or remove them"):
+        run_finetune(again)
+    assert {p: (out / p).read_bytes() for p in kept} == kept
+    for p in ("adapter", "finetune_summary.json"):  # each one alone is a finished run's
+        (out / p).rename(out / (p + ".old"))
+    with pytest.raises(DataError, match=r"earlier run \(train_log.csv\)"):
+        run_finetune(again)
+    (out / "train_log.csv").write_text("step,epoch,loss,lr,tokens_per_s,val_loss,elapsed_s\n")
+    with pytest.raises(RuntimeError, match="the model was loaded"):  # past the check
+        run_finetune(again)
 
 
 def test_a_resume_refused_at_the_adapter_keeps_the_run_record(tmp_path, tiny_checkpoint):
