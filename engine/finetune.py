@@ -390,6 +390,20 @@ def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, int]:
     return int(state["step"]), int(state["micro"])
 
 
+def _use_current_lr(optimizer, scheduler, lr: float, weight_decay: float) -> None:
+    """After a checkpoint's optimizer and scheduler states are loaded, they hold its run's --lr
+    (each parameter group's lr and initial_lr, the scheduler's base_lrs) and --weight-decay, and a
+    resume with other values went on with the old ones. Put this run's in, at the position the
+    schedule has reached (its shape, from --warmup-ratio and the run's length, is this run's); with
+    unchanged settings every value is the one restored, so a resume still reproduces the run."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["weight_decay"] = weight_decay
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
@@ -467,6 +481,7 @@ def train(
             print(f"--resume: no checkpoint in {out}; starting from step 0", file=sys.stderr)
         else:
             step, micro = load_checkpoint(model, optimizer, scheduler, ckpt)
+            _use_current_lr(optimizer, scheduler, cfg.lr, cfg.weight_decay)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
     if cfg.run_args is not None:  # not before: a resume refused above keeps the run's record
         (out / "finetune_args.json").write_text(json.dumps(cfg.run_args, indent=2) + "\n")
@@ -752,7 +767,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 # optimizer steps to samples) and the adapter's shape and scale (--lora-r, --target-modules,
 # --lora-alpha): a resumed run must keep them. "weights" is the checkpoint folder the engine resolved
 # (GEOVQA_WEIGHTS, the default folder or the demo when --weights is left out), "demo_model" whether
-# it is the tiny random one. The learning rate, its schedule, --lora-dropout,
+# it is the tiny random one. The learning rate, its schedule, --weight-decay, --lora-dropout,
 # --max-length and the length of the run (--epochs, --max-steps) may change on --resume.
 RESUME_KEYS = ("data", "image_root", "max_pixels", "weights", "demo_model", "quantization", "strategy", "budget",
                "tokens_per_tile", "faithful_empty_slots", "seed", "val_fraction", "grad_accum",

@@ -263,6 +263,27 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_checkpoint):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_with_another_lr_and_weight_decay_uses_them(tmp_path, tiny_checkpoint):
+    """The learning rate may change on --resume (docs): the restored optimizer and scheduler kept
+    the checkpoint's --lr and --weight-decay, so a resume with --lr 1e-5 still trained at 1e-2."""
+    import math
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--save-every", "1",
+                              "--val-fraction", "0", "--lr", "1e-2")) == 0
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--save-every", "1",
+                              "--val-fraction", "0", "--lr", "1e-5", "--weight-decay", "0.1", "--resume")) == 0
+    lrs = [float(r["lr"]) for r in _log(out)]
+    # steps 3 and 4 on the 4-step cosine (no warmup) of the new --lr, from where the schedule stood
+    assert lrs[2:] == [float(f"{1e-5 * 0.5 * (1 + math.cos(math.pi * k / 4)):.3e}") for k in (3, 4)]
+    assert lrs[0] > 1e-3
+    state = torch.load(out / "checkpoint-4" / "trainer_state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert {(g["initial_lr"], g["weight_decay"]) for g in groups} == {(1e-5, 0.1)}
+    assert state["scheduler"]["base_lrs"] == [1e-5] * len(groups)
+
+
 def test_cli_exposes_finetune_and_eval():
     from engine.cli import build_parser
 
