@@ -70,7 +70,7 @@ from typing import Any, Callable, Iterable
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
-                                 with_model_choice)
+                                 resolved_quantization, with_model_choice, with_resolved_quantization)
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
@@ -785,6 +785,8 @@ def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
     cur.update(model or {})
+    # the weight format the model runs in, not "auto" as typed: nf4 on a GPU, fp32 on the CPU
+    cur["quantization"] = resolved_quantization(getattr(args, "device", None), getattr(args, "quantization", None))
     # --field as its mapping (the order of the flags does not matter); the folder images are
     # read from, given or not (the annotation file's own folder by default)
     fields = parse_field_map(getattr(args, "field", None))
@@ -798,7 +800,7 @@ def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> 
     if cfg.is_file() and made:
         # settings files of older versions lack field, image_root and the resolved model: assumed
         # unchanged (a --weights they recorded as typed is still compared)
-        saved = with_model_choice(json.loads(cfg.read_text()), cur)
+        saved = with_resolved_quantization(with_model_choice(json.loads(cfg.read_text()), cur), cur)
         desc = changed_settings(saved, cur, RUN_KEYS, paths=RUN_PATH_KEYS,
                                 defaults={k: cur[k] for k in ("field", "image_root")})
         if desc:

@@ -59,7 +59,7 @@ from engine.cli_args import add_model_arguments, add_strategy_arguments, count_o
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
-                                 with_model_choice)
+                                 resolved_quantization, with_model_choice, with_resolved_quantization)
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
@@ -789,6 +789,8 @@ def _run_args(args: argparse.Namespace, model: dict | None = None) -> dict:
     run = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
     run.update(model or model_choice(args.weights, demo_ok=not args.no_demo))
     run.update({k: absolute_path(run[k]) for k in RESUME_PATH_KEYS if k in run})
+    # the format the base is trained in, not "auto" as typed: nf4 on a GPU, fp32 on the CPU
+    run["quantization"] = resolved_quantization(args.device, args.quantization)
     if isinstance(run.get("target_modules"), str):  # "q_proj, v_proj" and "q_proj,v_proj" are one choice
         run["target_modules"] = ",".join(_target_list(run["target_modules"]))
     return run
@@ -803,6 +805,7 @@ def _check_resume_settings(args: argparse.Namespace, out: Path, model: dict | No
     current = _run_args(args, model)
     # a record of an older version holds --weights as typed and no demo_model
     recorded = with_model_choice(json.loads(saved.read_text(encoding="utf-8")), current)
+    recorded = with_resolved_quantization(recorded, current)  # older records hold "auto" as typed
     if isinstance(recorded.get("target_modules"), str):  # older records hold it as typed
         recorded["target_modules"] = ",".join(_target_list(recorded["target_modules"]))
     desc = changed_settings(recorded, current, RESUME_KEYS, defaults=RESUME_DEFAULTS, paths=RESUME_PATH_KEYS,

@@ -299,6 +299,39 @@ def test_rerun_compares_field_maps_not_flag_order(tmp_path):
     run_eval(parser.parse_args([str(ann), "--out", str(out), *flags[:4]]), predict=_predictor(MME_REPLIES, []))
 
 
+def test_a_rerun_compares_the_resolved_quantization_not_auto_as_typed(tmp_path, monkeypatch):
+    """--quantization auto is nf4 on a GPU and fp32 on the CPU: run_settings.json records the
+    format it gave, so a rerun on the other machine is refused instead of mixing predictions."""
+    import engine.devices as devices
+
+    def gpu_here(gpu):
+        monkeypatch.setattr(devices, "cuda_available", lambda: gpu)
+        monkeypatch.setattr(devices, "bitsandbytes_usable", lambda: True)
+        monkeypatch.setattr(devices, "flash_attn_usable", lambda: False)
+
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = tmp_path / "o"
+
+    def run(*flags):
+        return run_eval(parser.parse_args([str(ann), "--out", str(out), "--limit", "1", *flags]),
+                        predict=_predictor(MME_REPLIES, []))
+
+    gpu_here(True)
+    run()
+    assert json.loads((out / "run_settings.json").read_text())["quantization"] == "nf4"
+    run("--device", "cuda", "--quantization", "nf4")  # what auto gave: the same run
+    gpu_here(False)
+    with pytest.raises(EvalError, match="quantization: 'nf4' -> 'fp32'"):
+        run()
+    # a settings file of an older version holds "auto" as typed: it counts as what auto gives now
+    old = json.loads((out / "run_settings.json").read_text())
+    (out / "run_settings.json").write_text(json.dumps({**old, "quantization": "auto"}))
+    run()
+    assert json.loads((out / "run_settings.json").read_text())["quantization"] == "fp32"
+
+
 def test_eval_through_the_engine_on_the_tiny_model(tmp_path, tiny_checkpoint):
     """The real predictor: `Engine.ask` on the tiny random model (answers are meaningless, the
     point is that every item gets a reply, is scored and stored)."""

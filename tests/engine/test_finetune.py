@@ -354,6 +354,49 @@ def test_resume_compares_paths_as_files_not_text(tmp_path, tiny_checkpoint, monk
         _check_resume_settings(_args("train.json", out, tiny_checkpoint, "--resume"), out)
 
 
+def _gpu_here(monkeypatch, gpu: bool):
+    """Make the engine see (or not) a CUDA GPU with bitsandbytes, as device resolution goes."""
+    import engine.devices as devices
+
+    monkeypatch.setattr(devices, "cuda_available", lambda: gpu)
+    monkeypatch.setattr(devices, "bitsandbytes_usable", lambda: True)
+    monkeypatch.setattr(devices, "flash_attn_usable", lambda: False)
+
+
+def test_resume_compares_the_resolved_quantization_not_auto_as_typed(tmp_path, tiny_checkpoint, monkeypatch):
+    """--quantization auto is nf4 (QLoRA) on a GPU and fp32 on the CPU: a run begun on the GPU and
+    resumed on the CPU would go on training on another base format. finetune_args.json records
+    the format auto gave, and a resume that resolves to another is refused before anything loads."""
+    from engine.finetune import _check_resume_settings, _run_args
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def leg(*extra):
+        return _args(data, out, tiny_checkpoint, "--quantization", "auto", *extra)
+
+    _gpu_here(monkeypatch, False)
+    assert _run_args(leg("--device", "auto"))["quantization"] == "fp32"
+    _gpu_here(monkeypatch, True)
+    saved = _run_args(leg("--device", "cuda"))
+    assert saved["quantization"] == "nf4"
+    (out / "finetune_args.json").write_text(json.dumps(saved))
+    _check_resume_settings(leg("--device", "auto", "--resume"), out)  # the GPU again: nf4
+    _check_resume_settings(leg("--device", "cuda", "--quantization", "nf4", "--resume"), out)
+    with pytest.raises(DataError, match="--quantization: 'nf4' -> 'bf16'"):
+        _check_resume_settings(leg("--device", "cuda", "--quantization", "bf16", "--resume"), out)
+    _gpu_here(monkeypatch, False)
+    with pytest.raises(DataError, match="--quantization: 'nf4' -> 'fp32'"):
+        _check_resume_settings(leg("--device", "cpu", "--resume"), out)
+    # a record of an older version holds "auto" as typed: it counts as what auto gives now
+    (out / "finetune_args.json").write_text(json.dumps({**saved, "quantization": "auto"}))
+    _check_resume_settings(leg("--device", "cpu", "--resume"), out)
+    (out / "finetune_args.json").write_text(json.dumps({**saved, "quantization": "bf16"}))
+    with pytest.raises(DataError, match="--quantization: 'bf16' -> 'fp32'"):
+        _check_resume_settings(leg("--device", "cpu", "--resume"), out)
+
+
 def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_checkpoint, monkeypatch):
     """Without --resume, another run's checkpoints in --out are not mixed with (pruned against,
     resumed from): the run stops before the data or the model are loaded."""
