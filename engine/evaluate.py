@@ -49,7 +49,9 @@ yes/no answer also matches the reply's first word, a number a first word of equa
 
 Results: micro accuracy (all items), macro accuracy (mean of per-category accuracies),
 per-category counts, as JSON and a Markdown table. Predictions are appended to a JSONL file as
-they are made; a rerun skips item ids already there (resumable), `--limit N` stops after N items.
+they are made; a rerun skips item ids already there (resumable) and asks failed items again,
+whose new lines replace their error lines when the run ends (one line an item); `--limit N`
+stops after N items.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import string
 import sys
@@ -67,7 +70,7 @@ from typing import Any, Callable, Iterable
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
-                                 with_model_choice)
+                                 resolved_quantization, with_model_choice, with_resolved_quantization)
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
@@ -143,6 +146,12 @@ def _first(rec: dict, names: Iterable[str], default: Any = None) -> Any:
     return default
 
 
+def _text(value: Any) -> str:
+    """An open-ended answer as text: a missing one (None, absent) is "" (refused by load_items),
+    not the text "None"."""
+    return "" if value is None else str(value).strip()
+
+
 def normalize_letters(answer: Any) -> str:
     """'A, C' / ['a','c'] / '(B)' -> sorted unique upper-case letters ('AC', 'B')."""
     if isinstance(answer, (list, tuple)):
@@ -197,7 +206,7 @@ def _item_mme(rec: dict, i: int) -> EvalItem:
         image=str(rec.get("Image", "")),
         question=str(rec.get("Text", "")),
         options=opts,
-        answer=choice_answer(rec.get("Ground truth", ""), opts) if opts else str(rec.get("Ground truth", "")),
+        answer=choice_answer(rec.get("Ground truth", ""), opts) if opts else _text(rec.get("Ground truth")),
         category=str(_first(rec, ["Category", "Subtask", "Task"], "all")),
     )
     item.extra["format"] = "mme"
@@ -210,7 +219,7 @@ def _item_lrsvqa(rec: dict, i: int) -> EvalItem:
         image=str(rec.get("image", "")),
         question=str(_first(rec, ["text", "question"], "")),
         options=[],
-        answer=str(_first(rec, ["ground_truth", "answer"], "")),
+        answer=_text(_first(rec, ["ground_truth", "answer"], "")),
         category=str(rec.get("category", "all")),
     )
 
@@ -251,7 +260,7 @@ def _item_generic(rec: dict, i: int, mapping: dict[str, str] | None = None) -> E
         image=str(image),
         question=str(get("question", "")),
         options=opts,
-        answer=choice_answer(ans, opts) if opts else str(ans),
+        answer=choice_answer(ans, opts) if opts else _text(ans),
         category=str(get("category", "all")),
     )
 
@@ -307,6 +316,12 @@ def parse_field_map(pairs: Iterable[str] | None) -> dict[str, str]:
     return out
 
 
+def _named(rec: dict, i: int, field_map: dict[str, str] | None) -> str:
+    """An annotation as error messages name it: its position, and its id when it has one."""
+    ident = _first(rec, [field_map["id"]] if field_map and "id" in field_map else GENERIC_NAMES["id"], None)
+    return f"annotation {i}" + (f" (id {ident})" if ident is not None else "")
+
+
 def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | None = None) -> list[EvalItem]:
     """Read an annotation file (JSON list, {"data": [...]}, or JSONL) into EvalItems."""
     p = Path(path)
@@ -316,11 +331,18 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
     records: list[Any]
     try:
         obj = json.loads(text)  # a JSON list, or an object holding one
-    except json.JSONDecodeError:
-        try:
-            obj = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"The annotation file {p} is neither JSON nor JSON Lines: {exc}.") from exc
+    except json.JSONDecodeError as whole:
+        obj = []  # JSON Lines
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                # each line is parsed alone, so json's own "line 1" is the file's line n; where not
+                # even the first record parses, the file was more likely meant as one JSON text
+                where = (f"line {n} column {exc.colno}: {exc.msg}" if obj else str(whole))
+                raise EvalError(f"The annotation file {p} is neither JSON nor JSON Lines ({where}).") from exc
     if isinstance(obj, dict):
         records = next((obj[k] for k in ("data", "questions", "annotations") if isinstance(obj.get(k), list)), [obj])
     else:
@@ -344,14 +366,15 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
             else:
                 item = _item_generic(rec, i, field_map)
         except EvalError as exc:  # an answer that names no option: say which item
-            ident = _first(rec, [field_map["id"]] if field_map and "id" in field_map else
-                           GENERIC_NAMES["id"], None)
-            named = f"annotation {i}" + (f" (id {ident})" if ident is not None else "")
-            raise EvalError(f"{named} in {p}: {exc}") from exc
+            raise EvalError(f"{_named(rec, i, field_map)} in {p}: {exc}") from exc
         if not item.question:
             raise EvalError(f"annotation {i} in {p} has no question (format {f}); map it with --field question=NAME")
-        if item.multiple_choice and not item.answer:
-            raise EvalError(f"annotation {i} in {p} has options but no answer letter")
+        # scored against an empty answer, an empty reply (a failed generation) would count as correct
+        if not item.answer or (not item.multiple_choice and not _norm_text(item.answer)):
+            what = ("options but no answer letter" if item.multiple_choice else
+                    f"an answer with no words to compare ({item.answer!r})" if item.answer else "no answer")
+            raise EvalError(f"{_named(rec, i, field_map)} in {p} has {what} (format {f}); if the file "
+                            "holds it under another name, map it with --field answer=NAME")
         items.append(item)
     seen: set[str] = set()
     for it in items:
@@ -590,8 +613,45 @@ def evaluate(
     if progress:
         from tqdm import tqdm  # noqa: PLC0415
 
-        bar = tqdm(total=len(todo), desc="eval", unit="item", file=sys.stderr)
+        # items answered by an earlier run count as done from the start, not as progress of this
+        # one: updated for them, the bar's rate (and so its ETA) counted them as asked in no time
+        n_done = sum(1 for it in todo if it.id in done and "error" not in done[it.id])
+        bar = tqdm(total=len(todo), initial=n_done, desc="eval", unit="item", file=sys.stderr)
     records: list[dict] = []
+    try:
+        _predict_all(todo, done, predict, pred_path, records, bar, instruction, on_error)
+    finally:
+        if bar is not None:
+            bar.close()
+        _one_line_per_item(pred_path)
+    summary = summarize(records)
+    results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")
+    return results
+
+
+def _one_line_per_item(pred_path: Path) -> None:
+    """Rewrite predictions.jsonl with one line an item (the last one written for it) when it holds
+    more: a failed item asked again appends its new line after the error line, and a line cut by
+    an interruption stays behind. Records are appended as they are made, so an interrupted run
+    loses nothing; this rewrite goes through a temporary file replaced in one step."""
+    if not pred_path.is_file():
+        return
+    lines = [x for x in pred_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    done = _read_done(pred_path)
+    if len(lines) == len(done):
+        return
+    tmp = pred_path.with_name(pred_path.name + ".tmp")
+    with contextlib.suppress(OSError):  # the appended file reads the same, only longer
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+        os.replace(tmp, pred_path)
+
+
+def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[[EvalItem, str], str],
+                 pred_path: Path, records: list[dict], bar, instruction: str | None, on_error: str) -> None:
+    """`evaluate`'s loop: ask each item of `todo` not answered in `done`, append its record to
+    predictions.jsonl as it is made, and collect every item's record in `records`."""
     with pred_path.open("a", encoding="utf-8") as f:
         if f.tell():  # a last line cut by an interruption: the next record starts on a line of its own
             with pred_path.open("rb") as tail:
@@ -627,18 +687,12 @@ def evaluate(
                     print(f"item {item.id} failed (counted wrong): {error}", file=sys.stderr)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
+                if bar is not None:
+                    bar.update(1)
             records.append(rec)
             if bar is not None:
-                bar.update(1)
                 n_ok = sum(bool(r["correct"]) for r in records)
                 bar.set_postfix(acc=f"{n_ok / len(records):.3f}")
-    if bar is not None:
-        bar.close()
-    summary = summarize(records)
-    results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")
-    return results
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -731,6 +785,8 @@ def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
     cur.update(model or {})
+    # the weight format the model runs in, not "auto" as typed: nf4 on a GPU, fp32 on the CPU
+    cur["quantization"] = resolved_quantization(getattr(args, "device", None), getattr(args, "quantization", None))
     # --field as its mapping (the order of the flags does not matter); the folder images are
     # read from, given or not (the annotation file's own folder by default)
     fields = parse_field_map(getattr(args, "field", None))
@@ -738,10 +794,13 @@ def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> 
     cur["image_root"] = str(image_root(args))
     cur.update({k: absolute_path(cur[k]) for k in RUN_PATH_KEYS})  # not as typed: from any folder
     cfg = out / "run_settings.json"
-    if cfg.is_file() and (out / "predictions.jsonl").is_file():
+    # only answers made with the recorded settings are kept by a rerun: an empty predictions.jsonl
+    # (the first item failed) or one of failed items only (tried again) binds the folder to nothing
+    made = any("error" not in rec for rec in _read_done(out / "predictions.jsonl").values())
+    if cfg.is_file() and made:
         # settings files of older versions lack field, image_root and the resolved model: assumed
         # unchanged (a --weights they recorded as typed is still compared)
-        saved = with_model_choice(json.loads(cfg.read_text()), cur)
+        saved = with_resolved_quantization(with_model_choice(json.loads(cfg.read_text()), cur), cur)
         desc = changed_settings(saved, cur, RUN_KEYS, paths=RUN_PATH_KEYS,
                                 defaults={k: cur[k] for k in ("field", "image_root")})
         if desc:

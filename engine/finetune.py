@@ -28,7 +28,8 @@ Outputs in ``--out``
     ``checkpoint-<step>/`` every ``--save-every`` steps: ``adapter/`` (peft) and
     ``trainer_state.pt`` (optimizer, scheduler, RNG, step; tensors and plain containers only,
     read back with ``torch.load(weights_only=True)``); ``--resume`` continues from the latest,
-    and a run without ``--resume`` into a folder that holds checkpoints is refused.
+    and a run without ``--resume`` into a folder that holds checkpoints, or a finished run's
+    ``adapter/``, log or summary, is refused.
     A run that stops early (Ctrl-C, a bad sample with ``--on-bad-sample stop``, a crash) first
     saves its last finished step. A sample that runs out of memory is skipped and reported
     (``out_of_memory``) or stops the run, as ``--on-bad-sample`` says.
@@ -58,7 +59,7 @@ from engine.cli_args import add_model_arguments, add_strategy_arguments, count_o
 from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
-                                 with_model_choice)
+                                 resolved_quantization, with_model_choice, with_resolved_quantization)
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIONAL_TARGETS = ("lm_head",)  # LoRA on the (unquantised) output head: opt-in
@@ -389,6 +390,20 @@ def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, int]:
     return int(state["step"]), int(state["micro"])
 
 
+def _use_current_lr(optimizer, scheduler, lr: float, weight_decay: float) -> None:
+    """After a checkpoint's optimizer and scheduler states are loaded, they hold its run's --lr
+    (each parameter group's lr and initial_lr, the scheduler's base_lrs) and --weight-decay, and a
+    resume with other values went on with the old ones. Put this run's in, at the position the
+    schedule has reached (its shape, from --warmup-ratio and the run's length, is this run's); with
+    unchanged settings every value is the one restored, so a resume still reproduces the run."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["weight_decay"] = weight_decay
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
@@ -466,6 +481,7 @@ def train(
             print(f"--resume: no checkpoint in {out}; starting from step 0", file=sys.stderr)
         else:
             step, micro = load_checkpoint(model, optimizer, scheduler, ckpt)
+            _use_current_lr(optimizer, scheduler, cfg.lr, cfg.weight_decay)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
     if cfg.run_args is not None:  # not before: a resume refused above keeps the run's record
         (out / "finetune_args.json").write_text(json.dumps(cfg.run_args, indent=2) + "\n")
@@ -511,7 +527,11 @@ def train(
             return None, -1
         n_tok = len(enc.before) + len(enc.after) + (int(vis.shape[0]) if vis is not None else 0)
         if cfg.max_length and n_tok > cfg.max_length:
-            skip(sample, "too_long", f"{n_tok} tokens (text + visual), more than --max-length {cfg.max_length}")
+            msg = f"{n_tok} tokens (text + visual), more than --max-length {cfg.max_length}"
+            if cfg.on_bad == "stop":
+                raise DataError(f"sample {sample.index} (id {sample.id}) has {msg}. Shorten it, raise "
+                                "--max-length or lower --budget, or pass --on-bad-sample skip.")
+            skip(sample, "too_long", msg)
             return None, n_tok
         try:
             embeds, labels, mask = build_training_inputs(model, enc, vis)
@@ -747,7 +767,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 # optimizer steps to samples) and the adapter's shape and scale (--lora-r, --target-modules,
 # --lora-alpha): a resumed run must keep them. "weights" is the checkpoint folder the engine resolved
 # (GEOVQA_WEIGHTS, the default folder or the demo when --weights is left out), "demo_model" whether
-# it is the tiny random one. The learning rate, its schedule, --lora-dropout,
+# it is the tiny random one. The learning rate, its schedule, --weight-decay, --lora-dropout,
 # --max-length and the length of the run (--epochs, --max-steps) may change on --resume.
 RESUME_KEYS = ("data", "image_root", "max_pixels", "weights", "demo_model", "quantization", "strategy", "budget",
                "tokens_per_tile", "faithful_empty_slots", "seed", "val_fraction", "grad_accum",
@@ -769,6 +789,8 @@ def _run_args(args: argparse.Namespace, model: dict | None = None) -> dict:
     run = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
     run.update(model or model_choice(args.weights, demo_ok=not args.no_demo))
     run.update({k: absolute_path(run[k]) for k in RESUME_PATH_KEYS if k in run})
+    # the format the base is trained in, not "auto" as typed: nf4 on a GPU, fp32 on the CPU
+    run["quantization"] = resolved_quantization(args.device, args.quantization)
     if isinstance(run.get("target_modules"), str):  # "q_proj, v_proj" and "q_proj,v_proj" are one choice
         run["target_modules"] = ",".join(_target_list(run["target_modules"]))
     return run
@@ -783,6 +805,7 @@ def _check_resume_settings(args: argparse.Namespace, out: Path, model: dict | No
     current = _run_args(args, model)
     # a record of an older version holds --weights as typed and no demo_model
     recorded = with_model_choice(json.loads(saved.read_text(encoding="utf-8")), current)
+    recorded = with_resolved_quantization(recorded, current)  # older records hold "auto" as typed
     if isinstance(recorded.get("target_modules"), str):  # older records hold it as typed
         recorded["target_modules"] = ",".join(_target_list(recorded["target_modules"]))
     desc = changed_settings(recorded, current, RESUME_KEYS, defaults=RESUME_DEFAULTS, paths=RESUME_PATH_KEYS,
@@ -800,7 +823,8 @@ def _flag_name(key: str) -> str:
 def _check_new_run(args: argparse.Namespace, out: Path) -> None:
     """A run without --resume into a folder that holds another run's checkpoints would mix with
     them: pruning keeps the higher-numbered old ones and deletes the new run's own, and a later
-    --resume would continue the other run. Refuse, before the data and the model are loaded."""
+    --resume would continue the other run; into one that holds a finished run's adapter, log or
+    summary it would overwrite them. Refuse, before the data and the model are loaded."""
     if args.resume:
         return
     found = _checkpoint_dirs(out)
@@ -808,6 +832,24 @@ def _check_new_run(args: argparse.Namespace, out: Path) -> None:
         names = ", ".join(d.name for d in found[:3]) + (", ..." if len(found) > 3 else "")
         raise DataError(f"{out} already holds checkpoints of an earlier run ({names}); continue that run "
                         "with --resume, or start a new one with another --out (or delete them)")
+    # a finished run (also one saved without checkpoints, --save-every 0): the new run would
+    # overwrite its adapter, log and summary without asking
+    finished = [name for name in ("adapter", "finetune_summary.json") if (out / name).exists()]
+    if _logged_steps(out / "train_log.csv"):
+        finished.append("train_log.csv")
+    if finished:
+        raise DataError(f"{out} already holds the results of an earlier run ({', '.join(finished)}), which a new "
+                        "run would overwrite; train into another --out, or remove them to start over")
+
+
+def _logged_steps(log: Path) -> int:
+    """How many step rows a train_log.csv holds (0 when there is none: a run stopped before its
+    first step leaves the header only)."""
+    try:
+        with log.open(newline="") as f:
+            return sum(1 for _ in csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return 0
 
 
 def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
@@ -815,6 +857,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     called with the same arguments."""
     from engine.loader import load_model  # noqa: PLC0415
 
+    lm_target_regex(_target_list(args.target_modules))  # a mistyped name, before anything loads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_new_run(args, out)

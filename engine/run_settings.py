@@ -72,3 +72,25 @@ def with_model_choice(saved: dict, current: dict) -> dict:
     if saved.get("weights") is None:
         upgraded["weights"] = current.get("weights")
     return upgraded
+
+
+def resolved_quantization(device: Any, quantization: Any) -> str:
+    """The base weight format a run uses, as the engine resolves --quantization on --device
+    (`devices.plan_device`): "auto" is nf4 on a CUDA GPU with bitsandbytes, bf16 on one without,
+    fp32 on the CPU. Recorded and compared instead of "auto" as typed, which names other formats on
+    other machines. A device or format that cannot be used here raises DeviceChoiceError, the
+    reason the model load would give, before anything loads."""
+    from engine.devices import plan_device  # noqa: PLC0415
+
+    return plan_device(device or "auto", quantization or "auto").quantization
+
+
+def with_resolved_quantization(saved: dict, current: dict) -> dict:
+    """`saved` as if it recorded the resolved weight format like `current` does
+    (`resolved_quantization`). Settings of older versions hold --quantization as typed: "auto"
+    (or nothing) cannot be resolved after the fact on the machine that ran it and counts as the
+    format it gives now, like every setting an older version did not record; an explicit format
+    is compared as it is."""
+    if saved.get("quantization") not in (None, "auto"):
+        return saved
+    return {**saved, "quantization": current.get("quantization")}

@@ -152,6 +152,27 @@ def test_lrsvqa_open_ended(tmp_path):
     assert res["correct"] == 2 and res["per_category"]["count"]["correct"] == 0
 
 
+def test_an_open_ended_item_without_an_answer_is_refused_not_scored_against_nothing(tmp_path):
+    """An answer under a name the reader does not know (or none at all) loaded as "", and an
+    empty reply then scored correct."""
+    rows = [{"question_id": i, "image": "c.tif", "text": "How many ships?", "gt_answer": "3",
+             "category": "count"} for i in range(3)]
+    ann = _write(tmp_path / "lrs.jsonl", rows, jsonl=True)
+    with pytest.raises(EvalError, match=r"annotation 0 \(id 0\) in .*lrs.jsonl has no answer .*--field answer=NAME"):
+        load_items(ann)
+    items = load_items(ann, field_map={"answer": "gt_answer"})  # the hint's way out
+    assert [it.answer for it in items] == ["3", "3", "3"]
+    assert evaluate(items, lambda item, prompt: "", tmp_path / "o")["correct"] == 0
+    for answer in (None, "", "  ", "?"):  # also with the format's own field empty or wordless
+        rows = [{"question_id": "q9", "image": "c.tif", "text": "Is there a bridge?", "ground_truth": answer,
+                 "category": "existence"}]
+        with pytest.raises(EvalError, match=r"annotation 0 \(id q9\) .* has (no answer|an answer with no words)"):
+            load_items(_write(tmp_path / "one.json", rows))
+    mapped_null = [{"qid": 1, "image": "c.tif", "question": "Is there a bridge?", "gt": None}]
+    with pytest.raises(EvalError, match="has no answer"):  # not the text "None"
+        load_items(_write(tmp_path / "g.json", mapped_null), field_map={"id": "qid", "answer": "gt"})
+
+
 def test_prompt_layout():
     items_prompt = build_prompt(load_items_from_rows([MME[0]])[0])
     lines = items_prompt.splitlines()
@@ -231,6 +252,31 @@ def test_resume_refuses_other_settings(tmp_path):
              predict=_predictor(MME_REPLIES, []))
 
 
+def test_a_rerun_after_nothing_was_answered_may_change_the_settings(tmp_path):
+    """The first item ran out of memory: predictions.jsonl is empty, so a retry with the smaller
+    budget the message suggests is no resume of other settings."""
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = tmp_path / "o"
+
+    def oom(item, prompt):
+        raise EvalError(f"item {item.id}: The GPU ran out of memory; retry with --budget 512")
+
+    with pytest.raises(EvalError, match="ran out of memory"):
+        run_eval(parser.parse_args([str(ann), "--out", str(out), "--budget", "4096"]), predict=oom)
+    assert (out / "predictions.jsonl").read_text() == ""
+    assert run_eval(parser.parse_args([str(ann), "--out", str(out), "--budget", "1024", "--on-error", "skip"]),
+                    predict=oom) == 0  # every item failed: recorded, but nothing answered
+    assert run_eval(parser.parse_args([str(ann), "--out", str(out), "--budget", "512"]),
+                    predict=_predictor(MME_REPLIES, [])) == 0
+    assert json.loads((out / "run_settings.json").read_text())["budget"] == "512"
+    # now answers exist: another budget is refused
+    with pytest.raises(EvalError, match="holds predictions made with other settings.*budget"):
+        run_eval(parser.parse_args([str(ann), "--out", str(out), "--budget", "4096"]),
+                 predict=_predictor(MME_REPLIES, []))
+
+
 def test_rerun_compares_field_maps_not_flag_order(tmp_path):
     """--field flags given in another order map the same fields; a settings file written before
     --field and --image-root were recorded is read as having the current ones."""
@@ -251,6 +297,39 @@ def test_rerun_compares_field_maps_not_flag_order(tmp_path):
     del old["field"], old["image_root"]
     (out / "run_settings.json").write_text(json.dumps(old))
     run_eval(parser.parse_args([str(ann), "--out", str(out), *flags[:4]]), predict=_predictor(MME_REPLIES, []))
+
+
+def test_a_rerun_compares_the_resolved_quantization_not_auto_as_typed(tmp_path, monkeypatch):
+    """--quantization auto is nf4 on a GPU and fp32 on the CPU: run_settings.json records the
+    format it gave, so a rerun on the other machine is refused instead of mixing predictions."""
+    import engine.devices as devices
+
+    def gpu_here(gpu):
+        monkeypatch.setattr(devices, "cuda_available", lambda: gpu)
+        monkeypatch.setattr(devices, "bitsandbytes_usable", lambda: True)
+        monkeypatch.setattr(devices, "flash_attn_usable", lambda: False)
+
+    ann = _write(tmp_path / "mme.json", MME)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = tmp_path / "o"
+
+    def run(*flags):
+        return run_eval(parser.parse_args([str(ann), "--out", str(out), "--limit", "1", *flags]),
+                        predict=_predictor(MME_REPLIES, []))
+
+    gpu_here(True)
+    run()
+    assert json.loads((out / "run_settings.json").read_text())["quantization"] == "nf4"
+    run("--device", "cuda", "--quantization", "nf4")  # what auto gave: the same run
+    gpu_here(False)
+    with pytest.raises(EvalError, match="quantization: 'nf4' -> 'fp32'"):
+        run()
+    # a settings file of an older version holds "auto" as typed: it counts as what auto gives now
+    old = json.loads((out / "run_settings.json").read_text())
+    (out / "run_settings.json").write_text(json.dumps({**old, "quantization": "auto"}))
+    run()
+    assert json.loads((out / "run_settings.json").read_text())["quantization"] == "fp32"
 
 
 def test_eval_through_the_engine_on_the_tiny_model(tmp_path, tiny_checkpoint):
@@ -285,6 +364,18 @@ def test_pretty_printed_object_file_and_custom_instruction(tmp_path):
     with pytest.raises(EvalError, match="neither JSON"):
         (tmp_path / "bad.json").write_text("{not json")
         load_items(tmp_path / "bad.json")
+
+
+def test_a_broken_json_lines_record_is_named_by_its_line_in_the_file(tmp_path):
+    ann = tmp_path / "a.jsonl"
+    ann.write_text(json.dumps(MME[0]) + "\n\n" + json.dumps(MME[1]) + "\n" + "{broken\n")
+    with pytest.raises(EvalError, match=r"neither JSON nor JSON Lines \(line 4 column 2: "):
+        load_items(ann)
+    # a pretty-printed JSON file with a mistake: the whole text's position, not its first line
+    ann = tmp_path / "b.json"
+    ann.write_text(json.dumps(MME[:2], indent=2).replace('"Image"', "Image", 1))
+    with pytest.raises(EvalError, match=r"neither JSON nor JSON Lines \(.*line 4 column 5"):
+        load_items(ann)
 
 
 def test_xlrs_lmms_layout_prompt_and_task_totals(tmp_path):
@@ -354,6 +445,81 @@ def test_failed_items_stop_or_are_recorded_and_retried(tmp_path):
     res = evaluate(load_items(ann), _predictor(fixed, calls), out, on_error="skip")
     assert calls == [failing]  # only the failed item is tried again
     assert res["failed"] == 0 and res["correct"] == 4
+
+
+def test_a_failed_item_asked_again_leaves_one_line_per_item(tmp_path):
+    """The retried item's answer replaced its error line (it was appended after it), also when
+    the rerun is interrupted after it; nothing answered is lost."""
+    ann = _write(tmp_path / "mme.json", MME)
+    failing = "rs/count/0003"
+
+    def flaky(item, prompt):
+        if item.id == failing:
+            raise EvalError("out of memory")
+        return MME_REPLIES[item.id]
+
+    def lines(out):
+        return [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+
+    out = tmp_path / "skip"
+    evaluate(load_items(ann), flaky, out, on_error="skip")
+    assert [r["id"] for r in lines(out)] == [r["Question_id"] for r in MME] and "error" in lines(out)[2]
+    res = evaluate(load_items(ann), _predictor(MME_REPLIES, []), out, on_error="skip")
+    assert [r["id"] for r in lines(out)] == [r["Question_id"] for r in MME]
+    assert "error" not in lines(out)[2] and lines(out)[2]["reply"] == "B" and res["failed"] == 0
+
+    out = tmp_path / "cut"
+    evaluate(load_items(ann), flaky, out, limit=3, on_error="skip")
+    calls = []
+
+    def then_ctrl_c(item, prompt):
+        if item.id == "rs/position/0004":
+            raise KeyboardInterrupt
+        return _predictor(MME_REPLIES, calls)(item, prompt)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(load_items(ann), then_ctrl_c, out, on_error="skip")
+    assert calls == [failing]
+    assert [(r["id"], "error" in r) for r in lines(out)] == [(r["Question_id"], False) for r in MME[:3]]
+    assert not list(out.glob("*.tmp"))
+    res = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out, on_error="skip")
+    assert calls == [failing, "rs/position/0004"] and res["total"] == 4 and res["correct"] == 3
+    assert len(lines(out)) == 4
+
+
+def test_resumed_progress_bar_counts_only_the_items_asked(tmp_path, monkeypatch):
+    """Items answered by an earlier run start the bar (initial), so its rate and ETA are those
+    of the items this run asks; before, 200 skipped items made the rate ~100x too high."""
+    import tqdm
+
+    from engine.evaluate import EvalItem
+
+    bars = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+            self.updates = []
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    items = [EvalItem(str(i), "a.png", "Is there a ship?", [], "yes") for i in range(205)]
+    out = tmp_path / "o"
+    evaluate(items[:200], lambda it, p: "yes", out)
+    seen = []
+
+    def predict(item, prompt):
+        seen.append((bars[-1].n, bars[-1].format_dict["initial"]))
+        return "yes"
+
+    res = evaluate(items, predict, out, progress=True)
+    bar = bars[-1]
+    assert res["total"] == 205 and bar.total == 205 and bar.n == 205
+    assert seen[0] == (200, 200) and bar.updates == [1] * 5
 
 
 def test_on_error_option(tmp_path):

@@ -149,6 +149,8 @@ def test_bad_samples_stop_or_skip_with_report(tmp_path, tiny_checkpoint):
     assert [(r["index"], r["reason"]) for r in report] == [(2, "missing_image"), (4, "malformed"),
                                                            (5, "too_long")]
     # a resumed run keeps the training-time entry (once) although it never meets sample 5 again
+    # (a new run goes into a folder of its own: this one holds the finished run above)
+    out = tmp_path / "resumed"
     assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--on-bad-sample", "skip",
                               "--save-every", "1", "--val-fraction", "0", "--max-length", "200")) == 0
     assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "5", "--on-bad-sample", "skip",
@@ -161,6 +163,22 @@ def test_bad_samples_stop_or_skip_with_report(tmp_path, tiny_checkpoint):
     assert len(samples) == 4
 
 
+def test_a_too_long_sample_stops_the_run_under_on_bad_sample_stop(tmp_path, tiny_checkpoint):
+    """Found while training, a sample longer than --max-length stops the run (the default) like
+    one whose visual path fails; it was skipped and listed whatever --on-bad-sample said."""
+    data = _write_data(tmp_path, n=4)
+    rows = json.loads(data.read_text())
+    rows[1]["conversations"][0]["value"] = "<image>\n" + "which colour is it " * 80
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"sample 1 \(id s1\) has \d+ tokens .*more than --max-length 200.*"
+                                        "--on-bad-sample skip"):
+        run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--save-every", "0",
+                           "--val-fraction", "0", "--max-length", "200"))
+    assert not (out / "adapter").exists()
+    assert (out / "bad_samples.jsonl").read_text() == ""  # nothing skipped
+
+
 def test_target_regex_lm_head_optional():
     import re
 
@@ -171,6 +189,20 @@ def test_target_regex_lm_head_optional():
     assert not re.fullmatch(LM_TARGET_REGEX, "lm_head")
     with pytest.raises(ValueError, match="unknown"):
         lm_target_regex(["fc1"])
+
+
+def test_a_mistyped_target_module_is_refused_before_the_data_or_the_model_loads(tmp_path, tiny_checkpoint,
+                                                                                 monkeypatch):
+    import engine.finetune as ft
+    import engine.loader
+
+    data = _write_data(tmp_path, n=4)
+    monkeypatch.setattr(engine.loader, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ft, "load_dataset", lambda *a, **k: pytest.fail("the data was checked"))
+    for typed in ("q_prj,v_proj", " , "):
+        with pytest.raises(ValueError, match="unknown LoRA target modules \\['q_prj'\\]|no LoRA target"):
+            run_finetune(_args(data, tmp_path / "run", tiny_checkpoint, "--target-modules", typed))
+    assert not (tmp_path / "run").exists()
 
 
 def test_gpu_benchmark_step_runs_on_cpu_with_the_tiny_model(tmp_path, tiny_checkpoint):
@@ -229,6 +261,27 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_checkpoint):
     wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(part / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_another_lr_and_weight_decay_uses_them(tmp_path, tiny_checkpoint):
+    """The learning rate may change on --resume (docs): the restored optimizer and scheduler kept
+    the checkpoint's --lr and --weight-decay, so a resume with --lr 1e-5 still trained at 1e-2."""
+    import math
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--save-every", "1",
+                              "--val-fraction", "0", "--lr", "1e-2")) == 0
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--save-every", "1",
+                              "--val-fraction", "0", "--lr", "1e-5", "--weight-decay", "0.1", "--resume")) == 0
+    lrs = [float(r["lr"]) for r in _log(out)]
+    # steps 3 and 4 on the 4-step cosine (no warmup) of the new --lr, from where the schedule stood
+    assert lrs[2:] == [float(f"{1e-5 * 0.5 * (1 + math.cos(math.pi * k / 4)):.3e}") for k in (3, 4)]
+    assert lrs[0] > 1e-3
+    state = torch.load(out / "checkpoint-4" / "trainer_state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert {(g["initial_lr"], g["weight_decay"]) for g in groups} == {(1e-5, 0.1)}
+    assert state["scheduler"]["base_lrs"] == [1e-5] * len(groups)
 
 
 def test_cli_exposes_finetune_and_eval():
@@ -301,6 +354,49 @@ def test_resume_compares_paths_as_files_not_text(tmp_path, tiny_checkpoint, monk
         _check_resume_settings(_args("train.json", out, tiny_checkpoint, "--resume"), out)
 
 
+def _gpu_here(monkeypatch, gpu: bool):
+    """Make the engine see (or not) a CUDA GPU with bitsandbytes, as device resolution goes."""
+    import engine.devices as devices
+
+    monkeypatch.setattr(devices, "cuda_available", lambda: gpu)
+    monkeypatch.setattr(devices, "bitsandbytes_usable", lambda: True)
+    monkeypatch.setattr(devices, "flash_attn_usable", lambda: False)
+
+
+def test_resume_compares_the_resolved_quantization_not_auto_as_typed(tmp_path, tiny_checkpoint, monkeypatch):
+    """--quantization auto is nf4 (QLoRA) on a GPU and fp32 on the CPU: a run begun on the GPU and
+    resumed on the CPU would go on training on another base format. finetune_args.json records
+    the format auto gave, and a resume that resolves to another is refused before anything loads."""
+    from engine.finetune import _check_resume_settings, _run_args
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def leg(*extra):
+        return _args(data, out, tiny_checkpoint, "--quantization", "auto", *extra)
+
+    _gpu_here(monkeypatch, False)
+    assert _run_args(leg("--device", "auto"))["quantization"] == "fp32"
+    _gpu_here(monkeypatch, True)
+    saved = _run_args(leg("--device", "cuda"))
+    assert saved["quantization"] == "nf4"
+    (out / "finetune_args.json").write_text(json.dumps(saved))
+    _check_resume_settings(leg("--device", "auto", "--resume"), out)  # the GPU again: nf4
+    _check_resume_settings(leg("--device", "cuda", "--quantization", "nf4", "--resume"), out)
+    with pytest.raises(DataError, match="--quantization: 'nf4' -> 'bf16'"):
+        _check_resume_settings(leg("--device", "cuda", "--quantization", "bf16", "--resume"), out)
+    _gpu_here(monkeypatch, False)
+    with pytest.raises(DataError, match="--quantization: 'nf4' -> 'fp32'"):
+        _check_resume_settings(leg("--device", "cpu", "--resume"), out)
+    # a record of an older version holds "auto" as typed: it counts as what auto gives now
+    (out / "finetune_args.json").write_text(json.dumps({**saved, "quantization": "auto"}))
+    _check_resume_settings(leg("--device", "cpu", "--resume"), out)
+    (out / "finetune_args.json").write_text(json.dumps({**saved, "quantization": "bf16"}))
+    with pytest.raises(DataError, match="--quantization: 'bf16' -> 'fp32'"):
+        _check_resume_settings(leg("--device", "cpu", "--resume"), out)
+
+
 def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_checkpoint, monkeypatch):
     """Without --resume, another run's checkpoints in --out are not mixed with (pruned against,
     resumed from): the run stops before the data or the model are loaded."""
@@ -321,6 +417,38 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused(tmp_path, tiny_chec
     assert (out / "checkpoint-40" / "trainer_state.pt").read_bytes() == b"another run"
     assert json.loads((out / "finetune_args.json").read_text()) == {"seed": 7}
     assert not (out / "bad_samples.jsonl").exists()
+
+
+def test_a_new_run_into_a_folder_with_a_finished_run_is_refused(tmp_path, tiny_checkpoint, monkeypatch):
+    """A finished run saved without checkpoints (--save-every 0) keeps its adapter, log and
+    summary: a new run without --resume into its --out is refused before anything loads, where
+    it overwrote them. A run that stopped before its first step (a header-only log) is no result."""
+    import engine.loader
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--save-every", "0",
+                              "--val-fraction", "0")) == 0
+    kept = {p: (out / p).read_bytes() for p in ("adapter/adapter_model.safetensors", "train_log.csv",
+                                                "finetune_summary.json", "finetune_args.json")}
+
+    def no_model(*a, **k):
+        raise RuntimeError("the model was loaded")
+
+    monkeypatch.setattr(engine.loader, "load_model", no_model)
+    again = _args(data, out, tiny_checkpoint, "--max-steps", "1", "--save-every", "0", "--val-fraction", "0",
+                  "--lr", "5e-2")
+    with pytest.raises(DataError, match=r"results of an earlier run \(adapter, finetune_summary.json, "
+                                        r"train_log.csv\).*another --out, or remove them"):
+        run_finetune(again)
+    assert {p: (out / p).read_bytes() for p in kept} == kept
+    for p in ("adapter", "finetune_summary.json"):  # each one alone is a finished run's
+        (out / p).rename(out / (p + ".old"))
+    with pytest.raises(DataError, match=r"earlier run \(train_log.csv\)"):
+        run_finetune(again)
+    (out / "train_log.csv").write_text("step,epoch,loss,lr,tokens_per_s,val_loss,elapsed_s\n")
+    with pytest.raises(RuntimeError, match="the model was loaded"):  # past the check
+        run_finetune(again)
 
 
 def test_a_resume_refused_at_the_adapter_keeps_the_run_record(tmp_path, tiny_checkpoint):
