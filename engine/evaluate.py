@@ -386,6 +386,12 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
 
 # -------------------------------------------------------------------------------------- prompt
 
+def selection_text(item: EvalItem) -> str:
+    """What the question-guided strategies score the image against: the question and its options
+    (which name what to look for), not the answer instruction the prompt ends with."""
+    return "\n".join([item.question.strip(), *(str(opt) for opt in item.options)])
+
+
 def build_prompt(item: EvalItem, instruction: str | None = None) -> str:
     """The question text that goes after `<image>\\n` in the user turn."""
     if not item.multiple_choice:
@@ -751,7 +757,8 @@ def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None
     root = image_root(args)
 
     def predict(item: EvalItem, prompt: str) -> str:
-        req = AskRequest(raster_path=_resolve_image(item, root), question=prompt, strategy=args.strategy,
+        req = AskRequest(raster_path=_resolve_image(item, root), question=prompt,
+                         selection_text=selection_text(item), strategy=args.strategy,
                          budget=args.budget, tokens_per_tile=args.tokens_per_tile,
                          max_new_tokens=args.max_new_tokens, seed=0,
                          faithful_empty_slots=bool(getattr(args, "faithful_empty_slots", False)))

@@ -87,6 +87,10 @@ class AskRequest:
     # upload lands in a new temporary file each time, so its path and mtime never repeat and the
     # caches would never serve a second question about it
     raster_identity: str | None = None
+    # the text question-guided strategies (pyramid, budget) score the image against, when it is
+    # not the question itself (not a protocol field): eval's prompt adds the options and an answer
+    # instruction, the same words for every item, which should not steer the selection
+    selection_text: str | None = None
 
     def validated(self) -> "AskRequest":
         """A copy with the question stripped; RequestError for anything a person must fix."""
@@ -388,7 +392,8 @@ class Engine:
         if entry is not None:
             selection, prefix = entry
         else:
-            selection = strat.select(features, geometry, req.question, req.budget, model=self.model)
+            selection = strat.select(features, geometry, req.selection_text or req.question, req.budget,
+                                     model=self.model)
             prefix = None
         timings["select"] = time.perf_counter() - t0
         check_cancel()

@@ -104,7 +104,7 @@ class BudgetStrategy:
 
     def __init__(self, scales=DEFAULT_SCALES, preserve_ratio: float = 0.5,
                  spatial_weight: float = 1.0, kmeans_iters: int = 10, seed: int | None = 0,
-                 tokens_per_tile: int = 24, tokenizer=None, last_n: int = 8, scorer=None,
+                 tokens_per_tile: int = 24, tokenizer=None, last_n: int | None = None, scorer=None,
                  **_ignored) -> None:
         if not 0 <= float(preserve_ratio) <= 1:
             raise ValueError("preserve_ratio must be between 0 and 1")

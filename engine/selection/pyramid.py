@@ -9,7 +9,7 @@ from the grid tiles' own CLIP features (no extra vision passes): level l average
 1. Start from the coarsest level: one token per tile (pure padding cells are skipped). If that
    already exceeds the budget, keep the `budget` most relevant cells and stop.
 2. Score the current tokens (through the projector) with the question
-   (`textscore.TextScorer`: first-layer attention share of the question's last tokens, softmax
+   (`textscore.TextScorer`: first-layer attention share of the question's tokens, softmax
    over the current set).
 3. Open the high-scoring tokens, most relevant first: an opened cell is replaced by its valid
    children at the next level. "High" means a relevance of at least ``open_threshold`` (default
@@ -52,7 +52,7 @@ class PyramidStrategy:
     question_dependent = True
 
     def __init__(self, levels=DEFAULT_LEVELS, open_threshold: float = 1.0, keep_coarse: bool = True,
-                 tokens_per_tile: int = 24, tokenizer=None, last_n: int = 8, scorer=None,
+                 tokens_per_tile: int = 24, tokenizer=None, last_n: int | None = None, scorer=None,
                  **_ignored) -> None:
         levels = tuple(int(v) for v in levels)
         if any(b % a for a, b in zip(levels, levels[1:])) or levels != tuple(sorted(set(levels))):

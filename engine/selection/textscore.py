@@ -9,9 +9,13 @@ What we compute, precisely:
 
 1. the question is tokenised (the tokenizer comes from the strategy's `tokenizer` parameter,
    else `model.tokenizer`, else the tokenizer files in the local checkpoint directory the model
-   was loaded from, `model.name_or_path`; a list of token ids is also accepted) and embedded with `embed_text`; we
-   use its last `last_n` (default 8) tokens - the end of the question, which in a causal LM
-   carries the summary of the whole question;
+   was loaded from, `model.name_or_path`; a list of token ids is also accepted) and embedded with `embed_text`;
+   every token of it counts (`last_n` keeps only the last ones). These are the first layer's
+   inputs, word embeddings that carry no context yet, so a tail of the question would be judged
+   by its last words only (and a benchmark prompt, whose tail is the same answer instruction for
+   every item, would rank the tokens alike for every question). Callers pass the question, not
+   the whole prompt: `AskRequest.selection_text` (eval: the question and its options, without
+   the answer instruction);
 2. text and visual embeddings (visual = features through the projector) pass that layer's
    `input_layernorm` (RMSNorm), then its `q_proj` (text) and `k_proj` (visual), reshaped into
    heads (grouped KV heads repeated to match the query heads);
@@ -20,9 +24,10 @@ What we compute, precisely:
    text token, then the mean over heads and text tokens.
 
 The result is a distribution over the candidates (sums to 1): the share of the question's
-first-layer attention each visual token would receive. Without a decoder layer (a stub model)
-the fallback is the softmax of cosine similarity between the mean question embedding and each
-visual embedding.
+first-layer attention each visual token would receive. The model may be wrapped by peft (a LoRA
+adapter): the first layer is looked up under the wrapper, its LoRA weights applied. Without a
+decoder layer (a stub model, which has no `model.layers` at all) the fallback is the softmax of
+cosine similarity between the mean question embedding and each visual embedding.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ import torch
 
 from engine.selection.base import SelectionError
 
-DEFAULT_LAST_N = 8
+DEFAULT_LAST_N: int | None = None  # every token of the question
+# text tokens x heads x visual tokens of one chunk's logits (float32): 16M, 64 MiB
+LOGITS_PER_CHUNK = 2**24
 
 
 def question_ids(model: Any, question, tokenizer: Any = None) -> torch.Tensor:
@@ -73,9 +80,20 @@ def _tokenizer_from_checkpoint(path: str | None):
 
 
 def _first_layer(model: Any):
+    """The LM's first decoder layer, under a peft wrapper too (whose `.model` is the wrapped
+    LlavaQwenForCausalLM, not the decoder); None for a model with no decoder layers (a stub).
+    A model that has a `model` part without reachable layers is refused, not scored another way."""
+    from engine.loader import base_model
+
+    model = base_model(model)
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if layers is None or len(layers) == 0:
+    if layers is None:
+        if inner is not None and hasattr(model, "config"):
+            raise SelectionError("The text-guided strategy found no decoder layers in this model "
+                                 f"({type(model).__name__}); it cannot score the question.")
+        return None
+    if len(layers) == 0:
         return None
     return layers[0]
 
@@ -84,9 +102,11 @@ class TextScorer:
     """Scores projected visual tokens against one question (see module docstring)."""
 
     def __init__(self, model: Any, question, tokenizer: Any = None,
-                 last_n: int = DEFAULT_LAST_N) -> None:
+                 last_n: int | None = DEFAULT_LAST_N) -> None:
         self.model = model
-        ids = question_ids(model, question, tokenizer)[-int(last_n):]
+        ids = question_ids(model, question, tokenizer)
+        if last_n:
+            ids = ids[-int(last_n):]
         with torch.no_grad():
             self.text = model.embed_text(ids)
         self.layer = _first_layer(model)
@@ -99,6 +119,12 @@ class TextScorer:
             with torch.no_grad():
                 q = attn.q_proj(self.layer.input_layernorm(self.text))
             self.q = q.reshape(q.shape[0], self.n_heads, self.hd)
+
+    def chunk_size(self, chunk: int) -> int:
+        """Visual tokens a chunk: at most `chunk`, fewer for a long question (its logits are
+        text tokens x heads x visual tokens)."""
+        rows = int(self.text.shape[0]) * (self.n_heads if self.layer is not None else 1)
+        return min(int(chunk), max(256, LOGITS_PER_CHUNK // max(1, rows)))
 
     def keys(self, embeds: torch.Tensor) -> torch.Tensor:
         attn = self.layer.self_attn
@@ -119,7 +145,7 @@ class TextScorer:
         if embeds.shape[0] == 0:
             return torch.zeros(0)
         with torch.no_grad():
-            logits = torch.cat([self._logits(c) for c in torch.split(embeds, chunk)], -1)
+            logits = torch.cat([self._logits(c) for c in torch.split(embeds, self.chunk_size(chunk))], -1)
             return torch.softmax(logits, dim=-1).mean(dim=(0, 1)).cpu()
 
     def score_features(self, vectors: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -128,12 +154,13 @@ class TextScorer:
         if vectors.shape[0] == 0:
             return torch.zeros(0)
         with torch.no_grad():
-            logits = torch.cat([self._logits(self.model.project(c)) for c in torch.split(vectors, chunk)], -1)
+            logits = torch.cat([self._logits(self.model.project(c))
+                                for c in torch.split(vectors, self.chunk_size(chunk))], -1)
             return torch.softmax(logits, dim=-1).mean(dim=(0, 1)).cpu()
 
 
 def make_scorer(model: Any, question, tokenizer: Any = None, scorer=None,
-                last_n: int = DEFAULT_LAST_N):
+                last_n: int | None = DEFAULT_LAST_N):
     """The scorer to use: an explicit callable (tests) or a TextScorer on the model."""
     if scorer is not None:
         return scorer

@@ -687,3 +687,36 @@ def test_kept_heatmaps_are_not_pruned_by_a_later_rerun(tmp_path, tiny_checkpoint
     assert run_eval(args) == 0
     assert old.read_bytes() == b"kept a month ago"
     assert len(list(old.parent.glob("*_heatmap.tif"))) == 2  # and this run's own
+
+
+def test_the_selection_is_steered_by_the_question_and_options_not_the_instruction(tmp_path, monkeypatch):
+    """The LM reads the whole prompt; the question-guided strategies (pyramid, budget) score the
+    image against the question and its options only: the answer instruction every item shares
+    made them rank the image alike for every question."""
+    import engine.pipeline as P
+    from engine.evaluate import EvalItem, engine_predictor
+
+    asked = []
+
+    class Recording:
+        def __init__(self, *a, **k):
+            pass
+
+        def health(self):
+            return {"demo_model": False}
+
+        def ask(self, req):
+            asked.append(req)
+            yield {"type": "result", "answer": "B"}
+
+    monkeypatch.setattr(P, "Engine", Recording)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "a.json"), "--out", str(tmp_path / "o"), "--strategy", "budget"])
+    item = EvalItem("1", "a.tif", "How many ships are docked?", ["one", "two"], "B")
+    prompt = build_prompt(item)
+    assert engine_predictor(args, weights=str(tmp_path))(item, prompt) == "B"
+    req = asked[0]
+    assert req.question == prompt
+    assert req.selection_text == "How many ships are docked?\none\ntwo"
+    assert prompt.splitlines()[-1] not in req.selection_text  # the instruction

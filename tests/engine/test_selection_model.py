@@ -114,3 +114,49 @@ def test_tokenizer_found_next_to_the_checkpoint(scene, tiny_model, tiny_tokenize
     vis = feats.patches[0, :40]
     sc = TextScorer(tiny_model, "Where is the boat?")
     torch.testing.assert_close(sc.score_features(vis), sc(tiny_model.project(vis)))
+
+
+def test_every_token_of_the_question_steers_the_score(scene, tiny_model, tiny_tokenizer, monkeypatch):
+    """The scorer reads the first layer's inputs, word embeddings without context: it used to
+    keep the question's last 8 tokens only, so a long question was judged by its last words and
+    two questions ending alike (a benchmark's answer instruction) were scored the same."""
+    import engine.selection.textscore as T
+    from engine.selection.textscore import TextScorer
+
+    _, _, feats = scene
+    vis = tiny_model.project(feats.patches[0, :200])
+    tail = " Answer with the option's letter from the given choices directly."
+    a = TextScorer(tiny_model, "Where is the airport runway?" + tail, tiny_tokenizer)(vis)
+    b = TextScorer(tiny_model, "How many ships are docked in the harbour?" + tail, tiny_tokenizer)(vis)
+    assert not torch.allclose(a, b)
+    # a long question is scored in chunks small enough for its logits; the result is the same
+    monkeypatch.setattr(T, "LOGITS_PER_CHUNK", 2**16)  # a 7B model's 28 heads, in small
+    sc = TextScorer(tiny_model, "Where is the boat? " * 60, tiny_tokenizer)
+    assert sc.chunk_size(8192) == 256
+    whole = torch.softmax(sc._logits(vis), dim=-1).mean(dim=(0, 1))
+    torch.testing.assert_close(sc(vis, chunk=64), whole)
+
+
+def test_a_lora_adapter_keeps_the_first_layer_scorer(scene, tiny_checkpoint, tiny_tokenizer):
+    """Under peft (ask/serve/eval --adapter) `model.model` is the wrapped LlavaQwenForCausalLM,
+    not the decoder: the scorer fell back to the stub's cosine similarity without a word, and a
+    LoRA that changes nothing changed which tokens `budget` kept."""
+    from peft import LoraConfig, get_peft_model
+
+    from engine.loader import load_model
+    from engine.selection.textscore import TextScorer
+
+    _, geometry, feats = scene
+    model = load_model(tiny_checkpoint, device="cpu", quantization="fp32").model
+    vis = model.project(feats.patches[0, :30])
+    plain = TextScorer(model, "Where is the boat?", tiny_tokenizer)
+    ref_scores = plain(vis)
+    ref = get_strategy("budget", tokenizer=tiny_tokenizer).select(feats, geometry, "Where is the boat?", 40,
+                                                                 model=model)
+    wrapped = get_peft_model(model, LoraConfig(r=4, target_modules=["o_proj"]))  # LoRA B = 0: no change
+    sc = TextScorer(wrapped, "Where is the boat?", tiny_tokenizer)
+    assert sc.layer is plain.layer
+    torch.testing.assert_close(sc(vis), ref_scores)
+    got = get_strategy("budget", tokenizer=tiny_tokenizer).select(feats, geometry, "Where is the boat?", 40,
+                                                                 model=wrapped)
+    assert [m.tolist() for m in got.members] == [m.tolist() for m in ref.members]
