@@ -33,6 +33,12 @@ FAILED_TO_START = QProcess.ProcessError.FailedToStart
 # after the request to end, then after the kill).
 STOP_GRACE_MS = 5000
 SHUTDOWN_WAIT_MS = 1500
+# QGIS's own Python settings, left out of the engine's environment: OSGeo4W's QGIS on Windows
+# sets PYTHONHOME / PYTHONPATH for the Python inside QGIS, and the engine's venv Python would take
+# them for its own and stop at once ("Fatal Python error: init_fs_encoding"); macOS app bundles
+# set __PYVENV_LAUNCHER__, which makes a venv Python take the bundle's for its own executable.
+QGIS_PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONEXECUTABLE", "PYTHONSTARTUP", "PYTHONUSERBASE",
+                         "PYTHONPLATLIBDIR", "PYTHONINSPECT", "PYTHONSAFEPATH", "__PYVENV_LAUNCHER__")
 
 
 class EngineProcessError(RuntimeError):
@@ -76,6 +82,18 @@ def engine_command(settings) -> tuple:
     return python, args, workdir
 
 
+def engine_environment(extra_env: dict | None = None) -> QProcessEnvironment:
+    """The environment of an engine command started from QGIS: QGIS's own, less its Python
+    settings (QGIS_PYTHON_VARIABLES), with ``extra_env`` added."""
+    env = QProcessEnvironment.systemEnvironment()
+    for name in QGIS_PYTHON_VARIABLES:
+        env.remove(name)
+    env.insert("PYTHONUNBUFFERED", "1")
+    for k, v in (extra_env or {}).items():
+        env.insert(k, v)
+    return env
+
+
 class EngineProcess(QObject):
     """Owns at most one engine process started from QGIS."""
 
@@ -113,11 +131,7 @@ class EngineProcess(QObject):
         proc = QProcess(self)
         proc.setProcessChannelMode(MERGED)
         proc.setWorkingDirectory(workdir)
-        env = QProcessEnvironment.systemEnvironment()
-        env.insert("PYTHONUNBUFFERED", "1")
-        for k, v in (extra_env or {}).items():
-            env.insert(k, v)
-        proc.setProcessEnvironment(env)
+        proc.setProcessEnvironment(engine_environment(extra_env))
         proc.readyReadStandardOutput.connect(self._read)
         proc.started.connect(lambda: self.state_changed.emit("running"))
         proc.finished.connect(self._finished)
@@ -286,6 +300,7 @@ class MemoryCheck(QObject):
             self.proc.kill()
         proc = QProcess(self)
         proc.setWorkingDirectory(workdir)
+        proc.setProcessEnvironment(engine_environment())
         proc.finished.connect(lambda code, _status=None, p=proc: self._finished(p, code))
         proc.errorOccurred.connect(lambda err, p=proc: self._failed(p, err))
         self.proc = proc

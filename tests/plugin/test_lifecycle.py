@@ -334,19 +334,26 @@ time.sleep(120)
 '''
 
 
-def _stubborn_settings(tmp_path):
-    """Settings whose local engine is a python that ignores SIGTERM (``-m engine serve`` runs the
-    ``engine`` package of its folder)."""
+def _stand_in_settings(tmp_path, source: str, name: str = "stand-in", **values):
+    """Settings whose local engine runs ``source`` (``-m engine serve`` and ``-m engine info``
+    run the ``engine`` package of the engine folder) with the python running the tests."""
     import sys
 
     from conftest import free_port, set_settings
 
-    folder = tmp_path / "stubborn"
+    folder = tmp_path / name
     (folder / "engine").mkdir(parents=True)
     (folder / "engine" / "__init__.py").write_text("")
-    (folder / "engine" / "__main__.py").write_text(STUBBORN_ENGINE)
-    return set_settings(python=sys.executable, engine_dir=str(folder), weights_dir="", extra_args="",
-                        engine_url=f"http://127.0.0.1:{free_port()}")
+    (folder / "engine" / "__main__.py").write_text(source)
+    settings = dict(python=sys.executable, engine_dir=str(folder), weights_dir="", extra_args="",
+                    engine_url=f"http://127.0.0.1:{free_port()}")
+    settings.update(values)
+    return set_settings(**settings)
+
+
+def _stubborn_settings(tmp_path):
+    """Settings whose local engine is a python that ignores SIGTERM."""
+    return _stand_in_settings(tmp_path, STUBBORN_ENGINE, "stubborn")
 
 
 def _stubborn_engine(tmp_path):
@@ -513,3 +520,46 @@ def test_quitting_qgis_starts_no_engine_status_check(plugin, tmp_path):
     assert not [t for t in QgsApplication.taskManager().activeTasks() if t.description() == "GeoVQA: engine status"]
     plugin.dock.refresh_health()  # nothing else starts one either, once the engine's shutdown began
     assert plugin.dock._health_task is None
+
+
+# --- the engine's environment -----------------------------------------------------------------
+
+ENV_REPORTING_ENGINE = '''
+import json, os
+print(json.dumps({name: os.environ.get(name) for name in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}),
+      flush=True)
+'''
+
+
+def test_qgis_python_settings_do_not_reach_the_local_engine(tmp_path, monkeypatch):
+    """QGIS from OSGeo4W (Windows) runs with PYTHONHOME / PYTHONPATH set for the Python inside
+    QGIS. Passed on, they made the engine's venv Python stop at once, for Start local engine and
+    for Check memory alike."""
+    import json
+
+    from conftest import wait_until
+    from geovqa.engine_process import EngineProcess, MemoryCheck
+
+    monkeypatch.setenv("PYTHONHOME", str(tmp_path / "qgis-python"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "qgis-python" / "lib"))
+    monkeypatch.setenv("PYTHONSTARTUP", str(tmp_path / "qgis-startup.py"))
+    settings = _stand_in_settings(tmp_path, ENV_REPORTING_ENGINE)
+    unset = {"PYTHONHOME": None, "PYTHONPATH": None, "PYTHONSTARTUP": None}
+
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings)
+    try:
+        wait_until(lambda: states[-1] in ("stopped", "failed"), 30, "the stand-in engine")
+        assert states[-1] == "stopped", proc.log_text()
+        assert json.loads(proc.lines[0]) == unset
+    finally:
+        proc.shutdown(wait_ms=200)
+
+    check = MemoryCheck()
+    done = []
+    check.done.connect(lambda report, error: done.append((report, error)))
+    check.start(settings)
+    wait_until(lambda: done, 30, "the memory check")
+    assert done == [(unset, "")]
