@@ -15,6 +15,7 @@ briefly and boundedly, so that the engine never outlives QGIS.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from collections import deque
@@ -43,6 +44,31 @@ QGIS_PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONEXECUTABLE", "PYTHON
 
 class EngineProcessError(RuntimeError):
     """The local engine cannot be started (message for a person)."""
+
+
+def split_arguments(text: str, windows: bool | None = None) -> list:
+    """The words of *Extra engine arguments*, quoted as in a shell: spaces separate words, and
+    quotes keep a word with spaces whole. On Windows (``windows``; default: this computer's) a
+    backslash is part of a path (``D:\\lora\\mine``), not an escape, and only double quotes
+    quote (an apostrophe is a letter, as in ``D:\\Bob's lora``). Raises EngineProcessError for a
+    quote that is not closed."""
+    if windows is None:
+        windows = os.name == "nt"
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""  # as shlex.split: '#' is no comment
+    if windows:
+        lexer.escape = ""
+        lexer.quotes = '"'
+    try:
+        return list(lexer)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        example = '"D:\\my lora"' if windows else '"/data/Bob\'s lora"'
+        raise EngineProcessError(
+            f"The setting 'Extra engine arguments' ({text.strip()}) cannot be read: {exc}. Close every "
+            f"quote, and put a path holding spaces or an apostrophe in double quotes, e.g. --adapter "
+            f"{example} (Settings > Options > GeoVQA)."
+        ) from None
 
 
 def engine_command(settings) -> tuple:
@@ -75,7 +101,7 @@ def engine_command(settings) -> tuple:
     if settings.weights_dir.strip():
         args += ["--weights", user_path(settings.weights_dir)]
     if settings.extra_args.strip():
-        args += shlex.split(settings.extra_args)
+        args += split_arguments(settings.extra_args)
     # <repo>/.venv/bin/python -> <repo>; not resolve(): a venv's python is a link to the base
     # interpreter, whose folder is not the engine's
     workdir = str(engine_dir) if engine_dir is not None else str(Path(python).absolute().parent.parent.parent)

@@ -132,6 +132,49 @@ def test_engine_command_has_no_shell(tmp_path):
         engine_command(s)
 
 
+@pytest.mark.parametrize("windows, text, words", [
+    (False, '--adapter "/data/Bob\'s lora" --device cpu', ["--adapter", "/data/Bob's lora", "--device", "cpu"]),
+    (False, "--adapter /data/my\\ lora", ["--adapter", "/data/my lora"]),
+    (False, "--state-dir /data/run#2", ["--state-dir", "/data/run#2"]),
+    # Windows: backslashes are path separators (POSIX rules turned D:\lora\mine into D:loramine),
+    # an apostrophe is a letter, double quotes keep spaces
+    (True, r"--adapter D:\lora\mine", ["--adapter", r"D:\lora\mine"]),
+    (True, r'--adapter "C:\Users\Bob\my lora" --weights \\server\share\w',
+     ["--adapter", r"C:\Users\Bob\my lora", "--weights", r"\\server\share\w"]),
+    (True, r"--adapter D:\Bob's\lora", ["--adapter", r"D:\Bob's\lora"]),
+])
+def test_extra_engine_arguments_are_split_as_on_the_platform(windows, text, words):
+    from geovqa.engine_process import split_arguments
+
+    assert split_arguments(text, windows=windows) == words
+
+
+@pytest.mark.parametrize("windows, text", [(False, "--adapter /data/Bob's lora"), (True, '--adapter "D:\\my lora')])
+def test_an_unclosed_quote_in_extra_engine_arguments_names_the_setting(windows, text):
+    from geovqa.engine_process import EngineProcessError, split_arguments
+
+    with pytest.raises(EngineProcessError, match="'Extra engine arguments'.*No closing quotation.*double quotes"):
+        split_arguments(text, windows=windows)
+
+
+def test_start_local_engine_with_an_apostrophe_in_extra_arguments_says_so(plugin, qgis_iface, tmp_path):
+    """An apostrophe in 'Extra engine arguments' (--adapter /data/Bob's lora) raised ValueError
+    ('No closing quotation') out of the menu action: a Python error dialog."""
+    import sys
+
+    from conftest import free_port, set_settings
+    from qgis.core import Qgis
+
+    set_settings(python=sys.executable, engine_dir=str(tmp_path), extra_args="--adapter /data/Bob's lora",
+                 engine_url=f"http://127.0.0.1:{free_port()}")
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.start_engine() is False
+    texts = bar.get_messages(Qgis.MessageLevel.Critical)
+    assert any("'Extra engine arguments'" in t and "No closing quotation" in t for t in texts), texts
+    assert not plugin.engine.is_running()
+
+
 def test_the_engine_folder_comes_from_a_venv_python_not_its_link_target(tmp_path):
     """Only 'Engine Python' set: <repo>/.venv/bin/python is a link to the base interpreter; the
     engine starts in <repo> (where relative weights folders are), not beside the base Python."""
