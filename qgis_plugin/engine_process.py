@@ -71,6 +71,25 @@ def split_arguments(text: str, windows: bool | None = None) -> list:
         ) from None
 
 
+def check_python(python: str) -> None:
+    """Raise EngineProcessError, saying what to choose instead, when the engine Python ``python``
+    cannot be run: a folder (a venv's, say), or a file that is not executable."""
+    path = Path(python)
+    where = "Set 'Engine Python' in Settings > Options > GeoVQA to the python program of the engine's venv"
+    if path.is_dir():
+        raise EngineProcessError(
+            f"The engine Python {python} is a folder, not a program. {where} (e.g. "
+            f"{path / 'bin' / 'python'}, or {path / 'Scripts' / 'python.exe'} on Windows)."
+        )
+    if not path.is_file():
+        raise EngineProcessError(f"The engine Python {python} is not a program file. {where}.")
+    if not os.access(python, os.X_OK):
+        raise EngineProcessError(
+            f"The engine Python {python} cannot be run: it is not executable (no permission to run it). "
+            f"{where}, or make the file executable."
+        )
+
+
 def engine_command(settings) -> tuple:
     """(program, args, working_dir) for the configured local engine."""
     engine_dir = Path(user_path(settings.engine_dir)) if settings.engine_dir.strip() else None
@@ -131,6 +150,7 @@ class EngineProcess(QObject):
         self.proc = None
         self.lines = deque(maxlen=200)
         self.command = None
+        self.start_error = ""  # why the last engine could not be started (QProcess's words)
         self._stopping = None  # the process asked to end, until it has
         self.shutting_down = False  # shutdown() began: QGIS quits or the plugin unloads
         self._kill_timer = QTimer(self)
@@ -153,7 +173,9 @@ class EngineProcess(QObject):
         if self.is_running():
             return
         program, args, workdir = engine_command(settings)
+        check_python(program)
         self.command = [program] + args
+        self.start_error = ""
         proc = QProcess(self)
         proc.setProcessChannelMode(MERGED)
         proc.setWorkingDirectory(workdir)
@@ -214,8 +236,11 @@ class EngineProcess(QObject):
         return "\n".join(self.lines)
 
     def failure_reason(self) -> str:
-        """The engine's own last error sentence (its command line prints "error: ..." before it
-        exits: no weights, not enough memory, a bad option), else its last output line."""
+        """Why the engine could not be started (:attr:`start_error`), else the engine's own last
+        error sentence (its command line prints "error: ..." before it exits: no weights, not
+        enough memory, a bad option), else its last output line."""
+        if self.start_error:
+            return self.start_error
         return error_sentence(ln for ln in self.lines if not ln.startswith("[engine "))
 
     def _read(self):
@@ -239,6 +264,8 @@ class EngineProcess(QObject):
         otherwise read as a failure)."""
         self.lines.append(f"[engine process error: {err}]")
         if err == FAILED_TO_START and self.proc is not None and self.proc.state() == NOT_RUNNING:
+            self.start_error = self.proc.errorString() or "the engine Python could not be run"
+            self.lines.append(f"[engine could not be started: {self.start_error}]")
             # asked to stop while it failed to start: that process has ended, so nothing is
             # stopping any more (else the next engine would show as stopping, its crash as a stop)
             self._stopping = None
@@ -319,6 +346,7 @@ class MemoryCheck(QObject):
     def start(self, settings) -> None:
         try:
             program, args, workdir = memory_check_command(settings)
+            check_python(program)
         except EngineProcessError as exc:
             self.done.emit(None, str(exc))
             return
@@ -351,4 +379,4 @@ class MemoryCheck(QObject):
     def _failed(self, proc, err) -> None:
         if proc is self.proc and proc.state() == NOT_RUNNING:
             self.proc = None
-            self.done.emit(None, f"the engine Python could not be started ({err})")
+            self.done.emit(None, f"the engine Python could not be started: {proc.errorString() or err}")

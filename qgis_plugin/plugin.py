@@ -150,8 +150,11 @@ class GeoVQAPlugin:
             reason = self.engine.failure_reason() if self.engine is not None else ""
             if len(reason) > 400:
                 reason = reason[:400] + " …"
-            text = (f"The local engine stopped: {reason}" if reason
-                    else "The local engine stopped with an error")
+            if self.engine is not None and self.engine.start_error:
+                text = f"The local engine could not be started: {reason}"
+            else:
+                text = (f"The local engine stopped: {reason}" if reason
+                        else "The local engine stopped with an error")
             self.iface.messageBar().pushMessage(
                 "GeoVQA", text + " (its log is in Diagnostics in the GeoVQA dock).",
                 level=MSG_CRITICAL, duration=15)

@@ -220,6 +220,65 @@ def test_an_engine_that_fails_to_start_says_why(plugin, qgis_iface, tmp_path):
     assert "[engine exited with code 2]" in plugin.engine.log_text()
 
 
+@pytest.mark.parametrize("kind", ["folder", "not executable"])
+def test_an_engine_python_that_cannot_be_run_is_named_before_anything_starts(plugin, qgis_iface, tmp_path, kind):
+    """'Engine Python' set to the venv folder, or to a file that is not executable: the message
+    bar only said "The local engine stopped with an error", and Check memory said "could not be
+    started (0)"."""
+    from conftest import free_port, set_settings
+    from geovqa.engine_process import EngineProcessError, MemoryCheck
+    from qgis.core import Qgis
+
+    python = tmp_path / ".venv"
+    if kind == "folder":
+        python.mkdir()
+        reason = "is a folder, not a program"
+    else:
+        python.write_text("#!/bin/sh\n")
+        python.chmod(0o644)
+        reason = "it is not executable"
+    settings = set_settings(python=str(python), engine_dir=str(tmp_path), weights_dir="", extra_args="",
+                            engine_url=f"http://127.0.0.1:{free_port()}")
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.start_engine() is False
+    texts = bar.get_messages(Qgis.MessageLevel.Critical)
+    assert any(f"The engine Python {python} " in t and reason in t and "'Engine Python'" in t for t in texts), texts
+    assert not plugin.engine.is_running()
+    with pytest.raises(EngineProcessError, match=reason):
+        plugin.engine.start(settings)
+
+    check = MemoryCheck()
+    done = []
+    check.done.connect(lambda report, error: done.append((report, error)))
+    check.start(settings)
+    assert done and done[0][0] is None and reason in done[0][1]
+
+
+def test_an_engine_python_that_fails_to_start_says_the_systems_reason(plugin, qgis_iface, tmp_path):
+    """A program that cannot be started (here: its interpreter line names no interpreter): the
+    message bar says why in the system's words, not only "stopped with an error"."""
+    import os
+
+    from conftest import free_port, set_settings, wait_until
+    from qgis.core import Qgis
+
+    python = tmp_path / "python"
+    python.write_text("#!/nonexistent/interpreter\n")
+    os.chmod(python, 0o755)
+    set_settings(python=str(python), engine_dir=str(tmp_path), weights_dir="", extra_args="",
+                 engine_url=f"http://127.0.0.1:{free_port()}")
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.start_engine()
+    wait_until(lambda: bar.get_messages(Qgis.MessageLevel.Critical), 20, "the failure message")
+    texts = bar.get_messages(Qgis.MessageLevel.Critical)
+    reason = plugin.engine.failure_reason()
+    assert reason and reason == plugin.engine.start_error, plugin.engine.log_text()
+    assert any(f"The local engine could not be started: {reason}" in t for t in texts), texts
+    assert not any("stopped with an error" in t for t in texts), texts
+
+
 def test_the_engines_own_error_line_is_the_reason_it_stopped():
     """`serve` ends a refused start with one "error: ..." line (a port in use, a state folder
     another server holds, a bad --port); that sentence is the reason shown, not the last log
@@ -492,9 +551,9 @@ def test_an_engine_stopped_while_it_failed_to_start_leaves_no_stopping_state_beh
     from conftest import free_port, set_settings, wait_until
     from geovqa.engine_process import EngineProcess
 
-    python = tmp_path / "python"  # exists, but cannot be run
-    python.write_text("#!/bin/sh\n")
-    os.chmod(python, 0o644)
+    python = tmp_path / "python"  # an executable file, whose interpreter does not exist
+    python.write_text("#!/nonexistent/interpreter\n")
+    os.chmod(python, 0o755)
     settings = set_settings(python=str(python), engine_dir=str(tmp_path), weights_dir="", extra_args="",
                             engine_url=f"http://127.0.0.1:{free_port()}")
     proc = EngineProcess()
