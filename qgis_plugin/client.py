@@ -355,7 +355,18 @@ class EngineClient:
 
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict:
-        return self.request_json("GET", HEALTH_ENDPOINT, auth=False)  # no token needed
+        """``GET /health`` (no token needed): the engine's HEALTH_FIELDS. Raises
+        EngineError('bad_response') when the answer is not a GeoVQA engine's (a JSON object with a
+        ``protocol`` field): another program answering on the engine's address."""
+        health = self.request_json("GET", HEALTH_ENDPOINT, auth=False)
+        if not isinstance(health, dict) or "protocol" not in health:
+            raise EngineError(
+                "bad_response",
+                f"The program answering at {self.base_url} is not a GeoVQA engine (its {HEALTH_ENDPOINT} "
+                "answer is not a GeoVQA engine's).",
+                "Check the engine URL (host and port) in Settings > Options > GeoVQA: another program may "
+                "use that port.")
+        return health
 
     def upload_limit(self) -> int | None:
         """The engine's ``max_upload_bytes`` (``/health``), or None when no limit is known (an
