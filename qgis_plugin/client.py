@@ -202,6 +202,27 @@ def engine_address(url: str) -> tuple:
     return parsed.scheme, host, port, parsed.path.rstrip("/")
 
 
+ENDPOINT_NAMES = tuple(e.strip("/") for e in (HEALTH_ENDPOINT, ASK_ENDPOINT, BATCH_ENDPOINT, JOBS_ENDPOINT,
+                                               FILES_ENDPOINT))
+
+
+def endpoint_in_url(url: str) -> str:
+    """The engine URL ``url`` without an endpoint its path ends in (``.../health``, ``.../ask``,
+    ``.../jobs/ID``: pasted from a test with curl), when it ends in one; '' when it does not (or
+    cannot be read). Every call appends its endpoint to the URL, so such a URL reaches none."""
+    try:
+        _scheme, _host, _port, prefix = engine_address(url)
+    except EngineError:
+        return ""
+    parts = [p for p in prefix.split("/") if p]
+    for i, part in enumerate(parts):
+        if part.lower() in ENDPOINT_NAMES and (i == len(parts) - 1 or part.lower() in ("jobs", "files")):
+            parsed = urllib.parse.urlsplit(url.strip())
+            base = "/".join([""] + parts[:i])
+            return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, base, "", ""))
+    return ""
+
+
 def size_text(n: int) -> str:
     """A byte count for a person: bytes below 1 MiB, else MiB / GiB with one decimal."""
     if n < 1 << 20:
@@ -358,7 +379,16 @@ class EngineClient:
         """``GET /health`` (no token needed): the engine's HEALTH_FIELDS. Raises
         EngineError('bad_response') when the answer is not a GeoVQA engine's (a JSON object with a
         ``protocol`` field): another program answering on the engine's address."""
-        health = self.request_json("GET", HEALTH_ENDPOINT, auth=False)
+        try:
+            health = self.request_json("GET", HEALTH_ENDPOINT, auth=False)
+        except EngineError as exc:
+            if exc.status != 404:
+                raise
+            raise EngineError(
+                exc.code, f"Nothing answers {self.base_url}{HEALTH_ENDPOINT} ({exc.message.rstrip('.')}).",
+                f"Check the path in the engine URL (Settings > Options > GeoVQA): it is the engine's base "
+                f"URL, such as {self.scheme}://{self.host}:{self.port}, without /health or another endpoint.",
+                exc.status) from None
         if not isinstance(health, dict) or "protocol" not in health:
             raise EngineError(
                 "bad_response",

@@ -77,6 +77,19 @@ def test_health_check_with_a_bad_port_shows_the_reason(plugin):
     assert "invalid port" in dock.status_label.text()
 
 
+def test_an_engine_url_whose_path_finds_no_health_says_to_check_the_path(plugin, stub_engine):
+    """An engine URL saved with a path (here .../health, as tested with curl): the status line only
+    said 'There is no such endpoint.', nothing about the URL's path."""
+    set_settings(engine_url=stub_engine.url + "/health", token=stub_engine.token)
+    dock = plugin.dock
+    dock.refresh_health()
+    wait_until(lambda: dock._health_task is None, 15, "the health check")
+    text = dock.status_label.text()
+    assert dock.status_level == "down"
+    assert f"Nothing answers {stub_engine.url}/health/health" in text, text
+    assert "Check the path in the engine URL" in text and f"such as {stub_engine.url}," in text, text
+
+
 def test_pasted_invisible_characters_are_dropped_from_the_token(stub_engine):
     from geovqa.client import build_ask_request, clean_token
     from geovqa.settings import Settings, make_client
