@@ -8,6 +8,8 @@ to call from another thread) shuts the socket down so a blocked read returns at 
 Why http.client rather than QNetworkReply: the same code serves the chat dock (in a QgsTask),
 the batch task and the Processing algorithms (already in a worker thread, no event loop), and a
 socket shutdown gives a prompt, reliable cancel.
+It also connects straight to the engine: no proxy (neither QGIS's network settings nor an
+``http_proxy`` of the environment) ever carries a call, so a loopback engine is reached as is.
 
 An ``https://`` engine is reached with certificate checks on (:mod:`tls`: the system's trust
 store, or the *CA certificate* setting's PEM file for a self-signed engine); a connection that
