@@ -18,12 +18,13 @@ import json
 import os
 import re
 import shlex
+import weakref
 from collections import deque
 from pathlib import Path
 
 from qgis.PyQt.QtCore import QCoreApplication, QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
-from .client import LOOPBACK_HOSTS, EngineError, engine_address
+from .client import DEFAULT_ENGINE_URL, LOOPBACK_HOSTS, EngineError, engine_address
 from .paths import user_path
 
 NOT_RUNNING = QProcess.ProcessState.NotRunning
@@ -90,8 +91,51 @@ def check_python(python: str) -> None:
         )
 
 
-def engine_command(settings) -> tuple:
-    """(program, args, working_dir) for the configured local engine."""
+def option_value(args: list, name: str):
+    """The value the last ``name VALUE`` or ``name=VALUE`` among ``args`` gives (argparse: the
+    last one counts); None when none does."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+    return value
+
+
+def served_host(host: str) -> str:
+    """The address a local engine started for an engine URL's (loopback) ``host`` listens on:
+    ``::1`` stays IPv6, the rest is 127.0.0.1."""
+    return "::1" if host == "::1" else "127.0.0.1"
+
+
+def check_serve_arguments(url: str, scheme: str, port: int, extra: list) -> None:
+    """Refuse *Extra engine arguments* that would make the local engine serve somewhere else than
+    the engine URL the plugin calls: another ``--port``, https without ``--tls-cert`` (the engine
+    serves plain http then) or ``--tls-cert`` for an http URL."""
+    where = "Settings > Options > GeoVQA"
+    other_port = option_value(extra, "--port")
+    if other_port is not None and other_port.strip() != str(port):
+        raise EngineProcessError(
+            f"The setting 'Extra engine arguments' has --port {other_port}, but the engine URL {url} is "
+            f"on port {port}: the plugin would call a port nobody listens on. Remove --port from the "
+            f"extra arguments and put the port in the engine URL instead ({where}).")
+    tls = option_value(extra, "--tls-cert") is not None
+    if scheme == "https" and not tls:
+        raise EngineProcessError(
+            f"The engine URL {url} is https://, but a local engine serves plain http unless the setting "
+            f"'Extra engine arguments' gives --tls-cert FILE --tls-key FILE. Use the URL "
+            f"http://{url.split('://', 1)[1]} for a local engine, or add the certificate and key "
+            f"({where}).")
+    if scheme == "http" and tls:
+        raise EngineProcessError(
+            f"The setting 'Extra engine arguments' has --tls-cert, so the local engine serves https, but "
+            f"the engine URL {url} is http://. Use https://{url.split('://', 1)[1]} ({where}).")
+
+
+def engine_command(settings, serve: bool = True) -> tuple:
+    """(program, args, working_dir) for the configured local engine. ``serve``: also refuse extra
+    arguments that would make it serve elsewhere than the engine URL (check_serve_arguments)."""
     engine_dir = Path(user_path(settings.engine_dir)) if settings.engine_dir.strip() else None
     python = user_path(settings.python)
     if not python and engine_dir is not None:
@@ -107,7 +151,7 @@ def engine_command(settings) -> tuple:
     if not Path(python).exists():
         raise EngineProcessError(f"The engine Python {python} does not exist.")
     try:
-        _, host, port, _ = engine_address(settings.engine_url)
+        scheme, host, port, _ = engine_address(settings.engine_url)
     except EngineError as exc:
         raise EngineProcessError(str(exc)) from None
     if host not in LOOPBACK_HOSTS:
@@ -116,11 +160,13 @@ def engine_command(settings) -> tuple:
             "be started for a 127.0.0.1 URL."
         )
     # the very host and port the client will call (engine_address): ::1 stays IPv6
-    args = ["-m", "engine", "serve", "--host", "::1" if host == "::1" else "127.0.0.1", "--port", str(port)]
+    args = ["-m", "engine", "serve", "--host", served_host(host), "--port", str(port)]
     if settings.weights_dir.strip():
         args += ["--weights", user_path(settings.weights_dir)]
-    if settings.extra_args.strip():
-        args += split_arguments(settings.extra_args)
+    extra = split_arguments(settings.extra_args) if settings.extra_args.strip() else []
+    if serve:
+        check_serve_arguments(settings.engine_url.strip() or DEFAULT_ENGINE_URL, scheme, port, extra)
+    args += extra
     # <repo>/.venv/bin/python -> <repo>; not resolve(): a venv's python is a link to the base
     # interpreter, whose folder is not the engine's
     workdir = str(engine_dir) if engine_dir is not None else str(Path(python).absolute().parent.parent.parent)
@@ -139,6 +185,16 @@ def engine_environment(extra_env: dict | None = None) -> QProcessEnvironment:
     return env
 
 
+_STARTED = weakref.WeakSet()  # the EngineProcess objects of this QGIS
+
+
+def local_engine_serves(url: str) -> bool:
+    """True while an engine started from this QGIS runs (not stopping) to answer at ``url``: a
+    connection refused there means that it is still loading its model. Plain attributes only:
+    safe from a worker thread (a Processing algorithm's)."""
+    return any(proc.serves(url) for proc in list(_STARTED))
+
+
 class EngineProcess(QObject):
     """Owns at most one engine process started from QGIS."""
 
@@ -151,6 +207,10 @@ class EngineProcess(QObject):
         self.lines = deque(maxlen=200)
         self.command = None
         self.start_error = ""  # why the last engine could not be started (QProcess's words)
+        # (scheme, host, port) the running engine serves, from its start until it ends or is
+        # asked to stop; None otherwise
+        self.serving = None
+        _STARTED.add(self)
         self._stopping = None  # the process asked to end, until it has
         self.shutting_down = False  # shutdown() began: QGIS quits or the plugin unloads
         self._kill_timer = QTimer(self)
@@ -162,6 +222,18 @@ class EngineProcess(QObject):
 
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.state() != NOT_RUNNING
+
+    def serves(self, url: str) -> bool:
+        """True while the engine started here runs, not asked to stop, to answer at ``url`` (the
+        same scheme, address and port)."""
+        serving = self.serving
+        if serving is None:
+            return False
+        try:
+            scheme, host, port, _ = engine_address(url)
+        except EngineError:
+            return False
+        return host in LOOPBACK_HOSTS and (scheme, served_host(host), port) == serving
 
     def is_stopping(self) -> bool:
         """True from :meth:`stop` until the engine has ended."""
@@ -176,6 +248,8 @@ class EngineProcess(QObject):
         check_python(program)
         self.command = [program] + args
         self.start_error = ""
+        scheme, host, port, _ = engine_address(settings.engine_url)
+        self.serving = (scheme, served_host(host), port)
         proc = QProcess(self)
         proc.setProcessChannelMode(MERGED)
         proc.setWorkingDirectory(workdir)
@@ -201,6 +275,7 @@ class EngineProcess(QObject):
         if self._stopping is proc:  # asked already: the timer is running
             return
         self._stopping = proc
+        self.serving = None
         self.state_changed.emit("stopping")
         proc.terminate()
         self._kill_timer.start(max(0, int(STOP_GRACE_MS if grace_ms is None else grace_ms)))
@@ -227,6 +302,7 @@ class EngineProcess(QObject):
         if proc is None or proc.state() == NOT_RUNNING:
             return
         self._stopping = proc  # an exit by signal is no failure to report
+        self.serving = None
         proc.terminate()
         if not proc.waitForFinished(wait_ms):
             proc.kill()
@@ -255,6 +331,7 @@ class EngineProcess(QObject):
         self.lines.append(f"[engine exited with code {code}]")
         asked = self._stopping is not None
         self._stopping = None
+        self.serving = None
         self._kill_timer.stop()
         self.state_changed.emit("stopped" if code == 0 or asked else "failed")
 
@@ -264,6 +341,7 @@ class EngineProcess(QObject):
         otherwise read as a failure)."""
         self.lines.append(f"[engine process error: {err}]")
         if err == FAILED_TO_START and self.proc is not None and self.proc.state() == NOT_RUNNING:
+            self.serving = None
             self.start_error = self.proc.errorString() or "the engine Python could not be run"
             self.lines.append(f"[engine could not be started: {self.start_error}]")
             # asked to stop while it failed to start: that process has ended, so nothing is
@@ -302,7 +380,7 @@ def memory_check_command(settings) -> tuple:
     """(program, args, working_dir) of ``engine info --memory --json`` for the configured local
     engine: the same Python, weights and model options (--device, --quantization, --no-demo)
     its serve command would use; serve-only options are left out."""
-    program, serve_args, workdir = engine_command(settings)
+    program, serve_args, workdir = engine_command(settings, serve=False)
     args = ["-m", "engine", "info", "--memory", "--json"]
     rest = serve_args[3:]
     i = 0

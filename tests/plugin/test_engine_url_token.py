@@ -55,6 +55,43 @@ def test_start_local_engine_listens_where_the_client_calls(tmp_path, url, host, 
     assert args[args.index("--host") + 1] == host and args[args.index("--port") + 1] == port
 
 
+@pytest.mark.parametrize("url, extra, message", [
+    # the engine would serve plain http while the client speaks TLS: "starting" for ever
+    ("https://127.0.0.1:9911", "", "is https://, but a local engine serves plain http"),
+    ("http://127.0.0.1:9911", "--tls-cert c.pem --tls-key k.pem", "serves https, but the engine URL"),
+    # argparse takes the last --port: the engine would listen where the client never calls
+    ("http://127.0.0.1:9911", "--port 9000", "has --port 9000, but the engine URL"),
+    ("http://127.0.0.1:9911", "--device cpu --port=9000", "has --port 9000, but the engine URL"),
+])
+def test_start_local_engine_refuses_to_serve_elsewhere_than_the_engine_url(tmp_path, url, extra, message):
+    from geovqa.engine_process import EngineProcessError, engine_command, memory_check_command
+    from geovqa.settings import Settings
+
+    py = tmp_path / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("")
+    s = Settings(engine_url=url, engine_dir=str(tmp_path), extra_args=extra)
+    with pytest.raises(EngineProcessError, match=message):
+        engine_command(s)
+    memory_check_command(s)  # serves nothing: Check memory still works
+
+
+@pytest.mark.parametrize("url, extra", [
+    ("https://127.0.0.1:9911", "--tls-cert c.pem --tls-key k.pem"),
+    ("https://localhost:9911", "--tls-cert=c.pem --tls-key=k.pem"),
+    ("http://127.0.0.1:9911", "--port 9911"),
+])
+def test_start_local_engine_takes_extra_arguments_that_agree_with_the_engine_url(tmp_path, url, extra):
+    from geovqa.engine_process import engine_command
+    from geovqa.settings import Settings
+
+    py = tmp_path / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("")
+    _, args, _ = engine_command(Settings(engine_url=url, engine_dir=str(tmp_path), extra_args=extra))
+    assert args[args.index("--port") + 1] == "9911" and args[-len(extra.split()):] == extra.split()
+
+
 def test_start_local_engine_with_a_bad_port_says_so(plugin, qgis_iface, tmp_path):
     py = tmp_path / ".venv" / "bin" / "python"
     py.parent.mkdir(parents=True)

@@ -540,6 +540,47 @@ def test_stopping_shows_in_the_docks_status_line(plugin, tmp_path):
         proc.shutdown(wait_ms=200)
 
 
+def _stand_in_for_the_plugins_engine(plugin, tmp_path):
+    """A started :func:`_stubborn_engine` (running, not listening: a model still loading) as the
+    plugin's local engine."""
+    proc, _ = _stubborn_engine(tmp_path)
+    plugin.engine.shutdown()  # the plugin's own, idle; the stand-in takes its place
+    plugin.engine = plugin.dock.engine_process = proc
+    proc.state_changed.connect(plugin._engine_state)
+    return proc
+
+
+def _status_after_a_check(dock) -> str:
+    from conftest import wait_until
+
+    wait_until(lambda: dock._health_task is None, 15, "the running health check")
+    dock.refresh_health()
+    wait_until(lambda: dock._health_task is None, 15, "the health check")
+    return dock.status_label.text()
+
+
+def test_the_status_line_says_starting_only_for_the_url_the_local_engine_serves(plugin, tmp_path):
+    """With a local engine running, the status line said "The local engine is starting (loading
+    the model) …" whenever the health check failed, whatever the URL: also for an engine URL on
+    another port (here one nobody listens on)."""
+    from conftest import free_port, set_settings
+    from geovqa.settings import Settings
+
+    proc = _stand_in_for_the_plugins_engine(plugin, tmp_path)
+    served = Settings.load().engine_url
+    try:
+        assert "The local engine is starting" in _status_after_a_check(plugin.dock)
+        other = f"http://127.0.0.1:{free_port()}"
+        set_settings(engine_url=other)
+        text = _status_after_a_check(plugin.dock)
+        assert "starting" not in text and "Engine not reachable at 127.0.0.1:" in text, text
+        assert plugin.dock.status_level == "down"
+        set_settings(engine_url=served.replace("127.0.0.1", "localhost"))  # the same engine
+        assert "The local engine is starting" in _status_after_a_check(plugin.dock)
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 def test_an_engine_stopped_while_it_failed_to_start_leaves_no_stopping_state_behind(tmp_path):
     """stop() during a start that then fails (errorOccurred(FailedToStart), no finished) left the
     process marked as stopping: the next engine showed as "stopping" and its crash was reported
