@@ -296,6 +296,9 @@ class EngineClient:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._upload_limit = None  # (max_upload_bytes or None,) once /health answered: see upload_limit
+        # set by settings.make_client: an engine started from this QGIS runs to answer at this URL,
+        # so a refused connection means that it is still loading its model (see _unavailable)
+        self.local_engine_loading = False
 
     # -- plumbing ---------------------------------------------------------------------------
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
@@ -341,6 +344,13 @@ class EngineClient:
         explained = explain(self, exc)
         if explained is not None:
             return explained
+        if self.local_engine_loading:  # never tell the user to start what is starting
+            return EngineUnavailable(
+                "engine_down",
+                "The local engine started from QGIS is still loading the model (nothing answers at "
+                f"{self.base_url} yet).",
+                "Ask again when the status line of the GeoVQA dock says it is ready.",
+            )
         return EngineUnavailable(
             "engine_down",
             f"The GeoVQA engine is not reachable at {self.base_url} ({exc.__class__.__name__}: {exc}).",

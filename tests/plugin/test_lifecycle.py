@@ -581,6 +581,33 @@ def test_the_status_line_says_starting_only_for_the_url_the_local_engine_serves(
         proc.shutdown(wait_ms=200)
 
 
+def test_a_question_asked_while_the_local_engine_loads_says_to_wait_not_to_start_it(plugin, raster_layer, tmp_path):
+    """Start local engine, then a question while the model loads: it failed at once with "not
+    reachable ... Start it with Plugins > GeoVQA > Start local engine" (the engine that was
+    starting). The batch dialog said the same in every row."""
+    from conftest import run_batch_dialog, wait_until
+
+    proc = _stand_in_for_the_plugins_engine(plugin, tmp_path)
+    try:
+        layer = raster_layer()
+        dock = plugin.dock
+        dock.set_layer(layer)
+        done = []
+        dock.answer_finished.connect(done.append)
+        dock.ask("What is there?")
+        wait_until(lambda: done, 30, "the answer")
+        error = done[0].get("error") or ""
+        assert "still loading the model" in error and "Ask again when the status line" in error, error
+        assert "Start local engine" not in error, error
+        assert "The local engine is starting" in _status_after_a_check(dock)
+
+        _dlg, rows = run_batch_dialog(plugin, [layer], "What is there?")
+        assert rows and all("still loading the model" in r["error"] for r in rows), rows
+        assert not any("Start local engine" in r["error"] for r in rows), rows
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 def test_an_engine_stopped_while_it_failed_to_start_leaves_no_stopping_state_behind(tmp_path):
     """stop() during a start that then fails (errorOccurred(FailedToStart), no finished) left the
     process marked as stopping: the next engine showed as "stopping" and its crash was reported
