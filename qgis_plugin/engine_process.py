@@ -9,7 +9,9 @@ diagnostics report.
 Stopping never blocks the user interface: :meth:`EngineProcess.stop` asks the engine to end
 (SIGTERM) and returns; a timer kills it when it still runs after a grace period (state
 "stopping" meanwhile). Only :meth:`EngineProcess.shutdown` (plugin unload, QGIS quitting) waits,
-briefly and boundedly, so that the engine never outlives QGIS.
+briefly and boundedly, so that the engine never outlives QGIS. A QGIS that crashes or is killed
+cannot stop it: the engine is started with ``GEOVQA_PARENT_PID=<QGIS's pid>`` and ends by itself
+when that process has gone (engine/parent.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ FAILED_TO_START = QProcess.ProcessError.FailedToStart
 # after the request to end, then after the kill).
 STOP_GRACE_MS = 5000
 SHUTDOWN_WAIT_MS = 1500
+PARENT_PID_ENV = "GEOVQA_PARENT_PID"  # engine/parent.py: serve ends when this process has ended
 # QGIS's own Python settings, left out of the engine's environment: OSGeo4W's QGIS on Windows
 # sets PYTHONHOME / PYTHONPATH for the Python inside QGIS, and the engine's venv Python would take
 # them for its own and stop at once ("Fatal Python error: init_fs_encoding"); macOS app bundles
@@ -253,7 +256,11 @@ class EngineProcess(QObject):
         proc = QProcess(self)
         proc.setProcessChannelMode(MERGED)
         proc.setWorkingDirectory(workdir)
-        proc.setProcessEnvironment(engine_environment(extra_env))
+        # the engine ends by itself when this QGIS dies without stopping it (crashed, killed):
+        # engine/parent.py watches this pid
+        env = {PARENT_PID_ENV: str(os.getpid())}
+        env.update(extra_env or {})
+        proc.setProcessEnvironment(engine_environment(env))
         proc.readyReadStandardOutput.connect(self._read)
         proc.started.connect(lambda: self.state_changed.emit("running"))
         proc.finished.connect(self._finished)

@@ -733,3 +733,41 @@ def test_qgis_python_settings_do_not_reach_the_local_engine(tmp_path, monkeypatc
     check.start(settings)
     wait_until(lambda: done, 30, "the memory check")
     assert done == [(unset, "")]
+
+
+PARENT_PID_REPORTING_ENGINE = '''
+import os
+print("parent", os.environ.get("GEOVQA_PARENT_PID"), flush=True)
+'''
+
+
+def test_the_local_engine_is_told_which_qgis_to_end_with(tmp_path):
+    """A QGIS that crashed (or was killed) left its engine running, holding the port and the GPU
+    memory; the engine now ends when the process in GEOVQA_PARENT_PID has ended
+    (tests/engine/test_server_startup.py), and the plugin sets it to QGIS's own pid."""
+    import os
+
+    from conftest import wait_until
+    from geovqa.engine_process import EngineProcess
+
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(_stand_in_settings(tmp_path, PARENT_PID_REPORTING_ENGINE))
+    try:
+        wait_until(lambda: states[-1] in ("stopped", "failed"), 30, "the stand-in engine")
+        assert list(proc.lines)[0] == f"parent {os.getpid()}", proc.log_text()
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
+def test_stop_local_engine_says_when_this_qgis_started_none(plugin, qgis_iface):
+    """An engine this QGIS did not start (a terminal's, another QGIS's): Stop local engine
+    silently did nothing."""
+    from qgis.core import Qgis
+
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.stop_engine() is False
+    texts = bar.get_messages(Qgis.MessageLevel.Warning)
+    assert any("No local engine started from this QGIS is running" in t for t in texts), texts
