@@ -37,6 +37,7 @@ from engine.auth import TokenFileError, load_or_create_token, token_matches
 from engine.cli_args import add_model_arguments, positive_int, writable_folder_problem
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default, lock_state_dir
 from engine.json_body import parse_json
+from engine.parent import parent_pid_from_environment, watch_parent
 from engine.request_checks import request_factory, validate_ask, validate_batch
 from engine.tls import TLSFileError, check_pair
 from engine.uploads import receive_upload
@@ -454,6 +455,9 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
+    parent = parent_pid_from_environment()
+    if parent is not None:  # started by the QGIS plugin: end when that QGIS dies (engine/parent.py)
+        watch_parent(parent)
     check_tls(settings)
     check_binding(settings)
     try:

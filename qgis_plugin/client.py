@@ -8,6 +8,8 @@ to call from another thread) shuts the socket down so a blocked read returns at 
 Why http.client rather than QNetworkReply: the same code serves the chat dock (in a QgsTask),
 the batch task and the Processing algorithms (already in a worker thread, no event loop), and a
 socket shutdown gives a prompt, reliable cancel.
+It also connects straight to the engine: no proxy (neither QGIS's network settings nor an
+``http_proxy`` of the environment) ever carries a call, so a loopback engine is reached as is.
 
 An ``https://`` engine is reached with certificate checks on (:mod:`tls`: the system's trust
 store, or the *CA certificate* setting's PEM file for a self-signed engine); a connection that
@@ -202,6 +204,27 @@ def engine_address(url: str) -> tuple:
     return parsed.scheme, host, port, parsed.path.rstrip("/")
 
 
+ENDPOINT_NAMES = tuple(e.strip("/") for e in (HEALTH_ENDPOINT, ASK_ENDPOINT, BATCH_ENDPOINT, JOBS_ENDPOINT,
+                                               FILES_ENDPOINT))
+
+
+def endpoint_in_url(url: str) -> str:
+    """The engine URL ``url`` without an endpoint its path ends in (``.../health``, ``.../ask``,
+    ``.../jobs/ID``: pasted from a test with curl), when it ends in one; '' when it does not (or
+    cannot be read). Every call appends its endpoint to the URL, so such a URL reaches none."""
+    try:
+        _scheme, _host, _port, prefix = engine_address(url)
+    except EngineError:
+        return ""
+    parts = [p for p in prefix.split("/") if p]
+    for i, part in enumerate(parts):
+        if part.lower() in ENDPOINT_NAMES and (i == len(parts) - 1 or part.lower() in ("jobs", "files")):
+            parsed = urllib.parse.urlsplit(url.strip())
+            base = "/".join([""] + parts[:i])
+            return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, base, "", ""))
+    return ""
+
+
 def size_text(n: int) -> str:
     """A byte count for a person: bytes below 1 MiB, else MiB / GiB with one decimal."""
     if n < 1 << 20:
@@ -273,6 +296,9 @@ class EngineClient:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._upload_limit = None  # (max_upload_bytes or None,) once /health answered: see upload_limit
+        # set by settings.make_client: an engine started from this QGIS runs to answer at this URL,
+        # so a refused connection means that it is still loading its model (see _unavailable)
+        self.local_engine_loading = False
 
     # -- plumbing ---------------------------------------------------------------------------
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
@@ -318,6 +344,13 @@ class EngineClient:
         explained = explain(self, exc)
         if explained is not None:
             return explained
+        if self.local_engine_loading:  # never tell the user to start what is starting
+            return EngineUnavailable(
+                "engine_down",
+                "The local engine started from QGIS is still loading the model (nothing answers at "
+                f"{self.base_url} yet).",
+                "Ask again when the status line of the GeoVQA dock says it is ready.",
+            )
         return EngineUnavailable(
             "engine_down",
             f"The GeoVQA engine is not reachable at {self.base_url} ({exc.__class__.__name__}: {exc}).",
@@ -355,7 +388,27 @@ class EngineClient:
 
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict:
-        return self.request_json("GET", HEALTH_ENDPOINT, auth=False)  # no token needed
+        """``GET /health`` (no token needed): the engine's HEALTH_FIELDS. Raises
+        EngineError('bad_response') when the answer is not a GeoVQA engine's (a JSON object with a
+        ``protocol`` field): another program answering on the engine's address."""
+        try:
+            health = self.request_json("GET", HEALTH_ENDPOINT, auth=False)
+        except EngineError as exc:
+            if exc.status != 404:
+                raise
+            raise EngineError(
+                exc.code, f"Nothing answers {self.base_url}{HEALTH_ENDPOINT} ({exc.message.rstrip('.')}).",
+                f"Check the path in the engine URL (Settings > Options > GeoVQA): it is the engine's base "
+                f"URL, such as {self.scheme}://{self.host}:{self.port}, without /health or another endpoint.",
+                exc.status) from None
+        if not isinstance(health, dict) or "protocol" not in health:
+            raise EngineError(
+                "bad_response",
+                f"The program answering at {self.base_url} is not a GeoVQA engine (its {HEALTH_ENDPOINT} "
+                "answer is not a GeoVQA engine's).",
+                "Check the engine URL (host and port) in Settings > Options > GeoVQA: another program may "
+                "use that port.")
+        return health
 
     def upload_limit(self) -> int | None:
         """The engine's ``max_upload_bytes`` (``/health``), or None when no limit is known (an

@@ -1022,7 +1022,10 @@ class ChatDock(QgsDockWidget):
         level, text = engine_status.summary(health, error, Settings.load().engine_url)
         if self.engine_process is not None and self.engine_process.is_stopping():
             level, text = "loading", "The local engine is stopping …"
-        elif level == "down" and self.engine_process is not None and self.engine_process.is_running():
+        elif (level == "down" and code == "engine_down" and self.engine_process is not None
+              and self.engine_process.serves(Settings.load().engine_url)):
+            # nothing answers where the engine started here will listen: it is loading its model
+            # (another error, or another URL, is said as it is)
             level, text = "loading", "The local engine is starting (loading the model) …"
         tooltip = error or ""
         if level == "down" and code == "engine_down":

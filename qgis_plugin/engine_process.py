@@ -9,20 +9,24 @@ diagnostics report.
 Stopping never blocks the user interface: :meth:`EngineProcess.stop` asks the engine to end
 (SIGTERM) and returns; a timer kills it when it still runs after a grace period (state
 "stopping" meanwhile). Only :meth:`EngineProcess.shutdown` (plugin unload, QGIS quitting) waits,
-briefly and boundedly, so that the engine never outlives QGIS.
+briefly and boundedly, so that the engine never outlives QGIS. A QGIS that crashes or is killed
+cannot stop it: the engine is started with ``GEOVQA_PARENT_PID=<QGIS's pid>`` and ends by itself
+when that process has gone (engine/parent.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import weakref
 from collections import deque
 from pathlib import Path
 
 from qgis.PyQt.QtCore import QCoreApplication, QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
-from .client import LOOPBACK_HOSTS, EngineError, engine_address
+from .client import DEFAULT_ENGINE_URL, LOOPBACK_HOSTS, EngineError, engine_address
 from .paths import user_path
 
 NOT_RUNNING = QProcess.ProcessState.NotRunning
@@ -33,14 +37,108 @@ FAILED_TO_START = QProcess.ProcessError.FailedToStart
 # after the request to end, then after the kill).
 STOP_GRACE_MS = 5000
 SHUTDOWN_WAIT_MS = 1500
+PARENT_PID_ENV = "GEOVQA_PARENT_PID"  # engine/parent.py: serve ends when this process has ended
+# QGIS's own Python settings, left out of the engine's environment: OSGeo4W's QGIS on Windows
+# sets PYTHONHOME / PYTHONPATH for the Python inside QGIS, and the engine's venv Python would take
+# them for its own and stop at once ("Fatal Python error: init_fs_encoding"); macOS app bundles
+# set __PYVENV_LAUNCHER__, which makes a venv Python take the bundle's for its own executable.
+QGIS_PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONEXECUTABLE", "PYTHONSTARTUP", "PYTHONUSERBASE",
+                         "PYTHONPLATLIBDIR", "PYTHONINSPECT", "PYTHONSAFEPATH", "__PYVENV_LAUNCHER__")
 
 
 class EngineProcessError(RuntimeError):
     """The local engine cannot be started (message for a person)."""
 
 
-def engine_command(settings) -> tuple:
-    """(program, args, working_dir) for the configured local engine."""
+def split_arguments(text: str, windows: bool | None = None) -> list:
+    """The words of *Extra engine arguments*, quoted as in a shell: spaces separate words, and
+    quotes keep a word with spaces whole. On Windows (``windows``; default: this computer's) a
+    backslash is part of a path (``D:\\lora\\mine``), not an escape, and only double quotes
+    quote (an apostrophe is a letter, as in ``D:\\Bob's lora``). Raises EngineProcessError for a
+    quote that is not closed."""
+    if windows is None:
+        windows = os.name == "nt"
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""  # as shlex.split: '#' is no comment
+    if windows:
+        lexer.escape = ""
+        lexer.quotes = '"'
+    try:
+        return list(lexer)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        example = '"D:\\my lora"' if windows else '"/data/Bob\'s lora"'
+        raise EngineProcessError(
+            f"The setting 'Extra engine arguments' ({text.strip()}) cannot be read: {exc}. Close every "
+            f"quote, and put a path holding spaces or an apostrophe in double quotes, e.g. --adapter "
+            f"{example} (Settings > Options > GeoVQA)."
+        ) from None
+
+
+def check_python(python: str) -> None:
+    """Raise EngineProcessError, saying what to choose instead, when the engine Python ``python``
+    cannot be run: a folder (a venv's, say), or a file that is not executable."""
+    path = Path(python)
+    where = "Set 'Engine Python' in Settings > Options > GeoVQA to the python program of the engine's venv"
+    if path.is_dir():
+        raise EngineProcessError(
+            f"The engine Python {python} is a folder, not a program. {where} (e.g. "
+            f"{path / 'bin' / 'python'}, or {path / 'Scripts' / 'python.exe'} on Windows)."
+        )
+    if not path.is_file():
+        raise EngineProcessError(f"The engine Python {python} is not a program file. {where}.")
+    if not os.access(python, os.X_OK):
+        raise EngineProcessError(
+            f"The engine Python {python} cannot be run: it is not executable (no permission to run it). "
+            f"{where}, or make the file executable."
+        )
+
+
+def option_value(args: list, name: str):
+    """The value the last ``name VALUE`` or ``name=VALUE`` among ``args`` gives (argparse: the
+    last one counts); None when none does."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+    return value
+
+
+def served_host(host: str) -> str:
+    """The address a local engine started for an engine URL's (loopback) ``host`` listens on:
+    ``::1`` stays IPv6, the rest is 127.0.0.1."""
+    return "::1" if host == "::1" else "127.0.0.1"
+
+
+def check_serve_arguments(url: str, scheme: str, port: int, extra: list) -> None:
+    """Refuse *Extra engine arguments* that would make the local engine serve somewhere else than
+    the engine URL the plugin calls: another ``--port``, https without ``--tls-cert`` (the engine
+    serves plain http then) or ``--tls-cert`` for an http URL."""
+    where = "Settings > Options > GeoVQA"
+    other_port = option_value(extra, "--port")
+    if other_port is not None and other_port.strip() != str(port):
+        raise EngineProcessError(
+            f"The setting 'Extra engine arguments' has --port {other_port}, but the engine URL {url} is "
+            f"on port {port}: the plugin would call a port nobody listens on. Remove --port from the "
+            f"extra arguments and put the port in the engine URL instead ({where}).")
+    tls = option_value(extra, "--tls-cert") is not None
+    if scheme == "https" and not tls:
+        raise EngineProcessError(
+            f"The engine URL {url} is https://, but a local engine serves plain http unless the setting "
+            f"'Extra engine arguments' gives --tls-cert FILE --tls-key FILE. Use the URL "
+            f"http://{url.split('://', 1)[1]} for a local engine, or add the certificate and key "
+            f"({where}).")
+    if scheme == "http" and tls:
+        raise EngineProcessError(
+            f"The setting 'Extra engine arguments' has --tls-cert, so the local engine serves https, but "
+            f"the engine URL {url} is http://. Use https://{url.split('://', 1)[1]} ({where}).")
+
+
+def engine_command(settings, serve: bool = True) -> tuple:
+    """(program, args, working_dir) for the configured local engine. ``serve``: also refuse extra
+    arguments that would make it serve elsewhere than the engine URL (check_serve_arguments)."""
     engine_dir = Path(user_path(settings.engine_dir)) if settings.engine_dir.strip() else None
     python = user_path(settings.python)
     if not python and engine_dir is not None:
@@ -56,7 +154,7 @@ def engine_command(settings) -> tuple:
     if not Path(python).exists():
         raise EngineProcessError(f"The engine Python {python} does not exist.")
     try:
-        _, host, port, _ = engine_address(settings.engine_url)
+        scheme, host, port, _ = engine_address(settings.engine_url)
     except EngineError as exc:
         raise EngineProcessError(str(exc)) from None
     if host not in LOOPBACK_HOSTS:
@@ -65,15 +163,39 @@ def engine_command(settings) -> tuple:
             "be started for a 127.0.0.1 URL."
         )
     # the very host and port the client will call (engine_address): ::1 stays IPv6
-    args = ["-m", "engine", "serve", "--host", "::1" if host == "::1" else "127.0.0.1", "--port", str(port)]
+    args = ["-m", "engine", "serve", "--host", served_host(host), "--port", str(port)]
     if settings.weights_dir.strip():
         args += ["--weights", user_path(settings.weights_dir)]
-    if settings.extra_args.strip():
-        args += shlex.split(settings.extra_args)
+    extra = split_arguments(settings.extra_args) if settings.extra_args.strip() else []
+    if serve:
+        check_serve_arguments(settings.engine_url.strip() or DEFAULT_ENGINE_URL, scheme, port, extra)
+    args += extra
     # <repo>/.venv/bin/python -> <repo>; not resolve(): a venv's python is a link to the base
     # interpreter, whose folder is not the engine's
     workdir = str(engine_dir) if engine_dir is not None else str(Path(python).absolute().parent.parent.parent)
     return python, args, workdir
+
+
+def engine_environment(extra_env: dict | None = None) -> QProcessEnvironment:
+    """The environment of an engine command started from QGIS: QGIS's own, less its Python
+    settings (QGIS_PYTHON_VARIABLES), with ``extra_env`` added."""
+    env = QProcessEnvironment.systemEnvironment()
+    for name in QGIS_PYTHON_VARIABLES:
+        env.remove(name)
+    env.insert("PYTHONUNBUFFERED", "1")
+    for k, v in (extra_env or {}).items():
+        env.insert(k, v)
+    return env
+
+
+_STARTED = weakref.WeakSet()  # the EngineProcess objects of this QGIS
+
+
+def local_engine_serves(url: str) -> bool:
+    """True while an engine started from this QGIS runs (not stopping) to answer at ``url``: a
+    connection refused there means that it is still loading its model. Plain attributes only:
+    safe from a worker thread (a Processing algorithm's)."""
+    return any(proc.serves(url) for proc in list(_STARTED))
 
 
 class EngineProcess(QObject):
@@ -87,6 +209,11 @@ class EngineProcess(QObject):
         self.proc = None
         self.lines = deque(maxlen=200)
         self.command = None
+        self.start_error = ""  # why the last engine could not be started (QProcess's words)
+        # (scheme, host, port) the running engine serves, from its start until it ends or is
+        # asked to stop; None otherwise
+        self.serving = None
+        _STARTED.add(self)
         self._stopping = None  # the process asked to end, until it has
         self.shutting_down = False  # shutdown() began: QGIS quits or the plugin unloads
         self._kill_timer = QTimer(self)
@@ -99,6 +226,18 @@ class EngineProcess(QObject):
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.state() != NOT_RUNNING
 
+    def serves(self, url: str) -> bool:
+        """True while the engine started here runs, not asked to stop, to answer at ``url`` (the
+        same scheme, address and port)."""
+        serving = self.serving
+        if serving is None:
+            return False
+        try:
+            scheme, host, port, _ = engine_address(url)
+        except EngineError:
+            return False
+        return host in LOOPBACK_HOSTS and (scheme, served_host(host), port) == serving
+
     def is_stopping(self) -> bool:
         """True from :meth:`stop` until the engine has ended."""
         return self._stopping is not None and self.is_running()
@@ -109,15 +248,19 @@ class EngineProcess(QObject):
         if self.is_running():
             return
         program, args, workdir = engine_command(settings)
+        check_python(program)
         self.command = [program] + args
+        self.start_error = ""
+        scheme, host, port, _ = engine_address(settings.engine_url)
+        self.serving = (scheme, served_host(host), port)
         proc = QProcess(self)
         proc.setProcessChannelMode(MERGED)
         proc.setWorkingDirectory(workdir)
-        env = QProcessEnvironment.systemEnvironment()
-        env.insert("PYTHONUNBUFFERED", "1")
-        for k, v in (extra_env or {}).items():
-            env.insert(k, v)
-        proc.setProcessEnvironment(env)
+        # the engine ends by itself when this QGIS dies without stopping it (crashed, killed):
+        # engine/parent.py watches this pid
+        env = {PARENT_PID_ENV: str(os.getpid())}
+        env.update(extra_env or {})
+        proc.setProcessEnvironment(engine_environment(env))
         proc.readyReadStandardOutput.connect(self._read)
         proc.started.connect(lambda: self.state_changed.emit("running"))
         proc.finished.connect(self._finished)
@@ -139,6 +282,7 @@ class EngineProcess(QObject):
         if self._stopping is proc:  # asked already: the timer is running
             return
         self._stopping = proc
+        self.serving = None
         self.state_changed.emit("stopping")
         proc.terminate()
         self._kill_timer.start(max(0, int(STOP_GRACE_MS if grace_ms is None else grace_ms)))
@@ -165,6 +309,7 @@ class EngineProcess(QObject):
         if proc is None or proc.state() == NOT_RUNNING:
             return
         self._stopping = proc  # an exit by signal is no failure to report
+        self.serving = None
         proc.terminate()
         if not proc.waitForFinished(wait_ms):
             proc.kill()
@@ -174,8 +319,11 @@ class EngineProcess(QObject):
         return "\n".join(self.lines)
 
     def failure_reason(self) -> str:
-        """The engine's own last error sentence (its command line prints "error: ..." before it
-        exits: no weights, not enough memory, a bad option), else its last output line."""
+        """Why the engine could not be started (:attr:`start_error`), else the engine's own last
+        error sentence (its command line prints "error: ..." before it exits: no weights, not
+        enough memory, a bad option), else its last output line."""
+        if self.start_error:
+            return self.start_error
         return error_sentence(ln for ln in self.lines if not ln.startswith("[engine "))
 
     def _read(self):
@@ -190,6 +338,7 @@ class EngineProcess(QObject):
         self.lines.append(f"[engine exited with code {code}]")
         asked = self._stopping is not None
         self._stopping = None
+        self.serving = None
         self._kill_timer.stop()
         self.state_changed.emit("stopped" if code == 0 or asked else "failed")
 
@@ -199,6 +348,9 @@ class EngineProcess(QObject):
         otherwise read as a failure)."""
         self.lines.append(f"[engine process error: {err}]")
         if err == FAILED_TO_START and self.proc is not None and self.proc.state() == NOT_RUNNING:
+            self.serving = None
+            self.start_error = self.proc.errorString() or "the engine Python could not be run"
+            self.lines.append(f"[engine could not be started: {self.start_error}]")
             # asked to stop while it failed to start: that process has ended, so nothing is
             # stopping any more (else the next engine would show as stopping, its crash as a stop)
             self._stopping = None
@@ -235,7 +387,7 @@ def memory_check_command(settings) -> tuple:
     """(program, args, working_dir) of ``engine info --memory --json`` for the configured local
     engine: the same Python, weights and model options (--device, --quantization, --no-demo)
     its serve command would use; serve-only options are left out."""
-    program, serve_args, workdir = engine_command(settings)
+    program, serve_args, workdir = engine_command(settings, serve=False)
     args = ["-m", "engine", "info", "--memory", "--json"]
     rest = serve_args[3:]
     i = 0
@@ -279,6 +431,7 @@ class MemoryCheck(QObject):
     def start(self, settings) -> None:
         try:
             program, args, workdir = memory_check_command(settings)
+            check_python(program)
         except EngineProcessError as exc:
             self.done.emit(None, str(exc))
             return
@@ -286,6 +439,7 @@ class MemoryCheck(QObject):
             self.proc.kill()
         proc = QProcess(self)
         proc.setWorkingDirectory(workdir)
+        proc.setProcessEnvironment(engine_environment())
         proc.finished.connect(lambda code, _status=None, p=proc: self._finished(p, code))
         proc.errorOccurred.connect(lambda err, p=proc: self._failed(p, err))
         self.proc = proc
@@ -310,4 +464,4 @@ class MemoryCheck(QObject):
     def _failed(self, proc, err) -> None:
         if proc is self.proc and proc.state() == NOT_RUNNING:
             self.proc = None
-            self.done.emit(None, f"the engine Python could not be started ({err})")
+            self.done.emit(None, f"the engine Python could not be started: {proc.errorString() or err}")

@@ -10,7 +10,7 @@ from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 
-from .compat import MSG_CRITICAL, MSG_INFO, qaction_class
+from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, qaction_class
 from .engine_process import EngineProcess, EngineProcessError
 from .settings import Settings
 
@@ -138,8 +138,19 @@ class GeoVQAPlugin:
         return True
 
     def stop_engine(self):
-        if self.engine is not None:
-            self.engine.stop()
+        """Stop the engine started from this QGIS; say so when none runs (an engine started
+        elsewhere cannot be stopped from here). Returns True when one was asked to stop."""
+        if self.engine is None:
+            return False
+        if not self.engine.is_running():
+            self.iface.messageBar().pushMessage(
+                "GeoVQA", "No local engine started from this QGIS is running, so there is nothing to stop. "
+                "An engine started elsewhere (a terminal, make serve, another QGIS) is stopped there; one "
+                "left running by a QGIS that crashed ends by itself within seconds.",
+                level=MSG_WARNING, duration=10)
+            return False
+        self.engine.stop()
+        return True
 
     def _engine_state(self, state):
         if self.engine is None or self.engine.shutting_down:
@@ -150,8 +161,11 @@ class GeoVQAPlugin:
             reason = self.engine.failure_reason() if self.engine is not None else ""
             if len(reason) > 400:
                 reason = reason[:400] + " …"
-            text = (f"The local engine stopped: {reason}" if reason
-                    else "The local engine stopped with an error")
+            if self.engine is not None and self.engine.start_error:
+                text = f"The local engine could not be started: {reason}"
+            else:
+                text = (f"The local engine stopped: {reason}" if reason
+                        else "The local engine stopped with an error")
             self.iface.messageBar().pushMessage(
                 "GeoVQA", text + " (its log is in Diagnostics in the GeoVQA dock).",
                 level=MSG_CRITICAL, duration=15)

@@ -334,4 +334,7 @@ def make_client(settings: "Settings | None" = None):
                           own_addresses=this_computer_addresses())
     if token_error is not None:
         client.token_error = token_error
+    from .engine_process import local_engine_serves
+
+    client.local_engine_loading = local_engine_serves(settings.engine_url)
     return client

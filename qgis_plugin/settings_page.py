@@ -17,7 +17,7 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QPushButton,
                                  QSpinBox, QVBoxLayout, QWidget)
 
-from .client import DEFAULT_ENGINE_URL, EngineError, engine_address
+from .client import DEFAULT_ENGINE_URL, EngineError, endpoint_in_url, engine_address
 from .settings import (SEND_RASTERS_LABELS, SEND_RASTERS_TIPS, STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT,
                        Settings, default_token_path, folder_problem, notifier)
 from .tls import CA_CERT_LABEL
@@ -38,6 +38,10 @@ def url_problem(text: str) -> str:
         engine_address(text)
     except EngineError as exc:
         return str(exc)
+    base = endpoint_in_url(text)
+    if base:
+        return (f"The engine URL {text.strip()} ends in one of the engine's endpoints; every call adds "
+                f"its own. Use the engine's base URL: {base}")
     return ""
 
 

@@ -91,7 +91,9 @@ for _ in $(seq 1 600); do
   kill -0 "$ENGINE_PID" 2>/dev/null || { tail -n 40 "$RUN/engine.log" >&2; die "The engine exited while starting (log above). Options for 'engine serve' go in ENGINE_ARGS, e.g. make run ENGINE_ARGS='--quantization nf4'."; }
   status=$("$PY" - "$URL" <<'PYEOF' 2>/dev/null || true
 import json, sys, urllib.request
-print(json.load(urllib.request.urlopen(sys.argv[1] + "/health", timeout=2)).get("status", ""))
+# straight to the engine on loopback: an http_proxy of the shell must not carry this request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+print(json.load(opener.open(sys.argv[1] + "/health", timeout=2)).get("status", ""))
 PYEOF
 )
   [ "$status" = ok ] && break

@@ -201,3 +201,103 @@ def test_serve_leaves_the_state_dir_to_a_job_queue_still_busy(tmp_path, monkeypa
     finally:
         kept["lock"].close()
     lock_state_dir(tmp_path / "state").close()
+
+
+# --- GEOVQA_PARENT_PID: the engine ends with the QGIS that started it ----------------------------
+
+PARENT = """
+import os, subprocess, sys, time
+env = dict(os.environ, GEOVQA_PARENT_PID=str(os.getpid()))
+child = subprocess.Popen(sys.argv[1:], env=env)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:  # a zombie has ended
+            return fh.read().split(") ")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _until(predicate, timeout: float) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="kills its stand-in parent with SIGKILL")
+def test_serve_ends_when_the_program_that_started_it_dies(tmp_path):
+    """QGIS killed or crashed with a local engine started from the plugin: the engine went on,
+    holding its port, its state folder and the GPU memory, and the next QGIS could not stop it.
+    With GEOVQA_PARENT_PID (the plugin sets it) it ends, releasing the port and the lock."""
+    import urllib.request
+
+    from engine.jobs import lock_state_dir
+
+    port, state = free_port(), tmp_path / "state"
+    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"),
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
+    serve = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--state-dir", str(state), "--log-level", "warning", "--engine-factory", "server_stub:make_engine"]
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, *serve], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    engine_pid = int(parent.stdout.readline())
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def answers() -> bool:
+        try:
+            return opener.open(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    try:
+        assert _until(answers, 60), "the engine did not start"
+        parent.kill()  # QGIS crashes
+        parent.wait(10)
+        assert _until(lambda: _gone(engine_pid), 10), "the engine outlived the program that started it"
+        assert not answers()
+        with socket.socket() as s:  # the port is free again (for serve, which reuses TIME_WAIT ports)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        lock_state_dir(state).close()  # and so is the state folder
+    finally:
+        parent.kill()
+        if not _gone(engine_pid):
+            os.kill(engine_pid, 9)
+
+
+def test_a_parent_pid_that_is_not_a_pid_is_refused_with_one_line(tmp_path, monkeypatch):
+    from engine.parent import parent_pid_from_environment
+
+    assert parent_pid_from_environment({}) is None
+    assert parent_pid_from_environment({"GEOVQA_PARENT_PID": " 4242 "}) == 4242
+    with pytest.raises(SystemExit, match="error: GEOVQA_PARENT_PID='qgis' is not a process id"):
+        parent_pid_from_environment({"GEOVQA_PARENT_PID": "qgis"})
+
+
+def test_the_parent_watch_calls_back_once_the_parent_has_ended():
+    from engine.parent import parent_alive_check, watch_parent
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    gone = []
+    try:
+        assert parent_alive_check(child.pid)()
+        watch_parent(child.pid, on_gone=lambda: gone.append(True), poll_s=0.05)
+        assert not _until(lambda: gone, 0.3)
+    finally:
+        child.kill()
+        child.wait()
+    assert _until(lambda: gone, 5) and not parent_alive_check(child.pid)()

@@ -143,6 +143,39 @@ def test_engine_down_gives_a_message_not_a_crash(plugin, raster_layer, qgis_ifac
     wait_for_tasks()
 
 
+@pytest.mark.parametrize("answer", [["up"], "ok", {"status": "ok"}])
+def test_another_program_answering_health_is_not_taken_for_an_engine(plugin, answer):
+    """Another program on the engine's port answering /health with JSON that is not an object (a
+    list): the dock's health slot raised AttributeError, a QGIS Python error dialog at every
+    status check. An object without the protocol field is no engine either."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from conftest import python_errors
+    from stub_engine import JsonHandler
+
+    class OtherProgram(JsonHandler):
+        def do_GET(self):
+            self._json(200, answer)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), OtherProgram)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        set_settings(engine_url=f"http://127.0.0.1:{srv.server_address[1]}")
+        dock = plugin.dock
+        with python_errors() as errors:
+            dock.refresh_health()
+            wait_until(lambda: dock._health_task is None, 10, "the health check")
+            wait_for_tasks()
+        assert errors == [], errors[0][-600:]
+        assert dock.status_level == "down" and dock.health is None
+        assert "is not a GeoVQA engine" in dock.status_label.text()
+        assert "Check the engine URL" in dock.status_label.toolTip()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_engine_error_event_and_loading_status(plugin, raster_layer, stub_engine, qgis_iface):
     from qgis.core import Qgis
 

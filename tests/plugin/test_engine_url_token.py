@@ -55,6 +55,43 @@ def test_start_local_engine_listens_where_the_client_calls(tmp_path, url, host, 
     assert args[args.index("--host") + 1] == host and args[args.index("--port") + 1] == port
 
 
+@pytest.mark.parametrize("url, extra, message", [
+    # the engine would serve plain http while the client speaks TLS: "starting" for ever
+    ("https://127.0.0.1:9911", "", "is https://, but a local engine serves plain http"),
+    ("http://127.0.0.1:9911", "--tls-cert c.pem --tls-key k.pem", "serves https, but the engine URL"),
+    # argparse takes the last --port: the engine would listen where the client never calls
+    ("http://127.0.0.1:9911", "--port 9000", "has --port 9000, but the engine URL"),
+    ("http://127.0.0.1:9911", "--device cpu --port=9000", "has --port 9000, but the engine URL"),
+])
+def test_start_local_engine_refuses_to_serve_elsewhere_than_the_engine_url(tmp_path, url, extra, message):
+    from geovqa.engine_process import EngineProcessError, engine_command, memory_check_command
+    from geovqa.settings import Settings
+
+    py = tmp_path / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("")
+    s = Settings(engine_url=url, engine_dir=str(tmp_path), extra_args=extra)
+    with pytest.raises(EngineProcessError, match=message):
+        engine_command(s)
+    memory_check_command(s)  # serves nothing: Check memory still works
+
+
+@pytest.mark.parametrize("url, extra", [
+    ("https://127.0.0.1:9911", "--tls-cert c.pem --tls-key k.pem"),
+    ("https://localhost:9911", "--tls-cert=c.pem --tls-key=k.pem"),
+    ("http://127.0.0.1:9911", "--port 9911"),
+])
+def test_start_local_engine_takes_extra_arguments_that_agree_with_the_engine_url(tmp_path, url, extra):
+    from geovqa.engine_process import engine_command
+    from geovqa.settings import Settings
+
+    py = tmp_path / ".venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("")
+    _, args, _ = engine_command(Settings(engine_url=url, engine_dir=str(tmp_path), extra_args=extra))
+    assert args[args.index("--port") + 1] == "9911" and args[-len(extra.split()):] == extra.split()
+
+
 def test_start_local_engine_with_a_bad_port_says_so(plugin, qgis_iface, tmp_path):
     py = tmp_path / ".venv" / "bin" / "python"
     py.parent.mkdir(parents=True)
@@ -75,6 +112,19 @@ def test_health_check_with_a_bad_port_shows_the_reason(plugin):
     dock.refresh_health()  # used to raise out of the timer slot on every tick
     assert dock.status_level == "down"
     assert "invalid port" in dock.status_label.text()
+
+
+def test_an_engine_url_whose_path_finds_no_health_says_to_check_the_path(plugin, stub_engine):
+    """An engine URL saved with a path (here .../health, as tested with curl): the status line only
+    said 'There is no such endpoint.', nothing about the URL's path."""
+    set_settings(engine_url=stub_engine.url + "/health", token=stub_engine.token)
+    dock = plugin.dock
+    dock.refresh_health()
+    wait_until(lambda: dock._health_task is None, 15, "the health check")
+    text = dock.status_label.text()
+    assert dock.status_level == "down"
+    assert f"Nothing answers {stub_engine.url}/health/health" in text, text
+    assert "Check the path in the engine URL" in text and f"such as {stub_engine.url}," in text, text
 
 
 def test_pasted_invisible_characters_are_dropped_from_the_token(stub_engine):

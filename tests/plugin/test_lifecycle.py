@@ -132,6 +132,49 @@ def test_engine_command_has_no_shell(tmp_path):
         engine_command(s)
 
 
+@pytest.mark.parametrize("windows, text, words", [
+    (False, '--adapter "/data/Bob\'s lora" --device cpu', ["--adapter", "/data/Bob's lora", "--device", "cpu"]),
+    (False, "--adapter /data/my\\ lora", ["--adapter", "/data/my lora"]),
+    (False, "--state-dir /data/run#2", ["--state-dir", "/data/run#2"]),
+    # Windows: backslashes are path separators (POSIX rules turned D:\lora\mine into D:loramine),
+    # an apostrophe is a letter, double quotes keep spaces
+    (True, r"--adapter D:\lora\mine", ["--adapter", r"D:\lora\mine"]),
+    (True, r'--adapter "C:\Users\Bob\my lora" --weights \\server\share\w',
+     ["--adapter", r"C:\Users\Bob\my lora", "--weights", r"\\server\share\w"]),
+    (True, r"--adapter D:\Bob's\lora", ["--adapter", r"D:\Bob's\lora"]),
+])
+def test_extra_engine_arguments_are_split_as_on_the_platform(windows, text, words):
+    from geovqa.engine_process import split_arguments
+
+    assert split_arguments(text, windows=windows) == words
+
+
+@pytest.mark.parametrize("windows, text", [(False, "--adapter /data/Bob's lora"), (True, '--adapter "D:\\my lora')])
+def test_an_unclosed_quote_in_extra_engine_arguments_names_the_setting(windows, text):
+    from geovqa.engine_process import EngineProcessError, split_arguments
+
+    with pytest.raises(EngineProcessError, match="'Extra engine arguments'.*No closing quotation.*double quotes"):
+        split_arguments(text, windows=windows)
+
+
+def test_start_local_engine_with_an_apostrophe_in_extra_arguments_says_so(plugin, qgis_iface, tmp_path):
+    """An apostrophe in 'Extra engine arguments' (--adapter /data/Bob's lora) raised ValueError
+    ('No closing quotation') out of the menu action: a Python error dialog."""
+    import sys
+
+    from conftest import free_port, set_settings
+    from qgis.core import Qgis
+
+    set_settings(python=sys.executable, engine_dir=str(tmp_path), extra_args="--adapter /data/Bob's lora",
+                 engine_url=f"http://127.0.0.1:{free_port()}")
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.start_engine() is False
+    texts = bar.get_messages(Qgis.MessageLevel.Critical)
+    assert any("'Extra engine arguments'" in t and "No closing quotation" in t for t in texts), texts
+    assert not plugin.engine.is_running()
+
+
 def test_the_engine_folder_comes_from_a_venv_python_not_its_link_target(tmp_path):
     """Only 'Engine Python' set: <repo>/.venv/bin/python is a link to the base interpreter; the
     engine starts in <repo> (where relative weights folders are), not beside the base Python."""
@@ -175,6 +218,65 @@ def test_an_engine_that_fails_to_start_says_why(plugin, qgis_iface, tmp_path):
     assert any(m.startswith("GeoVQA:The local engine stopped: no weights:") or
                "The local engine stopped: no weights:" in m for m in critical()), critical()
     assert "[engine exited with code 2]" in plugin.engine.log_text()
+
+
+@pytest.mark.parametrize("kind", ["folder", "not executable"])
+def test_an_engine_python_that_cannot_be_run_is_named_before_anything_starts(plugin, qgis_iface, tmp_path, kind):
+    """'Engine Python' set to the venv folder, or to a file that is not executable: the message
+    bar only said "The local engine stopped with an error", and Check memory said "could not be
+    started (0)"."""
+    from conftest import free_port, set_settings
+    from geovqa.engine_process import EngineProcessError, MemoryCheck
+    from qgis.core import Qgis
+
+    python = tmp_path / ".venv"
+    if kind == "folder":
+        python.mkdir()
+        reason = "is a folder, not a program"
+    else:
+        python.write_text("#!/bin/sh\n")
+        python.chmod(0o644)
+        reason = "it is not executable"
+    settings = set_settings(python=str(python), engine_dir=str(tmp_path), weights_dir="", extra_args="",
+                            engine_url=f"http://127.0.0.1:{free_port()}")
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.start_engine() is False
+    texts = bar.get_messages(Qgis.MessageLevel.Critical)
+    assert any(f"The engine Python {python} " in t and reason in t and "'Engine Python'" in t for t in texts), texts
+    assert not plugin.engine.is_running()
+    with pytest.raises(EngineProcessError, match=reason):
+        plugin.engine.start(settings)
+
+    check = MemoryCheck()
+    done = []
+    check.done.connect(lambda report, error: done.append((report, error)))
+    check.start(settings)
+    assert done and done[0][0] is None and reason in done[0][1]
+
+
+def test_an_engine_python_that_fails_to_start_says_the_systems_reason(plugin, qgis_iface, tmp_path):
+    """A program that cannot be started (here: its interpreter line names no interpreter): the
+    message bar says why in the system's words, not only "stopped with an error"."""
+    import os
+
+    from conftest import free_port, set_settings, wait_until
+    from qgis.core import Qgis
+
+    python = tmp_path / "python"
+    python.write_text("#!/nonexistent/interpreter\n")
+    os.chmod(python, 0o755)
+    set_settings(python=str(python), engine_dir=str(tmp_path), weights_dir="", extra_args="",
+                 engine_url=f"http://127.0.0.1:{free_port()}")
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.start_engine()
+    wait_until(lambda: bar.get_messages(Qgis.MessageLevel.Critical), 20, "the failure message")
+    texts = bar.get_messages(Qgis.MessageLevel.Critical)
+    reason = plugin.engine.failure_reason()
+    assert reason and reason == plugin.engine.start_error, plugin.engine.log_text()
+    assert any(f"The local engine could not be started: {reason}" in t for t in texts), texts
+    assert not any("stopped with an error" in t for t in texts), texts
 
 
 def test_the_engines_own_error_line_is_the_reason_it_stopped():
@@ -334,19 +436,26 @@ time.sleep(120)
 '''
 
 
-def _stubborn_settings(tmp_path):
-    """Settings whose local engine is a python that ignores SIGTERM (``-m engine serve`` runs the
-    ``engine`` package of its folder)."""
+def _stand_in_settings(tmp_path, source: str, name: str = "stand-in", **values):
+    """Settings whose local engine runs ``source`` (``-m engine serve`` and ``-m engine info``
+    run the ``engine`` package of the engine folder) with the python running the tests."""
     import sys
 
     from conftest import free_port, set_settings
 
-    folder = tmp_path / "stubborn"
+    folder = tmp_path / name
     (folder / "engine").mkdir(parents=True)
     (folder / "engine" / "__init__.py").write_text("")
-    (folder / "engine" / "__main__.py").write_text(STUBBORN_ENGINE)
-    return set_settings(python=sys.executable, engine_dir=str(folder), weights_dir="", extra_args="",
-                        engine_url=f"http://127.0.0.1:{free_port()}")
+    (folder / "engine" / "__main__.py").write_text(source)
+    settings = dict(python=sys.executable, engine_dir=str(folder), weights_dir="", extra_args="",
+                    engine_url=f"http://127.0.0.1:{free_port()}")
+    settings.update(values)
+    return set_settings(**settings)
+
+
+def _stubborn_settings(tmp_path):
+    """Settings whose local engine is a python that ignores SIGTERM."""
+    return _stand_in_settings(tmp_path, STUBBORN_ENGINE, "stubborn")
 
 
 def _stubborn_engine(tmp_path):
@@ -431,6 +540,74 @@ def test_stopping_shows_in_the_docks_status_line(plugin, tmp_path):
         proc.shutdown(wait_ms=200)
 
 
+def _stand_in_for_the_plugins_engine(plugin, tmp_path):
+    """A started :func:`_stubborn_engine` (running, not listening: a model still loading) as the
+    plugin's local engine."""
+    proc, _ = _stubborn_engine(tmp_path)
+    plugin.engine.shutdown()  # the plugin's own, idle; the stand-in takes its place
+    plugin.engine = plugin.dock.engine_process = proc
+    proc.state_changed.connect(plugin._engine_state)
+    return proc
+
+
+def _status_after_a_check(dock) -> str:
+    from conftest import wait_until
+
+    wait_until(lambda: dock._health_task is None, 15, "the running health check")
+    dock.refresh_health()
+    wait_until(lambda: dock._health_task is None, 15, "the health check")
+    return dock.status_label.text()
+
+
+def test_the_status_line_says_starting_only_for_the_url_the_local_engine_serves(plugin, tmp_path):
+    """With a local engine running, the status line said "The local engine is starting (loading
+    the model) …" whenever the health check failed, whatever the URL: also for an engine URL on
+    another port (here one nobody listens on)."""
+    from conftest import free_port, set_settings
+    from geovqa.settings import Settings
+
+    proc = _stand_in_for_the_plugins_engine(plugin, tmp_path)
+    served = Settings.load().engine_url
+    try:
+        assert "The local engine is starting" in _status_after_a_check(plugin.dock)
+        other = f"http://127.0.0.1:{free_port()}"
+        set_settings(engine_url=other)
+        text = _status_after_a_check(plugin.dock)
+        assert "starting" not in text and "Engine not reachable at 127.0.0.1:" in text, text
+        assert plugin.dock.status_level == "down"
+        set_settings(engine_url=served.replace("127.0.0.1", "localhost"))  # the same engine
+        assert "The local engine is starting" in _status_after_a_check(plugin.dock)
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
+def test_a_question_asked_while_the_local_engine_loads_says_to_wait_not_to_start_it(plugin, raster_layer, tmp_path):
+    """Start local engine, then a question while the model loads: it failed at once with "not
+    reachable ... Start it with Plugins > GeoVQA > Start local engine" (the engine that was
+    starting). The batch dialog said the same in every row."""
+    from conftest import run_batch_dialog, wait_until
+
+    proc = _stand_in_for_the_plugins_engine(plugin, tmp_path)
+    try:
+        layer = raster_layer()
+        dock = plugin.dock
+        dock.set_layer(layer)
+        done = []
+        dock.answer_finished.connect(done.append)
+        dock.ask("What is there?")
+        wait_until(lambda: done, 30, "the answer")
+        error = done[0].get("error") or ""
+        assert "still loading the model" in error and "Ask again when the status line" in error, error
+        assert "Start local engine" not in error, error
+        assert "The local engine is starting" in _status_after_a_check(dock)
+
+        _dlg, rows = run_batch_dialog(plugin, [layer], "What is there?")
+        assert rows and all("still loading the model" in r["error"] for r in rows), rows
+        assert not any("Start local engine" in r["error"] for r in rows), rows
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 def test_an_engine_stopped_while_it_failed_to_start_leaves_no_stopping_state_behind(tmp_path):
     """stop() during a start that then fails (errorOccurred(FailedToStart), no finished) left the
     process marked as stopping: the next engine showed as "stopping" and its crash was reported
@@ -442,9 +619,9 @@ def test_an_engine_stopped_while_it_failed_to_start_leaves_no_stopping_state_beh
     from conftest import free_port, set_settings, wait_until
     from geovqa.engine_process import EngineProcess
 
-    python = tmp_path / "python"  # exists, but cannot be run
-    python.write_text("#!/bin/sh\n")
-    os.chmod(python, 0o644)
+    python = tmp_path / "python"  # an executable file, whose interpreter does not exist
+    python.write_text("#!/nonexistent/interpreter\n")
+    os.chmod(python, 0o755)
     settings = set_settings(python=str(python), engine_dir=str(tmp_path), weights_dir="", extra_args="",
                             engine_url=f"http://127.0.0.1:{free_port()}")
     proc = EngineProcess()
@@ -513,3 +690,84 @@ def test_quitting_qgis_starts_no_engine_status_check(plugin, tmp_path):
     assert not [t for t in QgsApplication.taskManager().activeTasks() if t.description() == "GeoVQA: engine status"]
     plugin.dock.refresh_health()  # nothing else starts one either, once the engine's shutdown began
     assert plugin.dock._health_task is None
+
+
+# --- the engine's environment -----------------------------------------------------------------
+
+ENV_REPORTING_ENGINE = '''
+import json, os
+print(json.dumps({name: os.environ.get(name) for name in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}),
+      flush=True)
+'''
+
+
+def test_qgis_python_settings_do_not_reach_the_local_engine(tmp_path, monkeypatch):
+    """QGIS from OSGeo4W (Windows) runs with PYTHONHOME / PYTHONPATH set for the Python inside
+    QGIS. Passed on, they made the engine's venv Python stop at once, for Start local engine and
+    for Check memory alike."""
+    import json
+
+    from conftest import wait_until
+    from geovqa.engine_process import EngineProcess, MemoryCheck
+
+    monkeypatch.setenv("PYTHONHOME", str(tmp_path / "qgis-python"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "qgis-python" / "lib"))
+    monkeypatch.setenv("PYTHONSTARTUP", str(tmp_path / "qgis-startup.py"))
+    settings = _stand_in_settings(tmp_path, ENV_REPORTING_ENGINE)
+    unset = {"PYTHONHOME": None, "PYTHONPATH": None, "PYTHONSTARTUP": None}
+
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings)
+    try:
+        wait_until(lambda: states[-1] in ("stopped", "failed"), 30, "the stand-in engine")
+        assert states[-1] == "stopped", proc.log_text()
+        assert json.loads(proc.lines[0]) == unset
+    finally:
+        proc.shutdown(wait_ms=200)
+
+    check = MemoryCheck()
+    done = []
+    check.done.connect(lambda report, error: done.append((report, error)))
+    check.start(settings)
+    wait_until(lambda: done, 30, "the memory check")
+    assert done == [(unset, "")]
+
+
+PARENT_PID_REPORTING_ENGINE = '''
+import os
+print("parent", os.environ.get("GEOVQA_PARENT_PID"), flush=True)
+'''
+
+
+def test_the_local_engine_is_told_which_qgis_to_end_with(tmp_path):
+    """A QGIS that crashed (or was killed) left its engine running, holding the port and the GPU
+    memory; the engine now ends when the process in GEOVQA_PARENT_PID has ended
+    (tests/engine/test_server_startup.py), and the plugin sets it to QGIS's own pid."""
+    import os
+
+    from conftest import wait_until
+    from geovqa.engine_process import EngineProcess
+
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(_stand_in_settings(tmp_path, PARENT_PID_REPORTING_ENGINE))
+    try:
+        wait_until(lambda: states[-1] in ("stopped", "failed"), 30, "the stand-in engine")
+        assert list(proc.lines)[0] == f"parent {os.getpid()}", proc.log_text()
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
+def test_stop_local_engine_says_when_this_qgis_started_none(plugin, qgis_iface):
+    """An engine this QGIS did not start (a terminal's, another QGIS's): Stop local engine
+    silently did nothing."""
+    from qgis.core import Qgis
+
+    bar = qgis_iface.messageBar()
+    bar.clear_messages()
+    assert plugin.stop_engine() is False
+    texts = bar.get_messages(Qgis.MessageLevel.Warning)
+    assert any("No local engine started from this QGIS is running" in t for t in texts), texts

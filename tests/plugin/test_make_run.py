@@ -82,3 +82,45 @@ def test_make_run_reports_a_damaged_checkpoint_instead_of_the_demo(tmp_path):
     assert r.returncode != 0
     assert "TINY RANDOM DEMO MODEL" not in r.stdout
     assert "config.json" in r.stderr and "The engine exited while starting" in r.stderr, r.stdout + r.stderr
+
+
+def test_make_runs_readiness_check_goes_past_an_http_proxy(tmp_path):
+    """A shell with http_proxy set (and no no_proxy): run.sh's readiness check sent
+    http://127.0.0.1:PORT/health to the proxy, so the engine never looked ready (10 minutes,
+    then 'did not become ready'). The check, as run.sh runs it, must reach the engine directly."""
+    import re
+    import sys
+
+    from stub_engine import StubEngine
+
+    script = (ROOT / "scripts" / "run.sh").read_text()
+    (check,) = [s for s in re.findall(r"<<'PYEOF'[^\n]*\n(.*?)\nPYEOF", script, re.S) if "/health" in s]
+    engine = StubEngine(tmp_path / "stub_out")
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    env = dict(os.environ, http_proxy=dead_proxy, HTTP_PROXY=dead_proxy)
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    try:
+        done = subprocess.run([sys.executable, "-", engine.url], input=check, env=env, capture_output=True,
+                              text=True, timeout=30)
+    finally:
+        engine.close()
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_the_plugins_client_reaches_the_engine_past_an_http_proxy(tmp_path, monkeypatch):
+    """The plugin's own calls (http.client) go straight to the engine: a proxy set for QGIS's
+    environment never carries them (run.sh's check above did)."""
+    from geovqa.client import EngineClient
+    from stub_engine import StubEngine
+
+    engine = StubEngine(tmp_path / "stub_out")
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    try:
+        assert EngineClient(engine.url, engine.token).health()["status"] == "ok"
+    finally:
+        engine.close()

@@ -40,6 +40,21 @@ def _form_done(form):
     return lambda: form.memory_button.isEnabled() and form.memory_label.text() not in ("", "Checking …")
 
 
+def test_an_unclosed_quote_in_extra_arguments_gives_the_button_back(qgis_app, tmp_path):
+    """An apostrophe in 'Extra engine arguments' raised ValueError out of Check memory: a Python
+    error dialog, and the button stayed disabled at "Checking …"."""
+    import sys
+
+    from geovqa.settings_page import SettingsForm
+
+    set_settings(python=sys.executable, engine_dir=str(tmp_path), extra_args="--adapter /data/Bob's lora")
+    form = SettingsForm()
+    form.check_memory()
+    assert form.memory_button.isEnabled()
+    text = form.memory_label.text()
+    assert text.startswith("Cannot tell: The setting 'Extra engine arguments'") and "No closing quotation" in text
+
+
 @pytest.mark.skipif(not ENGINE_PY.exists(), reason="needs the engine venv (make setup)")
 def test_check_memory_button_asks_the_real_engine(qgis_app):
     from geovqa.settings_page import SettingsForm

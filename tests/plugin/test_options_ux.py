@@ -4,6 +4,7 @@ and the CA certificate only for https:// URLs."""
 
 from __future__ import annotations
 
+import pytest
 from conftest import set_settings
 
 
@@ -97,6 +98,37 @@ def test_a_bad_engine_url_is_not_saved_and_the_page_says_why(qgis_app):
     assert not form.url_error.isVisibleTo(form)
     page.apply()
     assert Settings.load().engine_url == "http://127.0.0.1:9000" and form.url_problem == ""
+
+
+@pytest.mark.parametrize("url, base", [
+    ("http://127.0.0.1:8765/health", "http://127.0.0.1:8765"),
+    ("http://127.0.0.1:8765/health/", "http://127.0.0.1:8765"),
+    ("https://gpu.example.org/geovqa/ask", "https://gpu.example.org/geovqa"),
+    ("http://127.0.0.1:8765/jobs/0123abcd/results", "http://127.0.0.1:8765"),
+])
+def test_an_engine_url_pasted_with_an_endpoint_is_not_saved_and_the_base_url_is_suggested(qgis_app, url, base):
+    """The URL tested with curl (.../health) pasted as the engine URL was saved, and then every
+    call went to /health/health, /health/ask: 'There is no such endpoint.'"""
+    from geovqa.settings import Settings
+    from geovqa.settings_page import url_problem
+
+    problem = url_problem(url)
+    assert "ends in one of the engine's endpoints" in problem and problem.endswith(f"base URL: {base}")
+    assert url_problem(base) == ""
+    set_settings(engine_url="http://127.0.0.1:8765")
+    page = _page()
+    page.form.url.setText(url)
+    assert page.form.url_error.isVisibleTo(page.form) and base in page.form.url_error.text()
+    page.apply()
+    assert Settings.load().engine_url == "http://127.0.0.1:8765"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8765/geovqa", "http://127.0.0.1:8765/healthy",
+                                 "https://gpu.example.org/asks/"])
+def test_an_engine_url_with_another_path_is_taken(qgis_app, url):
+    from geovqa.settings_page import url_problem
+
+    assert url_problem(url) == ""
 
 
 def test_the_ca_certificate_is_for_https_only(qgis_app):

@@ -88,6 +88,25 @@ def test_without_the_ca_setting_a_self_signed_engine_is_not_trusted(https_stub, 
     assert dock.status_level == "down" and "does not trust" in dock.status_label.text()
 
 
+def test_a_remote_https_engine_not_trusted_is_said_so_while_a_local_engine_runs(https_stub, plugin, tmp_path):
+    """A local engine still running (started earlier), the engine URL switched to a remote https
+    engine whose self-signed certificate is not chosen yet: the status line said the local engine
+    was starting instead of the TLS reason."""
+    from test_lifecycle import _stand_in_for_the_plugins_engine
+
+    proc = _stand_in_for_the_plugins_engine(plugin, tmp_path)
+    try:
+        set_settings(engine_url=https_stub.url, token=https_stub.token, ca_cert="")
+        dock = plugin.dock
+        wait_until(lambda: dock._health_task is None, 15, "the running health check")
+        dock.refresh_health()
+        wait_until(lambda: dock._health_task is None, 15, "the health check")
+        text = dock.status_label.text()
+        assert "starting" not in text and "does not trust" in text, text
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 def test_a_ca_file_of_another_certificate_says_it_is_not_the_engines(https_stub, certs):
     from geovqa.client import EngineError
     from geovqa.settings import Settings, make_client
