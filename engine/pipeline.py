@@ -63,9 +63,10 @@ def cache_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# AskRequest fields the server sets itself, never read from a client's JSON: a client that could
-# name an upload's content hash could be served another raster's cached features
-SERVER_ONLY_FIELDS = ("raster_identity",)
+# AskRequest fields the engine's own callers set, never read from a client's JSON: a client that
+# could name an upload's content hash could be served another raster's cached features; the
+# selection text is eval's (the protocol's question is what the strategies score against)
+SERVER_ONLY_FIELDS = ("raster_identity", "selection_text")
 
 
 @dataclass

@@ -21,6 +21,8 @@ def test_ask_request_takes_exactly_the_protocol_fields():
     assert set(AskRequest.__dataclass_fields__) - set(SERVER_ONLY_FIELDS) == set(protocol.ASK_FIELDS)
     with pytest.raises(RequestError, match="Unknown request fields: raster_identity"):
         AskRequest.from_json({"raster_path": "a.tif", "question": "q?", "raster_identity": "sha256:0"})
+    with pytest.raises(RequestError, match="Unknown request fields: selection_text"):
+        AskRequest.from_json({"raster_path": "a.tif", "question": "q?", "selection_text": "boats"})
 
 
 def test_shared_model_settings_are_ask_and_batch_fields():
