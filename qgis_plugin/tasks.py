@@ -444,8 +444,10 @@ class AskTask(QgsTask):
         self.final = None
 
     def cancel(self) -> None:
-        self.stream.abort()
+        # the flag first: the worker, woken by the abort, must see it (else the run ended as
+        # completed with no final event, and the dock never heard the question had stopped)
         super().cancel()
+        self.stream.abort()
 
     def run(self) -> bool:
         # a batch of one: the upload to a remote engine (when the raster is uploaded) takes the
@@ -506,7 +508,7 @@ class AskTask(QgsTask):
                 "hint": "Please report it with the Diagnostics report.",
             }
             self.engine_event.emit(self.final)
-        return not self.isCanceled()
+        return not (self.isCanceled() or (self.final is None and self.stream.aborted))
 
 
 class BatchTask(QgsTask):
@@ -555,10 +557,10 @@ class BatchTask(QgsTask):
         return len(self.items) * len(self.questions)
 
     def cancel(self) -> None:
+        super().cancel()  # the flag first, as AskTask.cancel
         with self._lock:
             if self._stream is not None:
                 self._stream.abort()
-        super().cancel()
 
     def drop_layer(self, layer_id: str, reason: str) -> None:
         """The layer was removed from the project (main thread): each of its questions not asked
