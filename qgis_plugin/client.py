@@ -176,6 +176,11 @@ def error_from_body(status: int, body: bytes) -> EngineError:
     return EngineError(code, message, hint, status)
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it (an IPv6 address in brackets: ``[::1]:8765``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def engine_address(url: str) -> tuple:
     """``(scheme, host, port, path_prefix)`` of an engine URL, or EngineError('bad_url').
 
@@ -296,9 +301,10 @@ class EngineClient:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._upload_limit = None  # (max_upload_bytes or None,) once /health answered: see upload_limit
-        # set by settings.make_client: an engine started from this QGIS runs to answer at this URL,
-        # so a refused connection means that it is still loading its model (see _unavailable)
-        self.local_engine_loading = False
+        # set by settings.make_client: asked when a connection is refused (a batch's client lives
+        # long, the engine may have stopped meanwhile), true while an engine started from this
+        # QGIS runs to answer at this URL: then it is still loading its model (see _unavailable)
+        self.local_engine_loading = lambda: False
 
     # -- plumbing ---------------------------------------------------------------------------
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
@@ -344,7 +350,7 @@ class EngineClient:
         explained = explain(self, exc)
         if explained is not None:
             return explained
-        if self.local_engine_loading:  # never tell the user to start what is starting
+        if self.local_engine_loading():  # never tell the user to start what is starting
             return EngineUnavailable(
                 "engine_down",
                 "The local engine started from QGIS is still loading the model (nothing answers at "
@@ -399,7 +405,7 @@ class EngineClient:
             raise EngineError(
                 exc.code, f"Nothing answers {self.base_url}{HEALTH_ENDPOINT} ({exc.message.rstrip('.')}).",
                 f"Check the path in the engine URL (Settings > Options > GeoVQA): it is the engine's base "
-                f"URL, such as {self.scheme}://{self.host}:{self.port}, without /health or another endpoint.",
+                f"URL, such as {self.scheme}://{host_port(self.host, self.port)}, without /health or another endpoint.",
                 exc.status) from None
         if not isinstance(health, dict) or "protocol" not in health:
             raise EngineError(

@@ -41,7 +41,7 @@ from . import status as engine_status
 from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, is_unreferenced_file,
                   request_aoi)
 from .bands import bands_text, layer_bands
-from .client import EngineError, build_ask_request, engine_address, new_request_id, question_too_long
+from .client import EngineError, build_ask_request, engine_address, host_port, new_request_id, question_too_long
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
 from .paths import export_path
@@ -812,7 +812,9 @@ class ChatDock(QgsDockWidget):
         the dock (the x on its bar in QGIS's task list). The turn ends as *Stop* ends it. A
         question the dock stopped or superseded itself is no longer the current one: nothing
         more is said of it."""
-        if request_id != self.current_request_id or self._shut_down:
+        # self.task None: the dock's own stop() is cancelling it (a queued task ends inside
+        # cancel()), and says why itself
+        if self.task is None or request_id != self.current_request_id or self._shut_down:
             return
         self.task = None  # the task manager deletes it
         self.stop()
@@ -1013,7 +1015,7 @@ class ChatDock(QgsDockWidget):
             _scheme, host, port, _prefix = engine_address(Settings.load().engine_url)
         except (EngineError, ValueError):
             return Settings.load().engine_url
-        return f"{host}:{port}"
+        return host_port(host, port)
 
     def _health_done(self, health, error):
         code = getattr(self._health_task, "error_code", None)

@@ -336,5 +336,6 @@ def make_client(settings: "Settings | None" = None):
         client.token_error = token_error
     from .engine_process import local_engine_serves
 
-    client.local_engine_loading = local_engine_serves(settings.engine_url)
+    url = settings.engine_url
+    client.local_engine_loading = lambda: local_engine_serves(url)
     return client

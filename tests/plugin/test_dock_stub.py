@@ -772,3 +772,45 @@ def test_an_unwritable_results_folder_keeps_the_answer_about_a_rendered_layer(pl
     assert not turn["rendered_path"].startswith(str(blocker))
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
     assert any("could not be saved" in m and str(blocker) in m for m in warnings), warnings
+
+
+@pytest.mark.parametrize("how", ["supersede", "reason"])
+def test_a_question_stopped_while_still_queued_keeps_its_reason(plugin, raster_layer, stub_engine, how):
+    """A task still waiting in QGIS's queue ends inside cancel(): its taskTerminated came while the
+    dock's stop() was running and a second, plain stop() overwrote the reason ("superseded by a
+    newer question", "stopped: the layer was removed") with "stopped"."""
+    import threading
+
+    from qgis.core import QgsTask
+    from qgis.PyQt.QtCore import QRunnable, QThreadPool
+
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    wait_for_tasks()
+    release = threading.Event()
+
+    class Busy(QRunnable):  # every thread of the pool QGIS's tasks run in is taken
+        def run(self):
+            release.wait(20)
+
+    pool = QThreadPool.globalInstance()
+    busy = [Busy() for _ in range(pool.maxThreadCount())]
+    for runnable in busy:
+        runnable.setAutoDelete(False)
+        pool.start(runnable)
+    try:
+        dock.ask("first question")
+        turn = dock.current_turn
+        assert dock.task.status() == QgsTask.TaskStatus.Queued
+        if how == "supersede":
+            dock.ask("second question")
+            expected = "superseded by a newer question"
+        else:
+            dock.stop(reason="stopped: the layer was removed")
+            expected = "stopped: the layer was removed"
+        assert turn["done"] and turn["meta"] == expected
+    finally:
+        release.set()
+    wait_for_tasks()
+    assert turn["meta"] == expected

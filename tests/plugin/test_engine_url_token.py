@@ -392,3 +392,38 @@ def test_this_computers_real_address_is_local(qgis_app):
     if not own:
         pytest.skip("this computer has no non-loopback IPv4 address")
     assert is_loopback_url(f"http://{own[0]}:8765")
+
+
+def test_a_long_lived_client_asks_whether_the_local_engine_still_runs_when_refused(qgis_app):
+    """The batch dialog and Processing make one client for a whole run: "the local engine is still
+    loading" was decided when it was made, and every later row said so after the engine had died."""
+    from conftest import free_port
+
+    from geovqa.client import EngineError
+    from geovqa.engine_process import EngineProcess
+    from geovqa.settings import make_client
+
+    port = free_port()
+    s = set_settings(engine_url=f"http://127.0.0.1:{port}")
+    proc = EngineProcess()
+    proc.serving = ("http", "127.0.0.1", port)  # started from QGIS, loading
+    try:
+        client = make_client(s)
+        with pytest.raises(EngineError) as loading:
+            client.health()
+        assert "still loading the model" in str(loading.value)
+        proc.serving = None  # it died (or was stopped)
+        with pytest.raises(EngineError) as down:
+            client.health()
+        assert "still loading" not in str(down.value) and "not reachable" in str(down.value)
+    finally:
+        proc.serving = None
+
+
+@pytest.mark.parametrize("host, text", [("127.0.0.1", "127.0.0.1:8765"), ("::1", "[::1]:8765")])
+def test_a_suggested_engine_address_is_one_the_options_take(host, text):
+    """The 404 hint suggested http://::1:8765 for an IPv6 engine, which the options refuse."""
+    from geovqa.client import engine_address, host_port
+
+    assert host_port(host, 8765) == text
+    assert engine_address(f"http://{text}")[1:3] == (host, 8765)
