@@ -27,7 +27,7 @@ from qgis.core import (
 
 from ..client import EngineError, questions_too_long
 from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
-from ..results_io import CANCELLED, CsvRows, is_cancelled, write_json
+from ..results_io import CANCELLED, CsvRows, is_cancelled, is_failure, write_json
 from ..settings import Settings
 from ..tasks import BatchProgress, prepare_item_upload
 from .common import (
@@ -204,7 +204,9 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                     if upload is not None:
                         upload.cleanup()  # its temporary copy, also on cancel or failure
         out = {self.OUTPUT: csv_path, self.ANSWERED: sum(1 for r in rows if r["answer"] is not None),
-               self.ERRORS: sum(1 for r in rows if r["error"] and not is_cancelled(r))}  # a cancel is no error
+               # failed questions, as the batch dialog counts them: not a cancel, nor an answer kept
+               # without its heatmap/anchors (its error column says what is missing)
+               self.ERRORS: sum(1 for r in rows if is_failure(r))}
         if json_path:
             try:
                 out[self.OUTPUT_JSON] = write_json(rows, json_path)
