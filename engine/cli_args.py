@@ -48,7 +48,7 @@ def writable_folder_problem(folder: Path, option: str) -> str | None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True,
-                        quantization_help: str = "auto = nf4 on CUDA, fp32 on the CPU") -> None:
+                        quantization_help: str = "auto = nf4 on CUDA (bf16 without bitsandbytes), fp32 on the CPU") -> None:
     """--weights, --device, --quantization, --adapter (when `adapter`), --no-demo."""
     p.add_argument("--weights", type=Path, default=None,
                    help="checkpoint folder (default: $GEOVQA_WEIGHTS, then weights/GeoLLaVA-8K, "

@@ -730,12 +730,12 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, log, adapter)")
     add_model_arguments(parser, adapter=False,
                         quantization_help="nf4 = QLoRA; bf16 = LoRA on a bf16 base; "
-                                          "auto = nf4 on CUDA, fp32 on the CPU")
+                                          "auto = nf4 on CUDA (bf16 without bitsandbytes), fp32 on the CPU")
     parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from")
     parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="reject images whose width x height exceeds this (reported per sample)")
     parser.add_argument("--on-bad-sample", choices=["skip", "stop"], default="stop",
-                        help="skip bad samples (each listed in OUT/bad_samples.jsonl) or stop at the first")
+                        help="skip bad samples (each listed in OUT/bad_samples.jsonl) or stop at the first (default: stop)")
     add_strategy_arguments(parser, budget_help="visual token budget per sample")
     parser.add_argument("--lora-r", type=positive_int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
