@@ -157,6 +157,51 @@ def test_the_anchors_of_a_raster_without_crs_lie_over_it(tmp_path, qgis_new_proj
     assert on_map.contains(extent_on_map(hl, utm))
 
 
+def test_gathering_result_files_on_save_as_keeps_the_layers_crs(raster_layer, tmp_path, qgis_new_project):
+    """Save / Save As copies the result files into <project>/geovqa_results and points the
+    layers at the copies: the layers took their file's CRS again, so a CRS the user set on the
+    raster (which the results follow) fell back to the file's, and the anchors of a raster
+    without CRS became EPSG:4326, spread over the map."""
+    from conftest import extent_on_map, write_raster
+    from geovqa.layers import add_result_layers
+    from geovqa.project_results import gather_result_files
+    from osgeo import gdal
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+
+    utm = QgsCoordinateReferenceSystem("EPSG:32633")
+    project = QgsProject.instance()
+    project.setCrs(utm)
+    # a CRS the user set on the raster
+    corrected = QgsCoordinateReferenceSystem("EPSG:32634")
+    layer = raster_layer()
+    (tmp_path / "old" / "geovqa_results").mkdir(parents=True)
+    heat, anchors = _write_results(tmp_path / "old" / "geovqa_results", layer)  # with the file's CRS
+    layer.setCrs(corrected)
+    _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    # a raster without CRS, placed by a geotransform
+    path = write_raster(tmp_path / "no_crs.tif", 200, 150, georeferenced=False)
+    ds = gdal.Open(path, gdal.GA_Update)
+    ds.SetGeoTransform((1000.0, 10.0, 0.0, 2000.0, 0.0, -10.0))
+    ds = None
+    plain = QgsRasterLayer(path, "no crs", "gdal")
+    assert plain.isValid() and not plain.crs().isValid()
+    project.addMapLayer(plain)
+    (tmp_path / "old2" / "geovqa_results").mkdir(parents=True)
+    heat2, anchors2 = _write_results(tmp_path / "old2" / "geovqa_results", plain)
+    _, hl2, al2 = add_result_layers("Where?", str(heat2), str(anchors2), source_layer=plain, crs_wkt="")
+
+    new = tmp_path / "new" / "geovqa_results"
+    moved, problems = gather_result_files(project, new)
+    assert len(moved) == 4 and not problems
+    for lyr in (hl, al, hl2, al2):
+        assert lyr.isValid() and lyr.source().startswith(str(new)), lyr.source()
+    assert (hl.crs(), al.crs()) == (corrected, corrected), (hl.crs().authid(), al.crs().authid())
+    assert not hl2.crs().isValid() and not al2.crs().isValid(), (hl2.crs().authid(), al2.crs().authid())
+    on_map = extent_on_map(plain, utm)
+    assert on_map.contains(extent_on_map(al2, utm)), extent_on_map(al2, utm).toString()
+    assert on_map.contains(extent_on_map(hl2, utm))
+
+
 def test_results_folder_next_to_project(tmp_path, qgis_new_project):
     from geovqa.settings import RESULTS_FOLDER, Settings
     from qgis.core import QgsProject
