@@ -198,7 +198,22 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
             mark_result_layer(lyr, "heatmap" if lyr is heat else "anchors")
             project.addMapLayer(lyr, False)
             group.addLayer(lyr)
+    _above_source_in_custom_order(root, [lyr for lyr in (anchors, heat) if lyr is not None], source_layer)
     if source_layer is not None:
         group.setCustomProperty("geovqa/source_layer", source_layer.id())
     group.setCustomProperty("geovqa/question", question)
     return group, heat, anchors
+
+
+def _above_source_in_custom_order(root, layers: list, source_layer) -> None:
+    """With the Layer Order panel's *Control rendering order* on, QGIS puts new layers at the
+    bottom of the custom order, under their (opaque) raster, which hid them: ``layers`` (first:
+    drawn on top) go right above ``source_layer`` there, or at the top when it is not in it."""
+    if not layers or not root.hasCustomLayerOrder():
+        return
+    ids = {lyr.id() for lyr in layers}
+    order = [lyr for lyr in root.customLayerOrder() if lyr is not None and lyr.id() not in ids]
+    at = 0
+    if source_layer is not None and not isinstance(source_layer, str):
+        at = next((i for i, lyr in enumerate(order) if lyr.id() == source_layer.id()), 0)
+    root.setCustomLayerOrder(order[:at] + list(layers) + order[at:])

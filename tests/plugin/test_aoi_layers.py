@@ -115,6 +115,28 @@ def test_an_anchors_file_with_no_feature_keeps_the_heatmap(raster_layer, tmp_pat
     assert [c.layer().name() for c in group.findLayers()] == [heatmap_name("Where?", layer)]
 
 
+def test_result_layers_are_drawn_above_their_raster_with_a_custom_layer_order(raster_layer, tmp_path):
+    """The Layer Order panel's 'Control rendering order' on: QGIS put the new result layers at the
+    bottom of the custom order, under the opaque raster they are about, which hid them."""
+    from geovqa.layers import add_result_layers
+    from qgis.core import QgsProject
+
+    below, layer, above = raster_layer("below"), raster_layer("scene"), raster_layer("above")
+    root = QgsProject.instance().layerTreeRoot()
+    root.setHasCustomLayerOrder(True)
+    root.setCustomLayerOrder([above, layer, below])  # first: drawn on top
+    heat, anchors = _write_results(tmp_path, layer)
+    _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert [lyr.id() for lyr in root.layerOrder()] == [above.id(), al.id(), hl.id(), layer.id(), below.id()]
+    # the raster not in the custom order (or not known): on top
+    (tmp_path / "b").mkdir()
+    heat, anchors = _write_results(tmp_path / "b", layer)
+    root.setCustomLayerOrder([below])
+    _, hl2, al2 = add_result_layers("Where?", str(heat), str(anchors))
+    assert [lyr.id() for lyr in root.customLayerOrder()][:2] == [al2.id(), hl2.id()]
+    assert root.layerOrder()[0].id() == al2.id()
+
+
 def test_result_layers_follow_a_crs_the_user_set_on_the_layer(raster_layer, tmp_path):
     """A file tagged with a wrong CRS, corrected in QGIS: the heatmap kept the file's tag and
     landed hundreds of kilometres from the image and its anchors."""
