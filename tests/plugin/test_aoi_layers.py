@@ -115,6 +115,33 @@ def test_an_anchors_file_with_no_feature_keeps_the_heatmap(raster_layer, tmp_pat
     assert [c.layer().name() for c in group.findLayers()] == [heatmap_name("Where?", layer)]
 
 
+def test_one_question_asked_again_gets_groups_and_layers_told_apart(raster_layer, tmp_path):
+    """The same question asked again about one layer (another strategy, budget or area, to compare
+    what the model kept) gave groups and layers with the very same names."""
+    from geovqa.layers import add_result_layers, anchors_name, group_name, heatmap_name
+
+    layer = raster_layer()
+    q = "Where are the ships?"
+    got = []
+    for n in range(3):
+        (tmp_path / str(n)).mkdir()
+        heat, anchors = _write_results(tmp_path / str(n), layer)
+        got.append(add_result_layers(q, str(heat), str(anchors), source_layer=layer))
+    assert [(g.name(), h.name(), a.name()) for g, h, a in got] == [
+        (group_name(q) + suffix, heatmap_name(q, layer) + suffix, anchors_name(q, layer) + suffix)
+        for suffix in ("", " (2)", " (3)")]
+    # another question keeps its plain names; a number freed again is taken again
+    (tmp_path / "x").mkdir()
+    heat, anchors = _write_results(tmp_path / "x", layer)
+    g, h, _ = add_result_layers("How many?", str(heat), str(anchors), source_layer=layer)
+    assert (g.name(), h.name()) == (group_name("How many?"), heatmap_name("How many?", layer))
+    got[1][0].parent().removeChildNode(got[1][0])
+    (tmp_path / "y").mkdir()
+    heat, anchors = _write_results(tmp_path / "y", layer)
+    g, h, _ = add_result_layers(q, str(heat), str(anchors), source_layer=layer)
+    assert (g.name(), h.name()) == (group_name(q) + " (2)", heatmap_name(q, layer) + " (2)")
+
+
 def test_result_layers_are_drawn_above_their_raster_with_a_custom_layer_order(raster_layer, tmp_path):
     """The Layer Order panel's 'Control rendering order' on: QGIS put the new result layers at the
     bottom of the custom order, under the opaque raster they are about, which hid them."""
