@@ -14,6 +14,7 @@ from qgis.core import (
     QgsColorRampShader,
     QgsCoordinateReferenceSystem,
     QgsFillSymbol,
+    QgsLayerTree,
     QgsProject,
     QgsRasterLayer,
     QgsRasterShader,
@@ -169,21 +170,25 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
                       source_layer=None, crs_wkt: str | None = None, project: QgsProject | None = None):
     """Add a group named after the question holding the heatmap and anchors layers.
 
-    The group goes right above the source layer's position at the top of the tree. Layers get
+    The group goes right above the source layer's position at the top of the tree; when a group
+    of its name is there already (the question asked again), the group and its layers get a
+    running number, " (2)", " (3)"... (:func:`_running_number`). Layers get
     the source raster's CRS, or none when it has none (:func:`set_result_crs`).
     Returns ``(group, heatmap_layer | None, anchors_layer | None)``.
     """
     project = project or QgsProject.instance()
+    root = project.layerTreeRoot()
+    number = _running_number(root, group_name(question))
     crs = _crs(crs_wkt, source_layer)
     heat = anchors = None
     if heatmap_path:
-        heat = QgsRasterLayer(str(heatmap_path), heatmap_name(question, source_layer), "gdal")
+        heat = QgsRasterLayer(str(heatmap_path), heatmap_name(question, source_layer) + number, "gdal")
         if not heat.isValid():
             raise ResultLayerError(f"The heatmap {heatmap_path} could not be opened as a raster.")
         set_result_crs(heat, crs)  # the source layer's CRS, also when the user overrode the file's own
         style_heatmap(heat)
     if anchors_path:
-        anchors = QgsVectorLayer(str(anchors_path), anchors_name(question, source_layer), "ogr")
+        anchors = QgsVectorLayer(str(anchors_path), anchors_name(question, source_layer) + number, "ogr")
         if not anchors.isValid():
             raise ResultLayerError(f"The anchors {anchors_path} could not be opened as a vector layer.")
         if has_no_features(anchors):
@@ -191,14 +196,46 @@ def add_result_layers(question: str, heatmap_path: str | None, anchors_path: str
         else:
             set_result_crs(anchors, crs)  # also none: OGR would read a GeoJSON without CRS as EPSG:4326
             style_anchors(anchors)
-    root = project.layerTreeRoot()
-    group = root.insertGroup(0, group_name(question))
+    group = root.insertGroup(0, group_name(question) + number)
     for lyr in (anchors, heat):
         if lyr is not None:
             mark_result_layer(lyr, "heatmap" if lyr is heat else "anchors")
             project.addMapLayer(lyr, False)
             group.addLayer(lyr)
+    _above_source_in_custom_order(root, [lyr for lyr in (anchors, heat) if lyr is not None], source_layer)
     if source_layer is not None:
         group.setCustomProperty("geovqa/source_layer", source_layer.id())
     group.setCustomProperty("geovqa/question", question)
     return group, heat, anchors
+
+
+def _running_number(root, name: str) -> str:
+    """"" when no group in the layer tree is called ``name``, else " (2)", " (3)"...: the first
+    free one, so that the groups and layers of one question asked again (another strategy,
+    budget or area) can be told apart. Nothing looks result layers up by name (ids are kept)."""
+    names, nodes = set(), list(root.children())
+    while nodes:
+        node = nodes.pop()
+        if QgsLayerTree.isGroup(node):
+            names.add(node.name())
+            nodes.extend(node.children())
+    if name not in names:
+        return ""
+    n = 2
+    while f"{name} ({n})" in names:
+        n += 1
+    return f" ({n})"
+
+
+def _above_source_in_custom_order(root, layers: list, source_layer) -> None:
+    """With the Layer Order panel's *Control rendering order* on, QGIS puts new layers at the
+    bottom of the custom order, under their (opaque) raster, which hid them: ``layers`` (first:
+    drawn on top) go right above ``source_layer`` there, or at the top when it is not in it."""
+    if not layers or not root.hasCustomLayerOrder():
+        return
+    ids = {lyr.id() for lyr in layers}
+    order = [lyr for lyr in root.customLayerOrder() if lyr is not None and lyr.id() not in ids]
+    at = 0
+    if source_layer is not None and not isinstance(source_layer, str):
+        at = next((i for i, lyr in enumerate(order) if lyr.id() == source_layer.id()), 0)
+    root.setCustomLayerOrder(order[:at] + list(layers) + order[at:])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from qgis.core import QgsDataProvider, QgsMapLayerStyle
+from qgis.core import QgsCoordinateReferenceSystem, QgsDataProvider, QgsMapLayerStyle
 
 from .layers import is_result_layer
 from .settings import RESULTS_FOLDER, profile_results_dir
@@ -73,11 +73,18 @@ def _copy_with_sidecars(src: Path, folder: Path) -> Path:
 
 
 def _point_at(layer, source: str) -> None:
-    """``layer`` reads ``source`` from now on, with the style it had."""
+    """``layer`` reads ``source`` from now on, with the style and the CRS it had.
+
+    setDataSource gives the layer its new file's CRS again: a CRS the user set on the raster
+    (which add_result_layers gave its result layers) fell back to the file's own, and the
+    anchors of a raster without CRS (kept without one, as the raster) got QGIS's default for
+    an unknown CRS (EPSG:4326), spread over the map. The layer's CRS, valid or not, is kept."""
     style = QgsMapLayerStyle()
     style.readFromLayer(layer)
+    crs = QgsCoordinateReferenceSystem(layer.crs())
     layer.setDataSource(source, layer.name(), layer.providerType(), QgsDataProvider.ProviderOptions())
     style.writeToLayer(layer)
+    layer.setCrs(crs)
 
 
 def gather_result_files(project, folder) -> tuple:

@@ -153,23 +153,41 @@ def image_to_rgba(image: QImage) -> np.ndarray:
 
 
 def write_geotiff(rgba: np.ndarray, extent: QgsRectangle, crs_wkt: str, path: str) -> str:
-    """Write RGB bands (alpha 0 -> nodata 0) with a north-up geotransform. Worker-thread safe."""
+    """Write RGB bands with a north-up geotransform; what QGIS drew transparent (alpha 0) is 0
+    in the bands and masked out by an internal per-dataset mask (inside the TIFF), so that the
+    engine, which honours GDAL masks, reads it as nodata and not as black image (keeping tokens
+    there and drawing heatmap cells and anchors over an area where the layer shows nothing).
+    No mask when every pixel was drawn. Worker-thread safe."""
     from osgeo import gdal
 
     h, w = rgba.shape[:2]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), w, h, 3, gdal.GDT_Byte, ["COMPRESS=DEFLATE"])
-    if ds is None:
-        raise OSError(f"GDAL could not create {path}.")
-    ds.SetGeoTransform((extent.xMinimum(), extent.width() / w, 0.0, extent.yMaximum(), 0.0, -extent.height() / h))
-    ds.SetProjection(crs_wkt)
     alpha = rgba[:, :, 3]
-    for b in range(3):
-        band = rgba[:, :, b].copy()
-        band[alpha == 0] = 0
-        ds.GetRasterBand(b + 1).WriteArray(band)
-    ds.FlushCache()
-    ds = None
+    transparent = alpha == 0
+    # the mask inside the TIFF (GDAL < 3.9 writes an .msk beside it by default, which an upload
+    # to a remote engine would not send). Thread-local: other GDAL users in QGIS are not affected.
+    previous = gdal.GetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", None)
+    gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", "YES")
+    try:
+        ds = gdal.GetDriverByName("GTiff").Create(str(path), w, h, 3, gdal.GDT_Byte, ["COMPRESS=DEFLATE"])
+        if ds is None:
+            raise OSError(f"GDAL could not create {path}.")
+        ds.SetGeoTransform((extent.xMinimum(), extent.width() / w, 0.0, extent.yMaximum(), 0.0,
+                            -extent.height() / h))
+        ds.SetProjection(crs_wkt)
+        for b in range(3):
+            band = rgba[:, :, b].copy()
+            band[transparent] = 0
+            ds.GetRasterBand(b + 1).WriteArray(band)
+        if transparent.any():
+            if ds.CreateMaskBand(gdal.GMF_PER_DATASET) != 0:
+                raise OSError(f"GDAL could not add a mask to {path}: {gdal.GetLastErrorMsg()}")
+            mask = ds.GetRasterBand(1).GetMaskBand()
+            mask.WriteArray(np.where(transparent, 0, 255).astype(np.uint8))
+        ds.FlushCache()
+        ds = None
+    finally:
+        gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", previous)
     return str(path)
 
 

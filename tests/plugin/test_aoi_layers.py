@@ -115,6 +115,55 @@ def test_an_anchors_file_with_no_feature_keeps_the_heatmap(raster_layer, tmp_pat
     assert [c.layer().name() for c in group.findLayers()] == [heatmap_name("Where?", layer)]
 
 
+def test_one_question_asked_again_gets_groups_and_layers_told_apart(raster_layer, tmp_path):
+    """The same question asked again about one layer (another strategy, budget or area, to compare
+    what the model kept) gave groups and layers with the very same names."""
+    from geovqa.layers import add_result_layers, anchors_name, group_name, heatmap_name
+
+    layer = raster_layer()
+    q = "Where are the ships?"
+    got = []
+    for n in range(3):
+        (tmp_path / str(n)).mkdir()
+        heat, anchors = _write_results(tmp_path / str(n), layer)
+        got.append(add_result_layers(q, str(heat), str(anchors), source_layer=layer))
+    assert [(g.name(), h.name(), a.name()) for g, h, a in got] == [
+        (group_name(q) + suffix, heatmap_name(q, layer) + suffix, anchors_name(q, layer) + suffix)
+        for suffix in ("", " (2)", " (3)")]
+    # another question keeps its plain names; a number freed again is taken again
+    (tmp_path / "x").mkdir()
+    heat, anchors = _write_results(tmp_path / "x", layer)
+    g, h, _ = add_result_layers("How many?", str(heat), str(anchors), source_layer=layer)
+    assert (g.name(), h.name()) == (group_name("How many?"), heatmap_name("How many?", layer))
+    got[1][0].parent().removeChildNode(got[1][0])
+    (tmp_path / "y").mkdir()
+    heat, anchors = _write_results(tmp_path / "y", layer)
+    g, h, _ = add_result_layers(q, str(heat), str(anchors), source_layer=layer)
+    assert (g.name(), h.name()) == (group_name(q) + " (2)", heatmap_name(q, layer) + " (2)")
+
+
+def test_result_layers_are_drawn_above_their_raster_with_a_custom_layer_order(raster_layer, tmp_path):
+    """The Layer Order panel's 'Control rendering order' on: QGIS put the new result layers at the
+    bottom of the custom order, under the opaque raster they are about, which hid them."""
+    from geovqa.layers import add_result_layers
+    from qgis.core import QgsProject
+
+    below, layer, above = raster_layer("below"), raster_layer("scene"), raster_layer("above")
+    root = QgsProject.instance().layerTreeRoot()
+    root.setHasCustomLayerOrder(True)
+    root.setCustomLayerOrder([above, layer, below])  # first: drawn on top
+    heat, anchors = _write_results(tmp_path, layer)
+    _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert [lyr.id() for lyr in root.layerOrder()] == [above.id(), al.id(), hl.id(), layer.id(), below.id()]
+    # the raster not in the custom order (or not known): on top
+    (tmp_path / "b").mkdir()
+    heat, anchors = _write_results(tmp_path / "b", layer)
+    root.setCustomLayerOrder([below])
+    _, hl2, al2 = add_result_layers("Where?", str(heat), str(anchors))
+    assert [lyr.id() for lyr in root.customLayerOrder()][:2] == [al2.id(), hl2.id()]
+    assert root.layerOrder()[0].id() == al2.id()
+
+
 def test_result_layers_follow_a_crs_the_user_set_on_the_layer(raster_layer, tmp_path):
     """A file tagged with a wrong CRS, corrected in QGIS: the heatmap kept the file's tag and
     landed hundreds of kilometres from the image and its anchors."""
@@ -155,6 +204,51 @@ def test_the_anchors_of_a_raster_without_crs_lie_over_it(tmp_path, qgis_new_proj
     on_map = extent_on_map(layer, utm)
     assert on_map.contains(extent_on_map(al, utm)), extent_on_map(al, utm).toString()
     assert on_map.contains(extent_on_map(hl, utm))
+
+
+def test_gathering_result_files_on_save_as_keeps_the_layers_crs(raster_layer, tmp_path, qgis_new_project):
+    """Save / Save As copies the result files into <project>/geovqa_results and points the
+    layers at the copies: the layers took their file's CRS again, so a CRS the user set on the
+    raster (which the results follow) fell back to the file's, and the anchors of a raster
+    without CRS became EPSG:4326, spread over the map."""
+    from conftest import extent_on_map, write_raster
+    from geovqa.layers import add_result_layers
+    from geovqa.project_results import gather_result_files
+    from osgeo import gdal
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer
+
+    utm = QgsCoordinateReferenceSystem("EPSG:32633")
+    project = QgsProject.instance()
+    project.setCrs(utm)
+    # a CRS the user set on the raster
+    corrected = QgsCoordinateReferenceSystem("EPSG:32634")
+    layer = raster_layer()
+    (tmp_path / "old" / "geovqa_results").mkdir(parents=True)
+    heat, anchors = _write_results(tmp_path / "old" / "geovqa_results", layer)  # with the file's CRS
+    layer.setCrs(corrected)
+    _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    # a raster without CRS, placed by a geotransform
+    path = write_raster(tmp_path / "no_crs.tif", 200, 150, georeferenced=False)
+    ds = gdal.Open(path, gdal.GA_Update)
+    ds.SetGeoTransform((1000.0, 10.0, 0.0, 2000.0, 0.0, -10.0))
+    ds = None
+    plain = QgsRasterLayer(path, "no crs", "gdal")
+    assert plain.isValid() and not plain.crs().isValid()
+    project.addMapLayer(plain)
+    (tmp_path / "old2" / "geovqa_results").mkdir(parents=True)
+    heat2, anchors2 = _write_results(tmp_path / "old2" / "geovqa_results", plain)
+    _, hl2, al2 = add_result_layers("Where?", str(heat2), str(anchors2), source_layer=plain, crs_wkt="")
+
+    new = tmp_path / "new" / "geovqa_results"
+    moved, problems = gather_result_files(project, new)
+    assert len(moved) == 4 and not problems
+    for lyr in (hl, al, hl2, al2):
+        assert lyr.isValid() and lyr.source().startswith(str(new)), lyr.source()
+    assert (hl.crs(), al.crs()) == (corrected, corrected), (hl.crs().authid(), al.crs().authid())
+    assert not hl2.crs().isValid() and not al2.crs().isValid(), (hl2.crs().authid(), al2.crs().authid())
+    on_map = extent_on_map(plain, utm)
+    assert on_map.contains(extent_on_map(al2, utm)), extent_on_map(al2, utm).toString()
+    assert on_map.contains(extent_on_map(hl2, utm))
 
 
 def test_results_folder_next_to_project(tmp_path, qgis_new_project):

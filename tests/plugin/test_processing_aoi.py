@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import qgis_process_with_plugin, set_settings, virtual_raster_layer, wait_until, write_raster
@@ -376,6 +377,110 @@ def test_render_sizes():
     assert (size.width(), size.height()) == (64, 48)
     size = output_size(ext, 32, 10.0)  # the render size still caps it
     assert (size.width(), size.height()) == (32, 24)
+
+
+def _half_nodata_raster(path, w=448, h=224):
+    """A UTM raster (EPSG:32633, 10 m, origin 500000/5000000) whose right half is nodata: QGIS
+    draws it transparent, as a web service's area it does not cover or a mosaic's gaps."""
+    import numpy as np
+    from osgeo import gdal, osr
+
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), w, h, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetProjection(srs.ExportToWkt())
+    rng = np.random.default_rng(1)
+    for b in range(3):
+        a = (rng.random((h, w)) * 200 + 30).astype(np.uint8)
+        a[:, w // 2:] = 0
+        band = ds.GetRasterBand(b + 1)
+        band.SetNoDataValue(0)
+        band.WriteArray(a)
+    ds = None
+    return str(path)
+
+
+def _render_of_half_nodata(tmp_path):
+    """The render GeoVQA sends the engine of a layer half drawn transparent (path, width)."""
+    from geovqa.render import render_sync
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    layer = QgsRasterLayer(_half_nodata_raster(tmp_path / "half.tif"), "half", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    path, _visible = render_sync(layer, layer.extent(), str(tmp_path / "render.tif"), 448)
+    return path
+
+
+def test_a_render_masks_what_qgis_drew_transparent(raster_layer, tmp_path):
+    """A render (web, virtual, GeoPackage or warped layer) turned what QGIS drew transparent into
+    black (RGB 0) but declared no nodata or mask: the engine read it as black image, kept tokens
+    there and drew heatmap cells and anchors where the layer shows nothing. Now the render has an
+    internal per-dataset mask (inside the TIFF: an upload to a remote engine keeps it, cut or not)."""
+    import numpy as np
+    from geovqa.upload import needs_translation, translate_to_geotiff
+    from osgeo import gdal
+
+    path = _render_of_half_nodata(tmp_path)
+    assert not Path(path + ".msk").exists() and not needs_translation(path)
+    ds = gdal.Open(path)
+    w = ds.RasterXSize
+    for b in range(1, 4):
+        band = ds.GetRasterBand(b)
+        assert band.GetMaskFlags() == gdal.GMF_PER_DATASET, band.GetMaskFlags()
+        mask = band.GetMaskBand().ReadAsArray()
+        assert mask[:, w // 2 + 2:].max() == 0 and mask[:, : w // 2 - 2].min() == 255
+        assert band.ReadAsArray()[:, w // 2 + 2:].max() == 0
+    ds = None
+    # cut for a remote engine (an area of interest): the mask goes with the cut
+    cut = translate_to_geotiff(path, str(tmp_path / "cut.tif"), (w // 2 - 20, 0, 40, 20))
+    ds = gdal.Open(cut)
+    mask = ds.GetRasterBand(1).GetMaskBand().ReadAsArray()
+    ds = None
+    assert not Path(cut + ".msk").exists()
+    assert np.array_equal(mask[:, :18], np.full((20, 18), 255)) and mask[:, 22:].max() == 0
+    # a layer drawn whole: no mask
+    from geovqa.render import render_sync
+
+    drawn = raster_layer("drawn")
+    whole = render_sync(drawn, drawn.extent(), str(tmp_path / "whole.tif"), 64)[0]
+    ds = gdal.Open(whole)
+    assert ds.GetRasterBand(1).GetMaskFlags() == gdal.GMF_ALL_VALID
+
+
+def test_the_engine_keeps_no_token_on_the_transparent_part_of_a_render(tmp_path, qgis_new_project):
+    """The real engine (tiny demo model) asked about such a render: no heatmap cell and no anchor
+    on the half the layer does not show."""
+    import glob
+    import json
+    import os
+
+    import numpy as np
+    from conftest import ENGINE_PY, ENGINE_ROOT, _engine_importable
+    from osgeo import gdal, ogr
+
+    ok, why = _engine_importable()
+    if not ok:
+        pytest.skip(f"the engine cannot be imported: {why}")
+    path = _render_of_half_nodata(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"), OMP_NUM_THREADS="1")
+    env.pop("QT_QPA_PLATFORM", None)
+    r = subprocess.run([str(ENGINE_PY), "-m", "engine", "ask", path, "Where are ships?", "--output-dir", str(out),
+                        "--json"], cwd=ENGINE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ds = gdal.Open(glob.glob(str(out / "*_heatmap.tif"))[0])
+    gt, heat = ds.GetGeoTransform(), ds.GetRasterBand(1).ReadAsArray()
+    mid = 500000 + 448 * 10 / 2
+    xs = gt[0] + (np.arange(heat.shape[1]) + 0.5) * gt[1]
+    assert int(np.sum(~np.isnan(heat[:, xs > mid]))) == 0
+    assert int(np.sum(~np.isnan(heat[:, xs < mid]))) > 0
+    feats = json.loads(Path(glob.glob(str(out / "*_anchors.geojson"))[0]).read_text())["features"]
+    right = ogr.CreateGeometryFromWkt(f"POLYGON(({mid} 4990000,{mid + 5000} 4990000,{mid + 5000} 5000000,"
+                                      f"{mid} 5000000,{mid} 4990000))")
+    assert sum(ogr.CreateGeometryFromJson(json.dumps(f["geometry"])).Intersection(right).GetArea()
+               for f in feats) == 0
 
 
 # --- 4. an area of interest with no area ------------------------------------------------------
