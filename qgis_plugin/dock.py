@@ -44,7 +44,7 @@ from .bands import bands_text, layer_bands
 from .client import EngineError, build_ask_request, engine_address, host_port, new_request_id, question_too_long
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
-from .paths import export_path
+from .paths import export_path, public_source
 from .project_results import gather_result_files
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
@@ -564,7 +564,7 @@ class ChatDock(QgsDockWidget):
         layer = self.layer_combo.currentLayer()
         path = str(path)
         if path.lower().endswith(".json"):
-            data = {"layer": layer.name() if layer else None, "source": layer.source() if layer else None,
+            data = {"layer": layer.name() if layer else None, "source": public_source(layer.source()) if layer else None,
                     "turns": [self._exported_turn(t, layer is None) for t in self.turns(layer)]}
             Path(path).write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
         else:

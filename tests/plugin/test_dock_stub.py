@@ -56,6 +56,37 @@ def test_an_exported_conversation_keeps_its_text_readable(plugin, raster_layer, 
     wait_for_tasks()
 
 
+def test_the_json_export_leaves_out_a_web_layers_password(plugin, qgis_new_project, tmp_path):
+    """The JSON export's "source" was the layer's source as it is: the username *and password*
+    (and authcfg id) of an XYZ / WMS layer with basic authentication ended up in a file meant to be
+    shared."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    (tmp_path / "t").mkdir()
+    url = (tmp_path / "t").as_uri() + "/{z}/{x}/{y}.png"
+    layer = QgsRasterLayer(f"type=xyz&url={url}&zmin=0&zmax=1&username=alice&password=s3cret&authcfg=ab12cd3",
+                           "tiles", "wms")
+    assert layer.isValid(), layer.error().summary()
+    QgsProject.instance().addMapLayer(layer)
+    dock = plugin.dock
+    dock.set_layer(layer)
+    text = Path(dock.export_conversation(str(tmp_path / "c.json"))).read_text(encoding="utf-8")
+    assert "s3cret" not in text and "ab12cd3" not in text
+    assert json.loads(text)["source"] == f"type=xyz&url={url}&zmin=0&zmax=1&username=alice"
+
+
+@pytest.mark.parametrize("source, public", [
+    ("/data/a.tif", "/data/a.tif"),
+    ("password=pw&crs=EPSG:3857&url=http://h/wms", "crs=EPSG:3857&url=http://h/wms"),
+    ("dbname='d' host=h user='u' password='p w' sslmode=disable", "dbname='d' host=h user='u' sslmode=disable"),
+    ("/vsicurl/https://alice:s3cret@h/x.tif", "/vsicurl/https://alice@h/x.tif"),
+])
+def test_a_public_source_has_no_password(source, public):
+    from geovqa.paths import public_source
+
+    assert public_source(source) == public
+
+
 def test_copy_and_export_while_the_answer_streams_mark_it_incomplete(plugin, raster_layer, stub_engine, tmp_path):
     """Copy or Export during the answer gave its first words as if they were the answer ("A: The ")."""
     from qgis.PyQt.QtWidgets import QApplication
