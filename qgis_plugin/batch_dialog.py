@@ -48,6 +48,7 @@ from .bands import bands_cell, layer_bands
 from .client import questions_too_long
 from .compat import MSG_WARNING, is_raster_layer
 from .paths import export_path
+from .project_results import gather_into_project, moved_path
 from .render import LayerRenderer, layer_file_path, render_file
 from .results_io import files_note, is_cancelled, is_failure, write_csv, write_json
 from .settings import Settings, make_client
@@ -534,6 +535,24 @@ class BatchDialog(QDialog):
                                                 source_layer=layer, crs_wkt=row.get("crs_wkt"))
             except result_layers.ResultLayerError as exc:
                 self._note(str(exc))
+            else:
+                self._gather_results(row)
+
+    def _gather_results(self, row):
+        """The project was saved under a (new) name while the batch ran (its results folder is
+        the one of when it started): the row's files go into the project's results folder as
+        the Save would have put them, the rows' paths following the copies."""
+        gathered = gather_into_project(QgsProject.instance(), [row.get("heatmap_path"), row.get("anchors_path")])
+        if gathered is None:
+            return
+        folder, moved, problems = gathered
+        for r in self.rows:
+            for key in ("heatmap_path", "anchors_path"):
+                r[key] = moved_path(r.get(key), moved)
+        if moved:
+            self._note(f"Its result files were copied into {folder}, to stay with the project.")
+        if problems:
+            self._note(f"Some result files could not be copied into {folder}: {'; '.join(problems)}")
 
     @staticmethod
     def _mark_files_note(cell, note: str):

@@ -45,7 +45,7 @@ from .client import EngineError, build_ask_request, engine_address, host_port, n
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
 from .paths import export_path, public_source
-from .project_results import gather_result_files
+from .project_results import gather_into_project
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
@@ -444,12 +444,16 @@ class ChatDock(QgsDockWidget):
         files outside its results folder (asked before its first save, or of the project it was
         saved from) are copied into it, so the project keeps its layers wherever it goes
         (:mod:`project_results`)."""
-        project = QgsProject.instance()
-        settings = Settings.load()
-        if not project.fileName() or settings.output_dir.strip():
-            return  # a results folder the user chose is where they want the results
-        folder = settings.results_dir(project)
-        moved, problems = gather_result_files(project, folder)
+        self._gather_results()
+
+    def _gather_results(self, paths=None):
+        """Copy the project's result files lying outside its results folder into it (with
+        ``paths``, an answer's files: only when one of them is outside), the turns' record of
+        the files following the copies; the message bar says so."""
+        gathered = gather_into_project(QgsProject.instance(), paths)
+        if gathered is None:
+            return {}
+        folder, moved, problems = gathered
         for turns in self.conversations.values():  # their record of the files follows the copies
             for turn in turns:
                 result = turn.get("result") or {}
@@ -463,6 +467,7 @@ class ChatDock(QgsDockWidget):
         if problems:
             self._notify(f"Some result files could not be copied into {folder} (their layers keep the old "
                          f"files, outside the project's folder): {'; '.join(problems)}", MSG_WARNING)
+        return moved
 
     def _project_saving(self, _doc):
         """The project is being written: its entry gets the answers streamed since (a question
@@ -943,6 +948,9 @@ class ChatDock(QgsDockWidget):
                 turn["anchors_layer_id"] = anchors.id() if anchors else None
             except result_layers.ResultLayerError as exc:
                 self._notify(str(exc), MSG_WARNING)
+            else:  # asked before a Save / Save As gave the project its results folder
+                moved = self._gather_results([ev.get("local_heatmap_path"), ev.get("local_anchors_path")])
+                ev = {**ev, **{k: moved.get(ev.get(k), ev.get(k)) for k in ("local_heatmap_path", "local_anchors_path")}}
         self._say_where_results_went(turn, ev)
         if ev.get("files_warning"):  # the answer is complete; only its layers are missing
             turn["files_warning"] = ev["files_warning"]

@@ -14,6 +14,10 @@ the profile's results folder, in a project's ``geovqa_results``, or in Processin
 folder (an output left temporary, gone when QGIS exits); a heatmap Processing wrote where the user said
 stays there.
 
+An answer still streaming when the project is saved under a new name (its task was given the
+results folder of when it was asked) has its files gathered as its layers are added
+(:func:`gather_into_project`), so no later Save leaves them behind.
+
 Main thread only (changes layers).
 """
 
@@ -25,7 +29,7 @@ from pathlib import Path
 from qgis.core import QgsCoordinateReferenceSystem, QgsDataProvider, QgsMapLayerStyle
 
 from .layers import is_result_layer
-from .settings import RESULTS_FOLDER, profile_results_dir
+from .settings import RESULTS_FOLDER, Settings, profile_results_dir
 
 
 def _file_of(layer) -> tuple:
@@ -111,3 +115,22 @@ def gather_result_files(project, folder) -> tuple:
             continue
         _point_at(layer, moved[str(src)] + rest)
     return moved, problems
+
+
+def gather_into_project(project, paths=None):
+    """Gather the project's result files into its own results folder, when it has one (a file
+    name, and no results folder set in the options); with ``paths`` (an answer's files) only
+    when one of them lies outside that folder. Returns ``(folder, moved, problems)`` as
+    :func:`gather_result_files`, or None when there was nothing to do."""
+    if not project.fileName() or Settings.load().output_dir.strip():
+        return None  # a results folder the user chose is where they want the results
+    folder = Settings.load().results_dir(project)
+    if paths is not None and all(_inside(Path(p), folder) for p in paths if p):
+        return None
+    moved, problems = gather_result_files(project, folder)
+    return folder, moved, problems
+
+
+def moved_path(path, moved: dict):
+    """``path`` as it is after a gathering that ``moved`` files ({old: new})."""
+    return moved.get(path, path) if isinstance(path, str) else path

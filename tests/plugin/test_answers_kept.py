@@ -7,6 +7,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import python_errors, wait_for_tasks, wait_until
 
 
@@ -669,3 +671,71 @@ def test_result_files_stay_in_a_results_folder_the_user_chose(plugin, raster_lay
     QgsProject.instance().setFileName(str(tmp_path / "proj" / "p.qgz"))
     assert QgsProject.instance().write()
     assert heat.source() == source and not (tmp_path / "proj" / "geovqa_results").exists()
+
+
+@pytest.mark.parametrize("first_save", [True, False], ids=["save", "save-as"])
+def test_result_files_of_an_answer_streaming_while_the_project_is_saved_go_with_it(
+        plugin, raster_layer, stub_engine, tmp_path, request, first_save):
+    """The project saved (Save of a new project, or Save As) while an answer streamed: its heatmap
+    and anchors stayed in the QGIS profile (or the old project's geovqa_results), where the task
+    was told to write them when asked, and no later Save copied them: the project moved or shared
+    with its folder lost those layers."""
+    from conftest import set_settings
+    from qgis.core import QgsProject
+
+    set_settings(output_dir="")
+    project = QgsProject.instance()
+    for d in ("old", "new"):
+        (tmp_path / d).mkdir()
+    if not first_save:
+        project.setFileName(str(tmp_path / "old" / "p.qgz"))
+        assert project.write()
+    stub_engine.token_delay = 0.15
+    a = raster_layer("a")
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.ask("streaming during the save?")
+    turn = dock.current_turn
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    project.setFileName(str(tmp_path / "new" / "p.qgz"))  # Save / Save As: a name, then write()
+    assert project.write()
+    wait_until(lambda: turn.get("done"), 30, "the answer")
+    wait_for_tasks()
+    heat, anchors = _result_layers(dock, a)
+    if first_save:  # the originals, in the test profile (GDAL's .aux.xml too)
+        from geovqa.settings import profile_results_dir
+
+        for layer in (heat, anchors):
+            name = Path(layer.source().split("|")[0]).name
+            request.addfinalizer(lambda name=name: [p.unlink() for p in profile_results_dir().glob(name + "*")])
+    results = tmp_path / "new" / "geovqa_results"
+    for layer in (heat, anchors):
+        assert layer.isValid() and layer.source().startswith(str(results)), layer.source()
+    assert turn["result"]["local_heatmap_path"] == heat.source()
+    assert str(results) in dock.progress_label.text()
+
+
+def test_result_files_of_a_batch_running_while_the_project_is_saved_go_with_it(
+        plugin, raster_layer, stub_engine, tmp_path):
+    """Same for the batch dialog: it writes into the results folder of when it started."""
+    from conftest import set_settings
+    from qgis.core import QgsProject
+
+    set_settings(output_dir="")
+    project = QgsProject.instance()
+    for d in ("old", "new"):
+        (tmp_path / d).mkdir()
+    project.setFileName(str(tmp_path / "old" / "p.qgz"))
+    assert project.write()
+    stub_engine.token_delay = 0.1
+    a = raster_layer("a")
+    dlg, done = _run_batch(plugin, [a], ["q1", "q2"], with_layers=True)
+    wait_until(lambda: dlg.rows, 30, "the first answer")
+    project.setFileName(str(tmp_path / "new" / "p.qgz"))  # File > Save As
+    assert project.write()
+    wait_until(lambda: done, 30, "the batch")
+    wait_for_tasks()
+    results = tmp_path / "new" / "geovqa_results"
+    sources = [lyr.source() for lyr in project.mapLayers().values() if lyr.name().startswith(("heatmap", "anchors"))]
+    assert len(sources) == 4 and all(s.startswith(str(results)) for s in sources), sources
+    assert done[0][-1]["heatmap_path"].startswith(str(results)), done[0]  # answered after the Save As
