@@ -443,7 +443,10 @@ class ChatDock(QgsDockWidget):
         """QGIS gave the project a (new) file name, to save it there (Save, Save As): the result
         files outside its results folder (asked before its first save, or of the project it was
         saved from) are copied into it, so the project keeps its layers wherever it goes
-        (:mod:`project_results`)."""
+        (:mod:`project_results`). The conversations' entry is written again when it is saved:
+        the files' paths in it are stored relative to the project file (:mod:`history`)."""
+        if any(self.conversations.values()):
+            self._history_changed = True
         self._gather_results()
 
     def _gather_results(self, paths=None):

@@ -12,7 +12,12 @@ turn keeps what the conversation shows and exports (token counts, timings, strat
 the result files' paths), not what would only make every turn bigger (:data:`RESULT_NOT_KEPT`):
 the anchors GeoJSON inline, the raster's CRS as WKT (the same in every turn about a layer; the
 heatmap GeoTIFF and the anchors GeoJSON carry it) and a second copy of the answer. The request
-sent is kept as it is: its area of interest is the only record of where the question was about. An entry that cannot be read
+sent is kept as it is: its area of interest is the only record of where the question was about.
+The files' paths (the heatmap's and anchors' of the result, a render's and the request's
+``raster_path`` of a render) are stored as QGIS stores layer sources (``QgsProject.writePath``:
+relative to the project file unless the project is set to absolute paths) and read back with
+``QgsProject.readPath``, so they stay true when the project's folder is moved; an absolute path
+(an entry of an earlier version) is read as it is. An entry that cannot be read
 (edited by hand, cut short, nested too deeply), or a single turn of it (a question that is no text, a layer's value
 that is no list), is left out with a message in the QGIS log, never an error; when the
 conversations are next saved it is kept aside, as it was, in the entry ``conversations_unreadable``
@@ -41,6 +46,7 @@ TEXT_FIELDS = ("answer", "error", "meta", "aoi_label", "layer", "layer_id")
 # CRS WKT (the result files carry it), the answer (the turn's own "answer")
 RESULT_NOT_KEPT = ("anchors", "crs_wkt", "answer")
 _MAX_DEPTH = 32
+RESULT_PATHS = ("local_heatmap_path", "local_anchors_path")  # of a turn's "result"
 
 
 def json_safe(value, depth: int = 0) -> bool:
@@ -73,17 +79,36 @@ def plain_turn(turn: dict) -> dict:
     return out
 
 
-def dumps(conversations: dict) -> str:
-    """The entry's text for ``conversations`` (layer id -> turns); empty conversations are left out."""
+def with_paths(turn: dict, convert) -> dict:
+    """``turn`` with its files' paths passed through ``convert`` (``QgsProject.writePath`` /
+    ``readPath``); the dicts changed are copies."""
+    def conv(value):
+        return convert(value) if isinstance(value, str) and value else value
+
+    out = dict(turn)
+    if isinstance(out.get("result"), dict):
+        out["result"] = {k: conv(v) if k in RESULT_PATHS else v for k, v in out["result"].items()}
+    if out.get("rendered_path"):
+        out["rendered_path"] = conv(out["rendered_path"])
+        if isinstance(out.get("request"), dict) and "raster_path" in out["request"]:  # the render sent
+            out["request"] = {**out["request"], "raster_path": conv(out["request"]["raster_path"])}
+    return out
+
+
+def dumps(conversations: dict, write_path=None) -> str:
+    """The entry's text for ``conversations`` (layer id -> turns); empty conversations are left
+    out. ``write_path``: how the files' paths are stored (``QgsProject.writePath``)."""
     kept = {lid: [plain_turn(t) for t in turns] for lid, turns in conversations.items() if turns}
+    if write_path is not None:
+        kept = {lid: [with_paths(t, write_path) for t in turns] for lid, turns in kept.items()}
     return json.dumps({"version": VERSION, "conversations": kept})  # ASCII: any text is safe in XML
 
 
-def loads(text: str) -> tuple:
+def loads(text: str, read_path=None) -> tuple:
     """``(conversations, skipped)`` read from an entry's text; ``skipped`` lists what was not
     readable, as it was, to keep aside (``{"layer_id", "turn"}`` for one turn, ``{"layer_id",
     "turns"}`` for a layer's value that is no list). Raises ValueError, saying why, when the text as
-    a whole is not readable."""
+    a whole is not readable. ``read_path``: how stored paths are read (``QgsProject.readPath``)."""
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -103,7 +128,7 @@ def loads(text: str) -> tuple:
             if turn is None:
                 skipped.append({"layer_id": layer_id, "turn": raw})
             else:
-                good.append(turn)
+                good.append(with_paths(turn, read_path) if read_path is not None else turn)
         if good:
             conversations[layer_id] = good
     return conversations, skipped
@@ -159,7 +184,7 @@ class ProjectHistory:
         if not found or not text:
             return {}
         try:
-            conversations, skipped = loads(text)
+            conversations, skipped = loads(text, project.readPath)
         except ValueError as exc:
             self.unreadable = [{"entry": text}]
             log(f"The GeoVQA conversations saved in this project could not be read: {exc}. They are "
@@ -194,6 +219,6 @@ class ProjectHistory:
             project.writeEntry(SCOPE, UNREADABLE_KEY, kept_aside(text, found, self.unreadable))
             self.unreadable = []
         if any(conversations.values()):
-            project.writeEntry(SCOPE, KEY, dumps(conversations))
+            project.writeEntry(SCOPE, KEY, dumps(conversations, project.writePath))
         elif project.readEntry(SCOPE, KEY, "")[1]:
             project.removeEntry(SCOPE, KEY)

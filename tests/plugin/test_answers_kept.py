@@ -739,3 +739,63 @@ def test_result_files_of_a_batch_running_while_the_project_is_saved_go_with_it(
     sources = [lyr.source() for lyr in project.mapLayers().values() if lyr.name().startswith(("heatmap", "anchors"))]
     assert len(sources) == 4 and all(s.startswith(str(results)) for s in sources), sources
     assert done[0][-1]["heatmap_path"].startswith(str(results)), done[0]  # answered after the Save As
+
+
+def test_saved_result_paths_follow_the_project_folder_when_it_is_moved(plugin, raster_layer, stub_engine, tmp_path):
+    """The result layers came back from a moved project folder (QGIS stores their sources relative),
+    but the saved turns kept the files' absolute paths: the exported conversation pointed at
+    files that were no longer there."""
+    import shutil
+
+    from conftest import set_settings
+    from qgis.core import QgsProject
+
+    set_settings(output_dir="")
+    project = QgsProject.instance()
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    project.setFileName(str(proj / "p.qgs"))
+    assert project.write()
+    a = raster_layer("a")
+    a_id = a.id()
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.ask("first?")
+    wait_until(_answered(dock, a), 30)
+    wait_for_tasks()
+    heat_id = dock.turns(a)[0]["heatmap_layer_id"]
+    assert project.write()
+    (saved,) = _entry()["conversations"][a_id]
+    assert saved["result"]["local_heatmap_path"].startswith("./geovqa_results/")  # as QGIS stores sources
+    project.clear()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(proj, moved / "proj")
+    shutil.copy(tmp_path / "a.tif", moved / "a.tif")
+    shutil.rmtree(proj)
+    assert project.read(str(moved / "proj" / "p.qgs"))
+    heat = project.mapLayer(heat_id)
+    assert heat.isValid() and Path(heat.source()).is_file()
+    dock.set_layer(project.mapLayer(a_id))
+    (turn,) = dock.turns()
+    assert turn["result"]["local_heatmap_path"] == heat.source()
+    assert Path(turn["result"]["local_anchors_path"]).is_file()
+    exported = json.loads(Path(dock.export_conversation(str(tmp_path / "c.json"))).read_text(encoding="utf-8"))
+    assert exported["turns"][0]["result"]["local_heatmap_path"] == heat.source()
+    assert not project.isDirty()
+
+
+def test_saved_absolute_result_paths_of_an_earlier_version_are_read_as_they_are(plugin, qgis_new_project, tmp_path):
+    from geovqa import history
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    project.setFileName(str(tmp_path / "p.qgs"))
+    turn = {"question": "q?", "answer": "a", "done": True, "rendered_path": "/elsewhere/r.tif",
+            "request": {"raster_path": "/elsewhere/r.tif"},
+            "result": {"local_heatmap_path": "/elsewhere/h.tif", "local_anchors_path": "/elsewhere/a.geojson"}}
+    project.writeEntry("geovqa", "conversations", history.json.dumps({"version": 1, "conversations": {"L": [turn]}}))
+    (read,) = history.ProjectHistory().read(project)["L"]
+    assert read["rendered_path"] == read["request"]["raster_path"] == "/elsewhere/r.tif"
+    assert read["result"]["local_heatmap_path"] == "/elsewhere/h.tif"
+    assert read["result"]["local_anchors_path"] == "/elsewhere/a.geojson"
