@@ -1,7 +1,8 @@
 """Caches that make a second question on the same raster cheap.
 
-* `FeatureCache`: vision features of a raster read, keyed by (path, size and mtime of every file
-  behind it: a VRT's sources, overviews, masks; area of interest, bands), kept on the CPU and
+* `FeatureCache`: vision features of a raster read, keyed by (path, size, mtime, ctime and inode
+  of every file behind it: a VRT's sources, overviews, masks, the archive of a /vsizip/ source;
+  area of interest, bands; a read with a source that cannot be stat-ed is not cached), kept on the CPU and
   bounded in bytes (least recently used goes first). A hit skips reading tiles and the whole
   vision tower.
 * `PrefixStore`: the language model's KV cache of the image prefix (system prompt + visual tokens)
@@ -20,11 +21,14 @@ from collections import OrderedDict
 from typing import Any, Hashable
 
 
-def raster_key(path: str, aoi, bands) -> tuple:
+def raster_key(path: str, aoi, bands) -> tuple | None:
     """Identity of a raster read: every file behind it (see `raster_files`; the key changes when
-    the size or mtime of any of them does), the area of interest (window / polygon, as canonical
-    JSON) and the bands."""
+    any of them is written or replaced), the area of interest (window / polygon, as canonical
+    JSON) and the bands. None when a file behind it cannot be stat-ed (a VRT source on a web
+    server, /vsicurl/): nothing tells when it changes, so such a read is not cached."""
     stamps = tuple(_file_stamp(f) for f in raster_files(path))
+    if any(stamp is None for stamp in stamps):
+        return None
     return (os.path.realpath(path), stamps, json.dumps(aoi, sort_keys=True, default=str),
             tuple(bands or ()))
 
@@ -74,14 +78,39 @@ def _gdal_file_list(path: str) -> list[str]:
         return []
 
 
-def _file_stamp(name: str) -> tuple:
-    """(real path, size, mtime in ns) of a file; None for the numbers when it cannot be stat-ed
-    (e.g. a /vsicurl/ source)."""
+# GDAL's archive file systems: the file to stamp is the archive on the disk
+ARCHIVE_PREFIXES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
+
+
+def _file_stamp(name: str) -> tuple | None:
+    """(real path, size, mtime and ctime in ns, inode) of a file, or of the archive on the disk
+    holding a GDAL /vsizip/ (/vsitar/, …) member; None when there is no such file to stat (a
+    /vsicurl/ source).
+
+    The ctime and the inode change when a file is written or replaced, also by a copy that keeps
+    the old mtime (`cp -p`, `rsync -t`, an unpacked archive) and the same size."""
+    target = _archive_file(name) if name.startswith(ARCHIVE_PREFIXES) else name
+    if target is None:
+        return None
     try:
-        st = os.stat(name)
+        st = os.stat(target)
     except OSError:
-        return (name, None, None)
-    return (os.path.realpath(name), st.st_size, st.st_mtime_ns)
+        return None
+    return (os.path.realpath(target), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _archive_file(name: str) -> str | None:
+    """The archive file on the disk of a /vsizip/-style name (the longest leading part of what
+    follows the prefix that is a file), None when there is none (an archive on a web server)."""
+    rest = name[name.index("/", 1) + 1:]  # after "/vsizip/"
+    if rest.startswith("/vsi"):  # an archive inside another virtual file system (/vsicurl/...)
+        return None
+    parts = rest.split("/")
+    for end in range(len(parts), 0, -1):
+        candidate = "/".join(parts[:end])
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return None
 
 
 def _nbytes(value: Any) -> int:

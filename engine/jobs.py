@@ -183,6 +183,8 @@ class BatchJob:
         self.message: str | None = None
         self.done_indexes: set[int] = set()
         self.errors = 0
+        # failed on the engine's disk (full, an I/O error), not on the job: resumed at the next start
+        self.resumable = False
         self.lock = threading.Lock()
         self._state_lock = threading.Lock()  # the worker and a DELETE both write state.json
 
@@ -216,7 +218,7 @@ class BatchJob:
         with self._state_lock:
             _write_json_atomic(self.dir / "state.json", {
                 "state": self.state, "message": self.message, "updated": time.time(),
-                "cancel_requested": self.cancel.is_set(),
+                "cancel_requested": self.cancel.is_set(), "resumable": self.resumable,
             })
 
     def append_result(self, line: dict) -> None:
@@ -499,9 +501,16 @@ class JobQueue:
 
     @staticmethod
     def _fail(job: AskJob | BatchJob, exc: Exception) -> None:
-        """End a job whose step raised outside its own error handling (a full disk, a bug)."""
+        """End a job whose step raised outside its own error handling (a full disk, a bug). A
+        batch stopped by the engine's disk (OSError: full, an I/O error) is resumed at the next
+        start, from the first answer not stored."""
         job.state = "failed"
         job.message = f"The job stopped on an unexpected error: {type(exc).__name__}: {exc}"
+        if isinstance(job, BatchJob) and isinstance(exc, OSError):
+            job.resumable = True
+            job.message = (f"The job stopped: the engine could not store its answers "
+                           f"({exc.strerror or exc}). Free space on the engine's disk (its --state-dir) "
+                           "and restart the engine: it resumes the job from the first answer not stored.")
         if isinstance(job, BatchJob):
             try:
                 job.save_state()
@@ -637,11 +646,12 @@ class JobQueue:
             job.state = state.get("state", "queued")
             job.message = state.get("message")
             self._jobs[job.job_id] = job
-            if job.state in ("queued", "running") and state.get("cancel_requested"):
+            unfinished = job.state in ("queued", "running") or (job.state == "failed" and state.get("resumable"))
+            if unfinished and state.get("cancel_requested"):
                 job.cancel.set()
                 self._finish_cancelled(job)
                 log.info("batch job %s was cancelled before a restart", job.job_id)
-            elif job.state in ("queued", "running"):
+            elif unfinished:
                 job.state = "queued"
                 job.message = (f"Resumed after a restart at {len(job.done_indexes)} of "
                                f"{job.total} answers.")

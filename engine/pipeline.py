@@ -361,7 +361,7 @@ class Engine:
                               faithful_empty_slots=req.faithful_empty_slots)
         fkey = (content_key(req.raster_identity, req.aoi, req.bands) if req.raster_identity
                 else raster_key(path, req.aoi, req.bands))
-        cached = self.features.get(fkey)
+        cached = self.features.get(fkey) if fkey is not None else None
         yield ev("status", stage="read", progress=None, message="reading the raster")
         if cached is not None:
             geometry, features = cached
@@ -380,10 +380,11 @@ class Engine:
                                        message=f"vision tower: {done}/{total} tiles"),
             )
             timings.update(t)
-            self.features.put(fkey, (geometry, features.to(device="cpu")))
+            if fkey is not None:  # (None: a source nothing tells the change of)
+                self.features.put(fkey, (geometry, features.to(device="cpu")))
         check_cancel()
 
-        reusable = not getattr(strat, "question_dependent", True)
+        reusable = not getattr(strat, "question_dependent", True) and fkey is not None
         pkey = (fkey, req.strategy, tokens_per_tile, req.seed, req.budget,
                 req.faithful_empty_slots)
         entry = self.prefixes.get(pkey) if reusable else None

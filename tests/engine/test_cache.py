@@ -59,3 +59,42 @@ def test_the_area_and_bands_stay_part_of_the_key(tmp_path):
     tif = write_geotiff(tmp_path / "plain.tif", np.zeros((3, 20, 30), np.uint8))
     assert raster_key(tif, None, None) != raster_key(tif, {"window": [0, 0, 5, 5]}, None)
     assert raster_key(tif, None, [1]) != raster_key(tif, None, [2])
+
+
+def test_a_raster_replaced_with_the_same_size_and_mtime_gets_a_new_key(tmp_path):
+    """`cp -p`, `rsync -t` or an unpacked archive keep the old mtime: with the same size too, the
+    cache answered about the old pixels. The inode and the ctime tell the new file."""
+    tif = write_geotiff(tmp_path / "scene.tif", _grey(10), crs=None)
+    _touch(tif, 1_000)
+    before = raster_key(tif, None, None)
+    other = write_geotiff(tmp_path / "other.tif", _grey(200), crs=None)
+    assert os.path.getsize(other) == os.path.getsize(tif)
+    _touch(other, 1_000)
+    os.replace(other, tif)
+    assert os.stat(tif).st_mtime_ns == 1_000 * 10**9
+    assert raster_key(tif, None, None) != before
+
+
+def test_a_source_inside_a_zip_is_stamped_by_the_zip_and_a_web_source_is_not_cached(tmp_path):
+    """QGIS reads zipped rasters as /vsizip/…: a VRT over one was keyed on a name nothing could
+    stat, so a replaced zip was answered from the old features."""
+    import zipfile
+
+    src = write_geotiff(tmp_path / "x.tif", _grey(10), crs=None)
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(src, "x.tif")
+    vrt = write_vrt(tmp_path / "z.vrt", f"/vsizip/{archive}/x.tif", 30, 20)
+    before = raster_key(vrt, None, None)
+    assert before is not None
+    assert raster_key(vrt, None, None) == before
+    with zipfile.ZipFile(archive, "w") as zf:  # replaced with other pixels
+        zf.write(write_geotiff(tmp_path / "y.tif", _grey(200), crs=None), "x.tif")
+    _touch(archive, 5_000)
+    assert raster_key(vrt, None, None) != before
+    # a source on a web server: nothing tells when it changes, so the read is not cached
+    web = write_vrt(tmp_path / "w.vrt", "/vsicurl/https://example.org/x.tif", 30, 20)
+    assert cache._file_stamp("/vsicurl/https://example.org/x.tif") is None
+    assert cache._file_stamp("/vsizip//vsicurl/https://example.org/a.zip/x.tif") is None
+    assert "/vsicurl/https://example.org/x.tif" in cache.raster_files(web)
+    assert raster_key(web, None, None) is None

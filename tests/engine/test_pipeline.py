@@ -87,6 +87,20 @@ def test_second_question_hits_feature_and_prefix_caches_and_answers_the_same(eng
     assert fresh["answer"] == second["answer"] == first["answer"]
 
 
+def test_a_raster_whose_files_cannot_all_be_stamped_is_never_served_from_the_caches(engine, scene, monkeypatch):
+    """A VRT over a /vsicurl/ source has no key (cache.raster_key None): nothing tells when the
+    source changes, so each question reads it again and nothing is kept."""
+    import engine.pipeline as P
+
+    monkeypatch.setattr(P, "raster_key", lambda *a: None)
+    engine.features.clear()
+    engine.prefixes.clear()
+    for _ in range(2):
+        result = _ask(engine, scene, "Is there water?", strategy="geollava")[-1]
+        assert result["cache"] == {"features": False, "kv_prefix": False}
+    assert len(engine.features) == 0 and len(engine.prefixes) == 0
+
+
 def test_question_dependent_strategy_does_not_reuse_prefix(engine, scene):
     engine.prefixes.clear()
     _ask(engine, scene, "Where is the harbour?", strategy="pyramid", budget=50)

@@ -70,6 +70,61 @@ def test_a_step_failing_outside_its_try_fails_the_job(tmp_path, monkeypatch):
         jobs.stop()
 
 
+def test_a_batch_stopped_by_the_engines_disk_resumes_at_the_next_start(tmp_path, monkeypatch):
+    """A full disk for a moment ended the batch as 'failed' for good: after space was freed and the
+    engine restarted, the questions not answered were never asked (docs: the next start resumes
+    every unfinished job). A job failed on something else stays failed."""
+    state_dir = tmp_path / "state"
+    real_append = BatchJob.append_result
+    calls = []
+
+    def full_once(self, line):
+        calls.append(line["index"])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_append(self, line)
+
+    monkeypatch.setattr(BatchJob, "append_result", full_once)
+    first = make_queue(Engine(), state_dir)
+    try:
+        job = first.submit_batch(json.loads(json.dumps(SPEC)))
+        wait_until(lambda: first.info(job.job_id)["state"] not in ("queued", "running"), timeout=10)
+        info = first.info(job.job_id)
+        assert info["state"] == "failed" and info["done"] == 1
+        assert "Free space" in info["message"] and "restart the engine" in info["message"]
+        assert saved_state(first, job.job_id)["resumable"] is True
+    finally:
+        first.stop()
+    monkeypatch.setattr(BatchJob, "append_result", real_append)
+    second = make_queue(Engine(), state_dir)
+    try:
+        wait_until(lambda: second.info(job.job_id)["state"] == "done", timeout=10)
+        assert sorted(r["index"] for r in second.results(job.job_id)) == list(range(second.info(job.job_id)["total"]))
+    finally:
+        second.stop()
+
+
+def test_a_batch_failed_on_a_bug_stays_failed_after_a_restart(tmp_path, monkeypatch):
+    def bug(self, line):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(BatchJob, "append_result", bug)
+    state_dir = tmp_path / "state"
+    first = make_queue(Engine(), state_dir)
+    try:
+        job = first.submit_batch(json.loads(json.dumps(SPEC)))
+        wait_until(lambda: first.info(job.job_id)["state"] == "failed", timeout=10)
+        assert saved_state(first, job.job_id)["resumable"] is False
+    finally:
+        first.stop()
+    engine = Engine()
+    second = make_queue(engine, state_dir)
+    try:
+        assert second.info(job.job_id)["state"] == "failed" and engine.calls == 0
+    finally:
+        second.stop()
+
+
 def test_a_cancel_of_a_running_batch_survives_a_crash(tmp_path):
     state_dir = tmp_path / "state"
     stuck = Engine(hold=True)
