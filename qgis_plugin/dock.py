@@ -584,6 +584,9 @@ class ChatDock(QgsDockWidget):
         """One turn for the JSON export: its plain fields (its layer's name only where turns of
         several layers are exported), ``"incomplete": true`` when its answer is not whole."""
         out = {k: v for k, v in turn.items() if (k != "layer" or with_layer) and not k.startswith("_")}
+        if isinstance(out.get("request"), dict) and out["request"].get("raster_path"):
+            # a URL's login is not for a shared file (as the layer's source, ``public_source``)
+            out["request"] = {**out["request"], "raster_path": public_source(str(out["request"]["raster_path"]))}
         if cls._incomplete(turn):
             out["incomplete"] = True
         return out

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .bands import bands_cell
+from .paths import public_source
 
 # "bands": which bands of raster_path the model saw (:func:`bands.bands_cell`: "4,3,2", "1 (grey)",
 # "1 (colour table)", "rendered view"; the JSON rows keep the result's "bands" list, "palette" flag
@@ -44,7 +45,16 @@ def files_note(row: dict) -> str:
     return (row.get("error") or "") if row.get("answer") is not None else ""
 
 
+def shareable(row: dict) -> dict:
+    """``row`` as the files a user shares hold it (CSV, JSON, the autosave): a ``raster_path``
+    that is a URL with a login (``/vsicurl/https://user:password@…``) without its password."""
+    if isinstance(row, dict) and row.get("raster_path"):
+        return {**row, "raster_path": public_source(str(row["raster_path"]))}
+    return row
+
+
 def flat_row(row: dict) -> dict:
+    row = shareable(row)
     tokens = row.get("tokens") or {}
     timings = row.get("timings") or {}
     out = {k: row.get(k) for k in CSV_COLUMNS}
@@ -96,7 +106,7 @@ def append_json_line(path, row: dict) -> None:
     export's rows), on the disk before it returns. Raises OSError when it cannot be written."""
     # UTF-8 text; the Unicode line breaks JSON leaves as they are stay escaped, so a reader
     # splitting lines as Python's str.splitlines() does still gets one object a line
-    text = json.dumps(row, default=str, ensure_ascii=False)
+    text = json.dumps(shareable(row), default=str, ensure_ascii=False)
     line = "".join(f"\\u{ord(c):04x}" if c in _LINE_BREAKS else c for c in text) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # a lone surrogate (no UTF-8 for it) is written as its JSON escape, \udXXX, still valid JSON
@@ -108,7 +118,8 @@ def append_json_line(path, row: dict) -> None:
 
 def write_json(rows: list, path: str) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"results": rows}, indent=2, default=str, ensure_ascii=False),
+    Path(path).write_text(json.dumps({"results": [shareable(r) for r in rows]}, indent=2, default=str,
+                                     ensure_ascii=False),
                           encoding="utf-8", errors="backslashreplace")
     return str(path)
 

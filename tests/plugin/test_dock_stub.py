@@ -87,6 +87,33 @@ def test_a_public_source_has_no_password(source, public):
     assert public_source(source) == public
 
 
+def test_exported_answers_leave_out_a_login_in_the_raster_url(tmp_path):
+    """A GDAL layer opened from a URL with its login (/vsicurl/https://user:password@…) wrote the
+    password into the batch CSV / JSON / autosave and the conversation's JSON export."""
+    import csv
+
+    from geovqa.dock import ChatDock
+    from geovqa.results_io import CsvRows, append_json_line, write_json
+
+    url = "/vsicurl/https://alice:s3cret@example.org/x.tif"
+    row = {"index": 0, "layer": "x", "raster_path": url, "question": "q", "answer": "a", "error": None}
+    table = CsvRows(str(tmp_path / "a.csv"))
+    table.write(row)
+    table.close()
+    write_json([row], str(tmp_path / "a.json"))
+    append_json_line(tmp_path / "a.jsonl", row)
+    for name in ("a.csv", "a.json", "a.jsonl"):
+        text = (tmp_path / name).read_text(encoding="utf-8")
+        assert "s3cret" not in text and "https://alice@example.org/x.tif" in text, name
+    with open(tmp_path / "a.csv", newline="", encoding="utf-8") as fh:
+        assert next(csv.DictReader(fh))["raster_path"] == "/vsicurl/https://alice@example.org/x.tif"
+    assert row["raster_path"] == url  # the row itself (what the engine is asked about) keeps it
+    turn = {"question": "q", "answer": "a", "done": True, "request": {"raster_path": url, "question": "q"}}
+    exported = ChatDock._exported_turn(turn, with_layer=False)
+    assert exported["request"]["raster_path"] == "/vsicurl/https://alice@example.org/x.tif"
+    assert turn["request"]["raster_path"] == url
+
+
 def test_copy_and_export_while_the_answer_streams_mark_it_incomplete(plugin, raster_layer, stub_engine, tmp_path):
     """Copy or Export during the answer gave its first words as if they were the answer ("A: The ")."""
     from qgis.PyQt.QtWidgets import QApplication
