@@ -45,7 +45,7 @@ from .client import EngineError, build_ask_request, engine_address, host_port, n
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
 from .paths import export_path, public_source
-from .project_results import gather_into_project
+from .project_results import gather_into_project, moved_path
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
@@ -461,8 +461,8 @@ class ChatDock(QgsDockWidget):
             for turn in turns:
                 result = turn.get("result") or {}
                 for key in ("local_heatmap_path", "local_anchors_path"):
-                    if result.get(key) in moved:
-                        result[key] = moved[result[key]]
+                    if key in result:
+                        result[key] = moved_path(result[key], moved)
         if moved:
             self._conversations_changed()
             self._notify(f"The files of the project's result layers were copied into {folder}, "
@@ -956,7 +956,7 @@ class ChatDock(QgsDockWidget):
                 self._notify(str(exc), MSG_WARNING)
             else:  # asked before a Save / Save As gave the project its results folder
                 moved = self._gather_results([ev.get("local_heatmap_path"), ev.get("local_anchors_path")])
-                ev = {**ev, **{k: moved.get(ev.get(k), ev.get(k)) for k in ("local_heatmap_path", "local_anchors_path")}}
+                ev = {**ev, **{k: moved_path(ev.get(k), moved) for k in ("local_heatmap_path", "local_anchors_path")}}
         self._say_where_results_went(turn, ev)
         if ev.get("files_warning"):  # the answer is complete; only its layers are missing
             turn["files_warning"] = ev["files_warning"]

@@ -14,7 +14,6 @@ from qgis.core import (
     QgsColorRampShader,
     QgsCoordinateReferenceSystem,
     QgsFillSymbol,
-    QgsLayerTree,
     QgsProject,
     QgsRasterLayer,
     QgsRasterShader,
@@ -213,12 +212,7 @@ def _running_number(root, name: str) -> str:
     """"" when no group in the layer tree is called ``name``, else " (2)", " (3)"...: the first
     free one, so that the groups and layers of one question asked again (another strategy,
     budget or area) can be told apart. Nothing looks result layers up by name (ids are kept)."""
-    names, nodes = set(), list(root.children())
-    while nodes:
-        node = nodes.pop()
-        if QgsLayerTree.isGroup(node):
-            names.add(node.name())
-            nodes.extend(node.children())
+    names = {group.name() for group in root.findGroups(True)}
     if name not in names:
         return ""
     n = 2

@@ -122,9 +122,10 @@ def gather_into_project(project, paths=None):
     name, and no results folder set in the options); with ``paths`` (an answer's files) only
     when one of them lies outside that folder. Returns ``(folder, moved, problems)`` as
     :func:`gather_result_files`, or None when there was nothing to do."""
-    if not project.fileName() or Settings.load().output_dir.strip():
+    settings = Settings.load()
+    if not project.fileName() or settings.output_dir.strip():
         return None  # a results folder the user chose is where they want the results
-    folder = Settings.load().results_dir(project)
+    folder = settings.results_dir(project)
     if paths is not None and all(_inside(Path(p), folder) for p in paths if p):
         return None
     moved, problems = gather_result_files(project, folder)
