@@ -80,6 +80,8 @@ def check_python(python: str) -> None:
     cannot be run: a folder (a venv's, say), or a file that is not executable."""
     path = Path(python)
     where = "Set 'Engine Python' in Settings > Options > GeoVQA to the python program of the engine's venv"
+    if not path.exists():
+        raise EngineProcessError(f"The engine Python {python} does not exist. {where}.")
     if path.is_dir():
         raise EngineProcessError(
             f"The engine Python {python} is a folder, not a program. {where} (e.g. "
@@ -94,15 +96,24 @@ def check_python(python: str) -> None:
         )
 
 
-def option_value(args: list, name: str):
+def option_value(args: list, name: str, shortest: str | None = None):
     """The value the last ``name VALUE`` or ``name=VALUE`` among ``args`` gives (argparse: the
-    last one counts); None when none does."""
+    last one counts); None when none does. ``shortest``: the shortest abbreviation argparse takes
+    for ``name`` (the engine's serve options that begin alike), e.g. ``--po 9000`` for --port."""
+    def is_name(option: str) -> bool:
+        return option == name or (shortest is not None and option.startswith(shortest) and name.startswith(option))
+
     value = None
     for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
+        if not arg.startswith("--"):
+            continue
+        option, eq, rest = arg.partition("=")
+        if not is_name(option):
+            continue
+        if eq:
+            value = rest
+        elif i + 1 < len(args):
             value = args[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg[len(name) + 1:]
     return value
 
 
@@ -117,13 +128,14 @@ def check_serve_arguments(url: str, scheme: str, port: int, extra: list) -> None
     the engine URL the plugin calls: another ``--port``, https without ``--tls-cert`` (the engine
     serves plain http then) or ``--tls-cert`` for an http URL."""
     where = "Settings > Options > GeoVQA"
-    other_port = option_value(extra, "--port")
+    # `serve` has no other option beginning with --p, nor with --tls-c
+    other_port = option_value(extra, "--port", shortest="--p")
     if other_port is not None and other_port.strip() != str(port):
         raise EngineProcessError(
             f"The setting 'Extra engine arguments' has --port {other_port}, but the engine URL {url} is "
             f"on port {port}: the plugin would call a port nobody listens on. Remove --port from the "
             f"extra arguments and put the port in the engine URL instead ({where}).")
-    tls = option_value(extra, "--tls-cert") is not None
+    tls = option_value(extra, "--tls-cert", shortest="--tls-c") is not None
     if scheme == "https" and not tls:
         raise EngineProcessError(
             f"The engine URL {url} is https://, but a local engine serves plain http unless the setting "
@@ -151,8 +163,7 @@ def engine_command(settings, serve: bool = True) -> tuple:
             "No Python for the engine is configured. Set 'Engine Python' (the python of the venv "
             "with torch, e.g. <repo>/.venv/bin/python) or the engine folder in Settings > Options > GeoVQA."
         )
-    if not Path(python).exists():
-        raise EngineProcessError(f"The engine Python {python} does not exist.")
+    check_python(python)
     try:
         scheme, host, port, _ = engine_address(settings.engine_url)
     except EngineError as exc:
@@ -248,7 +259,6 @@ class EngineProcess(QObject):
         if self.is_running():
             return
         program, args, workdir = engine_command(settings)
-        check_python(program)
         self.command = [program] + args
         self.start_error = ""
         scheme, host, port, _ = engine_address(settings.engine_url)
@@ -431,7 +441,6 @@ class MemoryCheck(QObject):
     def start(self, settings) -> None:
         try:
             program, args, workdir = memory_check_command(settings)
-            check_python(program)
         except EngineProcessError as exc:
             self.done.emit(None, str(exc))
             return

@@ -44,6 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fake_engine_python(path: Path) -> Path:
+    """An executable stand-in for an engine venv's python at ``path`` (folders made): enough for
+    the plugin's checks of 'Engine Python'; it runs nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return path
+
+
 def set_settings(**values):
     from geovqa.settings import Settings
 

@@ -5,7 +5,7 @@ characters (a bad one must not break the health check, which needs no token)."""
 from __future__ import annotations
 
 import pytest
-from conftest import set_settings, wait_until
+from conftest import fake_engine_python, set_settings, wait_until
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -48,9 +48,7 @@ def test_start_local_engine_listens_where_the_client_calls(tmp_path, url, host, 
     from geovqa.engine_process import engine_command
     from geovqa.settings import Settings
 
-    py = tmp_path / ".venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text("")
+    py = fake_engine_python(tmp_path / ".venv" / "bin" / "python")
     _, args, _ = engine_command(Settings(engine_url=url, engine_dir=str(tmp_path)))
     assert args[args.index("--host") + 1] == host and args[args.index("--port") + 1] == port
 
@@ -62,14 +60,16 @@ def test_start_local_engine_listens_where_the_client_calls(tmp_path, url, host, 
     # argparse takes the last --port: the engine would listen where the client never calls
     ("http://127.0.0.1:9911", "--port 9000", "has --port 9000, but the engine URL"),
     ("http://127.0.0.1:9911", "--device cpu --port=9000", "has --port 9000, but the engine URL"),
+    # argparse takes an abbreviation that only one option begins with
+    ("http://127.0.0.1:9911", "--po 9000", "has --port 9000, but the engine URL"),
+    ("http://127.0.0.1:9911", "--p=9000", "has --port 9000, but the engine URL"),
+    ("http://127.0.0.1:9911", "--tls-ce c.pem --tls-key k.pem", "serves https, but the engine URL"),
 ])
 def test_start_local_engine_refuses_to_serve_elsewhere_than_the_engine_url(tmp_path, url, extra, message):
     from geovqa.engine_process import EngineProcessError, engine_command, memory_check_command
     from geovqa.settings import Settings
 
-    py = tmp_path / ".venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text("")
+    py = fake_engine_python(tmp_path / ".venv" / "bin" / "python")
     s = Settings(engine_url=url, engine_dir=str(tmp_path), extra_args=extra)
     with pytest.raises(EngineProcessError, match=message):
         engine_command(s)
@@ -80,22 +80,20 @@ def test_start_local_engine_refuses_to_serve_elsewhere_than_the_engine_url(tmp_p
     ("https://127.0.0.1:9911", "--tls-cert c.pem --tls-key k.pem"),
     ("https://localhost:9911", "--tls-cert=c.pem --tls-key=k.pem"),
     ("http://127.0.0.1:9911", "--port 9911"),
+    ("http://127.0.0.1:9911", "--por 9911 --log-level debug"),
+    ("https://127.0.0.1:9911", "--tls-cer c.pem --tls-key k.pem"),
 ])
 def test_start_local_engine_takes_extra_arguments_that_agree_with_the_engine_url(tmp_path, url, extra):
     from geovqa.engine_process import engine_command
     from geovqa.settings import Settings
 
-    py = tmp_path / ".venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text("")
+    py = fake_engine_python(tmp_path / ".venv" / "bin" / "python")
     _, args, _ = engine_command(Settings(engine_url=url, engine_dir=str(tmp_path), extra_args=extra))
     assert args[args.index("--port") + 1] == "9911" and args[-len(extra.split()):] == extra.split()
 
 
 def test_start_local_engine_with_a_bad_port_says_so(plugin, qgis_iface, tmp_path):
-    py = tmp_path / ".venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text("")
+    py = fake_engine_python(tmp_path / ".venv" / "bin" / "python")
     set_settings(engine_url="http://127.0.0.1:abc", engine_dir=str(tmp_path))
     from qgis.core import Qgis
 

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import fake_engine_python
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,9 +118,7 @@ def test_engine_command_has_no_shell(tmp_path):
     s = Settings(engine_url="http://127.0.0.1:9911")
     with pytest.raises(EngineProcessError, match="No Python"):
         engine_command(s)
-    py = tmp_path / "repo" / ".venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text("")
+    py = fake_engine_python(tmp_path / "repo" / ".venv" / "bin" / "python")
     s.engine_dir = str(tmp_path / "repo")
     s.weights_dir = "/w/GeoLLaVA-8K"
     s.extra_args = "--device cpu"
@@ -130,6 +129,25 @@ def test_engine_command_has_no_shell(tmp_path):
     s.engine_url = "http://10.0.0.5:8765"
     with pytest.raises(EngineProcessError, match="not on this computer"):
         engine_command(s)
+
+
+@pytest.mark.parametrize("kind, reason", [("missing", "does not exist"), ("folder", "is a folder, not a program"),
+                                          ("not executable", "it is not executable")])
+def test_engine_command_names_an_engine_python_that_cannot_be_run(tmp_path, kind, reason):
+    """engine_command itself (both Start and Check memory build on it) refuses what cannot run."""
+    from geovqa.engine_process import EngineProcessError, engine_command, memory_check_command
+    from geovqa.settings import Settings
+
+    python = tmp_path / "python"
+    if kind == "folder":
+        python.mkdir()
+    elif kind == "not executable":
+        python.write_text("#!/bin/sh\n")
+        python.chmod(0o644)
+    s = Settings(engine_url="http://127.0.0.1:9911", python=str(python))
+    for command in (engine_command, memory_check_command):
+        with pytest.raises(EngineProcessError, match=reason):
+            command(s)
 
 
 @pytest.mark.parametrize("windows, text, words", [
@@ -183,9 +201,7 @@ def test_the_engine_folder_comes_from_a_venv_python_not_its_link_target(tmp_path
     from geovqa.engine_process import engine_command
     from geovqa.settings import Settings
 
-    base = tmp_path / "pyenv" / "versions" / "3.11" / "bin" / "python3.11"
-    base.parent.mkdir(parents=True)
-    base.write_text("")
+    base = fake_engine_python(tmp_path / "pyenv" / "versions" / "3.11" / "bin" / "python3.11")
     py = tmp_path / "repo" / ".venv" / "bin" / "python"
     py.parent.mkdir(parents=True)
     os.symlink(base, py)

@@ -6,16 +6,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import ENGINE_PY, ENGINE_ROOT, _tiny_checkpoint, set_settings, wait_until
+from conftest import ENGINE_PY, ENGINE_ROOT, _tiny_checkpoint, fake_engine_python, set_settings, wait_until
 
 
 def test_the_command_keeps_only_the_model_options(tmp_path):
     from geovqa.engine_process import memory_check_command
     from geovqa.settings import Settings
 
-    py = tmp_path / "repo" / ".venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text("")
+    py = fake_engine_python(tmp_path / "repo" / ".venv" / "bin" / "python")
     s = Settings(engine_dir=str(tmp_path / "repo"), weights_dir="/w/GeoLLaVA-8K",
                  extra_args="--device cpu --log-level debug --quantization=nf4 --no-demo --port 9")
     program, args, workdir = memory_check_command(s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import fake_engine_python
 
 
 def test_bool_setting_round_trips_and_reads_strings(qgis_app):
@@ -69,9 +70,7 @@ def test_paths_typed_with_a_tilde_are_expanded_wherever_they_are_used(qgis_app, 
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "token").write_text("s3cret\n")
-    py = tmp_path / "repo" / ".venv" / "bin" / "python"
-    py.parent.mkdir(parents=True)
-    py.write_text("")
+    py = fake_engine_python(tmp_path / "repo" / ".venv" / "bin" / "python")
     s = Settings(engine_url="http://10.0.0.5:8765", token_file=" ~/token ", ca_cert="~/engine.pem",
                  python="~/repo/.venv/bin/python", weights_dir="~/weights", output_dir="~/results")
     assert s.resolved_token() == "s3cret"
