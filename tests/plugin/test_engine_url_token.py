@@ -48,7 +48,7 @@ def test_start_local_engine_listens_where_the_client_calls(tmp_path, url, host, 
     from geovqa.engine_process import engine_command
     from geovqa.settings import Settings
 
-    py = fake_engine_python(tmp_path / ".venv" / "bin" / "python")
+    fake_engine_python(tmp_path / ".venv" / "bin" / "python")
     _, args, _ = engine_command(Settings(engine_url=url, engine_dir=str(tmp_path)))
     assert args[args.index("--host") + 1] == host and args[args.index("--port") + 1] == port
 
@@ -69,7 +69,7 @@ def test_start_local_engine_refuses_to_serve_elsewhere_than_the_engine_url(tmp_p
     from geovqa.engine_process import EngineProcessError, engine_command, memory_check_command
     from geovqa.settings import Settings
 
-    py = fake_engine_python(tmp_path / ".venv" / "bin" / "python")
+    fake_engine_python(tmp_path / ".venv" / "bin" / "python")
     s = Settings(engine_url=url, engine_dir=str(tmp_path), extra_args=extra)
     with pytest.raises(EngineProcessError, match=message):
         engine_command(s)
@@ -87,13 +87,13 @@ def test_start_local_engine_takes_extra_arguments_that_agree_with_the_engine_url
     from geovqa.engine_process import engine_command
     from geovqa.settings import Settings
 
-    py = fake_engine_python(tmp_path / ".venv" / "bin" / "python")
+    fake_engine_python(tmp_path / ".venv" / "bin" / "python")
     _, args, _ = engine_command(Settings(engine_url=url, engine_dir=str(tmp_path), extra_args=extra))
     assert args[args.index("--port") + 1] == "9911" and args[-len(extra.split()):] == extra.split()
 
 
 def test_start_local_engine_with_a_bad_port_says_so(plugin, qgis_iface, tmp_path):
-    py = fake_engine_python(tmp_path / ".venv" / "bin" / "python")
+    fake_engine_python(tmp_path / ".venv" / "bin" / "python")
     set_settings(engine_url="http://127.0.0.1:abc", engine_dir=str(tmp_path))
     from qgis.core import Qgis
 
