@@ -48,7 +48,7 @@ from .bands import bands_cell, layer_bands
 from .client import questions_too_long
 from .compat import MSG_WARNING, is_raster_layer
 from .paths import export_path
-from .project_results import gather_into_project, moved_path
+from .project_results import gather_into_project, moved_files, moved_path
 from .render import LayerRenderer, layer_file_path, render_file
 from .results_io import files_note, is_cancelled, is_failure, write_csv, write_json
 from .settings import Settings, make_client
@@ -110,7 +110,9 @@ class BatchDialog(QDialog):
         # the list follows the project while the dialog is open: layers added (also by a project
         # read), renamed, marked as GeoVQA results, removed (also by a project closed)
         self._project_signals = ((project.layerWillBeRemoved, self._layer_will_be_removed),
-                                 (project.layersAdded, self._layers_added))
+                                 (project.layersAdded, self._layers_added),
+                                 # result files copied into the project's folder on a Save As
+                                 (moved_files.moved, self._follow_moved_files))
         for signal, slot in self._project_signals:
             signal.connect(slot)
         self._watch(project.mapLayers().values())
@@ -546,13 +548,18 @@ class BatchDialog(QDialog):
         if gathered is None:
             return
         folder, moved, problems = gathered
-        for r in self.rows:
-            for key in ("heatmap_path", "anchors_path"):
-                r[key] = moved_path(r.get(key), moved)
         if moved:
             self._note(f"Its result files were copied into {folder}, to stay with the project.")
         if problems:
             self._note(f"Some result files could not be copied into {folder}: {'; '.join(problems)}")
+
+    def _follow_moved_files(self, moved: dict):
+        """Result files were copied into the project's folder (a Save As, whoever gathered them):
+        the rows' paths, and so the exports, follow the copies."""
+        for r in self.rows:
+            for key in ("heatmap_path", "anchors_path"):
+                if key in r:
+                    r[key] = moved_path(r[key], moved)
 
     @staticmethod
     def _mark_files_note(cell, note: str):

@@ -45,7 +45,7 @@ from .client import EngineError, build_ask_request, engine_address, host_port, n
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER
 from .history import ProjectHistory, kept_result
 from .paths import export_path, public_source
-from .project_results import gather_into_project, moved_path
+from .project_results import gather_into_project, moved_files, moved_path
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
@@ -158,6 +158,7 @@ class ChatDock(QgsDockWidget):
                                  (project.readProject, self._project_read),
                                  (project.writeProject, self._project_saving),
                                  (project.fileNameChanged, self._project_file_named),
+                                 (moved_files.moved, self._follow_moved_files),
                                  (project.layerWillBeRemoved, self._layer_will_be_removed),
                                  (project.layersRemoved, self._update_removed_item),
                                  (project.layersAdded, self._layers_added),
@@ -449,6 +450,20 @@ class ChatDock(QgsDockWidget):
             self._history_changed = True
         self._gather_results()
 
+    def _follow_moved_files(self, moved: dict):
+        """Result files were copied into the project's folder (whoever gathered them): the
+        turns' record of the files follows the copies."""
+        changed = False
+        for turns in self.conversations.values():
+            for turn in turns:
+                result = turn.get("result") or {}
+                for key in ("local_heatmap_path", "local_anchors_path"):
+                    if result.get(key) in moved:
+                        result[key] = moved[result[key]]
+                        changed = True
+        if changed:
+            self._conversations_changed()
+
     def _gather_results(self, paths=None):
         """Copy the project's result files lying outside its results folder into it (with
         ``paths``, an answer's files: only when one of them is outside), the turns' record of
@@ -457,14 +472,7 @@ class ChatDock(QgsDockWidget):
         if gathered is None:
             return {}
         folder, moved, problems = gathered
-        for turns in self.conversations.values():  # their record of the files follows the copies
-            for turn in turns:
-                result = turn.get("result") or {}
-                for key in ("local_heatmap_path", "local_anchors_path"):
-                    if key in result:
-                        result[key] = moved_path(result[key], moved)
         if moved:
-            self._conversations_changed()
             self._notify(f"The files of the project's result layers were copied into {folder}, "
                          "to stay with the project.", MSG_INFO)
         if problems:

@@ -18,6 +18,9 @@ An answer still streaming when the project is saved under a new name (its task w
 results folder of when it was asked) has its files gathered as its layers are added
 (:func:`gather_into_project`), so no later Save leaves them behind.
 
+Whoever gathers, :data:`moved_files` says which files moved, so every record of them (the
+dock's turns, the batch dialog's rows and exports) follows the copies.
+
 Main thread only (changes layers).
 """
 
@@ -27,6 +30,7 @@ import shutil
 from pathlib import Path
 
 from qgis.core import QgsCoordinateReferenceSystem, QgsDataProvider, QgsMapLayerStyle
+from qgis.PyQt.QtCore import QObject, pyqtSignal
 
 from .layers import is_result_layer
 from .settings import RESULTS_FOLDER, Settings, profile_results_dir
@@ -91,6 +95,15 @@ def _point_at(layer, source: str) -> None:
     layer.setCrs(crs)
 
 
+class _MovedFiles(QObject):
+    """``moved`` ({old path: new path}) is emitted after a gathering copied result files."""
+
+    moved = pyqtSignal(object)
+
+
+moved_files = _MovedFiles()
+
+
 def gather_result_files(project, folder) -> tuple:
     """Copy the files of ``project``'s result layers that lie outside ``folder`` into it and
     point the layers at the copies. Returns ``({old path: new path}, [problems])``: a file
@@ -114,6 +127,8 @@ def gather_result_files(project, folder) -> tuple:
             problems.append(f"{src}: {exc.strerror or exc}")
             continue
         _point_at(layer, moved[str(src)] + rest)
+    if moved:
+        moved_files.moved.emit(dict(moved))
     return moved, problems
 
 

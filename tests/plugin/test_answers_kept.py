@@ -739,6 +739,12 @@ def test_result_files_of_a_batch_running_while_the_project_is_saved_go_with_it(
     sources = [lyr.source() for lyr in project.mapLayers().values() if lyr.name().startswith(("heatmap", "anchors"))]
     assert len(sources) == 4 and all(s.startswith(str(results)) for s in sources), sources
     assert done[0][-1]["heatmap_path"].startswith(str(results)), done[0]  # answered after the Save As
+    # answered before it: the rows (and so the exports) followed the copies too; they kept the
+    # old project's paths while their layers showed the new ones
+    assert all(r[k].startswith(str(results)) for r in done[0] for k in ("heatmap_path", "anchors_path")), done[0]
+    dlg.export(str(tmp_path / "rows.json"))
+    exported = json.loads((tmp_path / "rows.json").read_text())["results"]
+    assert [r["heatmap_path"] for r in exported] == [r["heatmap_path"] for r in done[0]]
 
 
 def test_saved_result_paths_follow_the_project_folder_when_it_is_moved(plugin, raster_layer, stub_engine, tmp_path):
