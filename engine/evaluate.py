@@ -493,16 +493,24 @@ def extract_letters(reply: str, options: list[str] | None = None) -> str:
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+# The number words of counting answers, read as digits (as VQA's answer normalisation does).
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+
+
 def _norm_text(s: str) -> str:
     """Lower case, punctuation and articles removed, spaces collapsed; a number keeps its decimal
-    point and its minus sign ("3.5", "-5"), which are not punctuation there."""
+    point and its minus sign ("3.5", "-5"), which are not punctuation there, loses its thousands
+    separators ("1,000" is "1000"), and a number word up to twenty is its digits ("three" is "3")."""
     s = s.lower()
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)  # thousands separators
     s = re.sub(r"(?<=\d)\.(?=\d)", "\x00", s)  # decimal point
     s = re.sub(r"(?<![\w.])-(?=\d)", "\x01", s)  # minus sign (not the hyphen of "covid-19")
     s = "".join(ch if ch not in string.punctuation else " " for ch in s)
     s = s.replace("\x00", ".").replace("\x01", "-")
     s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in s.split())
 
 
 def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:

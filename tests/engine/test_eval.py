@@ -591,6 +591,14 @@ def test_field_mapping_keeps_an_explicit_format(tmp_path):
     ("-5", "-5 degrees", True),
     ("4", "4.", True),
     ("yes", "Yes, there is one.", True),
+    # thousands separators and number words are the same number
+    ("1000", "1,000", True),
+    ("1,000", "1000 square meters", True),
+    ("12345678", "12,345,678", True),
+    ("1,2", "12", False),
+    ("3", "Three.", True),
+    ("three", "3 ships", True),
+    ("two", "Twelve", False),
 ])
 def test_open_ended_numbers_keep_decimals_and_sign(gt, reply, correct):
     from engine.evaluate import EvalItem, score_item
