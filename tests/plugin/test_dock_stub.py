@@ -742,6 +742,47 @@ def test_cancelling_the_question_in_the_task_list_ends_it_as_stop_does(plugin, r
     assert dock.task is None
 
 
+def test_cancelling_the_question_while_qgis_still_queues_its_task_ends_it_as_stop_does(
+        plugin, raster_layer, stub_engine):
+    """The task list's x on a question whose task QGIS has not started yet (every worker thread
+    busy): a queued task ends inside cancel(); the turn ends as Stop ends it, and the next
+    question is asked as usual."""
+    import threading
+
+    from qgis.core import QgsApplication, QgsTask
+    from qgis.PyQt.QtCore import QThreadPool
+
+    release = threading.Event()
+    pool = QThreadPool.globalInstance()
+    threads = pool.maxThreadCount()
+    blockers = [QgsTask.fromFunction(f"busy {i}", lambda _task: release.wait(30)) for i in range(threads)]
+    try:
+        for blocker in blockers:
+            QgsApplication.taskManager().addTask(blocker)
+        wait_until(lambda: pool.activeThreadCount() >= threads, 10, "the workers to be busy")
+        layer = raster_layer()
+        dock = plugin.dock
+        dock.set_layer(layer)
+        dock.ask("queued question")
+        turn = dock.current_turn
+        wait_until(lambda: dock.task is not None, 10, "the question's task")
+        task = dock.task
+        assert task.status() == QgsTask.TaskStatus.Queued
+        task.cancel()  # what the task list's cancel does
+        wait_until(lambda: turn.get("done"), 10, "the turn to end")
+        assert turn["meta"] == "stopped" and not turn["answer"] and not turn.get("error")
+        assert dock.task is None and not dock.is_asking() and not dock.stop_button.isEnabled()
+        assert dock.progress_label.text() == "Stopped."
+    finally:
+        release.set()
+    wait_for_tasks()
+    assert turn["meta"] == "stopped" and not turn["answer"]  # nothing of it came later
+    dock.ask("next question")
+    wait_until(_finished(dock, 2), 30)
+    assert dock.turns()[-1]["answer"] and not dock.turns()[-1].get("error")
+    wait_for_tasks()
+
+
 def test_stop_in_the_dock_says_stopped_once(plugin, raster_layer, stub_engine, qgis_iface):
     """Stop cancels the task too: its end (taskTerminated) adds nothing to what Stop said."""
     stub_engine.token_delay = 0.1
