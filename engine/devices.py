@@ -2,7 +2,8 @@
 
 Pure decisions (no model code): 'auto' means nf4 on CUDA when bitsandbytes imports, otherwise
 float32 on the CPU; attention 'auto' means flash-attention-2 when ``flash_attn`` imports and the
-model runs on CUDA, else PyTorch SDPA. nf4 on the CPU is there on request only, where the
+model runs on a CUDA GPU flash-attention supports (Ampere, compute capability 8.0, and newer),
+else PyTorch SDPA. nf4 on the CPU is there on request only, where the
 installed bitsandbytes has a CPU backend (0.46 and later): about a quarter of fp32's memory for
 the language model, at CPU speed.
 """
@@ -85,6 +86,23 @@ def flash_attn_usable() -> bool:
     return _imports("flash_attn")
 
 
+# flash-attention 2 runs on Ampere and newer GPUs only; on a T4, RTX 20xx or V100 it imports and
+# then fails at the first attention call
+FLASH_MIN_CAPABILITY = (8, 0)
+
+
+def gpu_capability(device: str) -> tuple[int, int] | None:
+    """(major, minor) compute capability of the CUDA ``device``; None when it cannot be read."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import torch
+
+        return tuple(torch.cuda.get_device_capability(torch.device(device)))
+    except Exception:
+        return None
+
+
 def resolve_device(device: str = "auto") -> str:
     device = (device or "auto").lower()
     if device == "auto":
@@ -127,11 +145,19 @@ def plan_device(device: str = "auto", quantization: str = "auto", attn: str = "a
     a = (attn or "auto").lower()
     if a not in ATTENTIONS:
         raise DeviceChoiceError(f"unknown attention {attn!r}; use one of {ATTENTIONS}")
+    capability = gpu_capability(dev) if on_cuda else None
+    flash_gpu = capability is not None and capability >= FLASH_MIN_CAPABILITY
     if a == "auto":
-        a = "flash_attention_2" if on_cuda and quant != "fp32" and flash_attn_usable() else "sdpa"
+        a = "flash_attention_2" if flash_gpu and quant != "fp32" and flash_attn_usable() else "sdpa"
     elif a == "flash_attention_2" and not (on_cuda and flash_attn_usable()):
         raise DeviceChoiceError(
             "flash_attention_2 needs a CUDA GPU and the flash_attn package; use attn 'sdpa'"
+        )
+    elif a == "flash_attention_2" and not flash_gpu:
+        have = f"{capability[0]}.{capability[1]}" if capability else "unknown"
+        raise DeviceChoiceError(
+            f"flash_attention_2 runs on Ampere and newer GPUs (compute capability 8.0 and up); "
+            f"{gpu_name(dev) or dev} has {have}: use attn 'sdpa'"
         )
     return DevicePlan(dev, quant, a, gpu_name(dev))
 

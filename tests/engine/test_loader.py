@@ -60,6 +60,31 @@ def test_nf4_on_the_cpu_only_with_a_bitsandbytes_cpu_backend(monkeypatch):
     assert D.plan_device("cpu", "auto").quantization == "fp32"  # never chosen by itself
 
 
+@pytest.mark.parametrize("capability, name, expected", [
+    ((7, 5), "Tesla T4", "sdpa"),
+    ((7, 0), "Tesla V100-SXM2-16GB", "sdpa"),
+    ((8, 0), "NVIDIA A100-SXM4-40GB", "flash_attention_2"),
+    ((9, 0), "NVIDIA H100 80GB HBM3", "flash_attention_2"),
+])
+def test_flash_attention_only_on_gpus_it_runs_on(monkeypatch, capability, name, expected):
+    """flash-attn (the `.[gpu]` extra) imports on a T4, RTX 20xx or V100 and then fails at the
+    first attention call: auto chose it there, so every answer failed after the model loaded."""
+    import engine.devices as D
+
+    monkeypatch.setattr(D, "cuda_available", lambda: True)
+    monkeypatch.setattr(D, "flash_attn_usable", lambda: True)
+    monkeypatch.setattr(D, "bitsandbytes_usable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    plan = D.plan_device("auto", "auto", "auto")
+    assert (plan.device, plan.quantization, plan.attention) == ("cuda:0", "nf4", expected)
+    if expected == "sdpa":
+        with pytest.raises(D.DeviceChoiceError, match=f"Ampere.*{name} has {capability[0]}.{capability[1]}.*sdpa"):
+            D.plan_device("auto", "auto", "flash_attention_2")
+    else:
+        assert D.plan_device("auto", "auto", "flash_attention_2").attention == "flash_attention_2"
+
+
 def test_tokenizer_is_qwen2_style(tiny_loaded):
     tok = tiny_loaded.tokenizer
     assert "Qwen2" in type(tok).__name__
