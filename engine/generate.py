@@ -3,7 +3,8 @@
 ``stream_generate`` returns a ``TextStream``: iterate it to receive text pieces as they decode
 (multi-byte characters split over several byte-level tokens are held back until complete);
 afterwards ``stream.result`` holds the full text, token counts and timings. Decoding is greedy by
-default (sampling optional), stops at ``<|im_end|>`` / eos or ``max_new_tokens``, checks a
+default (sampling optional), with the checkpoint's repetition penalty on the tokens generated so far
+(as transformers' ``generate`` applies it, sampling or not), stops at ``<|im_end|>`` / eos or ``max_new_tokens``, checks a
 ``threading.Event`` before every step (raising ``Cancelled``), and restricts logits to the
 tokenizer's size (the embedding matrix has extra rows). A prompt longer than the model's context
 (``tokenizer_model_max_length``, 32768) raises ``ContextTooLong`` instead of being truncated.
@@ -138,6 +139,7 @@ def stream_generate(
     prefix: PrefixCache | None = None,
     vocab_limit: int | None = None,
     stop_ids: set[int] | None = None,
+    repetition_penalty: float = 1.0,
 ) -> TextStream:
     """Generate from ``inputs_embeds`` (1, L, H); see the module docstring."""
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
@@ -165,6 +167,7 @@ def stream_generate(
         prefix=prefix,
         vocab_limit=vocab_limit or len(tokenizer),
         stop_ids=stop_ids if stop_ids is not None else stop_token_ids(tokenizer),
+        repetition_penalty=repetition_penalty,
     )
     return TextStream(gen, result)
 
@@ -196,8 +199,20 @@ def generate_text(model, tokenizer, inputs_embeds: torch.Tensor, **kwargs) -> Ge
     return stream.result
 
 
+def penalize_repetition(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+    """``logits`` with the tokens in ``seen`` made less likely (transformers'
+    RepetitionPenaltyLogitsProcessor): a positive logit divided by ``penalty``, a negative one
+    multiplied by it."""
+    if penalty == 1.0 or not seen:
+        return logits
+    idx = torch.tensor(sorted(set(seen)), device=logits.device)
+    picked = logits[idx]
+    logits = logits.clone()
+    logits[idx] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits
+
+
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> int:
-    logits = logits.float()
     if not do_sample or temperature <= 0:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -224,6 +239,7 @@ def _run(
     prefix,
     vocab_limit,
     stop_ids,
+    repetition_penalty=1.0,
 ) -> Iterator[str]:
     from transformers import DynamicCache
 
@@ -260,7 +276,9 @@ def _run(
                     logits_to_keep=1,
                 )
             pos += n
-            token = _pick(out.logits[0, -1, :vocab_limit], do_sample, temperature, top_p, gen)
+            logits = penalize_repetition(out.logits[0, -1, :vocab_limit].float(), result.token_ids,
+                                         repetition_penalty)
+            token = _pick(logits, do_sample, temperature, top_p, gen)
             if t_first is None:
                 t_first = time.perf_counter()
                 result.prefill_s = t_first - t0

@@ -8,6 +8,12 @@ another tile geometry than CLIP ViT-L/14-336's (336 px, 14 px patches, 24 x 24 a
 tiling and every strategy assume) is refused before any weight is read. On CUDA the default is
 4-bit nf4 (bitsandbytes) with the vision tower, projector, reghead and lm_head kept unquantised;
 on the CPU it is float32. A peft LoRA adapter directory can be applied on top.
+
+Of ``generation_config.json`` the engine takes what changes its greedy answers
+(:class:`GenerationDefaults`): the repetition penalty, which transformers' ``generate`` applies
+even without sampling (so the original evaluation's greedy answers carry it), and the extra
+end-of-answer ids. Its sampling settings are not used: answers are greedy, as the paper's
+evaluation ran them.
 """
 
 from __future__ import annotations
@@ -34,12 +40,46 @@ class WeightsMissingError(CheckpointError):
     """No checkpoint (or no weight files) where one was expected."""
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What the checkpoint's ``generation_config.json`` changes in the engine's decoding."""
+
+    repetition_penalty: float = 1.0
+    eos_token_ids: frozenset = frozenset()
+
+
+def read_generation_defaults(weights_dir: str | os.PathLike) -> GenerationDefaults:
+    """The :class:`GenerationDefaults` of the checkpoint in ``weights_dir`` (defaults when it has
+    no ``generation_config.json``); CheckpointError when the file is there but cannot be used."""
+    path = Path(weights_dir) / "generation_config.json"
+    if not path.is_file():
+        return GenerationDefaults()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}). Run `make weights` again to repair "
+                              "the download.") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object. Run `make weights` again to repair the download.")
+    penalty = data.get("repetition_penalty", 1.0)
+    if penalty is None:
+        penalty = 1.0
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < 100:
+        raise CheckpointError(f"{path}: repetition_penalty {penalty!r} is not a positive number")
+    eos = data.get("eos_token_id")
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+        raise CheckpointError(f"{path}: eos_token_id {data.get('eos_token_id')!r} is not a token id or a list of them")
+    return GenerationDefaults(float(penalty), frozenset(eos))
+
+
 @dataclass
 class LoadedModel:
     model: Any  # LlavaQwenForCausalLM (or a peft wrapper of it when an adapter is given)
     tokenizer: Any  # Qwen2TokenizerFast
     config: Any  # LlavaQwenConfig
     info: dict[str, Any] = field(default_factory=dict)
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @property
     def vocab_limit(self) -> int:
@@ -185,6 +225,7 @@ def load_model(
         check_adapter(adapter)
     path = Path(weights_dir)
     read_config_json(path)
+    generation = read_generation_defaults(path)
     files = weight_files(path)
     plan = plan_device(device, quantization, attn)
     tiny = is_tiny_checkpoint(path)
@@ -254,8 +295,9 @@ def load_model(
         "model_name": TINY_MODEL_NAME if tiny else REAL_MODEL_NAME,
         "adapter": adapter_path,
         "vocab_limit": len(tokenizer),
+        "repetition_penalty": generation.repetition_penalty,
     }
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, info=info, generation=generation)
 
 
 def _detach_from_checkpoint_files(model) -> None:

@@ -343,6 +343,7 @@ class Engine:
     def _ask(self, req: AskRequest, cancel: threading.Event | None) -> Iterator[dict]:
         from engine.errors import Cancelled
         from engine.generate import check_context, prefill_prefix, stream_generate
+        from engine.prompt import stop_token_ids
         from engine.heatmap import write_heatmap
 
         rid = req.request_id
@@ -410,7 +411,9 @@ class Engine:
         yield ev("status", stage="prefill", progress=None, message="reading the image tokens")
         stream = stream_generate(self.model, self.tokenizer, embeds,
                                  max_new_tokens=req.max_new_tokens, cancel=cancel, prefix=prefix,
-                                 vocab_limit=self.loaded.vocab_limit, seed=req.seed)
+                                 vocab_limit=self.loaded.vocab_limit, seed=req.seed,
+                                 stop_ids=stop_token_ids(self.tokenizer) | self.loaded.generation.eos_token_ids,
+                                 repetition_penalty=self.loaded.generation.repetition_penalty)
         try:
             for piece in stream:
                 yield ev("token", text=piece)

@@ -143,3 +143,60 @@ def test_context_limit(tiny_model, tiny_tokenizer, monkeypatch):
         stream_generate(tiny_model, tiny_tokenizer, emb)
     monkeypatch.setattr(tiny_model.config, "tokenizer_model_max_length", n + 3)
     assert generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=50).n_new_tokens <= 3
+
+
+def _checkpoint_with_generation_config(dest, tiny_checkpoint, **fields):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_checkpoint, dest)
+    path = dest / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return dest
+
+
+def test_greedy_answers_carry_the_checkpoints_repetition_penalty_as_transformers_generate_does(
+        tmp_path, tiny_checkpoint):
+    """The LongVA family's generation_config.json holds repetition_penalty 1.05 (Qwen2-Instruct's
+    defaults). transformers' generate applies it with do_sample=False too, so the original
+    evaluation's greedy answers carry it; the engine's own decoding loop never read the file."""
+    from engine.loader import load_model, read_generation_defaults
+
+    ckpt = _checkpoint_with_generation_config(tmp_path / "ckpt", tiny_checkpoint, do_sample=True,
+                                              temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3)
+    assert read_generation_defaults(ckpt).repetition_penalty == 1.3
+    loaded = load_model(ckpt, device="cpu", quantization="fp32")
+    assert loaded.generation.repetition_penalty == 1.3 and loaded.info["repetition_penalty"] == 1.3
+    model, tok = loaded.model, loaded.tokenizer
+    emb, _ = _embeds(model, tok, seed=2)
+    plain = generate_text(model, tok, emb, max_new_tokens=40).token_ids
+    ours = generate_text(model, tok, emb, max_new_tokens=40,
+                         repetition_penalty=loaded.generation.repetition_penalty).token_ids
+    hf = model.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+                        do_sample=False, num_beams=1, max_new_tokens=40,
+                        suppress_tokens=list(range(len(tok), model.config.vocab_size)))[0].tolist()
+    stops = stop_token_ids(tok)
+    hf = hf[:next((i for i, t in enumerate(hf) if t in stops), len(hf))]
+    assert ours == hf and ours != plain
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "cannot be read"),
+    ("[]", "not a JSON object"),
+    ('{"repetition_penalty": "1.05"}', "not a positive number"),
+    ('{"repetition_penalty": 0}', "not a positive number"),
+    ('{"eos_token_id": [151645, "x"]}', "not a token id"),
+])
+def test_a_generation_config_that_cannot_be_used_is_refused_before_loading(tmp_path, tiny_checkpoint, text, message):
+    import shutil
+
+    from engine.loader import CheckpointError, load_model, read_generation_defaults
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "generation_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(ckpt, device="cpu", quantization="fp32")
+    (ckpt / "generation_config.json").unlink()  # none at all: the defaults
+    defaults = read_generation_defaults(ckpt)
+    assert (defaults.repetition_penalty, defaults.eos_token_ids) == (1.0, frozenset())

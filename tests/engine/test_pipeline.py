@@ -502,3 +502,21 @@ def test_tokens_a_tile_default_to_the_checkpoints_own(tiny_checkpoint, scene, tm
     assert args.tokens_per_tile == 5
     resolve_tokens_per_tile(args, {"weights": str(tiny_checkpoint)})
     assert args.tokens_per_tile == 5  # given (here: resolved before) stays
+
+
+def test_the_engine_answers_with_the_checkpoints_generation_config(tiny_checkpoint, engine, scene, tmp_path):
+    """Its repetition penalty changes the greedy answer; its eos ids end it."""
+    import shutil
+
+    plain = _ask(engine, scene, max_new_tokens=30)[-1]
+    ckpt = tmp_path / "penalty"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    gen_path = ckpt / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    gen_path.write_text(json.dumps({**gen, "repetition_penalty": 1.3}))
+    penalized = _ask(Engine(ckpt, output_dir=tmp_path / "out"), scene, max_new_tokens=30)[-1]
+    assert penalized["answer"] != plain["answer"]
+    first = engine.tokenizer(plain["answer"], add_special_tokens=False).input_ids[0]
+    gen_path.write_text(json.dumps({**gen, "eos_token_id": [gen["eos_token_id"], first]}))
+    ended = _ask(Engine(ckpt, output_dir=tmp_path / "out2"), scene, max_new_tokens=30)[-1]
+    assert ended["answer"] == "" and plain["answer"]
