@@ -249,8 +249,11 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_weights(args: argparse.Namespace) -> int:
     from engine.weights import download_weights
 
+    from engine.weights import recorded_revision
+
     path = download_weights(args.dest, repo=args.repo, revision=args.revision)
-    print(f"GeoLLaVA-8K weights ready in {path}")
+    commit = recorded_revision(path, args.repo)
+    print(f"GeoLLaVA-8K weights ready in {path}" + (f" ({args.repo} at commit {commit})" if commit else ""))
     return 0
 
 
@@ -280,7 +283,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dest", type=Path, default=DEFAULT_WEIGHTS,
                    help=f"checkpoint folder (default: {DEFAULT_WEIGHTS}, where the engine looks)")
     p.add_argument("--repo", default=DEFAULT_REPO)
-    p.add_argument("--revision", default=None)
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit (default: the commit an earlier download into --dest recorded in "
+                        "REVISION.txt, else the newest, main)")
     p.set_defaults(func=cmd_weights)
 
     _add_optional(sub, "serve", "engine.server", "add_serve_arguments", "serve",

@@ -3,6 +3,11 @@
 Uses huggingface_hub's ``snapshot_download`` into a plain directory, fetching only what the
 engine needs (config, safetensors shards + index, tokenizer files). Interrupted downloads resume
 on the next call. After the download the directory is checked the same way the loader checks it.
+
+The branch or tag asked for (default ``main``) is resolved to its commit first, and every file
+comes from that one commit, recorded in ``REVISION.txt`` in the checkpoint folder: a download
+resumed or repaired later (no ``--revision``) fetches the same commit, never a mix of an old and
+a re-uploaded checkpoint, and the folder says which checkpoint it holds.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ ALLOW_PATTERNS = [
     "merges.txt",
     "*.md",
 ]
+
+
+REVISION_FILE = "REVISION.txt"
 
 
 class DownloadError(RuntimeError):
@@ -62,10 +70,11 @@ def download_weights(
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - it is a declared dependency
         raise DownloadError("huggingface_hub is not installed; run `make setup`") from exc
+    commit = resolve_revision(repo, revision, dest, token)
     try:
         snapshot_download(
             repo_id=repo,
-            revision=revision,
+            revision=commit or revision,
             local_dir=str(dest),
             allow_patterns=ALLOW_PATTERNS,
             token=token,
@@ -87,4 +96,34 @@ def download_weights(
         raise DownloadError(f"the download finished but the checkpoint is not usable: {exc}") from exc
     if not files:
         raise DownloadError(f"no weight files were downloaded into {dest}")
+    if commit:
+        (dest / REVISION_FILE).write_text(f"{repo}\n{commit}\n", encoding="utf-8")
     return dest
+
+
+def recorded_revision(dest: str | os.PathLike, repo: str = DEFAULT_REPO) -> str | None:
+    """The commit of ``repo`` an earlier download into ``dest`` fetched (its REVISION.txt), or None."""
+    try:
+        lines = (Path(dest) / REVISION_FILE).read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(lines) == 2 and lines[0] == repo and len(lines[1]) == 40 and all(c in "0123456789abcdef" for c in lines[1]):
+        return lines[1]
+    return None
+
+
+def resolve_revision(repo: str, revision: str | None, dest: str | os.PathLike, token: str | None) -> str | None:
+    """The commit to download: with no ``revision``, the one an earlier download into ``dest``
+    recorded; else the Hub's commit for ``revision`` (default main). None when the Hub cannot be
+    asked (offline: the download then says so)."""
+    if revision is None:
+        recorded = recorded_revision(dest, repo)
+        if recorded:
+            return recorded
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().model_info(repo, revision=revision, token=token).sha
+    except Exception:  # noqa: BLE001 - offline, refused, unknown revision: snapshot_download says which
+        return None
+    return sha if isinstance(sha, str) and sha else None

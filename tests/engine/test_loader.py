@@ -280,6 +280,13 @@ def test_lora_adapter_is_applied(tmp_path, tiny_checkpoint, tiny_loaded):
     assert generate_text(loaded.model, loaded.tokenizer, emb, max_new_tokens=3).n_new_tokens == 3
 
 
+class _OfflineHub:
+    """huggingface_hub.HfApi on a machine without the Hub."""
+
+    def model_info(self, repo, revision=None, token=None):
+        raise OSError("offline")
+
+
 def test_download_weights_offline_and_verified(tmp_path, tiny_checkpoint, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -289,6 +296,7 @@ def test_download_weights_offline_and_verified(tmp_path, tiny_checkpoint, monkey
     def offline(**kwargs):
         raise LocalEntryNotFoundError("offline")
 
+    monkeypatch.setattr(huggingface_hub, "HfApi", _OfflineHub)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(DownloadError, match="offline"):
         download_weights(tmp_path / "w1")
@@ -322,6 +330,45 @@ def test_download_weights_offline_and_verified(tmp_path, tiny_checkpoint, monkey
     monkeypatch.setattr(huggingface_hub, "snapshot_download", cut_off)
     with pytest.raises(DownloadError, match="not usable: .*not a readable safetensors file"):
         download_weights(tmp_path / "w4")
+
+
+def test_download_weights_fetches_one_commit_and_resumes_the_same(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """The branch asked for (main) is resolved to its commit once and every file comes from it;
+    a resumed or repaired download fetches the commit recorded by the first, not whatever main
+    holds by then (a re-upload would have mixed two checkpoints in one folder)."""
+    import huggingface_hub
+
+    from engine.cli import main
+    from engine.weights import REVISION_FILE, download_weights, recorded_revision
+
+    heads = {"main": "a" * 40, "v2": "b" * 40}
+
+    class Hub:
+        def model_info(self, repo, revision=None, token=None):
+            return type("Info", (), {"sha": heads.get(revision or "main", revision)})()
+
+    fetched = []
+
+    def fake_download(**kwargs):
+        fetched.append(kwargs["revision"])
+        shutil.copytree(tiny_checkpoint, kwargs["local_dir"], dirs_exist_ok=True)
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    dest = tmp_path / "w"
+    download_weights(dest)
+    assert fetched == ["a" * 40] and recorded_revision(dest) == "a" * 40
+    assert (dest / REVISION_FILE).read_text() == f"initiacms/GeoLLaVA-8K\n{'a' * 40}\n"
+    heads["main"] = "c" * 40  # the Hub's main moved on
+    assert main(["weights", "--dest", str(dest)]) == 0
+    assert fetched[-1] == "a" * 40 and f"at commit {'a' * 40}" in capsys.readouterr().out
+    download_weights(dest, revision="v2")  # asked for: that one, recorded
+    assert fetched[-1] == "b" * 40 and recorded_revision(dest) == "b" * 40
+    assert recorded_revision(dest, repo="someone/else") is None
+    monkeypatch.setattr(huggingface_hub, "HfApi", _OfflineHub)  # the Hub cannot be asked: as given
+    download_weights(tmp_path / "w2", revision="v2")
+    assert fetched[-1] == "v2" and recorded_revision(tmp_path / "w2") is None
 
 
 def test_tiny_never_deletes_what_it_did_not_write(tmp_path, tiny_checkpoint):
