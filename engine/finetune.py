@@ -111,9 +111,16 @@ def encode_conversation(tokenizer, sample: Sample, system: str | None = None) ->
 
     Layout: system turn, then for each exchange ``<|im_start|>user\\n{q}<|im_end|>\\n
     <|im_start|>assistant\\n{a}<|im_end|>\\n``; the first user turn is written with ``<image>\\n``
-    first (as inference's prompt does), and only ``{a}<|im_end|>`` carries labels."""
+    first (as inference's prompt does), and only ``{a}<|im_end|>`` carries labels. The questions
+    and answers are the data's text (``encode_text``: a control token's spelling in them is plain
+    text, as in a question asked); the markers around them are the template's."""
+    from engine.prompt import encode_template, encode_text
+
     def enc(s: str) -> list[int]:
-        return list(tokenizer(s, add_special_tokens=False).input_ids) if s else []
+        return encode_template(tokenizer, s)
+
+    def text(s: str) -> list[int]:
+        return encode_text(tokenizer, s)
 
     sys_text = system if system is not None else (sample.system or SYSTEM_PROMPT)
     before = enc(f"<|im_start|>system\n{sys_text}<|im_end|>\n<|im_start|>user\n")
@@ -126,13 +133,13 @@ def encode_conversation(tokenizer, sample: Sample, system: str | None = None) ->
             if first:
                 q = "\n" + strip_image_token(q)  # "<image>" goes between before and after
                 first = False
-                ids = enc(q + "<|im_end|>\n<|im_start|>assistant\n")
+                ids = text(q) + enc("<|im_end|>\n<|im_start|>assistant\n")
             else:
-                ids = enc(f"<|im_start|>user\n{q.strip()}<|im_end|>\n<|im_start|>assistant\n")
+                ids = enc("<|im_start|>user\n") + text(q.strip()) + enc("<|im_end|>\n<|im_start|>assistant\n")
             after += ids
             labels += [IGNORE] * len(ids)
         else:
-            ans = enc(turn.text.strip() + "<|im_end|>")
+            ans = text(turn.text.strip()) + enc("<|im_end|>")
             after += ans
             labels += ans
             nl = enc("\n")

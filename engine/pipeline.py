@@ -262,13 +262,13 @@ def build_inputs(model, tokenizer, question: str, selection, answer: str | None 
     length of the image prefix (system + user header + visual tokens)."""
     import torch
 
-    from engine.prompt import STOP_TOKEN, split_prompt
+    from engine.prompt import STOP_TOKEN, encode_template, encode_text, split_prompt
 
     pieces = split_prompt(tokenizer, question)
     after = list(pieces.after)
     answer_ids: list[int] = []
     if answer is not None:
-        answer_ids = list(tokenizer(answer + STOP_TOKEN, add_special_tokens=False).input_ids)
+        answer_ids = encode_text(tokenizer, answer) + encode_template(tokenizer, STOP_TOKEN)
     embeds = model.build_inputs_embeds(pieces.before, selection.embeds, after + answer_ids)
     n_prefix = len(pieces.before) + int(selection.embeds.shape[0])
     labels = None

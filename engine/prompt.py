@@ -5,6 +5,11 @@
 
 The text is split at ``<image>`` before tokenising (the original code puts index -200 there);
 the visual token embeddings go between the two pieces. The answer ends at ``<|im_end|>``.
+
+Only the template's own markers become control tokens: text a user or a dataset supplies (the
+question, a training answer) is tokenised with :func:`encode_text`, so ``<|im_end|>``,
+``<|im_start|>`` or ``<|endoftext|>`` typed in a question stay plain text and cannot end the
+user's turn, open a system turn or stop the prompt.
 """
 
 from __future__ import annotations
@@ -36,15 +41,30 @@ class PromptPieces:
     text: str  # the full prompt text (with the placeholder)
 
 
+def encode_template(tokenizer, text: str) -> list[int]:
+    """Ids of the template's own text: its ``<|im_start|>`` / ``<|im_end|>`` are control tokens."""
+    return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of text a user or a dataset supplies: a control token's spelling in it is plain text."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids) if text else []
+
+
 def split_prompt(tokenizer, question: str, *, system: str = SYSTEM_PROMPT, image: bool = True) -> PromptPieces:
-    """Tokenise the prompt around the single ``<image>`` placeholder (no BOS is added)."""
+    """Tokenise the prompt around the single ``<image>`` placeholder (no BOS is added); the
+    question with :func:`encode_text`, the rest with :func:`encode_template`."""
     text = chat_prompt(question, system=system, image=image)
+    q = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    head = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+    end = f"{STOP_TOKEN}\n<|im_start|>assistant\n"
     if image:
-        head, tail = text.split(IMAGE_PLACEHOLDER, 1)
+        before = encode_template(tokenizer, head)
+        after = encode_text(tokenizer, f"\n{q}") + encode_template(tokenizer, end)
     else:
-        head, tail = text, ""
-    enc = lambda s: list(tokenizer(s, add_special_tokens=False).input_ids) if s else []  # noqa: E731
-    return PromptPieces(before=enc(head), after=enc(tail), text=text)
+        before = encode_template(tokenizer, head) + encode_text(tokenizer, q) + encode_template(tokenizer, end)
+        after = []
+    return PromptPieces(before=before, after=after, text=text)
 
 
 def stop_token_ids(tokenizer) -> set[int]:

@@ -219,6 +219,9 @@ def validate_question(question: object) -> str:
     if not isinstance(question, str) or not question.strip():
         raise ValueError("empty_question: Please type a question.")
     question = question.strip()
+    if not question.replace("<image>", "").strip():  # the prompt's image placeholder, which the prompt drops
+        raise ValueError("empty_question: The question holds only <image>, the image's place in the "
+                         "prompt; please type a question.")
     try:
         question.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: a byte that is not UTF-8, as sys.argv keeps it

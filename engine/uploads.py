@@ -56,8 +56,10 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
 
     from engine.raster import _gdal_detail, footprint_bounds
 
-    p = Path(path).expanduser()
     shown = str(path)
+    if "\x00" in shown:  # JSON allows it; no file name holds it (stat raises ValueError)
+        raise JobError("bad_request", f"The raster path {shown!r} holds a NUL character; no file has such a name.")
+    p = Path(path).expanduser()
     if not p.is_absolute():
         raise JobError("bad_request", f"The raster path {shown!r} must be an absolute path.")
     try:

@@ -60,7 +60,9 @@ def question_ids(model: Any, question, tokenizer: Any = None) -> torch.Tensor:
             "This text-guided strategy needs the model's tokenizer to read the question; "
             "pass tokenizer=... to the strategy or set model.tokenizer."
         )
-    ids = tok(str(question), add_special_tokens=False)["input_ids"]
+    from engine.prompt import encode_text
+
+    ids = encode_text(tok, str(question))  # as the prompt reads it: control-token spellings are text
     if not ids:
         raise SelectionError("The question is empty after tokenisation.")
     return torch.as_tensor(ids, dtype=torch.long)

@@ -123,6 +123,8 @@ def _err(status_body):
 @pytest.mark.parametrize("case, expected_status, expected_code, words", [
     ("unknown_strategy", 400, "unknown_strategy", "strategy"),
     ("empty_question", 400, "empty_question", "question"),
+    ("image_only_question", 400, "empty_question", "only <image>"),
+    ("nul_in_path", 400, "bad_request", "nul character"),
     ("long_question", 400, "question_too_long", "limit"),
     ("missing_file", 422, "raster_unreadable", "no file"),
     ("broken_tiff", 422, "raster_unreadable", "cannot be read"),
@@ -141,6 +143,10 @@ def test_bad_input(server, inputs, case, expected_status, expected_code, words):
         body["strategy"] = "magic"
     elif case == "empty_question":
         body["question"] = "   "
+    elif case == "image_only_question":  # the prompt drops <image>: nothing was asked
+        body["question"] = " <image>\n"
+    elif case == "nul_in_path":  # JSON allows it: it was a 500 "internal" (stat's ValueError)
+        body["raster_path"] = str(inputs["raster"]) + "\x00.tif"
     elif case == "long_question":
         body["question"] = "why " * 1000
     elif case == "missing_file":
