@@ -33,10 +33,14 @@ def fetch_result_file(event: dict, client: EngineClient, key: str, dest: Path) -
     The anchors are also inline in the result event: they are written from there when the
     event names no file, or when its download fails (the engine pruned it, or restarted).
     Returns ``str(dest)``, or None when the event has no such file. Raises OSError /
-    EngineError when it cannot be had. Runs in a worker thread."""
+    EngineError when it cannot be had. Runs in a worker thread.
+
+    The event's ``*_path`` (a path on the engine's computer) is copied only from an engine on
+    this computer: a path an engine on another one names is not its file here, and copying it
+    would let that engine pick any file of this computer to land in the results folder."""
     src, name = event.get(f"{key}_path"), event.get(f"{key}_file")
     inline = event.get("anchors") if key == "anchors" and isinstance(event.get("anchors"), dict) else None
-    if src and Path(src).is_file():
+    if src and getattr(client, "is_local", False) and Path(src).is_file():
         shutil.copyfile(src, dest)
     elif name:
         try:

@@ -11,6 +11,15 @@ import numpy as np
 import pytest
 
 
+class _LocalEngine:
+    """The client of an engine on this computer: its result files are copied by their paths."""
+
+    is_local = True
+
+
+LOCAL_ENGINE = _LocalEngine()
+
+
 def test_aoi_same_crs_gives_pixel_window(raster_layer):
     from geovqa.aoi import request_aoi
     from qgis.core import QgsGeometry, QgsRectangle
@@ -512,7 +521,7 @@ def test_results_of_an_unreferenced_raster_land_on_it(tmp_path):
     layer = _unreferenced_layer(tmp_path)
     heat, anchors = _engine_results_in_pixels(tmp_path / "engine")
     originals = (gdal.Open(str(heat)).GetGeoTransform(), anchors.read_text())
-    kept = keep_result_files({"heatmap_path": str(heat), "anchors_path": str(anchors)}, None, tmp_path / "results",
+    kept = keep_result_files({"heatmap_path": str(heat), "anchors_path": str(anchors)}, LOCAL_ENGINE, tmp_path / "results",
                              "q", rect_bounds(layer.extent()), unreferenced=True)
     assert (gdal.Open(str(heat)).GetGeoTransform(), anchors.read_text()) == originals  # the engine's are kept
     _, hl, al = add_result_layers("Where?", kept["heatmap"], kept["anchors"], source_layer=layer)
@@ -579,7 +588,7 @@ def test_the_heatmap_of_a_south_up_raster_is_kept_uncropped(tmp_path):
     from osgeo import gdal
 
     heat = _geotiff_with_transform(tmp_path / "heat.tif", (500000.0, 80.0, 0.0, 4997250.0, 0.0, 80.0), 25, 50)
-    kept = keep_result_files({"heatmap_path": heat}, None, tmp_path / "results", "q",
+    kept = keep_result_files({"heatmap_path": heat}, LOCAL_ENGINE, tmp_path / "results", "q",
                              (500000.0, 4998500.0, 502000.0, 5000000.0))
     assert gdal.Open(kept["heatmap"]).GetGeoTransform() == (500000.0, 80.0, 0.0, 4997250.0, 0.0, 80.0)
 

@@ -253,6 +253,32 @@ class PrunedAnchorsClient:
         raise EngineError("not_found", f"There is no result file {name}.", status=404)
 
 
+def test_a_remote_engine_cannot_make_the_plugin_copy_a_file_of_this_computer(tmp_path):
+    """An engine on another computer names its result files by paths on *its* disk: where such a
+    path exists here too (a hostile or broken engine naming ~/.ssh/id_rsa, say) the plugin copied
+    that file of this computer into its results folder. It downloads the named file instead."""
+    from geovqa.client import EngineClient
+    from geovqa.tasks import fetch_result_file
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    heat_src = write_raster(tmp_path / "heat_src.tif", bands=1)
+    event = {"type": "result", "heatmap_path": str(secret), "heatmap_file": "x_heatmap.tif"}
+
+    class Remote(PrunedAnchorsClient):
+        is_local = False
+
+    got = fetch_result_file(event, Remote(heat_src), "heatmap", tmp_path / "kept.tif")
+    assert open(got, "rb").read() == open(heat_src, "rb").read()
+    assert not EngineClient("http://203.0.113.5:8765", "t").is_local  # what Remote stands for
+    assert fetch_result_file({"type": "result", "heatmap_path": str(secret)}, Remote(heat_src), "heatmap",
+                             tmp_path / "none.tif") is None
+    assert not (tmp_path / "none.tif").exists()
+    local = EngineClient("http://127.0.0.1:8765", "t")
+    assert local.is_local
+    assert open(fetch_result_file(event, local, "heatmap", tmp_path / "copy.tif")).read() == "private"
+
+
 @pytest.mark.parametrize("inline", [True, False])
 def test_one_failed_download_costs_only_that_layer(tmp_path, inline):
     from geovqa.tasks import keep_result_files_or_warn
