@@ -816,6 +816,19 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> 
             valid &= inside
         if not valid.any():
             where = f"the area of interest in '{p}'" if aoi is not None else f"'{p}'"
+            band_valid = masks > 0
+            if np.issubdtype(data.dtype, np.floating):
+                band_valid &= np.isfinite(data)
+            if poly is not None:
+                band_valid &= inside
+            empty = [b for i, b in enumerate(uniq) if not band_valid[i].any()]
+            if empty and len(empty) < len(uniq):  # some chosen band has data, the combination none
+                named = ", ".join(str(b) for b in empty)
+                raise NoValidPixelsError(
+                    f"Band{'s' if len(empty) > 1 else ''} {named} of {where} hold{'' if len(empty) > 1 else 's'} "
+                    "no data (nodata, masked or not a number everywhere), so no pixel has all the bands "
+                    "chosen. Choose other bands (the layer's bands in QGIS, or --bands)."
+                )
             raise NoValidPixelsError(
                 f"Every pixel of {where} is nodata (or masked): there is no image to ask about. "
                 "Choose an area with data, or check the layer's nodata value."

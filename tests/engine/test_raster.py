@@ -195,6 +195,21 @@ def test_no_valid_pixel_is_a_clear_error(tmp_path):
         read_raster(p, aoi=[10, 0, 10, 20])
 
 
+def test_a_chosen_band_without_data_is_named(tmp_path):
+    """One of the three bands chosen is NaN everywhere: "Every pixel is nodata, check the nodata
+    value" sent the user after the wrong thing; the band is named, and other bands suggested."""
+    from engine.raster import NoValidPixelsError
+
+    arr = np.random.default_rng(0).random((4, 20, 20)).astype(np.float32)
+    arr[2] = np.nan
+    p = write_geotiff(tmp_path / "bands.tif", arr)
+    with pytest.raises(NoValidPixelsError, match=r"Band 3 of .*bands\.tif.* holds no data .*Choose other bands"):
+        read_raster(p, bands=[1, 2, 3])
+    assert read_raster(p, bands=[1, 2, 4]).valid_fraction == 1.0
+    with pytest.raises(NoValidPixelsError, match="Every pixel"):  # nothing anywhere: as before
+        read_raster(write_geotiff(tmp_path / "nan.tif", np.full((3, 20, 20), np.nan, np.float32)), bands=[1, 2, 3])
+
+
 def test_palette_raster(tmp_path):
     arr = np.zeros((10, 10), np.uint8)
     arr[5:] = 1
