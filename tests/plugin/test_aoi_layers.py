@@ -571,6 +571,56 @@ def test_a_file_the_engine_refuses_to_read_unwarped_is_rendered(tmp_path):
     assert path_of(rpc) is None
 
 
+def _clustered_gcp_scan(path, count):
+    """A 1000 x 800 px scan (10 m pixels, EPSG:32633) placed by the first ``count`` of 12 GCPs
+    clustered in its centre third (all in one town), each up to 0.45 px off the affine grid."""
+    from osgeo import gdal, osr
+
+    rng = np.random.default_rng(3)
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 1000, 800, 3, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    gcps = []
+    for _ in range(12):
+        col, row = rng.uniform(350, 650), rng.uniform(300, 500)
+        dc, dr = rng.uniform(-0.45, 0.45, 2)
+        gcps.append(gdal.GCP(500000 + 10 * (col + dc), 5000000 - 10 * (row + dr), 0, col, row))
+    ds.SetGCPs(gcps[:count], srs.ExportToWkt())
+    ds = None
+    return str(path)
+
+
+def test_a_file_whose_gcps_bend_it_is_rendered_as_qgis_shows_it(tmp_path, qgis_new_project):
+    """12 GCPs clustered in the centre, each within 0.46 px of one affine transform: the file was
+    sent as it is and the engine placed it by that affine fit, while QGIS shows a file with 6 or
+    more GCPs through GDAL's 2nd-order polynomial warp, 8-9 px away at the corners: heatmap and
+    anchors landed off what the user sees. Now the plugin sends a render of the layer. With 5
+    GCPs (GDAL's warp is then the affine fit) the file is sent, and QGIS shows it where the
+    engine places it."""
+    from geovqa.render import layer_file_path
+    from osgeo import gdal
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    bent = _clustered_gcp_scan(tmp_path / "bent.tif", 12)
+    layer = QgsRasterLayer(bent, "bent", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    assert layer_file_path(layer) is None
+
+    flat = _clustered_gcp_scan(tmp_path / "flat.tif", 5)
+    layer = QgsRasterLayer(flat, "flat", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    assert layer_file_path(layer) == flat
+    gt = gdal.GCPsToGeoTransform(gdal.Open(flat).GetGCPs())  # the engine's fit (rasterio from_gcps)
+    xs = [gt[0] + gt[1] * c + gt[2] * r for c in (0, 1000) for r in (0, 800)]
+    ys = [gt[3] + gt[4] * c + gt[5] * r for c in (0, 1000) for r in (0, 800)]
+    ext = layer.extent()
+    off = max(abs(ext.xMinimum() - min(xs)), abs(ext.xMaximum() - max(xs)),
+              abs(ext.yMinimum() - min(ys)), abs(ext.yMaximum() - max(ys)))
+    assert off <= 10.0, f"QGIS shows the raster {off / 10:.1f} px from where its results land"
+
+
 def test_the_heatmap_of_a_south_up_raster_is_kept_uncropped(tmp_path):
     """The engine's heatmap follows its raster's grid; cropping a south-up one raised in
     gdal.Translate (negative source window) and the answer failed with 'Could not save the
