@@ -40,6 +40,18 @@ class AoiError(ValueError):
     """The area of interest cannot be used with this layer (message for a person)."""
 
 
+def polygonal_part(geometry: QgsGeometry) -> QgsGeometry:
+    """The polygons of ``geometry`` (empty when it holds none): a cut can leave lines and points
+    where an area only touches the layer's edge, in a GeometryCollection the engine refuses."""
+    geom = QgsGeometry(geometry)
+    if geom.isEmpty():
+        return QgsGeometry()
+    if geom.type() == POLYGON_GEOMETRY:  # a polygon or multipolygon (a collection's type is unknown)
+        return geom
+    parts = [g for g in geom.asGeometryCollection() if not g.isEmpty() and g.type() == POLYGON_GEOMETRY]
+    return QgsGeometry.collectGeometry(parts) if parts else QgsGeometry()
+
+
 def to_layer_crs(geometry: QgsGeometry, src_crs, layer, project: QgsProject | None = None) -> QgsGeometry:
     """Reproject ``geometry`` from ``src_crs`` into ``layer``'s CRS (edges densified first)."""
     geom = QgsGeometry(geometry)
@@ -110,13 +122,13 @@ def clip_to_layer(geometry: QgsGeometry, src_crs, layer, project: QgsProject | N
     if reprojects and not layer.extent().isEmpty():
         ext_src = _extent_in(layer, src_crs, project)
         if ext_src is not None:
-            geom = geom.intersection(ext_src)
+            geom = polygonal_part(geom.intersection(ext_src))
             if geom.isEmpty() or geom.area() <= 0:
                 raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
     geom = valid_geometry(to_layer_crs(geom, src_crs, layer, project))
     if layer.extent().isEmpty():
         return geom
-    clipped = geom.intersection(QgsGeometry.fromRect(layer.extent()))
+    clipped = polygonal_part(geom.intersection(QgsGeometry.fromRect(layer.extent())))
     if clipped.isEmpty() or clipped.area() <= 0:
         raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
     return clipped

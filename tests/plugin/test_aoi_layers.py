@@ -362,6 +362,19 @@ def test_a_continent_or_world_view_over_a_small_layer_is_the_whole_layer(raster_
     assert request_aoi(view, QgsCoordinateReferenceSystem(crs), layer) is None
 
 
+def test_an_area_touching_the_layer_beside_its_overlap_sends_only_the_overlap(raster_layer):
+    """A U-shaped polygon with one arm over the layer and the other only touching its east edge
+    was cut to a GeometryCollection (the arm's part, and a line along the edge), sent as such."""
+    from geovqa.aoi import request_aoi
+    from qgis.core import QgsGeometry
+
+    layer = raster_layer()  # 64 x 48 px, 10 m, x 500000..500640, y 4999520..5000000
+    u_shape = QgsGeometry.fromWkt("POLYGON((500100 4999700, 500200 4999700, 500200 4999400, 500640 4999400, "
+                                  "500640 4999900, 500700 4999900, 500700 4999300, 500100 4999300, "
+                                  "500100 4999700))")
+    assert request_aoi(u_shape, layer.crs(), layer) == {"window": [10, 30, 10, 18]}
+
+
 def test_a_world_view_in_degrees_covers_a_web_mercator_layer_whole(qgis_new_project, tmp_path):
     """An XYZ-like layer (the whole world in EPSG:3857) under a map showing the world in degrees:
     only about +-45 degrees of longitude used to be rendered."""
