@@ -57,7 +57,9 @@ What `read_raster` does, in order:
   `NoValidPixelsError` (code no_valid_pixels): a black image is nothing to ask about.
 * **Georeferencing** (`georeferencing`): the geotransform and CRS; for a file placed only by
   ground control points, the affine transform fitted to them (with their CRS) when it misses no
-  GCP by more than half a pixel, else `NeedsWarpError` (warp it first), as for RPCs alone.
+  GCP by more than half a pixel and GDAL's GCP transformer (QGIS's warp of the file) keeps
+  within half a pixel of it over the whole image, else `NeedsWarpError` (warp it first), as for
+  RPCs alone.
 * **No georeferencing**: ``crs_wkt=None`` and ``source_transform`` is the identity (map
   coordinates are source pixel coordinates).
 """
@@ -221,7 +223,9 @@ def _gdal_detail(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------- georeferencing
 
-GCP_TOLERANCE_PX = 0.5  # an affine fit to the GCPs is used when it misses none by more than this
+# an affine fit to the GCPs is used when it misses none by more than this, and GDAL's GCP warp
+# (what QGIS shows) strays no more than this from it anywhere in the image
+GCP_TOLERANCE_PX = 0.5
 
 
 class NeedsWarpError(RasterError):
@@ -236,18 +240,22 @@ def georeferencing(src) -> tuple[Affine, str | None, bool]:
 
     A geotransform or a CRS is used as it is. A file placed on the map only by ground control
     points (no geotransform) gets the affine transform fitted to them, with their CRS, when the
-    fit misses no GCP by more than `GCP_TOLERANCE_PX`: GIS software such as QGIS warps such a
-    file to show it, and that warp is then the same affine map, so the engine's heatmap and
-    anchors land on what the user sees. GCPs that need a real warp, or RPCs alone, raise
-    `NeedsWarpError`: reading the file as a plain grid would put every answer in the wrong
-    place. Nothing at all: the identity (map coordinates are source pixel coordinates).
+    fit misses no GCP by more than `GCP_TOLERANCE_PX` and GDAL's own GCP transformer (the
+    polynomial, of order 2 from 6 GCPs on, through which QGIS warps such a file to show it)
+    keeps within `GCP_TOLERANCE_PX` of that fit over the whole image, so the engine's heatmap
+    and anchors land on what the user sees. GCPs that need a real warp (no affine fits them, or
+    they bend the image away from them), or RPCs alone, raise `NeedsWarpError`: reading the
+    file as a plain grid would put every answer in the wrong place. Nothing at all: the
+    identity (map coordinates are source pixel coordinates).
     """
     if not src.transform.almost_equals(Affine.identity()):
         return src.transform, (src.crs.to_wkt() if src.crs is not None else None), True
     gcps, gcp_crs = src.gcps
     if gcps:
         crs = gcp_crs if gcp_crs is not None else src.crs
-        return _affine_from_gcps(gcps, src.name), (crs.to_wkt() if crs is not None else None), True
+        transform = _affine_from_gcps(gcps, src.name)
+        _check_gcp_warp_is_affine(gcps, transform, src.width, src.height, src.name)
+        return transform, (crs.to_wkt() if crs is not None else None), True
     if src.rpcs is not None:
         raise NeedsWarpError(
             f"'{src.name}' is placed on the map by RPCs (a sensor model), not by a geotransform, so "
@@ -288,6 +296,44 @@ def _affine_from_gcps(gcps, name: str) -> Affine:
             f"gdalwarp -r bilinear '{name}' warped.tif, and ask about the warped file."
         )
     return transform
+
+
+GCP_CHECK_GRID = 9  # points per side of the grid (corners, edge midpoints, centre included)
+
+
+def _gcp_warp_gap_px(gcps, transform: Affine, width: int, height: int) -> float:
+    """How far (pixels) GDAL's default GCP transformer (automatic polynomial order: 2 from 6
+    GCPs on, what QGIS warps the file with) strays from the affine `transform` at the worst of
+    a GCP_CHECK_GRID x GCP_CHECK_GRID grid of points over the whole image; inf when GDAL builds
+    no transformer from these GCPs."""
+    from rasterio.transform import GCPTransformer
+
+    cols = np.repeat(np.linspace(0.0, width, GCP_CHECK_GRID), GCP_CHECK_GRID)
+    rows = np.tile(np.linspace(0.0, height, GCP_CHECK_GRID), GCP_CHECK_GRID)
+    try:
+        with GCPTransformer(gcps) as warp:
+            xs, ys = warp.xy(rows, cols, offset="ul")
+        inverse = ~transform
+    except Exception:  # noqa: BLE001 - GDAL's transformer failed: nothing affine to trust
+        return math.inf
+    back_cols, back_rows = inverse @ (np.asarray(xs, dtype=float), np.asarray(ys, dtype=float))
+    gaps = np.hypot(back_cols - cols, back_rows - rows)
+    return float(gaps.max()) if np.isfinite(gaps).all() else math.inf
+
+
+def _check_gcp_warp_is_affine(gcps, transform: Affine, width: int, height: int, name: str) -> None:
+    """NeedsWarpError when GDAL's GCP transformer (which QGIS shows the file through) puts part of
+    the image more than GCP_TOLERANCE_PX away from the affine `transform`: GCPs clustered in one
+    part of the image, each close to the affine fit, can still bend the rest of it by pixels."""
+    gap = _gcp_warp_gap_px(gcps, transform, width, height)
+    if not gap <= GCP_TOLERANCE_PX:
+        detail = (f"which strays up to {gap:.1f} pixels from the best affine transform" if math.isfinite(gap)
+                  else "which GDAL could not compute")
+        raise NeedsWarpError(
+            f"'{name}' is georeferenced by ground control points that bend the image: QGIS shows it "
+            f"through a polynomial warp fitted to its {len(gcps)} GCPs, {detail}. Warp it first, e.g. "
+            f"gdalwarp -r bilinear '{name}' warped.tif, and ask about the warped file."
+        )
 
 
 def footprint_bounds(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:

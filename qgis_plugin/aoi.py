@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from qgis.core import (
+    QgsAbstractGeometryTransformer,
     QgsCoordinateTransform,
     QgsGeometry,
     QgsPointXY,
@@ -40,8 +41,65 @@ class AoiError(ValueError):
     """The area of interest cannot be used with this layer (message for a person)."""
 
 
+class _LongitudesNear(QgsAbstractGeometryTransformer):
+    """Moves each vertex's longitude by a multiple of 360 degrees to the copy nearest the range
+    ``lo``..``hi`` (itself when it lies within it; the original on a tie)."""
+
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def transformPoint(self, x, y, z, m):  # noqa: N802 - QGIS's name
+        if not math.isfinite(x) or self.lo <= x <= self.hi:
+            return True, x, y, z, m
+
+        def away(k):  # from the range, then the smallest move
+            moved = x + 360.0 * k
+            return max(self.lo - moved, moved - self.hi, 0.0), abs(k)
+
+        k = min(range(-3, 4), key=away)
+        return True, x + 360.0 * k, y, z, m
+
+
+def follow_longitudes(geometry: QgsGeometry, crs, lo: float, hi: float) -> QgsGeometry:
+    """``geometry``, in ``crs``, with its longitudes moved by multiples of 360 degrees to the copy
+    nearest ``lo``..``hi`` when ``crs`` is geographic (else as it is).
+
+    PROJ answers longitudes in -180..180, so the reprojection of an area across the antimeridian
+    (a Pacific raster in degrees running from 179.5 to 180.5, on a Pacific-centred map where it
+    is one piece) came back torn in two, half of it on the other side of the world: with the
+    layer's extent as the range, -179.9 is 180.1 again."""
+    geom = QgsGeometry(geometry)
+    if crs is None or not crs.isValid() or not crs.isGeographic() or geom.isEmpty():
+        return geom
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return geom
+    inner = geom.get()
+    if inner is None or not inner.transform(_LongitudesNear(lo, hi)):
+        return QgsGeometry(geometry)
+    return geom
+
+
+def polygonal_part(geometry: QgsGeometry) -> QgsGeometry:
+    """The polygons of ``geometry`` (empty when it holds none): a cut can leave lines and points
+    where an area only touches the layer's edge, in a GeometryCollection the engine refuses."""
+    geom = QgsGeometry(geometry)
+    if geom.isEmpty():
+        return QgsGeometry()
+    if geom.type() == POLYGON_GEOMETRY:  # a polygon or multipolygon (a collection's type is unknown)
+        return geom
+    parts = [g for g in geom.asGeometryCollection() if not g.isEmpty() and g.type() == POLYGON_GEOMETRY]
+    return QgsGeometry.collectGeometry(parts) if parts else QgsGeometry()
+
+
+def _layer_longitudes(layer) -> tuple[float, float]:
+    ext = layer.extent()
+    return ext.xMinimum(), ext.xMaximum()
+
+
 def to_layer_crs(geometry: QgsGeometry, src_crs, layer, project: QgsProject | None = None) -> QgsGeometry:
-    """Reproject ``geometry`` from ``src_crs`` into ``layer``'s CRS (edges densified first)."""
+    """Reproject ``geometry`` from ``src_crs`` into ``layer``'s CRS (edges densified first); in a
+    geographic CRS, with its longitudes where the layer's are (:func:`follow_longitudes`)."""
     geom = QgsGeometry(geometry)
     dst_crs = layer.crs()
     if src_crs is None or not src_crs.isValid() or not dst_crs.isValid() or src_crs == dst_crs:
@@ -51,6 +109,8 @@ def to_layer_crs(geometry: QgsGeometry, src_crs, layer, project: QgsProject | No
     xform = QgsCoordinateTransform(src_crs, dst_crs, project.transformContext())
     if geom.transform(xform) != 0:
         raise AoiError("The area of interest could not be reprojected into the layer's CRS.")
+    if not layer.extent().isEmpty():
+        geom = follow_longitudes(geom, dst_crs, *_layer_longitudes(layer))
     return geom
 
 
@@ -86,12 +146,22 @@ def valid_geometry(geometry: QgsGeometry) -> QgsGeometry:
 
 
 def _extent_in(layer, crs, project: QgsProject | None):
-    """The layer's extent as a densified polygon in ``crs``, or None when it cannot be had."""
+    """The layer's extent as a densified polygon in ``crs``, or None when it cannot be had.
+
+    In a geographic ``crs`` its longitudes are kept in one piece (:func:`follow_longitudes`):
+    near the layer's own when the layer is in degrees too, else within 180 degrees of its
+    centre's."""
     ext = QgsGeometry.fromRect(layer.extent()).densifyByCount(DENSIFY)
     try:
         xform = QgsCoordinateTransform(layer.crs(), crs, (project or QgsProject.instance()).transformContext())
         if ext.transform(xform) != 0:
             return None
+        if crs.isGeographic():
+            if layer.crs().isGeographic():
+                lo, hi = _layer_longitudes(layer)
+            else:
+                lo = hi = xform.transform(layer.extent().center()).x()
+            ext = follow_longitudes(ext, crs, lo, hi)
     except Exception:  # noqa: BLE001 - QgsCsException: the extent does not exist in that CRS
         return None
     return ext if ext.isGeosValid() and not ext.isEmpty() else None
@@ -110,13 +180,13 @@ def clip_to_layer(geometry: QgsGeometry, src_crs, layer, project: QgsProject | N
     if reprojects and not layer.extent().isEmpty():
         ext_src = _extent_in(layer, src_crs, project)
         if ext_src is not None:
-            geom = geom.intersection(ext_src)
+            geom = polygonal_part(geom.intersection(ext_src))
             if geom.isEmpty() or geom.area() <= 0:
                 raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
     geom = valid_geometry(to_layer_crs(geom, src_crs, layer, project))
     if layer.extent().isEmpty():
         return geom
-    clipped = geom.intersection(QgsGeometry.fromRect(layer.extent()))
+    clipped = polygonal_part(geom.intersection(QgsGeometry.fromRect(layer.extent())))
     if clipped.isEmpty() or clipped.area() <= 0:
         raise AoiError(f"The area of interest does not overlap the layer '{layer.name()}'.")
     return clipped

@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 
 # The engine uses an affine transform fitted to a file's GCPs when it misses none of them by more
-# than this many pixels, and refuses the file ("warp it first") otherwise (engine/raster.py
-# GCP_TOLERANCE_PX; the same least-squares fit, GDAL's GCPsToGeoTransform).
+# than this many pixels and GDAL's GCP transformer (what QGIS shows the file through) strays no
+# more than this from it anywhere in the image, and refuses the file ("warp it first") otherwise
+# (engine/raster.py GCP_TOLERANCE_PX; the same least-squares fit, GDAL's GCPsToGeoTransform).
 GCP_TOLERANCE_PX = 0.5
+GCP_CHECK_GRID = 9  # points per side of that check's grid (corners, edge midpoints, centre included)
 
 
 def open_with_gdal(source: str | None):
@@ -50,11 +52,46 @@ def _worst_gcp_miss_px(gcps) -> float:
     return max(misses) if all(math.isfinite(m) for m in misses) else math.inf
 
 
+def _gcp_warp_gap_px(ds) -> float:
+    """How far (pixels) GDAL's default transformer of ``ds`` (for GCPs, the polynomial of automatic
+    order, 2 from 6 GCPs on: what QGIS warps the file with) strays from the affine transform
+    fitted to its GCPs, at the worst of a GCP_CHECK_GRID x GCP_CHECK_GRID grid of points over the
+    whole image; inf when GDAL builds no transformer."""
+    from osgeo import gdal
+
+    gt = gdal.GCPsToGeoTransform(ds.GetGCPs())
+    inv = gdal.InvGeoTransform(gt) if gt is not None else None
+    if not inv:
+        return math.inf
+    try:
+        warp = gdal.Transformer(ds, None, [])
+    except Exception:  # noqa: BLE001 - GDAL could not build it (exceptions on or off)
+        warp = None
+    if warp is None:
+        return math.inf
+    steps = GCP_CHECK_GRID - 1
+    worst = 0.0
+    for i in range(GCP_CHECK_GRID):
+        for j in range(GCP_CHECK_GRID):
+            col, row = ds.RasterXSize * i / steps, ds.RasterYSize * j / steps
+            ok, (x, y, _) = warp.TransformPoint(0, col, row)
+            if not ok:
+                return math.inf
+            gap = math.hypot(inv[0] + inv[1] * x + inv[2] * y - col, inv[3] + inv[4] * x + inv[5] * y - row)
+            if not math.isfinite(gap):
+                return math.inf
+            worst = max(worst, gap)
+    return worst
+
+
 def needs_warp(ds) -> bool:
     """True when the engine refuses ``ds`` with "warp it first" (code raster_unreadable): placed
-    by RPCs alone, or by GCPs that no affine transform fits within GCP_TOLERANCE_PX. QGIS shows
-    such a file through a real warp, which only a render of the layer reproduces."""
+    by RPCs alone, or by GCPs that no affine transform fits within GCP_TOLERANCE_PX, or by GCPs
+    whose GDAL warp (how QGIS shows the file: a polynomial of order 2 from 6 GCPs on) strays more
+    than GCP_TOLERANCE_PX from that affine fit somewhere in the image. QGIS shows such a file
+    through a real warp, which only a render of the layer reproduces."""
     kind = georeferencing(ds)
     if kind == "rpcs":
         return True
-    return kind == "gcps" and not _worst_gcp_miss_px(ds.GetGCPs()) <= GCP_TOLERANCE_PX
+    return kind == "gcps" and not (_worst_gcp_miss_px(ds.GetGCPs()) <= GCP_TOLERANCE_PX
+                                   and _gcp_warp_gap_px(ds) <= GCP_TOLERANCE_PX)

@@ -54,7 +54,8 @@ def layer_file_path(layer) -> str | None:
 
     A table of a GeoPackage holding several rasters, or a NetCDF/HDF subdataset, is not its
     container file (the engine would read another raster or none): None, so it is rendered.
-    So is a file placed by RPCs, or by GCPs that need a real warp: the engine refuses those
+    So is a file placed by RPCs, or by GCPs that need a real warp (:func:`georef.needs_warp`:
+    no affine fits them, or GDAL's warp of them strays from that fit): the engine refuses those
     ("warp it first"), while a render is QGIS's own warped view of them."""
     if layer is None or layer.providerType() not in LOCAL_FILE_PROVIDERS:
         return None

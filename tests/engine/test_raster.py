@@ -273,6 +273,41 @@ def test_gcps_no_affine_honours_are_refused(tmp_path, case, gcps, message):
     assert err.value.code == "raster_unreadable"
 
 
+def _clustered_gcps(n=12, seed=3):
+    """`n` GCPs in the centre third of a 1000 x 800 px scan (all in one town), each up to 0.45 px
+    off the 10 m grid of DEFAULT_TRANSFORM, as hand-placed GCPs are."""
+    rng = np.random.default_rng(seed)
+    gcps = []
+    for _ in range(n):
+        col, row = rng.uniform(350, 650), rng.uniform(300, 500)
+        dc, dr = rng.uniform(-0.45, 0.45, 2)
+        gcps.append((col, row, *(DEFAULT_TRANSFORM @ (col + dc, row + dr))))
+    return gcps
+
+
+def test_gcps_that_bend_the_image_away_from_them_are_refused(tmp_path):
+    """12 GCPs clustered in the centre, each within half a pixel of one affine fit, were read with
+    that fit; QGIS shows a file with 6 or more GCPs through GDAL's polynomial warp (order 2),
+    which here puts the corners about 9 px away: heatmap and anchors landed off what the user
+    sees. Now the file is refused: warp it first."""
+    p = write_gcp_geotiff(tmp_path / "scan.tif", np.full((3, 800, 1000), 100, np.uint8), _clustered_gcps())
+    with pytest.raises(NeedsWarpError, match=r"bend the image.*12 GCPs.*strays up to [0-9.]+ pixels.*"
+                                             r"gdalwarp -r bilinear") as err:
+        read_raster(p)
+    assert err.value.code == "raster_unreadable"
+    # fewer than 6: GDAL's warp is the affine fit itself, so the same GCPs place the file
+    p = write_gcp_geotiff(tmp_path / "five.tif", np.full((3, 800, 1000), 100, np.uint8), _clustered_gcps()[:5])
+    assert read_raster(p).georeferenced
+
+
+def test_many_gcps_on_one_affine_grid_use_its_fit(tmp_path):
+    """12 GCPs spread over the image on one affine grid: GDAL's order-2 warp is that grid."""
+    rotated = Affine.translation(500000, 5000000) @ Affine.rotation(30) @ Affine.scale(10, -10)
+    pixels = [(c, r) for c in (0, 20, 40, 60) for r in (0, 20, 40)]
+    p = write_gcp_geotiff(tmp_path / "many.tif", _u8(40, 60), _gcps(*pixels, transform=rotated))
+    assert read_raster(p).source_transform.almost_equals(rotated, precision=1e-6)
+
+
 def test_a_raster_placed_by_rpcs_alone_is_refused(tmp_path):
     from rasterio.rpc import RPC
 

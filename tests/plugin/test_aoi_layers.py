@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-
+import math
 import tempfile
 from pathlib import Path
 
@@ -283,13 +283,13 @@ def test_results_folder_next_to_project(tmp_path, qgis_new_project):
 # --- AOIs the map can produce that used to go wrong -------------------------------------------
 
 
-def _geotiff_with_transform(path, gt, width=100, height=80):
+def _geotiff_with_transform(path, gt, width=100, height=80, epsg=32633):
     from osgeo import gdal, osr
 
     ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, 3, gdal.GDT_Byte)
     ds.SetGeoTransform(gt)
     srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
+    srs.ImportFromEPSG(epsg)
     ds.SetProjection(srs.ExportToWkt())
     ds = None
     return str(path)
@@ -369,6 +369,107 @@ def test_a_continent_or_world_view_over_a_small_layer_is_the_whole_layer(raster_
     layer = raster_layer()  # UTM 33N, near 15 E 45 N
     view = QgsGeometry.fromRect(QgsRectangle(*rect))
     assert request_aoi(view, QgsCoordinateReferenceSystem(crs), layer) is None
+
+
+# --- a raster in degrees across the antimeridian, on a Pacific-centred map ----------------------
+
+
+def _rect_in(crs_code, lon0, lat0, lon1, lat1):
+    """A rectangle drawn on a map in ``crs_code`` whose corners are the given lon/lat, and that CRS."""
+    from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry, QgsPointXY,
+                           QgsProject, QgsRectangle)
+
+    crs = QgsCoordinateReferenceSystem(crs_code)
+    xf = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:4326"), crs, QgsProject.instance())
+    return QgsGeometry.fromRect(QgsRectangle(xf.transform(QgsPointXY(lon0, lat0)),
+                                             xf.transform(QgsPointXY(lon1, lat1)))), crs
+
+
+def _window_read(aoi, path):
+    """The source pixel window the engine reads for ``aoi`` (engine/raster.py: a window as it is;
+    a polygon's bounding box through the inverse geotransform, floor/ceil, clipped)."""
+    from osgeo import gdal
+    from qgis.core import QgsGeometry
+
+    if aoi is None or "window" in aoi:
+        return aoi and aoi["window"]
+    ds = gdal.Open(path)
+    inv = gdal.InvGeoTransform(ds.GetGeoTransform())
+    box = QgsGeometry.fromWkt(aoi["polygon_wkt"]).boundingBox()
+    corners = [(x, y) for x in (box.xMinimum(), box.xMaximum()) for y in (box.yMinimum(), box.yMaximum())]
+    cols = [inv[0] + inv[1] * x + inv[2] * y for x, y in corners]
+    rows = [inv[3] + inv[4] * x + inv[5] * y for x, y in corners]
+    c0, r0 = max(0, math.floor(min(cols))), max(0, math.floor(min(rows)))
+    c1, r1 = min(ds.RasterXSize, math.ceil(max(cols))), min(ds.RasterYSize, math.ceil(max(rows)))
+    return [c0, r0, c1 - c0, r1 - r0]
+
+
+def _degrees_layer(tmp_path, lon0, name="pacific"):
+    """100 x 100 px of 0.01 degree (EPSG:4326) from ``lon0`` east, lat -16..-17, in the project."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    path = _geotiff_with_transform(tmp_path / f"{name}.tif", (lon0, 0.01, 0.0, -16.0, 0.0, -0.01),
+                                   width=100, height=100, epsg=4326)
+    layer = QgsRasterLayer(path, name, "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer, path
+
+
+@pytest.mark.parametrize("lon0, rect, window", [
+    (179.5, (179.7, -16.7, 180.1, -16.3), [20, 30, 40, 40]),  # across the antimeridian
+    (179.5, (180.2, -16.7, 180.4, -16.3), [70, 30, 20, 40]),  # all of it past 180
+    (179.5, (179.6, -16.7, 179.8, -16.3), [10, 30, 20, 40]),  # all of it before 180
+    (179.0, (179.2, -16.7, 179.6, -16.3), [20, 30, 40, 40]),  # a raster that stops at 180
+    (179.0, (179.8, -16.7, 180.3, -16.3), [80, 30, 20, 40]),  # ... a rectangle past its edge
+    (-120.0, (-119.8, -16.7, -119.4, -16.3), [20, 30, 40, 40]),  # the western hemisphere
+])
+def test_a_rectangle_on_a_pacific_map_reaches_the_pixels_drawn_on(tmp_path, qgis_new_project, lon0, rect, window):
+    """A raster in degrees spanning the antimeridian (lon 179.5..180.5, as Pacific data often
+    is) on a Pacific-centred map (EPSG:3832, where it is one piece): a rectangle over lon
+    179.7..180.1 came back from its reprojection into degrees with the longitudes past 180
+    wrapped to -180..., so what was sent was a GeometryCollection over lon 179.5..179.7, outside
+    the rectangle. Longitudes now follow the layer's extent (-179.9 is 180.1)."""
+    from geovqa.aoi import request_aoi
+
+    layer, path = _degrees_layer(tmp_path, lon0)
+    geom, crs = _rect_in("EPSG:3832", *rect)
+    aoi = request_aoi(geom, crs, layer)
+    assert aoi is not None and "GeometryCollection" not in aoi.get("polygon_wkt", "")
+    assert _window_read(aoi, path) == window
+
+
+@pytest.mark.parametrize("lon0", [179.5, 179.0, -120.5])
+def test_a_pacific_map_view_around_a_raster_in_degrees_is_the_whole_layer(tmp_path, qgis_new_project, lon0):
+    """The map extent around all of the antimeridian raster (lon 179..181, the dock's *Current
+    map extent*) was refused with 'does not overlap the layer'; it is the whole layer."""
+    from geovqa.aoi import request_aoi
+
+    layer, _ = _degrees_layer(tmp_path, lon0)
+    geom, crs = _rect_in("EPSG:3832", lon0 - 0.5, -17.5, lon0 + 1.5, -15.5)
+    assert request_aoi(geom, crs, layer) is None
+
+
+def test_a_rectangle_beside_an_antimeridian_raster_does_not_overlap_it(tmp_path, qgis_new_project):
+    from geovqa.aoi import AoiError, request_aoi
+
+    layer, _ = _degrees_layer(tmp_path, 179.5)
+    geom, crs = _rect_in("EPSG:3832", 180.7, -16.7, 181.0, -16.3)
+    with pytest.raises(AoiError, match="does not overlap"):
+        request_aoi(geom, crs, layer)
+
+
+def test_an_area_touching_the_layer_beside_its_overlap_sends_only_the_overlap(raster_layer):
+    """A U-shaped polygon with one arm over the layer and the other only touching its east edge
+    was cut to a GeometryCollection (the arm's part, and a line along the edge), sent as such."""
+    from geovqa.aoi import request_aoi
+    from qgis.core import QgsGeometry
+
+    layer = raster_layer()  # 64 x 48 px, 10 m, x 500000..500640, y 4999520..5000000
+    u_shape = QgsGeometry.fromWkt("POLYGON((500100 4999700, 500200 4999700, 500200 4999400, 500640 4999400, "
+                                  "500640 4999900, 500700 4999900, 500700 4999300, 500100 4999300, "
+                                  "500100 4999700))")
+    assert request_aoi(u_shape, layer.crs(), layer) == {"window": [10, 30, 10, 18]}
 
 
 def test_a_world_view_in_degrees_covers_a_web_mercator_layer_whole(qgis_new_project, tmp_path):
@@ -578,6 +679,56 @@ def test_a_file_the_engine_refuses_to_read_unwarped_is_rendered(tmp_path):
                     "SAMP_DEN_COEFF": " ".join(["1"] + ["0"] * 19)}, "RPC")
     ds = None
     assert path_of(rpc) is None
+
+
+def _clustered_gcp_scan(path, count):
+    """A 1000 x 800 px scan (10 m pixels, EPSG:32633) placed by the first ``count`` of 12 GCPs
+    clustered in its centre third (all in one town), each up to 0.45 px off the affine grid."""
+    from osgeo import gdal, osr
+
+    rng = np.random.default_rng(3)
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 1000, 800, 3, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    gcps = []
+    for _ in range(12):
+        col, row = rng.uniform(350, 650), rng.uniform(300, 500)
+        dc, dr = rng.uniform(-0.45, 0.45, 2)
+        gcps.append(gdal.GCP(500000 + 10 * (col + dc), 5000000 - 10 * (row + dr), 0, col, row))
+    ds.SetGCPs(gcps[:count], srs.ExportToWkt())
+    ds = None
+    return str(path)
+
+
+def test_a_file_whose_gcps_bend_it_is_rendered_as_qgis_shows_it(tmp_path, qgis_new_project):
+    """12 GCPs clustered in the centre, each within 0.46 px of one affine transform: the file was
+    sent as it is and the engine placed it by that affine fit, while QGIS shows a file with 6 or
+    more GCPs through GDAL's 2nd-order polynomial warp, 8-9 px away at the corners: heatmap and
+    anchors landed off what the user sees. Now the plugin sends a render of the layer. With 5
+    GCPs (GDAL's warp is then the affine fit) the file is sent, and QGIS shows it where the
+    engine places it."""
+    from geovqa.render import layer_file_path
+    from osgeo import gdal
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    bent = _clustered_gcp_scan(tmp_path / "bent.tif", 12)
+    layer = QgsRasterLayer(bent, "bent", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    assert layer_file_path(layer) is None
+
+    flat = _clustered_gcp_scan(tmp_path / "flat.tif", 5)
+    layer = QgsRasterLayer(flat, "flat", "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    assert layer_file_path(layer) == flat
+    gt = gdal.GCPsToGeoTransform(gdal.Open(flat).GetGCPs())  # the engine's fit (rasterio from_gcps)
+    xs = [gt[0] + gt[1] * c + gt[2] * r for c in (0, 1000) for r in (0, 800)]
+    ys = [gt[3] + gt[4] * c + gt[5] * r for c in (0, 1000) for r in (0, 800)]
+    ext = layer.extent()
+    off = max(abs(ext.xMinimum() - min(xs)), abs(ext.xMaximum() - max(xs)),
+              abs(ext.yMinimum() - min(ys)), abs(ext.yMaximum() - max(ys)))
+    assert off <= 10.0, f"QGIS shows the raster {off / 10:.1f} px from where its results land"
 
 
 def test_the_heatmap_of_a_south_up_raster_is_kept_uncropped(tmp_path):

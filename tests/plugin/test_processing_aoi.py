@@ -549,6 +549,29 @@ def test_a_batch_question_too_long_after_blank_lines_is_named_by_its_line(plugin
     assert stub_engine.requests == []
 
 
+def test_an_area_of_interest_across_the_antimeridian_reaches_the_pixels_it_covers(plugin, stub_engine,
+                                                                                 qgis_processing, tmp_path):
+    """A raster in degrees from lon 179.5 to 180.5 and an extent in the Pacific-centred EPSG:3832
+    over lon 179.7..180.1: its reprojection into degrees was torn at the antimeridian and a
+    GeometryCollection over lon 179.5..179.7 was sent; it is the window of columns 20..60."""
+    import processing
+    from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsPointXY, QgsProject,
+                           QgsRasterLayer)
+    from test_aoi_layers import _geotiff_with_transform
+
+    path = _geotiff_with_transform(tmp_path / "fiji.tif", (179.5, 0.01, 0.0, -16.0, 0.0, -0.01), width=100,
+                                   height=100, epsg=4326)
+    layer = QgsRasterLayer(path, "fiji", "gdal")
+    QgsProject.instance().addMapLayer(layer)
+    xf = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:4326"), QgsCoordinateReferenceSystem("EPSG:3832"),
+                                QgsProject.instance())
+    sw, ne = xf.transform(QgsPointXY(179.7, -16.7)), xf.transform(QgsPointXY(180.1, -16.3))
+    res = processing.run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": "How big?",
+                                               "AOI": f"{sw.x()},{ne.x()},{sw.y()},{ne.y()} [EPSG:3832]"})
+    assert res["ANSWER"] == "The area is 40 x 40 pixels with 3 bands."
+    assert stub_engine.requests[-1]["aoi"] == {"window": [20, 30, 40, 40]}
+
+
 def test_an_area_of_interest_smaller_than_one_pixel_is_refused(plugin, raster_layer, stub_engine, qgis_processing):
     a = raster_layer("a")  # 10 m pixels from 500000/5000000: centres at ...5 m
     said = _errors_of_a_failed_run("geovqa:ask_raster", {"INPUT": a, "QUESTION": "How big?",
