@@ -33,6 +33,10 @@ ALLOW_PATTERNS = [
     "merges.txt",
     "*.md",
 ]
+# the checkpoint's files are all at the top of the repository; huggingface_hub's patterns are
+# fnmatch patterns, whose * also matches "/", so "*.safetensors" alone would fetch the shards of
+# any training checkpoint folder (checkpoint-1000/...) the repository holds too
+IGNORE_PATTERNS = ["*/*"]
 
 
 REVISION_FILE = "REVISION.txt"
@@ -77,6 +81,7 @@ def download_weights(
             revision=commit or revision,
             local_dir=str(dest),
             allow_patterns=ALLOW_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
             token=token,
         )
     except LocalEntryNotFoundError as exc:

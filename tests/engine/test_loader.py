@@ -311,6 +311,14 @@ def test_download_weights_offline_and_verified(tmp_path, tiny_checkpoint, monkey
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     assert download_weights(tmp_path / "w2") == tmp_path / "w2"
     assert seen["repo_id"] == "initiacms/GeoLLaVA-8K" and seen["allow_patterns"] == ALLOW_PATTERNS
+    # what huggingface_hub fetches of a repository holding a training checkpoint folder too
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo_files = ["config.json", "model-00001-of-00004.safetensors", "model.safetensors.index.json",
+                  "checkpoint-1000/model-00001-of-00004.safetensors", "checkpoint-1000/config.json", "README.md"]
+    fetched = list(filter_repo_objects(repo_files, allow_patterns=seen["allow_patterns"],
+                                       ignore_patterns=seen["ignore_patterns"]))
+    assert fetched == ["config.json", "model-00001-of-00004.safetensors", "model.safetensors.index.json", "README.md"]
     assert "*.safetensors" in ALLOW_PATTERNS and "tokenizer.json" in ALLOW_PATTERNS
 
     def partial(**kwargs):  # config only: verification must fail
