@@ -27,10 +27,14 @@ names and the format keeps its instruction (and xlrs its multi-label subtask).
 A multiple-choice answer is option letters, an option's text or "(B) text" (`choice_answer`);
 anything else (a letter outside the options, text no option has) is refused with the item named.
 
-Prompt (multiple choice, the XLRS-Bench-lite protocol GeoLLaVA-8K reports): the question, then
-" The choices are listed below:" and one "(A) text" line an option, then an instruction to answer
-with the option letter(s) (our wording of each benchmark's; `--instruction` replaces it); greedy
-decoding, 64 new tokens. The instruction never depends on the answer.
+Prompt (multiple choice): each benchmark's official prompt, reproduced exactly. xlrs: lmms-eval's
+xlrs-lite layout (the question, "The choices are listed below:", one "(A) text" line an option, a
+blank line, the instruction ending in the cue line "The answer is:"; the multi-label subtask has
+its own instruction, ending "The answer(s) is(are):"). mme: MME-RealWorld's (the question, " The
+choices are listed below: ", the option lines, its instruction, the cue line "The best answer
+is:"). generic: the question + " The choices are listed below:", the option lines and our
+instruction to answer with the letter(s). `--instruction` replaces the instruction (and cue).
+Greedy decoding, 64 new tokens. The instruction never depends on the answer.
 
 Answer extraction (multiple choice) tries, in order:
 1. "The answer is B", "Answer: B, D", "answer: (b)", "The correct option is B" -> the letters
@@ -74,15 +78,28 @@ from engine.run_settings import (absolute_path, changed_settings, model_choice, 
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly. If several options are correct, give all their letters."
-# Per-format instructions (our wording of each benchmark's protocol). {letters} = "A, B, C, D".
-SINGLE_INSTRUCTION = ("Based on the image, pick the best answer to the multiple-choice question. "
-                      "Reply with only the letter of the correct option ({letters}).")
-MULTI_INSTRUCTION = ("Based on the image, pick every correct answer to the multiple-choice question; more "
-                     "than one option may be correct. Reply with only the letter(s) ({letters}), "
-                     "separated by spaces.")
+# The official prompts, reproduced exactly (interface facts: the scores are only comparable with
+# the published tables when the model is asked the same thing).
+# XLRS-Bench(-lite): lmms-eval, lmms_eval/tasks/xlrs/mcq_utils.py (xlrs_doc_to_text): the question,
+# this header glued to it, the "(A) ..." lines, a blank line, then the instruction; the
+# multi-label subtask has its own instruction (its cue follows "spaces." on the same line there).
+XLRS_CHOICES_HEADER = "The choices are listed below:\n"
+XLRS_INSTRUCTION = ("Select the best answer for the multiple-choice question based on the image. Only respond "
+                    "with the letter corresponding to the correct answer (A, B, C, D).\nThe answer is:")
+XLRS_MULTI_INSTRUCTION = ("Select the best answer(s) for the multiple-choice question based on the image. There "
+                          "may be more than one correct option. Only respond with the letter(s) corresponding "
+                          "to the correct answer(s) (A, B, C, D), with multiple choices separated by spaces."
+                          "The answer(s) is(are):")
 # XLRS-Bench asks for several letters only in this subtask (multi-label land-use classes).
 XLRS_MULTI_LABEL_CATEGORIES = ("Overall Land use classification",)
-CHOICES_HEADER = " The choices are listed below:"
+# MME-RealWorld(-RS): yfzhang114/MME-RealWorld, evaluation/model_vqa_mme_real_world.py (also run by
+# VisionXLab/LRS-VQA's eval_mme-realworld-rs.sh): the question, this header, one "(A) ..." line an
+# option, the default --test-prompt, then the cue line.
+MME_CHOICES_HEADER = " The choices are listed below: \n"
+MME_INSTRUCTION = ("Select the best answer to the above multiple-choice question based on the image. "
+                   "Respond with only the letter (A, B, C, D, or E) of the correct option.")
+MME_CUE = "\nThe best answer is:"
+CHOICES_HEADER = " The choices are listed below:"  # the generic layout (ours)
 FORMATS = ("auto", "xlrs", "mme", "lrsvqa", "generic")
 
 
@@ -399,18 +416,17 @@ def build_prompt(item: EvalItem, instruction: str | None = None) -> str:
         if "single word" in q.lower() or "short phrase" in q.lower():
             return q  # the file already carries its answer instruction
         return q + "\nAnswer the question using a single word or phrase."
-    lines = [item.question.strip() + CHOICES_HEADER]
-    lines += [f"({LETTERS[k]}) {opt}" for k, opt in enumerate(item.options)]
-    if instruction is None:
-        letters = ", ".join(LETTERS[: len(item.options)])
-        fmt = item.extra.get("format")
-        if fmt == "xlrs":
-            instruction = (MULTI_INSTRUCTION if item.extra.get("multi_label") else SINGLE_INSTRUCTION).format(letters=letters)
-        elif fmt == "mme":
-            instruction = SINGLE_INSTRUCTION.format(letters=letters)
-        else:
-            instruction = MC_INSTRUCTION
-    lines.append(instruction)
+    fmt = item.extra.get("format")
+    options = [f"({LETTERS[k]}) {opt}" for k, opt in enumerate(item.options)]
+    if fmt == "xlrs":  # lmms-eval's xlrs-lite layout; --instruction replaces instruction and cue
+        post = instruction if instruction is not None else (
+            XLRS_MULTI_INSTRUCTION if item.extra.get("multi_label") else XLRS_INSTRUCTION)
+        return item.question + XLRS_CHOICES_HEADER + "\n".join(options) + "\n\n" + post
+    if fmt == "mme":  # MME-RealWorld's layout; --instruction replaces instruction and cue
+        post = instruction if instruction is not None else MME_INSTRUCTION + MME_CUE
+        return item.question + MME_CHOICES_HEADER + "".join(o + "\n" for o in options) + post
+    lines = [item.question.strip() + CHOICES_HEADER, *options]
+    lines.append(MC_INSTRUCTION if instruction is None else instruction)
     return "\n".join(lines)
 
 
@@ -733,7 +749,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         "record it as failed (counted wrong) and go on")
     parser.add_argument("--title", default="", help="heading of the Markdown table")
     parser.add_argument("--instruction", default=None,
-                        help="last line of multiple-choice prompts (default: answer with the option letter(s))")
+                        help="last line(s) of multiple-choice prompts, replacing the format's instruction and its "
+                        "answer cue (default: the official one of xlrs / mme; ours for generic files)")
     parser.add_argument("--keep-heatmaps", action="store_true",
                         help="keep each answer's token heatmap and anchors in OUT/heatmaps")
 

@@ -176,9 +176,51 @@ def test_an_open_ended_item_without_an_answer_is_refused_not_scored_against_noth
 def test_prompt_layout():
     items_prompt = build_prompt(load_items_from_rows([MME[0]])[0])
     lines = items_prompt.splitlines()
-    assert lines[0] == "What colour is the roof? The choices are listed below:"
+    assert lines[0] == "What colour is the roof? The choices are listed below: "
     assert lines[1:6] == ["(A) red", "(B) blue", "(C) green", "(D) white", "(E) none"]
     assert "letter" in lines[6]
+
+
+XLRS_SINGLE = {"index": 101, "image": ["p1.tif"], "question": "What is the color of the largest ship?",
+               "multi-choice options": ["(A) white", "(B) red", "(C) black", "(D) blue"],
+               "answer": "B", "category": "Object properties/Object color", "l2-category": "color"}
+XLRS_MULTI = {"index": 102, "image": ["p1.tif"], "question": "Which land-use classes appear in the image?",
+              "multi-choice options": ["(A) farmland", "(B) forest", "(C) water", "(D) urban"],
+              "answer": "AC", "category": "Land use classification/Overall Land use classification",
+              "l2-category": "land use"}
+MME_RS = {"Question_id": "perception/remote_sensing/count/0007", "Question Type": "Multiple Choice",
+          "Image": "remote_sensing/00001.png", "Text": "How many planes are parked on the apron?",
+          "Answer choices": ["(A) 1", "(B) 2", "(C) 3", "(D) 4", "(E) The image does not feature planes."],
+          "Ground truth": "C", "Task": "Perception", "Subtask": "Remote Sensing", "Category": "count",
+          "Dataset": "dota_v2"}
+
+
+@pytest.mark.parametrize("row, expected", [
+    # lmms-eval xlrs-lite (mcq_utils.xlrs_doc_to_text)
+    (XLRS_SINGLE, "What is the color of the largest ship?The choices are listed below:\n(A) white\n(B) red\n"
+     "(C) black\n(D) blue\n\nSelect the best answer for the multiple-choice question based on the image. "
+     "Only respond with the letter corresponding to the correct answer (A, B, C, D).\nThe answer is:"),
+    (XLRS_MULTI, "Which land-use classes appear in the image?The choices are listed below:\n(A) farmland\n"
+     "(B) forest\n(C) water\n(D) urban\n\nSelect the best answer(s) for the multiple-choice question based "
+     "on the image. There may be more than one correct option. Only respond with the letter(s) corresponding "
+     "to the correct answer(s) (A, B, C, D), with multiple choices separated by spaces.The answer(s) is(are):"),
+    # MME-RealWorld evaluation/model_vqa_mme_real_world.py, default --test-prompt
+    (MME_RS, "How many planes are parked on the apron? The choices are listed below: \n(A) 1\n(B) 2\n(C) 3\n"
+     "(D) 4\n(E) The image does not feature planes.\nSelect the best answer to the above multiple-choice "
+     "question based on the image. Respond with only the letter (A, B, C, D, or E) of the correct option.\n"
+     "The best answer is:"),
+], ids=["xlrs", "xlrs-multilabel", "mme-rs"])
+def test_the_prompt_is_the_official_one_ending_with_its_answer_cue_line(tmp_path, row, expected):
+    """lmms-eval's xlrs-lite prompt and MME-RealWorld's prompt end with a line that opens the
+    answer ("The answer is:", "The best answer is:"); GeoLLaVA-8K's XLRS-Bench-lite numbers were
+    made with that prompt. Ours ended with our own instruction and no cue."""
+    item = load_items(_write(tmp_path / "a.json", [row]))[0]
+    assert build_prompt(item) == expected
+    last = build_prompt(item).splitlines()[-1]
+    assert last.endswith(":") and "answer" in last.lower()
+    # --instruction still replaces the instruction (and the cue) as the last line
+    tail = "\n\nReply with one letter." if "index" in row else "planes.\nReply with one letter."
+    assert build_prompt(item, "Reply with one letter.").endswith(tail)
 
 
 def load_items_from_rows(rows, tmp=None):
@@ -395,8 +437,8 @@ def test_xlrs_lmms_layout_prompt_and_task_totals(tmp_path):
     items = load_items(ann)
     assert items[0].answer == "AC" and items[0].options[0] == "farmland" and items[0].image == "x.tif"
     p_multi, p_single = build_prompt(items[0]), build_prompt(items[1])
-    assert "more than one option may be correct" in p_multi
-    assert "more than one" not in p_single and p_single.endswith("(A, B, C, D).")
+    assert "There may be more than one correct option" in p_multi
+    assert "more than one" not in p_single and p_single.endswith("(A, B, C, D).\nThe answer is:")
     res = evaluate(items, _predictor({"10": "A C", "11": "B", "12": "(C)"}, []), tmp_path / "o")
     assert res["correct"] == 2
     assert res["macro_accuracy"] == pytest.approx((1 + 1 + 0) / 3)
@@ -564,14 +606,14 @@ def test_field_mapping_keeps_an_explicit_format(tmp_path):
     ann = _write(tmp_path / "mme.json", mme)
     item = load_items(ann, "mme", {"question": "Prompt"})[0]
     assert item.question == "What colour is the roof?" and item.answer == "B" and item.category == "color"
-    assert build_prompt(item).endswith("Reply with only the letter of the correct option (A, B, C, D, E).")
+    assert build_prompt(item).endswith("of the correct option.\nThe best answer is:")
 
     rows = [{"index": 10, "image": ["x.tif"], "question": "Which land-use classes appear?",
              "multi-choice options": ["(A) farmland", "(B) forest", "(C) water", "(D) urban"],
              "gt": "A C", "category": "Land use classification/Overall Land use classification"}]
     item = load_items(_write(tmp_path / "x.json", rows), "xlrs", {"answer": "gt"})[0]
     assert item.answer == "AC" and item.extra == {"format": "xlrs", "multi_label": True}
-    assert "more than one option may be correct" in build_prompt(item)
+    assert "There may be more than one correct option" in build_prompt(item)
 
     lrs = [{"question_id": "q1", "image": "c.tif", "ask": "Is there a bridge?", "ground_truth": "yes"}]
     assert load_items(_write(tmp_path / "l.json", lrs), "lrsvqa", {"question": "ask"})[0].question == \
