@@ -7,7 +7,9 @@ record into an `EvalItem` (id, image, question, options, answer, category):
              ``Text``, ``Answer choices`` (list of "(A) ..." strings), ``Ground truth`` (letter),
              category = ``Category`` (the RS subset's subtasks: position / color / count ...),
              falling back to ``Subtask``.
-``xlrs``     XLRS-Bench(-lite) as lmms-eval reads it: ``index``, ``image`` (path, or list of one),
+``xlrs``     XLRS-Bench(-lite) as lmms-eval reads it: ``index``, ``image`` (path, or list; an item
+             with several images, change detection's two dates, is skipped: not asked, recorded
+             with the reason "needs 2 images; the engine answers about one" and counted apart),
              ``question``, ``multi-choice options`` (list of "(A) ..." strings; ``options`` /
              ``choices`` lists or VLMEvalKit columns ``A``..``H`` also work), ``answer`` one or
              several letters ("AC", "A C", "A,C"), ``category`` "Task/Subtask" (13 subtasks; the
@@ -104,6 +106,10 @@ FORMATS = ("auto", "xlrs", "mme", "lrsvqa", "generic")
 
 
 ON_ERROR = ("stop", "skip")
+# An item about several images (XLRS-Bench's change detection: two dates) is not asked: the engine
+# answers about one raster, and asked about the first image alone the item would be scored on a
+# question the model could not see. Recorded with this reason and counted apart from the figures.
+SKIP_IMAGES = "needs {n} images; the engine answers about one"
 
 
 class EvalError(ValueError):
@@ -270,7 +276,10 @@ def _item_generic(rec: dict, i: int, mapping: dict[str, str] | None = None) -> E
         opts = cols
     ans = get("answer", "")
     image = get("image", "")
+    extra: dict[str, Any] = {}
     if isinstance(image, list):
+        if len(image) > 1:  # every image is kept: such an item is skipped, not asked about the first
+            extra["images"] = [str(x) for x in image]
         image = image[0] if image else ""
     return EvalItem(
         id=str(get("id", i)),
@@ -279,6 +288,7 @@ def _item_generic(rec: dict, i: int, mapping: dict[str, str] | None = None) -> E
         options=opts,
         answer=choice_answer(ans, opts) if opts else _text(ans),
         category=str(get("category", "all")),
+        extra=extra,
     )
 
 
@@ -402,6 +412,12 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
 
 
 # -------------------------------------------------------------------------------------- prompt
+
+def skip_reason(item: EvalItem) -> str | None:
+    """Why `item` is not asked (several images), or None."""
+    n = len(item.extra.get("images") or ())
+    return SKIP_IMAGES.format(n=n) if n > 1 else None
+
 
 def selection_text(item: EvalItem) -> str:
     """What the question-guided strategies score the image against: the question and its options
@@ -549,6 +565,8 @@ def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:
 # --------------------------------------------------------------------------------------- report
 
 def summarize(records: list[dict]) -> dict[str, Any]:
+    skipped = [r for r in records if "skipped" in r]
+    records = [r for r in records if "skipped" not in r]
     cats: dict[str, list[int]] = {}
     for r in records:
         c = cats.setdefault(r["category"], [0, 0])
@@ -565,6 +583,10 @@ def summarize(records: list[dict]) -> dict[str, Any]:
                                and "error" not in r),
         # items whose prediction failed (--on-error skip; counted wrong)
         "failed": sum(1 for r in records if "error" in r),
+        # items not asked (several images): in none of the figures
+        "skipped": len(skipped),
+        "skipped_reasons": {why: sum(1 for r in skipped if r["skipped"] == why)
+                            for why in sorted({r["skipped"] for r in skipped})},
         "micro_accuracy": correct / total if total else None,
         "macro_accuracy": sum(p["accuracy"] for p in per.values()) / len(per) if per else None,
         "per_category": per,
@@ -593,6 +615,8 @@ def markdown_table(summary: dict[str, Any], title: str = "") -> str:
     lines.append(f"| **macro (mean of categories)** | | | {pct(summary['macro_accuracy'])} |")
     if summary.get("no_letter_found"):
         lines += ["", f"{summary['no_letter_found']} multiple-choice replies named no option (counted wrong)."]
+    for why, n in summary.get("skipped_reasons", {}).items():
+        lines += ["", f"{n} items skipped ({why}): not asked, and in none of the figures above."]
     if summary.get("failed"):
         lines += ["", f"{summary['failed']} items failed (counted wrong; their errors are in "
                       "predictions.jsonl, and a rerun into the same folder tries them again)."]
@@ -645,7 +669,8 @@ def evaluate(
 
         # items answered by an earlier run count as done from the start, not as progress of this
         # one: updated for them, the bar's rate (and so its ETA) counted them as asked in no time
-        n_done = sum(1 for it in todo if it.id in done and "error" not in done[it.id])
+        n_done = sum(1 for it in todo if it.id in done and "error" not in done[it.id]
+                     and ("skipped" in done[it.id] or skip_reason(it) is None))
         bar = tqdm(total=len(todo), initial=n_done, desc="eval", unit="item", file=sys.stderr)
     records: list[dict] = []
     try:
@@ -689,7 +714,16 @@ def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[
                 if tail.read(1) != b"\n":
                     f.write("\n")
         for item in todo:
-            if item.id in done and "error" not in done[item.id]:
+            why = skip_reason(item)
+            if why is not None:  # never asked (also when an older version answered it)
+                rec = {"id": item.id, "category": item.category, "image": item.extra["images"],
+                       "answer": item.answer, "skipped": why}
+                if done.get(item.id) != rec:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    f.flush()
+                    if bar is not None:
+                        bar.update(1)
+            elif item.id in done and "error" not in done[item.id]:
                 rec = done[item.id]
                 # rescore from the stored reply (extraction rules may have changed)
                 pred, ok = score_item(item, rec.get("reply", ""))
@@ -720,9 +754,9 @@ def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[
                 if bar is not None:
                     bar.update(1)
             records.append(rec)
-            if bar is not None:
-                n_ok = sum(bool(r["correct"]) for r in records)
-                bar.set_postfix(acc=f"{n_ok / len(records):.3f}")
+            scored = [r for r in records if "skipped" not in r]
+            if bar is not None and scored:
+                bar.set_postfix(acc=f"{sum(bool(r['correct']) for r in scored) / len(scored):.3f}")
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -845,7 +879,7 @@ def _check_images(args: argparse.Namespace, items: list[EvalItem]) -> None:
     """Every item to be asked has its image file, before the model loads."""
     root = image_root(args)
     todo = items if args.limit is None else items[: args.limit]
-    missing = [it for it in todo if not Path(_resolve_image(it, root)).is_file()]
+    missing = [it for it in todo if skip_reason(it) is None and not Path(_resolve_image(it, root)).is_file()]
     if missing:
         shown = "; ".join(f"{it.id}: {_resolve_image(it, root)}" for it in missing[:5])
         raise EvalError(f"{len(missing)} of {len(todo)} items have no image file ({shown}"

@@ -770,3 +770,50 @@ def test_the_selection_is_steered_by_the_question_and_options_not_the_instructio
     assert req.question == prompt
     assert req.selection_text == "How many ships are docked?\none\ntwo"
     assert prompt.splitlines()[-1] not in req.selection_text  # the instruction
+
+
+CHANGE_DETECTION = {"index": 201, "image": ["t2015.tif", "t2019.tif"],
+                    "question": "How many new buildings appear between the two images?",
+                    "multi-choice options": ["(A) 3", "(B) 5", "(C) 8", "(D) 12"], "answer": "B",
+                    "category": "Counting/Counting with changing detection", "l2-category": "change"}
+
+
+def test_an_xlrs_item_with_two_images_is_skipped_with_its_reason_not_asked_about_the_first(tmp_path, capsys):
+    """XLRS-Bench-lite's change-detection items hold two images (two dates); lmms-eval gives the
+    model both. The loader kept image[0] and dropped the other date without a word, so "how many
+    buildings were added?" was asked, and scored, about one date. The engine answers about one
+    raster: such an item is not asked, and is counted apart from the figures, reason given."""
+    ann = _write(tmp_path / "cd.json", [CHANGE_DETECTION, XLRS_SINGLE])
+    items = load_items(ann)
+    assert items[0].extra["images"] == ["t2015.tif", "t2019.tif"]
+    asked = []
+    res = evaluate(items, lambda it, p: asked.append(it.id) or "B", tmp_path / "o")
+    assert asked == ["101"]
+    assert res["total"] == 1 and res["correct"] == 1 and res["skipped"] == 1
+    assert res["skipped_reasons"] == {"needs 2 images; the engine answers about one": 1}
+    assert "Counting/Counting with changing detection" not in res["per_category"]
+    line = json.loads((tmp_path / "o" / "predictions.jsonl").read_text().splitlines()[0])
+    assert line["skipped"] == "needs 2 images; the engine answers about one" and "correct" not in line
+    assert line["image"] == ["t2015.tif", "t2019.tif"]
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["skipped"] == 1
+    assert "1 items skipped (needs 2 images; the engine answers about one)" in (tmp_path / "o" / "results.md").read_text()
+    # a folder an older version filled (the item answered about its first image): skipped on resume
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text(json.dumps(
+        {"id": "201", "category": CHANGE_DETECTION["category"], "image": "t2015.tif", "reply": "B",
+         "prediction": "B", "answer": "B", "correct": True, "multiple_choice": True, "seconds": 1.0}) + "\n")
+    res = evaluate(items, lambda it, p: "B", out)
+    assert res["skipped"] == 1 and res["total"] == 1
+    assert [json.loads(x).get("skipped") is not None for x in (out / "predictions.jsonl").read_text().splitlines()] \
+        == [True, False]
+    # the CLI says so; its images need not exist
+    (tmp_path / "p1.tif").write_bytes(b"x")
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    from engine.evaluate import _check_images
+
+    args = parser.parse_args([str(ann), "--out", str(tmp_path / "cli")])
+    _check_images(args, items)
+    run_eval(args, predict=lambda it, p: "B")
+    assert "1 items skipped (needs 2 images; the engine answers about one)" in capsys.readouterr().out
