@@ -545,8 +545,10 @@ def _norm_text(s: str) -> str:
     return " ".join(_NUMBER_WORDS.get(w, w) for w in s.split())
 
 
-def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:
-    """(extracted prediction, correct?)."""
+def score_lenient(item: EvalItem, reply: str) -> tuple[str, bool]:
+    """Our lenient reading: (extracted prediction, correct?). `extract_letters` for multiple
+    choice; open-ended answers after `_norm_text`, a yes/no answer also by the reply's first
+    word, a number by a first word of equal value. No benchmark scores this way."""
     if item.multiple_choice:
         pred = extract_letters(reply, item.options)
         return pred, bool(pred) and set(pred) == set(item.answer)
@@ -562,32 +564,103 @@ def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:
     return pred, False
 
 
+# ------------------------------------------------------------------------- official extraction
+
+# Both official extractors (lmms-eval's xlrs mcq_utils.extract_characters_regex and MME-RealWorld's
+# evaluation/eval_your_results.py) first delete these phrases from the reply, case-sensitively. Two
+# of their list entries lack the comma between two phrases, so Python joined them: they are deleted
+# only as that joined text, and so here.
+OFFICIAL_CUE_PHRASES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
+                        "The best option isThe correct option is", "Best answer:Best option:")
+
+
+def _without_cue_phrases(reply: str) -> str:
+    s = reply.strip()
+    for phrase in OFFICIAL_CUE_PHRASES:
+        s = s.replace(phrase, "")
+    return s
+
+
+def xlrs_official_letters(reply: str) -> str:
+    """lmms-eval xlrs-lite's extraction, as sorted letters: none when the reply (cue phrases
+    deleted) has no capital A-E; else the letters written "(x)"; else every a-e / A-E letter of
+    the reply, inside words too ("Answer: B" is ABE), in upper case."""
+    s = _without_cue_phrases(reply)
+    if not re.search(r"[A-E]", s):
+        return ""
+    found = re.findall(r"\(([a-eA-E])\)", s) or re.findall(r"[a-eA-E]", s)
+    return "".join(sorted({x.upper() for x in found}))
+
+
+def mme_official_letter(reply: str, options: list[str]) -> str:
+    """MME-RealWorld's extraction: the first capital A-E of the reply (cue phrases deleted), inside
+    a word too ("Based on ..." is B); none in a reply of more than 10 words without one; a shorter
+    reply without one is the letter of the first "(A) text" choice containing it (lowercased), so
+    an empty reply reads as A there, and here."""
+    s = _without_cue_phrases(reply)
+    m = re.search(r"[A-E]", s)
+    if m:
+        return m.group(0)
+    if len(s.split()) > 10:
+        return ""
+    for k, opt in enumerate(options):
+        if s.lower() in f"({LETTERS[k]}) {opt}".lower():
+            return LETTERS[k]
+    return ""
+
+
+# What the headline figure is, per format: the benchmark's official rule.
+OFFICIAL_RULES = {
+    "xlrs": "lmms-eval xlrs-lite (mcq_utils.extract_characters_regex): no capital A-E, no letter; else the "
+            "letters written (X), or else every a-e/A-E letter of the reply; correct if that set is the answer's",
+    "mme": "MME-RealWorld (evaluation/eval_your_results.py): the first capital A-E after deleting a few cue "
+           "phrases (a reply of up to 10 words without one: the first choice containing it)",
+    "generic": "no official rule for a generic file: the lenient rule",
+}
+LENIENT_RULE = ("ours, more lenient: letters after an answer cue or in the first sentence, else an option's "
+                "text; open-ended answers after normalising, yes/no by the first word, numbers by value")
+
+
+def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:
+    """(extracted prediction, correct?) by the official rule of the item's benchmark (xlrs, mme);
+    items of a generic file, which has none, by the lenient rule."""
+    fmt = item.extra.get("format")
+    if item.multiple_choice and fmt == "xlrs":
+        pred = xlrs_official_letters(reply)
+        return pred, set(pred) == set(item.answer)
+    if item.multiple_choice and fmt == "mme":
+        pred = mme_official_letter(reply, item.options)
+        return pred, pred == item.answer
+    return score_lenient(item, reply)
+
+
+def scores(item: EvalItem, reply: str) -> dict[str, Any]:
+    """A reply's fields in predictions.jsonl: the official figure's prediction and verdict, and
+    the lenient ones."""
+    pred, ok = score_item(item, reply)
+    lpred, lok = score_lenient(item, reply)
+    return {"prediction": pred, "correct": ok, "lenient_prediction": lpred, "lenient_correct": lok}
+
+
 # --------------------------------------------------------------------------------------- report
 
-def summarize(records: list[dict]) -> dict[str, Any]:
-    skipped = [r for r in records if "skipped" in r]
-    records = [r for r in records if "skipped" not in r]
+def _figures(records: list[dict], correct: str, prediction: str) -> dict[str, Any]:
+    """Counts and accuracies of `records` by their verdict field `correct`."""
     cats: dict[str, list[int]] = {}
     for r in records:
         c = cats.setdefault(r["category"], [0, 0])
-        c[0] += int(bool(r["correct"]))
+        c[0] += int(bool(r.get(correct)))
         c[1] += 1
     per = {k: {"correct": v[0], "total": v[1], "accuracy": v[0] / v[1]} for k, v in sorted(cats.items())}
     total = sum(v[1] for v in cats.values())
-    correct = sum(v[0] for v in cats.values())
+    n_correct = sum(v[0] for v in cats.values())
     out = {
         "total": total,
-        "correct": correct,
+        "correct": n_correct,
         # multiple-choice replies in which no option letter could be found (counted wrong)
-        "no_letter_found": sum(1 for r in records if r.get("multiple_choice") and not r.get("prediction")
+        "no_letter_found": sum(1 for r in records if r.get("multiple_choice") and not r.get(prediction)
                                and "error" not in r),
-        # items whose prediction failed (--on-error skip; counted wrong)
-        "failed": sum(1 for r in records if "error" in r),
-        # items not asked (several images): in none of the figures
-        "skipped": len(skipped),
-        "skipped_reasons": {why: sum(1 for r in skipped if r["skipped"] == why)
-                            for why in sorted({r["skipped"] for r in skipped})},
-        "micro_accuracy": correct / total if total else None,
+        "micro_accuracy": n_correct / total if total else None,
         "macro_accuracy": sum(p["accuracy"] for p in per.values()) / len(per) if per else None,
         "per_category": per,
     }
@@ -601,20 +674,52 @@ def summarize(records: list[dict]) -> dict[str, Any]:
     return out
 
 
+def summarize(records: list[dict], formats: Iterable[str] = ()) -> dict[str, Any]:
+    """The official figure (top level: each benchmark's own rule) and the lenient one ("lenient")
+    of `records`; `formats` are the items' formats, whose official rules are named."""
+    skipped = [r for r in records if "skipped" in r]
+    records = [r for r in records if "skipped" not in r]
+    out = _figures(records, "correct", "prediction")
+    out.update({
+        # items whose prediction failed (--on-error skip; counted wrong)
+        "failed": sum(1 for r in records if "error" in r),
+        # items not asked (several images): in none of the figures
+        "skipped": len(skipped),
+        "skipped_reasons": {why: sum(1 for r in skipped if r["skipped"] == why)
+                            for why in sorted({r["skipped"] for r in skipped})},
+        "official_rule": {f: OFFICIAL_RULES[f] for f in sorted(set(formats)) if f in OFFICIAL_RULES},
+        "lenient": {**_figures(records, "lenient_correct", "lenient_prediction"), "rule": LENIENT_RULE},
+    })
+    return out
+
+
 def markdown_table(summary: dict[str, Any], title: str = "") -> str:
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.2f}"
 
     lines = [f"### {title}", ""] if title else []
-    lines += ["| category | correct | total | accuracy (%) |", "| --- | ---: | ---: | ---: |"]
+    len_ = summary.get("lenient") or {}
+    lines += ["accuracy: by the benchmark's official rule (comparable with its published tables); lenient: our "
+              "more lenient reading of the same replies, a second figure only", ""]
+    lines += ["| category | correct | total | accuracy (%) | lenient (%) |", "| --- | ---: | ---: | ---: | ---: |"]
+
+    def other(group: str, key: str) -> str:
+        v = len_.get(group, {}).get(key)
+        return pct(v["accuracy"]) if v else "n/a"
+
     for k, v in summary["per_category"].items():
-        lines.append(f"| {k} | {v['correct']} | {v['total']} | {pct(v['accuracy'])} |")
+        lines.append(f"| {k} | {v['correct']} | {v['total']} | {pct(v['accuracy'])} | {other('per_category', k)} |")
     for k, v in summary.get("per_task", {}).items():
-        lines.append(f"| *{k} (task)* | {v['correct']} | {v['total']} | {pct(v['accuracy'])} |")
-    lines.append(f"| **micro (overall)** | {summary['correct']} | {summary['total']} | {pct(summary['micro_accuracy'])} |")
-    lines.append(f"| **macro (mean of categories)** | | | {pct(summary['macro_accuracy'])} |")
+        lines.append(f"| *{k} (task)* | {v['correct']} | {v['total']} | {pct(v['accuracy'])} | {other('per_task', k)} |")
+    lines.append(f"| **micro (overall)** | {summary['correct']} | {summary['total']} | "
+                 f"{pct(summary['micro_accuracy'])} | {pct(len_.get('micro_accuracy'))} |")
+    lines.append(f"| **macro (mean of categories)** | | | {pct(summary['macro_accuracy'])} | "
+                 f"{pct(len_.get('macro_accuracy'))} |")
+    for f, rule in summary.get("official_rule", {}).items():
+        lines += ["", f"Official rule ({f}): {rule}."]
     if summary.get("no_letter_found"):
-        lines += ["", f"{summary['no_letter_found']} multiple-choice replies named no option (counted wrong)."]
+        lines += ["", f"{summary['no_letter_found']} multiple-choice replies named no option by the official "
+                      "rule (counted wrong)."]
     for why, n in summary.get("skipped_reasons", {}).items():
         lines += ["", f"{n} items skipped ({why}): not asked, and in none of the figures above."]
     if summary.get("failed"):
@@ -673,30 +778,35 @@ def evaluate(
                      and ("skipped" in done[it.id] or skip_reason(it) is None))
         bar = tqdm(total=len(todo), initial=n_done, desc="eval", unit="item", file=sys.stderr)
     records: list[dict] = []
+    rescored: dict[str, dict] = {}
     try:
-        _predict_all(todo, done, predict, pred_path, records, bar, instruction, on_error)
+        _predict_all(todo, done, predict, pred_path, records, bar, instruction, on_error, rescored)
     finally:
         if bar is not None:
             bar.close()
-        _one_line_per_item(pred_path)
-    summary = summarize(records)
+        _one_line_per_item(pred_path, rescored)
+    summary = summarize(records, {it.extra.get("format") or "generic" for it in todo})
     results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")
     return results
 
 
-def _one_line_per_item(pred_path: Path) -> None:
+def _one_line_per_item(pred_path: Path, rescored: dict[str, dict] | None = None) -> None:
     """Rewrite predictions.jsonl with one line an item (the last one written for it) when it holds
     more: a failed item asked again appends its new line after the error line, and a line cut by
-    an interruption stays behind. Records are appended as they are made, so an interrupted run
-    loses nothing; this rewrite goes through a temporary file replaced in one step."""
+    an interruption stays behind; or when stored answers were scored anew (`rescored`, by id: a
+    line of an older version gets both verdicts). Records are appended as they are made, so an
+    interrupted run loses nothing; this rewrite goes through a temporary file replaced in one step."""
     if not pred_path.is_file():
         return
     lines = [x for x in pred_path.read_text(encoding="utf-8").splitlines() if x.strip()]
     done = _read_done(pred_path)
-    if len(lines) == len(done):
+    rescored = {k: v for k, v in (rescored or {}).items() if k in done and "error" not in done[k]
+                and "skipped" not in done[k]}
+    if len(lines) == len(done) and not rescored:
         return
+    done.update(rescored)
     tmp = pred_path.with_name(pred_path.name + ".tmp")
     with contextlib.suppress(OSError):  # the appended file reads the same, only longer
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
@@ -704,9 +814,11 @@ def _one_line_per_item(pred_path: Path) -> None:
 
 
 def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[[EvalItem, str], str],
-                 pred_path: Path, records: list[dict], bar, instruction: str | None, on_error: str) -> None:
+                 pred_path: Path, records: list[dict], bar, instruction: str | None, on_error: str,
+                 rescored: dict[str, dict]) -> None:
     """`evaluate`'s loop: ask each item of `todo` not answered in `done`, append its record to
-    predictions.jsonl as it is made, and collect every item's record in `records`."""
+    predictions.jsonl as it is made, and collect every item's record in `records` (answered
+    ones scored anew, and put in `rescored` when that changed them)."""
     with pred_path.open("a", encoding="utf-8") as f:
         if f.tell():  # a last line cut by an interruption: the next record starts on a line of its own
             with pred_path.open("rb") as tail:
@@ -725,10 +837,13 @@ def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[
                         bar.update(1)
             elif item.id in done and "error" not in done[item.id]:
                 rec = done[item.id]
-                # rescore from the stored reply (extraction rules may have changed)
-                pred, ok = score_item(item, rec.get("reply", ""))
-                rec.update(prediction=pred, correct=ok, category=item.category, answer=item.answer,
-                           multiple_choice=item.multiple_choice)
+                before = dict(rec)
+                # rescore from the stored reply (extraction rules may have changed; lines of older
+                # versions lack the lenient fields: they are added)
+                rec.update(**scores(item, rec.get("reply", "")), category=item.category,
+                           answer=item.answer, multiple_choice=item.multiple_choice)
+                if rec != before:
+                    rescored[item.id] = rec
             else:
                 prompt = build_prompt(item, instruction)
                 t0 = time.perf_counter()
@@ -741,10 +856,10 @@ def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[
                         raise EvalError(f"{named} (--on-error skip records such items as failed and "
                                         "goes on)") from exc
                     reply = ""
-                pred, ok = score_item(item, reply) if error is None else (None, False)
+                scored = scores(item, reply) if error is None else {
+                    "prediction": None, "correct": False, "lenient_prediction": None, "lenient_correct": False}
                 rec = {"id": item.id, "category": item.category, "image": item.image, "reply": reply,
-                       "prediction": pred, "answer": item.answer, "correct": ok,
-                       "multiple_choice": item.multiple_choice,
+                       **scored, "answer": item.answer, "multiple_choice": item.multiple_choice,
                        "seconds": round(time.perf_counter() - t0, 3)}
                 if error is not None:
                     rec["error"] = error

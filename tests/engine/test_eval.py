@@ -131,7 +131,9 @@ def test_xlrs_multilabel_set_equality_and_columns(tmp_path):
     assert items[2].options == ["ship", "harbor", "plane"]
     replies = {"1": "A and C", "2": "A", "3": "(B) harbor"}  # second: subset only -> wrong
     res = evaluate(items, _predictor(replies, []), tmp_path / "o")
-    assert res["correct"] == 2 and res["per_category"]["object_classification"]["correct"] == 1
+    # officially (lmms-eval) "A and C" is A, C and the a, d of "and": wrong; leniently right
+    assert res["correct"] == 1 and res["per_category"]["object_classification"]["correct"] == 0
+    assert res["lenient"]["correct"] == 2 and res["lenient"]["per_category"]["object_classification"]["correct"] == 1
     assert res["no_letter_found"] == 0
     res = evaluate(items, _predictor({"1": "no idea", "2": "A", "3": "B"}, []), tmp_path / "o2")
     assert res["no_letter_found"] == 1 and "1 multiple-choice replies named no option" in (
@@ -817,3 +819,77 @@ def test_an_xlrs_item_with_two_images_is_skipped_with_its_reason_not_asked_about
     _check_images(args, items)
     run_eval(args, predict=lambda it, p: "B")
     assert "1 items skipped (needs 2 images; the engine answers about one)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------- official rules (the headline figure)
+
+@pytest.mark.parametrize("reply, official_correct, lenient_correct", [
+    ("B", True, True),
+    ("(B) red", True, True),
+    ("The answer is B.", True, True),
+    # lmms-eval's xlrs extract_characters_regex collects every a-e/A-E letter of a reply that has
+    # no "(X)" form, including those inside words, so these are wrong there
+    ("B. The ship hull is painted red.", False, True),
+    ("Answer: B", False, True),
+    # no capital A-E at all: "" there
+    ("b", False, True),
+    ("The best answer is (B)", True, True),
+])
+def test_xlrs_letters_are_extracted_as_lmms_eval_extracts_them(tmp_path, reply, official_correct, lenient_correct):
+    from engine.evaluate import score_item, scores
+
+    item = load_items(_write(tmp_path / "x.json", [XLRS_SINGLE]))[0]
+    pred, ok = score_item(item, reply)
+    assert ok == official_correct, f"{reply!r}: ours {pred!r} -> {ok}, xlrs-lite -> {official_correct}"
+    assert scores(item, reply)["lenient_correct"] == lenient_correct
+
+
+@pytest.mark.parametrize("reply, official_correct, lenient_correct", [
+    ("C", True, True),
+    # MME-RealWorld's extract_characters_regex keeps the first capital A-E of the reply: a reply
+    # naming several letters is scored by its first one
+    ("C, D", True, False),
+    ("C or D", True, False),
+    # ... and that first capital may be inside a word ("Based"): B, wrong
+    ("Based on the image, the answer is C", False, True),
+    ("The best answer is C", True, True),
+    # no capital, up to 10 words: the first choice that contains the reply
+    ("3", True, True),
+    ("planes", False, False),  # "(E) The image does not feature planes."
+])
+def test_mme_letters_are_extracted_as_the_official_script_extracts_them(tmp_path, reply, official_correct,
+                                                                         lenient_correct):
+    from engine.evaluate import score_item, scores
+
+    item = load_items(_write(tmp_path / "m.json", [MME_RS]))[0]
+    pred, ok = score_item(item, reply)
+    assert ok == official_correct, f"{reply!r}: ours {pred!r} -> {ok}, MME-RealWorld -> {official_correct}"
+    assert scores(item, reply)["lenient_correct"] == lenient_correct
+
+
+def test_both_figures_are_reported_official_first_and_old_lines_are_rescored_on_resume(tmp_path, capsys):
+    """The headline figure is the official one; the lenient reading is kept as a second, labelled
+    figure in predictions.jsonl, results.json and results.md. Lines an older version wrote (no
+    lenient fields) are rescored from their stored reply, not asked again."""
+    rows = [XLRS_SINGLE, dict(XLRS_SINGLE, index=103), dict(XLRS_SINGLE, index=104)]
+    ann = _write(tmp_path / "x.json", rows)
+    out = tmp_path / "o"
+    out.mkdir()
+    # an older version's line: its "correct" was the lenient verdict
+    (out / "predictions.jsonl").write_text(json.dumps(
+        {"id": "101", "category": XLRS_SINGLE["category"], "image": "p1.tif", "reply": "Answer: B",
+         "prediction": "B", "answer": "B", "correct": True, "multiple_choice": True, "seconds": 1.0}) + "\n")
+    asked = []
+    replies = {"103": "B", "104": "B. The hull is red."}
+    res = evaluate(load_items(ann), lambda it, p: asked.append(it.id) or replies[it.id], out)
+    assert asked == ["103", "104"]
+    assert (res["correct"], res["total"]) == (1, 3) and res["lenient"]["correct"] == 3
+    assert res["lenient"]["micro_accuracy"] == 1.0 and res["micro_accuracy"] == pytest.approx(1 / 3)
+    lines = {json.loads(x)["id"]: json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()}
+    assert lines["101"]["correct"] is False and lines["101"]["lenient_correct"] is True
+    assert lines["101"]["prediction"] == "ABE" and lines["101"]["lenient_prediction"] == "B"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["correct"] == 1 and saved["lenient"]["correct"] == 3 and "lmms-eval" in saved["official_rule"]["xlrs"]
+    md = (out / "results.md").read_text()
+    assert "| Object properties/Object color | 1 | 3 | 33.33 | 100.00 |" in md
+    assert "accuracy (%) | lenient (%)" in md and "official rule" in md
