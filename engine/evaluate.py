@@ -5,8 +5,9 @@ record into an `EvalItem` (id, image, question, options, answer, category):
 
 ``mme``      MME-RealWorld / MME-RealWorld-RS (the public JSON): ``Question_id``, ``Image``,
              ``Text``, ``Answer choices`` (list of "(A) ..." strings), ``Ground truth`` (letter),
-             category = ``Category`` (the RS subset's subtasks: position / color / count ...),
-             falling back to ``Subtask``.
+             category = ``Task/Subtask/Category`` as the official table counts them (the
+             category lowercased, the "attribute" ones merged), so Perception and Reasoning
+             "diagram" are two rows; without Task/Subtask, ``Category`` (else ``Subtask``).
 ``xlrs``     XLRS-Bench(-lite) as lmms-eval reads it: ``index``, ``image`` (path, or list; an item
              with several images, change detection's two dates, is skipped: not asked, recorded
              with the reason "needs 2 images; the engine answers about one" and counted apart),
@@ -222,6 +223,20 @@ def choice_answer(answer: Any, options: list[str]) -> str:
     raise EvalError(f"its answer {s!r} is neither option letters ({', '.join(allowed)}) nor an option's text")
 
 
+def mme_category(rec: dict) -> str:
+    """An MME-RealWorld item's row, keyed as eval_your_results.py counts it: Task / Subtask /
+    Category, the category lowercased and every "attribute" one merged into "<first part>/attribute";
+    so Perception's "diagram" and Reasoning's are two rows. Without Task and Subtask, the category
+    alone (else Subtask, else Task)."""
+    cat = _first(rec, ["Category"])
+    if cat is None:
+        return str(_first(rec, ["Subtask", "Task"], "all"))
+    cat = str(cat).lower()
+    if "attribute" in cat:
+        cat = cat.split("/")[0] + "/attribute"
+    return "/".join([*(str(rec[k]) for k in ("Task", "Subtask") if rec.get(k)), cat])
+
+
 def _item_mme(rec: dict, i: int) -> EvalItem:
     opts = _options_from(rec.get("Answer choices"))
     item = EvalItem(
@@ -230,7 +245,7 @@ def _item_mme(rec: dict, i: int) -> EvalItem:
         question=str(rec.get("Text", "")),
         options=opts,
         answer=choice_answer(rec.get("Ground truth", ""), opts) if opts else _text(rec.get("Ground truth")),
-        category=str(_first(rec, ["Category", "Subtask", "Task"], "all")),
+        category=mme_category(rec),
     )
     item.extra["format"] = "mme"
     return item

@@ -108,11 +108,12 @@ def test_mme_file_scored_exactly(tmp_path):
     assert res["total"] == 4 and res["correct"] == 3
     assert res["micro_accuracy"] == pytest.approx(0.75)
     assert res["macro_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
-    assert res["per_category"]["count"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    assert res["per_category"]["Perception/Remote Sensing/count"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    assert res["per_task"]["Perception"] == {"correct": 3, "total": 4, "accuracy": 0.75}
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["correct"] == 3
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| count | 1 | 2 | 50.00 |" in md and "micro" in md and "83.33" in md
+    assert "| Perception/Remote Sensing/count | 1 | 2 | 50.00 | 50.00 |" in md and "micro" in md and "83.33" in md
 
 
 def test_xlrs_multilabel_set_equality_and_columns(tmp_path):
@@ -607,7 +608,8 @@ def test_field_mapping_keeps_an_explicit_format(tmp_path):
     mme = [{("Prompt" if k == "Text" else k): v for k, v in MME[0].items()}]
     ann = _write(tmp_path / "mme.json", mme)
     item = load_items(ann, "mme", {"question": "Prompt"})[0]
-    assert item.question == "What colour is the roof?" and item.answer == "B" and item.category == "color"
+    assert item.question == "What colour is the roof?" and item.answer == "B"
+    assert item.category == "Perception/Remote Sensing/color"
     assert build_prompt(item).endswith("of the correct option.\nThe best answer is:")
 
     rows = [{"index": 10, "image": ["x.tif"], "question": "Which land-use classes appear?",
@@ -893,3 +895,25 @@ def test_both_figures_are_reported_official_first_and_old_lines_are_rescored_on_
     md = (out / "results.md").read_text()
     assert "| Object properties/Object color | 1 | 3 | 33.33 | 100.00 |" in md
     assert "accuracy (%) | lenient (%)" in md and "official rule" in md
+
+
+def test_mme_categories_are_keyed_by_task_subtask_and_category_as_the_official_table(tmp_path):
+    """eval_your_results.py counts per Task / Subtask / Category (lowercased, the "attribute"
+    categories merged); the same Category name ("diagram") under Perception and under Reasoning is
+    two rows of its table. Ours keyed by Category alone and pooled them (the macro average too)."""
+    rows = [dict(MME_RS, Question_id="perception/diagram_and_table/diagram/0001", Task="Perception",
+                 Subtask="Diagram and Table", Category="diagram", **{"Ground truth": "A"}),
+            dict(MME_RS, Question_id="reasoning/diagram_and_table/diagram/0001", Task="Reasoning",
+                 Subtask="Diagram and Table", Category="diagram", **{"Ground truth": "A"}),
+            dict(MME_RS, Question_id="ad/1", Task="Perception", Subtask="Autonomous_Driving",
+                 Category="Vehicle/attribute/color", **{"Ground truth": "A"}),
+            dict(MME_RS, Question_id="ad/2", Task="Perception", Subtask="Autonomous_Driving",
+                 Category="vehicle/Attribute/orientation", **{"Ground truth": "A"})]
+    items = load_items(_write(tmp_path / "mme.json", rows))
+    replies = {rows[0]["Question_id"]: "A", rows[1]["Question_id"]: "B", "ad/1": "A", "ad/2": "B"}
+    res = evaluate(items, lambda it, p: replies[it.id], tmp_path / "o")
+    assert res["per_category"] == {
+        "Perception/Autonomous_Driving/vehicle/attribute": {"correct": 1, "total": 2, "accuracy": 0.5},
+        "Perception/Diagram and Table/diagram": {"correct": 1, "total": 1, "accuracy": 1.0},
+        "Reasoning/Diagram and Table/diagram": {"correct": 0, "total": 1, "accuracy": 0.0}}
+    assert res["per_task"]["Perception"]["total"] == 3
