@@ -252,7 +252,7 @@ def _item_mme(rec: dict, i: int) -> EvalItem:
 
 
 def _item_lrsvqa(rec: dict, i: int) -> EvalItem:
-    return EvalItem(
+    item = EvalItem(
         id=str(_first(rec, ["question_id", "id"], i)),
         image=str(rec.get("image", "")),
         question=str(_first(rec, ["text", "question"], "")),
@@ -260,6 +260,8 @@ def _item_lrsvqa(rec: dict, i: int) -> EvalItem:
         answer=_text(_first(rec, ["ground_truth", "answer"], "")),
         category=str(rec.get("category", "all")),
     )
+    item.extra["format"] = "lrsvqa"
+    return item
 
 
 GENERIC_NAMES = {
@@ -630,16 +632,59 @@ OFFICIAL_RULES = {
             "letters written (X), or else every a-e/A-E letter of the reply; correct if that set is the answer's",
     "mme": "MME-RealWorld (evaluation/eval_your_results.py): the first capital A-E after deleting a few cue "
            "phrases (a reply of up to 10 words without one: the first choice containing it)",
+    "lrsvqa": "LRS-VQA (Script/evaluation_LRSVQA.py): the reply equals the answer after lowercasing, or the "
+              "two share a WordNet synset (nltk)",
     "generic": "no official rule for a generic file: the lenient rule",
 }
+NO_WORDNET = ("official rule without WordNet synonyms: install nltk and its wordnet data for the exact rule "
+              "(pip install nltk; python -m nltk.downloader wordnet)")
+# "use WordNet when nltk and its data are installed" (scoring functions' default)
+WORDNET = "wordnet"
+_wordnet_cache: list[Callable[[str, str], bool] | None] = []
+
+
+def wordnet_synonyms() -> Callable[[str, str], bool] | None:
+    """LRS-VQA's synonym test, or None when nltk or its wordnet data is missing (an optional extra:
+    `pip install '.[eval]'`, then `python -m nltk.downloader wordnet`). The official script counts
+    two strings as synonyms when a synset of one has a path similarity above 0.8 to a synset of
+    the other; distinct synsets are at least one step apart (similarity 0.5 at most), so that is
+    a synset they share."""
+    if not _wordnet_cache:
+        fn = None
+        try:
+            from nltk.corpus import wordnet as wn  # noqa: PLC0415 - optional
+
+            wn.synsets("dog")  # LookupError without the data
+
+            def fn(a: str, b: str) -> bool:
+                return not set(wn.synsets(a)).isdisjoint(wn.synsets(b))
+        except Exception:  # noqa: BLE001 - ImportError, LookupError, a broken data folder
+            fn = None
+        _wordnet_cache.append(fn)
+    return _wordnet_cache[0]
+
+
+def _synonym_test(synonyms: Any) -> Callable[[str, str], bool] | None:
+    return wordnet_synonyms() if synonyms == WORDNET else synonyms
+
+
+def lrsvqa_official(item: EvalItem, reply: str, synonyms: Callable[[str, str], bool] | None) -> tuple[str, bool]:
+    """LRS-VQA's judge: the reply (stripped, as its generation script stores it) equals the answer
+    once both are lowercased, or `synonyms(answer, reply)` holds; nothing else (no first word, no
+    number rule). Without `synonyms`, exact matches only."""
+    gt, pred = item.answer.lower(), reply.strip().lower()
+    return pred, gt == pred or (synonyms is not None and bool(synonyms(gt, pred)))
 LENIENT_RULE = ("ours, more lenient: letters after an answer cue or in the first sentence, else an option's "
                 "text; open-ended answers after normalising, yes/no by the first word, numbers by value")
 
 
-def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:
-    """(extracted prediction, correct?) by the official rule of the item's benchmark (xlrs, mme);
-    items of a generic file, which has none, by the lenient rule."""
+def score_item(item: EvalItem, reply: str, synonyms: Any = WORDNET) -> tuple[str, bool]:
+    """(extracted prediction, correct?) by the official rule of the item's benchmark (xlrs, mme,
+    lrsvqa); items of a generic file, which has none, by the lenient rule. `synonyms` is LRS-VQA's
+    synonym test: WordNet's when installed (default), a function, or None (exact matches only)."""
     fmt = item.extra.get("format")
+    if not item.multiple_choice and fmt == "lrsvqa":
+        return lrsvqa_official(item, reply, _synonym_test(synonyms))
     if item.multiple_choice and fmt == "xlrs":
         pred = xlrs_official_letters(reply)
         return pred, set(pred) == set(item.answer)
@@ -649,10 +694,10 @@ def score_item(item: EvalItem, reply: str) -> tuple[str, bool]:
     return score_lenient(item, reply)
 
 
-def scores(item: EvalItem, reply: str) -> dict[str, Any]:
+def scores(item: EvalItem, reply: str, synonyms: Any = WORDNET) -> dict[str, Any]:
     """A reply's fields in predictions.jsonl: the official figure's prediction and verdict, and
     the lenient ones."""
-    pred, ok = score_item(item, reply)
+    pred, ok = score_item(item, reply, synonyms)
     lpred, lok = score_lenient(item, reply)
     return {"prediction": pred, "correct": ok, "lenient_prediction": lpred, "lenient_correct": lok}
 
@@ -689,9 +734,11 @@ def _figures(records: list[dict], correct: str, prediction: str) -> dict[str, An
     return out
 
 
-def summarize(records: list[dict], formats: Iterable[str] = ()) -> dict[str, Any]:
+def summarize(records: list[dict], formats: Iterable[str] = (), wordnet: bool = True) -> dict[str, Any]:
     """The official figure (top level: each benchmark's own rule) and the lenient one ("lenient")
-    of `records`; `formats` are the items' formats, whose official rules are named."""
+    of `records`; `formats` are the items' formats, whose official rules are named; `wordnet`
+    False: LRS-VQA's official figure was computed without its synonyms (said in "official_note")."""
+    formats = set(formats)
     skipped = [r for r in records if "skipped" in r]
     records = [r for r in records if "skipped" not in r]
     out = _figures(records, "correct", "prediction")
@@ -702,9 +749,11 @@ def summarize(records: list[dict], formats: Iterable[str] = ()) -> dict[str, Any
         "skipped": len(skipped),
         "skipped_reasons": {why: sum(1 for r in skipped if r["skipped"] == why)
                             for why in sorted({r["skipped"] for r in skipped})},
-        "official_rule": {f: OFFICIAL_RULES[f] for f in sorted(set(formats)) if f in OFFICIAL_RULES},
+        "official_rule": {f: OFFICIAL_RULES[f] for f in sorted(formats) if f in OFFICIAL_RULES},
         "lenient": {**_figures(records, "lenient_correct", "lenient_prediction"), "rule": LENIENT_RULE},
     })
+    if "lrsvqa" in formats and not wordnet:
+        out["official_note"] = NO_WORDNET
     return out
 
 
@@ -732,6 +781,8 @@ def markdown_table(summary: dict[str, Any], title: str = "") -> str:
                  f"{pct(len_.get('macro_accuracy'))} |")
     for f, rule in summary.get("official_rule", {}).items():
         lines += ["", f"Official rule ({f}): {rule}."]
+    if summary.get("official_note"):
+        lines += ["", f"**Note: {summary['official_note']}.**"]
     if summary.get("no_letter_found"):
         lines += ["", f"{summary['no_letter_found']} multiple-choice replies named no option by the official "
                       "rule (counted wrong)."]
@@ -769,13 +820,15 @@ def evaluate(
     progress: bool = False,
     instruction: str | None = None,
     on_error: str = "stop",
+    synonyms: Any = WORDNET,
 ) -> dict[str, Any]:
     """Run `predict(item, prompt) -> reply` on each item not yet in predictions.jsonl, score,
     write results.json and results.md into out_dir, return the results dict.
 
     An item whose prediction fails (out of memory, an unreadable image, a prompt too long for
     the model) stops the run (`on_error` "stop"), or is recorded with its error and counted
-    wrong ("skip"); a later run into the same folder tries failed items again."""
+    wrong ("skip"); a later run into the same folder tries failed items again. `synonyms`: LRS-VQA's
+    synonym test (WordNet's when nltk and its data are installed, a function, or None)."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
     out = Path(out_dir)
@@ -794,13 +847,14 @@ def evaluate(
         bar = tqdm(total=len(todo), initial=n_done, desc="eval", unit="item", file=sys.stderr)
     records: list[dict] = []
     rescored: dict[str, dict] = {}
+    synonyms = _synonym_test(synonyms)
     try:
-        _predict_all(todo, done, predict, pred_path, records, bar, instruction, on_error, rescored)
+        _predict_all(todo, done, predict, pred_path, records, bar, instruction, on_error, rescored, synonyms)
     finally:
         if bar is not None:
             bar.close()
         _one_line_per_item(pred_path, rescored)
-    summary = summarize(records, {it.extra.get("format") or "generic" for it in todo})
+    summary = summarize(records, {it.extra.get("format") or "generic" for it in todo}, synonyms is not None)
     results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")
@@ -830,7 +884,7 @@ def _one_line_per_item(pred_path: Path, rescored: dict[str, dict] | None = None)
 
 def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[[EvalItem, str], str],
                  pred_path: Path, records: list[dict], bar, instruction: str | None, on_error: str,
-                 rescored: dict[str, dict]) -> None:
+                 rescored: dict[str, dict], synonyms: Callable[[str, str], bool] | None = None) -> None:
     """`evaluate`'s loop: ask each item of `todo` not answered in `done`, append its record to
     predictions.jsonl as it is made, and collect every item's record in `records` (answered
     ones scored anew, and put in `rescored` when that changed them)."""
@@ -855,7 +909,7 @@ def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[
                 before = dict(rec)
                 # rescore from the stored reply (extraction rules may have changed; lines of older
                 # versions lack the lenient fields: they are added)
-                rec.update(**scores(item, rec.get("reply", "")), category=item.category,
+                rec.update(**scores(item, rec.get("reply", ""), synonyms), category=item.category,
                            answer=item.answer, multiple_choice=item.multiple_choice)
                 if rec != before:
                     rescored[item.id] = rec
@@ -871,7 +925,7 @@ def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[
                         raise EvalError(f"{named} (--on-error skip records such items as failed and "
                                         "goes on)") from exc
                     reply = ""
-                scored = scores(item, reply) if error is None else {
+                scored = scores(item, reply, synonyms) if error is None else {
                     "prediction": None, "correct": False, "lenient_prediction": None, "lenient_correct": False}
                 rec = {"id": item.id, "category": item.category, "image": item.image, "reply": reply,
                        **scored, "answer": item.answer, "multiple_choice": item.multiple_choice,

@@ -151,8 +151,9 @@ def test_lrsvqa_open_ended(tmp_path):
     items = load_items(ann)
     assert not any(it.multiple_choice for it in items)
     replies = {"q1": "Yes, there is one.", "q2": "The white.", "q3": "5"}
-    res = evaluate(items, _predictor(replies, []), tmp_path / "o")
-    assert res["correct"] == 2 and res["per_category"]["count"]["correct"] == 0
+    res = evaluate(items, _predictor(replies, []), tmp_path / "o", synonyms=None)
+    assert res["correct"] == 0  # officially: none equals its answer
+    assert res["lenient"]["correct"] == 2 and res["lenient"]["per_category"]["count"]["correct"] == 0
 
 
 def test_an_open_ended_item_without_an_answer_is_refused_not_scored_against_nothing(tmp_path):
@@ -917,3 +918,98 @@ def test_mme_categories_are_keyed_by_task_subtask_and_category_as_the_official_t
         "Perception/Diagram and Table/diagram": {"correct": 1, "total": 1, "accuracy": 1.0},
         "Reasoning/Diagram and Table/diagram": {"correct": 0, "total": 1, "accuracy": 0.0}}
     assert res["per_task"]["Perception"]["total"] == 3
+
+
+# LRS-VQA's synonym test stands in for WordNet here (nltk's data is a separate download)
+SYNSETS = [{"grey", "gray"}, {"plane", "airplane", "aeroplane"}]
+
+
+def _fake_synonyms(a, b):
+    return any(a in group and b in group for group in SYNSETS)
+
+
+LRS_ROW = {"question_id": "STAR_1", "image": "LRS_VQA/image/1.tif", "category": "object color",
+           "text": "What is the color of the tank?\n Answer the question using a single word or phrase."}
+
+
+@pytest.mark.parametrize("gt, reply, official_correct, lenient_correct", [
+    ("white", "white", True, True),
+    ("white", "White", True, True),
+    # evaluation_LRSVQA.py: equal after lower(), else WordNet synonyms (a shared synset)
+    ("grey", "gray", True, False),
+    ("plane", "airplane", True, False),
+    # ... and nothing else: no first-word or number-prefix rule
+    ("yes", "Yes, there is one.", False, True),
+    ("3", "3 ships", False, True),
+    ("white", "white.", False, True),
+])
+def test_lrsvqa_answers_are_judged_as_the_official_script_judges_them(tmp_path, gt, reply, official_correct,
+                                                                      lenient_correct):
+    from engine.evaluate import score_item, scores
+
+    item = load_items(_write(tmp_path / "l.jsonl", [dict(LRS_ROW, ground_truth=gt)], jsonl=True))[0]
+    pred, ok = score_item(item, reply, synonyms=_fake_synonyms)
+    assert ok == official_correct, f"gt {gt!r}, reply {reply!r}: ours {ok}, LRS-VQA {official_correct}"
+    assert scores(item, reply, _fake_synonyms)["lenient_correct"] == lenient_correct
+
+
+def test_without_wordnet_the_lrsvqa_figure_says_it_lacks_synonyms(tmp_path, monkeypatch, capsys):
+    """nltk and its wordnet data are optional: without them the official figure counts exact
+    matches only, and results.json, results.md and the CLI say so; with them (here a stand-in)
+    synonyms count and nothing is said."""
+    import engine.evaluate as E
+
+    rows = [dict(LRS_ROW, ground_truth="grey"), dict(LRS_ROW, question_id="STAR_2", ground_truth="white")]
+    ann = _write(tmp_path / "l.jsonl", rows, jsonl=True)
+    replies = {"STAR_1": "gray", "STAR_2": "white"}
+    monkeypatch.setattr(E, "wordnet_synonyms", lambda: None)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    run_eval(parser.parse_args([str(ann), "--out", str(tmp_path / "no")]), predict=_predictor(replies, []))
+    note = "official rule without WordNet synonyms: install nltk and its wordnet data for the exact rule"
+    assert note in capsys.readouterr().out
+    saved = json.loads((tmp_path / "no" / "results.json").read_text())
+    assert saved["correct"] == 1 and note in saved["official_note"]
+    assert note in (tmp_path / "no" / "results.md").read_text()
+
+    monkeypatch.setattr(E, "wordnet_synonyms", lambda: _fake_synonyms)
+    res = evaluate(load_items(ann), _predictor(replies, []), tmp_path / "yes")
+    assert res["correct"] == 2 and "official_note" not in res
+    # a multiple-choice file needs no WordNet: nothing said
+    res = evaluate(load_items(_write(tmp_path / "x.json", [XLRS_SINGLE])), lambda it, p: "B", tmp_path / "x",
+                   synonyms=None)
+    assert "official_note" not in res
+
+
+def test_wordnet_synonyms_share_a_synset_and_are_none_without_nltk_or_its_data(monkeypatch):
+    import sys
+    import types
+
+    import engine.evaluate as E
+
+    class WordNet:
+        def __init__(self, data):
+            self.data = data
+
+        def synsets(self, word):
+            if self.data is None:
+                raise LookupError("Resource wordnet not found.")
+            return [f"{group}.n.01" for group, words in self.data.items() if word in words]
+
+    def with_wordnet(data):
+        corpus = types.ModuleType("nltk.corpus")
+        corpus.wordnet = WordNet(data)
+        nltk = types.ModuleType("nltk")
+        nltk.corpus = corpus
+        monkeypatch.setitem(sys.modules, "nltk", nltk)
+        monkeypatch.setitem(sys.modules, "nltk.corpus", corpus)
+        monkeypatch.setattr(E, "_wordnet_cache", [])
+        return E.wordnet_synonyms()
+
+    fn = with_wordnet({"gray": {"grey", "gray", "dog"}, "airplane": {"plane", "airplane"}, "dog": {"dog"}})
+    assert fn("grey", "gray") and fn("plane", "airplane") and not fn("grey", "plane") and not fn("x", "x")
+    assert with_wordnet(None) is None  # nltk without its data
+    monkeypatch.setitem(sys.modules, "nltk", None)  # no nltk at all
+    monkeypatch.setitem(sys.modules, "nltk.corpus", None)
+    monkeypatch.setattr(E, "_wordnet_cache", [])
+    assert E.wordnet_synonyms() is None
