@@ -734,6 +734,23 @@ def _figures(records: list[dict], correct: str, prediction: str) -> dict[str, An
     return out
 
 
+def _per_dataset(records: list[dict], correct: str, prediction: str) -> dict[str, Any]:
+    """LRS-VQA's tables are per source dataset, the id's prefix before "_" (FAIR_12, GLH-Bridge_3,
+    STAR_40), as evaluation_LRSVQA.py splits them: per-category accuracy, OA (overall) and AA (mean
+    of the category accuracies) of each. Empty unless every id has such a prefix."""
+    if not records or not all(str(r["id"]).split("_", 1)[0] and "_" in str(r["id"]) for r in records):
+        return {}
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(str(r["id"]).split("_", 1)[0], []).append(r)
+    out = {}
+    for name, rs in sorted(groups.items()):
+        f = _figures(rs, correct, prediction)
+        out[name] = {"total": f["total"], "correct": f["correct"], "OA": f["micro_accuracy"],
+                     "AA": f["macro_accuracy"], "per_category": f["per_category"]}
+    return out
+
+
 def summarize(records: list[dict], formats: Iterable[str] = (), wordnet: bool = True) -> dict[str, Any]:
     """The official figure (top level: each benchmark's own rule) and the lenient one ("lenient")
     of `records`; `formats` are the items' formats, whose official rules are named; `wordnet`
@@ -752,6 +769,12 @@ def summarize(records: list[dict], formats: Iterable[str] = (), wordnet: bool = 
         "official_rule": {f: OFFICIAL_RULES[f] for f in sorted(formats) if f in OFFICIAL_RULES},
         "lenient": {**_figures(records, "lenient_correct", "lenient_prediction"), "rule": LENIENT_RULE},
     })
+    if formats == {"lrsvqa"}:
+        for block, (correct, prediction) in ((out, ("correct", "prediction")),
+                                             (out["lenient"], ("lenient_correct", "lenient_prediction"))):
+            per = _per_dataset(records, correct, prediction)
+            if per:
+                block["per_dataset"] = per
     if "lrsvqa" in formats and not wordnet:
         out["official_note"] = NO_WORDNET
     return out
@@ -779,6 +802,18 @@ def markdown_table(summary: dict[str, Any], title: str = "") -> str:
                  f"{pct(summary['micro_accuracy'])} | {pct(len_.get('micro_accuracy'))} |")
     lines.append(f"| **macro (mean of categories)** | | | {pct(summary['macro_accuracy'])} | "
                  f"{pct(len_.get('macro_accuracy'))} |")
+    if summary.get("per_dataset"):
+        lines += ["", "Per source dataset (the id's prefix; LRS-VQA's tables are LRS-FAIR, LRS-Bridge, LRS-STAR):", "",
+                  "| dataset | category | correct | total | accuracy (%) | lenient (%) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for name, d in summary["per_dataset"].items():
+            ld = len_.get("per_dataset", {}).get(name, {})
+            for k, v in d["per_category"].items():
+                lv = ld.get("per_category", {}).get(k)
+                lines.append(f"| {name} | {k} | {v['correct']} | {v['total']} | {pct(v['accuracy'])} | "
+                             f"{pct(lv['accuracy']) if lv else 'n/a'} |")
+            lines.append(f"| **{name}** | **OA** | {d['correct']} | {d['total']} | {pct(d['OA'])} | {pct(ld.get('OA'))} |")
+            lines.append(f"| **{name}** | **AA** | | | {pct(d['AA'])} | {pct(ld.get('AA'))} |")
     for f, rule in summary.get("official_rule", {}).items():
         lines += ["", f"Official rule ({f}): {rule}."]
     if summary.get("official_note"):

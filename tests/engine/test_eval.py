@@ -1013,3 +1013,37 @@ def test_wordnet_synonyms_share_a_synset_and_are_none_without_nltk_or_its_data(m
     monkeypatch.setitem(sys.modules, "nltk.corpus", None)
     monkeypatch.setattr(E, "_wordnet_cache", [])
     assert E.wordnet_synonyms() is None
+
+
+def test_lrsvqa_is_reported_per_source_dataset_as_the_official_tables_are(tmp_path):
+    """evaluation_LRSVQA.py splits the results by the id's prefix (FAIR / GLH-Bridge / STAR) and
+    prints OA and AA (mean of category accuracies) for each; the LRS-VQA tables are LRS-FAIR,
+    LRS-Bridge and LRS-STAR. Ours pooled the three, so its micro/macro was none of those numbers."""
+    q = "\n Answer the question using a single word or phrase."
+    rows = [
+        {"question_id": "FAIR_1", "image": "i/1.tif", "category": "count", "text": "How many planes?" + q, "ground_truth": "2"},
+        {"question_id": "GLH-Bridge_1", "image": "i/3.tif", "category": "count", "text": "How many bridges?" + q, "ground_truth": "1"},
+        {"question_id": "STAR_1", "image": "i/2.tif", "category": "count", "text": "How many tanks?" + q, "ground_truth": "4"},
+        {"question_id": "STAR_2", "image": "i/2.tif", "category": "count", "text": "How many ships?" + q, "ground_truth": "3"},
+        {"question_id": "STAR_3", "image": "i/2.tif", "category": "count", "text": "How many cars?" + q, "ground_truth": "9"},
+        {"question_id": "STAR_4", "image": "i/2.tif", "category": "object color", "text": "Colour of the roof?" + q, "ground_truth": "red"},
+    ]
+    items = load_items(_write(tmp_path / "lrs.jsonl", rows, jsonl=True))
+    replies = {"FAIR_1": "2", "GLH-Bridge_1": "1 bridge", "STAR_1": "5", "STAR_2": "5", "STAR_3": "5", "STAR_4": "red"}
+    evaluate(items, lambda it, p: replies[it.id], tmp_path / "o", synonyms=None)
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    per = saved["per_dataset"]
+    assert list(per) == ["FAIR", "GLH-Bridge", "STAR"]
+    # official: FAIR OA 1/1, AA 1.0; STAR OA 1/4, AA (0/3 + 1/1) / 2 = 0.5; Bridge "1 bridge" is wrong
+    assert (per["FAIR"]["OA"], per["FAIR"]["AA"]) == (1.0, 1.0)
+    assert (per["STAR"]["correct"], per["STAR"]["total"], per["STAR"]["OA"], per["STAR"]["AA"]) == (1, 4, 0.25, 0.5)
+    assert per["STAR"]["per_category"]["count"] == {"correct": 0, "total": 3, "accuracy": 0.0}
+    assert per["GLH-Bridge"]["OA"] == 0.0 and saved["lenient"]["per_dataset"]["GLH-Bridge"]["OA"] == 1.0
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "| STAR | count | 0 | 3 | 0.00 | 0.00 |" in md and "| **STAR** | **OA** | 1 | 4 | 25.00 | 25.00 |" in md
+    assert "| **STAR** | **AA** | | | 50.00 | 50.00 |" in md
+    # ids without a prefix: no such block
+    plain = [dict(r, question_id=str(k)) for k, r in enumerate(rows)]
+    res = evaluate(load_items(_write(tmp_path / "p.jsonl", plain, jsonl=True)), lambda it, p: "2", tmp_path / "p",
+                   synonyms=None)
+    assert "per_dataset" not in res
