@@ -18,7 +18,8 @@ record into an `EvalItem` (id, image, question, options, answer, category):
              Only the multi-label subtask (Overall Land use classification) is told that
              several letters may be correct.
 ``lrsvqa``   LRS-VQA question JSONL: ``question_id``, ``image``, ``text``, ``ground_truth``,
-             ``category``; open-ended (no options): scored by normalised exact match.
+             ``category``; open-ended (no options). Ids ``PREFIX_n`` (FAIR / GLH-Bridge / STAR)
+             are also reported per source dataset (per-category accuracy, OA, AA).
 ``generic``  any other file: ``--field key=source`` maps our keys (id, image, question, options,
              answer, category) to the file's names; without a mapping the common names above
              are tried in turn. Items with options are multiple choice, the rest open-ended.
@@ -39,24 +40,40 @@ is:"). generic: the question + " The choices are listed below:", the option line
 instruction to answer with the letter(s). `--instruction` replaces the instruction (and cue).
 Greedy decoding, 64 new tokens. The instruction never depends on the answer.
 
-Answer extraction (multiple choice) tries, in order:
-1. "The answer is B", "Answer: B, D", "answer: (b)", "The correct option is B" -> the letters
-   right after the first such cue, up to the end of its sentence or the next word, so later
-   words ("The answer is B. Option C is wrong", "B; the other choices (A, C, D) ...") do not
-   add or replace letters; a bare "Option C" is not a cue;
-2. letters in the first sentence that has any, written as "(B)", "B.", "B)", "B:" or standing
-   alone ("B", "B and D", "A, C");
-   a lowercase letter counts only in the "(b)"/"b." forms or when it is the whole reply;
-   the English article "A" counts only if it stands alone or is followed by ".", ")" or ":";
-3. otherwise the option whose text appears in the reply (longest match first).
-The prediction is the set of letters; it is correct only if it equals the answer's set
-(multi-label items exist). Open-ended answers are compared after lowercasing and removing
-punctuation, articles and extra spaces (a number keeps its decimal point and minus sign); a
-yes/no answer also matches the reply's first word, a number a first word of equal value.
+Scoring: every reply is scored twice.
+* official (the headline figure: ``prediction``/``correct`` in predictions.jsonl, the top level of
+  results.json, the accuracy column of results.md): each benchmark's own rule, comparable with
+  its published tables.
+  xlrs (lmms-eval xlrs-lite): after deleting a few cue phrases ("The answer is", ...), no capital
+  A-E means no letter; else the letters written "(X)"; else every a-e/A-E letter of the reply,
+  inside words too ("Answer: B" is A, B, E); correct if that set equals the answer's.
+  mme (MME-RealWorld eval_your_results.py): after deleting the same phrases, the first capital
+  A-E, inside a word too ("Based on ..." is B; "C, D" is C); a reply of up to 10 words without
+  one is the first "(A) text" choice containing it (an empty reply reads as A); more words, none.
+  lrsvqa (evaluation_LRSVQA.py): the reply equals the answer once both are lowercased, or they
+  share a WordNet synset (nltk, optional: without it exact matches only, and the results say so).
+  generic files have no official rule: the lenient one.
+* lenient (ours: ``lenient_prediction``/``lenient_correct``, results.json "lenient", the second
+  column): for multiple choice, in order
+  1. "The answer is B", "Answer: B, D", "answer: (b)", "The correct option is B" -> the letters
+     right after the first such cue, up to the end of its sentence or the next word, so later
+     words ("The answer is B. Option C is wrong", "B; the other choices (A, C, D) ...") do not
+     add or replace letters; a bare "Option C" is not a cue;
+  2. letters in the first sentence that has any, written as "(B)", "B.", "B)", "B:" or standing
+     alone ("B", "B and D", "A, C"); a lowercase letter counts only in the "(b)"/"b." forms or
+     when it is the whole reply; the English article "A" counts only if it stands alone or is
+     followed by ".", ")" or ":";
+  3. otherwise the option whose text appears in the reply (longest match first);
+  correct only if the set of letters equals the answer's. Open-ended answers are compared after
+  lowercasing and removing punctuation, articles and extra spaces (a number keeps its decimal
+  point and minus sign); a yes/no answer also matches the reply's first word, a number a first
+  word of equal value.
 
-Results: micro accuracy (all items), macro accuracy (mean of per-category accuracies),
-per-category counts, as JSON and a Markdown table. Predictions are appended to a JSONL file as
-they are made; a rerun skips item ids already there (resumable) and asks failed items again,
+Results (both figures): micro accuracy (all items), macro accuracy (mean of per-category
+accuracies), per-category counts, as JSON and a Markdown table; skipped items (several images)
+are counted apart. Predictions are appended to a JSONL file as
+they are made; a rerun skips item ids already there (resumable; their stored replies are scored
+anew, so lines of older versions, without the lenient fields, get both) and asks failed items again,
 whose new lines replace their error lines when the run ends (one line an item); `--limit N`
 stops after N items.
 """
