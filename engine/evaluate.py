@@ -838,6 +838,9 @@ def markdown_table(summary: dict[str, Any], title: str = "") -> str:
     if summary.get("no_letter_found"):
         lines += ["", f"{summary['no_letter_found']} multiple-choice replies named no option by the official "
                       "rule (counted wrong)."]
+    if summary.get("older_prompt_answers"):
+        lines += ["", f"{summary['older_prompt_answers']} answers were made by an older version with its own prompt, "
+                      "not the official one (rescored; another --out asks every item anew)."]
     for why, n in summary.get("skipped_reasons", {}).items():
         lines += ["", f"{n} items skipped ({why}): not asked, and in none of the figures above."]
     if summary.get("failed"):
@@ -907,6 +910,11 @@ def evaluate(
             bar.close()
         _one_line_per_item(pred_path, rescored)
     summary = summarize(records, {it.extra.get("format") or "generic" for it in todo}, synonyms is not None)
+    older = sum(1 for r in records if r.get("older_prompt"))
+    if older:
+        summary["older_prompt_answers"] = older
+        print(f"{older} stored answers were made by an older version with its own prompt, not the official "
+              "one; they are rescored, not asked again (use another --out to ask every item anew)", file=sys.stderr)
     results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")
@@ -959,6 +967,10 @@ def _predict_all(todo: list[EvalItem], done: dict[str, dict], predict: Callable[
             elif item.id in done and "error" not in done[item.id]:
                 rec = done[item.id]
                 before = dict(rec)
+                if "lenient_correct" not in rec and item.extra.get("format") in ("xlrs", "mme"):
+                    # an older version's answer, asked with its own prompt wording, not the
+                    # official prompt: kept and rescored, but marked (and said in the results)
+                    rec["older_prompt"] = True
                 # rescore from the stored reply (extraction rules may have changed; lines of older
                 # versions lack the lenient fields: they are added)
                 rec.update(**scores(item, rec.get("reply", ""), synonyms), category=item.category,

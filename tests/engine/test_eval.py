@@ -896,6 +896,11 @@ def test_both_figures_are_reported_official_first_and_old_lines_are_rescored_on_
     md = (out / "results.md").read_text()
     assert "| Object properties/Object color | 1 | 3 | 33.33 | 100.00 |" in md
     assert "accuracy (%) | lenient (%)" in md and "official rule" in md
+    # that old answer was asked with the old prompt wording: said, not hidden
+    assert saved["older_prompt_answers"] == 1 and "1 answers were made by an older version" in md
+    assert lines["101"]["older_prompt"] is True and "older_prompt" not in lines["103"]
+    assert evaluate(load_items(ann), lambda it, p: "B", out)["older_prompt_answers"] == 1  # and stays said
+    assert "older_prompt_answers" not in evaluate(load_items(ann), lambda it, p: "B", tmp_path / "new")
 
 
 def test_mme_categories_are_keyed_by_task_subtask_and_category_as_the_official_table(tmp_path):
