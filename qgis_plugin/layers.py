@@ -17,13 +17,19 @@ from qgis.core import (
     QgsColorRampShader,
     QgsCoordinateReferenceSystem,
     QgsFillSymbol,
+    QgsPalLayerSettings,
     QgsProject,
     QgsRasterLayer,
     QgsRasterShader,
+    QgsRuleBasedRenderer,
     QgsSingleBandPseudoColorRenderer,
+    QgsSingleSymbolRenderer,
+    QgsTextBufferSettings,
+    QgsTextFormat,
     QgsVectorLayer,
+    QgsVectorLayerSimpleLabeling,
 )
-from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtGui import QColor, QFont
 
 from .compat import RAMP_DISCRETE, RAMP_INTERPOLATED, STATS_MIN_MAX
 
@@ -110,7 +116,7 @@ HEATMAP_STOPS = (
     (1.0, (235, 60, 20, 200)),  # about 78 % opaque
 )
 # every kept token has the same score (strategies `uniform`, `none`): one light, clear colour
-HEATMAP_KEPT_COLOR = (255, 215, 90, 90)
+HEATMAP_KEPT_COLOR = (255, 215, 90, 75)
 HEATMAP_MORE_LABEL = "more relied on (high score)"
 HEATMAP_LESS_LABEL = "less relied on (low score)"
 HEATMAP_KEPT_LABEL = "kept token (all scored equally)"
@@ -188,11 +194,79 @@ def has_no_features(layer: QgsVectorLayer) -> bool:
     return layer.featureCount() == 0 or layer.renderer() is None
 
 
+TOP_ANCHORS = 10  # anchors drawn bold and labelled (by score; the rest thin and faint)
+ANCHOR_TOP_COLOR = "0,229,255"
+ANCHORS_TOP_RULE = f"top {TOP_ANCHORS} by score (label 1: highest)"
+ANCHORS_OTHER_RULE = "other kept tokens"
+
+
+def _anchor_scores(layer: QgsVectorLayer) -> list[float]:
+    """The anchors' finite scores, highest first ([] without a ``score`` property: older engine)."""
+    if layer.fields().indexOf("score") < 0:
+        return []
+    scores = []
+    for feature in layer.getFeatures():
+        try:
+            value = float(feature["score"])
+        except (TypeError, ValueError):  # NULL
+            continue
+        if math.isfinite(value):
+            scores.append(value)
+    return sorted(scores, reverse=True)
+
+
+def _between(a: float, b: float) -> str:
+    """An expression literal for a threshold between scores a > b (no float equality needed)."""
+    return repr((a + b) / 2.0)
+
+
 def style_anchors(layer: QgsVectorLayer) -> None:
-    symbol = QgsFillSymbol.createSimple({
-        "color": "0,200,255,40", "outline_color": "0,160,255,255", "outline_width": "0.4",
-    })
-    layer.renderer().setSymbol(symbol)
+    """The anchors by score: the :data:`TOP_ANCHORS` highest-scored footprints bold and labelled
+    1, 2, 3... (1: highest score; equal scores, equal numbers), the others thin and faint. The
+    ``rank`` property is the order tokens enter the model, not importance, so it is not used.
+    Without scores (older engine) or all scores equal: one outline for all."""
+    scores = _anchor_scores(layer)
+    distinct = sorted(set(scores), reverse=True)
+    faint = {"color": "0,0,0,0", "outline_color": "0,180,255,130", "outline_width": "0.2"}
+    if len(distinct) < 2:
+        props = faint if scores and len(scores) > TOP_ANCHORS else {
+            "color": "0,200,255,40", "outline_color": "0,160,255,255", "outline_width": "0.4"}
+        layer.setRenderer(QgsSingleSymbolRenderer(QgsFillSymbol.createSimple(props)))
+        layer.setLabelsEnabled(False)
+        layer.triggerRepaint()
+        return
+    top = distinct[: TOP_ANCHORS]  # the scores labelled 1, 2, 3...
+    cut = scores[min(TOP_ANCHORS, len(scores)) - 1]  # the 10th highest score (ties: all drawn bold)
+    lower = [v for v in distinct if v < cut]
+    top_filter = f'"score" > {_between(cut, lower[0])}' if lower else '"score" IS NOT NULL'
+    root = QgsRuleBasedRenderer.Rule(None)
+    bold = QgsFillSymbol.createSimple({"color": ANCHOR_TOP_COLOR + ",45", "outline_color": ANCHOR_TOP_COLOR + ",255",
+                                       "outline_width": "0.7"})
+    root.appendChild(QgsRuleBasedRenderer.Rule(bold, 0, 0, top_filter, ANCHORS_TOP_RULE))
+    other_filter = f'NOT ({top_filter}) OR "score" IS NULL'  # not ELSE: each rule says what it draws
+    root.appendChild(QgsRuleBasedRenderer.Rule(QgsFillSymbol.createSimple(faint), 0, 0, other_filter,
+                                               ANCHORS_OTHER_RULE))
+    layer.setRenderer(QgsRuleBasedRenderer(root))
+    cases = [f"WHEN \"score\" > {_between(a, b)} THEN '{i}'" for i, (a, b) in enumerate(zip(top, top[1:]), 1)]
+    last = f'"score" > {_between(top[-1], lower[0])}' if lower else '"score" IS NOT NULL'
+    cases.append(f"WHEN {last} THEN '{len(top)}'")
+    label = QgsPalLayerSettings()
+    label.fieldName = "CASE " + " ".join(cases) + " END"
+    label.isExpression = True
+    text = QgsTextFormat()
+    font = QFont()
+    font.setBold(True)
+    text.setFont(font)
+    text.setSize(9)
+    text.setColor(QColor("white"))
+    buffer = QgsTextBufferSettings()
+    buffer.setEnabled(True)
+    buffer.setSize(1.0)
+    buffer.setColor(QColor(0, 40, 60))
+    text.setBuffer(buffer)
+    label.setFormat(text)
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(label))
+    layer.setLabelsEnabled(True)
     layer.triggerRepaint()
 
 

@@ -259,6 +259,83 @@ def test_a_heatmap_of_equal_scores_does_not_black_out_the_raster(raster_layer, t
     assert "kept token (all scored equally)" in [n.data(Qt.ItemDataRole.DisplayRole) for n in nodes]
 
 
+def _anchor_labels(layer):
+    """Each anchor's label text by its score ('' when unlabelled), as the labelling evaluates it."""
+    from qgis.core import QgsExpression, QgsExpressionContext, QgsExpressionContextUtils
+
+    assert layer.labelsEnabled()
+    expression = QgsExpression(layer.labeling().settings().fieldName)
+    context = QgsExpressionContext(QgsExpressionContextUtils.globalProjectLayerScopes(layer))
+    labels = {}
+    for feature in layer.getFeatures():
+        context.setFeature(feature)
+        labels[feature["score"]] = str(expression.evaluate(context) or "")
+    return labels
+
+
+def _symbols_drawn(layer):
+    """The outline width of each anchor's symbol by its score (rule-based: the rule it falls in)."""
+    from qgis.core import QgsRenderContext
+
+    context = QgsRenderContext()
+    renderer = layer.renderer().clone()
+    renderer.startRender(context, layer.fields())
+    try:
+        return {f["score"]: [s.symbolLayer(0).strokeWidth() for s in renderer.symbolsForFeature(f, context)]
+                for f in layer.getFeatures()}
+    finally:
+        renderer.stopRender(context)
+
+
+def test_anchors_show_their_rank_by_score(raster_layer, tmp_path):
+    """Every anchor was the same cyan outline: no label, no symbol by score, so the analyst could
+    not tell the token the model scored highest from the 64th. The top 10 by score are now bold
+    and labelled 1, 2, 3... (1: highest), the rest thin and faint."""
+    from geovqa.layers import ANCHORS_OTHER_RULE, ANCHORS_TOP_RULE, add_result_layers
+
+    layer = raster_layer("scene", width=256, height=192)
+    heat, anchors = _geollava_like_results(tmp_path, layer)
+    fc = json.loads(anchors.read_text())
+    ring = fc["features"][0]["geometry"]["coordinates"][0]
+    fc["features"] = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                       "properties": {"rank": i, "score": s, "role": "kept", "tile": 0, "n_patches": 1}}
+                      for i, s in enumerate([0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.05, 0.6, 0.4, 0.8, 0.01, 0.02, 0.8])]
+    anchors.write_text(json.dumps(fc))
+    _group, _hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert al.renderer().type() == "RuleRenderer"
+    assert [r.label() for r in al.renderer().rootRule().children()] == [ANCHORS_TOP_RULE, ANCHORS_OTHER_RULE]
+    # the rank property is the order of entry into the model: the labels follow the score
+    assert _anchor_labels(al) == {0.9: "1", 0.8: "2", 0.7: "3", 0.6: "4", 0.5: "5", 0.4: "6", 0.3: "7",
+                                  0.2: "8", 0.1: "9", 0.05: "", 0.02: "", 0.01: ""}
+    widths = _symbols_drawn(al)
+    assert widths[0.9] == widths[0.1] == [0.7] and widths[0.05] == widths[0.01] == [0.2], widths
+    text = al.labeling().settings().format()
+    assert text.buffer().enabled() and text.color().lightness() > 200 > text.buffer().color().lightness()
+
+
+def test_anchors_without_scores_or_with_equal_scores_keep_one_outline(raster_layer, tmp_path):
+    """An older engine's anchors without ``score``, and `uniform`'s equal scores: nothing to rank,
+    one outline for all (faint when they are many), no labels, no error."""
+    from geovqa.layers import add_result_layers
+
+    layer = raster_layer()
+    heat, anchors = _geollava_like_results(tmp_path, layer)
+    fc = json.loads(anchors.read_text())
+    for f in fc["features"]:
+        del f["properties"]["score"], f["properties"]["rank"]
+    anchors.write_text(json.dumps(fc))
+    _group, _hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert al.renderer().type() == "singleSymbol" and not al.labelsEnabled()
+    assert al.renderer().symbol().symbolLayer(0).strokeWidth() == 0.4
+    fc["features"] = fc["features"] * 8
+    for f in fc["features"]:
+        f["properties"]["score"] = 1.0
+    anchors.write_text(json.dumps(fc))
+    _group, _hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert al.renderer().type() == "singleSymbol" and not al.labelsEnabled()
+    assert al.renderer().symbol().symbolLayer(0).strokeWidth() == 0.2
+
+
 def test_one_question_asked_again_gets_groups_and_layers_told_apart(raster_layer, tmp_path):
     """The same question asked again about one layer (another strategy, budget or area, to compare
     what the model kept) gave groups and layers with the very same names."""
