@@ -5,7 +5,8 @@
   none, and then the transform is in source pixel coordinates). Every kept token's score is
   painted over its member patches that are valid image patches (`geometry.patch_valid`); all
   other cells - pruned patches, padding, mostly-nodata patches - are nodata (NaN, declared as
-  the band's nodata value). If two tokens share a patch, the larger score wins.
+  the band's nodata value). If two tokens share a patch, the larger score wins. The band's
+  description names the strategy and says that clear (nodata) cells are pruned tokens or nodata.
 * GeoJSON: a FeatureCollection with one Feature per kept token that has at least one valid
   member patch (tokens made only of padding or empty slots are not drawn): the geometry is the
   union of those patches (`geometry.footprint`, map coordinates), properties per
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 NODATA = float("nan")
+BAND_NOTE = "clear: pruned token or nodata"  # the band description's note on nodata cells
 
 
 @dataclass
@@ -116,7 +118,8 @@ def write_heatmap(selection, geometry, out_dir, stem: str) -> HeatmapFiles:
         profile["crs"] = CRS.from_wkt(grid.crs_wkt)
     with rasterio.open(tif, "w", **profile) as dst:
         dst.write(data, 1)
-        dst.set_band_description(1, f"token score ({selection.strategy or 'strategy'})")
+        # QGIS shows the band description in the layer's legend: say what a clear cell is
+        dst.set_band_description(1, f"token score ({selection.strategy or 'strategy'}); {BAND_NOTE}")
     gj = anchors_geojson(selection, geometry)
     gpath = out_dir / f"{stem}_anchors.geojson"
     gpath.write_text(json.dumps(gj))

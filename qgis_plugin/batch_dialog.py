@@ -59,6 +59,8 @@ CHECKED = Qt.CheckState.Checked
 UNCHECKED = Qt.CheckState.Unchecked
 TABLE_COLUMNS = ("Layer", "Question", "Answer", "Kept tokens", "Seconds", "Bands")
 ANSWER_COLUMN = TABLE_COLUMNS.index("Answer")
+# the table's header texts where the column's name is wider than its numbers need
+HEADER_TEXTS = {"Kept tokens": "Kept\ntokens"}
 WARNING_ICON = "/mIconWarning.svg"  # QGIS's own: the answer cell of an answer without its result layers
 EXPORT_KINDS = ("csv", "json")  # the ending of the file decides the format written (export)
 EXPORT_RUNNING_TIP = ("Export is available when the batch ends (or is cancelled); meanwhile every answer "
@@ -163,14 +165,20 @@ class BatchDialog(QDialog):
         autosave_row.addWidget(self.open_folder_button)
         rv.addLayout(autosave_row)
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
-        self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
+        self.table.setHorizontalHeaderLabels([HEADER_TEXTS.get(name, name) for name in TABLE_COLUMNS])
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setWordWrap(False)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(ANSWER_COLUMN, QHeaderView.ResizeMode.Stretch)
-        self.table.setColumnWidth(0, 140)
-        self.table.setColumnWidth(1, 180)
+        for c in range(ANSWER_COLUMN + 1, len(TABLE_COLUMNS)):  # short numbers: as wide as they need,
+            header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)  # the Answer the rest
+        header.setMinimumSectionSize(64)  # a narrow dialog keeps a few words of the Answer (it scrolls)
+        self.table.setColumnWidth(0, 120)
+        self.table.setColumnWidth(1, 170)
+        # at the dialog's smallest size the table still shows a few rows (the splitter gave it none)
+        self.table.setMinimumHeight(header.sizeHint().height() + 2 * self.table.frameWidth()
+                                    + 3 * self.table.verticalHeader().defaultSectionSize())
         self.table.setToolTip("Double-click a row to read all of it")
         self.table.cellDoubleClicked.connect(lambda r, _c: self.show_row(r))
         rv.addWidget(self.table, 1)

@@ -64,6 +64,10 @@ RAMP_INTERPOLATED = _first(
     lambda: Qgis.ShaderInterpolationMethod.Linear,
     lambda: QgsColorRampShader.Type.Interpolated,
 )
+RAMP_DISCRETE = _first(
+    lambda: Qgis.ShaderInterpolationMethod.Discrete,
+    lambda: QgsColorRampShader.Type.Discrete,
+)
 STATS_MIN_MAX = _first(
     lambda: Qgis.RasterBandStatistic.Min | Qgis.RasterBandStatistic.Max,
     lambda: QgsRasterBandStats.Stats.Min | QgsRasterBandStats.Stats.Max,

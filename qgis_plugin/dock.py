@@ -29,9 +29,11 @@ from qgis.PyQt.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QMenu,
     QPushButton,
     QSpinBox,
     QTextBrowser,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -42,7 +44,7 @@ from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, c
                   request_aoi)
 from .bands import bands_text, layer_bands
 from .client import EngineError, build_ask_request, engine_address, host_port, new_request_id, question_too_long
-from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER
+from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER, qaction_class
 from .history import ProjectHistory, kept_result
 from .paths import export_path, public_source
 from .project_results import gather_into_project, moved_files, moved_path
@@ -185,6 +187,8 @@ class ChatDock(QgsDockWidget):
         v.addWidget(self.status_label)
 
         form = QFormLayout()
+        # a narrow dock puts a label above its field rather than growing wider
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         self.layer_combo = QgsMapLayerComboBox()
         self.layer_combo.setFilters(RASTER_LAYER_FILTER)
         self.layer_combo.setToolTip("The raster layer to ask about (GeoVQA's own heatmaps are not listed).")
@@ -246,6 +250,7 @@ class ChatDock(QgsDockWidget):
         opts = QgsCollapsibleGroupBox("Strategy and token budget")
         self.options_box = opts
         of = QFormLayout(opts)
+        of.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         self.strategy_combo = QComboBox()
         # short names keep the dock narrow; the long ones are in the tooltips
         self.strategy_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -283,13 +288,27 @@ class ChatDock(QgsDockWidget):
         self.copy_button.clicked.connect(self.copy_conversation)
         self.export_button = QPushButton("Export…")
         self.export_button.clicked.connect(self._export_clicked)
-        self.clear_button = QPushButton("Clear")
-        self.clear_button.clicked.connect(self.clear_conversation)
-        self.diag_button = QPushButton("Diagnostics")
-        self.diag_button.setToolTip("Copy a diagnostics report (engine status, settings, log) to the clipboard")
-        self.diag_button.clicked.connect(self.copy_diagnostics)
-        for b in (self.copy_button, self.export_button, self.clear_button, self.diag_button):
+        # the rarely used ones in a menu: four buttons in a row held the dock at 384 px or wider
+        action = qaction_class()
+        self.clear_action = action("Clear conversation", self)
+        self.clear_action.setToolTip("Remove this layer's conversation from the dock (the result layers stay)")
+        self.clear_action.triggered.connect(self.clear_conversation)
+        self.diag_action = action("Copy diagnostics", self)
+        self.diag_action.setToolTip("Copy a diagnostics report (engine status, settings, log) to the clipboard")
+        self.diag_action.triggered.connect(self.copy_diagnostics)
+        self.more_menu = QMenu(self)
+        self.more_menu.setToolTipsVisible(True)
+        self.more_menu.addAction(self.clear_action)
+        self.more_menu.addAction(self.diag_action)
+        self.more_button = QToolButton()
+        self.more_button.setText("⋯")
+        self.more_button.setToolTip("More: Clear conversation, Copy diagnostics")
+        self.more_button.setMenu(self.more_menu)
+        self.more_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        for b in (self.copy_button, self.export_button):
             b_row.addWidget(b)
+        b_row.addStretch(1)
+        b_row.addWidget(self.more_button)
         v.addLayout(b_row)
         self.setWidget(w)
 

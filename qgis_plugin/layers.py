@@ -10,20 +10,28 @@ again after a restart.
 
 from __future__ import annotations
 
+import math
+
 from qgis.core import (
+    QgsColorRampLegendNodeSettings,
     QgsColorRampShader,
     QgsCoordinateReferenceSystem,
     QgsFillSymbol,
+    QgsPalLayerSettings,
     QgsProject,
     QgsRasterLayer,
     QgsRasterShader,
+    QgsRuleBasedRenderer,
     QgsSingleBandPseudoColorRenderer,
+    QgsSingleSymbolRenderer,
+    QgsTextBufferSettings,
+    QgsTextFormat,
     QgsVectorLayer,
-    QgsStyle,
+    QgsVectorLayerSimpleLabeling,
 )
-from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtGui import QColor, QFont
 
-from .compat import RAMP_INTERPOLATED, STATS_MIN_MAX
+from .compat import RAMP_DISCRETE, RAMP_INTERPOLATED, STATS_MIN_MAX
 
 HEATMAP_PREFIX = "heatmap"  # each heatmap is named "heatmap: <layer> — <question>" (heatmap_name)
 LEGACY_HEATMAP_NAME = "kept-token heatmap"  # what every heatmap was called before: projects saved then
@@ -33,7 +41,7 @@ LEGACY_ANCHORS_NAME = "anchor tokens"  # what every anchors layer was called bef
 # does not offer them as layers to ask about
 RESULT_LAYER_PROPERTY = "geovqa/result_layer"
 MAX_HEATMAP_QUESTION_CHARS = 40
-HEATMAP_OPACITY = 0.6
+HEATMAP_OPACITY = 1.0  # the layer's; the colours carry their own alpha (HEATMAP_STOPS)
 GROUP_PREFIX = "GeoVQA: "
 MAX_GROUP_CHARS = 80
 
@@ -96,24 +104,78 @@ def is_result_layer(layer, project: QgsProject | None = None) -> bool:
     return parent is not None and bool(parent.customProperty("geovqa/question"))
 
 
+# The heatmap's colours: transparent at and below the median score, then warmer and more opaque
+# up to the highest score, so the imagery stays readable under the (nearly) full cover the
+# default strategy gives and the cells the model relied on most stand out. (quantile of the
+# kept cells' scores, (r, g, b, alpha)); the lowest score is always fully transparent.
+HEATMAP_STOPS = (
+    (0.0, (255, 235, 140, 0)),
+    (0.5, (255, 225, 110, 0)),
+    (0.8, (255, 190, 60, 60)),
+    (0.95, (253, 130, 40, 130)),
+    (1.0, (235, 60, 20, 200)),  # about 78 % opaque
+)
+# every kept token has the same score (strategies `uniform`, `none`): one light, clear colour
+HEATMAP_KEPT_COLOR = (255, 215, 90, 75)
+HEATMAP_MORE_LABEL = "more relied on (high score)"
+HEATMAP_LESS_LABEL = "less relied on (low score)"
+HEATMAP_KEPT_LABEL = "kept token (all scored equally)"
+HEATMAP_ABSTRACT = ("Token scores of the answer: warm, opaque cells are the tokens the model relied on most; "
+                    "clear cells are pruned tokens or nodata.")
+
+
+def _score_at(provider, quantile: float, lo: float, hi: float) -> float:
+    """The kept cells' score at `quantile` (from the band's histogram), `lo`/`hi` at the ends."""
+    if quantile <= 0.0:
+        return lo
+    if quantile >= 1.0:
+        return hi
+    try:
+        value = float(provider.cumulativeCut(1, quantile, 1.0)[0])
+    except Exception:  # noqa: BLE001 - a provider without a histogram: spread evenly
+        value = float("nan")
+    if not lo <= value <= hi:
+        value = lo + quantile * (hi - lo)
+    return value
+
+
 def style_heatmap(layer: QgsRasterLayer) -> None:
-    """Semi-transparent pseudocolor on band 1 (pruned tokens are nodata, so they stay clear)."""
+    """Pseudocolor on band 1 whose alpha rises with the score (:data:`HEATMAP_STOPS`): low
+    scores clear, the highest warm and about 78 % opaque; pruned tokens are nodata, so they stay
+    clear. All scores equal: one light semi-transparent "kept" colour. The legend says which end
+    the model relied on (not raw numbers only)."""
     provider = layer.dataProvider()
     stats = provider.bandStatistics(1, STATS_MIN_MAX)
     lo, hi = float(stats.minimumValue), float(stats.maximumValue)
-    if not hi > lo:
-        hi = lo + 1.0
-    ramp = QgsStyle.defaultStyle().colorRamp("Magma") or QgsStyle.defaultStyle().colorRamp("Reds")
-    shader_fn = QgsColorRampShader(lo, hi, ramp, RAMP_INTERPOLATED)
-    try:
-        shader_fn.classifyColorRamp(5, 1, layer.extent(), provider)
-    except TypeError:
-        shader_fn.classifyColorRamp(5)
-    if not shader_fn.colorRampItemList():
+    if not math.isfinite(lo):
+        lo = 0.0
+    shader_fn = QgsColorRampShader(lo, hi if hi > lo else lo)
+    if math.isfinite(hi) and hi > lo:
+        shader_fn.setColorRampType(RAMP_INTERPOLATED)
+        items, tolerance = [], (hi - lo) * 1e-6
+        for quantile, rgba in HEATMAP_STOPS:
+            value = _score_at(provider, quantile, lo, hi)
+            if items and value <= items[-1].value + tolerance:
+                if quantile < 1.0:
+                    continue  # a stop on a score already coloured: the lower one keeps it
+                items.pop()  # the top score: its colour wins
+            items.append(QgsColorRampShader.ColorRampItem(value, QColor(*rgba), f"{value:.3g}"))
+        items[0].label = f"{lo:.3g} ({HEATMAP_LESS_LABEL})"
+        items[-1].label = f"{hi:.3g} ({HEATMAP_MORE_LABEL})"
+        shader_fn.setColorRampItemList(items)
+        settings = getattr(shader_fn, "legendSettings", None)  # QGIS 3.18+
+        if settings is not None:
+            legend = QgsColorRampLegendNodeSettings(settings())
+            legend.setUseContinuousLegend(True)
+            legend.setMaximumLabel(HEATMAP_MORE_LABEL)
+            legend.setMinimumLabel(HEATMAP_LESS_LABEL)
+            shader_fn.setLegendSettings(legend)
+    else:  # one score for every kept token: nothing to rank, each kept cell one clear colour
+        hi = lo
+        shader_fn.setColorRampType(RAMP_DISCRETE)
+        top = lo + max(abs(lo), 1.0) * 1e-3  # discrete: values up to it take the colour
         shader_fn.setColorRampItemList([
-            QgsColorRampShader.ColorRampItem(lo, QColor(40, 11, 84), f"{lo:.3g}"),
-            QgsColorRampShader.ColorRampItem(hi, QColor(252, 253, 191), f"{hi:.3g}"),
-        ])
+            QgsColorRampShader.ColorRampItem(top, QColor(*HEATMAP_KEPT_COLOR), HEATMAP_KEPT_LABEL)])
     shader = QgsRasterShader()
     shader.setRasterShaderFunction(shader_fn)
     renderer = QgsSingleBandPseudoColorRenderer(provider, 1, shader)
@@ -121,6 +183,8 @@ def style_heatmap(layer: QgsRasterLayer) -> None:
     renderer.setClassificationMax(hi)
     layer.setRenderer(renderer)
     layer.renderer().setOpacity(HEATMAP_OPACITY)
+    if not layer.abstract():
+        layer.setAbstract(HEATMAP_ABSTRACT)
     layer.triggerRepaint()
 
 
@@ -130,11 +194,79 @@ def has_no_features(layer: QgsVectorLayer) -> bool:
     return layer.featureCount() == 0 or layer.renderer() is None
 
 
+TOP_ANCHORS = 10  # anchors drawn bold and labelled (by score; the rest thin and faint)
+ANCHOR_TOP_COLOR = "0,229,255"
+ANCHORS_TOP_RULE = f"top {TOP_ANCHORS} by score (label 1: highest)"
+ANCHORS_OTHER_RULE = "other kept tokens"
+
+
+def _anchor_scores(layer: QgsVectorLayer) -> list[float]:
+    """The anchors' finite scores, highest first ([] without a ``score`` property: older engine)."""
+    if layer.fields().indexOf("score") < 0:
+        return []
+    scores = []
+    for feature in layer.getFeatures():
+        try:
+            value = float(feature["score"])
+        except (TypeError, ValueError):  # NULL
+            continue
+        if math.isfinite(value):
+            scores.append(value)
+    return sorted(scores, reverse=True)
+
+
+def _between(a: float, b: float) -> str:
+    """An expression literal for a threshold between scores a > b (no float equality needed)."""
+    return repr((a + b) / 2.0)
+
+
 def style_anchors(layer: QgsVectorLayer) -> None:
-    symbol = QgsFillSymbol.createSimple({
-        "color": "0,200,255,40", "outline_color": "0,160,255,255", "outline_width": "0.4",
-    })
-    layer.renderer().setSymbol(symbol)
+    """The anchors by score: the :data:`TOP_ANCHORS` highest-scored footprints bold and labelled
+    1, 2, 3... (1: highest score; equal scores, equal numbers), the others thin and faint. The
+    ``rank`` property is the order tokens enter the model, not importance, so it is not used.
+    Without scores (older engine) or all scores equal: one outline for all."""
+    scores = _anchor_scores(layer)
+    distinct = sorted(set(scores), reverse=True)
+    faint = {"color": "0,0,0,0", "outline_color": "0,180,255,130", "outline_width": "0.2"}
+    if len(distinct) < 2:
+        props = faint if scores and len(scores) > TOP_ANCHORS else {
+            "color": "0,200,255,40", "outline_color": "0,160,255,255", "outline_width": "0.4"}
+        layer.setRenderer(QgsSingleSymbolRenderer(QgsFillSymbol.createSimple(props)))
+        layer.setLabelsEnabled(False)
+        layer.triggerRepaint()
+        return
+    top = distinct[: TOP_ANCHORS]  # the scores labelled 1, 2, 3...
+    cut = scores[min(TOP_ANCHORS, len(scores)) - 1]  # the 10th highest score (ties: all drawn bold)
+    lower = [v for v in distinct if v < cut]
+    top_filter = f'"score" > {_between(cut, lower[0])}' if lower else '"score" IS NOT NULL'
+    root = QgsRuleBasedRenderer.Rule(None)
+    bold = QgsFillSymbol.createSimple({"color": ANCHOR_TOP_COLOR + ",45", "outline_color": ANCHOR_TOP_COLOR + ",255",
+                                       "outline_width": "0.7"})
+    root.appendChild(QgsRuleBasedRenderer.Rule(bold, 0, 0, top_filter, ANCHORS_TOP_RULE))
+    other_filter = f'NOT ({top_filter}) OR "score" IS NULL'  # not ELSE: each rule says what it draws
+    root.appendChild(QgsRuleBasedRenderer.Rule(QgsFillSymbol.createSimple(faint), 0, 0, other_filter,
+                                               ANCHORS_OTHER_RULE))
+    layer.setRenderer(QgsRuleBasedRenderer(root))
+    cases = [f"WHEN \"score\" > {_between(a, b)} THEN '{i}'" for i, (a, b) in enumerate(zip(top, top[1:]), 1)]
+    last = f'"score" > {_between(top[-1], lower[0])}' if lower else '"score" IS NOT NULL'
+    cases.append(f"WHEN {last} THEN '{len(top)}'")
+    label = QgsPalLayerSettings()
+    label.fieldName = "CASE " + " ".join(cases) + " END"
+    label.isExpression = True
+    text = QgsTextFormat()
+    font = QFont()
+    font.setBold(True)
+    text.setFont(font)
+    text.setSize(9)
+    text.setColor(QColor("white"))
+    buffer = QgsTextBufferSettings()
+    buffer.setEnabled(True)
+    buffer.setSize(1.0)
+    buffer.setColor(QColor(0, 40, 60))
+    text.setBuffer(buffer)
+    label.setFormat(text)
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(label))
+    layer.setLabelsEnabled(True)
     layer.triggerRepaint()
 
 

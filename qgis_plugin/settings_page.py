@@ -30,6 +30,10 @@ TOOLTIP_ROLE = Qt.ItemDataRole.ToolTipRole
 RESULTS_NOTE = "Empty results folder: 'geovqa_results' next to the project file, or the QGIS profile."
 
 
+# what an empty 'Weights folder' means: the engine looks there (engine/weights.py DEFAULT_WEIGHTS)
+WEIGHTS_DEFAULT = "<engine folder>/weights/GeoLLaVA-8K"
+
+
 def url_problem(text: str) -> str:
     """Why the engine URL ``text`` cannot be used ('' when it can; empty keeps the saved one)."""
     if not text.strip():
@@ -62,7 +66,11 @@ class SettingsForm(QWidget):
         self.url_problem = ""  # why the URL was not saved by the last apply()
         self.url = QLineEdit(s.engine_url)
         self.url.setPlaceholderText(f"empty: keep {s.engine_url or DEFAULT_ENGINE_URL}")
+        self.url.setToolTip("Where the plugin calls the engine, e.g. http://127.0.0.1:8765 (an engine on this "
+                            "computer: Start local engine serves on this host and port), or https://host:port "
+                            "for one on another computer.")
         form.addRow("Engine URL", self.url)
+        form.labelForField(self.url).setToolTip(self.url.toolTip())
         self.url_error = QLabel("")
         self.url_error.setWordWrap(True)
         self.url_error.setStyleSheet("color: #b00020")
@@ -71,7 +79,11 @@ class SettingsForm(QWidget):
         self.token = QLineEdit(s.token)
         self.token.setEchoMode(PASSWORD)
         self.token.setPlaceholderText(f"empty: read from {default_token_path()} (engine on this computer only)")
+        self.token.setToolTip("The engine's access token. Empty: the plugin reads the token file the engine "
+                              f"writes at its first start ({default_token_path()}), which works for an engine "
+                              "on this computer only; copy the token here for one on another computer.")
         form.addRow("Engine token", self.token)
+        form.labelForField(self.token).setToolTip(self.token.toolTip())
         self.token_file = QgsFileWidget()
         self.token_file.setFilePath(s.token_file)
         self.token_file.setToolTip("A file holding the engine token. A token typed in 'Engine token' wins "
@@ -112,9 +124,23 @@ class SettingsForm(QWidget):
         self.weights = QgsFileWidget()
         self.weights.setStorageMode(GET_DIRECTORY)
         self.weights.setFilePath(s.weights_dir)
+        self.weights.lineEdit().setPlaceholderText(f"empty: {WEIGHTS_DEFAULT}, else the tiny demo model")
+        self.weights.setToolTip(
+            "The GeoLLaVA-8K checkpoint folder the local engine loads (passed as --weights). Empty: the "
+            "engine uses $GEOVQA_WEIGHTS when set, else <engine folder>/weights/GeoLLaVA-8K (where `make "
+            "weights` downloads it); with no checkpoint there it answers with the tiny RANDOM demo model "
+            "(meaningless answers). A folder named here must hold a checkpoint.")
         form.addRow("Weights folder", self.weights)
+        form.labelForField(self.weights).setToolTip(self.weights.toolTip())
         self.extra = QLineEdit(s.extra_args)
+        self.extra.setPlaceholderText("e.g. --device cpu --quantization bf16")
+        self.extra.setToolTip(
+            "More options of `python -m engine serve` for the local engine, separated by spaces (quote a "
+            "path with spaces), e.g. --device cpu, --quantization bf16 (auto, nf4, bf16, fp32), --adapter DIR "
+            "(a fine-tuned LoRA adapter), --no-demo. The host and port come from the Engine URL: do not "
+            "put --port here.")
         form.addRow("Extra engine arguments", self.extra)
+        form.labelForField(self.extra).setToolTip(self.extra.toolTip())
         self.memory_button = QPushButton("Check memory")
         self.memory_button.setToolTip("Ask the engine (without loading the model) how much memory each "
                                       "weight format needs on this computer and what is free.")
@@ -135,12 +161,19 @@ class SettingsForm(QWidget):
         self.budget.setRange(0, 200000)
         self.budget.setSpecialValueText("engine default")
         self.budget.setValue(s.budget)
+        self.budget.setToolTip("How many image tokens the model may read at most for an answer (the dock's "
+                               "starting value). Fewer: faster and less memory, but small things may be "
+                               "dropped. 0: the engine's default.")
         form.addRow("Default token budget", self.budget)
+        form.labelForField(self.budget).setToolTip(self.budget.toolTip())
         self.tpt = QSpinBox()
         self.tpt.setRange(0, 576)
         self.tpt.setSpecialValueText(TOKENS_PER_TILE_AUTO_TEXT)
         self.tpt.setValue(s.tokens_per_tile)
+        self.tpt.setToolTip("Image tokens kept for each 336 px tile (at most 576), the dock's starting value; "
+                            f"{self.tpt.specialValueText()} (0): the {TOKENS_PER_TILE_AUTO_TEXT}.")
         form.addRow("Tokens per tile", self.tpt)
+        form.labelForField(self.tpt).setToolTip(self.tpt.toolTip())
         self.faithful = QCheckBox("Full count a tile, as released")
         self.faithful.setToolTip(
             "GeoLLaVA-8K strategy only. The released model always reads 'tokens per tile' tokens "
@@ -151,7 +184,10 @@ class SettingsForm(QWidget):
         self.max_new = QSpinBox()
         self.max_new.setRange(1, 4096)
         self.max_new.setValue(s.max_new_tokens)
+        self.max_new.setToolTip("The longest answer, in text tokens (about 3/4 of a word each); the answer "
+                                "stops there.")
         form.addRow("Max answer tokens", self.max_new)
+        form.labelForField(self.max_new).setToolTip(self.max_new.toolTip())
         self.render_px = QSpinBox()
         self.render_px.setRange(256, 16384)
         self.render_px.setValue(s.render_max_px)

@@ -50,6 +50,8 @@ def test_geotiff_has_source_crs_grid_transform_and_nodata(tmp_path):
         assert ds.transform.almost_equals(grid.transform)
         assert (ds.width, ds.height) == (grid.width, grid.height)
         assert ds.dtypes[0] == "float32" and np.isnan(ds.nodata)
+        # QGIS shows the band description in the legend: it says what a clear cell is
+        assert ds.descriptions[0] == "token score (test); clear: pruned token or nodata"
         data = ds.read(1)
         # the grid covers the raster: its bounds contain the source bounds (padding around)
         assert ds.bounds.left <= s.bounds.left + 1e-6 and ds.bounds.right >= s.bounds.right - 1e-6

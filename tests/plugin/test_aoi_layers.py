@@ -124,6 +124,218 @@ def test_an_anchors_file_with_no_feature_keeps_the_heatmap(raster_layer, tmp_pat
     assert [c.layer().name() for c in group.findLayers()] == [heatmap_name("Where?", layer)]
 
 
+def _geollava_like_results(tmp_path, layer, cell=4):
+    """A heatmap as the default strategy writes it: one cell per patch, every cell a kept
+    cluster's score (the released path keeps a cluster for every patch of a tile with few
+    clusters), NaN nodata; and anchors with rank/score/role as the engine writes them."""
+    from osgeo import gdal
+
+    w, h = layer.width() // cell, layer.height() // cell
+    e = layer.extent()
+    px, py = e.width() / w, e.height() / h
+    heat = tmp_path / "heat.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(heat), w, h, 1, gdal.GDT_Float32)
+    ds.SetGeoTransform((e.xMinimum(), px, 0, e.yMaximum(), 0, -py))
+    ds.SetProjection(layer.crs().toWkt())
+    band = ds.GetRasterBand(1)
+    band.SetNoDataValue(float("nan"))
+    scores = np.full((h, w), 0.01, dtype=np.float32)  # most of the image: low-score clusters
+    scores[: h // 4, : w // 4] = 0.3  # one high-score cluster
+    scores[-2:, -2:] = np.nan  # a pruned corner
+    band.WriteArray(scores)
+    ds = None
+    feats = []
+    for rank, (c0, r0, score, role) in enumerate([(0, 0, 0.3, "anchor"), (w // 2, h // 2, 0.01, "kept"),
+                                                  (w - 4, h - 4, 0.02, "merged")]):
+        x0, y1 = e.xMinimum() + c0 * px, e.yMaximum() - r0 * py
+        ring = [[x0, y1], [x0 + 2 * px, y1], [x0 + 2 * px, y1 - 2 * py], [x0, y1 - 2 * py], [x0, y1]]
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                      "properties": {"rank": rank, "score": score, "role": role, "tile": 0, "n_patches": 4}})
+    anchors = tmp_path / "anchors.geojson"
+    anchors.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return heat, anchors
+
+
+def _render(layers, extent, crs, size=(256, 192), background="white"):
+    """The offscreen map of ``layers`` (first on top): each pixel's (lightness, red, green, blue)."""
+    from qgis.core import QgsMapRendererSequentialJob, QgsMapSettings
+    from qgis.PyQt.QtCore import QSize
+    from qgis.PyQt.QtGui import QColor
+
+    ms = QgsMapSettings()
+    ms.setLayers(layers)
+    ms.setDestinationCrs(crs)
+    ms.setOutputSize(QSize(*size))
+    ms.setExtent(extent)
+    ms.setBackgroundColor(QColor(background))
+    job = QgsMapRendererSequentialJob(ms)
+    job.start()
+    job.waitForFinished()
+    img = job.renderedImage()
+    px = [[QColor(img.pixel(x, y)) for x in range(0, img.width(), 2)] for y in range(0, img.height(), 2)]
+    return np.array([[(c.lightness(), c.red(), c.green(), c.blue()) for c in row] for row in px], dtype=float)
+
+
+def test_the_imagery_stays_readable_under_the_default_heatmap(raster_layer, tmp_path):
+    """The default strategy's heatmap has a cell over (nearly) every patch of the raster; at 60 %
+    opacity with Magma's near-black low end, the imagery kept 40 % of its contrast and the
+    low-score areas (most of the image) turned dark purple: the raster could not be read under
+    its heatmap. Low scores are now clear, the highest a warm, mostly opaque colour."""
+    from geovqa.layers import add_result_layers
+    from qgis.core import QgsRectangle
+
+    layer = raster_layer("scene", width=256, height=192)
+    heat, anchors = _geollava_like_results(tmp_path, layer)
+    _group, hl, _al = add_result_layers("Where are the boats?", str(heat), str(anchors), source_layer=layer)
+    e = layer.extent()
+    # the low-score part of the image (away from the high-score corner and the anchors)
+    low = QgsRectangle(e.xMinimum() + 0.3 * e.width(), e.yMinimum() + 0.1 * e.height(),
+                       e.xMinimum() + 0.9 * e.width(), e.yMinimum() + 0.6 * e.height())
+    alone = _render([layer], low, layer.crs())[..., 0]
+    under = _render([hl, layer], low, layer.crs())[..., 0]
+    kept = under.std() / alone.std()
+    assert kept >= 0.9, f"the imagery under the heatmap keeps {kept:.0%} of its contrast"
+    # the high-score corner stands out: warm (red over blue), and the imagery still shows through
+    top = QgsRectangle(e.xMinimum(), e.yMaximum() - 0.2 * e.height(), e.xMinimum() + 0.2 * e.width(), e.yMaximum())
+    alone, under = _render([layer], top, layer.crs()), _render([hl, layer], top, layer.crs())
+    assert (under[..., 1] - under[..., 3]).mean() > (alone[..., 1] - alone[..., 3]).mean() + 80
+    assert 0.1 < under[..., 0].std() / alone[..., 0].std() < 0.5
+    # over a dark background the top cells are readable; low-score and pruned cells are clear
+    dark = _render([hl], e, layer.crs(), background="#101018")
+    background = 20  # #101018's lightness
+    assert dark[:10, :10, 0].mean() > 3 * background
+    assert dark[40:60, 40:80, 0].max() == background and dark[-3:, -3:, 0].max() == background
+    shader = hl.renderer().shader().rasterShaderFunction()
+    alphas = [item.color.alpha() for item in shader.colorRampItemList()]
+    assert alphas[0] == 0 and 0.7 * 255 <= alphas[-1] <= 0.8 * 255, alphas
+
+
+def test_the_heatmap_legend_says_what_its_values_mean(raster_layer, tmp_path):
+    """The legend was a Magma ramp from '-0.056081' to '0.131075' (raw scores, 6 digits) under
+    'Band 1: token score (geollava) (Gray)': nothing said which end means 'the model relied on
+    it', nor that a clear cell is a pruned token."""
+    from geovqa.layers import add_result_layers
+    from qgis.core import QgsLayerTreeLayer
+    from qgis.PyQt.QtCore import Qt
+
+    layer = raster_layer()
+    heat, anchors = _geollava_like_results(tmp_path, layer)
+    _group, hl, _al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    nodes = hl.legend().createLayerTreeModelLegendNodes(QgsLayerTreeLayer(hl))
+    ramps = [n.settings() for n in nodes if callable(getattr(n, "settings", None))]  # the colour ramp's ends
+    assert [(s.maximumLabel(), s.minimumLabel()) for s in ramps] == [
+        ("more relied on (high score)", "less relied on (low score)")]
+    assert "pruned" in hl.abstract()
+
+
+def test_a_heatmap_of_equal_scores_does_not_black_out_the_raster(raster_layer, tmp_path):
+    """`uniform` and `none` give every kept token the score 1.0: style_heatmap stretched 1.0 .. 2.0,
+    so every cell got the ramp's darkest colour (Magma's near-black) at 60 %, and the whole
+    raster turned dark: the kept tokens looked like 'nothing here'. They now take one light,
+    clear 'kept' colour; pruned cells stay clear."""
+    from osgeo import gdal
+    from geovqa.layers import add_result_layers
+    from qgis.core import QgsLayerTreeLayer
+    from qgis.PyQt.QtCore import Qt
+
+    layer = raster_layer("scene", width=128, height=96)
+    e = layer.extent()
+    heat = tmp_path / "heat.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(heat), 32, 24, 1, gdal.GDT_Float32)
+    ds.SetGeoTransform((e.xMinimum(), e.width() / 32, 0, e.yMaximum(), 0, -e.height() / 24))
+    ds.SetProjection(layer.crs().toWkt())
+    ds.GetRasterBand(1).SetNoDataValue(float("nan"))
+    scores = np.ones((24, 32), dtype=np.float32)
+    scores[:, 16:] = np.nan  # the right half pruned
+    ds.GetRasterBand(1).WriteArray(scores)
+    ds = None
+    _group, hl, _al = add_result_layers("How many?", str(heat), None, source_layer=layer)
+    alone, under = _render([layer], e, layer.crs()), _render([hl, layer], e, layer.crs())
+    ratio = under[:, :60, 0].mean() / alone[:, :60, 0].mean()
+    assert 1.0 <= ratio <= 1.4, f"the raster under an all-equal heatmap has {ratio:.0%} of its lightness"
+    assert under[:, :60, 0].std() / alone[:, :60, 0].std() >= 0.6
+    np.testing.assert_array_equal(under[:, 68:], alone[:, 68:])  # pruned: clear
+    nodes = hl.legend().createLayerTreeModelLegendNodes(QgsLayerTreeLayer(hl))
+    assert "kept token (all scored equally)" in [n.data(Qt.ItemDataRole.DisplayRole) for n in nodes]
+
+
+def _anchor_labels(layer):
+    """Each anchor's label text by its score ('' when unlabelled), as the labelling evaluates it."""
+    from qgis.core import QgsExpression, QgsExpressionContext, QgsExpressionContextUtils
+
+    assert layer.labelsEnabled()
+    expression = QgsExpression(layer.labeling().settings().fieldName)
+    context = QgsExpressionContext(QgsExpressionContextUtils.globalProjectLayerScopes(layer))
+    labels = {}
+    for feature in layer.getFeatures():
+        context.setFeature(feature)
+        labels[feature["score"]] = str(expression.evaluate(context) or "")
+    return labels
+
+
+def _symbols_drawn(layer):
+    """The outline width of each anchor's symbol by its score (rule-based: the rule it falls in)."""
+    from qgis.core import QgsRenderContext
+
+    context = QgsRenderContext()
+    renderer = layer.renderer().clone()
+    renderer.startRender(context, layer.fields())
+    try:
+        return {f["score"]: [s.symbolLayer(0).strokeWidth() for s in renderer.symbolsForFeature(f, context)]
+                for f in layer.getFeatures()}
+    finally:
+        renderer.stopRender(context)
+
+
+def test_anchors_show_their_rank_by_score(raster_layer, tmp_path):
+    """Every anchor was the same cyan outline: no label, no symbol by score, so the analyst could
+    not tell the token the model scored highest from the 64th. The top 10 by score are now bold
+    and labelled 1, 2, 3... (1: highest), the rest thin and faint."""
+    from geovqa.layers import ANCHORS_OTHER_RULE, ANCHORS_TOP_RULE, add_result_layers
+
+    layer = raster_layer("scene", width=256, height=192)
+    heat, anchors = _geollava_like_results(tmp_path, layer)
+    fc = json.loads(anchors.read_text())
+    ring = fc["features"][0]["geometry"]["coordinates"][0]
+    fc["features"] = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                       "properties": {"rank": i, "score": s, "role": "kept", "tile": 0, "n_patches": 1}}
+                      for i, s in enumerate([0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.05, 0.6, 0.4, 0.8, 0.01, 0.02, 0.8])]
+    anchors.write_text(json.dumps(fc))
+    _group, _hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert al.renderer().type() == "RuleRenderer"
+    assert [r.label() for r in al.renderer().rootRule().children()] == [ANCHORS_TOP_RULE, ANCHORS_OTHER_RULE]
+    # the rank property is the order of entry into the model: the labels follow the score
+    assert _anchor_labels(al) == {0.9: "1", 0.8: "2", 0.7: "3", 0.6: "4", 0.5: "5", 0.4: "6", 0.3: "7",
+                                  0.2: "8", 0.1: "9", 0.05: "", 0.02: "", 0.01: ""}
+    widths = _symbols_drawn(al)
+    assert widths[0.9] == widths[0.1] == [0.7] and widths[0.05] == widths[0.01] == [0.2], widths
+    text = al.labeling().settings().format()
+    assert text.buffer().enabled() and text.color().lightness() > 200 > text.buffer().color().lightness()
+
+
+def test_anchors_without_scores_or_with_equal_scores_keep_one_outline(raster_layer, tmp_path):
+    """An older engine's anchors without ``score``, and `uniform`'s equal scores: nothing to rank,
+    one outline for all (faint when they are many), no labels, no error."""
+    from geovqa.layers import add_result_layers
+
+    layer = raster_layer()
+    heat, anchors = _geollava_like_results(tmp_path, layer)
+    fc = json.loads(anchors.read_text())
+    for f in fc["features"]:
+        del f["properties"]["score"], f["properties"]["rank"]
+    anchors.write_text(json.dumps(fc))
+    _group, _hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert al.renderer().type() == "singleSymbol" and not al.labelsEnabled()
+    assert al.renderer().symbol().symbolLayer(0).strokeWidth() == 0.4
+    fc["features"] = fc["features"] * 8
+    for f in fc["features"]:
+        f["properties"]["score"] = 1.0
+    anchors.write_text(json.dumps(fc))
+    _group, _hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert al.renderer().type() == "singleSymbol" and not al.labelsEnabled()
+    assert al.renderer().symbol().symbolLayer(0).strokeWidth() == 0.2
+
+
 def test_one_question_asked_again_gets_groups_and_layers_told_apart(raster_layer, tmp_path):
     """The same question asked again about one layer (another strategy, budget or area, to compare
     what the model kept) gave groups and layers with the very same names."""

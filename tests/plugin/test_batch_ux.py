@@ -64,6 +64,33 @@ def test_the_results_table_gets_most_of_the_height_and_shows_full_texts(plugin, 
     dlg.close()
 
 
+def test_the_answer_column_gets_the_room_the_number_columns_do_not_need(plugin, raster_layer, stub_engine):
+    """At the dialog's own size (760 x 560) the Answer column, the one meant to stretch, was the
+    narrowest (88 px: 'The ar…') while Kept tokens, Seconds and Bands took 100 px each."""
+    from geovqa.batch_dialog import ANSWER_COLUMN, TABLE_COLUMNS
+
+    a = raster_layer("scene_a")
+    dlg, _rows = run_batch_dialog(plugin, [a], "What is in this image?")
+    dlg.show()
+    _settle()
+    t = dlg.table
+    assert dlg.size().width() == 760
+    widths = {name: t.columnWidth(c) for c, name in enumerate(TABLE_COLUMNS)}
+    numbers = [widths[n] for n in ("Kept tokens", "Seconds", "Bands")]
+    assert t.columnWidth(ANSWER_COLUMN) >= 180 and t.columnWidth(ANSWER_COLUMN) > 2 * max(numbers), widths
+    fm = t.horizontalHeader().fontMetrics()
+    for c in range(ANSWER_COLUMN + 1, len(TABLE_COLUMNS)):  # each still shows its header whole
+        lines = t.horizontalHeaderItem(c).text().split("\n")
+        assert " ".join(lines) == TABLE_COLUMNS[c] and t.columnWidth(c) >= max(map(fm.horizontalAdvance, lines))
+    # at the dialog's smallest size the table still shows its rows and a readable Answer column
+    dlg.resize(dlg.minimumSizeHint())
+    _settle()
+    assert t.viewport().height() >= 2 * t.verticalHeader().defaultSectionSize()
+    assert t.columnWidth(ANSWER_COLUMN) >= 64, {name: t.columnWidth(c) for c, name in enumerate(TABLE_COLUMNS)}
+    dlg.close()
+    wait_for_tasks()
+
+
 def test_inputs_and_export_are_frozen_while_running_and_the_message_counts(plugin, raster_layer, stub_engine):
     a, b = raster_layer("a"), raster_layer("b")
     dlg = plugin.open_batch()

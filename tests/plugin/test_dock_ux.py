@@ -220,6 +220,43 @@ def test_the_dock_can_be_narrow(plugin, raster_layer):
     assert len(dock.tpt_spin.specialValueText()) <= 8
 
 
+def test_the_dock_fits_a_narrow_panel_and_keeps_every_action(plugin, raster_layer, stub_engine):
+    """The row Copy | Export… | Clear | Diagnostics held the dock at 384 px or wider (406 px with
+    'Strategy and token budget' open): asked for 300 px it stayed 384 px wide, a third of a 1366 px
+    laptop screen. Clear and Diagnostics are now in the '⋯' menu beside Copy and Export…."""
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtWidgets import QApplication, QMainWindow, QWidget
+
+    dock = plugin.dock
+    layer = raster_layer()
+    dock.set_layer(layer)
+    dock.ask("What is in this image?")
+    wait_until(lambda: dock.turns() and dock.turns()[-1].get("done"), 30, "the answer")
+    wait_for_tasks()
+    mw = QMainWindow()
+    mw.setCentralWidget(QWidget())
+    mw.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+    mw.resize(1000, 700)
+    mw.show()
+    try:
+        for collapsed in (True, False):
+            dock.options_box.setCollapsed(collapsed)
+            _settle()
+            mw.resizeDocks([dock], [300], Qt.Orientation.Horizontal)
+            _settle()
+            assert dock.width() <= 310, (collapsed, dock.width(), dock.minimumSizeHint().width())
+        # every action is still there: Copy, Export… as buttons, Clear and Diagnostics in the menu
+        assert dock.copy_button.isVisible() and dock.export_button.isVisible() and dock.more_button.isVisible()
+        assert dock.more_button.menu().actions() == [dock.clear_action, dock.diag_action]
+        dock.diag_action.trigger()
+        assert "GeoVQA" in QApplication.clipboard().text() and "clipboard" in dock.progress_label.text()
+        dock.clear_action.trigger()
+        assert dock.turns() == []
+    finally:
+        mw.removeDockWidget(dock)
+        dock.setParent(None)
+
+
 def test_the_line_under_an_answer_names_the_strategy_as_the_user_knows_it(plugin, raster_layer, stub_engine):
     layer = raster_layer()
     dock = plugin.dock

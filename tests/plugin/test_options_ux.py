@@ -51,6 +51,24 @@ def test_empty_fields_say_what_happens(qgis_app, tmp_path):
     assert f"In use now: {Settings.load().results_dir()}" in form.results_note.text()
 
 
+def test_the_weights_folder_and_extra_arguments_say_what_they_take(qgis_app):
+    """Weights folder (empty: the engine folder's weights/GeoLLaVA-8K, else the tiny random demo
+    model) and Extra engine arguments said nothing: no placeholder, no tooltip; nor did Engine
+    URL, token, budget, tokens per tile and max answer tokens."""
+    page = _page()
+    form = page.form
+    weights = form.weights.lineEdit().placeholderText()
+    assert weights == "empty: <engine folder>/weights/GeoLLaVA-8K, else the tiny demo model"
+    assert "GEOVQA_WEIGHTS" in form.weights.toolTip() and "RANDOM demo model" in form.weights.toolTip()
+    assert form.extra.placeholderText().startswith("e.g. --device cpu")
+    for flag in ("--device cpu", "--quantization bf16", "--adapter DIR", "Engine URL", "--port"):
+        assert flag in form.extra.toolTip(), flag
+    layout = form.layout()
+    for field in (form.url, form.token, form.weights, form.extra, form.budget, form.tpt, form.max_new):
+        assert field.toolTip() and layout.labelForField(field).toolTip() == field.toolTip()
+    assert page.minimumSizeHint().width() < 640  # tooltips, not longer labels
+
+
 def test_the_page_says_when_the_results_folder_cannot_be_written(qgis_app, tmp_path):
     """A file, or a folder under one, was taken without a word ("In use now: .../afile"): the
     answers then came without their layers."""

@@ -120,7 +120,7 @@ def test_the_toolbox_dialog_loads_the_heatmap_and_anchors_named_and_marked(
     assert anch.customProperty(RESULT_LAYER_PROPERTY) == f"anchors:{anch.id()}"
     # styled as the dock styles them, not with Processing's default style
     assert heat.renderer().type() == "singlebandpseudocolor" and heat.renderer().opacity() == HEATMAP_OPACITY
-    assert anch.featureCount() == 2 and anch.renderer().symbol().color().alpha() == 40
+    assert anch.featureCount() == 2 and anch.renderer().type() == "RuleRenderer" and anch.labelsEnabled()
     # the dock does not offer them as rasters to ask about
     listed = [plugin.dock.layer_combo.layer(i) for i in range(plugin.dock.layer_combo.count())]
     assert layer in listed and heat not in listed
