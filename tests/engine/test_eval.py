@@ -7,15 +7,10 @@ import json
 
 import pytest
 
-from engine.evaluate import (
-    EvalError,
-    add_eval_arguments,
-    build_prompt,
-    evaluate,
-    extract_letters,
-    load_items,
-    run_eval,
-)
+from engine.eval_items import EvalError, load_items
+from engine.eval_prompts import build_prompt
+from engine.eval_scoring import extract_letters
+from engine.evaluate import add_eval_arguments, evaluate, run_eval
 
 OPTS = ["ship", "harbor", "plane", "car"]
 
@@ -538,7 +533,7 @@ def test_resumed_progress_bar_counts_only_the_items_asked(tmp_path, monkeypatch)
     of the items this run asks; before, 200 skipped items made the rate ~100x too high."""
     import tqdm
 
-    from engine.evaluate import EvalItem
+    from engine.eval_items import EvalItem
 
     bars = []
 
@@ -648,7 +643,8 @@ def test_field_mapping_keeps_an_explicit_format(tmp_path):
     ("two", "Twelve", False),
 ])
 def test_open_ended_numbers_keep_decimals_and_sign(gt, reply, correct):
-    from engine.evaluate import EvalItem, score_item
+    from engine.eval_items import EvalItem
+    from engine.eval_scoring import score_item
 
     assert score_item(EvalItem(id="1", image="x.tif", question="How far?", options=[], answer=gt), reply)[1] \
         is correct
@@ -749,7 +745,8 @@ def test_the_selection_is_steered_by_the_question_and_options_not_the_instructio
     image against the question and its options only: the answer instruction every item shares
     made them rank the image alike for every question."""
     import engine.pipeline as P
-    from engine.evaluate import EvalItem, engine_predictor
+    from engine.eval_items import EvalItem
+    from engine.evaluate import engine_predictor
 
     asked = []
 
@@ -839,7 +836,7 @@ def test_an_xlrs_item_with_two_images_is_skipped_with_its_reason_not_asked_about
     ("The best answer is (B)", True, True),
 ])
 def test_xlrs_letters_are_extracted_as_lmms_eval_extracts_them(tmp_path, reply, official_correct, lenient_correct):
-    from engine.evaluate import score_item, scores
+    from engine.eval_scoring import score_item, scores
 
     item = load_items(_write(tmp_path / "x.json", [XLRS_SINGLE]))[0]
     pred, ok = score_item(item, reply)
@@ -862,7 +859,7 @@ def test_xlrs_letters_are_extracted_as_lmms_eval_extracts_them(tmp_path, reply, 
 ])
 def test_mme_letters_are_extracted_as_the_official_script_extracts_them(tmp_path, reply, official_correct,
                                                                          lenient_correct):
-    from engine.evaluate import score_item, scores
+    from engine.eval_scoring import score_item, scores
 
     item = load_items(_write(tmp_path / "m.json", [MME_RS]))[0]
     pred, ok = score_item(item, reply)
@@ -950,7 +947,7 @@ LRS_ROW = {"question_id": "STAR_1", "image": "LRS_VQA/image/1.tif", "category": 
 ])
 def test_lrsvqa_answers_are_judged_as_the_official_script_judges_them(tmp_path, gt, reply, official_correct,
                                                                       lenient_correct):
-    from engine.evaluate import score_item, scores
+    from engine.eval_scoring import score_item, scores
 
     item = load_items(_write(tmp_path / "l.jsonl", [dict(LRS_ROW, ground_truth=gt)], jsonl=True))[0]
     pred, ok = score_item(item, reply, synonyms=_fake_synonyms)
@@ -962,7 +959,7 @@ def test_without_wordnet_the_lrsvqa_figure_says_it_lacks_synonyms(tmp_path, monk
     """nltk and its wordnet data are optional: without them the official figure counts exact
     matches only, and results.json, results.md and the CLI say so; with them (here a stand-in)
     synonyms count and nothing is said."""
-    import engine.evaluate as E
+    import engine.eval_scoring as E
 
     rows = [dict(LRS_ROW, ground_truth="grey"), dict(LRS_ROW, question_id="STAR_2", ground_truth="white")]
     ann = _write(tmp_path / "l.jsonl", rows, jsonl=True)
@@ -990,7 +987,7 @@ def test_wordnet_synonyms_share_a_synset_and_are_none_without_nltk_or_its_data(m
     import sys
     import types
 
-    import engine.evaluate as E
+    import engine.eval_scoring as E
 
     class WordNet:
         def __init__(self, data):
