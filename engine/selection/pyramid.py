@@ -6,7 +6,12 @@ from the grid tiles' own CLIP features (no extra vision passes): level l average
 24 x 24 patches into g_l x g_l non-overlapping cells, with ``levels=(1, 4, 12, 24)`` by default
 (one token a tile, 6 x 6, 2 x 2 patches, single patches); every level nests in the next.
 
-1. Start from the coarsest level: one token per tile (pure padding cells are skipped). If that
+A cell's token is the mean of its **valid** patches only, and its members (what the heatmap and
+the anchors layer draw) are those patches: nodata, outside the AOI and padding add nothing, so
+the raster's fill there neither reaches the LM nor sways which cells are opened; a cell without
+valid patches is never a token.
+
+1. Start from the coarsest level: one token per tile (cells without valid patches are skipped). If that
    already exceeds the budget, keep the `budget` most relevant cells and stop.
 2. Score the current tokens (through the projector) with the question
    (`textscore.TextScorer`: first-layer attention share of the question's tokens, softmax
@@ -75,25 +80,35 @@ class PyramidStrategy:
         tables = {g: cell_tables(grid, g) for g in levels}
         score_fn = make_scorer(model, question, self.tokenizer, self.scorer, self.last_n)
 
-        # token = (level index, tile, cell); its patch ids are tables[g][cell] + tile * n
-        def mem(tok):
+        # token = (level index, tile, cell); its cell's patch ids are tables[g][cell] + tile * n,
+        # the patches it stands for (members) the valid ones among them
+        def cell(tok):
             li, ti, ci = tok
             return tables[levels[li]][ci] + ti * n
 
+        def mem(tok):
+            ids = cell(tok)
+            return ids[vflat[ids]]
+
+        vweight = torch.from_numpy(vflat.astype(np.float32)).to(flat.device)
+
         def vectors(toks):
-            """Mean raw feature of each token's cell: one gather per level (cells of a level
-            all have the same number of patches)."""
+            """Mean raw feature of the valid patches of each token's cell (nodata, outside the
+            AOI and padding add nothing): one gather per level (cells of a level all have the
+            same number of patches, valid or not)."""
             out = flat.new_zeros(len(toks), d)
             for li in range(len(levels)):
                 pos = [i for i, tk in enumerate(toks) if tk[0] == li]
                 if not pos:
                     continue
-                idx = torch.from_numpy(np.stack([mem(toks[i]) for i in pos])).to(flat.device)
-                out[torch.tensor(pos, device=flat.device)] = flat[idx].float().mean(1).to(flat.dtype)
+                idx = torch.from_numpy(np.stack([cell(toks[i]) for i in pos])).to(flat.device)
+                w = vweight[idx]
+                mean = (flat[idx].float() * w[..., None]).sum(1) / w.sum(1).clamp(min=1)[:, None]
+                out[torch.tensor(pos, device=flat.device)] = mean.to(flat.dtype)
             return out
 
         def alive(tok):
-            return bool(vflat[mem(tok)].any())
+            return bool(vflat[cell(tok)].any())
 
         def children(tok):
             li, ti, ci = tok

@@ -181,3 +181,63 @@ def test_kmeans_is_deterministic_and_uses_k_clusters():
     assert torch.equal(a, kmeans(x, mask, torch.tensor([2]), seed=5))
     assert len(set(a[0, :20].tolist())) == 1 and len(set(a[0, 20:].tolist())) == 1
     assert a[0, 0] != a[0, 39]
+
+
+def half_nodata():
+    """Columns 13..23 of every tile are nodata: an edge that does not fall on the 2 x 2, 4 x 4
+    or 6 x 6 cell borders, so cells straddle it."""
+    valid = np.ones((T, N), bool)
+    valid[:, (np.arange(N) % 24) >= 13] = False
+    return SimpleNamespace(patch_valid=valid, layout=None), valid
+
+
+def with_fill(valid, value):
+    """The crafted scene with `value` (what the mended nodata happens to hold) at invalid patches."""
+    f = crafted()
+    x = f.patches.clone()
+    x[torch.from_numpy(~valid)] = value
+    return SimpleNamespace(cls=f.cls, patches=x)
+
+
+def run_on(name, feats, geo, budget, **params):
+    kw = {}
+    if name in ("background", "anchored"):
+        kw = dict(q_proj=eye_linear(), v_proj=eye_linear())
+    if name == "background":
+        kw["affinity"] = lambda p: C.affinity_from_features(p, 24)
+    if name in ("pyramid", "budget"):
+        params.setdefault("scorer", obj_scorer)
+    return get_strategy(name, **params).select(feats, geo, "where are the boats?", budget,
+                                               model=None, **kw)
+
+
+@pytest.mark.parametrize("name", ["pyramid", "uniform", "anchored", "random", "background"])
+def test_nodata_fill_changes_neither_the_choice_nor_the_tokens(name):
+    """Invalid patches are never candidates: what the raster holds there (the mended fill) must
+    change neither which patches are chosen nor the vectors sent to the LM."""
+    geo, valid = half_nodata()
+    loud = torch.zeros(D)
+    loud[7] = 3.0  # the fill looks like what the question asks for
+    a = run_on(name, with_fill(valid, torch.zeros(D)), geo, 60)
+    b = run_on(name, with_fill(valid, loud), geo, 60)
+    assert [m.tolist() for m in a.members] == [m.tolist() for m in b.members]
+    assert torch.allclose(a.embeds, b.embeds)
+
+
+@pytest.mark.parametrize("name,budget", [("pyramid", 60), ("pyramid", 200), ("uniform", 60),
+                                          ("uniform", 2), ("uniform", None), ("budget", 60)])
+def test_pooled_tokens_are_the_mean_of_their_valid_members_only(name, budget):
+    """A coarse token stands for its valid patches only: its members (the heatmap and anchors
+    footprint) list exactly them, its vector is their mean, and no token is made of nodata."""
+    geo, valid = half_nodata()
+    feats = with_fill(valid, torch.full((D,), 5.0))
+    sel = run_on(name, feats, geo, budget)
+    vflat = valid.reshape(-1)
+    x = feats.patches.reshape(-1, D)
+    assert sel.n_tokens > 0
+    for e, m in zip(sel.embeds, sel.members):
+        assert len(m) > 0 and vflat[m].all()
+        assert torch.allclose(e, x[torch.as_tensor(m)].mean(0), atol=1e-5)
+    if name == "uniform" and budget is not None and budget >= T:
+        # every valid patch of a tile is covered by that tile's cells
+        assert set(np.concatenate(sel.members).tolist()) == set(np.nonzero(vflat)[0].tolist())
