@@ -6,9 +6,11 @@ inside each region keep the most important tokens as they are while compressing 
 few merged tokens, so that context survives at low cost.
 
 1. **Multi-scale text-guided importance.** For each scale s in ``scales=(1, 2, 4)`` (patches per
-   cell side inside a tile), cells are average-pooled, projected and scored with the question
-   (`textscore.TextScorer`, softmax over all cells of that scale); each patch receives its cell's
-   share divided by the cell's valid patches. A patch's importance is the mean over scales.
+   cell side inside a tile), cells are average-pooled over their valid patches only (nodata,
+   outside the AOI and padding add nothing, so the raster's fill there cannot change which valid
+   patches are kept), projected and scored with the question (`textscore.TextScorer`, softmax
+   over all cells of that scale); each valid patch receives its cell's share divided by the
+   cell's valid patches. A patch's importance is the mean over scales.
 2. **Region budget.** Regions are tiles. Region r gets ``floor(B * w_r / sum w)`` tokens with
    w_r its summed importance, the remainder going to the largest fractional parts; a region
    never gets more tokens than it has valid patches (the excess is redistributed).
@@ -30,10 +32,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.selection import clusters as C
 from engine.selection.base import Selection, check_budget, register
 from engine.selection.baselines import pool_labels
-from engine.selection.common import project, role_for, unreduced_tokens, valid_tensor
+from engine.selection.common import masked_cell_means, project, role_for, unreduced_tokens, valid_tensor
 from engine.selection.textscore import make_scorer, score_vectors
 
 DEFAULT_SCALES = (1, 2, 4)
@@ -126,15 +127,14 @@ class BudgetStrategy:
             g = grid // s
             lab = pool_labels(grid, g)[None].expand(t, n).contiguous()
             if s == 1:  # single patches: no pooling, no copy
-                means, vfrac = patches, valid[..., None].float()
-            else:
-                means, _ = C.cluster_means(patches, lab.to(patches.device), g * g)
-                vfrac, _ = C.cluster_means(valid[..., None].float(), lab, g * g)
-            ok = vfrac[..., 0] > 0
+                means, vcount = patches, valid.long()
+            else:  # the mean of each cell's VALID patches: the nodata fill adds nothing
+                means, vcount = masked_cell_means(patches, lab, valid, g * g)
+            ok = vcount > 0
             ti, ci = torch.nonzero(ok, as_tuple=True)
             sc = score_vectors(score_fn, model, means[ti.to(means.device), ci.to(means.device)]).float()
             cell = torch.zeros(t, g * g)
-            cell[ti, ci] = sc / (vfrac[ti, ci, 0] * s * s)
+            cell[ti, ci] = sc / vcount[ti, ci].float()
             imp += cell.gather(1, lab)
             used += 1
         return (imp / max(used, 1)) * valid

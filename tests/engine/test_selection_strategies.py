@@ -211,7 +211,7 @@ def run_on(name, feats, geo, budget, **params):
                                                model=None, **kw)
 
 
-@pytest.mark.parametrize("name", ["pyramid", "uniform", "anchored", "random", "background"])
+@pytest.mark.parametrize("name", ["pyramid", "budget", "uniform", "anchored", "random", "background"])
 def test_nodata_fill_changes_neither_the_choice_nor_the_tokens(name):
     """Invalid patches are never candidates: what the raster holds there (the mended fill) must
     change neither which patches are chosen nor the vectors sent to the LM."""
