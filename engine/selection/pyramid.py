@@ -25,8 +25,9 @@ valid patches is never a token.
 Unopened coarse tokens stay in the LM input as context (``keep_coarse=True``; LRS-VQA keeps
 the low-resolution view too); ``keep_coarse=False`` drops them when at least one region was
 opened. Default budget without one: 24 tokens a tile (the geollava count). The scores reported
-are the last relevance each token received. Roles: tokens reached by opening (they won a text
-ranking) are 'anchor'; unopened multi-patch cells 'merged'. LM order: tile by tile, then by the
+are the last relevance each token received. Roles (common.py's rule): tokens reached by opening
+and, when the coarsest level alone exceeds the budget, the cells kept by the question's ranking
+(they won a text ranking) are 'anchor'; unopened multi-patch cells 'merged'. LM order: tile by tile, then by the
 first patch of each token in raster order.
 """
 
@@ -157,6 +158,7 @@ class PyramidStrategy:
             keep_idx = [i for i, tk in enumerate(frontier) if tk in opened_from]
             frontier = [frontier[i] for i in keep_idx]
             scores = scores[keep_idx]
+        ranked = len(frontier) > B  # the cap below keeps the question's best cells: a ranking
         keep = cap_global(scores, B).tolist()
         frontier = [frontier[i] for i in keep]
         scores = scores[keep]
@@ -170,7 +172,7 @@ class PyramidStrategy:
             embeds=project(model, vec),
             members=members,
             scores=np.asarray(scores, dtype=np.float32).reshape(-1),
-            roles=[role_for(len(m), tk in opened_from) for tk, m in zip(frontier, members)],
+            roles=[role_for(len(m), ranked or tk in opened_from) for tk, m in zip(frontier, members)],
             candidates=unreduced_tokens(t, n),
             strategy=self.name,
             info={"levels": list(levels), "opened_per_level": opened_levels, "budget": budget,

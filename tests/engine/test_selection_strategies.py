@@ -241,3 +241,13 @@ def test_pooled_tokens_are_the_mean_of_their_valid_members_only(name, budget):
     if name == "uniform" and budget is not None and budget >= T:
         # every valid patch of a tile is covered by that tile's cells
         assert set(np.concatenate(sel.members).tolist()) == set(np.nonzero(vflat)[0].tolist())
+
+
+def test_pyramid_cells_kept_by_the_question_ranking_are_anchors():
+    """A budget below the number of tiles keeps the `budget` cells the question ranks highest:
+    they won a ranking, so 'anchor' by common.py's role rule (not 'merged')."""
+    sel = run("pyramid", 2)
+    assert sel.n_tokens == 2
+    assert sel.roles == ["anchor", "anchor"]
+    # a budget that holds every tile ranks nothing: the coarse cells stay 'merged'
+    assert set(run("pyramid", T, levels=(1,)).roles) == {"merged"}
