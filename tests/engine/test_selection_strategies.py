@@ -251,3 +251,21 @@ def test_pyramid_cells_kept_by_the_question_ranking_are_anchors():
     assert sel.roles == ["anchor", "anchor"]
     # a budget that holds every tile ranks nothing: the coarse cells stay 'merged'
     assert set(run("pyramid", T, levels=(1,)).roles) == {"merged"}
+
+
+def test_budget_tile_where_every_patch_scores_alike_has_no_anchor():
+    """Released UHR-BAT keeps a token unmerged only when its attention is strictly above its
+    k-means cluster's mean. Tile 0 (water / forest, no object) scores every patch the same, so
+    none of its patches won a ranking: no 'anchor' there (before, round(0.5 * b_r) patches in
+    index order were), and its budget goes to merged tokens covering it."""
+    sel = run("budget", 96)
+    tile0 = [i for i, m in enumerate(sel.members) if int(m[0]) // N == 0]
+    imp0 = sel.scores[tile0]
+    assert len(tile0) > 0 and np.ptp(imp0) <= 1e-5 * imp0.max()
+    assert [sel.roles[i] for i in tile0 if sel.roles[i] == "anchor"] == []
+    assert sum(len(sel.members[i]) for i in tile0) == N  # the whole tile, merged
+    # the objects still reach the LM at (near) full resolution; the one the question ranks
+    # highest (tile 3) stands above its cluster's mean: preserved as an anchor
+    assert obj_ids() <= {int(i) for m in sel.members if len(m) <= 4 for i in m}
+    assert ("anchor", [3 * N + 555]) in [(r, m.tolist()) for m, r in zip(sel.members, sel.roles)]
+    assert sel.n_tokens <= 96
