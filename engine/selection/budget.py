@@ -17,7 +17,8 @@ few merged tokens, so that context survives at low cost.
 3. **Cluster.** The region's valid patches are grouped by a small deterministic k-means
    (`kmeans`) into ``b_r - keep_r`` clusters (at least 1), with ``keep_r = round(preserve_ratio
    * b_r)`` (default 0.5, at least 1), on L2-normalised features concatenated with
-   ``spatial_weight`` (lambda, default 1.0) times the patch's (row, col) / 24 inside the tile;
+   ``spatial_weight`` (lambda, default 0.05, released UHR-BAT's ``kmeans_coord_scale``) times
+   the patch's (row, col) / 23 inside the tile (0 to 1, their (x, y) / (ts - 1));
    ``kmeans_iters`` (default 10) Lloyd steps; initial centres drawn with a seeded
    `torch.Generator`; empty clusters are dropped.
 4. **Preserve (UHR-BAT's rule).** A patch stays unmerged only when its importance is strictly
@@ -49,6 +50,9 @@ DEFAULT_SCALES = (1, 2, 4)
 # "strictly above the cluster's mean" ignores differences of float rounding (relative), so that
 # patches the question scores alike never pass as more important than their neighbours
 TIE_TOL = 1e-5
+# k-means weight of the patch position, released UHR-BAT's kmeans_coord_scale (its features,
+# L2-normalised, weigh 1.0): position only breaks near-ties between similar features
+SPATIAL_WEIGHT = 0.05
 
 
 def allocate(weights: np.ndarray, capacity: np.ndarray, total: int) -> np.ndarray:
@@ -115,7 +119,7 @@ class BudgetStrategy:
     question_dependent = True
 
     def __init__(self, scales=DEFAULT_SCALES, preserve_ratio: float = 0.5,
-                 spatial_weight: float = 1.0, kmeans_iters: int = 10, seed: int | None = 0,
+                 spatial_weight: float = SPATIAL_WEIGHT, kmeans_iters: int = 10, seed: int | None = 0,
                  tokens_per_tile: int = 24, tokenizer=None, last_n: int | None = None, scorer=None,
                  **_ignored) -> None:
         if not 0 <= float(preserve_ratio) <= 1:
@@ -136,12 +140,19 @@ class BudgetStrategy:
         rows = torch.nonzero(k > 0, as_tuple=True)[0]
         if not len(rows):
             return assign
-        rc = torch.stack([torch.arange(n) // grid, torch.arange(n) % grid], 1).float() / grid
+        rc = self.coords(grid)
         for c in torch.split(rows, 64):
             feat = torch.nn.functional.normalize(patches[c.to(patches.device)].float(), dim=-1).cpu()
             x = torch.cat([feat, self.spatial_weight * rc[None].expand(len(c), n, 2)], -1)
             assign[c] = kmeans(x, mask[c], k[c], self.iters, self.seed + int(c[0]))
         return assign
+
+    @staticmethod
+    def coords(grid: int) -> torch.Tensor:
+        """(grid**2, 2) the k-means position of every patch of a tile: (row, col) / (grid - 1),
+        0 to 1 across the tile as in released UHR-BAT ((x, y) / (ts - 1))."""
+        i = torch.arange(grid * grid)
+        return torch.stack([i // grid, i % grid], 1).float() / max(1, grid - 1)
 
     @staticmethod
     def _cluster_mean(imp, assign, n) -> torch.Tensor:
