@@ -33,7 +33,30 @@ few merged tokens, so that context survives at low cost.
    ``b_r - p_r`` clusters, so every valid patch of a region with a budget is in a token.
 
 Default budget without one: 24 tokens a tile. LM order: tile by tile, then by each token's first
-patch in raster order. The total never exceeds the budget (at most p_r + (b_r - p_r) = b_r tokens per region).
+patch in raster order. The total never exceeds the budget (at most p_r + (b_r - p_r) = b_r
+tokens per region).
+
+**Where this departs from the released UHR-BAT code** (Yunkaidang/UHR-BAT,
+``with_k-means/longva/longva/model/llava_arch.py``, ``select_tokens_with_masks``), plainly: it
+is after UHR-BAT, not a port.
+
+* Scales: UHR-BAT encodes the image again at several input sizes and spreads the budget over
+  the scales, a top-k for each; ours pools the same CLIP features at 1, 2 and 4 patches a cell,
+  averages the three into one importance per patch, and its tokens are single patches and
+  means of patches at full resolution (no token of a coarser scale reaches the LM).
+* Budget: UHR-BAT clusters a scale's tokens into as many clusters as its top-k, visits clusters
+  by mean attention and stops when the budget is spent, so the clusters it does not reach send
+  nothing; ours splits the budget over tiles by importance, caps the preserved patches at
+  ``round(preserve_ratio * b_r)`` and gives every valid patch of a tile with a budget a token
+  (unused preserve slots become more merge clusters).
+* The preserve rule is theirs (strictly above the cluster mean, up to float rounding), and so
+  is the k-means weighting (L2-normalised features, 0.05 on the position scaled 0 to 1). Their
+  k-means runs on projected tokens plus a per-scale position residual, ours on the raw CLIP
+  features; their selected tokens then pass a trained multi-scale MLP, ours go through the
+  checkpoint's projector only.
+* Scoring: UHR-BAT ranks with contextualised states (the last text token's query, after LM
+  layers); ours uses the first decoder layer over the question's own tokens, a cheaper proxy
+  (see `textscore`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ the anchors layer draw) are those patches: nodata, outside the AOI and padding a
 the raster's fill there neither reaches the LM nor sways which cells are opened; a cell without
 valid patches is never a token.
 
-1. Start from the coarsest level: one token per tile (cells without valid patches are skipped). If that
-   already exceeds the budget, keep the `budget` most relevant cells and stop.
+1. Start from the coarsest level: one token per tile (cells without valid patches are skipped).
+   If that already exceeds the budget, keep the `budget` most relevant cells and stop.
 2. Score the current tokens (through the projector) with the question
    (`textscore.TextScorer`: first-layer attention share of the question's tokens, softmax
    over the current set).
@@ -27,8 +27,26 @@ the low-resolution view too); ``keep_coarse=False`` drops them when at least one
 opened. Default budget without one: 24 tokens a tile (the geollava count). The scores reported
 are the last relevance each token received. Roles (common.py's rule): tokens reached by opening
 and, when the coarsest level alone exceeds the budget, the cells kept by the question's ranking
-(they won a text ranking) are 'anchor'; unopened multi-patch cells 'merged'. LM order: tile by tile, then by the
-first patch of each token in raster order.
+(they won a text ranking) are 'anchor'; unopened multi-patch cells 'merged'. LM order: tile by
+tile, then by the first patch of each token in raster order.
+
+**Where this departs from the released LRS-VQA code** (VisionXLab/LRS-VQA,
+``llava/model/multimodal_projector/builder.py``), plainly: it is after LRS-VQA, not a port.
+
+* Pyramid: LRS-VQA encodes the image again at each resolution; ours pools the grid tiles' CLIP
+  features (one vision pass), so a coarse token is a mean of fine features, not a view of a
+  downsampled image.
+* What is opened: LRS-VQA keeps the top ``pruning_ratio`` fraction of each level's tokens and
+  retrieves every next-level token inside them, level after level down to full resolution, and
+  prunes the last level by the ratio again. Ours opens the cells scoring at least
+  ``open_threshold`` times the mean, only while the total stays within the budget, and stops
+  early (at a coarser level) when nothing more fits.
+* What the LM receives: LRS-VQA always sends the whole global thumbnail and drops the
+  intermediate-level tokens it did not select; ours sends no thumbnail (the overview tile's
+  features are not used) and keeps the unopened coarse cells instead (``keep_coarse``).
+* Scoring: LRS-VQA ranks with contextualised states (the attention of the last text token's
+  query, after LM layers); ours uses the first decoder layer over the question's own tokens,
+  a cheaper proxy (see `textscore`).
 """
 
 from __future__ import annotations
