@@ -5,8 +5,10 @@
 gr = floor(sqrt(k)) rows and gc = min(24, k // gr) columns (k = 24 gives 4 x 6); no budget means
 12 x 12 (the 2 x 2 pooling of the unreduced path). When
 the budget is below the number of tiles, each tile becomes one mean and `budget` evenly spaced
-tiles are kept. Cells made only of padding are dropped. Score 1 for every token; role 'merged'
-for pooled cells, 'kept' for single patches.
+tiles are kept. A cell is the mean of its valid patches only and its members are those patches
+(nodata, outside the AOI and padding add nothing, so the fill value never reaches the LM and the
+heatmap / anchors footprint is what the token stands for); a cell without valid patches is
+dropped. Score 1 for every token; role 'merged' for pooled cells, 'kept' for single patches.
 
 `random`: `budget` valid patches drawn uniformly without replacement with a seeded
 `torch.Generator` (default budget: 24 a tile, the geollava count), kept in spatial order; the
@@ -20,9 +22,9 @@ import math
 import numpy as np
 import torch
 
-from engine.selection import clusters as C
 from engine.selection.base import Selection, check_budget, register
 from engine.selection.common import (
+    masked_cell_means,
     members_from_ids,
     project,
     role_for,
@@ -64,16 +66,17 @@ class UniformStrategy:
             gr = gc = 1
         cells = gr * gc
         labels = pool_labels(grid, gr, gc)[None].expand(t, n).contiguous()
-        means, _ = C.cluster_means(patches, labels.to(patches.device), cells)
-        vsum, _ = C.cluster_means(valid[..., None].float(), labels, cells)
-        ok = vsum[..., 0] > 0  # (t, cells)
+        means, vcount = masked_cell_means(patches, labels, valid, cells)
+        ok = vcount > 0  # (t, cells)
         ti, ci = torch.nonzero(ok, as_tuple=True)
         if budget is not None and len(ti) > budget:
             pick = torch.from_numpy(np.unique(np.linspace(0, len(ti) - 1, budget).round().astype(np.int64)))
             ti, ci = ti[pick], ci[pick]
         lab_np = labels[0].numpy()
         cell_members = [np.nonzero(lab_np == c)[0] for c in range(cells)]
-        members = [cell_members[c] + tt * n for tt, c in zip(ti.tolist(), ci.tolist())]
+        vnp = valid.numpy()
+        members = [cell_members[c][vnp[tt, cell_members[c]]] + tt * n
+                   for tt, c in zip(ti.tolist(), ci.tolist())]
         return Selection(
             embeds=project(model, means[ti.to(means.device), ci.to(means.device)]),
             members=[m.astype(np.int64) for m in members],

@@ -102,6 +102,22 @@ def members_from_ids(ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
     return [np.array([int(i)], dtype=np.int64) for i in np.asarray(ids).reshape(-1)]
 
 
+def masked_cell_means(x: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                      n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the VALID patches of every cell. x (T, N, D), labels (T, N) in 0..n_slots-1,
+    valid (T, N) bool -> (means (T, S, D) in x's dtype, valid counts (T, S) long). Invalid
+    patches (nodata, outside the AOI, padding) add nothing, so what the raster holds there
+    cannot reach a pooled vector; a cell without valid patches has count 0 and a zero mean."""
+    t, n, d = x.shape
+    lab = labels.to(x.device)
+    w = valid.to(device=x.device, dtype=torch.float32)
+    sums = torch.zeros(t, n_slots, d, dtype=torch.float32, device=x.device)
+    sums.scatter_add_(1, lab[..., None].expand(t, n, d), x.float() * w[..., None])
+    cnt = torch.zeros(t, n_slots, dtype=torch.float32, device=x.device)
+    cnt.scatter_add_(1, lab, w)
+    return (sums / cnt.clamp(min=1)[..., None]).to(x.dtype), cnt.round().long().cpu()
+
+
 def valid_tensor(geometry: Any, features_patches: torch.Tensor) -> torch.Tensor:
     t, n = features_patches.shape[:2]
     return torch.from_numpy(patch_valid(geometry, t, n).copy())

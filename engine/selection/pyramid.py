@@ -6,8 +6,13 @@ from the grid tiles' own CLIP features (no extra vision passes): level l average
 24 x 24 patches into g_l x g_l non-overlapping cells, with ``levels=(1, 4, 12, 24)`` by default
 (one token a tile, 6 x 6, 2 x 2 patches, single patches); every level nests in the next.
 
-1. Start from the coarsest level: one token per tile (pure padding cells are skipped). If that
-   already exceeds the budget, keep the `budget` most relevant cells and stop.
+A cell's token is the mean of its **valid** patches only, and its members (what the heatmap and
+the anchors layer draw) are those patches: nodata, outside the AOI and padding add nothing, so
+the raster's fill there neither reaches the LM nor sways which cells are opened; a cell without
+valid patches is never a token.
+
+1. Start from the coarsest level: one token per tile (cells without valid patches are skipped).
+   If that already exceeds the budget, keep the `budget` most relevant cells and stop.
 2. Score the current tokens (through the projector) with the question
    (`textscore.TextScorer`: first-layer attention share of the question's tokens, softmax
    over the current set).
@@ -20,9 +25,28 @@ from the grid tiles' own CLIP features (no extra vision passes): level l average
 Unopened coarse tokens stay in the LM input as context (``keep_coarse=True``; LRS-VQA keeps
 the low-resolution view too); ``keep_coarse=False`` drops them when at least one region was
 opened. Default budget without one: 24 tokens a tile (the geollava count). The scores reported
-are the last relevance each token received. Roles: tokens reached by opening (they won a text
-ranking) are 'anchor'; unopened multi-patch cells 'merged'. LM order: tile by tile, then by the
-first patch of each token in raster order.
+are the last relevance each token received. Roles (common.py's rule): tokens reached by opening
+and, when the coarsest level alone exceeds the budget, the cells kept by the question's ranking
+(they won a text ranking) are 'anchor'; unopened multi-patch cells 'merged'. LM order: tile by
+tile, then by the first patch of each token in raster order.
+
+**Where this departs from the released LRS-VQA code** (VisionXLab/LRS-VQA,
+``llava/model/multimodal_projector/builder.py``), plainly: it is after LRS-VQA, not a port.
+
+* Pyramid: LRS-VQA encodes the image again at each resolution; ours pools the grid tiles' CLIP
+  features (one vision pass), so a coarse token is a mean of fine features, not a view of a
+  downsampled image.
+* What is opened: LRS-VQA keeps the top ``pruning_ratio`` fraction of each level's tokens and
+  retrieves every next-level token inside them, level after level down to full resolution, and
+  prunes the last level by the ratio again. Ours opens the cells scoring at least
+  ``open_threshold`` times the mean, only while the total stays within the budget, and stops
+  early (at a coarser level) when nothing more fits.
+* What the LM receives: LRS-VQA always sends the whole global thumbnail and drops the
+  intermediate-level tokens it did not select; ours sends no thumbnail (the overview tile's
+  features are not used) and keeps the unopened coarse cells instead (``keep_coarse``).
+* Scoring: LRS-VQA ranks with contextualised states (the attention of the last text token's
+  query, after LM layers); ours uses the first decoder layer over the question's own tokens,
+  a cheaper proxy (see `textscore`).
 """
 
 from __future__ import annotations
@@ -75,25 +99,35 @@ class PyramidStrategy:
         tables = {g: cell_tables(grid, g) for g in levels}
         score_fn = make_scorer(model, question, self.tokenizer, self.scorer, self.last_n)
 
-        # token = (level index, tile, cell); its patch ids are tables[g][cell] + tile * n
-        def mem(tok):
+        # token = (level index, tile, cell); its cell's patch ids are tables[g][cell] + tile * n,
+        # the patches it stands for (members) the valid ones among them
+        def cell(tok):
             li, ti, ci = tok
             return tables[levels[li]][ci] + ti * n
 
+        def mem(tok):
+            ids = cell(tok)
+            return ids[vflat[ids]]
+
+        vweight = torch.from_numpy(vflat.astype(np.float32)).to(flat.device)
+
         def vectors(toks):
-            """Mean raw feature of each token's cell: one gather per level (cells of a level
-            all have the same number of patches)."""
+            """Mean raw feature of the valid patches of each token's cell (nodata, outside the
+            AOI and padding add nothing): one gather per level (cells of a level all have the
+            same number of patches, valid or not)."""
             out = flat.new_zeros(len(toks), d)
             for li in range(len(levels)):
                 pos = [i for i, tk in enumerate(toks) if tk[0] == li]
                 if not pos:
                     continue
-                idx = torch.from_numpy(np.stack([mem(toks[i]) for i in pos])).to(flat.device)
-                out[torch.tensor(pos, device=flat.device)] = flat[idx].float().mean(1).to(flat.dtype)
+                idx = torch.from_numpy(np.stack([cell(toks[i]) for i in pos])).to(flat.device)
+                w = vweight[idx]
+                mean = (flat[idx].float() * w[..., None]).sum(1) / w.sum(1).clamp(min=1)[:, None]
+                out[torch.tensor(pos, device=flat.device)] = mean.to(flat.dtype)
             return out
 
         def alive(tok):
-            return bool(vflat[mem(tok)].any())
+            return bool(vflat[cell(tok)].any())
 
         def children(tok):
             li, ti, ci = tok
@@ -142,6 +176,7 @@ class PyramidStrategy:
             keep_idx = [i for i, tk in enumerate(frontier) if tk in opened_from]
             frontier = [frontier[i] for i in keep_idx]
             scores = scores[keep_idx]
+        ranked = len(frontier) > B  # the cap below keeps the question's best cells: a ranking
         keep = cap_global(scores, B).tolist()
         frontier = [frontier[i] for i in keep]
         scores = scores[keep]
@@ -155,7 +190,7 @@ class PyramidStrategy:
             embeds=project(model, vec),
             members=members,
             scores=np.asarray(scores, dtype=np.float32).reshape(-1),
-            roles=[role_for(len(m), tk in opened_from) for tk, m in zip(frontier, members)],
+            roles=[role_for(len(m), ranked or tk in opened_from) for tk, m in zip(frontier, members)],
             candidates=unreduced_tokens(t, n),
             strategy=self.name,
             info={"levels": list(levels), "opened_per_level": opened_levels, "budget": budget,

@@ -1,9 +1,12 @@
 """Question-to-visual-token relevance from the language model, for `pyramid` and `budget`.
 
 Both LRS-VQA (text-guided coarse-to-fine pruning) and UHR-BAT (budget-aware selection) rank
-visual tokens by how strongly the question's tokens attend to them inside the LM. Running the
-whole LM over tens of thousands of visual tokens is exactly the cost we want to avoid, so we take
-the cheapest faithful proxy: the attention logits of the LM's **first decoder layer**.
+visual tokens by how strongly the text attends to them inside the LM, with contextualised states:
+the query of the last text token after LM layers (LRS-VQA through a pruning module holding copies
+of LM layers). Running the LM over tens of thousands of visual tokens is exactly the cost we want
+to avoid, so we use a cheaper proxy, deliberately, and it is **not** their score: the attention
+logits of the LM's **first decoder layer**, over every token of the question. It sees the words
+of the question, not what the LM makes of the whole prompt, so its ranking can differ from theirs.
 
 What we compute, precisely:
 

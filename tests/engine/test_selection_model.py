@@ -83,9 +83,11 @@ def test_none_unlimited_is_the_unpruned_path(scene, tiny_model):
     proj = tiny_model.project(feats.patches).reshape(t, 24, 24, -1).permute(0, 3, 1, 2)
     ref = F.avg_pool2d(proj, 2).flatten(2).transpose(1, 2).reshape(t * 144, -1)
     torch.testing.assert_close(sel.embeds, ref)
-    # uniform without a budget pools the very same 2 x 2 cells (before the projector)
+    # uniform without a budget pools the very same 2 x 2 cells (before the projector), each
+    # over its valid patches only (`none` keeps LongVA's whole cells)
     uni = get_strategy("uniform").select(feats, geometry, "q", None, model=tiny_model)
-    none_cells = {tuple(m) for m in sel.members if geometry.patch_valid.reshape(-1)[m].any()}
+    valid = geometry.patch_valid.reshape(-1)
+    none_cells = {tuple(m[valid[m]]) for m in sel.members if valid[m].any()}
     assert {tuple(m) for m in uni.members} == none_cells
 
 

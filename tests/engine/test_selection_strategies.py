@@ -181,3 +181,101 @@ def test_kmeans_is_deterministic_and_uses_k_clusters():
     assert torch.equal(a, kmeans(x, mask, torch.tensor([2]), seed=5))
     assert len(set(a[0, :20].tolist())) == 1 and len(set(a[0, 20:].tolist())) == 1
     assert a[0, 0] != a[0, 39]
+
+
+def half_nodata():
+    """Columns 13..23 of every tile are nodata: an edge that does not fall on the 2 x 2, 4 x 4
+    or 6 x 6 cell borders, so cells straddle it."""
+    valid = np.ones((T, N), bool)
+    valid[:, (np.arange(N) % 24) >= 13] = False
+    return SimpleNamespace(patch_valid=valid, layout=None), valid
+
+
+def with_fill(valid, value):
+    """The crafted scene with `value` (what the mended nodata happens to hold) at invalid patches."""
+    f = crafted()
+    x = f.patches.clone()
+    x[torch.from_numpy(~valid)] = value
+    return SimpleNamespace(cls=f.cls, patches=x)
+
+
+def run_on(name, feats, geo, budget, **params):
+    kw = {}
+    if name in ("background", "anchored"):
+        kw = dict(q_proj=eye_linear(), v_proj=eye_linear())
+    if name == "background":
+        kw["affinity"] = lambda p: C.affinity_from_features(p, 24)
+    if name in ("pyramid", "budget"):
+        params.setdefault("scorer", obj_scorer)
+    return get_strategy(name, **params).select(feats, geo, "where are the boats?", budget,
+                                               model=None, **kw)
+
+
+@pytest.mark.parametrize("name", ["pyramid", "budget", "uniform", "anchored", "random", "background"])
+def test_nodata_fill_changes_neither_the_choice_nor_the_tokens(name):
+    """Invalid patches are never candidates: what the raster holds there (the mended fill) must
+    change neither which patches are chosen nor the vectors sent to the LM."""
+    geo, valid = half_nodata()
+    loud = torch.zeros(D)
+    loud[7] = 3.0  # the fill looks like what the question asks for
+    a = run_on(name, with_fill(valid, torch.zeros(D)), geo, 60)
+    b = run_on(name, with_fill(valid, loud), geo, 60)
+    assert [m.tolist() for m in a.members] == [m.tolist() for m in b.members]
+    assert torch.allclose(a.embeds, b.embeds)
+
+
+@pytest.mark.parametrize("name,budget", [("pyramid", 60), ("pyramid", 200), ("uniform", 60),
+                                          ("uniform", 2), ("uniform", None), ("budget", 60)])
+def test_pooled_tokens_are_the_mean_of_their_valid_members_only(name, budget):
+    """A coarse token stands for its valid patches only: its members (the heatmap and anchors
+    footprint) list exactly them, its vector is their mean, and no token is made of nodata."""
+    geo, valid = half_nodata()
+    feats = with_fill(valid, torch.full((D,), 5.0))
+    sel = run_on(name, feats, geo, budget)
+    vflat = valid.reshape(-1)
+    x = feats.patches.reshape(-1, D)
+    assert sel.n_tokens > 0
+    for e, m in zip(sel.embeds, sel.members):
+        assert len(m) > 0 and vflat[m].all()
+        assert torch.allclose(e, x[torch.as_tensor(m)].mean(0), atol=1e-5)
+    if name == "uniform" and budget is not None and budget >= T:
+        # every valid patch of a tile is covered by that tile's cells
+        assert set(np.concatenate(sel.members).tolist()) == set(np.nonzero(vflat)[0].tolist())
+
+
+def test_pyramid_cells_kept_by_the_question_ranking_are_anchors():
+    """A budget below the number of tiles keeps the `budget` cells the question ranks highest:
+    they won a ranking, so 'anchor' by common.py's role rule (not 'merged')."""
+    sel = run("pyramid", 2)
+    assert sel.n_tokens == 2
+    assert sel.roles == ["anchor", "anchor"]
+    # a budget that holds every tile ranks nothing: the coarse cells stay 'merged'
+    assert set(run("pyramid", T, levels=(1,)).roles) == {"merged"}
+
+
+def test_budget_tile_where_every_patch_scores_alike_has_no_anchor():
+    """Released UHR-BAT keeps a token unmerged only when its attention is strictly above its
+    k-means cluster's mean. Tile 0 (water / forest, no object) scores every patch the same, so
+    none of its patches won a ranking: no 'anchor' there (before, round(0.5 * b_r) patches in
+    index order were), and its budget goes to merged tokens covering it."""
+    sel = run("budget", 96)
+    tile0 = [i for i, m in enumerate(sel.members) if int(m[0]) // N == 0]
+    imp0 = sel.scores[tile0]
+    assert len(tile0) > 0 and np.ptp(imp0) <= 1e-5 * imp0.max()
+    assert [sel.roles[i] for i in tile0 if sel.roles[i] == "anchor"] == []
+    assert sum(len(sel.members[i]) for i in tile0) == N  # the whole tile, merged
+    # the objects still reach the LM at (near) full resolution; the one the question ranks
+    # highest (tile 3) is a token by itself
+    assert obj_ids() <= {int(i) for m in sel.members if len(m) <= 4 for i in m}
+    assert [3 * N + 555] in [m.tolist() for m in sel.members]
+    assert sel.n_tokens <= 96
+
+
+def test_budget_spatial_weight_is_released_uhr_bat_default():
+    """Released UHR-BAT clusters [L2-normalised features, 0.05 * (x, y) / (ts - 1)]; the default
+    spatial weight is theirs (before: 1.0 on (row, col) / 24, about 20 times stronger)."""
+    strat = get_strategy("budget")
+    assert strat.spatial_weight == pytest.approx(0.05)
+    grid = strat.coords(24)
+    assert grid.shape == (N, 2)
+    assert float(grid.max()) == pytest.approx(1.0) and float(grid.min()) == 0.0
