@@ -198,7 +198,12 @@ def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_ti
                       faithful_empty_slots: bool = False) -> Callable[[Sample], Any]:
     """A function sample -> visual embeddings (N, H) built by `engine.pipeline.prepare_visual`
     (the very path `ask` uses: raster read, anyres tiling, CLIP, the strategy), without
-    gradients. The question given to text-guided strategies is the first user turn."""
+    gradients. The question given to text-guided strategies is the first user turn.
+
+    The model runs in eval mode while the tokens are built (train mode is restored after): the
+    text-guided strategies (`pyramid`, `budget`) score the image through the first decoder
+    layer's q/k projections, which carry LoRA, and LoRA dropout in train mode would pick other
+    tokens on every pass than `ask` (eval mode) picks."""
     import torch  # noqa: PLC0415
 
     from engine.pipeline import prepare_visual  # noqa: PLC0415
@@ -206,10 +211,16 @@ def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_ti
     base = _base(model)
 
     def fn(sample: Sample):
-        with torch.no_grad():
-            vis = prepare_visual(base, str(sample.image), sample.first_question, strategy=strategy,
-                                 budget=budget, tokens_per_tile=tokens_per_tile, seed=seed,
-                                 tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                vis = prepare_visual(base, str(sample.image), sample.first_question, strategy=strategy,
+                                     budget=budget, tokens_per_tile=tokens_per_tile, seed=seed,
+                                     tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
+        finally:
+            if was_training:
+                model.train()
         return vis.selection.embeds.detach()
 
     return fn

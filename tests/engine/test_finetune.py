@@ -502,3 +502,38 @@ def test_resume_compares_the_resolved_base_model_not_the_flag_as_typed(tmp_path,
     saved["weights"] = None
     (out / "finetune_args.json").write_text(json.dumps(saved))
     _check_resume_settings(without_weights("--resume"), out)
+
+
+def _geotiff(path, data):
+    try:
+        from tests.engine.rasters import write_geotiff
+    except ImportError:  # pragma: no cover
+        from rasters import write_geotiff
+    return write_geotiff(path, data)
+
+
+@pytest.mark.parametrize("strategy", ["budget", "pyramid"])
+def test_training_selects_the_same_visual_tokens_as_ask(tmp_path, tiny_checkpoint, strategy):
+    """The text-guided strategies score the image through the LM's first decoder layer, whose
+    q_proj / k_proj carry LoRA. Built in train mode, LoRA dropout picked other tokens on every
+    pass, and other tokens than `ask` (eval mode) picks; the model stays in train mode after."""
+    from engine.finetune import add_lora, default_visual_fn
+    from engine.loader import load_model
+
+    loaded = load_model(tiny_checkpoint, device="cpu", quantization="fp32")
+    model = add_lora(loaded.model, r=4, alpha=8, dropout=0.05)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # an adapter that has learned something
+        if "lora_B" in name:
+            p.data.normal_(0, 1.0)
+    raster = _geotiff(tmp_path / "a.tif", np.random.default_rng(3).integers(0, 255, (3, 350, 420), dtype=np.uint8))
+    sample = Sample(index=0, id="0", image=raster, turns=[Turn("user", "<image>\nHow many buildings?"),
+                                                          Turn("assistant", "3")])
+    fn = default_visual_fn(model, strategy=strategy, budget=64, tokenizer=loaded.tokenizer)
+    model.eval()
+    at_inference = fn(sample)
+    model.train()  # as in the training loop
+    for _ in range(2):
+        got = fn(sample)
+        assert got.shape == at_inference.shape and torch.equal(got, at_inference)
+    assert model.training
