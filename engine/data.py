@@ -312,20 +312,49 @@ def write_bad_report(bad: Iterable[BadSample], path: str | Path) -> None:
             f.write(json.dumps(asdict(b), ensure_ascii=False) + "\n")
 
 
-def split_train_val(samples: Sequence[Sample], fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Seeded random split; at least one validation sample when fraction > 0 and there are two
-    or more samples; the training part keeps file order."""
+def split_train_val(samples: Sequence[Sample], fraction: float, seed: int = 0, *,
+                    by: str = "raster") -> tuple[list[Sample], list[Sample]]:
+    """Seeded random split; the training part keeps file order.
+
+    ``by="raster"`` (default) holds out whole rasters: every question about a held-out image is
+    in validation, none in training, so the validation loss tells how the adapter does on scenes
+    it has not seen (VQA data asks several questions about each scene). `fraction` is then the
+    share of distinct images held out: at least one when fraction > 0, never all. With fewer than
+    two distinct images (or ``by="record"``) records are split instead, at least one validation
+    record when fraction > 0 and there are two or more records; `split_is_by_raster` says which
+    happened."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"the validation fraction must be in [0, 1), not {fraction}")
-    n = len(samples)
-    n_val = int(round(n * fraction))
-    if fraction > 0 and n >= 2:
-        n_val = max(1, min(n_val, n - 1))
-    else:
-        n_val = 0
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
+    if by not in ("raster", "record"):
+        raise DataError(f"by must be 'raster' or 'record', not {by!r}")
+    if by == "raster" and split_is_by_raster(samples, fraction):
+        rasters = sorted({_raster_key(s) for s in samples})
+        held = set(_held_out(rasters, fraction, seed))
+        train = [s for s in samples if _raster_key(s) not in held]
+        val = [s for s in samples if _raster_key(s) in held]
+        return train, val
+    val_idx = set(_held_out(list(range(len(samples))), fraction, seed))
     train = [s for i, s in enumerate(samples) if i not in val_idx]
     val = [s for i, s in enumerate(samples) if i in val_idx]
     return train, val
+
+
+def split_is_by_raster(samples: Sequence[Sample], fraction: float) -> bool:
+    """Whether `split_train_val(..., by="raster")` holds out whole rasters (two or more distinct
+    images and a fraction above 0) rather than records."""
+    return fraction > 0 and len({_raster_key(s) for s in samples}) >= 2
+
+
+def _raster_key(sample: Sample) -> str:
+    return str(Path(sample.image).resolve()) if sample.image is not None else ""
+
+
+def _held_out(items: list, fraction: float, seed: int) -> list:
+    """The seeded `fraction` of `items` to hold out: at least one and never all when fraction > 0
+    and there are two or more, none otherwise."""
+    n = len(items)
+    n_val = int(round(n * fraction))
+    n_val = max(1, min(n_val, n - 1)) if fraction > 0 and n >= 2 else 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order[:n_val]]

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
-from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
+from engine.data import DataError, Sample, load_dataset, split_is_by_raster, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
                                  resolved_quantization, with_model_choice, with_resolved_quantization)
@@ -860,6 +860,32 @@ def _check_new_run(args: argparse.Namespace, out: Path) -> None:
                         "run would overwrite; train into another --out, or remove them to start over")
 
 
+def _recorded_split(args: argparse.Namespace, out: Path) -> str:
+    """How the run splits off its validation samples: by raster (whole images held out); a
+    --resume of a run made before that (its finetune_args.json has no "val_split") keeps the
+    record split it trained with, so its samples and their order stay the same."""
+    saved = out / "finetune_args.json"
+    if args.resume and saved.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            return str(json.loads(saved.read_text(encoding="utf-8")).get("val_split", "record"))
+    return "raster"
+
+
+def _split_note(samples: Sequence[Sample], val: Sequence[Sample], fraction: float, split_by: str) -> str:
+    """A line saying what the validation loss measures, or '' without validation samples."""
+    if not val:
+        return ""
+    images = {str(s.image) for s in samples}
+    held = {str(s.image) for s in val}
+    if split_by == "raster" and split_is_by_raster(samples, fraction):
+        return (f"validation: {len(val)} samples about {len(held)} of {len(images)} rasters, held out whole "
+                "(none of their questions is trained on)")
+    why = ("the run being resumed split its data so" if split_by == "record" else
+           "the data has a single raster")
+    return (f"validation: {len(val)} of {len(samples)} samples, held out by record ({why}): the validation "
+            "questions are about rasters the adapter also trains on")
+
+
 def _logged_steps(log: Path) -> int:
     """How many step rows a train_log.csv holds (0 when there is none: a run stopped before its
     first step leaves the header only)."""
@@ -921,7 +947,11 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
         print("  skipped " + b.describe(), file=sys.stderr)
     if len(report.bad) > 20:
         print(f"  ... and {len(report.bad) - 20} more in {bad_report}", file=sys.stderr)
-    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed)
+    split_by = _recorded_split(args, out)
+    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed, by=split_by)
+    note = _split_note(samples, val_s, args.val_fraction, split_by)
+    if note:
+        print(note, file=sys.stderr)
 
     loaded = load_model(checkpoint["weights"], device=args.device, quantization=args.quantization)
     info = loaded.info
@@ -946,7 +976,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                       seed=args.seed, resume=args.resume,
                       gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
                       progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
-                      on_bad=args.on_bad_sample, run_args=_run_args(args, checkpoint))
+                      on_bad=args.on_bad_sample, run_args={**_run_args(args, checkpoint), "val_split": split_by})
     summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
                     reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
     print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "

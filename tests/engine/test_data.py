@@ -92,6 +92,31 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     assert split_train_val(samples, 0.0)[1] == []
 
 
+def test_the_validation_split_keeps_each_raster_on_one_side(tmp_path):
+    """VQA data asks several questions about each scene. Split by record, validation questions
+    were about scenes the adapter trains on: the validation loss measured recall of those scenes.
+    Whole rasters are held out now; the one-raster data above still splits by record."""
+    from engine.data import split_is_by_raster
+
+    rows = []
+    for k in range(4):
+        _img(tmp_path / f"scene{k}.png")
+        rows += [_row(f"{k}-{q}", image=f"scene{k}.png", q=f"<image>\nQuestion {q}?") for q in range(5)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    samples, _ = load_dataset(tmp_path / "d.json")
+    assert split_is_by_raster(samples, 0.25)
+    train, val = split_train_val(samples, 0.25, seed=0)
+    assert len(val) == 5 and len(train) == 15  # one raster of four, all its questions
+    assert not {str(s.image) for s in train} & {str(s.image) for s in val}
+    assert [s.index for s in train] == sorted(s.index for s in train)  # file order kept
+    # a tiny fraction still holds out one raster, never all of them
+    assert len({str(s.image) for s in split_train_val(samples, 0.01, seed=0)[1]}) == 1
+    assert len({str(s.image) for s in split_train_val(samples, 0.99, seed=0)[1]}) == 3
+    # by record on request
+    _, val = split_train_val(samples, 0.25, seed=0, by="record")
+    assert len(val) == 5 and len({str(s.image) for s in val}) > 1
+
+
 def test_training_time_reasons_are_listed_reasons():
     from engine.data import BAD_REASONS
     from engine.finetune import TRAINING_TIME_REASONS
