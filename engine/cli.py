@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from engine import __version__
-from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int, writable_folder_problem
+from engine.cli_args import (add_model_arguments, add_strategy_arguments, band_list, positive_int,
+                             writable_folder_problem)
 from engine.weights import DEFAULT_REPO, DEFAULT_WEIGHTS
 
 
@@ -75,16 +76,6 @@ def _geojson_file(path: Path) -> dict:
     if not isinstance(data, dict):
         raise JobError("bad_aoi", f"The area-of-interest file {path} holds no GeoJSON object.")
     return data
-
-
-def band_list(text: str) -> list[int]:
-    """argparse type of --bands: comma-separated 1-based band numbers."""
-    try:
-        return [int(b) for b in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bands must be 1-based band numbers separated by commas, e.g. 4,3,2; got {text!r}"
-        ) from None
 
 
 def bands_text(bands, palette: bool = False) -> str:

@@ -35,6 +35,30 @@ def count_or_never(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def band_list(text: str) -> list[int]:
+    """argparse type of ``ask --bands``: comma-separated 1-based band numbers (whether the raster
+    has them is checked with the raster)."""
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bands must be 1-based band numbers separated by commas, e.g. 4,3,2; got {text!r}"
+        ) from None
+
+
+def band_choice(text: str) -> list[int]:
+    """argparse type of ``finetune --bands``: `band_list`, and one band (grey) or three (red,
+    green, blue), each at least 1, as `ask` and the protocol take them; whether each image has
+    them is checked with the data."""
+    from engine.data import bands_problem  # noqa: PLC0415
+
+    bands = band_list(text)
+    problem = bands_problem(bands)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return bands
+
+
 def writable_folder_problem(folder: Path, option: str) -> str | None:
     """Why ``folder`` (made when missing) cannot take the files of ``option``, or None: checked
     before a model loads, not when its first file is written."""

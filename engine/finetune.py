@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
+from engine.cli_args import add_model_arguments, add_strategy_arguments, band_choice, count_or_never, positive_int
 from engine.data import DataError, Sample, load_dataset, split_is_by_raster, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
@@ -194,11 +194,13 @@ def _base(model):
 # ------------------------------------------------------------------------------ visual tokens
 
 def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_tile: int | None = None,
-                      seed: int = 0, tokenizer=None,
-                      faithful_empty_slots: bool = False) -> Callable[[Sample], Any]:
+                      seed: int = 0, tokenizer=None, faithful_empty_slots: bool = False,
+                      bands: Sequence[int] | None = None) -> Callable[[Sample], Any]:
     """A function sample -> visual embeddings (N, H) built by `engine.pipeline.prepare_visual`
     (the very path `ask` uses: raster read, anyres tiling, CLIP, the strategy), without
-    gradients. The question given to text-guided strategies is the first user turn.
+    gradients. The question given to text-guided strategies is the first user turn. The bands
+    read are the sample's own (its record's "bands", else --bands, `engine.data`), else `bands`,
+    else the engine's default choice, as `ask` makes it.
 
     The model runs in eval mode while the tokens are built (train mode is restored after): the
     text-guided strategies (`pyramid`, `budget`) score the image through the first decoder
@@ -217,6 +219,7 @@ def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_ti
             with torch.no_grad():
                 vis = prepare_visual(base, str(sample.image), sample.first_question, strategy=strategy,
                                      budget=budget, tokens_per_tile=tokens_per_tile, seed=seed,
+                                     bands=getattr(sample, "bands", None) or (list(bands) if bands else None),
                                      tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
         finally:
             if was_training:
@@ -755,6 +758,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-bad-sample", choices=["skip", "stop"], default="stop",
                         help="skip bad samples (each listed in OUT/bad_samples.jsonl) or stop at the first (default: stop)")
     add_strategy_arguments(parser, budget_help="visual token budget per sample")
+    parser.add_argument("--bands", type=band_choice, default=None,
+                        help="1-based bands the model sees, as `ask --bands` and the QGIS plugin send them: "
+                             "three as red, green, blue (e.g. 4,3,2) or one as grey (default: the engine's "
+                             "choice for each raster: the bands tagged red/green/blue, else the first three); "
+                             "a record's own \"bands\" field replaces it")
     parser.add_argument("--lora-r", type=positive_int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
@@ -788,9 +796,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 # it is the tiny random one. The learning rate, its schedule, --weight-decay, --lora-dropout,
 # --max-length and the length of the run (--epochs, --max-steps) may change on --resume.
 RESUME_KEYS = ("data", "image_root", "max_pixels", "weights", "demo_model", "quantization", "strategy", "budget",
-               "tokens_per_tile", "faithful_empty_slots", "seed", "val_fraction", "grad_accum",
+               "tokens_per_tile", "faithful_empty_slots", "bands", "seed", "val_fraction", "grad_accum",
                "lora_r", "target_modules", "lora_alpha")
-RESUME_DEFAULTS = {"faithful_empty_slots": False}  # runs from before the option existed
+RESUME_DEFAULTS = {"faithful_empty_slots": False, "bands": None}  # runs from before the options existed
 
 
 RESUME_PATH_KEYS = ("data", "weights", "image_root")  # recorded and compared as absolute paths
@@ -934,7 +942,8 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
 
     try:
         samples, report = load_dataset(args.data, image_root=args.image_root, max_pixels=args.max_pixels,
-                                       on_bad=args.on_bad_sample, report_path=bad_report, progress=progress)
+                                       on_bad=args.on_bad_sample, report_path=bad_report, progress=progress,
+                                       bands=args.bands)
     finally:
         if bar is not None:
             bar.close()
@@ -969,7 +978,8 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                      gradient_checkpointing=not args.no_gradient_checkpointing)
     factory = visual_fn_factory or default_visual_fn
     visual_fn = factory(model, strategy=args.strategy, budget=args.budget, tokens_per_tile=args.tokens_per_tile,
-                        seed=args.seed, tokenizer=loaded.tokenizer, faithful_empty_slots=args.faithful_empty_slots)
+                        seed=args.seed, tokenizer=loaded.tokenizer, faithful_empty_slots=args.faithful_empty_slots,
+                        bands=args.bands)
     cfg = TrainConfig(out=out, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                       grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
                       max_grad_norm=args.max_grad_norm, save_every=args.save_every, eval_every=args.eval_every,

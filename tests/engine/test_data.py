@@ -117,6 +117,30 @@ def test_the_validation_split_keeps_each_raster_on_one_side(tmp_path):
     assert len(val) == 5 and len({str(s.image) for s in val}) > 1
 
 
+def test_a_record_may_choose_its_bands_and_carry_other_keys(tmp_path):
+    """A record's "bands" is checked like the rest (one band or three, 1-based, present in the
+    image: `bad_bands`); --bands (load_dataset's `bands`) applies where a record gives none. Keys
+    beyond the known ones (LLaVA data carries some) are accepted without a word."""
+    _img(tmp_path / "ok.png")  # 3 bands
+    rows = [dict(_row(0), bands=[3, 2, 1], source="HighRS-VQA", width=40),
+            _row(1),
+            dict(_row(2), bands=[4, 3, 2]),
+            dict(_row(3), bands=[1, 2]),
+            dict(_row(4), bands="1,2,3"),
+            dict(_row(5), bands=[0, 1, 2])]
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(rows))
+    samples, report = load_dataset(p, bands=[2])
+    assert [(s.id, s.bands, s.bands_from_record) for s in samples] == [("0", [3, 2, 1], True), ("1", [2], False)]
+    assert [(b.index, b.reason) for b in report.bad] == [(2, "bad_bands"), (3, "bad_bands"), (4, "bad_bands"),
+                                                         (5, "bad_bands")]
+    assert "has 3 band(s)" in report.bad[0].message and "[4]" in report.bad[0].message
+    # --bands naming a band the image lacks: every record without its own is a bad sample
+    samples, report = load_dataset(p, bands=[5])
+    assert [s.id for s in samples] == ["0"] and report.bad[0].index == 1 and "--bands" in report.bad[0].message
+    assert [s.bands for s in load_dataset(p)[0]] == [[3, 2, 1], None]
+
+
 def test_training_time_reasons_are_listed_reasons():
     from engine.data import BAD_REASONS
     from engine.finetune import TRAINING_TIME_REASONS

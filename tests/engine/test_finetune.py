@@ -328,7 +328,8 @@ def test_resume_refuses_another_token_path_or_base(tmp_path, tiny_checkpoint):
                         (["--target-modules", "q_proj"], "--target-modules"),
                         (["--grad-accum", "3"], "--grad-accum"),  # other samples behind each step
                         (["--image-root", str(tmp_path / "elsewhere")], "--image-root"),
-                        (["--max-pixels", "100"], "--max-pixels")):
+                        (["--max-pixels", "100"], "--max-pixels"),
+                        (["--bands", "3,2,1"], "--bands")):  # other colours than the run saw
         with pytest.raises(DataError, match=flag):
             _check_resume_settings(_args(data, out, tiny_checkpoint, *extra, "--resume"), out)
     # without --resume a new run may change anything (it starts over)
@@ -537,3 +538,42 @@ def test_training_selects_the_same_visual_tokens_as_ask(tmp_path, tiny_checkpoin
         got = fn(sample)
         assert got.shape == at_inference.shape and torch.equal(got, at_inference)
     assert model.training
+
+
+def test_finetune_takes_the_bands_ask_and_the_plugin_choose(tmp_path, tiny_checkpoint):
+    """`ask --bands 3,2,1` and the plugin (the bands the layer's style shows) choose the bands the
+    model sees; `finetune` had no --bands, so a 4-band BGRN stack always trained as bands 1,2,3.
+    --bands takes ask's syntax, a record's own "bands" replaces it, both reach prepare_visual."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(3):
+        path = _geotiff(tmp_path / f"bgrn{i}.tif", rng.integers(0, 4000, (4, 60, 80)).astype(np.uint16))
+        rows.append({"id": f"s{i}", "image": path, "conversations": [
+            {"from": "human", "value": "<image>\nHow many fields?"}, {"from": "gpt", "value": str(i)}]})
+    rows[2]["bands"] = [4]  # this record's own choice (near infrared as grey)
+    data = tmp_path / "bgrn.json"
+    data.write_text(json.dumps(rows))
+    for bad in ("3,2", "0,1,2", "red"):  # as ask: one band or three, 1-based
+        with pytest.raises(SystemExit):
+            _args(data, tmp_path / "x", tiny_checkpoint, "--bands", bad)
+    args = _args(data, tmp_path / "run", tiny_checkpoint, "--bands", "3,2,1", "--max-steps", "2",
+                 "--grad-accum", "3", "--val-fraction", "0", "--save-every", "0", "--strategy", "geollava")
+    assert args.bands == [3, 2, 1]
+    seen = {}
+
+    def factory(model, **kw):
+        fn = default_visual_fn(model, **kw)
+
+        def wrapped(sample):
+            from engine.raster import read_for_tiling
+
+            seen[sample.id] = read_for_tiling(str(sample.image), bands=sample.bands or kw["bands"]).bands
+            return fn(sample)
+
+        return wrapped
+
+    from engine.finetune import default_visual_fn
+
+    assert run_finetune(args, visual_fn_factory=factory) == 0
+    assert seen == {"s0": (3, 2, 1), "s1": (3, 2, 1), "s2": (4, 4, 4)}
+    assert json.loads((tmp_path / "run" / "finetune_args.json").read_text())["bands"] == [3, 2, 1]
