@@ -28,8 +28,10 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bands", type=band_list, default=None,
                    help="1-based bands the model sees: three as red, green, blue (e.g. 4,3,2) "
                         "or one as grey (default: the bands tagged red/green/blue, else the first "
-                        "three; one band as grey; a paletted band through its colour table)")
-    add_strategy_arguments(p)
+                        "three; one band as grey; a paletted band through its colour table; with an "
+                        "--adapter trained with --bands, those bands where the raster has them)")
+    # not given: the --adapter's training settings, else the engine's defaults (Engine.resolve_visual)
+    add_strategy_arguments(p, faithful_default=None, strategy_default=None)
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=None, help="where heatmaps are written")
@@ -90,6 +92,16 @@ def bands_text(bands, palette: bool = False) -> str:
     if len(set(bands)) == 1:
         return f"band {bands[0]} as grey"
     return f"bands {', '.join(str(b) for b in bands)} (red, green, blue)"
+
+
+def adapter_text(health: dict) -> str:
+    """'adapter: DIR (trained with strategy anchored, 4 tokens a tile, ...)' from /health fields."""
+    from engine.adapter_settings import settings_text
+
+    settings = health.get("adapter_settings")
+    how = (f"trained with {settings_text(settings)}; used where no option says otherwise" if settings else
+           "no record of its training settings (geovqa_training.json): the engine's defaults")
+    return f"adapter: {health.get('adapter')} ({how})"
 
 
 def checked_ask_fields(args: argparse.Namespace) -> dict:
@@ -173,6 +185,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             result = event
     if result is not None and not args.json:
         print()
+        if args.adapter is not None:
+            print(adapter_text(health), file=sys.stderr)
         tok, tim = result["tokens"], result["timings"]
         peak = result.get("peak_memory_bytes")
         print(f"visual tokens: {tok['visual_kept']} kept of {tok['visual_candidates']} "

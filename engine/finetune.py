@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, band_choice, count_or_never, positive_int
+from engine.adapter_settings import training_settings
 from engine.data import DataError, Sample, load_dataset, split_is_by_raster, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
@@ -251,6 +252,9 @@ class TrainConfig:
     keep_checkpoints: int | None = None
     on_bad: str = "stop"  # what a sample whose image fails in the visual path does: stop | skip
     run_args: dict | None = None  # written to finetune_args.json once a resume's checkpoint is restored
+    # the visual-token settings written into every adapter folder (geovqa_training.json): what
+    # `ask` / `serve --adapter` use when a question gives none of its own
+    adapter_settings: dict | None = None
 
 
 def upcast_lm_norms(model) -> int:
@@ -359,8 +363,19 @@ class _SampleOutOfMemory(Exception):
         return f"ran out of memory in the {self.phase} pass at {self.n_tokens} tokens (text + visual)"
 
 
+def save_adapter(model, folder: Path, adapter_settings: dict | None = None) -> Path:
+    """The peft adapter in `folder`, with the visual-token settings it was trained on
+    (`engine.adapter_settings`, read back by `ask` / `serve --adapter`)."""
+    from engine.adapter_settings import write_training_settings  # noqa: PLC0415
+
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+    if adapter_settings is not None:
+        write_training_settings(folder, adapter_settings)
+    return folder
+
+
 def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Path,
-                    rng: dict[str, Any] | None = None) -> Path:
+                    rng: dict[str, Any] | None = None, adapter_settings: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically (a temporary folder renamed). `rng` is the RNG state to
     store (default: now), so that a checkpoint taken after an interruption can hold the state of
     the end of its step."""
@@ -373,7 +388,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Pat
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
+    save_adapter(model, tmp / "adapter", adapter_settings)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng if rng is not None else _rng_state(), "step": step, "micro": micro,
                 "format": 1},
@@ -630,7 +645,8 @@ def train(
         """checkpoint-<last finished step> unless it is already on disk (or nothing was done)."""
         if done["step"] == done["saved"] or done["step"] == 0:
             return None
-        d = save_checkpoint(model, optimizer, scheduler, done["step"], done["micro"], out, rng=done["rng"])
+        d = save_checkpoint(model, optimizer, scheduler, done["step"], done["micro"], out, rng=done["rng"],
+                            adapter_settings=cfg.adapter_settings)
         done["saved"] = done["step"]
         return d
 
@@ -696,7 +712,8 @@ def train(
                 bar.set_postfix(post)
                 bar.update(1)
             if cfg.save_every and (step % cfg.save_every == 0 or step == total):
-                save_checkpoint(model, optimizer, scheduler, step, micro, out)
+                save_checkpoint(model, optimizer, scheduler, step, micro, out,
+                                adapter_settings=cfg.adapter_settings)
                 done["saved"] = step
                 _prune_checkpoints(out, cfg.keep_checkpoints)
     except BaseException as exc:  # Ctrl-C, a bad sample with --on-bad-sample stop, a crash: keep the work
@@ -718,7 +735,7 @@ def train(
     if bar is not None:
         bar.close()
     adapter_dir = out / "adapter"
-    model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
+    save_adapter(model, adapter_dir, cfg.adapter_settings)
     plot_log(log_path, out / "loss.png")
     summary = {"steps": step, "trainable_parameters": n_trainable, "train_samples": len(train_samples),
                "val_samples": len(val_samples), "adapter": str(adapter_dir), "log": str(log_path),
@@ -986,7 +1003,9 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                       seed=args.seed, resume=args.resume,
                       gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
                       progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
-                      on_bad=args.on_bad_sample, run_args={**_run_args(args, checkpoint), "val_split": split_by})
+                      on_bad=args.on_bad_sample, run_args={**_run_args(args, checkpoint), "val_split": split_by},
+                      adapter_settings=training_settings(
+                          args, records_with_own_bands=sum(1 for s in samples if s.bands_from_record)))
     summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
                     reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
     print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "

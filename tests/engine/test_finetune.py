@@ -577,3 +577,106 @@ def test_finetune_takes_the_bands_ask_and_the_plugin_choose(tmp_path, tiny_check
     assert run_finetune(args, visual_fn_factory=factory) == 0
     assert seen == {"s0": (3, 2, 1), "s1": (3, 2, 1), "s2": (4, 4, 4)}
     assert json.loads((tmp_path / "run" / "finetune_args.json").read_text())["bands"] == [3, 2, 1]
+
+
+QUESTION = "How many buildings are there?"
+
+
+def _bgrn_data(root, n=2):
+    """n small 4-band uint16 GeoTIFFs (a BGRN-like stack), one question each."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        path = _geotiff(root / f"scene{i}.tif", rng.integers(0, 4000, (4, 350, 420)).astype(np.uint16))
+        rows.append({"id": f"s{i}", "image": path, "conversations": [
+            {"from": "human", "value": "<image>\n" + QUESTION}, {"from": "gpt", "value": str(i + 1)}]})
+    p = root / "train.json"
+    p.write_text(json.dumps(rows))
+    return p
+
+
+def _one_step(data, out, weights, *extra):
+    return _args(data, out, weights, "--max-steps", "1", "--grad-accum", "1", "--val-fraction", "0",
+                 "--save-every", "1", *extra)
+
+
+def _events(engine, **fields):
+    from engine.pipeline import AskRequest
+
+    return list(engine.ask(AskRequest(question=QUESTION, max_new_tokens=1, **fields)))
+
+
+def test_ask_with_an_adapter_sees_the_visual_tokens_it_was_trained_on(tmp_path, tiny_checkpoint):
+    """Trained with --strategy anchored --tokens-per-tile 4 --bands 3,2,1, the adapter was served
+    with the default geollava path at the checkpoint's 24 a tile and the default bands: nothing
+    recorded the settings. The adapter (and each checkpoint's) now records them; the engine uses
+    them for what a request leaves out, keeps what it gives (with a note), says them in /health;
+    an adapter without the record gets the defaults as before."""
+    from engine.loader import load_model
+    from engine.pipeline import Engine, prepare_visual
+
+    data = _bgrn_data(tmp_path)
+    out = tmp_path / "run"
+    assert run_finetune(_one_step(data, out, tiny_checkpoint, "--strategy", "anchored", "--bands", "3,2,1")) == 0
+    recorded = json.loads((out / "adapter" / "geovqa_training.json").read_text())
+    assert recorded == json.loads((out / "checkpoint-1" / "adapter" / "geovqa_training.json").read_text())
+    assert {k: recorded[k] for k in ("strategy", "budget", "tokens_per_tile", "faithful_empty_slots", "bands")} == {
+        "strategy": "anchored", "budget": None, "tokens_per_tile": 4, "faithful_empty_slots": False,
+        "bands": [3, 2, 1]}
+    raster = str(tmp_path / "scene0.tif")
+    base = load_model(tiny_checkpoint, device="cpu", quantization="fp32").model
+    trained = prepare_visual(base, raster, QUESTION, strategy="anchored", tokens_per_tile=4, bands=[3, 2, 1]).selection
+
+    eng = Engine(tiny_checkpoint, device="cpu", quantization="fp32", adapter=out / "adapter")
+    health = eng.health()
+    assert health["adapter"] == str((out / "adapter").resolve()) and health["adapter_settings"]["strategy"] == "anchored"
+    events = _events(eng, raster_path=raster)  # `ask --adapter DIR` and a request without settings
+    result = events[-1]
+    assert (result["strategy"], result["tokens"]["visual_kept"], result["bands"]) == \
+        ("anchored", int(trained.n_tokens), [3, 2, 1])
+    assert not [e for e in events if e["type"] == "status" and e["message"].startswith("note:")]
+    # a request's own settings are kept, and the difference is said
+    events = _events(eng, raster_path=raster, strategy="geollava", bands=[1, 2, 3])
+    notes = [e["message"] for e in events if e["type"] == "status" and e["message"].startswith("note:")]
+    assert events[-1]["strategy"] == "geollava" and events[-1]["bands"] == [1, 2, 3]
+    assert len(notes) == 1 and "strategy geollava" in notes[0] and "bands 1, 2, 3" in notes[0] \
+        and "strategy anchored" in notes[0], notes
+    # a raster without the adapter's bands: the engine's own choice, and a note says so
+    grey = _geotiff(tmp_path / "grey.tif", np.random.default_rng(1).integers(0, 255, (1, 300, 300), dtype=np.uint8))
+    events = _events(eng, raster_path=str(grey))
+    assert events[-1]["bands"] == [1, 1, 1]
+    assert any("this raster has 1" in e.get("message", "") for e in events if e["type"] == "status")
+
+    # an adapter of an older version (no record): the engine's defaults, as before
+    (out / "adapter" / "geovqa_training.json").unlink()
+    old = Engine(tiny_checkpoint, device="cpu", quantization="fp32", adapter=out / "adapter")
+    assert old.health()["adapter_settings"] is None
+    result = _events(old, raster_path=raster)[-1]
+    assert result["strategy"] == "geollava" and result["bands"] == [1, 2, 3]
+    # a broken record is refused when the adapter loads, not ignored
+    (out / "adapter" / "geovqa_training.json").write_text('{"strategy": "geolava"}')
+    from engine.loader import CheckpointError
+
+    with pytest.raises(CheckpointError, match="geovqa_training.json"):
+        load_model(tiny_checkpoint, device="cpu", quantization="fp32", adapter=out / "adapter")
+
+
+def test_ask_says_that_it_runs_an_adapter_and_with_what(tmp_path, tiny_checkpoint, capsys):
+    """`ask --adapter DIR` printed token counts, bands, timings: nothing said the answer came from
+    the base model plus an adapter, nor which visual-token settings it took from it."""
+    from engine.cli import main
+
+    data = _bgrn_data(tmp_path)
+    out = tmp_path / "run"
+    assert run_finetune(_one_step(data, out, tiny_checkpoint, "--strategy", "anchored")) == 0
+    capsys.readouterr()
+    ask = ["ask", str(tmp_path / "scene0.tif"), QUESTION, "--weights", str(tiny_checkpoint), "--device", "cpu",
+           "--quantization", "fp32", "--adapter", str(out / "adapter"), "--max-new-tokens", "1",
+           "--output-dir", str(tmp_path / "outputs")]
+    assert main(ask) == 0
+    err = capsys.readouterr().err
+    assert f"adapter: {(out / 'adapter').resolve()} (trained with strategy anchored, 4 tokens a tile" in err, err
+    assert "(anchored)" in err and "note:" not in err
+    assert main([*ask, "--strategy", "geollava"]) == 0
+    err = capsys.readouterr().err
+    assert "note: this request asks for strategy geollava" in err and "(geollava)" in err, err
