@@ -371,7 +371,22 @@ def save_adapter(model, folder: Path, adapter_settings: dict | None = None) -> P
     model.save_pretrained(str(folder), save_embedding_layers=False)
     if adapter_settings is not None:
         write_training_settings(folder, adapter_settings)
+    _share_as_umask_allows(folder)
     return folder
+
+
+def _share_as_umask_allows(folder: Path) -> None:
+    """Give the adapter's files the mode every other file of the run gets (0o666 & ~umask):
+    safetensors writes adapter_model.safetensors with 0600 whatever the umask, so an adapter copied
+    to a shared drive or served by another account (`serve --adapter`) could not be read."""
+    import os  # noqa: PLC0415
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in Path(folder).iterdir():
+        if p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):  # a file system without modes (FAT, some shares)
+                os.chmod(p, 0o666 & ~mask)
 
 
 def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Path,

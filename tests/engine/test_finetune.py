@@ -680,3 +680,21 @@ def test_ask_says_that_it_runs_an_adapter_and_with_what(tmp_path, tiny_checkpoin
     assert main([*ask, "--strategy", "geollava"]) == 0
     err = capsys.readouterr().err
     assert "note: this request asks for strategy geollava" in err and "(geollava)" in err, err
+
+
+def test_the_adapter_weights_are_readable_as_the_umask_allows(tmp_path, tiny_checkpoint):
+    """safetensors wrote adapter_model.safetensors with mode 0600 whatever the umask, while every
+    other file of the run is 0644 (umask 022): an adapter copied to a shared drive or served by
+    another account (`serve --adapter`) could not be read ('Permission denied')."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert run_finetune(_one_step(_bgrn_data(tmp_path), out, tiny_checkpoint)) == 0
+    finally:
+        os.umask(old)
+    for folder in (out / "adapter", out / "checkpoint-1" / "adapter"):
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
+        assert set(modes.values()) == {"0o644"}, modes
