@@ -1023,7 +1023,35 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                           args, records_with_own_bands=sum(1 for s in samples if s.bands_from_record)))
     summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
                     reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
-    print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "
-          f"{summary['trainable_parameters']:,} trainable parameters). Log: {summary['log']}, plot: {summary['plot']}.",
+    print(finished_text(summary, checkpoint, cfg.adapter_settings, weights_given=args.weights is not None),
           file=sys.stderr)
     return 0
+
+
+def finished_text(summary: dict, checkpoint: dict, adapter_settings: dict | None, *,
+                  weights_given: bool = True) -> str:
+    """The end-of-run message: what was written, the final validation loss, and ready-to-copy
+    ways to use the adapter (ask, serve, the QGIS plugin). The commands name the base model the
+    adapter was trained on (--weights), unless that was the demo model found without --weights."""
+    import shlex  # noqa: PLC0415
+
+    from engine.adapter_settings import settings_text  # noqa: PLC0415
+
+    adapter = shlex.quote(str(Path(summary["adapter"]).resolve()))
+    weights = "" if checkpoint.get("demo_model") and not weights_given else f" --weights {shlex.quote(str(checkpoint['weights']))}"
+    lines = [f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "
+             f"{summary['trainable_parameters']:,} trainable parameters). Log: {summary['log']}, "
+             f"plot: {summary['plot']}."]
+    if summary.get("val_samples"):
+        val = summary.get("final_val_loss")
+        lines.append(f"Final validation loss: {val:.4f} ({summary['val_samples']} held-out samples)." if val is not None
+                     else f"Final validation loss: none ({summary['val_samples']} held-out samples, none usable).")
+    if adapter_settings:
+        lines.append(f"It was trained with {settings_text(adapter_settings)}; the engine uses these "
+                     "whenever a question does not set them.")
+    lines += ["Use it:",
+              f"  python -m engine ask RASTER \"question\"{weights} --adapter {adapter}",
+              f"  python -m engine serve{weights} --adapter {adapter}",
+              f"  QGIS plugin: Settings > Options > GeoVQA > Extra engine arguments: --adapter {adapter}"
+              " (then restart the local engine)"]
+    return "\n".join(lines)

@@ -698,3 +698,24 @@ def test_the_adapter_weights_are_readable_as_the_umask_allows(tmp_path, tiny_che
     for folder in (out / "adapter", out / "checkpoint-1" / "adapter"):
         modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
         assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_the_final_message_says_how_to_use_the_adapter(tmp_path, tiny_checkpoint, capsys):
+    """The run ended with 'Adapter written to OUT/adapter (...)': nothing said to pass it as
+    `--adapter DIR` to ask / serve or in the QGIS plugin's Extra engine arguments, nor the final
+    validation loss."""
+    import shlex
+
+    data = _write_data(tmp_path, n=6)
+    out = tmp_path / "run"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--val-fraction", "0.34")) == 0
+    err = capsys.readouterr().err
+    adapter = shlex.quote(str((out / "adapter").resolve()))
+    assert "validation: 2 samples about 2 of 6 rasters, held out whole" in err
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert f"Final validation loss: {summary['final_val_loss']:.4f} (2 held-out samples)." in err
+    assert f"python -m engine ask RASTER \"question\" --weights {shlex.quote(str(tiny_checkpoint.resolve()))} " \
+           f"--adapter {adapter}\n" in err, err
+    assert f"python -m engine serve --weights {shlex.quote(str(tiny_checkpoint.resolve()))} --adapter {adapter}\n" in err
+    assert f"Settings > Options > GeoVQA > Extra engine arguments: --adapter {adapter}" in err
+    assert "trained with strategy geollava, 4 tokens a tile" in err
