@@ -778,6 +778,9 @@ def _append_bad(path: Path, entries: list[tuple[Sample, str, str]]) -> None:
 
 # ---------------------------------------------------------------------------------------- CLI
 
+DEFAULT = " (default: %(default)s)"  # --help shows each default, as ask's and eval's options do
+
+
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="training data: LLaVA conversation JSON list or JSONL")
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, log, adapter)")
@@ -795,26 +798,34 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                              "three as red, green, blue (e.g. 4,3,2) or one as grey (default: the engine's "
                              "choice for each raster: the bands tagged red/green/blue, else the first three); "
                              "a record's own \"bands\" field replaces it")
-    parser.add_argument("--lora-r", type=positive_int, default=16)
-    parser.add_argument("--lora-alpha", type=int, default=32)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank" + DEFAULT)
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale (alpha / r)" + DEFAULT)
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input" + DEFAULT)
     parser.add_argument("--target-modules", default=",".join(LM_TARGETS),
-                        help="LM linear layers that get adapters (comma-separated; add lm_head to adapt the output head)")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup-ratio", type=float, default=0.03)
-    parser.add_argument("--grad-accum", type=positive_int, default=4)
-    parser.add_argument("--epochs", type=float, default=1.0)
+                        help="LM linear layers that get adapters (comma-separated; add lm_head to adapt the output head)"
+                             + DEFAULT)
+    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate of the adapters" + DEFAULT)
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay" + DEFAULT)
+    parser.add_argument("--warmup-ratio", type=float, default=0.03,
+                        help="share of the steps the cosine schedule warms up over" + DEFAULT)
+    parser.add_argument("--grad-accum", type=positive_int, default=4,
+                        help="samples a step (batch 1 x this); the effective batch" + DEFAULT)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training samples" + DEFAULT)
     parser.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--max-length", type=positive_int, default=32768, help="longest sequence (text + visual tokens)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = none)" + DEFAULT)
+    parser.add_argument("--max-length", type=positive_int, default=32768,
+                        help="longest sequence (text + visual tokens)" + DEFAULT)
     parser.add_argument("--save-every", type=count_or_never, default=100,
-                        help="checkpoint every N optimizer steps (0 = none; the final adapter is always written)")
-    parser.add_argument("--keep-checkpoints", type=positive_int, default=None, help="keep only the newest N checkpoints")
+                        help="checkpoint every N optimizer steps (0 = none; the final adapter is always written)"
+                             + DEFAULT)
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=None,
+                        help="keep only the newest N checkpoints (default: keep all)")
     parser.add_argument("--eval-every", type=count_or_never, default=100,
-                        help="validation loss every N steps (0 = never)")
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+                        help="validation loss every N steps (0 = never)" + DEFAULT)
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="share of the distinct rasters held out whole for validation" + DEFAULT)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the split, the data order and the adapters' initial weights" + DEFAULT)
     parser.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-*")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -942,6 +953,11 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     from engine.loader import load_model  # noqa: PLC0415
 
     lm_target_regex(_target_list(args.target_modules))  # a mistyped name, before anything loads
+    if args.image_root is not None and not Path(args.image_root).expanduser().is_dir():
+        root = Path(args.image_root).expanduser()
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"--image-root {root} {state}; give the folder the data file's relative image "
+                        "paths are under")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_new_run(args, out)

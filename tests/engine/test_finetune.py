@@ -719,3 +719,26 @@ def test_the_final_message_says_how_to_use_the_adapter(tmp_path, tiny_checkpoint
     assert f"python -m engine serve --weights {shlex.quote(str(tiny_checkpoint.resolve()))} --adapter {adapter}\n" in err
     assert f"Settings > Options > GeoVQA > Extra engine arguments: --adapter {adapter}" in err
     assert "trained with strategy geollava, 4 tokens a tile" in err
+
+
+def test_a_wrong_image_root_is_named_as_a_missing_folder(tmp_path, tiny_checkpoint):
+    """A mistyped --image-root was reported as every sample's image being missing (or, with
+    --on-bad-sample skip, as no valid sample); the folder itself is named, before anything loads."""
+    data = _write_data(tmp_path, n=2)
+    with pytest.raises(DataError, match=r"--image-root .*imgs does not exist"):
+        run_finetune(_args(data, tmp_path / "run", tiny_checkpoint, "--image-root", str(tmp_path / "imgs")))
+    with pytest.raises(DataError, match=r"--image-root .*train.json is not a folder"):
+        run_finetune(_args(data, tmp_path / "run", tiny_checkpoint, "--image-root", str(data)))
+
+
+def test_help_shows_the_training_defaults(capsys):
+    from engine.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]  # past the usage line
+    for option, default in (("--lr", "0.0002"), ("--epochs", "1.0"), ("--grad-accum", "4"), ("--lora-r", "16"),
+                            ("--lora-alpha", "32"), ("--lora-dropout", "0.05"), ("--warmup-ratio", "0.03"),
+                            ("--val-fraction", "0.05"), ("--save-every", "100"), ("--max-length", "32768")):
+        after = text.split(f"{option} {option.lstrip('-').replace('-', '_').upper()}", 1)[1]
+        assert f"(default: {default})" in after.split(" --", 1)[0], (option, after[:200])
