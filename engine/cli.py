@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from engine import __version__
-from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int, writable_folder_problem
+from engine.cli_args import (add_model_arguments, add_strategy_arguments, band_list, positive_int,
+                             writable_folder_problem)
 from engine.weights import DEFAULT_REPO, DEFAULT_WEIGHTS
 
 
@@ -27,8 +28,10 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bands", type=band_list, default=None,
                    help="1-based bands the model sees: three as red, green, blue (e.g. 4,3,2) "
                         "or one as grey (default: the bands tagged red/green/blue, else the first "
-                        "three; one band as grey; a paletted band through its colour table)")
-    add_strategy_arguments(p)
+                        "three; one band as grey; a paletted band through its colour table; with an "
+                        "--adapter trained with --bands, those bands where the raster has them)")
+    # not given: the --adapter's training settings, else the engine's defaults (Engine.resolve_visual)
+    add_strategy_arguments(p, faithful_default=None, strategy_default=None)
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=None, help="where heatmaps are written")
@@ -77,16 +80,6 @@ def _geojson_file(path: Path) -> dict:
     return data
 
 
-def band_list(text: str) -> list[int]:
-    """argparse type of --bands: comma-separated 1-based band numbers."""
-    try:
-        return [int(b) for b in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bands must be 1-based band numbers separated by commas, e.g. 4,3,2; got {text!r}"
-        ) from None
-
-
 def bands_text(bands, palette: bool = False) -> str:
     """Which bands of the raster the model saw, in words, from a ``result`` event's ``bands``
     and ``palette``: "bands 4, 3, 2 (red, green, blue)", "band 1 as grey", "band 1 through its
@@ -99,6 +92,16 @@ def bands_text(bands, palette: bool = False) -> str:
     if len(set(bands)) == 1:
         return f"band {bands[0]} as grey"
     return f"bands {', '.join(str(b) for b in bands)} (red, green, blue)"
+
+
+def adapter_text(health: dict) -> str:
+    """'adapter: DIR (trained with strategy anchored, 4 tokens a tile, ...)' from /health fields."""
+    from engine.adapter_settings import settings_text
+
+    settings = health.get("adapter_settings")
+    how = (f"trained with {settings_text(settings)}; used where no option says otherwise" if settings else
+           "no record of its training settings (geovqa_training.json): the engine's defaults")
+    return f"adapter: {health.get('adapter')} ({how})"
 
 
 def checked_ask_fields(args: argparse.Namespace) -> dict:
@@ -182,6 +185,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             result = event
     if result is not None and not args.json:
         print()
+        if args.adapter is not None:
+            print(adapter_text(health), file=sys.stderr)
         tok, tim = result["tokens"], result["timings"]
         peak = result.get("peak_memory_bytes")
         print(f"visual tokens: {tok['visual_kept']} kept of {tok['visual_candidates']} "

@@ -35,6 +35,30 @@ def count_or_never(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def band_list(text: str) -> list[int]:
+    """argparse type of ``ask --bands``: comma-separated 1-based band numbers (whether the raster
+    has them is checked with the raster)."""
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bands must be 1-based band numbers separated by commas, e.g. 4,3,2; got {text!r}"
+        ) from None
+
+
+def band_choice(text: str) -> list[int]:
+    """argparse type of ``finetune --bands``: `band_list`, and one band (grey) or three (red,
+    green, blue), each at least 1, as `ask` and the protocol take them; whether each image has
+    them is checked with the data."""
+    from engine.data import bands_problem  # noqa: PLC0415
+
+    bands = band_list(text)
+    problem = bands_problem(bands)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return bands
+
+
 def writable_folder_problem(folder: Path, option: str) -> str | None:
     """Why ``folder`` (made when missing) cannot take the files of ``option``, or None: checked
     before a model loads, not when its first file is written."""
@@ -64,17 +88,22 @@ def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True,
 
 
 def add_strategy_arguments(p: argparse.ArgumentParser, *, faithful_default: bool | None = False,
-                           budget_help: str = "hard cap on visual tokens") -> None:
+                           budget_help: str = "hard cap on visual tokens",
+                           strategy_default: str | None = DEFAULT_STRATEGY) -> None:
     """--strategy, --budget, --tokens-per-tile, --faithful-empty-slots.
 
     `faithful_default` None lets a caller tell "not given" from "off" (eval's saved run
-    settings)."""
-    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
-                   help=f"visual token strategy (default {DEFAULT_STRATEGY})")
-    p.add_argument("--budget", type=positive_int, default=None, help=budget_help)
+    settings); `strategy_default` None does the same for --strategy (`ask`: a loaded adapter's
+    training settings fill in what is not given, then the engine's defaults)."""
+    adapter_first = "the --adapter's training setting, else " if strategy_default is None else ""
+    p.add_argument("--strategy", default=strategy_default, choices=STRATEGIES,
+                   help=f"visual token strategy (default: {adapter_first}{DEFAULT_STRATEGY})")
+    p.add_argument("--budget", type=positive_int, default=None,
+                   help=budget_help + (f" (default: {adapter_first}none)" if adapter_first else ""))
     p.add_argument("--tokens-per-tile", type=positive_int, default=None,
-                   help="geollava / anchored: tokens kept a tile (default: the checkpoint's own, "
+                   help=f"geollava / anchored: tokens kept a tile (default: {adapter_first}the checkpoint's own, "
                         f"MAX_TOKENS of its mm_patch_merge_type: {DEFAULT_TOKENS_PER_TILE} for GeoLLaVA-8K)")
     p.add_argument("--faithful-empty-slots", action="store_true", default=faithful_default,
                    help="geollava: tokens-per-tile tokens for every tile as the released checkpoint "
-                        "sends them (zero tokens for missing clusters, placed after each tile's real tokens)")
+                        "sends them (zero tokens for missing clusters, placed after each tile's real tokens)"
+                        + (f" (default: {adapter_first}off)" if adapter_first else ""))

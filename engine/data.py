@@ -15,7 +15,13 @@ the record's index (0-based position in the file), its id and a sentence saying 
 * ``no_image_token`` the first user turn lacks ``<image>``, or ``<image>`` appears more than once;
 * ``missing_image``  no ``image`` field or the file does not exist;
 * ``unreadable_image`` neither GDAL (rasterio) nor Pillow can open it;
-* ``too_large``      width x height exceeds ``max_pixels``.
+* ``too_large``      width x height exceeds ``max_pixels``;
+* ``bad_bands``      the record's ``bands`` (or ``--bands``) is not one or three 1-based band
+                     numbers, or names a band the image lacks.
+
+A record may carry ``"bands": [4, 3, 2]``, the bands the model sees as red, green and blue (one
+band: grey), as ``ask --bands`` and the plugin choose them; it replaces ``--bands`` for that
+record. Keys a record carries beyond these (LLaVA data often has some) are ignored.
 
 With ``on_bad="stop"`` the first bad sample raises `DataError` (its message names the index);
 with ``on_bad="skip"`` bad samples are left out of training and all of them are written to a
@@ -37,7 +43,7 @@ USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
 SYSTEM_ROLES = {"system"}
 BAD_REASONS = ("malformed", "no_image_token", "missing_image", "unreadable_image", "too_large",
-               "too_long", "visual_failed", "out_of_memory")
+               "bad_bands", "too_long", "visual_failed", "out_of_memory")
 
 
 class DataError(ValueError):
@@ -60,6 +66,8 @@ class Sample:
     turns: list[Turn]
     image_size: tuple[int, int] = (0, 0)  # (width, height) read from the file header
     system: str | None = None
+    bands: list[int] | None = None  # the bands the model sees: the record's, else --bands, else None (default)
+    bands_from_record: bool = False  # the record gave its own "bands"
 
     @property
     def first_question(self) -> str:
@@ -156,6 +164,12 @@ class _BrokenLine:
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, via rasterio (any GDAL format) then Pillow.
     Raises OSError when neither can open the file."""
+    return image_header(path)[:2]
+
+
+def image_header(path: Path) -> tuple[int, int, int]:
+    """(width, height, band count) from the file header, via rasterio (any GDAL format) then
+    Pillow. Raises OSError when neither can open the file."""
     errors = []
     try:
         import warnings  # noqa: PLC0415
@@ -165,7 +179,7 @@ def image_size(path: Path) -> tuple[int, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # plain PNG/JPEG: "not georeferenced" is expected
             with rasterio.open(path) as ds:
-                return int(ds.width), int(ds.height)
+                return int(ds.width), int(ds.height), int(ds.count)
     except Exception as exc:  # noqa: BLE001 - rasterio raises several unrelated types
         errors.append(str(exc))
     try:
@@ -173,7 +187,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
         Image.MAX_IMAGE_PIXELS = None  # size is judged by our own rule below
         with Image.open(path) as im:
-            return int(im.width), int(im.height)
+            return int(im.width), int(im.height), len(im.getbands())
     except Exception as exc:  # noqa: BLE001
         errors.append(str(exc))
     raise OSError("; ".join(errors))
@@ -200,8 +214,10 @@ def validate_record(
     image_root: str | Path | None = None,
     data_dir: str | Path = ".",
     max_pixels: int | None = None,
+    bands: Sequence[int] | None = None,
 ) -> Sample | BadSample:
-    """Check one record; return a `Sample` or a `BadSample` naming what is wrong."""
+    """Check one record; return a `Sample` or a `BadSample` naming what is wrong. `bands` (the
+    --bands of the run) applies where the record has no "bands" of its own."""
     if isinstance(record, _BrokenLine):
         return BadSample(index, None, "malformed", f"line {record.lineno} is not valid JSON ({record.error})")
     if not isinstance(record, dict):
@@ -245,6 +261,11 @@ def validate_record(
     if n_tokens != 1:
         return bad("no_image_token", f"{IMAGE_TOKEN} appears {n_tokens} times; exactly once is required")
 
+    own_bands = record.get("bands")
+    if own_bands is not None:
+        problem = bands_problem(own_bands)
+        if problem:
+            return bad("bad_bands", f"has a 'bands' field that {problem}")
     rel, reason, msg = _image_field(record)
     if rel is None:
         return bad(reason, msg)
@@ -257,14 +278,32 @@ def validate_record(
     if path is None:
         return bad("missing_image", "image not found: " + " or ".join(str(c) for c in candidates))
     try:
-        w, h = image_size(path)
+        w, h, count = image_header(path)
     except OSError as exc:
         return bad("unreadable_image", f"image {path} cannot be read ({exc})")
     if max_pixels is not None and w * h > max_pixels:
         return bad("too_large", f"image {path} has {w} x {h} = {w * h:,} pixels, more than "
                    f"--max-pixels {max_pixels:,}")
+    chosen = list(own_bands) if own_bands is not None else (list(bands) if bands else None)
+    missing = [b for b in chosen or () if b > count]
+    if missing:
+        source = "its 'bands'" if own_bands is not None else "--bands"
+        return bad("bad_bands", f"image {path} has {count} band(s); {source} names band(s) {missing}")
     return Sample(index=index, id=sid if sid is not None else str(index), image=path, turns=turns,
-                  image_size=(w, h), system=system)
+                  image_size=(w, h), system=system, bands=chosen, bands_from_record=own_bands is not None)
+
+
+def bands_problem(value: Any) -> str | None:
+    """What is wrong with a band choice (as `ask --bands` and the protocol's `bands` take it:
+    one band, shown as grey, or three, red, green and blue, 1-based), or None."""
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in value)):
+        return "is not a list of band numbers (1-based), e.g. [4, 3, 2]"
+    if len(value) not in (1, 3):
+        return f"names {len(value)} bands; give one (shown as grey) or three (red, green, blue)"
+    if any(b < 1 for b in value):
+        return f"names band(s) {[b for b in value if b < 1]}; bands are numbered from 1"
+    return None
 
 
 def load_dataset(
@@ -275,6 +314,7 @@ def load_dataset(
     on_bad: str = "skip",
     report_path: str | Path | None = None,
     progress: Any = None,
+    bands: Sequence[int] | None = None,
 ) -> tuple[list[Sample], DataReport]:
     """Load and validate every record. `on_bad` is 'skip' or 'stop'. With 'skip' every bad
     sample goes to `report_path` (JSON Lines; written even when empty so its absence never
@@ -286,7 +326,8 @@ def load_dataset(
     report = DataReport(path=str(p), total=len(records))
     samples: list[Sample] = []
     for i, rec in enumerate(records):
-        res = validate_record(rec, i, image_root=image_root, data_dir=p.parent, max_pixels=max_pixels)
+        res = validate_record(rec, i, image_root=image_root, data_dir=p.parent, max_pixels=max_pixels,
+                              bands=bands)
         if isinstance(res, BadSample):
             if on_bad == "stop":
                 raise DataError(f"Bad training data in {p}, {res.describe()}. "
@@ -312,20 +353,49 @@ def write_bad_report(bad: Iterable[BadSample], path: str | Path) -> None:
             f.write(json.dumps(asdict(b), ensure_ascii=False) + "\n")
 
 
-def split_train_val(samples: Sequence[Sample], fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Seeded random split; at least one validation sample when fraction > 0 and there are two
-    or more samples; the training part keeps file order."""
+def split_train_val(samples: Sequence[Sample], fraction: float, seed: int = 0, *,
+                    by: str = "raster") -> tuple[list[Sample], list[Sample]]:
+    """Seeded random split; the training part keeps file order.
+
+    ``by="raster"`` (default) holds out whole rasters: every question about a held-out image is
+    in validation, none in training, so the validation loss tells how the adapter does on scenes
+    it has not seen (VQA data asks several questions about each scene). `fraction` is then the
+    share of distinct images held out: at least one when fraction > 0, never all. With fewer than
+    two distinct images (or ``by="record"``) records are split instead, at least one validation
+    record when fraction > 0 and there are two or more records; `split_is_by_raster` says which
+    happened."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"the validation fraction must be in [0, 1), not {fraction}")
-    n = len(samples)
-    n_val = int(round(n * fraction))
-    if fraction > 0 and n >= 2:
-        n_val = max(1, min(n_val, n - 1))
-    else:
-        n_val = 0
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
+    if by not in ("raster", "record"):
+        raise DataError(f"by must be 'raster' or 'record', not {by!r}")
+    if by == "raster" and split_is_by_raster(samples, fraction):
+        rasters = sorted({_raster_key(s) for s in samples})
+        held = set(_held_out(rasters, fraction, seed))
+        train = [s for s in samples if _raster_key(s) not in held]
+        val = [s for s in samples if _raster_key(s) in held]
+        return train, val
+    val_idx = set(_held_out(list(range(len(samples))), fraction, seed))
     train = [s for i, s in enumerate(samples) if i not in val_idx]
     val = [s for i, s in enumerate(samples) if i in val_idx]
     return train, val
+
+
+def split_is_by_raster(samples: Sequence[Sample], fraction: float) -> bool:
+    """Whether `split_train_val(..., by="raster")` holds out whole rasters (two or more distinct
+    images and a fraction above 0) rather than records."""
+    return fraction > 0 and len({_raster_key(s) for s in samples}) >= 2
+
+
+def _raster_key(sample: Sample) -> str:
+    return str(Path(sample.image).resolve()) if sample.image is not None else ""
+
+
+def _held_out(items: list, fraction: float, seed: int) -> list:
+    """The seeded `fraction` of `items` to hold out: at least one and never all when fraction > 0
+    and there are two or more, none otherwise."""
+    n = len(items)
+    n_val = int(round(n * fraction))
+    n_val = max(1, min(n_val, n - 1)) if fraction > 0 and n >= 2 else 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order[:n_val]]

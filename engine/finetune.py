@@ -55,8 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engine.cli_args import add_model_arguments, add_strategy_arguments, count_or_never, positive_int
-from engine.data import DataError, Sample, load_dataset, split_train_val, strip_image_token
+from engine.cli_args import add_model_arguments, add_strategy_arguments, band_choice, count_or_never, positive_int
+from engine.adapter_settings import training_settings
+from engine.data import DataError, Sample, load_dataset, split_is_by_raster, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
                                  resolved_quantization, with_model_choice, with_resolved_quantization)
@@ -194,11 +195,18 @@ def _base(model):
 # ------------------------------------------------------------------------------ visual tokens
 
 def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_tile: int | None = None,
-                      seed: int = 0, tokenizer=None,
-                      faithful_empty_slots: bool = False) -> Callable[[Sample], Any]:
+                      seed: int = 0, tokenizer=None, faithful_empty_slots: bool = False,
+                      bands: Sequence[int] | None = None) -> Callable[[Sample], Any]:
     """A function sample -> visual embeddings (N, H) built by `engine.pipeline.prepare_visual`
     (the very path `ask` uses: raster read, anyres tiling, CLIP, the strategy), without
-    gradients. The question given to text-guided strategies is the first user turn."""
+    gradients. The question given to text-guided strategies is the first user turn. The bands
+    read are the sample's own (its record's "bands", else --bands, `engine.data`), else `bands`,
+    else the engine's default choice, as `ask` makes it.
+
+    The model runs in eval mode while the tokens are built (train mode is restored after): the
+    text-guided strategies (`pyramid`, `budget`) score the image through the first decoder
+    layer's q/k projections, which carry LoRA, and LoRA dropout in train mode would pick other
+    tokens on every pass than `ask` (eval mode) picks."""
     import torch  # noqa: PLC0415
 
     from engine.pipeline import prepare_visual  # noqa: PLC0415
@@ -206,10 +214,17 @@ def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_ti
     base = _base(model)
 
     def fn(sample: Sample):
-        with torch.no_grad():
-            vis = prepare_visual(base, str(sample.image), sample.first_question, strategy=strategy,
-                                 budget=budget, tokens_per_tile=tokens_per_tile, seed=seed,
-                                 tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                vis = prepare_visual(base, str(sample.image), sample.first_question, strategy=strategy,
+                                     budget=budget, tokens_per_tile=tokens_per_tile, seed=seed,
+                                     bands=getattr(sample, "bands", None) or (list(bands) if bands else None),
+                                     tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
+        finally:
+            if was_training:
+                model.train()
         return vis.selection.embeds.detach()
 
     return fn
@@ -237,6 +252,9 @@ class TrainConfig:
     keep_checkpoints: int | None = None
     on_bad: str = "stop"  # what a sample whose image fails in the visual path does: stop | skip
     run_args: dict | None = None  # written to finetune_args.json once a resume's checkpoint is restored
+    # the visual-token settings written into every adapter folder (geovqa_training.json): what
+    # `ask` / `serve --adapter` use when a question gives none of its own
+    adapter_settings: dict | None = None
 
 
 def upcast_lm_norms(model) -> int:
@@ -345,8 +363,34 @@ class _SampleOutOfMemory(Exception):
         return f"ran out of memory in the {self.phase} pass at {self.n_tokens} tokens (text + visual)"
 
 
+def save_adapter(model, folder: Path, adapter_settings: dict | None = None) -> Path:
+    """The peft adapter in `folder`, with the visual-token settings it was trained on
+    (`engine.adapter_settings`, read back by `ask` / `serve --adapter`)."""
+    from engine.adapter_settings import write_training_settings  # noqa: PLC0415
+
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+    if adapter_settings is not None:
+        write_training_settings(folder, adapter_settings)
+    _share_as_umask_allows(folder)
+    return folder
+
+
+def _share_as_umask_allows(folder: Path) -> None:
+    """Give the adapter's files the mode every other file of the run gets (0o666 & ~umask):
+    safetensors writes adapter_model.safetensors with 0600 whatever the umask, so an adapter copied
+    to a shared drive or served by another account (`serve --adapter`) could not be read."""
+    import os  # noqa: PLC0415
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in Path(folder).iterdir():
+        if p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):  # a file system without modes (FAT, some shares)
+                os.chmod(p, 0o666 & ~mask)
+
+
 def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Path,
-                    rng: dict[str, Any] | None = None) -> Path:
+                    rng: dict[str, Any] | None = None, adapter_settings: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically (a temporary folder renamed). `rng` is the RNG state to
     store (default: now), so that a checkpoint taken after an interruption can hold the state of
     the end of its step."""
@@ -359,7 +403,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Pat
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
+    save_adapter(model, tmp / "adapter", adapter_settings)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng if rng is not None else _rng_state(), "step": step, "micro": micro,
                 "format": 1},
@@ -616,7 +660,8 @@ def train(
         """checkpoint-<last finished step> unless it is already on disk (or nothing was done)."""
         if done["step"] == done["saved"] or done["step"] == 0:
             return None
-        d = save_checkpoint(model, optimizer, scheduler, done["step"], done["micro"], out, rng=done["rng"])
+        d = save_checkpoint(model, optimizer, scheduler, done["step"], done["micro"], out, rng=done["rng"],
+                            adapter_settings=cfg.adapter_settings)
         done["saved"] = done["step"]
         return d
 
@@ -682,7 +727,8 @@ def train(
                 bar.set_postfix(post)
                 bar.update(1)
             if cfg.save_every and (step % cfg.save_every == 0 or step == total):
-                save_checkpoint(model, optimizer, scheduler, step, micro, out)
+                save_checkpoint(model, optimizer, scheduler, step, micro, out,
+                                adapter_settings=cfg.adapter_settings)
                 done["saved"] = step
                 _prune_checkpoints(out, cfg.keep_checkpoints)
     except BaseException as exc:  # Ctrl-C, a bad sample with --on-bad-sample stop, a crash: keep the work
@@ -704,7 +750,7 @@ def train(
     if bar is not None:
         bar.close()
     adapter_dir = out / "adapter"
-    model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
+    save_adapter(model, adapter_dir, cfg.adapter_settings)
     plot_log(log_path, out / "loss.png")
     summary = {"steps": step, "trainable_parameters": n_trainable, "train_samples": len(train_samples),
                "val_samples": len(val_samples), "adapter": str(adapter_dir), "log": str(log_path),
@@ -732,6 +778,9 @@ def _append_bad(path: Path, entries: list[tuple[Sample, str, str]]) -> None:
 
 # ---------------------------------------------------------------------------------------- CLI
 
+DEFAULT = " (default: %(default)s)"  # --help shows each default, as ask's and eval's options do
+
+
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="training data: LLaVA conversation JSON list or JSONL")
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, log, adapter)")
@@ -744,26 +793,39 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-bad-sample", choices=["skip", "stop"], default="stop",
                         help="skip bad samples (each listed in OUT/bad_samples.jsonl) or stop at the first (default: stop)")
     add_strategy_arguments(parser, budget_help="visual token budget per sample")
-    parser.add_argument("--lora-r", type=positive_int, default=16)
-    parser.add_argument("--lora-alpha", type=int, default=32)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--bands", type=band_choice, default=None,
+                        help="1-based bands the model sees, as `ask --bands` and the QGIS plugin send them: "
+                             "three as red, green, blue (e.g. 4,3,2) or one as grey (default: the engine's "
+                             "choice for each raster: the bands tagged red/green/blue, else the first three); "
+                             "a record's own \"bands\" field replaces it")
+    parser.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank" + DEFAULT)
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale (alpha / r)" + DEFAULT)
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input" + DEFAULT)
     parser.add_argument("--target-modules", default=",".join(LM_TARGETS),
-                        help="LM linear layers that get adapters (comma-separated; add lm_head to adapt the output head)")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup-ratio", type=float, default=0.03)
-    parser.add_argument("--grad-accum", type=positive_int, default=4)
-    parser.add_argument("--epochs", type=float, default=1.0)
+                        help="LM linear layers that get adapters (comma-separated; add lm_head to adapt the output head)"
+                             + DEFAULT)
+    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate of the adapters" + DEFAULT)
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay" + DEFAULT)
+    parser.add_argument("--warmup-ratio", type=float, default=0.03,
+                        help="share of the steps the cosine schedule warms up over" + DEFAULT)
+    parser.add_argument("--grad-accum", type=positive_int, default=4,
+                        help="samples a step (batch 1 x this); the effective batch" + DEFAULT)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training samples" + DEFAULT)
     parser.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--max-length", type=positive_int, default=32768, help="longest sequence (text + visual tokens)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = none)" + DEFAULT)
+    parser.add_argument("--max-length", type=positive_int, default=32768,
+                        help="longest sequence (text + visual tokens)" + DEFAULT)
     parser.add_argument("--save-every", type=count_or_never, default=100,
-                        help="checkpoint every N optimizer steps (0 = none; the final adapter is always written)")
-    parser.add_argument("--keep-checkpoints", type=positive_int, default=None, help="keep only the newest N checkpoints")
+                        help="checkpoint every N optimizer steps (0 = none; the final adapter is always written)"
+                             + DEFAULT)
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=None,
+                        help="keep only the newest N checkpoints (default: keep all)")
     parser.add_argument("--eval-every", type=count_or_never, default=100,
-                        help="validation loss every N steps (0 = never)")
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+                        help="validation loss every N steps (0 = never)" + DEFAULT)
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="share of the distinct rasters held out whole for validation" + DEFAULT)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the split, the data order and the adapters' initial weights" + DEFAULT)
     parser.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-*")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -777,9 +839,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 # it is the tiny random one. The learning rate, its schedule, --weight-decay, --lora-dropout,
 # --max-length and the length of the run (--epochs, --max-steps) may change on --resume.
 RESUME_KEYS = ("data", "image_root", "max_pixels", "weights", "demo_model", "quantization", "strategy", "budget",
-               "tokens_per_tile", "faithful_empty_slots", "seed", "val_fraction", "grad_accum",
+               "tokens_per_tile", "faithful_empty_slots", "bands", "seed", "val_fraction", "grad_accum",
                "lora_r", "target_modules", "lora_alpha")
-RESUME_DEFAULTS = {"faithful_empty_slots": False}  # runs from before the option existed
+RESUME_DEFAULTS = {"faithful_empty_slots": False, "bands": None}  # runs from before the options existed
 
 
 RESUME_PATH_KEYS = ("data", "weights", "image_root")  # recorded and compared as absolute paths
@@ -849,6 +911,32 @@ def _check_new_run(args: argparse.Namespace, out: Path) -> None:
                         "run would overwrite; train into another --out, or remove them to start over")
 
 
+def _recorded_split(args: argparse.Namespace, out: Path) -> str:
+    """How the run splits off its validation samples: by raster (whole images held out); a
+    --resume of a run made before that (its finetune_args.json has no "val_split") keeps the
+    record split it trained with, so its samples and their order stay the same."""
+    saved = out / "finetune_args.json"
+    if args.resume and saved.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            return str(json.loads(saved.read_text(encoding="utf-8")).get("val_split", "record"))
+    return "raster"
+
+
+def _split_note(samples: Sequence[Sample], val: Sequence[Sample], fraction: float, split_by: str) -> str:
+    """A line saying what the validation loss measures, or '' without validation samples."""
+    if not val:
+        return ""
+    images = {str(s.image) for s in samples}
+    held = {str(s.image) for s in val}
+    if split_by == "raster" and split_is_by_raster(samples, fraction):
+        return (f"validation: {len(val)} samples about {len(held)} of {len(images)} rasters, held out whole "
+                "(none of their questions is trained on)")
+    why = ("the run being resumed split its data so" if split_by == "record" else
+           "the data has a single raster")
+    return (f"validation: {len(val)} of {len(samples)} samples, held out by record ({why}): the validation "
+            "questions are about rasters the adapter also trains on")
+
+
 def _logged_steps(log: Path) -> int:
     """How many step rows a train_log.csv holds (0 when there is none: a run stopped before its
     first step leaves the header only)."""
@@ -865,6 +953,11 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     from engine.loader import load_model  # noqa: PLC0415
 
     lm_target_regex(_target_list(args.target_modules))  # a mistyped name, before anything loads
+    if args.image_root is not None and not Path(args.image_root).expanduser().is_dir():
+        root = Path(args.image_root).expanduser()
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"--image-root {root} {state}; give the folder the data file's relative image "
+                        "paths are under")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_new_run(args, out)
@@ -897,7 +990,8 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
 
     try:
         samples, report = load_dataset(args.data, image_root=args.image_root, max_pixels=args.max_pixels,
-                                       on_bad=args.on_bad_sample, report_path=bad_report, progress=progress)
+                                       on_bad=args.on_bad_sample, report_path=bad_report, progress=progress,
+                                       bands=args.bands)
     finally:
         if bar is not None:
             bar.close()
@@ -910,7 +1004,11 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
         print("  skipped " + b.describe(), file=sys.stderr)
     if len(report.bad) > 20:
         print(f"  ... and {len(report.bad) - 20} more in {bad_report}", file=sys.stderr)
-    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed)
+    split_by = _recorded_split(args, out)
+    train_s, val_s = split_train_val(samples, args.val_fraction, args.seed, by=split_by)
+    note = _split_note(samples, val_s, args.val_fraction, split_by)
+    if note:
+        print(note, file=sys.stderr)
 
     loaded = load_model(checkpoint["weights"], device=args.device, quantization=args.quantization)
     info = loaded.info
@@ -928,17 +1026,48 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
                      gradient_checkpointing=not args.no_gradient_checkpointing)
     factory = visual_fn_factory or default_visual_fn
     visual_fn = factory(model, strategy=args.strategy, budget=args.budget, tokens_per_tile=args.tokens_per_tile,
-                        seed=args.seed, tokenizer=loaded.tokenizer, faithful_empty_slots=args.faithful_empty_slots)
+                        seed=args.seed, tokenizer=loaded.tokenizer, faithful_empty_slots=args.faithful_empty_slots,
+                        bands=args.bands)
     cfg = TrainConfig(out=out, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                       grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
                       max_grad_norm=args.max_grad_norm, save_every=args.save_every, eval_every=args.eval_every,
                       seed=args.seed, resume=args.resume,
                       gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
                       progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
-                      on_bad=args.on_bad_sample, run_args=_run_args(args, checkpoint))
+                      on_bad=args.on_bad_sample, run_args={**_run_args(args, checkpoint), "val_split": split_by},
+                      adapter_settings=training_settings(
+                          args, records_with_own_bands=sum(1 for s in samples if s.bands_from_record)))
     summary = train(model, loaded.tokenizer, train_s, val_s, visual_fn, cfg, device=device, bad_report=bad_report,
                     reported_before={int(r["index"]) for r in earlier if isinstance(r.get("index"), int)})
-    print(f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "
-          f"{summary['trainable_parameters']:,} trainable parameters). Log: {summary['log']}, plot: {summary['plot']}.",
+    print(finished_text(summary, checkpoint, cfg.adapter_settings, weights_given=args.weights is not None),
           file=sys.stderr)
     return 0
+
+
+def finished_text(summary: dict, checkpoint: dict, adapter_settings: dict | None, *,
+                  weights_given: bool = True) -> str:
+    """The end-of-run message: what was written, the final validation loss, and ready-to-copy
+    ways to use the adapter (ask, serve, the QGIS plugin). The commands name the base model the
+    adapter was trained on (--weights), unless that was the demo model found without --weights."""
+    import shlex  # noqa: PLC0415
+
+    from engine.adapter_settings import settings_text  # noqa: PLC0415
+
+    adapter = shlex.quote(str(Path(summary["adapter"]).resolve()))
+    weights = "" if checkpoint.get("demo_model") and not weights_given else f" --weights {shlex.quote(str(checkpoint['weights']))}"
+    lines = [f"Adapter written to {summary['adapter']} ({summary['steps']} steps, "
+             f"{summary['trainable_parameters']:,} trainable parameters). Log: {summary['log']}, "
+             f"plot: {summary['plot']}."]
+    if summary.get("val_samples"):
+        val = summary.get("final_val_loss")
+        lines.append(f"Final validation loss: {val:.4f} ({summary['val_samples']} held-out samples)." if val is not None
+                     else f"Final validation loss: none ({summary['val_samples']} held-out samples, none usable).")
+    if adapter_settings:
+        lines.append(f"It was trained with {settings_text(adapter_settings)}; the engine uses these "
+                     "whenever a question does not set them.")
+    lines += ["Use it:",
+              f"  python -m engine ask RASTER \"question\"{weights} --adapter {adapter}",
+              f"  python -m engine serve{weights} --adapter {adapter}",
+              f"  QGIS plugin: Settings > Options > GeoVQA > Extra engine arguments: --adapter {adapter}"
+              " (then restart the local engine)"]
+    return "\n".join(lines)

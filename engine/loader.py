@@ -221,8 +221,9 @@ def load_model(
     from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
     from engine.tiny import is_tiny_checkpoint
 
+    adapter_settings = None
     if adapter is not None:  # a mistyped --adapter is refused now, not after minutes of loading the base
-        check_adapter(adapter)
+        adapter_settings = read_adapter_settings(check_adapter(adapter))
     path = Path(weights_dir)
     read_config_json(path)
     generation = read_generation_defaults(path)
@@ -294,6 +295,9 @@ def load_model(
         "demo": tiny,
         "model_name": TINY_MODEL_NAME if tiny else REAL_MODEL_NAME,
         "adapter": adapter_path,
+        # the visual-token settings the adapter was trained with (geovqa_training.json; None for
+        # an adapter without the file): the engine's defaults while it is loaded
+        "adapter_settings": adapter_settings,
         "vocab_limit": len(tokenizer),
         "repetition_penalty": generation.repetition_penalty,
     }
@@ -327,6 +331,17 @@ def check_adapter(adapter: str | os.PathLike) -> Path:
     if not (apath / "adapter_config.json").is_file():
         raise CheckpointError(f"{apath} is not a LoRA adapter folder (no adapter_config.json); {advice}")
     return apath
+
+
+def read_adapter_settings(adapter: str | os.PathLike) -> dict | None:
+    """The visual-token settings `finetune` recorded in the adapter folder (geovqa_training.json),
+    None for an adapter without them; a CheckpointError when the file is there but unusable."""
+    from engine.adapter_settings import AdapterSettingsError, read_training_settings
+
+    try:
+        return read_training_settings(adapter)
+    except AdapterSettingsError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def _apply_adapter(model, adapter: str | os.PathLike):

@@ -76,14 +76,16 @@ class AskRequest:
     raster_path: str
     question: str
     aoi: dict | None = None
+    # None in the visual-token fields means "not given": the loaded adapter's training setting
+    # (geovqa_training.json), else the engine's default (`Engine.resolve_visual`)
     bands: list[int] | None = None
-    strategy: str = DEFAULT_STRATEGY
+    strategy: str | None = None  # None: the adapter's, else DEFAULT_STRATEGY
     budget: int | None = None
-    tokens_per_tile: int | None = None  # None: the checkpoint's own (MAX_TOKENS of its config)
+    tokens_per_tile: int | None = None  # None: the adapter's, else the checkpoint's own (MAX_TOKENS of its config)
     max_new_tokens: int = 256
     seed: int | None = 0
     request_id: str | None = None
-    faithful_empty_slots: bool = False
+    faithful_empty_slots: bool | None = None  # None: the adapter's, else False
     # the raster's content hash when it was uploaded (set by the server, not a protocol field): an
     # upload lands in a new temporary file each time, so its path and mtime never repeat and the
     # caches would never serve a second question about it
@@ -101,7 +103,7 @@ class AskRequest:
             code, _, message = str(exc).partition(": ")
             hint = "Shorten the question." if code == "question_too_long" else None
             raise RequestError(code, message, hint) from None
-        if self.strategy not in STRATEGIES:
+        if self.strategy is not None and self.strategy not in STRATEGIES:
             raise RequestError(
                 "unknown_strategy",
                 f"Unknown token strategy {self.strategy!r}.",
@@ -111,7 +113,7 @@ class AskRequest:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise RequestError("bad_request", f"{name} must be a positive whole number, not {v!r}.")
-        if not isinstance(self.faithful_empty_slots, bool):
+        if self.faithful_empty_slots is not None and not isinstance(self.faithful_empty_slots, bool):
             raise RequestError("bad_request", "faithful_empty_slots must be true or false, "
                                               f"not {self.faithful_empty_slots!r}.")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -300,6 +302,8 @@ class Engine:
         self.output_dir = Path(output_dir) if output_dir else cache_dir() / "outputs"
         if prune_old_outputs:
             prune_outputs(self.output_dir, retention_days)
+        # what the loaded adapter was trained on (its geovqa_training.json), None without one
+        self.adapter_settings = (self.loaded.info or {}).get("adapter_settings")
         self.features = FeatureCache(max_bytes=feature_cache_bytes)
         self.prefixes = PrefixStore()
         self._lock = threading.Lock()
@@ -328,6 +332,7 @@ class Engine:
             "four_bit": bool(info.get("four_bit")),
             "attention": info.get("attention"),
             "adapter": info.get("adapter"),
+            "adapter_settings": self.adapter_settings,
             "strategies": [s for s in STRATEGIES if s in available()],
             "message": ("tiny random demo model: answers are meaningless; run `make weights`"
                         if self.demo else None),
@@ -339,6 +344,49 @@ class Engine:
         req = req.validated()
         with self._lock:
             yield from self._ask(req, cancel)
+
+    def resolve_visual(self, req: AskRequest) -> tuple[AskRequest, list[str]]:
+        """`req` with its visual-token fields filled in, and notes for the person asking.
+
+        A field the request leaves out (None) takes the loaded adapter's training setting
+        (`adapter_settings`), else the engine's default (strategy geollava, no budget, the
+        checkpoint's tokens a tile, empty slots dropped, the engine's band choice); a field it
+        gives is kept. A note says where an explicit value differs from what the adapter was
+        trained on, or where the adapter's bands do not fit the raster."""
+        import dataclasses
+
+        trained = self.adapter_settings
+        if not trained:
+            return dataclasses.replace(req, strategy=req.strategy or DEFAULT_STRATEGY,
+                                       faithful_empty_slots=bool(req.faithful_empty_slots)), []
+        from engine.adapter_settings import VISUAL_KEYS, settings_text
+
+        values: dict[str, Any] = {}
+        differs: list[str] = []
+        notes: list[str] = []
+        for key in VISUAL_KEYS:
+            given, learned = getattr(req, key), trained.get(key)
+            if given is None:
+                values[key] = learned
+            elif key in ("bands", "tokens_per_tile") and learned is None:
+                values[key] = given  # trained on the engine's choice: nothing to compare with
+            else:
+                values[key] = given
+                if (list(given) if key == "bands" else given) != learned:
+                    differs.append(_setting_text(key, given))
+        if req.bands is None and values["bands"] is not None:
+            count = _band_count(req.raster_path)
+            if count is not None and max(values["bands"]) > count:
+                notes.append(f"note: the adapter was trained on bands {', '.join(map(str, values['bands']))}; "
+                             f"this raster has {count}, so the engine's default bands are used")
+                values["bands"] = None
+        values["strategy"] = values["strategy"] or DEFAULT_STRATEGY
+        values["faithful_empty_slots"] = bool(values["faithful_empty_slots"])
+        if differs:
+            notes.insert(0, f"note: this request asks for {', '.join(differs)}, but the adapter was trained "
+                            f"with {settings_text(trained)}; its answers may be worse than on the visual "
+                            "tokens it learned on (leave these settings out to use the adapter's)")
+        return dataclasses.replace(req, **values), notes
 
     def _ask(self, req: AskRequest, cancel: threading.Event | None) -> Iterator[dict]:
         from engine.errors import Cancelled
@@ -356,6 +404,9 @@ class Engine:
                 raise Cancelled("the question was cancelled")
 
         path = _check_raster_path(req.raster_path)
+        req, notes = self.resolve_visual(req)
+        for note in notes:
+            yield ev("status", stage="read", progress=None, message=note)
         tokens_per_tile = req.tokens_per_tile or model_tokens_per_tile(self.model)
         strat = make_strategy(req.strategy, tokens_per_tile=tokens_per_tile, seed=req.seed,
                               tokenizer=self.tokenizer,
@@ -563,6 +614,25 @@ def prune_outputs(out_dir: Path, max_age_days: float) -> int:
         except OSError:  # in use or already gone: leave it
             pass
     return removed
+
+
+def _setting_text(key: str, value: Any) -> str:
+    if key == "bands":
+        return "bands " + ", ".join(str(b) for b in value)
+    if key == "faithful_empty_slots":
+        return "faithful empty slots " + ("on" if value else "off")
+    return f"{key.replace('_', ' ')} {value}"
+
+
+def _band_count(path: str) -> int | None:
+    """The raster's band count, None when it cannot be read here (the read reports why)."""
+    try:
+        import rasterio
+
+        with rasterio.open(path) as ds:
+            return int(ds.count)
+    except Exception:  # noqa: BLE001 - the raster read that follows gives the error
+        return None
 
 
 def _check_raster_path(path: str) -> str:

@@ -80,6 +80,11 @@ HEALTH_FIELDS = {
     "quantization": "str: 'nf4' | 'bf16' | 'fp32'",
     "four_bit": "bool",
     "attention": "str: 'flash_attention_2' | 'sdpa' | 'eager'",
+    "adapter": "str | null: the LoRA adapter folder the engine runs on top of the model (serve "
+    "--adapter DIR), null without one",
+    "adapter_settings": "dict | null: the visual-token settings that adapter was trained with "
+    "(strategy, budget, tokens_per_tile, faithful_empty_slots, bands, records_with_own_bands), "
+    "used for every request field left out; null without an adapter or for one without a record",
     "queue_length": "int: jobs waiting for the GPU",
     "max_upload_bytes": "int: largest raster POST /ask accepts as an upload (server setting)",
     "strategies": "list[str]",
@@ -96,11 +101,14 @@ ASK_FIELDS = {
     "blue), e.g. [4, 3, 2]; null: the engine's default (the bands tagged red, green and blue, "
     "else the first three non-alpha bands; one band, or two, as grey: the first; a single "
     "paletted 8-bit band through its colour table). The result says which it used",
-    "strategy": "str: one of STRATEGIES (default DEFAULT_STRATEGY)",
-    "budget": "int | null: hard cap on visual tokens entering the language model",
-    "tokens_per_tile": "int | null: geollava/anchored tokens kept a tile (default: the checkpoint's own, MAX_TOKENS of its mm_patch_merge_type, 24 for GeoLLaVA-8K)",
-    "faithful_empty_slots": "bool: geollava sends tokens_per_tile tokens for every tile as the "
-    "released checkpoint does, zero vectors for missing clusters (default false: dropped)",
+    "strategy": "str | null: one of STRATEGIES (default: the adapter's, see HEALTH_FIELDS "
+    "adapter_settings, else DEFAULT_STRATEGY)",
+    "budget": "int | null: hard cap on visual tokens entering the language model (default: the "
+    "adapter's, else none)",
+    "tokens_per_tile": "int | null: geollava/anchored tokens kept a tile (default: the adapter's, else the checkpoint's own, MAX_TOKENS of its mm_patch_merge_type, 24 for GeoLLaVA-8K)",
+    "faithful_empty_slots": "bool | null: geollava sends tokens_per_tile tokens for every tile as the "
+    "released checkpoint does, zero vectors for missing clusters (default: the adapter's, else "
+    "false: dropped)",
     "max_new_tokens": "int: default 256",
     "seed": "int | null: for strategies with randomness (0 to 2**63 - 1)",
     "request_id": "str | null: client id, echoed in every event; a newer one supersedes",
@@ -118,7 +126,9 @@ EVENT_TYPES = {
     "queued": {"position": "int: jobs ahead of this one, the running one included (0 = starts "
                "now); sent again each time it moves up",
                "job_id": "str: id for GET/DELETE /jobs/{id} (also the X-Job-Id header)"},
-    "status": {"stage": "str: STAGES", "progress": "float 0..1 | null", "message": "str"},
+    "status": {"stage": "str: STAGES", "progress": "float 0..1 | null", "message": "str (one "
+               "starting 'note: ' says that the request's visual-token settings differ from "
+               "those the loaded adapter was trained with)"},
     "token": {"text": "str: the next piece of the answer"},
     "result": {
         "answer": "str: the whole answer",

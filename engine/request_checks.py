@@ -37,7 +37,7 @@ def _int_field(body: dict, name: str, *, low: int, high: int | None = None,
     return value
 
 
-def _bool_field(body: dict, name: str, default: bool = False) -> bool:
+def _bool_field(body: dict, name: str, default: bool | None = False) -> bool | None:
     value = body.get(name)
     if value is None:
         return default
@@ -148,14 +148,16 @@ def validate_bands(value: Any, info: RasterInfo) -> list[int] | None:
 
 def validate_common(body: dict, known: tuple[str, ...]) -> dict:
     """Fields shared by /ask and /batch (model settings)."""
+    # strategy and faithful_empty_slots stay None when not given, as budget, tokens_per_tile and
+    # bands do: the engine then uses the loaded adapter's training settings, else its defaults
     return {
-        "strategy": validate_strategy(body.get("strategy"), known),
+        "strategy": None if body.get("strategy") is None else validate_strategy(body.get("strategy"), known),
         "budget": _int_field(body, "budget", low=1),
         "tokens_per_tile": _int_field(body, "tokens_per_tile", low=1, high=576),
         "max_new_tokens": _int_field(body, "max_new_tokens", low=1, high=MAX_NEW_TOKENS_LIMIT,
                                      default=256),
         "seed": _int_field(body, "seed", low=0, high=MAX_SEED, default=0),
-        "faithful_empty_slots": _bool_field(body, "faithful_empty_slots"),
+        "faithful_empty_slots": _bool_field(body, "faithful_empty_slots", default=None),
     }
 
 

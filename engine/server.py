@@ -206,6 +206,8 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
         info["protocol"] = protocol.PROTOCOL_VERSION
         info.setdefault("version", __version__)
         info.setdefault("strategies", list(known))
+        info.setdefault("adapter", None)
+        info.setdefault("adapter_settings", None)
         info["queue_length"] = jobs.queue_length()
         info["max_upload_bytes"] = settings.max_upload_bytes
         return info

@@ -39,8 +39,9 @@ def test_unknown_quantization_is_refused(cmd, capsys):
 @pytest.mark.parametrize("cmd", TOKEN_PATH)
 def test_token_path_options_share_defaults_and_choices(cmd):
     d = parse(cmd)
-    # tokens a tile: None = the checkpoint's own (resolved from its config, see test_pipeline)
-    assert (d.strategy, d.budget, d.tokens_per_tile) == (DEFAULT_STRATEGY, None, None)
+    # tokens a tile: None = the checkpoint's own (resolved from its config, see test_pipeline);
+    # ask's strategy None = the --adapter's training setting, else the default (Engine.resolve_visual)
+    assert (d.strategy, d.budget, d.tokens_per_tile) == (None if cmd == "ask" else DEFAULT_STRATEGY, None, None)
     for name in STRATEGIES:
         assert parse(cmd, "--strategy", name).strategy == name
     a = parse(cmd, "--budget", "512", "--tokens-per-tile", "12", "--faithful-empty-slots")
@@ -50,7 +51,7 @@ def test_token_path_options_share_defaults_and_choices(cmd):
 def test_eval_tells_an_unset_faithful_option_from_off():
     # eval's saved run settings hold null for runs that never gave it
     assert parse("eval").faithful_empty_slots is None
-    assert parse("ask").faithful_empty_slots is False
+    assert parse("ask").faithful_empty_slots is None  # the --adapter's setting, else off
     assert parse("finetune").faithful_empty_slots is False
 
 

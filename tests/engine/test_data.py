@@ -92,6 +92,55 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     assert split_train_val(samples, 0.0)[1] == []
 
 
+def test_the_validation_split_keeps_each_raster_on_one_side(tmp_path):
+    """VQA data asks several questions about each scene. Split by record, validation questions
+    were about scenes the adapter trains on: the validation loss measured recall of those scenes.
+    Whole rasters are held out now; the one-raster data above still splits by record."""
+    from engine.data import split_is_by_raster
+
+    rows = []
+    for k in range(4):
+        _img(tmp_path / f"scene{k}.png")
+        rows += [_row(f"{k}-{q}", image=f"scene{k}.png", q=f"<image>\nQuestion {q}?") for q in range(5)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    samples, _ = load_dataset(tmp_path / "d.json")
+    assert split_is_by_raster(samples, 0.25)
+    train, val = split_train_val(samples, 0.25, seed=0)
+    assert len(val) == 5 and len(train) == 15  # one raster of four, all its questions
+    assert not {str(s.image) for s in train} & {str(s.image) for s in val}
+    assert [s.index for s in train] == sorted(s.index for s in train)  # file order kept
+    # a tiny fraction still holds out one raster, never all of them
+    assert len({str(s.image) for s in split_train_val(samples, 0.01, seed=0)[1]}) == 1
+    assert len({str(s.image) for s in split_train_val(samples, 0.99, seed=0)[1]}) == 3
+    # by record on request
+    _, val = split_train_val(samples, 0.25, seed=0, by="record")
+    assert len(val) == 5 and len({str(s.image) for s in val}) > 1
+
+
+def test_a_record_may_choose_its_bands_and_carry_other_keys(tmp_path):
+    """A record's "bands" is checked like the rest (one band or three, 1-based, present in the
+    image: `bad_bands`); --bands (load_dataset's `bands`) applies where a record gives none. Keys
+    beyond the known ones (LLaVA data carries some) are accepted without a word."""
+    _img(tmp_path / "ok.png")  # 3 bands
+    rows = [dict(_row(0), bands=[3, 2, 1], source="HighRS-VQA", width=40),
+            _row(1),
+            dict(_row(2), bands=[4, 3, 2]),
+            dict(_row(3), bands=[1, 2]),
+            dict(_row(4), bands="1,2,3"),
+            dict(_row(5), bands=[0, 1, 2])]
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(rows))
+    samples, report = load_dataset(p, bands=[2])
+    assert [(s.id, s.bands, s.bands_from_record) for s in samples] == [("0", [3, 2, 1], True), ("1", [2], False)]
+    assert [(b.index, b.reason) for b in report.bad] == [(2, "bad_bands"), (3, "bad_bands"), (4, "bad_bands"),
+                                                         (5, "bad_bands")]
+    assert "has 3 band(s)" in report.bad[0].message and "[4]" in report.bad[0].message
+    # --bands naming a band the image lacks: every record without its own is a bad sample
+    samples, report = load_dataset(p, bands=[5])
+    assert [s.id for s in samples] == ["0"] and report.bad[0].index == 1 and "--bands" in report.bad[0].message
+    assert [s.bands for s in load_dataset(p)[0]] == [[3, 2, 1], None]
+
+
 def test_training_time_reasons_are_listed_reasons():
     from engine.data import BAD_REASONS
     from engine.finetune import TRAINING_TIME_REASONS

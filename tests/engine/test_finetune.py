@@ -328,7 +328,8 @@ def test_resume_refuses_another_token_path_or_base(tmp_path, tiny_checkpoint):
                         (["--target-modules", "q_proj"], "--target-modules"),
                         (["--grad-accum", "3"], "--grad-accum"),  # other samples behind each step
                         (["--image-root", str(tmp_path / "elsewhere")], "--image-root"),
-                        (["--max-pixels", "100"], "--max-pixels")):
+                        (["--max-pixels", "100"], "--max-pixels"),
+                        (["--bands", "3,2,1"], "--bands")):  # other colours than the run saw
         with pytest.raises(DataError, match=flag):
             _check_resume_settings(_args(data, out, tiny_checkpoint, *extra, "--resume"), out)
     # without --resume a new run may change anything (it starts over)
@@ -502,3 +503,242 @@ def test_resume_compares_the_resolved_base_model_not_the_flag_as_typed(tmp_path,
     saved["weights"] = None
     (out / "finetune_args.json").write_text(json.dumps(saved))
     _check_resume_settings(without_weights("--resume"), out)
+
+
+def _geotiff(path, data):
+    try:
+        from tests.engine.rasters import write_geotiff
+    except ImportError:  # pragma: no cover
+        from rasters import write_geotiff
+    return write_geotiff(path, data)
+
+
+@pytest.mark.parametrize("strategy", ["budget", "pyramid"])
+def test_training_selects_the_same_visual_tokens_as_ask(tmp_path, tiny_checkpoint, strategy):
+    """The text-guided strategies score the image through the LM's first decoder layer, whose
+    q_proj / k_proj carry LoRA. Built in train mode, LoRA dropout picked other tokens on every
+    pass, and other tokens than `ask` (eval mode) picks; the model stays in train mode after."""
+    from engine.finetune import add_lora, default_visual_fn
+    from engine.loader import load_model
+
+    loaded = load_model(tiny_checkpoint, device="cpu", quantization="fp32")
+    model = add_lora(loaded.model, r=4, alpha=8, dropout=0.05)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # an adapter that has learned something
+        if "lora_B" in name:
+            p.data.normal_(0, 1.0)
+    raster = _geotiff(tmp_path / "a.tif", np.random.default_rng(3).integers(0, 255, (3, 350, 420), dtype=np.uint8))
+    sample = Sample(index=0, id="0", image=raster, turns=[Turn("user", "<image>\nHow many buildings?"),
+                                                          Turn("assistant", "3")])
+    fn = default_visual_fn(model, strategy=strategy, budget=64, tokenizer=loaded.tokenizer)
+    model.eval()
+    at_inference = fn(sample)
+    model.train()  # as in the training loop
+    for _ in range(2):
+        got = fn(sample)
+        assert got.shape == at_inference.shape and torch.equal(got, at_inference)
+    assert model.training
+
+
+def test_finetune_takes_the_bands_ask_and_the_plugin_choose(tmp_path, tiny_checkpoint):
+    """`ask --bands 3,2,1` and the plugin (the bands the layer's style shows) choose the bands the
+    model sees; `finetune` had no --bands, so a 4-band BGRN stack always trained as bands 1,2,3.
+    --bands takes ask's syntax, a record's own "bands" replaces it, both reach prepare_visual."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(3):
+        path = _geotiff(tmp_path / f"bgrn{i}.tif", rng.integers(0, 4000, (4, 60, 80)).astype(np.uint16))
+        rows.append({"id": f"s{i}", "image": path, "conversations": [
+            {"from": "human", "value": "<image>\nHow many fields?"}, {"from": "gpt", "value": str(i)}]})
+    rows[2]["bands"] = [4]  # this record's own choice (near infrared as grey)
+    data = tmp_path / "bgrn.json"
+    data.write_text(json.dumps(rows))
+    for bad in ("3,2", "0,1,2", "red"):  # as ask: one band or three, 1-based
+        with pytest.raises(SystemExit):
+            _args(data, tmp_path / "x", tiny_checkpoint, "--bands", bad)
+    args = _args(data, tmp_path / "run", tiny_checkpoint, "--bands", "3,2,1", "--max-steps", "2",
+                 "--grad-accum", "3", "--val-fraction", "0", "--save-every", "0", "--strategy", "geollava")
+    assert args.bands == [3, 2, 1]
+    seen = {}
+
+    def factory(model, **kw):
+        fn = default_visual_fn(model, **kw)
+
+        def wrapped(sample):
+            from engine.raster import read_for_tiling
+
+            seen[sample.id] = read_for_tiling(str(sample.image), bands=sample.bands or kw["bands"]).bands
+            return fn(sample)
+
+        return wrapped
+
+    from engine.finetune import default_visual_fn
+
+    assert run_finetune(args, visual_fn_factory=factory) == 0
+    assert seen == {"s0": (3, 2, 1), "s1": (3, 2, 1), "s2": (4, 4, 4)}
+    assert json.loads((tmp_path / "run" / "finetune_args.json").read_text())["bands"] == [3, 2, 1]
+
+
+QUESTION = "How many buildings are there?"
+
+
+def _bgrn_data(root, n=2):
+    """n small 4-band uint16 GeoTIFFs (a BGRN-like stack), one question each."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        path = _geotiff(root / f"scene{i}.tif", rng.integers(0, 4000, (4, 350, 420)).astype(np.uint16))
+        rows.append({"id": f"s{i}", "image": path, "conversations": [
+            {"from": "human", "value": "<image>\n" + QUESTION}, {"from": "gpt", "value": str(i + 1)}]})
+    p = root / "train.json"
+    p.write_text(json.dumps(rows))
+    return p
+
+
+def _one_step(data, out, weights, *extra):
+    return _args(data, out, weights, "--max-steps", "1", "--grad-accum", "1", "--val-fraction", "0",
+                 "--save-every", "1", *extra)
+
+
+def _events(engine, **fields):
+    from engine.pipeline import AskRequest
+
+    return list(engine.ask(AskRequest(question=QUESTION, max_new_tokens=1, **fields)))
+
+
+def test_ask_with_an_adapter_sees_the_visual_tokens_it_was_trained_on(tmp_path, tiny_checkpoint):
+    """Trained with --strategy anchored --tokens-per-tile 4 --bands 3,2,1, the adapter was served
+    with the default geollava path at the checkpoint's 24 a tile and the default bands: nothing
+    recorded the settings. The adapter (and each checkpoint's) now records them; the engine uses
+    them for what a request leaves out, keeps what it gives (with a note), says them in /health;
+    an adapter without the record gets the defaults as before."""
+    from engine.loader import load_model
+    from engine.pipeline import Engine, prepare_visual
+
+    data = _bgrn_data(tmp_path)
+    out = tmp_path / "run"
+    assert run_finetune(_one_step(data, out, tiny_checkpoint, "--strategy", "anchored", "--bands", "3,2,1")) == 0
+    recorded = json.loads((out / "adapter" / "geovqa_training.json").read_text())
+    assert recorded == json.loads((out / "checkpoint-1" / "adapter" / "geovqa_training.json").read_text())
+    assert {k: recorded[k] for k in ("strategy", "budget", "tokens_per_tile", "faithful_empty_slots", "bands")} == {
+        "strategy": "anchored", "budget": None, "tokens_per_tile": 4, "faithful_empty_slots": False,
+        "bands": [3, 2, 1]}
+    raster = str(tmp_path / "scene0.tif")
+    base = load_model(tiny_checkpoint, device="cpu", quantization="fp32").model
+    trained = prepare_visual(base, raster, QUESTION, strategy="anchored", tokens_per_tile=4, bands=[3, 2, 1]).selection
+
+    eng = Engine(tiny_checkpoint, device="cpu", quantization="fp32", adapter=out / "adapter")
+    health = eng.health()
+    assert health["adapter"] == str((out / "adapter").resolve()) and health["adapter_settings"]["strategy"] == "anchored"
+    events = _events(eng, raster_path=raster)  # `ask --adapter DIR` and a request without settings
+    result = events[-1]
+    assert (result["strategy"], result["tokens"]["visual_kept"], result["bands"]) == \
+        ("anchored", int(trained.n_tokens), [3, 2, 1])
+    assert not [e for e in events if e["type"] == "status" and e["message"].startswith("note:")]
+    # a request's own settings are kept, and the difference is said
+    events = _events(eng, raster_path=raster, strategy="geollava", bands=[1, 2, 3])
+    notes = [e["message"] for e in events if e["type"] == "status" and e["message"].startswith("note:")]
+    assert events[-1]["strategy"] == "geollava" and events[-1]["bands"] == [1, 2, 3]
+    assert len(notes) == 1 and "strategy geollava" in notes[0] and "bands 1, 2, 3" in notes[0] \
+        and "strategy anchored" in notes[0], notes
+    # a raster without the adapter's bands: the engine's own choice, and a note says so
+    grey = _geotiff(tmp_path / "grey.tif", np.random.default_rng(1).integers(0, 255, (1, 300, 300), dtype=np.uint8))
+    events = _events(eng, raster_path=str(grey))
+    assert events[-1]["bands"] == [1, 1, 1]
+    assert any("this raster has 1" in e.get("message", "") for e in events if e["type"] == "status")
+
+    # an adapter of an older version (no record): the engine's defaults, as before
+    (out / "adapter" / "geovqa_training.json").unlink()
+    old = Engine(tiny_checkpoint, device="cpu", quantization="fp32", adapter=out / "adapter")
+    assert old.health()["adapter_settings"] is None
+    result = _events(old, raster_path=raster)[-1]
+    assert result["strategy"] == "geollava" and result["bands"] == [1, 2, 3]
+    # a broken record is refused when the adapter loads, not ignored
+    (out / "adapter" / "geovqa_training.json").write_text('{"strategy": "geolava"}')
+    from engine.loader import CheckpointError
+
+    with pytest.raises(CheckpointError, match="geovqa_training.json"):
+        load_model(tiny_checkpoint, device="cpu", quantization="fp32", adapter=out / "adapter")
+
+
+def test_ask_says_that_it_runs_an_adapter_and_with_what(tmp_path, tiny_checkpoint, capsys):
+    """`ask --adapter DIR` printed token counts, bands, timings: nothing said the answer came from
+    the base model plus an adapter, nor which visual-token settings it took from it."""
+    from engine.cli import main
+
+    data = _bgrn_data(tmp_path)
+    out = tmp_path / "run"
+    assert run_finetune(_one_step(data, out, tiny_checkpoint, "--strategy", "anchored")) == 0
+    capsys.readouterr()
+    ask = ["ask", str(tmp_path / "scene0.tif"), QUESTION, "--weights", str(tiny_checkpoint), "--device", "cpu",
+           "--quantization", "fp32", "--adapter", str(out / "adapter"), "--max-new-tokens", "1",
+           "--output-dir", str(tmp_path / "outputs")]
+    assert main(ask) == 0
+    err = capsys.readouterr().err
+    assert f"adapter: {(out / 'adapter').resolve()} (trained with strategy anchored, 4 tokens a tile" in err, err
+    assert "(anchored)" in err and "note:" not in err
+    assert main([*ask, "--strategy", "geollava"]) == 0
+    err = capsys.readouterr().err
+    assert "note: this request asks for strategy geollava" in err and "(geollava)" in err, err
+
+
+def test_the_adapter_weights_are_readable_as_the_umask_allows(tmp_path, tiny_checkpoint):
+    """safetensors wrote adapter_model.safetensors with mode 0600 whatever the umask, while every
+    other file of the run is 0644 (umask 022): an adapter copied to a shared drive or served by
+    another account (`serve --adapter`) could not be read ('Permission denied')."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert run_finetune(_one_step(_bgrn_data(tmp_path), out, tiny_checkpoint)) == 0
+    finally:
+        os.umask(old)
+    for folder in (out / "adapter", out / "checkpoint-1" / "adapter"):
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
+        assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_the_final_message_says_how_to_use_the_adapter(tmp_path, tiny_checkpoint, capsys):
+    """The run ended with 'Adapter written to OUT/adapter (...)': nothing said to pass it as
+    `--adapter DIR` to ask / serve or in the QGIS plugin's Extra engine arguments, nor the final
+    validation loss."""
+    import shlex
+
+    data = _write_data(tmp_path, n=6)
+    out = tmp_path / "run"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--val-fraction", "0.34")) == 0
+    err = capsys.readouterr().err
+    adapter = shlex.quote(str((out / "adapter").resolve()))
+    assert "validation: 2 samples about 2 of 6 rasters, held out whole" in err
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert f"Final validation loss: {summary['final_val_loss']:.4f} (2 held-out samples)." in err
+    assert f"python -m engine ask RASTER \"question\" --weights {shlex.quote(str(tiny_checkpoint.resolve()))} " \
+           f"--adapter {adapter}\n" in err, err
+    assert f"python -m engine serve --weights {shlex.quote(str(tiny_checkpoint.resolve()))} --adapter {adapter}\n" in err
+    assert f"Settings > Options > GeoVQA > Extra engine arguments: --adapter {adapter}" in err
+    assert "trained with strategy geollava, 4 tokens a tile" in err
+
+
+def test_a_wrong_image_root_is_named_as_a_missing_folder(tmp_path, tiny_checkpoint):
+    """A mistyped --image-root was reported as every sample's image being missing (or, with
+    --on-bad-sample skip, as no valid sample); the folder itself is named, before anything loads."""
+    data = _write_data(tmp_path, n=2)
+    with pytest.raises(DataError, match=r"--image-root .*imgs does not exist"):
+        run_finetune(_args(data, tmp_path / "run", tiny_checkpoint, "--image-root", str(tmp_path / "imgs")))
+    with pytest.raises(DataError, match=r"--image-root .*train.json is not a folder"):
+        run_finetune(_args(data, tmp_path / "run", tiny_checkpoint, "--image-root", str(data)))
+
+
+def test_help_shows_the_training_defaults(capsys):
+    from engine.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]  # past the usage line
+    for option, default in (("--lr", "0.0002"), ("--epochs", "1.0"), ("--grad-accum", "4"), ("--lora-r", "16"),
+                            ("--lora-alpha", "32"), ("--lora-dropout", "0.05"), ("--warmup-ratio", "0.03"),
+                            ("--val-fraction", "0.05"), ("--save-every", "100"), ("--max-length", "32768")):
+        after = text.split(f"{option} {option.lstrip('-').replace('-', '_').upper()}", 1)[1]
+        assert f"(default: {default})" in after.split(" --", 1)[0], (option, after[:200])
