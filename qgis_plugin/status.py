@@ -20,7 +20,7 @@ def summary(health: dict | None, error: str = "", url: str = "") -> tuple:
     bits = "4-bit nf4" if health.get("four_bit") else quant
     weights = "weights present" if health.get("weights_present") else "no real weights"
     where = f"{device}" + (f" ({gpu})" if gpu else "")
-    line = f"{model} on {where}, {bits}, {weights}"
+    line = f"{model} on {where}, {bits}, {weights}" + adapter_text(health)
     if status == "loading":
         return "loading", f"Engine is still loading: {health.get('message') or line}. Questions wait until it is ready."
     if status == "error":
@@ -28,6 +28,28 @@ def summary(health: dict | None, error: str = "", url: str = "") -> tuple:
     if health.get("demo_model"):
         return "demo", f"DEMO model (random weights, answers are meaningless): {line}"
     return "ok", f"Ready: {line}"
+
+
+def adapter_text(health: dict) -> str:
+    """", with adapter <folder> (trained with <strategy>, <n> tokens a tile, budget <b>)" when the
+    engine runs a fine-tuned adapter, so the dock's options can be set to what it learned on;
+    "" without one."""
+    adapter = health.get("adapter")
+    if not isinstance(adapter, str) or not adapter:
+        return ""
+    # its folder and the one above it: finetune writes OUT/adapter (OUT/checkpoint-N/adapter)
+    name = "/".join(adapter.replace("\\", "/").rstrip("/").split("/")[-2:]) or adapter
+    trained = health.get("adapter_settings")
+    if not isinstance(trained, dict):
+        return f", with adapter {name}"
+    parts = [str(trained["strategy"])] if trained.get("strategy") else []
+    if trained.get("tokens_per_tile"):
+        parts.append(f"{trained['tokens_per_tile']} tokens a tile")
+    if trained.get("budget"):
+        parts.append(f"budget {trained['budget']}")
+    if trained.get("bands"):
+        parts.append("bands " + ", ".join(str(b) for b in trained["bands"]))
+    return f", with adapter {name}" + (f" (trained with {', '.join(parts)})" if parts else "")
 
 
 TPT_AUTO = "the checkpoint's own"  # tokens a tile when none is set (0)

@@ -82,6 +82,16 @@ def test_health_fields_the_status_line_reads_exist(protocol):
     assert level == "demo" and "DEMO" in text
     level, text = status.summary(dict(health, status="loading", message="loading shards 2/4"))
     assert level == "loading" and "loading shards" in text
+    # a fine-tuned adapter, and what it was trained with: the dock's options can be set to match
+    assert "adapter" in protocol.HEALTH_FIELDS and "adapter_settings" in protocol.HEALTH_FIELDS
+    trained = {"format": 1, "strategy": "anchored", "budget": None, "tokens_per_tile": 4,
+               "faithful_empty_slots": False, "bands": [4, 3, 2], "records_with_own_bands": 0}
+    level, text = status.summary(dict(health, adapter="/runs/harbour/adapter", adapter_settings=trained))
+    assert level == "ok" and text.endswith(
+        "with adapter harbour/adapter (trained with anchored, 4 tokens a tile, bands 4, 3, 2)"), text
+    level, text = status.summary(dict(health, adapter="C:\\runs\\ships", adapter_settings=None))
+    assert text.endswith(", with adapter runs/ships"), text
+    assert "adapter" not in status.summary(health)[1]
 
 
 def test_every_error_body_becomes_a_clear_engine_error(protocol):
