@@ -207,7 +207,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N items")
     add_model_arguments(parser)
     # None when not given, so that runs saved before the option existed stay comparable
-    add_strategy_arguments(parser, faithful_default=None, budget_help="visual token budget per item")
+    add_strategy_arguments(parser, faithful_default=None, budget_help="visual token budget per item",
+                           strategy_default=None)
     parser.add_argument("--max-new-tokens", type=positive_int, default=64,
                         help="64 = the XLRS-Bench-lite protocol")
     parser.add_argument("--on-error", choices=ON_ERROR, default="stop",
@@ -318,8 +319,28 @@ def _check_images(args: argparse.Namespace, items: list[EvalItem]) -> None:
                         f"{'; ...' if len(missing) > 5 else ''}). Check --image-root.")
 
 
+def _adapter_defaults(args: argparse.Namespace) -> None:
+    """The visual-token settings left out take the --adapter's training settings (what `finetune`
+    recorded), then the engine's defaults; set on `args`, so the run records and compares them."""
+    from engine.adapter_settings import AdapterSettingsError, read_training_settings
+    from engine.protocol import DEFAULT_STRATEGY
+
+    trained = None
+    if getattr(args, "adapter", None) is not None:
+        try:
+            trained = read_training_settings(args.adapter)
+        except AdapterSettingsError as exc:
+            raise EvalError(str(exc)) from None
+    for key in ("strategy", "budget", "tokens_per_tile", "faithful_empty_slots"):
+        if getattr(args, key, None) is None and trained and trained.get(key) is not None:
+            setattr(args, key, trained[key])
+    if getattr(args, "strategy", None) is None:
+        args.strategy = DEFAULT_STRATEGY
+
+
 def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] | None = None) -> int:
     items = load_items(args.annotations, args.format, parse_field_map(getattr(args, "field", None)))
+    _adapter_defaults(args)
     if predict is None:
         _check_images(args, items)
         # resolved before the settings check, so that a rerun on another model (GEOVQA_WEIGHTS, the

@@ -675,6 +675,37 @@ def test_resume_compares_annotation_paths_as_files_not_text(tmp_path, monkeypatc
              predict=_predictor(MME_REPLIES, []))
 
 
+def test_eval_with_an_adapter_asks_with_the_visual_tokens_it_was_trained_on(tmp_path):
+    """An adapter trained with --strategy anchored --tokens-per-tile 4 was evaluated with the
+    default geollava tokens (eval sent an explicit strategy): the settings left out now take the
+    adapter's training settings, recorded in run_settings.json; given ones are kept."""
+    from engine.adapter_settings import write_training_settings
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    ann = _write(tmp_path / "mme.json", MME)
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    write_training_settings(adapter, {"format": 1, "strategy": "anchored", "budget": 512, "tokens_per_tile": 4,
+                                      "faithful_empty_slots": False, "bands": None, "records_with_own_bands": 0})
+    args = parser.parse_args([str(ann), "--out", str(tmp_path / "a"), "--adapter", str(adapter), "--limit", "1"])
+    run_eval(args, predict=_predictor(MME_REPLIES, []))
+    saved = json.loads((tmp_path / "a" / "run_settings.json").read_text())
+    assert (saved["strategy"], saved["budget"], saved["tokens_per_tile"]) == ("anchored", "512", "4")
+    args = parser.parse_args([str(ann), "--out", str(tmp_path / "b"), "--adapter", str(adapter), "--limit", "1",
+                              "--strategy", "geollava", "--tokens-per-tile", "24"])
+    run_eval(args, predict=_predictor(MME_REPLIES, []))
+    saved = json.loads((tmp_path / "b" / "run_settings.json").read_text())
+    assert (saved["strategy"], saved["budget"], saved["tokens_per_tile"]) == ("geollava", "512", "24")
+    args = parser.parse_args([str(ann), "--out", str(tmp_path / "c"), "--limit", "1"])  # no adapter: as before
+    run_eval(args, predict=_predictor(MME_REPLIES, []))
+    assert json.loads((tmp_path / "c" / "run_settings.json").read_text())["strategy"] == "geollava"
+    (adapter / "geovqa_training.json").write_text("{")
+    with pytest.raises(EvalError, match="cannot be read"):
+        run_eval(parser.parse_args([str(ann), "--out", str(tmp_path / "d"), "--adapter", str(adapter)]),
+                 predict=_predictor(MME_REPLIES, []))
+
+
 def test_a_rerun_on_another_model_is_refused_before_it_loads(tmp_path, monkeypatch, tiny_checkpoint):
     """--weights left out both times: the model GEOVQA_WEIGHTS, the default folder or the demo gave
     each run is what is compared, not the None typed."""
