@@ -40,8 +40,9 @@ def test_unknown_quantization_is_refused(cmd, capsys):
 def test_token_path_options_share_defaults_and_choices(cmd):
     d = parse(cmd)
     # tokens a tile: None = the checkpoint's own (resolved from its config, see test_pipeline);
-    # ask's strategy None = the --adapter's training setting, else the default (Engine.resolve_visual)
-    assert (d.strategy, d.budget, d.tokens_per_tile) == (None if cmd == "ask" else DEFAULT_STRATEGY, None, None)
+    # ask's and eval's strategy None = the --adapter's training setting, else the default
+    # (Engine.resolve_visual, evaluate._adapter_defaults)
+    assert (d.strategy, d.budget, d.tokens_per_tile) == (None if cmd in ("ask", "eval") else DEFAULT_STRATEGY, None, None)
     for name in STRATEGIES:
         assert parse(cmd, "--strategy", name).strategy == name
     a = parse(cmd, "--budget", "512", "--tokens-per-tile", "12", "--faithful-empty-slots")
