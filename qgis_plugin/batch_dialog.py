@@ -455,11 +455,13 @@ class BatchDialog(QDialog):
     def _stop_renderers(self):
         self._rendering = None
         for renderer in self._renderers:
+            if renderer.released:  # it let go of itself (deleted): nothing more comes of it
+                continue
             try:
                 renderer.done.disconnect()
             except TypeError:
                 pass
-            renderer.cancel()
+            renderer.cancel()  # it lets go of itself once its map job has stopped
         self._renderers = []
 
     def cancel(self):
