@@ -390,6 +390,9 @@ class BatchDialog(QDialog):
         run_id = self._run_id
 
         def done(p, err):
+            # the renderer lets go of itself after this (render.LayerRenderer): not kept here
+            if renderer in self._renderers:
+                self._renderers.remove(renderer)
             if run_id != self._run_id:  # the run this render was for was cancelled
                 return
             self._rendering = None
