@@ -322,6 +322,15 @@ def file_size_text(n: int) -> str:
 # --- writing the file ----------------------------------------------------------------------------
 
 
+def written_before_check() -> int:
+    """The most bytes the file written for an upload can grow past its limit before
+    :func:`translate_to_geotiff` sees it: GDAL keeps written blocks in its block cache until it
+    is full, so the file on disk lags behind by up to the cache's size."""
+    from osgeo import gdal
+
+    return int(gdal.GetCacheMax())
+
+
 class TooLargeToSend(Exception):
     """The file written for the upload grew past the engine's upload limit (it was stopped)."""
 
@@ -453,6 +462,8 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
     stop_at = file_size if file_fits else limit
     if not translate:
         needed = min(needed, file_size)  # a cut as large as the file is not sent
+    if stop_at is not None:  # the writing stops there, at most what is buffered before the check later
+        needed = min(needed, stop_at + written_before_check())
     folder = tempfile.gettempdir()
     fits, free = check_free_space(folder, needed)
     if not fits:

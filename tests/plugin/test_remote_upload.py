@@ -660,6 +660,31 @@ def test_a_cut_or_conversion_with_no_room_in_the_temporary_folder(capture, tmp_p
     assert upload.prepare_upload(vrt, {"window": [100, 50, 40, 30]}).window == (100, 50, 40, 30)
 
 
+def test_a_conversion_is_not_refused_for_room_beyond_the_upload_limit(tmp_path, monkeypatch, own_tempdir,
+                                                                       small_gdal_cache):
+    """The free-space check asked for room for every pixel uncompressed (75 MB here; 5.8 GB for a
+    27K 16-bit 4-band mosaic) although the writing stops once the file passes the engine's upload
+    limit (20 MB here; 2 GiB by default), at most what is buffered before the check later (16 MB
+    here): with 40 MB free the conversion, which takes 1 MB, was refused with "takes up to 75 MB"."""
+    from osgeo import gdal
+    from geovqa import upload
+    from geovqa.client import EngineError
+
+    src = write_raster(tmp_path / "tile.tif", width=100, height=100, pixel=50.0)
+    vrt = str(tmp_path / "mosaic.vrt")
+    gdal.Translate(vrt, src, format="VRT", width=5000, height=5000)
+    monkeypatch.setattr(upload, "free_bytes", lambda folder: upload.FREE_SPACE_RESERVE + 40_000_000)
+    up = upload.prepare_upload(vrt, None, max_bytes=20_000_000)
+    try:
+        assert os.path.getsize(up.path) < 20_000_000
+    finally:
+        up.cleanup()
+    with pytest.raises(EngineError) as err:  # the room asked for: the limit and what is buffered
+        upload.prepare_upload(vrt, None, max_bytes=30_000_000)
+    assert err.value.code == "no_space" and "takes up to 47 MB" in err.value.message, err.value.message
+    assert os.listdir(own_tempdir) == []
+
+
 @pytest.fixture(params=["real", "stub"])
 def remote_engine(request, monkeypatch):
     """The real engine (tiny model) or the stand-in, sent uploads as if on another computer; the
