@@ -56,6 +56,8 @@ CUT_MAX_SHARE = 0.6
 LOSSLESS_COMPRESSIONS = ("NONE", "DEFLATE", "LZW", "PACKBITS", "ZSTD", "LZMA")
 # room left in the temporary folder beyond the file written (other programs need some too)
 FREE_SPACE_RESERVE = 32 * 1024 * 1024
+# what one strip of pixels written for an upload may take, uncompressed (translate_to_geotiff)
+STRIP_BYTES = 16 * 1024 * 1024
 # DEFLATE cannot make data smaller than about 1/1032 of it (a 258-byte match, its longest, takes
 # at least 2 bits: 258 * 8 / 2 = 1032), and a TIFF only adds to it: a conversion whose pixels,
 # uncompressed, take more than this many times the engine's upload limit cannot come under it,
@@ -324,68 +326,188 @@ def file_size_text(n: int) -> str:
 
 def written_before_check() -> int:
     """The most bytes the file written for an upload can grow past its limit before
-    :func:`translate_to_geotiff` sees it: GDAL keeps written blocks in its block cache until it
-    is full, so the file on disk lags behind by up to the cache's size."""
-    from osgeo import gdal
-
-    return int(gdal.GetCacheMax())
+    :func:`translate_to_geotiff` sees it: one strip of pixels, uncompressed (each is flushed to
+    the file before its size is checked)."""
+    return STRIP_BYTES
 
 
 class TooLargeToSend(Exception):
     """The file written for the upload grew past the engine's upload limit (it was stopped)."""
 
 
-def translate_to_geotiff(path: str, dest: str, window: tuple | None = None, cancelled=None, progress=None,
-                         max_bytes: int | None = None) -> str:
-    """Write ``path`` (only ``window``, ``(col_off, row_off, width, height)``, when given) as one
-    GeoTIFF at ``dest`` with its placement, nodata and mask inside, at full resolution.
+# metadata domains of the source that are not copied: how the VRT itself is laid out
+SKIPPED_DOMAINS = ("IMAGE_STRUCTURE", "DERIVED_SUBDATASETS", "SUBDATASETS")
 
-    ``cancelled()`` is asked now and then; when it is true GDAL stops and OSError is raised.
-    ``progress(fraction)`` is told how far GDAL is (0..1). ``max_bytes``: GDAL stops as soon as
-    the file written so far is larger, and TooLargeToSend is raised (the partial file is left to
-    the caller to delete)."""
+
+def _source_vrt(path: str, window: tuple | None, size: tuple | None):
+    """``path`` as an in-memory VRT: only ``window`` of it, resampled to ``size`` (width,
+    height) when given (average; nearest for a band with a colour table, whose values are
+    indices, as the engine reads it). gdal.Translate makes it, so the georeferencing (GCPs
+    included, moved and scaled with the window), nodata, mask, colour tables and metadata are
+    exactly what gdal.Translate to a GeoTIFF would write."""
     from osgeo import gdal
 
-    too_large = []
-
-    def callback(fraction, _message, _data):
-        if cancelled is not None and cancelled():
-            return 0
-        if max_bytes is not None:
-            try:
-                written = os.path.getsize(dest)
-            except OSError:  # not created yet
-                written = 0
-            if written > max_bytes:
-                too_large.append(written)
-                return 0
-        if progress is not None:
-            progress(min(1.0, max(0.0, float(fraction))))
-        return 1
-
-    options = {"format": "GTiff", "creationOptions": CREATION_OPTIONS, "callback": callback}
+    options = {"format": "VRT"}
     if window is not None:
         options["srcWin"] = list(window)
+    if size is not None:
+        ds = open_with_gdal(path)
+        palette = ds is not None and any(ds.GetRasterBand(b).GetColorTable() is not None
+                                         for b in range(1, ds.RasterCount + 1))
+        ds = None
+        options.update(width=int(size[0]), height=int(size[1]), resampleAlg="nearest" if palette else "average")
+    return gdal.Translate("", path, **options)
+
+
+def _create_like(src, dest: str):
+    """An empty GeoTIFF at ``dest`` shaped and described as ``src`` (a VRT), as the GTiff
+    driver's CreateCopy describes it: georeferencing, GCPs, metadata, and per band the type,
+    nodata, colour table and interpretation, description, scale, offset and unit; a per-dataset
+    mask when ``src`` has one. No pixel is written yet."""
+    from osgeo import gdal
+
+    bands = [src.GetRasterBand(b) for b in range(1, src.RasterCount + 1)]
+    interps = [b.GetColorInterpretation() for b in bands]
+    options = list(CREATION_OPTIONS)
+    # the photometric interpretation CreateCopy chooses: RGB for bands tagged red, green, blue
+    # (first), a palette for one band with a colour table, else grey (MINISBLACK) with extra
+    # samples; an alpha band is told as such (ALPHA) whatever comes before it
+    if len(bands) >= 3 and interps[:3] == [gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand]:
+        options.append("PHOTOMETRIC=RGB")
+    elif len(bands) == 1 and bands[0].GetColorTable() is not None:
+        options.append("PHOTOMETRIC=PALETTE")
+    else:
+        options.append("PHOTOMETRIC=MINISBLACK")
+    if len(bands) > 1 and interps[-1] == gdal.GCI_AlphaBand:
+        options.append("ALPHA=" + (bands[-1].GetMetadataItem("ALPHA", "IMAGE_STRUCTURE") or "YES"))
+    types = {b.DataType for b in bands}
+    if len(types) != 1:
+        raise OSError("the bands are of different types, which one GeoTIFF cannot hold")
+    out = gdal.GetDriverByName("GTiff").Create(dest, src.RasterXSize, src.RasterYSize, len(bands), types.pop(),
+                                               options)
+    if out is None:
+        raise OSError(f"GDAL could not create {dest}: {gdal.GetLastErrorMsg()}")
+    gt = src.GetGeoTransform(can_return_null=True)
+    if gt is not None:
+        out.SetGeoTransform(gt)
+    srs = src.GetSpatialRef()
+    if srs is not None:
+        out.SetSpatialRef(srs)
+    if src.GetGCPCount():
+        out.SetGCPs(src.GetGCPs(), src.GetGCPSpatialRef())
+    for domain in src.GetMetadataDomainList() or []:
+        if domain not in SKIPPED_DOMAINS:
+            md = src.GetMetadata(domain)
+            if md:
+                out.SetMetadata(md, domain)
+    for i, band in enumerate(bands):
+        ob = out.GetRasterBand(i + 1)
+        nodata = band.GetNoDataValue()
+        if nodata is not None:
+            ob.SetNoDataValue(nodata)
+        table = band.GetColorTable()
+        if table is not None:
+            ob.SetColorTable(table)
+        if ob.GetColorInterpretation() != interps[i]:
+            ob.SetColorInterpretation(interps[i])
+        if band.GetDescription():
+            ob.SetDescription(band.GetDescription())
+        md = band.GetMetadata()
+        if md:
+            ob.SetMetadata(md)
+        if band.GetScale() not in (None, 1.0):
+            ob.SetScale(band.GetScale())
+        if band.GetOffset() not in (None, 0.0):
+            ob.SetOffset(band.GetOffset())
+        if band.GetUnitType():
+            ob.SetUnitType(band.GetUnitType())
+        names = band.GetCategoryNames()
+        if names:
+            ob.SetCategoryNames(names)
+    # a mask of its own (not one made of the nodata value or an alpha band), as CreateCopy copies it
+    if bands and bands[0].GetMaskFlags() == gdal.GMF_PER_DATASET:
+        if out.CreateMaskBand(gdal.GMF_PER_DATASET) != 0:
+            raise OSError(f"GDAL could not add a mask to {dest}: {gdal.GetLastErrorMsg()}")
+    return out
+
+
+def _strips(width: int, height: int, block: tuple, pixel_bytes: int):
+    """``(col, row, w, h)`` pieces of a ``width`` x ``height`` image, in rows of whole blocks
+    (``block``: width, height), each of at most :data:`STRIP_BYTES` (at least one block): every
+    block is whole when its piece is written, so it is compressed and written to the file once."""
+    bw, bh = block
+    row_bytes = max(1, width * pixel_bytes)
+    rows = max(bh, (STRIP_BYTES // (row_bytes * bh)) * bh)
+    cols = width
+    if rows == bh and row_bytes * bh > STRIP_BYTES:  # one row of blocks is already too much: fewer columns
+        cols = max(bw, (STRIP_BYTES // (bh * pixel_bytes * bw)) * bw)
+    for r in range(0, height, rows):
+        for c in range(0, width, cols):
+            yield c, r, min(cols, width - c), min(rows, height - r)
+
+
+def translate_to_geotiff(path: str, dest: str, window: tuple | None = None, cancelled=None, progress=None,
+                         max_bytes: int | None = None, size: tuple | None = None) -> str:
+    """Write ``path`` (only ``window``, ``(col_off, row_off, width, height)``, when given) as one
+    GeoTIFF at ``dest`` with its placement, nodata and mask inside, at full resolution, or at
+    ``size`` (width, height; see :func:`_source_vrt`).
+
+    Written in strips (:func:`_strips`), each flushed to the file before the next is read, so
+    neither the memory used nor the file's lag behind what was written grows beyond one strip
+    with GDAL's block cache (5 % of the memory by default). ``cancelled()`` is asked between
+    strips; when it is true the writing stops and OSError is raised. ``progress(fraction)`` is
+    told how far it is (0..1). ``max_bytes``: the writing stops as soon as the file is larger,
+    and TooLargeToSend is raised (the partial file is left to the caller to delete)."""
+    from osgeo import gdal
+
     # A mask must go inside the TIFF (GDAL < 3.9 writes an .msk beside it by default, which
     # would not be uploaded). Thread-local: other GDAL users in QGIS are not affected.
     previous = gdal.GetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", None)
     gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", "YES")
+    src = out = None
     try:
         try:
-            out = gdal.Translate(dest, path, **options)
-        except RuntimeError:  # GDAL with exceptions on: stopped by the callback, or failed
-            if too_large:
-                raise TooLargeToSend(too_large[-1]) from None
-            raise
-        if too_large:
-            out = None
-            raise TooLargeToSend(too_large[-1])
-        if out is None:
-            raise OSError(f"GDAL could not write {path} as a GeoTIFF for the upload: {gdal.GetLastErrorMsg()}")
-        out = None  # flush and close
-        if max_bytes is not None and os.path.getsize(dest) > max_bytes:  # the last blocks, flushed on close
+            src = _source_vrt(path, window, size)
+            if src is None:
+                raise OSError(gdal.GetLastErrorMsg() or "GDAL could not read it")
+            out = _create_like(src, dest)
+        except RuntimeError as exc:  # GDAL with exceptions on
+            raise OSError(str(exc)) from None
+        width, height, count = src.RasterXSize, src.RasterYSize, src.RasterCount
+        pixel_bytes = raw_bytes(src) // max(1, width * height) if count else 1
+        band = out.GetRasterBand(1) if count else None
+        block = tuple(band.GetBlockSize()) if band is not None else (256, 256)
+        masked = band is not None and band.GetMaskFlags() == gdal.GMF_PER_DATASET
+        src_mask = src.GetRasterBand(1).GetMaskBand() if masked else None
+        out_mask = band.GetMaskBand() if masked else None
+        done = 0
+        for c, r, w, h in _strips(width, height, block, pixel_bytes + (1 if masked else 0)):
+            if cancelled is not None and cancelled():
+                raise OSError("cancelled")
+            data = src.ReadRaster(c, r, w, h)
+            if data is None or out.WriteRaster(c, r, w, h, data) != 0:
+                raise OSError(gdal.GetLastErrorMsg() or "GDAL could not copy the pixels")
+            if masked:
+                data = src_mask.ReadRaster(c, r, w, h)
+                if data is None or out_mask.WriteRaster(c, r, w, h, data) != 0:
+                    raise OSError(gdal.GetLastErrorMsg() or "GDAL could not copy the mask")
+            data = None
+            out.FlushCache()
+            done += w * h
+            if max_bytes is not None:
+                written = os.path.getsize(dest)
+                if written > max_bytes:
+                    raise TooLargeToSend(written)
+            if progress is not None:
+                progress(min(1.0, done / float(max(1, width * height))))
+        out.FlushCache()
+        out = None  # close: the directory is written
+        if max_bytes is not None and os.path.getsize(dest) > max_bytes:
             raise TooLargeToSend(os.path.getsize(dest))
+    except RuntimeError as exc:  # GDAL with exceptions on
+        raise OSError(str(exc)) from None
     finally:
+        out = src = None
         gdal.SetThreadLocalConfigOption("GDAL_TIFF_INTERNAL_MASK", previous)
     return dest
 

@@ -1100,6 +1100,23 @@ def test_a_conversion_that_grows_past_the_upload_limit_is_stopped_and_deleted(tm
 
 
 
+def test_a_conversion_past_the_limit_is_stopped_early_with_gdals_default_cache(tmp_path, own_tempdir):
+    """The test above shrinks GDAL's block cache first. With the default cache (5 % of the memory:
+    1.26 GB on a 23 GB machine, 3.2 GB on a 64 GB workstation) the written blocks stayed in memory,
+    the file did not grow, and a 1.2 GB conversion ran to its end before the 2 MB limit was seen,
+    QGIS's memory growing by the cache. It is written in strips now, each flushed to the file."""
+    from geovqa.client import EngineError
+    from geovqa.upload import prepare_upload
+
+    vrt = write_huge_vrt(tmp_path)
+    seen = []
+    with pytest.raises(EngineError) as err:
+        prepare_upload(vrt, None, progress=seen.append, max_bytes=LIMIT)
+    assert err.value.code == "upload_too_large"
+    assert seen and seen[-1] < 0.6, f"stopped at {seen[-1]:.0%} of the conversion"
+    assert os.listdir(own_tempdir) == []
+
+
 def test_nothing_is_converted_for_an_engine_that_cannot_be_reached(tmp_path, own_tempdir):
     """The whole raster was converted (minutes for a large one) before the upload found that the
     remote engine was not there; the engine's state comes first now."""
