@@ -9,8 +9,11 @@ that copy is uploaded and deleted afterwards.
 
 When the question is about a part of the raster (a pixel window or a polygon), only the AOI's
 bounding window is written and sent (a 1000 x 1000 px window of a 300 MB 27K raster is a few MB):
-every band, the nodata value, the mask and the georeferencing go with it, at full resolution
-(the engine decides the resolution it reads). The request's AOI is rewritten for the cut: a pixel
+every band, the nodata value, the mask and the georeferencing go with it, at full resolution,
+unless the window holds more pixels than the engine reads of any window (its ``max_read_pixels``
+in ``/health``: about 65 M pixels, 8064 x 8064): then it is written reduced to that
+(:func:`reduced_size`), the whole raster too, so a 27K GeoTIFF goes as ~195 MB, not 2.19 GB
+(an engine that does not say its budget gets full resolution). The request's AOI is rewritten for the cut: a pixel
 window becomes relative to the cut; a polygon in the raster's CRS stays as it is (the cut is
 placed where its pixels were); on a raster with no georeferencing, whose polygons are in source
 pixels, the polygon is moved by the cut's offset, and so are the engine's results, which are then
@@ -75,6 +78,12 @@ class Upload:
     window: tuple | None = None  # (col_off, row_off, width, height) of the raster it holds; None: all
     pixel_offset: tuple = (0, 0)  # added to the engine's result coordinates (a cut without georeferencing)
     temp_dir: str | None = None
+    # reduced to the engine's read budget: (width, height) sent, of (width, height) of the window
+    size: tuple | None = None
+    source_size: tuple | None = None
+    # source pixels per pixel sent, by which the engine's result coordinates are multiplied before
+    # pixel_offset is added (a reduced raster without georeferencing; (1, 1) otherwise)
+    pixel_scale: tuple = (1.0, 1.0)
 
     def cleanup(self) -> None:
         """Delete the temporary GeoTIFF (nothing when the raster itself is sent)."""
@@ -114,10 +123,12 @@ def _geojson_positions(coords):
         yield from _geojson_positions(c)
 
 
-def _moved_positions(coords, dx: float, dy: float):
+def _moved_positions(coords, dx: float, dy: float, sx: float = 1.0, sy: float = 1.0):
     if coords and isinstance(coords[0], (int, float)):
-        return [coords[0] + dx, coords[1] + dy, *coords[2:]]
-    return [_moved_positions(c, dx, dy) for c in coords]
+        if (sx, sy) == (1.0, 1.0):
+            return [coords[0] + dx, coords[1] + dy, *coords[2:]]
+        return [(coords[0] + dx) / sx, (coords[1] + dy) / sy, *coords[2:]]
+    return [_moved_positions(c, dx, dy, sx, sy) for c in coords]
 
 
 def _ogr_leaves(geom):
@@ -232,41 +243,50 @@ def aoi_window(ds, aoi: dict | None) -> tuple | None:
     return ic0, ir0, ic1 - ic0, ir1 - ir0
 
 
-def aoi_for_cut(aoi: dict, window: tuple, pixel_space: bool) -> dict:
+def aoi_for_cut(aoi: dict, window: tuple, pixel_space: bool, scale: tuple = (1.0, 1.0)) -> dict:
     """``aoi`` for the cut of ``window``: a pixel window relative to the cut; a polygon as it is
     (the cut is georeferenced where the raster is), or, when ``pixel_space`` (no georeferencing:
-    polygons are in source pixels), moved by the cut's offset."""
+    polygons are in source pixels), moved by the cut's offset. ``scale``: source pixels per pixel
+    of the cut (one reduced to the engine's read budget): pixel coordinates are divided by it."""
     col_off, row_off = window[0], window[1]
+    sx, sy = scale
     if aoi.get("window") is not None:
         c, r, w, h = aoi["window"]
-        return dict(aoi, window=[c - col_off, r - row_off, w, h])
+        if (sx, sy) == (1.0, 1.0):
+            return dict(aoi, window=[c - col_off, r - row_off, w, h])
+        # whole pixels of the reduced cut, covering the window (the engine's windows are whole pixels)
+        c0, r0 = math.floor((c - col_off) / sx + 1e-9), math.floor((r - row_off) / sy + 1e-9)
+        c1, r1 = math.ceil((c - col_off + w) / sx - 1e-9), math.ceil((r - row_off + h) / sy - 1e-9)
+        return dict(aoi, window=[c0, r0, max(1, c1 - c0), max(1, r1 - r0)])
     if not pixel_space:
         return dict(aoi)
     if aoi.get("polygon_wkt") is not None:
         geom = _polygon(aoi)
         for leaf in _ogr_leaves(geom):
             for i, p in enumerate(leaf.GetPoints() or []):
+                x, y = (p[0] - col_off) / sx, (p[1] - row_off) / sy
                 if len(p) > 2:
-                    leaf.SetPoint(i, p[0] - col_off, p[1] - row_off, p[2])
+                    leaf.SetPoint(i, x, y, p[2])
                 else:
-                    leaf.SetPoint_2D(i, p[0] - col_off, p[1] - row_off)
+                    leaf.SetPoint_2D(i, x, y)
         return dict(aoi, polygon_wkt=geom.ExportToIsoWkt())
-    return dict(aoi, geojson=_moved_geojson(aoi["geojson"], -col_off, -row_off))
+    return dict(aoi, geojson=_moved_geojson(aoi["geojson"], -col_off, -row_off, sx, sy))
 
 
-def _moved_geojson(obj: dict, dx: float, dy: float) -> dict:
-    """A copy of a ``geojson`` AOI (geometry, Feature or FeatureCollection) moved by (dx, dy)."""
+def _moved_geojson(obj: dict, dx: float, dy: float, sx: float = 1.0, sy: float = 1.0) -> dict:
+    """A copy of a ``geojson`` AOI (geometry, Feature or FeatureCollection) moved by (dx, dy),
+    then divided by (sx, sy)."""
     kind = obj.get("type")
     if kind == "FeatureCollection":  # its features read as Features, "type" or not (as the engine reads them)
-        return dict(obj, features=[_moved_feature(f, dx, dy) for f in obj["features"]])
+        return dict(obj, features=[_moved_feature(f, dx, dy, sx, sy) for f in obj["features"]])
     if kind == "Feature":
-        return _moved_feature(obj, dx, dy)
-    return dict(obj, coordinates=_moved_positions(obj["coordinates"], dx, dy))
+        return _moved_feature(obj, dx, dy, sx, sy)
+    return dict(obj, coordinates=_moved_positions(obj["coordinates"], dx, dy, sx, sy))
 
 
-def _moved_feature(feature: dict, dx: float, dy: float) -> dict:
+def _moved_feature(feature: dict, dx: float, dy: float, sx: float = 1.0, sy: float = 1.0) -> dict:
     geometry = feature.get("geometry")
-    return dict(feature, geometry=_moved_geojson(geometry, dx, dy) if isinstance(geometry, dict) else geometry)
+    return dict(feature, geometry=_moved_geojson(geometry, dx, dy, sx, sy) if isinstance(geometry, dict) else geometry)
 
 
 # --- whether to write the file ------------------------------------------------------------------
@@ -281,6 +301,19 @@ def raw_bytes(ds, window: tuple | None = None) -> int:
     per_pixel = sum(max(1, gdal.GetDataTypeSize(ds.GetRasterBand(b).DataType) // 8)
                     for b in range(1, ds.RasterCount + 1))
     return width * height * per_pixel
+
+
+def reduced_size(size_wh: tuple, max_pixels: int | None) -> tuple | None:
+    """``(width, height)`` to send a window of ``size_wh`` at when it holds more than
+    ``max_pixels`` (the engine's ``max_read_pixels``), aspect kept: the smallest size of at least
+    ``max_pixels`` pixels, so the engine, which reads no window at more than that, chooses the
+    same canvas and reads the same number of pixels of it. None: sent at full resolution."""
+    w, h = int(size_wh[0]), int(size_wh[1])
+    if not max_pixels or max_pixels <= 0 or w * h <= max_pixels:
+        return None
+    f = math.sqrt(max_pixels / float(w * h))
+    size = (max(1, min(w, math.ceil(w * f))), max(1, min(h, math.ceil(h * f))))
+    return None if size == (w, h) else size
 
 
 def cut_worth_it(ds, path: str, window: tuple) -> bool:
@@ -541,7 +574,8 @@ def _cancelled_error():
     return EngineError("cancelled", "The question was cancelled while its raster was prepared for the upload.")
 
 
-def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=None, max_bytes=None) -> Upload:
+def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=None, max_bytes=None,
+                   max_pixels=None) -> Upload:
     """The :class:`Upload` for a question about ``aoi`` of the raster ``path``: the raster itself
     or a temporary GeoTIFF (converted, cut to the AOI); call its ``cleanup()`` when done.
 
@@ -551,7 +585,10 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
     before anything is written (:data:`DEFLATE_MAX_RATIO`), and one that grows past it is
     stopped and deleted. The cut of a GeoTIFF that itself fits the limit is never refused: when
     it could not come under the limit, or grows past the file's own size while written (stopped
-    there), the file is sent as it is.
+    there), the file is sent as it is. ``max_pixels``: the engine's read budget (``/health``'s
+    ``max_read_pixels``; an int, or a callable giving it or None): a window (the whole raster
+    included) of more pixels is written reduced to it (:func:`reduced_size`, GDAL's average;
+    nearest for a colour table), even from a GeoTIFF that needs no conversion.
 
     Raises EngineError('raster_unreadable') when a file that must be converted cannot be,
     EngineError('no_space') when the temporary folder has no room for the conversion,
@@ -565,11 +602,15 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
     translate = _needs_translation(ds, path)
     window = aoi_window(ds, aoi)
     pixel_space = georeferencing(ds) == "none"
-    if window is None and not translate:
+    source_size = (window[2], window[3]) if window is not None else (ds.RasterXSize, ds.RasterYSize)
+    # the engine reads no window at more pixels than its read budget: a larger one is sent reduced
+    budget = max_pixels() if callable(max_pixels) else max_pixels
+    size = reduced_size(source_size, budget)
+    if window is None and not translate and size is None:
         return Upload(path, aoi)
-    if not translate and not cut_worth_it(ds, path, window):
+    if not translate and size is None and not cut_worth_it(ds, path, window):
         return Upload(path, aoi)
-    needed = raw_bytes(ds, window)
+    needed = raw_bytes(ds, window if size is None else (0, 0) + size)
     ds = None
     limit = max_bytes() if callable(max_bytes) else max_bytes
     # a GeoTIFF that is only cut goes as it is when its cut cannot be sent, if the file itself can:
@@ -602,7 +643,7 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
         stem = os.path.splitext(os.path.basename(path))[0] or "raster"
         dest = os.path.join(temp_dir, stem + ".tif")
         try:
-            translate_to_geotiff(path, dest, window, cancelled, progress, stop_at)
+            translate_to_geotiff(path, dest, window, cancelled, progress, stop_at, size)
         except TooLargeToSend as exc:  # the cut grew past what it is for
             if file_fits:  # no smaller than the file, which fits: the file goes
                 shutil.rmtree(temp_dir, ignore_errors=True)
@@ -620,19 +661,30 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
         if not translate and os.path.getsize(dest) >= os.path.getsize(path):
             shutil.rmtree(temp_dir, ignore_errors=True)  # a compressed file whose cut is no smaller
             return Upload(path, aoi)
+        reduced = {}
+        scale = (1.0, 1.0)
+        if size is not None:
+            scale = (source_size[0] / size[0], source_size[1] / size[1])
+            reduced = {"size": size, "source_size": source_size, "pixel_scale": scale if pixel_space else (1.0, 1.0)}
         if window is None:
-            return Upload(dest, aoi, temp_dir=temp_dir)
-        return Upload(dest, aoi_for_cut(aoi, window, pixel_space), window=window,
-                      pixel_offset=(window[0], window[1]) if pixel_space else (0, 0), temp_dir=temp_dir)
+            sent_aoi = aoi
+            if size is not None and isinstance(aoi, dict):  # a pixel window or pixel polygon of it: scaled
+                try:
+                    sent_aoi = aoi_for_cut(aoi, (0, 0) + source_size, pixel_space, scale)
+                except (TypeError, ValueError, AttributeError, KeyError):
+                    sent_aoi = aoi  # one the engine refuses: it says why
+            return Upload(dest, sent_aoi, temp_dir=temp_dir, **reduced)
+        return Upload(dest, aoi_for_cut(aoi, window, pixel_space, scale), window=window,
+                      pixel_offset=(window[0], window[1]) if pixel_space else (0, 0), temp_dir=temp_dir, **reduced)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
 
 @contextmanager
-def upload_file(path: str, aoi: dict | None = None, cancelled=None, progress=None, max_bytes=None):
+def upload_file(path: str, aoi: dict | None = None, cancelled=None, progress=None, max_bytes=None, max_pixels=None):
     """:func:`prepare_upload` as a context: the :class:`Upload`, its temporary file deleted on exit."""
-    upload = prepare_upload(path, aoi, cancelled, progress, max_bytes)
+    upload = prepare_upload(path, aoi, cancelled, progress, max_bytes, max_pixels)
     try:
         yield upload
     finally:
