@@ -140,6 +140,15 @@ class AskRequest:
         return cls(**{"raster_path": data.get("raster_path") or "", **data}).validated()
 
 
+def max_read_pixels(pinpoints=None) -> int:
+    """/health's ``max_read_pixels``: the largest canvas's area among the model's pinpoints (the
+    ones `read_and_encode` passes): `read_for_tiling` reads no window at more pixels than that."""
+    from engine.tiling import anyres_pinpoints
+
+    pins = anyres_pinpoints() if pinpoints is None else pinpoints
+    return max(int(w) * int(h) for w, h in pins)
+
+
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class VisualInput:
@@ -334,6 +343,8 @@ class Engine:
             "adapter": info.get("adapter"),
             "adapter_settings": self.adapter_settings,
             "strategies": [s for s in STRATEGIES if s in available()],
+            "max_read_pixels": max_read_pixels(getattr(getattr(self.model, "config", None),
+                                                       "image_grid_pinpoints", None) or None),
             "message": ("tiny random demo model: answers are meaningless; run `make weights`"
                         if self.demo else None),
         }

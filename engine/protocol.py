@@ -87,6 +87,10 @@ HEALTH_FIELDS = {
     "used for every request field left out; null without an adapter or for one without a record",
     "queue_length": "int: jobs waiting for the GPU",
     "max_upload_bytes": "int: largest raster POST /ask accepts as an upload (server setting)",
+    "max_read_pixels": "int | null (optional; absent from older engines): the most pixels the engine "
+    "reads of any raster window (its largest tiling canvas); a larger window is read decimated. A client "
+    "may upload a window larger than this reduced to about this many pixels (aspect kept): the engine "
+    "reads it at the same size",
     "strategies": "list[str]",
     "message": "str | null: what the engine is doing or why it failed",
 }

@@ -210,6 +210,7 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
         info.setdefault("adapter_settings", None)
         info["queue_length"] = jobs.queue_length()
         info["max_upload_bytes"] = settings.max_upload_bytes
+        info.setdefault("max_read_pixels", None)  # an engine that cannot tell: none known
         return info
 
     @app.post("/ask")

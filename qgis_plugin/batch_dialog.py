@@ -390,6 +390,9 @@ class BatchDialog(QDialog):
         run_id = self._run_id
 
         def done(p, err):
+            # the renderer lets go of itself after this (render.LayerRenderer): not kept here
+            if renderer in self._renderers:
+                self._renderers.remove(renderer)
             if run_id != self._run_id:  # the run this render was for was cancelled
                 return
             self._rendering = None
@@ -455,11 +458,13 @@ class BatchDialog(QDialog):
     def _stop_renderers(self):
         self._rendering = None
         for renderer in self._renderers:
+            if renderer.released:  # it let go of itself (deleted): nothing more comes of it
+                continue
             try:
                 renderer.done.disconnect()
             except TypeError:
                 pass
-            renderer.cancel()
+            renderer.cancel()  # it lets go of itself once its map job has stopped
         self._renderers = []
 
     def cancel(self):

@@ -300,7 +300,8 @@ class EngineClient:
             self.token, self.token_error = "", exc
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._upload_limit = None  # (max_upload_bytes or None,) once /health answered: see upload_limit
+        # (max_upload_bytes or None, max_read_pixels or None) once /health answered: see upload_limit
+        self._upload_limit = None
         # set by settings.make_client: asked when a connection is refused (a batch's client lives
         # long, the engine may have stopped meanwhile), true while an engine started from this
         # QGIS runs to answer at this URL: then it is still loading its model (see _unavailable)
@@ -426,19 +427,33 @@ class EngineClient:
         Asked once per client: :func:`settings.make_client` makes one client per question in the
         dock and one per batch (batch dialog, Processing), so a batch asks once, not once a
         question, and every single question still asks at the moment it is sent."""
+        return self._upload_limits()[0]
+
+    def read_budget(self) -> int | None:
+        """The engine's ``max_read_pixels`` (``/health``): the most pixels it reads of any raster
+        window; an upload of a larger window is reduced to it (:mod:`upload`). None when not
+        known (an engine without the field: the window is sent at full resolution). Asked with
+        :meth:`upload_limit`, from the same ``/health`` answer."""
+        return self._upload_limits()[1]
+
+    def _upload_limits(self) -> tuple:
         if self._upload_limit is None:
             try:
                 health = self.health()
             except EngineUnavailable as exc:
                 if exc.code != "model_loading":
                     raise
-                return None
+                return None, None
             except EngineError:
-                return None
-            limit = health.get("max_upload_bytes") if isinstance(health, dict) else None
-            valid = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
-            self._upload_limit = (limit if valid else None,)
-        return self._upload_limit[0]
+                return None, None
+            if not isinstance(health, dict):
+                health = {}
+
+            def positive(value):
+                return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+            self._upload_limit = (positive(health.get("max_upload_bytes")), positive(health.get("max_read_pixels")))
+        return self._upload_limit
 
     def ask(self, request: dict, upload: bool | None = None, prepared=None) -> "AskStream":
         """Start ``POST /ask``; iterate ``.events()`` for the streamed events.
@@ -517,8 +532,10 @@ class AskStream:
 
     When the upload was a cut of a raster with no georeferencing, the engine's result is in the
     cut's pixels: the result event then carries ``upload_pixel_offset`` ``[dx, dy]`` (added by
-    the plugin, not the engine), which :func:`tasks.place_result_files` adds to the copies of its
-    files. The event's inline ``anchors`` stay as the engine sent them.
+    the plugin, not the engine), and, when the cut was reduced to the engine's read budget,
+    ``upload_pixel_scale`` ``[sx, sy]`` (source pixels per pixel sent), which
+    :func:`tasks.place_result_files` applies to the copies of its files (source = offset + scale
+    x result). A reduced upload adds ``upload_reduced`` ``{"sent": [w, h], "of": [W, H]}``. The event's inline ``anchors`` stay as the engine sent them.
     """
 
     def __init__(self, client: EngineClient, request: dict, upload_path: str | None = None, prepared=None):
@@ -565,7 +582,8 @@ class AskStream:
         try:
             # the engine's upload limit bounds the conversion (asked only when a file is written)
             with upload_file(self.upload_path, self.request.get("aoi"), cancelled=lambda: self._aborted,
-                             progress=self._prepare_progress, max_bytes=self.client.upload_limit) as sent:
+                             progress=self._prepare_progress, max_bytes=self.client.upload_limit,
+                             max_pixels=self.client.read_budget) as sent:
                 yield from self._upload_events(sent)
         except EngineError:
             if not self._aborted:
@@ -578,9 +596,15 @@ class AskStream:
     def _upload_events(self, sent):
         self._check_upload_size(os.path.getsize(sent.path))
         offset = [sent.pixel_offset[0], sent.pixel_offset[1]]
+        scale = [sent.pixel_scale[0], sent.pixel_scale[1]]
         for event in self._events(sent):
-            if event.get("type") == "result" and offset != [0, 0]:
-                event = dict(event, upload_pixel_offset=offset)
+            if event.get("type") == "result":
+                if offset != [0, 0]:
+                    event = dict(event, upload_pixel_offset=offset)
+                if scale != [1.0, 1.0]:
+                    event = dict(event, upload_pixel_scale=scale)
+                if sent.size is not None:  # reduced to what the engine reads: said under the answer
+                    event = dict(event, upload_reduced={"sent": list(sent.size), "of": list(sent.source_size)})
             yield event
 
     def _check_upload_size(self, size: int) -> None:

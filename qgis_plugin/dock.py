@@ -964,6 +964,10 @@ class ChatDock(QgsDockWidget):
         seen = bands_text(ev.get("bands"), ev.get("palette"), rendered=bool(turn.get("rendered_path")))
         if seen:
             turn["meta"] += f", {seen}"
+        reduced = ev.get("upload_reduced")  # an upload reduced to what the engine reads (upload.py)
+        if isinstance(reduced, dict) and len(reduced.get("sent") or ()) == 2 and len(reduced.get("of") or ()) == 2:
+            (w, h), (ow, oh) = reduced["sent"], reduced["of"]
+            turn["meta"] += f", sent at {w} x {h} of {ow} x {oh}"
         self.task = None
         self.current_request_id = None
         self.stop_button.setEnabled(False)

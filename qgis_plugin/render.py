@@ -244,11 +244,20 @@ class _WriteTask(QgsTask):
         except Exception as exc:  # noqa: BLE001 - reported to the user by the owner
             self.error = f"Could not write the rendered raster: {exc}"
             return False
+        finally:
+            self.args = None  # the RGBA copy (4 x render_max_px^2 bytes): not kept with the task
         return True
 
 
 class LayerRenderer(QObject):
-    """Asynchronous render of one layer's extent to a GeoTIFF; emits ``done(path, error)``."""
+    """Asynchronous render of one layer's extent to a GeoTIFF; emits ``done(path, error)`` once.
+
+    A renderer lets go of itself: once ``done`` was emitted, or once it was cancelled (after its
+    map job ended), it drops its write task and ``deleteLater()``s itself, with its map job (its
+    child: the rendered image, 4 x render_max_px^2 bytes, goes with it). An owner that keeps
+    asking (the dock, the batch dialog) so holds no render of an earlier question. Nothing is
+    emitted after ``done`` or :meth:`cancel`; calling :meth:`cancel` again, or after ``done``, is
+    harmless."""
 
     done = pyqtSignal(str, str)
 
@@ -260,22 +269,39 @@ class LayerRenderer(QObject):
         self.crs_wkt = layer.crs().toWkt()
         self.job = None
         self.task = None
+        self.released = False
 
     def start(self) -> None:
         self.job = QgsMapRendererParallelJob(self.settings)
+        # the renderer's child: deleted with it, never by dropping a reference, and so never
+        # inside its own finished() signal
+        self.job.setParent(self)
         self.job.finished.connect(self._rendered)
         self.job.start()
 
     def cancel(self) -> None:
         """Stop; nothing is emitted afterwards (the owner may be unloading: the renderer, its
         child, is deleted with it before the write task ends). Safe to call at any time, also
-        after the render ended and the task manager deleted its write task."""
-        if self.job is not None:
+        after the render ended and the task manager deleted its write task, and after the
+        renderer let go of itself."""
+        if self.released:
+            return
+        self._drop_task(cancel=True)
+        job = self.job
+        if job is not None:
             try:
-                self.job.finished.disconnect(self._rendered)
+                job.finished.disconnect(self._rendered)
             except TypeError:
                 pass
-            self.job.cancelWithoutBlocking()
+            if job.isActive():
+                # its worker threads still draw: the renderer (and the job, its child) goes once
+                # the job has stopped (finished() comes then), not while it runs
+                job.finished.connect(self._release)
+                job.cancelWithoutBlocking()
+                return
+        self._release()
+
+    def _drop_task(self, cancel: bool) -> None:
         task, self.task = self.task, None
         if task is None:
             return
@@ -285,14 +311,31 @@ class LayerRenderer(QObject):
                     signal.disconnect(slot)
                 except TypeError:
                     pass
-            task.cancel()
+            if cancel:
+                task.cancel()
         except RuntimeError:  # "wrapped C/C++ object has been deleted": it ended, nothing to stop
             pass
+
+    def _release(self) -> None:
+        """Let go of everything: the write task, the job (deleted with the renderer) and the
+        renderer itself (deleteLater: a slot connected to ``done`` may still run on it)."""
+        if self.released:
+            return
+        self.released = True
+        self._drop_task(cancel=False)
+        self.job = None  # owned by the renderer (its child)
+        self.deleteLater()
+
+    def _finish(self, path: str, error: str) -> None:
+        if self.released:
+            return
+        self.done.emit(path, error)
+        self._release()
 
     def _rendered(self) -> None:
         rgba = image_to_rgba(self.job.renderedImage())
         if rgba[:, :, 3].max() == 0:
-            self.done.emit("", str(NothingRendered(self.layer.name())))
+            self._finish("", str(NothingRendered(self.layer.name())))
             return
         self.task = _WriteTask(rgba, self.settings.visibleExtent(), self.crs_wkt, self.path)
         # bound methods (not lambdas), so cancel() can disconnect them
@@ -301,7 +344,7 @@ class LayerRenderer(QObject):
         QgsApplication.taskManager().addTask(self.task)
 
     def _written(self) -> None:
-        self.done.emit(self.path, "")
+        self._finish(self.path, "")
 
     def _not_written(self) -> None:
-        self.done.emit("", self.task.error or "Rendering was cancelled.")
+        self._finish("", (self.task.error if self.task is not None else "") or "Rendering was cancelled.")

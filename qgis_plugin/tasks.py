@@ -72,18 +72,30 @@ def result_offset(event: dict) -> tuple:
     return 0.0, 0.0
 
 
-def place_result_files(out: dict, clip_bounds=None, unreferenced: bool = False, pixel_offset=(0, 0)) -> None:
+def result_scale(event: dict) -> tuple:
+    """(sx, sy): source pixels per pixel of the uploaded file of a raster with no georeferencing
+    that was reduced to the engine's read budget (``upload_pixel_scale``), else (1, 1)."""
+    scale = event.get("upload_pixel_scale")
+    if isinstance(scale, (list, tuple)) and len(scale) == 2:
+        return float(scale[0]), float(scale[1])
+    return 1.0, 1.0
+
+
+def place_result_files(out: dict, clip_bounds=None, unreferenced: bool = False, pixel_offset=(0, 0),
+                       pixel_scale=(1.0, 1.0)) -> None:
     """Move the kept files of ``out`` where QGIS shows the raster and clip them to it, in place
     (``clip_bounds`` and ``unreferenced`` as for :func:`keep_result_files`; ``pixel_offset``
-    as :func:`result_offset` gives it, applied first)."""
+    and ``pixel_scale`` as :func:`result_offset` and :func:`result_scale` give them, applied
+    first: source pixel = offset + scale x result pixel)."""
     dx, dy = pixel_offset
-    if dx or dy:  # results about an uploaded cut, in its pixels: back to the raster's
+    sx, sy = pixel_scale
+    if dx or dy or (sx, sy) != (1.0, 1.0):  # results about an uploaded cut, in its pixels: back to the raster's
         from .unreferenced import shift_anchors, shift_heatmap
 
         if out["heatmap"]:
-            shift_heatmap(out["heatmap"], dx, dy)
+            shift_heatmap(out["heatmap"], dx, dy, sx, sy)
         if out["anchors"]:
-            shift_anchors(out["anchors"], dx, dy)
+            shift_anchors(out["anchors"], dx, dy, sx, sy)
     if unreferenced:  # before clipping: clip_bounds are in the layer's coordinates
         from .unreferenced import flip_anchors, flip_heatmap
 
@@ -118,7 +130,7 @@ def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: s
     dest_dir.mkdir(parents=True, exist_ok=True)
     out = {key: fetch_result_file(event, client, key, dest_dir / f"{stem}_{key}{suffix}")
            for key, suffix, _ in RESULT_FILES}
-    place_result_files(out, clip_bounds, unreferenced, result_offset(event))
+    place_result_files(out, clip_bounds, unreferenced, result_offset(event), result_scale(event))
     return out
 
 
@@ -155,7 +167,7 @@ def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path,
             _remove(dest)  # no half-written file left behind
             lost.append(_lost_text(what, exc, dest_dir))
     try:
-        place_result_files(out, clip_bounds, unreferenced, result_offset(event))
+        place_result_files(out, clip_bounds, unreferenced, result_offset(event), result_scale(event))
     except errors as exc:  # files that cannot be placed would be shown in the wrong place
         for path in out.values():
             _remove(path)
@@ -194,7 +206,7 @@ def prepare_item_upload(client: EngineClient, raster_path: str | None, aoi: dict
 
     try:
         return prepare_upload(raster_path, aoi, cancelled=cancelled, progress=progress,
-                              max_bytes=client.upload_limit), None
+                              max_bytes=client.upload_limit, max_pixels=client.read_budget), None
     except EngineError as exc:
         return None, str(exc)
     except (OSError, RuntimeError) as exc:  # the temporary folder; RuntimeError: GDAL with exceptions on

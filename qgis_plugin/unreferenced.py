@@ -21,10 +21,10 @@ def flipped_geotransform(gt) -> tuple:
     return (a, b, c, -d, -e, -f)
 
 
-def shifted_geotransform(gt, dx: float, dy: float) -> tuple:
-    """The geotransform giving (x + dx, y + dy) of ``gt`` at every pixel."""
+def shifted_geotransform(gt, dx: float, dy: float, sx: float = 1.0, sy: float = 1.0) -> tuple:
+    """The geotransform giving (dx + sx * x, dy + sy * y) of ``gt`` at every pixel."""
     a, b, c, d, e, f = gt
-    return (a + dx, b, c, d + dy, e, f)
+    return (dx + sx * a, sx * b, sx * c, dy + sy * d, sy * e, sy * f)
 
 
 def _rewrite_geotransform(path: str, change) -> str:
@@ -47,9 +47,9 @@ def flip_heatmap(path: str) -> str:
     return _rewrite_geotransform(path, flipped_geotransform)
 
 
-def shift_heatmap(path: str, dx: float, dy: float) -> str:
-    """Rewrite the GeoTIFF ``path``'s geotransform in place, moved by (dx, dy)."""
-    return _rewrite_geotransform(path, lambda gt: shifted_geotransform(gt, dx, dy))
+def shift_heatmap(path: str, dx: float, dy: float, sx: float = 1.0, sy: float = 1.0) -> str:
+    """Rewrite the GeoTIFF ``path``'s geotransform in place, scaled by (sx, sy) and moved by (dx, dy)."""
+    return _rewrite_geotransform(path, lambda gt: shifted_geotransform(gt, dx, dy, sx, sy))
 
 
 def _map_positions(coords, change):
@@ -94,22 +94,22 @@ def _flip_bbox(bbox):
     return [xmin, -ymax, xmax, -ymin]
 
 
-def shift_geometry(geom: dict | None, dx: float, dy: float) -> dict | None:
-    """A GeoJSON geometry moved by (dx, dy) (every type, collections included)."""
+def shift_geometry(geom: dict | None, dx: float, dy: float, sx: float = 1.0, sy: float = 1.0) -> dict | None:
+    """A GeoJSON geometry scaled by (sx, sy) and moved by (dx, dy) (every type, collections included)."""
     if not geom:
         return geom
     if geom.get("type") == "GeometryCollection":
-        return dict(geom, geometries=[shift_geometry(g, dx, dy) for g in geom.get("geometries", [])])
+        return dict(geom, geometries=[shift_geometry(g, dx, dy, sx, sy) for g in geom.get("geometries", [])])
     if geom.get("coordinates") is None:
         return geom
-    return dict(geom, coordinates=_map_positions(geom["coordinates"], lambda x, y: (x + dx, y + dy)))
+    return dict(geom, coordinates=_map_positions(geom["coordinates"], lambda x, y: (dx + sx * x, dy + sy * y)))
 
 
-def _shift_bbox(bbox, dx: float, dy: float):
+def _shift_bbox(bbox, dx: float, dy: float, sx: float = 1.0, sy: float = 1.0):
     if not bbox or len(bbox) != 4:
         return bbox
     xmin, ymin, xmax, ymax = bbox
-    return [xmin + dx, ymin + dy, xmax + dx, ymax + dy]
+    return [dx + sx * xmin, dy + sy * ymin, dx + sx * xmax, dy + sy * ymax]
 
 
 def _rewrite_anchors(path: str, geometry, bbox) -> str:
@@ -131,6 +131,8 @@ def flip_anchors(path: str) -> str:
     return _rewrite_anchors(path, flip_geometry, _flip_bbox)
 
 
-def shift_anchors(path: str, dx: float, dy: float) -> str:
-    """Rewrite the GeoJSON FeatureCollection ``path`` in place, every coordinate moved by (dx, dy)."""
-    return _rewrite_anchors(path, lambda g: shift_geometry(g, dx, dy), lambda b: _shift_bbox(b, dx, dy))
+def shift_anchors(path: str, dx: float, dy: float, sx: float = 1.0, sy: float = 1.0) -> str:
+    """Rewrite the GeoJSON FeatureCollection ``path`` in place, every coordinate scaled by
+    (sx, sy) and moved by (dx, dy) (a cut reduced to the engine's read budget, :mod:`upload`)."""
+    return _rewrite_anchors(path, lambda g: shift_geometry(g, dx, dy, sx, sy),
+                            lambda b: _shift_bbox(b, dx, dy, sx, sy))

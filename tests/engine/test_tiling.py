@@ -211,3 +211,22 @@ def test_a_reduced_read_keeps_the_canvas_of_its_window():
     layout = plan_tiles(read, choose_from=window)
     assert layout.canvas_size == canvas and layout.n_tiles == 576
     assert layout.image_size == read and layout.scaled_size[0] == canvas[0]
+
+
+def test_health_says_the_most_pixels_any_window_is_read_at():
+    """/health's max_read_pixels: a client (the QGIS plugin) reduces an upload larger than it to it,
+    so no window's read budget may exceed it, and the canvas chosen for a window larger than it is
+    the one chosen for that window reduced to it (aspect kept): the engine reads the same."""
+    import math
+
+    from engine.pipeline import max_read_pixels
+    from engine.tiling import anyres_pinpoints, select_best_resolution, tiling_read_budget
+
+    most = max_read_pixels()
+    assert most == 8064 * 8064 == max(w * h for w, h in anyres_pinpoints())
+    assert max_read_pixels([(672, 336), (336, 336)]) == 672 * 336
+    for w, h in [(27000, 20250), (27000, 27000), (9000, 9000), (16200, 16200), (40000, 3000), (12000, 11000)]:
+        assert tiling_read_budget((w, h)) <= most
+        f = math.sqrt(most / (w * h))
+        reduced = (math.ceil(w * f), math.ceil(h * f))  # as the plugin reduces it (upload.reduced_size)
+        assert select_best_resolution(reduced, anyres_pinpoints()) == select_best_resolution((w, h), anyres_pinpoints())

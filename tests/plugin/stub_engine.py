@@ -53,6 +53,7 @@ class StubEngine:
         self.uploads: list[dict] = []
         self.status = "ok"
         self.max_upload_bytes = 1 << 30
+        self.max_read_pixels = None  # /health's max_read_pixels; None: left out, as an older engine does
         self.health_calls = 0
         self.fail_with: dict | None = None
         # True: the real engine's status events (engine/pipeline.py: read, the vision tower tile
@@ -126,7 +127,8 @@ class StubEngine:
                 "demo_model": True, "weights_present": False, "weights_dir": None, "device": "cpu",
                 "gpu_name": None, "gpu_free_bytes": None, "quantization": "fp32", "four_bit": False,
                 "attention": "eager", "queue_length": 0, "strategies": ["geollava"], "message": None,
-                "max_upload_bytes": self.max_upload_bytes}
+                "max_upload_bytes": self.max_upload_bytes,
+                **({"max_read_pixels": self.max_read_pixels} if self.max_read_pixels else {})}
 
     def events(self, req: dict):
         rid = req.get("request_id")

@@ -357,6 +357,32 @@ def test_cancel_while_rendering_then_run_again_gives_one_batch(plugin, raster_la
     assert len(stub_engine.requests) == 2 and all(r["error"] is None for r in dlg.rows)
 
 
+def test_the_batch_dialog_lets_go_of_its_renders(plugin, raster_layer, stub_engine, qgis_iface):
+    """Each rendered layer of a batch left its LayerRenderer (map job image + RGBA copy: 2 x 12.6 MB
+    for these 2048 x 1536 renders, 2 x 256 MB for 8192 px ones) alive as a child of the dialog,
+    run after run, until QGIS closed; a cancelled run's renders too."""
+    from qgis.PyQt.QtCore import QCoreApplication, QEvent
+
+    from conftest import batch_of_two_rendered_layers, python_errors
+    from geovqa.render import LayerRenderer
+
+    dlg, _, _, finished = batch_of_two_rendered_layers(plugin, raster_layer, qgis_iface)
+    with python_errors() as errors:
+        for run in (1, 2):
+            dlg.run()
+            wait_until(lambda: len(finished) == run, 60, "the batch")
+            wait_for_tasks()
+            assert [r["error"] for r in finished[-1]] == [None, None], finished[-1]
+        dlg.run()
+        dlg.cancel()  # while v1 is being rendered
+        wait_until(lambda: not dlg.findChildren(LayerRenderer) or all(r.released for r in dlg.findChildren(LayerRenderer)),
+                   60, "the cancelled render to stop")
+        wait_for_tasks()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        assert dlg.findChildren(LayerRenderer) == [] and dlg._renderers == []
+    assert errors == []
+
+
 def test_run_never_orphans_a_running_batch(plugin, raster_layer, stub_engine):
     stub_engine.token_delay = 0.1
     a = raster_layer("a")

@@ -282,6 +282,55 @@ def test_non_file_layer_is_rendered_and_georeferenced(plugin, raster_layer, stub
     wait_for_tasks()
 
 
+def _renderers_left(owner):
+    """The LayerRenderers still alive under ``owner`` once the pending deleteLater()s ran."""
+    from qgis.PyQt.QtCore import QCoreApplication, QEvent
+
+    from geovqa.render import LayerRenderer
+
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    return owner.findChildren(LayerRenderer)
+
+
+def test_the_dock_lets_go_of_each_questions_render(plugin, raster_layer, stub_engine):
+    """Every question about a rendered layer (web service, GeoPackage table, virtual raster) left
+    its LayerRenderer alive as a child of the dock, with its map job's image and the RGBA copy of
+    its write task: 2 x 4 x render_max_px^2 bytes more with each question (32 MB at 2048 px)."""
+    from conftest import virtual_raster_layer
+
+    virt = virtual_raster_layer(raster_layer("src"))
+    dock = plugin.dock
+    dock.set_layer(virt)
+    for i in range(3):
+        dock.ask(f"question {i}?")
+        wait_until(_finished(dock, i + 1), 60, "the answer")
+        wait_for_tasks()
+        assert dock.turns()[-1].get("error") is None, dock.turns()[-1]
+    assert _renderers_left(dock) == [] and dock.renderer is None
+
+
+def test_a_render_stopped_while_it_draws_is_let_go_of(plugin, raster_layer, stub_engine):
+    """*Stop* during the render: the renderer goes once its map job has stopped, and nothing of it
+    arrives afterwards (no error, no request)."""
+    from conftest import python_errors, virtual_raster_layer
+
+    set_settings(render_max_px=4096)
+    virt = virtual_raster_layer(raster_layer("src"), size=(4096, 3072))
+    dock = plugin.dock
+    dock.set_layer(virt)
+    with python_errors() as errors:
+        dock.ask("what is this?")
+        renderer = dock.renderer
+        assert renderer.job is not None and renderer.job.isActive()
+        dock.stop()
+        wait_until(lambda: renderer.released, 60, "the cancelled job to end")
+        wait_for_tasks()
+        assert _renderers_left(dock) == []
+        renderer.cancel()  # again, after it let go of itself: harmless
+    assert errors == [] and stub_engine.requests == []
+    assert dock.turns()[-1]["meta"] == "stopped"
+
+
 def test_a_file_placed_by_gcps_that_need_a_warp_is_rendered(plugin, stub_engine, tmp_path, qgis_new_project):
     """The engine refuses such a file ('warp it first'); QGIS shows it warped, so the dock sends
     a render of that view instead of failing every question."""

@@ -660,6 +660,31 @@ def test_a_cut_or_conversion_with_no_room_in_the_temporary_folder(capture, tmp_p
     assert upload.prepare_upload(vrt, {"window": [100, 50, 40, 30]}).window == (100, 50, 40, 30)
 
 
+def test_a_conversion_is_not_refused_for_room_beyond_the_upload_limit(tmp_path, monkeypatch, own_tempdir,
+                                                                       small_gdal_cache):
+    """The free-space check asked for room for every pixel uncompressed (75 MB here; 5.8 GB for a
+    27K 16-bit 4-band mosaic) although the writing stops once the file passes the engine's upload
+    limit (20 MB here; 2 GiB by default), at most what is buffered before the check later (16 MB
+    here): with 40 MB free the conversion, which takes 1 MB, was refused with "takes up to 75 MB"."""
+    from osgeo import gdal
+    from geovqa import upload
+    from geovqa.client import EngineError
+
+    src = write_raster(tmp_path / "tile.tif", width=100, height=100, pixel=50.0)
+    vrt = str(tmp_path / "mosaic.vrt")
+    gdal.Translate(vrt, src, format="VRT", width=5000, height=5000)
+    monkeypatch.setattr(upload, "free_bytes", lambda folder: upload.FREE_SPACE_RESERVE + 40_000_000)
+    up = upload.prepare_upload(vrt, None, max_bytes=20_000_000)
+    try:
+        assert os.path.getsize(up.path) < 20_000_000
+    finally:
+        up.cleanup()
+    with pytest.raises(EngineError) as err:  # the room asked for: the limit and what is buffered
+        upload.prepare_upload(vrt, None, max_bytes=30_000_000)
+    assert err.value.code == "no_space" and "takes up to 47 MB" in err.value.message, err.value.message
+    assert os.listdir(own_tempdir) == []
+
+
 @pytest.fixture(params=["real", "stub"])
 def remote_engine(request, monkeypatch):
     """The real engine (tiny model) or the stand-in, sent uploads as if on another computer; the
@@ -758,6 +783,128 @@ def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_eng
     assert sizes[-1] == (100, 100)
     assert_placed(turn, geo, area)
     dock.set_aoi_mode("layer")
+
+
+def test_a_window_larger_than_the_engine_reads_is_sent_reduced_and_its_results_land_on_it(
+        plugin, stub_engine, tmp_path, qgis_new_project, monkeypatch):
+    """A 27K raster went at full resolution (2.19 GB, refused by the default 2 GiB limit) though
+    the engine reads at most ~65 M pixels of any window (/health's max_read_pixels). It goes
+    reduced to that now; for a raster without georeferencing the results, in the reduced cut's
+    pixels, are scaled back before they are moved by the cut's offset, and land on the area."""
+    from conftest import set_settings, valid_cells_extent, wait_for_tasks, wait_until
+    from qgis.core import QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer
+
+    set_settings(send_rasters="upload", max_new_tokens=4)
+    stub_engine.max_read_pixels = 20_000
+    dock, near = plugin.dock, 1e-6
+
+    def layer_of(name, **kw):
+        layer = QgsRasterLayer(write_raster(tmp_path / f"{name}.tif", 400, 300, **kw), name, "gdal")
+        assert layer.isValid()
+        QgsProject.instance().addMapLayer(layer)
+        return layer
+
+    def sent():
+        from osgeo import gdal
+
+        ds = gdal.Open(stub_engine.uploads[-1]["path"])
+        return ds, (ds.RasterXSize, ds.RasterYSize)
+
+    def placed(turn):
+        heat = valid_cells_extent(QgsProject.instance().mapLayer(turn["heatmap_layer_id"]).source())
+        anchors = QgsVectorLayer(QgsProject.instance().mapLayer(turn["anchors_layer_id"]).source(), "a", "ogr")
+        return heat, anchors.extent()
+
+    plain = layer_of("plain", georeferenced=False)  # QGIS shows it at x = col, y = -row
+    bottom_right = QgsRectangle(200, -300, 400, -150)
+    turn = ask_in_dock(dock, plain, "What is in the bottom-right corner?", "rectangle",
+                       QgsGeometry.fromRect(bottom_right))
+    assert turn["request"]["aoi"] == {"window": [200, 150, 200, 150]}
+    _, size = sent()
+    assert size == (164, 123) and 20_000 <= size[0] * size[1] < 20_000 * 1.02  # of 200 x 150
+    sent_window = stub_engine.uploads[-1]["request"]["aoi"]["window"]
+    assert sent_window == [0, 0, 164, 123]
+    assert "sent at 164 x 123 of 200 x 150" in turn["meta"], turn["meta"]
+    heat, anchors = placed(turn)
+    assert heat.toString(3) == bottom_right.toString(3)  # the whole window, scaled back onto it
+    assert bottom_right.buffered(near).contains(anchors), anchors.toString()
+
+    geo = layer_of("geo")  # 10 m pixels from (500000, 5000000), asked about whole
+    dock.set_aoi_mode("layer")
+    dock.set_layer(geo)
+    n = len(dock.turns(geo))
+    dock.ask("What is here?")
+    wait_until(lambda: len(dock.turns(geo)) > n and dock.turns(geo)[-1].get("done"), 60, "the answer")
+    wait_for_tasks()
+    turn = dock.turns(geo)[-1]
+    assert turn.get("error") is None, turn
+    ds, size = sent()
+    assert size == (164, 123)
+    gt = ds.GetGeoTransform()
+    assert gt[0] == 500000 and gt[3] == 5000000 and gt[1] == pytest.approx(4000 / 164)
+    heat, _ = placed(turn)
+    assert heat.toString(3) == geo.extent().toString(3)
+    stub_engine.max_read_pixels = None  # an engine that does not say: full resolution, as before
+    dock.ask("And now?")
+    wait_until(lambda: len(dock.turns(geo)) > n + 1 and dock.turns(geo)[-1].get("done"), 60, "the answer")
+    wait_for_tasks()
+    assert stub_engine.uploads[-1]["size"] == os.path.getsize(geo.source())
+    assert "sent at" not in dock.turns(geo)[-1]["meta"]
+
+
+def test_a_whole_raster_larger_than_the_engine_reads_is_not_refused_for_its_full_resolution(tmp_path):
+    """A 1200 x 1200 uncompressed GeoTIFF (1.4 MB; a 27K RGB one is 2.19 GB, over the default 2 GiB
+    limit) was refused as too large for a 1 MB upload limit, though the engine reads it decimated
+    to at most max_read_pixels anyway (65 M pixels, 8064 x 8064; 90 000 here)."""
+    from osgeo import gdal
+
+    path = str(tmp_path / "big_plain.tif")
+    ds = gdal.GetDriverByName("GTiff").Create(path, 1200, 1200, 1, gdal.GDT_Byte, ["TILED=YES"])
+    ds.SetGeoTransform((500000.0, 0.5, 0.0, 5000000.0, 0.0, -0.5))
+    ds.GetRasterBand(1).WriteArray(np.random.default_rng(0).integers(0, 255, (1200, 1200), dtype=np.uint8))
+    ds = None
+    for health, expected in [({"max_upload_bytes": 1_000_000}, "upload_too_large"),  # an older engine
+                             ({"max_upload_bytes": 1_000_000, "max_read_pixels": 90_000}, "captured")]:
+        cap = CaptureEngine(health=health)
+        try:
+            err = send(cap.url, path, tmp_path)
+            assert err.code == expected, f"{err.code}: {err}"
+            if expected == "captured":
+                received = uploaded(cap, tmp_path)
+                assert (received.RasterXSize, received.RasterYSize) == (300, 300)
+                assert received.GetGeoTransform() == (500000.0, 2.0, 0.0, 5000000.0, 0.0, -2.0)
+        finally:
+            cap.close()
+
+
+def test_a_vrt_mosaic_is_converted_no_larger_than_the_engine_reads(tmp_path, own_tempdir):
+    """A 16200 x 16200 VRT mosaic asked about whole was written for the upload at 16200 x 16200:
+    four times the pixels the engine reads (at most 8064 x 8064); a 27K one, 11 times (minutes of
+    writing for real imagery). A palette raster is reduced by nearest, not averaged."""
+    from osgeo import gdal
+    from geovqa import upload
+
+    src = write_raster(tmp_path / "tile.tif", width=100, height=100, pixel=81.0)
+    vrt = str(tmp_path / "mosaic.vrt")
+    gdal.Translate(vrt, src, format="VRT", width=16200, height=16200)
+    up = upload.prepare_upload(vrt, None, max_bytes=2 * 1024 ** 3, max_pixels=8064 * 8064)
+    try:
+        ds = gdal.Open(up.path)
+        assert (ds.RasterXSize, ds.RasterYSize) == (8064, 8064) == up.size and up.source_size == (16200, 16200)
+        assert ds.GetGeoTransform()[1] == pytest.approx(81.0 * 100 / 8064)
+    finally:
+        up.cleanup()
+    pal = str(tmp_path / "pal.tif")
+    out = gdal.GetDriverByName("GTiff").Create(pal, 400, 400, 1, gdal.GDT_Byte)
+    table = gdal.ColorTable()
+    for i in range(4):
+        table.SetColorEntry(i, (60 * i, 0, 0, 255))
+    out.GetRasterBand(1).SetColorTable(table)
+    out.GetRasterBand(1).WriteArray(np.tile(np.array([[0, 3], [3, 0]], np.uint8), (200, 200)))
+    out = None
+    with upload.upload_file(pal, None, max_pixels=10_000) as up:
+        values = set(np.unique(gdal.Open(up.path).ReadAsArray()))
+    assert values <= {0, 3}, values  # an average would make indices 1 and 2, colours never there
 
 
 # --- the batch: each layer converted and cut once for all its questions -------------------------
@@ -1073,6 +1220,23 @@ def test_a_conversion_that_grows_past_the_upload_limit_is_stopped_and_deleted(tm
     assert "The area of interest of huge.vrt is too large" in err.value.message
     assert os.listdir(own_tempdir) == []
 
+
+
+def test_a_conversion_past_the_limit_is_stopped_early_with_gdals_default_cache(tmp_path, own_tempdir):
+    """The test above shrinks GDAL's block cache first. With the default cache (5 % of the memory:
+    1.26 GB on a 23 GB machine, 3.2 GB on a 64 GB workstation) the written blocks stayed in memory,
+    the file did not grow, and a 1.2 GB conversion ran to its end before the 2 MB limit was seen,
+    QGIS's memory growing by the cache. It is written in strips now, each flushed to the file."""
+    from geovqa.client import EngineError
+    from geovqa.upload import prepare_upload
+
+    vrt = write_huge_vrt(tmp_path)
+    seen = []
+    with pytest.raises(EngineError) as err:
+        prepare_upload(vrt, None, progress=seen.append, max_bytes=LIMIT)
+    assert err.value.code == "upload_too_large"
+    assert seen and seen[-1] < 0.6, f"stopped at {seen[-1]:.0%} of the conversion"
+    assert os.listdir(own_tempdir) == []
 
 
 def test_nothing_is_converted_for_an_engine_that_cannot_be_reached(tmp_path, own_tempdir):
