@@ -9,7 +9,11 @@ and more tiles. Web services (:data:`WEB_PROVIDERS`) have no pixels of their own
 
 The chat dock renders asynchronously with ``QgsMapRendererParallelJob`` (main thread, never
 blocks) and writes the GeoTIFF in a ``QgsTask``; Processing algorithms (no event loop of their
-own) use :func:`render_sync`, which renders with ``QgsMapRendererCustomPainterJob``.
+own) make a :class:`PreparedRender` in prepareAlgorithm (main thread: the map settings, with a
+clone of the layer) and run it in processAlgorithm (the task's thread), as QGIS's own
+``native:rasterize`` does, with ``QgsMapRendererCustomPainterJob``. Both build their map
+settings with :func:`map_settings`, check what was drawn with :func:`rendered_rgba` and write it
+with :func:`write_geotiff`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from qgis.core import (
     QgsRectangle,
     QgsTask,
 )
-from qgis.PyQt.QtCore import QObject, QSize, pyqtSignal
+from qgis.PyQt.QtCore import QObject, QSize, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
 from .georef import needs_warp, open_with_gdal
@@ -216,20 +220,87 @@ class NothingRendered(ValueError):
                          "(is the service reachable, and does it cover the area?).")
 
 
-def render_sync(layer, extent: QgsRectangle, path: str, max_px: int = 2048) -> tuple:
-    """Render and write in the calling thread (used by Processing): (path, visible extent).
-    Raises :class:`NothingRendered` (nothing written) when no pixel was drawn."""
-    ms = map_settings(layer, extent, max_px)
-    image = QImage(ms.outputSize(), FORMAT_ARGB32)
-    image.fill(0)
-    painter = QPainter(image)
-    job = QgsMapRendererCustomPainterJob(ms, painter)
-    job.renderSynchronously()
-    painter.end()
+def rendered_rgba(image: QImage, layer_name: str) -> np.ndarray:
+    """The RGBA pixels of a render of the layer ``layer_name``; raises :class:`NothingRendered`
+    when no pixel was drawn."""
     rgba = image_to_rgba(image)
     if rgba[:, :, 3].max() == 0:
-        raise NothingRendered(layer.name())
-    return write_geotiff(rgba, ms.visibleExtent(), layer.crs().toWkt(), path), ms.visibleExtent()
+        raise NothingRendered(layer_name)
+    return rgba
+
+
+def render_image(settings: QgsMapSettings, feedback=None) -> QImage | None:
+    """Draw ``settings`` into a new transparent image with ``QgsMapRendererCustomPainterJob``, in
+    the calling thread, which waits for it: any thread, as long as nothing else uses the
+    settings' layers meanwhile (:class:`PreparedRender` gives them a clone). ``feedback`` (a
+    QgsFeedback): its Cancel stops the job; None is returned then."""
+    image = QImage(settings.outputSize(), FORMAT_ARGB32)
+    image.fill(0)
+    painter = QPainter(image)
+    job = QgsMapRendererCustomPainterJob(settings, painter)
+    try:
+        if feedback is None:
+            job.renderSynchronously()
+            return image
+        # Cancel is pressed on the main thread while this one waits for the job: a direct
+        # connection stops the job from there (cancelWithoutBlocking only raises its flags)
+        feedback.canceled.connect(job.cancelWithoutBlocking, Qt.ConnectionType.DirectConnection)
+        try:
+            if feedback.isCanceled():
+                return None
+            job.start()
+            if feedback.isCanceled():  # pressed between the check and the start
+                job.cancelWithoutBlocking()
+            job.waitForFinished()
+        finally:
+            try:
+                feedback.canceled.disconnect(job.cancelWithoutBlocking)
+            except TypeError:
+                pass
+        return None if feedback.isCanceled() else image
+    finally:
+        painter.end()
+
+
+def render_sync(layer, extent: QgsRectangle, path: str, max_px: int = 2048) -> tuple:
+    """Render and write in the calling thread, with ``layer`` itself: (path, visible extent).
+    Raises :class:`NothingRendered` (nothing written) when no pixel was drawn."""
+    return PreparedRender(layer, extent, path, max_px, clone=False).run()
+
+
+class PreparedRender:
+    """A render of ``layer`` over ``extent`` to the GeoTIFF ``path``, made ready in one thread and
+    run in another, as QGIS's ``native:rasterize`` does: Processing makes it in prepareAlgorithm
+    (main thread), where the map settings are built (:func:`map_settings`) with a clone of the
+    layer, and runs it (:meth:`run`) in processAlgorithm, in the task's thread, where only this
+    render uses the clone. Whoever makes it keeps it (and so the clone) alive until the run ended.
+
+    ``clone=False``, or a layer that gives no valid clone: the settings hold the layer itself,
+    which only the main thread may use (``movable`` is False: run it there)."""
+
+    def __init__(self, layer, extent: QgsRectangle, path: str, max_px: int = 2048, clone: bool = True):
+        self.name = layer.name()
+        self.path = str(path)
+        self.crs_wkt = layer.crs().toWkt()
+        # every raster provider is drawn off the main thread by QGIS's own map canvas (parallel
+        # render jobs), so any valid clone can be; a clone is the layer read anew from its
+        # source (a web service's clone may ask for its capabilities again, as native:rasterize's)
+        self.clone = layer.clone() if clone else None
+        if self.clone is not None and not self.clone.isValid():
+            self.clone = None
+        self.movable = self.clone is not None
+        self.settings = map_settings(self.clone if self.movable else layer, extent, max_px)
+
+    def run(self, feedback=None) -> tuple | None:
+        """Render and write: (path, visible extent), or None when ``feedback`` was cancelled
+        (nothing written). Raises :class:`NothingRendered` (nothing written) when no pixel was
+        drawn, OSError when the GeoTIFF could not be written."""
+        image = render_image(self.settings, feedback)
+        if image is None:
+            return None
+        rgba = rendered_rgba(image, self.name)
+        visible = self.settings.visibleExtent()
+        return write_geotiff(rgba, visible, self.crs_wkt, self.path), visible
 
 
 class _WriteTask(QgsTask):
@@ -333,9 +404,10 @@ class LayerRenderer(QObject):
         self._release()
 
     def _rendered(self) -> None:
-        rgba = image_to_rgba(self.job.renderedImage())
-        if rgba[:, :, 3].max() == 0:
-            self._finish("", str(NothingRendered(self.layer.name())))
+        try:
+            rgba = rendered_rgba(self.job.renderedImage(), self.layer.name())
+        except NothingRendered as exc:
+            self._finish("", str(exc))
             return
         self.task = _WriteTask(rgba, self.settings.visibleExtent(), self.crs_wkt, self.path)
         # bound methods (not lambdas), so cancel() can disconnect them

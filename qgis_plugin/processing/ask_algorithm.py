@@ -38,6 +38,7 @@ from .common import (
     forget_result_layer,
     load_result_layer,
     question_source,
+    render_source,
     strategy_parameter,
     strategy_parameter_value,
     with_strategy_names,
@@ -208,16 +209,18 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         self.layer_crs_wkt = layer.crs().toWkt() if layer.crs().isValid() else ""
         self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
         geom, crs = area_of_interest(self, parameters, self.AOI, context)  # (None, None): the whole layer
-        # a file: the AOI cut to it, in the request; any other layer: rendered over the AOI
-        source = question_source(layer, geom, crs, feedback)
-        self.raster_path, self.bounds = source["raster_path"], source["bounds"]
-        self.unreferenced, self.aoi = source["unreferenced"], source["aoi"]
-        self.bands, self.rendered = source["bands"], source["rendered"]
+        # a file: the AOI cut to it, in the request; any other layer: rendered over the AOI, in
+        # processAlgorithm (the task's thread); kept here with its clone of the layer until then
+        self.source = question_source(layer, geom, crs, feedback)
         self.client = engine_client()
         self.settings = Settings.load()
         return True
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        source = render_source(self.source, feedback)  # a non-file layer is rendered here
+        self.raster_path, self.bounds = source["raster_path"], source["bounds"]
+        self.unreferenced, self.aoi = source["unreferenced"], source["aoi"]
+        self.bands, self.rendered = source["bands"], source["rendered"]
         question = self.parameterAsString(parameters, self.QUESTION, context)
         options = self.settings.request_options(
             strategy=self.strategy,

@@ -36,6 +36,7 @@ from .common import (
     ask_once,
     engine_client,
     question_source,
+    render_source,
     say_preparing,
     strategy_parameter,
     strategy_parameter_value,
@@ -150,8 +151,10 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         self.items = []
         for lyr in layers:
             item = {"layer": lyr.name(), "raster_path": None, "bounds": None, "unreferenced": False, "aoi": None,
-                    "bands": None, "rendered": False, "error": None}
+                    "bands": None, "rendered": False, "render": None, "error": None}
             try:  # as "Ask a raster" does: a file with the AOI cut to it, any other layer rendered over it
+                # (in processAlgorithm, in the task's thread: the item keeps its render, with its clone
+                # of the layer, until then)
                 item.update(question_source(lyr, geom, crs, feedback))
             except QgsProcessingException as exc:  # this layer's rows say why; the others are asked
                 item["error"] = str(exc)
@@ -184,6 +187,13 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             for item in self.items:
                 if feedback.isCanceled():
                     break
+                if not item["error"]:
+                    try:  # a non-file layer: rendered now, off the main thread (Cancel stops it)
+                        render_source(item, feedback)
+                    except QgsProcessingException as exc:  # this layer's rows say why
+                        item["error"] = str(exc)
+                    if feedback.isCanceled():
+                        break
                 # an engine on another computer: the raster is converted once for all its questions
                 upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"], feedback.isCanceled,
                                                     say_preparing(feedback, item["layer"]))

@@ -19,7 +19,7 @@ from .. import layers as result_layers
 from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..bands import layer_bands
 from ..client import EngineError, build_ask_request
-from ..render import NothingRendered, covers_the_world, layer_file_path, render_file, render_sync
+from ..render import NothingRendered, PreparedRender, covers_the_world, layer_file_path, render_file
 from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
 from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, preparing_words, rect_bounds
 
@@ -113,22 +113,30 @@ def area_of_interest(alg, parameters, name: str, context) -> tuple:
 def question_source(layer, geometry, crs, feedback) -> dict:
     """What the engine is asked about for ``layer`` within the area ``geometry`` (in ``crs``;
     None: the whole layer), as both algorithms ask it: ``raster_path``, ``bounds`` (for the
-    result files), ``unreferenced``, the request's ``aoi`` and ``bands``, and ``rendered``.
+    result files), ``unreferenced``, the request's ``aoi`` and ``bands``, ``rendered``, and
+    ``render``: the :class:`render.PreparedRender` of a layer still to be rendered, else None.
 
     A file layer is sent as it is, with the area as the request's AOI, cut to the layer, and the
     bands its renderer shows (:func:`bands.layer_bands`: the layer as loaded; qgis_process loads
     it with QGIS's default renderer, whose 1, 2, 3 is sent only when the colour tags agree). Any
-    other layer is rendered (:func:`raster_source`) over the area's part of it, which is then the
-    whole image (no request AOI), or whole when there is no area; a web service covering the
-    whole world (XYZ or WMTS tiles: :func:`render.covers_the_world`) is refused then, as a
-    render of the planet tells nothing. Raises QgsProcessingException with a sentence: an area
-    that does not touch the layer, that refusal, a render that could not be written."""
+    other layer is rendered over the area's part of it, which is then the whole image (no
+    request AOI), or whole when there is no area; a web service covering the whole world (XYZ or
+    WMTS tiles: :func:`render.covers_the_world`) is refused then, as a render of the planet
+    tells nothing.
+
+    Called in prepareAlgorithm, on the main thread: a render is only made ready there (its map
+    settings, with a clone of the layer: :func:`prepare_render`), and drawn by
+    :func:`render_source` in processAlgorithm, in the task's thread, so the user interface does
+    not freeze and Cancel stops it; ``raster_path`` and ``bounds`` are None until then. Raises
+    QgsProcessingException with a sentence: an area that does not touch the layer, that
+    refusal, a render that could not be made (or, made here, written)."""
     try:
-        if layer_file_path(layer) is not None:
-            path, bounds, unreferenced = raster_source(layer, feedback)
+        path = layer_file_path(layer)
+        if path is not None:
             aoi = request_aoi(geometry, crs, layer) if geometry is not None else None
-            return {"raster_path": path, "bounds": bounds, "unreferenced": unreferenced, "aoi": aoi,
-                    "bands": layer_bands(layer), "rendered": False}
+            return {"raster_path": path, "bounds": rect_bounds(layer.extent()),
+                    "unreferenced": is_unreferenced_file(layer), "aoi": aoi, "bands": layer_bands(layer),
+                    "rendered": False, "render": None}
         if geometry is None:
             if covers_the_world(layer):
                 raise QgsProcessingException(
@@ -139,29 +147,52 @@ def question_source(layer, geometry, crs, feedback) -> dict:
             extent = clip_to_layer(geometry, crs, layer).boundingBox()
     except AoiError as exc:
         raise QgsProcessingException(str(exc)) from exc
-    try:
-        path, bounds, unreferenced = raster_source(layer, feedback, extent)
-    except NothingRendered as exc:  # says the layer's name itself
-        raise QgsProcessingException(str(exc)) from exc
-    except (OSError, ValueError) as exc:  # an empty extent, a file GDAL could not write
-        raise QgsProcessingException(f"Could not render the layer '{layer.name()}': {exc}") from exc
-    return {"raster_path": path, "bounds": bounds, "unreferenced": unreferenced, "aoi": None,
-            "bands": None, "rendered": True}  # a render is the layer as QGIS draws it, in RGB
+    source = {"raster_path": None, "bounds": None, "unreferenced": False, "aoi": None,
+              "bands": None, "rendered": True,  # a render is the layer as QGIS draws it, in RGB
+              "render": prepare_render(layer, extent)}
+    if not source["render"].movable:
+        # no usable clone: the layer itself is drawn, which only the main thread may use, so it
+        # is rendered here, in prepareAlgorithm, as all renders were before (the UI waits for it)
+        render_source(source, feedback)
+    return source
 
 
-def raster_source(layer, feedback, extent=None) -> tuple:
-    """(file path the engine can read for ``layer``, its bounds, whether that file has no
-    georeferencing at all); non-file layers are rendered (to a georeferenced GeoTIFF)."""
-    path = layer_file_path(layer)
-    if path is not None:
-        return path, rect_bounds(layer.extent()), is_unreferenced_file(layer)
+def prepare_render(layer, extent=None) -> PreparedRender:
+    """The render of the non-file ``layer`` over ``extent`` (layer CRS; None or empty: the whole
+    layer) to the results folder's renders, made ready (main thread). Raises
+    QgsProcessingException for an extent that cannot be rendered."""
     settings = Settings.load()
     ext = extent if extent is not None and not extent.isEmpty() else layer.extent()
     out = render_file(settings.results_dir(), layer.name())
+    try:
+        return PreparedRender(layer, ext, str(out), settings.render_max_px)
+    except ValueError as exc:  # an empty extent
+        raise QgsProcessingException(f"Could not render the layer '{layer.name()}': {exc}") from exc
+
+
+def render_source(source, feedback) -> dict:
+    """Draw and write the render of ``source`` (:func:`question_source`) that is still to be
+    made, in the calling thread (processAlgorithm's; ``feedback``'s Cancel stops it); it then has
+    its ``raster_path`` and ``bounds``. A source with nothing to render is left as it is. The
+    render (with the layer's clone) stays in ``source``: its owner, the algorithm, lets go of it.
+    Raises QgsProcessingException with a sentence: nothing drawn, a file that could not be
+    written, Cancel."""
+    job = source.get("render")
+    if job is None or source["raster_path"] is not None:
+        return source
     if feedback is not None:
-        feedback.pushInfo(f"Rendering the non-file layer '{layer.name()}' to {out}")
-    path, visible = render_sync(layer, ext, str(out), settings.render_max_px)
-    return path, rect_bounds(visible), False
+        feedback.pushInfo(f"Rendering the non-file layer '{job.name}' to {job.path}")
+    try:
+        done = job.run(feedback)
+    except NothingRendered as exc:  # says the layer's name itself
+        raise QgsProcessingException(str(exc)) from exc
+    except (OSError, ValueError) as exc:  # a file GDAL could not write
+        raise QgsProcessingException(f"Could not render the layer '{job.name}': {exc}") from exc
+    if done is None:
+        raise QgsProcessingException("Cancelled.")
+    path, visible = done
+    source.update(raster_path=path, bounds=rect_bounds(visible))
+    return source
 
 
 def say_preparing(feedback, layer_name: str | None = None):
