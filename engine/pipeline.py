@@ -386,10 +386,16 @@ class Engine:
                 if (list(given) if key == "bands" else given) != learned:
                     differs.append(_setting_text(key, given))
         if req.bands is None and values["bands"] is not None:
-            count = _band_count(req.raster_path)
+            count, alpha = _band_layout(req.raster_path)
+            learned = ", ".join(map(str, values["bands"]))
             if count is not None and max(values["bands"]) > count:
-                notes.append(f"note: the adapter was trained on bands {', '.join(map(str, values['bands']))}; "
-                             f"this raster has {count}, so the engine's default bands are used")
+                notes.append(f"note: the adapter was trained on bands {learned}; this raster has {count}, "
+                             "so the engine's default bands are used")
+                values["bands"] = None
+            elif alpha & set(values["bands"]):  # an RGBA raster's alpha is no colour
+                notes.append(f"note: the adapter was trained on bands {learned}; band "
+                             f"{', '.join(map(str, sorted(alpha & set(values['bands']))))} of this raster is its "
+                             "alpha (transparency), so the engine's default bands are used")
                 values["bands"] = None
         values["strategy"] = values["strategy"] or DEFAULT_STRATEGY
         values["faithful_empty_slots"] = bool(values["faithful_empty_slots"])
@@ -635,15 +641,17 @@ def _setting_text(key: str, value: Any) -> str:
     return f"{key.replace('_', ' ')} {value}"
 
 
-def _band_count(path: str) -> int | None:
-    """The raster's band count, None when it cannot be read here (the read reports why)."""
+def _band_layout(path: str) -> tuple[int | None, set[int]]:
+    """(band count, the numbers of its alpha bands) of the raster; (None, set()) when it cannot
+    be read here (the read that follows reports why)."""
     try:
         import rasterio
+        from rasterio.enums import ColorInterp
 
         with rasterio.open(path) as ds:
-            return int(ds.count)
+            return int(ds.count), {i for i, ci in enumerate(ds.colorinterp, 1) if ci == ColorInterp.alpha}
     except Exception:  # noqa: BLE001 - the raster read that follows gives the error
-        return None
+        return None, set()
 
 
 def _check_raster_path(path: str) -> str:

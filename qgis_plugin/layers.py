@@ -235,8 +235,8 @@ def style_anchors(layer: QgsVectorLayer) -> None:
         layer.setLabelsEnabled(False)
         layer.triggerRepaint()
         return
-    top = distinct[: TOP_ANCHORS]  # the scores labelled 1, 2, 3...
     cut = scores[min(TOP_ANCHORS, len(scores)) - 1]  # the 10th highest score (ties: all drawn bold)
+    top = [v for v in distinct if v >= cut]  # the scores labelled 1, 2, 3...: the bold ones only
     lower = [v for v in distinct if v < cut]
     top_filter = f'"score" > {_between(cut, lower[0])}' if lower else '"score" IS NOT NULL'
     root = QgsRuleBasedRenderer.Rule(None)

@@ -742,3 +742,27 @@ def test_help_shows_the_training_defaults(capsys):
                             ("--val-fraction", "0.05"), ("--save-every", "100"), ("--max-length", "32768")):
         after = text.split(f"{option} {option.lstrip('-').replace('-', '_').upper()}", 1)[1]
         assert f"(default: {default})" in after.split(" --", 1)[0], (option, after[:200])
+
+
+def test_an_adapters_bands_never_read_an_alpha_band_as_colour(tmp_path, tiny_checkpoint):
+    """An adapter trained with --bands 4,3,2 (a BGRN stack) asked, without bands, about an RGBA
+    raster (4 bands, the 4th alpha): only the band count was checked, so the alpha band was read
+    as red. The engine's own choice never uses alpha: it is used, with a note."""
+    import rasterio
+    from rasterio.enums import ColorInterp
+
+    from engine.pipeline import Engine
+
+    data = _bgrn_data(tmp_path)
+    out = tmp_path / "run"
+    assert run_finetune(_one_step(data, out, tiny_checkpoint, "--bands", "4,3,2")) == 0
+    rgba = np.random.default_rng(2).integers(0, 255, (4, 300, 300), dtype=np.uint8)
+    rgba[3] = 255
+    path = _geotiff(tmp_path / "rgba.tif", rgba)
+    with rasterio.open(path, "r+") as ds:
+        ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    eng = Engine(tiny_checkpoint, device="cpu", quantization="fp32", adapter=out / "adapter")
+    assert eng.adapter_settings["bands"] == [4, 3, 2]
+    events = _events(eng, raster_path=str(path))
+    assert events[-1]["bands"] == [1, 2, 3], f"the model saw bands {events[-1]['bands']} (band 4 is alpha)"
+    assert any("band 4 of this raster is its alpha" in (e.get("message") or "") for e in events)

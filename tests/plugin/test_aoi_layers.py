@@ -1015,3 +1015,24 @@ def test_the_clipped_heatmap_covers_the_raster_on_every_side(tmp_path, name):
     engine = engine_ds.GetRasterBand(1).ReadAsArray()
     assert ds.GetRasterBand(1).ReadAsArray().tolist() == \
         engine[row:row + ds.RasterYSize, col:col + ds.RasterXSize].tolist()
+
+
+def test_anchors_outside_the_bold_top_are_not_labelled_when_top_scores_tie(raster_layer, tmp_path):
+    """With ties among the highest scores, the labels ran on over the next distinct scores:
+    anchors drawn thin and faint (outside the bold top 10) got labels 5..9."""
+    from geovqa.layers import add_result_layers
+
+    layer = raster_layer("scene", width=256, height=192)
+    heat, anchors = _geollava_like_results(tmp_path, layer)
+    fc = json.loads(anchors.read_text())
+    ring = fc["features"][0]["geometry"]["coordinates"][0]
+    scores = [0.9] * 3 + [0.8] * 3 + [0.7] * 3 + [0.6] * 3 + [0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01]
+    fc["features"] = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                       "properties": {"rank": i, "score": s, "role": "kept", "tile": 0, "n_patches": 1}}
+                      for i, s in enumerate(scores)]
+    anchors.write_text(json.dumps(fc))
+    _group, _hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    widths = _symbols_drawn(al)
+    labels = _anchor_labels(al)
+    faint_but_labelled = {s: labels[s] for s, w in widths.items() if w == [0.2] and labels[s]}
+    assert faint_but_labelled == {}, faint_but_labelled
