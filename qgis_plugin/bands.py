@@ -21,6 +21,12 @@ MULTIBAND = "multibandcolor"
 SINGLE_BAND = ("singlebandgray", "singlebandpseudocolor")
 
 
+# the bands sent for a render of a layer (qgis_plugin/render.py): its red, green and blue as QGIS
+# drew them, named, so an engine running an adapter trained on other bands (a BGR or NIR order)
+# does not reorder a picture that is RGB already
+RENDER_BANDS = [1, 2, 3]
+
+
 def layer_bands(layer) -> list | None:
     """The 1-based bands ``layer`` (a raster layer read from its file) shows, for the request's
     ``bands``: ``[red, green, blue]`` of a *Multiband color* renderer when all three are set;

@@ -44,7 +44,7 @@ from qgis.PyQt.QtWidgets import (
 
 from . import layers as result_layers
 from .aoi import AoiError, clip_to_layer, is_unreferenced_file
-from .bands import bands_cell, layer_bands
+from .bands import RENDER_BANDS, bands_cell, layer_bands
 from .client import questions_too_long
 from .compat import MSG_WARNING, is_raster_layer
 from .paths import export_path
@@ -366,11 +366,11 @@ class BatchDialog(QDialog):
             self._next_item()
             return
         path = layer_file_path(layer)
-        # a file: the bands the layer shows (its renderer); a render is RGB already, so none
+        # a file: the bands the layer shows (its renderer); a render: its RGB as it is
         item = {"layer": layer.name(), "layer_id": layer.id(), "raster_path": path, "aoi": None,
                 "crs_wkt": layer.crs().toWkt(), "clip_bounds": rect_bounds(layer.extent()),
                 "unreferenced": is_unreferenced_file(layer),
-                "bands": layer_bands(layer) if path is not None else None, "rendered": False}
+                "bands": layer_bands(layer) if path is not None else RENDER_BANDS, "rendered": False}
         if path is not None:
             self._items.append(item)
             self._next_item()

@@ -42,7 +42,7 @@ from . import layers as result_layers
 from . import status as engine_status
 from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, is_unreferenced_file,
                   request_aoi)
-from .bands import bands_text, layer_bands
+from .bands import RENDER_BANDS, bands_text, layer_bands
 from .client import EngineError, build_ask_request, engine_address, host_port, new_request_id, question_too_long
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER, qaction_class
 from .history import ProjectHistory, kept_result
@@ -801,7 +801,8 @@ class ChatDock(QgsDockWidget):
                 return
             turn["rendered_path"] = path
             try:
-                self._start_ask(turn, path, aoi, settings, rect_bounds(renderer.settings.visibleExtent()))
+                self._start_ask(turn, path, aoi, settings, rect_bounds(renderer.settings.visibleExtent()),
+                                bands=RENDER_BANDS)
             except (EngineError, ValueError) as exc:
                 self._fail(turn, str(exc), getattr(exc, "message", None))
 

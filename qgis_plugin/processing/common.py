@@ -17,7 +17,7 @@ from qgis.core import (
 
 from .. import layers as result_layers
 from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
-from ..bands import layer_bands
+from ..bands import RENDER_BANDS, layer_bands
 from ..client import EngineError, build_ask_request
 from ..render import NothingRendered, PreparedRender, covers_the_world, layer_file_path, render_file
 from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
@@ -148,7 +148,7 @@ def question_source(layer, geometry, crs, feedback) -> dict:
     except AoiError as exc:
         raise QgsProcessingException(str(exc)) from exc
     source = {"raster_path": None, "bounds": None, "unreferenced": False, "aoi": None,
-              "bands": None, "rendered": True,  # a render is the layer as QGIS draws it, in RGB
+              "bands": RENDER_BANDS, "rendered": True,  # a render is the layer as QGIS draws it, in RGB
               "render": prepare_render(layer, extent)}
     if not source["render"].movable:
         # no usable clone: the layer itself is drawn, which only the main thread may use, so it

@@ -3,7 +3,8 @@
 Before, the dock, the batch dialog and the Processing algorithms never sent ``bands``: an 8-band
 scene styled 4,3,2 (true colour) in QGIS reached the model as bands 1,2,3, and nothing said so.
 Now a layer sent as its file sends the bands of its renderer (*Multiband color* -> [r, g, b],
-*Singleband gray* / *pseudocolor* -> [band]; a paletted layer and a rendered one none), and the
+*Singleband gray* / *pseudocolor* -> [band]; a paletted layer none; a rendered one [1, 2, 3], its RGB
+as it is), and the
 result's ``bands`` / ``palette`` are shown under the answer, in the batch table, CSV and JSON, and
 in the Processing log.
 """
@@ -174,7 +175,7 @@ def _ask(dock, layer, question="What is here?"):
     ("true_colour", [4, 3, 2], "bands 4, 3, 2"),
     ("grey", [2], "band 2 as grey"),
     ("paletted", None, "band 1 through its colour table"),
-    ("virtual", None, "rendered view"),
+    ("virtual", [1, 2, 3], "rendered view"),  # a render's RGB, named (an adapter's bands must not reorder it)
 ])
 def test_the_dock_sends_the_bands_the_layer_shows_and_says_which_the_model_saw(
         plugin, stub_engine, layers, name, sent, seen):
@@ -236,7 +237,8 @@ def test_the_batch_dialog_sends_each_layers_bands_and_keeps_what_the_model_saw(
     assert (layers["true_colour"].source(), [4, 3, 2]) in by_path
     assert (layers["grey"].source(), [2]) in by_path
     assert (layers["paletted"].source(), None) in by_path
-    assert any(path.endswith("_render.tif") and bands is None for path, bands in by_path)
+    # a render's RGB is named: an engine with an adapter trained on other bands must not reorder it
+    assert any(path.endswith("_render.tif") and bands == [1, 2, 3] for path, bands in by_path)
     assert len(by_path) == 4
     assert [rows[n]["bands"] for n in order] == [[4, 3, 2], [2, 2, 2], [1, 1, 1], [1, 2, 3]]
     assert rows["paletted"]["palette"] is True and rows["true_colour"]["palette"] is False
@@ -267,7 +269,7 @@ def test_processing_ask_sends_the_layers_bands_and_logs_what_the_model_saw(
     for name, sent, said in (("true_colour", [4, 3, 2], "The model saw bands 4, 3, 2 (layer 'true_colour')."),
                              ("grey", [2], "The model saw band 2 as grey (layer 'grey')."),
                              ("paletted", None, "The model saw band 1 through its colour table (layer 'paletted')."),
-                             ("virtual", None, "The model saw the layer as QGIS draws it (rendered in RGB).")):
+                             ("virtual", [1, 2, 3], "The model saw the layer as QGIS draws it (rendered in RGB).")):
         feedback = recording_feedback()
         processing.run("geovqa:ask_raster", {"INPUT": layers[name], "QUESTION": "What is here?", "STRATEGY": 0,
                                              "BUDGET": 0, "HEATMAP": str(tmp_path / f"{name}.tif"),
@@ -285,7 +287,7 @@ def test_processing_batch_sends_each_layers_bands_and_writes_what_the_model_saw(
         "LAYERS": [layers[n] for n in order], "QUESTIONS": "What is here?", "STRATEGY": 0, "BUDGET": 0,
         "OUTPUT": str(tmp_path / "batch.csv"), "OUTPUT_JSON": str(tmp_path / "batch.json")})
     assert res["ANSWERED"] == 4 and res["ERRORS"] == 0
-    assert [r["bands"] for r in stub_engine.requests] == [[4, 3, 2], [2], None, None]
+    assert [r["bands"] for r in stub_engine.requests] == [[4, 3, 2], [2], None, [1, 2, 3]]
     with open(res["OUTPUT"], newline="", encoding="utf-8") as fh:
         assert [r["bands"] for r in csv.DictReader(fh)] == ["4,3,2", "2 (grey)", "1 (colour table)", "rendered view"]
     rows = json.loads(open(res["OUTPUT_JSON"], encoding="utf-8").read())["results"]
