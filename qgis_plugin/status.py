@@ -31,7 +31,8 @@ def summary(health: dict | None, error: str = "", url: str = "") -> tuple:
 
 
 def adapter_text(health: dict) -> str:
-    """", with adapter <folder> (trained with <strategy>, <n> tokens a tile, budget <b>)" when the
+    """", with adapter <folder> (trained with <strategy>, <n> tokens a tile, budget <b>, empty
+    cluster slots sent, bands <b>)" (what it was trained with, of those) when the
     engine runs a fine-tuned adapter, so the dock's options can be set to what it learned on;
     "" without one."""
     adapter = health.get("adapter")
@@ -47,6 +48,8 @@ def adapter_text(health: dict) -> str:
         parts.append(f"{trained['tokens_per_tile']} tokens a tile")
     if trained.get("budget"):
         parts.append(f"budget {trained['budget']}")
+    if trained.get("faithful_empty_slots"):
+        parts.append("empty cluster slots sent")
     if trained.get("bands"):
         parts.append("bands " + ", ".join(str(b) for b in trained["bands"]))
     return f", with adapter {name}" + (f" (trained with {', '.join(parts)})" if parts else "")

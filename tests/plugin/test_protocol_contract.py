@@ -89,6 +89,8 @@ def test_health_fields_the_status_line_reads_exist(protocol):
     level, text = status.summary(dict(health, adapter="/runs/harbour/adapter", adapter_settings=trained))
     assert level == "ok" and text.endswith(
         "with adapter harbour/adapter (trained with anchored, 4 tokens a tile, bands 4, 3, 2)"), text
+    level, text = status.summary(dict(health, adapter="/r/a", adapter_settings=dict(trained, faithful_empty_slots=True)))
+    assert "(trained with anchored, 4 tokens a tile, empty cluster slots sent, bands 4, 3, 2)" in text, text
     level, text = status.summary(dict(health, adapter="C:\\runs\\ships", adapter_settings=None))
     assert text.endswith(", with adapter runs/ships"), text
     assert "adapter" not in status.summary(health)[1]
