@@ -76,6 +76,7 @@ def error_for_exception(exc: BaseException, budget: int | None = None) -> JobErr
     if isinstance(exc, JobError):
         return exc
     if is_out_of_memory(exc):
+        budget = getattr(exc, "applied_budget", budget)  # the budget that ran (Engine.ask says it)
         smaller = max(64, (budget or 2048) // 2)
         what = getattr(exc, "what", None) or "answering this question"
         return JobError(

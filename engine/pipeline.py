@@ -352,9 +352,17 @@ class Engine:
     # ------------------------------------------------------------------------------ ask
     def ask(self, req: AskRequest, cancel: threading.Event | None = None) -> Iterator[dict]:
         """Answer `req`, yielding protocol events; the last one is `result`."""
+        from engine.errors import is_oom
+
         req = req.validated()
         with self._lock:
-            yield from self._ask(req, cancel)
+            self._applied_budget = req.budget
+            try:
+                yield from self._ask(req, cancel)
+            except Exception as exc:
+                if is_oom(exc):  # the retry hint halves the budget that ran (an adapter's, when it gave it)
+                    exc.applied_budget = self._applied_budget
+                raise
 
     def resolve_visual(self, req: AskRequest) -> tuple[AskRequest, list[str]]:
         """`req` with its visual-token fields filled in, and notes for the person asking.
@@ -422,6 +430,7 @@ class Engine:
 
         path = _check_raster_path(req.raster_path)
         req, notes = self.resolve_visual(req)
+        self._applied_budget = req.budget
         for note in notes:
             yield ev("status", stage="read", progress=None, message=note)
         tokens_per_tile = req.tokens_per_tile or model_tokens_per_tile(self.model)

@@ -520,3 +520,26 @@ def test_the_engine_answers_with_the_checkpoints_generation_config(tiny_checkpoi
     gen_path.write_text(json.dumps({**gen, "eos_token_id": [gen["eos_token_id"], first]}))
     ended = _ask(Engine(ckpt, output_dir=tmp_path / "out2"), scene, max_new_tokens=30)[-1]
     assert ended["answer"] == "" and plain["answer"]
+
+
+def test_the_out_of_memory_retry_hint_halves_the_budget_that_ran(tiny_checkpoint, scene, tmp_path, monkeypatch):
+    """With an adapter trained with a budget, a request without one runs at the adapter's budget:
+    the "Retry with budget N" hint halved the request's (none: 2048 -> 1024, more than ran)."""
+    import torch
+
+    from engine.jobs import error_for_exception
+
+    eng = Engine(tiny_checkpoint, output_dir=tmp_path / "out")
+    eng.adapter_settings = {"strategy": None, "budget": 512, "tokens_per_tile": None,
+                            "faithful_empty_slots": None, "bands": None}
+
+    def out_of_memory(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(eng.model), "forward", out_of_memory)
+    with pytest.raises(Exception) as exc:
+        _ask(eng, scene)
+    assert error_for_exception(exc.value, None).extra["retry_budget"] == 256
+    with pytest.raises(Exception) as exc:
+        _ask(eng, scene, budget=300)  # given: its own
+    assert error_for_exception(exc.value, 300).extra["retry_budget"] == 150
