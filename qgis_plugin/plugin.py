@@ -167,5 +167,5 @@ class GeoVQAPlugin:
                 text = (f"The local engine stopped: {reason}" if reason
                         else "The local engine stopped with an error")
             self.iface.messageBar().pushMessage(
-                "GeoVQA", text + " (its log is in Diagnostics in the GeoVQA dock).",
+                "GeoVQA", text + " (its log is in Copy diagnostics, in the GeoVQA dock's ⋯ menu).",
                 level=MSG_CRITICAL, duration=15)

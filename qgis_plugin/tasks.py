@@ -521,7 +521,7 @@ class AskTask(QgsTask):
             self.final = {
                 "type": "error", "request_id": self.request_id, "code": "internal",
                 "message": f"Unexpected error in the GeoVQA plugin: {exc.__class__.__name__}: {exc}.",
-                "hint": "Please report it with the Diagnostics report.",
+                "hint": "Please report it with the diagnostics report (Copy diagnostics, in the dock's ⋯ menu).",
             }
             self.engine_event.emit(self.final)
         return not (self.isCanceled() or (self.final is None and self.stream.aborted))
