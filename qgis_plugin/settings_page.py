@@ -81,14 +81,17 @@ class SettingsForm(QWidget):
         self.token.setPlaceholderText(f"empty: read from {default_token_path()} (engine on this computer only)")
         self.token.setToolTip("The engine's access token. Empty: the plugin reads the token file the engine "
                               f"writes at its first start ({default_token_path()}), which works for an engine "
-                              "on this computer only; copy the token here for one on another computer.")
+                              "on this computer only; copy the token here for one on another computer. A token "
+                              "typed here is kept in plain text in the QGIS profile's settings; to keep it out "
+                              "of them, save it in a file only you may read and choose that file below.")
         form.addRow("Engine token", self.token)
         form.labelForField(self.token).setToolTip(self.token.toolTip())
         self.token_file = QgsFileWidget()
         self.token_file.setFilePath(s.token_file)
         self.token_file.setToolTip("A file holding the engine token. A token typed in 'Engine token' wins "
                                    "over this file; with both empty, the engine's own token file on this "
-                                   "computer is read.")
+                                   "computer is read. A file keeps the token out of the QGIS profile's settings "
+                                   "(make it readable by you only, e.g. chmod 600).")
         form.addRow("Token file", self.token_file)
         self.ca_cert = QgsFileWidget()
         self.ca_cert.setFilter(CA_CERT_FILTER)
