@@ -26,7 +26,7 @@ from qgis.core import (
 )
 
 from ..bands import bands_text
-from ..client import EngineError, question_too_long
+from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PARAM_ADVANCED, PROCESSING_VECTOR_POLYGON
 from ..layers import anchors_name, heatmap_name
 from ..settings import Settings
@@ -37,6 +37,7 @@ from .common import (
     engine_client,
     forget_result_layer,
     load_result_layer,
+    question_refusal,
     question_source,
     render_source,
     strategy_parameter,
@@ -192,13 +193,13 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         # a strategy given by its number in the list (models and scripts saved before it took names)
         ok, message = super().checkParameterValues(with_strategy_names(parameters, self.STRATEGY), context)
         refusal = (self.output_refusal(parameters) or aoi_refusal(self, parameters, self.AOI, context)
-                   or question_too_long(self.parameterAsString(parameters, self.QUESTION, context))) if ok else None
+                   or question_refusal(self.parameterAsString(parameters, self.QUESTION, context))) if ok else None
         return (False, refusal) if refusal else (ok, message)
 
     def prepareAlgorithm(self, parameters, context, feedback):  # noqa: N802 - main thread
         # qgis_process and models may not check the values first
         refusal = (self.output_refusal(parameters)
-                   or question_too_long(self.parameterAsString(parameters, self.QUESTION, context)))
+                   or question_refusal(self.parameterAsString(parameters, self.QUESTION, context)))
         if refusal:
             raise QgsProcessingException(refusal)
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
@@ -281,8 +282,9 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         for _key, path, name in files:  # first: forgetting copies the layers' details
             if name is None:
                 forget_result_layer(context, path)
+        run = {}  # the two layers' ids, so the anchors go above the heatmap
         for key, path, name in files:
             if name is not None:
                 load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name,
-                                  getattr(self, "layer_crs_wkt", None))
+                                  getattr(self, "layer_crs_wkt", None), run)
         return {}

@@ -25,7 +25,7 @@ from qgis.core import (
     QgsProcessingUtils,
 )
 
-from ..client import EngineError, questions_too_long
+from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
 from ..results_io import CANCELLED, CsvRows, is_cancelled, is_failure, write_json
 from ..settings import Settings
@@ -36,6 +36,7 @@ from .common import (
     ask_once,
     engine_client,
     question_source,
+    questions_refusal,
     render_source,
     say_preparing,
     strategy_parameter,
@@ -131,7 +132,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         # a strategy given by its number in the list (models and scripts saved before it took names)
         ok, message = super().checkParameterValues(with_strategy_names(parameters, self.STRATEGY), context)
         refusal = (aoi_refusal(self, parameters, self.AOI, context)
-                   or questions_too_long(self.parameterAsString(parameters, self.QUESTIONS, context))) if ok else None
+                   or questions_refusal(self.parameterAsString(parameters, self.QUESTIONS, context))) if ok else None
         return (False, refusal) if refusal else (ok, message)
 
     def _questions(self, parameters, context) -> list:
@@ -143,9 +144,9 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         if not layers:
             raise QgsProcessingException("Choose at least one raster layer.")
         # qgis_process may not check first
-        too_long = questions_too_long(self.parameterAsString(parameters, self.QUESTIONS, context))
-        if too_long:
-            raise QgsProcessingException(too_long)
+        refusal = questions_refusal(self.parameterAsString(parameters, self.QUESTIONS, context))
+        if refusal:
+            raise QgsProcessingException(refusal)
         self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
         geom, crs = area_of_interest(self, parameters, self.AOI, context)  # (None, None): each whole layer
         self.items = []

@@ -5,6 +5,9 @@ of the result layers QGIS loads after a run."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from collections import deque
 from pathlib import Path
 
@@ -13,12 +16,13 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingParameterEnum,
+    QgsProject,
 )
 
 from .. import layers as result_layers
 from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..bands import RENDER_BANDS, layer_bands
-from ..client import EngineError, build_ask_request
+from ..client import EngineError, build_ask_request, question_too_long, questions_too_long
 from ..render import NothingRendered, PreparedRender, covers_the_world, layer_file_path, render_file
 from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
 from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, preparing_words, rect_bounds
@@ -170,6 +174,21 @@ def prepare_render(layer, extent=None) -> PreparedRender:
         raise QgsProcessingException(f"Could not render the layer '{layer.name()}': {exc}") from exc
 
 
+def question_refusal(question: str) -> str | None:
+    """Why Ask a raster cannot take ``question``, said before anything runs (a web layer would be
+    rendered first): empty or only blanks (QGIS refuses only ""), or longer than the engine takes."""
+    if not question.strip():
+        return "Please type a question."
+    return question_too_long(question)
+
+
+def questions_refusal(text: str) -> str | None:
+    """The same for Batch questions' QUESTIONS (one a line): no question on any line, or one too long."""
+    if not any(line.strip() for line in text.splitlines()):
+        return "Type at least one question."
+    return questions_too_long(text)
+
+
 def render_source(source, feedback) -> dict:
     """Draw and write the render of ``source`` (:func:`question_source`) that is still to be
     made, in the calling thread (processAlgorithm's; ``feedback``'s Cancel stops it); it then has
@@ -191,6 +210,10 @@ def render_source(source, feedback) -> dict:
     if done is None:
         raise QgsProcessingException("Cancelled.")
     path, visible = done
+    if feedback is not None and feedback.isCanceled():  # cancelled while the file was written
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise QgsProcessingException("Cancelled.")
     source.update(raster_path=path, bounds=rect_bounds(visible))
     return source
 
@@ -272,13 +295,18 @@ class ResultLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
     dock does, and gives it the CRS of the raster asked about (``crs_wkt``; "" when that raster
     has none, as the dock does: OGR reads a GeoJSON without CRS as EPSG:4326; None: as loaded)."""
 
-    def __init__(self, kind: str, name: str, crs_wkt: str | None = None):
+    def __init__(self, kind: str, name: str, crs_wkt: str | None = None, run: dict | None = None):
         super().__init__()
         self.kind, self.name, self.crs_wkt = kind, name, crs_wkt
+        self.run = run if run is not None else {}  # {kind: layer id} of the run's result layers
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802
         if layer is None:
             return
+        self.run[self.kind] = layer.id()
+        # QGIS loads the outputs in the order of their paths, each on top: the anchors go above
+        # the heatmap, as the dock puts them (its warm cells hid the top anchors' outlines)
+        stack_anchors_above_heatmap(context.project() or QgsProject.instance(), self.run)
         result_layers.mark_result_layer(layer, self.kind)
         layer.setName(self.name)
         if self.crs_wkt is not None:
@@ -293,23 +321,42 @@ class ResultLayerPostProcessor(QgsProcessingLayerPostProcessorInterface):
                 feedback.reportError(f"Could not style the {self.kind} layer: {exc}")
 
 
+def stack_anchors_above_heatmap(project, run: dict) -> None:
+    """Move the anchors layer of ``run`` ({kind: layer id}) right above its heatmap in the layer
+    tree, when both are loaded into one group and the anchors are below."""
+    root = project.layerTreeRoot()
+    heat = root.findLayer(run.get("heatmap") or "")
+    anchors = root.findLayer(run.get("anchors") or "")
+    if heat is None or anchors is None or heat.parent() is not anchors.parent():
+        return
+    parent = heat.parent()
+    children = parent.children()
+    at = children.index(heat)
+    if children.index(anchors) < at:  # above already (the first child is drawn on top)
+        return
+    parent.insertChildNode(at, anchors.clone())
+    parent.removeChildNode(anchors)
+
+
 # Processing keeps only a pointer to a layer's post-processor: they are kept alive here until
 # the layers are loaded (a few runs' worth)
 _POST_PROCESSORS = deque(maxlen=32)
 
 
-def load_result_layer(context, path: str, kind: str, name: str, crs_wkt: str | None = None) -> None:
+def load_result_layer(context, path: str, kind: str, name: str, crs_wkt: str | None = None,
+                      run: dict | None = None) -> None:
     """Name and mark (:class:`ResultLayerPostProcessor`, RESULT_LAYER_PROPERTY) the layer QGIS
     loads from ``path`` when the algorithm completes: QGIS's ``parameterAsOutputLayer`` put it
     on the context's layers to load when the output's value has a destination project (the
     toolbox's "Open output file after running algorithm"); ``crs_wkt``: the CRS of the raster
-    asked about ("" for none), which the layer gets. A file QGIS does not load is left alone.
+    asked about ("" for none), which the layer gets; ``run``: one dict shared by the run's result
+    layers (their ids), so its anchors go above its heatmap. A file QGIS does not load is left alone.
     Main thread (postProcessAlgorithm)."""
     if not context.willLoadLayerOnCompletion(path):
         return
     details = context.layerToLoadOnCompletionDetails(path)
     details.name = name
-    post = ResultLayerPostProcessor(kind, name, crs_wkt)
+    post = ResultLayerPostProcessor(kind, name, crs_wkt, run)
     _POST_PROCESSORS.append(post)
     details.setPostProcessor(post)
 

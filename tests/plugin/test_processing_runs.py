@@ -1,0 +1,321 @@
+"""Processing runs as the toolbox, models and tasks make them, after the move of non-file renders into processAlgorithm
+(render.PreparedRender): cancel during a render, a layer removed while running, concurrent runs,
+models, outputs, validation, help and the style of the loaded results."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import python_errors, recording_feedback, set_settings, virtual_raster_layer, wait_for_tasks, wait_until
+
+QUESTION = "How big?"
+
+
+def _task(alg_id, params, feedback=None, project=True):
+    from qgis.core import (QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingContext, QgsProcessingFeedback,
+                           QgsProject)
+
+    alg = QgsApplication.processingRegistry().createAlgorithmById(alg_id)
+    context = QgsProcessingContext()
+    if project:
+        context.setProject(QgsProject.instance())
+    feedback = feedback or QgsProcessingFeedback()
+    done = []
+    task = QgsProcessingAlgRunnerTask(alg, params, context, feedback)  # prepareAlgorithm runs here
+    task.executed.connect(lambda ok, res: done.append((ok, res, time.perf_counter())))
+    return task, done, feedback, context
+
+
+def _renders(tmp_path):
+    folder = tmp_path / "results" / "renders"
+    return sorted(folder.glob("*")) if folder.exists() else []
+
+
+def test_cancel_during_a_render_ends_promptly_and_cleanly(plugin, stub_engine, raster_layer, qgis_processing,
+                                                          qgis_new_project, tmp_path):
+    from qgis.core import QgsApplication
+
+    set_settings(render_max_px=8192)
+    src = raster_layer("src", width=400, height=300)
+    virt = virtual_raster_layer(src, "big", size=(8192, 6144))
+    feedback = recording_feedback
+    fb = feedback()
+    with python_errors() as errors:
+        task, done, fb, _ = _task("geovqa:ask_raster", {"INPUT": virt.id(), "QUESTION": QUESTION}, fb)
+        QgsApplication.taskManager().addTask(task)
+        wait_until(lambda: any("Rendering the non-file layer" in i for i in fb.of("info")), 60, "the render")
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        fb.cancel()
+        wait_until(lambda: done, 60, "the cancelled run")
+        wait_for_tasks()
+    ok, res, t1 = done[0]
+    assert not ok
+    assert t1 - t0 < 1.0, f"the run ended {t1 - t0:.2f} s after Cancel"
+    assert not stub_engine.requests, "the engine was asked after Cancel"
+    assert not errors, errors
+    assert not any("Traceback" in e for e in fb.of("error")), fb.of("error")
+    assert _renders(tmp_path) == [], "a cancelled render left a file"
+
+
+def test_a_layer_removed_from_the_project_while_the_algorithm_runs(plugin, stub_engine, raster_layer,
+                                                                   qgis_processing, qgis_new_project, tmp_path):
+    from qgis.core import QgsApplication, QgsProject
+
+    set_settings(render_max_px=2048)
+    src = raster_layer("src")
+    virt = virtual_raster_layer(src, "v", size=(2048, 1536))
+    with python_errors() as errors:
+        task, done, fb, _ = _task("geovqa:ask_raster", {"INPUT": virt.id(), "QUESTION": QUESTION})
+        QgsProject.instance().removeMapLayer(virt.id())  # deleted, after prepareAlgorithm
+        QgsApplication.taskManager().addTask(task)
+        wait_until(lambda: done, 60, "the run")
+        wait_for_tasks()
+    ok, res, _ = done[0]
+    assert ok and res["ANSWER"], res
+    assert not errors, errors
+
+
+def test_the_same_algorithm_twice_at_once_each_with_its_own_render(plugin, stub_engine, raster_layer,
+                                                                    qgis_processing, qgis_new_project, tmp_path):
+    from osgeo import gdal
+    from qgis.core import QgsApplication
+
+    set_settings(render_max_px=1024)
+    src = raster_layer("src")
+    virt = virtual_raster_layer(src, "v", size=(1024, 768))
+    aois = ["500000,500320,4999520,5000000 [EPSG:32633]", "500320,500640,4999520,5000000 [EPSG:32633]"]
+    runs = [_task("geovqa:ask_raster", {"INPUT": virt.id(), "QUESTION": QUESTION, "AOI": a}) for a in aois]
+    with python_errors() as errors:
+        for task, *_ in runs:
+            QgsApplication.taskManager().addTask(task)
+        wait_until(lambda: all(d for _, d, _, _ in runs), 60, "both runs")
+        wait_for_tasks()
+    assert not errors, errors
+    assert all(d[0][0] for _, d, _, _ in runs), [d for _, d, _, _ in runs]
+    paths = [r["raster_path"] for r in stub_engine.requests]
+    assert len(set(paths)) == 2, paths
+    x0 = sorted(gdal.Open(p).GetGeoTransform()[0] for p in paths)
+    assert x0 == pytest.approx([500000.0, 500320.0], abs=1.0)
+
+
+def test_a_model_chains_the_heatmap_into_another_algorithm(plugin, stub_engine, raster_layer, qgis_processing,
+                                                           qgis_new_project, tmp_path):
+    import processing
+    from qgis.core import (QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
+                           QgsProcessingModelChildParameterSource, QgsProcessingModelOutput,
+                           QgsProcessingModelParameter, QgsProcessingParameterRasterLayer)
+
+    layer = raster_layer("a")
+    model = QgsProcessingModelAlgorithm("chain", "test")
+    model.addModelParameter(QgsProcessingParameterRasterLayer("IN", "in"), QgsProcessingModelParameter("IN"))
+    ask = QgsProcessingModelChildAlgorithm("geovqa:ask_raster")
+    ask.setChildId("ask")
+    ask.addParameterSources("INPUT", [QgsProcessingModelChildParameterSource.fromModelParameter("IN")])
+    ask.addParameterSources("QUESTION", [QgsProcessingModelChildParameterSource.fromStaticValue(QUESTION)])
+    model.addChildAlgorithm(ask)
+    stats = QgsProcessingModelChildAlgorithm("native:rasterlayerstatistics")
+    stats.setChildId("stats")
+    stats.addParameterSources("INPUT", [QgsProcessingModelChildParameterSource.fromChildOutput("ask", "HEATMAP")])
+    stats.addParameterSources("BAND", [QgsProcessingModelChildParameterSource.fromStaticValue(1)])
+    out = QgsProcessingModelOutput("STATS_OUT")
+    out.setChildOutputName("OUTPUT_HTML_FILE")
+    out.setChildId("stats")
+    stats.setModelOutputs({"STATS_OUT": out})
+    model.addChildAlgorithm(stats)
+    res = processing.run(model, {"IN": layer, "stats:STATS_OUT": str(tmp_path / "stats.html")})
+    assert Path(res["stats:STATS_OUT"]).exists(), res
+    assert stub_engine.requests
+
+
+@pytest.mark.parametrize("ext", ["tif", "tiff"])
+@pytest.mark.parametrize("vext", ["geojson", "gpkg"])
+def test_outputs_to_given_paths(plugin, stub_engine, raster_layer, qgis_processing, qgis_new_project, tmp_path, ext,
+                                vext):
+    import processing
+    from qgis.core import QgsRasterLayer, QgsVectorLayer
+
+    layer = raster_layer("a")
+    res = processing.run("geovqa:ask_raster", {"INPUT": layer, "QUESTION": QUESTION,
+                                               "HEATMAP": str(tmp_path / f"h.{ext}"),
+                                               "ANCHORS": str(tmp_path / f"a.{vext}")})
+    assert res["HEATMAP"] == str(tmp_path / f"h.{ext}") and QgsRasterLayer(res["HEATMAP"]).isValid()
+    assert QgsVectorLayer(res["ANCHORS"]).isValid() and QgsVectorLayer(res["ANCHORS"]).featureCount() == 2
+
+
+@pytest.mark.parametrize("question", ["", "   ", "\n"])
+def test_an_empty_question_is_refused_before_the_run(plugin, raster_layer, stub_engine, qgis_processing, question):
+    from qgis.core import QgsApplication, QgsProcessingContext
+
+    layer = raster_layer("a")
+    alg = QgsApplication.processingRegistry().createAlgorithmById("geovqa:ask_raster")
+    ok, msg = alg.checkParameterValues({"INPUT": layer, "QUESTION": question}, QgsProcessingContext())
+    assert not ok, "an empty question passed the check"
+
+
+@pytest.mark.parametrize("budget", [-1, "abc"])
+def test_a_bad_budget_is_refused(plugin, raster_layer, stub_engine, qgis_processing, budget):
+    from qgis.core import QgsApplication, QgsProcessingContext
+
+    layer = raster_layer("a")
+    alg = QgsApplication.processingRegistry().createAlgorithmById("geovqa:ask_raster")
+    ok, msg = alg.checkParameterValues({"INPUT": layer, "QUESTION": QUESTION, "BUDGET": budget},
+                                       QgsProcessingContext())
+    assert not ok and "budget" in msg.lower(), msg
+
+
+def test_a_blank_question_is_refused_before_a_layer_is_rendered(plugin, stub_engine, raster_layer, qgis_processing,
+                                                                qgis_new_project, tmp_path):
+    """A question of blanks passes checkParameterValues (QGIS refuses only ""), so the toolbox
+    runs the algorithm: a web/virtual layer is rendered (minutes for a web service) before the
+    request is built and refused with "Please type a question."."""
+    import processing
+    from qgis.core import QgsProcessingException
+
+    set_settings(render_max_px=1024)
+    virt = virtual_raster_layer(raster_layer("src"), "v", size=(1024, 768))
+    fb = recording_feedback()
+    with pytest.raises(QgsProcessingException):
+        processing.run("geovqa:ask_raster", {"INPUT": virt, "QUESTION": "   "}, feedback=fb)
+    assert not any("Rendering" in i for i in fb.of("info")), fb.of("info")
+    assert _renders(tmp_path) == [], _renders(tmp_path)
+
+
+def _run_then_load(alg_id, parameters):
+    from processing.gui.Postprocessing import handleAlgorithmResults
+    from processing.tools import dataobjects
+    from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingFeedback
+
+    feedback = QgsProcessingFeedback()
+    context = dataobjects.createContext(feedback)
+    alg = QgsApplication.processingRegistry().createAlgorithmById(alg_id)
+    done = []
+    task = QgsProcessingAlgRunnerTask(alg, parameters, context, feedback)
+    task.executed.connect(lambda ok, results: done.append((ok, results)))
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: done, 60, "the algorithm run")
+    ok, results = done[0]
+    assert ok
+    assert handleAlgorithmResults(alg, context, feedback, False, results)
+    wait_for_tasks()
+    return results
+
+
+def _shader_items(layer):
+    shader = layer.renderer().shader().rasterShaderFunction()
+    return [(round(i.value, 9), i.color.name(0x1), i.label) for i in shader.colorRampItemList()]
+
+
+@pytest.mark.parametrize("temporary", [True, False])
+def test_loaded_results_are_styled_and_stacked_as_the_docks(plugin, stub_engine, raster_layer, qgis_processing,
+                                                            qgis_new_project, tmp_path, temporary):
+    from geovqa.layers import add_result_layers
+    from qgis.core import (QgsProcessing, QgsProcessingOutputLayerDefinition, QgsProject, QgsRasterLayer,
+                           QgsVectorLayer)
+
+    layer = raster_layer("a")
+    project = QgsProject.instance()
+    outs = {}
+    for name, path in (("HEATMAP", tmp_path / "z_heat.tif"), ("ANCHORS", tmp_path / "a_anchors.geojson")):
+        d = QgsProcessingOutputLayerDefinition(QgsProcessing.TEMPORARY_OUTPUT if temporary else str(path), project)
+        outs[name] = d
+    before = set(project.mapLayers())
+    res = _run_then_load("geovqa:ask_raster", dict({"INPUT": layer.id(), "QUESTION": QUESTION}, **outs))
+    new = [project.mapLayer(i) for i in project.mapLayers() if i not in before]
+    heat = next(lyr for lyr in new if isinstance(lyr, QgsRasterLayer))
+    anch = next(lyr for lyr in new if isinstance(lyr, QgsVectorLayer))
+    _, dock_heat, dock_anch = add_result_layers(QUESTION, res["HEATMAP"], res["ANCHORS"], layer)
+    assert _shader_items(heat) == _shader_items(dock_heat)
+    assert heat.renderer().opacity() == dock_heat.renderer().opacity()
+    assert anch.renderer().type() == dock_anch.renderer().type() and anch.labelsEnabled() == dock_anch.labelsEnabled()
+    # the dock draws the anchors above the heatmap: drawn under its 78 % opaque cells, they are hidden
+    order = [lyr.id() for lyr in project.layerTreeRoot().layerOrder()]
+    assert order.index(anch.id()) < order.index(heat.id()), [project.mapLayer(i).name() for i in order]
+
+
+def test_cancel_while_the_render_is_written_asks_nothing_and_keeps_no_render(plugin, stub_engine, raster_layer,
+                                                                             qgis_processing, qgis_new_project,
+                                                                             tmp_path):
+    """Cancel pressed once the drawing is done, while its GeoTIFF is written (seconds for a large
+    render): nothing checks Cancel between the write and the request, so the engine is still
+    asked (a real engine starts reading and selecting tokens) and the render stays."""
+    from qgis.core import QgsApplication
+
+    set_settings(render_max_px=8192)
+    src = raster_layer("src", width=400, height=300)
+    virt = virtual_raster_layer(src, "big", size=(8192, 6144))
+    fb = recording_feedback()
+    with python_errors() as errors:
+        task, done, fb, _ = _task("geovqa:ask_raster", {"INPUT": virt.id(), "QUESTION": QUESTION}, fb)
+        QgsApplication.taskManager().addTask(task)
+        wait_until(lambda: _renders(tmp_path), 120, "the render's file")  # GDAL created it: writing
+        fb.cancel()
+        wait_until(lambda: done, 60, "the cancelled run")
+        wait_for_tasks()
+    ok, res, _ = done[0]
+    assert not errors, errors
+    assert not ok
+    assert not stub_engine.requests, "the engine was asked after Cancel"
+    assert _renders(tmp_path) == [], "a cancelled run kept its render"
+
+
+def test_cancel_during_a_batch_render(plugin, stub_engine, raster_layer, qgis_processing, qgis_new_project, tmp_path):
+    from qgis.core import QgsApplication
+
+    set_settings(render_max_px=8192)
+    src = raster_layer("src", width=400, height=300)
+    virt = [virtual_raster_layer(src, f"big{i}", size=(8192, 6144)) for i in range(2)]
+    fb = recording_feedback()
+    with python_errors() as errors:
+        task, done, fb, _ = _task("geovqa:batch_questions", {"LAYERS": [v.id() for v in virt], "QUESTIONS": "q1\nq2",
+                                                             "OUTPUT": str(tmp_path / "a.csv")}, fb)
+        QgsApplication.taskManager().addTask(task)
+        wait_until(lambda: any("Rendering the non-file layer" in i for i in fb.of("info")), 60, "the render")
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        fb.cancel()
+        wait_until(lambda: done, 60, "the cancelled run")
+        wait_for_tasks()
+    ok, res, t1 = done[0]
+    assert not errors, errors
+    assert t1 - t0 < 1.0
+    assert not stub_engine.requests
+    assert not fb.of("error"), fb.log
+    print(ok, res, fb.of("info"))
+
+
+def test_a_model_with_a_rendered_layer_run_in_the_background(plugin, stub_engine, raster_layer, qgis_processing,
+                                                             qgis_new_project, tmp_path):
+    from qgis.core import (QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingContext,
+                           QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
+                           QgsProcessingModelChildParameterSource, QgsProcessingModelOutput,
+                           QgsProcessingModelParameter, QgsProcessingParameterRasterLayer, QgsProject)
+
+    set_settings(render_max_px=1024)
+    virt = virtual_raster_layer(raster_layer("src"), "v", size=(1024, 768))
+    model = QgsProcessingModelAlgorithm("chain", "test")
+    model.addModelParameter(QgsProcessingParameterRasterLayer("IN", "in"), QgsProcessingModelParameter("IN"))
+    ask = QgsProcessingModelChildAlgorithm("geovqa:ask_raster")
+    ask.setChildId("ask")
+    ask.addParameterSources("INPUT", [QgsProcessingModelChildParameterSource.fromModelParameter("IN")])
+    ask.addParameterSources("QUESTION", [QgsProcessingModelChildParameterSource.fromStaticValue(QUESTION)])
+    out = QgsProcessingModelOutput("HEAT")
+    out.setChildOutputName("HEATMAP")
+    out.setChildId("ask")
+    ask.setModelOutputs({"HEAT": out})
+    model.addChildAlgorithm(ask)
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    fb = recording_feedback()
+    done = []
+    with python_errors() as errors:
+        task = QgsProcessingAlgRunnerTask(model, {"IN": virt.id(), "ask:HEAT": str(tmp_path / "h.tif")}, context, fb)
+        task.executed.connect(lambda ok, res: done.append((ok, res)))
+        QgsApplication.taskManager().addTask(task)
+        wait_until(lambda: done, 60, "the model")
+        wait_for_tasks()
+    assert not errors, errors
+    assert done[0][0], fb.log
+    assert Path(tmp_path / "h.tif").exists()
