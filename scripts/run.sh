@@ -6,6 +6,8 @@
 #     get them with `make weights`; a damaged one stops with the engine's reason). When the folder
 #     is missing or empty, the tiny RANDOM demo model is built into
 #     .cache/tiny-geollava and used: its answers are meaningless, it only shows the workflow.
+#     A checkpoint folder named by WEIGHTS (make run WEIGHTS=...) or GEOVQA_WEIGHTS is used as it
+#     is: one that is missing or empty stops with the engine's reason, never the demo model.
 #   * The engine listens on 127.0.0.1:$PORT (default 8765, or the next free port), keeps its token
 #     and state in .cache/run/, and its log in .cache/run/engine.log. It is stopped when this script
 #     ends (closing QGIS, or Ctrl-C when QGIS is not installed).
@@ -18,7 +20,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PY:-.venv/bin/python}
-WEIGHTS=${WEIGHTS:-weights/GeoLLaVA-8K}
+# a folder the user named (WEIGHTS, else the engine's GEOVQA_WEIGHTS) is used as it is
+if [ -n "${WEIGHTS:-}" ]; then NAMED_WEIGHTS=$WEIGHTS; NAMED_BY=WEIGHTS
+else NAMED_WEIGHTS=${GEOVQA_WEIGHTS:-}; NAMED_BY=GEOVQA_WEIGHTS; fi
+DEFAULT_WEIGHTS=weights/GeoLLaVA-8K
 TINY=.cache/tiny-geollava
 RUN=.cache/run
 PORT=${PORT:-8765}
@@ -36,9 +41,12 @@ has_weights() { [ -f "$1/config.json" ] && ls "$1"/*.safetensors >/dev/null 2>&1
 # entries (an interrupted download's .cache) is meant as a checkpoint; a damaged one is reported
 # by the engine with what is wrong, never replaced by the demo model
 weights_started() { [ -e "$1" ] && { [ ! -d "$1" ] || [ -n "$(ls -A "$1" 2>/dev/null | grep -v '^\.' || true)" ]; }; }
-if weights_started "$WEIGHTS"; then
-  MODEL_DIR=$WEIGHTS
-  say "Using the GeoLLaVA-8K checkpoint in $WEIGHTS"
+if [ -n "$NAMED_WEIGHTS" ]; then
+  MODEL_DIR=$NAMED_WEIGHTS
+  say "Using the checkpoint in $NAMED_WEIGHTS (named by $NAMED_BY)"
+elif weights_started "$DEFAULT_WEIGHTS"; then
+  MODEL_DIR=$DEFAULT_WEIGHTS
+  say "Using the GeoLLaVA-8K checkpoint in $DEFAULT_WEIGHTS"
 else
   if ! has_weights "$TINY"; then
     say "Building the tiny demo model in $TINY"
@@ -48,7 +56,7 @@ else
   cat <<'BANNER'
 
   ###########################################################################
-  #  NO REAL WEIGHTS FOUND (weights/GeoLLaVA-8K is empty).                  #
+  #  NO REAL WEIGHTS FOUND (weights/GeoLLaVA-8K is missing or empty).       #
   #  Running the TINY RANDOM DEMO MODEL: answers are gibberish, heatmaps    #
   #  show the workflow only. Get the real model with `make weights`.        #
   ###########################################################################
@@ -109,13 +117,15 @@ if [ -z "${QGIS_BIN:-}" ]; then
   if [ -n "$QGIS_BIN" ] && [ "$(uname -s)" = Linux ] && [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
     echo "No display (DISPLAY/WAYLAND_DISPLAY unset): QGIS cannot open a window here."
     echo "Run 'make run' from a desktop session, or over 'ssh -X'."
-    NO_QGIS=1
+    NO_DISPLAY=1
   fi
 fi
-if [ -n "${NO_QGIS:-}" ] || [ -z "$QGIS_BIN" ]; then
+if [ -n "${NO_QGIS:-}${NO_DISPLAY:-}" ] || [ -z "$QGIS_BIN" ]; then
   if [ -z "$QGIS_BIN" ]; then
     echo "QGIS is not installed on this machine (no 'qgis' on PATH); install it with"
     echo "'sudo apt-get install qgis' (Debian/Ubuntu) and run 'make run' again, or use your own QGIS:"
+  elif [ -n "${NO_DISPLAY:-}" ]; then
+    echo "Engine only. To use it from a QGIS elsewhere on this computer:"
   else
     echo "NO_QGIS is set: engine only. To use it from your own QGIS:"
   fi

@@ -84,6 +84,27 @@ def test_make_run_reports_a_damaged_checkpoint_instead_of_the_demo(tmp_path):
     assert "config.json" in r.stderr and "The engine exited while starting" in r.stderr, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("variable", ["WEIGHTS", "GEOVQA_WEIGHTS"])
+def test_make_run_with_a_named_checkpoint_folder_that_is_missing_stops_instead_of_the_demo(tmp_path, variable):
+    """`make run WEIGHTS=/data/GeoLLaVA-8k` (a typo), or GEOVQA_WEIGHTS naming a folder without a
+    checkpoint: run.sh started the demo model under a banner saying weights/GeoLLaVA-8K was empty
+    (GEOVQA_WEIGHTS was not read at all). A folder the user names is the engine's to judge."""
+    engine_py = ROOT / ".venv" / "bin" / "python"
+    if not engine_py.exists():
+        pytest.skip("no engine environment .venv yet (make setup makes it)")
+    missing = tmp_path / "GeoLLaVA-8k-typo"
+    env = dict(os.environ, NO_QGIS="1", PORT=str(free_port()), PYTHONDONTWRITEBYTECODE="1")
+    env.pop("WEIGHTS", None)
+    env.pop("GEOVQA_WEIGHTS", None)
+    env[variable] = str(missing)
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "run.sh")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "TINY RANDOM DEMO MODEL" not in r.stdout, r.stdout
+    assert f"Using the checkpoint in {missing} (named by {variable})" in r.stdout, r.stdout
+    assert "does not exist" in r.stderr and "The engine exited while starting" in r.stderr, r.stdout + r.stderr
+
+
 def test_make_runs_readiness_check_goes_past_an_http_proxy(tmp_path):
     """A shell with http_proxy set (and no no_proxy): run.sh's readiness check sent
     http://127.0.0.1:PORT/health to the proxy, so the engine never looked ready (10 minutes,
