@@ -174,17 +174,23 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(demo_model_note(args.weights), file=sys.stderr)
     req = request_factory(engine)(fields)
     result = None
+    mid_line = False  # the answer streamed so far ends without a newline
     for event in engine.ask(req):
         if args.json:
             print(json.dumps(event), flush=True)
         elif event["type"] == "token":
             print(event["text"], end="", flush=True)
+            mid_line = not event["text"].endswith("\n")
         elif event["type"] == "status":
+            if mid_line:  # stdout and stderr share a terminal: the stage goes on a line of its own
+                print(flush=True)
+                mid_line = False
             print(f"[{event['stage']}] {event.get('message', '')}", file=sys.stderr, flush=True)
         if event["type"] == "result":
             result = event
     if result is not None and not args.json:
-        print()
+        if mid_line:
+            print()
         if args.adapter is not None:
             print(adapter_text(health), file=sys.stderr)
         tok, tim = result["tokens"], result["timings"]

@@ -49,7 +49,10 @@ class DownloadError(RuntimeError):
 def demo_model_note(given, doing: str = "using") -> str:
     """The line that says the tiny RANDOM demo model answers (``doing``: "using", "evaluating",
     "training"): the checkpoint ``given`` (--weights) is that demo model, or, with none given,
-    no GeoLLaVA-8K weights were found."""
+    no GeoLLaVA-8K weights were found (also when ``given`` is the default folder, which is taken as
+    not given when it holds no checkpoint: it is not the demo model itself)."""
+    if given and Path(given).expanduser().resolve() == DEFAULT_WEIGHTS.resolve():
+        given = None
     if given:
         return (f"NOTE: {given} is the tiny RANDOM demo model, not GeoLLaVA-8K; {doing} it (answers are "
                 "meaningless). Run `make weights` to download the real checkpoint.")
