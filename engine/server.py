@@ -491,6 +491,10 @@ def serve(args: argparse.Namespace) -> None:
         held.enter_context(lock_port(settings.host, settings.port))
         sock = held.enter_context(bind_socket(settings.host, settings.port))
         engine = build_engine(args, settings)
+        if getattr(engine, "demo", False):  # as loudly as `ask` and `make run` say it
+            from engine.weights import demo_model_note
+
+            log.warning(demo_model_note(getattr(args, "weights", None)))
         app = create_app(engine, settings, state_lock=state_lock)
         scheme = "https" if settings.tls_cert is not None else "http"
         log.info("GeoVQA engine on %s://%s:%d (token in %s, state in %s)", scheme, settings.host,

@@ -228,3 +228,10 @@ def test_two_questions_queue_in_order(server, inputs):
     assert first[-1]["type"] == "result" and out["second"][-1]["type"] == "result"
     assert [e["position"] for e in out["second"] if e["type"] == "queued"][0] == 1
     assert out["second"][-1]["cache"]["features"] is True  # same raster, read once
+
+
+def test_serve_says_in_its_log_that_the_demo_model_answers(server):
+    """`serve` on the tiny random model logged only 'GeoVQA engine on ...': nothing said the
+    answers are meaningless unless one read /health (`ask` and `make run` say it loudly)."""
+    assert server.request("GET", "/health", token=False)[1]["demo_model"] is True
+    assert "is the tiny RANDOM demo model, not GeoLLaVA-8K" in server.log()
