@@ -55,15 +55,21 @@ def build_zip(out_dir: Path) -> Path:
     return dest
 
 
-def default_plugins_dir(profile: str = "default") -> Path:
-    """QGIS 3 profile plugins folder on this platform."""
+def qgis_settings_root() -> Path:
+    """The folder holding QGIS's per-version settings folders (QGIS3, QGIS4) on this platform."""
     if sys.platform.startswith("win"):
-        base = Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming")) / "QGIS" / "QGIS3"
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support" / "QGIS" / "QGIS3"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "QGIS" / "QGIS3"
-    return base / "profiles" / profile / "python" / "plugins"
+        return Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming")) / "QGIS"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "QGIS"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "QGIS"
+
+
+def default_plugins_dirs(profile: str = "default") -> list:
+    """The profile's plugins folders on this platform: QGIS 3's (QGIS3/profiles/...) and QGIS 4's
+    (QGIS4/profiles/...) where that QGIS has made its settings folder; QGIS 3's when neither has."""
+    root = qgis_settings_root()
+    found = [root / v for v in ("QGIS3", "QGIS4") if (root / v).is_dir()] or [root / "QGIS3"]
+    return [base / "profiles" / profile / "python" / "plugins" for base in found]
 
 
 def install(zip_path: Path, plugins_dir: Path) -> Path:
@@ -88,9 +94,10 @@ def main(argv=None) -> int:
     zip_path = build_zip(Path(args.out))
     print(f"built {zip_path}")
     if args.install:
-        plugins = Path(args.profile_dir) / "python" / "plugins" if args.profile_dir else default_plugins_dir(args.profile)
-        target = install(zip_path, plugins)
-        print(f"installed into {target}")
+        folders = ([Path(args.profile_dir) / "python" / "plugins"] if args.profile_dir
+                   else default_plugins_dirs(args.profile))
+        for plugins in folders:
+            print(f"installed into {install(zip_path, plugins)}")
         print("Enable it in QGIS: Plugins > Manage and Install Plugins > Installed > GeoVQA.")
     return 0
 

@@ -142,8 +142,9 @@ fi
 PROFILES="$ROOT/$RUN/qgis-profiles"
 PROFILE="$PROFILES/profiles/geovqa"
 "$PY" scripts/package_plugin.py --out "$RUN/dist" --install --profile-dir "$PROFILE" >/dev/null
-INI="$PROFILE/QGIS/QGIS3.ini"
-mkdir -p "$(dirname "$INI")"
+mkdir -p "$PROFILE/QGIS"
+# QGIS 3 reads the profile's QGIS/QGIS3.ini, QGIS 4 its QGIS/QGIS4.ini: both get the settings
+for INI in "$PROFILE/QGIS/QGIS3.ini" "$PROFILE/QGIS/QGIS4.ini"; do
 "$PY" - "$INI" "$URL" "$GEOVQA_CONFIG_DIR/token" "$PY_ABS" "$ROOT" "$(cd "$MODEL_DIR" && pwd)" <<'PYEOF'
 import configparser, sys
 ini, url, token_file, python, root, weights = sys.argv[1:]
@@ -162,5 +163,6 @@ for section, values in {
 with open(ini, "w") as fh:
     cp.write(fh, space_around_delimiters=False)
 PYEOF
+done
 say "Starting QGIS ($QGIS_BIN) with the GeoVQA plugin (profile $PROFILE)"
 "$QGIS_BIN" --profiles-path "$PROFILES" --profile geovqa "$@" || true

@@ -51,6 +51,27 @@ def test_processing_only_without_iface():
     assert QgsApplication.processingRegistry().providerById("geovqa") is None
 
 
+@pytest.mark.parametrize("present, expected", [((), ("QGIS3",)), (("QGIS3",), ("QGIS3",)),
+                                               (("QGIS4",), ("QGIS4",)), (("QGIS3", "QGIS4"), ("QGIS3", "QGIS4"))])
+def test_make_install_plugin_installs_for_each_qgis_on_this_computer(tmp_path, present, expected):
+    """`make install-plugin` installed into QGIS3/profiles only: a QGIS 4 (settings in
+    QGIS/QGIS4) never saw the plugin. It goes into every QGIS's default profile found here."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    for version in present:
+        (data / "QGIS" / version).mkdir(parents=True)
+    env = {**os.environ, "XDG_DATA_HOME": str(data)}
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_plugin.py"), "--out", str(tmp_path / "dist"),
+                        "--install"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    for version in ("QGIS3", "QGIS4"):
+        installed = data / "QGIS" / version / "profiles" / "default" / "python" / "plugins" / "geovqa" / "metadata.txt"
+        assert installed.is_file() == (version in expected), (version, r.stdout)
+
+
 def test_package_zip_is_installable(tmp_path):
     import subprocess
     import sys
