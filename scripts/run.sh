@@ -14,7 +14,7 @@
 #   * QGIS runs with --profiles-path .cache/run/qgis-profiles --profile geovqa, so your own QGIS
 #     profile is never touched.
 #
-# Environment: PORT, WEIGHTS (checkpoint dir), PY (engine python, default .venv/bin/python),
+# Environment: PORT, WEIGHTS (checkpoint dir; else GEOVQA_WEIGHTS), PY (engine python, default .venv/bin/python),
 # QGIS_BIN (default: `qgis` on PATH), NO_QGIS=1 (engine only), ENGINE_ARGS (extra serve args).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,7 @@ PY=${PY:-.venv/bin/python}
 # a folder the user named (WEIGHTS, else the engine's GEOVQA_WEIGHTS) is used as it is
 if [ -n "${WEIGHTS:-}" ]; then NAMED_WEIGHTS=$WEIGHTS; NAMED_BY=WEIGHTS
 else NAMED_WEIGHTS=${GEOVQA_WEIGHTS:-}; NAMED_BY=GEOVQA_WEIGHTS; fi
+
 DEFAULT_WEIGHTS=weights/GeoLLaVA-8K
 TINY=.cache/tiny-geollava
 RUN=.cache/run
@@ -35,6 +36,10 @@ die() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
 [ -x "$PY" ] || die "$PY not found. Run 'make setup' first (it creates .venv with the engine)."
 PY_ABS=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
 "$PY" -c "import engine.server" 2>/dev/null || die "The engine in $PY cannot start a server (import engine.server failed). Run 'make setup'."
+# the default folder named is the default folder: used when it holds a checkpoint, else the demo
+# model, said by the banner (the engine too takes it as not given when it holds none)
+same_folder() { "$PY" -c 'import os, sys; sys.exit(os.path.realpath(sys.argv[1]) != os.path.realpath(sys.argv[2]))' "$1" "$2"; }
+if [ -n "$NAMED_WEIGHTS" ] && same_folder "$NAMED_WEIGHTS" "$DEFAULT_WEIGHTS"; then NAMED_WEIGHTS=; fi
 
 has_weights() { [ -f "$1/config.json" ] && ls "$1"/*.safetensors >/dev/null 2>&1; }
 # the engine's rule (engine/loader.py checkpoint_started): a folder holding anything but hidden
@@ -114,7 +119,7 @@ say "Engine ready: $URL  (token file: $GEOVQA_CONFIG_DIR/token)"
 
 if [ -z "${QGIS_BIN:-}" ]; then
   QGIS_BIN=$(command -v qgis || true)
-  if [ -n "$QGIS_BIN" ] && [ "$(uname -s)" = Linux ] && [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
+  if [ -z "${NO_QGIS:-}" ] && [ -n "$QGIS_BIN" ] && [ "$(uname -s)" = Linux ] && [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
     echo "No display (DISPLAY/WAYLAND_DISPLAY unset): QGIS cannot open a window here."
     echo "Run 'make run' from a desktop session, or over 'ssh -X'."
     NO_DISPLAY=1

@@ -145,3 +145,38 @@ def test_the_plugins_client_reaches_the_engine_past_an_http_proxy(tmp_path, monk
         assert EngineClient(engine.url, engine.token).health()["status"] == "ok"
     finally:
         engine.close()
+
+
+def test_make_run_with_weights_naming_the_empty_default_folder_says_the_demo_model(tmp_path):
+    """`make run WEIGHTS=weights/GeoLLaVA-8K` (the default folder, named, still empty): run.sh says
+    'Using the checkpoint in weights/GeoLLaVA-8K (named by WEIGHTS)' and shows no banner, but the
+    engine takes the empty default folder as not given and answers with the tiny RANDOM demo model."""
+    import signal
+    import time
+
+    engine_py = ROOT / ".venv" / "bin" / "python"
+    if not engine_py.exists():
+        pytest.skip("no engine environment .venv yet (make setup makes it)")
+    default = ROOT / "weights" / "GeoLLaVA-8K"
+    if default.exists() and any(not p.name.startswith(".") for p in default.iterdir()):
+        pytest.skip("the default weights folder holds a checkpoint here")
+    env = dict(os.environ, NO_QGIS="1", PORT=str(free_port()), PYTHONDONTWRITEBYTECODE="1",
+               WEIGHTS="weights/GeoLLaVA-8K")
+    env.pop("GEOVQA_WEIGHTS", None)
+    out = tmp_path / "run.out"
+    with open(out, "w") as fh:
+        p = subprocess.Popen(["bash", str(ROOT / "scripts" / "run.sh")], cwd=ROOT, env=env, stdout=fh,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None and "Engine ready" not in out.read_text():
+            time.sleep(1)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT)
+            p.wait(timeout=60)
+    text = out.read_text()
+    engine_log = (ROOT / ".cache" / "run" / "engine.log").read_text()
+    demo = "tiny RANDOM demo model" in engine_log
+    # the engine ran the demo model: make run must say so (or stop, as for any other named folder)
+    assert not demo or "TINY RANDOM DEMO MODEL" in text, text + engine_log[-2000:]
