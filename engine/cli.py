@@ -180,7 +180,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(json.dumps(event), flush=True)
         elif event["type"] == "token":
             print(event["text"], end="", flush=True)
-            mid_line = not event["text"].endswith("\n")
+            if event["text"]:
+                mid_line = not event["text"].endswith("\n")
         elif event["type"] == "status":
             if mid_line:  # stdout and stderr share a terminal: the stage goes on a line of its own
                 print(flush=True)
