@@ -101,15 +101,17 @@ def build_ask_request(
     *,
     aoi: dict | None = None,
     bands: list | None = None,
-    strategy: str = "geollava",
+    strategy: str | None = "geollava",
     budget: int | None = None,
     tokens_per_tile: int | None = None,
     max_new_tokens: int = 256,
     seed: int | None = None,
     request_id: str | None = None,
-    faithful_empty_slots: bool = False,
+    faithful_empty_slots: bool | None = False,
 ) -> dict:
-    """The JSON body of ``POST /ask`` (protocol ASK_FIELDS), validated on the client side."""
+    """The JSON body of ``POST /ask`` (protocol ASK_FIELDS), validated on the client side.
+    ``strategy`` and ``faithful_empty_slots`` None are sent as null: the engine then uses the
+    loaded adapter's training settings, else its defaults."""
     if not isinstance(question, str) or not question.strip():
         raise EngineError("empty_question", "Please type a question.")
     question = question.strip()
@@ -127,7 +129,7 @@ def build_ask_request(
         "max_new_tokens": int(max_new_tokens),
         "seed": seed,
         "request_id": request_id or new_request_id(),
-        "faithful_empty_slots": bool(faithful_empty_slots),
+        "faithful_empty_slots": None if faithful_empty_slots is None else bool(faithful_empty_slots),
     }
 
 

@@ -49,7 +49,7 @@ from .history import ProjectHistory, kept_result
 from .paths import export_path, public_source
 from .project_results import gather_into_project, moved_files, moved_path
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
-from .settings import (STRATEGIES, STRATEGY_LABELS, STRATEGY_SHORT_LABELS, TOKENS_PER_TILE_AUTO_SHORT,
+from .settings import (STRATEGY_CHOICES, STRATEGY_SHORT_LABELS, STRATEGY_TIPS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
 from .tasks import ANSWERING, AskTask, HealthTask, rect_bounds, stage_text
@@ -255,9 +255,9 @@ class ChatDock(QgsDockWidget):
         # short names keep the dock narrow; the long ones are in the tooltips
         self.strategy_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.strategy_combo.setMinimumContentsLength(12)
-        for i, name in enumerate(STRATEGIES):
+        for i, name in enumerate(STRATEGY_CHOICES):  # the last: "Engine's default" (the adapter's)
             self.strategy_combo.addItem(STRATEGY_SHORT_LABELS[name], name)
-            self.strategy_combo.setItemData(i, STRATEGY_LABELS[name], Qt.ItemDataRole.ToolTipRole)
+            self.strategy_combo.setItemData(i, STRATEGY_TIPS[name], Qt.ItemDataRole.ToolTipRole)
         self.strategy_combo.currentIndexChanged.connect(self._strategy_tooltip)
         of.addRow("Strategy", self.strategy_combo)
         self.budget_spin = QSpinBox()
@@ -313,7 +313,7 @@ class ChatDock(QgsDockWidget):
         self.setWidget(w)
 
     def _strategy_tooltip(self, _index=None):
-        self.strategy_combo.setToolTip(STRATEGY_LABELS.get(self.strategy_combo.currentData(), ""))
+        self.strategy_combo.setToolTip(STRATEGY_TIPS.get(self.strategy_combo.currentData(), ""))
 
     @staticmethod
     def _option_defaults() -> dict:

@@ -22,6 +22,12 @@ PREFIX = "geovqa/"
 DEFAULT_URL = "http://127.0.0.1:8765"
 DEFAULT_STRATEGY = "geollava"
 STRATEGIES = ("geollava", "background", "anchored", "pyramid", "budget", "none", "uniform", "random")
+# the plugin's own choice "Engine's default": the request leaves strategy and faithful_empty_slots
+# out (null), so the engine uses the loaded adapter's training settings, else its own defaults
+# (protocol ASK_FIELDS). Not an engine strategy; last in STRATEGY_CHOICES, so the Processing
+# STRATEGY enum's numbers that models and scripts stored before it came keep their meaning.
+ENGINE_DEFAULT_STRATEGY = "engine"
+STRATEGY_CHOICES = STRATEGIES + (ENGINE_DEFAULT_STRATEGY,)
 DEFAULT_TOKENS_PER_TILE = 24  # the engine protocol's DEFAULT_TOKENS_PER_TILE (checked by the tests)
 # what a tokens-per-tile box shows at 0: the engine uses the checkpoint's own MAX_TOKENS
 TOKENS_PER_TILE_AUTO_TEXT = f"checkpoint's own ({DEFAULT_TOKENS_PER_TILE} for GeoLLaVA-8K)"
@@ -34,6 +40,7 @@ STRATEGY_LABELS = {
     "none": "None (LongVA 2x2 pooling)",
     "uniform": "Uniform grid",
     "random": "Random",
+    ENGINE_DEFAULT_STRATEGY: "Engine's default (the adapter's, else GeoLLaVA-8K)",
 }
 # short names for narrow places (the chat dock's Strategy list, the line under each answer);
 # STRATEGY_LABELS says more, in their tooltips
@@ -46,7 +53,16 @@ STRATEGY_SHORT_LABELS = {
     "none": "None (2x2 pooling)",
     "uniform": "Uniform grid",
     "random": "Random",
+    ENGINE_DEFAULT_STRATEGY: "Engine's default",
 }
+# the tooltips of the strategy lists: the long label, and for "Engine's default" what it does
+STRATEGY_TIPS = dict(STRATEGY_LABELS, **{
+    ENGINE_DEFAULT_STRATEGY: (
+        "Engine's default: the question is sent without a strategy and without 'empty cluster "
+        "slots', so an engine running a fine-tuned adapter uses the settings the adapter was "
+        "trained with (no mismatch note), and any other engine its own default, GeoLLaVA-8K "
+        "with empty slots dropped. The line under each answer names the strategy it used."),
+})
 TOKENS_PER_TILE_AUTO_SHORT = "auto"  # the same as TOKENS_PER_TILE_AUTO_TEXT, for the narrow dock
 RESULTS_FOLDER = "geovqa_results"
 SEND_RASTERS_LABELS = {  # client.SEND_RASTERS; short: the options page's width follows them
@@ -109,7 +125,7 @@ class Settings:
             else:
                 value = default if value is None else str(value)
             setattr(out, name, value)
-        if out.strategy not in STRATEGIES:
+        if out.strategy not in STRATEGY_CHOICES:
             out.strategy = DEFAULT_STRATEGY
         if out.send_rasters not in SEND_RASTERS_LABELS:
             out.send_rasters = "auto"
@@ -141,6 +157,9 @@ class Settings:
         if unknown:
             raise TypeError(f"unknown request options: {', '.join(sorted(unknown))}")
         options.update(overrides)
+        if options["strategy"] in (ENGINE_DEFAULT_STRATEGY, None):
+            # "Engine's default": both left out, for the adapter's (else the engine's) settings
+            options["strategy"] = options["faithful_empty_slots"] = None
         return options
 
     def resolved_token(self) -> str:

@@ -18,7 +18,8 @@ from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLin
                                  QSpinBox, QVBoxLayout, QWidget)
 
 from .client import DEFAULT_ENGINE_URL, EngineError, endpoint_in_url, engine_address
-from .settings import (SEND_RASTERS_LABELS, SEND_RASTERS_TIPS, STRATEGIES, STRATEGY_LABELS, TOKENS_PER_TILE_AUTO_TEXT,
+from .settings import (SEND_RASTERS_LABELS, SEND_RASTERS_TIPS, STRATEGY_CHOICES, STRATEGY_LABELS, STRATEGY_TIPS,
+                       TOKENS_PER_TILE_AUTO_TEXT,
                        Settings, default_token_path, folder_problem, notifier)
 from .tls import CA_CERT_LABEL
 
@@ -154,9 +155,9 @@ class SettingsForm(QWidget):
         self._memory_check = None
         form.addRow(QLabel("<b>Answers</b>"))
         self.strategy = QComboBox()
-        for name in STRATEGIES:
+        for name in STRATEGY_CHOICES:  # the last: "Engine's default" (the adapter's)
             self.strategy.addItem(STRATEGY_LABELS[name], name)
-            self.strategy.setItemData(self.strategy.count() - 1, STRATEGY_LABELS[name], TOOLTIP_ROLE)
+            self.strategy.setItemData(self.strategy.count() - 1, STRATEGY_TIPS[name], TOOLTIP_ROLE)
         _narrow_combo(self.strategy)
         self.strategy.setCurrentIndex(max(0, self.strategy.findData(s.strategy)))
         form.addRow("Default strategy", self.strategy)
@@ -181,7 +182,8 @@ class SettingsForm(QWidget):
         self.faithful.setToolTip(
             "GeoLLaVA-8K strategy only. The released model always reads 'tokens per tile' tokens "
             "a tile, zero tokens standing in for missing clusters in uniform tiles. Off (default): "
-            "those empty slots are left out; the kept image tokens are the same.")
+            "those empty slots are left out; the kept image tokens are the same. With the strategy "
+            "\"Engine's default\" this is not sent: the adapter's setting (else off) is used.")
         self.faithful.setChecked(s.faithful_empty_slots)
         form.addRow("Empty cluster slots", self.faithful)
         self.max_new = QSpinBox()

@@ -66,7 +66,9 @@ def diagnostics(plugin_version: str, settings, health: dict | None, health_error
     from qgis.PyQt.QtCore import QT_VERSION_STR
 
     from .client import EngineError
+    from .settings import ENGINE_DEFAULT_STRATEGY
 
+    engine_strategy = settings.strategy == ENGINE_DEFAULT_STRATEGY  # neither sent: the adapter's
     try:
         token = settings.resolved_token()
         token_line = f"set ({len(token)} chars)" if token else "MISSING"
@@ -82,9 +84,10 @@ def diagnostics(plugin_version: str, settings, health: dict | None, health_error
         f"CA certificate: {settings.ca_cert or 'system trust store'}",
         f"engine python: {settings.python or '-'}  engine folder: {settings.engine_dir or '-'}",
         f"weights: {settings.weights_dir or '-'}",
-        f"strategy: {settings.strategy}  budget: {settings.budget or 'engine default'}  "
+        f"strategy: {engine_strategy and 'engine default (not sent)' or settings.strategy}  "
+        f"budget: {settings.budget or 'engine default'}  "
         f"tokens/tile: {settings.tokens_per_tile or TPT_AUTO}  max new tokens: {settings.max_new_tokens}  "
-        f"empty cluster slots: {'sent' if settings.faithful_empty_slots else 'dropped'}",
+        f"empty cluster slots: {engine_strategy and 'engine default' or ('sent' if settings.faithful_empty_slots else 'dropped')}",
         f"results folder: {settings.results_dir()}",
         f"local engine command: {' '.join(command) if command else '-'}",
         "health: " + (json.dumps(health, indent=1, sort_keys=True) if health else f"unavailable ({health_error})"),

@@ -127,7 +127,9 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
                 "render size of the GeoVQA options). A web "
                 "service covering the whole world (XYZ or WMTS tiles) needs an area of interest, e.g. the map "
                 "canvas extent; one of a region, or a virtual raster, is rendered whole without one.\n\n"
-                "Token strategy: its name (e.g. STRATEGY=pyramid in qgis_process) or its number in the list.\n\n"
+                "Token strategy: its name (e.g. STRATEGY=pyramid in qgis_process) or its number in the list. "
+                "The last, engine (Engine's default), sends none: the engine uses its adapter's training "
+                "settings, else its own default (geollava).\n\n"
                 "The engine URL and token come from Settings > Options > GeoVQA.")
 
     def createInstance(self):  # noqa: N802

@@ -53,7 +53,9 @@ AREA_AND_STRATEGY_HELP = (
     "size of the GeoVQA options). A web service "
     "covering the whole world (XYZ or WMTS tiles) needs an area of interest (its rows get an error without "
     "one); one of a region, or a virtual raster, is rendered whole without one.\n\n"
-    "Token strategy: its name (e.g. STRATEGY=pyramid in qgis_process) or its number in the list.")
+    "Token strategy: its name (e.g. STRATEGY=pyramid in qgis_process) or its number in the list. "
+    "The last, engine (Engine's default), sends none: the engine uses its adapter's training "
+    "settings, else its own default (geollava).")
 
 
 class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):

@@ -24,12 +24,15 @@ from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..bands import RENDER_BANDS, layer_bands
 from ..client import EngineError, build_ask_request, question_too_long, questions_too_long
 from ..render import NothingRendered, PreparedRender, covers_the_world, layer_file_path, render_file
-from ..settings import DEFAULT_STRATEGY, STRATEGIES, Settings, make_client
+from ..settings import DEFAULT_STRATEGY, STRATEGY_CHOICES, Settings, make_client
 from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, preparing_words, rect_bounds
 
 
 def strategy_options():
-    return list(STRATEGIES)
+    """The STRATEGY enum's options: the engine's strategies, then ``engine`` ("Engine's
+    default": the adapter's, else the engine's), appended last so that the numbers stored by
+    models and scripts saved before it came keep their meaning."""
+    return list(STRATEGY_CHOICES)
 
 
 def strategy_parameter(name: str) -> QgsProcessingParameterEnum:
@@ -48,9 +51,9 @@ def strategy_index(value) -> int | None:
     before it took the strategies' names (models and scripts saved then store the number)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, str) and value.strip().isdigit() and value not in STRATEGIES:
+    if isinstance(value, str) and value.strip().isdigit() and value not in STRATEGY_CHOICES:
         value = int(value.strip())
-    if isinstance(value, int) and 0 <= value < len(STRATEGIES):
+    if isinstance(value, int) and 0 <= value < len(STRATEGY_CHOICES):
         return value
     return None
 
@@ -62,15 +65,16 @@ def with_strategy_names(parameters, name: str):
     index = strategy_index(parameters.get(name)) if name in parameters else None
     if index is None:
         return parameters
-    return dict(parameters, **{name: STRATEGIES[index]})
+    return dict(parameters, **{name: STRATEGY_CHOICES[index]})
 
 
 def strategy_parameter_value(alg, parameters, name: str, context) -> str:
     """The strategy named by the algorithm's STRATEGY parameter (its name, e.g. ``pyramid``, or
-    the number it had in the list before the parameter took names)."""
+    the number it had in the list before the parameter took names); ``engine`` ("Engine's
+    default") is what ``Settings.request_options`` sends as no strategy."""
     index = strategy_index(parameters.get(name))
     if index is not None:
-        return STRATEGIES[index]
+        return STRATEGY_CHOICES[index]
     return alg.parameterAsEnumString(parameters, name, context) or DEFAULT_STRATEGY
 
 

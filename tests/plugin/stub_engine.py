@@ -50,6 +50,7 @@ class StubEngine:
         self.token = token
         self.token_delay = token_delay
         self.requests: list[dict] = []
+        self.default_strategy = "geollava"  # used for a request without one (an adapter's: set it)
         self.uploads: list[dict] = []
         self.status = "ok"
         self.max_upload_bytes = 1 << 30
@@ -172,7 +173,8 @@ class StubEngine:
                "heatmap_path": str(heat), "heatmap_file": heat.name, "anchors_path": str(anchors),
                "anchors_file": anchors.name, "anchors": json.loads(anchors.read_text()),
                "crs_wkt": ds.GetProjection(), **self.bands_seen(ds, req.get("bands")),
-               "strategy": req.get("strategy"), "budget": req.get("budget")}
+               # the strategy used: as the engine, the adapter's (default_strategy) when left out
+               "strategy": req.get("strategy") or self.default_strategy, "budget": req.get("budget")}
 
     @staticmethod
     def bands_seen(ds, bands) -> dict:

@@ -587,17 +587,19 @@ def test_an_area_of_interest_smaller_than_one_pixel_is_refused(plugin, raster_la
 def test_the_strategy_is_given_by_name_or_by_its_number(plugin, raster_layer, stub_engine, qgis_processing, tmp_path,
                                                        alg):
     import processing
-    from geovqa.settings import STRATEGIES
+    from geovqa.settings import STRATEGIES, STRATEGY_CHOICES
     from qgis.core import QgsApplication, QgsProcessingException
 
     param = QgsApplication.processingRegistry().algorithmById(alg).parameterDefinition("STRATEGY")
-    assert param.usesStaticStrings() and param.options() == list(STRATEGIES) and param.defaultValue() == "geollava"
+    assert param.usesStaticStrings() and param.options() == list(STRATEGY_CHOICES) and param.defaultValue() == "geollava"
+    # "Engine's default" (engine) is appended last: the numbers stored before keep their meaning
+    assert param.options() == list(STRATEGIES) + ["engine"]
     a = raster_layer("a")
     base = ({"INPUT": a, "QUESTION": "How big?"} if alg == "geovqa:ask_raster"
             else {"LAYERS": [a], "QUESTIONS": "How big?", "OUTPUT": str(tmp_path / "answers.csv")})
     assert STRATEGIES.index("pyramid") == 3
     for value, sent in (("pyramid", "pyramid"), (3, "pyramid"), ("3", "pyramid"), ("budget", "budget"),
-                        (0, "geollava"), (None, "geollava")):
+                        (0, "geollava"), (None, "geollava"), ("engine", None), (8, None), ("8", None)):
         processing.run(alg, dict(base, STRATEGY=value))
         assert stub_engine.requests[-1]["strategy"] == sent, value
     for bad in ("quadtree", 99, "99"):

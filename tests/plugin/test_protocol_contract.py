@@ -28,6 +28,11 @@ def test_ask_request_has_exactly_the_protocol_fields(protocol):
     assert req["strategy"] == protocol.DEFAULT_STRATEGY
     assert set(req["aoi"]) <= set(protocol.AOI_FIELDS)
     json.dumps(req)
+    # "Engine's default": both left out, which the protocol allows (the adapter's, else the default)
+    req = build_ask_request("How many ships?", "/data/x.tif", strategy=None, faithful_empty_slots=None)
+    assert req["strategy"] is None and req["faithful_empty_slots"] is None
+    for field in ("strategy", "faithful_empty_slots"):
+        assert "| null" in protocol.ASK_FIELDS[field] and "adapter" in protocol.ASK_FIELDS[field], field
 
 
 def test_question_limits_match(protocol):
@@ -51,7 +56,10 @@ def test_strategies_and_events_match(protocol):
     assert settings.Settings().tokens_per_tile == 0
     assert settings.Settings().request_options()["tokens_per_tile"] is None
     assert settings.DEFAULT_TOKENS_PER_TILE == protocol.DEFAULT_TOKENS_PER_TILE  # shown in the boxes
-    assert set(settings.STRATEGY_LABELS) == set(protocol.STRATEGIES)
+    # and the plugin's own "Engine's default" (sent as no strategy), which is no engine strategy
+    assert settings.ENGINE_DEFAULT_STRATEGY not in protocol.STRATEGIES
+    assert settings.STRATEGY_CHOICES == tuple(protocol.STRATEGIES) + (settings.ENGINE_DEFAULT_STRATEGY,)
+    assert set(settings.STRATEGY_LABELS) == set(settings.STRATEGY_TIPS) == set(settings.STRATEGY_CHOICES)
     assert set(client.KNOWN_EVENTS) == set(protocol.EVENT_TYPES)
     assert set(client.FINAL_EVENTS) <= set(protocol.EVENT_TYPES)
     assert client.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
