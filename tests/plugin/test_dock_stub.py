@@ -3,7 +3,9 @@ non-file layers rendered to a GeoTIFF, conversation per layer and export."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -791,24 +793,39 @@ def test_cancelling_the_question_in_the_task_list_ends_it_as_stop_does(plugin, r
     assert dock.task is None
 
 
-def test_cancelling_the_question_while_qgis_still_queues_its_task_ends_it_as_stop_does(
-        plugin, raster_layer, stub_engine):
-    """The task list's x on a question whose task QGIS has not started yet (every worker thread
-    busy): a queued task ends inside cancel(); the turn ends as Stop ends it, and the next
-    question is asked as usual."""
-    import threading
-
+@contextlib.contextmanager
+def every_worker_busy():
+    """Every thread of the pool QGIS's tasks run in is taken while inside, so a task added then
+    stays queued. The blockers are QGIS tasks, owned by its task manager: plain QRunnables made in
+    Python could be freed by the test while a pool thread was still leaving their run() (a
+    segmentation fault in a later test, now and then)."""
     from qgis.core import QgsApplication, QgsTask
     from qgis.PyQt.QtCore import QThreadPool
 
     release = threading.Event()
     pool = QThreadPool.globalInstance()
     threads = pool.maxThreadCount()
+    # kept here until they are done: a task from fromFunction runs its function through this
+    # Python object, and one already collected would end at once
     blockers = [QgsTask.fromFunction(f"busy {i}", lambda _task: release.wait(30)) for i in range(threads)]
+    for blocker in blockers:
+        QgsApplication.taskManager().addTask(blocker)
     try:
-        for blocker in blockers:
-            QgsApplication.taskManager().addTask(blocker)
         wait_until(lambda: pool.activeThreadCount() >= threads, 10, "the workers to be busy")
+        yield
+    finally:
+        release.set()
+        wait_for_tasks()
+
+
+def test_cancelling_the_question_while_qgis_still_queues_its_task_ends_it_as_stop_does(
+        plugin, raster_layer, stub_engine):
+    """The task list's x on a question whose task QGIS has not started yet (every worker thread
+    busy): a queued task ends inside cancel(); the turn ends as Stop ends it, and the next
+    question is asked as usual."""
+    from qgis.core import QgsTask
+
+    with every_worker_busy():
         layer = raster_layer()
         dock = plugin.dock
         dock.set_layer(layer)
@@ -822,9 +839,6 @@ def test_cancelling_the_question_while_qgis_still_queues_its_task_ends_it_as_sto
         assert turn["meta"] == "stopped" and not turn["answer"] and not turn.get("error")
         assert dock.task is None and not dock.is_asking() and not dock.stop_button.isEnabled()
         assert dock.progress_label.text() == "Stopped."
-    finally:
-        release.set()
-    wait_for_tasks()
     assert turn["meta"] == "stopped" and not turn["answer"]  # nothing of it came later
     dock.ask("next question")
     wait_until(_finished(dock, 2), 30)
@@ -929,27 +943,13 @@ def test_a_question_stopped_while_still_queued_keeps_its_reason(plugin, raster_l
     """A task still waiting in QGIS's queue ends inside cancel(): its taskTerminated came while the
     dock's stop() was running and a second, plain stop() overwrote the reason ("superseded by a
     newer question", "stopped: the layer was removed") with "stopped"."""
-    import threading
-
     from qgis.core import QgsTask
-    from qgis.PyQt.QtCore import QRunnable, QThreadPool
 
     layer = raster_layer()
     dock = plugin.dock
     dock.set_layer(layer)
     wait_for_tasks()
-    release = threading.Event()
-
-    class Busy(QRunnable):  # every thread of the pool QGIS's tasks run in is taken
-        def run(self):
-            release.wait(20)
-
-    pool = QThreadPool.globalInstance()
-    busy = [Busy() for _ in range(pool.maxThreadCount())]
-    for runnable in busy:
-        runnable.setAutoDelete(False)
-        pool.start(runnable)
-    try:
+    with every_worker_busy():
         dock.ask("first question")
         turn = dock.current_turn
         assert dock.task.status() == QgsTask.TaskStatus.Queued
@@ -960,7 +960,4 @@ def test_a_question_stopped_while_still_queued_keeps_its_reason(plugin, raster_l
             dock.stop(reason="stopped: the layer was removed")
             expected = "stopped: the layer was removed"
         assert turn["done"] and turn["meta"] == expected
-    finally:
-        release.set()
-    wait_for_tasks()
     assert turn["meta"] == expected
