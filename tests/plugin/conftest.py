@@ -390,6 +390,36 @@ def qgis_process_with_plugin(tmp_path, engine, results) -> tuple:
     return qp, env
 
 
+def run_then_load(alg, parameters):
+    """Runs the Processing algorithm ``alg`` with ``parameters`` as the toolbox dialog does (a
+    QgsProcessingAlgRunnerTask, the algorithm's own thread) and then loads its results as the
+    dialog then does (handleAlgorithmResults); returns (results, handleAlgorithmResults's ok,
+    errors reported)."""
+    from processing.gui.Postprocessing import handleAlgorithmResults
+    from processing.tools import dataobjects
+    from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingFeedback
+
+    errors = []
+
+    class Feedback(QgsProcessingFeedback):
+        def reportError(self, error, fatalError=False):  # noqa: N802, N803
+            errors.append(error)
+            super().reportError(error, fatalError)
+
+    feedback = Feedback()
+    context = dataobjects.createContext(feedback)
+    done = []
+    task = QgsProcessingAlgRunnerTask(alg, parameters, context, feedback)
+    task.executed.connect(lambda ok, results: done.append((ok, results)))
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: done, 60, "the algorithm run")
+    ok, results = done[0]
+    assert ok, errors
+    loaded = handleAlgorithmResults(alg, context, feedback, False, results)
+    wait_for_tasks()
+    return results, loaded, errors
+
+
 def run_batch_dialog(plugin, layers, questions: str, timeout=60.0, dlg=None) -> tuple:
     """The batch dialog (``dlg``, already set up by the test, or a new one) asked ``questions``
     (one a line) about ``layers``, run to its end: ``(dialog, rows of the run)``."""

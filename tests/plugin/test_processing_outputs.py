@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import wait_for_tasks, wait_until
+from conftest import run_then_load, wait_for_tasks
 
 QUESTION = "How big?"
 ANSWER = "The area is 64 x 48 pixels with 3 bands."
@@ -58,37 +58,6 @@ def _dialog_parameters(layer, open_after_running=True, **values):
     return dlg, panel.createProcessingParameters()
 
 
-def _run_then_load(dlg, parameters):
-    """Runs the dialog's algorithm with ``parameters`` as the dialog does (a
-    QgsProcessingAlgRunnerTask, the algorithm's own thread) and then loads its results as the
-    dialog then does (handleAlgorithmResults); returns (results, handleAlgorithmResults's ok,
-    errors reported)."""
-    from processing.gui.Postprocessing import handleAlgorithmResults
-    from processing.tools import dataobjects
-    from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingFeedback
-
-    errors = []
-
-    class Feedback(QgsProcessingFeedback):
-        def reportError(self, error, fatalError=False):  # noqa: N802, N803
-            errors.append(error)
-            super().reportError(error, fatalError)
-
-    feedback = Feedback()
-    context = dataobjects.createContext(feedback)
-    alg = dlg.algorithm()
-    done = []
-    task = QgsProcessingAlgRunnerTask(alg, parameters, context, feedback)
-    task.executed.connect(lambda ok, results: done.append((ok, results)))
-    QgsApplication.taskManager().addTask(task)
-    wait_until(lambda: done, 60, "the algorithm run")
-    ok, results = done[0]
-    assert ok, errors
-    loaded = handleAlgorithmResults(alg, context, feedback, False, results)
-    wait_for_tasks()
-    return results, loaded, errors
-
-
 def _new_layers(project, *old):
     return [lyr for lyr in project.mapLayers().values() if lyr not in old]
 
@@ -106,7 +75,7 @@ def test_the_toolbox_dialog_loads_the_heatmap_and_anchors_named_and_marked(
         assert [box.isChecked() for box in _open_after_running_boxes(dlg, name)] == [True], name
         assert parameters[name].destinationProject is project, name
 
-    results, loaded, errors = _run_then_load(dlg, parameters)
+    results, loaded, errors = run_then_load(dlg.algorithm(), parameters)
     assert results["ANSWER"] == ANSWER and loaded and not errors
     new = _new_layers(project, layer)
     heats = [lyr for lyr in new if isinstance(lyr, QgsRasterLayer)]
@@ -135,7 +104,7 @@ def test_the_toolbox_dialog_with_the_boxes_unticked_loads_nothing(
     dlg, parameters = _dialog_parameters(layer, open_after_running=False, HEATMAP=str(tmp_path / "h.tif"))
     for name in ("HEATMAP", "ANCHORS"):
         assert not dlg.mainWidget().wrappers[name].customProperties().get("OPEN_AFTER_RUNNING"), name
-    results, loaded, errors = _run_then_load(dlg, parameters)
+    results, loaded, errors = run_then_load(dlg.algorithm(), parameters)
     assert results["ANSWER"] == ANSWER and loaded and not errors
     assert _new_layers(project, layer) == []
     assert results["HEATMAP"] == str(tmp_path / "h.tif") and QgsRasterLayer(results["HEATMAP"], "h").isValid()
@@ -160,7 +129,7 @@ def test_anchors_saved_to_a_geopackage(plugin, raster_layer, stub_engine, qgis_p
 
     for _ in range(2):
         dlg, parameters = _dialog_parameters(layer, ANCHORS=gpkg)
-        results, loaded, errors = _run_then_load(dlg, parameters)
+        results, loaded, errors = run_then_load(dlg.algorithm(), parameters)
         assert results["ANCHORS"] == gpkg and loaded and not errors
         ds = ogr.Open(gpkg)
         assert ds.GetDriver().GetName() == "GPKG" and ds.GetLayerCount() == 1
@@ -210,7 +179,7 @@ def test_a_file_type_the_provider_does_not_write_is_refused(plugin, raster_layer
                                     "OUTPUT": str(tmp_path / "b.csv"), "OUTPUT_JSON": str(tmp_path / "b.json")})
     parameters = dlg.mainWidget().createProcessingParameters()
     assert parameters["OUTPUT"] == str(tmp_path / "b.csv") and parameters["OUTPUT_JSON"] == str(tmp_path / "b.json")
-    results, loaded, errors = _run_then_load(dlg, parameters)
+    results, loaded, errors = run_then_load(dlg.algorithm(), parameters)
     assert results["ANSWERED"] == 1 and loaded and not errors and (tmp_path / "b.json").is_file()
 
 
@@ -226,7 +195,7 @@ def test_a_heatmap_that_could_not_be_kept_is_not_loaded_and_the_run_is_not_faile
     blocker.write_text("not a folder")
     set_settings(output_dir=str(blocker / "results"))
     dlg, parameters = _dialog_parameters(layer)
-    results, loaded, errors = _run_then_load(dlg, parameters)
+    results, loaded, errors = run_then_load(dlg.algorithm(), parameters)
     assert results["ANSWER"] == ANSWER and "HEATMAP" not in results and "ANCHORS" not in results
     assert loaded and not any("not correctly generated" in e for e in errors), errors
     assert _new_layers(QgsProject.instance(), layer) == []
@@ -249,7 +218,7 @@ def test_the_loaded_anchors_of_a_raster_without_crs_lie_over_it(
     assert layer.isValid() and not layer.crs().isValid()
     project.addMapLayer(layer)
     dlg, parameters = _dialog_parameters(layer, ANCHORS=str(tmp_path / anchors_file))
-    results, loaded, errors = _run_then_load(dlg, parameters)
+    results, loaded, errors = run_then_load(dlg.algorithm(), parameters)
     assert loaded and not errors
     new = _new_layers(project, layer)
     (anch,) = [lyr for lyr in new if isinstance(lyr, QgsVectorLayer)]
@@ -305,7 +274,7 @@ def test_an_output_skipped_in_the_toolbox_dialog_is_neither_written_nor_loaded(
     _skip_output(dlg, skipped)
     parameters = dlg.mainWidget().createProcessingParameters()
     before = _processing_temp_files()
-    results, loaded, errors = _run_then_load(dlg, parameters)
+    results, loaded, errors = run_then_load(dlg.algorithm(), parameters)
     assert results["ANSWER"] == ANSWER and loaded and not errors
     kept = "ANCHORS" if skipped == "HEATMAP" else "HEATMAP"
     assert skipped not in results and kept in results

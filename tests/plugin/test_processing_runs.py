@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import python_errors, recording_feedback, set_settings, virtual_raster_layer, wait_for_tasks, wait_until
+from conftest import (python_errors, recording_feedback, run_then_load, set_settings, virtual_raster_layer,
+                      wait_for_tasks, wait_until)
 
 QUESTION = "How big?"
 
@@ -33,17 +34,13 @@ def _renders(tmp_path):
     return sorted(folder.glob("*")) if folder.exists() else []
 
 
-def test_cancel_during_a_render_ends_promptly_and_cleanly(plugin, stub_engine, raster_layer, qgis_processing,
-                                                          qgis_new_project, tmp_path):
+def _cancelled_while_rendering(alg_id, params):
+    """Runs ``alg_id`` in a task and cancels it 0.2 s into its render of a non-file layer:
+    (ok, time of the cancel, time the run ended, feedback, Python errors meanwhile)."""
     from qgis.core import QgsApplication
 
-    set_settings(render_max_px=8192)
-    src = raster_layer("src", width=400, height=300)
-    virt = virtual_raster_layer(src, "big", size=(8192, 6144))
-    feedback = recording_feedback
-    fb = feedback()
     with python_errors() as errors:
-        task, done, fb, _ = _task("geovqa:ask_raster", {"INPUT": virt.id(), "QUESTION": QUESTION}, fb)
+        task, done, fb, _ = _task(alg_id, params, recording_feedback())
         QgsApplication.taskManager().addTask(task)
         wait_until(lambda: any("Rendering the non-file layer" in i for i in fb.of("info")), 60, "the render")
         time.sleep(0.2)
@@ -51,7 +48,17 @@ def test_cancel_during_a_render_ends_promptly_and_cleanly(plugin, stub_engine, r
         fb.cancel()
         wait_until(lambda: done, 60, "the cancelled run")
         wait_for_tasks()
-    ok, res, t1 = done[0]
+    ok, _res, t1 = done[0]
+    return ok, t0, t1, fb, errors
+
+
+def test_cancel_during_a_render_ends_promptly_and_cleanly(plugin, stub_engine, raster_layer, qgis_processing,
+                                                          qgis_new_project, tmp_path):
+    set_settings(render_max_px=8192)
+    src = raster_layer("src", width=400, height=300)
+    virt = virtual_raster_layer(src, "big", size=(8192, 6144))
+    ok, t0, t1, fb, errors = _cancelled_while_rendering("geovqa:ask_raster",
+                                                        {"INPUT": virt.id(), "QUESTION": QUESTION})
     assert not ok
     assert t1 - t0 < 1.0, f"the run ended {t1 - t0:.2f} s after Cancel"
     assert not stub_engine.requests, "the engine was asked after Cancel"
@@ -183,26 +190,6 @@ def test_a_blank_question_is_refused_before_a_layer_is_rendered(plugin, stub_eng
     assert _renders(tmp_path) == [], _renders(tmp_path)
 
 
-def _run_then_load(alg_id, parameters):
-    from processing.gui.Postprocessing import handleAlgorithmResults
-    from processing.tools import dataobjects
-    from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingFeedback
-
-    feedback = QgsProcessingFeedback()
-    context = dataobjects.createContext(feedback)
-    alg = QgsApplication.processingRegistry().createAlgorithmById(alg_id)
-    done = []
-    task = QgsProcessingAlgRunnerTask(alg, parameters, context, feedback)
-    task.executed.connect(lambda ok, results: done.append((ok, results)))
-    QgsApplication.taskManager().addTask(task)
-    wait_until(lambda: done, 60, "the algorithm run")
-    ok, results = done[0]
-    assert ok
-    assert handleAlgorithmResults(alg, context, feedback, False, results)
-    wait_for_tasks()
-    return results
-
-
 def _shader_items(layer):
     shader = layer.renderer().shader().rasterShaderFunction()
     return [(round(i.value, 9), i.color.name(0x1), i.label) for i in shader.colorRampItemList()]
@@ -222,7 +209,11 @@ def test_loaded_results_are_styled_and_stacked_as_the_docks(plugin, stub_engine,
         d = QgsProcessingOutputLayerDefinition(QgsProcessing.TEMPORARY_OUTPUT if temporary else str(path), project)
         outs[name] = d
     before = set(project.mapLayers())
-    res = _run_then_load("geovqa:ask_raster", dict({"INPUT": layer.id(), "QUESTION": QUESTION}, **outs))
+    from qgis.core import QgsApplication
+
+    alg = QgsApplication.processingRegistry().createAlgorithmById("geovqa:ask_raster")
+    res, loaded, _errors = run_then_load(alg, dict({"INPUT": layer.id(), "QUESTION": QUESTION}, **outs))
+    assert loaded
     new = [project.mapLayer(i) for i in project.mapLayers() if i not in before]
     heat = next(lyr for lyr in new if isinstance(lyr, QgsRasterLayer))
     anch = next(lyr for lyr in new if isinstance(lyr, QgsVectorLayer))
@@ -262,28 +253,16 @@ def test_cancel_while_the_render_is_written_asks_nothing_and_keeps_no_render(plu
 
 
 def test_cancel_during_a_batch_render(plugin, stub_engine, raster_layer, qgis_processing, qgis_new_project, tmp_path):
-    from qgis.core import QgsApplication
-
     set_settings(render_max_px=8192)
     src = raster_layer("src", width=400, height=300)
     virt = [virtual_raster_layer(src, f"big{i}", size=(8192, 6144)) for i in range(2)]
-    fb = recording_feedback()
-    with python_errors() as errors:
-        task, done, fb, _ = _task("geovqa:batch_questions", {"LAYERS": [v.id() for v in virt], "QUESTIONS": "q1\nq2",
-                                                             "OUTPUT": str(tmp_path / "a.csv")}, fb)
-        QgsApplication.taskManager().addTask(task)
-        wait_until(lambda: any("Rendering the non-file layer" in i for i in fb.of("info")), 60, "the render")
-        time.sleep(0.2)
-        t0 = time.perf_counter()
-        fb.cancel()
-        wait_until(lambda: done, 60, "the cancelled run")
-        wait_for_tasks()
-    ok, res, t1 = done[0]
+    _ok, t0, t1, fb, errors = _cancelled_while_rendering(
+        "geovqa:batch_questions", {"LAYERS": [v.id() for v in virt], "QUESTIONS": "q1\nq2",
+                                   "OUTPUT": str(tmp_path / "a.csv")})
     assert not errors, errors
     assert t1 - t0 < 1.0
     assert not stub_engine.requests
     assert not fb.of("error"), fb.log
-    print(ok, res, fb.of("info"))
 
 
 def test_a_model_with_a_rendered_layer_run_in_the_background(plugin, stub_engine, raster_layer, qgis_processing,
