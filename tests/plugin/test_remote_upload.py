@@ -724,7 +724,7 @@ def ask_in_dock(dock, layer, question, mode, geometry):
     return turn
 
 
-def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_engine, tmp_path, qgis_new_project):
+def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_engine, tmp_path, raster_layer):
     """Only the AOI's window is uploaded; the heatmap and anchors the engine makes of it land on
     that area of the layer, where those of the engine reading the whole file land: in map
     coordinates for a georeferenced raster, moved back by the cut's offset for one with no
@@ -732,16 +732,10 @@ def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_eng
     from conftest import valid_cells_extent
     from geovqa.client import EngineClient, new_request_id
     from geovqa.tasks import keep_result_files, rect_bounds
-    from qgis.core import QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer
+    from qgis.core import QgsGeometry, QgsProject, QgsRectangle, QgsVectorLayer
 
     kind, eng, sizes = remote_engine
     dock, near = plugin.dock, 1e-6
-
-    def layer_of(name, **kw):
-        layer = QgsRasterLayer(write_raster(tmp_path / f"{name}.tif", 400, 300, **kw), name, "gdal")
-        assert layer.isValid()
-        QgsProject.instance().addMapLayer(layer)
-        return layer
 
     def extents(heatmap, anchors):
         vector = QgsVectorLayer(anchors, "anchors", "ogr")
@@ -761,7 +755,7 @@ def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_eng
             assert box.toString(6) == ref_box.toString(6)
         assert area.buffered(near).contains(got[1]), got[1].toString()  # the anchors on the area
 
-    plain = layer_of("plain", georeferenced=False)  # QGIS shows it at x = col, y = -row
+    plain = raster_layer("plain", width=400, height=300, georeferenced=False)  # QGIS shows it at x = col, y = -row
     bottom_right = QgsRectangle(200, -300, 400, -150)
     turn = ask_in_dock(dock, plain, "What is in the bottom-right corner?", "rectangle",
                        QgsGeometry.fromRect(bottom_right))
@@ -776,7 +770,7 @@ def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_eng
         assert sizes[-1] == (140, 130)
         assert_placed(turn, plain, triangle.boundingBox())
 
-    geo = layer_of("geo")  # 10 m pixels from (500000, 5000000)
+    geo = raster_layer("geo", width=400, height=300)  # 10 m pixels from (500000, 5000000)
     area = QgsRectangle(501000, 4998000, 502000, 4999000)
     turn = ask_in_dock(dock, geo, "What is in this square?", "rectangle", QgsGeometry.fromRect(area))
     assert turn["request"]["aoi"] == {"window": [100, 100, 100, 100]}
@@ -786,23 +780,17 @@ def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_eng
 
 
 def test_a_window_larger_than_the_engine_reads_is_sent_reduced_and_its_results_land_on_it(
-        plugin, stub_engine, tmp_path, qgis_new_project, monkeypatch):
+        plugin, stub_engine, tmp_path, raster_layer, monkeypatch):
     """A 27K raster went at full resolution (2.19 GB, refused by the default 2 GiB limit) though
     the engine reads at most ~65 M pixels of any window (/health's max_read_pixels). It goes
     reduced to that now; for a raster without georeferencing the results, in the reduced cut's
     pixels, are scaled back before they are moved by the cut's offset, and land on the area."""
     from conftest import set_settings, valid_cells_extent, wait_for_tasks, wait_until
-    from qgis.core import QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer
+    from qgis.core import QgsGeometry, QgsProject, QgsRectangle, QgsVectorLayer
 
     set_settings(send_rasters="upload", max_new_tokens=4)
     stub_engine.max_read_pixels = 20_000
     dock, near = plugin.dock, 1e-6
-
-    def layer_of(name, **kw):
-        layer = QgsRasterLayer(write_raster(tmp_path / f"{name}.tif", 400, 300, **kw), name, "gdal")
-        assert layer.isValid()
-        QgsProject.instance().addMapLayer(layer)
-        return layer
 
     def sent():
         from osgeo import gdal
@@ -815,7 +803,7 @@ def test_a_window_larger_than_the_engine_reads_is_sent_reduced_and_its_results_l
         anchors = QgsVectorLayer(QgsProject.instance().mapLayer(turn["anchors_layer_id"]).source(), "a", "ogr")
         return heat, anchors.extent()
 
-    plain = layer_of("plain", georeferenced=False)  # QGIS shows it at x = col, y = -row
+    plain = raster_layer("plain", width=400, height=300, georeferenced=False)  # QGIS shows it at x = col, y = -row
     bottom_right = QgsRectangle(200, -300, 400, -150)
     turn = ask_in_dock(dock, plain, "What is in the bottom-right corner?", "rectangle",
                        QgsGeometry.fromRect(bottom_right))
@@ -829,7 +817,7 @@ def test_a_window_larger_than_the_engine_reads_is_sent_reduced_and_its_results_l
     assert heat.toString(3) == bottom_right.toString(3)  # the whole window, scaled back onto it
     assert bottom_right.buffered(near).contains(anchors), anchors.toString()
 
-    geo = layer_of("geo")  # 10 m pixels from (500000, 5000000), asked about whole
+    geo = raster_layer("geo", width=400, height=300)  # 10 m pixels from (500000, 5000000), asked about whole
     dock.set_aoi_mode("layer")
     dock.set_layer(geo)
     n = len(dock.turns(geo))
