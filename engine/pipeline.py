@@ -655,10 +655,11 @@ def _band_layout(path: str) -> tuple[int | None, set[int]]:
     be read here (the read that follows reports why)."""
     try:
         import rasterio
-        from rasterio.enums import ColorInterp
+
+        from engine.raster import alpha_bands
 
         with rasterio.open(path) as ds:
-            return int(ds.count), {i for i, ci in enumerate(ds.colorinterp, 1) if ci == ColorInterp.alpha}
+            return int(ds.count), alpha_bands(ds)
     except Exception:  # noqa: BLE001 - the raster read that follows gives the error
         return None, set()
 

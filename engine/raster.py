@@ -373,7 +373,8 @@ def _choose_bands(src, bands) -> tuple[tuple[int, int, int], bool]:
     if n < 1:
         raise BandError(f"'{src.name}' has no bands to read.")
     ci = list(src.colorinterp)
-    colour = [i + 1 for i, c in enumerate(ci) if c not in (ColorInterp.alpha,)]
+    alpha = alpha_bands(src)
+    colour = [b for b in range(1, n + 1) if b not in alpha]
     if not colour:
         colour = [1]
     rgb = [ci.index(c) + 1 if c in ci else None for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)]
@@ -389,6 +390,13 @@ def _choose_bands(src, bands) -> tuple[tuple[int, int, int], bool]:
         except Exception:  # no colour table after all
             palette = False
     return (first, first, first), palette
+
+
+def alpha_bands(src) -> set[int]:
+    """The 1-based numbers of the open dataset's bands tagged alpha (transparency, no colour)."""
+    from rasterio.enums import ColorInterp
+
+    return {i for i, c in enumerate(src.colorinterp, 1) if c == ColorInterp.alpha}
 
 
 # ------------------------------------------------------------------------------------------ AOI
