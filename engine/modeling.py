@@ -57,7 +57,10 @@ CLIP_VIT_L_14_336: dict[str, Any] = {
 }
 
 # The language model of the released checkpoint (Qwen2-7B / LongVA-7B dimensions), used to build
-# the full-size architecture with random weights for GPU checks and benchmarks.
+# the full-size architecture with random weights for GPU checks and benchmarks. LongVA extended
+# Qwen2-7B-Instruct's context to 224,000 positions with RoPE base 1e9 (its text_extend script),
+# and GeoLLaVA-8K inherits that language model; answers are still capped at
+# ``tokenizer_model_max_length`` (32768).
 QWEN2_7B_LM: dict[str, Any] = {
     "vocab_size": 152064,
     "hidden_size": 3584,
@@ -65,9 +68,9 @@ QWEN2_7B_LM: dict[str, Any] = {
     "num_hidden_layers": 28,
     "num_attention_heads": 28,
     "num_key_value_heads": 4,
-    "max_position_embeddings": 32768,
+    "max_position_embeddings": 224000,
     "max_window_layers": 28,
-    "rope_theta": 1000000.0,
+    "rope_theta": 1000000000.0,
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
     "use_sliding_window": False,
