@@ -241,6 +241,17 @@ def size_text(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB"
 
 
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def health_read_budget(health) -> int | None:
+    """The engine's ``max_read_pixels`` in its ``/health`` answer ``health`` (a dict, or None when
+    none came): the most pixels it reads of any raster window. None when it does not say (an
+    older engine) or no answer is known."""
+    return _positive_int(health.get("max_read_pixels")) if isinstance(health, dict) else None
+
+
 def clean_token(token: str) -> str:
     """The token without the spaces and invisible characters a copy and paste brings along.
 
@@ -450,11 +461,7 @@ class EngineClient:
                 return None, None
             if not isinstance(health, dict):
                 health = {}
-
-            def positive(value):
-                return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-            self._upload_limit = (positive(health.get("max_upload_bytes")), positive(health.get("max_read_pixels")))
+            self._upload_limit = (_positive_int(health.get("max_upload_bytes")), health_read_budget(health))
         return self._upload_limit
 
     def ask(self, request: dict, upload: bool | None = None, prepared=None) -> "AskStream":

@@ -196,8 +196,14 @@ class SettingsForm(QWidget):
         self.render_px = QSpinBox()
         self.render_px.setRange(256, 16384)
         self.render_px.setValue(s.render_max_px)
-        self.render_px.setToolTip("Longest side, in pixels, of the image rendered from a web or virtual "
-                                  "layer (what the map shows of it) before it is asked about.")
+        # the maximum stays 16384: a long, narrow area (16000 x 4000 px) is still within what the
+        # engine reads; a render is capped to the engine's read budget where it is known
+        self.render_px.setToolTip(
+            "Longest side, in pixels, of the image rendered from a web or virtual layer (what the map shows "
+            "of it) before it is asked about. A render never holds more pixels than the engine reads of a "
+            "raster (its max_read_pixels, in its status: 8064 x 8064 for GeoLLaVA-8K): where the engine "
+            "says so, a larger one is made at that many pixels, aspect kept, and the status line says so. "
+            "So above 8064 this helps only long, narrow areas (e.g. 16000 x 4000 px).")
         form.addRow("Render size (px)", self.render_px)
         form.labelForField(self.render_px).setToolTip(self.render_px.toolTip())
         self.output = QgsFileWidget()

@@ -284,6 +284,62 @@ def test_non_file_layer_is_rendered_and_georeferenced(plugin, raster_layer, stub
     wait_for_tasks()
 
 
+def test_a_render_holds_no_more_pixels_than_the_engine_reads(plugin, raster_layer, stub_engine, qgis_iface):
+    """A render at the Render size (here 4096 x 3072 px) when the engine's /health says it reads at
+    most 256 x 192 px (max_read_pixels) cost its time and memory for nothing: the engine only read
+    it reduced. The dock and the batch dialog render at the engine's budget, aspect kept, and say so."""
+    from osgeo import gdal
+    from qgis.core import QgsApplication
+
+    from conftest import run_batch_dialog, virtual_raster_layer
+    from geovqa.upload import reduced_size
+
+    budget = 256 * 192
+    stub_engine.max_read_pixels = budget
+    set_settings(render_max_px=4096)
+    src = raster_layer("src")
+    virt = virtual_raster_layer(src, size=(4096, 3072))
+    dock = plugin.dock
+    dock.refresh_health()
+    wait_until(lambda: (dock.health or {}).get("max_read_pixels") == budget, 20, "the engine's status")
+    logged = []
+    log = QgsApplication.messageLog()
+    log.messageReceived.connect(lambda message, tag, level: logged.append(message))
+    dock.set_layer(virt)
+    dock.ask("what is this?")
+    assert "256 x 192 px" in dock.progress_label.text() and "max_read_pixels" in dock.progress_label.text()
+    wait_until(_finished(dock), 60, "the answer")
+    turn = dock.turns()[-1]
+    assert turn.get("error") is None, turn
+    ds = gdal.Open(turn["rendered_path"])
+    assert (ds.RasterXSize, ds.RasterYSize) == reduced_size((4096, 3072), budget) == (256, 192)
+    assert any("256 x 192 px" in m and "Render size" in m for m in logged), logged
+    # the batch dialog renders by the dock's status too
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(src.crs())
+    canvas.setExtent(src.extent())
+    _dlg, rows = run_batch_dialog(plugin, [virt], "q1")
+    assert rows and rows[0].get("error") is None, rows
+    ds = gdal.Open(stub_engine.requests[-1]["raster_path"])
+    assert ds.RasterXSize * ds.RasterYSize <= budget + ds.RasterXSize + ds.RasterYSize  # reduced_size's rounding
+    wait_for_tasks()
+
+
+def test_render_size_is_capped_to_the_read_budget_aspect_kept():
+    """output_size: the Render size and the layer's pixels first, then about max_pixels in all."""
+    from qgis.core import QgsRectangle
+
+    from geovqa.render import output_size
+
+    ext = QgsRectangle(0, 0, 16000, 4000)
+    assert (output_size(ext, 16384).width(), output_size(ext, 16384).height()) == (16384, 4096)
+    capped = output_size(ext, 16384, max_pixels=8064 * 8064)
+    assert abs(capped.width() / capped.height() - 4.0) < 1e-3
+    assert 8064 * 8064 <= capped.width() * capped.height() <= 8064 * 8064 + capped.width() + capped.height()
+    assert output_size(ext, 2048, max_pixels=8064 * 8064).width() == 2048  # under the budget: unchanged
+    assert output_size(ext, 16384, 10.0, max_pixels=8064 * 8064).width() == 1600  # the layer's pixels first
+
+
 def _renderers_left(owner):
     """The LayerRenderers still alive under ``owner`` once the pending deleteLater()s ran."""
     from qgis.PyQt.QtCore import QCoreApplication, QEvent
