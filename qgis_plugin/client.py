@@ -233,7 +233,9 @@ def endpoint_in_url(url: str) -> str:
 
 
 def size_text(n: int) -> str:
-    """A byte count for a person: bytes below 1 MiB, else MiB / GiB with one decimal."""
+    """A byte count for a person: bytes below 1 MiB, else MiB / GiB (of 2^20 / 2^30 bytes) with one
+    decimal, as the engine says sizes. Every size the plugin says about an upload uses it
+    (:mod:`upload` too), so the engine's 2 GiB limit reads "2.0 GiB" everywhere."""
     if n < 1 << 20:
         return f"{n} bytes"
     if n < 1 << 30:
