@@ -3,9 +3,15 @@
 * GeoTIFF: float32, one band, on the canvas' patch grid (`TokenGeometry.token_grid()`: one cell
   per 14 px patch, the grid's affine transform, the source CRS; no CRS tag when the raster has
   none, and then the transform is in source pixel coordinates). Every kept token's score is
-  painted over its member patches that are valid image patches (`geometry.patch_valid`); all
-  other cells - pruned patches, padding, mostly-nodata patches - are nodata (NaN, declared as
-  the band's nodata value). If two tokens share a patch, the larger score wins. The band's
+  painted over its member patches that are valid image patches (`geometry.patch_valid`) and at
+  least half image (`TileLayout.patch_image_fraction` >= `MIN_IMAGE_FRACTION`); all other cells -
+  pruned patches, padding, mostly-nodata patches, and edge patches that are mostly padding (the
+  tile grid overhangs the raster's edge by up to a cell) - are nodata (NaN, declared as the
+  band's nodata value). A cell is drawn whole, so an edge patch with a sliver of image would show
+  its token's full score over the area beyond the raster, as if it were image: the heat so stops
+  within half a cell of the raster's edge, as a mostly-nodata patch's does at a nodata edge.
+  Such a token's anchor (below) still shows its image part. If two tokens share a patch, the
+  larger score wins. The band's
   description names the strategy and says that clear (nodata) cells are pruned tokens or nodata.
 * GeoJSON: a FeatureCollection with one Feature per kept token that has at least one valid
   member patch (tokens made only of padding or empty slots are not drawn): the geometry is the
@@ -26,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 NODATA = float("nan")
+# a heatmap cell holds its token's score only when at least this share of it is image, not the
+# canvas padding around it (the same half as geometry.MIN_VALID_FRACTION asks of valid pixels)
+MIN_IMAGE_FRACTION = 0.5
 BAND_NOTE = "clear: pruned token or nodata"  # the band description's note on nodata cells
 
 
@@ -37,9 +46,11 @@ class HeatmapFiles:
 
 
 def score_grid(selection, geometry) -> np.ndarray:
-    """(height, width) float32 array of the token grid: score on kept valid patches, NaN else."""
+    """(height, width) float32 array of the token grid: score on kept valid patches that are at
+    least half image (:data:`MIN_IMAGE_FRACTION`), NaN else."""
     grid = geometry.token_grid()
     valid = np.asarray(geometry.patch_valid, dtype=bool).reshape(-1)
+    valid = valid & (np.asarray(geometry.layout.patch_image_fraction()).reshape(-1) >= MIN_IMAGE_FRACTION)
     per_patch = np.full(valid.size, -np.inf, dtype=np.float64)
     for members, score in zip(selection.members, np.asarray(selection.scores, dtype=np.float64)):
         m = np.asarray(members, dtype=np.int64)

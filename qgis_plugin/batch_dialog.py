@@ -45,7 +45,7 @@ from qgis.PyQt.QtWidgets import (
 from . import layers as result_layers
 from .aoi import AoiError, clip_to_layer, is_unreferenced_file
 from .bands import RENDER_BANDS, bands_cell, layer_bands
-from .client import questions_too_long
+from .client import health_read_budget, questions_too_long
 from .compat import MSG_WARNING, is_raster_layer
 from .paths import export_path
 from .project_results import gather_into_project, moved_files, moved_path
@@ -84,12 +84,16 @@ def answer_cell(row: dict) -> str:
 
 
 class BatchDialog(QDialog):
-    """``batch_finished(list)`` fires with every result row when the batch ends or is cancelled."""
+    """``batch_finished(list)`` fires with every result row when the batch ends or is cancelled.
+
+    ``engine_health``: gives the engine's last ``/health`` answer (the chat dock's status check)
+    or None; a render is made no larger than the engine reads (its ``max_read_pixels``)."""
 
     batch_finished = pyqtSignal(object)
 
-    def __init__(self, iface, parent=None):
+    def __init__(self, iface, parent=None, engine_health=None):
         super().__init__(parent or iface.mainWindow())
+        self.engine_health = engine_health or (lambda: None)
         self.setWindowTitle("GeoVQA batch questions")
         self.iface = iface
         self.task = None
@@ -383,8 +387,9 @@ class BatchDialog(QDialog):
             self._next_item()
             return
         out = render_file(self.settings.results_dir(), layer.name())
-        self.message.setText(f"Rendering {layer.name()} …")
-        renderer = LayerRenderer(layer, geom.boundingBox(), str(out), self.settings.render_max_px, self)
+        renderer = LayerRenderer(layer, geom.boundingBox(), str(out), self.settings.render_max_px, self,
+                                 max_pixels=health_read_budget(self.engine_health()))
+        self.message.setText(f"Rendering {layer.name()} at {renderer.size_note} …")
         self._renderers.append(renderer)
         self._rendering = (layer.id(), item, renderer)
         run_id = self._run_id

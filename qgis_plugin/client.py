@@ -233,12 +233,25 @@ def endpoint_in_url(url: str) -> str:
 
 
 def size_text(n: int) -> str:
-    """A byte count for a person: bytes below 1 MiB, else MiB / GiB with one decimal."""
+    """A byte count for a person: bytes below 1 MiB, else MiB / GiB (of 2^20 / 2^30 bytes) with one
+    decimal, as the engine says sizes. Every size the plugin says about an upload uses it
+    (:mod:`upload` too), so the engine's 2 GiB limit reads "2.0 GiB" everywhere."""
     if n < 1 << 20:
         return f"{n} bytes"
     if n < 1 << 30:
         return f"{n / (1 << 20):.1f} MiB"
     return f"{n / (1 << 30):.1f} GiB"
+
+
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def health_read_budget(health) -> int | None:
+    """The engine's ``max_read_pixels`` in its ``/health`` answer ``health`` (a dict, or None when
+    none came): the most pixels it reads of any raster window. None when it does not say (an
+    older engine) or no answer is known."""
+    return _positive_int(health.get("max_read_pixels")) if isinstance(health, dict) else None
 
 
 def clean_token(token: str) -> str:
@@ -450,11 +463,7 @@ class EngineClient:
                 return None, None
             if not isinstance(health, dict):
                 health = {}
-
-            def positive(value):
-                return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-            self._upload_limit = (positive(health.get("max_upload_bytes")), positive(health.get("max_read_pixels")))
+            self._upload_limit = (_positive_int(health.get("max_upload_bytes")), health_read_budget(health))
         return self._upload_limit
 
     def ask(self, request: dict, upload: bool | None = None, prepared=None) -> "AskStream":

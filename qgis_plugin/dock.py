@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from qgis.core import QgsApplication, QgsGeometry, QgsProject
+from qgis.core import QgsApplication, QgsGeometry, QgsMessageLog, QgsProject
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtWidgets import (
@@ -43,9 +43,10 @@ from . import status as engine_status
 from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, is_unreferenced_file,
                   request_aoi)
 from .bands import RENDER_BANDS, bands_text, layer_bands
-from .client import EngineError, build_ask_request, engine_address, host_port, new_request_id, question_too_long
+from .client import (EngineError, build_ask_request, engine_address, health_read_budget, host_port, new_request_id,
+                     question_too_long)
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER, qaction_class
-from .history import ProjectHistory, kept_result
+from .history import LOG_TAG, ProjectHistory, kept_result
 from .paths import export_path, public_source
 from .project_results import gather_into_project, moved_files, moved_path
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
@@ -788,8 +789,13 @@ class ChatDock(QgsDockWidget):
             if mode == "polygon":
                 aoi = {"polygon_wkt": clipped.asWkt(6)}
         out = render_file(settings.results_dir(), turn["question"])
-        self.progress_label.setText(f"Rendering {layer.name()} …")
-        renderer = self.renderer = LayerRenderer(layer, ext, str(out), settings.render_max_px, self)
+        # no larger than the engine reads (its last status check's max_read_pixels, when it said)
+        renderer = self.renderer = LayerRenderer(layer, ext, str(out), settings.render_max_px, self,
+                                                 max_pixels=health_read_budget(self.health))
+        self.progress_label.setText(f"Rendering {layer.name()} at {renderer.size_note} …")
+        if renderer.capped:  # the status line is soon replaced: QGIS's log keeps it
+            QgsMessageLog.logMessage(f"'{layer.name()}' is rendered at {renderer.size_note}; a larger "
+                                     "Render size (Settings > Options > GeoVQA) adds nothing.", LOG_TAG, MSG_INFO)
         rid = turn["request_id"]
 
         def rendered(path, error):

@@ -120,12 +120,17 @@ class GeoVQAPlugin:
         from .batch_dialog import BatchDialog
 
         if self.batch_dialog is None:
-            self.batch_dialog = BatchDialog(self.iface)
+            # renders no larger than the engine reads, as the dock's last status check says
+            self.batch_dialog = BatchDialog(self.iface, engine_health=self._engine_health)
         else:
             self.batch_dialog.refresh_layers()
         self.batch_dialog.show()
         self.batch_dialog.raise_()
         return self.batch_dialog
+
+    def _engine_health(self):
+        """The engine's last ``/health`` answer, as the chat dock's status check got it (or None)."""
+        return self.dock.health if self.dock is not None else None
 
     def start_engine(self):
         try:

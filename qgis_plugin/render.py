@@ -5,15 +5,19 @@ The render's longest side is at most ``render_max_px`` (the options' *Render siz
 pixels of its own (a GeoPackage table, a subdataset, a virtual raster: :func:`native_pixel_size`)
 is never rendered finer than those pixels, so a small raster is not scaled up into made-up detail
 and more tiles. Web services (:data:`WEB_PROVIDERS`) have no pixels of their own: they get
-``render_max_px``.
+``render_max_px``. Nor does a render hold more pixels than the engine reads of any raster window
+(its ``max_read_pixels`` in ``/health``, when the caller knows it): a larger one is made at about
+that many pixels, aspect kept, as an upload is reduced (:func:`upload.reduced_size`), since the
+engine would only read it decimated to that (a 16384 px render costs seconds and ~1 GB for nothing).
 
-The chat dock renders asynchronously with ``QgsMapRendererParallelJob`` (main thread, never
-blocks) and writes the GeoTIFF in a ``QgsTask``; Processing algorithms (no event loop of their
-own) make a :class:`PreparedRender` in prepareAlgorithm (main thread: the map settings, with a
-clone of the layer) and run it in processAlgorithm (the task's thread), as QGIS's own
-``native:rasterize`` does, with ``QgsMapRendererCustomPainterJob``. Both build their map
-settings with :func:`map_settings`, check what was drawn with :func:`rendered_rgba` and write it
-with :func:`write_geotiff`.
+The chat dock and the batch dialog render asynchronously with ``QgsMapRendererParallelJob``
+(started on the main thread, never blocks), then turn the image into RGBA pixels and write the
+GeoTIFF in a ``QgsTask``'s worker thread (seconds for a large render); Processing algorithms (no
+event loop of their own) make a :class:`PreparedRender` in prepareAlgorithm (main thread: the map
+settings, with a clone of the layer) and run it in processAlgorithm (the task's thread), as
+QGIS's own ``native:rasterize`` does, with ``QgsMapRendererCustomPainterJob``. Both build their
+map settings with :func:`map_settings`, check what was drawn with :func:`rendered_rgba` and write
+it with :func:`write_geotiff`, off the main thread.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
 from .georef import needs_warp, open_with_gdal
 from .tasks import CAN_CANCEL, file_stem
+from .upload import reduced_size
 
 FORMAT_RGBA = QImage.Format.Format_RGBA8888
 FORMAT_ARGB32 = QImage.Format.Format_ARGB32_Premultiplied
@@ -123,9 +128,12 @@ def native_pixel_size(layer) -> float | None:
     return min(ext.width() / cols, ext.height() / rows)
 
 
-def output_size(extent: QgsRectangle, max_px: int, pixel_size: float | None = None) -> QSize:
+def output_size(extent: QgsRectangle, max_px: int, pixel_size: float | None = None,
+                max_pixels: int | None = None) -> QSize:
     """The render's size in pixels for ``extent``: longest side ``max_px``, but pixels no
-    smaller than ``pixel_size`` (the layer's own, in the extent's units; None: no such limit)."""
+    smaller than ``pixel_size`` (the layer's own, in the extent's units; None: no such limit),
+    and no more than about ``max_pixels`` pixels in all (the engine's ``max_read_pixels``; None:
+    no such limit), aspect kept, as :func:`upload.reduced_size` reduces an upload."""
     w, h = extent.width(), extent.height()
     if w <= 0 or h <= 0:
         raise ValueError("The extent to render is empty.")
@@ -133,16 +141,34 @@ def output_size(extent: QgsRectangle, max_px: int, pixel_size: float | None = No
     if pixel_size is not None and pixel_size > 0:
         scale = min(scale, 1.0 / pixel_size)
     # a hair under: 640 m of 10 m pixels is 64 pixels, not 65 from a rounding error
-    return QSize(max(1, int(math.ceil(w * scale - 1e-6))), max(1, int(math.ceil(h * scale - 1e-6))))
+    size = (max(1, int(math.ceil(w * scale - 1e-6))), max(1, int(math.ceil(h * scale - 1e-6))))
+    return QSize(*(reduced_size(size, max_pixels) or size))
 
 
-def map_settings(layer, extent: QgsRectangle, max_px: int) -> QgsMapSettings:
-    """Render ``layer`` alone in its own CRS over ``extent`` (layer CRS), longest side ``max_px``
-    and never finer than the layer's own pixels (:func:`native_pixel_size`)."""
+def capped_by_budget(settings: QgsMapSettings, layer, extent: QgsRectangle, max_px: int) -> bool:
+    """Whether the render ``settings`` of ``layer`` over ``extent`` is smaller than the *Render
+    size* ``max_px`` and the layer's own pixels make it: the engine's read budget capped it."""
+    return output_size(extent, max_px, native_pixel_size(layer)) != settings.outputSize()
+
+
+def size_note(size: QSize, capped: bool, max_pixels: int | None) -> str:
+    """A render's ``size`` for the user, and, when the engine's read budget ``max_pixels``
+    ``capped`` it, why it is no larger."""
+    text = f"{size.width()} x {size.height()} px"
+    if capped and max_pixels:
+        text += (f", no more than the {max_pixels:,} pixels the engine reads of a raster (its "
+                 "max_read_pixels: it would read a larger render reduced to that)")
+    return text
+
+
+def map_settings(layer, extent: QgsRectangle, max_px: int, max_pixels: int | None = None) -> QgsMapSettings:
+    """Render ``layer`` alone in its own CRS over ``extent`` (layer CRS), longest side ``max_px``,
+    never finer than the layer's own pixels (:func:`native_pixel_size`) and no more than about
+    ``max_pixels`` pixels (the engine's ``max_read_pixels``; None: not known)."""
     ms = QgsMapSettings()
     ms.setLayers([layer])
     ms.setDestinationCrs(layer.crs())
-    ms.setOutputSize(output_size(extent, max_px, native_pixel_size(layer)))
+    ms.setOutputSize(output_size(extent, max_px, native_pixel_size(layer), max_pixels))
     ms.setExtent(extent)
     ms.setBackgroundColor(QColor(0, 0, 0, 0))
     return ms
@@ -276,9 +302,11 @@ class PreparedRender:
     render uses the clone. Whoever makes it keeps it (and so the clone) alive until the run ended.
 
     ``clone=False``, or a layer that gives no valid clone: the settings hold the layer itself,
-    which only the main thread may use (``movable`` is False: run it there)."""
+    which only the main thread may use (``movable`` is False: run it there). ``max_pixels``: the
+    engine's ``max_read_pixels`` when known (:func:`output_size`)."""
 
-    def __init__(self, layer, extent: QgsRectangle, path: str, max_px: int = 2048, clone: bool = True):
+    def __init__(self, layer, extent: QgsRectangle, path: str, max_px: int = 2048, clone: bool = True,
+                 max_pixels: int | None = None):
         self.name = layer.name()
         self.path = str(path)
         self.crs_wkt = layer.crs().toWkt()
@@ -289,7 +317,7 @@ class PreparedRender:
         if self.clone is not None and not self.clone.isValid():
             self.clone = None
         self.movable = self.clone is not None
-        self.settings = map_settings(self.clone if self.movable else layer, extent, max_px)
+        self.settings = map_settings(self.clone if self.movable else layer, extent, max_px, max_pixels)
 
     def run(self, feedback=None) -> tuple | None:
         """Render and write: (path, visible extent), or None when ``feedback`` was cancelled
@@ -304,19 +332,34 @@ class PreparedRender:
 
 
 class _WriteTask(QgsTask):
-    def __init__(self, rgba, extent, crs_wkt, path):
+    """Turns a rendered image into RGBA pixels (:func:`rendered_rgba`: 0.3 to 1.6 s for a
+    16384 px render) and writes them as a GeoTIFF (:func:`write_geotiff`), both in the task's
+    worker thread, never on the main thread that rendered it. Cancelled between the two, nothing
+    is written. ``error`` says why it failed: nothing drawn, or the file not written."""
+
+    def __init__(self, image, layer_name, extent, crs_wkt, path):
         super().__init__("GeoVQA: write rendered raster", CAN_CANCEL)
-        self.args = (rgba, extent, crs_wkt, path)
+        # a QImage is implicitly shared (its copy is the map job's pixels, not a new buffer) and
+        # reentrant: this thread only reads it
+        self.args = (image, layer_name, extent, crs_wkt, path)
         self.error = ""
 
     def run(self) -> bool:
+        image, layer_name, extent, crs_wkt, path = self.args
         try:
-            write_geotiff(*self.args)
+            rgba = rendered_rgba(image, layer_name)
+            if self.isCanceled():
+                return False
+            write_geotiff(rgba, extent, crs_wkt, path)
+        except NothingRendered as exc:
+            self.error = str(exc)
+            return False
         except Exception as exc:  # noqa: BLE001 - reported to the user by the owner
             self.error = f"Could not write the rendered raster: {exc}"
             return False
         finally:
-            self.args = None  # the RGBA copy (4 x render_max_px^2 bytes): not kept with the task
+            # the image and its RGBA copy (4 x render_max_px^2 bytes each): not kept with the task
+            self.args = None
         return True
 
 
@@ -328,15 +371,22 @@ class LayerRenderer(QObject):
     child: the rendered image, 4 x render_max_px^2 bytes, goes with it). An owner that keeps
     asking (the dock, the batch dialog) so holds no render of an earlier question. Nothing is
     emitted after ``done`` or :meth:`cancel`; calling :meth:`cancel` again, or after ``done``, is
-    harmless."""
+    harmless.
+
+    ``max_pixels``: the engine's ``max_read_pixels`` when known (:func:`output_size`);
+    :attr:`capped` is true when that budget made the render smaller, and :attr:`size_note` says
+    the render's size for the user, and why when it was capped."""
 
     done = pyqtSignal(str, str)
 
-    def __init__(self, layer, extent: QgsRectangle, path: str, max_px: int = 2048, parent=None):
+    def __init__(self, layer, extent: QgsRectangle, path: str, max_px: int = 2048, parent=None,
+                 max_pixels: int | None = None):
         super().__init__(parent)
         self.layer = layer
         self.path = str(path)
-        self.settings = map_settings(layer, extent, max_px)
+        self.settings = map_settings(layer, extent, max_px, max_pixels)
+        self.capped = bool(max_pixels) and capped_by_budget(self.settings, layer, extent, max_px)
+        self.size_note = size_note(self.settings.outputSize(), self.capped, max_pixels)
         self.crs_wkt = layer.crs().toWkt()
         self.job = None
         self.task = None
@@ -404,12 +454,10 @@ class LayerRenderer(QObject):
         self._release()
 
     def _rendered(self) -> None:
-        try:
-            rgba = rendered_rgba(self.job.renderedImage(), self.layer.name())
-        except NothingRendered as exc:
-            self._finish("", str(exc))
-            return
-        self.task = _WriteTask(rgba, self.settings.visibleExtent(), self.crs_wkt, self.path)
+        # the image's RGBA copy, and the check that anything was drawn, are made in the write
+        # task's thread: seconds for a large render, which froze QGIS here
+        self.task = _WriteTask(self.job.renderedImage(), self.layer.name(), self.settings.visibleExtent(),
+                               self.crs_wkt, self.path)
         # bound methods (not lambdas), so cancel() can disconnect them
         self.task.taskCompleted.connect(self._written)
         self.task.taskTerminated.connect(self._not_written)

@@ -1,9 +1,9 @@
 """The GeoVQA page in QGIS's Options dialog (engine URL, token, CA certificate, local engine,
 outputs).
 
-Kept narrow (short labels and combo texts, the details in tooltips). The engine URL is checked as
-it is typed and when saved: a URL the client cannot use (client.engine_address) is not saved, and
-the page and QGIS's message bar say why. The CA certificate applies to https:// URLs only and is
+Kept narrow (short labels, combo texts and placeholders, the details in tooltips). The engine URL
+is checked as it is typed and when saved: a URL the client cannot use (client.engine_address) is
+not saved, and the page and QGIS's message bar say why. The CA certificate applies to https:// URLs only and is
 greyed out otherwise."""
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ RESULTS_NOTE = "Empty results folder: 'geovqa_results' next to the project file,
 
 # what an empty 'Weights folder' means: the engine looks there (engine/weights.py DEFAULT_WEIGHTS)
 WEIGHTS_DEFAULT = "<engine folder>/weights/GeoLLaVA-8K"
+# Placeholders fit their field at the page's own width (a cut-off one says nothing): short, with
+# the whole rule in the field's tooltip.
+WEIGHTS_PLACEHOLDER = "empty: weights/GeoLLaVA-8K"
 
 
 def url_problem(text: str) -> str:
@@ -79,7 +82,7 @@ class SettingsForm(QWidget):
         form.addRow(self.url_error)
         self.token = QLineEdit(s.token)
         self.token.setEchoMode(PASSWORD)
-        self.token.setPlaceholderText(f"empty: read from {default_token_path()} (engine on this computer only)")
+        self.token.setPlaceholderText("empty: the local engine's token file")
         self.token.setToolTip("The engine's access token. Empty: the plugin reads the token file the engine "
                               f"writes at its first start ({default_token_path()}), which works for an engine "
                               "on this computer only; copy the token here for one on another computer. A token "
@@ -114,24 +117,24 @@ class SettingsForm(QWidget):
         self.python = QgsFileWidget()
         self.python.setFilePath(s.python)
         # as engine_process.engine_command resolves them
-        self.python.lineEdit().setPlaceholderText("empty: <engine folder>/.venv/bin/python")
+        self.python.lineEdit().setPlaceholderText("empty: the engine folder's .venv")
         self.python.setToolTip("The python of the venv with torch, e.g. <repo>/.venv/bin/python. Empty: the "
                                "engine folder's .venv (bin/python, or Scripts/python.exe on Windows).")
         form.addRow("Engine Python", self.python)
         self.engine_dir = QgsFileWidget()
         self.engine_dir.setStorageMode(GET_DIRECTORY)
         self.engine_dir.setFilePath(s.engine_dir)
-        self.engine_dir.lineEdit().setPlaceholderText("empty: the folder above the Python's .venv")
+        self.engine_dir.lineEdit().setPlaceholderText("empty: above the Python's .venv")
         self.engine_dir.setToolTip("The folder the engine runs in. Empty: the folder holding the engine "
                                    "Python's venv (<repo> for <repo>/.venv/bin/python).")
         form.addRow("Engine folder", self.engine_dir)
         self.weights = QgsFileWidget()
         self.weights.setStorageMode(GET_DIRECTORY)
         self.weights.setFilePath(s.weights_dir)
-        self.weights.lineEdit().setPlaceholderText(f"empty: {WEIGHTS_DEFAULT}, else the tiny demo model")
+        self.weights.lineEdit().setPlaceholderText(WEIGHTS_PLACEHOLDER)
         self.weights.setToolTip(
             "The GeoLLaVA-8K checkpoint folder the local engine loads (passed as --weights). Empty: the "
-            "engine uses $GEOVQA_WEIGHTS when set, else <engine folder>/weights/GeoLLaVA-8K (where `make "
+            f"engine uses $GEOVQA_WEIGHTS when set, else {WEIGHTS_DEFAULT} (where `make "
             "weights` downloads it); with no checkpoint there it answers with the tiny RANDOM demo model "
             "(meaningless answers). A folder named here must hold a checkpoint.")
         form.addRow("Weights folder", self.weights)
@@ -196,8 +199,14 @@ class SettingsForm(QWidget):
         self.render_px = QSpinBox()
         self.render_px.setRange(256, 16384)
         self.render_px.setValue(s.render_max_px)
-        self.render_px.setToolTip("Longest side, in pixels, of the image rendered from a web or virtual "
-                                  "layer (what the map shows of it) before it is asked about.")
+        # the maximum stays 16384: a long, narrow area (16000 x 4000 px) is still within what the
+        # engine reads; a render is capped to the engine's read budget where it is known
+        self.render_px.setToolTip(
+            "Longest side, in pixels, of the image rendered from a web or virtual layer (what the map shows "
+            "of it) before it is asked about. A render never holds more pixels than the engine reads of a "
+            "raster (its max_read_pixels, in its status: 8064 x 8064 for GeoLLaVA-8K): where the engine "
+            "says so, a larger one is made at that many pixels, aspect kept, and the status line says so. "
+            "So above 8064 this helps only long, narrow areas (e.g. 16000 x 4000 px).")
         form.addRow("Render size (px)", self.render_px)
         form.labelForField(self.render_px).setToolTip(self.render_px.toolTip())
         self.output = QgsFileWidget()

@@ -343,17 +343,6 @@ def check_free_space(folder: str, needed: int) -> tuple:
     return free is None or free >= needed + FREE_SPACE_RESERVE, free
 
 
-def file_size_text(n: int) -> str:
-    """``n`` bytes for a person: 4 kB, 5.0 MB, 312 MB, 2.1 GB."""
-    if n >= 1e9:
-        return f"{n / 1e9:.1f} GB"
-    if n >= 1e7:
-        return f"{n / 1e6:.0f} MB"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f} MB"
-    return f"{max(1, round(n / 1e3))} kB"
-
-
 # --- writing the file ----------------------------------------------------------------------------
 
 
@@ -550,19 +539,19 @@ def too_large_error(path: str, window: tuple | None, limit: int, written: int | 
     the upload is, or would be, larger than the engine's upload limit ``limit``: what happened
     (``written``: bytes written when it was stopped; ``raw``: the pixels' bytes, refused before
     writing) and what to do."""
-    from .client import EngineError
+    from .client import EngineError, size_text
 
     name = os.path.basename(path)
     what = f"The area of interest of {name}" if window is not None else name
     if written is not None:
         how = (f"its GeoTIFF for the upload grew past that before it was finished (stopped at "
-               f"{file_size_text(written)}, and deleted)")
+               f"{size_text(written)}, and deleted)")
     else:
-        how = (f"its pixels take {file_size_text(raw)} uncompressed, more than any compression could bring under "
+        how = (f"its pixels take {size_text(raw)} uncompressed, more than any compression could bring under "
                "that, so nothing was written")
     return EngineError(
         "upload_too_large",
-        f"{what} is too large to send to the engine, which accepts uploads up to {file_size_text(limit)}: {how}.",
+        f"{what} is too large to send to the engine, which accepts uploads up to {size_text(limit)}: {how}.",
         "Choose a smaller area of interest (a drawn rectangle or polygon), or let the engine read the file itself: "
         "put it in a folder the engine's computer shares and set Send rasters to never upload (Settings > "
         "Options > GeoVQA), or start that engine with a larger --max-upload-bytes.")
@@ -593,8 +582,9 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
     Raises EngineError('raster_unreadable') when a file that must be converted cannot be,
     EngineError('no_space') when the temporary folder has no room for the conversion,
     EngineError('upload_too_large') when the file to send would be larger than ``max_bytes``, and
-    EngineError('cancelled') when ``cancelled()`` became true meanwhile."""
-    from .client import EngineError
+    EngineError('cancelled') when ``cancelled()`` became true meanwhile. Sizes in its messages are
+    in MiB / GiB (:func:`client.size_text`), as the client's and the engine's own."""
+    from .client import EngineError, size_text
 
     ds = open_with_gdal(path)
     if ds is None:
@@ -633,9 +623,9 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
         if not translate:
             return Upload(path, aoi)  # the file itself needs no room
         raise EngineError("no_space", f"{os.path.basename(path)} must be converted to a GeoTIFF for the upload to the "
-                          f"engine, which takes up to {file_size_text(needed)} in the temporary folder {folder}; it has "
-                          f"only {file_size_text(free)} free (GeoVQA leaves at least "
-                          f"{file_size_text(FREE_SPACE_RESERVE)} free there).",
+                          f"engine, which takes up to {size_text(needed)} in the temporary folder {folder}; it has "
+                          f"only {size_text(free)} free (GeoVQA leaves at least "
+                          f"{size_text(FREE_SPACE_RESERVE)} free there).",
                           "Free some space there, ask about a smaller area, or export the layer as a GeoTIFF "
                           "(Export > Save As...) where there is room and ask about that.")
     temp_dir = tempfile.mkdtemp(prefix="geovqa-upload-")

@@ -105,3 +105,36 @@ def test_no_crs_raster_gives_pixel_coordinates(tmp_path):
     assert "crs" not in files.geojson and "crs_wkt" not in files.geojson
     minx, miny, maxx, maxy = shape(files.geojson["features"][0]["geometry"]).bounds
     assert 0 <= minx < maxx <= 400 and 0 <= miny < maxy <= 300
+
+
+def test_edge_cells_mostly_over_padding_hold_no_score(tmp_path):
+    """A 500 x 333 px raster is scaled to 505 px across a 672 px canvas: its left and right
+    columns of cells are 1/14 image, 13/14 padding. Painted whole, such a cell showed its token's
+    full score over the area beyond the raster. Every cell that holds a score is now at least half
+    over the raster; the mostly-padding token keeps its anchor, cut to the image."""
+    geometry, src = geometry_for(tmp_path, size=(500, 333))
+    image_share = geometry.layout.patch_image_fraction().reshape(-1)
+    valid = np.nonzero(geometry.patch_valid.reshape(-1))[0]
+    sliver = valid[image_share[valid] < 0.5]
+    assert sliver.size, "test raster must have edge cells that are mostly padding"
+    members = [np.array([i], np.int64) for i in valid]  # every valid patch its own kept token
+    sel = Selection(embeds=torch.zeros(len(members), 2), members=members,
+                    scores=np.ones(len(members), np.float32), roles=["kept"] * len(members),
+                    candidates=len(members), strategy="test")
+    files = write_heatmap(sel, geometry, tmp_path / "out", "edge")
+    with rasterio.open(files.tif_path) as ds, rasterio.open(src) as s:
+        data, t, b = ds.read(1), ds.transform, s.bounds
+    rows, cols = np.nonzero(~np.isnan(data))
+    x0, y1 = t * (cols, rows)
+    x1, y0 = t * (cols + 1, rows + 1)
+    inside = ((np.minimum(x1, b.right) - np.maximum(x0, b.left)).clip(0)
+              * (np.minimum(y1, b.top) - np.maximum(y0, b.bottom)).clip(0)) / ((x1 - x0) * (y1 - y0))
+    assert inside.min() >= 0.5 - 1e-6, inside.min()
+    assert rows.size == valid.size - sliver.size  # every other valid patch is painted
+    ids = geometry.token_grid().ids_grid()
+    assert np.isnan(data[np.isin(ids, sliver)]).all()
+    drawn = {f["properties"]["rank"] for f in files.geojson["features"]}
+    assert drawn == set(range(len(members)))  # anchors of the sliver tokens too, cut to the image
+    for f in files.geojson["features"]:
+        fx0, fy0, fx1, fy1 = shape(f["geometry"]).bounds
+        assert b.left - 1e-6 <= fx0 and fx1 <= b.right + 1e-6

@@ -284,6 +284,138 @@ def test_non_file_layer_is_rendered_and_georeferenced(plugin, raster_layer, stub
     wait_for_tasks()
 
 
+def test_a_render_holds_no_more_pixels_than_the_engine_reads(plugin, raster_layer, stub_engine, qgis_iface):
+    """A render at the Render size (here 4096 x 3072 px) when the engine's /health says it reads at
+    most 256 x 192 px (max_read_pixels) cost its time and memory for nothing: the engine only read
+    it reduced. The dock and the batch dialog render at the engine's budget, aspect kept, and say so."""
+    from osgeo import gdal
+    from qgis.core import QgsApplication
+
+    from conftest import run_batch_dialog, virtual_raster_layer
+    from geovqa.upload import reduced_size
+
+    budget = 256 * 192
+    stub_engine.max_read_pixels = budget
+    set_settings(render_max_px=4096)
+    src = raster_layer("src")
+    virt = virtual_raster_layer(src, size=(4096, 3072))
+    dock = plugin.dock
+    dock.refresh_health()
+    wait_until(lambda: (dock.health or {}).get("max_read_pixels") == budget, 20, "the engine's status")
+    logged = []
+    log = QgsApplication.messageLog()
+    log.messageReceived.connect(lambda message, tag, level: logged.append(message))
+    dock.set_layer(virt)
+    dock.ask("what is this?")
+    assert "256 x 192 px" in dock.progress_label.text() and "max_read_pixels" in dock.progress_label.text()
+    wait_until(_finished(dock), 60, "the answer")
+    turn = dock.turns()[-1]
+    assert turn.get("error") is None, turn
+    ds = gdal.Open(turn["rendered_path"])
+    assert (ds.RasterXSize, ds.RasterYSize) == reduced_size((4096, 3072), budget) == (256, 192)
+    assert any("256 x 192 px" in m and "Render size" in m for m in logged), logged
+    # the batch dialog renders by the dock's status too
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(src.crs())
+    canvas.setExtent(src.extent())
+    _dlg, rows = run_batch_dialog(plugin, [virt], "q1")
+    assert rows and rows[0].get("error") is None, rows
+    ds = gdal.Open(stub_engine.requests[-1]["raster_path"])
+    assert ds.RasterXSize * ds.RasterYSize <= budget + ds.RasterXSize + ds.RasterYSize  # reduced_size's rounding
+    wait_for_tasks()
+
+
+def test_render_size_is_capped_to_the_read_budget_aspect_kept():
+    """output_size: the Render size and the layer's pixels first, then about max_pixels in all."""
+    from qgis.core import QgsRectangle
+
+    from geovqa.render import output_size
+
+    ext = QgsRectangle(0, 0, 16000, 4000)
+    assert (output_size(ext, 16384).width(), output_size(ext, 16384).height()) == (16384, 4096)
+    capped = output_size(ext, 16384, max_pixels=8064 * 8064)
+    assert abs(capped.width() / capped.height() - 4.0) < 1e-3
+    assert 8064 * 8064 <= capped.width() * capped.height() <= 8064 * 8064 + capped.width() + capped.height()
+    assert output_size(ext, 2048, max_pixels=8064 * 8064).width() == 2048  # under the budget: unchanged
+    assert output_size(ext, 16384, 10.0, max_pixels=8064 * 8064).width() == 1600  # the layer's pixels first
+
+
+def test_a_renders_rgba_conversion_runs_in_the_write_tasks_thread(plugin, raster_layer, stub_engine, tmp_path,
+                                                                  monkeypatch):
+    """Turning the rendered image into RGBA pixels (0.3 to 1.6 s at 16384 px) ran on the main
+    thread, in the map job's finished(), freezing QGIS: it runs in the write task's worker thread,
+    and the GeoTIFF written holds the same pixels as a render made in one go (render_sync)."""
+    from osgeo import gdal
+
+    import geovqa.render as render
+    from conftest import virtual_raster_layer
+
+    set_settings(render_max_px=512)
+    src = raster_layer("src")
+    virt = virtual_raster_layer(src, size=(512, 384))
+    threads = []
+    convert = render.image_to_rgba
+
+    def recording(image):
+        threads.append(threading.current_thread())
+        return convert(image)
+
+    monkeypatch.setattr(render, "image_to_rgba", recording)
+    dock = plugin.dock
+    dock.set_layer(virt)
+    dock.ask("what is this?")
+    wait_until(_finished(dock), 60, "the answer")
+    turn = dock.turns()[-1]
+    assert turn.get("error") is None, turn
+    assert len(threads) == 1 and threads[0] is not threading.main_thread(), threads
+    monkeypatch.setattr(render, "image_to_rgba", convert)
+    ds = gdal.Open(turn["rendered_path"])
+    once = gdal.Open(render.render_sync(virt, virt.extent(), str(tmp_path / "once.tif"), 512)[0])
+    assert (ds.RasterXSize, ds.RasterYSize) == (once.RasterXSize, once.RasterYSize) == (512, 384)
+    for b in (1, 2, 3):
+        assert (ds.GetRasterBand(b).ReadAsArray() == once.GetRasterBand(b).ReadAsArray()).all()
+    wait_for_tasks()
+
+
+def test_a_write_task_cancelled_during_its_conversion_writes_nothing(tmp_path):
+    """Cancel (the x on the task's bar) while the worker converts the image: no GeoTIFF is made."""
+    from qgis.core import QgsRectangle
+    from qgis.PyQt.QtGui import QColor, QImage
+
+    from geovqa.render import FORMAT_ARGB32, _WriteTask
+
+    image = QImage(64, 48, FORMAT_ARGB32)
+    image.fill(QColor(10, 20, 30))
+    out = tmp_path / "w.tif"
+    task = _WriteTask(image, "layer", QgsRectangle(0, 0, 64, 48), "EPSG:32633", str(out))
+    task.cancel()  # as it would be while rendered_rgba runs: the write is not started
+    assert task.run() is False and not out.exists() and task.args is None
+    task = _WriteTask(image, "layer", QgsRectangle(0, 0, 64, 48), "EPSG:32633", str(out))
+    assert task.run() is True and out.exists()
+
+
+def test_a_web_layer_that_rendered_nothing_says_so_in_the_dock(plugin, stub_engine, qgis_iface, tmp_path):
+    """The check that anything was drawn moved into the write task with the conversion: an XYZ
+    layer whose tiles are not there still fails with "rendered nothing", and nothing is asked."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle
+
+    set_settings(render_max_px=256)
+    url = (tmp_path / "no-tiles").as_uri() + "/{z}/{x}/{y}.png"
+    layer = QgsRasterLayer(f"type=xyz&url={url}&zmin=0&zmax=1", "gone tiles", "wms")
+    assert layer.isValid(), layer.error().summary()
+    QgsProject.instance().addMapLayer(layer)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    canvas.setExtent(QgsRectangle(-5000000, 3000000, -3000000, 4000000))
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("what is here?")
+    wait_until(_finished(dock), 60, "the answer")
+    assert "The layer 'gone tiles' rendered nothing over this extent" in (dock.turns()[-1].get("error") or "")
+    assert stub_engine.requests == []
+    wait_for_tasks()
+
+
 def _renderers_left(owner):
     """The LayerRenderers still alive under ``owner`` once the pending deleteLater()s ran."""
     from qgis.PyQt.QtCore import QCoreApplication, QEvent

@@ -58,8 +58,9 @@ def test_the_weights_folder_and_extra_arguments_say_what_they_take(qgis_app):
     page = _page()
     form = page.form
     weights = form.weights.lineEdit().placeholderText()
-    assert weights == "empty: <engine folder>/weights/GeoLLaVA-8K, else the tiny demo model"
+    assert weights == "empty: weights/GeoLLaVA-8K"  # the rest in the tooltip: it must fit (below)
     assert "GEOVQA_WEIGHTS" in form.weights.toolTip() and "RANDOM demo model" in form.weights.toolTip()
+    assert "<engine folder>/weights/GeoLLaVA-8K" in form.weights.toolTip()
     assert form.extra.placeholderText().startswith("e.g. --device cpu")
     for flag in ("--device cpu", "--quantization bf16", "--adapter DIR", "Engine URL", "--port"):
         assert flag in form.extra.toolTip(), flag
@@ -205,3 +206,30 @@ def test_saving_the_page_keeps_the_docks_own_choices_and_takes_the_changed_defau
     page.form.strategy.setCurrentIndex(page.form.strategy.findData("budget"))
     page.apply()
     assert dock.strategy_combo.currentData() == "budget" and dock.budget_spin.value() == 777
+
+
+def test_every_placeholder_fits_its_field_at_the_pages_own_width(qgis_app):
+    """The Weights folder's placeholder ("empty: <engine folder>/weights/GeoLLaVA-8K, else the
+    tiny demo model") was cut off at the Options dialog's default size, and so were Engine
+    Python's, Engine folder's and Engine token's (its full token file path): short placeholders,
+    the details in the tooltips. Measured at the width the page asks for (its size hint), the
+    narrowest the dialog gives it."""
+    from qgis.PyQt.QtGui import QFontMetrics
+    from qgis.PyQt.QtWidgets import QApplication, QLineEdit
+
+    page = _page()
+    page.resize(page.sizeHint())
+    page.show()
+    QApplication.processEvents()
+    try:
+        edits = [e for e in page.findChildren(QLineEdit) if e.placeholderText() and e.isVisible()]
+        names = {page.form.weights.lineEdit(), page.form.python.lineEdit(), page.form.engine_dir.lineEdit(),
+                 page.form.token, page.form.url, page.form.extra}
+        assert names <= set(edits)
+        for edit in edits:
+            # the text area: the field less its frame and text margins (a few px each side)
+            room = edit.contentsRect().width() - 12
+            needed = QFontMetrics(edit.font()).horizontalAdvance(edit.placeholderText())
+            assert needed <= room, (edit.placeholderText(), needed, room)
+    finally:
+        page.hide()

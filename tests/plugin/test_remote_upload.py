@@ -654,7 +654,9 @@ def test_a_cut_or_conversion_with_no_room_in_the_temporary_folder(capture, tmp_p
         upload.prepare_upload(vrt, {"window": [100, 50, 40, 30]})
     assert err.value.code == "no_space" and written == []
     assert str(own_tempdir) in err.value.message and "scene.vrt" in err.value.message
-    assert "takes up to 4 kB" in err.value.message and "only 5.0 MB free" in err.value.message, err.value.message
+    # 40 x 30 x 3 bytes; 5,000,000 bytes free; the reserve of 32 MiB: sizes in 2^20-byte MiB, as the client's
+    assert "takes up to 3600 bytes" in err.value.message and "only 4.8 MiB free" in err.value.message, err.value.message
+    assert "at least 32.0 MiB free" in err.value.message
     assert os.listdir(own_tempdir) == []
     monkeypatch.setattr(upload, "free_bytes", lambda folder: None)  # cannot be told: tried
     assert upload.prepare_upload(vrt, {"window": [100, 50, 40, 30]}).window == (100, 50, 40, 30)
@@ -681,7 +683,8 @@ def test_a_conversion_is_not_refused_for_room_beyond_the_upload_limit(tmp_path, 
         up.cleanup()
     with pytest.raises(EngineError) as err:  # the room asked for: the limit and what is buffered
         upload.prepare_upload(vrt, None, max_bytes=30_000_000)
-    assert err.value.code == "no_space" and "takes up to 47 MB" in err.value.message, err.value.message
+    # 30,000,000 bytes and the 16 MiB buffered: 46,777,216 bytes
+    assert err.value.code == "no_space" and "takes up to 44.6 MiB" in err.value.message, err.value.message
     assert os.listdir(own_tempdir) == []
 
 
@@ -1199,7 +1202,8 @@ def test_a_conversion_that_grows_past_the_upload_limit_is_stopped_and_deleted(tm
     with pytest.raises(EngineError) as err:
         prepare_upload(vrt, None, progress=seen.append, max_bytes=LIMIT)
     assert err.value.code == "upload_too_large"
-    assert "huge.vrt is too large to send to the engine" in err.value.message and "2.0 MB" in err.value.message
+    assert "huge.vrt is too large to send to the engine" in err.value.message
+    assert "accepts uploads up to 1.9 MiB" in err.value.message, err.value.message  # 2,000,000 bytes
     assert "smaller area of interest" in err.value.hint and "never upload" in err.value.hint
     assert seen and seen == sorted(seen) and seen[-1] < 0.6, seen[-5:]  # stopped early, not at the end
     assert os.listdir(own_tempdir) == []
