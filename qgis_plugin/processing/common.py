@@ -235,6 +235,14 @@ def say_preparing(feedback, layer_name: str | None = None):
     return progress
 
 
+def starts_now(ev: dict) -> bool:
+    """Whether ``ev`` is a ``queued`` event with no job ahead (position 0: the question starts
+    now). Processing logs each progress text as a line, where "Queued (0 ahead) …" said once an
+    answer that nothing waited: only a queue with a job ahead is said ("Queued (2 ahead) …", the
+    chat dock's words, again each time it moves up)."""
+    return ev.get("type") == "queued" and not ev.get("position")
+
+
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
              unreferenced: bool = False, prepared=None, progress=None, bands=None) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
@@ -246,7 +254,8 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     then takes the first part of this answer's share, the engine's stages the rest, the
     generation counted in answer tokens: :meth:`tasks.BatchProgress.event`); without it the
     ``feedback``'s bar is this one answer's, split the same way (a batch of one). ``bands``: the
-    request's (:func:`question_source`); the result's ``bands``/``palette`` say what the model saw."""
+    request's (:func:`question_source`); the result's ``bands``/``palette`` say what the model saw.
+    The queue is said only while a job is ahead of the question (:func:`starts_now`)."""
     request = build_ask_request(question, raster_path, aoi=aoi, bands=bands, **options)
     stream = client.ask(request, prepared=prepared)
     if progress is None and feedback is not None:
@@ -267,7 +276,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
             if progress is not None:  # the bar moves through every stage up to the result, as in
                 # the batch dialog; the text says which stage runs, once each ("Answering…")
                 text = progress.event(ev, request.get("max_new_tokens"))
-                if text and feedback is not None:
+                if text and feedback is not None and not starts_now(ev):
                     feedback.setProgressText(text)
             if kind == "result":
                 files, warning = keep_result_files_or_warn(ev, client, results_dir, file_stem(question), clip_bounds,

@@ -60,6 +60,8 @@ class StubEngine:
         # True: the real engine's status events (engine/pipeline.py: read, the vision tower tile
         # batch by tile batch, select, prefill, the answer tokens, write); else one "read" at 20 %
         self.engine_stages = False
+        # the "queued" events of each answer: the jobs ahead of it, as the queue moves up (0: it starts)
+        self.queue_positions = [0]
         stub = self
 
         class Handler(JsonHandler):
@@ -133,7 +135,8 @@ class StubEngine:
 
     def events(self, req: dict):
         rid = req.get("request_id")
-        yield {"type": "queued", "request_id": rid, "position": 0}
+        for position in self.queue_positions:
+            yield {"type": "queued", "request_id": rid, "position": position}
         if self.fail_with:
             yield dict(self.fail_with, type="error", request_id=rid)
             return
