@@ -374,6 +374,17 @@ def load_result_layer(context, path: str, kind: str, name: str, crs_wkt: str | N
     details.setPostProcessor(post)
 
 
+def holds_no_anchors(path: str) -> bool:
+    """Whether the anchors file ``path`` (GeoJSON or GeoPackage) holds no feature: no anchor was
+    kept, or clipping to the raster left none. The chat dock adds no anchors layer then
+    (:func:`layers.add_result_layers`, by :func:`layers.has_no_features`), and neither does
+    Processing. A file OGR cannot open is not judged here (False). Main thread."""
+    from qgis.core import QgsVectorLayer
+
+    layer = QgsVectorLayer(path, "anchors", "ogr")
+    return layer.isValid() and result_layers.has_no_features(layer)
+
+
 def forget_result_layer(context, path: str) -> None:
     """Take ``path`` off the layers QGIS loads when the algorithm completes: an output file that
     was not written (QGIS would report it as a layer it could not load). Main thread."""

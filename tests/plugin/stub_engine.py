@@ -62,6 +62,7 @@ class StubEngine:
         self.engine_stages = False
         # the "queued" events of each answer: the jobs ahead of it, as the queue moves up (0: it starts)
         self.queue_positions = [0]
+        self.no_anchors = False  # True: an anchors GeoJSON with no feature (no anchor kept)
         stub = self
 
         class Handler(JsonHandler):
@@ -213,7 +214,7 @@ class StubEngine:
         band.WriteArray(arr)
         out = None
         feats = []
-        for i, (c0, r0) in enumerate([(col, row), (col + w // 2, row + h // 2)]):
+        for i, (c0, r0) in enumerate([] if self.no_anchors else [(col, row), (col + w // 2, row + h // 2)]):
             c1, r1 = c0 + max(1, w // 4), r0 + max(1, h // 4)
             ring = [[gt[0] + c * gt[1], gt[3] + r * gt[5]] for c, r in [(c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0)]]
             feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
