@@ -34,6 +34,7 @@ from .common import (
     aoi_refusal,
     area_of_interest,
     ask_once,
+    discard_render,
     engine_client,
     forget_result_layer,
     holds_no_anchors,
@@ -217,11 +218,24 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         # a file: the AOI cut to it, in the request; any other layer: rendered over the AOI, in
         # processAlgorithm (the task's thread); kept here with its clone of the layer until then
         self.source = question_source(layer, geom, crs, feedback)
-        self.client = engine_client()
+        try:
+            self.client = engine_client()
+        except QgsProcessingException:
+            discard_render(self.source)  # drawn already when the layer had to be drawn here
+            raise
         self.settings = Settings.load()
         return True
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        """Render a non-file layer, ask, write the outputs. A run that fails or is cancelled
+        removes the render it made (:func:`discard_render`); a run that answers keeps it."""
+        try:
+            return self._ask(parameters, context, feedback)
+        except BaseException:
+            discard_render(self.source)
+            raise
+
+    def _ask(self, parameters, context, feedback) -> dict:
         source = render_source(self.source, feedback)  # a non-file layer is rendered here
         self.raster_path, self.bounds = source["raster_path"], source["bounds"]
         self.unreferenced, self.aoi = source["unreferenced"], source["aoi"]

@@ -199,17 +199,21 @@ def render_source(source, feedback) -> dict:
     its ``raster_path`` and ``bounds``. A source with nothing to render is left as it is. The
     render (with the layer's clone) stays in ``source``: its owner, the algorithm, lets go of it.
     Raises QgsProcessingException with a sentence: nothing drawn, a file that could not be
-    written, Cancel."""
+    written (what was written of it is removed), Cancel."""
     job = source.get("render")
     if job is None or source["raster_path"] is not None:
         return source
     if feedback is not None:
         feedback.pushInfo(f"Rendering the non-file layer '{job.name}' to {job.path}")
+    existed = os.path.exists(job.path)
     try:
         done = job.run(feedback)
     except NothingRendered as exc:  # says the layer's name itself
         raise QgsProcessingException(str(exc)) from exc
-    except (OSError, ValueError) as exc:  # a file GDAL could not write
+    except (OSError, ValueError) as exc:  # a file GDAL could not write (what it wrote of it goes)
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.remove(job.path)
         raise QgsProcessingException(f"Could not render the layer '{job.name}': {exc}") from exc
     if done is None:
         raise QgsProcessingException("Cancelled.")
@@ -220,6 +224,17 @@ def render_source(source, feedback) -> dict:
         raise QgsProcessingException("Cancelled.")
     source.update(raster_path=path, bounds=rect_bounds(visible))
     return source
+
+
+def discard_render(source) -> None:
+    """Remove the render :func:`render_source` wrote for ``source`` (:func:`question_source`), if
+    it wrote one: what a run that failed or was cancelled made of a web or virtual layer, which
+    nothing refers to then. A file layer's own file, or a render not made yet, is left alone."""
+    job = source.get("render") if source else None
+    if job is None or source.get("raster_path") != job.path:
+        return
+    with contextlib.suppress(OSError):
+        os.remove(job.path)
 
 
 def say_preparing(feedback, layer_name: str | None = None):
