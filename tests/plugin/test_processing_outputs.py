@@ -154,7 +154,8 @@ def test_anchors_with_no_feature_are_written_but_not_loaded_as_in_the_dock(
     stub_engine.no_anchors = True
     layer = raster_layer("a")
     project = QgsProject.instance()
-    dlg, parameters = _dialog_parameters(layer, **({"ANCHORS": str(tmp_path / anchors_file)} if anchors_file else {}))
+    given = {"ANCHORS": str(tmp_path / anchors_file)} if anchors_file else {}  # else a temporary file
+    dlg, parameters = _dialog_parameters(layer, **given)
     results, loaded, errors = run_then_load(dlg.algorithm(), parameters)
     assert results["ANSWER"] == ANSWER and loaded and not errors
     written = QgsVectorLayer(results["ANCHORS"], "written", "ogr")
