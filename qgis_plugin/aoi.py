@@ -145,12 +145,15 @@ def valid_geometry(geometry: QgsGeometry) -> QgsGeometry:
     return geom
 
 
-def _extent_in(layer, crs, project: QgsProject | None):
+def _extent_in(layer, crs, project: QgsProject | None, near: float | None = None):
     """The layer's extent as a densified polygon in ``crs``, or None when it cannot be had.
 
     In a geographic ``crs`` its longitudes are kept in one piece (:func:`follow_longitudes`):
     near the layer's own when the layer is in degrees too, else within 180 degrees of its
-    centre's."""
+    centre's; then that piece is moved by whole turns (360 degrees) to the copy whose centre is
+    nearest the longitude ``near`` (the area of interest's centre: a map in degrees shows a layer
+    across the antimeridian at both ends, and where PROJ puts its centre, 179.9 or -179.9, says
+    nothing about where the area was drawn)."""
     ext = QgsGeometry.fromRect(layer.extent()).densifyByCount(DENSIFY)
     try:
         xform = QgsCoordinateTransform(layer.crs(), crs, (project or QgsProject.instance()).transformContext())
@@ -162,6 +165,10 @@ def _extent_in(layer, crs, project: QgsProject | None):
             else:
                 lo = hi = xform.transform(layer.extent().center()).x()
             ext = follow_longitudes(ext, crs, lo, hi)
+            if near is not None and math.isfinite(near) and not ext.isEmpty():
+                turns = round((near - ext.boundingBox().center().x()) / 360.0)
+                if turns:
+                    ext.translate(360.0 * turns, 0.0)
     except Exception:  # noqa: BLE001 - QgsCsException: the extent does not exist in that CRS
         return None
     return ext if ext.isGeosValid() and not ext.isEmpty() else None
@@ -178,7 +185,7 @@ def clip_to_layer(geometry: QgsGeometry, src_crs, layer, project: QgsProject | N
     dst_crs = layer.crs()
     reprojects = (src_crs is not None and src_crs.isValid() and dst_crs.isValid() and src_crs != dst_crs)
     if reprojects and not layer.extent().isEmpty():
-        ext_src = _extent_in(layer, src_crs, project)
+        ext_src = _extent_in(layer, src_crs, project, near=geom.boundingBox().center().x())
         if ext_src is not None:
             geom = polygonal_part(geom.intersection(ext_src))
             if geom.isEmpty() or geom.area() <= 0:

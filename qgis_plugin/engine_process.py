@@ -151,6 +151,13 @@ def check_serve_arguments(url: str, scheme: str, port: int, extra: list) -> None
 def engine_command(settings, serve: bool = True) -> tuple:
     """(program, args, working_dir) for the configured local engine. ``serve``: also refuse extra
     arguments that would make it serve elsewhere than the engine URL (check_serve_arguments)."""
+    return engine_launch(settings, serve)[:3]
+
+
+def engine_launch(settings, serve: bool = True) -> tuple:
+    """(program, args, working_dir, serving) for the configured local engine, as
+    :func:`engine_command`, with ``serving``: the (scheme, address, port) it will serve, from the
+    one reading of the engine URL that also made its ``--host`` and ``--port``."""
     engine_dir = Path(user_path(settings.engine_dir)) if settings.engine_dir.strip() else None
     python = user_path(settings.python)
     if not python and engine_dir is not None:
@@ -184,7 +191,7 @@ def engine_command(settings, serve: bool = True) -> tuple:
     # <repo>/.venv/bin/python -> <repo>; not resolve(): a venv's python is a link to the base
     # interpreter, whose folder is not the engine's
     workdir = str(engine_dir) if engine_dir is not None else str(Path(python).absolute().parent.parent.parent)
-    return python, args, workdir
+    return python, args, workdir, (scheme, served_host(host), port)
 
 
 def engine_environment(extra_env: dict | None = None) -> QProcessEnvironment:
@@ -258,11 +265,10 @@ class EngineProcess(QObject):
             raise EngineProcessError("The local engine is still stopping; start it again in a few seconds.")
         if self.is_running():
             return
-        program, args, workdir = engine_command(settings)
+        program, args, workdir, serving = engine_launch(settings)
         self.command = [program] + args
         self.start_error = ""
-        scheme, host, port, _ = engine_address(settings.engine_url)
-        self.serving = (scheme, served_host(host), port)
+        self.serving = serving
         proc = QProcess(self)
         proc.setProcessChannelMode(MERGED)
         proc.setWorkingDirectory(workdir)

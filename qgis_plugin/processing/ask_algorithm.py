@@ -34,8 +34,10 @@ from .common import (
     aoi_refusal,
     area_of_interest,
     ask_once,
+    discard_render,
     engine_client,
     forget_result_layer,
+    holds_no_anchors,
     load_result_layer,
     question_refusal,
     question_source,
@@ -116,7 +118,8 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         return ("Asks the GeoVQA engine one question about a raster layer (optionally only inside an "
                 "area of interest) and returns the answer, the kept-token heatmap (GeoTIFF, the raster's CRS) and "
                 "the anchor tokens (GeoJSON, or a GeoPackage for a .gpkg file). With \"Open output file after "
-                "running algorithm\" both are loaded into the project, as the GeoVQA dock adds them; copies that "
+                "running algorithm\" both are loaded into the project, as the GeoVQA dock adds them (the anchors only "
+                "when an anchor was kept: a file with none is written but not loaded); copies that "
                 "stay are kept in the GeoVQA results folder (the log names them), also when the outputs are "
                 "temporary files or skipped.\n\n"
                 "Either output can be skipped (\"Skip Output\"; HEATMAP= in qgis_process): it is then neither "
@@ -215,11 +218,24 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         # a file: the AOI cut to it, in the request; any other layer: rendered over the AOI, in
         # processAlgorithm (the task's thread); kept here with its clone of the layer until then
         self.source = question_source(layer, geom, crs, feedback)
-        self.client = engine_client()
+        try:
+            self.client = engine_client()
+        except QgsProcessingException:
+            discard_render(self.source)  # drawn already when the layer had to be drawn here
+            raise
         self.settings = Settings.load()
         return True
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        """Render a non-file layer, ask, write the outputs. A run that fails or is cancelled
+        removes the render it made (:func:`discard_render`); a run that answers keeps it."""
+        try:
+            return self._ask(parameters, context, feedback)
+        except BaseException:
+            discard_render(self.source)
+            raise
+
+    def _ask(self, parameters, context, feedback) -> dict:
         source = render_source(self.source, feedback)  # a non-file layer is rendered here
         self.raster_path, self.bounds = source["raster_path"], source["bounds"]
         self.unreferenced, self.aoi = source["unreferenced"], source["aoi"]
@@ -279,14 +295,24 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         as GeoVQA's result layers, so the chat dock does not offer them as rasters to ask about,
         named as the dock names them ("heatmap: <layer> — <question…>") and styled as its own.
         A file that could not be kept (ask_once reported why) is not loaded: the answer is still
-        the output, and QGIS does not report a layer it could not load."""
+        the output, and QGIS does not report a layer it could not load. Anchors with no feature
+        (no anchor kept) are written, and are the ANCHORS output, but not loaded, as the dock
+        adds no anchors layer then (as with the box unticked)."""
         files = getattr(self, "result_files", ())
-        for _key, path, name in files:  # first: forgetting copies the layers' details
+        loaded = []
+        for key, path, name in files:  # first: forgetting copies the layers' details
             if name is None:
                 forget_result_layer(context, path)
+            elif (key == self.ANCHORS and context.willLoadLayerOnCompletion(path)
+                  and holds_no_anchors(path)):
+                forget_result_layer(context, path)
+                if feedback is not None:
+                    feedback.pushInfo(f"No anchor token was kept: the anchors file {path} holds none and is "
+                                      "not loaded.")
+            else:
+                loaded.append((key, path, name))
         run = {}  # the two layers' ids, so the anchors go above the heatmap
-        for key, path, name in files:
-            if name is not None:
-                load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name,
-                                  getattr(self, "layer_crs_wkt", None), run)
+        for key, path, name in loaded:
+            load_result_layer(context, path, "heatmap" if key == self.HEATMAP else "anchors", name,
+                              getattr(self, "layer_crs_wkt", None), run)
         return {}

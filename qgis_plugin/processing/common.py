@@ -199,17 +199,21 @@ def render_source(source, feedback) -> dict:
     its ``raster_path`` and ``bounds``. A source with nothing to render is left as it is. The
     render (with the layer's clone) stays in ``source``: its owner, the algorithm, lets go of it.
     Raises QgsProcessingException with a sentence: nothing drawn, a file that could not be
-    written, Cancel."""
+    written (what was written of it is removed), Cancel."""
     job = source.get("render")
     if job is None or source["raster_path"] is not None:
         return source
     if feedback is not None:
         feedback.pushInfo(f"Rendering the non-file layer '{job.name}' to {job.path}")
+    existed = os.path.exists(job.path)
     try:
         done = job.run(feedback)
     except NothingRendered as exc:  # says the layer's name itself
         raise QgsProcessingException(str(exc)) from exc
-    except (OSError, ValueError) as exc:  # a file GDAL could not write
+    except (OSError, ValueError) as exc:  # a file GDAL could not write (what it wrote of it goes)
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.remove(job.path)
         raise QgsProcessingException(f"Could not render the layer '{job.name}': {exc}") from exc
     if done is None:
         raise QgsProcessingException("Cancelled.")
@@ -220,6 +224,17 @@ def render_source(source, feedback) -> dict:
         raise QgsProcessingException("Cancelled.")
     source.update(raster_path=path, bounds=rect_bounds(visible))
     return source
+
+
+def discard_render(source) -> None:
+    """Remove the render :func:`render_source` wrote for ``source`` (:func:`question_source`), if
+    it wrote one: what a run that failed or was cancelled made of a web or virtual layer, which
+    nothing refers to then. A file layer's own file, or a render not made yet, is left alone."""
+    job = source.get("render") if source else None
+    if job is None or source.get("raster_path") != job.path:
+        return
+    with contextlib.suppress(OSError):
+        os.remove(job.path)
 
 
 def say_preparing(feedback, layer_name: str | None = None):
@@ -235,6 +250,14 @@ def say_preparing(feedback, layer_name: str | None = None):
     return progress
 
 
+def starts_now(ev: dict) -> bool:
+    """Whether ``ev`` is a ``queued`` event with no job ahead (position 0: the question starts
+    now). Processing logs each progress text as a line, where "Queued (0 ahead) …" said once an
+    answer that nothing waited: only a queue with a job ahead is said ("Queued (2 ahead) …", the
+    chat dock's words, again each time it moves up)."""
+    return ev.get("type") == "queued" and not ev.get("position")
+
+
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
              unreferenced: bool = False, prepared=None, progress=None, bands=None) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
@@ -246,7 +269,8 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     then takes the first part of this answer's share, the engine's stages the rest, the
     generation counted in answer tokens: :meth:`tasks.BatchProgress.event`); without it the
     ``feedback``'s bar is this one answer's, split the same way (a batch of one). ``bands``: the
-    request's (:func:`question_source`); the result's ``bands``/``palette`` say what the model saw."""
+    request's (:func:`question_source`); the result's ``bands``/``palette`` say what the model saw.
+    The queue is said only while a job is ahead of the question (:func:`starts_now`)."""
     request = build_ask_request(question, raster_path, aoi=aoi, bands=bands, **options)
     stream = client.ask(request, prepared=prepared)
     if progress is None and feedback is not None:
@@ -267,7 +291,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
             if progress is not None:  # the bar moves through every stage up to the result, as in
                 # the batch dialog; the text says which stage runs, once each ("Answering…")
                 text = progress.event(ev, request.get("max_new_tokens"))
-                if text and feedback is not None:
+                if text and feedback is not None and not starts_now(ev):
                     feedback.setProgressText(text)
             if kind == "result":
                 files, warning = keep_result_files_or_warn(ev, client, results_dir, file_stem(question), clip_bounds,
@@ -363,6 +387,17 @@ def load_result_layer(context, path: str, kind: str, name: str, crs_wkt: str | N
     post = ResultLayerPostProcessor(kind, name, crs_wkt, run)
     _POST_PROCESSORS.append(post)
     details.setPostProcessor(post)
+
+
+def holds_no_anchors(path: str) -> bool:
+    """Whether the anchors file ``path`` (GeoJSON or GeoPackage) holds no feature: no anchor was
+    kept, or clipping to the raster left none. The chat dock adds no anchors layer then
+    (:func:`layers.add_result_layers`, by :func:`layers.has_no_features`), and neither does
+    Processing. A file OGR cannot open is not judged here (False). Main thread."""
+    from qgis.core import QgsVectorLayer
+
+    layer = QgsVectorLayer(path, "anchors", "ogr")
+    return layer.isValid() and result_layers.has_no_features(layer)
 
 
 def forget_result_layer(context, path: str) -> None:

@@ -75,11 +75,13 @@ def clean_settings(qgis_app, tmp_path):
 
 
 def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 5000000.0), pixel=10.0, bands=3,
-                 georeferenced=True):
+                 georeferenced=True, nodata_half=False):
     """A small georeferenced GeoTIFF with a gradient pattern (GDAL from QGIS's Python).
 
     ``georeferenced=False``: no geotransform, no GCPs, no CRS (a plain image; QGIS shows it
-    at x 0..width, y -height..0)."""
+    at x 0..width, y -height..0). ``nodata_half``: its right half is nodata (0, which the scene
+    never is): QGIS draws it transparent, as a web service's area it does not cover or a
+    mosaic's gaps."""
     from osgeo import gdal, osr
 
     ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, bands, gdal.GDT_Byte)
@@ -89,6 +91,9 @@ def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 500000
         srs.ImportFromEPSG(epsg)
         ds.SetProjection(srs.ExportToWkt())
     for b, band in enumerate(scene_pixels(width, height)[:bands]):
+        if nodata_half:
+            band[:, width // 2:] = 0
+            ds.GetRasterBand(b + 1).SetNoDataValue(0)
         ds.GetRasterBand(b + 1).WriteArray(band)
     ds = None
     return str(path)
@@ -316,6 +321,18 @@ def wait_until(predicate, timeout=60.0, message="condition"):
             return
         time.sleep(0.01)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}")
+
+
+def ask_until_first_words(dock, layer, stub_engine, question="slow question", delay=0.1, timeout=10.0) -> tuple:
+    """The chat ``dock`` asks ``question`` about ``layer`` with the stand-in engine sending a word
+    every ``delay`` s, and waits (at most ``timeout`` s) for the first words: ``(turn, task)`` of
+    the answer, still streaming (the task as it was when the question was asked)."""
+    stub_engine.token_delay = delay
+    dock.set_layer(layer)
+    dock.ask(question)
+    turn, task = dock.current_turn, dock.task
+    wait_until(lambda: turn["answer"], timeout, "the first words")
+    return turn, task
 
 
 def wait_for_tasks(timeout=60.0):

@@ -60,6 +60,9 @@ class StubEngine:
         # True: the real engine's status events (engine/pipeline.py: read, the vision tower tile
         # batch by tile batch, select, prefill, the answer tokens, write); else one "read" at 20 %
         self.engine_stages = False
+        # the "queued" events of each answer: the jobs ahead of it, as the queue moves up (0: it starts)
+        self.queue_positions = [0]
+        self.no_anchors = False  # True: an anchors GeoJSON with no feature (no anchor kept)
         stub = self
 
         class Handler(JsonHandler):
@@ -133,7 +136,8 @@ class StubEngine:
 
     def events(self, req: dict):
         rid = req.get("request_id")
-        yield {"type": "queued", "request_id": rid, "position": 0}
+        for position in self.queue_positions:
+            yield {"type": "queued", "request_id": rid, "position": position}
         if self.fail_with:
             yield dict(self.fail_with, type="error", request_id=rid)
             return
@@ -210,7 +214,7 @@ class StubEngine:
         band.WriteArray(arr)
         out = None
         feats = []
-        for i, (c0, r0) in enumerate([(col, row), (col + w // 2, row + h // 2)]):
+        for i, (c0, r0) in enumerate([] if self.no_anchors else [(col, row), (col + w // 2, row + h // 2)]):
             c1, r1 = c0 + max(1, w // 4), r0 + max(1, h // 4)
             ring = [[gt[0] + c * gt[1], gt[3] + r * gt[5]] for c, r in [(c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0)]]
             feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},

@@ -662,6 +662,101 @@ def test_a_pacific_map_view_around_a_raster_in_degrees_is_the_whole_layer(tmp_pa
     assert request_aoi(geom, crs, layer) is None
 
 
+def _pacific_mercator_layer(tmp_path, lon0, lon1, name="pdc"):
+    """100 x 100 px in EPSG:3832 (PDC Mercator, centred on 150 E) over lon ``lon0``..``lon1``
+    (past 180 allowed), lat -16..-17, in the project: (layer, path)."""
+    from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsPointXY, QgsProject,
+                           QgsRasterLayer)
+
+    xf = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:4326"), QgsCoordinateReferenceSystem("EPSG:3832"),
+                                QgsProject.instance())
+    nw, se = xf.transform(QgsPointXY(lon0, -16.0)), xf.transform(QgsPointXY(lon1, -17.0))
+    gt = (nw.x(), (se.x() - nw.x()) / 100, 0.0, nw.y(), 0.0, (se.y() - nw.y()) / 100)
+    path = _geotiff_with_transform(tmp_path / f"{name}.tif", gt, width=100, height=100, epsg=3832)
+    layer = QgsRasterLayer(path, name, "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer, path
+
+
+def _antimeridian_layer(tmp_path, kind, lon0):
+    """A raster over lon ``lon0``..``lon0 + 1`` (across 180 when lon0 > 179), lat -16..-17, not in
+    EPSG:4326: in PDC Mercator, or in degrees of another datum (NAD83, EPSG:4269)."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    if kind == "mercator":
+        return _pacific_mercator_layer(tmp_path, lon0, lon0 + 1)
+    path = _geotiff_with_transform(tmp_path / "nad83.tif", (lon0, 0.01, 0.0, -16.0, 0.0, -0.01),
+                                   width=100, height=100, epsg=4269)
+    layer = QgsRasterLayer(path, "nad83", "gdal")
+    assert layer.isValid() and layer.crs().authid() == "EPSG:4269"
+    QgsProject.instance().addMapLayer(layer)
+    return layer, path
+
+
+@pytest.mark.parametrize("kind", ["mercator", "degrees"])
+@pytest.mark.parametrize("lon0", [179.6, 179.4])  # the centre just past 180 (PROJ: -179.9), or just before it
+@pytest.mark.parametrize("near, west", [(180.0, 179.0), (-180.0, -181.0), (None, None)])
+def test_a_layer_extent_across_the_antimeridian_in_degrees_is_one_piece_where_the_area_is(
+        tmp_path, qgis_new_project, kind, lon0, near, west):
+    """_extent_in on a map in EPSG:4326: the extent of a raster across 180 degrees comes back in one
+    piece 1 degree wide (PROJ answers -180..180: unshifted it spanned the whole world), at the copy
+    nearest the area's centre ``near`` (west end ``west`` + the layer's offset past 179)."""
+    from geovqa.aoi import _extent_in
+    from qgis.core import QgsCoordinateReferenceSystem
+
+    layer, _ = _antimeridian_layer(tmp_path, kind, lon0)
+    box = _extent_in(layer, QgsCoordinateReferenceSystem("EPSG:4326"), None, near=near).boundingBox()
+    assert box.width() == pytest.approx(1.0, abs=1e-6) and box.yMinimum() == pytest.approx(-17.0, abs=1e-6)
+    if west is not None:
+        assert box.xMinimum() == pytest.approx(west + lon0 - 179.0, abs=1e-6)
+    else:  # the layer's own longitudes (degrees), or within 180 degrees of its centre's
+        assert abs(box.center().x() - (lon0 + 0.5)) < 1e-6 or abs(box.center().x() - (lon0 + 0.5 - 360)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["mercator", "degrees"])
+@pytest.mark.parametrize("lon0", [179.6, 179.4])
+@pytest.mark.parametrize("r0, r1", [
+    (179.7, 179.95),  # on the layer's east piece, as a map in degrees shows it at -180..180
+    (179.7, 180.1),  # across 180, on a map panned past it
+    (-180.3, -179.9),  # the same place, west of -180
+])
+def test_a_rectangle_on_a_map_in_degrees_reaches_an_antimeridian_layer(tmp_path, qgis_new_project, kind, lon0,
+                                                                       r0, r1):
+    """A rectangle on a map in EPSG:4326 over a raster across 180 degrees (in PDC Mercator, or in
+    NAD83 degrees): the layer's extent in map degrees was placed by where PROJ put its centre
+    (179.9 or -179.9), so a rectangle drawn at the other copy, e.g. on the east piece of a layer
+    whose centre lies just past 180, did "not overlap the layer"."""
+    from geovqa.aoi import request_aoi
+    from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsRectangle
+
+    layer, path = _antimeridian_layer(tmp_path, kind, lon0)
+    rect = QgsGeometry.fromRect(QgsRectangle(r0, -16.7, r1, -16.3))
+    aoi = request_aoi(rect, QgsCoordinateReferenceSystem("EPSG:4326"), layer)
+    col0, _, cols, _ = _window_read(aoi, path)
+    start = (r0 + 360 if r0 < -180 else r0) - lon0
+    assert (col0, cols) == (round(100 * start), round(100 * (r1 - r0))), aoi
+
+
+def test_a_layer_extent_away_from_the_antimeridian_is_not_shifted(tmp_path, qgis_new_project, raster_layer):
+    """Not across 180 degrees: the extent in map degrees is where the map shows the layer (the
+    area's centre nearby shifts nothing), and a rectangle on it reaches its pixels."""
+    from conftest import extent_on_map
+    from geovqa.aoi import _extent_in, request_aoi
+    from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsRectangle
+
+    degrees = QgsCoordinateReferenceSystem("EPSG:4326")
+    west, _ = _pacific_mercator_layer(tmp_path, -175.0, -174.0, "west")
+    for layer in (west, raster_layer()):  # the western hemisphere; UTM 33N near 15 E 45 N
+        on_map = extent_on_map(layer, degrees)
+        for near in (None, on_map.center().x(), on_map.xMinimum() - 20):
+            box = _extent_in(layer, degrees, None, near=near).boundingBox()
+            assert box.xMinimum() == pytest.approx(on_map.xMinimum(), abs=1e-6), (layer.name(), near)
+            assert box.xMaximum() == pytest.approx(on_map.xMaximum(), abs=1e-6), (layer.name(), near)
+    aoi = request_aoi(QgsGeometry.fromRect(QgsRectangle(-174.8, -16.7, -174.4, -16.3)), degrees, west)
+    assert aoi["window"][0] == 20 and aoi["window"][2] == 40, aoi
+
+
 def test_a_rectangle_beside_an_antimeridian_raster_does_not_overlap_it(tmp_path, qgis_new_project):
     from geovqa.aoi import AoiError, request_aoi
 

@@ -70,7 +70,7 @@ def test_processing_ask_and_batch(plugin, raster_layer, stub_engine, tmp_path, q
 
 
 # the progress text of one answer of the stand-in engine with engine_stages
-ENGINE_STAGE_TEXTS = ["Queued (0 ahead) …", "Reading the raster …", "Encoding tiles 50 %", "Encoding tiles …",
+ENGINE_STAGE_TEXTS = ["Reading the raster …", "Encoding tiles 50 %", "Encoding tiles …",
                       "Choosing tokens …", "Reading the image tokens …", "Answering…",
                       "Writing the result files …"]
 
@@ -105,6 +105,22 @@ def test_the_processing_ask_progress_is_full_only_with_the_answer(
     assert len(set(generating)) == 10, generating  # each answer token moves the bar
     assert 65 <= generating[0] and generating[-1] < 90  # 10 of 20 tokens: about half the generation's share
     assert bar_when(ENGINE_STAGE_TEXTS[-1]) < 100
+
+
+def test_the_processing_log_says_the_queue_only_while_a_job_is_ahead(plugin, raster_layer, stub_engine,
+                                                                    qgis_processing):
+    """Each answer's log began with "Queued (0 ahead) …", also when nothing was ahead of it; the
+    queue is said, in the chat dock's words, only while it holds the question back."""
+    import processing
+
+    stub_engine.engine_stages = True
+    fb = recording_feedback()
+    processing.run("geovqa:ask_raster", {"INPUT": raster_layer("a"), "QUESTION": "How big?"}, feedback=fb)
+    assert fb.of("text") == ENGINE_STAGE_TEXTS
+    stub_engine.queue_positions = [2, 1, 0]  # two jobs ahead, then one, then it starts
+    fb = recording_feedback()
+    processing.run("geovqa:ask_raster", {"INPUT": raster_layer("b"), "QUESTION": "How big?"}, feedback=fb)
+    assert fb.of("text") == ["Queued (2 ahead) …", "Queued (1 ahead) …"] + ENGINE_STAGE_TEXTS
 
 
 def test_the_processing_batch_progress_fills_each_answers_share_only_with_its_result(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import set_settings, wait_for_tasks, wait_until
+from conftest import ask_until_first_words, set_settings, wait_for_tasks, wait_until
 
 
 def _finished(dock, n=1):
@@ -120,13 +120,8 @@ def test_copy_and_export_while_the_answer_streams_mark_it_incomplete(plugin, ras
     """Copy or Export during the answer gave its first words as if they were the answer ("A: The ")."""
     from qgis.PyQt.QtWidgets import QApplication
 
-    stub_engine.token_delay = 0.1
-    layer = raster_layer()
     dock = plugin.dock
-    dock.set_layer(layer)
-    dock.ask("What is in this image?")
-    turn = dock.current_turn
-    wait_until(lambda: turn["answer"], 10, "the first words")
+    turn, _ = ask_until_first_words(dock, raster_layer(), stub_engine, "What is in this image?")
     dock.copy_conversation()
     copied = QApplication.clipboard().text()
     md = Path(dock.export_conversation(str(tmp_path / "conv.md"))).read_text(encoding="utf-8")
@@ -895,13 +890,8 @@ def test_cancelling_the_question_in_the_task_list_ends_it_as_stop_does(plugin, r
     Clear or unload raised "wrapped C/C++ object of type AskTask has been deleted"."""
     from qgis.PyQt import sip
 
-    stub_engine.token_delay = 0.1
-    layer = raster_layer()
     dock = plugin.dock
-    dock.set_layer(layer)
-    dock.ask("slow question")
-    turn, task = dock.current_turn, dock.task
-    wait_until(lambda: turn["answer"], 10, "the first words")
+    turn, task = ask_until_first_words(dock, raster_layer(), stub_engine)
     task.cancel()  # what the task list's cancel does
     wait_until(lambda: turn.get("done"), 10, "the turn to end")
     assert turn["meta"] == "stopped" and turn["answer"] and not turn.get("error")
@@ -980,13 +970,8 @@ def test_cancelling_the_question_while_qgis_still_queues_its_task_ends_it_as_sto
 
 def test_stop_in_the_dock_says_stopped_once(plugin, raster_layer, stub_engine, qgis_iface):
     """Stop cancels the task too: its end (taskTerminated) adds nothing to what Stop said."""
-    stub_engine.token_delay = 0.1
-    layer = raster_layer()
     dock = plugin.dock
-    dock.set_layer(layer)
-    dock.ask("slow question")
-    turn = dock.current_turn
-    wait_until(lambda: turn["answer"], 10, "the first words")
+    turn, _ = ask_until_first_words(dock, raster_layer(), stub_engine)
     qgis_iface.messageBar().clear_messages()
     dock.stop()
     assert turn["done"] and turn["meta"] == "stopped" and dock.progress_label.text() == "Stopped."

@@ -4,7 +4,7 @@ mistake does, where the chat scrolls, what the status lines say, and how narrow 
 from __future__ import annotations
 
 import pytest
-from conftest import set_settings, wait_for_tasks, wait_until
+from conftest import ask_until_first_words, set_settings, wait_for_tasks, wait_until
 
 LONG_ANSWER = ("The image shows agricultural fields separated by hedgerows, a meandering river crossing "
                "from west to east, and five bright buildings along the northern bank. ") * 12
@@ -295,11 +295,7 @@ def test_progress_says_stages_in_words_and_where_the_results_went(plugin, raster
 
     layer = raster_layer()
     dock = plugin.dock
-    dock.set_layer(layer)
-    stub_engine.token_delay = 0.2
-    dock.ask("What is in this image?")
-    turn = dock.current_turn
-    wait_until(lambda: turn["answer"], 30, "the first tokens")
+    turn, _ = ask_until_first_words(dock, layer, stub_engine, "What is in this image?", delay=0.2, timeout=30)
     assert dock.progress_label.text() == "Answering…"
     stub_engine.token_delay = 0.0
     wait_until(_done(dock, layer), 30, "the answer")

@@ -379,34 +379,13 @@ def test_render_sizes():
     assert (size.width(), size.height()) == (32, 24)
 
 
-def _half_nodata_raster(path, w=448, h=224):
-    """A UTM raster (EPSG:32633, 10 m, origin 500000/5000000) whose right half is nodata: QGIS
-    draws it transparent, as a web service's area it does not cover or a mosaic's gaps."""
-    import numpy as np
-    from osgeo import gdal, osr
-
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), w, h, 3, gdal.GDT_Byte)
-    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
-    ds.SetProjection(srs.ExportToWkt())
-    rng = np.random.default_rng(1)
-    for b in range(3):
-        a = (rng.random((h, w)) * 200 + 30).astype(np.uint8)
-        a[:, w // 2:] = 0
-        band = ds.GetRasterBand(b + 1)
-        band.SetNoDataValue(0)
-        band.WriteArray(a)
-    ds = None
-    return str(path)
-
-
 def _render_of_half_nodata(tmp_path):
     """The render GeoVQA sends the engine of a layer half drawn transparent (path, width)."""
     from geovqa.render import render_sync
     from qgis.core import QgsProject, QgsRasterLayer
 
-    layer = QgsRasterLayer(_half_nodata_raster(tmp_path / "half.tif"), "half", "gdal")
+    path = write_raster(tmp_path / "half.tif", width=448, height=224, nodata_half=True)
+    layer = QgsRasterLayer(path, "half", "gdal")
     assert layer.isValid()
     QgsProject.instance().addMapLayer(layer)
     path, _visible = render_sync(layer, layer.extent(), str(tmp_path / "render.tif"), 448)

@@ -142,6 +142,31 @@ def test_anchors_saved_to_a_geopackage(plugin, raster_layer, stub_engine, qgis_p
                            for a in anchors)
 
 
+@pytest.mark.parametrize("anchors_file", [None, "anchors.gpkg"])
+def test_anchors_with_no_feature_are_written_but_not_loaded_as_in_the_dock(
+        plugin, raster_layer, stub_engine, qgis_processing, qgis_new_project, tmp_path, anchors_file):
+    """An answer with no anchor kept: the dock adds no anchors layer, but Processing loaded the
+    empty file (unstyled: OGR knows no geometry type for it). The file is still written and is
+    the ANCHORS output (for models and qgis_process); only the heatmap is loaded."""
+    from geovqa.layers import add_result_layers
+    from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
+
+    stub_engine.no_anchors = True
+    layer = raster_layer("a")
+    project = QgsProject.instance()
+    given = {"ANCHORS": str(tmp_path / anchors_file)} if anchors_file else {}  # else a temporary file
+    dlg, parameters = _dialog_parameters(layer, **given)
+    results, loaded, errors = run_then_load(dlg.algorithm(), parameters)
+    assert results["ANSWER"] == ANSWER and loaded and not errors
+    written = QgsVectorLayer(results["ANCHORS"], "written", "ogr")
+    assert written.isValid() and written.featureCount() == 0
+    new = _new_layers(project, layer)
+    assert [type(lyr) for lyr in new] == [QgsRasterLayer], [lyr.name() for lyr in new]
+    assert new[0].source() == results["HEATMAP"]
+    _, dock_heat, dock_anchors = add_result_layers(QUESTION, results["HEATMAP"], results["ANCHORS"], layer)
+    assert dock_heat is not None and dock_anchors is None  # the dock, given the same files
+
+
 def test_a_file_type_the_provider_does_not_write_is_refused(plugin, raster_layer, stub_engine, qgis_processing,
                                                             tmp_path):
     import processing

@@ -252,6 +252,50 @@ def test_cancel_while_the_render_is_written_asks_nothing_and_keeps_no_render(plu
     assert _renders(tmp_path) == [], "a cancelled run kept its render"
 
 
+def test_a_failed_run_removes_its_render_and_an_answered_one_keeps_it(plugin, stub_engine, raster_layer,
+                                                                        qgis_processing, qgis_new_project, tmp_path):
+    """The engine refused the question after the virtual layer was rendered: the run failed and its
+    render stayed in the results folder, which nothing refers to. A file layer's own file stays."""
+    from qgis.core import QgsApplication
+
+    src = raster_layer("src")
+    virt = virtual_raster_layer(src, "v")
+    stub_engine.fail_with = {"code": "internal", "message": "The engine failed.", "hint": None}
+    for layer in (virt, src):
+        task, done, fb, _ = _task("geovqa:ask_raster", {"INPUT": layer.id(), "QUESTION": QUESTION},
+                                  recording_feedback())
+        QgsApplication.taskManager().addTask(task)
+        wait_until(lambda: done, 60, "the failed run")
+        wait_for_tasks()
+        assert not done[0][0] and "The engine failed." in " ".join(fb.of("error")), fb.log
+    assert len(stub_engine.requests) == 2  # both were asked: the render was made
+    assert _renders(tmp_path) == [], "a failed run kept its render"
+    assert Path(src.source()).is_file()
+    stub_engine.fail_with = None
+    task, done, _fb, _ = _task("geovqa:ask_raster", {"INPUT": virt.id(), "QUESTION": QUESTION})
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: done, 60, "the answered run")
+    wait_for_tasks()
+    assert done[0][0] and len(_renders(tmp_path)) == 1  # what was sent stays with its answer
+
+
+def test_a_run_cancelled_while_answered_removes_its_render(plugin, stub_engine, raster_layer, qgis_processing,
+                                                           qgis_new_project, tmp_path):
+    from qgis.core import QgsApplication
+
+    stub_engine.token_delay = 0.2
+    virt = virtual_raster_layer(raster_layer("src"), "v")
+    task, done, fb, _ = _task("geovqa:ask_raster", {"INPUT": virt.id(), "QUESTION": QUESTION}, recording_feedback())
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: "Answering…" in fb.of("text"), 60, "the answer")
+    assert len(_renders(tmp_path)) == 1
+    fb.cancel()
+    wait_until(lambda: done, 60, "the cancelled run")
+    wait_for_tasks()
+    assert not done[0][0]
+    assert _renders(tmp_path) == [], "a cancelled run kept its render"
+
+
 def test_cancel_during_a_batch_render(plugin, stub_engine, raster_layer, qgis_processing, qgis_new_project, tmp_path):
     set_settings(render_max_px=8192)
     src = raster_layer("src", width=400, height=300)
