@@ -53,7 +53,7 @@ from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGY_CHOICES, STRATEGY_SHORT_LABELS, STRATEGY_TIPS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
-from .tasks import ANSWERING, AskTask, HealthTask, rect_bounds, stage_text
+from .tasks import ANSWERING, AskTask, HealthTask, event_text, rect_bounds
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
@@ -898,10 +898,8 @@ class ChatDock(QgsDockWidget):
             return  # stale reply from a superseded question
         turn = self.current_turn
         kind = ev.get("type")
-        if kind == "queued":
-            self.progress_label.setText(f"Queued ({ev.get('position', 0)} ahead) …")
-        elif kind == "status":
-            self.progress_label.setText(stage_text(ev))
+        if kind in ("queued", "status"):
+            self.progress_label.setText(event_text(ev))
         elif kind == "token":
             turn["answer"] += ev.get("text", "")
             if self.progress_label.text() != ANSWERING:

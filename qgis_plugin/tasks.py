@@ -256,12 +256,17 @@ def stage_text(ev: dict) -> str:
     return words if words.endswith("…") else words + " …"
 
 
+STARTING = "Starting …"  # a queued question with no job ahead of it
+
+
 def event_text(ev: dict) -> str | None:
     """What the engine does, in words, after the stream event ``ev`` (None: no change):
-    "Queued (2 ahead) …", "Encoding tiles 40 %", "Answering…" (the first answer token)."""
+    "Queued (2 ahead) …", "Starting …" (queued with nothing ahead: it starts now), "Encoding
+    tiles 40 %", "Answering…" (the first answer token)."""
     kind = ev.get("type")
     if kind == "queued":
-        return f"Queued ({ev.get('position', 0)} ahead) …"
+        ahead = ev.get("position") or 0
+        return f"Queued ({ahead} ahead) …" if ahead else STARTING
     if kind == "status":
         return stage_text(ev)
     if kind == "token":

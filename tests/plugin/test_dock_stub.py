@@ -1078,3 +1078,23 @@ def test_a_question_stopped_while_still_queued_keeps_its_reason(plugin, raster_l
             expected = "stopped: the layer was removed"
         assert turn["done"] and turn["meta"] == expected
     assert turn["meta"] == expected
+
+
+def test_the_dock_says_a_queue_only_while_a_job_is_ahead(plugin, raster_layer, stub_engine):
+    """A question queued with nothing ahead (position 0) starts now: the dock said "Queued (0
+    ahead) …" until the engine's first stage; a real wait keeps its count."""
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    turn = {"question": "now", "answer": "", "done": False, "request_id": "r"}
+    dock.turns().append(turn)
+    dock.current_request_id, dock.current_turn = "r", turn
+    try:
+        dock._on_event({"type": "queued", "request_id": "r", "position": 2, "job_id": "j"})
+        assert dock.progress_label.text() == "Queued (2 ahead) …"
+        dock._on_event({"type": "queued", "request_id": "r", "position": 0, "job_id": "j"})
+        assert dock.progress_label.text() == "Starting …"
+        dock._on_event({"type": "status", "request_id": "r", "stage": "tiling", "progress": 0.5})
+        assert dock.progress_label.text() not in ("Starting …", "")
+    finally:
+        dock.current_request_id = dock.current_turn = None
