@@ -317,7 +317,21 @@ class PreparedRender:
         if self.clone is not None and not self.clone.isValid():
             self.clone = None
         self.movable = self.clone is not None
-        self.settings = map_settings(self.clone if self.movable else layer, extent, max_px, max_pixels)
+        drawn = self.clone if self.movable else layer
+        self.settings = map_settings(drawn, extent, max_px, max_pixels)
+        self._size_args = (QgsRectangle(extent), int(max_px), native_pixel_size(drawn))
+
+    def limit_pixels(self, max_pixels: int | None) -> bool:
+        """Make the render no larger than about ``max_pixels`` pixels (the engine's
+        ``max_read_pixels``, learnt after the render was made ready; None: no change), aspect
+        kept (:func:`output_size`); whether that made it smaller. Before :meth:`run` only."""
+        if not max_pixels:
+            return False
+        size = output_size(*self._size_args, max_pixels=max_pixels)
+        if size == self.settings.outputSize():
+            return False
+        self.settings.setOutputSize(size)
+        return True
 
     def run(self, feedback=None) -> tuple | None:
         """Render and write: (path, visible extent), or None when ``feedback`` was cancelled

@@ -236,7 +236,7 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
             raise
 
     def _ask(self, parameters, context, feedback) -> dict:
-        source = render_source(self.source, feedback)  # a non-file layer is rendered here
+        source = render_source(self.source, feedback, self.client)  # a non-file layer is rendered here
         self.raster_path, self.bounds = source["raster_path"], source["bounds"]
         self.unreferenced, self.aoi = source["unreferenced"], source["aoi"]
         self.bands, self.rendered = source["bands"], source["rendered"]

@@ -192,7 +192,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                     break
                 if not item["error"]:
                     try:  # a non-file layer: rendered now, off the main thread (Cancel stops it)
-                        render_source(item, feedback)
+                        render_source(item, feedback, self.client)
                     except QgsProcessingException as exc:  # this layer's rows say why
                         item["error"] = str(exc)
                     if feedback.isCanceled():

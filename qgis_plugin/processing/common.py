@@ -23,7 +23,7 @@ from .. import layers as result_layers
 from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..bands import RENDER_BANDS, layer_bands
 from ..client import EngineError, build_ask_request, question_too_long, questions_too_long
-from ..render import NothingRendered, PreparedRender, covers_the_world, layer_file_path, render_file
+from ..render import NothingRendered, PreparedRender, covers_the_world, layer_file_path, render_file, size_note
 from ..settings import DEFAULT_STRATEGY, STRATEGY_CHOICES, Settings, make_client
 from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, preparing_words, rect_bounds
 
@@ -193,18 +193,28 @@ def questions_refusal(text: str) -> str | None:
     return questions_too_long(text)
 
 
-def render_source(source, feedback) -> dict:
+def render_source(source, feedback, client=None) -> dict:
     """Draw and write the render of ``source`` (:func:`question_source`) that is still to be
     made, in the calling thread (processAlgorithm's; ``feedback``'s Cancel stops it); it then has
     its ``raster_path`` and ``bounds``. A source with nothing to render is left as it is. The
     render (with the layer's clone) stays in ``source``: its owner, the algorithm, lets go of it.
-    Raises QgsProcessingException with a sentence: nothing drawn, a file that could not be
-    written (what was written of it is removed), Cancel."""
+    ``client``: the engine's, whose ``max_read_pixels`` (:meth:`client.EngineClient.read_budget`)
+    caps the render's pixels, as the chat dock's are (an engine that cannot say: not capped; its
+    error is the question's to report). Raises QgsProcessingException with a sentence: nothing
+    drawn, a file that could not be written (what was written of it is removed), Cancel."""
     job = source.get("render")
     if job is None or source["raster_path"] is not None:
         return source
+    budget = None
+    if client is not None:
+        try:
+            budget = client.read_budget()
+        except EngineError:
+            budget = None
+    capped = job.limit_pixels(budget)
     if feedback is not None:
-        feedback.pushInfo(f"Rendering the non-file layer '{job.name}' to {job.path}")
+        feedback.pushInfo(f"Rendering the non-file layer '{job.name}' to {job.path} at "
+                          + size_note(job.settings.outputSize(), capped, budget))
     existed = os.path.exists(job.path)
     try:
         done = job.run(feedback)

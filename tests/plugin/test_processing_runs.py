@@ -342,3 +342,30 @@ def test_a_model_with_a_rendered_layer_run_in_the_background(plugin, stub_engine
     assert not errors, errors
     assert done[0][0], fb.log
     assert Path(tmp_path / "h.tif").exists()
+
+
+@pytest.mark.parametrize("alg_id", ["geovqa:ask_raster", "geovqa:batch_questions"])
+def test_a_processing_render_holds_no_more_pixels_than_the_engine_reads(alg_id, plugin, stub_engine, raster_layer,
+                                                                       qgis_processing, qgis_new_project, tmp_path):
+    """Processing rendered a non-file layer at the Render size (here 4096 x 3072 px) though the
+    engine's /health says it reads at most 256 x 192 px: as in the dock, the render is made at the
+    engine's budget, aspect kept, and the log says why."""
+    from osgeo import gdal
+    from qgis.core import QgsApplication
+
+    from geovqa.upload import reduced_size
+
+    budget = 256 * 192
+    stub_engine.max_read_pixels = budget
+    set_settings(render_max_px=4096)
+    virt = virtual_raster_layer(raster_layer("src"), size=(4096, 3072))
+    params = ({"INPUT": virt.id(), "QUESTION": QUESTION} if alg_id == "geovqa:ask_raster"
+              else {"LAYERS": [virt.id()], "QUESTIONS": QUESTION, "OUTPUT": str(tmp_path / "batch.csv")})
+    task, done, fb, _ = _task(alg_id, params, recording_feedback())
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: done, 60, "the run")
+    wait_for_tasks()
+    assert done[0][0], fb.log
+    ds = gdal.Open(stub_engine.requests[-1]["raster_path"])
+    assert (ds.RasterXSize, ds.RasterYSize) == reduced_size((4096, 3072), budget) == (256, 192)
+    assert any("256 x 192 px" in i and "max_read_pixels" in i for i in fb.of("info")), fb.of("info")
