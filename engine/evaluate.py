@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
 from engine.eval_items import FORMATS, GENERIC_NAMES, EvalError, EvalItem, load_items, parse_field_map
-from engine.eval_prompts import build_prompt, selection_text, skip_reason
+from engine.eval_prompts import (MAX_NEW_TOKENS, build_prompt, max_new_tokens, max_new_tokens_setting,
+                                 selection_text, skip_reason)
 from engine.eval_report import markdown_table, summarize
 from engine.eval_scoring import WORDNET, scores, synonym_test
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
@@ -209,8 +210,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     # None when not given, so that runs saved before the option existed stay comparable
     add_strategy_arguments(parser, faithful_default=None, budget_help="visual token budget per item",
                            strategy_default=None)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64,
-                        help="64 = the XLRS-Bench-lite protocol")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help="the most new tokens a reply may have, for every item (default: each benchmark's "
+                        f"official number: {MAX_NEW_TOKENS['lrsvqa']} for lrsvqa, {MAX_NEW_TOKENS['xlrs']} for "
+                        "xlrs, mme and generic files)")
     parser.add_argument("--on-error", choices=ON_ERROR, default="stop",
                         help="an item whose prediction fails (out of memory, unreadable image): stop, or "
                         "record it as failed (counted wrong) and go on")
@@ -252,7 +255,7 @@ def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None
         req = AskRequest(raster_path=_resolve_image(item, root), question=prompt,
                          selection_text=selection_text(item), strategy=args.strategy,
                          budget=args.budget, tokens_per_tile=args.tokens_per_tile,
-                         max_new_tokens=args.max_new_tokens, seed=0,
+                         max_new_tokens=max_new_tokens(item, args.max_new_tokens), seed=0,
                          faithful_empty_slots=bool(getattr(args, "faithful_empty_slots", False)))
         answer = None
         for ev in engine.ask(req):
@@ -276,14 +279,18 @@ RUN_KEYS = ("annotations", "format", "field", "image_root", "weights", "demo_mod
 RUN_PATH_KEYS = ("annotations", "image_root", "weights", "adapter")  # compared as absolute paths
 
 
-def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> None:
+def _check_run_settings(args: argparse.Namespace, model: dict | None = None,
+                        items: list[EvalItem] | None = None) -> None:
     """A resumed run must use the settings its stored predictions were made with. `model` is the
     resolved checkpoint (run_settings.model_choice); without it (an injected predictor) --weights
-    is recorded as typed."""
+    is recorded as typed. `items`: the run's items, whose formats give the new-token cap recorded
+    when --max-new-tokens is left out (`max_new_tokens_setting`)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
     cur.update(model or {})
+    # the cap the items are asked with (each format's official one unless --max-new-tokens)
+    cur["max_new_tokens"] = max_new_tokens_setting(items or [], getattr(args, "max_new_tokens", None))
     # the weight format the model runs in, not "auto" as typed: nf4 on a GPU, fp32 on the CPU
     cur["quantization"] = resolved_quantization(getattr(args, "device", None), getattr(args, "quantization", None))
     # --field as its mapping (the order of the flags does not matter); the folder images are
@@ -347,10 +354,10 @@ def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] |
         # default folder, the demo) is refused before anything loads; then loaded exactly that
         model = model_choice(args.weights, demo_ok=not getattr(args, "no_demo", False))
         resolve_tokens_per_tile(args, model)
-        _check_run_settings(args, model)
+        _check_run_settings(args, model, items)
         predict = engine_predictor(args, model["weights"])
     else:
-        _check_run_settings(args)
+        _check_run_settings(args, items=items)
     try:
         res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
                        progress=True, instruction=getattr(args, "instruction", None),

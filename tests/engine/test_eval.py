@@ -1080,3 +1080,46 @@ def test_lrsvqa_is_reported_per_source_dataset_as_the_official_tables_are(tmp_pa
     res = evaluate(load_items(_write(tmp_path / "p.jsonl", plain, jsonl=True)), lambda it, p: "2", tmp_path / "p",
                    synonyms=None)
     assert "per_dataset" not in res
+
+
+def test_each_benchmark_is_asked_with_its_official_number_of_new_tokens(tmp_path, monkeypatch):
+    """Every format was generated with at most 64 new tokens; LRS-VQA's official inference script
+    generates up to 128. Each format now has its benchmark's cap; --max-new-tokens still sets one
+    for every item, and the run's settings record the cap used."""
+    import engine.pipeline as P
+    from engine.evaluate import engine_predictor
+
+    asked = []
+
+    class Recording:
+        def __init__(self, *a, **k):
+            pass
+
+        def health(self):
+            return {"demo_model": False}
+
+        def ask(self, req):
+            asked.append(req)
+            yield {"type": "result", "answer": "B"}
+
+    monkeypatch.setattr(P, "Engine", Recording)
+    lrs = load_items(_write(tmp_path / "lrs.jsonl", [{"question_id": "FAIR_1", "image": "a.tif", "category": "count",
+                                                      "text": "How many ships?", "ground_truth": "3"}]))[0]
+    xlrs = load_items(_write(tmp_path / "x.json", [XLRS_SINGLE]))[0]
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "lrs.jsonl"), "--out", str(tmp_path / "o")])
+    predict = engine_predictor(args, weights=str(tmp_path))
+    predict(lrs, build_prompt(lrs))
+    predict(xlrs, build_prompt(xlrs))
+    assert [r.max_new_tokens for r in asked] == [128, 64]
+    args = parser.parse_args([str(tmp_path / "lrs.jsonl"), "--out", str(tmp_path / "o"), "--max-new-tokens", "10"])
+    engine_predictor(args, weights=str(tmp_path))(lrs, build_prompt(lrs))
+    assert asked[-1].max_new_tokens == 10
+    # recorded in the run's settings: a folder of answers cut at 64 tokens is not resumed at 128
+    out = str(tmp_path / "r")
+    run_eval(parser.parse_args([str(tmp_path / "lrs.jsonl"), "--out", out]), predict=lambda it, p: "3")
+    assert json.loads((tmp_path / "r" / "run_settings.json").read_text())["max_new_tokens"] == "128"
+    with pytest.raises(EvalError, match="max_new_tokens: '128' -> '64'"):
+        run_eval(parser.parse_args([str(tmp_path / "lrs.jsonl"), "--out", out, "--max-new-tokens", "64"]),
+                 predict=lambda it, p: "3")
