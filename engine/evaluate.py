@@ -8,7 +8,8 @@ prompts), `eval_scoring` (answer extraction, official and lenient judges) and `e
 Predictions are appended to a JSONL file as they are made; a rerun skips item ids already there
 (resumable; their stored replies are scored anew, so lines of older versions, without the lenient
 fields, get both) and asks failed items again, whose new lines replace their error lines when the
-run ends (one line an item); `--limit N` stops after N items.
+run ends (one line an item); `--limit N` stops after N items (the results then say that their
+macro averages cover only the categories those items have).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from engine.cli_args import add_model_arguments, add_strategy_arguments, positiv
 from engine.eval_items import FORMATS, GENERIC_NAMES, EvalError, EvalItem, load_items, parse_field_map
 from engine.eval_prompts import (MAX_NEW_TOKENS, build_prompt, max_new_tokens, max_new_tokens_setting,
                                  selection_text, skip_reason)
-from engine.eval_report import markdown_table, summarize
+from engine.eval_report import limited_macro_note, markdown_table, summarize
 from engine.eval_scoring import WORDNET, scores, synonym_test
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
                                  resolved_quantization, with_model_choice, with_resolved_quantization)
@@ -100,6 +101,8 @@ def evaluate(
         summary["older_prompt_answers"] = older
         print(f"{older} stored answers were made by an older version with its own prompt, not the official "
               "one; they are rescored, not asked again (use another --out to ask every item anew)", file=sys.stderr)
+    if limit is not None and limit < len(items):
+        summary["macro_note"] = limited_macro_note(limit, len(items), len(summary["per_category"]))
     results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")

@@ -1123,3 +1123,16 @@ def test_each_benchmark_is_asked_with_its_official_number_of_new_tokens(tmp_path
     with pytest.raises(EvalError, match="max_new_tokens: '128' -> '64'"):
         run_eval(parser.parse_args([str(tmp_path / "lrs.jsonl"), "--out", out, "--max-new-tokens", "64"]),
                  predict=lambda it, p: "3")
+
+
+def test_a_limited_run_says_its_macro_covers_only_the_categories_asked(tmp_path):
+    """--limit keeps the first N items: the macro average is the mean over the categories those
+    items have, not over the file's. The figure stays; the results say what it covers."""
+    ann = _write(tmp_path / "mme.json", MME)
+    res = evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "l", limit=2)
+    assert "2 categories these items have only" in res["macro_note"] and "--limit 2, of 4 items" in res["macro_note"]
+    assert res["macro_note"] in (tmp_path / "l" / "results.md").read_text()
+    assert json.loads((tmp_path / "l" / "results.json").read_text())["macro_note"] == res["macro_note"]
+    full = evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "f")
+    assert "macro_note" not in full and "limited run" not in (tmp_path / "f" / "results.md").read_text()
+    assert "macro_note" not in evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "g", limit=9)
