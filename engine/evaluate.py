@@ -276,9 +276,11 @@ def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None
 
 
 # "weights" is the checkpoint folder the engine resolved (GEOVQA_WEIGHTS, the default folder or the
-# demo model when --weights is left out) and "demo_model" whether it is the tiny random one
+# demo model when --weights is left out) and "demo_model" whether it is the tiny random one; "bands"
+# the --adapter's bands, which the engine applies to every image that has them (eval has no --bands)
 RUN_KEYS = ("annotations", "format", "field", "image_root", "weights", "demo_model", "adapter", "quantization",
-            "strategy", "budget", "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots")
+            "strategy", "budget", "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots",
+            "bands")
 RUN_PATH_KEYS = ("annotations", "image_root", "weights", "adapter")  # compared as absolute paths
 
 
@@ -301,17 +303,19 @@ def _check_run_settings(args: argparse.Namespace, model: dict | None = None,
     fields = parse_field_map(getattr(args, "field", None))
     cur["field"] = ",".join(f"{k}={v}" for k, v in sorted(fields.items())) or None
     cur["image_root"] = str(image_root(args))
+    bands = getattr(args, "bands", None)
+    cur["bands"] = ",".join(str(b) for b in bands) if bands else None
     cur.update({k: absolute_path(cur[k]) for k in RUN_PATH_KEYS})  # not as typed: from any folder
     cfg = out / "run_settings.json"
     # only answers made with the recorded settings are kept by a rerun: an empty predictions.jsonl
     # (the first item failed) or one of failed items only (tried again) binds the folder to nothing
     made = any("error" not in rec for rec in _read_done(out / "predictions.jsonl").values())
     if cfg.is_file() and made:
-        # settings files of older versions lack field, image_root and the resolved model: assumed
+        # settings files of older versions lack field, image_root, bands and the resolved model: assumed
         # unchanged (a --weights they recorded as typed is still compared)
         saved = with_resolved_quantization(with_model_choice(json.loads(cfg.read_text()), cur), cur)
         desc = changed_settings(saved, cur, RUN_KEYS, paths=RUN_PATH_KEYS,
-                                defaults={k: cur[k] for k in ("field", "image_root")})
+                                defaults={k: cur[k] for k in ("field", "image_root", "bands")})
         if desc:
             raise EvalError(f"{out} holds predictions made with other settings ({desc}); use another --out "
                             "or delete that folder to start over")
@@ -331,7 +335,9 @@ def _check_images(args: argparse.Namespace, items: list[EvalItem]) -> None:
 
 def _adapter_defaults(args: argparse.Namespace) -> None:
     """The visual-token settings left out take the --adapter's training settings (what `finetune`
-    recorded), then the engine's defaults; set on `args`, so the run records and compares them."""
+    recorded), then the engine's defaults; set on `args`, so the run records and compares them.
+    `args.bands` is the adapter's bands (None without them): eval has no --bands, and the engine
+    applies the adapter's to every image that has them."""
     from engine.adapter_settings import AdapterSettingsError, read_training_settings
     from engine.protocol import DEFAULT_STRATEGY
 
@@ -346,6 +352,7 @@ def _adapter_defaults(args: argparse.Namespace) -> None:
             setattr(args, key, trained[key])
     if getattr(args, "strategy", None) is None:
         args.strategy = DEFAULT_STRATEGY
+    args.bands = trained.get("bands") if trained else None
 
 
 def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] | None = None) -> int:

@@ -1136,3 +1136,36 @@ def test_a_limited_run_says_its_macro_covers_only_the_categories_asked(tmp_path)
     full = evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "f")
     assert "macro_note" not in full and "limited run" not in (tmp_path / "f" / "results.md").read_text()
     assert "macro_note" not in evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "g", limit=9)
+
+
+def test_eval_records_the_bands_of_its_adapter_with_its_other_training_settings(tmp_path):
+    """The engine applies an --adapter's bands to every image that has them, as it applies its
+    strategy, budget and tokens a tile; run_settings.json recorded those but not the bands, so a
+    rerun with an adapter trained on other bands resumed answers made on other colours."""
+    from engine.adapter_settings import write_training_settings
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    ann = _write(tmp_path / "mme.json", MME)
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    settings = {"format": 1, "strategy": "anchored", "budget": None, "tokens_per_tile": 4,
+                "faithful_empty_slots": False, "bands": [4, 3, 2], "records_with_own_bands": 0}
+    write_training_settings(adapter, settings)
+    out = tmp_path / "a"
+    run = lambda *extra: run_eval(parser.parse_args([str(ann), "--out", str(out), *extra]),  # noqa: E731
+                                  predict=_predictor(MME_REPLIES, []))
+    run("--adapter", str(adapter), "--limit", "1")
+    assert json.loads((out / "run_settings.json").read_text())["bands"] == "4,3,2"
+    write_training_settings(adapter, {**settings, "bands": [1, 2, 3]})
+    with pytest.raises(EvalError, match="bands: '4,3,2' -> '1,2,3'"):
+        run("--adapter", str(adapter), "--limit", "2")
+    # a settings file of an older version, without bands: assumed unchanged
+    saved = json.loads((out / "run_settings.json").read_text())
+    del saved["bands"]
+    (out / "run_settings.json").write_text(json.dumps(saved))
+    run("--adapter", str(adapter), "--limit", "2")
+    assert json.loads((out / "run_settings.json").read_text())["bands"] == "1,2,3"
+    run_eval(parser.parse_args([str(ann), "--out", str(tmp_path / "b"), "--limit", "1"]),
+             predict=_predictor(MME_REPLIES, []))
+    assert json.loads((tmp_path / "b" / "run_settings.json").read_text())["bands"] is None  # no adapter
