@@ -80,6 +80,15 @@ def read_training_settings(adapter_dir: str | os.PathLike) -> dict[str, Any] | N
     return out
 
 
+def with_adapter_defaults(given: dict[str, Any], trained: dict[str, Any] | None) -> dict[str, Any]:
+    """`given` (setting: value, None = left out) with each setting left out taking the adapter's
+    training value from `trained` (`read_training_settings`; None: no adapter, or one without the
+    file, changes nothing); a given value is kept. The rule the engine applies to a request
+    (`Engine.resolve_visual`) and `eval` to its options before the engine loads."""
+    trained = trained or {}
+    return {key: trained.get(key) if value is None else value for key, value in given.items()}
+
+
 def settings_text(settings: dict[str, Any]) -> str:
     """'strategy anchored, 4 tokens a tile, no budget, bands 4, 3, 2' for notes and summaries."""
     parts = [f"strategy {settings.get('strategy')}"]

@@ -338,7 +338,8 @@ def _adapter_defaults(args: argparse.Namespace) -> None:
     recorded), then the engine's defaults; set on `args`, so the run records and compares them.
     `args.bands` is the adapter's bands (None without them): eval has no --bands, and the engine
     applies the adapter's to every image that has them."""
-    from engine.adapter_settings import AdapterSettingsError, read_training_settings
+    from engine.adapter_settings import (VISUAL_KEYS, AdapterSettingsError, read_training_settings,
+                                         with_adapter_defaults)
     from engine.protocol import DEFAULT_STRATEGY
 
     trained = None
@@ -347,12 +348,11 @@ def _adapter_defaults(args: argparse.Namespace) -> None:
             trained = read_training_settings(args.adapter)
         except AdapterSettingsError as exc:
             raise EvalError(str(exc)) from None
-    for key in ("strategy", "budget", "tokens_per_tile", "faithful_empty_slots"):
-        if getattr(args, key, None) is None and trained and trained.get(key) is not None:
-            setattr(args, key, trained[key])
-    if getattr(args, "strategy", None) is None:
+    given = {key: getattr(args, key, None) for key in VISUAL_KEYS}  # eval has no --bands: None
+    for key, value in with_adapter_defaults(given, trained).items():
+        setattr(args, key, value)
+    if args.strategy is None:
         args.strategy = DEFAULT_STRATEGY
-    args.bands = trained.get("bands") if trained else None
 
 
 def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] | None = None) -> int:
