@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from engine.json_files import read_json_object
 from engine.protocol import STRATEGIES
 
 TRAINING_FILE = "geovqa_training.json"
@@ -52,15 +53,10 @@ def read_training_settings(adapter_dir: str | os.PathLike) -> dict[str, Any] | N
     the file existed, or by another program). AdapterSettingsError when the file is there but
     cannot be used."""
     path = Path(adapter_dir) / TRAINING_FILE
-    if not path.is_file():
+    data = read_json_object(path, AdapterSettingsError, unreadable_advice="; restore it from the run's "
+                            "checkpoint or delete it to use the engine's defaults")
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AdapterSettingsError(f"{path} cannot be read ({exc}); restore it from the run's "
-                                   "checkpoint or delete it to use the engine's defaults") from exc
-    if not isinstance(data, dict):
-        raise AdapterSettingsError(f"{path} is not a JSON object")
 
     def bad(key: str) -> AdapterSettingsError:
         return AdapterSettingsError(f"{path}: {key} {data.get(key)!r} is not a usable value")
@@ -82,6 +78,15 @@ def read_training_settings(adapter_dir: str | os.PathLike) -> dict[str, Any] | N
     out = {k: data.get(k) for k in VISUAL_KEYS}
     out["records_with_own_bands"] = int(data.get("records_with_own_bands") or 0)
     return out
+
+
+def with_adapter_defaults(given: dict[str, Any], trained: dict[str, Any] | None) -> dict[str, Any]:
+    """`given` (setting: value, None = left out) with each setting left out taking the adapter's
+    training value from `trained` (`read_training_settings`; None: no adapter, or one without the
+    file, changes nothing); a given value is kept. The rule the engine applies to a request
+    (`Engine.resolve_visual`) and `eval` to its options before the engine loads."""
+    trained = trained or {}
+    return {key: trained.get(key) if value is None else value for key, value in given.items()}
 
 
 def settings_text(settings: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ the record's index (0-based position in the file), its id and a sentence saying 
 * ``unreadable_image`` neither GDAL (rasterio) nor Pillow can open it;
 * ``too_large``      width x height exceeds ``max_pixels``;
 * ``bad_bands``      the record's ``bands`` (or ``--bands``) is not one or three 1-based band
-                     numbers, or names a band the image lacks.
+                     numbers, or names a band the image lacks or its alpha band (a mask).
 
 A record may carry ``"bands": [4, 3, 2]``, the bands the model sees as red, green and blue (one
 band: grey), as ``ask --bands`` and the plugin choose them; it replaces ``--bands`` for that
@@ -167,9 +167,9 @@ def image_size(path: Path) -> tuple[int, int]:
     return image_header(path)[:2]
 
 
-def image_header(path: Path) -> tuple[int, int, int]:
-    """(width, height, band count) from the file header, via rasterio (any GDAL format) then
-    Pillow. Raises OSError when neither can open the file."""
+def image_header(path: Path) -> tuple[int, int, int, frozenset]:
+    """(width, height, band count, 1-based numbers of its alpha bands) from the file header, via
+    rasterio (any GDAL format) then Pillow. Raises OSError when neither can open the file."""
     errors = []
     try:
         import warnings  # noqa: PLC0415
@@ -179,7 +179,9 @@ def image_header(path: Path) -> tuple[int, int, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # plain PNG/JPEG: "not georeferenced" is expected
             with rasterio.open(path) as ds:
-                return int(ds.width), int(ds.height), int(ds.count)
+                from engine.raster import alpha_bands  # noqa: PLC0415
+
+                return int(ds.width), int(ds.height), int(ds.count), frozenset(alpha_bands(ds))
     except Exception as exc:  # noqa: BLE001 - rasterio raises several unrelated types
         errors.append(str(exc))
     try:
@@ -187,7 +189,9 @@ def image_header(path: Path) -> tuple[int, int, int]:
 
         Image.MAX_IMAGE_PIXELS = None  # size is judged by our own rule below
         with Image.open(path) as im:
-            return int(im.width), int(im.height), len(im.getbands())
+            names = im.getbands()
+            return (int(im.width), int(im.height), len(names),
+                    frozenset(i for i, name in enumerate(names, 1) if name == "A"))
     except Exception as exc:  # noqa: BLE001
         errors.append(str(exc))
     raise OSError("; ".join(errors))
@@ -278,7 +282,7 @@ def validate_record(
     if path is None:
         return bad("missing_image", "image not found: " + " or ".join(str(c) for c in candidates))
     try:
-        w, h, count = image_header(path)
+        w, h, count, alpha = image_header(path)
     except OSError as exc:
         return bad("unreadable_image", f"image {path} cannot be read ({exc})")
     if max_pixels is not None and w * h > max_pixels:
@@ -289,6 +293,12 @@ def validate_record(
     if missing:
         source = "its 'bands'" if own_bands is not None else "--bands"
         return bad("bad_bands", f"image {path} has {count} band(s); {source} names band(s) {missing}")
+    from engine.raster import alpha_choice_problem  # noqa: PLC0415 - numpy, rasterio: only when data is checked
+
+    problem = alpha_choice_problem(chosen or (), alpha)
+    if problem:
+        source = "its 'bands'" if own_bands is not None else "--bands"
+        return bad("bad_bands", f"image {path}, {source}: {problem}")
     return Sample(index=index, id=sid if sid is not None else str(index), image=path, turns=turns,
                   image_size=(w, h), system=system, bands=chosen, bands_from_record=own_bands is not None)
 

@@ -7,7 +7,9 @@ its own instruction, ending "The answer(s) is(are):"). mme: MME-RealWorld's (the
 choices are listed below: ", the option lines, its instruction, the cue line "The best answer
 is:"). generic: the question + " The choices are listed below:", the option lines and our
 instruction to answer with the letter(s). `--instruction` replaces the instruction (and cue).
-Greedy decoding, 64 new tokens. The instruction never depends on the answer.
+The instruction never depends on the answer. Greedy decoding, at most each benchmark's official
+number of new tokens (`MAX_NEW_TOKENS`: 128 for lrsvqa, 64 for the others) unless
+`--max-new-tokens` sets one for every item.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ MME_INSTRUCTION = ("Select the best answer to the above multiple-choice question
 MME_CUE = "\nThe best answer is:"
 CHOICES_HEADER = " The choices are listed below:"  # the generic layout (ours)
 
+# The most new tokens an item's reply may have, per format: each benchmark's official generation
+# setting (a reply cut shorter than the official one can lose the words it is judged on).
+# xlrs: lmms-eval, lmms_eval/tasks/xlrs/XLRS-lite.yaml (generation_kwargs max_new_tokens 64).
+# mme: MME-RealWorld, evaluation/model_vqa_mme_real_world.py (--max_new_tokens default 64), the
+#   script whose prompt is reproduced above (lmms-eval's own mmerealworld task generates 16).
+# lrsvqa: VisionXLab/LRS-VQA, Script/llava_eval_LRSVQA.py, the inference script its README names
+#   (--max_new_tokens default 128; eval_LRS_VQA_multiprocess.sh keeps it).
+# generic: ours.
+MAX_NEW_TOKENS = {"xlrs": 64, "mme": 64, "lrsvqa": 128, "generic": 64}
+
 # An item about several images (XLRS-Bench's change detection: two dates) is not asked: the engine
 # answers about one raster, and asked about the first image alone the item would be scored on a
 # question the model could not see. Recorded with this reason and counted apart from the figures.
@@ -46,6 +58,25 @@ def skip_reason(item: EvalItem) -> str | None:
     """Why `item` is not asked (several images), or None."""
     n = len(item.extra.get("images") or ())
     return SKIP_IMAGES.format(n=n) if n > 1 else None
+
+
+def max_new_tokens(item: EvalItem, override: int | None = None) -> int:
+    """The most new tokens `item`'s reply is generated with: `override` (--max-new-tokens) when
+    given, else its format's official number (MAX_NEW_TOKENS)."""
+    if override is not None:
+        return override
+    return MAX_NEW_TOKENS.get(item.extra.get("format") or "generic", MAX_NEW_TOKENS["generic"])
+
+
+def max_new_tokens_setting(items: list[EvalItem], override: int | None = None) -> str:
+    """The new-token cap of a run as its settings record it: `override`, else the one cap its
+    items' formats share ("64"), else each format's ("lrsvqa=128, xlrs=64")."""
+    if override is not None:
+        return str(override)
+    caps = {item.extra.get("format") or "generic": max_new_tokens(item) for item in items}
+    if len(set(caps.values())) <= 1:
+        return str(next(iter(caps.values()), MAX_NEW_TOKENS["generic"]))
+    return ", ".join(f"{fmt}={cap}" for fmt, cap in sorted(caps.items()))
 
 
 def selection_text(item: EvalItem) -> str:

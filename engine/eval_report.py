@@ -2,7 +2,8 @@
 
 Results (both figures): micro accuracy (all items), macro accuracy (mean of per-category
 accuracies), per-category counts, as JSON and a Markdown table; skipped items (several images)
-are counted apart.
+are counted apart. A `--limit` run's macro averages cover only the categories its items have
+(``macro_note``, said under the table).
 """
 
 from __future__ import annotations
@@ -10,6 +11,15 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from engine.eval_scoring import LENIENT_RULE, NO_WORDNET, OFFICIAL_RULES
+
+
+def limited_macro_note(limit: int, items_in_file: int, categories: int) -> str:
+    """What a `--limit` run's macro figures cover: only the categories its first `limit` items
+    have. A category none of them has is left out of the mean, not counted as 0, so the figure is
+    no full run's macro (the figure is kept; the note says what it covers)."""
+    return (f"a limited run (--limit {limit}, of {items_in_file} items): the macro averages are the means over "
+            f"the {categories} categories these items have only; categories without an item asked are left out, "
+            "not counted as 0, so they are not comparable with a full run's")
 
 def _figures(records: list[dict], correct: str, prediction: str) -> dict[str, Any]:
     """Counts and accuracies of `records` by their verdict field `correct`."""
@@ -109,6 +119,8 @@ def markdown_table(summary: dict[str, Any], title: str = "") -> str:
                  f"{pct(summary['micro_accuracy'])} | {pct(len_.get('micro_accuracy'))} |")
     lines.append(f"| **macro (mean of categories)** | | | {pct(summary['macro_accuracy'])} | "
                  f"{pct(len_.get('macro_accuracy'))} |")
+    if summary.get("macro_note"):
+        lines += ["", f"**Note: {summary['macro_note']}.**"]
     if summary.get("per_dataset"):
         lines += ["", "Per source dataset (the id's prefix; LRS-VQA's tables are LRS-FAIR, LRS-Bridge, LRS-STAR):", "",
                   "| dataset | category | correct | total | accuracy (%) | lenient (%) |",

@@ -8,7 +8,8 @@ prompts), `eval_scoring` (answer extraction, official and lenient judges) and `e
 Predictions are appended to a JSONL file as they are made; a rerun skips item ids already there
 (resumable; their stored replies are scored anew, so lines of older versions, without the lenient
 fields, get both) and asks failed items again, whose new lines replace their error lines when the
-run ends (one line an item); `--limit N` stops after N items.
+run ends (one line an item); `--limit N` stops after N items (the results then say that their
+macro averages cover only the categories those items have).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Any, Callable
 
 from engine.cli_args import add_model_arguments, add_strategy_arguments, positive_int
 from engine.eval_items import FORMATS, GENERIC_NAMES, EvalError, EvalItem, load_items, parse_field_map
-from engine.eval_prompts import build_prompt, selection_text, skip_reason
-from engine.eval_report import markdown_table, summarize
+from engine.eval_prompts import (MAX_NEW_TOKENS, build_prompt, max_new_tokens, max_new_tokens_setting,
+                                 selection_text, skip_reason)
+from engine.eval_report import limited_macro_note, markdown_table, summarize
 from engine.eval_scoring import WORDNET, scores, synonym_test
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
                                  resolved_quantization, with_model_choice, with_resolved_quantization)
@@ -99,6 +101,8 @@ def evaluate(
         summary["older_prompt_answers"] = older
         print(f"{older} stored answers were made by an older version with its own prompt, not the official "
               "one; they are rescored, not asked again (use another --out to ask every item anew)", file=sys.stderr)
+    if limit is not None and limit < len(items):
+        summary["macro_note"] = limited_macro_note(limit, len(items), len(summary["per_category"]))
     results = {"title": title, "items_in_file": len(items), "limit": limit, **summary}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown_table(summary, title), encoding="utf-8")
@@ -209,8 +213,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     # None when not given, so that runs saved before the option existed stay comparable
     add_strategy_arguments(parser, faithful_default=None, budget_help="visual token budget per item",
                            strategy_default=None)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64,
-                        help="64 = the XLRS-Bench-lite protocol")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help="the most new tokens a reply may have, for every item (default: each benchmark's "
+                        f"official number: {MAX_NEW_TOKENS['lrsvqa']} for lrsvqa, {MAX_NEW_TOKENS['xlrs']} for "
+                        "xlrs, mme and generic files)")
     parser.add_argument("--on-error", choices=ON_ERROR, default="stop",
                         help="an item whose prediction fails (out of memory, unreadable image): stop, or "
                         "record it as failed (counted wrong) and go on")
@@ -252,7 +258,7 @@ def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None
         req = AskRequest(raster_path=_resolve_image(item, root), question=prompt,
                          selection_text=selection_text(item), strategy=args.strategy,
                          budget=args.budget, tokens_per_tile=args.tokens_per_tile,
-                         max_new_tokens=args.max_new_tokens, seed=0,
+                         max_new_tokens=max_new_tokens(item, args.max_new_tokens), seed=0,
                          faithful_empty_slots=bool(getattr(args, "faithful_empty_slots", False)))
         answer = None
         for ev in engine.ask(req):
@@ -270,20 +276,26 @@ def engine_predictor(args: argparse.Namespace, weights: str | Path | None = None
 
 
 # "weights" is the checkpoint folder the engine resolved (GEOVQA_WEIGHTS, the default folder or the
-# demo model when --weights is left out) and "demo_model" whether it is the tiny random one
+# demo model when --weights is left out) and "demo_model" whether it is the tiny random one; "bands"
+# the --adapter's bands, which the engine applies to every image that has them (eval has no --bands)
 RUN_KEYS = ("annotations", "format", "field", "image_root", "weights", "demo_model", "adapter", "quantization",
-            "strategy", "budget", "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots")
+            "strategy", "budget", "tokens_per_tile", "max_new_tokens", "instruction", "faithful_empty_slots",
+            "bands")
 RUN_PATH_KEYS = ("annotations", "image_root", "weights", "adapter")  # compared as absolute paths
 
 
-def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> None:
+def _check_run_settings(args: argparse.Namespace, model: dict | None = None,
+                        items: list[EvalItem] | None = None) -> None:
     """A resumed run must use the settings its stored predictions were made with. `model` is the
     resolved checkpoint (run_settings.model_choice); without it (an injected predictor) --weights
-    is recorded as typed."""
+    is recorded as typed. `items`: the run's items, whose formats give the new-token cap recorded
+    when --max-new-tokens is left out (`max_new_tokens_setting`)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cur = {k: (str(getattr(args, k)) if getattr(args, k, None) is not None else None) for k in RUN_KEYS}
     cur.update(model or {})
+    # the cap the items are asked with (each format's official one unless --max-new-tokens)
+    cur["max_new_tokens"] = max_new_tokens_setting(items or [], getattr(args, "max_new_tokens", None))
     # the weight format the model runs in, not "auto" as typed: nf4 on a GPU, fp32 on the CPU
     cur["quantization"] = resolved_quantization(getattr(args, "device", None), getattr(args, "quantization", None))
     # --field as its mapping (the order of the flags does not matter); the folder images are
@@ -291,17 +303,19 @@ def _check_run_settings(args: argparse.Namespace, model: dict | None = None) -> 
     fields = parse_field_map(getattr(args, "field", None))
     cur["field"] = ",".join(f"{k}={v}" for k, v in sorted(fields.items())) or None
     cur["image_root"] = str(image_root(args))
+    bands = getattr(args, "bands", None)
+    cur["bands"] = ",".join(str(b) for b in bands) if bands else None
     cur.update({k: absolute_path(cur[k]) for k in RUN_PATH_KEYS})  # not as typed: from any folder
     cfg = out / "run_settings.json"
     # only answers made with the recorded settings are kept by a rerun: an empty predictions.jsonl
     # (the first item failed) or one of failed items only (tried again) binds the folder to nothing
     made = any("error" not in rec for rec in _read_done(out / "predictions.jsonl").values())
     if cfg.is_file() and made:
-        # settings files of older versions lack field, image_root and the resolved model: assumed
+        # settings files of older versions lack field, image_root, bands and the resolved model: assumed
         # unchanged (a --weights they recorded as typed is still compared)
         saved = with_resolved_quantization(with_model_choice(json.loads(cfg.read_text()), cur), cur)
         desc = changed_settings(saved, cur, RUN_KEYS, paths=RUN_PATH_KEYS,
-                                defaults={k: cur[k] for k in ("field", "image_root")})
+                                defaults={k: cur[k] for k in ("field", "image_root", "bands")})
         if desc:
             raise EvalError(f"{out} holds predictions made with other settings ({desc}); use another --out "
                             "or delete that folder to start over")
@@ -321,8 +335,11 @@ def _check_images(args: argparse.Namespace, items: list[EvalItem]) -> None:
 
 def _adapter_defaults(args: argparse.Namespace) -> None:
     """The visual-token settings left out take the --adapter's training settings (what `finetune`
-    recorded), then the engine's defaults; set on `args`, so the run records and compares them."""
-    from engine.adapter_settings import AdapterSettingsError, read_training_settings
+    recorded), then the engine's defaults; set on `args`, so the run records and compares them.
+    `args.bands` is the adapter's bands (None without them): eval has no --bands, and the engine
+    applies the adapter's to every image that has them."""
+    from engine.adapter_settings import (VISUAL_KEYS, AdapterSettingsError, read_training_settings,
+                                         with_adapter_defaults)
     from engine.protocol import DEFAULT_STRATEGY
 
     trained = None
@@ -331,10 +348,10 @@ def _adapter_defaults(args: argparse.Namespace) -> None:
             trained = read_training_settings(args.adapter)
         except AdapterSettingsError as exc:
             raise EvalError(str(exc)) from None
-    for key in ("strategy", "budget", "tokens_per_tile", "faithful_empty_slots"):
-        if getattr(args, key, None) is None and trained and trained.get(key) is not None:
-            setattr(args, key, trained[key])
-    if getattr(args, "strategy", None) is None:
+    given = {key: getattr(args, key, None) for key in VISUAL_KEYS}  # eval has no --bands: None
+    for key, value in with_adapter_defaults(given, trained).items():
+        setattr(args, key, value)
+    if args.strategy is None:
         args.strategy = DEFAULT_STRATEGY
 
 
@@ -347,10 +364,10 @@ def run_eval(args: argparse.Namespace, predict: Callable[[EvalItem, str], str] |
         # default folder, the demo) is refused before anything loads; then loaded exactly that
         model = model_choice(args.weights, demo_ok=not getattr(args, "no_demo", False))
         resolve_tokens_per_tile(args, model)
-        _check_run_settings(args, model)
+        _check_run_settings(args, model, items)
         predict = engine_predictor(args, model["weights"])
     else:
-        _check_run_settings(args)
+        _check_run_settings(args, items=items)
     try:
         res = evaluate(items, predict, args.out, limit=args.limit, title=args.title or Path(args.annotations).name,
                        progress=True, instruction=getattr(args, "instruction", None),

@@ -27,7 +27,8 @@ Loop
 Outputs in ``--out``
     ``checkpoint-<step>/`` every ``--save-every`` steps: ``adapter/`` (peft) and
     ``trainer_state.pt`` (optimizer, scheduler, RNG, step; tensors and plain containers only,
-    read back with ``torch.load(weights_only=True)``); ``--resume`` continues from the latest,
+    read back with ``torch.load(weights_only=True)``); the newest ``--keep-checkpoints`` (3, 0 =
+    all) are kept; ``--resume`` continues from the latest,
     and a run without ``--resume`` into a folder that holds checkpoints, or a finished run's
     ``adapter/``, log or summary, is refused.
     A run that stops early (Ctrl-C, a bad sample with ``--on-bad-sample stop``, a crash) first
@@ -249,7 +250,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     max_length: int | None = None
     progress: bool = True
-    keep_checkpoints: int | None = None
+    keep_checkpoints: int | None = 3  # the newest N checkpoints kept (ft3.sh's save_total_limit); 0 / None: all
     on_bad: str = "stop"  # what a sample whose image fails in the visual path does: stop | skip
     run_args: dict | None = None  # written to finetune_args.json once a resume's checkpoint is restored
     # the visual-token settings written into every adapter folder (geovqa_training.json): what
@@ -761,6 +762,7 @@ def train(
 
 
 def _prune_checkpoints(out: Path, keep: int | None) -> None:
+    """Delete all but the newest `keep` checkpoints in `out` (after each save); 0 or None keeps all."""
     if not keep:
         return
     import shutil  # noqa: PLC0415
@@ -818,8 +820,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=count_or_never, default=100,
                         help="checkpoint every N optimizer steps (0 = none; the final adapter is always written)"
                              + DEFAULT)
-    parser.add_argument("--keep-checkpoints", type=positive_int, default=None,
-                        help="keep only the newest N checkpoints (default: keep all)")
+    parser.add_argument("--keep-checkpoints", type=count_or_never, default=3,
+                        help="keep only the newest N checkpoints, as GeoLLaVA-8K's ft3.sh (save_total_limit 3); "
+                             "0 = keep all" + DEFAULT)
     parser.add_argument("--eval-every", type=count_or_never, default=100,
                         help="validation loss every N steps (0 = never)" + DEFAULT)
     parser.add_argument("--val-fraction", type=float, default=0.05,

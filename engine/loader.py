@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.devices import DevicePlan, plan_device, usable_quantizations
+from engine.json_files import read_json_object
 from engine.memory_check import UnreadableWeights, check_fits
 
 SKIP_QUANT_MODULES = ["vision_tower", "mm_projector", "reghead", "lm_head"]
@@ -52,15 +53,10 @@ def read_generation_defaults(weights_dir: str | os.PathLike) -> GenerationDefaul
     """The :class:`GenerationDefaults` of the checkpoint in ``weights_dir`` (defaults when it has
     no ``generation_config.json``); CheckpointError when the file is there but cannot be used."""
     path = Path(weights_dir) / "generation_config.json"
-    if not path.is_file():
+    repair = ". Run `make weights` again to repair the download."
+    data = read_json_object(path, CheckpointError, unreadable_advice=repair, not_object_advice=repair)
+    if data is None:
         return GenerationDefaults()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path} cannot be read ({exc}). Run `make weights` again to repair "
-                              "the download.") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object. Run `make weights` again to repair the download.")
     penalty = data.get("repetition_penalty", 1.0)
     if penalty is None:
         penalty = 1.0

@@ -378,21 +378,17 @@ class Engine:
         if not trained:
             return dataclasses.replace(req, strategy=req.strategy or DEFAULT_STRATEGY,
                                        faithful_empty_slots=bool(req.faithful_empty_slots)), []
-        from engine.adapter_settings import VISUAL_KEYS, settings_text
+        from engine.adapter_settings import VISUAL_KEYS, settings_text, with_adapter_defaults
 
-        values: dict[str, Any] = {}
+        values = with_adapter_defaults({key: getattr(req, key) for key in VISUAL_KEYS}, trained)
         differs: list[str] = []
         notes: list[str] = []
         for key in VISUAL_KEYS:
             given, learned = getattr(req, key), trained.get(key)
-            if given is None:
-                values[key] = learned
-            elif key in ("bands", "tokens_per_tile") and learned is None:
-                values[key] = given  # trained on the engine's choice: nothing to compare with
-            else:
-                values[key] = given
-                if (list(given) if key == "bands" else given) != learned:
-                    differs.append(_setting_text(key, given))
+            if given is None or (key in ("bands", "tokens_per_tile") and learned is None):
+                continue  # the adapter's value, or trained on the engine's choice: nothing to compare with
+            if (list(given) if key == "bands" else given) != learned:
+                differs.append(_setting_text(key, given))
         if req.bands is None and values["bands"] is not None:
             count, alpha = _band_layout(req.raster_path)
             learned = ", ".join(map(str, values["bands"]))

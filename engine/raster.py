@@ -32,7 +32,7 @@ What `read_raster` does, in order:
   the first three non-alpha bands; one band (or a grey + alpha pair) -> grey replicated to three
   channels; two non-alpha bands -> the first as grey; a single paletted band -> its colour table.
   An explicit ``bands=[...]`` (1-based, one or three entries) overrides that (one band is shown
-  as grey, also a paletted one). `RasterImage.bands` records the source band of each RGB channel
+  as grey, also a paletted one); one naming an alpha band is refused (`BandError`, naming it). `RasterImage.bands` records the source band of each RGB channel
   the model sees (``(4, 3, 2)``; ``(1, 1, 1)`` for grey) and `RasterImage.palette` whether the
   colour table of that one band was used instead; the engine's ``result`` event reports both.
 * **Stretch**: decided per band by the band's own type: a Byte (uint8) band is kept as is; any
@@ -363,6 +363,9 @@ def _choose_bands(src, bands) -> tuple[tuple[int, int, int], bool]:
             raise BandError(
                 f"Band {bad[0]} does not exist in '{src.name}': it has {n} band(s), numbered 1 to {n}."
             )
+        problem = alpha_choice_problem(req, alpha_bands(src))
+        if problem:
+            raise BandError(f"In '{src.name}', {problem}.")
         if len(req) == 1:
             return (req[0],) * 3, False
         if len(req) == 3:
@@ -397,6 +400,21 @@ def alpha_bands(src) -> set[int]:
     from rasterio.enums import ColorInterp
 
     return {i for i, c in enumerate(src.colorinterp, 1) if c == ColorInterp.alpha}
+
+
+def alpha_choice_problem(bands, alpha) -> str | None:
+    """Why a chosen band list cannot be shown: it names an alpha band (`alpha`, as `alpha_bands`
+    gives them), a transparency mask and no imagery; None when it names none. One sentence
+    without its end, naming the band(s), for `bands` of a request, ``--bands`` and a training
+    record's ``bands``."""
+    named = sorted({int(b) for b in bands} & {int(a) for a in alpha})
+    if not named:
+        return None
+    which = (f"band {named[0]} is the raster's alpha band" if len(named) == 1 else
+             f"bands {', '.join(map(str, named))} are the raster's alpha bands")
+    return (f"{which} (transparency, a mask and not imagery), so it cannot be shown to the model; choose "
+            "colour bands, or leave the bands out for the engine's choice (a band tagged alpha by mistake "
+            "can be retagged with gdal_edit.py -colorinterp_N undefined)")
 
 
 # ------------------------------------------------------------------------------------------ AOI

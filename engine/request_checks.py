@@ -143,6 +143,11 @@ def validate_bands(value: Any, info: RasterInfo) -> list[int] | None:
     if bad:
         raise JobError("bad_request", f"Band(s) {bad} do not exist; the raster has "
                        f"{info.count} band(s).")
+    from engine.raster import alpha_choice_problem  # noqa: PLC0415 - numpy; the server has it loaded
+
+    problem = alpha_choice_problem(value, info.alpha)
+    if problem:
+        raise JobError("bad_request", problem[0].upper() + problem[1:] + ".")
     return value
 
 

@@ -47,6 +47,7 @@ class RasterInfo:
     count: int
     bounds: tuple[float, float, float, float]  # min x, min y, max x, max y in the raster's CRS
     crs_wkt: str | None
+    alpha: frozenset = frozenset()  # 1-based numbers of the bands tagged alpha (raster.alpha_bands)
 
 
 def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) -> RasterInfo:
@@ -54,7 +55,7 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
     import rasterio  # the engine's dependency; imported late to keep module import cheap
     from rasterio.errors import RasterioIOError
 
-    from engine.raster import _gdal_detail, footprint_bounds
+    from engine.raster import _gdal_detail, alpha_bands, footprint_bounds
 
     shown = str(path)
     if "\x00" in shown:  # JSON allows it; no file name holds it (stat raises ValueError)
@@ -97,7 +98,8 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
                 raise JobError("not_a_raster", f"{shown} has no raster bands.")
             transform, crs_wkt = _placement(ds)
             info = RasterInfo(str(p), ds.width, ds.height, ds.count,
-                              footprint_bounds(transform, ds.width, ds.height), crs_wkt)
+                              footprint_bounds(transform, ds.width, ds.height), crs_wkt,
+                              frozenset(alpha_bands(ds)))
             # read one pixel: a header that opens but data that does not is unreadable
             ds.read(1, window=((0, 1), (0, 1)))
             return info

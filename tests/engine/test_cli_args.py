@@ -70,7 +70,7 @@ def test_bad_token_path_values_stop_before_anything_loads(cmd, extra, message, c
 
 
 @pytest.mark.parametrize("option", ["--grad-accum", "--lora-r", "--max-steps", "--max-length",
-                                    "--keep-checkpoints", "--max-pixels"])
+                                    "--max-pixels"])
 def test_finetune_counts_must_be_positive(option, capsys):
     with pytest.raises(SystemExit):
         parse("finetune", option, "0")
@@ -78,7 +78,7 @@ def test_finetune_counts_must_be_positive(option, capsys):
     assert getattr(parse("finetune", option, "3"), option[2:].replace("-", "_")) == 3
 
 
-@pytest.mark.parametrize("option", ["--save-every", "--eval-every"])
+@pytest.mark.parametrize("option", ["--save-every", "--eval-every", "--keep-checkpoints"])
 def test_finetune_every_n_steps_takes_zero_for_never(option, capsys):
     assert getattr(parse("finetune", option, "0"), option[2:].replace("-", "_")) == 0
     with pytest.raises(SystemExit):

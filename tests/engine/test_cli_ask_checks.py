@@ -196,3 +196,18 @@ def test_a_seed_beyond_64_bits_is_refused_before_loading(rgb, recorder, capsys):
     assert main(["ask", rgb, "q?", "--strategy", "random", "--seed", str(2**64)]) == 2
     assert "'seed' must be between 0 and" in capsys.readouterr().err and recorder.made == []
     assert main(["ask", rgb, "q?", "--strategy", "random", "--seed", str(2**63 - 1)]) == 0
+
+
+def test_bands_naming_the_alpha_band_are_refused_before_any_model_loads(tmp_path, recorder, capsys):
+    """`ask --bands 4,3,2` on an RGBA GeoTIFF read its alpha (a transparency mask) as red. Refused
+    with the band named, before a model loads; its colour bands (the plugin sends a render as
+    bands 1, 2, 3) are asked about as before."""
+    data = np.random.default_rng(1).integers(0, 255, (4, 64, 80), dtype=np.uint8)
+    rgba = write_geotiff(tmp_path / "rgba.tif", data, photometric="RGB", alpha=True)
+    common = ["--weights", str(tmp_path / "no-weights"), "--no-demo"]
+    assert main(["ask", rgba, "How many ships?", "--bands", "4,3,2", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Band 4 is the raster's alpha band (transparency, a mask and not imagery)")
+    assert recorder.made == []
+    main(["ask", rgba, "How many ships?", "--bands", "1,2,3", *common])
+    assert [r.bands for r in recorder.asked] == [[1, 2, 3]]

@@ -158,3 +158,15 @@ def test_a_utf8_byte_order_mark_is_ignored(tmp_path, jsonl):
     p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     samples, report = load_dataset(p, on_bad="stop")
     assert [s.index for s in samples] == [0, 1] and not report.bad
+
+
+def test_bands_naming_an_images_alpha_band_are_bad_bands(tmp_path):
+    """finetune --bands 4,3,2 (or a record's bands) on an RGBA image trained the model on its
+    alpha mask as red: such a sample is bad_bands, the band named, before training starts."""
+    Image.fromarray(np.full((30, 40, 4), 120, np.uint8), "RGBA").save(tmp_path / "ok.png")
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps([_row(0), dict(_row(1), bands=[1, 2, 3])]))
+    samples, report = load_dataset(p, bands=[4, 3, 2])
+    assert [s.id for s in samples] == ["1"]
+    assert [(b.index, b.reason) for b in report.bad] == [(0, "bad_bands")]
+    assert "--bands: band 4 is the raster's alpha band" in report.bad[0].message

@@ -1080,3 +1080,92 @@ def test_lrsvqa_is_reported_per_source_dataset_as_the_official_tables_are(tmp_pa
     res = evaluate(load_items(_write(tmp_path / "p.jsonl", plain, jsonl=True)), lambda it, p: "2", tmp_path / "p",
                    synonyms=None)
     assert "per_dataset" not in res
+
+
+def test_each_benchmark_is_asked_with_its_official_number_of_new_tokens(tmp_path, monkeypatch):
+    """Every format was generated with at most 64 new tokens; LRS-VQA's official inference script
+    generates up to 128. Each format now has its benchmark's cap; --max-new-tokens still sets one
+    for every item, and the run's settings record the cap used."""
+    import engine.pipeline as P
+    from engine.evaluate import engine_predictor
+
+    asked = []
+
+    class Recording:
+        def __init__(self, *a, **k):
+            pass
+
+        def health(self):
+            return {"demo_model": False}
+
+        def ask(self, req):
+            asked.append(req)
+            yield {"type": "result", "answer": "B"}
+
+    monkeypatch.setattr(P, "Engine", Recording)
+    lrs = load_items(_write(tmp_path / "lrs.jsonl", [{"question_id": "FAIR_1", "image": "a.tif", "category": "count",
+                                                      "text": "How many ships?", "ground_truth": "3"}]))[0]
+    xlrs = load_items(_write(tmp_path / "x.json", [XLRS_SINGLE]))[0]
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "lrs.jsonl"), "--out", str(tmp_path / "o")])
+    predict = engine_predictor(args, weights=str(tmp_path))
+    predict(lrs, build_prompt(lrs))
+    predict(xlrs, build_prompt(xlrs))
+    assert [r.max_new_tokens for r in asked] == [128, 64]
+    args = parser.parse_args([str(tmp_path / "lrs.jsonl"), "--out", str(tmp_path / "o"), "--max-new-tokens", "10"])
+    engine_predictor(args, weights=str(tmp_path))(lrs, build_prompt(lrs))
+    assert asked[-1].max_new_tokens == 10
+    # recorded in the run's settings: a folder of answers cut at 64 tokens is not resumed at 128
+    out = str(tmp_path / "r")
+    run_eval(parser.parse_args([str(tmp_path / "lrs.jsonl"), "--out", out]), predict=lambda it, p: "3")
+    assert json.loads((tmp_path / "r" / "run_settings.json").read_text())["max_new_tokens"] == "128"
+    with pytest.raises(EvalError, match="max_new_tokens: '128' -> '64'"):
+        run_eval(parser.parse_args([str(tmp_path / "lrs.jsonl"), "--out", out, "--max-new-tokens", "64"]),
+                 predict=lambda it, p: "3")
+
+
+def test_a_limited_run_says_its_macro_covers_only_the_categories_asked(tmp_path):
+    """--limit keeps the first N items: the macro average is the mean over the categories those
+    items have, not over the file's. The figure stays; the results say what it covers."""
+    ann = _write(tmp_path / "mme.json", MME)
+    res = evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "l", limit=2)
+    assert "2 categories these items have only" in res["macro_note"] and "--limit 2, of 4 items" in res["macro_note"]
+    assert res["macro_note"] in (tmp_path / "l" / "results.md").read_text()
+    assert json.loads((tmp_path / "l" / "results.json").read_text())["macro_note"] == res["macro_note"]
+    full = evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "f")
+    assert "macro_note" not in full and "limited run" not in (tmp_path / "f" / "results.md").read_text()
+    assert "macro_note" not in evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "g", limit=9)
+
+
+def test_eval_records_the_bands_of_its_adapter_with_its_other_training_settings(tmp_path):
+    """The engine applies an --adapter's bands to every image that has them, as it applies its
+    strategy, budget and tokens a tile; run_settings.json recorded those but not the bands, so a
+    rerun with an adapter trained on other bands resumed answers made on other colours."""
+    from engine.adapter_settings import write_training_settings
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    ann = _write(tmp_path / "mme.json", MME)
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    settings = {"format": 1, "strategy": "anchored", "budget": None, "tokens_per_tile": 4,
+                "faithful_empty_slots": False, "bands": [4, 3, 2], "records_with_own_bands": 0}
+    write_training_settings(adapter, settings)
+    out = tmp_path / "a"
+    run = lambda *extra: run_eval(parser.parse_args([str(ann), "--out", str(out), *extra]),  # noqa: E731
+                                  predict=_predictor(MME_REPLIES, []))
+    run("--adapter", str(adapter), "--limit", "1")
+    assert json.loads((out / "run_settings.json").read_text())["bands"] == "4,3,2"
+    write_training_settings(adapter, {**settings, "bands": [1, 2, 3]})
+    with pytest.raises(EvalError, match="bands: '4,3,2' -> '1,2,3'"):
+        run("--adapter", str(adapter), "--limit", "2")
+    # a settings file of an older version, without bands: assumed unchanged
+    saved = json.loads((out / "run_settings.json").read_text())
+    del saved["bands"]
+    (out / "run_settings.json").write_text(json.dumps(saved))
+    run("--adapter", str(adapter), "--limit", "2")
+    assert json.loads((out / "run_settings.json").read_text())["bands"] == "1,2,3"
+    run_eval(parser.parse_args([str(ann), "--out", str(tmp_path / "b"), "--limit", "1"]),
+             predict=_predictor(MME_REPLIES, []))
+    assert json.loads((tmp_path / "b" / "run_settings.json").read_text())["bands"] is None  # no adapter

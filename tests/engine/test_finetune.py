@@ -284,6 +284,24 @@ def test_resume_with_another_lr_and_weight_decay_uses_them(tmp_path, tiny_checkp
     assert state["scheduler"]["base_lrs"] == [1e-5] * len(groups)
 
 
+def test_by_default_only_the_newest_three_checkpoints_are_kept(tmp_path, tiny_checkpoint):
+    """--keep-checkpoints had no default: every checkpoint stayed, and the disk filled for the
+    whole run. It keeps the newest 3 by default (GeoLLaVA-8K's ft3.sh: save_total_limit 3); 0
+    keeps all."""
+    from engine.finetune import _prune_checkpoints
+
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "run"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--save-every", "1",
+                              "--val-fraction", "0")) == 0
+    assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert _args(data, out, tiny_checkpoint, "--keep-checkpoints", "0").keep_checkpoints == 0
+    _prune_checkpoints(out, 0)  # 0: keep all
+    assert len(list(out.glob("checkpoint-*"))) == 3
+    _prune_checkpoints(out, 1)
+    assert [d.name for d in out.glob("checkpoint-*")] == ["checkpoint-4"]
+
+
 def test_cli_exposes_finetune_and_eval():
     from engine.cli import build_parser
 
@@ -739,7 +757,8 @@ def test_help_shows_the_training_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]  # past the usage line
     for option, default in (("--lr", "0.0002"), ("--epochs", "1.0"), ("--grad-accum", "4"), ("--lora-r", "16"),
                             ("--lora-alpha", "32"), ("--lora-dropout", "0.05"), ("--warmup-ratio", "0.03"),
-                            ("--val-fraction", "0.05"), ("--save-every", "100"), ("--max-length", "32768")):
+                            ("--val-fraction", "0.05"), ("--save-every", "100"), ("--max-length", "32768"),
+                            ("--keep-checkpoints", "3")):
         after = text.split(f"{option} {option.lstrip('-').replace('-', '_').upper()}", 1)[1]
         assert f"(default: {default})" in after.split(" --", 1)[0], (option, after[:200])
 

@@ -833,3 +833,20 @@ def test_a_cancel_stops_the_read_again_of_spread_nan(tmp_path, monkeypatch):
     with pytest.raises(Cancelled):
         read_raster(path, max_pixels=150 * 150, cancel=cancel)
     assert len(calls) == 1
+
+
+def test_an_explicit_band_choice_naming_the_alpha_band_is_refused(tmp_path):
+    """An RGBA raster's 4th band is its transparency mask, not imagery: bands=[4, 3, 2] read it as
+    red. The engine's own choice never uses it; an explicit one naming it is refused, band named.
+    Its colour bands stay valid (the plugin sends a render as bands [1, 2, 3])."""
+    arr = _u8(4, 8, 8)
+    p = write_geotiff(tmp_path / "rgba.tif", arr, photometric="RGB", alpha=True)
+    with pytest.raises(BandError, match=r"band 4 is the raster's alpha band \(transparency"):
+        read_raster(p, bands=[4, 3, 2])
+    with pytest.raises(BandError, match="band 4 is the raster's alpha band"):
+        read_raster(p, bands=[4])
+    assert read_raster(p, bands=[1, 2, 3]).bands == (1, 2, 3)
+    assert read_raster(p).bands == (1, 2, 3)
+    # a 4-band raster whose 4th band is not tagged alpha (RGBN) may show it
+    rgbn = write_geotiff(tmp_path / "rgbn.tif", arr, photometric="MINISBLACK")
+    assert read_raster(rgbn, bands=[4, 3, 2]).bands == (4, 3, 2)

@@ -266,3 +266,19 @@ def test_a_geojson_aoi_that_is_no_polygon_is_a_clear_400(server, inputs, geojson
                         "aoi": {"geojson": geojson}}], "questions": ["Any roads?"]}
     status, code_got, message = _err(server.request("POST", "/batch", batch))
     assert (status, code_got) == (400, code) and message.startswith("Layer Harbour: "), message
+
+
+def test_bands_naming_an_alpha_band_are_a_bad_request_and_the_colour_bands_are_not(server, tmp_path):
+    """A request's `bands` naming an RGBA GeoTIFF's alpha band (its transparency mask) is refused
+    before it is queued, the band named; the plugin's renders (RGBA GeoTIFFs asked as bands
+    [1, 2, 3]) are answered as before."""
+    import numpy as np
+    from rasters import write_geotiff
+
+    data = np.random.default_rng(3).integers(0, 255, (4, 64, 80), dtype=np.uint8)
+    rgba = write_geotiff(tmp_path / "render.tif", data, photometric="RGB", alpha=True)
+    status, answer = server.ask(ask_body(rgba, bands=[4, 3, 2]))
+    assert (status, answer["error"]["code"]) == (400, "bad_request")
+    assert answer["error"]["message"].startswith("Band 4 is the raster's alpha band")
+    status, answer = server.ask(ask_body(rgba, bands=[1, 2, 3]))
+    assert status == 200 and answer[-1]["type"] == "result", answer

@@ -1,0 +1,28 @@
+"""Small JSON files that sit next to weights or adapters (``generation_config.json``,
+``geovqa_training.json``): read one as a JSON object, or say in the caller's words why it cannot
+be used. Standard library only (the loader reads them before anything heavy is imported)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception], *, unreadable_advice: str = "",
+                     not_object_advice: str = "") -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when there is no such file (an optional file). A file
+    that cannot be read or parsed raises `error` "PATH cannot be read (why)" + `unreadable_advice`;
+    one that holds something other than an object, "PATH is not a JSON object" + `not_object_advice`
+    (each advice is appended as given, e.g. ". Run `make weights` again ...")."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{path} cannot be read ({exc}){unreadable_advice}") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path} is not a JSON object{not_object_advice}")
+    return data
