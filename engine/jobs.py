@@ -18,6 +18,10 @@ answered from their folder (``state.json``, ``results.jsonl``), which a start do
 finished job's folder is removed when it is older than the output retention
 (GEOVQA_OUTPUT_RETENTION_DAYS, `engine.pipeline.output_retention_days`), or at once by
 ``DELETE /jobs/{id}`` (`JobQueue.cancel`).
+
+The same age rule runs while the server runs: after a job ends, at most once every
+`HOUSEKEEPING_INTERVAL_S`, the worker removes finished job folders and the engine's heatmap /
+anchors files (`engine.pipeline.prune_outputs`) older than the retention.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import IO, Any, Callable
 
 from engine import protocol
 from engine.errors import free_gpu_memory
-from engine.pipeline import output_retention_days
+from engine.pipeline import output_retention_days, prune_outputs
 
 log = logging.getLogger("engine.jobs")
 
@@ -46,6 +50,8 @@ FINISHED_STATES = ("done", "failed", "cancelled")
 # the summaries of this many finished batch jobs stay in memory (a few hundred bytes each);
 # older ones are read from their folder when asked for
 KEEP_FINISHED_IN_MEMORY = 100
+# while serving, old outputs and finished jobs are looked for at most this often (after a job ends)
+HOUSEKEEPING_INTERVAL_S = 3600.0
 OOM_HINT = "Retry with a smaller token budget (for example {budget}) or a smaller area of interest."
 
 
@@ -362,14 +368,15 @@ class JobQueue:
 
     def __init__(self, engine: Any, state_dir: Path, make_request: Callable[[dict], Any],
                  state_lock: IO | None = None, retention_days: float | None = None,
-                 keep_finished: int | None = None):
+                 keep_finished: int | None = None, output_dir: Path | None = None):
         """`state_lock`: the lock of `lock_state_dir(state_dir)` when the caller took it already
         (``serve`` does, before loading the model); else `start` takes it.
 
         `retention_days`: finished batch jobs older than this are removed (0 keeps them all);
         None: GEOVQA_OUTPUT_RETENTION_DAYS, the outputs' rule. `keep_finished`: how many finished
         batch jobs' summaries stay in memory (older ones are read from disk when asked for);
-        None: `KEEP_FINISHED_IN_MEMORY`."""
+        None: `KEEP_FINISHED_IN_MEMORY`. `output_dir`: the engine's heatmaps / anchors, pruned
+        by the same rule while serving (None: not pruned here)."""
         self.engine = engine
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
@@ -384,6 +391,8 @@ class JobQueue:
         self.keep_finished = KEEP_FINISHED_IN_MEMORY if keep_finished is None else keep_finished
         self.retention_days = (output_retention_days() if retention_days is None
                                else retention_days)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self._last_housekeeping = time.monotonic()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._worker_alive = False  # from start() until the worker thread has left its loop
@@ -395,7 +404,9 @@ class JobQueue:
         # Resuming batch jobs is only safe for the one server that holds the state dir.
         if self._lock_file is None:
             self._lock_file = lock_state_dir(self.state_dir)
-        self._resume_batches()
+        self._resume_batches()  # removes the finished jobs older than the retention
+        self._prune_outputs()
+        self._last_housekeeping = time.monotonic()
         self._thread = threading.Thread(target=self._worker, name="gpu-worker", daemon=True)
         self._worker_alive = True
         self._thread.start()
@@ -621,6 +632,8 @@ class JobQueue:
                     self._waiting.append(job)
                 # positions are updated when the next job is taken, a moment from now
                 self._cond.notify_all()
+            if time.monotonic() - self._last_housekeeping >= HOUSEKEEPING_INTERVAL_S:
+                self.housekeep()
 
     @staticmethod
     def _fail(job: AskJob | BatchJob, exc: Exception) -> None:
@@ -799,3 +812,38 @@ class JobQueue:
         log.info("removed batch job %s, finished over %g days ago", directory.name,
                  self.retention_days)
         return True
+
+    def housekeep(self) -> None:
+        """Apply the retention while serving: remove the folders of finished jobs and the engine's
+        output files older than it (the worker calls this after a job, at most once every
+        `HOUSEKEEPING_INTERVAL_S`). A failure is logged, never raised."""
+        self._last_housekeeping = time.monotonic()
+        try:
+            self._expire_finished_jobs()
+            self._prune_outputs()
+        except Exception:  # noqa: BLE001 - housekeeping never stops the worker
+            log.warning("removing old jobs and outputs failed", exc_info=True)
+
+    def _expire_finished_jobs(self) -> None:
+        if self.retention_days <= 0 or not self.jobs_dir.is_dir():
+            return
+        for directory in sorted(self.jobs_dir.iterdir()):
+            if not JOB_ID_RE.match(directory.name):
+                continue
+            with self._cond:
+                if directory.name in self._jobs:  # waiting or running
+                    continue
+            try:
+                state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if is_finished(state) and self._expire(directory, state):
+                with self._cond:
+                    self._finished.pop(directory.name, None)
+
+    def _prune_outputs(self) -> None:
+        if self.output_dir is not None:
+            removed = prune_outputs(self.output_dir, self.retention_days)
+            if removed:
+                log.info("removed %d output files older than %g days from %s", removed,
+                         self.retention_days, self.output_dir)

@@ -36,7 +36,8 @@ from engine.protocol import (DEFAULT_STRATEGY, PROTOCOL_VERSION, STRATEGIES, tok
 from engine.weights import DEFAULT_WEIGHTS
 
 # Heatmaps / anchors the engine wrote are working files (the plugin copies what it keeps next to
-# the project): those older than GEOVQA_OUTPUT_RETENTION_DAYS are removed when an engine starts.
+# the project): those older than GEOVQA_OUTPUT_RETENTION_DAYS are removed when an engine starts
+# and, by the server's job queue (engine/jobs.py), while it serves.
 RETENTION_VARIABLE = "GEOVQA_OUTPUT_RETENTION_DAYS"
 DEFAULT_OUTPUT_RETENTION_DAYS = 14.0
 # the names `_output_stem` + write_heatmap give the engine's files; pruning touches only these, so a

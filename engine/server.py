@@ -107,7 +107,9 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     output_dir = settings.output_dir.resolve()
-    jobs = JobQueue(engine, settings.state_dir, request_factory(engine), state_lock=state_lock)
+    # the queue also applies the output retention to output_dir while serving (engine/jobs.py)
+    jobs = JobQueue(engine, settings.state_dir, request_factory(engine), state_lock=state_lock,
+                    output_dir=output_dir)
     try:
         engine_strategies = tuple(engine.health().get("strategies") or ())
     except Exception:  # noqa: BLE001 - health is re-read on every /health

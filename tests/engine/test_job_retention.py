@@ -5,6 +5,7 @@ go after the output retention (GEOVQA_OUTPUT_RETENTION_DAYS), and a DELETE remov
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -146,3 +147,56 @@ def test_a_finished_cancelled_batch_is_removed_by_a_second_delete(tmp_path):
     assert jobs.info(job.job_id)["state"] == "cancelled"
     assert jobs.cancel(job.job_id)["removed"] is True
     assert jobs.info(job.job_id) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The same rule while serving (the output folder was pruned only when an engine started)
+
+OLD_OUTPUT = "20240101-120000-any-roads-abc123_heatmap.tif"
+NEW_OUTPUT = "20240102-120000-any-roads-def456_anchors.geojson"
+
+
+def output_files(out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / name for name in (OLD_OUTPUT, NEW_OUTPUT, "survey_heatmap.tif")}
+    for path in files.values():
+        path.write_text("x")
+    for name in (OLD_OUTPUT, "survey_heatmap.tif"):  # a user's own file is never touched
+        stamp = time.time() - 15 * DAY
+        os.utime(files[name], (stamp, stamp))
+    return files
+
+
+def ask_once(jobs: JobQueue) -> None:
+    job = jobs.submit_ask({"question": "What is here?", "request_id": "r"})
+    while job.events.get(timeout=10) is not None:
+        pass
+    wait_until(lambda: jobs.queue_length() == 0 and jobs.get(job.job_id) is None, timeout=10)
+
+
+def test_a_running_server_prunes_old_outputs_and_jobs_after_a_job(tmp_path, monkeypatch):
+    state_dir, out = tmp_path / "state", tmp_path / "out"
+    jobs = JobQueue(StandInEngine(), state_dir, make_request=dict, output_dir=out)
+    jobs.start()
+    try:
+        (old_job,) = run_batches(jobs, 1)
+        backdate(state_dir / "jobs", old_job, 15)
+        files = output_files(out)  # written after the start: only a pruning while serving sees them
+        ask_once(jobs)  # within the hour since the start: nothing is looked at
+        assert files[OLD_OUTPUT].exists() and (state_dir / "jobs" / old_job).exists()
+        monkeypatch.setattr(engine.jobs, "HOUSEKEEPING_INTERVAL_S", 0.0)
+        ask_once(jobs)
+        wait_until(lambda: not files[OLD_OUTPUT].exists(), timeout=10)
+        assert files[NEW_OUTPUT].exists() and files["survey_heatmap.tif"].exists()
+        assert not (state_dir / "jobs" / old_job).exists()
+        assert jobs.info(old_job) is None and old_job not in jobs.held_job_ids()
+    finally:
+        jobs.stop()
+
+
+def test_the_server_gives_its_output_folder_to_the_job_queue(tmp_path):
+    from engine.server import Settings, create_app
+
+    settings = Settings(state_dir=tmp_path / "state", output_dir=tmp_path / "out", token="t")
+    app = create_app(engine=None, settings=settings)
+    assert app.state.jobs.output_dir == (tmp_path / "out").resolve()
