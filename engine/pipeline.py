@@ -18,6 +18,7 @@ Caching (used by the server for repeated questions on the same raster):
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 import queue
@@ -35,11 +36,16 @@ from engine.protocol import (DEFAULT_STRATEGY, PROTOCOL_VERSION, STRATEGIES, tok
                              validate_question)
 from engine.weights import DEFAULT_WEIGHTS
 
+log = logging.getLogger("engine.pipeline")
+
 # Heatmaps / anchors the engine wrote are working files (the plugin copies what it keeps next to
 # the project): those older than GEOVQA_OUTPUT_RETENTION_DAYS are removed when an engine starts
 # and, by the server's job queue (engine/jobs.py), while it serves.
 RETENTION_VARIABLE = "GEOVQA_OUTPUT_RETENTION_DAYS"
 DEFAULT_OUTPUT_RETENTION_DAYS = 14.0
+# how long a closed (cancelled) question waits for its stage thread (a read, a batch of tiles in
+# the vision tower: seconds on a GPU) to notice the cancel and end
+STAGE_JOIN_TIMEOUT_S = 120.0
 # the names `_output_stem` + write_heatmap give the engine's files; pruning touches only these, so a
 # user's own "survey_heatmap.tif" in a folder given as --output-dir is never deleted
 ENGINE_OUTPUT_NAME = re.compile(r"^\d{8}-\d{6}-[a-z0-9-]{1,40}-[0-9a-f]{6}_(heatmap\.tif|anchors\.geojson)$")
@@ -683,7 +689,11 @@ def _output_stem(question: str) -> str:
 def _with_progress(work: Callable[[Callable[[int, int], None]], Any],
                    to_event: Callable[[int, int], dict]):
     """Run `work(progress)` in a thread, yielding `to_event(done, total)` for each progress call;
-    return its result (or raise its exception). Lets a long stage report progress mid-stream."""
+    return its result (or raise its exception). Lets a long stage report progress mid-stream.
+
+    Closed early (a cancelled question: the caller has set the cancel event `work` checks), it
+    waits for the thread to end, up to `STAGE_JOIN_TIMEOUT_S`, before it returns: `Engine.ask`
+    releases the engine's lock only then, so the next question's stage never runs beside it."""
     q: queue.Queue = queue.Queue()
     out: dict[str, Any] = {}
 
@@ -697,8 +707,15 @@ def _with_progress(work: Callable[[Callable[[int, int], None]], Any],
 
     th = threading.Thread(target=run, name="geovqa-stage", daemon=True)
     th.start()
-    while (item := q.get()) is not None:
-        yield to_event(*item)
+    try:
+        while (item := q.get()) is not None:
+            yield to_event(*item)
+    except GeneratorExit:  # closed by the consumer (not Ctrl-C, which ends the process anyway)
+        th.join(STAGE_JOIN_TIMEOUT_S)
+        if th.is_alive():
+            log.warning("a cancelled question's stage has not ended after %.0f s; the next "
+                        "question starts beside it", STAGE_JOIN_TIMEOUT_S)
+        raise
     th.join()
     if "error" in out:
         raise out["error"]

@@ -543,3 +543,73 @@ def test_the_out_of_memory_retry_hint_halves_the_budget_that_ran(tiny_checkpoint
     with pytest.raises(Exception) as exc:
         _ask(eng, scene, budget=300)  # given: its own
     assert error_for_exception(exc.value, 300).extra["retry_budget"] == 150
+
+
+# ---------------------------------------------------------------------------------------------
+# A cancelled question's stage thread ends with the question (review "soak": it went on encoding
+# tiles after the job had ended and the engine's lock was free for the next question)
+
+
+def stage_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "geovqa-stage"]
+
+
+def test_closing_a_stage_early_waits_for_its_thread():
+    from engine.pipeline import _with_progress
+
+    release = threading.Event()
+
+    def work(progress):
+        progress(1, 2)
+        release.wait(10)  # still busy when the consumer closes the stream
+        return "done"
+
+    stage = _with_progress(work, lambda done, total: {"done": done})
+    assert next(stage) == {"done": 1}
+    closer = threading.Thread(target=stage.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close() returned while the stage thread was still running"
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive() and not stage_threads()
+
+
+def test_a_cancelled_questions_vision_stage_ends_before_the_engine_is_free(engine, tmp_path,
+                                                                           monkeypatch):
+    import engine.vision as vision
+
+    real_encode = vision.encode_tiles
+    reached, release = threading.Event(), threading.Event()
+
+    def encode_and_hold(model, tiles, **kw):
+        progress = kw.pop("progress")
+
+        def progress_then_hold(done, total):
+            progress(done, total)
+            reached.set()
+            release.wait(10)  # the tower is "still encoding" when the question is cancelled
+
+        return real_encode(model, tiles, progress=progress_then_hold, **kw)
+
+    monkeypatch.setattr(vision, "encode_tiles", encode_and_hold)
+    rng = np.random.default_rng(7)  # a raster of its own: no feature-cache hit skips the tower
+    raster = write_geotiff(tmp_path / "held.tif", rng.integers(0, 255, (3, 400, 400), dtype=np.uint8))
+    cancel = threading.Event()
+    stream = engine.ask(AskRequest(str(raster), "What is here?", strategy="none",
+                                   max_new_tokens=4), cancel)
+    try:
+        for event in stream:
+            if event["type"] == "status" and event["stage"] == "vision":
+                break
+        assert reached.is_set()
+        cancel.set()  # what JobQueue does on DELETE /jobs/{id} or a closed connection ...
+        closer = threading.Thread(target=stream.close)  # ... before it closes the stream
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive() and engine._lock.locked(), (
+            "the stream closed (and the engine's lock was free) while its stage still encoded")
+    finally:
+        release.set()
+    closer.join(30)
+    assert not closer.is_alive() and not stage_threads() and not engine._lock.locked()
