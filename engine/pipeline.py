@@ -25,6 +25,7 @@ import queue
 import re
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -369,7 +370,18 @@ class Engine:
             except Exception as exc:
                 if is_oom(exc):  # the retry hint halves the budget that ran (an adapter's, when it gave it)
                     exc.applied_budget = self._applied_budget
+                    self.release_device_memory(exc)
                 raise
+
+    def release_device_memory(self, exc: BaseException | None = None) -> None:
+        """After an out-of-memory error: drop what the engine holds on the device, so the retry
+        (and `engine.errors.free_gpu_memory`, which empties torch's cache) finds it free. That is
+        the image-prefix KV caches (`prefixes`; the feature cache holds CPU tensors) and, given
+        the error, the tensors its traceback's frames still hold (the request's embeddings, the
+        prefix in use): the server keeps the error until it has answered."""
+        self.prefixes.clear()
+        if exc is not None:
+            traceback.clear_frames(exc.__traceback__)
 
     def resolve_visual(self, req: AskRequest) -> tuple[AskRequest, list[str]]:
         """`req` with its visual-token fields filled in, and notes for the person asking.

@@ -613,3 +613,29 @@ def test_a_cancelled_questions_vision_stage_ends_before_the_engine_is_free(engin
         release.set()
     closer.join(30)
     assert not closer.is_alive() and not stage_threads() and not engine._lock.locked()
+
+
+def test_an_out_of_memory_error_drops_what_the_engine_holds_on_the_device(tiny_checkpoint, scene,
+                                                                          tmp_path, monkeypatch):
+    """The image-prefix KV caches (up to 2 x 2 GiB on the GPU) and the tensors in the error's
+    frames outlived an OOM, so the retry at a smaller budget ran with them still held."""
+    import gc
+    import weakref
+
+    eng = Engine(tiny_checkpoint, output_dir=tmp_path / "out")
+    _ask(eng, scene, "Is there water?", strategy="geollava")
+    assert len(eng.prefixes) == 1
+    (key,) = list(eng.prefixes._items)
+    held = weakref.ref(eng.prefixes.get(key)[1])  # the PrefixCache the next question reuses
+
+    def out_of_memory(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(eng.model), "forward", out_of_memory)
+    with pytest.raises(Exception) as caught:
+        _ask(eng, scene, "Is there water?", strategy="geollava")  # a prefix hit, then the OOM
+    assert error_for_exception(caught.value).code == "out_of_memory"
+    assert len(eng.prefixes) == 0
+    gc.collect()
+    # gone, though the error (as the server holds it while it answers) is still alive
+    assert held() is None and caught.value is not None
