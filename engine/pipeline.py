@@ -341,7 +341,9 @@ class Engine:
             "demo_model": bool(self.demo or info.get("demo")),
             "weights_present": checkpoint_present(DEFAULT_WEIGHTS) or
             (not self.demo and checkpoint_present(self.weights_dir)),
-            "weights_dir": str(self.weights_dir),
+            # absolute: the plugin shows it, and a path relative to the engine's working folder
+            # says nothing to a client elsewhere
+            "weights_dir": str(Path(self.weights_dir).resolve()),
             "device": dev,
             "gpu_name": info.get("gpu_name"),
             "gpu_free_bytes": gpu_free_bytes(dev) if str(dev).startswith("cuda") else None,

@@ -639,3 +639,12 @@ def test_an_out_of_memory_error_drops_what_the_engine_holds_on_the_device(tiny_c
     gc.collect()
     # gone, though the error (as the server holds it while it answers) is still alive
     assert held() is None and caught.value is not None
+
+
+def test_health_names_the_weights_folder_as_an_absolute_path(tiny_checkpoint, tiny_loaded, tmp_path,
+                                                             monkeypatch):
+    """`serve --weights weights/x` answered "weights_dir": "weights/x", relative to the engine's
+    working folder, which a client elsewhere cannot read."""
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    eng = Engine(tiny_checkpoint.name, loaded=tiny_loaded, output_dir=tmp_path / "out")
+    assert eng.health()["weights_dir"] == str(tiny_checkpoint.resolve())
