@@ -7,6 +7,7 @@ Each message is a sentence for a person; the pipeline turns these into protocol 
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 
@@ -47,10 +48,13 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def free_gpu_memory() -> None:
-    """Release cached CUDA blocks after an OOM (does nothing without torch or CUDA)."""
+    """Release cached CUDA blocks after an OOM (does nothing without torch or CUDA): first the
+    tensors only reference cycles still hold (an error's traceback and its frames), then torch's
+    cache. The engine's own caches are `Engine.release_device_memory`'s."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
+    gc.collect()
     try:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -11,6 +11,17 @@ Batch jobs live in ``<state_dir>/jobs/<job_id>/``: ``spec.json`` (what to do), `
 ``results.jsonl`` (one line per finished answer, appended and fsynced as each completes). A
 server restarted on the same state dir resumes every unfinished job from the first item without a
 line in ``results.jsonl``, and ends as cancelled one whose cancel came before the crash.
+
+Finished batch jobs (done, failed, cancelled) are kept within bounds: in memory only the summary
+(`info`) of the `KEEP_FINISHED_IN_MEMORY` most recent ones, never their spec; older ones are
+answered from their folder (``state.json``, ``results.jsonl``), which a start does not load. A
+finished job's folder is removed when it is older than the output retention
+(GEOVQA_OUTPUT_RETENTION_DAYS, `engine.pipeline.output_retention_days`), or at once by
+``DELETE /jobs/{id}`` (`JobQueue.cancel`).
+
+The same age rule runs while the server runs: after a job ends, at most once every
+`HOUSEKEEPING_INTERVAL_S`, the worker removes finished job folders and the engine's heatmap /
+anchors files (`engine.pipeline.prune_outputs`) older than the retention.
 """
 
 from __future__ import annotations
@@ -21,17 +32,26 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import threading
 import time
 from pathlib import Path
+from collections import OrderedDict
 from typing import IO, Any, Callable
 
 from engine import protocol
 from engine.errors import free_gpu_memory
+from engine.pipeline import output_retention_days, prune_outputs
 
 log = logging.getLogger("engine.jobs")
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+FINISHED_STATES = ("done", "failed", "cancelled")
+# the summaries of this many finished batch jobs stay in memory (a few hundred bytes each);
+# older ones are read from their folder when asked for
+KEEP_FINISHED_IN_MEMORY = 100
+# while serving, old outputs and finished jobs are looked for at most this often (after a job ends)
+HOUSEKEEPING_INTERVAL_S = 3600.0
 OOM_HINT = "Retry with a smaller token budget (for example {budget}) or a smaller area of interest."
 
 
@@ -220,6 +240,8 @@ class BatchJob:
             _write_json_atomic(self.dir / "state.json", {
                 "state": self.state, "message": self.message, "updated": time.time(),
                 "cancel_requested": self.cancel.is_set(), "resumable": self.resumable,
+                # what `GET /jobs/{id}` answers once the job is no longer held in memory
+                "total": self.total, "done": len(self.done_indexes), "errors": self.errors,
             })
 
     def append_result(self, line: dict) -> None:
@@ -233,23 +255,72 @@ class BatchJob:
 
     def load_results(self) -> list[dict]:
         """Read results.jsonl; a half-written last line (killed mid-write) is cut off."""
-        results: list[dict] = []
-        if not self.results_path.exists():
-            return results
-        good_bytes = 0
-        with open(self.results_path, "rb") as fh:
-            for raw in fh:
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    results.append(json.loads(raw))
-                except ValueError:
-                    break
-                good_bytes += len(raw)
-        if good_bytes != self.results_path.stat().st_size:
-            with open(self.results_path, "r+b") as fh:
-                fh.truncate(good_bytes)
+        return read_results(self.results_path)
+
+
+def read_results(path: Path) -> list[dict]:
+    """The lines of a job's results.jsonl; a half-written last line (killed mid-write) is cut off
+    the file. No file: none."""
+    results: list[dict] = []
+    if not path.exists():
         return results
+    good_bytes = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                results.append(json.loads(raw))
+            except ValueError:
+                break
+            good_bytes += len(raw)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as fh:
+            fh.truncate(good_bytes)
+    return results
+
+
+def finished_info_from_disk(directory: Path) -> dict | None:
+    """`BatchJob.info` of a job not held in memory, from its folder: ``state.json`` (which says
+    total / done / errors since this version; else they are counted from ``spec.json`` and
+    ``results.jsonl``). None when the folder holds no readable job."""
+    try:
+        state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+        results_path = directory / "results.jsonl"
+        if "total" in state:
+            total, done, errors = int(state["total"]), int(state["done"]), int(state["errors"])
+        else:  # a folder written by an older engine
+            spec = json.loads((directory / "spec.json").read_text(encoding="utf-8"))
+            total = len(spec["items"]) * len(spec["questions"])
+            lines = read_results(results_path)
+            done = len({int(line["index"]) for line in lines})
+            errors = sum(1 for line in lines if line.get("error"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {
+        "job_id": directory.name, "state": state.get("state", "failed"), "position": None,
+        "done": done, "total": total, "errors": errors, "results_path": str(results_path),
+        "message": state.get("message"), "kind": "batch",
+    }
+
+
+def job_finished_at(directory: Path, state: dict) -> float:
+    """When the job in `directory` last changed state (state.json's ``updated``, else the file's
+    modification time)."""
+    updated = state.get("updated")
+    if isinstance(updated, (int, float)) and not isinstance(updated, bool):
+        return float(updated)
+    try:
+        return (directory / "state.json").stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def is_finished(state: dict) -> bool:
+    """A job's state.json says it is over for good (a failed job the engine's disk stopped is
+    resumed at the next start: not finished)."""
+    return state.get("state") in FINISHED_STATES and not (
+        state.get("state") == "failed" and state.get("resumable"))
 
 
 def lock_state_dir(state_dir: Path) -> IO:
@@ -296,9 +367,16 @@ class JobQueue:
     """FIFO of GPU jobs served by one worker thread."""
 
     def __init__(self, engine: Any, state_dir: Path, make_request: Callable[[dict], Any],
-                 state_lock: IO | None = None):
+                 state_lock: IO | None = None, retention_days: float | None = None,
+                 keep_finished: int | None = None, output_dir: Path | None = None):
         """`state_lock`: the lock of `lock_state_dir(state_dir)` when the caller took it already
-        (``serve`` does, before loading the model); else `start` takes it."""
+        (``serve`` does, before loading the model); else `start` takes it.
+
+        `retention_days`: finished batch jobs older than this are removed (0 keeps them all);
+        None: GEOVQA_OUTPUT_RETENTION_DAYS, the outputs' rule. `keep_finished`: how many finished
+        batch jobs' summaries stay in memory (older ones are read from disk when asked for);
+        None: `KEEP_FINISHED_IN_MEMORY`. `output_dir`: the engine's heatmaps / anchors, pruned
+        by the same rule while serving (None: not pruned here)."""
         self.engine = engine
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
@@ -307,7 +385,14 @@ class JobQueue:
         self._cond = threading.Condition()
         self._waiting: list[AskJob | BatchJob] = []
         self._running: AskJob | BatchJob | None = None
-        self._jobs: dict[str, AskJob | BatchJob] = {}
+        self._jobs: dict[str, AskJob | BatchJob] = {}  # waiting and running jobs
+        # summaries (`info`) of the most recently finished batch jobs, oldest first
+        self._finished: "OrderedDict[str, dict]" = OrderedDict()
+        self.keep_finished = KEEP_FINISHED_IN_MEMORY if keep_finished is None else keep_finished
+        self.retention_days = (output_retention_days() if retention_days is None
+                               else retention_days)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self._last_housekeeping = time.monotonic()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._worker_alive = False  # from start() until the worker thread has left its loop
@@ -319,7 +404,9 @@ class JobQueue:
         # Resuming batch jobs is only safe for the one server that holds the state dir.
         if self._lock_file is None:
             self._lock_file = lock_state_dir(self.state_dir)
-        self._resume_batches()
+        self._resume_batches()  # removes the finished jobs older than the retention
+        self._prune_outputs()
+        self._last_housekeeping = time.monotonic()
         self._thread = threading.Thread(target=self._worker, name="gpu-worker", daemon=True)
         self._worker_alive = True
         self._thread.start()
@@ -394,28 +481,50 @@ class JobQueue:
             return len(self._waiting)
 
     def get(self, job_id: str) -> AskJob | BatchJob | None:
+        """A waiting or running job (finished batch jobs are only summaries: `info`)."""
         with self._cond:
             return self._jobs.get(job_id)
 
+    def held_job_ids(self) -> list[str]:
+        """The jobs held in memory: waiting, running and the most recently finished batch jobs."""
+        with self._cond:
+            return [*self._jobs, *self._finished]
+
     def info(self, job_id: str) -> dict | None:
-        job = self.get(job_id)
-        return None if job is None else job.info()
+        """`GET /jobs/{id}`: a job held in memory, else a finished batch job from its folder."""
+        if not JOB_ID_RE.match(job_id):
+            return None
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                return job.info()
+            if job_id in self._finished:
+                return dict(self._finished[job_id])
+        return finished_info_from_disk(self.jobs_dir / job_id)
 
     def results(self, job_id: str) -> list[dict] | None:
+        """`GET /jobs/{id}/results` of a batch job, held in memory or not; None for no such job."""
         job = self.get(job_id)
-        if not isinstance(job, BatchJob):
+        if isinstance(job, BatchJob):
+            with job.lock:
+                return job.load_results()
+        if job is not None or self.info(job_id) is None:
             return None
-        with job.lock:
-            return job.load_results()
+        try:
+            return read_results(self.jobs_dir / job_id / "results.jsonl")
+        except OSError:  # removed meanwhile (DELETE, retention)
+            return None
 
     def cancel(self, job_id: str) -> dict | None:
-        """Cancel a waiting or running job; a finished job is left as it is."""
+        """Cancel a waiting or running job; remove a finished batch job (its summary and its
+        folder; the heatmaps it wrote follow the outputs' retention). The answer is the job's
+        `info`, with ``removed: true`` when it was removed."""
         with self._cond:
             job = self._jobs.get(job_id)
             if job is None:
-                return None
-            if job.state in ("done", "failed", "cancelled"):
-                return job.info()
+                return self._remove_finished(job_id)
+            if job.state in FINISHED_STATES:
+                return job.info()  # ending this very moment (the worker retires it)
             job.cancel.set()
             job.message = "Cancelled by the user."
             if job in self._waiting:
@@ -428,12 +537,34 @@ class JobQueue:
             return job.info()
 
     # -- internals -----------------------------------------------------------------------------
+    def _remove_finished(self, job_id: str) -> dict | None:
+        """Called with the lock held: drop a finished batch job's summary and folder; its info
+        with ``removed: true``, None when there is no such job."""
+        info = self._finished.pop(job_id, None) if JOB_ID_RE.match(job_id) else None
+        if info is None and JOB_ID_RE.match(job_id):
+            info = finished_info_from_disk(self.jobs_dir / job_id)
+        if info is None:
+            return None
+        shutil.rmtree(self.jobs_dir / job_id, ignore_errors=True)
+        log.info("removed finished batch job %s", job_id)
+        return {**info, "removed": True}
+
+    def _retire(self, job: BatchJob) -> None:
+        """Called with the lock held: a batch job has finished; keep only its summary, and only
+        the `keep_finished` most recent summaries."""
+        self._jobs.pop(job.job_id, None)
+        self._finished[job.job_id] = job.info()
+        self._finished.move_to_end(job.job_id)
+        while len(self._finished) > max(0, self.keep_finished):
+            self._finished.popitem(last=False)
+
     def _finish_cancelled(self, job: AskJob | BatchJob) -> None:
         job.state = "cancelled"
         job.position = None
         job.message = "Cancelled by the user."
         if isinstance(job, BatchJob):
             job.save_state()
+            self._retire(job)
         else:
             job.events.put(self._event(job, {"type": "error", **protocol.error_body(
                 "cancelled", "The question was cancelled before it started.")["error"]}))
@@ -494,11 +625,15 @@ class JobQueue:
                 finished = True
             with self._cond:
                 self._running = None
-                if not finished and not self._stop:
+                if finished and isinstance(job, BatchJob):
+                    self._retire(job)
+                elif not finished and not self._stop:
                     job.state = "queued"
                     self._waiting.append(job)
                 # positions are updated when the next job is taken, a moment from now
                 self._cond.notify_all()
+            if time.monotonic() - self._last_housekeeping >= HOUSEKEEPING_INTERVAL_S:
+                self.housekeep()
 
     @staticmethod
     def _fail(job: AskJob | BatchJob, exc: Exception) -> None:
@@ -630,12 +765,17 @@ class JobQueue:
         return False
 
     def _resume_batches(self) -> None:
+        """Load and queue the unfinished batch jobs of the state dir; finished ones stay on disk
+        (read when asked for), and those older than the retention are removed."""
         for directory in sorted(self.jobs_dir.iterdir()) if self.jobs_dir.exists() else []:
             if not JOB_ID_RE.match(directory.name):
                 continue
             try:
-                spec = json.loads((directory / "spec.json").read_text(encoding="utf-8"))
                 state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+                if is_finished(state):
+                    self._expire(directory, state)
+                    continue
+                spec = json.loads((directory / "spec.json").read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 log.warning("skipping unreadable job directory %s", directory)
                 continue
@@ -661,3 +801,49 @@ class JobQueue:
                 log.info("resuming batch job %s (%d/%d done)", job.job_id,
                          len(job.done_indexes), job.total)
         self._update_positions()
+
+    def _expire(self, directory: Path, state: dict) -> bool:
+        """Remove the folder of a finished job older than the retention; True when removed."""
+        if self.retention_days <= 0:
+            return False
+        if time.time() - job_finished_at(directory, state) < self.retention_days * 86400:
+            return False
+        shutil.rmtree(directory, ignore_errors=True)
+        log.info("removed batch job %s, finished over %g days ago", directory.name,
+                 self.retention_days)
+        return True
+
+    def housekeep(self) -> None:
+        """Apply the retention while serving: remove the folders of finished jobs and the engine's
+        output files older than it (the worker calls this after a job, at most once every
+        `HOUSEKEEPING_INTERVAL_S`). A failure is logged, never raised."""
+        self._last_housekeeping = time.monotonic()
+        try:
+            self._expire_finished_jobs()
+            self._prune_outputs()
+        except Exception:  # noqa: BLE001 - housekeeping never stops the worker
+            log.warning("removing old jobs and outputs failed", exc_info=True)
+
+    def _expire_finished_jobs(self) -> None:
+        if self.retention_days <= 0 or not self.jobs_dir.is_dir():
+            return
+        for directory in sorted(self.jobs_dir.iterdir()):
+            if not JOB_ID_RE.match(directory.name):
+                continue
+            with self._cond:
+                if directory.name in self._jobs:  # waiting or running
+                    continue
+            try:
+                state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if is_finished(state) and self._expire(directory, state):
+                with self._cond:
+                    self._finished.pop(directory.name, None)
+
+    def _prune_outputs(self) -> None:
+        if self.output_dir is not None:
+            removed = prune_outputs(self.output_dir, self.retention_days)
+            if removed:
+                log.info("removed %d output files older than %g days from %s", removed,
+                         self.retention_days, self.output_dir)

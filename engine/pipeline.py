@@ -18,12 +18,14 @@ Caching (used by the server for repeated questions on the same raster):
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 import queue
 import re
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,10 +37,16 @@ from engine.protocol import (DEFAULT_STRATEGY, PROTOCOL_VERSION, STRATEGIES, tok
                              validate_question)
 from engine.weights import DEFAULT_WEIGHTS
 
+log = logging.getLogger("engine.pipeline")
+
 # Heatmaps / anchors the engine wrote are working files (the plugin copies what it keeps next to
-# the project): those older than GEOVQA_OUTPUT_RETENTION_DAYS are removed when an engine starts.
+# the project): those older than GEOVQA_OUTPUT_RETENTION_DAYS are removed when an engine starts
+# and, by the server's job queue (engine/jobs.py), while it serves.
 RETENTION_VARIABLE = "GEOVQA_OUTPUT_RETENTION_DAYS"
 DEFAULT_OUTPUT_RETENTION_DAYS = 14.0
+# how long a closed (cancelled) question waits for its stage thread (a read, a batch of tiles in
+# the vision tower: seconds on a GPU) to notice the cancel and end
+STAGE_JOIN_TIMEOUT_S = 120.0
 # the names `_output_stem` + write_heatmap give the engine's files; pruning touches only these, so a
 # user's own "survey_heatmap.tif" in a folder given as --output-dir is never deleted
 ENGINE_OUTPUT_NAME = re.compile(r"^\d{8}-\d{6}-[a-z0-9-]{1,40}-[0-9a-f]{6}_(heatmap\.tif|anchors\.geojson)$")
@@ -333,7 +341,9 @@ class Engine:
             "demo_model": bool(self.demo or info.get("demo")),
             "weights_present": checkpoint_present(DEFAULT_WEIGHTS) or
             (not self.demo and checkpoint_present(self.weights_dir)),
-            "weights_dir": str(self.weights_dir),
+            # absolute: the plugin shows it, and a path relative to the engine's working folder
+            # says nothing to a client elsewhere
+            "weights_dir": str(Path(self.weights_dir).resolve()),
             "device": dev,
             "gpu_name": info.get("gpu_name"),
             "gpu_free_bytes": gpu_free_bytes(dev) if str(dev).startswith("cuda") else None,
@@ -362,7 +372,18 @@ class Engine:
             except Exception as exc:
                 if is_oom(exc):  # the retry hint halves the budget that ran (an adapter's, when it gave it)
                     exc.applied_budget = self._applied_budget
+                    self.release_device_memory(exc)
                 raise
+
+    def release_device_memory(self, exc: BaseException | None = None) -> None:
+        """After an out-of-memory error: drop what the engine holds on the device, so the retry
+        (and `engine.errors.free_gpu_memory`, which empties torch's cache) finds it free. That is
+        the image-prefix KV caches (`prefixes`; the feature cache holds CPU tensors) and, given
+        the error, the tensors its traceback's frames still hold (the request's embeddings, the
+        prefix in use): the server keeps the error until it has answered."""
+        self.prefixes.clear()
+        if exc is not None:
+            traceback.clear_frames(exc.__traceback__)
 
     def resolve_visual(self, req: AskRequest) -> tuple[AskRequest, list[str]]:
         """`req` with its visual-token fields filled in, and notes for the person asking.
@@ -678,7 +699,11 @@ def _output_stem(question: str) -> str:
 def _with_progress(work: Callable[[Callable[[int, int], None]], Any],
                    to_event: Callable[[int, int], dict]):
     """Run `work(progress)` in a thread, yielding `to_event(done, total)` for each progress call;
-    return its result (or raise its exception). Lets a long stage report progress mid-stream."""
+    return its result (or raise its exception). Lets a long stage report progress mid-stream.
+
+    Closed early (a cancelled question: the caller has set the cancel event `work` checks), it
+    waits for the thread to end, up to `STAGE_JOIN_TIMEOUT_S`, before it returns: `Engine.ask`
+    releases the engine's lock only then, so the next question's stage never runs beside it."""
     q: queue.Queue = queue.Queue()
     out: dict[str, Any] = {}
 
@@ -692,8 +717,15 @@ def _with_progress(work: Callable[[Callable[[int, int], None]], Any],
 
     th = threading.Thread(target=run, name="geovqa-stage", daemon=True)
     th.start()
-    while (item := q.get()) is not None:
-        yield to_event(*item)
+    try:
+        while (item := q.get()) is not None:
+            yield to_event(*item)
+    except GeneratorExit:  # closed by the consumer (not Ctrl-C, which ends the process anyway)
+        th.join(STAGE_JOIN_TIMEOUT_S)
+        if th.is_alive():
+            log.warning("a cancelled question's stage has not ended after %.0f s; the next "
+                        "question starts beside it", STAGE_JOIN_TIMEOUT_S)
+        raise
     th.join()
     if "error" in out:
         raise out["error"]

@@ -107,7 +107,9 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     output_dir = settings.output_dir.resolve()
-    jobs = JobQueue(engine, settings.state_dir, request_factory(engine), state_lock=state_lock)
+    # the queue also applies the output retention to output_dir while serving (engine/jobs.py)
+    jobs = JobQueue(engine, settings.state_dir, request_factory(engine), state_lock=state_lock,
+                    output_dir=output_dir)
     try:
         engine_strategies = tuple(engine.health().get("strategies") or ())
     except Exception:  # noqa: BLE001 - health is re-read on every /health
@@ -289,9 +291,13 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
 
     @app.delete("/jobs/{job_id}")
     async def job_cancel(job_id: str, request: Request):
+        """Cancel a waiting or running job; remove a finished batch job (docs/protocol.md)."""
         require_token(request)
         find_job(job_id)
-        return jobs.cancel(job_id)
+        info = await asyncio.to_thread(jobs.cancel, job_id)
+        if info is None:  # removed meanwhile
+            raise JobError("not_found", f"There is no job {job_id!r}.")
+        return info
 
     @app.get("/jobs/{job_id}/results")
     async def job_results(job_id: str, request: Request):

@@ -543,3 +543,108 @@ def test_the_out_of_memory_retry_hint_halves_the_budget_that_ran(tiny_checkpoint
     with pytest.raises(Exception) as exc:
         _ask(eng, scene, budget=300)  # given: its own
     assert error_for_exception(exc.value, 300).extra["retry_budget"] == 150
+
+
+# ---------------------------------------------------------------------------------------------
+# A cancelled question's stage thread ends with the question (review "soak": it went on encoding
+# tiles after the job had ended and the engine's lock was free for the next question)
+
+
+def stage_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "geovqa-stage"]
+
+
+def test_closing_a_stage_early_waits_for_its_thread():
+    from engine.pipeline import _with_progress
+
+    release = threading.Event()
+
+    def work(progress):
+        progress(1, 2)
+        release.wait(10)  # still busy when the consumer closes the stream
+        return "done"
+
+    stage = _with_progress(work, lambda done, total: {"done": done})
+    assert next(stage) == {"done": 1}
+    closer = threading.Thread(target=stage.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close() returned while the stage thread was still running"
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive() and not stage_threads()
+
+
+def test_a_cancelled_questions_vision_stage_ends_before_the_engine_is_free(engine, tmp_path,
+                                                                           monkeypatch):
+    import engine.vision as vision
+
+    real_encode = vision.encode_tiles
+    reached, release = threading.Event(), threading.Event()
+
+    def encode_and_hold(model, tiles, **kw):
+        progress = kw.pop("progress")
+
+        def progress_then_hold(done, total):
+            progress(done, total)
+            reached.set()
+            release.wait(10)  # the tower is "still encoding" when the question is cancelled
+
+        return real_encode(model, tiles, progress=progress_then_hold, **kw)
+
+    monkeypatch.setattr(vision, "encode_tiles", encode_and_hold)
+    rng = np.random.default_rng(7)  # a raster of its own: no feature-cache hit skips the tower
+    raster = write_geotiff(tmp_path / "held.tif", rng.integers(0, 255, (3, 400, 400), dtype=np.uint8))
+    cancel = threading.Event()
+    stream = engine.ask(AskRequest(str(raster), "What is here?", strategy="none",
+                                   max_new_tokens=4), cancel)
+    try:
+        for event in stream:
+            if event["type"] == "status" and event["stage"] == "vision":
+                break
+        assert reached.is_set()
+        cancel.set()  # what JobQueue does on DELETE /jobs/{id} or a closed connection ...
+        closer = threading.Thread(target=stream.close)  # ... before it closes the stream
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive() and engine._lock.locked(), (
+            "the stream closed (and the engine's lock was free) while its stage still encoded")
+    finally:
+        release.set()
+    closer.join(30)
+    assert not closer.is_alive() and not stage_threads() and not engine._lock.locked()
+
+
+def test_an_out_of_memory_error_drops_what_the_engine_holds_on_the_device(tiny_checkpoint, scene,
+                                                                          tmp_path, monkeypatch):
+    """The image-prefix KV caches (up to 2 x 2 GiB on the GPU) and the tensors in the error's
+    frames outlived an OOM, so the retry at a smaller budget ran with them still held."""
+    import gc
+    import weakref
+
+    eng = Engine(tiny_checkpoint, output_dir=tmp_path / "out")
+    _ask(eng, scene, "Is there water?", strategy="geollava")
+    assert len(eng.prefixes) == 1
+    (key,) = list(eng.prefixes._items)
+    held = weakref.ref(eng.prefixes.get(key)[1])  # the PrefixCache the next question reuses
+
+    def out_of_memory(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(eng.model), "forward", out_of_memory)
+    with pytest.raises(Exception) as caught:
+        _ask(eng, scene, "Is there water?", strategy="geollava")  # a prefix hit, then the OOM
+    assert error_for_exception(caught.value).code == "out_of_memory"
+    assert len(eng.prefixes) == 0
+    gc.collect()
+    # gone, though the error (as the server holds it while it answers) is still alive
+    assert held() is None and caught.value is not None
+
+
+def test_health_names_the_weights_folder_as_an_absolute_path(tiny_checkpoint, tiny_loaded, tmp_path,
+                                                             monkeypatch):
+    """`serve --weights weights/x` answered "weights_dir": "weights/x", relative to the engine's
+    working folder, which a client elsewhere cannot read."""
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    eng = Engine(tiny_checkpoint.name, loaded=tiny_loaded, output_dir=tmp_path / "out")
+    assert eng.health()["weights_dir"] == str(tiny_checkpoint.resolve())

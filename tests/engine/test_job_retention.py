@@ -1,0 +1,202 @@
+"""Finished batch jobs are kept within bounds (engine.jobs, docs/protocol.md "Batch jobs"): only
+the summaries of the most recent ones stay in memory, a start loads none of them, their folders
+go after the output retention (GEOVQA_OUTPUT_RETENTION_DAYS), and a DELETE removes one at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serverutil import wait_until  # noqa: E402
+
+import engine.jobs  # noqa: E402
+from engine.jobs import JobQueue  # noqa: E402
+
+SPEC = {"items": [{"layer": "one", "raster_path": "/data/one.tif", "aoi": None, "bands": None}],
+        "questions": ["Any roads?"], "max_new_tokens": 8}
+DAY = 86400
+
+
+class StandInEngine:
+    """Answers every question with 'ok' at once (the queue is what is under test)."""
+
+    def ask(self, request, cancel):
+        yield {"type": "result", "answer": "ok", "request_id": request.get("request_id")}
+
+
+def started(state_dir: Path) -> JobQueue:
+    jobs = JobQueue(StandInEngine(), state_dir, make_request=dict)
+    jobs.start()
+    return jobs
+
+
+def run_batches(jobs: JobQueue, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        job = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+        ids.append(job.job_id)
+        wait_until(lambda: jobs.info(job.job_id)["state"] == "done", timeout=10)
+    return ids
+
+
+def backdate(jobs_dir: Path, job_id: str, days: float) -> None:
+    path = jobs_dir / job_id / "state.json"
+    state = json.loads(path.read_text(encoding="utf-8"))
+    state["updated"] = time.time() - days * DAY
+    path.write_text(json.dumps(state), encoding="utf-8")
+
+
+@pytest.fixture(autouse=True)
+def default_retention(monkeypatch):
+    monkeypatch.delenv("GEOVQA_OUTPUT_RETENTION_DAYS", raising=False)
+
+
+def test_finished_batch_jobs_are_held_in_memory_within_bounds(tmp_path, monkeypatch):
+    """40 finished 'soak' batches were all held (spec and all) for the server's life, and every
+    start loaded them all back."""
+    monkeypatch.setattr(engine.jobs, "KEEP_FINISHED_IN_MEMORY", 5)
+    state_dir = tmp_path / "state"
+    jobs = started(state_dir)
+    try:
+        ids = run_batches(jobs, 12)
+        assert set(jobs.held_job_ids()) == set(ids[-5:])  # the 5 most recent, summaries only
+        assert all(jobs.info(job_id)["state"] == "done" for job_id in ids)  # older: from disk
+        assert jobs.info(ids[0])["done"] == jobs.info(ids[0])["total"] == 1
+        assert jobs.results(ids[0])[0]["answer"] == "ok"
+    finally:
+        jobs.stop()
+    restarted = started(state_dir)
+    try:
+        assert restarted.held_job_ids() == []  # a start loads no finished job
+        assert restarted.info(ids[0])["state"] == "done"
+        assert restarted.results(ids[-1])[0]["answer"] == "ok"
+    finally:
+        restarted.stop()
+
+
+def test_a_start_removes_finished_jobs_older_than_the_output_retention(tmp_path):
+    state_dir = tmp_path / "state"
+    jobs = started(state_dir)
+    try:
+        old, recent = run_batches(jobs, 2)
+    finally:
+        jobs.stop()
+    # an unfinished job is never expired: it is resumed, however old
+    waiting = state_dir / "jobs" / "0123456789abcdef"
+    waiting.mkdir()
+    (waiting / "spec.json").write_text(json.dumps(SPEC))
+    (waiting / "state.json").write_text(json.dumps({"state": "queued", "message": None}))
+    backdate(state_dir / "jobs", waiting.name, 30)
+    backdate(state_dir / "jobs", old, 15)  # the default retention is 14 days
+    backdate(state_dir / "jobs", recent, 13)
+    restarted = started(state_dir)
+    try:
+        assert not (state_dir / "jobs" / old).exists()
+        assert restarted.info(old) is None and restarted.results(old) is None
+        assert restarted.info(recent)["state"] == "done"
+        wait_until(lambda: restarted.info(waiting.name)["state"] == "done", timeout=10)
+    finally:
+        restarted.stop()
+
+
+def test_a_retention_of_0_keeps_every_finished_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOVQA_OUTPUT_RETENTION_DAYS", "0")
+    state_dir = tmp_path / "state"
+    jobs = started(state_dir)
+    try:
+        (old,) = run_batches(jobs, 1)
+    finally:
+        jobs.stop()
+    backdate(state_dir / "jobs", old, 400)
+    restarted = started(state_dir)
+    try:
+        assert restarted.info(old)["state"] == "done"
+    finally:
+        restarted.stop()
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_delete_removes_a_finished_batch_job(tmp_path, monkeypatch, in_memory):
+    """DELETE on a finished job used to answer its info and keep it for good."""
+    if not in_memory:
+        monkeypatch.setattr(engine.jobs, "KEEP_FINISHED_IN_MEMORY", 0)
+    jobs = started(tmp_path / "state")
+    try:
+        (job_id,) = run_batches(jobs, 1)
+        answer = jobs.cancel(job_id)
+        assert answer["state"] == "done" and answer["removed"] is True
+        assert not (jobs.jobs_dir / job_id).exists()
+        assert jobs.info(job_id) is None and jobs.results(job_id) is None
+        assert jobs.cancel(job_id) is None  # gone: the server answers not_found
+        assert job_id not in jobs.held_job_ids()
+    finally:
+        jobs.stop()
+
+
+def test_a_finished_cancelled_batch_is_removed_by_a_second_delete(tmp_path):
+    jobs = JobQueue(StandInEngine(), tmp_path / "state", make_request=dict)  # not started: waits
+    job = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+    first = jobs.cancel(job.job_id)
+    assert first["state"] == "cancelled" and "removed" not in first
+    assert jobs.info(job.job_id)["state"] == "cancelled"
+    assert jobs.cancel(job.job_id)["removed"] is True
+    assert jobs.info(job.job_id) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The same rule while serving (the output folder was pruned only when an engine started)
+
+OLD_OUTPUT = "20240101-120000-any-roads-abc123_heatmap.tif"
+NEW_OUTPUT = "20240102-120000-any-roads-def456_anchors.geojson"
+
+
+def output_files(out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / name for name in (OLD_OUTPUT, NEW_OUTPUT, "survey_heatmap.tif")}
+    for path in files.values():
+        path.write_text("x")
+    for name in (OLD_OUTPUT, "survey_heatmap.tif"):  # a user's own file is never touched
+        stamp = time.time() - 15 * DAY
+        os.utime(files[name], (stamp, stamp))
+    return files
+
+
+def ask_once(jobs: JobQueue) -> None:
+    job = jobs.submit_ask({"question": "What is here?", "request_id": "r"})
+    while job.events.get(timeout=10) is not None:
+        pass
+    wait_until(lambda: jobs.queue_length() == 0 and jobs.get(job.job_id) is None, timeout=10)
+
+
+def test_a_running_server_prunes_old_outputs_and_jobs_after_a_job(tmp_path, monkeypatch):
+    state_dir, out = tmp_path / "state", tmp_path / "out"
+    jobs = JobQueue(StandInEngine(), state_dir, make_request=dict, output_dir=out)
+    jobs.start()
+    try:
+        (old_job,) = run_batches(jobs, 1)
+        backdate(state_dir / "jobs", old_job, 15)
+        files = output_files(out)  # written after the start: only a pruning while serving sees them
+        ask_once(jobs)  # within the hour since the start: nothing is looked at
+        assert files[OLD_OUTPUT].exists() and (state_dir / "jobs" / old_job).exists()
+        monkeypatch.setattr(engine.jobs, "HOUSEKEEPING_INTERVAL_S", 0.0)
+        ask_once(jobs)
+        wait_until(lambda: not files[OLD_OUTPUT].exists(), timeout=10)
+        assert files[NEW_OUTPUT].exists() and files["survey_heatmap.tif"].exists()
+        assert not (state_dir / "jobs" / old_job).exists()
+        assert jobs.info(old_job) is None and old_job not in jobs.held_job_ids()
+    finally:
+        jobs.stop()
+
+
+def test_the_server_gives_its_output_folder_to_the_job_queue(tmp_path):
+    from engine.server import Settings, create_app
+
+    settings = Settings(state_dir=tmp_path / "state", output_dir=tmp_path / "out", token="t")
+    app = create_app(engine=None, settings=settings)
+    assert app.state.jobs.output_dir == (tmp_path / "out").resolve()
