@@ -89,6 +89,28 @@ def _write(path, rows, jsonl=False):
     return path
 
 
+def _recording_engine(monkeypatch) -> list:
+    """Replace the engine `engine_predictor` loads by one that answers "B" to every request;
+    returns the list its requests are appended to."""
+    import engine.pipeline as P
+
+    asked = []
+
+    class Recording:
+        def __init__(self, *a, **k):
+            pass
+
+        def health(self):
+            return {"demo_model": False}
+
+        def ask(self, req):
+            asked.append(req)
+            yield {"type": "result", "answer": "B"}
+
+    monkeypatch.setattr(P, "Engine", Recording)
+    return asked
+
+
 def _predictor(replies, calls):
     def predict(item, prompt):
         calls.append(item.id)
@@ -775,24 +797,10 @@ def test_the_selection_is_steered_by_the_question_and_options_not_the_instructio
     """The LM reads the whole prompt; the question-guided strategies (pyramid, budget) score the
     image against the question and its options only: the answer instruction every item shares
     made them rank the image alike for every question."""
-    import engine.pipeline as P
     from engine.eval_items import EvalItem
     from engine.evaluate import engine_predictor
 
-    asked = []
-
-    class Recording:
-        def __init__(self, *a, **k):
-            pass
-
-        def health(self):
-            return {"demo_model": False}
-
-        def ask(self, req):
-            asked.append(req)
-            yield {"type": "result", "answer": "B"}
-
-    monkeypatch.setattr(P, "Engine", Recording)
+    asked = _recording_engine(monkeypatch)
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     args = parser.parse_args([str(tmp_path / "a.json"), "--out", str(tmp_path / "o"), "--strategy", "budget"])
@@ -1086,23 +1094,9 @@ def test_each_benchmark_is_asked_with_its_official_number_of_new_tokens(tmp_path
     """Every format was generated with at most 64 new tokens; LRS-VQA's official inference script
     generates up to 128. Each format now has its benchmark's cap; --max-new-tokens still sets one
     for every item, and the run's settings record the cap used."""
-    import engine.pipeline as P
     from engine.evaluate import engine_predictor
 
-    asked = []
-
-    class Recording:
-        def __init__(self, *a, **k):
-            pass
-
-        def health(self):
-            return {"demo_model": False}
-
-        def ask(self, req):
-            asked.append(req)
-            yield {"type": "result", "answer": "B"}
-
-    monkeypatch.setattr(P, "Engine", Recording)
+    asked = _recording_engine(monkeypatch)
     lrs = load_items(_write(tmp_path / "lrs.jsonl", [{"question_id": "FAIR_1", "image": "a.tif", "category": "count",
                                                       "text": "How many ships?", "ground_truth": "3"}]))[0]
     xlrs = load_items(_write(tmp_path / "x.json", [XLRS_SINGLE]))[0]
