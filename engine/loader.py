@@ -210,8 +210,12 @@ def load_model(
     quantization: str = "auto",
     attn: str = "auto",
     adapter: str | os.PathLike | None = None,
+    ram_cache_bytes: int = 0,
 ) -> LoadedModel:
-    """Load the checkpoint in ``weights_dir``. See the module docstring for the choices."""
+    """Load the checkpoint in ``weights_dir``. See the module docstring for the choices.
+
+    ``ram_cache_bytes``: the cap of the RAM cache the caller keeps beside the model (the engine's
+    feature cache), counted by the memory check when the model loads on the CPU."""
     from transformers import AutoTokenizer
 
     from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
@@ -229,7 +233,8 @@ def load_model(
     try:
         check_fits(files, device=plan.device, quantization=plan.quantization,
                    alternatives=usable_quantizations(plan.device),
-                   model_name=TINY_MODEL_NAME if tiny else REAL_MODEL_NAME)
+                   model_name=TINY_MODEL_NAME if tiny else REAL_MODEL_NAME,
+                   ram_cache_bytes=ram_cache_bytes)
     except UnreadableWeights as exc:
         raise CheckpointError(f"the checkpoint in {path} is damaged: {exc}. Run `make weights` again "
                               "to repair the download.") from exc

@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__, protocol
 from engine.auth import TokenFileError, load_or_create_token, token_matches
-from engine.cli_args import add_model_arguments, positive_int, writable_folder_problem
+from engine.cli_args import (add_feature_cache_argument, add_model_arguments, positive_int,
+                             writable_folder_problem)
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default, lock_state_dir
 from engine.json_body import parse_json
 from engine.parent import parent_pid_from_environment, watch_parent
@@ -213,6 +214,7 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
         info["queue_length"] = jobs.queue_length()
         info["max_upload_bytes"] = settings.max_upload_bytes
         info.setdefault("max_read_pixels", None)  # an engine that cannot tell: none known
+        info.setdefault("feature_cache_bytes", None)
         return info
 
     @app.post("/ask")
@@ -359,6 +361,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="heatmaps and anchors (default <state-dir>/outputs)")
     parser.add_argument("--max-upload-bytes", type=positive_int, default=protocol.MAX_UPLOAD_BYTES,
                         help="largest uploaded raster accepted, in bytes (at least 1)")
+    add_feature_cache_argument(parser)
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     # For tests and embedding: build the engine with "module:callable"(args, settings).
@@ -421,7 +424,8 @@ def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
     from engine.pipeline import Engine
 
     return Engine(args.weights, device=args.device, quantization=args.quantization,
-                  adapter=args.adapter, demo_ok=not args.no_demo, output_dir=settings.output_dir)
+                  adapter=args.adapter, demo_ok=not args.no_demo, output_dir=settings.output_dir,
+                  feature_cache_bytes=args.feature_cache_bytes)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
