@@ -201,10 +201,30 @@ class _LRU:
         return self._bytes
 
 
+FEATURE_CACHE_ITEMS = 16  # rasters whose features the engine keeps at most
+
+
+def feature_entry_ceiling(hidden_size: int, tile_px: int, patch_px: int, max_canvas_px: int,
+                          value_bytes: int = 4) -> int:
+    """The most bytes one FeatureCache entry can take: the vision tower's hidden states (CLS and
+    patches) of the overview tile and of the largest canvas's tiles (`max_canvas_px` pixels), in
+    float32 (the CPU's dtype; bfloat16 halves it)."""
+    tiles = 1 + int(max_canvas_px) // (int(tile_px) ** 2)
+    tokens = 1 + (int(tile_px) // int(patch_px)) ** 2
+    return tiles * tokens * int(hidden_size) * int(value_bytes)
+
+
+def feature_cache_need(cap: int, entry_ceiling: int, items: int = FEATURE_CACHE_ITEMS) -> int:
+    """What a feature cache capped at `cap` bytes can really come to hold: no more than `items`
+    entries of at most `entry_ceiling` bytes (a small model's features never reach the cap)."""
+    return max(0, min(int(cap), int(items) * int(entry_ceiling)))
+
+
 class FeatureCache(_LRU):
     """Vision features per raster read (CPU tensors); a `max_bytes` of 0 keeps nothing."""
 
-    def __init__(self, max_bytes: int = DEFAULT_FEATURE_CACHE_BYTES, max_items: int = 16) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
+                 max_items: int = FEATURE_CACHE_ITEMS) -> None:
         super().__init__(max_bytes, max_items)
 
 

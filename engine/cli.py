@@ -226,10 +226,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _print_memory(args: argparse.Namespace) -> int:
     """`info --memory`: each weight format's memory need against the free memory, no load; on the
-    CPU the need includes the feature cache's cap, as `serve` counts it."""
+    CPU the need includes what the feature cache can hold (its cap, or less for a small model's
+    features), as `serve` counts it."""
     from engine.cache import feature_cache_cap
     from engine.devices import plan_device, resolve_device, usable_quantizations
-    from engine.loader import weight_files
+    from engine.loader import feature_cache_need, read_config_json, weight_files
     from engine.memory_check import fit_report
     from engine.pipeline import resolve_weights
 
@@ -238,7 +239,8 @@ def _print_memory(args: argparse.Namespace) -> int:
     report = {"weights_dir": str(path), "demo_model": demo,
               "auto_choice": plan_device(device, "auto").quantization,
               **fit_report(weight_files(path), device, usable_quantizations(device),
-                           ram_cache_bytes=feature_cache_cap(args.feature_cache_bytes))}
+                           ram_cache_bytes=feature_cache_need(read_config_json(path),
+                                                              feature_cache_cap(args.feature_cache_bytes)))}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

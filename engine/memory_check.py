@@ -12,7 +12,8 @@ anyway (a machine with swap, say).
 
 On the CPU the engine's vision-feature cache (``engine.cache.FeatureCache``, CPU tensors up to its
 cap, ``serve --feature-cache-bytes``) fills the same RAM as the weights once questions come, so
-the check counts its cap there (``ram_cache_bytes``). On a GPU it checks the GPU's memory only:
+the check counts it there (``ram_cache_bytes``: its cap, or what a small model's features can fill
+of it, ``loader.feature_cache_need``). On a GPU it checks the GPU's memory only:
 the cache then adds to the process's RAM, unchecked (docs/protocol.md says so).
 """
 

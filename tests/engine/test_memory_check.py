@@ -136,7 +136,7 @@ def test_info_memory_reports_every_format_without_loading(tiny_checkpoint, count
     assert "--quantization auto (the default) loads fp32 here" in text
 
 
-CACHE = 3 * 2**30  # a feature cache cap far above the tiny model's own need
+CACHE = 200 * 2**20  # a feature cache cap far above the tiny model's weights, below what its features can fill
 
 
 def test_the_feature_cache_cap_counts_against_the_ram(tiny_checkpoint, counts, monkeypatch):
@@ -149,7 +149,7 @@ def test_the_feature_cache_cap_counts_against_the_ram(tiny_checkpoint, counts, m
         load_model(tiny_checkpoint, device="cpu", quantization="fp32", ram_cache_bytes=CACHE)
     msg = str(exc.value)
     assert exc.value.needed == needed_bytes(counts, "fp32") + CACHE
-    assert "in RAM (weights" in msg and "+ working memory + feature cache 3.2 GB)" in msg
+    assert "in RAM (weights" in msg and "+ working memory + feature cache 0.2 GB)" in msg
     assert "--feature-cache-bytes or GEOVQA_FEATURE_CACHE_BYTES; 0 turns it off" in msg
     assert memory_check.SKIP_ENV in msg
 
@@ -168,6 +168,22 @@ def test_the_engine_gives_the_check_its_feature_cache_cap(tiny_checkpoint, count
     eng = Engine(tiny_checkpoint, device="cpu", quantization="fp32", output_dir=tmp_path,
                  feature_cache_bytes=0)
     assert eng.features.max_bytes == 0
+
+
+def test_the_cache_counts_no_more_than_the_models_features_can_fill(tiny_checkpoint, counts, monkeypatch):
+    """The default 4 GiB cap counted whole refused the tiny demo model on a machine with under
+    4 GiB free, though its 16 largest entries (32-wide features) come to well under 1 GB; the
+    released model's (ViT-L, 1024-wide: about 1.4 GB a full canvas) fill the cap."""
+    from engine.cache import FEATURE_CACHE_ITEMS, feature_entry_ceiling
+    from engine.loader import feature_cache_need, read_config_json
+
+    cap = 4 * 2**30
+    tiny = feature_cache_need(read_config_json(tiny_checkpoint), cap)
+    assert tiny == FEATURE_CACHE_ITEMS * feature_entry_ceiling(32, 336, 14, 8064 * 8064) < 2**30
+    assert feature_cache_need({"mm_vision_tower": "openai/clip-vit-large-patch14-336"}, cap) == cap
+    free = needed_bytes(counts, "fp32") + tiny + 2**20  # under the 4 GiB cap, over what it can hold
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: free)
+    assert load_model(tiny_checkpoint, device="cpu", quantization="fp32", ram_cache_bytes=cap).info["device"] == "cpu"
 
 
 def test_the_cache_is_not_counted_against_a_gpus_memory(tiny_checkpoint, counts, monkeypatch):
@@ -196,7 +212,7 @@ def test_info_memory_counts_the_feature_cache_on_the_cpu(tiny_checkpoint, counts
     assert main([*args, "--feature-cache-bytes", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["formats"]["fp32"]["fits"] is True
     assert main([*args, "--feature-cache-bytes", str(CACHE)]) == 0
-    assert "includes the feature cache, 3.2 GB" in capsys.readouterr().out
+    assert "includes the feature cache, 0.2 GB" in capsys.readouterr().out
 
 
 def _cgroup_tree(tmp_path, proc_line: str, files: dict[str, str]):
