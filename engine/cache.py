@@ -4,7 +4,9 @@
   of every file behind it: a VRT's sources, overviews, masks, the archive of a /vsizip/ source;
   area of interest, bands; a read with a source that cannot be stat-ed is not cached), kept on the CPU and
   bounded in bytes (least recently used goes first). A hit skips reading tiles and the whole
-  vision tower.
+  vision tower. Its cap (`feature_cache_cap`: `serve --feature-cache-bytes`, else
+  GEOVQA_FEATURE_CACHE_BYTES, else 4 GiB; 0 turns it off) is RAM on top of the model's, whatever
+  the device: the memory check counts it when the model loads on the CPU.
 * `PrefixStore`: the language model's KV cache of the image prefix (system prompt + visual tokens)
   for question-independent strategies, keyed by the feature key plus the strategy and its
   parameters. A hit skips the prefill of every visual token. Holds few entries: KV caches are big.
@@ -19,6 +21,28 @@ import os
 import threading
 from collections import OrderedDict
 from typing import Any, Hashable
+
+FEATURE_CACHE_ENV = "GEOVQA_FEATURE_CACHE_BYTES"
+DEFAULT_FEATURE_CACHE_BYTES = 4 * 2**30
+
+
+def feature_cache_cap(given: int | None = None) -> int:
+    """The feature cache's cap in bytes: `given` (``serve --feature-cache-bytes``) when not None,
+    else GEOVQA_FEATURE_CACHE_BYTES, else DEFAULT_FEATURE_CACHE_BYTES (4 GiB); 0 turns the cache off.
+
+    Read when an engine starts (not at import), so a bad value stops it before the model loads,
+    with a message that names the variable."""
+    if given is not None:
+        if given < 0:
+            raise ValueError(f"the feature cache size must be 0 or more bytes, not {given}.")
+        return int(given)
+    text = os.environ.get(FEATURE_CACHE_ENV, "").strip()
+    if not text:
+        return DEFAULT_FEATURE_CACHE_BYTES
+    if not text.isdigit():
+        raise ValueError(f"{FEATURE_CACHE_ENV} must be a whole number of bytes (for example "
+                         f"1073741824 for 1 GiB, or 0 to turn the feature cache off), not {text!r}.")
+    return int(text)
 
 
 def raster_key(path: str, aoi, bands) -> tuple | None:
@@ -156,8 +180,8 @@ class _LRU:
         with self._lock:
             if key in self._items:
                 self._bytes -= self._items.pop(key)[1]
-            if size > self.max_bytes or self.max_items <= 0:
-                return  # too big to keep: never evict everything for one entry
+            if size > self.max_bytes or self.max_bytes <= 0 or self.max_items <= 0:
+                return  # too big to keep (never evict everything for one entry), or caching is off
             self._items[key] = (value, size)
             self._bytes += size
             while self._bytes > self.max_bytes or len(self._items) > self.max_items:
@@ -177,10 +201,30 @@ class _LRU:
         return self._bytes
 
 
-class FeatureCache(_LRU):
-    """Vision features per raster read (CPU tensors)."""
+FEATURE_CACHE_ITEMS = 16  # rasters whose features the engine keeps at most
 
-    def __init__(self, max_bytes: int = 4 * 2**30, max_items: int = 16) -> None:
+
+def feature_entry_ceiling(hidden_size: int, tile_px: int, patch_px: int, max_canvas_px: int,
+                          value_bytes: int = 4) -> int:
+    """The most bytes one FeatureCache entry can take: the vision tower's hidden states (CLS and
+    patches) of the overview tile and of the largest canvas's tiles (`max_canvas_px` pixels), in
+    float32 (the CPU's dtype; bfloat16 halves it)."""
+    tiles = 1 + int(max_canvas_px) // (int(tile_px) ** 2)
+    tokens = 1 + (int(tile_px) // int(patch_px)) ** 2
+    return tiles * tokens * int(hidden_size) * int(value_bytes)
+
+
+def feature_cache_need(cap: int, entry_ceiling: int, items: int = FEATURE_CACHE_ITEMS) -> int:
+    """What a feature cache capped at `cap` bytes can really come to hold: no more than `items`
+    entries of at most `entry_ceiling` bytes (a small model's features never reach the cap)."""
+    return max(0, min(int(cap), int(items) * int(entry_ceiling)))
+
+
+class FeatureCache(_LRU):
+    """Vision features per raster read (CPU tensors); a `max_bytes` of 0 keeps nothing."""
+
+    def __init__(self, max_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
+                 max_items: int = FEATURE_CACHE_ITEMS) -> None:
         super().__init__(max_bytes, max_items)
 
 

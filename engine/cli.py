@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from engine import __version__
-from engine.cli_args import (add_model_arguments, add_strategy_arguments, band_list, positive_int,
-                             writable_folder_problem)
+from engine.cli_args import (add_feature_cache_argument, add_model_arguments, add_strategy_arguments,
+                             band_list, positive_int, writable_folder_problem)
 from engine.weights import DEFAULT_REPO, DEFAULT_WEIGHTS
 
 
@@ -165,8 +165,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     except JobError as exc:
         print(f"error: {exc.message}" + (f" {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return 2
+    # one question: nothing could hit a feature cache, so none is kept (nor counted in RAM)
     engine = Engine(args.weights, device=args.device, quantization=args.quantization,
-                    adapter=args.adapter, demo_ok=not args.no_demo, output_dir=args.output_dir)
+                    adapter=args.adapter, demo_ok=not args.no_demo, output_dir=args.output_dir,
+                    feature_cache_bytes=0)
     health = engine.health()
     if health.get("demo_model"):
         from engine.weights import demo_model_note
@@ -216,15 +218,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         return _print_memory(args)
 
     engine = Engine(args.weights, device=args.device, quantization=args.quantization,
-                    adapter=args.adapter, demo_ok=not args.no_demo)
+                    adapter=args.adapter, demo_ok=not args.no_demo,
+                    feature_cache_bytes=args.feature_cache_bytes)
     print(json.dumps(engine.health(), indent=2))
     return 0
 
 
 def _print_memory(args: argparse.Namespace) -> int:
-    """`info --memory`: each weight format's memory need against the free memory, no load."""
+    """`info --memory`: each weight format's memory need against the free memory, no load; on the
+    CPU the need includes what the feature cache can hold (its cap, or less for a small model's
+    features), as `serve` counts it."""
+    from engine.cache import feature_cache_cap
     from engine.devices import plan_device, resolve_device, usable_quantizations
-    from engine.loader import weight_files
+    from engine.loader import feature_cache_need, read_config_json, weight_files
     from engine.memory_check import fit_report
     from engine.pipeline import resolve_weights
 
@@ -232,7 +238,9 @@ def _print_memory(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     report = {"weights_dir": str(path), "demo_model": demo,
               "auto_choice": plan_device(device, "auto").quantization,
-              **fit_report(weight_files(path), device, usable_quantizations(device))}
+              **fit_report(weight_files(path), device, usable_quantizations(device),
+                           ram_cache_bytes=feature_cache_need(read_config_json(path),
+                                                              feature_cache_cap(args.feature_cache_bytes)))}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -242,6 +250,9 @@ def _print_memory(args: argparse.Namespace) -> int:
     free = report["free_bytes"]
     print(f"{'demo model' if demo else 'checkpoint'} {path}: {report['parameters']:,} parameters")
     print(f"free on {device}: " + (size(free) if free is not None else "unknown"))
+    if report["feature_cache_bytes"]:
+        print(f"  each format's need includes the feature cache, {size(report['feature_cache_bytes'])} "
+              "(--feature-cache-bytes; 0 turns it off)")
     for q, r in report["formats"].items():
         verdict = {True: "fits", False: "does not fit", None: "unknown"}[r["fits"]]
         print(f"  {q:5} weights {size(r['weights_bytes']):>8}, with working memory "
@@ -283,6 +294,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true",
                    help="do not load: print the memory each weight format needs here and what is free")
     p.add_argument("--json", action="store_true", help="with --memory: print JSON")
+    add_feature_cache_argument(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tiny", help="write a tiny random checkpoint in the released layout")

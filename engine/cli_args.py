@@ -1,5 +1,6 @@
 """Command-line options that several subcommands share: which model to load (`ask`, `info`,
-`serve`, `finetune`, `eval`) and which visual-token path to run (`ask`, `finetune`, `eval`).
+`serve`, `finetune`, `eval`), which visual-token path to run (`ask`, `finetune`, `eval`) and the
+size of the engine's vision-feature cache (`serve`, `info`).
 
 Declared once so the subcommands take the same names, choices and checks: a mistyped strategy or
 a budget of 0 is refused by argparse before any model is loaded, not after minutes of loading
@@ -11,6 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
+from engine.cache import DEFAULT_FEATURE_CACHE_BYTES, FEATURE_CACHE_ENV
 from engine.devices import QUANTIZATIONS
 from engine.protocol import DEFAULT_STRATEGY, DEFAULT_TOKENS_PER_TILE, STRATEGIES
 
@@ -107,3 +109,14 @@ def add_strategy_arguments(p: argparse.ArgumentParser, *, faithful_default: bool
                    help="geollava: tokens-per-tile tokens for every tile as the released checkpoint "
                         "sends them (zero tokens for missing clusters, placed after each tile's real tokens)"
                         + (f" (default: {adapter_first}off)" if adapter_first else ""))
+
+
+def add_feature_cache_argument(p: argparse.ArgumentParser) -> None:
+    """--feature-cache-bytes: the cap of the engine's vision-feature cache (None when not given:
+    GEOVQA_FEATURE_CACHE_BYTES, else the default, as `engine.cache.feature_cache_cap` reads it)."""
+    p.add_argument("--feature-cache-bytes", type=count_or_never, default=None, metavar="BYTES",
+                   help="RAM kept for the vision features of recent rasters, so a second question "
+                        "on one skips the vision tower; counted by the memory check when the model "
+                        f"runs on the CPU (default: ${FEATURE_CACHE_ENV}, else "
+                        f"{DEFAULT_FEATURE_CACHE_BYTES} = {DEFAULT_FEATURE_CACHE_BYTES // 2**30} GiB; "
+                        "0 turns the cache off)")

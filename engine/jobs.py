@@ -202,7 +202,9 @@ class BatchJob:
         self.state = "queued"
         self.position: int | None = None
         self.message: str | None = None
+        # items answered (or failed) so far; only ever added to (`append_result`, a resume)
         self.done_indexes: set[int] = set()
+        self._next = 0  # every index below it is in done_indexes (`next_index`)
         self.errors = 0
         # failed on the engine's disk (full, an I/O error), not on the job: resumed at the next start
         self.resumable = False
@@ -222,10 +224,17 @@ class BatchJob:
         return self.spec["items"][index // n_q], self.spec["questions"][index % n_q]
 
     def next_index(self) -> int | None:
-        for i in range(self.total):
-            if i not in self.done_indexes:
-                return i
-        return None
+        """The first item not answered yet (a failed item counts as answered), None when all are.
+
+        `done_indexes` only grows, so that first index never moves back: a cursor moves forward
+        past answered items and each index is looked at about once over the whole job (O(1)
+        amortised), where a scan from 0 at every step was quadratic in a 10,000-item batch. A
+        resumed job's gaps (items without a line in results.jsonl) are found as the cursor
+        reaches them."""
+        total = self.total
+        while self._next < total and self._next in self.done_indexes:
+            self._next += 1
+        return self._next if self._next < total else None
 
     def info(self) -> dict:
         return {

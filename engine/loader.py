@@ -128,6 +128,20 @@ def read_config_json(weights_dir: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
+def feature_cache_need(cfg: dict[str, Any], cap: int) -> int:
+    """The RAM the engine's feature cache, capped at `cap` bytes, can come to hold beside the
+    checkpoint whose config.json is `cfg` (`read_config_json`): its cap, or less when even full
+    its entries of this model's features (vision hidden size, largest canvas) stay smaller."""
+    from engine.cache import feature_cache_need as need, feature_entry_ceiling
+    from engine.modeling import DEFAULT_VISION_TOWER, clip_vision_config_of
+    from engine.tiling import anyres_pinpoints
+
+    clip = clip_vision_config_of(cfg.get("vision_config"), cfg.get("mm_vision_tower", DEFAULT_VISION_TOWER))
+    pins = cfg.get("image_grid_pinpoints") or anyres_pinpoints()
+    canvas = max(int(w) * int(h) for w, h in pins)
+    return need(cap, feature_entry_ceiling(clip.hidden_size, clip.image_size, clip.patch_size, canvas))
+
+
 def weight_files(weights_dir: str | os.PathLike) -> list[Path]:
     """The safetensors files of the checkpoint; raises if the index names missing shards."""
     path = Path(weights_dir)
@@ -210,8 +224,13 @@ def load_model(
     quantization: str = "auto",
     attn: str = "auto",
     adapter: str | os.PathLike | None = None,
+    ram_cache_bytes: int = 0,
 ) -> LoadedModel:
-    """Load the checkpoint in ``weights_dir``. See the module docstring for the choices."""
+    """Load the checkpoint in ``weights_dir``. See the module docstring for the choices.
+
+    ``ram_cache_bytes``: the cap of the RAM cache the caller keeps beside the model (the engine's
+    feature cache), counted by the memory check when the model loads on the CPU, as much of it as
+    this model's features can fill (:func:`feature_cache_need`)."""
     from transformers import AutoTokenizer
 
     from engine.modeling import LlavaQwenConfig, LlavaQwenForCausalLM
@@ -221,7 +240,7 @@ def load_model(
     if adapter is not None:  # a mistyped --adapter is refused now, not after minutes of loading the base
         adapter_settings = read_adapter_settings(check_adapter(adapter))
     path = Path(weights_dir)
-    read_config_json(path)
+    cfg = read_config_json(path)
     generation = read_generation_defaults(path)
     files = weight_files(path)
     plan = plan_device(device, quantization, attn)
@@ -229,7 +248,8 @@ def load_model(
     try:
         check_fits(files, device=plan.device, quantization=plan.quantization,
                    alternatives=usable_quantizations(plan.device),
-                   model_name=TINY_MODEL_NAME if tiny else REAL_MODEL_NAME)
+                   model_name=TINY_MODEL_NAME if tiny else REAL_MODEL_NAME,
+                   ram_cache_bytes=feature_cache_need(cfg, ram_cache_bytes))
     except UnreadableWeights as exc:
         raise CheckpointError(f"the checkpoint in {path} is damaged: {exc}. Run `make weights` again "
                               "to repair the download.") from exc

@@ -9,6 +9,12 @@ limit), so a model that cannot fit is refused at once, with the choices that wou
 of after minutes of loading that end in a CUDA out-of-memory error or, on the CPU, in the
 kernel's OOM killer ending the process without a word. ``GEOVQA_SKIP_MEMORY_CHECK=1`` loads
 anyway (a machine with swap, say).
+
+On the CPU the engine's vision-feature cache (``engine.cache.FeatureCache``, CPU tensors up to its
+cap, ``serve --feature-cache-bytes``) fills the same RAM as the weights once questions come, so
+the check counts it there (``ram_cache_bytes``: its cap, or what a small model's features can fill
+of it, ``loader.feature_cache_need``). On a GPU it checks the GPU's memory only:
+the cache then adds to the process's RAM, unchecked (docs/protocol.md says so).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from engine.cache import FEATURE_CACHE_ENV
 from engine.errors import EngineError
 
 SKIP_ENV = "GEOVQA_SKIP_MEMORY_CHECK"
@@ -184,30 +191,47 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def fit_report(files: Iterable[Path], device: str, formats: Iterable[str]) -> dict:
-    """What each weight format needs on `device` and what is free there (nothing is loaded)."""
+def counted_cache_bytes(device: str, ram_cache_bytes: int) -> int:
+    """The part of a RAM cache's cap that counts against `device`'s free memory: all of it on the
+    CPU (model and cache share the RAM), none on a GPU (whose memory alone is checked)."""
+    return 0 if device.startswith("cuda") else max(0, int(ram_cache_bytes))
+
+
+def fit_report(files: Iterable[Path], device: str, formats: Iterable[str],
+               ram_cache_bytes: int = 0) -> dict:
+    """What each weight format needs on `device` and what is free there (nothing is loaded).
+
+    `ram_cache_bytes`: the cap of the engine's feature cache, counted in each format's need on
+    the CPU (`counted_cache_bytes`); the report's ``feature_cache_bytes`` is what was counted."""
     counts = count_parameters(files)
     free = available_bytes(device)
+    cache = counted_cache_bytes(device, ram_cache_bytes)
+
+    def need(q: str) -> int:
+        return needed_bytes(counts, q) + cache
+
     return {
         "device": device,
         "free_bytes": free,
         "parameters": counts.quantisable + counts.other,
-        "formats": {q: {"weights_bytes": counts.weight_bytes(q), "needed_bytes": needed_bytes(counts, q),
-                        "fits": None if free is None else needed_bytes(counts, q) <= free}
+        "feature_cache_bytes": cache,
+        "formats": {q: {"weights_bytes": counts.weight_bytes(q), "needed_bytes": need(q),
+                        "fits": None if free is None else need(q) <= free}
                     for q in formats},
     }
 
 
 def check_fits(files: Iterable[Path], *, device: str, quantization: str, alternatives: Iterable[str],
-               model_name: str = "the model") -> None:
+               model_name: str = "the model", ram_cache_bytes: int = 0) -> None:
     """Raise NotEnoughMemory when the checkpoint in `files`, loaded with `quantization` on
     `device`, needs more than is free there (a free memory that cannot be told passes).
 
     `alternatives` are the other quantisations usable on this device; those that would fit are
-    named in the message."""
+    named in the message. `ram_cache_bytes` (the feature cache's cap) is counted on the CPU, and
+    the message then names it and how to make it smaller."""
     if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
         return
-    report = fit_report(files, device, dict.fromkeys([quantization, *alternatives]))
+    report = fit_report(files, device, dict.fromkeys([quantization, *alternatives]), ram_cache_bytes)
     mine = report["formats"][quantization]
     if mine["fits"] is not False:
         return
@@ -217,8 +241,13 @@ def check_fits(files: Iterable[Path], *, device: str, quantization: str, alterna
     choice = (f"Choose --quantization {' or '.join(fits)}" if fits
               else "No weight format fits here; free memory or use a GPU with more memory")
     need, free = mine["needed_bytes"], report["free_bytes"]
+    cache = report["feature_cache_bytes"]
+    parts = f"weights {_gb(mine['weights_bytes'])} + working memory"
+    if cache:
+        parts += f" + feature cache {_gb(cache)}"
+        choice += (f", a smaller feature cache (serve --feature-cache-bytes or {FEATURE_CACHE_ENV}; "
+                   "0 turns it off)")
     raise NotEnoughMemory(
-        f"{model_name} in {quantization} needs about {_gb(need)} {where} (weights "
-        f"{_gb(mine['weights_bytes'])} + working memory) but only {_gb(free)} is free "
-        f"on {device}. {choice}, or set {SKIP_ENV}=1 to load anyway.",
+        f"{model_name} in {quantization} needs about {_gb(need)} {where} ({parts}) but only "
+        f"{_gb(free)} is free on {device}. {choice}, or set {SKIP_ENV}=1 to load anyway.",
         need, free)

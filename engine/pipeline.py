@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine import __version__
-from engine.cache import FeatureCache, PrefixStore, content_key, raster_key
+from engine.cache import FeatureCache, PrefixStore, content_key, feature_cache_cap, raster_key
 from engine.protocol import (DEFAULT_STRATEGY, PROTOCOL_VERSION, STRATEGIES, tokens_per_tile_of,
                              validate_question)
 from engine.weights import DEFAULT_WEIGHTS
@@ -305,15 +305,22 @@ class Engine:
     def __init__(self, weights_dir: str | os.PathLike | None = None, *, device: str = "auto",
                  quantization: str = "auto", adapter: str | os.PathLike | None = None,
                  demo_ok: bool = True, output_dir: str | os.PathLike | None = None,
-                 feature_cache_bytes: int = 4 * 2**30, loaded=None, prune_old_outputs: bool = True) -> None:
+                 feature_cache_bytes: int | None = None, loaded=None,
+                 prune_old_outputs: bool = True) -> None:
         """`prune_old_outputs`: remove the engine's own files older than GEOVQA_OUTPUT_RETENTION_DAYS
-        from `output_dir` (working files); False for a folder of files to keep (eval's heatmaps)."""
+        from `output_dir` (working files); False for a folder of files to keep (eval's heatmaps).
+
+        `feature_cache_bytes`: the cap of the vision-feature cache (RAM); None takes
+        GEOVQA_FEATURE_CACHE_BYTES, else 4 GiB (`engine.cache.feature_cache_cap`); 0 turns it
+        off. The memory check counts it when the model loads on the CPU."""
         from engine.loader import load_model
 
         retention_days = output_retention_days()  # a bad setting stops us before the model loads
+        cache_cap = feature_cache_cap(feature_cache_bytes)  # so does this one
         self.weights_dir, self.demo = resolve_weights(weights_dir, demo_ok=demo_ok)
         self.loaded = loaded or load_model(self.weights_dir, device=device,
-                                           quantization=quantization, adapter=adapter)
+                                           quantization=quantization, adapter=adapter,
+                                           ram_cache_bytes=cache_cap)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.output_dir = Path(output_dir) if output_dir else cache_dir() / "outputs"
@@ -321,7 +328,7 @@ class Engine:
             prune_outputs(self.output_dir, retention_days)
         # what the loaded adapter was trained on (its geovqa_training.json), None without one
         self.adapter_settings = (self.loaded.info or {}).get("adapter_settings")
-        self.features = FeatureCache(max_bytes=feature_cache_bytes)
+        self.features = FeatureCache(max_bytes=cache_cap)
         self.prefixes = PrefixStore()
         self._lock = threading.Lock()
 
@@ -355,6 +362,7 @@ class Engine:
             "strategies": [s for s in STRATEGIES if s in available()],
             "max_read_pixels": max_read_pixels(getattr(getattr(self.model, "config", None),
                                                        "image_grid_pinpoints", None) or None),
+            "feature_cache_bytes": self.features.max_bytes,
             "message": ("tiny random demo model: answers are meaningless; run `make weights`"
                         if self.demo else None),
         }
@@ -475,7 +483,8 @@ class Engine:
                                        message=f"vision tower: {done}/{total} tiles"),
             )
             timings.update(t)
-            if fkey is not None:  # (None: a source nothing tells the change of)
+            # (None: a source nothing tells the change of; a cap of 0: no cache, so no CPU copy)
+            if fkey is not None and self.features.max_bytes > 0:
                 self.features.put(fkey, (geometry, features.to(device="cpu")))
         check_cancel()
 

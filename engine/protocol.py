@@ -91,6 +91,9 @@ HEALTH_FIELDS = {
     "reads of any raster window (its largest tiling canvas); a larger window is read decimated. A client "
     "may upload a window larger than this reduced to about this many pixels (aspect kept): the engine "
     "reads it at the same size",
+    "feature_cache_bytes": "int | null (optional; absent from older engines): the cap of the "
+    "engine's vision-feature cache in RAM (serve --feature-cache-bytes), 0 when it is off; null "
+    "when the engine does not say",
     "strategies": "list[str]",
     "message": "str | null: what the engine is doing or why it failed",
 }

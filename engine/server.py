@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__, protocol
 from engine.auth import TokenFileError, load_or_create_token, token_matches
-from engine.cli_args import add_model_arguments, positive_int, writable_folder_problem
+from engine.cli_args import (add_feature_cache_argument, add_model_arguments, positive_int,
+                             writable_folder_problem)
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default, lock_state_dir
 from engine.json_body import parse_json
 from engine.parent import parent_pid_from_environment, watch_parent
@@ -213,6 +214,7 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
         info["queue_length"] = jobs.queue_length()
         info["max_upload_bytes"] = settings.max_upload_bytes
         info.setdefault("max_read_pixels", None)  # an engine that cannot tell: none known
+        info.setdefault("feature_cache_bytes", None)
         return info
 
     @app.post("/ask")
@@ -299,14 +301,20 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
             raise JobError("not_found", f"There is no job {job_id!r}.")
         return info
 
+    def results_response(job_id: str) -> JSONResponse:
+        """The answer of ``GET /jobs/{id}/results``: a batch's results.jsonl read and encoded
+        (megabytes and about a second for 10,000 answers), so it runs in a worker thread."""
+        results = jobs.results(job_id)
+        if results is None:
+            raise JobError("not_found", f"Job {job_id!r} is not a batch job.")
+        return JSONResponse({"job_id": job_id, "results": results})
+
     @app.get("/jobs/{job_id}/results")
     async def job_results(job_id: str, request: Request):
         require_token(request)
         find_job(job_id)
-        results = jobs.results(job_id)
-        if results is None:
-            raise JobError("not_found", f"Job {job_id!r} is not a batch job.")
-        return {"job_id": job_id, "results": results}
+        # off the event loop: streamed answers and /health go on meanwhile
+        return await asyncio.to_thread(results_response, job_id)
 
     @app.get("/files/{name}")
     async def files(name: str, request: Request):
@@ -359,6 +367,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="heatmaps and anchors (default <state-dir>/outputs)")
     parser.add_argument("--max-upload-bytes", type=positive_int, default=protocol.MAX_UPLOAD_BYTES,
                         help="largest uploaded raster accepted, in bytes (at least 1)")
+    add_feature_cache_argument(parser)
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     # For tests and embedding: build the engine with "module:callable"(args, settings).
@@ -421,7 +430,8 @@ def build_engine(args: argparse.Namespace, settings: Settings) -> Any:
     from engine.pipeline import Engine
 
     return Engine(args.weights, device=args.device, quantization=args.quantization,
-                  adapter=args.adapter, demo_ok=not args.no_demo, output_dir=settings.output_dir)
+                  adapter=args.adapter, demo_ok=not args.no_demo, output_dir=settings.output_dir,
+                  feature_cache_bytes=args.feature_cache_bytes)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

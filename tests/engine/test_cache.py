@@ -98,3 +98,28 @@ def test_a_source_inside_a_zip_is_stamped_by_the_zip_and_a_web_source_is_not_cac
     assert cache._file_stamp("/vsizip//vsicurl/https://example.org/a.zip/x.tif") is None
     assert "/vsicurl/https://example.org/x.tif" in cache.raster_files(web)
     assert raster_key(web, None, None) is None
+
+
+def test_a_feature_cache_of_zero_bytes_keeps_nothing():
+    import torch
+
+    off = cache.FeatureCache(max_bytes=0)
+    off.put("k", (None, torch.zeros(0)))  # even an empty entry: the cache is off
+    off.put("k2", (None, torch.zeros(4)))
+    assert len(off) == 0 and off.get("k") is None and off.nbytes == 0
+    on = cache.FeatureCache(max_bytes=1024)
+    on.put("k", (None, torch.zeros(4)))
+    assert on.get("k") is not None
+
+
+def test_the_feature_cache_cap_comes_from_the_option_then_the_variable(monkeypatch):
+    import pytest
+
+    monkeypatch.delenv(cache.FEATURE_CACHE_ENV, raising=False)
+    assert cache.feature_cache_cap(None) == cache.DEFAULT_FEATURE_CACHE_BYTES == 4 * 2**30
+    monkeypatch.setenv(cache.FEATURE_CACHE_ENV, " 1048576 ")
+    assert cache.feature_cache_cap(None) == 1048576
+    assert cache.feature_cache_cap(0) == 0  # the option wins, 0 included
+    monkeypatch.setenv(cache.FEATURE_CACHE_ENV, "4G")
+    with pytest.raises(ValueError, match=rf"{cache.FEATURE_CACHE_ENV} must be a whole number of bytes.*'4G'"):
+        cache.feature_cache_cap(None)

@@ -111,3 +111,13 @@ def test_weights_download_lands_where_the_engine_looks_from_any_folder(tmp_path,
     assert main(["weights"]) == 0
     assert Path(seen["dest"]).is_absolute() and Path(seen["dest"]) == DEFAULT_WEIGHTS
     assert DEFAULT_WEIGHTS == Path(__file__).resolve().parents[2] / "weights" / "GeoLLaVA-8K"
+
+
+@pytest.mark.parametrize("cmd", ["serve", "info"])
+def test_the_feature_cache_size_is_an_option_taking_zero(cmd, capsys):
+    assert parse(cmd).feature_cache_bytes is None  # not given: GEOVQA_FEATURE_CACHE_BYTES, else 4 GiB
+    assert parse(cmd, "--feature-cache-bytes", "0").feature_cache_bytes == 0
+    assert parse(cmd, "--feature-cache-bytes", "1048576").feature_cache_bytes == 1048576
+    with pytest.raises(SystemExit):
+        parse(cmd, "--feature-cache-bytes", "-1")
+    assert "--feature-cache-bytes: must be at least 0, not -1" in capsys.readouterr().err

@@ -119,6 +119,7 @@ def test_info_memory_reports_every_format_without_loading(tiny_checkpoint, count
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(engine.loader, "load_model", must_not_load)
+    monkeypatch.setenv("GEOVQA_FEATURE_CACHE_BYTES", "0")  # the model's own need (the cache: below)
     free = (needed_bytes(counts, "bf16") + needed_bytes(counts, "fp32")) // 2
     monkeypatch.setattr(memory_check, "available_bytes", lambda device: free)
     assert main(["info", "--memory", "--json", "--weights", str(tiny_checkpoint), "--device", "cpu"]) == 0
@@ -133,6 +134,85 @@ def test_info_memory_reports_every_format_without_loading(tiny_checkpoint, count
     assert f"{report['parameters']:,} parameters" in text
     assert any(line.strip().startswith("fp32") and line.endswith("does not fit") for line in text.splitlines())
     assert "--quantization auto (the default) loads fp32 here" in text
+
+
+CACHE = 200 * 2**20  # a feature cache cap far above the tiny model's weights, below what its features can fill
+
+
+def test_the_feature_cache_cap_counts_against_the_ram(tiny_checkpoint, counts, monkeypatch):
+    """The feature cache (CPU tensors, 4 GiB by default) filled RAM the check never counted: a
+    CPU model that just fitted could be killed by the OOM killer once questions came."""
+    free = needed_bytes(counts, "fp32") + CACHE // 2  # the model fits, the model + cache does not
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: free)
+    assert load_model(tiny_checkpoint, device="cpu", quantization="fp32").info["device"] == "cpu"
+    with pytest.raises(NotEnoughMemory) as exc:
+        load_model(tiny_checkpoint, device="cpu", quantization="fp32", ram_cache_bytes=CACHE)
+    msg = str(exc.value)
+    assert exc.value.needed == needed_bytes(counts, "fp32") + CACHE
+    assert "in RAM (weights" in msg and "+ working memory + feature cache 0.2 GB)" in msg
+    assert "--feature-cache-bytes or GEOVQA_FEATURE_CACHE_BYTES; 0 turns it off" in msg
+    assert memory_check.SKIP_ENV in msg
+
+
+def test_the_engine_gives_the_check_its_feature_cache_cap(tiny_checkpoint, counts, monkeypatch, tmp_path):
+    from engine.pipeline import Engine
+
+    free = needed_bytes(counts, "fp32") + CACHE // 2
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: free)
+    with pytest.raises(NotEnoughMemory, match="feature cache"):
+        Engine(tiny_checkpoint, device="cpu", quantization="fp32", output_dir=tmp_path,
+               feature_cache_bytes=CACHE)
+    monkeypatch.setenv("GEOVQA_FEATURE_CACHE_BYTES", str(CACHE))  # the variable, when not given
+    with pytest.raises(NotEnoughMemory, match="feature cache"):
+        Engine(tiny_checkpoint, device="cpu", quantization="fp32", output_dir=tmp_path)
+    eng = Engine(tiny_checkpoint, device="cpu", quantization="fp32", output_dir=tmp_path,
+                 feature_cache_bytes=0)
+    assert eng.features.max_bytes == 0
+
+
+def test_the_cache_counts_no_more_than_the_models_features_can_fill(tiny_checkpoint, counts, monkeypatch):
+    """The default 4 GiB cap counted whole refused the tiny demo model on a machine with under
+    4 GiB free, though its 16 largest entries (32-wide features) come to well under 1 GB; the
+    released model's (ViT-L, 1024-wide: about 1.4 GB a full canvas) fill the cap."""
+    from engine.cache import FEATURE_CACHE_ITEMS, feature_entry_ceiling
+    from engine.loader import feature_cache_need, read_config_json
+
+    cap = 4 * 2**30
+    tiny = feature_cache_need(read_config_json(tiny_checkpoint), cap)
+    assert tiny == FEATURE_CACHE_ITEMS * feature_entry_ceiling(32, 336, 14, 8064 * 8064) < 2**30
+    assert feature_cache_need({"mm_vision_tower": "openai/clip-vit-large-patch14-336"}, cap) == cap
+    free = needed_bytes(counts, "fp32") + tiny + 2**20  # under the 4 GiB cap, over what it can hold
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: free)
+    assert load_model(tiny_checkpoint, device="cpu", quantization="fp32", ram_cache_bytes=cap).info["device"] == "cpu"
+
+
+def test_the_cache_is_not_counted_against_a_gpus_memory(tiny_checkpoint, counts, monkeypatch):
+    """On a GPU the check sizes the GPU's memory; the cache is in RAM (docs/protocol.md)."""
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: 10**12)
+    gpu = memory_check.fit_report(weight_files(tiny_checkpoint), "cuda:0", ["bf16"], ram_cache_bytes=CACHE)
+    cpu = memory_check.fit_report(weight_files(tiny_checkpoint), "cpu", ["bf16"], ram_cache_bytes=CACHE)
+    assert gpu["feature_cache_bytes"] == 0 and gpu["formats"]["bf16"]["needed_bytes"] == needed_bytes(counts, "bf16")
+    assert cpu["feature_cache_bytes"] == CACHE
+    assert cpu["formats"]["bf16"]["needed_bytes"] == needed_bytes(counts, "bf16") + CACHE
+
+
+def test_info_memory_counts_the_feature_cache_on_the_cpu(tiny_checkpoint, counts, monkeypatch, capsys):
+    import json
+
+    from engine.cli import main
+
+    free = needed_bytes(counts, "fp32") + CACHE // 2
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: free)
+    args = ["info", "--memory", "--weights", str(tiny_checkpoint), "--device", "cpu"]
+    assert main([*args, "--json", "--feature-cache-bytes", str(CACHE)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["feature_cache_bytes"] == CACHE
+    assert report["formats"]["fp32"]["needed_bytes"] == needed_bytes(counts, "fp32") + CACHE
+    assert report["formats"]["fp32"]["fits"] is False
+    assert main([*args, "--feature-cache-bytes", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["formats"]["fp32"]["fits"] is True
+    assert main([*args, "--feature-cache-bytes", str(CACHE)]) == 0
+    assert "includes the feature cache, 0.2 GB" in capsys.readouterr().out
 
 
 def _cgroup_tree(tmp_path, proc_line: str, files: dict[str, str]):

@@ -87,6 +87,35 @@ def test_second_question_hits_feature_and_prefix_caches_and_answers_the_same(eng
     assert fresh["answer"] == second["answer"] == first["answer"]
 
 
+def test_a_feature_cache_of_zero_bytes_encodes_every_question_again(tiny_checkpoint, tiny_loaded, scene,
+                                                                   tmp_path):
+    eng = Engine(tiny_checkpoint, loaded=tiny_loaded, output_dir=tmp_path, feature_cache_bytes=0)
+    first = _ask(eng, scene, "Is there water?", strategy="anchored")[-1]
+    second = _ask(eng, scene, "Is there water?", strategy="anchored")[-1]
+    assert first["cache"]["features"] is False and second["cache"]["features"] is False
+    assert second["timings"]["vision"] > 0.0 and len(eng.features) == 0
+    assert second["answer"] == first["answer"]
+    assert eng.health()["feature_cache_bytes"] == 0
+
+
+def test_serves_feature_cache_option_reaches_the_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    import argparse
+
+    from engine import server
+
+    monkeypatch.setenv("GEOVQA_FEATURE_CACHE_BYTES", "999")  # the option wins over the variable
+    parser = argparse.ArgumentParser()
+    server.add_serve_arguments(parser)
+    args = parser.parse_args(["--weights", str(tiny_checkpoint), "--device", "cpu",
+                              "--quantization", "fp32", "--state-dir", str(tmp_path),
+                              "--feature-cache-bytes", "123456789"])
+    eng = server.build_engine(args, server.settings_from_args(args))
+    assert eng.features.max_bytes == 123456789
+    assert eng.health()["feature_cache_bytes"] == 123456789
+    args.feature_cache_bytes = None  # left out: GEOVQA_FEATURE_CACHE_BYTES
+    assert server.build_engine(args, server.settings_from_args(args)).features.max_bytes == 999
+
+
 def test_a_raster_whose_files_cannot_all_be_stamped_is_never_served_from_the_caches(engine, scene, monkeypatch):
     """A VRT over a /vsicurl/ source has no key (cache.raster_key None): nothing tells when the
     source changes, so each question reads it again and nothing is kept."""

@@ -194,3 +194,48 @@ def test_stop_releases_the_state_dir_when_the_worker_ends_in_time(tmp_path):
     jobs = make_queue(Engine(), state_dir)
     assert jobs.stop() is True
     lock_state_dir(state_dir).close()
+
+
+class CountingSet(set):
+    """A set that counts membership tests and fails once there are more than `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.lookups = 0
+        self.limit = limit
+
+    def __contains__(self, item) -> bool:
+        self.lookups += 1
+        assert self.lookups <= self.limit, f"more than {self.limit} lookups: the batch is rescanned"
+        return super().__contains__(item)
+
+
+def _batch(tmp_path, n_items: int, n_questions: int) -> BatchJob:
+    spec = {"items": [{"layer": f"l{i}", "raster_path": f"/d/{i}.tif"} for i in range(n_items)],
+            "questions": [f"q{j}?" for j in range(n_questions)]}
+    return BatchJob("b" * 12, spec, tmp_path)
+
+
+def test_a_large_batch_finds_its_next_item_without_rescanning(tmp_path):
+    """next_index scanned from item 0 at every step: 50 million lookups for 10,000 items."""
+    job = _batch(tmp_path, 100, 100)
+    n = job.total
+    job.done_indexes = CountingSet(limit=3 * n)
+    order = []
+    while (index := job.next_index()) is not None:
+        order.append(index)
+        job.done_indexes.add(index)  # what append_result records
+    assert order == list(range(n)) and len(order) == 10_000
+    assert job.done_indexes.lookups <= 2 * n
+
+
+def test_a_resumed_batch_answers_its_gaps_in_order(tmp_path):
+    """Items without a line in results.jsonl (a resume) are found, lowest first, failed ones skipped."""
+    job = _batch(tmp_path, 4, 2)
+    job.done_indexes.update({0, 1, 3, 6})
+    found = []
+    while (index := job.next_index()) is not None:
+        found.append(index)
+        assert job.next_index() == index  # asking again without an answer keeps the item
+        job.done_indexes.add(index)
+    assert found == [2, 4, 5, 7] and job.next_index() is None

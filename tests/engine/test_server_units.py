@@ -312,3 +312,53 @@ def test_an_upload_with_two_parts_of_one_name_is_refused_not_joined(tmp_path, tw
     assert exc.value.code == "bad_request"
     assert f"more than one '{twice}' part" in exc.value.message
     assert not list(tmp_path.iterdir())
+
+
+def test_batch_results_are_read_and_encoded_off_the_event_loop(tmp_path, monkeypatch):
+    """GET /jobs/{id}/results read a large batch's results.jsonl (and built its JSON) inside the
+    async handler: streamed answers and /health stalled until it was done."""
+    import asyncio
+    import warnings
+
+    from fastapi.responses import JSONResponse
+
+    import engine.jobs
+    from engine.server import create_app
+
+    settings = Settings(state_dir=tmp_path, token="t")
+    app = create_app(engine=None, settings=settings)
+    job = app.state.jobs.submit_batch({"items": [{"raster_path": "/x.tif"}], "questions": ["q1", "q2"]})
+    lines = [{"index": i, "layer": "x", "answer": f"answer {i}", "error": None} for i in range(2)]
+    for line in lines:
+        job.append_result(line)
+
+    read_in, encoded_in = [], []
+
+    def on_event_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    real_read, real_render = engine.jobs.read_results, JSONResponse.render
+
+    def recording_read(path):
+        read_in.append(on_event_loop())
+        return real_read(path)
+
+    def recording_render(self, content):
+        if isinstance(content, dict) and "results" in content:
+            encoded_in.append(on_event_loop())
+        return real_render(self, content)
+
+    monkeypatch.setattr(engine.jobs, "read_results", recording_read)
+    monkeypatch.setattr(JSONResponse, "render", recording_render)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+        resp = TestClient(app).get(f"/jobs/{job.job_id}/results", headers={"Authorization": "Bearer t"})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    assert resp.json() == {"job_id": job.job_id, "results": lines}
+    assert read_in == [False] and encoded_in == [False]  # both in a worker thread
