@@ -53,7 +53,7 @@ from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGY_CHOICES, STRATEGY_SHORT_LABELS, STRATEGY_TIPS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
-from .tasks import ANSWERING, AskTask, HealthTask, event_text, rect_bounds
+from .tasks import ANSWERING, AskTask, HealthTask, discard_kept_files, event_text, rect_bounds
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
@@ -895,7 +895,11 @@ class ChatDock(QgsDockWidget):
 
     def _on_event(self, ev: dict):
         if ev.get("request_id") != self.current_request_id or self.current_turn is None:
-            return  # stale reply from a superseded question
+            # stale reply from a question stopped or superseded; its task may have kept the
+            # answer's files just before (a Stop at the last moment): no turn refers to them
+            if ev.get("type") == "result":
+                discard_kept_files(ev)
+            return
         turn = self.current_turn
         kind = ev.get("type")
         if kind in ("queued", "status"):

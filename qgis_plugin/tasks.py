@@ -7,6 +7,8 @@ the main thread through Qt signals (queued, since the task object lives in the m
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import threading
 import time
@@ -141,6 +143,16 @@ def _lost_text(what: str, exc: Exception, dest_dir: Path) -> str:
         return f"its {what} could not be downloaded from the engine: {exc}"
     return (f"its {what} could not be saved in {dest_dir}: {exc}. "
             "Choose another results folder in Settings > Options > GeoVQA")
+
+
+def discard_kept_files(event: dict) -> None:
+    """Remove the heatmap and anchors :func:`keep_result_files` kept for a result ``event`` that
+    nothing will show (its question was stopped or superseded once they were kept)."""
+    for key in ("local_heatmap_path", "local_anchors_path"):
+        path = event.get(key)
+        if path:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None,

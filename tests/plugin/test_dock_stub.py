@@ -1098,3 +1098,43 @@ def test_the_dock_says_a_queue_only_while_a_job_is_ahead(plugin, raster_layer, s
         assert dock.progress_label.text() not in ("Starting …", "")
     finally:
         dock.current_request_id = dock.current_turn = None
+
+
+def _files_kept_before_the_dock_heard(dock, question):
+    """Ask ``question`` and wait, without running the event loop (a busy main thread), until
+    the task has kept the answer's files and queued its result event; returns that event."""
+    import time
+
+    dock.ask(question)
+    task = dock.task
+    deadline = time.time() + 30
+    while getattr(task, "final", None) is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert task.final is not None and task.final["type"] == "result", task.final
+    assert Path(task.final["local_heatmap_path"]).is_file()
+    return task.final
+
+
+@pytest.mark.parametrize("how", ["stopped", "superseded"])
+def test_a_question_ended_once_its_files_were_kept_leaves_no_files_behind(how, plugin, raster_layer, stub_engine):
+    """Stop (or a newer question) came after the task had kept the answer's heatmap and anchors
+    but before the dock handled the result: the turn ended without them, no layer was added, and
+    the two files stayed in the results folder with nothing referring to them."""
+    layer = raster_layer("a")
+    dock = plugin.dock
+    dock.set_layer(layer)
+    late = _files_kept_before_the_dock_heard(dock, "late question?")
+    if how == "stopped":
+        dock.stop()
+    else:
+        dock.ask("second question?")
+        wait_until(lambda: dock.turns(layer)[-1].get("done"), 30, "the second answer")
+    wait_for_tasks()
+    wait_until(lambda: not dock.is_asking(), 10, "the dock to be idle")
+    first = dock.turns(layer)[0]
+    assert first["done"] and not first.get("result")
+    for key in ("local_heatmap_path", "local_anchors_path"):
+        assert not Path(late[key]).exists(), f"{key} of a {how} question left behind"
+    if how == "superseded":  # the answer shown keeps its own files
+        shown = dock.turns(layer)[-1]["result"]
+        assert Path(shown["local_heatmap_path"]).is_file()
