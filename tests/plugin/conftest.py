@@ -352,8 +352,21 @@ def pytest_sessionfinish(session, exitstatus):
     session.config._geovqa_exitstatus = int(exitstatus)
 
 
+def _remove_temporary_folders():
+    """The folder of the ``geovqa`` package link, and Processing's temporary folder of this run:
+    ending with os._exit skips their removal (one geovqa-pkg-* folder was left a run)."""
+    shutil.rmtree(_PKG_PARENT, ignore_errors=True)
+    try:
+        from qgis.core import QgsProcessingUtils
+
+        shutil.rmtree(QgsProcessingUtils.tempFolder(), ignore_errors=True)
+    except Exception:  # noqa: BLE001 - QGIS not initialised: no such folder
+        pass
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_unconfigure(config):
+    _remove_temporary_folders()
     status = getattr(config, "_geovqa_exitstatus", None)
     if status is None or os.environ.get("GEOVQA_FULL_TEARDOWN"):  # set it to see the teardown
         return
