@@ -10,6 +10,10 @@ the batch task and the Processing algorithms (already in a worker thread, no eve
 socket shutdown gives a prompt, reliable cancel.
 It also connects straight to the engine: no proxy (neither QGIS's network settings nor an
 ``http_proxy`` of the environment) ever carries a call, so a loopback engine is reached as is.
+A ``localhost`` URL is dialled at 127.0.0.1 (:func:`dial_host`), where a local engine listens:
+Windows and macOS look ``localhost`` up as ::1 first, and Windows tries a refused ::1 for about
+two seconds before 127.0.0.1, on every call (health polls too). The request's ``Host`` header
+and the TLS server name stay ``localhost``, so a certificate made out for it still verifies.
 
 An ``https://`` engine is reached with certificate checks on (:mod:`tls`: the system's trust
 store, or the *CA certificate* setting's PEM file for a self-signed engine); a connection that
@@ -39,6 +43,9 @@ FINAL_EVENTS = ("result", "error")
 KNOWN_EVENTS = ("queued", "status", "token", "result", "error")
 MAX_QUESTION_CHARS = 2000
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# the address a connection to a loopback name is opened to: where an engine started for it
+# listens (engine_process.served_host; the engine's own default host, engine/protocol.py)
+LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
 DEFAULT_ENGINE_URL = "http://127.0.0.1:8765"
 DEFAULT_PORT = 8765  # engine/protocol.py DEFAULT_PORT
 UPLOAD_CHUNK = 1 << 20
@@ -296,6 +303,27 @@ def is_own_host(host: str, own_addresses=()) -> bool:
     return address in own
 
 
+def dial_host(host: str) -> str:
+    """The address a connection to an engine URL's ``host`` is opened to: 127.0.0.1 for
+    ``localhost``, which Windows and macOS resolve to ::1 first, where no local engine listens
+    (Windows then waits about two seconds before trying 127.0.0.1); any other host as it is."""
+    return LOOPBACK_NAMES.get(host, host)
+
+
+def dialled_at(conn: http.client.HTTPConnection, address: str) -> http.client.HTTPConnection:
+    """``conn`` with its socket opened to ``address`` (and its port) rather than to its host,
+    which it still names in the ``Host`` header and, over https, as the TLS server name (the
+    name the certificate is checked against). ``conn`` itself when ``address`` is its host."""
+    if address != conn.host:
+        open_socket = conn._create_connection  # http.client's hook, socket.create_connection
+
+        def to_address(host_port, *args, **kwargs):
+            return open_socket((address, host_port[1]), *args, **kwargs)
+
+        conn._create_connection = to_address
+    return conn
+
+
 class EngineClient:
     """Talks to one engine at ``base_url`` with a bearer ``token``."""
 
@@ -324,9 +352,13 @@ class EngineClient:
 
     # -- plumbing ---------------------------------------------------------------------------
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        """A connection to the engine, not opened yet (a ``localhost`` URL: to 127.0.0.1, see
+        :func:`dial_host`)."""
         if self.scheme == "https":
-            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context())
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context())
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        return dialled_at(conn, dial_host(self.host))
 
     def ssl_context(self):
         """The TLS context of https connections (:func:`tls.context`); EngineError('tls_ca_file')

@@ -2,13 +2,16 @@
 
 A path setting may be typed with ``~`` for the home folder (``~/geovqa/token``); every place
 that uses one (token file, CA certificate, engine Python, engine and weights folders, output
-folder) goes through :func:`user_path`, so ``~`` means the same everywhere.
+folder) goes through :func:`user_path`, so ``~`` means the same everywhere. Whether a folder
+can be written is found by writing in it (:func:`write_error`), never with ``os.access``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 
 
 def user_path(text: str) -> str:
@@ -16,6 +19,26 @@ def user_path(text: str) -> str:
     home folder; '' stays '' (the setting is not set)."""
     text = (text or "").strip()
     return os.path.expanduser(text) if text else ""
+
+
+def write_error(folder, make_folder: bool = False) -> OSError | None:
+    """The error that making a file (``make_folder``: a folder) in the existing folder
+    ``folder`` gets; None when it can be made. The probe is made and removed at once.
+
+    ``os.access(folder, os.W_OK)`` cannot tell: on Windows it checks only the read-only
+    attribute, which folders ignore, so every folder passes, also one whose permissions (ACL)
+    forbid writing; and a folder in which files may not be made can still take new folders
+    (a drive's root on Windows), which is what ``make_folder`` asks about."""
+    try:
+        if make_folder:
+            shutil.rmtree(tempfile.mkdtemp(prefix=".geovqa-probe-", dir=folder), ignore_errors=True)
+        else:
+            handle, name = tempfile.mkstemp(prefix=".geovqa-probe-", dir=folder)
+            os.close(handle)
+            os.unlink(name)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def export_path(path: str, kinds: tuple, chosen: str) -> str:

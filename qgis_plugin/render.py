@@ -44,6 +44,7 @@ from qgis.PyQt.QtCore import QObject, QSize, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
 from .georef import needs_warp, open_with_gdal
+from .paths import write_error
 from .tasks import CAN_CANCEL, file_stem
 from .upload import reduced_size
 
@@ -225,11 +226,13 @@ def write_geotiff(rgba: np.ndarray, extent: QgsRectangle, crs_wkt: str, path: st
 def render_file(results_dir, name: str) -> Path:
     """Where a render for ``name`` (a question, a layer) is written: the results folder's
     ``renders``, or a temporary folder when that cannot be made or written (a render is only
-    what the engine is sent: the answer is not lost for it; its layers then say the folder)."""
+    what the engine is sent: the answer is not lost for it; its layers then say the folder).
+    Writable means a file could be made there just now (:func:`paths.write_error`; ``os.access``
+    lets every folder pass on Windows)."""
     folder = Path(results_dir) / "renders"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        usable = os.access(folder, os.W_OK | os.X_OK)
+        usable = write_error(folder) is None
     except OSError:
         usable = False
     if not usable:

@@ -4,6 +4,11 @@ Answers are also written as they arrive, so a cancel or a crash keeps the finish
 batch dialog appends each to a JSON Lines autosave file (:func:`append_json_line`), the
 Processing batch writes its CSV row by row (:class:`CsvRows`, same file as :func:`write_csv`).
 JSON and JSON Lines are UTF-8 text, non-ASCII characters as they are (not ``\\u00e9`` escapes).
+The CSV is UTF-8 with a byte-order mark at its start (``utf-8-sig``): without it, Excel on
+Windows reads a CSV in the ANSI code page (cp1252) and garbles every accented question, answer
+and layer name; Python's csv (read with ``utf-8-sig``), LibreOffice, GDAL/OGR and QGIS's
+delimited-text provider skip the mark. A CSV is only ever written whole from its start, never
+appended to, so the mark is never in the middle of a file.
 """
 
 from __future__ import annotations
@@ -66,13 +71,16 @@ def flat_row(row: dict) -> dict:
 
 
 class CsvRows:
-    """A CSV of answers written as they come: the header at once, then each row, flushed, so
-    the file holds every finished row at any time. Raises OSError when it cannot be written."""
+    """A CSV of answers written as they come: the byte-order mark and the header at once, then
+    each row, flushed, so the file holds every finished row at any time. ``path`` is written
+    anew (an existing file is replaced, never appended to). Raises OSError when it cannot be
+    written."""
 
     def __init__(self, path: str):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
-        self._fh = open(path, "w", newline="", encoding="utf-8")
+        # "w", so the mark utf-8-sig writes first is at the start of the file, and only there
+        self._fh = open(path, "w", newline="", encoding="utf-8-sig")
         self._writer = csv.DictWriter(self._fh, fieldnames=list(CSV_COLUMNS))
         self._writer.writeheader()
         self._fh.flush()

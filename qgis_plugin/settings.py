@@ -16,7 +16,7 @@ from pathlib import Path
 from qgis.core import QgsProject, QgsSettings
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
-from .paths import user_path
+from .paths import user_path, write_error
 
 PREFIX = "geovqa/"
 DEFAULT_URL = "http://127.0.0.1:8765"
@@ -220,9 +220,10 @@ def profile_results_dir() -> Path:
 
 
 def folder_problem(folder: Path) -> str:
-    """Why results cannot be written in ``folder`` ('' when they can, as far as can be told
-    without writing): it is a file, or neither it nor the nearest existing folder above it,
-    where it would be made, may be written."""
+    """Why results cannot be written in ``folder`` ('' when they can): it is a file, or a file
+    cannot be made in it, or, when it does not exist yet, a folder cannot be made in the nearest
+    existing folder above it (found by trying: :func:`paths.write_error`, which makes and removes
+    a probe; ``os.access`` lets every folder pass on Windows)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         return f"{folder} is a file, not a folder."
@@ -231,9 +232,11 @@ def folder_problem(folder: Path) -> str:
         probe = probe.parent
     if not probe.is_dir():
         return f"{folder} cannot be made: {probe} is a file."
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return (f"{folder} cannot be written (no permission)." if probe == folder
-                else f"{folder} cannot be made: {probe} cannot be written (no permission).")
+    error = write_error(probe, make_folder=probe != folder)
+    if error is not None:
+        why = "no permission" if isinstance(error, PermissionError) else (error.strerror or str(error))
+        return (f"{folder} cannot be written ({why})." if probe == folder
+                else f"{folder} cannot be made: {probe} cannot be written ({why}).")
     return ""
 
 

@@ -197,6 +197,20 @@ def raster_layer(tmp_path, qgis_new_project):
 
 
 @pytest.fixture
+def opened_addresses(monkeypatch):
+    """The (host, port) of every socket http.client opens (socket.create_connection, which
+    looks the host up and connects), recorded on the way to the real one."""
+    opened, real = [], socket.create_connection
+
+    def recording(address, *args, **kwargs):
+        opened.append(tuple(address))
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", recording)
+    return opened
+
+
+@pytest.fixture
 def stub_engine(tmp_path):
     eng = StubEngine(tmp_path / "stub_out")
     set_settings(engine_url=eng.url, token=eng.token)

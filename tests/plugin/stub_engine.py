@@ -56,6 +56,7 @@ class StubEngine:
         self.max_upload_bytes = 1 << 30
         self.max_read_pixels = None  # /health's max_read_pixels; None: left out, as an older engine does
         self.health_calls = 0
+        self.hosts: list[str] = []  # the Host header of each request, as it came
         self.fail_with: dict | None = None
         # True: the real engine's status events (engine/pipeline.py: read, the vision tower tile
         # batch by tile batch, select, prefill, the answer tokens, write); else one "read" at 20 %
@@ -67,6 +68,7 @@ class StubEngine:
 
         class Handler(JsonHandler):
             def do_GET(self):  # noqa: N802
+                stub.hosts.append(self.headers.get("Host"))
                 if self.path == "/health":
                     stub.health_calls += 1
                     self._json(200, stub.health())
@@ -74,6 +76,7 @@ class StubEngine:
                     self._json(404, {"error": {"code": "not_found", "message": "no such path", "hint": None}})
 
             def do_POST(self):  # noqa: N802
+                stub.hosts.append(self.headers.get("Host"))
                 if self.headers.get("Authorization") != f"Bearer {stub.token}":
                     self._json(401, {"error": {"code": "unauthorized", "message": "Wrong token.", "hint": None}})
                     return

@@ -1,8 +1,8 @@
 """Where the batch answers go and what the log says about them: temporary outputs of
 "Batch questions" kept in the results folder (qgis_process deletes its temporary folder when it
 exits: see test_headless_processing for the run through qgis_process), the answers file named
-before the first question and again when a run is cancelled or fails, and JSON / JSON Lines
-written as UTF-8 text."""
+before the first question and again when a run is cancelled or fails, JSON / JSON Lines
+written as UTF-8 text, and the CSV as UTF-8 with a byte-order mark (what Excel on Windows needs)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ANSWER = "The area is 64 x 48 pixels with 3 bands."
 
 
 def _rows(path):
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -175,6 +175,7 @@ def test_a_failed_processing_batch_says_where_its_answers_are(
 
 
 QUESTION = "Où passe la rivière ? Ω ≥ 3"
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 
 
 def test_the_processing_json_is_utf8_text(plugin, raster_layer, stub_engine, tmp_path, qgis_processing):
@@ -188,6 +189,38 @@ def test_the_processing_json_is_utf8_text(plugin, raster_layer, stub_engine, tmp
     assert QUESTION.encode("utf-8") in raw and b'"layer": "\xc3\xa9t\xc3\xa9"' in raw and b"\\u" not in raw
     (row,) = json.loads(raw.decode("utf-8"))["results"]
     assert row["question"] == QUESTION and row["layer"] == "été"
+    # the CSV, written row by row, has the byte-order mark at its start and only there
+    raw = Path(res["OUTPUT"]).read_bytes()
+    assert raw.startswith(BOM) and raw.count(BOM) == 1, raw[:20]
+    (row,) = _rows(res["OUTPUT"])
+    assert list(row)[0] == "index" and row["question"] == QUESTION and row["layer"] == "été"
+
+
+def test_the_answers_csv_opens_as_utf8_in_windows_spreadsheets(tmp_path, qgis_app):
+    """Excel on Windows reads a CSV without a byte-order mark in the ANSI code page (cp1252):
+    'Wie groß ist das Becken?' showed as 'Wie groÃŸ ist das Becken?'. The CSV now starts with
+    the UTF-8 mark (once, also when an earlier file is overwritten), and what reads it back
+    still gets the column "index" and the text: Python's csv, GDAL/OGR and QGIS's delimited-text
+    provider."""
+    from geovqa.results_io import write_csv
+    from qgis.core import QgsVectorLayer
+
+    row = {"index": 0, "layer": "Hafen Süd", "raster_path": str(tmp_path / "hafen_süd.tif"),
+           "question": "Wie groß ist das Becken?", "answer": "Etwa 300 m²."}
+    path = tmp_path / "answers.csv"
+    write_csv([dict(row, answer="earlier")], str(path))
+    write_csv([row], str(path))  # overwrites it: one mark, at the start
+    data = path.read_bytes()
+    assert data.startswith(BOM) and data.count(BOM) == 1, data.decode("cp1252", errors="replace")[:200]
+    (read,) = _rows(path)
+    assert list(read)[0] == "index"
+    assert (read["layer"], read["question"], read["answer"]) == ("Hafen Süd", row["question"], row["answer"])
+    uri = f"{path.as_uri()}?type=csv&detectTypes=no&geomType=none"
+    for layer in (QgsVectorLayer(uri, "answers", "delimitedtext"), QgsVectorLayer(str(path), "answers", "ogr")):
+        assert layer.isValid(), layer.providerType()
+        assert layer.fields().names()[0] == "index", (layer.providerType(), layer.fields().names())
+        (feature,) = layer.getFeatures()
+        assert (feature["layer"], feature["question"]) == ("Hafen Süd", row["question"]), layer.providerType()
 
 
 def test_the_batch_dialogs_autosave_and_json_export_are_utf8_text(plugin, raster_layer, stub_engine, tmp_path):
@@ -203,7 +236,10 @@ def test_the_batch_dialogs_autosave_and_json_export_are_utf8_text(plugin, raster
     assert QUESTION.encode("utf-8") in raw and b"\\u" not in raw
     assert json.loads(raw.decode("utf-8"))["results"][0]["question"] == QUESTION
     # the CSV export names the strategy that answered, as the Processing batch's does (it was empty)
-    (csv_row,) = _rows(dlg.export(str(tmp_path / "answers.csv")))
+    csv_path = dlg.export(str(tmp_path / "answers.csv"))
+    assert Path(csv_path).read_bytes().startswith(BOM + b"index,")  # Excel on Windows reads it as UTF-8
+    (csv_row,) = _rows(csv_path)
+    assert csv_row["question"] == QUESTION and csv_row["layer"] == "été"
     assert csv_row["strategy"] == stub_engine.requests[-1]["strategy"] and csv_row["strategy"]
     # one object a line, also for an answer holding the line breaks JSON leaves unescaped
     path = tmp_path / "breaks.jsonl"

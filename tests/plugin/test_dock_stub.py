@@ -107,7 +107,7 @@ def test_exported_answers_leave_out_a_login_in_the_raster_url(tmp_path):
     for name in ("a.csv", "a.json", "a.jsonl"):
         text = (tmp_path / name).read_text(encoding="utf-8")
         assert "s3cret" not in text and "https://alice@example.org/x.tif" in text, name
-    with open(tmp_path / "a.csv", newline="", encoding="utf-8") as fh:
+    with open(tmp_path / "a.csv", newline="", encoding="utf-8-sig") as fh:
         assert next(csv.DictReader(fh))["raster_path"] == "/vsicurl/https://alice@example.org/x.tif"
     assert row["raster_path"] == url  # the row itself (what the engine is asked about) keeps it
     turn = {"question": "q", "answer": "a", "done": True, "request": {"raster_path": url, "question": "q"}}

@@ -226,7 +226,7 @@ def test_batch_over_two_layers_to_csv(plugin, raster_layer, engine, tmp_path):
     a, b = raster_layer("north", width=120, height=90), raster_layer("south", width=90, height=120)
     dlg, _ = run_batch_dialog(plugin, [a, b], "Describe the scene.\nIs there water?", timeout=300)
     path = dlg.export(str(tmp_path / "batch.csv"))
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4
     assert {(r["layer"], r["question"]) for r in rows} == {(n, q) for n in ("north", "south")

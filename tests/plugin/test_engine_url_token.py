@@ -379,6 +379,27 @@ def test_an_engine_url_naming_this_computers_own_address_is_local(qgis_app, tmp_
     assert is_own_host("fe80::1%eth0", ("fe80::1%eth0",)) and not is_own_host("fe80::1%eth1", ("fe80::1%eth0",))
 
 
+def test_a_localhost_url_is_dialled_at_127_0_0_1(stub_engine, opened_addresses, tmp_path):
+    """Windows and macOS resolve localhost to ::1 first; the local engine listens on 127.0.0.1
+    only, and Windows tried the refused ::1 for about 2 s before 127.0.0.1, on every call (health
+    polls too). The client now opens its connections to 127.0.0.1 itself, and still names
+    localhost in the Host header."""
+    from conftest import write_raster
+    from geovqa.client import EngineClient, build_ask_request
+
+    port = stub_engine.port
+    client = EngineClient(f"http://localhost:{port}", token=stub_engine.token)
+    assert client.health()["status"] == "ok"
+    request = build_ask_request("What is there?", write_raster(tmp_path / "scene.tif"))
+    assert list(client.ask(request, upload=False).events())[-1]["type"] == "result"
+    assert opened_addresses == [("127.0.0.1", port)] * 2
+    assert stub_engine.hosts == [f"localhost:{port}"] * 2
+    # any other host is dialled as it is typed
+    opened_addresses.clear()
+    assert EngineClient(f"http://127.0.0.1:{port}").health()["status"] == "ok"
+    assert opened_addresses == [("127.0.0.1", port)] and stub_engine.hosts[-1] == f"127.0.0.1:{port}"
+
+
 def test_this_computers_real_address_is_local(qgis_app):
     """The same with the addresses QNetworkInterface reports here (skipped without a non-loopback one)."""
     import ipaddress

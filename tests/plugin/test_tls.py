@@ -137,6 +137,29 @@ def test_a_certificate_for_another_host_is_a_host_mismatch(tmp_path, certs):
     assert "with 127.0.0.1 in its subjectAltName" in exc.value.hint
 
 
+def test_a_localhost_url_is_dialled_at_127_0_0_1_and_checked_as_localhost(tmp_path, opened_addresses):
+    """A localhost URL is connected to 127.0.0.1 (where the local engine listens; Windows and
+    macOS look localhost up as ::1 first), and the TLS server name stays localhost: a certificate
+    made out for localhost only still verifies (checked against 127.0.0.1 it would not)."""
+    from geovqa.client import EngineError
+    from geovqa.settings import Settings, make_client
+
+    pair = make_pair(tmp_path / "certs", "localhost-only", hosts=("localhost",))
+    if pair is None:
+        pytest.skip("neither the openssl command nor the cryptography package is installed")
+    eng = StubEngine(tmp_path / "stub_out", tls=pair)
+    try:
+        set_settings(engine_url=f"https://localhost:{eng.port}", token=eng.token, ca_cert=str(pair[0]))
+        assert make_client(Settings.load()).health()["status"] == "ok"
+        assert opened_addresses == [("127.0.0.1", eng.port)] and eng.hosts == [f"localhost:{eng.port}"]
+        set_settings(engine_url=eng.url)  # https://127.0.0.1:port: not a name in the certificate
+        with pytest.raises(EngineError) as exc:
+            make_client(Settings.load()).health()
+        assert exc.value.code == "tls_host_mismatch"
+    finally:
+        eng.close()
+
+
 def test_an_https_url_to_an_engine_speaking_plain_http_says_so(stub_engine, certs):
     from geovqa.client import EngineError
     from geovqa.settings import Settings, make_client
