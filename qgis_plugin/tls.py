@@ -114,8 +114,11 @@ def certificate_error(client, exc: ssl.SSLCertVerificationError):
 
 
 def speaks_plain_http(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
-    """True when ``GET /health`` over plain HTTP at host:port gets an HTTP answer (no token sent)."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    """True when ``GET /health`` over plain HTTP at host:port gets an HTTP answer (no token sent).
+    ``localhost`` is dialled at 127.0.0.1, as the client dials it (:func:`client.dial_host`)."""
+    from .client import dial_host, dialled_at
+
+    conn = dialled_at(http.client.HTTPConnection(host, port, timeout=timeout), dial_host(host))
     try:
         conn.request("GET", "/health")
         conn.getresponse().read()
@@ -128,9 +131,12 @@ def speaks_plain_http(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> b
 
 def speaks_tls(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
     """True when host:port completes a TLS handshake, or fails it only on the certificate (which
-    still proves TLS). Certificates are checked as always; nothing is sent after the hello."""
+    still proves TLS). Certificates are checked as always (against ``host``); nothing is sent
+    after the hello. ``localhost`` is dialled at 127.0.0.1 (:func:`client.dial_host`)."""
+    from .client import dial_host
+
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
+        with socket.create_connection((dial_host(host), port), timeout=timeout) as raw:
             with ssl.create_default_context().wrap_socket(raw, server_hostname=host):
                 return True
     except ssl.SSLCertVerificationError:

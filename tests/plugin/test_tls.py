@@ -307,3 +307,15 @@ def test_an_expired_certificate_says_to_make_a_new_one(qgis_app):
                            "does not trust (certificate has expired).")
     assert err.hint.startswith("Make a new certificate on the engine's computer and start the engine with it")
     assert "check the clocks of both computers" in err.hint
+
+
+def test_the_tls_probes_dial_localhost_at_127_0_0_1(stub_engine, opened_addresses):
+    """After a failed https connection the plugin probes the port (plain HTTP? TLS at all?) to
+    say what went wrong; the probes dialled ``localhost`` as the system resolves it (::1 first on
+    Windows and macOS, where no local engine listens), not at 127.0.0.1 as the client does."""
+    from geovqa.tls import speaks_plain_http, speaks_tls
+
+    port = int(stub_engine.url.rsplit(":", 1)[1])
+    assert speaks_plain_http("localhost", port)
+    assert not speaks_tls("localhost", port)  # a plain HTTP engine
+    assert opened_addresses == [("127.0.0.1", port), ("127.0.0.1", port)]
