@@ -44,6 +44,14 @@ PARENT_PID_ENV = "GEOVQA_PARENT_PID"  # engine/parent.py: serve ends when this p
 # set __PYVENV_LAUNCHER__, which makes a venv Python take the bundle's for its own executable.
 QGIS_PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONEXECUTABLE", "PYTHONSTARTUP", "PYTHONUSERBASE",
                          "PYTHONPLATLIBDIR", "PYTHONINSPECT", "PYTHONSAFEPATH", "__PYVENV_LAUNCHER__")
+# QGIS's own GDAL and PROJ data, left out too: OSGeo4W and the standalone installer (Windows) set
+# GDAL_DATA, GDAL_DRIVER_PATH and PROJ_LIB / PROJ_DATA for QGIS's GDAL and PROJ, QGIS.app (macOS)
+# sets GDAL_DRIVER_PATH to its bundle. The engine's rasterio brings its own GDAL and PROJ (a wheel,
+# which finds its data by itself): fed another PROJ's proj.db, every CRS lookup fails (errors in
+# the log, and the anchors GeoJSON names its CRS by raw WKT instead of its EPSG code); another
+# GDAL's plugins fail to load or crash it. Both are paths bound to QGIS's versions; the user's
+# GDAL / PROJ configuration options (GDAL_CACHEMAX, PROJ_NETWORK, ...) still reach the engine.
+QGIS_GDAL_VARIABLES = ("GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_DATA", "PROJ_LIB")
 
 
 class EngineProcessError(RuntimeError):
@@ -196,9 +204,10 @@ def engine_launch(settings, serve: bool = True) -> tuple:
 
 def engine_environment(extra_env: dict | None = None) -> QProcessEnvironment:
     """The environment of an engine command started from QGIS: QGIS's own, less its Python
-    settings (QGIS_PYTHON_VARIABLES), with ``extra_env`` added."""
+    settings (QGIS_PYTHON_VARIABLES) and its GDAL / PROJ data paths (QGIS_GDAL_VARIABLES), with
+    ``extra_env`` added."""
     env = QProcessEnvironment.systemEnvironment()
-    for name in QGIS_PYTHON_VARIABLES:
+    for name in QGIS_PYTHON_VARIABLES + QGIS_GDAL_VARIABLES:
         env.remove(name)
     env.insert("PYTHONUNBUFFERED", "1")
     for k, v in (extra_env or {}).items():

@@ -772,6 +772,55 @@ def test_qgis_python_settings_do_not_reach_the_local_engine(tmp_path, monkeypatc
     assert done == [(unset, "")]
 
 
+# The real engine's CRS naming (engine/heatmap.py crs_member) and a CRS lookup, in the engine's
+# venv; also which of the user's GDAL settings it got.
+CRS_REPORTING_ENGINE = '''
+import os, sys
+del sys.modules["engine"]  # this stand-in; from here on the real engine of this checkout
+sys.path.insert(0, {root!r})
+from rasterio.crs import CRS
+from engine.heatmap import crs_member
+wkt = \'PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],PARAMETER["latitude_of_origin",0],PARAMETER["central_meridian",15],PARAMETER["scale_factor",0.9996],PARAMETER["false_easting",500000],PARAMETER["false_northing",0],UNIT["metre",1],AUTHORITY["EPSG","32633"]]\'
+print("anchors crs:", crs_member(wkt)["properties"]["name"][:40], flush=True)
+try:
+    CRS.from_epsg(32633)
+    print("crs ok", flush=True)
+except Exception as exc:
+    print("crs failed:", exc, flush=True)
+print("GDAL_CACHEMAX", os.environ.get("GDAL_CACHEMAX"), flush=True)
+'''
+
+
+@pytest.mark.skipif(not Path("/usr/share/proj/proj.db").is_file(), reason="needs another PROJ's data (the system's)")
+def test_qgis_gdal_and_proj_data_do_not_reach_the_local_engine(tmp_path, monkeypatch):
+    """QGIS on Windows (OSGeo4W, the standalone installer) runs with GDAL_DATA, GDAL_DRIVER_PATH
+    and PROJ_DATA / PROJ_LIB pointing at its own GDAL and PROJ; QGIS.app sets GDAL_DRIVER_PATH.
+    The engine's rasterio (a wheel) has its own: fed QGIS's proj.db, every CRS lookup failed and
+    the anchors GeoJSON named its CRS by raw WKT. Here the system's PROJ data plays QGIS's part
+    (another PROJ version than rasterio's wheel). The user's GDAL options still reach it."""
+    from conftest import ENGINE_PY, wait_until
+    from geovqa.engine_process import EngineProcess
+
+    monkeypatch.setenv("PROJ_DATA", "/usr/share/proj")
+    monkeypatch.setenv("PROJ_LIB", "/usr/share/proj")
+    monkeypatch.setenv("GDAL_DATA", "/usr/share/gdal")
+    monkeypatch.setenv("GDAL_DRIVER_PATH", str(tmp_path / "qgis-gdal-plugins"))
+    monkeypatch.setenv("GDAL_CACHEMAX", "512")
+    settings = _stand_in_settings(tmp_path, CRS_REPORTING_ENGINE.format(root=str(ROOT)), python=str(ENGINE_PY))
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings)
+    try:
+        wait_until(lambda: states[-1] in ("stopped", "failed"), 60, "the stand-in engine")
+        lines = [ln for ln in proc.lines if not ln.startswith("ERROR")]
+        assert lines[:3] == ["anchors crs: urn:ogc:def:crs:EPSG::32633", "crs ok", "GDAL_CACHEMAX 512"], \
+            proc.log_text()
+        assert not any(ln.startswith("ERROR") for ln in proc.lines), proc.log_text()  # PROJ's complaints
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 PARENT_PID_REPORTING_ENGINE = '''
 import os
 print("parent", os.environ.get("GEOVQA_PARENT_PID"), flush=True)
