@@ -52,6 +52,12 @@ QGIS_PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONEXECUTABLE", "PYTHON
 # GDAL's plugins fail to load or crash it. Both are paths bound to QGIS's versions; the user's
 # GDAL / PROJ configuration options (GDAL_CACHEMAX, PROJ_NETWORK, ...) still reach the engine.
 QGIS_GDAL_VARIABLES = ("GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_DATA", "PROJ_LIB")
+# The engine's output is read as UTF-8 (EngineProcess._read, MemoryCheck). Python writes a pipe in
+# the locale's encoding, on Windows the ANSI code page (cp1252 in the west): "C:\\Users\\José" came
+# out garbled. PYTHONIOENCODING, not PYTHONUTF8=1: it sets exactly the standard streams (PYTHONUTF8
+# would also change the default encoding of every file the engine opens), and it wins over a
+# PYTHONIOENCODING inherited from QGIS's environment, which UTF-8 mode does not.
+ENGINE_OUTPUT_ENCODING = {"PYTHONIOENCODING": "utf-8"}
 
 
 class EngineProcessError(RuntimeError):
@@ -205,11 +211,14 @@ def engine_launch(settings, serve: bool = True) -> tuple:
 def engine_environment(extra_env: dict | None = None) -> QProcessEnvironment:
     """The environment of an engine command started from QGIS: QGIS's own, less its Python
     settings (QGIS_PYTHON_VARIABLES) and its GDAL / PROJ data paths (QGIS_GDAL_VARIABLES), with
-    ``extra_env`` added."""
+    ``extra_env`` added. Its standard streams are unbuffered and UTF-8, as the plugin reads them
+    (ENGINE_OUTPUT_ENCODING)."""
     env = QProcessEnvironment.systemEnvironment()
     for name in QGIS_PYTHON_VARIABLES + QGIS_GDAL_VARIABLES:
         env.remove(name)
     env.insert("PYTHONUNBUFFERED", "1")
+    for k, v in ENGINE_OUTPUT_ENCODING.items():
+        env.insert(k, v)
     for k, v in (extra_env or {}).items():
         env.insert(k, v)
     return env

@@ -821,6 +821,33 @@ def test_qgis_gdal_and_proj_data_do_not_reach_the_local_engine(tmp_path, monkeyp
         proc.shutdown(wait_ms=200)
 
 
+NON_ASCII_REFUSAL = '''
+raise SystemExit("error: state folder C:\\\\Users\\\\Jos\\u00e9\\\\AppData\\\\Local\\\\geovqa\\\\server is in use "
+                 "by another engine server.")
+'''
+
+
+def test_the_engines_refusal_naming_a_non_ascii_folder_reads_right_on_windows(tmp_path, monkeypatch):
+    """Windows' Python writes a pipe in the ANSI code page (cp1252 on western Windows), and the
+    plugin reads the engine's output as UTF-8: "C:\\Users\\José" came out garbled.
+    PYTHONIOENCODING=cp1252 in QGIS's environment stands for that default here."""
+    from conftest import wait_until
+    from geovqa.engine_process import EngineProcess
+
+    monkeypatch.setenv("PYTHONIOENCODING", "cp1252")
+    settings = _stand_in_settings(tmp_path, NON_ASCII_REFUSAL)
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings)
+    try:
+        wait_until(lambda: states[-1] in ("stopped", "failed"), 30, "the stand-in engine")
+        assert states[-1] == "failed"
+        assert "C:\\Users\\José\\AppData" in proc.failure_reason(), proc.failure_reason()
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 PARENT_PID_REPORTING_ENGINE = '''
 import os
 print("parent", os.environ.get("GEOVQA_PARENT_PID"), flush=True)
