@@ -560,6 +560,87 @@ def test_shutdown_ends_a_deaf_engine_within_its_bounded_wait(tmp_path):
     assert "failed" not in states
 
 
+# An engine deaf to terminate(), as every console program is on Windows (QProcess.terminate()
+# posts WM_CLOSE there), that ends cleanly at its standard input's end when told to.
+DEAF_ENGINE_ENDING_AT_EOF = '''
+import os, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", os.environ.get("GEOVQA_STOP_ON_STDIN_EOF"), flush=True)
+sys.stdin.buffer.read()
+print("input closed: ending", flush=True)
+'''
+
+
+def test_stop_ends_an_engine_deaf_to_signals_by_closing_its_input_not_by_a_kill(tmp_path, monkeypatch):
+    """On Windows every Stop local engine was a kill after the grace period: terminate() is
+    WM_CLOSE there, which a console Python never sees, so uvicorn's graceful shutdown and the
+    jobs' state saving never ran. Stop now closes the engine's standard input first."""
+    import time
+
+    from conftest import wait_until
+    from geovqa import engine_process
+    from geovqa.engine_process import EngineProcess
+
+    monkeypatch.setattr(engine_process, "STOP_GRACE_MS", 8000)
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(_stand_in_settings(tmp_path, DEAF_ENGINE_ENDING_AT_EOF, "deaf"))
+    try:
+        wait_until(lambda: proc.lines and proc.lines[0].startswith("ready"), 30, "the stand-in engine")
+        assert proc.lines[0] == "ready 1"  # told to end at its input's end
+        began = time.monotonic()
+        proc.stop()
+        wait_until(lambda: not proc.is_running(), 10, "the engine ending")
+        assert time.monotonic() - began < 4, proc.log_text()  # well within the grace period
+        assert "input closed: ending" in proc.lines and "[engine exited with code 0]" in proc.lines
+        assert "killed" not in proc.log_text() and states[-1] == "stopped"
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
+def test_stop_ends_the_real_engine_gracefully_without_a_signal(tmp_path, monkeypatch):
+    """The real `serve` (tiny model), started and stopped as the plugin does: it ends by itself
+    at its input's end (uvicorn's graceful shutdown, exit code 0), long before terminate()."""
+    import os
+    import time
+
+    from conftest import ENGINE_PY, ENGINE_ROOT, _engine_importable, _tiny_checkpoint, wait_until
+    from geovqa import engine_process
+    from geovqa.engine_process import EngineProcess
+
+    ok, why = _engine_importable()
+    if not ok:
+        pytest.skip(f"the engine in {ENGINE_ROOT}/.venv cannot be imported ({why})")
+    env = {"GEOVQA_CONFIG_DIR": str(tmp_path / "config"), "GEOVQA_CACHE_DIR": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    tiny = _tiny_checkpoint(dict(os.environ, **env))
+    settings = _stand_in_settings(tmp_path, "", python=str(ENGINE_PY), engine_dir=str(ENGINE_ROOT),
+                                  weights_dir=str(tiny),
+                                  extra_args=f'--state-dir "{tmp_path / "state"}" --log-level info')
+    monkeypatch.setattr(engine_process, "STOP_GRACE_MS", 30000)  # terminate() would come after 15 s
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings, extra_env=env)
+    try:
+        wait_until(lambda: any("GeoVQA engine on http://" in ln for ln in proc.lines)
+                   or not proc.is_running(), 240, "the engine loading its model")
+        wait_until(lambda: any("Uvicorn running" in ln or "Application startup complete" in ln
+                               for ln in proc.lines) or not proc.is_running(), 60, "the engine listening")
+        assert proc.is_running(), proc.log_text()
+        began = time.monotonic()
+        proc.stop()
+        wait_until(lambda: not proc.is_running(), 20, "the engine ending")
+        assert time.monotonic() - began < 10, proc.log_text()
+        log = proc.log_text()
+        assert "closed its standard input" in log and "Application shutdown complete" in log, log
+        assert "[engine exited with code 0]" in proc.lines and "killed" not in log, log
+        assert states[-1] == "stopped"
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 def test_stopping_shows_in_the_docks_status_line(plugin, tmp_path):
     from conftest import wait_until
 
