@@ -189,7 +189,8 @@ def engine_launch(settings, serve: bool = True) -> tuple:
     if not python:
         raise EngineProcessError(
             "No Python for the engine is configured. Set 'Engine Python' (the python of the venv "
-            "with torch, e.g. <repo>/.venv/bin/python) or the engine folder in Settings > Options > GeoVQA."
+            "with torch, e.g. <repo>/.venv/bin/python, or <repo>\\.venv\\Scripts\\python.exe on Windows) "
+            "or the engine folder in Settings > Options > GeoVQA."
         )
     check_python(python)
     try:

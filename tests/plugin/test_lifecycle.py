@@ -137,8 +137,10 @@ def test_engine_command_has_no_shell(tmp_path):
     from geovqa.settings import Settings
 
     s = Settings(engine_url="http://127.0.0.1:9911")
-    with pytest.raises(EngineProcessError, match="No Python"):
+    with pytest.raises(EngineProcessError, match="No Python") as refused:
         engine_command(s)
+    # both venv layouts named: Windows' has no bin/python
+    assert ".venv/bin/python" in str(refused.value) and r".venv\Scripts\python.exe" in str(refused.value)
     py = fake_engine_python(tmp_path / "repo" / ".venv" / "bin" / "python")
     s.engine_dir = str(tmp_path / "repo")
     s.weights_dir = "/w/GeoLLaVA-8K"
