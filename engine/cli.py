@@ -347,7 +347,24 @@ def _missing(name: str, exc: Exception) -> int:
     return 2
 
 
+def tolerate_unencodable_output(streams=None) -> None:
+    """Let ``streams`` (default: stdout and stderr) write characters their encoding lacks as
+    ``\\uXXXX`` escapes instead of raising UnicodeEncodeError. Redirected to a file or a pipe on
+    Windows, Python writes in the ANSI code page (cp1252 in the west): an answer, a path or a
+    question holding a character outside it made `ask` and `info` fail after their work was done.
+    A UTF-8 stream can write everything and is left alone."""
+    for stream in (sys.stdout, sys.stderr) if streams is None else streams:
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("_", "-")
+        if encoding in ("utf-8", "utf8", "utf-8-sig") or not hasattr(stream, "reconfigure"):
+            continue
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):  # a stream that cannot change now (closed, detached)
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    tolerate_unencodable_output()
     argv = sys.argv[1:] if argv is None else list(argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected)

@@ -9,7 +9,7 @@ a budget of 0 is refused by argparse before any model is loaded, not after minut
 from __future__ import annotations
 
 import argparse
-import os
+import tempfile
 from pathlib import Path
 
 from engine.cache import DEFAULT_FEATURE_CACHE_BYTES, FEATURE_CACHE_ENV
@@ -63,13 +63,30 @@ def band_choice(text: str) -> list[int]:
 
 def writable_folder_problem(folder: Path, option: str) -> str | None:
     """Why ``folder`` (made when missing) cannot take the files of ``option``, or None: checked
-    before a model loads, not when its first file is written."""
+    before a model loads, not when its first file is written.
+
+    Writing is tried for real (:func:`file_creation_problem`), not asked of ``os.access``: on
+    Windows that only reads a folder's read-only attribute, which folders ignore (it said yes to
+    every folder, a protected one or a full share included), and for root on Linux it says yes
+    wherever the permission bits do."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return f"{option} {folder} cannot be made: {exc.strerror or exc}."
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{option} {folder} cannot be written to."
+    problem = file_creation_problem(folder)
+    if problem:
+        return f"{option} {folder} cannot be written to: {problem}."
+    return None
+
+
+def file_creation_problem(folder: Path) -> str | None:
+    """Why no file can be made in the existing ``folder``, or None: a temporary file is made
+    there and removed again."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".geovqa-write-check-"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
     return None
 
 

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from engine.json_files import json_lines
+
 IMAGE_TOKEN = "<image>"
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
@@ -145,7 +147,7 @@ def load_records(path: str | Path) -> list[Any]:
                     return list(data[key])
             return [data]
     records: list[Any] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(json_lines(text), start=1):
         if not line.strip():
             continue
         try:

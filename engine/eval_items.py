@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from engine.json_files import json_lines
+
 LETTERS = string.ascii_uppercase
 # XLRS-Bench asks for several letters only in this subtask (multi-label land-use classes).
 XLRS_MULTI_LABEL_CATEGORIES = ("Overall Land use classification",)
@@ -309,7 +311,7 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
         obj = json.loads(text)  # a JSON list, or an object holding one
     except json.JSONDecodeError as whole:
         obj = []  # JSON Lines
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(json_lines(text), 1):
             if not line.strip():
                 continue
             try:

@@ -29,6 +29,7 @@ from engine.eval_prompts import (MAX_NEW_TOKENS, build_prompt, max_new_tokens, m
                                  selection_text, skip_reason)
 from engine.eval_report import limited_macro_note, markdown_table, summarize
 from engine.eval_scoring import WORDNET, scores, synonym_test
+from engine.json_files import json_lines
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
                                  resolved_quantization, with_model_choice, with_resolved_quantization)
 
@@ -39,7 +40,7 @@ def _read_done(pred_path: Path) -> dict[str, dict]:
     done: dict[str, dict] = {}
     if not pred_path.is_file():
         return done
-    for line in pred_path.read_text(encoding="utf-8").splitlines():
+    for line in json_lines(pred_path.read_text(encoding="utf-8")):
         if not line.strip():
             continue
         try:
@@ -117,7 +118,7 @@ def _one_line_per_item(pred_path: Path, rescored: dict[str, dict] | None = None)
     interrupted run loses nothing; this rewrite goes through a temporary file replaced in one step."""
     if not pred_path.is_file():
         return
-    lines = [x for x in pred_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = [x for x in json_lines(pred_path.read_text(encoding="utf-8")) if x.strip()]
     done = _read_done(pred_path)
     rescored = {k: v for k, v in (rescored or {}).items() if k in done and "error" not in done[k]
                 and "skipped" not in done[k]}

@@ -60,6 +60,7 @@ from engine.cli_args import add_model_arguments, add_strategy_arguments, band_ch
 from engine.adapter_settings import training_settings
 from engine.data import DataError, Sample, load_dataset, split_is_by_raster, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
+from engine.json_files import json_lines
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
                                  resolved_quantization, with_model_choice, with_resolved_quantization)
 
@@ -973,7 +974,7 @@ def run_finetune(args: argparse.Namespace, *, visual_fn_factory=None) -> int:
     # training-time skips of an earlier run (too long, visual path failed) stay in the report
     earlier: list[dict] = []
     if args.resume and bad_report.is_file():
-        for line in bad_report.read_text(encoding="utf-8").splitlines():
+        for line in json_lines(bad_report.read_text(encoding="utf-8")):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:

@@ -1,6 +1,7 @@
 """Small JSON files that sit next to weights or adapters (``generation_config.json``,
 ``geovqa_training.json``): read one as a JSON object, or say in the caller's words why it cannot
-be used. Standard library only (the loader reads them before anything heavy is imported)."""
+be used; and the lines of a JSON Lines text (:func:`json_lines`). Standard library only (the
+loader reads them before anything heavy is imported)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,11 @@ def read_json_object(path: str | os.PathLike, error: type[Exception], *, unreada
     if not isinstance(data, dict):
         raise error(f"{path} is not a JSON object{not_object_advice}")
     return data
+
+
+def json_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text (read in text mode, so ``\\r\\n`` is ``\\n`` already), split
+    at ``\\n`` only. Not ``str.splitlines()``: it also ends a line at U+2028, U+2029 and U+0085,
+    which JSON allows unescaped inside a string (``json.dumps(..., ensure_ascii=False)`` writes
+    them so), and a record whose text holds one was read as two broken lines."""
+    return text.split("\n")

@@ -1,4 +1,5 @@
-"""End `serve` when the program that started it dies (``GEOVQA_PARENT_PID``).
+"""End `serve` when the program that started it dies (``GEOVQA_PARENT_PID``), or when that
+program closes the engine's standard input (``GEOVQA_STOP_ON_STDIN_EOF=1``).
 
 The QGIS plugin starts the engine with ``GEOVQA_PARENT_PID=<QGIS's pid>`` in its environment. A
 QGIS that quits or unloads the plugin stops the engine itself; one that crashes or is killed
@@ -16,6 +17,13 @@ How the parent is watched, without psutil:
   ``os.getppid()`` changing (we are handed to init / a subreaper when it dies); otherwise
   ``os.kill(pid, 0)``, which reports a process that still exists (a pid reused after the
   parent died reads as alive: that case is not caught).
+
+Stopping it on purpose, on every system: with ``GEOVQA_STOP_ON_STDIN_EOF=1`` a thread reads the
+engine's standard input (a pipe from the plugin) and, at its end, ends the engine the same way
+(as on Ctrl-C). The plugin's *Stop local engine* closes that pipe. A signal cannot do this on
+Windows: QProcess.terminate() posts WM_CLOSE there, which a console program never sees, and every
+stop was a kill after the grace period (no graceful shutdown, no job state saved). Without the
+variable, standard input is left alone (a terminal's Ctrl-D ends nothing).
 """
 
 from __future__ import annotations
@@ -23,11 +31,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Callable
 
 PARENT_PID_ENV = "GEOVQA_PARENT_PID"
+STOP_ON_STDIN_EOF_ENV = "GEOVQA_STOP_ON_STDIN_EOF"
 POLL_S = 1.0
 EXIT_GRACE_S = 15.0
 
@@ -60,11 +70,12 @@ def parent_alive_check(pid: int) -> Callable[[], bool]:
     return alive
 
 
-def end_this_process() -> None:
-    """End as on Ctrl-C; outright when that has not ended the process within EXIT_GRACE_S."""
+def end_this_process(why: str = "the parent's death") -> None:
+    """End as on Ctrl-C; outright when that has not ended the process within EXIT_GRACE_S of
+    ``why`` (for the log)."""
     signal.raise_signal(signal.SIGINT)
     time.sleep(EXIT_GRACE_S)
-    log.warning("the engine did not end within %.0f s of the parent's death; ending it now", EXIT_GRACE_S)
+    log.warning("the engine did not end within %.0f s of %s; ending it now", EXIT_GRACE_S, why)
     os._exit(1)
 
 
@@ -97,3 +108,41 @@ def parent_pid_from_environment(environ=None) -> int | None:
     if pid <= 0:
         raise SystemExit(f"error: {PARENT_PID_ENV}={text!r} is not a process id.")
     return pid
+
+
+def stop_on_stdin_eof_requested(environ=None) -> bool:
+    """True when GEOVQA_STOP_ON_STDIN_EOF is ``1`` (the plugin sets it)."""
+    return (os.environ if environ is None else environ).get(STOP_ON_STDIN_EOF_ENV, "").strip() == "1"
+
+
+def watch_stdin(on_eof: Callable[[], None] | None = None, fd: int | None = None) -> threading.Thread | None:
+    """Call ``on_eof`` (in a daemon thread; default: end this process as on Ctrl-C) once the file
+    descriptor ``fd`` (default: standard input's) has reached its end; what is read is ignored.
+    None, and nothing watched, when there is no standard input (pythonw).
+
+    Read with os.read, not through sys.stdin: a daemon thread blocked in a buffered read holds
+    the buffer's lock, and Python's exit, which closes sys.stdin, then aborts ("could not acquire
+    lock ... at interpreter shutdown")."""
+    if fd is None:
+        try:
+            fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError):  # no standard input at all
+            log.warning("%s=1 but the engine has no standard input to watch", STOP_ON_STDIN_EOF_ENV)
+            return None
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except OSError:  # closed under us: as good as its end
+            pass
+        log.warning("the program that started the engine closed its standard input (%s); the engine ends",
+                    STOP_ON_STDIN_EOF_ENV)
+        if on_eof is None:
+            end_this_process("its standard input closing")
+        else:
+            on_eof()
+
+    thread = threading.Thread(target=watch, name="geovqa-stdin-watch", daemon=True)
+    thread.start()
+    return thread

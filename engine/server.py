@@ -38,7 +38,7 @@ from engine.cli_args import (add_feature_cache_argument, add_model_arguments, po
                              writable_folder_problem)
 from engine.jobs import JOB_ID_RE, JobError, JobQueue, json_default, lock_state_dir
 from engine.json_body import parse_json
-from engine.parent import parent_pid_from_environment, watch_parent
+from engine.parent import parent_pid_from_environment, stop_on_stdin_eof_requested, watch_parent, watch_stdin
 from engine.request_checks import request_factory, validate_ask, validate_batch
 from engine.tls import TLSFileError, check_pair
 from engine.uploads import receive_upload
@@ -477,6 +477,8 @@ def serve(args: argparse.Namespace) -> None:
     parent = parent_pid_from_environment()
     if parent is not None:  # started by the QGIS plugin: end when that QGIS dies (engine/parent.py)
         watch_parent(parent)
+    if stop_on_stdin_eof_requested():  # the plugin's Stop closes our standard input (engine/parent.py)
+        watch_stdin()
     check_tls(settings)
     check_binding(settings)
     try:

@@ -6,12 +6,18 @@ the ones the client will call (`client.engine_address`): 8765 when the URL names
 ``--host ::1`` for an ``http://[::1]:...`` URL. The engine's output is kept (last lines) for the
 diagnostics report.
 
-Stopping never blocks the user interface: :meth:`EngineProcess.stop` asks the engine to end
-(SIGTERM) and returns; a timer kills it when it still runs after a grace period (state
-"stopping" meanwhile). Only :meth:`EngineProcess.shutdown` (plugin unload, QGIS quitting) waits,
-briefly and boundedly, so that the engine never outlives QGIS. A QGIS that crashes or is killed
-cannot stop it: the engine is started with ``GEOVQA_PARENT_PID=<QGIS's pid>`` and ends by itself
-when that process has gone (engine/parent.py).
+Stopping never blocks the user interface: :meth:`EngineProcess.stop` asks the engine to end and
+returns; a timer kills it when it still runs after a grace period (state "stopping" meanwhile).
+The engine is asked by closing its standard input: it is started with
+``GEOVQA_STOP_ON_STDIN_EOF=1`` and then ends as on Ctrl-C (uvicorn's graceful shutdown, its jobs'
+state saved) when its input ends (engine/parent.py), the same on every system. A signal cannot
+ask on Windows, where QProcess.terminate() posts WM_CLOSE, which a console Python never sees.
+SIGTERM (terminate) follows half-way through the grace period, for an engine that does not watch
+its input (an older engine folder), where it works: Linux and macOS. Only
+:meth:`EngineProcess.shutdown` (plugin unload, QGIS quitting) waits, briefly and boundedly, so
+that the engine never outlives QGIS. A QGIS that crashes or is killed cannot stop it: the engine
+is started with ``GEOVQA_PARENT_PID=<QGIS's pid>`` and ends by itself when that process has gone
+(engine/parent.py).
 """
 
 from __future__ import annotations
@@ -38,12 +44,27 @@ FAILED_TO_START = QProcess.ProcessError.FailedToStart
 STOP_GRACE_MS = 5000
 SHUTDOWN_WAIT_MS = 1500
 PARENT_PID_ENV = "GEOVQA_PARENT_PID"  # engine/parent.py: serve ends when this process has ended
+STOP_ON_STDIN_EOF_ENV = "GEOVQA_STOP_ON_STDIN_EOF"  # engine/parent.py: "1": serve ends when its input ends
 # QGIS's own Python settings, left out of the engine's environment: OSGeo4W's QGIS on Windows
 # sets PYTHONHOME / PYTHONPATH for the Python inside QGIS, and the engine's venv Python would take
 # them for its own and stop at once ("Fatal Python error: init_fs_encoding"); macOS app bundles
 # set __PYVENV_LAUNCHER__, which makes a venv Python take the bundle's for its own executable.
 QGIS_PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONEXECUTABLE", "PYTHONSTARTUP", "PYTHONUSERBASE",
                          "PYTHONPLATLIBDIR", "PYTHONINSPECT", "PYTHONSAFEPATH", "__PYVENV_LAUNCHER__")
+# QGIS's own GDAL and PROJ data, left out too: OSGeo4W and the standalone installer (Windows) set
+# GDAL_DATA, GDAL_DRIVER_PATH and PROJ_LIB / PROJ_DATA for QGIS's GDAL and PROJ, QGIS.app (macOS)
+# sets GDAL_DRIVER_PATH to its bundle. The engine's rasterio brings its own GDAL and PROJ (a wheel,
+# which finds its data by itself): fed another PROJ's proj.db, every CRS lookup fails (errors in
+# the log, and the anchors GeoJSON names its CRS by raw WKT instead of its EPSG code); another
+# GDAL's plugins fail to load or crash it. Both are paths bound to QGIS's versions; the user's
+# GDAL / PROJ configuration options (GDAL_CACHEMAX, PROJ_NETWORK, ...) still reach the engine.
+QGIS_GDAL_VARIABLES = ("GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_DATA", "PROJ_LIB")
+# The engine's output is read as UTF-8 (EngineProcess._read, MemoryCheck). Python writes a pipe in
+# the locale's encoding, on Windows the ANSI code page (cp1252 in the west): "C:\\Users\\José" came
+# out garbled. PYTHONIOENCODING, not PYTHONUTF8=1: it sets exactly the standard streams (PYTHONUTF8
+# would also change the default encoding of every file the engine opens), and it wins over a
+# PYTHONIOENCODING inherited from QGIS's environment, which UTF-8 mode does not.
+ENGINE_OUTPUT_ENCODING = {"PYTHONIOENCODING": "utf-8"}
 
 
 class EngineProcessError(RuntimeError):
@@ -168,7 +189,8 @@ def engine_launch(settings, serve: bool = True) -> tuple:
     if not python:
         raise EngineProcessError(
             "No Python for the engine is configured. Set 'Engine Python' (the python of the venv "
-            "with torch, e.g. <repo>/.venv/bin/python) or the engine folder in Settings > Options > GeoVQA."
+            "with torch, e.g. <repo>/.venv/bin/python, or <repo>\\.venv\\Scripts\\python.exe on Windows) "
+            "or the engine folder in Settings > Options > GeoVQA."
         )
     check_python(python)
     try:
@@ -196,11 +218,15 @@ def engine_launch(settings, serve: bool = True) -> tuple:
 
 def engine_environment(extra_env: dict | None = None) -> QProcessEnvironment:
     """The environment of an engine command started from QGIS: QGIS's own, less its Python
-    settings (QGIS_PYTHON_VARIABLES), with ``extra_env`` added."""
+    settings (QGIS_PYTHON_VARIABLES) and its GDAL / PROJ data paths (QGIS_GDAL_VARIABLES), with
+    ``extra_env`` added. Its standard streams are unbuffered and UTF-8, as the plugin reads them
+    (ENGINE_OUTPUT_ENCODING)."""
     env = QProcessEnvironment.systemEnvironment()
-    for name in QGIS_PYTHON_VARIABLES:
+    for name in QGIS_PYTHON_VARIABLES + QGIS_GDAL_VARIABLES:
         env.remove(name)
     env.insert("PYTHONUNBUFFERED", "1")
+    for k, v in ENGINE_OUTPUT_ENCODING.items():
+        env.insert(k, v)
     for k, v in (extra_env or {}).items():
         env.insert(k, v)
     return env
@@ -234,6 +260,9 @@ class EngineProcess(QObject):
         _STARTED.add(self)
         self._stopping = None  # the process asked to end, until it has
         self.shutting_down = False  # shutdown() began: QGIS quits or the plugin unloads
+        self._terminate_timer = QTimer(self)
+        self._terminate_timer.setSingleShot(True)
+        self._terminate_timer.timeout.connect(self._terminate_if_running)
         self._kill_timer = QTimer(self)
         self._kill_timer.setSingleShot(True)
         self._kill_timer.timeout.connect(self._kill_if_running)
@@ -273,8 +302,9 @@ class EngineProcess(QObject):
         proc.setProcessChannelMode(MERGED)
         proc.setWorkingDirectory(workdir)
         # the engine ends by itself when this QGIS dies without stopping it (crashed, killed):
-        # engine/parent.py watches this pid
-        env = {PARENT_PID_ENV: str(os.getpid())}
+        # engine/parent.py watches this pid; and when stop() closes its standard input (a pipe,
+        # QProcess's default, left open until then)
+        env = {PARENT_PID_ENV: str(os.getpid()), STOP_ON_STDIN_EOF_ENV: "1"}
         env.update(extra_env or {})
         proc.setProcessEnvironment(engine_environment(env))
         proc.readyReadStandardOutput.connect(self._read)
@@ -286,8 +316,9 @@ class EngineProcess(QObject):
         proc.start(program, args)
 
     def stop(self, grace_ms: int | None = None) -> None:
-        """Ask the engine to end and return at once (state "stopping"); it is killed when it still
-        runs after ``grace_ms`` (default STOP_GRACE_MS). "stopped" follows when it has ended."""
+        """Ask the engine to end (its standard input closed; SIGTERM half-way through the grace
+        period) and return at once (state "stopping"); it is killed when it still runs after
+        ``grace_ms`` (default STOP_GRACE_MS). "stopped" follows when it has ended."""
         proc = self.proc
         if proc is None:
             return
@@ -300,8 +331,18 @@ class EngineProcess(QObject):
         self._stopping = proc
         self.serving = None
         self.state_changed.emit("stopping")
-        proc.terminate()
-        self._kill_timer.start(max(0, int(STOP_GRACE_MS if grace_ms is None else grace_ms)))
+        # Not terminate() at once as well: on Linux and macOS an engine ending on its input's
+        # end would take a SIGTERM arriving before its own SIGINT for a second Ctrl-C, which
+        # makes uvicorn skip its graceful shutdown; a SIGTERM after it is harmless.
+        proc.closeWriteChannel()
+        grace = max(0, int(STOP_GRACE_MS if grace_ms is None else grace_ms))
+        self._terminate_timer.start(grace // 2)
+        self._kill_timer.start(grace)
+
+    def _terminate_if_running(self) -> None:
+        proc = self._stopping
+        if proc is not None and proc.state() != NOT_RUNNING:
+            proc.terminate()
 
     def _kill_if_running(self) -> None:
         proc = self._stopping
@@ -311,7 +352,8 @@ class EngineProcess(QObject):
 
     def shutdown(self, wait_ms: int = SHUTDOWN_WAIT_MS) -> None:
         """Plugin unload / QGIS quitting: end the engine for sure, waiting at most about twice
-        ``wait_ms`` (the only place that blocks). The states it still reports are the last:
+        ``wait_ms`` (the only place that blocks): its standard input closed, SIGTERM after half
+        of ``wait_ms``, killed after ``wait_ms``. The states it still reports are the last:
         nothing should react to them by starting new work (:attr:`shutting_down`)."""
         self.shutting_down = True
         app = QCoreApplication.instance()
@@ -320,14 +362,18 @@ class EngineProcess(QObject):
                 app.aboutToQuit.disconnect(self.shutdown)
             except (TypeError, RuntimeError):
                 pass
+        self._terminate_timer.stop()
         self._kill_timer.stop()
         proc = self.proc
         if proc is None or proc.state() == NOT_RUNNING:
             return
         self._stopping = proc  # an exit by signal is no failure to report
         self.serving = None
+        proc.closeWriteChannel()
+        if proc.waitForFinished(wait_ms // 2):
+            return
         proc.terminate()
-        if not proc.waitForFinished(wait_ms):
+        if not proc.waitForFinished(wait_ms - wait_ms // 2):
             proc.kill()
             proc.waitForFinished(wait_ms)
 
@@ -355,6 +401,7 @@ class EngineProcess(QObject):
         asked = self._stopping is not None
         self._stopping = None
         self.serving = None
+        self._terminate_timer.stop()
         self._kill_timer.stop()
         self.state_changed.emit("stopped" if code == 0 or asked else "failed")
 
@@ -370,6 +417,7 @@ class EngineProcess(QObject):
             # asked to stop while it failed to start: that process has ended, so nothing is
             # stopping any more (else the next engine would show as stopping, its crash as a stop)
             self._stopping = None
+            self._terminate_timer.stop()
             self._kill_timer.stop()
             self.state_changed.emit("failed")
 

@@ -185,6 +185,42 @@ def test_an_output_dir_that_cannot_be_made_is_refused_before_loading(tmp_path, r
     assert (tmp_path / "new" / "dir").is_dir()
 
 
+def _folder_the_permission_bits_call_writable_but_is_not():
+    """A folder where os.access(W_OK) says yes and making a file fails, as for every folder on
+    Windows (os.access reads only the read-only attribute there): sysfs's root for root on Linux
+    (root passes the permission bits; sysfs makes no files). None where this system has none."""
+    import os
+    import tempfile
+
+    folder = "/sys"
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return folder
+    return None
+
+
+def test_an_output_dir_where_no_file_can_be_made_is_refused_before_loading(tmp_path, rgb, recorder, capsys):
+    """The folder check asked os.access, which on Windows says yes to every folder: a protected
+    --output-dir passed it and the answer failed after all its work, when its heatmap was written."""
+    folder = _folder_the_permission_bits_call_writable_but_is_not()
+    if folder is None:
+        pytest.skip("no folder here that os.access calls writable while no file can be made in it")
+    assert main(["ask", rgb, "q?", "--output-dir", folder]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output-dir {folder} cannot be written to: "), err
+    assert recorder.made == []
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path):
+    from engine.cli_args import writable_folder_problem
+
+    assert writable_folder_problem(tmp_path / "out", "--output-dir") is None
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_a_question_with_bytes_that_are_not_utf8_is_refused_before_loading(rgb, recorder, capsys):
     """"café" typed in a Latin-1 terminal reaches sys.argv as 'caf\\udce9' (surrogateescape)."""
     assert main(["ask", rgb, "caf\udce9?"]) == 2

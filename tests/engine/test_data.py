@@ -160,6 +160,20 @@ def test_a_utf8_byte_order_mark_is_ignored(tmp_path, jsonl):
     assert [s.index for s in samples] == [0, 1] and not report.bad
 
 
+@pytest.mark.parametrize("end", ["\u2028", "\u2029", "\u0085"])
+def test_a_json_lines_answer_with_a_unicode_line_separator_is_one_sample(tmp_path, end):
+    """JSON keeps U+2028, U+2029 and U+0085 raw inside a string (json.dumps(ensure_ascii=False)
+    writes them so); the JSON Lines reader ended a line at them (str.splitlines), and such a
+    sample was reported as two broken lines."""
+    _img(tmp_path / "ok.png")
+    rows = [_row(0, a=f"Two ships.{end}One boat."), _row(1)]
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    samples, report = load_dataset(p, on_bad="stop")
+    assert [s.index for s in samples] == [0, 1] and not report.bad
+    assert samples[0].turns[-1].text == f"Two ships.{end}One boat."
+
+
 def test_bands_naming_an_images_alpha_band_are_bad_bands(tmp_path):
     """finetune --bands 4,3,2 (or a record's bands) on an RGBA image trained the model on its
     alpha mask as red: such a sample is bad_bands, the band named, before training starts."""

@@ -269,6 +269,45 @@ def test_limit_and_resume(tmp_path):
     assert len(calls) == 4 and r3["total"] == 4 and r3["correct"] == 3
 
 
+# Line ends of str.splitlines() that JSON keeps raw inside a string (json.dumps(ensure_ascii=False)
+# writes them so): a JSON Lines reader that split at them read such a record as two broken lines.
+UNICODE_LINE_ENDS = ["\u2028", "\u2029", "\u0085"]
+
+
+@pytest.mark.parametrize("end", UNICODE_LINE_ENDS)
+def test_a_stored_answer_with_a_unicode_line_separator_is_read_back(tmp_path, end):
+    from engine.evaluate import _read_done
+
+    pred = tmp_path / "predictions.jsonl"
+    rec = {"id": "q1", "prediction": f"two ships{end}one boat", "correct": True}
+    pred.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")  # as evaluate writes it
+    assert _read_done(pred) == {"q1": rec}
+
+
+def test_an_answer_with_a_unicode_line_separator_is_not_asked_again_on_every_run(tmp_path):
+    """Its predictions.jsonl line read as two broken ones: the item counted as not done, and every
+    rerun asked it again (and the one-line-per-item rewrite dropped it)."""
+    ann = _write(tmp_path / "mme.json", MME[:2])
+    replies = dict(MME_REPLIES, **{"rs/color/0001": "The answer is B.\u2028The roof is blue."})
+    calls = []
+    out = tmp_path / "run"
+    evaluate(load_items(ann), _predictor(replies, calls), out)
+    r2 = evaluate(load_items(ann), _predictor(replies, calls), out)
+    assert calls == ["rs/color/0001", "rs/count/0002"] and r2["total"] == 2 and r2["correct"] == 2
+    lines = (out / "predictions.jsonl").read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 3 and lines[2] == ""
+
+
+def test_a_json_lines_question_with_a_unicode_line_separator_is_one_item(tmp_path):
+    ann = tmp_path / "a.jsonl"
+    rows = [dict(MME[0], Text=f"What colour is the roof?{end}Look closely.") for end in UNICODE_LINE_ENDS]
+    rows = [dict(row, Question_id=f"rs/color/{i}") for i, row in enumerate(rows)]
+    ann.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    items = load_items(ann)
+    assert [it.id for it in items] == ["rs/color/0", "rs/color/1", "rs/color/2"]
+    assert [it.question for it in items] == [r["Text"] for r in rows]
+
+
 def test_generic_mapping_and_errors(tmp_path):
     rows = [{"qid": 7, "pic": "z.png", "ask": "Which?", "opts": ["x", "y"], "gt": "(b)", "kind": "k"}]
     ann = _write(tmp_path / "g.json", rows)

@@ -301,3 +301,118 @@ def test_the_parent_watch_calls_back_once_the_parent_has_ended():
         child.kill()
         child.wait()
     assert _until(lambda: gone, 5) and not parent_alive_check(child.pid)()
+
+
+# --- GEOVQA_STOP_ON_STDIN_EOF: the plugin's Stop, the same on every system ----------------------
+
+def _serve_with_stdin(tmp_path: Path, stop_on_eof: bool):
+    """`serve` (stand-in engine) with standard input a pipe, as the plugin starts it; (process,
+    port, state dir, log file) once it answers /health."""
+    import time
+    import urllib.request
+
+    port, state = free_port(), tmp_path / "state"
+    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"),
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
+    env.pop("GEOVQA_STOP_ON_STDIN_EOF", None)
+    if stop_on_eof:
+        env["GEOVQA_STOP_ON_STDIN_EOF"] = "1"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(port),
+                                 "--state-dir", str(state), "--log-level", "info",
+                                 "--engine-factory", "server_stub:make_engine"],
+                                cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def answers() -> bool:
+        try:
+            return opener.open(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while not answers():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    return proc, answers, state, log
+
+
+def test_serve_ends_gracefully_when_its_standard_input_closes(tmp_path):
+    """QProcess.terminate() posts WM_CLOSE on Windows, which a console Python never sees: every
+    Stop local engine was a kill after the grace period (no graceful shutdown, no job state
+    saved). With GEOVQA_STOP_ON_STDIN_EOF=1 (the plugin sets it) the engine ends as on Ctrl-C
+    when the plugin closes its standard input, on every system."""
+    from engine.jobs import lock_state_dir
+
+    proc, answers, state, log = _serve_with_stdin(tmp_path, stop_on_eof=True)
+    try:
+        proc.stdin.close()
+        assert proc.wait(15) == 0, log.read_text()
+        text = log.read_text()
+        assert "closed its standard input (GEOVQA_STOP_ON_STDIN_EOF); the engine ends" in text, text
+        assert "Application shutdown complete" in text, text  # uvicorn's graceful path, lifespan included
+        assert not answers()
+        lock_state_dir(state).close()  # the state folder is free again
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_without_the_variable_a_closed_standard_input_ends_nothing(tmp_path):
+    import time
+
+    proc, answers, _state, log = _serve_with_stdin(tmp_path, stop_on_eof=False)
+    try:
+        proc.stdin.close()
+        time.sleep(2)
+        assert proc.poll() is None and answers(), log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_the_stdin_watch_calls_back_at_the_end_of_its_stream_only():
+    import threading
+
+    from engine.parent import stop_on_stdin_eof_requested, watch_stdin
+
+    assert stop_on_stdin_eof_requested({"GEOVQA_STOP_ON_STDIN_EOF": "1"})
+    assert not stop_on_stdin_eof_requested({}) and not stop_on_stdin_eof_requested({"GEOVQA_STOP_ON_STDIN_EOF": "0"})
+    read_end, write_end = os.pipe()
+    ended = threading.Event()
+    try:
+        thread = watch_stdin(on_eof=ended.set, fd=read_end)
+        os.write(write_end, b"anything the plugin might write\n")
+        assert not ended.wait(0.3)
+        os.close(write_end)
+        assert ended.wait(5)
+        thread.join(5)
+    finally:
+        os.close(read_end)
+
+
+def test_a_refusal_with_its_input_watched_exits_with_its_own_code(tmp_path):
+    """The watch must not hold standard input's buffer: Python's exit closes sys.stdin, and a
+    daemon thread blocked in a buffered read made it abort ("could not acquire lock ... at
+    interpreter shutdown", exit code 6 instead of serve's 2)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"), GEOVQA_STOP_ON_STDIN_EOF="1",
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(free_port()),
+                             "--state-dir", str(tmp_path / "state"), "--output-dir", str(blocker / "out"),
+                             "--engine-factory", "server_stub:make_engine"],
+                            cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out = proc.stdout.read()  # stdin stays open, as the plugin keeps it
+        assert proc.wait(30) == 1, out  # SystemExit("error: ...")
+        assert "Fatal Python error" not in out and out.strip().splitlines()[-1].startswith("error: --output-dir"), out
+    finally:
+        proc.stdin.close()
+        if proc.poll() is None:
+            proc.kill()

@@ -137,8 +137,10 @@ def test_engine_command_has_no_shell(tmp_path):
     from geovqa.settings import Settings
 
     s = Settings(engine_url="http://127.0.0.1:9911")
-    with pytest.raises(EngineProcessError, match="No Python"):
+    with pytest.raises(EngineProcessError, match="No Python") as refused:
         engine_command(s)
+    # both venv layouts named: Windows' has no bin/python
+    assert ".venv/bin/python" in str(refused.value) and r".venv\Scripts\python.exe" in str(refused.value)
     py = fake_engine_python(tmp_path / "repo" / ".venv" / "bin" / "python")
     s.engine_dir = str(tmp_path / "repo")
     s.weights_dir = "/w/GeoLLaVA-8K"
@@ -560,6 +562,87 @@ def test_shutdown_ends_a_deaf_engine_within_its_bounded_wait(tmp_path):
     assert "failed" not in states
 
 
+# An engine deaf to terminate(), as every console program is on Windows (QProcess.terminate()
+# posts WM_CLOSE there), that ends cleanly at its standard input's end when told to.
+DEAF_ENGINE_ENDING_AT_EOF = '''
+import os, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", os.environ.get("GEOVQA_STOP_ON_STDIN_EOF"), flush=True)
+sys.stdin.buffer.read()
+print("input closed: ending", flush=True)
+'''
+
+
+def test_stop_ends_an_engine_deaf_to_signals_by_closing_its_input_not_by_a_kill(tmp_path, monkeypatch):
+    """On Windows every Stop local engine was a kill after the grace period: terminate() is
+    WM_CLOSE there, which a console Python never sees, so uvicorn's graceful shutdown and the
+    jobs' state saving never ran. Stop now closes the engine's standard input first."""
+    import time
+
+    from conftest import wait_until
+    from geovqa import engine_process
+    from geovqa.engine_process import EngineProcess
+
+    monkeypatch.setattr(engine_process, "STOP_GRACE_MS", 8000)
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(_stand_in_settings(tmp_path, DEAF_ENGINE_ENDING_AT_EOF, "deaf"))
+    try:
+        wait_until(lambda: proc.lines and proc.lines[0].startswith("ready"), 30, "the stand-in engine")
+        assert proc.lines[0] == "ready 1"  # told to end at its input's end
+        began = time.monotonic()
+        proc.stop()
+        wait_until(lambda: not proc.is_running(), 10, "the engine ending")
+        assert time.monotonic() - began < 4, proc.log_text()  # well within the grace period
+        assert "input closed: ending" in proc.lines and "[engine exited with code 0]" in proc.lines
+        assert "killed" not in proc.log_text() and states[-1] == "stopped"
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
+def test_stop_ends_the_real_engine_gracefully_without_a_signal(tmp_path, monkeypatch):
+    """The real `serve` (tiny model), started and stopped as the plugin does: it ends by itself
+    at its input's end (uvicorn's graceful shutdown, exit code 0), long before terminate()."""
+    import os
+    import time
+
+    from conftest import ENGINE_PY, ENGINE_ROOT, _engine_importable, _tiny_checkpoint, wait_until
+    from geovqa import engine_process
+    from geovqa.engine_process import EngineProcess
+
+    ok, why = _engine_importable()
+    if not ok:
+        pytest.skip(f"the engine in {ENGINE_ROOT}/.venv cannot be imported ({why})")
+    env = {"GEOVQA_CONFIG_DIR": str(tmp_path / "config"), "GEOVQA_CACHE_DIR": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    tiny = _tiny_checkpoint(dict(os.environ, **env))
+    settings = _stand_in_settings(tmp_path, "", python=str(ENGINE_PY), engine_dir=str(ENGINE_ROOT),
+                                  weights_dir=str(tiny),
+                                  extra_args=f'--state-dir "{tmp_path / "state"}" --log-level info')
+    monkeypatch.setattr(engine_process, "STOP_GRACE_MS", 30000)  # terminate() would come after 15 s
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings, extra_env=env)
+    try:
+        wait_until(lambda: any("GeoVQA engine on http://" in ln for ln in proc.lines)
+                   or not proc.is_running(), 240, "the engine loading its model")
+        wait_until(lambda: any("Uvicorn running" in ln or "Application startup complete" in ln
+                               for ln in proc.lines) or not proc.is_running(), 60, "the engine listening")
+        assert proc.is_running(), proc.log_text()
+        began = time.monotonic()
+        proc.stop()
+        wait_until(lambda: not proc.is_running(), 20, "the engine ending")
+        assert time.monotonic() - began < 10, proc.log_text()
+        log = proc.log_text()
+        assert "closed its standard input" in log and "Application shutdown complete" in log, log
+        assert "[engine exited with code 0]" in proc.lines and "killed" not in log, log
+        assert states[-1] == "stopped"
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 def test_stopping_shows_in_the_docks_status_line(plugin, tmp_path):
     from conftest import wait_until
 
@@ -770,6 +853,82 @@ def test_qgis_python_settings_do_not_reach_the_local_engine(tmp_path, monkeypatc
     check.start(settings)
     wait_until(lambda: done, 30, "the memory check")
     assert done == [(unset, "")]
+
+
+# The real engine's CRS naming (engine/heatmap.py crs_member) and a CRS lookup, in the engine's
+# venv; also which of the user's GDAL settings it got.
+CRS_REPORTING_ENGINE = '''
+import os, sys
+del sys.modules["engine"]  # this stand-in; from here on the real engine of this checkout
+sys.path.insert(0, {root!r})
+from rasterio.crs import CRS
+from engine.heatmap import crs_member
+wkt = \'PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],PARAMETER["latitude_of_origin",0],PARAMETER["central_meridian",15],PARAMETER["scale_factor",0.9996],PARAMETER["false_easting",500000],PARAMETER["false_northing",0],UNIT["metre",1],AUTHORITY["EPSG","32633"]]\'
+print("anchors crs:", crs_member(wkt)["properties"]["name"][:40], flush=True)
+try:
+    CRS.from_epsg(32633)
+    print("crs ok", flush=True)
+except Exception as exc:
+    print("crs failed:", exc, flush=True)
+print("GDAL_CACHEMAX", os.environ.get("GDAL_CACHEMAX"), flush=True)
+'''
+
+
+@pytest.mark.skipif(not Path("/usr/share/proj/proj.db").is_file(), reason="needs another PROJ's data (the system's)")
+def test_qgis_gdal_and_proj_data_do_not_reach_the_local_engine(tmp_path, monkeypatch):
+    """QGIS on Windows (OSGeo4W, the standalone installer) runs with GDAL_DATA, GDAL_DRIVER_PATH
+    and PROJ_DATA / PROJ_LIB pointing at its own GDAL and PROJ; QGIS.app sets GDAL_DRIVER_PATH.
+    The engine's rasterio (a wheel) has its own: fed QGIS's proj.db, every CRS lookup failed and
+    the anchors GeoJSON named its CRS by raw WKT. Here the system's PROJ data plays QGIS's part
+    (another PROJ version than rasterio's wheel). The user's GDAL options still reach it."""
+    from conftest import ENGINE_PY, wait_until
+    from geovqa.engine_process import EngineProcess
+
+    monkeypatch.setenv("PROJ_DATA", "/usr/share/proj")
+    monkeypatch.setenv("PROJ_LIB", "/usr/share/proj")
+    monkeypatch.setenv("GDAL_DATA", "/usr/share/gdal")
+    monkeypatch.setenv("GDAL_DRIVER_PATH", str(tmp_path / "qgis-gdal-plugins"))
+    monkeypatch.setenv("GDAL_CACHEMAX", "512")
+    settings = _stand_in_settings(tmp_path, CRS_REPORTING_ENGINE.format(root=str(ROOT)), python=str(ENGINE_PY))
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings)
+    try:
+        wait_until(lambda: states[-1] in ("stopped", "failed"), 60, "the stand-in engine")
+        lines = [ln for ln in proc.lines if not ln.startswith("ERROR")]
+        assert lines[:3] == ["anchors crs: urn:ogc:def:crs:EPSG::32633", "crs ok", "GDAL_CACHEMAX 512"], \
+            proc.log_text()
+        assert not any(ln.startswith("ERROR") for ln in proc.lines), proc.log_text()  # PROJ's complaints
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
+NON_ASCII_REFUSAL = '''
+raise SystemExit("error: state folder C:\\\\Users\\\\Jos\\u00e9\\\\AppData\\\\Local\\\\geovqa\\\\server is in use "
+                 "by another engine server.")
+'''
+
+
+def test_the_engines_refusal_naming_a_non_ascii_folder_reads_right_on_windows(tmp_path, monkeypatch):
+    """Windows' Python writes a pipe in the ANSI code page (cp1252 on western Windows), and the
+    plugin reads the engine's output as UTF-8: "C:\\Users\\José" came out garbled.
+    PYTHONIOENCODING=cp1252 in QGIS's environment stands for that default here."""
+    from conftest import wait_until
+    from geovqa.engine_process import EngineProcess
+
+    monkeypatch.setenv("PYTHONIOENCODING", "cp1252")
+    settings = _stand_in_settings(tmp_path, NON_ASCII_REFUSAL)
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings)
+    try:
+        wait_until(lambda: states[-1] in ("stopped", "failed"), 30, "the stand-in engine")
+        assert states[-1] == "failed"
+        assert "C:\\Users\\José\\AppData" in proc.failure_reason(), proc.failure_reason()
+    finally:
+        proc.shutdown(wait_ms=200)
 
 
 PARENT_PID_REPORTING_ENGINE = '''
