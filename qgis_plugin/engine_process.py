@@ -444,13 +444,15 @@ def error_sentence(lines) -> str:
     return lines[-1] if lines else ""
 
 
-MODEL_FLAGS = ("--weights", "--device", "--quantization")
+# the serve options `info --memory` takes too: what the model needs, and the feature cache's cap
+# (RAM beside a model on the CPU)
+MODEL_FLAGS = ("--weights", "--device", "--quantization", "--feature-cache-bytes")
 
 
 def memory_check_command(settings) -> tuple:
     """(program, args, working_dir) of ``engine info --memory --json`` for the configured local
-    engine: the same Python, weights and model options (--device, --quantization, --no-demo)
-    its serve command would use; serve-only options are left out."""
+    engine: the same Python, weights and model options (--device, --quantization, --no-demo,
+    --feature-cache-bytes) its serve command would use; serve-only options are left out."""
     program, serve_args, workdir = engine_command(settings, serve=False)
     args = ["-m", "engine", "info", "--memory", "--json"]
     rest = serve_args[3:]
@@ -478,8 +480,11 @@ def memory_summary(report: dict) -> str:
     parts = [f"{q} {size(r['needed_bytes'])}: {verdicts[r.get('fits')]}"
              for q, r in report.get("formats", {}).items()]
     auto = report.get("auto_choice")
+    cache = report.get("feature_cache_bytes") or 0
     return (f"{model}, {report.get('parameters', 0):,} parameters. Free on {report.get('device')}: "
-            f"{size(free) if free is not None else 'unknown'}. Needed: " + "; ".join(parts) + "."
+            f"{size(free) if free is not None else 'unknown'}. Needed: " + "; ".join(parts)
+            + (f" (each with the engine's feature cache, {size(cache)}: --feature-cache-bytes in "
+               "Extra engine arguments, 0 turns it off)" if cache else "") + "."
             + (f" The default (auto) loads {auto}." if auto else ""))
 
 

@@ -66,8 +66,19 @@ def test_check_memory_button_asks_the_real_engine(qgis_app):
     wait_until(_form_done(form), 120, "the memory check")
     text = form.memory_label.text()
     assert text.startswith("the tiny demo model, ") and "Free on cpu:" in text
-    assert "fp32 1.1 GB: fits" in text  # the tiny weights plus the working-memory floor
+    # the tiny weights plus the working-memory floor, plus what its features can fill of the
+    # engine's feature cache (RAM beside a model on the CPU), said with how to change it
+    assert "fp32 1.8 GB: fits" in text and "feature cache, 0.7 GB: --feature-cache-bytes" in text
     assert text.endswith("The default (auto) loads fp32.")  # --device cpu
+
+    # the cap in Extra engine arguments is the one counted (serve would keep it)
+    set_settings(extra_args="--device cpu --feature-cache-bytes 0")
+    form = SettingsForm()
+    form.check_memory()
+    wait_until(_form_done(form), 120, "the memory check without a feature cache")
+    text = form.memory_label.text()
+    assert "fp32 1.1 GB: fits" in text and "feature cache" not in text
+    form.weights.setFilePath(str(tiny))
 
     # the form's fields count, not only saved settings: a folder without weights is named
     form.weights.setFilePath(str(ENGINE_ROOT / "no-such-weights"))
