@@ -260,7 +260,7 @@ def test_export_writes_the_format_chosen_in_the_dialog(plugin, raster_layer, stu
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(folder / typed), chosen))
     dlg._export(kind)
     assert [p.name for p in folder.iterdir()] == [written]
-    text = (folder / written).read_text(encoding="utf-8")
+    text = (folder / written).read_text(encoding="utf-8-sig")
     if written.endswith(".json"):
         assert json.loads(text)["results"][0]["question"] == "How big?"
     else:
