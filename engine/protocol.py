@@ -94,6 +94,9 @@ HEALTH_FIELDS = {
     "feature_cache_bytes": "int | null (optional; absent from older engines): the cap of the "
     "engine's vision-feature cache in RAM (serve --feature-cache-bytes), 0 when it is off; null "
     "when the engine does not say",
+    "heartbeat_s": "float | null (optional; absent from older engines): an /ask stream silent "
+    "this long gets a heartbeat event (HEARTBEAT_S), so a client may take a longer silence for a "
+    "broken connection",
     "strategies": "list[str]",
     "message": "str | null: what the engine is doing or why it failed",
 }
@@ -160,7 +163,29 @@ EVENT_TYPES = {
     },
     "error": {"code": "str: ERROR_CODES", "message": "str", "hint": "str | null",
               "retry_budget": "int (out_of_memory only): a smaller budget to retry with"},
+    "heartbeat": {"job_id": "str: the question's job; nothing else happened: the engine sends it "
+                  "after HEARTBEAT_S seconds without another event (queued behind a long job, a "
+                  "long prefill on the CPU), so a silent stream is not a dead one; ignore it"},
 }
+# seconds of silence after which an /ask stream gets a heartbeat event (GEOVQA_HEARTBEAT_S sets
+# another, e.g. for tests); /health says it as heartbeat_s
+HEARTBEAT_S = 15.0
+HEARTBEAT_ENV = "GEOVQA_HEARTBEAT_S"
+
+
+def heartbeat_interval() -> float:
+    """HEARTBEAT_S, or the positive number of seconds in GEOVQA_HEARTBEAT_S (ValueError for
+    anything else)."""
+    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not text:
+        return HEARTBEAT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{HEARTBEAT_ENV}={text!r} is not a positive number of seconds")
+    return value
 STAGES = ("queued", "read", "tile", "vision", "select", "prefill", "generate", "write", "done")
 
 # Anchor feature properties (GeoJSON Feature.properties) of each kept token.

@@ -73,6 +73,8 @@ class Settings:
     token: str | None = None  # default: read or create protocol.token_path()
     tls_cert: Path | None = None  # PEM certificate and its key: serve over https (engine/tls.py)
     tls_key: Path | None = None
+    # an /ask stream silent this long gets a heartbeat event (protocol.heartbeat_interval)
+    heartbeat_s: float = field(default_factory=protocol.heartbeat_interval)
 
     def __post_init__(self) -> None:
         # Absolute: the paths in responses (heatmap_path, results_path) are read by clients
@@ -215,6 +217,7 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
         info["max_upload_bytes"] = settings.max_upload_bytes
         info.setdefault("max_read_pixels", None)  # an engine that cannot tell: none known
         info.setdefault("feature_cache_bytes", None)
+        info["heartbeat_s"] = settings.heartbeat_s
         return info
 
     @app.post("/ask")
@@ -249,8 +252,14 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
         job = jobs.submit_ask(ask_request, cleanup=upload.cleanup if upload else None,
                               public_error=upload.public if upload else None)
 
+        def line(event: dict) -> bytes:
+            return (json.dumps(decorate(event), ensure_ascii=False, default=json_default)
+                    + "\n").encode("utf-8")
+
         async def stream():
             finished = False
+            loop = asyncio.get_running_loop()
+            last_sent = loop.time()
             try:
                 while True:
                     try:
@@ -258,13 +267,20 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
                     except queue.Empty:
                         if await request.is_disconnected():
                             break
+                        if loop.time() - last_sent >= settings.heartbeat_s:
+                            # silent a while (queued behind a long job, a long prefill): say so,
+                            # so a client can tell a busy engine from a dead connection
+                            last_sent = loop.time()
+                            yield line({"type": "heartbeat", "job_id": job.job_id,
+                                        "request_id": getattr(ask_request, "request_id", None)})
+                            continue
                         await asyncio.sleep(0.02)
                         continue
                     if event is None:
                         finished = True
                         break
-                    yield (json.dumps(decorate(event), ensure_ascii=False, default=json_default)
-                           + "\n").encode("utf-8")
+                    last_sent = loop.time()
+                    yield line(event)
             finally:
                 if not finished:  # the client went away: free the GPU
                     jobs.cancel(job.job_id)

@@ -181,12 +181,13 @@ class ServerProcess:
             conn.close()
 
 
-def stub_server(word_delay: float, *extra_args: str, **kwargs) -> ServerProcess:
-    """A (not yet started) server over the protocol stand-in engine of server_stub.py."""
+def stub_server(word_delay: float, *extra_args: str, env: dict | None = None, **kwargs) -> ServerProcess:
+    """A (not yet started) server over the protocol stand-in engine of server_stub.py; ``env``:
+    more environment for it (e.g. GEOVQA_STUB_VISION_DELAY)."""
     return ServerProcess(["--engine-factory", "server_stub:make_engine", "--log-level", "warning",
                           *extra_args],
                          env={"PYTHONPATH": str(Path(__file__).parent),
-                              "GEOVQA_STUB_WORD_DELAY": str(word_delay)}, **kwargs)
+                              "GEOVQA_STUB_WORD_DELAY": str(word_delay), **(env or {})}, **kwargs)
 
 
 def wait_until(predicate, timeout: float = 60.0, step: float = 0.05):

@@ -174,3 +174,25 @@ def test_batch_bad_input(server, inputs):
         "items": [{"raster_path": str(inputs["raster"])}], "questions": ["ok?"],
         "strategy": "nope"})
     assert status == 400 and body_["error"]["code"] == "unknown_strategy"
+
+
+def test_a_silent_stream_gets_heartbeats(inputs):
+    """A question queued behind a long job, or in a long prefill on the CPU, sent nothing for
+    minutes: a client could not tell that from a dead connection, and its read timeout ended a
+    question the engine was still answering. After heartbeat_s of silence the stream says so."""
+    srv = stub_server(WORD_DELAY, env={"GEOVQA_STUB_VISION_DELAY": "1.5", "GEOVQA_HEARTBEAT_S": "0.3"})
+    srv.start()
+    try:
+        assert srv.request("GET", "/health")[1]["heartbeat_s"] == 0.3
+        conn, resp = srv.open_stream("/ask", body(inputs["raster"], request_id="hb"))
+        events = list(srv.iter_events(resp))
+        conn.close()
+    finally:
+        srv.cleanup()
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "result", kinds
+    beats = [e for e in events if e["type"] == "heartbeat"]
+    assert len(beats) >= 2, kinds  # 1.5 s of "vision" with a heartbeat every 0.3 s
+    assert all(b["request_id"] == "hb" and b["job_id"] == events[0]["job_id"] for b in beats)
+    first_token = kinds.index("token")
+    assert "heartbeat" not in kinds[first_token:], kinds  # words flowing: no heartbeat needed
