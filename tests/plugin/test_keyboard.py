@@ -116,6 +116,29 @@ def test_enter_asks_and_the_box_is_emptied_for_the_next(plugin, qgis_iface, rast
     wait_for_tasks()
 
 
+def test_escape_stops_the_question_and_closes_nothing(plugin, qgis_iface, raster_layer, stub_engine):
+    """Escape in the question box of a floating dock stops the question being answered (as Stop),
+    closes nothing and keeps the draft typed meanwhile; the focus stays in the box."""
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+
+    layer = raster_layer()
+    dock = _focused_dock(plugin, qgis_iface, layer)
+    stub_engine.token_delay = 0.2
+    dock.question_edit.setFocus()
+    QTest.keyClicks(dock.question_edit, "How many fields?")
+    QTest.keyClick(dock.question_edit, Qt.Key.Key_Return)
+    QTest.keyClicks(dock.question_edit, "draft")
+    QTest.keyClick(dock.question_edit, Qt.Key.Key_Escape)
+    _settle()
+    stopped = not dock.is_asking()
+    dock.stop()
+    wait_for_tasks()
+    assert dock.isVisible() and dock.question_edit.text() == "draft"
+    assert stopped
+    assert dock.turns(layer)[0]["meta"] == "stopped" and _focus() is dock.question_edit
+
+
 def test_the_conversation_can_be_selected_and_copied_with_the_keyboard(plugin, qgis_iface, raster_layer,
                                                                         stub_engine):
     """The conversation takes the focus (Tab reaches it); Ctrl+A / Ctrl+C copy it."""
@@ -136,6 +159,47 @@ def test_the_conversation_can_be_selected_and_copied_with_the_keyboard(plugin, q
     assert "You: How many fields?" in copied and "GeoVQA:" in copied
 
 
+def test_after_asking_with_the_ask_button_focus_is_back_in_the_question_box(plugin, qgis_iface, raster_layer,
+                                                                             stub_engine):
+    """A keyboard user types a question, tabs to Ask and presses Space (as a screen-reader user
+    does): Ask turns disabled with the box emptied, and the focus goes back to the box (Qt
+    moved it on to the "Strategy and token budget" box) for the next question."""
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+
+    layer = raster_layer()
+    dock = _focused_dock(plugin, qgis_iface, layer)
+    dock.question_edit.setFocus()
+    QTest.keyClicks(dock.question_edit, "How many fields?")
+    QTest.keyClick(dock.question_edit, Qt.Key.Key_Tab)
+    assert _focus() is dock.ask_button
+    QTest.keyClick(dock.ask_button, Qt.Key.Key_Space)
+    wait_until(_answered(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    _settle()
+    assert dock.turns(layer)[0]["question"] == "How many fields?"
+    focused = _focus()
+    assert focused is dock.question_edit, f"focus is on {type(focused).__name__} {accessible_name(focused)!r}"
+
+
+def test_every_dock_control_has_a_name_a_screen_reader_can_say(plugin, qgis_iface, raster_layer):
+    """Also the Area combo (its form row holds a layout, so QFormLayout gave its label no buddy),
+    the question box (a placeholder is no name), the conversation, and the '⋯' button (else
+    read out as "midline horizontal ellipsis")."""
+    layer = raster_layer()
+    dock = _focused_dock(plugin, qgis_iface, layer)
+    dock.set_aoi_mode("rectangle")
+    dock.question_edit.setText("q")
+    widgets = {"layer": dock.layer_combo, "area": dock.aoi_combo, "draw": dock.draw_button,
+               "conversation": dock.view, "question": dock.question_edit, "ask": dock.ask_button,
+               "stop": dock.stop_button, "copy": dock.copy_button, "export": dock.export_button,
+               "more": dock.more_button}
+    names = {key: accessible_name(w) for key, w in widgets.items()}
+    unnamed = {key: name for key, name in names.items() if not re.search(r"[A-Za-z]", name)}
+    assert unnamed == {}
+    assert names["more"] == "More actions" and names["area"] == "Area"
+
+
 def test_the_engine_status_and_errors_are_said_in_words_not_only_colour(plugin, qgis_iface, raster_layer,
                                                                         stub_engine):
     """The status dot's colour comes with a sentence; an error turn says Error."""
@@ -148,6 +212,108 @@ def test_the_engine_status_and_errors_are_said_in_words_not_only_colour(plugin, 
     wait_until(_answered(dock, layer), 30, "the error")
     wait_for_tasks()
     assert "Error: The GPU ran out of memory." in dock.view.toPlainText()
+
+
+def test_stopping_with_the_stop_button_leaves_the_focus_in_the_question_box(plugin, qgis_iface, raster_layer,
+                                                                            stub_engine):
+    """Space on Stop stops the question; Stop turns disabled, and the focus goes back to the
+    question box (not on to the next widget)."""
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+
+    layer = raster_layer()
+    dock = _focused_dock(plugin, qgis_iface, layer)
+    stub_engine.token_delay = 0.2
+    dock.ask("How many fields?")
+    dock.stop_button.setFocus()
+    QTest.keyClick(dock.stop_button, Qt.Key.Key_Space)
+    _settle()
+    wait_for_tasks()
+    assert not dock.is_asking() and dock.turns(layer)[0]["meta"] == "stopped"
+    assert _focus() is dock.question_edit
+
+
+def test_an_answer_coming_while_stop_has_the_focus_leaves_it_in_the_question_box(plugin, qgis_iface, raster_layer,
+                                                                                 stub_engine):
+    """The user tabbed to Stop and the answer came: Stop turns disabled, the focus goes back to
+    the question box."""
+    layer = raster_layer()
+    dock = _focused_dock(plugin, qgis_iface, layer)
+    stub_engine.token_delay = 0.05
+    dock.ask("How many fields?")
+    dock.stop_button.setFocus()
+    _settle()
+    assert _focus() is dock.stop_button
+    wait_until(_answered(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    _settle()
+    assert dock.turns(layer)[0]["answer"] and _focus() is dock.question_edit
+
+
+def test_escape_in_an_open_list_or_on_the_map_stops_nothing(plugin, qgis_iface, raster_layer, stub_engine):
+    """Escape stops only where no one else uses it: in an open list of the dock (Area,
+    Strategy) it closes the list; on the map (where a drawing tool takes Escape) it stops
+    nothing; with no question running the dock lets it go on (to QGIS) untouched."""
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtGui import QKeyEvent
+    from qgis.PyQt.QtTest import QTest
+    from qgis.PyQt.QtWidgets import QApplication
+
+    layer = raster_layer()
+    dock = _focused_dock(plugin, qgis_iface, layer)
+    idle_escape = QKeyEvent(QKeyEvent.Type.KeyPress, Qt.Key.Key_Escape, Qt.KeyboardModifier.NoModifier)
+    idle_escape.accept()
+    dock.keyPressEvent(idle_escape)
+    assert not idle_escape.isAccepted()  # no question running: not the dock's
+    stub_engine.token_delay = 0.2
+    dock.ask("How many fields?")
+    dock.options_box.setCollapsed(False)
+    lists_closed, asking = [], []
+    for combo in (dock.aoi_combo, dock.strategy_combo):
+        combo.setFocus()
+        combo.showPopup()
+        _settle()
+        assert combo.view().isVisible()
+        QTest.keyClick(QApplication.focusWidget(), Qt.Key.Key_Escape)
+        _settle()
+        lists_closed.append(not combo.view().isVisible())
+        asking.append(dock.is_asking())
+    mw, canvas = qgis_iface.mainWindow(), qgis_iface.mapCanvas()
+    mw.activateWindow()
+    canvas.setFocus()
+    _settle()
+    QTest.keyClick(canvas, Qt.Key.Key_Escape)
+    _settle()
+    asking.append(dock.is_asking())
+    dock.stop()
+    wait_for_tasks()
+    assert lists_closed == [True, True] and asking == [True, True, True]
+
+
+def test_part_of_an_answer_can_be_selected_with_shift_and_the_arrows(plugin, qgis_iface, raster_layer,
+                                                                     stub_engine):
+    """The conversation has a keyboard caret: Shift+arrows select a part of it (to copy only
+    that); its links stay reachable with the keyboard."""
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+
+    layer = raster_layer()
+    dock = _focused_dock(plugin, qgis_iface, layer)
+    dock.ask("How many fields?")
+    wait_until(_answered(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    dock.view.setFocus()
+    QTest.keyClick(dock.view, Qt.Key.Key_Home, Qt.KeyboardModifier.ControlModifier)
+    for _ in range(3):
+        QTest.keyClick(dock.view, Qt.Key.Key_Right, Qt.KeyboardModifier.ShiftModifier)
+    assert dock.view.textCursor().selectedText() == "You"
+    assert dock.view.textInteractionFlags() & Qt.TextInteractionFlag.LinksAccessibleByKeyboard
+
+
+def test_the_ask_button_says_enter_asks(plugin):
+    """Its tooltip names the key (the question box's placeholder holds an example question)."""
+    assert "Enter" in plugin.dock.ask_button.toolTip()
+    assert "Escape" in plugin.dock.stop_button.toolTip()
 
 
 # -- the batch dialog ----------------------------------------------------------------------------
