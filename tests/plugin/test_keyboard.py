@@ -182,6 +182,27 @@ def test_after_asking_with_the_ask_button_focus_is_back_in_the_question_box(plug
     assert focused is dock.question_edit, f"focus is on {type(focused).__name__} {accessible_name(focused)!r}"
 
 
+def test_opening_the_dock_from_its_action_puts_the_focus_in_the_question_box(plugin, qgis_iface, raster_layer):
+    """GeoVQA chat (menu or toolbar) shows the dock with the focus in the question box: the
+    user types at once."""
+    from qgis.PyQt.QtCore import Qt
+
+    layer = raster_layer()
+    mw = qgis_iface.mainWindow()
+    mw.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, plugin.dock)  # as QGIS's iface.addDockWidget
+    plugin.dock.set_layer(layer)
+    plugin.dock.hide()
+    mw.show()
+    mw.activateWindow()
+    qgis_iface.mapCanvas().setFocus()
+    _settle()
+    plugin.toggle_action.trigger()
+    _settle()
+    assert plugin.dock.isVisible()
+    focused = _focus()
+    assert focused is plugin.dock.question_edit, f"focus is on {type(focused).__name__}"
+
+
 def test_every_dock_control_has_a_name_a_screen_reader_can_say(plugin, qgis_iface, raster_layer):
     """Also the Area combo (its form row holds a layout, so QFormLayout gave its label no buddy),
     the question box (a placeholder is no name), the conversation, and the '⋯' button (else
@@ -314,6 +335,49 @@ def test_the_ask_button_says_enter_asks(plugin):
     """Its tooltip names the key (the question box's placeholder holds an example question)."""
     assert "Enter" in plugin.dock.ask_button.toolTip()
     assert "Escape" in plugin.dock.stop_button.toolTip()
+
+
+# -- the plugin's actions ------------------------------------------------------------------------
+
+def test_the_plugins_actions_can_be_given_shortcuts_in_qgis(qgis_iface, monkeypatch):
+    """Settings > Keyboard Shortcuts lists what is registered with QGIS's shortcut manager: the
+    plugin registers its actions with iface.registerMainWindowAction (QGIS forwards it to
+    QgsGui.shortcutsManager().registerAction; pytest-qgis's iface only mocks it, so it is
+    forwarded here as QGIS does), under stable object names, and unregisters them on unload;
+    a shortcut given to one comes back after a plugin reload."""
+    import geovqa
+    from qgis.gui import QgsGui
+
+    manager = QgsGui.shortcutsManager()
+    registered = []
+
+    def register(action, shortcut):  # what QgisAppInterface::registerMainWindowAction does
+        registered.append(action)
+        return manager.registerAction(action, shortcut)
+
+    monkeypatch.setattr(qgis_iface, "registerMainWindowAction", register, raising=False)
+    monkeypatch.setattr(qgis_iface, "unregisterMainWindowAction", manager.unregisterAction, raising=False)
+    wanted = ("GeoVQA chat", "Batch questions…", "Start local engine", "Stop local engine", "Settings…")
+    p = geovqa.classFactory(qgis_iface)
+    p.initGui()
+    try:
+        texts = {a.text() for a in manager.listActions()}
+        missing = [t for t in wanted if t not in texts]
+        assert missing == []
+        batch = next(a for a in manager.listActions() if a.text() == "Batch questions…")
+        assert batch.objectName() == "mActionGeoVQABatchQuestions"
+        manager.setKeySequence(batch, "Ctrl+Alt+B")  # as Settings > Keyboard Shortcuts does
+    finally:
+        p.unload()
+    assert not {a.text() for a in manager.listActions()} & set(wanted)
+    p = geovqa.classFactory(qgis_iface)  # the plugin reloaded
+    p.initGui()
+    try:
+        batch = next(a for a in manager.listActions() if a.text() == "Batch questions…")
+        assert batch.shortcut().toString() == "Ctrl+Alt+B"
+    finally:
+        manager.setKeySequence(batch, "")
+        p.unload()
 
 
 # -- the batch dialog ----------------------------------------------------------------------------
