@@ -8,10 +8,15 @@ from the project mid-batch gives an error row for each of its questions not aske
 batch goes on with the others.
 
 Inputs and results share a vertical splitter (the table gets most of the height); a cell's tooltip
-is its full text and a double-click shows the whole row. An answer whose heatmap or anchors could
-not be saved has a warning icon, the reason in its tooltip and row, and is counted at the end. While a batch runs, the inputs and Export
+is its full text and a double-click, or Enter, shows the whole row. An answer whose heatmap or
+anchors could not be saved has a warning icon, the reason in its tooltip and row, and is counted at the end. While a batch runs, the inputs and Export
 are disabled (the answers so far are in the autosave file; Export once the batch ends or is
-cancelled), and the message counts the questions asked."""
+cancelled), and the message counts the questions asked.
+
+Keyboard: Enter presses a push button only when that button has the focus (the dialog has no
+default button: Enter on a result row opens the row, it never runs the batch again); Tab leaves
+the Questions box. Closing the dialog (Escape, Close, the window's x) while a batch runs says on
+QGIS's message bar that the batch goes on."""
 
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ from . import layers as result_layers
 from .aoi import AoiError, clip_to_layer, is_unreferenced_file
 from .bands import RENDER_BANDS, bands_cell, layer_bands
 from .client import health_read_budget, questions_too_long
-from .compat import MSG_WARNING, is_raster_layer
+from .compat import MSG_INFO, MSG_WARNING, is_raster_layer
 from .paths import export_path
 from .project_results import gather_into_project, moved_files, moved_path
 from .render import LayerRenderer, layer_file_path, render_file
@@ -63,6 +68,11 @@ ANSWER_COLUMN = TABLE_COLUMNS.index("Answer")
 HEADER_TEXTS = {"Kept tokens": "Kept\ntokens"}
 WARNING_ICON = "/mIconWarning.svg"  # QGIS's own: the answer cell of an answer without its result layers
 EXPORT_KINDS = ("csv", "json")  # the ending of the file decides the format written (export)
+ENTER_KEYS = (Qt.Key.Key_Return, Qt.Key.Key_Enter)
+ROW_TIP = "Double-click a row, or press Enter on it, to read all of it"
+# said on QGIS's message bar when the dialog is closed while its batch runs
+GOES_ON_IN_BACKGROUND = ("The batch goes on in the background (its progress is in QGIS's task bar); "
+                         "reopen Batch questions… to see its answers.")
 EXPORT_RUNNING_TIP = ("Export is available when the batch ends (or is cancelled); meanwhile every answer "
                       "so far is already in the autosave file named above.")
 
@@ -110,6 +120,8 @@ class BatchDialog(QDialog):
         self.row_viewer = None  # the dialog a double-click on a row opens
         self._end_text = ""  # what the message said when the last run ended (an export adds to it)
         self._row_viewer_text = None
+        self._running = False  # a batch runs (renders or answers), not cancelled
+        self._shut_down = False
         self._watched = {}  # layer id -> (layer, [(signal, slot)]): a rename or result mark refreshes the list
         self._build()
         project = QgsProject.instance()
@@ -136,6 +148,7 @@ class BatchDialog(QDialog):
         form.addRow("Raster layers", self.layer_list)
         self.questions_edit = QPlainTextEdit()
         self.questions_edit.setPlaceholderText("One question a line")
+        self.questions_edit.setTabChangesFocus(True)  # Tab moves on, as in the other fields
         form.addRow("Questions", self.questions_edit)
         self.layers_check = QCheckBox("Add heatmap and anchor layers for every answer")
         form.addRow(self.layers_check)
@@ -150,6 +163,7 @@ class BatchDialog(QDialog):
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
         self.progress = QProgressBar()
+        self.progress.setAccessibleName("Batch progress")
         row.addWidget(self.run_button)
         row.addWidget(self.cancel_button)
         row.addWidget(self.progress, 1)
@@ -183,8 +197,10 @@ class BatchDialog(QDialog):
         # at the dialog's smallest size the table still shows a few rows (the splitter gave it none)
         self.table.setMinimumHeight(header.sizeHint().height() + 2 * self.table.frameWidth()
                                     + 3 * self.table.verticalHeader().defaultSectionSize())
-        self.table.setToolTip("Double-click a row to read all of it")
-        self.table.cellDoubleClicked.connect(lambda r, _c: self.show_row(r))
+        self.table.setAccessibleName("Batch results")
+        self.table.setToolTip(ROW_TIP)
+        # a double-click, Enter, or (styles that activate on one) a click
+        self.table.activated.connect(lambda index: self.show_row(index.row()))
         rv.addWidget(self.table, 1)
         self.splitter.addWidget(results)
         self.splitter.setStretchFactor(0, 0)
@@ -203,7 +219,32 @@ class BatchDialog(QDialog):
         row2.addStretch(1)
         row2.addWidget(close)
         v.addLayout(row2)
+        for button in self.findChildren(QPushButton):  # no default button: see keyPressEvent
+            button.setAutoDefault(False)
+            button.setDefault(False)
         self.resize(760, 560)
+
+    def keyPressEvent(self, event):  # noqa: N802
+        """Enter presses the push button that has the focus, as Space does; elsewhere (a result
+        row, the layer list) it presses none. A QDialog gives such an Enter to its default
+        button, which was Run: the results were cleared and the batch ran again."""
+        if event.key() in ENTER_KEYS:
+            focused = self.focusWidget()
+            if isinstance(focused, QPushButton) and focused.isEnabled():
+                focused.click()
+            event.accept()
+            return
+        super().keyPressEvent(event)
+
+    def reject(self):
+        """Escape, Close or the window's x hide the dialog; a batch running goes on, and the
+        message bar says so (the dialog was gone with no sign of it)."""
+        if self._running and not self._shut_down and self.isVisible():
+            try:
+                self.iface.messageBar().pushMessage("GeoVQA", GOES_ON_IN_BACKGROUND, level=MSG_INFO, duration=8)
+            except Exception:  # noqa: BLE001 - never let a message bar problem keep the dialog open
+                pass
+        super().reject()
 
     def _set_running(self, running: bool):
         """Inputs and Export are off while a batch runs (they would change nothing of it)."""
@@ -213,6 +254,7 @@ class BatchDialog(QDialog):
             w.setToolTip(EXPORT_RUNNING_TIP if running else "")
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
+        self._running = running
 
     def row_text(self, r: int) -> str:
         """Row ``r`` of the table in full: every column's name and text, and why an answer has no
@@ -244,6 +286,7 @@ class BatchDialog(QDialog):
         self._row_viewer_text.setPlainText(self.row_text(r))
         self.row_viewer.show()
         self.row_viewer.raise_()
+        self.row_viewer.activateWindow()  # opened with Enter: the keyboard reads it (Escape closes it)
         return self.row_viewer
 
     def open_autosave_folder(self):
@@ -475,6 +518,7 @@ class BatchDialog(QDialog):
     def cancel(self):
         self.cancel_button.setEnabled(False)
         self._cancelled = True
+        self._running = False  # it is ending: nothing goes on in the background
         self._run_id += 1  # late renders of this run are ignored
         self._stop_renderers()
         if self.task is not None:
@@ -484,6 +528,7 @@ class BatchDialog(QDialog):
 
     def shutdown(self):
         """Plugin unload: stop everything and let go of the task before the widgets go away."""
+        self._shut_down = True
         for signal, slot in self._project_signals:
             try:
                 signal.disconnect(slot)

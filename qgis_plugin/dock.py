@@ -8,6 +8,13 @@ the old request_id is ignored.
 The conversations are saved with the project (:mod:`history`) and come back when it is opened
 again; those about layers no longer in the project are shown under "Answers about removed
 layers" at the end of the layer list.
+
+Keyboard: Enter in the question box asks; Escape in the dock stops a question being answered
+(only then, and only an Escape none of its widgets used: see keyPressEvent). After asking or
+stopping with the buttons, or an answer coming while Stop has the focus, the focus goes back to
+the question box (Qt moved it on to the next widget when Ask or Stop turned disabled), as it
+does when the dock is shown with its action. The conversation is read with the keyboard too
+(Tab reaches it, Shift+arrows select a part).
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ REMOVED_LAYERS_ITEM = "Answers about removed layers"
 EXPORT_FILTERS = "Markdown (*.md);;JSON (*.json)"
 READ_ONLY_PLACEHOLDER = "These answers are read-only: pick a layer to ask about it."
 QUESTION_PLACEHOLDER = "Ask about the layer, e.g. How many ships are in the harbour?"
+ASK_TIP = "Ask the question (or press Enter in the question box)"
+STOP_TIP = "Stop the question being answered (or press Escape in the dock)"
 AOI_SET = "Area of interest set."
 STILL_ANSWERING = "still being answered"  # a turn copied or exported while its answer streams
 
@@ -208,22 +217,33 @@ class ChatDock(QgsDockWidget):
         self.draw_button.setEnabled(False)
         aoi_row.addWidget(self.aoi_combo, 1)
         aoi_row.addWidget(self.draw_button)
-        form.addRow("Area", aoi_row)
+        # the row holds a layout, so QFormLayout makes its label the buddy of nothing: named here
+        area_label = QLabel("Area")
+        area_label.setBuddy(self.aoi_combo)
+        self.aoi_combo.setAccessibleName("Area")
+        form.addRow(area_label, aoi_row)
         v.addLayout(form)
 
         self.view = ChatView()
         self.view.setOpenExternalLinks(False)
+        self.view.setAccessibleName("Conversation")
+        # a caret for the keyboard: Shift+arrows select part of an answer (links stay reachable)
+        self.view.setTextInteractionFlags(self.view.textInteractionFlags()
+                                          | Qt.TextInteractionFlag.TextSelectableByKeyboard)
         v.addWidget(self.view, 1)
 
         q_row = QHBoxLayout()
         self.question_edit = QLineEdit()
         self.question_edit.setPlaceholderText(QUESTION_PLACEHOLDER)
+        self.question_edit.setAccessibleName("Question")
         self.question_edit.returnPressed.connect(self.ask)
         self.question_edit.textChanged.connect(self._update_inputs)
         self.question_edit.textChanged.connect(self._say_question_length)
         self.ask_button = QPushButton("Ask")
+        self.ask_button.setToolTip(ASK_TIP)
         self.ask_button.clicked.connect(self.ask)
         self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip(STOP_TIP)
         self.stop_button.setEnabled(False)
         self.stop_button.clicked.connect(self.stop)
         q_row.addWidget(self.question_edit, 1)
@@ -303,6 +323,7 @@ class ChatDock(QgsDockWidget):
         self.more_menu.addAction(self.diag_action)
         self.more_button = QToolButton()
         self.more_button.setText("⋯")
+        self.more_button.setAccessibleName("More actions")  # else read out as its character's name
         self.more_button.setToolTip("More: Clear conversation, Copy diagnostics")
         self.more_button.setMenu(self.more_menu)
         self.more_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
@@ -386,8 +407,46 @@ class ChatDock(QgsDockWidget):
         self.draw_button.setEnabled(not removed and self.aoi_mode() in ("rectangle", "polygon"))
         self.question_edit.setPlaceholderText(READ_ONLY_PLACEHOLDER if removed else QUESTION_PLACEHOLDER)
         text = self.question_edit.text()
-        self.ask_button.setEnabled(not removed and self.layer_combo.currentLayer() is not None
-                                   and bool(text.strip()) and not question_too_long(text))
+        can_ask = (not removed and self.layer_combo.currentLayer() is not None
+                   and bool(text.strip()) and not question_too_long(text))
+        if not can_ask and self.ask_button.hasFocus():
+            self._focus_question()  # asked with the button: the box was emptied
+        self.ask_button.setEnabled(can_ask)
+
+    def _focus_question(self):
+        """The focus into the question box (where the next question is typed), when it takes input."""
+        if self.question_edit.isEnabled():
+            self.question_edit.setFocus(Qt.FocusReason.OtherFocusReason)
+
+    def show_for_typing(self):
+        """The dock was shown (its action): in front of other docks tabbed with it, its window
+        active, the question box focused, so the user can type at once."""
+        self.raise_()
+        if self.isFloating():
+            self.activateWindow()
+        if self.question_edit.isEnabled():
+            self.question_edit.setFocus(Qt.FocusReason.ShortcutFocusReason)
+        else:  # the removed layers' answers are shown: a layer is to be picked first
+            self.layer_combo.setFocus(Qt.FocusReason.ShortcutFocusReason)
+
+    def _set_stop_enabled(self, enabled: bool):
+        """Stop: on while a question runs. Stop turning off with the focus on it (pressed, or the
+        answer came) gives the focus back to the question box."""
+        if not enabled and self.stop_button.hasFocus():
+            self._focus_question()
+        self.stop_button.setEnabled(enabled)
+
+    def keyPressEvent(self, event):  # noqa: N802
+        """Escape, with the focus in the dock and a question running, stops it (as Stop). Only an
+        Escape no widget of the dock took comes here, not a shortcut: an open list (a combo's)
+        or menu closes with it as before, the map's drawing tools keep theirs, and with no
+        question running it goes on to QGIS as it did."""
+        if (event.key() == Qt.Key.Key_Escape and event.modifiers() == Qt.KeyboardModifier.NoModifier
+                and self.is_asking()):
+            self.stop()
+            event.accept()
+            return
+        super().keyPressEvent(event)
 
     def _say_question_length(self, text):
         """A question longer than the engine takes is said as it is typed, on a line of its own
@@ -763,7 +822,7 @@ class ChatDock(QgsDockWidget):
         if from_box:  # a draft typed meanwhile stays when a retry asks again
             self.question_edit.clear()
         self.render_conversation(follow_end=True)  # the question just asked is in view
-        self.stop_button.setEnabled(True)
+        self._set_stop_enabled(True)
         try:
             turn["_area"] = area  # for a retry (keys starting with _ stay out of the JSON export)
             if path is not None:
@@ -849,7 +908,7 @@ class ChatDock(QgsDockWidget):
                 self._conversations_changed()
             self.render_conversation()
         self.current_request_id = None
-        self.stop_button.setEnabled(False)
+        self._set_stop_enabled(False)
         self.progress_label.setText("" if silent else (reason or "stopped").capitalize() + ".")
 
     def _task_terminated(self, request_id):
@@ -979,7 +1038,7 @@ class ChatDock(QgsDockWidget):
             turn["meta"] += f", sent at {w} x {h} of {ow} x {oh}"
         self.task = None
         self.current_request_id = None
-        self.stop_button.setEnabled(False)
+        self._set_stop_enabled(False)
         self.progress_label.setText("Answered.")
         layer = QgsProject.instance().mapLayer(turn["layer_id"])
         if self._layer_removed_meanwhile(turn):
@@ -1029,7 +1088,7 @@ class ChatDock(QgsDockWidget):
         self.task = None
         self.renderer = None
         self.current_request_id = None
-        self.stop_button.setEnabled(False)
+        self._set_stop_enabled(False)
         self.progress_label.setText("")
         self._conversations_changed()
         self._update_removed_item()

@@ -1,5 +1,9 @@
 """GeoVQAPlugin: wires the dock, batch dialog, options page, local engine and Processing
-provider into QGIS, and removes every one of them again in ``unload()``."""
+provider into QGIS, and removes every one of them again in ``unload()``.
+
+Its menu actions are registered with QGIS's shortcut manager under stable object names (see
+ACTION_NAMES), so Settings > Keyboard Shortcuts lists them and a shortcut given to one there
+comes back with the plugin (also after a reload, which unregisters the old ones)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,10 @@ from .settings import Settings
 HERE = Path(__file__).resolve().parent
 ICON = str(HERE / "icons" / "geovqa.svg")
 MENU = "&GeoVQA"
+# object names of the actions: the shortcut manager keeps a user's shortcut under them
+ACTION_NAMES = {"chat": "mActionGeoVQAChat", "batch": "mActionGeoVQABatchQuestions",
+                "start": "mActionGeoVQAStartEngine", "stop": "mActionGeoVQAStopEngine",
+                "settings": "mActionGeoVQASettings"}
 QAction = qaction_class()
 
 
@@ -66,24 +74,35 @@ class GeoVQAPlugin:
         self.toggle_action = self.dock.toggleViewAction()
         self.toggle_action.setIcon(icon)
         self.toggle_action.setText("GeoVQA chat")
-        self._add_action(self.toggle_action, toolbar=True, own=False)
-        self._add_action(QAction(icon, "Batch questions…", self.iface.mainWindow()), self.open_batch)
-        self.start_action = self._add_action(QAction("Start local engine", self.iface.mainWindow()), self.start_engine)
-        self.stop_action = self._add_action(QAction("Stop local engine", self.iface.mainWindow()), self.stop_engine)
-        self._add_action(QAction("Settings…", self.iface.mainWindow()),
+        self._add_action(self.toggle_action, "chat", self._chat_toggled, toolbar=True, own=False)
+        self._add_action(QAction(icon, "Batch questions…", self.iface.mainWindow()), "batch", self.open_batch)
+        self.start_action = self._add_action(QAction("Start local engine", self.iface.mainWindow()), "start",
+                                             self.start_engine)
+        self.stop_action = self._add_action(QAction("Stop local engine", self.iface.mainWindow()), "stop",
+                                            self.stop_engine)
+        self._add_action(QAction("Settings…", self.iface.mainWindow()), "settings",
                          lambda: self.iface.showOptionsDialog(self.iface.mainWindow(), currentPage=PAGE_OBJECT_NAME))
 
-    def _add_action(self, action, callback=None, toolbar=False, own=True):
+    def _add_action(self, action, key, callback=None, toolbar=False, own=True):
+        """Into the GeoVQA menu (and the toolbar), and the shortcut manager as ACTION_NAMES[key]."""
+        action.setObjectName(ACTION_NAMES[key])
         if callback is not None:
             action.triggered.connect(callback)
         self.iface.addPluginToMenu(MENU, action)
         if toolbar:
             self.iface.addToolBarIcon(action)
+        self.iface.registerMainWindowAction(action, "")  # no default key: the user gives one
         self.actions.append((action, toolbar, own))
         return action
 
+    def _chat_toggled(self, shown):
+        """GeoVQA chat showed the dock: the question box has the focus, to type at once."""
+        if shown and self.dock is not None:
+            self.dock.show_for_typing()
+
     def unload(self):
         for action, toolbar, own in self.actions:
+            self.iface.unregisterMainWindowAction(action)
             self.iface.removePluginMenu(MENU, action)
             if toolbar:
                 self.iface.removeToolBarIcon(action)

@@ -26,6 +26,8 @@ def _run(dlg, layers, questions, done):
 
 
 def test_the_results_table_gets_most_of_the_height_and_shows_full_texts(plugin, raster_layer, stub_engine):
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
     from qgis.PyQt.QtWidgets import QHeaderView
 
     a = raster_layer("ortho_south_with_a_rather_long_layer_name_2023")
@@ -54,7 +56,9 @@ def test_the_results_table_gets_most_of_the_height_and_shows_full_texts(plugin, 
     assert dlg.table.item(0, 0).toolTip() == "ortho_south_with_a_rather_long_layer_name_2023"
     error_text = dlg.table.item(1, 2).text()
     assert error_text.startswith("ERROR:") and "ran out of memory" in error_text
-    dlg.table.cellDoubleClicked.emit(1, 0)
+    cell = dlg.table.visualItemRect(dlg.table.item(1, 0)).center()
+    for click in (QTest.mouseClick, QTest.mouseDClick):  # a double-click: a click, then the second press
+        click(dlg.table.viewport(), Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, cell)
     viewer = dlg.row_viewer
     assert viewer is not None and viewer.isVisible()
     shown = dlg._row_viewer_text.toPlainText()
