@@ -40,7 +40,7 @@ BATCH_ENDPOINT = "/batch"
 JOBS_ENDPOINT = "/jobs"
 FILES_ENDPOINT = "/files"
 FINAL_EVENTS = ("result", "error")
-KNOWN_EVENTS = ("queued", "status", "token", "result", "error")
+KNOWN_EVENTS = ("queued", "status", "token", "result", "error", "heartbeat")  # heartbeat: a silent stream is alive
 MAX_QUESTION_CHARS = 2000
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # the address a connection to a loopback name is opened to: where an engine started for it
