@@ -70,7 +70,8 @@ WARNING_ICON = "/mIconWarning.svg"  # QGIS's own: the answer cell of an answer w
 EXPORT_KINDS = ("csv", "json")  # the ending of the file decides the format written (export)
 ENTER_KEYS = (Qt.Key.Key_Return, Qt.Key.Key_Enter)
 ROW_TIP = "Double-click a row, or press Enter on it, to read all of it"
-# said on QGIS's message bar when the dialog is closed while its batch runs
+# said on QGIS's message bar when the dialog is closed while its batch runs, and when that batch ends
+FINISHED_WHILE_HIDDEN = "Reopen Batch questions… to read and export the answers."
 GOES_ON_IN_BACKGROUND = ("The batch goes on in the background (its progress is in QGIS's task bar); "
                          "reopen Batch questions… to see its answers.")
 EXPORT_RUNNING_TIP = ("Export is available when the batch ends (or is cancelled); meanwhile every answer "
@@ -668,6 +669,14 @@ class BatchDialog(QDialog):
         elif self.autosave_path is not None and self.autosave_path.exists():
             self.autosave_label.setText(f"Answers saved to {self.autosave_path}")
             self.open_folder_button.setVisible(True)
+        if not cancelled and not self._shut_down and not self.isVisible():
+            # closed while it ran: the end would pass unseen (its progress bar was in the task bar)
+            try:
+                self.iface.messageBar().pushMessage(
+                    "GeoVQA", f"Batch questions finished: {self._end_text} {FINISHED_WHILE_HIDDEN}",
+                    level=MSG_INFO, duration=0)
+            except Exception:  # noqa: BLE001 - never let a message bar problem break the end of a run
+                pass
         self.batch_finished.emit(list(self.rows))
 
     def export(self, path: str) -> str:

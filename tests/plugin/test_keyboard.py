@@ -521,6 +521,31 @@ def test_closing_the_dialog_mid_batch_says_the_batch_goes_on(plugin, qgis_iface,
                     "reopen Batch questions… to see its answers."]
 
 
+def test_a_batch_ending_while_its_dialog_is_closed_says_so(plugin, qgis_iface, raster_layer, stub_engine):
+    """Closed mid-batch, the dialog's end of run (its counts, Export) passed unseen: the message
+    bar says the batch finished, with its counts, and how to see the answers; a cancelled one
+    says nothing more."""
+    from qgis.core import Qgis
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    _shown(dlg)
+    bar = qgis_iface.messageBar()
+    stub_engine.token_delay = 0.05
+    dlg.set_checked_layers({a.id()})
+    dlg.questions_edit.setPlainText("How many fields?")
+    dlg.run()
+    QTest.keyClick(dlg.table, Qt.Key.Key_Escape)
+    bar.clear_messages()
+    wait_until(lambda: dlg.task is None, 30, "the batch")
+    wait_for_tasks()
+    assert bar.get_messages(Qgis.MessageLevel.Info) == [
+        "GeoVQA:Batch questions finished: 1 question: 1 answered, 0 failed. "
+        "Reopen Batch questions… to read and export the answers."]
+
+
 def test_every_batch_dialog_control_has_a_name_a_screen_reader_can_say(plugin, raster_layer):
     """Also the results table and the progress bar, which have no label."""
     raster_layer("a")
