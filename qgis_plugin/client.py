@@ -3,7 +3,10 @@
 Blocking calls made to run inside a ``QgsTask`` or a Processing algorithm (worker threads):
 no Qt objects are touched here. The answer of ``POST /ask`` is NDJSON; :meth:`AskStream.events`
 yields one event dict per line as soon as the line arrives, and :meth:`AskStream.abort` (safe
-to call from another thread) shuts the socket down so a blocked read returns at once.
+to call from another thread) shuts its sockets down so a blocked read returns at once; a
+connection still being made (a host that drops its packets) is given up at once too, and
+otherwise after the short timeout (TIMEOUT_S), not the minutes the system waits
+(:func:`open_socket`).
 
 Why http.client rather than QNetworkReply: the same code serves the chat dock (in a QgsTask),
 the batch task and the Processing algorithms (already in a worker thread, no event loop), and a
@@ -22,12 +25,15 @@ fails for a TLS reason gets an error saying which and what to do.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import ipaddress
 import json
 import os
+import select
 import socket
 import threading
+import time
 import unicodedata
 import urllib.parse
 import uuid
@@ -49,6 +55,8 @@ LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
 DEFAULT_ENGINE_URL = "http://127.0.0.1:8765"
 DEFAULT_PORT = 8765  # engine/protocol.py DEFAULT_PORT
 UPLOAD_CHUNK = 1 << 20
+# the short timeout, in seconds: /health and the other small calls, a connection being made
+TIMEOUT_S = 10.0
 # How a raster reaches the engine: "auto" uploads it when the engine's host is not this computer
 # (by address); "upload" always (an SSH tunnel on 127.0.0.1 to an engine elsewhere, which cannot
 # see our files); "path" never (an engine on another address that shares our file system).
@@ -324,10 +332,64 @@ def dialled_at(conn: http.client.HTTPConnection, address: str) -> http.client.HT
     return conn
 
 
+def open_socket(address: tuple, timeout: float | None, source_address=None, watcher=None) -> socket.socket:
+    """A TCP socket connected to ``address`` (host, port), as ``socket.create_connection`` makes
+    it, but with a connect that Stop can end: each socket is handed to ``watcher`` (an
+    :class:`AskStream`, or None) before it connects, and the connect waits in slices of
+    CONNECT_SLICE_S, giving up at once when ``watcher.aborted`` is set (``abort()`` also shuts the
+    socket down). A host that drops the connection's packets (a firewall, a hung program whose
+    queue is full) is given up after ``timeout`` seconds, not the minutes the system waits.
+    Raises OSError (ConnectionAbortedError when aborted, TimeoutError, ...)."""
+    host, port = address
+    error = None
+    for family, kind, proto, _name, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if watcher is not None and not watcher.adopt(sock):
+                raise ConnectionAbortedError("stopped before the connection was made")
+            if source_address:
+                sock.bind(source_address)
+            _connect_watched(sock, where, timeout, watcher)
+            sock.settimeout(timeout)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if watcher is not None and watcher.aborted:
+                raise ConnectionAbortedError("stopped while the connection was being made") from None
+            error = exc
+    raise error or OSError(f"no address found for {host}")
+
+
+CONNECT_SLICE_S = 0.2  # how often a connect in progress looks whether it was stopped
+_CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035}  # 10035: WSAEWOULDBLOCK
+
+
+def _connect_watched(sock: socket.socket, where, timeout: float | None, watcher) -> None:
+    sock.setblocking(False)
+    code = sock.connect_ex(where)
+    if code in (0, errno.EISCONN):
+        return
+    if code not in _CONNECTING:
+        raise OSError(code, os.strerror(code))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if watcher is not None and watcher.aborted:
+            raise ConnectionAbortedError("stopped while the connection was being made")
+        left = CONNECT_SLICE_S if deadline is None else min(CONNECT_SLICE_S, deadline - time.monotonic())
+        if left <= 0:
+            raise TimeoutError(f"no answer to the connection within {timeout:g} s")
+        _, writable, failed = select.select([], [sock], [sock], left)
+        if writable or failed:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
+            return
+
+
 class EngineClient:
     """Talks to one engine at ``base_url`` with a bearer ``token``."""
 
-    def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0,
+    def __init__(self, base_url: str, token: str = "", timeout: float | None = None, stream_timeout: float = 900.0,
                  send_rasters: str = "auto", ca_file: str = "", own_addresses=()):
         self.scheme, self.host, self.port, self.prefix = engine_address(base_url)
         # this computer's interface addresses (settings.this_computer_addresses): an engine URL
@@ -341,7 +403,7 @@ class EngineClient:
             self.token, self.token_error = clean_token(token), None
         except EngineError as exc:  # /health needs no token: report it when a call needs one
             self.token, self.token_error = "", exc
-        self.timeout = timeout
+        self.timeout = TIMEOUT_S if timeout is None else timeout
         self.stream_timeout = stream_timeout
         # (max_upload_bytes or None, max_read_pixels or None) once /health answered: see upload_limit
         self._upload_limit = None
@@ -351,14 +413,21 @@ class EngineClient:
         self.local_engine_loading = lambda: False
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+    def _connection(self, timeout: float, watcher=None) -> http.client.HTTPConnection:
         """A connection to the engine, not opened yet (a ``localhost`` URL: to 127.0.0.1, see
-        :func:`dial_host`)."""
+        :func:`dial_host`). Its socket is made by :func:`open_socket`: ``watcher`` (an
+        :class:`AskStream`) gets it before it connects, so Stop reaches a connect in progress."""
         if self.scheme == "https":
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context())
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        return dialled_at(conn, dial_host(self.host))
+        address = dial_host(self.host)
+
+        def connect(host_port, timeout=None, source_address=None):
+            return open_socket((address, host_port[1]), timeout, source_address, watcher)
+
+        conn._create_connection = connect  # http.client's hook (socket.create_connection)
+        return conn
 
     def ssl_context(self):
         """The TLS context of https connections (:func:`tls.context`); EngineError('tls_ca_file')
@@ -593,19 +662,30 @@ class AskStream:
         # called as on_prepare_progress(fraction) while the raster is converted or cut for the
         # upload (0..1; from the worker thread), before it is sent
         self.on_prepare_progress = None
-        self._conn = None
+        self._sockets = []  # every socket of this answer (its own, its downloads'): abort() shuts them
         self._lock = threading.Lock()
         self._aborted = False
 
     def abort(self) -> None:
+        """Stop the answer from any thread: every socket it opened is shut down, so a blocked
+        connect, send or read returns at once (a connect still in progress also looks at the flag)."""
         with self._lock:
             self._aborted = True
-            conn = self._conn
-        if conn is not None and conn.sock is not None:
+            sockets = list(self._sockets)
+        for sock in sockets:
             try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # not connected yet, or closed already
                 pass
+
+    def adopt(self, sock) -> bool:
+        """Take ``sock`` into the sockets :meth:`abort` shuts down (False, and not taken, when
+        the answer was stopped already)."""
+        with self._lock:
+            if self._aborted:
+                return False
+            self._sockets.append(sock)
+            return True
 
     @property
     def aborted(self) -> bool:
@@ -667,13 +747,15 @@ class AskStream:
                 "with a larger --max-upload-bytes.")
 
     def _events(self, sent):
-        conn = self.client._connection(self.client.stream_timeout)
-        with self._lock:
-            if self._aborted:
-                return
-            self._conn = conn
+        # connected with the short timeout (a host that drops the connection's packets is given
+        # up in seconds); the answer is then read with the request timeout
+        conn = self.client._connection(self.client.timeout, watcher=self)
         try:
             try:
+                conn.connect()
+                if not self.adopt(conn.sock):  # over https: the TLS socket, not the one adopted
+                    return
+                conn.sock.settimeout(self.client.stream_timeout)
                 if sent is not None:
                     self._send_multipart(conn, sent.path, sent.aoi)
                 else:
