@@ -593,10 +593,19 @@ class EngineClient:
     def job_results(self, job_id: str) -> list:
         return self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}/results")["results"]
 
-    def download_file(self, name: str, dest: str) -> str:
-        """GET /files/{name} into ``dest`` (for an engine on another host)."""
-        conn = self._connection(self.stream_timeout)
+    def download_file(self, name: str, dest: str, watcher=None) -> str:
+        """GET /files/{name} into ``dest`` (for an engine on another host).
+
+        The file comes at once or in a steady flow: the short timeout (TIMEOUT_S) bounds the
+        connect and each wait for its next bytes, so a stalled download fails in seconds.
+        ``watcher``: the :class:`AskStream` the file belongs to, which gets the connection's
+        sockets, so its ``abort()`` (Stop, Cancel) ends the download at once; EngineError
+        'cancelled' then."""
+        conn = self._connection(self.timeout, watcher=watcher)
         try:
+            conn.connect()
+            if watcher is not None and not watcher.adopt(conn.sock):  # over https: the TLS socket
+                raise ConnectionAbortedError("stopped")
             conn.request("GET", f"{self.prefix}{FILES_ENDPOINT}/{urllib.parse.quote(name)}", headers=self.headers(None))
             resp = conn.getresponse()
             if resp.status >= 400:
@@ -615,6 +624,8 @@ class EngineClient:
         except LocalFileError as exc:
             raise OSError(exc.errno, f"{exc.strerror or exc} ({dest})") from None
         except (OSError, http.client.HTTPException) as exc:
+            if watcher is not None and watcher.aborted:
+                raise EngineError("cancelled", f"The download of {name} was stopped.") from None
             raise self._unavailable(exc) from exc
         finally:
             conn.close()
@@ -690,6 +701,13 @@ class AskStream:
     @property
     def aborted(self) -> bool:
         return self._aborted
+
+    def download_file(self, name: str, dest: str) -> str:
+        """:meth:`EngineClient.download_file` of one of this answer's files: :meth:`abort` ends
+        it too (EngineError 'cancelled'), as it ends the answer."""
+        if self._aborted:
+            raise EngineError("cancelled", f"The download of {name} was stopped.")
+        return self.client.download_file(name, dest, watcher=self)
 
     def events(self):
         """Yield the answer's events; an uploaded raster is converted and cut to the AOI first

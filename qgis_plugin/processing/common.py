@@ -305,7 +305,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
                     feedback.setProgressText(text)
             if kind == "result":
                 files, warning = keep_result_files_or_warn(ev, client, results_dir, file_stem(question), clip_bounds,
-                                                           unreferenced)
+                                                           unreferenced, stream=stream)
                 if warning and feedback is not None:
                     feedback.reportError(warning)
                 result = dict(ev, local_heatmap_path=files["heatmap"], local_anchors_path=files["anchors"],
