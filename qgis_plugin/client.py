@@ -765,23 +765,32 @@ class AskStream:
                 "with a larger --max-upload-bytes.")
 
     def _events(self, sent):
-        # connected with the short timeout (a host that drops the connection's packets is given
-        # up in seconds); the answer is then read with the request timeout
-        conn = self.client._connection(self.client.timeout, watcher=self)
+        # The short timeout (TIMEOUT_S) bounds the connect, the question's sending and the wait
+        # for the answer's first line: the engine checks the question and answers its headers
+        # at once (the stream then starts with `queued`), so a port held by a program that never
+        # answers is said in seconds. An upload is sent with the request timeout (the engine
+        # writes it to its disk as it comes), and the wait for the first line starts once it is
+        # all sent. The answer's body is read with the request timeout: a queued question may
+        # wait minutes for the GPU with nothing to say.
+        timeout, stream_timeout = self.client.timeout, self.client.stream_timeout
+        conn = self.client._connection(timeout, watcher=self)
         try:
             try:
                 conn.connect()
-                if not self.adopt(conn.sock):  # over https: the TLS socket, not the one adopted
+                sock = conn.sock  # over https the TLS socket, not the one adopted in the connect
+                if not self.adopt(sock):
                     return
-                conn.sock.settimeout(self.client.stream_timeout)
                 if sent is not None:
+                    sock.settimeout(stream_timeout)
                     self._send_multipart(conn, sent.path, sent.aoi)
+                    sock.settimeout(timeout)
                 else:
                     body = json.dumps(self.request).encode("utf-8")
                     conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
                 if self._aborted:
                     return
                 resp = conn.getresponse()
+                sock.settimeout(stream_timeout)  # (conn.sock may be None now: the answer holds it)
             except (OSError, http.client.HTTPException) as exc:
                 if self._aborted:
                     return
