@@ -193,6 +193,18 @@ def error_from_body(status: int, body: bytes) -> EngineError:
     return EngineError(code, message, hint, status)
 
 
+def error_body(resp: http.client.HTTPResponse) -> bytes:
+    """The body of an HTTP error answer ``resp``, as much of it as came: one cut short (the
+    connection reset while it was read: an engine dying, a proxy) is what arrived, and
+    :func:`error_from_body` then says the status alone."""
+    try:
+        return resp.read()
+    except http.client.IncompleteRead as exc:
+        return exc.partial
+    except (OSError, http.client.HTTPException):
+        return b""
+
+
 def host_port(host: str, port: int) -> str:
     """``host:port`` as a URL writes it (an IPv6 address in brackets: ``[::1]:8765``)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -489,7 +501,7 @@ class EngineClient:
         try:
             conn.request(method, self.prefix + path, body=data, headers=headers)
             resp = conn.getresponse()
-            payload = resp.read()
+            payload = error_body(resp) if resp.status >= 400 else resp.read()
         except (OSError, http.client.HTTPException) as exc:
             raise self._unavailable(exc) from exc
         finally:
@@ -609,7 +621,7 @@ class EngineClient:
             conn.request("GET", f"{self.prefix}{FILES_ENDPOINT}/{urllib.parse.quote(name)}", headers=self.headers(None))
             resp = conn.getresponse()
             if resp.status >= 400:
-                raise error_from_body(resp.status, resp.read())
+                raise error_from_body(resp.status, error_body(resp))
             fh = _open_local(dest)  # a local folder that cannot be written is not the engine's fault
             try:
                 with fh:
@@ -796,7 +808,7 @@ class AskStream:
                     return
                 raise self.client._unavailable(exc) from exc
             if resp.status >= 400:
-                raise error_from_body(resp.status, resp.read())
+                raise error_from_body(resp.status, error_body(resp))
             final_seen = False
             while not self._aborted:
                 try:
