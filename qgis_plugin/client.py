@@ -470,15 +470,58 @@ class EngineClient:
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
-    def _unavailable(self, exc: Exception) -> EngineError:
-        """The error for a connection that failed with `exc`: what TLS says went wrong when that is
-        the reason (certificate not trusted, another host's, http/https mismatch: :func:`tls.explain`),
-        else EngineUnavailable ('not reachable')."""
+    def _unavailable(self, exc: Exception, stage: str = "connect", doing: str = "",
+                     seconds: float | None = None) -> EngineError:
+        """The error for a call that failed with ``exc`` at ``stage``, said for what went wrong:
+
+        * TLS the reason (certificate not trusted, another host's, http/https mismatch):
+          what :func:`tls.explain` says;
+        * ``"connect"`` (no connection: refused, no route, a name not found, no answer to the
+          connection): EngineUnavailable 'engine_down', "not reachable ... start it";
+        * a timeout once connected (``seconds``, default the short timeout): EngineUnavailable
+          'no_answer', "accepted the connection but did not answer" (an engine busy or hung,
+          another program holding the port);
+        * an answer that is not HTTP while the answer's first line is awaited (``"wait"``: an
+          SSH server, a program speaking its own protocol): EngineUnavailable 'not_an_engine';
+        * anything else once connected (``"send"``, ``"wait"``, ``"receive"``: the connection
+          reset or closed mid-way): EngineError 'stream_broken', "broke off while ``doing``; ask
+          again" (``doing``: "sending the question", ...).
+
+        A connection whose TLS handshake failed without a TLS reason was made: it counts as
+        ``"wait"`` (callers pass ``"connect"`` only until the socket is connected)."""
         from .tls import explain
 
         explained = explain(self, exc)
         if explained is not None:
             return explained
+        if stage == "connect":
+            return self._not_reachable(exc)
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return EngineUnavailable(
+                "no_answer",
+                f"The engine at {self.base_url} accepted the connection but did not answer within "
+                f"{self.timeout if seconds is None else seconds:g} s.",
+                "The engine may be busy or hung (look at its log; restart it if it is hung), or another program "
+                "holds that port: check the engine URL (host and port) in Settings > Options > GeoVQA.")
+        if stage == "wait" and isinstance(exc, http.client.HTTPException) and not isinstance(
+                exc, (http.client.RemoteDisconnected, http.client.IncompleteRead)):
+            return EngineUnavailable(
+                "not_an_engine",
+                f"Something else answers at {self.base_url}: not a GeoVQA engine (its answer is not HTTP: "
+                f"{exc.__class__.__name__}).",
+                "Check the engine URL (host and port) in Settings > Options > GeoVQA: another program may "
+                "use that port.")
+        doing = doing or {"send": "sending the question", "wait": "waiting for the answer"}.get(
+            stage, "receiving the answer")
+        return EngineError(
+            "stream_broken",
+            f"The connection to the engine at {self.base_url} broke off while {doing} "
+            f"({_connection_words(exc)}).",
+            "Ask again; if it breaks off again, look at the engine's log (it may have stopped or "
+            "restarted) and at the network between this computer and the engine.")
+
+    def _not_reachable(self, exc: Exception) -> EngineUnavailable:
+        """'engine_down': no connection could be made (see :meth:`_unavailable`)."""
         if self.local_engine_loading():  # never tell the user to start what is starting
             return EngineUnavailable(
                 "engine_down",
@@ -493,17 +536,29 @@ class EngineClient:
             "machine it runs on), and check the engine URL in Settings > Options > GeoVQA.",
         )
 
+    def _connect(self, conn: http.client.HTTPConnection) -> None:
+        """Open ``conn``; a failure is the :meth:`_unavailable` error of its stage ("connect", or
+        "wait" when the socket connected and the TLS handshake failed)."""
+        try:
+            conn.connect()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unavailable(exc, "connect" if conn.sock is None else "wait") from exc
+
     def request_json(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
                      auth: bool = True):
         data = json.dumps(body).encode("utf-8") if body is not None else None
         headers = self.headers("application/json" if data else None, auth=auth)
         conn = self._connection(timeout or self.timeout)
+        stage = "send"
         try:
+            self._connect(conn)
             conn.request(method, self.prefix + path, body=data, headers=headers)
+            stage = "wait"
             resp = conn.getresponse()
+            stage = "receive"
             payload = error_body(resp) if resp.status >= 400 else resp.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc, stage, seconds=timeout or self.timeout) from exc
         finally:
             conn.close()
         if resp.status >= 400:
@@ -524,11 +579,14 @@ class EngineClient:
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict:
         """``GET /health`` (no token needed): the engine's HEALTH_FIELDS. Raises
-        EngineError('bad_response') when the answer is not a GeoVQA engine's (a JSON object with a
-        ``protocol`` field): another program answering on the engine's address."""
+        EngineUnavailable('not_an_engine') when the answer is not a GeoVQA engine's (a JSON object
+        with a ``protocol`` field; an answer that is not JSON, a web server's page): another
+        program answering on the engine's address."""
         try:
             health = self.request_json("GET", HEALTH_ENDPOINT, auth=False)
         except EngineError as exc:
+            if exc.code == "bad_response" and isinstance(exc.__cause__, ValueError):  # not JSON at all
+                raise self._not_an_engine("is not JSON") from None
             if exc.status != 404:
                 raise
             raise EngineError(
@@ -537,13 +595,16 @@ class EngineClient:
                 f"URL, such as {self.scheme}://{host_port(self.host, self.port)}, without /health or another endpoint.",
                 exc.status) from None
         if not isinstance(health, dict) or "protocol" not in health:
-            raise EngineError(
-                "bad_response",
-                f"The program answering at {self.base_url} is not a GeoVQA engine (its {HEALTH_ENDPOINT} "
-                "answer is not a GeoVQA engine's).",
-                "Check the engine URL (host and port) in Settings > Options > GeoVQA: another program may "
-                "use that port.")
+            raise self._not_an_engine("is not a GeoVQA engine's")
         return health
+
+    def _not_an_engine(self, why: str) -> EngineUnavailable:
+        return EngineUnavailable(
+            "not_an_engine",
+            f"The program answering at {self.base_url} is not a GeoVQA engine (its {HEALTH_ENDPOINT} "
+            f"answer {why}).",
+            "Check the engine URL (host and port) in Settings > Options > GeoVQA: another program may "
+            "use that port.")
 
     def upload_limit(self) -> int | None:
         """The engine's ``max_upload_bytes`` (``/health``), or None when no limit is known (an
@@ -614,12 +675,16 @@ class EngineClient:
         sockets, so its ``abort()`` (Stop, Cancel) ends the download at once; EngineError
         'cancelled' then."""
         conn = self._connection(self.timeout, watcher=watcher)
+        stage = "connect"
         try:
             conn.connect()
+            stage = "send"
             if watcher is not None and not watcher.adopt(conn.sock):  # over https: the TLS socket
                 raise ConnectionAbortedError("stopped")
             conn.request("GET", f"{self.prefix}{FILES_ENDPOINT}/{urllib.parse.quote(name)}", headers=self.headers(None))
+            stage = "wait"
             resp = conn.getresponse()
+            stage = "receive"
             if resp.status >= 400:
                 raise error_from_body(resp.status, error_body(resp))
             fh = _open_local(dest)  # a local folder that cannot be written is not the engine's fault
@@ -638,10 +703,26 @@ class EngineClient:
         except (OSError, http.client.HTTPException) as exc:
             if watcher is not None and watcher.aborted:
                 raise EngineError("cancelled", f"The download of {name} was stopped.") from None
-            raise self._unavailable(exc) from exc
+            if stage == "connect" and conn.sock is not None:  # connected; the TLS handshake failed
+                stage = "wait"
+            raise self._unavailable(exc, stage, doing=f"downloading {name}") from exc
         finally:
             conn.close()
         return dest
+
+
+def _connection_words(exc: Exception) -> str:
+    """How a connection ended, in words: "the engine closed it", "reset" ..., for
+    :meth:`EngineClient._unavailable` (not the exception's repr, "IncompleteRead(0 bytes read)")."""
+    if isinstance(exc, http.client.IncompleteRead):
+        return "it was closed before the answer was complete"
+    if isinstance(exc, (http.client.RemoteDisconnected, ConnectionAbortedError)):
+        return "it was closed"
+    if isinstance(exc, ConnectionResetError):
+        return "it was reset"
+    if isinstance(exc, BrokenPipeError):
+        return "the engine stopped reading"
+    return getattr(exc, "strerror", None) or exc.__class__.__name__
 
 
 class LocalFileError(OSError):
@@ -786,13 +867,16 @@ class AskStream:
         # wait minutes for the GPU with nothing to say.
         timeout, stream_timeout = self.client.timeout, self.client.stream_timeout
         conn = self.client._connection(timeout, watcher=self)
+        stage, doing = "connect", ""
         try:
             try:
                 conn.connect()
                 sock = conn.sock  # over https the TLS socket, not the one adopted in the connect
                 if not self.adopt(sock):
                     return
+                stage = "send"
                 if sent is not None:
+                    doing = "sending the raster"
                     sock.settimeout(stream_timeout)
                     self._send_multipart(conn, sent.path, sent.aoi)
                     sock.settimeout(timeout)
@@ -801,12 +885,16 @@ class AskStream:
                     conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
                 if self._aborted:
                     return
+                stage, doing = "wait", ""
                 resp = conn.getresponse()
                 sock.settimeout(stream_timeout)  # (conn.sock may be None now: the answer holds it)
             except (OSError, http.client.HTTPException) as exc:
                 if self._aborted:
                     return
-                raise self.client._unavailable(exc) from exc
+                if stage == "connect" and conn.sock is not None:  # connected; the TLS handshake failed
+                    stage = "wait"
+                seconds = stream_timeout if doing == "sending the raster" else timeout
+                raise self.client._unavailable(exc, stage, doing, seconds) from exc
             if resp.status >= 400:
                 raise error_from_body(resp.status, error_body(resp))
             final_seen = False

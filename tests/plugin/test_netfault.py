@@ -202,6 +202,7 @@ def test_an_upload_cut_mid_way_is_not_reported_as_an_engine_that_is_not_running(
         error = dock.turns()[-1]["error"]
         assert stub.health_calls >= 1  # the engine was reached: its upload limit was asked
         assert "not reachable" not in error and "Start local engine" not in error, error
+        assert "broke off while" in error and "Ask again" in error, error
     finally:
         proxy.close()
         stub.close()
@@ -231,6 +232,8 @@ def test_a_port_that_accepts_and_never_answers_is_said_within_seconds(plugin, ra
             if task is not None:
                 wait_until(lambda: task_ended(task), 10, "the stopped question's task")
         assert waited < short_timeout + 5
+        error = dock.turns()[-1]["error"]
+        assert "did not answer within" in error and "not reachable" not in error, error
     finally:
         hole.close()
 
