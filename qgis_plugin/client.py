@@ -711,6 +711,25 @@ class EngineClient:
         return dest
 
 
+def stream_broken(exc: Exception, seconds: float) -> EngineError:
+    """EngineError 'stream_broken' for an answer stream that failed with ``exc`` while it was read
+    (``seconds``: the request timeout it was read with), in words and with what to do; the
+    words of the answer that came before are the caller's to keep (the dock shows them marked
+    incomplete)."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return EngineError(
+            "stream_broken",
+            f"The answer stream broke off: the engine sent nothing for {seconds:g} s.",
+            "Ask again; look at the engine's log if it is hung. A question that waits behind long jobs "
+            "needs a longer request timeout (the geovqa/request_timeout_s setting).")
+    return EngineError(
+        "stream_broken",
+        f"The answer stream broke off: the connection to the engine dropped ({_connection_words(exc)}) "
+        "before the answer was complete.",
+        "Ask again; if it breaks off again, look at the engine's log (it may have stopped or run out "
+        "of memory) and at the network between this computer and the engine.")
+
+
 def _connection_words(exc: Exception) -> str:
     """How a connection ended, in words: "the engine closed it", "reset" ..., for
     :meth:`EngineClient._unavailable` (not the exception's repr, "IncompleteRead(0 bytes read)")."""
@@ -904,7 +923,7 @@ class AskStream:
                 except (OSError, http.client.HTTPException, ValueError) as exc:
                     if self._aborted:
                         return
-                    raise EngineError("stream_broken", f"The answer stream broke off: {exc}.") from exc
+                    raise stream_broken(exc, stream_timeout) from exc
                 if not line:
                     break
                 event = parse_event(line)

@@ -561,7 +561,9 @@ class BatchTask(QgsTask):
     engine choose; ``rendered``: ``raster_path`` is a render of the layer); an item with
     ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
     Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS, ``bands`` and
-    ``palette`` those the model saw, ``rendered`` when it saw a render, plus local paths).
+    ``palette`` those the model saw, ``rendered`` when it saw a render, plus local paths); a row
+    whose answer broke off (or failed) mid-way has no ``answer``, its ``error``, and the words
+    that came in ``incomplete_answer``.
 
     For an engine on another computer each item's raster is converted and cut to its AOI once
     (:func:`prepare_item_upload`) and that file is sent with every question about it; it is
@@ -667,8 +669,9 @@ class BatchTask(QgsTask):
             "raster_path": item["raster_path"], "question": question, "answer": None,
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
             "bands": None, "palette": None, "rendered": False, "crs_wkt": item.get("crs_wkt"),
-            "strategy": self.options.get("strategy"),
+            "strategy": self.options.get("strategy"), "incomplete_answer": None,
         }
+        words = []  # the answer's words as they stream: kept as incomplete_answer when it breaks off
         if item.get("error") or prepare_error:  # the layer could not be prepared (not in view, render failed)
             row["error"] = item.get("error") or prepare_error
             return row
@@ -685,6 +688,8 @@ class BatchTask(QgsTask):
                 stream.abort()
             for ev in stream.events():
                 self._progress.event(ev, self.options.get("max_new_tokens"))
+                if ev.get("type") == "token":
+                    words.append(ev.get("text", ""))
                 if ev.get("type") == "result":
                     row["answer"] = ev.get("answer", "")
                     row["tokens"] = ev.get("tokens") or {}
@@ -711,4 +716,6 @@ class BatchTask(QgsTask):
                 self._stream = None
             if stream is not None:
                 stream.on_upload_progress = None  # no reference from the stream to the task left
+        if row["answer"] is None and "".join(words).strip():  # broke off (or failed) mid-answer
+            row["incomplete_answer"] = "".join(words)
         return row

@@ -446,3 +446,49 @@ def test_stop_during_a_stalled_result_download_ends_the_question_at_once(plugin,
         assert time.monotonic() - t0 < 2
     finally:
         proxy.close()
+
+
+def test_a_batch_row_whose_answer_broke_off_keeps_its_words_as_incomplete(plugin, raster_layer, stub_engine):
+    """The batch dialog's row of an answer cut mid-stream: no answer, the error, and the words
+    that came in ``incomplete_answer`` (they were lost)."""
+    stub_engine.token_delay = 0.05
+    proxy = FaultProxy(stub_engine.port, down_cut_after=1000, cut_how="fin")
+    try:
+        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
+        plugin.dock.timer.stop()
+        layer = raster_layer()
+        dlg = plugin.open_batch()
+        dlg.set_checked_layers({layer.id()})
+        dlg.questions_edit.setPlainText("q1")
+        done = []
+        dlg.batch_finished.connect(done.append)
+        dlg.run()
+        wait_until(lambda: done, 30, "the batch")
+        (row,) = done[0]
+        assert row["answer"] is None and "broke off" in row["error"], row
+        assert row["incomplete_answer"].startswith("The area"), row
+        wait_for_tasks()
+    finally:
+        proxy.close()
+
+
+def test_a_processing_batch_row_whose_answer_broke_off_keeps_its_words_in_the_csv(plugin, stub_engine, raster_layer,
+                                                                                  qgis_processing, tmp_path):
+    import csv
+
+    import processing
+
+    stub_engine.token_delay = 0.05
+    proxy = FaultProxy(stub_engine.port, down_cut_after=1000, cut_how="rst")
+    try:
+        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
+        plugin.dock.timer.stop()
+        res = processing.run("geovqa:batch_questions", {
+            "LAYERS": [raster_layer("a")], "QUESTIONS": "How big?", "OUTPUT": str(tmp_path / "answers.csv")})
+        assert res["ERRORS"] == 1
+        with open(res["OUTPUT"], encoding="utf-8-sig", newline="") as fh:
+            (row,) = list(csv.DictReader(fh))
+        assert row["answer"] == "" and "broke off" in row["error"], row
+        assert row["incomplete_answer"].startswith("The area"), row
+    finally:
+        proxy.close()
