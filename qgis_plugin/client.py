@@ -3,7 +3,10 @@
 Blocking calls made to run inside a ``QgsTask`` or a Processing algorithm (worker threads):
 no Qt objects are touched here. The answer of ``POST /ask`` is NDJSON; :meth:`AskStream.events`
 yields one event dict per line as soon as the line arrives, and :meth:`AskStream.abort` (safe
-to call from another thread) shuts the socket down so a blocked read returns at once.
+to call from another thread) shuts its sockets down so a blocked read returns at once; a
+connection still being made (a host that drops its packets) is given up at once too, and
+otherwise after the short timeout (TIMEOUT_S), not the minutes the system waits
+(:func:`open_socket`).
 
 Why http.client rather than QNetworkReply: the same code serves the chat dock (in a QgsTask),
 the batch task and the Processing algorithms (already in a worker thread, no event loop), and a
@@ -22,12 +25,15 @@ fails for a TLS reason gets an error saying which and what to do.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import ipaddress
 import json
 import os
+import select
 import socket
 import threading
+import time
 import unicodedata
 import urllib.parse
 import uuid
@@ -49,6 +55,8 @@ LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
 DEFAULT_ENGINE_URL = "http://127.0.0.1:8765"
 DEFAULT_PORT = 8765  # engine/protocol.py DEFAULT_PORT
 UPLOAD_CHUNK = 1 << 20
+# the short timeout, in seconds: /health and the other small calls, a connection being made
+TIMEOUT_S = 10.0
 # How a raster reaches the engine: "auto" uploads it when the engine's host is not this computer
 # (by address); "upload" always (an SSH tunnel on 127.0.0.1 to an engine elsewhere, which cannot
 # see our files); "path" never (an engine on another address that shares our file system).
@@ -183,6 +191,18 @@ def error_from_body(status: int, body: bytes) -> EngineError:
     if code == "model_loading":
         return EngineUnavailable(code, message or "The engine is still loading the model.", hint, status)
     return EngineError(code, message, hint, status)
+
+
+def error_body(resp: http.client.HTTPResponse) -> bytes:
+    """The body of an HTTP error answer ``resp``, as much of it as came: one cut short (the
+    connection reset while it was read: an engine dying, a proxy) is what arrived, and
+    :func:`error_from_body` then says the status alone."""
+    try:
+        return resp.read()
+    except http.client.IncompleteRead as exc:
+        return exc.partial
+    except (OSError, http.client.HTTPException):
+        return b""
 
 
 def host_port(host: str, port: int) -> str:
@@ -324,10 +344,64 @@ def dialled_at(conn: http.client.HTTPConnection, address: str) -> http.client.HT
     return conn
 
 
+def open_socket(address: tuple, timeout: float | None, source_address=None, watcher=None) -> socket.socket:
+    """A TCP socket connected to ``address`` (host, port), as ``socket.create_connection`` makes
+    it, but with a connect that Stop can end: each socket is handed to ``watcher`` (an
+    :class:`AskStream`, or None) before it connects, and the connect waits in slices of
+    CONNECT_SLICE_S, giving up at once when ``watcher.aborted`` is set (``abort()`` also shuts the
+    socket down). A host that drops the connection's packets (a firewall, a hung program whose
+    queue is full) is given up after ``timeout`` seconds, not the minutes the system waits.
+    Raises OSError (ConnectionAbortedError when aborted, TimeoutError, ...)."""
+    host, port = address
+    error = None
+    for family, kind, proto, _name, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if watcher is not None and not watcher.adopt(sock):
+                raise ConnectionAbortedError("stopped before the connection was made")
+            if source_address:
+                sock.bind(source_address)
+            _connect_watched(sock, where, timeout, watcher)
+            sock.settimeout(timeout)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if watcher is not None and watcher.aborted:
+                raise ConnectionAbortedError("stopped while the connection was being made") from None
+            error = exc
+    raise error or OSError(f"no address found for {host}")
+
+
+CONNECT_SLICE_S = 0.2  # how often a connect in progress looks whether it was stopped
+_CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035}  # 10035: WSAEWOULDBLOCK
+
+
+def _connect_watched(sock: socket.socket, where, timeout: float | None, watcher) -> None:
+    sock.setblocking(False)
+    code = sock.connect_ex(where)
+    if code in (0, errno.EISCONN):
+        return
+    if code not in _CONNECTING:
+        raise OSError(code, os.strerror(code))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if watcher is not None and watcher.aborted:
+            raise ConnectionAbortedError("stopped while the connection was being made")
+        left = CONNECT_SLICE_S if deadline is None else min(CONNECT_SLICE_S, deadline - time.monotonic())
+        if left <= 0:
+            raise TimeoutError(f"no answer to the connection within {timeout:g} s")
+        _, writable, failed = select.select([], [sock], [sock], left)
+        if writable or failed:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
+            return
+
+
 class EngineClient:
     """Talks to one engine at ``base_url`` with a bearer ``token``."""
 
-    def __init__(self, base_url: str, token: str = "", timeout: float = 10.0, stream_timeout: float = 900.0,
+    def __init__(self, base_url: str, token: str = "", timeout: float | None = None, stream_timeout: float = 900.0,
                  send_rasters: str = "auto", ca_file: str = "", own_addresses=()):
         self.scheme, self.host, self.port, self.prefix = engine_address(base_url)
         # this computer's interface addresses (settings.this_computer_addresses): an engine URL
@@ -341,7 +415,7 @@ class EngineClient:
             self.token, self.token_error = clean_token(token), None
         except EngineError as exc:  # /health needs no token: report it when a call needs one
             self.token, self.token_error = "", exc
-        self.timeout = timeout
+        self.timeout = TIMEOUT_S if timeout is None else timeout
         self.stream_timeout = stream_timeout
         # (max_upload_bytes or None, max_read_pixels or None) once /health answered: see upload_limit
         self._upload_limit = None
@@ -351,14 +425,21 @@ class EngineClient:
         self.local_engine_loading = lambda: False
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+    def _connection(self, timeout: float, watcher=None) -> http.client.HTTPConnection:
         """A connection to the engine, not opened yet (a ``localhost`` URL: to 127.0.0.1, see
-        :func:`dial_host`)."""
+        :func:`dial_host`). Its socket is made by :func:`open_socket`: ``watcher`` (an
+        :class:`AskStream`) gets it before it connects, so Stop reaches a connect in progress."""
         if self.scheme == "https":
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context())
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        return dialled_at(conn, dial_host(self.host))
+        address = dial_host(self.host)
+
+        def connect(host_port, timeout=None, source_address=None):
+            return open_socket((address, host_port[1]), timeout, source_address, watcher)
+
+        conn._create_connection = connect  # http.client's hook (socket.create_connection)
+        return conn
 
     def ssl_context(self):
         """The TLS context of https connections (:func:`tls.context`); EngineError('tls_ca_file')
@@ -389,15 +470,58 @@ class EngineClient:
             h["Authorization"] = f"Bearer {self.token}"
         return h
 
-    def _unavailable(self, exc: Exception) -> EngineError:
-        """The error for a connection that failed with `exc`: what TLS says went wrong when that is
-        the reason (certificate not trusted, another host's, http/https mismatch: :func:`tls.explain`),
-        else EngineUnavailable ('not reachable')."""
+    def _unavailable(self, exc: Exception, stage: str = "connect", doing: str = "",
+                     seconds: float | None = None) -> EngineError:
+        """The error for a call that failed with ``exc`` at ``stage``, said for what went wrong:
+
+        * TLS the reason (certificate not trusted, another host's, http/https mismatch):
+          what :func:`tls.explain` says;
+        * ``"connect"`` (no connection: refused, no route, a name not found, no answer to the
+          connection): EngineUnavailable 'engine_down', "not reachable ... start it";
+        * a timeout once connected (``seconds``, default the short timeout): EngineUnavailable
+          'no_answer', "accepted the connection but did not answer" (an engine busy or hung,
+          another program holding the port);
+        * an answer that is not HTTP while the answer's first line is awaited (``"wait"``: an
+          SSH server, a program speaking its own protocol): EngineUnavailable 'not_an_engine';
+        * anything else once connected (``"send"``, ``"wait"``, ``"receive"``: the connection
+          reset or closed mid-way): EngineError 'stream_broken', "broke off while ``doing``; ask
+          again" (``doing``: "sending the question", ...).
+
+        A connection whose TLS handshake failed without a TLS reason was made: it counts as
+        ``"wait"`` (callers pass ``"connect"`` only until the socket is connected)."""
         from .tls import explain
 
         explained = explain(self, exc)
         if explained is not None:
             return explained
+        if stage == "connect":
+            return self._not_reachable(exc)
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return EngineUnavailable(
+                "no_answer",
+                f"The engine at {self.base_url} accepted the connection but did not answer within "
+                f"{self.timeout if seconds is None else seconds:g} s.",
+                "The engine may be busy or hung (look at its log; restart it if it is hung), or another program "
+                "holds that port: check the engine URL (host and port) in Settings > Options > GeoVQA.")
+        if stage == "wait" and isinstance(exc, http.client.HTTPException) and not isinstance(
+                exc, (http.client.RemoteDisconnected, http.client.IncompleteRead)):
+            return EngineUnavailable(
+                "not_an_engine",
+                f"Something else answers at {self.base_url}: not a GeoVQA engine (its answer is not HTTP: "
+                f"{exc.__class__.__name__}).",
+                "Check the engine URL (host and port) in Settings > Options > GeoVQA: another program may "
+                "use that port.")
+        doing = doing or {"send": "sending the question", "wait": "waiting for the answer"}.get(
+            stage, "receiving the answer")
+        return EngineError(
+            "stream_broken",
+            f"The connection to the engine at {self.base_url} broke off while {doing} "
+            f"({_connection_words(exc)}).",
+            "Ask again; if it breaks off again, look at the engine's log (it may have stopped or "
+            "restarted) and at the network between this computer and the engine.")
+
+    def _not_reachable(self, exc: Exception) -> EngineUnavailable:
+        """'engine_down': no connection could be made (see :meth:`_unavailable`)."""
         if self.local_engine_loading():  # never tell the user to start what is starting
             return EngineUnavailable(
                 "engine_down",
@@ -412,17 +536,29 @@ class EngineClient:
             "machine it runs on), and check the engine URL in Settings > Options > GeoVQA.",
         )
 
+    def _connect(self, conn: http.client.HTTPConnection) -> None:
+        """Open ``conn``; a failure is the :meth:`_unavailable` error of its stage ("connect", or
+        "wait" when the socket connected and the TLS handshake failed)."""
+        try:
+            conn.connect()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unavailable(exc, "connect" if conn.sock is None else "wait") from exc
+
     def request_json(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
                      auth: bool = True):
         data = json.dumps(body).encode("utf-8") if body is not None else None
         headers = self.headers("application/json" if data else None, auth=auth)
         conn = self._connection(timeout or self.timeout)
+        stage = "send"
         try:
+            self._connect(conn)
             conn.request(method, self.prefix + path, body=data, headers=headers)
+            stage = "wait"
             resp = conn.getresponse()
-            payload = resp.read()
+            stage = "receive"
+            payload = error_body(resp) if resp.status >= 400 else resp.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc, stage, seconds=timeout or self.timeout) from exc
         finally:
             conn.close()
         if resp.status >= 400:
@@ -443,11 +579,14 @@ class EngineClient:
     # -- endpoints --------------------------------------------------------------------------
     def health(self) -> dict:
         """``GET /health`` (no token needed): the engine's HEALTH_FIELDS. Raises
-        EngineError('bad_response') when the answer is not a GeoVQA engine's (a JSON object with a
-        ``protocol`` field): another program answering on the engine's address."""
+        EngineUnavailable('not_an_engine') when the answer is not a GeoVQA engine's (a JSON object
+        with a ``protocol`` field; an answer that is not JSON, a web server's page): another
+        program answering on the engine's address."""
         try:
             health = self.request_json("GET", HEALTH_ENDPOINT, auth=False)
         except EngineError as exc:
+            if exc.code == "bad_response" and isinstance(exc.__cause__, ValueError):  # not JSON at all
+                raise self._not_an_engine("is not JSON") from None
             if exc.status != 404:
                 raise
             raise EngineError(
@@ -456,13 +595,16 @@ class EngineClient:
                 f"URL, such as {self.scheme}://{host_port(self.host, self.port)}, without /health or another endpoint.",
                 exc.status) from None
         if not isinstance(health, dict) or "protocol" not in health:
-            raise EngineError(
-                "bad_response",
-                f"The program answering at {self.base_url} is not a GeoVQA engine (its {HEALTH_ENDPOINT} "
-                "answer is not a GeoVQA engine's).",
-                "Check the engine URL (host and port) in Settings > Options > GeoVQA: another program may "
-                "use that port.")
+            raise self._not_an_engine("is not a GeoVQA engine's")
         return health
+
+    def _not_an_engine(self, why: str) -> EngineUnavailable:
+        return EngineUnavailable(
+            "not_an_engine",
+            f"The program answering at {self.base_url} is not a GeoVQA engine (its {HEALTH_ENDPOINT} "
+            f"answer {why}).",
+            "Check the engine URL (host and port) in Settings > Options > GeoVQA: another program may "
+            "use that port.")
 
     def upload_limit(self) -> int | None:
         """The engine's ``max_upload_bytes`` (``/health``), or None when no limit is known (an
@@ -524,14 +666,27 @@ class EngineClient:
     def job_results(self, job_id: str) -> list:
         return self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}/results")["results"]
 
-    def download_file(self, name: str, dest: str) -> str:
-        """GET /files/{name} into ``dest`` (for an engine on another host)."""
-        conn = self._connection(self.stream_timeout)
+    def download_file(self, name: str, dest: str, watcher=None) -> str:
+        """GET /files/{name} into ``dest`` (for an engine on another host).
+
+        The file comes at once or in a steady flow: the short timeout (TIMEOUT_S) bounds the
+        connect and each wait for its next bytes, so a stalled download fails in seconds.
+        ``watcher``: the :class:`AskStream` the file belongs to, which gets the connection's
+        sockets, so its ``abort()`` (Stop, Cancel) ends the download at once; EngineError
+        'cancelled' then."""
+        conn = self._connection(self.timeout, watcher=watcher)
+        stage = "connect"
         try:
+            conn.connect()
+            stage = "send"
+            if watcher is not None and not watcher.adopt(conn.sock):  # over https: the TLS socket
+                raise ConnectionAbortedError("stopped")
             conn.request("GET", f"{self.prefix}{FILES_ENDPOINT}/{urllib.parse.quote(name)}", headers=self.headers(None))
+            stage = "wait"
             resp = conn.getresponse()
+            stage = "receive"
             if resp.status >= 400:
-                raise error_from_body(resp.status, resp.read())
+                raise error_from_body(resp.status, error_body(resp))
             fh = _open_local(dest)  # a local folder that cannot be written is not the engine's fault
             try:
                 with fh:
@@ -546,10 +701,47 @@ class EngineClient:
         except LocalFileError as exc:
             raise OSError(exc.errno, f"{exc.strerror or exc} ({dest})") from None
         except (OSError, http.client.HTTPException) as exc:
-            raise self._unavailable(exc) from exc
+            if watcher is not None and watcher.aborted:
+                raise EngineError("cancelled", f"The download of {name} was stopped.") from None
+            if stage == "connect" and conn.sock is not None:  # connected; the TLS handshake failed
+                stage = "wait"
+            raise self._unavailable(exc, stage, doing=f"downloading {name}") from exc
         finally:
             conn.close()
         return dest
+
+
+def stream_broken(exc: Exception, seconds: float) -> EngineError:
+    """EngineError 'stream_broken' for an answer stream that failed with ``exc`` while it was read
+    (``seconds``: the request timeout it was read with), in words and with what to do; the
+    words of the answer that came before are the caller's to keep (the dock shows them marked
+    incomplete)."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return EngineError(
+            "stream_broken",
+            f"The answer stream broke off: the engine sent nothing for {seconds:g} s.",
+            "Ask again; look at the engine's log if it is hung. A question that waits behind long jobs "
+            "needs a longer request timeout (the geovqa/request_timeout_s setting).")
+    return EngineError(
+        "stream_broken",
+        f"The answer stream broke off: the connection to the engine dropped ({_connection_words(exc)}) "
+        "before the answer was complete.",
+        "Ask again; if it breaks off again, look at the engine's log (it may have stopped or run out "
+        "of memory) and at the network between this computer and the engine.")
+
+
+def _connection_words(exc: Exception) -> str:
+    """How a connection ended, in words: "the engine closed it", "reset" ..., for
+    :meth:`EngineClient._unavailable` (not the exception's repr, "IncompleteRead(0 bytes read)")."""
+    if isinstance(exc, http.client.IncompleteRead):
+        return "it was closed before the answer was complete"
+    if isinstance(exc, (http.client.RemoteDisconnected, ConnectionAbortedError)):
+        return "it was closed"
+    if isinstance(exc, ConnectionResetError):
+        return "it was reset"
+    if isinstance(exc, BrokenPipeError):
+        return "the engine stopped reading"
+    return getattr(exc, "strerror", None) or exc.__class__.__name__
 
 
 class LocalFileError(OSError):
@@ -593,23 +785,41 @@ class AskStream:
         # called as on_prepare_progress(fraction) while the raster is converted or cut for the
         # upload (0..1; from the worker thread), before it is sent
         self.on_prepare_progress = None
-        self._conn = None
+        self._sockets = []  # every socket of this answer (its own, its downloads'): abort() shuts them
         self._lock = threading.Lock()
         self._aborted = False
 
     def abort(self) -> None:
+        """Stop the answer from any thread: every socket it opened is shut down, so a blocked
+        connect, send or read returns at once (a connect still in progress also looks at the flag)."""
         with self._lock:
             self._aborted = True
-            conn = self._conn
-        if conn is not None and conn.sock is not None:
+            sockets = list(self._sockets)
+        for sock in sockets:
             try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # not connected yet, or closed already
                 pass
+
+    def adopt(self, sock) -> bool:
+        """Take ``sock`` into the sockets :meth:`abort` shuts down (False, and not taken, when
+        the answer was stopped already)."""
+        with self._lock:
+            if self._aborted:
+                return False
+            self._sockets.append(sock)
+            return True
 
     @property
     def aborted(self) -> bool:
         return self._aborted
+
+    def download_file(self, name: str, dest: str) -> str:
+        """:meth:`EngineClient.download_file` of one of this answer's files: :meth:`abort` ends
+        it too (EngineError 'cancelled'), as it ends the answer."""
+        if self._aborted:
+            raise EngineError("cancelled", f"The download of {name} was stopped.")
+        return self.client.download_file(name, dest, watcher=self)
 
     def events(self):
         """Yield the answer's events; an uploaded raster is converted and cut to the AOI first
@@ -667,27 +877,45 @@ class AskStream:
                 "with a larger --max-upload-bytes.")
 
     def _events(self, sent):
-        conn = self.client._connection(self.client.stream_timeout)
-        with self._lock:
-            if self._aborted:
-                return
-            self._conn = conn
+        # The short timeout (TIMEOUT_S) bounds the connect, the question's sending and the wait
+        # for the answer's first line: the engine checks the question and answers its headers
+        # at once (the stream then starts with `queued`), so a port held by a program that never
+        # answers is said in seconds. An upload is sent with the request timeout (the engine
+        # writes it to its disk as it comes), and the wait for the first line starts once it is
+        # all sent. The answer's body is read with the request timeout: a queued question may
+        # wait minutes for the GPU with nothing to say.
+        timeout, stream_timeout = self.client.timeout, self.client.stream_timeout
+        conn = self.client._connection(timeout, watcher=self)
+        stage, doing = "connect", ""
         try:
             try:
+                conn.connect()
+                sock = conn.sock  # over https the TLS socket, not the one adopted in the connect
+                if not self.adopt(sock):
+                    return
+                stage = "send"
                 if sent is not None:
+                    doing = "sending the raster"
+                    sock.settimeout(stream_timeout)
                     self._send_multipart(conn, sent.path, sent.aoi)
+                    sock.settimeout(timeout)
                 else:
                     body = json.dumps(self.request).encode("utf-8")
                     conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
                 if self._aborted:
                     return
+                stage, doing = "wait", ""
                 resp = conn.getresponse()
+                sock.settimeout(stream_timeout)  # (conn.sock may be None now: the answer holds it)
             except (OSError, http.client.HTTPException) as exc:
                 if self._aborted:
                     return
-                raise self.client._unavailable(exc) from exc
+                if stage == "connect" and conn.sock is not None:  # connected; the TLS handshake failed
+                    stage = "wait"
+                seconds = stream_timeout if doing == "sending the raster" else timeout
+                raise self.client._unavailable(exc, stage, doing, seconds) from exc
             if resp.status >= 400:
-                raise error_from_body(resp.status, resp.read())
+                raise error_from_body(resp.status, error_body(resp))
             final_seen = False
             while not self._aborted:
                 try:
@@ -695,7 +923,7 @@ class AskStream:
                 except (OSError, http.client.HTTPException, ValueError) as exc:
                     if self._aborted:
                         return
-                    raise EngineError("stream_broken", f"The answer stream broke off: {exc}.") from exc
+                    raise stream_broken(exc, stream_timeout) from exc
                 if not line:
                     break
                 event = parse_event(line)

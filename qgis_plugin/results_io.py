@@ -25,8 +25,11 @@ from .paths import public_source
 # "bands": which bands of raster_path the model saw (:func:`bands.bands_cell`: "4,3,2", "1 (grey)",
 # "1 (colour table)", "rendered view"; the JSON rows keep the result's "bands" list, "palette" flag
 # and the row's "rendered" flag)
+# "incomplete_answer": the words of an answer that broke off (the connection dropped, the engine
+# failed mid-answer) before it was complete; "answer" is then empty and "error" says why
 CSV_COLUMNS = ("index", "layer", "raster_path", "question", "answer", "error", "strategy",
-               "visual_kept", "visual_candidates", "total_s", "heatmap_path", "anchors_path", "bands")
+               "visual_kept", "visual_candidates", "total_s", "heatmap_path", "anchors_path", "bands",
+               "incomplete_answer")
 
 
 # the error of a question that Cancel stopped while it was being answered: not answered, but no

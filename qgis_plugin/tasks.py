@@ -29,8 +29,10 @@ HEALTH_FLAGS = CAN_CANCEL | _HIDDEN if _HIDDEN is not None else CAN_CANCEL
 RESULT_FILES = (("heatmap", ".tif", "heatmap layer"), ("anchors", ".geojson", "anchor layer"))
 
 
-def fetch_result_file(event: dict, client: EngineClient, key: str, dest: Path) -> str | None:
+def fetch_result_file(event: dict, client: EngineClient, key: str, dest: Path, stream=None) -> str | None:
     """Copy (engine on this computer) or download one result file of ``event`` to ``dest``.
+    ``stream``: the :class:`client.AskStream` of the answer, which then makes the download, so
+    Stop (its ``abort()``) ends it at once.
 
     The anchors are also inline in the result event: they are written from there when the
     event names no file, or when its download fails (the engine pruned it, or restarted).
@@ -46,9 +48,9 @@ def fetch_result_file(event: dict, client: EngineClient, key: str, dest: Path) -
         shutil.copyfile(src, dest)
     elif name:
         try:
-            client.download_file(name, str(dest))
-        except EngineError:
-            if inline is None:
+            (stream or client).download_file(name, str(dest))
+        except EngineError as exc:
+            if inline is None or exc.code == "cancelled":
                 raise
             _write_json(dest, inline)
     elif inline is not None:
@@ -119,7 +121,7 @@ def place_result_files(out: dict, clip_bounds=None, unreferenced: bool = False, 
 
 
 def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None,
-                      unreferenced: bool = False) -> dict:
+                      unreferenced: bool = False, stream=None) -> dict:
     """Copy (or download) the heatmap GeoTIFF and anchors GeoJSON of a result into ``dest_dir``.
 
     ``unreferenced``: the raster has no georeferencing (:func:`aoi.is_unreferenced_file`), so
@@ -127,10 +129,11 @@ def keep_result_files(event: dict, client: EngineClient, dest_dir: Path, stem: s
     was uploaded: the copies are first moved by the event's ``upload_pixel_offset``); the copies
     are moved to where QGIS shows the raster (see :mod:`unreferenced`). With ``clip_bounds`` (xmin, ymin, xmax, ymax in the
     layer's coordinates) both are then clipped to the source raster (see :mod:`clip`).
-    Returns ``{"heatmap": path|None, "anchors": path|None}``. Runs in a worker thread.
+    Returns ``{"heatmap": path|None, "anchors": path|None}``. ``stream``: as for
+    :func:`fetch_result_file`. Runs in a worker thread.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
-    out = {key: fetch_result_file(event, client, key, dest_dir / f"{stem}_{key}{suffix}")
+    out = {key: fetch_result_file(event, client, key, dest_dir / f"{stem}_{key}{suffix}", stream)
            for key, suffix, _ in RESULT_FILES}
     place_result_files(out, clip_bounds, unreferenced, result_offset(event), result_scale(event))
     return out
@@ -156,14 +159,16 @@ def discard_kept_files(event: dict) -> None:
 
 
 def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None,
-                              unreferenced: bool = False) -> tuple:
+                              unreferenced: bool = False, stream=None) -> tuple:
     """:func:`keep_result_files`, but a failure to keep a file is a warning, not an error.
 
     The answer itself (text, token counts, timings) is complete at this point: a results
     folder that cannot be written (read-only project folder, full disk) or a failed download
     must only cost the layer concerned; each file is kept or lost on its own (a failed anchors
     download falls back to the anchors inline in the event). Returns ``(files, warning)``;
-    ``warning`` is "" when both were kept. Runs in a worker thread.
+    ``warning`` is "" when both were kept. ``stream``: the answer's :class:`client.AskStream`,
+    which makes the downloads (:func:`fetch_result_file`); once it is stopped no further file
+    is fetched and those not kept are said to be stopped. Runs in a worker thread.
     """
     errors = (OSError, EngineError, RuntimeError)  # RuntimeError: GDAL with exceptions on
     out, lost = {"heatmap": None, "anchors": None}, []
@@ -173,8 +178,11 @@ def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path,
         return out, _warning([_lost_text("heatmap and anchor layers", exc, dest_dir)])
     for key, suffix, what in RESULT_FILES:
         dest = dest_dir / f"{stem}_{key}{suffix}"
+        if stream is not None and stream.aborted:  # stopped: the files not fetched yet stay behind
+            lost.append(f"its {what} was not fetched (stopped)")
+            continue
         try:
-            out[key] = fetch_result_file(event, client, key, dest)
+            out[key] = fetch_result_file(event, client, key, dest, stream)
         except errors as exc:
             _remove(dest)  # no half-written file left behind
             lost.append(_lost_text(what, exc, dest_dir))
@@ -515,7 +523,7 @@ class AskTask(QgsTask):
                     ev = dict(ev)
                     files, warning = keep_result_files_or_warn(
                         ev, self.client, self.results_dir, file_stem(self.request["question"]),
-                        self.clip_bounds, self.unreferenced)
+                        self.clip_bounds, self.unreferenced, stream=self.stream)
                     ev["local_heatmap_path"] = files["heatmap"]
                     ev["local_anchors_path"] = files["anchors"]
                     ev["files_warning"] = warning
@@ -553,7 +561,9 @@ class BatchTask(QgsTask):
     engine choose; ``rendered``: ``raster_path`` is a render of the layer); an item with
     ``"error"`` (a layer that could not be prepared) gives a row with that error per question.
     Emits ``row(dict)`` per finished answer (protocol BATCH_RESULT_FIELDS, ``bands`` and
-    ``palette`` those the model saw, ``rendered`` when it saw a render, plus local paths).
+    ``palette`` those the model saw, ``rendered`` when it saw a render, plus local paths); a row
+    whose answer broke off (or failed) mid-way has no ``answer``, its ``error``, and the words
+    that came in ``incomplete_answer``.
 
     For an engine on another computer each item's raster is converted and cut to its AOI once
     (:func:`prepare_item_upload`) and that file is sent with every question about it; it is
@@ -659,8 +669,9 @@ class BatchTask(QgsTask):
             "raster_path": item["raster_path"], "question": question, "answer": None,
             "error": None, "heatmap_path": None, "anchors_path": None, "tokens": {}, "timings": {},
             "bands": None, "palette": None, "rendered": False, "crs_wkt": item.get("crs_wkt"),
-            "strategy": self.options.get("strategy"),
+            "strategy": self.options.get("strategy"), "incomplete_answer": None,
         }
+        words = []  # the answer's words as they stream: kept as incomplete_answer when it breaks off
         if item.get("error") or prepare_error:  # the layer could not be prepared (not in view, render failed)
             row["error"] = item.get("error") or prepare_error
             return row
@@ -677,6 +688,8 @@ class BatchTask(QgsTask):
                 stream.abort()
             for ev in stream.events():
                 self._progress.event(ev, self.options.get("max_new_tokens"))
+                if ev.get("type") == "token":
+                    words.append(ev.get("text", ""))
                 if ev.get("type") == "result":
                     row["answer"] = ev.get("answer", "")
                     row["tokens"] = ev.get("tokens") or {}
@@ -685,7 +698,8 @@ class BatchTask(QgsTask):
                     row["rendered"] = bool(item.get("rendered"))  # those bands are the render's
                     row["strategy"] = ev.get("strategy") or row["strategy"]  # the one the engine used
                     files, warning = keep_result_files_or_warn(ev, self.client, self.results_dir, file_stem(question),
-                                                               item.get("clip_bounds"), bool(item.get("unreferenced")))
+                                                               item.get("clip_bounds"), bool(item.get("unreferenced")),
+                                                               stream=stream)
                     row["heatmap_path"], row["anchors_path"] = files["heatmap"], files["anchors"]
                     row["error"] = warning or None  # the answer stays; the error column says what is missing
                     row["crs_wkt"] = ev.get("crs_wkt") or row["crs_wkt"]
@@ -702,4 +716,6 @@ class BatchTask(QgsTask):
                 self._stream = None
             if stream is not None:
                 stream.on_upload_progress = None  # no reference from the stream to the task left
+        if row["answer"] is None and "".join(words).strip():  # broke off (or failed) mid-answer
+            row["incomplete_answer"] = "".join(words)
         return row

@@ -92,7 +92,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         return ("Asks every question (one a line) about every input raster with the GeoVQA engine and "
                 "writes the answers, the strategy, the bands the model saw, token counts, timings and "
                 "heatmap/anchor paths to a CSV table "
-                "(and optionally JSON, UTF-8). Failed answers are rows with an error, not a failed run (a question "
+                "(and optionally JSON, UTF-8). Failed answers are rows with an error, not a failed run (an answer "
+                "that broke off keeps the words that came in the incomplete_answer column; a question "
                 "stopped by Cancel before its answer came is a row with the error \"cancelled\", counted as "
                 "neither an answer nor an error). The CSV "
                 "gets each row as its answer arrives, so a cancelled run keeps the answers it finished; the log "
@@ -288,7 +289,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         row = {"index": index, "layer": item["layer"], "raster_path": item["raster_path"],
                "question": question, "answer": None, "error": None, "heatmap_path": None,
                "anchors_path": None, "tokens": {}, "timings": {}, "strategy": options["strategy"],
-               "bands": None, "palette": None, "rendered": False}
+               "bands": None, "palette": None, "rendered": False, "incomplete_answer": None}
         prepare_error = item["error"] or prepare_error  # the layer could not be prepared (area, render)
         if prepare_error:
             row["error"] = prepare_error
@@ -310,6 +311,7 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                 feedback.pushInfo(f"{item['layer']} / {question}: cancelled before its answer came.")
                 return row
             row["error"] = str(exc)
+            row["incomplete_answer"] = getattr(exc, "partial_answer", None)  # the words that came
             feedback.reportError(f"{item['layer']} / {question}: {exc}")
         except OSError as exc:  # the results folder: this answer's files could not be kept
             row["error"] = f"Could not save the result files in {self.settings.results_dir()}: {exc}"

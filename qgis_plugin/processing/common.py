@@ -280,7 +280,9 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     generation counted in answer tokens: :meth:`tasks.BatchProgress.event`); without it the
     ``feedback``'s bar is this one answer's, split the same way (a batch of one). ``bands``: the
     request's (:func:`question_source`); the result's ``bands``/``palette`` say what the model saw.
-    The queue is said only while a job is ahead of the question (:func:`starts_now`)."""
+    The queue is said only while a job is ahead of the question (:func:`starts_now`).
+    An answer that breaks off (or fails) after some of its words came raises its EngineError with
+    those words as ``partial_answer``, also said in the log ("The answer so far (incomplete): …")."""
     request = build_ask_request(question, raster_path, aoi=aoi, bands=bands, **options)
     stream = client.ask(request, prepared=prepared)
     if progress is None and feedback is not None:
@@ -292,12 +294,15 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     if feedback is not None:
         feedback.canceled.connect(stream.abort)
     result = None
+    words = []  # the answer's words as they stream (kept when it breaks off)
     try:
         for ev in stream.events():
             if feedback is not None and feedback.isCanceled():
                 stream.abort()
                 break
             kind = ev.get("type")
+            if kind == "token":
+                words.append(ev.get("text", ""))
             if progress is not None:  # the bar moves through every stage up to the result, as in
                 # the batch dialog; the text says which stage runs, once each ("Answering…")
                 text = progress.event(ev, request.get("max_new_tokens"))
@@ -305,13 +310,20 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
                     feedback.setProgressText(text)
             if kind == "result":
                 files, warning = keep_result_files_or_warn(ev, client, results_dir, file_stem(question), clip_bounds,
-                                                           unreferenced)
+                                                           unreferenced, stream=stream)
                 if warning and feedback is not None:
                     feedback.reportError(warning)
                 result = dict(ev, local_heatmap_path=files["heatmap"], local_anchors_path=files["anchors"],
                               files_warning=warning)
             elif kind == "error":
                 raise EngineError(ev.get("code") or "internal", ev.get("message") or "The engine failed.", ev.get("hint"))
+    except EngineError as exc:
+        partial = "".join(words)
+        if partial.strip():
+            exc.partial_answer = partial
+            if feedback is not None:
+                feedback.pushInfo(f"The answer so far (incomplete): {partial}")
+        raise
     finally:
         stream.on_upload_progress = None
         stream.on_prepare_progress = None

@@ -198,15 +198,22 @@ def raster_layer(tmp_path, qgis_new_project):
 
 @pytest.fixture
 def opened_addresses(monkeypatch):
-    """The (host, port) of every socket http.client opens (socket.create_connection, which
-    looks the host up and connects), recorded on the way to the real one."""
-    opened, real = [], socket.create_connection
+    """The (host, port) of every socket the plugin opens (client.open_socket, which looks the
+    host up and connects, and socket.create_connection, the TLS probes'), recorded on the way
+    to the real one."""
+    from geovqa import client
 
-    def recording(address, *args, **kwargs):
-        opened.append(tuple(address))
-        return real(address, *args, **kwargs)
+    opened = []
 
-    monkeypatch.setattr(socket, "create_connection", recording)
+    def recording(real):
+        def record(address, *args, **kwargs):
+            opened.append(tuple(address))
+            return real(address, *args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(socket, "create_connection", recording(socket.create_connection))
+    monkeypatch.setattr(client, "open_socket", recording(client.open_socket))
     return opened
 
 
