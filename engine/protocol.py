@@ -171,6 +171,9 @@ EVENT_TYPES = {
 # another, e.g. for tests); /health says it as heartbeat_s
 HEARTBEAT_S = 15.0
 HEARTBEAT_ENV = "GEOVQA_HEARTBEAT_S"
+# the /ask response header saying that interval, so a client knows before the first event how
+# long a silence means a broken stream
+HEARTBEAT_HEADER = "X-Heartbeat-S"
 
 
 def heartbeat_interval() -> float:

@@ -286,7 +286,8 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
                     jobs.cancel(job.job_id)
 
         return StreamingResponse(stream(), media_type=protocol.NDJSON_MEDIA_TYPE,
-                                 headers={"Cache-Control": "no-store", "X-Job-Id": job.job_id})
+                                 headers={"Cache-Control": "no-store", "X-Job-Id": job.job_id,
+                                          protocol.HEARTBEAT_HEADER: f"{settings.heartbeat_s:g}"})
 
     @app.post("/batch")
     async def batch(request: Request):

@@ -711,6 +711,24 @@ class EngineClient:
         return dest
 
 
+HEARTBEAT_HEADER = "X-Heartbeat-S"  # engine/protocol.py HEARTBEAT_HEADER
+STALL_HEARTBEATS = 4  # heartbeats missed in a row that make a silent answer stream a broken one
+
+
+def read_timeout(resp, short: float, longest: float) -> float:
+    """How long the answer stream ``resp`` may stay silent: an engine that sends a heartbeat
+    event every N s of silence (its ``X-Heartbeat-S`` header) has stalled after STALL_HEARTBEATS
+    of them went missing (but at least the ``short`` timeout); one that does not say (older) may
+    be silent for ``longest``, the request timeout (a question queued behind long jobs)."""
+    try:
+        beat = float(resp.getheader(HEARTBEAT_HEADER) or "nan")
+    except ValueError:
+        beat = float("nan")
+    if not 0 < beat < float("inf"):
+        return longest
+    return min(longest, max(short, STALL_HEARTBEATS * beat))
+
+
 def stream_broken(exc: Exception, seconds: float) -> EngineError:
     """EngineError 'stream_broken' for an answer stream that failed with ``exc`` while it was read
     (``seconds``: the request timeout it was read with), in words and with what to do; the
@@ -906,6 +924,7 @@ class AskStream:
                     return
                 stage, doing = "wait", ""
                 resp = conn.getresponse()
+                stream_timeout = read_timeout(resp, timeout, stream_timeout)
                 sock.settimeout(stream_timeout)  # (conn.sock may be None now: the answer holds it)
             except (OSError, http.client.HTTPException) as exc:
                 if self._aborted:

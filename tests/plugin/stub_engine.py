@@ -64,6 +64,9 @@ class StubEngine:
         # the "queued" events of each answer: the jobs ahead of it, as the queue moves up (0: it starts)
         self.queue_positions = [0]
         self.no_anchors = False  # True: an anchors GeoJSON with no feature (no anchor kept)
+        # seconds: the X-Heartbeat-S header of each answer, as the engine sends it (None: not sent,
+        # as an older engine)
+        self.heartbeat_s = None
         stub = self
 
         class Handler(JsonHandler):
@@ -90,6 +93,8 @@ class StubEngine:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson")
                 self.send_header("Transfer-Encoding", "chunked")
+                if stub.heartbeat_s is not None:
+                    self.send_header("X-Heartbeat-S", f"{stub.heartbeat_s:g}")
                 self.end_headers()
                 try:
                     for ev in stub.events(body):

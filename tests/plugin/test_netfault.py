@@ -419,6 +419,32 @@ def test_an_answer_cut_mid_stream_says_what_to_do_in_words(plugin, raster_layer,
         proxy.close()
 
 
+def test_a_stream_stalled_longer_than_four_heartbeats_is_said_broken(plugin, raster_layer, stub_engine,
+                                                                    short_timeout):
+    """The connection stalls mid-answer (no byte, no close). An engine that says it sends a
+    heartbeat every N s of silence (X-Heartbeat-S) has lost the stream after four missed ones:
+    the question ended only after the request timeout (15 minutes), the dock waiting meanwhile."""
+    stub_engine.token_delay = 0.02
+    stub_engine.heartbeat_s = 0.25  # four of them: 1 s, under the short timeout: that counts
+    proxy = FaultProxy(stub_engine.port, down_stall_after=1200)
+    try:
+        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
+        plugin.dock.timer.stop()
+        dock = plugin.dock
+        dock.set_layer(raster_layer(width=256, height=256))
+        dock.ask("how many ships?")
+        turn = dock.current_turn
+        wait_until(lambda: turn["answer"], 10, "the first words")
+        t0 = time.monotonic()
+        wait_until(lambda: turn["done"], 5 * SHORT_TIMEOUT_S, "the stalled stream to be said broken")
+        assert time.monotonic() - t0 < 3 * SHORT_TIMEOUT_S
+        assert turn["answer"].startswith("The")  # what came stays
+        assert "sent nothing for 2 s" in turn["error"], turn["error"]
+        wait_for_tasks()
+    finally:
+        proxy.close()
+
+
 def test_stop_during_a_stalled_result_download_ends_the_question_at_once(plugin, raster_layer, stub_engine):
     """An engine on another computer (here: a host name, which the plugin never takes for this
     computer): once the answer has streamed, the heatmap and anchors are downloaded (GET /files)

@@ -63,6 +63,7 @@ def test_strategies_and_events_match(protocol):
     assert set(client.KNOWN_EVENTS) == set(protocol.EVENT_TYPES)
     assert set(client.FINAL_EVENTS) <= set(protocol.EVENT_TYPES)
     assert client.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+    assert client.HEARTBEAT_HEADER == protocol.HEARTBEAT_HEADER
     for endpoint in (client.ASK_ENDPOINT, client.HEALTH_ENDPOINT, client.BATCH_ENDPOINT,
                      client.JOBS_ENDPOINT + "/{id}", client.FILES_ENDPOINT + "/{name}"):
         assert endpoint in protocol.__doc__
