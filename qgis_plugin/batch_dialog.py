@@ -88,10 +88,13 @@ def export_failure(exc: Exception, path: str) -> str:
 
 def answer_cell(row: dict) -> str:
     """The Answer column's text: the answer, "Cancelled" for a question Cancel stopped, else the
-    error that replaced the answer."""
+    error that replaced the answer, after the words that came of an answer that broke off."""
     if row.get("answer") is not None:
         return row["answer"]
-    return "Cancelled" if is_cancelled(row) else f"ERROR: {row.get('error')}"
+    if is_cancelled(row):
+        return "Cancelled"
+    partial = row.get("incomplete_answer")
+    return (f"(incomplete) {partial} — " if partial else "") + f"ERROR: {row.get('error')}"
 
 
 class BatchDialog(QDialog):

@@ -66,7 +66,7 @@ HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
 # a question failing so may mean the engine went away (died mid-answer, restarted, loading):
 # the status line is checked at once, not at the next interval
-HEALTH_AFTER_ERRORS = ("engine_down", "model_loading", "stream_broken", "io_error")
+HEALTH_AFTER_ERRORS = ("engine_down", "model_loading", "stream_broken", "io_error", "no_answer", "not_an_engine")
 # Streamed tokens are redrawn at most this often: each redraw lays out the whole conversation,
 # so one redraw per token made a long answer quadratic and froze QGIS.
 RENDER_INTERVAL_MS = 100
@@ -1143,10 +1143,12 @@ class ChatDock(QgsDockWidget):
             # (another error, or another URL, is said as it is)
             level, text = "loading", "The local engine is starting (loading the model) …"
         tooltip = error or ""
-        if level == "down" and code == "engine_down":
+        short = {"engine_down": "Engine not reachable at {}", "no_answer": "No answer from the engine at {}",
+                 "not_an_engine": "Not a GeoVQA engine at {}"}.get(code)
+        if level == "down" and short:
             # one short line; what the connection said and what to do are in the tooltip and
             # in Diagnostics
-            text = f"Engine not reachable at {self._engine_host_port()}"
+            text = short.format(self._engine_host_port())
         color = engine_status.COLORS[level]
         self.status_label.setText(f"<span style='color:{color}'>●</span> {html.escape(text)}")
         self.status_label.setToolTip(tooltip)

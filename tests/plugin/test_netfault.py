@@ -173,8 +173,10 @@ def test_another_program_on_the_engine_port_is_not_called_unreachable(plugin, pr
         assert "not reachable" not in said and "Start local engine" not in said, said
         if program == "hung":
             assert "not answer" in said or "does not respond" in said, said
+            assert "No answer from the engine at 127.0.0.1:" in dock.status_label.text()  # one short line
         else:
             assert "not a GeoVQA engine" in said and "Check the engine URL" in said, said
+            assert "Not a GeoVQA engine at 127.0.0.1:" in dock.status_label.text()
     finally:
         dock.timer.stop()
         other.close()
@@ -493,6 +495,10 @@ def test_a_batch_row_whose_answer_broke_off_keeps_its_words_as_incomplete(plugin
         (row,) = done[0]
         assert row["answer"] is None and "broke off" in row["error"], row
         assert row["incomplete_answer"].startswith("The area"), row
+        # the table shows them too, before the error
+        from geovqa.batch_dialog import ANSWER_COLUMN
+        cell = dlg.table.item(0, ANSWER_COLUMN).text()
+        assert cell.startswith("(incomplete) The area") and "ERROR: " in cell, cell
         wait_for_tasks()
     finally:
         proxy.close()
