@@ -292,9 +292,13 @@ def read_results(path: Path) -> list[dict]:
 def finished_info_from_disk(directory: Path) -> dict | None:
     """`BatchJob.info` of a job not held in memory, from its folder: ``state.json`` (which says
     total / done / errors since this version; else they are counted from ``spec.json`` and
-    ``results.jsonl``). None when the folder holds no readable job."""
+    ``results.jsonl``). None when the folder holds no readable job, or one not finished: such a
+    job not in memory is one the start could not resume (its spec unreadable), which no worker
+    will ever run, so it must not read as waiting."""
     try:
         state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not is_finished(state):
+            return None
         results_path = directory / "results.jsonl"
         if "total" in state:
             total, done, errors = int(state["total"]), int(state["done"]), int(state["errors"])
@@ -524,14 +528,17 @@ class JobQueue:
         except OSError:  # removed meanwhile (DELETE, retention)
             return None
 
-    def cancel(self, job_id: str) -> dict | None:
-        """Cancel a waiting or running job; remove a finished batch job (its summary and its
-        folder; the heatmaps it wrote follow the outputs' retention). The answer is the job's
-        `info`, with ``removed: true`` when it was removed."""
+    def cancel(self, job_id: str, remove: bool = False) -> dict | None:
+        """Cancel a waiting or running job; a finished one is left as it is, unless `remove`:
+        then a finished batch job is removed (its summary and its folder; the heatmaps it wrote
+        follow the outputs' retention). Only an explicit removal removes: a repeated cancel (a
+        second click, a client's retry, a cancel just as the job ended) must not erase the
+        answers written. The answer is the job's `info`, with ``removed: true`` when it was
+        removed; None when there is no such job."""
         with self._cond:
             job = self._jobs.get(job_id)
             if job is None:
-                return self._remove_finished(job_id)
+                return self._remove_finished(job_id) if remove else self.info(job_id)
             if job.state in FINISHED_STATES:
                 return job.info()  # ending this very moment (the worker retires it)
             job.cancel.set()

@@ -309,11 +309,12 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
         return find_job(job_id)
 
     @app.delete("/jobs/{job_id}")
-    async def job_cancel(job_id: str, request: Request):
-        """Cancel a waiting or running job; remove a finished batch job (docs/protocol.md)."""
+    async def job_cancel(job_id: str, request: Request, remove: bool = False):
+        """Cancel a waiting or running job; ``?remove=true`` also removes a finished batch job
+        (docs/protocol.md)."""
         require_token(request)
         find_job(job_id)
-        info = await asyncio.to_thread(jobs.cancel, job_id)
+        info = await asyncio.to_thread(jobs.cancel, job_id, remove)
         if info is None:  # removed meanwhile
             raise JobError("not_found", f"There is no job {job_id!r}.")
         return info

@@ -129,24 +129,46 @@ def test_delete_removes_a_finished_batch_job(tmp_path, monkeypatch, in_memory):
     jobs = started(tmp_path / "state")
     try:
         (job_id,) = run_batches(jobs, 1)
-        answer = jobs.cancel(job_id)
+        kept = jobs.cancel(job_id)  # a cancel of a finished job changes nothing
+        assert kept["state"] == "done" and "removed" not in kept and jobs.results(job_id)
+        answer = jobs.cancel(job_id, remove=True)
         assert answer["state"] == "done" and answer["removed"] is True
         assert not (jobs.jobs_dir / job_id).exists()
         assert jobs.info(job_id) is None and jobs.results(job_id) is None
-        assert jobs.cancel(job_id) is None  # gone: the server answers not_found
+        assert jobs.cancel(job_id, remove=True) is None  # gone: the server answers not_found
         assert job_id not in jobs.held_job_ids()
     finally:
         jobs.stop()
 
 
-def test_a_finished_cancelled_batch_is_removed_by_a_second_delete(tmp_path):
+def test_a_repeated_cancel_keeps_a_cancelled_batch_and_a_removal_removes_it(tmp_path):
+    """A second DELETE (a second click, a client's retry) removed the cancelled job with every
+    answer it had written; only an explicit removal (?remove=true) removes."""
     jobs = JobQueue(StandInEngine(), tmp_path / "state", make_request=dict)  # not started: waits
     job = jobs.submit_batch(json.loads(json.dumps(SPEC)))
     first = jobs.cancel(job.job_id)
     assert first["state"] == "cancelled" and "removed" not in first
-    assert jobs.info(job.job_id)["state"] == "cancelled"
-    assert jobs.cancel(job.job_id)["removed"] is True
+    again = jobs.cancel(job.job_id)
+    assert again["state"] == "cancelled" and "removed" not in again
+    assert (jobs.jobs_dir / job.job_id).exists() and jobs.info(job.job_id)["state"] == "cancelled"
+    assert jobs.cancel(job.job_id, remove=True)["removed"] is True
     assert jobs.info(job.job_id) is None
+
+
+def test_a_job_folder_the_start_could_not_resume_does_not_read_as_waiting(tmp_path):
+    """A folder whose spec.json is unreadable is skipped at the start (no worker runs it), but
+    GET /jobs/{id} read its stale state.json and answered "queued" for good."""
+    jobs_dir = tmp_path / "state" / "jobs"
+    folder = jobs_dir / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text("{not json", encoding="utf-8")
+    (folder / "state.json").write_text(json.dumps({"state": "queued", "total": 2, "done": 0, "errors": 0}),
+                                       encoding="utf-8")
+    jobs = started(tmp_path / "state")
+    try:
+        assert jobs.info("0123456789abcdef") is None
+    finally:
+        jobs.stop()
 
 
 # ---------------------------------------------------------------------------------------------

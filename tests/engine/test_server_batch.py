@@ -51,11 +51,14 @@ def test_batch_resumes_after_kill(tmp_path):
         assert sorted(indexes) == list(range(6)) and len(indexes) == 6, "nothing is redone"
         layers = [json.loads(line)["layer"] for line in after]
         assert layers == ["one"] * 3 + ["two"] * 3
-        # DELETE on a finished job removes it, folder and all (it used to be kept for good)
-        status, removed = second.request("DELETE", f"/jobs/{job['job_id']}")
+        # DELETE on a finished job keeps it; ?remove=true removes it, folder and all
+        status, kept = second.request("DELETE", f"/jobs/{job['job_id']}")
+        assert status == 200 and kept["state"] == "done" and "removed" not in kept
+        assert results_path.exists()
+        status, removed = second.request("DELETE", f"/jobs/{job['job_id']}?remove=true")
         assert status == 200 and removed["state"] == "done" and removed["removed"] is True
         assert not results_path.parent.exists()
         assert second.request("GET", f"/jobs/{job['job_id']}")[0] == 404
-        assert second.request("DELETE", f"/jobs/{job['job_id']}")[0] == 404
+        assert second.request("DELETE", f"/jobs/{job['job_id']}?remove=true")[0] == 404
     finally:
         second.cleanup()
