@@ -36,13 +36,11 @@ def feature_cache_cap(given: int | None = None) -> int:
         if given < 0:
             raise ValueError(f"the feature cache size must be 0 or more bytes, not {given}.")
         return int(given)
-    text = os.environ.get(FEATURE_CACHE_ENV, "").strip()
-    if not text:
-        return DEFAULT_FEATURE_CACHE_BYTES
-    if not text.isdigit():
-        raise ValueError(f"{FEATURE_CACHE_ENV} must be a whole number of bytes (for example "
-                         f"1073741824 for 1 GiB, or 0 to turn the feature cache off), not {text!r}.")
-    return int(text)
+    from engine.env_settings import env_number, whole_number
+
+    return env_number(FEATURE_CACHE_ENV, DEFAULT_FEATURE_CACHE_BYTES, whole_number,
+                      "a whole number of bytes (for example 1073741824 for 1 GiB, or 0 to turn "
+                      "the feature cache off)")
 
 
 def raster_key(path: str, aoi, bands) -> tuple | None:

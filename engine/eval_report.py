@@ -21,6 +21,7 @@ def limited_macro_note(limit: int, items_in_file: int, categories: int) -> str:
             f"the {categories} categories these items have only; categories without an item asked are left out, "
             "not counted as 0, so they are not comparable with a full run's")
 
+
 def _figures(records: list[dict], correct: str, prediction: str) -> dict[str, Any]:
     """Counts and accuracies of `records` by their verdict field `correct`."""
     cats: dict[str, list[int]] = {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 import queue
 import re
@@ -635,17 +634,10 @@ def output_retention_days() -> float:
 
     Read when an engine starts, not at import, so a bad value stops only what prunes outputs
     (not ``--help`` or ``tiny``), and with a message that names the variable."""
-    text = os.environ.get(RETENTION_VARIABLE, "").strip()
-    if not text:
-        return DEFAULT_OUTPUT_RETENTION_DAYS
-    try:
-        days = float(text)
-    except ValueError:
-        days = math.nan
-    if not math.isfinite(days):
-        raise ValueError(f"{RETENTION_VARIABLE} must be a number of days (for example 14, or 0 to "
-                         f"keep every output file), not {text!r}.")
-    return days
+    from engine.env_settings import env_number, finite_number
+
+    return env_number(RETENTION_VARIABLE, DEFAULT_OUTPUT_RETENTION_DAYS, finite_number,
+                      "a number of days (for example 14, or 0 to keep every output file)")
 
 
 def prune_outputs(out_dir: Path, max_age_days: float) -> int:

@@ -179,16 +179,11 @@ HEARTBEAT_HEADER = "X-Heartbeat-S"
 def heartbeat_interval() -> float:
     """HEARTBEAT_S, or the positive number of seconds in GEOVQA_HEARTBEAT_S (ValueError for
     anything else)."""
-    text = os.environ.get(HEARTBEAT_ENV, "").strip()
-    if not text:
-        return HEARTBEAT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{HEARTBEAT_ENV}={text!r} is not a positive number of seconds")
-    return value
+    from engine.env_settings import env_number, positive_number
+
+    return env_number(HEARTBEAT_ENV, HEARTBEAT_S, positive_number, "a positive number of seconds")
+
+
 STAGES = ("queued", "read", "tile", "vision", "select", "prefill", "generate", "write", "done")
 
 # Anchor feature properties (GeoJSON Feature.properties) of each kept token.

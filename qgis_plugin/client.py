@@ -46,7 +46,8 @@ BATCH_ENDPOINT = "/batch"
 JOBS_ENDPOINT = "/jobs"
 FILES_ENDPOINT = "/files"
 FINAL_EVENTS = ("result", "error")
-KNOWN_EVENTS = ("queued", "status", "token", "result", "error", "heartbeat")  # heartbeat: a silent stream is alive
+# heartbeat: nothing else happened for a while; the stream is alive
+KNOWN_EVENTS = ("queued", "status", "token", "result", "error", "heartbeat")
 MAX_QUESTION_CHARS = 2000
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # the address a connection to a loopback name is opened to: where an engine started for it

@@ -362,3 +362,14 @@ def test_batch_results_are_read_and_encoded_off_the_event_loop(tmp_path, monkeyp
     assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
     assert resp.json() == {"job_id": job.job_id, "results": lines}
     assert read_in == [False] and encoded_in == [False]  # both in a worker thread
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "inf"])
+def test_a_bad_heartbeat_setting_names_its_variable(monkeypatch, value):
+    from engine import protocol
+
+    monkeypatch.setenv(protocol.HEARTBEAT_ENV, value)
+    with pytest.raises(ValueError, match=rf"GEOVQA_HEARTBEAT_S must be a positive number of seconds, not '{value}'"):
+        protocol.heartbeat_interval()
+    monkeypatch.setenv(protocol.HEARTBEAT_ENV, " 2.5 ")
+    assert protocol.heartbeat_interval() == 2.5
