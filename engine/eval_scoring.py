@@ -204,17 +204,16 @@ def wordnet_synonyms() -> Callable[[str, str], bool] | None:
     the other; distinct synsets are at least one step apart (similarity 0.5 at most), so that is
     a synset they share."""
     if not _wordnet_cache:
-        fn = None
         try:
             from nltk.corpus import wordnet as wn  # noqa: PLC0415 - optional
 
             wn.synsets("dog")  # LookupError without the data
 
-            def fn(a: str, b: str) -> bool:
+            def share_a_synset(a: str, b: str) -> bool:
                 return not set(wn.synsets(a)).isdisjoint(wn.synsets(b))
         except Exception:  # noqa: BLE001 - ImportError, LookupError, a broken data folder
-            fn = None
-        _wordnet_cache.append(fn)
+            share_a_synset = None
+        _wordnet_cache.append(share_a_synset)
     return _wordnet_cache[0]
 
 
