@@ -303,17 +303,18 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
             raise JobError("not_found", f"There is no job {job_id!r}.")
         return info
 
+    # a job not held in memory is read from its folder: off the event loop, as every disk read
     @app.get("/jobs/{job_id}")
     async def job_info(job_id: str, request: Request):
         require_token(request)
-        return find_job(job_id)
+        return await asyncio.to_thread(find_job, job_id)
 
     @app.delete("/jobs/{job_id}")
     async def job_cancel(job_id: str, request: Request, remove: bool = False):
         """Cancel a waiting or running job; ``?remove=true`` also removes a finished batch job
         (docs/protocol.md)."""
         require_token(request)
-        find_job(job_id)
+        await asyncio.to_thread(find_job, job_id)
         info = await asyncio.to_thread(jobs.cancel, job_id, remove)
         if info is None:  # removed meanwhile
             raise JobError("not_found", f"There is no job {job_id!r}.")
@@ -330,7 +331,7 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
     @app.get("/jobs/{job_id}/results")
     async def job_results(job_id: str, request: Request):
         require_token(request)
-        find_job(job_id)
+        await asyncio.to_thread(find_job, job_id)
         # off the event loop: streamed answers and /health go on meanwhile
         return await asyncio.to_thread(results_response, job_id)
 

@@ -373,3 +373,44 @@ def test_a_bad_heartbeat_setting_names_its_variable(monkeypatch, value):
         protocol.heartbeat_interval()
     monkeypatch.setenv(protocol.HEARTBEAT_ENV, " 2.5 ")
     assert protocol.heartbeat_interval() == 2.5
+
+
+def test_a_job_read_from_its_folder_is_read_off_the_event_loop(tmp_path, monkeypatch):
+    """A finished job not held in memory is answered from its folder (state.json, for an older
+    engine's folder the whole results.jsonl): GET, DELETE and /results read it in the handler,
+    on the event loop that streams every answer."""
+    import asyncio
+    import json
+    import warnings
+
+    import engine.jobs
+    from engine.server import create_app
+
+    folder = tmp_path / "jobs" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text(json.dumps({"items": [{"raster_path": "/x.tif"}], "questions": ["q"]}))
+    (folder / "state.json").write_text(json.dumps({"state": "done", "total": 1, "done": 1, "errors": 0}))
+    (folder / "results.jsonl").write_text(json.dumps({"index": 0, "answer": "a", "error": None}) + "\n")
+    read_in = []
+    real = engine.jobs.finished_info_from_disk
+
+    def recording(directory):
+        try:
+            asyncio.get_running_loop()
+            read_in.append(True)
+        except RuntimeError:
+            read_in.append(False)
+        return real(directory)
+
+    monkeypatch.setattr(engine.jobs, "finished_info_from_disk", recording)
+    app = create_app(engine=None, settings=Settings(state_dir=tmp_path, token="t"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+        client = TestClient(app)
+        auth = {"Authorization": "Bearer t"}
+        assert client.get("/jobs/0123456789abcdef", headers=auth).json()["state"] == "done"
+        assert client.get("/jobs/0123456789abcdef/results", headers=auth).json()["results"][0]["answer"] == "a"
+        assert client.delete("/jobs/0123456789abcdef", headers=auth).json()["state"] == "done"
+    assert read_in and not any(read_in), read_in
