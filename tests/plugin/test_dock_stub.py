@@ -224,7 +224,8 @@ def test_another_program_answering_health_is_not_taken_for_an_engine(plugin, ans
             wait_for_tasks()
         assert errors == [], errors[0][-600:]
         assert dock.status_level == "down" and dock.health is None
-        assert "is not a GeoVQA engine" in dock.status_label.text()
+        assert "Not a GeoVQA engine at 127.0.0.1:" in dock.status_label.text()  # one short line
+        assert "is not a GeoVQA engine" in dock.status_label.toolTip()
         assert "Check the engine URL" in dock.status_label.toolTip()
     finally:
         srv.shutdown()
