@@ -217,8 +217,12 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         geom, crs = area_of_interest(self, parameters, self.AOI, context)  # (None, None): the whole layer
         # a file: the AOI cut to it, in the request; any other layer: rendered over the AOI, in
         # processAlgorithm (the task's thread); kept here with its clone of the layer until then
-        self.client = engine_client()  # before a layer with no usable clone is drawn here: it caps it
-        self.source = question_source(layer, geom, crs, feedback, self.client)
+        self.source = question_source(layer, geom, crs, feedback)
+        try:
+            self.client = engine_client()
+        except QgsProcessingException:
+            discard_render(self.source)  # drawn already when the layer had to be drawn here
+            raise
         self.settings = Settings.load()
         return True
 

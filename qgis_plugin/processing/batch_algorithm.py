@@ -152,7 +152,6 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(refusal)
         self.strategy = strategy_parameter_value(self, parameters, self.STRATEGY, context)
         geom, crs = area_of_interest(self, parameters, self.AOI, context)  # (None, None): each whole layer
-        self.client = engine_client()  # before a layer with no usable clone is drawn here: it caps it
         self.items = []
         for lyr in layers:
             item = {"layer": lyr.name(), "raster_path": None, "bounds": None, "unreferenced": False, "aoi": None,
@@ -160,10 +159,11 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             try:  # as "Ask a raster" does: a file with the AOI cut to it, any other layer rendered over it
                 # (in processAlgorithm, in the task's thread: the item keeps its render, with its clone
                 # of the layer, until then)
-                item.update(question_source(lyr, geom, crs, feedback, self.client))
+                item.update(question_source(lyr, geom, crs, feedback))
             except QgsProcessingException as exc:  # this layer's rows say why; the others are asked
                 item["error"] = str(exc)
             self.items.append(item)
+        self.client = engine_client()
         self.settings = Settings.load()
         return True
 

@@ -118,7 +118,7 @@ def area_of_interest(alg, parameters, name: str, context) -> tuple:
     return QgsGeometry.fromRect(ext), (crs if crs.isValid() else None)
 
 
-def question_source(layer, geometry, crs, feedback, client=None) -> dict:
+def question_source(layer, geometry, crs, feedback) -> dict:
     """What the engine is asked about for ``layer`` within the area ``geometry`` (in ``crs``;
     None: the whole layer), as both algorithms ask it: ``raster_path``, ``bounds`` (for the
     result files), ``unreferenced``, the request's ``aoi`` and ``bands``, ``rendered``, and
@@ -135,8 +135,7 @@ def question_source(layer, geometry, crs, feedback, client=None) -> dict:
     Called in prepareAlgorithm, on the main thread: a render is only made ready there (its map
     settings, with a clone of the layer: :func:`prepare_render`), and drawn by
     :func:`render_source` in processAlgorithm, in the task's thread, so the user interface does
-    not freeze and Cancel stops it; ``raster_path`` and ``bounds`` are None until then (a layer
-    with no usable clone is drawn here, capped by the engine ``client``'s read budget). Raises
+    not freeze and Cancel stops it; ``raster_path`` and ``bounds`` are None until then. Raises
     QgsProcessingException with a sentence: an area that does not touch the layer, that
     refusal, a render that could not be made (or, made here, written)."""
     try:
@@ -161,9 +160,8 @@ def question_source(layer, geometry, crs, feedback, client=None) -> dict:
               "render": prepare_render(layer, extent)}
     if not source["render"].movable:
         # no usable clone: the layer itself is drawn, which only the main thread may use, so it
-        # is rendered here, in prepareAlgorithm, as all renders were before (the UI waits for it);
-        # ``client`` (the engine's) caps it as processAlgorithm's renders are capped
-        render_source(source, feedback, client)
+        # is rendered here, in prepareAlgorithm, as all renders were before (the UI waits for it)
+        render_source(source, feedback)
     return source
 
 

@@ -344,24 +344,16 @@ def test_a_model_with_a_rendered_layer_run_in_the_background(plugin, stub_engine
     assert Path(tmp_path / "h.tif").exists()
 
 
-@pytest.mark.parametrize("movable", [True, False], ids=["clone", "no-clone"])
 @pytest.mark.parametrize("alg_id", ["geovqa:ask_raster", "geovqa:batch_questions"])
-def test_a_processing_render_holds_no_more_pixels_than_the_engine_reads(alg_id, movable, plugin, stub_engine,
-                                                                       raster_layer, qgis_processing,
-                                                                       qgis_new_project, tmp_path, monkeypatch):
+def test_a_processing_render_holds_no_more_pixels_than_the_engine_reads(alg_id, plugin, stub_engine, raster_layer,
+                                                                       qgis_processing, qgis_new_project, tmp_path):
     """Processing rendered a non-file layer at the Render size (here 4096 x 3072 px) though the
     engine's /health says it reads at most 256 x 192 px: as in the dock, the render is made at the
-    engine's budget, aspect kept, and the log says why. Also a layer with no usable clone, drawn
-    in prepareAlgorithm before the engine's client was made."""
+    engine's budget, aspect kept, and the log says why."""
     from osgeo import gdal
     from qgis.core import QgsApplication
 
-    from geovqa.processing import common
-    from geovqa.render import PreparedRender
     from geovqa.upload import reduced_size
-
-    if not movable:
-        monkeypatch.setattr(common, "PreparedRender", lambda *a, **k: PreparedRender(*a, clone=False, **k))
 
     budget = 256 * 192
     stub_engine.max_read_pixels = budget
