@@ -292,12 +292,13 @@ def read_results(path: Path) -> list[dict]:
 def finished_info_from_disk(directory: Path) -> dict | None:
     """`BatchJob.info` of a job not held in memory, from its folder: ``state.json`` (which says
     total / done / errors since this version; else they are counted from ``spec.json`` and
-    ``results.jsonl``). None when the folder holds no readable job, or one not finished: such a
-    job not in memory is one the start could not resume (its spec unreadable), which no worker
-    will ever run, so it must not read as waiting."""
+    ``results.jsonl``). None when the folder holds no readable job, or one still waiting or
+    running: such a job not in memory is one the start could not resume (its spec unreadable),
+    which no worker will ever run, so it must not read as waiting. (A failure the engine's disk
+    caused reads as it is: failed, resumed by the next start.)"""
     try:
         state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or not is_finished(state):
+        if not isinstance(state, dict) or state.get("state", "failed") not in FINISHED_STATES:
             return None
         results_path = directory / "results.jsonl"
         if "total" in state:

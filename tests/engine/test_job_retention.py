@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serverutil import wait_until  # noqa: E402
 
 import engine.jobs  # noqa: E402
-from engine.jobs import JobQueue  # noqa: E402
+from engine.jobs import BatchJob, JobQueue  # noqa: E402
 
 SPEC = {"items": [{"layer": "one", "raster_path": "/data/one.tif", "aoi": None, "bands": None}],
         "questions": ["Any roads?"], "max_new_tokens": 8}
@@ -222,3 +222,31 @@ def test_the_server_gives_its_output_folder_to_the_job_queue(tmp_path):
     settings = Settings(state_dir=tmp_path / "state", output_dir=tmp_path / "out", token="t")
     app = create_app(engine=None, settings=settings)
     assert app.state.jobs.output_dir == (tmp_path / "out").resolve()
+
+
+def test_a_batch_stopped_by_the_disk_still_answers_get_once_out_of_memory(tmp_path, monkeypatch):
+    """A batch stopped by the engine's disk is 'failed' (resumable: 'Free space ... restart the
+    engine: it resumes the job'). Once its summary left memory (the 100 most recent finished jobs
+    are held; here 0), GET /jobs/{id} read its folder and answered not_found: only a waiting or
+    running state.json (a folder the start could not resume) reads as no job."""
+    real_append = BatchJob.append_result
+    calls = []
+
+    def full_once(self, line):
+        calls.append(line["index"])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_append(self, line)
+
+    monkeypatch.setattr(BatchJob, "append_result", full_once)
+    jobs = JobQueue(StandInEngine(), tmp_path / "state", make_request=dict, keep_finished=0)
+    jobs.start()
+    try:
+        job = jobs.submit_batch(dict(json.loads(json.dumps(SPEC)), questions=["Any roads?", "Any ships?", "Any clouds?"]))
+        wait_until(lambda: job.state not in ("queued", "running"), timeout=10)
+        assert job.state == "failed" and job.resumable
+        info = jobs.info(job.job_id)
+        assert info is not None, "GET /jobs/{id} of a job the disk stopped answers not_found"
+        assert info["state"] == "failed" and "restart the engine" in info["message"]
+    finally:
+        jobs.stop()
