@@ -399,6 +399,23 @@ def _connect_watched(sock: socket.socket, where, timeout: float | None, watcher)
             return
 
 
+class _WatchedHTTPSConnection(http.client.HTTPSConnection):
+    """An HTTPS connection whose TLS socket is handed to ``watcher`` (an :class:`AskStream`, or
+    None) before its handshake: wrapping the TCP socket detaches the one :func:`open_socket`
+    handed over, so Stop could not end a handshake an engine (a hung program, a proxy) never
+    answers; it waited the short timeout."""
+
+    watcher = None
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)  # TCP, through open_socket
+        sock = self._context.wrap_socket(self.sock, server_hostname=self.host, do_handshake_on_connect=False)
+        self.sock = sock
+        if self.watcher is not None and not self.watcher.adopt(sock):
+            raise ConnectionAbortedError("stopped before the TLS handshake")
+        sock.do_handshake()
+
+
 class EngineClient:
     """Talks to one engine at ``base_url`` with a bearer ``token``."""
 
@@ -431,7 +448,8 @@ class EngineClient:
         :func:`dial_host`). Its socket is made by :func:`open_socket`: ``watcher`` (an
         :class:`AskStream`) gets it before it connects, so Stop reaches a connect in progress."""
         if self.scheme == "https":
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context())
+            conn = _WatchedHTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context())
+            conn.watcher = watcher
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         address = dial_host(self.host)
@@ -730,11 +748,20 @@ def read_timeout(resp, short: float, longest: float) -> float:
     return min(longest, max(short, STALL_HEARTBEATS * beat))
 
 
-def stream_broken(exc: Exception, seconds: float) -> EngineError:
+def stream_broken(exc: Exception, seconds: float, heartbeats: bool = False) -> EngineError:
     """EngineError 'stream_broken' for an answer stream that failed with ``exc`` while it was read
-    (``seconds``: the request timeout it was read with), in words and with what to do; the
+    (``seconds``: the timeout it was read with; ``heartbeats``: four of the engine's heartbeat
+    intervals, :func:`read_timeout`, not the request timeout), in words and with what to do; the
     words of the answer that came before are the caller's to keep (the dock shows them marked
     incomplete)."""
+    if isinstance(exc, (socket.timeout, TimeoutError)) and heartbeats:
+        # a busy engine says so every heartbeat interval: the connection is what stalled
+        return EngineError(
+            "stream_broken",
+            f"The answer stream broke off: the engine sent nothing for {seconds:g} s, not even the "
+            "heartbeat it sends while busy, so the connection to it stalled.",
+            "Ask again; if it happens again, look at the network between this computer and the engine "
+            "(a proxy, a VPN) and at the engine's log.")
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return EngineError(
             "stream_broken",
@@ -899,13 +926,15 @@ class AskStream:
         # The short timeout (TIMEOUT_S) bounds the connect, the question's sending and the wait
         # for the answer's first line: the engine checks the question and answers its headers
         # at once (the stream then starts with `queued`), so a port held by a program that never
-        # answers is said in seconds. An upload is sent with the request timeout (the engine
-        # writes it to its disk as it comes), and the wait for the first line starts once it is
-        # all sent. The answer's body is read with the request timeout: a queued question may
-        # wait minutes for the GPU with nothing to say.
+        # answers is said in seconds. An upload is sent, and its answer's first line awaited,
+        # with the request timeout: the engine writes it to its disk as it comes, and the last
+        # megabytes may still be on a slow link when the send returns. The answer's body is read
+        # with a timeout of four of the engine's heartbeats (read_timeout), or the request
+        # timeout for an engine that sends none: a queued question may wait minutes for the GPU.
         timeout, stream_timeout = self.client.timeout, self.client.stream_timeout
         conn = self.client._connection(timeout, watcher=self)
         stage, doing = "connect", ""
+        waited = timeout  # the timeout of the step that runs (said when it runs out)
         try:
             try:
                 conn.connect()
@@ -914,10 +943,11 @@ class AskStream:
                     return
                 stage = "send"
                 if sent is not None:
-                    doing = "sending the raster"
+                    doing, waited = "sending the raster", stream_timeout
                     sock.settimeout(stream_timeout)
+                    # and so it stays for the first line: sendall returns once the last bytes are
+                    # in the socket buffers (megabytes), which a slow link delivers long after
                     self._send_multipart(conn, sent.path, sent.aoi)
-                    sock.settimeout(timeout)
                 else:
                     body = json.dumps(self.request).encode("utf-8")
                     conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
@@ -925,15 +955,15 @@ class AskStream:
                     return
                 stage, doing = "wait", ""
                 resp = conn.getresponse()
-                stream_timeout = read_timeout(resp, timeout, stream_timeout)
-                sock.settimeout(stream_timeout)  # (conn.sock may be None now: the answer holds it)
+                read_for = read_timeout(resp, timeout, stream_timeout)
+                beats = read_for != stream_timeout  # the engine's heartbeats set it
+                sock.settimeout(read_for)  # (conn.sock may be None now: the answer holds it)
             except (OSError, http.client.HTTPException) as exc:
                 if self._aborted:
                     return
                 if stage == "connect" and conn.sock is not None:  # connected; the TLS handshake failed
                     stage = "wait"
-                seconds = stream_timeout if doing == "sending the raster" else timeout
-                raise self.client._unavailable(exc, stage, doing, seconds) from exc
+                raise self.client._unavailable(exc, stage, doing, waited) from exc
             if resp.status >= 400:
                 raise error_from_body(resp.status, error_body(resp))
             final_seen = False
@@ -943,7 +973,7 @@ class AskStream:
                 except (OSError, http.client.HTTPException, ValueError) as exc:
                     if self._aborted:
                         return
-                    raise stream_broken(exc, stream_timeout) from exc
+                    raise stream_broken(exc, read_for, heartbeats=beats) from exc
                 if not line:
                     break
                 event = parse_event(line)

@@ -185,6 +185,7 @@ def test_a_silent_stream_gets_heartbeats(inputs):
     try:
         assert srv.request("GET", "/health")[1]["heartbeat_s"] == 0.3
         conn, resp = srv.open_stream("/ask", body(inputs["raster"], request_id="hb"))
+        assert resp.getheader("X-Heartbeat-S") == "0.3"  # known before the first event
         events = list(srv.iter_events(resp))
         conn.close()
     finally:
