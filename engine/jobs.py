@@ -538,8 +538,11 @@ class JobQueue:
         removed; None when there is no such job."""
         with self._cond:
             job = self._jobs.get(job_id)
-            if job is None:
-                return self._remove_finished(job_id) if remove else self.info(job_id)
+            if job is None and remove:
+                return self._remove_finished(job_id)
+        if job is None:  # a finished job, perhaps read from its folder: not under the queue's lock
+            return self.info(job_id)
+        with self._cond:
             if job.state in FINISHED_STATES:
                 return job.info()  # ending this very moment (the worker retires it)
             job.cancel.set()
