@@ -369,3 +369,38 @@ def test_a_processing_render_holds_no_more_pixels_than_the_engine_reads(alg_id, 
     ds = gdal.Open(stub_engine.requests[-1]["raster_path"])
     assert (ds.RasterXSize, ds.RasterYSize) == reduced_size((4096, 3072), budget) == (256, 192)
     assert any("256 x 192 px" in i and "max_read_pixels" in i for i in fb.of("info")), fb.of("info")
+
+
+def test_preparing_a_run_asks_the_engine_nothing_on_the_main_thread(plugin, raster_layer, qgis_processing, tmp_path,
+                                                                     monkeypatch):
+    """prepareAlgorithm runs on the main thread, and a layer with no usable clone is drawn there:
+    capping that render by the engine's read budget asked GET /health there, and a hung engine
+    froze QGIS for the short timeout per such layer. Preparing makes no network call."""
+    from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingContext, QgsProcessingFeedback
+    from qgis.core import QgsProject
+
+    from conftest import virtual_raster_layer
+    from fault_proxy import FaultProxy
+    from geovqa import client as client_mod
+    from geovqa.processing import common
+    from geovqa.render import PreparedRender
+
+    monkeypatch.setattr(client_mod, "TIMEOUT_S", 2.0)
+    monkeypatch.setattr(common, "PreparedRender", lambda *a, **k: PreparedRender(*a, clone=False, **k))
+    hole = FaultProxy(mode="blackhole")  # accepts, never answers
+    try:
+        set_settings(engine_url=hole.url, token="stub-token", send_rasters="path")
+        plugin.dock.timer.stop()
+        layers = [virtual_raster_layer(raster_layer(f"src{i}"), name=f"virtual{i}") for i in range(2)]
+        alg = QgsApplication.processingRegistry().createAlgorithmById("geovqa:batch_questions")
+        context = QgsProcessingContext()
+        context.setProject(QgsProject.instance())
+        params = {"LAYERS": [lyr.id() for lyr in layers], "QUESTIONS": "q1", "OUTPUT": str(tmp_path / "b.csv")}
+        t0 = time.monotonic()
+        task = QgsProcessingAlgRunnerTask(alg, params, context, QgsProcessingFeedback())  # prepareAlgorithm
+        took = time.monotonic() - t0
+        del task
+        # a GET /health to the silent engine costs the short timeout (2 s) a layer
+        assert took < 1.5, f"prepareAlgorithm held the main thread {took:.1f} s"
+    finally:
+        hole.close()
