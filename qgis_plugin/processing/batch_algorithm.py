@@ -308,6 +308,8 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         except (EngineError, QgsProcessingException) as exc:
             if feedback.isCanceled():  # stopped by Cancel while it was answered: said, no error
                 row["error"] = CANCELLED
+                # the words that came, as the batch dialog keeps them
+                row["incomplete_answer"] = getattr(exc, "partial_answer", None)
                 feedback.pushInfo(f"{item['layer']} / {question}: cancelled before its answer came.")
                 return row
             row["error"] = str(exc)

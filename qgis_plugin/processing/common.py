@@ -282,7 +282,8 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     request's (:func:`question_source`); the result's ``bands``/``palette`` say what the model saw.
     The queue is said only while a job is ahead of the question (:func:`starts_now`).
     An answer that breaks off (or fails) after some of its words came raises its EngineError with
-    those words as ``partial_answer``, also said in the log ("The answer so far (incomplete): …")."""
+    those words as ``partial_answer``, also said in the log ("The answer so far (incomplete): …");
+    a cancelled one raises QgsProcessingException("Cancelled.") with them as ``partial_answer``."""
     request = build_ask_request(question, raster_path, aoi=aoi, bands=bands, **options)
     stream = client.ask(request, prepared=prepared)
     if progress is None and feedback is not None:
@@ -333,9 +334,10 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
             except TypeError:
                 pass
     if result is None:
-        if feedback is not None and feedback.isCanceled():
-            raise QgsProcessingException("Cancelled.")
-        raise QgsProcessingException("The engine sent no result.")
+        exc = QgsProcessingException(
+            "Cancelled." if feedback is not None and feedback.isCanceled() else "The engine sent no result.")
+        exc.partial_answer = "".join(words) if "".join(words).strip() else None  # the words that came
+        raise exc
     return result
 
 

@@ -404,3 +404,28 @@ def test_preparing_a_run_asks_the_engine_nothing_on_the_main_thread(plugin, rast
         assert took < 1.5, f"prepareAlgorithm held the main thread {took:.1f} s"
     finally:
         hole.close()
+
+
+def test_a_batch_row_cancelled_mid_answer_keeps_its_words_as_the_dialog_does(plugin, stub_engine, raster_layer,
+                                                                            qgis_processing, qgis_new_project,
+                                                                            tmp_path):
+    """Cancel while an answer streams: the batch dialog's row keeps the words that came
+    (incomplete_answer); the Processing batch's row dropped them."""
+    import csv
+
+    from qgis.core import QgsApplication
+
+    stub_engine.token_delay = 0.2
+    src = raster_layer("src")
+    out = tmp_path / "answers.csv"
+    task, done, fb, _ = _task("geovqa:batch_questions", {"LAYERS": [src.id()], "QUESTIONS": QUESTION,
+                                                         "OUTPUT": str(out)}, recording_feedback())
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: "Answering…" in fb.of("text"), 60, "the answer")
+    time.sleep(0.5)  # a few words
+    fb.cancel()
+    wait_until(lambda: done, 60, "the cancelled run")
+    wait_for_tasks()
+    with open(out, encoding="utf-8-sig", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["answer"] == "" and row["incomplete_answer"].startswith("The"), row
