@@ -32,7 +32,8 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
                         "--adapter trained with --bands, those bands where the raster has them)")
     # not given: the --adapter's training settings, else the engine's defaults (Engine.resolve_visual)
     add_strategy_arguments(p, faithful_default=None, strategy_default=None)
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256,
+                   help="the longest answer, in tokens (default: 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=None, help="where heatmaps are written")
     p.add_argument("--json", action="store_true", help="print every event as a JSON line")

@@ -17,7 +17,8 @@ Finished batch jobs (done, failed, cancelled) are kept within bounds: in memory 
 answered from their folder (``state.json``, ``results.jsonl``), which a start does not load. A
 finished job's folder is removed when it is older than the output retention
 (GEOVQA_OUTPUT_RETENTION_DAYS, `engine.pipeline.output_retention_days`), or at once by
-``DELETE /jobs/{id}`` (`JobQueue.cancel`).
+``DELETE /jobs/{id}?remove=true`` (`JobQueue.cancel` with ``remove``; a plain DELETE leaves a
+finished job as it is).
 
 The same age rule runs while the server runs: after a job ends, at most once every
 `HOUSEKEEPING_INTERVAL_S`, the worker removes finished job folders and the engine's heatmap /

@@ -24,7 +24,8 @@ Endpoints
 ``POST /batch``             body BATCH_FIELDS -> JOB_FIELDS (``job_id`` and the job's state)
 ``GET  /jobs/{id}``         -> JOB_FIELDS
 ``DELETE /jobs/{id}``       -> JOB_FIELDS (state becomes ``cancelled``: at once for a waiting
-                            job, after its current answer for a running one)
+                            job, after its current answer for a running one; a finished job is
+                            left as it is, or with ``?remove=true`` removed: ``removed: true``)
 ``GET  /jobs/{id}/results`` -> ``{"job_id", "results": [BATCH_RESULT_FIELDS, ...]}``
 ``GET  /files/{name}``      -> bytes of a heatmap GeoTIFF / anchors GeoJSON the server wrote
                             (for clients on another host; local clients use the paths).
@@ -144,7 +145,7 @@ EVENT_TYPES = {
         "answer": "str: the whole answer",
         "tokens": "dict: visual_candidates, visual_kept, prompt, generated",
         "timings": "dict: seconds for read, vision, select, prefill (time to first token), "
-        "generate, total",
+        "generate, write (the heatmap and anchors files), total",
         "peak_memory_bytes": "int | null: peak GPU (or CPU RSS) memory",
         "cache": "dict: features (bool hit), kv_prefix (bool hit)",
         "heatmap_path": "str: GeoTIFF of token scores, source CRS/transform, nodata = pruned",
@@ -159,6 +160,8 @@ EVENT_TYPES = {
         "palette": "bool: true when the colour table of that one band gave the colours "
         "(bands is then [b, b, b]); false otherwise",
         "strategy": "str",
+        "stopped": "str: why the answer ended: 'stop' (the end token), 'length' (max_new_tokens "
+        "reached), 'cancelled'",
         "budget": "int | null",
     },
     "error": {"code": "str: ERROR_CODES", "message": "str", "hint": "str | null",

@@ -26,7 +26,8 @@ from .paths import public_source
 # "1 (colour table)", "rendered view"; the JSON rows keep the result's "bands" list, "palette" flag
 # and the row's "rendered" flag)
 # "incomplete_answer": the words of an answer that broke off (the connection dropped, the engine
-# failed mid-answer) before it was complete; "answer" is then empty and "error" says why
+# failed mid-answer, Cancel stopped it) before it was complete; "answer" is then empty and
+# "error" says why ("cancelled" for Cancel)
 CSV_COLUMNS = ("index", "layer", "raster_path", "question", "answer", "error", "strategy",
                "visual_kept", "visual_candidates", "total_s", "heatmap_path", "anchors_path", "bands",
                "incomplete_answer")
