@@ -1,5 +1,6 @@
 """Shared engine test fixtures: the tiny random GeoLLaVA-8K checkpoint (built once, cached under
-the repo's .cache/ keyed by a hash of its config) and the model loaded from it on CPU fp32."""
+the repo's .cache/ keyed by a hash of its config) and the model loaded from it on CPU fp32; and
+small helpers several engine test files use (a batch job's disk full for one result line)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,22 @@ def demo_and_real(tmp_path: Path, monkeypatch, tiny_checkpoint: Path) -> Path:
     shutil.copytree(tiny_checkpoint, real)
     (real / "TINY_MODEL.txt").unlink()
     return real
+
+
+def disk_full_at_the_second_result(monkeypatch):
+    """Patches ``engine.jobs.BatchJob.append_result`` so that the second result line a batch
+    writes fails with ENOSPC ("No space left on device"), as a disk full for a moment; the lines
+    before and after are written. Returns the real ``append_result`` (to put it back)."""
+    from engine.jobs import BatchJob
+
+    real_append = BatchJob.append_result
+    calls = []
+
+    def full_once(self, line):
+        calls.append(line["index"])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_append(self, line)
+
+    monkeypatch.setattr(BatchJob, "append_result", full_once)
+    return real_append

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import disk_full_at_the_second_result  # noqa: E402
 from serverutil import wait_until  # noqa: E402
 
 import engine.jobs  # noqa: E402
-from engine.jobs import BatchJob, JobQueue  # noqa: E402
+from engine.jobs import JobQueue  # noqa: E402
 
 SPEC = {"items": [{"layer": "one", "raster_path": "/data/one.tif", "aoi": None, "bands": None}],
         "questions": ["Any roads?"], "max_new_tokens": 8}
@@ -229,16 +230,7 @@ def test_a_batch_stopped_by_the_disk_still_answers_get_once_out_of_memory(tmp_pa
     engine: it resumes the job'). Once its summary left memory (the 100 most recent finished jobs
     are held; here 0), GET /jobs/{id} read its folder and answered not_found: only a waiting or
     running state.json (a folder the start could not resume) reads as no job."""
-    real_append = BatchJob.append_result
-    calls = []
-
-    def full_once(self, line):
-        calls.append(line["index"])
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real_append(self, line)
-
-    monkeypatch.setattr(BatchJob, "append_result", full_once)
+    disk_full_at_the_second_result(monkeypatch)
     jobs = JobQueue(StandInEngine(), tmp_path / "state", make_request=dict, keep_finished=0)
     jobs.start()
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import disk_full_at_the_second_result  # noqa: E402
 from serverutil import wait_until  # noqa: E402
 
 from engine.jobs import BatchJob, JobQueue, lock_state_dir  # noqa: E402
@@ -75,16 +76,7 @@ def test_a_batch_stopped_by_the_engines_disk_resumes_at_the_next_start(tmp_path,
     engine restarted, the questions not answered were never asked (docs: the next start resumes
     every unfinished job). A job failed on something else stays failed."""
     state_dir = tmp_path / "state"
-    real_append = BatchJob.append_result
-    calls = []
-
-    def full_once(self, line):
-        calls.append(line["index"])
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real_append(self, line)
-
-    monkeypatch.setattr(BatchJob, "append_result", full_once)
+    real_append = disk_full_at_the_second_result(monkeypatch)
     first = make_queue(Engine(), state_dir)
     try:
         job = first.submit_batch(json.loads(json.dumps(SPEC)))

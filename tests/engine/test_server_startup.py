@@ -17,12 +17,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serverutil import REPO_ROOT, free_port, stub_server  # noqa: E402
 
 
+def serve_env(tmp_path: Path, **extra: str) -> dict:
+    """The environment of a `python -m engine serve` subprocess over the stand-in engine: its own
+    config dir under ``tmp_path``, this checkout and tests/engine (server_stub) on the path, and
+    ``extra`` variables."""
+    return dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"),
+                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]), **extra)
+
+
+def health_check(port: int):
+    """A check (no arguments) whether an engine on 127.0.0.1:``port`` answers GET /health with
+    200 within a second (no proxy from the environment)."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def answers() -> bool:
+        try:
+            return opener.open(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    return answers
+
+
 def run_serve(tmp_path: Path, port, state_dir: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     """`python -m engine serve` over the stand-in engine; (its result, the "model loaded" marker)."""
     marker = tmp_path / f"loaded-{port}-{state_dir.name}"
-    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"),
-               GEOVQA_STUB_LOADED=str(marker),
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
+    env = serve_env(tmp_path, GEOVQA_STUB_LOADED=str(marker))
     cmd = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--state-dir", str(state_dir), "--log-level", "warning",
            "--engine-factory", "server_stub:make_engine_noting_the_load", *extra]
@@ -242,25 +264,16 @@ def test_serve_ends_when_the_program_that_started_it_dies(tmp_path):
     """QGIS killed or crashed with a local engine started from the plugin: the engine went on,
     holding its port, its state folder and the GPU memory, and the next QGIS could not stop it.
     With GEOVQA_PARENT_PID (the plugin sets it) it ends, releasing the port and the lock."""
-    import urllib.request
-
     from engine.jobs import lock_state_dir
 
     port, state = free_port(), tmp_path / "state"
-    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"),
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
+    env = serve_env(tmp_path)
     serve = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--state-dir", str(state), "--log-level", "warning", "--engine-factory", "server_stub:make_engine"]
     parent = subprocess.Popen([sys.executable, "-c", PARENT, *serve], cwd=REPO_ROOT, env=env,
                               stdout=subprocess.PIPE, text=True)
     engine_pid = int(parent.stdout.readline())
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def answers() -> bool:
-        try:
-            return opener.open(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
-        except OSError:
-            return False
+    answers = health_check(port)
 
     try:
         assert _until(answers, 60), "the engine did not start"
@@ -309,11 +322,9 @@ def _serve_with_stdin(tmp_path: Path, stop_on_eof: bool):
     """`serve` (stand-in engine) with standard input a pipe, as the plugin starts it; (process,
     port, state dir, log file) once it answers /health."""
     import time
-    import urllib.request
 
     port, state = free_port(), tmp_path / "state"
-    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"),
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
+    env = serve_env(tmp_path)
     env.pop("GEOVQA_STOP_ON_STDIN_EOF", None)
     if stop_on_eof:
         env["GEOVQA_STOP_ON_STDIN_EOF"] = "1"
@@ -323,13 +334,7 @@ def _serve_with_stdin(tmp_path: Path, stop_on_eof: bool):
                                  "--state-dir", str(state), "--log-level", "info",
                                  "--engine-factory", "server_stub:make_engine"],
                                 cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def answers() -> bool:
-        try:
-            return opener.open(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
-        except OSError:
-            return False
+    answers = health_check(port)
 
     deadline = time.monotonic() + 60
     while not answers():
@@ -401,8 +406,7 @@ def test_a_refusal_with_its_input_watched_exits_with_its_own_code(tmp_path):
     interpreter shutdown", exit code 6 instead of serve's 2)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    env = dict(os.environ, GEOVQA_CONFIG_DIR=str(tmp_path / "config"), GEOVQA_STOP_ON_STDIN_EOF="1",
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(Path(__file__).parent)]))
+    env = serve_env(tmp_path, GEOVQA_STOP_ON_STDIN_EOF="1")
     proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(free_port()),
                              "--state-dir", str(tmp_path / "state"), "--output-dir", str(blocker / "out"),
                              "--engine-factory", "server_stub:make_engine"],

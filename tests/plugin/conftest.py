@@ -471,15 +471,22 @@ def run_then_load(alg, parameters):
     return results, loaded, errors
 
 
-def run_batch_dialog(plugin, layers, questions: str, timeout=60.0, dlg=None) -> tuple:
+def start_batch(plugin, layers, questions: str, dlg=None) -> tuple:
     """The batch dialog (``dlg``, already set up by the test, or a new one) asked ``questions``
-    (one a line) about ``layers``, run to its end: ``(dialog, rows of the run)``."""
+    (one a line) about ``layers``, started and not waited for: ``(dialog, done)``, where ``done``
+    gets the rows of the run once it has finished (batch_finished)."""
     dlg = dlg or plugin.open_batch()
     dlg.set_checked_layers({layer.id() for layer in layers})
     dlg.questions_edit.setPlainText(questions)
     done = []
     dlg.batch_finished.connect(done.append)
     dlg.run()
+    return dlg, done
+
+
+def run_batch_dialog(plugin, layers, questions: str, timeout=60.0, dlg=None) -> tuple:
+    """:func:`start_batch`, run to its end (and its tasks with it): ``(dialog, rows of the run)``."""
+    dlg, done = start_batch(plugin, layers, questions, dlg)
     wait_until(lambda: done, timeout, "the batch")
     wait_for_tasks()
     return dlg, done[0]
@@ -502,6 +509,33 @@ def batch_of_two_rendered_layers(plugin, raster_layer, qgis_iface):
     finished = []
     dlg.batch_finished.connect(lambda rows: finished.append(list(rows)))
     return dlg, v1, v2, finished
+
+
+class MainThreadStallMeter:
+    """A QTimer ticking every ``interval_ms`` on the main thread from its creation; ``worst`` is
+    the longest gap between two ticks so far: how long the user interface froze (a main thread
+    blocked by a render or a network wait shows as a gap). ``stop()`` ends it and returns
+    ``worst``."""
+
+    def __init__(self, interval_ms: int = 20):
+        from qgis.PyQt.QtCore import QTimer
+
+        self.last = time.perf_counter()
+        self.worst = 0.0
+        self.timer = QTimer()
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(self.tick)
+        self.timer.start()
+
+    def tick(self):
+        now = time.perf_counter()
+        self.worst = max(self.worst, now - self.last)
+        self.last = now
+
+    def stop(self) -> float:
+        self.tick()
+        self.timer.stop()
+        return self.worst
 
 
 def recording_feedback():

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import csv
 
-from conftest import recording_feedback, run_batch_dialog, wait_for_tasks, wait_until
+from conftest import recording_feedback, run_batch_dialog, start_batch, wait_for_tasks, wait_until
 
 
 def test_batch_dialog_two_layers_csv_and_json(plugin, raster_layer, stub_engine, tmp_path):
     import json
 
     a, b = raster_layer("a"), raster_layer("b", width=32, height=40)
-    dlg = plugin.open_batch()
-    dlg.set_checked_layers({a.id(), b.id()})
-    dlg.questions_edit.setPlainText("How big?\n\nWhat bands?\n")
-    done = []
-    dlg.batch_finished.connect(done.append)
-    dlg.run()
-    wait_until(lambda: done, 60, "the batch")
-    rows = done[0]
+    dlg, rows = run_batch_dialog(plugin, [a, b], "How big?\n\nWhat bands?\n")
     assert len(rows) == 4 and dlg.table.rowCount() == 4
     assert all(r["error"] is None for r in rows)
     csv_path = dlg.export(str(tmp_path / "answers.csv"))
@@ -28,18 +21,11 @@ def test_batch_dialog_two_layers_csv_and_json(plugin, raster_layer, stub_engine,
                                                            ("b", "How big?"), ("b", "What bands?")]
     assert table[2]["answer"] == "The area is 32 x 40 pixels with 3 bands."
     assert json.loads(open(dlg.export(str(tmp_path / "answers.json"))).read())["results"][3]["layer"] == "b"
-    wait_for_tasks()
 
 
 def test_batch_cancel(plugin, raster_layer, stub_engine):
     stub_engine.token_delay = 0.2
-    a = raster_layer("a")
-    dlg = plugin.open_batch()
-    dlg.set_checked_layers({a.id()})
-    dlg.questions_edit.setPlainText("q1\nq2\nq3")
-    done = []
-    dlg.batch_finished.connect(done.append)
-    dlg.run()
+    dlg, done = start_batch(plugin, [raster_layer("a")], "q1\nq2\nq3")
     wait_until(lambda: stub_engine.requests, 10)
     dlg.cancel()
     wait_until(lambda: done, 30, "the cancelled batch")
@@ -161,13 +147,8 @@ def test_the_batch_dialogs_progress_fills_each_answers_share_only_with_its_resul
         yield from events(req)
 
     stub_engine.events = slow_start
-    a = raster_layer("a")
-    dlg = plugin.open_batch()
-    dlg.set_checked_layers({a.id()})
-    dlg.questions_edit.setPlainText("q1\nq2")
-    done, log = [], []
-    dlg.batch_finished.connect(done.append)
-    dlg.run()
+    log = []
+    dlg, done = start_batch(plugin, [raster_layer("a")], "q1\nq2")
     dlg.task.progressChanged.connect(lambda p: log.append(("progress", p)))
     dlg.task.row.connect(lambda row: log.append(("row", row["question"])))
     wait_until(lambda: done, 60, "the batch")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import contextlib
 import zipfile
 from pathlib import Path
 
@@ -492,6 +493,25 @@ def _stand_in_settings(tmp_path, source: str, name: str = "stand-in", **values):
     return set_settings(**settings)
 
 
+@contextlib.contextmanager
+def _stand_in_run(settings, timeout: float = 30):
+    """An EngineProcess started with ``settings`` whose stand-in engine runs to its own end:
+    yields ``(process, its states)`` once it has stopped or failed (within ``timeout`` s), and
+    shuts the process down after the block."""
+    from conftest import wait_until
+    from geovqa.engine_process import EngineProcess
+
+    proc = EngineProcess()
+    states = []
+    proc.state_changed.connect(states.append)
+    proc.start(settings)
+    try:
+        wait_until(lambda: states[-1] in ("stopped", "failed"), timeout, "the stand-in engine")
+        yield proc, states
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 def _stubborn_settings(tmp_path):
     """Settings whose local engine is a python that ignores SIGTERM."""
     return _stand_in_settings(tmp_path, STUBBORN_ENGINE, "stubborn")
@@ -828,7 +848,7 @@ def test_qgis_python_settings_do_not_reach_the_local_engine(tmp_path, monkeypatc
     import json
 
     from conftest import wait_until
-    from geovqa.engine_process import EngineProcess, MemoryCheck
+    from geovqa.engine_process import MemoryCheck
 
     monkeypatch.setenv("PYTHONHOME", str(tmp_path / "qgis-python"))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "qgis-python" / "lib"))
@@ -836,16 +856,9 @@ def test_qgis_python_settings_do_not_reach_the_local_engine(tmp_path, monkeypatc
     settings = _stand_in_settings(tmp_path, ENV_REPORTING_ENGINE)
     unset = {"PYTHONHOME": None, "PYTHONPATH": None, "PYTHONSTARTUP": None}
 
-    proc = EngineProcess()
-    states = []
-    proc.state_changed.connect(states.append)
-    proc.start(settings)
-    try:
-        wait_until(lambda: states[-1] in ("stopped", "failed"), 30, "the stand-in engine")
+    with _stand_in_run(settings) as (proc, states):
         assert states[-1] == "stopped", proc.log_text()
         assert json.loads(proc.lines[0]) == unset
-    finally:
-        proc.shutdown(wait_ms=200)
 
     check = MemoryCheck()
     done = []
@@ -881,8 +894,7 @@ def test_qgis_gdal_and_proj_data_do_not_reach_the_local_engine(tmp_path, monkeyp
     The engine's rasterio (a wheel) has its own: fed QGIS's proj.db, every CRS lookup failed and
     the anchors GeoJSON named its CRS by raw WKT. Here the system's PROJ data plays QGIS's part
     (another PROJ version than rasterio's wheel). The user's GDAL options still reach it."""
-    from conftest import ENGINE_PY, wait_until
-    from geovqa.engine_process import EngineProcess
+    from conftest import ENGINE_PY
 
     monkeypatch.setenv("PROJ_DATA", "/usr/share/proj")
     monkeypatch.setenv("PROJ_LIB", "/usr/share/proj")
@@ -890,18 +902,11 @@ def test_qgis_gdal_and_proj_data_do_not_reach_the_local_engine(tmp_path, monkeyp
     monkeypatch.setenv("GDAL_DRIVER_PATH", str(tmp_path / "qgis-gdal-plugins"))
     monkeypatch.setenv("GDAL_CACHEMAX", "512")
     settings = _stand_in_settings(tmp_path, CRS_REPORTING_ENGINE.format(root=str(ROOT)), python=str(ENGINE_PY))
-    proc = EngineProcess()
-    states = []
-    proc.state_changed.connect(states.append)
-    proc.start(settings)
-    try:
-        wait_until(lambda: states[-1] in ("stopped", "failed"), 60, "the stand-in engine")
+    with _stand_in_run(settings, timeout=60) as (proc, _):
         lines = [ln for ln in proc.lines if not ln.startswith("ERROR")]
         assert lines[:3] == ["anchors crs: urn:ogc:def:crs:EPSG::32633", "crs ok", "GDAL_CACHEMAX 512"], \
             proc.log_text()
         assert not any(ln.startswith("ERROR") for ln in proc.lines), proc.log_text()  # PROJ's complaints
-    finally:
-        proc.shutdown(wait_ms=200)
 
 
 NON_ASCII_REFUSAL = '''
@@ -914,21 +919,10 @@ def test_the_engines_refusal_naming_a_non_ascii_folder_reads_right_on_windows(tm
     """Windows' Python writes a pipe in the ANSI code page (cp1252 on western Windows), and the
     plugin reads the engine's output as UTF-8: "C:\\Users\\José" came out garbled.
     PYTHONIOENCODING=cp1252 in QGIS's environment stands for that default here."""
-    from conftest import wait_until
-    from geovqa.engine_process import EngineProcess
-
     monkeypatch.setenv("PYTHONIOENCODING", "cp1252")
-    settings = _stand_in_settings(tmp_path, NON_ASCII_REFUSAL)
-    proc = EngineProcess()
-    states = []
-    proc.state_changed.connect(states.append)
-    proc.start(settings)
-    try:
-        wait_until(lambda: states[-1] in ("stopped", "failed"), 30, "the stand-in engine")
+    with _stand_in_run(_stand_in_settings(tmp_path, NON_ASCII_REFUSAL)) as (proc, states):
         assert states[-1] == "failed"
         assert "C:\\Users\\José\\AppData" in proc.failure_reason(), proc.failure_reason()
-    finally:
-        proc.shutdown(wait_ms=200)
 
 
 PARENT_PID_REPORTING_ENGINE = '''
@@ -943,18 +937,8 @@ def test_the_local_engine_is_told_which_qgis_to_end_with(tmp_path):
     (tests/engine/test_server_startup.py), and the plugin sets it to QGIS's own pid."""
     import os
 
-    from conftest import wait_until
-    from geovqa.engine_process import EngineProcess
-
-    proc = EngineProcess()
-    states = []
-    proc.state_changed.connect(states.append)
-    proc.start(_stand_in_settings(tmp_path, PARENT_PID_REPORTING_ENGINE))
-    try:
-        wait_until(lambda: states[-1] in ("stopped", "failed"), 30, "the stand-in engine")
+    with _stand_in_run(_stand_in_settings(tmp_path, PARENT_PID_REPORTING_ENGINE)) as (proc, _):
         assert list(proc.lines)[0] == f"parent {os.getpid()}", proc.log_text()
-    finally:
-        proc.shutdown(wait_ms=200)
 
 
 def test_stop_local_engine_says_when_this_qgis_started_none(plugin, qgis_iface):

@@ -8,12 +8,13 @@ quick."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
 import pytest
 
-from conftest import set_settings, wait_for_tasks, wait_until
+from conftest import MainThreadStallMeter, run_batch_dialog, set_settings, start_batch, wait_for_tasks, wait_until
 from fault_proxy import FaultProxy
 
 SHORT_TIMEOUT_S = 2.0
@@ -51,26 +52,26 @@ def task_ended(task) -> bool:
         return True
 
 
-class Heartbeat:
-    """A QTimer ticking every 50 ms on the main thread; ``worst`` is the longest gap seen (a main
-    thread blocked by a network wait shows as a gap)."""
+@contextlib.contextmanager
+def engine_behind(plugin, stub_engine, **fault):
+    """The stand-in engine behind a :class:`FaultProxy` doing ``fault``, the plugin's settings
+    pointing at the proxy (token, rasters sent by path) and its status checks off; yields the
+    proxy, closed after the block."""
+    proxy = FaultProxy(stub_engine.port, **fault)
+    try:
+        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
+        plugin.dock.timer.stop()
+        yield proxy
+    finally:
+        proxy.close()
 
-    def __init__(self):
-        from qgis.PyQt.QtCore import QTimer
 
-        self.last, self.worst = time.monotonic(), 0.0
-        self.timer = QTimer()
-        self.timer.setInterval(50)
-        self.timer.timeout.connect(self._tick)
-        self.timer.start()
-
-    def _tick(self):
-        now = time.monotonic()
-        self.worst = max(self.worst, now - self.last)
-        self.last = now
-
-    def stop(self):
-        self.timer.stop()
+def answer_broken_off(plugin, stub_engine, how):
+    """:func:`engine_behind` a proxy that cuts the answer's stream after its first 1000 bytes
+    (``how``: "fin" a close, "rst" a reset), the stand-in answering a word every 50 ms so that some
+    words came before."""
+    stub_engine.token_delay = 0.05
+    return engine_behind(plugin, stub_engine, down_cut_after=1000, cut_how=how)
 
 
 class SynDropListener:
@@ -111,13 +112,7 @@ def test_cancel_of_a_batch_whose_connection_hangs_in_connect_ends_it_at_once(plu
     try:
         set_settings(engine_url=hung.url, send_rasters="path")
         plugin.dock.timer.stop()  # no status checks against the hung port meanwhile
-        layer = raster_layer()
-        dlg = plugin.open_batch()
-        dlg.set_checked_layers({layer.id()})
-        dlg.questions_edit.setPlainText("q1\nq2")
-        done = []
-        dlg.batch_finished.connect(done.append)
-        dlg.run()
+        dlg, done = start_batch(plugin, [raster_layer()], "q1\nq2")
         spin(1.0)  # the first question is connecting
         t0 = time.monotonic()
         dlg.cancel()
@@ -247,7 +242,7 @@ def test_stop_ends_a_stalled_question_at_once_and_keeps_what_came(plugin, raster
     kw = {"stall": dict(down_stall_after=1200), "trickle_upload": dict(up_rate=4000),
           "blackhole": dict(mode="blackhole")}[fault]
     proxy = FaultProxy(stub_engine.port, **kw)
-    beat = Heartbeat()
+    beat = MainThreadStallMeter(interval_ms=50)
     try:
         set_settings(engine_url=proxy.url, token="stub-token",
                      send_rasters="upload" if fault == "trickle_upload" else "path")
@@ -350,34 +345,19 @@ def test_a_processing_answer_cut_mid_stream_keeps_the_words_that_came(plugin, st
 
     from conftest import recording_feedback
 
-    stub_engine.token_delay = 0.05
-    proxy = FaultProxy(stub_engine.port, down_cut_after=1000, cut_how="fin")
-    try:
-        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
-        plugin.dock.timer.stop()
+    with answer_broken_off(plugin, stub_engine, "fin"):
         fb = recording_feedback()
         with pytest.raises(QgsProcessingException) as failed:
             processing.run("geovqa:ask_raster", {"INPUT": raster_layer("a"), "QUESTION": "How big?"}, feedback=fb)
         said = " ".join([str(failed.value), *fb.of("info"), *fb.of("error")])
         assert "broke off" in said
         assert "The area" in said, said
-    finally:
-        proxy.close()
 
 
 def test_a_batch_whose_engine_dies_mid_way_keeps_its_rows_and_does_not_hammer(plugin, raster_layer, stub_engine):
-    proxy = FaultProxy(stub_engine.port)
-    try:
-        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
-        plugin.dock.timer.stop()
-        layer = raster_layer()
-        dlg = plugin.open_batch()
-        dlg.set_checked_layers({layer.id()})
-        dlg.questions_edit.setPlainText("q1\nq2\nq3\nq4")
-        done = []
-        dlg.batch_finished.connect(done.append)
+    with engine_behind(plugin, stub_engine) as proxy:
         stub_engine.token_delay = 0.05
-        dlg.run()
+        dlg, done = start_batch(plugin, [raster_layer()], "q1\nq2\nq3\nq4")
         wait_until(lambda: dlg.rows, 30, "the first row")
         before = proxy.connections
         stub_engine.close()  # the engine goes away
@@ -390,8 +370,6 @@ def test_a_batch_whose_engine_dies_mid_way_keeps_its_rows_and_does_not_hammer(pl
         assert proxy.connections - before <= 3 * 2  # one connection a question (+ a TLS probe each), no retries
         assert dlg.autosave_path.read_text().count("\n") == 4
         wait_for_tasks()
-    finally:
-        proxy.close()
 
 
 @pytest.mark.parametrize("how", ["rst", "fin"])
@@ -400,11 +378,7 @@ def test_an_answer_cut_mid_stream_says_what_to_do_in_words(plugin, raster_layer,
     the error read 'The answer stream broke off: IncompleteRead(0 bytes read).' (or '[Errno
     104] Connection reset by peer.'), with no hint, where the other way a stream ends early says
     'Look at the engine's log; it may have run out of memory.'"""
-    stub_engine.token_delay = 0.05
-    proxy = FaultProxy(stub_engine.port, down_cut_after=1000, cut_how=how)
-    try:
-        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
-        plugin.dock.timer.stop()
+    with answer_broken_off(plugin, stub_engine, how):
         layer = raster_layer()
         dock = plugin.dock
         dock.set_layer(layer)
@@ -417,8 +391,6 @@ def test_an_answer_cut_mid_stream_says_what_to_do_in_words(plugin, raster_layer,
         assert "IncompleteRead" not in error and "Errno" not in error, error
         assert "engine's log" in error or "Ask again" in error, error
         wait_for_tasks()
-    finally:
-        proxy.close()
 
 
 def test_a_stream_stalled_longer_than_four_heartbeats_is_said_broken(plugin, raster_layer, stub_engine,
@@ -428,10 +400,7 @@ def test_a_stream_stalled_longer_than_four_heartbeats_is_said_broken(plugin, ras
     the question ended only after the request timeout (15 minutes), the dock waiting meanwhile."""
     stub_engine.token_delay = 0.02
     stub_engine.heartbeat_s = 1.0  # four of them: 4 s, neither the short timeout nor the request one
-    proxy = FaultProxy(stub_engine.port, down_stall_after=1200)
-    try:
-        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
-        plugin.dock.timer.stop()
+    with engine_behind(plugin, stub_engine, down_stall_after=1200):
         dock = plugin.dock
         dock.set_layer(raster_layer(width=256, height=256))
         dock.ask("how many ships?")
@@ -446,8 +415,6 @@ def test_a_stream_stalled_longer_than_four_heartbeats_is_said_broken(plugin, ras
         assert "sent nothing for 4 s, not even the heartbeat" in turn["error"], turn["error"]
         assert "request timeout" not in turn["error"], turn["error"]
         wait_for_tasks()
-    finally:
-        proxy.close()
 
 
 def test_stop_during_a_stalled_result_download_ends_the_question_at_once(plugin, raster_layer, stub_engine):
@@ -482,29 +449,14 @@ def test_stop_during_a_stalled_result_download_ends_the_question_at_once(plugin,
 def test_a_batch_row_whose_answer_broke_off_keeps_its_words_as_incomplete(plugin, raster_layer, stub_engine):
     """The batch dialog's row of an answer cut mid-stream: no answer, the error, and the words
     that came in ``incomplete_answer`` (they were lost)."""
-    stub_engine.token_delay = 0.05
-    proxy = FaultProxy(stub_engine.port, down_cut_after=1000, cut_how="fin")
-    try:
-        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
-        plugin.dock.timer.stop()
-        layer = raster_layer()
-        dlg = plugin.open_batch()
-        dlg.set_checked_layers({layer.id()})
-        dlg.questions_edit.setPlainText("q1")
-        done = []
-        dlg.batch_finished.connect(done.append)
-        dlg.run()
-        wait_until(lambda: done, 30, "the batch")
-        (row,) = done[0]
+    with answer_broken_off(plugin, stub_engine, "fin"):
+        dlg, (row,) = run_batch_dialog(plugin, [raster_layer()], "q1", timeout=30)
         assert row["answer"] is None and "broke off" in row["error"], row
         assert row["incomplete_answer"].startswith("The area"), row
         # the table shows them too, before the error
         from geovqa.batch_dialog import ANSWER_COLUMN
         cell = dlg.table.item(0, ANSWER_COLUMN).text()
         assert cell.startswith("(incomplete) The area") and "ERROR: " in cell, cell
-        wait_for_tasks()
-    finally:
-        proxy.close()
 
 
 def test_a_processing_batch_row_whose_answer_broke_off_keeps_its_words_in_the_csv(plugin, stub_engine, raster_layer,
@@ -513,11 +465,7 @@ def test_a_processing_batch_row_whose_answer_broke_off_keeps_its_words_in_the_cs
 
     import processing
 
-    stub_engine.token_delay = 0.05
-    proxy = FaultProxy(stub_engine.port, down_cut_after=1000, cut_how="rst")
-    try:
-        set_settings(engine_url=proxy.url, token="stub-token", send_rasters="path")
-        plugin.dock.timer.stop()
+    with answer_broken_off(plugin, stub_engine, "rst"):
         res = processing.run("geovqa:batch_questions", {
             "LAYERS": [raster_layer("a")], "QUESTIONS": "How big?", "OUTPUT": str(tmp_path / "answers.csv")})
         assert res["ERRORS"] == 1
@@ -525,8 +473,6 @@ def test_a_processing_batch_row_whose_answer_broke_off_keeps_its_words_in_the_cs
             (row,) = list(csv.DictReader(fh))
         assert row["answer"] == "" and "broke off" in row["error"], row
         assert row["incomplete_answer"].startswith("The area"), row
-    finally:
-        proxy.close()
 
 
 def test_stop_during_a_stalled_tls_handshake_ends_the_question_at_once(qgis_app):

@@ -22,7 +22,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import qgis_process_with_plugin, set_settings, virtual_raster_layer, wait_until, write_raster
+from conftest import (MainThreadStallMeter, qgis_process_with_plugin, set_settings, virtual_raster_layer, wait_until,
+                      write_raster)
 from test_processing_outputs import _dialog, browser_model  # noqa: F401 - browser_model: the toolbox needs it
 from test_xyz_layer import _tiles
 
@@ -676,34 +677,6 @@ def test_ask_says_where_the_lasting_copies_of_the_heatmap_and_anchors_are(plugin
 # --- 4. renders run in the algorithm's task, not on the main thread -----------------------------
 
 
-class _StallMeter:
-    """The longest gap between ticks of a 20 ms QTimer on the main thread: how long the user
-    interface froze."""
-
-    def __init__(self):
-        import time
-
-        from qgis.PyQt.QtCore import QTimer
-
-        self.clock = time.perf_counter
-        self.last = self.clock()
-        self.worst = 0.0
-        self.timer = QTimer()
-        self.timer.setInterval(20)
-        self.timer.timeout.connect(self.tick)
-        self.timer.start()
-
-    def tick(self):
-        now = self.clock()
-        self.worst = max(self.worst, now - self.last)
-        self.last = now
-
-    def stop(self) -> float:
-        self.tick()
-        self.timer.stop()
-        return self.worst
-
-
 def test_the_batch_renders_its_layers_off_the_main_thread(plugin, stub_engine, raster_layer, qgis_processing,
                                                           qgis_new_project, tmp_path):
     """Run as the toolbox runs it (a QgsProcessingAlgRunnerTask in the background), the batch
@@ -730,7 +703,7 @@ def test_the_batch_renders_its_layers_off_the_main_thread(plugin, stub_engine, r
               "OUTPUT": str(tmp_path / "answers.csv")}
     done = []
     QgsApplication.processEvents()
-    meter = _StallMeter()
+    meter = MainThreadStallMeter()
     t0 = time.perf_counter()
     task = QgsProcessingAlgRunnerTask(alg, params, context, feedback)  # prepareAlgorithm runs here
     prepare = time.perf_counter() - t0
