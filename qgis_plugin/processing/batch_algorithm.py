@@ -34,6 +34,7 @@ from .common import (
     aoi_refusal,
     area_of_interest,
     ask_once,
+    discard_render,
     engine_client,
     question_source,
     questions_refusal,
@@ -187,36 +188,47 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                           + (f", and to {json_path} at the end." if json_path else "."))
         rows = []
         progress = BatchProgress(total, feedback.setProgress)  # as the batch dialog's BatchTask counts it
-        with table, self._said_on_failure(feedback, rows, csv_path, json_path):
-            for item in self.items:
-                if feedback.isCanceled():
-                    break
-                if not item["error"]:
-                    try:  # a non-file layer: rendered now, off the main thread (Cancel stops it)
-                        render_source(item, feedback, self.client)
-                    except QgsProcessingException as exc:  # this layer's rows say why
-                        item["error"] = str(exc)
+        answered = set()  # the items an answer came from (id)
+        try:
+            with table, self._said_on_failure(feedback, rows, csv_path, json_path):
+                for item in self.items:
                     if feedback.isCanceled():
                         break
-                # an engine on another computer: the raster is converted once for all its questions
-                upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"], feedback.isCanceled,
-                                                    say_preparing(feedback, item["layer"]))
-                try:
-                    for question in questions:
+                    if not item["error"]:
+                        try:  # a non-file layer: rendered now, off the main thread (Cancel stops it)
+                            render_source(item, feedback, self.client)
+                        except QgsProcessingException as exc:  # this layer's rows say why
+                            item["error"] = str(exc)
                         if feedback.isCanceled():
                             break
-                        progress.start(len(rows), upload is not None and not error)
-                        rows.append(self._ask(item, question, options, feedback, len(rows), upload, error, progress))
-                        try:
-                            table.write(rows[-1])
-                        except OSError as exc:
-                            raise QgsProcessingException(
-                                f"Could not write the answers table {csv_path}: {exc}. It holds the answers "
-                                "before this one.") from exc
-                        progress.done(len(rows))
-                finally:
-                    if upload is not None:
-                        upload.cleanup()  # its temporary copy, also on cancel or failure
+                    # an engine on another computer: the raster is converted once for all its questions
+                    upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"],
+                                                        feedback.isCanceled, say_preparing(feedback, item["layer"]))
+                    try:
+                        for question in questions:
+                            if feedback.isCanceled():
+                                break
+                            progress.start(len(rows), upload is not None and not error)
+                            rows.append(self._ask(item, question, options, feedback, len(rows), upload, error,
+                                                  progress))
+                            if rows[-1]["answer"] is not None:
+                                answered.add(id(item))
+                            try:
+                                table.write(rows[-1])
+                            except OSError as exc:
+                                raise QgsProcessingException(
+                                    f"Could not write the answers table {csv_path}: {exc}. It holds the answers "
+                                    "before this one.") from exc
+                            progress.done(len(rows))
+                    finally:
+                        if upload is not None:
+                            upload.cleanup()  # its temporary copy, also on cancel or failure
+        finally:
+            # a render no answer came from (its questions failed, or were cancelled or never
+            # asked) is nothing anyone will look at: it goes, as a failed "Ask a raster" run's does
+            for item in self.items:
+                if id(item) not in answered:
+                    discard_render(item)
         out = {self.OUTPUT: csv_path, self.ANSWERED: sum(1 for r in rows if r["answer"] is not None),
                # failed questions, as the batch dialog counts them: not a cancel, nor an answer kept
                # without its heatmap/anchors (its error column says what is missing)

@@ -429,3 +429,29 @@ def test_a_batch_row_cancelled_mid_answer_keeps_its_words_as_the_dialog_does(plu
     with open(out, encoding="utf-8-sig", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["answer"] == "" and row["incomplete_answer"].startswith("The"), row
+
+
+def test_a_batch_keeps_only_the_renders_an_answer_came_from(plugin, stub_engine, raster_layer, qgis_processing,
+                                                            qgis_new_project, tmp_path):
+    """Batch questions over web/virtual layers whose questions all failed kept their renders in
+    the results folder, which nothing will look at (Ask a raster removes a failed run's); a
+    render an answer came from stays with its row."""
+    from qgis.core import QgsApplication
+
+    src = raster_layer("src")
+    virt = virtual_raster_layer(src, "v")
+    stub_engine.fail_with = {"code": "internal", "message": "The engine failed.", "hint": None}
+    params = {"LAYERS": [virt.id()], "QUESTIONS": "q1\nq2", "OUTPUT": str(tmp_path / "a.csv")}
+    task, done, fb, _ = _task("geovqa:batch_questions", params, recording_feedback())
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: done, 60, "the batch")
+    wait_for_tasks()
+    assert len(stub_engine.requests) == 2  # both asked: the render was made
+    assert _renders(tmp_path) == [], "renders no answer came from were kept"
+    stub_engine.fail_with = None
+    params["OUTPUT"] = str(tmp_path / "b.csv")
+    task, done, fb, _ = _task("geovqa:batch_questions", params, recording_feedback())
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: done, 60, "the answered batch")
+    wait_for_tasks()
+    assert done[0][0] and len(_renders(tmp_path)) == 1  # what was sent stays with its answers
