@@ -143,18 +143,24 @@ def test_ctrl_c_waits_for_the_end_of_an_optimizer_update():
 
     from engine.finetune import _ctrl_c_deferred
 
-    before = signal.getsignal(signal.SIGINT)
-    reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with _ctrl_c_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            reached.append("end of block")
-    assert reached == ["end of block"]
-    assert signal.getsignal(signal.SIGINT) is before
-    with _ctrl_c_deferred():  # nothing caught: nothing raised
-        reached.append("quiet")
-    assert reached[-1] == "quiet"
+    # Python's own Ctrl-C handler, as in a terminal: a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored, where the deferral is a no-op
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with _ctrl_c_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                reached.append("end of block")
+        assert reached == ["end of block"]
+        assert signal.getsignal(signal.SIGINT) is before
+        with _ctrl_c_deferred():  # nothing caught: nothing raised
+            reached.append("quiet")
+        assert reached[-1] == "quiet"
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_ctrl_c_during_validation_keeps_the_step_in_the_log(data, tiny_checkpoint, tmp_path, capsys):
