@@ -331,17 +331,17 @@ def dial_host(host: str) -> str:
     return LOOPBACK_NAMES.get(host, host)
 
 
-def dialled_at(conn: http.client.HTTPConnection, address: str) -> http.client.HTTPConnection:
-    """``conn`` with its socket opened to ``address`` (and its port) rather than to its host,
-    which it still names in the ``Host`` header and, over https, as the TLS server name (the
-    name the certificate is checked against). ``conn`` itself when ``address`` is its host."""
-    if address != conn.host:
-        open_socket = conn._create_connection  # http.client's hook, socket.create_connection
+def dialled(conn: http.client.HTTPConnection, watcher=None) -> http.client.HTTPConnection:
+    """``conn`` (not opened yet) with its socket made by :func:`open_socket` at
+    :func:`dial_host` of its host (``localhost``: 127.0.0.1), which it still names in the
+    ``Host`` header and, over https, as the TLS server name (the name the certificate is checked
+    against); ``watcher`` (an :class:`AskStream`, or None) gets the socket before it connects."""
+    address = dial_host(conn.host)
 
-        def to_address(host_port, *args, **kwargs):
-            return open_socket((address, host_port[1]), *args, **kwargs)
+    def connect(host_port, timeout=None, source_address=None):
+        return open_socket((address, host_port[1]), timeout, source_address, watcher)
 
-        conn._create_connection = to_address
+    conn._create_connection = connect  # http.client's hook (socket.create_connection)
     return conn
 
 
@@ -452,13 +452,7 @@ class EngineClient:
             conn.watcher = watcher
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        address = dial_host(self.host)
-
-        def connect(host_port, timeout=None, source_address=None):
-            return open_socket((address, host_port[1]), timeout, source_address, watcher)
-
-        conn._create_connection = connect  # http.client's hook (socket.create_connection)
-        return conn
+        return dialled(conn, watcher)
 
     def ssl_context(self):
         """The TLS context of https connections (:func:`tls.context`); EngineError('tls_ca_file')

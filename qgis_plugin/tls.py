@@ -116,9 +116,9 @@ def certificate_error(client, exc: ssl.SSLCertVerificationError):
 def speaks_plain_http(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
     """True when ``GET /health`` over plain HTTP at host:port gets an HTTP answer (no token sent).
     ``localhost`` is dialled at 127.0.0.1, as the client dials it (:func:`client.dial_host`)."""
-    from .client import dial_host, dialled_at
+    from .client import dialled
 
-    conn = dialled_at(http.client.HTTPConnection(host, port, timeout=timeout), dial_host(host))
+    conn = dialled(http.client.HTTPConnection(host, port, timeout=timeout))
     try:
         conn.request("GET", "/health")
         conn.getresponse().read()
