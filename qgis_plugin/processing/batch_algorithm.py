@@ -188,46 +188,18 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
                           + (f", and to {json_path} at the end." if json_path else "."))
         rows = []
         progress = BatchProgress(total, feedback.setProgress)  # as the batch dialog's BatchTask counts it
-        answered = set()  # the items an answer came from (id)
         try:
             with table, self._said_on_failure(feedback, rows, csv_path, json_path):
                 for item in self.items:
                     if feedback.isCanceled():
                         break
-                    if not item["error"]:
-                        try:  # a non-file layer: rendered now, off the main thread (Cancel stops it)
-                            render_source(item, feedback, self.client)
-                        except QgsProcessingException as exc:  # this layer's rows say why
-                            item["error"] = str(exc)
-                        if feedback.isCanceled():
-                            break
-                    # an engine on another computer: the raster is converted once for all its questions
-                    upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"],
-                                                        feedback.isCanceled, say_preparing(feedback, item["layer"]))
-                    try:
-                        for question in questions:
-                            if feedback.isCanceled():
-                                break
-                            progress.start(len(rows), upload is not None and not error)
-                            rows.append(self._ask(item, question, options, feedback, len(rows), upload, error,
-                                                  progress))
-                            if rows[-1]["answer"] is not None:
-                                answered.add(id(item))
-                            try:
-                                table.write(rows[-1])
-                            except OSError as exc:
-                                raise QgsProcessingException(
-                                    f"Could not write the answers table {csv_path}: {exc}. It holds the answers "
-                                    "before this one.") from exc
-                            progress.done(len(rows))
-                    finally:
-                        if upload is not None:
-                            upload.cleanup()  # its temporary copy, also on cancel or failure
+                    self._answer_item(item, questions, options, feedback, rows, table, csv_path, progress)
         finally:
             # a render no answer came from (its questions failed, or were cancelled or never
             # asked) is nothing anyone will look at: it goes, as a failed "Ask a raster" run's does
+            sent = {row["raster_path"] for row in rows if row["answer"] is not None}
             for item in self.items:
-                if id(item) not in answered:
+                if item["raster_path"] not in sent:
                     discard_render(item)
         out = {self.OUTPUT: csv_path, self.ANSWERED: sum(1 for r in rows if r["answer"] is not None),
                # failed questions, as the batch dialog counts them: not a cancel, nor an answer kept
@@ -244,6 +216,36 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
             feedback.pushInfo(f"Cancelled after {self._count(finished)} of {total}: the answers so far are in "
                               + " and ".join(p for p in (csv_path, json_path) if p) + ".")
         return out
+
+    def _answer_item(self, item, questions, options, feedback, rows, table, csv_path, progress) -> None:
+        """Ask ``item`` (rendered first when it is not a file) every question, each row appended
+        to ``rows`` and written to ``table`` as it comes; Cancel ends it between steps."""
+        if not item["error"]:
+            try:  # a non-file layer: rendered now, off the main thread (Cancel stops it)
+                render_source(item, feedback, self.client)
+            except QgsProcessingException as exc:  # this layer's rows say why
+                item["error"] = str(exc)
+            if feedback.isCanceled():
+                return
+        # an engine on another computer: the raster is converted once for all its questions
+        upload, error = prepare_item_upload(self.client, item["raster_path"], item["aoi"], feedback.isCanceled,
+                                            say_preparing(feedback, item["layer"]))
+        try:
+            for question in questions:
+                if feedback.isCanceled():
+                    break
+                progress.start(len(rows), upload is not None and not error)
+                rows.append(self._ask(item, question, options, feedback, len(rows), upload, error, progress))
+                try:
+                    table.write(rows[-1])
+                except OSError as exc:
+                    raise QgsProcessingException(
+                        f"Could not write the answers table {csv_path}: {exc}. It holds the answers "
+                        "before this one.") from exc
+                progress.done(len(rows))
+        finally:
+            if upload is not None:
+                upload.cleanup()  # its temporary copy, also on cancel or failure
 
     @contextlib.contextmanager
     def _said_on_failure(self, feedback, rows, csv_path, json_path):
