@@ -108,20 +108,30 @@ def test_the_same_algorithm_twice_at_once_each_with_its_own_render(plugin, stub_
     assert x0 == pytest.approx([500000.0, 500320.0], abs=1.0)
 
 
-def test_a_model_chains_the_heatmap_into_another_algorithm(plugin, stub_engine, raster_layer, qgis_processing,
-                                                           qgis_new_project, tmp_path):
-    import processing
+def _model_asking_its_input():
+    """A model with a raster parameter IN and a child "ask" (Ask a raster about IN, QUESTION),
+    not added to the model yet: (model, ask)."""
     from qgis.core import (QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
-                           QgsProcessingModelChildParameterSource, QgsProcessingModelOutput,
-                           QgsProcessingModelParameter, QgsProcessingParameterRasterLayer)
+                           QgsProcessingModelChildParameterSource, QgsProcessingModelParameter,
+                           QgsProcessingParameterRasterLayer)
 
-    layer = raster_layer("a")
     model = QgsProcessingModelAlgorithm("chain", "test")
     model.addModelParameter(QgsProcessingParameterRasterLayer("IN", "in"), QgsProcessingModelParameter("IN"))
     ask = QgsProcessingModelChildAlgorithm("geovqa:ask_raster")
     ask.setChildId("ask")
     ask.addParameterSources("INPUT", [QgsProcessingModelChildParameterSource.fromModelParameter("IN")])
     ask.addParameterSources("QUESTION", [QgsProcessingModelChildParameterSource.fromStaticValue(QUESTION)])
+    return model, ask
+
+
+def test_a_model_chains_the_heatmap_into_another_algorithm(plugin, stub_engine, raster_layer, qgis_processing,
+                                                           qgis_new_project, tmp_path):
+    import processing
+    from qgis.core import (QgsProcessingModelChildAlgorithm, QgsProcessingModelChildParameterSource,
+                           QgsProcessingModelOutput)
+
+    layer = raster_layer("a")
+    model, ask = _model_asking_its_input()
     model.addChildAlgorithm(ask)
     stats = QgsProcessingModelChildAlgorithm("native:rasterlayerstatistics")
     stats.setChildId("stats")
@@ -312,18 +322,11 @@ def test_cancel_during_a_batch_render(plugin, stub_engine, raster_layer, qgis_pr
 def test_a_model_with_a_rendered_layer_run_in_the_background(plugin, stub_engine, raster_layer, qgis_processing,
                                                              qgis_new_project, tmp_path):
     from qgis.core import (QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingContext,
-                           QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
-                           QgsProcessingModelChildParameterSource, QgsProcessingModelOutput,
-                           QgsProcessingModelParameter, QgsProcessingParameterRasterLayer, QgsProject)
+                           QgsProcessingModelOutput, QgsProject)
 
     set_settings(render_max_px=1024)
     virt = virtual_raster_layer(raster_layer("src"), "v", size=(1024, 768))
-    model = QgsProcessingModelAlgorithm("chain", "test")
-    model.addModelParameter(QgsProcessingParameterRasterLayer("IN", "in"), QgsProcessingModelParameter("IN"))
-    ask = QgsProcessingModelChildAlgorithm("geovqa:ask_raster")
-    ask.setChildId("ask")
-    ask.addParameterSources("INPUT", [QgsProcessingModelChildParameterSource.fromModelParameter("IN")])
-    ask.addParameterSources("QUESTION", [QgsProcessingModelChildParameterSource.fromStaticValue(QUESTION)])
+    model, ask = _model_asking_its_input()
     out = QgsProcessingModelOutput("HEAT")
     out.setChildOutputName("HEATMAP")
     out.setChildId("ask")
