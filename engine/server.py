@@ -314,9 +314,8 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
         """Cancel a waiting or running job; ``?remove=true`` also removes a finished batch job
         (docs/protocol.md)."""
         require_token(request)
-        await asyncio.to_thread(find_job, job_id)
         info = await asyncio.to_thread(jobs.cancel, job_id, remove)
-        if info is None:  # removed meanwhile
+        if info is None:  # no such job (JobQueue.cancel looks it up as GET does)
             raise JobError("not_found", f"There is no job {job_id!r}.")
         return info
 
