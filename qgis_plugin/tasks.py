@@ -7,8 +7,6 @@ the main thread through Qt signals (queued, since the task object lives in the m
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import threading
 import time
@@ -152,10 +150,7 @@ def discard_kept_files(event: dict) -> None:
     """Remove the heatmap and anchors :func:`keep_result_files` kept for a result ``event`` that
     nothing will show (its question was stopped or superseded once they were kept)."""
     for key in ("local_heatmap_path", "local_anchors_path"):
-        path = event.get(key)
-        if path:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+        _remove(event.get(key))
 
 
 def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path, stem: str, clip_bounds=None,
