@@ -146,10 +146,19 @@ def output_size(extent: QgsRectangle, max_px: int, pixel_size: float | None = No
     return QSize(*(reduced_size(size, max_pixels) or size))
 
 
-def capped_by_budget(settings: QgsMapSettings, layer, extent: QgsRectangle, max_px: int) -> bool:
-    """Whether the render ``settings`` of ``layer`` over ``extent`` is smaller than the *Render
-    size* ``max_px`` and the layer's own pixels make it: the engine's read budget capped it."""
-    return output_size(extent, max_px, native_pixel_size(layer)) != settings.outputSize()
+def limit_to_budget(settings: QgsMapSettings, extent: QgsRectangle, max_px: int, pixel_size: float | None,
+                    max_pixels: int | None) -> bool:
+    """Make the render ``settings`` (of :func:`map_settings` over ``extent``, *Render size*
+    ``max_px``, the layer's ``pixel_size``) hold no more than about ``max_pixels`` pixels (the
+    engine's ``max_read_pixels``; None: not known), aspect kept (:func:`output_size`); whether
+    that made it smaller."""
+    if not max_pixels:
+        return False
+    size = output_size(extent, max_px, pixel_size, max_pixels)
+    if size == settings.outputSize():
+        return False
+    settings.setOutputSize(size)
+    return True
 
 
 def size_note(size: QSize, capped: bool, max_pixels: int | None) -> str:
@@ -162,14 +171,14 @@ def size_note(size: QSize, capped: bool, max_pixels: int | None) -> str:
     return text
 
 
-def map_settings(layer, extent: QgsRectangle, max_px: int, max_pixels: int | None = None) -> QgsMapSettings:
-    """Render ``layer`` alone in its own CRS over ``extent`` (layer CRS), longest side ``max_px``,
-    never finer than the layer's own pixels (:func:`native_pixel_size`) and no more than about
-    ``max_pixels`` pixels (the engine's ``max_read_pixels``; None: not known)."""
+def map_settings(layer, extent: QgsRectangle, max_px: int) -> QgsMapSettings:
+    """Render ``layer`` alone in its own CRS over ``extent`` (layer CRS), longest side ``max_px``
+    and never finer than the layer's own pixels (:func:`native_pixel_size`); the engine's read
+    budget is applied by :func:`limit_to_budget`."""
     ms = QgsMapSettings()
     ms.setLayers([layer])
     ms.setDestinationCrs(layer.crs())
-    ms.setOutputSize(output_size(extent, max_px, native_pixel_size(layer), max_pixels))
+    ms.setOutputSize(output_size(extent, max_px, native_pixel_size(layer)))
     ms.setExtent(extent)
     ms.setBackgroundColor(QColor(0, 0, 0, 0))
     return ms
@@ -305,11 +314,10 @@ class PreparedRender:
     render uses the clone. Whoever makes it keeps it (and so the clone) alive until the run ended.
 
     ``clone=False``, or a layer that gives no valid clone: the settings hold the layer itself,
-    which only the main thread may use (``movable`` is False: run it there). ``max_pixels``: the
-    engine's ``max_read_pixels`` when known (:func:`output_size`)."""
+    which only the main thread may use (``movable`` is False: run it there). The engine's read
+    budget, learnt later, is applied by :meth:`limit_pixels`."""
 
-    def __init__(self, layer, extent: QgsRectangle, path: str, max_px: int = 2048, clone: bool = True,
-                 max_pixels: int | None = None):
+    def __init__(self, layer, extent: QgsRectangle, path: str, max_px: int = 2048, clone: bool = True):
         self.name = layer.name()
         self.path = str(path)
         self.crs_wkt = layer.crs().toWkt()
@@ -321,20 +329,14 @@ class PreparedRender:
             self.clone = None
         self.movable = self.clone is not None
         drawn = self.clone if self.movable else layer
-        self.settings = map_settings(drawn, extent, max_px, max_pixels)
+        self.settings = map_settings(drawn, extent, max_px)
         self._size_args = (QgsRectangle(extent), int(max_px), native_pixel_size(drawn))
 
     def limit_pixels(self, max_pixels: int | None) -> bool:
         """Make the render no larger than about ``max_pixels`` pixels (the engine's
         ``max_read_pixels``, learnt after the render was made ready; None: no change), aspect
-        kept (:func:`output_size`); whether that made it smaller. Before :meth:`run` only."""
-        if not max_pixels:
-            return False
-        size = output_size(*self._size_args, max_pixels=max_pixels)
-        if size == self.settings.outputSize():
-            return False
-        self.settings.setOutputSize(size)
-        return True
+        kept (:func:`limit_to_budget`); whether that made it smaller. Before :meth:`run` only."""
+        return limit_to_budget(self.settings, *self._size_args, max_pixels)
 
     def run(self, feedback=None) -> tuple | None:
         """Render and write: (path, visible extent), or None when ``feedback`` was cancelled
@@ -401,8 +403,8 @@ class LayerRenderer(QObject):
         super().__init__(parent)
         self.layer = layer
         self.path = str(path)
-        self.settings = map_settings(layer, extent, max_px, max_pixels)
-        self.capped = bool(max_pixels) and capped_by_budget(self.settings, layer, extent, max_px)
+        self.settings = map_settings(layer, extent, max_px)
+        self.capped = limit_to_budget(self.settings, extent, max_px, native_pixel_size(layer), max_pixels)
         self.size_note = size_note(self.settings.outputSize(), self.capped, max_pixels)
         self.crs_wkt = layer.crs().toWkt()
         self.job = None
