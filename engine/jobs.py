@@ -420,7 +420,7 @@ class JobQueue:
         if self._lock_file is None:
             self._lock_file = lock_state_dir(self.state_dir)
         self._resume_batches()  # removes the finished jobs older than the retention
-        self._prune_outputs()
+        # (the output folder was pruned when the engine writing it started: Engine.__init__)
         self._last_housekeeping = time.monotonic()
         self._thread = threading.Thread(target=self._worker, name="gpu-worker", daemon=True)
         self._worker_alive = True
