@@ -212,12 +212,6 @@ def feature_entry_ceiling(hidden_size: int, tile_px: int, patch_px: int, max_can
     return tiles * tokens * int(hidden_size) * int(value_bytes)
 
 
-def feature_cache_need(cap: int, entry_ceiling: int, items: int = FEATURE_CACHE_ITEMS) -> int:
-    """What a feature cache capped at `cap` bytes can really come to hold: no more than `items`
-    entries of at most `entry_ceiling` bytes (a small model's features never reach the cap)."""
-    return max(0, min(int(cap), int(items) * int(entry_ceiling)))
-
-
 class FeatureCache(_LRU):
     """Vision features per raster read (CPU tensors); a `max_bytes` of 0 keeps nothing."""
 

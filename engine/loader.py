@@ -132,14 +132,15 @@ def feature_cache_need(cfg: dict[str, Any], cap: int) -> int:
     """The RAM the engine's feature cache, capped at `cap` bytes, can come to hold beside the
     checkpoint whose config.json is `cfg` (`read_config_json`): its cap, or less when even full
     its entries of this model's features (vision hidden size, largest canvas) stay smaller."""
-    from engine.cache import feature_cache_need as need, feature_entry_ceiling
+    from engine.cache import FEATURE_CACHE_ITEMS, feature_entry_ceiling
     from engine.modeling import DEFAULT_VISION_TOWER, clip_vision_config_of
     from engine.tiling import anyres_pinpoints
 
     clip = clip_vision_config_of(cfg.get("vision_config"), cfg.get("mm_vision_tower", DEFAULT_VISION_TOWER))
     pins = cfg.get("image_grid_pinpoints") or anyres_pinpoints()
     canvas = max(int(w) * int(h) for w, h in pins)
-    return need(cap, feature_entry_ceiling(clip.hidden_size, clip.image_size, clip.patch_size, canvas))
+    entry = feature_entry_ceiling(clip.hidden_size, clip.image_size, clip.patch_size, canvas)
+    return max(0, min(int(cap), FEATURE_CACHE_ITEMS * entry))  # at most that many entries
 
 
 def weight_files(weights_dir: str | os.PathLike) -> list[Path]:
