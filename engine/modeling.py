@@ -77,12 +77,6 @@ QWEN2_7B_LM: dict[str, Any] = {
     "rope_scaling": None,
 }
 
-# Neighbour offsets (d_row, d_col) of the 9 affinity channels, in channel order.
-NEIGHBOUR_OFFSETS: tuple[tuple[int, int], ...] = tuple(
-    (dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
-)
-
-
 def clip_vision_config_of(vision_config: dict | None,
                           mm_vision_tower: str | None = DEFAULT_VISION_TOWER) -> CLIPVisionConfig:
     """The CLIPVisionConfig a checkpoint's config describes: its ``vision_config`` if present,
@@ -225,7 +219,8 @@ class LlavaVisionTower(nn.Module):
 
 class RegProxyAffinityHead(nn.Module):
     """Learned 3 x 3 neighbour affinity: depthwise 3x3 conv (no bias), 1x1 conv to 9 channels,
-    softmax over the 9 neighbours of each patch. Input (B, H, W, D), output (B, H, W, 9)."""
+    softmax over the 9 neighbours of each patch. Input (B, H, W, D), output (B, H, W, 9), the
+    channels in ``engine.selection.clusters.OFFSETS`` order (row offset, then column offset)."""
 
     def __init__(self, in_dim: int = 1024) -> None:
         super().__init__()

@@ -65,16 +65,6 @@ def tile_grid(geometry: Any, n_tiles: int) -> tuple[int, int]:
     return 1, n_tiles
 
 
-def patch_rc(geometry: Any, n_tiles: int, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]:
-    """Global patch-grid (row, col) of every flat patch id t * grid**2 + p, shape (T * P,)."""
-    rows, cols = tile_grid(geometry, n_tiles)
-    ids = np.arange(n_tiles * grid * grid)
-    t, p = np.divmod(ids, grid * grid)
-    tr, tc = np.divmod(t, cols)
-    pr, pc = np.divmod(p, grid)
-    return tr * grid + pr, tc * grid + pc
-
-
 def project(model: Any, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Vision vectors (N, D) -> LM embeddings (N, H) through the model's projector, in chunks.
     Without a model (pure-tensor tests) the vectors are returned unchanged."""
