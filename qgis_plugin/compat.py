@@ -36,10 +36,6 @@ POLYGON_GEOMETRY = _first(
     lambda: Qgis.GeometryType.Polygon,
     lambda: QgsWkbTypes.GeometryType.PolygonGeometry,
 )
-LINE_GEOMETRY = _first(
-    lambda: Qgis.GeometryType.Line,
-    lambda: QgsWkbTypes.GeometryType.LineGeometry,
-)
 PROCESSING_RASTER = _first(
     lambda: Qgis.ProcessingSourceType.Raster,
     lambda: QgsProcessing.SourceType.TypeRaster,
@@ -56,10 +52,6 @@ PARAM_ADVANCED = _first(
     lambda: Qgis.ProcessingParameterFlag.Advanced,
     lambda: QgsProcessingParameterDefinition.Flag.FlagAdvanced,
 )
-PARAM_OPTIONAL = _first(
-    lambda: Qgis.ProcessingParameterFlag.Optional,
-    lambda: QgsProcessingParameterDefinition.Flag.FlagOptional,
-)
 RAMP_INTERPOLATED = _first(
     lambda: Qgis.ShaderInterpolationMethod.Linear,
     lambda: QgsColorRampShader.Type.Interpolated,
@@ -75,7 +67,6 @@ STATS_MIN_MAX = _first(
 MSG_INFO = Qgis.MessageLevel.Info
 MSG_WARNING = Qgis.MessageLevel.Warning
 MSG_CRITICAL = Qgis.MessageLevel.Critical
-MSG_SUCCESS = Qgis.MessageLevel.Success
 
 
 def qaction_class():

@@ -36,7 +36,6 @@ from .compat import RAMP_DISCRETE, RAMP_INTERPOLATED, STATS_MIN_MAX
 HEATMAP_PREFIX = "heatmap"  # each heatmap is named "heatmap: <layer> — <question>" (heatmap_name)
 LEGACY_HEATMAP_NAME = "kept-token heatmap"  # what every heatmap was called before: projects saved then
 ANCHORS_PREFIX = "anchors"  # each anchors layer: "anchors: <layer> — <question>" (anchors_name)
-LEGACY_ANCHORS_NAME = "anchor tokens"  # what every anchors layer was called before
 # custom layer property marking GeoVQA's own result layers (saved with the project): the chat dock
 # does not offer them as layers to ask about
 RESULT_LAYER_PROPERTY = "geovqa/result_layer"
