@@ -61,6 +61,7 @@ from engine.adapter_settings import training_settings
 from engine.data import DataError, Sample, load_dataset, split_is_by_raster, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
 from engine.json_files import json_lines
+from engine.loader import base_model
 from engine.run_settings import (absolute_path, changed_settings, model_choice, resolve_tokens_per_tile,
                                  resolved_quantization, with_model_choice, with_resolved_quantization)
 
@@ -156,7 +157,7 @@ def build_training_inputs(model, enc: EncodedConversation, visual):
     the visual embeddings (N, H) sit between the two text pieces with label -100."""
     import torch  # noqa: PLC0415
 
-    base = _base(model)
+    base = base_model(model)
     emb = base.get_input_embeddings()
     dev = emb.weight.device
     parts = [emb(torch.tensor(enc.before, dtype=torch.long, device=dev))]
@@ -178,7 +179,7 @@ def answer_loss(model, inputs_embeds, labels, attention_mask=None):
     full (L x vocab) logits of a 14K-token sequence would take ~8 GB in float32."""
     import torch.nn.functional as F  # noqa: PLC0415
 
-    base = _base(model)
+    base = base_model(model)
     hidden = base.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     keep = target != IGNORE
@@ -186,12 +187,6 @@ def answer_loss(model, inputs_embeds, labels, attention_mask=None):
     h = hidden[:, :-1][keep]
     logits = head(h.to(head.weight.dtype))  # float32 norms hand on float32 to a bf16 head
     return F.cross_entropy(logits.float(), target[keep])
-
-
-def _base(model):
-    """The LlavaQwenForCausalLM under an optional peft wrapper."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
 
 
 # ------------------------------------------------------------------------------ visual tokens
@@ -213,7 +208,7 @@ def default_visual_fn(model, *, strategy: str, budget: int | None, tokens_per_ti
 
     from engine.pipeline import prepare_visual  # noqa: PLC0415
 
-    base = _base(model)
+    base = base_model(model)
 
     def fn(sample: Sample):
         was_training = model.training
@@ -272,7 +267,7 @@ def upcast_lm_norms(model) -> int:
     number of parameters cast."""
     import torch  # noqa: PLC0415
 
-    lm = _base(model).model
+    lm = base_model(model).model
     cast = 0
     for name, mod in lm.named_modules():
         if name.startswith(("vision_tower", "mm_projector", "reghead")):
