@@ -26,8 +26,9 @@ record. Keys a record carries beyond these (LLaVA data often has some) are ignor
 With ``on_bad="stop"`` the first bad sample raises `DataError` (its message names the index);
 with ``on_bad="skip"`` bad samples are left out of training and all of them are written to a
 report file (JSON Lines, one line per skipped sample). Nothing is dropped without a line there.
-Training adds two reasons found only while it runs (`engine.finetune`): ``too_long`` (text +
-visual tokens exceed ``--max-length``) and ``visual_failed`` (the raster read / strategy failed).
+Training adds three reasons found only while it runs (`engine.finetune_loop`): ``too_long`` (text +
+visual tokens exceed ``--max-length``), ``visual_failed`` (the raster read / strategy failed) and
+``out_of_memory`` (the sample's visual path, forward or backward pass ran out of memory).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
 
     from engine.benchmarks.memory import RssSampler
     from engine.data import Sample, Turn
-    from engine.finetune import add_lora, answer_loss, build_training_inputs, encode_conversation
+    from engine.finetune_inputs import answer_loss, build_training_inputs, encode_conversation
+    from engine.finetune_lora import add_lora
     from engine.loader import load_model
 
     cuda = device.startswith("cuda")

@@ -143,7 +143,7 @@ def test_a_record_may_choose_its_bands_and_carry_other_keys(tmp_path):
 
 def test_training_time_reasons_are_listed_reasons():
     from engine.data import BAD_REASONS
-    from engine.finetune import TRAINING_TIME_REASONS
+    from engine.finetune_loop import TRAINING_TIME_REASONS
 
     assert set(TRAINING_TIME_REASONS) <= set(BAD_REASONS)
 

@@ -12,13 +12,9 @@ import torch
 from PIL import Image
 
 from engine.data import DataError, Sample, Turn, load_dataset
-from engine.finetune import (
-    IGNORE,
-    LM_TARGET_REGEX,
-    add_finetune_arguments,
-    encode_conversation,
-    run_finetune,
-)
+from engine.finetune import add_finetune_arguments, run_finetune
+from engine.finetune_inputs import IGNORE, encode_conversation
+from engine.finetune_lora import LM_TARGET_REGEX
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 
@@ -182,7 +178,7 @@ def test_a_too_long_sample_stops_the_run_under_on_bad_sample_stop(tmp_path, tiny
 def test_target_regex_lm_head_optional():
     import re
 
-    from engine.finetune import lm_target_regex
+    from engine.finetune_lora import lm_target_regex
 
     rx = lm_target_regex(["q_proj", "lm_head"])
     assert re.fullmatch(rx, "lm_head") and re.fullmatch(rx, "model.layers.1.self_attn.q_proj")
@@ -225,7 +221,7 @@ def test_gpu_benchmark_step_runs_on_cpu_with_the_tiny_model(tmp_path, tiny_check
 
 
 def test_answer_loss_equals_the_causal_lm_loss(tiny_model, tiny_tokenizer):
-    from engine.finetune import answer_loss, build_training_inputs
+    from engine.finetune_inputs import answer_loss, build_training_inputs
 
     s = Sample(index=0, id="0", image=None, turns=[Turn("user", "<image>\nHow many?"), Turn("assistant", "Three")])
     enc = encode_conversation(tiny_tokenizer, s)
@@ -288,7 +284,7 @@ def test_by_default_only_the_newest_three_checkpoints_are_kept(tmp_path, tiny_ch
     """--keep-checkpoints had no default: every checkpoint stayed, and the disk filled for the
     whole run. It keeps the newest 3 by default (GeoLLaVA-8K's ft3.sh: save_total_limit 3); 0
     keeps all."""
-    from engine.finetune import _prune_checkpoints
+    from engine.finetune_checkpoints import prune_checkpoints
 
     data = _write_data(tmp_path, n=4)
     out = tmp_path / "run"
@@ -296,9 +292,9 @@ def test_by_default_only_the_newest_three_checkpoints_are_kept(tmp_path, tiny_ch
                               "--val-fraction", "0")) == 0
     assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
     assert _args(data, out, tiny_checkpoint, "--keep-checkpoints", "0").keep_checkpoints == 0
-    _prune_checkpoints(out, 0)  # 0: keep all
+    prune_checkpoints(out, 0)  # 0: keep all
     assert len(list(out.glob("checkpoint-*"))) == 3
-    _prune_checkpoints(out, 1)
+    prune_checkpoints(out, 1)
     assert [d.name for d in out.glob("checkpoint-*")] == ["checkpoint-4"]
 
 
@@ -536,7 +532,8 @@ def test_training_selects_the_same_visual_tokens_as_ask(tmp_path, tiny_checkpoin
     """The text-guided strategies score the image through the LM's first decoder layer, whose
     q_proj / k_proj carry LoRA. Built in train mode, LoRA dropout picked other tokens on every
     pass, and other tokens than `ask` (eval mode) picks; the model stays in train mode after."""
-    from engine.finetune import add_lora, default_visual_fn
+    from engine.finetune_inputs import default_visual_fn
+    from engine.finetune_lora import add_lora
     from engine.loader import load_model
 
     loaded = load_model(tiny_checkpoint, device="cpu", quantization="fp32")
@@ -590,7 +587,7 @@ def test_finetune_takes_the_bands_ask_and_the_plugin_choose(tmp_path, tiny_check
 
         return wrapped
 
-    from engine.finetune import default_visual_fn
+    from engine.finetune_inputs import default_visual_fn
 
     assert run_finetune(args, visual_fn_factory=factory) == 0
     assert seen == {"s0": (3, 2, 1), "s1": (3, 2, 1), "s2": (4, 4, 4)}

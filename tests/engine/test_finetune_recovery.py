@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import engine.finetune as ft
+import engine.finetune_loop
 from engine.data import DataError
-from engine.finetune import default_visual_fn, run_finetune
+from engine.finetune import run_finetune
+from engine.finetune_inputs import default_visual_fn
 from test_finetune import _args, _log, _write_data
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"
@@ -91,7 +92,7 @@ def test_a_sample_out_of_memory_stops_with_its_progress_saved(data, tiny_checkpo
 def test_out_of_memory_samples_are_skipped_and_reported(data, tiny_checkpoint, tmp_path, monkeypatch):
     """One sample fails in its visual path, one in the forward pass, one in backward (whose
     partial gradients are dropped); training still makes its steps and each is reported."""
-    real_loss = ft.answer_loss
+    real_loss = engine.finetune_loop.answer_loss
     n_loss = {"calls": 0}
 
     class BackwardOom(torch.autograd.Function):
@@ -110,7 +111,7 @@ def test_out_of_memory_samples_are_skipped_and_reported(data, tiny_checkpoint, t
         loss = real_loss(*a, **k)
         return BackwardOom.apply(loss) if n_loss["calls"] == 6 else loss
 
-    monkeypatch.setattr(ft, "answer_loss", answer_loss)
+    monkeypatch.setattr(engine.finetune_loop, "answer_loss", answer_loss)  # the name train() calls
     out = tmp_path / "skip"
     calls: list[int] = []
     assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--save-every", "2",
@@ -126,7 +127,7 @@ def test_out_of_memory_samples_are_skipped_and_reported(data, tiny_checkpoint, t
     assert all(float(r["loss"]) > 0 for r in _log(out))
 
     # a resumed run keeps the report (once) and does not train on those samples again
-    monkeypatch.setattr(ft, "answer_loss", real_loss)
+    monkeypatch.setattr(engine.finetune_loop, "answer_loss", real_loss)
     seen: list[int] = []
     assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "6", "--save-every", "2",
                               "--val-fraction", "0", "--on-bad-sample", "skip", "--resume"),
@@ -141,7 +142,7 @@ def test_ctrl_c_waits_for_the_end_of_an_optimizer_update():
     import signal
     import time
 
-    from engine.finetune import _ctrl_c_deferred
+    from engine.finetune_checkpoints import ctrl_c_deferred
 
     # Python's own Ctrl-C handler, as in a terminal: a process started in the background by a
     # non-interactive shell inherits SIGINT ignored, where the deferral is a no-op
@@ -150,13 +151,13 @@ def test_ctrl_c_waits_for_the_end_of_an_optimizer_update():
         before = signal.getsignal(signal.SIGINT)
         reached = []
         with pytest.raises(KeyboardInterrupt):
-            with _ctrl_c_deferred():
+            with ctrl_c_deferred():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
                 reached.append("end of block")
         assert reached == ["end of block"]
         assert signal.getsignal(signal.SIGINT) is before
-        with _ctrl_c_deferred():  # nothing caught: nothing raised
+        with ctrl_c_deferred():  # nothing caught: nothing raised
             reached.append("quiet")
         assert reached[-1] == "quiet"
     finally:

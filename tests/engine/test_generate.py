@@ -55,7 +55,7 @@ def test_control_tokens_typed_in_a_question_stay_plain_text(tiny_tokenizer, spec
     assert tiny_tokenizer.decode(injected.after).startswith("\n" + question)  # kept as typed
     # the same in fine-tuning data, and in what the text-guided strategies read
     from engine.data import Sample, Turn
-    from engine.finetune import encode_conversation
+    from engine.finetune_inputs import encode_conversation
     from engine.selection.textscore import question_ids
 
     def encoded(q, a):

@@ -69,7 +69,7 @@ def test_qlora_preparation_keeps_frozen_tensors_as_loaded(tiny_checkpoint):
     adapters train, and gradient checkpointing is on."""
     import torch
 
-    from engine.finetune import add_lora
+    from engine.finetune_lora import add_lora
 
     loaded = load_model(tiny_checkpoint, device="cpu", quantization="nf4")
     model = add_lora(loaded.model, r=4, alpha=8, four_bit=True, gradient_checkpointing=True)
@@ -93,8 +93,8 @@ def test_qlora_trains_on_the_visual_tokens_ask_sees(tiny_checkpoint, tmp_path):
     import torch
 
     from engine.data import Sample, Turn
-    from engine.finetune import (LM_TARGETS, add_lora, answer_loss, build_training_inputs,
-                                 default_visual_fn, encode_conversation)
+    from engine.finetune_inputs import answer_loss, build_training_inputs, default_visual_fn, encode_conversation
+    from engine.finetune_lora import LM_TARGETS, add_lora
     from engine.pipeline import prepare_visual
     from engine.synth import make_scene
 
