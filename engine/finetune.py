@@ -12,6 +12,12 @@ Precision
     projector, embeddings and output head in bf16, as `ask` runs it) with the language model's
     norms in float32 (`upcast_lm_norms`); ``bf16`` = LoRA on a bf16 base; on the CPU fp32.
     On CUDA the forward runs under bf16 autocast. Adapters are kept in float32.
+    On a GPU without native bfloat16 (compute capability below 8.0: T4, V100) each of those bf16
+    is fp16 (`devices.half_precision`, `autocast_dtype`): ``fp16`` = LoRA on an fp16 base, and
+    ``bf16`` is refused. fp16's narrow range needs loss scaling (`loss_scaler`): a GradScaler
+    scales the loss before backward and unscales the float32 adapter gradients before clipping
+    and the step, skipping a step whose gradients overflowed (the lr schedule waits); its state is saved in each
+    checkpoint and restored on ``--resume``.
 Visual tokens
     Every sample's image goes through the same path as inference (raster read, anyres tiling,
     CLIP, the chosen ``--strategy`` / ``--budget``), so the model is trained on exactly the
@@ -26,7 +32,7 @@ Loop
     clipping, gradient checkpointing (non-reentrant), tqdm bar with loss and tokens/s.
 Outputs in ``--out``
     ``checkpoint-<step>/`` every ``--save-every`` steps: ``adapter/`` (peft) and
-    ``trainer_state.pt`` (optimizer, scheduler, RNG, step; tensors and plain containers only,
+    ``trainer_state.pt`` (optimizer, scheduler, RNG, step, fp16 loss scaler; tensors and plain containers only,
     read back with ``torch.load(weights_only=True)``); the newest ``--keep-checkpoints`` (3, 0 =
     all) are kept; ``--resume`` continues from the latest,
     and a run without ``--resume`` into a folder that holds checkpoints, or a finished run's
@@ -56,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engine.cli_args import add_model_arguments, add_strategy_arguments, band_choice, count_or_never, positive_int
+from engine.cli_args import AUTO_CHOICE_HELP, add_model_arguments, add_strategy_arguments, band_choice, count_or_never, positive_int
 from engine.adapter_settings import training_settings
 from engine.data import DataError, Sample, load_dataset, split_is_by_raster, split_train_val, strip_image_token
 from engine.errors import free_gpu_memory, is_oom
@@ -301,6 +307,25 @@ def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
     return get_peft_model(model, cfg)
 
 
+def autocast_dtype(device: str):
+    """The dtype the training forward autocasts to on `device`: the GPU's 16-bit format on CUDA
+    (`devices.half_dtype`: bfloat16, float16 on a GPU without native bfloat16), None (no
+    autocast: the CPU trains in the loaded dtype) elsewhere."""
+    from engine.devices import half_dtype  # noqa: PLC0415
+
+    return half_dtype(device) if device.startswith("cuda") else None
+
+
+def loss_scaler(device: str, dtype):
+    """A torch.amp.GradScaler for training under autocast to `dtype` on `device`, enabled for
+    float16 only: its 5 exponent bits flush small gradients of the fp16 activations to zero unless
+    the loss is scaled up first. bfloat16 has float32's range and needs none; a disabled scaler
+    passes the loss and the step through unchanged."""
+    import torch  # noqa: PLC0415
+
+    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+
+
 def _checkpoint_dirs(out: Path) -> list[Path]:
     """The ``checkpoint-<step>`` folders in `out`, in step order."""
     found = [(int(m.group(1)), d) for d in out.glob("checkpoint-*")
@@ -392,10 +417,12 @@ def _share_as_umask_allows(folder: Path) -> None:
 
 
 def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Path,
-                    rng: dict[str, Any] | None = None, adapter_settings: dict | None = None) -> Path:
+                    rng: dict[str, Any] | None = None, adapter_settings: dict | None = None,
+                    scaler=None) -> Path:
     """Write checkpoint-<step> atomically (a temporary folder renamed). `rng` is the RNG state to
     store (default: now), so that a checkpoint taken after an interruption can hold the state of
-    the end of its step."""
+    the end of its step. `scaler`: the fp16 loss scaler (`loss_scaler`), whose state (empty when
+    it is disabled) is stored beside the optimizer's."""
     import torch  # noqa: PLC0415
 
     d = out / f"checkpoint-{step}"
@@ -408,7 +435,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Pat
     save_adapter(model, tmp / "adapter", adapter_settings)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng if rng is not None else _rng_state(), "step": step, "micro": micro,
-                "format": 1},
+                "scaler": scaler.state_dict() if scaler is not None else {}, "format": 1},
                tmp / "trainer_state.pt")
     if d.exists():
         import shutil  # noqa: PLC0415
@@ -418,8 +445,10 @@ def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Pat
     return d
 
 
-def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, int]:
-    """Restore adapter weights, optimizer, scheduler and RNG; return (step, micro)."""
+def load_checkpoint(model, optimizer, scheduler, ckpt: Path, scaler=None) -> tuple[int, int]:
+    """Restore adapter weights, optimizer, scheduler, RNG and the fp16 loss scaler (when `scaler`
+    is enabled and the checkpoint holds a state: one saved without fp16, by an older version or
+    on a GPU with bfloat16, leaves it at its start); return (step, micro)."""
     import torch  # noqa: PLC0415
     from peft import set_peft_model_state_dict  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
@@ -439,6 +468,8 @@ def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, int]:
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return int(state["step"]), int(state["micro"])
 
@@ -505,9 +536,12 @@ def train(
     device: str = "cpu",
     bad_report: Path | None = None,
     reported_before: set[int] | None = None,
+    precision=None,
 ) -> dict[str, Any]:
     """The training loop. `model` is already a peft model with trainable adapters.
-    `reported_before`: sample indices an earlier (resumed) run already skipped and reported."""
+    `reported_before`: sample indices an earlier (resumed) run already skipped and reported.
+    `precision`: the dtype the forward autocasts to; None: `autocast_dtype(device)` (none on the
+    CPU). float16 trains with loss scaling (`loss_scaler`)."""
     import torch  # noqa: PLC0415
     from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
 
@@ -524,6 +558,8 @@ def train(
     steps_per_epoch = max(1, math.ceil(len(train_samples) / cfg.grad_accum))
     total = cfg.max_steps if cfg.max_steps else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * total)), total)
+    amp_dtype = precision if precision is not None else autocast_dtype(device)
+    scaler = loss_scaler(device, amp_dtype)
 
     step, micro = 0, 0
     elapsed_before = 0.0  # training time of the run this one resumes, up to its checkpoint
@@ -533,7 +569,7 @@ def train(
         if ckpt is None:
             print(f"--resume: no checkpoint in {out}; starting from step 0", file=sys.stderr)
         else:
-            step, micro = load_checkpoint(model, optimizer, scheduler, ckpt)
+            step, micro = load_checkpoint(model, optimizer, scheduler, ckpt, scaler)
             _use_current_lr(optimizer, scheduler, cfg.lr, cfg.weight_decay)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
     if cfg.run_args is not None:  # not before: a resume refused above keeps the run's record
@@ -551,7 +587,6 @@ def train(
         with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
             elapsed_before = float(rows[-1]["elapsed_s"])
 
-    use_autocast = device.startswith("cuda")
     reported: set[int] = set(reported_before or ())  # samples skipped during training, reported once
 
     def skip(sample: Sample, reason: str, msg: str) -> None:
@@ -588,7 +623,7 @@ def train(
             return None, n_tok
         try:
             embeds, labels, mask = build_training_inputs(model, enc, vis)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = answer_loss(model, embeds, labels, mask)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
             if is_oom(exc):
@@ -663,7 +698,7 @@ def train(
         if done["step"] == done["saved"] or done["step"] == 0:
             return None
         d = save_checkpoint(model, optimizer, scheduler, done["step"], done["micro"], out, rng=done["rng"],
-                            adapter_settings=cfg.adapter_settings)
+                            adapter_settings=cfg.adapter_settings, scaler=scaler)
         done["saved"] = done["step"]
         return d
 
@@ -689,7 +724,7 @@ def train(
                         skipped_long.add(sample.index)
                         continue
                     try:
-                        (loss / cfg.grad_accum).backward()
+                        scaler.scale(loss / cfg.grad_accum).backward()
                     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
                         if not is_oom(exc):
                             raise
@@ -706,10 +741,14 @@ def train(
                 acc_n += 1
                 acc_tokens += n_tok
             with _ctrl_c_deferred():  # an update and its bookkeeping happen together or not at all
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped when an fp16 gradient overflowed ...
+                scaler.update()
+                if scaler.get_scale() >= scale:  # ... which lowers the scale: the schedule waits
+                    scheduler.step()
                 step += 1
                 done.update(step=step, micro=micro, rng=_rng_state())
                 dt = time.perf_counter() - t0
@@ -730,7 +769,7 @@ def train(
                 bar.update(1)
             if cfg.save_every and (step % cfg.save_every == 0 or step == total):
                 save_checkpoint(model, optimizer, scheduler, step, micro, out,
-                                adapter_settings=cfg.adapter_settings)
+                                adapter_settings=cfg.adapter_settings, scaler=scaler)
                 done["saved"] = step
                 _prune_checkpoints(out, cfg.keep_checkpoints)
     except BaseException as exc:  # Ctrl-C, a bad sample with --on-bad-sample stop, a crash: keep the work
@@ -788,8 +827,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="training data: LLaVA conversation JSON list or JSONL")
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, log, adapter)")
     add_model_arguments(parser, adapter=False,
-                        quantization_help="nf4 = QLoRA; bf16 = LoRA on a bf16 base; "
-                                          "auto = nf4 on CUDA (bf16 without bitsandbytes), fp32 on the CPU")
+                        quantization_help="nf4 = QLoRA; bf16 / fp16 = LoRA on a 16-bit base (fp16 for GPUs "
+                                          "without native bfloat16, where bf16 is refused); " + AUTO_CHOICE_HELP)
     parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from")
     parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="reject images whose width x height exceeds this (reported per sample)")
