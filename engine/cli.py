@@ -237,8 +237,9 @@ def _print_memory(args: argparse.Namespace) -> int:
 
     path, demo = resolve_weights(args.weights, demo_ok=not args.no_demo)
     device = resolve_device(args.device)
+    auto = plan_device(device, "auto")
     report = {"weights_dir": str(path), "demo_model": demo,
-              "auto_choice": plan_device(device, "auto").quantization,
+              "auto_choice": auto.quantization, "auto_compute": auto.compute,
               **fit_report(weight_files(path), device, usable_quantizations(device),
                            ram_cache_bytes=feature_cache_need(read_config_json(path),
                                                               feature_cache_cap(args.feature_cache_bytes)))}
@@ -258,7 +259,10 @@ def _print_memory(args: argparse.Namespace) -> int:
         verdict = {True: "fits", False: "does not fit", None: "unknown"}[r["fits"]]
         print(f"  {q:5} weights {size(r['weights_bytes']):>8}, with working memory "
               f"{size(r['needed_bytes']):>8}: {verdict}")
-    print(f"--quantization auto (the default) loads {report['auto_choice']} here")
+    print(f"--quantization auto (the default) loads {auto.description} here")
+    if auto.compute == "fp16":
+        print(f"  {auto.gpu_name or device} has no native bfloat16 (compute capability below 8.0): "
+              "the model computes in fp16, and --quantization bf16 is refused here")
     return 0
 
 

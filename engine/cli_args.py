@@ -90,8 +90,14 @@ def file_creation_problem(folder: Path) -> str | None:
     return None
 
 
+AUTO_CHOICE_HELP = ("auto = nf4 on CUDA (bf16 without bitsandbytes; fp16 on GPUs without native bfloat16, "
+                    "compute capability below 8.0), fp32 on the CPU")
+AUTO_QUANTIZATION_HELP = ("nf4 = 4-bit; bf16 / fp16 = 16-bit (fp16 for GPUs without native bfloat16, "
+                          "where bf16 is refused); " + AUTO_CHOICE_HELP)
+
+
 def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True,
-                        quantization_help: str = "auto = nf4 on CUDA (bf16 without bitsandbytes), fp32 on the CPU") -> None:
+                        quantization_help: str = AUTO_QUANTIZATION_HELP) -> None:
     """--weights, --device, --quantization, --adapter (when `adapter`), --no-demo."""
     p.add_argument("--weights", type=Path, default=None,
                    help="checkpoint folder (default: $GEOVQA_WEIGHTS, then weights/GeoLLaVA-8K, "

@@ -1,7 +1,11 @@
 """Device, dtype, quantisation and attention-kernel choices for loading the model.
 
-Pure decisions (no model code): 'auto' means nf4 on CUDA when bitsandbytes imports, otherwise
-float32 on the CPU; attention 'auto' means flash-attention-2 when ``flash_attn`` imports and the
+Pure decisions (no model code): 'auto' means nf4 on CUDA when bitsandbytes imports (16-bit
+weights without it), otherwise float32 on the CPU. The 16-bit float the model computes in (nf4's
+compute dtype, the unquantised vision tower and projector, the 16-bit weight format) is bfloat16,
+except on CUDA GPUs without native bfloat16 (compute capability below 8.0: T4, V100, RTX 20xx,
+GTX 10xx), where it is float16 (`half_precision`); there 'bf16' is refused with a sentence naming
+'fp16', and the plan's names say fp16 where fp16 runs. Attention 'auto' means flash-attention-2 when ``flash_attn`` imports and the
 model runs on a CUDA GPU flash-attention supports (Ampere, compute capability 8.0, and newer),
 else PyTorch SDPA. nf4 on the CPU is there on request only, where the
 installed bitsandbytes has a CPU backend (0.46 and later): about a quarter of fp32's memory for
@@ -14,7 +18,8 @@ import functools
 import importlib.util
 from dataclasses import dataclass
 
-QUANTIZATIONS = ("auto", "nf4", "bf16", "fp32")
+QUANTIZATIONS = ("auto", "nf4", "bf16", "fp16", "fp32")
+HALF_FORMATS = ("bf16", "fp16")  # the 16-bit weight formats, by their --quantization names
 ATTENTIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 
 
@@ -25,9 +30,13 @@ class DeviceChoiceError(ValueError):
 @dataclass(frozen=True)
 class DevicePlan:
     device: str  # 'cuda:0' | 'cpu'
-    quantization: str  # 'nf4' | 'bf16' | 'fp32'
+    quantization: str  # 'nf4' | 'bf16' | 'fp16' | 'fp32'
     attention: str  # 'flash_attention_2' | 'sdpa' | 'eager'
     gpu_name: str | None
+    # the float format the model computes in: 'fp32' for fp32, else `half_precision(device)`
+    # ('bf16' | 'fp16'); for nf4 the dtype of its 4-bit layers' matmuls and of every
+    # unquantised tensor (vision tower, projector, reghead, embeddings, lm_head)
+    compute: str
 
     @property
     def four_bit(self) -> bool:
@@ -35,9 +44,23 @@ class DevicePlan:
 
     @property
     def dtype(self):
-        import torch
+        """The torch dtype of `compute`: what the weights are loaded in and computed with."""
+        return torch_dtype(self.compute)
 
-        return torch.float32 if self.quantization == "fp32" else torch.bfloat16
+    @property
+    def description(self) -> str:
+        """The weight format as shown to a user: 'nf4 (fp16 compute)' where nf4 computes in
+        float16, else the quantization name, which already says the dtype."""
+        if self.four_bit and self.compute == "fp16":
+            return "nf4 (fp16 compute)"
+        return self.quantization
+
+
+def torch_dtype(name: str):
+    """torch dtype of a float format name: 'fp32' | 'bf16' | 'fp16'."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def cuda_available() -> bool:
@@ -103,6 +126,36 @@ def gpu_capability(device: str) -> tuple[int, int] | None:
         return None
 
 
+# bfloat16 arithmetic is native from Ampere (compute capability 8.0) on. Older GPUs have float16
+# units only: bf16 there runs emulated through float32 (slowly) or fails in a kernel that has no
+# bf16 path for them. The capability is the rule, not torch.cuda.is_bf16_supported(): by default
+# (including_emulation=True) that answers True on a T4 too, because emulation "works"; its
+# native answer is the same capability test, and reading the capability keeps this rule and
+# flash-attention's (FLASH_MIN_CAPABILITY) on one probe.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def half_precision(device: str) -> str:
+    """'bf16' or 'fp16': the 16-bit float format the model computes in on `device`.
+
+    'fp16' on a CUDA GPU below compute capability 8.0 (no native bfloat16), 'bf16' on newer ones
+    and on the CPU (where bfloat16 is PyTorch's supported 16-bit format). A GPU whose capability
+    cannot be read keeps bf16, as before this choice existed."""
+    capability = gpu_capability(device) if device.startswith("cuda") else None
+    return "fp16" if capability is not None and capability < BF16_MIN_CAPABILITY else "bf16"
+
+
+def half_dtype(device: str):
+    """The torch dtype of `half_precision(device)` (torch.bfloat16 or torch.float16)."""
+    return torch_dtype(half_precision(device))
+
+
+def _capability_text(device: str) -> str:
+    capability = gpu_capability(device)
+    have = f"{capability[0]}.{capability[1]}" if capability else "unknown"
+    return f"{gpu_name(device) or device} has {have}"
+
+
 def resolve_device(device: str = "auto") -> str:
     device = (device or "auto").lower()
     if device == "auto":
@@ -129,8 +182,18 @@ def plan_device(device: str = "auto", quantization: str = "auto", attn: str = "a
     if quant not in QUANTIZATIONS:
         raise DeviceChoiceError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS}")
     on_cuda = dev.startswith("cuda")
+    half = half_precision(dev)
     if quant == "auto":
-        quant = "nf4" if on_cuda and bitsandbytes_usable() else ("bf16" if on_cuda else "fp32")
+        quant = "nf4" if on_cuda and bitsandbytes_usable() else (half if on_cuda else "fp32")
+    if quant == "bf16" and half == "fp16":
+        raise DeviceChoiceError(
+            f"bf16 needs a GPU with native bfloat16 (compute capability 8.0 and up: Ampere and "
+            f"newer); {_capability_text(dev)}: use quantization 'fp16' (the same size) or 'nf4'"
+        )
+    if quant == "fp16" and not on_cuda:
+        raise DeviceChoiceError(
+            "fp16 is for CUDA GPUs without native bfloat16; on the CPU use quantization 'fp32' or 'bf16'"
+        )
     if quant == "nf4":
         if not on_cuda and not bitsandbytes_cpu_4bit_usable():
             raise DeviceChoiceError(
@@ -140,7 +203,7 @@ def plan_device(device: str = "auto", quantization: str = "auto", attn: str = "a
         if not bitsandbytes_usable():
             raise DeviceChoiceError(
                 "4-bit nf4 needs the bitsandbytes package, which does not import here; "
-                "install it or use quantization 'bf16'"
+                f"install it or use quantization '{half}'"
             )
     a = (attn or "auto").lower()
     if a not in ATTENTIONS:
@@ -154,19 +217,21 @@ def plan_device(device: str = "auto", quantization: str = "auto", attn: str = "a
             "flash_attention_2 needs a CUDA GPU and the flash_attn package; use attn 'sdpa'"
         )
     elif a == "flash_attention_2" and not flash_gpu:
-        have = f"{capability[0]}.{capability[1]}" if capability else "unknown"
         raise DeviceChoiceError(
             f"flash_attention_2 runs on Ampere and newer GPUs (compute capability 8.0 and up); "
-            f"{gpu_name(dev) or dev} has {have}: use attn 'sdpa'"
+            f"{_capability_text(dev)}: use attn 'sdpa'"
         )
-    return DevicePlan(dev, quant, a, gpu_name(dev))
+    compute = "fp32" if quant == "fp32" else (quant if quant in HALF_FORMATS else half)
+    return DevicePlan(dev, quant, a, gpu_name(dev), compute)
 
 
 def usable_quantizations(device: str) -> list[str]:
-    """The weight formats `plan_device` accepts on `device` ('cpu' or 'cuda:N'), smallest first."""
+    """The weight formats `plan_device` accepts on `device` ('cpu' or 'cuda:N'), smallest first;
+    of the two 16-bit ones the device's own (`half_precision`) only: they are the same size, and
+    on a GPU without native bfloat16 'bf16' is refused."""
     on_cuda = device.startswith("cuda")
     nf4 = bitsandbytes_usable() and (on_cuda or bitsandbytes_cpu_4bit_usable())
-    return (["nf4"] if nf4 else []) + ["bf16", "fp32"]
+    return (["nf4"] if nf4 else []) + [half_precision(device), "fp32"]
 
 
 def gpu_name(device: str) -> str | None:

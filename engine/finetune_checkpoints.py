@@ -1,7 +1,7 @@
 """`finetune`'s checkpoints and adapters on disk.
 
 ``OUT/checkpoint-<step>/`` holds ``adapter/`` (peft, with the visual-token settings it was trained
-on: `save_adapter`) and ``trainer_state.pt`` (optimizer, scheduler, RNG, step; tensors and plain
+on: `save_adapter`) and ``trainer_state.pt`` (optimizer, scheduler, RNG, step, fp16 loss scaler; tensors and plain
 containers only, read back with ``torch.load(weights_only=True)``). `save_checkpoint` writes one
 atomically (a temporary folder renamed), `load_checkpoint` restores it for ``--resume``
 (`use_current_lr` then puts in the resumed run's ``--lr`` / ``--weight-decay``),
@@ -102,10 +102,12 @@ def _share_as_umask_allows(folder: Path) -> None:
 
 
 def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Path,
-                    rng: dict[str, Any] | None = None, adapter_settings: dict | None = None) -> Path:
+                    rng: dict[str, Any] | None = None, adapter_settings: dict | None = None,
+                    scaler=None) -> Path:
     """Write checkpoint-<step> atomically (a temporary folder renamed). `rng` is the RNG state to
     store (default: now), so that a checkpoint taken after an interruption can hold the state of
-    the end of its step."""
+    the end of its step. `scaler`: the fp16 loss scaler (`finetune_loop.loss_scaler`), whose state
+    (empty when it is disabled) is stored beside the optimizer's."""
     import torch  # noqa: PLC0415
 
     d = out / f"checkpoint-{step}"
@@ -118,7 +120,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Pat
     save_adapter(model, tmp / "adapter", adapter_settings)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng if rng is not None else rng_state(), "step": step, "micro": micro,
-                "format": 1},
+                "scaler": scaler.state_dict() if scaler is not None else {}, "format": 1},
                tmp / "trainer_state.pt")
     if d.exists():
         import shutil  # noqa: PLC0415
@@ -128,8 +130,10 @@ def save_checkpoint(model, optimizer, scheduler, step: int, micro: int, out: Pat
     return d
 
 
-def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, int]:
-    """Restore adapter weights, optimizer, scheduler and RNG; return (step, micro)."""
+def load_checkpoint(model, optimizer, scheduler, ckpt: Path, scaler=None) -> tuple[int, int]:
+    """Restore adapter weights, optimizer, scheduler, RNG and the fp16 loss scaler (when `scaler`
+    is enabled and the checkpoint holds a state: one saved without fp16, by an older version or
+    on a GPU with bfloat16, leaves it at its start); return (step, micro)."""
     import torch  # noqa: PLC0415
     from peft import set_peft_model_state_dict  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
@@ -149,6 +153,8 @@ def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, int]:
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return int(state["step"]), int(state["micro"])
 

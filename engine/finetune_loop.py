@@ -4,7 +4,12 @@ what happens when a sample or the run fails.
 Loop
     batch 1 x ``--grad-accum``, AdamW, cosine schedule with ``--warmup-ratio``, gradient
     clipping, gradient checkpointing (non-reentrant), tqdm bar with loss and tokens/s. On CUDA
-    the forward runs under bf16 autocast. The sample order of each epoch comes from ``--seed``.
+    the forward runs under autocast to the GPU's 16-bit format (`autocast_dtype`: bf16, fp16 on a
+    GPU without native bfloat16). fp16's narrow range needs loss scaling (`loss_scaler`): a
+    GradScaler scales the loss before backward and unscales the float32 adapter gradients before
+    clipping and the step, skipping a step whose gradients overflowed (the lr schedule waits); its
+    state is saved in each checkpoint and restored on ``--resume``. The sample order of each
+    epoch comes from ``--seed``.
 Outputs in ``--out``
     ``checkpoint-<step>/`` every ``--save-every`` steps (`engine.finetune_checkpoints`), the
     newest ``--keep-checkpoints`` kept; ``--resume`` continues from the latest.
@@ -116,6 +121,25 @@ def plot_log(csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def autocast_dtype(device: str):
+    """The dtype the training forward autocasts to on `device`: the GPU's 16-bit format on CUDA
+    (`devices.half_dtype`: bfloat16, float16 on a GPU without native bfloat16), None (no
+    autocast: the CPU trains in the loaded dtype) elsewhere."""
+    from engine.devices import half_dtype  # noqa: PLC0415
+
+    return half_dtype(device) if device.startswith("cuda") else None
+
+
+def loss_scaler(device: str, dtype):
+    """A torch.amp.GradScaler for training under autocast to `dtype` on `device`, enabled for
+    float16 only: its 5 exponent bits flush small gradients of the fp16 activations to zero unless
+    the loss is scaled up first. bfloat16 has float32's range and needs none; a disabled scaler
+    passes the loss and the step through unchanged."""
+    import torch  # noqa: PLC0415
+
+    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+
+
 def train(
     model,
     tokenizer,
@@ -127,9 +151,12 @@ def train(
     device: str = "cpu",
     bad_report: Path | None = None,
     reported_before: set[int] | None = None,
+    precision=None,
 ) -> dict[str, Any]:
     """The training loop. `model` is already a peft model with trainable adapters.
-    `reported_before`: sample indices an earlier (resumed) run already skipped and reported."""
+    `reported_before`: sample indices an earlier (resumed) run already skipped and reported.
+    `precision`: the dtype the forward autocasts to; None: `autocast_dtype(device)` (none on the
+    CPU). float16 trains with loss scaling (`loss_scaler`)."""
     import torch  # noqa: PLC0415
     from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
 
@@ -146,6 +173,8 @@ def train(
     steps_per_epoch = max(1, math.ceil(len(train_samples) / cfg.grad_accum))
     total = cfg.max_steps if cfg.max_steps else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * total)), total)
+    amp_dtype = precision if precision is not None else autocast_dtype(device)
+    scaler = loss_scaler(device, amp_dtype)
 
     step, micro = 0, 0
     elapsed_before = 0.0  # training time of the run this one resumes, up to its checkpoint
@@ -155,7 +184,7 @@ def train(
         if ckpt is None:
             print(f"--resume: no checkpoint in {out}; starting from step 0", file=sys.stderr)
         else:
-            step, micro = load_checkpoint(model, optimizer, scheduler, ckpt)
+            step, micro = load_checkpoint(model, optimizer, scheduler, ckpt, scaler)
             use_current_lr(optimizer, scheduler, cfg.lr, cfg.weight_decay)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
     if cfg.run_args is not None:  # not before: a resume refused above keeps the run's record
@@ -173,7 +202,6 @@ def train(
         with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
             elapsed_before = float(rows[-1]["elapsed_s"])
 
-    use_autocast = device.startswith("cuda")
     reported: set[int] = set(reported_before or ())  # samples skipped during training, reported once
 
     def skip(sample: Sample, reason: str, msg: str) -> None:
@@ -210,7 +238,7 @@ def train(
             return None, n_tok
         try:
             embeds, labels, mask = build_training_inputs(model, enc, vis)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = answer_loss(model, embeds, labels, mask)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
             if is_oom(exc):
@@ -285,7 +313,7 @@ def train(
         if done["step"] == done["saved"] or done["step"] == 0:
             return None
         d = save_checkpoint(model, optimizer, scheduler, done["step"], done["micro"], out, rng=done["rng"],
-                            adapter_settings=cfg.adapter_settings)
+                            adapter_settings=cfg.adapter_settings, scaler=scaler)
         done["saved"] = done["step"]
         return d
 
@@ -311,7 +339,7 @@ def train(
                         skipped_long.add(sample.index)
                         continue
                     try:
-                        (loss / cfg.grad_accum).backward()
+                        scaler.scale(loss / cfg.grad_accum).backward()
                     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
                         if not is_oom(exc):
                             raise
@@ -328,10 +356,14 @@ def train(
                 acc_n += 1
                 acc_tokens += n_tok
             with ctrl_c_deferred():  # an update and its bookkeeping happen together or not at all
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped when an fp16 gradient overflowed ...
+                scaler.update()
+                if scaler.get_scale() >= scale:  # ... which lowers the scale: the schedule waits
+                    scheduler.step()
                 step += 1
                 done.update(step=step, micro=micro, rng=rng_state())
                 dt = time.perf_counter() - t0
@@ -352,7 +384,7 @@ def train(
                 bar.update(1)
             if cfg.save_every and (step % cfg.save_every == 0 or step == total):
                 save_checkpoint(model, optimizer, scheduler, step, micro, out,
-                                adapter_settings=cfg.adapter_settings)
+                                adapter_settings=cfg.adapter_settings, scaler=scaler)
                 done["saved"] = step
                 prune_checkpoints(out, cfg.keep_checkpoints)
     except BaseException as exc:  # Ctrl-C, a bad sample with --on-bad-sample stop, a crash: keep the work

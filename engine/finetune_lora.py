@@ -11,6 +11,8 @@ Precision
     ``--quantization nf4`` (default on CUDA) = QLoRA: the loader's 4-bit nf4 base (vision tower,
     projector, embeddings and output head in bf16, as `ask` runs it) with the language model's
     norms in float32 (`upcast_lm_norms`); ``bf16`` = LoRA on a bf16 base; on the CPU fp32.
+    On a GPU without native bfloat16 (compute capability below 8.0: T4, V100) each of those bf16
+    is fp16 (`devices.half_precision`): ``fp16`` = LoRA on an fp16 base, and ``bf16`` is refused.
     Adapters are kept in float32. `add_lora` also switches on gradient checkpointing
     (non-reentrant) and turns the KV cache off.
 """

@@ -1,4 +1,4 @@
-"""Load a GeoLLaVA-8K checkpoint directory (released layout) with nf4 / bf16 / fp32 weights.
+"""Load a GeoLLaVA-8K checkpoint directory (released layout) with nf4 / bf16 / fp16 / fp32 weights.
 
 The class is chosen from config.json's ``model_type`` / ``architectures`` (never from the
 directory name, which is what sends the original loader to the wrong class), ``rope_scaling`` is
@@ -7,7 +7,8 @@ expected tensor (LM, vision tower, projector, ``reghead``) must be present; a vi
 another tile geometry than CLIP ViT-L/14-336's (336 px, 14 px patches, 24 x 24 a tile, which
 tiling and every strategy assume) is refused before any weight is read. On CUDA the default is
 4-bit nf4 (bitsandbytes) with the vision tower, projector, reghead and lm_head kept unquantised;
-on the CPU it is float32. A peft LoRA adapter directory can be applied on top.
+on the CPU it is float32. The unquantised tensors and nf4's matmuls use the plan's 16-bit dtype
+(`DevicePlan.dtype`): bfloat16, or float16 on a GPU without native bfloat16 (`devices.half_precision`). A peft LoRA adapter directory can be applied on top.
 
 Of ``generation_config.json`` the engine takes what changes its greedy answers
 (:class:`GenerationDefaults`): the repetition penalty, which transformers' ``generate`` applies
@@ -203,16 +204,18 @@ def checkpoint_present(weights_dir: str | os.PathLike | None) -> bool:
     return True
 
 
-def _quant_config(plan: DevicePlan):
+def quant_config(plan: DevicePlan):
+    """The BitsAndBytesConfig of an nf4 plan (None for the others): 4-bit nf4 with double
+    quantisation, computing in the plan's dtype (float16 on a GPU without native bfloat16), the
+    modules of SKIP_QUANT_MODULES left unquantised."""
     if not plan.four_bit:
         return None
-    import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=plan.dtype,
         bnb_4bit_use_double_quant=True,
         llm_int8_skip_modules=list(SKIP_QUANT_MODULES),
     )
@@ -270,7 +273,7 @@ def load_model(
         "output_loading_info": True,
         "use_safetensors": True,
     }
-    qc = _quant_config(plan)
+    qc = quant_config(plan)
     if qc is not None:
         kwargs["quantization_config"] = qc
     if plan.device.startswith("cuda"):
@@ -305,6 +308,7 @@ def load_model(
         "gpu_name": plan.gpu_name,
         "quantization": plan.quantization,
         "four_bit": plan.four_bit,
+        "compute": plan.compute,  # 'bf16' | 'fp16' | 'fp32'
         "attention": plan.attention,
         "dtype": str(plan.dtype).replace("torch.", ""),
         "weights_dir": str(path.resolve()),

@@ -1,9 +1,9 @@
 """Will the weights fit? Sizes a checkpoint for a device plan before it loads.
 
 The tensor shapes come from the safetensors headers (nothing is read but the headers), the bytes
-a parameter takes from the plan: 4 in fp32, 2 in bf16, and in nf4 about 0.52 for the language
+a parameter takes from the plan: 4 in fp32, 2 in bf16 or fp16, and in nf4 about 0.52 for the language
 model's linear weights (4-bit codes plus double-quantised block scales) and 2 for everything
-kept unquantised. That sum plus working memory is compared with the memory free on the device
+kept unquantised (bf16, or fp16 on a GPU without native bfloat16). That sum plus working memory is compared with the memory free on the device
 (the GPU's free memory, or the RAM the OS says is available, capped by a container's cgroup
 limit), so a model that cannot fit is refused at once, with the choices that would fit, instead
 of after minutes of loading that end in a CUDA out-of-memory error or, on the CPU, in the
@@ -32,7 +32,8 @@ SKIP_ENV = "GEOVQA_SKIP_MEMORY_CHECK"
 # nf4 with double quantisation: 4 bits a weight, an 8-bit scale a block of 64, an fp32 scale a
 # block of 256 scales
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0}
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
+HALF_BYTES = 2.0  # nf4's unquantised tensors: bf16 or fp16, whichever the GPU computes in
 # the language model's linear weights: what bitsandbytes quantises (the loader skips the vision
 # tower, projector, reghead and lm_head)
 QUANTISED_KEY = re.compile(r"^model\.layers\.\d+\..+\.weight$")
@@ -62,7 +63,7 @@ class TensorCounts:
 
     def weight_bytes(self, quantization: str) -> int:
         if quantization == "nf4":
-            return int(self.quantisable * NF4_BYTES_PER_PARAM + self.other * BYTES_PER_PARAM["bf16"])
+            return int(self.quantisable * NF4_BYTES_PER_PARAM + self.other * HALF_BYTES)
         per = BYTES_PER_PARAM[quantization]
         return int((self.quantisable + self.other) * per)
 

@@ -355,6 +355,7 @@ class Engine:
             "gpu_free_bytes": gpu_free_bytes(dev) if str(dev).startswith("cuda") else None,
             "quantization": info.get("quantization"),
             "four_bit": bool(info.get("four_bit")),
+            "compute": info.get("compute"),
             "attention": info.get("attention"),
             "adapter": info.get("adapter"),
             "adapter_settings": self.adapter_settings,

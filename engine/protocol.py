@@ -78,8 +78,11 @@ HEALTH_FIELDS = {
     "device": "str: 'cuda:0' | 'cpu'",
     "gpu_name": "str | null",
     "gpu_free_bytes": "int | null",
-    "quantization": "str: 'nf4' | 'bf16' | 'fp32'",
+    "quantization": "str: 'nf4' | 'bf16' | 'fp16' | 'fp32' (the weight format)",
     "four_bit": "bool",
+    "compute": "str | null (optional; absent from older engines): the float format the model computes "
+    "in, 'bf16' | 'fp16' | 'fp32'; 'fp16' on a GPU without native bfloat16 (compute capability below "
+    "8.0), also for nf4, whose 4-bit layers compute in it",
     "attention": "str: 'flash_attention_2' | 'sdpa' | 'eager'",
     "adapter": "str | null: the LoRA adapter folder the engine runs on top of the model (serve "
     "--adapter DIR), null without one",

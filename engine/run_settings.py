@@ -76,8 +76,8 @@ def with_model_choice(saved: dict, current: dict) -> dict:
 
 def resolved_quantization(device: Any, quantization: Any) -> str:
     """The base weight format a run uses, as the engine resolves --quantization on --device
-    (`devices.plan_device`): "auto" is nf4 on a CUDA GPU with bitsandbytes, bf16 on one without,
-    fp32 on the CPU. Recorded and compared instead of "auto" as typed, which names other formats on
+    (`devices.plan_device`): "auto" is nf4 on a CUDA GPU with bitsandbytes, bf16 on one without
+    (fp16 on a GPU without native bfloat16), fp32 on the CPU. Recorded and compared instead of "auto" as typed, which names other formats on
     other machines. A device or format that cannot be used here raises DeviceChoiceError, the
     reason the model load would give, before anything loads."""
     from engine.devices import plan_device  # noqa: PLC0415

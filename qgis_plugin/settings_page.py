@@ -143,7 +143,7 @@ class SettingsForm(QWidget):
         self.extra.setPlaceholderText("e.g. --device cpu --quantization bf16")
         self.extra.setToolTip(
             "More options of `python -m engine serve` for the local engine, separated by spaces (quote a "
-            "path with spaces), e.g. --device cpu, --quantization bf16 (auto, nf4, bf16, fp32), --adapter DIR "
+            "path with spaces), e.g. --device cpu, --quantization bf16 (auto, nf4, bf16, fp16, fp32), --adapter DIR "
             "(a fine-tuned LoRA adapter), --no-demo. The host and port come from the Engine URL: do not "
             "put --port here.")
         form.addRow("Extra engine arguments", self.extra)

@@ -18,6 +18,8 @@ def summary(health: dict | None, error: str = "", url: str = "") -> tuple:
     gpu = health.get("gpu_name")
     quant = health.get("quantization") or "?"
     bits = "4-bit nf4" if health.get("four_bit") else quant
+    if health.get("four_bit") and health.get("compute") == "fp16":  # a GPU without native bfloat16
+        bits += " (fp16 compute)"
     weights = "weights present" if health.get("weights_present") else "no real weights"
     where = f"{device}" + (f" ({gpu})" if gpu else "")
     line = f"{model} on {where}, {bits}, {weights}" + adapter_text(health)

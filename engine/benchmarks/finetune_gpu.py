@@ -39,6 +39,7 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
     from engine.data import Sample, Turn
     from engine.finetune_inputs import answer_loss, build_training_inputs, encode_conversation
     from engine.finetune_lora import add_lora
+    from engine.finetune_loop import autocast_dtype, loss_scaler
     from engine.loader import load_model
 
     cuda = device.startswith("cuda")
@@ -55,6 +56,8 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
     after_prepare = torch.cuda.memory_allocated() if cuda else RssSampler().current()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    amp = autocast_dtype(device)  # as `finetune` trains: bf16, or fp16 with loss scaling
+    scaler = loss_scaler(device, amp)
     base = model.get_base_model()
     sample = Sample(index=0, id="bench", image=Path("none"), turns=[
         Turn("user", "<image>\nHow many ships are in the harbour?"), Turn("assistant", answer)])
@@ -73,10 +76,11 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
         t1 = time.perf_counter()
         with RssSampler(interval=0.05) as rss:
             embeds, labels, mask = build_training_inputs(model, enc, visual)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
                 loss = answer_loss(model, embeds, labels, mask)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize()
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from engine.devices import half_precision
 
     if not torch.cuda.is_available():
         print("No CUDA GPU: the QLoRA full-size benchmark is skipped (nothing recorded).")
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     free, total = torch.cuda.mem_get_info()
     record = {
         "what": "one QLoRA training step (forward + backward + AdamW) on GeoLLaVA-8K's full-size "
-                "architecture with random weights, batch 1, bf16 autocast, gradient checkpointing",
+                f"architecture with random weights, batch 1, {half_precision('cuda:0')} autocast, "
+                "gradient checkpointing",
         "gpu": torch.cuda.get_device_name(0),
         "gpu_total_bytes": int(total),
         "write_checkpoint_s": round(write_s, 1),

@@ -61,6 +61,7 @@ def full_size_model(device: str = "cuda", lm: dict | None = None, vision: dict |
     CUDA; `lm` / `vision` override the dimensions, e.g. for a quick check)."""
     import bitsandbytes as bnb
 
+    from engine.devices import half_dtype
     from engine.modeling import (CLIP_VIT_L_14_336, QWEN2_7B_LM, LlavaQwenConfig,
                                  LlavaQwenForCausalLM)
     from engine.tiny import build_tokenizer, tiny_config_dict
@@ -74,8 +75,9 @@ def full_size_model(device: str = "cuda", lm: dict | None = None, vision: dict |
     config = LlavaQwenConfig(**cfg)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
+    half = half_dtype(device)  # the engine's 16-bit dtype there: bf16, fp16 without native bf16
     old_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: 15 GB, not 30 GB
+    torch.set_default_dtype(half)  # build in 16 bits directly: 15 GB, not 30 GB
     try:
         with torch.device(device):
             model = LlavaQwenForCausalLM(config).eval()
@@ -87,7 +89,7 @@ def full_size_model(device: str = "cuda", lm: dict | None = None, vision: dict |
             for name, mod in list(parent.named_children()):
                 if isinstance(mod, torch.nn.Linear):
                     q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4")
+                                          compute_dtype=half, quant_type="nf4")
                     q.weight = bnb.nn.Params4bit(mod.weight.data.cpu(), requires_grad=False,
                                                  quant_type="nf4")
                     if mod.bias is not None:

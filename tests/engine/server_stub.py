@@ -50,7 +50,7 @@ class StubEngine:
     def health(self) -> dict:
         return {"status": "ok", "model": "stub", "demo_model": True, "weights_present": False,
                 "weights_dir": None, "device": "cpu", "gpu_name": None, "gpu_free_bytes": None,
-                "quantization": "fp32", "four_bit": False, "attention": "eager",
+                "quantization": "fp32", "four_bit": False, "compute": "fp32", "attention": "eager",
                 "strategies": ["geollava", "none", "uniform"], "message": None, "version": "stub"}
 
     def ask(self, req, cancel: threading.Event | None = None):

@@ -105,6 +105,20 @@ def test_health_fields_the_status_line_reads_exist(protocol):
     assert "adapter" not in status.summary(health)[1]
 
 
+def test_the_status_line_says_when_nf4_computes_in_fp16(protocol):
+    """On a GPU without native bfloat16 (a T4) the engine's nf4 layers compute in fp16."""
+    from geovqa import status
+
+    assert "compute" in protocol.HEALTH_FIELDS
+    health = {k: None for k in protocol.HEALTH_FIELDS}
+    health.update(status="ok", model="GeoLLaVA-8K", device="cuda:0", gpu_name="Tesla T4", quantization="nf4",
+                  four_bit=True, compute="fp16", weights_present=True, demo_model=False)
+    assert "4-bit nf4 (fp16 compute)" in status.summary(health)[1]
+    assert "fp16 compute" not in status.summary(dict(health, gpu_name="A100", compute="bf16"))[1]
+    assert "fp16 compute" not in status.summary(dict(health, compute=None))[1]  # an older engine
+    assert ", fp16, " in status.summary(dict(health, quantization="fp16", four_bit=False))[1]
+
+
 def test_every_error_body_becomes_a_clear_engine_error(protocol):
     from geovqa.client import EngineError, EngineUnavailable, error_from_body
 
