@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 from engine import __version__
 from engine.cache import FeatureCache, PrefixStore, content_key, feature_cache_cap, raster_key
+from engine.loader import base_model
 from engine.protocol import (DEFAULT_STRATEGY, PROTOCOL_VERSION, STRATEGIES, tokens_per_tile_of,
                              validate_question)
 from engine.weights import DEFAULT_WEIGHTS
@@ -221,7 +222,7 @@ def model_patches_per_tile(model) -> int:
     no model or it does not say."""
     from engine.selection.common import PATCHES
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    base = base_model(model)  # under an optional peft wrapper
     grid = getattr(base, "patch_grid", None)
     return int(grid) ** 2 if isinstance(grid, int) and grid > 0 else PATCHES
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engine.errors import Cancelled, OutOfMemory, is_oom
+from engine.loader import base_model
 
 # OpenAI CLIP normalisation (CLIPImageProcessor of openai/clip-vit-large-patch14-336).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -70,7 +71,7 @@ def encode_tiles(
     n = int(tiles_uint8.shape[0])
     if n < 2:
         raise ValueError("expected the overview tile plus at least one grid tile")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    base = base_model(model)  # under an optional peft wrapper
     tower = base.vision
     param = tower.vision_tower.vision_model.embeddings.patch_embedding.weight
     device, dtype = param.device, param.dtype

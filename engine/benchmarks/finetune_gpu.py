@@ -40,7 +40,7 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
     from engine.finetune_inputs import answer_loss, build_training_inputs, encode_conversation
     from engine.finetune_lora import add_lora
     from engine.finetune_loop import autocast_dtype, loss_scaler
-    from engine.loader import load_model
+    from engine.loader import base_model, load_model
 
     cuda = device.startswith("cuda")
     if cuda:
@@ -58,7 +58,7 @@ def qlora_step(weights_dir, *, device: str, quantization: str, n_visual: list[in
     opt = torch.optim.AdamW(params, lr=1e-4)
     amp = autocast_dtype(device)  # as `finetune` trains: bf16, or fp16 with loss scaling
     scaler = loss_scaler(device, amp)
-    base = model.get_base_model()
+    base = base_model(model)
     sample = Sample(index=0, id="bench", image=Path("none"), turns=[
         Turn("user", "<image>\nHow many ships are in the harbour?"), Turn("assistant", answer)])
     enc = encode_conversation(loaded.tokenizer, sample)
