@@ -4,7 +4,7 @@
   memory per strategy on synthetic 2K / 8K / 16K scenes (tiny model on CPU; full-size 4-bit on a
   GPU when one is present);
 * cache — first vs. second question on the same raster through the real server path;
-* nan_read — what NaN in a float raster costs a reduced read (engine/raster.py mends the NaN
+* nan_read — what NaN in a float raster costs a reduced read (engine/raster_read.py mends the NaN
   GDAL's average spreads);
 * qlora_gpu — a QLoRA step on the full-size architecture (only where CUDA is available);
 * gpu_load — the full-size architecture loaded in nf4 and a generation (only with CUDA; on the

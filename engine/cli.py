@@ -67,7 +67,8 @@ def parse_aoi(text: str | None):
 def _geojson_file(path: Path) -> dict:
     """The GeoJSON object of an area-of-interest file, as it is: a geometry, a Feature or a
     FeatureCollection is sent as the protocol's ``geojson`` and checked there, by the reader's
-    own `engine.raster.geojson_area` (a FeatureCollection's polygons are joined into one area)."""
+    own `engine.area_of_interest.geojson_area` (a FeatureCollection's polygons are joined into
+    one area)."""
     from engine.jobs import JobError
 
     if not path.is_file():

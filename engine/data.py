@@ -182,7 +182,7 @@ def image_header(path: Path) -> tuple[int, int, int, frozenset]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # plain PNG/JPEG: "not georeferenced" is expected
             with rasterio.open(path) as ds:
-                from engine.raster import alpha_bands  # noqa: PLC0415
+                from engine.band_choice import alpha_bands  # noqa: PLC0415
 
                 return int(ds.width), int(ds.height), int(ds.count), frozenset(alpha_bands(ds))
     except Exception as exc:  # noqa: BLE001 - rasterio raises several unrelated types
@@ -296,7 +296,7 @@ def validate_record(
     if missing:
         source = "its 'bands'" if own_bands is not None else "--bands"
         return bad("bad_bands", f"image {path} has {count} band(s); {source} names band(s) {missing}")
-    from engine.raster import alpha_choice_problem  # noqa: PLC0415 - numpy, rasterio: only when data is checked
+    from engine.band_choice import alpha_choice_problem  # noqa: PLC0415 - numpy, rasterio: only when data is checked
 
     problem = alpha_choice_problem(chosen or (), alpha)
     if problem:

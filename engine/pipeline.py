@@ -676,7 +676,7 @@ def _band_layout(path: str) -> tuple[int | None, set[int]]:
     try:
         import rasterio
 
-        from engine.raster import alpha_bands
+        from engine.band_choice import alpha_bands
 
         with rasterio.open(path) as ds:
             return int(ds.count), alpha_bands(ds)

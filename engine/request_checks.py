@@ -76,8 +76,8 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
     """Check an AOI against the raster; returns it unchanged when usable.
 
     A ``geojson`` AOI (a Polygon/MultiPolygon geometry, a Feature or a FeatureCollection) is
-    read by the raster reader's own `engine.raster.geojson_area`, so what passes here is what
-    the reader reads."""
+    read by the raster reader's own `engine.area_of_interest.geojson_area`, so what passes here
+    is what the reader reads."""
     if aoi is None:
         return None
     if not isinstance(aoi, dict) or not aoi:
@@ -106,7 +106,8 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
     from shapely import wkt as shapely_wkt
     from shapely.geometry import box
 
-    from engine.raster import AOIError, check_polygon, geojson_area
+    from engine.area_of_interest import check_polygon, geojson_area
+    from engine.raster_errors import AOIError
 
     try:
         if keys[0] == "geojson":  # a geometry, a Feature or a FeatureCollection: as the reader
@@ -143,7 +144,7 @@ def validate_bands(value: Any, info: RasterInfo) -> list[int] | None:
     if bad:
         raise JobError("bad_request", f"Band(s) {bad} do not exist; the raster has "
                        f"{info.count} band(s).")
-    from engine.raster import alpha_choice_problem  # noqa: PLC0415 - numpy; the server has it loaded
+    from engine.band_choice import alpha_choice_problem  # noqa: PLC0415 - numpy; the server has it loaded
 
     problem = alpha_choice_problem(value, info.alpha)
     if problem:

@@ -2,7 +2,7 @@
 
 A local path must be an existing regular file (a GDAL raster or a .vrt) that rasterio can open
 read-only, and whose georeferencing the engine can honour (a raster placed by ground control
-points that need a warp, or by RPCs alone, is refused: see engine.raster.georeferencing). An
+points that need a warp, or by RPCs alone, is refused: see engine.georeferencing). An
 uploaded GeoTIFF (multipart part ``raster``) is streamed to a temporary file while
 its size is counted, refused with ``upload_too_large`` as soon as it passes the limit, and then
 verified to be a GeoTIFF rasterio can read. The caller deletes the temporary directory when the
@@ -47,7 +47,7 @@ class RasterInfo:
     count: int
     bounds: tuple[float, float, float, float]  # min x, min y, max x, max y in the raster's CRS
     crs_wkt: str | None
-    alpha: frozenset = frozenset()  # 1-based numbers of the bands tagged alpha (raster.alpha_bands)
+    alpha: frozenset = frozenset()  # 1-based numbers of the bands tagged alpha (band_choice.alpha_bands)
 
 
 def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) -> RasterInfo:
@@ -55,7 +55,9 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
     import rasterio  # the engine's dependency; imported late to keep module import cheap
     from rasterio.errors import RasterioIOError
 
-    from engine.raster import _gdal_detail, alpha_bands, footprint_bounds
+    from engine.band_choice import alpha_bands
+    from engine.georeferencing import footprint_bounds
+    from engine.raster_open import gdal_detail
 
     shown = str(path)
     if "\x00" in shown:  # JSON allows it; no file name holds it (stat raises ValueError)
@@ -108,19 +110,20 @@ def check_raster_file(path: str | os.PathLike, *, geotiff_only: bool = False) ->
     except RasterioIOError as exc:
         if looks_tiff or p.suffix.lower() == ".vrt":
             raise JobError("raster_unreadable", f"{shown} looks like a raster but cannot be read: "
-                           f"{_short(_gdal_detail(exc))}") from exc
+                           f"{_short(gdal_detail(exc))}") from exc
         raise JobError("not_a_raster", f"{shown} is not a raster that GDAL can open.",
                        "Check that the layer's file is a raster image (it may have been replaced or "
                        "damaged since it was loaded), or export it as GeoTIFF and ask again.") from exc
     except Exception as exc:  # noqa: BLE001 - GDAL raises many kinds
-        raise JobError("raster_unreadable", f"{shown} cannot be read: {_short(_gdal_detail(exc))}") from exc
+        raise JobError("raster_unreadable", f"{shown} cannot be read: {_short(gdal_detail(exc))}") from exc
 
 
 def _placement(ds) -> tuple:
     """(transform, CRS WKT) the engine will read `ds` with (GCPs fitted, see
-    engine.raster.georeferencing), or JobError when the raster needs a warp first: refused here,
-    before a question is queued or a model loaded."""
-    from engine.raster import RasterError, georeferencing
+    engine.georeferencing.georeferencing), or JobError when the raster needs a warp first:
+    refused here, before a question is queued or a model loaded."""
+    from engine.georeferencing import georeferencing
+    from engine.raster_errors import RasterError
 
     try:
         transform, crs_wkt, _ = georeferencing(ds)

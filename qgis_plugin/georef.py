@@ -11,7 +11,8 @@ import math
 # The engine uses an affine transform fitted to a file's GCPs when it misses none of them by more
 # than this many pixels and GDAL's GCP transformer (what QGIS shows the file through) strays no
 # more than this from it anywhere in the image, and refuses the file ("warp it first") otherwise
-# (engine/raster.py GCP_TOLERANCE_PX; the same least-squares fit, GDAL's GCPsToGeoTransform).
+# (engine/georeferencing.py GCP_TOLERANCE_PX, whose `_gcp_warp_gap_px` is the twin of the one
+# below; the same least-squares fit, GDAL's GCPsToGeoTransform).
 GCP_TOLERANCE_PX = 0.5
 GCP_CHECK_GRID = 9  # points per side of that check's grid (corners, edge midpoints, centre included)
 

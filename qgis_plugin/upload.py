@@ -174,7 +174,7 @@ def _polygon(aoi: dict):
 
 
 def _geojson_geometries(obj: dict) -> list:
-    """The geometries of a ``geojson`` AOI, as the engine reads it (engine/raster.py
+    """The geometries of a ``geojson`` AOI, as the engine reads it (engine/area_of_interest.py
     geojson_area): a geometry; a Feature's geometry; a FeatureCollection's features' geometries
     (features without one skipped). Empty when it is none of these (the engine says why)."""
     kind = obj.get("type")
@@ -191,8 +191,8 @@ def _geojson_geometries(obj: dict) -> list:
 
 def _to_pixels(ds):
     """The geotransform from the coordinates of an AOI polygon to ``ds``'s pixels (col, row), as
-    the engine places the raster (engine/raster.py georeferencing), or None when the engine reads
-    it through a warp it refuses (then nothing is cut)."""
+    the engine places the raster (engine/georeferencing.py georeferencing), or None when the
+    engine reads it through a warp it refuses (then nothing is cut)."""
     from osgeo import gdal
 
     kind = georeferencing(ds)

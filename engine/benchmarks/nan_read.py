@@ -3,8 +3,8 @@
     python -m engine.benchmarks.nan_read [--size 6000] [--max-pixels 4000000] [--repeat 3]
 
 GDAL's average spreads NaN over whole output pixels, so `read_raster` reads the parts of a
-reduced read that hold spread NaN again, with NaN skipped as missing (engine/raster.py,
-`_mend_spread_nan`). This times `read_raster` on float32 GeoTIFFs (tiled 512, deflate) of
+reduced read that hold spread NaN again, with NaN skipped as missing (engine/raster_read.py,
+`mend_spread_nan`). This times `read_raster` on float32 GeoTIFFs (tiled 512, deflate) of
 `size` x `size` px read to about `max_pixels` px:
 
 * ``no NaN``: the cost of a reduced read with nothing to mend;

@@ -25,7 +25,7 @@ from rasterio.windows import Window
 
 
 class RasterError(ValueError):
-    """Mirrors engine.raster.RasterError for the stub."""
+    """Mirrors engine.raster_errors.RasterError for the stub."""
 
 
 class AoiOutsideRaster(RasterError):

@@ -106,10 +106,11 @@ def _square(x0, y0, size):
 def test_a_geojson_file_aoi_keeps_every_feature(tmp_path, rgb, recorder):
     """A FeatureCollection of two areas asks about both (it used to keep the first one only).
     The CLI sends the file's object as it is: the request checks and the reader join its
-    polygons (engine/raster.py geojson_area), as for a client of the server."""
+    polygons (engine/area_of_interest.py geojson_area), as for a client of the server."""
     import json
 
-    from engine.raster import geojson_area, read_raster
+    from engine.area_of_interest import geojson_area
+    from engine.raster import read_raster
 
     fc = {"type": "FeatureCollection", "features": [
         {"type": "Feature", "properties": {"name": "a"}, "geometry": _square(500000, 5000000, 100)},

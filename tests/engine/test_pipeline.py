@@ -16,7 +16,7 @@ import torch
 from engine.errors import Cancelled, ContextTooLong
 from engine.jobs import error_for_exception
 from engine.pipeline import AskRequest, Engine, RequestError, build_inputs, prepare_visual
-from engine.raster import RasterOpenError
+from engine.raster_errors import RasterOpenError
 from engine.selection import SelectionError
 
 try:
@@ -343,7 +343,7 @@ def test_cancel_stops_the_request(engine, scene):
 def test_cancel_during_the_raster_read_stops_the_request(engine, tmp_path, monkeypatch):
     """A cancel while a huge raster is read stops the read between strips, as the server's
     cancel of a running question does (code 'cancelled'); the vision tower never runs."""
-    import engine.raster as raster
+    import engine.raster_read as raster_read
 
     try:
         from tests.engine.rasters import write_huge_vrt
@@ -354,14 +354,14 @@ def test_cancel_during_the_raster_read_stops_the_request(engine, tmp_path, monke
     vrt = write_huge_vrt(tmp_path / "huge.vrt", small)
     cancel = threading.Event()
     reads = []
-    real = raster._read_bands
+    real = raster_read._read_bands
 
     def read_then_cancel(*args, **kwargs):
         reads.append(args[2])
         cancel.set()  # the user presses Cancel while the first strip is read
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(raster, "_read_bands", read_then_cancel)
+    monkeypatch.setattr(raster_read, "_read_bands", read_then_cancel)
     _no_vision_tower(monkeypatch)
     with pytest.raises(Cancelled) as err:
         list(engine.ask(AskRequest(str(vrt), "q?"), cancel=cancel))

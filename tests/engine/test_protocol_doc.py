@@ -84,7 +84,7 @@ def test_the_budget_refusal_of_none_is_documented_with_its_code():
 
 
 def test_the_geojson_aoi_kinds_the_checks_take_are_documented():
-    """The checks take a geometry, a Feature or a FeatureCollection (engine/raster.py
+    """The checks take a geometry, a Feature or a FeatureCollection (engine/area_of_interest.py
     geojson_area); protocol.py and the docs said a Polygon/MultiPolygon geometry only."""
     paragraph = next(p for p in DOC.split("\n\n") if '{"geojson": {' in p)
     for kind in ("Polygon", "MultiPolygon", "Feature", "FeatureCollection"):

@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from engine.raster import (
-    AOIError,
-    BandError,
-    NeedsWarpError,
-    RasterError,
-    RasterOpenError,
-    read_for_tiling,
-    read_raster,
-    read_size_for,
-)
+from engine.raster import read_for_tiling, read_raster, read_size_for
+from engine.raster_errors import AOIError, BandError, NeedsWarpError, RasterError, RasterOpenError
 
 try:
     from tests.engine.rasters import (DEFAULT_TRANSFORM, write_bytes, write_gcp_geotiff, write_geotiff,
@@ -170,7 +162,7 @@ def test_striped_nodata_survives_a_reduced_read(tmp_path):
 def test_no_valid_pixel_is_a_clear_error(tmp_path):
     """All nodata (or NaN, or masked) used to become an all-black image the model was asked about."""
     from engine.protocol import ERROR_CODES
-    from engine.raster import NoValidPixelsError
+    from engine.raster_errors import NoValidPixelsError
 
     cases = {
         "nodata.tif": dict(array=np.zeros((3, 20, 20), np.uint16), nodata=0),
@@ -198,7 +190,7 @@ def test_no_valid_pixel_is_a_clear_error(tmp_path):
 def test_a_chosen_band_without_data_is_named(tmp_path):
     """One of the three bands chosen is NaN everywhere: "Every pixel is nodata, check the nodata
     value" sent the user after the wrong thing; the band is named, and other bands suggested."""
-    from engine.raster import NoValidPixelsError
+    from engine.raster_errors import NoValidPixelsError
 
     arr = np.random.default_rng(0).random((4, 20, 20)).astype(np.float32)
     arr[2] = np.nan
@@ -372,12 +364,12 @@ def test_a_byte_band_among_wider_bands_keeps_its_values(tmp_path, max_pixels):
 
 
 def test_a_read_rasterio_refuses_is_not_called_corrupt(tmp_path, monkeypatch):
-    import engine.raster as raster
+    import engine.raster_read as raster_read
 
     def refuse(*args, **kwargs):
         raise ValueError("an argument rasterio does not accept")
 
-    monkeypatch.setattr(raster, "_read_bands", refuse)
+    monkeypatch.setattr(raster_read, "_read_bands", refuse)
     with pytest.raises(RasterOpenError) as err:
         read_raster(write_geotiff(tmp_path / "fine.tif", _u8(3, 8, 8)))
     assert "does not accept" in str(err.value) and "corrupt" not in str(err.value)
@@ -521,7 +513,7 @@ def test_protocol_aoi_dicts_and_error_codes(tmp_path):
     from shapely.geometry import box, mapping
 
     from engine.protocol import ERROR_CODES
-    from engine.raster import AOIOutsideError
+    from engine.raster_errors import AOIOutsideError
 
     p = write_geotiff(tmp_path / "pd.tif", _u8(40, 40))
     assert read_raster(p, aoi={"window": [2, 3, 10, 11]}).window == (2, 3, 10, 11)
@@ -571,33 +563,33 @@ def test_reads_bound_gdals_block_cache(tmp_path, monkeypatch):
     raster; reads run with READ_CACHE_BYTES, unless the user set GDAL_CACHEMAX."""
     import rasterio.env
 
-    import engine.raster as raster
+    import engine.raster_read as raster_read
 
     seen = []
-    real = raster._read_bands
+    real = raster_read._read_bands
 
     def spy(*args, **kwargs):
         seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX") if rasterio.env.hasenv() else None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(raster, "_read_bands", spy)
+    monkeypatch.setattr(raster_read, "_read_bands", spy)
     path = write_geotiff(tmp_path / "a.tif", _u8(3, 40, 40))
     monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
     read_raster(path)
     monkeypatch.setenv("GDAL_CACHEMAX", "512")
     read_raster(path)
-    assert seen[0] == raster.READ_CACHE_BYTES and seen[1] != raster.READ_CACHE_BYTES
+    assert seen[0] == raster_read.READ_CACHE_BYTES and seen[1] != raster_read.READ_CACHE_BYTES
 
 
 # ------------------------------------------------------------------------------ cancellation
 
 
 def _count_reads(monkeypatch, after_first=None):
-    """Count the GDAL pixel reads of engine.raster; `after_first()` runs after the first one."""
-    import engine.raster as raster
+    """Count the GDAL pixel reads of engine.raster_read; `after_first()` runs after the first one."""
+    import engine.raster_read as raster_read
 
     calls = []
-    real = raster._read_bands
+    real = raster_read._read_bands
 
     def counted(*args, **kwargs):
         calls.append(args[2])  # the window
@@ -606,7 +598,7 @@ def _count_reads(monkeypatch, after_first=None):
             after_first()
         return out
 
-    monkeypatch.setattr(raster, "_read_bands", counted)
+    monkeypatch.setattr(raster_read, "_read_bands", counted)
     return calls
 
 
@@ -651,15 +643,15 @@ def test_a_small_read_is_one_gdal_call(tmp_path, monkeypatch):
 def test_a_read_in_strips_gives_the_image_of_one_read(tmp_path, monkeypatch, max_pixels):
     """Strips (forced here on a small raster) read the same pixels and mask: exactly at full
     resolution; decimated, GDAL's average may round a few border pixels the other way."""
-    import engine.raster as raster
+    import engine.raster_read as raster_read
 
     arr = RNG.integers(0, 4000, (3, 330, 310)).astype(np.uint16)
     arr[:, ::3, :] = 9999  # nodata rows, reduced by the mask's average too
     arr[:, 200:260, 40:90] = 9999
     p = write_geotiff(tmp_path / "u16.tif", arr, nodata=9999)
     one = read_raster(p, max_pixels=max_pixels)
-    monkeypatch.setattr(raster, "STRIP_SOURCE_PIXELS", 1000)
-    monkeypatch.setattr(raster, "STRIP_PIXELS", 5000)
+    monkeypatch.setattr(raster_read, "STRIP_SOURCE_PIXELS", 1000)
+    monkeypatch.setattr(raster_read, "STRIP_PIXELS", 5000)
     calls = _count_reads(monkeypatch)
     strips = read_raster(p, max_pixels=max_pixels)
     assert len(calls) > 5
@@ -850,3 +842,16 @@ def test_an_explicit_band_choice_naming_the_alpha_band_is_refused(tmp_path):
     # a 4-band raster whose 4th band is not tagged alpha (RGBN) may show it
     rgbn = write_geotiff(tmp_path / "rgbn.tif", arr, photometric="MINISBLACK")
     assert read_raster(rgbn, bands=[4, 3, 2]).bands == (4, 3, 2)
+
+
+def test_engine_raster_still_offers_the_raster_error_family():
+    """The RasterError family is public API (code outside this repo catches it from
+    engine.raster), so engine.raster re-exports it from its home, engine/raster_errors.py."""
+    import engine.raster as raster
+    import engine.raster_errors as raster_errors
+
+    family = ("RasterError", "RasterOpenError", "BandError", "AOIError", "AOIOutsideError",
+              "NoValidPixelsError", "NeedsWarpError")
+    for name in family:
+        assert getattr(raster, name) is getattr(raster_errors, name)
+        assert name in raster.__all__

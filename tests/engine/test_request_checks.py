@@ -177,9 +177,10 @@ def test_a_feature_collection_s_coordinates_must_be_finite(raster, bad):
 
 
 def test_what_the_checks_pass_the_reader_reads_and_what_they_refuse_it_refuses(raster):
-    """One reader (engine/raster.py geojson_area) for the checks and the read: a FeatureCollection
-    passed the reader but not the checks."""
-    from engine.raster import AOIError, read_raster
+    """One reader (engine/area_of_interest.py geojson_area) for the checks and the read: a
+    FeatureCollection passed the reader but not the checks."""
+    from engine.raster import read_raster
+    from engine.raster_errors import AOIError
 
     info = check_raster_file(raster)
     bowtie = {"type": "Polygon", "coordinates": [[[500002, 4499998], [500020, 4499980],
@@ -252,7 +253,8 @@ def test_an_area_touching_only_the_rasters_edge_is_refused_before_anything_is_qu
     """Shapely's intersects() is true for a square sharing just a corner or an edge; the reader
     refuses it (no pixel in it) after the question was queued, so the checks refuse it first.
     An area overlapping the last pixels and reaching past the edge is read, so it passes."""
-    from engine.raster import AOIError, read_raster
+    from engine.raster import read_raster
+    from engine.raster_errors import AOIError
 
     info = check_raster_file(raster)
     left, bottom, right, top = info.bounds

@@ -133,7 +133,7 @@ def test_real_engine_errors_map_to_codes():
     err = error_for_exception(OutOfMemory("running the vision tower"), None)
     assert err.code == "out_of_memory" and "vision tower" in err.message
     assert error_for_exception(Cancelled()).code == "cancelled"
-    from engine.raster import AOIOutsideError, RasterOpenError
+    from engine.raster_errors import AOIOutsideError, RasterOpenError
 
     assert error_for_exception(AOIOutsideError("outside")).code == "aoi_outside_raster"
     assert error_for_exception(RasterOpenError("nope")).code == "not_a_raster"

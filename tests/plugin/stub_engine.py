@@ -190,8 +190,8 @@ class StubEngine:
 
     @staticmethod
     def bands_seen(ds, bands) -> dict:
-        """The result's ``bands`` and ``palette``, chosen as the engine does (engine/raster.py
-        _choose_bands): the request's bands (one as grey), else the bands tagged red, green and
+        """The result's ``bands`` and ``palette``, chosen as the engine does (engine/band_choice.py
+        choose_bands): the request's bands (one as grey), else the bands tagged red, green and
         blue, else the first three non-alpha ones; one band as grey, or a paletted one's colours."""
         if bands:
             return {"bands": list(bands) * 3 if len(bands) == 1 else list(bands), "palette": False}
