@@ -17,6 +17,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING
 
+from .dialling import failed_at
 from .engine_errors import EngineError, connection_words, engine_json, error_body, error_from_body, size_text
 from .engine_protocol import ASK_ENDPOINT, FINAL_EVENTS, HEARTBEAT_HEADER
 
@@ -235,9 +236,7 @@ class AskStream:
             except (OSError, http.client.HTTPException) as exc:
                 if self._aborted:
                     return
-                if stage == "connect" and conn.sock is not None:  # connected; the TLS handshake failed
-                    stage = "wait"
-                raise self.client._unavailable(exc, stage, doing, waited) from exc
+                raise self.client._unavailable(exc, failed_at(conn, stage), doing, waited) from exc
             if resp.status >= 400:
                 raise error_from_body(resp.status, error_body(resp))
             final_seen = False

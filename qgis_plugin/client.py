@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .addresses import DEFAULT_ENGINE_URL, engine_address, host_port, is_own_host
 from .ask_stream import AskStream
-from .dialling import WatchedHTTPSConnection, dialled
+from .dialling import WatchedHTTPSConnection, dialled, failed_at
 from .engine_errors import (EngineError, EngineUnavailable, connection_words, engine_json, error_body,
                             error_from_body)
 from .engine_protocol import BATCH_ENDPOINT, FILES_ENDPOINT, HEALTH_ENDPOINT, JOBS_ENDPOINT
@@ -154,7 +154,7 @@ class EngineClient:
           again" (``doing``: "sending the question", ...).
 
         A connection whose TLS handshake failed without a TLS reason was made: it counts as
-        ``"wait"`` (callers pass ``"connect"`` only until the socket is connected)."""
+        ``"wait"``: callers pass the stage through :func:`dialling.failed_at`, which says so."""
         from .tls import explain
 
         explained = explain(self, exc)
@@ -208,7 +208,7 @@ class EngineClient:
         try:
             conn.connect()
         except (OSError, http.client.HTTPException) as exc:
-            raise self._unavailable(exc, "connect" if conn.sock is None else "wait") from exc
+            raise self._unavailable(exc, failed_at(conn, "connect")) from exc
 
     def request_json(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
                      auth: bool = True):
@@ -369,9 +369,7 @@ class EngineClient:
         except (OSError, http.client.HTTPException) as exc:
             if watcher is not None and watcher.aborted:
                 raise EngineError("cancelled", f"The download of {name} was stopped.") from None
-            if stage == "connect" and conn.sock is not None:  # connected; the TLS handshake failed
-                stage = "wait"
-            raise self._unavailable(exc, stage, doing=f"downloading {name}") from exc
+            raise self._unavailable(exc, failed_at(conn, stage), doing=f"downloading {name}") from exc
         finally:
             conn.close()
         return dest

@@ -4,7 +4,8 @@ made here (dialled, open_socket) at the address :func:`addresses.dial_host` give
 connected in short slices that look whether the watcher was stopped; an https connection hands
 over its TLS socket before the handshake (WatchedHTTPSConnection). A host that drops the
 connection's packets is given up after the connection's timeout, not the minutes the system
-waits. No proxy ever carries a connection: the engine is dialled straight.
+waits. No proxy ever carries a connection: the engine is dialled straight. :func:`failed_at`
+says at which stage a connection's failure counts (the rule every call shares).
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import socket
 import time
 
 from .addresses import dial_host
+
+
+def failed_at(conn: http.client.HTTPConnection, stage: str) -> str:
+    """The stage a call on ``conn`` that failed at ``stage`` counts as for
+    :meth:`client.EngineClient._unavailable`: ``"connect"`` only while ``conn`` has no socket; a
+    connection that was made and whose TLS handshake then failed counts as ``"wait"`` (something
+    answered, but not as the engine); any other stage as it is."""
+    return "wait" if stage == "connect" and conn.sock is not None else stage
 
 
 def dialled(conn: http.client.HTTPConnection, watcher=None) -> http.client.HTTPConnection:
