@@ -50,8 +50,9 @@ from qgis.PyQt.QtWidgets import (
 from . import layers as result_layers
 from .aoi import AoiError, clip_to_layer, is_unreferenced_file
 from .bands import RENDER_BANDS, bands_cell, layer_bands
-from .client import health_read_budget, questions_too_long
+from .client import health_read_budget
 from .compat import MSG_INFO, MSG_WARNING, is_raster_layer
+from .engine_protocol import questions_too_long
 from .paths import export_path
 from .project_results import gather_into_project, moved_files, moved_path
 from .render import LayerRenderer, layer_file_path, render_file

@@ -1,22 +1,18 @@
-"""HTTP client for the GeoVQA engine protocol (``engine/protocol.py``), standard library only.
+"""HTTP client for the GeoVQA engine protocol (``engine/protocol.py``), standard library only:
+:class:`EngineClient`, one engine's calls (``/health``, ``/ask``, batch jobs, ``/files``
+downloads) and the error each failure is said with.
 
 Blocking calls made to run inside a ``QgsTask`` or a Processing algorithm (worker threads):
-no Qt objects are touched here. The answer of ``POST /ask`` is NDJSON; :meth:`AskStream.events`
-yields one event dict per line as soon as the line arrives, and :meth:`AskStream.abort` (safe
-to call from another thread) shuts its sockets down so a blocked read returns at once; a
-connection still being made (a host that drops its packets) is given up at once too, and
-otherwise after the short timeout (TIMEOUT_S), not the minutes the system waits
-(:func:`open_socket`).
+no Qt objects are touched here. The answer of ``POST /ask`` is streamed by
+:class:`ask_stream.AskStream`; connections are made by :mod:`dialling` (Stop-able connects,
+``localhost`` dialled at 127.0.0.1, see :mod:`addresses`); the errors and the protocol's terms
+live in :mod:`engine_errors` and :mod:`engine_protocol`.
 
 Why http.client rather than QNetworkReply: the same code serves the chat dock (in a QgsTask),
 the batch task and the Processing algorithms (already in a worker thread, no event loop), and a
 socket shutdown gives a prompt, reliable cancel.
 It also connects straight to the engine: no proxy (neither QGIS's network settings nor an
 ``http_proxy`` of the environment) ever carries a call, so a loopback engine is reached as is.
-A ``localhost`` URL is dialled at 127.0.0.1 (:func:`dial_host`), where a local engine listens:
-Windows and macOS look ``localhost`` up as ::1 first, and Windows tries a refused ::1 for about
-two seconds before 127.0.0.1, on every call (health polls too). The request's ``Host`` header
-and the TLS server name stay ``localhost``, so a certificate made out for it still verifies.
 
 An ``https://`` engine is reached with certificate checks on (:mod:`tls`: the system's trust
 store, or the *CA certificate* setting's PEM file for a self-signed engine); a connection that
@@ -25,250 +21,26 @@ fails for a TLS reason gets an error saying which and what to do.
 
 from __future__ import annotations
 
-import errno
 import http.client
-import ipaddress
 import json
-import os
-import select
 import socket
-import threading
-import time
 import unicodedata
 import urllib.parse
-import uuid
 from pathlib import Path
 
-PROTOCOL_VERSION = 1
-ASK_ENDPOINT = "/ask"
-HEALTH_ENDPOINT = "/health"
-BATCH_ENDPOINT = "/batch"
-JOBS_ENDPOINT = "/jobs"
-FILES_ENDPOINT = "/files"
-FINAL_EVENTS = ("result", "error")
-# heartbeat: nothing else happened for a while; the stream is alive
-KNOWN_EVENTS = ("queued", "status", "token", "result", "error", "heartbeat")
-MAX_QUESTION_CHARS = 2000
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# the address a connection to a loopback name is opened to: where an engine started for it
-# listens (engine_process.served_host; the engine's own default host, engine/protocol.py)
-LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
-DEFAULT_ENGINE_URL = "http://127.0.0.1:8765"
-DEFAULT_PORT = 8765  # engine/protocol.py DEFAULT_PORT
-UPLOAD_CHUNK = 1 << 20
+from .addresses import DEFAULT_ENGINE_URL, engine_address, host_port, is_own_host
+from .ask_stream import AskStream
+from .dialling import WatchedHTTPSConnection, dialled, failed_at
+from .engine_errors import (EngineError, EngineUnavailable, connection_words, engine_json, error_body,
+                            error_from_body)
+from .engine_protocol import BATCH_ENDPOINT, FILES_ENDPOINT, HEALTH_ENDPOINT, JOBS_ENDPOINT
+
 # the short timeout, in seconds: /health and the other small calls, a connection being made
 TIMEOUT_S = 10.0
 # How a raster reaches the engine: "auto" uploads it when the engine's host is not this computer
 # (by address); "upload" always (an SSH tunnel on 127.0.0.1 to an engine elsewhere, which cannot
 # see our files); "path" never (an engine on another address that shares our file system).
 SEND_RASTERS = ("auto", "upload", "path")
-
-
-class EngineError(Exception):
-    """A failure talking to the engine, with a message written for a person."""
-
-    def __init__(self, code: str, message: str, hint: str | None = None, status: int | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.hint = hint
-        self.status = status
-
-    def __str__(self) -> str:
-        return self.message + (f" {self.hint}" if self.hint else "")
-
-
-class EngineUnavailable(EngineError):
-    """The engine cannot be reached (not started, wrong URL, or it crashed)."""
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def question_too_long(question: str) -> str | None:
-    """Why ``question`` (stripped, as it is sent) is longer than the engine takes
-    (MAX_QUESTION_CHARS, engine/protocol.py), with what to do; None when it is not."""
-    n = len(question.strip()) if isinstance(question, str) else 0
-    if n <= MAX_QUESTION_CHARS:
-        return None
-    return (f"The question has {n} characters; the engine takes at most {MAX_QUESTION_CHARS}: "
-            "shorten it.")
-
-
-def questions_too_long(text: str) -> str | None:
-    """:func:`question_too_long` of the first of a batch's questions (``text``: one a line, blank
-    lines skipped) that is longer than the engine takes, naming it by its number and, when blank
-    lines come before it, by the line it is on ("Question 3 (line 5) has ..."); None when none is."""
-    questions = [(line, q) for line, q in enumerate(text.splitlines(), 1) if q.strip()]
-    for number, (line, question) in enumerate(questions, 1):
-        too_long = question_too_long(question)
-        if too_long and len(questions) > 1:
-            where = f"Question {number}" if line == number else f"Question {number} (line {line})"
-            return too_long.replace("The question has", f"{where} has", 1)
-        if too_long:
-            return too_long
-    return None
-
-
-def build_ask_request(
-    question: str,
-    raster_path: str | None,
-    *,
-    aoi: dict | None = None,
-    bands: list | None = None,
-    strategy: str | None = "geollava",
-    budget: int | None = None,
-    tokens_per_tile: int | None = None,
-    max_new_tokens: int = 256,
-    seed: int | None = None,
-    request_id: str | None = None,
-    faithful_empty_slots: bool | None = False,
-) -> dict:
-    """The JSON body of ``POST /ask`` (protocol ASK_FIELDS), validated on the client side.
-    ``strategy`` and ``faithful_empty_slots`` None are sent as null: the engine then uses the
-    loaded adapter's training settings, else its defaults."""
-    if not isinstance(question, str) or not question.strip():
-        raise EngineError("empty_question", "Please type a question.")
-    question = question.strip()
-    too_long = question_too_long(question)
-    if too_long:
-        raise EngineError("question_too_long", too_long)
-    return {
-        "raster_path": raster_path,
-        "question": question,
-        "aoi": aoi,
-        "bands": list(bands) if bands else None,
-        "strategy": strategy,
-        "budget": int(budget) if budget else None,
-        "tokens_per_tile": int(tokens_per_tile) if tokens_per_tile else None,
-        "max_new_tokens": int(max_new_tokens),
-        "seed": seed,
-        "request_id": request_id or new_request_id(),
-        "faithful_empty_slots": None if faithful_empty_slots is None else bool(faithful_empty_slots),
-    }
-
-
-def engine_json(text: str, message: str):
-    """``text`` from the engine read as JSON, or ``EngineError('bad_response')`` with ``message``,
-    whose ``{why}`` says what is wrong: not JSON, or JSON nested deeper than Python can read (which
-    ``json.loads`` raises as RecursionError, not ValueError: a broken or hostile remote engine).
-    Every place the client reads the engine's JSON goes through here."""
-    try:
-        return json.loads(text)
-    except RecursionError as exc:
-        why, cause = "JSON nested too deeply to be read", exc
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        why, cause = "not JSON", exc
-    raise EngineError("bad_response", message.replace("{why}", why)) from cause
-
-
-def parse_event(line: bytes | str) -> dict | None:
-    """One NDJSON line -> event dict (None for a blank keep-alive line)."""
-    if isinstance(line, bytes):
-        line = line.decode("utf-8", errors="replace")
-    line = line.strip()
-    if not line:
-        return None
-    event = engine_json(line, "The engine sent a line that is {why}: " + repr(line[:120]))
-    if not isinstance(event, dict) or "type" not in event:
-        raise EngineError("bad_response", f"The engine sent an event without a type: {line[:120]!r}")
-    return event
-
-
-def error_from_body(status: int, body: bytes) -> EngineError:
-    """Turn an HTTP error response (protocol error_body) into an EngineError."""
-    try:  # a body that cannot be read says no more than its status
-        err = engine_json(body.decode("utf-8", errors="replace"), "{why}").get("error") or {}
-    except (EngineError, AttributeError):
-        err = {}
-    if not isinstance(err, dict):
-        err = {}
-    code = err.get("code") or ("unauthorized" if status == 401 else "internal")
-    message = err.get("message") or f"The engine answered HTTP {status}."
-    hint = err.get("hint")
-    if status == 401 and not hint:
-        hint = "Check the engine token in Settings > Options > GeoVQA."
-    if code == "model_loading":
-        return EngineUnavailable(code, message or "The engine is still loading the model.", hint, status)
-    return EngineError(code, message, hint, status)
-
-
-def error_body(resp: http.client.HTTPResponse) -> bytes:
-    """The body of an HTTP error answer ``resp``, as much of it as came: one cut short (the
-    connection reset while it was read: an engine dying, a proxy) is what arrived, and
-    :func:`error_from_body` then says the status alone."""
-    try:
-        return resp.read()
-    except http.client.IncompleteRead as exc:
-        return exc.partial
-    except (OSError, http.client.HTTPException):
-        return b""
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port`` as a URL writes it (an IPv6 address in brackets: ``[::1]:8765``)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def engine_address(url: str) -> tuple:
-    """``(scheme, host, port, path_prefix)`` of an engine URL, or EngineError('bad_url').
-
-    A URL without a port means the engine's default port (8765) on this computer, and 443 / 80
-    elsewhere; *Start local engine* starts the engine on exactly this host and port.
-    """
-    text = (url or "").strip() or DEFAULT_ENGINE_URL
-    parsed = urllib.parse.urlsplit(text)
-    if parsed.scheme not in ("http", "https"):
-        raise EngineError("bad_url", f"The engine URL must start with http:// or https:// (got {url!r}).")
-    host = parsed.hostname
-    if not host:
-        raise EngineError("bad_url", f"The engine URL {url!r} names no host; e.g. {DEFAULT_ENGINE_URL}.")
-    if any(ch.isspace() for ch in parsed.netloc):  # "127.0.0.1 :8765": no host has a space
-        raise EngineError("bad_url", f"The engine URL {url!r} has a space in its host or port; "
-                          f"e.g. {DEFAULT_ENGINE_URL}.")
-    try:
-        port = parsed.port
-        if port == 0:  # urllib takes it; nothing listens there
-            raise ValueError(port)
-    except ValueError:
-        raise EngineError("bad_url", f"The engine URL {url!r} has an invalid port; ports are 1 to 65535, "
-                          f"e.g. {DEFAULT_ENGINE_URL}.") from None
-    if port is None:
-        port = DEFAULT_PORT if host in LOOPBACK_HOSTS else (443 if parsed.scheme == "https" else 80)
-    return parsed.scheme, host, port, parsed.path.rstrip("/")
-
-
-ENDPOINT_NAMES = tuple(e.strip("/") for e in (HEALTH_ENDPOINT, ASK_ENDPOINT, BATCH_ENDPOINT, JOBS_ENDPOINT,
-                                               FILES_ENDPOINT))
-
-
-def endpoint_in_url(url: str) -> str:
-    """The engine URL ``url`` without an endpoint its path ends in (``.../health``, ``.../ask``,
-    ``.../jobs/ID``: pasted from a test with curl), when it ends in one; '' when it does not (or
-    cannot be read). Every call appends its endpoint to the URL, so such a URL reaches none."""
-    try:
-        _scheme, _host, _port, prefix = engine_address(url)
-    except EngineError:
-        return ""
-    parts = [p for p in prefix.split("/") if p]
-    for i, part in enumerate(parts):
-        if part.lower() in ENDPOINT_NAMES and (i == len(parts) - 1 or part.lower() in ("jobs", "files")):
-            parsed = urllib.parse.urlsplit(url.strip())
-            base = "/".join([""] + parts[:i])
-            return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, base, "", ""))
-    return ""
-
-
-def size_text(n: int) -> str:
-    """A byte count for a person: bytes below 1 MiB, else MiB / GiB (of 2^20 / 2^30 bytes) with one
-    decimal, as the engine says sizes. Every size the plugin says about an upload uses it
-    (:mod:`upload` too), so the engine's 2 GiB limit reads "2.0 GiB" everywhere."""
-    if n < 1 << 20:
-        return f"{n} bytes"
-    if n < 1 << 30:
-        return f"{n / (1 << 20):.1f} MiB"
-    return f"{n / (1 << 30):.1f} GiB"
 
 
 def _positive_int(value) -> int | None:
@@ -294,126 +66,6 @@ def clean_token(token: str) -> str:
                           "Copy it again from the engine's token file (~/.config/geovqa/token) "
                           "into Settings > Options > GeoVQA.")
     return kept
-
-
-def is_own_host(host: str, own_addresses=()) -> bool:
-    """True when ``host`` (an engine URL's host) is this computer: a loopback name or address, or
-    an IP address among ``own_addresses`` (this computer's interface addresses, e.g. its LAN
-    address 192.168.1.20 for an engine serving on 0.0.0.0).
-
-    Host names other than ``localhost`` are never looked up: a lookup may take seconds (this is
-    decided when the client is made, on the user-interface thread), and the connection looks the
-    name up again, so a name that answered with our address may reach another computer, which
-    must never get this computer's engine token. Such a URL counts as another computer."""
-    if host in LOOPBACK_HOSTS:
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:  # a host name
-        return False
-    if address.is_loopback:  # 127.0.0.2, 127.1.2.3: this computer too
-        return True
-    if address.is_unspecified or address.is_multicast:
-        return False
-    own = set()
-    for text in own_addresses or ():
-        try:
-            own.add(ipaddress.ip_address(str(text)))
-        except ValueError:
-            continue
-    return address in own
-
-
-def dial_host(host: str) -> str:
-    """The address a connection to an engine URL's ``host`` is opened to: 127.0.0.1 for
-    ``localhost``, which Windows and macOS resolve to ::1 first, where no local engine listens
-    (Windows then waits about two seconds before trying 127.0.0.1); any other host as it is."""
-    return LOOPBACK_NAMES.get(host, host)
-
-
-def dialled(conn: http.client.HTTPConnection, watcher=None) -> http.client.HTTPConnection:
-    """``conn`` (not opened yet) with its socket made by :func:`open_socket` at
-    :func:`dial_host` of its host (``localhost``: 127.0.0.1), which it still names in the
-    ``Host`` header and, over https, as the TLS server name (the name the certificate is checked
-    against); ``watcher`` (an :class:`AskStream`, or None) gets the socket before it connects."""
-    address = dial_host(conn.host)
-
-    def connect(host_port, timeout=None, source_address=None):
-        return open_socket((address, host_port[1]), timeout, source_address, watcher)
-
-    conn._create_connection = connect  # http.client's hook (socket.create_connection)
-    return conn
-
-
-def open_socket(address: tuple, timeout: float | None, source_address=None, watcher=None) -> socket.socket:
-    """A TCP socket connected to ``address`` (host, port), as ``socket.create_connection`` makes
-    it, but with a connect that Stop can end: each socket is handed to ``watcher`` (an
-    :class:`AskStream`, or None) before it connects, and the connect waits in slices of
-    CONNECT_SLICE_S, giving up at once when ``watcher.aborted`` is set (``abort()`` also shuts the
-    socket down). A host that drops the connection's packets (a firewall, a hung program whose
-    queue is full) is given up after ``timeout`` seconds, not the minutes the system waits.
-    Raises OSError (ConnectionAbortedError when aborted, TimeoutError, ...)."""
-    host, port = address
-    error = None
-    for family, kind, proto, _name, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            if watcher is not None and not watcher.adopt(sock):
-                raise ConnectionAbortedError("stopped before the connection was made")
-            if source_address:
-                sock.bind(source_address)
-            _connect_watched(sock, where, timeout, watcher)
-            sock.settimeout(timeout)
-            return sock
-        except OSError as exc:
-            sock.close()
-            if watcher is not None and watcher.aborted:
-                raise ConnectionAbortedError("stopped while the connection was being made") from None
-            error = exc
-    raise error or OSError(f"no address found for {host}")
-
-
-CONNECT_SLICE_S = 0.2  # how often a connect in progress looks whether it was stopped
-_CONNECTING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035}  # 10035: WSAEWOULDBLOCK
-
-
-def _connect_watched(sock: socket.socket, where, timeout: float | None, watcher) -> None:
-    sock.setblocking(False)
-    code = sock.connect_ex(where)
-    if code in (0, errno.EISCONN):
-        return
-    if code not in _CONNECTING:
-        raise OSError(code, os.strerror(code))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        if watcher is not None and watcher.aborted:
-            raise ConnectionAbortedError("stopped while the connection was being made")
-        left = CONNECT_SLICE_S if deadline is None else min(CONNECT_SLICE_S, deadline - time.monotonic())
-        if left <= 0:
-            raise TimeoutError(f"no answer to the connection within {timeout:g} s")
-        _, writable, failed = select.select([], [sock], [sock], left)
-        if writable or failed:
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                raise OSError(code, os.strerror(code))
-            return
-
-
-class _WatchedHTTPSConnection(http.client.HTTPSConnection):
-    """An HTTPS connection whose TLS socket is handed to ``watcher`` (an :class:`AskStream`, or
-    None) before its handshake: wrapping the TCP socket detaches the one :func:`open_socket`
-    handed over, so Stop could not end a handshake an engine (a hung program, a proxy) never
-    answers; it waited the short timeout."""
-
-    watcher = None
-
-    def connect(self):
-        http.client.HTTPConnection.connect(self)  # TCP, through open_socket
-        sock = self._context.wrap_socket(self.sock, server_hostname=self.host, do_handshake_on_connect=False)
-        self.sock = sock
-        if self.watcher is not None and not self.watcher.adopt(sock):
-            raise ConnectionAbortedError("stopped before the TLS handshake")
-        sock.do_handshake()
 
 
 class EngineClient:
@@ -445,10 +97,11 @@ class EngineClient:
     # -- plumbing ---------------------------------------------------------------------------
     def _connection(self, timeout: float, watcher=None) -> http.client.HTTPConnection:
         """A connection to the engine, not opened yet (a ``localhost`` URL: to 127.0.0.1, see
-        :func:`dial_host`). Its socket is made by :func:`open_socket`: ``watcher`` (an
-        :class:`AskStream`) gets it before it connects, so Stop reaches a connect in progress."""
+        :func:`addresses.dial_host`). Its socket is made by :func:`dialling.open_socket`:
+        ``watcher`` (an :class:`ask_stream.AskStream`) gets it before it connects, so Stop reaches
+        a connect in progress."""
         if self.scheme == "https":
-            conn = _WatchedHTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context())
+            conn = WatchedHTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context())
             conn.watcher = watcher
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
@@ -501,7 +154,7 @@ class EngineClient:
           again" (``doing``: "sending the question", ...).
 
         A connection whose TLS handshake failed without a TLS reason was made: it counts as
-        ``"wait"`` (callers pass ``"connect"`` only until the socket is connected)."""
+        ``"wait"``: callers pass the stage through :func:`dialling.failed_at`, which says so."""
         from .tls import explain
 
         explained = explain(self, exc)
@@ -529,7 +182,7 @@ class EngineClient:
         return EngineError(
             "stream_broken",
             f"The connection to the engine at {self.base_url} broke off while {doing} "
-            f"({_connection_words(exc)}).",
+            f"({connection_words(exc)}).",
             "Ask again; if it breaks off again, look at the engine's log (it may have stopped or "
             "restarted) and at the network between this computer and the engine.")
 
@@ -555,7 +208,7 @@ class EngineClient:
         try:
             conn.connect()
         except (OSError, http.client.HTTPException) as exc:
-            raise self._unavailable(exc, "connect" if conn.sock is None else "wait") from exc
+            raise self._unavailable(exc, failed_at(conn, "connect")) from exc
 
     def request_json(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
                      auth: bool = True):
@@ -653,7 +306,7 @@ class EngineClient:
             self._upload_limit = (_positive_int(health.get("max_upload_bytes")), health_read_budget(health))
         return self._upload_limit
 
-    def ask(self, request: dict, upload: bool | None = None, prepared=None) -> "AskStream":
+    def ask(self, request: dict, upload: bool | None = None, prepared=None) -> AskStream:
         """Start ``POST /ask``; iterate ``.events()`` for the streamed events.
 
         ``upload`` (default: :attr:`uploads`, from the *Send rasters* setting) sends the raster
@@ -684,7 +337,7 @@ class EngineClient:
 
         The file comes at once or in a steady flow: the short timeout (TIMEOUT_S) bounds the
         connect and each wait for its next bytes, so a stalled download fails in seconds.
-        ``watcher``: the :class:`AskStream` the file belongs to, which gets the connection's
+        ``watcher``: the :class:`ask_stream.AskStream` the file belongs to, which gets the connection's
         sockets, so its ``abort()`` (Stop, Cancel) ends the download at once; EngineError
         'cancelled' then."""
         conn = self._connection(self.timeout, watcher=watcher)
@@ -716,72 +369,10 @@ class EngineClient:
         except (OSError, http.client.HTTPException) as exc:
             if watcher is not None and watcher.aborted:
                 raise EngineError("cancelled", f"The download of {name} was stopped.") from None
-            if stage == "connect" and conn.sock is not None:  # connected; the TLS handshake failed
-                stage = "wait"
-            raise self._unavailable(exc, stage, doing=f"downloading {name}") from exc
+            raise self._unavailable(exc, failed_at(conn, stage), doing=f"downloading {name}") from exc
         finally:
             conn.close()
         return dest
-
-
-HEARTBEAT_HEADER = "X-Heartbeat-S"  # engine/protocol.py HEARTBEAT_HEADER
-STALL_HEARTBEATS = 4  # heartbeats missed in a row that make a silent answer stream a broken one
-
-
-def read_timeout(resp, short: float, longest: float) -> float:
-    """How long the answer stream ``resp`` may stay silent: an engine that sends a heartbeat
-    event every N s of silence (its ``X-Heartbeat-S`` header) has stalled after STALL_HEARTBEATS
-    of them went missing (but at least the ``short`` timeout); one that does not say (older) may
-    be silent for ``longest``, the request timeout (a question queued behind long jobs)."""
-    try:
-        beat = float(resp.getheader(HEARTBEAT_HEADER) or "nan")
-    except ValueError:
-        beat = float("nan")
-    if not 0 < beat < float("inf"):
-        return longest
-    return min(longest, max(short, STALL_HEARTBEATS * beat))
-
-
-def stream_broken(exc: Exception, seconds: float, heartbeats: bool = False) -> EngineError:
-    """EngineError 'stream_broken' for an answer stream that failed with ``exc`` while it was read
-    (``seconds``: the timeout it was read with; ``heartbeats``: four of the engine's heartbeat
-    intervals, :func:`read_timeout`, not the request timeout), in words and with what to do; the
-    words of the answer that came before are the caller's to keep (the dock shows them marked
-    incomplete)."""
-    if isinstance(exc, (socket.timeout, TimeoutError)) and heartbeats:
-        # a busy engine says so every heartbeat interval: the connection is what stalled
-        return EngineError(
-            "stream_broken",
-            f"The answer stream broke off: the engine sent nothing for {seconds:g} s, not even the "
-            "heartbeat it sends while busy, so the connection to it stalled.",
-            "Ask again; if it happens again, look at the network between this computer and the engine "
-            "(a proxy, a VPN) and at the engine's log.")
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return EngineError(
-            "stream_broken",
-            f"The answer stream broke off: the engine sent nothing for {seconds:g} s.",
-            "Ask again; look at the engine's log if it is hung. A question that waits behind long jobs "
-            "needs a longer request timeout (the geovqa/request_timeout_s setting).")
-    return EngineError(
-        "stream_broken",
-        f"The answer stream broke off: the connection to the engine dropped ({_connection_words(exc)}) "
-        "before the answer was complete.",
-        "Ask again; if it breaks off again, look at the engine's log (it may have stopped or run out "
-        "of memory) and at the network between this computer and the engine.")
-
-
-def _connection_words(exc: Exception) -> str:
-    """How a connection ended, in words: "the engine closed it", "reset" ..., for
-    :meth:`EngineClient._unavailable` (not the exception's repr, "IncompleteRead(0 bytes read)")."""
-    if isinstance(exc, http.client.IncompleteRead):
-        return "it was closed before the answer was complete"
-    if isinstance(exc, (http.client.RemoteDisconnected, ConnectionAbortedError)):
-        return "it was closed"
-    if isinstance(exc, ConnectionResetError):
-        return "it was reset"
-    if isinstance(exc, BrokenPipeError):
-        return "the engine stopped reading"
-    return getattr(exc, "strerror", None) or exc.__class__.__name__
 
 
 class LocalFileError(OSError):
@@ -800,219 +391,3 @@ def _write_local(fh, chunk: bytes, dest: str) -> None:
         fh.write(chunk)
     except OSError as exc:
         raise LocalFileError(exc.errno, exc.strerror) from None
-
-
-class AskStream:
-    """One streamed answer. ``events()`` yields event dicts; ``abort()`` cancels from any thread.
-
-    When the upload was a cut of a raster with no georeferencing, the engine's result is in the
-    cut's pixels: the result event then carries ``upload_pixel_offset`` ``[dx, dy]`` (added by
-    the plugin, not the engine), and, when the cut was reduced to the engine's read budget,
-    ``upload_pixel_scale`` ``[sx, sy]`` (source pixels per pixel sent), which
-    :func:`tasks.place_result_files` applies to the copies of its files (source = offset + scale
-    x result). A reduced upload adds ``upload_reduced`` ``{"sent": [w, h], "of": [W, H]}``. The event's inline ``anchors`` stay as the engine sent them.
-    """
-
-    def __init__(self, client: EngineClient, request: dict, upload_path: str | None = None, prepared=None):
-        self.client = client
-        self.request = request
-        self.upload_path = upload_path
-        self.prepared = prepared  # an upload.Upload made by the caller (kept after the answer)
-        self.request_id = request.get("request_id")
-        # called as on_upload_progress(bytes_sent, bytes_total) while a raster is uploaded
-        # (from the worker thread; QgsTask.setProgress and Processing feedback accept that)
-        self.on_upload_progress = None
-        # called as on_prepare_progress(fraction) while the raster is converted or cut for the
-        # upload (0..1; from the worker thread), before it is sent
-        self.on_prepare_progress = None
-        self._sockets = []  # every socket of this answer (its own, its downloads'): abort() shuts them
-        self._lock = threading.Lock()
-        self._aborted = False
-
-    def abort(self) -> None:
-        """Stop the answer from any thread: every socket it opened is shut down, so a blocked
-        connect, send or read returns at once (a connect still in progress also looks at the flag)."""
-        with self._lock:
-            self._aborted = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # not connected yet, or closed already
-                pass
-
-    def adopt(self, sock) -> bool:
-        """Take ``sock`` into the sockets :meth:`abort` shuts down (False, and not taken, when
-        the answer was stopped already)."""
-        with self._lock:
-            if self._aborted:
-                return False
-            self._sockets.append(sock)
-            return True
-
-    @property
-    def aborted(self) -> bool:
-        return self._aborted
-
-    def download_file(self, name: str, dest: str) -> str:
-        """:meth:`EngineClient.download_file` of one of this answer's files: :meth:`abort` ends
-        it too (EngineError 'cancelled'), as it ends the answer."""
-        if self._aborted:
-            raise EngineError("cancelled", f"The download of {name} was stopped.")
-        return self.client.download_file(name, dest, watcher=self)
-
-    def events(self):
-        """Yield the answer's events; an uploaded raster is converted and cut to the AOI first
-        (here, so every caller does it in its worker thread; see :mod:`upload`)."""
-        if self.prepared is not None:
-            yield from self._upload_events(self.prepared)
-            return
-        if not self.upload_path:
-            yield from self._events(None)
-            return
-        from .upload import upload_file
-
-        try:
-            # the engine's upload limit bounds the conversion (asked only when a file is written)
-            with upload_file(self.upload_path, self.request.get("aoi"), cancelled=lambda: self._aborted,
-                             progress=self._prepare_progress, max_bytes=self.client.upload_limit,
-                             max_pixels=self.client.read_budget) as sent:
-                yield from self._upload_events(sent)
-        except EngineError:
-            if not self._aborted:
-                raise
-
-    def _prepare_progress(self, fraction: float) -> None:
-        if self.on_prepare_progress is not None:
-            self.on_prepare_progress(fraction)
-
-    def _upload_events(self, sent):
-        self._check_upload_size(os.path.getsize(sent.path))
-        offset = [sent.pixel_offset[0], sent.pixel_offset[1]]
-        scale = [sent.pixel_scale[0], sent.pixel_scale[1]]
-        for event in self._events(sent):
-            if event.get("type") == "result":
-                if offset != [0, 0]:
-                    event = dict(event, upload_pixel_offset=offset)
-                if scale != [1.0, 1.0]:
-                    event = dict(event, upload_pixel_scale=scale)
-                if sent.size is not None:  # reduced to what the engine reads: said under the answer
-                    event = dict(event, upload_reduced={"sent": list(sent.size), "of": list(sent.source_size)})
-            yield event
-
-    def _check_upload_size(self, size: int) -> None:
-        """Refuse a file over the engine's ``max_upload_bytes`` before sending it.
-
-        The engine refuses it anyway, but only once the limit has been sent, and a refusal
-        while we are still sending may look like a reset connection (docs/protocol.md asks
-        clients to check first). No limit known (older engine, /health failed): just send.
-        The limit is asked once per client (:meth:`EngineClient.upload_limit`): once per batch."""
-        limit = self.client.upload_limit()
-        if limit is not None and limit < size:
-            raise EngineError(
-                "upload_too_large",
-                f"The raster to upload is {size_text(size)}; the engine at {self.client.base_url} accepts "
-                f"uploads up to {size_text(limit)}.",
-                "Ask about a smaller area of interest (or a clipped copy of the layer), or start that engine "
-                "with a larger --max-upload-bytes.")
-
-    def _events(self, sent):
-        # The short timeout (TIMEOUT_S) bounds the connect, the question's sending and the wait
-        # for the answer's first line: the engine checks the question and answers its headers
-        # at once (the stream then starts with `queued`), so a port held by a program that never
-        # answers is said in seconds. An upload is sent, and its answer's first line awaited,
-        # with the request timeout: the engine writes it to its disk as it comes, and the last
-        # megabytes may still be on a slow link when the send returns. The answer's body is read
-        # with a timeout of four of the engine's heartbeats (read_timeout), or the request
-        # timeout for an engine that sends none: a queued question may wait minutes for the GPU.
-        timeout, stream_timeout = self.client.timeout, self.client.stream_timeout
-        conn = self.client._connection(timeout, watcher=self)
-        stage, doing = "connect", ""
-        waited = timeout  # the timeout of the step that runs (said when it runs out)
-        try:
-            try:
-                conn.connect()
-                sock = conn.sock  # over https the TLS socket, not the one adopted in the connect
-                if not self.adopt(sock):
-                    return
-                stage = "send"
-                if sent is not None:
-                    doing, waited = "sending the raster", stream_timeout
-                    sock.settimeout(stream_timeout)
-                    # and so it stays for the first line: sendall returns once the last bytes are
-                    # in the socket buffers (megabytes), which a slow link delivers long after
-                    self._send_multipart(conn, sent.path, sent.aoi)
-                else:
-                    body = json.dumps(self.request).encode("utf-8")
-                    conn.request("POST", self.client.prefix + ASK_ENDPOINT, body=body, headers=self.client.headers())
-                if self._aborted:
-                    return
-                stage, doing = "wait", ""
-                resp = conn.getresponse()
-                read_for = read_timeout(resp, timeout, stream_timeout)
-                beats = read_for != stream_timeout  # the engine's heartbeats set it
-                sock.settimeout(read_for)  # (conn.sock may be None now: the answer holds it)
-            except (OSError, http.client.HTTPException) as exc:
-                if self._aborted:
-                    return
-                if stage == "connect" and conn.sock is not None:  # connected; the TLS handshake failed
-                    stage = "wait"
-                raise self.client._unavailable(exc, stage, doing, waited) from exc
-            if resp.status >= 400:
-                raise error_from_body(resp.status, error_body(resp))
-            final_seen = False
-            while not self._aborted:
-                try:
-                    line = resp.readline()
-                except (OSError, http.client.HTTPException, ValueError) as exc:
-                    if self._aborted:
-                        return
-                    raise stream_broken(exc, read_for, heartbeats=beats) from exc
-                if not line:
-                    break
-                event = parse_event(line)
-                if event is None:
-                    continue
-                yield event
-                if event.get("type") in FINAL_EVENTS:
-                    final_seen = True
-                    break
-            if not final_seen and not self._aborted:
-                raise EngineError(
-                    "stream_broken",
-                    "The engine closed the answer stream before sending a result.",
-                    "Look at the engine's log; it may have run out of memory.",
-                )
-        finally:
-            conn.close()
-
-    def _send_multipart(self, conn, path: str, aoi) -> None:
-        """POST /ask as multipart: a ``request`` JSON part (with ``aoi``, the AOI for the file)
-        and the ``raster`` file at ``path``, streamed."""
-        boundary = "geovqa-" + uuid.uuid4().hex
-        req = dict(self.request, raster_path=None, aoi=aoi)
-        name = os.path.basename(path) or "raster.tif"
-        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n"
-                f"Content-Type: application/json\r\n\r\n{json.dumps(req)}\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"raster\"; filename=\"{name}\"\r\n"
-                f"Content-Type: application/octet-stream\r\n\r\n").encode("utf-8")
-        tail = f"\r\n--{boundary}--\r\n".encode("utf-8")
-        size = os.path.getsize(path)
-        conn.putrequest("POST", self.client.prefix + ASK_ENDPOINT)
-        for k, v in self.client.headers(f"multipart/form-data; boundary={boundary}").items():
-            conn.putheader(k, v)
-        conn.putheader("Content-Length", str(len(head) + size + len(tail)))
-        conn.endheaders()
-        conn.send(head)
-        sent = 0
-        with open(path, "rb") as fh:
-            while not self._aborted:
-                chunk = fh.read(UPLOAD_CHUNK)
-                if not chunk:
-                    break
-                conn.send(chunk)
-                sent += len(chunk)
-                if self.on_upload_progress is not None:
-                    self.on_upload_progress(sent, size)
-        if not self._aborted:
-            conn.send(tail)

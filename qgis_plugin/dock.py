@@ -47,12 +47,14 @@ from qgis.PyQt.QtWidgets import (
 
 from . import layers as result_layers
 from . import status as engine_status
+from .addresses import engine_address, host_port
 from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, clip_to_layer, is_unreferenced_file,
                   request_aoi)
 from .bands import RENDER_BANDS, bands_text, layer_bands
-from .client import (EngineError, build_ask_request, engine_address, health_read_budget, host_port, new_request_id,
-                     question_too_long)
+from .client import health_read_budget
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER, qaction_class
+from .engine_errors import EngineError
+from .engine_protocol import build_ask_request, new_request_id, question_too_long
 from .history import LOG_TAG, ProjectHistory, kept_result
 from .paths import export_path, public_source
 from .project_results import gather_into_project, moved_files, moved_path

@@ -2,7 +2,7 @@
 
 The command is ``<python> -m engine serve --host 127.0.0.1 --port <port> [--weights <dir>]
 [extra args]``, run in the engine folder (the repository holding ``engine/``). Host and port are
-the ones the client will call (`client.engine_address`): 8765 when the URL names no port, and
+the ones the client will call (`addresses.engine_address`): 8765 when the URL names no port, and
 ``--host ::1`` for an ``http://[::1]:...`` URL. The engine's output is kept (last lines) for the
 diagnostics report.
 
@@ -32,7 +32,8 @@ from pathlib import Path
 
 from qgis.PyQt.QtCore import QCoreApplication, QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
-from .client import DEFAULT_ENGINE_URL, LOOPBACK_HOSTS, EngineError, engine_address
+from .addresses import DEFAULT_ENGINE_URL, LOOPBACK_HOSTS, engine_address
+from .engine_errors import EngineError
 from .paths import user_path
 
 NOT_RUNNING = QProcess.ProcessState.NotRunning

@@ -144,7 +144,7 @@ class Settings:
     # -- derived values ---------------------------------------------------------------------
     def request_options(self, **overrides) -> dict:
         """The model options of an ask request (keyword arguments of
-        ``client.build_ask_request``), from these settings; ``overrides`` are what a dialog or
+        ``engine_protocol.build_ask_request``), from these settings; ``overrides`` are what a dialog or
         algorithm sets itself (e.g. the strategy chosen there)."""
         options = {
             "strategy": self.strategy,
@@ -172,7 +172,7 @@ class Settings:
         is on another computer: it gets no local token either.
         A token file that is not text (saved as UTF-16 "Unicode", another file saved over it), that
         cannot be read (no permission, a folder), or that was chosen and does not exist, raises
-        ``client.EngineError('unauthorized')`` naming the file, why, and how to mend it; only the
+        ``engine_errors.EngineError('unauthorized')`` naming the file, why, and how to mend it; only the
         local engine's own token file not existing (yet: the engine makes it when it first
         starts), chosen or not, means no token."""
         if self.token.strip():
@@ -257,7 +257,8 @@ def config_dir() -> Path:
 def is_loopback_url(url: str) -> bool:
     """True when ``url`` names this computer: a loopback host, or one of this computer's own
     addresses (:func:`this_computer_addresses`); an unparsable URL is not: no token goes there."""
-    from .client import EngineError, engine_address, is_own_host
+    from .addresses import engine_address, is_own_host
+    from .engine_errors import EngineError
 
     try:
         host = engine_address(url)[1]
@@ -275,9 +276,9 @@ def this_computer_addresses() -> tuple:
 
 
 def token_file_error(path: Path, data: bytes, start: int, chosen: bool):
-    """The ``client.EngineError`` for a token file at ``path`` holding ``data``, which is not
+    """The ``engine_errors.EngineError`` for a token file at ``path`` holding ``data``, which is not
     UTF-8 text from byte ``start`` on (engine/auth.py says the same of its own token file)."""
-    from .client import EngineError
+    from .engine_errors import EngineError
 
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         why = " (it starts with a UTF-16 byte-order mark: an editor saved it as 'Unicode' / UTF-16)"
@@ -295,8 +296,8 @@ def token_file_error(path: Path, data: bytes, start: int, chosen: bool):
 
 
 def token_file_missing_error(path: Path):
-    """The ``client.EngineError`` for a token file chosen in the settings that does not exist."""
-    from .client import EngineError
+    """The ``engine_errors.EngineError`` for a token file chosen in the settings that does not exist."""
+    from .engine_errors import EngineError
 
     return EngineError("unauthorized", f"The engine token file {path} chosen in the GeoVQA settings does not "
                        "exist, so no token can be read from it.",
@@ -314,9 +315,9 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def token_file_unreadable_error(path: Path, exc: OSError, chosen: bool):
-    """The ``client.EngineError`` for a token file at ``path`` that reading failed on with ``exc``
+    """The ``engine_errors.EngineError`` for a token file at ``path`` that reading failed on with ``exc``
     (no permission, a folder, a disk error)."""
-    from .client import EngineError
+    from .engine_errors import EngineError
 
     why = exc.strerror or exc.__class__.__name__
     if isinstance(exc, PermissionError):
@@ -344,7 +345,7 @@ def make_client(settings: "Settings | None" = None):
     """An :class:`client.EngineClient` configured from the saved settings."""
     from .client import EngineClient
 
-    from .client import EngineError
+    from .engine_errors import EngineError
 
     settings = settings or Settings.load()
     try:

@@ -2,7 +2,7 @@
 outputs).
 
 Kept narrow (short labels, combo texts and placeholders, the details in tooltips). The engine URL
-is checked as it is typed and when saved: a URL the client cannot use (client.engine_address) is
+is checked as it is typed and when saved: a URL the client cannot use (addresses.engine_address) is
 not saved, and the page and QGIS's message bar say why. The CA certificate applies to https:// URLs only and is
 greyed out otherwise."""
 
@@ -17,7 +17,8 @@ from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QPushButton,
                                  QSpinBox, QVBoxLayout, QWidget)
 
-from .client import DEFAULT_ENGINE_URL, EngineError, endpoint_in_url, engine_address
+from .addresses import DEFAULT_ENGINE_URL, endpoint_in_url, engine_address
+from .engine_errors import EngineError
 from .settings import (SEND_RASTERS_LABELS, SEND_RASTERS_TIPS, STRATEGY_CHOICES, STRATEGY_LABELS, STRATEGY_TIPS,
                        TOKENS_PER_TILE_AUTO_TEXT,
                        Settings, default_token_path, folder_problem, notifier)

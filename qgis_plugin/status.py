@@ -67,7 +67,7 @@ def diagnostics(plugin_version: str, settings, health: dict | None, health_error
     from qgis.core import Qgis
     from qgis.PyQt.QtCore import QT_VERSION_STR
 
-    from .client import EngineError
+    from .engine_errors import EngineError
     from .settings import ENGINE_DEFAULT_STRATEGY
 
     engine_strategy = settings.strategy == ENGINE_DEFAULT_STRATEGY  # neither sent: the adapter's

@@ -15,7 +15,9 @@ from pathlib import Path
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 
-from .client import EngineClient, EngineError, build_ask_request
+from .client import EngineClient
+from .engine_errors import EngineError
+from .engine_protocol import build_ask_request
 from .results_io import CANCELLED, append_json_line
 
 CAN_CANCEL = QgsTask.Flag.CanCancel
@@ -29,7 +31,7 @@ RESULT_FILES = (("heatmap", ".tif", "heatmap layer"), ("anchors", ".geojson", "a
 
 def fetch_result_file(event: dict, client: EngineClient, key: str, dest: Path, stream=None) -> str | None:
     """Copy (engine on this computer) or download one result file of ``event`` to ``dest``.
-    ``stream``: the :class:`client.AskStream` of the answer, which then makes the download, so
+    ``stream``: the :class:`ask_stream.AskStream` of the answer, which then makes the download, so
     Stop (its ``abort()``) ends it at once.
 
     The anchors are also inline in the result event: they are written from there when the
@@ -67,7 +69,7 @@ def _write_json(dest: Path, obj) -> None:
 def result_offset(event: dict) -> tuple:
     """(dx, dy) from the engine's result coordinates to the raster's source pixels: the offset
     of the uploaded cut of a raster with no georeferencing (``upload_pixel_offset``, see
-    :class:`client.AskStream`), else (0, 0)."""
+    :class:`ask_stream.AskStream`), else (0, 0)."""
     offset = event.get("upload_pixel_offset")
     if isinstance(offset, (list, tuple)) and len(offset) == 2:
         return float(offset[0]), float(offset[1])
@@ -161,7 +163,7 @@ def keep_result_files_or_warn(event: dict, client: EngineClient, dest_dir: Path,
     folder that cannot be written (read-only project folder, full disk) or a failed download
     must only cost the layer concerned; each file is kept or lost on its own (a failed anchors
     download falls back to the anchors inline in the event). Returns ``(files, warning)``;
-    ``warning`` is "" when both were kept. ``stream``: the answer's :class:`client.AskStream`,
+    ``warning`` is "" when both were kept. ``stream``: the answer's :class:`ask_stream.AskStream`,
     which makes the downloads (:func:`fetch_result_file`); once it is stopped no further file
     is fetched and those not kept are said to be stopped. Runs in a worker thread.
     """
@@ -389,7 +391,7 @@ class BatchProgress:
         self.answer, self.text = AnswerProgress(), None
 
     def uploaded(self, sent: int, total: int) -> None:
-        """``sent`` of the upload's ``total`` bytes are sent (``client.AskStream.on_upload_progress``)."""
+        """``sent`` of the upload's ``total`` bytes are sent (``ask_stream.AskStream.on_upload_progress``)."""
         self._report(self.upload_share * sent / max(1, total))
 
     def engine(self, progress: float) -> None:

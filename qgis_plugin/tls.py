@@ -18,6 +18,9 @@ import http.client
 import socket
 import ssl
 
+from .addresses import dial_host
+from .dialling import dialled
+from .engine_errors import EngineError
 from .paths import user_path
 
 CA_CERT_LABEL = "CA certificate (PEM)"  # its row in the options page (a self-signed https engine)
@@ -43,8 +46,6 @@ def context(ca_file: str = "") -> ssl.SSLContext:
 
 
 def ca_file_error(path: str, exc: Exception):
-    from .client import EngineError
-
     if isinstance(exc, FileNotFoundError):
         why = "does not exist"
     elif isinstance(exc, IsADirectoryError):
@@ -63,8 +64,6 @@ def ca_file_error(path: str, exc: Exception):
 def explain(client, exc: Exception):
     """The ``EngineError`` for `exc`, a failed connection of `client` (an ``EngineClient``),
     when TLS explains it; None when it does not (the caller then says 'not reachable')."""
-    from .client import EngineError
-
     url = client.base_url
     if isinstance(exc, ssl.SSLCertVerificationError):
         return certificate_error(client, exc)
@@ -88,8 +87,6 @@ def explain(client, exc: Exception):
 
 
 def certificate_error(client, exc: ssl.SSLCertVerificationError):
-    from .client import EngineError
-
     code, reason = exc.verify_code, (exc.verify_message or exc.reason or str(exc)).rstrip(".")
     if code in (HOST_MISMATCH, EMAIL_MISMATCH, IP_MISMATCH):
         return EngineError(
@@ -115,9 +112,7 @@ def certificate_error(client, exc: ssl.SSLCertVerificationError):
 
 def speaks_plain_http(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
     """True when ``GET /health`` over plain HTTP at host:port gets an HTTP answer (no token sent).
-    ``localhost`` is dialled at 127.0.0.1, as the client dials it (:func:`client.dial_host`)."""
-    from .client import dialled
-
+    ``localhost`` is dialled at 127.0.0.1, as the client dials it (:func:`addresses.dial_host`)."""
     conn = dialled(http.client.HTTPConnection(host, port, timeout=timeout))
     try:
         conn.request("GET", "/health")
@@ -132,9 +127,7 @@ def speaks_plain_http(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> b
 def speaks_tls(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
     """True when host:port completes a TLS handshake, or fails it only on the certificate (which
     still proves TLS). Certificates are checked as always (against ``host``); nothing is sent
-    after the hello. ``localhost`` is dialled at 127.0.0.1 (:func:`client.dial_host`)."""
-    from .client import dial_host
-
+    after the hello. ``localhost`` is dialled at 127.0.0.1 (:func:`addresses.dial_host`)."""
     try:
         with socket.create_connection((dial_host(host), port), timeout=timeout) as raw:
             with ssl.create_default_context().wrap_socket(raw, server_hostname=host):

@@ -539,7 +539,7 @@ def too_large_error(path: str, window: tuple | None, limit: int, written: int | 
     the upload is, or would be, larger than the engine's upload limit ``limit``: what happened
     (``written``: bytes written when it was stopped; ``raw``: the pixels' bytes, refused before
     writing) and what to do."""
-    from .client import EngineError, size_text
+    from .engine_errors import EngineError, size_text
 
     name = os.path.basename(path)
     what = f"The area of interest of {name}" if window is not None else name
@@ -558,7 +558,7 @@ def too_large_error(path: str, window: tuple | None, limit: int, written: int | 
 
 
 def _cancelled_error():
-    from .client import EngineError
+    from .engine_errors import EngineError
 
     return EngineError("cancelled", "The question was cancelled while its raster was prepared for the upload.")
 
@@ -583,8 +583,8 @@ def prepare_upload(path: str, aoi: dict | None = None, cancelled=None, progress=
     EngineError('no_space') when the temporary folder has no room for the conversion,
     EngineError('upload_too_large') when the file to send would be larger than ``max_bytes``, and
     EngineError('cancelled') when ``cancelled()`` became true meanwhile. Sizes in its messages are
-    in MiB / GiB (:func:`client.size_text`), as the client's and the engine's own."""
-    from .client import EngineError, size_text
+    in MiB / GiB (:func:`engine_errors.size_text`), as the client's and the engine's own."""
+    from .engine_errors import EngineError, size_text
 
     ds = open_with_gdal(path)
     if ds is None:

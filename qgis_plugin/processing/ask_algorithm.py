@@ -26,8 +26,8 @@ from qgis.core import (
 )
 
 from ..bands import bands_text
-from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PARAM_ADVANCED, PROCESSING_VECTOR_POLYGON
+from ..engine_errors import EngineError
 from ..layers import anchors_name, heatmap_name
 from ..settings import Settings
 from .common import (

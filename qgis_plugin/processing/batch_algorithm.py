@@ -25,8 +25,8 @@ from qgis.core import (
     QgsProcessingUtils,
 )
 
-from ..client import EngineError
 from ..compat import NUMBER_INTEGER, PROCESSING_RASTER
+from ..engine_errors import EngineError
 from ..results_io import CANCELLED, CsvRows, is_cancelled, is_failure, write_json
 from ..settings import Settings
 from ..tasks import BatchProgress, prepare_item_upload

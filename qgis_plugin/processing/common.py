@@ -22,7 +22,8 @@ from qgis.core import (
 from .. import layers as result_layers
 from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..bands import RENDER_BANDS, layer_bands
-from ..client import EngineError, build_ask_request, question_too_long, questions_too_long
+from ..engine_errors import EngineError
+from ..engine_protocol import build_ask_request, question_too_long, questions_too_long
 from ..render import NothingRendered, PreparedRender, covers_the_world, layer_file_path, render_file, size_note
 from ..settings import DEFAULT_STRATEGY, STRATEGY_CHOICES, Settings, make_client
 from ..tasks import BatchProgress, file_stem, keep_result_files_or_warn, preparing_words, rect_bounds

@@ -198,10 +198,10 @@ def raster_layer(tmp_path, qgis_new_project):
 
 @pytest.fixture
 def opened_addresses(monkeypatch):
-    """The (host, port) of every socket the plugin opens (client.open_socket, which looks the
+    """The (host, port) of every socket the plugin opens (dialling.open_socket, which looks the
     host up and connects, and socket.create_connection, the TLS probes'), recorded on the way
     to the real one."""
-    from geovqa import client
+    from geovqa import dialling
 
     opened = []
 
@@ -213,7 +213,7 @@ def opened_addresses(monkeypatch):
         return record
 
     monkeypatch.setattr(socket, "create_connection", recording(socket.create_connection))
-    monkeypatch.setattr(client, "open_socket", recording(client.open_socket))
+    monkeypatch.setattr(dialling, "open_socket", recording(dialling.open_socket))
     return opened
 
 

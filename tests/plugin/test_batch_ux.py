@@ -209,7 +209,7 @@ def test_a_question_longer_than_the_engine_takes_is_refused_before_the_batch_run
                                                                                    stub_engine):
     """Each row of such a question was an error the engine gave after its turn (every other
     question still asked): it is said before anything runs, and the questions stay."""
-    from geovqa.client import MAX_QUESTION_CHARS
+    from geovqa.engine_protocol import MAX_QUESTION_CHARS
 
     a = raster_layer("a")
     dlg = plugin.open_batch()
@@ -228,7 +228,7 @@ def test_a_question_longer_than_the_engine_takes_is_refused_before_the_batch_run
 def test_a_question_too_long_after_blank_lines_is_named_by_its_line(plugin, raster_layer, stub_engine):
     """Blank lines are skipped, so "Question 2" of the batch was on the fourth line of the box; a
     batch of one question still says "The question", as the dock does."""
-    from geovqa.client import MAX_QUESTION_CHARS
+    from geovqa.engine_protocol import MAX_QUESTION_CHARS
 
     a = raster_layer("a")
     dlg = plugin.open_batch()

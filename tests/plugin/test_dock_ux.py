@@ -305,7 +305,7 @@ def test_progress_says_stages_in_words_and_where_the_results_went(plugin, raster
 
 
 def test_engine_down_is_one_short_status_line(plugin, raster_layer, qgis_iface):
-    from geovqa.client import engine_address
+    from geovqa.addresses import engine_address
     from geovqa.settings import Settings
 
     dock = plugin.dock
@@ -428,7 +428,7 @@ def test_a_question_longer_than_the_engine_takes_is_said_as_typed_and_not_stored
                                                                                  stub_engine):
     """The box took any length and Ask stayed enabled; the turn was recorded, refused, saved with
     the project as a red error, and the question box emptied."""
-    from geovqa.client import MAX_QUESTION_CHARS
+    from geovqa.engine_protocol import MAX_QUESTION_CHARS
     from qgis.core import QgsProject
 
     layer = raster_layer()
@@ -457,7 +457,7 @@ def test_a_question_longer_than_the_engine_takes_is_said_as_typed_and_not_stored
 def test_typing_a_too_long_question_while_an_answer_runs_keeps_its_progress(plugin, raster_layer, stub_engine):
     """The length note took the progress line: "Answering …" was replaced by it until the next
     engine event, which then replaced the note while the question was still too long."""
-    from geovqa.client import MAX_QUESTION_CHARS
+    from geovqa.engine_protocol import MAX_QUESTION_CHARS
     from geovqa.tasks import ANSWERING
 
     layer = raster_layer()

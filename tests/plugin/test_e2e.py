@@ -309,7 +309,8 @@ def test_start_and_stop_local_engine_from_qgis(plugin, real_engine_process, tmp_
 def test_remote_style_upload_and_file_download(real_engine, tmp_path):
     """What the plugin does for an engine on another computer: upload the raster, fetch results."""
     from conftest import write_raster
-    from geovqa.client import EngineClient, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_protocol import build_ask_request
     from osgeo import gdal
 
     path = write_raster(tmp_path / "upload.tif", width=120, height=90)

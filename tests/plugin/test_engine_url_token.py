@@ -17,7 +17,7 @@ from conftest import fake_engine_python, set_settings, wait_until
     ("http://gpu.example.org", ("http", "gpu.example.org", 80, "")),
 ])
 def test_engine_address(url, expected):
-    from geovqa.client import engine_address
+    from geovqa.addresses import engine_address
 
     assert engine_address(url) == expected
 
@@ -32,7 +32,8 @@ def test_engine_address(url, expected):
     ("http://gpu example.org/", "space in its host"),
 ])
 def test_a_bad_engine_url_is_an_engine_error(url, message):
-    from geovqa.client import EngineClient, EngineError
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError
 
     with pytest.raises(EngineError, match=message) as exc:
         EngineClient(url)
@@ -126,7 +127,8 @@ def test_an_engine_url_whose_path_finds_no_health_says_to_check_the_path(plugin,
 
 
 def test_pasted_invisible_characters_are_dropped_from_the_token(stub_engine):
-    from geovqa.client import build_ask_request, clean_token
+    from geovqa.client import clean_token
+    from geovqa.engine_protocol import build_ask_request
     from geovqa.settings import Settings, make_client
 
     assert clean_token(" abc\u200bdef\ufeff\n") == "abcdef"
@@ -137,7 +139,8 @@ def test_pasted_invisible_characters_are_dropped_from_the_token(stub_engine):
 
 
 def test_a_token_no_engine_could_have_is_refused_clearly(stub_engine, plugin):
-    from geovqa.client import EngineError, build_ask_request
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
     from geovqa.settings import Settings, make_client
 
     set_settings(token="abc\u2013def")  # an en dash from a word processor
@@ -154,7 +157,7 @@ def test_a_token_no_engine_could_have_is_refused_clearly(stub_engine, plugin):
 def test_the_local_engine_token_is_never_sent_to_another_host(qgis_app, tmp_path, monkeypatch):
     """Empty token field + remote URL: the token file of the engine on this computer was sent."""
     from conftest import set_settings
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
@@ -177,7 +180,7 @@ def test_the_local_engine_token_is_not_sent_through_an_ssh_tunnel(qgis_app, tmp_
     """A 127.0.0.1 URL with "Send rasters: always upload" is the documented SSH-tunnel set-up: the
     engine behind it is on another computer, and it got this computer's engine token."""
     from conftest import set_settings
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
@@ -204,7 +207,7 @@ def test_a_token_file_that_is_not_text_is_refused_clearly(stub_engine, plugin, t
     """A token file holding bytes that are not UTF-8 raised UnicodeDecodeError out of the health
     timer (every tick), the batch dialog and Processing."""
     from conftest import python_errors
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings
 
     bad = tmp_path / "engine token"
@@ -238,7 +241,8 @@ def test_a_token_file_that_is_not_text_is_refused_clearly(stub_engine, plugin, t
 def _only_asking_fails_with(text, stub_engine):
     """With a token error `text`, the client is still made and the health check (no token) still
     sees the engine; asking fails with that same error, and nothing reaches the engine."""
-    from geovqa.client import EngineError, build_ask_request
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
     from geovqa.settings import Settings, make_client
 
     client = make_client(Settings.load())
@@ -275,7 +279,7 @@ def _unreadable(path, kind, monkeypatch):
 def test_a_token_file_that_cannot_be_read_is_named_with_the_reason(stub_engine, tmp_path, monkeypatch, kind):
     """A token file the user may not read counted as "no token": the engine then refused every
     question with a generic "check the engine token"."""
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings
 
     path = tmp_path / "engine token"
@@ -295,7 +299,7 @@ def test_a_chosen_token_file_that_does_not_exist_is_named(stub_engine, tmp_path,
     mounted) counted as "no token": the engine then refused every question with a generic "check
     the engine token". The local engine's own file, missing until its first start, still means
     no token, also when it is the file chosen."""
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings
 
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
@@ -315,7 +319,7 @@ def test_a_chosen_token_file_that_does_not_exist_is_named(stub_engine, tmp_path,
 
 @pytest.mark.parametrize("kind", ["no permission", "a folder"])
 def test_the_local_engine_token_file_that_cannot_be_read_is_named(qgis_app, tmp_path, monkeypatch, kind):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings
 
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
@@ -329,7 +333,7 @@ def test_the_local_engine_token_file_that_cannot_be_read_is_named(qgis_app, tmp_
 
 
 def test_the_local_engine_token_file_not_text_says_to_delete_it(qgis_app, tmp_path, monkeypatch):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings
 
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
@@ -353,7 +357,8 @@ def test_an_engine_url_naming_this_computers_own_address_is_local(qgis_app, tmp_
     looked up (slow on the user-interface thread, and the connection looks them up again)."""
     import geovqa.settings as settings_mod
     from conftest import set_settings
-    from geovqa.client import EngineClient, is_own_host
+    from geovqa.addresses import is_own_host
+    from geovqa.client import EngineClient
     from geovqa.settings import Settings, make_client, this_computer_addresses
 
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
@@ -385,7 +390,8 @@ def test_a_localhost_url_is_dialled_at_127_0_0_1(stub_engine, opened_addresses, 
     polls too). The client now opens its connections to 127.0.0.1 itself, and still names
     localhost in the Host header."""
     from conftest import write_raster
-    from geovqa.client import EngineClient, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_protocol import build_ask_request
 
     port = stub_engine.port
     client = EngineClient(f"http://localhost:{port}", token=stub_engine.token)
@@ -418,7 +424,7 @@ def test_a_long_lived_client_asks_whether_the_local_engine_still_runs_when_refus
     loading" was decided when it was made, and every later row said so after the engine had died."""
     from conftest import free_port
 
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.engine_process import EngineProcess
     from geovqa.settings import make_client
 
@@ -442,7 +448,7 @@ def test_a_long_lived_client_asks_whether_the_local_engine_still_runs_when_refus
 @pytest.mark.parametrize("host, text", [("127.0.0.1", "127.0.0.1:8765"), ("::1", "[::1]:8765")])
 def test_a_suggested_engine_address_is_one_the_options_take(host, text):
     """The 404 hint suggested http://::1:8765 for an IPv6 engine, which the options refuse."""
-    from geovqa.client import engine_address, host_port
+    from geovqa.addresses import engine_address, host_port
 
     assert host_port(host, 8765) == text
     assert engine_address(f"http://{text}")[1:3] == (host, 8765)

@@ -127,7 +127,9 @@ def test_an_error_answer_cut_short_is_an_engine_error_not_a_crash(stub_engine):
     engine dying, a proxy) made AskStream.events() raise http.client.IncompleteRead, outside
     EngineError: the dock says 'Unexpected error in the GeoVQA plugin ... report it', the batch
     'Unexpected error: IncompleteRead', and a Processing run fails with a raw traceback."""
-    from geovqa.client import EngineClient, EngineError, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
 
     cut = FaultProxy(mode="canned", canned=(
         b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 200\r\n"
@@ -481,7 +483,8 @@ def test_stop_during_a_stalled_tls_handshake_ends_the_question_at_once(qgis_app)
     down nothing and the handshake went on until the short timeout (10 s)."""
     import threading
 
-    from geovqa.client import EngineClient, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_protocol import build_ask_request
 
     hole = FaultProxy(mode="blackhole")
     try:
@@ -507,7 +510,9 @@ def test_an_upload_on_a_slow_link_is_not_said_unanswered(plugin, tmp_path, short
     import numpy as np
     from osgeo import gdal
 
-    from geovqa.client import EngineClient, EngineError, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
     from stub_engine import StubEngine
 
     path = str(tmp_path / "noise.tif")  # random bytes do not compress: ~0.8 MB sent

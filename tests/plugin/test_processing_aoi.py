@@ -488,7 +488,7 @@ def test_an_area_of_interest_with_no_area_is_refused(plugin, raster_layer, stub_
 
 def test_a_question_longer_than_the_engine_takes_is_refused_before_the_run(plugin, raster_layer, stub_engine,
                                                                           qgis_processing, tmp_path):
-    from geovqa.client import MAX_QUESTION_CHARS
+    from geovqa.engine_protocol import MAX_QUESTION_CHARS
     from processing.tools import dataobjects
     from qgis.core import QgsApplication
 
@@ -513,7 +513,7 @@ def test_a_question_longer_than_the_engine_takes_is_refused_before_the_run(plugi
 def test_a_batch_question_too_long_after_blank_lines_is_named_by_its_line(plugin, raster_layer, stub_engine,
                                                                           qgis_processing, tmp_path):
     """The QUESTIONS text skips blank lines: "Question 2" of the batch is on its fourth line."""
-    from geovqa.client import MAX_QUESTION_CHARS
+    from geovqa.engine_protocol import MAX_QUESTION_CHARS
     from processing.tools import dataobjects
     from qgis.core import QgsApplication
 

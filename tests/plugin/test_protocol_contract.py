@@ -20,7 +20,7 @@ def protocol():
 
 
 def test_ask_request_has_exactly_the_protocol_fields(protocol):
-    from geovqa.client import build_ask_request
+    from geovqa.engine_protocol import build_ask_request
 
     req = build_ask_request("  How many ships?  ", "/data/x.tif", aoi={"window": [0, 0, 10, 10]}, budget=512)
     assert set(req) == set(protocol.ASK_FIELDS)
@@ -36,7 +36,8 @@ def test_ask_request_has_exactly_the_protocol_fields(protocol):
 
 
 def test_question_limits_match(protocol):
-    from geovqa.client import MAX_QUESTION_CHARS, EngineError, build_ask_request
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import MAX_QUESTION_CHARS, build_ask_request
 
     assert MAX_QUESTION_CHARS == protocol.MAX_QUESTION_CHARS
     for bad in ("", "   ", "x" * (protocol.MAX_QUESTION_CHARS + 1)):
@@ -48,7 +49,7 @@ def test_question_limits_match(protocol):
 
 
 def test_strategies_and_events_match(protocol):
-    from geovqa import client, settings
+    from geovqa import engine_protocol, settings
 
     assert tuple(settings.STRATEGIES) == tuple(protocol.STRATEGIES)
     assert settings.DEFAULT_STRATEGY == protocol.DEFAULT_STRATEGY
@@ -60,12 +61,12 @@ def test_strategies_and_events_match(protocol):
     assert settings.ENGINE_DEFAULT_STRATEGY not in protocol.STRATEGIES
     assert settings.STRATEGY_CHOICES == tuple(protocol.STRATEGIES) + (settings.ENGINE_DEFAULT_STRATEGY,)
     assert set(settings.STRATEGY_LABELS) == set(settings.STRATEGY_TIPS) == set(settings.STRATEGY_CHOICES)
-    assert set(client.KNOWN_EVENTS) == set(protocol.EVENT_TYPES)
-    assert set(client.FINAL_EVENTS) <= set(protocol.EVENT_TYPES)
-    assert client.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
-    assert client.HEARTBEAT_HEADER == protocol.HEARTBEAT_HEADER
-    for endpoint in (client.ASK_ENDPOINT, client.HEALTH_ENDPOINT, client.BATCH_ENDPOINT,
-                     client.JOBS_ENDPOINT + "/{id}", client.FILES_ENDPOINT + "/{name}"):
+    assert set(engine_protocol.KNOWN_EVENTS) == set(protocol.EVENT_TYPES)
+    assert set(engine_protocol.FINAL_EVENTS) <= set(protocol.EVENT_TYPES)
+    assert engine_protocol.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+    assert engine_protocol.HEARTBEAT_HEADER == protocol.HEARTBEAT_HEADER
+    for endpoint in (engine_protocol.ASK_ENDPOINT, engine_protocol.HEALTH_ENDPOINT, engine_protocol.BATCH_ENDPOINT,
+                     engine_protocol.JOBS_ENDPOINT + "/{id}", engine_protocol.FILES_ENDPOINT + "/{name}"):
         assert endpoint in protocol.__doc__
 
 
@@ -120,7 +121,7 @@ def test_the_status_line_says_when_nf4_computes_in_fp16(protocol):
 
 
 def test_every_error_body_becomes_a_clear_engine_error(protocol):
-    from geovqa.client import EngineError, EngineUnavailable, error_from_body
+    from geovqa.engine_errors import EngineError, EngineUnavailable, error_from_body
 
     for code, http_status in protocol.ERROR_CODES.items():
         body = json.dumps(protocol.error_body(code, f"message for {code}", "a hint")).encode()
@@ -131,7 +132,8 @@ def test_every_error_body_becomes_a_clear_engine_error(protocol):
 
 
 def test_ndjson_events_parse(protocol):
-    from geovqa.client import EngineError, parse_event
+    from geovqa.ask_stream import parse_event
+    from geovqa.engine_errors import EngineError
 
     for kind in protocol.EVENT_TYPES:
         ev = parse_event(json.dumps({"type": kind, "request_id": "r1"}).encode() + b"\n")
@@ -171,7 +173,7 @@ def test_the_bands_sent_and_the_bands_reported_match_the_protocol(protocol):
     """The request's ``bands`` (one band as grey, or three as red, green, blue) is what
     bands.layer_bands gives; the result's ``bands`` is one band a channel, and ``palette`` a flag."""
     from geovqa.bands import bands_cell, bands_text
-    from geovqa.client import build_ask_request
+    from geovqa.engine_protocol import build_ask_request
 
     assert "one (shown as grey) or three" in protocol.ASK_FIELDS["bands"]
     assert build_ask_request("q?", "/x.tif", bands=[4, 3, 2])["bands"] == [4, 3, 2]
@@ -226,7 +228,10 @@ def test_absurdly_nested_json_from_the_engine_is_a_bad_response(tmp_path):
     import threading
     from http.server import ThreadingHTTPServer
 
-    from geovqa.client import EngineClient, EngineError, build_ask_request, error_from_body, parse_event
+    from geovqa.ask_stream import parse_event
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError, error_from_body
+    from geovqa.engine_protocol import build_ask_request
     from stub_engine import JsonHandler
 
     nested = "[" * (sys.getrecursionlimit() * 20) + "]" * (sys.getrecursionlimit() * 20)

@@ -60,7 +60,9 @@ def capture():
 
 def send(url, path, tmp_path, upload=True, **client_kw):
     """Ask about ``path`` with an upload; returns the EngineError the capture server answers."""
-    from geovqa.client import EngineClient, EngineError, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
 
     client = EngineClient(url, "t", **client_kw)
     with pytest.raises(EngineError) as err:
@@ -149,7 +151,8 @@ def test_vrt_and_png_are_uploaded_as_geotiff_and_the_copy_is_removed(capture, tm
 
 def test_remote_engine_answers_about_a_vrt(real_engine, tmp_path):
     """The real engine refuses non-GeoTIFF uploads; the converted VRT is answered and placed."""
-    from geovqa.client import EngineClient, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_protocol import build_ask_request
     from osgeo import gdal
 
     src = write_raster(tmp_path / "src.tif", width=120, height=90)
@@ -166,7 +169,8 @@ def test_always_upload_reaches_an_engine_behind_a_tunnel_on_loopback(capture, tm
     """An SSH tunnel on 127.0.0.1 to a remote engine: by address the path would be sent, which
     the engine cannot see; 'always upload' sends the file."""
     from conftest import set_settings
-    from geovqa.client import EngineError, build_ask_request
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
     from geovqa.settings import make_client
 
     path = write_raster(tmp_path / "tunnelled.tif")
@@ -202,7 +206,9 @@ def test_send_rasters_on_the_options_page(qgis_app):
 
 
 def test_an_upload_over_the_engines_limit_is_refused_before_sending(tmp_path):
-    from geovqa.client import EngineClient, EngineError, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
 
     path = write_raster(tmp_path / "big.tif")
     size = os.path.getsize(path)
@@ -218,10 +224,12 @@ def test_an_upload_over_the_engines_limit_is_refused_before_sending(tmp_path):
 
 
 def test_upload_progress_is_reported(tmp_path, monkeypatch):
-    from geovqa import client as client_mod
-    from geovqa.client import EngineClient, EngineError, build_ask_request
+    from geovqa import ask_stream
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
 
-    monkeypatch.setattr(client_mod, "UPLOAD_CHUNK", 1024)
+    monkeypatch.setattr(ask_stream, "UPLOAD_CHUNK", 1024)
     path = write_raster(tmp_path / "scene.tif")
     size = os.path.getsize(path)
     cap = CaptureEngine(health={"max_upload_bytes": 10 * size})  # under the limit: sent
@@ -244,7 +252,7 @@ class PrunedAnchorsClient:
         self.heatmap_src = heatmap_src
 
     def download_file(self, name, dest):
-        from geovqa.client import EngineError
+        from geovqa.engine_errors import EngineError
 
         if name.endswith(".tif"):
             with open(self.heatmap_src, "rb") as src, open(dest, "wb") as out:
@@ -307,7 +315,8 @@ def test_a_download_into_a_folder_that_cannot_be_written_blames_the_folder(captu
     """A local write failure (missing folder, full disk) used to be reported as 'engine not
     reachable'; it is an OSError naming the file (the results folder's fault), and no partial file
     is left."""
-    from geovqa.client import EngineClient, EngineError
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError
 
     client = EngineClient(capture.url, "t")
     good = tmp_path / "heatmap.tif"
@@ -326,7 +335,9 @@ def test_a_download_into_a_folder_that_cannot_be_written_blames_the_folder(captu
 
 def send_about(url, path, aoi, **request_kw):
     """Ask about ``aoi`` of ``path`` with an upload to the capture server (which refuses it)."""
-    from geovqa.client import EngineClient, EngineError, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
 
     with pytest.raises(EngineError):
         list(EngineClient(url, "t").ask(build_ask_request("What is here?", str(path), aoi=aoi, **request_kw),
@@ -552,7 +563,7 @@ def test_a_file_within_the_limit_goes_when_its_cut_would_not(tmp_path, own_tempd
     assert (up.path, up.aoi, up.temp_dir) == (sparse, aoi, None)
     assert os.listdir(own_tempdir) == []
     # a file over the limit itself is still refused
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
 
     with pytest.raises(EngineError) as err:
         upload.prepare_upload(sparse, aoi, max_bytes=size // 2)
@@ -637,7 +648,7 @@ def test_a_cut_not_worth_it_is_decided_before_anything_is_written(capture, tmp_p
 
 def test_a_cut_or_conversion_with_no_room_in_the_temporary_folder(capture, tmp_path, monkeypatch, own_tempdir):
     from geovqa import upload
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from osgeo import gdal
 
     written = _written_cuts(monkeypatch)
@@ -670,7 +681,7 @@ def test_a_conversion_is_not_refused_for_room_beyond_the_upload_limit(tmp_path, 
     here): with 40 MB free the conversion, which takes 1 MB, was refused with "takes up to 75 MB"."""
     from osgeo import gdal
     from geovqa import upload
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
 
     src = write_raster(tmp_path / "tile.tif", width=100, height=100, pixel=50.0)
     vrt = str(tmp_path / "mosaic.vrt")
@@ -733,7 +744,8 @@ def test_the_results_about_a_cut_land_on_the_area_asked_about(plugin, remote_eng
     coordinates for a georeferenced raster, moved back by the cut's offset for one with no
     georeferencing (whose results are in the cut's pixels)."""
     from conftest import valid_cells_extent
-    from geovqa.client import EngineClient, new_request_id
+    from geovqa.client import EngineClient
+    from geovqa.engine_protocol import new_request_id
     from geovqa.tasks import keep_result_files, rect_bounds
     from qgis.core import QgsGeometry, QgsProject, QgsRectangle, QgsVectorLayer
 
@@ -959,10 +971,10 @@ def test_a_batch_converts_and_cuts_each_layer_once_and_deletes_the_copies(stub_e
 
 def test_a_batch_reports_its_uploads_progress(stub_engine, tmp_path, monkeypatch):
     from conftest import set_settings, wait_for_tasks, wait_until
-    from geovqa import client as client_mod
+    from geovqa import ask_stream
 
     set_settings(send_rasters="upload")
-    monkeypatch.setattr(client_mod, "UPLOAD_CHUNK", 1024)
+    monkeypatch.setattr(ask_stream, "UPLOAD_CHUNK", 1024)
     path = write_raster(tmp_path / "scene.tif", width=120, height=90)
     seen = []
     task, ended = run_batch([batch_item(path)], ["How big?", "What bands?"], seen)
@@ -992,7 +1004,7 @@ def test_a_cancelled_batch_deletes_its_copies(stub_engine, tmp_path, own_tempdir
 
 
 def test_a_conversion_cancelled_meanwhile_stops_and_leaves_nothing(tmp_path, own_tempdir):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.upload import prepare_upload
 
     path = write_raster(tmp_path / "scene.tif", width=300, height=200)
@@ -1047,11 +1059,11 @@ def test_the_processing_batch_gives_each_upload_only_part_of_its_answers_share(
         plugin, stub_engine, tmp_path, monkeypatch, qgis_processing, qgis_new_project):
     """Each upload set the run's progress to 0..100 % of that upload: it jumped to 100 % and back."""
     from conftest import set_settings
-    from geovqa import client as client_mod
+    from geovqa import ask_stream
     from qgis.core import QgsProcessingFeedback, QgsProject, QgsRasterLayer
 
     set_settings(send_rasters="upload")
-    monkeypatch.setattr(client_mod, "UPLOAD_CHUNK", 1024)
+    monkeypatch.setattr(ask_stream, "UPLOAD_CHUNK", 1024)
     layer = QgsRasterLayer(write_raster(tmp_path / "scene.tif", width=120, height=90), "scene", "gdal")
     QgsProject.instance().addMapLayer(layer)
     feedback, seen = QgsProcessingFeedback(), []
@@ -1136,7 +1148,8 @@ def test_the_processing_batch_asks_the_engines_upload_limit_once(
 
 def test_every_single_question_still_checks_the_upload_limit(stub_engine, tmp_path):
     from conftest import set_settings
-    from geovqa.client import EngineError, build_ask_request
+    from geovqa.engine_errors import EngineError
+    from geovqa.engine_protocol import build_ask_request
     from geovqa.settings import make_client
 
     set_settings(send_rasters="upload")
@@ -1194,7 +1207,7 @@ def test_a_conversion_that_grows_past_the_upload_limit_is_stopped_and_deleted(tm
                                                                                small_gdal_cache):
     """The whole raster was converted (a 100000 x 100000 px VRT: about 30 GB) before its size was
     checked against the engine's limit."""
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.upload import prepare_upload
 
     vrt = write_huge_vrt(tmp_path)
@@ -1219,7 +1232,7 @@ def test_a_conversion_past_the_limit_is_stopped_early_with_gdals_default_cache(t
     1.26 GB on a 23 GB machine, 3.2 GB on a 64 GB workstation) the written blocks stayed in memory,
     the file did not grow, and a 1.2 GB conversion ran to its end before the 2 MB limit was seen,
     QGIS's memory growing by the cache. It is written in strips now, each flushed to the file."""
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.upload import prepare_upload
 
     vrt = write_huge_vrt(tmp_path)
@@ -1235,7 +1248,9 @@ def test_nothing_is_converted_for_an_engine_that_cannot_be_reached(tmp_path, own
     """The whole raster was converted (minutes for a large one) before the upload found that the
     remote engine was not there; the engine's state comes first now."""
     from conftest import free_port
-    from geovqa.client import EngineClient, EngineUnavailable, build_ask_request
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineUnavailable
+    from geovqa.engine_protocol import build_ask_request
     from geovqa.tasks import prepare_item_upload
 
     vrt = write_huge_vrt(tmp_path)
@@ -1250,7 +1265,7 @@ def test_nothing_is_converted_for_an_engine_that_cannot_be_reached(tmp_path, own
 def test_a_conversion_no_compression_could_bring_under_the_limit_is_refused_before_writing(
         tmp_path, own_tempdir, monkeypatch):
     from geovqa import upload
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
 
     written = _written_cuts(monkeypatch)
     vrt = write_huge_vrt(tmp_path)

@@ -26,7 +26,7 @@ def test_bool_setting_round_trips_and_reads_strings(qgis_app):
 
 
 def test_request_options_from_settings_with_overrides(qgis_app):
-    from geovqa.client import build_ask_request
+    from geovqa.engine_protocol import build_ask_request
     from geovqa.settings import Settings
 
     s = Settings.load()
@@ -87,7 +87,7 @@ def test_paths_typed_with_a_tilde_are_expanded_wherever_they_are_used(qgis_app, 
 
 def test_a_ca_file_typed_with_a_tilde_is_read_from_the_home_folder(tmp_path, monkeypatch):
     import pytest
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.tls import context
 
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -8,7 +8,7 @@ from conftest import set_settings, wait_for_tasks, wait_until
 
 
 def test_the_setting_round_trips_and_sends_neither_field(qgis_app):
-    from geovqa.client import build_ask_request
+    from geovqa.engine_protocol import build_ask_request
     from geovqa.settings import ENGINE_DEFAULT_STRATEGY, PREFIX, STRATEGIES, Settings
     from qgis.core import QgsSettings
 

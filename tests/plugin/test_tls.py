@@ -41,7 +41,7 @@ def https_stub(tmp_path, certs):
 
 
 def ask_events(client, tmp_path):
-    from geovqa.client import build_ask_request
+    from geovqa.engine_protocol import build_ask_request
 
     raster = write_raster(tmp_path / "scene.tif")
     return list(client.ask(build_ask_request("What is there?", raster), upload=False).events())
@@ -63,7 +63,7 @@ def test_the_client_talks_to_an_https_engine_with_the_ca_setting(https_stub, cer
 
 
 def test_without_the_ca_setting_a_self_signed_engine_is_not_trusted(https_stub, plugin, tmp_path):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     set_settings(engine_url=https_stub.url, token=https_stub.token, ca_cert="")
@@ -108,7 +108,7 @@ def test_a_remote_https_engine_not_trusted_is_said_so_while_a_local_engine_runs(
 
 
 def test_a_ca_file_of_another_certificate_says_it_is_not_the_engines(https_stub, certs):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     other = str(certs["other"][0])
@@ -120,7 +120,7 @@ def test_a_ca_file_of_another_certificate_says_it_is_not_the_engines(https_stub,
 
 
 def test_a_certificate_for_another_host_is_a_host_mismatch(tmp_path, certs):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     eng = StubEngine(tmp_path / "stub_out", tls=certs["elsewhere"])
@@ -141,7 +141,7 @@ def test_a_localhost_url_is_dialled_at_127_0_0_1_and_checked_as_localhost(tmp_pa
     """A localhost URL is connected to 127.0.0.1 (where the local engine listens; Windows and
     macOS look localhost up as ::1 first), and the TLS server name stays localhost: a certificate
     made out for localhost only still verifies (checked against 127.0.0.1 it would not)."""
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     pair = make_pair(tmp_path / "certs", "localhost-only", hosts=("localhost",))
@@ -161,7 +161,7 @@ def test_a_localhost_url_is_dialled_at_127_0_0_1_and_checked_as_localhost(tmp_pa
 
 
 def test_an_https_url_to_an_engine_speaking_plain_http_says_so(stub_engine, certs):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     url = stub_engine.url.replace("http://", "https://")
@@ -175,7 +175,7 @@ def test_an_https_url_to_an_engine_speaking_plain_http_says_so(stub_engine, cert
 
 
 def test_an_http_url_to_an_https_engine_says_to_use_https(https_stub):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     url = https_stub.url.replace("https://", "http://")
@@ -189,7 +189,7 @@ def test_an_http_url_to_an_https_engine_says_to_use_https(https_stub):
 
 def test_a_plain_engine_that_went_away_is_still_not_reachable(stub_engine):
     """The http/https probes only name TLS when TLS is the reason."""
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     client = make_client(Settings.load())
@@ -201,7 +201,7 @@ def test_a_plain_engine_that_went_away_is_still_not_reachable(stub_engine):
 
 @pytest.mark.parametrize("kind", ["missing", "folder", "not_pem"])
 def test_a_ca_file_that_cannot_be_used_is_named(https_stub, certs, tmp_path, kind):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     path = {"missing": tmp_path / "nope.pem", "folder": tmp_path, "not_pem": tmp_path / "notes.txt"}[kind]
@@ -244,7 +244,7 @@ def test_diagnostics_name_the_ca_certificate(plugin, tmp_path):
 
 
 def test_the_local_token_is_still_never_sent_to_a_remote_https_engine(qgis_app, tmp_path, monkeypatch, certs):
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     monkeypatch.setenv("GEOVQA_CONFIG_DIR", str(tmp_path / "cfg"))
@@ -262,7 +262,7 @@ def test_the_real_engine_served_over_https(tmp_path, certs):
     engine tests' stand-in model) with the plugin's client: trusted with the setting, not without."""
     import subprocess
 
-    from geovqa.client import EngineError
+    from geovqa.engine_errors import EngineError
     from geovqa.settings import Settings, make_client
 
     if not ENGINE_PY.exists() or subprocess.run([str(ENGINE_PY), "-c", "import engine.server"],

@@ -1,0 +1,99 @@
+"""The errors of talking to the engine, each written for a person (EngineError, with a code of
+docs/protocol.md, a message and what to do), and the readers that make them of what the engine
+sends back: its JSON (engine_json), its error answers (error_from_body, error_body); how a
+connection ended and how big an upload is, in the words those errors use (connection_words,
+size_text). Standard library only; every other module of the client imports its errors from here.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+
+class EngineError(Exception):
+    """A failure talking to the engine, with a message written for a person."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message + (f" {self.hint}" if self.hint else "")
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached (not started, wrong URL, or it crashed)."""
+
+
+def engine_json(text: str, message: str):
+    """``text`` from the engine read as JSON, or ``EngineError('bad_response')`` with ``message``,
+    whose ``{why}`` says what is wrong: not JSON, or JSON nested deeper than Python can read (which
+    ``json.loads`` raises as RecursionError, not ValueError: a broken or hostile remote engine).
+    Every place the client reads the engine's JSON goes through here."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        why, cause = "JSON nested too deeply to be read", exc
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        why, cause = "not JSON", exc
+    raise EngineError("bad_response", message.replace("{why}", why)) from cause
+
+
+def error_from_body(status: int, body: bytes) -> EngineError:
+    """Turn an HTTP error response (protocol error_body) into an EngineError."""
+    try:  # a body that cannot be read says no more than its status
+        err = engine_json(body.decode("utf-8", errors="replace"), "{why}").get("error") or {}
+    except (EngineError, AttributeError):
+        err = {}
+    if not isinstance(err, dict):
+        err = {}
+    code = err.get("code") or ("unauthorized" if status == 401 else "internal")
+    message = err.get("message") or f"The engine answered HTTP {status}."
+    hint = err.get("hint")
+    if status == 401 and not hint:
+        hint = "Check the engine token in Settings > Options > GeoVQA."
+    if code == "model_loading":
+        return EngineUnavailable(code, message or "The engine is still loading the model.", hint, status)
+    return EngineError(code, message, hint, status)
+
+
+def error_body(resp: http.client.HTTPResponse) -> bytes:
+    """The body of an HTTP error answer ``resp``, as much of it as came: one cut short (the
+    connection reset while it was read: an engine dying, a proxy) is what arrived, and
+    :func:`error_from_body` then says the status alone."""
+    try:
+        return resp.read()
+    except http.client.IncompleteRead as exc:
+        return exc.partial
+    except (OSError, http.client.HTTPException):
+        return b""
+
+
+def connection_words(exc: Exception) -> str:
+    """How a connection ended, in words: "the engine closed it", "reset" ..., for
+    :meth:`client.EngineClient._unavailable` and :func:`ask_stream.stream_broken` (not the
+    exception's repr, "IncompleteRead(0 bytes read)")."""
+    if isinstance(exc, http.client.IncompleteRead):
+        return "it was closed before the answer was complete"
+    if isinstance(exc, (http.client.RemoteDisconnected, ConnectionAbortedError)):
+        return "it was closed"
+    if isinstance(exc, ConnectionResetError):
+        return "it was reset"
+    if isinstance(exc, BrokenPipeError):
+        return "the engine stopped reading"
+    return getattr(exc, "strerror", None) or exc.__class__.__name__
+
+
+def size_text(n: int) -> str:
+    """A byte count for a person: bytes below 1 MiB, else MiB / GiB (of 2^20 / 2^30 bytes) with one
+    decimal, as the engine says sizes. Every size the plugin says about an upload uses it
+    (:mod:`upload` too), so the engine's 2 GiB limit reads "2.0 GiB" everywhere."""
+    if n < 1 << 20:
+        return f"{n} bytes"
+    if n < 1 << 30:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.1f} GiB"
