@@ -1202,3 +1202,22 @@ def test_eval_records_the_bands_of_its_adapter_with_its_other_training_settings(
     run_eval(parser.parse_args([str(ann), "--out", str(tmp_path / "b"), "--limit", "1"]),
              predict=_predictor(MME_REPLIES, []))
     assert json.loads((tmp_path / "b" / "run_settings.json").read_text())["bands"] is None  # no adapter
+
+
+def test_option_text_fallback_prefers_the_longest_option_named():
+    opts = ["harbor", "harbor with ships", "plane", "car"]
+    assert extract_letters("a harbor with ships", opts) == "B"
+
+
+def test_mme_letter_rules_after_the_cue_phrases_are_deleted():
+    from engine.eval_scoring import mme_official_letter
+
+    opts = [o.split(") ", 1)[1] for o in MME_RS["Answer choices"]]
+    # "The answer is" is deleted first, so the reply is "3": the first choice containing it
+    assert mme_official_letter("The answer is 3", opts) == "C"
+    # an empty reply is contained in every choice: A, as the official script reads it
+    assert mme_official_letter("", opts) == "A"
+    long_opt = ["one two three four five six seven eight nine ten eleven", "x"]
+    # up to 10 words without a capital A-E: looked up in the choices; more: no letter
+    assert mme_official_letter("two three four five six seven eight nine ten eleven", long_opt) == "A"
+    assert mme_official_letter("one two three four five six seven eight nine ten eleven", long_opt) == ""

@@ -195,3 +195,12 @@ def test_batch_footprints_equal_single_footprints(tmp_path):
         single = g.footprint(ids, "map")
         assert shape.symmetric_difference(single).area <= 1e-6 * max(single.area, 1.0)
     assert batch[0].geom_type == "Polygon" and batch[-1].is_empty
+
+
+def test_valid_fraction_counts_pixels_by_their_centre():
+    """A box edge at 0.6 px leaves pixel 0 (centre 0.5) out: only pixel 1 is counted."""
+    from engine.geometry import _valid_fraction
+
+    valid = np.array([[False, True, True]])
+    boxes = np.array([[[0.6, 0.0, 1.6, 1.0], [0.4, 0.0, 1.4, 1.0]]])
+    np.testing.assert_allclose(_valid_fraction(valid, boxes), [[1.0, 0.0]])

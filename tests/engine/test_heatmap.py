@@ -138,3 +138,54 @@ def test_edge_cells_mostly_over_padding_hold_no_score(tmp_path):
     for f in files.geojson["features"]:
         fx0, fy0, fx1, fy1 = shape(f["geometry"]).bounds
         assert b.left - 1e-6 <= fx0 and fx1 <= b.right + 1e-6
+
+
+def test_geojson_n_patches_counts_all_members_also_padding(tmp_path):
+    """n_patches = all members (heatmap doc), not just the valid ones that are drawn."""
+    geometry, _ = geometry_for(tmp_path)
+    valid = geometry.patch_valid.reshape(-1)
+    good = np.nonzero(valid)[0]
+    pad = np.nonzero(geometry.patch_padding.reshape(-1))[0]
+    members = np.concatenate([good[:2], pad[:3]]).astype(np.int64)
+    sel = Selection(embeds=torch.zeros(1, 2), members=[members], scores=np.array([1.0], np.float32),
+                    roles=["merged"], candidates=100, strategy="test")
+    feats = write_heatmap(sel, geometry, tmp_path, "np").geojson["features"]
+    assert len(feats) == 1 and feats[0]["properties"]["n_patches"] == 5
+
+
+def test_a_patch_shared_by_two_tokens_shows_the_larger_score(tmp_path):
+    geometry, _ = geometry_for(tmp_path)
+    good = np.nonzero(geometry.patch_valid.reshape(-1))[0]
+    shared = int(good[10])
+    sel = Selection(embeds=torch.zeros(2, 2),
+                    members=[np.array([shared, good[11]], np.int64), np.array([shared], np.int64)],
+                    scores=np.array([3.0, 1.0], np.float32), roles=["merged", "anchor"],
+                    candidates=100, strategy="test")
+    files = write_heatmap(sel, geometry, tmp_path, "shared")
+    ids = geometry.token_grid().ids_grid()
+    with rasterio.open(files.tif_path) as ds:
+        data = ds.read(1)
+    assert data[ids == shared].tolist() == [3.0]
+
+
+def test_rotated_raster_footprints_have_the_exact_corners(tmp_path):
+    from affine import Affine
+
+    # rotated, with pixels twice as tall as wide: the matrix is not symmetric
+    rotated = Affine.translation(500000, 5000000) @ Affine.rotation(30) @ Affine.scale(10, -20)
+    w, h = 700, 500
+    arr = (np.arange(w * h).reshape(h, w) % 251).astype(np.uint8)
+    path = write_geotiff(tmp_path / "rot.tif", np.stack([arr] * 3), transform=rotated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = read_raster(path)
+    geometry = TokenGeometry.build(image, plan_tiles(image.size))
+    good = np.nonzero(geometry.patch_valid.reshape(-1))[0]
+    members = [good[:3].astype(np.int64), good[200:201].astype(np.int64)]
+    sel = Selection(embeds=torch.zeros(2, 2), members=members, scores=np.array([1.0, 2.0], np.float32),
+                    roles=["merged", "anchor"], candidates=100, strategy="test")
+    feats = write_heatmap(sel, geometry, tmp_path, "rot").geojson["features"]
+    for f, m in zip(feats, members):
+        from shapely.ops import unary_union
+        ref = unary_union(geometry.patch_polygons(m, "map"))  # exact corners via the Affine
+        assert shape(f["geometry"]).symmetric_difference(ref).area < 1e-6 * ref.area

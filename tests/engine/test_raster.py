@@ -855,3 +855,32 @@ def test_engine_raster_still_offers_the_raster_error_family():
     for name in family:
         assert getattr(raster, name) is getattr(raster_errors, name)
         assert name in raster.__all__
+
+
+def test_a_pixel_nodata_in_one_band_only_is_invalid(tmp_path):
+    arr = np.full((3, 10, 12), 100, np.uint8)
+    arr[0, 2, 3] = 0  # red is nodata there, green and blue are not
+    im = read_raster(write_geotiff(tmp_path / "one.tif", arr, nodata=0))
+    assert not im.valid[2, 3] and im.valid.sum() == 10 * 12 - 1
+    assert not im.pixels[2, 3].any()
+
+
+def test_an_alpha_band_before_the_colour_bands_is_not_shown(tmp_path):
+    arr = _u8(4, 8, 8)
+    arr[0] = 255  # opaque
+    p = write_geotiff(tmp_path / "argb.tif", arr,
+                      colorinterp=["alpha", "undefined", "undefined", "undefined"])
+    im = read_raster(p)
+    assert im.bands == (2, 3, 4)
+    np.testing.assert_array_equal(im.pixels, arr[1:].transpose(1, 2, 0))
+
+
+def test_complex_band_shows_the_amplitude(tmp_path):
+    re = RNG.integers(-500, 500, (20, 30)).astype(np.float32)
+    im_ = RNG.integers(-500, 500, (20, 30)).astype(np.float32)
+    arr = (re + 1j * im_).astype(np.complex64)
+    got = read_raster(write_geotiff(tmp_path / "slc.tif", arr))
+    amp = np.abs(arr)
+    lo, hi = np.percentile(amp.astype(np.float64), (2.0, 98.0))  # the documented stretch
+    assert got.stretch[0] == pytest.approx((lo, hi), rel=1e-5)
+

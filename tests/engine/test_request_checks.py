@@ -290,3 +290,24 @@ def test_an_unreadable_raster_says_what_gdal_said(tmp_path):
     assert err.code == "raster_unreadable"
     assert "previous exception" not in err.message
     assert "looks like a raster but cannot be read: " in err.message
+
+
+from engine.request_checks import MAX_NEW_TOKENS_LIMIT  # noqa: E402
+
+
+@pytest.mark.parametrize("field, value", [
+    ("budget", True), ("max_new_tokens", False), ("seed", True),  # JSON true/false is no number
+    ("tokens_per_tile", 577), ("max_new_tokens", MAX_NEW_TOKENS_LIMIT + 1),
+    ("faithful_empty_slots", 1), ("faithful_empty_slots", "yes"),
+])
+def test_numbers_and_flags_are_checked_at_their_limits(raster, field, value):
+    body = {"raster_path": str(raster), "question": "Any roads?", field: value}
+    err = refused(lambda: validate_ask(body, protocol.STRATEGIES))
+    assert err.code == "bad_request" and field in err.message
+
+
+def test_the_largest_allowed_values_pass(raster):
+    body = {"raster_path": str(raster), "question": "Any roads?", "tokens_per_tile": 576,
+            "faithful_empty_slots": True}
+    got = validate_ask(body, protocol.STRATEGIES)
+    assert got["tokens_per_tile"] == 576 and got["faithful_empty_slots"] is True

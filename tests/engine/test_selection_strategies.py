@@ -279,3 +279,42 @@ def test_budget_spatial_weight_is_released_uhr_bat_default():
     grid = strat.coords(24)
     assert grid.shape == (N, 2)
     assert float(grid.max()) == pytest.approx(1.0) and float(grid.min()) == 0.0
+
+
+# --- tests added by the mutation review: each kills a mutation the suite let through ---
+
+def test_cap_global_breaks_ties_to_the_lower_index():
+    """Equal scores (uniform areas, faithful empty slots at -inf) keep the lower indices."""
+    from engine.selection.common import cap_global
+    scores = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0] * 300)
+    keep = cap_global(scores, 10)
+    ones = torch.nonzero(scores == 1.0, as_tuple=True)[0]
+    assert keep.tolist() == ones[:10].tolist()
+
+
+def test_random_tokens_are_in_spatial_order():
+    sel = run("random", 30, seed=0)
+    firsts = [int(m[0]) for m in sel.members]
+    assert firsts == sorted(firsts)
+
+
+def test_geollava_drop_padding_removes_padding_clusters():
+    feats = crafted()
+    geo = SimpleNamespace(patch_valid=np.ones((T, N), bool), layout=None)
+    geo.patch_valid[0] = False  # tile 0 is pure padding
+    kw = dict(q_proj=eye_linear(), v_proj=eye_linear(),
+              affinity=lambda p: C.affinity_from_features(p, 24))
+    kept = get_strategy("geollava").select(feats, geo, "q", None, model=None, **kw)
+    dropped = get_strategy("geollava", drop_padding=True).select(feats, geo, "q", None, model=None, **kw)
+    assert kept.info["padding_tokens"] > 0
+    assert dropped.info["padding_tokens"] == 0
+    assert all((np.asarray(m) >= N).any() for m in dropped.members)
+
+
+def test_kmeans_seed_picks_the_initial_centres():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 200, 4, generator=g)
+    mask = torch.ones(1, 200, dtype=torch.bool)
+    a = kmeans(x, mask, torch.tensor([12]), iters=1, seed=0)
+    b = kmeans(x, mask, torch.tensor([12]), iters=1, seed=1)
+    assert not torch.equal(a, b)

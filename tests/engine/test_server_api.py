@@ -282,3 +282,16 @@ def test_bands_naming_an_alpha_band_are_a_bad_request_and_the_colour_bands_are_n
     assert answer["error"]["message"].startswith("Band 4 is the raster's alpha band")
     status, answer = server.ask(ask_body(rgba, bands=[1, 2, 3]))
     assert status == 200 and answer[-1]["type"] == "result", answer
+
+
+@pytest.mark.parametrize("token", [False, "wrong-token"])
+def test_batch_results_refused_without_the_right_token(server, inputs, token):
+    """GET /jobs/{id}/results hands out every answer of a batch job: it needs the token too."""
+    status, job = server.request("POST", "/batch", {
+        "items": [{"layer": "one", "raster_path": str(inputs["raster"])}],
+        "questions": ["Any roads?"], "max_new_tokens": 8})
+    assert status == 200, job
+    status, body = server.request("GET", f"/jobs/{job['job_id']}/results", token=token)
+    assert status == 401, body
+    assert body["error"]["code"] == "unauthorized"
+    assert "results" not in body

@@ -6,7 +6,6 @@ Batch resume after SIGKILL: test_server_e2e_batch.py."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -23,18 +22,12 @@ wait_until = functools.partial(_wait_until, timeout=120.0, step=0.1)
 
 from engine import protocol  # noqa: E402
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("engine.pipeline") is None,
-                                reason="engine.pipeline (the Engine) is not merged yet")
-
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
-def weights(request):
-    try:
-        return request.getfixturevalue("tiny_checkpoint")
-    except pytest.FixtureLookupError:
-        pytest.skip("the tiny_checkpoint fixture (tests/engine/conftest.py) is not merged yet")
+def weights(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from server_rasters import write_geotiff  # noqa: E402
-from test_server_e2e import pytestmark, start, wait_until, weights  # noqa: E402,F401
+from test_server_e2e import start, wait_until, weights  # noqa: E402,F401
 
 
 def test_batch_resume_after_kill(weights, tmp_path):

@@ -273,3 +273,24 @@ def test_absurdly_nested_json_from_the_engine_is_a_bad_response(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_event_without_a_type_is_a_bad_response(protocol):
+    from geovqa.ask_stream import parse_event
+    from geovqa.engine_errors import EngineError
+
+    with pytest.raises(EngineError) as exc:
+        parse_event(b'{"request_id": "r1", "text": "hello"}\n')
+    assert exc.value.code == "bad_response"
+
+
+def test_a_401_without_an_engine_body_is_unauthorized_with_the_token_hint(protocol):
+    """A 401 whose body is not the engine's (a proxy's HTML page, nothing) still says 'token'."""
+    from geovqa.engine_errors import error_from_body
+
+    for body in (b"", b"<html>401 Authorization Required</html>", b'{"detail": "no"}'):
+        err = error_from_body(401, body)
+        assert err.code == "unauthorized", body
+        assert "token" in (err.hint or "").lower(), body
+    other = error_from_body(500, b"")
+    assert other.code == "internal" and other.hint is None
