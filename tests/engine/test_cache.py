@@ -123,3 +123,65 @@ def test_the_feature_cache_cap_comes_from_the_option_then_the_variable(monkeypat
     monkeypatch.setenv(cache.FEATURE_CACHE_ENV, "4G")
     with pytest.raises(ValueError, match=rf"{cache.FEATURE_CACHE_ENV} must be a whole number of bytes.*'4G'"):
         cache.feature_cache_cap(None)
+
+
+def _entry(n_floats: int):
+    """A cache value holding `n_floats` float32 numbers (4 bytes each)."""
+    import torch
+
+    return (None, torch.zeros(n_floats, dtype=torch.float32))
+
+
+def test_the_least_recently_used_entry_goes_first_when_the_bytes_run_out():
+    features = cache.FeatureCache(max_bytes=3 * 400, max_items=10)
+    for key in ("a", "b", "c"):
+        features.put(key, _entry(100))  # 400 bytes each: the cache is full
+    assert features.nbytes == 1200 and len(features) == 3
+    assert features.get("a") is not None  # "a" is now the most recently used
+    features.put("d", _entry(100))
+    assert features.get("b") is None  # the least recently used went
+    assert all(features.get(k) is not None for k in ("a", "c", "d"))
+    assert features.nbytes == 1200 and len(features) == 3
+
+
+def test_the_oldest_entries_go_when_the_items_run_out():
+    prefixes = cache.PrefixStore(max_bytes=2**20, max_items=2)
+    for key in ("a", "b", "c"):
+        prefixes.put(key, _entry(10))
+    assert len(prefixes) == 2 and prefixes.nbytes == 80
+    assert prefixes.get("a") is None
+    assert prefixes.get("b") is not None and prefixes.get("c") is not None
+
+
+def test_an_entry_put_again_is_counted_once():
+    features = cache.FeatureCache(max_bytes=1000, max_items=10)
+    features.put("a", _entry(100))
+    features.put("a", _entry(50))
+    assert len(features) == 1 and features.nbytes == 200
+    features.put("b", _entry(150))  # 200 + 600 bytes fit under the cap
+    assert features.get("a") is not None and features.get("b") is not None
+
+
+def test_an_entry_larger_than_the_cap_is_not_kept_and_evicts_nothing():
+    features = cache.FeatureCache(max_bytes=1000, max_items=10)
+    features.put("small", _entry(100))
+    features.put("huge", _entry(1000))  # 4000 bytes
+    assert features.get("huge") is None
+    assert features.get("small") is not None and features.nbytes == 400
+
+
+def test_one_feature_entry_holds_at_most_the_overview_and_every_canvas_tile():
+    # 8064 x 8064 px canvas = 24 x 24 tiles of 336 px, plus the overview tile: 577 tiles, each
+    # with a CLS and 24 x 24 patch states of 1024 float32 numbers
+    assert cache.feature_entry_ceiling(1024, 336, 14, 8064 * 8064) == 577 * 577 * 1024 * 4
+    assert cache.feature_entry_ceiling(8, 336, 14, 336 * 672, value_bytes=2) == 3 * 577 * 8 * 2
+
+
+def test_a_negative_feature_cache_size_is_refused(monkeypatch):
+    import pytest
+
+    with pytest.raises(ValueError, match="0 or more bytes, not -1"):
+        cache.feature_cache_cap(-1)
+    monkeypatch.setenv(cache.FEATURE_CACHE_ENV, "-1")
+    with pytest.raises(ValueError, match=rf"{cache.FEATURE_CACHE_ENV} must be a whole number of bytes.*'-1'"):
+        cache.feature_cache_cap(None)

@@ -184,3 +184,78 @@ def test_bands_naming_an_images_alpha_band_are_bad_bands(tmp_path):
     assert [s.id for s in samples] == ["1"]
     assert [(b.index, b.reason) for b in report.bad] == [(0, "bad_bands")]
     assert "--bands: band 4 is the raster's alpha band" in report.bad[0].message
+
+
+def test_conversation_rules_a_system_turn_first_only_and_no_empty_answer(tmp_path):
+    _img(tmp_path / "ok.png")
+    system = {"from": "system", "value": "You count ships."}
+    q, a = {"from": "human", "value": "<image>\nHow many ships?"}, {"from": "gpt", "value": "3"}
+    rows = [{"id": 0, "image": "ok.png", "conversations": [system, q, a]},             # good
+            {"id": 1, "image": "ok.png", "conversations": [q, system, a]},             # system later
+            {"id": 2, "image": "ok.png", "conversations": [q, {"from": "gpt", "value": "  "}]},  # empty answer
+            {"id": 3, "image": [], "conversations": [q, a]},                           # no image listed
+            {"id": 4, "image": ["ok.png", "ok.png"], "conversations": [q, a]}]         # two images
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(rows))
+    samples, report = load_dataset(p)
+    assert [(s.index, s.system) for s in samples] == [(0, "You count ships.")]
+    assert [(b.index, b.reason) for b in report.bad] == [(1, "malformed"), (2, "malformed"),
+                                                         (3, "malformed"), (4, "malformed")]
+    assert "unknown role 'system'" in report.bad[0].message
+    assert "empty answer" in report.bad[1].message
+    assert "lists 0 images" in report.bad[2].message and "lists 2 images" in report.bad[3].message
+
+
+def test_max_pixels_is_the_largest_size_allowed(tmp_path):
+    _img(tmp_path / "ok.png", 40, 30)
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps([_row(0)]))
+    assert len(load_dataset(p, max_pixels=1200)[0]) == 1
+    samples, report = load_dataset(p, max_pixels=1199)
+    assert not samples and report.bad[0].reason == "too_large"
+
+
+def test_bands_must_be_numbers_not_true_or_false(tmp_path):
+    _img(tmp_path / "ok.png")
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps([dict(_row(0), bands=[True]), dict(_row(1), bands=[1, True, 2])]))
+    samples, report = load_dataset(p)
+    assert not samples
+    assert [(b.index, b.reason) for b in report.bad] == [(0, "bad_bands"), (1, "bad_bands")]
+
+
+def test_the_image_root_is_looked_in_before_the_data_files_folder(tmp_path):
+    (tmp_path / "root").mkdir()
+    _img(tmp_path / "root" / "a.png", 40, 30)
+    _img(tmp_path / "a.png", 20, 10)  # beside the data file: found only without a root
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps([_row(0, image="a.png")]))
+    assert load_dataset(p, image_root=tmp_path / "root")[0][0].image == tmp_path / "root" / "a.png"
+    assert load_dataset(p)[0][0].image == tmp_path / "a.png"
+
+
+def test_a_validation_fraction_of_1_is_refused(tmp_path):
+    _img(tmp_path / "ok.png")
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps([_row(i) for i in range(3)]))
+    samples, _ = load_dataset(p)
+    for fraction in (1.0, -0.1):
+        with pytest.raises(DataError, match=r"validation fraction must be in \[0, 1\)"):
+            split_train_val(samples, fraction)
+
+
+@pytest.mark.parametrize("key", ["data", "samples", "annotations"])
+def test_a_json_object_wrapping_the_records_is_read(tmp_path, key):
+    _img(tmp_path / "ok.png")
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"version": 1, key: [_row(0), _row(1)]}))
+    samples, report = load_dataset(p, on_bad="stop")
+    assert [s.index for s in samples] == [0, 1] and report.total == 2
+
+
+def test_blank_lines_of_a_json_lines_file_are_no_samples(tmp_path):
+    _img(tmp_path / "ok.png")
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps(_row(0)) + "\n   \n\t\n" + json.dumps(_row(1)) + "\n\n")
+    samples, report = load_dataset(p, on_bad="stop")
+    assert [s.id for s in samples] == ["0", "1"] and report.total == 2

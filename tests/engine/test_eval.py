@@ -1221,3 +1221,70 @@ def test_mme_letter_rules_after_the_cue_phrases_are_deleted():
     # up to 10 words without a capital A-E: looked up in the choices; more: no letter
     assert mme_official_letter("two three four five six seven eight nine ten eleven", long_opt) == "A"
     assert mme_official_letter("one two three four five six seven eight nine ten eleven", long_opt) == ""
+
+
+def test_an_empty_field_gives_way_to_the_next_name_of_it():
+    (item,) = load_items_from_rows([{"id": 7, "image": "a.png", "question": "", "text": "How many ships?",
+                                     "answer": "3"}])
+    assert (item.id, item.question, item.answer) == ("7", "How many ships?", "3")
+
+
+def test_an_answer_two_options_share_is_refused_not_read_as_the_first():
+    from engine.eval_items import choice_answer
+
+    with pytest.raises(EvalError, match="neither option letters"):
+        choice_answer("airport", ["airport", "the airport", "harbor"])
+    assert choice_answer("harbor", ["airport", "the airport", "harbor"]) == "C"
+
+
+def test_a_record_with_a_question_and_choices_is_xlrs():
+    from engine.eval_items import detect_format
+
+    assert detect_format({"question": "Which?", "choices": ["ship", "car"], "answer": "A"}) == "xlrs"
+    assert detect_format({"question": "How many?", "answer": "3"}) == "generic"
+
+
+def test_answer_text_normalisation_details():
+    from engine.eval_items import norm_text
+
+    assert norm_text("An airport") == norm_text("the airport") == norm_text("airport") == "airport"
+    assert norm_text("1,000 ships") == "1000 ships"
+    assert norm_text("1,2345") == "1 2345"  # not a thousands separator
+
+
+def test_letters_named_twice_are_one_letter():
+    from engine.eval_items import choice_answer, normalize_letters
+
+    assert normalize_letters("A, a") == "A" and normalize_letters(["C", "A", "c"]) == "AC"
+    assert choice_answer("A and A", ["ship", "car"]) == "A"
+
+
+def test_only_an_options_own_letter_is_stripped_from_its_text():
+    (item,) = load_items_from_rows([{"id": 1, "image": "a.png", "question": "Which?",
+                                     "options": ["(A) ship", "A. harbor", "(C) plane"], "answer": "C"}])
+    assert item.options == ["ship", "A. harbor", "plane"]
+
+
+def test_a_stored_open_ended_answer_is_not_marked_as_an_older_prompts(tmp_path):
+    """Only xlrs and mme changed their prompt wording; a generic answer without the lenient fields
+    is rescored but is not said to come from an older prompt."""
+    items = load_items_from_rows([{"id": 1, "image": "a.png", "question": "How many ships?", "answer": "3"}])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text(json.dumps({"id": "1", "category": "all", "image": "a.png",
+                                                       "reply": "3", "prediction": "3", "correct": True,
+                                                       "answer": "3", "multiple_choice": False}) + "\n")
+
+    def must_not_ask(item, prompt):
+        raise AssertionError("a stored answer was asked again")
+
+    res = evaluate(items, must_not_ask, out)
+    assert res["correct"] == 1 and "older_prompt_answers" not in res
+    (line,) = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert "older_prompt" not in line
+
+
+def test_a_limit_of_every_item_is_no_limited_run(tmp_path):
+    ann = _write(tmp_path / "mme.json", MME)
+    res = evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "l", limit=len(MME))
+    assert "macro_note" not in res

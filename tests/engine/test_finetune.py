@@ -782,3 +782,72 @@ def test_an_adapters_bands_never_read_an_alpha_band_as_colour(tmp_path, tiny_che
     events = _events(eng, raster_path=str(path))
     assert events[-1]["bands"] == [1, 2, 3], f"the model saw bands {events[-1]['bands']} (band 4 is alpha)"
     assert any("band 4 of this raster is its alpha" in (e.get("message") or "") for e in events)
+
+
+def test_a_samples_own_system_turn_is_its_system_prompt(tiny_tokenizer):
+    turns = [Turn("user", "<image>\nHow many ships?"), Turn("assistant", "Three")]
+    own = encode_conversation(tiny_tokenizer, Sample(index=0, id="0", image=None, turns=turns,
+                                                     system="You count ships."))
+    assert "<|im_start|>system\nYou count ships.<|im_end|>" in tiny_tokenizer.decode(own.before)
+    default = encode_conversation(tiny_tokenizer, Sample(index=0, id="0", image=None, turns=turns))
+    assert "<|im_start|>system\nYou are a helpful assistant.<|im_end|>" in tiny_tokenizer.decode(default.before)
+    given = encode_conversation(tiny_tokenizer, Sample(index=0, id="0", image=None, turns=turns,
+                                                       system="You count ships."), system="Be brief.")
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in tiny_tokenizer.decode(given.before)
+
+
+def test_the_visual_tokens_sit_between_the_prompt_and_the_answers_unlabelled(tiny_model, tiny_tokenizer):
+    from engine.finetune_inputs import build_training_inputs
+
+    s = Sample(index=0, id="0", image=None, turns=[Turn("user", "<image>\nHow many?"), Turn("assistant", "Three")])
+    enc = encode_conversation(tiny_tokenizer, s)
+    visual = torch.randn(7, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    embeds, labels, mask = build_training_inputs(tiny_model, enc, visual)
+    n_before = len(enc.before)
+    assert embeds.shape[1] == labels.shape[1] == n_before + 7 + len(enc.after)
+    assert torch.equal(embeds[0, n_before:n_before + 7], visual.to(embeds.dtype))
+    assert labels[0, :n_before + 7].tolist() == [IGNORE] * (n_before + 7)
+    assert labels[0, n_before + 7:].tolist() == enc.after_labels
+
+
+def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
+    from engine.finetune_checkpoints import checkpoint_dirs, latest_checkpoint, prune_checkpoints
+
+    for step in (2, 10, 9):
+        (tmp_path / f"checkpoint-{step}" / "adapter").mkdir(parents=True)
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.pt").write_bytes(b"")
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint's name
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10"]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(d.name for d in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-9", "checkpoint-x"]
+
+
+def test_resume_with_lora_dropout_reproduces_an_uninterrupted_run(tmp_path, tiny_checkpoint):
+    """LoRA dropout (0.05 by default) draws from torch's RNG at every step: a resume restores the
+    checkpoint's RNG state, so steps 3-4 drop the same inputs as in the uninterrupted run."""
+    import shutil
+
+    data = _write_data(tmp_path, n=8)
+    common = ("--max-steps", "4", "--save-every", "2", "--val-fraction", "0", "--lora-dropout", "0.3")
+    full = tmp_path / "full"
+    assert run_finetune(_args(data, full, tiny_checkpoint, *common)) == 0
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoint-4")
+    shutil.rmtree(part / "adapter")
+    assert run_finetune(_args(data, part, tiny_checkpoint, *common, "--resume")) == 0
+    assert [r["loss"] for r in _log(full)] == [r["loss"] for r in _log(part)]
+
+
+def test_a_checkpoint_of_other_lora_targets_is_refused_at_load(tmp_path, tiny_checkpoint):
+    """Without the run record (finetune_args.json lost, or a run of an older version), the
+    checkpoint itself tells that its LoRA layers are not this run's."""
+    data = _write_data(tmp_path, n=4)
+    out = tmp_path / "out"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "2", "--save-every", "2",
+                              "--val-fraction", "0")) == 0
+    (out / "finetune_args.json").unlink()
+    with pytest.raises(DataError, match="does not match this model/LoRA settings"):
+        run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--save-every", "2",
+                           "--val-fraction", "0", "--target-modules", "q_proj,v_proj", "--resume"))

@@ -251,3 +251,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     gen = torch.Generator().manual_seed(0)
     drawn = {_pick(logits, True, 1.0, 0.6, gen) for _ in range(200)}
     assert drawn == {0, 1}
+
+
+@pytest.mark.parametrize("eos, expected", [(151645, {151645}), ([151645, 151643], {151645, 151643}),
+                                           (None, set()), (True, None), ([1, False], None), (-1, None)])
+def test_the_checkpoints_end_of_answer_ids_are_read_as_one_id_or_a_list(tmp_path, tiny_checkpoint, eos, expected):
+    from engine.loader import CheckpointError, read_generation_defaults
+
+    ckpt = _checkpoint_with_generation_config(tmp_path / "ckpt", tiny_checkpoint, eos_token_id=eos)
+    if expected is None:
+        with pytest.raises(CheckpointError, match="is not a token id or a list of them"):
+            read_generation_defaults(ckpt)
+    else:
+        assert read_generation_defaults(ckpt).eos_token_ids == frozenset(expected)

@@ -40,6 +40,9 @@ def test_nf4_computes_in_the_gpus_own_16_bit_format(monkeypatch, gpu, dtype, sho
     assert plan.compute == {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     bnb = quant_config(plan)  # the BitsAndBytesConfig load_model passes on
     assert bnb.bnb_4bit_compute_dtype == dtype and bnb.bnb_4bit_quant_type == "nf4"
+    # double quantisation (the memory check's NF4_BYTES_PER_PARAM) and the unquantised modules
+    assert bnb.bnb_4bit_use_double_quant is True
+    assert set(bnb.llm_int8_skip_modules) == {"vision_tower", "mm_projector", "reghead", "lm_head"}
     assert quant_config(D.plan_device("cuda", "fp32")) is None
 
 
@@ -117,3 +120,10 @@ def test_health_says_what_the_model_computes_in(tiny_checkpoint, tiny_loaded, tm
     assert tiny_loaded.info["compute"] == "fp32"  # the loader's record of the plan
     health = Engine(tiny_checkpoint, loaded=tiny_loaded, output_dir=tmp_path, feature_cache_bytes=0).health()
     assert (health["quantization"], health["compute"]) == ("fp32", "fp32")
+
+
+def test_cuda_without_a_number_is_the_first_gpu(monkeypatch):
+    _gpu(monkeypatch, A100)
+    assert D.resolve_device("cuda") == "cuda:0"
+    assert D.resolve_device("CUDA:1") == "cuda:1"
+    assert D.plan_device("cuda", "fp16").device == "cuda:0"

@@ -130,6 +130,7 @@ def test_delete_removes_a_finished_batch_job(tmp_path, monkeypatch, in_memory):
     jobs = started(tmp_path / "state")
     try:
         (job_id,) = run_batches(jobs, 1)
+        assert (job_id in jobs.held_job_ids()) is in_memory  # 0 kept in memory: read from its folder
         kept = jobs.cancel(job_id)  # a cancel of a finished job changes nothing
         assert kept["state"] == "done" and "removed" not in kept and jobs.results(job_id)
         answer = jobs.cancel(job_id, remove=True)
@@ -240,5 +241,47 @@ def test_a_batch_stopped_by_the_disk_still_answers_get_once_out_of_memory(tmp_pa
         info = jobs.info(job.job_id)
         assert info is not None, "GET /jobs/{id} of a job the disk stopped answers not_found"
         assert info["state"] == "failed" and "restart the engine" in info["message"]
+    finally:
+        jobs.stop()
+
+
+def _job_folder(jobs_dir: Path, job_id: str, state: dict, days_old: float) -> None:
+    folder = jobs_dir / job_id
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text(json.dumps(SPEC), encoding="utf-8")
+    (folder / "results.jsonl").write_text("", encoding="utf-8")
+    (folder / "state.json").write_text(json.dumps({**state, "updated": time.time() - days_old * DAY}),
+                                       encoding="utf-8")
+
+
+def test_an_old_failed_job_is_removed_but_one_the_disk_stopped_is_resumed(tmp_path):
+    """A failed batch is over (removed after the retention, like a done one), unless the engine's
+    disk stopped it: that one is resumed at the start, however old."""
+    jobs_dir = tmp_path / "state" / "jobs"
+    failed, stopped = "00000000000000aa", "00000000000000bb"
+    _job_folder(jobs_dir, failed, {"state": "failed", "message": "a bug", "resumable": False}, 15)
+    _job_folder(jobs_dir, stopped, {"state": "failed", "message": "disk full", "resumable": True}, 15)
+    jobs = started(tmp_path / "state")
+    try:
+        assert not (jobs_dir / failed).exists() and jobs.info(failed) is None
+        wait_until(lambda: jobs.info(stopped)["state"] == "done", timeout=10)
+        assert [r["answer"] for r in jobs.results(stopped)] == ["ok"]
+    finally:
+        jobs.stop()
+
+
+def test_only_job_ids_are_looked_up_in_the_jobs_folder(tmp_path):
+    """GET and DELETE /jobs/{id} hand the id to the queue: a name that is no job id (another
+    folder of the state dir, a path) is no job, whatever folder it names."""
+    jobs_dir = tmp_path / "state" / "jobs"
+    _job_folder(jobs_dir, "not-a-job", {"state": "done", "message": "x", "total": 1, "done": 1,
+                                        "errors": 0}, 1)
+    jobs = started(tmp_path / "state")
+    try:
+        for name in ("not-a-job", "../jobs/not-a-job"):
+            assert jobs.info(name) is None
+            assert jobs.cancel(name) is None
+            assert jobs.results(name) is None
+        assert (jobs_dir / "not-a-job").exists()
     finally:
         jobs.stop()

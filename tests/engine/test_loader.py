@@ -83,6 +83,8 @@ def test_flash_attention_only_on_gpus_it_runs_on(monkeypatch, capability, name, 
             D.plan_device("auto", "auto", "flash_attention_2")
     else:
         assert D.plan_device("auto", "auto", "flash_attention_2").attention == "flash_attention_2"
+        # flash-attention has no float32 kernels: fp32 weights keep SDPA under auto
+        assert D.plan_device("auto", "fp32", "auto").attention == "sdpa"
 
 
 def test_tokenizer_is_qwen2_style(tiny_loaded):
@@ -402,3 +404,28 @@ def test_tiny_never_deletes_what_it_did_not_write(tmp_path, tiny_checkpoint):
     (earlier / "stale.txt").write_text("from the earlier build")
     assert build_tiny_checkpoint(earlier, seed=3) == earlier
     assert not (earlier / "stale.txt").exists() and "seed 3" in (earlier / "TINY_MODEL.txt").read_text()
+
+
+def test_a_geollava_architecture_is_accepted_under_another_model_type(tmp_path, tiny_checkpoint):
+    """config.json names the class in model_type or in architectures; either one is enough."""
+    from engine.loader import read_config_json
+
+    dest = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["model_type"] = "llava"
+    cfg["architectures"] = ["LlavaQwenForCausalLM"]
+    (dest / "config.json").write_text(json.dumps(cfg))
+    assert read_config_json(dest)["model_type"] == "llava"
+    assert checkpoint_present(dest)
+
+
+def test_rope_scaling_in_the_config_is_switched_off(tmp_path, tiny_checkpoint):
+    """The loader forces rope_scaling off: a config.json that sets one still loads without it."""
+    dest = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    (dest / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(dest, device="cpu", quantization="fp32")
+    assert loaded.config.rope_scaling is None

@@ -281,3 +281,21 @@ def test_a_damaged_shard_is_a_clear_checkpoint_error(tiny_checkpoint, tmp_path, 
         load_model(broken, device="cpu", quantization="fp32")
     assert main(["info", "--memory", "--weights", str(broken), "--device", "cpu"]) == 2
     assert "is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_working_memory_is_a_tenth_of_the_weights_and_at_least_1_gib():
+    from engine.memory_check import TensorCounts
+
+    big = TensorCounts(quantisable=0, other=5 * 2**30)  # 20 GiB in fp32, 10 GiB in bf16
+    assert needed_bytes(big, "fp32") == 20 * 2**30 + 2 * 2**30
+    assert needed_bytes(big, "bf16") == 10 * 2**30 + 2**30
+    small = TensorCounts(quantisable=0, other=1000)
+    assert needed_bytes(small, "fp32") == 4000 + 2**30
+
+
+@pytest.mark.parametrize("value", ["0", " ", ""])
+def test_the_check_is_not_skipped_by_a_variable_of_0_or_blank(tiny_checkpoint, monkeypatch, value):
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: 1000)
+    monkeypatch.setenv(memory_check.SKIP_ENV, value)
+    with pytest.raises(NotEnoughMemory):
+        load_model(tiny_checkpoint, device="cpu", quantization="fp32")

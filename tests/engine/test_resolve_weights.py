@@ -127,3 +127,11 @@ def test_info_and_serve_refuse_a_damaged_default_checkpoint(places, tiny_checkpo
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "incomplete: 1 of 4 weight shards are missing" in err and "make weights" in err, argv
+
+
+def test_a_file_where_the_weights_folder_should_be_is_reported(places):
+    default = places["default"]
+    default.parent.mkdir(parents=True)
+    default.write_text("not a folder", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint directory"):
+        P.resolve_weights(None)

@@ -188,6 +188,41 @@ def test_upload_too_large(server, inputs):
     assert "limit" in r.json()["error"]["message"]
 
 
+def test_an_upload_whose_length_is_over_the_limit_is_refused_before_it_is_read(server, inputs):
+    """A Content-Length beyond the limit (plus room for the request part) is refused from the
+    header alone, saying the size sent."""
+    from engine.server import MAX_JSON_BODY_BYTES
+
+    raster = b"II*\x00" + b"\x00" * (UPLOAD_LIMIT + MAX_JSON_BODY_BYTES)
+    files = {"raster": ("huge.tif", raster, "image/tiff")}
+    data = {"request": json.dumps({"question": "What is here?"})}
+    built = httpx.Request("POST", f"{server.url}/ask", files=files, data=data)
+    body = built.read()  # sent whole, with its Content-Length
+    r = httpx.post(f"{server.url}/ask", content=body,
+                   headers={**server.headers(), "content-type": built.headers["content-type"]})
+    assert r.status_code == 413
+    error = r.json()["error"]
+    assert error["code"] == "upload_too_large"
+    assert error["message"].startswith("The upload (") and f"limit of {UPLOAD_LIMIT} bytes" in error["message"]
+
+
+def test_a_json_body_sent_in_chunks_is_cut_off_at_the_limit(server):
+    """Without a Content-Length (chunked transfer) the body is counted as it arrives."""
+    from engine.server import MAX_JSON_BODY_BYTES
+
+    big = json.dumps({"items": [{"layer": "x" * MAX_JSON_BODY_BYTES, "raster_path": "/x.tif"}],
+                      "questions": ["Any roads?"]}).encode()
+
+    def chunks():
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    r = httpx.post(f"{server.url}/batch", content=chunks(),
+                   headers={**server.headers(), "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"code": "bad_request", "message": "The request body is too large.", "hint": None}
+
+
 def test_upload_not_a_raster(server, inputs):
     files = {"raster": ("notes.tif", b"hello, not a tiff" * 10, "image/tiff")}
     data = {"request": json.dumps({"question": "What is here?"})}

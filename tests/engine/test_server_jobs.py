@@ -231,3 +231,52 @@ def test_a_resumed_batch_answers_its_gaps_in_order(tmp_path):
         assert job.next_index() == index  # asking again without an answer keeps the item
         job.done_indexes.add(index)
     assert found == [2, 4, 5, 7] and job.next_index() is None
+
+
+class FailingEngine:
+    """Fails the questions whose text is in `fail` (a raster it cannot read), answers the rest."""
+
+    def __init__(self, fail):
+        self.fail = set(fail)
+
+    def ask(self, request, cancel):
+        if request["question"] in self.fail:
+            raise ValueError("raster_unreadable: the raster cannot be read")
+        yield {"type": "result", "answer": "ok", "request_id": request.get("request_id")}
+
+
+@pytest.mark.parametrize("fail, state", [(SPEC["questions"], "failed"), (SPEC["questions"][:1], "done")])
+def test_a_batch_whose_every_item_failed_ends_failed(tmp_path, fail, state):
+    jobs = JobQueue(FailingEngine(fail), tmp_path / "state", make_request=dict)
+    jobs.start()
+    try:
+        job = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+        wait_until(lambda: jobs.info(job.job_id)["state"] not in ("queued", "running"), timeout=10)
+        info = jobs.info(job.job_id)
+        assert (info["state"], info["done"], info["errors"]) == (state, 2, len(fail))
+        assert saved_state(jobs, job.job_id)["state"] == state
+        errors = [r["error_code"] for r in jobs.results(job.job_id) if r["error"]]
+        assert errors == ["raster_unreadable"] * len(fail)
+    finally:
+        jobs.stop()
+
+
+def test_a_cancel_as_a_question_ends_leaves_it_answered(tmp_path):
+    """A DELETE that comes after the answer, while the job is still being cleaned up (its upload
+    removed), finds a finished job: it stays done and is not called cancelled."""
+    jobs = make_queue(Engine(), tmp_path / "state")
+    seen = {}
+
+    def cleanup():  # the worker runs it after the answer, before the job leaves the queue
+        seen["info"] = jobs.cancel(job.job_id)
+
+    try:
+        job = jobs.submit_ask({"question": "What is here?", "request_id": "r1"}, cleanup=cleanup)
+        events = [job.events.get(timeout=10)]
+        while events[-1] is not None:
+            events.append(job.events.get(timeout=10))
+        assert [e["type"] for e in events[:-1] if e["type"] != "queued"] == ["result"]
+        assert seen["info"]["state"] == "done"
+        assert seen["info"]["message"] is None and not job.cancel.is_set()
+    finally:
+        jobs.stop()

@@ -149,6 +149,39 @@ def test_check_pair_says_what_is_wrong(certs, tmp_path, caplog):
             check_pair(cert, shared)
         assert f"The TLS private key {shared} can be read by other users" in caplog.text
         assert "chmod 600" in caplog.text
+        group = tmp_path / "group-key.pem"
+        group.write_bytes(key.read_bytes())
+        group.chmod(0o640)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="engine.server"):
+            check_pair(cert, group)
+        assert f"The TLS private key {group} can be read by other users" in caplog.text
+        group.chmod(0o600)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="engine.server"):
+            check_pair(cert, group)
+        assert "can be read by other users" not in caplog.text
+
+
+def test_a_key_of_another_type_is_named_as_not_the_pair(certs, tmp_path):
+    """An RSA key given with the EC certificate: OpenSSL says so in other words than for a key of
+    the same type, and the check must still tell the user that the two are not a pair."""
+    import shutil
+
+    from engine.tls import TLSFileError, check_pair
+
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("the openssl command is not installed")
+    cert, _ = certs["engine"]
+    rsa_key = tmp_path / "rsa-key.pem"
+    subprocess.run([openssl, "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                    "-out", str(rsa_key)], check=True, capture_output=True, timeout=60)
+    rsa_key.chmod(0o600)
+    with pytest.raises(TLSFileError) as exc:
+        check_pair(cert, rsa_key)
+    assert f"--tls-key {rsa_key} is not the private key of the certificate in --tls-cert {cert}" \
+        in str(exc.value)
 
 
 def test_the_remote_warning_names_what_travels_unencrypted_and_the_remedies(tmp_path, caplog):

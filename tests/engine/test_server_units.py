@@ -94,6 +94,8 @@ def test_job_error_body():
     body = JobError("not_a_raster", "x is not a raster").body()
     assert body == {"error": {"code": "not_a_raster", "message": "x is not a raster",
                               "hint": None}}
+    with pytest.raises(ValueError, match="unknown error code 'not_a_code'"):
+        JobError("not_a_code", "a code no client knows").body()
 
 
 def test_state_dir_is_exclusive(tmp_path):
@@ -140,7 +142,7 @@ def test_real_engine_errors_map_to_codes():
 
 
 @pytest.mark.parametrize(("status", "code"), [(400, "bad_request"), (413, "bad_request"), (418, "bad_request"),
-                                              (503, "internal")])
+                                              (500, "internal"), (503, "internal")])
 def test_framework_http_errors_keep_the_protocol_pairing(tmp_path, status, code):
     """An HTTP error the framework raises (not one of ours) gets a protocol code and that code's
     own status, so a client that reads the code reads the status it expects."""
@@ -414,3 +416,166 @@ def test_a_job_read_from_its_folder_is_read_off_the_event_loop(tmp_path, monkeyp
         assert client.get("/jobs/0123456789abcdef/results", headers=auth).json()["results"][0]["answer"] == "a"
         assert client.delete("/jobs/0123456789abcdef", headers=auth).json()["state"] == "done"
     assert read_in and not any(read_in), read_in
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+@pytest.mark.parametrize("mode", [0o604, 0o640, 0o660])
+def test_a_token_readable_by_anyone_but_its_owner_is_made_private(tmp_path, mode):
+    path = tmp_path / "token"
+    path.write_text("my-token\n")
+    os.chmod(path, mode)
+    assert auth.load_or_create_token(path) == "my-token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_results_line_cut_just_before_its_newline_is_dropped(tmp_path):
+    """The last record is whole JSON but its newline never reached the disk: the line is not
+    finished, and the next answer must not be written onto its end."""
+    job = BatchJob("0123456789abcdef", {"items": [{"raster_path": "/x"}], "questions": ["a", "b"]},
+                   tmp_path)
+    job.append_result({"index": 0, "answer": "yes"})
+    with open(job.results_path, "a") as fh:
+        fh.write('{"index": 1, "answer": "no"}')  # killed before the newline
+    assert [r["index"] for r in job.load_results()] == [0]
+    job.append_result({"index": 1, "answer": "no"})
+    lines = [json.loads(x) for x in job.results_path.read_text().splitlines()]
+    assert [r["index"] for r in lines] == [0, 1]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_files_serves_only_files_in_the_output_folder_not_links_out_of_it(tmp_path):
+    import warnings
+
+    from engine.server import create_app
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "answer-heatmap.tif").write_bytes(b"II*\x00heatmap")
+    (tmp_path / "private.tif").write_bytes(b"II*\x00not for clients")
+    (out / "link-heatmap.tif").symlink_to(tmp_path / "private.tif")
+    app = create_app(engine=None, settings=Settings(state_dir=tmp_path / "state", output_dir=out, token="t"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+        client = TestClient(app)
+    auth_header = {"Authorization": "Bearer t"}
+    ok = client.get("/files/answer-heatmap.tif", headers=auth_header)
+    assert ok.status_code == 200 and ok.content == b"II*\x00heatmap"
+    assert ok.headers["content-type"] == "image/tiff"
+    refused = client.get("/files/link-heatmap.tif", headers=auth_header)
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+
+
+def test_a_result_names_a_file_to_fetch_only_for_files_in_the_output_folder(tmp_path):
+    """heatmap_file / anchors_file tell a client on another computer what to GET from /files; a
+    path the engine wrote elsewhere has no such name (GET /files would refuse it)."""
+    import warnings
+
+    import numpy as np
+
+    from engine.server import create_app
+
+    try:
+        from tests.engine.rasters import write_geotiff
+    except ImportError:
+        from rasters import write_geotiff
+
+    out = tmp_path / "out"
+    raster = write_geotiff(tmp_path / "scene.tif", np.zeros((8, 8), np.uint8))
+
+    class Engine:
+        def health(self):
+            return {}
+
+        def ask(self, request, cancel):
+            yield {"type": "result", "answer": "ok", "heatmap_path": str(out / "q-heatmap.tif"),
+                   "anchors_path": str(tmp_path / "elsewhere-anchors.geojson")}
+
+    app = create_app(engine=Engine(), settings=Settings(state_dir=tmp_path / "state", output_dir=out, token="t"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+        with TestClient(app) as client:
+            resp = client.post("/ask", headers={"Authorization": "Bearer t"},
+                               json={"raster_path": str(raster), "question": "What is here?"})
+    events = [json.loads(line) for line in resp.text.splitlines()]
+    (result,) = [e for e in events if e["type"] == "result"]
+    assert result["heatmap_file"] == "q-heatmap.tif"
+    assert "anchors_file" not in result
+
+
+def _multipart(request: bytes, raster: bytes, boundary: str = "b0undary") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"request\"\r\n\r\n".encode() + request
+            + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"raster\"; filename=\"a.tif\"\r\n"
+              "Content-Type: image/tiff\r\n\r\n".encode() + raster + f"\r\n--{boundary}--\r\n".encode())
+
+
+def _receive(tmp_path, body: bytes, max_bytes: int):
+    import asyncio
+
+    import engine.uploads as uploads
+
+    async def chunks():
+        for i in range(0, len(body), 4096):
+            yield body[i:i + 4096]
+
+    return asyncio.run(uploads.receive_upload("multipart/form-data; boundary=b0undary", chunks(),
+                                              max_bytes=max_bytes, temp_root=tmp_path / "uploads"))
+
+
+def test_an_upload_one_byte_over_the_limit_is_refused_and_one_at_it_is_taken(tmp_path):
+    import numpy as np
+
+    try:
+        from tests.engine.rasters import write_geotiff
+    except ImportError:
+        from rasters import write_geotiff
+
+    raster = Path(write_geotiff(tmp_path / "scene.tif", np.zeros((8, 8), np.uint8))).read_bytes()
+    with pytest.raises(JobError) as exc:
+        _receive(tmp_path, _multipart(b'{"question": "q?"}', raster), max_bytes=len(raster) - 1)
+    assert exc.value.code == "upload_too_large"
+    assert not list((tmp_path / "uploads").iterdir())
+    upload = _receive(tmp_path, _multipart(b'{"question": "q?"}', raster), max_bytes=len(raster))
+    try:
+        assert upload.raster_path.read_bytes() == raster and upload.request == {"question": "q?"}
+    finally:
+        upload.cleanup()
+
+
+def test_an_empty_raster_part_or_an_oversized_request_part_is_a_bad_request(tmp_path):
+    from engine.uploads import MAX_JSON_PART_BYTES
+
+    with pytest.raises(JobError) as exc:
+        _receive(tmp_path, _multipart(b'{"question": "q?"}', b""), max_bytes=10**6)
+    assert exc.value.code == "bad_request" and "no 'raster' file part (or it is empty)" in exc.value.message
+    big = json.dumps({"question": "q?", "pad": "x" * MAX_JSON_PART_BYTES}).encode()
+    with pytest.raises(JobError) as exc:
+        _receive(tmp_path, _multipart(big, b"II*\x00" + b"x" * 100), max_bytes=10**6)
+    assert exc.value.code == "bad_request" and exc.value.message == "The 'request' part is too large."
+    assert not list((tmp_path / "uploads").iterdir())
+
+
+def test_an_upload_is_identified_by_the_hash_of_its_raster_bytes(tmp_path):
+    """The feature cache keys an uploaded raster by this hash (its temporary path changes with
+    every upload): two rasters must not share one, the same raster sent again must."""
+    import hashlib
+
+    import numpy as np
+
+    try:
+        from tests.engine.rasters import write_geotiff
+    except ImportError:
+        from rasters import write_geotiff
+
+    first = Path(write_geotiff(tmp_path / "one.tif", np.full((8, 8), 10, np.uint8))).read_bytes()
+    second = Path(write_geotiff(tmp_path / "two.tif", np.full((8, 8), 200, np.uint8))).read_bytes()
+    seen = []
+    for raster in (first, second, first):
+        upload = _receive(tmp_path, _multipart(b'{"question": "q?"}', raster), max_bytes=10**6)
+        seen.append(upload.sha256)
+        upload.cleanup()
+    assert seen == [hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest(),
+                    hashlib.sha256(first).hexdigest()]
