@@ -805,3 +805,57 @@ def test_saved_absolute_result_paths_of_an_earlier_version_are_read_as_they_are(
     assert read["rendered_path"] == read["request"]["raster_path"] == "/elsewhere/r.tif"
     assert read["result"]["local_heatmap_path"] == "/elsewhere/h.tif"
     assert read["result"]["local_anchors_path"] == "/elsewhere/a.geojson"
+
+
+def test_a_turn_is_saved_as_standard_json_without_values_json_cannot_hold():
+    """The entry is read back by anything that reads JSON: a value JSON has no number for (a NaN
+    or infinite timing) is left out rather than written as NaN / Infinity; finite values stay."""
+    from geovqa.history import dumps, loads
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"the entry holds {name}"))
+
+    turn = {"question": "q", "answer": "a", "done": True, "elapsed": float("nan"), "speed": float("inf"),
+            "timings": {"total": 3.5, "queue": float("nan")}, "budget": 2.0}
+    text = dumps({"L1": [turn]})
+    saved = strict(text)["conversations"]["L1"][0]
+    assert "elapsed" not in saved and "speed" not in saved
+    assert saved["budget"] == 2.0
+    assert loads(text)[0]["L1"][0]["answer"] == "a"
+
+
+def test_a_turns_private_fields_stay_out_of_the_project():
+    """Fields starting with "_" are the dock's own (the area frozen for a retry): they are not
+    saved with the project, even when they hold plain values."""
+    from geovqa.history import dumps
+
+    turn = {"question": "q", "answer": "a", "done": True, "_area": {"mode": "layer", "geometry": None, "crs": None}}
+    saved = json.loads(dumps({"L1": [turn]}))["conversations"]["L1"][0]
+    assert "_area" not in saved and saved["question"] == "q"
+
+
+def test_conversations_cleared_before_a_save_do_not_come_back(qgis_new_project):
+    """Clearing every conversation and saving removes the project's entry: the project opened
+    again has no conversation, not the one saved before."""
+    from geovqa.history import ProjectHistory
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    history = ProjectHistory()
+    history.write({"L1": [{"question": "q", "answer": "a", "done": True, "layer_id": "L1"}]}, project)
+    assert history.read(project)["L1"][0]["answer"] == "a"
+    history.write({"L1": []}, project)
+    assert history.read(project) == {}
+    assert not project.readEntry("geovqa", "conversations", "")[1]
+
+
+def test_a_saved_turn_without_its_layer_id_takes_the_layer_it_is_saved_under():
+    """An entry whose turns do not name their layer (written by an earlier version, or by hand)
+    gives each turn the layer id it is saved under: a retry and the layer's answers use it."""
+    from geovqa.history import loads
+
+    conversations, skipped = loads(json.dumps(
+        {"version": 1, "conversations": {"L1": [{"question": "q", "answer": "a", "done": True}],
+                                         "L2": [{"question": "r", "done": True, "layer_id": "L2"}]}}))
+    assert skipped == []
+    assert [t["layer_id"] for t in conversations["L1"] + conversations["L2"]] == ["L1", "L2"]

@@ -1131,3 +1131,190 @@ def test_anchors_outside_the_bold_top_are_not_labelled_when_top_scores_tie(raste
     labels = _anchor_labels(al)
     faint_but_labelled = {s: labels[s] for s, w in widths.items() if w == [0.2] and labels[s]}
     assert faint_but_labelled == {}, faint_but_labelled
+
+
+def test_a_file_placed_by_three_gcps_is_sent_as_it_is(tmp_path):
+    """Three GCPs are the fewest an affine transform is fitted to, and they fit it exactly (GDAL's
+    warp of them is that affine transform too): the engine reads the file as QGIS shows it, so
+    the file itself is sent, not a render."""
+    from geovqa.render import layer_file_path
+    from osgeo import gdal, osr
+    from qgis.core import QgsRasterLayer
+
+    path = str(tmp_path / "three.tif")
+    ds = gdal.GetDriverByName("GTiff").Create(path, 40, 30, 1, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetGCPs([gdal.GCP(500000 + 10 * c, 5000000 - 10 * r, 0, c, r) for c, r in ((0, 0), (40, 0), (0, 30))],
+               srs.ExportToWkt())
+    ds = None
+    layer = QgsRasterLayer(path, "three", "gdal")
+    assert layer.isValid()
+    assert layer_file_path(layer) == path
+
+
+def _bent_gcp_scan(path, cols, bend):
+    """A 1000 x 800 px scan (10 m pixels, EPSG:32633) placed by 9 GCPs in the columns ``cols``
+    (rows 100, 400, 700) of a map that bends east by ``bend`` x col² pixels: GDAL's 2nd-order
+    warp of them follows the bend, which no affine transform does away from the GCPs, while the
+    affine fit misses no GCP by more than a few hundredths of a pixel."""
+    from osgeo import gdal, osr
+
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 1000, 800, 1, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetGCPs([gdal.GCP(500000 + 10 * (c + bend * c * c), 5000000 - 10 * r, 0, c, r)
+                for c in cols for r in (100, 400, 700)], srs.ExportToWkt())
+    ds = None
+    return str(path)
+
+
+def test_a_gcp_warp_that_strays_far_from_its_gcps_is_rendered_wherever_it_strays(tmp_path):
+    """GCPs in the east of a scan: GDAL's warp strays 1.4 px from the engine's affine fit at the
+    west edge, and only there (at the east edge it is within a few hundredths); GCPs in the
+    west, bent less: it strays 0.57 px at the east edge, under 0.5 px anywhere short of it.
+    Both are shown by QGIS off where the engine would place them, so both are rendered."""
+    from geovqa.render import layer_file_path
+    from qgis.core import QgsRasterLayer
+
+    for name, cols, bend in (("east", (700, 850, 1000), 2e-6), ("west", (0, 150, 300), 0.8e-6)):
+        path = _bent_gcp_scan(tmp_path / f"{name}.tif", cols, bend)
+        layer = QgsRasterLayer(path, name, "gdal")
+        assert layer.isValid()
+        assert layer_file_path(layer) is None, name
+
+
+def test_long_questions_are_shortened_to_their_limit_in_group_and_layer_names():
+    """A group's question is cut to MAX_GROUP_CHARS characters, a result layer's to
+    MAX_HEATMAP_QUESTION_CHARS, the last of them an ellipsis; a question of exactly the limit is
+    kept whole."""
+    from geovqa.layers import GROUP_PREFIX, MAX_GROUP_CHARS, MAX_HEATMAP_QUESTION_CHARS, group_name, heatmap_name
+
+    long_q = "where  are\tthe " + "boats " * 40
+    words = " ".join(long_q.split())
+    assert group_name(long_q) == GROUP_PREFIX + words[: MAX_GROUP_CHARS - 1] + "…"
+    assert len(group_name(long_q)) == len(GROUP_PREFIX) + MAX_GROUP_CHARS
+    exact = "q" * MAX_GROUP_CHARS
+    assert group_name(exact) == GROUP_PREFIX + exact
+    assert heatmap_name(long_q, "scene") == f"heatmap: scene — {words[: MAX_HEATMAP_QUESTION_CHARS - 1]}…"
+    exact = "h" * MAX_HEATMAP_QUESTION_CHARS
+    assert heatmap_name(exact, "scene") == f"heatmap: scene — {exact}"
+
+
+def test_the_heatmaps_clear_half_ends_at_the_median_score_not_half_the_range(tmp_path):
+    """The colour stops are quantiles of the kept cells' scores: with most scores low (a cubic
+    spread from 0 to 1, median 0.125), the cells up to the median stay clear and those above it
+    are coloured, where stops spread evenly over 0..1 would leave three quarters of the cells
+    clear."""
+    from osgeo import gdal
+    from geovqa.layers import style_heatmap
+    from qgis.core import QgsRasterLayer
+
+    path = str(tmp_path / "heat.tif")
+    scores = (np.arange(2000).reshape(40, 50) ** 3 / 1999.0 ** 3).astype(np.float32)
+    ds = gdal.GetDriverByName("GTiff").Create(path, 50, 40, 1, gdal.GDT_Float32)
+    ds.SetGeoTransform((500000, 10, 0, 5000000, 0, -10))
+    ds.GetRasterBand(1).SetNoDataValue(float("nan"))
+    ds.GetRasterBand(1).WriteArray(scores)
+    ds = None
+    layer = QgsRasterLayer(path, "heat", "gdal")
+    style_heatmap(layer)
+    items = layer.renderer().shader().rasterShaderFunction().colorRampItemList()
+    clear_up_to = max(item.value for item in items if item.color.alpha() == 0)
+    assert abs(clear_up_to - float(np.median(scores))) < 0.03, [(i.value, i.color.alpha()) for i in items]
+    coloured_from = min(item.value for item in items if item.color.alpha() > 0)
+    assert coloured_from < 0.6  # the 0.8 quantile (0.51), not 0.8 of the range
+
+
+def test_a_rectangle_past_the_layers_edge_is_clipped_to_its_pixels(raster_layer):
+    """The pixel window of a rectangle reaching past the layer's right and bottom edges ends at
+    the raster's last column and row; one that only touches the layer's edge has no pixel of it."""
+    from geovqa.aoi import AoiError, pixel_window
+    from qgis.core import QgsRectangle
+
+    layer = raster_layer()  # 64 x 48 px, 10 m, origin 500000/5000000
+    assert pixel_window(QgsRectangle(500500, 4999400, 500800, 4999900), layer) == [50, 10, 14, 38]
+    with pytest.raises(AoiError):
+        pixel_window(QgsRectangle(500640, 4999600, 500700, 4999800), layer)  # touches the east edge
+    with pytest.raises(AoiError):
+        pixel_window(QgsRectangle(500100, 4999400, 500300, 4999520), layer)  # touches the south edge
+
+
+def test_a_rectangle_on_a_raster_with_oblong_pixels_reaches_its_rows(tmp_path, qgis_new_project):
+    """Pixels 10 m wide and 20 m high: the rows of the window are counted in 20 m steps."""
+    from osgeo import gdal, osr
+    from geovqa.aoi import pixel_window
+    from qgis.core import QgsRasterLayer, QgsRectangle
+
+    path = str(tmp_path / "oblong.tif")
+    ds = gdal.GetDriverByName("GTiff").Create(path, 64, 48, 1, gdal.GDT_Byte)
+    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -20.0))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetProjection(srs.ExportToWkt())
+    ds = None
+    layer = QgsRasterLayer(path, "oblong", "gdal")
+    assert layer.isValid()
+    assert pixel_window(QgsRectangle(500100, 4999600, 500300, 4999800), layer) == [10, 10, 20, 10]
+
+
+def test_gathering_result_files_moves_only_geovqas_own_and_overwrites_nothing(raster_layer, tmp_path,
+                                                                              qgis_new_project):
+    """Save As copies the files of result layers in an old project's geovqa_results (with the
+    files GDAL keeps beside them), under a free name when the new folder holds other files of
+    that name (heat.tif, heat_2.tif: heat_3.tif);
+    a result file the user placed in a folder of their own (Processing's output path) stays
+    where it is and its layer keeps reading it."""
+    from geovqa.layers import add_result_layers
+    from geovqa.project_results import gather_result_files
+    from qgis.core import QgsProject
+
+    layer = raster_layer()
+    (tmp_path / "old" / "geovqa_results").mkdir(parents=True)
+    heat, anchors = _write_results(tmp_path / "old" / "geovqa_results", layer)
+    _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    (tmp_path / "mine").mkdir()
+    own_heat, own_anchors = _write_results(tmp_path / "mine", layer)
+    _, own_hl, own_al = add_result_layers("What?", str(own_heat), str(own_anchors), source_layer=layer)
+    new = tmp_path / "new" / "geovqa_results"
+    new.mkdir(parents=True)
+    for name in (heat.name, heat.stem + "_2" + heat.suffix):
+        (new / name).write_bytes(b"another file")
+    aux = '<PAMDataset><Metadata><MDI key="STATISTICS_MAXIMUM">1</MDI></Metadata></PAMDataset>'
+    Path(str(heat) + ".aux.xml").write_text(aux)  # what GDAL keeps beside the file (statistics)
+
+    moved, problems = gather_result_files(QgsProject.instance(), new)
+    assert not problems
+    assert set(moved) == {str(heat), str(anchors)}
+    assert moved[str(heat)] == str(new / (heat.stem + "_3" + heat.suffix))
+    for name in (heat.name, heat.stem + "_2" + heat.suffix):
+        assert (new / name).read_bytes() == b"another file", name
+    assert hl.isValid() and hl.source() == moved[str(heat)]
+    assert Path(moved[str(heat)] + ".aux.xml").read_text() == aux
+    assert own_hl.source() == str(own_heat) and own_al.source().split("|")[0] == str(own_anchors)
+
+
+def test_an_answer_with_one_file_outside_the_projects_results_folder_is_gathered(raster_layer, tmp_path,
+                                                                                 qgis_new_project):
+    """gather_into_project for an answer's files: nothing to do when all of them lie in the saved
+    project's own results folder; when one of them does not (its anchors still in an old project's
+    folder), the project's result files are gathered."""
+    from conftest import set_settings
+    from geovqa.layers import add_result_layers
+    from geovqa.project_results import gather_into_project
+    from qgis.core import QgsProject
+
+    set_settings(output_dir="")  # the project's own results folder
+    project = QgsProject.instance()
+    project.setFileName(str(tmp_path / "proj" / "p.qgz"))
+    results = tmp_path / "proj" / "geovqa_results"
+    results.mkdir(parents=True)
+    layer = raster_layer()
+    heat, _ = _write_results(results, layer)
+    (tmp_path / "old" / "geovqa_results").mkdir(parents=True)
+    _, anchors = _write_results(tmp_path / "old" / "geovqa_results", layer)
+    _, hl, al = add_result_layers("Where?", str(heat), str(anchors), source_layer=layer)
+    assert gather_into_project(project, [str(heat)]) is None
+    folder, moved, problems = gather_into_project(project, [str(heat), str(anchors)])
+    assert (folder, problems) == (results, [])
+    assert set(moved) == {str(anchors)} and al.source().startswith(str(results))

@@ -247,3 +247,34 @@ def test_the_batch_dialogs_autosave_and_json_export_are_utf8_text(plugin, raster
     append_json_line(path, {"answer": "é"})
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["answer"] for line in lines] == ["a\u2028b\u0085c", "é"]
+
+
+def test_cancelled_and_failed_rows_are_told_apart_and_only_answers_carry_a_files_note():
+    """A row stopped by Cancel is no failure (the batch's error count and the dialog's summary
+    leave it out); a failed row's error is its failure, not a note about missing result files,
+    which only an answered row has."""
+    from geovqa.results_io import CANCELLED, files_note, is_cancelled, is_failure
+
+    cancelled = {"question": "q", "answer": None, "error": CANCELLED}
+    failed = {"question": "q", "answer": None, "error": "The engine ran out of memory."}
+    kept = {"question": "q", "answer": "Two boats.", "error": "The answer is kept, but its heatmap could not be saved."}
+    whole = {"question": "q", "answer": "Two boats.", "error": None}
+    assert [is_cancelled(r) for r in (cancelled, failed, kept, whole)] == [True, False, False, False]
+    assert [is_failure(r) for r in (cancelled, failed, kept, whole)] == [False, True, False, False]
+    assert [files_note(r) for r in (cancelled, failed, kept, whole)] == [
+        "", "", "The answer is kept, but its heatmap could not be saved.", ""]
+
+
+def test_the_csv_row_takes_the_token_counts_and_the_total_time_from_the_answer(tmp_path):
+    """The CSV's visual_kept / visual_candidates come from the answer's ``tokens`` and its
+    total_s from ``timings["total"]`` (the engine's field names), bands in their cell form."""
+    from geovqa.results_io import write_csv
+
+    row = {"index": 1, "layer": "scene", "question": "q", "answer": "Two boats.", "error": None,
+           "tokens": {"visual_kept": 180, "visual_candidates": 576},
+           "timings": {"total": 12.5, "generate": 9.0}, "bands": [3, 2, 1]}
+    path = write_csv([row], str(tmp_path / "answers.csv"))
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        (out,) = list(csv.DictReader(fh))
+    assert (out["visual_kept"], out["visual_candidates"], out["total_s"], out["bands"]) == (
+        "180", "576", "12.5", "3,2,1")

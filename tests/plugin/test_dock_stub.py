@@ -82,6 +82,7 @@ def test_the_json_export_leaves_out_a_web_layers_password(plugin, qgis_new_proje
     ("password=pw&crs=EPSG:3857&url=http://h/wms", "crs=EPSG:3857&url=http://h/wms"),
     ("dbname='d' host=h user='u' password='p w' sslmode=disable", "dbname='d' host=h user='u' sslmode=disable"),
     ("/vsicurl/https://alice:s3cret@h/x.tif", "/vsicurl/https://alice@h/x.tif"),
+    ("url=http://h/wms&PassWord=pw&AUTHCFG=ab12cd3", "url=http://h/wms"),
 ])
 def test_a_public_source_has_no_password(source, public):
     from geovqa.paths import public_source
@@ -1139,3 +1140,14 @@ def test_a_question_ended_once_its_files_were_kept_leaves_no_files_behind(how, p
     if how == "superseded":  # the answer shown keeps its own files
         shown = dock.turns(layer)[-1]["result"]
         assert Path(shown["local_heatmap_path"]).is_file()
+
+
+def test_an_export_gets_the_ending_of_the_chosen_kind_unless_it_has_one_of_the_kinds():
+    """Qt's save dialog adds no ending on Linux or macOS, and the ending decides what is written:
+    a name without one of the kinds' endings gets the chosen kind's (also after a dot of its own)."""
+    from geovqa.paths import export_path
+
+    assert export_path("/x/answers", ("md", "json"), "md") == "/x/answers.md"
+    assert export_path("/x/answers.JSON", ("md", "json"), "md") == "/x/answers.JSON"
+    assert export_path("/x/report.v2", ("md", "json"), "json") == "/x/report.v2.json"
+    assert export_path("/x/answers.csv", ("csv", "json"), "json") == "/x/answers.csv"

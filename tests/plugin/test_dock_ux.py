@@ -561,3 +561,29 @@ def test_an_export_that_cannot_be_written_is_said(plugin, raster_layer, stub_eng
     said = dock.progress_label.text()
     assert said.startswith(f"Could not export the conversation to {blocker / 'talk.md'}") and "Not a directory" in said
     assert f"GeoVQA:{said}" in qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+
+
+def test_only_a_heatmap_of_the_old_name_inside_a_geovqa_group_counts_as_a_result_layer(raster_layer):
+    """Before the result mark, a heatmap was told by its name inside a GeoVQA result group: a
+    user's own layer of that name, at the top of the tree or in a group of their own, is theirs."""
+    from geovqa.layers import LEGACY_HEATMAP_NAME, is_result_layer
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    root = project.layerTreeRoot()
+    plain = raster_layer(LEGACY_HEATMAP_NAME)
+    assert root.findLayer(plain.id()) is not None
+    assert not is_result_layer(plain, project)
+    own_group = root.addGroup("my layers")
+    in_own = raster_layer(LEGACY_HEATMAP_NAME)
+    node = root.findLayer(in_own.id())
+    own_group.addChildNode(node.clone())
+    root.removeChildNode(node)
+    assert not is_result_layer(in_own, project)
+    result_group = root.addGroup("GeoVQA: Where?")
+    result_group.setCustomProperty("geovqa/question", "Where?")
+    old = raster_layer(LEGACY_HEATMAP_NAME)
+    node = root.findLayer(old.id())
+    result_group.addChildNode(node.clone())
+    root.removeChildNode(node)
+    assert is_result_layer(old, project)

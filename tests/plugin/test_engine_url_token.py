@@ -452,3 +452,56 @@ def test_a_suggested_engine_address_is_one_the_options_take(host, text):
 
     assert host_port(host, 8765) == text
     assert engine_address(f"http://{text}")[1:3] == (host, 8765)
+
+
+@pytest.mark.parametrize("url, base", [
+    ("http://127.0.0.1:8765/health", "http://127.0.0.1:8765"),
+    ("http://gpu-box:8765/geovqa/ask/", "http://gpu-box:8765/geovqa"),
+    ("http://127.0.0.1:8765/jobs/3f2a9c", "http://127.0.0.1:8765"),
+    ("https://gpu-box/geovqa/files/heat.tif", "https://gpu-box/geovqa"),
+    ("http://127.0.0.1:8765/ask/more", ""),
+    ("http://127.0.0.1:8765/geovqa", ""),
+])
+def test_an_endpoint_pasted_at_the_end_of_the_engine_url_is_found(url, base):
+    """A URL copied from a curl call ends in an endpoint (a job's or a file's with its id or name
+    after it): the engine URL is what comes before it; '' for a URL that ends in none."""
+    from geovqa.addresses import endpoint_in_url
+
+    assert endpoint_in_url(url) == base
+
+
+def test_control_characters_pasted_with_the_token_are_dropped():
+    """A token pasted from a terminal can bring control characters along (a NUL, an escape, a bell):
+    they are dropped with the spaces, not refused as characters no token has."""
+    from geovqa.client import clean_token
+
+    assert clean_token("abc\x00def\x1b\x07 ") == "abcdef"
+
+
+@pytest.mark.parametrize("health, budget", [
+    ({"max_read_pixels": 64_000_000}, 64_000_000),
+    ({"max_read_pixels": 0}, None),
+    ({"max_read_pixels": -1}, None),
+    ({"max_read_pixels": True}, None),
+    ({"max_read_pixels": "64000000"}, None),
+    ({}, None),
+    (None, None),
+])
+def test_the_engines_read_budget_is_a_positive_number_of_pixels_or_none(health, budget):
+    """/health's max_read_pixels caps renders and uploads: only a positive integer counts (a JSON
+    true is no pixel count: a budget of 1 pixel would shrink every render to one pixel)."""
+    from geovqa.client import health_read_budget
+
+    assert health_read_budget(health) == budget
+
+
+def test_extra_arguments_ending_in_an_option_without_its_value_are_no_crash():
+    """'--port' (or --tls-cert) at the end of the extra engine arguments, its value forgotten,
+    names no port: the plugin does not fail on it (the engine says what is missing); a port
+    quoted with spaces is still that port."""
+    from geovqa.engine_process import check_serve_arguments, option_value
+
+    assert option_value(["--weights", "/w", "--port"], "--port", shortest="--p") is None
+    assert option_value(["--po", "9000", "--port"], "--port", shortest="--p") == "9000"
+    check_serve_arguments("http://127.0.0.1:8765", "http", 8765, ["--weights", "/w", "--port"])
+    check_serve_arguments("http://127.0.0.1:8765", "http", 8765, ["--port", " 8765 "])

@@ -294,3 +294,89 @@ def test_a_401_without_an_engine_body_is_unauthorized_with_the_token_hint(protoc
         assert "token" in (err.hint or "").lower(), body
     other = error_from_body(500, b"")
     assert other.code == "internal" and other.hint is None
+
+
+@pytest.mark.parametrize("header, seconds", [
+    ("5", 20.0),      # four heartbeats missed
+    ("1", 10.0),      # but never less than the short timeout
+    ("600", 900.0),   # nor more than the request timeout
+    ("0", 900.0),     # no heartbeat interval: as an engine that says none
+    ("-3", 900.0),
+    ("soon", 900.0),
+    (None, 900.0),    # an older engine
+])
+def test_an_answer_stream_may_stay_silent_four_heartbeats_within_the_timeouts(header, seconds):
+    import email.message
+
+    from geovqa.ask_stream import read_timeout
+    from geovqa.engine_protocol import HEARTBEAT_HEADER
+
+    class Response:  # the headers of the engine's 200 answer stream (http.client reads them so)
+        def __init__(self, value):
+            self.msg = email.message.Message()
+            if value is not None:
+                self.msg[HEARTBEAT_HEADER] = value
+
+        def getheader(self, name, default=None):
+            return self.msg.get(name, default)
+
+    assert read_timeout(Response(header), short=10.0, longest=900.0) == seconds
+
+
+def test_an_answer_stream_that_broke_off_says_how_in_words():
+    """A stream read with the engine's heartbeats that got nothing for four of them: the connection
+    stalled; one with no heartbeats that timed out: the engine was silent (the request timeout is
+    the setting to lengthen); one whose connection dropped says how, heartbeats or not."""
+    import socket
+
+    from geovqa.ask_stream import stream_broken
+
+    stalled = stream_broken(socket.timeout("timed out"), 20.0, heartbeats=True)
+    silent = stream_broken(socket.timeout("timed out"), 900.0)
+    dropped = [stream_broken(ConnectionResetError(104, "reset"), s, heartbeats=h)
+               for s, h in ((20.0, True), (900.0, False))]
+    assert {e.code for e in [stalled, silent, *dropped]} == {"stream_broken"}
+    assert "nothing for 20 s, not even the heartbeat" in str(stalled)
+    assert "nothing for 900 s." in str(silent) and "request_timeout_s" in str(silent)
+    for e in dropped:
+        assert "the connection to the engine dropped (it was reset)" in str(e) and "sent nothing" not in str(e)
+
+
+def test_an_error_answer_cut_short_still_says_the_engines_error_when_it_came_whole():
+    """An error answer whose connection closed before its announced length, after the whole JSON
+    error had come: the engine's code and message are what came, not only the HTTP status."""
+    import http.client
+    import io
+
+    from geovqa.engine_errors import error_body, error_from_body
+
+    body = json.dumps({"error": {"code": "out_of_memory", "message": "The GPU ran out of memory."}}).encode()
+    raw = (b"HTTP/1.1 507 Insufficient Storage\r\nContent-Type: application/json\r\n"
+           + f"Content-Length: {len(body) + 50}\r\n\r\n".encode() + body)
+
+    class Sock:  # the connection: what came, then closed
+        def makefile(self, mode):
+            return io.BytesIO(raw)
+
+    resp = http.client.HTTPResponse(Sock())
+    resp.begin()
+    err = error_from_body(resp.status, error_body(resp))
+    assert (err.code, str(err).startswith("The GPU ran out of memory.")) == ("out_of_memory", True)
+
+
+def test_the_status_line_says_each_state_of_the_engine(protocol):
+    """Each /health status has its level and words: a model that failed to load is an error,
+    never 'Ready'; random weights are said (no real weights), real ones too."""
+    from geovqa import status
+
+    health = {k: None for k in protocol.HEALTH_FIELDS}
+    health.update(status="ok", model="GeoLLaVA-8K", device="cuda:0", gpu_name="A100", quantization="bf16",
+                  four_bit=False, weights_present=True, demo_model=False)
+    assert status.summary(health) == ("ok", "Ready: GeoLLaVA-8K on cuda:0 (A100), bf16, weights present")
+    level, text = status.summary(dict(health, weights_present=False, demo_model=True))
+    assert level == "demo" and "no real weights" in text and "weights present" not in text
+    assert status.summary(dict(health, status="error", message="CUDA out of memory while loading")) == (
+        "error", "Engine error: CUDA out of memory while loading")
+    assert status.summary(dict(health, status="loading", message=None))[0] == "loading"
+    assert status.summary(None, url="http://127.0.0.1:8765") == (
+        "down", "The GeoVQA engine is not reachable at http://127.0.0.1:8765.")

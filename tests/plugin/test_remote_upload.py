@@ -1346,3 +1346,53 @@ def test_processing_says_it_prepares_the_raster_once(plugin, stub_engine, tmp_pa
     assert res["ANSWER"] == "The area is 120 x 90 pixels with 3 bands."
     assert feedback.of("text").count("Preparing the raster for upload …") == 1, feedback.of("text")
     assert os.listdir(own_tempdir) == []
+
+
+def test_only_an_area_of_interest_the_engine_takes_is_cut_for(tmp_path):
+    """aoi_window: the bounding window of one AOI, clipped to the raster; none (the file as it is)
+    for no AOI, for one naming two kinds of area (the engine refuses it: it must not reach the
+    engine as a cut that hides that), or for a window outside the raster."""
+    from geovqa.upload import aoi_window
+    from osgeo import gdal
+
+    ds = gdal.Open(write_raster(tmp_path / "r.tif"))  # 64 x 48 px, 10 m, origin 500000/5000000
+    assert aoi_window(ds, {"window": [10, 5, 20, 10]}) == (10, 5, 20, 10)
+    assert aoi_window(ds, {"window": [50, 40, 30, 30]}) == (50, 40, 14, 8)
+    triangle = "POLYGON((500100 4999900,500300 4999900,500300 4999700,500100 4999900))"
+    assert aoi_window(ds, {"polygon_wkt": triangle}) == (10, 10, 20, 20)
+    assert aoi_window(ds, None) is None
+    assert aoi_window(ds, {}) is None
+    assert aoi_window(ds, {"window": [10, 5, 20, 10], "polygon_wkt": triangle}) is None
+    assert aoi_window(ds, {"window": [70, 5, 20, 10]}) is None
+
+
+def test_a_stopped_answer_fetches_none_of_its_files(tmp_path):
+    """Once the answer is stopped no result file is fetched, not even a local engine's file that a
+    copy would get at once: the files stay behind, each said not fetched (stopped)."""
+    from geovqa.ask_stream import AskStream
+    from geovqa.client import EngineClient
+    from geovqa.tasks import keep_result_files_or_warn
+
+    heat_src = write_raster(tmp_path / "heat_src.tif", bands=1)
+    client = EngineClient("http://127.0.0.1:8765", "t")
+    assert client.is_local
+    event = {"type": "result", "heatmap_path": heat_src, "heatmap_file": "x_heatmap.tif",
+             "anchors": {"type": "FeatureCollection", "features": []}}
+    stream = AskStream(client, {"question": "q"})
+    stream.abort()
+    dest = tmp_path / "results"
+    files, warning = keep_result_files_or_warn(event, client, dest, "q", stream=stream)
+    assert files == {"heatmap": None, "anchors": None}
+    assert "heatmap layer was not fetched (stopped)" in warning and "anchor layer was not fetched (stopped)" in warning
+    assert list(dest.iterdir()) == []
+
+
+def test_the_results_about_an_uploaded_cut_are_placed_by_its_offset_and_scale():
+    """The result event's upload_pixel_offset and upload_pixel_scale (added for a cut of a raster
+    with no georeferencing) give (dx, dy) and (sx, sy) in that order; none: no move, no scale."""
+    from geovqa.tasks import result_offset, result_scale
+
+    event = {"upload_pixel_offset": [120, 40], "upload_pixel_scale": [5.5, 3.0]}
+    assert (result_offset(event), result_scale(event)) == ((120.0, 40.0), (5.5, 3.0))
+    assert (result_offset({}), result_scale({})) == ((0.0, 0.0), (1.0, 1.0))
+    assert result_scale({"upload_pixel_scale": [2.0]}) == (1.0, 1.0)

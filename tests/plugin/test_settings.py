@@ -94,3 +94,20 @@ def test_a_ca_file_typed_with_a_tilde_is_read_from_the_home_folder(tmp_path, mon
     with pytest.raises(EngineError, match="does not exist"):
         context("~/missing.pem")
     assert context("  ") is not None
+
+
+def test_settings_written_by_hand_are_read_or_fall_back_to_their_defaults(qgis_app):
+    """A settings file edited by hand or by another Qt: "1" is true, a number that is no number
+    is the setting's default (not 0: a render size of 0 px), a choice that is not one of the
+    choices is the default choice."""
+    from geovqa.settings import PREFIX, Settings
+    from qgis.core import QgsSettings
+
+    QgsSettings().setValue(PREFIX + "faithful_empty_slots", "1")
+    QgsSettings().setValue(PREFIX + "render_max_px", "big")
+    QgsSettings().setValue(PREFIX + "max_new_tokens", "")
+    QgsSettings().setValue(PREFIX + "send_rasters", "sometimes")
+    s = Settings.load()
+    assert s.faithful_empty_slots is True
+    assert (s.render_max_px, s.max_new_tokens) == (Settings().render_max_px, Settings().max_new_tokens) == (2048, 256)
+    assert s.send_rasters == "auto"

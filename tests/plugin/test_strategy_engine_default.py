@@ -107,3 +107,14 @@ def test_processing_engine_default_by_name_and_by_number(plugin, raster_layer, s
         req = stub_engine.requests[-1]
         assert req["strategy"] is None and req["faithful_empty_slots"] is None, value
     wait_for_tasks()
+
+
+def test_a_strategy_number_out_of_the_list_is_no_strategy():
+    """A model saved when STRATEGY was a number gives one of the list's numbers; any other value
+    (one past the end, negative, a bool, a name) is not taken as a number."""
+    from geovqa.processing.common import strategy_index
+    from geovqa.settings import STRATEGY_CHOICES
+
+    last = len(STRATEGY_CHOICES) - 1
+    assert [strategy_index(v) for v in (0, last, str(last), f" {last} ")] == [0, last, last, last]
+    assert [strategy_index(v) for v in (last + 1, str(last + 1), -1, True, "geollava", None)] == [None] * 6

@@ -319,3 +319,25 @@ def test_the_tls_probes_dial_localhost_at_127_0_0_1(stub_engine, opened_addresse
     assert speaks_plain_http("localhost", port)
     assert not speaks_tls("localhost", port)  # a plain HTTP engine
     assert opened_addresses == [("127.0.0.1", port), ("127.0.0.1", port)]
+
+
+def test_an_https_engine_port_that_accepts_and_never_shakes_hands_is_not_called_unreachable():
+    """The connection to an https engine URL is made, and the TLS handshake then gets no answer (a
+    hung program holds the port): the engine was reached, so it is said to accept the connection
+    without answering, not to be unreachable with a hint to start it."""
+    import socket
+
+    from geovqa.client import EngineClient
+    from geovqa.engine_errors import EngineError
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(4)  # the kernel completes the connection; nobody ever reads or answers
+    try:
+        client = EngineClient(f"https://127.0.0.1:{hole.getsockname()[1]}", timeout=1.0)
+        with pytest.raises(EngineError) as err:
+            client.health()
+    finally:
+        hole.close()
+    assert err.value.code == "no_answer", (err.value.code, str(err.value))
+    assert "did not answer within" in str(err.value) and "not reachable" not in str(err.value)
