@@ -240,8 +240,6 @@ def test_a_generation_config_that_cannot_be_used_is_refused_before_loading(tmp_p
     assert (defaults.repetition_penalty, defaults.eos_token_ids) == (1.0, frozenset())
 
 
-# --- test added by the mutation review ---
-
 def test_top_p_keeps_the_smallest_set_reaching_p():
     """Nucleus sampling (transformers' TopPLogitsWarper): with probabilities 0.5, 0.3, 0.2 and
     top_p=0.6 the first two tokens stay (0.5 alone does not reach 0.6), the third never drawn."""

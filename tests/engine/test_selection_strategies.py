@@ -281,8 +281,6 @@ def test_budget_spatial_weight_is_released_uhr_bat_default():
     assert float(grid.max()) == pytest.approx(1.0) and float(grid.min()) == 0.0
 
 
-# --- tests added by the mutation review: each kills a mutation the suite let through ---
-
 def test_cap_global_breaks_ties_to_the_lower_index():
     """Equal scores (uniform areas, faithful empty slots at -inf) keep the lower indices."""
     from engine.selection.common import cap_global

@@ -216,7 +216,6 @@ def test_the_heatmap_legend_says_what_its_values_mean(raster_layer, tmp_path):
     it', nor that a clear cell is a pruned token."""
     from geovqa.layers import add_result_layers
     from qgis.core import QgsLayerTreeLayer
-    from qgis.PyQt.QtCore import Qt
 
     layer = raster_layer()
     heat, anchors = _geollava_like_results(tmp_path, layer)
