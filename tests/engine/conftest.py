@@ -56,10 +56,13 @@ def tiny_tokenizer(tiny_loaded):
     return tiny_loaded.tokenizer
 
 
-def assert_only_the_lm_is_nf4(model) -> None:
-    """The released split: LM linears in nf4; vision tower, projector, reghead, lm_head bf16."""
+def assert_only_the_lm_is_nf4(model, half=None) -> None:
+    """The released split: LM linears in nf4; vision tower, projector, reghead, lm_head in
+    `half` (default bfloat16; float16 on a GPU without native bfloat16)."""
     import bitsandbytes as bnb
     import torch
+
+    half = torch.bfloat16 if half is None else half
 
     for layer in model.model.layers:
         for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
@@ -67,8 +70,8 @@ def assert_only_the_lm_is_nf4(model) -> None:
             assert mod.weight.quant_state.quant_type == "nf4"
     clip_q = model.model.vision_tower.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj
     for mod in (clip_q, model.model.mm_projector[0], model.lm_head):
-        assert type(mod) is torch.nn.Linear and mod.weight.dtype == torch.bfloat16
-    assert model.reghead.dw.weight.dtype == torch.bfloat16
+        assert type(mod) is torch.nn.Linear and mod.weight.dtype == half
+    assert model.reghead.dw.weight.dtype == half
 
 
 def demo_and_real(tmp_path: Path, monkeypatch, tiny_checkpoint: Path) -> Path:

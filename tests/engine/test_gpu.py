@@ -1,5 +1,5 @@
-"""GPU-only checks (skipped without CUDA): 4-bit nf4 loading and generation of the tiny model,
-and a full-size (7B config, random weights) nf4 load whose peak GPU memory is recorded in
+"""GPU-only checks (skipped without CUDA): 4-bit nf4 loading and generation of the tiny model
+(also in fp16, as a GPU without native bfloat16 runs it), and a full-size (7B config, random weights) nf4 load whose peak GPU memory is recorded in
 docs/benchmarks/gpu_load.json (and $OUT/gpu_load.json when $OUT is set).
 
 The full-size checkpoint is built on the meta device, materialised on the GPU with random bf16
@@ -56,6 +56,32 @@ def test_tiny_nf4_load_and_generate(tiny_checkpoint):
 
     feats = encode_tiles(model, tiles)
     assert feats.patches.shape == (2, 576, 32) and feats.patches.is_cuda
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("quantization", ["nf4", "fp16"])
+def test_tiny_in_fp16_as_on_a_gpu_without_bfloat16(tiny_checkpoint, monkeypatch, quantization):
+    """What a T4 or V100 runs (`devices.half_precision`: fp16), forced on this GPU by the
+    capability it reports: nf4's matmuls and every unquantised tensor in float16 (or the whole
+    model, for 'fp16'), finite CLIP features, the same greedy answer twice."""
+    import engine.devices as devices
+    from engine.vision import encode_tiles
+
+    monkeypatch.setattr(devices, "gpu_capability", lambda device: (7, 5))
+    loaded = load_model(tiny_checkpoint, device="cuda", quantization=quantization)
+    assert loaded.info["compute"] == "fp16" and loaded.info["quantization"] == quantization
+    model = loaded.model
+    tower = model.vision.vision_tower.vision_model.embeddings.patch_embedding.weight
+    assert tower.dtype == torch.float16 and tower.is_cuda
+    if quantization == "nf4":
+        assert_only_the_lm_is_nf4(model, torch.float16)
+    a = generate_from_random_visual(loaded, 144)
+    b = generate_from_random_visual(loaded, 144)
+    assert a.n_new_tokens > 0 and a.text == b.text
+    tiles = torch.randint(0, 256, (3, 336, 336, 3), dtype=torch.uint8)
+    feats = encode_tiles(model, tiles)
+    assert feats.patches.is_cuda and bool(torch.isfinite(feats.patches.float()).all())
 
 
 @pytest.mark.skipif(not bitsandbytes_cpu_4bit_usable(), reason="bitsandbytes has no CPU 4-bit backend here")

@@ -170,3 +170,23 @@ def test_the_engine_does_not_print_bitsandbytes_optional_kernel_warning():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "gemm_4bit_forward" not in r.stderr and r.stdout.strip() == "40"  # logging.ERROR
+
+
+def test_nf4_with_fp16_compute_loads_and_answers(tiny_checkpoint, monkeypatch):
+    """The path a GPU without native bfloat16 (T4, V100) takes, here with the CPU standing in for
+    it (`devices.half_precision` made to answer fp16): nf4's compute dtype and every unquantised
+    tensor in float16, finite CLIP features, the same greedy answer twice."""
+    import torch
+
+    import engine.devices as devices
+    from engine.vision import encode_tiles
+
+    monkeypatch.setattr(devices, "half_precision", lambda device: "fp16")
+    loaded = load_model(tiny_checkpoint, device="cpu", quantization="nf4")
+    assert loaded.info["compute"] == "fp16" and loaded.info["dtype"] == "float16"
+    assert_only_the_lm_is_nf4(loaded.model, torch.float16)
+    a = generate_from_random_visual(loaded, 144)
+    b = generate_from_random_visual(loaded, 144)
+    assert a.n_new_tokens > 0 and a.text == b.text
+    feats = encode_tiles(loaded.model, torch.randint(0, 256, (3, 336, 336, 3), dtype=torch.uint8))
+    assert feats.patches.dtype == torch.float16 and bool(torch.isfinite(feats.patches.float()).all())
