@@ -956,6 +956,19 @@ def test_geojson_geometries_are_mirrored_whole():
     assert coll["geometries"][0]["coordinates"] == [[0, -1], [2, -3]]
 
 
+def test_the_bounding_boxes_of_mirrored_anchors_stay_min_then_max(tmp_path):
+    """A GeoJSON bbox is [xmin, ymin, xmax, ymax]: mirrored, the row span [1, 3] becomes the y
+    span [-3, -1], for the collection and for each feature."""
+    from geovqa.unreferenced import flip_anchors
+
+    path = tmp_path / "anchors.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "bbox": [0, 1, 2, 3], "features": [
+        {"type": "Feature", "bbox": [0, 1, 2, 3], "properties": {},
+         "geometry": {"type": "Polygon", "coordinates": [[[0, 1], [0, 3], [2, 3], [2, 1], [0, 1]]]}}]}))
+    data = json.loads(Path(flip_anchors(str(path))).read_text())
+    assert data["bbox"] == data["features"][0]["bbox"] == [0, -3, 2, -1]
+
+
 # --- files the engine refuses ("warp it first") but QGIS shows warped --------------------------
 
 

@@ -407,3 +407,79 @@ def test_the_layer_list_follows_the_project_while_the_dialog_is_open(plugin, ras
     layer.setName("after shutdown")
     raster_layer("c")
     assert names(dlg) == ["a renamed"]
+
+
+def test_an_export_named_in_capitals_is_json_and_a_failure_names_its_file_once(
+        plugin, raster_layer, stub_engine, tmp_path, monkeypatch):
+    """ANSWERS.JSON is written as JSON, not CSV; an export that cannot be written says the
+    system's reason, without the export's own path a second time."""
+    import json
+    from pathlib import Path
+
+    from qgis.PyQt.QtWidgets import QFileDialog
+
+    dlg, _ = run_batch_dialog(plugin, [raster_layer("a")], "How big?")
+    data = json.loads(Path(dlg.export(tmp_path / "ANSWERS.JSON")).read_text(encoding="utf-8"))
+    assert [r["question"] for r in data["results"]] == ["How big?"]
+    folder = tmp_path / "answers.csv"
+    folder.mkdir()  # a folder where the file should go
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(folder), "CSV (*.csv)"))
+    dlg.csv_button.click()
+    said = f"Could not export the answers to {folder}: Is a directory"
+    assert dlg.message.text() == f"1 question: 1 answered, 0 failed. {said}"
+
+
+def test_a_batch_cancelled_in_the_task_list_ends_as_cancelled(plugin, raster_layer, stub_engine):
+    """The x on the batch's bar in QGIS's task list ends the run as Cancel in the dialog does:
+    its end says "(cancelled)"."""
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    done = []
+    dlg.batch_finished.connect(done.append)
+    dlg.set_checked_layers({a.id()})
+    dlg.questions_edit.setPlainText("q1\nq2")
+    stub_engine.token_delay = 0.5
+    dlg.run()
+    task = dlg.task
+    wait_until(lambda: stub_engine.requests, 30, "the first question")
+    task.cancel()  # as QGIS's task list does
+    wait_until(lambda: done, 30, "the cancelled batch")
+    wait_for_tasks()
+    assert dlg.message.text().endswith(" (cancelled).") and dlg.run_button.isEnabled()
+
+
+def test_unticked_result_layers_are_not_added(plugin, raster_layer, stub_engine):
+    """"Add heatmap/anchors layers" unticked: the answers come without layers in the project
+    (their files are still written); a result row outside the table opens nothing."""
+    from qgis.core import QgsProject
+
+    a = raster_layer("a")
+    dlg = plugin.open_batch()
+    dlg.layers_check.setChecked(False)
+    dlg, rows = run_batch_dialog(plugin, [a], "How big?", dlg=dlg)
+    assert rows[0]["answer"] is not None and rows[0]["heatmap_path"]
+    assert list(QgsProject.instance().mapLayers().values()) == [a]
+    assert dlg.show_row(len(rows)) is None
+
+
+def test_a_layer_removed_while_another_is_rendered_gets_error_rows(plugin, raster_layer, stub_engine, qgis_iface):
+    """A file layer ready to be asked, removed while the batch still renders a layer with no
+    file: its questions are not asked (its rows say why), the other layer's are."""
+    from qgis.core import QgsProject
+
+    from conftest import start_batch, virtual_raster_layer
+
+    a, src = raster_layer("a"), raster_layer("src")
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(src.crs())
+    canvas.setExtent(src.extent())
+    virt = virtual_raster_layer(src, size=(2048, 1536))  # a render long enough to act during it
+    dlg, done = start_batch(plugin, [a, virt], "How big?")
+    assert dlg._rendering is not None  # the file is prepared, the virtual layer is being rendered
+    QgsProject.instance().removeMapLayer(a.id())
+    wait_until(lambda: done, 60, "the batch")
+    wait_for_tasks()
+    rows = {r["layer"]: r for r in done[0]}
+    assert rows["a"]["answer"] is None and "was removed from the project" in rows["a"]["error"]
+    assert rows["virtual"]["answer"] is not None
+    assert not [r for r in stub_engine.requests if r["raster_path"].endswith("a.tif")]

@@ -58,6 +58,21 @@ def test_an_exported_conversation_keeps_its_text_readable(plugin, raster_layer, 
     wait_for_tasks()
 
 
+def test_a_json_export_named_in_capitals_is_json_and_names_its_layer_once(plugin, raster_layer, stub_engine,
+                                                                         tmp_path):
+    """A file typed as CHAT.JSON is written as JSON (not Markdown); the layer's name is the
+    file's, not repeated in every turn, and the dock's own keys (the area kept for a retry) stay
+    out."""
+    dock = plugin.dock
+    dock.set_layer(raster_layer("scene"))
+    dock.ask("What is here?")
+    wait_until(_finished(dock), 30, "the answer")
+    data = json.loads(Path(dock.export_conversation(tmp_path / "CHAT.JSON")).read_text(encoding="utf-8"))
+    assert data["layer"] == "scene" and [t["question"] for t in data["turns"]] == ["What is here?"]
+    assert not [k for t in data["turns"] for k in t if k == "layer" or k.startswith("_")]
+    wait_for_tasks()
+
+
 def test_the_json_export_leaves_out_a_web_layers_password(plugin, qgis_new_project, tmp_path):
     """The JSON export's "source" was the layer's source as it is: the username *and password*
     (and authcfg id) of an XYZ / WMS layer with basic authentication ended up in a file meant to be
@@ -278,6 +293,35 @@ def test_non_file_layer_is_rendered_and_georeferenced(plugin, raster_layer, stub
     assert ds.RasterCount == 3
     heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
     assert heat.crs() == src.crs()
+    wait_for_tasks()
+
+
+def test_a_drawn_polygon_on_a_rendered_layer_is_sent_and_a_rectangle_is_the_render(plugin, raster_layer,
+                                                                                   stub_engine):
+    """A layer with no file is rendered over the area's bounding box: a drawn polygon is sent
+    with it (the engine keeps to its inside); a drawn rectangle is the render itself, sent with
+    no area."""
+    from qgis.core import QgsGeometry, QgsPointXY
+
+    from conftest import virtual_raster_layer
+
+    virt = virtual_raster_layer(raster_layer("src"))
+    e = virt.extent()
+    x0, y0 = e.xMinimum() + 100, e.yMinimum() + 100
+    triangle = QgsGeometry.fromPolygonXY([[QgsPointXY(x0, y0), QgsPointXY(x0 + 300, y0),
+                                           QgsPointXY(x0, y0 + 200), QgsPointXY(x0, y0)]])
+    dock = plugin.dock
+    dock.set_layer(virt)
+    sent = {}
+    for mode, geom in (("polygon", triangle), ("rectangle", QgsGeometry.fromRect(triangle.boundingBox()))):
+        dock.set_aoi_mode(mode)
+        dock.set_aoi_geometry(geom, virt.crs())
+        dock.ask(f"what is in the {mode}?")
+        wait_until(_finished(dock, len(sent) + 1), 60)
+        sent[mode] = stub_engine.requests[-1].get("aoi")
+    assert set(sent["polygon"] or ()) == {"polygon_wkt"} and sent["rectangle"] is None
+    assert QgsGeometry.fromWkt(sent["polygon"]["polygon_wkt"]).area() == pytest.approx(triangle.area(), rel=0.01)
+    dock.set_aoi_mode("layer")
     wait_for_tasks()
 
 
@@ -883,6 +927,20 @@ def test_clear_stops_the_running_question(plugin, raster_layer, stub_engine):
     dock.ask("next question")  # the dock is ready for the next one
     wait_until(_finished(dock), 30)
     assert [t["question"] for t in dock.turns()] == ["next question"] and dock.turns()[0]["answer"]
+    wait_for_tasks()
+
+
+def test_clearing_another_layers_conversation_lets_the_question_run(plugin, raster_layer, stub_engine):
+    """Clear forgets the conversation shown: a question about another layer still being answered
+    goes on, and its answer arrives in that layer's conversation."""
+    layer, other = raster_layer("a"), raster_layer("b")
+    dock = plugin.dock
+    turn, _task = ask_until_first_words(dock, layer, stub_engine, delay=0.05)
+    dock.set_layer(other)
+    dock.clear_conversation()
+    assert dock.is_asking() and dock.turns(layer) == [turn]
+    wait_until(lambda: turn.get("done"), 30, "the answer")
+    assert turn.get("error") is None and "meta" in turn and "stopped" not in turn["meta"]
     wait_for_tasks()
 
 

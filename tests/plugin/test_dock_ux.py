@@ -357,6 +357,22 @@ def test_clicking_a_heatmap_in_the_layers_panel_keeps_the_dock_layer(plugin, ras
     assert dock.ask_button.isEnabled()
 
 
+def test_clicking_a_vector_layer_in_the_layers_panel_keeps_the_dock_layer(plugin, raster_layer):
+    """Only a raster is a layer to ask about: a vector layer made current leaves the dock's
+    layer (and the batch dialog's list) as they are."""
+    from qgis.core import QgsProject, QgsVectorLayer
+
+    layer = raster_layer()
+    roads = QgsVectorLayer("LineString?crs=EPSG:32633", "roads", "memory")
+    QgsProject.instance().addMapLayer(roads)
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.follow_active_layer(roads)
+    assert dock.layer_combo.currentLayer() is layer
+    dlg = plugin.open_batch()
+    assert [dlg.layer_list.item(i).text() for i in range(dlg.layer_list.count())] == ["scene"]
+
+
 def test_pasting_the_heatmap_style_onto_own_raster_keeps_it_askable(plugin, raster_layer, stub_engine):
     """Copy Style / Paste Style (or a saved .qml) carries custom properties."""
     from qgis.core import QgsMapLayer, QgsReadWriteContext
@@ -587,3 +603,106 @@ def test_only_a_heatmap_of_the_old_name_inside_a_geovqa_group_counts_as_a_result
     result_group.addChildNode(node.clone())
     root.removeChildNode(node)
     assert is_result_layer(old, project)
+
+
+def test_choosing_another_layer_while_an_answer_streams_keeps_its_progress(plugin, raster_layer, stub_engine):
+    """The line under the chat says what the running question does, whichever conversation is
+    shown; only a finished question's line ("Answered …") goes with its layer."""
+    from geovqa.tasks import ANSWERING
+
+    layer, other = raster_layer("a"), raster_layer("b")
+    dock = plugin.dock
+    ask_until_first_words(dock, layer, stub_engine, delay=0.2)
+    wait_until(lambda: dock.progress_label.text() == ANSWERING, 10, "the answering line")
+    dock.set_layer(other)
+    assert dock.progress_label.text() == ANSWERING
+    dock.stop()
+    wait_for_tasks()
+
+
+def test_draw_is_offered_only_for_a_drawn_area(plugin, raster_layer):
+    """Draw with "Whole layer" or "Current map extent" chosen would start drawing a polygon that
+    is never asked about."""
+    dock = plugin.dock
+    dock.set_layer(raster_layer())
+    enabled = {}
+    for mode in ("layer", "extent", "rectangle", "polygon"):
+        dock.set_aoi_mode(mode)
+        enabled[mode] = dock.draw_button.isEnabled()
+    assert enabled == {"layer": False, "extent": False, "rectangle": True, "polygon": True}
+
+
+def test_another_area_keeps_the_line_saying_where_the_answer_went(plugin, raster_layer, stub_engine):
+    """Choosing another kind of area forgets a drawn one and its "Area of interest set." line,
+    not the line about the last answer."""
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("Where?")
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    said = dock.progress_label.text()
+    assert said.startswith("Answered")
+    dock.set_aoi_mode("extent")
+    assert dock.progress_label.text() == said
+
+
+def test_an_area_given_in_the_layers_crs_is_asked_in_it_whatever_the_map_shows(plugin, qgis_iface, raster_layer,
+                                                                                stub_engine):
+    """An area set with its own CRS is not read in the map's CRS (a UTM rectangle on a lat/lon
+    map would lie off the layer)."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsRectangle
+
+    layer = raster_layer()  # EPSG:32633, 64 x 48 pixels of 10 m
+    canvas = qgis_iface.mapCanvas()
+    before = canvas.mapSettings().destinationCrs()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    try:
+        e = layer.extent()
+        inner = QgsRectangle(e.xMinimum() + 100, e.yMinimum() + 100, e.xMinimum() + 400, e.yMinimum() + 300)
+        dock = plugin.dock
+        dock.set_layer(layer)
+        dock.set_aoi_mode("rectangle")
+        dock.set_aoi_geometry(QgsGeometry.fromRect(inner), layer.crs())
+        assert dock.ask("What is inside?") is not None
+        wait_until(_done(dock, layer), 30, "the answer")
+        # the layer's 10 m pixels from its top-left corner: columns 10-40, rows 18-38
+        assert dock.turns(layer)[-1]["request"]["aoi"] == {"window": [10, 18, 30, 20]}
+    finally:
+        canvas.setDestinationCrs(before)
+        wait_for_tasks()
+
+
+def test_only_a_warning_takes_the_line_under_the_chat(plugin, raster_layer, stub_engine):
+    """A warning (something the user must act on) is also said under the chat; a remark (the
+    result files copied into the project's folder) goes to the message bar only, and the line
+    keeps saying where the answer went."""
+    from geovqa.compat import MSG_INFO, MSG_WARNING
+
+    layer = raster_layer()
+    dock = plugin.dock
+    dock.set_layer(layer)
+    dock.ask("Where?")
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+    said = dock.progress_label.text()
+    dock._notify("The files of the project's result layers were copied.", MSG_INFO)
+    assert dock.progress_label.text() == said
+    dock._notify("Some result files could not be copied.", MSG_WARNING)
+    assert dock.progress_label.text() == "Some result files could not be copied."
+
+
+def test_the_engine_status_is_checked_often_until_the_engine_is_ready(plugin, stub_engine):
+    """Down or loading, the status is checked every few seconds, so the line turns green soon
+    after the engine is up; a ready engine is checked now and then."""
+    from conftest import free_port
+    from geovqa.dock import HEALTH_INTERVAL_BUSY_MS, HEALTH_INTERVAL_MS
+
+    dock = plugin.dock
+    dock.refresh_health()
+    wait_until(lambda: getattr(dock, "status_level", None) in ("ok", "demo") and dock._health_task is None, 20, "ready")
+    assert dock.timer.interval() == HEALTH_INTERVAL_MS
+    set_settings(engine_url=f"http://127.0.0.1:{free_port()}")
+    dock.refresh_health()
+    wait_until(lambda: dock.status_level == "down" and dock._health_task is None, 20, "down")
+    assert dock.timer.interval() == HEALTH_INTERVAL_BUSY_MS < HEALTH_INTERVAL_MS

@@ -139,6 +139,27 @@ def test_escape_stops_the_question_and_closes_nothing(plugin, qgis_iface, raster
     assert dock.turns(layer)[0]["meta"] == "stopped" and _focus() is dock.question_edit
 
 
+def test_escape_with_a_modifier_stops_nothing(plugin, qgis_iface, raster_layer, stub_engine):
+    """Only a plain Escape stops the question: Shift+Escape or Ctrl+Escape (a shortcut of the
+    desktop or of another program) lets it run."""
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtTest import QTest
+
+    layer = raster_layer()
+    dock = _focused_dock(plugin, qgis_iface, layer)
+    stub_engine.token_delay = 0.2
+    dock.question_edit.setFocus()
+    dock.ask("How many fields?")
+    running = []
+    for modifier in (Qt.KeyboardModifier.ShiftModifier, Qt.KeyboardModifier.ControlModifier):
+        QTest.keyClick(dock.question_edit, Qt.Key.Key_Escape, modifier)
+        _settle()
+        running.append(dock.is_asking())
+    dock.stop()
+    wait_for_tasks()
+    assert running == [True, True]
+
+
 def test_the_conversation_can_be_selected_and_copied_with_the_keyboard(plugin, qgis_iface, raster_layer,
                                                                         stub_engine):
     """The conversation takes the focus (Tab reaches it); Ctrl+A / Ctrl+C copy it."""

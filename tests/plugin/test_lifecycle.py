@@ -41,6 +41,21 @@ def test_load_unload_twice(qgis_iface, qgis_new_project):
     qgis_iface.unregisterOptionsWidgetFactory.assert_called()
 
 
+def test_the_dock_opens_on_the_active_raster_layer(qgis_iface, raster_layer):
+    """Enabled with a project open, the plugin's dock talks about the layer chosen in the layers
+    panel, not the first one of the project."""
+    import geovqa
+
+    first, active = raster_layer("a first"), raster_layer("b chosen")  # the list is sorted by name
+    qgis_iface.setActiveLayer(active)
+    p = geovqa.classFactory(qgis_iface)
+    p.initGui()
+    try:
+        assert p.dock.layer_combo.currentLayer() is active
+    finally:
+        p.unload()
+
+
 def test_processing_only_without_iface():
     """qgis_process calls classFactory(None).initProcessing()."""
     import geovqa
@@ -574,6 +589,28 @@ def test_stop_returns_at_once_and_kills_an_engine_deaf_to_sigterm(tmp_path, monk
         proc.shutdown(wait_ms=200)
 
 
+def test_stop_pressed_again_keeps_the_first_grace_period(tmp_path, monkeypatch):
+    """Stop local engine chosen twice (the engine is slow to end): it is asked once, says
+    "stopping" once, and is killed when the first grace period ends, not a whole one later."""
+    import time
+
+    from conftest import wait_until
+    from geovqa import engine_process
+
+    monkeypatch.setattr(engine_process, "STOP_GRACE_MS", 1500, raising=False)
+    proc, states = _stubborn_engine(tmp_path)
+    try:
+        began = time.monotonic()
+        proc.stop()
+        time.sleep(1.2)
+        proc.stop()
+        wait_until(lambda: not proc.is_running(), 15, "the engine killed after the grace period")
+        assert time.monotonic() - began < 2.4  # not 1.2 + 1.5 s
+        assert states.count("stopping") == 1 and states[-1] == "stopped"
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
 def test_shutdown_ends_a_deaf_engine_within_its_bounded_wait(tmp_path):
     import time
 
@@ -721,6 +758,21 @@ def test_the_status_line_says_starting_only_for_the_url_the_local_engine_serves(
         assert plugin.dock.status_level == "down"
         set_settings(engine_url=served.replace("127.0.0.1", "localhost"))  # the same engine
         assert "The local engine is starting" in _status_after_a_check(plugin.dock)
+    finally:
+        proc.shutdown(wait_ms=200)
+
+
+def test_the_local_engine_serves_no_other_computer_on_its_port(plugin, tmp_path):
+    """The engine started here answers on this computer only: the same port on another host is
+    another engine (its refusals are not this one loading its model)."""
+    from geovqa.settings import Settings
+
+    proc = _stand_in_for_the_plugins_engine(plugin, tmp_path)
+    served = Settings.load().engine_url
+    try:
+        assert proc.serves(served) and proc.serves(served.replace("127.0.0.1", "localhost"))
+        assert not proc.serves(served.replace("127.0.0.1", "gpu.example.org"))
+        assert not proc.serves(served.replace("127.0.0.1", "192.168.1.20"))
     finally:
         proc.shutdown(wait_ms=200)
 

@@ -166,6 +166,23 @@ def test_the_ca_certificate_is_for_https_only(qgis_app):
     assert page.form.ca_cert.isEnabled()
 
 
+def test_an_emptied_engine_url_keeps_the_saved_one_and_takes_its_connection_fields(qgis_app):
+    """An empty engine URL means "keep the saved one" (its placeholder says so): it is no
+    mistake, and the token typed with it is saved (trimmed); the CA certificate follows the saved URL's
+    scheme."""
+    from geovqa.settings import Settings
+
+    set_settings(engine_url="https://gpu.example.org:8443", token="old")
+    page = _page()
+    form = page.form
+    form.url.setText("")
+    assert not form.url_error.isVisibleTo(form) and form.ca_cert.isEnabled()
+    form.token.setText(" new ")  # pasted with the spaces around it
+    form.apply()
+    s = Settings.load()
+    assert form.url_problem == "" and s.engine_url == "https://gpu.example.org:8443" and s.token == "new"
+
+
 # found by a review of the UX changes
 
 
@@ -233,3 +250,28 @@ def test_every_placeholder_fits_its_field_at_the_pages_own_width(qgis_app):
             assert needed <= room, (edit.placeholderText(), needed, room)
     finally:
         page.hide()
+
+
+def test_after_saving_an_emptied_url_field_follows_the_url_just_saved(qgis_app):
+    set_settings(engine_url="http://127.0.0.1:8765")
+    page = _page()
+    form = page.form
+    form.url.setText("https://gpu.example.org:8443")
+    form.apply()
+    form.url.setText("")  # "keep the saved one": now the https one
+    assert form.ca_cert.isEnabled()
+
+
+
+def test_saving_the_page_checks_the_engine_at_once(plugin, stub_engine):
+    """A new engine URL saved: the dock's status line asks it now, not at its next timed check."""
+    from conftest import wait_until
+
+    dock = plugin.dock
+    wait_until(lambda: dock._health_task is None, 20, "the first status check")
+    page = _page()
+    page.form.url.setText(stub_engine.url)
+    page.apply()
+    assert dock._health_task is not None
+    wait_until(lambda: dock._health_task is None, 20, "the status check")
+    assert dock.status_level in ("ok", "demo")
