@@ -248,3 +248,14 @@ def test_bands_naming_the_alpha_band_are_refused_before_any_model_loads(tmp_path
     assert recorder.made == []
     main(["ask", rgba, "How many ships?", "--bands", "1,2,3", *common])
     assert [r.bands for r in recorder.asked] == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize("text", ["10,20,30,40,50", "10,20,30"])
+def test_a_window_of_other_than_four_numbers_is_no_area(text):
+    from engine.cli import parse_aoi
+    from engine.jobs import JobError
+
+    assert parse_aoi("10,20,30,40") == {"window": [10, 20, 30, 40]}
+    with pytest.raises(JobError, match="is none of 'col,row,width,height'") as exc:
+        parse_aoi(text)
+    assert exc.value.code == "bad_aoi"

@@ -1288,3 +1288,100 @@ def test_a_limit_of_every_item_is_no_limited_run(tmp_path):
     ann = _write(tmp_path / "mme.json", MME)
     res = evaluate(load_items(ann), _predictor(MME_REPLIES, []), tmp_path / "l", limit=len(MME))
     assert "macro_note" not in res
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures and their table, from scored records (no model)
+
+SCORED = [
+    {"id": "FAIR_1", "category": "A/x", "multiple_choice": True, "correct": True, "lenient_correct": True,
+     "prediction": "A", "lenient_prediction": "A"},
+    {"id": "FAIR_2", "category": "A/x", "multiple_choice": True, "correct": False, "lenient_correct": True,
+     "prediction": "", "lenient_prediction": "B"},  # no letter by the official rule
+    {"id": "FAIR_3", "category": "A/x", "multiple_choice": True, "correct": False, "lenient_correct": False,
+     "prediction": "C", "lenient_prediction": "C"},
+    {"id": "FAIR_4", "category": "B/y", "multiple_choice": True, "correct": False, "lenient_correct": False,
+     "prediction": "", "error": "boom"},  # failed: counted wrong, not as "no letter"
+    {"id": "STAR_1", "category": "A/z", "multiple_choice": True, "correct": True, "lenient_correct": True,
+     "prediction": "D", "lenient_prediction": "D"},
+    {"id": "STAR_2", "skipped": "needs 2 images; the engine answers about one"},
+]
+
+
+def test_the_figures_of_scored_records():
+    from engine.eval_report import summarize
+
+    res = summarize(SCORED, formats=["lrsvqa"], wordnet=True)
+    assert (res["correct"], res["total"], res["failed"], res["skipped"], res["no_letter_found"]) == (2, 5, 1, 1, 1)
+    assert res["skipped_reasons"] == {"needs 2 images; the engine answers about one": 1}
+    assert res["micro_accuracy"] == pytest.approx(2 / 5)
+    assert res["macro_accuracy"] == pytest.approx((1 / 3 + 1 + 0) / 3)
+    assert res["lenient"]["macro_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert res["per_task"] == {"A": {"correct": 2, "total": 4, "accuracy": 0.5},
+                               "B": {"correct": 0, "total": 1, "accuracy": 0.0}}
+    fair = res["per_dataset"]["FAIR"]
+    assert (fair["OA"], fair["AA"]) == (pytest.approx(1 / 4), pytest.approx((1 / 3 + 0) / 2))
+    assert "official_note" not in res
+    assert "official_note" not in summarize(SCORED, formats=["xlrs"], wordnet=False)
+    assert "official_note" in summarize(SCORED, formats=["lrsvqa"], wordnet=False)
+    # categories not all "Task/Subtask": no task totals
+    mixed = [dict(r, category="plain") if r["id"] == "STAR_1" else r for r in SCORED]
+    assert "per_task" not in summarize(mixed)
+
+
+def test_the_table_of_scored_records():
+    from engine.eval_report import markdown_table, summarize
+
+    md = markdown_table(summarize(SCORED, formats=["lrsvqa"]), title="t").splitlines()
+    for row in ("| A/x | 1 | 3 | 33.33 | 66.67 |",
+                "| *A (task)* | 2 | 4 | 50.00 | 75.00 |",
+                "| **micro (overall)** | 2 | 5 | 40.00 | 60.00 |",
+                "| **macro (mean of categories)** | | | 44.44 | 55.56 |",
+                "| FAIR | A/x | 1 | 3 | 33.33 | 66.67 |",
+                "| **FAIR** | **OA** | 1 | 4 | 25.00 | 50.00 |",
+                "| **FAIR** | **AA** | | | 16.67 | 33.33 |",
+                "1 multiple-choice replies named no option by the official rule (counted wrong).",
+                "1 items skipped (needs 2 images; the engine answers about one): not asked, and in none of the figures above.",
+                "1 items failed (counted wrong; their errors are in predictions.jsonl, and a rerun into the same "
+                "folder tries them again)."):
+        assert row in md, row
+
+
+def test_resumed_runs_compare_their_settings_as_the_engine_resolves_them(tmp_path, monkeypatch):
+    """Shared by `eval` into an existing --out and `finetune --resume` (engine/run_settings.py)."""
+    import argparse
+
+    from engine.run_settings import (absolute_path, changed_settings, resolve_tokens_per_tile,
+                                     with_model_choice, with_resolved_quantization)
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_path("") is None and absolute_path(None) is None
+    assert absolute_path("data") == str(tmp_path / "data")
+    assert changed_settings({"img": ""}, {"img": None}, ["img"], paths=["img"]) == ""
+    assert changed_settings({"img": "data"}, {"img": str(tmp_path / "data")}, ["img"], paths=["img"]) == ""
+    # a setting an older version did not record counts as its default
+    assert changed_settings({}, {"seed": 0}, ["seed"], defaults={"seed": 0}) == ""
+    assert changed_settings({}, {"seed": 1}, ["seed"], defaults={"seed": 0}) == "seed: 0 -> 1"
+    current = {"weights": "/w/real", "demo_model": False, "quantization": "nf4"}
+    assert with_model_choice({"weights": None}, current)["weights"] == "/w/real"
+    assert with_model_choice({"weights": "/w/other"}, current)["weights"] == "/w/other"
+    assert with_resolved_quantization({"quantization": None}, current)["quantization"] == "nf4"
+    assert with_resolved_quantization({"quantization": "auto"}, current)["quantization"] == "nf4"
+    assert with_resolved_quantization({"quantization": "bf16"}, current)["quantization"] == "bf16"
+    args = argparse.Namespace(tokens_per_tile=7)
+    resolve_tokens_per_tile(args, {"weights": str(tmp_path / "not-read")})
+    assert args.tokens_per_tile == 7
+
+
+def test_prompt_pieces_of_open_and_several_image_items():
+    from engine.eval_items import EvalItem
+    from engine.eval_prompts import selection_text, skip_reason
+
+    open_ended = EvalItem("1", "a.tif", "What is the road made of? Answer with a short phrase.", [], "asphalt")
+    assert build_prompt(open_ended) == open_ended.question  # it carries its own instruction
+    plain = EvalItem("2", "a.tif", "What is the road made of?", [], "asphalt")
+    assert build_prompt(plain) == "What is the road made of?\nAnswer the question using a single word or phrase."
+    two = EvalItem("3", "a.tif", "Which changed?", ["x", "y"], "A", extra={"images": ["a.tif", "b.tif"]})
+    one = EvalItem("4", "a.tif", "Which changed?", ["x", "y"], "A", extra={"images": ["a.tif"]})
+    assert skip_reason(two) == "needs 2 images; the engine answers about one" and skip_reason(one) is None
+    assert selection_text(one) == "Which changed?\nx\ny"

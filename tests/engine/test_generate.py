@@ -262,3 +262,110 @@ def test_the_checkpoints_end_of_answer_ids_are_read_as_one_id_or_a_list(tmp_path
             read_generation_defaults(ckpt)
     else:
         assert read_generation_defaults(ckpt).eos_token_ids == frozenset(expected)
+
+
+class _Favour:
+    """The LM head's logit of `token_id` raised far above the others while active."""
+
+    def __init__(self, model, token_id: int) -> None:
+        self.model, self.token_id = model, token_id
+
+    def __enter__(self):
+        def hook(_module, _inputs, out):
+            out = out.clone()
+            out[..., self.token_id] += 1e4
+            return out
+
+        self.handle = self.model.lm_head.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_an_answer_cut_inside_a_character_streams_its_last_bytes(tiny_model, tiny_tokenizer):
+    """The decoder holds back the first byte of a two-byte character; when the answer ends there
+    (max_new_tokens), the stream still ends with what result.text holds."""
+    lead = tiny_tokenizer.convert_tokens_to_ids("Ã")  # byte 0xC3 in the byte-level alphabet
+    emb, _ = _embeds(tiny_model, tiny_tokenizer)
+    with _Favour(tiny_model, lead):
+        stream = stream_generate(tiny_model, tiny_tokenizer, emb, max_new_tokens=1)
+        pieces = list(stream)
+    assert stream.result.token_ids == [lead] and stream.result.text
+    assert "".join(pieces) == stream.result.text
+
+
+def test_ids_beyond_the_tokenizer_are_never_generated(tiny_model, tiny_tokenizer):
+    """The embedding matrix has more rows than the tokenizer has tokens: those ids decode to
+    nothing and must never win."""
+    extra = len(tiny_tokenizer) + 1
+    assert tiny_model.lm_head.weight.shape[0] > extra
+    emb, _ = _embeds(tiny_model, tiny_tokenizer)
+    with _Favour(tiny_model, extra):
+        res = generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=4)
+    assert res.token_ids and max(res.token_ids) < len(tiny_tokenizer)
+
+
+def test_prefill_and_generation_times_are_apart(tiny_model, tiny_tokenizer):
+    import time
+
+    emb, _ = _embeds(tiny_model, tiny_tokenizer)
+    calls = []
+
+    def slow_prefill(_module, _args):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)
+
+    handle = tiny_model.register_forward_pre_hook(slow_prefill)
+    try:
+        res = generate_text(tiny_model, tiny_tokenizer, emb, max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert res.prefill_s >= 0.3 and res.generate_s < 0.3
+
+
+def test_generation_arguments_are_checked(tiny_model, tiny_tokenizer):
+    emb, plen = _embeds(tiny_model, tiny_tokenizer)
+    with pytest.raises(ValueError, match="at least 1"):
+        stream_generate(tiny_model, tiny_tokenizer, emb, max_new_tokens=0)
+    whole = prefill_prefix(tiny_model, emb)
+    with pytest.raises(ValueError, match="shorter than the prompt"):
+        stream_generate(tiny_model, tiny_tokenizer, emb, prefix=whole)
+
+
+def test_the_context_limit_falls_back_to_the_position_embeddings(tiny_model, monkeypatch):
+    from engine.generate import context_limit
+
+    assert context_limit(tiny_model) == 32768
+    monkeypatch.setattr(tiny_model.config, "tokenizer_model_max_length", None)
+    monkeypatch.setattr(tiny_model.config, "max_position_embeddings", 4096)
+    assert context_limit(tiny_model) == 4096
+
+
+def test_tokens_per_second_count_the_tokens_after_the_first():
+    from engine.generate import GenerationResult
+
+    assert GenerationResult(n_new_tokens=5, generate_s=2.0).tokens_per_s == 2.0
+    assert GenerationResult(n_new_tokens=1, generate_s=0.0).tokens_per_s == 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads /proc (Linux)")
+def test_peak_memory_on_the_cpu_is_in_bytes():
+    import os
+
+    resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # ru_maxrss is kilobytes on Linux, and the kernel updates it lazily: about the resident size
+    assert peak_memory_bytes("cpu") >= resident // 2
+
+
+def test_the_answer_ends_at_im_end_and_at_endoftext(tiny_tokenizer):
+    ids = {tiny_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    assert len(ids) == 2 and stop_token_ids(tiny_tokenizer) == ids
+
+
+def test_a_placeholder_or_spaces_typed_around_the_question_are_not_part_of_it(tiny_tokenizer):
+    assert chat_prompt(f"  <image> {QUESTION}\n ") == chat_prompt(QUESTION)
+    assert split_prompt(tiny_tokenizer, f" {QUESTION} <image>") == split_prompt(tiny_tokenizer, QUESTION)
+    text_only = split_prompt(tiny_tokenizer, QUESTION, image=False)
+    assert text_only.after == [] and tiny_tokenizer.decode(text_only.before) == chat_prompt(QUESTION, image=False)

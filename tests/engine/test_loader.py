@@ -404,6 +404,9 @@ def test_tiny_never_deletes_what_it_did_not_write(tmp_path, tiny_checkpoint):
     (earlier / "stale.txt").write_text("from the earlier build")
     assert build_tiny_checkpoint(earlier, seed=3) == earlier
     assert not (earlier / "stale.txt").exists() and "seed 3" in (earlier / "TINY_MODEL.txt").read_text()
+    # the released layout: safetensors shards named by model.safetensors.index.json
+    index = json.loads((earlier / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
 
 
 def test_a_geollava_architecture_is_accepted_under_another_model_type(tmp_path, tiny_checkpoint):
@@ -429,3 +432,44 @@ def test_rope_scaling_in_the_config_is_switched_off(tmp_path, tiny_checkpoint):
     (dest / "config.json").write_text(json.dumps(cfg))
     loaded = load_model(dest, device="cpu", quantization="fp32")
     assert loaded.config.rope_scaling is None
+
+
+def test_tiny_refuses_a_link_to_a_folder(tmp_path):
+    from engine.tiny import build_tiny_checkpoint
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    with pytest.raises(ValueError, match="not a folder"):
+        build_tiny_checkpoint(link)
+    assert link.is_symlink() and not any(target.iterdir())
+
+
+def test_only_a_well_formed_revision_record_is_read(tmp_path):
+    from engine.weights import REVISION_FILE, recorded_revision
+
+    record = tmp_path / REVISION_FILE
+    for text, expected in ((f"initiacms/GeoLLaVA-8K\n{'a' * 40}\n", "a" * 40),
+                           (f"initiacms/GeoLLaVA-8K\n{'a' * 41}\n", None),
+                           (f"initiacms/GeoLLaVA-8K\n{'g' * 40}\n", None),
+                           (f"initiacms/GeoLLaVA-8K\n{'a' * 40}\nmore\n", None)):
+        record.write_text(text)
+        assert recorded_revision(tmp_path) == expected, text
+
+
+def test_a_download_with_an_empty_shard_index_is_no_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    import huggingface_hub
+
+    from engine.weights import DownloadError, download_weights
+
+    def fake_download(**kwargs):
+        dest = Path(kwargs["local_dir"])
+        shutil.copy(tiny_checkpoint / "config.json", dest / "config.json")
+        (dest / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _OfflineHub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    with pytest.raises(DownloadError, match="no weight files were downloaded"):
+        download_weights(tmp_path / "w")

@@ -131,7 +131,7 @@ def test_info_memory_reports_every_format_without_loading(tiny_checkpoint, count
     assert report["auto_choice"] == "fp32"  # the CPU's default
     assert main(["info", "--memory", "--weights", str(tiny_checkpoint), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    assert f"{report['parameters']:,} parameters" in text
+    assert text.startswith(f"demo model {tiny_checkpoint}: {report['parameters']:,} parameters\n")
     assert any(line.strip().startswith("fp32") and line.endswith("does not fit") for line in text.splitlines())
     assert "--quantization auto (the default) loads fp32 here" in text
 

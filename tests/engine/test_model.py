@@ -155,3 +155,42 @@ def test_auto_classes_know_llava_qwen(tiny_checkpoint):
     assert isinstance(cfg, LlavaQwenConfig)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     assert isinstance(model, LlavaQwenForCausalLM)
+
+
+def test_the_selected_layer_must_be_an_encoder_layer(tiny_model, monkeypatch):
+    """-2 of a 3-layer tower is hidden_states[2]; -4 would be the embeddings' output (no layer)."""
+    tower = tiny_model.vision
+    assert tower.num_layers == 3 and tower.hidden_index() == 2
+    for bad in (-4, 0, 4):
+        monkeypatch.setattr(tower, "select_layer", bad)
+        with pytest.raises(ValueError, match="does not name an encoder layer"):
+            tower.hidden_index()
+
+
+def test_config_defaults_are_the_released_checkpoints():
+    """A config.json without the LLaVA fields reads as GeoLLaVA-8K's: the 32768-token context the
+    original code truncates to, layer -2, unires_max24."""
+    cfg = LlavaQwenConfig()
+    assert cfg.tokenizer_model_max_length == 32768
+    assert (cfg.mm_vision_select_layer, cfg.mm_patch_merge_type, cfg.mm_projector_type) == (
+        -2, "unires_max24", "mlp2x_gelu")
+
+
+def test_a_projector_width_other_than_the_towers_is_refused():
+    from engine.tiny import tiny_config_dict
+
+    cfg = tiny_config_dict()
+    cfg.pop("model_type"), cfg.pop("architectures")
+    cfg["mm_hidden_size"] = 48  # the tiny tower is 32 wide
+    with pytest.raises(ValueError, match="does not match the vision tower width 32"):
+        LlavaQwenForCausalLM(LlavaQwenConfig(vocab_size=1024, **cfg))
+
+
+def test_the_tiny_checkpoint_has_the_released_anyres_canvases():
+    """Every 336 a x 336 b canvas with a x b <= 576 tiles and sides at most 49:1, but 1 x 1."""
+    from engine.tiny import released_pinpoints
+
+    pins = released_pinpoints()
+    assert [336, 336] not in pins and [672, 336] in pins and [336, 672] in pins
+    assert [336 * 24, 336 * 24] in pins and [336 * 49, 336] in pins and [336 * 50, 336] not in pins
+    assert all((w // 336) * (h // 336) <= 576 for w, h in pins)

@@ -186,7 +186,10 @@ def test_build_inputs_labels_only_the_answer(engine, scene):
     assert labels.shape == embeds.shape[:2]
     assert labels[0, -len(answer_ids):].tolist() == answer_ids
     assert (labels[0, : -len(answer_ids)] == -100).all()
-    assert n_prefix > vis.selection.n_tokens
+    # the image prefix: system + user header + the visual tokens, not one question token more
+    from engine.prompt import split_prompt
+
+    assert n_prefix == len(split_prompt(tok, "Is it a port?").before) + vis.selection.n_tokens
 
 
 @pytest.mark.parametrize("kw,code", [
@@ -385,6 +388,14 @@ def test_cli_ask_prints_answer_and_token_counts(tiny_checkpoint, scene, tmp_path
     )
     assert proc.returncode == 0, proc.stderr
     assert "visual tokens:" in proc.stderr and "timings (s):" in proc.stderr
+    import re
+
+    # 700 x 500 -> 6 tiles of 144 candidates; the budget caps what is kept
+    counts = re.search(r"visual tokens: (\d+) kept of (\d+) \(geollava\); prompt (\d+), generated (\d+)", proc.stderr)
+    assert counts, proc.stderr[-600:]
+    kept, candidates, prompt, generated = map(int, counts.groups())
+    assert 0 < kept <= 64 and candidates == 6 * 144 and prompt > kept and generated == 5
+    assert re.search(r"peak memory: \d+\.\d MiB", proc.stderr)
     # the demo model given with --weights is named as such, not "no weights found"
     assert f"NOTE: {tiny_checkpoint} is the tiny RANDOM demo model" in proc.stderr
     assert "no GeoLLaVA-8K weights found" not in proc.stderr
@@ -677,3 +688,213 @@ def test_health_names_the_weights_folder_as_an_absolute_path(tiny_checkpoint, ti
     monkeypatch.chdir(tiny_checkpoint.parent)
     eng = Engine(tiny_checkpoint.name, loaded=tiny_loaded, output_dir=tmp_path / "out")
     assert eng.health()["weights_dir"] == str(tiny_checkpoint.resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# The result event's fields and timings, and the prefix cache's key
+
+
+def test_the_result_names_its_files_and_the_budget_that_ran(engine, scene):
+    """heatmap_file / anchors_file are the bare names a client GETs from /files; budget is the
+    request's."""
+    result = _ask(engine, scene, "Where are the roads?", strategy="geollava", budget=40)[-1]
+    assert result["budget"] == 40 and result["strategy"] == "geollava"
+    assert result["heatmap_file"] == Path(result["heatmap_path"]).name
+    assert result["anchors_file"] == Path(result["anchors_path"]).name
+    assert (engine.output_dir / result["heatmap_file"]).is_file()
+    assert (engine.output_dir / result["anchors_file"]).is_file()
+    # named as pruning (GEOVQA_OUTPUT_RETENTION_DAYS) recognises the engine's own files
+    from engine.pipeline import ENGINE_OUTPUT_NAME
+
+    assert result["heatmap_file"].endswith("_heatmap.tif") and result["anchors_file"].endswith("_anchors.geojson")
+    assert ENGINE_OUTPUT_NAME.match(result["heatmap_file"]) and ENGINE_OUTPUT_NAME.match(result["anchors_file"])
+    assert result["stopped"] == "length" and result["tokens"]["generated"] == 6
+
+
+def test_the_timings_say_where_the_time_went(engine, scene, monkeypatch):
+    """read, vision and the image prefix's prefill each in their own figure, total over all."""
+    import time
+
+    import engine.generate as G
+    import engine.raster as R
+
+    slow_read, slow_prefill = R.read_for_tiling, G.prefill_prefix
+
+    def read(*a, **k):
+        time.sleep(0.3)
+        return slow_read(*a, **k)
+
+    def prefill(*a, **k):
+        time.sleep(0.3)
+        return slow_prefill(*a, **k)
+
+    monkeypatch.setattr(R, "read_for_tiling", read)
+    monkeypatch.setattr(G, "prefill_prefix", prefill)
+    engine.features.clear()
+    engine.prefixes.clear()
+    t = _ask(engine, scene, "Is there water?", strategy="geollava")[-1]["timings"]
+    assert t["read"] >= 0.3 and t["vision"] < t["read"]
+    assert t["prefill"] >= 0.3  # the prefix prefill belongs to this question's prefill
+    stages = sum(t[k] for k in ("read", "vision", "select", "prefill", "generate", "write"))
+    assert t["total"] >= stages - 0.01
+
+
+@pytest.mark.parametrize("first, second", [
+    ({"strategy": "geollava", "budget": 30}, {"strategy": "geollava", "budget": 60}),
+    ({"strategy": "random", "budget": 60, "seed": 1}, {"strategy": "random", "budget": 60, "seed": 2}),
+])
+def test_a_prefix_is_reused_only_for_the_same_visual_tokens(engine, scene, first, second):
+    """Another budget or seed selects other tokens: its image prefix is not the first one's."""
+    engine.prefixes.clear()
+    _ask(engine, scene, "Is there water?", **first)
+    b = _ask(engine, scene, "Is there water?", **second)[-1]
+    assert b["cache"]["kv_prefix"] is False
+    again = _ask(engine, scene, "Is there water?", **second)[-1]
+    assert again["cache"]["kv_prefix"] is True and again["answer"] == b["answer"]
+
+
+def test_files_of_a_long_question_are_named_so_that_pruning_finds_them(tmp_path):
+    """The slug is cut to the 40 characters ENGINE_OUTPUT_NAME allows; a question of no letters
+    is 'question'."""
+    import os
+    import time
+
+    from engine.pipeline import ENGINE_OUTPUT_NAME, _output_stem, prune_outputs
+
+    long_stem = _output_stem("How many ships are moored along the northern quay of the harbour today?")
+    empty_stem = _output_stem("???")
+    assert "-question-" in empty_stem
+    past = time.time() - 20 * 86400
+    for stem in (long_stem, empty_stem):
+        for suffix in ("_heatmap.tif", "_anchors.geojson"):
+            assert ENGINE_OUTPUT_NAME.match(stem + suffix)
+            (tmp_path / (stem + suffix)).write_text("x")
+            os.utime(tmp_path / (stem + suffix), (past, past))
+    assert prune_outputs(tmp_path, 14) == 4
+
+
+def test_a_folder_is_refused_as_no_raster(engine, tmp_path):
+    with pytest.raises(RequestError) as exc:
+        _ask(engine, tmp_path)
+    assert exc.value.code == "not_a_raster"
+
+
+@pytest.mark.parametrize("n, ok", [(1, True), (4096, True), (0, False), (4097, False)])
+def test_max_new_tokens_between_1_and_4096(n, ok):
+    req = AskRequest("a.tif", "Is there water?", max_new_tokens=n)
+    if ok:
+        assert req.validated().max_new_tokens == n
+    else:
+        with pytest.raises(RequestError, match="between 1 and 4096"):
+            req.validated()
+
+
+def test_health_says_no_weights_are_present_while_the_demo_model_answers(tiny_checkpoint, tiny_loaded,
+                                                                        tmp_path, monkeypatch):
+    from conftest import demo_and_real
+
+    real = demo_and_real(tmp_path, monkeypatch, tiny_checkpoint)
+    demo = Engine(None, loaded=tiny_loaded, output_dir=tmp_path / "out").health()
+    assert demo["demo_model"] is True and demo["weights_present"] is False
+    given = Engine(real, loaded=tiny_loaded, output_dir=tmp_path / "out")
+    assert given.demo is False and given.health()["weights_present"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# geovqa_training.json as the engine reads it back
+
+
+def _training_file(folder, **fields):
+    from engine.adapter_settings import write_training_settings
+
+    record = {"format": 1, "strategy": "anchored", "budget": None, "tokens_per_tile": 4,
+              "faithful_empty_slots": False, "bands": [4, 3, 2], "records_with_own_bands": 3, **fields}
+    write_training_settings(folder, record)
+    return folder
+
+
+def test_the_training_record_reads_back_as_written(tmp_path):
+    from engine.adapter_settings import read_training_settings
+
+    got = read_training_settings(_training_file(tmp_path, bands=[2]))
+    assert got == {"strategy": "anchored", "budget": None, "tokens_per_tile": 4, "faithful_empty_slots": False,
+                   "bands": [2], "records_with_own_bands": 3}
+
+
+@pytest.mark.parametrize("field, value", [("budget", 0), ("tokens_per_tile", 0), ("budget", True),
+                                          ("strategy", "magic"), ("bands", [4, 3]), ("bands", [0]),
+                                          ("faithful_empty_slots", "yes")])
+def test_a_training_record_that_cannot_be_used_is_refused(tmp_path, field, value):
+    from engine.adapter_settings import AdapterSettingsError, read_training_settings
+
+    with pytest.raises(AdapterSettingsError, match=f"{field} .* is not a usable value"):
+        read_training_settings(_training_file(tmp_path, **{field: value}))
+
+
+def test_the_settings_text_names_every_setting():
+    from engine.adapter_settings import settings_text
+
+    assert settings_text({"strategy": "anchored", "tokens_per_tile": 4, "budget": 500,
+                          "faithful_empty_slots": True, "bands": [4, 3, 2]}) == (
+        "strategy anchored, 4 tokens a tile, budget 500, faithful empty slots, bands 4, 3, 2")
+    assert settings_text({"strategy": "geollava", "tokens_per_tile": None, "budget": None,
+                          "faithful_empty_slots": False, "bands": None}) == (
+        "strategy geollava, no budget, the engine's default bands")
+
+
+def test_freeing_gpu_memory_first_collects_what_only_reference_cycles_hold():
+    """An OOM error's traceback and frames form cycles that still hold the request's tensors."""
+    import gc
+    import weakref
+
+    from engine.errors import free_gpu_memory
+
+    class Held:
+        pass
+
+    gc.disable()
+    try:
+        held = Held()
+        held.me = held  # a reference cycle: only the collector frees it
+        ref = weakref.ref(held)
+        del held
+        assert ref() is not None
+        free_gpu_memory()
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("strategy", ["pyramid", "budget"])
+def test_question_guided_strategies_score_against_the_selection_text(engine, scene, strategy):
+    """eval asks with the official prompt (options + answer instruction) but selects on the
+    question and its options (`selection_text`)."""
+    def anchors(question, **kw):
+        result = _ask(engine, scene, question, strategy=strategy, budget=60, max_new_tokens=1, **kw)[-1]
+        return [f["geometry"] for f in result["anchors"]["features"]]
+
+    prompt = "How many ships are docked?\n(A) one\n(B) two\nAnswer with the option's letter."
+    guided = anchors(prompt, selection_text="boats on the water near the bright object")
+    assert guided == anchors("boats on the water near the bright object")
+    assert guided != anchors(prompt)
+
+
+def test_every_kind_of_out_of_memory_error_is_one():
+    from engine.errors import is_oom
+
+    assert is_oom(torch.OutOfMemoryError(""))  # by its type, whatever it says
+    assert is_oom(MemoryError("Unable to allocate 4.00 GiB for an array with shape (2, 2)"))  # numpy's
+    assert is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not is_oom(RuntimeError("shape mismatch"))
+
+
+def test_an_adapter_trained_on_the_engines_choice_takes_given_bands_without_a_note(engine, scene, monkeypatch):
+    """Bands or tokens a tile the adapter left to the engine (None in its record): a request
+    that gives them differs from nothing it learned; another strategy does."""
+    monkeypatch.setattr(engine, "adapter_settings", {"strategy": "anchored", "budget": None, "tokens_per_tile": None,
+                                                     "faithful_empty_slots": False, "bands": None})
+    req, notes = engine.resolve_visual(AskRequest(str(scene), "q?", bands=[3, 2, 1], tokens_per_tile=8))
+    assert notes == []
+    assert (req.strategy, req.bands, req.tokens_per_tile, req.faithful_empty_slots) == ("anchored", [3, 2, 1], 8, False)
+    _, notes = engine.resolve_visual(AskRequest(str(scene), "q?", strategy="geollava"))
+    assert len(notes) == 1 and "this request asks for strategy geollava" in notes[0]

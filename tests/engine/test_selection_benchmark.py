@@ -34,3 +34,32 @@ def test_gpu_benchmark_needs_cuda(tmp_path):
         pytest.skip("a GPU is present; the full-size run is for `make bench`")
     with pytest.raises(RuntimeError, match="no CUDA"):
         B.run(tmp_path, sizes=(700,), device="cuda")
+
+
+def test_the_benchmarks_figures_are_those_of_the_selections_it_made(tmp_path, tiny_checkpoint, monkeypatch):
+    """Tokens, recall and recall_sharp of each row are the strategy's selection's own, also on a
+    second run that reads the object boxes back from the scene file it wrote; the budget is
+    tiles x 24 and ttft_s the sum of the stages."""
+    from engine.benchmarks import strategies as B
+    from engine.selection import get_strategy
+    from engine.synth import object_recall, place_objects
+
+    monkeypatch.setenv("GEOVQA_TEST_CACHE", str(tiny_checkpoint.parent))
+    kw = dict(sizes=(700,), strategies=("none", "geollava", "anchored"), scene_dir=tmp_path / "scenes", log=lambda *_: None)
+    rows = B.run(tmp_path / "first", **kw)
+    again = B.run(tmp_path / "again", **kw)  # the scene exists now: its boxes are read back
+    path = tmp_path / "scenes" / "synth_700_s0_o8.tif"
+    objects = [box for _, box in place_objects(700, 700, 8, 0)]
+    model, _ = B.tiny_model()
+    geometry, feats, _, _ = B._prepare(model, str(path), 16)
+    for row, row2 in zip(rows, again):
+        budget = None if row["strategy"] == "none" else row["tiles"] * 24
+        assert row["budget"] == ("" if budget is None else budget)
+        sel = get_strategy(row["strategy"]).select(feats, geometry, B.QUESTION, budget, model=model)
+        assert (row["visual_tokens"], row["candidates"]) == (sel.n_tokens, sel.candidates)
+        assert row["recall"] == round(object_recall(sel, geometry, objects), 4)
+        assert row["recall_sharp"] == round(object_recall(sel, geometry, objects, max_token_patches=4), 4)
+        assert (row2["recall"], row2["recall_sharp"]) == (row["recall"], row["recall_sharp"])
+        stages = row["read_s"] + row["vision_s"] + row["select_s"] + row["prefill_s"]
+        assert row["ttft_s"] == pytest.approx(stages, abs=0.003)
+        assert row["peak_mem_mb"] > row["mem_delta_mb"]  # the peak includes what was in use before

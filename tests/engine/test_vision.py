@@ -71,3 +71,21 @@ def test_encode_tiles_from_tiling(tiny_model):
     feats = encode_tiles(tiny_model, tiles, batch_size=4)
     assert feats.n_tiles == layout.n_tiles == 6  # 800 x 600 -> 3 x 2 tiles
     assert torch.isfinite(feats.patches).all()
+
+
+def test_a_batch_size_below_one_encodes_one_tile_at_a_time(tiny_model):
+    calls = []
+    feats = encode_tiles(tiny_model, _tiles(3), batch_size=0, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 3), (2, 3), (3, 3)] and feats.n_tiles == 2
+
+
+def test_out_of_memory_in_the_tower_says_what_was_being_done(tiny_model, monkeypatch):
+    from engine.errors import OutOfMemory
+
+    def out_of_memory(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tiny_model, "encode_images", out_of_memory)
+    with pytest.raises(OutOfMemory, match=r"encoding image tiles \(batch of 2\)") as exc:
+        encode_tiles(tiny_model, _tiles(3), batch_size=2)
+    assert isinstance(exc.value.__cause__, torch.OutOfMemoryError)
