@@ -46,7 +46,7 @@ def test_the_dock_opens_on_the_active_raster_layer(qgis_iface, raster_layer):
     panel, not the first one of the project."""
     import geovqa
 
-    first, active = raster_layer("a first"), raster_layer("b chosen")  # the list is sorted by name
+    _first, active = raster_layer("a first"), raster_layer("b chosen")  # the list is sorted by name
     qgis_iface.setActiveLayer(active)
     p = geovqa.classFactory(qgis_iface)
     p.initGui()
