@@ -151,12 +151,11 @@ def train(
     device: str = "cpu",
     bad_report: Path | None = None,
     reported_before: set[int] | None = None,
-    precision=None,
 ) -> dict[str, Any]:
     """The training loop. `model` is already a peft model with trainable adapters.
     `reported_before`: sample indices an earlier (resumed) run already skipped and reported.
-    `precision`: the dtype the forward autocasts to; None: `autocast_dtype(device)` (none on the
-    CPU). float16 trains with loss scaling (`loss_scaler`)."""
+    The forward autocasts to `autocast_dtype(device)` (none on the CPU); float16 trains with loss
+    scaling (`loss_scaler`)."""
     import torch  # noqa: PLC0415
     from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
 
@@ -173,7 +172,7 @@ def train(
     steps_per_epoch = max(1, math.ceil(len(train_samples) / cfg.grad_accum))
     total = cfg.max_steps if cfg.max_steps else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * total)), total)
-    amp_dtype = precision if precision is not None else autocast_dtype(device)
+    amp_dtype = autocast_dtype(device)
     scaler = loss_scaler(device, amp_dtype)
 
     step, micro = 0, 0
