@@ -92,8 +92,8 @@ def file_creation_problem(folder: Path) -> str | None:
 
 AUTO_CHOICE_HELP = ("auto = nf4 on CUDA (bf16 without bitsandbytes; fp16 on GPUs without native bfloat16, "
                     "compute capability below 8.0), fp32 on the CPU")
-AUTO_QUANTIZATION_HELP = ("nf4 = 4-bit; bf16 / fp16 = 16-bit (fp16 for GPUs without native bfloat16, "
-                          "where bf16 is refused); " + AUTO_CHOICE_HELP)
+HALF_FORMATS_HELP = "fp16 for GPUs without native bfloat16, where bf16 is refused"
+AUTO_QUANTIZATION_HELP = f"nf4 = 4-bit; bf16 / fp16 = 16-bit ({HALF_FORMATS_HELP}); {AUTO_CHOICE_HELP}"
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True,

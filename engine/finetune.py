@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from engine.cli_args import AUTO_CHOICE_HELP, add_model_arguments, add_strategy_arguments, band_choice, count_or_never, positive_int
+from engine.cli_args import AUTO_CHOICE_HELP, HALF_FORMATS_HELP, add_model_arguments, add_strategy_arguments, band_choice, count_or_never, positive_int
 from engine.adapter_settings import training_settings
 from engine.data import DataError, Sample, load_dataset, split_is_by_raster, split_train_val
 from engine.finetune_checkpoints import checkpoint_dirs
@@ -50,8 +50,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="training data: LLaVA conversation JSON list or JSONL")
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, log, adapter)")
     add_model_arguments(parser, adapter=False,
-                        quantization_help="nf4 = QLoRA; bf16 / fp16 = LoRA on a 16-bit base (fp16 for GPUs "
-                                          "without native bfloat16, where bf16 is refused); " + AUTO_CHOICE_HELP)
+                        quantization_help=f"nf4 = QLoRA; bf16 / fp16 = LoRA on a 16-bit base ({HALF_FORMATS_HELP}); "
+                                          f"{AUTO_CHOICE_HELP}")
     parser.add_argument("--image-root", default=None, help="folder relative image paths are taken from")
     parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="reject images whose width x height exceeds this (reported per sample)")
