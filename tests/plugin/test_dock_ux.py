@@ -14,6 +14,13 @@ def _done(dock, layer, n=1):
     return lambda: sum(1 for t in dock.conversations.get(layer.id(), []) if t.get("done")) >= n
 
 
+def _answered(dock, layer, question):
+    """Ask ``question`` about ``layer`` and wait for the answer and the tasks that keep it."""
+    dock.ask(question)
+    wait_until(_done(dock, layer), 30, "the answer")
+    wait_for_tasks()
+
+
 def _show(dock, w=380, h=640):
     from qgis.core import QgsApplication
 
@@ -68,9 +75,7 @@ def test_result_layers_are_not_layers_to_ask_about(plugin, raster_layer, stub_en
     layer, other = raster_layer("ortho_2021"), raster_layer("dem")
     dock = plugin.dock
     dock.set_layer(layer)
-    dock.ask("How many ships are in the harbour of the old town?")
-    wait_until(_done(dock, layer), 30, "the answer")
-    wait_for_tasks()
+    _answered(dock, layer, "How many ships are in the harbour of the old town?")
     turn = dock.turns(layer)[-1]
     heat = QgsProject.instance().mapLayer(turn["heatmap_layer_id"])
     assert heat is not None and heat.name() == "heatmap: ortho_2021 — How many ships are in the harbour of th…"
@@ -98,9 +103,7 @@ def test_a_heatmap_of_a_project_saved_before_the_mark_is_left_out_too(plugin, ra
     layer = raster_layer("scene")
     dock = plugin.dock
     dock.set_layer(layer)
-    dock.ask("Where?")
-    wait_until(_done(dock, layer), 30, "the answer")
-    wait_for_tasks()
+    _answered(dock, layer, "Where?")
     heat = QgsProject.instance().mapLayer(dock.turns(layer)[-1]["heatmap_layer_id"])
     heat.removeCustomProperty(RESULT_LAYER_PROPERTY)
     heat.setName(LEGACY_HEATMAP_NAME)
@@ -170,9 +173,7 @@ def test_progress_line_wraps_and_is_cleared_on_another_layer(plugin, raster_laye
     _settle()
     assert dock.progress_label.wordWrap()
     assert dock.widget().minimumSizeHint().width() < 420
-    dock.ask("Where?")
-    wait_until(_done(dock, layer), 30, "the answer")
-    wait_for_tasks()
+    _answered(dock, layer, "Where?")
     assert dock.progress_label.text().startswith("Answered")
     dock.set_layer(other)
     assert dock.progress_label.text() == ""
@@ -185,9 +186,7 @@ def test_answers_about_removed_layers_are_read_only(plugin, raster_layer, stub_e
     layer, other = raster_layer("gone"), raster_layer("stays")
     dock = plugin.dock
     dock.set_layer(layer)
-    dock.ask("about a layer that goes away")
-    wait_until(_done(dock, layer), 30, "the answer")
-    wait_for_tasks()
+    _answered(dock, layer, "about a layer that goes away")
     QgsProject.instance().removeMapLayer(layer.id())
     dock.layer_combo.setCurrentIndex(dock.layer_combo.findText(REMOVED_LAYERS_ITEM))
     assert dock.showing_removed_layers()
@@ -262,9 +261,7 @@ def test_the_line_under_an_answer_names_the_strategy_as_the_user_knows_it(plugin
     dock = plugin.dock
     dock.set_layer(layer)
     _long_answers(stub_engine, "Fields.")
-    dock.ask("Where?")
-    wait_until(_done(dock, layer), 30, "the answer")
-    wait_for_tasks()
+    _answered(dock, layer, "Where?")
     meta = dock.turns(layer)[-1]["meta"]
     assert meta.startswith("GeoLLaVA-8K: 400/12000 visual tokens kept"), meta
 
@@ -338,9 +335,7 @@ def _answer_with_heatmap(plugin, raster_layer, name="ortho"):
     layer = raster_layer(name)
     dock = plugin.dock
     dock.set_layer(layer)
-    dock.ask("How many ships?")
-    wait_until(_done(dock, layer), 30, "the answer")
-    wait_for_tasks()
+    _answered(dock, layer, "How many ships?")
     heat = QgsProject.instance().mapLayer(dock.turns(layer)[-1]["heatmap_layer_id"])
     assert heat is not None
     return dock, layer, heat
@@ -546,9 +541,7 @@ def test_export_writes_the_format_chosen_in_the_dialog(plugin, raster_layer, stu
     dock = plugin.dock
     layer = raster_layer()
     dock.set_layer(layer)
-    dock.ask("How big?")
-    wait_until(_done(dock, layer), 30, "the answer")
-    wait_for_tasks()
+    _answered(dock, layer, "How big?")
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / typed), chosen))
     dock._export_clicked()
     out = tmp_path / written
@@ -638,9 +631,7 @@ def test_another_area_keeps_the_line_saying_where_the_answer_went(plugin, raster
     layer = raster_layer()
     dock = plugin.dock
     dock.set_layer(layer)
-    dock.ask("Where?")
-    wait_until(_done(dock, layer), 30, "the answer")
-    wait_for_tasks()
+    _answered(dock, layer, "Where?")
     said = dock.progress_label.text()
     assert said.startswith("Answered")
     dock.set_aoi_mode("extent")
@@ -682,9 +673,7 @@ def test_only_a_warning_takes_the_line_under_the_chat(plugin, raster_layer, stub
     layer = raster_layer()
     dock = plugin.dock
     dock.set_layer(layer)
-    dock.ask("Where?")
-    wait_until(_done(dock, layer), 30, "the answer")
-    wait_for_tasks()
+    _answered(dock, layer, "Where?")
     said = dock.progress_label.text()
     dock._notify("The files of the project's result layers were copied.", MSG_INFO)
     assert dock.progress_label.text() == said
