@@ -99,20 +99,25 @@ def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 500000
     return str(path)
 
 
+def write_gcp_file(path, width, height, points, bands=3):
+    """A ``width`` x ``height`` px Byte GeoTIFF with no geotransform, placed by GCPs ``points``
+    ((x, y, col, row): map coordinates in EPSG:32633 of pixel corner (col, row)); its path."""
+    from osgeo import gdal, osr
+
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, bands, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetGCPs([gdal.GCP(x, y, 0, col, row) for x, y, col, row in points], srs.ExportToWkt())
+    ds = None
+    return str(path)
+
+
 def write_gcp_raster(path, displaced_px=0.0):
     """A 200 x 100 px file placed by four GCPs (10 m pixels, EPSG:32633); the last one moved by
     ``displaced_px`` pixels off the affine grid the others make."""
-    from osgeo import gdal, osr
-
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), 200, 100, 3, gdal.GDT_Byte)
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
-    gcps = [gdal.GCP(500000 + 10 * col, 5000000 - 10 * row, 0, col, row)
-            for col, row in ((0, 0), (200, 0), (0, 100))]
-    gcps.append(gdal.GCP(500000 + 10 * (200 + displaced_px), 5000000 - 10 * 100, 0, 200, 100))
-    ds.SetGCPs(gcps, srs.ExportToWkt())
-    ds = None
-    return str(path)
+    points = [(500000 + 10 * col, 5000000 - 10 * row, col, row) for col, row in ((0, 0), (200, 0), (0, 100))]
+    points.append((500000 + 10 * (200 + displaced_px), 5000000 - 10 * 100, 200, 100))
+    return write_gcp_file(path, 200, 100, points)
 
 def scene_pixels(width, height):
     """A simple synthetic scene: fields, a river, a few bright buildings (3 x H x W uint8)."""

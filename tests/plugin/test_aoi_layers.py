@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_gcp_file
 
 
 class _LocalEngine:
@@ -537,18 +538,11 @@ def test_a_rectangle_on_a_raster_placed_by_gcps_is_sent_as_a_polygon(tmp_path, q
     158 x 158): a window cut from that grid landed on the wrong file pixels. The engine fits the
     GCPs, so a polygon in the layer's CRS is what reaches the right pixels."""
     from geovqa.aoi import file_grid_is_layer_grid, request_aoi
-    from osgeo import gdal, osr
     from qgis.core import QgsGeometry, QgsRasterLayer, QgsRectangle
 
-    path = str(tmp_path / "gcps.tif")
-    ds = gdal.GetDriverByName("GTiff").Create(path, 200, 100, 3, gdal.GDT_Byte)
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
     # columns run south, rows run east (a transposed grid), 5 m x 10 m pixels
-    gcps = [gdal.GCP(500000 + 10 * row, 5000000 - 5 * col, 0, col, row)
-            for col, row in ((0, 0), (200, 0), (0, 100), (200, 100))]
-    ds.SetGCPs(gcps, srs.ExportToWkt())
-    ds = None
+    path = write_gcp_file(tmp_path / "gcps.tif", 200, 100, [(500000 + 10 * row, 5000000 - 5 * col, col, row)
+                                                            for col, row in ((0, 0), (200, 0), (0, 100), (200, 100))])
 
     layer = QgsRasterLayer(path, "gcps", "gdal")
     assert layer.isValid() and layer.crs().authid() == "EPSG:32633"
@@ -851,20 +845,13 @@ def _unreferenced_layer(tmp_path, width=400, height=300):
 
 def test_a_file_with_no_georeferencing_is_told_apart(raster_layer, tmp_path):
     from geovqa.aoi import file_grid_is_layer_grid, is_unreferenced_file
-    from osgeo import gdal, osr
     from qgis.core import QgsRasterLayer, QgsRectangle
 
     plain = _unreferenced_layer(tmp_path)
     assert plain.extent() == QgsRectangle(0, -300, 400, 0)  # how QGIS shows it: row r at y = -r
     assert is_unreferenced_file(plain) and file_grid_is_layer_grid(plain)
     assert not is_unreferenced_file(raster_layer())
-    path = str(tmp_path / "gcps.tif")  # placed by GCPs: georeferenced, though with no geotransform
-    ds = gdal.GetDriverByName("GTiff").Create(path, 40, 30, 1, gdal.GDT_Byte)
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
-    ds.SetGCPs([gdal.GCP(500000 + 10 * c, 5000000 - 10 * r, 0, c, r) for c, r in ((0, 0), (40, 0), (0, 30))],
-               srs.ExportToWkt())
-    ds = None
+    path = _three_gcp_file(tmp_path / "gcps.tif")  # placed by GCPs: georeferenced, though with no geotransform
     assert not is_unreferenced_file(QgsRasterLayer(path, "gcps", "gdal"))
 
 
@@ -1000,23 +987,22 @@ def test_a_file_the_engine_refuses_to_read_unwarped_is_rendered(tmp_path):
     assert path_of(rpc) is None
 
 
+def _three_gcp_file(path):
+    """A 40 x 30 px one-band file placed by three GCPs on a 10 m grid (EPSG:32633)."""
+    return write_gcp_file(path, 40, 30, [(500000 + 10 * c, 5000000 - 10 * r, c, r)
+                                         for c, r in ((0, 0), (40, 0), (0, 30))], bands=1)
+
+
 def _clustered_gcp_scan(path, count):
     """A 1000 x 800 px scan (10 m pixels, EPSG:32633) placed by the first ``count`` of 12 GCPs
     clustered in its centre third (all in one town), each up to 0.45 px off the affine grid."""
-    from osgeo import gdal, osr
-
     rng = np.random.default_rng(3)
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), 1000, 800, 3, gdal.GDT_Byte)
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
-    gcps = []
+    points = []
     for _ in range(12):
         col, row = rng.uniform(350, 650), rng.uniform(300, 500)
         dc, dr = rng.uniform(-0.45, 0.45, 2)
-        gcps.append(gdal.GCP(500000 + 10 * (col + dc), 5000000 - 10 * (row + dr), 0, col, row))
-    ds.SetGCPs(gcps[:count], srs.ExportToWkt())
-    ds = None
-    return str(path)
+        points.append((500000 + 10 * (col + dc), 5000000 - 10 * (row + dr), col, row))
+    return write_gcp_file(path, 1000, 800, points[:count])
 
 
 def test_a_file_whose_gcps_bend_it_is_rendered_as_qgis_shows_it(tmp_path, qgis_new_project):
@@ -1150,16 +1136,9 @@ def test_a_file_placed_by_three_gcps_is_sent_as_it_is(tmp_path):
     warp of them is that affine transform too): the engine reads the file as QGIS shows it, so
     the file itself is sent, not a render."""
     from geovqa.render import layer_file_path
-    from osgeo import gdal, osr
     from qgis.core import QgsRasterLayer
 
-    path = str(tmp_path / "three.tif")
-    ds = gdal.GetDriverByName("GTiff").Create(path, 40, 30, 1, gdal.GDT_Byte)
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
-    ds.SetGCPs([gdal.GCP(500000 + 10 * c, 5000000 - 10 * r, 0, c, r) for c, r in ((0, 0), (40, 0), (0, 30))],
-               srs.ExportToWkt())
-    ds = None
+    path = _three_gcp_file(tmp_path / "three.tif")
     layer = QgsRasterLayer(path, "three", "gdal")
     assert layer.isValid()
     assert layer_file_path(layer) == path
@@ -1170,15 +1149,8 @@ def _bent_gcp_scan(path, cols, bend):
     (rows 100, 400, 700) of a map that bends east by ``bend`` x col² pixels: GDAL's 2nd-order
     warp of them follows the bend, which no affine transform does away from the GCPs, while the
     affine fit misses no GCP by more than a few hundredths of a pixel."""
-    from osgeo import gdal, osr
-
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), 1000, 800, 1, gdal.GDT_Byte)
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
-    ds.SetGCPs([gdal.GCP(500000 + 10 * (c + bend * c * c), 5000000 - 10 * r, 0, c, r)
-                for c in cols for r in (100, 400, 700)], srs.ExportToWkt())
-    ds = None
-    return str(path)
+    return write_gcp_file(path, 1000, 800, [(500000 + 10 * (c + bend * c * c), 5000000 - 10 * r, c, r)
+                                            for c in cols for r in (100, 400, 700)], bands=1)
 
 
 def test_a_gcp_warp_that_strays_far_from_its_gcps_is_rendered_wherever_it_strays(tmp_path):
