@@ -114,12 +114,7 @@ def test_no_config(tmp_path):
 
 
 def test_wrong_model_type(tmp_path, tiny_checkpoint):
-    dest = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, dest)
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg["model_type"] = "llama"
-    cfg["architectures"] = ["LlamaForCausalLM"]
-    (dest / "config.json").write_text(json.dumps(cfg))
+    dest = _config_copy(tmp_path, tiny_checkpoint, model_type="llama", architectures=["LlamaForCausalLM"])
     with pytest.raises(CheckpointError, match="llava_qwen"):
         load_model(dest, device="cpu")
 
@@ -413,23 +408,14 @@ def test_a_geollava_architecture_is_accepted_under_another_model_type(tmp_path, 
     """config.json names the class in model_type or in architectures; either one is enough."""
     from engine.loader import read_config_json
 
-    dest = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, dest)
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg["model_type"] = "llava"
-    cfg["architectures"] = ["LlavaQwenForCausalLM"]
-    (dest / "config.json").write_text(json.dumps(cfg))
+    dest = _config_copy(tmp_path, tiny_checkpoint, model_type="llava", architectures=["LlavaQwenForCausalLM"])
     assert read_config_json(dest)["model_type"] == "llava"
     assert checkpoint_present(dest)
 
 
 def test_rope_scaling_in_the_config_is_switched_off(tmp_path, tiny_checkpoint):
     """The loader forces rope_scaling off: a config.json that sets one still loads without it."""
-    dest = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, dest)
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
-    (dest / "config.json").write_text(json.dumps(cfg))
+    dest = _config_copy(tmp_path, tiny_checkpoint, rope_scaling={"type": "linear", "factor": 2.0})
     loaded = load_model(dest, device="cpu", quantization="fp32")
     assert loaded.config.rope_scaling is None
 
