@@ -16,11 +16,17 @@ def _settle():
         QgsApplication.processEvents()
 
 
-def _run(dlg, layers, questions, done):
+def _start(dlg, layers, questions):
+    """Check ``layers``, type ``questions`` (one a line) and press Run."""
     dlg.set_checked_layers({lyr.id() for lyr in layers})
     dlg.questions_edit.setPlainText("\n".join(questions))
-    n = len(done)
     dlg.run()
+
+
+def _run(dlg, layers, questions, done):
+    """:func:`_start`, then wait for the batch to end (``done``: its batch_finished calls)."""
+    n = len(done)
+    _start(dlg, layers, questions)
     wait_until(lambda: len(done) > n, 60, "the batch")
     wait_for_tasks()
 
@@ -102,9 +108,7 @@ def test_inputs_and_export_are_frozen_while_running_and_the_message_counts(plugi
     dlg.batch_finished.connect(done.append)
     inputs = (dlg.layer_list, dlg.questions_edit, dlg.layers_check, dlg.csv_button, dlg.json_button)
     stub_engine.token_delay = 0.1
-    dlg.set_checked_layers({a.id(), b.id()})
-    dlg.questions_edit.setPlainText("q1\nq2\nq3")
-    dlg.run()
+    _start(dlg, [a, b], ["q1", "q2", "q3"])
     assert not any(w.isEnabled() for w in inputs) and not dlg.run_button.isEnabled()
     assert dlg.cancel_button.isEnabled()
     assert "autosave" in dlg.csv_button.toolTip()
@@ -338,10 +342,8 @@ def test_a_question_cancelled_mid_answer_is_counted_with_the_cancelled_ones_not_
     dlg = plugin.open_batch()
     done = []
     dlg.batch_finished.connect(done.append)
-    dlg.set_checked_layers({a.id()})
-    dlg.questions_edit.setPlainText("q1\nq2\nq3")
     stub_engine.token_delay = 0.02
-    dlg.run()
+    _start(dlg, [a], ["q1", "q2", "q3"])
     wait_until(lambda: dlg.rows, 30, "the first answer")
     stub_engine.token_delay = 0.5  # the second answer streams slowly
     wait_until(lambda: len(stub_engine.requests) == 2, 30, "the second question")
@@ -436,10 +438,8 @@ def test_a_batch_cancelled_in_the_task_list_ends_as_cancelled(plugin, raster_lay
     dlg = plugin.open_batch()
     done = []
     dlg.batch_finished.connect(done.append)
-    dlg.set_checked_layers({a.id()})
-    dlg.questions_edit.setPlainText("q1\nq2")
     stub_engine.token_delay = 0.5
-    dlg.run()
+    _start(dlg, [a], ["q1", "q2"])
     task = dlg.task
     wait_until(lambda: stub_engine.requests, 30, "the first question")
     task.cancel()  # as QGIS's task list does
