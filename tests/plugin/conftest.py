@@ -76,7 +76,8 @@ def clean_settings(qgis_app, tmp_path):
 
 def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 5000000.0), pixel=10.0, bands=3,
                  georeferenced=True, nodata_half=False):
-    """A small georeferenced GeoTIFF with a gradient pattern (GDAL from QGIS's Python).
+    """A small georeferenced GeoTIFF with a gradient pattern (GDAL from QGIS's Python); ``pixel``:
+    the pixels' side in CRS units, or their (width, height).
 
     ``georeferenced=False``: no geotransform, no GCPs, no CRS (a plain image; QGIS shows it
     at x 0..width, y -height..0). ``nodata_half``: its right half is nodata (0, which the scene
@@ -86,7 +87,8 @@ def write_raster(path, width=64, height=48, epsg=32633, origin=(500000.0, 500000
 
     ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, bands, gdal.GDT_Byte)
     if georeferenced:
-        ds.SetGeoTransform((origin[0], pixel, 0.0, origin[1], 0.0, -pixel))
+        pixel_w, pixel_h = pixel if isinstance(pixel, tuple) else (pixel, pixel)
+        ds.SetGeoTransform((origin[0], pixel_w, 0.0, origin[1], 0.0, -pixel_h))
         srs = osr.SpatialReference()
         srs.ImportFromEPSG(epsg)
         ds.SetProjection(srs.ExportToWkt())

@@ -1226,17 +1226,11 @@ def test_a_rectangle_past_the_layers_edge_is_clipped_to_its_pixels(raster_layer)
 
 def test_a_rectangle_on_a_raster_with_oblong_pixels_reaches_its_rows(tmp_path, qgis_new_project):
     """Pixels 10 m wide and 20 m high: the rows of the window are counted in 20 m steps."""
-    from osgeo import gdal, osr
+    from conftest import write_raster
     from geovqa.aoi import pixel_window
     from qgis.core import QgsRasterLayer, QgsRectangle
 
-    path = str(tmp_path / "oblong.tif")
-    ds = gdal.GetDriverByName("GTiff").Create(path, 64, 48, 1, gdal.GDT_Byte)
-    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -20.0))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
-    ds.SetProjection(srs.ExportToWkt())
-    ds = None
+    path = write_raster(tmp_path / "oblong.tif", pixel=(10.0, 20.0), bands=1)
     layer = QgsRasterLayer(path, "oblong", "gdal")
     assert layer.isValid()
     assert pixel_window(QgsRectangle(500100, 4999600, 500300, 4999800), layer) == [10, 10, 20, 10]
