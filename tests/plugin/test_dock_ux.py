@@ -110,7 +110,9 @@ def test_a_heatmap_of_a_project_saved_before_the_mark_is_left_out_too(plugin, ra
     dock._update_excepted_layers()
     assert heat not in _combo_layers(dock)
     plain = raster_layer(LEGACY_HEATMAP_NAME)  # a user's own layer of that name, outside a GeoVQA group
-    assert plain in _combo_layers(dock)
+    assert QgsProject.instance().layerTreeRoot().findLayer(plain.id()) is not None
+    dock._update_excepted_layers()  # looked at again now that it is in the layer tree
+    assert plain in _combo_layers(dock) and heat not in _combo_layers(dock)
 
 
 def test_an_input_mistake_is_said_not_stored_and_the_question_stays(plugin, raster_layer, stub_engine):
