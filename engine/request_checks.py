@@ -103,6 +103,7 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
                            f"{info.width} x {info.height} pixels.",
                            "Pick an area inside the layer's extent.")
         return aoi
+    import shapely
     from shapely import wkt as shapely_wkt
     from shapely.geometry import box
 
@@ -121,6 +122,8 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
             check_polygon(geom)
     except AOIError as exc:
         raise JobError("bad_aoi", str(exc)) from None
+    if not geom.is_valid:  # a self-intersecting ring drawn by hand: GEOS cannot intersect it
+        geom = shapely.make_valid(geom)  # (a TopologyException, a 500); the reader does the same
     left, bottom, right, top = info.bounds
     # an area that only touches the raster's edge or corner holds no pixel: the reader refuses it
     # (after the question was queued and the model loaded), so it is refused here too

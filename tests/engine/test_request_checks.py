@@ -311,3 +311,25 @@ def test_the_largest_allowed_values_pass(raster):
             "faithful_empty_slots": True}
     got = validate_ask(body, protocol.STRATEGIES)
     assert got["tokens_per_tile"] == 576 and got["faithful_empty_slots"] is True
+
+
+BOWTIE_WKT = ("POLYGON((500002 4499998, 500020 4499980, 500020 4499998, 500002 4499980, "
+              "500002 4499998))")  # a self-intersecting ring, as drawn by hand
+
+
+@pytest.mark.parametrize("aoi", [
+    {"polygon_wkt": BOWTIE_WKT},
+    {"geojson": {"type": "Polygon", "coordinates": [[[500002, 4499998], [500020, 4499980],
+                                                     [500020, 4499998], [500002, 4499980],
+                                                     [500002, 4499998]]]}},
+])
+def test_a_self_intersecting_polygon_is_checked_as_the_reader_reads_it(raster, aoi):
+    """GEOS cannot intersect a bow-tie ring with the raster's extent (TopologyException): the
+    server answered 500. The reader makes it valid and reads it; the checks now do the same."""
+    from engine.raster import read_raster
+
+    info = check_raster_file(raster)
+    assert validate_aoi(aoi, info) == aoi
+    assert read_raster(raster, aoi=aoi).valid.any()
+    far = {"polygon_wkt": BOWTIE_WKT.replace("5000", "6000")}  # the same bow-tie, 100 km east
+    assert refused(lambda: validate_aoi(far, info)).code == "aoi_outside_raster"

@@ -145,3 +145,17 @@ def test_media_types_ignore_case(server, inputs):
         events = [json.loads(line) for line in resp.iter_lines() if line.strip()]
     assert events[-1]["type"] == "result", events[-1]
     assert_no_jobs_left(server)
+
+
+def test_a_self_intersecting_polygon_is_answered_not_a_server_failure(server, inputs):
+    """A bow-tie AOI (a hand-drawn ring crossing itself) made the request checks fail with a
+    GEOS TopologyException: 500 internal. It is read as the reader reads it (made valid)."""
+    bowtie = [[500002, 4499998], [500020, 4499980], [500020, 4499998], [500002, 4499980],
+              [500002, 4499998]]
+    body = ask_text(inputs["raster"], aoi=json.dumps(
+        {"geojson": {"type": "Polygon", "coordinates": [bowtie]}}))
+    with httpx.stream("POST", f"{server.url}/ask", content=body, timeout=60,
+                      headers={**server.headers(), "Content-Type": "application/json"}) as resp:
+        assert resp.status_code == 200, resp.read()
+        events = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+    assert events[-1]["type"] == "result", events[-1]
