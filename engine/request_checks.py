@@ -174,6 +174,13 @@ def validate_ask(body: Any, known: tuple[str, ...], raster_path: str | None = No
     """Turn an ASK_FIELDS body into checked fields, or raise JobError (4xx)."""
     if not isinstance(body, dict):
         raise JobError("bad_request", "The request body must be a JSON object.")
+    # a misspelt field ("budjet") would be dropped without a word, and the engine's own fields
+    # (AskRequest.raster_identity, selection_text) are not the client's to set
+    unknown = sorted(set(body) - set(protocol.ASK_FIELDS))
+    if unknown:
+        named = ", ".join(repr(name[:40]) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise JobError("bad_request", f"Unknown request fields: {named}.",
+                       f"Leave them out; a question takes only {', '.join(protocol.ASK_FIELDS)}.")
     question = validate_question(body.get("question"))
     fields = validate_common(body, known)
     path = raster_path if raster_path is not None else body.get("raster_path")

@@ -333,3 +333,19 @@ def test_a_self_intersecting_polygon_is_checked_as_the_reader_reads_it(raster, a
     assert read_raster(raster, aoi=aoi).valid.any()
     far = {"polygon_wkt": BOWTIE_WKT.replace("5000", "6000")}  # the same bow-tie, 100 km east
     assert refused(lambda: validate_aoi(far, info)).code == "aoi_outside_raster"
+
+
+@pytest.mark.parametrize("extra", [{"budjet": 64}, {"raster_identity": "sha256:" + "0" * 64},
+                                   {"selection_text": "boats"}])
+def test_fields_the_protocol_does_not_define_are_refused(raster, extra):
+    """docs/protocol.md: a field not listed (the engine's own raster_identity and selection_text
+    included) is refused with bad_request; the server dropped it without a word, so a misspelt
+    budget ran the question without one."""
+    body = {"raster_path": str(raster), "question": "Any roads?", **extra}
+    err = refused(lambda: validate_ask(body, protocol.STRATEGIES))
+    assert err.code == "bad_request"
+    assert err.message == f"Unknown request fields: {next(iter(extra))!r}."
+    assert "budget" in err.hint
+    every = {name: None for name in protocol.ASK_FIELDS}  # every field the protocol lists passes
+    assert validate_ask({**every, "raster_path": str(raster), "question": "Any roads?"},
+                        protocol.STRATEGIES)["question"] == "Any roads?"
