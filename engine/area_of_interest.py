@@ -103,12 +103,37 @@ def _geojson_polygon(obj, what: str):
 
     if not isinstance(obj, dict):
         raise AOIError(f"{what} is not a GeoJSON geometry object.")
+    odd = _not_numbers(obj.get("coordinates"))
+    if odd:  # shapely reads true as 1 and "5" as 5: a wrong area, not an error
+        raise AOIError(f"{what} has a coordinate that is not a number: {_json_text(odd[0])}.")
     try:
         geom = shape(obj)
     except Exception as exc:  # noqa: BLE001 - shapely raises several kinds
         raise AOIError(f"{what} is not a valid GeoJSON geometry ({exc}).") from exc
     check_polygon(geom, what)
     return geom
+
+
+def _not_numbers(coordinates) -> list:
+    """[the first leaf of a GeoJSON ``coordinates`` array that is not a JSON number (true, a
+    string, null, an object)], or [] when every leaf is one (or there is no array: shapely says
+    what is wrong then)."""
+    stack = [coordinates] if isinstance(coordinates, (list, tuple)) else []
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif isinstance(item, bool) or not isinstance(item, (int, float)):
+            return [item]
+    return []
+
+
+def _json_text(value, limit: int = 40) -> str:
+    """`value` as JSON text (true, "5", null) for a message, at most `limit` characters."""
+    import json
+
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def pixel_window(aoi) -> tuple[float, float, float, float]:

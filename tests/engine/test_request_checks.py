@@ -349,3 +349,23 @@ def test_fields_the_protocol_does_not_define_are_refused(raster, extra):
     every = {name: None for name in protocol.ASK_FIELDS}  # every field the protocol lists passes
     assert validate_ask({**every, "raster_path": str(raster), "question": "Any roads?"},
                         protocol.STRATEGIES)["question"] == "Any roads?"
+
+
+@pytest.mark.parametrize("odd, shown", [(True, "true"), ("500010", '"500010"'), (None, "null")])
+def test_a_geojson_coordinate_must_be_a_json_number(raster, odd, shown):
+    """shapely reads true as 1 and "500010" as 500010: a ring with [true, false] in it was read
+    as a corner at (1, 0), another area than the client meant, without a word."""
+    from engine.raster import read_raster
+    from engine.raster_errors import AOIError
+
+    info = check_raster_file(raster)
+    ring = square(500002, 4499980, 500020, 4499998)
+    ring[1] = [odd, 4499980]
+    for geojson in ({"type": "Polygon", "coordinates": [ring]},
+                    {"type": "MultiPolygon", "coordinates": [[ring]]}):
+        err = refused(lambda: validate_aoi({"geojson": _feature(geojson)}, info))
+        assert err.code == "bad_aoi"
+        assert err.message == ("The area of interest's Feature has a coordinate that is not a "
+                               f"number: {shown}.")
+        with pytest.raises(AOIError, match="not a number"):
+            read_raster(raster, aoi={"geojson": geojson})
