@@ -3,8 +3,9 @@ upload) into Python values, or refusing it with ``bad_request`` and a sentence f
 
 Besides invalid UTF-8 and invalid JSON this refuses what `json.loads` lets through or fails on
 badly: ``NaN``, ``Infinity`` and numbers too large for a float (``1e400``), which JSON does not
-have; nesting too deep for the parser (a RecursionError); and lone UTF-16 surrogates written as
-escapes (``"\\ud800"``), which no later step can encode as UTF-8.
+have; whole numbers longer than Python converts (4300 digits; its error tells the client to
+raise that limit); nesting too deep for the parser (a RecursionError); and lone UTF-16
+surrogates written as escapes (``"\\ud800"``), which no later step can encode as UTF-8.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from engine.jobs import JobError
 def parse_json(raw: bytes, what: str = "The request body") -> Any:
     """`raw` as JSON; `what` names it in the messages ("The 'request' part")."""
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float,
+                           parse_int=_whole_number)
     except RecursionError:
         raise JobError("bad_request", f"{what} is nested too deeply.") from None
     except ValueError as exc:
@@ -39,6 +41,14 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"the number {text[:40]} is too large")
     return value
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # Python's limit on digits (4300); its message says to raise that limit
+        raise ValueError(f"the number {text[:20]}… has {len(text)} digits, too many for any "
+                         "field") from None
 
 
 def _text_is_encodable(value: Any) -> bool:

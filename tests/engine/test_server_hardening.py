@@ -170,3 +170,15 @@ def test_unknown_fields_are_a_bad_request(server, inputs):
         {"question": "What?", "raster_identity": "sha256:0"}).encode()),
         words="unknown request fields: 'raster_identity'")
     assert_no_jobs_left(server)
+
+
+def test_a_whole_number_of_thousands_of_digits_is_a_bad_request_in_words(server, inputs):
+    """Python refuses to convert over 4300 digits, and its message told the client to call
+    sys.set_int_max_str_digits(), which no client can."""
+    huge = "9" * 5000
+    for resp in (post_raw(server, "/ask", ask_text(inputs["raster"], budget=huge)),
+                 post_upload(server, inputs, f'{{"question": "What?", "seed": {huge}}}'.encode()),
+                 post_raw(server, "/batch", f'{{"items": [], "questions": [], "budget": {huge}}}'.encode())):
+        assert_refused(resp, words="has 5000 digits, too many for any field")
+        assert "sys." not in resp.text
+    assert_no_jobs_left(server)
