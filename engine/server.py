@@ -160,7 +160,12 @@ def create_app(engine: Any, settings: Settings, state_lock: IO | None = None):
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        return error_response(JobError("bad_request", f"The request is malformed: {exc.errors()}"))
+        # the parameters FastAPI checks itself (DELETE /jobs/{id}?remove=...), named in a sentence,
+        # not pydantic's list of dicts
+        problems = "; ".join(
+            f"'{err.get('loc', ('?',))[-1]}' is {err.get('input')!r}: {err.get('msg', 'not valid')}"
+            for err in exc.errors())
+        return error_response(JobError("bad_request", f"The request is malformed: {problems}."))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):

@@ -182,3 +182,12 @@ def test_a_whole_number_of_thousands_of_digits_is_a_bad_request_in_words(server,
         assert_refused(resp, words="has a whole number of more than 4300 digits, too many for any field")
         assert "sys." not in resp.text
     assert_no_jobs_left(server)
+
+
+def test_a_remove_that_is_not_true_or_false_is_said_in_a_sentence(server):
+    """The message was pydantic's list of error dicts ("[{'type': 'bool_parsing', 'loc': ...")."""
+    resp = httpx.delete(f"{server.url}/jobs/0123456789abcdef", params={"remove": "maybe"},
+                        headers=server.headers(), timeout=30)
+    assert_refused(resp, words="the request is malformed: 'remove' is 'maybe': ")
+    message = resp.json()["error"]["message"]
+    assert "{" not in message and message.endswith(".")
