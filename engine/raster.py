@@ -80,7 +80,7 @@ from dataclasses import dataclass
 import numpy as np
 from affine import Affine
 
-from .area_of_interest import aoi_geometry, clip_window, pixel_window
+from .area_of_interest import aoi_geometry, clip_window, pixel_window, polygonal_area
 from .band_choice import choose_bands
 from .georeferencing import georeferencing
 from .raster_open import gdal_detail, open_raster
@@ -178,10 +178,9 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> 
                     raise AOIError("The area of interest polygon is empty.")
                 if poly.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
                     raise AOIError(f"The area of interest must be a polygon, got a {poly.geom_type}.")
-                if not poly.is_valid:  # e.g. a self-intersecting ring drawn by hand
-                    import shapely
-
-                    poly = shapely.make_valid(poly)
+                # a self-intersecting ring drawn by hand made valid; what encloses no pixel
+                # (a ring whose points lie on one line, a collection's lines) refused or dropped
+                poly = polygonal_area(poly)
                 from shapely import affinity
 
                 inv = ~transform

@@ -106,7 +106,7 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
     from shapely import wkt as shapely_wkt
     from shapely.geometry import box
 
-    from engine.area_of_interest import check_polygon, geojson_area
+    from engine.area_of_interest import check_polygon, geojson_area, polygonal_area
     from engine.raster_errors import AOIError
 
     try:
@@ -119,6 +119,9 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
                 raise JobError("bad_aoi", "The area of interest is not a valid geometry: "
                                f"{exc}") from None
             check_polygon(geom)
+        # as the reader does: a self-intersecting ring made valid (GEOS cannot intersect it
+        # with the extent below), one that encloses nothing refused
+        geom = polygonal_area(geom)
     except AOIError as exc:
         raise JobError("bad_aoi", str(exc)) from None
     left, bottom, right, top = info.bounds

@@ -311,3 +311,25 @@ def test_the_largest_allowed_values_pass(raster):
             "faithful_empty_slots": True}
     got = validate_ask(body, protocol.STRATEGIES)
     assert got["tokens_per_tile"] == 576 and got["faithful_empty_slots"] is True
+
+
+def test_a_self_intersecting_wkt_polygon_passes_as_the_reader_reads_it(raster):
+    """GEOS could not intersect the bowtie with the raster's extent: a TopologyException, a 500
+    from the server and a traceback from ``ask --aoi``; the reader makes it valid and reads it."""
+    from engine.raster import read_raster
+
+    info = check_raster_file(raster)
+    bowtie = ("POLYGON((500002 4499998, 500020 4499980, 500020 4499998, 500002 4499980, "
+              "500002 4499998))")
+    aoi = {"polygon_wkt": bowtie}
+    assert validate_aoi(aoi, info) == aoi
+    assert read_raster(raster, aoi=aoi).valid.any()
+
+
+def test_a_wkt_polygon_with_no_area_is_said_to_have_none(raster):
+    """It was refused as "does not overlap the raster", which it does."""
+    info = check_raster_file(raster)
+    err = refused(lambda: validate_aoi(
+        {"polygon_wkt": "POLYGON((500002 4499998, 500010 4499990, 500020 4499980, "
+                        "500002 4499998))"}, info))
+    assert err.code == "bad_aoi" and "has no area" in err.message
