@@ -963,3 +963,19 @@ def test_a_named_pipe_is_refused_at_once_not_waited_on(tmp_path):
     assert not hung, "the read waited on the named pipe"
     assert isinstance(outcome[0], RasterOpenError) and "not a regular file" in str(outcome[0])
     assert outcome[0].code == "not_a_raster"
+
+
+@pytest.mark.parametrize("transform", [
+    Affine(10.0, 0.0, 500000.0, 0.0, 0.0, 5000000.0),     # a pixel height of zero
+    Affine(1.0, 2.0, 500000.0, 2.0, 4.0, 5000000.0),      # rows along the columns
+    Affine(float("nan"), 0.0, 500000.0, 0.0, -10.0, 5000000.0),
+])
+@pytest.mark.parametrize("aoi", [None, "POLYGON((500000 5000000, 500050 5000000, "
+                                       "500050 4999950, 500000 5000000))"])
+def test_a_geotransform_that_places_no_pixel_is_refused(tmp_path, transform, aoi):
+    """Without an AOI the read went through and put every answer on one line (or at NaN);
+    a polygon AOI raised TransformNotInvertibleError or a GEOSException."""
+    p = write_geotiff(tmp_path / "gt.tif", _u8(10, 10), transform=transform)
+    with pytest.raises(RasterOpenError, match="places no pixel on the map") as e:
+        read_raster(p, aoi=aoi)
+    assert e.value.code == "raster_unreadable"
