@@ -53,6 +53,32 @@ def check_polygon(geom, what: str = "The area of interest") -> None:
         raise AOIError(f"{what} has coordinates that are not finite numbers (NaN or infinity).")
 
 
+def polygonal_area(geom, what: str = "The area of interest"):
+    """The area `geom` (a polygon, multipolygon or collection) covers, as a valid shapely
+    geometry of polygons only: a self-intersecting ring (drawn by hand) is made valid first, and
+    the lines and points that making it valid (or a collection) leaves are dropped, since they
+    enclose no pixel. AOIError (bad_aoi) when a coordinate is not a finite number or no area is
+    left (its points lie on one line); `what` names it in the message."""
+    import shapely
+
+    if not np.isfinite(shapely.get_coordinates(geom)).all():
+        raise AOIError(f"{what} has coordinates that are not finite numbers (NaN or infinity).")
+    if not geom.is_valid:
+        geom = shapely.make_valid(geom)
+    parts, todo = [], [geom]
+    while todo:  # collections may nest (make_valid gives one of a polygon and a line)
+        g = todo.pop()
+        if g.geom_type in POLYGON_TYPES:
+            parts.append(g)
+        elif g.geom_type == "GeometryCollection":
+            todo.extend(shapely.get_parts(g))
+    area = parts[0] if len(parts) == 1 else shapely.union_all(parts) if parts else None
+    if area is None or area.is_empty or not area.area > 0:
+        raise AOIError(f"{what} has no area: its points lie on one line, or it folds onto "
+                       "itself. Draw an area that encloses part of the raster.")
+    return area
+
+
 def geojson_area(obj):
     """The area a GeoJSON object covers, as a shapely geometry: the one reader of the protocol's
     ``geojson`` AOI, used by the request checks (engine/request_checks.py) and by `read_raster`.
@@ -140,14 +166,19 @@ def pixel_window(aoi) -> tuple[float, float, float, float]:
     if isinstance(aoi, dict):
         aoi = aoi.get("window")
     try:
+        if isinstance(aoi, (str, bytes)):  # characters are no numbers: "1234" is not [1, 2, 3, 4]
+            raise TypeError(aoi)
         vals = [float(v) for v in aoi]
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise AOIError(
             "The area of interest must be a pixel window [col_off, row_off, width, height], a WKT "
             f"string, a shapely geometry or a GeoJSON dict; got {aoi!r}."
         ) from exc
     if len(vals) != 4:
         raise AOIError(f"A pixel window needs 4 numbers [col_off, row_off, width, height]; got {len(vals)}.")
+    if not all(math.isfinite(v) for v in vals):
+        raise AOIError(f"A pixel window needs 4 finite numbers [col_off, row_off, width, height]; "
+                       f"got {vals}.")
     if vals[2] <= 0 or vals[3] <= 0:
         raise AOIError(f"A pixel window needs a positive width and height; got {vals[2]} x {vals[3]}.")
     return vals[0], vals[1], vals[2], vals[3]

@@ -20,8 +20,12 @@ def choose_bands(src, bands) -> tuple[tuple[int, int, int], bool]:
             bands = [bands]
         try:
             req = [int(b) for b in bands]
-        except (TypeError, ValueError) as exc:
+            # (int() takes 1.5 for band 1: a number that is not whole names no band)
+            whole = all(r == b for r, b in zip(req, bands) if isinstance(b, (float, np.floating)))
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: infinity
             raise BandError(f"Bands must be 1-based band numbers, got {bands!r}.") from exc
+        if not whole:
+            raise BandError(f"Bands must be 1-based band numbers, got {bands!r}.")
         bad = [b for b in req if b < 1 or b > n]
         if bad:
             raise BandError(

@@ -11,7 +11,9 @@ the record's index (0-based position in the file), its id and a sentence saying 
 
 * ``malformed``      not an object, no/empty ``conversations``, a turn without ``from``/``value``,
                      roles that do not alternate user/assistant (an optional leading ``system``
-                     turn is allowed), no assistant turn at the end, several images;
+                     turn is allowed), no assistant turn at the end, several images, text
+                     that is not valid Unicode (a lone surrogate, ``"\\ud800"``), a JSON Lines
+                     line that is not JSON (nested too deeply, a number too long);
 * ``no_image_token`` the first user turn lacks ``<image>``, or ``<image>`` appears more than once;
 * ``missing_image``  no ``image`` field or the file does not exist;
 * ``unreadable_image`` neither GDAL (rasterio) nor Pillow can open it;
@@ -134,13 +136,15 @@ def load_records(path: str | Path) -> list[Any]:
     if stripped.startswith("["):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise DataError(f"The data file {p} is nested too deeply to be read as JSON.") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer of more than 4,300 digits
             raise DataError(f"The data file {p} is not valid JSON: {exc}.") from exc
         return list(data)
     if stripped.startswith("{") and p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # read as JSON Lines below, each line reported
             data = None
         if isinstance(data, dict):
             for key in ("data", "samples", "annotations"):
@@ -153,7 +157,9 @@ def load_records(path: str | Path) -> list[Any]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            records.append(_BrokenLine(lineno, "nested too deeply"))
+        except ValueError as exc:  # JSONDecodeError, or an integer of more than 4,300 digits
             records.append(_BrokenLine(lineno, str(exc)))
     return records
 
@@ -230,10 +236,18 @@ def validate_record(
     if not isinstance(record, dict):
         return BadSample(index, None, "malformed", f"is a {type(record).__name__}, not a JSON object")
     rid = record.get("id")
-    sid = None if rid is None else str(rid)
+    # (an id with a lone surrogate, "\\ud800" in the file, is shown escaped: no report or
+    # message could be written with it)
+    sid = None if rid is None else str(rid).encode("utf-8", "backslashreplace").decode("utf-8")
 
     def bad(reason: str, msg: str) -> BadSample:
         return BadSample(index, sid, reason, msg)
+
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # the tokenizer, the report and the console cannot take it
+        return bad("malformed", "has text that is not valid Unicode (a lone UTF-16 surrogate "
+                   "such as \\ud800); fix the text")
 
     conv = record.get("conversations")
     if not isinstance(conv, list) or not conv:
@@ -281,7 +295,7 @@ def validate_record(
         candidates = [Path(rel)]
     else:
         candidates = ([Path(image_root) / rel] if image_root else []) + [Path(data_dir) / rel]
-    path = next((c for c in candidates if c.is_file()), None)
+    path = next((c for c in candidates if _is_file(c)), None)
     if path is None:
         return bad("missing_image", "image not found: " + " or ".join(str(c) for c in candidates))
     try:
@@ -304,6 +318,15 @@ def validate_record(
         return bad("bad_bands", f"image {path}, {source}: {problem}")
     return Sample(index=index, id=sid if sid is not None else str(index), image=path, turns=turns,
                   image_size=(w, h), system=system, bands=chosen, bands_from_record=own_bands is not None)
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False where the name itself cannot be looked up (longer than the file
+    system takes: OSError ENAMETOOLONG) instead of an exception ending the whole check."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def bands_problem(value: Any) -> str | None:
@@ -361,7 +384,7 @@ def write_bad_report(bad: Iterable[BadSample], path: str | Path) -> None:
     """One JSON line a skipped sample: index, id, reason, message."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", encoding="utf-8") as f:
+    with p.open("w", encoding="utf-8", errors="backslashreplace") as f:  # never lose a line
         for b in bad:
             f.write(json.dumps(asdict(b), ensure_ascii=False) + "\n")
 

@@ -87,13 +87,18 @@ def _options_from(value: Any) -> list[str]:
             return []
         if s.startswith("["):
             try:
-                value = json.loads(s)
-            except json.JSONDecodeError:
+                value = _json(s)
+            except ValueError:
                 value = [p for p in s.splitlines() if p.strip()]
         else:
             value = [p for p in s.splitlines() if p.strip()]
     if isinstance(value, dict):
         value = [value[k] for k in sorted(value)]
+    if not isinstance(value, list):  # a number or true/false, or JSON text that is no list
+        raise EvalError(f"its options are {json.dumps(value)[:40]}, not a list of option texts")
+    if len(value) > len(LETTERS):
+        raise EvalError(f"it has {len(value)} options; at most {len(LETTERS)} (A to Z) can be named "
+                        "by a letter")
     return [_strip_option_prefix(str(v), k) for k, v in enumerate(value)]
 
 
@@ -300,37 +305,58 @@ def _named(rec: dict, i: int, field_map: dict[str, str] | None) -> str:
     return f"annotation {i}" + (f" (id {ident})" if ident is not None else "")
 
 
+def _json(text: str) -> Any:
+    """json.loads, with nesting too deep for the parser (RecursionError) a ValueError as its
+    other failures are (JSONDecodeError, an integer of more than 4,300 digits)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | None = None) -> list[EvalItem]:
     """Read an annotation file (JSON list, {"data": [...]}, or JSONL) into EvalItems."""
     p = Path(path)
     if not p.is_file():
         raise EvalError(f"The annotation file {p} does not exist.")
-    text = p.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is dropped
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is dropped
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvalError(f"The annotation file {p} cannot be read as UTF-8 text: {exc}.") from exc
     records: list[Any]
     try:
-        obj = json.loads(text)  # a JSON list, or an object holding one
-    except json.JSONDecodeError as whole:
+        obj = _json(text)  # a JSON list, or an object holding one
+    except ValueError as whole:
         obj = []  # JSON Lines
         for n, line in enumerate(json_lines(text), 1):
             if not line.strip():
                 continue
             try:
-                obj.append(json.loads(line))
-            except json.JSONDecodeError as exc:
+                obj.append(_json(line))
+            except ValueError as exc:
                 # each line is parsed alone, so json's own "line 1" is the file's line n; where not
                 # even the first record parses, the file was more likely meant as one JSON text
-                where = (f"line {n} column {exc.colno}: {exc.msg}" if obj else str(whole))
+                detail = (f"column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError)
+                          else str(exc))
+                where = (f"line {n} {detail}" if obj else str(whole))
                 raise EvalError(f"The annotation file {p} is neither JSON nor JSON Lines ({where}).") from exc
     if isinstance(obj, dict):
         records = next((obj[k] for k in ("data", "questions", "annotations") if isinstance(obj.get(k), list)), [obj])
-    else:
+    elif isinstance(obj, list):
         records = list(obj)
+    else:  # a lone number, string or null: an annotation that is not an object, said below
+        records = [obj]
     if fmt not in FORMATS:
         raise EvalError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     items = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise EvalError(f"annotation {i} in {p} is not a JSON object")
+        try:  # predictions.jsonl, results.json and the console take UTF-8 only
+            json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise EvalError(f"annotation {i} in {p} has text that is not valid Unicode (a lone UTF-16 "
+                            "surrogate such as \\ud800); fix the text") from None
         # --field maps fields on top of an explicit format (which keeps its instruction and, for
         # xlrs, its multi-label subtask); with --format auto it means the generic layout
         f = "generic" if fmt == "auto" and field_map else detect_format(rec) if fmt == "auto" else fmt

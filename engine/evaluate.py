@@ -40,13 +40,13 @@ def _read_done(pred_path: Path) -> dict[str, dict]:
     done: dict[str, dict] = {}
     if not pred_path.is_file():
         return done
-    for line in json_lines(pred_path.read_text(encoding="utf-8")):
+    for line in json_lines(pred_path.read_text(encoding="utf-8", errors="replace")):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut by an interruption: the item is redone
+            continue  # a line cut by an interruption (in a UTF-8 sequence too): the item is redone
         if isinstance(rec, dict) and "id" in rec:
             done[str(rec["id"])] = rec
     return done
@@ -118,7 +118,7 @@ def _one_line_per_item(pred_path: Path, rescored: dict[str, dict] | None = None)
     interrupted run loses nothing; this rewrite goes through a temporary file replaced in one step."""
     if not pred_path.is_file():
         return
-    lines = [x for x in json_lines(pred_path.read_text(encoding="utf-8")) if x.strip()]
+    lines = [x for x in json_lines(pred_path.read_text(encoding="utf-8", errors="replace")) if x.strip()]
     done = _read_done(pred_path)
     rescored = {k: v for k, v in (rescored or {}).items() if k in done and "error" not in done[k]
                 and "skipped" not in done[k]}

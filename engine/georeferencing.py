@@ -33,6 +33,7 @@ def georeferencing(src) -> tuple[Affine, str | None, bool]:
     identity (map coordinates are source pixel coordinates).
     """
     if not src.transform.almost_equals(Affine.identity()):
+        _check_geotransform(src.transform, src.name)
         return src.transform, (src.crs.to_wkt() if src.crs is not None else None), True
     gcps, gcp_crs = src.gcps
     if gcps:
@@ -50,6 +51,31 @@ def georeferencing(src) -> tuple[Affine, str | None, bool]:
     if src.crs is not None:  # a CRS without a transform: coordinates are pixels, as before
         return Affine.identity(), src.crs.to_wkt(), True
     return Affine.identity(), None, False
+
+
+def _check_geotransform(transform: Affine, name: str) -> None:
+    """RasterOpenError (raster_unreadable) when the file's geotransform places no pixel on the
+    map: a coefficient that is not a number (a damaged header), or a pixel of no area (a pixel
+    size of zero, or a rotation that folds the rows onto the columns), which no inverse undoes
+    (an area of interest in map coordinates) and which would put every answer on one line."""
+    from .raster_errors import RasterOpenError
+
+    coefficients = tuple(transform)[:6]
+    if all(math.isfinite(v) for v in coefficients):
+        det = transform.determinant
+        if math.isfinite(det) and det != 0:
+            return
+        why = ("its pixels have no area: a pixel size of zero, or rows that run along the columns"
+               if det == 0 else "its pixels are too large to compute with")
+    else:
+        why = "some of its coefficients are not numbers"
+    raise RasterOpenError(
+        f"'{name}' has a geotransform that places no pixel on the map ({why}: "
+        f"{', '.join(f'{v:g}' for v in coefficients)}). Fix its georeferencing (e.g. "
+        f"gdal_edit.py -a_ullr <ulx> <uly> <lrx> <lry> '{name}'), or remove it "
+        f"(gdal_edit.py -unsetgt '{name}') to read it in pixel coordinates, and try again.",
+        code="raster_unreadable",
+    )
 
 
 def _affine_from_gcps(gcps, name: str) -> Affine:

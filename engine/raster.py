@@ -14,8 +14,10 @@ below, in turn) and `read_size_for`; each step's own module is named at its step
   raster; wholly outside -> `AOIError`); or a polygon (WKT string, shapely geometry, or GeoJSON
   Polygon/MultiPolygon geometry, Feature or FeatureCollection dict, read by `geojson_area`, which
   the server's request checks share) in the raster's CRS, read over its bounding window with the
-  pixels outside the polygon marked invalid. On a raster without georeferencing the polygon's
-  coordinates are taken as source *pixel* coordinates (col, row).
+  pixels outside the polygon marked invalid (a self-intersecting ring made valid, only its
+  polygons kept; one that encloses no area, its points on one line, -> `AOIError`). On a
+  raster without georeferencing the polygon's coordinates are taken as source *pixel*
+  coordinates (col, row).
 * **Decimation**: when the window holds more than `max_pixels` pixels it is read at a reduced size
   (`read_size_for`) with GDAL's resampled read (engine/raster_read.py: average; nearest for palette
   rasters), which uses the file's overviews when present, so a 27,000 px raster is not loaded at
@@ -65,7 +67,8 @@ below, in turn) and `read_size_for`; each step's own module is named at its step
   a file placed only by ground control points, the affine transform fitted to them (with their
   CRS) when it misses no GCP by more than half a pixel and GDAL's GCP transformer (QGIS's warp of
   the file) keeps within half a pixel of it over the whole image, else `NeedsWarpError` (warp it
-  first), as for RPCs alone.
+  first), as for RPCs alone. A geotransform that places no pixel on the map (NaN in it, or a
+  pixel of no area) raises `RasterOpenError` (code raster_unreadable).
 * **No georeferencing**: ``crs_wkt=None`` and ``source_transform`` is the identity (map
   coordinates are source pixel coordinates).
 """
@@ -80,7 +83,7 @@ from dataclasses import dataclass
 import numpy as np
 from affine import Affine
 
-from .area_of_interest import aoi_geometry, clip_window, pixel_window
+from .area_of_interest import aoi_geometry, clip_window, pixel_window, polygonal_area
 from .band_choice import choose_bands
 from .georeferencing import georeferencing
 from .raster_open import gdal_detail, open_raster
@@ -178,10 +181,9 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> 
                     raise AOIError("The area of interest polygon is empty.")
                 if poly.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
                     raise AOIError(f"The area of interest must be a polygon, got a {poly.geom_type}.")
-                if not poly.is_valid:  # e.g. a self-intersecting ring drawn by hand
-                    import shapely
-
-                    poly = shapely.make_valid(poly)
+                # a self-intersecting ring drawn by hand made valid; what encloses no pixel
+                # (a ring whose points lie on one line, a collection's lines) refused or dropped
+                poly = polygonal_area(poly)
                 from shapely import affinity
 
                 inv = ~transform

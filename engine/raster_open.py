@@ -7,6 +7,7 @@ error; `gdal_detail` finds what GDAL itself said about a failure for such messag
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 
 from .raster_errors import RasterOpenError
@@ -23,6 +24,11 @@ def open_raster(path: str):
             raise RasterOpenError(f"Raster file not found: '{p}'. Check the path and try again.")
         if os.path.isdir(p):
             raise RasterOpenError(f"'{p}' is a folder, not a raster file. Choose the raster file itself.")
+        if not stat.S_ISREG(os.stat(p).st_mode):  # GDAL would wait forever on a named pipe
+            raise RasterOpenError(
+                f"'{p}' is not a regular file (a named pipe, device or socket), so it cannot be "
+                "read as a raster. Choose the raster file itself."
+            )
         if not os.access(p, os.R_OK):
             raise RasterOpenError(
                 f"Raster file '{p}' cannot be read (permission denied). Check its permissions.",

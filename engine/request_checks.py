@@ -103,11 +103,10 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
                            f"{info.width} x {info.height} pixels.",
                            "Pick an area inside the layer's extent.")
         return aoi
-    import shapely
     from shapely import wkt as shapely_wkt
     from shapely.geometry import box
 
-    from engine.area_of_interest import check_polygon, geojson_area
+    from engine.area_of_interest import check_polygon, geojson_area, polygonal_area
     from engine.raster_errors import AOIError
 
     try:
@@ -120,10 +119,11 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
                 raise JobError("bad_aoi", "The area of interest is not a valid geometry: "
                                f"{exc}") from None
             check_polygon(geom)
+        # as the reader does: a self-intersecting ring made valid (GEOS cannot intersect it
+        # with the extent below), one that encloses nothing refused
+        geom = polygonal_area(geom)
     except AOIError as exc:
         raise JobError("bad_aoi", str(exc)) from None
-    if not geom.is_valid:  # a self-intersecting ring drawn by hand: GEOS cannot intersect it
-        geom = shapely.make_valid(geom)  # (a TopologyException, a 500); the reader does the same
     left, bottom, right, top = info.bounds
     # an area that only touches the raster's edge or corner holds no pixel: the reader refuses it
     # (after the question was queued and the model loaded), so it is refused here too

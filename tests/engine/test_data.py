@@ -259,3 +259,42 @@ def test_blank_lines_of_a_json_lines_file_are_no_samples(tmp_path):
     p.write_text(json.dumps(_row(0)) + "\n   \n\t\n" + json.dumps(_row(1)) + "\n\n")
     samples, report = load_dataset(p, on_bad="stop")
     assert [s.id for s in samples] == ["0", "1"] and report.total == 2
+
+
+# --- found by property-based testing of the data reader ------------------------------------------
+
+def test_lines_that_json_cannot_take_are_reported_with_their_index(tmp_path):
+    """A line nested too deeply (RecursionError), an integer of more than 4,300 digits
+    (ValueError, not JSONDecodeError), a lone surrogate in an id or a path ("\\ud800", which
+    the report could not write: UnicodeEncodeError) and an image name longer than the file
+    system takes (OSError from is_file) each ended the whole load with a traceback."""
+    _img(tmp_path / "ok.png")
+    lines = [json.dumps(_row(0)),
+             "[" * 50_000 + "]" * 50_000,
+             "1" * 5000,
+             json.dumps({**_row(3), "id": "\ud800"}),
+             json.dumps(_row(4, image="\udcff.png")),
+             json.dumps(_row(5, image="x" * 300 + ".png")),
+             json.dumps(_row(6))]
+    p = tmp_path / "odd.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report_path = tmp_path / "skipped.jsonl"
+    samples, report = load_dataset(p, on_bad="skip", report_path=report_path)
+    assert [s.index for s in samples] == [0, 6]
+    assert {b.index: b.reason for b in report.bad} == {
+        1: "malformed", 2: "malformed", 3: "malformed", 4: "malformed", 5: "missing_image"}
+    assert "nested too deeply" in report.bad[0].message
+    assert "lone UTF-16 surrogate" in report.bad[2].message and report.bad[2].id == "\\ud800"
+    written = [json.loads(x) for x in report_path.read_text(encoding="utf-8").splitlines()]
+    assert [x["index"] for x in written] == [1, 2, 3, 4, 5]
+    with pytest.raises(DataError, match=r"sample 1: line 2 is not valid JSON \(nested too deeply\)"):
+        load_dataset(p, on_bad="stop")
+
+
+@pytest.mark.parametrize("text, message", [("[" * 50_000 + "]" * 50_000, "nested too deeply"),
+                                           ("[" + "1" * 5000 + "]", "not valid JSON")])
+def test_a_json_list_file_json_cannot_take_is_a_data_error(tmp_path, text, message):
+    p = tmp_path / "odd.json"
+    p.write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_dataset(p)

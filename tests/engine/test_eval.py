@@ -1385,3 +1385,45 @@ def test_prompt_pieces_of_open_and_several_image_items():
     one = EvalItem("4", "a.tif", "Which changed?", ["x", "y"], "A", extra={"images": ["a.tif"]})
     assert skip_reason(two) == "needs 2 images; the engine answers about one" and skip_reason(one) is None
     assert selection_text(one) == "Which changed?\nx\ny"
+
+
+# --- found by property-based testing of the annotation readers ----------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("null\n", "annotation 0 .* is not a JSON object"),                      # TypeError: list(None)
+    ('[{"question": "q?", "options": false, "answer": "A"}]', "not a list of option texts"),
+    ('[{"question": "q?", "options": 5, "answer": "A"}]', "not a list of option texts"),
+    (json.dumps([{"question": "q?", "options": [str(k) for k in range(27)], "answer": "A"}]),
+     "27 options"),                                                          # IndexError at the 27th
+    ("[" * 50_000 + "]" * 50_000, "nested too deeply"),                      # RecursionError
+    ('{"question": "q?", "answer": 1' + "0" * 5000 + "}\n", "neither JSON nor JSON Lines"),
+    ('{"question": "q?", "answer": "yes", "id": "\\ud800"}\n', "not valid Unicode"),  # a write error later
+])
+def test_annotations_json_or_the_options_reader_could_not_take_are_eval_errors(tmp_path, text, message):
+    """Each raised TypeError, IndexError, RecursionError or ValueError instead of an EvalError
+    naming the annotation (the lone surrogate only once its prediction line was written)."""
+    p = tmp_path / "ann.jsonl"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(EvalError, match=message):
+        load_items(p)
+
+
+def test_an_annotation_file_that_is_not_utf8_is_an_eval_error(tmp_path):
+    p = tmp_path / "latin1.json"
+    p.write_bytes('[{"question": "où?", "answer": "oui"}]'.encode("latin-1"))
+    with pytest.raises(EvalError, match="cannot be read as UTF-8"):
+        load_items(p)
+
+
+def test_a_line_cut_inside_a_utf8_character_is_redone_on_resume(tmp_path):
+    """An interruption can cut predictions.jsonl's last line inside a multi-byte character: the
+    resumed run raised UnicodeDecodeError instead of asking that item again."""
+    ann = _write(tmp_path / "mme.json", MME)
+    calls = []
+    out = tmp_path / "run"
+    evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out, limit=2)
+    with (out / "predictions.jsonl").open("ab") as f:
+        f.write('{"id": "rs/count/0003", "reply": "é'.encode("utf-8")[:-1])  # half of "é"
+    r = evaluate(load_items(ann), _predictor(MME_REPLIES, calls), out)
+    assert calls[2:] == ["rs/count/0003", "rs/position/0004"] and r["total"] == 4
+    assert len((out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 4

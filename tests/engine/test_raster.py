@@ -884,3 +884,98 @@ def test_complex_band_shows_the_amplitude(tmp_path):
     lo, hi = np.percentile(amp.astype(np.float64), (2.0, 98.0))  # the documented stretch
     assert got.stretch[0] == pytest.approx((lo, hi), rel=1e-5)
 
+
+
+# --- found by property-based testing of the reader's inputs -------------------------------------
+
+@pytest.mark.parametrize("window", [[float("nan"), 0, 5, 5], [0, 0, float("inf"), 5],
+                                    [0, 0, 5, float("nan")], [0, 0, 10 ** 400, 5],
+                                    {"window": "1234"}])
+def test_a_pixel_window_without_four_finite_numbers_is_an_aoi_error(tmp_path, window):
+    """NaN and infinity reached math.floor (ValueError, OverflowError: no RasterError, so a
+    traceback), and a string window was read as its digits, [1, 2, 3, 4]."""
+    p = write_geotiff(tmp_path / "w.tif", _u8(20, 20))
+    with pytest.raises(AOIError) as e:
+        read_raster(p, aoi=window)
+    assert e.value.code == "bad_aoi"
+
+
+@pytest.mark.parametrize("aoi", [
+    "POLYGON((1 1, 5 5, 9 9, 1 1))",                     # its points on one line
+    "POLYGON((2 2, 12 2, 2 2, 2 2))",                    # folded onto itself
+    "GEOMETRYCOLLECTION(LINESTRING(1 1, 20 20))",        # a collection of a line only
+])
+def test_a_polygon_aoi_with_no_area_is_refused_not_read_as_a_line(tmp_path, aoi):
+    """Made valid, a ring whose points lie on one line is a line, which was rasterised as the
+    area of interest: a diagonal of pixels went to the model as the area the user drew."""
+    p = write_geotiff(tmp_path / "line.tif", _u8(30, 30), crs=None)
+    with pytest.raises(AOIError, match="has no area") as e:
+        read_raster(p, aoi=aoi)
+    assert e.value.code == "bad_aoi"
+
+
+def test_only_the_polygons_of_a_collection_aoi_mark_pixels_valid(tmp_path):
+    p = write_geotiff(tmp_path / "gc.tif", _u8(30, 30), crs=None)
+    im = read_raster(p, aoi="GEOMETRYCOLLECTION(POLYGON((0 0, 10 0, 10 10, 0 10, 0 0)), "
+                            "LINESTRING(0 0, 25 25))")
+    # the line's pixels were read and marked valid too, in a window spanning the line
+    assert im.window == (0, 0, 10, 10) and im.valid.all()
+
+
+def test_a_polygon_aoi_with_an_infinite_coordinate_is_an_aoi_error(tmp_path):
+    """GEOS raised IllegalArgumentException (a GEOSException, no RasterError)."""
+    p = write_geotiff(tmp_path / "inf.tif", _u8(20, 20), crs=None)
+    with pytest.raises(AOIError, match="not finite"):
+        read_raster(p, aoi="POLYGON((0 0, inf 0, 10 10, 0 10, 0 0))")
+
+
+@pytest.mark.parametrize("bands", [[float("inf")], [1.5], [1, 2.5, 3]])
+def test_band_numbers_that_are_not_whole_are_a_band_error(tmp_path, bands):
+    """[inf] raised OverflowError; 1.5 was read as band 1 without a word."""
+    p = write_geotiff(tmp_path / "b.tif", _u8(3, 10, 10))
+    with pytest.raises(BandError, match="band numbers"):
+        read_raster(p, bands=bands)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_is_refused_at_once_not_waited_on(tmp_path):
+    """GDAL opened a named pipe and waited for a writer: the read (and the engine's queue
+    behind it) hung for ever."""
+    import threading
+
+    fifo = tmp_path / "pipe.tif"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            read_raster(str(fifo))
+        except Exception as exc:  # noqa: BLE001 - the outcome is checked below
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    hung = reader.is_alive()
+    if hung:  # let the blocked open go: a writer that closes at once gives GDAL an empty file
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+    assert not hung, "the read waited on the named pipe"
+    assert isinstance(outcome[0], RasterOpenError) and "not a regular file" in str(outcome[0])
+    assert outcome[0].code == "not_a_raster"
+
+
+@pytest.mark.parametrize("transform", [
+    Affine(10.0, 0.0, 500000.0, 0.0, 0.0, 5000000.0),     # a pixel height of zero
+    Affine(1.0, 2.0, 500000.0, 2.0, 4.0, 5000000.0),      # rows along the columns
+    Affine(float("nan"), 0.0, 500000.0, 0.0, -10.0, 5000000.0),
+])
+@pytest.mark.parametrize("aoi", [None, "POLYGON((500000 5000000, 500050 5000000, "
+                                       "500050 4999950, 500000 5000000))"])
+def test_a_geotransform_that_places_no_pixel_is_refused(tmp_path, transform, aoi):
+    """Without an AOI the read went through and put every answer on one line (or at NaN);
+    a polygon AOI raised TransformNotInvertibleError or a GEOSException."""
+    p = write_geotiff(tmp_path / "gt.tif", _u8(10, 10), transform=transform)
+    with pytest.raises(RasterOpenError, match="places no pixel on the map") as e:
+        read_raster(p, aoi=aoi)
+    assert e.value.code == "raster_unreadable"

@@ -369,3 +369,12 @@ def test_a_geojson_coordinate_must_be_a_json_number(raster, odd, shown):
                                f"number: {shown}.")
         with pytest.raises(AOIError, match="not a number"):
             read_raster(raster, aoi={"geojson": geojson})
+
+
+def test_a_wkt_polygon_with_no_area_is_said_to_have_none(raster):
+    """It was refused as "does not overlap the raster", which it does."""
+    info = check_raster_file(raster)
+    err = refused(lambda: validate_aoi(
+        {"polygon_wkt": "POLYGON((500002 4499998, 500010 4499990, 500020 4499980, "
+                        "500002 4499998))"}, info))
+    assert err.code == "bad_aoi" and "has no area" in err.message
