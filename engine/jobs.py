@@ -42,6 +42,7 @@ from typing import IO, Any, Callable
 
 from engine import protocol
 from engine.errors import free_gpu_memory
+from engine.job_folder import read_results, read_spec, read_state, skipped_note
 from engine.pipeline import output_retention_days, prune_outputs
 
 log = logging.getLogger("engine.jobs")
@@ -209,6 +210,9 @@ class BatchJob:
         self.errors = 0
         # failed on the engine's disk (full, an I/O error), not on the job: resumed at the next start
         self.resumable = False
+        # what a resume could not read of results.jsonl (job_folder.skipped_note), kept in the
+        # job's message to its end
+        self.note: str | None = None
         self.lock = threading.Lock()
         self._state_lock = threading.Lock()  # the worker and a DELETE both write state.json
 
@@ -264,30 +268,9 @@ class BatchJob:
             self.errors += 1
 
     def load_results(self) -> list[dict]:
-        """Read results.jsonl; a half-written last line (killed mid-write) is cut off."""
-        return read_results(self.results_path)
-
-
-def read_results(path: Path) -> list[dict]:
-    """The lines of a job's results.jsonl; a half-written last line (killed mid-write) is cut off
-    the file. No file: none."""
-    results: list[dict] = []
-    if not path.exists():
-        return results
-    good_bytes = 0
-    with open(path, "rb") as fh:
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                results.append(json.loads(raw))
-            except ValueError:
-                break
-            good_bytes += len(raw)
-    if good_bytes != path.stat().st_size:
-        with open(path, "r+b") as fh:
-            fh.truncate(good_bytes)
-    return results
+        """Read results.jsonl; a half-written last line (killed mid-write) is cut off, a line
+        that is not one of this job's answers skipped (`engine.job_folder.read_results`)."""
+        return read_results(self.results_path, total=self.total)
 
 
 def finished_info_from_disk(directory: Path) -> dict | None:
@@ -523,10 +506,11 @@ class JobQueue:
         if isinstance(job, BatchJob):
             with job.lock:
                 return job.load_results()
-        if job is not None or self.info(job_id) is None:
+        info = None if job is not None else self.info(job_id)
+        if info is None:
             return None
-        try:
-            return read_results(self.jobs_dir / job_id / "results.jsonl")
+        try:  # total 0: a job whose folder the start could not read, its answers' count unknown
+            return read_results(self.jobs_dir / job_id / "results.jsonl", total=info["total"] or None)
         except OSError:  # removed meanwhile (DELETE, retention)
             return None
 
@@ -574,8 +558,13 @@ class JobQueue:
         """Called with the lock held: a batch job has finished; keep only its summary, and only
         the `keep_finished` most recent summaries."""
         self._jobs.pop(job.job_id, None)
-        self._finished[job.job_id] = job.info()
-        self._finished.move_to_end(job.job_id)
+        self._keep_summary(job.job_id, job.info())
+
+    def _keep_summary(self, job_id: str, info: dict) -> None:
+        """Called with the lock held (or before the worker starts): hold a finished job's
+        summary, and only the `keep_finished` most recent ones."""
+        self._finished[job_id] = info
+        self._finished.move_to_end(job_id)
         while len(self._finished) > max(0, self.keep_finished):
             self._finished.popitem(last=False)
 
@@ -729,7 +718,8 @@ class JobQueue:
             return True
         if index is None:
             job.state = "failed" if job.errors == job.total and job.total else "done"
-            job.message = f"{len(job.done_indexes)} answers, {job.errors} errors."
+            job.message = f"{len(job.done_indexes)} answers, {job.errors} errors." + (
+                f" {job.note}" if job.note else "")
             job.save_state()
             return True
         job.save_state()
@@ -787,24 +777,30 @@ class JobQueue:
 
     def _resume_batches(self) -> None:
         """Load and queue the unfinished batch jobs of the state dir; finished ones stay on disk
-        (read when asked for), and those older than the retention are removed."""
+        (read when asked for), and those older than the retention are removed. A folder that
+        cannot be read (engine/job_folder.py) never stops the start: its job is held as failed,
+        with a message saying why, and its folder is kept as it is."""
         for directory in sorted(self.jobs_dir.iterdir()) if self.jobs_dir.exists() else []:
             if not JOB_ID_RE.match(directory.name):
                 continue
             try:
-                state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+                state = read_state(directory)
                 if is_finished(state):
                     self._expire(directory, state)
                     continue
-                spec = json.loads((directory / "spec.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                log.warning("skipping unreadable job directory %s", directory)
+                job = BatchJob(directory.name, read_spec(directory), directory)
+                skipped: list[str] = []
+                lines = read_results(job.results_path, skipped, total=job.total)
+            except (OSError, ValueError) as exc:
+                self._hold_unreadable(directory, exc)
                 continue
-            job = BatchJob(directory.name, spec, directory)
-            for line in job.load_results():
-                job.done_indexes.add(int(line["index"]))
+            for line in lines:
+                job.done_indexes.add(line["index"])
                 if line.get("error"):
                     job.errors += 1
+            if skipped:
+                job.note = skipped_note(skipped)
+                log.warning("batch job %s: %s", job.job_id, job.note)
             job.state = state.get("state", "queued")
             job.message = state.get("message")
             self._jobs[job.job_id] = job
@@ -816,12 +812,32 @@ class JobQueue:
             elif unfinished:
                 job.state = "queued"
                 job.message = (f"Resumed after a restart at {len(job.done_indexes)} of "
-                               f"{job.total} answers.")
+                               f"{job.total} answers." + (f" {job.note}" if job.note else ""))
                 job.save_state()
                 self._waiting.append(job)
                 log.info("resuming batch job %s (%d/%d done)", job.job_id,
                          len(job.done_indexes), job.total)
         self._update_positions()
+
+    def _hold_unreadable(self, directory: Path, exc: Exception) -> None:
+        """A job folder the start cannot read: said in the log and in the job's info (failed,
+        as `GET /jobs/{id}` answers it until it leaves the finished summaries); the folder stays
+        as it is (the retention passes over it too), for its owner to mend or remove."""
+        if isinstance(exc, OSError):
+            where = Path(exc.filename).name if exc.filename else "a file of its folder"
+            reason = f"{where} cannot be read ({exc.strerror or exc})"
+        else:
+            reason = str(exc)
+        log.warning("batch job %s cannot be resumed: %s (its folder %s is kept)", directory.name,
+                    reason, directory)
+        info = {
+            "job_id": directory.name, "state": "failed", "position": None, "done": 0,
+            "total": 0, "errors": 0, "results_path": str(directory / "results.jsonl"),
+            "message": (f"The job could not be resumed after a restart: {reason}. Its folder "
+                        f"{directory} is kept as it is; submit the batch again, or remove the "
+                        f"job with DELETE /jobs/{directory.name}?remove=true."),
+            "kind": "batch"}
+        self._keep_summary(directory.name, info)
 
     def _expire(self, directory: Path, state: dict) -> bool:
         """Remove the folder of a finished job older than the retention; True when removed."""
@@ -855,8 +871,8 @@ class JobQueue:
                 if directory.name in self._jobs:  # waiting or running
                     continue
             try:
-                state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                state = read_state(directory)
+            except (OSError, ValueError):  # an unreadable job is never removed by age
                 continue
             if is_finished(state) and self._expire(directory, state):
                 with self._cond:

@@ -205,11 +205,18 @@ ANCHOR_PROPERTIES = {
 # POST /batch, GET/DELETE /jobs/{id}
 BATCH_FIELDS = {
     "items": "list[{'layer': str (display name), 'raster_path': str, 'aoi': AOI | null, "
-    "'bands': list[int] | null (as ASK_FIELDS)}]",
+    "'bands': list[int] | null (as ASK_FIELDS)}]: BATCH_ITEM_FIELDS",
     "questions": "list[str]",
     "strategy": "str", "budget": "int | null", "tokens_per_tile": "int | null",
     "max_new_tokens": "int", "faithful_empty_slots": "bool",
     "seed": "int: for strategies with randomness (default 0)",
+}
+# the fields of one of BATCH_FIELDS' items; a body or item with any other field is refused
+BATCH_ITEM_FIELDS = {
+    "layer": "str | null: display name (default: the raster file's name without its suffix)",
+    "raster_path": "str: local path readable by the engine (same host)",
+    "aoi": "AOI | null: as ASK_FIELDS",
+    "bands": "list[int] | null: as ASK_FIELDS",
 }
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_FIELDS = {

@@ -170,17 +170,22 @@ def validate_common(body: dict, known: tuple[str, ...]) -> dict:
     }
 
 
+def _refuse_unknown_fields(body: dict, allowed: Any, said: str, hint: str) -> None:
+    """JobError("bad_request", "<said>: 'a', 'b'.") when `body` has keys not in `allowed`."""
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        named = ", ".join(repr(name[:40]) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise JobError("bad_request", f"{said}: {named}.", f"{hint} {', '.join(allowed)}.")
+
+
 def validate_ask(body: Any, known: tuple[str, ...], raster_path: str | None = None) -> dict:
     """Turn an ASK_FIELDS body into checked fields, or raise JobError (4xx)."""
     if not isinstance(body, dict):
         raise JobError("bad_request", "The request body must be a JSON object.")
     # a misspelt field ("budjet") would be dropped without a word, and the engine's own fields
     # (AskRequest.raster_identity, selection_text) are not the client's to set
-    unknown = sorted(set(body) - set(protocol.ASK_FIELDS))
-    if unknown:
-        named = ", ".join(repr(name[:40]) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        raise JobError("bad_request", f"Unknown request fields: {named}.",
-                       f"Leave them out; a question takes only {', '.join(protocol.ASK_FIELDS)}.")
+    _refuse_unknown_fields(body, protocol.ASK_FIELDS, "Unknown request fields",
+                           "Leave them out; a question takes only")
     question = validate_question(body.get("question"))
     fields = validate_common(body, known)
     path = raster_path if raster_path is not None else body.get("raster_path")
@@ -202,6 +207,9 @@ def validate_batch(body: Any, known: tuple[str, ...]) -> dict:
     """Turn a BATCH_FIELDS body into a checked job spec, or raise JobError (4xx)."""
     if not isinstance(body, dict):
         raise JobError("bad_request", "The request body must be a JSON object.")
+    # as in validate_ask: a misspelt field ("budjet", "question") would be dropped without a word
+    _refuse_unknown_fields(body, protocol.BATCH_FIELDS, "Unknown request fields",
+                           "Leave them out; a batch takes only")
     items, questions = body.get("items"), body.get("questions")
     if not isinstance(items, list) or not items:
         raise JobError("bad_request", "'items' must be a non-empty list of layers.")
@@ -217,6 +225,8 @@ def validate_batch(body: Any, known: tuple[str, ...]) -> dict:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise JobError("bad_request", f"Item {i + 1} must be an object with 'raster_path'.")
+        _refuse_unknown_fields(item, protocol.BATCH_ITEM_FIELDS, f"Unknown fields in item {i + 1}",
+                               "Leave them out; an item takes only")
         layer = item.get("layer")
         layer = layer if isinstance(layer, str) and layer.strip() else None
         named = f"Layer {layer}" if layer else f"Item {i + 1}"  # how its errors name it

@@ -18,6 +18,7 @@ cut of its raster (the QGIS plugin), they are relative to the cut.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -177,12 +178,28 @@ class Upload:
     sha256: str = ""  # of the raster's bytes: the same raster uploaded again is the same raster
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        remove_upload_folder(self.temp_dir)
+
+    async def cleanup_off_loop(self) -> None:
+        """`cleanup` from the event loop (`remove_upload_folder_off_loop`)."""
+        await remove_upload_folder_off_loop(self.temp_dir)
 
     def public(self, err: JobError) -> JobError:
         """`err` as the client is told it: naming "the uploaded raster", not the temporary file
         (`name_upload`)."""
         return _named_upload(err, self.raster_path, self.temp_dir)
+
+
+def remove_upload_folder(temp_dir: Path) -> None:
+    """Remove an upload's temporary folder and the raster in it (gone already: nothing to do)."""
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+async def remove_upload_folder_off_loop(temp_dir: Path) -> None:
+    """`remove_upload_folder` in a worker thread: deleting a raster of gigabytes can take a
+    while on some file systems, and the event loop serves every other stream meanwhile. Shielded:
+    a request cancelled while it runs still has its folder removed."""
+    await asyncio.shield(asyncio.to_thread(remove_upload_folder, temp_dir))
 
 
 async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_bytes: int,
@@ -288,16 +305,19 @@ async def receive_upload(content_type: str, body: AsyncIterator[bytes], *, max_b
             raster_fh.close()
         if not state["seen_raster"] or state["raster_bytes"] == 0:
             raise JobError("bad_request", "The upload has no 'raster' file part (or it is empty).")
-        request = parse_json(bytes(state["json"]), "The 'request' part") if state["json"] else None
+        # the parse (up to MAX_JSON_PART_BYTES of JSON) and GDAL's open and one-pixel read run in
+        # a worker thread: on the event loop they would stall every other stream and /health
+        request = (await asyncio.to_thread(parse_json, bytes(state["json"]), "The 'request' part")
+                   if state["json"] else None)
         if not isinstance(request, dict):
             raise JobError("bad_request", "The upload needs a 'request' part with a JSON object.")
         try:
-            check_raster_file(raster_path, geotiff_only=True)
+            await asyncio.to_thread(check_raster_file, raster_path, geotiff_only=True)
         except JobError as exc:
             raise _named_upload(exc, raster_path, temp_dir) from None
         return Upload(request, raster_path, temp_dir, digest.hexdigest())
     except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        await remove_upload_folder_off_loop(temp_dir)
         raise
 
 

@@ -159,7 +159,8 @@ def test_a_repeated_cancel_keeps_a_cancelled_batch_and_a_removal_removes_it(tmp_
 
 def test_a_job_folder_the_start_could_not_resume_does_not_read_as_waiting(tmp_path):
     """A folder whose spec.json is unreadable is skipped at the start (no worker runs it), but
-    GET /jobs/{id} read its stale state.json and answered "queued" for good."""
+    GET /jobs/{id} read its stale state.json and answered "queued" for good. It answers the job
+    as failed, saying why (tests/engine/test_job_folder_damage.py), its folder kept."""
     jobs_dir = tmp_path / "state" / "jobs"
     folder = jobs_dir / "0123456789abcdef"
     folder.mkdir(parents=True)
@@ -168,7 +169,9 @@ def test_a_job_folder_the_start_could_not_resume_does_not_read_as_waiting(tmp_pa
                                        encoding="utf-8")
     jobs = started(tmp_path / "state")
     try:
-        assert jobs.info("0123456789abcdef") is None
+        info = jobs.info("0123456789abcdef")
+        assert info["state"] == "failed" and "spec.json is not valid JSON" in info["message"]
+        assert (folder / "spec.json").read_text(encoding="utf-8") == "{not json"
     finally:
         jobs.stop()
 

@@ -35,6 +35,7 @@ def test_shared_model_settings_are_ask_and_batch_fields():
 @pytest.mark.parametrize("name, fields", [
     ("ASK_FIELDS", protocol.ASK_FIELDS),
     ("BATCH_FIELDS", protocol.BATCH_FIELDS),
+    ("BATCH_ITEM_FIELDS", protocol.BATCH_ITEM_FIELDS),
     ("result event", protocol.EVENT_TYPES["result"]),
     ("batch result", protocol.BATCH_RESULT_FIELDS),
 ])

@@ -351,6 +351,33 @@ def test_fields_the_protocol_does_not_define_are_refused(raster, extra):
                         protocol.STRATEGIES)["question"] == "Any roads?"
 
 
+@pytest.mark.parametrize("extra, where", [
+    ({"budjet": 64}, "top"), ({"question": "Any roads?"}, "top"), ({"request_id": "q-1"}, "top"),
+    ({"budget": 64}, "item"), ({"question": "Any water?"}, "item"), ({"layer_id": "abc"}, "item"),
+])
+def test_batch_fields_the_protocol_does_not_define_are_refused(raster, extra, where):
+    """As /ask: /batch dropped a field it does not define without a word, at the top level (a
+    misspelt 'budjet' ran the job without a budget) and in each item (a per-item 'budget' or
+    'question' was ignored); the refusal names the field, and the item by its number."""
+    items = [{"layer": "one", "raster_path": str(raster)}, {"layer": "two", "raster_path": str(raster)}]
+    body = {"items": items, "questions": ["Any roads?"]}
+    if where == "top":
+        body.update(extra)
+        expected = f"Unknown request fields: {next(iter(extra))!r}."
+    else:
+        items[1].update(extra)
+        expected = f"Unknown fields in item 2: {next(iter(extra))!r}."
+    err = refused(lambda: validate_batch(body, protocol.STRATEGIES))
+    assert err.code == "bad_request"
+    assert err.message == expected
+    assert ("max_new_tokens" if where == "top" else "raster_path") in err.hint
+    # every field the protocol lists passes, at both levels
+    item = {name: None for name in protocol.BATCH_ITEM_FIELDS}
+    every = {**{name: None for name in protocol.BATCH_FIELDS},
+             "items": [{**item, "raster_path": str(raster)}], "questions": ["Any roads?"]}
+    assert validate_batch(every, protocol.STRATEGIES)["items"][0]["layer"] == raster.stem
+
+
 @pytest.mark.parametrize("odd, shown", [(True, "true"), ("500010", '"500010"'), (None, "null")])
 def test_a_geojson_coordinate_must_be_a_json_number(raster, odd, shown):
     """shapely reads true as 1 and "500010" as 500010: a ring with [true, false] in it was read

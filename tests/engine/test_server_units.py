@@ -345,9 +345,9 @@ def test_batch_results_are_read_and_encoded_off_the_event_loop(tmp_path, monkeyp
 
     real_read, real_render = engine.jobs.read_results, JSONResponse.render
 
-    def recording_read(path):
+    def recording_read(path, *args, **kwargs):
         read_in.append(on_event_loop())
-        return real_read(path)
+        return real_read(path, *args, **kwargs)
 
     def recording_render(self, content):
         if isinstance(content, dict) and "results" in content:
