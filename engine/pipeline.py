@@ -216,6 +216,21 @@ def refuse_from_plan(strategy, n_tiles: int, budget: int | None, *, model=None, 
     check_context(model, len(pieces.before) + int(n_visual) + len(pieces.after))
 
 
+def refuse_empty_selection(selection, strategy: str) -> None:
+    """A strategy that drops invalid patches keeps no token when no patch of the image is at least
+    half valid data (thin stripes or scattered pixels of data among nodata): the model would
+    answer without seeing the image, so the request is refused instead (`no_valid_pixels`)."""
+    if int(selection.n_tokens) > 0:
+        return
+    raise RequestError(
+        "no_valid_pixels",
+        "No patch the model sees (a 14 x 14 px square of its 336 px tiles) is at least half "
+        f"valid data, so strategy '{strategy}' kept no visual token and the model would answer "
+        "without seeing the image.",
+        "Choose an area where the data is denser, or check the layer's nodata value.",
+    )
+
+
 def model_patches_per_tile(model) -> int:
     """Patches a tile the model's vision tower gives: ``patch_grid ** 2`` (its image size over its
     patch size, squared: 576 for the released 336 px CLIP with 14 px patches); 576 when there is
@@ -501,6 +516,7 @@ class Engine:
         else:
             selection = strat.select(features, geometry, req.selection_text or req.question, req.budget,
                                      model=self.model)
+            refuse_empty_selection(selection, req.strategy)
             prefix = None
         timings["select"] = time.perf_counter() - t0
         check_cancel()

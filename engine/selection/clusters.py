@@ -7,7 +7,8 @@ Reproduces steps 3-5 of the released checkpoint (docs: /work/shared/reference/ge
 * at the tile border an offset is clamped to the edge, so several offsets can name the same
   patch; their weights are added (as a dense N x N affinity row would add them);
 * every patch's parent is the neighbour with the largest summed weight, ties explicitly to
-  the lowest token index;
+  the lowest token index; a NaN weight (a reghead that overflowed, e.g. in fp16) counts as the
+  largest, as ``argmax`` over the dense affinity row of the released code counts it;
 * pointer jumping ``parent = parent[parent]`` for at most 12 rounds (stops early once stable);
   the final pointer is the patch's root, and patches with the same root form one cluster;
 * clusters are numbered in increasing root index (the spatial order used for the kept tokens)
@@ -46,13 +47,17 @@ def summed_affinity(aff: torch.Tensor, grid: int) -> torch.Tensor:
     same = idx[:, :, None] == idx[:, None, :]  # (N, 9, 9): slot k and slot l name one patch
     total = torch.zeros_like(aff)
     for l in range(9):  # add in offset order so the float sum is reproducible
-        total = total + aff[:, :, l : l + 1] * same[None, :, :, l].to(aff.dtype)
+        # where, not a product with 0/1: NaN * 0 would spread one slot's NaN to the whole row
+        total = total + torch.where(same[None, :, :, l], aff[:, :, l : l + 1], 0.0)
     return total
 
 
 def parents(aff: torch.Tensor, grid: int) -> torch.Tensor:
-    """(T, N, 9) affinity -> (T, N) long parent token index (argmax, ties to lowest index)."""
+    """(T, N, 9) affinity -> (T, N) long parent token index (argmax, ties to lowest index;
+    NaN counts as the largest weight, as torch.argmax counts it)."""
     total = summed_affinity(aff, grid)
+    # without this a row holding NaN matches no maximum and its parent is an index past the tile
+    total = total.masked_fill(torch.isnan(total), float("inf"))
     idx = neighbour_index(grid).to(aff.device)[None].expand_as(total)
     best = total.max(dim=-1, keepdim=True).values
     big = torch.iinfo(torch.long).max

@@ -143,7 +143,7 @@ class PyramidStrategy:
         scores = score_vectors(score_fn, model, vectors(frontier))
         opened_levels = []
         for li in range(len(levels) - 1):
-            if len(frontier) >= B:
+            if not frontier or len(frontier) >= B:  # nothing valid to open (no mean to cut at)
                 break
             order = torch.sort(scores, descending=True, stable=True).indices.tolist()
             cut = self.open_threshold * float(scores.sum()) / len(frontier) * (1 - 1e-6)

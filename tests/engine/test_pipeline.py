@@ -208,6 +208,22 @@ def test_bad_requests_have_codes(engine, scene, kw, code):
     assert err.value.code == code and str(err.value)
 
 
+def test_data_too_thin_for_any_patch_is_refused_not_answered_blind(engine, tmp_path):
+    """Data in one column of three among tagged nodata: every pixel read is fine, yet no patch
+    is half valid, so `uniform` keeps no token. The model answered without the image before
+    (visual_kept 0, no error); now the request is refused with no_valid_pixels. geollava, which
+    keeps such clusters as trained, still answers."""
+    arr = np.random.default_rng(0).integers(1, 255, (3, 500, 700)).astype(np.uint8)
+    arr[:, :, np.arange(700) % 3 != 0] = 0
+    thin = write_geotiff(tmp_path / "thin.tif", arr, nodata=0)
+    with pytest.raises(RequestError) as err:
+        _ask(engine, thin, "What is here?", strategy="uniform")
+    assert err.value.code == "no_valid_pixels" and "'uniform' kept no visual token" in str(err.value)
+    assert "nodata" in err.value.hint
+    assert error_for_exception(err.value).code == "no_valid_pixels"
+    assert _ask(engine, thin, "What is here?")[-1]["tokens"]["visual_kept"] > 0
+
+
 def test_missing_and_corrupt_rasters(engine, tmp_path):
     with pytest.raises(RequestError, match="does not exist"):
         list(engine.ask(AskRequest(str(tmp_path / "nope.tif"), "q?")))

@@ -118,3 +118,21 @@ def test_geollava_steps_on_a_hand_computed_3x3_tile():
     # k above the tile's 9 patches: slots stop at 9 a tile (the released code caps MAX_TOKENS at N)
     pick = pick_clusters(cls, x, q, v, affinity=lambda _: aff, k=20, faithful_empty_slots=True)
     assert len(pick.members) == 9 and sum(len(m) == 0 for m in pick.members) == 6
+
+
+def test_nan_affinity_counts_as_the_largest_weight_as_argmax_does():
+    """A reghead that overflows (fp16) gives NaN weights. The released code's argmax over the
+    dense row takes the first NaN; before, a NaN row matched no maximum, its parent was an
+    index past the tile and pointer jumping crashed with an index error."""
+    nan = float("nan")
+    a = aff_from({4: {1: 0.9, 5: nan, 7: nan}, 0: {s: nan for s in range(9)}, 8: {0: 0.6}})
+    par = C.parents(a, 3)[0]
+    assert par[4].item() == 5  # slot 5 = (0, 1) = patch 5 < 7 (slot 7), beats the finite 0.9
+    assert par[0].item() == 0  # every slot NaN: the lowest-index neighbour (itself)
+    assert par[8].item() == 4  # a finite row is untouched
+    labels, counts, roots, _ = C.cluster(a, 3)
+    assert roots.max().item() < 9 and int(counts[0]) >= 1
+    dense = torch.zeros(9, 9)  # the released code: argmax over the dense N x N row
+    for k, j in enumerate(C.neighbour_index(3)[4].tolist()):
+        dense[4, j] += a[0, 4, k]
+    assert int(torch.argmax(dense[4])) == par[4].item()

@@ -316,3 +316,14 @@ def test_kmeans_seed_picks_the_initial_centres():
     a = kmeans(x, mask, torch.tensor([12]), iters=1, seed=0)
     b = kmeans(x, mask, torch.tensor([12]), iters=1, seed=1)
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["pyramid", "budget", "uniform", "anchored", "random", "background"])
+def test_no_valid_patch_gives_an_empty_selection(name):
+    """A raster read with valid pixels where no patch is at least half valid (thin stripes of
+    data) leaves no candidate: every strategy that drops invalid patches sends no token (pyramid
+    divided by the empty frontier's length: ZeroDivisionError)."""
+    geo = SimpleNamespace(patch_valid=np.zeros((T, N), bool), layout=None)
+    sel = run_on(name, crafted(), geo, 60)
+    assert sel.n_tokens == 0 and sel.members == [] and sel.embeds.shape == (0, D)
+    assert sel.candidates == T * 144
