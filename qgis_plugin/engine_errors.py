@@ -51,14 +51,21 @@ def error_from_body(status: int, body: bytes) -> EngineError:
         err = {}
     if not isinstance(err, dict):
         err = {}
-    code = err.get("code") or ("unauthorized" if status == 401 else "internal")
-    message = err.get("message") or f"The engine answered HTTP {status}."
-    hint = err.get("hint")
+    # a field that is not text (a list, a number: a broken or hostile engine, a proxy's JSON)
+    # counts as left out: the error is said in words, never with a TypeError
+    code = _text(err.get("code")) or ("unauthorized" if status == 401 else "internal")
+    message = _text(err.get("message")) or f"The engine answered HTTP {status}."
+    hint = _text(err.get("hint"))
     if status == 401 and not hint:
         hint = "Check the engine token in Settings > Options > GeoVQA."
     if code == "model_loading":
         return EngineUnavailable(code, message or "The engine is still loading the model.", hint, status)
     return EngineError(code, message, hint, status)
+
+
+def _text(value) -> str | None:
+    """``value`` when it is text with something in it, else None."""
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def error_body(resp: http.client.HTTPResponse) -> bytes:
