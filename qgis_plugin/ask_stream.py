@@ -18,6 +18,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from .dialling import failed_at
+from .engine_events import checked_event
 from .engine_errors import EngineError, connection_words, engine_json, error_body, error_from_body, size_text
 from .engine_protocol import ASK_ENDPOINT, FINAL_EVENTS, HEARTBEAT_HEADER
 
@@ -29,7 +30,8 @@ STALL_HEARTBEATS = 4  # heartbeats missed in a row that make a silent answer str
 
 
 def parse_event(line: bytes | str) -> dict | None:
-    """One NDJSON line -> event dict (None for a blank keep-alive line)."""
+    """One NDJSON line -> event dict (None for a blank keep-alive line), its fields of the wrong
+    type dropped (:func:`engine_events.checked_event`)."""
     if isinstance(line, bytes):
         line = line.decode("utf-8", errors="replace")
     line = line.strip()
@@ -38,7 +40,7 @@ def parse_event(line: bytes | str) -> dict | None:
     event = engine_json(line, "The engine sent a line that is {why}: " + repr(line[:120]))
     if not isinstance(event, dict) or "type" not in event:
         raise EngineError("bad_response", f"The engine sent an event without a type: {line[:120]!r}")
-    return event
+    return checked_event(event)
 
 
 def read_timeout(resp, short: float, longest: float) -> float:
@@ -240,6 +242,7 @@ class AskStream:
             if resp.status >= 400:
                 raise error_from_body(resp.status, error_body(resp))
             final_seen = False
+            words = []  # the answer's pieces: a result that leaves its answer out gets them
             while not self._aborted:
                 try:
                     line = resp.readline()
@@ -252,6 +255,7 @@ class AskStream:
                 event = parse_event(line)
                 if event is None:
                     continue
+                event = self._own_event(event, words)
                 yield event
                 if event.get("type") in FINAL_EVENTS:
                     final_seen = True
@@ -264,6 +268,26 @@ class AskStream:
                 )
         finally:
             conn.close()
+
+    def _own_event(self, event: dict, words: list) -> dict:
+        """``event`` as this question's: with its ``request_id`` (an engine that leaves it out
+        would have its answer taken for a stale one's by the dock, and lost), and a ``result``
+        without its ``answer`` with the ``words`` streamed before it. EngineError 'bad_response'
+        for an event of another question (its request_id another's) mixed into this stream."""
+        rid = event.get("request_id")
+        if rid is None or self.request_id is None:
+            event["request_id"] = self.request_id
+        elif rid != self.request_id:
+            raise EngineError(
+                "bad_response",
+                f"The engine sent an event of another question ({rid!r:.60}) in this question's answer.",
+                "Ask again; if it happens again, look at the engine's version and log (or at a proxy "
+                "between this computer and the engine).")
+        if event.get("type") == "token":
+            words.append(event.get("text", ""))
+        elif event.get("type") == "result" and "answer" not in event:
+            event["answer"] = "".join(words)
+        return event
 
     def _send_multipart(self, conn, path: str, aoi) -> None:
         """POST /ask as multipart: a ``request`` JSON part (with ``aoi``, the AOI for the file)
