@@ -180,3 +180,21 @@ def test_an_event_of_another_question_is_refused_in_words(stub_engine, tmp_path)
     _said_in_words(err.value)
     assert err.value.code == "bad_response"
 
+
+def test_an_out_of_memory_retry_budget_too_large_for_the_budget_box_is_no_crash(plugin, raster_layer, stub_engine):
+    """retry_budget 10**12 (an int) went into the dock's budget box, whose setValue raised
+    OverflowError in the dock's slot when the retry was clicked; 10**400 before that in the
+    error event."""
+    from conftest import python_errors, wait_for_tasks, wait_until
+
+    stub_engine.fail_with = {"code": "out_of_memory", "message": "Out of GPU memory.", "hint": "Retry smaller.",
+                             "retry_budget": 10**12}
+    dock = plugin.dock
+    dock.set_layer(raster_layer())
+    with python_errors() as errors:
+        dock.ask("What is here?")
+        wait_until(lambda: dock.turns() and dock.turns()[-1].get("done"), 30, "the error")
+        wait_for_tasks()
+        dock.retry_smaller()
+    assert not errors, errors[0]
+    assert dock.turns()[-1]["error"].startswith("Out of GPU memory.")
