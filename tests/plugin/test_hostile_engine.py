@@ -198,3 +198,38 @@ def test_an_out_of_memory_retry_budget_too_large_for_the_budget_box_is_no_crash(
         dock.retry_smaller()
     assert not errors, errors[0]
     assert dock.turns()[-1]["error"].startswith("Out of GPU memory.")
+
+
+HEALTH_FIELDS = ("status", "model", "device", "gpu_name", "quantization", "four_bit", "compute", "weights_present",
+                 "demo_model", "message", "strategies", "max_upload_bytes", "max_read_pixels", "heartbeat_s",
+                 "queue_length")
+TRAINED = st.fixed_dictionaries(  # an adapter's training settings (/health adapter_settings)
+    {"bands": st.one_of(st.integers(), JSON_VALUES)},
+    optional={name: JSON_VALUES for name in ("strategy", "tokens_per_tile", "budget", "faithful_empty_slots")})
+HEALTHS = st.fixed_dictionaries(
+    {"protocol": JSON_VALUES, "adapter": st.one_of(st.none(), st.text(min_size=1, max_size=8)),
+     "adapter_settings": st.one_of(JSON_VALUES, TRAINED)},
+    optional={name: JSON_VALUES for name in HEALTH_FIELDS})
+
+
+@FAST
+@given(health=HEALTHS)
+def test_a_health_answer_of_any_shape_is_said_on_the_status_line(health):
+    """An adapter's training settings whose bands are a number (True, 3) made the status line's
+    summary raise TypeError ("'int' object is not iterable") in the dock's slot: the status line
+    stayed on its last words and QGIS showed a traceback after every health check."""
+    from geovqa import status
+    from geovqa.client import health_read_budget
+
+    level, text = status.summary(health)
+    assert level in status.COLORS and isinstance(text, str) and text
+    budget = health_read_budget(health)
+    assert budget is None or (isinstance(budget, int) and budget > 0)
+
+
+def test_an_adapter_whose_bands_are_a_number_is_said_without_them():
+    from geovqa import status
+
+    health = {"status": "ok", "protocol": 1, "model": "GeoLLaVA-8K", "adapter": "/w/out/adapter",
+              "adapter_settings": {"strategy": "anchored", "bands": 3}}
+    assert status.summary(health)[1].endswith("with adapter out/adapter (trained with anchored)")
