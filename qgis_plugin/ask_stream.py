@@ -19,13 +19,17 @@ from typing import TYPE_CHECKING
 
 from .dialling import failed_at
 from .engine_events import checked_event
-from .engine_errors import EngineError, connection_words, engine_json, error_body, error_from_body, size_text
+from .engine_errors import (EngineError, connection_words, engine_json, error_body, error_from_body, not_the_answer,
+                            size_text)
 from .engine_protocol import ASK_ENDPOINT, FINAL_EVENTS, HEARTBEAT_HEADER
 
 if TYPE_CHECKING:
     from .client import EngineClient
 
 UPLOAD_CHUNK = 1 << 20  # bytes of an uploaded raster sent at a time (its progress is said after each)
+# the longest event line read: a result with the anchors of every token kept (strategy none on
+# a full 8K canvas) is tens of megabytes; a line that never ends must not fill the memory
+MAX_EVENT_BYTES = 256 << 20
 STALL_HEARTBEATS = 4  # heartbeats missed in a row that make a silent answer stream a broken one
 
 
@@ -241,17 +245,27 @@ class AskStream:
                 raise self.client._unavailable(exc, failed_at(conn, stage), doing, waited) from exc
             if resp.status >= 400:
                 raise error_from_body(resp.status, error_body(resp))
+            if resp.status != 200:  # a redirect, an answer without the stream (204)
+                raise not_the_answer(resp.status, resp.reason, resp.getheader("Location"), "the question",
+                                     self.client.base_url)
             final_seen = False
             words = []  # the answer's pieces: a result that leaves its answer out gets them
             while not self._aborted:
                 try:
-                    line = resp.readline()
+                    line = resp.readline(MAX_EVENT_BYTES + 1)  # a line that never ends is not read whole
                 except (OSError, http.client.HTTPException, ValueError) as exc:
                     if self._aborted:
                         return
                     raise stream_broken(exc, read_for, heartbeats=beats) from exc
                 if not line:
                     break
+                if len(line) > MAX_EVENT_BYTES:
+                    raise EngineError(
+                        "bad_response",
+                        f"The engine sent an event line longer than {size_text(MAX_EVENT_BYTES)} (the longest "
+                        "answer, with its anchors, is a few megabytes), so it was not read.",
+                        "Look at the engine's version and log: it does not speak this plugin's protocol "
+                        "(or another program answers at the engine URL).")
                 event = parse_event(line)
                 if event is None:
                     continue

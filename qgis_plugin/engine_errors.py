@@ -63,17 +63,44 @@ def error_from_body(status: int, body: bytes) -> EngineError:
     return EngineError(code, message, hint, status)
 
 
+def not_the_answer(status: int, reason: str, location: str | None, asked: str, base_url: str) -> EngineError:
+    """EngineError 'bad_response' for an answer to ``asked`` ("/health", "the question") with a
+    status that is neither an error nor what the protocol answers with: a redirect (a proxy, a
+    web server on the engine's address; the plugin follows none: a token sent on to another
+    address would leave this computer) or a 2xx other than 200 (an answer without the stream)."""
+    reason = " ".join(str(reason or "").split())[:60]
+    status_words = f"HTTP {status}" + (f" {reason}" if reason else "")
+    if 300 <= status < 400:
+        where = " ".join(str(location or "").split())[:200]
+        return EngineError(
+            "bad_response",
+            f"The engine at {base_url} answered {asked} with a redirect ({status_words})"
+            + (f" to {where}" if where else "") + ".",
+            "The plugin follows no redirect: put the address the engine itself answers at in the engine URL "
+            "(Settings > Options > GeoVQA).", status)
+    return EngineError(
+        "bad_response", f"The engine at {base_url} answered {asked} with {status_words}, not with its answer.",
+        "Check the engine URL (host and port) in Settings > Options > GeoVQA: another program may answer there.",
+        status)
+
+
 def _text(value) -> str | None:
     """``value`` when it is text with something in it, else None."""
     return value if isinstance(value, str) and value.strip() else None
 
 
+# the most bytes of an error answer read (an engine's error body is a few hundred): one that
+# never ends (a hostile or broken engine, a proxy streaming a page) is not read into memory
+MAX_ERROR_BYTES = 1 << 20
+
+
 def error_body(resp: http.client.HTTPResponse) -> bytes:
-    """The body of an HTTP error answer ``resp``, as much of it as came: one cut short (the
-    connection reset while it was read: an engine dying, a proxy) is what arrived, and
-    :func:`error_from_body` then says the status alone."""
+    """The body of an HTTP error answer ``resp``, as much of it as came, at most MAX_ERROR_BYTES:
+    one cut short (the connection reset while it was read: an engine dying, a proxy) is what
+    arrived, and :func:`error_from_body` then says the status alone, as it does for one too long
+    (cut at the limit: not JSON)."""
     try:
-        return resp.read()
+        return resp.read(MAX_ERROR_BYTES)
     except http.client.IncompleteRead as exc:
         return exc.partial
     except (OSError, http.client.HTTPException):

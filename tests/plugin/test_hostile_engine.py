@@ -233,3 +233,185 @@ def test_an_adapter_whose_bands_are_a_number_is_said_without_them():
     health = {"status": "ok", "protocol": 1, "model": "GeoLLaVA-8K", "adapter": "/w/out/adapter",
               "adapter_settings": {"strategy": "anchored", "bands": 3}}
     assert status.summary(health)[1].endswith("with adapter out/adapter (trained with anchored)")
+
+
+class RawEngine:
+    """An 'engine' on a loopback port that answers every request (its head and body read) with
+    ``answer(head, sock, closed)``, which writes what it likes (a status line, a body that ends
+    once the event ``closed`` is set)."""
+
+    def __init__(self, answer):
+        import socket
+        import threading
+
+        self.answer = answer
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")]
+            while length and len(body) < length[0]:
+                body += conn.recv(65536)
+            self.answer(head, conn, self.closed)
+        except OSError:  # the client went away (what a test of a never-ending answer wants)
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+
+
+def endless(status: str, content_type: str, first: bytes = b""):
+    """An answer with ``status`` whose chunked body is ``first`` then 64 KiB of 'a' every 10 ms
+    for ever (until the engine is closed)."""
+    def answer(_head, conn, closed):
+        conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     .encode())
+        piece = b"a" * 65536
+        if first:
+            conn.sendall(f"{len(first):x}\r\n".encode() + first + b"\r\n")
+        while not closed.wait(0.01):
+            conn.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+
+    return answer
+
+
+def canned(status: str, headers: str = "", body: bytes = b""):
+    def answer(_head, conn, _closed):
+        conn.sendall(f"HTTP/1.1 {status}\r\n{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                     .encode() + body)
+
+    return answer
+
+
+def _outcome(call, seconds=10.0):
+    """What ``call()`` ended with, in a thread given ``seconds``: ('returned', value), ('raised',
+    exc), or ('hung', None) (a test of the old code: it read for ever)."""
+    import threading
+
+    out = []
+
+    def run():
+        try:
+            out.append(("returned", call()))
+        except BaseException as exc:  # noqa: BLE001 - the test says what it was
+            out.append(("raised", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return out[0] if out else ("hung", None)
+
+
+def _ask(url):
+    from geovqa.client import EngineClient
+    from geovqa.engine_protocol import build_ask_request
+
+    client = EngineClient(url, "tok", send_rasters="path")
+    stream = client.ask(build_ask_request("What is here?", "/data/scene.tif"))
+    return stream, lambda: list(stream.events())
+
+
+@pytest.mark.parametrize("answer, words", [
+    (endless("200 OK", "application/x-ndjson", b'{"type": "token", "text": "'), "event line longer than 1 bytes"),
+    (endless("500 Internal Server Error", "text/html"), "HTTP 500"),
+])
+def test_an_answer_that_never_ends_is_refused_not_read_for_ever(monkeypatch, answer, words):
+    """An answer stream line, or an error body, that never ends (a hostile or broken engine, a
+    proxy streaming something else) was read whole: the worker thread read for ever, its memory
+    growing without bound, and neither the dock nor a batch ever heard of the question again."""
+    from geovqa import ask_stream
+
+    monkeypatch.setattr(ask_stream, "MAX_EVENT_BYTES", 1, raising=False)  # "1 bytes": the limit in words
+    monkeypatch.setattr("geovqa.engine_errors.MAX_ERROR_BYTES", 1 << 16, raising=False)
+    engine = RawEngine(answer)
+    stream, read = _ask(engine.url)
+    try:
+        how, exc = _outcome(read)
+        if how == "hung":
+            stream.abort()
+        assert how == "raised", how
+        _said_in_words(exc)
+        assert words in exc.message
+    finally:
+        engine.close()
+
+
+def test_a_health_answer_that_never_ends_is_refused_not_read_for_ever(monkeypatch):
+    """A /health answer that never ends kept the dock's health task reading for ever (the status
+    line never changed again, the memory grew without bound)."""
+    from geovqa import client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_JSON_BYTES", 1 << 20, raising=False)
+    engine = RawEngine(endless("200 OK", "application/json", b'{"protocol": 1, "status": "'))
+    try:
+        how, exc = _outcome(client_module.EngineClient(engine.url).health)
+        assert how == "raised", how
+        _said_in_words(exc)
+        assert "more than 1.0 MiB" in exc.message
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("status, headers", [
+    ("302 Found", "Location: https://127.0.0.1:8765/ask\r\n"),
+    ("301 Moved Permanently", "Location: https://gpu-box.example.org/ask\r\nContent-Type: text/html\r\n"),
+    ("307 Temporary Redirect", ""),
+    ("204 No Content", ""),
+])
+def test_a_redirect_or_an_empty_answer_to_a_question_is_said_as_such(status, headers):
+    """A redirect (a reverse proxy sending http to https) or a 204 answering the question was read
+    as an answer stream: "The engine closed the answer stream before sending a result. Look at
+    the engine's log; it may have run out of memory" (or "sent a line that is not JSON: '<html>'")."""
+    engine = RawEngine(canned(status, headers, b"<html>moved</html>" if "html" in headers else b""))
+    try:
+        _stream, read = _ask(engine.url)
+        how, exc = _outcome(read)
+        assert how == "raised", how
+        _said_in_words(exc)
+        assert exc.code == "bad_response" and f"HTTP {status}" in exc.message
+        if "Location" in headers:
+            assert "redirect" in exc.message and headers.split(": ")[1].split("\r")[0] in exc.message
+            assert "redirect" in exc.hint
+    finally:
+        engine.close()
+
+
+def test_a_redirected_health_check_names_where_it_was_sent():
+    """/health answered with a redirect said "not a GeoVQA engine (its /health answer is not
+    JSON)", hiding that the engine URL only needs the address it redirects to."""
+    from geovqa.client import EngineClient
+
+    engine = RawEngine(canned("301 Moved Permanently", "Location: https://gpu-box.example.org:8765/health\r\n"))
+    try:
+        how, exc = _outcome(EngineClient(engine.url).health)
+        assert how == "raised", how
+        _said_in_words(exc)
+        assert "redirect" in exc.message and "https://gpu-box.example.org:8765/health" in exc.message
+    finally:
+        engine.close()
