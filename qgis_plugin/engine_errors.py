@@ -43,6 +43,23 @@ def engine_json(text: str, message: str):
     raise EngineError("bad_response", message.replace("{why}", why)) from cause
 
 
+# what to do about an error status that came without the engine's own words (a proxy in front
+# of the engine, a web server on its address, an engine dying): the engine's own errors say it
+_PROXY_DOWN = ("The engine, or a proxy in front of it, is not available: wait a moment and ask again; if it "
+               "lasts, look at the engine's log (it may have stopped) and at the engine URL in Settings > "
+               "Options > GeoVQA.")
+STATUS_HINTS = {
+    403: "Something refused the request: check the engine URL and token in Settings > Options > GeoVQA (a proxy "
+         "between this computer and the engine may refuse it).",
+    404: "Check the path in the engine URL (Settings > Options > GeoVQA): it is the engine's base URL, such as "
+         "http://127.0.0.1:8765, without an endpoint.",
+    413: "The request was too large for the engine or a proxy in front of it: ask about a smaller area of "
+         "interest (a proxy may take less than the engine's upload limit).",
+    429: "Too many requests for the engine or a proxy in front of it: wait a moment and ask again.",
+    502: _PROXY_DOWN, 503: _PROXY_DOWN, 504: _PROXY_DOWN,
+}
+
+
 def error_from_body(status: int, body: bytes) -> EngineError:
     """Turn an HTTP error response (protocol error_body) into an EngineError."""
     try:  # a body that cannot be read says no more than its status
@@ -58,6 +75,8 @@ def error_from_body(status: int, body: bytes) -> EngineError:
     hint = _text(err.get("hint"))
     if status == 401 and not hint:
         hint = "Check the engine token in Settings > Options > GeoVQA."
+    if not _text(err.get("message")) and not hint:  # not the engine's words: a proxy's, a web server's
+        hint = STATUS_HINTS.get(status)
     if code == "model_loading":
         return EngineUnavailable(code, message or "The engine is still loading the model.", hint, status)
     return EngineError(code, message, hint, status)

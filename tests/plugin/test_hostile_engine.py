@@ -58,7 +58,8 @@ def test_an_error_message_that_is_not_text_is_said_by_its_status():
 
     err = error_from_body(503, json.dumps({"error": {"code": ["busy"], "message": {"text": "later"},
                                                      "hint": 5}}).encode())
-    assert (err.code, err.message, err.hint) == ("internal", "The engine answered HTTP 503.", None)
+    assert (err.code, err.message) == ("internal", "The engine answered HTTP 503.")
+    assert isinstance(err.hint, str)
     err = error_from_body(400, json.dumps({"error": {"code": "bad_aoi", "message": "No area.",
                                                      "hint": ["draw one"]}}).encode())
     assert (err.code, str(err)) == ("bad_aoi", "No area.")
@@ -415,3 +416,24 @@ def test_a_redirected_health_check_names_where_it_was_sent():
         assert "redirect" in exc.message and "https://gpu-box.example.org:8765/health" in exc.message
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("status, body, words", [
+    (403, b"<html><h1>Forbidden</h1></html>", "token"),
+    (404, b'{"detail": "Not Found"}', "path in the engine URL"),
+    (413, b"", "smaller area"),
+    (429, b"slow down", "wait a moment"),
+    (502, b"<html>Bad Gateway</html>", "wait a moment"),
+    (503, b"", "wait a moment"),
+    (504, "délai dépassé".encode("latin-1"), "wait a moment"),
+])
+def test_an_error_status_without_the_engines_words_says_what_to_do(status, body, words):
+    """403, 404, 413, 429 and 5xx answers without the engine's error body (a proxy's page, nothing,
+    bytes that are not UTF-8) said only "The engine answered HTTP 429." and nothing to do."""
+    from geovqa.engine_errors import error_from_body
+
+    err = error_from_body(status, body)
+    _said_in_words(err)
+    assert f"HTTP {status}" in err.message and words in (err.hint or "")
+    engine_words = json.dumps({"error": {"code": "upload_too_large", "message": "Too big.", "hint": None}})
+    assert error_from_body(status, engine_words.encode()).hint is None  # the engine's own error: as it says
