@@ -331,16 +331,17 @@ class EngineClient:
         return AskStream(self, request, upload_path=request.get("raster_path") if upload else None)
 
     def submit_batch(self, body: dict) -> str:
-        return self.request_json("POST", BATCH_ENDPOINT, body)["job_id"]
+        return _field(self.request_json("POST", BATCH_ENDPOINT, body), "job_id", str, BATCH_ENDPOINT)
 
     def job(self, job_id: str) -> dict:
-        return self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}")
+        return _object(self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}"), JOBS_ENDPOINT)
 
     def cancel_job(self, job_id: str) -> dict:
-        return self.request_json("DELETE", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}")
+        return _object(self.request_json("DELETE", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}"), JOBS_ENDPOINT)
 
     def job_results(self, job_id: str) -> list:
-        return self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}/results")["results"]
+        path = f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}/results"
+        return _field(self.request_json("GET", path), "results", list, path)
 
     def download_file(self, name: str, dest: str, watcher=None) -> str:
         """GET /files/{name} into ``dest`` (for an engine on another host).
@@ -383,6 +384,25 @@ class EngineClient:
         finally:
             conn.close()
         return dest
+
+
+def _object(answer, path: str) -> dict:
+    """``answer`` (JSON the engine sent for ``path``) when it is an object, else EngineError
+    'bad_response' (a list, a number: not what the protocol answers)."""
+    if not isinstance(answer, dict):
+        raise EngineError("bad_response", f"The engine answered {path} with JSON that is not an object.",
+                          "Look at the engine's version and log: it does not speak this plugin's protocol.")
+    return answer
+
+
+def _field(answer, name: str, kind: type, path: str):
+    """The field ``name`` of ``answer`` (see :func:`_object`), which must be a ``kind``, else
+    EngineError 'bad_response' (a KeyError or TypeError escaped the client before)."""
+    value = _object(answer, path).get(name)
+    if not isinstance(value, kind):
+        raise EngineError("bad_response", f"The engine's answer to {path} has no {name} (a {kind.__name__}).",
+                          "Look at the engine's version and log: it does not speak this plugin's protocol.")
+    return value
 
 
 class LocalFileError(OSError):

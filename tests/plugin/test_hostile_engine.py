@@ -437,3 +437,24 @@ def test_an_error_status_without_the_engines_words_says_what_to_do(status, body,
     assert f"HTTP {status}" in err.message and words in (err.hint or "")
     engine_words = json.dumps({"error": {"code": "upload_too_large", "message": "Too big.", "hint": None}})
     assert error_from_body(status, engine_words.encode()).hint is None  # the engine's own error: as it says
+
+
+@pytest.mark.parametrize("answer", [b"[]", b'{"job_id": 5, "results": {"a": 1}}', b'"done"', b"{}", b"null"])
+def test_a_batch_job_answer_of_the_wrong_shape_is_a_bad_response(answer):
+    """POST /batch, GET /jobs/{id} and its results answered with JSON of the wrong shape (a list, a
+    job_id that is a number, no results) raised KeyError / TypeError out of the client."""
+    from geovqa.client import EngineClient
+
+    engine = RawEngine(canned("200 OK", "Content-Type: application/json\r\n", answer))
+    try:
+        client = EngineClient(engine.url, "tok")
+        calls = [lambda: client.submit_batch({"items": [], "questions": []}), lambda: client.job_results("j1")]
+        if not answer.startswith(b"{"):  # an object is a job's info, its fields read with .get
+            calls += [lambda: client.job("j1"), lambda: client.cancel_job("j1")]
+        for call in calls:
+            how, exc = _outcome(call)
+            assert how == "raised", how
+            _said_in_words(exc)
+            assert exc.code == "bad_response"
+    finally:
+        engine.close()
