@@ -18,18 +18,24 @@ import uuid
 from typing import TYPE_CHECKING
 
 from .dialling import failed_at
-from .engine_errors import EngineError, connection_words, engine_json, error_body, error_from_body, size_text
+from .engine_events import checked_event
+from .engine_errors import (EngineError, connection_words, engine_json, error_body, error_from_body, not_the_answer,
+                            size_text)
 from .engine_protocol import ASK_ENDPOINT, FINAL_EVENTS, HEARTBEAT_HEADER
 
 if TYPE_CHECKING:
     from .client import EngineClient
 
 UPLOAD_CHUNK = 1 << 20  # bytes of an uploaded raster sent at a time (its progress is said after each)
+# the longest event line read: a result with the anchors of every token kept (strategy none on
+# a full 8K canvas) is tens of megabytes; a line that never ends must not fill the memory
+MAX_EVENT_BYTES = 256 << 20
 STALL_HEARTBEATS = 4  # heartbeats missed in a row that make a silent answer stream a broken one
 
 
 def parse_event(line: bytes | str) -> dict | None:
-    """One NDJSON line -> event dict (None for a blank keep-alive line)."""
+    """One NDJSON line -> event dict (None for a blank keep-alive line), its fields of the wrong
+    type dropped (:func:`engine_events.checked_event`)."""
     if isinstance(line, bytes):
         line = line.decode("utf-8", errors="replace")
     line = line.strip()
@@ -38,7 +44,7 @@ def parse_event(line: bytes | str) -> dict | None:
     event = engine_json(line, "The engine sent a line that is {why}: " + repr(line[:120]))
     if not isinstance(event, dict) or "type" not in event:
         raise EngineError("bad_response", f"The engine sent an event without a type: {line[:120]!r}")
-    return event
+    return checked_event(event)
 
 
 def read_timeout(resp, short: float, longest: float) -> float:
@@ -239,19 +245,31 @@ class AskStream:
                 raise self.client._unavailable(exc, failed_at(conn, stage), doing, waited) from exc
             if resp.status >= 400:
                 raise error_from_body(resp.status, error_body(resp))
+            if resp.status != 200:  # a redirect, an answer without the stream (204)
+                raise not_the_answer(resp.status, resp.reason, resp.getheader("Location"), "the question",
+                                     self.client.base_url)
             final_seen = False
+            words = []  # the answer's pieces: a result that leaves its answer out gets them
             while not self._aborted:
                 try:
-                    line = resp.readline()
+                    line = resp.readline(MAX_EVENT_BYTES + 1)  # a line that never ends is not read whole
                 except (OSError, http.client.HTTPException, ValueError) as exc:
                     if self._aborted:
                         return
                     raise stream_broken(exc, read_for, heartbeats=beats) from exc
                 if not line:
                     break
+                if len(line) > MAX_EVENT_BYTES:
+                    raise EngineError(
+                        "bad_response",
+                        f"The engine sent an event line longer than {size_text(MAX_EVENT_BYTES)} (the longest "
+                        "answer, with its anchors, is a few megabytes), so it was not read.",
+                        "Look at the engine's version and log: it does not speak this plugin's protocol "
+                        "(or another program answers at the engine URL).")
                 event = parse_event(line)
                 if event is None:
                     continue
+                event = self._own_event(event, words)
                 yield event
                 if event.get("type") in FINAL_EVENTS:
                     final_seen = True
@@ -264,6 +282,26 @@ class AskStream:
                 )
         finally:
             conn.close()
+
+    def _own_event(self, event: dict, words: list) -> dict:
+        """``event`` as this question's: with its ``request_id`` (an engine that leaves it out
+        would have its answer taken for a stale one's by the dock, and lost), and a ``result``
+        without its ``answer`` with the ``words`` streamed before it. EngineError 'bad_response'
+        for an event of another question (its request_id another's) mixed into this stream."""
+        rid = event.get("request_id")
+        if rid is None or self.request_id is None:
+            event["request_id"] = self.request_id
+        elif rid != self.request_id:
+            raise EngineError(
+                "bad_response",
+                f"The engine sent an event of another question ({rid!r:.60}) in this question's answer.",
+                "Ask again; if it happens again, look at the engine's version and log (or at a proxy "
+                "between this computer and the engine).")
+        if event.get("type") == "token":
+            words.append(event.get("text", ""))
+        elif event.get("type") == "result" and "answer" not in event:
+            event["answer"] = "".join(words)
+        return event
 
     def _send_multipart(self, conn, path: str, aoi) -> None:
         """POST /ask as multipart: a ``request`` JSON part (with ``aoi``, the AOI for the file)

@@ -32,9 +32,12 @@ from .addresses import DEFAULT_ENGINE_URL, engine_address, host_port, is_own_hos
 from .ask_stream import AskStream
 from .dialling import WatchedHTTPSConnection, dialled, failed_at
 from .engine_errors import (EngineError, EngineUnavailable, connection_words, engine_json, error_body,
-                            error_from_body)
+                            error_from_body, not_the_answer, size_text)
 from .engine_protocol import BATCH_ENDPOINT, FILES_ENDPOINT, HEALTH_ENDPOINT, JOBS_ENDPOINT
 
+# the most bytes of a JSON answer read (/health, /jobs: a batch's 10,000 results are a few
+# megabytes): one that never ends (a hostile or broken engine) must not fill the memory
+MAX_JSON_BYTES = 64 << 20
 # the short timeout, in seconds: /health and the other small calls, a connection being made
 TIMEOUT_S = 10.0
 # How a raster reaches the engine: "auto" uploads it when the engine's host is not this computer
@@ -222,13 +225,20 @@ class EngineClient:
             stage = "wait"
             resp = conn.getresponse()
             stage = "receive"
-            payload = error_body(resp) if resp.status >= 400 else resp.read()
+            payload = error_body(resp) if resp.status >= 400 else resp.read(MAX_JSON_BYTES + 1)
         except (OSError, http.client.HTTPException) as exc:
             raise self._unavailable(exc, stage, seconds=timeout or self.timeout) from exc
         finally:
             conn.close()
         if resp.status >= 400:
             raise error_from_body(resp.status, payload)
+        if 300 <= resp.status < 400:
+            raise not_the_answer(resp.status, resp.reason, resp.getheader("Location"), path, self.base_url)
+        if len(payload) > MAX_JSON_BYTES:  # an answer that never ends is not read whole
+            raise EngineError("bad_response", f"The engine answered {path} with more than "
+                              f"{size_text(MAX_JSON_BYTES)}, which no answer of the engine is.",
+                              "Check the engine URL (host and port) in Settings > Options > GeoVQA: another "
+                              "program may answer there.")
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -321,16 +331,17 @@ class EngineClient:
         return AskStream(self, request, upload_path=request.get("raster_path") if upload else None)
 
     def submit_batch(self, body: dict) -> str:
-        return self.request_json("POST", BATCH_ENDPOINT, body)["job_id"]
+        return _field(self.request_json("POST", BATCH_ENDPOINT, body), "job_id", str, BATCH_ENDPOINT)
 
     def job(self, job_id: str) -> dict:
-        return self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}")
+        return _object(self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}"), JOBS_ENDPOINT)
 
     def cancel_job(self, job_id: str) -> dict:
-        return self.request_json("DELETE", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}")
+        return _object(self.request_json("DELETE", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}"), JOBS_ENDPOINT)
 
     def job_results(self, job_id: str) -> list:
-        return self.request_json("GET", f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}/results")["results"]
+        path = f"{JOBS_ENDPOINT}/{urllib.parse.quote(job_id)}/results"
+        return _field(self.request_json("GET", path), "results", list, path)
 
     def download_file(self, name: str, dest: str, watcher=None) -> str:
         """GET /files/{name} into ``dest`` (for an engine on another host).
@@ -373,6 +384,25 @@ class EngineClient:
         finally:
             conn.close()
         return dest
+
+
+def _object(answer, path: str) -> dict:
+    """``answer`` (JSON the engine sent for ``path``) when it is an object, else EngineError
+    'bad_response' (a list, a number: not what the protocol answers)."""
+    if not isinstance(answer, dict):
+        raise EngineError("bad_response", f"The engine answered {path} with JSON that is not an object.",
+                          "Look at the engine's version and log: it does not speak this plugin's protocol.")
+    return answer
+
+
+def _field(answer, name: str, kind: type, path: str):
+    """The field ``name`` of ``answer`` (see :func:`_object`), which must be a ``kind``, else
+    EngineError 'bad_response' (a KeyError or TypeError escaped the client before)."""
+    value = _object(answer, path).get(name)
+    if not isinstance(value, kind):
+        raise EngineError("bad_response", f"The engine's answer to {path} has no {name} (a {kind.__name__}).",
+                          "Look at the engine's version and log: it does not speak this plugin's protocol.")
+    return value
 
 
 class LocalFileError(OSError):

@@ -976,7 +976,8 @@ class ChatDock(QgsDockWidget):
             short = msg = ev.get("message") or "The engine reported an error."
             if ev.get("hint"):
                 msg += " " + ev["hint"]
-            if ev.get("code") == "out_of_memory" and isinstance(ev.get("retry_budget"), int):
+            budget = ev.get("retry_budget")  # a positive int (engine_events); one the budget box can hold
+            if ev.get("code") == "out_of_memory" and isinstance(budget, int) and budget <= self.budget_spin.maximum():
                 # before the error is drawn: the button takes its room first, the chat then
                 # shows its end in what is left
                 self._offer_retry({"question": turn["question"], "budget": ev["retry_budget"],

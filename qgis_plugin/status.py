@@ -52,7 +52,7 @@ def adapter_text(health: dict) -> str:
         parts.append(f"budget {trained['budget']}")
     if trained.get("faithful_empty_slots"):
         parts.append("empty cluster slots sent")
-    if trained.get("bands"):
+    if trained.get("bands") and isinstance(trained["bands"], list):  # an odd engine's number: not said
         parts.append("bands " + ", ".join(str(b) for b in trained["bands"]))
     return f", with adapter {name}" + (f" (trained with {', '.join(parts)})" if parts else "")
 
