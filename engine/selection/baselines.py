@@ -12,7 +12,7 @@ dropped. Score 1 for every token; role 'merged' for pooled cells, 'kept' for sin
 
 `random`: `budget` valid patches drawn uniformly without replacement with a seeded
 `torch.Generator` (default budget: 24 a tile, the geollava count), kept in spatial order; the
-score is the draw's priority in (0, 1], role 'kept'. The same seed gives the same tokens.
+score is the draw's priority in [0, 1), role 'kept'. The same seed gives the same tokens.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ few merged tokens, so that context survives at low cost.
    never gets more tokens than it has valid patches (the excess is redistributed).
 3. **Cluster.** The region's valid patches are grouped by a small deterministic k-means
    (`kmeans`) into ``b_r - keep_r`` clusters (at least 1), with ``keep_r = round(preserve_ratio
-   * b_r)`` (default 0.5, at least 1), on L2-normalised features concatenated with
+   * b_r)`` (default 0.5, at least 1; at most ``b_r - 1`` where the region has more valid
+   patches than ``b_r``, so that one token at least merges the rest: a region given one token
+   is the mean of its patches), on L2-normalised features concatenated with
    ``spatial_weight`` (lambda, default 0.05, released UHR-BAT's ``kmeans_coord_scale``) times
    the patch's (row, col) / 23 inside the tile (0 to 1, their (x, y) / (ts - 1));
    ``kmeans_iters`` (default 10) Lloyd steps; initial centres drawn with a seeded
@@ -222,7 +224,10 @@ class BudgetStrategy:
         cap = valid.sum(1).numpy()
         alloc = allocate(imp.sum(1).double().numpy(), cap, B)
         keep_n = np.where(alloc > 0, np.maximum(1, np.round(self.preserve_ratio * alloc)), 0).astype(np.int64)
-        keep_n = np.minimum(keep_n, alloc)  # at most this many preserved patches a region
+        # at most this many preserved patches a region, and one slot at least left to merge the
+        # rest into where the region has more valid patches than tokens (a region of one token
+        # is its mean, not one patch with the others in no token)
+        keep_n = np.minimum(keep_n, np.where(cap > alloc, alloc - 1, alloc))
 
         # preserve (UHR-BAT's rule): cluster the region, keep unmerged only patches strictly above
         # their cluster's mean importance, the most important first, at most keep_n of them

@@ -271,6 +271,20 @@ def test_budget_tile_where_every_patch_scores_alike_has_no_anchor():
     assert sel.n_tokens <= 96
 
 
+@pytest.mark.parametrize("budget, ratio", [(1, 0.5), (4, 0.5), (8, 1.0), (40, 1.0)])
+def test_budget_every_valid_patch_of_a_region_with_tokens_is_in_one(budget, ratio):
+    """A region given fewer tokens than it has patches keeps one slot at least for merging the
+    rest: a region of one token is its mean (it was its best patch, the other 575 in no token),
+    and preserve_ratio 1 no longer leaves all but the preserved patches out."""
+    sel = run("budget", budget, preserve_ratio=ratio)
+    assert sel.n_tokens <= budget
+    regions = {int(m[0]) // N for m in sel.members}
+    covered = sorted(int(i) for m in sel.members for i in m)
+    assert covered == [t * N + p for t in sorted(regions) for p in range(N)]
+    if budget == 1:
+        assert len(regions) == 1 and sel.roles == ["merged"]
+
+
 def test_budget_spatial_weight_is_released_uhr_bat_default():
     """Released UHR-BAT clusters [L2-normalised features, 0.05 * (x, y) / (ts - 1)]; the default
     spatial weight is theirs (before: 1.0 on (row, col) / 24, about 20 times stronger)."""
