@@ -1193,5 +1193,6 @@ class ChatDock(QgsDockWidget):
                 self._health_task.done.disconnect(self._health_done)
             except TypeError:
                 pass
+            self._health_task.cancel()  # its call ends at once, not after the short timeout
             self._health_task = None
         self._remove_tool()

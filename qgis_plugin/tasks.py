@@ -434,7 +434,9 @@ def file_stem(question: str) -> str:
 
 
 class HealthTask(QgsTask):
-    """GET /health once; emits ``done(dict | None, str)`` (health, error message)."""
+    """GET /health once; emits ``done(dict | None, str)`` (health, error message). The call ends
+    within the client's short timeout as a whole (:meth:`client.EngineClient.request_json`), and
+    cancelling the task stops it at once."""
 
     done = pyqtSignal(object, str)
 
@@ -444,6 +446,10 @@ class HealthTask(QgsTask):
         self.health = None
         self.error = ""
         self.error_code = None  # EngineError.code of the failure ('engine_down': nothing answered)
+
+    def cancel(self) -> None:
+        super().cancel()
+        self.client.abort_calls()
 
     def run(self) -> bool:
         try:
