@@ -34,7 +34,7 @@ from .ask_stream import AskStream
 from .dialling import CallWatcher, WatchedHTTPSConnection, dialled, failed_at
 from .engine_errors import (EngineError, EngineUnavailable, connection_words, engine_json, error_body,
                             error_from_body, not_the_answer, size_text)
-from .engine_protocol import BATCH_ENDPOINT, FILES_ENDPOINT, HEALTH_ENDPOINT, JOBS_ENDPOINT
+from .engine_protocol import BATCH_ENDPOINT, FILES_ENDPOINT, HEALTH_ENDPOINT, JOBS_ENDPOINT, protocol_error
 
 # the most bytes of a JSON answer read (/health, /jobs: a batch's 10,000 results are a few
 # megabytes): one that never ends (a hostile or broken engine) must not fill the memory
@@ -96,6 +96,7 @@ class EngineClient:
         self._upload_limit = None
         self._calls = set()  # the CallWatchers of the short calls under way (abort_calls stops them)
         self._calls_lock = threading.Lock()
+        self._protocol_checked = False  # a /health answer of this client reported our protocol
         # set by settings.make_client: asked when a connection is refused (a batch's client lives
         # long, the engine may have stopped meanwhile), true while an engine started from this
         # QGIS runs to answer at this URL: then it is still loading its model (see _unavailable)
@@ -303,7 +304,8 @@ class EngineClient:
         """``GET /health`` (no token needed): the engine's HEALTH_FIELDS. Raises
         EngineUnavailable('not_an_engine') when the answer is not a GeoVQA engine's (a JSON object
         with a ``protocol`` field; an answer that is not JSON, a web server's page): another
-        program answering on the engine's address."""
+        program answering on the engine's address; EngineUnavailable('wrong_protocol') when its
+        ``protocol`` is not this plugin's (:func:`engine_protocol.protocol_error`)."""
         try:
             health = self.request_json("GET", HEALTH_ENDPOINT, auth=False)
         except EngineError as exc:
@@ -318,7 +320,25 @@ class EngineClient:
                 exc.status) from None
         if not isinstance(health, dict) or "protocol" not in health:
             raise self._not_an_engine("is not a GeoVQA engine's")
+        wrong = protocol_error(health, self.base_url)
+        if wrong is not None:
+            raise wrong
+        self._protocol_checked = True
         return health
+
+    def check_protocol(self) -> None:
+        """Raise EngineUnavailable('wrong_protocol') when the engine speaks another protocol than
+        this plugin (asked once per client, with ``/health``, unless an answer of it is known:
+        :meth:`upload_limit` asked it). Any other failure of ``/health`` is left to the call
+        that follows, which says its own; the batch task and Processing ask this before their
+        questions, the chat dock reads it from its status check."""
+        if self._protocol_checked:
+            return
+        try:
+            self.health()
+        except EngineError as exc:
+            if exc.code == "wrong_protocol":
+                raise
 
     def _not_an_engine(self, why: str) -> EngineUnavailable:
         return EngineUnavailable(

@@ -68,7 +68,8 @@ HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
 # a question failing so may mean the engine went away (died mid-answer, restarted, loading):
 # the status line is checked at once, not at the next interval
-HEALTH_AFTER_ERRORS = ("engine_down", "model_loading", "stream_broken", "io_error", "no_answer", "not_an_engine")
+HEALTH_AFTER_ERRORS = ("engine_down", "model_loading", "stream_broken", "io_error", "no_answer", "not_an_engine",
+                       "wrong_protocol")
 # Streamed tokens are redrawn at most this often: each redraw lays out the whole conversation,
 # so one redraw per token made a long answer quadratic and froze QGIS.
 RENDER_INTERVAL_MS = 100
@@ -147,6 +148,7 @@ class ChatDock(QgsDockWidget):
         self.renderer = None
         self.health = None
         self.health_error = ""
+        self.health_error_code = None  # EngineError.code of the last status check's failure
         self.last_error = ""
         self.aoi_geometry = None  # canvas CRS
         self.aoi_crs = None
@@ -798,6 +800,10 @@ class ChatDock(QgsDockWidget):
         if too_long:
             self._notify(too_long, MSG_WARNING)
             return None
+        if self.health_error_code == "wrong_protocol":  # the status check found an engine of another protocol
+            self._notify(self.health_error, MSG_WARNING)
+            self.refresh_health()  # it may have been updated since: the next question is asked then
+            return None
         try:
             area = area or self._current_area()
             geom, crs = area["geometry"], area["crs"]
@@ -1135,8 +1141,9 @@ class ChatDock(QgsDockWidget):
 
     def _health_done(self, health, error):
         code = getattr(self._health_task, "error_code", None)
+        said = getattr(self._health_task, "error_message", "")
         self._health_task = None
-        self.health, self.health_error = health, error
+        self.health, self.health_error, self.health_error_code = health, error, code
         level, text = engine_status.summary(health, error, Settings.load().engine_url)
         if self.engine_process is not None and self.engine_process.is_stopping():
             level, text = "loading", "The local engine is stopping …"
@@ -1152,6 +1159,8 @@ class ChatDock(QgsDockWidget):
             # one short line; what the connection said and what to do are in the tooltip and
             # in Diagnostics
             text = short.format(self._engine_host_port())
+        elif level == "down" and code == "wrong_protocol" and said:
+            text = said  # both versions; which side to update is in the tooltip and in Diagnostics
         color = engine_status.COLORS[level]
         self.status_label.setText(f"<span style='color:{color}'>●</span> {html.escape(text)}")
         self.status_label.setToolTip(tooltip)

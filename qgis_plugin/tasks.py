@@ -446,6 +446,7 @@ class HealthTask(QgsTask):
         self.health = None
         self.error = ""
         self.error_code = None  # EngineError.code of the failure ('engine_down': nothing answered)
+        self.error_message = ""  # its message, without what to do
 
     def cancel(self) -> None:
         super().cancel()
@@ -457,6 +458,7 @@ class HealthTask(QgsTask):
         except EngineError as exc:
             self.error = str(exc)
             self.error_code = exc.code
+            self.error_message = exc.message
         return True
 
     def finished(self, result: bool) -> None:  # main thread
@@ -604,6 +606,7 @@ class BatchTask(QgsTask):
 
     def cancel(self) -> None:
         super().cancel()  # the flag first, as AskTask.cancel
+        self.client.abort_calls()  # its protocol check (/health) too
         with self._lock:
             if self._stream is not None:
                 self._stream.abort()
@@ -681,6 +684,7 @@ class BatchTask(QgsTask):
         self._progress.start(index, upload is not None)
         stream = None
         try:
+            self.client.check_protocol()  # an engine of another protocol is asked nothing (once per batch)
             request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), bands=item.get("bands"),
                                         **self.options)
             stream = self.client.ask(request, prepared=upload) if upload is not None else self.client.ask(request)

@@ -287,6 +287,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     those words as ``partial_answer``, also said in the log ("The answer so far (incomplete): …");
     a cancelled one raises QgsProcessingException("Cancelled.") with them as ``partial_answer``."""
     request = build_ask_request(question, raster_path, aoi=aoi, bands=bands, **options)
+    client.check_protocol()  # an engine of another protocol is asked nothing (once per run)
     stream = client.ask(request, prepared=prepared)
     if progress is None and feedback is not None:
         progress = BatchProgress(1, feedback.setProgress)
