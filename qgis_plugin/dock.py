@@ -53,7 +53,7 @@ from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, c
 from .bands import RENDER_BANDS, bands_text, layer_bands
 from .client import health_read_budget
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER, qaction_class
-from .engine_errors import EngineError
+from .engine_errors import MAX_SHOWN_CHARS, EngineError, shown_text
 from .engine_protocol import build_ask_request, new_request_id, question_too_long
 from .history import LOG_TAG, ProjectHistory, kept_result
 from .paths import export_path, public_source
@@ -1089,8 +1089,13 @@ class ChatDock(QgsDockWidget):
     def _fail(self, turn, message, short=None):
         """``message``: the whole error, with its hint, kept in the chat turn (the record);
         ``short``: the error without the hint, for the message bar (one line; the hint is read
-        in the chat). Every failed question is reported so."""
-        turn["error"] = message
+        in the chat). Every failed question is reported so. A message longer than
+        MAX_SHOWN_CHARS (an engine's of megabytes) is shown cut (:func:`engine_errors.shown_text`)
+        and kept whole in QGIS's log and in Diagnostics (``last_error``)."""
+        if len(message) > MAX_SHOWN_CHARS:  # megabytes of an engine's message: the whole in the log
+            QgsMessageLog.logMessage(f"Question '{turn.get('question', '')}' failed: {message}", "GeoVQA",
+                                     MSG_CRITICAL)
+        turn["error"] = shown_text(message)  # the chat turn (saved with the project)
         turn["done"] = True
         self._layer_removed_meanwhile(turn)
         self.last_error = message
@@ -1106,6 +1111,7 @@ class ChatDock(QgsDockWidget):
         self.answer_finished.emit(turn)
 
     def _notify(self, message, level):
+        message = shown_text(message)  # the whole of a longer one is logged by its caller
         try:
             self.iface.messageBar().pushMessage("GeoVQA", message, level=level, duration=8)
         except Exception:  # noqa: BLE001 - never let a message bar problem hide the error
@@ -1152,7 +1158,10 @@ class ChatDock(QgsDockWidget):
             # nothing answers where the engine started here will listen: it is loading its model
             # (another error, or another URL, is said as it is)
             level, text = "loading", "The local engine is starting (loading the model) …"
-        tooltip = error or ""
+        if len(text) > MAX_SHOWN_CHARS or len(error or "") > MAX_SHOWN_CHARS:
+            QgsMessageLog.logMessage(f"Engine status: {error or text}", "GeoVQA", MSG_WARNING)
+        text = shown_text(text)  # an engine's message of megabytes, cut (the whole is logged)
+        tooltip = shown_text(error or "")
         short = {"engine_down": "Engine not reachable at {}", "no_answer": "No answer from the engine at {}",
                  "not_an_engine": "Not a GeoVQA engine at {}"}.get(code)
         if level == "down" and short:
