@@ -62,7 +62,7 @@ from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGY_CHOICES, STRATEGY_SHORT_LABELS, STRATEGY_TIPS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
-from .tasks import ANSWERING, AskTask, HealthTask, discard_kept_files, event_text, rect_bounds
+from .tasks import ANSWERING, AskTask, HealthTask, discard_kept_files, event_text, rect_bounds, visual_tokens_text
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
@@ -1035,8 +1035,8 @@ class ChatDock(QgsDockWidget):
         timings = ev.get("timings") or {}
         turn["result"] = kept_result(ev)  # not the anchors, the CRS WKT nor the answer again
         strategy = ev.get("strategy")
-        turn["meta"] = (f"{STRATEGY_SHORT_LABELS.get(strategy, strategy)}: {tokens.get('visual_kept', '?')}/{tokens.get('visual_candidates', '?')} "
-                        f"visual tokens kept, {float(timings.get('total') or 0):.1f} s")
+        turn["meta"] = (f"{STRATEGY_SHORT_LABELS.get(strategy, strategy)}: {visual_tokens_text(tokens)}, "
+                        f"{float(timings.get('total') or 0):.1f} s")
         # which bands the model saw (the result's bands; an older engine does not say)
         seen = bands_text(ev.get("bands"), ev.get("palette"), rendered=bool(turn.get("rendered_path")))
         if seen:

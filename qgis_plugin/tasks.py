@@ -276,6 +276,21 @@ def stage_text(ev: dict) -> str:
 STARTING = "Starting …"  # a queued question with no job ahead of it
 
 
+def visual_tokens_text(tokens) -> str:
+    """The visual tokens of an answer's ``tokens`` (its ``visual_kept`` and
+    ``visual_candidates``), in words: "288/576 visual tokens kept", or, when more were sent than
+    the candidates (``visual_candidates`` is the unreduced path's count, every tile pooled 2 x 2;
+    a strategy keeping single patches, e.g. 600 tokens a tile, sends more), "600 visual tokens
+    (unreduced: 288)", which never reads as more kept than there were. Exports keep both numbers
+    as they came (results_io)."""
+    tokens = tokens if isinstance(tokens, dict) else {}
+    kept, candidates = tokens.get("visual_kept"), tokens.get("visual_candidates")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (kept, candidates))
+    if numbers and kept > candidates:
+        return f"{kept} visual tokens (unreduced: {candidates})"
+    return f"{'?' if kept is None else kept}/{'?' if candidates is None else candidates} visual tokens kept"
+
+
 def event_text(ev: dict) -> str | None:
     """What the engine does, in words, after the stream event ``ev`` (None: no change):
     "Queued (2 ahead) …", "Starting …" (queued with nothing ahead: it starts now), "Encoding
