@@ -82,6 +82,16 @@ def _geojson_file(path: Path) -> dict:
     return data
 
 
+def visual_tokens_text(tokens: dict) -> str:
+    """"X kept of Y", or "X (unreduced path: Y)" when more were sent than `visual_candidates`
+    (the unreduced path's count, every tile pooled 2 x 2: a strategy keeping single patches,
+    e.g. 600 tokens a tile, sends more), so the line never reads as more kept than there were."""
+    kept, candidates = tokens["visual_kept"], tokens["visual_candidates"]
+    if kept > candidates:
+        return f"{kept} (unreduced path: {candidates})"
+    return f"{kept} kept of {candidates}"
+
+
 def bands_text(bands, palette: bool = False) -> str:
     """Which bands of the raster the model saw, in words, from a ``result`` event's ``bands``
     and ``palette``: "bands 4, 3, 2 (red, green, blue)", "band 1 as grey", "band 1 through its
@@ -200,9 +210,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(adapter_text(health), file=sys.stderr)
         tok, tim = result["tokens"], result["timings"]
         peak = result.get("peak_memory_bytes")
-        print(f"visual tokens: {tok['visual_kept']} kept of {tok['visual_candidates']} "
-              f"({result['strategy']}); prompt {tok['prompt']}, generated {tok['generated']}",
-              file=sys.stderr)
+        print(f"visual tokens: {visual_tokens_text(tok)} ({result['strategy']}); prompt {tok['prompt']}, "
+              f"generated {tok['generated']}", file=sys.stderr)
         seen = bands_text(result.get("bands"), bool(result.get("palette")))
         if seen:
             print(f"the model saw {seen} (choose others with --bands)", file=sys.stderr)

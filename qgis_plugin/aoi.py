@@ -25,7 +25,7 @@ from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QTransform
 
 from .compat import POLYGON_GEOMETRY
-from .georef import georeferencing, open_with_gdal
+from .georef import georeferencing, geotransform_problem, open_with_gdal
 
 AOI_MODES = ("layer", "extent", "rectangle", "polygon")
 AOI_LABELS = {
@@ -234,6 +234,23 @@ def is_unreferenced_file(layer) -> bool:
     return ds is not None and georeferencing(ds) == "none"
 
 
+def check_placed_on_map(layer) -> None:
+    """Raise AoiError, in the engine's words (:func:`georef.geotransform_problem`), when the file
+    the engine reads for ``layer`` (:func:`render.layer_file_path`) has a geotransform that places
+    no pixel on the map (NaN or infinite terms, a pixel size of zero, rows along the columns): the
+    engine refuses it (raster_unreadable), and QGIS shows it with an empty or infinite extent, from
+    which an area of interest came out empty (an empty polygon was sent), as the whole layer, or
+    crashed GEOS. Said before anything is cut, uploaded or asked. A layer that is rendered first
+    is none of these."""
+    from .render import layer_file_path  # here: render imports tasks, which needs no AOI
+
+    path = layer_file_path(layer)
+    ds = open_with_gdal(path)
+    problem = geotransform_problem(ds, path) if ds is not None else None
+    if problem:
+        raise AoiError(problem)
+
+
 def layer_to_pixel_coords(geometry: QgsGeometry) -> QgsGeometry:
     """``geometry`` from an unreferenced layer's coordinates (x = col, y = -row) to the
     engine's source pixel coordinates (col, row): y -> -y."""
@@ -294,8 +311,10 @@ def request_aoi(geometry: QgsGeometry | None, src_crs, layer, project: QgsProjec
     anything else becomes ``polygon_wkt`` in the layer's CRS, clipped to the layer extent (on a
     file with no georeferencing, in its source pixels: see :func:`is_unreferenced_file`). Raises
     AoiError for an area off the layer, or one smaller than one of its pixels
-    (:func:`check_holds_a_pixel`).
+    (:func:`check_holds_a_pixel`), and for a file whose geotransform places no pixel on the map
+    (:func:`check_placed_on_map`), with or without an area.
     """
+    check_placed_on_map(layer)
     if geometry is None or geometry.isEmpty():
         return None
     geom = clip_to_layer(geometry, src_crs, layer, project)

@@ -48,7 +48,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import layers as result_layers
-from .aoi import AoiError, clip_to_layer, is_unreferenced_file
+from .aoi import AoiError, check_placed_on_map, clip_to_layer, is_unreferenced_file
 from .bands import RENDER_BANDS, bands_cell, layer_bands
 from .client import health_read_budget
 from .compat import MSG_INFO, MSG_WARNING, is_raster_layer
@@ -424,6 +424,10 @@ class BatchDialog(QDialog):
                 "unreferenced": is_unreferenced_file(layer),
                 "bands": layer_bands(layer) if path is not None else RENDER_BANDS, "rendered": False}
         if path is not None:
+            try:
+                check_placed_on_map(layer)  # a file the engine refuses: its rows say why, nothing is sent
+            except AoiError as exc:
+                item["error"] = str(exc)
             self._items.append(item)
             self._next_item()
             return

@@ -24,21 +24,23 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 import unicodedata
 import urllib.parse
 from pathlib import Path
 
 from .addresses import DEFAULT_ENGINE_URL, engine_address, host_port, is_own_host
 from .ask_stream import AskStream
-from .dialling import WatchedHTTPSConnection, dialled, failed_at
+from .dialling import CallWatcher, WatchedHTTPSConnection, dialled, failed_at
 from .engine_errors import (EngineError, EngineUnavailable, connection_words, engine_json, error_body,
                             error_from_body, not_the_answer, size_text)
-from .engine_protocol import BATCH_ENDPOINT, FILES_ENDPOINT, HEALTH_ENDPOINT, JOBS_ENDPOINT
+from .engine_protocol import BATCH_ENDPOINT, FILES_ENDPOINT, HEALTH_ENDPOINT, JOBS_ENDPOINT, protocol_error
 
 # the most bytes of a JSON answer read (/health, /jobs: a batch's 10,000 results are a few
 # megabytes): one that never ends (a hostile or broken engine) must not fill the memory
 MAX_JSON_BYTES = 64 << 20
-# the short timeout, in seconds: /health and the other small calls, a connection being made
+# the short timeout, in seconds: /health and the other small calls (each as a whole, from its
+# connect to the last byte of its answer), a connection being made
 TIMEOUT_S = 10.0
 # How a raster reaches the engine: "auto" uploads it when the engine's host is not this computer
 # (by address); "upload" always (an SSH tunnel on 127.0.0.1 to an engine elsewhere, which cannot
@@ -92,6 +94,9 @@ class EngineClient:
         self.stream_timeout = stream_timeout
         # (max_upload_bytes or None, max_read_pixels or None) once /health answered: see upload_limit
         self._upload_limit = None
+        self._calls = set()  # the CallWatchers of the short calls under way (abort_calls stops them)
+        self._calls_lock = threading.Lock()
+        self._protocol_checked = False  # a /health answer of this client reported our protocol
         # set by settings.make_client: asked when a connection is refused (a batch's client lives
         # long, the engine may have stopped meanwhile), true while an engine started from this
         # QGIS runs to answer at this URL: then it is still loading its model (see _unavailable)
@@ -215,20 +220,44 @@ class EngineClient:
 
     def request_json(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
                      auth: bool = True):
+        """``method path`` with the JSON ``body``, its JSON answer. ``timeout`` (default: the short
+        timeout) bounds the whole call, from the connect to the answer's last byte, not only each
+        read (a server trickling a byte every few seconds is given up then, 'no_answer');
+        :meth:`abort_calls` stops it from another thread (EngineError 'cancelled')."""
         data = json.dumps(body).encode("utf-8") if body is not None else None
         headers = self.headers("application/json" if data else None, auth=auth)
-        conn = self._connection(timeout or self.timeout)
-        stage = "send"
+        seconds = timeout or self.timeout
+        call = CallWatcher(seconds)
+        with self._calls_lock:
+            self._calls.add(call)
+        conn = self._connection(seconds, watcher=call)
+        stage, connected = "send", False
         try:
-            self._connect(conn)
-            conn.request(method, self.prefix + path, body=data, headers=headers)
-            stage = "wait"
-            resp = conn.getresponse()
-            stage = "receive"
-            payload = error_body(resp) if resp.status >= 400 else resp.read(MAX_JSON_BYTES + 1)
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._unavailable(exc, stage, seconds=timeout or self.timeout) from exc
+            try:
+                self._connect(conn)
+            except EngineError:
+                if call.aborted:  # out of time (or stopped) while connecting, or in a TLS handshake once connected
+                    raise self._stopped(call, failed_at(conn, "connect") == "wait", seconds, path) from None
+                raise
+            connected = True
+            try:
+                if not call.adopt(conn.sock):  # over https the TLS socket, not the one adopted in the connect
+                    raise ConnectionAbortedError("stopped")
+                conn.request(method, self.prefix + path, body=data, headers=headers)
+                stage = "wait"
+                resp = conn.getresponse()
+                stage = "receive"
+                payload = error_body(resp) if resp.status >= 400 else resp.read(MAX_JSON_BYTES + 1)
+            except (OSError, http.client.HTTPException) as exc:
+                if call.aborted:  # out of time or stopped: no TLS probe of what answered (tls.explain)
+                    raise self._stopped(call, connected, seconds, path) from None
+                raise self._unavailable(exc, failed_at(conn, stage), seconds=seconds) from exc
+            if call.aborted:  # an error body cut short by the deadline or a stop
+                raise self._stopped(call, connected, seconds, path)
         finally:
+            call.done()
+            with self._calls_lock:
+                self._calls.discard(call)
             conn.close()
         if resp.status >= 400:
             raise error_from_body(resp.status, payload)
@@ -245,6 +274,24 @@ class EngineClient:
             raise EngineError("bad_response", f"The engine answered {path} with something that is not JSON.") from exc
         return engine_json(text, f"The engine answered {path} with something that is {{why}}.")
 
+    def _stopped(self, call: CallWatcher, connected: bool, seconds: float, path: str) -> EngineError:
+        """The error of a short call that ``call`` ended: its deadline passed before a connection
+        was made ('engine_down') or before the answer came whole within ``seconds``
+        ('no_answer'), or :meth:`abort_calls` stopped it ('cancelled')."""
+        if not call.expired:
+            return EngineError("cancelled", f"The call to {self.base_url}{path} was stopped.")
+        if not connected:
+            return self._not_reachable(TimeoutError(f"no answer to the connection within {seconds:g} s"))
+        return self._unavailable(TimeoutError(), "wait", seconds=seconds)
+
+    def abort_calls(self) -> None:
+        """Stop this client's short calls under way (:meth:`request_json`: ``/health``, the jobs of
+        a batch) from any thread: each raises EngineError 'cancelled' at once."""
+        with self._calls_lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.abort()
+
     @property
     def uploads(self) -> bool:
         """True when rasters are sent as uploads rather than paths (see SEND_RASTERS)."""
@@ -257,7 +304,8 @@ class EngineClient:
         """``GET /health`` (no token needed): the engine's HEALTH_FIELDS. Raises
         EngineUnavailable('not_an_engine') when the answer is not a GeoVQA engine's (a JSON object
         with a ``protocol`` field; an answer that is not JSON, a web server's page): another
-        program answering on the engine's address."""
+        program answering on the engine's address; EngineUnavailable('wrong_protocol') when its
+        ``protocol`` is not this plugin's (:func:`engine_protocol.protocol_error`)."""
         try:
             health = self.request_json("GET", HEALTH_ENDPOINT, auth=False)
         except EngineError as exc:
@@ -272,7 +320,25 @@ class EngineClient:
                 exc.status) from None
         if not isinstance(health, dict) or "protocol" not in health:
             raise self._not_an_engine("is not a GeoVQA engine's")
+        wrong = protocol_error(health, self.base_url)
+        if wrong is not None:
+            raise wrong
+        self._protocol_checked = True
         return health
+
+    def check_protocol(self) -> None:
+        """Raise EngineUnavailable('wrong_protocol') when the engine speaks another protocol than
+        this plugin (asked once per client, with ``/health``, unless an answer of it is known:
+        :meth:`upload_limit` asked it). Any other failure of ``/health`` is left to the call
+        that follows, which says its own; the batch task and Processing ask this before their
+        questions, the chat dock reads it from its status check."""
+        if self._protocol_checked:
+            return
+        try:
+            self.health()
+        except EngineError as exc:
+            if exc.code == "wrong_protocol":
+                raise
 
     def _not_an_engine(self, why: str) -> EngineUnavailable:
         return EngineUnavailable(

@@ -5,7 +5,9 @@ connected in short slices that look whether the watcher was stopped; an https co
 over its TLS socket before the handshake (WatchedHTTPSConnection). A host that drops the
 connection's packets is given up after the connection's timeout, not the minutes the system
 waits. No proxy ever carries a connection: the engine is dialled straight. :func:`failed_at`
-says at which stage a connection's failure counts (the rule every call shares).
+says at which stage a connection's failure counts (the rule every call shares). A short call
+(``/health``, the other JSON requests) is watched by a :class:`CallWatcher`: an overall deadline,
+and a stop from another thread.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import http.client
 import os
 import select
 import socket
+import threading
 import time
 
 from .addresses import dial_host
@@ -68,6 +71,62 @@ def open_socket(address: tuple, timeout: float | None, source_address=None, watc
                 raise ConnectionAbortedError("stopped while the connection was being made") from None
             error = exc
     raise error or OSError(f"no address found for {host}")
+
+
+ABORTED_READ_S = 0.001  # how long a read of a stopped call waits for bytes
+
+
+class CallWatcher:
+    """The watcher (as an :class:`ask_stream.AskStream` is one) of one short call: every socket it
+    is handed is shut down once ``deadline_s`` seconds have passed since it was made
+    (``expired``), or when :meth:`abort` is called from another thread (a cancelled health
+    check), so a blocked connect, send or read returns at once. Without it a server that trickles
+    a few bytes every few seconds kept each read within its timeout and the call alive for ever.
+    :meth:`done` ends its clock."""
+
+    def __init__(self, deadline_s: float):
+        self._lock = threading.Lock()
+        self._sockets = []
+        self._aborted = False
+        self.expired = False
+        self._timer = threading.Timer(deadline_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.abort()
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # not connected yet, or closed already
+                pass
+            try:
+                # Linux still delivers what the peer sends after a shutdown: a server trickling
+                # bytes kept each read fed. Its next wait for bytes times out at once instead.
+                sock.settimeout(ABORTED_READ_S)
+            except OSError:
+                pass
+
+    def adopt(self, sock) -> bool:
+        """Take ``sock`` into the sockets :meth:`abort` shuts down (False when stopped already)."""
+        with self._lock:
+            if self._aborted:
+                return False
+            self._sockets.append(sock)
+            return True
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def done(self) -> None:
+        self._timer.cancel()
 
 
 CONNECT_SLICE_S = 0.2  # how often a connect in progress looks whether it was stopped

@@ -53,7 +53,7 @@ from .aoi import (AOI_LABELS, AOI_MODES, AoiError, PolygonTool, RectangleTool, c
 from .bands import RENDER_BANDS, bands_text, layer_bands
 from .client import health_read_budget
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER, qaction_class
-from .engine_errors import EngineError
+from .engine_errors import MAX_SHOWN_CHARS, EngineError, shown_text
 from .engine_protocol import build_ask_request, new_request_id, question_too_long
 from .history import LOG_TAG, ProjectHistory, kept_result
 from .paths import export_path, public_source
@@ -62,13 +62,14 @@ from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGY_CHOICES, STRATEGY_SHORT_LABELS, STRATEGY_TIPS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
-from .tasks import ANSWERING, AskTask, HealthTask, discard_kept_files, event_text, rect_bounds
+from .tasks import ANSWERING, AskTask, HealthTask, discard_kept_files, event_text, rect_bounds, visual_tokens_text
 
 HEALTH_INTERVAL_MS = 30000  # engine ready: check now and then
 HEALTH_INTERVAL_BUSY_MS = 3000  # engine down or loading: check often so the line turns green quickly
 # a question failing so may mean the engine went away (died mid-answer, restarted, loading):
 # the status line is checked at once, not at the next interval
-HEALTH_AFTER_ERRORS = ("engine_down", "model_loading", "stream_broken", "io_error", "no_answer", "not_an_engine")
+HEALTH_AFTER_ERRORS = ("engine_down", "model_loading", "stream_broken", "io_error", "no_answer", "not_an_engine",
+                       "wrong_protocol")
 # Streamed tokens are redrawn at most this often: each redraw lays out the whole conversation,
 # so one redraw per token made a long answer quadratic and froze QGIS.
 RENDER_INTERVAL_MS = 100
@@ -147,6 +148,7 @@ class ChatDock(QgsDockWidget):
         self.renderer = None
         self.health = None
         self.health_error = ""
+        self.health_error_code = None  # EngineError.code of the last status check's failure
         self.last_error = ""
         self.aoi_geometry = None  # canvas CRS
         self.aoi_crs = None
@@ -798,6 +800,10 @@ class ChatDock(QgsDockWidget):
         if too_long:
             self._notify(too_long, MSG_WARNING)
             return None
+        if self.health_error_code == "wrong_protocol":  # the status check found an engine of another protocol
+            self._notify(self.health_error, MSG_WARNING)
+            self.refresh_health()  # it may have been updated since: the next question is asked then
+            return None
         try:
             area = area or self._current_area()
             geom, crs = area["geometry"], area["crs"]
@@ -1029,8 +1035,8 @@ class ChatDock(QgsDockWidget):
         timings = ev.get("timings") or {}
         turn["result"] = kept_result(ev)  # not the anchors, the CRS WKT nor the answer again
         strategy = ev.get("strategy")
-        turn["meta"] = (f"{STRATEGY_SHORT_LABELS.get(strategy, strategy)}: {tokens.get('visual_kept', '?')}/{tokens.get('visual_candidates', '?')} "
-                        f"visual tokens kept, {float(timings.get('total') or 0):.1f} s")
+        turn["meta"] = (f"{STRATEGY_SHORT_LABELS.get(strategy, strategy)}: {visual_tokens_text(tokens)}, "
+                        f"{float(timings.get('total') or 0):.1f} s")
         # which bands the model saw (the result's bands; an older engine does not say)
         seen = bands_text(ev.get("bands"), ev.get("palette"), rendered=bool(turn.get("rendered_path")))
         if seen:
@@ -1083,8 +1089,13 @@ class ChatDock(QgsDockWidget):
     def _fail(self, turn, message, short=None):
         """``message``: the whole error, with its hint, kept in the chat turn (the record);
         ``short``: the error without the hint, for the message bar (one line; the hint is read
-        in the chat). Every failed question is reported so."""
-        turn["error"] = message
+        in the chat). Every failed question is reported so. A message longer than
+        MAX_SHOWN_CHARS (an engine's of megabytes) is shown cut (:func:`engine_errors.shown_text`)
+        and kept whole in QGIS's log and in Diagnostics (``last_error``)."""
+        if len(message) > MAX_SHOWN_CHARS:  # megabytes of an engine's message: the whole in the log
+            QgsMessageLog.logMessage(f"Question '{turn.get('question', '')}' failed: {message}", "GeoVQA",
+                                     MSG_CRITICAL)
+        turn["error"] = shown_text(message)  # the chat turn (saved with the project)
         turn["done"] = True
         self._layer_removed_meanwhile(turn)
         self.last_error = message
@@ -1100,6 +1111,7 @@ class ChatDock(QgsDockWidget):
         self.answer_finished.emit(turn)
 
     def _notify(self, message, level):
+        message = shown_text(message)  # the whole of a longer one is logged by its caller
         try:
             self.iface.messageBar().pushMessage("GeoVQA", message, level=level, duration=8)
         except Exception:  # noqa: BLE001 - never let a message bar problem hide the error
@@ -1135,8 +1147,9 @@ class ChatDock(QgsDockWidget):
 
     def _health_done(self, health, error):
         code = getattr(self._health_task, "error_code", None)
+        said = getattr(self._health_task, "error_message", "")
         self._health_task = None
-        self.health, self.health_error = health, error
+        self.health, self.health_error, self.health_error_code = health, error, code
         level, text = engine_status.summary(health, error, Settings.load().engine_url)
         if self.engine_process is not None and self.engine_process.is_stopping():
             level, text = "loading", "The local engine is stopping …"
@@ -1145,13 +1158,18 @@ class ChatDock(QgsDockWidget):
             # nothing answers where the engine started here will listen: it is loading its model
             # (another error, or another URL, is said as it is)
             level, text = "loading", "The local engine is starting (loading the model) …"
-        tooltip = error or ""
+        if len(text) > MAX_SHOWN_CHARS or len(error or "") > MAX_SHOWN_CHARS:
+            QgsMessageLog.logMessage(f"Engine status: {error or text}", "GeoVQA", MSG_WARNING)
+        text = shown_text(text)  # an engine's message of megabytes, cut (the whole is logged)
+        tooltip = shown_text(error or "")
         short = {"engine_down": "Engine not reachable at {}", "no_answer": "No answer from the engine at {}",
                  "not_an_engine": "Not a GeoVQA engine at {}"}.get(code)
         if level == "down" and short:
             # one short line; what the connection said and what to do are in the tooltip and
             # in Diagnostics
             text = short.format(self._engine_host_port())
+        elif level == "down" and code == "wrong_protocol" and said:
+            text = said  # both versions; which side to update is in the tooltip and in Diagnostics
         color = engine_status.COLORS[level]
         self.status_label.setText(f"<span style='color:{color}'>●</span> {html.escape(text)}")
         self.status_label.setToolTip(tooltip)
@@ -1193,5 +1211,6 @@ class ChatDock(QgsDockWidget):
                 self._health_task.done.disconnect(self._health_done)
             except TypeError:
                 pass
+            self._health_task.cancel()  # its call ends at once, not after the short timeout
             self._health_task = None
         self._remove_tool()

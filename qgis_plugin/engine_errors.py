@@ -2,7 +2,7 @@
 docs/protocol.md, a message and what to do), and the readers that make them of what the engine
 sends back: its JSON (engine_json), its error answers (error_from_body, error_body); how a
 connection ended and how big an upload is, in the words those errors use (connection_words,
-size_text). Standard library only; every other module of the client imports its errors from here.
+size_text); and how much of an error is shown at once (shown_text). Standard library only; every other module of the client imports its errors from here.
 """
 
 from __future__ import annotations
@@ -150,3 +150,19 @@ def size_text(n: int) -> str:
     if n < 1 << 30:
         return f"{n / (1 << 20):.1f} MiB"
     return f"{n / (1 << 30):.1f} GiB"
+
+
+# the most characters of an error shown at once (QGIS's message bar, the chat, the status line):
+# an engine's message of megabytes (a broken or hostile engine, a traceback) is cut here; the
+# whole text goes to QGIS's log (and Diagnostics)
+MAX_SHOWN_CHARS = 500
+LOG_WHERE = "the whole message is in QGIS's log (View > Panels > Log Messages, GeoVQA)"
+
+
+def shown_text(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` whole when it has at most ``limit`` characters, else its first ``limit`` with an
+    ellipsis and how long it was, and where the whole is (its caller logs it)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit].rstrip()}… ({len(text)} characters; {LOG_WHERE})"

@@ -1,14 +1,16 @@
 """The engine protocol as the plugin speaks it (the engine's side: engine/protocol.py; the page
 that explains it: docs/protocol.md): its version, endpoints, event types, heartbeat header and
 question limit, and the ``POST /ask`` request body, built and checked here before it is sent
-(build_ask_request, question_too_long), so a question the engine would refuse is said at once.
+(build_ask_request, question_too_long), so a question the engine would refuse is said at once;
+and whether an engine speaks this version (protocol_error, of its ``/health`` answer).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 
-from .engine_errors import EngineError
+from .engine_errors import EngineError, EngineUnavailable
 
 PROTOCOL_VERSION = 1
 ASK_ENDPOINT = "/ask"
@@ -21,6 +23,45 @@ FINAL_EVENTS = ("result", "error")
 KNOWN_EVENTS = ("queued", "status", "token", "result", "error", "heartbeat")
 MAX_QUESTION_CHARS = 2000
 HEARTBEAT_HEADER = "X-Heartbeat-S"  # engine/protocol.py HEARTBEAT_HEADER
+
+
+def protocol_error(health: dict, base_url: str) -> EngineUnavailable | None:
+    """EngineUnavailable 'wrong_protocol' when the engine's ``/health`` answer ``health`` reports a
+    protocol other than PROTOCOL_VERSION, or one that is no whole number; None when it is ours.
+
+    The version is one whole number (docs/protocol.md, *Versioning*): fields may be added within a
+    version, so an engine of the same version is used whatever else it adds; removing or
+    changing a field makes the next version, whose answers this plugin would misread, so no
+    question is asked of it. The sentence names both versions and which side to update."""
+    theirs = health.get("protocol")
+    whole = isinstance(theirs, int) and not isinstance(theirs, bool)
+    if whole and theirs == PROTOCOL_VERSION:
+        return None
+    if whole and theirs > PROTOCOL_VERSION:
+        return EngineUnavailable(
+            "wrong_protocol",
+            f"The engine at {base_url} speaks protocol version {theirs}; this plugin speaks version "
+            f"{PROTOCOL_VERSION}, so it asks that engine nothing.",
+            f"Update the GeoVQA plugin (Plugins > Manage and Install Plugins) to a version for protocol {theirs}, "
+            f"or run an engine of protocol {PROTOCOL_VERSION}.")
+    if whole:
+        return EngineUnavailable(
+            "wrong_protocol",
+            f"The engine at {base_url} speaks protocol version {theirs}; this plugin speaks version "
+            f"{PROTOCOL_VERSION}, so it asks that engine nothing.",
+            f"Update the engine to the version that came with this plugin (protocol {PROTOCOL_VERSION}), "
+            "or use a GeoVQA plugin for its protocol.")
+    try:
+        shown = json.dumps(theirs)
+    except (TypeError, ValueError):
+        shown = repr(theirs)
+    shown = shown if len(shown) <= 40 else shown[:39] + "…"
+    return EngineUnavailable(
+        "wrong_protocol",
+        f"The engine at {base_url} reports a protocol version that is not a whole number ({shown}); this "
+        f"plugin speaks version {PROTOCOL_VERSION}, so it asks that engine nothing.",
+        "Look at the engine's version and log, and update the engine or the plugin so that both speak the "
+        "same protocol.")
 
 
 def new_request_id() -> str:

@@ -1,7 +1,8 @@
 """How GDAL places a raster file on the map, and whether the engine reads it as QGIS shows it.
 
-GDAL only (no QGIS): shared by :mod:`aoi` (which grid an AOI is cut from, and whether a file
-has no georeferencing at all) and :mod:`render` (which files are sent as they are).
+GDAL only (no QGIS): shared by :mod:`aoi` (which grid an AOI is cut from, whether a file has no
+georeferencing at all, and whether its geotransform places its pixels on the map at all) and
+:mod:`render` (which files are sent as they are).
 """
 
 from __future__ import annotations
@@ -38,6 +39,33 @@ def georeferencing(ds) -> str:
     if ds.GetMetadata("RPC"):
         return "rpcs"
     return "none"
+
+
+def geotransform_problem(ds, name: str) -> str | None:
+    """Why the engine refuses ``ds`` (opened from the file ``name``) for its geotransform, in the
+    engine's words (engine/georeferencing.py ``_check_geotransform``, code raster_unreadable), or
+    None when it has none or a usable one. A geotransform places no pixel on the map when one of
+    its coefficients is not a finite number (a damaged header), or when its pixels have no area
+    (a pixel size of zero, or rows that run along the columns: a determinant of zero), which no
+    inverse undoes; QGIS then shows an empty or infinite extent, which no area of interest can
+    be cut from."""
+    gt = ds.GetGeoTransform(can_return_null=True)
+    if gt is None:
+        return None
+    # the order of the engine's Affine(a, b, c, d, e, f), whose coefficients it says
+    coefficients = (gt[1], gt[2], gt[0], gt[4], gt[5], gt[3])
+    if all(math.isfinite(v) for v in coefficients):
+        det = gt[1] * gt[5] - gt[2] * gt[4]
+        if math.isfinite(det) and det != 0:
+            return None
+        why = ("its pixels have no area: a pixel size of zero, or rows that run along the columns"
+               if det == 0 else "its pixels are too large to compute with")
+    else:
+        why = "some of its coefficients are not numbers"
+    return (f"'{name}' has a geotransform that places no pixel on the map ({why}: "
+            f"{', '.join(f'{v:g}' for v in coefficients)}). Fix its georeferencing (e.g. "
+            f"gdal_edit.py -a_ullr <ulx> <uly> <lrx> <lry> '{name}'), or remove it "
+            f"(gdal_edit.py -unsetgt '{name}') to read it in pixel coordinates, and try again.")
 
 
 def _worst_gcp_miss_px(gcps) -> float:

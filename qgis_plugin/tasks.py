@@ -276,6 +276,21 @@ def stage_text(ev: dict) -> str:
 STARTING = "Starting …"  # a queued question with no job ahead of it
 
 
+def visual_tokens_text(tokens) -> str:
+    """The visual tokens of an answer's ``tokens`` (its ``visual_kept`` and
+    ``visual_candidates``), in words: "288/576 visual tokens kept", or, when more were sent than
+    the candidates (``visual_candidates`` is the unreduced path's count, every tile pooled 2 x 2;
+    a strategy keeping single patches, e.g. 600 tokens a tile, sends more), "600 visual tokens
+    (unreduced: 288)", which never reads as more kept than there were. Exports keep both numbers
+    as they came (results_io)."""
+    tokens = tokens if isinstance(tokens, dict) else {}
+    kept, candidates = tokens.get("visual_kept"), tokens.get("visual_candidates")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (kept, candidates))
+    if numbers and kept > candidates:
+        return f"{kept} visual tokens (unreduced: {candidates})"
+    return f"{'?' if kept is None else kept}/{'?' if candidates is None else candidates} visual tokens kept"
+
+
 def event_text(ev: dict) -> str | None:
     """What the engine does, in words, after the stream event ``ev`` (None: no change):
     "Queued (2 ahead) …", "Starting …" (queued with nothing ahead: it starts now), "Encoding
@@ -434,7 +449,9 @@ def file_stem(question: str) -> str:
 
 
 class HealthTask(QgsTask):
-    """GET /health once; emits ``done(dict | None, str)`` (health, error message)."""
+    """GET /health once; emits ``done(dict | None, str)`` (health, error message). The call ends
+    within the client's short timeout as a whole (:meth:`client.EngineClient.request_json`), and
+    cancelling the task stops it at once."""
 
     done = pyqtSignal(object, str)
 
@@ -444,6 +461,11 @@ class HealthTask(QgsTask):
         self.health = None
         self.error = ""
         self.error_code = None  # EngineError.code of the failure ('engine_down': nothing answered)
+        self.error_message = ""  # its message, without what to do
+
+    def cancel(self) -> None:
+        super().cancel()
+        self.client.abort_calls()
 
     def run(self) -> bool:
         try:
@@ -451,6 +473,7 @@ class HealthTask(QgsTask):
         except EngineError as exc:
             self.error = str(exc)
             self.error_code = exc.code
+            self.error_message = exc.message
         return True
 
     def finished(self, result: bool) -> None:  # main thread
@@ -598,6 +621,7 @@ class BatchTask(QgsTask):
 
     def cancel(self) -> None:
         super().cancel()  # the flag first, as AskTask.cancel
+        self.client.abort_calls()  # its protocol check (/health) too
         with self._lock:
             if self._stream is not None:
                 self._stream.abort()
@@ -675,6 +699,7 @@ class BatchTask(QgsTask):
         self._progress.start(index, upload is not None)
         stream = None
         try:
+            self.client.check_protocol()  # an engine of another protocol is asked nothing (once per batch)
             request = build_ask_request(question, item["raster_path"], aoi=item.get("aoi"), bands=item.get("bands"),
                                         **self.options)
             stream = self.client.ask(request, prepared=upload) if upload is not None else self.client.ask(request)

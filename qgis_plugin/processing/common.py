@@ -20,7 +20,7 @@ from qgis.core import (
 )
 
 from .. import layers as result_layers
-from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
+from ..aoi import AoiError, check_placed_on_map, clip_to_layer, is_unreferenced_file, request_aoi
 from ..bands import RENDER_BANDS, layer_bands
 from ..engine_errors import EngineError
 from ..engine_protocol import build_ask_request, question_too_long, questions_too_long
@@ -142,6 +142,7 @@ def question_source(layer, geometry, crs, feedback) -> dict:
     try:
         path = layer_file_path(layer)
         if path is not None:
+            check_placed_on_map(layer)  # the engine refuses its file: said before anything is asked
             aoi = request_aoi(geometry, crs, layer) if geometry is not None else None
             return {"raster_path": path, "bounds": rect_bounds(layer.extent()),
                     "unreferenced": is_unreferenced_file(layer), "aoi": aoi, "bands": layer_bands(layer),
@@ -286,6 +287,7 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     those words as ``partial_answer``, also said in the log ("The answer so far (incomplete): …");
     a cancelled one raises QgsProcessingException("Cancelled.") with them as ``partial_answer``."""
     request = build_ask_request(question, raster_path, aoi=aoi, bands=bands, **options)
+    client.check_protocol()  # an engine of another protocol is asked nothing (once per run)
     stream = client.ask(request, prepared=prepared)
     if progress is None and feedback is not None:
         progress = BatchProgress(1, feedback.setProgress)

@@ -143,3 +143,12 @@ def test_cli_ask_says_which_bands_the_model_saw(tiny_checkpoint, rasters, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr
     assert "the model saw bands 4, 3, 2 (red, green, blue)" in proc.stderr
+
+
+def test_the_cli_line_never_says_more_kept_than_there_were():
+    """'visual tokens: 600 kept of 288' for a strategy keeping single patches (600 sent, 288 the
+    unreduced path's count)."""
+    from engine.cli import visual_tokens_text
+
+    assert visual_tokens_text({"visual_kept": 600, "visual_candidates": 288}) == "600 (unreduced path: 288)"
+    assert visual_tokens_text({"visual_kept": 24, "visual_candidates": 288}) == "24 kept of 288"

@@ -458,3 +458,82 @@ def test_a_batch_job_answer_of_the_wrong_shape_is_a_bad_response(answer):
             assert exc.code == "bad_response"
     finally:
         engine.close()
+
+
+def trickle(head_first: bool):
+    """An answer that trickles: a byte every 0.2 s for ever (until the engine is closed), in its
+    status line and headers (``head_first``) or in a JSON body that says it is 100 kB long."""
+    def answer(_head, conn, closed):
+        if not head_first:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+        while not closed.wait(0.2):
+            conn.sendall(b"H" if head_first else b" ")
+    return answer
+
+
+@pytest.mark.parametrize("head_first", [True, False], ids=["in its headers", "in its body"])
+def test_a_health_answer_that_trickles_is_given_up_at_the_short_timeout(head_first):
+    """A server that sent a byte every 0.2 s kept every read of /health within its 1 s timeout,
+    with no deadline for the whole answer: the call never ended (the dock's status check with it).
+    The short timeout now bounds the whole call."""
+    import time
+
+    from geovqa.client import EngineClient
+
+    engine = RawEngine(trickle(head_first))
+    try:
+        t0 = time.monotonic()
+        how, exc = _outcome(EngineClient(engine.url, timeout=1.0).health, seconds=6.0)
+        assert how == "raised", how
+        assert time.monotonic() - t0 < 3.0
+        _said_in_words(exc)
+        assert exc.code == "no_answer" and "within 1 s" in exc.message, exc.message
+    finally:
+        engine.close()
+
+
+def test_the_docks_health_check_against_a_trickling_engine_ends_and_never_piles_up(plugin, monkeypatch):
+    """Against a trickling engine the dock's health task never ended: the status line said
+    'checking' for ever (a check asked meanwhile only waited behind it). Now each check ends at the
+    short timeout, one task at a time, and one under way is stopped at once by cancelling it."""
+    import time
+
+    from conftest import set_settings, wait_for_tasks, wait_until
+    from geovqa import client as client_module
+    from geovqa.client import EngineClient
+    from geovqa.tasks import HealthTask
+    from qgis.core import QgsApplication
+
+    monkeypatch.setattr(client_module, "TIMEOUT_S", 1.0)
+    engine = RawEngine(trickle(False))
+    try:
+        set_settings(engine_url=engine.url)
+        dock = plugin.dock
+        wait_until(lambda: dock._health_task is None, 15, "the first health check")
+        dock.timer.setInterval(50)  # a periodic check every 50 ms while one runs
+        dock.timer.start()
+        counts = []
+        t0 = time.monotonic()
+        dock.refresh_health()
+        while time.monotonic() - t0 < 2.5:
+            QgsApplication.processEvents()
+            counts.append(sum(1 for t in QgsApplication.taskManager().tasks() if isinstance(t, HealthTask)))
+            time.sleep(0.02)
+        dock.timer.stop()
+        assert max(counts) == 1, max(counts)
+        wait_until(lambda: dock._health_task is None, 5, "the health check to end")
+        assert dock.status_level == "down" and "No answer from the engine" in dock.status_label.text()
+        assert "within 1 s" in dock.status_label.toolTip()
+        # a check under way, cancelled, ends at once (the dock cancels its own when it shuts down)
+        monkeypatch.setattr(client_module, "TIMEOUT_S", 30.0)
+        task = HealthTask(EngineClient(engine.url))
+        QgsApplication.taskManager().addTask(task)
+        wait_until(lambda: task.status() == task.Running, 5, "the check to start")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        task.cancel()
+        wait_until(lambda: task.error, 5, "the cancelled check to end")
+        assert time.monotonic() - t0 < 1.5 and task.error_code == "cancelled", task.error
+        wait_for_tasks()
+    finally:
+        engine.close()
