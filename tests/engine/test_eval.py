@@ -54,6 +54,44 @@ def test_extract_letters(reply, expected):
     assert extract_letters(reply, OPTS) == expected
 
 
+@pytest.mark.parametrize("reply, expected", [
+    # the text after a cue is cut in place now: these read as they did when it was cut out first
+    ("answer isB", "B"),
+    ("The answer isBx", ""),  # "Bx" is the word after the cue, no letter
+    ("Answer: A or I think C", "A"),
+    ("answer answer B", "B"),
+    ("Answer - D; A is wrong", "D"),
+    ("The answer is\nB", "B"),
+    ("answers: B, D and maybe", "BD"),
+    ("The correct answer: b.", "B"),
+    ("Answer: I cannot tell", ""),
+    ("a ship and a plane", "C"),
+])
+def test_letters_after_a_cue_read_as_before(reply, expected):
+    assert extract_letters(reply, OPTS) == expected
+
+
+@pytest.mark.parametrize("unit", ["answer ", "The answer is ", "B ", "answer: B ", "A x ", "x a) ", "the  "])
+def test_a_long_adversarial_reply_is_scored_in_well_under_a_second(unit):
+    """Letter extraction cut the rest of the reply after every answer cue and looked for the end
+    of its sentence there: quadratic, a 30 KB reply of repeated "answer" took seconds (200 KB:
+    tens of seconds). Each reply here is 200 KB, scored by the rules of each format (both figures)
+    in under a second (a generous bound: it takes about a tenth of that)."""
+    import time
+
+    from engine.eval_items import EvalItem
+    from engine.eval_scoring import scores
+
+    reply = unit * (200_000 // len(unit))
+    items = [EvalItem("1", "a.tif", "q", OPTS, "B", extra={"format": fmt}) for fmt in ("xlrs", "mme", "generic")]
+    items.append(EvalItem("2", "a.tif", "q", [], "harbor", extra={"format": "lrsvqa"}))
+    for item in items:
+        t0 = time.perf_counter()
+        scores(item, reply, synonyms=None)
+        assert time.perf_counter() - t0 < 1.0, item.extra["format"]
+    assert extract_letters(reply, OPTS) == extract_letters(unit * 3, OPTS)
+
+
 def test_option_text_fallback_matches_whole_words():
     opts = ["1", "3", "13", "none of them"]
     assert extract_letters("There are 13 ships.", opts) == "C"
