@@ -1,6 +1,9 @@
 """Training data in the LLaVA conversation format (SuperRS-VQA / HighRS-VQA), checked sample by sample.
 
-A data file is either a JSON list or JSON Lines, one record per sample::
+A data file is either a JSON list or JSON Lines, one record per sample. A file named ``*.jsonl``
+is always read as JSON Lines (a line that is a JSON array is a bad record, ``malformed``, with its
+index); any other file whose text starts with ``[`` is one JSON list, and a ``*.json`` file that
+holds one object is that record (or the list under its ``data``/``samples``/``annotations``)::
 
     {"id": 0, "image": ["scene.tif"],            # a path, or a list holding exactly one path
      "conversations": [{"from": "human", "value": "<image>\\nHow many ships?"},
@@ -13,7 +16,7 @@ the record's index (0-based position in the file), its id and a sentence saying 
                      roles that do not alternate user/assistant (an optional leading ``system``
                      turn is allowed), no assistant turn at the end, several images, text
                      that is not valid Unicode (a lone surrogate, ``"\\ud800"``), a JSON Lines
-                     line that is not JSON (nested too deeply, a number too long);
+                     line that is not JSON (nested too deeply, a number too long) or is an array;
 * ``no_image_token`` the first user turn lacks ``<image>``, or ``<image>`` appears more than once;
 * ``missing_image``  no ``image`` field or the file does not exist;
 * ``unreadable_image`` neither GDAL (rasterio) nor Pillow can open it;
@@ -123,8 +126,11 @@ def strip_image_token(text: str) -> str:
 
 
 def load_records(path: str | Path) -> list[Any]:
-    """Read a JSON list or a JSON Lines file. A JSONL line that is not JSON is kept as a
-    marker string so that validation reports it with its index instead of losing it."""
+    """Read a JSON list or a JSON Lines file. A JSONL line that is not JSON, or that is an
+    array, is kept as a marker so that validation reports it with its index instead of losing
+    it. A ``.jsonl`` file is read line by line whatever its first line holds: read whole as a
+    JSON list because it started with "[", a file whose first line was an array was refused
+    whole ("Extra data"), not that one record."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"The data file {p} does not exist.")
@@ -133,7 +139,8 @@ def load_records(path: str | Path) -> list[Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"The data file {p} cannot be read: {exc}.") from exc
     stripped = text.lstrip()
-    if stripped.startswith("["):
+    json_lines_file = p.suffix.lower() == ".jsonl"
+    if stripped.startswith("[") and not json_lines_file:
         try:
             data = json.loads(text)
         except RecursionError:
@@ -156,7 +163,8 @@ def load_records(path: str | Path) -> list[Any]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            value = json.loads(line)
+            records.append(_ArrayLine(lineno) if isinstance(value, list) else value)
         except RecursionError:
             records.append(_BrokenLine(lineno, "nested too deeply"))
         except ValueError as exc:  # JSONDecodeError, or an integer of more than 4,300 digits
@@ -168,6 +176,13 @@ def load_records(path: str | Path) -> list[Any]:
 class _BrokenLine:
     lineno: int
     error: str
+
+
+@dataclass
+class _ArrayLine:
+    """A JSON Lines line that holds an array (a list of records, or a record written as one)."""
+
+    lineno: int
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -233,6 +248,9 @@ def validate_record(
     --bands of the run) applies where the record has no "bands" of its own."""
     if isinstance(record, _BrokenLine):
         return BadSample(index, None, "malformed", f"line {record.lineno} is not valid JSON ({record.error})")
+    if isinstance(record, _ArrayLine):
+        return BadSample(index, None, "malformed", f"line {record.lineno} is a JSON array, not a JSON object: each "
+                         "line of a JSON Lines file is one record (a file that is one list of records is a .json file)")
     if not isinstance(record, dict):
         return BadSample(index, None, "malformed", f"is a {type(record).__name__}, not a JSON object")
     rid = record.get("id")

@@ -32,6 +32,7 @@ Scoring: every reply is scored twice.
 
 from __future__ import annotations
 
+import bisect
 import re
 from typing import Any, Callable
 
@@ -49,6 +50,13 @@ _CUE = re.compile(r"(?<![A-Za-z])(?:(?:the\s+)?(?:correct|best|final|right)\s+(?
 _CUE_END = re.compile(r"\.(?=\s|$)|[;!?\n]")
 # the first word (2+ letters) after the letters, other than "and" / "or"
 _WORD = re.compile(r"(?<![A-Za-z])(?!(?:and|or)(?![A-Za-z]))[A-Za-z]{2,}")
+# the same word at the very start of the text after a cue (where _WORD's look-behind would see
+# the cue's last letter in the whole reply, and nothing in the text cut after the cue)
+_WORD_FIRST = re.compile(r"(?!(?:and|or)(?![A-Za-z]))[A-Za-z]{2,}")
+# what follows a capital "A" / "I" that makes it the article / pronoun, and the "and"/"or" that
+# makes it a letter again ("A and C")
+_LOWER_WORD_NEXT = re.compile(r"\s+[a-z]")
+_AND_OR_NEXT = re.compile(r"\s+(and|or)\b")
 # a sentence end inside a line
 _SENTENCE = re.compile(r"(?<=[.;!?])\s+")
 
@@ -62,15 +70,16 @@ def _letters_in(segment: str, n_options: int, whole_reply: bool) -> list[str]:
     # B. B) B: at word start (upper case; lower case only with . or ) )
     for m in re.finditer(r"(?<![A-Za-z(])([A-Z])[\.\):](?![A-Za-z])", segment):
         found.append(m.group(1))
-    for m in re.finditer(r"(?<![A-Za-z(])([a-z])[\.\)](?![A-Za-z])", segment):
-        if whole_reply and len(segment.strip()) <= 3:
+    if whole_reply and len(segment.strip()) <= 3:
+        for m in re.finditer(r"(?<![A-Za-z(])([a-z])[\.\)](?![A-Za-z])", segment):
             found.append(m.group(1).upper())
     # bare capital letters standing alone ("B", "B and D", "A, C"); "A" as an article is
-    # excluded when followed by a lowercase word
+    # excluded when followed by a lowercase word (looked at in place: a copy of the rest of the
+    # segment for every letter made a reply of many letters quadratic)
     for m in re.finditer(r"(?<![A-Za-z(])([A-Z])(?![A-Za-z\.\):])", segment):
         L = m.group(1)
-        rest = segment[m.end():]
-        if L in ("A", "I") and re.match(r"\s+[a-z]", rest) and not re.match(r"\s+(and|or)\b", rest):
+        if (L in ("A", "I") and _LOWER_WORD_NEXT.match(segment, m.end())
+                and not _AND_OR_NEXT.match(segment, m.end())):
             continue  # the article "A" / pronoun "I" starting a sentence
         found.append(L)
     if whole_reply and not found and re.fullmatch(r"\s*([a-z])\s*", segment):
@@ -88,12 +97,22 @@ def extract_letters(reply: str, options: list[str] | None = None) -> str:
         return ""
     # 1. an explicit cue: the letters right after the first "answer is" / "Answer:" that names
     #    any, up to the end of that sentence or the first word that follows them, so that
-    #    "The answer is B. Option C is wrong ..." stays B
+    #    "The answer is B. Option C is wrong ..." stays B. Each cue's text is found in place and
+    #    cut once it is known: cutting the rest of the reply after every cue (and looking for its
+    #    end there) made a reply of many cues ("answer answer ...") quadratic.
+    ends = [e.start() for e in _CUE_END.finditer(text)]
+    tried: set[str] = set()  # the text after a cue that named no letter names none the next time
     for m in _CUE.finditer(text):
-        seg = _CUE_END.split(text[m.end():], maxsplit=1)[0]
-        w = _WORD.search(seg)
+        start = m.end()
+        k = bisect.bisect_left(ends, start)
+        stop = ends[k] if k < len(ends) else len(text)
+        w = _WORD_FIRST.match(text, start, stop) or _WORD.search(text, start + 1, stop)
         if w:  # keep that word: it tells the article in "A large harbour" from the letter A
-            seg = seg[:w.end()]
+            stop = w.end()
+        seg = text[start:stop]
+        if seg in tried:
+            continue
+        tried.add(seg)
         got = _letters_in(seg, n, whole_reply=len(seg.strip()) <= 3)
         if got:
             return "".join(sorted(set(got)))

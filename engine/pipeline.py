@@ -274,9 +274,11 @@ def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DE
                    tokenizer=None, faithful_empty_slots: bool = False) -> VisualInput:
     """Raster + question -> selected visual tokens (after the projector) and their geometry.
 
-    Fine-tuning and evaluation call this so they see exactly the tokens inference sees. A budget
-    the strategy cannot fit is refused before the vision tower (the length of a training sample
-    is the caller's to judge)."""
+    Fine-tuning calls this so it sees exactly the tokens inference sees. A budget the strategy
+    cannot fit is refused before the vision tower (the length of a training sample is the
+    caller's to judge), and a selection with no visual token (no patch at least half valid data)
+    after it, with `ask`'s RequestError (`no_valid_pixels`): a sample the model never sees is no
+    training on its image."""
     strat = make_strategy(strategy, tokens_per_tile=tokens_per_tile or model_tokens_per_tile(model), seed=seed,
                           tokenizer=tokenizer, faithful_empty_slots=faithful_empty_slots)
     geometry, features, timings = read_and_encode(
@@ -284,6 +286,7 @@ def prepare_visual(model, raster_path: str, question: str, *, strategy: str = DE
         check_plan=lambda layout: refuse_from_plan(strat, layout.n_tiles, budget, model=model))
     t0 = time.perf_counter()
     selection = strat.select(features, geometry, question, budget, model=model)
+    refuse_empty_selection(selection, strategy)
     timings["select"] = time.perf_counter() - t0
     return VisualInput(selection=selection, geometry=geometry, timings=timings)
 

@@ -160,6 +160,37 @@ def test_a_utf8_byte_order_mark_is_ignored(tmp_path, jsonl):
     assert [s.index for s in samples] == [0, 1] and not report.bad
 
 
+@pytest.mark.parametrize("name", ["train.jsonl", "TRAIN.JSONL"])
+def test_a_jsonl_file_whose_first_line_is_an_array_is_read_line_by_line(tmp_path, name):
+    """A .jsonl file starting with "[" was read whole as one JSON list and refused ("Extra
+    data"), its good records with it. It is read as JSON Lines: the array line is a bad record
+    (malformed) with its index and line, the other records train."""
+    _img(tmp_path / "ok.png")
+    p = tmp_path / name
+    p.write_text(json.dumps([_row(0)]) + "\n" + json.dumps(_row(1)) + "\n\n" + "[1, 2]\n" + json.dumps(_row(3)) + "\n")
+    samples, report = load_dataset(p, on_bad="skip")
+    assert [s.id for s in samples] == ["1", "3"]
+    assert [(b.index, b.reason) for b in report.bad] == [(0, "malformed"), (2, "malformed")]
+    assert "line 4 is a JSON array, not a JSON object" in report.bad[1].message
+    assert ".json file" in report.bad[0].message
+    with pytest.raises(DataError, match=r"sample 0: line 1 is a JSON array"):
+        load_dataset(p, on_bad="stop")
+
+
+def test_a_file_not_named_jsonl_that_starts_with_a_bracket_is_one_json_list(tmp_path):
+    """The documented rule for other names is kept: "[" starts one JSON list (a list file with an
+    extra line is refused whole, a list file is its records)."""
+    _img(tmp_path / "ok.png")
+    p = tmp_path / "train.json"
+    p.write_text(json.dumps([_row(0), _row(1)], indent=2))
+    samples, report = load_dataset(p, on_bad="stop")
+    assert [s.id for s in samples] == ["0", "1"] and not report.bad
+    p = tmp_path / "train.txt"
+    p.write_text(json.dumps([_row(0)]) + "\n" + json.dumps(_row(1)) + "\n")
+    with pytest.raises(DataError, match="not valid JSON: Extra data"):
+        load_dataset(p, on_bad="skip")
+
+
 @pytest.mark.parametrize("end", ["\u2028", "\u2029", "\u0085"])
 def test_a_json_lines_answer_with_a_unicode_line_separator_is_one_sample(tmp_path, end):
     """JSON keeps U+2028, U+2029 and U+0085 raw inside a string (json.dumps(ensure_ascii=False)

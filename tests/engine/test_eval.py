@@ -54,6 +54,44 @@ def test_extract_letters(reply, expected):
     assert extract_letters(reply, OPTS) == expected
 
 
+@pytest.mark.parametrize("reply, expected", [
+    # the text after a cue is cut in place now: these read as they did when it was cut out first
+    ("answer isB", "B"),
+    ("The answer isBx", ""),  # "Bx" is the word after the cue, no letter
+    ("Answer: A or I think C", "A"),
+    ("answer answer B", "B"),
+    ("Answer - D; A is wrong", "D"),
+    ("The answer is\nB", "B"),
+    ("answers: B, D and maybe", "BD"),
+    ("The correct answer: b.", "B"),
+    ("Answer: I cannot tell", ""),
+    ("a ship and a plane", "C"),
+])
+def test_letters_after_a_cue_read_as_before(reply, expected):
+    assert extract_letters(reply, OPTS) == expected
+
+
+@pytest.mark.parametrize("unit", ["answer ", "The answer is ", "B ", "answer: B ", "A x ", "x a) ", "the  "])
+def test_a_long_adversarial_reply_is_scored_in_well_under_a_second(unit):
+    """Letter extraction cut the rest of the reply after every answer cue and looked for the end
+    of its sentence there: quadratic, a 30 KB reply of repeated "answer" took seconds (200 KB:
+    tens of seconds). Each reply here is 200 KB, scored by the rules of each format (both figures)
+    in under a second (a generous bound: it takes about a tenth of that)."""
+    import time
+
+    from engine.eval_items import EvalItem
+    from engine.eval_scoring import scores
+
+    reply = unit * (200_000 // len(unit))
+    items = [EvalItem("1", "a.tif", "q", OPTS, "B", extra={"format": fmt}) for fmt in ("xlrs", "mme", "generic")]
+    items.append(EvalItem("2", "a.tif", "q", [], "harbor", extra={"format": "lrsvqa"}))
+    for item in items:
+        t0 = time.perf_counter()
+        scores(item, reply, synonyms=None)
+        assert time.perf_counter() - t0 < 1.0, item.extra["format"]
+    assert extract_letters(reply, OPTS) == extract_letters(unit * 3, OPTS)
+
+
 def test_option_text_fallback_matches_whole_words():
     opts = ["1", "3", "13", "none of them"]
     assert extract_letters("There are 13 ships.", opts) == "C"
@@ -455,6 +493,50 @@ def test_eval_through_the_engine_on_the_tiny_model(tmp_path, tiny_checkpoint):
     res = json.loads((tmp_path / "e" / "results.json").read_text())
     assert res["total"] == 2 and res["correct"] == sum(p["correct"] for p in preds)
     assert not (tmp_path / "e" / "heatmaps").exists()  # not kept unless asked, nor an empty folder for them
+
+
+def test_an_image_too_thin_for_any_patch_is_a_failed_item_with_its_reason(tmp_path, tiny_checkpoint):
+    """Data in one column of three among tagged nodata: `uniform` keeps no visual token. Eval
+    asks through `Engine.ask`, which refuses it (no_valid_pixels): the item is a failed one with
+    that reason (stop, or recorded and counted wrong under --on-error skip, asked again on a rerun
+    as every failed item), never scored on a reply made without the image."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from tests.engine.rasters import write_geotiff
+    except ImportError:  # pragma: no cover
+        from rasters import write_geotiff
+
+    Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    arr = np.random.default_rng(0).integers(1, 255, (3, 500, 700)).astype(np.uint8)
+    arr[:, :, np.arange(700) % 3 != 0] = 0
+    write_geotiff(tmp_path / "thin.tif", arr, nodata=0)
+    ann = _write(tmp_path / "mme.json", [MME[0], {**MME[1], "Image": "thin.tif"}])
+
+    def run(out, *extra):
+        parser = argparse.ArgumentParser()
+        add_eval_arguments(parser)
+        return run_eval(parser.parse_args([
+            str(ann), "--out", str(tmp_path / out), "--weights", str(tiny_checkpoint), "--device", "cpu",
+            "--quantization", "fp32", "--tokens-per-tile", "4", "--max-new-tokens", "2",
+            "--strategy", "uniform", *extra]))
+
+    with pytest.raises(EvalError, match=r"item rs/count/0002: No patch .*'uniform' kept no visual token"):
+        run("stop")
+    assert run("skip", "--on-error", "skip") == 0
+    preds = {p["id"]: p for p in map(json.loads, (tmp_path / "skip" / "predictions.jsonl").read_text().splitlines())}
+    assert "error" not in preds["rs/color/0001"]
+    thin = preds["rs/count/0002"]
+    assert "kept no visual token" in thin["error"] and thin["correct"] is False and thin["reply"] == ""
+    res = json.loads((tmp_path / "skip" / "results.json").read_text())
+    assert res["failed"] == 1 and res["total"] == 2
+    assert "1 items failed" in (tmp_path / "skip" / "results.md").read_text()
+    # a rerun asks the failed item again (as any failed item), and keeps one line an item
+    assert run("skip", "--on-error", "skip") == 0
+    lines = (tmp_path / "skip" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["rs/color/0001", "rs/count/0002"]
+    assert json.loads((tmp_path / "skip" / "results.json").read_text())["failed"] == 1
 
 
 def test_pretty_printed_object_file_and_custom_instruction(tmp_path):

@@ -175,6 +175,33 @@ def test_a_too_long_sample_stops_the_run_under_on_bad_sample_stop(tmp_path, tiny
     assert (out / "bad_samples.jsonl").read_text() == ""  # nothing skipped
 
 
+def test_a_sample_too_thin_for_any_patch_is_a_bad_sample_not_trained_blind(tmp_path, tiny_checkpoint):
+    """Data in one column of three among tagged nodata: no patch is half valid, so `uniform`
+    keeps no visual token. Such a sample was trained on without its image (no error, no report);
+    it is now a bad sample with its index: the run stops (default) or skips and lists it.
+    geollava, which keeps such clusters, trains on it."""
+    data = _write_data(tmp_path, n=4)
+    arr = np.random.default_rng(0).integers(1, 255, (3, 350, 420)).astype(np.uint8)
+    arr[:, :, np.arange(420) % 3 != 0] = 0
+    _geotiff(tmp_path / "thin.tif", arr, nodata=0)
+    rows = json.loads(data.read_text())
+    rows[1]["image"] = ["thin.tif"]
+    data.write_text(json.dumps(rows))
+    common = ("--strategy", "uniform", "--save-every", "0", "--val-fraction", "0", "--grad-accum", "1")
+    with pytest.raises(DataError, match=r"sample 1 \(id s1\): building its visual tokens failed: No patch .*"
+                                        r"kept no visual token.*--on-bad-sample skip"):
+        run_finetune(_args(data, tmp_path / "stop", tiny_checkpoint, "--max-steps", "4", *common))
+    out = tmp_path / "skip"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", "--on-bad-sample", "skip",
+                              *common)) == 0
+    report = [json.loads(x) for x in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["reason"]) for r in report] == [(1, "visual_failed")]
+    assert "kept no visual token" in report[0]["message"]
+    out = tmp_path / "geollava"
+    assert run_finetune(_args(data, out, tiny_checkpoint, "--max-steps", "4", *common[2:])) == 0
+    assert (out / "bad_samples.jsonl").read_text() == ""
+
+
 def test_target_regex_lm_head_optional():
     import re
 
@@ -519,12 +546,12 @@ def test_resume_compares_the_resolved_base_model_not_the_flag_as_typed(tmp_path,
     _check_resume_settings(without_weights("--resume"), out)
 
 
-def _geotiff(path, data):
+def _geotiff(path, data, **kw):
     try:
         from tests.engine.rasters import write_geotiff
     except ImportError:  # pragma: no cover
         from rasters import write_geotiff
-    return write_geotiff(path, data)
+    return write_geotiff(path, data, **kw)
 
 
 @pytest.mark.parametrize("strategy", ["budget", "pyramid"])

@@ -224,6 +224,19 @@ def test_data_too_thin_for_any_patch_is_refused_not_answered_blind(engine, tmp_p
     assert _ask(engine, thin, "What is here?")[-1]["tokens"]["visual_kept"] > 0
 
 
+def test_prepare_visual_refuses_data_too_thin_for_any_patch_as_ask_does(engine, tmp_path):
+    """`prepare_visual` (fine-tuning's visual path) gave an empty selection for the raster `ask`
+    refuses above, and a sample was trained on with no visual token: now it raises ask's
+    no_valid_pixels. geollava keeps its tokens."""
+    arr = np.random.default_rng(0).integers(1, 255, (3, 500, 700)).astype(np.uint8)
+    arr[:, :, np.arange(700) % 3 != 0] = 0
+    thin = write_geotiff(tmp_path / "thin.tif", arr, nodata=0)
+    with pytest.raises(RequestError) as err:
+        prepare_visual(engine.model, str(thin), "What is here?", strategy="uniform")
+    assert err.value.code == "no_valid_pixels" and "'uniform' kept no visual token" in str(err.value)
+    assert prepare_visual(engine.model, str(thin), "What is here?", strategy="geollava").selection.n_tokens > 0
+
+
 def test_missing_and_corrupt_rasters(engine, tmp_path):
     with pytest.raises(RequestError, match="does not exist"):
         list(engine.ask(AskRequest(str(tmp_path / "nope.tif"), "q?")))
