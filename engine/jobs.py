@@ -773,6 +773,11 @@ class JobQueue:
             line["error"] = "internal: the engine ended without an answer."
         with job.lock:
             job.append_result(line)
+        if job.cancel.is_set():  # cancelled while this answer ran: the job ends with it
+            job.state = "cancelled"
+            job.message = "Cancelled by the user."
+            job.save_state()
+            return True
         return False
 
     def _resume_batches(self) -> None:

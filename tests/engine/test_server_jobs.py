@@ -280,3 +280,48 @@ def test_a_cancel_as_a_question_ends_leaves_it_answered(tmp_path):
         assert seen["info"]["message"] is None and not job.cancel.is_set()
     finally:
         jobs.stop()
+
+
+class GatedEngine:
+    """Holds the n-th answer until `gates[n]` is set, ignoring a cancel (an answer that ends
+    anyway, as one whose cancel comes after its last word)."""
+
+    def __init__(self, n: int):
+        self.gates = [threading.Event() for _ in range(n)]
+        self.started = [threading.Event() for _ in range(n)]
+        self.calls = 0
+
+    def ask(self, request, cancel):
+        n = self.calls
+        self.calls += 1
+        self.started[n].set()
+        self.gates[n].wait(30)
+        yield {"type": "result", "answer": "ok", "request_id": request.get("request_id")}
+
+
+def test_a_batch_cancelled_while_answering_ends_with_that_answer(tmp_path):
+    """A running batch answers DELETE with 'running' and 'becomes cancelled when its current
+    answer ends' (docs/protocol.md). It went back to the end of the queue instead, read as
+    'queued' with a position behind the questions waiting, and was called cancelled only at its
+    next turn."""
+    engine = GatedEngine(2)
+    jobs = make_queue(engine, tmp_path / "state")
+    try:
+        batch = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+        assert engine.started[0].wait(10)
+        ask = jobs.submit_ask({"question": "What is here?", "request_id": "r1"})
+        assert jobs.cancel(batch.job_id)["state"] == "running"
+        engine.gates[0].set()  # the answer ends, cancel or not
+        assert engine.started[1].wait(10)  # the question runs next
+        info = jobs.info(batch.job_id)
+        assert (info["state"], info["position"], info["done"]) == ("cancelled", None, 1), info
+        assert saved_state(jobs, batch.job_id)["state"] == "cancelled"
+        assert jobs.queue_length() == 0
+        engine.gates[1].set()
+        wait_until(lambda: jobs.get(ask.job_id) is None, timeout=10)
+        assert [r["index"] for r in jobs.results(batch.job_id)] == [0]
+        assert engine.calls == 2  # nothing asked for the batch after the cancel
+    finally:
+        for gate in engine.gates:
+            gate.set()
+        jobs.stop()
