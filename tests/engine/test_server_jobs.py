@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import disk_full_at_the_second_result  # noqa: E402
 from serverutil import wait_until  # noqa: E402
 
+import engine.jobs  # noqa: E402
 from engine.jobs import BatchJob, JobQueue, lock_state_dir  # noqa: E402
 
 SPEC = {"items": [{"layer": "one", "raster_path": "/data/one.tif", "aoi": None, "bands": None}],
@@ -325,3 +326,50 @@ def test_a_batch_cancelled_while_answering_ends_with_that_answer(tmp_path):
         for gate in engine.gates:
             gate.set()
         jobs.stop()
+
+
+def _state_writes_fail(monkeypatch) -> None:
+    """Every state.json (and spec.json) write fails as on a full disk from now on."""
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine.jobs, "_write_json_atomic", full)
+
+
+def test_a_full_disk_does_not_stop_the_start(tmp_path, monkeypatch):
+    """The start rewrites every resumed job's state.json: on a full disk it raised OSError and
+    the engine did not start at all (no /ask either), though the job's message says to restart
+    the engine once space is freed. It starts; the job's first step ends it failed, saying why."""
+    state_dir = tmp_path / "state"
+    directory = state_dir / "jobs" / "0123456789abcdef"
+    directory.mkdir(parents=True)
+    (directory / "spec.json").write_text(json.dumps(SPEC))
+    (directory / "state.json").write_text(json.dumps({"state": "running", "message": None}))
+    _state_writes_fail(monkeypatch)
+    engine_ = Engine()
+    jobs = make_queue(engine_, state_dir)
+    try:
+        wait_until(lambda: jobs.info("0123456789abcdef")["state"] == "failed", timeout=10)
+        assert "Free space" in jobs.info("0123456789abcdef")["message"]
+        ask = jobs.submit_ask({"question": "What is here?", "request_id": "r1"})
+        events = [ask.events.get(timeout=10)]
+        while events[-1] is not None:
+            events.append(ask.events.get(timeout=10))
+        assert events[-2]["type"] == "result"
+    finally:
+        jobs.stop()
+
+
+def test_a_waiting_batch_cancelled_on_a_full_disk_leaves_the_queue(tmp_path, monkeypatch):
+    """The cancel raised OSError (DELETE answered 500) half done: the job was out of the queue
+    but never retired, so the jobs behind it kept their positions and ?remove=true could never
+    remove it. It is cancelled, its message says the cancel is not stored."""
+    jobs = JobQueue(Engine(), tmp_path / "state", make_request=dict)  # not started: jobs wait
+    first = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+    second = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+    _state_writes_fail(monkeypatch)
+    info = jobs.cancel(first.job_id)
+    assert info["state"] == "cancelled" and "could not store the cancel" in info["message"]
+    assert jobs.queue_length() == 1 and jobs.info(second.job_id)["position"] == 0
+    assert jobs.cancel(first.job_id, remove=True)["removed"] is True
+    assert not (jobs.jobs_dir / first.job_id).exists()
