@@ -537,7 +537,7 @@ class JobQueue:
                 self._finish_cancelled(job)
                 self._update_positions()
             elif isinstance(job, BatchJob):
-                job.save_state()  # a restart before the current answer ends still cancels it
+                self._try_save_state(job)  # a restart before the current answer ends still cancels it
             # a running job notices the event between steps and stops itself
             return job.info()
 
@@ -568,12 +568,16 @@ class JobQueue:
         while len(self._finished) > max(0, self.keep_finished):
             self._finished.popitem(last=False)
 
-    def _finish_cancelled(self, job: AskJob | BatchJob) -> None:
+    def _finish_cancelled(self, job: AskJob | BatchJob, cancel_on_disk: bool = False) -> None:
+        """End a job cancelled before its turn; `cancel_on_disk`: its state.json says the cancel
+        already (a start)."""
         job.state = "cancelled"
         job.position = None
         job.message = "Cancelled by the user."
         if isinstance(job, BatchJob):
-            job.save_state()
+            if not self._try_save_state(job) and not cancel_on_disk:
+                job.message += (" The engine could not store the cancel on its disk (its "
+                                "--state-dir): the next start resumes the job.")
             self._retire(job)
         else:
             job.events.put(self._event(job, {"type": "error", **protocol.error_body(
@@ -581,6 +585,17 @@ class JobQueue:
             self._run_cleanup(job)
             job.events.put(None)
             self._jobs.pop(job.job_id, None)
+
+    @staticmethod
+    def _try_save_state(job: BatchJob) -> bool:
+        """`BatchJob.save_state` where the engine's disk refusing it (full, an I/O error) must
+        not stop what called it (a start, a cancel): said in the log; False then."""
+        try:
+            job.save_state()
+        except OSError as exc:
+            log.warning("cannot write the state of batch job %s: %s", job.job_id, exc)
+            return False
+        return True
 
     def _update_positions(self) -> None:
         """Called with the lock held: tell every waiting job how many jobs are ahead of it."""
@@ -773,6 +788,11 @@ class JobQueue:
             line["error"] = "internal: the engine ended without an answer."
         with job.lock:
             job.append_result(line)
+        if job.cancel.is_set():  # cancelled while this answer ran: the job ends with it
+            job.state = "cancelled"
+            job.message = "Cancelled by the user."
+            job.save_state()
+            return True
         return False
 
     def _resume_batches(self) -> None:
@@ -807,13 +827,13 @@ class JobQueue:
             unfinished = job.state in ("queued", "running") or (job.state == "failed" and state.get("resumable"))
             if unfinished and state.get("cancel_requested"):
                 job.cancel.set()
-                self._finish_cancelled(job)
+                self._finish_cancelled(job, cancel_on_disk=True)
                 log.info("batch job %s was cancelled before a restart", job.job_id)
             elif unfinished:
                 job.state = "queued"
                 job.message = (f"Resumed after a restart at {len(job.done_indexes)} of "
                                f"{job.total} answers." + (f" {job.note}" if job.note else ""))
-                job.save_state()
+                self._try_save_state(job)  # its first step says a full disk to its owner
                 self._waiting.append(job)
                 log.info("resuming batch job %s (%d/%d done)", job.job_id,
                          len(job.done_indexes), job.total)

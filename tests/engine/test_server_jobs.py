@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import disk_full_at_the_second_result  # noqa: E402
 from serverutil import wait_until  # noqa: E402
 
+import engine.jobs  # noqa: E402
 from engine.jobs import BatchJob, JobQueue, lock_state_dir  # noqa: E402
 
 SPEC = {"items": [{"layer": "one", "raster_path": "/data/one.tif", "aoi": None, "bands": None}],
@@ -280,3 +281,95 @@ def test_a_cancel_as_a_question_ends_leaves_it_answered(tmp_path):
         assert seen["info"]["message"] is None and not job.cancel.is_set()
     finally:
         jobs.stop()
+
+
+class GatedEngine:
+    """Holds the n-th answer until `gates[n]` is set, ignoring a cancel (an answer that ends
+    anyway, as one whose cancel comes after its last word)."""
+
+    def __init__(self, n: int):
+        self.gates = [threading.Event() for _ in range(n)]
+        self.started = [threading.Event() for _ in range(n)]
+        self.calls = 0
+
+    def ask(self, request, cancel):
+        n = self.calls
+        self.calls += 1
+        self.started[n].set()
+        self.gates[n].wait(30)
+        yield {"type": "result", "answer": "ok", "request_id": request.get("request_id")}
+
+
+def test_a_batch_cancelled_while_answering_ends_with_that_answer(tmp_path):
+    """A running batch answers DELETE with 'running' and 'becomes cancelled when its current
+    answer ends' (docs/protocol.md). It went back to the end of the queue instead, read as
+    'queued' with a position behind the questions waiting, and was called cancelled only at its
+    next turn."""
+    engine = GatedEngine(2)
+    jobs = make_queue(engine, tmp_path / "state")
+    try:
+        batch = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+        assert engine.started[0].wait(10)
+        ask = jobs.submit_ask({"question": "What is here?", "request_id": "r1"})
+        assert jobs.cancel(batch.job_id)["state"] == "running"
+        engine.gates[0].set()  # the answer ends, cancel or not
+        assert engine.started[1].wait(10)  # the question runs next
+        info = jobs.info(batch.job_id)
+        assert (info["state"], info["position"], info["done"]) == ("cancelled", None, 1), info
+        assert saved_state(jobs, batch.job_id)["state"] == "cancelled"
+        assert jobs.queue_length() == 0
+        engine.gates[1].set()
+        wait_until(lambda: jobs.get(ask.job_id) is None, timeout=10)
+        assert [r["index"] for r in jobs.results(batch.job_id)] == [0]
+        assert engine.calls == 2  # nothing asked for the batch after the cancel
+    finally:
+        for gate in engine.gates:
+            gate.set()
+        jobs.stop()
+
+
+def _state_writes_fail(monkeypatch) -> None:
+    """Every state.json (and spec.json) write fails as on a full disk from now on."""
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine.jobs, "_write_json_atomic", full)
+
+
+def test_a_full_disk_does_not_stop_the_start(tmp_path, monkeypatch):
+    """The start rewrites every resumed job's state.json: on a full disk it raised OSError and
+    the engine did not start at all (no /ask either), though the job's message says to restart
+    the engine once space is freed. It starts; the job's first step ends it failed, saying why."""
+    state_dir = tmp_path / "state"
+    directory = state_dir / "jobs" / "0123456789abcdef"
+    directory.mkdir(parents=True)
+    (directory / "spec.json").write_text(json.dumps(SPEC))
+    (directory / "state.json").write_text(json.dumps({"state": "running", "message": None}))
+    _state_writes_fail(monkeypatch)
+    engine_ = Engine()
+    jobs = make_queue(engine_, state_dir)
+    try:
+        wait_until(lambda: jobs.info("0123456789abcdef")["state"] == "failed", timeout=10)
+        assert "Free space" in jobs.info("0123456789abcdef")["message"]
+        ask = jobs.submit_ask({"question": "What is here?", "request_id": "r1"})
+        events = [ask.events.get(timeout=10)]
+        while events[-1] is not None:
+            events.append(ask.events.get(timeout=10))
+        assert events[-2]["type"] == "result"
+    finally:
+        jobs.stop()
+
+
+def test_a_waiting_batch_cancelled_on_a_full_disk_leaves_the_queue(tmp_path, monkeypatch):
+    """The cancel raised OSError (DELETE answered 500) half done: the job was out of the queue
+    but never retired, so the jobs behind it kept their positions and ?remove=true could never
+    remove it. It is cancelled, its message says the cancel is not stored."""
+    jobs = JobQueue(Engine(), tmp_path / "state", make_request=dict)  # not started: jobs wait
+    first = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+    second = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+    _state_writes_fail(monkeypatch)
+    info = jobs.cancel(first.job_id)
+    assert info["state"] == "cancelled" and "could not store the cancel" in info["message"]
+    assert jobs.queue_length() == 1 and jobs.info(second.job_id)["position"] == 0
+    assert jobs.cancel(first.job_id, remove=True)["removed"] is True
+    assert not (jobs.jobs_dir / first.job_id).exists()
