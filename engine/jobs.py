@@ -273,6 +273,15 @@ class BatchJob:
         return read_results(self.results_path, total=self.total)
 
 
+def _submitted_at(directory: Path) -> float:
+    """When a batch job was submitted: its spec.json's time (written once, at the submit);
+    0 when it cannot be read, so such a job comes first, as it did before."""
+    try:
+        return (directory / "spec.json").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def finished_info_from_disk(directory: Path) -> dict | None:
     """`BatchJob.info` of a job not held in memory, from its folder: ``state.json`` (which says
     total / done / errors since this version; else they are counted from ``spec.json`` and
@@ -800,6 +809,7 @@ class JobQueue:
         (read when asked for), and those older than the retention are removed. A folder that
         cannot be read (engine/job_folder.py) never stops the start: its job is held as failed,
         with a message saying why, and its folder is kept as it is."""
+        resumed: list[tuple[float, str, BatchJob]] = []
         for directory in sorted(self.jobs_dir.iterdir()) if self.jobs_dir.exists() else []:
             if not JOB_ID_RE.match(directory.name):
                 continue
@@ -834,9 +844,11 @@ class JobQueue:
                 job.message = (f"Resumed after a restart at {len(job.done_indexes)} of "
                                f"{job.total} answers." + (f" {job.note}" if job.note else ""))
                 self._try_save_state(job)  # its first step says a full disk to its owner
-                self._waiting.append(job)
+                resumed.append((_submitted_at(directory), job.job_id, job))
                 log.info("resuming batch job %s (%d/%d done)", job.job_id,
                          len(job.done_indexes), job.total)
+        # in the order they were submitted (their ids are random: the folders' order is not it)
+        self._waiting.extend(job for _, _, job in sorted(resumed, key=lambda r: r[:2]))
         self._update_positions()
 
     def _hold_unreadable(self, directory: Path, exc: Exception) -> None:

@@ -288,3 +288,30 @@ def test_only_job_ids_are_looked_up_in_the_jobs_folder(tmp_path):
         assert (jobs_dir / "not-a-job").exists()
     finally:
         jobs.stop()
+
+
+def test_unfinished_jobs_resume_in_the_order_they_were_submitted(tmp_path):
+    """Job ids are random: the start took the jobs folder's (alphabetical) order, so a batch
+    submitted last could run first after a restart."""
+    jobs_dir = tmp_path / "state" / "jobs"
+    asked: list[str] = []
+
+    class Recording(StandInEngine):
+        def ask(self, request, cancel):
+            asked.append(request["raster_path"])
+            yield from super().ask(request, cancel)
+
+    submitted = ["00000000000000cc", "00000000000000aa", "00000000000000bb"]  # in this order
+    for n, job_id in enumerate(submitted):
+        _job_folder(jobs_dir, job_id, {"state": "queued"}, 0)
+        spec = {**SPEC, "items": [{**SPEC["items"][0], "raster_path": f"/data/{job_id}.tif"}]}
+        (jobs_dir / job_id / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+        os.utime(jobs_dir / job_id / "spec.json", (1_700_000_000 + n, 1_700_000_000 + n))
+    jobs = JobQueue(Recording(), tmp_path / "state", make_request=dict)
+    jobs.start()
+    try:
+        for job_id in submitted:
+            wait_until(lambda: jobs.info(job_id)["state"] == "done", timeout=10)
+        assert asked == [f"/data/{job_id}.tif" for job_id in submitted]
+    finally:
+        jobs.stop()
