@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -213,6 +214,8 @@ class BatchJob:
         # what a resume could not read of results.jsonl (job_folder.skipped_note), kept in the
         # job's message to its end
         self.note: str | None = None
+        # when it was submitted (time.time()), kept in state.json: a start resumes in this order
+        self.submitted: float | None = None
         self.lock = threading.Lock()
         self._state_lock = threading.Lock()  # the worker and a DELETE both write state.json
 
@@ -253,6 +256,7 @@ class BatchJob:
         with self._state_lock:
             _write_json_atomic(self.dir / "state.json", {
                 "state": self.state, "message": self.message, "updated": time.time(),
+                "submitted": self.submitted,
                 "cancel_requested": self.cancel.is_set(), "resumable": self.resumable,
                 # what `GET /jobs/{id}` answers once the job is no longer held in memory
                 "total": self.total, "done": len(self.done_indexes), "errors": self.errors,
@@ -273,9 +277,13 @@ class BatchJob:
         return read_results(self.results_path, total=self.total)
 
 
-def _submitted_at(directory: Path) -> float:
-    """When a batch job was submitted: its spec.json's time (written once, at the submit);
-    0 when it cannot be read, so such a job comes first, as it did before."""
+def _submitted_at(directory: Path, state: dict) -> float:
+    """When a batch job was submitted: its state.json's ``submitted``, else (a job written before
+    it was kept) its spec.json's time, written once at the submit but only as fine as the
+    file system's clock tick; 0 when neither can be read, so such a job comes first."""
+    submitted = state.get("submitted")
+    if isinstance(submitted, (int, float)) and not isinstance(submitted, bool) and math.isfinite(submitted):
+        return float(submitted)
     try:
         return (directory / "spec.json").stat().st_mtime
     except OSError:
@@ -473,6 +481,7 @@ class JobQueue:
         directory.mkdir(parents=True)
         _write_json_atomic(directory / "spec.json", spec)
         job = BatchJob(job_id, spec, directory)
+        job.submitted = time.time()
         job.results_path.touch()
         job.save_state()
         with self._cond:
@@ -833,6 +842,7 @@ class JobQueue:
                 log.warning("batch job %s: %s", job.job_id, job.note)
             job.state = state.get("state", "queued")
             job.message = state.get("message")
+            job.submitted = _submitted_at(directory, state)
             self._jobs[job.job_id] = job
             unfinished = job.state in ("queued", "running") or (job.state == "failed" and state.get("resumable"))
             if unfinished and state.get("cancel_requested"):
@@ -844,7 +854,7 @@ class JobQueue:
                 job.message = (f"Resumed after a restart at {len(job.done_indexes)} of "
                                f"{job.total} answers." + (f" {job.note}" if job.note else ""))
                 self._try_save_state(job)  # its first step says a full disk to its owner
-                resumed.append((_submitted_at(directory), job.job_id, job))
+                resumed.append((job.submitted, job.job_id, job))
                 log.info("resuming batch job %s (%d/%d done)", job.job_id,
                          len(job.done_indexes), job.total)
         # in the order they were submitted (their ids are random: the folders' order is not it)

@@ -327,9 +327,8 @@ class QueueMachine(RuleBasedStateMachine):
         for job in self.waiting:
             if job.kind == "ask":
                 job.checked_events = False
-        resumed = sorted((j for j in self.model.values()
-                          if j.kind == "batch" and not j.gone and (not j.finished or j.resumable)),
-                         key=lambda j: j.job_id)
+        resumed = [j for j in self.model.values()  # in the order they were submitted
+                   if j.kind == "batch" and not j.gone and (not j.finished or j.resumable)]
         self.waiting = []
         for job in resumed:
             job.resumable = False
