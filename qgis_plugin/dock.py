@@ -55,7 +55,7 @@ from .client import health_read_budget
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, RASTER_LAYER_FILTER, qaction_class
 from .engine_errors import MAX_SHOWN_CHARS, EngineError, shown_text
 from .engine_protocol import build_ask_request, new_request_id, question_too_long
-from .history import LOG_TAG, ProjectHistory, kept_result
+from .history import LOG_TAG, RESULT_PATHS, ProjectHistory, kept_result
 from .paths import export_path, public_source
 from .project_results import gather_into_project, moved_files, moved_path
 from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
@@ -527,7 +527,9 @@ class ChatDock(QgsDockWidget):
         """QGIS gave the project a (new) file name, to save it there (Save, Save As): the result
         files outside its results folder (asked before its first save, or of the project it was
         saved from) are copied into it, so the project keeps its layers wherever it goes
-        (:mod:`project_results`). The conversations' entry is written again when it is saved:
+        (:mod:`project_results`); so are the files of answers without their layers (removed by
+        hand, or never added), which the turns still refer to. The conversations' entry is
+        written again when it is saved:
         the files' paths in it are stored relative to the project file (:mod:`history`)."""
         if any(self.conversations.values()):
             self._history_changed = True
@@ -540,27 +542,40 @@ class ChatDock(QgsDockWidget):
         for turns in self.conversations.values():
             for turn in turns:
                 result = turn.get("result") or {}
-                for key in ("local_heatmap_path", "local_anchors_path"):
+                for key in RESULT_PATHS:
                     if result.get(key) in moved:
                         result[key] = moved[result[key]]
                         changed = True
         if changed:
             self._conversations_changed()
 
+    def _turn_files(self) -> list:
+        """The result files the turns refer to (each once; a turn's layers may be gone)."""
+        files = {}
+        for turns in self.conversations.values():
+            for turn in turns:
+                result = turn.get("result") or {}
+                for key in RESULT_PATHS:
+                    if isinstance(result.get(key), str) and result[key]:
+                        files[result[key]] = None
+        return list(files)
+
     def _gather_results(self, paths=None):
-        """Copy the project's result files lying outside its results folder into it (with
-        ``paths``, an answer's files: only when one of them is outside), the turns' record of
-        the files following the copies; the message bar says so."""
-        gathered = gather_into_project(QgsProject.instance(), paths)
+        """Copy the project's result files lying outside its results folder into it (those of
+        its result layers and those the turns refer to; with ``paths``, an answer's files: only
+        when one of them is outside), the turns' record of the files following the copies; the
+        message bar says so."""
+        gathered = gather_into_project(QgsProject.instance(), paths, self._turn_files())
         if gathered is None:
             return {}
         folder, moved, problems = gathered
         if moved:
-            self._notify(f"The files of the project's result layers were copied into {folder}, "
-                         "to stay with the project.", MSG_INFO)
+            self._notify(f"The project's result files were copied into {folder}, to stay with the project.",
+                         MSG_INFO)
         if problems:
-            self._notify(f"Some result files could not be copied into {folder} (their layers keep the old "
-                         f"files, outside the project's folder): {'; '.join(problems)}", MSG_WARNING)
+            self._notify(f"Some result files could not be copied into {folder} (their layers and answers "
+                         f"keep the old files, outside the project's folder): {'; '.join(problems)}",
+                         MSG_WARNING)
         return moved
 
     def _project_saving(self, _doc):
@@ -1062,9 +1077,11 @@ class ChatDock(QgsDockWidget):
                 turn["anchors_layer_id"] = anchors.id() if anchors else None
             except result_layers.ResultLayerError as exc:
                 self._notify(str(exc), MSG_WARNING)
-            else:  # asked before a Save / Save As gave the project its results folder
-                moved = self._gather_results([ev.get("local_heatmap_path"), ev.get("local_anchors_path")])
-                ev = {**ev, **{k: moved_path(ev.get(k), moved) for k in ("local_heatmap_path", "local_anchors_path")}}
+        if any(ev.get(k) for k in RESULT_PATHS):
+            # asked before a Save / Save As gave the project its results folder: its files (with
+            # its layers, or without: its raster removed meanwhile, no layers wanted) go there
+            moved = self._gather_results([ev.get(k) for k in RESULT_PATHS])
+            ev = {**ev, **{k: moved_path(ev.get(k), moved) for k in RESULT_PATHS}}
         self._say_where_results_went(turn, ev)
         if ev.get("files_warning"):  # the answer is complete; only its layers are missing
             turn["files_warning"] = ev["files_warning"]

@@ -6,7 +6,11 @@ project's ``geovqa_results``. QGIS stores those paths relative to the project fi
 moved or shared with its folder lost its result layers. When QGIS gives the project a (new) file
 name, before it writes it, :func:`gather_result_files` copies the files of the project's result
 layers that lie outside the new results folder into it and points the layers at the copies,
-keeping their style. The originals stay where they were (nothing is removed).
+keeping their style. The files of answers whose layers are gone (removed by hand, or an answer
+that came after its raster was removed) or were never added, which the dock's saved turns still
+refer to, are copied too (``files``), so the saved project refers only to files in its folder.
+Each file is copied once, however many layers and turns refer to it. The originals stay where
+they were (nothing is removed).
 
 Only where the results folder is the project's own (the options' *Results folder* empty): a
 folder the user chose is where they want the results. Only GeoVQA's own files move: those in
@@ -26,6 +30,8 @@ Main thread only (changes layers).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import shutil
 from pathlib import Path
 
@@ -70,13 +76,20 @@ def _free_name(folder: Path, name: str) -> Path:
     return dest
 
 
-def _copy_with_sidecars(src: Path, folder: Path) -> Path:
-    """Copy ``src`` and the files GDAL keeps beside it (``<name>.aux.xml``, ``<name>.ovr``)."""
+def _copy_with_sidecars(src: Path, folder: Path, names_beside=None) -> Path:
+    """Copy ``src`` and the files GDAL keeps beside it (``<name>.aux.xml``, ``<name>.ovr``).
+    ``names_beside``: the names in ``src``'s folder, sorted, when known (listed once for many
+    files: a folder of a thousand answers is not listed again for each)."""
     dest = _free_name(folder, src.name)
     shutil.copy2(src, dest)
-    for side in src.parent.glob(src.name + ".*"):
+    if names_beside is None:
+        names_beside = sorted(p.name for p in src.parent.iterdir())
+    prefix = src.name + "."
+    for name in itertools.takewhile(lambda n: n.startswith(prefix),
+                                    names_beside[bisect.bisect_left(names_beside, prefix):]):
+        side = src.parent / name
         if side.is_file():
-            shutil.copy2(side, dest.parent / (dest.name + side.name[len(src.name):]))
+            shutil.copy2(side, dest.parent / (dest.name + name[len(src.name):]))
     return dest
 
 
@@ -104,38 +117,59 @@ class _MovedFiles(QObject):
 moved_files = _MovedFiles()
 
 
-def gather_result_files(project, folder) -> tuple:
-    """Copy the files of ``project``'s result layers that lie outside ``folder`` into it and
-    point the layers at the copies. Returns ``({old path: new path}, [problems])``: a file
-    that no longer exists is left as it is (its layer was already missing it); one that could
-    not be copied is said in ``problems`` and its layer keeps the old file."""
+def gather_result_files(project, folder, files=()) -> tuple:
+    """Copy the files of ``project``'s result layers, and the result files ``files`` (paths that
+    GeoVQA's records refer to, with or without a layer), that lie outside ``folder`` into it and
+    point the layers at the copies. Returns ``({old path: new path}, [problems])``: a file that
+    no longer exists is left as it is (its layer was already missing it); one that could not be
+    copied is said in ``problems`` and its layer keeps the old file. Only GeoVQA's own files are
+    copied (:func:`_ours`), each once."""
     folder = Path(folder)
     profile_results = profile_results_dir()
     moved, problems = {}, []
+    copies = {}  # resolved source -> its copy (or None: not to copy), each file looked at once
+    listed = {}  # folder -> the names in it, listed once (sidecars of many files in one folder)
+
+    def copy(path: str):
+        """The copy of ``path`` in ``folder`` (made now or before), or None when it stays."""
+        if path in moved:
+            return moved[path]
+        src = Path(path)
+        key = src.resolve()
+        if key not in copies:
+            copies[key] = None
+            if src.is_file() and not _inside(src, folder) and _ours(src, profile_results):
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    if src.parent not in listed:
+                        listed[src.parent] = sorted(p.name for p in src.parent.iterdir())
+                    copies[key] = str(_copy_with_sidecars(src, folder, listed[src.parent]))
+                except OSError as exc:
+                    problems.append(f"{src}: {exc.strerror or exc}")
+        if copies[key] is not None:  # under each spelling its records may have
+            moved[path] = moved[str(src)] = copies[key]
+        return copies[key]
+
     for layer in project.mapLayers().values():
         if not is_result_layer(layer, project):
             continue
         path, rest = _file_of(layer)
-        src = Path(path)
-        if not path or not src.is_file() or _inside(src, folder) or not _ours(src, profile_results):
-            continue
-        try:
-            if str(src) not in moved:
-                folder.mkdir(parents=True, exist_ok=True)
-                moved[str(src)] = str(_copy_with_sidecars(src, folder))
-        except OSError as exc:
-            problems.append(f"{src}: {exc.strerror or exc}")
-            continue
-        _point_at(layer, moved[str(src)] + rest)
+        new = copy(path) if path else None
+        if new is not None:
+            _point_at(layer, new + rest)
+    for path in files:
+        if isinstance(path, str) and path:
+            copy(path)
     if moved:
         moved_files.moved.emit(dict(moved))
     return moved, problems
 
 
-def gather_into_project(project, paths=None):
-    """Gather the project's result files into its own results folder, when it has one (a file
-    name, and no results folder set in the options); with ``paths`` (an answer's files) only
-    when one of them lies outside that folder. Returns ``(folder, moved, problems)`` as
+def gather_into_project(project, paths=None, files=()):
+    """Gather the project's result files (its result layers' and ``files``, as
+    :func:`gather_result_files`) into its own results folder, when it has one (a file name, and
+    no results folder set in the options); with ``paths`` (an answer's files) only when one of
+    them lies outside that folder. Returns ``(folder, moved, problems)`` as
     :func:`gather_result_files`, or None when there was nothing to do."""
     settings = Settings.load()
     if not project.fileName() or settings.output_dir.strip():
@@ -143,7 +177,7 @@ def gather_into_project(project, paths=None):
     folder = settings.results_dir(project)
     if paths is not None and all(_inside(Path(p), folder) for p in paths if p):
         return None
-    moved, problems = gather_result_files(project, folder)
+    moved, problems = gather_result_files(project, folder, files)
     return folder, moved, problems
 
 

@@ -747,6 +747,120 @@ def test_result_files_of_a_batch_running_while_the_project_is_saved_go_with_it(
     assert [r["heatmap_path"] for r in exported] == [r["heatmap_path"] for r in done[0]]
 
 
+def _drop_new_profile_files(request):
+    """Answers asked before a first save write into the (test) profile: what the test adds there
+    is removed after it."""
+    from geovqa.settings import profile_results_dir
+
+    profile = profile_results_dir()
+    before = set(profile.glob("*")) if profile.exists() else set()
+    request.addfinalizer(lambda: [p.unlink() for p in (set(profile.glob("*")) if profile.exists() else set()) - before
+                                  if p.is_file()])
+
+
+def _moved_and_read_back(project, folder, tmp_path):
+    """The project's folder moved elsewhere (the raster a.tif beside it, as before) and read back."""
+    import shutil
+
+    project.clear()
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(folder, moved / folder.name)
+    shutil.copy(tmp_path / "a.tif", moved / "a.tif")
+    shutil.rmtree(folder)
+    assert project.read(str(moved / folder.name / "p.qgs"))
+    return moved / folder.name
+
+
+def _files_of(turns):
+    from geovqa.history import RESULT_PATHS
+
+    return [Path(t["result"][k]) for t in turns for k in RESULT_PATHS]
+
+
+@pytest.mark.parametrize("first_save", [True, False], ids=["save", "save-as"])
+def test_result_files_of_answers_whose_layers_were_removed_go_with_the_project_saved_under_a_new_name(
+        plugin, raster_layer, stub_engine, tmp_path, request, first_save):
+    """Save (of a new project) or Save As copied only the files of result layers still in the
+    project: an answer whose layers the user had removed kept its heatmap and anchors paths in
+    the QGIS profile (or the old project's geovqa_results), and the project moved or shared with
+    its folder lost them."""
+    from conftest import set_settings
+    from qgis.core import QgsProject
+
+    set_settings(output_dir="")
+    _drop_new_profile_files(request)
+    project = QgsProject.instance()
+    for d in ("old", "new"):
+        (tmp_path / d).mkdir()
+    if not first_save:
+        project.setFileName(str(tmp_path / "old" / "p.qgs"))
+        assert project.write()
+    a = raster_layer("a")
+    a_id = a.id()
+    dock = plugin.dock
+    dock.set_layer(a)
+    for n, question in enumerate(("kept?", "removed?"), 1):
+        dock.ask(question)
+        wait_until(_answered(dock, a, n), 30)
+        wait_for_tasks()
+    before = _files_of(dock.turns(a))
+    heat, anchors = _result_layers(dock, a)  # of "removed?"
+    project.removeMapLayers([heat.id(), anchors.id()])
+
+    project.setFileName(str(tmp_path / "new" / "p.qgs"))  # Save / Save As: a name, then write()
+    assert project.write()
+    results = tmp_path / "new" / "geovqa_results"
+    assert [p.parent for p in _files_of(dock.turns(a))] == [results] * 4
+    assert all(p.is_file() for p in before + _files_of(dock.turns(a)))  # copied, the originals kept
+    saved = [t["result"] for t in _entry()["conversations"][a_id]]
+    assert all(r[k].startswith("./geovqa_results/") for r in saved for k in ("local_heatmap_path",
+                                                                             "local_anchors_path")), saved
+
+    folder = _moved_and_read_back(project, tmp_path / "new", tmp_path)
+    files = _files_of(dock.conversations[a_id])
+    assert all(p.is_file() and p.parent == folder / "geovqa_results" for p in files), files
+
+
+@pytest.mark.parametrize("first_save", [True, False], ids=["save", "save-as"])
+def test_result_files_of_an_answer_that_came_after_its_raster_was_removed_go_with_the_project(
+        plugin, raster_layer, stub_engine, tmp_path, request, first_save):
+    """The project saved under a new name while an answer streamed, its raster then removed: the
+    answer got no layers, and so its files stayed where the task wrote them (the QGIS profile, the
+    old project's geovqa_results), outside the project its turn is saved in."""
+    from conftest import set_settings
+    from qgis.core import QgsProject
+
+    set_settings(output_dir="")
+    _drop_new_profile_files(request)
+    project = QgsProject.instance()
+    for d in ("old", "new"):
+        (tmp_path / d).mkdir()
+    if not first_save:
+        project.setFileName(str(tmp_path / "old" / "p.qgs"))
+        assert project.write()
+    stub_engine.token_delay = 0.15
+    a = raster_layer("a")
+    a_id = a.id()
+    dock = plugin.dock
+    dock.set_layer(a)
+    dock.ask("answered after its raster was removed?")
+    turn = dock.current_turn
+    wait_until(lambda: turn["answer"], 10, "the first words")
+    project.setFileName(str(tmp_path / "new" / "p.qgs"))  # Save / Save As: a name, then write()
+    assert project.write()
+    project.removeMapLayer(a_id)
+    wait_until(lambda: turn.get("done"), 30, "the answer")
+    wait_for_tasks()
+    assert turn.get("heatmap_layer_id") is None and not turn.get("error"), turn
+    results = tmp_path / "new" / "geovqa_results"
+    files = _files_of([turn])
+    assert all(p.is_file() and p.parent == results for p in files), files
+    assert project.write()
+    folder = _moved_and_read_back(project, tmp_path / "new", tmp_path)
+    files = _files_of(dock.conversations[a_id])
+    assert all(p.is_file() and p.parent == folder / "geovqa_results" for p in files), files
+
+
 def test_saved_result_paths_follow_the_project_folder_when_it_is_moved(plugin, raster_layer, stub_engine, tmp_path):
     """The result layers came back from a moved project folder (QGIS stores their sources relative),
     but the saved turns kept the files' absolute paths: the exported conversation pointed at

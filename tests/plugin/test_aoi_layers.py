@@ -1272,6 +1272,49 @@ def test_gathering_result_files_moves_only_geovqas_own_and_overwrites_nothing(ra
     assert own_hl.source() == str(own_heat) and own_al.source().split("|")[0] == str(own_anchors)
 
 
+def test_gathering_copies_the_files_records_refer_to_without_layers_each_once(raster_layer, tmp_path,
+                                                                             qgis_new_project):
+    """Save As copies the result files GeoVQA's records (the dock's turns) refer to although their
+    layers are gone, each once however many layers and records refer to it (by any spelling of
+    its path); a file the user placed, one already in the new folder and one no longer there
+    stay as they are."""
+    from geovqa.layers import add_result_layers
+    from geovqa.project_results import gather_result_files, moved_files
+    from qgis.core import QgsProject
+
+    layer = raster_layer()
+    old = tmp_path / "old" / "geovqa_results"
+    (old / "a").mkdir(parents=True)
+    (old / "b").mkdir()
+    heat, anchors = _write_results(old / "a", layer)  # an answer whose layers were removed
+    kept_heat, kept_anchors = _write_results(old / "b", layer)  # one whose layers are there
+    _, kl, _ = add_result_layers("Where?", str(kept_heat), str(kept_anchors), source_layer=layer)
+    (tmp_path / "mine").mkdir()
+    mine, _ = _write_results(tmp_path / "mine", layer)
+    new = tmp_path / "new" / "geovqa_results"
+    new.mkdir(parents=True)
+    already = new / "already.tif"
+    already.write_bytes(b"in the new folder")
+    emitted = []
+    moved_files.moved.connect(emitted.append)
+    try:
+        moved, problems = gather_result_files(
+            QgsProject.instance(), new,
+            [str(heat), str(anchors), str(kept_heat), str(old / "a" / ".." / "a" / "heat.tif"), str(mine),
+             str(already), str(old / "gone.tif"), "", None])
+    finally:
+        moved_files.moved.disconnect(emitted.append)
+    assert not problems
+    assert set(moved) == {str(heat), str(anchors), str(kept_heat), str(kept_anchors),
+                          str(old / "a" / ".." / "a" / "heat.tif")}
+    assert moved[str(old / "a" / ".." / "a" / "heat.tif")] == moved[str(heat)]  # one copy
+    assert kl.source() == moved[str(kept_heat)]
+    assert sorted(p.name for p in new.iterdir()) == ["already.tif", "anchors.geojson", "anchors_2.geojson",
+                                                     "heat.tif", "heat_2.tif"]
+    assert all(Path(p).is_file() for p in (heat, anchors, kept_heat, kept_anchors))  # nothing removed
+    assert emitted == [moved]
+
+
 def test_an_answer_with_one_file_outside_the_projects_results_folder_is_gathered(raster_layer, tmp_path,
                                                                                  qgis_new_project):
     """gather_into_project for an answer's files: nothing to do when all of them lie in the saved

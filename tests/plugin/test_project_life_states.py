@@ -7,8 +7,9 @@ folder, a folder below, an earlier project's folder; .qgs or .qgz), closed and r
 After every step: the dock holds exactly the conversations the steps left (a project read
 back holds what was saved in it, cleared ones do not come back), the project entry says the
 same, answers about removed layers are under the removed layers' item, every answer's files
-exist, result layers open existing files (inside the project's results folder once the
-project is saved, when that folder is the project's own), the layer list offers no result
+exist, result layers open existing files and every answer's files are inside the project's
+results folder once the project is saved, when that folder is the project's own (also the files
+of answers whose result layers were removed, or that got none), the layer list offers no result
 layer, and nothing raised in a slot or warned.
 """
 
@@ -263,6 +264,7 @@ def project_life(plugin, stub_engine, base: Path):
                                        ("local_anchors_path", "anchors_layer_id")):
                     path = Path(turn["result"][key])
                     assert path.is_file(), (key, path)
+                    assert folder is None or path.resolve().parent == folder, (key, path, folder)
                     layer = project.mapLayer(turn.get(layer_key) or "")
                     assert layer is None or path.resolve() == _file(layer), (path, layer.source())
 
