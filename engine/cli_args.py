@@ -9,6 +9,7 @@ a budget of 0 is refused by argparse before any model is loaded, not after minut
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
 
@@ -35,6 +36,46 @@ def positive_int(text: str) -> int:
 def count_or_never(text: str) -> int:
     """argparse type: a whole number of at least 0 (0 = never, for "every N steps" options)."""
     return _whole_number(text, 0)
+
+
+def _real_number(text: str, *, least: float, most: float = math.inf, above: bool = False,
+                 below: bool = False) -> float:
+    """`text` as a finite number from `least` to `most` (`above` / `below`: the bound itself
+    excluded); argparse.ArgumentTypeError saying the range otherwise. NaN and infinity are
+    refused: float() reads 'nan' and 'inf', and either made a training run that ends 'done'
+    with an adapter of NaN weights, or failed minutes later inside the optimizer."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    low_ok = value > least if above else value >= least
+    high_ok = value < most if below else value <= most
+    if not (math.isfinite(value) and low_ok and high_ok):
+        low = f"above {least:g}" if above else f"at least {least:g}"
+        high = "" if math.isinf(most) else (f" and below {most:g}" if below else f" and at most {most:g}")
+        raise argparse.ArgumentTypeError(f"must be a finite number {low}{high}, not {text!r}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number above 0 (a learning rate, a number of epochs)."""
+    return _real_number(text, least=0, above=True)
+
+
+def non_negative_number(text: str) -> float:
+    """argparse type: a finite number of at least 0 (a weight decay, a clipping norm, 0 = none)."""
+    return _real_number(text, least=0)
+
+
+def share(text: str) -> float:
+    """argparse type: a finite number from 0 to 1 (a warm-up share of the steps)."""
+    return _real_number(text, least=0, most=1)
+
+
+def probability_below_one(text: str) -> float:
+    """argparse type: a finite number from 0 up to, not including, 1 (a dropout probability, a
+    held-out share: all of it would leave nothing)."""
+    return _real_number(text, least=0, most=1, below=True)
 
 
 def band_list(text: str) -> list[int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 from dataclasses import dataclass
 
 QUANTIZATIONS = ("auto", "nf4", "bf16", "fp16", "fp32")
@@ -163,15 +164,36 @@ def resolve_device(device: str = "auto") -> str:
     if device == "cuda":
         device = "cuda:0"
     if device.startswith("cuda"):
+        # 'cuda:x', 'cuda:-1' or 'cudax' used to pass on a GPU machine and fail in torch later
+        number = re.fullmatch(r"cuda:(\d+)", device)
+        if number is None:
+            raise DeviceChoiceError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N' "
+                                    "(N the GPU's number, from 0)")
         if not cuda_available():
             raise DeviceChoiceError(
                 f"device {device!r} was requested but PyTorch sees no CUDA GPU on this machine; "
                 "use device 'cpu' or 'auto'"
             )
+        count = gpu_count()
+        if count and int(number.group(1)) >= count:
+            raise DeviceChoiceError(
+                f"device {device!r} does not exist: PyTorch sees {count} CUDA GPU(s) here, "
+                f"cuda:0 to cuda:{count - 1}"
+            )
         return device
     if device == "cpu":
         return "cpu"
     raise DeviceChoiceError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+
+
+def gpu_count() -> int:
+    """How many CUDA GPUs PyTorch sees (0 when it cannot tell)."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:
+        return 0
 
 
 def plan_device(device: str = "auto", quantization: str = "auto", attn: str = "auto") -> DevicePlan:

@@ -42,3 +42,20 @@ def positive_number(text: str) -> float | None:
 def whole_number(text: str) -> int | None:
     """`text` as a whole number of 0 or more (digits only), else None."""
     return int(text) if text.isdigit() else None
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, takes: str) -> bool:
+    """Environment variable `name` as an on/off switch: True for 1, true, yes or on, False when it
+    is unset, blank, 0, false, no or off (any case); ValueError "NAME must be <takes>, not
+    '<text>'." for anything else. Anything but "" and "0" used to count as on, so
+    ``=false`` or ``=no`` turned the switch on."""
+    text = os.environ.get(name, "").strip()
+    if not text or text.lower() in FALSE_WORDS:
+        return False
+    if text.lower() in TRUE_WORDS:
+        return True
+    raise ValueError(f"{name} must be {takes}, not {text!r}.")

@@ -32,7 +32,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from engine.cli_args import AUTO_CHOICE_HELP, HALF_FORMATS_HELP, add_model_arguments, add_strategy_arguments, band_choice, count_or_never, positive_int
+from engine.cli_args import (AUTO_CHOICE_HELP, HALF_FORMATS_HELP, add_model_arguments, add_strategy_arguments,
+                             band_choice, count_or_never, non_negative_number, positive_int, positive_number,
+                             probability_below_one, share)
 from engine.adapter_settings import training_settings
 from engine.data import DataError, Sample, load_dataset, split_is_by_raster, split_train_val
 from engine.finetune_checkpoints import checkpoint_dirs
@@ -64,20 +66,20 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                              "choice for each raster: the bands tagged red/green/blue, else the first three); "
                              "a record's own \"bands\" field replaces it")
     parser.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank" + DEFAULT)
-    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale (alpha / r)" + DEFAULT)
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input" + DEFAULT)
+    parser.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA scale (alpha / r)" + DEFAULT)
+    parser.add_argument("--lora-dropout", type=probability_below_one, default=0.05, help="dropout on the LoRA input" + DEFAULT)
     parser.add_argument("--target-modules", default=",".join(LM_TARGETS),
                         help="LM linear layers that get adapters (comma-separated; add lm_head to adapt the output head)"
                              + DEFAULT)
-    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate of the adapters" + DEFAULT)
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay" + DEFAULT)
-    parser.add_argument("--warmup-ratio", type=float, default=0.03,
+    parser.add_argument("--lr", type=positive_number, default=2e-4, help="AdamW learning rate of the adapters" + DEFAULT)
+    parser.add_argument("--weight-decay", type=non_negative_number, default=0.0, help="AdamW weight decay" + DEFAULT)
+    parser.add_argument("--warmup-ratio", type=share, default=0.03,
                         help="share of the steps the cosine schedule warms up over" + DEFAULT)
     parser.add_argument("--grad-accum", type=positive_int, default=4,
                         help="samples a step (batch 1 x this); the effective batch" + DEFAULT)
-    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training samples" + DEFAULT)
+    parser.add_argument("--epochs", type=positive_number, default=1.0, help="passes over the training samples" + DEFAULT)
     parser.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = none)" + DEFAULT)
+    parser.add_argument("--max-grad-norm", type=non_negative_number, default=1.0, help="gradient clipping (0 = none)" + DEFAULT)
     parser.add_argument("--max-length", type=positive_int, default=32768,
                         help="longest sequence (text + visual tokens)" + DEFAULT)
     parser.add_argument("--save-every", type=count_or_never, default=100,
@@ -88,7 +90,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                              "0 = keep all" + DEFAULT)
     parser.add_argument("--eval-every", type=count_or_never, default=100,
                         help="validation loss every N steps (0 = never)" + DEFAULT)
-    parser.add_argument("--val-fraction", type=float, default=0.05,
+    parser.add_argument("--val-fraction", type=probability_below_one, default=0.05,
                         help="share of the distinct rasters held out whole for validation" + DEFAULT)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the split, the data order and the adapters' initial weights" + DEFAULT)

@@ -50,6 +50,9 @@ log = logging.getLogger("engine.jobs")
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 FINISHED_STATES = ("done", "failed", "cancelled")
+CANCEL_MESSAGE = "Cancelled by the user."
+# the message of a job that ended done although a cancel came (after its last answer, before its end)
+LATE_CANCEL_NOTE = "It finished before the cancel took effect."
 # the summaries of this many finished batch jobs stay in memory (a few hundred bytes each);
 # older ones are read from their folder when asked for
 KEEP_FINISHED_IN_MEMORY = 100
@@ -549,7 +552,7 @@ class JobQueue:
             if job.state in FINISHED_STATES:
                 return job.info()  # ending this very moment (the worker retires it)
             job.cancel.set()
-            job.message = "Cancelled by the user."
+            job.message = CANCEL_MESSAGE
             if job in self._waiting:
                 self._waiting.remove(job)
                 self._finish_cancelled(job)
@@ -591,7 +594,7 @@ class JobQueue:
         already (a start)."""
         job.state = "cancelled"
         job.position = None
-        job.message = "Cancelled by the user."
+        job.message = CANCEL_MESSAGE
         if isinstance(job, BatchJob):
             if not self._try_save_state(job) and not cancel_on_disk:
                 job.message += (" The engine could not store the cancel on its disk (its "
@@ -678,18 +681,31 @@ class JobQueue:
             if time.monotonic() - self._last_housekeeping >= HOUSEKEEPING_INTERVAL_S:
                 self.housekeep()
 
-    @staticmethod
-    def _fail(job: AskJob | BatchJob, exc: Exception) -> None:
+    def _end(self, job: AskJob | BatchJob, state: str, message: str | None = None) -> None:
+        """Give a running job its end `state` and `message`, under the queue's lock.
+
+        `cancel` checks that a job is not finished and sets its message under the same lock, so a
+        cancel landing just as the job ends either finds it finished (and leaves it) or comes
+        first: then a job that still ends done (its answer was complete) says it finished before
+        the cancel took effect, instead of keeping the cancel's "Cancelled by the user." (which
+        the worker's done used to leave in place, or the cancel wrote over the done message)."""
+        with self._cond:
+            if state == "done" and job.cancel.is_set():
+                message = f"{message} {LATE_CANCEL_NOTE}" if message else LATE_CANCEL_NOTE
+            job.state = state
+            job.message = message
+
+    def _fail(self, job: AskJob | BatchJob, exc: Exception) -> None:
         """End a job whose step raised outside its own error handling (a full disk, a bug). A
         batch stopped by the engine's disk (OSError: full, an I/O error) is resumed at the next
         start, from the first answer not stored."""
-        job.state = "failed"
-        job.message = f"The job stopped on an unexpected error: {type(exc).__name__}: {exc}"
+        message = f"The job stopped on an unexpected error: {type(exc).__name__}: {exc}"
         if isinstance(job, BatchJob) and isinstance(exc, OSError):
             job.resumable = True
-            job.message = (f"The job stopped: the engine could not store its answers "
-                           f"({exc.strerror or exc}). Free space on the engine's disk (its --state-dir) "
-                           "and restart the engine: it resumes the job from the first answer not stored.")
+            message = (f"The job stopped: the engine could not store its answers "
+                       f"({exc.strerror or exc}). Free space on the engine's disk (its --state-dir) "
+                       "and restart the engine: it resumes the job from the first answer not stored.")
+        self._end(job, "failed", message)
         if isinstance(job, BatchJob):
             try:
                 job.save_state()
@@ -726,15 +742,14 @@ class JobQueue:
                     close()
             if job.cancel.is_set() and not got_result:
                 raise JobError("cancelled", "The question was cancelled.")
-            job.state = "done"
+            self._end(job, "done")
         except BaseException as exc:  # noqa: BLE001 - mapped to an error event
             err = error_for_exception(exc, budget)
             if job.public_error is not None:
                 err = job.public_error(err)
             if err.code in ("out_of_memory", "cancelled"):
                 free_gpu_memory()
-            job.state = "cancelled" if err.code == "cancelled" else "failed"
-            job.message = err.message
+            self._end(job, "cancelled" if err.code == "cancelled" else "failed", err.message)
             job.events.put(self._event(job, {"type": "error", **err.body()["error"]}))
         finally:
             self._run_cleanup(job)  # before the end of the stream: the client sees it done
@@ -750,9 +765,9 @@ class JobQueue:
             job.save_state()
             return True
         if index is None:
-            job.state = "failed" if job.errors == job.total and job.total else "done"
-            job.message = f"{len(job.done_indexes)} answers, {job.errors} errors." + (
-                f" {job.note}" if job.note else "")
+            self._end(job, "failed" if job.errors == job.total and job.total else "done",
+                      f"{len(job.done_indexes)} answers, {job.errors} errors." + (
+                          f" {job.note}" if job.note else ""))
             job.save_state()
             return True
         job.save_state()
@@ -794,7 +809,7 @@ class JobQueue:
                 line["error_code"] = err.code
         if job.cancel.is_set() and result is None:
             job.state = "cancelled"
-            job.message = "Cancelled by the user."
+            job.message = CANCEL_MESSAGE
             job.save_state()
             return True
         if result is not None:
@@ -808,7 +823,7 @@ class JobQueue:
             job.append_result(line)
         if job.cancel.is_set():  # cancelled while this answer ran: the job ends with it
             job.state = "cancelled"
-            job.message = "Cancelled by the user."
+            job.message = CANCEL_MESSAGE
             job.save_state()
             return True
         return False

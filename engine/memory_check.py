@@ -19,7 +19,6 @@ the cache then adds to the process's RAM, unchecked (docs/protocol.md says so).
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +221,15 @@ def fit_report(files: Iterable[Path], device: str, formats: Iterable[str],
     }
 
 
+def skip_requested() -> bool:
+    """GEOVQA_SKIP_MEMORY_CHECK turns the check off (1, true, yes, on); unset, blank, 0, false, no
+    or off leave it on, and another value is refused (ValueError naming the variable) rather
+    than read as either."""
+    from engine.env_settings import env_flag  # noqa: PLC0415
+
+    return env_flag(SKIP_ENV, "1 (load without checking the free memory) or 0 (check it)")
+
+
 def check_fits(files: Iterable[Path], *, device: str, quantization: str, alternatives: Iterable[str],
                model_name: str = "the model", ram_cache_bytes: int = 0) -> None:
     """Raise NotEnoughMemory when the checkpoint in `files`, loaded with `quantization` on
@@ -230,7 +238,7 @@ def check_fits(files: Iterable[Path], *, device: str, quantization: str, alterna
     `alternatives` are the other quantisations usable on this device; those that would fit are
     named in the message. `ram_cache_bytes` (the feature cache's cap) is counted on the CPU, and
     the message then names it and how to make it smaller."""
-    if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
+    if skip_requested():
         return
     report = fit_report(files, device, dict.fromkeys([quantization, *alternatives]), ram_cache_bytes)
     mine = report["formats"][quantization]

@@ -86,6 +86,34 @@ def test_finetune_every_n_steps_takes_zero_for_never(option, capsys):
     assert f"{option}: must be at least 0, not -1" in capsys.readouterr().err
 
 
+# option: (values refused, values taken). nan and inf used to pass float(): --lr inf or --epochs
+# nan ended "done" with an adapter of NaN weights (or an empty run), --lr nan / -1 and
+# --lora-dropout 1.5 failed only after the model had loaded, --lr 0 / --lora-alpha 0 trained nothing
+FINETUNE_NUMBERS = {
+    "--lr": (["0", "-1", "nan", "inf"], ["2e-4"]),
+    "--epochs": (["0", "-1", "nan", "inf"], ["0.5", "3"]),
+    "--weight-decay": (["-0.1", "nan", "inf"], ["0", "0.01"]),
+    "--max-grad-norm": (["-1", "nan", "inf"], ["0", "1.0"]),
+    "--warmup-ratio": (["-0.1", "1.5", "nan"], ["0", "0.03", "1"]),
+    "--lora-dropout": (["-0.1", "1", "1.5", "nan"], ["0", "0.05"]),
+    "--val-fraction": (["-0.5", "1", "nan"], ["0", "0.05"]),
+    "--lora-alpha": (["0", "-5"], ["32"]),
+}
+
+
+@pytest.mark.parametrize("option", list(FINETUNE_NUMBERS))
+def test_finetune_numbers_out_of_range_are_refused_before_anything_loads(option, capsys):
+    refused, taken = FINETUNE_NUMBERS[option]
+    for value in refused:
+        with pytest.raises(SystemExit) as exc:
+            parse("finetune", f"{option}={value}")
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"argument {option}: must be " in err, (value, err)
+        assert "Traceback" not in err
+    for value in taken:
+        assert getattr(parse("finetune", option, value), option[2:].replace("-", "_")) == float(value)
+
+
 def test_main_reports_a_mistyped_strategy_without_loading(monkeypatch, capsys):
     """A typo in finetune's --strategy used to surface only after the model had loaded."""
     import engine.loader

@@ -127,3 +127,19 @@ def test_cuda_without_a_number_is_the_first_gpu(monkeypatch):
     assert D.resolve_device("cuda") == "cuda:0"
     assert D.resolve_device("CUDA:1") == "cuda:1"
     assert D.plan_device("cuda", "fp16").device == "cuda:0"
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:-1", "cudax", "cuda:", "cuda:0:1"])
+def test_a_malformed_cuda_device_is_refused_as_such(monkeypatch, device):
+    """On a GPU machine these passed and failed inside torch when the model loaded."""
+    _gpu(monkeypatch, A100)
+    with pytest.raises(D.DeviceChoiceError, match=r"unknown device .*'cuda:N'"):
+        D.resolve_device(device)
+
+
+def test_a_gpu_number_past_the_last_gpu_is_refused(monkeypatch):
+    _gpu(monkeypatch, A100)
+    monkeypatch.setattr(D, "gpu_count", lambda: 2)
+    assert D.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(D.DeviceChoiceError, match=r"'cuda:2' does not exist: PyTorch sees 2 CUDA GPU\(s\) here, cuda:0 to cuda:1"):
+        D.resolve_device("cuda:2")

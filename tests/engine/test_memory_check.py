@@ -299,3 +299,27 @@ def test_the_check_is_not_skipped_by_a_variable_of_0_or_blank(tiny_checkpoint, m
     monkeypatch.setenv(memory_check.SKIP_ENV, value)
     with pytest.raises(NotEnoughMemory):
         load_model(tiny_checkpoint, device="cpu", quantization="fp32")
+
+
+@pytest.mark.parametrize("value", ["false", "no", "off", "FALSE", " 0 "])
+def test_the_check_is_not_skipped_by_a_variable_saying_no(tiny_checkpoint, monkeypatch, value):
+    """Anything but "" and "0" used to skip the check: GEOVQA_SKIP_MEMORY_CHECK=false skipped it."""
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: 1000)
+    monkeypatch.setenv(memory_check.SKIP_ENV, value)
+    with pytest.raises(NotEnoughMemory):
+        load_model(tiny_checkpoint, device="cpu", quantization="fp32")
+
+
+@pytest.mark.parametrize("value", ["true", "Yes", "on"])
+def test_the_check_is_skipped_by_a_variable_saying_yes(tiny_checkpoint, monkeypatch, value):
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: 1000)
+    monkeypatch.setenv(memory_check.SKIP_ENV, value)
+    assert load_model(tiny_checkpoint, device="cpu", quantization="fp32").info["quantization"] == "fp32"
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "2", "maybe"])
+def test_an_unclear_skip_variable_is_refused_naming_it(tiny_checkpoint, monkeypatch, value):
+    monkeypatch.setattr(memory_check, "available_bytes", lambda device: 1000)
+    monkeypatch.setenv(memory_check.SKIP_ENV, value)
+    with pytest.raises(ValueError, match=rf"^GEOVQA_SKIP_MEMORY_CHECK must be 1 .* or 0 .*, not '{value}'\.$"):
+        load_model(tiny_checkpoint, device="cpu", quantization="fp32")

@@ -373,3 +373,99 @@ def test_a_waiting_batch_cancelled_on_a_full_disk_leaves_the_queue(tmp_path, mon
     assert jobs.queue_length() == 1 and jobs.info(second.job_id)["position"] == 0
     assert jobs.cancel(first.job_id, remove=True)["removed"] is True
     assert not (jobs.jobs_dir / first.job_id).exists()
+
+
+class ClosingStream:
+    """An answer stream that runs `on_close` when the worker closes it: after its result, before
+    the job is called done."""
+
+    def __init__(self, events, on_close):
+        self._events = iter(events)
+        self.on_close = on_close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._events)
+
+    def close(self):
+        self.on_close()
+
+
+LATE = "It finished before the cancel took effect."
+
+
+def test_a_cancel_landing_as_a_question_ends_is_not_its_message(tmp_path):
+    """A DELETE after the last answer, while the job still runs (it answers 'running'), used to
+    leave the job done with the message "Cancelled by the user."."""
+    seen = {}
+
+    class EndingEngine:
+        def ask(self, request, cancel):
+            return ClosingStream([{"type": "result", "answer": "ok"}],
+                                 lambda: seen.setdefault("info", jobs.cancel(job.job_id)))
+
+    jobs = make_queue(EndingEngine(), tmp_path / "state")
+    try:
+        job = jobs.submit_ask({"question": "What is here?", "request_id": "r1"})
+        events = [job.events.get(timeout=10)]
+        while events[-1] is not None:
+            events.append(job.events.get(timeout=10))
+        assert seen["info"]["state"] == "running"  # the cancel came while the job ran
+        assert [e["type"] for e in events[:-1] if e["type"] != "queued"] == ["result"]
+        assert job.state == "done"
+        assert job.message == LATE
+    finally:
+        jobs.stop()
+
+
+def test_a_cancel_landing_as_a_batch_ends_is_not_its_message(tmp_path, monkeypatch):
+    """The worker checks the cancel, finds none and ends the batch done, while a DELETE that saw
+    it running sets the cancel and then its message: the job ended done with the message
+    "Cancelled by the user.", in memory and in state.json. The interleaving is forced: the
+    worker waits at its last check until the cancel is set, and the cancel waits (inside its
+    `set`) until the worker has ended the job or waits on the queue's lock to do so."""
+    at_check, go, ending = threading.Event(), threading.Event(), threading.Event()
+    held = Engine(hold=True)
+    jobs = make_queue(held, tmp_path / "state")
+    real_end = getattr(JobQueue, "_end", None)
+    if real_end is not None:  # the worker announces that it ends the job (then takes the lock)
+        def announced_end(self, *a, **kw):
+            ending.set()
+            return real_end(self, *a, **kw)
+        monkeypatch.setattr(JobQueue, "_end", announced_end)
+
+    class HandshakeEvent(threading.Event):
+        def is_set(self):
+            value = super().is_set()
+            caller = sys._getframe(1)
+            if caller.f_code.co_name == "_run_batch_step" and caller.f_locals.get("index", 0) is None \
+                    and not at_check.is_set():  # the last step's check: nothing left to answer
+                at_check.set()
+                assert go.wait(10)
+            return value
+
+        def set(self):  # called by JobQueue.cancel once it has seen the job running
+            super().set()
+            go.set()
+            wait_until(lambda: ending.is_set() or (batch.message or "").startswith("2 answers"), timeout=10)
+
+    try:
+        batch = jobs.submit_batch(json.loads(json.dumps(SPEC)))
+        assert held.started.wait(10)  # its first answer runs: the event is swapped meanwhile
+        batch.cancel = HandshakeEvent()
+        held.release.set()
+        assert at_check.wait(10)
+        reply = jobs.cancel(batch.job_id)
+        wait_until(lambda: jobs.info(batch.job_id)["state"] not in ("queued", "running"), timeout=10)
+        info = jobs.info(batch.job_id)
+        assert (info["state"], info["done"]) == ("done", 2)
+        expected = f"2 answers, 0 errors. {LATE}"
+        assert info["message"] == expected
+        assert saved_state(jobs, batch.job_id)["message"] == expected
+        assert reply["state"] == "running"  # the cancel was taken while the job ran
+    finally:
+        go.set()
+        held.release.set()
+        jobs.stop()
