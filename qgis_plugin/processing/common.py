@@ -330,7 +330,12 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
         stream.on_upload_progress = progress.uploaded
     stream.on_prepare_progress = say_preparing(feedback)
     if feedback is not None:
-        feedback.canceled.connect(stream.abort)
+        # direct, as in calls_stopped_by: connected in this worker thread (no event loop), the
+        # abort was never called, and Cancel waited for the stream's next event (for ever
+        # against an engine trickling bytes and no event)
+        feedback.canceled.connect(stream.abort, Qt.ConnectionType.DirectConnection)
+        if feedback.isCanceled():  # pressed before the connection was made
+            stream.abort()
     result = None
     words = []  # the answer's words as they stream (kept when it breaks off)
     try:
