@@ -8,7 +8,8 @@ from the project mid-batch gives an error row for each of its questions not aske
 batch goes on with the others.
 
 Inputs and results share a vertical splitter (the table gets most of the height); a cell's tooltip
-is its full text and a double-click, or Enter, shows the whole row. An answer whose heatmap or
+is its full text (an error longer than MAX_SHOWN_CHARS, an engine's message of megabytes, cut; whole
+in QGIS's log, the autosave file and the exports) and a double-click, or Enter, shows the whole row. An answer whose heatmap or
 anchors could not be saved has a warning icon, the reason in its tooltip and row, and is counted at the end. While a batch runs, the inputs and Export
 are disabled (the answers so far are in the autosave file; Export once the batch ends or is
 cancelled), and the message counts the questions asked.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from qgis.core import QgsApplication, QgsGeometry, QgsProject
+from qgis.core import QgsApplication, QgsGeometry, QgsMessageLog, QgsProject
 from qgis.PyQt.QtCore import Qt, QTimer, QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QDesktopServices
 from qgis.PyQt.QtWidgets import (
@@ -51,7 +52,8 @@ from . import layers as result_layers
 from .aoi import AoiError, check_placed_on_map, clip_to_layer, is_unreferenced_file
 from .bands import RENDER_BANDS, bands_cell, layer_bands
 from .client import health_read_budget
-from .compat import MSG_INFO, MSG_WARNING, is_raster_layer
+from .compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING, is_raster_layer
+from .engine_errors import MAX_SHOWN_CHARS, shown_text
 from .engine_protocol import questions_too_long
 from .paths import export_path
 from .project_results import gather_into_project, moved_files, moved_path
@@ -89,13 +91,24 @@ def export_failure(exc: Exception, path: str) -> str:
 
 def answer_cell(row: dict) -> str:
     """The Answer column's text: the answer, "Cancelled" for a question Cancel stopped, else the
-    error that replaced the answer, after the words that came of an answer that broke off."""
+    error that replaced the answer, after the words that came of an answer that broke off. An
+    error longer than MAX_SHOWN_CHARS (an engine's message of megabytes) is cut
+    (:func:`engine_errors.shown_text`; :func:`log_long_error` logs it whole, the exports keep it)."""
     if row.get("answer") is not None:
         return row["answer"]
     if is_cancelled(row):
         return "Cancelled"
     partial = row.get("incomplete_answer")
-    return (f"(incomplete) {partial} — " if partial else "") + f"ERROR: {row.get('error')}"
+    return (f"(incomplete) {partial} — " if partial else "") + f"ERROR: {shown_text(row.get('error'))}"
+
+
+def log_long_error(row: dict) -> None:
+    """The whole error of ``row`` in QGIS's log when the table shows it cut (longer than
+    MAX_SHOWN_CHARS), as the chat dock logs an engine's error of megabytes: the cut says so."""
+    error = row.get("error")
+    if isinstance(error, str) and len(error) > MAX_SHOWN_CHARS:
+        QgsMessageLog.logMessage(f"Batch question '{row.get('question', '')}' about '{row.get('layer', '')}': "
+                                 f"{error}", "GeoVQA", MSG_CRITICAL if row.get("answer") is None else MSG_WARNING)
 
 
 class BatchDialog(QDialog):
@@ -270,7 +283,7 @@ class BatchDialog(QDialog):
             parts.append(f"{name}: {item.text() if item is not None else ''}")
         note = files_note(self.rows[r]) if r < len(self.rows) else ""
         if note:
-            parts.append(f"Result layers: {note}")
+            parts.append(f"Result layers: {shown_text(note)}")
         return "\n\n".join(parts)
 
     def show_row(self, r: int):
@@ -580,7 +593,8 @@ class BatchDialog(QDialog):
             self._next_item()
 
     def _add_row(self, row: dict):
-        self.rows.append(row)
+        self.rows.append(row)  # as it came: the exports and the autosave keep its error whole
+        log_long_error(row)
         r = self.table.rowCount()
         self.table.insertRow(r)
         kept = (row.get("tokens") or {}).get("visual_kept", "")
@@ -594,7 +608,7 @@ class BatchDialog(QDialog):
         self._mark_files_note(self.table.item(r, ANSWER_COLUMN), files_note(row))
         self.message.setText(f"Asked {len(self.rows)} of {self._total} …")
         if row.get("answer") is not None and row.get("error"):
-            self._note(row["error"])  # an answer whose heatmap/anchors could not be saved
+            self._note(shown_text(row["error"]))  # an answer whose heatmap/anchors could not be saved
         if self.task is not None and self.task.autosave_error:
             self.autosave_label.setText(self.task.autosave_error)
         has_files = row.get("heatmap_path") or row.get("anchors_path")
@@ -640,7 +654,7 @@ class BatchDialog(QDialog):
         Else the reason was on the message line only until the next row came."""
         if note:
             cell.setIcon(QgsApplication.getThemeIcon(WARNING_ICON))
-            cell.setToolTip(f"{cell.text()}\n\n⚠ {note}")
+            cell.setToolTip(f"{cell.text()}\n\n⚠ {shown_text(note)}")
 
     def _note(self, text: str):
         """A remark about the latest row, after the count of questions asked."""

@@ -34,6 +34,7 @@ from .common import (
     aoi_refusal,
     area_of_interest,
     ask_once,
+    calls_stopped_by,
     discard_render,
     engine_client,
     forget_result_layer,
@@ -230,7 +231,8 @@ class AskRasterAlgorithm(QgsProcessingAlgorithm):
         """Render a non-file layer, ask, write the outputs. A run that fails or is cancelled
         removes the render it made (:func:`discard_render`); a run that answers keeps it."""
         try:
-            return self._ask(parameters, context, feedback)
+            with calls_stopped_by(feedback, self.client):  # Cancel ends a /health call under way
+                return self._ask(parameters, context, feedback)
         except BaseException:
             discard_render(self.source)
             raise

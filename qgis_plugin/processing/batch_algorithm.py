@@ -34,6 +34,7 @@ from .common import (
     aoi_refusal,
     area_of_interest,
     ask_once,
+    calls_stopped_by,
     discard_render,
     engine_client,
     question_source,
@@ -189,7 +190,9 @@ class BatchQuestionsAlgorithm(QgsProcessingAlgorithm):
         rows = []
         progress = BatchProgress(total, feedback.setProgress)  # as the batch dialog's BatchTask counts it
         try:
-            with table, self._said_on_failure(feedback, rows, csv_path, json_path):
+            # Cancel also ends a /health call under way (the protocol check, the upload limit)
+            with table, self._said_on_failure(feedback, rows, csv_path, json_path), \
+                    calls_stopped_by(feedback, self.client):
                 for item in self.items:
                     if feedback.isCanceled():
                         break

@@ -18,6 +18,7 @@ from qgis.core import (
     QgsProcessingParameterEnum,
     QgsProject,
 )
+from qgis.PyQt.QtCore import Qt
 
 from .. import layers as result_layers
 from ..aoi import AoiError, check_placed_on_map, clip_to_layer, is_unreferenced_file, request_aoi
@@ -270,6 +271,32 @@ def starts_now(ev: dict) -> bool:
     return ev.get("type") == "queued" and not ev.get("position")
 
 
+def _cancelled(feedback) -> bool:
+    return feedback is not None and feedback.isCanceled()
+
+
+@contextlib.contextmanager
+def calls_stopped_by(feedback, client):
+    """While the block runs, ``feedback``'s Cancel also stops ``client``'s short calls under way
+    (:meth:`client.EngineClient.abort_calls`: the protocol check, the engine's upload limit and
+    read budget, each a ``GET /health``), as the batch dialog's Cancel does (BatchTask.cancel):
+    else Cancel waited up to the short timeout for an engine that is slow to answer them.
+    Worker thread (processAlgorithm); ``feedback`` None: nothing to stop them."""
+    if feedback is None:
+        yield
+        return
+    # direct: a plain callable connected in this worker thread would be called in it, queued to
+    # an event loop it does not run (never); abort_calls is safe from the thread that cancels
+    feedback.canceled.connect(client.abort_calls, Qt.ConnectionType.DirectConnection)
+    try:
+        yield
+    finally:
+        try:
+            feedback.canceled.disconnect(client.abort_calls)
+        except TypeError:
+            pass
+
+
 def ask_once(client, question, raster_path, aoi, options, feedback, results_dir: Path, clip_bounds=None,
              unreferenced: bool = False, prepared=None, progress=None, bands=None) -> dict:
     """Stream one answer; returns the result event with local_heatmap_path / local_anchors_path
@@ -287,7 +314,14 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
     those words as ``partial_answer``, also said in the log ("The answer so far (incomplete): …");
     a cancelled one raises QgsProcessingException("Cancelled.") with them as ``partial_answer``."""
     request = build_ask_request(question, raster_path, aoi=aoi, bands=bands, **options)
-    client.check_protocol()  # an engine of another protocol is asked nothing (once per run)
+    if not _cancelled(feedback):
+        # an engine of another protocol is asked nothing (once per run); Cancel ends the check
+        # at once when the algorithm runs it in calls_stopped_by, and then nothing is asked
+        client.check_protocol()
+    if _cancelled(feedback):
+        exc = QgsProcessingException("Cancelled.")
+        exc.partial_answer = None
+        raise exc
     stream = client.ask(request, prepared=prepared)
     if progress is None and feedback is not None:
         progress = BatchProgress(1, feedback.setProgress)
@@ -296,7 +330,12 @@ def ask_once(client, question, raster_path, aoi, options, feedback, results_dir:
         stream.on_upload_progress = progress.uploaded
     stream.on_prepare_progress = say_preparing(feedback)
     if feedback is not None:
-        feedback.canceled.connect(stream.abort)
+        # direct, as in calls_stopped_by: connected in this worker thread (no event loop), the
+        # abort was never called, and Cancel waited for the stream's next event (for ever
+        # against an engine trickling bytes and no event)
+        feedback.canceled.connect(stream.abort, Qt.ConnectionType.DirectConnection)
+        if feedback.isCanceled():  # pressed before the connection was made
+            stream.abort()
     result = None
     words = []  # the answer's words as they stream (kept when it breaks off)
     try:

@@ -537,3 +537,78 @@ def test_the_docks_health_check_against_a_trickling_engine_ends_and_never_piles_
         wait_for_tasks()
     finally:
         engine.close()
+
+
+def trickled_answer(first_event: bytes = b"", head_first: bool = False):
+    """An engine whose /health answers well and whose answer to a question trickles: a byte every
+    0.2 s for ever (until the engine is closed) and never an event (after ``first_event``, a
+    line), in the status line of its answer (``head_first``) or in its stream."""
+    health = json.dumps({"status": "ok", "protocol": 1, "model": "GeoLLaVA-8K", "heartbeat_s": 15}).encode()
+
+    def answer(head, conn, closed):
+        if head.startswith(b"GET /health"):
+            canned("200 OK", "Content-Type: application/json\r\n", health)(head, conn, closed)
+            return
+        if not head_first:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nX-Heartbeat-S: 15\r\n"
+                         b"Connection: close\r\n\r\n" + first_event)
+        while not closed.wait(0.2):
+            conn.sendall(b"H" if head_first else b" ")
+    return answer
+
+
+@pytest.mark.parametrize("head_first", [True, False], ids=["in its headers", "in its stream"])
+def test_stop_ends_an_answer_that_trickles_at_once(head_first):
+    """An answer stream fed a byte every 0.2 s (never a line, never an event) keeps each read
+    within its timeout: only Stop (AskStream.abort, which the dock's Stop, a batch's and
+    Processing's Cancel call) can end it, and it must do so at once, although the engine goes on
+    sending after the shutdown (a read after it sees the end of the stream, or a reset)."""
+    import threading
+    import time
+
+    engine = RawEngine(trickled_answer(head_first=head_first))
+    try:
+        stream, read = _ask(engine.url)
+        timer = threading.Timer(0.7, stream.abort)  # the answer is being read by then
+        timer.start()
+        t0 = time.monotonic()
+        how, events = _outcome(read, seconds=5.0)
+        timer.join()
+        if how == "hung":
+            engine.close()  # a Stop that did not end it: only the engine's end does
+        assert how == "returned", (how, events)
+        assert events == [] and time.monotonic() - t0 < 1.7
+    finally:
+        engine.close()
+
+
+def test_the_docks_stop_ends_a_trickling_answer_and_keeps_its_words(plugin, raster_layer):
+    """The dock's Stop against an engine that sent some words and then only a byte every 0.2 s:
+    the turn says "stopped" with the words that came, and its task ends within about a second
+    (a task reading on would hold its bar in QGIS's task list, and QGIS's exit would wait on it)."""
+    import time
+
+    from conftest import python_errors, set_settings, wait_for_tasks, wait_until
+
+    words = json.dumps({"type": "token", "text": "Fields and "}).encode() + b"\n"
+    engine = RawEngine(trickled_answer(first_event=words))
+    try:
+        set_settings(engine_url=engine.url)
+        dock = plugin.dock
+        dock.set_layer(raster_layer())
+        with python_errors() as errors:
+            dock.ask("What is here?")
+            turn = dock.current_turn
+            wait_until(lambda: turn["answer"], 10, "the first words")
+            time.sleep(0.5)  # the stream trickles on
+            t0 = time.monotonic()
+            dock.stop()
+            wait_for_tasks(timeout=5)
+            took = time.monotonic() - t0
+        assert not errors, errors[0]
+        assert took < 1.5, took
+        assert turn["done"] and turn["meta"] == "stopped" and turn["answer"] == "Fields and "
+        assert dock.progress_label.text() == "Stopped." and not dock.is_asking()
+        assert [t["meta"] for t in dock.turns()] == ["stopped"]
+    finally:
+        engine.close()

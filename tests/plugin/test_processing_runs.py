@@ -458,3 +458,92 @@ def test_a_batch_keeps_only_the_renders_an_answer_came_from(plugin, stub_engine,
     wait_until(lambda: done, 60, "the answered batch")
     wait_for_tasks()
     assert done[0][0] and len(_renders(tmp_path)) == 1  # what was sent stays with its answers
+
+
+@pytest.mark.parametrize("alg_id", ["geovqa:ask_raster", "geovqa:batch_questions"])
+def test_cancel_during_the_protocol_check_ends_the_run_at_once_and_asks_nothing(
+        plugin, raster_layer, qgis_processing, qgis_new_project, tmp_path, alg_id):
+    """Both algorithms ask GET /health once before their first question (the protocol check);
+    Cancel did not stop it (only the answer stream was tied to the feedback's Cancel), so against
+    an engine slow to answer it the run went on for up to the short timeout (10 s) after Cancel,
+    and then sent the question anyway (its stream made after Cancel had been said). Cancel now
+    ends the check at once, as the batch dialog's Cancel does, and nothing is asked."""
+    from qgis.core import QgsApplication
+
+    from test_hostile_engine import RawEngine
+
+    heads = []
+
+    def silent(head, _conn, closed):  # reads every request, answers none (until closed)
+        heads.append(head.split(b"\r\n", 1)[0].decode())
+        closed.wait()
+
+    engine = RawEngine(silent)
+    try:
+        set_settings(engine_url=engine.url, token="tok", send_rasters="path")
+        plugin.dock.timer.stop()
+        src = raster_layer("src")
+        params = ({"INPUT": src.id(), "QUESTION": QUESTION} if alg_id == "geovqa:ask_raster" else
+                  {"LAYERS": [src.id()], "QUESTIONS": "q1\nq2", "OUTPUT": str(tmp_path / "a.csv")})
+        with python_errors() as errors:
+            task, done, fb, _ = _task(alg_id, params, recording_feedback())
+            QgsApplication.taskManager().addTask(task)
+            wait_until(lambda: any(h.startswith("GET /health") for h in heads), 30, "the protocol check")
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            fb.cancel()
+            wait_until(lambda: done, 30, "the cancelled run")
+        took = done[0][2] - t0
+        assert not errors, errors[0]
+        assert took < 1.5, f"the run went on {took:.1f} s after Cancel"
+        assert not any(h.startswith("POST /ask") for h in heads), heads
+        if alg_id == "geovqa:batch_questions":
+            assert any("Cancelled after 0 answers of 2" in i for i in fb.of("info")), fb.log
+        else:
+            assert not done[0][0]
+    finally:
+        engine.close()
+        wait_for_tasks()
+
+
+@pytest.mark.parametrize("alg_id", ["geovqa:ask_raster", "geovqa:batch_questions"])
+def test_cancel_ends_a_run_whose_engine_trickles_its_answer(plugin, raster_layer, qgis_processing, qgis_new_project,
+                                                             tmp_path, alg_id):
+    """ask_once tied the feedback's Cancel to the answer stream's abort with a connection made in
+    the algorithm's thread, which runs no event loop: the abort was never called, and Cancel was
+    only seen at the stream's next event. Against an engine that sent a byte every 0.2 s and never
+    an event, the run went on for as long as the engine trickled. It now ends within a second."""
+    from qgis.core import QgsApplication
+
+    from test_hostile_engine import RawEngine, trickled_answer
+
+    engine = RawEngine(trickled_answer())
+    heads = []
+    answer = engine.answer
+    engine.answer = lambda head, conn, closed: (heads.append(head.split(b"\r\n", 1)[0].decode()),
+                                                answer(head, conn, closed))
+    try:
+        set_settings(engine_url=engine.url, token="tok", send_rasters="path")
+        plugin.dock.timer.stop()
+        src = raster_layer("src")
+        params = ({"INPUT": src.id(), "QUESTION": QUESTION} if alg_id == "geovqa:ask_raster" else
+                  {"LAYERS": [src.id()], "QUESTIONS": "q1\nq2", "OUTPUT": str(tmp_path / "a.csv")})
+        with python_errors() as errors:
+            task, done, fb, _ = _task(alg_id, params, recording_feedback())
+            QgsApplication.taskManager().addTask(task)
+            wait_until(lambda: any(h.startswith("POST /ask") for h in heads), 30, "the question")
+            time.sleep(0.5)  # the answer trickles
+            t0 = time.perf_counter()
+            fb.cancel()
+            wait_until(lambda: done, 30, "the cancelled run")
+        took = done[0][2] - t0
+        assert not errors, errors[0]
+        assert took < 1.5, f"the run went on {took:.1f} s after Cancel"
+        assert sum(h.startswith("POST /ask") for h in heads) == 1, heads
+        if alg_id == "geovqa:batch_questions":
+            assert any("q1: cancelled before its answer came" in i for i in fb.of("info")), fb.log
+        else:
+            assert not done[0][0]
+    finally:
+        engine.close()
+        wait_for_tasks()
