@@ -375,7 +375,9 @@ class EngineClient:
                 if exc.code != "model_loading":
                     raise
                 return None, None
-            except EngineError:
+            except EngineError as exc:
+                if exc.code == "cancelled":  # stopped (abort_calls): not 'no limit known', and
+                    raise  # the question stops here instead of asking /health again, for 10 s
                 return None, None
             if not isinstance(health, dict):
                 health = {}

@@ -509,6 +509,7 @@ class AskTask(QgsTask):
         # completed with no final event, and the dock never heard the question had stopped)
         super().cancel()
         self.stream.abort()
+        self.client.abort_calls()  # the /health it asks first for an upload's limits (its own client)
 
     def run(self) -> bool:
         # a batch of one: the upload to a remote engine (when the raster is uploaded) takes the

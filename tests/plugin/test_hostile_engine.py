@@ -612,3 +612,50 @@ def test_the_docks_stop_ends_a_trickling_answer_and_keeps_its_words(plugin, rast
         assert [t["meta"] for t in dock.turns()] == ["stopped"]
     finally:
         engine.close()
+
+
+def test_the_docks_stop_ends_the_upload_limit_check_of_an_engine_that_never_answers(plugin, raster_layer):
+    """A raster sent as an upload first asks the engine's /health for its upload limit; against
+    an engine that takes the request and never answers, the dock's Stop must end that call at
+    once (it only aborted the answer stream, so Stop waited the short timeout, 10 s)."""
+    import time
+
+    from conftest import python_errors, set_settings, wait_for_tasks
+    from geovqa.tasks import AskTask
+    from qgis.core import QgsApplication
+
+    asked = []
+
+    def silent(head, _conn, closed):
+        asked.append(head.split(b"\r\n", 1)[0])
+        closed.wait(30)
+
+    engine = RawEngine(silent)
+    try:
+        set_settings(engine_url=engine.url, send_rasters="upload")
+        dock = plugin.dock
+        dock.set_layer(raster_layer())
+        with python_errors() as errors:
+            dock.ask("What is here?")
+            turn = dock.current_turn
+            deadline = time.monotonic() + 5
+            while not any(b"/health" in line for line in asked) and time.monotonic() < deadline:
+                QgsApplication.processEvents()
+                time.sleep(0.02)
+            assert any(b"/health" in line for line in asked), asked
+            time.sleep(1.0)  # the question's client waits on /health (the dock's own checks too)
+            t0 = time.monotonic()
+            dock.stop()
+            # (the dock's own health check of this engine waits its short timeout: not the question's)
+            while any(isinstance(t, AskTask) for t in QgsApplication.taskManager().tasks()) \
+                    and time.monotonic() - t0 < 15:
+                QgsApplication.processEvents()
+                time.sleep(0.02)
+            took = time.monotonic() - t0
+            wait_for_tasks(timeout=15)
+        assert not errors, errors[0]
+        assert took < 1.5, took
+        assert turn["done"] and turn["meta"] == "stopped"
+        assert not any(b"POST" in line for line in asked), asked
+    finally:
+        engine.close()
