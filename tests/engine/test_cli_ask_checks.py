@@ -259,3 +259,41 @@ def test_a_window_of_other_than_four_numbers_is_no_area(text):
     with pytest.raises(JobError, match="is none of 'col,row,width,height'") as exc:
         parse_aoi(text)
     assert exc.value.code == "bad_aoi"
+
+
+def _lonlat_file(tmp_path, crs_name: str):
+    """A .geojson of a 100 m square 20 px into the raster (10 m pixels, EPSG:32633), written in
+    longitude/latitude with the legacy "crs" member naming `crs_name`, as QGIS and GDAL write it."""
+    import json
+
+    from rasterio.warp import transform
+
+    ring = _square(500205, 4999795, 100)["coordinates"][0]
+    lons, lats = transform("EPSG:32633", "EPSG:4326", [p[0] for p in ring], [p[1] for p in ring])
+    obj = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": crs_name}},
+           "features": [{"type": "Feature", "properties": {},
+                         "geometry": {"type": "Polygon", "coordinates": [list(map(list, zip(lons, lats)))]}}]}
+    path = tmp_path / "lonlat.geojson"
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_a_geojson_file_in_lon_lat_is_asked_about_where_it_lies(tmp_path, rgb, recorder, capsys):
+    """A file whose "crs" member names EPSG:4326 was read as if in the raster's UTM metres and
+    refused before loading: "does not overlap the raster". It is reprojected, as the reader does."""
+    from engine.raster import read_raster
+
+    path = _lonlat_file(tmp_path, "urn:ogc:def:crs:EPSG::4326")
+    assert main(["ask", rgb, "q?", "--aoi", str(path)]) == 0, capsys.readouterr().err
+    (req,) = recorder.asked
+    assert read_raster(rgb, aoi=req.aoi).window == (20, 20, 11, 11)
+
+
+def test_a_geojson_file_naming_an_unknown_crs_is_refused_naming_the_file(tmp_path, rgb, recorder,
+                                                                         capsys):
+    path = _lonlat_file(tmp_path, "EPSG:123456789")
+    assert main(["ask", rgb, "q?", "--aoi", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: The area-of-interest file {path}: The area of interest's GeoJSON "
+                          "names the CRS 'EPSG:123456789'")
+    assert recorder.made == []
