@@ -1,7 +1,8 @@
 """The area of interest of a read: the protocol's AOI forms (pixel window, WKT, shapely,
 GeoJSON) read into a pixel window or a polygon, checked (`AOIError`, code bad_aoi), and clipped
 to the raster (`AOIOutsideError` when it misses it). `geojson_area` is also the request checks'
-reader of a ``geojson`` AOI.
+reader of a ``geojson`` AOI; a GeoJSON AOI naming another CRS (its legacy ``"crs"`` member) is
+moved into the raster's by engine/aoi_crs.py.
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ import numpy as np
 from .raster_errors import AOIError, AOIOutsideError
 
 
-def aoi_geometry(aoi):
-    """shapely geometry from WKT, shapely or GeoJSON dict; None when `aoi` is a pixel window."""
+def aoi_geometry(aoi, crs_wkt: str | None = None):
+    """shapely geometry from WKT, shapely or GeoJSON dict; None when `aoi` is a pixel window.
+
+    `crs_wkt` is the raster's CRS (None: it has none): a GeoJSON dict whose ``"crs"`` member
+    names another CRS is reprojected into it (engine/aoi_crs.py `in_raster_crs`)."""
     import shapely
+
+    from .aoi_crs import in_raster_crs
 
     if hasattr(aoi, "geom_type"):
         return aoi
@@ -29,10 +35,10 @@ def aoi_geometry(aoi):
         if aoi.get("polygon_wkt") is not None:
             return aoi_geometry(str(aoi["polygon_wkt"]))
         if aoi.get("geojson") is not None:
-            return geojson_area(aoi["geojson"])
+            return in_raster_crs(geojson_area(aoi["geojson"]), aoi["geojson"], crs_wkt)[0]
         if aoi.get("window") is not None:
             return None
-        return geojson_area(aoi)
+        return in_raster_crs(geojson_area(aoi), aoi, crs_wkt)[0]
     return None
 
 

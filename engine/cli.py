@@ -24,7 +24,8 @@ def _add_ask_arguments(p: argparse.ArgumentParser) -> None:
                    help="area of interest: 'col,row,width,height' in source pixels, a WKT polygon "
                         "in the raster's CRS, or a .geojson/.json file in the raster's CRS (a "
                         "Polygon/MultiPolygon geometry, a Feature, or a FeatureCollection: the union "
-                        "of its polygons)")
+                        "of its polygons; a \"crs\" member naming another CRS, e.g. EPSG:4326, "
+                        "has it reprojected)")
     p.add_argument("--bands", type=band_list, default=None,
                    help="1-based bands the model sees: three as red, green, blue (e.g. 4,3,2) "
                         "or one as grey (default: the bands tagged red/green/blue, else the first "

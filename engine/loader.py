@@ -341,17 +341,43 @@ def _detach_from_checkpoint_files(model) -> None:
 
 def check_adapter(adapter: str | os.PathLike) -> Path:
     """The LoRA adapter folder ``adapter``, or a CheckpointError saying why it is none: it must
-    exist, be a folder and hold adapter_config.json. Reads no weights, so callers run it before
-    the base model loads."""
+    exist, be a folder and hold adapter_config.json, a JSON object naming its ``peft_type`` (peft
+    reads nothing else first: a damaged one failed only after the base model had loaded, minutes
+    with the real weights, with peft's bare JSON error). Reads no weights, so callers run it
+    before the base model loads."""
     apath = Path(adapter).expanduser()
     advice = "pass the adapter folder written by `python -m engine finetune` (OUT/adapter)"
     if not apath.exists():
         raise CheckpointError(f"the adapter folder {apath} does not exist; {advice}")
     if not apath.is_dir():
         raise CheckpointError(f"{apath} is a file, not a LoRA adapter folder; {advice}")
-    if not (apath / "adapter_config.json").is_file():
+    config = apath / "adapter_config.json"
+    if not config.is_file():
         raise CheckpointError(f"{apath} is not a LoRA adapter folder (no adapter_config.json); {advice}")
+    damaged = f"the adapter folder is damaged or was not written by `finetune`; {advice}"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
+        raise CheckpointError(f"{config} cannot be read as JSON ({why}): {damaged}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config} holds {_json_kind(data)}, not a JSON object: {damaged}")
+    if not isinstance(data.get("peft_type"), str) or not data["peft_type"]:
+        raise CheckpointError(f"{config} names no peft_type (e.g. \"LORA\"), so it is no PEFT "
+                              f"adapter's config: {damaged}")
     return apath
+
+
+def _json_kind(value: Any) -> str:
+    """'a list', 'a string', 'a number', 'null' ... for a message about a JSON value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else "a list"
 
 
 def read_adapter_settings(adapter: str | os.PathLike) -> dict | None:

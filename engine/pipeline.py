@@ -474,6 +474,9 @@ class Engine:
 
         path = _check_raster_path(req.raster_path)
         req, notes = self.resolve_visual(req)
+        aoi_note = _aoi_crs_note(req.aoi, path)
+        if aoi_note:
+            notes.append(aoi_note)
         self._applied_budget = req.budget
         for note in notes:
             yield ev("status", stage="read", progress=None, message=note)
@@ -701,6 +704,28 @@ def _band_layout(path: str) -> tuple[int | None, set[int]]:
             return int(ds.count), alpha_bands(ds)
     except Exception:  # noqa: BLE001 - the raster read that follows gives the error
         return None, set()
+
+
+def _aoi_crs_note(aoi, path: str) -> str | None:
+    """The note that a GeoJSON area of interest naming another CRS is reprojected into the
+    raster's (engine/aoi_crs.py); None when it is not, or the raster cannot be read here (the
+    read that follows reports why)."""
+    if not isinstance(aoi, dict) or not isinstance(aoi.get("geojson"), dict) \
+            or aoi["geojson"].get("crs") is None:
+        return None
+    try:
+        from engine.aoi_crs import aoi_crs_note
+        from engine.georeferencing import georeferencing
+        from engine.raster_open import open_raster
+
+        src = open_raster(path)
+        try:
+            crs_wkt = georeferencing(src)[1]
+        finally:
+            src.close()
+        return aoi_crs_note(aoi, crs_wkt)
+    except Exception:  # noqa: BLE001 - the raster read that follows gives the error
+        return None
 
 
 def _check_raster_path(path: str) -> str:

@@ -132,7 +132,8 @@ AOI_FIELDS = {
     "polygon_wkt": "str: polygon in the raster's CRS (WKT), or",
     "geojson": "dict: GeoJSON in the raster's CRS: a Polygon/MultiPolygon geometry, a Feature "
     "holding one, or a FeatureCollection (the union of its features' polygons; features without "
-    "a geometry are skipped; a point, line or collection without a polygon is bad_aoi)",
+    "a geometry are skipped; a point, line or collection without a polygon is bad_aoi); a "
+    "legacy 'crs' member naming another CRS has it reprojected into the raster's",
 }
 
 # Streamed events: every event is a JSON object with "type" and "request_id".

@@ -13,7 +13,8 @@ below, in turn) and `read_size_for`; each step's own module is named at its step
   none = the whole raster; a pixel window ``[col_off, row_off, width, height]`` (clipped to the
   raster; wholly outside -> `AOIError`); or a polygon (WKT string, shapely geometry, or GeoJSON
   Polygon/MultiPolygon geometry, Feature or FeatureCollection dict, read by `geojson_area`, which
-  the server's request checks share) in the raster's CRS, read over its bounding window with the
+  the server's request checks share) in the raster's CRS (a GeoJSON whose legacy ``"crs"`` member
+  names another CRS is reprojected into it, engine/aoi_crs.py), read over its bounding window with the
   pixels outside the polygon marked invalid (a self-intersecting ring made valid, only its
   polygons kept; one that encloses no area, its points on one line, -> `AOIError`). On a
   raster without georeferencing the polygon's coordinates are taken as source *pixel*
@@ -175,7 +176,7 @@ def read_raster(path, *, aoi=None, bands=None, max_pixels=None, cancel=None) -> 
         if aoi is None:
             win = (0, 0, src.width, src.height)
         else:
-            poly = aoi_geometry(aoi)
+            poly = aoi_geometry(aoi, crs_wkt)  # a GeoJSON naming another CRS: reprojected
             if poly is not None:
                 if poly.is_empty:
                     raise AOIError("The area of interest polygon is empty.")

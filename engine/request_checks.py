@@ -77,7 +77,8 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
 
     A ``geojson`` AOI (a Polygon/MultiPolygon geometry, a Feature or a FeatureCollection) is
     read by the raster reader's own `engine.area_of_interest.geojson_area`, so what passes here
-    is what the reader reads."""
+    is what the reader reads; one whose legacy ``"crs"`` member names another CRS is checked
+    reprojected into the raster's, as the reader reads it (engine/aoi_crs.py)."""
     if aoi is None:
         return None
     if not isinstance(aoi, dict) or not aoi:
@@ -106,12 +107,13 @@ def validate_aoi(aoi: Any, info: RasterInfo) -> dict | None:
     from shapely import wkt as shapely_wkt
     from shapely.geometry import box
 
+    from engine.aoi_crs import in_raster_crs
     from engine.area_of_interest import check_polygon, geojson_area, polygonal_area
     from engine.raster_errors import AOIError
 
     try:
         if keys[0] == "geojson":  # a geometry, a Feature or a FeatureCollection: as the reader
-            geom = geojson_area(aoi["geojson"])
+            geom, _ = in_raster_crs(geojson_area(aoi["geojson"]), aoi["geojson"], info.crs_wkt)
         else:
             try:
                 geom = shapely_wkt.loads(aoi["polygon_wkt"])

@@ -71,6 +71,55 @@ def test_a_bad_adapter_is_refused_before_any_model_loads(tmp_path, rgb, recorder
     assert recorder.made == []  # no Engine: nothing loaded
 
 
+def _adapter_with_config(folder, text: str):
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(text, encoding="utf-8")
+    return folder
+
+
+DAMAGED_CONFIGS = [
+    ("{not json", "adapter_config.json cannot be read as JSON (Expecting property name"),
+    ("", "adapter_config.json cannot be read as JSON (Expecting value"),
+    ("[1, 2]", "adapter_config.json holds a list, not a JSON object"),
+    ('{"r": 8}', "adapter_config.json names no peft_type"),
+]
+
+
+@pytest.mark.parametrize("text, expected", DAMAGED_CONFIGS)
+def test_a_damaged_adapter_config_is_refused_naming_it_before_any_model_loads(
+        tmp_path, rgb, recorder, capsys, text, expected):
+    """An adapter_config.json that is not JSON (or not an object) passed the up-front check and
+    was refused only after the base model had loaded (minutes with the real weights), as
+    "cannot apply the adapter in DIR: Expecting value: ...", naming no file."""
+    adapter = _adapter_with_config(tmp_path / "adapter", text)
+    rc = main(["ask", rgb, "How many ships?", "--adapter", str(adapter)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: --adapter: {adapter / 'adapter_config.json'}")
+    assert expected in err and "written by `python -m engine finetune`" in err
+    assert recorder.made == []  # no Engine: nothing loaded
+
+
+@pytest.mark.parametrize("text, expected", DAMAGED_CONFIGS[:1] + DAMAGED_CONFIGS[2:3])
+def test_serve_refuses_a_damaged_adapter_config_before_the_base_model_loads(
+        tmp_path, tiny_checkpoint, capsys, monkeypatch, text, expected):
+    import socket
+
+    import engine.loader
+
+    for var in ("GEOVQA_CONFIG_DIR", "GEOVQA_STATE_DIR"):  # serve's token and job folders
+        monkeypatch.setenv(var, str(tmp_path / var))
+    # the first step of the base model's load (engine/loader.py load_model): its memory check
+    monkeypatch.setattr(engine.loader, "check_fits",
+                        lambda *a, **k: pytest.fail("the base model began to load before the adapter's check"))
+    adapter = _adapter_with_config(tmp_path / "adapter", text)
+    with socket.socket() as s:  # a port that is free now
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    rc = main(["serve", "--port", port, "--weights", str(tiny_checkpoint), "--adapter", str(adapter)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {adapter / 'adapter_config.json'}" in err and expected in err
+
+
 def test_missing_raster_is_named_before_missing_weights(tmp_path, capsys):
     """The real Engine, no stand-in: of two mistakes, the one found without loading comes first."""
     rc = main(["ask", str(tmp_path / "missing.tif"), "q?", "--weights", str(tmp_path / "none"),
@@ -259,3 +308,41 @@ def test_a_window_of_other_than_four_numbers_is_no_area(text):
     with pytest.raises(JobError, match="is none of 'col,row,width,height'") as exc:
         parse_aoi(text)
     assert exc.value.code == "bad_aoi"
+
+
+def _lonlat_file(tmp_path, crs_name: str):
+    """A .geojson of a 100 m square 20 px into the raster (10 m pixels, EPSG:32633), written in
+    longitude/latitude with the legacy "crs" member naming `crs_name`, as QGIS and GDAL write it."""
+    import json
+
+    from rasterio.warp import transform
+
+    ring = _square(500205, 4999795, 100)["coordinates"][0]
+    lons, lats = transform("EPSG:32633", "EPSG:4326", [p[0] for p in ring], [p[1] for p in ring])
+    obj = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": crs_name}},
+           "features": [{"type": "Feature", "properties": {},
+                         "geometry": {"type": "Polygon", "coordinates": [list(map(list, zip(lons, lats)))]}}]}
+    path = tmp_path / "lonlat.geojson"
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_a_geojson_file_in_lon_lat_is_asked_about_where_it_lies(tmp_path, rgb, recorder, capsys):
+    """A file whose "crs" member names EPSG:4326 was read as if in the raster's UTM metres and
+    refused before loading: "does not overlap the raster". It is reprojected, as the reader does."""
+    from engine.raster import read_raster
+
+    path = _lonlat_file(tmp_path, "urn:ogc:def:crs:EPSG::4326")
+    assert main(["ask", rgb, "q?", "--aoi", str(path)]) == 0, capsys.readouterr().err
+    (req,) = recorder.asked
+    assert read_raster(rgb, aoi=req.aoi).window == (20, 20, 11, 11)
+
+
+def test_a_geojson_file_naming_an_unknown_crs_is_refused_naming_the_file(tmp_path, rgb, recorder,
+                                                                         capsys):
+    path = _lonlat_file(tmp_path, "EPSG:123456789")
+    assert main(["ask", rgb, "q?", "--aoi", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: The area-of-interest file {path}: The area of interest's GeoJSON "
+                          "names the CRS 'EPSG:123456789'")
+    assert recorder.made == []

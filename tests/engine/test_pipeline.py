@@ -927,3 +927,23 @@ def test_an_adapter_trained_on_the_engines_choice_takes_given_bands_without_a_no
     assert (req.strategy, req.bands, req.tokens_per_tile, req.faithful_empty_slots) == ("anchored", [3, 2, 1], 8, False)
     _, notes = engine.resolve_visual(AskRequest(str(scene), "q?", strategy="geollava"))
     assert len(notes) == 1 and "this request asks for strategy geollava" in notes[0]
+
+
+def test_a_geojson_area_in_another_crs_is_reprojected_with_a_note(engine, scene):
+    """A GeoJSON area whose legacy "crs" member names EPSG:4326 over a UTM raster: the engine
+    says it reprojected it (engine/aoi_crs.py) and reads the area where it lies."""
+    from rasterio.warp import transform
+
+    x0, y0 = 500000 + 10 * 300, 5000000 - 10 * 100  # the bright object's corner, 10 m pixels
+    xs, ys = [x0, x0 + 600, x0 + 600, x0, x0], [y0, y0, y0 - 400, y0 - 400, y0]
+    lons, lats = transform("EPSG:32633", "EPSG:4326", xs, ys)
+    aoi = {"geojson": {"type": "Polygon", "coordinates": [list(map(list, zip(lons, lats)))],
+                       "crs": {"type": "name", "properties": {"name": "EPSG:4326"}}}}
+    events = _ask(engine, scene, aoi=aoi)
+    notes = [e["message"] for e in events if e["type"] == "status" and e["message"].startswith("note:")]
+    assert notes == ["note: the area of interest's GeoJSON is in EPSG:4326 (its \"crs\" member); it "
+                     "was reprojected into the raster's CRS (EPSG:32633)"]
+    assert events[-1]["type"] == "result"
+    plain = {"geojson": {"type": "Polygon", "coordinates": [list(map(list, zip(xs, ys)))]}}
+    assert not [e for e in _ask(engine, scene, aoi=plain) if e["type"] == "status"
+                and e["message"].startswith("note:")]
