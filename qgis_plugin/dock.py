@@ -58,7 +58,7 @@ from .engine_protocol import build_ask_request, new_request_id, question_too_lon
 from .history import LOG_TAG, RESULT_PATHS, ProjectHistory, kept_result
 from .paths import export_path, public_source
 from .project_results import gather_into_project, moved_files, moved_path
-from .render import WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
+from .render import RENDERS, WEB_PROVIDERS, LayerRenderer, layer_file_path, render_file
 from .settings import (STRATEGY_CHOICES, STRATEGY_SHORT_LABELS, STRATEGY_TIPS, TOKENS_PER_TILE_AUTO_SHORT,
                        TOKENS_PER_TILE_AUTO_TEXT, Settings, make_client)
 from .settings import notifier as settings_notifier
@@ -537,7 +537,8 @@ class ChatDock(QgsDockWidget):
 
     def _follow_moved_files(self, moved: dict):
         """Result files were copied into the project's folder (whoever gathered them): the
-        turns' record of the files follows the copies."""
+        turns' record of the files follows the copies (their render's too, and the request's
+        ``raster_path`` where that is the render sent, as :func:`history.with_paths` has it)."""
         changed = False
         for turns in self.conversations.values():
             for turn in turns:
@@ -546,26 +547,37 @@ class ChatDock(QgsDockWidget):
                     if result.get(key) in moved:
                         result[key] = moved[result[key]]
                         changed = True
+                if turn.get("rendered_path") in moved:
+                    turn["rendered_path"] = moved[turn["rendered_path"]]
+                    changed = True
+                request = turn.get("request")
+                if turn.get("rendered_path") and isinstance(request, dict) and request.get("raster_path") in moved:
+                    turn["request"] = {**request, "raster_path": moved[request["raster_path"]]}
+                    changed = True
         if changed:
             self._conversations_changed()
 
-    def _turn_files(self) -> list:
-        """The result files the turns refer to (each once; a turn's layers may be gone)."""
-        files = {}
+    def _turn_files(self) -> tuple:
+        """``(result files, renders)`` the turns refer to (each once; a turn's layers may be
+        gone; renders: of the non-file layers asked about)."""
+        files, renders = {}, {}
         for turns in self.conversations.values():
             for turn in turns:
                 result = turn.get("result") or {}
                 for key in RESULT_PATHS:
                     if isinstance(result.get(key), str) and result[key]:
                         files[result[key]] = None
-        return list(files)
+                if isinstance(turn.get("rendered_path"), str) and turn["rendered_path"]:
+                    renders[turn["rendered_path"]] = None
+        return list(files), list(renders)
 
     def _gather_results(self, paths=None):
         """Copy the project's result files lying outside its results folder into it (those of
-        its result layers and those the turns refer to; with ``paths``, an answer's files: only
-        when one of them is outside), the turns' record of the files following the copies; the
-        message bar says so."""
-        gathered = gather_into_project(QgsProject.instance(), paths, self._turn_files())
+        its result layers and those the turns refer to, their renders too; with ``paths``, an
+        answer's files: only when one of them is outside), the turns' record of the files
+        following the copies; the message bar says so."""
+        files, renders = self._turn_files()
+        gathered = gather_into_project(QgsProject.instance(), paths, files, renders)
         if gathered is None:
             return {}
         folder, moved, problems = gathered
@@ -1077,10 +1089,14 @@ class ChatDock(QgsDockWidget):
                 turn["anchors_layer_id"] = anchors.id() if anchors else None
             except result_layers.ResultLayerError as exc:
                 self._notify(str(exc), MSG_WARNING)
-        if any(ev.get(k) for k in RESULT_PATHS):
+        # its render, when written in a results folder (one in the temporary folder means the
+        # results folder could not be written: the answer's files warning says so already)
+        render = turn.get("rendered_path") if Path(turn.get("rendered_path") or "").parent.name == RENDERS else None
+        if any(ev.get(k) for k in RESULT_PATHS) or render:
             # asked before a Save / Save As gave the project its results folder: its files (with
-            # its layers, or without: its raster removed meanwhile, no layers wanted) go there
-            moved = self._gather_results([ev.get(k) for k in RESULT_PATHS])
+            # its layers, or without: its raster removed meanwhile, no layers wanted) and its
+            # render go there
+            moved = self._gather_results([ev.get(k) for k in RESULT_PATHS] + [render])
             ev = {**ev, **{k: moved_path(ev.get(k), moved) for k in RESULT_PATHS}}
         self._say_where_results_went(turn, ev)
         if ev.get("files_warning"):  # the answer is complete; only its layers are missing

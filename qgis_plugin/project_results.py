@@ -9,14 +9,17 @@ layers that lie outside the new results folder into it and points the layers at 
 keeping their style. The files of answers whose layers are gone (removed by hand, or an answer
 that came after its raster was removed) or were never added, which the dock's saved turns still
 refer to, are copied too (``files``), so the saved project refers only to files in its folder.
-Each file is copied once, however many layers and turns refer to it. The originals stay where
-they were (nothing is removed).
+So are the renders of non-file layers (WMS, XYZ, virtual rasters: :func:`render.render_file`)
+the turns were asked about (``renders``), into the new results folder's ``renders``: a project
+moved or shared kept answers about an image it no longer had. Each file is copied once, however
+many layers and turns refer to it. The originals stay where they were (nothing is removed).
 
 Only where the results folder is the project's own (the options' *Results folder* empty): a
 folder the user chose is where they want the results. Only GeoVQA's own files move: those in
 the profile's results folder, in a project's ``geovqa_results``, or in Processing's temporary
-folder (an output left temporary, gone when QGIS exits); a heatmap Processing wrote where the user said
-stays there.
+folder (an output left temporary, gone when QGIS exits), and renders in the temporary folder
+they fall back to (:data:`render.TEMP_RENDERS`, when the results folder could not be written);
+a heatmap Processing wrote where the user said stays there.
 
 An answer still streaming when the project is saved under a new name (its task was given the
 results folder of when it was asked) has its files gathered as its layers are added
@@ -33,12 +36,14 @@ from __future__ import annotations
 import bisect
 import itertools
 import shutil
+import tempfile
 from pathlib import Path
 
 from qgis.core import QgsCoordinateReferenceSystem, QgsDataProvider, QgsMapLayerStyle
 from qgis.PyQt.QtCore import QObject, pyqtSignal
 
 from .layers import is_result_layer
+from .render import RENDERS, TEMP_RENDERS
 from .settings import RESULTS_FOLDER, Settings, profile_results_dir
 
 
@@ -57,12 +62,14 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _ours(path: Path, profile_results: Path) -> bool:
-    """A file GeoVQA put where it is (see the module's docstring), not one the user placed."""
+def _ours(path: Path, profile_results: Path, render: bool = False) -> bool:
+    """A file GeoVQA put where it is (see the module's docstring), not one the user placed;
+    ``render``: a render, also ours in the temporary folder renders fall back to."""
     from qgis.core import QgsProcessingUtils
 
     return (_inside(path, profile_results) or RESULTS_FOLDER in path.parent.parts
-            or _inside(path, Path(QgsProcessingUtils.tempFolder())))
+            or _inside(path, Path(QgsProcessingUtils.tempFolder()))
+            or (render and _inside(path, Path(tempfile.gettempdir()) / TEMP_RENDERS)))
 
 
 def _free_name(folder: Path, name: str) -> Path:
@@ -117,33 +124,36 @@ class _MovedFiles(QObject):
 moved_files = _MovedFiles()
 
 
-def gather_result_files(project, folder, files=()) -> tuple:
+def gather_result_files(project, folder, files=(), renders=()) -> tuple:
     """Copy the files of ``project``'s result layers, and the result files ``files`` (paths that
     GeoVQA's records refer to, with or without a layer), that lie outside ``folder`` into it and
-    point the layers at the copies. Returns ``({old path: new path}, [problems])``: a file that
-    no longer exists is left as it is (its layer was already missing it); one that could not be
-    copied is said in ``problems`` and its layer keeps the old file. Only GeoVQA's own files are
-    copied (:func:`_ours`), each once."""
+    point the layers at the copies; the renders ``renders`` (of non-file layers, that records
+    refer to) lying outside it go into its ``renders`` folder. Returns ``({old path: new path},
+    [problems])``: a file that no longer exists is left as it is (its layer was already missing
+    it); one that could not be copied is said in ``problems`` and its layer keeps the old file.
+    Only GeoVQA's own files are copied (:func:`_ours`), each once."""
     folder = Path(folder)
     profile_results = profile_results_dir()
     moved, problems = {}, []
     copies = {}  # resolved source -> its copy (or None: not to copy), each file looked at once
     listed = {}  # folder -> the names in it, listed once (sidecars of many files in one folder)
 
-    def copy(path: str):
-        """The copy of ``path`` in ``folder`` (made now or before), or None when it stays."""
+    def copy(path: str, render: bool = False):
+        """The copy of ``path`` in ``folder`` (a render: in its ``renders``; made now or before),
+        or None when it stays."""
         if path in moved:
             return moved[path]
         src = Path(path)
         key = src.resolve()
         if key not in copies:
             copies[key] = None
-            if src.is_file() and not _inside(src, folder) and _ours(src, profile_results):
+            if src.is_file() and not _inside(src, folder) and _ours(src, profile_results, render):
+                into = folder / RENDERS if render else folder
                 try:
-                    folder.mkdir(parents=True, exist_ok=True)
+                    into.mkdir(parents=True, exist_ok=True)
                     if src.parent not in listed:
                         listed[src.parent] = sorted(p.name for p in src.parent.iterdir())
-                    copies[key] = str(_copy_with_sidecars(src, folder, listed[src.parent]))
+                    copies[key] = str(_copy_with_sidecars(src, into, listed[src.parent]))
                 except OSError as exc:
                     problems.append(f"{src}: {exc.strerror or exc}")
         if copies[key] is not None:  # under each spelling its records may have
@@ -160,13 +170,16 @@ def gather_result_files(project, folder, files=()) -> tuple:
     for path in files:
         if isinstance(path, str) and path:
             copy(path)
+    for path in renders:
+        if isinstance(path, str) and path:
+            copy(path, render=True)
     if moved:
         moved_files.moved.emit(dict(moved))
     return moved, problems
 
 
-def gather_into_project(project, paths=None, files=()):
-    """Gather the project's result files (its result layers' and ``files``, as
+def gather_into_project(project, paths=None, files=(), renders=()):
+    """Gather the project's result files (its result layers', ``files`` and ``renders``, as
     :func:`gather_result_files`) into its own results folder, when it has one (a file name, and
     no results folder set in the options); with ``paths`` (an answer's files) only when one of
     them lies outside that folder. Returns ``(folder, moved, problems)`` as
@@ -177,7 +190,7 @@ def gather_into_project(project, paths=None, files=()):
     folder = settings.results_dir(project)
     if paths is not None and all(_inside(Path(p), folder) for p in paths if p):
         return None
-    moved, problems = gather_result_files(project, folder, files)
+    moved, problems = gather_result_files(project, folder, files, renders)
     return folder, moved, problems
 
 

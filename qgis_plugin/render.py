@@ -57,6 +57,8 @@ WEB_PROVIDERS = ("wms", "xyz", "arcgismapserver", "wcs")
 # a web layer whose extent spans this share of the world's longitudes is "the whole world"
 WORLD_SHARE = 0.75
 WEB_MERCATOR_MAX_LAT = 85.0511  # the latitude where the Web-Mercator square ends
+RENDERS = "renders"  # the results folder's subfolder of renders
+TEMP_RENDERS = "geovqa_renders"  # the temporary folder's, when the results folder cannot be written
 
 
 def layer_file_path(layer) -> str | None:
@@ -238,14 +240,14 @@ def render_file(results_dir, name: str) -> Path:
     what the engine is sent: the answer is not lost for it; its layers then say the folder).
     Writable means a file could be made there just now (:func:`paths.write_error`; ``os.access``
     lets every folder pass on Windows)."""
-    folder = Path(results_dir) / "renders"
+    folder = Path(results_dir) / RENDERS
     try:
         folder.mkdir(parents=True, exist_ok=True)
         usable = write_error(folder) is None
     except OSError:
         usable = False
     if not usable:
-        folder = Path(tempfile.gettempdir()) / "geovqa_renders"
+        folder = Path(tempfile.gettempdir()) / TEMP_RENDERS
     return folder / f"{file_stem(name)}_render.tif"
 
 

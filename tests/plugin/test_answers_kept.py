@@ -753,8 +753,8 @@ def _drop_new_profile_files(request):
     from geovqa.settings import profile_results_dir
 
     profile = profile_results_dir()
-    before = set(profile.glob("*")) if profile.exists() else set()
-    request.addfinalizer(lambda: [p.unlink() for p in (set(profile.glob("*")) if profile.exists() else set()) - before
+    before = set(profile.rglob("*")) if profile.exists() else set()  # renders/ too
+    request.addfinalizer(lambda: [p.unlink() for p in (set(profile.rglob("*")) if profile.exists() else set()) - before
                                   if p.is_file()])
 
 
@@ -859,6 +859,85 @@ def test_result_files_of_an_answer_that_came_after_its_raster_was_removed_go_wit
     folder = _moved_and_read_back(project, tmp_path / "new", tmp_path)
     files = _files_of(dock.conversations[a_id])
     assert all(p.is_file() and p.parent == folder / "geovqa_results" for p in files), files
+
+
+def _render_of(turn) -> Path:
+    """A turn's render, which its request sent."""
+    assert turn["rendered_path"] and turn["request"]["raster_path"] == turn["rendered_path"], turn
+    return Path(turn["rendered_path"])
+
+
+@pytest.mark.parametrize("first_save", [True, False], ids=["save", "save-as"])
+def test_the_render_an_answer_was_about_goes_with_the_project_saved_under_a_new_name(
+        plugin, raster_layer, stub_engine, tmp_path, request, first_save):
+    """A non-file layer (WMS, XYZ, a virtual raster) is rendered into the results folder's
+    renders/ and the render sent: Save (of a new project) or Save As copied the answer's heatmap
+    and anchors but not its render, which the turn (its rendered_path and its request's
+    raster_path) kept in the QGIS profile or the old project's folder; the project moved or shared
+    with its folder had answers about an image it no longer held."""
+    from conftest import set_settings, virtual_raster_layer
+    from qgis.core import QgsProject
+
+    set_settings(output_dir="")
+    _drop_new_profile_files(request)
+    project = QgsProject.instance()
+    for d in ("old", "new"):
+        (tmp_path / d).mkdir()
+    if not first_save:
+        project.setFileName(str(tmp_path / "old" / "p.qgs"))
+        assert project.write()
+    virt = virtual_raster_layer(raster_layer("a"))
+    v_id = virt.id()
+    dock = plugin.dock
+    dock.set_layer(virt)
+    for n, question in enumerate(("first?", "second?"), 1):
+        dock.ask(question)
+        wait_until(_answered(dock, virt, n), 60)
+        wait_for_tasks()
+    before = [_render_of(t) for t in dock.turns(virt)]
+    assert all(p.is_file() and p.parent.name == "renders" for p in before), before
+
+    project.setFileName(str(tmp_path / "new" / "p.qgs"))  # Save / Save As: a name, then write()
+    assert project.write()
+    renders = tmp_path / "new" / "geovqa_results" / "renders"
+    after = [_render_of(t) for t in dock.turns(virt)]
+    assert [p.parent for p in after] == [renders] * 2 and len(set(after)) == 2, after
+    assert [p.name for p in after] == [p.name for p in before]
+    assert all(p.is_file() for p in before + after)  # copied, the originals kept
+    saved = _entry()["conversations"][v_id]
+    assert all(t["rendered_path"] == t["request"]["raster_path"] and t["rendered_path"].startswith(
+        "./geovqa_results/renders/") for t in saved), saved
+
+    folder = _moved_and_read_back(project, tmp_path / "new", tmp_path)
+    moved = [_render_of(t) for t in dock.conversations[v_id]]
+    assert all(p.is_file() and p.parent == folder / "geovqa_results" / "renders" for p in moved), moved
+
+
+def test_the_render_of_a_question_asked_as_the_project_is_saved_under_a_new_name_goes_with_it(
+        plugin, raster_layer, stub_engine, tmp_path, request):
+    """The project given its file name while the layer was being rendered: the render was written
+    into the results folder of when it was asked (the profile's), the answer's heatmap and anchors
+    into the project's; nothing gathered the render afterwards."""
+    from conftest import set_settings, virtual_raster_layer
+    from qgis.core import QgsProject
+
+    set_settings(output_dir="")
+    _drop_new_profile_files(request)
+    project = QgsProject.instance()
+    virt = virtual_raster_layer(raster_layer("a"))
+    dock = plugin.dock
+    dock.set_layer(virt)
+    dock.ask("rendered as the project was saved?")
+    turn = dock.current_turn
+    assert dock.renderer is not None and "rendered_path" not in turn  # still rendering
+    (tmp_path / "new").mkdir()
+    project.setFileName(str(tmp_path / "new" / "p.qgs"))  # Save: a name, then write()
+    assert project.write()
+    wait_until(lambda: turn.get("done"), 60, "the answer")
+    wait_for_tasks()
+    results = tmp_path / "new" / "geovqa_results"
+    assert not turn.get("error") and Path(turn["result"]["local_heatmap_path"]).parent == results, turn
+    assert _render_of(turn).is_file() and _render_of(turn).parent == results / "renders", turn
 
 
 def test_saved_result_paths_follow_the_project_folder_when_it_is_moved(plugin, raster_layer, stub_engine, tmp_path):

@@ -1315,6 +1315,53 @@ def test_gathering_copies_the_files_records_refer_to_without_layers_each_once(ra
     assert emitted == [moved]
 
 
+def test_gathering_copies_the_renders_records_refer_to_into_the_renders_folder_each_once(raster_layer, tmp_path,
+                                                                                     qgis_new_project):
+    """Save As left the renders of non-file layers (WMS, XYZ, virtual rasters) the turns were
+    asked about in the old results folder's renders/ (or the profile's): the project moved or
+    shared lost the image its answers were about. They are copied into the new results folder's
+    renders/, each once; one in the temporary folder renders fall back to is GeoVQA's too; a
+    file the user placed, one already in the new folder and one no longer there stay."""
+    import tempfile
+
+    from geovqa.project_results import gather_result_files, moved_files
+    from geovqa.render import RENDERS, TEMP_RENDERS
+    from qgis.core import QgsProject
+
+    layer = raster_layer()
+    old = tmp_path / "old" / "geovqa_results" / RENDERS
+    old.mkdir(parents=True)
+    render, _ = _write_results(old, layer)
+    temp = Path(tempfile.gettempdir()) / TEMP_RENDERS
+    temp.mkdir(exist_ok=True)
+    fallback = temp / f"{tmp_path.name}_render.tif"
+    fallback.write_bytes(b"a render written when the results folder could not be")
+    (tmp_path / "mine").mkdir()
+    mine, _ = _write_results(tmp_path / "mine", layer)
+    new = tmp_path / "new" / "geovqa_results"
+    (new / RENDERS).mkdir(parents=True)
+    already = new / RENDERS / "already_render.tif"
+    already.write_bytes(b"in the new folder")
+    emitted = []
+    moved_files.moved.connect(emitted.append)
+    try:
+        moved, problems = gather_result_files(
+            QgsProject.instance(), new, renders=[str(render), str(old / ".." / RENDERS / render.name), str(fallback),
+                                                 str(mine), str(already), str(old / "gone.tif"), "", None])
+    finally:
+        moved_files.moved.disconnect(emitted.append)
+        fallback.unlink()
+    assert not problems
+    assert set(moved) == {str(render), str(old / ".." / RENDERS / render.name), str(fallback)}
+    assert moved[str(render)] == moved[str(old / ".." / RENDERS / render.name)] == str(new / RENDERS / render.name)
+    assert moved[str(fallback)] == str(new / RENDERS / fallback.name)
+    assert sorted(p.name for p in new.iterdir()) == [RENDERS]
+    assert sorted(p.name for p in (new / RENDERS).iterdir()) == sorted(["already_render.tif", render.name,
+                                                                        fallback.name])
+    assert render.is_file() and mine.is_file()  # nothing removed
+    assert emitted == [moved]
+
+
 def test_an_answer_with_one_file_outside_the_projects_results_folder_is_gathered(raster_layer, tmp_path,
                                                                                  qgis_new_project):
     """gather_into_project for an answer's files: nothing to do when all of them lie in the saved

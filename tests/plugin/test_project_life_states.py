@@ -1,16 +1,18 @@
 """The chat's conversations and result layers across a project's life, as a state machine
-(hypothesis): layers added, renamed and removed, questions answered by the stand-in engine
-(some while the project is saved or a layer removed mid-answer), conversations cleared, result
-layers removed by hand, the project saved, saved again, saved under another name (another
-folder, a folder below, an earlier project's folder; .qgs or .qgz), closed and read back.
+(hypothesis): layers added (files, or virtual rasters the plugin renders), renamed and removed,
+questions answered by the stand-in engine (some while the project is saved or a layer removed
+mid-answer), conversations cleared, result layers removed by hand, the project saved, saved
+again, saved under another name (another folder, a folder below, an earlier project's folder;
+.qgs or .qgz), closed and read back.
 
 After every step: the dock holds exactly the conversations the steps left (a project read
 back holds what was saved in it, cleared ones do not come back), the project entry says the
 same, answers about removed layers are under the removed layers' item, every answer's files
 exist, result layers open existing files and every answer's files are inside the project's
 results folder once the project is saved, when that folder is the project's own (also the files
-of answers whose result layers were removed, or that got none), the layer list offers no result
-layer, and nothing raised in a slot or warned.
+of answers whose result layers were removed, or that got none, and the render an answer about a
+virtual raster was about, in its renders/), the layer list offers no result layer, and nothing
+raised in a slot or warned.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from conftest import set_settings, wait_for_tasks, wait_until, write_raster
+from conftest import set_settings, virtual_raster_layer, wait_for_tasks, wait_until, write_raster
 
 SIZES = ((64, 48), (40, 40), (32, 56))  # the stand-in's answer says the raster's size
 
@@ -107,13 +109,18 @@ def project_life(plugin, stub_engine, base: Path):
             set_settings(output_dir="" if own else str(self.dir / "chosen"))
             self.add_layer(SIZES[0])
             self.add_layer(SIZES[1])
+            self.add_layer(SIZES[2], virtual=True)
 
         # -- steps ----------------------------------------------------------------------------
-        @rule(size=st.sampled_from(SIZES))
-        def add_layer(self, size):
+        @rule(size=st.sampled_from(SIZES), virtual=st.booleans())
+        def add_layer(self, size, virtual=False):
+            """A raster file, or a virtual raster over one (no file: the dock renders it)."""
             name = self.fresh("L")
             layer = QgsRasterLayer(write_raster(self.dir / f"{name}.tif", width=size[0], height=size[1]), name, "gdal")
-            project.addMapLayer(layer)
+            if virtual:
+                layer = virtual_raster_layer(layer, name)  # added; its source file stays out
+            else:
+                project.addMapLayer(layer)
             self.names[layer.id()] = name
 
         def _ask(self, lid):
@@ -267,6 +274,11 @@ def project_life(plugin, stub_engine, base: Path):
                     assert folder is None or path.resolve().parent == folder, (key, path, folder)
                     layer = project.mapLayer(turn.get(layer_key) or "")
                     assert layer is None or path.resolve() == _file(layer), (path, layer.source())
+            for turn in (t for turns in dock.conversations.values() for t in turns
+                         if t.get("rendered_path") and _state(t) != "streaming"):
+                render = Path(turn["rendered_path"])
+                assert render.is_file() and turn["request"]["raster_path"] == str(render), turn
+                assert folder is None or render.resolve().parent == folder / "renders", (render, folder)
 
         @invariant()
         def the_layer_list_offers_no_result_layer(self):
@@ -287,7 +299,7 @@ def test_conversations_and_result_layers_across_the_project_life(plugin, stub_en
     from geovqa.settings import profile_results_dir
 
     profile = profile_results_dir()
-    before = set(profile.glob("*")) if profile.exists() else set()
+    before = set(profile.rglob("*")) if profile.exists() else set()  # renders/ too
     try:
         run_state_machine_as_test(
             project_life(plugin, stub_engine, tmp_path),
@@ -296,5 +308,6 @@ def test_conversations_and_result_layers_across_the_project_life(plugin, stub_en
                               database=None, phases=(Phase.explicit, Phase.generate),
                               suppress_health_check=list(HealthCheck)))
     finally:  # answers asked before a first save keep their files in the (test) profile
-        for path in (set(profile.glob("*")) if profile.exists() else set()) - before:
-            path.unlink()
+        for path in (set(profile.rglob("*")) if profile.exists() else set()) - before:
+            if path.is_file():
+                path.unlink()
