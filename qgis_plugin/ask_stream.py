@@ -13,11 +13,10 @@ import http.client
 import json
 import os
 import socket
-import threading
 import uuid
 from typing import TYPE_CHECKING
 
-from .dialling import failed_at
+from .dialling import WatchedSockets, failed_at
 from .engine_events import checked_event
 from .engine_errors import (EngineError, connection_words, engine_json, error_body, error_from_body, not_the_answer,
                             size_text)
@@ -89,7 +88,7 @@ def stream_broken(exc: Exception, seconds: float, heartbeats: bool = False) -> E
         "of memory) and at the network between this computer and the engine.")
 
 
-class AskStream:
+class AskStream(WatchedSockets):
     """One streamed answer. ``events()`` yields event dicts; ``abort()`` cancels from any thread.
 
     When the upload was a cut of a raster with no georeferencing, the engine's result is in the
@@ -112,34 +111,7 @@ class AskStream:
         # called as on_prepare_progress(fraction) while the raster is converted or cut for the
         # upload (0..1; from the worker thread), before it is sent
         self.on_prepare_progress = None
-        self._sockets = []  # every socket of this answer (its own, its downloads'): abort() shuts them
-        self._lock = threading.Lock()
-        self._aborted = False
-
-    def abort(self) -> None:
-        """Stop the answer from any thread: every socket it opened is shut down, so a blocked
-        connect, send or read returns at once (a connect still in progress also looks at the flag)."""
-        with self._lock:
-            self._aborted = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # not connected yet, or closed already
-                pass
-
-    def adopt(self, sock) -> bool:
-        """Take ``sock`` into the sockets :meth:`abort` shuts down (False, and not taken, when
-        the answer was stopped already)."""
-        with self._lock:
-            if self._aborted:
-                return False
-            self._sockets.append(sock)
-            return True
-
-    @property
-    def aborted(self) -> bool:
-        return self._aborted
+        super().__init__()  # every socket of this answer (its own, its downloads'): abort() shuts them
 
     def download_file(self, name: str, dest: str) -> str:
         """:meth:`client.EngineClient.download_file` of one of this answer's files: :meth:`abort` ends

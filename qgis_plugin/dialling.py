@@ -76,26 +76,15 @@ def open_socket(address: tuple, timeout: float | None, source_address=None, watc
 ABORTED_READ_S = 0.001  # how long a read of a stopped call waits for bytes
 
 
-class CallWatcher:
-    """The watcher (as an :class:`ask_stream.AskStream` is one) of one short call: every socket it
-    is handed is shut down once ``deadline_s`` seconds have passed since it was made
-    (``expired``), or when :meth:`abort` is called from another thread (a cancelled health
-    check), so a blocked connect, send or read returns at once. Without it a server that trickles
-    a few bytes every few seconds kept each read within its timeout and the call alive for ever.
-    :meth:`done` ends its clock."""
+class WatchedSockets:
+    """The sockets of one call or answer that :meth:`abort` shuts down from any thread, so a
+    blocked connect, send or read returns at once (a connect still in progress also looks at the
+    flag: :func:`dialled`). A watcher is handed each socket as it is made (:meth:`adopt`)."""
 
-    def __init__(self, deadline_s: float):
+    def __init__(self):
         self._lock = threading.Lock()
         self._sockets = []
         self._aborted = False
-        self.expired = False
-        self._timer = threading.Timer(deadline_s, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _expire(self) -> None:
-        self.expired = True
-        self.abort()
 
     def abort(self) -> None:
         with self._lock:
@@ -107,14 +96,15 @@ class CallWatcher:
             except OSError:  # not connected yet, or closed already
                 pass
             try:
-                # Linux still delivers what the peer sends after a shutdown: a server trickling
+                # Linux may still deliver what the peer sends after a shutdown: a server trickling
                 # bytes kept each read fed. Its next wait for bytes times out at once instead.
                 sock.settimeout(ABORTED_READ_S)
             except OSError:
                 pass
 
     def adopt(self, sock) -> bool:
-        """Take ``sock`` into the sockets :meth:`abort` shuts down (False when stopped already)."""
+        """Take ``sock`` into the sockets :meth:`abort` shuts down (False, and not taken, when
+        stopped already)."""
         with self._lock:
             if self._aborted:
                 return False
@@ -124,6 +114,25 @@ class CallWatcher:
     @property
     def aborted(self) -> bool:
         return self._aborted
+
+
+class CallWatcher(WatchedSockets):
+    """The watcher of one short call: every socket it is handed is shut down once
+    ``deadline_s`` seconds have passed since it was made (``expired``), or when :meth:`abort`
+    is called from another thread (a cancelled health check). Without it a server that trickles
+    a few bytes every few seconds kept each read within its timeout and the call alive for ever.
+    :meth:`done` ends its clock."""
+
+    def __init__(self, deadline_s: float):
+        super().__init__()
+        self.expired = False
+        self._timer = threading.Timer(deadline_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.abort()
 
     def done(self) -> None:
         self._timer.cancel()
