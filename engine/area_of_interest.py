@@ -48,13 +48,18 @@ POLYGON_TYPES = ("Polygon", "MultiPolygon")
 def check_polygon(geom, what: str = "The area of interest") -> None:
     """AOIError (bad_aoi) unless `geom` is a non-empty Polygon or MultiPolygon whose coordinates
     are all finite numbers; `what` names it in the message."""
-    import shapely
-
     if geom.geom_type not in POLYGON_TYPES:
         raise AOIError(f"{what} must be a polygon (Polygon or MultiPolygon), not a "
                        f"{geom.geom_type}.")
     if geom.is_empty:
         raise AOIError(f"{what} is an empty polygon; draw an area.")
+    check_finite(geom, what)
+
+
+def check_finite(geom, what: str = "The area of interest") -> None:
+    """AOIError (bad_aoi) unless every coordinate of `geom` is a finite number."""
+    import shapely
+
     if not np.isfinite(shapely.get_coordinates(geom)).all():
         raise AOIError(f"{what} has coordinates that are not finite numbers (NaN or infinity).")
 
@@ -67,8 +72,7 @@ def polygonal_area(geom, what: str = "The area of interest"):
     left (its points lie on one line); `what` names it in the message."""
     import shapely
 
-    if not np.isfinite(shapely.get_coordinates(geom)).all():
-        raise AOIError(f"{what} has coordinates that are not finite numbers (NaN or infinity).")
+    check_finite(geom, what)
     if not geom.is_valid:
         geom = shapely.make_valid(geom)
     parts, todo = [], [geom]
