@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from engine.json_files import json_lines
+from engine.json_files import json_lines, loads, text_is_encodable
 
 IMAGE_TOKEN = "<image>"
 USER_ROLES = {"human", "user"}
@@ -163,11 +163,9 @@ def load_records(path: str | Path) -> list[Any]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = loads(line)
             records.append(_ArrayLine(lineno) if isinstance(value, list) else value)
-        except RecursionError:
-            records.append(_BrokenLine(lineno, "nested too deeply"))
-        except ValueError as exc:  # JSONDecodeError, or an integer of more than 4,300 digits
+        except ValueError as exc:  # not JSON, nested too deeply, an integer of over 4,300 digits
             records.append(_BrokenLine(lineno, str(exc)))
     return records
 
@@ -261,9 +259,7 @@ def validate_record(
     def bad(reason: str, msg: str) -> BadSample:
         return BadSample(index, sid, reason, msg)
 
-    try:
-        json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:  # the tokenizer, the report and the console cannot take it
+    if not text_is_encodable(record):  # the tokenizer, the report and the console cannot take it
         return bad("malformed", "has text that is not valid Unicode (a lone UTF-16 surrogate "
                    "such as \\ud800); fix the text")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from engine.json_files import json_lines
+from engine.json_files import json_lines, loads, text_is_encodable
 
 LETTERS = string.ascii_uppercase
 # XLRS-Bench asks for several letters only in this subtask (multi-label land-use classes).
@@ -87,7 +87,7 @@ def _options_from(value: Any) -> list[str]:
             return []
         if s.startswith("["):
             try:
-                value = _json(s)
+                value = loads(s)
             except ValueError:
                 value = [p for p in s.splitlines() if p.strip()]
         else:
@@ -305,15 +305,6 @@ def _named(rec: dict, i: int, field_map: dict[str, str] | None) -> str:
     return f"annotation {i}" + (f" (id {ident})" if ident is not None else "")
 
 
-def _json(text: str) -> Any:
-    """json.loads, with nesting too deep for the parser (RecursionError) a ValueError as its
-    other failures are (JSONDecodeError, an integer of more than 4,300 digits)."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
 def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | None = None) -> list[EvalItem]:
     """Read an annotation file (JSON list, {"data": [...]}, or JSONL) into EvalItems."""
     p = Path(path)
@@ -325,14 +316,14 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
         raise EvalError(f"The annotation file {p} cannot be read as UTF-8 text: {exc}.") from exc
     records: list[Any]
     try:
-        obj = _json(text)  # a JSON list, or an object holding one
+        obj = loads(text)  # a JSON list, or an object holding one
     except ValueError as whole:
         obj = []  # JSON Lines
         for n, line in enumerate(json_lines(text), 1):
             if not line.strip():
                 continue
             try:
-                obj.append(_json(line))
+                obj.append(loads(line))
             except ValueError as exc:
                 # each line is parsed alone, so json's own "line 1" is the file's line n; where not
                 # even the first record parses, the file was more likely meant as one JSON text
@@ -352,11 +343,9 @@ def load_items(path: str | Path, fmt: str = "auto", field_map: dict[str, str] | 
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise EvalError(f"annotation {i} in {p} is not a JSON object")
-        try:  # predictions.jsonl, results.json and the console take UTF-8 only
-            json.dumps(rec, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
+        if not text_is_encodable(rec):  # predictions.jsonl, results.json and the console take UTF-8 only
             raise EvalError(f"annotation {i} in {p} has text that is not valid Unicode (a lone UTF-16 "
-                            "surrogate such as \\ud800); fix the text") from None
+                            "surrogate such as \\ud800); fix the text")
         # --field maps fields on top of an explicit format (which keeps its instruction and, for
         # xlrs, its multi-label subtask); with --format auto it means the generic layout
         f = "generic" if fmt == "auto" and field_map else detect_format(rec) if fmt == "auto" else fmt

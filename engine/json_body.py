@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from engine.jobs import JobError
+from engine.json_files import text_is_encodable
 
 
 def parse_json(raw: bytes, what: str = "The request body") -> Any:
@@ -31,7 +32,7 @@ def parse_json(raw: bytes, what: str = "The request body") -> Any:
             raise JobError("bad_request", f"{what} has a whole number of more than "
                            f"{sys.get_int_max_str_digits()} digits, too many for any field.") from None
         raise JobError("bad_request", f"{what} is not valid JSON: {exc}") from None
-    if not _text_is_encodable(value):
+    if not text_is_encodable(value):
         raise JobError("bad_request", f"{what} has text that contains invalid characters "
                        "(a lone UTF-16 surrogate such as \\ud800).")
     return value
@@ -46,21 +47,3 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"the number {text[:40]} is too large")
     return value
-
-
-def _text_is_encodable(value: Any) -> bool:
-    """True when every string (keys too) in `value` can be written as UTF-8."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return False
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return True

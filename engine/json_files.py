@@ -1,6 +1,8 @@
 """Small JSON files that sit next to weights or adapters (``generation_config.json``,
 ``geovqa_training.json``): read one as a JSON object, or say in the caller's words why it cannot
-be used; and the lines of a JSON Lines text (:func:`json_lines`). Standard library only (the
+be used; the lines of a JSON Lines text (:func:`json_lines`); json.loads that fails only with
+ValueError (:func:`loads`); whether every string of a parsed value can be written as UTF-8
+(:func:`text_is_encodable`). Standard library only (the
 loader reads them before anything heavy is imported)."""
 
 from __future__ import annotations
@@ -35,3 +37,32 @@ def json_lines(text: str) -> list[str]:
     which JSON allows unescaped inside a string (``json.dumps(..., ensure_ascii=False)`` writes
     them so), and a record whose text holds one was read as two broken lines."""
     return text.split("\n")
+
+
+def loads(text: str) -> Any:
+    """json.loads, with nesting too deep for the parser (RecursionError) a ValueError "nested too
+    deeply", as its other failures are (JSONDecodeError, an integer of more than 4,300 digits)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def text_is_encodable(value: Any) -> bool:
+    """True when every string (keys too) in the parsed JSON `value` can be written as UTF-8: a
+    lone UTF-16 surrogate written as an escape (``"\\ud800"``) parses, but no report, prediction
+    file, tokenizer or console takes it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
