@@ -14,19 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from engine import protocol
+from engine.json_files import json_kind
 
 
 class JobFolderError(ValueError):
     """A file of a job's folder that the engine cannot use; the message names the file."""
-
-
-def _kind(value: Any) -> str:
-    """What a JSON value is, for a person ("a list", "a string")."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true or false"
-    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), "a number")
 
 
 def read_json_object(path: Path) -> dict:
@@ -39,7 +31,7 @@ def read_json_object(path: Path) -> dict:
     except ValueError as exc:  # invalid JSON or UTF-8
         raise JobFolderError(f"{path.name} is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise JobFolderError(f"{path.name} holds {_kind(value)}, not a JSON object")
+        raise JobFolderError(f"{path.name} holds {json_kind(value)}, not a JSON object")
     return value
 
 
@@ -74,7 +66,7 @@ def result_problem(line: Any, total: int | None = None) -> str | None:
     ("holds a list, not an answer object"); None when it is. What the engine relies on: an
     object with a whole-number ``index`` from 0 (below the job's `total` answers, when given)."""
     if not isinstance(line, dict):
-        return f"holds {_kind(line)}, not an answer object"
+        return f"holds {json_kind(line)}, not an answer object"
     index = line.get("index")
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         return "has no answer index (a whole number, 0 or more)"

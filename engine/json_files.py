@@ -2,7 +2,7 @@
 ``geovqa_training.json``): read one as a JSON object, or say in the caller's words why it cannot
 be used; the lines of a JSON Lines text (:func:`json_lines`); json.loads that fails only with
 ValueError (:func:`loads`); whether every string of a parsed value can be written as UTF-8
-(:func:`text_is_encodable`). Standard library only (the
+(:func:`text_is_encodable`); what a JSON value is, in words (:func:`json_kind`). Standard library only (the
 loader reads them before anything heavy is imported)."""
 
 from __future__ import annotations
@@ -66,3 +66,12 @@ def text_is_encodable(value: Any) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return True
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, for a person ("a list", "a string", "null") in a message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), "a number")

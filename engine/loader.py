@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.devices import DevicePlan, plan_device, usable_quantizations
-from engine.json_files import read_json_object
+from engine.json_files import json_kind, read_json_object
 from engine.memory_check import UnreadableWeights, check_fits
 
 SKIP_QUANT_MODULES = ["vision_tower", "mm_projector", "reghead", "lm_head"]
@@ -362,22 +362,11 @@ def check_adapter(adapter: str | os.PathLike) -> Path:
             "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
         raise CheckpointError(f"{config} cannot be read as JSON ({why}): {damaged}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{config} holds {_json_kind(data)}, not a JSON object: {damaged}")
+        raise CheckpointError(f"{config} holds {json_kind(data)}, not a JSON object: {damaged}")
     if not isinstance(data.get("peft_type"), str) or not data["peft_type"]:
         raise CheckpointError(f"{config} names no peft_type (e.g. \"LORA\"), so it is no PEFT "
                               f"adapter's config: {damaged}")
     return apath
-
-
-def _json_kind(value: Any) -> str:
-    """'a list', 'a string', 'a number', 'null' ... for a message about a JSON value."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true or false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return "a string" if isinstance(value, str) else "a list"
 
 
 def read_adapter_settings(adapter: str | os.PathLike) -> dict | None:
