@@ -761,9 +761,7 @@ class JobQueue:
         """Answer one item; True when the job is over."""
         index = job.next_index()
         if job.cancel.is_set():
-            job.state = "cancelled"
-            job.save_state()
-            return True
+            return self._end_cancelled(job)
         if index is None:
             self._end(job, "failed" if job.errors == job.total and job.total else "done",
                       f"{len(job.done_indexes)} answers, {job.errors} errors." + (
@@ -808,10 +806,7 @@ class JobQueue:
                 line["error"] = f"{err.code}: {err.message}"
                 line["error_code"] = err.code
         if job.cancel.is_set() and result is None:
-            job.state = "cancelled"
-            job.message = CANCEL_MESSAGE
-            job.save_state()
-            return True
+            return self._end_cancelled(job)
         if result is not None:
             for key in ("answer", "heatmap_path", "anchors_path", "tokens", "timings", "cache",
                         "strategy", "budget", "bands", "palette"):
@@ -822,11 +817,15 @@ class JobQueue:
         with job.lock:
             job.append_result(line)
         if job.cancel.is_set():  # cancelled while this answer ran: the job ends with it
-            job.state = "cancelled"
-            job.message = CANCEL_MESSAGE
-            job.save_state()
-            return True
+            return self._end_cancelled(job)
         return False
+
+    def _end_cancelled(self, job: BatchJob) -> bool:
+        """End a running batch job whose cancel came (`cancel` gave it its message); True, the
+        job is over."""
+        self._end(job, "cancelled", CANCEL_MESSAGE)
+        job.save_state()
+        return True
 
     def _resume_batches(self) -> None:
         """Load and queue the unfinished batch jobs of the state dir; finished ones stay on disk
