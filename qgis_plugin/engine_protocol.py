@@ -37,20 +37,15 @@ def protocol_error(health: dict, base_url: str) -> EngineUnavailable | None:
     whole = isinstance(theirs, int) and not isinstance(theirs, bool)
     if whole and theirs == PROTOCOL_VERSION:
         return None
-    if whole and theirs > PROTOCOL_VERSION:
+    if whole:  # the side that is behind is the one to update
+        hint = (f"Update the GeoVQA plugin (Plugins > Manage and Install Plugins) to a version for protocol {theirs}, "
+                f"or run an engine of protocol {PROTOCOL_VERSION}." if theirs > PROTOCOL_VERSION else
+                f"Update the engine to the version that came with this plugin (protocol {PROTOCOL_VERSION}), "
+                "or use a GeoVQA plugin for its protocol.")
         return EngineUnavailable(
             "wrong_protocol",
             f"The engine at {base_url} speaks protocol version {theirs}; this plugin speaks version "
-            f"{PROTOCOL_VERSION}, so it asks that engine nothing.",
-            f"Update the GeoVQA plugin (Plugins > Manage and Install Plugins) to a version for protocol {theirs}, "
-            f"or run an engine of protocol {PROTOCOL_VERSION}.")
-    if whole:
-        return EngineUnavailable(
-            "wrong_protocol",
-            f"The engine at {base_url} speaks protocol version {theirs}; this plugin speaks version "
-            f"{PROTOCOL_VERSION}, so it asks that engine nothing.",
-            f"Update the engine to the version that came with this plugin (protocol {PROTOCOL_VERSION}), "
-            "or use a GeoVQA plugin for its protocol.")
+            f"{PROTOCOL_VERSION}, so it asks that engine nothing.", hint)
     try:
         shown = json.dumps(theirs)
     except (TypeError, ValueError):
