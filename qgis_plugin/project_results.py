@@ -83,14 +83,12 @@ def _free_name(folder: Path, name: str) -> Path:
     return dest
 
 
-def _copy_with_sidecars(src: Path, folder: Path, names_beside=None) -> Path:
+def _copy_with_sidecars(src: Path, folder: Path, names_beside: list) -> Path:
     """Copy ``src`` and the files GDAL keeps beside it (``<name>.aux.xml``, ``<name>.ovr``).
-    ``names_beside``: the names in ``src``'s folder, sorted, when known (listed once for many
-    files: a folder of a thousand answers is not listed again for each)."""
+    ``names_beside``: the names in ``src``'s folder, sorted (listed once for many files: a folder
+    of a thousand answers is not listed again for each)."""
     dest = _free_name(folder, src.name)
     shutil.copy2(src, dest)
-    if names_beside is None:
-        names_beside = sorted(p.name for p in src.parent.iterdir())
     prefix = src.name + "."
     for name in itertools.takewhile(lambda n: n.startswith(prefix),
                                     names_beside[bisect.bisect_left(names_beside, prefix):]):
