@@ -21,7 +21,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import Qt
 
 from .. import layers as result_layers
-from ..aoi import AoiError, check_placed_on_map, clip_to_layer, is_unreferenced_file, request_aoi
+from ..aoi import AoiError, clip_to_layer, is_unreferenced_file, request_aoi
 from ..bands import RENDER_BANDS, layer_bands
 from ..engine_errors import EngineError
 from ..engine_protocol import build_ask_request, question_too_long, questions_too_long
@@ -143,8 +143,9 @@ def question_source(layer, geometry, crs, feedback) -> dict:
     try:
         path = layer_file_path(layer)
         if path is not None:
-            check_placed_on_map(layer)  # the engine refuses its file: said before anything is asked
-            aoi = request_aoi(geometry, crs, layer) if geometry is not None else None
+            # None without an area; a file the engine refuses (check_placed_on_map) is said here,
+            # before anything is asked, with or without one
+            aoi = request_aoi(geometry, crs, layer)
             return {"raster_path": path, "bounds": rect_bounds(layer.extent()),
                     "unreferenced": is_unreferenced_file(layer), "aoi": aoi, "bands": layer_bands(layer),
                     "rendered": False, "render": None}
