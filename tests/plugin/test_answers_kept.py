@@ -758,6 +758,24 @@ def _drop_new_profile_files(request):
                                   if p.is_file()])
 
 
+def _saved_or_new_project(tmp_path, request, first_save):
+    """The project of a test of Save (``first_save``: a new project) or Save As (first saved in
+    ``tmp_path/old``): the results folder its own (the options' empty), the profile's new files
+    removed after the test, the folders ``old`` and ``new`` made in ``tmp_path``."""
+    from conftest import set_settings
+    from qgis.core import QgsProject
+
+    set_settings(output_dir="")
+    _drop_new_profile_files(request)
+    project = QgsProject.instance()
+    for d in ("old", "new"):
+        (tmp_path / d).mkdir()
+    if not first_save:
+        project.setFileName(str(tmp_path / "old" / "p.qgs"))
+        assert project.write()
+    return project
+
+
 def _moved_and_read_back(project, folder, tmp_path):
     """The project's folder moved elsewhere (the raster a.tif beside it, as before) and read back."""
     import shutil
@@ -784,17 +802,7 @@ def test_result_files_of_answers_whose_layers_were_removed_go_with_the_project_s
     project: an answer whose layers the user had removed kept its heatmap and anchors paths in
     the QGIS profile (or the old project's geovqa_results), and the project moved or shared with
     its folder lost them."""
-    from conftest import set_settings
-    from qgis.core import QgsProject
-
-    set_settings(output_dir="")
-    _drop_new_profile_files(request)
-    project = QgsProject.instance()
-    for d in ("old", "new"):
-        (tmp_path / d).mkdir()
-    if not first_save:
-        project.setFileName(str(tmp_path / "old" / "p.qgs"))
-        assert project.write()
+    project = _saved_or_new_project(tmp_path, request, first_save)
     a = raster_layer("a")
     a_id = a.id()
     dock = plugin.dock
@@ -827,17 +835,7 @@ def test_result_files_of_an_answer_that_came_after_its_raster_was_removed_go_wit
     """The project saved under a new name while an answer streamed, its raster then removed: the
     answer got no layers, and so its files stayed where the task wrote them (the QGIS profile, the
     old project's geovqa_results), outside the project its turn is saved in."""
-    from conftest import set_settings
-    from qgis.core import QgsProject
-
-    set_settings(output_dir="")
-    _drop_new_profile_files(request)
-    project = QgsProject.instance()
-    for d in ("old", "new"):
-        (tmp_path / d).mkdir()
-    if not first_save:
-        project.setFileName(str(tmp_path / "old" / "p.qgs"))
-        assert project.write()
+    project = _saved_or_new_project(tmp_path, request, first_save)
     stub_engine.token_delay = 0.15
     a = raster_layer("a")
     a_id = a.id()
@@ -875,17 +873,9 @@ def test_the_render_an_answer_was_about_goes_with_the_project_saved_under_a_new_
     and anchors but not its render, which the turn (its rendered_path and its request's
     raster_path) kept in the QGIS profile or the old project's folder; the project moved or shared
     with its folder had answers about an image it no longer held."""
-    from conftest import set_settings, virtual_raster_layer
-    from qgis.core import QgsProject
+    from conftest import virtual_raster_layer
 
-    set_settings(output_dir="")
-    _drop_new_profile_files(request)
-    project = QgsProject.instance()
-    for d in ("old", "new"):
-        (tmp_path / d).mkdir()
-    if not first_save:
-        project.setFileName(str(tmp_path / "old" / "p.qgs"))
-        assert project.write()
+    project = _saved_or_new_project(tmp_path, request, first_save)
     virt = virtual_raster_layer(raster_layer("a"))
     v_id = virt.id()
     dock = plugin.dock
